@@ -1,0 +1,180 @@
+"""``alignpipe``: run, validate and evaluate staged alignment recipes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG_RUN = """\
+examples:
+  alignpipe run recipes/quickstart.yaml                       # sft -> dpo -> eval on the built-in tiny task
+  alignpipe run recipes/quickstart.yaml stages.dpo.beta=0.2   # re-runs only dpo and eval
+  alignpipe run recipes/quickstart.yaml --force sft           # re-run a stage even if complete
+  alignpipe run recipes/quickstart.yaml --resume              # continue an interrupted stage from its last checkpoint
+
+Each stage writes runs/<recipe name>/<stage>/ (config.yaml, manifest.json, metrics.jsonl, checkpoint/);
+the eval stage writes runs/<recipe name>/leaderboard.{json,md}. Completed stages with the same config and
+inputs are skipped.
+"""
+
+EPILOG_VALIDATE = """\
+examples:
+  alignpipe validate recipes/quickstart.yaml
+  alignpipe validate recipes/quickstart.yaml stages.dpo.beta=0.2 --print
+
+Checks keys, types, value ranges, stage references and cross-field rules without loading any model.
+Exit status 0 when valid, 2 when not.
+"""
+
+EPILOG_EVAL = """\
+examples:
+  alignpipe eval runs/quickstart                                   # every checkpoint of a run, reference = first stage
+  alignpipe eval runs/quickstart/dpo/checkpoint --reference runs/quickstart/sft/checkpoint --out /tmp/lb
+
+Evaluates on the built-in synthetic suite (held-out prompts, gold judge) with pinned sampling settings and writes
+leaderboard.{json,md} to --out (default: the run directory, or ./eval-out).
+"""
+
+
+def _overrides_help() -> str:
+    return "dotted overrides applied after `extends`, e.g. stages.dpo.beta=0.2 data.n_sft=1000"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignpipe",
+        description="Staged RLHF / preference-alignment pipeline: a recipe (YAML) runs SFT, preference optimisation "
+        "and a shared evaluation that writes a leaderboard.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: alignpipe run recipes/quickstart.yaml   (see `alignpipe <command> --help`)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe's stages in order (skipping completed ones)",
+                              description="Run every stage of RECIPE in order, each as its own process.",
+                              epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", type=Path, help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
+    run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go (default: runs)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="re-run STAGE even if it is complete (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted stage from its latest trainer checkpoint instead of starting over")
+    run.add_argument("--in-process", action="store_true",
+                     help="run stages inside this process instead of one subprocess per stage (debugging, tests)")
+
+    validate = commands.add_parser("validate", help="check a recipe without running anything",
+                                   description="Validate RECIPE (and overrides) without loading any model.",
+                                   epilog=EPILOG_VALIDATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_argument("recipe", type=Path, help="recipe YAML file")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
+    validate.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
+
+    evaluate = commands.add_parser("eval", help="evaluate checkpoints on the synthetic suite",
+                                   description="Evaluate checkpoints (run directories, local paths or hub ids) with "
+                                   "the shared harness.", epilog=EPILOG_EVAL,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("checkpoints", nargs="+", help="run directory, checkpoint path or hub id (NAME=PATH to label)")
+    evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
+    evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
+    evaluate.add_argument("--n-prompts", type=int, default=256, help="held-out prompts (default: 256)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=24, help="default: 24")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    evaluate.add_argument("--seed", type=int, default=1234, help="sampling and prompt seed (default: 1234)")
+    return parser
+
+
+def _cmd_validate(args) -> int:
+    import yaml
+
+    from alignpipe.recipe import RecipeError, load_recipe, recipe_to_dict
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.print:
+        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+    stages = " -> ".join(f"{s.name}({s.type})" for s in recipe.stages)
+    print(f"{args.recipe}: valid recipe '{recipe.name}': {stages}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from alignpipe.pipeline.runner import Runner, StageFailed
+    from alignpipe.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        runner = Runner(recipe, runs_dir=args.runs_dir, recipe_path=args.recipe, overrides=args.overrides,
+                        force=args.force, resume=args.resume, in_process=args.in_process)
+    except (RecipeError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        outcomes = runner.run()
+    except StageFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    _print_summary(runner, outcomes)
+    return 0
+
+
+def _print_summary(runner, outcomes) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run '{runner.recipe.name}' in {runner.run_dir}")
+    for column in ("stage", "action", "seconds", "why"):
+        table.add_column(column)
+    for o in outcomes:
+        table.add_row(o.name, o.action, f"{o.seconds:.1f}", o.reason)
+    console = Console()
+    console.print(table)
+    board = runner.run_dir / "leaderboard.md"
+    if board.exists():
+        print(board.read_text())
+
+
+def _cmd_eval(args) -> int:
+    from alignpipe.evaluation.standalone import evaluate_paths
+
+    try:
+        json_path, md_path = evaluate_paths(
+            args.checkpoints, reference=args.reference, out=args.out, n_prompts=args.n_prompts,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(md_path.read_text())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but KEY=VALUE overrides may also come after options (``run R --force sft a.b=1``)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    stray = [e for e in extras if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Pinned, batched sampling and sequence log-probabilities: the only way the harness touches a model.
+
+Why pinned: every checkpoint is sampled with the same settings and seeds, so leaderboard differences come from the
+weights, not the decoding. With ``temperature == 1`` and ``top_p == 1`` the samples come from the model's own
+distribution, which is what makes the Monte-Carlo KL estimators unbiased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    response: str
+    response_ids: tuple[int, ...]  # generated tokens up to and including EOS (if it was produced)
+    truncated: bool  # no EOS within max_new_tokens
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:
+    """Single-turn user prompts in the model's chat template, ready for the assistant's reply."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dict[str, torch.Tensor]:
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
+    *, desc: str = "generating",
+) -> list[Generation]:
+    """Sample one response per prompt. Batch ``i`` is seeded with ``seed + i``, so results are reproducible."""
+    model.eval()
+    eos = tokenizer.eos_token_id
+    rendered = render_prompts(tokenizer, prompts)
+    out: list[Generation] = []
+    starts = range(0, len(prompts), settings.batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
+        batch = _encode(tokenizer, rendered[start:start + settings.batch_size], model.device)
+        torch.manual_seed(settings.seed + batch_index)
+        sequences = model.generate(
+            **batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+            max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
+        for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):
+            truncated = eos not in tokens
+            kept = tokens if truncated else tokens[: tokens.index(eos) + 1]
+            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            out.append(Generation(prompt, text, tuple(kept), truncated))
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generations: list[Generation], *, batch_size: int = 64,
+) -> list[float]:
+    """``log pi(y | x)`` summed over the response tokens (EOS included, prompt excluded) for each generation."""
+    model.eval()
+    rendered = render_prompts(tokenizer, [g.prompt for g in generations])
+    totals: list[float] = []
+    for start in range(0, len(generations), batch_size):
+        chunk = generations[start:start + batch_size]
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered[start:start + batch_size]]
+        rows = [p + list(g.response_ids) for p, g in zip(prompt_ids, chunk)]
+        width = max(map(len, rows))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        for row, (p, g) in enumerate(zip(prompt_ids, chunk)):
+            n = len(g.response_ids)
+            totals.append(float(logprobs[row, width - 1 - n:].sum()) if n else 0.0)
+    return totals

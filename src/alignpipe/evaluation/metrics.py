@@ -1,0 +1,197 @@
+"""Pure metric maths for the evaluation harness (EVALUATION.md §8): no I/O, no models.
+
+Every leaderboard number is a :class:`MetricValue`: a point estimate with its ``n``, a 95% CI and a declared
+direction (lm-eval's ``higher_is_better``; ``None`` for diagnostics such as KL or length). CIs are percentile
+bootstraps over the unit of independence the caller passes in (prompts, for win rate and rewards), seeded so
+that the same inputs always give the same leaderboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_RESERVED = frozenset({"value", "ci95", "n", "higher_is_better"})
+_MAX_BOOTSTRAP_ELEMENTS = 1 << 22  # resampled values held at once (~32 MiB float64): bounds memory for big n
+_TIE_ATOL = 1e-9  # |p - 0.5| below this is a tie; order averaging of float judge probabilities leaves round-off
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One reported number. ``extra`` carries metric-specific fields (``stderr``, ``n_wins``, ...)."""
+
+    value: float
+    ci95: tuple[float, float] | None
+    n: int
+    higher_is_better: bool | None
+    extra: dict[str, float | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Coerce numpy scalars to Python types here so that to_dict() is always JSON-serialisable.
+        object.__setattr__(self, "value", float(self.value))
+        if self.ci95 is not None:
+            lo, hi = (float(b) for b in self.ci95)
+            if lo > hi:
+                raise ValueError(f"ci95 lower bound {lo} exceeds upper bound {hi}")
+            object.__setattr__(self, "ci95", (lo, hi))
+        if int(self.n) < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+        object.__setattr__(self, "n", int(self.n))
+        clash = _RESERVED & self.extra.keys()
+        if clash:
+            raise ValueError(f"extra keys {sorted(clash)} would overwrite MetricValue fields")
+        object.__setattr__(self, "extra", {k: _py_scalar(v) for k, v in self.extra.items()})
+
+    def to_dict(self) -> dict:
+        """``{"value", "ci95": [lo, hi] | None, "n", "higher_is_better", **extra}`` (the §9 result entry)."""
+        return {
+            "value": self.value,
+            "ci95": list(self.ci95) if self.ci95 is not None else None,
+            "n": self.n,
+            "higher_is_better": self.higher_is_better,
+            **self.extra,
+        }
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    statistic: Callable[..., np.ndarray] = np.mean,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(1 - alpha)`` CI of ``statistic`` over i.i.d. ``values``.
+
+    Resamples indices with ``np.random.default_rng(seed)``, vectorised (``statistic`` must take ``axis=``, as
+    numpy reductions do). Pass one value per independent unit: with several samples per prompt, average per
+    prompt first, otherwise the CI is too narrow.
+    """
+    x = _as_1d_finite(values, "values")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    n = x.size
+    chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
+    stats = np.empty(resamples, dtype=np.float64)
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        stats[start:stop] = statistic(x[rng.integers(0, n, size=(stop - start, n))], axis=1)
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def mean_with_ci(
+    values: Sequence[float], *, resamples: int = 1000, seed: int = 0, higher_is_better: bool | None
+) -> MetricValue:
+    """Mean with bootstrap CI and the analytic standard error (``stderr``, omitted when n < 2), like lm-eval."""
+    x = _as_1d_finite(values, "values")
+    extra = {"stderr": float(x.std(ddof=1) / np.sqrt(x.size))} if x.size > 1 else {}
+    return MetricValue(
+        value=float(x.mean()),
+        ci95=bootstrap_ci(x, resamples=resamples, seed=seed),
+        n=x.size,
+        higher_is_better=higher_is_better,
+        extra=extra,
+    )
+
+
+def order_averaged_preference(p_ab: float, p_ba: float) -> float:
+    """Policy preference from judging both orders: ``0.5 * (p_ab + 1 - p_ba)``.
+
+    ``p_ab`` = P(judge prefers the first-shown output) with the policy first; ``p_ba`` = the same with the
+    reference first. An additive bias towards position A enters both terms and cancels; two hard verdicts that
+    disagree (each order picks whatever was shown first) give 0.5, FastChat's "inconsistent = tie" rule.
+    """
+    for name, p in (("p_ab", p_ab), ("p_ba", p_ba)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    return 0.5 * (p_ab + 1.0 - p_ba)
+
+
+def win_rate(preferences: Sequence[float], *, resamples: int = 1000, seed: int = 0) -> MetricValue:
+    """Win rate vs the reference: mean per-prompt preference (1 = policy wins, 0 = loses, 0.5 = tie).
+
+    Preferences should already be order-averaged (:func:`order_averaged_preference`). ``extra`` holds
+    ``n_wins`` / ``n_losses`` / ``n_ties`` (ties within 1e-9 of 0.5) and ``stderr``; the CI bootstraps prompts.
+    """
+    p = _as_1d_finite(preferences, "preferences")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(f"preferences must lie in [0, 1], got range [{p.min()}, {p.max()}]")
+    tie = np.abs(p - 0.5) <= _TIE_ATOL
+    m = mean_with_ci(p, resamples=resamples, seed=seed, higher_is_better=True)
+    counts = {
+        "n_wins": int(np.sum(~tie & (p > 0.5))),
+        "n_losses": int(np.sum(~tie & (p < 0.5))),
+        "n_ties": int(tie.sum()),
+    }
+    return MetricValue(m.value, m.ci95, m.n, True, {**counts, **m.extra})
+
+
+def kl_k1(logp_policy: Sequence[float], logp_ref: Sequence[float]) -> np.ndarray:
+    """Per-sample ``log pi(y) - log pi_ref(y)`` for ``y ~ pi``: unbiased for KL(pi || pi_ref), but individual
+    samples can be negative and the variance is high (Schulman, "Approximating KL divergence")."""
+    lp, lr = _paired_logps(logp_policy, logp_ref)
+    return lp - lr
+
+
+def kl_k3(logp_policy: Sequence[float], logp_ref: Sequence[float]) -> np.ndarray:
+    """Per-sample ``(r - 1) - log r`` with ``r = pi_ref(y) / pi(y)``, ``y ~ pi``: unbiased (E_pi[r] = 1) and
+    non-negative (log r <= r - 1), usually much lower variance than k1.
+
+    Computed from ``d = log r`` as ``expm1(d) - d``: never forms ``r`` from raw probabilities (which underflow for
+    sequences) and keeps precision when ``pi_ref ~ pi``.
+    """
+    lp, lr = _paired_logps(logp_policy, logp_ref)
+    d = lr - lp
+    return np.maximum(np.expm1(d) - d, 0.0)  # the clamp only guards last-ulp round-off; the true value is >= 0
+
+
+def length_stats(
+    lengths: Sequence[int], truncated: Sequence[bool], *, resamples: int = 1000, seed: int = 0
+) -> dict[str, MetricValue]:
+    """Response length diagnostics: ``len_tokens_mean`` (CI), ``len_tokens_median`` (CI), ``truncation_rate``
+    (fraction that hit max_new_tokens without EOS; lower is better, it means broken or runaway outputs)."""
+    lens = _as_1d_finite(lengths, "lengths")
+    trunc = np.asarray(truncated, dtype=bool)
+    if trunc.shape != lens.shape:
+        raise ValueError(f"lengths and truncated differ in shape: {lens.shape} vs {trunc.shape}")
+    if lens.min() < 0:
+        raise ValueError("lengths must be >= 0")
+    return {
+        "len_tokens_mean": mean_with_ci(lens, resamples=resamples, seed=seed, higher_is_better=None),
+        "len_tokens_median": MetricValue(
+            float(np.median(lens)),
+            bootstrap_ci(lens, resamples=resamples, seed=seed, statistic=np.median),
+            lens.size,
+            None,
+        ),
+        "truncation_rate": mean_with_ci(
+            trunc.astype(np.float64), resamples=resamples, seed=seed, higher_is_better=False
+        ),
+    }
+
+
+def _as_1d_finite(values: Sequence[float], name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} of {x.size})")
+    return x
+
+
+def _paired_logps(logp_policy: Sequence[float], logp_ref: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    lp = np.asarray(logp_policy, dtype=np.float64)
+    lr = np.asarray(logp_ref, dtype=np.float64)
+    if lp.shape != lr.shape:
+        raise ValueError(f"logp_policy and logp_ref differ in shape: {lp.shape} vs {lr.shape}")
+    return lp, lr
+
+
+def _py_scalar(v: float | int) -> float | int:
+    return v.item() if isinstance(v, np.generic) else v

@@ -1,0 +1,52 @@
+"""Loading policies and tokenizers from a hub id, a local path, or a GGUF file, with device-aware precision.
+
+Why here: every stage and the evaluation harness load models the same way, so dtype and padding rules live once.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_bf16(requested: bool | None) -> bool:
+    """Mixed precision default: bf16 where the GPU supports it, fp32 on CPU (TRL 1.16 defaults to bf16 everywhere,
+    which is slow and lossy on CPU)."""
+    if requested is None:
+        return bf16_supported()
+    if requested and not bf16_supported() and torch.cuda.is_available():
+        raise ValueError("bf16=true was requested but this GPU does not support bfloat16; set bf16: false")
+    return requested
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` keeps full precision on CPU and uses bf16 on a capable GPU."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {name_or_path!r} has neither a pad nor an EOS token; add one before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer at {name_or_path!r} has no chat template; alignpipe stages use conversational data. "
+            "Use an instruct/chat model or save a tokenizer with `chat_template` set."
+        )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)

@@ -1,0 +1,115 @@
+"""What one stage process sees, and the entry point every ``pipelines/<type>.py`` calls.
+
+A stage process reads only its own ``config.yaml`` (written by the runner) and writes only its own directory,
+so the same code runs in-process (tests), as a subprocess, or under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from alignpipe.pipeline.rundir import StageDir, directory_hash, utc_now
+from alignpipe.recipe import Recipe
+
+log = logging.getLogger("alignpipe")
+
+# stage type -> module in alignpipe.trainers exposing ``run(ctx) -> dict`` (imported lazily: each pulls in TRL)
+STAGE_MODULES = {"sft": "alignpipe.trainers.sft", "dpo": "alignpipe.trainers.dpo", "eval": "alignpipe.trainers.eval"}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Everything a stage needs: the validated recipe, its own config, where its inputs are, where to write."""
+
+    recipe: Recipe
+    stage: Any  # the stage's typed config (SFTStage, DPOStage, EvalStage, ...)
+    dir: StageDir
+    run_dir: Path
+    base: str  # the recipe's model: a local checkpoint path or a hub id
+    inputs: dict[str, str]  # earlier stage name -> its checkpoint path
+    resume_from: Path | None
+
+    @property
+    def start_model(self) -> str:
+        """The model a training stage starts from: its (single) input, or the recipe's model."""
+        return self.inputs[self.stage.inputs[0]] if self.stage.inputs else self.base
+
+    @property
+    def is_main_process(self) -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+
+def stage_runner(stage_type: str) -> Callable[[StageContext], dict]:
+    if stage_type not in STAGE_MODULES:
+        raise ValueError(f"no stage implementation for type {stage_type!r}; known: {sorted(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[stage_type]).run
+
+
+def load_context(stage_dir: Path, *, resume: bool) -> StageContext:
+    directory = StageDir(stage_dir)
+    config = directory.read_config()
+    recipe = Recipe.model_validate(config["recipe"])
+    stage = recipe.stage(config["stage"])
+    resume_from = directory.latest_trainer_checkpoint() if resume else None
+    return StageContext(
+        recipe=recipe, stage=stage, dir=directory, run_dir=stage_dir.parent,
+        base=config["base"], inputs=config["inputs"], resume_from=resume_from,
+    )
+
+
+def execute(stage_dir: Path, *, resume: bool = False) -> dict:
+    """Run one prepared stage directory to completion and mark its manifest complete.
+
+    The checkpoint hash recorded here is what downstream stages use as their input hash, so a re-run that
+    reproduces the same weights does not invalidate the stages after it.
+    """
+    ctx = load_context(Path(stage_dir), resume=resume)
+    if ctx.resume_from is not None:
+        log.info("[%s] resuming from %s", ctx.dir.name, ctx.resume_from)
+    started = time.time()
+    summary = stage_runner(ctx.stage.type)(ctx)
+    if ctx.is_main_process:
+        output = ctx.dir.checkpoint
+        ctx.dir.update_manifest(
+            status="complete",
+            end_time=utc_now(),
+            wall_time_s=round(time.time() - started, 2),
+            output_sha256=directory_hash(output) if output.exists() else None,
+            resumed_from=str(ctx.resume_from) if ctx.resume_from else None,
+            summary=summary,
+        )
+    return summary
+
+
+def main(stage_type: str, argv: list[str] | None = None) -> None:
+    """Entry point of ``pipelines/<type>.py``: ``python pipelines/sft.py --stage-dir runs/quickstart/sft``."""
+    parser = argparse.ArgumentParser(
+        prog=f"pipelines/{stage_type}.py",
+        description=f"Run one '{stage_type}' stage of a prepared run directory (normally started by `alignpipe run`; "
+        "also the script `accelerate launch` runs for multi-GPU).",
+    )
+    parser.add_argument("--stage-dir", type=Path, required=True, help="runs/<run>/<stage>/ holding config.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest trainer checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = StageDir(args.stage_dir).read_config()
+    declared = config["recipe"]["stages"]
+    actual = next((s["type"] for s in declared if s["name"] == config["stage"]), None)
+    if actual != stage_type:
+        sys.exit(f"error: {args.stage_dir} is a '{actual}' stage, but this is pipelines/{stage_type}.py")
+    try:
+        execute(args.stage_dir, resume=args.resume)
+    except Exception:
+        traceback.print_exc()
+        StageDir(args.stage_dir).update_manifest(status="failed", end_time=utc_now())
+        sys.exit(1)

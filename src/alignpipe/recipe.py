@@ -1,0 +1,763 @@
+"""Recipe schema: one YAML file describes one run (model, synthetic data, ordered stages).
+
+A recipe is fully validated before any model loads. ``extends`` and command-line overrides are
+applied to the raw YAML first, remembering where each key came from, and pydantic's errors are
+then rewritten into one ``RecipeError`` that names the file, the key path (stages by *name*,
+``stages.dpo.beta``) and a hint for every problem. Cross-field checks (``max_items >=
+min_items``, stage inputs, ...) run once the fields they read have valid types, so a recipe
+with type errors may reveal more problems after those are fixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+
+from alignpipe.tasks.synthetic import FAMILIES, Family
+
+__all__ = [
+    "STAGE_TYPES",
+    "DPOStage",
+    "DataSpec",
+    "EvalStage",
+    "LoraSpec",
+    "ModelSpec",
+    "Recipe",
+    "RecipeError",
+    "SFTStage",
+    "Stage",
+    "TinyModelSpec",
+    "load_recipe",
+    "load_recipe_dict",
+    "parse_override",
+    "recipe_to_dict",
+]
+
+DPOLossType = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+RUN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+STAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")  # no dots: overrides split `stages.<name>.<field>` on them
+RESERVED_STAGE_NAMES = frozenset({"base"})  # how reports refer to the recipe's untrained model
+
+
+class RecipeError(ValueError):
+    """A recipe problem, phrased for the person editing the YAML: a headline, then one line per problem."""
+
+    def __init__(self, headline: str, problems: Sequence[str] = ()) -> None:
+        self.problems = list(problems)
+        super().__init__(f"{headline}:" + "".join(f"\n  - {p}" for p in self.problems) if problems else headline)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` when a close name exists, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _problem(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomError:
+    """A validation error carrying (location, message) pairs, so cross-field checks can point
+    at the offending key (``max_items``) rather than at the whole model."""
+    summary = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems)
+    return PydanticCustomError("recipe", "{summary}", {"summary": summary, "problems": list(problems)})
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- model / data
+
+
+class TinyModelSpec(_Spec):
+    """Shape of the built-in tiny Llama-style model (trains on a CPU in seconds)."""
+
+    hidden_size: int = Field(128, gt=0, description="Hidden width (tiny-model setting).")
+    num_layers: int = Field(4, gt=0, description="Decoder layers (tiny-model setting).")
+    num_heads: int = Field(4, gt=0, description="Attention heads; must divide hidden_size (tiny-model setting).")
+    intermediate_size: int = Field(384, gt=0, description="MLP width, 3x hidden (tiny-model setting).")
+    vocab_size: int = Field(
+        160, ge=64, description="Target vocab of the tokenizer trained locally on the task text (tiny-model setting)."
+    )
+    max_position_embeddings: int = Field(
+        128, gt=0, description="Longest sequence the model accepts (tiny-model setting)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            msg = f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} (head dim = hidden / heads)"
+            raise _problem((("num_heads",), msg))
+        return self
+
+
+class ModelSpec(_Spec):
+    """The model the first training stage starts from."""
+
+    name_or_path: str = Field(
+        "tiny", min_length=1, description='"tiny" = the built-in tiny model; otherwise a hub id or local path.'
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype when loading; auto = the checkpoint's own dtype (transformers default)."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
+    tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description='Used only when name_or_path is "tiny".')
+
+    @model_validator(mode="after")
+    def _gguf_needs_checkpoint(self) -> ModelSpec:
+        if self.gguf_file is not None and self.name_or_path == "tiny":
+            raise _problem((("gguf_file",), 'only used with a hub id or local path, not the built-in "tiny" model'))
+        return self
+
+
+class DataSpec(_Spec):
+    """Synthetic task data: SFT demonstrations, preference pairs and held-out eval prompts."""
+
+    task: Literal["synthetic"] = Field("synthetic", description="Data source: the built-in synthetic task (the embedded default).")
+    families: list[Family] = Field(
+        default_factory=lambda: list(FAMILIES), min_length=1, description="Task families to mix (all five by default)."
+    )
+    min_items: int = Field(3, ge=1, description="Fewest items in a task instance (tiny-model setting).")
+    max_items: int = Field(6, ge=1, description="Most items in a task instance; >= min_items (tiny-model setting).")
+    n_sft: int = Field(4000, gt=0, description="SFT demonstrations to generate (tiny-model setting).")
+    n_pairs: int = Field(2000, gt=0, description="Preference pairs to generate (tiny-model setting).")
+    demo_noise: float = Field(
+        0.3, ge=0, le=1, description="Probability an SFT demonstration is corrupted, so SFT alone is imperfect "
+        "and preference tuning has something to fix (tiny-model setting).",
+    )
+    pair_noise: float = Field(
+        0.5, ge=0, le=1, description="Probability each response of a preference pair is corrupted (tiny-model setting)."
+    )
+    pair_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature for labelling pairs from the gold reward (Bradley & Terry "
+        "1952); lower = labels follow the reward more deterministically (tiny-model setting).",
+    )
+    label_noise: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a pair label is flipped; < 0.5 so labels stay informative."
+    )
+
+    @model_validator(mode="after")
+    def _item_range(self) -> DataSpec:
+        if self.max_items < self.min_items:
+            raise _problem((("max_items",), f"must be >= min_items ({self.min_items}), got {self.max_items}"))
+        return self
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class LoraSpec(_Spec):
+    """LoRA adapter (Hu et al. 2021); defaults are TRL ModelConfig's lora_* defaults."""
+
+    r: int = Field(16, gt=0, description="Adapter rank (TRL ModelConfig default).")
+    alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r (TRL ModelConfig default).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt; 'all-linear' = PEFT's shorthand for every linear layer but the "
+        "output head (a common choice since QLoRA, Dettmers et al. 2023).",
+    )
+
+
+class _StageBase(_Spec):
+    name: str = Field(description="Stage name: a slug, unique in the recipe; outputs go to runs/<recipe>/<name>/.")
+    type: str = Field(description="Stage type: one of STAGE_TYPES (each stage class narrows it to its own tag).")
+    inputs: list[str] = Field(
+        default_factory=list,
+        validate_default=True,  # so "dpo needs exactly 1 input" also fires when inputs is left out
+        description="Earlier stages this stage reads; [] = start from the recipe's model.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not STAGE_NAME_RE.fullmatch(name):
+            raise ValueError(f"expected a slug (lowercase letters, digits, '_' or '-', starting with a letter or "
+                             f"digit), got {name!r}")
+        if name in RESERVED_STAGE_NAMES:
+            raise ValueError(f"{name!r} is reserved for the recipe's untrained model; pick another stage name")
+        return name
+
+
+class _TrainingStage(_StageBase):
+    """Fields shared by trainer stages; defaults are TRL's unless marked as a tiny-model setting."""
+
+    learning_rate: float = Field(gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (tiny-model setting; TRL's is 3).")
+    max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps; -1 = use num_train_epochs "
+                           "(TRL default).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Batch size per device (TRL default).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step (TRL default).")
+    lr_scheduler_type: SchedulerType = Field(
+        "cosine", description="Learning-rate schedule (tiny-model setting; TRL's is linear)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (TRL default: none).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
+    logging_steps: int = Field(10, gt=0, description="Log every N steps (TRL default).")
+    save_steps: int = Field(
+        100, gt=0, description="Save a trainer checkpoint (for --resume) every N steps (tiny-model setting; TRL: 500)."
+    )
+    save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk (tiny-model setting).")
+    max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; null = on when the GPU supports it, off on CPU.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory (tiny-model setting; TRL turns it on)."
+    )
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, value: int) -> int:
+        if value != -1 and value <= 0:
+            raise ValueError(f"expected -1 (train for num_train_epochs) or an integer > 0, got {value}")
+        return value
+
+
+class SFTStage(_TrainingStage):
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer)."""
+
+    type: Literal["sft"] = Field("sft", description="Stage type: supervised fine-tuning.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (TRL SFTConfig default).")
+    assistant_only_loss: bool = Field(
+        True, description="Loss on the response only, not the prompt (tiny-model setting; TRL's is False)."
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _at_most_one(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) > 1:
+            raise ValueError(f"an sft stage starts from at most 1 model ([] = the recipe's model), got {inputs}")
+        return inputs
+
+
+class DPOStage(_TrainingStage):
+    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer)."""
+
+    type: Literal["dpo"] = Field("dpo", description="Stage type: direct preference optimization.")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL DPOConfig default).")
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty to the reference (DPO paper; "
+                        "TRL default).")
+    loss_type: list[DPOLossType] = Field(
+        default_factory=lambda: ["sigmoid"],
+        min_length=1,
+        description="TRL DPO loss(es), combined with loss_weights; sigmoid = the DPO paper's loss (TRL default).",
+    )
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type; null = all 1 (TRL default).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed label-flip rate for conservative/robust DPO (TRL default: 0)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute reference log-probs once up front instead of per batch (TRL default)."
+    )
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("inputs")
+    @classmethod
+    def _exactly_one(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) != 1:
+            raise ValueError(f"a dpo stage needs exactly 1 input (the policy to start from, also the reference),"
+                             f" got {inputs}")
+        return inputs
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self) -> DPOStage:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            msg = (f"needs one weight per loss_type entry: {len(self.loss_weights)} weights for "
+                   f"{len(self.loss_type)} loss types {self.loss_type}")
+            raise _problem((("loss_weights",), msg))
+        return self
+
+
+class EvalStage(_StageBase):
+    """Sample from checkpoints on held-out prompts and score them with the gold reward."""
+
+    type: Literal["eval"] = Field("eval", description="Stage type: evaluation of earlier checkpoints.")
+    reference: str | None = Field(None, description="Input that win rates are measured against; null = first input.")
+    include_base: bool = Field(True, description="Also evaluate the recipe's untrained model (reported as 'base').")
+    n_prompts: int = Field(256, gt=0, description="Held-out prompts to sample (tiny-model setting).")
+    max_new_tokens: int = Field(24, gt=0, description="Generation budget; task answers are short (tiny-model setting).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; 1 = the policy's own distribution.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (Holtzman et al. 2020); 1 = off.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch (tiny-model setting).")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, description="Bootstrap resamples for confidence intervals (Efron & Tibshirani 1993)."
+    )
+    seed: int = Field(1234, ge=0, description="Sampling seed, separate from the recipe seed so evals stay comparable.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _at_least_one(cls, inputs: list[str]) -> list[str]:
+        if not inputs:
+            raise ValueError("an eval stage needs at least 1 input (the stages whose checkpoints to evaluate)")
+        return inputs
+
+    @model_validator(mode="after")
+    def _reference_is_input(self) -> EvalStage:
+        if self.reference is not None and self.reference not in self.inputs:
+            msg = (f"{self.reference!r} is not one of this stage's inputs{_did_you_mean(self.reference, self.inputs)}"
+                   f" (inputs: {', '.join(self.inputs)})")
+            raise _problem((("reference",), msg))
+        return self
+
+
+Stage = Annotated[SFTStage | DPOStage | EvalStage, Field(discriminator="type")]
+STAGE_TYPES: dict[str, type[BaseModel]] = {"sft": SFTStage, "dpo": DPOStage, "eval": EvalStage}
+
+
+class Recipe(_Spec):
+    """One run: model + data + ordered stages."""
+
+    name: str = Field(description="Run name (a slug); outputs go to runs/<name>/.")
+    seed: int = Field(0, ge=0, description="Seed for data generation and training.")
+    description: str | None = Field(None, description="Free text shown in reports.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model the first stage starts from.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Synthetic data settings.")
+    stages: list[Stage] = Field(min_length=1, description="Stages, run in order; inputs name earlier stages only.")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not RUN_NAME_RE.fullmatch(name):
+            raise ValueError(f"expected a slug (lowercase letters, digits, '_', '.' or '-', starting with a letter "
+                             f"or digit), got {name!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> Recipe:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            if stage.name in names[:i]:
+                msg = f"duplicate stage name {stage.name!r} (already used by stages[{names.index(stage.name)}])"
+                problems.append((("stages", i, "name"), msg))
+            earlier = names[:i]
+            for j, ref in enumerate(stage.inputs):
+                if ref in earlier:
+                    if isinstance(self.stages[earlier.index(ref)], EvalStage):
+                        problems.append((("stages", i, "inputs", j), f"{ref!r} is an eval stage: it has no checkpoint"))
+                    continue
+                if ref == stage.name:
+                    msg = "a stage cannot take itself as input"
+                elif ref in names:
+                    msg = f"forward reference to {ref!r}, which runs later; inputs must name earlier stages"
+                elif ref in RESERVED_STAGE_NAMES:
+                    msg = f"{ref!r} is the recipe's model: start from it with inputs: [] (eval stages: include_base)"
+                else:
+                    msg = (f"unknown stage {ref!r}{_did_you_mean(ref, earlier)} "
+                           f"(earlier stages: {', '.join(earlier) or 'none'})")
+                problems.append((("stages", i, "inputs", j), msg))
+        if problems:
+            raise _problem(*problems)
+        return self
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``; unknown names raise a RecipeError with a suggestion, not a bare KeyError."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        names = [s.name for s in self.stages]
+        raise RecipeError(f"recipe {self.name!r} has no stage {name!r}{_did_you_mean(name, names)} "
+                          f"(stages: {', '.join(names)})")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe (every default filled in), JSON/YAML-serialisable."""
+    return recipe.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- YAML + extends
+
+# Provenance: key path (stages addressed by name) -> where its value came from, e.g. "set in
+# recipes/base.yaml" or "from command-line override 'data.n_sft=10'"; "" = the top-level file.
+_Origins = dict[tuple[str, ...], str]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    first_line: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            continue  # odd keys are left to SafeLoader and to validation
+        if key in first_line:
+            msg = f"duplicate key {key!r} (first set on line {first_line[key]})"
+            raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
+        first_line[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except OSError as exc:
+        raise RecipeError(headline, [f"{path}: cannot read file ({exc.strerror or exc})"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise RecipeError(headline, [f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"]) from None
+    if data is None:
+        raise RecipeError(headline, [f"{path}: file is empty; expected a mapping with at least name and stages"])
+    if not isinstance(data, dict):
+        msg = f"{path}: top level must be a mapping (name: ..., stages: ...), got {_show(data)}"
+        raise RecipeError(headline, [msg])
+    return data
+
+
+def _key_paths(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key path in a raw recipe, with the top-level stage list keyed by stage name."""
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        yield path
+        if path == ("stages",) and isinstance(value, list):
+            for stage in value:
+                if isinstance(stage, dict) and isinstance(stage.get("name"), str):
+                    yield (*path, stage["name"])
+                    yield from _key_paths(stage, (*path, stage["name"]))
+        elif isinstance(value, dict):
+            yield from _key_paths(value, path)
+
+
+def _deep_merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = dict(parent)
+    for key, value in child.items():
+        old = out.get(key)
+        out[key] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
+def _merge_recipes(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge, except that ``stages`` merges by stage name: a child entry naming a parent stage
+    refines it in place, other entries are appended; so a child recipe can tweak a single stage."""
+    merged = _deep_merge(parent, {k: v for k, v in child.items() if k != "stages"})
+    p_stages, c_stages = parent.get("stages"), child.get("stages")
+    if not (isinstance(p_stages, list) and isinstance(c_stages, list)):
+        if "stages" in child:
+            merged["stages"] = c_stages
+        return merged
+    stages = list(p_stages)
+    index = {s["name"]: i for i, s in enumerate(stages) if isinstance(s, dict) and isinstance(s.get("name"), str)}
+    for entry in c_stages:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in index:
+            stages[index[name]] = _deep_merge(stages[index[name]], entry)
+        else:
+            stages.append(entry)
+    merged["stages"] = stages
+    return merged
+
+
+def _load_with_extends(path: Path, headline: str, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], _Origins]:
+    data = _read_yaml(path, headline)
+    own: _Origins = dict.fromkeys(_key_paths(data), f"set in {path}")
+    ref = data.pop("extends", None)
+    if ref is None:
+        return data, own
+    if not isinstance(ref, str) or not ref:
+        raise RecipeError(headline, [f"{path}: extends: expected a path to another recipe file, got {_show(ref)}"])
+    parent_path = Path(os.path.normpath(path.parent / ref))
+    chain = (*chain, path)
+    if parent_path.resolve() in {p.resolve() for p in chain}:
+        raise RecipeError(headline, [f"{path}: extends: cycle {' -> '.join(map(str, (*chain, parent_path)))}"])
+    if not parent_path.is_file():
+        msg = f"{path}: extends: file {parent_path} not found (extends paths are relative to the extending file)"
+        raise RecipeError(headline, [msg])
+    parent, origins = _load_with_extends(parent_path, headline, chain)
+    return _merge_recipes(parent, data), origins | own
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"stages.dpo.beta=0.2"`` -> ``(["stages", "dpo", "beta"], 0.2)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise RecipeError(f"bad override syntax: expected key.path=value, got {text!r}")
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise RecipeError(f"bad override syntax: empty key segment in {text!r} (expected key.path=value)")
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise RecipeError(f"bad override value in {text!r}: not valid YAML ({problem})") from None
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    """Set ``value`` at ``parts`` in place, addressing stages by name and creating missing mappings."""
+    source = f"(from command-line override {text!r})"
+    node: Any = data
+    start = 0
+    if parts[0] == "stages" and len(parts) > 1:
+        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+        names = [s["name"] for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)]
+        if parts[1] not in names:
+            raise RecipeError(f"stages.{parts[1]}: unknown stage {parts[1]!r}{_did_you_mean(parts[1], names)} "
+                              f"(stages: {', '.join(names) or 'none'}) {source}")
+        if len(parts) == 2:
+            raise RecipeError(f"stages.{parts[1]}: set a stage's fields one by one (stages.{parts[1]}.<field>=value),"
+                              f" not the whole stage {source}")
+        node, start = next(s for s in stages if isinstance(s, dict) and s.get("name") == parts[1]), 2
+    for depth in range(start, len(parts) - 1):
+        child = node.setdefault(parts[depth], {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{'.'.join(parts[: depth + 1])}: is {_show(child)}, not a mapping, so it has no key "
+                              f"{parts[depth + 1]!r} {source}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _load(path: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], _Origins, str]:
+    path = Path(path)
+    headline = f"recipe {path} is invalid"
+    if not path.is_file():
+        raise RecipeError(headline, [f"{path}: file not found"])
+    data, origins = _load_with_extends(path, headline)
+    data = copy.deepcopy(data)  # YAML anchors may alias nodes; overrides must not write through them
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+            _apply_override(data, parts, value, text)
+        except RecipeError as exc:
+            raise RecipeError(headline, [str(exc)]) from None
+        key = tuple(parts)  # the override now owns this key and everything below it
+        origins = {k: v for k, v in origins.items() if k[: len(key)] != key}
+        origins[key] = f"from command-line override {text!r}"
+    top = f"set in {path}"  # the headline already names the top-level file
+    return data, {key: "" if origin == top else origin for key, origin in origins.items()}, headline
+
+
+def load_recipe_dict(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw merged recipe (after ``extends`` and overrides, before validation), for debugging."""
+    return _load(path, overrides)[0]
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, merge (``extends``), override and validate a recipe; problems raise one RecipeError."""
+    data, origins, headline = _load(path, overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(headline, _explain(exc, data, origins)) from None
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _show(value: Any) -> str:
+    """A value as the user would have written it in YAML (containers by kind only)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass
+class _Located:
+    """A pydantic error location in the user's terms."""
+
+    path: list[str | int]  # keys (a stage's name right after "stages") and list indices
+    owner: type[BaseModel] | None  # the model whose key the path ends in, for did-you-mean
+    field: FieldInfo | None  # that key's field, for bounds
+
+
+def _raw_stage(data: dict[str, Any], index: int) -> dict[str, Any] | None:
+    stages = data.get("stages")
+    entry = stages[index] if isinstance(stages, list) and index < len(stages) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _stage_key(data: dict[str, Any], index: int) -> str | int:
+    """A stage's name for key paths, or its index when the name is missing, invalid or duplicated."""
+    name = (_raw_stage(data, index) or {}).get("name")
+    if not isinstance(name, str) or not STAGE_NAME_RE.fullmatch(name) or name in RESERVED_STAGE_NAMES:
+        return index
+    same = [i for i in range(len(data["stages"])) if (_raw_stage(data, i) or {}).get("name") == name]
+    return name if len(same) == 1 else index
+
+
+def _locate(loc: Sequence[str | int], data: dict[str, Any], extra_key: bool) -> _Located:
+    """Walk a pydantic ``loc`` alongside the schema: stage indices become names, and the
+    discriminator tag and union-member labels (``'list[str]'``) that pydantic inserts are dropped."""
+    path: list[str | int] = []
+    model: type[BaseModel] | None = Recipe
+    owner: type[BaseModel] | None = None
+    field: FieldInfo | None = None
+    tag: str | None = None  # a stage's type, which pydantic repeats in loc right after the stage index
+    for pos, part in enumerate(loc):
+        if tag is not None:
+            is_tag, tag = part == tag, None
+            if is_tag:
+                continue
+        if isinstance(part, int):
+            if path == ["stages"]:
+                kind = (_raw_stage(data, part) or {}).get("type")
+                tag = kind if isinstance(kind, str) and kind in STAGE_TYPES else None
+                model = STAGE_TYPES[tag] if tag else _StageBase
+                path.append(_stage_key(data, part))
+            else:
+                path.append(part)
+            continue
+        if model is not None and (part in model.model_fields or (extra_key and pos == len(loc) - 1)):
+            owner, field = model, model.model_fields.get(part)
+            path.append(part)
+            model = _nested_model(field) if field else None
+    return _Located(path=path, owner=owner, field=field)
+
+
+def _nested_model(field: FieldInfo) -> type[BaseModel] | None:
+    for candidate in (field.annotation, *get_args(field.annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _render(path: Sequence[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def _bounds(field: FieldInfo | None) -> str:
+    """' > 0', ' in [0, 1)', ... from a field's constraints."""
+    lo = hi = None
+    for meta in field.metadata if field else ():
+        for attr, bracket in (("gt", "("), ("ge", "[")):
+            if getattr(meta, attr, None) is not None:
+                lo = (bracket, getattr(meta, attr))
+        for attr, bracket in (("lt", ")"), ("le", "]")):
+            if getattr(meta, attr, None) is not None:
+                hi = (bracket, getattr(meta, attr))
+    if lo and hi:
+        return f" in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f" {'>' if lo[0] == '(' else '>='} {lo[1]}"
+    if hi:
+        return f" {'<' if hi[0] == ')' else '<='} {hi[1]}"
+    return ""
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _message(err: dict[str, Any], where: _Located) -> str:
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        valid = list(where.owner.model_fields) if where.owner else []
+        hint = _did_you_mean(str(where.path[-1]), valid)
+        return f"unknown key{hint}" if hint else f"unknown key (valid keys: {', '.join(valid)})"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "union_tag_not_found":
+        return f"missing required key (one of: {', '.join(STAGE_TYPES)})"
+    if kind == "union_tag_invalid":
+        tag = str(ctx.get("tag"))
+        return f"unknown stage type {tag!r}{_did_you_mean(tag, list(STAGE_TYPES))} (valid: {', '.join(STAGE_TYPES)})"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        noun = next((p for p in reversed(where.path) if isinstance(p, str)), "value")
+        noun = noun[:-3] + "y" if noun.endswith("ies") else noun.removesuffix("s")  # families -> family
+        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        return f"{_show(value)} is not a valid {noun}{hint} (valid: {', '.join(choices)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        number = "an integer" if where.field is not None and where.field.annotation is int else "a number"
+        return f"expected {number}{_bounds(where.field)}, got {_show(value)}"
+    if kind == "too_short":
+        return f"expected at least {ctx.get('min_length', 1)} item(s), got {_show(value) if value else 'none'}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "list_type" and where.path == ["stages"]:
+        return f"expected a list of stages (each entry starting '- name: ...'), got {_show(value)}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}"
+    return f"{err['msg']}, got {_show(value)}"
+
+
+def _alternatives(errs: list[dict[str, Any]]) -> str | None:
+    """A union field fails once per member; say 'expected A or B, got x' instead."""
+    phrases = []
+    for err in errs:
+        if err["type"] in _EXPECTED:
+            phrases.append(_EXPECTED[err["type"]])
+        elif err["type"] == "literal_error":
+            phrases.append(err["ctx"]["expected"])
+        else:
+            return None
+    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}"
+
+
+def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:
+    """' (set in base.yaml)' / ' (from command-line override ...)' for the longest known prefix of path."""
+    keys = tuple(p for p in path if isinstance(p, str))
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in origins:
+            return f" ({origins[keys[:n]]})" if origins[keys[:n]] else ""
+    return ""
+
+
+def _explain(exc: ValidationError, data: dict[str, Any], origins: _Origins) -> list[str]:
+    """One line per problem: ``key.path: message (where the value came from)``."""
+    groups: dict[str, list[tuple[dict[str, Any], str]]] = {}
+    notes: dict[str, str] = {}
+    for err in exc.errors():
+        if err["type"] == "recipe":  # our cross-field checks: already (loc, message) pairs
+            items = [((*err["loc"], *loc), msg) for loc, msg in err["ctx"]["problems"]]
+        else:
+            items = [(err["loc"], None)]
+        for loc, msg in items:
+            where = _locate(loc, data, extra_key=err["type"] == "extra_forbidden")
+            if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+                where.path.append("type")
+            key = _render(where.path)
+            groups.setdefault(key, []).append((err, msg or _message(err, where)))
+            notes[key] = _origin_note(where.path, origins)
+    lines = []
+    for key, group in groups.items():
+        merged = _alternatives([err for err, _ in group]) if len(group) > 1 else None
+        lines.append(f"{key}: {merged or '; '.join(dict.fromkeys(msg for _, msg in group))}{notes[key]}")
+    return lines

@@ -1,0 +1,105 @@
+"""What every TRL-backed training stage shares: trainer arguments, metric logging, LoRA, and publishing the result.
+
+Why: the stage modules stay thin (data + model + TRL trainer); the CPU/GPU defaults and the run-directory contract
+(``metrics.jsonl``, ``trainer/`` for ``--resume``, an atomically published ``checkpoint/``) are decided here once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import TrainerCallback
+
+from alignpipe.models.loading import resolve_bf16
+from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.pipeline.stage import StageContext
+
+
+def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
+    """Keyword arguments shared by TRL's ``SFTConfig`` and ``DPOConfig``, from the stage's typed config.
+
+    TRL 1.16 defaults to bf16 and gradient checkpointing; both are wrong for a tiny model on a CPU, so precision
+    follows the hardware (``bf16: null``) and checkpointing is opt-in.
+    """
+    stage = ctx.stage
+    return dict(
+        output_dir=str(ctx.dir.trainer),
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        warmup_steps=stage.warmup_ratio,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        max_length=stage.max_length,
+        logging_steps=stage.logging_steps,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        bf16=resolve_bf16(stage.bf16),
+        gradient_checkpointing=stage.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        seed=ctx.recipe.seed,
+        data_seed=ctx.recipe.seed,
+        report_to=[],
+        dataloader_num_workers=0,
+    )
+
+
+def lora_config(ctx: StageContext) -> LoraConfig | None:
+    spec = ctx.stage.lora
+    if spec is None:
+        return None
+    return LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every trainer log (loss, learning rate, DPO rewards ...) to the stage's ``metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def publish_model(trainer, tokenizer, ctx: StageContext) -> Path:
+    """Save the trained policy as a full ``save_pretrained`` checkpoint and move it into place atomically.
+
+    LoRA adapters are merged, so every downstream stage (and ``from_pretrained``) loads the checkpoint the same way
+    whether or not LoRA was used.
+    """
+    trainer.accelerator.wait_for_everyone()
+    if not ctx.is_main_process:
+        return ctx.dir.checkpoint
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    staging = ctx.dir.root / "checkpoint.tmp"
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    publish_directory(staging, ctx.dir.checkpoint)
+    return ctx.dir.checkpoint
+
+
+def training_summary(trainer) -> dict[str, float]:
+    """First and last logged training loss and the step count, for the manifest and the closing log line."""
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "global_step": trainer.state.global_step,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": losses[-1] if losses else float("nan"),
+    }

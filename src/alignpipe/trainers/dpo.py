@@ -1,0 +1,50 @@
+"""The ``dpo`` stage: Direct Preference Optimisation with TRL's ``DPOTrainer``.
+
+The reference is the stage's input checkpoint: a frozen copy for full fine-tuning, or the same weights with the
+LoRA adapters disabled (TRL's behaviour when a ``peft_config`` is given), so LoRA runs hold one copy of the base.
+
+    alignpipe run recipes/quickstart.yaml stages.dpo.beta=0.2
+    accelerate launch pipelines/dpo.py --stage-dir runs/quickstart/dpo
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import DPOConfig, DPOTrainer
+
+from alignpipe.data.synthetic import preference_dataset
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.trainers.common import MetricsLogger, lora_config, publish_model, trainer_arguments, training_summary
+
+log = logging.getLogger("alignpipe")
+
+
+def run(ctx: StageContext) -> dict:
+    stage, recipe = ctx.stage, ctx.recipe
+    tokenizer = load_tokenizer(ctx.start_model)
+    model = load_causal_lm(ctx.start_model, dtype=recipe.model.dtype)
+    dataset = preference_dataset(recipe.data, recipe.seed)
+    args = DPOConfig(
+        **trainer_arguments(ctx),
+        beta=stage.beta,
+        loss_type=list(stage.loss_type),
+        loss_weights=stage.loss_weights,
+        label_smoothing=stage.label_smoothing,
+        precompute_ref_log_probs=stage.precompute_ref_log_probs,
+    )
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
+    )
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    publish_model(trainer, tokenizer, ctx)
+    summary = training_summary(trainer)
+    rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
+    if rewards:
+        summary["final_reward_accuracy"] = rewards[-1]["rewards/accuracies"]
+        summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
+    log.info("[%s] DPO loss %.4f -> %.4f over %d steps", ctx.dir.name, summary["first_loss"],
+             summary["final_loss"], summary["global_step"])
+    return summary

@@ -1,0 +1,66 @@
+"""The ``eval`` stage: the shared harness on the run's checkpoints, writing ``runs/<run>/leaderboard.{json,md}``.
+
+    alignpipe run recipes/quickstart.yaml     # the last stage of the quickstart
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from alignpipe.evaluation.generation import GenerationSettings
+from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.evaluation.leaderboard import build_leaderboard, write_leaderboard
+from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.data.synthetic import evaluation_tasks
+from alignpipe.pipeline.rundir import StageDir, package_versions
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.tasks import GoldJudge
+
+log = logging.getLogger("alignpipe")
+
+SUITE = "synthetic"
+PRIMARY_METRIC = "gold_reward"
+
+
+def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
+    manifest = StageDir(ctx.run_dir / name).read_manifest() or {}
+    return Checkpoint(name=name, path=path, weights_sha256=manifest.get("output_sha256"))
+
+
+def run(ctx: StageContext) -> dict:
+    stage, recipe = ctx.stage, ctx.recipe
+    checkpoints = [_checkpoint(ctx, "base", ctx.base)] if stage.include_base else []
+    checkpoints += [_checkpoint(ctx, name, path) for name, path in ctx.inputs.items()]
+    reference_name = stage.reference or stage.inputs[0]
+    reference = _checkpoint(ctx, reference_name, ctx.inputs[reference_name])
+    settings = GenerationSettings(
+        max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
+        batch_size=stage.batch_size, seed=stage.seed,
+    )
+    prompts = [task.prompt for task in evaluation_tasks(recipe.data, stage.n_prompts, stage.seed)]
+    results, samples = evaluate_checkpoints(
+        checkpoints, reference, prompts, GoldJudge(), settings,
+        dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples,
+    )
+    samples_dir = ctx.dir.root / "samples"
+    for checkpoint_samples in samples:
+        rows = sample_rows(checkpoint_samples)
+        atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in rows))
+    run_record = json.loads((ctx.run_dir / "run.json").read_text()) if (ctx.run_dir / "run.json").exists() else {}
+    leaderboard = build_leaderboard(
+        results,
+        run={"name": recipe.name, "stage": ctx.dir.name, "reference": reference_name,
+             "recipe_path": run_record.get("recipe_path"), "recipe_sha256": run_record.get("recipe_sha256"),
+             "git_sha": run_record.get("git_sha")},
+        config={"generation": settings.__dict__, "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}",
+                                                                "n": len(prompts)},
+                "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
+                "bootstrap_iters": stage.bootstrap_resamples},
+        env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
+    )
+    atomic_write_json(ctx.dir.root / "results.json", leaderboard)
+    json_path, md_path = write_leaderboard(leaderboard, ctx.run_dir)
+    log.info("[%s] leaderboard written to %s and %s", ctx.dir.name, json_path, md_path)
+    return {r.name: r.metrics[PRIMARY_METRIC].value for r in results}

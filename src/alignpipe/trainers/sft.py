@@ -1,0 +1,37 @@
+"""The ``sft`` stage: supervised fine-tuning with TRL's ``SFTTrainer`` (full or LoRA), assistant-only loss.
+
+    alignpipe run recipes/quickstart.yaml            # runs this stage as pipelines/sft.py
+    accelerate launch pipelines/sft.py --stage-dir runs/quickstart/sft
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import SFTConfig, SFTTrainer
+
+from alignpipe.data.synthetic import sft_dataset
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.trainers.common import MetricsLogger, lora_config, publish_model, trainer_arguments, training_summary
+
+log = logging.getLogger("alignpipe")
+
+
+def run(ctx: StageContext) -> dict:
+    stage, recipe = ctx.stage, ctx.recipe
+    tokenizer = load_tokenizer(ctx.start_model, gguf_file=recipe.model.gguf_file if not stage.inputs else None)
+    model = load_causal_lm(ctx.start_model, dtype=recipe.model.dtype,
+                           gguf_file=recipe.model.gguf_file if not stage.inputs else None)
+    dataset = sft_dataset(recipe.data, recipe.seed)
+    args = SFTConfig(**trainer_arguments(ctx), assistant_only_loss=stage.assistant_only_loss)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
+    )
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    publish_model(trainer, tokenizer, ctx)
+    summary = training_summary(trainer)
+    log.info("[%s] SFT loss %.4f -> %.4f over %d steps", ctx.dir.name, summary["first_loss"],
+             summary["final_loss"], summary["global_step"])
+    return summary

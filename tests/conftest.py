@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny recipe that runs every stage type in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"name_or_path": "tiny", "tiny": {
+        "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+        "vocab_size": 100, "max_position_embeddings": 64,
+    }},
+    "data": {"n_sft": 256, "n_pairs": 128},
+    "stages": [
+        {"name": "sft", "type": "sft", "learning_rate": 3e-3, "max_steps": 30, "per_device_train_batch_size": 16,
+         "save_steps": 15, "max_length": 48, "logging_steps": 5, "lr_scheduler_type": "constant"},
+        {"name": "dpo", "type": "dpo", "inputs": ["sft"], "learning_rate": 2e-3, "max_steps": 16,
+         "per_device_train_batch_size": 16, "save_steps": 8, "max_length": 48, "logging_steps": 4,
+         "lr_scheduler_type": "constant"},
+        {"name": "eval", "type": "eval", "inputs": ["sft", "dpo"], "n_prompts": 32, "max_new_tokens": 10,
+         "batch_size": 32, "bootstrap_resamples": 200},
+    ],
+}
+
+
+def write_recipe(directory: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe_path(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path, TINY_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def completed_tiny_run(tmp_path_factory):
+    """One uninterrupted in-process run of the tiny recipe, shared by the tests that only read its outputs."""
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    directory = tmp_path_factory.mktemp("completed")
+    recipe_path = write_recipe(directory, TINY_RECIPE)
+    runner = Runner(load_recipe(recipe_path), runs_dir=directory / "runs", recipe_path=recipe_path, in_process=True)
+    outcomes = runner.run()
+    return runner, outcomes

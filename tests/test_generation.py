@@ -1,0 +1,239 @@
+"""Tests for alignpipe.evaluation.generation (pinned sampling, sequence log-probs) and evaluation.harness."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from alignpipe.evaluation.generation import (
+    Generation,
+    GenerationSettings,
+    generate,
+    render_prompts,
+    sequence_logprobs,
+)
+from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
+from alignpipe.tasks.synthetic import GoldJudge, gold_reward, heldout_tasks, tokenizer_corpus
+
+SHAPE = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
+SPECIAL_STRINGS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<pad>", "<unk>")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny matmuls on a 2-core machine shared with a training job: intra-op threads spin-wait for each other and
+    # make generation ~100x slower; one thread is fastest for these shapes. Restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(tokenizer_corpus(n=400), vocab_size=160)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    m = build_tiny_model(tokenizer, **SHAPE, seed=0)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # held-out prompts have 3..6 items, so rendered prompt lengths differ and batches are left padded
+    return [t.prompt for t in heldout_tasks(12, 0)]
+
+
+@pytest.fixture(scope="module")
+def eos_model(tokenizer):
+    """The seed-0 model with +3.5 on the EOS logit: P(EOS) ~ 0.17 per step, so with 6 new tokens some samples stop
+    early (at different lengths) and some are truncated. The plain random model almost never emits EOS."""
+    m = build_tiny_model(tokenizer, **SHAPE, seed=0).eval()
+    boost = 3.5 * torch.nn.functional.one_hot(torch.tensor(tokenizer.eos_token_id), len(tokenizer)).float()
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out + boost.to(out.dtype))
+    return m
+
+
+@pytest.fixture(scope="module")
+def generations(eos_model, tokenizer, prompts):
+    return generate(eos_model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=5, seed=7))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, model, tokenizer):
+    return save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("gen") / "ref")
+
+
+def _hand_logprob(model, tokenizer, prompt: str, response_ids) -> float:
+    """log p(response | prompt) from one unpadded forward pass: sum of log-softmax at each response token."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + list(response_ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    total = 0.0
+    for j, token in enumerate(response_ids):
+        pos = len(prompt_ids) + j  # position of the response token; predicted by the logits one step earlier
+        total += float(logp[pos - 1, token])
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def test_render_prompts(tokenizer):
+    assert render_prompts(tokenizer, ["sort: 3 1 4"]) == ["<|user|>sort: 3 1 4<|end|><|assistant|>"]
+
+
+def test_generate_is_reproducible(eos_model, tokenizer, prompts, generations):
+    again = generate(eos_model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=5, seed=7))
+    assert again == generations
+    assert [g.prompt for g in generations] == prompts
+    other = generate(eos_model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=5, seed=8))
+    assert [g.response_ids for g in other] != [g.response_ids for g in generations]
+
+
+def test_generate_eos_and_truncation(tokenizer, generations):
+    eos = tokenizer.eos_token_id
+    # the fixture really exercises both branches, with EOS at several positions
+    assert any(g.truncated for g in generations) and not all(g.truncated for g in generations)
+    assert len({len(g.response_ids) for g in generations if not g.truncated}) > 1
+    for g in generations:
+        assert isinstance(g, Generation)
+        assert g.truncated == (eos not in g.response_ids)
+        if g.truncated:
+            assert len(g.response_ids) == 6  # ran to max_new_tokens
+        else:
+            assert g.response_ids[-1] == eos  # stops at the first EOS, EOS kept
+            assert eos not in g.response_ids[:-1]
+            assert 1 <= len(g.response_ids) <= 6
+        assert not any(s in g.response for s in SPECIAL_STRINGS)
+        assert g.response == g.response.strip()
+
+
+def test_generate_stops_at_first_eos_when_model_always_emits_eos(tokenizer):
+    # A model whose EOS logit is boosted by +100 samples EOS first: exactly [EOS], empty text, not truncated.
+    model = build_tiny_model(tokenizer, **SHAPE, seed=0)
+    boost = 100.0 * torch.nn.functional.one_hot(torch.tensor(tokenizer.eos_token_id), len(tokenizer)).float()
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost.to(out.dtype))
+    try:
+        gens = generate(model, tokenizer, ["sort: 3 1 4", "count 3: 3 1 3 3 3 3"],
+                        GenerationSettings(max_new_tokens=5, seed=0))
+    finally:
+        handle.remove()
+    for g in gens:
+        assert g.response_ids == (tokenizer.eos_token_id,)
+        assert g.response == ""
+        assert g.truncated is False
+
+
+def test_untrained_model_mostly_truncates(model, tokenizer):
+    # With ~160 tokens and random weights, P(EOS) per step is small: with 4 new tokens nearly all samples run out.
+    prompts = [t.prompt for t in heldout_tasks(40, 1)]
+    gens = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=4, batch_size=40, seed=0))
+    rate = sum(g.truncated for g in gens) / len(gens)
+    assert rate > 0.7
+
+
+# ------------------------------------------------------------------------------------------------ sequence_logprobs
+
+
+def test_sequence_logprobs_match_hand_computation_with_left_padding(eos_model, tokenizer, generations):
+    model = eos_model
+    eos = tokenizer.eos_token_id
+    longest = max(generations, key=lambda g: len(g.prompt)).prompt
+    shortest = min(generations, key=lambda g: len(g.prompt)).prompt
+    handmade = [
+        # short prompt, long response / long prompt, short response: padding both ways in one batch
+        Generation(shortest, "", tuple(tokenizer("1 2 3 4 5 6 7", add_special_tokens=False)["input_ids"]) + (eos,),
+                   False),
+        Generation(longest, "", (eos,), False),
+        Generation("count 3: 3 1 3", "2", tuple(tokenizer("2", add_special_tokens=False)["input_ids"]) + (eos,),
+                   False),
+    ]
+    gens = list(generations) + handmade
+    prompt_lengths = {len(p) for p in render_prompts(tokenizer, [g.prompt for g in gens])}
+    assert len(prompt_lengths) > 1  # the batch really mixes prompt lengths
+    got = sequence_logprobs(model, tokenizer, gens, batch_size=64)
+    expected = [_hand_logprob(model, tokenizer, g.prompt, g.response_ids) for g in gens]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(v < 0 for v in got)
+    # batch composition must not matter
+    one_by_one = sequence_logprobs(model, tokenizer, gens, batch_size=1)
+    assert one_by_one == pytest.approx(expected, abs=1e-4)
+
+
+def test_sequence_logprobs_single_eos_response_is_log_p_eos(model, tokenizer):
+    # y = [EOS] only: log pi(y|x) is the log-softmax of EOS after the generation prompt.
+    prompt = "sum: 2 3"
+    g = Generation(prompt, "", (tokenizer.eos_token_id,), False)
+    rendered = render_prompts(tokenizer, [prompt])[0]
+    ids = torch.tensor([tokenizer(rendered, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        last = model(input_ids=ids).logits[0, -1].double()
+    expected = float(last[tokenizer.eos_token_id] - torch.logsumexp(last, dim=-1))
+    assert sequence_logprobs(model, tokenizer, [g])[0] == pytest.approx(expected, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ harness
+
+
+def test_evaluate_checkpoint_against_itself(checkpoint_dir, prompts):
+    ref = Checkpoint("base", str(checkpoint_dir))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+    results, samples = evaluate_checkpoints([ref], ref, prompts, GoldJudge(), settings, bootstrap_resamples=50)
+    assert len(results) == 1 and len(samples) == 1
+    m = results[0].metrics
+    n = len(prompts)
+    assert results[0].name == "base" and results[0].path == str(checkpoint_dir)
+    assert m["kl_ref_k1"].value == 0.0 and m["kl_ref_k3"].value == 0.0
+    assert m["kl_ref_k1"].ci95 == (0.0, 0.0)
+    win = m["win_rate_vs_ref"]
+    assert win.value == 0.5 and win.n == n
+    assert win.extra["n_ties"] == n and win.extra["n_wins"] == 0 and win.extra["n_losses"] == 0
+    gold = m["gold_reward"]
+    assert gold.n == n and gold.higher_is_better is True
+    lo, hi = gold.ci95
+    assert lo <= gold.value <= hi
+    s = samples[0]
+    assert [g.prompt for g in s.generations] == prompts
+    assert gold.value == pytest.approx(sum(gold_reward(g.prompt, g.response) for g in s.generations) / n)
+    assert m["truncation_rate"].value == pytest.approx(sum(g.truncated for g in s.generations) / n)
+    assert m["len_tokens_mean"].value == pytest.approx(sum(len(g.response_ids) for g in s.generations) / n)
+    assert s.logp_policy == s.logp_reference
+    rows = sample_rows(s)
+    assert len(rows) == n and all(r["preference_vs_ref"] == 0.5 for r in rows)
+
+
+def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokenizer, prompts):
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(checkpoint_dir, copy_dir)
+    other_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "other")
+    ref = Checkpoint("base", str(checkpoint_dir))
+    same = Checkpoint("copy", str(copy_dir))
+    other = Checkpoint("other", str(other_dir))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+    results, samples = evaluate_checkpoints([same, other], ref, prompts, GoldJudge(), settings,
+                                            bootstrap_resamples=50)
+    copy_m, other_m = results[0].metrics, results[1].metrics
+    # a byte-identical copy loaded from another path samples the same responses with the same seed
+    assert copy_m["win_rate_vs_ref"].value == 0.5
+    assert copy_m["kl_ref_k1"].value == pytest.approx(0.0, abs=1e-6)
+    # a different model: its log-probs under the reference are those of a hand forward pass of the reference
+    ref_model = build_tiny_model(tokenizer, **SHAPE, seed=0).eval()
+    other_model = build_tiny_model(tokenizer, **SHAPE, seed=1).eval()
+    s = samples[1]
+    for g, lp, lr in zip(s.generations, s.logp_policy, s.logp_reference):
+        assert lp == pytest.approx(_hand_logprob(other_model, tokenizer, g.prompt, g.response_ids), abs=1e-4)
+        assert lr == pytest.approx(_hand_logprob(ref_model, tokenizer, g.prompt, g.response_ids), abs=1e-4)
+    expected_k1 = sum(lp - lr for lp, lr in zip(s.logp_policy, s.logp_reference)) / len(prompts)
+    assert other_m["kl_ref_k1"].value == pytest.approx(expected_k1)
+    assert other_m["kl_ref_k3"].value > 0.0
+    assert all(p in (0.0, 0.5, 1.0) for p in s.preferences)  # hard judge, both orders agree
+    assert not math.isnan(other_m["win_rate_vs_ref"].value)

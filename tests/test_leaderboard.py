@@ -1,0 +1,211 @@
+"""Tests for alignpipe.evaluation.leaderboard and the atomic writers in alignpipe.io."""
+
+import json
+import os
+import stat
+from datetime import datetime, timedelta
+
+import pytest
+
+from alignpipe.evaluation.leaderboard import (
+    SCHEMA_VERSION,
+    CheckpointResult,
+    build_leaderboard,
+    load_leaderboard,
+    render_markdown,
+    write_leaderboard,
+)
+from alignpipe.evaluation.metrics import MetricValue
+from alignpipe.io import atomic_write_json, atomic_write_text
+
+
+def mv(value, lo=None, hi=None, n=2000, hib=True, **extra):
+    return MetricValue(value, None if lo is None else (lo, hi), n, hib, extra)
+
+
+def results():
+    """Given in the wrong order on purpose: base < sft < dpo on gold reward (higher is better)."""
+    return [
+        CheckpointResult("base", "ckpts/base", None, {
+            "gold_reward": mv(0.0, -0.04, 0.04),
+            "kl_ref_k1": mv(0.0, 0.0, 0.0, n=8000, hib=None),
+            "truncation_rate": mv(0.10, 0.08, 0.12, hib=False),
+        }),
+        CheckpointResult("sft", "ckpts/sft", "ab" * 32, {
+            "gold_reward": mv(0.2, 0.17, 0.23),
+            "kl_ref_k1": mv(1.5, 1.4, 1.6, n=8000, hib=None),
+            "truncation_rate": mv(0.02, 0.01, 0.03, hib=False),
+        }),
+        CheckpointResult("dpo", "ckpts/dpo", "cd" * 32, {
+            "gold_reward": mv(0.41, 0.37, 0.45),
+            "kl_ref_k1": mv(6.2, 5.9, 6.5, n=8000, hib=None),
+            "truncation_rate": mv(0.05, 0.04, 0.06, hib=False),
+            "win_rate_vs_ref": mv(0.58, 0.55, 0.61, n_wins=1120, n_losses=800, n_ties=80),
+            "len_tokens_mean": mv(212.4, 208.1, 216.9, hib=None),
+        }),
+    ]
+
+
+def build(res=None, primary="gold_reward"):
+    return build_leaderboard(
+        results() if res is None else res,
+        run={"run_id": "quick_dpo_s1", "git_sha": "0" * 40},
+        config={"generation": {"temperature": 1.0, "seed": 0}, "bootstrap_iters": 1000},
+        env={"torch": "2.13.0"},
+        suite="gold",
+        primary_metric=primary,
+    )
+
+
+def names(lb):
+    return [c["name"] for c in lb["checkpoints"]]
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def test_sorted_best_first_when_higher_is_better():
+    lb = build()
+    assert names(lb) == ["dpo", "sft", "base"]
+    assert lb["schema_version"] == SCHEMA_VERSION
+    assert lb["suite"] == {"name": "gold", "primary_metric": "gold_reward"}
+    assert lb["higher_is_better"] == {
+        "gold_reward": True, "kl_ref_k1": None, "truncation_rate": False, "win_rate_vs_ref": True,
+        "len_tokens_mean": None,
+    }
+    dpo = lb["checkpoints"][0]
+    assert dpo["path"] == "ckpts/dpo" and dpo["weights_sha256"] == "cd" * 32
+    assert dpo["results"]["win_rate_vs_ref"] == {
+        "value": 0.58, "ci95": [0.55, 0.61], "n": 2000, "higher_is_better": True,
+        "n_wins": 1120, "n_losses": 800, "n_ties": 80,
+    }
+
+
+def test_sorted_best_first_when_lower_is_better():
+    assert names(build(primary="truncation_rate")) == ["sft", "dpo", "base"]
+
+
+def test_checkpoint_without_primary_metric_goes_last():
+    lb = build(primary="win_rate_vs_ref")
+    assert names(lb) == ["dpo", "base", "sft"]  # dpo ranked; the others keep input order
+    md = render_markdown(lb)
+    assert "| – | base |" in md and "| 1 | dpo |" in md
+
+
+def test_build_rejects_meaningless_rankings():
+    with pytest.raises(ValueError, match="no direction"):
+        build(primary="kl_ref_k1")
+    with pytest.raises(ValueError, match="in no checkpoint"):
+        build(primary="gold_rewrd")
+    conflicting = results()
+    conflicting[1].metrics["truncation_rate"] = mv(0.02, hib=True)
+    with pytest.raises(ValueError, match="truncation_rate"):
+        build(conflicting)
+    duplicated = results()
+    duplicated[0].name = "sft"
+    with pytest.raises(ValueError, match="duplicate"):
+        build(duplicated)
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def test_markdown_table_rows_cis_and_directions():
+    lb = build()
+    md = render_markdown(lb)
+    lines = md.splitlines()
+    rows = [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().isdigit()]
+    assert [r.split("|")[2].strip() for r in rows] == ["dpo", "sft", "base"]  # one row each, JSON order
+    header = next(ln for ln in lines if ln.startswith("| rank"))
+    assert header == (
+        "| rank | checkpoint | gold_reward ↑ | kl_ref_k1 | truncation_rate ↓ | win_rate_vs_ref ↑ "
+        "| len_tokens_mean | n |"
+    )
+    assert rows[0] == (
+        "| 1 | dpo | 0.410 [0.370, 0.450] | 6.20 [5.90, 6.50] (n=8000) | 0.0500 [0.0400, 0.0600] "
+        "| 0.580 [0.550, 0.610] | 212 [208, 217] | 2000 |"
+    )
+    # CI bounds take the value's decimals so they line up; missing metrics are "–".
+    assert rows[2] == (
+        "| 3 | base | 0.000 [-0.040, 0.040] | 0.000 [0.000, 0.000] (n=8000) | 0.100 [0.080, 0.120] "
+        "| – | – | 2000 |"
+    )
+    assert "`gold`" in md and "primary metric `gold_reward` ↑" in md and "`quick_dpo_s1`" in md
+    assert "- `truncation_rate`: ↓ lower is better" in md
+    assert "- `kl_ref_k1`: no preferred direction (diagnostic)" in md
+    assert "- `gold_reward`: ↑ higher is better" in md
+
+
+def test_markdown_escapes_pipes_in_names():
+    res = results()
+    res[0].name = "base|v2"
+    assert "| base\\|v2 |" in render_markdown(build(res))
+
+
+# ---------------------------------------------------------------------------------------------- write and load
+
+
+def test_write_load_round_trip(tmp_path):
+    lb = build()
+    json_path, md_path = write_leaderboard(lb, tmp_path / "runs" / "r1")
+    assert (json_path.name, md_path.name) == ("leaderboard.json", "leaderboard.md")
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["leaderboard.json", "leaderboard.md"]
+    assert load_leaderboard(json_path) == lb
+    assert json_path.read_text(encoding="utf-8").endswith("}\n")
+    assert md_path.read_text(encoding="utf-8") == render_markdown(lb)
+    date = datetime.fromisoformat(lb["date"])
+    assert date.utcoffset() == timedelta(0)
+
+
+def test_load_rejects_other_schema_versions(tmp_path):
+    path = tmp_path / "leaderboard.json"
+    lb = build()
+    for bad in ("0.9", "2.0", None):
+        path.write_text(json.dumps({**lb, "schema_version": bad}), encoding="utf-8")
+        with pytest.raises(ValueError, match=r"unsupported leaderboard schema_version .* reads '1\.0'"):
+            load_leaderboard(path)
+    path.write_text(json.dumps({k: v for k, v in lb.items() if k != "checkpoints"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="missing keys.*checkpoints"):
+        load_leaderboard(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_leaderboard(path)
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_leaderboard(path)
+
+
+def test_failed_write_keeps_old_files_and_leaves_no_temp_files(tmp_path):
+    json_path, md_path = write_leaderboard(build(), tmp_path)
+    old_json, old_md = json_path.read_bytes(), md_path.read_bytes()
+    bad = build()
+    bad["config"]["judge"] = object()  # not JSON-serialisable
+    with pytest.raises(TypeError):
+        write_leaderboard(bad, tmp_path)
+    assert json_path.read_bytes() == old_json and md_path.read_bytes() == old_md
+    unrenderable = build()
+    del unrenderable["higher_is_better"]  # serialises fine, but the Markdown cannot be made: write neither file
+    with pytest.raises(KeyError):
+        write_leaderboard(unrenderable, tmp_path)
+    assert json_path.read_bytes() == old_json and md_path.read_bytes() == old_md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.json", "leaderboard.md"]
+
+
+def test_atomic_write_text_cleans_up_when_writing_fails(tmp_path):
+    path = tmp_path / "a" / "b" / "notes.txt"  # parents are created
+    atomic_write_text(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "lone surrogate \ud800")  # fails after the temp file exists
+    assert path.read_text(encoding="utf-8") == "old\n"
+    assert [p.name for p in path.parent.iterdir()] == ["notes.txt"]
+
+
+def test_atomic_write_json_format_nan_and_permissions(tmp_path):
+    path = atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
+    assert path.read_text(encoding="utf-8") == '{\n  "b": 1,\n  "a": [\n    1,\n    2\n  ]\n}\n'  # order kept
+    with pytest.raises(ValueError, match="JSON compliant"):
+        atomic_write_json(path, {"loss": float("nan")})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"b": 1, "a": [1, 2]}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600

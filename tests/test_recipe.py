@@ -1,0 +1,254 @@
+"""Recipe schema, extends, overrides, and — above all — the error messages users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from alignpipe.recipe import (
+    STAGE_TYPES,
+    DataSpec,
+    DPOStage,
+    EvalStage,
+    LoraSpec,
+    ModelSpec,
+    Recipe,
+    RecipeError,
+    SFTStage,
+    TinyModelSpec,
+    load_recipe,
+    load_recipe_dict,
+    parse_override,
+    recipe_to_dict,
+)
+
+REPO = Path(__file__).parents[1]
+BAD_RECIPES = sorted((Path(__file__).parent / "bad_recipes").glob("*.yaml"))
+
+GOOD = """\
+name: quickstart
+seed: 3
+model:
+  tiny: {hidden_size: 64, num_heads: 4}
+data:
+  families: [copy, sort]
+  n_sft: 100
+stages:
+  - name: sft
+    type: sft
+    max_steps: 20
+  - name: dpo
+    type: dpo
+    inputs: [sft]
+    loss_type: ipo
+    lora: {r: 8}
+  - name: ev
+    type: eval
+    inputs: [sft, dpo]
+    reference: sft
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def error_for(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- good recipes
+
+
+def test_good_recipe_applies_defaults_and_round_trips(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    recipe = load_recipe(path)
+    sft, dpo, ev = recipe.stages
+    assert isinstance(sft, SFTStage) and isinstance(dpo, DPOStage) and isinstance(ev, EvalStage)
+    assert (sft.learning_rate, sft.assistant_only_loss, sft.inputs, sft.lr_scheduler_type) == (2e-5, True, [], "cosine")
+    assert (dpo.learning_rate, dpo.beta, dpo.loss_type, dpo.loss_weights) == (1e-6, 0.1, ["ipo"], None)
+    assert dpo.lora == LoraSpec(r=8) and dpo.lora.target_modules == "all-linear"
+    assert (ev.include_base, ev.bootstrap_resamples, ev.seed) == (True, 1000, 1234)
+    assert recipe.model.tiny.num_layers == 4 and recipe.data.max_items == 6
+    assert recipe.stage("dpo") is dpo
+
+    resolved = write(tmp_path / "resolved.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    assert load_recipe(resolved) == recipe
+
+
+def test_stage_lookup_suggests_a_name() -> None:
+    recipe = Recipe(name="r", stages=[SFTStage(name="sft"), DPOStage(name="dpo", inputs=["sft"])])
+    with pytest.raises(RecipeError, match=r"no stage 'dpp'; did you mean 'dpo'\?"):
+        recipe.stage("dpp")
+
+
+def test_extends_chain_merges_stages_by_name(tmp_path: Path) -> None:
+    write(
+        tmp_path / "grand.yaml",
+        "name: grand\ndata: {n_sft: 50, families: [copy, sort]}\n"
+        "stages:\n  - {name: sft, type: sft, max_steps: 5}\n  - {name: dpo, type: dpo, inputs: [sft]}\n",
+    )
+    write(tmp_path / "mid.yaml", "extends: grand.yaml\nseed: 7\nstages:\n  - {name: dpo, beta: 0.3}\n")
+    child = write(
+        tmp_path / "sub" / "child.yaml",
+        "extends: ../mid.yaml\nname: child\ndata: {families: [sum]}\n"
+        "stages:\n  - {name: ev, type: eval, inputs: [dpo]}\n  - {name: sft, learning_rate: 1.0e-4}\n",
+    )
+    raw = load_recipe_dict(child)
+    assert "extends" not in raw
+    recipe = load_recipe(child)
+    assert [s.name for s in recipe.stages] == ["sft", "dpo", "ev"]  # parent order kept, new names appended
+    assert (recipe.name, recipe.seed, recipe.data.n_sft, recipe.data.families) == ("child", 7, 50, ["sum"])
+    assert (recipe.stage("sft").max_steps, recipe.stage("sft").learning_rate) == (5, 1e-4)
+    assert recipe.stage("dpo").beta == 0.3
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    overrides = ["stages.dpo.beta=0.2", "data.n_sft=10", "data.families=[sum, count]", "stages.ev.reference=dpo"]
+    recipe = load_recipe(path, [*overrides, "model.tiny.num_layers=2", "stages.dpo.lora=null"])
+    assert recipe.stage("dpo").beta == 0.2 and recipe.stage("dpo").lora is None
+    assert (recipe.data.n_sft, recipe.data.families, recipe.model.tiny.num_layers) == (10, ["sum", "count"], 2)
+    assert recipe.stage("ev").reference == "dpo"
+    assert load_recipe_dict(path, ["description=hi"])["description"] == "hi"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("stages.dpo.beta=0.2", (["stages", "dpo", "beta"], 0.2)),
+        ("data.families=[copy, sort]", (["data", "families"], ["copy", "sort"])),
+        ("stages.sft.bf16=true", (["stages", "sft", "bf16"], True)),
+        ("description=a=b", (["description"], "a=b")),
+        ("model.gguf_file=", (["model", "gguf_file"], None)),
+    ],
+)
+def test_parse_override(text: str, expected: tuple[list[str], object]) -> None:
+    assert parse_override(text) == expected
+
+
+def test_every_field_is_documented() -> None:
+    for model in (Recipe, ModelSpec, TinyModelSpec, DataSpec, LoraSpec, *STAGE_TYPES.values()):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def _shipped_recipes() -> list[Path]:
+    root = REPO / "recipes"
+    return sorted(p for p in root.rglob("*.yaml") if "accelerate" not in p.relative_to(root).parts)
+
+
+@pytest.mark.parametrize("path", _shipped_recipes() or [None], ids=lambda p: p.name if p else "none")
+def test_shipped_recipes_validate(path: Path | None) -> None:
+    if path is None:
+        pytest.skip("no recipes/ yet")
+    assert isinstance(load_recipe(path), BaseModel)
+
+
+# ----------------------------------------------------------------------------- bad recipes
+
+
+@pytest.mark.parametrize("path", BAD_RECIPES, ids=lambda p: p.stem)
+def test_bad_recipe_fixture(path: Path) -> None:
+    """Each fixture lists the lines its error must contain as `# expect: ...` comments."""
+    expected = [line.split("# expect: ", 1)[1] for line in path.read_text().splitlines() if "# expect: " in line]
+    assert expected, f"{path.name} has no '# expect:' lines"
+    message = error_for(path)
+    assert message.startswith(f"recipe {path} is invalid:\n  - ")
+    for text in expected:
+        assert text in message, f"{text!r} not in:\n{message}"
+
+
+def test_enough_bad_recipe_fixtures() -> None:
+    assert len(BAD_RECIPES) >= 14
+
+
+def test_extends_cycle(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.yaml", "extends: b.yaml\nname: a\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\nstages: []\n")
+    message = error_for(a)
+    assert f"recipe {a} is invalid" in message
+    assert f"{tmp_path / 'b.yaml'}: extends: cycle {a} -> {tmp_path / 'b.yaml'} -> {a}" in message
+
+
+def test_missing_extends_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "child.yaml", "extends: nope.yaml\nname: c\nstages: []\n")
+    message = error_for(path)
+    assert f"{path}: extends: file {tmp_path / 'nope.yaml'} not found" in message
+
+
+def test_error_in_extended_file_names_that_file(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", "name: b\nstages:\n  - {name: sft, type: sft, warmup_ratio: 2}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: c\n")
+    message = error_for(child)
+    assert f"recipe {child} is invalid" in message
+    assert f"stages.sft.warmup_ratio: expected a number in [0, 1), got 2 (set in {base})" in message
+
+
+def test_yaml_error_in_extended_file(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", "name: [b\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\n")
+    message = error_for(child)
+    assert f"recipe {child} is invalid" in message and f"{base} line 2" in message
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.dpo.beta",))
+    assert f"recipe {path} is invalid" in message
+    assert "bad override syntax: expected key.path=value, got 'stages.dpo.beta'" in message
+    assert "empty key segment in 'stages..beta=1'" in error_for(path, ("stages..beta=1",))
+
+
+def test_override_to_unknown_stage(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.dop.beta=0.2",))
+    assert f"recipe {path} is invalid" in message
+    assert (
+        "stages.dop: unknown stage 'dop'; did you mean 'dpo'? (stages: sft, dpo, ev) "
+        "(from command-line override 'stages.dop.beta=0.2')" in message
+    )
+
+
+def test_override_sub_key_of_a_scalar(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("data.n_sft.x=1",))
+    assert f"recipe {path} is invalid" in message
+    assert "data.n_sft: is 100, not a mapping, so it has no key 'x'" in message
+    assert "stages.dpo: set a stage's fields one by one" in error_for(path, ("stages.dpo={beta: 1}",))
+
+
+def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.dpo.betta=0.2", "data.n_sft=-1"))
+    assert f"recipe {path} is invalid" in message
+    assert (
+        "stages.dpo.betta: unknown key; did you mean 'beta'? (from command-line override 'stages.dpo.betta=0.2')"
+        in message
+    )
+    assert "data.n_sft: expected an integer > 0, got -1 (from command-line override 'data.n_sft=-1')" in message
+
+    message = error_for(path, ("model.tiny={num_layers: 2, hidden: 8}",))
+    assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
+
+
+def test_override_value_must_be_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("data.families=[copy",))
+    assert f"recipe {path} is invalid" in message and "bad override value in 'data.families=[copy'" in message
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "many.yaml",
+        "name: m\nfoo: 1\ndata: {n_pairs: 0}\nstages:\n  - {name: sft, type: sft, bf16: maybe}\n",
+    )
+    problems = [line for line in error_for(path).splitlines() if line.startswith("  - ")]
+    assert len(problems) == 3

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, TINY_RECIPE, write_recipe
 
 from alignpipe.cli import main
-from conftest import REPO, TINY_RECIPE, write_recipe
 
 
 @pytest.mark.parametrize("argv, expected", [

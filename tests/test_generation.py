@@ -14,21 +14,20 @@ from alignpipe.evaluation.generation import (
     sequence_logprobs,
 )
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
-from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
-from alignpipe.tasks.synthetic import GoldJudge, gold_reward, heldout_tasks, tokenizer_corpus
+from alignpipe.models.tiny import (
+    build_tiny_model,
+    save_tiny_checkpoint,
+    train_tokenizer,
+)
+from alignpipe.tasks.synthetic import (
+    GoldJudge,
+    gold_reward,
+    heldout_tasks,
+    tokenizer_corpus,
+)
 
 SHAPE = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 SPECIAL_STRINGS = ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<pad>", "<unk>")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny matmuls on a 2-core machine shared with a training job: intra-op threads spin-wait for each other and
-    # make generation ~100x slower; one thread is fastest for these shapes. Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import load_recipe
-from conftest import TINY_RECIPE, write_recipe
 
 
 def _run(recipe_path, runs_dir, overrides=(), **kwargs):

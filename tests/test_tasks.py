@@ -1,6 +1,5 @@
 """Tests for alignpipe.tasks.synthetic: hand-computed gold rewards, prompt parsing, and the seeded generators."""
 
-import math
 
 import pytest
 
@@ -86,11 +85,6 @@ def test_gold_reward_rejects_non_task_prompt():
         gold_reward("hello", "1 2 3")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG synthetic.py:84 _is_int uses str.isdigit(), which is True for Unicode digits such as '²' that int() "
-    "rejects, so gold_reward on a numeric-family prompt raises ValueError instead of scoring the response 0",
-)
 def test_gold_reward_unicode_digit_does_not_crash():
     # '²' is not a non-negative integer in ASCII: no correctness, no format bonus.
     assert gold_reward("sum: 2 3", "²") == 0.0
@@ -171,12 +165,6 @@ def test_preference_probability_bradley_terry():
     assert preference_probability(1.2, 0.0, 1.0) == pytest.approx(0.7685247835, abs=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG synthetic.py:138 preference_probability computes math.exp(-diff / temperature), which raises "
-    "OverflowError once -diff/temperature > ~709 (e.g. diff -1.2 at temperature 1e-3), although recipe "
-    "data.pair_temperature accepts any value > 0; a stable sigmoid would return ~0.0",
-)
 def test_preference_probability_low_temperature_does_not_overflow():
     assert preference_probability(0.0, 1.2, 1e-3) == pytest.approx(0.0, abs=1e-12)
     assert preference_probability(1.2, 0.0, 1e-3) == pytest.approx(1.0, abs=1e-12)
@@ -254,22 +242,11 @@ def test_sft_demonstrations_noise_one_never_gives_target_for_list_families():
     assert not [r for r in rows if _is_target(r["messages"][0]["content"], r["messages"][1]["content"])]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG synthetic.py:200 corrupt(): the numeric 'off_by' mistake computes max(0, value + delta), so when the "
-    "true answer is 0 (count of an absent digit) and delta < 0 the 'mistake' is the exact answer '0'; "
-    "noise=1 demonstrations then contain correct replies (16 of 2000 for seed 0)",
-)
 def test_sft_demonstrations_noise_one_never_gives_target_all_families():
     rows = sft_demonstrations(2000, 0, noise=1.0)
     assert not [r for r in rows if _is_target(r["messages"][0]["content"], r["messages"][1]["content"])]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG synthetic.py:207 corrupt(): 'truncate' keeps rng.randint(1, max(1, len - 1)) tokens, which for a "
-    "one-item list keeps the whole (correct) answer, so with min_items=1 noise=1 replies can equal the target",
-)
 def test_sft_demonstrations_noise_one_single_item_lists():
     space = TaskSpace(families=("copy", "reverse", "sort"), min_items=1, max_items=3)
     rows = sft_demonstrations(500, 0, noise=1.0, space=space)
@@ -299,11 +276,6 @@ def test_preference_pairs_hard_labels_follow_gold():
     assert sum(r["chosen_gold"] > r["rejected_gold"] for r in rows) > 800
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG synthetic.py:138 preference_probability overflows (math.exp) for small temperatures, so "
-    "preference_pairs(temperature=1e-3) raises OverflowError whenever the first response is much worse",
-)
 def test_preference_pairs_low_temperature_labels_follow_gold():
     rows = preference_pairs(1000, 0, noise=0.5, temperature=1e-3, label_noise=0.0)
     assert all(r["chosen_gold"] >= r["rejected_gold"] for r in rows)

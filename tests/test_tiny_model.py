@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16, resolve_dtype
+from alignpipe.models.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_bf16,
+    resolve_dtype,
+)
 from alignpipe.models.tiny import (
     ASSISTANT,
     CHAT_TEMPLATE,
@@ -20,16 +25,6 @@ from alignpipe.tasks.synthetic import heldout_tasks, sample_tasks, tokenizer_cor
 SHAPE = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 VOCAB = 160
 CONVERSATION = [{"role": "user", "content": "sort: 3 1 4"}, {"role": "assistant", "content": "1 3 4"}]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny matmuls on a 2-core machine shared with a training job: intra-op threads spin-wait for each other and
-    # make generation ~100x slower; one thread is fastest for these shapes. Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _tokenizer():

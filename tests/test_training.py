@@ -27,4 +27,4 @@ def test_dpo_starts_at_log2_and_its_loss_goes_down(completed_tiny_run):
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.05, [m["loss"] for m in logs]
     assert logs[-1]["rewards/margins"] > 0
     summary = StageDir(runner.run_dir / "dpo").read_manifest()["summary"]
-    assert summary["global_step"] == 16
+    assert summary["global_step"] == 32

@@ -9,7 +9,13 @@ from __future__ import annotations
 from datasets import Dataset
 
 from alignpipe.recipe import DataSpec
-from alignpipe.tasks import Task, TaskSpace, heldout_tasks, preference_pairs, sft_demonstrations
+from alignpipe.tasks import (
+    Task,
+    TaskSpace,
+    heldout_tasks,
+    preference_pairs,
+    sft_demonstrations,
+)
 
 
 def task_space(data: DataSpec) -> TaskSpace:

@@ -12,9 +12,21 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from alignpipe.evaluation.generation import Generation, GenerationSettings, generate, sequence_logprobs
+from alignpipe.evaluation.generation import (
+    Generation,
+    GenerationSettings,
+    generate,
+    sequence_logprobs,
+)
 from alignpipe.evaluation.leaderboard import CheckpointResult
-from alignpipe.evaluation.metrics import kl_k1, kl_k3, length_stats, mean_with_ci, order_averaged_preference, win_rate
+from alignpipe.evaluation.metrics import (
+    kl_k1,
+    kl_k3,
+    length_stats,
+    mean_with_ci,
+    order_averaged_preference,
+    win_rate,
+)
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("alignpipe")
@@ -109,7 +121,7 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
                                   seed=seed, higher_is_better=None),
     }
     metrics.update(length_stats([len(g.response_ids) for g in samples.generations],
-                                [g.truncated for g in samples.generations]))
+                                [g.truncated for g in samples.generations], resamples=bootstrap_resamples, seed=seed))
     return metrics
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.data.synthetic import task_space
-from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
+from alignpipe.models.tiny import (
+    build_tiny_model,
+    save_tiny_checkpoint,
+    train_tokenizer,
+)
 from alignpipe.recipe import Recipe
 from alignpipe.tasks import tokenizer_corpus
 

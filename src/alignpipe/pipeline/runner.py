@@ -22,7 +22,13 @@ import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.rundir import (
-    StageDir, canonical_hash, directory_hash, git_sha, package_versions, publish_directory, utc_now,
+    StageDir,
+    canonical_hash,
+    directory_hash,
+    git_sha,
+    package_versions,
+    publish_directory,
+    utc_now,
 )
 from alignpipe.recipe import Recipe, recipe_to_dict
 

@@ -81,7 +81,7 @@ def parse_prompt(prompt: str) -> Task:
 
 
 def _is_int(token: str) -> bool:
-    return token.isdigit()
+    return token.isascii() and token.isdigit()  # str.isdigit alone accepts '²', which int() rejects
 
 
 def gold_reward(prompt: str, response: str) -> float:
@@ -135,7 +135,10 @@ def preference_probability(score_a: float, score_b: float, temperature: float) -
     diff = score_a - score_b
     if temperature == 0:
         return 0.5 if abs(diff) < 1e-12 else float(diff > 0)
-    return 1.0 / (1.0 + math.exp(-diff / temperature))
+    z = diff / temperature
+    if z >= 0:  # numerically stable logistic: exp never overflows
+        return 1.0 / (1.0 + math.exp(-z))
+    return math.exp(z) / (1.0 + math.exp(z))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,19 +200,19 @@ def corrupt(task: Task, rng: random.Random) -> str:
         value = int(tokens[0])
         kind = rng.choices(["off_by", "extend", "empty_ish"], weights=[0.7, 0.2, 0.1])[0]
         if kind == "off_by":
-            value = max(0, value + rng.choice([-3, -2, -1, 1, 2, 3]))
-            return str(value)
+            return str(value + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0]))
         if kind == "extend":
             return f"{value} {rng.randrange(10)}"
         return "0" if value != 0 else "1"
     kind = rng.choices(["truncate", "substitute", "swap", "extend"], weights=[0.4, 0.25, 0.2, 0.15])[0]
+    if kind in ("truncate", "swap") and len(tokens) == 1:  # nothing to drop or swap in a one-item answer
+        kind = "substitute"
     if kind == "truncate":
-        keep = rng.randint(1, max(1, len(tokens) - 1))
-        tokens = tokens[:keep]
+        tokens = tokens[:rng.randint(1, len(tokens) - 1)]
     elif kind == "substitute":
         i = rng.randrange(len(tokens))
         tokens[i] = str((int(tokens[i]) + rng.randint(1, 9)) % 10)
-    elif kind == "swap" and len(tokens) > 1:
+    elif kind == "swap":
         i = rng.randrange(len(tokens) - 1)
         tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
         if tokens == task.target():  # swapping equal neighbours changes nothing: substitute instead

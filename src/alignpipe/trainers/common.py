@@ -95,11 +95,18 @@ def publish_model(trainer, tokenizer, ctx: StageContext) -> Path:
     return ctx.dir.checkpoint
 
 
-def training_summary(trainer) -> dict[str, float]:
-    """First and last logged training loss and the step count, for the manifest and the closing log line."""
+def train_and_publish(trainer, tokenizer, ctx: StageContext) -> dict:
+    """Train (resuming when the runner found a trainer checkpoint), publish the checkpoint, summarise the losses."""
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    publish_model(trainer, tokenizer, ctx)
+    return training_summary(trainer)
+
+
+def training_summary(trainer) -> dict[str, float | None]:
+    """First and last logged training loss and the step count, for the manifest (None when nothing was logged)."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "global_step": trainer.state.global_step,
-        "first_loss": losses[0] if losses else float("nan"),
-        "final_loss": losses[-1] if losses else float("nan"),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
     }

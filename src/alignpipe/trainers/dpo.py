@@ -16,7 +16,12 @@ from trl import DPOConfig, DPOTrainer
 from alignpipe.data.synthetic import preference_dataset
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.common import MetricsLogger, lora_config, publish_model, trainer_arguments, training_summary
+from alignpipe.trainers.common import (
+    MetricsLogger,
+    lora_config,
+    train_and_publish,
+    trainer_arguments,
+)
 
 log = logging.getLogger("alignpipe")
 
@@ -38,13 +43,11 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    publish_model(trainer, tokenizer, ctx)
-    summary = training_summary(trainer)
+    summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:
         summary["final_reward_accuracy"] = rewards[-1]["rewards/accuracies"]
         summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
-    log.info("[%s] DPO loss %.4f -> %.4f over %d steps", ctx.dir.name, summary["first_loss"],
+    log.info("[%s] DPO loss %s -> %s over %d steps", ctx.dir.name, summary["first_loss"],
              summary["final_loss"], summary["global_step"])
     return summary

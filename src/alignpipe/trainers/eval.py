@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 
+from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
 from alignpipe.evaluation.leaderboard import build_leaderboard, write_leaderboard
 from alignpipe.io import atomic_write_json, atomic_write_text
-from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.pipeline.rundir import StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.tasks import GoldJudge

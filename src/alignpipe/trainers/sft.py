@@ -13,7 +13,12 @@ from trl import SFTConfig, SFTTrainer
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.common import MetricsLogger, lora_config, publish_model, trainer_arguments, training_summary
+from alignpipe.trainers.common import (
+    MetricsLogger,
+    lora_config,
+    train_and_publish,
+    trainer_arguments,
+)
 
 log = logging.getLogger("alignpipe")
 
@@ -29,9 +34,7 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    publish_model(trainer, tokenizer, ctx)
-    summary = training_summary(trainer)
-    log.info("[%s] SFT loss %.4f -> %.4f over %d steps", ctx.dir.name, summary["first_loss"],
+    summary = train_and_publish(trainer, tokenizer, ctx)
+    log.info("[%s] SFT loss %s -> %s over %d steps", ctx.dir.name, summary["first_loss"],
              summary["final_loss"], summary["global_step"])
     return summary

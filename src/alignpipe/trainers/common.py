@@ -14,9 +14,17 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 
-from alignpipe.models.loading import resolve_bf16
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
+
+
+def load_start_model(ctx: StageContext):
+    """The policy a training stage starts from (its input checkpoint, or the recipe's model) and its tokenizer."""
+    gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+    tokenizer = load_tokenizer(ctx.start_model, gguf_file=gguf_file)
+    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file)
+    return model, tokenizer
 
 
 def trainer_arguments(ctx: StageContext) -> dict[str, Any]:

@@ -14,10 +14,10 @@ import logging
 from trl import DPOConfig, DPOTrainer
 
 from alignpipe.data.synthetic import preference_dataset
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
     MetricsLogger,
+    load_start_model,
     lora_config,
     train_and_publish,
     trainer_arguments,
@@ -28,8 +28,7 @@ log = logging.getLogger("alignpipe")
 
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
-    tokenizer = load_tokenizer(ctx.start_model)
-    model = load_causal_lm(ctx.start_model, dtype=recipe.model.dtype)
+    model, tokenizer = load_start_model(ctx)
     dataset = preference_dataset(recipe.data, recipe.seed)
     args = DPOConfig(
         **trainer_arguments(ctx),

@@ -11,10 +11,10 @@ import logging
 from trl import SFTConfig, SFTTrainer
 
 from alignpipe.data.synthetic import sft_dataset
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
     MetricsLogger,
+    load_start_model,
     lora_config,
     train_and_publish,
     trainer_arguments,
@@ -25,9 +25,7 @@ log = logging.getLogger("alignpipe")
 
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
-    tokenizer = load_tokenizer(ctx.start_model, gguf_file=recipe.model.gguf_file if not stage.inputs else None)
-    model = load_causal_lm(ctx.start_model, dtype=recipe.model.dtype,
-                           gguf_file=recipe.model.gguf_file if not stage.inputs else None)
+    model, tokenizer = load_start_model(ctx)
     dataset = sft_dataset(recipe.data, recipe.seed)
     args = SFTConfig(**trainer_arguments(ctx), assistant_only_loss=stage.assistant_only_loss)
     trainer = SFTTrainer(

@@ -1,0 +1,26 @@
+"""`alignpipe eval` on an existing run directory uses the same harness as the eval stage."""
+
+from __future__ import annotations
+
+import json
+
+from alignpipe.cli import main
+
+
+def test_eval_command_on_a_run_directory(completed_tiny_run, tmp_path, capsys):
+    runner, _ = completed_tiny_run
+    out = tmp_path / "board"
+    code = main(["eval", str(runner.run_dir), "--reference", str(runner.run_dir / "sft" / "checkpoint"),
+                 "--out", str(out), "--n-prompts", "16", "--max-new-tokens", "8"])
+    assert code == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {c["name"]: c["results"] for c in board["checkpoints"]}
+    assert {"sft", "dpo"} <= set(rows)
+    assert rows["sft"]["kl_ref_k1"]["value"] == 0.0 and rows["sft"]["win_rate_vs_ref"]["value"] == 0.5
+    assert rows["dpo"]["gold_reward"]["n"] == 16
+    assert "| sft" in capsys.readouterr().out
+
+
+def test_eval_command_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "neither a run directory" in capsys.readouterr().err

@@ -40,6 +40,8 @@ __all__ = [
     "EvalStage",
     "LoraSpec",
     "ModelSpec",
+    "OSPStage",
+    "OnlineDPOStage",
     "Recipe",
     "RecipeError",
     "SFTStage",
@@ -293,6 +295,71 @@ class DPOStage(_TrainingStage):
         return self
 
 
+class _IterativeStage(_TrainingStage):
+    """Online rounds of sample -> judge -> pair -> train -> evaluate (shared by osp and online_dpo).
+
+    Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed, not the authors' exact values).
+    """
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate per round (OSP §4c: 1e-4 with LoRA).")
+    lora: LoraSpec | None = Field(
+        default_factory=LoraSpec, description="LoRA adapter per round, merged at the end of the round (OSP is "
+        "parameter-efficient, §4a); null = full fine-tuning.",
+    )
+    beta: float = Field(0.1, gt=0, description="Implicit KL coefficient of the DPO-style loss (OSP §4c: 0.1).")
+    rounds: int = Field(3, gt=0, description="Sample/judge/train rounds (OSP §4c: 3-5).")
+    prompts_per_round: int = Field(128, gt=0, description="Fresh training prompts sampled each round (tiny-model setting).")
+    samples_per_prompt: int = Field(4, ge=2, description="K responses sampled per prompt (OSP §4c: 4-8).")
+    judge: Literal["self", "gold"] = Field(
+        "self", description="Who judges the samples: the current policy itself (OSP's self-preferring setting) or the "
+        "embedded task's gold judge (the external-judge ablation of §4b).",
+    )
+    judge_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
+    )
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="DPO reference: the stage's input policy every round (OSP §4c) or the previous "
+        "round's policy (the ablation of §4c; what SPPO-style iteration uses).",
+    )
+    reanchor: bool = Field(
+        True, description="Judge against a random anchor, then again against the median-strength sample (OSP §4b "
+        "two-pass anchor); false = one pass against a random anchor.",
+    )
+    min_gap: float = Field(0.0, ge=0, lt=0.5, description="Drop pairs whose strength is within min_gap of 0.5 (ties).")
+    nll_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen response (TRL's `sft` DPO loss, as in RPO, Pang "
+        "et al. 2024) added to the preference loss; 0 = the pure loss of ALGORITHMS.md §4a.",
+    )
+    max_new_tokens: int = Field(24, gt=0, description="Generation budget when sampling (tiny-model setting).")
+    sampling_temperature: float = Field(1.0, gt=0, description="Sampling temperature for the K samples (OSP §4c).")
+    eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the per-round gold evaluation.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _exactly_one(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) != 1:
+            raise ValueError(f"an iterative stage needs exactly 1 input (the policy to start from), got {inputs}")
+        return inputs
+
+
+class OSPStage(_IterativeStage):
+    """Online self-preferring (Zhai et al. 2024): ranked pairs with soft strengths, soft-preference loss."""
+
+    type: Literal["osp"] = Field("osp", description="Stage type: online self-preferring optimisation.")
+    pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
+        "anchor", description="How pairs are formed from the ranked samples (OSP §4b: anchor = rank i with K+1-i)."
+    )
+
+
+class OnlineDPOStage(_IterativeStage):
+    """Iterative/online DPO: the OSP loop with hard labels on the best-vs-worst pair, at equal compute."""
+
+    type: Literal["online_dpo"] = Field("online_dpo", description="Stage type: online DPO with hard labels.")
+    pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
+        "best_worst", description="How pairs are formed from the ranked samples (best vs worst by default)."
+    )
+
+
 class EvalStage(_StageBase):
     """Sample from checkpoints on held-out prompts and score them with the gold reward."""
 
@@ -325,8 +392,10 @@ class EvalStage(_StageBase):
         return self
 
 
-Stage = Annotated[SFTStage | DPOStage | EvalStage, Field(discriminator="type")]
-STAGE_TYPES: dict[str, type[BaseModel]] = {"sft": SFTStage, "dpo": DPOStage, "eval": EvalStage}
+Stage = Annotated[SFTStage | DPOStage | OSPStage | OnlineDPOStage | EvalStage, Field(discriminator="type")]
+STAGE_TYPES: dict[str, type[BaseModel]] = {
+    "sft": SFTStage, "dpo": DPOStage, "osp": OSPStage, "online_dpo": OnlineDPOStage, "eval": EvalStage,
+}
 
 
 class Recipe(_Spec):

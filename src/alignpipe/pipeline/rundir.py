@@ -122,9 +122,14 @@ class StageDir:
         done = [p for p in self.trainer.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
         return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
+    def has_progress(self) -> bool:
+        """Whether an interrupted attempt left something ``--resume`` can continue from."""
+        rounds = self.root / "rounds"
+        return self.latest_trainer_checkpoint() is not None or any(rounds.glob("round-*/checkpoint"))
+
     def reset(self) -> None:
         """Forget a previous attempt (used when a stage starts over rather than resuming)."""
-        for path in (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp"):
+        for path in (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp", self.root / "rounds"):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():

@@ -150,13 +150,13 @@ class Runner:
             return StageOutcome(stage.name, "skipped", 0.0, "complete with the same config and inputs")
 
         resume = (
-            self.resume and same_work and manifest.get("status") != "complete"
-            and directory.latest_trainer_checkpoint() is not None
+            self.resume and same_work and manifest.get("status") != "complete" and directory.has_progress()
         )
         if stage.name in self.force:
             reason = "forced"
         elif resume:
-            reason = f"resuming from {directory.latest_trainer_checkpoint().name}"
+            latest = directory.latest_trainer_checkpoint()
+            reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
         elif not manifest:
             reason = "new"
         elif not same_work:

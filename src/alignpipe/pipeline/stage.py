@@ -22,7 +22,13 @@ from alignpipe.recipe import Recipe
 log = logging.getLogger("alignpipe")
 
 # stage type -> module in alignpipe.trainers exposing ``run(ctx) -> dict`` (imported lazily: each pulls in TRL)
-STAGE_MODULES = {"sft": "alignpipe.trainers.sft", "dpo": "alignpipe.trainers.dpo", "eval": "alignpipe.trainers.eval"}
+STAGE_MODULES = {
+    "sft": "alignpipe.trainers.sft",
+    "dpo": "alignpipe.trainers.dpo",
+    "osp": "alignpipe.trainers.osp",
+    "online_dpo": "alignpipe.trainers.online_dpo",
+    "eval": "alignpipe.trainers.eval",
+}
 
 
 @dataclass(frozen=True)

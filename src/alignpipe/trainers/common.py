@@ -70,6 +70,12 @@ def lora_config(ctx: StageContext) -> LoraConfig | None:
     )
 
 
+def append_metrics(path: Path, record: dict) -> None:
+    """One JSON line per record: an append-only log that survives a crash up to its last complete line."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 class MetricsLogger(TrainerCallback):
     """Appends every trainer log (loss, learning rate, DPO rewards ...) to the stage's ``metrics.jsonl``."""
 
@@ -79,9 +85,7 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 def publish_model(trainer, tokenizer, ctx: StageContext) -> Path:

@@ -1,5 +1,8 @@
 """The ``dpo`` stage: Direct Preference Optimisation with TRL's ``DPOTrainer``.
 
+Runs through ``SoftPreferenceDPOTrainer`` (stock TRL unless asked otherwise) so that ``label_smoothing`` gives
+conservative DPO with the sigmoid loss, which TRL 1.16's own sigmoid loss ignores.
+
 The reference is the stage's input checkpoint: a frozen copy for full fine-tuning, or the same weights with the
 LoRA adapters disabled (TRL's behaviour when a ``peft_config`` is given), so LoRA runs hold one copy of the base.
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 from alignpipe.data.synthetic import preference_dataset
 from alignpipe.pipeline.stage import StageContext
@@ -22,6 +25,7 @@ from alignpipe.trainers.common import (
     train_and_publish,
     trainer_arguments,
 )
+from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
 
 log = logging.getLogger("alignpipe")
 
@@ -38,7 +42,7 @@ def run(ctx: StageContext) -> dict:
         label_smoothing=stage.label_smoothing,
         precompute_ref_log_probs=stage.precompute_ref_log_probs,
     )
-    trainer = DPOTrainer(
+    trainer = SoftPreferenceDPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )

@@ -1,0 +1,366 @@
+"""Loaders that turn real preference datasets into :class:`ScoredSet` lists or :class:`PreferencePair` lists.
+
+Why: the pairing code (:mod:`alignpipe.data.pairing`) only knows "a prompt with scored responses" and "a pair with
+a strength". These adapters are the one place that knows each dataset's layout, so stages and recipes can swap the
+synthetic task for real data without format code of their own.
+
+Every loader goes through ``datasets.load_dataset``: a local file (JSON/JSONL, optionally ``.gz``, parquet, CSV)
+is read with the matching builder (``load_dataset("json", data_files=...)``), a local directory with
+``load_dataset(dir)``, and anything else is taken as a Hugging Face Hub id. So the files under ``../shared/data``
+and their Hub originals go through the same code.
+
+Bad rows (empty prompts or texts, dialogues that cannot be split) are skipped and counted in a
+:class:`LoadReport`, mirroring :class:`~alignpipe.data.pairing.PairingReport`: its :meth:`LoadReport.summary` is
+logged at INFO, and callers that want the numbers pass ``report=LoadReport()`` and read it afterwards. Structural
+problems (a missing file, a missing column or field) raise with the source, the column and the expected layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignpipe.data.pairing import PreferencePair, ScoredSet
+
+log = logging.getLogger(__name__)
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class LoadReport:
+    """What a loader read and what it skipped (the counterpart of ``PairingReport`` for the I/O side)."""
+
+    source: str = ""
+    rows_in: int = 0
+    rows_skipped_empty: int = 0  # empty prompt (or, for HH, an empty chosen/rejected reply)
+    responses_dropped_empty: int = 0  # scored sets: empty response texts removed from an otherwise kept row
+    rows_skipped_malformed: int = 0  # HH: no "\n\nAssistant:" turn, or chosen and rejected disagree on the prompt
+    rows_skipped_identical: int = 0  # HH: chosen reply == rejected reply
+    rows_other_split: int = 0  # HH: valid rows that belong to the other (train/heldout) part
+    items_out: int = 0  # ScoredSets or PreferencePairs returned
+
+    def summary(self) -> str:
+        return (
+            f"load {self.source}: {self.rows_in} rows -> {self.items_out} items; skipped {self.rows_skipped_empty} "
+            f"empty, {self.rows_skipped_malformed} malformed, {self.rows_skipped_identical} identical, "
+            f"{self.rows_other_split} in the other split; dropped {self.responses_dropped_empty} empty responses"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _builder_for(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``owner/name``; anything with a data-file suffix, an absolute/relative prefix or deeper nesting
+    is meant as a local path, so a typo there should say "file not found" rather than try the Hub."""
+    p = Path(name)
+    return (
+        name.startswith(("/", ".", "~"))
+        or _builder_for(p) is not None
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def _load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str, **hub_kwargs: Any):
+    """A ``datasets.Dataset`` for one split of a local file/directory or a Hub dataset; clear error if absent."""
+    # Deferred: importing datasets costs about a second, and the pairing code must not need it.
+    from datasets import load_dataset
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_file():
+        builder = _builder_for(path)
+        if builder is None:
+            raise ValueError(
+                f"{what}: cannot tell the format of {path}; expected a .json/.jsonl (optionally .gz), .parquet or "
+                f".csv file with {expected}"
+            )
+        return load_dataset(builder, data_files={split: str(path)}, split=split)
+    if path.is_dir():
+        return load_dataset(str(path), split=split)
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise FileNotFoundError(
+            f"{what}: no such file {path}; expected a local JSON/JSONL(.gz)/parquet file with {expected}, "
+            "or a Hugging Face Hub dataset id"
+        )
+    return load_dataset(name, split=split, **hub_kwargs)
+
+
+def _require_columns(ds, columns: tuple[str, ...], *, what: str, source: str, expected: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{what}: {source} has no column {missing[0]!r} (columns: {ds.column_names}); expected rows with {expected}"
+        )
+
+
+def _field(item: Any, key: str, *, what: str, source: str, row: int, column: str, expected: str) -> Any:
+    if not isinstance(item, dict) or key not in item:
+        raise ValueError(
+            f"{what}: {source} row {row}: column {column!r} has an entry without field {key!r}; expected {expected}"
+        )
+    return item[key]
+
+
+def _as_score(value: Any) -> float:
+    """Scores that are missing or not numbers become NaN, which ``build_pairs`` drops and counts."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _finish(report: LoadReport, given: LoadReport | None) -> None:
+    log.info(report.summary())
+    if given is not None:
+        given.__dict__.update(report.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scored response sets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_scored_sets_synthetic(rows: list[dict], *, report: LoadReport | None = None) -> list[ScoredSet]:
+    """ScoredSets from :func:`alignpipe.tasks.synthetic.scored_response_sets` rows (``prompt``/``responses``/``scores``).
+
+    Unlike the real-data loaders this keeps empty responses: the gold reward is defined for them (an empty
+    generation scores 0) and an empty on-policy sample is a legitimate "rejected" example.
+    """
+    out: list[ScoredSet] = []
+    rep = LoadReport(source="synthetic scored_response_sets")
+    for i, row in enumerate(rows):
+        rep.rows_in += 1
+        for key in ("prompt", "responses", "scores"):
+            if key not in row:
+                raise ValueError(f"synthetic scored set {i}: missing key {key!r}; expected prompt/responses/scores")
+        try:
+            out.append(ScoredSet(row["prompt"], tuple(row["responses"]), tuple(row["scores"])))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"synthetic scored set {i}: {err}") from None
+    rep.items_out = len(out)
+    _finish(rep, report)
+    return out
+
+
+ALPACA_EXPECTED = (
+    '{"instruction": str, "reference": {"model", "text"}, "responses": [{"model", "text", "score"}, ...]} '
+    "(score = P(response beats the reference))"
+)
+
+
+def load_alpaca_eval_prefs(
+    path: str | Path,
+    *,
+    include_reference: bool = False,
+    split: str = "train",
+    report: LoadReport | None = None,
+) -> list[ScoredSet]:
+    """AlpacaEval multi-response preferences (``prefs-8models.jsonl.gz``) as ScoredSets.
+
+    prompt = ``instruction``, responses = ``[r["text"]]``, scores = ``[r["score"]]``. Each score is the judge's
+    probability that the response beats the reference answer, i.e. exactly OSP's "win probability against an
+    anchor", so pair these with ``strength="probability"``. ``include_reference=True`` appends the reference
+    answer itself with score 0.5 (it ties with itself), making it a candidate in the ranking.
+
+    Empty response texts are dropped and counted; rows with an empty instruction are skipped and counted.
+    """
+    what = "load_alpaca_eval_prefs"
+    ds = _load_rows(path, split, what=what, expected=ALPACA_EXPECTED)
+    source = str(path)
+    columns = ("instruction", "responses") + (("reference",) if include_reference else ())
+    _require_columns(ds, columns, what=what, source=source, expected=ALPACA_EXPECTED)
+    rep = LoadReport(source=source)
+    out: list[ScoredSet] = []
+    for i, row in enumerate(ds):
+        rep.rows_in += 1
+        prompt = _text(row["instruction"])
+        if not prompt.strip():
+            rep.rows_skipped_empty += 1
+            continue
+        responses: list[str] = []
+        scores: list[float] = []
+        entries = list(row["responses"] or [])
+        if include_reference:
+            ref = row["reference"]
+            entries.append({"text": _field(ref, "text", what=what, source=source, row=i, column="reference",
+                                           expected=ALPACA_EXPECTED), "score": 0.5})
+        for entry in entries:
+            text = _text(_field(entry, "text", what=what, source=source, row=i, column="responses",
+                                expected=ALPACA_EXPECTED))
+            score = _as_score(_field(entry, "score", what=what, source=source, row=i, column="responses",
+                                     expected=ALPACA_EXPECTED))
+            if not text.strip():
+                rep.responses_dropped_empty += 1
+                continue
+            responses.append(text)
+            scores.append(score)
+        out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
+    rep.items_out = len(out)
+    _finish(rep, report)
+    return out
+
+
+ULTRAFEEDBACK_EXPECTED = '{"instruction": str, "completions": [{"response": str, "<score_key>": float}, ...]}'
+
+
+def load_ultrafeedback(
+    name_or_path: str,
+    split: str = "train",
+    *,
+    score_key: str = "overall_score",
+    report: LoadReport | None = None,
+) -> list[ScoredSet]:
+    """UltraFeedback-shaped data (a Hub id such as ``"openbmb/UltraFeedback"`` or a local JSON/JSONL/parquet file).
+
+    Rows ``{"instruction", "completions": [{"response", <score_key>}]}``. UltraFeedback's ``overall_score`` is a
+    1–10 critique rating, not a probability: pair with ``strength="reward"`` (and a temperature on that scale) or
+    ``"hard"``. Missing/non-numeric scores become NaN (dropped and counted by ``build_pairs``); empty responses
+    are dropped and empty instructions skipped, both counted.
+    """
+    what = "load_ultrafeedback"
+    expected = ULTRAFEEDBACK_EXPECTED.replace("<score_key>", score_key)
+    ds = _load_rows(name_or_path, split, what=what, expected=expected)
+    source = str(name_or_path)
+    _require_columns(ds, ("instruction", "completions"), what=what, source=source, expected=expected)
+    rep = LoadReport(source=source)
+    out: list[ScoredSet] = []
+    for i, row in enumerate(ds):
+        rep.rows_in += 1
+        prompt = _text(row["instruction"])
+        if not prompt.strip():
+            rep.rows_skipped_empty += 1
+            continue
+        responses: list[str] = []
+        scores: list[float] = []
+        for entry in row["completions"] or []:
+            text = _text(_field(entry, "response", what=what, source=source, row=i, column="completions",
+                                expected=expected))
+            score = _as_score(_field(entry, score_key, what=what, source=source, row=i, column="completions",
+                                     expected=expected))
+            if not text.strip():
+                rep.responses_dropped_empty += 1
+                continue
+            responses.append(text)
+            scores.append(score)
+        out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
+    rep.items_out = len(out)
+    _finish(rep, report)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HH-RLHF
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def split_hh_dialogue(text: str) -> tuple[str, str]:
+    """Split an HH-RLHF dialogue into (prompt, final assistant reply).
+
+    The prompt is the raw dialogue up to and including the last ``"\\n\\nAssistant:"``, exactly as in the data
+    (leading ``"\\n\\nHuman: "`` and all earlier turns kept); the reply is what follows, stripped of surrounding
+    whitespace (HH puts a space, sometimes two, after the colon). Raises ValueError when there is no assistant turn.
+    """
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        shown = text[:60] + ("…" if len(text) > 60 else "")
+        raise ValueError(f"not an HH-RLHF dialogue (no {HH_ASSISTANT!r} turn): {shown!r}")
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:].strip()
+
+
+def hh_is_heldout(prompt: str, heldout_fraction: float) -> bool:
+    """Deterministic split membership from the sha256 of the prompt: the same prompt always lands on the same
+    side (HH repeats a few prompts), independently of row order, seeds or machines."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return bucket < heldout_fraction
+
+
+HH_EXPECTED = '{"chosen": str, "rejected": str}, each a whole "\\n\\nHuman: …\\n\\nAssistant: …" dialogue'
+
+
+def load_hh_rlhf_pairs(
+    path_or_id: str | Path,
+    *,
+    split: Literal["train", "heldout"],
+    heldout_fraction: float = 0.2,
+    source_split: str = "train",
+    data_dir: str | None = None,
+    report: LoadReport | None = None,
+) -> list[PreferencePair]:
+    """HH-RLHF ``{"chosen", "rejected"}`` dialogues as hard-labelled pairs (strength 1.0) for one part of a
+    deterministic train/held-out split.
+
+    The prompt is kept as the **raw multi-turn dialogue string** ending in ``"\\n\\nAssistant:"`` (see
+    :func:`split_hh_dialogue`); ``to_trl_rows`` puts it into a single user message. Why not parse the turns into
+    chat messages: HH's turn markers also occur inside replies, so re-segmenting would guess, and the raw form is
+    what the original RLHF work trained on. chosen/rejected are the final assistant replies.
+
+    Only ~20% of prompts are held out (``heldout_fraction``), chosen by :func:`hh_is_heldout` on the prompt, so
+    the two parts never share a prompt. ``source_split`` is the split read from the source (a local file is read
+    as that one split); ``data_dir`` selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of
+    ``"Anthropic/hh-rlhf"``.
+
+    Skipped and counted: rows whose chosen and rejected disagree on the prompt or lack an assistant turn
+    (malformed), an empty reply or prompt (empty), identical replies (identical).
+    """
+    what = "load_hh_rlhf_pairs"
+    if split not in ("train", "heldout"):
+        raise ValueError(f"{what}: split must be 'train' or 'heldout', got {split!r}")
+    if not (0.0 <= heldout_fraction <= 1.0):
+        raise ValueError(f"{what}: heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    hub_kwargs = {"data_dir": data_dir} if data_dir else {}
+    ds = _load_rows(path_or_id, source_split, what=what, expected=HH_EXPECTED, **hub_kwargs)
+    source = str(path_or_id)
+    _require_columns(ds, ("chosen", "rejected"), what=what, source=source, expected=HH_EXPECTED)
+    want_heldout = split == "heldout"
+    rep = LoadReport(source=f"{source} [{split}]")
+    out: list[PreferencePair] = []
+    for row in ds:
+        rep.rows_in += 1
+        chosen_text, rejected_text = _text(row["chosen"]), _text(row["rejected"])
+        try:
+            prompt, chosen = split_hh_dialogue(chosen_text)
+            prompt_r, rejected = split_hh_dialogue(rejected_text)
+        except ValueError:
+            rep.rows_skipped_malformed += 1
+            continue
+        if prompt != prompt_r:
+            rep.rows_skipped_malformed += 1
+            continue
+        if not chosen or not rejected or prompt == HH_ASSISTANT:
+            rep.rows_skipped_empty += 1
+            continue
+        if chosen == rejected:
+            rep.rows_skipped_identical += 1
+            continue
+        if hh_is_heldout(prompt, heldout_fraction) != want_heldout:
+            rep.rows_other_split += 1
+            continue
+        out.append(PreferencePair(prompt, chosen, rejected, 1.0))
+    rep.items_out = len(out)
+    _finish(rep, report)
+    return out

@@ -1,0 +1,163 @@
+"""Tests for alignpipe.data.adapters on the real files in ../shared/data and on small local files."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from alignpipe.data.adapters import (
+    LoadReport,
+    load_alpaca_eval_prefs,
+    load_hh_rlhf_pairs,
+    load_scored_sets_synthetic,
+    load_ultrafeedback,
+    split_hh_dialogue,
+)
+from alignpipe.data.pairing import ScoredSet, build_pairs, to_trl_rows
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ALPACA = SHARED_DATA / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz"
+HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def need_shared_data(path: Path) -> None:
+    if not SHARED_DATA.is_dir() or not path.is_file():
+        pytest.skip(f"../shared/data not available: {path}")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ AlpacaEval
+
+
+def test_alpaca_eval_prefs_real_file():
+    need_shared_data(ALPACA)
+    report = LoadReport()
+    sets = load_alpaca_eval_prefs(ALPACA, report=report)
+    assert len(sets) == 805 and report.rows_in == 805 and report.items_out == 805
+    assert all(len(s.responses) == 8 == len(s.scores) for s in sets)
+    assert all(0.0 <= x <= 1.0 for s in sets for x in s.scores)
+    pairs, pair_report = build_pairs(sets, method="anchor", strength="probability")
+    assert pairs and pair_report.sets_in == 805
+    assert all(0.5 < p.strength <= 0.99 for p in pairs)
+    # with the reference appended at 0.5, every set has a spread of scores and gives pairs
+    with_ref = load_alpaca_eval_prefs(str(ALPACA), include_reference=True)
+    assert all(len(s.responses) == 9 and s.scores[-1] == 0.5 for s in with_ref)
+
+
+# ------------------------------------------------------------------------------------------------ HH-RLHF
+
+
+def test_split_hh_dialogue_hand_case():
+    text = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant:  Fine, thanks. "
+    prompt, reply = split_hh_dialogue(text)
+    assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant:"
+    assert reply == "Fine, thanks."
+    with pytest.raises(ValueError, match="no '\\\\n\\\\nAssistant:' turn"):
+        split_hh_dialogue("\n\nHuman: only a question")
+
+
+def test_hh_rlhf_real_file_split():
+    need_shared_data(HH)
+    train_report, heldout_report = LoadReport(), LoadReport()
+    train = load_hh_rlhf_pairs(HH, split="train", report=train_report)
+    heldout = load_hh_rlhf_pairs(str(HH), split="heldout", report=heldout_report)
+    assert train_report.rows_in == heldout_report.rows_in == 2312
+    skipped = train_report.rows_skipped_empty + train_report.rows_skipped_malformed + train_report.rows_skipped_identical
+    assert skipped < 20  # a handful of HH rows have an empty reply or chosen/rejected prompts that differ
+    assert len(train) + len(heldout) + skipped == 2312  # a partition of the usable rows
+    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
+    assert abs(len(heldout) / (len(train) + len(heldout)) - 0.2) < 0.03
+    assert load_hh_rlhf_pairs(HH, split="heldout") == heldout  # deterministic
+    for p in train[:50] + heldout[:50]:
+        assert p.prompt.startswith("\n\nHuman: ") and p.prompt.endswith("\n\nAssistant:")
+        assert p.chosen and p.rejected and p.chosen != p.rejected and p.strength == 1.0
+    assert to_trl_rows(heldout[:1])[0]["prompt"][0]["content"] == heldout[0].prompt
+
+
+def test_hh_rlhf_local_file_skips_bad_rows(tmp_path):
+    rows = [
+        {"chosen": "\n\nHuman: a\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: b\n\nAssistant: ", "rejected": "\n\nHuman: b\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: c\n\nAssistant: same", "rejected": "\n\nHuman: c\n\nAssistant: same"},
+        {"chosen": "\n\nHuman: d\n\nAssistant: x", "rejected": "\n\nHuman: e\n\nAssistant: y"},
+        {"chosen": "no dialogue", "rejected": "\n\nHuman: f\n\nAssistant: y"},
+    ]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    report = LoadReport()
+    train = load_hh_rlhf_pairs(path, split="train", heldout_fraction=0.0, report=report)
+    assert [(p.prompt, p.chosen, p.rejected) for p in train] == [("\n\nHuman: a\n\nAssistant:", "good", "bad")]
+    assert (report.rows_skipped_empty, report.rows_skipped_identical, report.rows_skipped_malformed) == (1, 1, 2)
+    assert load_hh_rlhf_pairs(path, split="heldout", heldout_fraction=0.0) == []
+
+
+# ------------------------------------------------------------------------------------------------ UltraFeedback
+
+
+def test_load_ultrafeedback_local_jsonl(tmp_path):
+    rows = [
+        {"instruction": "Say hi", "completions": [
+            {"response": "Hi!", "overall_score": 8.0, "model": "m1"},
+            {"response": "Go away.", "overall_score": 2.5, "model": "m2"},
+            {"response": "", "overall_score": 5.0, "model": "m3"},
+            {"response": "Hello.", "overall_score": None, "model": "m4"},
+        ]},
+        {"instruction": "", "completions": [{"response": "x", "overall_score": 1.0}]},
+        {"instruction": "Count", "completions": [{"response": "1 2 3", "overall_score": 7.0}]},
+    ]
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+    report = LoadReport()
+    sets = load_ultrafeedback(str(path), report=report)
+    assert [s.prompt for s in sets] == ["Say hi", "Count"]
+    assert sets[0].responses == ("Hi!", "Go away.", "Hello.")
+    assert sets[0].scores[:2] == (8.0, 2.5) and math.isnan(sets[0].scores[2])
+    assert (report.rows_in, report.rows_skipped_empty, report.responses_dropped_empty) == (3, 1, 1)
+    pairs, pair_report = build_pairs(sets, method="best_worst", strength="reward", temperature=5.0)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("Hi!", "Go away.")]
+    assert pairs[0].strength == pytest.approx(1 / (1 + math.exp(-5.5 / 5.0)))
+    assert pair_report.responses_dropped_nonfinite == 1 and pair_report.sets_skipped_too_few == 1
+
+
+def test_load_ultrafeedback_custom_score_key(tmp_path):
+    path = write_jsonl(tmp_path / "uf.jsonl", [
+        {"instruction": "q", "completions": [{"response": "a", "helpfulness": 4}, {"response": "b", "helpfulness": 1}]},
+    ])
+    sets = load_ultrafeedback(str(path), score_key="helpfulness")
+    assert sets == [ScoredSet("q", ("a", "b"), (4.0, 1.0))]
+    with pytest.raises(ValueError, match=r"uf.jsonl row 0: column 'completions' .* without field 'overall_score'"):
+        load_ultrafeedback(str(path))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "prefs.jsonl.gz"
+    with pytest.raises(FileNotFoundError, match=r"load_alpaca_eval_prefs: no such file .*nope/prefs\.jsonl\.gz"):
+        load_alpaca_eval_prefs(missing)
+    with pytest.raises(FileNotFoundError, match="nope/hh.jsonl"):
+        load_hh_rlhf_pairs(str(tmp_path / "nope" / "hh.jsonl"), split="train")
+    with pytest.raises(FileNotFoundError, match="uf.parquet"):
+        load_ultrafeedback("data/uf.parquet")
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "answer": "x"}])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl has no column 'rejected'.*expected rows with"):
+        load_hh_rlhf_pairs(path, split="train")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl has no column 'instruction'"):
+        load_ultrafeedback(str(path))
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "q", "responses": [{"text": "a", "score": 0.3}]}])
+    with pytest.raises(ValueError, match=r"alpaca\.jsonl has no column 'reference'"):
+        load_alpaca_eval_prefs(path, include_reference=True)
+
+
+def test_synthetic_loader_names_bad_rows():
+    with pytest.raises(ValueError, match="synthetic scored set 1: missing key 'scores'"):
+        load_scored_sets_synthetic([{"prompt": "p", "responses": ["a"], "scores": [1.0]}, {"prompt": "q", "responses": []}])
+    with pytest.raises(ValueError, match="synthetic scored set 0: .*2 responses but 1 scores"):
+        load_scored_sets_synthetic([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0]}])

@@ -1,0 +1,120 @@
+"""The shared online loop (osp, online_dpo): rounds, judging, soft vs hard labels, per-round logs, round resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import load_recipe
+from alignpipe.rewards.judges import GoldPairwiseJudge
+from alignpipe.tasks import gold_reward
+from alignpipe.trainers.iterative import gold_agreement, judge_samples
+from alignpipe.data.pairing import PreferencePair
+from conftest import TINY_RECIPE, write_recipe
+
+ROUND_STAGE = {"inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16, "samples_per_prompt": 4,
+               "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48, "logging_steps": 2,
+               "max_new_tokens": 10, "eval_prompts": 16, "save_steps": 1000}
+
+
+def _recipe(*stages):
+    return {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], *stages]}
+
+
+def _records(stage_dir):
+    lines = [json.loads(line) for line in StageDir(stage_dir).metrics.read_text().splitlines()]
+    return [r for r in lines if "round" in r]
+
+
+@pytest.fixture(scope="module")
+def iterative_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("iterative")
+    recipe = _recipe({"name": "osp", "type": "osp", **ROUND_STAGE},
+                     {"name": "odpo", "type": "online_dpo", **ROUND_STAGE})
+    path = write_recipe(directory, recipe)
+    runner = Runner(load_recipe(path), runs_dir=directory / "runs", in_process=True)
+    return runner, {o.name: o for o in runner.run()}, path
+
+
+def test_rounds_write_checkpoints_and_per_round_metrics(iterative_run):
+    runner, outcomes, _ = iterative_run
+    assert outcomes["osp"].action == outcomes["odpo"].action == "ran"
+    for name in ("osp", "odpo"):
+        stage = StageDir(runner.run_dir / name)
+        records = _records(stage.root)
+        assert [r["round"] for r in records] == [0, 1]
+        for r in records:
+            assert r["pairs"] > 0 and r["judge"] == "gold"
+            lo, hi = r["gold_reward_ci95"]
+            assert lo <= r["gold_reward"] <= hi
+            # The gold judge ranks by the gold reward itself, so every kept pair agrees with gold.
+            assert r["judge_gold_agreement"] == 1.0
+        assert (stage.root / "rounds" / "round-1" / "checkpoint" / "model.safetensors").exists()
+        assert (stage.checkpoint / "model.safetensors").exists()
+        assert stage.read_manifest()["summary"]["final_gold_reward"] == records[-1]["gold_reward"]
+
+
+def test_soft_labels_for_osp_and_hard_labels_for_online_dpo(iterative_run):
+    runner, _, _ = iterative_run
+    osp, odpo = _records(runner.run_dir / "osp"), _records(runner.run_dir / "odpo")
+    assert all(0.5 < r["mean_strength"] < 1.0 for r in osp)
+    assert all(r["mean_strength"] == 1.0 for r in odpo)
+    logged = [json.loads(line) for line in StageDir(runner.run_dir / "osp").metrics.read_text().splitlines()]
+    assert any("soft/margin_gap" in entry for entry in logged)
+
+
+def test_resume_keeps_completed_rounds_and_reruns_the_interrupted_one(iterative_run, tmp_path):
+    runner, _, _ = iterative_run
+    runs = tmp_path / "runs"
+    shutil.copytree(runner.run_dir, runs / "tiny")
+    osp = StageDir(runs / "tiny" / "osp")
+    round0 = json.loads((osp.root / "rounds" / "round-0" / "manifest.json").read_text())
+    shutil.rmtree(osp.root / "rounds" / "round-1")
+    shutil.rmtree(osp.checkpoint)
+    osp.update_manifest(status="running")
+    recipe_path = write_recipe(tmp_path, _recipe({"name": "osp", "type": "osp", **ROUND_STAGE},
+                                                 {"name": "odpo", "type": "online_dpo", **ROUND_STAGE}))
+    outcomes = {o.name: o for o in Runner(load_recipe(recipe_path), runs_dir=runs, resume=True,
+                                          in_process=True).run()}
+    assert outcomes["osp"].action == "resumed"
+    assert "completed rounds" in outcomes["osp"].reason
+    assert json.loads((osp.root / "rounds" / "round-0" / "manifest.json").read_text()) == round0
+    assert (osp.root / "rounds" / "round-1" / "checkpoint").exists()
+    assert osp.read_manifest()["status"] == "complete"
+
+
+def test_judge_samples_reanchors_on_the_median():
+    """With the gold judge, s orders samples by gold reward and the re-anchored median sample scores exactly 0.5."""
+    prompt = "reverse: 1 2 3"
+    samples = [["3 2 1", "3 2", "1 2 3", "3"]]  # gold: 1.2, 0.867, 0.533, 0.533
+    strengths = judge_samples(GoldPairwiseJudge(temperature=0.1), [prompt], samples, rng=random.Random(0),
+                              reanchor=True)[0]
+    golds = [gold_reward(prompt, r) for r in samples[0]]
+    assert strengths.count(0.5) >= 1
+    assert strengths[0] == max(strengths) and golds[0] == max(golds)
+    assert strengths[1] > strengths[2]
+
+
+def test_gold_agreement_ignores_gold_ties():
+    prompt = "copy: 1 2"
+    pairs = [PreferencePair(prompt, "1 2", "1", 0.9),   # agrees
+             PreferencePair(prompt, "1", "1 2", 0.6),   # disagrees
+             PreferencePair(prompt, "1 9", "9 2", 0.6)]  # gold tie: left out
+    assert gold_agreement(pairs) == 0.5
+
+
+def test_self_judge_runs_inside_the_loop(tmp_path):
+    """judge: self — the policy judges its own samples (OSP's default); the record carries its agreement with gold."""
+    recipe = _recipe({"name": "osp", "type": "osp", **ROUND_STAGE, "judge": "self", "rounds": 1,
+                      "prompts_per_round": 8})
+    recipe["model"] = {**recipe["model"], "tiny": {**recipe["model"]["tiny"], "max_position_embeddings": 256}}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    runner.run()
+    (record,) = _records(runner.run_dir / "osp")
+    assert record["judge"] == "self" and record["pairs"] > 0
+    assert record["judge_gold_agreement"] is None or 0.0 <= record["judge_gold_agreement"] <= 1.0

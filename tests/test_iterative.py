@@ -7,15 +7,15 @@ import random
 import shutil
 
 import pytest
+from conftest import TINY_RECIPE, write_recipe
 
+from alignpipe.data.pairing import PreferencePair
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import load_recipe
 from alignpipe.rewards.judges import GoldPairwiseJudge
 from alignpipe.tasks import gold_reward
 from alignpipe.trainers.iterative import gold_agreement, judge_samples
-from alignpipe.data.pairing import PreferencePair
-from conftest import TINY_RECIPE, write_recipe
 
 ROUND_STAGE = {"inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16, "samples_per_prompt": 4,
                "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48, "logging_steps": 2,

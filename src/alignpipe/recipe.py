@@ -41,6 +41,7 @@ __all__ = [
     "LoraSpec",
     "ModelSpec",
     "OSPStage",
+    "PreferenceDataSpec",
     "OnlineDPOStage",
     "Recipe",
     "RecipeError",
@@ -166,6 +167,46 @@ class DataSpec(_Spec):
         return self
 
 
+class PreferenceDataSpec(_Spec):
+    """Where a preference stage's pairs come from: the synthetic task (default) or a real dataset."""
+
+    source: Literal["synthetic", "alpaca_eval", "ultrafeedback", "hh_rlhf", "trl"] = Field(
+        "synthetic", description="synthetic = the recipe's `data` task; alpaca_eval / ultrafeedback = multi-response "
+        "scored sets turned into ranked pairs; hh_rlhf = Anthropic HH dialogues split at the last assistant turn; "
+        "trl = any dataset already in TRL's prompt/chosen/rejected format.",
+    )
+    path: str | None = Field(
+        None, description="Local file/directory or hub dataset id (required unless source is synthetic); relative "
+        "paths are taken from the directory alignpipe runs in (the project root under launch.sh).",
+    )
+    split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
+    pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
+        "anchor", description="Multi-response sources: how ranked responses become pairs (OSP §4b)."
+    )
+    strength: Literal["probability", "reward", "hard"] = Field(
+        "probability", description="Multi-response sources: scores are probabilities (AlpacaEval: P(beats the "
+        "reference)) -> σ(logit s_i − logit s_j); rewards (UltraFeedback ratings) -> σ((r_i − r_j)/temperature); "
+        "hard = labels of 1.",
+    )
+    temperature: float = Field(1.0, gt=0, description="Temperature for strength: reward.")
+    score_clip: float | None = Field(
+        1e-6, gt=0, lt=0.5, description="Clip probability scores to [c, 1-c] before the logit; AlpacaEval scores pile "
+        "up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
+    )
+    soft_labels: bool = Field(
+        True, description="Keep pair strengths as the `preference` column (soft-preference loss); false = hard labels."
+    )
+    limit: int | None = Field(None, gt=0, description="Use at most this many pairs (a seeded shuffle picks them).")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> PreferenceDataSpec:
+        if self.source != "synthetic" and not self.path:
+            raise _problem((("path",), f"source {self.source!r} needs a path (local file, directory or hub id)"))
+        if self.source == "synthetic" and self.path:
+            raise _problem((("path",), "source 'synthetic' takes no path (it uses the recipe's data block)"))
+        return self
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -272,6 +313,9 @@ class DPOStage(_TrainingStage):
     precompute_ref_log_probs: bool = Field(
         False, description="Compute reference log-probs once up front instead of per batch (TRL default)."
     )
+    dataset: PreferenceDataSpec = Field(
+        default_factory=PreferenceDataSpec, description="Preference pairs: the synthetic task or a real dataset."
+    )
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -292,6 +336,25 @@ class DPOStage(_TrainingStage):
             msg = (f"needs one weight per loss_type entry: {len(self.loss_weights)} weights for "
                    f"{len(self.loss_type)} loss types {self.loss_type}")
             raise _problem((("loss_weights",), msg))
+        return self
+
+    @model_validator(mode="after")
+    def _soft_labels_need_sigmoid(self) -> DPOStage:
+        soft = self.dataset.source in ("alpaca_eval", "ultrafeedback") and self.dataset.soft_labels \
+            and self.dataset.strength != "hard"
+        if soft and self.label_smoothing:
+            msg = ("soft pair strengths and label_smoothing both set the target probability; fold the smoothing into "
+                   "the strengths or set label_smoothing: 0")
+            raise _problem((("label_smoothing",), msg))
+        if soft and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
+            msg = (f"soft pair strengths train with the soft-preference loss, which needs loss_type [sigmoid] or "
+                   f"[sigmoid, sft]; got {self.loss_type}. Set dataset.soft_labels: false for other losses")
+            raise _problem((("loss_type",), msg))
+        if self.label_smoothing and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
+            msg = (f"label_smoothing (conservative DPO) is applied to the sigmoid loss; with loss_type {self.loss_type} "
+                   "TRL reads it only for robust/exo_pair/aot")
+            if not set(self.loss_type) & {"robust", "exo_pair", "aot", "aot_unpaired"}:
+                raise _problem((("label_smoothing",), msg))
         return self
 
 

@@ -66,7 +66,7 @@ def _builder_for(path: Path) -> str | None:
     return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A Hub id is ``owner/name``; anything with a data-file suffix, an absolute/relative prefix or deeper nesting
     is meant as a local path, so a typo there should say "file not found" rather than try the Hub."""
     p = Path(name)
@@ -78,7 +78,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str, **hub_kwargs: Any):
+def load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str, **hub_kwargs: Any):
     """A ``datasets.Dataset`` for one split of a local file/directory or a Hub dataset; clear error if absent."""
     # Deferred: importing datasets costs about a second, and the pairing code must not need it.
     from datasets import load_dataset
@@ -95,7 +95,7 @@ def _load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str
         return load_dataset(builder, data_files={split: str(path)}, split=split)
     if path.is_dir():
         return load_dataset(str(path), split=split)
-    if isinstance(name_or_path, Path) or _looks_like_path(name):
+    if isinstance(name_or_path, Path) or looks_like_path(name):
         raise FileNotFoundError(
             f"{what}: no such file {path}; expected a local JSON/JSONL(.gz)/parquet file with {expected}, "
             "or a Hugging Face Hub dataset id"
@@ -103,7 +103,7 @@ def _load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str
     return load_dataset(name, split=split, **hub_kwargs)
 
 
-def _require_columns(ds, columns: tuple[str, ...], *, what: str, source: str, expected: str) -> None:
+def require_columns(ds, columns: tuple[str, ...], *, what: str, source: str, expected: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(
@@ -172,6 +172,34 @@ ALPACA_EXPECTED = (
 )
 
 
+def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: str, text_key: str, score_key: str,
+                 report: LoadReport | None) -> list[ScoredSet]:
+    """Rows ``{"instruction", <column>: [{text_key, score_key}, ...]}`` -> ScoredSets; empty texts/prompts counted."""
+    rep = LoadReport(source=source)
+    out: list[ScoredSet] = []
+    for i, row in enumerate(ds):
+        rep.rows_in += 1
+        prompt = _text(row["instruction"])
+        if not prompt.strip():
+            rep.rows_skipped_empty += 1
+            continue
+        responses: list[str] = []
+        scores: list[float] = []
+        for entry in entries(row, i):
+            text = _text(_field(entry, text_key, what=what, source=source, row=i, column=column, expected=expected))
+            score = _as_score(_field(entry, score_key, what=what, source=source, row=i, column=column,
+                                     expected=expected))
+            if not text.strip():
+                rep.responses_dropped_empty += 1
+                continue
+            responses.append(text)
+            scores.append(score)
+        out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
+    rep.items_out = len(out)
+    _finish(rep, report)
+    return out
+
+
 def load_alpaca_eval_prefs(
     path: str | Path,
     *,
@@ -189,39 +217,21 @@ def load_alpaca_eval_prefs(
     Empty response texts are dropped and counted; rows with an empty instruction are skipped and counted.
     """
     what = "load_alpaca_eval_prefs"
-    ds = _load_rows(path, split, what=what, expected=ALPACA_EXPECTED)
+    ds = load_rows(path, split, what=what, expected=ALPACA_EXPECTED)
     source = str(path)
     columns = ("instruction", "responses") + (("reference",) if include_reference else ())
-    _require_columns(ds, columns, what=what, source=source, expected=ALPACA_EXPECTED)
-    rep = LoadReport(source=source)
-    out: list[ScoredSet] = []
-    for i, row in enumerate(ds):
-        rep.rows_in += 1
-        prompt = _text(row["instruction"])
-        if not prompt.strip():
-            rep.rows_skipped_empty += 1
-            continue
-        responses: list[str] = []
-        scores: list[float] = []
-        entries = list(row["responses"] or [])
+    require_columns(ds, columns, what=what, source=source, expected=ALPACA_EXPECTED)
+
+    def entries(row, i):
+        listed = list(row["responses"] or [])
         if include_reference:
             ref = row["reference"]
-            entries.append({"text": _field(ref, "text", what=what, source=source, row=i, column="reference",
-                                           expected=ALPACA_EXPECTED), "score": 0.5})
-        for entry in entries:
-            text = _text(_field(entry, "text", what=what, source=source, row=i, column="responses",
-                                expected=ALPACA_EXPECTED))
-            score = _as_score(_field(entry, "score", what=what, source=source, row=i, column="responses",
-                                     expected=ALPACA_EXPECTED))
-            if not text.strip():
-                rep.responses_dropped_empty += 1
-                continue
-            responses.append(text)
-            scores.append(score)
-        out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
-    rep.items_out = len(out)
-    _finish(rep, report)
-    return out
+            listed.append({"text": _field(ref, "text", what=what, source=source, row=i, column="reference",
+                                          expected=ALPACA_EXPECTED), "score": 0.5})
+        return listed
+
+    return _scored_sets(ds, entries, what=what, source=source, expected=ALPACA_EXPECTED, column="responses",
+                        text_key="text", score_key="score", report=report)
 
 
 ULTRAFEEDBACK_EXPECTED = '{"instruction": str, "completions": [{"response": str, "<score_key>": float}, ...]}'
@@ -243,33 +253,11 @@ def load_ultrafeedback(
     """
     what = "load_ultrafeedback"
     expected = ULTRAFEEDBACK_EXPECTED.replace("<score_key>", score_key)
-    ds = _load_rows(name_or_path, split, what=what, expected=expected)
+    ds = load_rows(name_or_path, split, what=what, expected=expected)
     source = str(name_or_path)
-    _require_columns(ds, ("instruction", "completions"), what=what, source=source, expected=expected)
-    rep = LoadReport(source=source)
-    out: list[ScoredSet] = []
-    for i, row in enumerate(ds):
-        rep.rows_in += 1
-        prompt = _text(row["instruction"])
-        if not prompt.strip():
-            rep.rows_skipped_empty += 1
-            continue
-        responses: list[str] = []
-        scores: list[float] = []
-        for entry in row["completions"] or []:
-            text = _text(_field(entry, "response", what=what, source=source, row=i, column="completions",
-                                expected=expected))
-            score = _as_score(_field(entry, score_key, what=what, source=source, row=i, column="completions",
-                                     expected=expected))
-            if not text.strip():
-                rep.responses_dropped_empty += 1
-                continue
-            responses.append(text)
-            scores.append(score)
-        out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
-    rep.items_out = len(out)
-    _finish(rep, report)
-    return out
+    require_columns(ds, ("instruction", "completions"), what=what, source=source, expected=expected)
+    return _scored_sets(ds, lambda row, i: row["completions"] or [], what=what, source=source, expected=expected,
+                        column="completions", text_key="response", score_key=score_key, report=report)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,9 +321,9 @@ def load_hh_rlhf_pairs(
     if not (0.0 <= heldout_fraction <= 1.0):
         raise ValueError(f"{what}: heldout_fraction must be in [0, 1], got {heldout_fraction}")
     hub_kwargs = {"data_dir": data_dir} if data_dir else {}
-    ds = _load_rows(path_or_id, source_split, what=what, expected=HH_EXPECTED, **hub_kwargs)
+    ds = load_rows(path_or_id, source_split, what=what, expected=HH_EXPECTED, **hub_kwargs)
     source = str(path_or_id)
-    _require_columns(ds, ("chosen", "rejected"), what=what, source=source, expected=HH_EXPECTED)
+    require_columns(ds, ("chosen", "rejected"), what=what, source=source, expected=HH_EXPECTED)
     want_heldout = split == "heldout"
     rep = LoadReport(source=f"{source} [{split}]")
     out: list[PreferencePair] = []

@@ -16,7 +16,7 @@ import logging
 
 from trl import DPOConfig
 
-from alignpipe.data.synthetic import preference_dataset
+from alignpipe.data.preference import preference_pairs_for
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
     MetricsLogger,
@@ -33,7 +33,7 @@ log = logging.getLogger("alignpipe")
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     model, tokenizer = load_start_model(ctx)
-    dataset = preference_dataset(recipe.data, recipe.seed)
+    dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
     args = DPOConfig(
         **trainer_arguments(ctx),
         beta=stage.beta,

@@ -339,3 +339,34 @@ def test_collator_reads_null_preference_as_a_hard_label():
     assert batch["n"] == 3
     assert batch["preference"].tolist() == [0.25, 1.0, 1.0]
     assert collator([{"x": 1}]) == {"n": 1}
+
+
+def test_ids_label_update_hand_value_and_mle_limit():
+    from alignpipe.losses.preference import ids_label_update
+
+    # §14e: label 1, model probability 0.6, rate 0.3 -> 0.7 * 1 + 0.3 * 0.6 = 0.88
+    assert ids_label_update(torch.tensor([1.0]), torch.tensor([0.6]), 0.3).item() == pytest.approx(0.88)
+    labels = torch.tensor([1.0, 0.0, 0.7])
+    assert torch.equal(ids_label_update(labels, torch.tensor([0.2, 0.9, 0.1]), 0.0), labels)  # rate 0 = plain MLE
+    with pytest.raises(ValueError, match="rate"):
+        ids_label_update(labels, labels, 1.5)
+
+
+def test_ids_keeps_a_single_comparison_bounded_where_mle_diverges():
+    """§14e: a 2-arm bandit seen once; MLE drives |r1 − r2| up every epoch, IDS soft labels keep it bounded."""
+    from alignpipe.losses.preference import ids_label_update, soft_preference_loss
+
+    def train(rate, epochs=300):
+        margin = torch.zeros(1, requires_grad=True)  # r1 − r2
+        label = torch.ones(1)
+        optimiser = torch.optim.SGD([margin], lr=1.0)
+        for _ in range(epochs):
+            optimiser.zero_grad()
+            soft_preference_loss(margin, label, beta=1.0).sum().backward()
+            optimiser.step()
+            label = ids_label_update(label, torch.sigmoid(margin.detach()), rate)
+        return margin.item()
+
+    mle, ids = train(rate=0.0), train(rate=0.3)
+    assert mle > 4.0  # keeps growing (≈ log of the step count)
+    assert ids < 2.0 and ids < mle / 2

@@ -108,3 +108,16 @@ def margin_gap(h: torch.Tensor, target: torch.Tensor | float, beta: float, eps: 
     dtype = torch.promote_types(h.dtype, torch.float32)  # 1 − 1e-6 rounds to 1 in bf16/fp16
     p = torch.as_tensor(target, device=h.device).to(dtype).clamp(eps, 1 - eps)
     return (beta * h.to(dtype) - torch.logit(p)).abs()
+
+
+def ids_label_update(labels: torch.Tensor, model_probabilities: torch.Tensor, rate: float) -> torch.Tensor:
+    """Iterative Data Smoothing (Zhu, Jordan & Jiao 2024; ALGORITHMS.md §14): ``ŷ ← (1 − rate)·ŷ + rate·σ(Δr)``.
+
+    Called once per epoch with the model's current pairwise probabilities. Moving the targets toward the model's
+    own predictions keeps rarely compared pairs from being pushed to infinite margins (rate = 0 is plain MLE).
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"IDS rate must be in [0, 1], got {rate}")
+    validate_preference(labels, "IDS labels")
+    validate_preference(model_probabilities, "IDS model probabilities")
+    return (1.0 - rate) * labels + rate * model_probabilities

@@ -88,23 +88,24 @@ class MetricsLogger(TrainerCallback):
         append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
-def publish_model(trainer, tokenizer, ctx: StageContext) -> Path:
+def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | None = None) -> Path:
     """Save the trained policy as a full ``save_pretrained`` checkpoint and move it into place atomically.
 
-    LoRA adapters are merged, so every downstream stage (and ``from_pretrained``) loads the checkpoint the same way
-    whether or not LoRA was used.
+    ``destination`` defaults to the stage's ``checkpoint/``. LoRA adapters are merged, so every downstream stage
+    (and ``from_pretrained``) loads the checkpoint the same way whether or not LoRA was used.
     """
+    destination = destination or ctx.dir.checkpoint
     trainer.accelerator.wait_for_everyone()
     if not ctx.is_main_process:
-        return ctx.dir.checkpoint
+        return destination
     model = trainer.accelerator.unwrap_model(trainer.model)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    staging = ctx.dir.root / "checkpoint.tmp"
+    staging = destination.with_name(destination.name + ".tmp")
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    publish_directory(staging, ctx.dir.checkpoint)
-    return ctx.dir.checkpoint
+    publish_directory(staging, destination)
+    return destination
 
 
 def train_and_publish(trainer, tokenizer, ctx: StageContext) -> dict:

@@ -38,6 +38,7 @@ from alignpipe.trainers.common import (
     MetricsLogger,
     append_metrics,
     lora_config,
+    publish_model,
     trainer_arguments,
 )
 from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
@@ -96,21 +97,16 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
 def _train_round(ctx: StageContext, round_index: int, model, tokenizer, pairs, reference_path: str | None) -> dict:
     stage = ctx.stage
     arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}")}
-    anchor = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight else {}
-    args = DPOConfig(**arguments, beta=stage.beta, **({"loss_type": ["sigmoid"]} | anchor))
+    losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
+              else {"loss_type": ["sigmoid"]})
+    args = DPOConfig(**arguments, beta=stage.beta, **losses)
     ref_model = load_causal_lm(reference_path, dtype=ctx.recipe.model.dtype) if reference_path else None
     trainer = SoftPreferenceDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(to_trl_rows(pairs)),
         processing_class=tokenizer, peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
     trainer.train()
-    staging = ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint.tmp"
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    publish_directory(staging, staging.with_name("checkpoint"))
+    publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
     logs = [e for e in trainer.state.log_history if "loss" in e]
     last = logs[-1] if logs else {}
     return {key: last[key] for key in ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap") if key in last}

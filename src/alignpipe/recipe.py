@@ -45,6 +45,7 @@ __all__ = [
     "OnlineDPOStage",
     "Recipe",
     "RecipeError",
+    "RewardStage",
     "SFTStage",
     "Stage",
     "TinyModelSpec",
@@ -358,6 +359,55 @@ class DPOStage(_TrainingStage):
         return self
 
 
+class RewardStage(_StageBase):
+    """Bradley-Terry reward models as K LoRA members on one frozen backbone (UP-RLHF, Zhai et al. 2024)."""
+
+    type: Literal["reward"] = Field("reward", description="Stage type: reward model / LoRA reward ensemble.")
+    backbone: str | None = Field(
+        None, description="Hub id or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
+        "checkpoint, or the recipe's model when inputs is [].",
+    )
+    members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5).")
+    lora: LoraSpec = Field(
+        default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.0),
+        description="Each member's LoRA adapter (tiny-model setting: r=8).",
+    )
+    top_layers: int | None = Field(
+        None, gt=0, description="Adapters only on the last N layers, so the trunk below runs once for all members "
+        "(faster scoring, less per-member capacity); null = every layer.",
+    )
+    pooling: Literal["last", "cls", "mean"] = Field(
+        "last", description="Sequence summary fed to each head: last token (decoders), first token (encoders), mean."
+    )
+    diversity_weight: float = Field(
+        0.0, ge=0, description="λ of UP-RLHF's nuclear/Frobenius diversity term on the stacked LoRA A matrices; "
+        "0 = a plain LoRA ensemble.",
+    )
+    objective: Literal["members", "mean"] = Field(
+        "members", description="members = a Bradley-Terry loss per member (independent ensemble, Coste et al. 2024); "
+        "mean = one loss on the ensemble-mean reward (UP-RLHF eq. 12).",
+    )
+    bootstrap: bool = Field(False, description="Each member trains on its own bootstrap resample of the pairs.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (TRL RewardConfig default).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (UP-RLHF/IDS: 1 epoch).")
+    per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
+    max_length: int = Field(512, gt=0, description="Truncate prompt+response to N tokens, keeping the end.")
+    logging_steps: int = Field(10, gt=0, description="Log every N steps.")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the pairs held out for accuracy, calibration and uncertainty metrics."
+    )
+    dataset: PreferenceDataSpec = Field(
+        default_factory=PreferenceDataSpec, description="Preference pairs: the synthetic task or a real dataset."
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _at_most_one(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) > 1:
+            raise ValueError(f"a reward stage reads at most 1 backbone checkpoint ([] = recipe model), got {inputs}")
+        return inputs
+
+
 class _IterativeStage(_TrainingStage):
     """Online rounds of sample -> judge -> pair -> train -> evaluate (shared by osp and online_dpo).
 
@@ -455,9 +505,12 @@ class EvalStage(_StageBase):
         return self
 
 
-Stage = Annotated[SFTStage | DPOStage | OSPStage | OnlineDPOStage | EvalStage, Field(discriminator="type")]
+Stage = Annotated[
+    SFTStage | RewardStage | DPOStage | OSPStage | OnlineDPOStage | EvalStage, Field(discriminator="type")
+]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
-    "sft": SFTStage, "dpo": DPOStage, "osp": OSPStage, "online_dpo": OnlineDPOStage, "eval": EvalStage,
+    "sft": SFTStage, "reward": RewardStage, "dpo": DPOStage, "osp": OSPStage, "online_dpo": OnlineDPOStage,
+    "eval": EvalStage,
 }
 
 

@@ -1,0 +1,821 @@
+"""A K-member LoRA reward ensemble on ONE frozen backbone (UP-RLHF, ALGORITHMS.md §3a eq. 11), with save/load and a scorer.
+
+Architecture. The backbone (``AutoModel``: the bare decoder of a causal-LM checkpoint, the encoder of BERT/MiniLM) is
+loaded once and frozen. PEFT's multi-adapter support adds K LoRA adapters ``member-0 .. member-{K-1}`` on the same
+weight matrices, and each member has its own scalar head ``nn.Linear(hidden, 1)``. Member k's reward is
+``head_k(pool(backbone with adapter k))``. Member k's adapter and head are initialised from seed ``spec.seed + k``.
+LoRA zero-initialises B, so at creation the members differ only through their heads.
+
+Switching members: ``set_adapter``, not PEFT's per-sample ``adapter_names``. PEFT refuses ``adapter_names`` in
+training mode, and it would also replicate the batch K times inside every adapted layer. The shared trunk (below)
+runs each member's top layers anyway, so one adapter is active per pass. PEFT QUIRK: ``set_adapter`` sets
+``requires_grad=False`` on every inactive adapter. Autograd drops gradients to a leaf whose ``requires_grad`` was
+switched off after the forward, so after a loop over members only the LAST member would get a gradient, and no error
+would show it. :meth:`RewardEnsemble._activate` therefore turns ``requires_grad`` back on for all members after every
+switch.
+
+Shared trunk. Targets are resolved to explicit module names inside the transformer layer stack, so nothing below the
+first adapted layer ``f`` has an adapter and layers ``[0, f)`` compute the same thing for every member.
+:meth:`RewardEnsemble.forward` runs them once. A ``with_kwargs`` forward pre-hook on ``layers[f]`` records that layer's
+``(hidden_states, args, kwargs)`` (attention mask, rotary embeddings, ...) and raises a private exception, so the
+base model's upper layers never run. Then for each member it runs ``layers[f:]`` with the recorded arguments, then the
+stack's final norm if there is one (``norm`` on Llama-style models, ``final_layer_norm``/``ln_f`` elsewhere; BERT's
+encoder has none), then pooling and the head. With ``top_layers = t`` of ``L`` layers, K members cost ``L - t + K t``
+layer evaluations instead of ``K L``. The first forward checks the trunk path against a full forward on a small
+probe batch. If the check fails, or the layers after ``f`` take different masks (mixed sliding/full attention
+``layer_types``), the ensemble falls back to K full forwards and logs a warning once.
+
+Padding. Position ids are computed from the attention mask (``cumsum − 1``) whenever the backbone accepts them. Left
+and right padding then give the same positions, including for absolute-position encoders. ``last`` pooling takes the
+last non-pad token and ``cls`` the first non-pad token, so both padding sides pool the same token.
+
+On disk (:meth:`RewardEnsemble.save`) there is one directory: ``manifest.json`` (format, version, spec, hidden size,
+member names), ``adapters/<member>/`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``) and
+``heads.safetensors``. It holds no backbone weights. ``spec.backbone`` names the backbone, and ``load`` can
+override it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from alignpipe.io import atomic_write_json
+from alignpipe.losses.reward import diversity_loss
+from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.rewards.penalties import EnsembleRewards
+
+log = logging.getLogger("alignpipe")
+
+__all__ = [
+    "ENSEMBLE_FORMAT",
+    "ENSEMBLE_FORMAT_VERSION",
+    "EnsembleScorer",
+    "EnsembleSpec",
+    "Pooling",
+    "RewardEnsemble",
+    "collate_features",
+    "encode_examples",
+]
+
+ENSEMBLE_FORMAT = "alignpipe.reward_ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ADAPTERS_DIR = "adapters"
+HEADS_FILE = "heads.safetensors"
+
+Pooling = Literal["last", "cls", "mean"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "final_norm")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """Everything needed to rebuild the ensemble's structure. Stored in ``manifest.json`` (:meth:`to_dict`).
+
+    Attributes:
+        backbone: local path or hub id of the base model, loaded with ``AutoModel``.
+        members: K >= 1.
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout (per member, all identical).
+        target_modules: ``"all-linear"`` (every linear layer inside the transformer layers), a list of module-name
+            suffixes (PEFT semantics: ``name == t`` or ``name.endswith("." + t)``), or one regex that must match the
+            full module name. Only modules inside the selected transformer layers are ever adapted. So BERT's pooler
+            and the embeddings stay frozen and untouched, which is what makes the shared trunk valid.
+        top_layers: adapt only the last ``top_layers`` transformer layers (None = all). The layers below them form
+            the shared trunk.
+        pooling: ``last`` = last non-pad token (decoders), ``cls`` = first non-pad token (encoders), ``mean`` =
+            masked mean.
+        seed: member k's adapter and head are initialised with ``seed + k``.
+        gguf_file: forwarded to ``from_pretrained`` for GGUF backbones.
+    """
+
+    backbone: str
+    members: int
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    top_layers: int | None = None
+    pooling: Pooling = "last"
+    seed: int = 0
+    gguf_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"EnsembleSpec.backbone must be a non-empty path or hub id, got {self.backbone!r}")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"EnsembleSpec.members must be an int >= 1, got {self.members!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise ValueError(f"EnsembleSpec.lora_r must be an int >= 1, got {self.lora_r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise ValueError(f"EnsembleSpec.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"EnsembleSpec.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets:
+                raise ValueError("EnsembleSpec.target_modules must not be empty")
+        else:
+            targets = list(targets)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"EnsembleSpec.target_modules must be non-empty names, got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", targets)
+        if self.top_layers is not None and (
+            isinstance(self.top_layers, bool) or not isinstance(self.top_layers, int) or self.top_layers < 1
+        ):
+            raise ValueError(f"EnsembleSpec.top_layers must be None or an int >= 1, got {self.top_layers!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"EnsembleSpec.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"EnsembleSpec.seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not isinstance(d["target_modules"], str):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EnsembleSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown EnsembleSpec fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenisation shared by the scorer and the trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def encode_examples(
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
+) -> list[dict[str, list[int]]]:
+    """Token ids (unpadded) of each (prompt, response), truncated to ``max_length`` while keeping the response END.
+
+    * Tokenizer with a chat template (decoders): the conversation ``[user: prompt, assistant: response]`` is rendered
+      with the template and tokenised with ``add_special_tokens=False`` (the template already contains BOS etc.). A
+      too-long sequence keeps its LAST ``max_length`` tokens: the template's start (BOS, system prompt) and the
+      prompt's start are dropped first.
+    * Without a chat template (encoders): pair encoding ``tokenizer(prompt, response)`` (``[CLS] p [SEP] r [SEP]``
+      with ``token_type_ids``). Truncation cuts from the LEFT, and from the prompt only when the prompt is long enough
+      (``only_first``), else from both (``longest_first``). So ``[CLS]``/``[SEP]`` and the end of the response are
+      kept. This temporarily sets ``tokenizer.truncation_side = "left"`` and restores it afterwards.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    out: list[dict[str, list[int]]] = []
+    if getattr(tokenizer, "chat_template", None):
+        for prompt, response in zip(prompts, responses):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(f"chat template rendered an empty token sequence for prompt {prompt[:40]!r}")
+            out.append({"input_ids": ids[-max_length:]})
+        return out
+    old_side = tokenizer.truncation_side
+    try:
+        tokenizer.truncation_side = "left"
+        for prompt, response in zip(prompts, responses):
+            enc = tokenizer(prompt, response)
+            if len(enc["input_ids"]) > max_length:
+                over = len(enc["input_ids"]) - max_length
+                prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                strategy = "only_first" if prompt_len - over >= 1 else "longest_first"
+                enc = tokenizer(prompt, response, truncation=strategy, max_length=max_length)
+            feature = {"input_ids": list(enc["input_ids"])}
+            if "token_type_ids" in enc:
+                feature["token_type_ids"] = list(enc["token_type_ids"])
+            out.append(feature)
+    finally:
+        tokenizer.truncation_side = old_side
+    return out
+
+
+def collate_features(tokenizer, features: Sequence[dict[str, list[int]]]) -> dict[str, Tensor]:
+    """Pad ``features`` (from :func:`encode_examples`) on ``tokenizer.padding_side`` into ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids``, padded with 0, when the features have them)."""
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token to pad with")
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    width = max(len(f["input_ids"]) for f in features)
+    with_types = all("token_type_ids" in f for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    types = torch.zeros((len(features), width), dtype=torch.long) if with_types else None
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        sl = slice(width - n, width) if left else slice(0, n)
+        ids[i, sl] = torch.tensor(f["input_ids"], dtype=torch.long)
+        mask[i, sl] = 1
+        if types is not None:
+            types[i, sl] = torch.tensor(f["token_type_ids"], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _TrunkCaptured(Exception):
+    """Raised by the trunk pre-hook to stop the base model's forward once the first adapted layer's inputs are known."""
+
+
+def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    model = AutoModel.from_pretrained(spec.backbone, **kwargs)
+    model.requires_grad_(False)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache would be appended to by every member's top-layer pass
+    return model
+
+
+def _find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer layer list: the shallowest ``ModuleList`` with ``num_hidden_layers`` entries (``layers``
+    on Llama, ``encoder.layer`` on BERT, ``h`` on GPT-2); the largest ``ModuleList`` if the config has no count."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n_layers is not None:
+        exact = [(name, m) for name, m in candidates if len(m) == n_layers]
+        if exact:
+            return min(exact, key=lambda c: c[0].count("."))
+    if not candidates:
+        raise ValueError(f"cannot find the transformer layer stack (no nn.ModuleList) in {type(model).__name__}")
+    return max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _resolve_target_modules(model: nn.Module, spec: EnsembleSpec) -> list[str]:
+    """Explicit full names of the modules to adapt: ``spec.target_modules`` restricted to the selected layers."""
+    stack_name, layers = _find_layer_stack(model)
+    n_layers = len(layers)
+    if spec.top_layers is not None and spec.top_layers > n_layers:
+        raise ValueError(f"top_layers={spec.top_layers} but the backbone has only {n_layers} layers")
+    first = 0 if spec.top_layers is None else n_layers - spec.top_layers
+    targets = spec.target_modules
+    names: list[str] = []
+    linear_names: set[str] = set()
+    for i in range(first, n_layers):
+        for sub, module in layers[i].named_modules():
+            if not sub:
+                continue
+            full = f"{stack_name}.{i}.{sub}" if stack_name else f"{i}.{sub}"
+            if _is_linear(module):
+                linear_names.add(sub)
+            if targets == "all-linear":
+                hit = _is_linear(module)
+            elif isinstance(targets, str):
+                hit = re.fullmatch(targets, full) is not None
+            else:
+                hit = any(sub == t or sub.endswith("." + t) or full == t for t in targets)
+            if hit:
+                names.append(full)
+    if not names:
+        raise ValueError(
+            f"target_modules={targets!r} matches no module in layers {first}..{n_layers - 1} of "
+            f"{type(model).__name__}; linear modules there: {sorted(linear_names)}"
+        )
+    return names
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _member_name(k: int) -> str:
+    return f"member-{k}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ensemble
+# ---------------------------------------------------------------------------------------------------------------------
+
+class RewardEnsemble(nn.Module):
+    """K LoRA reward members on one frozen backbone. Build with :meth:`create` or :meth:`load`.
+
+    ``forward(input_ids, attention_mask)`` → ``[N, K]`` rewards (float32), through the shared trunk when possible.
+    ``member_rewards(..., member=k)`` → ``[N]``, one member with a full forward (the reference the trunk is tested
+    against).
+    """
+
+    def __init__(self, spec: EnsembleSpec, peft_model: nn.Module, heads: nn.ModuleList, *, hidden_size: int):
+        super().__init__()
+        if len(heads) != spec.members:
+            raise ValueError(f"got {len(heads)} heads for {spec.members} members")
+        self.spec = spec
+        self.peft_model = peft_model
+        self.heads = heads
+        self.hidden_size = int(hidden_size)
+        self.member_names: list[str] = [_member_name(k) for k in range(spec.members)]
+        missing = [n for n in self.member_names if n not in peft_model.peft_config]
+        if missing:
+            raise ValueError(f"PEFT model lacks adapters {missing}; it has {sorted(peft_model.peft_config)}")
+
+        base = self.backbone
+        self._stack_name, self._layers = _find_layer_stack(base)
+        self._final_norm = self._find_final_norm(base)
+        self._accepts_position_ids = _accepts(base, "position_ids")
+        self._accepts_token_type_ids = _accepts(base, "token_type_ids")
+
+        from peft.tuners.lora import LoraLayer
+
+        self._lora_layers: list[tuple[str, nn.Module]] = [
+            (name, m) for name, m in base.named_modules() if isinstance(m, LoraLayer)
+        ]
+        if not self._lora_layers:
+            raise ValueError("the PEFT model has no LoRA layers")
+        self._adapter_params = [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+        self.first_adapted_layer, outside = self._first_adapted_layer()
+        # None = not yet probed; True/False after the first forward.
+        self._trunk_ok: bool | None = None
+        self._trunk_reason = ""
+        if outside:
+            self._disable_trunk(f"LoRA modules outside the layer stack: {outside[:3]}")
+        else:
+            self._check_layer_types()
+        self._activate(0)
+        self.eval()  # like from_pretrained: inference mode until a trainer calls .train()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, spec: EnsembleSpec, dtype: torch.dtype = torch.float32) -> RewardEnsemble:
+        """Load the backbone (``AutoModel.from_pretrained(spec.backbone)``), freeze it, add K seeded LoRA adapters
+        and K seeded heads. Uses ``torch.random.fork_rng``, so the caller's global RNG is left alone."""
+        from peft import LoraConfig, get_peft_model
+
+        backbone = _load_backbone(spec, dtype)
+        targets = _resolve_target_modules(backbone, spec)
+        hidden = _hidden_size(backbone)
+        lora_config = LoraConfig(
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=targets,
+            bias="none",
+        )
+        heads = nn.ModuleList()
+        with torch.random.fork_rng(devices=[]):
+            peft_model = None
+            for k in range(spec.members):
+                torch.manual_seed(spec.seed + k)
+                if peft_model is None:
+                    peft_model = get_peft_model(backbone, lora_config, adapter_name=_member_name(0))
+                else:
+                    peft_model.add_adapter(_member_name(k), lora_config)
+            for k in range(spec.members):
+                torch.manual_seed(spec.seed + k)
+                heads.append(nn.Linear(hidden, 1, dtype=torch.float32))
+        device = next(backbone.parameters()).device
+        return cls(spec, peft_model, heads.to(device), hidden_size=hidden)
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], *, backbone: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RewardEnsemble:
+        """Rebuild a saved ensemble from ``directory`` and the backbone it names (or ``backbone``, to override a
+        moved/renamed backbone). Needs no training state."""
+        from peft import PeftModel
+
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        spec = EnsembleSpec.from_dict(manifest["spec"])
+        if backbone is not None:
+            spec = replace(spec, backbone=str(backbone))
+        names = list(manifest["members"])
+        if names != [_member_name(k) for k in range(spec.members)]:
+            raise ValueError(f"{directory / MANIFEST_FILE}: members {names} do not match spec.members={spec.members}")
+        for name in names:
+            if not (directory / ADAPTERS_DIR / name / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"reward ensemble {directory} is missing adapter {ADAPTERS_DIR}/{name}/")
+        if not (directory / HEADS_FILE).is_file():
+            raise FileNotFoundError(f"reward ensemble {directory} is missing {HEADS_FILE}")
+
+        base = _load_backbone(spec, dtype)
+        hidden = _hidden_size(base)
+        if hidden != manifest["hidden_size"]:
+            raise ValueError(
+                f"backbone {spec.backbone!r} has hidden size {hidden}, but the ensemble in {directory} was trained on "
+                f"hidden size {manifest['hidden_size']}"
+            )
+        peft_model = PeftModel.from_pretrained(
+            base, str(directory / ADAPTERS_DIR / names[0]), adapter_name=names[0], is_trainable=True
+        )
+        for name in names[1:]:
+            peft_model.load_adapter(str(directory / ADAPTERS_DIR / name), adapter_name=name, is_trainable=True)
+
+        state = load_file(str(directory / HEADS_FILE))
+        expected = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        if set(state) != expected:
+            raise ValueError(f"{directory / HEADS_FILE} has keys {sorted(state)}, expected {sorted(expected)}")
+        heads = nn.ModuleList()
+        for name in names:
+            head = nn.Linear(hidden, 1, dtype=torch.float32)
+            head.load_state_dict({"weight": state[f"{name}.weight"], "bias": state[f"{name}.bias"]})
+            heads.append(head)
+        device = next(base.parameters()).device
+        return cls(spec, peft_model, heads.to(device), hidden_size=hidden)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the ensemble to ``directory`` (replacing it) atomically: everything goes into a hidden staging
+        directory next to it, which :func:`publish_directory` moves into place. Backbone weights are not saved."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
+        try:
+            os.chmod(staging, 0o755)
+            self.peft_model.save_pretrained(
+                str(staging / ADAPTERS_DIR), selected_adapters=list(self.member_names), save_embedding_layers=False
+            )
+            for card in (staging / ADAPTERS_DIR).rglob("README.md"):  # PEFT's model card: noise here
+                card.unlink()
+            heads = {}
+            for name, head in zip(self.member_names, self.heads):
+                heads[f"{name}.weight"] = head.weight.detach().to("cpu", torch.float32).contiguous().clone()
+                heads[f"{name}.bias"] = head.bias.detach().to("cpu", torch.float32).contiguous().clone()
+            save_file(heads, str(staging / HEADS_FILE), metadata={"format": ENSEMBLE_FORMAT})
+            import peft
+
+            atomic_write_json(staging / MANIFEST_FILE, {
+                "format": ENSEMBLE_FORMAT,
+                "format_version": ENSEMBLE_FORMAT_VERSION,
+                "spec": self.spec.to_dict(),
+                "hidden_size": self.hidden_size,
+                "members": list(self.member_names),
+                "adapted_modules": len(self._lora_layers),
+                "first_adapted_layer": self.first_adapted_layer,
+                "peft_version": peft.__version__,
+            })
+            publish_directory(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen base model (with the LoRA layers injected), shared by all members."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_names)
+
+    @property
+    def shared_trunk(self) -> bool | None:
+        """Whether :meth:`forward` uses the shared trunk (None until the first forward has probed it)."""
+        return self._trunk_ok
+
+    def lora_down_projections(self) -> list[list[Tensor]]:
+        """Per adapted matrix m: ``[A of member 0, ..., A of member K-1]`` (each ``r × d_in``), the live parameters,
+        in the layout :func:`alignpipe.losses.reward.diversity_loss` takes."""
+        return [[module.lora_A[name].weight for name in self.member_names] for _, module in self._lora_layers]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA A/B of every member plus the heads; the backbone stays frozen."""
+        return list(self._adapter_params) + [p for head in self.heads for p in head.parameters()]
+
+    @torch.no_grad()
+    def diversity_ratio(self) -> float:
+        """Mean over adapted matrices of ``||A^(m)||_* / ||A^(m)||_F`` (UP-RLHF's diversity measure)."""
+        return float(-diversity_loss([[a.detach() for a in g] for g in self.lora_down_projections()], 1.0))
+
+    # ------------------------------------------------------------------ forward
+
+    def member_rewards(
+        self, input_ids: Tensor, attention_mask: Tensor, member: int, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """Member ``member``'s rewards ``[N]`` (float32), from a full forward with only its adapter active."""
+        if not 0 <= member < self.num_members:
+            raise IndexError(f"member {member} out of range for {self.num_members} members")
+        inputs = self._inputs(input_ids, attention_mask, token_type_ids)
+        hidden = self._full_hidden(inputs, member)
+        return self._head(hidden, attention_mask, member)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """All members' rewards ``[N, K]`` (float32). Uses the shared trunk when available (module docstring)."""
+        inputs = self._inputs(input_ids, attention_mask, token_type_ids)
+        if self._trunk_ok is None:
+            self._probe_trunk(inputs)
+        if not self._trunk_ok:
+            columns = [self._head(self._full_hidden(inputs, k), attention_mask, k) for k in range(self.num_members)]
+            return torch.stack(columns, dim=1)
+        captured = self._run_trunk(inputs)
+        columns = [self._head(self._top_hidden(captured, k), attention_mask, k) for k in range(self.num_members)]
+        return torch.stack(columns, dim=1)
+
+    # ------------------------------------------------------------------ internals
+
+    def _activate(self, member: int) -> None:
+        """Make ``member`` the active adapter, then turn ``requires_grad`` back on for ALL members' LoRA weights.
+
+        PEFT's ``set_adapter`` freezes the inactive adapters. A member whose weights were frozen after its own
+        forward would silently get no gradient, so the flags are restored at once."""
+        self.peft_model.set_adapter(self.member_names[member])
+        for p in self._adapter_params:
+            p.requires_grad_(True)
+
+    def _inputs(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None) -> dict[str, Tensor]:
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be [N, T], got {tuple(input_ids.shape)} and "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if input_ids.shape[0] == 0:
+            raise ValueError("empty batch")
+        mask = attention_mask.long()
+        if not bool((mask.sum(dim=1) > 0).all()):
+            raise ValueError("every sequence needs at least one non-pad token (attention_mask row of zeros)")
+        inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": mask}
+        if self._accepts_position_ids:
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if token_type_ids is not None and self._accepts_token_type_ids:
+            inputs["token_type_ids"] = token_type_ids
+        return inputs
+
+    def _full_hidden(self, inputs: dict[str, Tensor], member: int) -> Tensor:
+        self._activate(member)
+        return self.peft_model(**inputs).last_hidden_state
+
+    def _run_trunk(self, inputs: dict[str, Tensor]) -> tuple[tuple, dict]:
+        """Run the backbone up to the first adapted layer once; return that layer's ``(args, kwargs)``."""
+        captured: dict[str, Any] = {}
+
+        def hook(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _TrunkCaptured
+
+        handle = self._layers[self.first_adapted_layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.peft_model(**inputs)
+        except _TrunkCaptured:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise RuntimeError(f"layer {self.first_adapted_layer} of the backbone was never called")
+        return captured["args"], captured["kwargs"]
+
+    def _top_hidden(self, captured: tuple[tuple, dict], member: int) -> Tensor:
+        """Run ``layers[first:]`` (+ final norm) from the captured trunk output with ``member``'s adapter."""
+        args, kwargs = captured
+        self._activate(member)
+        if args:
+            hidden, rest, kw = args[0], tuple(args[1:]), dict(kwargs)
+        else:
+            kw = dict(kwargs)
+            hidden, rest = kw.pop("hidden_states"), ()
+        for layer in self._layers[self.first_adapted_layer:]:
+            out = layer(hidden, *rest, **kw)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if self._final_norm is not None:
+            hidden = self._final_norm(hidden)
+        return hidden
+
+    def _head(self, hidden: Tensor, attention_mask: Tensor, member: int) -> Tensor:
+        pooled = _pool(hidden, attention_mask, self.spec.pooling)
+        head = self.heads[member]
+        return head(pooled.to(head.weight.dtype)).squeeze(-1)
+
+    def _find_final_norm(self, base: nn.Module) -> nn.Module | None:
+        parent = base.get_submodule(self._stack_name.rsplit(".", 1)[0]) if "." in self._stack_name else base
+        for name in _FINAL_NORM_NAMES:
+            module = getattr(parent, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        return None
+
+    def _first_adapted_layer(self) -> tuple[int, list[str]]:
+        prefix = f"{self._stack_name}." if self._stack_name else ""
+        indices, outside = [], []
+        for name, _ in self._lora_layers:
+            rest = name[len(prefix):] if name.startswith(prefix) else None
+            head = rest.split(".", 1)[0] if rest else ""
+            if rest is None or not head.isdigit():
+                outside.append(name)
+            else:
+                indices.append(int(head))
+        return (min(indices) if indices else 0), outside
+
+    def _check_layer_types(self) -> None:
+        config = self.backbone.config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and len(set(layer_types[self.first_adapted_layer:])) > 1:
+            self._disable_trunk(
+                f"the adapted layers have different attention types {sorted(set(layer_types[self.first_adapted_layer:]))}"
+            )
+
+    def _disable_trunk(self, reason: str) -> None:
+        if self._trunk_ok is not False:
+            log.warning(
+                "reward ensemble on %s: shared trunk unavailable (%s); computing each member with a full forward",
+                type(self.backbone).__name__, reason,
+            )
+        self._trunk_ok = False
+        self._trunk_reason = reason
+
+    @torch.no_grad()
+    def _probe_trunk(self, inputs: dict[str, Tensor]) -> None:
+        """Check once (eval mode, member 0, at most 2 rows) that the trunk path reproduces a full forward."""
+        was_training = self.training
+        self.eval()
+        try:
+            small = {k: v[:2] for k, v in inputs.items()}
+            full = self._full_hidden(small, 0)
+            top = self._top_hidden(self._run_trunk(small), 0)
+            valid = small["attention_mask"].bool()
+            a, b = top[valid].float(), full[valid].float()
+            tol = 1e-3 if full.dtype == torch.float32 else 5e-2
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol * (1 + float(b.abs().max()))):
+                err = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+                self._disable_trunk(f"trunk output differs from a full forward (max abs diff {err:.3g})")
+            else:
+                self._trunk_ok = True
+        except Exception as exc:  # noqa: BLE001 - any failure of the generic path means: use full forwards
+            self._disable_trunk(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.train(was_training)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    hidden = getattr(config, "hidden_size", None)
+    if hidden is None and hasattr(config, "get_text_config"):
+        hidden = getattr(config.get_text_config(), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
+    return hidden
+
+
+def _pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """``[N, T, H]`` → ``[N, H]`` in float32; padding-side agnostic (the mask decides which tokens count)."""
+    mask = attention_mask.to(hidden.device).long()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=hidden.device).unsqueeze(0)
+        index = (positions * mask).argmax(dim=1)  # last non-pad position
+        return hidden[rows, index].float()
+    if pooling == "cls":
+        return hidden[rows, mask.argmax(dim=1)].float()  # first non-pad position
+    if pooling == "mean":
+        keep = mask.bool().unsqueeze(-1)
+        # masked_fill, not a multiply: pad positions can hold NaN/inf in some attention kernels.
+        summed = hidden.float().masked_fill(~keep, 0.0).sum(dim=1)
+        return summed / keep.sum(dim=1).clamp(min=1).float()
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The validated manifest of a saved ensemble; ``FileNotFoundError`` naming the directory when it is absent."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"reward ensemble directory {directory} does not exist")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved reward ensemble: it has no {MANIFEST_FILE}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != ENSEMBLE_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {ENSEMBLE_FORMAT!r}")
+    version = manifest.get("format_version")
+    if version != ENSEMBLE_FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not supported (expected {ENSEMBLE_FORMAT_VERSION})")
+    for key in ("spec", "hidden_size", "members"):
+        if key not in manifest:
+            raise ValueError(f"{path} is missing {key!r}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scorer
+# ---------------------------------------------------------------------------------------------------------------------
+
+class EnsembleScorer:
+    """Batched scoring of (prompt, response) pairs with a :class:`RewardEnsemble`.
+
+    Also a :class:`alignpipe.rewards.judges.PairwiseJudge`: ``pairwise_probabilities`` is the Bradley–Terry
+    ``σ(r̄_a − r̄_b)`` on the ensemble-mean reward.
+    """
+
+    def __init__(
+        self,
+        ensemble: RewardEnsemble,
+        tokenizer,
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        judge_id: str | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs a pad or an EOS token")
+        self.ensemble = ensemble
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.judge_id = judge_id or f"reward_ensemble:{Path(ensemble.spec.backbone).name}:k{ensemble.num_members}"
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, backbone: str | None = None,
+             dtype: torch.dtype = torch.float32, **kwargs: Any) -> EnsembleScorer:
+        """Load the ensemble (:meth:`RewardEnsemble.load`) and the tokenizer of its backbone. ``judge_id``
+        defaults to ``reward_ensemble:<directory name>``."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
+        spec = ensemble.spec
+        tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(spec.backbone, **tok_kwargs)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")
+        return cls(ensemble, tokenizer, **kwargs)
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
+        """One padded batch (see :func:`encode_examples` for the template/pair rules and the left truncation)."""
+        return collate_features(self.tokenizer, encode_examples(self.tokenizer, prompts, responses,
+                                                                max_length=self.max_length))
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> EnsembleRewards:
+        """Per-member rewards ``[N, K]`` with mean and population std, in batches of ``batch_size`` (length-sorted
+        to limit padding, returned in input order). Eval mode while scoring; the previous mode is restored."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts and responses must have the same length, got {len(prompts)}, {len(responses)}")
+        if not prompts:
+            raise ValueError("nothing to score")
+        features = encode_examples(self.tokenizer, prompts, responses, max_length=self.max_length)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        device = next(self.ensemble.parameters()).device
+        was_training = self.ensemble.training
+        self.ensemble.eval()
+        out = torch.empty((len(features), self.ensemble.num_members), dtype=torch.float32)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = collate_features(self.tokenizer, [features[i] for i in idx])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out[torch.tensor(idx)] = self.ensemble(**batch).float().cpu()
+        finally:
+            self.ensemble.train(was_training)
+        return EnsembleRewards.from_members(out)
+
+    def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """``σ(r̄(a) − r̄(b))`` per triple (``a`` and ``b`` scored in one call)."""
+        if not len(prompts) == len(a) == len(b):
+            raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
+        n = len(prompts)
+        if n == 0:
+            return []
+        means = self.score(list(prompts) * 2, list(a) + list(b)).mean.double()
+        return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]

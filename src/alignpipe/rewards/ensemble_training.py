@@ -1,0 +1,257 @@
+"""Training loop for :class:`alignpipe.rewards.ensemble.RewardEnsemble` (plain PyTorch).
+
+TRL's ``RewardTrainer`` trains one scalar model. The ensemble needs all K members' rewards per batch, which one
+:meth:`RewardEnsemble.forward` call gives through the shared trunk. It also needs UP-RLHF's diversity term over all
+members' LoRA A matrices, so the loop is written out here. The maths comes from :mod:`alignpipe.losses.reward`.
+
+Per step, with chosen/rejected rewards ``[B, K]`` from ONE forward over the ``2B`` sequences:
+
+* ``objective="members"``: each member has its own Bradley–Terry loss, averaged over members (an independent
+  ensemble, Coste et al.). A member's loss depends only on its own adapter and head, so the average trains each
+  member as if alone, scaled by 1/K (AdamW is invariant to that scale). Averaging keeps ``bt_loss`` on one model's
+  scale, so λ means the same thing under both objectives.
+* ``objective="mean"``: Bradley–Terry on the ensemble-mean reward (UP-RLHF eq. 12,
+  :func:`ensemble_bradley_terry_loss`).
+* ``bootstrap=True`` (``members`` only): member k draws a bootstrap resample of the n pairs once, before training
+  (seeded). Its copy counts become per-pair weights on the shared batches. The weighted loss equals training on the
+  resample, without K separate data loaders. A member whose weights in a batch are all zero gets no loss from that
+  batch.
+* ``+ diversity_loss(ensemble.lora_down_projections(), λ)``, which is exactly 0 for λ = 0.
+
+Optional per-pair ``margins`` / ``weights`` go into :func:`bradley_terry_loss` (for ``mean``, applied to the mean
+rewards). Logged every ``logging_steps`` and at the last step, averaged over the steps since the last log: ``loss``,
+``bt_loss``, ``accuracy`` (pairwise train accuracy of the mean reward), ``grad_norm``; plus at the log step itself
+``diversity_ratio`` (the mean nuclear/Frobenius ratio, logged even when λ = 0) and ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from alignpipe.losses.reward import (
+    bradley_terry_loss,
+    diversity_loss,
+    ensemble_bradley_terry_loss,
+)
+from alignpipe.rewards.ensemble import RewardEnsemble, collate_features, encode_examples
+
+__all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "train_ensemble"]
+
+EnsembleObjective = Literal["members", "mean"]
+_SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class EnsembleTrainingConfig:
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    batch_size: int = 16
+    max_length: int = 512
+    diversity_weight: float = 0.0
+    objective: EnsembleObjective = "members"
+    bootstrap: bool = False
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1 or self.max_length < 2 or self.logging_steps < 1:
+            raise ValueError("batch_size and logging_steps must be >= 1 and max_length >= 2")
+        if not (self.diversity_weight >= 0 and math.isfinite(self.diversity_weight)):
+            raise ValueError(f"diversity_weight must be finite and >= 0, got {self.diversity_weight}")
+        if self.objective not in get_args(EnsembleObjective):
+            raise ValueError(f"objective must be one of {get_args(EnsembleObjective)}, got {self.objective!r}")
+        if self.bootstrap and self.objective == "mean":
+            raise ValueError(
+                "bootstrap resamples the pairs per member, but objective='mean' has a single loss on the ensemble "
+                "mean; use objective='members' with bootstrap"
+            )
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping)")
+        if self.lr_scheduler not in _SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bt_loss(
+    chosen: Tensor,
+    rejected: Tensor,
+    objective: str,
+    *,
+    margin: Tensor | None,
+    weight: Tensor | None,
+    multiplicity: Tensor | None,
+) -> Tensor:
+    """The rank loss of one batch (``chosen``/``rejected`` are ``[B, K]``)."""
+    if objective == "mean":
+        if margin is None and weight is None:
+            return ensemble_bradley_terry_loss(chosen, rejected)
+        return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin, weight=weight)
+    losses = []
+    for k in range(chosen.shape[1]):
+        w = weight
+        if multiplicity is not None:
+            w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
+            if not float(w.sum()) > 0:
+                continue  # this member's resample holds none of this batch's pairs
+        losses.append(bradley_terry_loss(chosen[:, k], rejected[:, k], margin=margin, weight=w))
+    if not losses:
+        return chosen.sum() * 0.0  # keeps the graph; no member has weight in this batch
+    return torch.stack(losses).sum() / chosen.shape[1]
+
+
+def _batches(n: int, batch_size: int, total_steps: int, generator: torch.Generator) -> list[list[int]]:
+    """Index batches: a fresh seeded permutation per epoch, the last batch of an epoch possibly smaller; stops at
+    ``total_steps`` (so fractional epochs see a prefix of the last permutation)."""
+    out: list[list[int]] = []
+    while len(out) < total_steps:
+        perm = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch_size):
+            out.append(perm[start:start + batch_size])
+            if len(out) == total_steps:
+                break
+    return out
+
+
+def train_ensemble(
+    ensemble: RewardEnsemble,
+    tokenizer,
+    pairs: Sequence[tuple[str, str, str]],
+    config: EnsembleTrainingConfig,
+    *,
+    margins: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train ``ensemble`` in place on ``(prompt, chosen, rejected)`` pairs; return the log records.
+
+    ``steps = ceil(epochs * ceil(n / batch_size))``. AdamW on :meth:`RewardEnsemble.trainable_parameters`, with a
+    linear/cosine/constant schedule (optional warmup), gradient clipping at ``max_grad_norm`` and seeded shuffling.
+    The model is in train mode during the loop and in eval mode afterwards. Each log record is passed to
+    ``on_log`` as soon as it is made.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    pairs = [tuple(p) for p in pairs]
+    if not pairs:
+        raise ValueError("train_ensemble needs at least one (prompt, chosen, rejected) pair")
+    for i, p in enumerate(pairs):
+        if len(p) != 3 or not all(isinstance(x, str) for x in p):
+            raise ValueError(f"pair {i} must be a (prompt, chosen, rejected) tuple of strings, got {p!r:.120}")
+    n = len(pairs)
+    margin_t = _per_pair(margins, n, "margins")
+    weight_t = _per_pair(weights, n, "weights")
+    if weight_t is not None and not bool(((weight_t >= 0) & torch.isfinite(weight_t)).all()):
+        raise ValueError("weights must be finite and >= 0")
+
+    prompts = [p[0] for p in pairs]
+    chosen_f = encode_examples(tokenizer, prompts, [p[1] for p in pairs], max_length=config.max_length)
+    rejected_f = encode_examples(tokenizer, prompts, [p[2] for p in pairs], max_length=config.max_length)
+
+    K = ensemble.num_members
+    generator = torch.Generator().manual_seed(config.seed)
+    multiplicity = None
+    if config.bootstrap:
+        multiplicity = torch.stack(
+            [torch.bincount(torch.randint(n, (n,), generator=generator), minlength=n) for _ in range(K)], dim=1
+        ).float()  # [n, K] copy counts of each pair in each member's resample
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    batches = _batches(n, config.batch_size, total_steps, generator)
+
+    params = ensemble.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        config.lr_scheduler, optimizer,
+        num_warmup_steps=round(config.warmup_ratio * total_steps), num_training_steps=total_steps,
+    )
+    device = next(ensemble.parameters()).device
+
+    logs: list[dict] = []
+    window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+    ensemble.train()
+    progress = tqdm(total=total_steps, desc="reward ensemble", disable=not config.progress_bar, leave=False)
+    try:
+        for step, idx in enumerate(batches, start=1):
+            b = len(idx)
+            batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
+            chosen, rejected = rewards[:b], rewards[b:]
+            index = torch.tensor(idx)
+            bt = _bt_loss(
+                chosen, rejected, config.objective,
+                margin=None if margin_t is None else margin_t[index].to(device),
+                weight=None if weight_t is None else weight_t[index].to(device),
+                multiplicity=None if multiplicity is None else multiplicity[index].to(device),
+            )
+            div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
+            loss = bt + div.to(bt.device)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            with torch.no_grad():
+                accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
+            window["loss"] += float(loss.detach())
+            window["bt_loss"] += float(bt.detach())
+            window["accuracy"] += accuracy
+            window["grad_norm"] += float(grad_norm)
+            window["steps"] += 1
+            progress.update(1)
+
+            if step % config.logging_steps == 0 or step == total_steps:
+                m = window.pop("steps")
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    **{key: value / m for key, value in window.items()},
+                    "diversity_ratio": ensemble.diversity_ratio(),
+                    "lr": lr,
+                }
+                logs.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                if on_log is not None:
+                    on_log(dict(record))
+                window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+    finally:
+        progress.close()
+        ensemble.eval()
+    return logs
+
+
+def _per_pair(values: Sequence[float] | None, n: int, name: str) -> Tensor | None:
+    if values is None:
+        return None
+    t = torch.as_tensor(list(values), dtype=torch.float32)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have one value per pair ({n}), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite")
+    return t

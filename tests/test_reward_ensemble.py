@@ -1,0 +1,338 @@
+"""Tests for alignpipe.rewards.ensemble (K LoRA members on one frozen backbone) and its training loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, BertConfig, BertModel
+
+from alignpipe.models.tiny import (
+    build_tiny_model,
+    save_tiny_checkpoint,
+    train_tokenizer,
+)
+from alignpipe.rewards.ensemble import (
+    EnsembleScorer,
+    EnsembleSpec,
+    RewardEnsemble,
+    collate_features,
+    encode_examples,
+)
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+from alignpipe.rewards.judges import PairwiseJudge
+from alignpipe.rewards.penalties import EnsembleRewards
+from alignpipe.tasks import preference_pairs, tokenizer_corpus
+
+K = 3
+PROMPTS = ["sort: 3 1 4", "count: 5 5 2 7", "sort: 9 8", "reverse: 1 2 3 4 5 6"]
+RESPONSES = ["1 3 4", "3", "8 9 8 9 8 9 8", "6 5 4 3 2 1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(tokenizer_corpus(n=400), vocab_size=160)
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory, tokenizer) -> str:
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def bert_path(tmp_path_factory, tokenizer) -> str:
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("bert") / "ckpt"
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def _spec(path: str, **kw) -> EnsembleSpec:
+    base = dict(backbone=path, members=K, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+    base.update(kw)
+    return EnsembleSpec(**base)
+
+
+def _perturb(ensemble: RewardEnsemble, seed: int = 1) -> None:
+    """Make the adapters matter (LoRA B starts at zero) so member differences come from the adapters too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ensemble.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _batch(tokenizer, side: str = "left"):
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        return collate_features(tokenizer, encode_examples(tokenizer, PROMPTS, RESPONSES, max_length=64))
+    finally:
+        tokenizer.padding_side = old
+
+
+def _texts(rows, key):
+    return [row[key][0]["content"] for row in rows]
+
+
+# ------------------------------------------------------------------------------------------------ spec
+
+
+def test_spec_round_trip_and_validation(llama_path):
+    spec = _spec(llama_path, target_modules=["q_proj", "v_proj"], pooling="mean")
+    again = EnsembleSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+    with pytest.raises(ValueError, match="members"):
+        EnsembleSpec(backbone=llama_path, members=0)
+    with pytest.raises(ValueError, match="pooling"):
+        EnsembleSpec(backbone=llama_path, members=2, pooling="max")
+    with pytest.raises(ValueError, match="unknown"):
+        EnsembleSpec.from_dict({**spec.to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match="top_layers=9"):
+        RewardEnsemble.create(_spec(llama_path, top_layers=9))
+
+
+# ------------------------------------------------------------------------------------------------ structure
+
+
+def test_create_forward_shape_members_differ_backbone_frozen_and_shared(llama_path, tokenizer):
+    ensemble = RewardEnsemble.create(_spec(llama_path))
+    batch = _batch(tokenizer)
+    rewards = ensemble(**batch)
+    assert rewards.shape == (len(PROMPTS), K) and rewards.dtype == torch.float32
+    for j in range(1, K):  # different seeds: different heads (B = 0, so the adapters are still no-ops)
+        assert not torch.allclose(rewards[:, 0], rewards[:, j])
+    # same spec, same seed: identical members (adapters and heads)
+    again = RewardEnsemble.create(_spec(llama_path))
+    for a, b in zip(ensemble.trainable_parameters(), again.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+    # member A matrices differ (member k seeded with seed + k)
+    groups = ensemble.lora_down_projections()
+    assert len(groups) == 2 * 7  # top 2 layers x 7 linear modules of a Llama layer
+    assert all(len(g) == K for g in groups)
+    assert not torch.equal(groups[0][0], groups[0][1])
+
+    # frozen backbone: only LoRA + heads train
+    trainable = {id(p) for p in ensemble.trainable_parameters()}
+    for name, p in ensemble.named_parameters():
+        assert p.requires_grad == (id(p) in trainable), name
+        if id(p) not in trainable:
+            assert "lora_" not in name and not name.startswith("heads.")
+
+    # ONE backbone copy: total = backbone + K x (LoRA of one member) + K x head
+    backbone_numel = sum(p.numel() for p in AutoModel.from_pretrained(llama_path).parameters())
+    member0_lora = sum(p.numel() for n, p in ensemble.named_parameters() if "lora_" in n and ".member-0." in n)
+    total = sum(p.numel() for p in ensemble.parameters())
+    assert total == backbone_numel + K * member0_lora + K * (ensemble.hidden_size + 1)
+    # every member reads the same base weight storage
+    from peft.tuners.lora import LoraLayer
+
+    for module in ensemble.backbone.modules():
+        if isinstance(module, LoraLayer):
+            assert set(module.lora_A) == set(ensemble.member_names)
+            ptrs = {module.get_base_layer().weight.data_ptr() for _ in ensemble.member_names}
+            assert len(ptrs) == 1
+            assert len({module.lora_A[n].weight.data_ptr() for n in ensemble.member_names}) == K
+    # the layers below top_layers carry no adapter at all
+    assert ensemble.first_adapted_layer == 1
+    assert not any(isinstance(m, LoraLayer) for m in ensemble.backbone.layers[0].modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_shared_trunk_equals_per_member_full_forward(arch, llama_path, bert_path, tokenizer):
+    path, pooling = (llama_path, "last") if arch == "llama" else (bert_path, "cls")
+    top = 2 if arch == "llama" else 1
+    ensemble = RewardEnsemble.create(_spec(path, top_layers=top, pooling=pooling))
+    _perturb(ensemble)
+    batch = _batch(tokenizer)
+
+    calls = {"bottom": 0, "top": 0}
+    layers = ensemble._layers
+    # post-hooks count completed layer runs (the trunk capture stops at the first adapted layer's pre-hook)
+    h1 = layers[0].register_forward_hook(lambda *a: calls.__setitem__("bottom", calls["bottom"] + 1))
+    h2 = layers[-1].register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
+    try:
+        with torch.no_grad():
+            shared = ensemble(**batch)  # first call also runs the one-off probe
+            calls.update(bottom=0, top=0)
+            shared = ensemble(**batch)
+        assert ensemble.shared_trunk is True
+        assert calls == {"bottom": 1, "top": K}  # trunk once, top layers once per member
+        with torch.no_grad():
+            full = torch.stack([ensemble.member_rewards(**batch, member=k) for k in range(K)], dim=1)
+    finally:
+        h1.remove()
+        h2.remove()
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+    assert not torch.allclose(full[:, 0], full[:, 1])
+
+
+@pytest.mark.parametrize("arch,pooling", [("llama", "last"), ("llama", "cls"), ("llama", "mean"), ("bert", "cls")])
+def test_left_and_right_padding_give_the_same_rewards(arch, pooling, llama_path, bert_path, tokenizer):
+    ensemble = RewardEnsemble.create(_spec(llama_path if arch == "llama" else bert_path, pooling=pooling,
+                                           top_layers=None))
+    _perturb(ensemble)
+    left, right = _batch(tokenizer, "left"), _batch(tokenizer, "right")
+    assert left["attention_mask"][:, 0].sum() < len(PROMPTS)  # really padded on the left
+    assert right["attention_mask"][:, -1].sum() < len(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(**left), ensemble(**right), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def test_save_load_round_trip(llama_path, tokenizer, tmp_path):
+    ensemble = RewardEnsemble.create(_spec(llama_path, top_layers=None, pooling="mean"))
+    _perturb(ensemble)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected = ensemble(**batch)
+    target = tmp_path / "rm"
+    ensemble.save(target)
+    ensemble.save(target)  # replacing an existing ensemble works and leaves no staging directories behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]
+
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["hidden_size"] == 32
+    assert EnsembleSpec.from_dict(manifest["spec"]) == ensemble.spec
+    assert sorted(p.name for p in (target / "adapters").iterdir()) == ensemble.member_names
+    # no backbone weights: only LoRA tensors in the adapters, and far smaller than the backbone checkpoint
+    for name in ensemble.member_names:
+        keys = load_file(target / "adapters" / name / "adapter_model.safetensors").keys()
+        assert keys and all("lora_" in k for k in keys)
+    saved = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    backbone = sum(f.stat().st_size for f in Path(llama_path).glob("*.safetensors"))
+    tensors = sum(f.stat().st_size for f in target.rglob("*.safetensors"))
+    trainable_bytes = 4 * sum(p.numel() for p in ensemble.trainable_parameters())
+    assert trainable_bytes <= tensors <= trainable_bytes + 8192 * (K + 1)  # LoRA + heads (+ headers), nothing else
+    assert saved < backbone
+
+    loaded = RewardEnsemble.load(target)
+    assert loaded is not ensemble and loaded.spec == ensemble.spec
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), expected, atol=1e-6, rtol=0)
+    # backbone override (e.g. the checkpoint moved)
+    moved = tmp_path / "moved-backbone"
+    moved.mkdir()
+    for f in Path(llama_path).iterdir():
+        os.link(f, moved / f.name)
+    relocated = RewardEnsemble.load(target, backbone=str(moved))
+    assert relocated.spec.backbone == str(moved)
+    with torch.no_grad():
+        torch.testing.assert_close(relocated(**batch), expected, atol=1e-6, rtol=0)
+
+
+def test_load_missing_directory_names_it(tmp_path):
+    missing = tmp_path / "no-such-ensemble"
+    with pytest.raises(FileNotFoundError, match="no-such-ensemble"):
+        RewardEnsemble.load(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        RewardEnsemble.load(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def test_encoding_truncates_from_the_left_keeping_the_response_end(tokenizer):
+    long_prompt = "sort: " + " ".join(str(i % 10) for i in range(60))
+    full = encode_examples(tokenizer, [long_prompt], ["1 2 3"], max_length=1000)[0]["input_ids"]
+    cut = encode_examples(tokenizer, [long_prompt], ["1 2 3"], max_length=12)[0]["input_ids"]
+    assert len(cut) == 12 and cut == full[-12:]
+
+    pair_tok = copy.deepcopy(tokenizer)  # a pair-encoding (encoder-style) tokenizer: no chat template
+    pair_tok.chat_template = None
+    response_ids = pair_tok("1 2 3", add_special_tokens=False)["input_ids"]
+    enc = encode_examples(pair_tok, [long_prompt], ["1 2 3"], max_length=10)[0]["input_ids"]
+    assert len(enc) == 10 and enc[-len(response_ids):] == response_ids
+    assert pair_tok.truncation_side == tokenizer.truncation_side  # restored
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rows = preference_pairs(64, seed=0, noise=0.5, temperature=0.05)
+    return list(zip(_texts(rows, "prompt"), _texts(rows, "chosen"), _texts(rows, "rejected"), strict=True))
+
+
+def test_training_learns_and_trains_every_member(llama_path, tokenizer, pairs):
+    ensemble = RewardEnsemble.create(_spec(llama_path))
+    seen: list[dict] = []
+    config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=10, batch_size=16, max_length=64, logging_steps=10,
+                                    seed=0, progress_bar=False)
+    logs = train_ensemble(ensemble, tokenizer, pairs, config, on_log=seen.append)
+    assert [r["step"] for r in logs] == [10, 20, 30, 40] and seen == logs
+    assert set(logs[0]) >= {"loss", "bt_loss", "diversity_ratio", "accuracy", "lr", "grad_norm"}
+    assert logs[-1]["accuracy"] > 0.5
+    assert logs[-1]["bt_loss"] < logs[0]["bt_loss"]
+    assert all(r["diversity_ratio"] > 1.0 for r in logs)
+    assert not ensemble.training
+    # PEFT's set_adapter freezes inactive adapters; every member must still have been trained
+    for module in ensemble.backbone.modules():
+        if hasattr(module, "lora_B"):
+            for name in ensemble.member_names:
+                assert module.lora_B[name].weight.abs().sum() > 0, name
+            break
+
+
+def test_diversity_weight_raises_the_nuclear_frobenius_ratio(llama_path, tokenizer, pairs):
+    ratios = {}
+    for weight in (0.0, 1.0):
+        ensemble = RewardEnsemble.create(_spec(llama_path))
+        config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=30 * 16 / 64, batch_size=16, max_length=64,
+                                        diversity_weight=weight, logging_steps=30, progress_bar=False)
+        logs = train_ensemble(ensemble, tokenizer, pairs, config)
+        assert logs[-1]["step"] == 30
+        ratios[weight] = ensemble.diversity_ratio()
+        assert ratios[weight] == pytest.approx(logs[-1]["diversity_ratio"])
+    assert ratios[1.0] > ratios[0.0]
+
+
+def test_mean_objective_bootstrap_and_margins_run(llama_path, tokenizer, pairs):
+    ensemble = RewardEnsemble.create(_spec(llama_path, members=2))
+    small = pairs[:16]
+    logs = train_ensemble(ensemble, tokenizer, small, EnsembleTrainingConfig(
+        objective="mean", batch_size=8, max_length=64, progress_bar=False, lr_scheduler="cosine"))
+    assert len(logs) == 1 and logs[0]["step"] == 2
+    logs = train_ensemble(ensemble, tokenizer, small, EnsembleTrainingConfig(
+        bootstrap=True, batch_size=8, max_length=64, progress_bar=False), margins=[0.5] * 16, weights=[1.0] * 16)
+    assert logs[-1]["step"] == 2
+    with pytest.raises(ValueError, match="bootstrap"):
+        EnsembleTrainingConfig(bootstrap=True, objective="mean")
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+
+
+def test_scorer(llama_path, tokenizer, tmp_path):
+    ensemble = RewardEnsemble.create(_spec(llama_path))
+    _perturb(ensemble)
+    ensemble.save(tmp_path / "rm")
+    scorer = EnsembleScorer.load(tmp_path / "rm", batch_size=3, max_length=64)
+    assert isinstance(scorer, PairwiseJudge) and scorer.judge_id == "reward_ensemble:rm"
+
+    result = scorer.score(PROMPTS, RESPONSES)
+    assert isinstance(result, EnsembleRewards) and result.per_member.shape == (len(PROMPTS), K)
+    torch.testing.assert_close(result.std, result.per_member.std(dim=1, correction=0))
+    torch.testing.assert_close(result.mean, result.per_member.mean(dim=1))
+    # batching and length-sorting do not change (or reorder) the rewards
+    one_by_one = torch.cat([scorer.score([p], [r]).per_member for p, r in zip(PROMPTS, RESPONSES)])
+    torch.testing.assert_close(result.per_member, one_by_one, atol=1e-5, rtol=0)
+
+    p_ab = scorer.pairwise_probabilities(PROMPTS, RESPONSES, RESPONSES[::-1])
+    p_ba = scorer.pairwise_probabilities(PROMPTS, RESPONSES[::-1], RESPONSES)
+    assert all(0.0 < p < 1.0 for p in p_ab)
+    assert [a + b for a, b in zip(p_ab, p_ba)] == pytest.approx([1.0] * len(PROMPTS), abs=1e-6)
+    assert scorer.pairwise_probabilities([], [], []) == []

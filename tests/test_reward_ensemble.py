@@ -58,7 +58,7 @@ def bert_path(tmp_path_factory, tokenizer) -> str:
 
 
 def _spec(path: str, **kw) -> EnsembleSpec:
-    base = dict(backbone=path, members=K, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+    base = {"backbone": path, "members": K, "lora_r": 4, "lora_alpha": 8, "top_layers": 2, "seed": 0}
     base.update(kw)
     return EnsembleSpec(**base)
 
@@ -336,3 +336,19 @@ def test_scorer(llama_path, tokenizer, tmp_path):
     assert all(0.0 < p < 1.0 for p in p_ab)
     assert [a + b for a, b in zip(p_ab, p_ba)] == pytest.approx([1.0] * len(PROMPTS), abs=1e-6)
     assert scorer.pairwise_probabilities([], [], []) == []
+
+
+def test_falls_back_to_full_forwards_when_the_trunk_check_fails(llama_path, tokenizer, caplog):
+    ensemble = RewardEnsemble.create(_spec(llama_path))
+    _perturb(ensemble)
+    ensemble._final_norm = None  # simulate an architecture whose final norm the generic path misses
+    batch = _batch(tokenizer)
+    with caplog.at_level("WARNING", logger="alignpipe"), torch.no_grad():
+        first = ensemble(**batch)
+        second = ensemble(**batch)
+    assert ensemble.shared_trunk is False
+    assert sum("shared trunk unavailable" in r.getMessage() for r in caplog.records) == 1  # logged once
+    with torch.no_grad():
+        full = torch.stack([ensemble.member_rewards(**batch, member=k) for k in range(K)], dim=1)
+    torch.testing.assert_close(first, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(second, full, atol=1e-6, rtol=0)

@@ -543,8 +543,12 @@ class Recipe(_Spec):
             earlier = names[:i]
             for j, ref in enumerate(stage.inputs):
                 if ref in earlier:
-                    if isinstance(self.stages[earlier.index(ref)], EvalStage):
+                    source = self.stages[earlier.index(ref)]
+                    if isinstance(source, EvalStage):
                         problems.append((("stages", i, "inputs", j), f"{ref!r} is an eval stage: it has no checkpoint"))
+                    elif isinstance(source, RewardStage):
+                        msg = f"{ref!r} is a reward stage: its checkpoint is a reward ensemble, not a policy"
+                        problems.append((("stages", i, "inputs", j), msg))
                     continue
                 if ref == stage.name:
                     msg = "a stage cannot take itself as input"

@@ -24,6 +24,7 @@ log = logging.getLogger("alignpipe")
 # stage type -> module in alignpipe.trainers exposing ``run(ctx) -> dict`` (imported lazily: each pulls in TRL)
 STAGE_MODULES = {
     "sft": "alignpipe.trainers.sft",
+    "reward": "alignpipe.trainers.reward",
     "dpo": "alignpipe.trainers.dpo",
     "osp": "alignpipe.trainers.osp",
     "online_dpo": "alignpipe.trainers.online_dpo",

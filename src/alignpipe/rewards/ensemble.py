@@ -37,12 +37,14 @@ override it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -142,8 +144,8 @@ class EnsembleSpec:
             raise ValueError(f"EnsembleSpec.top_layers must be None or an int >= 1, got {self.top_layers!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"EnsembleSpec.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"EnsembleSpec.seed must be an int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"EnsembleSpec.seed must be an int >= 0, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -329,6 +331,14 @@ def _accepts(module: nn.Module, name: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """PEFT 0.21 calls transformers' deprecated ``is_gradient_checkpointing``; hide that FutureWarning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _member_name(k: int) -> str:
     return f"member-{k}"
 
@@ -402,7 +412,7 @@ class RewardEnsemble(nn.Module):
             bias="none",
         )
         heads = nn.ModuleList()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_peft():
             peft_model = None
             for k in range(spec.members):
                 torch.manual_seed(spec.seed + k)
@@ -445,11 +455,12 @@ class RewardEnsemble(nn.Module):
                 f"backbone {spec.backbone!r} has hidden size {hidden}, but the ensemble in {directory} was trained on "
                 f"hidden size {manifest['hidden_size']}"
             )
-        peft_model = PeftModel.from_pretrained(
-            base, str(directory / ADAPTERS_DIR / names[0]), adapter_name=names[0], is_trainable=True
-        )
-        for name in names[1:]:
-            peft_model.load_adapter(str(directory / ADAPTERS_DIR / name), adapter_name=name, is_trainable=True)
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(
+                base, str(directory / ADAPTERS_DIR / names[0]), adapter_name=names[0], is_trainable=True
+            )
+            for name in names[1:]:
+                peft_model.load_adapter(str(directory / ADAPTERS_DIR / name), adapter_name=name, is_trainable=True)
 
         state = load_file(str(directory / HEADS_FILE))
         expected = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
@@ -691,9 +702,9 @@ def _hidden_size(model: nn.Module) -> int:
     hidden = getattr(config, "hidden_size", None)
     if hidden is None and hasattr(config, "get_text_config"):
         hidden = getattr(config.get_text_config(), "hidden_size", None)
-    if not isinstance(hidden, int):
-        raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
-    return hidden
+    if isinstance(hidden, int):
+        return hidden
+    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
 def _pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
@@ -769,16 +780,21 @@ class EnsembleScorer:
              dtype: torch.dtype = torch.float32, **kwargs: Any) -> EnsembleScorer:
         """Load the ensemble (:meth:`RewardEnsemble.load`) and the tokenizer of its backbone. ``judge_id``
         defaults to ``reward_ensemble:<directory name>``."""
-        from transformers import AutoTokenizer
-
         directory = Path(directory)
         ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
+        kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")
+        return cls.for_ensemble(ensemble, **kwargs)
+
+    @classmethod
+    def for_ensemble(cls, ensemble: RewardEnsemble, **kwargs: Any) -> EnsembleScorer:
+        """A scorer for an in-memory ensemble, with its backbone's tokenizer (pad falls back to EOS)."""
+        from transformers import AutoTokenizer
+
         spec = ensemble.spec
         tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(spec.backbone, **tok_kwargs)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")
         return cls(ensemble, tokenizer, **kwargs)
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:

@@ -1,0 +1,76 @@
+"""Held-out evaluation of a reward model or ensemble: accuracy, calibration and the quality of its uncertainty.
+
+Shared by the ``reward`` stage (and, later, the leaderboard's reward table) so every reward model is measured the
+same way. Pure apart from calling ``scorer.score``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from alignpipe.evaluation.metrics import MetricValue, mean_with_ci
+from alignpipe.evaluation.reward_metrics import (
+    brier_score,
+    bt_probabilities,
+    expected_calibration_error,
+    max099_scale,
+    negative_log_likelihood,
+    pairwise_accuracy,
+    uncertainty_auroc,
+)
+
+
+def reward_model_metrics(
+    scorer,
+    pairs: Sequence[tuple[str, str, str]],
+    *,
+    gold: Callable[[str, str], float] | None = None,
+    off_distribution: Sequence[tuple[str, str]] = (),
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, MetricValue]:
+    """Metrics of ``scorer`` (anything whose ``score`` returns ``EnsembleRewards``) on held-out (prompt, chosen,
+    rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99.
+
+    ``gold`` (the embedded task) adds accuracy against the true ordering; ``off_distribution`` (prompt, response)
+    samples add the ratio of member disagreement there to disagreement on the held-out responses.
+    """
+    prompts = [p for p, _, _ in pairs]
+    chosen = scorer.score(prompts, [c for _, c, _ in pairs])
+    rejected = scorer.score(prompts, [r for _, _, r in pairs])
+    c_mean, r_mean = chosen.mean.numpy(), rejected.mean.numpy()
+    probabilities = bt_probabilities(c_mean, r_mean, scale="max099")
+    outcomes = np.ones(len(pairs))
+    metrics = {
+        "accuracy": pairwise_accuracy(c_mean, r_mean, resamples=resamples, seed=seed),
+        "ece": expected_calibration_error(probabilities, outcomes, resamples=resamples, seed=seed),
+        "brier": brier_score(probabilities, outcomes, resamples=resamples, seed=seed),
+        "nll": negative_log_likelihood(probabilities, outcomes, resamples=resamples, seed=seed),
+    }
+    metrics["calibration_scale"] = MetricValue(max099_scale(c_mean, r_mean), None, len(pairs), None)
+    members = chosen.per_member.shape[1]
+    if members > 1:
+        member_margins = (chosen.per_member - rejected.per_member).numpy()
+        margin_std = member_margins.std(axis=1)
+        errors = c_mean <= r_mean
+        if 0 < errors.sum() < len(errors):
+            metrics["uncertainty_auroc"] = uncertainty_auroc(margin_std, errors, resamples=resamples, seed=seed)
+        in_distribution_std = np.concatenate([chosen.std.numpy(), rejected.std.numpy()])
+        metrics["member_std"] = mean_with_ci(in_distribution_std, resamples=resamples, seed=seed,
+                                             higher_is_better=None)
+        if off_distribution:
+            ood = scorer.score([p for p, _ in off_distribution], [r for _, r in off_distribution]).std.numpy()
+            metrics["member_std_off_distribution"] = mean_with_ci(ood, resamples=resamples, seed=seed,
+                                                                  higher_is_better=None)
+            metrics["off_distribution_std_ratio"] = MetricValue(
+                float(ood.mean() / max(in_distribution_std.mean(), 1e-12)), None, len(ood), None)
+    if gold is not None:
+        gold_diff = np.array([gold(p, c) - gold(p, r) for p, c, r in pairs])
+        decided = gold_diff != 0
+        if decided.any():
+            truth_c = np.where(gold_diff[decided] > 0, c_mean[decided], r_mean[decided])
+            truth_r = np.where(gold_diff[decided] > 0, r_mean[decided], c_mean[decided])
+            metrics["gold_accuracy"] = pairwise_accuracy(truth_c, truth_r, resamples=resamples, seed=seed)
+    return metrics

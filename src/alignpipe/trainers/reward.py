@@ -1,0 +1,83 @@
+"""The ``reward`` stage: K Bradley-Terry reward members as LoRA adapters on one frozen backbone (UP-RLHF).
+
+Written on plain PyTorch (``alignpipe.rewards.ensemble_training``) because TRL's ``RewardTrainer`` trains one model:
+an ensemble of K members sharing a backbone, trained jointly with the nuclear/Frobenius diversity term, has no TRL
+equivalent. The checkpoint is an ensemble directory (manifest + K adapters + heads, backbone referenced by path) that
+``EnsembleScorer.load`` reads; held-out accuracy, calibration and uncertainty metrics go to ``reward_eval.json``.
+
+    alignpipe run recipes/quickstart.yaml        # the quickstart's reward stage
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+
+from alignpipe.data.preference import preference_pairs_for
+from alignpipe.evaluation.reward_eval import reward_model_metrics
+from alignpipe.io import atomic_write_json
+from alignpipe.models.loading import resolve_dtype
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+from alignpipe.tasks import gold_reward
+from alignpipe.trainers.common import append_metrics
+
+log = logging.getLogger("alignpipe")
+
+
+def _text(field) -> str:
+    """TRL rows hold either a string or a conversation; the reward model reads the last message's text."""
+    return field[-1]["content"] if isinstance(field, list) else str(field)
+
+
+def _is_heldout(prompt: str, fraction: float) -> bool:
+    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
+    """Responses no demonstrator writes (long random digit strings): where members should disagree more."""
+    rng = random.Random(f"ood:{seed}")
+    picked = [pairs[rng.randrange(len(pairs))][0] for _ in range(min(n, len(pairs)))]
+    return [(p, " ".join(str(rng.randrange(100)) for _ in range(rng.randint(8, 16)))) for p in picked]
+
+
+def run(ctx: StageContext) -> dict:
+    stage, recipe = ctx.stage, ctx.recipe
+    rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
+    pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
+    train = [p for p in pairs if not _is_heldout(p[0], stage.heldout_fraction)]
+    heldout = [p for p in pairs if _is_heldout(p[0], stage.heldout_fraction)]
+    if not train or not heldout:
+        raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train)} train / {len(heldout)} "
+                         "held-out by prompt hash; need both non-empty (more pairs or another heldout_fraction)")
+    spec = EnsembleSpec(
+        backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
+        lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
+        top_layers=stage.top_layers, pooling=stage.pooling, seed=recipe.seed,
+        gguf_file=recipe.model.gguf_file if not stage.inputs and not stage.backbone else None,
+    )
+    ensemble = RewardEnsemble.create(spec, dtype=resolve_dtype(recipe.model.dtype))
+    scorer = EnsembleScorer.for_ensemble(ensemble, max_length=stage.max_length)
+    config = EnsembleTrainingConfig(
+        learning_rate=stage.learning_rate, epochs=stage.num_train_epochs, batch_size=stage.per_device_train_batch_size,
+        max_length=stage.max_length, diversity_weight=stage.diversity_weight, objective=stage.objective,
+        bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps,
+    )
+    log.info("[%s] training %d members on %d pairs (%d held out)", ctx.dir.name, stage.members, len(train),
+             len(heldout))
+    history = train_ensemble(ensemble, scorer.tokenizer, train, config,
+                             on_log=lambda record: append_metrics(ctx.dir.metrics, record))
+    if ctx.is_main_process:
+        ensemble.save(ctx.dir.checkpoint)
+    metrics = reward_model_metrics(
+        scorer, heldout, gold=gold_reward if stage.dataset.source == "synthetic" else None,
+        off_distribution=_off_distribution(heldout, recipe.seed) if stage.dataset.source == "synthetic" else (),
+        seed=recipe.seed,
+    )
+    report = {name: value.to_dict() for name, value in metrics.items()}
+    atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
+    log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
+    return {"train_pairs": len(train), "heldout_pairs": len(heldout), "final_train_loss": history[-1]["loss"]
+            if history else None, **{k: v.value for k, v in metrics.items()}}

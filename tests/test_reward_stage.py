@@ -1,0 +1,42 @@
+"""The reward stage: a LoRA ensemble trained on the tiny model's backbone, saved as one directory, evaluated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import RecipeError, load_recipe
+from alignpipe.rewards.ensemble import EnsembleScorer
+
+REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 3, "top_layers": 1,
+          "learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": 16, "max_length": 48,
+          "logging_steps": 4, "heldout_fraction": 0.25, "diversity_weight": 0.1}
+
+
+def test_reward_stage_trains_saves_and_reports(tmp_path):
+    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "n_pairs": 256},
+              "stages": [TINY_RECIPE["stages"][0], REWARD]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    outcomes = {o.name: o.action for o in runner.run()}
+    assert outcomes == {"sft": "ran", "rm": "ran"}
+    stage = StageDir(runner.run_dir / "rm")
+    losses = [json.loads(line)["loss"] for line in stage.metrics.read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    report = json.loads((stage.root / "reward_eval.json").read_text())["metrics"]
+    for key in ("accuracy", "ece", "brier", "nll", "member_std", "gold_accuracy", "off_distribution_std_ratio"):
+        assert key in report, key
+    assert report["accuracy"]["value"] > 0.5
+    scorer = EnsembleScorer.load(stage.checkpoint)  # the saved directory is all a consumer needs
+    rewards = scorer.score(["copy: 1 2"], ["1 2"])
+    assert tuple(rewards.per_member.shape) == (1, 3)
+
+
+def test_a_reward_stage_cannot_feed_a_policy_stage(tmp_path):
+    dpo = {**TINY_RECIPE["stages"][1], "inputs": ["rm"]}
+    path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, dpo]})
+    with pytest.raises(RecipeError, match=r"stages\.dpo\.inputs\[0\]: 'rm' is a reward stage"):
+        load_recipe(path)

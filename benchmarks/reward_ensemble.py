@@ -129,6 +129,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _import_model_code(spec) -> None:
+    """Import everything ``RewardEnsemble.create`` imports lazily (the backbone's modelling code, PEFT's LoRA layers)
+    by building the model on the meta device, so the RSS baseline already holds the code (~170 MB) and the
+    measured difference is the model's own memory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModel
+
+    from alignpipe.rewards.ensemble import _quiet_peft, _resolve_target_modules
+
+    with torch.device("meta"), _quiet_peft():
+        model = AutoModel.from_config(AutoConfig.from_pretrained(spec.backbone))
+        get_peft_model(model, LoraConfig(r=spec.lora_r, target_modules=_resolve_target_modules(model, spec)))
+    del model
+
+
 def rss_worker(config: dict) -> dict:
     import torch
 
@@ -136,9 +152,11 @@ def rss_worker(config: dict) -> dict:
 
     torch.set_num_threads(config["threads"])
     batch = torch.load(config["batch"])
+    spec = EnsembleSpec.from_dict(config["spec"])
+    _import_model_code(spec)
     gc.collect()
     base = _rss_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = RewardEnsemble.create(EnsembleSpec.from_dict(config["spec"]))
+    model = RewardEnsemble.create(spec)
     gc.collect()
     loaded = _rss_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
@@ -165,6 +183,7 @@ def measure_rss(args, spec, batch_path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def time_interleaved(models: dict, batch: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """``models``: name -> callable(**batch). One warm-up each, then ``repeats`` rounds of one call per model."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -179,6 +198,14 @@ def time_interleaved(models: dict, batch: dict, repeats: int, device: str) -> di
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def without_adapters(model):
+    """The single model with its LoRA switched off: the cost of a merged LoRA / fully fine-tuned reward model."""
+    def call(**batch):
+        with model.peft_model.disable_adapter():
+            return model(**batch)
+    return call
 
 
 def gpu_peak_bytes(model, batch: dict) -> int:
@@ -274,12 +301,20 @@ def main(argv: list[str] | None = None) -> None:
                 tokens = int(batch["attention_mask"].sum())
                 print(f"tokens   : padded {tuple(batch['input_ids'].shape)}, {tokens} real tokens")
             batch = {k: v.to(device) for k, v in batch.items()}
-            times = time_interleaved({"single": single, "ensemble": ensemble}, batch, args.repeats, device)
+            models = {"single": single, "ensemble": ensemble}
+            if top is None:
+                models["plain"] = without_adapters(single)
+            times = time_interleaved(models, batch, args.repeats, device)
+            if top is None:
+                plain_time = statistics.median(times["plain"])
+                all_layers_time = statistics.median(times["single"])
             row = {
                 "top_layers": top,
                 "first_adapted": ensemble.first_adapted_layer,
                 "trunk": ensemble.shared_trunk,
                 "t1": statistics.median(times["single"]), "tk": statistics.median(times["ensemble"]),
+                "spread1": (min(times["single"]), max(times["single"])),
+                "spreadk": (min(times["ensemble"]), max(times["ensemble"])),
                 "p1": param_bytes(single), "pk": param_bytes(ensemble),
             }
             if device == "cuda":
@@ -296,13 +331,21 @@ def main(argv: list[str] | None = None) -> None:
     K = args.members
     n_layers = config.num_hidden_layers
     print()
-    print(f"TIME (median ms per forward over the batch)          K=1       K={K}    ratio   layer-evals ratio")
+    print(f"TIME (median ms per forward over the batch; [min-max])")
+    print(f"  {'':<40} {'K=1':>20} {'K=' + str(K):>22} {'ratio':>7} {'ideal':>6} {'vs K=1 all':>10} "
+          f"{'vs no-LoRA':>10}")
     for r in results:
         t = r["top_layers"] or n_layers
         ideal = (n_layers - t + K * t) / n_layers
         label = "all layers adapted (K full forwards)" if r["top_layers"] is None else \
-            f"top_layers={r['top_layers']} (shared trunk: {'on' if r['trunk'] else 'OFF'})"
-        print(f"  {label:<44} {r['t1'] * 1e3:9.1f} {r['tk'] * 1e3:9.1f} {r['tk'] / r['t1']:7.2f}x   {ideal:5.2f}x")
+            f"top_layers={r['top_layers']} (shared trunk {'on' if r['trunk'] else 'OFF'})"
+        s1 = f"{r['t1'] * 1e3:.1f} [{r['spread1'][0] * 1e3:.0f}-{r['spread1'][1] * 1e3:.0f}]"
+        sk = f"{r['tk'] * 1e3:.1f} [{r['spreadk'][0] * 1e3:.0f}-{r['spreadk'][1] * 1e3:.0f}]"
+        print(f"  {label:<40} {s1:>20} {sk:>22} {r['tk'] / r['t1']:6.2f}x {ideal:5.2f}x "
+              f"{r['tk'] / all_layers_time:9.2f}x {r['tk'] / plain_time:9.2f}x")
+    print(f"  ratio = K={K} / K=1 with the same top_layers; ideal = layer evaluations (L - t + K t) / L; "
+          f"'vs K=1 all' = K={K} / K=1 with every layer adapted; 'vs no-LoRA' = K={K} / K=1 with its adapter "
+          f"disabled ({plain_time * 1e3:.1f} ms, the cost of a merged-LoRA or fully fine-tuned reward model)")
     print()
     print(f"PARAMS (MB of distinct parameters+buffers, backbone once)  K=1      K={K}    ratio")
     for r in results:

@@ -50,3 +50,43 @@ def test_missing_dataset_file_fails_with_its_path(tmp_path):
     spec = PreferenceDataSpec(source="alpaca_eval", path=os.fspath(tmp_path / "nope.jsonl.gz"))
     with pytest.raises(FileNotFoundError, match="nope.jsonl.gz"):
         preference_pairs_for(spec, DataSpec(), 0)
+
+
+def _trl_file(tmp_path, rows):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_trl_rows_skip_unusable_pairs_with_counts(tmp_path, caplog):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    rows = [{"prompt": "copy: 1", "chosen": "1", "rejected": "2"},
+            {"prompt": "copy: 2", "chosen": "2", "rejected": "2"},      # chosen == rejected
+            {"prompt": "copy: 3", "chosen": "", "rejected": "3"}]       # empty response
+    spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, rows)))
+    with caplog.at_level("INFO", logger="alignpipe"):
+        dataset = preference_pairs_for(spec, DataSpec(), 0)
+    assert dataset["prompt"] == ["copy: 1"]
+    assert "skipped 1 with an empty response and 1 with chosen == rejected" in caplog.text
+
+
+def test_trl_rows_with_a_wrong_type_name_the_row_and_column(tmp_path):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    rows = [{"prompt": "copy: 1", "chosen": 1, "rejected": "2"},   # a numeric column (JSON loaders keep one type)
+            {"prompt": "copy: 2", "chosen": 7, "rejected": "2"}]
+    spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, rows)))
+    with pytest.raises(ValueError, match=r"row 0, column 'chosen': expected a string"):
+        preference_pairs_for(spec, DataSpec(), 0)
+
+
+def test_trl_rows_missing_a_column_name_it(tmp_path):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, [{"prompt": "p", "chosen": "a"}])))
+    with pytest.raises(ValueError, match="rejected"):
+        preference_pairs_for(spec, DataSpec(), 0)

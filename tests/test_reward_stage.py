@@ -27,7 +27,8 @@ def test_reward_stage_trains_saves_and_reports(tmp_path):
     losses = [json.loads(line)["loss"] for line in stage.metrics.read_text().splitlines()]
     assert losses[-1] < losses[0]
     report = json.loads((stage.root / "reward_eval.json").read_text())["metrics"]
-    for key in ("accuracy", "ece", "brier", "nll", "member_std", "gold_accuracy", "off_distribution_std_ratio"):
+    for key in ("accuracy", "ece", "brier", "nll", "member_std", "gold_accuracy", "off_distribution_std_ratio",
+                "policy_std_vs_proxy_gold_gap_spearman"):
         assert key in report, key
     assert report["accuracy"]["value"] > 0.5
     scorer = EnsembleScorer.load(stage.checkpoint)  # the saved directory is all a consumer needs

@@ -29,6 +29,39 @@ log = logging.getLogger("alignpipe")
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+def _message_text(value, *, source: str, row: int, column: str) -> str:
+    """The text of a TRL field (a string or a list of messages); anything else is an error naming the row."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in value
+    ):
+        return "".join(m["content"] for m in value)
+    raise ValueError(
+        f"{source}: row {row}, column {column!r}: expected a string or a list of {{'role', 'content'}} messages "
+        f"(TRL preference format), got {type(value).__name__}: {str(value)[:80]!r}"
+    )
+
+
+def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
+    """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log;
+    wrongly typed fields raise before any model loads."""
+    kept, empty, identical = [], 0, 0
+    for i, row in enumerate(rows):
+        texts = {c: _message_text(row[c], source=source, row=i, column=c) for c in TRL_COLUMNS}
+        if not texts["chosen"].strip() or not texts["rejected"].strip():
+            empty += 1
+        elif texts["chosen"] == texts["rejected"]:
+            identical += 1
+        else:
+            kept.append(row)
+    log.info("%s: %d pairs kept; skipped %d with an empty response and %d with chosen == rejected",
+             source, len(kept), empty, identical)
+    if not kept:
+        raise ValueError(f"{source}: none of its {len(rows)} pairs is usable ({empty} empty, {identical} identical)")
+    return kept
+
+
 def _limit(rows: list, limit: int | None, seed: int) -> list:
     if limit is None or len(rows) <= limit:
         return rows
@@ -62,7 +95,8 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
         rows = load_rows(spec.path, spec.split, what="dataset.path", expected="prompt/chosen/rejected columns")
         require_columns(rows, TRL_COLUMNS, what="dataset.path", source=spec.path,
                         expected="prompt/chosen/rejected columns (TRL preference format)")
-        return Dataset.from_list(_limit(rows.select_columns(list(TRL_COLUMNS)).to_list(), spec.limit, seed))
+        cleaned = clean_trl_rows(rows.select_columns(list(TRL_COLUMNS)).to_list(), spec.path)
+        return Dataset.from_list(_limit(cleaned, spec.limit, seed))
     else:
         raise ValueError(f"unknown preference data source {spec.source!r}")
     if not spec.soft_labels:

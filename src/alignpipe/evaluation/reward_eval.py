@@ -18,6 +18,7 @@ from alignpipe.evaluation.reward_metrics import (
     max099_scale,
     negative_log_likelihood,
     pairwise_accuracy,
+    spearman,
     uncertainty_auroc,
 )
 
@@ -73,4 +74,32 @@ def reward_model_metrics(
             truth_c = np.where(gold_diff[decided] > 0, c_mean[decided], r_mean[decided])
             truth_r = np.where(gold_diff[decided] > 0, r_mean[decided], c_mean[decided])
             metrics["gold_accuracy"] = pairwise_accuracy(truth_c, truth_r, resamples=resamples, seed=seed)
+            # Errors against the true ordering, not the (Bradley-Terry-sampled, partly noisy) labels: label noise
+            # is invisible to any reward model, so only these errors are ones its uncertainty could flag.
+            gold_errors = truth_c <= truth_r
+            if members > 1 and 0 < gold_errors.sum() < len(gold_errors):
+                metrics["uncertainty_auroc_gold"] = uncertainty_auroc(margin_std[decided], gold_errors,
+                                                                      resamples=resamples, seed=seed)
     return metrics
+
+
+def policy_sample_metrics(scorer, prompts: Sequence[str], responses: Sequence[str],
+                          gold: Callable[[str, str], float], *, resamples: int = 1000,
+                          seed: int = 0) -> dict[str, MetricValue]:
+    """On fresh policy samples: does member disagreement track where the proxy is wrong about gold?
+
+    Rank correlation of the ensemble std with |z(proxy) − z(gold)| (both standardised, since their scales differ).
+    """
+    rewards = scorer.score(prompts, responses)
+    proxy = rewards.mean.numpy()
+    truth = np.array([gold(p, r) for p, r in zip(prompts, responses)])
+    gap = np.abs(_standardise(proxy) - _standardise(truth))
+    return {
+        "policy_std_vs_proxy_gold_gap_spearman": spearman(rewards.std.numpy(), gap, resamples=resamples, seed=seed),
+        "policy_proxy_gold_spearman": spearman(proxy, truth, resamples=resamples, seed=seed),
+    }
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    spread = values.std()
+    return (values - values.mean()) / (spread if spread > 0 else 1.0)

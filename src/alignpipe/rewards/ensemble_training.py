@@ -22,6 +22,34 @@ Optional per-pair ``margins`` / ``weights`` go into :func:`bradley_terry_loss` (
 rewards). Logged every ``logging_steps`` and at the last step, averaged over the steps since the last log: ``loss``,
 ``bt_loss``, ``accuracy`` (pairwise train accuracy of the mean reward), ``grad_norm``; plus at the log step itself
 ``diversity_ratio`` (the mean nuclear/Frobenius ratio, logged even when λ = 0) and ``lr``.
+
+Soft labels and Iterative Data Smoothing (ALGORITHMS.md §14)
+-----------------------------------------------------------
+
+``labels`` gives each pair a target probability ``y`` that ``chosen`` beats ``rejected``. The rank loss is then the
+soft cross-entropy :func:`~alignpipe.losses.preference.soft_preference_loss` with ``h = r_c − r_r − margin`` and
+``β = 1``, i.e. ``−[y log σ(h) + (1 − y) log σ(−h)] = −log σ(h) + (1 − y) h``, per member (``members``) or on the
+mean reward (``mean``), reduced exactly like :func:`bradley_terry_loss` (mean, or weighted mean with ``weights``
+× bootstrap copy counts). With ``y = 1`` the second term is multiplied by an exact zero, so it equals the Bradley–Terry
+loss bit for bit. Without ``labels`` and with ``ids_rate = 0`` the original Bradley–Terry code path runs unchanged.
+
+``ids_rate > 0`` turns on Iterative Data Smoothing (Zhu, Jordan & Jiao 2024): the labels start at ``labels`` (or 1)
+and after each FULL epoch (``step % steps_per_epoch == 0``; a trailing fractional epoch gets no update) every
+training pair's label moves toward the ensemble's current prediction,
+``y ← (1 − rate)·y + rate·σ(h̄)`` (:func:`~alignpipe.losses.preference.ids_label_update`). Choices:
+
+* ``h̄ = r̄_c − r̄_r − margin`` uses the ensemble-MEAN reward, under both objectives, so all members share one smoothed
+  label per pair. The mean is the ensemble's prediction (what :class:`EnsembleScorer` reports as ``σ(r̄_a − r̄_b)``);
+  per-member labels would let each member smooth toward its own errors and pull the members' targets apart. The
+  margin (0 without ``margins``) is subtracted because ``σ(h̄)`` is exactly the probability the loss compares the
+  label to, so a label equal to the prediction gives that pair zero gradient, as in the paper.
+* The prediction is one no-grad scoring pass over all ``n`` training pairs in eval mode (no LoRA dropout), in
+  length-sorted batches of ``2·batch_size`` sequences; the model is put back in train mode afterwards. Bootstrap
+  copy counts and pair weights do not matter here: every pair's label is updated.
+* Each update forces a log record at that step with ``ids/mean_label`` (mean label after the update),
+  ``ids/mean_probability`` (mean ``σ(h̄)``) and ``ids/mean_margin`` (mean ``r̄_c − r̄_r``); when IDS is on, the last
+  record also carries ``ids/final_mean_label``. The final per-pair labels are returned as ``history.labels``
+  (:class:`EnsembleTrainingHistory`, a ``list`` of the log records).
 """
 
 from __future__ import annotations
@@ -34,6 +62,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from alignpipe.losses.preference import ids_label_update, soft_preference_loss
 from alignpipe.losses.reward import (
     bradley_terry_loss,
     diversity_loss,
@@ -41,7 +70,7 @@ from alignpipe.losses.reward import (
 )
 from alignpipe.rewards.ensemble import RewardEnsemble, collate_features, encode_examples
 
-__all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "train_ensemble"]
+__all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "EnsembleTrainingHistory", "train_ensemble"]
 
 EnsembleObjective = Literal["members", "mean"]
 _SCHEDULERS = ("linear", "cosine", "constant")
@@ -63,6 +92,7 @@ class EnsembleTrainingConfig:
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.0
     progress_bar: bool = True
+    ids_rate: float = 0.0  # Iterative Data Smoothing label-update rate per epoch; 0 = off (plain MLE)
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -86,9 +116,40 @@ class EnsembleTrainingConfig:
             raise ValueError(f"lr_scheduler must be one of {_SCHEDULERS}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.ids_rate <= 1.0:  # False for NaN
+            raise ValueError(f"ids_rate (the IDS label-update rate) must be in [0, 1] (0 = off), got {self.ids_rate}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class EnsembleTrainingHistory(list):
+    """The log records of :func:`train_ensemble` (a plain ``list`` of dicts), plus ``labels``: the final per-pair
+    target probabilities (after the last IDS update; the given ``labels``, or all 1.0, when IDS is off)."""
+
+    labels: list[float]
+
+    def __init__(self, records=(), labels: Sequence[float] = ()):
+        super().__init__(records)
+        self.labels = list(labels)
+
+
+def _soft_loss(
+    chosen: Tensor, rejected: Tensor, target: Tensor, *, margin: Tensor | None, weight: Tensor | None
+) -> Tensor:
+    """Soft-label Bradley–Terry over ``[B]`` rewards, reduced like :func:`bradley_terry_loss`."""
+    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    h = chosen.to(dtype) - rejected.to(dtype)
+    if margin is not None:
+        h = h - margin.to(dtype)
+    losses = soft_preference_loss(h, target.to(dtype), beta=1.0)
+    if weight is None:
+        return losses.mean()
+    weight = weight.to(dtype)
+    total = weight.sum()
+    if not float(total.detach()) > 0:
+        raise ValueError("pair weights sum to 0; the weighted mean is undefined")
+    return (weight * losses).sum() / total
 
 
 def _bt_loss(
@@ -99,8 +160,13 @@ def _bt_loss(
     margin: Tensor | None,
     weight: Tensor | None,
     multiplicity: Tensor | None,
+    target: Tensor | None = None,
 ) -> Tensor:
-    """The rank loss of one batch (``chosen``/``rejected`` are ``[B, K]``)."""
+    """The rank loss of one batch (``chosen``/``rejected`` are ``[B, K]``); ``target`` = per-pair soft labels
+    (``None``: hard labels through the original Bradley–Terry functions)."""
+    if target is not None:
+        return _soft_bt_loss(chosen, rejected, objective, margin=margin, weight=weight, multiplicity=multiplicity,
+                             target=target)
     if objective == "mean":
         if margin is None and weight is None:
             return ensemble_bradley_terry_loss(chosen, rejected)
@@ -116,6 +182,57 @@ def _bt_loss(
     if not losses:
         return chosen.sum() * 0.0  # keeps the graph; no member has weight in this batch
     return torch.stack(losses).sum() / chosen.shape[1]
+
+
+def _soft_bt_loss(
+    chosen: Tensor,
+    rejected: Tensor,
+    objective: str,
+    *,
+    margin: Tensor | None,
+    weight: Tensor | None,
+    multiplicity: Tensor | None,
+    target: Tensor,
+) -> Tensor:
+    """:func:`_bt_loss` with soft labels: same structure, :func:`soft_preference_loss` in place of ``−log σ``."""
+    if objective == "mean":
+        dtype = torch.promote_types(chosen.dtype, torch.float32)
+        return _soft_loss(chosen.to(dtype).mean(dim=1), rejected.to(dtype).mean(dim=1), target,
+                          margin=margin, weight=weight)
+    losses = []
+    for k in range(chosen.shape[1]):
+        w = weight
+        if multiplicity is not None:
+            w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
+            if not float(w.sum()) > 0:
+                continue
+        losses.append(_soft_loss(chosen[:, k], rejected[:, k], target, margin=margin, weight=w))
+    if not losses:
+        return chosen.sum() * 0.0
+    return torch.stack(losses).sum() / chosen.shape[1]
+
+
+@torch.no_grad()
+def _mean_reward_margins(
+    ensemble: RewardEnsemble, tokenizer, chosen_f: list, rejected_f: list, batch_size: int, device
+) -> Tensor:
+    """``r̄_c − r̄_r`` for every pair (``[n]``, float32, CPU): one eval-mode pass in length-sorted batches of
+    ``2·batch_size`` sequences; the previous train/eval mode is restored."""
+    features = list(chosen_f) + list(rejected_f)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    means = torch.empty(len(features), dtype=torch.float32)
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        for start in range(0, len(order), 2 * batch_size):
+            idx = order[start:start + 2 * batch_size]
+            batch = collate_features(tokenizer, [features[i] for i in idx])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            means[torch.tensor(idx)] = ensemble(**batch).float().mean(dim=1).cpu()
+    finally:
+        ensemble.train(was_training)
+    n = len(chosen_f)
+    return means[:n] - means[n:]
 
 
 def _batches(n: int, batch_size: int, total_steps: int, generator: torch.Generator) -> list[list[int]]:
@@ -140,13 +257,18 @@ def train_ensemble(
     margins: Sequence[float] | None = None,
     weights: Sequence[float] | None = None,
     on_log: Callable[[dict], None] | None = None,
-) -> list[dict]:
+    labels: Sequence[float] | None = None,
+) -> EnsembleTrainingHistory:
     """Train ``ensemble`` in place on ``(prompt, chosen, rejected)`` pairs; return the log records.
 
     ``steps = ceil(epochs * ceil(n / batch_size))``. AdamW on :meth:`RewardEnsemble.trainable_parameters`, with a
     linear/cosine/constant schedule (optional warmup), gradient clipping at ``max_grad_norm`` and seeded shuffling.
     The model is in train mode during the loop and in eval mode afterwards. Each log record is passed to
     ``on_log`` as soon as it is made.
+
+    ``labels`` (optional, one per pair, each in [0, 1]; ``None`` = 1.0 for all) are soft targets P(chosen ≻ rejected);
+    ``config.ids_rate > 0`` smooths them after every full epoch (module docstring). The return value is a ``list``
+    of the log records (:class:`EnsembleTrainingHistory`) whose ``labels`` attribute holds the final per-pair labels.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -162,6 +284,10 @@ def train_ensemble(
     weight_t = _per_pair(weights, n, "weights")
     if weight_t is not None and not bool(((weight_t >= 0) & torch.isfinite(weight_t)).all()):
         raise ValueError("weights must be finite and >= 0")
+    label_t = _labels(labels, n)
+    ids = config.ids_rate > 0
+    if ids and label_t is None:
+        label_t = torch.ones(n, dtype=torch.float32)
 
     prompts = [p[0] for p in pairs]
     chosen_f = encode_examples(tokenizer, prompts, [p[1] for p in pairs], max_length=config.max_length)
@@ -203,6 +329,7 @@ def train_ensemble(
                 margin=None if margin_t is None else margin_t[index].to(device),
                 weight=None if weight_t is None else weight_t[index].to(device),
                 multiplicity=None if multiplicity is None else multiplicity[index].to(device),
+                target=None if label_t is None else label_t[index].to(device),
             )
             div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
             loss = bt + div.to(bt.device)
@@ -226,7 +353,21 @@ def train_ensemble(
             window["steps"] += 1
             progress.update(1)
 
-            if step % config.logging_steps == 0 or step == total_steps:
+            ids_record: dict = {}
+            if ids and step % steps_per_epoch == 0:  # a full epoch ends here: Iterative Data Smoothing update
+                h = _mean_reward_margins(ensemble, tokenizer, chosen_f, rejected_f, config.batch_size, device)
+                raw = h.clone()
+                if margin_t is not None:
+                    h = h - margin_t
+                probabilities = torch.sigmoid(h)
+                label_t = ids_label_update(label_t, probabilities, config.ids_rate).clamp(0.0, 1.0)
+                ids_record = {
+                    "ids/mean_label": float(label_t.mean()),
+                    "ids/mean_probability": float(probabilities.mean()),
+                    "ids/mean_margin": float(raw.mean()),
+                }
+
+            if step % config.logging_steps == 0 or step == total_steps or ids_record:
                 m = window.pop("steps")
                 record = {
                     "step": step,
@@ -234,7 +375,10 @@ def train_ensemble(
                     **{key: value / m for key, value in window.items()},
                     "diversity_ratio": ensemble.diversity_ratio(),
                     "lr": lr,
+                    **ids_record,
                 }
+                if ids and step == total_steps:
+                    record["ids/final_mean_label"] = float(label_t.mean())
                 logs.append(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
                 if on_log is not None:
@@ -243,7 +387,29 @@ def train_ensemble(
     finally:
         progress.close()
         ensemble.eval()
-    return logs
+    final = [1.0] * n if label_t is None else label_t.tolist()
+    return EnsembleTrainingHistory(logs, final)
+
+
+def _labels(values: Sequence[float] | None, n: int) -> Tensor | None:
+    """Per-pair soft labels as float32, each checked to be a probability (the error names the first bad pair)."""
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"labels must have one value per pair ({n}), got {len(values)}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"labels[{i}] (pair {i}) must be a number in [0, 1], got {v!r:.60}") from None
+        if not 0.0 <= f <= 1.0:  # False for NaN
+            raise ValueError(
+                f"labels[{i}] (pair {i}) must be a probability in [0, 1] that chosen beats rejected, got {f}"
+            )
+        out.append(f)
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _per_pair(values: Sequence[float] | None, n: int, name: str) -> Tensor | None:

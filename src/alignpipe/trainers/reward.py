@@ -15,9 +15,11 @@ import logging
 import random
 
 from alignpipe.data.preference import preference_pairs_for
-from alignpipe.evaluation.reward_eval import reward_model_metrics
+from alignpipe.data.synthetic import evaluation_tasks
+from alignpipe.evaluation.generation import GenerationSettings, generate
+from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import resolve_dtype
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
@@ -25,6 +27,8 @@ from alignpipe.tasks import gold_reward
 from alignpipe.trainers.common import append_metrics
 
 log = logging.getLogger("alignpipe")
+
+POLICY_SAMPLES = 256  # fresh policy samples for the uncertainty-vs-gold-gap correlation
 
 
 def _text(field) -> str:
@@ -41,6 +45,17 @@ def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
     rng = random.Random(f"ood:{seed}")
     picked = [pairs[rng.randrange(len(pairs))][0] for _ in range(min(n, len(pairs)))]
     return [(p, " ".join(str(rng.randrange(100)) for _ in range(rng.randint(8, 16)))) for p in picked]
+
+
+def _policy_samples(ctx: StageContext, scorer) -> dict:
+    """Score fresh samples of the backbone's own policy on held-out prompts (the distribution PPO will feed it)."""
+    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype)
+    tokenizer = load_tokenizer(ctx.start_model)
+    prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, POLICY_SAMPLES, seed=ctx.recipe.seed)]
+    generations = generate(model, tokenizer, prompts, GenerationSettings(seed=ctx.recipe.seed),
+                           desc="sampling the policy")
+    return policy_sample_metrics(scorer, prompts, [g.response for g in generations], gold_reward,
+                                 seed=ctx.recipe.seed)
 
 
 def run(ctx: StageContext) -> dict:
@@ -76,6 +91,8 @@ def run(ctx: StageContext) -> dict:
         off_distribution=_off_distribution(heldout, recipe.seed) if stage.dataset.source == "synthetic" else (),
         seed=recipe.seed,
     )
+    if stage.dataset.source == "synthetic" and stage.members > 1 and stage.backbone is None:
+        metrics.update(_policy_samples(ctx, scorer))
     report = {name: value.to_dict() for name, value in metrics.items()}
     atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)

@@ -1,0 +1,441 @@
+"""One Bradley–Terry reward model trained with TRL's ``RewardTrainer``, with an atomic save and a scorer.
+
+This is the single-model counterpart of :mod:`alignpipe.rewards.ensemble`. The model is an
+``AutoModelForSequenceClassification`` with ``num_labels=1`` (the backbone plus a scalar ``score`` head). It is
+trained by full fine-tuning, or with LoRA through ``peft_config``. :class:`SingleRewardScorer` has the interface of
+:class:`~alignpipe.rewards.ensemble.EnsembleScorer`, so PPO, best-of-n and the evaluation code take either one. Its
+:class:`EnsembleRewards` have one column (``per_member`` is ``[N, 1]``) and ``std`` is identically 0.
+
+Input formatting (what the scorer feeds the model must be what ``RewardTrainer`` fed it):
+
+* ``"chat"`` (the dataset was conversational; :data:`TEXT_FORMATS`): TRL renders ``prompt + chosen`` (a message
+  list) with the tokenizer's chat template and tokenises it without extra special tokens
+  (``apply_chat_template(tokenize=True)``). :func:`~alignpipe.rewards.ensemble.encode_examples` renders
+  ``[user: prompt, assistant: response]`` the same way, and gives the same token ids (tested). So the scorer
+  reuses it.
+* ``"plain"`` (the dataset held strings): TRL appends ``eos_token`` to the response when it is missing, concatenates
+  ``prompt + response`` with no separator, and tokenises WITH the tokenizer's special tokens (BOS, ...). This is not
+  what ``encode_examples`` does (it applies the chat template whenever the tokenizer has one, and uses pair encoding
+  otherwise). The scorer therefore has its own encoder for this format.
+
+Differences that remain, by design:
+
+* Padding: TRL's collator pads on the RIGHT. The scorer pads on the right too, with the model config's
+  ``pad_token_id``. That is the id the sequence-classification head uses to find the last non-pad token, and
+  positions (absolute or rotary) then match training exactly, whatever ``tokenizer.padding_side`` says.
+* Length: TRL DROPS training pairs whose chosen or rejected sequence is longer than ``max_length``. The scorer cannot
+  drop an input, so it keeps the LAST ``max_length`` tokens (the response end), like ``encode_examples``. A truncated
+  input is one the model never saw in training.
+* Conversations: the scorer sees one user turn and one assistant turn. A training row whose prompt carried a system
+  message or earlier turns is not reproduced by ``score(prompts, responses)``.
+
+The format travels with the model. :func:`train_single_reward_model` records it in
+``model.config.alignpipe_text_format`` (and so in ``config.json``), and :func:`save_single_reward_model` writes it
+to the manifest.
+
+On disk (:func:`save_single_reward_model`): one directory with the merged model (``config.json`` and
+``model.safetensors``, from ``save_pretrained``), the tokenizer files, and ``manifest.json``
+``{"format": "alignpipe-reward-single", "version": 1, "members": 1, "text_format": ...}``.
+:func:`alignpipe.rewards.loading.load_reward_scorer` tells it apart from an ensemble directory by that manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+from alignpipe.io import atomic_write_json
+from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.rewards.ensemble import collate_features, encode_examples
+from alignpipe.rewards.penalties import EnsembleRewards
+
+log = logging.getLogger("alignpipe")
+
+__all__ = [
+    "SINGLE_FORMAT",
+    "SINGLE_FORMAT_VERSION",
+    "TEXT_FORMATS",
+    "SingleRewardScorer",
+    "TextFormat",
+    "dataset_text_format",
+    "read_single_manifest",
+    "save_single_reward_model",
+    "train_single_reward_model",
+]
+
+SINGLE_FORMAT = "alignpipe-reward-single"
+SINGLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TEXT_FORMAT_ATTR = "alignpipe_text_format"  # model.config attribute, so the format is also in config.json
+
+TextFormat = Literal["chat", "plain"]
+TEXT_FORMATS: tuple[str, ...] = get_args(TextFormat)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+def dataset_text_format(rows) -> TextFormat:
+    """``"chat"`` when the rows are conversational (TRL's ``is_conversational`` on the first row), else ``"plain"``."""
+    from trl.data_utils import is_conversational
+
+    if len(rows) == 0:
+        raise ValueError("the preference dataset is empty")
+    return "chat" if is_conversational(rows[0]) else "plain"
+
+
+def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextFormat):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {str(name_or_path)!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if text_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer at {str(name_or_path)!r} has no chat template, but the preference rows are conversational"
+        )
+    if text_format == "plain" and tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer at {str(name_or_path)!r} has no EOS token, which plain-text rows need")
+    return tokenizer
+
+
+def _seq_cls_lora(lora):
+    """A copy of ``lora`` with ``task_type=SEQ_CLS``. PEFT then trains the new ``score`` head in full
+    (``modules_to_save``), as TRL recommends. A causal-LM LoRA config would leave the head at its random init."""
+    from peft import TaskType
+
+    config = copy.deepcopy(lora)
+    if config.task_type not in (None, TaskType.SEQ_CLS, "SEQ_CLS"):
+        log.info("single reward model: LoRA task_type %s replaced by SEQ_CLS", config.task_type)
+    config.task_type = TaskType.SEQ_CLS
+    return config
+
+
+def train_single_reward_model(
+    backbone: str,
+    rows,
+    output_dir: Path,
+    *,
+    learning_rate: float = 1e-4,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 8,
+    max_length: int = 512,
+    lora=None,
+    seed: int = 0,
+    logging_steps: int = 10,
+    callbacks: Iterable = (),
+    max_steps: int = -1,
+    center_rewards_coefficient: float | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+):
+    """Train one reward model on ``rows`` with TRL's ``RewardTrainer``; return ``(model, tokenizer, trainer)``.
+
+    Args:
+        backbone: local path or hub id. It is loaded as ``AutoModelForSequenceClassification`` with ``num_labels=1``
+            in float32. TRL calls ``set_seed(seed)`` first, so the new head's init is reproducible.
+        rows: a ``datasets.Dataset`` in TRL preference format: ``prompt``/``chosen``/``rejected`` (conversational
+            or plain strings), or ``chosen``/``rejected`` with the prompt inside them. An optional ``margin`` column
+            is used by TRL's loss. Other columns are ignored (TRL's ``remove_unused_columns``).
+        output_dir: the trainer's ``output_dir``. Checkpointing is off (``save_strategy="no"``) unless
+            ``config_overrides`` turns it on; publish the model with :func:`save_single_reward_model`.
+        max_length: pairs whose chosen or rejected sequence is longer are DROPPED by TRL (logged here).
+        lora: a ``peft.LoraConfig`` for LoRA training (its ``task_type`` is forced to ``SEQ_CLS``, so the head is
+            trained too), or None for full fine-tuning.
+        callbacks: ``transformers.TrainerCallback`` instances (e.g. ``alignpipe.trainers.common.MetricsLogger``).
+        max_steps: > 0 overrides ``num_train_epochs``.
+        center_rewards_coefficient: TRL's auxiliary ``coef · mean((r_c + r_r)²)`` term (None = off).
+        config_overrides: any other ``RewardConfig`` fields; they win over everything above.
+
+    CPU and GPU defaults follow :func:`alignpipe.trainers.common.trainer_arguments`: bf16 only where the GPU supports
+    it, gradient checkpointing off (TRL 1.16 turns both on by default), ``use_cpu`` without CUDA, ``report_to=[]``.
+
+    The returned ``model`` is ``trainer.model`` (a ``PeftModel`` under LoRA), in eval mode. Its
+    ``config.alignpipe_text_format`` records ``"chat"`` or ``"plain"`` (module docstring).
+    """
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from alignpipe.models.loading import resolve_bf16
+
+    if not isinstance(rows, Dataset):
+        raise TypeError(f"rows must be a datasets.Dataset, got {type(rows).__name__}")
+    missing = {"chosen", "rejected"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"preference rows need 'chosen' and 'rejected' columns; missing {sorted(missing)} "
+                         f"(columns: {rows.column_names})")
+    text_format = dataset_text_format(rows)
+    tokenizer = _load_tokenizer(backbone, text_format)
+
+    arguments: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=learning_rate,
+        num_train_epochs=num_train_epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_train_batch_size,
+        max_length=max_length,
+        logging_steps=logging_steps,
+        center_rewards_coefficient=center_rewards_coefficient,
+        bf16=resolve_bf16(None),
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32"},
+    )
+    arguments.update(config_overrides or {})
+    args = RewardConfig(**arguments)
+
+    trainer = RewardTrainer(
+        model=str(backbone),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        peft_config=_seq_cls_lora(lora) if lora is not None else None,
+    )
+    kept = len(trainer.train_dataset)
+    if kept < len(rows):
+        log.warning("single reward model: %d of %d pairs are longer than max_length=%d tokens and were dropped",
+                    len(rows) - kept, len(rows), max_length)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    setattr(model.config, TEXT_FORMAT_ATTR, text_format)
+    model.eval()
+    return model, tokenizer, trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save / manifest
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _text_format_of(model, tokenizer, text_format: str | None) -> TextFormat:
+    if text_format is None:
+        text_format = getattr(model.config, TEXT_FORMAT_ATTR, None)
+    if text_format is None:
+        text_format = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if text_format not in TEXT_FORMATS:
+        raise ValueError(f"text_format must be one of {list(TEXT_FORMATS)}, got {text_format!r}")
+    return text_format  # type: ignore[return-value]
+
+
+def save_single_reward_model(
+    model, tokenizer, directory: str | os.PathLike[str], *, text_format: TextFormat | None = None
+) -> Path:
+    """Write a reward model to ``directory`` (replacing it) atomically and return the path.
+
+    LoRA is merged into the weights of a deep COPY, so ``model`` itself stays a usable ``PeftModel``. This costs a
+    second copy of the weights in memory while saving. The directory gets ``save_pretrained`` (safetensors),
+    ``tokenizer.save_pretrained`` and ``manifest.json``. Everything is written to a hidden staging directory next to
+    ``directory``, which :func:`~alignpipe.pipeline.rundir.publish_directory` moves into place.
+
+    ``text_format`` defaults to ``model.config.alignpipe_text_format`` (set by :func:`train_single_reward_model`),
+    else ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    text_format = _text_format_of(model, tokenizer, text_format)
+    if isinstance(model, PeftModel):
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        merged = model
+    if getattr(merged.config, "num_labels", None) != 1:
+        raise ValueError(f"a reward model needs num_labels=1, got {getattr(merged.config, 'num_labels', None)}")
+    setattr(merged.config, TEXT_FORMAT_ATTR, text_format)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
+    try:
+        os.chmod(staging, 0o755)
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / MANIFEST_FILE, {
+            "format": SINGLE_FORMAT,
+            "version": SINGLE_FORMAT_VERSION,
+            "members": 1,
+            "text_format": text_format,
+            "base_model": str(getattr(merged.config, "_name_or_path", "") or ""),
+        })
+        publish_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_single_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of a saved single reward model. Errors name the directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"reward model directory {directory} does not exist")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved reward model: it has no {MANIFEST_FILE}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != SINGLE_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {SINGLE_FORMAT!r}")
+    if manifest.get("version") != SINGLE_FORMAT_VERSION:
+        raise ValueError(f"{path}: version {manifest.get('version')!r} is not supported "
+                         f"(expected {SINGLE_FORMAT_VERSION})")
+    if manifest.get("members") != 1:
+        raise ValueError(f"{path}: members must be 1, got {manifest.get('members')!r}")
+    if manifest.get("text_format", "chat") not in TEXT_FORMATS:
+        raise ValueError(f"{path}: text_format {manifest.get('text_format')!r} is not one of {list(TEXT_FORMATS)}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scorer
+# ---------------------------------------------------------------------------------------------------------------------
+
+class SingleRewardScorer:
+    """Batched scoring of (prompt, response) pairs with one sequence-classification reward model.
+
+    Same interface as :class:`~alignpipe.rewards.ensemble.EnsembleScorer`: ``score`` returns
+    :class:`EnsembleRewards` with ``per_member`` ``[N, 1]`` and ``std ≡ 0``. ``pairwise_probabilities`` is
+    ``σ(r(a) − r(b))`` (so it is also a :class:`alignpipe.rewards.judges.PairwiseJudge`). ``judge_id`` names it.
+
+    ``text_format`` (None = ``model.config.alignpipe_text_format``, else ``"chat"`` when the tokenizer has a chat
+    template) must be the format the model was trained on; see the module docstring. Batches are padded on the right
+    with the model config's ``pad_token_id``, as in TRL's collator. When the config has none, the tokenizer's pad
+    (else EOS) id is written to it, as ``RewardTrainer`` does.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        judge_id: str | None = None,
+        text_format: TextFormat | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(f"a reward model needs num_labels=1, got {getattr(model.config, 'num_labels', None)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.text_format: TextFormat = _text_format_of(model, tokenizer, text_format)
+        if self.text_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("text_format 'chat' needs a tokenizer with a chat template")
+        if self.text_format == "plain" and tokenizer.eos_token is None:
+            raise ValueError("text_format 'plain' needs a tokenizer with an EOS token (TRL appends it)")
+        text_config = model.config.get_text_config()
+        if text_config.pad_token_id is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            if pad is None:
+                raise ValueError("neither the model config nor the tokenizer has a pad or EOS token id")
+            text_config.pad_token_id = pad
+        self.pad_token_id = int(text_config.pad_token_id)
+        # collate_features reads only these attributes: pad on the right with the model's pad id, like TRL.
+        self._collator_view = SimpleNamespace(pad_token_id=self.pad_token_id, eos_token_id=None,
+                                              padding_side="right")
+        name = Path(str(getattr(model.config, "_name_or_path", "") or "model")).name
+        self.judge_id = judge_id or f"reward_single:{name}"
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> SingleRewardScorer:
+        """Load a directory written by :func:`save_single_reward_model`. ``judge_id`` defaults to
+        ``reward_single:<directory name>``, and ``text_format`` to the manifest's."""
+        from transformers import AutoModelForSequenceClassification
+
+        directory = Path(directory)
+        manifest = read_single_manifest(directory)
+        text_format = manifest.get("text_format", "chat")
+        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
+        if device is not None:
+            model.to(device)
+        model.eval()
+        tokenizer = _load_tokenizer(directory, text_format)
+        kwargs.setdefault("judge_id", f"reward_single:{directory.resolve().name}")
+        kwargs.setdefault("text_format", text_format)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def num_members(self) -> int:
+        return 1
+
+    def encode_features(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Unpadded token ids per (prompt, response), formatted as in training and keeping the LAST ``max_length``
+        tokens."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and "
+                             f"{len(responses)}")
+        if self.text_format == "chat":
+            return encode_examples(self.tokenizer, prompts, responses, max_length=self.max_length)
+        eos = self.tokenizer.eos_token
+        out: list[dict[str, list[int]]] = []
+        for prompt, response in zip(prompts, responses):
+            text = prompt + (response if response.endswith(eos) else response + eos)
+            ids = list(self.tokenizer(text)["input_ids"])
+            out.append({"input_ids": ids[-self.max_length:]})
+        return out
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
+        """One right-padded batch (``input_ids``, ``attention_mask``), exactly what the model is scored on."""
+        return collate_features(self._collator_view, self.encode_features(prompts, responses))
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> EnsembleRewards:
+        """Rewards ``[N, 1]`` (float32) with ``mean`` = the reward and ``std`` = 0, in batches of ``batch_size``
+        (length-sorted, returned in input order). Eval mode while scoring; the previous mode is restored."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts and responses must have the same length, got {len(prompts)}, {len(responses)}")
+        if not prompts:
+            raise ValueError("nothing to score")
+        features = self.encode_features(prompts, responses)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        out = torch.empty((len(features), 1), dtype=torch.float32)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = collate_features(self._collator_view, [features[i] for i in idx])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = self.model(**batch, use_cache=False).logits
+                out[torch.tensor(idx)] = logits.float().reshape(len(idx), 1).cpu()
+        finally:
+            self.model.train(was_training)
+        return EnsembleRewards.from_members(out)
+
+    def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """``σ(r(a) − r(b))`` per triple (``a`` and ``b`` scored in one call)."""
+        if not len(prompts) == len(a) == len(b):
+            raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
+        n = len(prompts)
+        if n == 0:
+            return []
+        means = self.score(list(prompts) * 2, list(a) + list(b)).mean.double()
+        return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]

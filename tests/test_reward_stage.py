@@ -36,6 +36,30 @@ def test_reward_stage_trains_saves_and_reports(tmp_path):
     assert tuple(rewards.per_member.shape) == (1, 3)
 
 
+def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
+    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "n_pairs": 256}, "stages": [
+        TINY_RECIPE["stages"][0], {**REWARD, "ids_rate": 0.3},
+        {"name": "eval", "type": "eval", "inputs": ["sft", "rm"], "n_prompts": 16, "max_new_tokens": 8,
+         "bootstrap_resamples": 100},
+    ]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    runner.run()
+    logs = [json.loads(line) for line in StageDir(runner.run_dir / "rm").metrics.read_text().splitlines()]
+    labels = [entry["ids/mean_label"] for entry in logs if "ids/mean_label" in entry]
+    assert len(labels) == 2 and 0.5 < labels[1] < labels[0] < 1.0  # smoothed once per epoch, toward the model
+    board = json.loads((runner.run_dir / "leaderboard.json").read_text())
+    assert [c["name"] for c in board["checkpoints"]] != [] and "rm" not in [c["name"] for c in board["checkpoints"]]
+    assert [r["name"] for r in board["reward_models"]] == ["rm"]
+    assert "## Reward models" in (runner.run_dir / "leaderboard.md").read_text()
+
+
+def test_eval_reference_must_be_a_policy(tmp_path):
+    evaluation = {"name": "eval", "type": "eval", "inputs": ["sft", "rm"], "reference": "rm"}
+    path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, evaluation]})
+    with pytest.raises(RecipeError, match=r"stages\.eval\.reference: 'rm' is a reward stage"):
+        load_recipe(path)
+
+
 def test_a_reward_stage_cannot_feed_a_policy_stage(tmp_path):
     dpo = {**TINY_RECIPE["stages"][1], "inputs": ["rm"]}
     path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, dpo]})

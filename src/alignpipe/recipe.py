@@ -388,6 +388,10 @@ class RewardStage(_StageBase):
         "mean = one loss on the ensemble-mean reward (UP-RLHF eq. 12).",
     )
     bootstrap: bool = Field(False, description="Each member trains on its own bootstrap resample of the pairs.")
+    ids_rate: float = Field(
+        0.0, ge=0, le=1, description="Iterative Data Smoothing (Zhu et al. 2024): after each epoch every pair's label "
+        "moves this far toward the ensemble's own prediction; 0 = plain maximum likelihood.",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (TRL RewardConfig default).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (UP-RLHF/IDS: 1 epoch).")
     per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
@@ -477,7 +481,9 @@ class EvalStage(_StageBase):
     """Sample from checkpoints on held-out prompts and score them with the gold reward."""
 
     type: Literal["eval"] = Field("eval", description="Stage type: evaluation of earlier checkpoints.")
-    reference: str | None = Field(None, description="Input that win rates are measured against; null = first input.")
+    reference: str | None = Field(
+        None, description="Policy input that win rates and KL are measured against; null = the first policy input."
+    )
     include_base: bool = Field(True, description="Also evaluate the recipe's untrained model (reported as 'base').")
     n_prompts: int = Field(256, gt=0, description="Held-out prompts to sample (tiny-model setting).")
     max_new_tokens: int = Field(24, gt=0, description="Generation budget; task answers are short (tiny-model setting).")
@@ -546,7 +552,7 @@ class Recipe(_Spec):
                     source = self.stages[earlier.index(ref)]
                     if isinstance(source, EvalStage):
                         problems.append((("stages", i, "inputs", j), f"{ref!r} is an eval stage: it has no checkpoint"))
-                    elif isinstance(source, RewardStage):
+                    elif isinstance(source, RewardStage) and not isinstance(stage, EvalStage):
                         msg = f"{ref!r} is a reward stage: its checkpoint is a reward ensemble, not a policy"
                         problems.append((("stages", i, "inputs", j), msg))
                     continue
@@ -560,9 +566,26 @@ class Recipe(_Spec):
                     msg = (f"unknown stage {ref!r}{_did_you_mean(ref, earlier)} "
                            f"(earlier stages: {', '.join(earlier) or 'none'})")
                 problems.append((("stages", i, "inputs", j), msg))
+        problems += self._eval_policies(names)
         if problems:
             raise _problem(*problems)
         return self
+
+    def _eval_policies(self, names: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
+        """Eval stages rank policies: they need one, and their win-rate reference must be one (not a reward model)."""
+        problems = []
+        rewards = {s.name for s in self.stages if isinstance(s, RewardStage)}
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, EvalStage) or any(n not in names for n in stage.inputs):
+                continue
+            policies = [n for n in stage.inputs if n not in rewards]
+            if not policies:
+                problems.append((("stages", i, "inputs"), "an eval stage needs at least one policy input "
+                                 "(reward stages only add rows to the reward-model table)"))
+            elif stage.reference in rewards:
+                problems.append((("stages", i, "reference"), f"{stage.reference!r} is a reward stage; the reference "
+                                 f"must be a policy: one of {', '.join(policies)}"))
+        return problems
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``; unknown names raise a RecipeError with a suggestion, not a bare KeyError."""

@@ -35,14 +35,28 @@ class CheckpointResult:
     metrics: dict[str, MetricValue]  # e.g. gold_reward, win_rate_vs_ref, kl_ref_k1, kl_ref_k3, truncation_rate
 
 
+REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "uncertainty_auroc", "uncertainty_auroc_gold",
+                  "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
+
+
+def _rows(results: list[CheckpointResult]) -> list[dict]:
+    return [
+        {"name": r.name, "path": r.path, "weights_sha256": r.weights_sha256,
+         "results": {metric: mv.to_dict() for metric, mv in r.metrics.items()}}
+        for r in results
+    ]
+
+
 def build_leaderboard(
-    results: list[CheckpointResult], *, run: dict, config: dict, env: dict, suite: str, primary_metric: str
+    results: list[CheckpointResult], *, run: dict, config: dict, env: dict, suite: str, primary_metric: str,
+    reward_models: list[CheckpointResult] = (),
 ) -> dict:
     """Assemble the leaderboard record, checkpoints sorted best-first by ``primary_metric``.
 
     Raises ``ValueError`` when the ranking would be meaningless: duplicate row names, a metric whose direction
     differs between checkpoints, a primary metric that no checkpoint has or that has no direction.
-    Checkpoints lacking the primary metric are kept, last; equal values keep their input order.
+    Checkpoints lacking the primary metric are kept, last; equal values keep their input order. Reward models
+    (held-out accuracy, calibration, uncertainty) form their own table, in input order.
     """
     names = [r.name for r in results]
     if dups := sorted({n for n in names if names.count(n) > 1}):
@@ -72,15 +86,8 @@ def build_leaderboard(
         "run": copy.deepcopy(run),
         "suite": {"name": suite, "primary_metric": primary_metric},
         "config": copy.deepcopy(config),
-        "checkpoints": [
-            {
-                "name": r.name,
-                "path": r.path,
-                "weights_sha256": r.weights_sha256,
-                "results": {metric: mv.to_dict() for metric, mv in r.metrics.items()},
-            }
-            for r in sorted(results, key=rank_key)
-        ],
+        "checkpoints": _rows(sorted(results, key=rank_key)),
+        "reward_models": _rows(list(reward_models)),
         "higher_is_better": directions,
         "env": copy.deepcopy(env),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -119,7 +126,23 @@ def render_markdown(leaderboard: dict) -> str:
         lines.append(_row(cells))
     lines += ["", "Metric directions:", ""]
     lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
+    lines += _reward_table(leaderboard.get("reward_models") or [])
     return "\n".join(lines) + "\n"
+
+
+def _reward_table(rows: list[dict]) -> list[str]:
+    """The reward-model table (EVALUATION.md §10): held-out accuracy, calibration and uncertainty quality."""
+    if not rows:
+        return []
+    columns = [c for c in REWARD_COLUMNS if any(c in r["results"] for r in rows)]
+    lines = ["", "## Reward models", "", _row(["reward model", *columns, "n"]),
+             _row(["---", *("---" for _ in columns), "---:"])]
+    for row in rows:
+        res = row["results"]
+        n = res["accuracy"].get("n") if "accuracy" in res else None
+        lines.append(_row([_escape(row["name"]), *(_cell(res.get(c), n) for c in columns),
+                           _MISSING if n is None else str(n)]))
+    return lines
 
 
 def write_leaderboard(leaderboard: dict, directory: Path) -> tuple[Path, Path]:

@@ -41,12 +41,15 @@ On disk (:func:`save_single_reward_model`): one directory with the merged model 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +114,14 @@ def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextForma
     if text_format == "plain" and tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {str(name_or_path)!r} has no EOS token, which plain-text rows need")
     return tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """PEFT 0.21 calls transformers' deprecated ``is_gradient_checkpointing``; hide that FutureWarning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _seq_cls_lora(lora):
@@ -180,41 +191,47 @@ def train_single_reward_model(
     text_format = dataset_text_format(rows)
     tokenizer = _load_tokenizer(backbone, text_format)
 
-    arguments: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        learning_rate=learning_rate,
-        num_train_epochs=num_train_epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        max_length=max_length,
-        logging_steps=logging_steps,
-        center_rewards_coefficient=center_rewards_coefficient,
-        bf16=resolve_bf16(None),
-        gradient_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        data_seed=seed,
-        report_to=[],
-        save_strategy="no",
-        dataloader_num_workers=0,
-        model_init_kwargs={"dtype": "float32"},
-    )
+    arguments: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "learning_rate": learning_rate,
+        "num_train_epochs": num_train_epochs,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": per_device_train_batch_size,
+        "max_length": max_length,
+        "logging_steps": logging_steps,
+        "center_rewards_coefficient": center_rewards_coefficient,
+        "bf16": resolve_bf16(None),
+        "use_cpu": not torch.cuda.is_available(),
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": [],
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "model_init_kwargs": {"dtype": "float32"},
+    }
+    # TRL 1.16 turns checkpointing on by default; transformers 5 renamed it (the old name warns).
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    arguments["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
     arguments.update(config_overrides or {})
     args = RewardConfig(**arguments)
 
-    trainer = RewardTrainer(
-        model=str(backbone),
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        peft_config=_seq_cls_lora(lora) if lora is not None else None,
-    )
-    kept = len(trainer.train_dataset)
-    if kept < len(rows):
-        log.warning("single reward model: %d of %d pairs are longer than max_length=%d tokens and were dropped",
-                    len(rows) - kept, len(rows), max_length)
-    trainer.train()
+    with _quiet_peft():
+        trainer = RewardTrainer(
+            model=str(backbone),
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            peft_config=_seq_cls_lora(lora) if lora is not None else None,
+        )
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise ValueError(f"every preference pair is longer than max_length={max_length} tokens; "
+                             "nothing to train on")
+        if kept < len(rows):
+            log.warning("single reward model: %d of %d pairs are longer than max_length=%d tokens and were dropped",
+                        len(rows) - kept, len(rows), max_length)
+        trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     setattr(model.config, TEXT_FORMAT_ATTR, text_format)
     model.eval()
@@ -253,7 +270,8 @@ def save_single_reward_model(
     directory = Path(directory)
     text_format = _text_format_of(model, tokenizer, text_format)
     if isinstance(model, PeftModel):
-        merged = copy.deepcopy(model).merge_and_unload()
+        with _quiet_peft():
+            merged = copy.deepcopy(model).merge_and_unload()
     else:
         merged = model
     if getattr(merged.config, "num_labels", None) != 1:

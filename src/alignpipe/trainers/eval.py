@@ -11,7 +11,12 @@ import logging
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
-from alignpipe.evaluation.leaderboard import build_leaderboard, write_leaderboard
+from alignpipe.evaluation.leaderboard import (
+    CheckpointResult,
+    build_leaderboard,
+    write_leaderboard,
+)
+from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.rundir import StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
@@ -28,11 +33,24 @@ def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
     return Checkpoint(name=name, path=path, weights_sha256=manifest.get("output_sha256"))
 
 
+def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
+    """A reward stage's held-out metrics (written by the stage itself, with the shared reward_eval functions)."""
+    report = json.loads((ctx.run_dir / name / "reward_eval.json").read_text())["metrics"]
+    metrics = {key: MetricValue(value=v["value"], ci95=tuple(v["ci95"]) if v["ci95"] else None, n=v["n"],
+                                higher_is_better=v["higher_is_better"],
+                                extra={k: x for k, x in v.items() if k not in ("value", "ci95", "n", "higher_is_better")})
+               for key, v in report.items()}
+    checkpoint = _checkpoint(ctx, name, ctx.inputs[name])
+    return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)
+
+
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
+    reward_names = [n for n in stage.inputs if recipe.stage(n).type == "reward"]
+    policy_names = [n for n in stage.inputs if n not in reward_names]
     checkpoints = [_checkpoint(ctx, "base", ctx.base)] if stage.include_base else []
-    checkpoints += [_checkpoint(ctx, name, path) for name, path in ctx.inputs.items()]
-    reference_name = stage.reference or stage.inputs[0]
+    checkpoints += [_checkpoint(ctx, name, ctx.inputs[name]) for name in policy_names]
+    reference_name = stage.reference or policy_names[0]
     reference = _checkpoint(ctx, reference_name, ctx.inputs[reference_name])
     settings = GenerationSettings(
         max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p,
@@ -59,6 +77,7 @@ def run(ctx: StageContext) -> dict:
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
                 "bootstrap_iters": stage.bootstrap_resamples},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
+        reward_models=[_reward_row(ctx, name) for name in reward_names],
     )
     atomic_write_json(ctx.dir.root / "results.json", leaderboard)
     json_path, md_path = write_leaderboard(leaderboard, ctx.run_dir)

@@ -62,7 +62,10 @@ def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
     pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
-    train = [p for p in pairs if not _is_heldout(p[0], stage.heldout_fraction)]
+    # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
+    strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
+    train_index = [i for i, p in enumerate(pairs) if not _is_heldout(p[0], stage.heldout_fraction)]
+    train = [pairs[i] for i in train_index]
     heldout = [p for p in pairs if _is_heldout(p[0], stage.heldout_fraction)]
     if not train or not heldout:
         raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train)} train / {len(heldout)} "
@@ -78,11 +81,11 @@ def run(ctx: StageContext) -> dict:
     config = EnsembleTrainingConfig(
         learning_rate=stage.learning_rate, epochs=stage.num_train_epochs, batch_size=stage.per_device_train_batch_size,
         max_length=stage.max_length, diversity_weight=stage.diversity_weight, objective=stage.objective,
-        bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps,
+        bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps, ids_rate=stage.ids_rate,
     )
     log.info("[%s] training %d members on %d pairs (%d held out)", ctx.dir.name, stage.members, len(train),
              len(heldout))
-    history = train_ensemble(ensemble, scorer.tokenizer, train, config,
+    history = train_ensemble(ensemble, scorer.tokenizer, train, config, labels=[strengths[i] for i in train_index],
                              on_log=lambda record: append_metrics(ctx.dir.metrics, record))
     if ctx.is_main_process:
         ensemble.save(ctx.dir.checkpoint)

@@ -1,0 +1,59 @@
+"""Load any saved reward model as a scorer: a K-member LoRA ensemble or one TRL-trained reward model.
+
+Both directory kinds carry a ``manifest.json`` whose ``format`` says which one it is:
+``alignpipe.reward_ensemble`` (:meth:`alignpipe.rewards.ensemble.RewardEnsemble.save`) or
+``alignpipe-reward-single`` (:func:`alignpipe.rewards.single.save_single_reward_model`). Both scorers have the same
+interface (``score`` → ``EnsembleRewards``, ``pairwise_probabilities``, ``judge_id``, ``encode``), so callers do not
+need to care which one they got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
+from alignpipe.rewards.single import SINGLE_FORMAT, SingleRewardScorer
+
+__all__ = ["RewardScorer", "load_reward_scorer", "reward_model_format"]
+
+RewardScorer = EnsembleScorer | SingleRewardScorer
+_KNOWN = (ENSEMBLE_FORMAT, SINGLE_FORMAT)
+
+
+def reward_model_format(directory: str | os.PathLike[str]) -> str:
+    """The manifest ``format`` of a saved reward model directory.
+
+    Raises ``FileNotFoundError`` when ``directory`` does not exist, and ``ValueError`` naming it when it has no
+    readable ``manifest.json`` or the format is not one of the known reward-model formats.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"reward model directory {directory} does not exist")
+    path = directory / MANIFEST_FILE
+    expected = f"expected a saved reward model (manifest.json with format one of {list(_KNOWN)})"
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a saved reward model: it has no {MANIFEST_FILE}; {expected}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{directory} is not a saved reward model: cannot read {path} ({exc}); {expected}") from exc
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt not in _KNOWN:
+        raise ValueError(f"{directory} is not a saved reward model: {MANIFEST_FILE} has format {fmt!r}; {expected}")
+    return fmt
+
+
+def load_reward_scorer(directory: str | os.PathLike[str], **kwargs: Any) -> RewardScorer:
+    """An :class:`EnsembleScorer` or a :class:`SingleRewardScorer` for ``directory``, chosen by its manifest.
+
+    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``batch_size``, ``max_length``, ``judge_id``)
+    or ``SingleRewardScorer.load`` (``dtype``, ``device``, ``batch_size``, ``max_length``, ``judge_id``,
+    ``text_format``). An argument the chosen loader does not take raises ``TypeError``.
+    """
+    fmt = reward_model_format(directory)
+    if fmt == ENSEMBLE_FORMAT:
+        return EnsembleScorer.load(directory, **kwargs)
+    return SingleRewardScorer.load(directory, **kwargs)

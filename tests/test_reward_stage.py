@@ -65,3 +65,29 @@ def test_a_reward_stage_cannot_feed_a_policy_stage(tmp_path):
     path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, dpo]})
     with pytest.raises(RecipeError, match=r"stages\.dpo\.inputs\[0\]: 'rm' is a reward stage"):
         load_recipe(path)
+
+
+def test_single_reward_model_through_trl_with_full_fine_tuning(tmp_path):
+    single = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 1, "lora": None,
+              "learning_rate": 3e-4, "num_train_epochs": 4, "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 4,
+              "heldout_fraction": 0.25}
+    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "n_pairs": 256},
+              "stages": [TINY_RECIPE["stages"][0], single]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    runner.run()
+    from alignpipe.rewards.loading import load_reward_scorer
+
+    scorer = load_reward_scorer(StageDir(runner.run_dir / "rm").checkpoint)
+    assert tuple(scorer.score(["copy: 1 2"], ["1 2"]).per_member.shape) == (1, 1)
+    report = json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())["metrics"]
+    # Learning itself is covered in tests/test_single_reward.py; here: the held-out report of one model.
+    assert report["accuracy"]["n"] == json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())[
+        "heldout_pairs"]
+    assert "member_std" not in report and "policy_proxy_gold_spearman" in report  # one model: no disagreement
+
+
+def test_trl_implementation_rejects_ensemble_options(tmp_path):
+    single = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 5}
+    path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], single]})
+    with pytest.raises(RecipeError, match=r"stages\.rm\.members: is an option of implementation 'ensemble'"):
+        load_recipe(path)

@@ -367,10 +367,14 @@ class RewardStage(_StageBase):
         None, description="Hub id or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
         "checkpoint, or the recipe's model when inputs is [].",
     )
+    implementation: Literal["ensemble", "trl"] = Field(
+        "ensemble", description="ensemble = our K-member LoRA trainer; trl = one model through TRL's RewardTrainer "
+        "(members must be 1; `lora: null` gives full fine-tuning).",
+    )
     members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5).")
-    lora: LoraSpec = Field(
+    lora: LoraSpec | None = Field(
         default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.0),
-        description="Each member's LoRA adapter (tiny-model setting: r=8).",
+        description="Each member's LoRA adapter (tiny-model setting: r=8); null = full fine-tuning (trl only).",
     )
     top_layers: int | None = Field(
         None, gt=0, description="Adapters only on the last N layers, so the trunk below runs once for all members "
@@ -410,6 +414,21 @@ class RewardStage(_StageBase):
         if len(inputs) > 1:
             raise ValueError(f"a reward stage reads at most 1 backbone checkpoint ([] = recipe model), got {inputs}")
         return inputs
+
+    @model_validator(mode="after")
+    def _implementation_options(self) -> RewardStage:
+        if self.implementation == "trl":
+            ensemble_only = {"members": self.members != 1, "diversity_weight": self.diversity_weight != 0,
+                             "bootstrap": self.bootstrap, "ids_rate": self.ids_rate != 0,
+                             "top_layers": self.top_layers is not None, "objective": self.objective != "members"}
+            for key, is_set in ensemble_only.items():
+                if is_set:
+                    raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "
+                                             "one model (leave it at its default or use implementation: ensemble)"))
+        elif self.lora is None:
+            raise _problem((("lora",), "the ensemble members are LoRA adapters on a shared backbone; full "
+                                       "fine-tuning needs implementation: trl with members: 1"))
+        return self
 
 
 class _IterativeStage(_TrainingStage):

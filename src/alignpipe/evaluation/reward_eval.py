@@ -94,10 +94,11 @@ def policy_sample_metrics(scorer, prompts: Sequence[str], responses: Sequence[st
     proxy = rewards.mean.numpy()
     truth = np.array([gold(p, r) for p, r in zip(prompts, responses)])
     gap = np.abs(_standardise(proxy) - _standardise(truth))
-    return {
-        "policy_std_vs_proxy_gold_gap_spearman": spearman(rewards.std.numpy(), gap, resamples=resamples, seed=seed),
-        "policy_proxy_gold_spearman": spearman(proxy, truth, resamples=resamples, seed=seed),
-    }
+    metrics = {"policy_proxy_gold_spearman": spearman(proxy, truth, resamples=resamples, seed=seed)}
+    if rewards.per_member.shape[1] > 1:  # one model has no disagreement to correlate
+        metrics["policy_std_vs_proxy_gold_gap_spearman"] = spearman(rewards.std.numpy(), gap, resamples=resamples,
+                                                                    seed=seed)
+    return metrics
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:

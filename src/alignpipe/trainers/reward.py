@@ -23,8 +23,13 @@ from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dty
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+from alignpipe.rewards.single import (
+    SingleRewardScorer,
+    save_single_reward_model,
+    train_single_reward_model,
+)
 from alignpipe.tasks import gold_reward
-from alignpipe.trainers.common import append_metrics
+from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config
 
 log = logging.getLogger("alignpipe")
 
@@ -58,18 +63,8 @@ def _policy_samples(ctx: StageContext, scorer) -> dict:
                                  seed=ctx.recipe.seed)
 
 
-def run(ctx: StageContext) -> dict:
+def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None]:
     stage, recipe = ctx.stage, ctx.recipe
-    rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
-    pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
-    # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
-    strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
-    train_index = [i for i, p in enumerate(pairs) if not _is_heldout(p[0], stage.heldout_fraction)]
-    train = [pairs[i] for i in train_index]
-    heldout = [p for p in pairs if _is_heldout(p[0], stage.heldout_fraction)]
-    if not train or not heldout:
-        raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train)} train / {len(heldout)} "
-                         "held-out by prompt hash; need both non-empty (more pairs or another heldout_fraction)")
     spec = EnsembleSpec(
         backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
         lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
@@ -83,21 +78,56 @@ def run(ctx: StageContext) -> dict:
         max_length=stage.max_length, diversity_weight=stage.diversity_weight, objective=stage.objective,
         bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps, ids_rate=stage.ids_rate,
     )
-    log.info("[%s] training %d members on %d pairs (%d held out)", ctx.dir.name, stage.members, len(train),
-             len(heldout))
-    history = train_ensemble(ensemble, scorer.tokenizer, train, config, labels=[strengths[i] for i in train_index],
+    history = train_ensemble(ensemble, scorer.tokenizer, train, config, labels=labels,
                              on_log=lambda record: append_metrics(ctx.dir.metrics, record))
     if ctx.is_main_process:
         ensemble.save(ctx.dir.checkpoint)
-    metrics = reward_model_metrics(
-        scorer, heldout, gold=gold_reward if stage.dataset.source == "synthetic" else None,
-        off_distribution=_off_distribution(heldout, recipe.seed) if stage.dataset.source == "synthetic" else (),
-        seed=recipe.seed,
+    return scorer, history[-1]["loss"] if history else None
+
+
+def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None]:
+    """One reward model through TRL's RewardTrainer (LoRA, or full fine-tuning with ``lora: null``)."""
+    stage = ctx.stage
+    model, tokenizer, trainer = train_single_reward_model(
+        stage.backbone or ctx.start_model, rows, ctx.dir.trainer, learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs, per_device_train_batch_size=stage.per_device_train_batch_size,
+        max_length=stage.max_length, lora=lora_config(ctx), seed=ctx.recipe.seed, logging_steps=stage.logging_steps,
+        callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
-    if stage.dataset.source == "synthetic" and stage.members > 1 and stage.backbone is None:
+    if ctx.is_main_process:
+        save_single_reward_model(model, tokenizer, ctx.dir.checkpoint)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None
+
+
+def run(ctx: StageContext) -> dict:
+    stage, recipe = ctx.stage, ctx.recipe
+    rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
+    pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
+    # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
+    strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
+    train_index = [i for i, p in enumerate(pairs) if not _is_heldout(p[0], stage.heldout_fraction)]
+    heldout = [p for p in pairs if _is_heldout(p[0], stage.heldout_fraction)]
+    if not train_index or not heldout:
+        raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train_index)} train / "
+                         f"{len(heldout)} held-out by prompt hash; need both non-empty (more pairs or another "
+                         "heldout_fraction)")
+    log.info("[%s] training %d member(s) with %s on %d pairs (%d held out)", ctx.dir.name, stage.members,
+             stage.implementation, len(train_index), len(heldout))
+    if stage.implementation == "trl":
+        scorer, final_loss = _train_with_trl(ctx, rows.select(train_index))
+    else:
+        scorer, final_loss = _train_ensemble(ctx, [pairs[i] for i in train_index],
+                                             [strengths[i] for i in train_index])
+    synthetic = stage.dataset.source == "synthetic"
+    metrics = reward_model_metrics(
+        scorer, heldout, gold=gold_reward if synthetic else None,
+        off_distribution=_off_distribution(heldout, recipe.seed) if synthetic else (), seed=recipe.seed,
+    )
+    if synthetic and stage.backbone is None:
         metrics.update(_policy_samples(ctx, scorer))
     report = {name: value.to_dict() for name, value in metrics.items()}
     atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
-    return {"train_pairs": len(train), "heldout_pairs": len(heldout), "final_train_loss": history[-1]["loss"]
-            if history else None, **{k: v.value for k, v in metrics.items()}}
+    return {"train_pairs": len(train_index), "heldout_pairs": len(heldout), "final_train_loss": final_loss,
+            **{k: v.value for k, v in metrics.items()}}

@@ -749,6 +749,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 # Scorer
 # ---------------------------------------------------------------------------------------------------------------------
 
+def bradley_terry_pairwise(score, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+    """``σ(r̄(a) − r̄(b))`` per triple, with ``a`` and ``b`` scored in one ``score`` call (any reward scorer)."""
+    if not len(prompts) == len(a) == len(b):
+        raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
+    n = len(prompts)
+    if n == 0:
+        return []
+    means = score(list(prompts) * 2, list(a) + list(b)).mean.double()
+    return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]
+
+
 class EnsembleScorer:
     """Batched scoring of (prompt, response) pairs with a :class:`RewardEnsemble`.
 
@@ -828,10 +839,4 @@ class EnsembleScorer:
 
     def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         """``σ(r̄(a) − r̄(b))`` per triple (``a`` and ``b`` scored in one call)."""
-        if not len(prompts) == len(a) == len(b):
-            raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
-        n = len(prompts)
-        if n == 0:
-            return []
-        means = self.score(list(prompts) * 2, list(a) + list(b)).mean.double()
-        return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]
+        return bradley_terry_pairwise(self.score, prompts, a, b)

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import publish_directory
-from alignpipe.rewards.ensemble import collate_features, encode_examples
+from alignpipe.rewards.ensemble import bradley_terry_pairwise, collate_features, encode_examples
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -450,10 +450,4 @@ class SingleRewardScorer:
 
     def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         """``σ(r(a) − r(b))`` per triple (``a`` and ``b`` scored in one call)."""
-        if not len(prompts) == len(a) == len(b):
-            raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
-        n = len(prompts)
-        if n == 0:
-            return []
-        means = self.score(list(prompts) * 2, list(a) + list(b)).mean.double()
-        return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]
+        return bradley_terry_pairwise(self.score, prompts, a, b)

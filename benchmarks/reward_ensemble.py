@@ -22,7 +22,8 @@ Printed numbers:
   so a second measurement in one process would be hidden by the first). ``load`` = RSS after loading the model minus
   RSS after imports; ``scoring`` = peak RSS during warm-up + repeats (Linux ``VmHWM``, reset after loading through
   ``/proc/self/clear_refs``; ``resource.getrusage`` ru_maxrss where that is unavailable, which then also includes the
-  loading peak) minus RSS after loading; total = peak minus RSS after imports. Noisy at the MB level.
+  loading peak) minus RSS after loading; total = peak minus RSS after imports. The workers run with a fixed glibc
+  mmap threshold (``MALLOC_ENV``) so that freed activations leave RSS; still noisy at the MB level.
 
 Targets from the issue: time <= 2x and memory <= 1.15x of a single model.
 
@@ -50,6 +51,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MB = 1024 * 1024
+# glibc: a FIXED mmap threshold (setting it turns off the dynamic one) makes every allocation over 256 KiB its own
+# mapping, returned to the OS when freed, so RSS follows the live tensors instead of what the heap keeps cached.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def rss_worker(config: dict) -> dict:
 def measure_rss(args, spec, batch_path: Path) -> dict:
     config = {"spec": spec.to_dict(), "batch": str(batch_path), "threads": args.threads, "repeats": args.repeats}
     out = subprocess.run([sys.executable, __file__, "--_rss-worker", json.dumps(config)], capture_output=True,
-                         text=True, check=False)
+                         text=True, check=False, env={**os.environ, **MALLOC_ENV})
     if out.returncode != 0:
         raise RuntimeError(f"RSS worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -291,23 +295,20 @@ def main(argv: list[str] | None = None) -> None:
 
         results = []
         batch_path = tmp_path / "batch.pt"
+        # The all-layers single model stays loaded and is timed in every setting's rounds (with and without its
+        # adapter), so the "vs K=1 all" and "vs no-LoRA" columns compare numbers taken at the same time.
+        single_all = RewardEnsemble.create(spec_for(args, 1, None)).to(device)
+        batch = EnsembleScorer.for_ensemble(single_all, max_length=args.max_length).encode(prompts, responses)
+        torch.save(batch, batch_path)
+        print(f"tokens   : padded {tuple(batch['input_ids'].shape)}, {int(batch['attention_mask'].sum())} real tokens")
+        batch = {k: v.to(device) for k, v in batch.items()}
         for top in settings:
-            single = RewardEnsemble.create(spec_for(args, 1, top)).to(device)
+            single = single_all if top is None else RewardEnsemble.create(spec_for(args, 1, top)).to(device)
             ensemble = RewardEnsemble.create(spec_for(args, args.members, top)).to(device)
-            scorer = EnsembleScorer.for_ensemble(single, max_length=args.max_length)
-            batch = scorer.encode(prompts, responses)
-            if top is None:
-                torch.save(batch, batch_path)
-                tokens = int(batch["attention_mask"].sum())
-                print(f"tokens   : padded {tuple(batch['input_ids'].shape)}, {tokens} real tokens")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            models = {"single": single, "ensemble": ensemble}
-            if top is None:
-                models["plain"] = without_adapters(single)
+            models = {"single": single, "ensemble": ensemble, "plain": without_adapters(single_all)}
+            if top is not None:
+                models["single_all"] = single_all
             times = time_interleaved(models, batch, args.repeats, device)
-            if top is None:
-                plain_time = statistics.median(times["plain"])
-                all_layers_time = statistics.median(times["single"])
             row = {
                 "top_layers": top,
                 "first_adapted": ensemble.first_adapted_layer,
@@ -316,10 +317,14 @@ def main(argv: list[str] | None = None) -> None:
                 "spread1": (min(times["single"]), max(times["single"])),
                 "spreadk": (min(times["ensemble"]), max(times["ensemble"])),
                 "p1": param_bytes(single), "pk": param_bytes(ensemble),
+                "t_plain": statistics.median(times["plain"]),
+                "t_all": statistics.median(times.get("single_all", times["single"])),
             }
             if device == "cuda":
                 row["g1"], row["gk"] = gpu_peak_bytes(single, batch), gpu_peak_bytes(ensemble, batch)
-            del single, ensemble, scorer
+            del ensemble
+            if top is not None:
+                del single
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -342,10 +347,12 @@ def main(argv: list[str] | None = None) -> None:
         s1 = f"{r['t1'] * 1e3:.1f} [{r['spread1'][0] * 1e3:.0f}-{r['spread1'][1] * 1e3:.0f}]"
         sk = f"{r['tk'] * 1e3:.1f} [{r['spreadk'][0] * 1e3:.0f}-{r['spreadk'][1] * 1e3:.0f}]"
         print(f"  {label:<40} {s1:>20} {sk:>22} {r['tk'] / r['t1']:6.2f}x {ideal:5.2f}x "
-              f"{r['tk'] / all_layers_time:9.2f}x {r['tk'] / plain_time:9.2f}x")
-    print(f"  ratio = K={K} / K=1 with the same top_layers; ideal = layer evaluations (L - t + K t) / L; "
-          f"'vs K=1 all' = K={K} / K=1 with every layer adapted; 'vs no-LoRA' = K={K} / K=1 with its adapter "
-          f"disabled ({plain_time * 1e3:.1f} ms, the cost of a merged-LoRA or fully fine-tuned reward model)")
+              f"{r['tk'] / r['t_all']:9.2f}x {r['tk'] / r['t_plain']:9.2f}x")
+    plain_ms = ", ".join(f"{r['t_plain'] * 1e3:.0f}" for r in results)
+    print(f"  ratio = K={K} / K=1 with the same top_layers; ideal = layer evaluations (L - t + K t) / L;")
+    print(f"  'vs K=1 all' = K={K} / K=1 with every layer adapted; 'vs no-LoRA' = K={K} / K=1 with its adapter "
+          f"disabled (the cost of a merged-LoRA or fully fine-tuned reward model: {plain_ms} ms per row);")
+    print("  all columns of a row come from the same interleaved rounds, so load changes between rows cancel out")
     print()
     print(f"PARAMS (MB of distinct parameters+buffers, backbone once)  K=1      K={K}    ratio")
     for r in results:
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         hwm = all(r["r1"]["hwm_reset"] and r["rk"]["hwm_reset"] for r in results)
         print("CPU RSS (MB, fresh process per model; load = after load - after imports; scoring = peak during "
               f"scoring - after load [{'VmHWM reset' if hwm else 'ru_maxrss, includes the loading peak'}]; "
-              "total = peak - after imports)")
+              "total = peak - after imports; glibc mmap threshold fixed at 256 KiB)")
         print(f"  {'':<22} {'load K=1':>9} {'load K=' + str(K):>9}  {'scor K=1':>9} {'scor K=' + str(K):>9}  "
               f"{'total K=1':>9} {'total K=' + str(K):>9} {'ratio':>7}")
         for r in results:

@@ -114,4 +114,5 @@ def test_a_few_steps_on_hh_rlhf_lower_the_loss() -> None:
     logs = train_ensemble(ensemble, scorer.tokenizer, pairs, config)
     after = _bt_loss(ensemble, scorer, pairs)
     assert len(logs) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    print('BT loss before/after', before, after)
     assert after < before - 0.02, (before, after, [round(r["loss"], 4) for r in logs])

@@ -54,10 +54,17 @@ def reward_model_metrics(
     members = chosen.per_member.shape[1]
     if members > 1:
         member_margins = (chosen.per_member - rejected.per_member).numpy()
+        mean_margin = member_margins.mean(axis=1)
+        # Pairwise uncertainty = the share of members voting against the ensemble's preference. The std of member
+        # margins is reported too, but it grows with |margin| (members agree on the sign and differ in size), so it
+        # flags confident pairs; -|margin| is the ensemble-free baseline an uncertainty should beat.
+        disagreement = (np.sign(member_margins) != np.sign(mean_margin)[:, None]).mean(axis=1)
         margin_std = member_margins.std(axis=1)
         errors = c_mean <= r_mean
         if 0 < errors.sum() < len(errors):
-            metrics["uncertainty_auroc"] = uncertainty_auroc(margin_std, errors, resamples=resamples, seed=seed)
+            for name, score in (("uncertainty_auroc", disagreement), ("uncertainty_auroc_std", margin_std),
+                                ("margin_auroc_baseline", -np.abs(mean_margin))):
+                metrics[name] = uncertainty_auroc(score, errors, resamples=resamples, seed=seed)
         in_distribution_std = np.concatenate([chosen.std.numpy(), rejected.std.numpy()])
         metrics["member_std"] = mean_with_ci(in_distribution_std, resamples=resamples, seed=seed,
                                              higher_is_better=None)
@@ -78,7 +85,7 @@ def reward_model_metrics(
             # is invisible to any reward model, so only these errors are ones its uncertainty could flag.
             gold_errors = truth_c <= truth_r
             if members > 1 and 0 < gold_errors.sum() < len(gold_errors):
-                metrics["uncertainty_auroc_gold"] = uncertainty_auroc(margin_std[decided], gold_errors,
+                metrics["uncertainty_auroc_gold"] = uncertainty_auroc(disagreement[decided], gold_errors,
                                                                       resamples=resamples, seed=seed)
     return metrics
 

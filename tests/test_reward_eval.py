@@ -1,0 +1,44 @@
+"""reward_model_metrics on a fake scorer with hand-chosen member rewards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignpipe.evaluation.reward_eval import reward_model_metrics
+from alignpipe.rewards.penalties import EnsembleRewards
+
+
+class FakeScorer:
+    """Scores from a lookup table: response text -> per-member rewards."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def score(self, prompts, responses):
+        return EnsembleRewards.from_members(torch.tensor([self.table[r] for r in responses], dtype=torch.float32))
+
+
+def test_disagreement_is_the_share_of_members_voting_against_the_ensemble():
+    table = {
+        "c1": [2.0, 2.0, 2.0], "r1": [0.0, 0.0, 0.0],    # all agree, correct, large margin
+        "c2": [1.0, -1.0, 1.0], "r2": [0.0, 0.0, 0.0],   # one of three dissents; correct
+        "c3": [-1.0, 0.5, -1.0], "r3": [0.0, 0.0, 0.0],  # ensemble wrong (mean margin < 0); one dissent
+        "c4": [-0.1, -0.1, -0.1], "r4": [0.0, 0.0, 0.0],  # ensemble wrong, all agree
+    }
+    pairs = [("p", f"c{i}", f"r{i}") for i in range(1, 5)]
+    metrics = reward_model_metrics(FakeScorer(table), pairs, resamples=100)
+    assert metrics["accuracy"].value == 0.5
+    # disagreement = [0, 1/3, 1/3, 0]; errors = [F, F, T, T]. Error/correct pairs: (1/3 vs 0) 1, (1/3 vs 1/3) 0.5,
+    # (0 vs 0) 0.5, (0 vs 1/3) 0 -> AUROC = 2/4 = 0.5
+    assert metrics["uncertainty_auroc"].value == pytest.approx(0.5)
+    # -|margin| = [-2, -1/3, -0.5, -0.1]: errors have -0.5, -0.1; correct -2, -1/3 -> (-0.5>-2) 1, (-0.5>-1/3) 0,
+    # (-0.1>-2) 1, (-0.1>-1/3) 1 -> 3/4
+    assert metrics["margin_auroc_baseline"].value == pytest.approx(0.75)
+    assert "uncertainty_auroc_std" in metrics and metrics["member_std"].n == 8
+
+
+def test_a_single_model_has_no_uncertainty_metrics():
+    table = {"a": [1.0], "b": [0.0]}
+    metrics = reward_model_metrics(FakeScorer(table), [("p", "a", "b"), ("p", "b", "a")], resamples=100)
+    assert metrics["accuracy"].value == 0.5 and "uncertainty_auroc" not in metrics and "member_std" not in metrics

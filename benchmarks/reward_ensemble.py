@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     K = args.members
     n_layers = config.num_hidden_layers
     print()
-    print(f"TIME (median ms per forward over the batch; [min-max])")
+    print("TIME (median ms per forward over the batch; [min-max])")
     print(f"  {'':<40} {'K=1':>20} {'K=' + str(K):>22} {'ratio':>7} {'ideal':>6} {'vs K=1 all':>10} "
           f"{'vs no-LoRA':>10}")
     for r in results:
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {label:<50} {r['p1'] / MB:8.2f} {r['pk'] / MB:8.2f} {r['pk'] / r['p1']:7.3f}x")
     if device == "cuda":
         print()
-        print(f"GPU (MB; peak = max_memory_allocated during one forward minus allocated before; total = params + peak)")
+        print("GPU (MB; peak = max_memory_allocated during one forward minus allocated before; total = params + peak)")
         print(f"  {'':<22} {'peak K=1':>9} {'peak K=' + str(K):>9} {'ratio':>7}  {'total K=1':>9} "
               f"{'total K=' + str(K):>9} {'ratio':>7}")
         for r in results:
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {label:<22} {l1:9.1f} {lk:9.1f}  {s1:9.1f} {sk:9.1f}  {t1:9.1f} {tk:9.1f} {tk / t1:6.3f}x")
 
     print()
-    print(f"TARGETS (time <= 2x, memory <= 1.15x of one reward model)")
+    print("TARGETS (time <= 2x, memory <= 1.15x of one reward model)")
     for r in results:
         label = "all layers" if r["top_layers"] is None else f"top_layers={r['top_layers']}"
         time_ratio = r["tk"] / r["t1"]

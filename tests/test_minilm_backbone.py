@@ -18,8 +18,8 @@ minilm = pytest.importorskip(
     "(ships sentence-transformers/all-MiniLM-L6-v2 in its model/ folder)",
 )
 
-from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble  # noqa: E402
-from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble  # noqa: E402
+from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
 
 HH_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a joke.",
@@ -109,10 +109,10 @@ def test_a_few_steps_on_hh_rlhf_lower_the_loss() -> None:
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=_model_dir(), members=2, pooling="cls", top_layers=2))
     scorer = EnsembleScorer.for_ensemble(ensemble, max_length=64, batch_size=64)
     before = _bt_loss(ensemble, scorer, pairs)
-    config = EnsembleTrainingConfig(learning_rate=2e-3, epochs=4, batch_size=16, max_length=64, logging_steps=1,
+    config = EnsembleTrainingConfig(learning_rate=2e-3, epochs=3, batch_size=16, max_length=64, logging_steps=1,
                                     lr_scheduler="constant", progress_bar=False)
     logs = train_ensemble(ensemble, scorer.tokenizer, pairs, config)
     after = _bt_loss(ensemble, scorer, pairs)
-    assert len(logs) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
-    print('BT loss before/after', before, after)
-    assert after < before - 0.02, (before, after, [round(r["loss"], 4) for r in logs])
+    assert len(logs) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    # measured here: 0.694 -> 0.573 (and 0.647 after 4 steps, 0.468 after 8)
+    assert after < before - 0.05, (before, after, [round(r["loss"], 4) for r in logs])

@@ -220,3 +220,17 @@ def test_resolve_dtype_explicit():
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16
     assert resolve_dtype("float16") == torch.float16
+
+
+def test_pypi_model_locations_resolve_to_the_package_model_folder(tmp_path, monkeypatch):
+    from alignpipe.models.loading import resolve_model_location
+
+    package = tmp_path / "shipped_model_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_location("pypi:shipped_model_pkg") == str(package / "model")
+    assert resolve_model_location("org/model-id") == "org/model-id"  # hub ids and paths pass through
+    with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'"):
+        resolve_model_location("pypi:not_installed_pkg")

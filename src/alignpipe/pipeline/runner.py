@@ -116,7 +116,9 @@ class Runner:
         """Materialise the recipe's model. The built-in tiny model is created (seeded) under ``runs/<run>/base``."""
         spec = self.recipe.model
         if spec.name_or_path != "tiny":
-            return spec.name_or_path, canonical_hash(spec.model_dump(mode="json"))
+            from alignpipe.models.loading import resolve_model_location
+
+            return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
         directory = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
         manifest = directory.read_manifest()

@@ -19,7 +19,7 @@ from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
@@ -66,7 +66,7 @@ def _policy_samples(ctx: StageContext, scorer) -> dict:
 def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None]:
     stage, recipe = ctx.stage, ctx.recipe
     spec = EnsembleSpec(
-        backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
+        backbone=resolve_model_location(stage.backbone or ctx.start_model), members=stage.members, lora_r=stage.lora.r,
         lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
         top_layers=stage.top_layers, pooling=stage.pooling, seed=recipe.seed,
         gguf_file=recipe.model.gguf_file if not stage.inputs and not stage.backbone else None,
@@ -89,7 +89,8 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
     """One reward model through TRL's RewardTrainer (LoRA, or full fine-tuning with ``lora: null``)."""
     stage = ctx.stage
     model, tokenizer, trainer = train_single_reward_model(
-        stage.backbone or ctx.start_model, rows, ctx.dir.trainer, learning_rate=stage.learning_rate,
+        resolve_model_location(stage.backbone or ctx.start_model), rows, ctx.dir.trainer,
+        learning_rate=stage.learning_rate,
         num_train_epochs=stage.num_train_epochs, per_device_train_batch_size=stage.per_device_train_batch_size,
         max_length=stage.max_length, lora=lora_config(ctx), seed=ctx.recipe.seed, logging_steps=stage.logging_steps,
         callbacks=[MetricsLogger(ctx.dir.metrics)],

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
+from alignpipe.models.loading import resolve_model_location
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.rewards.penalties import EnsembleRewards
 
@@ -257,7 +258,7 @@ def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
-    model = AutoModel.from_pretrained(spec.backbone, **kwargs)
+    model = AutoModel.from_pretrained(resolve_model_location(spec.backbone), **kwargs)
     model.requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache would be appended to by every member's top-layer pass
@@ -803,7 +804,7 @@ class EnsembleScorer:
 
         spec = ensemble.spec
         tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(spec.backbone, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(spec.backbone), **tok_kwargs)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(ensemble, tokenizer, **kwargs)

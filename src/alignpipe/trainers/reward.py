@@ -42,7 +42,10 @@ def _text(field) -> str:
 
 
 def _is_heldout(prompt: str, fraction: float) -> bool:
-    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+    """Salted, so it is independent of any split the data adapter already made with a plain prompt hash (HH-RLHF's
+    80/20 split keeps prompts whose unsalted bucket is >= 0.2; reusing that hash would hold out nothing)."""
+    digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
+    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
@@ -66,7 +69,7 @@ def _policy_samples(ctx: StageContext, scorer) -> dict:
 def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None]:
     stage, recipe = ctx.stage, ctx.recipe
     spec = EnsembleSpec(
-        backbone=resolve_model_location(stage.backbone or ctx.start_model), members=stage.members, lora_r=stage.lora.r,
+        backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
         lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
         top_layers=stage.top_layers, pooling=stage.pooling, seed=recipe.seed,
         gguf_file=recipe.model.gguf_file if not stage.inputs and not stage.backbone else None,

@@ -41,7 +41,6 @@ On disk (:func:`save_single_reward_model`): one directory with the merged model 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -49,7 +48,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,7 +58,7 @@ from torch import Tensor
 
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import publish_directory
-from alignpipe.rewards.ensemble import bradley_terry_pairwise, collate_features, encode_examples
+from alignpipe.rewards.ensemble import _quiet_peft, bradley_terry_pairwise, collate_features, encode_examples
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -114,14 +112,6 @@ def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextForma
     if text_format == "plain" and tokenizer.eos_token is None:
         raise ValueError(f"tokenizer at {str(name_or_path)!r} has no EOS token, which plain-text rows need")
     return tokenizer
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """PEFT 0.21 calls transformers' deprecated ``is_gradient_checkpointing``; hide that FutureWarning only."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def _seq_cls_lora(lora):

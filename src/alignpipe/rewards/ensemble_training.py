@@ -171,14 +171,22 @@ def _bt_loss(
         if margin is None and weight is None:
             return ensemble_bradley_terry_loss(chosen, rejected)
         return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin, weight=weight)
+    return _member_average(chosen, rejected, weight, multiplicity,
+                           lambda c, r, w: bradley_terry_loss(c, r, margin=margin, weight=w))
+
+
+def _member_average(chosen: Tensor, rejected: Tensor, weight: Tensor | None, multiplicity: Tensor | None,
+                    pair_loss) -> Tensor:
+    """Mean over the K members of ``pair_loss(chosen_k, rejected_k, weight_k)``, where a member's weight includes its
+    bootstrap multiplicity; a member whose resample holds none of this batch's pairs adds nothing (still / K)."""
     losses = []
     for k in range(chosen.shape[1]):
         w = weight
         if multiplicity is not None:
             w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
             if not float(w.sum()) > 0:
-                continue  # this member's resample holds none of this batch's pairs
-        losses.append(bradley_terry_loss(chosen[:, k], rejected[:, k], margin=margin, weight=w))
+                continue
+        losses.append(pair_loss(chosen[:, k], rejected[:, k], w))
     if not losses:
         return chosen.sum() * 0.0  # keeps the graph; no member has weight in this batch
     return torch.stack(losses).sum() / chosen.shape[1]
@@ -199,17 +207,8 @@ def _soft_bt_loss(
         dtype = torch.promote_types(chosen.dtype, torch.float32)
         return _soft_loss(chosen.to(dtype).mean(dim=1), rejected.to(dtype).mean(dim=1), target,
                           margin=margin, weight=weight)
-    losses = []
-    for k in range(chosen.shape[1]):
-        w = weight
-        if multiplicity is not None:
-            w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
-            if not float(w.sum()) > 0:
-                continue
-        losses.append(_soft_loss(chosen[:, k], rejected[:, k], target, margin=margin, weight=w))
-    if not losses:
-        return chosen.sum() * 0.0
-    return torch.stack(losses).sum() / chosen.shape[1]
+    return _member_average(chosen, rejected, weight, multiplicity,
+                           lambda c, r, w: _soft_loss(c, r, target, margin=margin, weight=w))
 
 
 @torch.no_grad()

@@ -61,3 +61,22 @@ def completed_tiny_run(tmp_path_factory):
     runner = Runner(load_recipe(recipe_path), runs_dir=directory / "runs", recipe_path=recipe_path, in_process=True)
     outcomes = runner.run()
     return runner, outcomes
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny task tokenizer (shared by the reward-model tests; a test module may define its own)."""
+    from alignpipe.models.tiny import train_tokenizer
+    from alignpipe.tasks import tokenizer_corpus
+
+    return train_tokenizer(tokenizer_corpus(n=400), vocab_size=160)
+
+
+@pytest.fixture(scope="session")
+def llama_path(tmp_path_factory, tokenizer) -> str:
+    """A saved 3-layer tiny Llama checkpoint: the backbone of the reward-ensemble tests."""
+    from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))

@@ -10,11 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from alignpipe.losses.preference import soft_preference_loss
-from alignpipe.models.tiny import (
-    build_tiny_model,
-    save_tiny_checkpoint,
-    train_tokenizer,
-)
 from alignpipe.rewards.ensemble import (
     EnsembleSpec,
     RewardEnsemble,
@@ -26,21 +21,9 @@ from alignpipe.rewards.ensemble_training import (
     EnsembleTrainingHistory,
     train_ensemble,
 )
-from alignpipe.tasks import preference_pairs, tokenizer_corpus
+from alignpipe.tasks import preference_pairs
 
 MAX_LEN = 64
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(n=400), vocab_size=160)
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory, tokenizer) -> str:
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
-                             max_position_embeddings=128, seed=0)
-    return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
-from alignpipe.models.tiny import (
-    build_tiny_model,
-    save_tiny_checkpoint,
-    train_tokenizer,
-)
 from alignpipe.rewards.ensemble import (
     EnsembleScorer,
     EnsembleSpec,
@@ -27,23 +22,11 @@ from alignpipe.rewards.ensemble import (
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
 from alignpipe.rewards.judges import PairwiseJudge
 from alignpipe.rewards.penalties import EnsembleRewards
-from alignpipe.tasks import preference_pairs, tokenizer_corpus
+from alignpipe.tasks import preference_pairs
 
 K = 3
 PROMPTS = ["sort: 3 1 4", "count: 5 5 2 7", "sort: 9 8", "reverse: 1 2 3 4 5 6"]
 RESPONSES = ["1 3 4", "3", "8 9 8 9 8 9 8", "6 5 4 3 2 1"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(tokenizer_corpus(n=400), vocab_size=160)
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory, tokenizer) -> str:
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
-                             max_position_embeddings=128, seed=0)
-    return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,11 @@ __all__ = [
     "EvalStage",
     "LoraSpec",
     "ModelSpec",
+    "DNOStage",
+    "INPOStage",
     "OSPStage",
+    "SPINStage",
+    "SPPOStage",
     "PreferenceDataSpec",
     "OnlineDPOStage",
     "Recipe",
@@ -431,8 +435,8 @@ class RewardStage(_StageBase):
         return self
 
 
-class _IterativeStage(_TrainingStage):
-    """Online rounds of sample -> judge -> pair -> train -> evaluate (shared by osp and online_dpo).
+class _OnlineStage(_TrainingStage):
+    """Online rounds of sample -> (judge) -> pair -> train -> evaluate, shared by every iterative method.
 
     Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed, not the authors' exact values).
     """
@@ -443,25 +447,12 @@ class _IterativeStage(_TrainingStage):
         "parameter-efficient, §4a); null = full fine-tuning.",
     )
     beta: float = Field(0.1, gt=0, description="Implicit KL coefficient of the DPO-style loss (OSP §4c: 0.1).")
-    rounds: int = Field(3, gt=0, description="Sample/judge/train rounds (OSP §4c: 3-5).")
+    rounds: int = Field(3, gt=0, description="Sample/judge/train rounds, a.k.a. iterations (OSP §4c: 3-5; SPPO: 3).")
     prompts_per_round: int = Field(128, gt=0, description="Fresh training prompts sampled each round (tiny-model setting).")
-    samples_per_prompt: int = Field(4, ge=2, description="K responses sampled per prompt (OSP §4c: 4-8).")
-    judge: Literal["self", "gold"] = Field(
-        "self", description="Who judges the samples: the current policy itself (OSP's self-preferring setting) or the "
-        "embedded task's gold judge (the external-judge ablation of §4b).",
-    )
-    judge_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
-    )
     reference: Literal["initial", "previous"] = Field(
         "initial", description="DPO reference: the stage's input policy every round (OSP §4c) or the previous "
         "round's policy (the ablation of §4c; what SPPO-style iteration uses).",
     )
-    reanchor: bool = Field(
-        True, description="Judge against a random anchor, then again against the median-strength sample (OSP §4b "
-        "two-pass anchor); false = one pass against a random anchor.",
-    )
-    min_gap: float = Field(0.0, ge=0, lt=0.5, description="Drop pairs whose strength is within min_gap of 0.5 (ties).")
     nll_weight: float = Field(
         0.0, ge=0, description="Weight of an NLL term on the chosen response (TRL's `sft` DPO loss, as in RPO, Pang "
         "et al. 2024) added to the preference loss; 0 = the pure loss of ALGORITHMS.md §4a.",
@@ -476,6 +467,47 @@ class _IterativeStage(_TrainingStage):
         if len(inputs) != 1:
             raise ValueError(f"an iterative stage needs exactly 1 input (the policy to start from), got {inputs}")
         return inputs
+
+
+class _JudgedStage(_OnlineStage):
+    """An online stage whose K samples per prompt are compared by a judge."""
+
+    samples_per_prompt: int = Field(4, ge=2, description="K responses sampled per prompt (OSP §4c: 4-8).")
+    judge: Literal["self", "gold", "reward"] = Field(
+        "self", description="Who judges the samples: the current policy itself (OSP's self-preferring setting), the "
+        "embedded task's gold judge (the external-judge ablation of §4b), or a reward stage's model (Bradley-Terry; "
+        "name the reward stage as this stage's second input).",
+    )
+    judge_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _exactly_one(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) not in (1, 2):
+            raise ValueError(f"a judged iterative stage needs 1 input (the policy to start from), plus the reward "
+                             f"stage with judge: reward; got {inputs}")
+        return inputs
+
+    @model_validator(mode="after")
+    def _reward_judge_input(self) -> _JudgedStage:
+        if self.judge == "reward" and len(self.inputs) != 2:
+            raise _problem((("inputs",), "judge: reward needs 2 inputs: [<policy stage>, <reward stage>]"))
+        if self.judge != "reward" and len(self.inputs) != 1:
+            raise _problem((("inputs",), f"a second input is only read with judge: reward (the judge is "
+                                         f"{self.judge!r}); drop {self.inputs[1]!r} or set judge: reward"))
+        return self
+
+
+class _IterativeStage(_JudgedStage):
+    """OSP-style ranked pairing: judged against an anchor, pairs from the ranking."""
+
+    reanchor: bool = Field(
+        True, description="Judge against a random anchor, then again against the median-strength sample (OSP §4b "
+        "two-pass anchor); false = one pass against a random anchor.",
+    )
+    min_gap: float = Field(0.0, ge=0, lt=0.5, description="Drop pairs whose strength is within min_gap of 0.5 (ties).")
 
 
 class OSPStage(_IterativeStage):
@@ -493,6 +525,58 @@ class OnlineDPOStage(_IterativeStage):
     type: Literal["online_dpo"] = Field("online_dpo", description="Stage type: online DPO with hard labels.")
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
         "best_worst", description="How pairs are formed from the ranked samples (best vs worst by default)."
+    )
+
+
+class _SelfPlayStage(_JudgedStage):
+    """Self-play against the previous iterate: the reference is ``π_t`` (§7-§10)."""
+
+    reference: Literal["initial", "previous"] = Field(
+        "previous", description="Reference of the loss: the previous iterate π_t (the method's definition, §7-§10) "
+        "or the stage's input policy every round (an ablation).",
+    )
+    samples_per_prompt: int = Field(5, ge=2, description="K responses sampled per prompt (SPPO §7c: 5).")
+    judge_temperature: float = Field(
+        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
+    )
+
+
+class SPPOStage(_SelfPlayStage):
+    """SPPO (Wu et al. 2024): win rates from a K×K preference matrix, squared loss against π_t (§7)."""
+
+    type: Literal["sppo"] = Field("sppo", description="Stage type: self-play preference optimisation.")
+    beta: float = Field(
+        0.1, gt=0, description="1/eta of the SPPO loss: log-ratio targets are (win rate - 1/2)/beta (official code: "
+        "0.001 for 7B models with 1024 tokens; tiny-model setting 0.1).",
+    )
+
+
+class SPINStage(_OnlineStage):
+    """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8)."""
+
+    type: Literal["spin"] = Field("spin", description="Stage type: self-play fine-tuning.")
+    reference: Literal["initial", "previous"] = Field(
+        "previous", description="Reference: the previous iterate π_t (SPIN §8a) or the stage's input every round."
+    )
+
+
+class DNOStage(_SelfPlayStage):
+    """DNO-Prct (Rosset et al. 2024): best vs worst with a large-margin filter, DPO against π_t (§9)."""
+
+    type: Literal["dno"] = Field("dno", description="Stage type: direct Nash optimisation (practical variant).")
+    margin_threshold: float = Field(
+        0.2, ge=0, lt=1, description="Keep a pair only when its win-rate gap is at least this (§9e; [M] value).",
+    )
+
+
+class INPOStage(_SelfPlayStage):
+    """INPO (Zhang et al. 2024): sampled labels, squared loss mixing π_t with the fixed reference (§10)."""
+
+    type: Literal["inpo"] = Field("inpo", description="Stage type: iterative Nash policy optimisation.")
+    beta: float = Field(0.1, gt=0, description="1/eta: the loss regresses h_t onto eta/2 = 1/(2 beta) (§10a, [M]).")
+    reference_mix: float = Field(
+        0.1, ge=0, le=1, description="eta*tau: the weight of the stage's input policy (pi_ref) in INPO's mixed "
+        "reference; 0 = online IPO against pi_t (§10e) ([M/I] value).",
     )
 
 
@@ -531,10 +615,13 @@ class EvalStage(_StageBase):
 
 
 Stage = Annotated[
-    SFTStage | RewardStage | DPOStage | OSPStage | OnlineDPOStage | EvalStage, Field(discriminator="type")
+    SFTStage | RewardStage | DPOStage | OSPStage | OnlineDPOStage | SPPOStage | SPINStage | DNOStage | INPOStage
+    | EvalStage,
+    Field(discriminator="type"),
 ]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     "sft": SFTStage, "reward": RewardStage, "dpo": DPOStage, "osp": OSPStage, "online_dpo": OnlineDPOStage,
+    "sppo": SPPOStage, "spin": SPINStage, "dno": DNOStage, "inpo": INPOStage,
     "eval": EvalStage,
 }
 
@@ -571,8 +658,11 @@ class Recipe(_Spec):
                     source = self.stages[earlier.index(ref)]
                     if isinstance(source, EvalStage):
                         problems.append((("stages", i, "inputs", j), f"{ref!r} is an eval stage: it has no checkpoint"))
-                    elif isinstance(source, RewardStage) and not isinstance(stage, EvalStage):
+                    elif isinstance(source, RewardStage) and not _reads_reward(stage, j):
                         msg = f"{ref!r} is a reward stage: its checkpoint is a reward ensemble, not a policy"
+                        problems.append((("stages", i, "inputs", j), msg))
+                    elif isinstance(stage, _JudgedStage) and j == 1 and not isinstance(source, RewardStage):
+                        msg = f"{ref!r} is not a reward stage; judge: reward reads a reward stage as second input"
                         problems.append((("stages", i, "inputs", j), msg))
                     continue
                 if ref == stage.name:
@@ -614,6 +704,11 @@ class Recipe(_Spec):
         names = [s.name for s in self.stages]
         raise RecipeError(f"recipe {self.name!r} has no stage {name!r}{_did_you_mean(name, names)} "
                           f"(stages: {', '.join(names)})")
+
+
+def _reads_reward(stage: Stage, input_index: int) -> bool:
+    """Eval stages read reward models as table rows; judged stages read one as their judge (second input)."""
+    return isinstance(stage, EvalStage) or (isinstance(stage, _JudgedStage) and input_index == 1)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def bootstrap_ci(
     numpy reductions do). Pass one value per independent unit: with several samples per prompt, average per
     prompt first, otherwise the CI is too narrow.
     """
-    x = _as_1d_finite(values, "values")
+    x = as_1d_finite(values, "values")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     if not 0.0 < alpha < 1.0:
@@ -89,7 +89,7 @@ def mean_with_ci(
     values: Sequence[float], *, resamples: int = 1000, seed: int = 0, higher_is_better: bool | None
 ) -> MetricValue:
     """Mean with bootstrap CI and the analytic standard error (``stderr``, omitted when n < 2), like lm-eval."""
-    x = _as_1d_finite(values, "values")
+    x = as_1d_finite(values, "values")
     extra = {"stderr": float(x.std(ddof=1) / np.sqrt(x.size))} if x.size > 1 else {}
     return MetricValue(
         value=float(x.mean()),
@@ -119,7 +119,7 @@ def win_rate(preferences: Sequence[float], *, resamples: int = 1000, seed: int =
     Preferences should already be order-averaged (:func:`order_averaged_preference`). ``extra`` holds
     ``n_wins`` / ``n_losses`` / ``n_ties`` (ties within 1e-9 of 0.5) and ``stderr``; the CI bootstraps prompts.
     """
-    p = _as_1d_finite(preferences, "preferences")
+    p = as_1d_finite(preferences, "preferences")
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError(f"preferences must lie in [0, 1], got range [{p.min()}, {p.max()}]")
     tie = np.abs(p - 0.5) <= _TIE_ATOL
@@ -156,7 +156,7 @@ def length_stats(
 ) -> dict[str, MetricValue]:
     """Response length diagnostics: ``len_tokens_mean`` (CI), ``len_tokens_median`` (CI), ``truncation_rate``
     (fraction that hit max_new_tokens without EOS; lower is better, it means broken or runaway outputs)."""
-    lens = _as_1d_finite(lengths, "lengths")
+    lens = as_1d_finite(lengths, "lengths")
     trunc = np.asarray(truncated, dtype=bool)
     if trunc.shape != lens.shape:
         raise ValueError(f"lengths and truncated differ in shape: {lens.shape} vs {trunc.shape}")
@@ -176,7 +176,8 @@ def length_stats(
     }
 
 
-def _as_1d_finite(values: Sequence[float], name: str) -> np.ndarray:
+def as_1d_finite(values: Sequence[float], name: str) -> np.ndarray:
+    """``values`` as a non-empty 1-D float64 array with no NaN/inf; else a ValueError naming ``name``."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {x.shape}")

@@ -28,6 +28,10 @@ STAGE_MODULES = {
     "dpo": "alignpipe.trainers.dpo",
     "osp": "alignpipe.trainers.osp",
     "online_dpo": "alignpipe.trainers.online_dpo",
+    "sppo": "alignpipe.trainers.sppo",
+    "spin": "alignpipe.trainers.spin",
+    "dno": "alignpipe.trainers.dno",
+    "inpo": "alignpipe.trainers.inpo",
     "eval": "alignpipe.trainers.eval",
 }
 

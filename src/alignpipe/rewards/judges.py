@@ -44,6 +44,7 @@ __all__ = [
     "judge_against_anchor",
     "judge_against_anchors",
     "order_averaged",
+    "preference_matrices",
 ]
 
 
@@ -135,6 +136,36 @@ def judge_against_anchor(
     (two judge calls of K−1 pairs each).
     """
     return judge_against_anchors(judge, [prompt], [responses], [anchor_index])[0]
+
+
+def preference_matrices(
+    judge: PairwiseJudge, prompts: Sequence[str], responses: Sequence[Sequence[str]]
+) -> list[list[list[float]]]:
+    """Full K×K preference matrices ``P[i][j] = P(y_i ≻ y_j)`` per prompt (SPPO/DNO/INPO, ALGORITHMS.md §7b).
+
+    Each unordered pair is judged once in both orders (:func:`order_averaged`, one batched call for every prompt);
+    ``P[j][i] = 1 − P[i][j]`` and the diagonal is exactly ½, so the matrix is constant-sum by construction.
+    K(K−1) judge evaluations per prompt: with K = 5 that is 20, against OSP's 2(K−1) = 8 anchor comparisons.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)}, {len(responses)}")
+    index: list[tuple[int, int, int]] = []
+    flat_prompts: list[str] = []
+    flat_a: list[str] = []
+    flat_b: list[str] = []
+    for n, (prompt, group) in enumerate(zip(prompts, responses)):
+        if isinstance(group, str):
+            raise TypeError(f"responses[{n}] must be a sequence of response strings, not a string")
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                index.append((n, i, j))
+                flat_prompts.append(prompt)
+                flat_a.append(group[i])
+                flat_b.append(group[j])
+    matrices = [[[0.5] * len(group) for _ in group] for group in responses]
+    for (n, i, j), p in zip(index, order_averaged(judge, flat_prompts, flat_a, flat_b), strict=True):
+        matrices[n][i][j], matrices[n][j][i] = p, 1.0 - p
+    return matrices
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The online preference loop shared by every iterative method: sample -> judge -> pair -> train -> evaluate.
 
 Written by hand because TRL 1.16 has no loop that judges K on-policy samples with a pairwise (or self-) judge and
-trains on soft strengths. A method is only a ``PairingRule`` (how ranked samples become pairs, soft or hard labels);
-the loop, its checkpoints, logging and resume are shared, so methods are compared at equal compute.
+trains on soft strengths or win rates. A method (``osp``, ``online_dpo``, ``sppo``, ``spin``, ``dno``, ``inpo``) is
+only a :class:`RoundMethod`: how one round's samples become training rows, and which loss trains on them. The loop,
+its checkpoints, reference handling (``reference: previous`` makes each round's checkpoint the next reference, the
+self-play methods' ``π_t``), per-round evaluation, logging and resume are shared, so methods are compared at equal
+compute.
 
 Each round writes ``rounds/round-<r>/`` (``checkpoint/``, ``manifest.json``) and one line to ``metrics.jsonl``; with
 ``--resume`` completed rounds are kept and an interrupted round starts over.
@@ -15,6 +18,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from statistics import median
+from typing import Any, Protocol
 
 from datasets import Dataset
 from trl import DPOConfig
@@ -26,14 +30,16 @@ from alignpipe.data.pairing import (
     harden,
     to_trl_rows,
 )
+from alignpipe.data.selfplay import SelfPlayPair, inpo_pair, large_margin_pair, sppo_pair
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.rundir import StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.rewards.judges import GoldPairwiseJudge, SelfJudge, judge_against_anchors
-from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks
+from alignpipe.rewards.judges import GoldPairwiseJudge, SelfJudge, judge_against_anchors, preference_matrices
+from alignpipe.rewards.loading import load_reward_scorer
+from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks, sft_demonstrations
 from alignpipe.trainers.common import (
     MetricsLogger,
     append_metrics,
@@ -41,6 +47,7 @@ from alignpipe.trainers.common import (
     publish_model,
     trainer_arguments,
 )
+from alignpipe.trainers.selfplay_trainers import INPOTrainer, SPPOTrainer
 from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
 
 log = logging.getLogger("alignpipe")
@@ -49,11 +56,126 @@ EVAL_SEED = 1234  # the eval stage's default seed: per-round numbers use the sam
 
 
 @dataclass(frozen=True)
+class RoundData:
+    """One round's training rows (TRL preference rows, plus method columns) and what to log about them."""
+
+    rows: list[dict]
+    stats: dict[str, Any]
+
+
+class RoundMethod(Protocol):
+    """What distinguishes one iterative method from another: its round data and its loss."""
+
+    def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData: ...
+
+    def trainer(self, ctx: StageContext, **kwargs) -> Any:
+        """A TRL-style trainer for ``kwargs`` (model, ref_model, args, train_dataset, processing_class, ...)."""
+        ...
+
+
+@dataclass(frozen=True)
 class PairingRule:
-    """What distinguishes one iterative method from another."""
+    """OSP / online DPO (§4b): samples ranked against an anchor, pairs from the ranking, soft or hard labels."""
 
     method: str  # "anchor" | "best_worst" | "all_pairs" (alignpipe.data.pairing)
     hard_labels: bool  # False = the judge's soft strengths; True = the same pairs with labels of 1
+
+    def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData:
+        stage, recipe = ctx.stage, ctx.recipe
+        prompts = round_prompts(ctx, round_index)
+        samples = _sample(ctx, model, tokenizer, prompts, round_index)
+        strengths = judge_samples(_make_judge(ctx, model, tokenizer), prompts, samples,
+                                  rng=random.Random(f"anchor:{recipe.seed}:{round_index}"), reanchor=stage.reanchor)
+        sets = [ScoredSet(p, tuple(rs), tuple(s)) for p, rs, s in zip(prompts, samples, strengths)]
+        pairs, report = build_pairs(sets, method=self.method, strength="probability", min_gap=stage.min_gap)
+        if self.hard_labels:
+            pairs = harden(pairs)
+        log.info("[%s] round %d: %s", ctx.dir.name, round_index, report.summary())
+        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs)}
+        if pairs:
+            stats["mean_strength"] = sum(p.strength for p in pairs) / len(pairs)
+        return RoundData(to_trl_rows(pairs), stats)
+
+    def trainer(self, ctx: StageContext, **kwargs):
+        return SoftPreferenceDPOTrainer(**kwargs)
+
+
+@dataclass(frozen=True)
+class SelfPlayRule:
+    """SPPO (§7), DNO (§9) and INPO (§10): K samples from ``π_t``, a full K×K preference matrix per prompt.
+
+    * ``sppo``: best vs worst by win rate, trained with the SPPO squared loss on both win rates;
+    * ``dno``: the same pair, kept only when the win-rate gap is at least ``margin_threshold``; DPO loss;
+    * ``inpo``: two random samples labelled by a draw from the judge's preference; INPO's squared loss with the
+      stage's input policy as the fixed reference ``π_ref``.
+    """
+
+    kind: str  # "sppo" | "dno" | "inpo"
+
+    def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData:
+        stage = ctx.stage
+        prompts = round_prompts(ctx, round_index)
+        samples = _sample(ctx, model, tokenizer, prompts, round_index)
+        matrices = preference_matrices(_make_judge(ctx, model, tokenizer), prompts, samples)
+        rng = random.Random(f"{self.kind}:{ctx.recipe.seed}:{round_index}")
+        pairs: list[SelfPlayPair] = []
+        for prompt, responses, matrix in zip(prompts, samples, matrices):
+            if self.kind == "sppo":
+                pair = sppo_pair(prompt, responses, matrix)
+            elif self.kind == "dno":
+                pair = large_margin_pair(prompt, responses, matrix, stage.margin_threshold)
+            else:
+                pair = inpo_pair(prompt, responses, matrix, rng)
+            if pair is not None:
+                pairs.append(pair)
+        log.info("[%s] round %d: %d of %d prompts gave a pair", ctx.dir.name, round_index, len(pairs), len(prompts))
+        rows = [pair.to_row() for pair in pairs]
+        if self.kind != "sppo":  # the DPO-form losses read no win-rate columns
+            rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
+        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs)}
+        if pairs:
+            stats["mean_chosen_win_rate"] = sum(p.chosen_win_rate for p in pairs) / len(pairs)
+            stats["mean_rejected_win_rate"] = sum(p.rejected_win_rate for p in pairs) / len(pairs)
+        return RoundData(rows, stats)
+
+    def trainer(self, ctx: StageContext, **kwargs):
+        if self.kind == "sppo":
+            return SPPOTrainer(**kwargs)
+        if self.kind == "inpo":
+            anchor = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype)
+            return INPOTrainer(**kwargs, anchor_model=anchor, mix=ctx.stage.reference_mix)
+        return SoftPreferenceDPOTrainer(**kwargs)  # no preference column: TRL's sigmoid DPO
+
+
+@dataclass(frozen=True)
+class SPINRule:
+    """SPIN (§8): the SFT demonstration (chosen) against the policy's own generation (rejected), DPO loss vs ``π_t``."""
+
+    def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData:
+        stage, recipe = ctx.stage, ctx.recipe
+        demonstrations = sft_demonstrations(recipe.data.n_sft, recipe.seed, recipe.data.demo_noise,
+                                            task_space(recipe.data))  # the SFT stage's own data
+        rows = random.Random(f"spin:{recipe.seed}:{round_index}").sample(
+            demonstrations, min(stage.prompts_per_round, len(demonstrations)))
+        prompts = [row["messages"][0]["content"] for row in rows]
+        targets = [row["messages"][1]["content"] for row in rows]
+        generations = [g[0] for g in _sample(ctx, model, tokenizer, prompts, round_index, k=1)]
+        pairs = [PreferencePair(p, t, g, 1.0) for p, t, g in zip(prompts, targets, generations) if t != g]
+        log.info("[%s] round %d: %d of %d generations differ from their demonstration", ctx.dir.name, round_index,
+                 len(pairs), len(prompts))
+        stats = {"judge": "demonstration", "judge_gold_agreement": gold_agreement(pairs),
+                 "generation_gold_reward": sum(gold_reward(p, g) for p, g in zip(prompts, generations)) / len(prompts)}
+        return RoundData([{k: v for k, v in r.items() if k != "preference"} for r in to_trl_rows(pairs)], stats)
+
+    def trainer(self, ctx: StageContext, **kwargs):
+        return SoftPreferenceDPOTrainer(**kwargs)
+
+
+def round_prompts(ctx: StageContext, round_index: int) -> list[str]:
+    """Fresh training prompts for one round (seeded by recipe seed and round; disjoint from held-out prompts)."""
+    tasks = sample_tasks(ctx.stage.prompts_per_round, ctx.recipe.seed * 1000 + round_index + 1,
+                         task_space(ctx.recipe.data))
+    return [t.prompt for t in tasks]
 
 
 def judge_samples(judge, prompts, samples, *, rng: random.Random, reanchor: bool) -> list[list[float]]:
@@ -66,7 +188,7 @@ def judge_samples(judge, prompts, samples, *, rng: random.Random, reanchor: bool
     return strengths
 
 
-def gold_agreement(pairs: list[PreferencePair]) -> float | None:
+def gold_agreement(pairs) -> float | None:
     """Fraction of pairs whose chosen response also has the higher gold reward (gold ties left out)."""
     agree = disagree = 0
     for pair in pairs:
@@ -80,11 +202,15 @@ def _make_judge(ctx: StageContext, model, tokenizer):
     stage = ctx.stage
     if stage.judge == "gold":
         return GoldPairwiseJudge(temperature=stage.judge_temperature)
+    if stage.judge == "reward":
+        return load_reward_scorer(ctx.inputs[stage.inputs[1]], dtype=ctx.recipe.model.dtype)
     return SelfJudge(model, tokenizer)
 
 
-def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index: int) -> list[list[str]]:
-    stage, k = ctx.stage, ctx.stage.samples_per_prompt
+def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index: int,
+            k: int | None = None) -> list[list[str]]:
+    stage = ctx.stage
+    k = k or stage.samples_per_prompt
     settings = GenerationSettings(
         max_new_tokens=stage.max_new_tokens, temperature=stage.sampling_temperature, top_p=1.0,
         batch_size=64, seed=ctx.recipe.seed * 100_003 + round_index,
@@ -94,25 +220,29 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
     return [[g.response for g in generations[i * k:(i + 1) * k]] for i in range(len(prompts))]
 
 
-def _train_round(ctx: StageContext, round_index: int, model, tokenizer, pairs, reference_path: str | None) -> dict:
+def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model, tokenizer, rows: list[dict],
+                 reference_path: str | None) -> dict:
     stage = ctx.stage
     arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}")}
     losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
               else {"loss_type": ["sigmoid"]})
     args = DPOConfig(**arguments, beta=stage.beta, **losses)
     ref_model = load_causal_lm(reference_path, dtype=ctx.recipe.model.dtype) if reference_path else None
-    trainer = SoftPreferenceDPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(to_trl_rows(pairs)),
+    trainer = method.trainer(
+        ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
     trainer.train()
     publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
     logs = [e for e in trainer.state.log_history if "loss" in e]
     last = logs[-1] if logs else {}
-    return {key: last[key] for key in ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap") if key in last}
+    keep = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap", "sppo/chosen_logratio",
+            "sppo/rejected_logratio", "inpo/h")
+    return {key: last[key] for key in keep if key in last}
 
 
 def _evaluate_round(ctx: StageContext, checkpoint: str, round_index: int) -> dict:
+    """Per-round numbers from the shared harness: gold reward, win rate vs the stage's input policy, KL to it."""
     prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, ctx.stage.eval_prompts, EVAL_SEED)]
     settings = GenerationSettings(max_new_tokens=ctx.stage.max_new_tokens, seed=EVAL_SEED)
     results, _ = evaluate_checkpoints(
@@ -122,11 +252,13 @@ def _evaluate_round(ctx: StageContext, checkpoint: str, round_index: int) -> dic
     metrics = results[0].metrics
     return {
         "gold_reward": metrics["gold_reward"].value, "gold_reward_ci95": list(metrics["gold_reward"].ci95),
-        "win_rate_vs_initial": metrics["win_rate_vs_ref"].value, "kl_initial_k3": metrics["kl_ref_k3"].value,
+        "win_rate_vs_initial": metrics["win_rate_vs_ref"].value,
+        "win_rate_vs_initial_ci95": list(metrics["win_rate_vs_ref"].ci95),
+        "kl_initial_k3": metrics["kl_ref_k3"].value,
     }
 
 
-def run_rounds(ctx: StageContext, rule: PairingRule) -> dict:
+def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
     """Run (or resume) every round and publish the last round's policy as the stage checkpoint."""
     stage = ctx.stage
     policy_path, reference_path = ctx.start_model, ctx.start_model
@@ -138,7 +270,7 @@ def run_rounds(ctx: StageContext, rule: PairingRule) -> dict:
             log.info("[%s] round %d already complete; reusing it", ctx.dir.name, r)
             history.append(done["metrics"])
         else:
-            history.append(_run_round(ctx, rule, r, policy_path, reference_path))
+            history.append(_run_round(ctx, method, r, policy_path, reference_path))
             round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
         policy_path = str(round_dir.checkpoint)
         if stage.reference == "previous":
@@ -149,39 +281,29 @@ def run_rounds(ctx: StageContext, rule: PairingRule) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(final, staging)
         publish_directory(staging, ctx.dir.checkpoint)
-    return {"rounds": history, "final_gold_reward": history[-1]["gold_reward"]}
+    return {"rounds": history, "final_gold_reward": history[-1]["gold_reward"],
+            "final_win_rate_vs_initial": history[-1]["win_rate_vs_initial"]}
 
 
-def _run_round(ctx: StageContext, rule: PairingRule, r: int, policy_path: str, reference_path: str) -> dict:
-    stage, recipe = ctx.stage, ctx.recipe
+def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
-    model = load_causal_lm(policy_path, dtype=recipe.model.dtype)
-    prompts = [t.prompt for t in sample_tasks(stage.prompts_per_round, recipe.seed * 1000 + r + 1,
-                                              task_space(recipe.data))]
-    samples = _sample(ctx, model, tokenizer, prompts, r)
-    strengths = judge_samples(_make_judge(ctx, model, tokenizer), prompts, samples,
-                              rng=random.Random(f"anchor:{recipe.seed}:{r}"), reanchor=stage.reanchor)
-    sets = [ScoredSet(p, tuple(rs), tuple(s)) for p, rs, s in zip(prompts, samples, strengths)]
-    pairs, report = build_pairs(sets, method=rule.method, strength="probability", min_gap=stage.min_gap)
-    if rule.hard_labels:
-        pairs = harden(pairs)
-    log.info("[%s] round %d: %s", ctx.dir.name, r, report.summary())
-    if not pairs:
-        raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no preference pairs ({report.summary()}); "
-                           "raise samples_per_prompt or sampling_temperature, or lower min_gap")
+    model = load_causal_lm(policy_path, dtype=ctx.recipe.model.dtype)
+    data = method.round_data(ctx, r, model, tokenizer)
+    if not data.rows:
+        raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); raise "
+                           "prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter")
     # Round 0's policy is the initial policy, so TRL's own reference (adapters off / a frozen copy) is already right.
     explicit_reference = reference_path if reference_path != policy_path else None
-    training = _train_round(ctx, r, model, tokenizer, pairs, explicit_reference)
+    training = _train_round(ctx, method, r, model, tokenizer, data.rows, explicit_reference)
     del model
     checkpoint = str(ctx.dir.root / "rounds" / f"round-{r}" / "checkpoint")
     record = {
-        "round": r, "pairs": len(pairs), "judge": stage.judge,
-        "judge_gold_agreement": gold_agreement(pairs),
-        "mean_strength": sum(p.strength for p in pairs) / len(pairs),
+        "round": r, "pairs": len(data.rows), **data.stats,
         **{f"train/{k}": v for k, v in training.items()},
         **_evaluate_round(ctx, checkpoint, r),
     }
     append_metrics(ctx.dir.metrics, record)
-    log.info("[%s] round %d: gold reward %.3f [%.3f, %.3f], judge/gold agreement %s", ctx.dir.name, r,
-             record["gold_reward"], *record["gold_reward_ci95"], record["judge_gold_agreement"])
+    log.info("[%s] round %d: gold reward %.3f [%.3f, %.3f], win rate vs initial %.3f [%.3f, %.3f]", ctx.dir.name, r,
+             record["gold_reward"], *record["gold_reward_ci95"], record["win_rate_vs_initial"],
+             *record["win_rate_vs_initial_ci95"])
     return record

@@ -1,0 +1,118 @@
+"""Hand-computed tests for alignpipe.evaluation.diversity (distinct-n, per-response repetition rate)."""
+
+import json
+
+import pytest
+
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, ngrams, repetition_rate
+
+SET = ["the cat sat", "the cat ran", "a dog sat"]
+
+
+def test_ngrams():
+    assert ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+    assert ngrams(["a", "b"], 3) == []
+    assert ngrams([], 1) == []
+
+
+# ----------------------------------------------------------------------------------------------- distinct-n
+
+
+@pytest.mark.parametrize(
+    ("n", "unique", "total"),
+    [
+        (1, 6, 9),  # the cat sat | the cat ran | a dog sat -> {the, cat, sat, ran, a, dog}
+        (2, 5, 6),  # (the cat) appears twice; (cat sat) (cat ran) (a dog) (dog sat) once
+        (3, 3, 3),
+    ],
+)
+def test_distinct_n_hand_values(n, unique, total):
+    m = distinct_n(SET, n)
+    assert m.value == pytest.approx(unique / total)
+    assert (m.extra["n_unique_ngrams"], m.extra["n_ngrams"]) == (unique, total)
+    assert m.n == 3 and m.higher_is_better is True and m.ci95 is None
+    json.dumps(m.to_dict())
+
+
+def test_distinct_n_pools_over_the_set():
+    # Each response alone is 1/2 distinct; pooled, 4 unigrams hold one type.
+    assert distinct_n(["a a", "a a"], 1).value == pytest.approx(0.25)
+    # Different responses with no shared n-gram are fully distinct.
+    assert distinct_n(["a b", "c d"], 1).value == 1.0
+
+
+def test_distinct_n_default_is_bigrams_and_no_ngrams_gives_zero():
+    assert distinct_n(SET).value == pytest.approx(5 / 6)
+    m = distinct_n(["one", "", "two"], 2)
+    assert m.value == 0.0 and m.extra["n_ngrams"] == 0
+
+
+def test_whitespace_tokens_are_case_sensitive_and_collapse_runs():
+    assert distinct_n(["The the"], 1).value == 1.0
+    assert distinct_n(["a  b\n\ta "], 1).value == pytest.approx(2 / 3)  # tokens: a, b, a
+
+
+def test_custom_tokenizer():
+    # Characters as tokens: "abab" -> bigrams ab, ba, ab.
+    assert distinct_n(["abab"], 2, tokenizer=list).value == pytest.approx(2 / 3)
+    # Integer ids (e.g. tokenizer.encode): word lengths 2, 2, 2 -> one unique unigram out of three.
+    m = distinct_n(["aa bb cc"], 1, tokenizer=lambda s: [len(w) for w in s.split()])
+    assert m.value == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------ repetition rate
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "expected"),
+    [
+        ("a b a b a b", 2, 1 - 2 / 5),  # ab ba ab ba ab
+        ("a b a b a b", 1, 1 - 2 / 6),
+        ("a b a b a b", 3, 1 - 2 / 4),  # aba bab aba bab
+        ("the  cat\nthe\tcat", 2, 1 - 2 / 3),  # whitespace runs collapse: the cat the cat
+        ("no repeats here at all", 2, 0.0),
+        ("one two three", 4, 0.0),  # shorter than n: no n-grams
+        ("", 1, 0.0),
+    ],
+)
+def test_repetition_rate_hand_values(text, n, expected):
+    assert repetition_rate(text, n) == pytest.approx(expected)
+
+
+def test_repetition_rate_default_n_is_4_and_tokenizer_is_used():
+    loop = "I am sorry . " * 5  # 20 tokens, 17 four-grams, 4 unique
+    assert repetition_rate(loop) == pytest.approx(1 - 4 / 17)
+    assert repetition_rate("abcabc", 3, tokenizer=list) == pytest.approx(1 - 3 / 4)
+
+
+def test_mean_repetition_rate():
+    m = mean_repetition_rate(["a b a b a b", "x y z", "hi"], 2, resamples=200)
+    assert m.value == pytest.approx((0.6 + 0.0 + 0.0) / 3)
+    assert m.extra["n_too_short"] == 1
+    assert m.n == 3 and m.higher_is_better is False
+    assert m.ci95[0] <= m.value <= m.ci95[1]
+    assert 0.0 <= m.ci95[0] and m.ci95[1] <= 0.6
+    assert mean_repetition_rate(["a b a b a b", "x y z", "hi"], 2, resamples=200) == m
+    json.dumps(m.to_dict())
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_bad_n(n):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        distinct_n(SET, n)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        repetition_rate("a b", n)
+
+
+def test_bad_responses():
+    with pytest.raises(TypeError, match="single str"):
+        distinct_n("the cat sat", 1)
+    with pytest.raises(ValueError, match="non-empty"):
+        distinct_n([], 1)
+    with pytest.raises(TypeError, match="must all be str"):
+        mean_repetition_rate(["ok", None], 1)
+    with pytest.raises(TypeError, match="must be a str"):
+        repetition_rate(["a", "b"], 1)

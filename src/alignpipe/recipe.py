@@ -40,7 +40,12 @@ __all__ = [
     "EvalStage",
     "LoraSpec",
     "ModelSpec",
+    "BoNStage",
     "DNOStage",
+    "GRPOStage",
+    "PPOStage",
+    "RLOOStage",
+    "RewardSpec",
     "INPOStage",
     "OSPStage",
     "SPINStage",
@@ -580,6 +585,176 @@ class INPOStage(_SelfPlayStage):
     )
 
 
+class RewardSpec(_Spec):
+    """Where an optimising stage's reward comes from (the reward plug-in, ``alignpipe.rewards.plugin``)."""
+
+    source: Literal["model", "gold", "callable"] = Field(
+        "model", description="model = a reward stage's ensemble/single model (name it as the stage's second input); "
+        "gold = the embedded task's exact gold reward (oracle runs); callable = a Python function named by `callable`.",
+    )
+    penalty: Literal["mean", "mean_minus_std", "min", "mean_minus_var"] = Field(
+        "mean", description="Ensemble reward: mean (no penalty), mean_minus_std (UP-RLHF, §3a), min (WCO, §16) or "
+        "mean_minus_var (UWO, §16).",
+    )
+    penalty_coef: float = Field(
+        0.0, ge=0, description="UP-RLHF's beta_2 (mean_minus_std) or UWO's lambda (mean_minus_var); 0 = no penalty.",
+    )
+    callable: str | None = Field(
+        None, description="'package.module:function' taking (prompts, responses) and returning one float per "
+        "response; required when source is callable.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardSpec:
+        if self.source == "callable" and not self.callable:
+            raise _problem((("callable",), "source: callable needs callable: 'package.module:function'"))
+        if self.source != "callable" and self.callable:
+            raise _problem((("callable",), f"callable is only read with source: callable (source is "
+                                           f"{self.source!r})"))
+        if self.source != "model" and (self.penalty != "mean" or self.penalty_coef):
+            raise _problem((("penalty",), f"penalties combine ensemble members; source {self.source!r} has none "
+                                          "(leave penalty: mean, penalty_coef: 0)"))
+        return self
+
+
+class _RewardedStage(_StageBase):
+    """A stage that optimises or ranks by a reward plug-in: inputs are [policy] or [policy, reward stage]."""
+
+    reward: RewardSpec = Field(default_factory=RewardSpec, description="The reward to optimise (plug-in).")
+
+    @field_validator("inputs")
+    @classmethod
+    def _policy_and_reward(cls, inputs: list[str]) -> list[str]:
+        if len(inputs) not in (1, 2):
+            raise ValueError(f"expected [<policy stage>] or [<policy stage>, <reward stage>], got {inputs}")
+        return inputs
+
+    @model_validator(mode="after")
+    def _reward_input(self) -> _RewardedStage:
+        if self.reward.source == "model" and len(self.inputs) != 2:
+            raise _problem((("inputs",), "reward.source: model needs 2 inputs: [<policy stage>, <reward stage>]"))
+        if self.reward.source != "model" and len(self.inputs) != 1:
+            raise _problem((("inputs",), f"a second input is only read with reward.source: model (source is "
+                                         f"{self.reward.source!r}); drop {self.inputs[1]!r}"))
+        return self
+
+
+class PPOStage(_RewardedStage, _TrainingStage):
+    """PPO with a critic (Ziegler 2019; ALGORITHMS.md §6), rewards optionally penalised by ensemble uncertainty."""
+
+    type: Literal["ppo"] = Field("ppo", description="Stage type: proximal policy optimisation (own loop).")
+    learning_rate: float = Field(1e-5, gt=0, description="Policy and critic learning rate (trlx-style default).")
+    lora: LoraSpec | None = Field(
+        default_factory=LoraSpec, description="Policy LoRA: the reference is the same base with adapters off (one "
+        "copy of the base weights); null = full fine-tuning with a frozen reference copy.",
+    )
+    critic: Literal["adapter", "model"] = Field(
+        "adapter", description="adapter = a value head on its own LoRA adapter over the policy's base (needs lora); "
+        "model = a separate copy of the start model with a value head.",
+    )
+    total_steps: int = Field(100, gt=0, description="PPO iterations: rollout -> reward -> GAE -> ppo_epochs updates.")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (one response each).")
+    mini_batch_size: int = Field(16, gt=0, description="Responses per optimizer step in the PPO epochs.")
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch (§6c: 4).")
+    max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (§6b: 1, top-k 0, top-p 1).")
+    kl_coef: float = Field(0.05, ge=0, description="Initial per-token KL penalty coefficient beta_kl.")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adaptive KL controller target (nats per sequence, §6a); null = fixed kl_coef.",
+    )
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL controller horizon (§6c: 10000).")
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = Field("k1", description="Per-token KL reward estimator.")
+    kl_loss_coef: float = Field(
+        0.0, ge=0, description="UP-RLHF's beta_1: KL as a separate squared-log-ratio loss (§3a); 0 = off.",
+    )
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount (§6c: 1).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (§6c: 0.95).")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon (§6c: 0.2).")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon (§6c: 0.2).")
+    vf_coef: float = Field(0.5, ge=0, description="Value loss weight (§6c: 1; tiny-model setting 0.5).")
+    reward_clip: float = Field(10.0, gt=0, description="Clip the sequence score to [-c, c] (§6c: 10).")
+    whiten_rewards: bool = Field(
+        False, description="Normalise sequence scores by a running mean/std before use (reward normalisation).",
+    )
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="Subtract this from the score of responses that never emit EOS; null = no penalty.",
+    )
+    eval_every: int = Field(10, gt=0, description="Evaluate gold and proxy reward and KL on held-out prompts every N "
+                            "iterations (and at the end).")
+    eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation.")
+
+    @model_validator(mode="after")
+    def _critic_needs_lora(self) -> PPOStage:
+        if self.critic == "adapter" and self.lora is None:
+            raise _problem((("critic",), "critic: adapter puts the value head on a LoRA adapter over the policy's "
+                                         "base; with full fine-tuning (lora: null) use critic: model"))
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise _problem((("mini_batch_size",), f"rollout_batch_size ({self.rollout_batch_size}) must be a "
+                                                  f"multiple of mini_batch_size ({self.mini_batch_size})"))
+        return self
+
+
+class BoNStage(_RewardedStage):
+    """Best-of-n over-optimisation curve (§15): N samples per prompt once, unbiased estimator for n = 1..N."""
+
+    type: Literal["bon"] = Field("bon", description="Stage type: best-of-n evaluation.")
+    n_samples: int = Field(32, ge=2, description="N responses sampled per prompt.")
+    n_prompts: int = Field(128, gt=0, description="Held-out prompts.")
+    max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
+    seed: int = Field(1234, ge=0, description="Sampling seed.")
+
+
+class _GroupRLStage(_RewardedStage, _TrainingStage):
+    """Critic-free policy gradient through TRL (GRPO, RLOO): a group of samples per prompt is its own baseline.
+
+    ``per_device_train_batch_size`` counts completions (TRL's convention), so one optimizer step sees
+    ``batch x accumulation / num_generations`` prompts. ``max_length`` bounds prompt + completion.
+    """
+
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL GRPOConfig/RLOOConfig default).")
+    lora: LoraSpec | None = Field(
+        default_factory=LoraSpec, description="Policy LoRA: the KL reference is the same base with adapters off; "
+        "null = full fine-tuning with a frozen reference copy.",
+    )
+    num_generations: int = Field(ge=2, description="Completions per prompt (the group each is compared with).")
+    prompts: int = Field(1024, gt=0, description="Training prompts drawn from the recipe's task (tiny-model setting).")
+    max_completion_length: int = Field(24, gt=0, description="Generation budget per completion (tiny-model setting; "
+                                       "TRL: 512).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (TRL default: 1, top-k 0, top-p 1).")
+    eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> _GroupRLStage:
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
+                            f"({completions}) counts completions and must be a multiple of num_generations "
+                            f"({self.num_generations}), so every prompt's group is complete"))
+        if self.max_completion_length >= self.max_length:
+            raise _problem((("max_completion_length",), f"must be < max_length ({self.max_length}), which bounds "
+                            f"prompt + completion; got {self.max_completion_length}"))
+        return self
+
+
+class GRPOStage(_GroupRLStage):
+    """GRPO (Shao et al. 2024, DeepSeekMath) via TRL's GRPOTrainer: group-normalised advantages, KL loss term."""
+
+    type: Literal["grpo"] = Field("grpo", description="Stage type: group relative policy optimization (TRL).")
+    num_generations: int = Field(8, ge=2, description="Completions per prompt (the group; TRL default 8).")
+    beta: float = Field(0.04, ge=0, description="KL-to-reference loss coefficient (DeepSeekMath: 0.04; TRL's "
+                        "default 0 skips the reference).")
+
+
+class RLOOStage(_GroupRLStage):
+    """RLOO (Ahmadian et al. 2024) via TRL's RLOOTrainer: leave-one-out baseline, KL folded into the reward."""
+
+    type: Literal["rloo"] = Field("rloo", description="Stage type: REINFORCE leave-one-out (TRL).")
+    num_generations: int = Field(2, ge=2, description="Completions per prompt, k (RLOO paper: 2-4; TRL default 2).")
+    beta: float = Field(0.05, ge=0, description="KL-to-reference penalty on the reward (TRL RLOOConfig default).")
+
+
 class EvalStage(_StageBase):
     """Sample from checkpoints on held-out prompts and score them with the gold reward."""
 
@@ -616,13 +791,13 @@ class EvalStage(_StageBase):
 
 Stage = Annotated[
     SFTStage | RewardStage | DPOStage | OSPStage | OnlineDPOStage | SPPOStage | SPINStage | DNOStage | INPOStage
-    | EvalStage,
+    | PPOStage | GRPOStage | RLOOStage | BoNStage | EvalStage,
     Field(discriminator="type"),
 ]
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     "sft": SFTStage, "reward": RewardStage, "dpo": DPOStage, "osp": OSPStage, "online_dpo": OnlineDPOStage,
-    "sppo": SPPOStage, "spin": SPINStage, "dno": DNOStage, "inpo": INPOStage,
-    "eval": EvalStage,
+    "sppo": SPPOStage, "spin": SPINStage, "dno": DNOStage, "inpo": INPOStage, "ppo": PPOStage, "bon": BoNStage,
+    "grpo": GRPOStage, "rloo": RLOOStage, "eval": EvalStage,
 }
 
 
@@ -656,13 +831,15 @@ class Recipe(_Spec):
             for j, ref in enumerate(stage.inputs):
                 if ref in earlier:
                     source = self.stages[earlier.index(ref)]
-                    if isinstance(source, EvalStage):
-                        problems.append((("stages", i, "inputs", j), f"{ref!r} is an eval stage: it has no checkpoint"))
+                    if isinstance(source, EvalStage | BoNStage):
+                        problems.append((("stages", i, "inputs", j),
+                                         f"{ref!r} is an {source.type} stage: it has no checkpoint"))
                     elif isinstance(source, RewardStage) and not _reads_reward(stage, j):
                         msg = f"{ref!r} is a reward stage: its checkpoint is a reward ensemble, not a policy"
                         problems.append((("stages", i, "inputs", j), msg))
-                    elif isinstance(stage, _JudgedStage) and j == 1 and not isinstance(source, RewardStage):
-                        msg = f"{ref!r} is not a reward stage; judge: reward reads a reward stage as second input"
+                    elif isinstance(stage, _JudgedStage | _RewardedStage) and j == 1 and not isinstance(source,
+                                                                                              RewardStage):
+                        msg = f"{ref!r} is not a reward stage; the second input must be the reward stage to read"
                         problems.append((("stages", i, "inputs", j), msg))
                     continue
                 if ref == stage.name:
@@ -708,7 +885,7 @@ class Recipe(_Spec):
 
 def _reads_reward(stage: Stage, input_index: int) -> bool:
     """Eval stages read reward models as table rows; judged stages read one as their judge (second input)."""
-    return isinstance(stage, EvalStage) or (isinstance(stage, _JudgedStage) and input_index == 1)
+    return isinstance(stage, EvalStage) or (isinstance(stage, _JudgedStage | _RewardedStage) and input_index == 1)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -33,6 +33,7 @@ __all__ = [
     "gold_bon",
     "gold_rl",
     "kl_best_of_n",
+    "n_for_kl_best_of_n",
     "peak_bon",
     "peak_rl",
     "unbiased_best_of_n",
@@ -152,6 +153,27 @@ def kl_best_of_n(n: int | ArrayLike) -> float | np.ndarray:
         raise ValueError(f"best-of-n needs n >= 1, got {n!r}")
     kl = np.log(arr) - (arr - 1.0) / arr
     return float(kl) if kl.ndim == 0 else kl
+
+
+def n_for_kl_best_of_n(kl: float) -> float:
+    """The real ``n >= 1`` whose best-of-n KL is ``kl``: the inverse of :func:`kl_best_of_n`.
+
+    Turns a fitted peak ``d*`` into the ``n`` to sample (``n_for_kl_best_of_n(d*²)``). ``KL_bon`` increases on
+    ``n >= 1`` (derivative ``(n − 1)/n² >= 0``), so bisection in ``log n`` converges; ``inf`` maps to ``inf``.
+    """
+    if math.isnan(kl) or kl < 0:
+        raise ValueError(f"best-of-n KL must be >= 0, got {kl!r}")
+    if kl == 0 or math.isinf(kl):
+        return 1.0 if kl == 0 else math.inf
+    lo, hi = 0.0, 1.0  # bounds on log n
+    while kl_best_of_n(math.exp(hi)) < kl:
+        lo, hi = hi, 2 * hi
+        if hi > 700:  # exp overflows float64: KL beyond ~700 nats has no representable n
+            return math.inf
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if kl_best_of_n(math.exp(mid)) < kl else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 
 from alignpipe.evaluation.metrics import (
     MetricValue,
-    _as_1d_finite,
+    as_1d_finite,
     bootstrap_ci,
     mean_with_ci,
 )
@@ -222,7 +222,7 @@ def uncertainty_auroc(
     resample that happens to hold a single class has no AUROC and is skipped (``extra["n_skipped_resamples"]``;
     ``ci95`` is ``None`` if all are). ``extra`` also holds ``n_errors`` and ``n_correct``.
     """
-    u = _as_1d_finite(uncertainty, "uncertainty")
+    u = as_1d_finite(uncertainty, "uncertainty")
     err = _as_bool(is_error, "is_error", u.shape)
     n_err = int(err.sum())
     if n_err == 0 or n_err == u.size:
@@ -293,8 +293,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _paired(a: Sequence[float], b: Sequence[float], na: str, nb: str) -> tuple[np.ndarray, np.ndarray]:
-    x = _as_1d_finite(a, na)
-    y = _as_1d_finite(b, nb)
+    x = as_1d_finite(a, na)
+    y = as_1d_finite(b, nb)
     if x.shape != y.shape:
         raise ValueError(f"{na} and {nb} differ in shape: {x.shape} vs {y.shape}")
     return x, y

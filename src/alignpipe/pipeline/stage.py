@@ -32,6 +32,10 @@ STAGE_MODULES = {
     "spin": "alignpipe.trainers.spin",
     "dno": "alignpipe.trainers.dno",
     "inpo": "alignpipe.trainers.inpo",
+    "ppo": "alignpipe.trainers.ppo",
+    "grpo": "alignpipe.trainers.grpo",
+    "rloo": "alignpipe.trainers.rloo",
+    "bon": "alignpipe.trainers.bon",
     "eval": "alignpipe.trainers.eval",
 }
 

@@ -1,0 +1,9 @@
+"""Run one 'rloo' stage of a prepared run directory; the script `accelerate launch` runs for multi-GPU.
+
+    python pipelines/rloo.py --stage-dir runs/<run>/<stage> [--resume]
+"""
+
+from alignpipe.pipeline.stage import main
+
+if __name__ == "__main__":
+    main("rloo")

@@ -1,0 +1,153 @@
+"""The reward plug-in: one interface for every stage that optimises or ranks by a reward (PPO, GRPO, RLOO, best-of-n).
+
+A :class:`RewardSource` maps (prompts, responses) to a :class:`ScoredBatch`: the reward to optimise, the raw proxy
+(ensemble mean) and the ensemble std, so every stage logs the same quantities. Three sources, chosen by the recipe's
+``reward:`` block (:class:`alignpipe.recipe.RewardSpec`):
+
+* ``model``: a reward stage's saved ensemble (or single model), penalised by ``penalty`` / ``penalty_coef``
+  (:func:`alignpipe.rewards.penalties.penalised_rewards`; UP-RLHF's running mean of the std lives here and is saved
+  with the stage's state for resume);
+* ``gold``: the embedded task's exact gold reward (oracle runs);
+* ``callable``: any ``package.module:function(prompts, responses) -> list[float]``.
+
+:func:`trl_reward_function` adapts a source to TRL's reward-function signature for ``GRPOTrainer``/``RLOOTrainer``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignpipe.rewards.penalties import EnsembleRewards, RunningMean, penalised_rewards
+from alignpipe.tasks import gold_reward
+
+__all__ = ["RewardSource", "ScoredBatch", "load_callable", "make_reward_source", "trl_reward_function"]
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """``reward`` is what the optimiser sees; ``proxy`` the unpenalised score; ``std`` the ensemble disagreement."""
+
+    reward: Tensor
+    proxy: Tensor
+    std: Tensor | None
+
+    @property
+    def penalty(self) -> Tensor:
+        return self.proxy - self.reward
+
+
+class RewardSource:
+    """Scores responses; ``update=False`` scores without touching running statistics (evaluation batches)."""
+
+    name: str = "reward"
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], *, update: bool = True) -> ScoredBatch:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class GoldRewardSource(RewardSource):
+    name = "gold"
+
+    def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
+        scores = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)])
+        return ScoredBatch(scores, scores, None)
+
+
+class CallableRewardSource(RewardSource):
+    def __init__(self, target: str):
+        self.function = load_callable(target)
+        self.name = target
+
+    def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
+        values = [float(v) for v in self.function(list(prompts), list(responses))]
+        if len(values) != len(responses):
+            raise ValueError(f"reward callable {self.name} returned {len(values)} values for {len(responses)} responses")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"reward callable {self.name} returned NaN or inf")
+        scores = torch.tensor(values)
+        return ScoredBatch(scores, scores, None)
+
+
+class ModelRewardSource(RewardSource):
+    """A saved reward ensemble (or single model) with a penalty mode; one backbone in memory for all members."""
+
+    def __init__(self, scorer, penalty: str, coef: float):
+        self.scorer, self.penalty, self.coef = scorer, penalty, coef
+        self.running_std = RunningMean()
+        self.name = f"{getattr(scorer, 'judge_id', 'reward-model')}:{penalty}:{coef:g}"
+
+    def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
+        rewards: EnsembleRewards = self.scorer.score(list(prompts), list(responses))
+        running = self.running_std if update else RunningMean.from_state_dict(self.running_std.state_dict())
+        reward = penalised_rewards(rewards, self.penalty, coef=self.coef, running_std=running)
+        return ScoredBatch(reward.float(), rewards.mean.float(), rewards.std.float())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running_std": self.running_std.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "running_std" in state:
+            self.running_std = RunningMean.from_state_dict(state["running_std"])
+
+
+def load_callable(target: str) -> Callable:
+    """``'package.module:function'`` -> the function; errors say which part is wrong and how to write it."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"reward callable {target!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward callable {target!r}: cannot import module {module_name!r} ({exc})") from exc
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward callable {target!r}: module {module_name!r} has no function {attribute!r}")
+    return function
+
+
+def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "auto") -> RewardSource:
+    """The source a recipe's ``reward:`` block names (``reward_model_path`` = the reward stage's checkpoint)."""
+    if spec.source == "gold":
+        return GoldRewardSource()
+    if spec.source == "callable":
+        return CallableRewardSource(spec.callable)
+    if reward_model_path is None:
+        raise ValueError("reward.source: model needs the reward stage's checkpoint (the stage's second input)")
+    from alignpipe.rewards.loading import load_reward_scorer  # heavy: only when a model is the source
+
+    return ModelRewardSource(load_reward_scorer(reward_model_path, dtype=dtype), spec.penalty, spec.penalty_coef)
+
+
+def trl_reward_function(source: RewardSource, log_std: Callable[[float], None] | None = None) -> Callable:
+    """``source`` in TRL's reward-function signature ``f(prompts, completions, **kwargs) -> list[float]``.
+
+    Conversational prompts/completions (lists of messages) are reduced to the last user / assistant text. The mean
+    ensemble std of each call is passed to ``log_std`` (GRPO/RLOO log it beside TRL's own metrics).
+    """
+
+    def text(item) -> str:
+        if isinstance(item, str):
+            return item
+        return item[-1]["content"]
+
+    def reward_function(prompts, completions, **kwargs) -> list[float]:
+        scored = source([text(p) for p in prompts], [text(c) for c in completions])
+        if log_std is not None and scored.std is not None:
+            log_std(float(scored.std.mean()))
+        return scored.reward.tolist()
+
+    reward_function.__name__ = f"alignpipe_{source.name.split(':')[0].replace('-', '_')}"
+    return reward_function

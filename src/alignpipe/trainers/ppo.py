@@ -1,0 +1,331 @@
+"""The ``ppo`` stage: PPO with a critic and uncertainty-penalised rewards (ALGORITHMS.md §6, UP-RLHF §3).
+
+Written by hand because TRL 1.16 has no PPO trainer. Read top to bottom, one iteration is:
+
+1. **rollout**: sample one response per prompt from the policy (pinned sampling: temperature, top-k 0, top-p 1);
+2. **score**: the reward plug-in (``alignpipe.rewards.plugin``: a reward ensemble with its penalty mode, the gold
+   reward, or a callable) -> clip to ±c, missing-EOS penalty, optional running normalisation;
+3. **old quantities** (no grad): policy and reference per-token log-probs, critic values;
+4. **advantages**: per-token KL rewards ``−β·KL_t`` plus the score on the last token, GAE(γ, λ), whitening;
+5. **update**: ``ppo_epochs`` passes over shuffled minibatches of clipped policy loss + ``vf_coef`` × clipped value
+   loss (+ UP-RLHF's squared-log-ratio KL loss with ``kl_loss_coef``);
+6. **KL controller** update (adaptive, Ziegler et al., or fixed), metrics, held-out evaluation every ``eval_every``
+   iterations (gold and proxy reward vs KL: the over-optimisation curve), a resumable state every ``save_steps``.
+
+The maths is in ``alignpipe.losses.ppo`` (pure, hand-tested); the model layout in ``alignpipe.trainers.actor_critic``.
+Single process here; under ``accelerate launch`` each rank would roll out its own prompts (not yet reduced across
+ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
+from alignpipe.evaluation.metrics import mean_with_ci
+from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    squared_log_ratio_loss,
+    token_rewards,
+)
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.rewards.plugin import RewardSource, make_reward_source
+from alignpipe.tasks import gold_reward, sample_tasks
+from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
+from alignpipe.trainers.common import append_metrics, lora_config
+
+log = logging.getLogger("alignpipe")
+
+EVAL_SEED = 1234  # held-out prompts and sampling seed shared with the eval stage
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance of sequence scores (Chan et al. parallel update), for reward normalisation."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    var: float = 1.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean, var = x.numel(), float(x.mean()), float(x.var(correction=0))
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.count * self.var + n * var + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / math.sqrt(self.var + 1e-8)
+
+
+@dataclass
+class Rollout:
+    batch: RolloutTensors
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    stats: dict[str, float]
+
+
+class PPOLoop:
+    """State and steps of one PPO stage (kept as an object so resume restores exactly this state)."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx, self.stage, self.recipe = ctx, ctx.stage, ctx.recipe
+        torch.manual_seed(self.recipe.seed)
+        self.tokenizer = load_tokenizer(ctx.start_model)
+        model = load_causal_lm(ctx.start_model, dtype=self.recipe.model.dtype)
+        self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).eval()
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.stage.learning_rate,
+                                           betas=(0.9, 0.95), weight_decay=self.stage.weight_decay)
+        reward_path = ctx.inputs[self.stage.inputs[1]] if len(self.stage.inputs) > 1 else None
+        self.reward: RewardSource = make_reward_source(self.stage.reward, reward_path, dtype=self.recipe.model.dtype)
+        s = self.stage
+        self.kl = (AdaptiveKLController(s.kl_coef, s.kl_target, s.kl_horizon) if s.kl_target
+                   else FixedKLController(s.kl_coef))
+        self.score_moments = RunningMoments()
+        self.step = 0
+        self.eval_prompts = [t.prompt for t in evaluation_tasks(self.recipe.data, s.eval_prompts, EVAL_SEED)]
+
+    # --- 1-4: rollout --------------------------------------------------------------------------------------------
+
+    def _prompts(self) -> list[str]:
+        seed = self.recipe.seed * 100_003 + self.step + 1
+        return [t.prompt for t in sample_tasks(self.stage.rollout_batch_size, seed, task_space(self.recipe.data))]
+
+    def _sample(self, prompts: list[str], seed: int):
+        settings = GenerationSettings(max_new_tokens=self.stage.max_new_tokens, temperature=self.stage.temperature,
+                                      top_p=1.0, batch_size=len(prompts), seed=seed)
+        with self.model.generating() as policy:
+            return generate(policy, self.tokenizer, prompts, settings, desc="rollout")
+
+    def _tensors(self, generations) -> RolloutTensors:
+        rendered = render_prompts(self.tokenizer, [g.prompt for g in generations])
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered]
+        return RolloutTensors.build(prompt_ids, [list(g.response_ids) for g in generations],
+                                    self.tokenizer.pad_token_id)
+
+    def rollout(self) -> Rollout:
+        s = self.stage
+        generations = self._sample(self._prompts(), seed=self.recipe.seed * 1_000_003 + self.step)
+        generations = [g for g in generations if g.response_ids] or generations  # an empty response has no token
+        prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
+        scored = self.reward(prompts, responses)
+        truncated = torch.tensor([float(g.truncated) for g in generations])
+        score = scored.reward.clamp(-s.reward_clip, s.reward_clip)
+        if s.missing_eos_penalty is not None:
+            score = score - s.missing_eos_penalty * truncated
+        if s.whiten_rewards:
+            self.score_moments.update(score)
+            score = self.score_moments.normalise(score)
+
+        batch = self._tensors(generations)
+        with torch.no_grad():
+            logp, _ = response_logprobs(self.model.policy_logits(batch), batch)
+            ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch)
+            values = self.model.values(batch)
+        mask = batch.response_mask
+        kl_rewards = kl_penalty_rewards(logp, ref_logp, mask, self.kl.value, kind=s.kl_estimator)
+        rewards = token_rewards(score, kl_rewards, mask)
+        advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+        advantages = masked_whiten(advantages, mask)
+        kl_sequence = ((logp - ref_logp) * mask).sum(1)
+        gold = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)])
+        stats = {
+            "reward/proxy": float(scored.proxy.mean()), "reward/penalised": float(scored.reward.mean()),
+            "reward/penalty": float(scored.penalty.mean()), "reward/score": float(score.mean()),
+            "reward/gold": float(gold.mean()), "kl": float(kl_sequence.mean()), "kl_coef": self.kl.value,
+            "response_length": float(mask.sum(1).mean()), "no_eos_fraction": float(truncated.mean()),
+        }
+        if scored.std is not None:
+            stats["reward/ensemble_std"] = float(scored.std.mean())
+        return Rollout(batch, logp, ref_logp, values, advantages, returns, stats)
+
+    # --- 5: update -----------------------------------------------------------------------------------------------
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        s = self.stage
+        n = rollout.batch.input_ids.shape[0]
+        order = torch.Generator().manual_seed(self.recipe.seed * 7919 + self.step)
+        totals: dict[str, list[float]] = {}
+        for _ in range(s.ppo_epochs):
+            permutation = torch.randperm(n, generator=order)
+            for start in range(0, n, s.mini_batch_size):
+                index = permutation[start:start + s.mini_batch_size]
+                batch, mask = rollout.batch.select(index), rollout.batch.response_mask[index]
+                logp, logits = response_logprobs(self.model.policy_logits(batch), batch)
+                policy_loss, policy_stats = clipped_policy_loss(logp, rollout.logp[index], rollout.advantages[index],
+                                                                mask, s.clip_range)
+                values = self.model.values(batch)
+                value_loss, value_stats = clipped_value_loss(values, rollout.values[index], rollout.returns[index],
+                                                             mask, s.clip_range_value)
+                loss = policy_loss + s.vf_coef * value_loss
+                if s.kl_loss_coef:
+                    loss = loss + s.kl_loss_coef * squared_log_ratio_loss(logp, rollout.ref_logp[index], mask)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"PPO loss is {loss.item()} at iteration {self.step}; stopping before "
+                                             "the update (the last saved state is intact)")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), s.max_grad_norm)
+                self.optimizer.step()
+                for key, value in {
+                    "loss/policy": policy_loss, "loss/value": value_loss,
+                    "policy/clip_fraction": policy_stats["clip_fraction"],
+                    "policy/approx_kl": policy_stats["approx_kl"],
+                    "value/clip_fraction": value_stats["clip_fraction"],
+                    "policy/entropy": entropy_from_logits(logits.detach(), mask),
+                }.items():
+                    totals.setdefault(key, []).append(float(torch.as_tensor(value).detach()))
+        stats = {key: sum(v) / len(v) for key, v in totals.items()}
+        stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
+                                                                     rollout.batch.response_mask))
+        stats["value/mean"] = float(masked_mean(rollout.values, rollout.batch.response_mask))
+        return stats
+
+    def iteration(self) -> dict:
+        rollout = self.rollout()
+        stats = {**rollout.stats, **self.update(rollout)}
+        self.kl.update(rollout.stats["kl"], n_steps=rollout.batch.input_ids.shape[0])
+        self.step += 1
+        return {"step": self.step, **stats}
+
+    # --- 6: evaluation, state ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out gold and proxy reward and KL to the reference: one point of the over-optimisation curve."""
+        generations = self._sample(self.eval_prompts, seed=EVAL_SEED)
+        prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
+        gold = [gold_reward(p, r) for p, r in zip(prompts, responses)]
+        scored = self.reward(prompts, responses, update=False)
+        kept = [g for g in generations if g.response_ids]
+        batch = self._tensors(kept)
+        logp, _ = response_logprobs(self.model.policy_logits(batch), batch)
+        ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch)
+        log_ratio = ((logp - ref_logp) * batch.response_mask).sum(1)
+        kl_k3 = float((torch.exp(-log_ratio) - 1 + log_ratio).mean())
+        gold_metric = mean_with_ci(gold, higher_is_better=True, resamples=1000, seed=0)
+        kl = float(log_ratio.mean())
+        return {
+            "eval_step": self.step, "gold_reward": gold_metric.value, "gold_reward_ci95": list(gold_metric.ci95),
+            "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
+            "kl": kl, "kl_k3": kl_k3, "sqrt_kl": math.sqrt(max(kl, 0.0)),
+            "no_eos_fraction": sum(g.truncated for g in generations) / len(generations),
+        }
+
+    def save_state(self, directory: Path) -> None:
+        """Everything exact resume needs: trainable weights, optimizer, KL controller, running statistics, step."""
+        staging = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        trainable = {f"p{i}": p.detach().contiguous() for i, p in enumerate(self.model.trainable_parameters())}
+        save_file(trainable, staging / "trainable.safetensors")
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        atomic_write_json(staging / "ppo_state.json", {
+            "step": self.step, "kl": self.kl.state_dict(), "reward": self.reward.state_dict(),
+            "score_moments": vars(self.score_moments),
+        })
+        atomic_write_json(staging / "trainer_state.json", {"global_step": self.step})  # marks the save complete
+        publish_directory(staging, directory)
+
+    def load_state(self, directory: Path) -> None:
+        weights = load_file(directory / "trainable.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(self.model.trainable_parameters()):
+                p.copy_(weights[f"p{i}"])
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        state = json.loads((directory / "ppo_state.json").read_text())
+        self.step = state["step"]
+        self.kl.load_state_dict(state["kl"])
+        self.reward.load_state_dict(state["reward"])
+        self.score_moments = RunningMoments(**state["score_moments"])
+
+
+def _prune(trainer_dir: Path, keep: int) -> None:
+    saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for old in saved[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_records_after(metrics: Path, step: int) -> None:
+    """On resume, forget the records of iterations after the restored state: they are about to be redone."""
+    if not metrics.exists():
+        return
+    kept = [line for line in metrics.read_text().splitlines()
+            if json.loads(line).get("step", json.loads(line).get("eval_step", 0)) <= step]
+    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _evaluations(metrics: Path, last_step: int) -> list[dict]:
+    """Held-out evaluation records of this run (a resumed run's earlier ones included; re-done steps once)."""
+    by_step = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "eval_step" in record and record["eval_step"] <= last_step:
+            by_step[record["eval_step"]] = record
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def run(ctx: StageContext) -> dict:
+    stage = ctx.stage
+    loop = PPOLoop(ctx)
+    if ctx.resume_from is not None:
+        loop.load_state(ctx.resume_from)
+        _drop_records_after(ctx.dir.metrics, loop.step)
+        log.info("[%s] resumed PPO at iteration %d", ctx.dir.name, loop.step)
+    if loop.step == 0:
+        append_metrics(ctx.dir.metrics, loop.evaluate())
+    started = time.time()
+    progress = tqdm(total=stage.total_steps, initial=loop.step, desc=f"[{ctx.dir.name}] PPO")
+    while loop.step < stage.total_steps:
+        record = loop.iteration()
+        append_metrics(ctx.dir.metrics, record)
+        progress.update(1)
+        progress.set_postfix(gold=f"{record['reward/gold']:.3f}", proxy=f"{record['reward/proxy']:.3f}",
+                             kl=f"{record['kl']:.2f}")
+        if loop.step % stage.eval_every == 0 or loop.step == stage.total_steps:
+            evaluation = loop.evaluate()
+            append_metrics(ctx.dir.metrics, evaluation)
+            log.info("[%s] iteration %d: held-out gold %.3f, proxy %.3f, KL %.2f", ctx.dir.name, loop.step,
+                     evaluation["gold_reward"], evaluation["proxy_reward"], evaluation["kl"])
+        if loop.step % stage.save_steps == 0 and loop.step < stage.total_steps:
+            loop.save_state(ctx.dir.trainer / f"checkpoint-{loop.step}")
+            _prune(ctx.dir.trainer, stage.save_total_limit)
+    progress.close()
+
+    staging = ctx.dir.checkpoint.with_name("checkpoint.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    loop.model.merged_policy().save_pretrained(staging, safe_serialization=True)
+    loop.tokenizer.save_pretrained(staging)
+    publish_directory(staging, ctx.dir.checkpoint)
+    evaluations = _evaluations(ctx.dir.metrics, loop.step)
+    peak = max(evaluations, key=lambda e: e["gold_reward"])
+    return {"iterations": loop.step, "wall_time_s": round(time.time() - started, 1),
+            "final": evaluations[-1], "peak_gold": {k: peak[k] for k in ("eval_step", "gold_reward", "kl")}}

@@ -1,0 +1,123 @@
+"""What the ``grpo`` and ``rloo`` stages share: TRL's online trainers fed by alignpipe's task and reward plug-in.
+
+Why so little: TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` already own sampling, group baselines, the KL term and
+the loss, and take the same inputs (a conversational ``prompt`` dataset, reward functions, a PEFT config). A stage
+only supplies the prompts, the reward (``alignpipe.rewards.plugin``: model ensemble with a penalty, gold or a
+callable), logging of the ensemble std beside TRL's own metrics, the merged checkpoint, and the shared harness's
+gold reward / win rate / KL at the end (the same numbers every other stage reports).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.evaluation.generation import GenerationSettings
+from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
+from alignpipe.io import atomic_write_json
+from alignpipe.pipeline.stage import StageContext
+from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
+from alignpipe.tasks import GoldJudge, sample_tasks
+from alignpipe.trainers.common import (
+    MetricsLogger,
+    append_metrics,
+    load_start_model,
+    lora_config,
+    train_and_publish,
+    trainer_arguments,
+)
+from alignpipe.trainers.iterative import EVAL_SEED
+
+log = logging.getLogger("alignpipe")
+
+PROMPT_SEED_OFFSET = 1299709  # RL prompts are a stream of their own (SFT: seed, pairs: +7919, K-sets: +104729)
+REWARD_STATE = "reward_source.json"  # beside each trainer checkpoint: UP-RLHF's running std mean, for --resume
+
+
+def prompt_dataset(ctx: StageContext) -> Dataset:
+    """``stage.prompts`` training prompts from the recipe's task, in TRL's conversational ``prompt`` format."""
+    tasks = sample_tasks(ctx.stage.prompts, ctx.recipe.seed + PROMPT_SEED_OFFSET, task_space(ctx.recipe.data))
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": task.prompt}]} for task in tasks])
+
+
+def reward_function(source: RewardSource) -> Callable:
+    """The plug-in as a TRL reward function whose ensemble std goes through TRL's ``log_metric`` hook, so it is
+    averaged over processes and logged with ``reward``/``kl`` (and reaches ``metrics.jsonl`` through the trainer)."""
+    sink: dict[str, Callable[[str, float], None]] = {}
+    inner = trl_reward_function(source, lambda std: sink["log"]("rewards/ensemble_std", std) if sink else None)
+
+    def score(prompts, completions, **kwargs) -> list[float]:
+        if kwargs.get("log_metric") is not None:
+            sink["log"] = kwargs["log_metric"]
+        return inner(prompts, completions, **kwargs)
+
+    score.__name__ = inner.__name__
+    return score
+
+
+class RewardStateCallback(TrainerCallback):
+    """Saves the reward source's state (UP-RLHF's running std mean) with each trainer checkpoint."""
+
+    def __init__(self, source: RewardSource):
+        self.source = source
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            atomic_write_json(checkpoint / REWARD_STATE, self.source.state_dict())
+
+
+def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> dict:
+    """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts."""
+    stage, recipe = ctx.stage, ctx.recipe
+    model, tokenizer = load_start_model(ctx)
+    reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
+    source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype)
+    if ctx.resume_from is not None and (ctx.resume_from / REWARD_STATE).exists():
+        source.load_state_dict(json.loads((ctx.resume_from / REWARD_STATE).read_text()))
+    arguments = {k: v for k, v in trainer_arguments(ctx).items() if k != "max_length"}  # TRL truncates no prompts
+    args = config_class(**arguments, num_generations=stage.num_generations, beta=stage.beta,
+                        max_completion_length=stage.max_completion_length, temperature=stage.temperature)
+    trainer = trainer_class(
+        model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
+        processing_class=tokenizer, peft_config=lora_config(ctx),
+        callbacks=[RewardStateCallback(source), MetricsLogger(ctx.dir.metrics)],
+    )
+    summary = train_and_publish(trainer, tokenizer, ctx)
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    summary.update(first_reward=rewards[0] if rewards else None, final_reward=rewards[-1] if rewards else None)
+    if not ctx.is_main_process:
+        return summary
+    evaluation = evaluate_policy(ctx, ctx.dir.checkpoint, source)
+    append_metrics(ctx.dir.metrics, {"step": trainer.state.global_step, "final_evaluation": True, **evaluation})
+    log.info("[%s] gold reward %.3f [%.3f, %.3f], proxy %.3f, KL to initial %.3f", ctx.dir.name,
+             evaluation["gold_reward"], *evaluation["gold_reward_ci95"], evaluation["proxy_reward"],
+             evaluation["kl_initial_k3"])
+    return {**summary, **evaluation}
+
+
+def evaluate_policy(ctx: StageContext, checkpoint: Path, source: RewardSource) -> dict:
+    """The shared harness on held-out prompts (as the iterative stages' per-round evaluation), plus the proxy."""
+    prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, ctx.stage.eval_prompts, EVAL_SEED)]
+    settings = GenerationSettings(max_new_tokens=ctx.stage.max_completion_length, seed=EVAL_SEED)
+    results, samples = evaluate_checkpoints(
+        [Checkpoint(ctx.dir.name, str(checkpoint))], Checkpoint("initial", ctx.start_model), prompts,
+        GoldJudge(), settings, dtype=ctx.recipe.model.dtype, bootstrap_resamples=1000,
+    )
+    metrics = results[0].metrics
+    generations = samples[0].generations
+    scored = source([g.prompt for g in generations], [g.response for g in generations], update=False)
+    return {
+        "gold_reward": metrics["gold_reward"].value, "gold_reward_ci95": list(metrics["gold_reward"].ci95),
+        "win_rate_vs_initial": metrics["win_rate_vs_ref"].value,
+        "win_rate_vs_initial_ci95": list(metrics["win_rate_vs_ref"].ci95),
+        "kl_initial_k3": metrics["kl_ref_k3"].value,
+        "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
+        "ensemble_std": float(scored.std.mean()) if scored.std is not None else None,
+    }

@@ -1,0 +1,161 @@
+"""The ppo stage: model layout (one base copy, reference = adapters off), a tiny run's metrics, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_RECIPE, write_recipe
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from alignpipe.models.tiny import build_tiny_model
+from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import RecipeError, load_recipe
+from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
+
+PPO = {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "total_steps": 4,
+       "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "learning_rate": 1e-3, "max_new_tokens": 10,
+       "eval_every": 2, "eval_prompts": 16, "save_steps": 2}
+STEP_KEYS = {"reward/proxy", "reward/penalised", "reward/penalty", "reward/gold", "kl", "kl_coef", "policy/entropy",
+             "policy/clip_fraction", "policy/approx_kl", "loss/value", "value/explained_variance", "response_length",
+             "no_eos_fraction"}
+
+
+def _lora():
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+@pytest.fixture
+def layout(tokenizer):
+    start = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    reference = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                 max_position_embeddings=128, seed=0).eval()
+    model = ActorCritic(start, lora_config=_lora(), critic="adapter").eval()
+    ids = [tokenizer("copy : 1 2", add_special_tokens=False)["input_ids"], [5, 6, 7]]
+    batch = RolloutTensors.build(ids, [[8, 9], [10]], tokenizer.pad_token_id)
+    return model, reference, batch
+
+
+def test_adapter_layout_keeps_one_base_copy_and_trains_only_adapters_and_head(layout):
+    model, reference, _ = layout
+    base = sum(p.numel() for p in reference.parameters())
+    non_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "value_head" not in n)
+    assert non_lora == base  # no second copy of the base weights for the reference or the critic
+    trainable = {n for n, p in model.named_parameters() if p in set(model.trainable_parameters())}
+    assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
+    assert any(".critic." in n for n in trainable) and any(".default." in n for n in trainable)
+
+
+def test_reference_is_the_start_model_and_updates_stay_in_their_adapter(layout):
+    model, reference, batch = layout
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    expected = reference(**inputs).logits
+    torch.testing.assert_close(model.reference_logits(batch), expected)
+    torch.testing.assert_close(model.values(batch), torch.zeros_like(batch.response_mask))  # zero-initialised head
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    policy_before = model.policy_logits(batch).detach()
+
+    # A value-loss step moves the critic (adapter + head) and leaves the policy and reference untouched.
+    (model.values(batch) - 1).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    torch.testing.assert_close(model.policy_logits(batch).detach(), policy_before)
+    assert model.values(batch).abs().sum() > 0
+
+    # A policy step moves the policy; the reference (adapters off) is still the start model.
+    for _ in range(3):  # LoRA B starts at 0, so the first step only moves B; the logits change from then on
+        logp, _ = response_logprobs(model.policy_logits(batch), batch)
+        (-(logp * batch.response_mask).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (model.policy_logits(batch).detach() - policy_before).abs().max() > 1e-4
+    torch.testing.assert_close(model.reference_logits(batch), expected)
+
+
+def test_merged_policy_drops_the_critic(layout):
+    model, reference, batch = layout
+    merged = model.merged_policy()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference_and_needs_a_model_critic(tokenizer):
+    start = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    with pytest.raises(ValueError, match="critic: adapter needs a LoRA policy"):
+        ActorCritic(start, lora_config=None, critic="adapter")
+    model = ActorCritic(start, lora_config=None, critic="model")
+    assert model.reference is not None and not any(p.requires_grad for p in model.reference.parameters())
+    assert model.critic_backbone is not None
+
+
+def _records(stage_dir):
+    return [json.loads(line) for line in StageDir(stage_dir).metrics.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ppo")
+    path = write_recipe(directory, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], PPO]})
+    runner = Runner(load_recipe(path), runs_dir=directory / "runs", recipe_path=path, in_process=True)
+    return runner, {o.name: o for o in runner.run()}, path
+
+
+def test_ppo_stage_logs_every_step_and_the_over_optimisation_points(ppo_run):
+    runner, outcomes, _ = ppo_run
+    assert outcomes["ppo"].action == "ran"
+    records = _records(runner.run_dir / "ppo")
+    steps = [r for r in records if "step" in r]
+    evals = [r for r in records if "eval_step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert STEP_KEYS <= set(r)
+        assert r["reward/proxy"] == pytest.approx(r["reward/gold"])  # source: gold
+        assert 0 <= r["policy/clip_fraction"] <= 1
+    assert [e["eval_step"] for e in evals] == [0, 2, 4]
+    assert evals[0]["kl"] == 0.0  # before any update the policy is the reference
+    assert all(e["kl_k3"] >= 0 for e in evals)
+    stage = StageDir(runner.run_dir / "ppo")
+    assert (stage.checkpoint / "model.safetensors").exists()
+    assert stage.read_manifest()["summary"]["iterations"] == 4
+
+
+def test_ppo_resume_gives_the_uninterrupted_weights(ppo_run, tmp_path):
+    reference_runner, _, path = ppo_run
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    ppo = StageDir(runs / "tiny" / "ppo")
+    assert (ppo.trainer / "checkpoint-2" / "trainer_state.json").exists()
+    shutil.rmtree(ppo.checkpoint)  # as if killed after the step-2 save
+    ppo.update_manifest(status="running")
+    runner = Runner(load_recipe(path), runs_dir=runs, recipe_path=path, in_process=True, resume=True)
+    outcomes = {o.name: o for o in runner.run()}
+    assert outcomes["ppo"].action == "resumed"
+    expected = load_file(StageDir(reference_runner.run_dir / "ppo").checkpoint / "model.safetensors")
+    resumed = load_file(ppo.checkpoint / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    steps = [r["step"] for r in _records(ppo.root) if "step" in r]
+    assert steps == [1, 2, 3, 4]  # the redone steps replace, not duplicate, the interrupted ones
+
+
+def test_ppo_recipe_errors(tmp_path):
+    def load(stage):
+        return load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}))
+
+    with pytest.raises(RecipeError, match="reward.source: model needs 2 inputs"):
+        load({**PPO, "reward": {"source": "model"}})
+    with pytest.raises(RecipeError, match="with full fine-tuning"):
+        load({**PPO, "lora": None})
+    with pytest.raises(RecipeError, match="multiple of mini_batch_size"):
+        load({**PPO, "mini_batch_size": 5})
+    with pytest.raises(RecipeError, match="penalties combine ensemble members"):
+        load({**PPO, "reward": {"source": "gold", "penalty": "min"}})
+    with pytest.raises(RecipeError, match="package.module:function"):
+        load({**PPO, "reward": {"source": "callable"}})

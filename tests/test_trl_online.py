@@ -1,0 +1,107 @@
+"""GRPO and RLOO stages: TRL's trainers on the tiny recipe with the reward plug-in, and their recipe checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
+
+REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
+FAST = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, "max_steps": 4,
+        "per_device_train_batch_size": 8, "num_generations": 4, "prompts": 32, "max_completion_length": 10,
+        "max_length": 48, "logging_steps": 1, "save_steps": 2, "eval_prompts": 16}
+
+
+@pytest.fixture(scope="module")
+def online_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("online")
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
+                                        {"name": "grpo", "type": "grpo", **FAST},
+                                        {"name": "rloo", "type": "rloo", **FAST}]}
+    runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
+    return runner, {o.name: o.action for o in runner.run()}
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_stage_trains_logs_reward_publishes_and_evaluates(online_run, name):
+    runner, outcomes = online_run
+    assert outcomes[name] == "ran"
+    stage = StageDir(runner.run_dir / name)
+    assert (stage.checkpoint / "model.safetensors").exists()
+    assert not (stage.checkpoint / "adapter_config.json").exists()  # LoRA merged: loads like any checkpoint
+    records = [json.loads(line) for line in stage.metrics.read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all("rewards/alignpipe_gold/mean" in r and "rewards/ensemble_std" not in r for r in steps)
+    final = records[-1]
+    assert final["final_evaluation"] and final["step"] == 4
+    lo, hi = final["gold_reward_ci95"]
+    assert lo <= final["gold_reward"] <= hi
+    assert final["proxy_reward"] == pytest.approx(final["gold_reward"], abs=1e-6)  # gold source: proxy is gold
+    assert final["ensemble_std"] is None and final["kl_initial_k3"] >= 0
+    summary = stage.read_manifest()["summary"]
+    assert summary["global_step"] == 4 and summary["first_reward"] is not None
+    assert (stage.trainer / "checkpoint-4" / "reward_source.json").exists()
+
+
+def test_grpo_keeps_the_reference_only_when_beta_is_set(online_run):
+    runner, _ = online_run
+    records = [json.loads(line) for line in StageDir(runner.run_dir / "grpo").metrics.read_text().splitlines()]
+    assert all("kl" in r for r in records if "reward" in r)  # beta 0.04 by default: TRL logs the KL term
+
+
+def test_grpo_with_a_reward_ensemble_logs_its_std_and_saves_the_penalty_state(tmp_path):
+    rm = {**REWARD, "top_layers": 1, "learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_length": 48,
+          "heldout_fraction": 0.25}
+    grpo = {"name": "grpo", "type": "grpo", **FAST, "inputs": ["sft", "rm"], "max_steps": 2,
+            "reward": {"source": "model", "penalty": "mean_minus_std", "penalty_coef": 1.0}}
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], rm, grpo]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    runner.run()
+    stage = StageDir(runner.run_dir / "grpo")
+    records = [json.loads(line) for line in stage.metrics.read_text().splitlines()]
+    assert all(r["rewards/ensemble_std"] > 0 for r in records if "reward" in r)
+    assert records[-1]["ensemble_std"] > 0 and records[-1]["proxy_reward"] != records[-1]["gold_reward"]
+    state = json.loads((stage.trainer / "checkpoint-2" / "reward_source.json").read_text())
+    assert state["running_std"]["count"] == 2 * 8  # two generation batches of 8 completions folded into u-bar
+
+
+@pytest.fixture
+def check(tmp_path):
+    def load(*stages: dict):
+        return load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], *stages]}))
+    return load
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_valid_combinations(check, kind):
+    recipe = check(REWARD, {"name": "rl", "type": kind, "inputs": ["sft", "rm"],
+                            "reward": {"penalty": "mean_minus_std", "penalty_coef": 0.5}})
+    stage = recipe.stage("rl")
+    assert isinstance(stage, GRPOStage if kind == "grpo" else RLOOStage) and stage.lora is not None
+    assert stage.num_generations == (8 if kind == "grpo" else 2)
+
+
+@pytest.mark.parametrize(("kind", "stage", "message"), [
+    ("grpo", {"per_device_train_batch_size": 6, "num_generations": 4}, r"grpo\.num_generations: .*multiple of"),
+    ("rloo", {"gradient_accumulation_steps": 3, "per_device_train_batch_size": 1}, "multiple of num_generations"),
+    ("grpo", {"num_generations": 1}, r"grpo\.num_generations"),
+    ("grpo", {"max_completion_length": 64, "max_length": 64}, r"max_completion_length: must be < max_length"),
+    ("rloo", {"reward": {"source": "model"}}, "reward.source: model needs 2 inputs"),
+    ("grpo", {"reward": {"source": "gold", "penalty": "mean_minus_std", "penalty_coef": 1.0}},
+     "penalties combine ensemble members"),
+    ("rloo", {"inputs": ["sft", "sft"]}, "second input is only read with reward.source: model"),
+    ("grpo", {"inputs": ["sft", "sft"], "reward": {"source": "model"}}, "not a reward stage"),
+    ("rloo", {"inputs": ["rm"], "reward": {"source": "gold"}}, "is a reward stage"),
+    ("grpo", {"beta": -0.1}, r"grpo\.beta"),
+    ("rloo", {"num_generation": 4}, "did you mean 'num_generations'"),
+])
+def test_bad_combinations_are_recipe_errors(check, kind, stage, message):
+    defaults = {"name": kind, "type": kind, "inputs": ["sft"], "reward": {"source": "gold"}}
+    with pytest.raises(RecipeError, match=message):
+        check(REWARD, {**defaults, **stage})

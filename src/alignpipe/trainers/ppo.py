@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.evaluation.best_of_n import fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
 from alignpipe.evaluation.metrics import mean_with_ci
 from alignpipe.io import atomic_write_json, atomic_write_text
@@ -328,4 +329,19 @@ def run(ctx: StageContext) -> dict:
     evaluations = _evaluations(ctx.dir.metrics, loop.step)
     peak = max(evaluations, key=lambda e: e["gold_reward"])
     return {"iterations": loop.step, "wall_time_s": round(time.time() - started, 1),
-            "final": evaluations[-1], "peak_gold": {k: peak[k] for k in ("eval_step", "gold_reward", "kl")}}
+            "final": evaluations[-1], "peak_gold": {k: peak[k] for k in ("eval_step", "gold_reward", "kl")},
+            "gao_rl_fit": _gao_fit(evaluations)}
+
+
+def _gao_fit(evaluations: list[dict]) -> dict | None:
+    """Gao et al.'s RL form ``R(d) = d(α − β log d)`` on gold gain vs d = √KL (§15a); None with < 2 points."""
+    points = [(e["sqrt_kl"], e["gold_reward"] - evaluations[0]["gold_reward"]) for e in evaluations[1:]]
+    points = [(d, r) for d, r in points if d > 0]
+    if len(points) < 2:
+        return None
+    fit = fit_rl([d for d, _ in points], [r for _, r in points])
+    return {"alpha": fit.alpha, "beta": fit.beta, "peak_sqrt_kl": _finite(fit.peak_d), "peak_gain": _finite(fit.peak_r)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

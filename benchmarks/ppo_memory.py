@@ -1,0 +1,120 @@
+"""Peak memory of one PPO iteration vs one SFT step on the same LoRA model (issue target: <= 1.3x).
+
+Each measurement runs in its own subprocess (peak RSS is per process, ``ru_maxrss``), on a randomly initialised
+Llama-style model created locally (no downloads):
+
+* SFT step: the model with a LoRA adapter, forward + backward + AdamW step on ``batch`` sequences of
+  ``prompt + response`` tokens;
+* PPO iteration: :class:`alignpipe.trainers.actor_critic.ActorCritic` with the memory-lean layout (policy and critic
+  LoRA adapters on one base, reference = adapters off), sampling ``batch`` responses, old / reference log-probs and
+  values, then one minibatch update of the clipped policy + value loss with AdamW — the PPO stage's own code path.
+
+Printed: peak RSS of each process, the same minus the RSS after imports (what the model and the step add), and the
+PPO/SFT ratios of both. Run on demand::
+
+    .venv/bin/python benchmarks/ppo_memory.py [--hidden 512 --layers 8 --batch 16 --new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(mode: str, args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
+    from alignpipe.losses.ppo import clipped_policy_loss, clipped_value_loss, gae, masked_whiten
+    from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+    from alignpipe.tasks import sample_tasks, tokenizer_corpus
+    from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
+
+    torch.set_num_threads(1)
+    tokenizer = train_tokenizer(tokenizer_corpus(n=400), 160)
+    baseline = _rss_mib()
+    model = build_tiny_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
+                             intermediate_size=4 * args.hidden, max_position_embeddings=256, seed=0)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    prompts = [t.prompt for t in sample_tasks(args.batch, 0)]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, prompts)]
+    responses = [[5] * args.new_tokens for _ in prompts]  # same shape as a full-length rollout
+    batch = RolloutTensors.build(prompt_ids, responses, tokenizer.pad_token_id)
+
+    if mode == "sft":
+        policy = get_peft_model(model, lora)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids).logits
+        logp, _ = response_logprobs(logits, batch)
+        (-(logp * batch.response_mask).sum() / batch.response_mask.sum()).backward()
+        optimizer.step()
+    else:
+        actor_critic = ActorCritic(model, lora_config=lora, critic="adapter").eval()
+        optimizer = torch.optim.AdamW(actor_critic.trainable_parameters(), lr=1e-4)
+        with actor_critic.generating() as policy:
+            settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=args.batch, seed=0)
+            generate(policy, tokenizer, prompts, settings, desc="rollout")
+        with torch.no_grad():
+            old, _ = response_logprobs(actor_critic.policy_logits(batch), batch)
+            response_logprobs(actor_critic.reference_logits(batch), batch)
+            values = actor_critic.values(batch)
+        mask = batch.response_mask
+        rewards = torch.zeros_like(mask)
+        rewards[:, -1] = 1.0
+        advantages, returns = gae(rewards, values, mask, 1.0, 0.95)
+        advantages = masked_whiten(advantages, mask)
+        logp, _ = response_logprobs(actor_critic.policy_logits(batch), batch)
+        policy_loss, _ = clipped_policy_loss(logp, old, advantages, mask, 0.2)
+        value_loss, _ = clipped_value_loss(actor_critic.values(batch), values, returns, mask, 0.2)
+        (policy_loss + 0.5 * value_loss).backward()
+        optimizer.step()
+    return {"mode": mode, "baseline_mib": baseline, "peak_mib": _peak_mib()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--mode", choices=["sft", "ppo"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(measure(args.mode, args)))
+        return
+    forwarded = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
+                 "--new-tokens", str(args.new_tokens)]
+    results = {}
+    for mode in ("sft", "ppo"):
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, *forwarded], check=True,
+                             capture_output=True, text=True).stdout
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+    sft, ppo = results["sft"], results["ppo"]
+    added = {m: r["peak_mib"] - r["baseline_mib"] for m, r in results.items()}
+    print(f"model: hidden {args.hidden}, {args.layers} layers, LoRA r=16 all-linear; batch {args.batch}, "
+          f"{args.new_tokens} response tokens")
+    print(f"peak RSS   SFT step {sft['peak_mib']:8.1f} MiB   PPO iteration {ppo['peak_mib']:8.1f} MiB   "
+          f"ratio {ppo['peak_mib'] / sft['peak_mib']:.2f}x")
+    print(f"added RSS  SFT step {added['sft']:8.1f} MiB   PPO iteration {added['ppo']:8.1f} MiB   "
+          f"ratio {added['ppo'] / added['sft']:.2f}x   (peak minus the RSS after imports)")
+
+
+if __name__ == "__main__":
+    main()

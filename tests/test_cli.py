@@ -27,7 +27,7 @@ def test_help_explains_each_command(argv, expected, capsys):
 
 def test_validate_accepts_the_quickstart(capsys):
     assert main(["validate", str(REPO / "recipes" / "quickstart.yaml")]) == 0
-    assert "sft(sft) -> reward(reward) -> dpo(dpo) -> osp(osp) -> eval(eval)" in capsys.readouterr().out
+    assert "sft(sft) -> reward(reward) -> dpo(dpo) -> osp(osp) -> ppo(ppo) -> eval(eval)" in capsys.readouterr().out
 
 
 def test_validate_rejects_a_bad_override_naming_file_and_key(tiny_recipe_path, capsys):

@@ -7,7 +7,7 @@ Llama-style model created locally (no downloads):
   ``prompt + response`` tokens;
 * PPO iteration: :class:`alignpipe.trainers.actor_critic.ActorCritic` with the memory-lean layout (policy and critic
   LoRA adapters on one base, reference = adapters off), sampling ``batch`` responses, old / reference log-probs and
-  values, then one minibatch update of the clipped policy + value loss with AdamW — the PPO stage's own code path.
+  values, then one minibatch update (``alignpipe.trainers.ppo.minibatch_backward``, the PPO stage's own code) with AdamW.
 
 Printed: peak RSS of each process, the same minus the RSS after imports (what the model and the step add), and the
 PPO/SFT ratios of both. Run on demand::
@@ -22,6 +22,7 @@ import json
 import resource
 import subprocess
 import sys
+from types import SimpleNamespace
 
 
 def _rss_mib() -> float:
@@ -41,10 +42,11 @@ def measure(mode: str, args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
-    from alignpipe.losses.ppo import clipped_policy_loss, clipped_value_loss, gae, masked_whiten
+    from alignpipe.losses.ppo import gae, masked_whiten
     from alignpipe.models.tiny import build_tiny_model, train_tokenizer
     from alignpipe.tasks import sample_tasks, tokenizer_corpus
     from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
+    from alignpipe.trainers.ppo import minibatch_backward
 
     torch.set_num_threads(1)
     tokenizer = train_tokenizer(tokenizer_corpus(n=400), 160)
@@ -73,17 +75,15 @@ def measure(mode: str, args) -> dict:
             generate(policy, tokenizer, prompts, settings, desc="rollout")
         with torch.no_grad():
             old, _ = response_logprobs(actor_critic.policy_logits(batch), batch)
-            response_logprobs(actor_critic.reference_logits(batch), batch)
+            ref, _ = response_logprobs(actor_critic.reference_logits(batch), batch)
             values = actor_critic.values(batch)
         mask = batch.response_mask
         rewards = torch.zeros_like(mask)
         rewards[:, -1] = 1.0
         advantages, returns = gae(rewards, values, mask, 1.0, 0.95)
         advantages = masked_whiten(advantages, mask)
-        logp, _ = response_logprobs(actor_critic.policy_logits(batch), batch)
-        policy_loss, _ = clipped_policy_loss(logp, old, advantages, mask, 0.2)
-        value_loss, _ = clipped_value_loss(actor_critic.values(batch), values, returns, mask, 0.2)
-        (policy_loss + 0.5 * value_loss).backward()
+        settings = SimpleNamespace(clip_range=0.2, clip_range_value=0.2, vf_coef=0.5, kl_loss_coef=0.0)
+        minibatch_backward(actor_critic, batch, old, ref, values, advantages, returns, settings)
         optimizer.step()
     return {"mode": mode, "baseline_mib": baseline, "peak_mib": _peak_mib()}
 

@@ -94,6 +94,42 @@ class Rollout:
     stats: dict[str, float]
 
 
+def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_logp, old_values, advantages,
+                       returns, settings, *, where: str = "") -> dict[str, float]:
+    """Backpropagate one minibatch's PPO loss: the policy terms first, then the value term.
+
+    Two backward passes instead of one: the policy forward's activations are freed before the critic's forward, so
+    a PPO update holds one forward's activations at a time, as an SFT step does. The gradients are the same, since
+    the policy and the critic train disjoint parameters. Non-finite losses raise before any optimizer step.
+    ``settings`` carries ``clip_range``, ``clip_range_value``, ``vf_coef`` and ``kl_loss_coef`` (a PPO stage config).
+    """
+    mask = batch.response_mask
+    logp, logits = response_logprobs(model.policy_logits(batch), batch)
+    policy_loss, policy_stats = clipped_policy_loss(logp, old_logp, advantages, mask, settings.clip_range)
+    loss = policy_loss
+    if settings.kl_loss_coef:
+        loss = loss + settings.kl_loss_coef * squared_log_ratio_loss(logp, ref_logp, mask)
+    _require_finite(loss, "policy", where)
+    loss.backward()
+    entropy = entropy_from_logits(logits.detach(), mask)
+    del logp, logits, loss
+
+    values = model.values(batch)
+    value_loss, value_stats = clipped_value_loss(values, old_values, returns, mask, settings.clip_range_value)
+    _require_finite(value_loss, "value", where)
+    (settings.vf_coef * value_loss).backward()
+    stats = {"loss/policy": policy_loss, "loss/value": value_loss, "policy/clip_fraction": policy_stats["clip_fraction"],
+             "policy/approx_kl": policy_stats["approx_kl"], "value/clip_fraction": value_stats["clip_fraction"],
+             "policy/entropy": entropy}
+    return {key: float(torch.as_tensor(value).detach()) for key, value in stats.items()}
+
+
+def _require_finite(loss: torch.Tensor, name: str, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"PPO {name} loss is {loss.item()} at {where}; stopping before the optimizer step "
+                                 "(the last saved state is intact)")
+
+
 class PPOLoop:
     """State and steps of one PPO stage (kept as an object so resume restores exactly this state)."""
 
@@ -179,31 +215,15 @@ class PPOLoop:
             permutation = torch.randperm(n, generator=order)
             for start in range(0, n, s.mini_batch_size):
                 index = permutation[start:start + s.mini_batch_size]
-                batch, mask = rollout.batch.select(index), rollout.batch.response_mask[index]
-                logp, logits = response_logprobs(self.model.policy_logits(batch), batch)
-                policy_loss, policy_stats = clipped_policy_loss(logp, rollout.logp[index], rollout.advantages[index],
-                                                                mask, s.clip_range)
-                values = self.model.values(batch)
-                value_loss, value_stats = clipped_value_loss(values, rollout.values[index], rollout.returns[index],
-                                                             mask, s.clip_range_value)
-                loss = policy_loss + s.vf_coef * value_loss
-                if s.kl_loss_coef:
-                    loss = loss + s.kl_loss_coef * squared_log_ratio_loss(logp, rollout.ref_logp[index], mask)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"PPO loss is {loss.item()} at iteration {self.step}; stopping before "
-                                             "the update (the last saved state is intact)")
+                batch = rollout.batch.select(index)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step_stats = minibatch_backward(
+                    self.model, batch, rollout.logp[index], rollout.ref_logp[index], rollout.values[index],
+                    rollout.advantages[index], rollout.returns[index], s, where=f"iteration {self.step}")
                 torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), s.max_grad_norm)
                 self.optimizer.step()
-                for key, value in {
-                    "loss/policy": policy_loss, "loss/value": value_loss,
-                    "policy/clip_fraction": policy_stats["clip_fraction"],
-                    "policy/approx_kl": policy_stats["approx_kl"],
-                    "value/clip_fraction": value_stats["clip_fraction"],
-                    "policy/entropy": entropy_from_logits(logits.detach(), mask),
-                }.items():
-                    totals.setdefault(key, []).append(float(torch.as_tensor(value).detach()))
+                for key, value in step_stats.items():
+                    totals.setdefault(key, []).append(value)
         stats = {key: sum(v) / len(v) for key, v in totals.items()}
         stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
                                                                      rollout.batch.response_mask))

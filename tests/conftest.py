@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ALIGNPIPE_CACHE", tempfile.mkdtemp(prefix="alignpipe-test-cache-"))  # never ~/.cache
 
 import torch  # noqa: E402
 

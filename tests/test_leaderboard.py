@@ -119,16 +119,16 @@ def test_markdown_table_rows_cis_and_directions():
     header = next(ln for ln in lines if ln.startswith("| rank"))
     assert header == (
         "| rank | checkpoint | gold_reward ↑ | kl_ref_k1 | truncation_rate ↓ | win_rate_vs_ref ↑ "
-        "| len_tokens_mean | n |"
+        "| len_tokens_mean | n | flags |"
     )
     assert rows[0] == (
         "| 1 | dpo | 0.410 [0.370, 0.450] | 6.20 [5.90, 6.50] (n=8000) | 0.0500 [0.0400, 0.0600] "
-        "| 0.580 [0.550, 0.610] | 212 [208, 217] | 2000 |"
+        "| 0.580 [0.550, 0.610] | 212 [208, 217] | 2000 |  |"
     )
     # CI bounds take the value's decimals so they line up; missing metrics are "–".
     assert rows[2] == (
         "| 3 | base | 0.000 [-0.040, 0.040] | 0.000 [0.000, 0.000] (n=8000) | 0.100 [0.080, 0.120] "
-        "| – | – | 2000 |"
+        "| – | – | 2000 | truncation 10% > 5% |"
     )
     assert "`gold`" in md and "primary metric `gold_reward` ↑" in md and "`quick_dpo_s1`" in md
     assert "- `truncation_rate`: ↓ lower is better" in md
@@ -149,7 +149,7 @@ def test_write_load_round_trip(tmp_path):
     lb = build()
     json_path, md_path = write_leaderboard(lb, tmp_path / "runs" / "r1")
     assert (json_path.name, md_path.name) == ("leaderboard.json", "leaderboard.md")
-    assert sorted(p.name for p in json_path.parent.iterdir()) == ["leaderboard.json", "leaderboard.md"]
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["leaderboard.csv", "leaderboard.json", "leaderboard.md"]
     assert load_leaderboard(json_path) == lb
     assert json_path.read_text(encoding="utf-8").endswith("}\n")
     assert md_path.read_text(encoding="utf-8") == render_markdown(lb)
@@ -188,7 +188,7 @@ def test_failed_write_keeps_old_files_and_leaves_no_temp_files(tmp_path):
     with pytest.raises(KeyError):
         write_leaderboard(unrenderable, tmp_path)
     assert json_path.read_bytes() == old_json and md_path.read_bytes() == old_md
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.json", "leaderboard.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard.csv", "leaderboard.json", "leaderboard.md"]
 
 
 def test_atomic_write_text_cleans_up_when_writing_fails(tmp_path):
@@ -209,3 +209,24 @@ def test_atomic_write_json_format_nan_and_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_flags_csv_and_merge(tmp_path):
+    from alignpipe.evaluation.leaderboard import checkpoint_flags, merge_leaderboards, render_csv
+
+    assert checkpoint_flags({"kl_ref_k3": {"value": 12.0}}) == ["KL 12 > budget 10"]
+    flags = checkpoint_flags({"win_rate_vs_ref": {"value": 0.75}, "lc_win_rate_vs_ref": {"value": 0.45}})
+    assert len(flags) == 1 and "LC" in flags[0]
+    lb = build()
+    rows = render_csv(lb).splitlines()
+    assert rows[0].startswith("rank,checkpoint,gold_reward,gold_reward_lo,gold_reward_hi,gold_reward_n")
+    assert rows[1].startswith("1,dpo,0.41,0.37,0.45,2000") and rows[3].endswith("truncation 10% > 5%")
+    for name in ("a", "b"):
+        write_leaderboard({**lb, "run": {**lb["run"], "name": name}}, tmp_path / name)
+    merged = merge_leaderboards([tmp_path / "a" / "leaderboard.json", tmp_path / "b" / "leaderboard.json"])
+    assert [r["name"] for r in merged["checkpoints"]][:2] == ["a/dpo", "b/dpo"]
+    assert len(merged["config"]["sources"]) == 2
+    other = {**lb, "suite": {"name": "alpaca-eval", "primary_metric": "gold_reward"}}
+    write_leaderboard(other, tmp_path / "c")
+    with pytest.raises(ValueError, match="one suite at a time"):
+        merge_leaderboards([tmp_path / "a" / "leaderboard.json", tmp_path / "c" / "leaderboard.json"])

@@ -24,3 +24,24 @@ def test_eval_command_on_a_run_directory(completed_tiny_run, tmp_path, capsys):
 def test_eval_command_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_re_running_eval_is_served_from_the_cache(completed_tiny_run, tmp_path, monkeypatch):
+    """Second run: no generation and no model load at all; the same numbers (the JSON minus its date)."""
+    import alignpipe.evaluation.harness as harness
+
+    runner, _ = completed_tiny_run
+    args = ["eval", str(runner.run_dir), "--reference", str(runner.run_dir / "sft" / "checkpoint"),
+            "--n-prompts", "12", "--max-new-tokens", "8", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+
+    def fail(*a, **k):
+        raise AssertionError("the second evaluation generated or loaded a model")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    first, second = (json.loads((tmp_path / d / "leaderboard.json").read_text()) for d in ("first", "second"))
+    first.pop("date"), second.pop("date")
+    assert first == second
+    assert any((tmp_path / "cache" / "generations").rglob("*.json"))

@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
     validate.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
 
-    evaluate = commands.add_parser("eval", help="evaluate checkpoints on the synthetic suite",
+    merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",
+                                description="Merge leaderboard.json files (run directories or files) of one suite "
+                                "into one ranked table, rows named <run>/<checkpoint>.")
+    merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
+    merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
+                       help="directory for the merged leaderboard.{json,md,csv} (default: leaderboard-merged)")
+    evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite (default: synthetic)",
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=24, help="default: 24")
     evaluate.add_argument("--batch-size", type=int, default=64, help="default: 64")
     evaluate.add_argument("--seed", type=int, default=1234, help="sampling and prompt seed (default: 1234)")
+    evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
+                          "hh-harmless); without it: the synthetic prompts with the options below")
+    evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model")
+    evaluate.add_argument("--cache-dir", type=Path, help="generation/log-prob cache, reused across runs (default: "
+                          "$ALIGNPIPE_CACHE/eval or ~/.cache/alignpipe/eval)")
+
+    report = commands.add_parser("report", help="write a self-contained HTML report of a run directory",
+                                 description="Write RUN_DIR/report.html: leaderboard with flags, reward vs sqrt(KL) "
+                                 "with Gao fits, win rate vs length, reward-model calibration and training curves, "
+                                 "plots inlined (no other files, no JavaScript). The eval stage writes it too.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory, e.g. runs/quickstart")
+    report.add_argument("--kl-budget", type=float, default=10.0,
+                        help="flag checkpoints whose KL to the reference exceeds this many nats (default: 10)")
     return parser
 
 
@@ -141,18 +160,52 @@ def _print_summary(runner, outcomes) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from alignpipe.evaluation.standalone import evaluate_paths
+    from alignpipe.evaluation.standalone import evaluate_paths, evaluate_suite
 
     try:
+        if args.suite:
+            json_path, md_path = evaluate_suite(args.checkpoints, suite=args.suite, reference=args.reference,
+                                                judge=args.judge, out=args.out, cache_dir=args.cache_dir)
+            print(md_path.read_text())
+            print(f"wrote {json_path} and {md_path}")
+            return 0
         json_path, md_path = evaluate_paths(
             args.checkpoints, reference=args.reference, out=args.out, n_prompts=args.n_prompts,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir,
         )
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _cmd_leaderboard(args) -> int:
+    from alignpipe.evaluation.leaderboard import merge_leaderboards, write_leaderboard
+
+    paths = [p / "leaderboard.json" if p.is_dir() else p for p in args.sources]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"error: no leaderboard at {', '.join(missing)} (run the recipe's eval stage or `alignpipe eval` first)",
+              file=sys.stderr)
+        return 2
+    try:
+        _, md_path = write_leaderboard(merge_leaderboards(paths), args.out)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(md_path.read_text())
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from alignpipe.evaluation.report import write_report
+
+    if not args.run_dir.is_dir():
+        print(f"error: {args.run_dir} is not a run directory", file=sys.stderr)
+        return 2
+    print(f"wrote {write_report(args.run_dir, kl_budget=args.kl_budget)}")
     return 0
 
 
@@ -172,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval}[args.command]
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval,
+               "leaderboard": _cmd_leaderboard, "report": _cmd_report}[args.command]
     return handler(args)
 
 

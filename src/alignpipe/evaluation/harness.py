@@ -1,8 +1,12 @@
 """The shared evaluation harness: sample every checkpoint on the same held-out prompts, judge, and measure.
 
-Used by the ``eval`` stage and by ``alignpipe eval``, so every number on a leaderboard is computed the same way:
-gold reward (95 % bootstrap CI), win rate against the reference checkpoint under the pairwise gold judge (both
-orders, ties 0.5), Monte-Carlo sequence KL to the reference (k1 and k3), response length and truncation rate.
+Used by the ``eval`` stage, ``alignpipe eval`` and the training-time evaluations of the iterative and online stages,
+so every number on a leaderboard is computed the same way: gold reward (95 % bootstrap CI), win rate against the
+reference checkpoint under the pairwise judge (both orders, ties 0.5) and its length-controlled version, Monte-Carlo
+sequence KL to the reference (k1 and k3), response length, truncation rate, distinct-1/2 and repetition.
+
+With an :class:`alignpipe.evaluation.cache.EvalCache`, generations and log-probabilities are looked up by content
+hash first; a checkpoint whose samples and log-probs are all cached is not even loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from alignpipe.evaluation.cache import EvalCache
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
@@ -19,6 +25,7 @@ from alignpipe.evaluation.generation import (
     sequence_logprobs,
 )
 from alignpipe.evaluation.leaderboard import CheckpointResult
+from alignpipe.evaluation.length_control import length_controlled_win_rate
 from alignpipe.evaluation.metrics import (
     kl_k1,
     kl_k3,
@@ -55,6 +62,54 @@ class CheckpointSamples:
     logp_policy: list[float]
     logp_reference: list[float]
     preferences: list[float]  # per prompt, vs the reference's response, averaged over both orders
+    reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
+
+
+class _Model:
+    """A checkpoint's model and tokenizer, loaded on first use (a fully cached checkpoint is never loaded)."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str):
+        self.checkpoint, self.dtype = checkpoint, dtype
+        self._loaded = None
+
+    def get(self):
+        if self._loaded is None:
+            self._loaded = (load_causal_lm(self.checkpoint.path, dtype=self.dtype), load_tokenizer(self.checkpoint.path))
+        return self._loaded
+
+    def tokenizer(self):
+        """The tokenizer alone (cheap; e.g. to fit prompts to a length) without loading the weights."""
+        return self._loaded[1] if self._loaded is not None else load_tokenizer(self.checkpoint.path)
+
+    def release(self) -> None:
+        self._loaded = None
+        gc.collect()
+
+
+def _generations(model: _Model, prompts: list[str], settings: GenerationSettings, cache: EvalCache | None):
+    weights = model.checkpoint.weights_sha256
+    key = EvalCache.generation_key(weights, prompts, settings) if cache and weights else None
+    cached = cache.get_generations(key) if key else None
+    if cached is not None:
+        return cached
+    policy, tokenizer = model.get()
+    generations = generate(policy, tokenizer, prompts, settings, desc=f"sampling {model.checkpoint.name}")
+    if key:
+        cache.put_generations(key, generations)
+    return generations
+
+
+def _logprobs(model: _Model, generations: list[Generation], batch_size: int, cache: EvalCache | None) -> list[float]:
+    weights = model.checkpoint.weights_sha256
+    key = EvalCache.logprob_key(weights, generations) if cache and weights else None
+    cached = cache.get_floats(key) if key else None
+    if cached is not None:
+        return cached
+    scorer, tokenizer = model.get()
+    values = sequence_logprobs(scorer, tokenizer, generations, batch_size=batch_size)
+    if key:
+        cache.put_floats(key, values)
+    return values
 
 
 def evaluate_checkpoints(
@@ -66,27 +121,24 @@ def evaluate_checkpoints(
     *,
     dtype: str = "auto",
     bootstrap_resamples: int = 1000,
+    cache: EvalCache | None = None,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
 
-    Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples).
+    Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples),
+    and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached).
     """
-    ref_tokenizer = load_tokenizer(reference.path)
-    ref_model = load_causal_lm(reference.path, dtype=dtype)
-    ref_generations = generate(ref_model, ref_tokenizer, prompts, settings, desc=f"sampling {reference.name}")
+    ref_model = _Model(reference, dtype)
+    ref_generations = _generations(ref_model, prompts, settings, cache)
     results, all_samples = [], []
     for checkpoint in checkpoints:
-        if checkpoint.path == reference.path:
-            model, tokenizer, generations = ref_model, ref_tokenizer, ref_generations
-        else:
-            tokenizer = load_tokenizer(checkpoint.path)
-            model = load_causal_lm(checkpoint.path, dtype=dtype)
-            generations = generate(model, tokenizer, prompts, settings, desc=f"sampling {checkpoint.name}")
-        logp_policy = sequence_logprobs(model, tokenizer, generations, batch_size=settings.batch_size)
-        logp_reference = sequence_logprobs(ref_model, ref_tokenizer, generations, batch_size=settings.batch_size)
-        if model is not ref_model:
-            del model
-            gc.collect()
+        same = checkpoint.path == reference.path
+        model = ref_model if same else _Model(checkpoint, dtype)
+        generations = ref_generations if same else _generations(model, prompts, settings, cache)
+        logp_policy = _logprobs(model, generations, settings.batch_size, cache)
+        logp_reference = _logprobs(ref_model, generations, settings.batch_size, cache)
+        if not same:
+            model.release()
         samples = _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_reference)
         results.append(CheckpointResult(
             name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
@@ -107,7 +159,8 @@ def _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_re
         )
         for g, r in zip(generations, ref_generations, strict=True)
     ]
-    return CheckpointSamples(checkpoint, generations, rewards, logp_policy, logp_reference, preferences)
+    return CheckpointSamples(checkpoint, generations, rewards, logp_policy, logp_reference, preferences,
+                             [len(r.response_ids) for r in ref_generations])
 
 
 def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, seed: int) -> dict:
@@ -120,8 +173,16 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
         "kl_ref_k3": mean_with_ci(kl_k3(samples.logp_policy, samples.logp_reference), resamples=bootstrap_resamples,
                                   seed=seed, higher_is_better=None),
     }
-    metrics.update(length_stats([len(g.response_ids) for g in samples.generations],
-                                [g.truncated for g in samples.generations], resamples=bootstrap_resamples, seed=seed))
+    lengths = [len(g.response_ids) for g in samples.generations]
+    metrics.update(length_stats(lengths, [g.truncated for g in samples.generations], resamples=bootstrap_resamples,
+                                seed=seed))
+    if samples.reference_lengths is not None:
+        metrics["lc_win_rate_vs_ref"] = length_controlled_win_rate(
+            samples.preferences, lengths, samples.reference_lengths, resamples=bootstrap_resamples, seed=seed)
+    responses = [g.response for g in samples.generations]
+    metrics["distinct_1"] = distinct_n(responses, 1)
+    metrics["distinct_2"] = distinct_n(responses, 2)
+    metrics["repetition_4"] = mean_repetition_rate(responses, 4, resamples=bootstrap_resamples, seed=seed)
     return metrics
 
 

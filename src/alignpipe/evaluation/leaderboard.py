@@ -1,13 +1,16 @@
 """Leaderboard: one versioned JSON record per suite plus a Markdown table generated from it.
 
 The JSON is the source of truth (EVALUATION.md §9 envelope: ``schema_version``, ``run``, ``suite``, ``config``,
-``higher_is_better``, ``env``, ``date``); ``leaderboard.md`` is rendered from it and never hand-edited (§10).
+``higher_is_better``, ``env``, ``date``); ``leaderboard.md`` and ``leaderboard.csv`` are rendered from it and never
+hand-edited (§10), with per-row flags (truncation above 5 %, KL above a budget, LC vs raw win-rate disagreement).
 Checkpoints are ranked by the suite's primary metric, in that metric's declared direction.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import math
 import os
@@ -15,12 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alignpipe.evaluation.length_control import lc_gap_warning
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.io import atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = "1.0"
 _REQUIRED_KEYS = ("schema_version", "run", "suite", "config", "checkpoints", "higher_is_better", "env", "date")
 _MISSING = "–"
+KL_BUDGET = 10.0  # nats per sequence (k3) above which a row is flagged
+MAX_TRUNCATION = 0.05  # responses without EOS above which a row is flagged (EVALUATION.md §10)
 _ARROW = {True: "↑", False: "↓", None: ""}
 _DIRECTION = {True: "↑ higher is better", False: "↓ lower is better", None: "no preferred direction (diagnostic)"}
 
@@ -115,8 +121,8 @@ def render_markdown(leaderboard: dict) -> str:
         f"Suite `{suite['name']}` · primary metric `{primary}` {_ARROW[directions[primary]]} · run `{run_name}` · "
         f"{leaderboard['date']} · schema {leaderboard['schema_version']}",
         "",
-        _row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n"]),
-        _row(["---:", "---", *("---" for _ in metrics), "---:"]),
+        _row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags"]),
+        _row(["---:", "---", *("---" for _ in metrics), "---:", "---"]),
     ]
     for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
         res = ckpt["results"]
@@ -124,11 +130,77 @@ def render_markdown(leaderboard: dict) -> str:
         cells = [str(rank) if primary in res else _MISSING, _escape(ckpt["name"])]
         cells += [_cell(res.get(m), row_n) for m in metrics]
         cells.append(_MISSING if row_n is None else str(row_n))
+        cells.append("; ".join(checkpoint_flags(res)) or "")
         lines.append(_row(cells))
     lines += ["", "Metric directions:", ""]
     lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
     lines += _reward_table(leaderboard.get("reward_models") or [])
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, max_truncation: float = MAX_TRUNCATION) -> list[str]:
+    """Warnings a reader must see beside a row (EVALUATION.md §10): truncation, KL budget, LC vs raw win rate."""
+    flags = []
+    truncation = (results.get("truncation_rate") or {}).get("value")
+    if truncation is not None and truncation > max_truncation:
+        flags.append(f"truncation {truncation:.0%} > {max_truncation:.0%}")
+    kl = (results.get("kl_ref_k3") or {}).get("value")
+    if kl is not None and kl > kl_budget:
+        flags.append(f"KL {kl:.3g} > budget {kl_budget:g}")
+    raw, lc = (results.get("win_rate_vs_ref") or {}).get("value"), (results.get("lc_win_rate_vs_ref") or {}).get("value")
+    if raw is not None and lc is not None and (warning := lc_gap_warning(raw, lc)):
+        flags.append(warning)
+    return flags
+
+
+def render_csv(leaderboard: dict) -> str:
+    """The policy table as CSV: one row per checkpoint, ``<metric>``, ``<metric>_lo``, ``<metric>_hi``, ``<metric>_n``."""
+    metrics = list(leaderboard["higher_is_better"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "checkpoint", *(f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi", "_n")), "flags"])
+    for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
+        res = ckpt["results"]
+        cells: list = [rank, ckpt["name"]]
+        for m in metrics:
+            entry = res.get(m) or {}
+            ci = entry.get("ci95") or (None, None)
+            cells += [entry.get("value"), ci[0], ci[1], entry.get("n")]
+        writer.writerow(["" if c is None else c for c in cells] + ["; ".join(checkpoint_flags(res))])
+    return buffer.getvalue()
+
+
+def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
+    """One leaderboard from several runs' ``leaderboard.json`` (same suite and primary metric), rows ``run/checkpoint``.
+
+    Rows are re-ranked on the primary metric; each source's run, config and env are kept under ``sources`` so every
+    row stays traceable. Different suites or primary metrics raise ``ValueError`` naming both files.
+    """
+    if not paths:
+        raise ValueError("no leaderboards to merge")
+    boards = [(Path(p), load_leaderboard(p)) for p in paths]
+    first_path, first = boards[0]
+    for path, board in boards[1:]:
+        if board["suite"] != first["suite"]:
+            raise ValueError(f"{path} is suite {board['suite']} but {first_path} is {first['suite']}; merge "
+                             "leaderboards of one suite at a time")
+    primary = first["suite"]["primary_metric"]
+    directions: dict = {}
+    rows, reward_rows, sources = [], [], []
+    for path, board in boards:
+        run = board["run"].get("name") or path.parent.name
+        directions.update(board["higher_is_better"])
+        rows += [{**row, "name": f"{run}/{row['name']}"} for row in board["checkpoints"]]
+        reward_rows += [{**row, "name": f"{run}/{row['name']}"} for row in board.get("reward_models") or []]
+        sources.append({"path": str(path), "run": board["run"], "config": board["config"], "env": board["env"],
+                        "date": board["date"]})
+    sign = -1.0 if directions.get(primary) is not False else 1.0
+    rows.sort(key=lambda r: (primary not in r["results"], sign * (r["results"].get(primary) or {}).get("value", 0.0)))
+    return {
+        "schema_version": SCHEMA_VERSION, "run": {"name": "merged", "sources": len(boards)}, "suite": first["suite"],
+        "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
+        "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
+    }
 
 
 def _reward_table(rows: list[dict]) -> list[str]:
@@ -147,13 +219,14 @@ def _reward_table(rows: list[dict]) -> list[str]:
 
 
 def write_leaderboard(leaderboard: dict, directory: Path) -> tuple[Path, Path]:
-    """Write ``leaderboard.json`` and ``leaderboard.md`` atomically; returns their paths.
+    """Write ``leaderboard.json``, ``leaderboard.csv`` and ``leaderboard.md`` atomically; returns the JSON and md paths.
 
     Both texts are produced before either file is touched, so a bad record leaves the old pair intact.
     """
     directory = Path(directory)
-    markdown = render_markdown(leaderboard)
+    markdown, table = render_markdown(leaderboard), render_csv(leaderboard)
     json_path = atomic_write_json(directory / "leaderboard.json", leaderboard)
+    atomic_write_text(directory / "leaderboard.csv", table)
     md_path = atomic_write_text(directory / "leaderboard.md", markdown)
     return json_path, md_path
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.evaluation.leaderboard import build_leaderboard, write_leaderboard
-from alignpipe.pipeline.rundir import StageDir, package_versions
+from alignpipe.io import atomic_write_json
+from alignpipe.pipeline.rundir import StageDir, directory_hash, package_versions
 from alignpipe.tasks import GoldJudge, heldout_tasks
 
 
@@ -27,18 +30,26 @@ def _expand(spec: str) -> list[Checkpoint]:
     if directory.exists() and not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
-    return [Checkpoint(label, path)]
+    weights = directory_hash(directory) if directory.is_dir() else None  # a hub id has no content hash: not cached
+    return [Checkpoint(label, path, weights)]
+
+
+def default_cache_dir() -> Path:
+    """``$ALIGNPIPE_CACHE/eval``, else ``~/.cache/alignpipe/eval``: generations are reused across invocations."""
+    root = os.environ.get("ALIGNPIPE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "alignpipe") / "eval"
 
 
 def evaluate_paths(
     specs: list[str], *, reference: str | None, out: Path | None, n_prompts: int, max_new_tokens: int,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, cache_dir: Path | None = None,
 ) -> tuple[Path, Path]:
     checkpoints = [c for spec in specs for c in _expand(spec)]
     ref = _expand(reference)[0] if reference else checkpoints[0]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     prompts = [t.prompt for t in heldout_tasks(n_prompts, seed)]
-    results, _ = evaluate_checkpoints(checkpoints, ref, prompts, GoldJudge(), settings)
+    cache = EvalCache(cache_dir or default_cache_dir())
+    results, _ = evaluate_checkpoints(checkpoints, ref, prompts, GoldJudge(), settings, cache=cache)
     leaderboard = build_leaderboard(
         results, run={"name": "alignpipe-eval", "reference": ref.name},
         config={"generation": settings.__dict__, "prompt_set": {"id": f"synthetic/heldout@seed{seed}", "n": n_prompts},
@@ -49,3 +60,22 @@ def evaluate_paths(
         first = Path(specs[0].partition("=")[2] or specs[0])
         out = first if (first / "run.json").exists() else Path("eval-out")
     return write_leaderboard(leaderboard, out)
+
+
+def evaluate_suite(
+    specs: list[str], *, suite: str, reference: str | None, judge: str | None, out: Path | None,
+    cache_dir: Path | None = None,
+) -> tuple[Path, Path]:
+    """``alignpipe eval --suite NAME``: checkpoints on a suite file; writes the suite's leaderboard (json, md, csv)
+    and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only)."""
+    from alignpipe.evaluation.suites import load_suite, run_suite
+
+    spec, suite_hash = load_suite(suite)
+    checkpoints = [c for item in specs for c in _expand(item)]
+    ref = _expand(reference)[0] if reference else None
+    board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
+                      cache=EvalCache(cache_dir or default_cache_dir()))
+    out = out or Path("eval-out") / spec.name
+    for row in board["checkpoints"]:
+        atomic_write_json(out / "results" / f"{row['name']}.json", {**board, "checkpoints": [row]})
+    return write_leaderboard(board, out)

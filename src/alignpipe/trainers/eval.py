@@ -9,6 +9,7 @@ import json
 import logging
 
 from alignpipe.data.synthetic import evaluation_tasks
+from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
 from alignpipe.evaluation.leaderboard import (
@@ -60,6 +61,7 @@ def run(ctx: StageContext) -> dict:
     results, samples = evaluate_checkpoints(
         checkpoints, reference, prompts, GoldJudge(), settings,
         dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples,
+        cache=EvalCache(ctx.run_dir.parent / ".cache" / "eval"),  # shared by the runs in one runs directory
     )
     samples_dir = ctx.dir.root / "samples"
     for checkpoint_samples in samples:
@@ -82,4 +84,10 @@ def run(ctx: StageContext) -> dict:
     atomic_write_json(ctx.dir.root / "results.json", leaderboard)
     json_path, md_path = write_leaderboard(leaderboard, ctx.run_dir)
     log.info("[%s] leaderboard written to %s and %s", ctx.dir.name, json_path, md_path)
+    try:  # the HTML report is a view of the run: it must never fail the stage
+        from alignpipe.evaluation.report import write_report
+
+        log.info("[%s] report written to %s", ctx.dir.name, write_report(ctx.run_dir))
+    except Exception as error:  # noqa: BLE001
+        log.warning("[%s] could not write report.html: %r", ctx.dir.name, error)
     return {r.name: r.metrics[PRIMARY_METRIC].value for r in results}

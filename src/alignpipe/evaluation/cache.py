@@ -1,0 +1,83 @@
+"""Content-addressed cache of generations and log-probabilities for the evaluation harness.
+
+Why: re-ranking, a new metric or a re-run of ``alignpipe eval`` must not regenerate. A generation list is keyed by
+the checkpoint's weights hash, the hash of the prompt list, the generation settings (which pin the seed) and the
+batch layout, because the harness seeds each batch; log-probabilities by the scoring model's weights hash and the
+hash of the scored generations. A checkpoint without a content hash (a hub id) is never cached: its name does not
+identify its weights. Entries are written atomically (temp + fsync + rename), so a crash leaves no half entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from alignpipe.evaluation.generation import Generation, GenerationSettings
+from alignpipe.io import atomic_write_text
+
+__all__ = ["EvalCache", "content_key"]
+
+CACHE_VERSION = 1
+
+
+def content_key(*parts) -> str:
+    """sha256 of the JSON of ``parts`` (sorted keys): the same inputs always give the same key."""
+    text = json.dumps([CACHE_VERSION, *parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class EvalCache:
+    """Generations and per-sample floats stored as JSON under ``directory`` (``generations/``, ``logprobs/``)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+
+    # --- keys ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def generation_key(weights_sha256: str, prompts: list[str], settings: GenerationSettings) -> str:
+        return content_key("generations", weights_sha256, content_key(prompts), asdict(settings))
+
+    @staticmethod
+    def logprob_key(weights_sha256: str, generations: list[Generation]) -> str:
+        scored = [(g.prompt, list(g.response_ids)) for g in generations]
+        return content_key("logprobs", weights_sha256, content_key(scored))
+
+    # --- entries ------------------------------------------------------------------------------------------------
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.directory / kind / key[:2] / f"{key}.json"
+
+    def _read(self, kind: str, key: str):
+        path = self._path(kind, key)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # unreadable entry: recompute and overwrite it
+            self.misses += 1
+            return None
+        self.hits += 1
+        return value
+
+    def get_generations(self, key: str) -> list[Generation] | None:
+        rows = self._read("generations", key)
+        if rows is None:
+            return None
+        return [Generation(r["prompt"], r["response"], tuple(r["response_ids"]), r["truncated"]) for r in rows]
+
+    def put_generations(self, key: str, generations: list[Generation]) -> None:
+        rows = [{"prompt": g.prompt, "response": g.response, "response_ids": list(g.response_ids),
+                 "truncated": g.truncated} for g in generations]
+        atomic_write_text(self._path("generations", key), json.dumps(rows))
+
+    def get_floats(self, key: str) -> list[float] | None:
+        return self._read("logprobs", key)
+
+    def put_floats(self, key: str, values: list[float]) -> None:
+        atomic_write_text(self._path("logprobs", key), json.dumps([float(v) for v in values]))

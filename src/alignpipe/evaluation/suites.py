@@ -1,0 +1,228 @@
+"""Evaluation suites as data: ``eval/suites/<name>.yaml`` names a prompt set, pinned generation settings, a judge, a
+reference and the primary metric; :func:`run_suite` evaluates checkpoints on one.
+
+Why data, not code: a leaderboard is only comparable if every checkpoint saw the same prompts, sampling settings and
+judge; a YAML file pins them, is hashed into the result's provenance, and can be reviewed like a recipe.
+
+Two kinds of reference:
+
+* ``checkpoint`` (the ``synthetic`` suite): win rates and KL against another checkpoint's own samples (the eval
+  stage's harness, :func:`alignpipe.evaluation.harness.evaluate_checkpoints`);
+* ``dataset`` (``alpaca-eval``, ``hh-harmless``): fixed reference outputs stored with the prompts (AlpacaEval's
+  reference answers, HH's chosen replies). No KL (there is no reference model); lengths for the length-controlled
+  win rate are in characters, the one unit both sides share.
+
+Judges: ``gold`` (the embedded task) or ``reward_model`` (a saved reward ensemble or single reward model, given with
+``--judge``; pairwise preference = Bradley–Terry on its mean reward).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignpipe.evaluation.cache import EvalCache, content_key
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
+from alignpipe.evaluation.generation import Generation, GenerationSettings
+from alignpipe.evaluation.harness import Checkpoint, _generations, _Model, evaluate_checkpoints
+from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
+from alignpipe.evaluation.length_control import length_controlled_win_rate
+from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
+from alignpipe.pipeline.rundir import directory_hash, package_versions
+from alignpipe.rewards.judges import RewardJudge, order_averaged
+from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
+
+__all__ = ["SUITES_DIR", "SuiteSpec", "load_suite", "run_suite"]
+
+REPO = Path(__file__).resolve().parents[3]
+SUITES_DIR = REPO / "eval" / "suites"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSet(_Spec):
+    source: Literal["synthetic", "alpaca_eval", "hh_rlhf"]
+    path: str | None = Field(None, description="Data file; relative paths are relative to the repository root.")
+    n: int | None = Field(None, gt=0, description="Number of prompts (synthetic: required; others: first n, or all).")
+    seed: int = 1234
+    heldout_fraction: float = Field(0.2, gt=0, le=1, description="hh_rlhf: the held-out share by prompt hash.")
+
+
+class Generation_(_Spec):
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, gt=0)
+    seed: int = 1234
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Cut each instruction to this many tokens of the policy's tokenizer (small models).")
+
+
+class SuiteSpec(_Spec):
+    name: str
+    description: str = ""
+    prompts: PromptSet
+    generation: Generation_ = Field(default_factory=Generation_)
+    reference: Literal["checkpoint", "dataset"]
+    judge: Literal["gold", "reward_model"]
+    primary_metric: str
+    bootstrap_resamples: int = Field(1000, ge=100)
+
+
+def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
+    """A suite by name (``eval/suites/<name>.yaml``) or path, validated; returns it and its content hash."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+        raise ValueError(f"no evaluation suite {name_or_path!r} (looked for {path}); known suites: {known}")
+    text = path.read_text()
+    try:
+        spec = SuiteSpec.model_validate(yaml.safe_load(text))
+    except Exception as error:  # pydantic's message names the key; say which file
+        raise ValueError(f"suite file {path} is invalid: {error}") from error
+    return spec, content_key(text)
+
+
+def _data_path(prompts: PromptSet) -> Path:
+    if prompts.path is None:
+        raise ValueError(f"prompt source {prompts.source!r} needs a path")
+    path = Path(prompts.path)
+    path = path if path.is_absolute() else REPO / path
+    if not path.exists():
+        raise FileNotFoundError(f"suite data {path} does not exist (the shared data lives in ../shared/data)")
+    return path
+
+
+def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
+    """The suite's prompts and, for dataset references, the reference output of each."""
+    if prompts.source == "synthetic":
+        if prompts.n is None:
+            raise ValueError("the synthetic prompt set needs n")
+        return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed)], None
+    path = _data_path(prompts)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    if prompts.source == "alpaca_eval":
+        pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
+    else:
+        from alignpipe.data.adapters import hh_is_heldout, split_hh_dialogue
+
+        pairs = []
+        for row in rows:
+            prompt, chosen = split_hh_dialogue(row["chosen"])
+            if hh_is_heldout(prompt, prompts.heldout_fraction):
+                pairs.append((prompt, chosen))
+    pairs = pairs[:prompts.n] if prompts.n else pairs
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def _fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
+    if max_tokens is None:
+        return prompts
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        out.append(prompt if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]))
+    return out
+
+
+class CachedJudge:
+    """A pointwise judge whose scores are cached by content (judge weights hash, prompts, responses).
+
+    Pairwise preferences are Bradley–Terry on the scores (``σ((r_a − r_b)/T)``), which is position-free, so each
+    response is scored once and order averaging needs no second pass.
+    """
+
+    def __init__(self, judge, judge_hash: str, cache: EvalCache, temperature: float = 1.0):
+        self.judge, self.judge_hash, self.cache, self.temperature = judge, judge_hash, cache, temperature
+        self.judge_id = judge.judge_id
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        key = content_key("judge", self.judge_hash, prompts, responses)
+        cached = self.cache.get_floats(key)
+        if cached is None:
+            cached = [float(x) for x in self.judge.score(prompts, responses)]
+            self.cache.put_floats(key, cached)
+        return cached
+
+    def preferences(self, prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+        ours, theirs = self.score(prompts, responses), self.score(prompts, references)
+        return [preference_probability(a, b, self.temperature) for a, b in zip(ours, theirs, strict=True)]
+
+
+def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
+    if spec.judge == "gold":
+        return GoldJudge()
+    if judge_path is None:
+        raise ValueError(f"suite {spec.name!r} is judged by a reward model: pass --judge <saved reward model dir>")
+    from alignpipe.rewards.loading import load_reward_scorer
+
+    scorer = load_reward_scorer(judge_path)
+    judge = RewardJudge(lambda p, r: scorer.score(p, r).mean.tolist(), judge_id=scorer.judge_id, temperature=1.0)
+    return CachedJudge(judge, directory_hash(Path(judge_path)), cache)
+
+
+def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,
+              judge_path: str | None, cache: EvalCache, dtype: str = "auto") -> dict:
+    """Evaluate ``checkpoints`` on the suite; returns a leaderboard record (EVALUATION.md §9 envelope)."""
+    prompts, reference_outputs = load_prompts(spec.prompts)
+    g = spec.generation
+    settings = GenerationSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                  batch_size=g.batch_size, seed=g.seed)
+    judge = _judge(spec, judge_path, cache)
+    if spec.reference == "checkpoint":
+        reference = reference or checkpoints[0]
+        results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
+                                          bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
+        reference_name = reference.name
+    else:
+        results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype)
+                   for c in checkpoints]
+        reference_name = f"{spec.prompts.source} reference outputs"
+    return build_leaderboard(
+        results, run={"name": f"suite:{spec.name}", "reference": reference_name, "suite_sha256": suite_hash},
+        config={"suite": spec.model_dump(), "generation": settings.__dict__,
+                "prompt_set": {"id": f"{spec.prompts.source}:{content_key(prompts)[:16]}", "n": len(prompts)},
+                "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True},
+                "bootstrap_iters": spec.bootstrap_resamples},
+        env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
+    )
+
+
+def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
+                     spec: SuiteSpec, cache: EvalCache, dtype: str) -> CheckpointResult:
+    """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths."""
+    model = _Model(checkpoint, dtype)
+    fitted = prompts
+    if spec.generation.max_prompt_tokens is not None:
+        fitted = _fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens)
+    generations: list[Generation] = _generations(model, fitted, settings, cache)
+    model.release()
+    responses = [gen.response for gen in generations]
+    rewards = judge.score(prompts, responses)
+    preferences = (judge.preferences(prompts, responses, reference_outputs) if isinstance(judge, CachedJudge)
+                   else order_averaged(judge, prompts, responses, reference_outputs))
+    seed, resamples = settings.seed, spec.bootstrap_resamples
+    metrics = {
+        "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
+        "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
+        "lc_win_rate_vs_ref": length_controlled_win_rate(
+            preferences, [len(r) for r in responses], [len(r) for r in reference_outputs], resamples=resamples,
+            seed=seed),
+        "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2),
+        "repetition_4": mean_repetition_rate(responses, 4, resamples=resamples, seed=seed),
+    }
+    metrics.update(length_stats([len(gen.response_ids) for gen in generations], [gen.truncated for gen in generations],
+                                resamples=resamples, seed=seed))
+    return CheckpointResult(name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
+                            metrics=metrics)

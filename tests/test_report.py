@@ -1,0 +1,232 @@
+"""The HTML run report: self-contained, one inlined PNG per section that has data, notes for absent data, flags."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from alignpipe.cli import main
+from alignpipe.evaluation.best_of_n import gold_bon, gold_rl, kl_best_of_n
+from alignpipe.evaluation.report import bon_curves, checkpoint_flags, ppo_curve, write_report
+
+PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+ALPHA, BETA = 0.3, 0.2  # a Gao RL curve that peaks inside the evaluated range: d* = exp(α/β − 1) ≈ 1.65
+
+
+def _metric(value, ci=None, n=200, higher=None, **extra):
+    return {"value": value, "ci95": ci, "n": n, "higher_is_better": higher, **extra}
+
+
+def _row(name, gold, win, kl, length, truncation, **more):
+    return {"name": name, "path": f"/x/{name}", "weights_sha256": None, "results": {
+        "gold_reward": _metric(gold, [gold - 0.05, gold + 0.05], higher=True),
+        "win_rate_vs_ref": _metric(win, [win - 0.03, win + 0.03], higher=True, n_wins=100, n_losses=60, n_ties=40),
+        "kl_ref_k1": _metric(kl, [kl * 0.9, kl * 1.1]),
+        "len_tokens_mean": _metric(length), "len_tokens_median": _metric(length),
+        "truncation_rate": _metric(truncation, [0.0, truncation + 0.01], higher=False), **more}}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _stage(run: Path, name: str, kind: str, start: str, records=()) -> None:
+    _write(run / name / "manifest.json", {"stage": name, "type": kind, "status": "complete",
+                                          "start_time": f"2026-01-01T00:{start}:00+00:00", "wall_time_s": 1.5})
+    if records:
+        _write_jsonl(run / name / "metrics.jsonl", records)
+
+
+def _ppo_records() -> list[dict]:
+    d = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    gold = 0.5 + gold_rl(d, ALPHA, BETA)
+    train = [{"step": s, "reward/proxy": 0.6 + 0.02 * s, "reward/gold": 0.5 + 0.01 * s, "kl": 0.6 * s}
+             for s in range(1, 11)]
+    evals = [{"eval_step": 2 * i, "gold_reward": g, "gold_reward_ci95": [g - 0.04, g + 0.04],
+              "proxy_reward": 0.6 + 0.3 * x, "kl": x * x, "sqrt_kl": x} for i, (x, g) in enumerate(zip(d, gold))]
+    return [evals[0], *train[:5], evals[1], *train[5:], *evals[2:]]
+
+
+def _bon() -> dict:
+    ns = [1, 2, 4, 8, 16, 32]
+    d = [math.sqrt(k) for k in kl_best_of_n(ns)]
+    gold = (0.4 + gold_bon(d, 0.2, 0.1)).tolist()
+    return {"selection": "mean", "ns": ns, "kl_bon": [x * x for x in d], "sqrt_kl": d, "n_prompts": 8, "n_samples": 32,
+            "curves": {"mean": {"gold": gold, "gold_ci95": [[g - 0.05, g + 0.05] for g in gold],
+                                "proxy": [0.5 + 0.2 * x for x in d], "proxy_ci95": None}}}
+
+
+def _leaderboard() -> dict:
+    return {"schema_version": "1.0", "run": {"name": "fake", "reference": "sft"},
+            "suite": {"name": "synthetic", "primary_metric": "gold_reward"}, "config": {},
+            "checkpoints": [
+                _row("dpo", 0.9, 0.62, 12.5, 9.0, 0.01,
+                     lc_win_rate_vs_ref=_metric(0.35, [0.3, 0.4], higher=True)),
+                _row("ppo", 0.8, 0.58, 3.0, 30.0, 0.12),
+                _row("sft", 0.7, 0.5, 0.0, 8.0, 0.0)],
+            "reward_models": [],
+            "higher_is_better": {"gold_reward": True, "win_rate_vs_ref": True, "kl_ref_k1": None,
+                                 "len_tokens_mean": None, "len_tokens_median": None, "truncation_rate": False,
+                                 "lc_win_rate_vs_ref": True},
+            "env": {}, "date": "2026-01-01T00:00:00+00:00"}
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> Path:
+    """A run with a leaderboard, an SFT stage's loss log, a PPO stage with held-out evaluations and a bon.json."""
+    run = tmp_path / "fake"
+    _write(run / "run.json", {"run": "fake", "recipe_path": "recipes/fake.yaml", "recipe_sha256": "ab" * 32,
+                              "git_sha": "c0ffee" * 6 + "abcd"})
+    _write(run / "leaderboard.json", _leaderboard())
+    _stage(run, "sft", "sft", "01", [{"step": s, "loss": 3.0 / s, "mean_token_accuracy": 0.1 * s} for s in range(1, 8)])
+    _stage(run, "ppo", "ppo", "02", _ppo_records())
+    _stage(run, "bon", "bon", "03")
+    _write(run / "bon" / "bon.json", _bon())
+    return run
+
+
+def _sections(text: str) -> dict[str, str]:
+    return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', text, flags=re.S))
+
+
+def test_report_is_self_contained_with_a_png_per_section_that_has_data(fake_run):
+    path = write_report(fake_run)
+    assert path == fake_run / "report.html"
+    text = path.read_text()
+    for forbidden in ("http://", "https://", 'src="file', "<script", "<link", "url("):
+        assert forbidden not in text
+    assert len(re.findall(r'src="', text)) == len(PNG.findall(text))  # every src is an inlined PNG
+    for payload in PNG.findall(text):
+        assert base64.b64decode(payload).startswith(b"\x89PNG\r\n\x1a\n")
+    sections = _sections(text)
+    assert list(sections) == ["leaderboard", "overoptimisation", "length", "reward-models", "training"]
+    counts = {name: len(PNG.findall(body)) for name, body in sections.items()}
+    # leaderboard: a table; over-optimisation: PPO + BoN; length: one scatter; no reward model; sft + ppo curves
+    assert counts == {"leaderboard": 0, "overoptimisation": 2, "length": 1, "reward-models": 0, "training": 2}
+    assert "recipes/fake.yaml" in text and "ab" * 32 in text and "c0ffee" in text
+    assert not list(fake_run.glob(".report.html.*"))  # the atomic write left no temp file
+
+
+def test_rows_are_flagged_for_truncation_kl_budget_and_lc_gap(fake_run):
+    section = _sections(write_report(fake_run).read_text())["leaderboard"]
+    table = section.split("<details")[0]  # the ranked table, not the all-metrics one
+    rows = {re.search(r'<td class="l">\d+</td><td class="l">(\w+)</td>', r).group(1): r  # rank, checkpoint
+            for r in re.findall(r"<tr[^>]*>.*?</tr>", table, flags=re.S) if "<td" in r}
+    assert 'class="flagged"' in rows["ppo"] and "truncation 12.0% &gt; 5%" in rows["ppo"]
+    assert "KL (k1 12.5) &gt; budget 10 nats" in rows["dpo"] and "LC/raw gap -27.0 points" in rows["dpo"]
+    assert "dpo: LC/raw disagreement: length-controlled win rate 35.0%" in section  # the full warning, below
+    assert "flag" not in rows["sft"].replace('class="l"', "")
+    assert "35.0% [30.0, 40.0]" in rows["dpo"]  # the LC column
+    relaxed = _sections(write_report(fake_run, kl_budget=20.0).read_text())["leaderboard"]
+    assert "budget 20 nats" not in relaxed and "KL (k1 or k3) &gt; 20 nats" in relaxed
+
+
+def test_absent_sections_are_skipped_with_a_note(tmp_path):
+    run = tmp_path / "bare"
+    _stage(run, "sft", "sft", "01", [{"step": s, "loss": 1.0 / s} for s in range(1, 5)])
+    sections = _sections(write_report(run).read_text())
+    assert "No leaderboard.json" in sections["leaderboard"]
+    assert "No PPO stage" in sections["overoptimisation"] and "No best-of-n stage" in sections["overoptimisation"]
+    assert "No leaderboard.json" in sections["length"]
+    assert "No reward model" in sections["reward-models"]
+    assert len(PNG.findall(sections["training"])) == 1
+    assert sum(len(PNG.findall(body)) for body in sections.values()) == 1
+
+
+def test_reward_section_draws_a_reliability_diagram_only_from_stored_bins(fake_run):
+    metrics = {"accuracy": _metric(0.6, [0.55, 0.65], n=300, higher=True),
+               "ece": _metric(0.05, [0.03, 0.08], n=300, higher=False, bins=15, mce=0.2, mean_confidence=0.62,
+                              accuracy=0.6)}
+    _stage(fake_run, "reward", "reward", "04", [{"step": 10, "loss": 0.7}, {"step": 20, "loss": 0.6}])
+    _write(fake_run / "reward" / "reward_eval.json", {"heldout_pairs": 300, "metrics": metrics})
+    body = _sections(write_report(fake_run).read_text())["reward-models"]
+    assert not PNG.findall(body) and "needs per-bin counts or per-pair predictions" in body and "0.0500" in body
+
+    metrics["ece"]["reliability"] = [{"lo": i / 10, "hi": (i + 1) / 10, "count": 30 * (i >= 5),
+                                      "mean_confidence": 0.05 + i / 10 if i >= 5 else None,
+                                      "accuracy": 0.1 * i if i >= 5 else None} for i in range(10)]
+    _write(fake_run / "reward" / "reward_eval.json", {"heldout_pairs": 300, "metrics": metrics})
+    body = _sections(write_report(fake_run).read_text())["reward-models"]
+    assert len(PNG.findall(body)) == 1
+
+
+def test_fits_recover_the_gao_coefficients_relative_to_d_zero():
+    curve = ppo_curve("ppo", [r for r in _ppo_records() if "eval_step" in r])
+    assert curve.gold[0] == 0.0 and curve.d[0] == 0.0
+    assert curve.fit.alpha == pytest.approx(ALPHA) and curve.fit.beta == pytest.approx(BETA)
+    assert curve.fit.peak_d == pytest.approx(math.exp(ALPHA / BETA - 1))
+    (bon,) = bon_curves(_bon())
+    assert bon.fit.alpha == pytest.approx(0.2) and bon.fit.beta == pytest.approx(0.1)
+    assert bon.fit.peak_d == pytest.approx(1.0)
+    short = ppo_curve("short", [r for r in _ppo_records() if "eval_step" in r][:3])  # 2 points with d > 0
+    assert short.fit is None and "2 points" in short.fit_note
+
+
+def test_checkpoint_flags_accept_k3_only_and_the_schema_lc_name():
+    results = {"kl_ref_k3": {"value": 11.0}, "win_rate_vs_ref": {"value": 0.5}, "lc_win_rate": {"value": 0.52}}
+    assert checkpoint_flags(results) == ["KL (k3 11) > budget 10 nats"]
+    results["lc_win_rate"] = {"value": 0.9}
+    assert checkpoint_flags(results, kl_budget=20)[0].startswith("LC/raw disagreement")
+
+
+def test_cli_report_command(fake_run, tmp_path, capsys):
+    assert main(["report", str(fake_run), "--kl-budget", "5"]) == 0
+    assert str(fake_run / "report.html") in capsys.readouterr().out
+    assert "budget 5 nats" in (fake_run / "report.html").read_text()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+QUICKSTART = REPO / "runs" / "quickstart"
+
+
+@pytest.mark.skipif(not (QUICKSTART / "leaderboard.json").exists(), reason="no runs/quickstart in this checkout")
+def test_report_of_a_copy_of_the_quickstart_run(tmp_path):
+    run = tmp_path / "quickstart"
+    shutil.copytree(QUICKSTART, run, ignore=shutil.ignore_patterns(
+        "checkpoint", "checkpoint.tmp", "trainer", "rounds", "samples", "report.html", "*.safetensors", "*.bin"))
+    sections = _sections(write_report(run).read_text())
+    board = json.loads((run / "leaderboard.json").read_text())
+    for row in board["checkpoints"]:
+        assert f'<td class="l">{row["name"]}</td>' in sections["leaderboard"]
+    stages = [p.parent.name for p in run.glob("*/metrics.jsonl")]
+    assert len(PNG.findall(sections["training"])) == len(stages)
+    assert len(PNG.findall(sections["length"])) == 1
+    if any(p.parent.name for p in run.glob("*/metrics.jsonl") if '"eval_step"' in p.read_text()):
+        assert PNG.findall(sections["overoptimisation"])
+    assert "could not be drawn" not in "".join(sections.values())
+
+
+def _chromium() -> str | None:
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary")
+def test_headless_chromium_renders_the_report(fake_run, tmp_path):
+    report = write_report(fake_run)
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert shot.exists() and shot.read_bytes().startswith(b"\x89PNG")
+    # Page problems (failed loads, script errors) are logged as ERROR/FATAL or CONSOLE lines; a container without a
+    # system D-Bus adds ERROR lines from dbus/ that say nothing about the page.
+    problems = [line for line in proc.stderr.splitlines()
+                if re.search(r":(ERROR|FATAL):|CONSOLE", line) and "dbus/" not in line]
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,93 @@
+"""Evaluation suites as data: every suite file validates, the synthetic suite matches the eval stage's harness, and
+the alpaca-eval suite runs end to end on the tiny model with a reward-model judge (cached on re-run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from alignpipe.cli import main
+from alignpipe.evaluation.suites import SUITES_DIR, load_prompts, load_suite
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def test_every_suite_file_validates():
+    names = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    assert {"synthetic", "alpaca-eval", "hh-harmless"} <= set(names)
+    for name in names:
+        spec, digest = load_suite(name)
+        assert spec.name == name and len(digest) == 64
+
+
+def test_unknown_suite_and_bad_suite_file_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="known suites"):
+        load_suite("no-such-suite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "prompts": {"source": "synthetic", "n": 4}, "reference": "checkpoint",
+                                   "judge": "gold", "primary_metric": "gold_reward", "colour": "red"}))
+    with pytest.raises(ValueError, match="colour"):
+        load_suite(str(bad))
+
+
+def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
+    runner, _ = completed_tiny_run
+    suite = tmp_path / "mini.yaml"
+    spec = yaml.safe_load((SUITES_DIR / "synthetic.yaml").read_text())
+    spec["prompts"]["n"], spec["generation"]["max_new_tokens"] = 12, 8
+    suite.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["eval", str(runner.run_dir), "--reference", str(runner.run_dir / "sft" / "checkpoint"),
+                 "--suite", str(suite), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    rows = {c["name"]: c["results"] for c in board["checkpoints"]}
+    assert rows["sft"]["win_rate_vs_ref"]["value"] == 0.5 and rows["dpo"]["gold_reward"]["n"] == 12
+    assert {"lc_win_rate_vs_ref", "distinct_2", "repetition_4"} <= set(rows["dpo"])
+    assert board["run"]["suite_sha256"] and (out / "leaderboard.csv").exists()
+    assert json.loads((out / "results" / "dpo.json").read_text())["checkpoints"][0]["name"] == "dpo"
+
+
+@pytest.mark.skipif(not (SHARED / "alpaca-eval-prefs").exists(), reason="../shared/data/alpaca-eval-prefs is absent")
+def test_alpaca_eval_suite_end_to_end_with_a_reward_judge(completed_tiny_run, llama_path, tmp_path, monkeypatch):
+    runner, _ = completed_tiny_run
+    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8,
+                                                  top_layers=1, seed=0))
+    with torch.no_grad():
+        for head in ensemble.heads:
+            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    judge = ensemble.save(tmp_path / "judge")
+    spec = yaml.safe_load((SUITES_DIR / "alpaca-eval.yaml").read_text())
+    spec["prompts"]["n"], spec["prompts"]["path"] = 24, str(SHARED / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz")
+    spec["generation"].update(max_new_tokens=8, max_prompt_tokens=24)
+    suite = tmp_path / "alpaca-mini.yaml"
+    suite.write_text(yaml.safe_dump(spec))
+    args = ["eval", f"sft={runner.run_dir / 'sft' / 'checkpoint'}", "--suite", str(suite), "--judge", str(judge),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    board = json.loads((tmp_path / "a" / "leaderboard.json").read_text())
+    (row,) = board["checkpoints"]
+    assert board["suite"]["primary_metric"] == "lc_win_rate_vs_ref"
+    assert row["results"]["win_rate_vs_ref"]["n"] == 24 and 0 <= row["results"]["lc_win_rate_vs_ref"]["value"] <= 1
+    prompts, references = load_prompts(load_suite(str(suite))[0].prompts)
+    assert len(prompts) == len(references) == 24
+
+    import alignpipe.evaluation.harness as harness
+    import alignpipe.evaluation.suites as suites
+
+    def fail(*a, **k):
+        raise AssertionError("a cached suite evaluation generated, loaded a policy or scored again")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    monkeypatch.setattr(suites.RewardJudge, "score", fail)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    first, second = (json.loads((tmp_path / d / "leaderboard.json").read_text()) for d in ("a", "b"))
+    first.pop("date"), second.pop("date")
+    assert first == second
+    shutil.rmtree(tmp_path / "cache")

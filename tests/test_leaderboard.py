@@ -128,7 +128,7 @@ def test_markdown_table_rows_cis_and_directions():
     # CI bounds take the value's decimals so they line up; missing metrics are "–".
     assert rows[2] == (
         "| 3 | base | 0.000 [-0.040, 0.040] | 0.000 [0.000, 0.000] (n=8000) | 0.100 [0.080, 0.120] "
-        "| – | – | 2000 | truncation 10% > 5% |"
+        "| – | – | 2000 | truncation 10.0% > 5% |"
     )
     assert "`gold`" in md and "primary metric `gold_reward` ↑" in md and "`quick_dpo_s1`" in md
     assert "- `truncation_rate`: ↓ lower is better" in md
@@ -214,13 +214,13 @@ def test_atomic_write_json_format_nan_and_permissions(tmp_path):
 def test_flags_csv_and_merge(tmp_path):
     from alignpipe.evaluation.leaderboard import checkpoint_flags, merge_leaderboards, render_csv
 
-    assert checkpoint_flags({"kl_ref_k3": {"value": 12.0}}) == ["KL 12 > budget 10"]
+    assert checkpoint_flags({"kl_ref_k3": {"value": 12.0}}) == ["KL (k3 12) > budget 10 nats"]
     flags = checkpoint_flags({"win_rate_vs_ref": {"value": 0.75}, "lc_win_rate_vs_ref": {"value": 0.45}})
     assert len(flags) == 1 and "LC" in flags[0]
     lb = build()
     rows = render_csv(lb).splitlines()
     assert rows[0].startswith("rank,checkpoint,gold_reward,gold_reward_lo,gold_reward_hi,gold_reward_n")
-    assert rows[1].startswith("1,dpo,0.41,0.37,0.45,2000") and rows[3].endswith("truncation 10% > 5%")
+    assert rows[1].startswith("1,dpo,0.41,0.37,0.45,2000") and rows[3].endswith("truncation 10.0% > 5%")
     for name in ("a", "b"):
         write_leaderboard({**lb, "run": {**lb["run"], "name": name}}, tmp_path / name)
     merged = merge_leaderboards([tmp_path / "a" / "leaderboard.json", tmp_path / "b" / "leaderboard.json"])

@@ -27,6 +27,7 @@ _REQUIRED_KEYS = ("schema_version", "run", "suite", "config", "checkpoints", "hi
 _MISSING = "–"
 KL_BUDGET = 10.0  # nats per sequence (k3) above which a row is flagged
 MAX_TRUNCATION = 0.05  # responses without EOS above which a row is flagged (EVALUATION.md §10)
+LC_METRICS = ("lc_win_rate_vs_ref", "lc_win_rate")  # the harness's name, and EVALUATION.md §9's
 _ARROW = {True: "↑", False: "↓", None: ""}
 _DIRECTION = {True: "↑ higher is better", False: "↓ lower is better", None: "no preferred direction (diagnostic)"}
 
@@ -138,19 +139,36 @@ def render_markdown(leaderboard: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, max_truncation: float = MAX_TRUNCATION) -> list[str]:
-    """Warnings a reader must see beside a row (EVALUATION.md §10): truncation, KL budget, LC vs raw win rate."""
+def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_limit: float = MAX_TRUNCATION
+                     ) -> list[str]:
+    """Warnings for one leaderboard row (EVALUATION.md §10): truncation above the limit, KL above the budget, LC vs
+    raw win-rate gap. The one definition used by ``leaderboard.md``, ``leaderboard.csv`` and ``report.html``."""
     flags = []
-    truncation = (results.get("truncation_rate") or {}).get("value")
-    if truncation is not None and truncation > max_truncation:
-        flags.append(f"truncation {truncation:.0%} > {max_truncation:.0%}")
-    kl = (results.get("kl_ref_k3") or {}).get("value")
-    if kl is not None and kl > kl_budget:
-        flags.append(f"KL {kl:.3g} > budget {kl_budget:g}")
-    raw, lc = (results.get("win_rate_vs_ref") or {}).get("value"), (results.get("lc_win_rate_vs_ref") or {}).get("value")
-    if raw is not None and lc is not None and (warning := lc_gap_warning(raw, lc)):
-        flags.append(warning)
+    truncation = _value(results, "truncation_rate")
+    if truncation is not None and truncation > truncation_limit:
+        flags.append(f"truncation {100 * truncation:.1f}% > {100 * truncation_limit:g}%")
+    over = [(name[-2:], kl) for name in ("kl_ref_k1", "kl_ref_k3") if (kl := _value(results, name)) is not None
+            and kl > kl_budget]
+    if over:  # either estimator: k1 is unbiased but noisy, k3 low-variance; a flag should not hinge on the choice
+        flags.append(f"KL ({', '.join(f'{k} {v:.3g}' for k, v in over)}) > budget {kl_budget:g} nats")
+    raw = _value(results, "win_rate_vs_ref")
+    lc = next((v for name in LC_METRICS if (v := _value(results, name)) is not None), None)
+    if raw is not None and lc is not None:
+        try:
+            warning = lc_gap_warning(raw, lc)
+        except ValueError as error:
+            warning = str(error)
+        if warning:
+            flags.append(f"LC/raw disagreement: {warning}")
     return flags
+
+
+def _value(results: dict, metric: str) -> float | None:
+    entry = results.get(metric)
+    if not isinstance(entry, dict) or entry.get("value") is None:
+        return None
+    value = float(entry["value"])
+    return value if math.isfinite(value) else None
 
 
 def render_csv(leaderboard: dict) -> str:

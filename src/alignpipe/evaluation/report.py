@@ -35,19 +35,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl, gold_bon, gold_rl, kl_best_of_n
-from alignpipe.evaluation.leaderboard import load_leaderboard
-from alignpipe.evaluation.length_control import lc_gap_warning
+from alignpipe.evaluation.leaderboard import KL_BUDGET, LC_METRICS, checkpoint_flags, load_leaderboard
+from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
 from alignpipe.io import atomic_write_text
 
-__all__ = ["DEFAULT_KL_BUDGET", "TRUNCATION_LIMIT", "LengthPoint", "OveroptCurve", "RunData", "StageData",
+__all__ = ["KL_BUDGET", "TRUNCATION_LIMIT", "LengthPoint", "OveroptCurve", "RunData", "StageData",
            "bon_curves", "checkpoint_flags", "plot_overoptimisation", "plot_ppo_training", "plot_reliability",
            "plot_rounds", "plot_trl_curves", "plot_win_rate_vs_length", "ppo_curve", "read_run", "render_report",
            "write_report"]
 
 log = logging.getLogger("alignpipe")
 
-DEFAULT_KL_BUDGET = 10.0  # nats of KL(π ‖ π_ref) above which a checkpoint is flagged (EVALUATION.md §10)
-TRUNCATION_LIMIT = 0.05  # share of responses without EOS above which a checkpoint is flagged (§10)
 _MISSING = "–"
 _DPI = 100
 _ACCURACY_KEYS = ("rewards/accuracies", "accuracy", "mean_token_accuracy")  # second panel of a TRL stage's curves
@@ -213,29 +211,9 @@ def bon_curves(bon: dict) -> list[OveroptCurve]:
     return curves
 
 
-def checkpoint_flags(results: dict, *, kl_budget: float = DEFAULT_KL_BUDGET,
-                     truncation_limit: float = TRUNCATION_LIMIT) -> list[str]:
-    """Warnings for one leaderboard row (§10): truncation above the limit, KL above the budget, LC vs raw gap."""
-    flags = []
-    truncation = _value(results, "truncation_rate")
-    if truncation is not None and truncation > truncation_limit:
-        flags.append(f"truncation {100 * truncation:.1f}% > {100 * truncation_limit:g}%")
-    over = [(name[-2:], kl) for name in _KL_METRICS if (kl := _value(results, name)) is not None and kl > kl_budget]
-    if over:  # either estimator: k1 is unbiased but noisy, k3 low-variance; a flag should not hinge on the choice
-        flags.append(f"KL ({', '.join(f'{k} {v:.3g}' for k, v in over)}) > budget {kl_budget:g} nats")
-    raw, lc = _value(results, "win_rate_vs_ref"), _lc_value(results)
-    if raw is not None and lc is not None:
-        try:
-            warning = lc_gap_warning(raw, lc)
-        except ValueError as error:
-            warning = str(error)
-        if warning:
-            flags.append(f"LC/raw disagreement: {warning}")
-    return flags
-
-
 def _lc_name(results: dict) -> str | None:
-    return next((m for m in _LC_METRICS if m in results), None)
+    """The length-controlled win-rate metric a row carries, under either name (harness or EVALUATION.md §9)."""
+    return next((name for name in LC_METRICS if name in results), None)
 
 
 def _lc_value(results: dict) -> float | None:
@@ -731,7 +709,7 @@ _SECTIONS: tuple[tuple[str, str, Callable], ...] = (
 )
 
 
-def render_report(run: RunData, *, kl_budget: float = DEFAULT_KL_BUDGET) -> str:
+def render_report(run: RunData, *, kl_budget: float = KL_BUDGET) -> str:
     """The whole report as one HTML string (images inlined)."""
     body = [_header(run)]
     for anchor, title, build in _SECTIONS:
@@ -748,7 +726,7 @@ def render_report(run: RunData, *, kl_budget: float = DEFAULT_KL_BUDGET) -> str:
               "do not edit.</p>\n</body></html>\n")
 
 
-def write_report(run_dir: Path, *, kl_budget: float = DEFAULT_KL_BUDGET) -> Path:
+def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET) -> Path:
     """Write ``run_dir/report.html`` atomically and return its path."""
     run = read_run(Path(run_dir))
     return atomic_write_text(run.root / "report.html", render_report(run, kl_budget=kl_budget))

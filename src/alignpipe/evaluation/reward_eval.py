@@ -18,6 +18,7 @@ from alignpipe.evaluation.reward_metrics import (
     max099_scale,
     negative_log_likelihood,
     pairwise_accuracy,
+    reliability_table,
     spearman,
     uncertainty_auroc,
 )
@@ -31,6 +32,7 @@ def reward_model_metrics(
     off_distribution: Sequence[tuple[str, str]] = (),
     resamples: int = 1000,
     seed: int = 0,
+    tables: dict | None = None,
 ) -> dict[str, MetricValue]:
     """Metrics of ``scorer`` (anything whose ``score`` returns ``EnsembleRewards``) on held-out (prompt, chosen,
     rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99.
@@ -50,6 +52,8 @@ def reward_model_metrics(
         "brier": brier_score(probabilities, outcomes, resamples=resamples, seed=seed),
         "nll": negative_log_likelihood(probabilities, outcomes, resamples=resamples, seed=seed),
     }
+    if tables is not None:  # per-bin rows for the report's reliability diagram (same binning as the ECE)
+        tables["reliability"] = reliability_table(probabilities, outcomes)
     metrics["calibration_scale"] = MetricValue(max099_scale(c_mean, r_mean), None, len(pairs), None)
     members = chosen.per_member.shape[1]
     if members > 1:

@@ -39,7 +39,9 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
     report = json.loads((ctx.run_dir / name / "reward_eval.json").read_text())["metrics"]
     metrics = {key: MetricValue(value=v["value"], ci95=tuple(v["ci95"]) if v["ci95"] else None, n=v["n"],
                                 higher_is_better=v["higher_is_better"],
-                                extra={k: x for k, x in v.items() if k not in ("value", "ci95", "n", "higher_is_better")})
+                                extra={k: x for k, x in v.items()
+                                       if k not in ("value", "ci95", "n", "higher_is_better")
+                                       and not isinstance(x, list | dict)})  # tables stay in reward_eval.json
                for key, v in report.items()}
     checkpoint = _checkpoint(ctx, name, ctx.inputs[name])
     return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)

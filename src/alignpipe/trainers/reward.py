@@ -124,13 +124,15 @@ def run(ctx: StageContext) -> dict:
         scorer, final_loss = _train_ensemble(ctx, [pairs[i] for i in train_index],
                                              [strengths[i] for i in train_index])
     synthetic = stage.dataset.source == "synthetic"
+    tables: dict = {}
     metrics = reward_model_metrics(
         scorer, heldout, gold=gold_reward if synthetic else None,
-        off_distribution=_off_distribution(heldout, recipe.seed) if synthetic else (), seed=recipe.seed,
+        off_distribution=_off_distribution(heldout, recipe.seed) if synthetic else (), seed=recipe.seed, tables=tables,
     )
     if synthetic and stage.backbone is None:
         metrics.update(_policy_samples(ctx, scorer))
     report = {name: value.to_dict() for name, value in metrics.items()}
+    report["ece"]["reliability"] = tables["reliability"]  # the report draws the reliability diagram from these
     atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
     return {"train_pairs": len(train_index), "heldout_pairs": len(heldout), "final_train_loss": final_loss,

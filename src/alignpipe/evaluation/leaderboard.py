@@ -144,15 +144,15 @@ def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_
     """Warnings for one leaderboard row (EVALUATION.md §10): truncation above the limit, KL above the budget, LC vs
     raw win-rate gap. The one definition used by ``leaderboard.md``, ``leaderboard.csv`` and ``report.html``."""
     flags = []
-    truncation = _value(results, "truncation_rate")
+    truncation = metric_value(results, "truncation_rate")
     if truncation is not None and truncation > truncation_limit:
         flags.append(f"truncation {100 * truncation:.1f}% > {100 * truncation_limit:g}%")
-    over = [(name[-2:], kl) for name in ("kl_ref_k1", "kl_ref_k3") if (kl := _value(results, name)) is not None
+    over = [(name[-2:], kl) for name in ("kl_ref_k1", "kl_ref_k3") if (kl := metric_value(results, name)) is not None
             and kl > kl_budget]
     if over:  # either estimator: k1 is unbiased but noisy, k3 low-variance; a flag should not hinge on the choice
         flags.append(f"KL ({', '.join(f'{k} {v:.3g}' for k, v in over)}) > budget {kl_budget:g} nats")
-    raw = _value(results, "win_rate_vs_ref")
-    lc = next((v for name in LC_METRICS if (v := _value(results, name)) is not None), None)
+    raw = metric_value(results, "win_rate_vs_ref")
+    lc = next((v for name in LC_METRICS if (v := metric_value(results, name)) is not None), None)
     if raw is not None and lc is not None:
         try:
             warning = lc_gap_warning(raw, lc)
@@ -163,7 +163,8 @@ def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_
     return flags
 
 
-def _value(results: dict, metric: str) -> float | None:
+def metric_value(results: dict, metric: str) -> float | None:
+    """A row's finite value of ``metric``, else None (absent, null or non-finite)."""
     entry = results.get(metric)
     if not isinstance(entry, dict) or entry.get("value") is None:
         return None

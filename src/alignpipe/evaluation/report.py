@@ -35,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl, gold_bon, gold_rl, kl_best_of_n
-from alignpipe.evaluation.leaderboard import KL_BUDGET, LC_METRICS, checkpoint_flags, load_leaderboard
+from alignpipe.evaluation.leaderboard import KL_BUDGET, LC_METRICS, checkpoint_flags, load_leaderboard, metric_value
 from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
 from alignpipe.io import atomic_write_text
 
@@ -218,15 +218,7 @@ def _lc_name(results: dict) -> str | None:
 
 def _lc_value(results: dict) -> float | None:
     name = _lc_name(results)
-    return _value(results, name) if name else None
-
-
-def _value(results: dict, metric: str) -> float | None:
-    entry = results.get(metric)
-    if not isinstance(entry, dict) or entry.get("value") is None:
-        return None
-    value = float(entry["value"])
-    return value if math.isfinite(value) else None
+    return metric_value(results, name) if name else None
 
 
 # ---------------------------------------------------------------------------------------------- plotting (pure)
@@ -540,7 +532,7 @@ def _leaderboard_section(run: RunData, kl_budget: float) -> str:
         res = c["results"]
         wr = res.get("win_rate_vs_ref") or {}
         kl_name = next((m for m in _KL_METRICS if m in res), None)
-        kl = _value(res, kl_name) if kl_name else None
+        kl = metric_value(res, kl_name) if kl_name else None
         flags = checkpoint_flags(res, kl_budget=kl_budget)
         warnings += [f"{c['name']}: {f}" for f in flags if f.startswith("LC/raw")]
         counts = " / ".join(str(wr.get(k, _MISSING)) for k in ("n_wins", "n_losses", "n_ties"))
@@ -550,7 +542,7 @@ def _leaderboard_section(run: RunData, kl_budget: float) -> str:
         row += [_metric(res.get(_lc_name(res) or ""), percent=True)] if has_lc else []
         row += [_metric(res.get(kl_name or "")) + (f"<br><small>{kl_name[-2:]}, √KL {_fmt(math.sqrt(kl))}</small>"
                                                    if kl is not None and kl >= 0 else ""),
-                f"{_fmt(_value(res, 'len_tokens_mean'))} / {_fmt(_value(res, 'len_tokens_median'))}",
+                f"{_fmt(metric_value(res, 'len_tokens_mean'))} / {_fmt(metric_value(res, 'len_tokens_median'))}",
                 _metric(res.get("truncation_rate"), percent=True),
                 "<br>".join(f'<span class="flag">{_e(_short_flag(f))}</span>' for f in flags)]
         rows.append(row)
@@ -631,7 +623,7 @@ def _length_section(run: RunData) -> str:
     points = []
     for c in run.leaderboard["checkpoints"]:
         res = c["results"]
-        wr, length = _value(res, "win_rate_vs_ref"), _value(res, "len_tokens_mean")
+        wr, length = metric_value(res, "win_rate_vs_ref"), metric_value(res, "len_tokens_mean")
         if wr is None or length is None:
             continue
         ci = res["win_rate_vs_ref"].get("ci95")

@@ -91,3 +91,30 @@ def test_alpaca_eval_suite_end_to_end_with_a_reward_judge(completed_tiny_run, ll
     first.pop("date"), second.pop("date")
     assert first == second
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_reward_models_suite_scores_every_model_on_every_source(llama_path, tmp_path):
+    models = {}
+    for seed in (0, 1):
+        ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8,
+                                                      top_layers=1, seed=seed))
+        with torch.no_grad():
+            for head in ensemble.heads:
+                head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+        models[f"rm{seed}"] = ensemble.save(tmp_path / f"rm{seed}")
+    suite = tmp_path / "rms.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "rms", "kind": "reward_models", "primary_metric": "toy/accuracy", "bootstrap_resamples": 100,
+        "pair_sources": [{"name": "toy", "source": "synthetic", "n": 24, "seed": 7}]}))
+    out = tmp_path / "out"
+    assert main(["eval", *(f"{k}={v}" for k, v in models.items()), "--suite", str(suite), "--out", str(out)]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert {c["name"] for c in board["checkpoints"]} == {"rm0", "rm1"}
+    for row in board["checkpoints"]:
+        res = row["results"]
+        assert {"toy/accuracy", "toy/ece", "toy/brier", "toy/nll", "toy/uncertainty_auroc"} <= set(res)
+        assert res["toy/accuracy"]["n"] == 24
+    with pytest.raises(ValueError, match="pair_sources"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"name": "bad", "kind": "reward_models", "primary_metric": "x"}))
+        load_suite(str(bad))

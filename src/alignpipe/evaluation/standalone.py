@@ -71,10 +71,15 @@ def evaluate_suite(
     from alignpipe.evaluation.suites import load_suite, run_suite
 
     spec, suite_hash = load_suite(suite)
-    checkpoints = [c for item in specs for c in _expand(item)]
-    ref = _expand(reference)[0] if reference else None
-    board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
-                      cache=EvalCache(cache_dir or default_cache_dir()))
+    if spec.kind == "reward_models":
+        from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
+
+        board = run_reward_suite(spec, suite_hash, [m for item in specs for m in expand_reward_models(item)])
+    else:
+        checkpoints = [c for item in specs for c in _expand(item)]
+        ref = _expand(reference)[0] if reference else None
+        board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
+                          cache=EvalCache(cache_dir or default_cache_dir()))
     out = out or Path("eval-out") / spec.name
     for row in board["checkpoints"]:
         atomic_write_json(out / "results" / f"{row['name']}.json", {**board, "checkpoints": [row]})

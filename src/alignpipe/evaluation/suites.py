@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
@@ -65,15 +65,35 @@ class Generation_(_Spec):
         None, gt=0, description="Cut each instruction to this many tokens of the policy's tokenizer (small models).")
 
 
+class PairSource(_Spec):
+    """Held-out preference pairs of one source, for the reward-model suite."""
+
+    name: str
+    source: Literal["synthetic", "alpaca_eval", "hh_rlhf"]
+    path: str | None = None
+    n: int | None = Field(None, gt=0, description="At most this many pairs (the first n).")
+    seed: int = Field(4242, description="synthetic: a seed no recipe trains on by default.")
+
+
 class SuiteSpec(_Spec):
     name: str
     description: str = ""
-    prompts: PromptSet
+    kind: Literal["policy", "reward_models"] = "policy"
+    prompts: PromptSet | None = None
     generation: Generation_ = Field(default_factory=Generation_)
-    reference: Literal["checkpoint", "dataset"]
-    judge: Literal["gold", "reward_model"]
+    reference: Literal["checkpoint", "dataset"] | None = None
+    judge: Literal["gold", "reward_model"] | None = None
+    pair_sources: list[PairSource] = Field(default_factory=list)
     primary_metric: str
     bootstrap_resamples: int = Field(1000, ge=100)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SuiteSpec:
+        if self.kind == "policy" and None in (self.prompts, self.reference, self.judge):
+            raise ValueError("a policy suite needs prompts, reference and judge")
+        if self.kind == "reward_models" and not self.pair_sources:
+            raise ValueError("a reward_models suite needs pair_sources")
+        return self
 
 
 def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
@@ -92,9 +112,10 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
     return spec, content_key(text)
 
 
-def _data_path(prompts: PromptSet) -> Path:
+def data_path(prompts: PromptSet | PairSource) -> Path:
+    """A suite's data file: absolute, or relative to the repository root; a clear error when it is absent."""
     if prompts.path is None:
-        raise ValueError(f"prompt source {prompts.source!r} needs a path")
+        raise ValueError(f"source {prompts.source!r} needs a path")
     path = Path(prompts.path)
     path = path if path.is_absolute() else REPO / path
     if not path.exists():
@@ -108,7 +129,7 @@ def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
         if prompts.n is None:
             raise ValueError("the synthetic prompt set needs n")
         return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed)], None
-    path = _data_path(prompts)
+    path = data_path(prompts)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,74 @@
+"""The ``reward-models`` suite: saved reward models (ensembles or single) on held-out pairs from several sources.
+
+Why a suite of its own: a reward stage reports metrics on its own held-out split only; comparing reward models
+needs the same pairs for all of them, from every source they may be used on (the embedded task, HH-RLHF, AlpacaEval).
+Every metric is the reward stage's own (:func:`alignpipe.evaluation.reward_eval.reward_model_metrics`: accuracy, ECE,
+Brier, NLL, uncertainty AUROC), prefixed with the source's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignpipe.data.adapters import load_alpaca_eval_prefs, load_hh_rlhf_pairs
+from alignpipe.data.pairing import build_pairs
+from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
+from alignpipe.evaluation.reward_eval import reward_model_metrics
+from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
+from alignpipe.pipeline.rundir import StageDir, directory_hash, package_versions
+from alignpipe.tasks import gold_reward, preference_pairs
+
+__all__ = ["expand_reward_models", "load_pair_source", "run_reward_suite"]
+
+
+def load_pair_source(source: PairSource) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples of one source's held-out part."""
+    if source.source == "synthetic":
+        rows = preference_pairs(source.n or 512, source.seed, noise=0.5, temperature=0.1)
+        triples = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    elif source.source == "hh_rlhf":
+        triples = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(data_path(source), split="heldout")]
+    else:
+        pairs, _ = build_pairs(load_alpaca_eval_prefs(data_path(source)), method="best_worst", strength="hard")
+        triples = [(p.prompt, p.chosen, p.rejected) for p in pairs]
+    return triples[:source.n] if source.n else triples
+
+
+def expand_reward_models(spec: str) -> list[tuple[str, str]]:
+    """``NAME=DIR``, a saved reward model directory, or a run directory (its reward stages' checkpoints)."""
+    name, sep, path = spec.partition("=")
+    directory = Path(path if sep else spec)
+    if (directory / "run.json").exists():
+        found = [(d.name, str(d / "checkpoint")) for d in sorted(directory.iterdir())
+                 if (d / "reward_eval.json").exists() and (d / "checkpoint").is_dir()]
+        if not found:
+            raise ValueError(f"run directory {directory} has no completed reward stage")
+        return found
+    if not (directory / "manifest.json").exists():
+        raise ValueError(f"{directory} is not a saved reward model (no manifest.json) nor a run directory")
+    label = name if sep else (directory.parent.name if directory.name == "checkpoint" else directory.name)
+    return [(label, str(directory))]
+
+
+def run_reward_suite(spec: SuiteSpec, suite_hash: str, models: list[tuple[str, str]]) -> dict:
+    """Every reward model on every source's pairs; one leaderboard row per model."""
+    from alignpipe.rewards.loading import load_reward_scorer
+
+    sources = [(source, load_pair_source(source)) for source in spec.pair_sources]
+    results = []
+    for name, path in models:
+        scorer = load_reward_scorer(path)
+        metrics = {}
+        for source, triples in sources:
+            values = reward_model_metrics(scorer, triples, gold=gold_reward if source.source == "synthetic" else None,
+                                          resamples=spec.bootstrap_resamples)
+            metrics.update({f"{source.name}/{key}": value for key, value in values.items()})
+        manifest = StageDir(Path(path).parent).read_manifest() or {}
+        weights = manifest.get("output_sha256") or directory_hash(Path(path))
+        results.append(CheckpointResult(name=name, path=path, weights_sha256=weights, metrics=metrics))
+    return build_leaderboard(
+        results, run={"name": f"suite:{spec.name}", "suite_sha256": suite_hash},
+        config={"suite": spec.model_dump(), "pair_sources": {s.name: len(t) for s, t in sources},
+                "bootstrap_iters": spec.bootstrap_resamples},
+        env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
+    )

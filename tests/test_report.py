@@ -230,3 +230,11 @@ def test_headless_chromium_renders_the_report(fake_run, tmp_path):
     problems = [line for line in proc.stderr.splitlines()
                 if re.search(r":(ERROR|FATAL):|CONSOLE", line) and "dbus/" not in line]
     assert not problems, "\n".join(problems)
+
+
+def test_the_stage_writing_the_report_is_not_shown_as_running(fake_run):
+    _write(fake_run / "eval" / "manifest.json", {"stage": "eval", "type": "eval", "status": "running",
+                                                 "start_time": "2026-01-01T00:09:00+00:00"})
+    assert ">running</td>" in write_report(fake_run).read_text()
+    text = write_report(fake_run, writing_stage="eval").read_text()
+    assert ">running</td>" not in text and "finishing (wrote this report)" in text

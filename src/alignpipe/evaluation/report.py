@@ -718,7 +718,14 @@ def render_report(run: RunData, *, kl_budget: float = KL_BUDGET) -> str:
               "do not edit.</p>\n</body></html>\n")
 
 
-def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET) -> Path:
-    """Write ``run_dir/report.html`` atomically and return its path."""
+def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET, writing_stage: str | None = None) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path.
+
+    ``writing_stage``: the stage calling this from inside its own run (the eval stage), whose manifest is only marked
+    complete after it returns; its row says so instead of "running".
+    """
     run = read_run(Path(run_dir))
+    for stage in run.stages:
+        if stage.name == writing_stage and stage.manifest.get("status") == "running":
+            stage.manifest = {**stage.manifest, "status": "finishing (wrote this report)"}
     return atomic_write_text(run.root / "report.html", render_report(run, kl_budget=kl_budget))

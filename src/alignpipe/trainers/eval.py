@@ -89,7 +89,7 @@ def run(ctx: StageContext) -> dict:
     try:  # the HTML report is a view of the run: it must never fail the stage
         from alignpipe.evaluation.report import write_report
 
-        log.info("[%s] report written to %s", ctx.dir.name, write_report(ctx.run_dir))
+        log.info("[%s] report written to %s", ctx.dir.name, write_report(ctx.run_dir, writing_stage=ctx.dir.name))
     except Exception as error:  # noqa: BLE001
         log.warning("[%s] could not write report.html: %r", ctx.dir.name, error)
     return {r.name: r.metrics[PRIMARY_METRIC].value for r in results}

@@ -159,3 +159,11 @@ def test_ppo_recipe_errors(tmp_path):
         load({**PPO, "reward": {"source": "gold", "penalty": "min"}})
     with pytest.raises(RecipeError, match="package.module:function"):
         load({**PPO, "reward": {"source": "callable"}})
+
+
+def test_model_critic_with_a_lora_policy_is_a_plain_copy_of_the_start_decoder(tokenizer):
+    start = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    model = ActorCritic(start, lora_config=_lora(), critic="model")
+    assert not any("lora_" in n for n, _ in model.critic_backbone.named_parameters())
+    assert all(p.requires_grad for p in model.critic_backbone.parameters())

@@ -86,6 +86,8 @@ class ActorCritic(nn.Module):
         self.critic_mode = critic
         self.reference: nn.Module | None = None
         self.critic_backbone: nn.Module | None = None
+        if critic == "model":  # copied before PEFT injects the policy's adapters into ``model``
+            self.critic_backbone = copy.deepcopy(_decoder(model)).requires_grad_(True)
         if lora_config is not None:
             self.policy = get_peft_model(model, lora_config)
             if critic == "adapter":
@@ -95,8 +97,6 @@ class ActorCritic(nn.Module):
                 raise ValueError("critic: adapter needs a LoRA policy (the adapter sits on the policy's base)")
             self.policy = model
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-        if critic == "model":
-            self.critic_backbone = copy.deepcopy(_decoder(model)).requires_grad_(True)
         for name, p in self.policy.named_parameters():  # PEFT's add_adapter may freeze one adapter: keep both
             if "lora_" in name:
                 p.requires_grad_(True)

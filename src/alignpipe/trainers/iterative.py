@@ -241,21 +241,31 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
     return {key: last[key] for key in keep if key in last}
 
 
-def _evaluate_round(ctx: StageContext, checkpoint: str, round_index: int) -> dict:
-    """Per-round numbers from the shared harness: gold reward, win rate vs the stage's input policy, KL to it."""
+def evaluate_against_start(ctx: StageContext, name: str, checkpoint: str, max_new_tokens: int):
+    """The shared harness on held-out prompts: a stage's checkpoint vs the stage's input policy.
+
+    Returns the numbers every online stage records (gold reward, win rate vs the input with CIs, KL k3) and the
+    checkpoint's judged samples (for extra scores such as a proxy reward).
+    """
     prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, ctx.stage.eval_prompts, EVAL_SEED)]
-    settings = GenerationSettings(max_new_tokens=ctx.stage.max_new_tokens, seed=EVAL_SEED)
-    results, _ = evaluate_checkpoints(
-        [Checkpoint(f"round-{round_index}", checkpoint)], Checkpoint("initial", ctx.start_model), prompts,
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, seed=EVAL_SEED)
+    results, samples = evaluate_checkpoints(
+        [Checkpoint(name, checkpoint)], Checkpoint("initial", ctx.start_model), prompts,
         GoldJudge(), settings, dtype=ctx.recipe.model.dtype, bootstrap_resamples=1000,
     )
     metrics = results[0].metrics
-    return {
+    numbers = {
         "gold_reward": metrics["gold_reward"].value, "gold_reward_ci95": list(metrics["gold_reward"].ci95),
         "win_rate_vs_initial": metrics["win_rate_vs_ref"].value,
         "win_rate_vs_initial_ci95": list(metrics["win_rate_vs_ref"].ci95),
         "kl_initial_k3": metrics["kl_ref_k3"].value,
     }
+    return numbers, samples[0]
+
+
+def _evaluate_round(ctx: StageContext, checkpoint: str, round_index: int) -> dict:
+    """Per-round numbers from the shared harness: gold reward, win rate vs the stage's input policy, KL to it."""
+    return evaluate_against_start(ctx, f"round-{round_index}", checkpoint, ctx.stage.max_new_tokens)[0]
 
 
 def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:

@@ -17,13 +17,11 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from alignpipe.data.synthetic import evaluation_tasks, task_space
-from alignpipe.evaluation.generation import GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
+from alignpipe.data.synthetic import task_space
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
-from alignpipe.tasks import GoldJudge, sample_tasks
+from alignpipe.tasks import sample_tasks
 from alignpipe.trainers.common import (
     MetricsLogger,
     append_metrics,
@@ -32,7 +30,7 @@ from alignpipe.trainers.common import (
     train_and_publish,
     trainer_arguments,
 )
-from alignpipe.trainers.iterative import EVAL_SEED
+from alignpipe.trainers.iterative import evaluate_against_start
 
 log = logging.getLogger("alignpipe")
 
@@ -103,21 +101,12 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> di
 
 
 def evaluate_policy(ctx: StageContext, checkpoint: Path, source: RewardSource) -> dict:
-    """The shared harness on held-out prompts (as the iterative stages' per-round evaluation), plus the proxy."""
-    prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, ctx.stage.eval_prompts, EVAL_SEED)]
-    settings = GenerationSettings(max_new_tokens=ctx.stage.max_completion_length, seed=EVAL_SEED)
-    results, samples = evaluate_checkpoints(
-        [Checkpoint(ctx.dir.name, str(checkpoint))], Checkpoint("initial", ctx.start_model), prompts,
-        GoldJudge(), settings, dtype=ctx.recipe.model.dtype, bootstrap_resamples=1000,
-    )
-    metrics = results[0].metrics
-    generations = samples[0].generations
+    """The iterative stages' per-round evaluation (:func:`evaluate_against_start`), plus the proxy reward."""
+    numbers, samples = evaluate_against_start(ctx, ctx.dir.name, str(checkpoint), ctx.stage.max_completion_length)
+    generations = samples.generations
     scored = source([g.prompt for g in generations], [g.response for g in generations], update=False)
     return {
-        "gold_reward": metrics["gold_reward"].value, "gold_reward_ci95": list(metrics["gold_reward"].ci95),
-        "win_rate_vs_initial": metrics["win_rate_vs_ref"].value,
-        "win_rate_vs_initial_ci95": list(metrics["win_rate_vs_ref"].ci95),
-        "kl_initial_k3": metrics["kl_ref_k3"].value,
+        **numbers,
         "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
         "ensemble_std": float(scored.std.mean()) if scored.std is not None else None,
     }

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alignpipe.evaluation.cache import EvalCache
-from alignpipe.evaluation.generation import GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
-from alignpipe.evaluation.leaderboard import build_leaderboard, write_leaderboard
+from alignpipe.evaluation.cache import EvalCache, content_key
+from alignpipe.evaluation.harness import Checkpoint
+from alignpipe.evaluation.leaderboard import write_leaderboard
+from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json
-from alignpipe.pipeline.rundir import StageDir, directory_hash, package_versions
-from alignpipe.tasks import GoldJudge, heldout_tasks
+from alignpipe.pipeline.rundir import StageDir, directory_hash
 
 
 def _expand(spec: str) -> list[Checkpoint]:
@@ -44,22 +43,20 @@ def evaluate_paths(
     specs: list[str], *, reference: str | None, out: Path | None, n_prompts: int, max_new_tokens: int,
     batch_size: int, seed: int, cache_dir: Path | None = None,
 ) -> tuple[Path, Path]:
-    checkpoints = [c for spec in specs for c in _expand(spec)]
-    ref = _expand(reference)[0] if reference else checkpoints[0]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-    prompts = [t.prompt for t in heldout_tasks(n_prompts, seed)]
-    cache = EvalCache(cache_dir or default_cache_dir())
-    results, _ = evaluate_checkpoints(checkpoints, ref, prompts, GoldJudge(), settings, cache=cache)
-    leaderboard = build_leaderboard(
-        results, run={"name": "alignpipe-eval", "reference": ref.name},
-        config={"generation": settings.__dict__, "prompt_set": {"id": f"synthetic/heldout@seed{seed}", "n": n_prompts},
-                "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True}},
-        env=package_versions(), suite="synthetic", primary_metric="gold_reward",
+    """``alignpipe eval`` without ``--suite``: the synthetic suite with the command line's sizes and seed."""
+    spec = SuiteSpec(
+        name="synthetic", prompts=PromptSet(source="synthetic", n=n_prompts, seed=seed),
+        generation=SuiteGeneration(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
+        reference="checkpoint", judge="gold", primary_metric="gold_reward",
     )
+    checkpoints = [c for item in specs for c in _expand(item)]
+    board = run_suite(spec, content_key(spec.model_dump()), checkpoints,
+                      reference=_expand(reference)[0] if reference else None, judge_path=None,
+                      cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:
         first = Path(specs[0].partition("=")[2] or specs[0])
         out = first if (first / "run.json").exists() else Path("eval-out")
-    return write_leaderboard(leaderboard, out)
+    return write_leaderboard(board, out)
 
 
 def evaluate_suite(
@@ -68,8 +65,6 @@ def evaluate_suite(
 ) -> tuple[Path, Path]:
     """``alignpipe eval --suite NAME``: checkpoints on a suite file; writes the suite's leaderboard (json, md, csv)
     and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only)."""
-    from alignpipe.evaluation.suites import load_suite, run_suite
-
     spec, suite_hash = load_suite(suite)
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite

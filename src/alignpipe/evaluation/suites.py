@@ -37,7 +37,7 @@ from alignpipe.pipeline.rundir import directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
 
-__all__ = ["SUITES_DIR", "SuiteSpec", "load_suite", "run_suite"]
+__all__ = ["SUITES_DIR", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec", "load_suite", "run_suite"]
 
 REPO = Path(__file__).resolve().parents[3]
 SUITES_DIR = REPO / "eval" / "suites"
@@ -55,7 +55,7 @@ class PromptSet(_Spec):
     heldout_fraction: float = Field(0.2, gt=0, le=1, description="hh_rlhf: the held-out share by prompt hash.")
 
 
-class Generation_(_Spec):
+class SuiteGeneration(_Spec):
     max_new_tokens: int = Field(24, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -80,7 +80,7 @@ class SuiteSpec(_Spec):
     description: str = ""
     kind: Literal["policy", "reward_models"] = "policy"
     prompts: PromptSet | None = None
-    generation: Generation_ = Field(default_factory=Generation_)
+    generation: SuiteGeneration = Field(default_factory=SuiteGeneration)
     reference: Literal["checkpoint", "dataset"] | None = None
     judge: Literal["gold", "reward_model"] | None = None
     pair_sources: list[PairSource] = Field(default_factory=list)

@@ -726,20 +726,31 @@ def _pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The validated manifest of a saved ensemble; ``FileNotFoundError`` naming the directory when it is absent."""
+def read_saved_manifest(directory: str | os.PathLike[str], *, what: str, fmt: str, version_key: str,
+                        version: int) -> dict[str, Any]:
+    """The ``manifest.json`` of a saved reward model of format ``fmt``, with its format and version checked.
+
+    Shared by the ensemble and the single-model loaders; errors name the directory or file and what was expected.
+    """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"reward ensemble directory {directory} does not exist")
+        raise FileNotFoundError(f"{what} directory {directory} does not exist")
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved reward ensemble: it has no {MANIFEST_FILE}")
+        raise FileNotFoundError(f"{directory} is not a saved {what}: it has no {MANIFEST_FILE}")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != ENSEMBLE_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {ENSEMBLE_FORMAT!r}")
-    version = manifest.get("format_version")
-    if version != ENSEMBLE_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r} is not supported (expected {ENSEMBLE_FORMAT_VERSION})")
+    if manifest.get("format") != fmt:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {fmt!r}")
+    if manifest.get(version_key) != version:
+        raise ValueError(f"{path}: {version_key} {manifest.get(version_key)!r} is not supported (expected {version})")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The validated manifest of a saved ensemble; ``FileNotFoundError`` naming the directory when it is absent."""
+    manifest = read_saved_manifest(directory, what="reward ensemble", fmt=ENSEMBLE_FORMAT,
+                                   version_key="format_version", version=ENSEMBLE_FORMAT_VERSION)
+    path = Path(directory) / MANIFEST_FILE
     for key in ("spec", "hidden_size", "members"):
         if key not in manifest:
             raise ValueError(f"{path} is missing {key!r}")

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -58,7 +57,13 @@ from torch import Tensor
 
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import publish_directory
-from alignpipe.rewards.ensemble import _quiet_peft, bradley_terry_pairwise, collate_features, encode_examples
+from alignpipe.rewards.ensemble import (
+    _quiet_peft,
+    bradley_terry_pairwise,
+    collate_features,
+    encode_examples,
+    read_saved_manifest,
+)
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -290,18 +295,9 @@ def save_single_reward_model(
 
 def read_single_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of a saved single reward model. Errors name the directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"reward model directory {directory} does not exist")
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved reward model: it has no {MANIFEST_FILE}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != SINGLE_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {SINGLE_FORMAT!r}")
-    if manifest.get("version") != SINGLE_FORMAT_VERSION:
-        raise ValueError(f"{path}: version {manifest.get('version')!r} is not supported "
-                         f"(expected {SINGLE_FORMAT_VERSION})")
+    manifest = read_saved_manifest(directory, what="reward model", fmt=SINGLE_FORMAT, version_key="version",
+                                   version=SINGLE_FORMAT_VERSION)
+    path = Path(directory) / MANIFEST_FILE
     if manifest.get("members") != 1:
         raise ValueError(f"{path}: members must be 1, got {manifest.get('members')!r}")
     if manifest.get("text_format", "chat") not in TEXT_FORMATS:

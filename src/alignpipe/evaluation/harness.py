@@ -65,7 +65,7 @@ class CheckpointSamples:
     reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
 
 
-class _Model:
+class LazyModel:
     """A checkpoint's model and tokenizer, loaded on first use (a fully cached checkpoint is never loaded)."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: str):
@@ -86,7 +86,7 @@ class _Model:
         gc.collect()
 
 
-def _generations(model: _Model, prompts: list[str], settings: GenerationSettings, cache: EvalCache | None):
+def cached_generations(model: LazyModel, prompts: list[str], settings: GenerationSettings, cache: EvalCache | None):
     weights = model.checkpoint.weights_sha256
     key = EvalCache.generation_key(weights, prompts, settings) if cache and weights else None
     cached = cache.get_generations(key) if key else None
@@ -99,7 +99,7 @@ def _generations(model: _Model, prompts: list[str], settings: GenerationSettings
     return generations
 
 
-def _logprobs(model: _Model, generations: list[Generation], batch_size: int, cache: EvalCache | None) -> list[float]:
+def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size: int, cache: EvalCache | None) -> list[float]:
     weights = model.checkpoint.weights_sha256
     key = EvalCache.logprob_key(weights, generations) if cache and weights else None
     cached = cache.get_floats(key) if key else None
@@ -128,15 +128,15 @@ def evaluate_checkpoints(
     Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples),
     and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached).
     """
-    ref_model = _Model(reference, dtype)
-    ref_generations = _generations(ref_model, prompts, settings, cache)
+    ref_model = LazyModel(reference, dtype)
+    ref_generations = cached_generations(ref_model, prompts, settings, cache)
     results, all_samples = [], []
     for checkpoint in checkpoints:
         same = checkpoint.path == reference.path
-        model = ref_model if same else _Model(checkpoint, dtype)
-        generations = ref_generations if same else _generations(model, prompts, settings, cache)
-        logp_policy = _logprobs(model, generations, settings.batch_size, cache)
-        logp_reference = _logprobs(ref_model, generations, settings.batch_size, cache)
+        model = ref_model if same else LazyModel(checkpoint, dtype)
+        generations = ref_generations if same else cached_generations(model, prompts, settings, cache)
+        logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
+        logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
         if not same:
             model.release()
         samples = _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_reference)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import Generation, GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, _generations, _Model, evaluate_checkpoints
+from alignpipe.evaluation.harness import Checkpoint, LazyModel, cached_generations, evaluate_checkpoints
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import length_controlled_win_rate
 from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
@@ -223,11 +223,11 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
 def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
                      spec: SuiteSpec, cache: EvalCache, dtype: str) -> CheckpointResult:
     """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths."""
-    model = _Model(checkpoint, dtype)
+    model = LazyModel(checkpoint, dtype)
     fitted = prompts
     if spec.generation.max_prompt_tokens is not None:
         fitted = _fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens)
-    generations: list[Generation] = _generations(model, fitted, settings, cache)
+    generations: list[Generation] = cached_generations(model, fitted, settings, cache)
     model.release()
     responses = [gen.response for gen in generations]
     rewards = judge.score(prompts, responses)

@@ -28,7 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from alignpipe.losses.preference import dpo_logits
 
-__all__ = ["FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid"]
+__all__ = ["FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "replaces_sigmoid"]
 
 SIGMOID_LOSS_TYPES = (["sigmoid"], ["sigmoid", "sft"])  # the pair loss replaces the sigmoid term; sft (NLL) may stay
 
@@ -64,9 +64,14 @@ class FloatColumnsCollator:
         return getattr(self.collator, name)
 
 
+def replaces_sigmoid(loss_types) -> bool:
+    """Whether a per-pair loss can stand in for TRL's loss list: ``["sigmoid"]``, optionally with ``"sft"``."""
+    return list(loss_types) in SIGMOID_LOSS_TYPES
+
+
 def check_replaceable_sigmoid(args: DPOConfig, why: str) -> None:
     """Options under which TRL's ``sigmoid`` term is not ``−log σ(βh)`` with our ``h`` are rejected, naming them."""
-    if list(args.loss_type) not in SIGMOID_LOSS_TYPES:
+    if not replaces_sigmoid(args.loss_type):
         raise ValueError(
             f"{why} requires DPOConfig loss_type=['sigmoid'] or ['sigmoid', 'sft'] (its loss replaces the sigmoid DPO "
             f"loss); got loss_type={list(args.loss_type)}. Use loss_type=['sigmoid'] (plus 'sft' for an NLL term)."
@@ -139,7 +144,7 @@ class PairLossDPOTrainer(DPOTrainer):
         columns = {name: inputs.pop(name) for name in self.pair_columns if name in inputs}  # not for the forward
         if not self.uses_pair_loss(columns):
             return super()._compute_loss(model, inputs, return_outputs)  # stock TRL
-        if list(self.loss_types) not in SIGMOID_LOSS_TYPES:  # vision datasets skip `_prepare_dataset`: check here too
+        if not replaces_sigmoid(self.loss_types):  # vision datasets skip `_prepare_dataset`: check here too
             check_replaceable_sigmoid(self.args, type(self).__name__)
 
         # Reference log-probs from TRL's own helper (adapters disabled under PEFT), passed in the batch as in TRL's

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.best_of_n import fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
-from alignpipe.evaluation.metrics import mean_with_ci
+from alignpipe.evaluation.metrics import kl_k1, mean_with_ci
+from alignpipe.evaluation.metrics import kl_k3 as metric_kl_k3
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.losses.ppo import (
     AdaptiveKLController,
@@ -250,10 +251,11 @@ class PPOLoop:
         batch = self._tensors(kept)
         logp, _ = response_logprobs(self.model.policy_logits(batch), batch)
         ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch)
-        log_ratio = ((logp - ref_logp) * batch.response_mask).sum(1)
-        kl_k3 = float((torch.exp(-log_ratio) - 1 + log_ratio).mean())
+        mask = batch.response_mask
+        policy_logps, reference_logps = (logp * mask).sum(1).tolist(), (ref_logp * mask).sum(1).tolist()
+        kl = float(kl_k1(policy_logps, reference_logps).mean())
+        kl_k3 = float(metric_kl_k3(policy_logps, reference_logps).mean())  # the harness's estimators
         gold_metric = mean_with_ci(gold, higher_is_better=True, resamples=1000, seed=0)
-        kl = float(log_ratio.mean())
         return {
             "eval_step": self.step, "gold_reward": gold_metric.value, "gold_reward_ci95": list(gold_metric.ci95),
             "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
@@ -299,9 +301,9 @@ def _drop_records_after(metrics: Path, step: int) -> None:
     """On resume, forget the records of iterations after the restored state: they are about to be redone."""
     if not metrics.exists():
         return
-    kept = [line for line in metrics.read_text().splitlines()
-            if json.loads(line).get("step", json.loads(line).get("eval_step", 0)) <= step]
-    atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    kept = [r for r in records if r.get("step", r.get("eval_step", 0)) <= step]
+    atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _evaluations(metrics: Path, last_step: int) -> list[dict]:

@@ -32,11 +32,11 @@ from datasets import Dataset, IterableDataset
 
 from alignpipe.losses.preference import margin_gap, soft_preference_loss
 from alignpipe.trainers.pair_loss import (
-    SIGMOID_LOSS_TYPES,
     FloatColumnsCollator,
     PairLogps,
     PairLossDPOTrainer,
     check_replaceable_sigmoid,
+    replaces_sigmoid,
 )
 
 PREFERENCE_COLUMN = "preference"
@@ -49,10 +49,6 @@ class PreferenceTargetCollator(FloatColumnsCollator):
 
     def __init__(self, collator):
         super().__init__(collator, {PREFERENCE_COLUMN: 1.0})
-
-
-def _soft_compatible(loss_types) -> bool:
-    return list(loss_types) in SIGMOID_LOSS_TYPES
 
 
 def _has_preference_column(dataset: Dataset | IterableDataset) -> bool:
@@ -87,7 +83,7 @@ class SoftPreferenceDPOTrainer(PairLossDPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._label_smoothing_target = _soft_compatible(self.loss_types) and self.label_smoothing > 0
+        self._label_smoothing_target = replaces_sigmoid(self.loss_types) and self.label_smoothing > 0
         if self._label_smoothing_target:
             check_replaceable_sigmoid(self.args, f"label_smoothing={self.label_smoothing} (cDPO)")
 

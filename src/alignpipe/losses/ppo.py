@@ -425,3 +425,27 @@ def _check_state(state: dict[str, Any], kind: str, keys: set[str]) -> None:
     missing = keys - set(state)
     if missing:
         raise ValueError(f"KL controller state is missing {sorted(missing)}; got keys {sorted(state)}")
+
+
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``[Σ x, Σ x², n]`` over the unmasked positions: additive, so ranks can sum them before whitening."""
+    m = _mask_as(mask, x)
+    return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).to(torch.float64)
+
+
+def whiten_from_moments(x: Tensor, mask: Tensor, moments: Tensor, shift_mean: bool = True, unbiased: bool = True,
+                        eps: float = 1e-8) -> Tensor:
+    """:func:`masked_whiten` with the mean and variance of a larger batch (``moments`` from :func:`masked_moments`,
+    summed over data-parallel ranks), so every rank whitens with the statistics of the global rollout batch."""
+    total, total_sq, n = moments.tolist()
+    if n < (2 if unbiased else 1):
+        raise ValueError(f"whitening needs at least {2 if unbiased else 1} unmasked positions, got {int(n)}")
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0)
+    if unbiased:
+        var *= n / (n - 1)
+    m = _mask_as(mask, x)
+    out = (x - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -15,6 +16,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from alignpipe.models.quantization import bitsandbytes_config, compute_dtype, keep_4bit_layers_differentiable
+
+if TYPE_CHECKING:
+    from alignpipe.recipe import QuantizationSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +84,26 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTra
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(resolve_model_location(name_or_path), dtype=resolve_dtype(dtype),
-                                                gguf_file=gguf_file)
+def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None,
+                   quantization: QuantizationSpec | None = None) -> PreTrainedModel:
+    """A causal LM in ``dtype``, or k-bit quantized through bitsandbytes when ``quantization`` is given.
+
+    Quantized, the unquantized parts (embeddings, norms, lm_head) load in the spec's ``compute_dtype`` instead of
+    ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU (k-bit models cannot be moved after
+    loading; on CPU bitsandbytes quantizes in place), and bitsandbytes' CPU inference repacking is turned off
+    (see :func:`~alignpipe.models.quantization.keep_4bit_layers_differentiable`).
+    """
+    location = resolve_model_location(name_or_path)
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+    extra = {}
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        extra["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=compute_dtype(quantization), gguf_file=gguf_file,
+        quantization_config=bitsandbytes_config(quantization), **extra,
+    )
+    keep_4bit_layers_differentiable(model)
+    return model

@@ -3,7 +3,11 @@
 A stage is skipped when its manifest says ``complete`` with the same config hash and the same input hashes (the
 content hashes of its inputs' checkpoints); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
 from its last trainer checkpoint. Each stage runs as its own process through ``pipelines/<type>.py`` so it frees its
-memory when it ends and can be wrapped by ``accelerate launch``.
+memory when it ends, under ``accelerate launch`` with the topology's config (``alignpipe.pipeline.launch``).
+
+Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
+record, configs, manifests); the other nodes *follow*: they make the same skip/run decision from node 0's
+manifests, launch the same stage commands (their processes join node 0's in the rendezvous) and write nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from typing import Sequence
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.pipeline.batching import stage_batch_split
+from alignpipe.pipeline.launch import (
+    SINGLE_PROCESS_STAGES,
+    LaunchOptions,
+    Topology,
+    format_command,
+    resolve_topology,
+    stage_command,
+    stage_topology,
+)
 from alignpipe.pipeline.rundir import (
     StageDir,
     canonical_hash,
@@ -30,12 +44,13 @@ from alignpipe.pipeline.rundir import (
     publish_directory,
     utc_now,
 )
-from alignpipe.recipe import Recipe, recipe_to_dict
+from alignpipe.recipe import PPOStage, Recipe, _TrainingStage, recipe_to_dict
 
 log = logging.getLogger("alignpipe")
 
 PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
+FOLLOWER_POLL_S = 2.0
 
 
 class StageFailed(RuntimeError):
@@ -61,6 +76,8 @@ class Runner:
         force: Sequence[str] = (),
         resume: bool = False,
         in_process: bool = False,
+        topology: Topology | None = None,
+        dry_run: bool = False,
     ):
         names = [s.name for s in recipe.stages]
         for name in force:
@@ -75,10 +92,21 @@ class Runner:
         self.force = set(force)
         self.resume = resume
         self.in_process = in_process
+        self.topology = topology or default_topology()
+        self.dry_run = dry_run
+        self.follower = not self.topology.is_main_node
+        self.batch_plan = plan_batches(recipe, self.topology.world_size)
 
     # -- public ------------------------------------------------------------------------------------------------------
 
     def run(self) -> list[StageOutcome]:
+        log.info("launching on %s", self.topology.describe())
+        for name, split in self.batch_plan.items():
+            log.info("[%s] %s", name, split)
+        if self.dry_run:
+            return self._dry_run()
+        if self.follower:
+            return self._follow()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_record()
         outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
@@ -88,6 +116,14 @@ class Runner:
             outcomes.append(outcome)
             log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
         return outcomes
+
+    def stage_command(self, stage_type: str, directory: Path, resume: bool) -> list[str]:
+        """The exact command that runs one stage (printed before it runs, and by ``--dry-run``)."""
+        script = PIPELINES_DIR / f"{stage_type}.py"
+        if not script.exists():
+            raise FileNotFoundError(f"no entry point {script} for stage type {stage_type!r}")
+        arguments = [str(script), "--stage-dir", str(directory)] + (["--resume"] if resume else [])
+        return stage_command(stage_topology(self.topology, stage_type), arguments, python=sys.executable)
 
     # -- internals ---------------------------------------------------------------------------------------------------
 
@@ -113,9 +149,16 @@ class Runner:
         }
 
     def _prepare_base(self) -> tuple[str, str | None]:
-        """Materialise the recipe's model. The built-in tiny model is created (seeded) under ``runs/<run>/base``."""
+        """Materialise the recipe's model. The built-in tiny model is created (seeded) under ``runs/<run>/base``; a
+        GGUF package is converted once into a cached checkpoint; hub ids and paths are used as they are."""
         spec = self.recipe.model
-        if spec.name_or_path != "tiny":
+        if spec.gguf_package is not None:
+            from alignpipe.models.gguf import convert_gguf_package, with_chat_template
+
+            # once per package version (and chat template), cached across runs
+            converted = with_chat_template(convert_gguf_package(spec.gguf_package), spec.chat_template)
+            return str(converted), canonical_hash({**spec.model_dump(mode="json"), "converted": converted.name})
+        if not spec.is_tiny:
             from alignpipe.models.loading import resolve_model_location
 
             return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
@@ -206,11 +249,121 @@ class Runner:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
             return
-        script = PIPELINES_DIR / f"{stage_type}.py"
-        command = [sys.executable, str(script)] if script.exists() else [
-            sys.executable, "-c", f"from alignpipe.pipeline.stage import main; main({stage_type!r})"]
-        command += ["--stage-dir", str(directory.root)] + (["--resume"] if resume else [])
-        log.info("$ %s", " ".join(command))
-        completed = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if completed.returncode != 0:
-            directory.update_manifest(status="failed", end_time=utc_now(), returncode=completed.returncode)
+        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env())
+        if returncode != 0:
+            directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
+
+    def _stage_env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.topology.device == "cpu":  # every rank of a CPU launch must know it (see stage.init_distributed)
+            env["ACCELERATE_USE_CPU"] = "true"
+        return env
+
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> int:
+        log.info("$ %s", format_command(command))
+        return subprocess.run(command, env=env or self._stage_env()).returncode
+
+    # -- dry run and multi-node followers ----------------------------------------------------------------------------
+
+    def _stage_hashes(self, stage, outputs: dict[str, tuple[str, str | None]]) -> tuple[str, dict]:
+        config_hash = canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
+        return config_hash, {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
+
+    def _dry_run(self) -> list[StageOutcome]:
+        """Print what would run (commands included) without creating or changing anything on disk."""
+        outcomes = []
+        for stage in self.recipe.stages:
+            directory = StageDir(self.run_dir / stage.name)
+            manifest = directory.read_manifest() or {}
+            done = manifest.get("status") == "complete" and stage.name not in self.force
+            resume = self.resume and not done and directory.has_progress()
+            command = format_command(self.stage_command(stage.type, directory.root, resume))
+            action = "skip if its config and inputs are unchanged" if done else "run"
+            print(f"[dry-run] {stage.name} ({stage.type}): {action}\n  {command}")
+            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, action))
+        return outcomes
+
+    def _follow(self) -> list[StageOutcome]:
+        """Node rank > 0: launch each stage node 0 runs, write nothing, wait for node 0's manifests."""
+        outcomes = []
+        outputs: dict[str, tuple[str, str | None]] = {BASE: self._followed_base()}
+        for stage in self.recipe.stages:
+            directory = StageDir(self.run_dir / stage.name)
+            config_hash, input_hashes = self._stage_hashes(stage, outputs)
+            started = time.time()
+            manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("running", "complete"))
+            action = "skipped"
+            if stage.type in SINGLE_PROCESS_STAGES and manifest["status"] == "running":
+                manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("complete",))
+                action = "waited (runs on node 0 only)"
+            elif manifest["status"] == "running":
+                self._spawn(self.stage_command(stage.type, directory.root, bool(manifest.get("resumed"))))
+                manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("complete",))
+                action = "ran"
+            outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
+            outcomes.append(StageOutcome(stage.name, action, time.time() - started, "following node 0"))
+        return outcomes
+
+    def _followed_base(self) -> tuple[str, str | None]:
+        if not self.recipe.model.is_tiny:
+            return self._prepare_base()  # a hub id, path or cached conversion: nothing of this run's is written
+        base = StageDir(self.run_dir / BASE)
+        config_hash = canonical_hash({"base": self._recipe_context()})
+
+        def ready():
+            manifest = base.read_manifest() or {}
+            done = manifest.get("config_hash") == config_hash and manifest.get("status") == "complete"
+            return manifest if done else None
+
+        manifest = _poll(ready, f"{base.manifest} (node 0 creates the tiny model)")
+        return str(base.checkpoint.resolve()), manifest["output_sha256"]
+
+    def _wait_for_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict,
+                           statuses: tuple[str, ...]) -> dict:
+        def ready():
+            manifest = directory.read_manifest() or {}
+            same = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
+            if same and manifest.get("status") == "failed":
+                raise StageFailed(f"node 0 reports stage '{directory.name}' failed; see {directory.manifest}")
+            return manifest if same and manifest.get("status") in statuses else None
+
+        return _poll(ready, f"{directory.manifest} to say {' or '.join(statuses)}")
+
+
+def _poll(ready, what: str):
+    """Call ``ready`` every few seconds until it returns something; give up after ALIGNPIPE_FOLLOWER_TIMEOUT_S."""
+    timeout_s = float(os.environ.get("ALIGNPIPE_FOLLOWER_TIMEOUT_S", "3600"))
+    deadline = time.time() + timeout_s
+    while (value := ready()) is None:
+        if time.time() > deadline:
+            raise StageFailed(f"waited {timeout_s:.0f}s for {what}; is node 0 running the same recipe over the same "
+                              "shared runs directory?")
+        time.sleep(FOLLOWER_POLL_S)
+    return value
+
+
+def default_topology() -> Topology:
+    """One process on this machine: a GPU if there is one, else the CPU."""
+    import torch
+
+    return resolve_topology(LaunchOptions(), visible_gpus=torch.cuda.device_count())
+
+
+def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
+    """Check every stage's batch sizes against the world size before anything runs; a description per stage.
+
+    Raises a ``ValueError`` naming the stage, the field and a fix when a batch does not split over the processes.
+    """
+    plan = {}
+    for stage in recipe.stages:
+        if isinstance(stage, PPOStage):
+            for field in ("rollout_batch_size", "mini_batch_size"):
+                value = getattr(stage, field)
+                if value % world_size:
+                    raise ValueError(f"stages.{stage.name}.{field}: {value} does not split over {world_size} "
+                                     f"processes; use a multiple of {world_size} or change the process count")
+            plan[stage.name] = (f"{stage.rollout_batch_size} prompts per rollout, minibatches of "
+                                f"{stage.mini_batch_size}, over {world_size} process(es)")
+        elif isinstance(stage, _TrainingStage):
+            plan[stage.name] = stage_batch_split(stage, world_size).describe()
+    return plan

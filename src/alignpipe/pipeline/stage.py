@@ -116,7 +116,10 @@ def main(stage_type: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--stage-dir", type=Path, required=True, help="runs/<run>/<stage>/ holding config.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest trainer checkpoint")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = init_distributed()
+    rank = f"[rank {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s %(name)s: {rank}%(message)s", force=True)
     config = StageDir(args.stage_dir).read_config()
     declared = config["recipe"]["stages"]
     actual = next((s["type"] for s in declared if s["name"] == config["stage"]), None)
@@ -126,5 +129,20 @@ def main(stage_type: str, argv: list[str] | None = None) -> None:
         execute(args.stage_dir, resume=args.resume)
     except Exception:
         traceback.print_exc()
-        StageDir(args.stage_dir).update_manifest(status="failed", end_time=utc_now())
+        if state.is_main_process:
+            StageDir(args.stage_dir).update_manifest(status="failed", end_time=utc_now())
         sys.exit(1)
+
+
+def init_distributed():
+    """Join the launch's process group before anything else (and before any config is read).
+
+    On CPU the ranks must join a gloo group: a bare ``PartialState()`` on a machine without CUDA (or with
+    ``ACCELERATE_USE_CPU``, which accelerate's multi-process launcher does not forward) leaves each process thinking
+    it is alone, and later ``PartialState(cpu=True)`` calls cannot change that.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())

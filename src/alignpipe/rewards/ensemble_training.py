@@ -68,6 +68,7 @@ from alignpipe.losses.reward import (
     diversity_loss,
     ensemble_bradley_terry_loss,
 )
+from alignpipe.pipeline import distributed
 from alignpipe.rewards.ensemble import RewardEnsemble, collate_features, encode_examples
 
 __all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "EnsembleTrainingHistory", "train_ensemble"]
@@ -268,6 +269,11 @@ def train_ensemble(
     ``labels`` (optional, one per pair, each in [0, 1]; ``None`` = 1.0 for all) are soft targets P(chosen ≻ rejected);
     ``config.ids_rate > 0`` smooths them after every full epoch (module docstring). The return value is a ``list``
     of the log records (:class:`EnsembleTrainingHistory`) whose ``labels`` attribute holds the final per-pair labels.
+
+    Data parallel (under ``accelerate launch``): every rank draws the same global batches, scores its contiguous share
+    and scales its loss by its share of the batch, and the gradients are averaged across ranks, so the update equals
+    the one-process update for unweighted losses (weighted, margin or bootstrap losses normalise by each rank's
+    own weights: close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -311,13 +317,23 @@ def train_ensemble(
     )
     device = next(ensemble.parameters()).device
 
+    world, rank = distributed.world_size(), distributed.rank()
     logs: list[dict] = []
     window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
     ensemble.train()
     progress = tqdm(total=total_steps, desc="reward ensemble", disable=not config.progress_bar, leave=False)
     try:
-        for step, idx in enumerate(batches, start=1):
+        for step, global_idx in enumerate(batches, start=1):
+            idx = _rank_share(global_idx, rank, world)
             b = len(idx)
+            if b == 0:  # a last batch smaller than the world size: this rank adds a zero gradient and waits
+                optimizer.zero_grad(set_to_none=True)
+                (sum(p.sum() for p in params) * 0.0).backward()
+                distributed.average_gradients(params)
+                optimizer.step()
+                scheduler.step()
+                progress.update(1)
+                continue
             batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
@@ -332,9 +348,11 @@ def train_ensemble(
             )
             div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
             loss = bt + div.to(bt.device)
+            share = world * b / len(global_idx)  # this rank's part of the global batch mean (1 in one process)
 
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (share * bt + div.to(bt.device)).backward()
+            distributed.average_gradients(params)
             if config.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             else:
@@ -371,7 +389,7 @@ def train_ensemble(
                 record = {
                     "step": step,
                     "epoch": step / steps_per_epoch,
-                    **{key: value / m for key, value in window.items()},
+                    **distributed.all_reduce_mean({key: value / m for key, value in window.items()}),
                     "diversity_ratio": ensemble.diversity_ratio(),
                     "lr": lr,
                     **ids_record,
@@ -388,6 +406,12 @@ def train_ensemble(
         ensemble.eval()
     final = [1.0] * n if label_t is None else label_t.tolist()
     return EnsembleTrainingHistory(logs, final)
+
+
+def _rank_share(batch: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch (the shares differ by at most one pair)."""
+    bounds = [round(i * len(batch) / world) for i in range(world + 1)]
+    return batch[bounds[rank]:bounds[rank + 1]]
 
 
 def _labels(values: Sequence[float] | None, n: int) -> Tensor | None:

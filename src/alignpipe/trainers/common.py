@@ -14,16 +14,30 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16, resolve_model_location
+from alignpipe.models.quantization import (
+    is_quantized,
+    merge_adapters_in_full_precision,
+    merge_dtype,
+    prepare_for_kbit_training,
+)
+from alignpipe.pipeline.batching import stage_batch_split, world_size
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 
 
 def load_start_model(ctx: StageContext):
-    """The policy a training stage starts from (its input checkpoint, or the recipe's model) and its tokenizer."""
+    """The policy a training stage starts from (its input checkpoint, or the recipe's model) and its tokenizer.
+
+    With ``model.quantization`` the policy loads k-bit and frozen, ready for the stage's LoRA adapters (QLoRA).
+    """
     gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+    quantization = ctx.recipe.model.quantization
     tokenizer = load_tokenizer(ctx.start_model, gguf_file=gguf_file)
-    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file)
+    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file,
+                           quantization=quantization)
+    if quantization is not None:
+        model = prepare_for_kbit_training(model)
     return model, tokenizer
 
 
@@ -31,16 +45,18 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
     """Keyword arguments shared by TRL's ``SFTConfig`` and ``DPOConfig``, from the stage's typed config.
 
     TRL 1.16 defaults to bf16 and gradient checkpointing; both are wrong for a tiny model on a CPU, so precision
-    follows the hardware (``bf16: null``) and checkpointing is opt-in.
+    follows the hardware (``bf16: null``) and checkpointing is opt-in. The per-device batch and accumulation come
+    from the stage's ``global_batch_size`` and this launch's world size when it is set.
     """
     stage = ctx.stage
+    batch = stage_batch_split(stage, world_size())
     return dict(
         output_dir=str(ctx.dir.trainer),
         learning_rate=stage.learning_rate,
         num_train_epochs=stage.num_train_epochs,
         max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_train_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         lr_scheduler_type=stage.lr_scheduler_type,
         warmup_steps=stage.warmup_ratio,
         weight_decay=stage.weight_decay,
@@ -57,7 +73,22 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         data_seed=ctx.recipe.seed,
         report_to=[],
         dataloader_num_workers=0,
+        **optimizer_arguments(ctx),
     )
+
+
+def optimizer_arguments(ctx: StageContext) -> dict[str, Any]:
+    """Trainer ``optim`` for the stage: bitsandbytes' 8-bit AdamW for a quantized recipe with ``optimizer_8bit``.
+
+    QLoRA pairs k-bit weights with a low-memory optimiser; ``adamw_bnb_8bit`` also runs on CPU (checked with
+    bitsandbytes 0.50). bitsandbytes keeps 32-bit state for tensors under 4096 values, so small adapters (the tiny
+    model's) train with plain AdamW state. Empty otherwise, leaving transformers' default (torch AdamW). Merged into
+    :func:`trainer_arguments`.
+    """
+    spec = ctx.recipe.model.quantization
+    if spec is None or not spec.optimizer_8bit:
+        return {}
+    return {"optim": "adamw_bnb_8bit"}
 
 
 def lora_config(ctx: StageContext) -> LoraConfig | None:
@@ -92,16 +123,31 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
     """Save the trained policy as a full ``save_pretrained`` checkpoint and move it into place atomically.
 
     ``destination`` defaults to the stage's ``checkpoint/``. LoRA adapters are merged, so every downstream stage
-    (and ``from_pretrained``) loads the checkpoint the same way whether or not LoRA was used.
+    (and ``from_pretrained``) loads the checkpoint the same way whether or not LoRA was used. A k-bit (QLoRA) run
+    publishes full-precision weights too: its adapters are merged into an un-quantized reload of the start model.
     """
     destination = destination or ctx.dir.checkpoint
     trainer.accelerator.wait_for_everyone()
     if not ctx.is_main_process:
         return destination
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
     staging = destination.with_name(destination.name + ".tmp")
+    if is_quantized(model):
+        if not isinstance(model, PeftModel):
+            raise ValueError("a k-bit quantized policy without LoRA adapters has nothing trainable to publish; "
+                             "give the stage a lora block (model.quantization needs one)")
+        # Merging into the k-bit weights would round the update away: merge into a full-precision reload of the base
+        # the adapters were trained on (the stage's start model; a different recorded base, e.g. an earlier round's
+        # checkpoint, is never GGUF).
+        base = resolve_model_location(ctx.start_model)
+        gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+        recorded = model.peft_config[model.active_adapter].base_model_name_or_path
+        if recorded and recorded != base:
+            base, gguf_file = recorded, None
+        model = merge_adapters_in_full_precision(model, base, gguf_file=gguf_file, workdir=destination.parent,
+                                                 dtype=merge_dtype(ctx.recipe.model.quantization))
+    elif isinstance(model, PeftModel):
+        model = model.merge_and_unload()
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     publish_directory(staging, destination)

@@ -13,8 +13,14 @@ Written by hand because TRL 1.16 has no PPO trainer. Read top to bottom, one ite
    iterations (gold and proxy reward vs KL: the over-optimisation curve), a resumable state every ``save_steps``.
 
 The maths is in ``alignpipe.losses.ppo`` (pure, hand-tested); the model layout in ``alignpipe.trainers.actor_critic``.
-Single process here; under ``accelerate launch`` each rank would roll out its own prompts (not yet reduced across
-ranks).
+
+Data parallel under ``accelerate launch`` (``alignpipe.pipeline.distributed``): every rank holds a replica of the
+actor-critic AND of the reward source (each scores its own rollouts; no reward server), takes its contiguous share
+of each iteration's prompts and samples with its own seed. What must be global is reduced across ranks: the score
+normalisation's running moments, the advantage whitening statistics, the KL fed to the controller, the gradients
+(averaged before clipping, so replicas stay identical) and the logged statistics. ``rollout_batch_size`` and
+``mini_batch_size`` are global and must divide by the world size. Held-out evaluation is computed by every rank (same
+prompts, same seed) and written by rank 0. DeepSpeed does not wrap this loop (``--deepspeed`` runs it as DDP).
 """
 
 from __future__ import annotations
@@ -47,11 +53,14 @@ from alignpipe.losses.ppo import (
     gae,
     kl_penalty_rewards,
     masked_mean,
+    masked_moments,
     masked_whiten,
     squared_log_ratio_loss,
     token_rewards,
+    whiten_from_moments,
 )
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
@@ -73,7 +82,14 @@ class RunningMoments:
     var: float = 1.0
 
     def update(self, x: torch.Tensor) -> None:
-        n, mean, var = x.numel(), float(x.mean()), float(x.var(correction=0))
+        if distributed.is_distributed():  # the moments of the whole rollout batch, over every rank's scores
+            total, total_sq, n = distributed.all_reduce_sum(masked_moments(x, torch.ones_like(x))).tolist()
+            mean = total / n
+            self.combine(n, mean, max(total_sq / n - mean * mean, 0.0))
+            return
+        self.combine(x.numel(), float(x.mean()), float(x.var(correction=0)))
+
+    def combine(self, n: float, mean: float, var: float) -> None:
         total = self.count + n
         delta = mean - self.mean
         self.var = (self.count * self.var + n * var + delta**2 * self.count * n / total) / total
@@ -137,9 +153,12 @@ class PPOLoop:
     def __init__(self, ctx: StageContext):
         self.ctx, self.stage, self.recipe = ctx, ctx.stage, ctx.recipe
         torch.manual_seed(self.recipe.seed)
+        from accelerate import PartialState
+
+        self.device = PartialState().device
         self.tokenizer = load_tokenizer(ctx.start_model)
         model = load_causal_lm(ctx.start_model, dtype=self.recipe.model.dtype)
-        self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).eval()
+        self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).to(self.device).eval()
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.stage.learning_rate,
                                            betas=(0.9, 0.95), weight_decay=self.stage.weight_decay)
         reward_path = ctx.inputs[self.stage.inputs[1]] if len(self.stage.inputs) > 1 else None
@@ -154,8 +173,10 @@ class PPOLoop:
     # --- 1-4: rollout --------------------------------------------------------------------------------------------
 
     def _prompts(self) -> list[str]:
+        """This rank's share of the iteration's prompts (all of them in one process)."""
         seed = self.recipe.seed * 100_003 + self.step + 1
-        return [t.prompt for t in sample_tasks(self.stage.rollout_batch_size, seed, task_space(self.recipe.data))]
+        prompts = [t.prompt for t in sample_tasks(self.stage.rollout_batch_size, seed, task_space(self.recipe.data))]
+        return distributed.shard(prompts, what="rollout prompts (rollout_batch_size)")
 
     def _sample(self, prompts: list[str], seed: int):
         settings = GenerationSettings(max_new_tokens=self.stage.max_new_tokens, temperature=self.stage.temperature,
@@ -167,11 +188,12 @@ class PPOLoop:
         rendered = render_prompts(self.tokenizer, [g.prompt for g in generations])
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered]
         return RolloutTensors.build(prompt_ids, [list(g.response_ids) for g in generations],
-                                    self.tokenizer.pad_token_id)
+                                    self.tokenizer.pad_token_id, device=self.device)
 
     def rollout(self) -> Rollout:
         s = self.stage
-        generations = self._sample(self._prompts(), seed=self.recipe.seed * 1_000_003 + self.step)
+        seed = self.recipe.seed * 1_000_003 + self.step + distributed.rank() * 7_919_993  # own samples per rank
+        generations = self._sample(self._prompts(), seed=seed)
         generations = [g for g in generations if g.response_ids] or generations  # an empty response has no token
         prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
         scored = self.reward(prompts, responses)
@@ -190,9 +212,13 @@ class PPOLoop:
             values = self.model.values(batch)
         mask = batch.response_mask
         kl_rewards = kl_penalty_rewards(logp, ref_logp, mask, self.kl.value, kind=s.kl_estimator)
-        rewards = token_rewards(score, kl_rewards, mask)
+        rewards = token_rewards(score.to(self.device), kl_rewards, mask)
         advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
-        advantages = masked_whiten(advantages, mask)
+        if distributed.is_distributed():  # whiten with the statistics of the global rollout batch
+            advantages = whiten_from_moments(advantages, mask,
+                                             distributed.all_reduce_sum(masked_moments(advantages, mask)))
+        else:
+            advantages = masked_whiten(advantages, mask)
         kl_sequence = ((logp - ref_logp) * mask).sum(1)
         gold = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)])
         stats = {
@@ -203,24 +229,26 @@ class PPOLoop:
         }
         if scored.std is not None:
             stats["reward/ensemble_std"] = float(scored.std.mean())
-        return Rollout(batch, logp, ref_logp, values, advantages, returns, stats)
+        return Rollout(batch, logp, ref_logp, values, advantages, returns, distributed.all_reduce_mean(stats))
 
     # --- 5: update -----------------------------------------------------------------------------------------------
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         s = self.stage
         n = rollout.batch.input_ids.shape[0]
+        mini_batch = s.mini_batch_size // distributed.world_size()  # this rank's share of each global minibatch
         order = torch.Generator().manual_seed(self.recipe.seed * 7919 + self.step)
         totals: dict[str, list[float]] = {}
         for _ in range(s.ppo_epochs):
             permutation = torch.randperm(n, generator=order)
-            for start in range(0, n, s.mini_batch_size):
-                index = permutation[start:start + s.mini_batch_size]
+            for start in range(0, n, mini_batch):
+                index = permutation[start:start + mini_batch]
                 batch = rollout.batch.select(index)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_stats = minibatch_backward(
                     self.model, batch, rollout.logp[index], rollout.ref_logp[index], rollout.values[index],
                     rollout.advantages[index], rollout.returns[index], s, where=f"iteration {self.step}")
+                distributed.average_gradients(self.model.trainable_parameters())
                 torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), s.max_grad_norm)
                 self.optimizer.step()
                 for key, value in step_stats.items():
@@ -229,12 +257,12 @@ class PPOLoop:
         stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
                                                                      rollout.batch.response_mask))
         stats["value/mean"] = float(masked_mean(rollout.values, rollout.batch.response_mask))
-        return stats
+        return distributed.all_reduce_mean(stats)
 
     def iteration(self) -> dict:
         rollout = self.rollout()
         stats = {**rollout.stats, **self.update(rollout)}
-        self.kl.update(rollout.stats["kl"], n_steps=rollout.batch.input_ids.shape[0])
+        self.kl.update(rollout.stats["kl"], n_steps=self.stage.rollout_batch_size)  # the global batch's mean KL
         self.step += 1
         return {"step": self.step, **stats}
 
@@ -283,7 +311,7 @@ class PPOLoop:
         with torch.no_grad():
             for i, p in enumerate(self.model.trainable_parameters()):
                 p.copy_(weights[f"p{i}"])
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
         state = json.loads((directory / "ppo_state.json").read_text())
         self.step = state["step"]
         self.kl.load_state_dict(state["kl"])
@@ -318,30 +346,38 @@ def _evaluations(metrics: Path, last_step: int) -> list[dict]:
 
 def run(ctx: StageContext) -> dict:
     stage = ctx.stage
+    main = distributed.is_main()
     loop = PPOLoop(ctx)
     if ctx.resume_from is not None:
         loop.load_state(ctx.resume_from)
-        _drop_records_after(ctx.dir.metrics, loop.step)
+        if main:
+            _drop_records_after(ctx.dir.metrics, loop.step)
         log.info("[%s] resumed PPO at iteration %d", ctx.dir.name, loop.step)
+    record_metrics = (lambda record: append_metrics(ctx.dir.metrics, record)) if main else (lambda record: None)
     if loop.step == 0:
-        append_metrics(ctx.dir.metrics, loop.evaluate())
+        record_metrics(loop.evaluate())
     started = time.time()
-    progress = tqdm(total=stage.total_steps, initial=loop.step, desc=f"[{ctx.dir.name}] PPO")
+    progress = tqdm(total=stage.total_steps, initial=loop.step, desc=f"[{ctx.dir.name}] PPO", disable=not main)
     while loop.step < stage.total_steps:
         record = loop.iteration()
-        append_metrics(ctx.dir.metrics, record)
+        record_metrics(record)
         progress.update(1)
         progress.set_postfix(gold=f"{record['reward/gold']:.3f}", proxy=f"{record['reward/proxy']:.3f}",
                              kl=f"{record['kl']:.2f}")
         if loop.step % stage.eval_every == 0 or loop.step == stage.total_steps:
             evaluation = loop.evaluate()
-            append_metrics(ctx.dir.metrics, evaluation)
+            record_metrics(evaluation)
             log.info("[%s] iteration %d: held-out gold %.3f, proxy %.3f, KL %.2f", ctx.dir.name, loop.step,
                      evaluation["gold_reward"], evaluation["proxy_reward"], evaluation["kl"])
         if loop.step % stage.save_steps == 0 and loop.step < stage.total_steps:
-            loop.save_state(ctx.dir.trainer / f"checkpoint-{loop.step}")
-            _prune(ctx.dir.trainer, stage.save_total_limit)
+            if main:
+                loop.save_state(ctx.dir.trainer / f"checkpoint-{loop.step}")
+                _prune(ctx.dir.trainer, stage.save_total_limit)
+            distributed.barrier()
     progress.close()
+    distributed.barrier()
+    if not main:
+        return {"iterations": loop.step}
 
     staging = ctx.dir.checkpoint.with_name("checkpoint.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -351,6 +387,7 @@ def run(ctx: StageContext) -> dict:
     evaluations = _evaluations(ctx.dir.metrics, loop.step)
     peak = max(evaluations, key=lambda e: e["gold_reward"])
     return {"iterations": loop.step, "wall_time_s": round(time.time() - started, 1),
+            "world_size": distributed.world_size(),
             "final": evaluations[-1], "peak_gold": {k: peak[k] for k in ("eval_step", "gold_reward", "kl")},
             "gao_rl_fit": _gao_fit(evaluations)}
 

@@ -81,8 +81,9 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
         max_length=stage.max_length, diversity_weight=stage.diversity_weight, objective=stage.objective,
         bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps, ids_rate=stage.ids_rate,
     )
+    main = ctx.is_main_process
     history = train_ensemble(ensemble, scorer.tokenizer, train, config, labels=labels,
-                             on_log=lambda record: append_metrics(ctx.dir.metrics, record))
+                             on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None)
     if ctx.is_main_process:
         ensemble.save(ctx.dir.checkpoint)
     return scorer, history[-1]["loss"] if history else None
@@ -133,7 +134,8 @@ def run(ctx: StageContext) -> dict:
         metrics.update(_policy_samples(ctx, scorer))
     report = {name: value.to_dict() for name, value in metrics.items()}
     report["ece"]["reliability"] = tables["reliability"]  # the report draws the reliability diagram from these
-    atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
+    if ctx.is_main_process:  # every rank evaluated the same replica; one writes
+        atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
     return {"train_pairs": len(train_index), "heldout_pairs": len(heldout), "final_train_loss": final_loss,
             **{k: v.value for k, v in metrics.items()}}

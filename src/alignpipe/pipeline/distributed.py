@@ -1,0 +1,93 @@
+"""The few collective operations our own training loops (PPO, the reward ensemble) need across data-parallel ranks.
+
+Why by hand: TRL trainers get data parallelism from accelerate's wrapped model and sampler; our loops call several
+methods of one model (policy, critic, reference, ensemble members), which DDP's forward hook does not cover. So they
+keep one replica per rank, split their batch, and average gradients over the process group that ``accelerate
+launch`` set up (``alignpipe.pipeline.stage.init_distributed``). In one process every function here is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(items: Sequence[T], *, what: str = "items") -> list[T]:
+    """This rank's contiguous share of ``items``; the split must be exact so every rank does the same work."""
+    n, w, r = len(items), world_size(), rank()
+    if n % w:
+        raise ValueError(f"{n} {what} do not split evenly over {w} processes; use a multiple of {w}")
+    size = n // w
+    return list(items[r * size:(r + 1) * size])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a new tensor; the input is left alone)."""
+    out = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each scalar over ranks (for logged statistics: every rank then logs the same numbers)."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    total = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / world_size() for k, v in zip(keys, total)}
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every gradient by its mean over ranks (one flat all-reduce), so all replicas take the same step."""
+    if not is_distributed():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:  # every rank must contribute the same layout, even for parameters this step did not touch
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,166 @@
+"""How a stage process is started: the ``accelerate launch`` command for a topology (CPU, GPUs, nodes, DeepSpeed).
+
+Why a plan object: the runner, ``--dry-run`` and the tests all need the same answer to "what exactly runs?", so the
+topology -> (accelerate config, command line) mapping is one pure function. The configs live in
+``recipes/accelerate/`` (recipes never hold the world size). Choices that are not obvious:
+
+* CPU with several processes uses ``ddp-cpu.yaml`` (accelerate's torchrun launcher + ``use_cpu``): ``accelerate
+  launch --cpu --num_processes N`` starts a single process;
+* DeepSpeed configs point at a JSON file; its absolute path is passed as ``--deepspeed_config_file`` so the run does
+  not depend on the working directory;
+* multi-node runs need a shared filesystem for ``runs/``; every node runs the same command with its own node rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+ACCELERATE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "accelerate"
+DeepSpeedStage = Literal["zero2", "zero3"]
+
+
+class LaunchError(ValueError):
+    """A topology that cannot be launched (bad counts, missing GPUs, DeepSpeed on CPU ...)."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What the user asked for on the command line (``launch.sh`` / ``alignpipe run``)."""
+
+    gpus: int | None = None  # GPUs per node; None = every visible GPU, or the CPU when there is none
+    processes: int = 1  # CPU processes per node (with cpu, or on a machine without GPUs)
+    nodes: int = 1
+    node_rank: int = 0
+    main_addr: str | None = None
+    main_port: int = 29500
+    deepspeed: DeepSpeedStage | None = None
+    cpu: bool = False
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The resolved layout: where processes run and which accelerate config describes them."""
+
+    device: Literal["cpu", "cuda"]
+    processes_per_node: int
+    nodes: int
+    node_rank: int
+    main_addr: str | None
+    main_port: int
+    config: Path
+    deepspeed_json: Path | None
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+    @property
+    def is_main_node(self) -> bool:
+        return self.node_rank == 0
+
+    def describe(self) -> str:
+        nodes = f" x {self.nodes} nodes (this is node {self.node_rank})" if self.nodes > 1 else ""
+        zero = f", DeepSpeed {self.deepspeed_json.stem.removeprefix('ds_')}" if self.deepspeed_json else ""
+        unit = "GPU" if self.device == "cuda" else "CPU process"
+        count = self.processes_per_node
+        return f"{count} {unit}{'es' if unit.endswith('s') and count > 1 else 's' if count > 1 else ''}{nodes}{zero}" \
+               f" (accelerate config {self.config.name})"
+
+
+def resolve_topology(options: LaunchOptions, *, visible_gpus: int) -> Topology:
+    """Check the options against each other and the machine and pick the accelerate config.
+
+    ``visible_gpus`` is passed in (not read here) so dry runs and tests can describe a cluster from any machine.
+    """
+    o = options
+    if o.nodes < 1:
+        raise LaunchError(f"--nodes must be >= 1, got {o.nodes}")
+    if not 0 <= o.node_rank < o.nodes:
+        raise LaunchError(f"--node-rank must be in [0, {o.nodes - 1}] for --nodes {o.nodes}, got {o.node_rank}")
+    if o.processes < 1:
+        raise LaunchError(f"--processes must be >= 1, got {o.processes}")
+    if o.gpus is not None and o.gpus < 1:
+        raise LaunchError(f"--gpus must be >= 1, got {o.gpus} (use --cpu to run on the CPU)")
+    if o.nodes > 1 and not o.main_addr:
+        raise LaunchError(f"--nodes {o.nodes} needs --main-addr: the address of node 0, reachable from every node")
+    if not 0 < o.main_port < 65536:
+        raise LaunchError(f"--main-port must be a TCP port (1-65535), got {o.main_port}")
+    if o.cpu and o.gpus is not None:
+        raise LaunchError("--cpu and --gpus exclude each other; use --cpu --processes N for several CPU processes")
+
+    on_cpu = o.cpu or (o.gpus is None and visible_gpus == 0)
+    if on_cpu:
+        if o.deepspeed:
+            raise LaunchError(f"--deepspeed {o.deepspeed} needs GPUs; run without --deepspeed on the CPU")
+        per_node = o.processes
+    else:
+        if o.processes != 1:
+            raise LaunchError("--processes counts CPU processes; on GPUs use --gpus N")
+        per_node = o.gpus if o.gpus is not None else visible_gpus
+        if visible_gpus and per_node > visible_gpus:
+            raise LaunchError(f"--gpus {per_node} but this machine has {visible_gpus} visible GPU(s)")
+
+    if o.deepspeed:
+        name, json_file = f"{o.deepspeed}.yaml", ACCELERATE_DIR / f"ds_{o.deepspeed}.json"
+    elif on_cpu:
+        name, json_file = ("single.yaml" if per_node * o.nodes == 1 else "ddp-cpu.yaml"), None
+    elif o.nodes > 1:
+        name, json_file = "multi-node.yaml", None
+    else:
+        name, json_file = ("single.yaml" if per_node == 1 else "ddp.yaml"), None
+    if on_cpu and o.nodes > 1:
+        name = "ddp-cpu.yaml"
+    return Topology(device="cpu" if on_cpu else "cuda", processes_per_node=per_node, nodes=o.nodes,
+                    node_rank=o.node_rank, main_addr=o.main_addr, main_port=o.main_port,
+                    config=ACCELERATE_DIR / name, deepspeed_json=json_file)
+
+
+def stage_command(topology: Topology, script: list[str], *, python: str = "python") -> list[str]:
+    """``accelerate launch`` + the options for ``topology`` + the stage script and its arguments.
+
+    ``script`` is ``[path/to/pipelines/<type>.py, --stage-dir, ...]``; ``python`` the interpreter whose
+    ``accelerate`` module runs it (``python -m accelerate.commands.launch``: no reliance on PATH).
+    """
+    t = topology
+    command = [python, "-m", "accelerate.commands.launch", "--config_file", str(t.config),
+               "--num_processes", str(t.world_size), "--num_machines", str(t.nodes)]
+    if t.nodes > 1:
+        command += ["--machine_rank", str(t.node_rank), "--main_process_ip", str(t.main_addr)]
+    if t.world_size > 1:
+        command += ["--main_process_port", str(t.main_port)]
+    if t.deepspeed_json:
+        command += ["--deepspeed_config_file", str(t.deepspeed_json)]
+    if t.device == "cpu":  # accelerate would otherwise pin a single-process CPU run to OMP_NUM_THREADS=1
+        threads = max(1, (os.cpu_count() or 1) // t.processes_per_node)
+        command += ["--num_cpu_threads_per_process", str(threads)]
+    return command + script
+
+
+def format_command(command: list[str]) -> str:
+    return " ".join(shlex.quote(part) for part in command)
+
+
+# Stage types whose work is not split over processes: they run as ONE process on node 0 whatever the topology
+# (evaluation and best-of-n generate and score a fixed prompt set; splitting them is future work).
+SINGLE_PROCESS_STAGES = frozenset({"eval", "bon"})
+# Stage types with their own training loop over accelerate's process group (gradients averaged across ranks by
+# hand), which DeepSpeed's engine does not wrap: under --deepspeed they run plain data parallel.
+NO_DEEPSPEED_STAGES = frozenset({"ppo", "reward"})
+
+
+def stage_topology(topology: Topology, stage_type: str) -> Topology:
+    """The topology one stage type actually runs with (see SINGLE_PROCESS_STAGES and NO_DEEPSPEED_STAGES)."""
+    if stage_type in SINGLE_PROCESS_STAGES:
+        return replace(topology, processes_per_node=1, nodes=1, node_rank=0, config=ACCELERATE_DIR / "single.yaml",
+                       deepspeed_json=None)
+    if stage_type in NO_DEEPSPEED_STAGES and topology.deepspeed_json is not None:
+        if topology.device == "cuda" and topology.nodes > 1:
+            name = "multi-node.yaml"
+        else:
+            name = "single.yaml" if topology.world_size == 1 else "ddp.yaml"
+        return replace(topology, config=ACCELERATE_DIR / name, deepspeed_json=None)
+    return topology

@@ -1,0 +1,71 @@
+"""Run under a 2-process CPU launch by tests/test_distributed.py: checks what must hold across ranks.
+
+    python -m accelerate.commands.launch --config_file recipes/accelerate/ddp-cpu.yaml --num_processes 2 \
+        tests/distributed/probe.py MODEL_DIR OUT_DIR
+
+Each rank writes OUT_DIR/rank-<r>.json: the examples its SFT dataloader yields (to check sharding) and the
+differences between statistics reduced across ranks and the same statistics of the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alignpipe.pipeline.stage import init_distributed
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    state = init_distributed()
+    from alignpipe.losses.ppo import masked_moments, masked_whiten, whiten_from_moments
+    from alignpipe.pipeline import distributed
+    from alignpipe.trainers.ppo import RunningMoments
+
+    rank, world = distributed.rank(), distributed.world_size()
+    report: dict = {"rank": rank, "world": world, "accelerate_processes": state.num_processes}
+
+    # advantage whitening and score moments over shards == over the whole batch
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(8, 6, generator=generator) * 3 + 1
+    mask = (torch.rand(8, 6, generator=generator) > 0.3).float()
+    mine = slice(rank * 4, rank * 4 + 4)
+    reduced = whiten_from_moments(full[mine], mask[mine], distributed.all_reduce_sum(masked_moments(full[mine],
+                                                                                                   mask[mine])))
+    report["whiten_max_error"] = float((reduced - masked_whiten(full, mask)[mine]).abs().max())
+    scores = torch.randn(8, generator=generator)
+    shared, single = RunningMoments(), RunningMoments()
+    shared.update(scores[mine])
+    single.combine(8, float(scores.mean()), float(scores.var(correction=0)))
+    report["moments_error"] = max(abs(shared.mean - single.mean), abs(shared.var - single.var))
+
+    # averaged gradients are the mean of the ranks' gradients, identical on every rank
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.full((3,), float(rank + 1))
+    distributed.average_gradients([parameter])
+    report["averaged_gradient"] = parameter.grad.tolist()
+
+    # the SFT dataloader gives each rank different examples
+    from trl import SFTConfig, SFTTrainer
+
+    from alignpipe.data.synthetic import sft_dataset
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.recipe import DataSpec
+
+    dataset = sft_dataset(DataSpec(n_sft=64), 0)
+    tokenizer = load_tokenizer(model_dir)
+    args = SFTConfig(output_dir=str(Path(out_dir) / "trainer"), per_device_train_batch_size=4, max_length=48,
+                     use_cpu=True, report_to=[], bf16=False, seed=0, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=load_causal_lm(model_dir), args=args, train_dataset=dataset, processing_class=tokenizer)
+    examples = []
+    for batch in trainer.get_train_dataloader():
+        for ids, attention in zip(batch["input_ids"], batch["attention_mask"]):
+            examples.append(tokenizer.decode(ids[attention.bool()]))
+    report["examples"] = examples
+    Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

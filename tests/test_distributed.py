@@ -1,0 +1,125 @@
+"""Data parallelism on CPU: 2 gloo processes under `accelerate launch` train like 1 process with the same global
+batch, shard the data, reduce PPO statistics across ranks, and only rank 0 writes.
+
+The 2-process runs go through the real launcher (`alignpipe run --cpu --processes 2` -> `accelerate launch` with
+recipes/accelerate/ddp-cpu.yaml), so these tests exercise exactly what users run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_recipe
+from safetensors.torch import load_file
+
+TINY_MODEL = {"name_or_path": "tiny", "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                                               "intermediate_size": 64, "vocab_size": 100,
+                                               "max_position_embeddings": 64}}
+TRAIN = {"max_steps": 8, "global_batch_size": 16, "per_device_train_batch_size": 16, "max_length": 48,
+         "logging_steps": 2, "lr_scheduler_type": "constant", "save_steps": 100}
+RECIPE = {
+    "name": "dp", "seed": 0, "model": TINY_MODEL, "data": {"n_sft": 256, "n_pairs": 256},
+    "stages": [
+        {"name": "sft", "type": "sft", "learning_rate": 3e-3, **TRAIN},
+        {"name": "dpo", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3, **TRAIN},
+        {"name": "reward", "type": "reward", "inputs": ["sft"], "members": 3, "learning_rate": 1e-3,
+         "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 4, "diversity_weight": 0.1},
+        {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3,
+         "total_steps": 4, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8,
+         "eval_every": 2, "eval_prompts": 32, "save_steps": 2},
+    ],
+}
+# Float sums happen in a different order when the batch is split (per-rank means, then an all-reduce): after 8
+# steps at lr 2e-3 / 3e-3 the weights agree to ~1e-5 (SFT ~1e-6); the reward heads (15 steps) to ~4e-4.
+TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "reward": 2e-3}
+
+
+def _alignpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "alignpipe.cli", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same recipe run with 1 process and with 2 CPU processes (same global batch)."""
+    root = tmp_path_factory.mktemp("dp")
+    recipe = write_recipe(root, RECIPE)
+    out = {}
+    for label, extra in (("one", ["--cpu"]), ("two", ["--cpu", "--processes", "2", "--main-port", "29561"])):
+        result = _alignpipe("run", str(recipe), "--runs-dir", str(root / label), *extra, cwd=root)
+        out[label] = root / label / "dp"
+        (root / f"{label}.log").write_text(result.stdout + result.stderr)
+    return out
+
+
+def _weights(stage_dir: Path) -> dict[str, dict]:
+    return {str(f.relative_to(stage_dir)): load_file(f) for f in sorted(stage_dir.rglob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+def test_two_processes_train_like_one_with_the_same_global_batch(runs, stage) -> None:
+    one, two = _weights(runs["one"] / stage / "checkpoint"), _weights(runs["two"] / stage / "checkpoint")
+    assert one.keys() == two.keys() and one
+    worst = max(float((one[f][k] - two[f][k]).abs().max()) for f in one for k in one[f])
+    moved = max(float((one[f][k] - _base_or_zero(runs, stage, f, k)).abs().max()) for f in one for k in one[f])
+    assert worst < TOLERANCE[stage], f"{stage}: 2-process weights differ by {worst}"
+    assert moved > 100 * worst  # training moved the weights far more than the two runs disagree
+
+
+def _base_or_zero(runs, stage, file, key):
+    base = runs["one"] / "base" / "checkpoint" / "model.safetensors"
+    tensors = load_file(base) if file == "model.safetensors" else {}
+    return tensors.get(key, 0.0 * load_file(runs["one"] / stage / "checkpoint" / file)[key])
+
+
+def test_two_processes_log_the_same_losses_once(runs) -> None:
+    for stage in ("sft", "dpo", "reward"):
+        one = [json.loads(line) for line in (runs["one"] / stage / "metrics.jsonl").read_text().splitlines()]
+        two = [json.loads(line) for line in (runs["two"] / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in two] == [r["step"] for r in one]  # rank 1 wrote nothing
+        losses = [(a["loss"], b["loss"]) for a, b in zip(one, two) if "loss" in a]
+        assert losses and all(abs(a - b) < 1e-4 for a, b in losses)
+
+
+def test_ppo_on_two_processes_writes_once_and_reduces_its_statistics(runs) -> None:
+    records = [json.loads(line) for line in (runs["two"] / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4]
+    assert [r["eval_step"] for r in records if "eval_step" in r] == [0, 2, 4]
+    manifest = json.loads((runs["two"] / "ppo" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["world_size"] == 2
+    assert sorted(p.name for p in (runs["two"] / "ppo" / "trainer").iterdir()) == ["checkpoint-2"]
+    assert (runs["two"] / "ppo" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_launch_commands_are_printed_and_use_the_cpu_config(runs) -> None:
+    log = (runs["two"].parent.parent / "two.log").read_text()
+    assert "accelerate.commands.launch --config_file" in log and "ddp-cpu.yaml --num_processes 2" in log
+    assert "global batch 16 = 8 per device x 1 accumulation x 2 processes" in log
+
+
+def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) -> None:
+    """Whitening and score moments reduced over ranks equal those of the whole batch; gradients are averaged; the
+    SFT dataloader gives the two ranks disjoint examples that together cover the dataset."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes" / "accelerate" / "ddp-cpu.yaml"), "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", "29562", "--num_cpu_threads_per_process", "1",
+               str(REPO / "tests" / "distributed" / "probe.py"), str(runs["one"] / "sft" / "checkpoint"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for report in ranks:
+        assert report["world"] == 2 and report["accelerate_processes"] == 2
+        assert report["whiten_max_error"] < 1e-5 and report["moments_error"] < 1e-5
+        assert report["averaged_gradient"] == [1.5, 1.5, 1.5]
+    first, second = (set(r["examples"]) for r in ranks)
+    assert len(ranks[0]["examples"]) == len(ranks[1]["examples"]) == 32
+    assert not first & second and len(first | second) == 64

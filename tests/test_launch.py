@@ -1,0 +1,139 @@
+"""The launcher: global batch splits, topology checks, the exact `accelerate launch` commands, --dry-run, --help."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_RECIPE, write_recipe
+
+from alignpipe.cli import build_parser, main
+from alignpipe.pipeline.batching import BatchSizeError, split_global_batch
+from alignpipe.pipeline.launch import LaunchError, LaunchOptions, resolve_topology, stage_command, stage_topology
+
+
+@pytest.mark.parametrize(("global_batch", "world", "max_per_device", "expected"), [
+    (64, 1, 8, (8, 8)), (64, 2, 8, (8, 4)), (64, 16, 8, (4, 1)), (48, 2, 16, (12, 2)), (7, 1, 4, (1, 7)),
+    (16, 2, 16, (8, 1)),
+])
+def test_global_batch_splits_exactly(global_batch, world, max_per_device, expected) -> None:
+    split = split_global_batch(global_batch, world, max_per_device)
+    assert (split.per_device, split.accumulation) == expected
+    assert split.per_device * split.accumulation * world == global_batch
+    assert split.per_device <= max_per_device
+
+
+def test_global_batch_that_does_not_split_names_the_stage_and_a_fix() -> None:
+    with pytest.raises(BatchSizeError, match=r"stages.sft: global_batch_size 16 does not split over 3 processes; "
+                                             r"use a multiple of 3 \(e.g. 15, 18\)"):
+        split_global_batch(16, 3, 8, where="stages.sft")
+    with pytest.raises(BatchSizeError, match="must be positive"):
+        split_global_batch(16, 0, 8)
+
+
+def test_recipe_rejects_accumulation_next_to_a_global_batch(tmp_path) -> None:
+    from alignpipe.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="gradient_accumulation_steps: is derived from global_batch_size"):
+        load_recipe(write_recipe(tmp_path, TINY_RECIPE),
+                    ["stages.sft.global_batch_size=32", "stages.sft.gradient_accumulation_steps=2"])
+
+
+def test_run_refuses_a_global_batch_that_does_not_split_before_anything_runs(tmp_path, capsys) -> None:
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    code = main(["run", str(recipe), "stages.sft.global_batch_size=16", "--cpu", "--processes", "3",
+                 "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert "stages.sft: global_batch_size 16 does not split over 3 processes" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("options", "visible", "message"), [
+    (LaunchOptions(nodes=2), 8, "--nodes 2 needs --main-addr"),
+    (LaunchOptions(nodes=2, node_rank=2, main_addr="h"), 8, r"--node-rank must be in \[0, 1\]"),
+    (LaunchOptions(cpu=True, deepspeed="zero3"), 0, "--deepspeed zero3 needs GPUs"),
+    (LaunchOptions(gpus=4), 2, "--gpus 4 but this machine has 2 visible GPU"),
+    (LaunchOptions(cpu=True, gpus=2), 2, "--cpu and --gpus exclude each other"),
+    (LaunchOptions(processes=2), 8, "--processes counts CPU processes"),
+    (LaunchOptions(main_port=0), 0, "--main-port must be a TCP port"),
+])
+def test_bad_topologies_are_refused_with_the_fix(options, visible, message) -> None:
+    with pytest.raises(LaunchError, match=message):
+        resolve_topology(options, visible_gpus=visible)
+
+
+def test_no_gpu_falls_back_to_the_cpu() -> None:
+    topology = resolve_topology(LaunchOptions(), visible_gpus=0)
+    assert topology.device == "cpu" and topology.world_size == 1 and topology.config.name == "single.yaml"
+    assert resolve_topology(LaunchOptions(processes=2), visible_gpus=0).config.name == "ddp-cpu.yaml"
+    assert resolve_topology(LaunchOptions(), visible_gpus=4).config.name == "ddp.yaml"
+
+
+def test_two_nodes_of_eight_gpus_with_zero3() -> None:
+    topology = resolve_topology(LaunchOptions(gpus=8, nodes=2, node_rank=1, main_addr="10.0.0.1",
+                                              deepspeed="zero3"), visible_gpus=8)
+    command = stage_command(topology, ["pipelines/dpo.py", "--stage-dir", "runs/x/dpo"], python="py")
+    assert command == ["py", "-m", "accelerate.commands.launch", "--config_file", str(topology.config),
+                       "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip",
+                       "10.0.0.1", "--main_process_port", "29500", "--deepspeed_config_file",
+                       str(REPO / "recipes" / "accelerate" / "ds_zero3.json"), "pipelines/dpo.py", "--stage-dir",
+                       "runs/x/dpo"]
+    # own-loop stages run plain data parallel under --deepspeed; evaluation runs as one process on node 0
+    assert stage_topology(topology, "ppo").config.name == "multi-node.yaml"
+    assert stage_topology(topology, "ppo").deepspeed_json is None
+    assert stage_topology(topology, "eval").world_size == 1
+
+
+def test_accelerate_configs_exist_and_deepspeed_ones_leave_precision_to_the_json() -> None:
+    import json
+
+    import yaml
+
+    folder = REPO / "recipes" / "accelerate"
+    for name in ("single", "ddp", "ddp-cpu", "zero2", "zero3", "multi-node"):
+        config = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        assert config["compute_environment"] == "LOCAL_MACHINE"
+        if name.startswith("zero"):
+            assert "mixed_precision" not in config
+            ds = json.loads((folder / config["deepspeed_config"]["deepspeed_config_file"]).read_text())
+            assert ds["bf16"] == {"enabled": "auto"} and ds["zero_optimization"]["stage"] == int(name[-1])
+    assert yaml.safe_load((folder / "ddp-cpu.yaml").read_text())["use_cpu"] is True
+
+
+ULTRAFEEDBACK = sorted((REPO / "recipes" / "ultrafeedback").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", ULTRAFEEDBACK, ids=lambda p: p.name)
+def test_dry_run_prints_the_two_node_zero3_commands_and_writes_nothing(recipe: Path, tmp_path, capsys) -> None:
+    from alignpipe.recipe import load_recipe
+
+    runs = tmp_path / "runs"
+    code = main(["run", str(recipe), "--nodes", "2", "--node-rank", "0", "--main-addr", "10.0.0.1", "--gpus", "8",
+                 "--deepspeed", "zero3", "--dry-run", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert not runs.exists()  # nothing written, no model or dataset touched
+    stages = load_recipe(recipe).stages
+    assert out.count("[dry-run] ") == len(stages)
+    for stage in stages:
+        line = out.split(f"[dry-run] {stage.name} ({stage.type}): run\n  ", 1)[1].splitlines()[0]
+        assert f"pipelines/{stage.type}.py --stage-dir {runs / load_recipe(recipe).name / stage.name}" in line
+        if stage.type in ("eval", "bon"):
+            assert "single.yaml --num_processes 1 --num_machines 1" in line
+        elif stage.type in ("ppo", "reward"):
+            assert "multi-node.yaml --num_processes 16 --num_machines 2 --machine_rank 0" in line
+        else:
+            assert "zero3.yaml --num_processes 16 --num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 " \
+                   "--main_process_port 29500 --deepspeed_config_file" in line and line.count("ds_zero3.json") == 1
+
+
+def test_launch_sh_help_documents_every_run_option() -> None:
+    help_text = subprocess.run(["bash", str(REPO / "launch.sh"), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    run_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    options = [o for action in run_parser._actions for o in action.option_strings
+               if o.startswith("--") and o not in ("--help", "--in-process")]
+    missing = [o for o in options if o not in help_text]
+    assert not missing, f"launch.sh --help does not mention {missing}"
+    assert "--test" in help_text and "KEY=VALUE" in help_text

@@ -123,3 +123,24 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     first, second = (set(r["examples"]) for r in ranks)
     assert len(ranks[0]["examples"]) == len(ranks[1]["examples"]) == 32
     assert not first & second and len(first | second) == 64
+
+
+def test_two_nodes_on_one_machine_node_zero_writes_and_node_one_follows(tmp_path) -> None:
+    """Two `alignpipe run` commands with --nodes 2 (ranks 0 and 1, one CPU process each) over one runs directory:
+    both join every stage's process group, node 0 alone writes, the result equals a 2-process single-node run."""
+    recipe = write_recipe(tmp_path, {**RECIPE, "name": "nodes", "stages": RECIPE["stages"][:1]})
+    common = ["run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--cpu", "--nodes", "2", "--main-addr",
+              "127.0.0.1", "--main-port", "29563"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNPIPE_FOLLOWER_TIMEOUT_S": "300"}
+    follower = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", *common, "--node-rank", "1"], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    leader = subprocess.run([sys.executable, "-m", "alignpipe.cli", *common, "--node-rank", "0"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    follower_log = follower.communicate(timeout=600)[0]
+    assert leader.returncode == 0, leader.stderr[-4000:]
+    assert follower.returncode == 0, follower_log[-4000:]
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1" in follower_log
+    run = tmp_path / "runs" / "nodes"
+    records = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]  # written once, by node 0
+    assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "complete"

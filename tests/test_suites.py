@@ -118,3 +118,27 @@ def test_reward_models_suite_scores_every_model_on_every_source(llama_path, tmp_
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"name": "bad", "kind": "reward_models", "primary_metric": "x"}))
         load_suite(str(bad))
+
+
+def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_path, tmp_path):
+    """reference: checkpoint + judge: reward_model (eval/suites/hh-harmless-vs-base.yaml's shape): the win rate of a
+    checkpoint against itself is exactly 1/2, against another one it is the Bradley-Terry mean of the judge's scores."""
+    runner, _ = completed_tiny_run
+    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8,
+                                                  top_layers=1, seed=0))
+    with torch.no_grad():
+        for head in ensemble.heads:
+            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    judge = ensemble.save(tmp_path / "judge")
+    spec = {"name": "vs-policy", "prompts": {"source": "synthetic", "n": 16},
+            "generation": {"max_new_tokens": 8, "batch_size": 16}, "reference": "checkpoint",
+            "judge": "reward_model", "primary_metric": "win_rate_vs_ref"}
+    suite = tmp_path / "vs-policy.yaml"
+    suite.write_text(yaml.safe_dump(spec))
+    sft, dpo = runner.run_dir / "sft" / "checkpoint", runner.run_dir / "dpo" / "checkpoint"
+    assert main(["eval", f"sft={sft}", f"dpo={dpo}", "--suite", str(suite), "--judge", str(judge),
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["name"]: r["results"] for r in json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+            ["checkpoints"]}
+    assert rows["sft"]["win_rate_vs_ref"]["value"] == pytest.approx(0.5)
+    assert 0 < rows["dpo"]["win_rate_vs_ref"]["value"] < 1 and rows["dpo"]["win_rate_vs_ref"]["n"] == 16

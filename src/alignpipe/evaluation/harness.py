@@ -152,13 +152,17 @@ def evaluate_checkpoints(
 def _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_reference) -> CheckpointSamples:
     prompts = [g.prompt for g in generations]
     rewards = judge.score(prompts, [g.response for g in generations])
-    preferences = [
-        order_averaged_preference(
-            judge.pairwise_probability(g.prompt, g.response, r.response),
-            judge.pairwise_probability(g.prompt, r.response, g.response),
-        )
-        for g, r in zip(generations, ref_generations, strict=True)
-    ]
+    if hasattr(judge, "preferences"):  # batched, position-free (Bradley-Terry on scores): each response scored once
+        preferences = judge.preferences(prompts, [g.response for g in generations],
+                                        [r.response for r in ref_generations])
+    else:
+        preferences = [
+            order_averaged_preference(
+                judge.pairwise_probability(g.prompt, g.response, r.response),
+                judge.pairwise_probability(g.prompt, r.response, g.response),
+            )
+            for g, r in zip(generations, ref_generations, strict=True)
+        ]
     return CheckpointSamples(checkpoint, generations, rewards, logp_policy, logp_reference, preferences,
                              [len(r.response_ids) for r in ref_generations])
 

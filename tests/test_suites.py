@@ -18,6 +18,16 @@ from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
 SHARED = REPO.parent / "shared" / "data"
 
 
+def _random_reward_judge(backbone: str, directory):
+    """A saved 2-member reward ensemble with random heads: a judge whose scores differ between responses."""
+    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=backbone, members=2, lora_r=4, lora_alpha=8,
+                                                  top_layers=1, seed=0))
+    with torch.no_grad():
+        for head in ensemble.heads:
+            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return ensemble.save(directory)
+
+
 def test_every_suite_file_validates():
     names = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
     assert {"synthetic", "alpaca-eval", "hh-harmless"} <= set(names)
@@ -56,12 +66,7 @@ def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
 @pytest.mark.skipif(not (SHARED / "alpaca-eval-prefs").exists(), reason="../shared/data/alpaca-eval-prefs is absent")
 def test_alpaca_eval_suite_end_to_end_with_a_reward_judge(completed_tiny_run, llama_path, tmp_path, monkeypatch):
     runner, _ = completed_tiny_run
-    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8,
-                                                  top_layers=1, seed=0))
-    with torch.no_grad():
-        for head in ensemble.heads:
-            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    judge = ensemble.save(tmp_path / "judge")
+    judge = _random_reward_judge(llama_path, tmp_path / "judge")
     spec = yaml.safe_load((SUITES_DIR / "alpaca-eval.yaml").read_text())
     spec["prompts"]["n"], spec["prompts"]["path"] = 24, str(SHARED / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz")
     spec["generation"].update(max_new_tokens=8, max_prompt_tokens=24)
@@ -124,12 +129,7 @@ def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_pa
     """reference: checkpoint + judge: reward_model (eval/suites/hh-harmless-vs-base.yaml's shape): the win rate of a
     checkpoint against itself is exactly 1/2, against another one it is the Bradley-Terry mean of the judge's scores."""
     runner, _ = completed_tiny_run
-    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8,
-                                                  top_layers=1, seed=0))
-    with torch.no_grad():
-        for head in ensemble.heads:
-            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    judge = ensemble.save(tmp_path / "judge")
+    judge = _random_reward_judge(llama_path, tmp_path / "judge")
     spec = {"name": "vs-policy", "prompts": {"source": "synthetic", "n": 16},
             "generation": {"max_new_tokens": 8, "batch_size": 16}, "reference": "checkpoint",
             "judge": "reward_model", "primary_metric": "win_rate_vs_ref"}

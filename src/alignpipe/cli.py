@@ -156,9 +156,6 @@ def _cmd_run(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         # a dry run describes the asked-for cluster from any machine; a real run checks against this machine's GPUs
         visible = (args.gpus or 0) if args.dry_run else torch.cuda.device_count()
-        if not args.dry_run and args.gpus and not visible:
-            raise ValueError(f"--gpus {args.gpus}: this machine has no visible GPU; drop --gpus (or use --cpu) to run "
-                             "on the CPU, or --dry-run to print the commands")
         topology = resolve_topology(options, visible_gpus=visible)
         runner = Runner(recipe, runs_dir=args.runs_dir, recipe_path=args.recipe, overrides=args.overrides,
                         force=args.force, resume=args.resume, in_process=args.in_process, topology=topology,

@@ -550,11 +550,9 @@ def load_hh_rlhf_chosen(
     reply]``, the same prompt the preference stages train on (``to_trl_rows``). Rows that adapter skips (malformed,
     empty, identical replies) are skipped here too."""
     what = "load_hh_rlhf_chosen"
-    rep = LoadReport()
+    rep = report if report is not None else LoadReport()
     pairs = load_hh_rlhf_pairs(path_or_id, split="train", heldout_fraction=heldout_fraction,
                                source_split=source_split, data_dir=data_dir, report=rep)
-    if report is not None:
-        report.__dict__.update(rep.__dict__)
     if not pairs:
         raise ValueError(f"{what}: no usable dialogue in {path_or_id} split {source_split!r} ({rep.summary()}); "
                          f"expected rows {HH_EXPECTED}")

@@ -62,7 +62,8 @@ def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
     return kept
 
 
-def _limit(rows: list, limit: int | None, seed: int) -> list:
+def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
+    """At most ``limit`` rows, picked by a shuffle seeded with the recipe seed (the same pick in every stage)."""
     if limit is None or len(rows) <= limit:
         return rows
     picked = list(rows)
@@ -96,12 +97,12 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
         require_columns(rows, TRL_COLUMNS, what="dataset.path", source=spec.path,
                         expected="prompt/chosen/rejected columns (TRL preference format)")
         cleaned = clean_trl_rows(rows.select_columns(list(TRL_COLUMNS)).to_list(), spec.path)
-        return Dataset.from_list(_limit(cleaned, spec.limit, seed))
+        return Dataset.from_list(seeded_limit(cleaned, spec.limit, seed))
     else:
         raise ValueError(f"unknown preference data source {spec.source!r}")
     if not spec.soft_labels:
         pairs = harden(pairs)
-    rows = to_trl_rows(_limit(pairs, spec.limit, seed))
+    rows = to_trl_rows(seeded_limit(pairs, spec.limit, seed))
     if spec.source == "hh_rlhf" or not spec.soft_labels:
         rows = [{k: v for k, v in row.items() if k != "preference"} for row in rows]
     return Dataset.from_list(rows)

@@ -65,10 +65,8 @@ class Topology:
     def describe(self) -> str:
         nodes = f" x {self.nodes} nodes (this is node {self.node_rank})" if self.nodes > 1 else ""
         zero = f", DeepSpeed {self.deepspeed_json.stem.removeprefix('ds_')}" if self.deepspeed_json else ""
-        unit = "GPU" if self.device == "cuda" else "CPU process"
-        count = self.processes_per_node
-        return f"{count} {unit}{'es' if unit.endswith('s') and count > 1 else 's' if count > 1 else ''}{nodes}{zero}" \
-               f" (accelerate config {self.config.name})"
+        unit = "GPU(s)" if self.device == "cuda" else "CPU process(es)"
+        return f"{self.processes_per_node} {unit}{nodes}{zero} (accelerate config {self.config.name})"
 
 
 def resolve_topology(options: LaunchOptions, *, visible_gpus: int) -> Topology:
@@ -101,22 +99,28 @@ def resolve_topology(options: LaunchOptions, *, visible_gpus: int) -> Topology:
         if o.processes != 1:
             raise LaunchError("--processes counts CPU processes; on GPUs use --gpus N")
         per_node = o.gpus if o.gpus is not None else visible_gpus
-        if visible_gpus and per_node > visible_gpus:
-            raise LaunchError(f"--gpus {per_node} but this machine has {visible_gpus} visible GPU(s)")
+        if per_node > visible_gpus:
+            raise LaunchError(f"--gpus {per_node} but this machine has {visible_gpus} visible GPU(s); use --cpu (or "
+                              "leave out --gpus) to run on the CPU, or --dry-run to print the commands for a cluster")
 
+    device = "cpu" if on_cpu else "cuda"
     if o.deepspeed:
-        name, json_file = f"{o.deepspeed}.yaml", ACCELERATE_DIR / f"ds_{o.deepspeed}.json"
-    elif on_cpu:
-        name, json_file = ("single.yaml" if per_node * o.nodes == 1 else "ddp-cpu.yaml"), None
-    elif o.nodes > 1:
-        name, json_file = "multi-node.yaml", None
+        config, json_file = ACCELERATE_DIR / f"{o.deepspeed}.yaml", ACCELERATE_DIR / f"ds_{o.deepspeed}.json"
     else:
-        name, json_file = ("single.yaml" if per_node == 1 else "ddp.yaml"), None
-    if on_cpu and o.nodes > 1:
+        config, json_file = _data_parallel_config(device, per_node, o.nodes), None
+    return Topology(device=device, processes_per_node=per_node, nodes=o.nodes, node_rank=o.node_rank,
+                    main_addr=o.main_addr, main_port=o.main_port, config=config, deepspeed_json=json_file)
+
+
+def _data_parallel_config(device: str, processes_per_node: int, nodes: int) -> Path:
+    """The accelerate config without DeepSpeed: one process, CPU processes over gloo, GPUs on one or more nodes."""
+    if processes_per_node * nodes == 1:
+        name = "single.yaml"
+    elif device == "cpu":
         name = "ddp-cpu.yaml"
-    return Topology(device="cpu" if on_cpu else "cuda", processes_per_node=per_node, nodes=o.nodes,
-                    node_rank=o.node_rank, main_addr=o.main_addr, main_port=o.main_port,
-                    config=ACCELERATE_DIR / name, deepspeed_json=json_file)
+    else:
+        name = "multi-node.yaml" if nodes > 1 else "ddp.yaml"
+    return ACCELERATE_DIR / name
 
 
 def stage_command(topology: Topology, script: list[str], *, python: str = "python") -> list[str]:
@@ -155,12 +159,9 @@ NO_DEEPSPEED_STAGES = frozenset({"ppo", "reward"})
 def stage_topology(topology: Topology, stage_type: str) -> Topology:
     """The topology one stage type actually runs with (see SINGLE_PROCESS_STAGES and NO_DEEPSPEED_STAGES)."""
     if stage_type in SINGLE_PROCESS_STAGES:
-        return replace(topology, processes_per_node=1, nodes=1, node_rank=0, config=ACCELERATE_DIR / "single.yaml",
-                       deepspeed_json=None)
+        return replace(topology, processes_per_node=1, nodes=1, node_rank=0, deepspeed_json=None,
+                       config=_data_parallel_config(topology.device, 1, 1))
     if stage_type in NO_DEEPSPEED_STAGES and topology.deepspeed_json is not None:
-        if topology.device == "cuda" and topology.nodes > 1:
-            name = "multi-node.yaml"
-        else:
-            name = "single.yaml" if topology.world_size == 1 else "ddp.yaml"
-        return replace(topology, config=ACCELERATE_DIR / name, deepspeed_json=None)
+        return replace(topology, deepspeed_json=None,
+                       config=_data_parallel_config(topology.device, topology.processes_per_node, topology.nodes))
     return topology

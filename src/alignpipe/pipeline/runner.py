@@ -185,8 +185,7 @@ class Runner:
 
     def _run_stage(self, stage, outputs: dict[str, tuple[str, str | None]]) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
-        config_hash = canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
-        input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
+        config_hash, input_hashes = self._stage_hashes(stage, outputs)
         manifest = directory.read_manifest() or {}
         same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
 

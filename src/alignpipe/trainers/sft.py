@@ -10,7 +10,6 @@ formats, or the chosen side of HH-RLHF / UltraFeedback, always as TRL conversati
 from __future__ import annotations
 
 import logging
-import random
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
@@ -21,6 +20,7 @@ from alignpipe.data.adapters import (
     load_sft_conversations,
     load_ultrafeedback_chosen,
 )
+from alignpipe.data.preference import seeded_limit
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec
@@ -52,10 +52,7 @@ def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int) -> Dataset:
         conversations = load_ultrafeedback_chosen(spec.path, spec.split, report=report)
     else:
         raise ValueError(f"unknown SFT data source {spec.source!r}")
-    if spec.limit is not None and len(conversations) > spec.limit:
-        conversations = list(conversations)
-        random.Random(f"limit:{seed}").shuffle(conversations)  # the same seeded pick as the preference stages' limit
-        conversations = conversations[: spec.limit]
+    conversations = seeded_limit(conversations, spec.limit, seed)
     log.info("sft data %s (%s, split %s): %d conversations", spec.path, spec.source, spec.split, len(conversations))
     return Dataset.from_list([{"messages": turns} for turns in conversations])
 

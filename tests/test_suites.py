@@ -142,3 +142,23 @@ def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_pa
             ["checkpoints"]}
     assert rows["sft"]["win_rate_vs_ref"]["value"] == pytest.approx(0.5)
     assert 0 < rows["dpo"]["win_rate_vs_ref"]["value"] < 1 and rows["dpo"]["win_rate_vs_ref"]["n"] == 16
+
+
+def test_policy_reference_suite_cuts_prompts_to_max_prompt_tokens(completed_tiny_run, llama_path, tmp_path):
+    """max_prompt_tokens applies with a policy reference too: the prompt set the leaderboard records is the cut one."""
+    runner, _ = completed_tiny_run
+    judge = _random_reward_judge(llama_path, tmp_path / "judge")
+    sft = runner.run_dir / "sft" / "checkpoint"
+    ids = []
+    for cut in (None, 3):
+        generation = {"max_new_tokens": 4, "batch_size": 8, **({"max_prompt_tokens": cut} if cut else {})}
+        suite = tmp_path / f"cut-{cut}.yaml"
+        suite.write_text(yaml.safe_dump({"name": "cut", "prompts": {"source": "synthetic", "n": 8},
+                                         "generation": generation, "reference": "checkpoint",
+                                         "judge": "reward_model", "primary_metric": "win_rate_vs_ref"}))
+        out = tmp_path / f"out-{cut}"
+        assert main(["eval", f"sft={sft}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
+                     str(tmp_path / "cache"), "--out", str(out)]) == 0
+        config = json.loads((out / "leaderboard.json").read_text())["config"]
+        ids.append(config["prompt_set"]["id"])
+    assert ids[0] != ids[1]

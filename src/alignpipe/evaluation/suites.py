@@ -203,6 +203,8 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     judge = _judge(spec, judge_path, cache)
     if spec.reference == "checkpoint":
         reference = reference or checkpoints[0]
+        # every policy answers the same prompts as the reference, cut with the reference's tokenizer
+        prompts = _fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
         reference_name = reference.name

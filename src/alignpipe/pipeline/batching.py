@@ -7,7 +7,6 @@ before any model loads rather than a silently different optimisation.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 
@@ -65,7 +64,3 @@ def stage_batch_split(stage, world_size: int) -> BatchSplit:
     return split_global_batch(stage.global_batch_size, world_size, stage.per_device_train_batch_size,
                               where=f"stages.{stage.name}")
 
-
-def world_size() -> int:
-    """Processes in this launch: ``WORLD_SIZE`` as set by ``accelerate launch`` / torchrun, 1 otherwise."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -59,15 +59,6 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world_size() for k, v in zip(keys, total)}
 
 
-def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-shaped tensors from every rank along dim 0, in rank order."""
-    if not is_distributed():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace every gradient by its mean over ranks (one flat all-reduce), so all replicas take the same step."""
     if not is_distributed():

@@ -164,9 +164,7 @@ class Runner:
             return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
         directory = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
-        manifest = directory.read_manifest()
-        if manifest and manifest.get("status") == "complete" and manifest.get("config_hash") == config_hash \
-                and directory.checkpoint.exists():
+        if manifest := _complete_base(directory, config_hash):
             return str(directory.checkpoint.resolve()), manifest["output_sha256"]
         from alignpipe.models.factory import create_tiny_base
 
@@ -308,13 +306,7 @@ class Runner:
             return self._prepare_base()  # a hub id, path or cached conversion: nothing of this run's is written
         base = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
-
-        def ready():
-            manifest = base.read_manifest() or {}
-            done = manifest.get("config_hash") == config_hash and manifest.get("status") == "complete"
-            return manifest if done else None
-
-        manifest = _poll(ready, f"{base.manifest} (node 0 creates the tiny model)")
+        manifest = _poll(lambda: _complete_base(base, config_hash), f"{base.manifest} (node 0 creates the tiny model)")
         return str(base.checkpoint.resolve()), manifest["output_sha256"]
 
     def _wait_for_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict,
@@ -327,6 +319,13 @@ class Runner:
             return manifest if same and manifest.get("status") in statuses else None
 
         return _poll(ready, f"{directory.manifest} to say {' or '.join(statuses)}")
+
+
+def _complete_base(directory: StageDir, config_hash: str) -> dict | None:
+    """The base directory's manifest if it holds the tiny model of this recipe, complete; None otherwise."""
+    manifest = directory.read_manifest() or {}
+    done = manifest.get("status") == "complete" and manifest.get("config_hash") == config_hash
+    return manifest if done and directory.checkpoint.exists() else None
 
 
 def _poll(ready, what: str):

@@ -21,7 +21,8 @@ from alignpipe.models.quantization import (
     merge_dtype,
     prepare_for_kbit_training,
 )
-from alignpipe.pipeline.batching import stage_batch_split, world_size
+from alignpipe.pipeline import distributed
+from alignpipe.pipeline.batching import stage_batch_split
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 
@@ -49,7 +50,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
     from the stage's ``global_batch_size`` and this launch's world size when it is set.
     """
     stage = ctx.stage
-    batch = stage_batch_split(stage, world_size())
+    batch = stage_batch_split(stage, distributed.world_size())
     return dict(
         output_dir=str(ctx.dir.trainer),
         learning_rate=stage.learning_rate,

@@ -227,3 +227,38 @@ def test_qlora_publishes_a_full_precision_checkpoint(qlora_run, stage, start):
         else:
             torch.testing.assert_close(published[key].float(), expected, rtol=1e-2, atol=1e-3)
     assert any(not torch.equal(published[k], base[k]) for k in base if k.endswith("q_proj.weight"))
+
+
+def test_ppo_and_online_rounds_train_quantized_and_publish_full_precision(tmp_path):
+    """model.quantization reaches every policy-training stage: PPO (policy + critic adapters on the k-bit base) and
+    the online rounds (osp) train 4-bit and publish float32 checkpoints without a quantization_config."""
+    from alignpipe.pipeline.runner import Runner
+
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 4, "lora": LORA}
+    ppo = {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "total_steps": 2,
+           "rollout_batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "learning_rate": 1e-3,
+           "max_new_tokens": 6, "eval_every": 2, "eval_prompts": 8, "save_steps": 100, "lora": LORA}
+    osp = {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 1, "prompts_per_round": 8,
+           "samples_per_prompt": 4, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48,
+           "max_new_tokens": 6, "eval_prompts": 8, "save_steps": 1000, "lora": LORA}
+    recipe = {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "quantization": {"bits": 4}},
+              "stages": [sft, ppo, osp]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran", "ran"]
+    start = load_file(runner.run_dir / "sft" / "checkpoint" / "model.safetensors")
+    for stage in ("ppo", "osp"):
+        checkpoint = runner.run_dir / stage / "checkpoint"
+        assert "quantization_config" not in json.loads((checkpoint / "config.json").read_text())
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        moved = max(float((weights[k] - start[k]).abs().max()) for k in start)
+        assert moved > 0  # the adapters trained and were merged into the full-precision weights
+
+
+def test_ppo_with_a_full_critic_model_is_refused_under_quantization(tmp_path):
+    recipe = {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "quantization": {"bits": 4}},
+              "stages": [{**TINY_RECIPE["stages"][0], "lora": LORA},
+                         {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"},
+                          "critic": "model", "lora": LORA}]}
+    with pytest.raises(RecipeError, match="stages.ppo.critic: critic: model trains a full copy of the decoder"):
+        load_recipe(write_recipe(tmp_path, recipe))

@@ -989,9 +989,13 @@ class Recipe(_Spec):
         """k-bit base weights are frozen: with model.quantization every training stage must train LoRA adapters."""
         if self.model.quantization is None:
             return []
-        return [(("stages", i, "lora"), "model.quantization loads frozen k-bit weights; this training stage needs "
-                 "a lora block (QLoRA), or drop model.quantization")
-                for i, stage in enumerate(self.stages) if isinstance(stage, _TrainingStage) and stage.lora is None]
+        problems = [(("stages", i, "lora"), "model.quantization loads frozen k-bit weights; this training stage needs "
+                     "a lora block (QLoRA), or drop model.quantization")
+                    for i, stage in enumerate(self.stages) if isinstance(stage, _TrainingStage) and stage.lora is None]
+        problems += [(("stages", i, "critic"), "critic: model trains a full copy of the decoder, which k-bit weights "
+                      "cannot be; use critic: adapter with model.quantization")
+                     for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
+        return problems
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``; unknown names raise a RecipeError with a suggestion, not a bare KeyError."""

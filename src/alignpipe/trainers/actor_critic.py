@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
+
+from alignpipe.models.quantization import merge_adapters_in_full_precision
 
 __all__ = ["ActorCritic", "RolloutTensors", "response_logprobs"]
 
@@ -150,13 +153,21 @@ class ActorCritic(nn.Module):
         self._use("default")
         yield self.policy
 
-    def merged_policy(self) -> nn.Module:
-        """The trained policy as a plain model (LoRA merged, critic adapter dropped) for ``save_pretrained``."""
+    def merged_policy(self, *, full_precision_base: str | None = None, dtype: torch.dtype = torch.float32,
+                      workdir: Path | None = None) -> nn.Module:
+        """The trained policy as a plain model (LoRA merged, critic adapter dropped) for ``save_pretrained``.
+
+        ``full_precision_base`` (a k-bit QLoRA policy): merge the adapter into an un-quantized reload of that base in
+        ``dtype`` instead of into the k-bit weights, which would round the update away.
+        """
         if not isinstance(self.policy, PeftModel):
             return self.policy
         if "critic" in self.policy.peft_config:
             self.policy.delete_adapter("critic")
         self.policy.set_adapter("default")
+        if full_precision_base is not None:
+            return merge_adapters_in_full_precision(self.policy, full_precision_base, dtype=dtype,
+                                                    workdir=workdir or Path("."))
         return self.policy.merge_and_unload()
 
 

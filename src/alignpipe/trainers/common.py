@@ -33,13 +33,16 @@ def load_start_model(ctx: StageContext):
     With ``model.quantization`` the policy loads k-bit and frozen, ready for the stage's LoRA adapters (QLoRA).
     """
     gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
-    quantization = ctx.recipe.model.quantization
     tokenizer = load_tokenizer(ctx.start_model, gguf_file=gguf_file)
-    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file,
-                           quantization=quantization)
-    if quantization is not None:
-        model = prepare_for_kbit_training(model)
-    return model, tokenizer
+    return load_policy(ctx, ctx.start_model, gguf_file=gguf_file), tokenizer
+
+
+def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None):
+    """A policy to train from ``path``: k-bit, frozen and ready for LoRA under ``model.quantization`` (QLoRA), else
+    in the recipe's dtype. Every stage that trains a policy loads it here, so quantization applies to all of them."""
+    quantization = ctx.recipe.model.quantization
+    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file, quantization=quantization)
+    return prepare_for_kbit_training(model) if quantization is not None else model
 
 
 def trainer_arguments(ctx: StageContext) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks, sft_demonstrat
 from alignpipe.trainers.common import (
     MetricsLogger,
     append_metrics,
+    load_policy,
     lora_config,
     publish_model,
     trainer_arguments,
@@ -297,7 +298,7 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
 
 def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
-    model = load_causal_lm(policy_path, dtype=ctx.recipe.model.dtype)
+    model = load_policy(ctx, policy_path)
     data = method.round_data(ctx, r, model, tokenizer)
     if not data.rows:
         raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); raise "

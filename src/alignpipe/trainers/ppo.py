@@ -59,14 +59,15 @@ from alignpipe.losses.ppo import (
     token_rewards,
     whiten_from_moments,
 )
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.models.loading import load_tokenizer
+from alignpipe.models.quantization import merge_dtype
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
 from alignpipe.tasks import gold_reward, sample_tasks
 from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
-from alignpipe.trainers.common import append_metrics, lora_config
+from alignpipe.trainers.common import append_metrics, load_policy, lora_config
 
 log = logging.getLogger("alignpipe")
 
@@ -157,7 +158,7 @@ class PPOLoop:
 
         self.device = PartialState().device
         self.tokenizer = load_tokenizer(ctx.start_model)
-        model = load_causal_lm(ctx.start_model, dtype=self.recipe.model.dtype)
+        model = load_policy(ctx, ctx.start_model)
         self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).to(self.device).eval()
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.stage.learning_rate,
                                            betas=(0.9, 0.95), weight_decay=self.stage.weight_decay)
@@ -381,7 +382,11 @@ def run(ctx: StageContext) -> dict:
 
     staging = ctx.dir.checkpoint.with_name("checkpoint.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    loop.model.merged_policy().save_pretrained(staging, safe_serialization=True)
+    quantization = ctx.recipe.model.quantization
+    policy = loop.model.merged_policy(
+        full_precision_base=ctx.start_model if quantization else None, dtype=merge_dtype(quantization),
+        workdir=ctx.dir.root)
+    policy.save_pretrained(staging, safe_serialization=True)
     loop.tokenizer.save_pretrained(staging)
     publish_directory(staging, ctx.dir.checkpoint)
     evaluations = _evaluations(ctx.dir.metrics, loop.step)

@@ -128,7 +128,8 @@ def test_ultrafeedback_recipes():
         sft, dpo = recipe.stage("sft"), recipe.stage("dpo")
         assert (sft.dataset.source, sft.dataset.path, sft.dataset.split) == (
             "ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", "train_sft")
-        assert (dpo.dataset.source, dpo.dataset.pairing, dpo.dataset.strength) == ("ultrafeedback", "best_worst", "hard")
+        assert (dpo.dataset.source, dpo.dataset.path, dpo.dataset.split) == (
+            "trl", "HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
         assert sft.lora is not None and dpo.lora is not None
         assert (sft.global_batch_size, dpo.global_batch_size) == (128, 64)
     assert qwen.model.dtype == "bfloat16" and qwen.model.quantization is None

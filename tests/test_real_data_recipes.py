@@ -90,3 +90,41 @@ def test_trl_rows_missing_a_column_name_it(tmp_path):
     spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, [{"prompt": "p", "chosen": "a"}])))
     with pytest.raises(ValueError, match="rejected"):
         preference_pairs_for(spec, DataSpec(), 0)
+
+
+def _conversation_rows():
+    """UltraFeedback-binarized's train_prefs shape: a string prompt beside whole conversations."""
+    rows = []
+    for i in range(8):
+        user = {"role": "user", "content": f"copy: {i} {i + 1}"}
+        rows.append({"prompt": user["content"],
+                     "chosen": [user, {"role": "assistant", "content": f"{i} {i + 1}"}],
+                     "rejected": [user, {"role": "assistant", "content": f"{i + 1}"}]})
+    return rows
+
+
+def test_whole_conversation_rows_get_an_explicit_prompt_and_train_with_dpo(tmp_path):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    path = _trl_file(tmp_path, _conversation_rows())
+    dataset = preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
+    assert dataset[0]["prompt"] == [{"role": "user", "content": "copy: 0 1"}]
+    assert dataset[0]["chosen"] == [{"role": "assistant", "content": "0 1"}]
+    assert dataset[0]["rejected"] == [{"role": "assistant", "content": "1"}]
+    dpo = {**TINY_RECIPE["stages"][1], "max_steps": 2, "save_steps": 2,
+           "dataset": {"source": "trl", "path": str(path)}}
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft, dpo]}))
+    assert [o.action for o in Runner(recipe, runs_dir=tmp_path / "runs", in_process=True).run()] == ["ran", "ran"]
+
+
+def test_conversations_that_differ_before_the_last_turn_have_no_common_prompt(tmp_path):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    rows = _conversation_rows()
+    rows[3]["rejected"][0] = {"role": "user", "content": "something else"}
+    spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, rows)))
+    with pytest.raises(ValueError, match="row 3: chosen and rejected are conversations that differ before their last"):
+        preference_pairs_for(spec, DataSpec(), 0)

@@ -43,10 +43,28 @@ def _message_text(value, *, source: str, row: int, column: str) -> str:
     )
 
 
+def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
+    """A row with a string ``prompt`` beside whole conversations as ``chosen``/``rejected`` (UltraFeedback-binarized's
+    ``train_prefs``) in TRL's conversational format: the shared turns before the last reply become the prompt.
+
+    Why: TRL 1.16's DPOTrainer fails on that mix (it concatenates the string prompt with a list); other rows pass
+    through unchanged.
+    """
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if not (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list) and chosen
+            and rejected):
+        return row
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError(f"{source}: row {index}: chosen and rejected are conversations that differ before their last "
+                         "turn, so they share no prompt; keep one common history and differing final replies")
+    return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
 def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
     """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log;
-    wrongly typed fields raise before any model loads."""
+    wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit prompt first."""
     kept, empty, identical = [], 0, 0
+    rows = [explicit_prompt(row, source=source, index=i) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
         texts = {c: _message_text(row[c], source=source, row=i, column=c) for c in TRL_COLUMNS}
         if not texts["chosen"].strip() or not texts["rejected"].strip():

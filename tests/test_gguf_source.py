@@ -231,3 +231,18 @@ def test_chatml_refuses_tokenizer_without_chatml_tokens() -> None:
     with pytest.raises(ValueError, match=r"<\|im_start\|> and <\|im_end\|>.*chat_template: own"):
         apply_chat_template_choice(tiny, "chatml")
     assert tiny.chat_template == template  # left unchanged
+
+
+def test_chat_template_variant_links_the_weights_and_swaps_the_template(converted: Path) -> None:
+    from alignpipe.models.chat_templates import CHATML_TEMPLATE
+    from alignpipe.models.gguf import MARKER, with_chat_template
+
+    assert with_chat_template(converted, "own") == converted
+    variant = with_chat_template(converted, "chatml")
+    assert variant == converted.with_name(f"{converted.name}-chatml") and (variant / MARKER).exists()
+    weights = next(converted.glob("*.safetensors"))
+    assert (variant / weights.name).stat().st_ino == weights.stat().st_ino  # a hard link, not a copy
+    assert AutoTokenizer.from_pretrained(variant).chat_template == CHATML_TEMPLATE
+    assert AutoTokenizer.from_pretrained(converted).chat_template != CHATML_TEMPLATE  # the shared conversion is intact
+    mtime = (variant / MARKER).stat().st_mtime_ns
+    assert with_chat_template(converted, "chatml") == variant and (variant / MARKER).stat().st_mtime_ns == mtime

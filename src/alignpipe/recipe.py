@@ -165,10 +165,6 @@ class ModelSpec(_Spec):
         None, description="Load policies k-bit quantised (QLoRA; needs bitsandbytes and LoRA on every training "
         "stage); null = full precision.",
     )
-    trust_remote_code: bool = Field(
-        False, description="Allow model code shipped with a hub checkpoint to run; off unless set here (the run "
-        "log says when it is on).",
-    )
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description='Used only when name_or_path is "tiny".')
 
     @model_validator(mode="after")

@@ -155,7 +155,7 @@ def rss_worker(config: dict) -> dict:
     from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
 
     torch.set_num_threads(config["threads"])
-    batch = torch.load(config["batch"])
+    batch = torch.load(config["batch"], weights_only=True)
     spec = EnsembleSpec.from_dict(config["spec"])
     _import_model_code(spec)
     gc.collect()

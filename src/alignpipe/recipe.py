@@ -165,6 +165,10 @@ class ModelSpec(_Spec):
         None, description="Load policies k-bit quantised (QLoRA; needs bitsandbytes and LoRA on every training "
         "stage); null = full precision.",
     )
+    trust_remote_code: bool = Field(
+        False, description="Let Python code shipped with a hub checkpoint run (transformers' trust_remote_code); off "
+        "unless set here, and every stage logs a warning when it is on.",
+    )
     tiny: TinyModelSpec = Field(default_factory=TinyModelSpec, description='Used only when name_or_path is "tiny".')
 
     @model_validator(mode="after")

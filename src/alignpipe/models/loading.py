@@ -6,6 +6,7 @@ Why here: every stage and the evaluation harness load models the same way, so dt
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,24 @@ if TYPE_CHECKING:
     from alignpipe.recipe import QuantizationSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("alignpipe")
+
+# Python code shipped with a hub checkpoint runs only when the recipe says so (model.trust_remote_code); the stage
+# process sets this once from its recipe (alignpipe.pipeline.stage), and every loader passes it on.
+_trust_remote_code = False
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Set this process's policy for code shipped with checkpoints; turning it on is logged as a warning."""
+    global _trust_remote_code
+    _trust_remote_code = bool(allowed)
+    if allowed:
+        log.warning("model.trust_remote_code is on: Python code shipped with the recipe's checkpoints will run")
+
+
+def remote_code_kwargs() -> dict[str, bool]:
+    """``from_pretrained`` keyword for this process's remote-code policy (off unless the recipe turned it on)."""
+    return {"trust_remote_code": _trust_remote_code}
 
 
 PYPI_PREFIX = "pypi:"
@@ -70,7 +89,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file,
+                                              **remote_code_kwargs())
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {name_or_path!r} has neither a pad nor an EOS token; add one before training")
@@ -95,7 +115,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
     """
     location = resolve_model_location(name_or_path)
     if quantization is None:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
+                                                    **remote_code_kwargs())
     extra = {}
     if torch.cuda.is_available():
         from accelerate import PartialState
@@ -103,7 +124,7 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
         extra["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=compute_dtype(quantization), gguf_file=gguf_file,
-        quantization_config=bitsandbytes_config(quantization), **extra,
+        quantization_config=bitsandbytes_config(quantization), **extra, **remote_code_kwargs(),
     )
     keep_4bit_layers_differentiable(model)
     return model

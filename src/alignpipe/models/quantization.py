@@ -117,11 +117,12 @@ def merge_adapters_in_full_precision(model, base: str, *, dtype: torch.dtype, gg
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alignpipe.models.loading import resolve_model_location
+    from alignpipe.models.loading import remote_code_kwargs, resolve_model_location
 
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".adapter-") as adapter_dir:
         model.save_pretrained(adapter_dir, safe_serialization=True)
-        full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype, gguf_file=gguf_file)
+        full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype, gguf_file=gguf_file,
+                                                    **remote_code_kwargs())
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     return merged

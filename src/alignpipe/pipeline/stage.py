@@ -89,6 +89,9 @@ def execute(stage_dir: Path, *, resume: bool = False) -> dict:
     reproduces the same weights does not invalidate the stages after it.
     """
     ctx = load_context(Path(stage_dir), resume=resume)
+    from alignpipe.models.loading import allow_remote_code
+
+    allow_remote_code(ctx.recipe.model.trust_remote_code)
     if ctx.resume_from is not None:
         log.info("[%s] resuming from %s", ctx.dir.name, ctx.resume_from)
     started = time.time()

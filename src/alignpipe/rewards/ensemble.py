@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
-from alignpipe.models.loading import resolve_model_location
+from alignpipe.models.loading import remote_code_kwargs, resolve_model_location
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.rewards.penalties import EnsembleRewards
 
@@ -255,7 +255,7 @@ class _TrunkCaptured(Exception):
 def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModel
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **remote_code_kwargs()}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     model = AutoModel.from_pretrained(resolve_model_location(spec.backbone), **kwargs)
@@ -815,6 +815,7 @@ class EnsembleScorer:
 
         spec = ensemble.spec
         tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        tok_kwargs.update(remote_code_kwargs())
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(spec.backbone), **tok_kwargs)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from alignpipe.io import atomic_write_json
+from alignpipe.models.loading import remote_code_kwargs
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.rewards.ensemble import (
     _quiet_peft,
@@ -105,7 +106,7 @@ def dataset_text_format(rows) -> TextFormat:
 def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextFormat):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **remote_code_kwargs())
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {str(name_or_path)!r} has neither a pad nor an EOS token")
@@ -202,7 +203,7 @@ def train_single_reward_model(
         "report_to": [],
         "save_strategy": "no",
         "dataloader_num_workers": 0,
-        "model_init_kwargs": {"dtype": "float32"},
+        "model_init_kwargs": {"dtype": "float32", **remote_code_kwargs()},
     }
     # TRL 1.16 turns checkpointing on by default; transformers 5 renamed it (the old name warns).
     names = {f.name for f in dataclasses.fields(RewardConfig)}

@@ -7,6 +7,7 @@ Why: the stage modules stay thin (data + model + TRL trainer); the CPU/GPU defau
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         data_seed=ctx.recipe.seed,
         report_to=[],
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN loss must reach MetricsLogger, not be replaced by the running mean
         **optimizer_arguments(ctx),
     )
 
@@ -111,16 +113,32 @@ def append_metrics(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+GUARDED_LOGS = ("loss", "grad_norm")
+
+
 class MetricsLogger(TrainerCallback):
-    """Appends every trainer log (loss, learning rate, DPO rewards ...) to the stage's ``metrics.jsonl``."""
+    """Appends every trainer log (loss, learning rate, DPO rewards ...) to the stage's ``metrics.jsonl``, and stops
+    the stage when the loss or gradient norm is NaN/Inf.
+
+    Why here: every TRL-backed stage's logs pass through this callback, and a non-finite loss must stop the run
+    before it is saved as a checkpoint (the last trainer checkpoint stays the last good one) instead of being
+    averaged away (``trainer_arguments`` turns transformers' ``logging_nan_inf_filter`` off so it shows).
+    """
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
-        append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+        bad = {k: logs[k] for k in GUARDED_LOGS if isinstance(logs.get(k), float) and not math.isfinite(logs[k])}
+        if bad:
+            raise FloatingPointError(
+                f"non-finite training numbers at step {state.global_step} of {self.path.parent.name}: {bad}; stopping "
+                "before the next checkpoint (the last one saved under trainer/ is intact). Lower the learning rate, "
+                "check the data, or use fp32 (bf16: false)")
+        if state.is_world_process_zero:
+            append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | None = None) -> Path:

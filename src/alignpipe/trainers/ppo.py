@@ -127,14 +127,14 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
     loss = policy_loss
     if settings.kl_loss_coef:
         loss = loss + settings.kl_loss_coef * squared_log_ratio_loss(logp, ref_logp, mask)
-    _require_finite(loss, "policy", where)
+    _require_finite(loss, "policy loss", where)
     loss.backward()
     entropy = entropy_from_logits(logits.detach(), mask)
     del logp, logits, loss
 
     values = model.values(batch)
     value_loss, value_stats = clipped_value_loss(values, old_values, returns, mask, settings.clip_range_value)
-    _require_finite(value_loss, "value", where)
+    _require_finite(value_loss, "value loss", where)
     (settings.vf_coef * value_loss).backward()
     stats = {"loss/policy": policy_loss, "loss/value": value_loss, "policy/clip_fraction": policy_stats["clip_fraction"],
              "policy/approx_kl": policy_stats["approx_kl"], "value/clip_fraction": value_stats["clip_fraction"],
@@ -142,10 +142,14 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
     return {key: float(torch.as_tensor(value).detach()) for key, value in stats.items()}
 
 
-def _require_finite(loss: torch.Tensor, name: str, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"PPO {name} loss is {loss.item()} at {where}; stopping before the optimizer step "
-                                 "(the last saved state is intact)")
+def _require_finite(values: torch.Tensor, name: str, where: str) -> None:
+    """Stop on NaN/Inf losses, rewards or advantages before they reach an optimizer step (the last saved state stays
+    the last good one)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = values[~torch.isfinite(values)].flatten()[:3].tolist()
+        raise FloatingPointError(f"PPO {name} is not finite ({bad}) at {where}; stopping before the optimizer step "
+                                 "(the last saved state under trainer/ is intact). Check the reward source, lower "
+                                 "learning_rate, or clip rewards (reward_clip)")
 
 
 class PPOLoop:
@@ -198,6 +202,7 @@ class PPOLoop:
         generations = [g for g in generations if g.response_ids] or generations  # an empty response has no token
         prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
         scored = self.reward(prompts, responses)
+        _require_finite(scored.reward, "reward", f"iteration {self.step}")
         truncated = torch.tensor([float(g.truncated) for g in generations])
         score = scored.reward.clamp(-s.reward_clip, s.reward_clip)
         if s.missing_eos_penalty is not None:
@@ -220,6 +225,7 @@ class PPOLoop:
                                              distributed.all_reduce_sum(masked_moments(advantages, mask)))
         else:
             advantages = masked_whiten(advantages, mask)
+        _require_finite(advantages, "advantage", f"iteration {self.step}")
         kl_sequence = ((logp - ref_logp) * mask).sum(1)
         gold = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, responses)])
         stats = {

@@ -516,6 +516,8 @@ class RewardStage(_StageBase):
     per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
     max_length: int = Field(512, gt=0, description="Truncate prompt+response to N tokens, keeping the end.")
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
+    save_steps: int = Field(100, gt=0, description="Save a resumable trainer checkpoint (for --resume) every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk.")
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the pairs held out for accuracy, calibration and uncertainty metrics."
     )

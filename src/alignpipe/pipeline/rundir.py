@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 
+log = logging.getLogger("alignpipe")
+
+CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
 TRACKED_PACKAGES = ("alignpipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers")
 
 
@@ -115,17 +119,78 @@ class StageDir:
     def read_config(self) -> dict:
         return yaml.safe_load(self.config.read_text())
 
-    def latest_trainer_checkpoint(self) -> Path | None:
-        """The highest-step ``trainer/checkpoint-N`` that finished saving (its trainer_state.json exists)."""
-        if not self.trainer.is_dir():
-            return None
-        done = [p for p in self.trainer.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-        return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    # -- trainer checkpoints: recorded with their hash once fully written, verified before a resume -------------
+
+    def record_checkpoint(self, path: Path) -> str:
+        """Record a fully written checkpoint's content hash in the manifest (the last step of every save).
+
+        Why: a checkpoint directory is written file by file (by TRL, DeepSpeed, ...), so a kill mid-save leaves a
+        directory that looks like a checkpoint. Only one with a matching recorded hash is resumed from. Records of
+        checkpoints that no longer exist (rotated away) are dropped in the same write.
+        """
+        sha = directory_hash(path)
+        manifest = self.read_manifest() or {}
+        records = {key: value for key, value in manifest.get(CHECKPOINTS, {}).items() if (self.root / key).is_dir()}
+        records[self._key(path)] = sha
+        self.write_manifest({**manifest, CHECKPOINTS: records})
+        return sha
+
+    def checkpoint_problem(self, path: Path) -> str | None:
+        """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""
+        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {}).get(self._key(path))
+        if recorded is None:
+            return "its save never finished (no hash recorded in the manifest)"
+        if directory_hash(path) != recorded:
+            return "its files differ from the hash recorded when it was saved (corrupt or partly deleted)"
+        return None
+
+    def trainer_checkpoints(self, under: Path | None = None) -> list[Path]:
+        """``checkpoint-N`` directories under ``trainer/`` (or ``under``), newest first."""
+        directory = under or self.trainer
+        found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+    def latest_trainer_checkpoint(self, under: Path | None = None, *, quiet: bool = False) -> Path | None:
+        """The newest intact trainer checkpoint; newer ones that are incomplete or corrupt are skipped with a message
+        (falling back to the previous one) and set aside as ``invalid-checkpoint-N`` so a resumed run does not save
+        into them or count them when rotating."""
+        for path in self.trainer_checkpoints(under):
+            problem = self.checkpoint_problem(path)
+            if problem is None:
+                return path
+            if quiet:
+                continue
+            log.warning("[%s] skipping %s: %s; falling back to the previous checkpoint", self.name,
+                        path.relative_to(self.root), problem)
+            aside = path.with_name(f"invalid-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        return None
 
     def has_progress(self) -> bool:
         """Whether an interrupted attempt left something ``--resume`` can continue from."""
         rounds = self.root / "rounds"
-        return self.latest_trainer_checkpoint() is not None or any(rounds.glob("round-*/checkpoint"))
+        return (self.latest_trainer_checkpoint(quiet=True) is not None
+                or any(rounds.glob("round-*/checkpoint")) or any(rounds.glob("round-*/pairs.json")))
+
+    def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
+        """Rewrite ``metrics.jsonl`` with only the records ``keep`` accepts (a resume drops the records of the steps it
+        is about to redo, so the resumed log equals an uninterrupted one). A torn last line (killed mid-write) goes
+        too."""
+        if not self.metrics.exists():
+            return
+        kept = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if keep(record):
+                kept.append(line + "\n")
+        atomic_write_text(self.metrics, "".join(kept))
+
+    def _key(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     def reset(self) -> None:
         """Forget a previous attempt (used when a stage starts over rather than resuming)."""
@@ -134,6 +199,14 @@ class StageDir:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``checkpoint-N`` directories (``save_total_limit``)."""
+    saved = sorted((p for p in directory.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for old in saved[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def publish_directory(staging: Path, final: Path) -> None:

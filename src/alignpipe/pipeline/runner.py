@@ -36,6 +36,7 @@ from alignpipe.pipeline.launch import (
     stage_topology,
 )
 from alignpipe.pipeline.rundir import (
+    CHECKPOINTS,
     StageDir,
     canonical_hash,
     directory_hash,
@@ -194,10 +195,11 @@ class Runner:
         resume = (
             self.resume and same_work and manifest.get("status") != "complete" and directory.has_progress()
         )
+        latest = None
         if stage.name in self.force:
             reason = "forced"
         elif resume:
-            latest = directory.latest_trainer_checkpoint()
+            latest = directory.latest_trainer_checkpoint()  # verified against its recorded hash; bad ones skipped
             reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
         elif not manifest:
             reason = "new"
@@ -219,6 +221,9 @@ class Runner:
             "config_hash": config_hash, "input_hashes": input_hashes,
             "versions": package_versions(), "git_sha": git_sha(PIPELINES_DIR.parent),
             "start_time": utc_now(), "resumed": resume,
+            # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
+            CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
+            "resume_from": _relative(latest, directory) if resume and latest else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
         started = time.time()
@@ -365,3 +370,7 @@ def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
         elif isinstance(stage, _TrainingStage):
             plan[stage.name] = stage_batch_split(stage, world_size).describe()
     return plan
+
+
+def _relative(path: Path, directory: StageDir) -> str:
+    return path.resolve().relative_to(directory.root.resolve()).as_posix()

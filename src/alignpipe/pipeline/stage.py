@@ -51,6 +51,7 @@ class StageContext:
     base: str  # the recipe's model: a local checkpoint path or a hub id
     inputs: dict[str, str]  # earlier stage name -> its checkpoint path
     resume_from: Path | None
+    resume: bool = False  # started with --resume (stages with several trainers find their own checkpoints)
 
     @property
     def start_model(self) -> str:
@@ -75,11 +76,22 @@ def load_context(stage_dir: Path, *, resume: bool) -> StageContext:
     config = directory.read_config()
     recipe = Recipe.model_validate(config["recipe"])
     stage = recipe.stage(config["stage"])
-    resume_from = directory.latest_trainer_checkpoint() if resume else None
+    resume_from = _resume_checkpoint(directory) if resume else None
     return StageContext(
         recipe=recipe, stage=stage, dir=directory, run_dir=stage_dir.parent,
-        base=config["base"], inputs=config["inputs"], resume_from=resume_from,
+        base=config["base"], inputs=config["inputs"], resume_from=resume_from, resume=resume,
     )
+
+
+def _resume_checkpoint(directory: StageDir) -> Path | None:
+    """The checkpoint the runner verified (manifest ``resume_from``), so no rank hashes it again; when the stage is
+    started by hand (``pipelines/<type>.py --resume``), the newest intact one."""
+    verified = (directory.read_manifest() or {}).get("resume_from")
+    if verified and (directory.root / verified).is_dir():
+        return directory.root / verified
+    from alignpipe.pipeline import distributed
+
+    return directory.latest_trainer_checkpoint(quiet=not distributed.is_main())  # one rank sets bad ones aside
 
 
 def execute(stage_dir: Path, *, resume: bool = False) -> dict:

@@ -54,14 +54,17 @@ training pair's label moves toward the ensemble's current prediction,
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from alignpipe.io import atomic_write_json
 from alignpipe.losses.preference import ids_label_update, soft_preference_loss
 from alignpipe.losses.reward import (
     bradley_terry_loss,
@@ -71,7 +74,8 @@ from alignpipe.losses.reward import (
 from alignpipe.pipeline import distributed
 from alignpipe.rewards.ensemble import RewardEnsemble, collate_features, encode_examples
 
-__all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "EnsembleTrainingHistory", "train_ensemble"]
+__all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "EnsembleTrainingHistory", "EnsembleTrainingState",
+           "train_ensemble"]
 
 EnsembleObjective = Literal["members", "mean"]
 _SCHEDULERS = ("linear", "cosine", "constant")
@@ -133,6 +137,49 @@ class EnsembleTrainingHistory(list):
     def __init__(self, records=(), labels: Sequence[float] = ()):
         super().__init__(records)
         self.labels = list(labels)
+
+
+@dataclass
+class EnsembleTrainingState:
+    """Everything exact resume of :func:`train_ensemble` needs after ``step`` steps: the members' trainable weights,
+    AdamW's and the schedule's state, torch's RNG (LoRA dropout), the IDS labels, the unlogged averaging window and
+    the records logged so far. The batch order is not stored: it is a pure function of the seed (``_batches``)."""
+
+    step: int
+    parameters: list[Tensor]
+    optimizer: dict
+    scheduler: dict
+    torch_rng: Tensor
+    labels: Tensor | None
+    window: dict
+    logs: list[dict]
+
+    def save(self, directory: Path) -> None:
+        """Write into ``directory`` (the caller publishes it atomically): safetensors for tensors, JSON for the rest;
+        the optimizer and schedule through ``torch.save``, loaded back with ``weights_only=True``."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.parameters)}
+        tensors["torch_rng"] = self.torch_rng
+        if self.labels is not None:
+            tensors["labels"] = self.labels.contiguous()
+        save_file(tensors, directory / "ensemble_state.safetensors")
+        torch.save({"optimizer": self.optimizer, "scheduler": self.scheduler}, directory / "optimizer.pt")
+        atomic_write_json(directory / "trainer_state.json",
+                          {"global_step": self.step, "window": self.window, "logs": self.logs})
+
+    @classmethod
+    def load(cls, directory: Path) -> EnsembleTrainingState:
+        from safetensors.torch import load_file
+
+        tensors = load_file(directory / "ensemble_state.safetensors")
+        states = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((directory / "trainer_state.json").read_text())
+        count = sum(1 for key in tensors if key.startswith("p"))
+        return cls(step=meta["global_step"], parameters=[tensors[f"p{i}"] for i in range(count)],
+                   optimizer=states["optimizer"], scheduler=states["scheduler"], torch_rng=tensors["torch_rng"],
+                   labels=tensors.get("labels"), window=meta["window"], logs=meta["logs"])
 
 
 def _soft_loss(
@@ -258,6 +305,9 @@ def train_ensemble(
     weights: Sequence[float] | None = None,
     on_log: Callable[[dict], None] | None = None,
     labels: Sequence[float] | None = None,
+    save_every: int = 0,
+    on_save: Callable[[EnsembleTrainingState], None] | None = None,
+    resume: EnsembleTrainingState | None = None,
 ) -> EnsembleTrainingHistory:
     """Train ``ensemble`` in place on ``(prompt, chosen, rejected)`` pairs; return the log records.
 
@@ -274,6 +324,10 @@ def train_ensemble(
     and scales its loss by its share of the batch, and the gradients are averaged across ranks, so the update equals
     the one-process update for unweighted losses (weighted, margin or bootstrap losses normalise by each rank's
     own weights: close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
+
+    Resume: every ``save_every`` steps (and not after the last) ``on_save`` gets an :class:`EnsembleTrainingState`
+    (on every rank; the caller writes from rank 0). Passing one back as ``resume`` continues after its step with the
+    same weights, optimizer, schedule, RNG, labels and batches, so the result equals an uninterrupted run.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -320,10 +374,32 @@ def train_ensemble(
     world, rank = distributed.world_size(), distributed.rank()
     logs: list[dict] = []
     window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+    start = 0
+    if resume is not None:
+        start, logs, window = resume.step, list(resume.logs), dict(resume.window)
+        with torch.no_grad():
+            for p, saved in zip(params, resume.parameters, strict=True):
+                p.copy_(saved.to(p.device))
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.torch_rng)
+        if resume.labels is not None:
+            label_t = resume.labels.clone()
+
+    def checkpoint(step: int) -> None:
+        if on_save is not None and save_every and step % save_every == 0 and step < total_steps:
+            on_save(EnsembleTrainingState(
+                step=step, parameters=[p.detach().clone() for p in params], optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
+                labels=None if label_t is None else label_t.clone(), window=dict(window), logs=list(logs)))
+
     ensemble.train()
-    progress = tqdm(total=total_steps, desc="reward ensemble", disable=not config.progress_bar, leave=False)
+    progress = tqdm(total=total_steps, initial=start, desc="reward ensemble", disable=not config.progress_bar,
+                    leave=False)
     try:
         for step, global_idx in enumerate(batches, start=1):
+            if step <= start:
+                continue
             idx = _rank_share(global_idx, rank, world)
             b = len(idx)
             if b == 0:  # a last batch smaller than the world size: this rank adds a zero gradient and waits
@@ -333,6 +409,7 @@ def train_ensemble(
                 optimizer.step()
                 scheduler.step()
                 progress.update(1)
+                checkpoint(step)
                 continue
             batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -404,6 +481,7 @@ def train_ensemble(
                 if on_log is not None:
                     on_log(dict(record))
                 window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+            checkpoint(step)
     finally:
         progress.close()
         ensemble.eval()

@@ -47,7 +47,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, get_args
@@ -148,6 +148,7 @@ def train_single_reward_model(
     max_steps: int = -1,
     center_rewards_coefficient: float | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    train: Callable[[Any], None] | None = None,
 ):
     """Train one reward model on ``rows`` with TRL's ``RewardTrainer``; return ``(model, tokenizer, trainer)``.
 
@@ -166,6 +167,7 @@ def train_single_reward_model(
         max_steps: > 0 overrides ``num_train_epochs``.
         center_rewards_coefficient: TRL's auxiliary ``coef · mean((r_c + r_r)²)`` term (None = off).
         config_overrides: any other ``RewardConfig`` fields; they win over everything above.
+        train: runs the built trainer (default ``trainer.train()``); the reward stage passes its resuming runner.
 
     CPU and GPU defaults follow :func:`alignpipe.trainers.common.trainer_arguments`: bf16 only where the GPU supports
     it, gradient checkpointing off (TRL 1.16 turns both on by default), ``use_cpu`` without CUDA, ``report_to=[]``.
@@ -227,7 +229,7 @@ def train_single_reward_model(
         if kept < len(rows):
             log.warning("single reward model: %d of %d pairs are longer than max_length=%d tokens and were dropped",
                         len(rows) - kept, len(rows), max_length)
-        trainer.train()
+        (train or (lambda t: t.train()))(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     setattr(model.config, TEXT_FORMAT_ATTR, text_format)
     model.eval()

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 
+from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16, resolve_model_location
 from alignpipe.models.quantization import (
     is_quantized,
@@ -24,7 +25,7 @@ from alignpipe.models.quantization import (
 )
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.batching import stage_batch_split
-from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.pipeline.rundir import StageDir, publish_directory
 from alignpipe.pipeline.stage import StageContext
 
 
@@ -125,8 +126,9 @@ class MetricsLogger(TrainerCallback):
     averaged away (``trainer_arguments`` turns transformers' ``logging_nan_inf_filter`` off so it shows).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tag: dict | None = None):
         self.path = path
+        self.tag = tag or {}  # fields added to every record (an iterative stage's round trainer: its name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -138,7 +140,66 @@ class MetricsLogger(TrainerCallback):
                 "before the next checkpoint (the last one saved under trainer/ is intact). Lower the learning rate, "
                 "check the data, or use fp32 (bf16: false)")
         if state.is_world_process_zero:
-            append_metrics(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+            append_metrics(self.path, {**self.tag, "step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class CheckpointRecorder(TrainerCallback):
+    """Records each trainer checkpoint's hash in the stage manifest once the trainer has written all of it.
+
+    Must be the trainer's last callback (:func:`train` adds it last): other callbacks' ``on_save`` may still add files
+    to the checkpoint (e.g. the reward source's state), and the hash must cover them. Until it is recorded, a
+    checkpoint is not resumed from (``StageDir.latest_trainer_checkpoint``).
+    """
+
+    def __init__(self, stage_dir: StageDir):
+        self.stage_dir = stage_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank's shards (DeepSpeed) are on disk before rank 0 hashes them
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            self.stage_dir.record_checkpoint(checkpoint)
+
+
+TOKEN_COUNT = "alignpipe_token_count.json"  # beside each trainer checkpoint: TRL's running token count
+
+
+class TokenCountState(TrainerCallback):
+    """Saves TRL's running count of training tokens (the logged ``num_tokens``) with each checkpoint.
+
+    Why: TRL 1.16's SFT, DPO and reward trainers keep it in ``_total_train_tokens``, outside the trainer state, so a
+    resumed run would count from 0 again and log different ``num_tokens`` than an uninterrupted one.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        count = getattr(self.trainer, "_total_train_tokens", None)
+        if state.is_world_process_zero and checkpoint.is_dir() and count is not None:
+            atomic_write_json(checkpoint / TOKEN_COUNT, {"total_train_tokens": count})
+
+
+def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
+    """``trainer.train``, from the verified checkpoint ``resume_from`` if given, with every new checkpoint's hash
+    recorded. Metric records this trainer logged after the starting step (an interrupted attempt's) are dropped
+    first: they are about to be redone, so the resumed log equals an uninterrupted one."""
+    trainer.add_callback(TokenCountState(trainer))
+    trainer.add_callback(CheckpointRecorder(ctx.dir))  # last: the hash covers what the callbacks before it saved
+    if resume_from is not None and (resume_from / TOKEN_COUNT).exists():
+        trainer._total_train_tokens = json.loads((resume_from / TOKEN_COUNT).read_text())["total_train_tokens"]
+    if ctx.is_main_process:
+        step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
+        output = Path(trainer.args.output_dir)
+        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or r.get("step", 0) <= step)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def _logged_by(record: dict, output_dir: Path) -> bool:
+    """Whether a metrics record came from the trainer writing to ``output_dir`` (iterative stages run one trainer
+    per round, tagged with ``trainer``; single-trainer stages tag nothing)."""
+    return record.get("trainer", output_dir.name) == output_dir.name
 
 
 def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | None = None) -> Path:
@@ -178,7 +239,7 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
 
 def train_and_publish(trainer, tokenizer, ctx: StageContext) -> dict:
     """Train (resuming when the runner found a trainer checkpoint), publish the checkpoint, summarise the losses."""
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    train(trainer, ctx, ctx.resume_from)
     publish_model(trainer, tokenizer, ctx)
     return training_summary(trainer)
 

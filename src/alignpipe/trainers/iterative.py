@@ -13,10 +13,12 @@ Each round writes ``rounds/round-<r>/`` (``checkpoint/``, ``manifest.json``) and
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 from typing import Any, Protocol
 
@@ -34,6 +36,7 @@ from alignpipe.data.selfplay import SelfPlayPair, inpo_pair, large_margin_pair, 
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
+from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline.rundir import StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext
@@ -46,6 +49,7 @@ from alignpipe.trainers.common import (
     load_policy,
     lora_config,
     publish_model,
+    train,
     trainer_arguments,
 )
 from alignpipe.trainers.selfplay_trainers import INPOTrainer, SPPOTrainer
@@ -53,6 +57,7 @@ from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
 
 log = logging.getLogger("alignpipe")
 
+ROUND_DATA = "pairs.json"  # a round's generated training rows, kept for --resume
 EVAL_SEED = 1234  # the eval stage's default seed: per-round numbers use the same held-out prompts
 
 
@@ -231,9 +236,13 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
     ref_model = load_causal_lm(reference_path, dtype=ctx.recipe.model.dtype) if reference_path else None
     trainer = method.trainer(
         ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
+        processing_class=tokenizer, peft_config=lora_config(ctx),
+        callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"})],
     )
-    trainer.train()
+    resume_from = ctx.dir.latest_trainer_checkpoint(Path(arguments["output_dir"])) if ctx.resume else None
+    if resume_from is not None:
+        log.info("[%s] round %d: resuming its training from %s", ctx.dir.name, round_index, resume_from.name)
+    train(trainer, ctx, resume_from)
     publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
     logs = [e for e in trainer.state.log_history if "loss" in e]
     last = logs[-1] if logs else {}
@@ -281,6 +290,8 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
             log.info("[%s] round %d already complete; reusing it", ctx.dir.name, r)
             history.append(done["metrics"])
         else:
+            if ctx.is_main_process:  # an interrupted attempt's summary of this round is about to be redone
+                ctx.dir.keep_metrics(lambda record: record.get("round", -1) < r)
             history.append(_run_round(ctx, method, r, policy_path, reference_path))
             round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
         policy_path = str(round_dir.checkpoint)
@@ -296,10 +307,24 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
             "final_win_rate_vs_initial": history[-1]["win_rate_vs_initial"]}
 
 
+def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer) -> RoundData:
+    """The round's generated and judged training rows, saved to ``rounds/round-<r>/pairs.json`` before training so a
+    resumed round trains on exactly the same data without sampling and judging again."""
+    saved = ctx.dir.root / "rounds" / f"round-{r}" / ROUND_DATA
+    if ctx.resume and saved.exists():
+        stored = json.loads(saved.read_text())
+        log.info("[%s] round %d: reusing its %d generated pairs", ctx.dir.name, r, len(stored["rows"]))
+        return RoundData(rows=stored["rows"], stats=stored["stats"])
+    data = method.round_data(ctx, r, model, tokenizer)
+    if ctx.is_main_process:
+        atomic_write_json(saved, {"rows": data.rows, "stats": data.stats})
+    return data
+
+
 def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
     model = load_policy(ctx, policy_path)
-    data = method.round_data(ctx, r, model, tokenizer)
+    data = _round_data(ctx, method, r, model, tokenizer)
     if not data.rows:
         raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); raise "
                            "prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter")

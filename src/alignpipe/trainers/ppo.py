@@ -42,7 +42,7 @@ from alignpipe.evaluation.best_of_n import fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
 from alignpipe.evaluation.metrics import kl_k1, mean_with_ci
 from alignpipe.evaluation.metrics import kl_k3 as metric_kl_k3
-from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.io import atomic_write_json
 from alignpipe.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -62,7 +62,7 @@ from alignpipe.losses.ppo import (
 from alignpipe.models.loading import load_tokenizer
 from alignpipe.models.quantization import merge_dtype
 from alignpipe.pipeline import distributed
-from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.pipeline.rundir import prune_checkpoints, publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
 from alignpipe.tasks import gold_reward, sample_tasks
@@ -326,21 +326,6 @@ class PPOLoop:
         self.score_moments = RunningMoments(**state["score_moments"])
 
 
-def _prune(trainer_dir: Path, keep: int) -> None:
-    saved = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    for old in saved[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _drop_records_after(metrics: Path, step: int) -> None:
-    """On resume, forget the records of iterations after the restored state: they are about to be redone."""
-    if not metrics.exists():
-        return
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    kept = [r for r in records if r.get("step", r.get("eval_step", 0)) <= step]
-    atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _evaluations(metrics: Path, last_step: int) -> list[dict]:
     """Held-out evaluation records of this run (a resumed run's earlier ones included; re-done steps once)."""
     by_step = {}
@@ -357,8 +342,8 @@ def run(ctx: StageContext) -> dict:
     loop = PPOLoop(ctx)
     if ctx.resume_from is not None:
         loop.load_state(ctx.resume_from)
-        if main:
-            _drop_records_after(ctx.dir.metrics, loop.step)
+        if main:  # the iterations after the restored state are about to be redone
+            ctx.dir.keep_metrics(lambda r: r.get("step", r.get("eval_step", 0)) <= loop.step)
         log.info("[%s] resumed PPO at iteration %d", ctx.dir.name, loop.step)
     record_metrics = (lambda record: append_metrics(ctx.dir.metrics, record)) if main else (lambda record: None)
     if loop.step == 0:
@@ -378,8 +363,10 @@ def run(ctx: StageContext) -> dict:
                      evaluation["gold_reward"], evaluation["proxy_reward"], evaluation["kl"])
         if loop.step % stage.save_steps == 0 and loop.step < stage.total_steps:
             if main:
-                loop.save_state(ctx.dir.trainer / f"checkpoint-{loop.step}")
-                _prune(ctx.dir.trainer, stage.save_total_limit)
+                saved = ctx.dir.trainer / f"checkpoint-{loop.step}"
+                loop.save_state(saved)
+                prune_checkpoints(ctx.dir.trainer, stage.save_total_limit)
+                ctx.dir.record_checkpoint(saved)
             distributed.barrier()
     progress.close()
     distributed.barrier()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import shutil
 
 from alignpipe.data.preference import preference_pairs_for
 from alignpipe.data.synthetic import evaluation_tasks
@@ -20,16 +21,18 @@ from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
 from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location
+from alignpipe.pipeline import distributed
+from alignpipe.pipeline.rundir import prune_checkpoints, publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
-from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, EnsembleTrainingState, train_ensemble
 from alignpipe.rewards.single import (
     SingleRewardScorer,
     save_single_reward_model,
     train_single_reward_model,
 )
 from alignpipe.tasks import gold_reward
-from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config
+from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config, train
 
 log = logging.getLogger("alignpipe")
 
@@ -82,11 +85,31 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
         bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps, ids_rate=stage.ids_rate,
     )
     main = ctx.is_main_process
+    resume = EnsembleTrainingState.load(ctx.resume_from) if ctx.resume_from is not None else None
+    if main:  # the steps after the restored state are about to be redone
+        ctx.dir.keep_metrics(lambda record: record.get("step", 0) <= (resume.step if resume else 0))
+    if resume is not None:
+        log.info("[%s] resuming the ensemble at step %d", ctx.dir.name, resume.step)
     history = train_ensemble(ensemble, scorer.tokenizer, train, config, labels=labels,
-                             on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None)
+                             on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None,
+                             save_every=stage.save_steps, on_save=lambda state: _save_state(ctx, state),
+                             resume=resume)
     if ctx.is_main_process:
         ensemble.save(ctx.dir.checkpoint)
     return scorer, history[-1]["loss"] if history else None
+
+
+def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
+    """A resumable ensemble checkpoint under ``trainer/``: staged, moved into place, pruned, then its hash recorded."""
+    if ctx.is_main_process:
+        final = ctx.dir.trainer / f"checkpoint-{state.step}"
+        staging = final.with_name(final.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        state.save(staging)
+        publish_directory(staging, final)
+        prune_checkpoints(ctx.dir.trainer, ctx.stage.save_total_limit)
+        ctx.dir.record_checkpoint(final)
+    distributed.barrier()
 
 
 def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None]:
@@ -97,7 +120,9 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
         learning_rate=stage.learning_rate,
         num_train_epochs=stage.num_train_epochs, per_device_train_batch_size=stage.per_device_train_batch_size,
         max_length=stage.max_length, lora=lora_config(ctx), seed=ctx.recipe.seed, logging_steps=stage.logging_steps,
-        callbacks=[MetricsLogger(ctx.dir.metrics)],
+        callbacks=[MetricsLogger(ctx.dir.metrics)], train=lambda trainer: train(trainer, ctx, ctx.resume_from),
+        config_overrides={"save_strategy": "steps", "save_steps": stage.save_steps,
+                          "save_total_limit": stage.save_total_limit},
     )
     if ctx.is_main_process:
         save_single_reward_model(model, tokenizer, ctx.dir.checkpoint)

@@ -1,0 +1,99 @@
+"""Crash safety: checkpoint hashes in the manifest, and a resume that skips incomplete or corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+from safetensors.torch import load_file
+
+from alignpipe.pipeline.rundir import CHECKPOINTS, StageDir, prune_checkpoints
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import load_recipe
+
+
+def _checkpoint(stage: StageDir, step: int, payload: bytes = b"weights") -> object:
+    path = stage.trainer / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(payload)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_only_recorded_intact_checkpoints_are_resumed_from(tmp_path, caplog):
+    stage = StageDir(tmp_path / "sft")
+    stage.root.mkdir()
+    stage.write_manifest({"status": "running"})
+    first, second = _checkpoint(stage, 2), _checkpoint(stage, 4)
+    stage.record_checkpoint(first)
+    stage.record_checkpoint(second)
+    assert set(stage.read_manifest()[CHECKPOINTS]) == {"trainer/checkpoint-2", "trainer/checkpoint-4"}
+    assert stage.latest_trainer_checkpoint() == second
+
+    (second / "model.safetensors").write_bytes(b"weightz")  # same size, one byte changed
+    third = _checkpoint(stage, 6)  # killed before its hash was recorded
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        assert stage.latest_trainer_checkpoint() == first
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipping trainer/checkpoint-6: its save never finished" in messages
+    assert "skipping trainer/checkpoint-4: its files differ from the hash recorded" in messages
+    assert "falling back to the previous checkpoint" in messages
+    # set aside, so a resumed trainer neither saves into them nor counts them when rotating
+    assert not third.exists() and (stage.trainer / "invalid-checkpoint-6").is_dir()
+    assert [p.name for p in stage.trainer_checkpoints()] == ["checkpoint-2"]
+
+
+def test_quiet_lookup_changes_nothing_and_rotation_drops_records(tmp_path):
+    stage = StageDir(tmp_path / "ppo")
+    stage.root.mkdir()
+    paths = [_checkpoint(stage, step) for step in (1, 2, 3)]
+    for path in paths[:2]:
+        stage.record_checkpoint(path)
+    assert stage.latest_trainer_checkpoint(quiet=True) == paths[1]
+    assert paths[2].exists()  # nothing set aside by a quiet look
+    prune_checkpoints(stage.trainer, keep=1)
+    assert [p.name for p in stage.trainer_checkpoints()] == ["checkpoint-3"]
+    stage.record_checkpoint(paths[2])
+    assert list(stage.read_manifest()[CHECKPOINTS]) == ["trainer/checkpoint-3"]  # rotated-away records dropped
+
+
+def test_keep_metrics_drops_redone_steps_and_a_torn_last_line(tmp_path):
+    stage = StageDir(tmp_path / "dpo")
+    stage.root.mkdir()
+    stage.metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    stage.keep_metrics(lambda r: r["step"] <= 2)
+    assert stage.metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "unrecorded"])
+def test_resume_falls_back_past_a_bad_checkpoint_to_the_same_weights(tmp_path, completed_tiny_run, caplog, damage):
+    reference_runner, _ = completed_tiny_run
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    sft = StageDir(runs / "tiny" / "sft")
+    shutil.rmtree(sft.checkpoint)  # killed after its step-30 save, before publishing
+    latest = sft.trainer / "checkpoint-30"
+    if damage == "corrupt":  # a bit flip in the optimizer state
+        data = bytearray((latest / "optimizer.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (latest / "optimizer.pt").write_bytes(bytes(data))
+        sft.update_manifest(status="running")
+    else:  # killed after writing the files but before recording the hash
+        records = sft.read_manifest()[CHECKPOINTS]
+        del records["trainer/checkpoint-30"]
+        sft.update_manifest(status="running", **{CHECKPOINTS: records})
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        outcomes = {o.name: o for o in Runner(load_recipe(recipe_path), runs_dir=runs, resume=True,
+                                              in_process=True).run()}
+    assert "skipping trainer/checkpoint-30" in caplog.text
+    assert outcomes["sft"].action == "resumed" and "checkpoint-15" in outcomes["sft"].reason
+    assert sft.read_manifest()["resumed_from"].endswith("checkpoint-15")
+    expected = load_file(StageDir(reference_runner.run_dir / "sft").checkpoint / "model.safetensors")
+    resumed = load_file(sft.checkpoint / "model.safetensors")
+    assert all((resumed[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
+    assert outcomes["dpo"].action == "skipped"  # same weights: downstream stays valid
+    assert "trainer/checkpoint-30" in sft.read_manifest()[CHECKPOINTS]  # re-saved, re-recorded

@@ -26,7 +26,7 @@ from alignpipe.recipe import (
 )
 
 REPO = Path(__file__).parents[1]
-BAD_RECIPES = sorted((Path(__file__).parent / "bad_recipes").glob("*.yaml"))
+BAD_RECIPES = sorted((Path(__file__).parent / "bad_inputs" / "recipes").glob("*.yaml"))  # see test_bad_inputs.py
 
 GOOD = """\
 name: quickstart
@@ -155,14 +155,18 @@ def test_shipped_recipes_validate(path: Path | None) -> None:
 # ----------------------------------------------------------------------------- bad recipes
 
 
-@pytest.mark.parametrize("path", BAD_RECIPES, ids=lambda p: p.stem)
-def test_bad_recipe_fixture(path: Path) -> None:
-    """Each fixture lists the lines its error must contain as `# expect: ...` comments."""
-    expected = [line.split("# expect: ", 1)[1] for line in path.read_text().splitlines() if "# expect: " in line]
-    assert expected, f"{path.name} has no '# expect:' lines"
-    message = error_for(path)
+@pytest.mark.parametrize("case", BAD_RECIPES, ids=lambda p: p.stem)
+def test_bad_recipe_fixture(case: Path, tmp_path: Path) -> None:
+    """Each recipe case of the bad-input corpus lists what its error must say (``contains`` / ``expect``)."""
+    spec = yaml.safe_load(case.read_text())
+    assert spec.get("contains") or spec.get("expect"), f"{case.name} says nothing about its error"
+    recipe = spec["recipe"]
+    path = write(tmp_path / "recipe.yaml", recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    for name, content in spec.get("files", {}).items():  # other recipe files of an extends chain
+        write(tmp_path / name, yaml.safe_dump(content["yaml"]))
+    message = error_for(path, spec.get("overrides", ()))
     assert message.startswith(f"recipe {path} is invalid:\n  - ")
-    for text in expected:
+    for text in spec.get("contains", []):
         assert text in message, f"{text!r} not in:\n{message}"
 
 

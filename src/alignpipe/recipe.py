@@ -967,6 +967,7 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "inputs", j), msg))
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
+        problems += self._penalties_need_members()
         if problems:
             raise _problem(*problems)
         return self
@@ -997,6 +998,21 @@ class Recipe(_Spec):
         problems += [(("stages", i, "critic"), "critic: model trains a full copy of the decoder, which k-bit weights "
                       "cannot be; use critic: adapter with model.quantization")
                      for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
+        return problems
+
+    def _penalties_need_members(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """An uncertainty penalty (std, var, min over members) is 0 or undefined for a single reward model."""
+        problems = []
+        rewards = {s.name: s for s in self.stages if isinstance(s, RewardStage)}
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, _RewardedStage) or stage.reward.penalty == "mean" or len(stage.inputs) != 2:
+                continue
+            source = rewards.get(stage.inputs[1])
+            if source is not None and source.members < 2:
+                problems.append((("stages", i, "reward", "penalty"), f"penalty {stage.reward.penalty!r} combines "
+                                 f"the members of an ensemble, but reward stage {source.name!r} trains members: "
+                                 f"{source.members}; set members >= 2 there (implementation: ensemble) or use "
+                                 "penalty: mean"))
         return problems
 
     def stage(self, name: str) -> Stage:
@@ -1140,8 +1156,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return parts, yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or exc
-        raise RecipeError(f"bad override value in {text!r}: not valid YAML ({problem})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line per problem
+        problem = problem.replace(' in "<unicode string>",', ",")
+        raise RecipeError(f"bad override value in {text!r}: not valid YAML ({problem}); write the value as YAML, "
+                          "quoting text that holds ':', '#', '[' or '{' (key='a: b')") from None
 
 
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
@@ -1311,6 +1329,7 @@ _EXPECTED = {
     "int_from_float": "an integer",
     "float_type": "a number",
     "float_parsing": "a number",
+    "finite_number": "a finite number",
     "bool_type": "true or false",
     "bool_parsing": "true or false",
     "string_type": "a string",

@@ -13,15 +13,21 @@ and their Hub originals go through the same code.
 Bad rows (empty prompts or texts, dialogues that cannot be split) are skipped and counted in a
 :class:`LoadReport`, mirroring :class:`~alignpipe.data.pairing.PairingReport`: its :meth:`LoadReport.summary` is
 logged at INFO, and callers that want the numbers pass ``report=LoadReport()`` and read it afterwards. Structural
-problems (a missing file, a missing column or field) raise with the source, the column and the expected layout.
+problems (a missing file, a missing column or field, a line that is not UTF-8 or not JSON) raise a :class:`DataError`
+with the source, the row or line, the column and the expected layout.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
 import hashlib
+import json
 import logging
+import lzma
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +38,17 @@ log = logging.getLogger(__name__)
 HH_ASSISTANT = "\n\nAssistant:"
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+class DataError(ValueError):
+    """A dataset problem, phrased for the person fixing the file: the file, the row or line and column, and the fix.
+
+    A ValueError, so callers that already catch those (the CLI) keep working."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A dataset path that names no file; also a FileNotFoundError for callers that catch OS errors."""
 
 
 @dataclass
@@ -46,6 +63,12 @@ class LoadReport:
     rows_skipped_identical: int = 0  # HH: chosen reply == rejected reply
     rows_other_split: int = 0  # HH: valid rows that belong to the other (train/heldout) part
     items_out: int = 0  # ScoredSets or PreferencePairs returned
+    examples: list[str] = field(default_factory=list)  # the first few rows that cannot give a pair, and why
+
+    def note(self, problem: str) -> None:
+        """Keep a few row-level problems, so an error about the whole file can point at rows to look at."""
+        if len(self.examples) < 3:
+            self.examples.append(problem)
 
     def summary(self) -> str:
         return (
@@ -80,57 +103,158 @@ def looks_like_path(name: str) -> bool:
 
 
 def load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str, **hub_kwargs: Any):
-    """A ``datasets.Dataset`` for one split of a local file/directory or a Hub dataset; clear error if absent or
-    empty. A directory written by ``Dataset.save_to_disk`` is one dataset and is read whole (``split`` unused)."""
+    """A ``datasets.Dataset`` for one split of a local file/directory or a Hub dataset; clear error if absent,
+    empty or unreadable. A directory written by ``Dataset.save_to_disk`` is one dataset and is read whole
+    (``split`` unused)."""
     # Deferred: importing datasets costs about a second, and the pairing code must not need it.
     from datasets import load_dataset
 
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_file():
-        builder = _builder_for(path)
-        if builder is None:
-            raise ValueError(
-                f"{what}: cannot tell the format of {path}; expected a .json/.jsonl (optionally .gz), .parquet or "
-                f".csv file with {expected}"
-            )
-        empty = ValueError(f"{what}: {path} is empty (no rows); expected a file with {expected}")
-        if path.stat().st_size == 0:
-            raise empty
-        try:
-            return load_dataset(builder, data_files={split: str(path)}, split=split)
-        except StopIteration:  # datasets' JSON builder on a file it finds no rows in
-            raise empty from None
-        except ValueError as error:  # e.g. blank lines or "[]": 'Instruction "train" corresponds to no data!'
-            if "corresponds to no data" in str(error):
-                raise empty from None
-            raise
+        return _load_file(path, split, what=what, expected=expected)
     if path.is_dir() and (path / "state.json").is_file():
         # One Dataset written by ``Dataset.save_to_disk`` (load_dataset refuses those); it has no splits to pick from.
         from datasets import load_from_disk
 
         return load_from_disk(str(path))
     if path.is_dir():
-        return load_dataset(str(path), split=split)
+        try:
+            return load_dataset(str(path), split=split)
+        except _read_errors() as error:
+            raise DataError(f"{what}: cannot read the dataset directory {path} (split {split!r}): "
+                            f"{_cause(error)}; expected data files with {expected}") from None
     if isinstance(name_or_path, Path) or looks_like_path(name):
-        raise FileNotFoundError(
+        raise DataFileNotFound(
             f"{what}: no such file {path}; expected a local JSON/JSONL(.gz)/parquet file with {expected}, "
             "or a Hugging Face Hub dataset id"
         )
     return load_dataset(name, split=split, **hub_kwargs)
 
 
+def _load_file(path: Path, split: str, *, what: str, expected: str):
+    from datasets import load_dataset
+
+    builder = _builder_for(path)
+    if builder is None:
+        raise DataError(
+            f"{what}: cannot tell the format of {path}; expected a .json/.jsonl (optionally .gz), .parquet or "
+            f".csv file with {expected}"
+        )
+    empty = DataError(f"{what}: {path} is empty (no rows); expected a file with {expected}")
+    if path.stat().st_size == 0:
+        raise empty
+    if builder != "parquet" and (problem := _non_utf8_line(path)):  # pyarrow may keep bad bytes until a row is read
+        raise DataError(f"{what}: cannot read {path}: {problem}; expected a {builder} file with {expected}")
+    try:
+        return load_dataset(builder, data_files={split: str(path)}, split=split)
+    except StopIteration:  # datasets' JSON builder on a file it finds no rows in
+        raise empty from None
+    except _read_errors() as error:
+        if "corresponds to no data" in str(error):  # blank lines or "[]": 'Instruction "train" corresponds to no data!'
+            raise empty from None
+        detail = (_first_bad_json(path) if builder == "json" else None) or _cause(error)
+        if "changed from" in detail:  # pyarrow's "Column(/x) changed from string to number in row N"
+            detail += " (every row must give a column, and each field nested in it, the same type of value)"
+        raise DataError(f"{what}: cannot read {path}: {detail}; expected a {builder} file with {expected}") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What the datasets library raises on a file it cannot parse (its own errors wrap the parser's)."""
+    from datasets.exceptions import DatasetsError
+
+    return DatasetsError, ValueError, OSError
+
+
+def _cause(error: BaseException) -> str:
+    """The parser's message under the datasets library's generic "An error occurred while generating the dataset"."""
+    inner = error.__cause__ or error.__context__ or error
+    return f"{type(inner).__name__}: {str(inner)[:300]}"
+
+
+def _open_raw(path: Path):
+    """The file's bytes, decompressed as its suffix says; None for a compression read only by datasets (.zst)."""
+    suffix = path.suffix.lower()
+    if suffix == ".zst":
+        return None
+    return _OPENERS.get(suffix, open)(path, "rb")
+
+
+def _non_utf8_line(path: Path) -> str | None:
+    """The first line that is not UTF-8, read in chunks (files may be large), with the fix; None if all is UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    try:
+        stream = _open_raw(path)
+        if stream is None:
+            return None
+        with stream:
+            while chunk := stream.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    line += chunk.count(b"\n", 0, max(error.start, 0))
+                    byte = error.object[error.start] if error.start < len(error.object) else None
+                    shown = f"byte 0x{byte:02x}" if byte is not None else "a cut-off character"
+                    return (f"line {line} is not UTF-8 text ({shown}); re-save the file as UTF-8 "
+                            "(e.g. iconv -f latin1 -t utf-8)")
+                line += chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"the file ends in the middle of a UTF-8 character (line {line}); re-save the file as UTF-8"
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        return f"cannot decompress it ({error}); re-create the archive or give the uncompressed file"
+    return None
+
+
+def _first_bad_json(path: Path) -> str | None:
+    """The first row that is not one JSON object, with the fix (the datasets library names neither); None if the
+    file parses (the problem is then elsewhere)."""
+    stream = _open_raw(path)
+    if stream is None:
+        return None
+    with stream:
+        text = stream.read().decode("utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        bad = next((i for i, row in enumerate(whole) if not isinstance(row, dict)), None)
+        return None if bad is None else (f"row {bad} of the JSON array is a {_json_kind(whole[bad])}, not an "
+                                         "object; each row must be an object with the columns by name")
+    if isinstance(whole, dict):
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return (f"line {number} is not valid JSON ({error.msg} at column {error.colno}); each line of a JSON "
+                    "Lines file must be one complete JSON object")
+        if not isinstance(row, dict):
+            return (f"line {number} is a JSON {_json_kind(row)}, not an object; each line must be one object with "
+                    "the columns by name")
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def require_columns(ds, columns: tuple[str, ...], *, what: str, source: str, expected: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{what}: {source} has no column {missing[0]!r} (columns: {ds.column_names}); expected rows with {expected}"
         )
 
 
 def _field(item: Any, key: str, *, what: str, source: str, row: int, column: str, expected: str) -> Any:
     if not isinstance(item, dict) or key not in item:
-        raise ValueError(
+        raise DataError(
             f"{what}: {source} row {row}: column {column!r} has an entry without field {key!r}; expected {expected}"
         )
     return item[key]
@@ -191,7 +315,8 @@ ALPACA_EXPECTED = (
 
 def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: str, text_key: str, score_key: str,
                  report: LoadReport | None) -> list[ScoredSet]:
-    """Rows ``{"instruction", <column>: [{text_key, score_key}, ...]}`` -> ScoredSets; empty texts/prompts counted."""
+    """Rows ``{"instruction", <column>: [{text_key, score_key}, ...]}`` -> ScoredSets; empty texts/prompts counted,
+    and rows left with fewer than 2 scored responses noted (pairing skips them; an error about no pairs names them)."""
     rep = LoadReport(source=source)
     out: list[ScoredSet] = []
     for i, row in enumerate(ds):
@@ -199,6 +324,7 @@ def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: 
         prompt = _text(row["instruction"])
         if not prompt.strip():
             rep.rows_skipped_empty += 1
+            rep.note(f"row {i}: empty instruction")
             continue
         responses: list[str] = []
         scores: list[float] = []
@@ -211,10 +337,29 @@ def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: 
                 continue
             responses.append(text)
             scores.append(score)
+        _note_unpairable(rep, i, scores, score_key)
         out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
     rep.items_out = len(out)
     _finish(rep, report)
     return out
+
+
+def _note_unpairable(rep: LoadReport, row: int, scores: list[float], score_key: str) -> None:
+    usable = sum(math.isfinite(s) for s in scores)
+    if usable < 2:
+        missing = len(scores) - usable
+        why = f"; {missing} {score_key!r} value(s) are NaN or not numbers" if missing else ""
+        rep.note(f"row {row}: {usable} non-empty response(s) with a numeric {score_key!r} (a pair needs 2){why}")
+
+
+def _entry_list(value: Any, *, what: str, source: str, row: int, column: str, expected: str) -> list:
+    """A row's list of scored responses; null counts as none, anything else that is not a list is an error."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{what}: {source} row {row}: column {column!r} is a {type(value).__name__}, not a list of "
+                        f"responses; expected {expected}")
+    return value
 
 
 def load_alpaca_eval_prefs(
@@ -240,7 +385,8 @@ def load_alpaca_eval_prefs(
     require_columns(ds, columns, what=what, source=source, expected=ALPACA_EXPECTED)
 
     def entries(row, i):
-        listed = list(row["responses"] or [])
+        listed = list(_entry_list(row["responses"], what=what, source=source, row=i, column="responses",
+                                  expected=ALPACA_EXPECTED))
         if include_reference:
             ref = row["reference"]
             listed.append({"text": _field(ref, "text", what=what, source=source, row=i, column="reference",
@@ -273,7 +419,12 @@ def load_ultrafeedback(
     ds = load_rows(name_or_path, split, what=what, expected=expected)
     source = str(name_or_path)
     require_columns(ds, ("instruction", "completions"), what=what, source=source, expected=expected)
-    return _scored_sets(ds, lambda row, i: row["completions"] or [], what=what, source=source, expected=expected,
+
+    def entries(row, i):
+        return _entry_list(row["completions"], what=what, source=source, row=i, column="completions",
+                           expected=expected)
+
+    return _scored_sets(ds, entries, what=what, source=source, expected=expected,
                         column="completions", text_key="response", score_key=score_key, report=report)
 
 
@@ -389,8 +540,8 @@ ULTRAFEEDBACK_SFT_EXPECTED = (
 
 def _require_rows(ds, *, what: str, source: str, split: str, expected: str) -> None:
     if len(ds) == 0:
-        raise ValueError(f"{what}: {source} has no rows in split {split!r}; expected rows with {expected} (check "
-                         "dataset.path and dataset.split)")
+        raise DataError(f"{what}: {source} has no rows in split {split!r}; expected rows with {expected} (check "
+                        "dataset.path and dataset.split)")
 
 
 def _conversation(value: Any, *, what: str, source: str, row: int, column: str) -> list[dict[str, str]]:
@@ -398,22 +549,22 @@ def _conversation(value: Any, *, what: str, source: str, row: int, column: str) 
     source, row and column and what to change."""
     where = f"{what}: {source} row {row}, column {column!r}"
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: expected a non-empty list of chat turns, got {type(value).__name__}: "
-                         f"{str(value)[:80]!r}; expected {TRL_SFT_EXPECTED}")
+        raise DataError(f"{where}: expected a non-empty list of chat turns, got {type(value).__name__}: "
+                        f"{str(value)[:80]!r}; expected {TRL_SFT_EXPECTED}")
     turns = []
     for turn in value:
         if not isinstance(turn, dict) or turn.get("role") is None or "content" not in turn:
             sharegpt = isinstance(turn, dict) and "from" in turn and "value" in turn
             fix = ("ShareGPT turns: rename from -> role, value -> content, human -> user, gpt -> assistant"
                    if sharegpt else f"expected {TRL_SFT_EXPECTED}")
-            raise ValueError(f"{where}: a turn without role/content: {str(turn)[:80]!r}; {fix}")
+            raise DataError(f"{where}: a turn without role/content: {str(turn)[:80]!r}; {fix}")
         role, content = turn["role"], turn["content"]
         if role not in SFT_ROLES:
-            raise ValueError(f"{where}: unknown role {role!r} (chat templates know {', '.join(SFT_ROLES)}); rename it "
-                             "in the data, e.g. human -> user, gpt/bot -> assistant")
+            raise DataError(f"{where}: unknown role {role!r} (chat templates know {', '.join(SFT_ROLES)}); rename it "
+                            "in the data, e.g. human -> user, gpt/bot -> assistant")
         if not isinstance(content, str):
-            raise ValueError(f"{where}: the {role} turn's content is {type(content).__name__}, not a string; give "
-                             "text content (multimodal content parts are not supported)")
+            raise DataError(f"{where}: the {role} turn's content is {type(content).__name__}, not a string; give "
+                            "text content (multimodal content parts are not supported)")
         turns.append({"role": role, "content": content})
     return turns
 
@@ -425,8 +576,8 @@ def _with_reply(turns: list[dict[str, str]], rep: LoadReport, *, what: str, sour
     replies = [t["content"] for t in turns if t["role"] == "assistant"]
     if not replies:
         roles = [t["role"] for t in turns]
-        raise ValueError(f"{what}: {source} row {row}, column {column!r}: no assistant turn (roles: {roles}); SFT "
-                         f"trains on the assistant's replies, so every conversation needs one; {fix}")
+        raise DataError(f"{what}: {source} row {row}, column {column!r}: no assistant turn (roles: {roles}); SFT "
+                        f"trains on the assistant's replies, so every conversation needs one; {fix}")
     if not any(r.strip() for r in replies):
         rep.rows_skipped_empty += 1
         return None
@@ -437,7 +588,7 @@ def _conversations_out(out: list, rep: LoadReport, given: LoadReport | None, *, 
     rep.items_out = len(out)
     _finish(rep, given)
     if not out:
-        raise ValueError(f"{what}: no usable conversation in {rep.source} ({rep.summary()}); {fix}")
+        raise DataError(f"{what}: no usable conversation in {rep.source} ({rep.summary()}); {fix}")
     return out
 
 
@@ -468,8 +619,8 @@ def load_sft_conversations(
             "chosen": "preference data: use dataset.source hh_rlhf or ultrafeedback, which take the chosen side",
         }
         hint = next((f" ({h})" for c, h in hints.items() if c in columns), "")
-        raise ValueError(f"{what}: {source} has neither a 'messages' column nor 'prompt'/'completion' columns "
-                         f"(columns: {columns}){hint}; expected {TRL_SFT_EXPECTED}")
+        raise DataError(f"{what}: {source} has neither a 'messages' column nor 'prompt'/'completion' columns "
+                        f"(columns: {columns}){hint}; expected {TRL_SFT_EXPECTED}")
     rep = LoadReport(source=source)
     fix = ("the last assistant turn is the reply to learn" if used == ["messages"]
            else "the completion column holds the assistant's reply")
@@ -532,8 +683,8 @@ def load_ultrafeedback_chosen(
             best = max(ranked, key=lambda sr: sr[0])[1]  # max keeps the first of equal scores
             out.append([{"role": "user", "content": item.prompt}, {"role": "assistant", "content": best}])
     else:
-        raise ValueError(f"{what}: {source} has no 'chosen'/'messages' column and no 'instruction'/'completions' "
-                         f"columns (columns: {ds.column_names}); expected {ULTRAFEEDBACK_SFT_EXPECTED}")
+        raise DataError(f"{what}: {source} has no 'chosen'/'messages' column and no 'instruction'/'completions' "
+                        f"columns (columns: {ds.column_names}); expected {ULTRAFEEDBACK_SFT_EXPECTED}")
     return _conversations_out(out, rep, report, what=what, fix="no record has a non-empty preferred reply")
 
 
@@ -554,6 +705,19 @@ def load_hh_rlhf_chosen(
     pairs = load_hh_rlhf_pairs(path_or_id, split="train", heldout_fraction=heldout_fraction,
                                source_split=source_split, data_dir=data_dir, report=rep)
     if not pairs:
-        raise ValueError(f"{what}: no usable dialogue in {path_or_id} split {source_split!r} ({rep.summary()}); "
-                         f"expected rows {HH_EXPECTED}")
+        raise DataError(f"{what}: no usable dialogue in {path_or_id} split {source_split!r} ({rep.summary()}); "
+                        f"expected rows {HH_EXPECTED}")
     return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.chosen}] for p in pairs]
+
+
+def load_sft_source(source: str, path: str | Path, split: str = "train", *,
+                    report: LoadReport | None = None) -> list[list[dict[str, str]]]:
+    """The conversations of an sft stage's real ``dataset.source``: one dispatch, so the stage and the runner's
+    preflight read a dataset the same way (the stage adds the seeded ``limit``)."""
+    if source == "trl":
+        return load_sft_conversations(path, split, report=report)
+    if source == "hh_rlhf":
+        return load_hh_rlhf_chosen(path, source_split=split, report=report)
+    if source == "ultrafeedback":
+        return load_ultrafeedback_chosen(path, split, report=report)
+    raise ValueError(f"unknown SFT data source {source!r}")

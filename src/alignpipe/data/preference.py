@@ -13,6 +13,7 @@ import random
 from datasets import Dataset
 
 from alignpipe.data.adapters import (
+    DataError,
     LoadReport,
     load_alpaca_eval_prefs,
     load_hh_rlhf_pairs,
@@ -37,9 +38,10 @@ def _message_text(value, *, source: str, row: int, column: str) -> str:
         isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in value
     ):
         return "".join(m["content"] for m in value)
-    raise ValueError(
+    got = "no value (missing or null)" if value is None else f"{type(value).__name__}: {str(value)[:80]!r}"
+    raise DataError(
         f"{source}: row {row}, column {column!r}: expected a string or a list of {{'role', 'content'}} messages "
-        f"(TRL preference format), got {type(value).__name__}: {str(value)[:80]!r}"
+        f"(TRL preference format), got {got}; fix or drop that row"
     )
 
 
@@ -55,29 +57,39 @@ def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
             and rejected):
         return row
     if chosen[:-1] != rejected[:-1]:
-        raise ValueError(f"{source}: row {index}: chosen and rejected are conversations that differ before their last "
-                         "turn, so they share no prompt; keep one common history and differing final replies")
+        raise DataError(f"{source}: row {index}: chosen and rejected are conversations that differ before their last "
+                        "turn, so they share no prompt; keep one common history and differing final replies")
     return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
 def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
     """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log;
     wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit prompt first."""
-    kept, empty, identical = [], 0, 0
+    kept, empty, identical = [], [], []
     rows = [explicit_prompt(row, source=source, index=i) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
         texts = {c: _message_text(row[c], source=source, row=i, column=c) for c in TRL_COLUMNS}
         if not texts["chosen"].strip() or not texts["rejected"].strip():
-            empty += 1
+            empty.append(i)
         elif texts["chosen"] == texts["rejected"]:
-            identical += 1
+            identical.append(i)
         else:
             kept.append(row)
     log.info("%s: %d pairs kept; skipped %d with an empty response and %d with chosen == rejected",
-             source, len(kept), empty, identical)
+             source, len(kept), len(empty), len(identical))
     if not kept:
-        raise ValueError(f"{source}: none of its {len(rows)} pairs is usable ({empty} empty, {identical} identical)")
+        raise DataError(f"{source}: none of its {len(rows)} pairs is usable: {_rows(empty)} an empty chosen or "
+                        f"rejected response, {_rows(identical)} chosen == rejected; every pair needs two different, "
+                        "non-empty responses (fix those rows or point dataset.path at the intended file)")
     return kept
+
+
+def _rows(indices: list[int]) -> str:
+    """'2 rows (0, 3) have' / 'no row has', for messages about skipped rows."""
+    if not indices:
+        return "no row has"
+    shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+    return f"{len(indices)} row{'s' if len(indices) > 1 else ''} ({shown}) {'have' if len(indices) > 1 else 'has'}"
 
 
 def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
@@ -89,13 +101,24 @@ def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
     return picked[:limit]
 
 
-def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets) -> list[PreferencePair]:
+def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets, loaded: LoadReport) -> list[PreferencePair]:
     pairs, report = build_pairs(sets, method=spec.pairing, strength=spec.strength, temperature=spec.temperature,
                                 score_clip=spec.score_clip if spec.strength == "probability" else None)
     log.info("%s: %s", spec.path, report.summary())
     if not pairs:
-        raise ValueError(f"{spec.path}: no preference pairs could be built ({report.summary()}); check the scores "
-                         "and the dataset.pairing / dataset.strength settings")
+        rows = f"; e.g. {'; '.join(loaded.examples)}" if loaded.examples else ""
+        raise DataError(f"{spec.path}: no preference pairs could be built ({report.summary()}){rows}; every row "
+                        "needs at least 2 non-empty responses with different numeric scores (check the scores and "
+                        "the dataset.pairing / dataset.strength settings)")
+    return pairs
+
+
+def _hh_pairs(spec: PreferenceDataSpec, report: LoadReport) -> list[PreferencePair]:
+    pairs = load_hh_rlhf_pairs(spec.path, split="train", report=report)
+    if not pairs:
+        raise DataError(f"{spec.path}: no usable HH-RLHF pair in its train part ({report.summary()}); each row "
+                        'needs "chosen" and "rejected" dialogues that share their "\\n\\nHuman: ..." prompt and end in '
+                        'different, non-empty "\\n\\nAssistant: ..." replies')
     return pairs
 
 
@@ -105,11 +128,12 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
         return synthetic_preference_dataset(data, seed)
     report = LoadReport()
     if spec.source == "alpaca_eval":
-        pairs = _pairs_from_scored_sets(spec, load_alpaca_eval_prefs(spec.path, split=spec.split, report=report))
+        pairs = _pairs_from_scored_sets(spec, load_alpaca_eval_prefs(spec.path, split=spec.split, report=report),
+                                        report)
     elif spec.source == "ultrafeedback":
-        pairs = _pairs_from_scored_sets(spec, load_ultrafeedback(spec.path, spec.split, report=report))
+        pairs = _pairs_from_scored_sets(spec, load_ultrafeedback(spec.path, spec.split, report=report), report)
     elif spec.source == "hh_rlhf":
-        pairs = load_hh_rlhf_pairs(spec.path, split="train", report=report)
+        pairs = _hh_pairs(spec, report)
     elif spec.source == "trl":
         rows = load_rows(spec.path, spec.split, what="dataset.path", expected="prompt/chosen/rejected columns")
         require_columns(rows, TRL_COLUMNS, what="dataset.path", source=spec.path,

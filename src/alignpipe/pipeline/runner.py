@@ -106,6 +106,9 @@ class Runner:
             log.info("[%s] %s", name, split)
         if self.dry_run:
             return self._dry_run()
+        from alignpipe.pipeline.preflight import preflight
+
+        preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
         if self.follower:
             return self._follow()
         self.run_dir.mkdir(parents=True, exist_ok=True)

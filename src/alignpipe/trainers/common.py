@@ -192,7 +192,9 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     if ctx.is_main_process:
         step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
         output = Path(trainer.args.output_dir)
-        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or r.get("step", 0) <= step)
+        # ... and its end-of-training summary (``train_runtime`` ...), which the resumed trainer logs again
+        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or (r.get("step", 0) <= step
+                                                                    and "train_runtime" not in r))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
 

@@ -1,0 +1,227 @@
+"""Preflight: the checks a run can make in seconds, before the runner writes ``runs/<name>/`` or loads any weights.
+
+Why: a bad row in a dataset file or a broken tokenizer should fail at once, naming the file, the row or key and the
+fix, and leave no half-made run directory behind; inside a stage it would surface only after the base model was
+built and the stage directory created. The checks read local files only, through the code the stages use (the
+data adapters, ``load_tokenizer``), plus model configs; never weights. Hub ids (models or datasets) are left to the
+stages, which may have network access where this process has none. transformers and datasets are imported only
+when a check needs them, so importing the runner stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignpipe.data.adapters import DataError, load_sft_source, looks_like_path
+from alignpipe.recipe import DPOStage, PreferenceDataSpec, Recipe, RewardStage, SFTDataSpec, SFTStage
+
+__all__ = ["PreflightError", "preflight"]
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+class PreflightError(ValueError):
+    """Everything the preflight found wrong, one ``key: problem`` line each, raised before anything is written."""
+
+    def __init__(self, recipe: str, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"recipe '{recipe}' cannot start; nothing was written (fix these and run again):{lines}")
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check the recipe's local model, reward backbones and dataset files; raise one PreflightError listing every
+    problem. Cheap: tokenizers, configs and rows are read, weights are not."""
+    problems: list[str] = []
+    tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe))
+    for stage in recipe.stages:
+        if isinstance(stage, RewardStage) and stage.backbone is not None:
+            _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _backbone_tokenizer(s.backbone))
+        if isinstance(stage, SFTStage | DPOStage | RewardStage):
+            _checked(problems, f"stages.{stage.name}.dataset", lambda s=stage: _check_dataset(recipe, s, tokenizer))
+    if problems:
+        raise PreflightError(recipe.name, problems)
+
+
+def _checked(problems: list[str], key: str, check: Callable[[], Any]) -> Any:
+    """Run one check; a data or model problem becomes a line under ``key`` (other exceptions are bugs and
+    propagate)."""
+    try:
+        return check()
+    except (ValueError, OSError) as error:  # DataError, ModelError, and the OS errors of reading a local file
+        problems.append(f"{key}: {error}")
+        return None
+
+
+# ----------------------------------------------------------------------------- models and tokenizers
+
+
+def _local_dir(name_or_path: str) -> Path | None:
+    """The local directory a model name points at; None for a hub id (``owner/name``, checked by the stage when it
+    downloads). A name written as a path (absolute, ``./``, ``~``, deeper nesting) that does not exist is an error
+    here, before anything runs, rather than a failed hub download later."""
+    from alignpipe.models.loading import ModelError, resolve_model_location
+
+    path = Path(resolve_model_location(name_or_path)).expanduser()
+    if path.exists():
+        return path.absolute()  # absolute: "model has no config.json" would read badly
+    if looks_like_path(str(name_or_path)):
+        raise ModelError(f"{name_or_path} does not exist; give an existing checkpoint directory (one with "
+                         "config.json and the weights) or a Hugging Face hub id such as owner/name")
+    return None
+
+
+def _model_tokenizer(recipe: Recipe):
+    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check."""
+    spec = recipe.model
+    if spec.is_tiny or spec.gguf_package is not None:
+        return None  # created or converted by the runner itself
+    from alignpipe.models.loading import ModelError
+
+    folder = _local_dir(spec.name_or_path)
+    if folder is None:
+        return None
+    if spec.gguf_file is not None:
+        if not (folder / spec.gguf_file).is_file():
+            raise ModelError(f"{folder}: no GGUF file {spec.gguf_file!r} there; set model.gguf_file to one of "
+                             f"{sorted(p.name for p in folder.glob('*.gguf')) or 'its *.gguf files (none found)'}")
+        return None  # the tokenizer and config live inside the GGUF file: reading them means reading the weights
+    _require_files(folder, weights=True)
+    if spec.trust_remote_code:
+        return None  # loading would run the checkpoint's own code; the stage does that, with the warning
+    tokenizer = _tokenizer(folder, chat_template=_needs_chat_template(recipe))
+    _check_vocab(folder, tokenizer)
+    return tokenizer
+
+
+def _backbone_tokenizer(backbone: str):
+    """A reward backbone pair-encodes plain text when it has no chat template, so only pad/EOS are required."""
+    folder = _local_dir(backbone)
+    if folder is None:
+        return None
+    _require_files(folder, weights=True)
+    tokenizer = _tokenizer(folder, chat_template=False)
+    _check_vocab(folder, tokenizer)
+    return tokenizer
+
+
+def _needs_chat_template(recipe: Recipe) -> bool:
+    """Policy stages render conversations with the model's template; a reward stage does so only when it samples
+    the policy it starts from (synthetic data, no separate backbone)."""
+    return any(not isinstance(s, RewardStage) or (s.backbone is None and s.dataset.source == "synthetic")
+               for s in recipe.stages)
+
+
+def _require_files(folder: Path, *, weights: bool) -> None:
+    from alignpipe.models.loading import ModelError
+
+    if not folder.is_dir():
+        raise ModelError(f"{folder} is a file, not a model directory; give the directory that holds config.json "
+                         "(for a GGUF file: the directory as model.name_or_path and the file name as model.gguf_file)")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append(f"weights ({' or '.join(WEIGHT_FILES[:3])})")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        missing.append(f"tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
+    if missing:
+        raise ModelError(f"{folder} has no {'; no '.join(missing)}; save the complete model there with "
+                         "model.save_pretrained(dir) and tokenizer.save_pretrained(dir), or point at the directory "
+                         "that has them")
+
+
+def _tokenizer(folder: Path, *, chat_template: bool):
+    from alignpipe.models.loading import ModelError, load_tokenizer
+
+    try:
+        return load_tokenizer(str(folder), require_chat_template=chat_template)
+    except ModelError:
+        raise
+    except Exception as error:  # transformers raises many kinds for a broken folder; the path and the fix matter
+        raise ModelError(f"{folder}: its tokenizer does not load ({type(error).__name__}: {str(error)[:300]}); "
+                         "save it again with tokenizer.save_pretrained(dir)") from error
+
+
+def _check_vocab(folder: Path, tokenizer) -> None:
+    """Token ids at or above the config's vocab_size have no embedding row: the first batch would index past it."""
+    from transformers import AutoConfig
+
+    from alignpipe.models.loading import ModelError
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as error:  # as above: a broken config.json fails in many ways inside transformers
+        raise ModelError(f"{folder}/config.json does not load ({type(error).__name__}: {str(error)[:300]}); "
+                         "save the model again with model.save_pretrained(dir)") from error
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ModelError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                         f"{vocab_size}, so ids >= {vocab_size} have no embedding; use the tokenizer saved with this "
+                         "model, or call model.resize_token_embeddings(len(tokenizer)) and save both again")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer) -> None:
+    """Load the stage's local dataset as the stage will (same adapters, same limit); with the model's tokenizer at
+    hand, also check that every prompt leaves room for a response within max_length."""
+    spec = stage.dataset
+    if spec.source == "synthetic" or not _is_local(spec.path):
+        return
+    if isinstance(spec, SFTDataSpec):
+        from alignpipe.data.preference import seeded_limit
+
+        conversations = seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, recipe.seed)
+        prompts = [_sft_prompt(turns) for turns in conversations]
+        noun = "conversation"
+    else:
+        prompts = _preference_prompts(recipe, spec)
+        noun = "pair"
+    if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
+        _check_prompt_lengths(spec.path, prompts, noun, tokenizer, stage)
+
+
+def _is_local(path: str) -> bool:
+    """A data path that exists here or is clearly meant as one (a hub id is ``owner/name``; those are skipped)."""
+    return Path(path).expanduser().exists() or looks_like_path(path)
+
+
+def _preference_prompts(recipe: Recipe, spec: PreferenceDataSpec) -> list[str]:
+    from alignpipe.data.preference import preference_pairs_for
+
+    return [_text(prompt) for prompt in preference_pairs_for(spec, recipe.data, recipe.seed)["prompt"]]
+
+
+def _sft_prompt(turns: list[dict[str, str]]) -> str:
+    """The text before the first assistant reply: SFT truncation keeps the start, so this part always survives."""
+    first = next(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
+    return "".join(turn["content"] for turn in turns[:first])
+
+
+def _text(field: Any) -> str:
+    return field if isinstance(field, str) else "".join(m["content"] for m in field)
+
+
+def _check_prompt_lengths(path: str, prompts: list[str], noun: str, tokenizer, stage: SFTStage | DPOStage) -> None:
+    """Truncation keeps the start, so a prompt of max_length tokens leaves no response token to learn from (TRL's
+    DPO drops such pairs silently; SFT's assistant-only loss would average over nothing)."""
+    limit = stage.max_length
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    long = [i for i, n in enumerate(lengths) if n >= limit]
+    if not long:
+        return
+    first = long[0]
+    shown = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+    raise DataError(
+        f"{path}: {len(long)} of its {len(prompts)} {noun}s (numbered as loaded: {shown}) have a prompt of at least "
+        f"stages.{stage.name}.max_length = {limit} tokens ({noun} {first}: {lengths[first]} tokens, starting "
+        f"{prompts[first][:40]!r}), so truncation leaves none of the response to train on; raise "
+        f"stages.{stage.name}.max_length or shorten or drop those rows"
+    )

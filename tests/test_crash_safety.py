@@ -97,3 +97,22 @@ def test_resume_falls_back_past_a_bad_checkpoint_to_the_same_weights(tmp_path, c
     assert all((resumed[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
     assert outcomes["dpo"].action == "skipped"  # same weights: downstream stays valid
     assert "trainer/checkpoint-30" in sft.read_manifest()[CHECKPOINTS]  # re-saved, re-recorded
+
+
+def test_resume_from_the_final_checkpoint_publishes_it_without_another_step(tmp_path, completed_tiny_run):
+    reference_runner, _ = completed_tiny_run
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    sft = StageDir(runs / "tiny" / "sft")
+    shutil.rmtree(sft.checkpoint)  # killed after the step-30 (last) save, before publishing
+    sft.update_manifest(status="running")
+    reference_metrics = StageDir(reference_runner.run_dir / "sft").metrics.read_text().splitlines()
+    outcomes = {o.name: o for o in Runner(load_recipe(write_recipe(tmp_path, TINY_RECIPE)), runs_dir=runs,
+                                          resume=True, in_process=True).run()}
+    assert outcomes["sft"].action == "resumed" and "checkpoint-30" in outcomes["sft"].reason
+    records = [json.loads(line) for line in sft.metrics.read_text().splitlines()]
+    assert max(r["step"] for r in records) == 30 and len(records) == len(reference_metrics)  # no step 31
+    expected = load_file(StageDir(reference_runner.run_dir / "sft").checkpoint / "model.safetensors")
+    resumed = load_file(sft.checkpoint / "model.safetensors")
+    assert all((resumed[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
+    assert outcomes["dpo"].action == "skipped"

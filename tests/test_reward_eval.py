@@ -38,6 +38,20 @@ def test_disagreement_is_the_share_of_members_voting_against_the_ensemble():
     assert "uncertainty_auroc_std" in metrics and metrics["member_std"].n == 8
 
 
+def test_probability_std_is_the_spread_of_the_members_bradley_terry_probabilities():
+    table = {
+        "a": [2.0, 2.5, 2.0], "b": [1.0, -1.0, 1.0],    # correct; std of sigma(margin) 0.0204, 0.2179
+        "c": [-1.0, 0.5, -1.0], "d": [-0.1, -0.3, -0.1],  # ensemble wrong; 0.1667, 0.0233
+        "zero": [0.0, 0.0, 0.0],
+    }
+    pairs = [("p", x, "zero") for x in "abcd"]
+    metrics = reward_model_metrics(FakeScorer(table), pairs, resamples=100)
+    # errors c, d vs correct a, b: (0.1667 > 0.0204) 1, (0.1667 > 0.2179) 0, (0.0233 > 0.0204) 1, (0.0233 > 0.2179) 0
+    assert metrics["uncertainty_auroc_probability_std"].value == pytest.approx(0.5)
+    # margin std a 0.236, b 0.943, c 0.707, d 0.094: it ranks the confident a above the wrong d -> (c>a) only = 1/4
+    assert metrics["uncertainty_auroc_std"].value == pytest.approx(0.25)
+
+
 def test_a_single_model_has_no_uncertainty_metrics():
     table = {"a": [1.0], "b": [0.0]}
     metrics = reward_model_metrics(FakeScorer(table), [("p", "a", "b"), ("p", "b", "a")], resamples=100)

@@ -61,12 +61,16 @@ def reward_model_metrics(
         mean_margin = member_margins.mean(axis=1)
         # Pairwise uncertainty = the share of members voting against the ensemble's preference. The std of member
         # margins is reported too, but it grows with |margin| (members agree on the sign and differ in size), so it
-        # flags confident pairs; -|margin| is the ensemble-free baseline an uncertainty should beat.
+        # flags confident pairs. The std of the members' Bradley-Terry probabilities sigma(margin_k) (a deep
+        # ensemble's predictive spread) saturates for confident pairs instead. -|margin| is the ensemble-free
+        # baseline an uncertainty should beat.
         disagreement = (np.sign(member_margins) != np.sign(mean_margin)[:, None]).mean(axis=1)
         margin_std = member_margins.std(axis=1)
+        probability_std = (1.0 / (1.0 + np.exp(-member_margins))).std(axis=1)
         errors = c_mean <= r_mean
         if 0 < errors.sum() < len(errors):
             for name, score in (("uncertainty_auroc", disagreement), ("uncertainty_auroc_std", margin_std),
+                                ("uncertainty_auroc_probability_std", probability_std),
                                 ("margin_auroc_baseline", -np.abs(mean_margin))):
                 metrics[name] = uncertainty_auroc(score, errors, resamples=resamples, seed=seed)
         in_distribution_std = np.concatenate([chosen.std.numpy(), rejected.std.numpy()])

@@ -7,6 +7,7 @@ Why: the stage modules stay thin (data + model + TRL trainer); the CPU/GPU defau
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from alignpipe.pipeline.batching import stage_batch_split
 from alignpipe.pipeline.rundir import StageDir, publish_directory
 from alignpipe.pipeline.stage import StageContext
 
+log = logging.getLogger("alignpipe")
 
 def load_start_model(ctx: StageContext):
     """The policy a training stage starts from (its input checkpoint, or the recipe's model) and its tokenizer.
@@ -184,17 +186,30 @@ class TokenCountState(TrainerCallback):
 def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     """``trainer.train``, from the verified checkpoint ``resume_from`` if given, with every new checkpoint's hash
     recorded. Metric records this trainer logged after the starting step (an interrupted attempt's) are dropped
-    first: they are about to be redone, so the resumed log equals an uninterrupted one."""
+    first: they are about to be redone, so the resumed log equals an uninterrupted one.
+
+    A checkpoint at the last step (killed after the final save, before publishing) is loaded without training:
+    transformers 5.23 resumed from it trains one step past ``max_steps``.
+    """
     trainer.add_callback(TokenCountState(trainer))
     trainer.add_callback(CheckpointRecorder(ctx.dir))  # last: the hash covers what the callbacks before it saved
+    state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+    step = state.get("global_step", 0)
+    finished = resume_from is not None and step >= state.get("max_steps", float("inf")) > 0
     if resume_from is not None and (resume_from / TOKEN_COUNT).exists():
         trainer._total_train_tokens = json.loads((resume_from / TOKEN_COUNT).read_text())["total_train_tokens"]
     if ctx.is_main_process:
-        step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
         output = Path(trainer.args.output_dir)
-        # ... and its end-of-training summary (``train_runtime`` ...), which the resumed trainer logs again
-        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or (r.get("step", 0) <= step
-                                                                    and "train_runtime" not in r))
+        # ... and the end-of-training summary (``train_runtime`` ...), which a resumed trainer logs again
+        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or (r.get("step", 0) <= step and (
+            finished or "train_runtime" not in r)))
+    if finished:
+        from transformers import TrainerState
+
+        log.info("[%s] %s is the last step: publishing it without training", ctx.dir.name, resume_from.name)
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        return
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
 

@@ -135,6 +135,20 @@ class StageDir:
         self.write_manifest({**manifest, CHECKPOINTS: records})
         return sha
 
+    def save_trainer_checkpoint(self, step: int, write: Callable[[Path], None], *, keep: int) -> Path:
+        """A resumable ``trainer/checkpoint-<step>`` for our own training loops (PPO, the reward ensemble): ``write``
+        fills a staging directory, which is moved into place; older checkpoints are pruned to ``keep``; recording the
+        hash comes last, so a save cut short anywhere is never resumed from."""
+        final = self.trainer / f"checkpoint-{step}"
+        staging = final.with_name(final.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        publish_directory(staging, final)
+        prune_checkpoints(self.trainer, keep)
+        self.record_checkpoint(final)
+        return final
+
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""
         recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {}).get(self._key(path))

@@ -54,6 +54,7 @@ training pair's label moves toward the ensemble's current prediction,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -408,99 +409,101 @@ def train_ensemble(
                     leave=False)
     # LoRA dropout draws from a stream seeded here (restored on resume): reproducible in any process, and the
     # caller's RNG is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    rng_scope = contextlib.ExitStack()
+    rng_scope.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+    try:
         torch.manual_seed(config.seed)
         if resume is not None:
             _set_rng_state(resume, device)
-        try:
-            for step, global_idx in enumerate(batches, start=1):
-                if step <= start:
-                    continue
-                idx = _rank_share(global_idx, rank, world)
-                b = len(idx)
-                if b == 0:  # a last batch smaller than the world size: this rank adds a zero gradient and waits
-                    optimizer.zero_grad(set_to_none=True)
-                    (sum(p.sum() for p in params) * 0.0).backward()
-                    distributed.average_gradients(params)
-                    optimizer.step()
-                    scheduler.step()
-                    progress.update(1)
-                    checkpoint(step)
-                    continue
-                batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
-                chosen, rejected = rewards[:b], rewards[b:]
-                index = torch.tensor(idx)
-                bt = _bt_loss(
-                    chosen, rejected, config.objective,
-                    margin=None if margin_t is None else margin_t[index].to(device),
-                    weight=None if weight_t is None else weight_t[index].to(device),
-                    multiplicity=None if multiplicity is None else multiplicity[index].to(device),
-                    target=None if label_t is None else label_t[index].to(device),
-                )
-                div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
-                loss = bt + div.to(bt.device)
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"reward ensemble loss is {float(loss)} at step {step}; stopping before the "
-                                             "optimizer step. Lower learning_rate or check the pairs' labels and margins")
-                share = world * b / len(global_idx)  # this rank's part of the global batch mean (1 in one process)
-
+        for step, global_idx in enumerate(batches, start=1):
+            if step <= start:
+                continue
+            idx = _rank_share(global_idx, rank, world)
+            b = len(idx)
+            if b == 0:  # a last batch smaller than the world size: this rank adds a zero gradient and waits
                 optimizer.zero_grad(set_to_none=True)
-                (share * bt + div.to(bt.device)).backward()
+                (sum(p.sum() for p in params) * 0.0).backward()
                 distributed.average_gradients(params)
-                if config.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
                 optimizer.step()
-                lr = scheduler.get_last_lr()[0]
                 scheduler.step()
-
-                with torch.no_grad():
-                    accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
-                window["loss"] += float(loss.detach())
-                window["bt_loss"] += float(bt.detach())
-                window["accuracy"] += accuracy
-                window["grad_norm"] += float(grad_norm)
-                window["steps"] += 1
                 progress.update(1)
-
-                ids_record: dict = {}
-                if ids and step % steps_per_epoch == 0:  # a full epoch ends here: Iterative Data Smoothing update
-                    h = _mean_reward_margins(ensemble, tokenizer, chosen_f, rejected_f, config.batch_size, device)
-                    raw = h.clone()
-                    if margin_t is not None:
-                        h = h - margin_t
-                    probabilities = torch.sigmoid(h)
-                    label_t = ids_label_update(label_t, probabilities, config.ids_rate).clamp(0.0, 1.0)
-                    ids_record = {
-                        "ids/mean_label": float(label_t.mean()),
-                        "ids/mean_probability": float(probabilities.mean()),
-                        "ids/mean_margin": float(raw.mean()),
-                    }
-
-                if step % config.logging_steps == 0 or step == total_steps or ids_record:
-                    m = window.pop("steps")
-                    record = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        **distributed.all_reduce_mean({key: value / m for key, value in window.items()}),
-                        "diversity_ratio": ensemble.diversity_ratio(),
-                        "lr": lr,
-                        **ids_record,
-                    }
-                    if ids and step == total_steps:
-                        record["ids/final_mean_label"] = float(label_t.mean())
-                    logs.append(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-                    if on_log is not None:
-                        on_log(dict(record))
-                    window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
                 checkpoint(step)
-        finally:
-            progress.close()
-            ensemble.eval()
+                continue
+            batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
+            chosen, rejected = rewards[:b], rewards[b:]
+            index = torch.tensor(idx)
+            bt = _bt_loss(
+                chosen, rejected, config.objective,
+                margin=None if margin_t is None else margin_t[index].to(device),
+                weight=None if weight_t is None else weight_t[index].to(device),
+                multiplicity=None if multiplicity is None else multiplicity[index].to(device),
+                target=None if label_t is None else label_t[index].to(device),
+            )
+            div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
+            loss = bt + div.to(bt.device)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"reward ensemble loss is {float(loss)} at step {step}; stopping before the "
+                                         "optimizer step. Lower learning_rate or check the pairs' labels and margins")
+            share = world * b / len(global_idx)  # this rank's part of the global batch mean (1 in one process)
+
+            optimizer.zero_grad(set_to_none=True)
+            (share * bt + div.to(bt.device)).backward()
+            distributed.average_gradients(params)
+            if config.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            with torch.no_grad():
+                accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
+            window["loss"] += float(loss.detach())
+            window["bt_loss"] += float(bt.detach())
+            window["accuracy"] += accuracy
+            window["grad_norm"] += float(grad_norm)
+            window["steps"] += 1
+            progress.update(1)
+
+            ids_record: dict = {}
+            if ids and step % steps_per_epoch == 0:  # a full epoch ends here: Iterative Data Smoothing update
+                h = _mean_reward_margins(ensemble, tokenizer, chosen_f, rejected_f, config.batch_size, device)
+                raw = h.clone()
+                if margin_t is not None:
+                    h = h - margin_t
+                probabilities = torch.sigmoid(h)
+                label_t = ids_label_update(label_t, probabilities, config.ids_rate).clamp(0.0, 1.0)
+                ids_record = {
+                    "ids/mean_label": float(label_t.mean()),
+                    "ids/mean_probability": float(probabilities.mean()),
+                    "ids/mean_margin": float(raw.mean()),
+                }
+
+            if step % config.logging_steps == 0 or step == total_steps or ids_record:
+                m = window.pop("steps")
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    **distributed.all_reduce_mean({key: value / m for key, value in window.items()}),
+                    "diversity_ratio": ensemble.diversity_ratio(),
+                    "lr": lr,
+                    **ids_record,
+                }
+                if ids and step == total_steps:
+                    record["ids/final_mean_label"] = float(label_t.mean())
+                logs.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+                if on_log is not None:
+                    on_log(dict(record))
+                window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+            checkpoint(step)
+    finally:
+        progress.close()
+        ensemble.eval()
+        rng_scope.close()
     final = [1.0] * n if label_t is None else label_t.tolist()
     return EnsembleTrainingHistory(logs, final)
 

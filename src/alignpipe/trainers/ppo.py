@@ -62,7 +62,7 @@ from alignpipe.losses.ppo import (
 from alignpipe.models.loading import load_tokenizer
 from alignpipe.models.quantization import merge_dtype
 from alignpipe.pipeline import distributed
-from alignpipe.pipeline.rundir import prune_checkpoints, publish_directory
+from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
 from alignpipe.tasks import gold_reward, sample_tasks
@@ -299,19 +299,16 @@ class PPOLoop:
         }
 
     def save_state(self, directory: Path) -> None:
-        """Everything exact resume needs: trainable weights, optimizer, KL controller, running statistics, step."""
-        staging = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        """Everything exact resume needs, written into ``directory``: trainable weights, optimizer, KL controller,
+        running statistics, step (``StageDir.save_trainer_checkpoint`` stages, publishes and records it)."""
         trainable = {f"p{i}": p.detach().contiguous() for i, p in enumerate(self.model.trainable_parameters())}
-        save_file(trainable, staging / "trainable.safetensors")
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-        atomic_write_json(staging / "ppo_state.json", {
+        save_file(trainable, directory / "trainable.safetensors")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        atomic_write_json(directory / "ppo_state.json", {
             "step": self.step, "kl": self.kl.state_dict(), "reward": self.reward.state_dict(),
             "score_moments": vars(self.score_moments),
         })
-        atomic_write_json(staging / "trainer_state.json", {"global_step": self.step})  # marks the save complete
-        publish_directory(staging, directory)
+        atomic_write_json(directory / "trainer_state.json", {"global_step": self.step})
 
     def load_state(self, directory: Path) -> None:
         weights = load_file(directory / "trainable.safetensors")
@@ -363,10 +360,7 @@ def run(ctx: StageContext) -> dict:
                      evaluation["gold_reward"], evaluation["proxy_reward"], evaluation["kl"])
         if loop.step % stage.save_steps == 0 and loop.step < stage.total_steps:
             if main:
-                saved = ctx.dir.trainer / f"checkpoint-{loop.step}"
-                loop.save_state(saved)
-                prune_checkpoints(ctx.dir.trainer, stage.save_total_limit)
-                ctx.dir.record_checkpoint(saved)
+                ctx.dir.save_trainer_checkpoint(loop.step, loop.save_state, keep=stage.save_total_limit)
             distributed.barrier()
     progress.close()
     distributed.barrier()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import shutil
 
 from alignpipe.data.preference import preference_pairs_for
 from alignpipe.data.synthetic import evaluation_tasks
@@ -22,7 +21,6 @@ from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model
 from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location
 from alignpipe.pipeline import distributed
-from alignpipe.pipeline.rundir import prune_checkpoints, publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, EnsembleTrainingState, train_ensemble
@@ -100,15 +98,9 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
-    """A resumable ensemble checkpoint under ``trainer/``: staged, moved into place, pruned, then its hash recorded."""
+    """A resumable ensemble checkpoint under ``trainer/``, written by rank 0 while the others wait."""
     if ctx.is_main_process:
-        final = ctx.dir.trainer / f"checkpoint-{state.step}"
-        staging = final.with_name(final.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        state.save(staging)
-        publish_directory(staging, final)
-        prune_checkpoints(ctx.dir.trainer, ctx.stage.save_total_limit)
-        ctx.dir.record_checkpoint(final)
+        ctx.dir.save_trainer_checkpoint(state.step, state.save, keep=ctx.stage.save_total_limit)
     distributed.barrier()
 
 

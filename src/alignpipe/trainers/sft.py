@@ -14,12 +14,7 @@ import logging
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from alignpipe.data.adapters import (
-    LoadReport,
-    load_hh_rlhf_chosen,
-    load_sft_conversations,
-    load_ultrafeedback_chosen,
-)
+from alignpipe.data.adapters import load_sft_source
 from alignpipe.data.preference import seeded_limit
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
@@ -43,16 +38,7 @@ def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int) -> Dataset:
     """
     if spec.source == "synthetic":
         return sft_dataset(data, seed)
-    report = LoadReport()
-    if spec.source == "trl":
-        conversations = load_sft_conversations(spec.path, spec.split, report=report)
-    elif spec.source == "hh_rlhf":
-        conversations = load_hh_rlhf_chosen(spec.path, source_split=spec.split, report=report)
-    elif spec.source == "ultrafeedback":
-        conversations = load_ultrafeedback_chosen(spec.path, spec.split, report=report)
-    else:
-        raise ValueError(f"unknown SFT data source {spec.source!r}")
-    conversations = seeded_limit(conversations, spec.limit, seed)
+    conversations = seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, seed)
     log.info("sft data %s (%s, split %s): %d conversations", spec.path, spec.source, spec.split, len(conversations))
     return Dataset.from_list([{"messages": turns} for turns in conversations])
 

@@ -19,6 +19,7 @@ from alignpipe.evaluation.reward_metrics import (
     pairwise_accuracy,
     reliability_table,
     spearman,
+    stratified_uncertainty_auroc,
     uncertainty_auroc,
 )
 
@@ -275,6 +276,38 @@ def test_auroc_requires_both_classes():
         uncertainty_auroc([0.1, 0.2], [False, False])
     with pytest.raises(ValueError):
         uncertainty_auroc([0.1, 0.2], [1, 2])
+
+
+def test_stratified_auroc_compares_errors_only_with_correct_items_of_the_same_bin():
+    # Given in shuffled order; sorted by strata the items are
+    #   strata 1..3 (bin 0): u 0.9 (error), 0.1, 0.5 -> the error beats both: 2 of 2
+    #   strata 4..6 (bin 1): u 0.6 (error), 0.2, 0.8 -> beats 0.2, loses to 0.8: 1 of 2
+    # pooled: 3 / 4. The plain AUROC also compares across bins: 0.9 beats 4, 0.6 beats 3 -> 7 / 8.
+    strata = [4, 1, 6, 3, 2, 5]
+    u = [0.6, 0.9, 0.8, 0.5, 0.1, 0.2]
+    err = [True, True, False, False, False, False]
+    m = stratified_uncertainty_auroc(u, err, strata, bins=2, resamples=R)
+    assert m.value == pytest.approx(0.75)
+    assert uncertainty_auroc(u, err, resamples=R).value == pytest.approx(0.875)
+    assert m.extra["bins"] == 2 and m.n == 6 and m.higher_is_better is True
+
+
+def test_stratified_auroc_of_a_score_that_only_tracks_the_strata_is_uninformative():
+    # u is a function of strata alone: within each bin it is constant, so at a fixed strata value it says nothing
+    # (ties count 1/2). Unstratified, the same u is a perfect (inverted) detector when errors sit at small strata.
+    strata = np.repeat([1.0, 2.0, 3.0], 4)
+    u = 2.0 * strata
+    err = np.tile([True, False, False, True], 3)
+    assert stratified_uncertainty_auroc(u, err, strata, bins=3, resamples=R).value == pytest.approx(0.5)
+    err_small = strata < 2
+    assert uncertainty_auroc(u, err_small, resamples=R).value == 0.0
+
+
+def test_stratified_auroc_needs_a_bin_with_both_classes():
+    with pytest.raises(ValueError, match="bin"):
+        stratified_uncertainty_auroc([0.1, 0.9, 0.2, 0.8], [True, True, False, False], [1, 2, 3, 4], bins=2)
+    with pytest.raises(ValueError, match="shape"):
+        stratified_uncertainty_auroc([0.1, 0.9], [True, False], [1, 2, 3])
 
 
 # ------------------------------------------------------------------------------------------------- spearman

@@ -20,6 +20,7 @@ from alignpipe.evaluation.reward_metrics import (
     pairwise_accuracy,
     reliability_table,
     spearman,
+    stratified_uncertainty_auroc,
     uncertainty_auroc,
 )
 
@@ -63,7 +64,8 @@ def reward_model_metrics(
         # margins is reported too, but it grows with |margin| (members agree on the sign and differ in size), so it
         # flags confident pairs. The std of the members' Bradley-Terry probabilities sigma(margin_k) (a deep
         # ensemble's predictive spread) saturates for confident pairs instead. -|margin| is the ensemble-free
-        # baseline an uncertainty should beat.
+        # baseline an uncertainty should beat; the std's AUROC within bins of equal |margin| says whether the
+        # members know anything about errors that the margin does not (0.5 = nothing).
         disagreement = (np.sign(member_margins) != np.sign(mean_margin)[:, None]).mean(axis=1)
         margin_std = member_margins.std(axis=1)
         probability_std = (1.0 / (1.0 + np.exp(-member_margins))).std(axis=1)
@@ -73,6 +75,11 @@ def reward_model_metrics(
                                 ("uncertainty_auroc_probability_std", probability_std),
                                 ("margin_auroc_baseline", -np.abs(mean_margin))):
                 metrics[name] = uncertainty_auroc(score, errors, resamples=resamples, seed=seed)
+            try:
+                metrics["uncertainty_auroc_std_at_fixed_margin"] = stratified_uncertainty_auroc(
+                    margin_std, errors, np.abs(mean_margin), resamples=resamples, seed=seed)
+            except ValueError:  # no |margin| bin holds both an error and a correct pair (tiny sets)
+                pass
         in_distribution_std = np.concatenate([chosen.std.numpy(), rejected.std.numpy()])
         metrics["member_std"] = mean_with_ci(in_distribution_std, resamples=resamples, seed=seed,
                                              higher_is_better=None)

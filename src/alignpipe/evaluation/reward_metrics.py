@@ -49,6 +49,7 @@ __all__ = [
     "pairwise_accuracy",
     "reliability_table",
     "spearman",
+    "stratified_uncertainty_auroc",
     "uncertainty_auroc",
 ]
 
@@ -234,6 +235,59 @@ def uncertainty_auroc(
     ci, skipped = _percentile_ci(stats)
     extra = {"n_errors": n_err, "n_correct": int(u.size - n_err), "n_skipped_resamples": skipped}
     return MetricValue(value, ci, u.size, True, extra)
+
+
+def stratified_uncertainty_auroc(
+    uncertainty: Sequence[float],
+    is_error: Sequence[bool],
+    strata: Sequence[float],
+    *,
+    bins: int = 5,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> MetricValue:
+    """AUROC of ``uncertainty`` as an error detector *at a fixed value of* ``strata``: the items are split into
+    ``bins`` equal-count bins by ``strata`` and only (error, correct) pairs from the same bin are compared
+    (pooled Mann–Whitney U: ``Σ_b U_b / Σ_b n_err,b · n_correct,b``).
+
+    Why: an ensemble's margin std grows with ``|margin|``, and ``|margin|`` alone predicts errors, so the plain
+    AUROC mixes the two. With ``strata = |margin|`` this asks whether disagreement knows anything about errors
+    that the margin does not; 0.5 = nothing. Bins are cut at positions of the stable sort of ``strata`` (items
+    tied across a cut fall on either side by input order). ``ValueError`` when no bin holds both classes; a
+    bootstrap resample with none is skipped, as in :func:`uncertainty_auroc`. ``extra["bins"]`` = ``bins``.
+    """
+    u = as_1d_finite(uncertainty, "uncertainty")
+    err = _as_bool(is_error, "is_error", u.shape)
+    s = as_1d_finite(strata, "strata")
+    if s.shape != u.shape:
+        raise ValueError(f"strata has shape {s.shape}, uncertainty {u.shape}")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    value = _stratified_auroc(u, err, s, bins)
+    if np.isnan(value):
+        raise ValueError(f"no {bins}-quantile bin of the strata holds both an error and a correct item")
+    stats = _bootstrap_rows(u.size, resamples, seed,
+                            lambda rows: np.array([_stratified_auroc(u[r], err[r], s[r], bins) for r in rows]))
+    ci, skipped = _percentile_ci(stats)
+    extra = {"n_errors": int(err.sum()), "n_correct": int(u.size - err.sum()), "n_skipped_resamples": skipped,
+             "bins": bins}
+    return MetricValue(value, ci, u.size, True, extra)
+
+
+def _stratified_auroc(u: np.ndarray, err: np.ndarray, strata: np.ndarray, bins: int) -> float:
+    position = np.empty(u.size, dtype=np.int64)
+    position[np.argsort(strata, kind="stable")] = np.arange(u.size)
+    bin_of = position * bins // u.size
+    u_sum = pairs = 0.0
+    for b in range(bins):
+        in_bin = bin_of == b
+        n_pos = float(err[in_bin].sum())
+        n_neg = float(in_bin.sum()) - n_pos
+        if n_pos and n_neg:
+            ranks = average_ranks(u[in_bin])
+            u_sum += ranks[err[in_bin]].sum() - n_pos * (n_pos + 1.0) / 2.0
+            pairs += n_pos * n_neg
+    return u_sum / pairs if pairs else float("nan")
 
 
 # ------------------------------------------------------------------------------------------- correlation

@@ -56,3 +56,23 @@ def test_a_single_model_has_no_uncertainty_metrics():
     table = {"a": [1.0], "b": [0.0]}
     metrics = reward_model_metrics(FakeScorer(table), [("p", "a", "b"), ("p", "b", "a")], resamples=100)
     assert metrics["accuracy"].value == 0.5 and "uncertainty_auroc" not in metrics and "member_std" not in metrics
+
+
+def test_std_auroc_at_fixed_margin_compares_pairs_of_similar_margin():
+    # Two members, rejected = 0: pair i has mean margin ±a and member spread (std) s. Sorted by |mean margin| the 10
+    # pairs form 5 bins of 2, each one error (mean < 0) and one correct pair. In the 3 smallest-margin bins the error
+    # has the larger std (0.3 vs 0.1), in the 2 largest the smaller -> 3 of 5 within-bin comparisons = 0.6.
+    spec = [(-0.10, 0.3), (0.11, 0.1), (-0.20, 0.3), (0.21, 0.1), (-0.30, 0.3), (0.31, 0.1),
+            (-0.40, 0.1), (0.41, 0.3), (-0.50, 0.1), (0.51, 0.3)]
+    table = {f"c{i}": [a - s, a + s] for i, (a, s) in enumerate(spec)} | {"zero": [0.0, 0.0]}
+    pairs = [("p", f"c{i}", "zero") for i in range(len(spec))]
+    metrics = reward_model_metrics(FakeScorer(table), pairs, resamples=100)
+    assert metrics["accuracy"].value == 0.5
+    assert metrics["uncertainty_auroc_std_at_fixed_margin"].value == pytest.approx(0.6)
+    assert metrics["uncertainty_auroc_std_at_fixed_margin"].extra["bins"] == 5
+
+
+def test_std_auroc_at_fixed_margin_is_left_out_when_no_bin_holds_both_outcomes():
+    table = {"a": [2.0, 2.5], "b": [1.0, -0.5], "c": [-1.0, 0.5], "d": [-0.1, -0.3], "zero": [0.0, 0.0]}
+    metrics = reward_model_metrics(FakeScorer(table), [("p", x, "zero") for x in "abcd"], resamples=100)
+    assert "uncertainty_auroc_std" in metrics and "uncertainty_auroc_std_at_fixed_margin" not in metrics

@@ -263,31 +263,41 @@ def stratified_uncertainty_auroc(
         raise ValueError(f"strata has shape {s.shape}, uncertainty {u.shape}")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
-    value = _stratified_auroc(u, err, s, bins)
+    u_rank = np.unique(u, return_inverse=True)[1].reshape(-1)  # integer ranks: ties stay ties
+    value = float(_stratified_auroc_rows(u_rank[None, :], err[None, :], s[None, :], bins)[0])
     if np.isnan(value):
         raise ValueError(f"no {bins}-quantile bin of the strata holds both an error and a correct item")
     stats = _bootstrap_rows(u.size, resamples, seed,
-                            lambda rows: np.array([_stratified_auroc(u[r], err[r], s[r], bins) for r in rows]))
+                            lambda rows: _stratified_auroc_rows(u_rank[rows], err[rows], s[rows], bins))
     ci, skipped = _percentile_ci(stats)
     extra = {"n_errors": int(err.sum()), "n_correct": int(u.size - err.sum()), "n_skipped_resamples": skipped,
              "bins": bins}
     return MetricValue(value, ci, u.size, True, extra)
 
 
-def _stratified_auroc(u: np.ndarray, err: np.ndarray, strata: np.ndarray, bins: int) -> float:
-    position = np.empty(u.size, dtype=np.int64)
-    position[np.argsort(strata, kind="stable")] = np.arange(u.size)
-    bin_of = position * bins // u.size
-    u_sum = pairs = 0.0
+def _stratified_auroc_rows(u_rank: np.ndarray, err: np.ndarray, strata: np.ndarray, bins: int) -> np.ndarray:
+    """Row-wise pooled within-bin AUROC (NaN where no bin holds both classes). One sort per row: the key
+    ``bin · n + u_rank`` orders the bins one after another, so an item's rank within its bin is its overall rank
+    minus the bin's first position (bins hold fixed positions of the strata order)."""
+    rows, n = u_rank.shape
+    position = np.empty((rows, n), dtype=np.int64)
+    np.put_along_axis(position, np.argsort(strata, axis=1, kind="stable"),
+                      np.broadcast_to(np.arange(n), (rows, n)), axis=1)
+    bin_of = position * bins // n
+    first_position = (np.arange(bins) * n + bins - 1) // bins
+    within_rank = average_ranks(bin_of * n + u_rank) - first_position[bin_of]
+    u_sum = np.zeros(rows)
+    pairs = np.zeros(rows)
     for b in range(bins):
         in_bin = bin_of == b
-        n_pos = float(err[in_bin].sum())
-        n_neg = float(in_bin.sum()) - n_pos
-        if n_pos and n_neg:
-            ranks = average_ranks(u[in_bin])
-            u_sum += ranks[err[in_bin]].sum() - n_pos * (n_pos + 1.0) / 2.0
-            pairs += n_pos * n_neg
-    return u_sum / pairs if pairs else float("nan")
+        positive = err & in_bin
+        n_pos = positive.sum(axis=1).astype(np.float64)
+        n_neg = in_bin.sum(axis=1) - n_pos
+        both = (n_pos > 0) & (n_neg > 0)
+        u_sum += np.where(both, np.where(positive, within_rank, 0.0).sum(axis=1) - n_pos * (n_pos + 1.0) / 2.0, 0.0)
+        pairs += np.where(both, n_pos * n_neg, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, u_sum / pairs, np.nan)
 
 
 # ------------------------------------------------------------------------------------------- correlation

@@ -18,12 +18,13 @@ from alignpipe.data.adapters import (
     load_alpaca_eval_prefs,
     load_hh_rlhf_pairs,
     load_rows,
+    load_sft_source,
     load_ultrafeedback,
     require_columns,
 )
 from alignpipe.data.pairing import PreferencePair, build_pairs, harden, to_trl_rows
 from alignpipe.data.synthetic import preference_dataset as synthetic_preference_dataset
-from alignpipe.recipe import DataSpec, PreferenceDataSpec
+from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
 
 log = logging.getLogger("alignpipe")
 
@@ -90,6 +91,12 @@ def _rows(indices: list[int]) -> str:
         return "no row has"
     shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
     return f"{len(indices)} row{'s' if len(indices) > 1 else ''} ({shown}) {'have' if len(indices) > 1 else 'has'}"
+
+
+def sft_conversations_for(spec: SFTDataSpec, seed: int) -> list[list[dict[str, str]]]:
+    """The conversations of a real SFT ``dataset`` after its seeded ``limit``: what the stage trains on and what the
+    runner's preflight checks."""
+    return seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, seed)
 
 
 def seeded_limit(rows: list, limit: int | None, seed: int) -> list:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignpipe.data.adapters import DataError, load_sft_source, looks_like_path
+from alignpipe.data.adapters import DataError, looks_like_path
 from alignpipe.recipe import DPOStage, PreferenceDataSpec, Recipe, RewardStage, SFTDataSpec, SFTStage
 
 __all__ = ["PreflightError", "preflight"]
@@ -41,7 +41,7 @@ def preflight(recipe: Recipe) -> None:
     tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe))
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
-            _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _backbone_tokenizer(s.backbone))
+            _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(s.backbone))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset", lambda s=stage: _check_dataset(recipe, s, tokenizer))
     if problems:
@@ -99,15 +99,13 @@ def _model_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def _backbone_tokenizer(backbone: str):
+def _check_backbone(backbone: str) -> None:
     """A reward backbone pair-encodes plain text when it has no chat template, so only pad/EOS are required."""
     folder = _local_dir(backbone)
     if folder is None:
-        return None
+        return
     _require_files(folder, weights=True)
-    tokenizer = _tokenizer(folder, chat_template=False)
-    _check_vocab(folder, tokenizer)
-    return tokenizer
+    _check_vocab(folder, _tokenizer(folder, chat_template=False))
 
 
 def _needs_chat_template(recipe: Recipe) -> bool:
@@ -176,10 +174,9 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     if spec.source == "synthetic" or not _is_local(spec.path):
         return
     if isinstance(spec, SFTDataSpec):
-        from alignpipe.data.preference import seeded_limit
+        from alignpipe.data.preference import sft_conversations_for
 
-        conversations = seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, recipe.seed)
-        prompts = [_sft_prompt(turns) for turns in conversations]
+        prompts = [_sft_prompt(turns) for turns in sft_conversations_for(spec, recipe.seed)]
         noun = "conversation"
     else:
         prompts = _preference_prompts(recipe, spec)

@@ -131,7 +131,7 @@ class StageDir:
         sha = directory_hash(path)
         manifest = self.read_manifest() or {}
         records = {key: value for key, value in manifest.get(CHECKPOINTS, {}).items() if (self.root / key).is_dir()}
-        records[self._key(path)] = sha
+        records[self.relative_key(path)] = sha
         self.write_manifest({**manifest, CHECKPOINTS: records})
         return sha
 
@@ -151,7 +151,7 @@ class StageDir:
 
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""
-        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {}).get(self._key(path))
+        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {}).get(self.relative_key(path))
         if recorded is None:
             return "its save never finished (no hash recorded in the manifest)"
         if directory_hash(path) != recorded:
@@ -160,9 +160,7 @@ class StageDir:
 
     def trainer_checkpoints(self, under: Path | None = None) -> list[Path]:
         """``checkpoint-N`` directories under ``trainer/`` (or ``under``), newest first."""
-        directory = under or self.trainer
-        found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
-        return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+        return checkpoint_dirs(under or self.trainer)
 
     def latest_trainer_checkpoint(self, under: Path | None = None, *, quiet: bool = False) -> Path | None:
         """The newest intact trainer checkpoint; newer ones that are incomplete or corrupt are skipped with a message
@@ -203,7 +201,8 @@ class StageDir:
                 kept.append(line + "\n")
         atomic_write_text(self.metrics, "".join(kept))
 
-    def _key(self, path: Path) -> str:
+    def relative_key(self, path: Path) -> str:
+        """``path`` relative to the stage directory, as the manifest records it."""
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     def reset(self) -> None:
@@ -215,11 +214,15 @@ class StageDir:
                 path.unlink()
 
 
+def checkpoint_dirs(directory: Path) -> list[Path]:
+    """``checkpoint-N`` directories in ``directory``, newest (largest N) first."""
+    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` ``checkpoint-N`` directories (``save_total_limit``)."""
-    saved = sorted((p for p in directory.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
-    for old in saved[:-keep]:
+    for old in checkpoint_dirs(directory)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -226,7 +226,7 @@ class Runner:
             "start_time": utc_now(), "resumed": resume,
             # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
             CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
-            "resume_from": _relative(latest, directory) if resume and latest else None,
+            "resume_from": directory.relative_key(latest) if resume and latest else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
         started = time.time()
@@ -373,7 +373,3 @@ def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
         elif isinstance(stage, _TrainingStage):
             plan[stage.name] = stage_batch_split(stage, world_size).describe()
     return plan
-
-
-def _relative(path: Path, directory: StageDir) -> str:
-    return path.resolve().relative_to(directory.root.resolve()).as_posix()

@@ -14,8 +14,7 @@ import logging
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from alignpipe.data.adapters import load_sft_source
-from alignpipe.data.preference import seeded_limit
+from alignpipe.data.preference import sft_conversations_for
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec
@@ -38,7 +37,7 @@ def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int) -> Dataset:
     """
     if spec.source == "synthetic":
         return sft_dataset(data, seed)
-    conversations = seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, seed)
+    conversations = sft_conversations_for(spec, seed)
     log.info("sft data %s (%s, split %s): %d conversations", spec.path, spec.source, spec.split, len(conversations))
     return Dataset.from_list([{"messages": turns} for turns in conversations])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
@@ -60,6 +62,29 @@ def test_quiet_lookup_changes_nothing_and_rotation_drops_records(tmp_path):
     assert list(stage.read_manifest()[CHECKPOINTS]) == ["trainer/checkpoint-3"]  # rotated-away records dropped
 
 
+def test_has_progress_looks_at_records_and_rounds_without_hashing(tmp_path, monkeypatch):
+    """Deciding whether to resume must not hash checkpoints (a 7B one takes minutes); the runner verifies once."""
+    import alignpipe.pipeline.rundir as rundir
+
+    def no_hashing(path):
+        raise AssertionError(f"has_progress hashed {path}")
+
+    stage = StageDir(tmp_path / "osp")
+    stage.root.mkdir()
+    stage.write_manifest({"status": "running"})
+    unrecorded = _checkpoint(stage, 3)
+    monkeypatch.setattr(rundir, "directory_hash", no_hashing)
+    assert not stage.has_progress()  # a save that never finished is not progress
+    stage.update_manifest(**{CHECKPOINTS: {"trainer/checkpoint-3": "0" * 64}})
+    assert stage.has_progress()  # recorded (verified later, when resuming)
+    shutil.rmtree(unrecorded)
+    assert not stage.has_progress()  # the record of a deleted checkpoint counts for nothing
+    round_data = stage.root / "rounds" / "round-0" / rundir.ROUND_DATA
+    round_data.parent.mkdir(parents=True)
+    round_data.write_text("[]")
+    assert stage.has_progress() and stage.has_round_progress()
+
+
 def test_keep_metrics_drops_redone_steps_and_a_torn_last_line(tmp_path):
     stage = StageDir(tmp_path / "dpo")
     stage.root.mkdir()
@@ -68,8 +93,24 @@ def test_keep_metrics_drops_redone_steps_and_a_torn_last_line(tmp_path):
     assert stage.metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def _count_hashes(monkeypatch) -> Counter:
+    """Count ``directory_hash`` calls per directory name from here on."""
+    import alignpipe.pipeline.rundir as rundir
+
+    counts: Counter = Counter()
+    original = rundir.directory_hash
+
+    def counting(path):
+        counts[Path(path).name] += 1
+        return original(path)
+
+    monkeypatch.setattr(rundir, "directory_hash", counting)
+    return counts
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "unrecorded"])
-def test_resume_falls_back_past_a_bad_checkpoint_to_the_same_weights(tmp_path, completed_tiny_run, caplog, damage):
+def test_resume_falls_back_past_a_bad_checkpoint_to_the_same_weights(tmp_path, completed_tiny_run, caplog, damage,
+                                                                     monkeypatch):
     reference_runner, _ = completed_tiny_run
     runs = tmp_path / "runs"
     shutil.copytree(reference_runner.run_dir, runs / "tiny")
@@ -86,12 +127,14 @@ def test_resume_falls_back_past_a_bad_checkpoint_to_the_same_weights(tmp_path, c
         del records["trainer/checkpoint-30"]
         sft.update_manifest(status="running", **{CHECKPOINTS: records})
     recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    hashed = _count_hashes(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="alignpipe"):
         outcomes = {o.name: o for o in Runner(load_recipe(recipe_path), runs_dir=runs, resume=True,
                                               in_process=True).run()}
     assert "skipping trainer/checkpoint-30" in caplog.text
+    assert hashed["checkpoint-15"] == 1  # verified once, by the runner; the stage trusts the manifest's resume_from
     assert outcomes["sft"].action == "resumed" and "checkpoint-15" in outcomes["sft"].reason
-    assert sft.read_manifest()["resumed_from"].endswith("checkpoint-15")
+    assert sft.read_manifest()["resume_from"].endswith("checkpoint-15")
     expected = load_file(StageDir(reference_runner.run_dir / "sft").checkpoint / "model.safetensors")
     resumed = load_file(sft.checkpoint / "model.safetensors")
     assert all((resumed[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
@@ -116,3 +159,24 @@ def test_resume_from_the_final_checkpoint_publishes_it_without_another_step(tmp_
     resumed = load_file(sft.checkpoint / "model.safetensors")
     assert all((resumed[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
     assert outcomes["dpo"].action == "skipped"
+
+
+def test_resume_with_no_intact_checkpoint_starts_over(tmp_path, completed_tiny_run, caplog):
+    reference_runner, _ = completed_tiny_run
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    sft = StageDir(runs / "tiny" / "sft")
+    shutil.rmtree(sft.checkpoint)
+    for path in sft.trainer_checkpoints():  # every recorded save damaged
+        (path / "trainer_state.json").write_text("{}")
+    sft.update_manifest(status="running")
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        outcomes = {o.name: o for o in Runner(load_recipe(write_recipe(tmp_path, TINY_RECIPE)), runs_dir=runs,
+                                              resume=True, in_process=True).run()}
+    assert outcomes["sft"].action == "ran" and outcomes["sft"].reason.startswith("no intact checkpoint")
+    assert sft.read_manifest()["resume_from"] is None
+    assert not list(sft.trainer.glob("invalid-*"))  # starting over cleared the trainer directory
+    expected = load_file(StageDir(reference_runner.run_dir / "sft").checkpoint / "model.safetensors")
+    rerun = load_file(sft.checkpoint / "model.safetensors")
+    assert all((rerun[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
+    assert outcomes["dpo"].action == "skipped"  # same weights: downstream stays valid

@@ -106,8 +106,9 @@ def test_launch_commands_are_printed_and_use_the_cpu_config(runs) -> None:
 
 
 def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) -> None:
-    """Whitening and score moments reduced over ranks equal those of the whole batch; gradients are averaged; the
-    SFT dataloader gives the two ranks disjoint examples that together cover the dataset."""
+    """Whitening and score moments reduced over ranks equal those of the whole batch; gradients are averaged; rank 0
+    alone verifies resume checkpoints and both ranks resume from its choice; the SFT dataloader gives the two ranks
+    disjoint examples that together cover the dataset."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "recipes" / "accelerate" / "ddp-cpu.yaml"), "--num_processes", "2", "--num_machines", "1",
                "--main_process_port", "29562", "--num_cpu_threads_per_process", "1",
@@ -120,6 +121,8 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
         assert report["world"] == 2 and report["accelerate_processes"] == 2
         assert report["whiten_max_error"] < 1e-5 and report["moments_error"] < 1e-5
         assert report["averaged_gradient"] == [1.5, 1.5, 1.5]
+        assert report["resume_checkpoint"] == "checkpoint-2"
+        assert report["set_aside"] == ["checkpoint-2", "invalid-checkpoint-4"]
     first, second = (set(r["examples"]) for r in ranks)
     assert len(ranks[0]["examples"]) == len(ranks[1]["examples"]) == 32
     assert not first & second and len(first | second) == 64

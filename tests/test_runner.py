@@ -75,7 +75,7 @@ def test_resume_continues_from_the_last_trainer_checkpoint(tmp_path, completed_t
     assert outcomes["sft"].action == "resumed"
     assert "checkpoint-15" in outcomes["sft"].reason
     manifest = sft.read_manifest()
-    assert manifest["status"] == "complete" and manifest["resumed_from"].endswith("checkpoint-15")
+    assert manifest["status"] == "complete" and manifest["resume_from"].endswith("checkpoint-15")
     state = json.loads((sft.trainer / "checkpoint-30" / "trainer_state.json").read_text())
     assert state["global_step"] == 30
     resumed = load_file(sft.checkpoint / "model.safetensors")

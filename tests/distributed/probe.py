@@ -47,6 +47,23 @@ def main(model_dir: str, out_dir: str) -> None:
     distributed.average_gradients([parameter])
     report["averaged_gradient"] = parameter.grad.tolist()
 
+    # resuming on several ranks: rank 0 verifies the checkpoints and sets a bad one aside, both get its answer
+    from alignpipe.pipeline.rundir import StageDir
+    from alignpipe.pipeline.stage import verified_trainer_checkpoint
+
+    stage = StageDir(Path(out_dir) / "stage")
+    if distributed.is_main():
+        stage.root.mkdir(parents=True)
+        stage.write_manifest({"status": "running"})
+        for step in (2, 4):
+            (stage.trainer / f"checkpoint-{step}").mkdir(parents=True)
+            (stage.trainer / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+        stage.record_checkpoint(stage.trainer / "checkpoint-2")  # checkpoint-4's save never finished
+    distributed.barrier()
+    found = verified_trainer_checkpoint(stage)
+    report["resume_checkpoint"] = found.name if found else None
+    report["set_aside"] = sorted(p.name for p in stage.trainer.iterdir())
+
     # the SFT dataloader gives each rank different examples
     from trl import SFTConfig, SFTTrainer
 

@@ -33,6 +33,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def from_main(value: T) -> T:
+    """Rank 0's ``value`` on every rank. Callers compute it on rank 0 only (``x() if is_main() else None``) when the
+    computation has side effects on shared files, such as setting a corrupt checkpoint aside: one rank acts, and the
+    others wait here for its answer instead of racing it."""
+    if not is_distributed():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard(items: Sequence[T], *, what: str = "items") -> list[T]:
     """This rank's contiguous share of ``items``; the split must be exact so every rank does the same work."""
     n, w, r = len(items), world_size(), rank()

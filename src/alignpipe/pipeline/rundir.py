@@ -26,6 +26,7 @@ from alignpipe.io import atomic_write_json, atomic_write_text
 log = logging.getLogger("alignpipe")
 
 CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
+ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (rounds/round-<r>/), kept for --resume
 TRACKED_PACKAGES = ("alignpipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers")
 
 
@@ -180,10 +181,16 @@ class StageDir:
         return None
 
     def has_progress(self) -> bool:
-        """Whether an interrupted attempt left something ``--resume`` can continue from."""
+        """Whether an interrupted attempt left something ``--resume`` may continue from: a trainer checkpoint whose
+        save finished (hash recorded; verifying it is left to ``latest_trainer_checkpoint``, so it is hashed once) or
+        a round's work (``has_round_progress``)."""
+        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {})
+        return any((self.root / key).is_dir() for key in recorded) or self.has_round_progress()
+
+    def has_round_progress(self) -> bool:
+        """Whether an iterative stage kept a finished round or a round's generated data (``ROUND_DATA``)."""
         rounds = self.root / "rounds"
-        return (self.latest_trainer_checkpoint(quiet=True) is not None
-                or any(rounds.glob("round-*/checkpoint")) or any(rounds.glob("round-*/pairs.json")))
+        return any(rounds.glob("round-*/checkpoint")) or any(rounds.glob(f"round-*/{ROUND_DATA}"))
 
     def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite ``metrics.jsonl`` with only the records ``keep`` accepts (a resume drops the records of the steps it

@@ -198,11 +198,13 @@ class Runner:
         resume = (
             self.resume and same_work and manifest.get("status") != "complete" and directory.has_progress()
         )
-        latest = None
-        if stage.name in self.force:
+        latest = directory.latest_trainer_checkpoint() if resume else None  # verified; bad ones set aside
+        if resume and latest is None and not directory.has_round_progress():
+            resume = False
+            reason = "no intact checkpoint to resume from; starting over"
+        elif stage.name in self.force:
             reason = "forced"
         elif resume:
-            latest = directory.latest_trainer_checkpoint()  # verified against its recorded hash; bad ones skipped
             reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
         elif not manifest:
             reason = "new"

@@ -89,9 +89,16 @@ def _resume_checkpoint(directory: StageDir) -> Path | None:
     verified = (directory.read_manifest() or {}).get("resume_from")
     if verified and (directory.root / verified).is_dir():
         return directory.root / verified
+    return verified_trainer_checkpoint(directory)
+
+
+def verified_trainer_checkpoint(directory: StageDir, under: Path | None = None) -> Path | None:
+    """``StageDir.latest_trainer_checkpoint`` for a stage running on several ranks: rank 0 verifies the hashes and sets
+    bad checkpoints aside, every rank gets its answer. (Each rank checking by itself would race rank 0's renames.)"""
     from alignpipe.pipeline import distributed
 
-    return directory.latest_trainer_checkpoint(quiet=not distributed.is_main())  # one rank sets bad ones aside
+    found = directory.latest_trainer_checkpoint(under) if distributed.is_main() else None
+    return distributed.from_main(found)
 
 
 def execute(stage_dir: Path, *, resume: bool = False) -> dict:
@@ -115,7 +122,7 @@ def execute(stage_dir: Path, *, resume: bool = False) -> dict:
             end_time=utc_now(),
             wall_time_s=round(time.time() - started, 2),
             output_sha256=directory_hash(output) if output.exists() else None,
-            resumed_from=str(ctx.resume_from) if ctx.resume_from else None,
+            resume_from=ctx.dir.relative_key(ctx.resume_from) if ctx.resume_from else None,
             summary=summary,
         )
     return summary

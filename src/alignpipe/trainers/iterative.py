@@ -38,8 +38,8 @@ from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
-from alignpipe.pipeline.rundir import StageDir, publish_directory, utc_now
-from alignpipe.pipeline.stage import StageContext
+from alignpipe.pipeline.rundir import ROUND_DATA, StageDir, publish_directory, utc_now
+from alignpipe.pipeline.stage import StageContext, verified_trainer_checkpoint
 from alignpipe.rewards.judges import GoldPairwiseJudge, SelfJudge, judge_against_anchors, preference_matrices
 from alignpipe.rewards.loading import load_reward_scorer
 from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks, sft_demonstrations
@@ -57,7 +57,6 @@ from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
 
 log = logging.getLogger("alignpipe")
 
-ROUND_DATA = "pairs.json"  # a round's generated training rows, kept for --resume
 EVAL_SEED = 1234  # the eval stage's default seed: per-round numbers use the same held-out prompts
 
 
@@ -239,7 +238,7 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
         processing_class=tokenizer, peft_config=lora_config(ctx),
         callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"})],
     )
-    resume_from = ctx.dir.latest_trainer_checkpoint(Path(arguments["output_dir"])) if ctx.resume else None
+    resume_from = verified_trainer_checkpoint(ctx.dir, Path(arguments["output_dir"])) if ctx.resume else None
     if resume_from is not None:
         log.info("[%s] round %d: resuming its training from %s", ctx.dir.name, round_index, resume_from.name)
     train(trainer, ctx, resume_from)

@@ -180,3 +180,23 @@ def test_resume_with_no_intact_checkpoint_starts_over(tmp_path, completed_tiny_r
     rerun = load_file(sft.checkpoint / "model.safetensors")
     assert all((rerun[name] - tensor).abs().max() < 1e-5 for name, tensor in expected.items())
     assert outcomes["dpo"].action == "skipped"  # same weights: downstream stays valid
+
+
+def test_side_state_is_saved_in_each_checkpoint_and_read_back_on_resume(tmp_path):
+    """State a TRL trainer does not checkpoint itself (TRL's token count, UP-RLHF's running std mean)."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.common import CheckpointSideState, load_side_state
+
+    (tmp_path / "checkpoint-4").mkdir()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    values = iter([{"count": 7}, None])
+    callback = CheckpointSideState("side.json", lambda: next(values))
+    callback.on_save(args, SimpleNamespace(global_step=4, is_world_process_zero=True), None)
+    assert load_side_state(tmp_path / "checkpoint-4", "side.json") == {"count": 7}
+    (tmp_path / "checkpoint-6").mkdir()
+    callback.on_save(args, SimpleNamespace(global_step=6, is_world_process_zero=True), None)  # nothing to save
+    other_rank = CheckpointSideState("side.json", lambda: {"count": 9})
+    other_rank.on_save(args, SimpleNamespace(global_step=6, is_world_process_zero=False), None)
+    assert load_side_state(tmp_path / "checkpoint-6", "side.json") is None
+    assert load_side_state(None, "side.json") is None  # not resuming

@@ -299,7 +299,16 @@ class _StageBase(_Spec):
         return name
 
 
-class _TrainingStage(_StageBase):
+class _CheckpointedStage(_StageBase):
+    """Fields of every stage that saves resumable trainer checkpoints (under ``trainer/``, for ``--resume``)."""
+
+    save_steps: int = Field(
+        100, gt=0, description="Save a trainer checkpoint (for --resume) every N steps (tiny-model setting; TRL: 500)."
+    )
+    save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk (tiny-model setting).")
+
+
+class _TrainingStage(_CheckpointedStage):
     """Fields shared by trainer stages; defaults are TRL's unless marked as a tiny-model setting."""
 
     learning_rate: float = Field(gt=0, description="Peak learning rate.")
@@ -325,10 +334,6 @@ class _TrainingStage(_StageBase):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
     logging_steps: int = Field(10, gt=0, description="Log every N steps (TRL default).")
-    save_steps: int = Field(
-        100, gt=0, description="Save a trainer checkpoint (for --resume) every N steps (tiny-model setting; TRL: 500)."
-    )
-    save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk (tiny-model setting).")
     max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
     bf16: bool | None = Field(None, description="bf16 mixed precision; null = on when the GPU supports it, off on CPU.")
     gradient_checkpointing: bool = Field(
@@ -474,7 +479,7 @@ class DPOStage(_TrainingStage):
         return self
 
 
-class RewardStage(_StageBase):
+class RewardStage(_CheckpointedStage):
     """Bradley-Terry reward models as K LoRA members on one frozen backbone (UP-RLHF, Zhai et al. 2024)."""
 
     type: Literal["reward"] = Field("reward", description="Stage type: reward model / LoRA reward ensemble.")
@@ -516,8 +521,6 @@ class RewardStage(_StageBase):
     per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
     max_length: int = Field(512, gt=0, description="Truncate prompt+response to N tokens, keeping the end.")
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
-    save_steps: int = Field(100, gt=0, description="Save a resumable trainer checkpoint (for --resume) every N steps.")
-    save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk.")
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the pairs held out for accuracy, calibration and uncertainty metrics."
     )

@@ -95,11 +95,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None,
-                   require_chat_template: bool = True) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_chat_template: bool = True,
+                   padding_side: str | None = "left") -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (falls back to EOS, as TRL does) and left padding for generation.
 
-    ``require_chat_template=False`` is for reward backbones that pair-encode plain text (encoders have no template).
+    ``require_chat_template=False`` is for reward backbones that pair-encode plain text (encoders have no template);
+    ``padding_side=None`` keeps the tokenizer's own side (a sequence classifier scores wherever its padding is).
     """
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file,
                                               **remote_code_kwargs())
@@ -116,7 +117,8 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None,
             f"tokenizer at {name_or_path!r} has no chat template; alignpipe stages use conversational data. "
             "Use an instruct/chat model or save a tokenizer with `chat_template` set."
         )
-    tokenizer.padding_side = "left"
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
     return tokenizer
 
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import remote_code_kwargs
+from alignpipe.models.loading import ModelError, load_tokenizer, remote_code_kwargs
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.rewards.ensemble import (
     _quiet_peft,
@@ -104,19 +104,12 @@ def dataset_text_format(rows) -> TextFormat:
 
 
 def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextFormat):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **remote_code_kwargs())
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer at {str(name_or_path)!r} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if text_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"tokenizer at {str(name_or_path)!r} has no chat template, but the preference rows are conversational"
-        )
+    """``load_tokenizer``'s checks for the rows' format (a chat template for conversations, an EOS token to end
+    plain texts), keeping the tokenizer's padding side."""
+    tokenizer = load_tokenizer(str(name_or_path), require_chat_template=text_format == "chat", padding_side=None)
     if text_format == "plain" and tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer at {str(name_or_path)!r} has no EOS token, which plain-text rows need")
+        raise ModelError(f"tokenizer at {str(name_or_path)!r} has no EOS token, which plain-text rows need; set "
+                         "eos_token in its tokenizer_config.json")
     return tokenizer
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,21 +167,30 @@ class CheckpointRecorder(TrainerCallback):
 TOKEN_COUNT = "alignpipe_token_count.json"  # beside each trainer checkpoint: TRL's running token count
 
 
-class TokenCountState(TrainerCallback):
-    """Saves TRL's running count of training tokens (the logged ``num_tokens``) with each checkpoint.
+class CheckpointSideState(TrainerCallback):
+    """Saves a piece of state the trainer does not checkpoint itself as ``filename`` (JSON) in every checkpoint, so a
+    resume can restore it with ``load_side_state``. ``state()`` returns None when there is nothing to save."""
 
-    Why: TRL 1.16's SFT, DPO and reward trainers keep it in ``_total_train_tokens``, outside the trainer state, so a
-    resumed run would count from 0 again and log different ``num_tokens`` than an uninterrupted one.
-    """
-
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, filename: str, state: Callable[[], dict | None]):
+        self.filename, self.state = filename, state
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        count = getattr(self.trainer, "_total_train_tokens", None)
-        if state.is_world_process_zero and checkpoint.is_dir() and count is not None:
-            atomic_write_json(checkpoint / TOKEN_COUNT, {"total_train_tokens": count})
+        if state.is_world_process_zero and checkpoint.is_dir() and (saved := self.state()) is not None:
+            atomic_write_json(checkpoint / self.filename, saved)
+
+
+def load_side_state(checkpoint: Path | None, filename: str) -> dict | None:
+    """What ``CheckpointSideState`` saved in ``checkpoint`` (None when not resuming or nothing was saved)."""
+    path = checkpoint / filename if checkpoint is not None else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def _token_count(trainer) -> dict | None:
+    # TRL 1.16's SFT, DPO and reward trainers keep the logged ``num_tokens`` in ``_total_train_tokens``, outside the
+    # trainer state: without saving it a resumed run would count from 0 and log different numbers.
+    count = getattr(trainer, "_total_train_tokens", None)
+    return {"total_train_tokens": count} if count is not None else None
 
 
 def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
@@ -191,13 +201,13 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     A checkpoint at the last step (killed after the final save, before publishing) is loaded without training:
     transformers 5.23 resumed from it trains one step past ``max_steps``.
     """
-    trainer.add_callback(TokenCountState(trainer))
+    trainer.add_callback(CheckpointSideState(TOKEN_COUNT, lambda: _token_count(trainer)))
     trainer.add_callback(CheckpointRecorder(ctx.dir))  # last: the hash covers what the callbacks before it saved
     state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
     step = state.get("global_step", 0)
     finished = resume_from is not None and step >= state.get("max_steps", float("inf")) > 0
-    if resume_from is not None and (resume_from / TOKEN_COUNT).exists():
-        trainer._total_train_tokens = json.loads((resume_from / TOKEN_COUNT).read_text())["total_train_tokens"]
+    if (tokens := load_side_state(resume_from, TOKEN_COUNT)) is not None:
+        trainer._total_train_tokens = tokens["total_train_tokens"]
     if ctx.is_main_process:
         output = Path(trainer.args.output_dir)
         # ... and the end-of-training summary (``train_runtime`` ...), which a resumed trainer logs again

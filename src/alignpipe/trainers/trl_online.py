@@ -9,22 +9,21 @@ gold reward / win rate / KL at the end (the same numbers every other stage repor
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from alignpipe.data.synthetic import task_space
-from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
 from alignpipe.tasks import sample_tasks
 from alignpipe.trainers.common import (
+    CheckpointSideState,
     MetricsLogger,
     append_metrics,
+    load_side_state,
     load_start_model,
     lora_config,
     train_and_publish,
@@ -59,33 +58,21 @@ def reward_function(source: RewardSource) -> Callable:
     return score
 
 
-class RewardStateCallback(TrainerCallback):
-    """Saves the reward source's state (UP-RLHF's running std mean) with each trainer checkpoint."""
-
-    def __init__(self, source: RewardSource):
-        self.source = source
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            atomic_write_json(checkpoint / REWARD_STATE, self.source.state_dict())
-
-
 def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> dict:
     """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts."""
     stage, recipe = ctx.stage, ctx.recipe
     model, tokenizer = load_start_model(ctx)
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
     source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype)
-    if ctx.resume_from is not None and (ctx.resume_from / REWARD_STATE).exists():
-        source.load_state_dict(json.loads((ctx.resume_from / REWARD_STATE).read_text()))
+    if (saved := load_side_state(ctx.resume_from, REWARD_STATE)) is not None:
+        source.load_state_dict(saved)
     arguments = {k: v for k, v in trainer_arguments(ctx).items() if k != "max_length"}  # TRL truncates no prompts
     args = config_class(**arguments, num_generations=stage.num_generations, beta=stage.beta,
                         max_completion_length=stage.max_completion_length, temperature=stage.temperature)
     trainer = trainer_class(
         model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
         processing_class=tokenizer, peft_config=lora_config(ctx),
-        callbacks=[RewardStateCallback(source), MetricsLogger(ctx.dir.metrics)],
+        callbacks=[CheckpointSideState(REWARD_STATE, source.state_dict), MetricsLogger(ctx.dir.metrics)],
     )
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]

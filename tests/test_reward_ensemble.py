@@ -271,16 +271,20 @@ def test_training_learns_and_trains_every_member(llama_path, tokenizer, pairs):
 
 
 def test_diversity_weight_raises_the_nuclear_frobenius_ratio(llama_path, tokenizer, pairs):
-    ratios = {}
-    for weight in (0.0, 1.0):
+    """Both forms raise the ratio over a plain ensemble's; the nnm form grows the A matrices too."""
+    ratios, norms = {}, {}
+    for weight, form in ((0.0, "ratio"), (1.0, "ratio"), (0.01, "nnm")):
         ensemble = RewardEnsemble.create(_spec(llama_path))
         config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=30 * 16 / 64, batch_size=16, max_length=64,
-                                        diversity_weight=weight, logging_steps=30, progress_bar=False)
+                                        diversity_weight=weight, diversity_form=form, logging_steps=30,
+                                        progress_bar=False)
         logs = train_ensemble(ensemble, tokenizer, pairs, config)
         assert logs[-1]["step"] == 30
-        ratios[weight] = ensemble.diversity_ratio()
-        assert ratios[weight] == pytest.approx(logs[-1]["diversity_ratio"])
-    assert ratios[1.0] > ratios[0.0]
+        ratios[form, weight] = ensemble.diversity_ratio()
+        assert ratios[form, weight] == pytest.approx(logs[-1]["diversity_ratio"])
+        norms[form, weight] = sum(float(a.detach().norm() ** 2) for g in ensemble.lora_down_projections() for a in g)
+    assert ratios["ratio", 1.0] > ratios["ratio", 0.0] and ratios["nnm", 0.01] > ratios["ratio", 0.0]
+    assert norms["nnm", 0.01] > 1.1 * norms["ratio", 0.0]
 
 
 def test_mean_objective_bootstrap_and_margins_run(llama_path, tokenizer, pairs):

@@ -210,6 +210,42 @@ def test_diversity_gradient_flows_to_a_only_and_increases_the_ratio():
     assert after > before
 
 
+def test_nnm_form_hand_values_and_gradient_grows_a():
+    """form="nnm": ||A||_* / sg(||A||_F) · sqrt(max(shape)). Hand values on the §3e matrices, λ = 0.5.
+
+    I_2 (orthogonal members): 2 / √2 · √2 = 2, and the gradient of ||A||_* is U Vᵀ = I_2, scaled by
+    sqrt(max shape) / ||A||_F = 1. (Rank-deficient stacks are avoided: there ||A||_* has only a subgradient.)"""
+    e1 = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    e2 = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    loss = diversity_loss([[e1, e2]], 0.5, form="nnm")
+    assert loss.item() == pytest.approx(-1.0, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(e1.grad, torch.tensor([[-0.5, 0.0]]), atol=1e-6)
+    assert torch.allclose(e2.grad, torch.tensor([[0.0, -0.5]]), atol=1e-6)
+
+    a1 = torch.tensor([[2.0, 0.0]], requires_grad=True)  # diag(2, 1): ||A||_* = 3, ||A||_F = √5
+    a2 = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    loss = diversity_loss([[a1, a2]], 0.5, form="nnm")
+    assert loss.item() == pytest.approx(-0.5 * 3 / math.sqrt(5) * SQRT2, abs=1e-6)  # −0.948683
+    loss.backward()  # U Vᵀ = I, times √2/√5: the same push on both members' directions whatever their size
+    assert torch.allclose(a1.grad, torch.tensor([[-0.5 * math.sqrt(0.4), 0.0]]), atol=1e-6)
+    assert torch.allclose(a2.grad, torch.tensor([[0.0, -0.5 * math.sqrt(0.4)]]), atol=1e-6)
+
+    # unlike the ratio, a descent step grows A (the gradient has a component along A), and both forms agree on the
+    # value up to the sqrt(max shape) factor
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(2, 8, generator=g)) for _ in range(3)]
+    ratio = diversity_loss([mats], 1.0, form="ratio").item()
+    nnm = diversity_loss([mats], 1.0, form="nnm")
+    assert nnm.item() == pytest.approx(ratio * math.sqrt(8), rel=1e-5)
+    nnm.backward()
+    stacked = torch.cat([m.detach() for m in mats])
+    stepped = stacked - 0.05 * torch.cat([m.grad for m in mats])
+    assert stepped.norm() > stacked.norm() * 1.001
+    with pytest.raises(ValueError, match="diversity form"):
+        diversity_loss([mats], 1.0, form="nuclear")
+
+
 def test_diversity_lambda_zero_is_exact_zero_without_svd(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("no SVD at lambda = 0")

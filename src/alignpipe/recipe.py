@@ -507,6 +507,11 @@ class RewardStage(_CheckpointedStage):
         0.0, ge=0, description="λ of UP-RLHF's nuclear/Frobenius diversity term on the stacked LoRA A matrices; "
         "0 = a plain LoRA ensemble.",
     )
+    diversity_form: Literal["ratio", "nnm"] = Field(
+        "ratio", description="ratio = ||A||_*/||A||_F as UP-RLHF's eq. 12 prints it (scale-free; random LoRA A's "
+        "start near its maximum, so it changes little); nnm = the authors' code's nuclear-norm maximisation, "
+        "||A||_*/sg(||A||_F)*sqrt(max dim), which also grows the A's.",
+    )
     objective: Literal["members", "mean"] = Field(
         "members", description="members = a Bradley-Terry loss per member (independent ensemble, Coste et al. 2024); "
         "mean = one loss on the ensemble-mean reward (UP-RLHF eq. 12).",

@@ -16,9 +16,14 @@ UP-RLHF (Zhai et al. 2024, ALGORITHMS.md §3a, eq. 12), written as a loss to MIN
 
 Choices (tested in ``tests/test_reward_maths.py``):
 
-* the Frobenius denominator is NOT detached, so the term is the exact gradient of the scale-invariant ratio (the
-  gradient is orthogonal to ``A``: it reshapes, never rescales). The third-party reimplementation quoted in §3a
-  detaches it and multiplies by ``sqrt(max(shape))``; that is a different objective (it also grows the norm);
+* ``form="ratio"`` (the default, eq. 12 as printed): the Frobenius denominator is NOT detached, so the term is the
+  exact gradient of the scale-invariant ratio (the gradient is orthogonal to ``A``: it reshapes, never rescales).
+  Measured consequence: PEFT's random Kaiming-uniform A's are already nearly orthogonal, so the stacked ratio starts
+  within 1% of its maximum ``sqrt(N r)`` and the term has almost nothing left to push;
+* ``form="nnm"``: the nuclear-norm maximisation of the third-party reimplementation quoted in §3a, which cites the
+  authors' code: ``||A||_* / sg(||A||_F) · sqrt(max(shape))`` with the denominator detached (``sg``). Its gradient
+  ``U Vᵀ · sqrt(max(shape)) / ||A||_F`` raises every singular value, so it also grows the A's (and with them the
+  members' LoRA updates) instead of saturating;
 * an all-zero ``A^(m)`` raises ``ValueError``: the ratio is 0/0 there and the gradient is undefined, and PEFT
   initialises A with Kaiming-uniform (it is B that starts at zero), so an all-zero A means the wrong matrices were
   passed (e.g. the B's) and silently returning 1.0 would hide that.
@@ -28,12 +33,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+DiversityForm = Literal["ratio", "nnm"]
+
 __all__ = [
+    "DiversityForm",
     "bradley_terry_loss",
     "diversity_loss",
     "ensemble_bradley_terry_loss",
@@ -156,6 +165,16 @@ def nuclear_frobenius_ratio(matrix: Tensor) -> Tensor:
     return torch.linalg.svdvals(a).sum() / frobenius
 
 
+def nuclear_norm_maximisation_term(matrix: Tensor) -> Tensor:
+    """``||A||_* / sg(||A||_F) · sqrt(max(shape))``, the ``form="nnm"`` term: the same value as the ratio times
+    ``sqrt(max(shape))``, but with the denominator a constant, so its gradient grows ``A`` (see the module docstring).
+    Same input checks as :func:`nuclear_frobenius_ratio`."""
+    ratio_checked = nuclear_frobenius_ratio(matrix)  # validates, and gives the working dtype
+    a = matrix.to(ratio_checked.dtype)
+    frobenius = torch.linalg.matrix_norm(a, ord="fro").detach()
+    return torch.linalg.svdvals(a).sum() / frobenius * math.sqrt(max(a.shape))
+
+
 def stack_lora_down_projections(member_matrices: Sequence[Tensor]) -> Tensor:
     """``A^(m) = concat_rows(A_1^(m), ..., A_N^(m)) ∈ R^{N r × d}`` for one adapted weight matrix m.
 
@@ -181,8 +200,10 @@ def stack_lora_down_projections(member_matrices: Sequence[Tensor]) -> Tensor:
     return torch.cat([a.to(first.device) for a in members], dim=0)
 
 
-def diversity_loss(per_matrix_members: Sequence[Sequence[Tensor]], weight: float) -> Tensor:
-    """UP-RLHF's diversity term as a loss to minimise: ``−λ · (1/M) Σ_m ||A^(m)||_* / ||A^(m)||_F``.
+def diversity_loss(per_matrix_members: Sequence[Sequence[Tensor]], weight: float,
+                   form: DiversityForm = "ratio") -> Tensor:
+    """UP-RLHF's diversity term as a loss to minimise: ``−λ · (1/M) Σ_m ||A^(m)||_* / ||A^(m)||_F`` (``form="ratio"``),
+    or with :func:`nuclear_norm_maximisation_term` in place of the ratio (``form="nnm"``).
 
     Minimising it maximises the mean nuclear/Frobenius ratio, i.e. spreads the members' down-projections over
     more directions. Only the A matrices enter (the caller passes ``per_matrix_members[m][n] = A_n^(m)``), so B
@@ -195,9 +216,12 @@ def diversity_loss(per_matrix_members: Sequence[Sequence[Tensor]], weight: float
     Args:
         per_matrix_members: M groups (one per adapted weight matrix), each with the N members' ``r × d`` A.
         weight: ``λ >= 0``.
+        form: ``"ratio"`` or ``"nnm"``.
     """
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"diversity weight (lambda) must be finite and >= 0, got {weight}")
+    if form not in get_args(DiversityForm):
+        raise ValueError(f"diversity form must be one of {get_args(DiversityForm)}, got {form!r}")
     groups = [list(g) for g in per_matrix_members]
     if not groups:
         raise ValueError("need at least one adapted weight matrix (M >= 1), got none")
@@ -206,7 +230,8 @@ def diversity_loss(per_matrix_members: Sequence[Sequence[Tensor]], weight: float
             _check_group(g)
         first = groups[0][0]
         return torch.zeros((), dtype=_working_dtype(first), device=first.device)
-    ratios = [nuclear_frobenius_ratio(stack_lora_down_projections(g)) for g in groups]
+    term = nuclear_frobenius_ratio if form == "ratio" else nuclear_norm_maximisation_term
+    ratios = [term(stack_lora_down_projections(g)) for g in groups]
     device = ratios[0].device
     return -weight * torch.stack([r.to(device) for r in ratios]).mean()
 

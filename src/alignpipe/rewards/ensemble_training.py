@@ -68,6 +68,7 @@ from torch import Tensor
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.preference import ids_label_update, soft_preference_loss
 from alignpipe.losses.reward import (
+    DiversityForm,
     bradley_terry_loss,
     diversity_loss,
     ensemble_bradley_terry_loss,
@@ -89,6 +90,7 @@ class EnsembleTrainingConfig:
     batch_size: int = 16
     max_length: int = 512
     diversity_weight: float = 0.0
+    diversity_form: DiversityForm = "ratio"
     objective: EnsembleObjective = "members"
     bootstrap: bool = False
     seed: int = 0
@@ -109,6 +111,8 @@ class EnsembleTrainingConfig:
             raise ValueError("batch_size and logging_steps must be >= 1 and max_length >= 2")
         if not (self.diversity_weight >= 0 and math.isfinite(self.diversity_weight)):
             raise ValueError(f"diversity_weight must be finite and >= 0, got {self.diversity_weight}")
+        if self.diversity_form not in get_args(DiversityForm):
+            raise ValueError(f"diversity_form must be one of {get_args(DiversityForm)}, got {self.diversity_form!r}")
         if self.objective not in get_args(EnsembleObjective):
             raise ValueError(f"objective must be one of {get_args(EnsembleObjective)}, got {self.objective!r}")
         if self.bootstrap and self.objective == "mean":
@@ -441,7 +445,7 @@ def train_ensemble(
                 multiplicity=None if multiplicity is None else multiplicity[index].to(device),
                 target=None if label_t is None else label_t[index].to(device),
             )
-            div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight)
+            div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight, config.diversity_form)
             loss = bt + div.to(bt.device)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"reward ensemble loss is {float(loss)} at step {step}; stopping before the "

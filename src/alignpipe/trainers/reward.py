@@ -79,7 +79,8 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
     scorer = EnsembleScorer.for_ensemble(ensemble, max_length=stage.max_length)
     config = EnsembleTrainingConfig(
         learning_rate=stage.learning_rate, epochs=stage.num_train_epochs, batch_size=stage.per_device_train_batch_size,
-        max_length=stage.max_length, diversity_weight=stage.diversity_weight, objective=stage.objective,
+        max_length=stage.max_length, diversity_weight=stage.diversity_weight,
+        diversity_form=stage.diversity_form, objective=stage.objective,
         bootstrap=stage.bootstrap, seed=recipe.seed, logging_steps=stage.logging_steps, ids_rate=stage.ids_rate,
     )
     main = ctx.is_main_process

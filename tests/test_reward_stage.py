@@ -50,7 +50,8 @@ def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
     board = json.loads((runner.run_dir / "leaderboard.json").read_text())
     assert [c["name"] for c in board["checkpoints"]] != [] and "rm" not in [c["name"] for c in board["checkpoints"]]
     assert [r["name"] for r in board["reward_models"]] == ["rm"]
-    assert "## Reward models" in (runner.run_dir / "leaderboard.md").read_text()
+    table = (runner.run_dir / "leaderboard.md").read_text().split("## Reward models", 1)[1]
+    assert "| member_std | member_std_off_distribution | off_distribution_std_ratio |" in table.splitlines()[2]
 
 
 def test_eval_reference_must_be_a_policy(tmp_path):

@@ -44,8 +44,8 @@ class CheckpointResult:
 
 REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "uncertainty_auroc", "uncertainty_auroc_std",
                   "uncertainty_auroc_probability_std", "uncertainty_auroc_std_at_fixed_margin",
-                  "margin_auroc_baseline", "uncertainty_auroc_gold", "off_distribution_std_ratio",
-                  "policy_std_vs_proxy_gold_gap_spearman")
+                  "margin_auroc_baseline", "uncertainty_auroc_gold", "member_std", "member_std_off_distribution",
+                  "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
 
 
 def _rows(results: list[CheckpointResult]) -> list[dict]:

@@ -637,7 +637,7 @@ def _length_section(run: RunData) -> str:
 
 _REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "calibration_scale", "uncertainty_auroc",
                    "uncertainty_auroc_std", "uncertainty_auroc_std_at_fixed_margin", "margin_auroc_baseline",
-                   "off_distribution_std_ratio")
+                   "member_std", "member_std_off_distribution", "off_distribution_std_ratio")
 
 
 def _reward_section(run: RunData) -> str:

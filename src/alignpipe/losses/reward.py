@@ -150,6 +150,20 @@ def nuclear_frobenius_ratio(matrix: Tensor) -> Tensor:
     Raises ``ValueError`` for a non-2-D or empty matrix, a non-finite one, or an all-zero one (0/0: see the module
     docstring for why that is an error rather than 1.0).
     """
+    nuclear, frobenius = _nuclear_and_frobenius(matrix)
+    return nuclear / frobenius
+
+
+def nuclear_norm_maximisation_term(matrix: Tensor) -> Tensor:
+    """``||A||_* / sg(||A||_F) · sqrt(max(shape))``, the ``form="nnm"`` term: the same value as the ratio times
+    ``sqrt(max(shape))``, but with the denominator a constant, so its gradient grows ``A`` (see the module docstring).
+    Same input checks as :func:`nuclear_frobenius_ratio`."""
+    nuclear, frobenius = _nuclear_and_frobenius(matrix)
+    return nuclear / frobenius.detach() * math.sqrt(max(matrix.shape))
+
+
+def _nuclear_and_frobenius(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||A||_*, ||A||_F)`` in the working dtype (one SVD), after the input checks both diversity terms share."""
     if matrix.ndim != 2 or matrix.numel() == 0:
         raise ValueError(f"expected a non-empty 2-D matrix, got shape {tuple(matrix.shape)}")
     a = matrix.to(_working_dtype(matrix))
@@ -162,17 +176,7 @@ def nuclear_frobenius_ratio(matrix: Tensor) -> Tensor:
             "matrix is all zeros, so ||A||_*/||A||_F is 0/0; LoRA A matrices start non-zero (PEFT zero-initialises B, "
             "not A), so check that the down-projections were passed"
         )
-    return torch.linalg.svdvals(a).sum() / frobenius
-
-
-def nuclear_norm_maximisation_term(matrix: Tensor) -> Tensor:
-    """``||A||_* / sg(||A||_F) · sqrt(max(shape))``, the ``form="nnm"`` term: the same value as the ratio times
-    ``sqrt(max(shape))``, but with the denominator a constant, so its gradient grows ``A`` (see the module docstring).
-    Same input checks as :func:`nuclear_frobenius_ratio`."""
-    ratio_checked = nuclear_frobenius_ratio(matrix)  # validates, and gives the working dtype
-    a = matrix.to(ratio_checked.dtype)
-    frobenius = torch.linalg.matrix_norm(a, ord="fro").detach()
-    return torch.linalg.svdvals(a).sum() / frobenius * math.sqrt(max(a.shape))
+    return torch.linalg.svdvals(a).sum(), frobenius
 
 
 def stack_lora_down_projections(member_matrices: Sequence[Tensor]) -> Tensor:

@@ -232,9 +232,7 @@ def uncertainty_auroc(
         )
     value = float(_auroc_rows(u[None, :], err[None, :])[0])
     stats = _bootstrap_rows(u.size, resamples, seed, lambda rows: _auroc_rows(u[rows], err[rows]))
-    ci, skipped = _percentile_ci(stats)
-    extra = {"n_errors": n_err, "n_correct": int(u.size - n_err), "n_skipped_resamples": skipped}
-    return MetricValue(value, ci, u.size, True, extra)
+    return _auroc_value(value, stats, err)
 
 
 def stratified_uncertainty_auroc(
@@ -269,10 +267,15 @@ def stratified_uncertainty_auroc(
         raise ValueError(f"no {bins}-quantile bin of the strata holds both an error and a correct item")
     stats = _bootstrap_rows(u.size, resamples, seed,
                             lambda rows: _stratified_auroc_rows(u_rank[rows], err[rows], s[rows], bins))
+    return _auroc_value(value, stats, err, bins=bins)
+
+
+def _auroc_value(value: float, stats: np.ndarray, err: np.ndarray, **extra) -> MetricValue:
+    """An AUROC with its bootstrap CI (resamples holding one class are skipped) and the class counts."""
     ci, skipped = _percentile_ci(stats)
-    extra = {"n_errors": int(err.sum()), "n_correct": int(u.size - err.sum()), "n_skipped_resamples": skipped,
-             "bins": bins}
-    return MetricValue(value, ci, u.size, True, extra)
+    n_err = int(err.sum())
+    return MetricValue(value, ci, err.size, True, {"n_errors": n_err, "n_correct": err.size - n_err,
+                                                   "n_skipped_resamples": skipped, **extra})
 
 
 def _stratified_auroc_rows(u_rank: np.ndarray, err: np.ndarray, strata: np.ndarray, bins: int) -> np.ndarray:

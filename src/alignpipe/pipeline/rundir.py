@@ -131,7 +131,7 @@ class StageDir:
         """
         sha = directory_hash(path)
         manifest = self.read_manifest() or {}
-        records = {key: value for key, value in manifest.get(CHECKPOINTS, {}).items() if (self.root / key).is_dir()}
+        records = self._existing_records(manifest)
         records[self.relative_key(path)] = sha
         self.write_manifest({**manifest, CHECKPOINTS: records})
         return sha
@@ -184,8 +184,11 @@ class StageDir:
         """Whether an interrupted attempt left something ``--resume`` may continue from: a trainer checkpoint whose
         save finished (hash recorded; verifying it is left to ``latest_trainer_checkpoint``, so it is hashed once) or
         a round's work (``has_round_progress``)."""
-        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {})
-        return any((self.root / key).is_dir() for key in recorded) or self.has_round_progress()
+        return bool(self._existing_records(self.read_manifest() or {})) or self.has_round_progress()
+
+    def _existing_records(self, manifest: dict) -> dict[str, str]:
+        """The manifest's checkpoint hash records whose directories still exist (rotation deletes old ones)."""
+        return {key: sha for key, sha in manifest.get(CHECKPOINTS, {}).items() if (self.root / key).is_dir()}
 
     def has_round_progress(self) -> bool:
         """Whether an iterative stage kept a finished round or a round's generated data (``ROUND_DATA``)."""

@@ -190,6 +190,7 @@ def test_load_tokenizer_pads_left(tmp_path):
     assert loaded.padding_side == "left"
     assert loaded.pad_token == PAD
     assert loaded.chat_template == CHAT_TEMPLATE
+    assert load_tokenizer(str(tmp_path), padding_side=None).padding_side == "right"  # reward models keep theirs
 
 
 def test_load_tokenizer_without_chat_template_raises(tmp_path):

@@ -76,3 +76,24 @@ def test_std_auroc_at_fixed_margin_is_left_out_when_no_bin_holds_both_outcomes()
     table = {"a": [2.0, 2.5], "b": [1.0, -0.5], "c": [-1.0, 0.5], "d": [-0.1, -0.3], "zero": [0.0, 0.0]}
     metrics = reward_model_metrics(FakeScorer(table), [("p", x, "zero") for x in "abcd"], resamples=100)
     assert "uncertainty_auroc_std" in metrics and "uncertainty_auroc_std_at_fixed_margin" not in metrics
+
+
+def test_gold_metrics_separate_label_noise_from_the_models_own_mistakes():
+    # Two members, rejected = "zero" (gold 0). Member margins and gold of each chosen response:
+    #   c1 [1.0, 3.0] gold +1: label agrees with gold, ensemble right; margin std 1.0, no dissent
+    #   c2 [0.4, 0.6] gold -1: label disagrees with gold, so the ensemble (margin +0.5) is wrong about gold; std 0.1
+    #   c3 [-0.5, 0.1] gold +1: ensemble wrong (mean -0.2); std 0.3, one of two members dissents
+    #   c4 [0.2, 0.2] gold 0: a gold tie, left out of every gold metric
+    #   c5 [0.5, 1.5] gold +2: ensemble right; std 0.5
+    table = {"c1": [1.0, 3.0], "c2": [0.4, 0.6], "c3": [-0.5, 0.1], "c4": [0.2, 0.2], "c5": [0.5, 1.5],
+             "zero": [0.0, 0.0]}
+    gold_of = {"c1": 1.0, "c2": -1.0, "c3": 1.0, "c4": 0.0, "c5": 2.0, "zero": 0.0}
+    pairs = [("p", c, "zero") for c in ("c1", "c2", "c3", "c4", "c5")]
+    metrics = reward_model_metrics(FakeScorer(table), pairs, gold=lambda prompt, response: gold_of[response],
+                                   resamples=100)
+    assert metrics["label_gold_agreement"].value == pytest.approx(0.75) and metrics["label_gold_agreement"].n == 4
+    assert metrics["gold_accuracy"].value == pytest.approx(0.5)  # c1, c5 right; c2, c3 wrong
+    # Gold errors c2, c3 have std 0.1, 0.3; the right pairs 1.0, 0.5: every error is below every right pair.
+    assert metrics["uncertainty_auroc_std_gold"].value == pytest.approx(0.0)
+    # Dissent: errors (0, 0.5) against right (0, 0): two ties (0.5 each) and two wins -> 3/4.
+    assert metrics["uncertainty_auroc_gold"].value == pytest.approx(0.75)

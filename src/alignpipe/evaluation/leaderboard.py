@@ -42,10 +42,10 @@ class CheckpointResult:
     metrics: dict[str, MetricValue]  # e.g. gold_reward, win_rate_vs_ref, kl_ref_k1, kl_ref_k3, truncation_rate
 
 
-REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "uncertainty_auroc", "uncertainty_auroc_std",
-                  "uncertainty_auroc_probability_std", "uncertainty_auroc_std_at_fixed_margin",
-                  "margin_auroc_baseline", "uncertainty_auroc_gold", "member_std", "member_std_off_distribution",
-                  "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
+REWARD_COLUMNS = ("accuracy", "gold_accuracy", "label_gold_agreement", "ece", "brier", "nll", "uncertainty_auroc",
+                  "uncertainty_auroc_std", "uncertainty_auroc_probability_std", "uncertainty_auroc_std_at_fixed_margin",
+                  "margin_auroc_baseline", "uncertainty_auroc_gold", "uncertainty_auroc_std_gold", "member_std",
+                  "member_std_off_distribution", "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
 
 
 def _rows(results: list[CheckpointResult]) -> list[dict]:

@@ -96,12 +96,18 @@ def reward_model_metrics(
             truth_c = np.where(gold_diff[decided] > 0, c_mean[decided], r_mean[decided])
             truth_r = np.where(gold_diff[decided] > 0, r_mean[decided], c_mean[decided])
             metrics["gold_accuracy"] = pairwise_accuracy(truth_c, truth_r, resamples=resamples, seed=seed)
+            # How often the (Bradley-Terry-sampled) labels follow gold: the ceiling of `accuracy`, and the share of
+            # the model's label errors that are label noise rather than its own mistakes.
+            metrics["label_gold_agreement"] = mean_with_ci((gold_diff[decided] > 0).astype(float),
+                                                           resamples=resamples, seed=seed, higher_is_better=None)
             # Errors against the true ordering, not the (Bradley-Terry-sampled, partly noisy) labels: label noise
             # is invisible to any reward model, so only these errors are ones its uncertainty could flag.
             gold_errors = truth_c <= truth_r
             if members > 1 and 0 < gold_errors.sum() < len(gold_errors):
                 metrics["uncertainty_auroc_gold"] = uncertainty_auroc(disagreement[decided], gold_errors,
                                                                       resamples=resamples, seed=seed)
+                metrics["uncertainty_auroc_std_gold"] = uncertainty_auroc(margin_std[decided], gold_errors,
+                                                                          resamples=resamples, seed=seed)
     return metrics
 
 

@@ -12,8 +12,11 @@ import yaml
 from conftest import REPO
 
 from alignpipe.cli import main
-from alignpipe.evaluation.suites import SUITES_DIR, load_prompts, load_suite
+from alignpipe.data.preference import is_reward_heldout
+from alignpipe.evaluation.reward_suite import load_pair_source
+from alignpipe.evaluation.suites import SUITES_DIR, PairSource, load_prompts, load_suite
 from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.tasks import preference_pairs
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -123,6 +126,28 @@ def test_reward_models_suite_scores_every_model_on_every_source(llama_path, tmp_
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"name": "bad", "kind": "reward_models", "primary_metric": "x"}))
         load_suite(str(bad))
+
+
+def test_synthetic_pair_source_holds_out_what_reward_stages_train_on():
+    # A reward stage trains on the prompts is_reward_heldout rejects; the suite may only use the others, and its
+    # pairs are the first n of the stream that pass (exactly n, however many draws that takes).
+    source = PairSource(name="toy", source="synthetic", n=40, seed=7, heldout_fraction=0.1)
+    triples = load_pair_source(source)
+    assert len(triples) == 40 and all(is_reward_heldout(p, 0.1) for p, _, _ in triples)
+    stream = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])
+              for r in preference_pairs(2000, 7, noise=0.5, temperature=0.1)]
+    assert triples == [t for t in stream if is_reward_heldout(t[0], 0.1)][:40]
+    # Held out at 0.1 means held out by every stage with a larger fraction too (a threshold on one hash).
+    assert all(is_reward_heldout(p, 0.3) for p, _, _ in triples)
+
+
+@pytest.mark.skipif(not (SHARED / "alpaca-eval-prefs").exists(), reason="../shared/data/alpaca-eval-prefs is absent")
+def test_alpaca_eval_pair_source_keeps_only_held_out_prompts():
+    path = str(SHARED / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz")
+    kept = load_pair_source(PairSource(name="a", source="alpaca_eval", path=path, heldout_fraction=0.1))
+    wider = load_pair_source(PairSource(name="a", source="alpaca_eval", path=path, heldout_fraction=0.5))
+    assert kept and all(is_reward_heldout(p, 0.1) for p, _, _ in kept)
+    assert set(kept) < set(wider)
 
 
 def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_path, tmp_path):

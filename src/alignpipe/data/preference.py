@@ -7,6 +7,7 @@ One dispatch on ``source`` with a final raise: each real source goes through its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
@@ -29,6 +30,17 @@ from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
 log = logging.getLogger("alignpipe")
 
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def is_reward_heldout(prompt: str, fraction: float) -> bool:
+    """Whether a reward stage with ``heldout_fraction = fraction`` holds ``prompt`` out of training.
+
+    A threshold on a hash, so a prompt held out at ``fraction`` is held out at every larger one (the reward-model
+    suites rely on it). Salted, so it is independent of any split the data adapter already made with a plain prompt
+    hash (HH-RLHF's 80/20 split keeps prompts whose unsalted bucket is >= 0.2; reusing that hash would hold out
+    nothing)."""
+    digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
+    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def _message_text(value, *, source: str, row: int, column: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from alignpipe.data.adapters import load_alpaca_eval_prefs, load_hh_rlhf_pairs
 from alignpipe.data.pairing import build_pairs
+from alignpipe.data.preference import is_reward_heldout
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.reward_eval import reward_model_metrics
 from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
@@ -20,18 +21,39 @@ from alignpipe.tasks import gold_reward, preference_pairs
 
 __all__ = ["expand_reward_models", "load_pair_source", "run_reward_suite"]
 
+SYNTHETIC_PAIRS = 512  # a synthetic source's default size
+
 
 def load_pair_source(source: PairSource) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) triples of one source's held-out part."""
+    """(prompt, chosen, rejected) triples of one source's held-out part: HH-RLHF's held-out split; for the synthetic
+    task and AlpacaEval, the prompts every reward stage with ``heldout_fraction >= source.heldout_fraction`` held out
+    (:func:`is_reward_heldout`), since the stages train on the rest of the same prompts."""
     if source.source == "synthetic":
-        rows = preference_pairs(source.n or 512, source.seed, noise=0.5, temperature=0.1)
-        triples = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
-    elif source.source == "hh_rlhf":
+        return _synthetic_heldout(source.n or SYNTHETIC_PAIRS, source.seed, source.heldout_fraction)
+    if source.source == "hh_rlhf":
         triples = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(data_path(source), split="heldout")]
     else:
         pairs, _ = build_pairs(load_alpaca_eval_prefs(data_path(source)), method="best_worst", strength="hard")
-        triples = [(p.prompt, p.chosen, p.rejected) for p in pairs]
+        triples = [(p.prompt, p.chosen, p.rejected) for p in pairs if is_reward_heldout(p.prompt,
+                                                                                         source.heldout_fraction)]
+        if not triples:
+            raise ValueError(f"pair source '{source.name}': none of its prompts is held out at heldout_fraction "
+                             f"{source.heldout_fraction}; raise heldout_fraction (at most the smallest one the "
+                             "reward models were trained with)")
     return triples[:source.n] if source.n else triples
+
+
+def _synthetic_heldout(n: int, seed: int, fraction: float) -> list[tuple[str, str, str]]:
+    """The first ``n`` held-out pairs of the synthetic task's pair stream for ``seed`` (the task's prompt space is
+    finite, so a fresh seed alone still repeats training prompts)."""
+    drawn = max(64, round(n / fraction * 1.25))
+    while True:
+        rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1)
+        triples = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+        triples = [t for t in triples if is_reward_heldout(t[0], fraction)]
+        if len(triples) >= n:
+            return triples[:n]
+        drawn *= 2
 
 
 def expand_reward_models(spec: str) -> list[tuple[str, str]]:

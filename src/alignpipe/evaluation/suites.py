@@ -71,8 +71,14 @@ class PairSource(_Spec):
     name: str
     source: Literal["synthetic", "alpaca_eval", "hh_rlhf"]
     path: str | None = None
-    n: int | None = Field(None, gt=0, description="At most this many pairs (the first n).")
+    n: int | None = Field(None, gt=0, description="At most this many pairs (the first n held-out ones; synthetic: "
+                          "exactly n, default 512).")
     seed: int = Field(4242, description="synthetic: a seed no recipe trains on by default.")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="synthetic, alpaca_eval: keep only pairs whose prompt a reward stage with "
+        "heldout_fraction >= this holds out of training (0.1 = the stage's default), so no reward model trained "
+        "on the source has seen them; hh_rlhf uses the adapter's own held-out split instead.",
+    )
 
 
 class SuiteSpec(_Spec):

@@ -10,11 +10,10 @@ equivalent. The checkpoint is an ensemble directory (manifest + K adapters + hea
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 
-from alignpipe.data.preference import preference_pairs_for
+from alignpipe.data.preference import is_reward_heldout, preference_pairs_for
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
@@ -40,13 +39,6 @@ POLICY_SAMPLES = 256  # fresh policy samples for the uncertainty-vs-gold-gap cor
 def _text(field) -> str:
     """TRL rows hold either a string or a conversation; the reward model reads the last message's text."""
     return field[-1]["content"] if isinstance(field, list) else str(field)
-
-
-def _is_heldout(prompt: str, fraction: float) -> bool:
-    """Salted, so it is independent of any split the data adapter already made with a plain prompt hash (HH-RLHF's
-    80/20 split keeps prompts whose unsalted bucket is >= 0.2; reusing that hash would hold out nothing)."""
-    digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
@@ -129,8 +121,8 @@ def run(ctx: StageContext) -> dict:
     pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
     # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
     strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
-    train_index = [i for i, p in enumerate(pairs) if not _is_heldout(p[0], stage.heldout_fraction)]
-    heldout = [p for p in pairs if _is_heldout(p[0], stage.heldout_fraction)]
+    train_index = [i for i, p in enumerate(pairs) if not is_reward_heldout(p[0], stage.heldout_fraction)]
+    heldout = [p for p in pairs if is_reward_heldout(p[0], stage.heldout_fraction)]
     if not train_index or not heldout:
         raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train_index)} train / "
                          f"{len(heldout)} held-out by prompt hash; need both non-empty (more pairs or another "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignpipe.evaluation.reward_eval import reward_model_metrics
+from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
 from alignpipe.rewards.penalties import EnsembleRewards
 
 
@@ -35,7 +35,7 @@ def test_disagreement_is_the_share_of_members_voting_against_the_ensemble():
     # -|margin| = [-2, -1/3, -0.5, -0.1]: errors have -0.5, -0.1; correct -2, -1/3 -> (-0.5>-2) 1, (-0.5>-1/3) 0,
     # (-0.1>-2) 1, (-0.1>-1/3) 1 -> 3/4
     assert metrics["margin_auroc_baseline"].value == pytest.approx(0.75)
-    assert "uncertainty_auroc_std" in metrics and metrics["member_std"].n == 8
+    assert "uncertainty_auroc_std" in metrics and metrics["member_std"].n == 4
 
 
 def test_probability_std_is_the_spread_of_the_members_bradley_terry_probabilities():
@@ -97,3 +97,18 @@ def test_gold_metrics_separate_label_noise_from_the_models_own_mistakes():
     assert metrics["uncertainty_auroc_std_gold"].value == pytest.approx(0.0)
     # Dissent: errors (0, 0.5) against right (0, 0): two ties (0.5 each) and two wins -> 3/4.
     assert metrics["uncertainty_auroc_gold"].value == pytest.approx(0.75)
+
+
+def test_policy_sample_correlations_are_left_out_where_undefined():
+    # Member rewards of four samples: means 1, 2, 3, 4 and stds 0.5, 0.5, 1.5, 1.5.
+    table = {"a": [0.5, 1.5], "b": [1.5, 2.5], "c": [1.5, 4.5], "d": [2.5, 5.5]}
+    prompts, responses = ["p"] * 4, list("abcd")
+    graded = policy_sample_metrics(FakeScorer(table), prompts, responses, lambda p, r: "abcd".index(r),
+                                   resamples=100)
+    assert graded["policy_proxy_gold_spearman"].value == pytest.approx(1.0)
+    # Every sample alike under gold (e.g. all ill-formed): proxy-vs-gold has no rank correlation, and the stage
+    # keeps the one that is still defined instead of failing.
+    flat = policy_sample_metrics(FakeScorer(table), prompts, responses, lambda p, r: 0.0, resamples=100)
+    assert "policy_proxy_gold_spearman" not in flat
+    # gap = |z(proxy)| = (1.342, 0.447, 0.447, 1.342): ranks 3.5, 1.5, 1.5, 3.5 against std ranks 1.5, 1.5, 3.5, 3.5
+    assert flat["policy_std_vs_proxy_gold_gap_spearman"].value == pytest.approx(0.0)

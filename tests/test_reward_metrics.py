@@ -181,6 +181,20 @@ def test_ece_rejects_bad_inputs():
         expected_calibration_error([0.7], [2])
     with pytest.raises(ValueError):
         expected_calibration_error([0.7], [1], bins=0)
+    for bad in (2.5, "15", True):
+        with pytest.raises(ValueError, match="bins must be a positive integer"):
+            expected_calibration_error([0.7], [1], bins=bad)
+
+
+def test_a_whole_float_bin_count_is_the_same_as_the_int():
+    # A bin count read from YAML may arrive as 15.0; every binned metric accepts it and gives the int's result.
+    p, y = [0.2, 0.55, 0.7, 0.9, 0.35], [0, 1, 1, 0, 1]
+    assert expected_calibration_error(p, y, bins=10.0, resamples=R).value == \
+        expected_calibration_error(p, y, bins=10, resamples=R).value
+    assert reliability_table(p, y, bins=10.0) == reliability_table(p, y, bins=10)
+    u, err, strata = [0.1, 0.9, 0.2, 0.8], [True, False, False, True], [1, 2, 3, 4]
+    assert stratified_uncertainty_auroc(u, err, strata, bins=2.0, resamples=R).value == \
+        stratified_uncertainty_auroc(u, err, strata, bins=2, resamples=R).value
 
 
 # ----------------------------------------------------------------------------------------- reliability_table

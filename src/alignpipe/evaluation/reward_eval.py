@@ -80,7 +80,9 @@ def reward_model_metrics(
                     margin_std, errors, np.abs(mean_margin), resamples=resamples, seed=seed)
             except ValueError:  # no |margin| bin holds both an error and a correct pair (tiny sets)
                 pass
-        in_distribution_std = np.concatenate([chosen.std.numpy(), rejected.std.numpy()])
+        # One value per pair (the mean of its two responses' std): the pair is the independent unit the bootstrap
+        # resamples; the two responses share a prompt.
+        in_distribution_std = (chosen.std.numpy() + rejected.std.numpy()) / 2
         metrics["member_std"] = mean_with_ci(in_distribution_std, resamples=resamples, seed=seed,
                                              higher_is_better=None)
         if off_distribution:
@@ -122,11 +124,13 @@ def policy_sample_metrics(scorer, prompts: Sequence[str], responses: Sequence[st
     proxy = rewards.mean.numpy()
     truth = np.array([gold(p, r) for p, r in zip(prompts, responses)])
     gap = np.abs(_standardise(proxy) - _standardise(truth))
-    metrics = {"policy_proxy_gold_spearman": spearman(proxy, truth, resamples=resamples, seed=seed)}
+    candidates = {"policy_proxy_gold_spearman": (proxy, truth)}
     if rewards.per_member.shape[1] > 1:  # one model has no disagreement to correlate
-        metrics["policy_std_vs_proxy_gold_gap_spearman"] = spearman(rewards.std.numpy(), gap, resamples=resamples,
-                                                                    seed=seed)
-    return metrics
+        candidates["policy_std_vs_proxy_gold_gap_spearman"] = (rewards.std.numpy(), gap)
+    # A policy whose samples all score alike (e.g. all ill-formed: gold is constant) leaves a rank correlation
+    # undefined; the metric is left out rather than failing the stage after its checkpoint is saved.
+    return {name: spearman(x, y, resamples=resamples, seed=seed) for name, (x, y) in candidates.items()
+            if np.ptp(x) > 0 and np.ptp(y) > 0}
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:

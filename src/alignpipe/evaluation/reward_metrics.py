@@ -128,6 +128,7 @@ def expected_calibration_error(
     well-calibrated model the bootstrap interval can sit above the point estimate; read it as a spread.
     """
     p, y = _probs_outcomes(probabilities, outcomes)
+    bins = _bin_count(bins)
     conf, corr, idx = _confidence_correctness_bins(p, y, bins)
     n = p.size
 
@@ -160,6 +161,7 @@ def reliability_table(
     ``accuracy`` (``None`` for an empty bin). ``Σ count/n · |accuracy − mean_confidence|`` is the ECE.
     """
     p, y = _probs_outcomes(probabilities, outcomes)
+    bins = _bin_count(bins)
     conf, corr, idx = _confidence_correctness_bins(p, y, bins)
     edges = np.linspace(0.0, 1.0, bins + 1)
     counts = np.bincount(idx, minlength=bins)
@@ -259,8 +261,7 @@ def stratified_uncertainty_auroc(
     s = as_1d_finite(strata, "strata")
     if s.shape != u.shape:
         raise ValueError(f"strata has shape {s.shape}, uncertainty {u.shape}")
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+    bins = _bin_count(bins)
     u_rank = np.unique(u, return_inverse=True)[1].reshape(-1)  # integer ranks: ties stay ties
     value = float(_stratified_auroc_rows(u_rank[None, :], err[None, :], s[None, :], bins)[0])
     if np.isnan(value):
@@ -387,12 +388,17 @@ def _as_bool(values: Sequence[bool], name: str, shape: tuple[int, ...]) -> np.nd
     return x
 
 
+def _bin_count(bins) -> int:
+    """``bins`` as an int, so a whole float (15.0, e.g. from a YAML file) works and anything else fails here."""
+    if isinstance(bins, bool) or not isinstance(bins, (int, float, np.integer, np.floating)) \
+            or int(bins) != bins or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    return int(bins)
+
+
 def _confidence_correctness_bins(
     p: np.ndarray, y: np.ndarray, bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if int(bins) != bins or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins}")
-    bins = int(bins)
     conf = np.maximum(p, 1.0 - p)
     corr = np.where(p > 0.5, y, np.where(p < 0.5, 1.0 - y, 0.5))
     edges = np.linspace(0.0, 1.0, bins + 1)

@@ -300,6 +300,41 @@ def test_mean_objective_bootstrap_and_margins_run(llama_path, tokenizer, pairs):
         EnsembleTrainingConfig(bootstrap=True, objective="mean")
 
 
+def test_resuming_from_a_kept_state_matches_an_uninterrupted_run(llama_path, tokenizer, pairs):
+    """The state handed to on_save owns its tensors: later steps must not change it, or resuming from it in memory
+    drifts from a run that was never interrupted."""
+    config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=6 * 16 / 64, batch_size=16, max_length=64,
+                                    logging_steps=3, progress_bar=False)
+
+    def trained(resume=None, kept=None):
+        ensemble = RewardEnsemble.create(_spec(llama_path, members=2))
+        train_ensemble(ensemble, tokenizer, pairs, config, save_every=3 if kept is not None else 0,
+                       on_save=kept.append if kept is not None else None, resume=resume)
+        return torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()])
+
+    kept: list = []
+    uninterrupted = trained(kept=kept)
+    assert [state.step for state in kept] == [3]
+    assert torch.equal(trained(resume=kept[0]), uninterrupted)
+
+
+def test_batches_whose_pairs_all_weigh_zero_add_no_rank_loss(llama_path, tokenizer, pairs):
+    """Zero is a valid pair weight; a shuffled batch made only of such pairs must not stop training."""
+    small, weights = pairs[:4], [0.0, 0.0, 1.0, 1.0]
+    for objective in ("members", "mean"):
+        ensemble = RewardEnsemble.create(_spec(llama_path, members=2))
+        config = EnsembleTrainingConfig(objective=objective, batch_size=1, max_length=64, logging_steps=1,
+                                        progress_bar=False)
+        logs = train_ensemble(ensemble, tokenizer, small, config, weights=weights)
+        bt = [record["bt_loss"] for record in logs]
+        assert len(bt) == 4 and sorted(bt)[:2] == [0.0, 0.0] and min(sorted(bt)[2:]) > 0, (objective, bt)
+
+
+def test_a_nan_clip_norm_is_rejected():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        EnsembleTrainingConfig(max_grad_norm=float("nan"))
+
+
 # ------------------------------------------------------------------------------------------------ scorer
 
 

@@ -55,6 +55,7 @@ training pair's label moves toward the ensemble's current prediction,
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -120,7 +121,7 @@ class EnsembleTrainingConfig:
                 "bootstrap resamples the pairs per member, but objective='mean' has a single loss on the ensemble "
                 "mean; use objective='members' with bootstrap"
             )
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):  # also rejects NaN
             raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping)")
         if self.lr_scheduler not in _SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {_SCHEDULERS}, got {self.lr_scheduler!r}")
@@ -231,6 +232,8 @@ def _bt_loss(
         return _soft_bt_loss(chosen, rejected, objective, margin=margin, weight=weight, multiplicity=multiplicity,
                              target=target)
     if objective == "mean":
+        if _weightless(weight):
+            return chosen.sum() * 0.0
         if margin is None and weight is None:
             return ensemble_bradley_terry_loss(chosen, rejected)
         return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin, weight=weight)
@@ -238,17 +241,23 @@ def _bt_loss(
                            lambda c, r, w: bradley_terry_loss(c, r, margin=margin, weight=w))
 
 
+def _weightless(weight: Tensor | None) -> bool:
+    """A batch whose pairs all have weight 0 (valid weights, shuffled together): it adds no rank-loss gradient."""
+    return weight is not None and not float(weight.sum()) > 0
+
+
 def _member_average(chosen: Tensor, rejected: Tensor, weight: Tensor | None, multiplicity: Tensor | None,
                     pair_loss) -> Tensor:
     """Mean over the K members of ``pair_loss(chosen_k, rejected_k, weight_k)``, where a member's weight includes its
-    bootstrap multiplicity; a member whose resample holds none of this batch's pairs adds nothing (still / K)."""
+    bootstrap multiplicity; a member whose weights sum to 0 in this batch (its resample holds none of the pairs, or
+    they all have weight 0) adds nothing (still / K)."""
     losses = []
     for k in range(chosen.shape[1]):
         w = weight
         if multiplicity is not None:
             w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
-            if not float(w.sum()) > 0:
-                continue
+        if _weightless(w):
+            continue
         losses.append(pair_loss(chosen[:, k], rejected[:, k], w))
     if not losses:
         return chosen.sum() * 0.0  # keeps the graph; no member has weight in this batch
@@ -267,6 +276,8 @@ def _soft_bt_loss(
 ) -> Tensor:
     """:func:`_bt_loss` with soft labels: same structure, :func:`soft_preference_loss` in place of ``−log σ``."""
     if objective == "mean":
+        if _weightless(weight):
+            return chosen.sum() * 0.0
         dtype = torch.promote_types(chosen.dtype, torch.float32)
         return _soft_loss(chosen.to(dtype).mean(dim=1), rejected.to(dtype).mean(dim=1), target,
                           margin=margin, weight=weight)
@@ -403,8 +414,10 @@ def train_ensemble(
     def checkpoint(step: int) -> None:
         if on_save is not None and save_every and step % save_every == 0 and step < total_steps:
             on_save(EnsembleTrainingState(
-                step=step, parameters=[p.detach().clone() for p in params], optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
+                step=step, parameters=[p.detach().clone() for p in params],
+                # copies: the optimizer's state_dict holds its live moment tensors, which the next steps change
+                optimizer=copy.deepcopy(optimizer.state_dict()), scheduler=copy.deepcopy(scheduler.state_dict()),
+                torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 labels=None if label_t is None else label_t.clone(), window=dict(window), logs=list(logs)))
 
@@ -424,27 +437,22 @@ def train_ensemble(
                 continue
             idx = _rank_share(global_idx, rank, world)
             b = len(idx)
-            if b == 0:  # a last batch smaller than the world size: this rank adds a zero gradient and waits
-                optimizer.zero_grad(set_to_none=True)
-                (sum(p.sum() for p in params) * 0.0).backward()
-                distributed.average_gradients(params)
-                optimizer.step()
-                scheduler.step()
-                progress.update(1)
-                checkpoint(step)
-                continue
-            batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
-            chosen, rejected = rewards[:b], rewards[b:]
-            index = torch.tensor(idx)
-            bt = _bt_loss(
-                chosen, rejected, config.objective,
-                margin=None if margin_t is None else margin_t[index].to(device),
-                weight=None if weight_t is None else weight_t[index].to(device),
-                multiplicity=None if multiplicity is None else multiplicity[index].to(device),
-                target=None if label_t is None else label_t[index].to(device),
-            )
+            if b:
+                batch = collate_features(tokenizer, [chosen_f[i] for i in idx] + [rejected_f[i] for i in idx])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                rewards = ensemble(**batch)  # [2B, K], one trunk pass for chosen and rejected
+                chosen, rejected = rewards[:b], rewards[b:]
+                index = torch.tensor(idx)
+                bt = _bt_loss(
+                    chosen, rejected, config.objective,
+                    margin=None if margin_t is None else margin_t[index].to(device),
+                    weight=None if weight_t is None else weight_t[index].to(device),
+                    multiplicity=None if multiplicity is None else multiplicity[index].to(device),
+                    target=None if label_t is None else label_t[index].to(device),
+                )
+            else:  # a last batch smaller than the world size: no pairs here, but every other part of the step
+                # (diversity gradient, averaging, clipping, IDS, the log's all-reduce) is taken with the other ranks
+                bt = sum(p.sum() for p in params) * 0.0
             div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight, config.diversity_form)
             loss = bt + div.to(bt.device)
             if not bool(torch.isfinite(loss)):
@@ -463,13 +471,14 @@ def train_ensemble(
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
 
-            with torch.no_grad():
-                accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
-            window["loss"] += float(loss.detach())
-            window["bt_loss"] += float(bt.detach())
-            window["accuracy"] += accuracy
-            window["grad_norm"] += float(grad_norm)
-            window["steps"] += 1
+            if b:
+                with torch.no_grad():
+                    accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
+                window["loss"] += float(loss.detach())
+                window["bt_loss"] += float(bt.detach())
+                window["accuracy"] += accuracy
+                window["grad_norm"] += float(grad_norm)
+                window["steps"] += 1
             progress.update(1)
 
             ids_record: dict = {}
@@ -487,11 +496,10 @@ def train_ensemble(
                 }
 
             if step % config.logging_steps == 0 or step == total_steps or ids_record:
-                m = window.pop("steps")
                 record = {
                     "step": step,
                     "epoch": step / steps_per_epoch,
-                    **distributed.all_reduce_mean({key: value / m for key, value in window.items()}),
+                    **_window_means(window),
                     "diversity_ratio": ensemble.diversity_ratio(),
                     "lr": lr,
                     **ids_record,
@@ -510,6 +518,16 @@ def train_ensemble(
         rng_scope.close()
     final = [1.0] * n if label_t is None else label_t.tolist()
     return EnsembleTrainingHistory(logs, final)
+
+
+def _window_means(window: dict[str, float]) -> dict[str, float]:
+    """Each logged statistic's mean over the window's steps on every rank: sums and step counts are reduced, so a
+    rank that had no pairs in a step (see :func:`_rank_share`) adds nothing and divides by nothing."""
+    keys = sorted(window)
+    totals = dict(zip(keys, distributed.all_reduce_sum(torch.tensor([float(window[k]) for k in keys],
+                                                                    dtype=torch.float64)).tolist()))
+    steps = totals.pop("steps")
+    return {key: value / steps for key, value in totals.items()}
 
 
 def _rank_share(batch: list[int], rank: int, world: int) -> list[int]:

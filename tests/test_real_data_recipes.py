@@ -119,6 +119,55 @@ def test_whole_conversation_rows_get_an_explicit_prompt_and_train_with_dpo(tmp_p
     assert [o.action for o in Runner(recipe, runs_dir=tmp_path / "runs", in_process=True).run()] == ["ran", "ran"]
 
 
+def test_mixed_string_and_message_rows_become_all_conversational(tmp_path):
+    """TRL's DPO and reward trainers concatenate prompt and reply, so a string beside a message list must not reach
+    them: a message prompt gets its plain replies wrapped, and single-message replies get the string prompt as
+    their user turn (not an empty history)."""
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    user = [{"role": "user", "content": "copy: a b"}]
+    shapes = {"message prompt": {"prompt": user, "chosen": "a b", "rejected": "b"},
+              "string prompt": {"prompt": "copy: a b", "chosen": [{"role": "assistant", "content": "a b"}],
+                                "rejected": [{"role": "assistant", "content": "b"}]}}
+    for name, row in shapes.items():
+        (tmp_path / name).mkdir()
+        dataset = preference_pairs_for(PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path / name, [row]))),
+                                       DataSpec(), 0)
+        assert dataset[0]["prompt"] == user, name
+        assert dataset[0]["chosen"] == [{"role": "assistant", "content": "a b"}], name
+        assert dataset[0]["rejected"] == [{"role": "assistant", "content": "b"}], name
+
+
+def test_hh_preference_pairs_read_the_requested_source_split(tmp_path):
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    for split in ("train", "test"):
+        lines = [json.dumps({"chosen": f"\n\nHuman: {split} question {i}\n\nAssistant: yes",
+                             "rejected": f"\n\nHuman: {split} question {i}\n\nAssistant: no"}) for i in range(20)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    for split in ("train", "test"):
+        dataset = preference_pairs_for(PreferenceDataSpec(source="hh_rlhf", path=str(tmp_path), split=split),
+                                       DataSpec(), 0)
+        assert len(dataset) > 0 and all(split in row["prompt"][0]["content"] for row in dataset)
+
+
+def test_a_score_that_is_not_a_probability_names_the_file_and_the_prompt(tmp_path):
+    from alignpipe.data.adapters import DataError
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    def row(instruction, *scores):
+        return {"instruction": instruction, "reference": {"model": "r", "text": "x"},
+                "responses": [{"model": f"m{i}", "text": f"reply {i}", "score": s} for i, s in enumerate(scores)]}
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row("Good one", 0.9, 0.1), row("Bad one", 7.0, 0.1))))
+    with pytest.raises(DataError, match=rf"{path}: set 1 'Bad one': score 7.0 is not a probability"):
+        preference_pairs_for(PreferenceDataSpec(source="alpaca_eval", path=str(path)), DataSpec(), 0)
+
+
 def test_conversations_that_differ_before_the_last_turn_have_no_common_prompt(tmp_path):
     from alignpipe.data.preference import preference_pairs_for
     from alignpipe.recipe import DataSpec, PreferenceDataSpec

@@ -60,19 +60,27 @@ def _message_text(value, *, source: str, row: int, column: str) -> str:
 
 def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
     """A row with a string ``prompt`` beside whole conversations as ``chosen``/``rejected`` (UltraFeedback-binarized's
-    ``train_prefs``) in TRL's conversational format: the shared turns before the last reply become the prompt.
+    ``train_prefs``) in TRL's conversational format: the shared turns before the last reply become the prompt (or, for
+    single-message replies, the string prompt becomes the user turn). A message-list prompt beside plain-string
+    replies gets its replies wrapped as assistant messages.
 
-    Why: TRL 1.16's DPOTrainer fails on that mix (it concatenates the string prompt with a list); other rows pass
-    through unchanged.
+    Why: TRL 1.16's DPO and reward trainers fail on either mix (they concatenate prompt and reply, a string with a
+    list); other rows pass through unchanged.
     """
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(prompt, list) and isinstance(chosen, str) and isinstance(rejected, str):
+        # a conversational prompt beside plain replies: TRL would concatenate a list and a string
+        return {**row, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
     if not (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list) and chosen
             and rejected):
         return row
     if chosen[:-1] != rejected[:-1]:
         raise DataError(f"{source}: row {index}: chosen and rejected are conversations that differ before their last "
                         "turn, so they share no prompt; keep one common history and differing final replies")
-    return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    history = chosen[:-1]  # single-message replies carry no history: the string prompt is the user turn
+    return {**row, "prompt": history or [{"role": "user", "content": prompt}], "chosen": chosen[-1:],
+            "rejected": rejected[-1:]}
 
 
 def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
@@ -121,8 +129,11 @@ def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
 
 
 def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets, loaded: LoadReport) -> list[PreferencePair]:
-    pairs, report = build_pairs(sets, method=spec.pairing, strength=spec.strength, temperature=spec.temperature,
-                                score_clip=spec.score_clip if spec.strength == "probability" else None)
+    try:
+        pairs, report = build_pairs(sets, method=spec.pairing, strength=spec.strength, temperature=spec.temperature,
+                                    score_clip=spec.score_clip if spec.strength == "probability" else None)
+    except ValueError as error:  # e.g. a score that is not a probability: name the file (the message quotes the row)
+        raise DataError(f"{spec.path}: {error}") from error
     log.info("%s: %s", spec.path, report.summary())
     if not pairs:
         rows = f"; e.g. {'; '.join(loaded.examples)}" if loaded.examples else ""
@@ -133,7 +144,7 @@ def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets, loaded: LoadReport) 
 
 
 def _hh_pairs(spec: PreferenceDataSpec, report: LoadReport) -> list[PreferencePair]:
-    pairs = load_hh_rlhf_pairs(spec.path, split="train", report=report)
+    pairs = load_hh_rlhf_pairs(spec.path, split="train", source_split=spec.split, report=report)
     if not pairs:
         raise DataError(f"{spec.path}: no usable HH-RLHF pair in its train part ({report.summary()}); each row "
                         'needs "chosen" and "rejected" dialogues that share their "\\n\\nHuman: ..." prompt and end in '

@@ -35,6 +35,7 @@ Default backbone: a tiny random Llama (hidden 128, 4 layers) built in a temporar
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -205,11 +206,12 @@ def time_interleaved(models: dict, batch: dict, repeats: int, device: str) -> di
 
 
 def without_adapters(model):
-    """The single model with its LoRA switched off: the cost of a merged LoRA / fully fine-tuned reward model."""
-    def call(**batch):
-        with model.peft_model.disable_adapter():
-            return model(**batch)
-    return call
+    """A copy of the single model with its LoRA switched off once: the cost of a merged LoRA / fully fine-tuned
+    reward model. Switching it off inside the timed call (PEFT's ``disable_adapter()`` context walks every module
+    on entry and exit) would time that walk too, about as long as a tiny model's forward."""
+    plain = copy.deepcopy(model)
+    plain.peft_model.base_model.disable_adapter_layers()
+    return plain
 
 
 def gpu_peak_bytes(model, batch: dict) -> int:
@@ -302,10 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(batch, batch_path)
         print(f"tokens   : padded {tuple(batch['input_ids'].shape)}, {int(batch['attention_mask'].sum())} real tokens")
         batch = {k: v.to(device) for k, v in batch.items()}
+        plain = without_adapters(single_all)
         for top in settings:
             single = single_all if top is None else RewardEnsemble.create(spec_for(args, 1, top)).to(device)
             ensemble = RewardEnsemble.create(spec_for(args, args.members, top)).to(device)
-            models = {"single": single, "ensemble": ensemble, "plain": without_adapters(single_all)}
+            models = {"single": single, "ensemble": ensemble, "plain": plain}
             if top is not None:
                 models["single_all"] = single_all
             times = time_interleaved(models, batch, args.repeats, device)

@@ -222,6 +222,11 @@ def test_load_missing_directory_names_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         RewardEnsemble.load(tmp_path / "empty")
+    for name, text in (("cut", '{"format": "alignpipe-reward-ens'), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}/manifest.json: (not readable JSON|expected a JSON object)"):
+            RewardEnsemble.load(tmp_path / name)
 
 
 # ------------------------------------------------------------------------------------------------ encoding

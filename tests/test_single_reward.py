@@ -210,3 +210,25 @@ def test_loader_rejects_other_directories_naming_them(tmp_path):
         load_reward_scorer(random_dir)
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing"))):
         load_reward_scorer(tmp_path / "missing")
+
+
+def test_saving_a_fully_fine_tuned_model_leaves_its_text_format_alone(llama_path, tmp_path, monkeypatch):
+    """A fully fine-tuned model is saved as itself (no merged copy); the text format written into its config.json
+    must not stay on the caller's model, whether the save succeeds or fails."""
+    from alignpipe.models.loading import load_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_path, num_labels=1)
+    tokenizer = load_tokenizer(llama_path, padding_side=None)
+    model.config.alignpipe_text_format = "chat"
+    directory = save_single_reward_model(model, tokenizer, tmp_path / "rm", text_format="plain")
+    assert json.loads((directory / "config.json").read_text())["alignpipe_text_format"] == "plain"
+    assert model.config.alignpipe_text_format == "chat"
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_single_reward_model(model, tokenizer, tmp_path / "failed", text_format="plain")
+    assert model.config.alignpipe_text_format == "chat" and not (tmp_path / "failed").exists()
+    assert SingleRewardScorer(model, tokenizer).text_format == "chat"

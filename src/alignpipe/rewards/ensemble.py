@@ -738,7 +738,13 @@ def read_saved_manifest(directory: str | os.PathLike[str], *, what: str, fmt: st
     path = directory / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a saved {what}: it has no {MANIFEST_FILE}")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not readable JSON ({error}); the save may have been cut short, so re-save the "
+                         f"{what} or re-run the stage that wrote it") from error
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != fmt:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {fmt!r}")
     if manifest.get(version_key) != version:

@@ -267,7 +267,8 @@ def save_single_reward_model(
         merged = model
     if getattr(merged.config, "num_labels", None) != 1:
         raise ValueError(f"a reward model needs num_labels=1, got {getattr(merged.config, 'num_labels', None)}")
-    setattr(merged.config, TEXT_FORMAT_ATTR, text_format)
+    had_format, old_format = hasattr(merged.config, TEXT_FORMAT_ATTR), getattr(merged.config, TEXT_FORMAT_ATTR, None)
+    setattr(merged.config, TEXT_FORMAT_ATTR, text_format)  # into the saved config.json
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
@@ -286,6 +287,12 @@ def save_single_reward_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if merged is model:  # a fully fine-tuned model is the caller's own: saving must not change how it scores
+            if had_format:
+                setattr(model.config, TEXT_FORMAT_ATTR, old_format)
+            else:
+                delattr(model.config, TEXT_FORMAT_ATTR)
     return directory
 
 

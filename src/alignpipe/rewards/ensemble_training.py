@@ -228,12 +228,12 @@ def _bt_loss(
 ) -> Tensor:
     """The rank loss of one batch (``chosen``/``rejected`` are ``[B, K]``); ``target`` = per-pair soft labels
     (``None``: hard labels through the original Bradley–Terry functions)."""
+    if _weightless(weight):
+        return chosen.sum() * 0.0  # keeps the graph; every pair of this batch has weight 0
     if target is not None:
         return _soft_bt_loss(chosen, rejected, objective, margin=margin, weight=weight, multiplicity=multiplicity,
                              target=target)
     if objective == "mean":
-        if _weightless(weight):
-            return chosen.sum() * 0.0
         if margin is None and weight is None:
             return ensemble_bradley_terry_loss(chosen, rejected)
         return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin, weight=weight)
@@ -276,8 +276,6 @@ def _soft_bt_loss(
 ) -> Tensor:
     """:func:`_bt_loss` with soft labels: same structure, :func:`soft_preference_loss` in place of ``−log σ``."""
     if objective == "mean":
-        if _weightless(weight):
-            return chosen.sum() * 0.0
         dtype = torch.promote_types(chosen.dtype, torch.float32)
         return _soft_loss(chosen.to(dtype).mean(dim=1), rejected.to(dtype).mean(dim=1), target,
                           margin=margin, weight=weight)

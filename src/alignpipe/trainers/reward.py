@@ -121,8 +121,9 @@ def run(ctx: StageContext) -> dict:
     pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
     # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
     strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
-    train_index = [i for i, p in enumerate(pairs) if not is_reward_heldout(p[0], stage.heldout_fraction)]
-    heldout = [p for p in pairs if is_reward_heldout(p[0], stage.heldout_fraction)]
+    is_heldout = [is_reward_heldout(p[0], stage.heldout_fraction) for p in pairs]
+    train_index = [i for i, held in enumerate(is_heldout) if not held]
+    heldout = [p for p, held in zip(pairs, is_heldout) if held]
     if not train_index or not heldout:
         raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train_index)} train / "
                          f"{len(heldout)} held-out by prompt hash; need both non-empty (more pairs or another "

@@ -18,6 +18,7 @@ from alignpipe.losses.preference import (
     margin_gap,
     soft_preference_loss,
 )
+from alignpipe.models.loading import activation_checkpointing_argument
 from alignpipe.models.tiny import build_tiny_model, train_tokenizer
 from alignpipe.tasks.synthetic import preference_pairs, tokenizer_corpus
 from alignpipe.trainers.soft_dpo import (
@@ -142,7 +143,7 @@ def tiny():
 
 
 def _config(tmp_path, **overrides) -> DPOConfig:
-    kwargs = {"output_dir": str(tmp_path), "bf16": False, "use_cpu": True, "gradient_checkpointing": False,
+    kwargs = {"output_dir": str(tmp_path), "bf16": False, "use_cpu": True, **activation_checkpointing_argument(False),
               "report_to": [], "per_device_train_batch_size": 4, "max_length": 48, "beta": BETA}
     return DPOConfig(**{**kwargs, **overrides})
 

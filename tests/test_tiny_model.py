@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignpipe.models.loading import (
+    activation_checkpointing_argument,
     load_causal_lm,
     load_tokenizer,
     resolve_bf16,
@@ -215,6 +216,19 @@ def test_precision_defaults_on_cpu():
     assert resolve_bf16(None) is False
     assert resolve_bf16(False) is False
     assert resolve_dtype("auto") == torch.float32
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_checkpointing_argument_sets_the_flag_without_a_deprecation_warning(tmp_path, enabled):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                 **activation_checkpointing_argument(enabled))
+    assert args.gradient_checkpointing is enabled  # the name TRL and older code read
 
 
 def test_resolve_dtype_explicit():

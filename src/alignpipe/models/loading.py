@@ -5,6 +5,7 @@ Why here: every stage and the evaluation harness load models the same way, so dt
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -86,6 +87,16 @@ def resolve_bf16(requested: bool | None) -> bool:
     if requested and not bf16_supported() and torch.cuda.is_available():
         raise ValueError("bf16=true was requested but this GPU does not support bfloat16; set bf16: false")
     return requested
+
+
+def activation_checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """The ``TrainingArguments`` keyword for activation (gradient) checkpointing: transformers 5 renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns on every trainer and goes in v6),
+    and TRL 1.16 turns it on by default, so it is always passed explicitly."""
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -42,7 +42,6 @@ On disk (:func:`save_single_reward_model`): one directory with the merged model 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import shutil
@@ -171,7 +170,7 @@ def train_single_reward_model(
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from alignpipe.models.loading import resolve_bf16
+    from alignpipe.models.loading import activation_checkpointing_argument, resolve_bf16
 
     if not isinstance(rows, Dataset):
         raise TypeError(f"rows must be a datasets.Dataset, got {type(rows).__name__}")
@@ -200,9 +199,7 @@ def train_single_reward_model(
         "dataloader_num_workers": 0,
         "model_init_kwargs": {"dtype": "float32", **remote_code_kwargs()},
     }
-    # TRL 1.16 turns checkpointing on by default; transformers 5 renamed it (the old name warns).
-    names = {f.name for f in dataclasses.fields(RewardConfig)}
-    arguments["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
+    arguments.update(activation_checkpointing_argument(False))
     arguments.update(config_overrides or {})
     args = RewardConfig(**arguments)
 

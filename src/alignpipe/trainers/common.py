@@ -18,7 +18,13 @@ from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_bf16, resolve_model_location
+from alignpipe.models.loading import (
+    activation_checkpointing_argument,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_bf16,
+    resolve_model_location,
+)
 from alignpipe.models.quantization import (
     is_quantized,
     merge_adapters_in_full_precision,
@@ -76,7 +82,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,
         bf16=resolve_bf16(stage.bf16),
-        gradient_checkpointing=stage.gradient_checkpointing,
+        **activation_checkpointing_argument(stage.gradient_checkpointing),
         use_cpu=not torch.cuda.is_available(),
         seed=ctx.recipe.seed,
         data_seed=ctx.recipe.seed,

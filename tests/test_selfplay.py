@@ -24,6 +24,7 @@ from alignpipe.data.selfplay import (
 )
 from alignpipe.losses.preference import dpo_logits, ipo_loss, soft_preference_loss
 from alignpipe.losses.selfplay import inpo_logits, inpo_loss, sppo_loss
+from alignpipe.models.loading import activation_checkpointing_argument
 from alignpipe.models.tiny import build_tiny_model
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
@@ -171,7 +172,7 @@ def _rows(n=8):
 def _make(cls, tokenizer, models, tmp_path, rows, **kwargs):
     policy, previous, _ = models
     args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                     max_length=48, beta=0.5)
+                     max_length=48, beta=0.5, **activation_checkpointing_argument(False))
     return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(previous), args=args,
                train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **kwargs)
 

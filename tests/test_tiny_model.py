@@ -1,8 +1,10 @@
 """Tests for alignpipe.models.tiny (local tokenizer + random-init Llama) and alignpipe.models.loading."""
 
+import warnings
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from alignpipe.models.loading import (
     activation_checkpointing_argument,
@@ -220,10 +222,6 @@ def test_precision_defaults_on_cpu():
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_checkpointing_argument_sets_the_flag_without_a_deprecation_warning(tmp_path, enabled):
-    import warnings
-
-    from transformers import TrainingArguments
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],

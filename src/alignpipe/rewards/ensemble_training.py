@@ -454,8 +454,9 @@ def train_ensemble(
             div = diversity_loss(ensemble.lora_down_projections(), config.diversity_weight, config.diversity_form)
             loss = bt + div.to(bt.device)
             if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"reward ensemble loss is {float(loss.detach())} at step {step}; stopping before the "
-                                         "optimizer step. Lower learning_rate or check the pairs' labels and margins")
+                raise FloatingPointError(f"reward ensemble loss is {float(loss.detach())} at step {step}; stopping "
+                                         "before the optimizer step. Lower learning_rate or check the pairs' labels "
+                                         "and margins")
             share = world * b / len(global_idx)  # this rank's part of the global batch mean (1 in one process)
 
             optimizer.zero_grad(set_to_none=True)

@@ -138,6 +138,15 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     # Adam's first steps move every weight by about the learning rate whatever its gradient's size, so float-order
     # noise in near-zero gradients shows up at ~1e-3 (as for the reward stage above).
     assert max(abs(a - b) for a, b in zip(zero["weights"], alone["weights"])) < TOLERANCE["reward"]
+    # UP-RLHF's running mean of the ensemble std is one number on every rank: the whole step's, as in one process.
+    from probe import running_std_run
+
+    alone = running_std_run(0, 1)
+    zero, one = (r["running_std"] for r in ranks)
+    assert zero["state"] == one["state"] and zero["state"]["count"] == alone["state"]["count"] == 8
+    assert zero["state"]["mean"] == pytest.approx(alone["state"]["mean"], abs=1e-12)
+    for step, whole in enumerate(alone["rewards"]):
+        assert zero["rewards"][step] + one["rewards"][step] == pytest.approx(whole, abs=1e-6)
 
 
 def test_two_nodes_on_one_machine_node_zero_writes_and_node_one_follows(tmp_path) -> None:

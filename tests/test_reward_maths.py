@@ -290,6 +290,15 @@ def test_running_mean_batched_equals_one_at_a_time():
     assert batched.mean == pytest.approx(values.mean().item(), abs=1e-12)
 
 
+def test_running_mean_merges_the_moments_of_other_shares():
+    """Ranks pool a step's uncertainties as (count, mean): merging them equals updating with all the values."""
+    merged, direct = RunningMean(count=2, mean=0.2), RunningMean(count=2, mean=0.2)
+    assert merged.merge(RunningMean(count=3, mean=0.4)) == pytest.approx(0.32)  # (2·0.2 + 3·0.4) / 5
+    direct.update([0.3, 0.4, 0.5])
+    assert (merged.count, merged.mean) == (direct.count, pytest.approx(direct.mean, abs=1e-15))
+    assert merged.merge(RunningMean()) == pytest.approx(0.32) and merged.count == 5  # an empty share changes nothing
+
+
 def test_running_mean_state_round_trip_and_validation():
     rm = RunningMean()
     rm.update([0.1, 0.3, 0.5])

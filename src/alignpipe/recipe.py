@@ -713,7 +713,8 @@ class RewardSpec(_Spec):
         "mean_minus_var (UWO, §16).",
     )
     penalty_coef: float = Field(
-        0.0, ge=0, description="UP-RLHF's beta_2 (mean_minus_std) or UWO's lambda (mean_minus_var); 0 = no penalty.",
+        0.0, ge=0, description="UP-RLHF's beta_2 (mean_minus_std) or UWO's lambda on the members' population "
+        "variance (mean_minus_var); 0 = no penalty. mean and min take none.",
     )
     callable: str | None = Field(
         None, description="'package.module:function' taking (prompts, responses) and returning one float per "
@@ -730,6 +731,10 @@ class RewardSpec(_Spec):
         if self.source != "model" and (self.penalty != "mean" or self.penalty_coef):
             raise _problem((("penalty",), f"penalties combine ensemble members; source {self.source!r} has none "
                                           "(leave penalty: mean, penalty_coef: 0)"))
+        if self.penalty in ("mean", "min") and self.penalty_coef:
+            raise _problem((("penalty_coef",), f"penalty {self.penalty!r} takes no coefficient, so penalty_coef "
+                                               f"{self.penalty_coef:g} would be ignored; it weights mean_minus_std "
+                                               "(beta_2) and mean_minus_var (lambda): remove it or pick one of those"))
         return self
 
 

@@ -39,6 +39,34 @@ def small_ensemble_run(model_dir: str) -> dict:
             "weights": weights.tolist()}
 
 
+# Per-member rewards (K = 3) of each response: low- and high-disagreement responses, then two shared ones.
+MEMBER_REWARDS = {"calm": [1.0, 1.0, 1.1], "steady": [0.5, 0.5, 0.6], "wild": [0.0, 2.0, 4.0],
+                  "wilder": [-1.0, 1.0, 3.0], "a": [1.0, 1.2, 0.8], "b": [0.0, 0.5, 1.0]}
+STEP_RESPONSES = (["calm", "steady", "wild", "wilder"], ["a", "b", "a", "b"])
+
+
+class _TableScorer:
+    """Stands in for a reward ensemble: fixed per-member rewards per response."""
+
+    def score(self, prompts, responses):
+        from alignpipe.rewards.penalties import EnsembleRewards
+
+        return EnsembleRewards.from_members(torch.tensor([MEMBER_REWARDS[r] for r in responses]))
+
+
+def running_std_run(rank: int, world: int) -> dict:
+    """UP-RLHF-penalised rewards over two steps, each rank scoring its share of every step (rank 0 the calm
+    responses, rank 1 the wild ones, then both the same two). Returns the rewards and the running mean of the std."""
+    from alignpipe.rewards.plugin import ModelRewardSource
+
+    source = ModelRewardSource(_TableScorer(), "mean_minus_std", 1.0)
+    rewards = []
+    for responses in STEP_RESPONSES:
+        share = responses[rank * len(responses) // world:(rank + 1) * len(responses) // world]
+        rewards.append(source(["p"] * len(share), share).reward.tolist())
+    return {"rewards": rewards, "state": source.state_dict()["running_std"]}
+
+
 def main(model_dir: str, out_dir: str) -> None:
     state = init_distributed()
     from alignpipe.losses.ppo import masked_moments, masked_whiten, whiten_from_moments
@@ -86,6 +114,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["set_aside"] = sorted(p.name for p in stage.trainer.iterdir())
 
     report["small_ensemble"] = small_ensemble_run(model_dir)
+    report["running_std"] = running_std_run(rank, world)
 
     # the SFT dataloader gives each rank different examples
     from trl import SFTConfig, SFTTrainer

@@ -53,11 +53,25 @@ def shard(items: Sequence[T], *, what: str = "items") -> list[T]:
     return list(items[r * size:(r + 1) * size])
 
 
+def collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where the process group can reduce ``tensor``: NCCL (GPU launches) takes CUDA tensors only, gloo (CPU
+    launches) CPU ones, so statistics built on the CPU must travel; a mixed group ("cuda:nccl,cpu:gloo") takes
+    either, so the tensor stays where it is."""
+    backend = str(dist.get_backend())
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks (a new tensor; the input is left alone)."""
+    """Element-wise sum over ranks (a new tensor on the input's device; the input is left alone)."""
     out = tensor.detach().clone()
     if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        on_wire = out.to(collective_device(out))
+        dist.all_reduce(on_wire, op=dist.ReduceOp.SUM)
+        out = on_wire.to(tensor.device)
     return out
 
 
@@ -81,8 +95,9 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     if not params:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
+    on_wire = flat.to(collective_device(flat))  # the same tensor (no copy) when it already lives there
+    dist.all_reduce(on_wire, op=dist.ReduceOp.SUM)
+    flat = on_wire.to(flat.device) / world_size()
     offset = 0
     for p in params:
         n = p.grad.numel()

@@ -18,8 +18,9 @@ Modes (:data:`PenaltyMode`):
 Variance convention for UWO: population (``unbiased_var=False``, the default) matches Coste et al.'s best-of-n
 code (``np.var``, ddof 0), EVALUATION.md §7 and UP-RLHF's population std; their PPO reward function uses
 ``torch.var`` (unbiased, ddof 1), which is the value ALGORITHMS.md §16's hand example quotes
-(``[1.0, 1.2, 0.8]`` → 0.96 with λ = 1; population gives 0.97333). Pass ``unbiased_var=True`` to reproduce the
-PPO code exactly.
+(``[1.0, 1.2, 0.8]`` → 0.96 with λ = 1; population gives 0.97333). Library callers pass ``unbiased_var=True`` to
+reproduce the PPO code exactly; recipes (the reward plug-in) use the population variance, so a recipe matches that
+code's λ with ``penalty_coef = λ·K/(K−1)``.
 
 Running-mean order for ``"mean_minus_std"`` (tested): ``ū`` is the mean of the uncertainties of all samples seen
 in *earlier* calls, and the running mean is updated with this batch's ``u`` *after* the rewards are computed. So a
@@ -81,9 +82,18 @@ class RunningMean:
             return self.mean
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("RunningMean.update got non-finite values")
-        batch_mean = float(flat.mean())
-        total = self.count + n
-        self.mean += (batch_mean - self.mean) * (n / total)
+        return self.merge(RunningMean(count=n, mean=float(flat.mean())))
+
+    def merge(self, other: RunningMean) -> float:
+        """Fold in the values ``other`` summarises (its count and mean) and return the new mean.
+
+        Why: a data-parallel step sees one batch split over ranks; merging the all-reduced batch moments keeps one
+        ``ū`` on every rank, equal to the mean a single process would hold.
+        """
+        if other.count == 0:
+            return self.mean
+        total = self.count + other.count
+        self.mean += (other.mean - self.mean) * (other.count / total)
         self.count = total
         return self.mean
 

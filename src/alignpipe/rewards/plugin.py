@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignpipe.pipeline import distributed
 from alignpipe.rewards.penalties import EnsembleRewards, RunningMean, penalised_rewards
 from alignpipe.tasks import gold_reward
 
@@ -82,7 +83,14 @@ class CallableRewardSource(RewardSource):
 
 
 class ModelRewardSource(RewardSource):
-    """A saved reward ensemble (or single model) with a penalty mode; one backbone in memory for all members."""
+    """A saved reward ensemble (or single model) with a penalty mode; one backbone in memory for all members.
+
+    Under data parallelism each rank scores its own share of a step's samples, but UP-RLHF's ``ū`` must be one
+    number: a training call (``update=True``) all-reduces the step's std count and sum, so every rank penalises
+    with the same ``ū`` (the one a single process would hold) and rank 0's saved state is every rank's. That makes
+    a training call a collective under ``mean_minus_std``: every rank calls it once per step, as PPO's rollout and
+    TRL's reward functions do. Evaluation calls (``update=False``) stay rank-local.
+    """
 
     def __init__(self, scorer, penalty: str, coef: float):
         self.scorer, self.penalty, self.coef = scorer, penalty, coef
@@ -91,8 +99,15 @@ class ModelRewardSource(RewardSource):
 
     def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
         rewards: EnsembleRewards = self.scorer.score(list(prompts), list(responses))
-        running = self.running_std if update else RunningMean.from_state_dict(self.running_std.state_dict())
-        reward = penalised_rewards(rewards, self.penalty, coef=self.coef, running_std=running)
+        # penalised_rewards folds its batch into the RunningMean it is given, so it gets a copy; the source's own
+        # ū takes the whole step's (all-ranks) std instead of this rank's share.
+        reference = RunningMean.from_state_dict(self.running_std.state_dict())
+        if update and self.penalty == "mean_minus_std":
+            step = _moments_over_ranks(rewards.std)
+            if reference.count == 0:  # first step: ū is the step's own mean std, the same on every rank
+                reference = RunningMean.from_state_dict(step.state_dict())
+            self.running_std.merge(step)
+        reward = penalised_rewards(rewards, self.penalty, coef=self.coef, running_std=reference)
         return ScoredBatch(reward.float(), rewards.mean.float(), rewards.std.float())
 
     def state_dict(self) -> dict[str, Any]:
@@ -101,6 +116,16 @@ class ModelRewardSource(RewardSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "running_std" in state:
             self.running_std = RunningMean.from_state_dict(state["running_std"])
+
+
+def _moments_over_ranks(values: Tensor) -> RunningMean:
+    """Count and mean of ``values`` pooled over every rank (the identity in one process; a collective otherwise)."""
+    flat = values.detach().to(dtype=torch.float64).reshape(-1)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("ensemble std contains NaN or inf")
+    local = torch.stack([flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)])
+    total, count = distributed.all_reduce_sum(local).tolist()
+    return RunningMean(count=round(count), mean=total / count if count else 0.0)
 
 
 def load_callable(target: str) -> Callable:

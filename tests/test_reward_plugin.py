@@ -1,0 +1,42 @@
+"""The model reward source's UP-RLHF bookkeeping in one process (tests/test_distributed.py checks it over ranks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignpipe.rewards.penalties import EnsembleRewards
+from alignpipe.rewards.plugin import ModelRewardSource
+
+MEMBERS = {"sure": [1.0, 1.0, 1.0], "unsure": [0.0, 1.0, 2.0], "mid": [0.5, 1.0, 1.5]}
+
+
+class TableScorer:
+    def score(self, prompts, responses):
+        return EnsembleRewards.from_members(torch.tensor([MEMBERS[r] for r in responses]))
+
+
+def _std(name: str) -> float:
+    return torch.tensor(MEMBERS[name]).std(correction=0).item()
+
+
+def test_training_calls_penalise_against_the_mean_std_seen_before_and_then_fold_in_their_own() -> None:
+    source = ModelRewardSource(TableScorer(), "mean_minus_std", 2.0)
+    first = source(["p", "p"], ["sure", "unsure"]).reward
+    u_bar = (_std("sure") + _std("unsure")) / 2  # nothing seen yet: the first batch's own mean std
+    assert first.tolist() == pytest.approx([1.0 + 2.0 * u_bar, 1.0 - 2.0 * (_std("unsure") - u_bar)], abs=1e-6)
+    assert source.state_dict()["running_std"] == {"count": 2, "mean": pytest.approx(u_bar)}
+
+    evaluation = source(["p"], ["mid"], update=False).reward  # evaluation: same ū, state untouched
+    assert evaluation.item() == pytest.approx(1.0 - 2.0 * (_std("mid") - u_bar), abs=1e-6)
+    assert source.state_dict()["running_std"]["count"] == 2
+
+    source(["p"], ["mid"])
+    assert source.state_dict()["running_std"] == {"count": 3, "mean": pytest.approx((2 * u_bar + _std("mid")) / 3)}
+
+
+@pytest.mark.parametrize("penalty, coef", [("mean", 0.0), ("min", 0.0), ("mean_minus_var", 1.0)])
+def test_penalties_without_a_running_mean_leave_it_alone(penalty, coef) -> None:
+    source = ModelRewardSource(TableScorer(), penalty, coef)
+    source(["p"], ["unsure"])
+    assert source.state_dict()["running_std"] == {"count": 0, "mean": 0.0}

@@ -169,3 +169,16 @@ def test_two_nodes_on_one_machine_node_zero_writes_and_node_one_follows(tmp_path
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # written once, by node 0
     assert len(records) == 5  # the 4 loss records + the trainer's end-of-training summary
     assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("backend, expected", [("nccl", "cuda:0"), ("gloo", "cpu"), ("cuda:nccl,cpu:gloo", "cpu")])
+def test_collectives_reduce_on_the_device_the_process_group_takes(monkeypatch, backend, expected) -> None:
+    """NCCL (GPU launches) reduces CUDA tensors only, so statistics built on the CPU travel there; gloo takes CPU
+    tensors; a mixed group takes a tensor where it is. (The NCCL path itself needs GPUs; this checks the choice.)"""
+    import torch
+
+    from alignpipe.pipeline import distributed
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert str(distributed.collective_device(torch.zeros(2))) == expected

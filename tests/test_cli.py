@@ -15,7 +15,7 @@ from alignpipe.cli import main
 @pytest.mark.parametrize("argv, expected", [
     (["--help"], "Staged RLHF"),
     (["run", "--help"], "--resume"),
-    (["validate", "--help"], "without loading any model"),
+    (["validate", "--help"], "without loading any weights"),
     (["eval", "--help"], "held-out prompts"),
 ])
 def test_help_explains_each_command(argv, expected, capsys):

@@ -11,6 +11,7 @@ from alignpipe.data.pairing import (
     anchor_strengths,
     build_pairs,
     harden,
+    plain_text,
     rank_pairs,
     strength_from_probabilities,
     strength_from_rewards,
@@ -237,3 +238,24 @@ def test_to_trl_rows_conversational_with_preference():
         "rejected": [{"role": "assistant", "content": "3 1"}],
         "preference": 0.8,
     }]
+
+
+# ------------------------------------------------------------------------------------------- plain text for scoring
+
+
+def test_plain_text_keeps_every_turn_of_a_multi_message_prompt() -> None:
+    cat = [{"role": "system", "content": "You are a cat"}, {"role": "user", "content": "What do you say?"}]
+    dog = [{"role": "system", "content": "You are a dog"}, {"role": "user", "content": "What do you say?"}]
+    assert plain_text(cat) == "\n\nSystem: You are a cat\n\nHuman: What do you say?\n\nAssistant:"
+    assert plain_text(cat) != plain_text(dog)  # the last message alone would make them one prompt
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "sort: 3 1"}]
+    assert plain_text(earlier) == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sort: 3 1\n\nAssistant:"
+
+
+def test_plain_text_leaves_strings_and_single_messages_as_their_text() -> None:
+    assert plain_text("sort: 3 1") == "sort: 3 1"
+    assert plain_text([{"role": "user", "content": "sort: 3 1"}]) == "sort: 3 1"
+    assert plain_text([{"role": "assistant", "content": "1 3"}]) == "1 3"
+    row = to_trl_rows([PreferencePair("\n\nHuman: q\n\nAssistant:", "a", "b", 1.0)])[0]  # HH: one raw message
+    assert plain_text(row["prompt"]) == "\n\nHuman: q\n\nAssistant:"

@@ -40,3 +40,18 @@ def test_penalties_without_a_running_mean_leave_it_alone(penalty, coef) -> None:
     source = ModelRewardSource(TableScorer(), penalty, coef)
     source(["p"], ["unsure"])
     assert source.state_dict()["running_std"] == {"count": 0, "mean": 0.0}
+
+
+def test_trl_reward_functions_score_multi_turn_prompts_with_every_turn() -> None:
+    from alignpipe.rewards.plugin import RewardSource, ScoredBatch, trl_reward_function
+
+    seen = []
+
+    class Recording(RewardSource):
+        def __call__(self, prompts, responses, *, update=True):
+            seen.extend(zip(prompts, responses))
+            return ScoredBatch(torch.zeros(len(prompts)), torch.zeros(len(prompts)), None)
+
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort: 2 1"}]
+    trl_reward_function(Recording())([prompt], [[{"role": "assistant", "content": "1 2"}]])
+    assert seen == [("\n\nSystem: be brief\n\nHuman: sort: 2 1\n\nAssistant:", "1 2")]

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print each stage's launch command and batch split; run nothing, write nothing")
 
     validate = commands.add_parser("validate", help="check a recipe without running anything",
-                                   description="Validate RECIPE (and overrides) without loading any model.",
+                                   description="Validate RECIPE (and overrides) and the local files it names "
+                                   "(model configs, tokenizers, dataset rows) without loading any weights or writing "
+                                   "anything.",
                                    epilog=EPILOG_VALIDATE, formatter_class=argparse.RawDescriptionHelpFormatter)
     validate.add_argument("recipe", type=Path, help="recipe YAML file")
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
@@ -129,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     import yaml
 
+    from alignpipe.pipeline.preflight import PreflightError, preflight
     from alignpipe.recipe import RecipeError, load_recipe, recipe_to_dict
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as error:
+        preflight(recipe)  # the same file checks `run` makes before it writes anything
+    except (RecipeError, PreflightError) as error:
         print(error, file=sys.stderr)
         return 2
     if args.print:

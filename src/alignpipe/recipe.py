@@ -99,7 +99,7 @@ def _problem(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomErro
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf rate or weight fails deep in training
 
 
 # ----------------------------------------------------------------------------- model / data
@@ -261,6 +261,12 @@ class PreferenceDataSpec(_Spec):
             raise _problem((("path",), f"source {self.source!r} needs a path (local file, directory or hub id)"))
         if self.source == "synthetic" and self.path:
             raise _problem((("path",), "source 'synthetic' takes no path (it uses the recipe's data block)"))
+        if self.source == "synthetic" and self.limit is not None:
+            raise _problem((("limit",), "source 'synthetic' generates data.n_pairs pairs; set data.n_pairs instead "
+                                        "of limit"))
+        if self.source == "synthetic" and self.split != "train":
+            raise _problem((("split",), "source 'synthetic' has no splits (held-out pairs come from the stage's "
+                                        "heldout_fraction); remove split"))
         return self
 
 
@@ -524,7 +530,7 @@ class RewardStage(_CheckpointedStage):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (TRL RewardConfig default).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (UP-RLHF/IDS: 1 epoch).")
     per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
-    max_length: int = Field(512, gt=0, description="Truncate prompt+response to N tokens, keeping the end.")
+    max_length: int = Field(512, ge=2, description="Truncate prompt+response to N tokens, keeping the end.")
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the pairs held out for accuracy, calibration and uncertainty metrics."
@@ -545,14 +551,23 @@ class RewardStage(_CheckpointedStage):
         if self.implementation == "trl":
             ensemble_only = {"members": self.members != 1, "diversity_weight": self.diversity_weight != 0,
                              "bootstrap": self.bootstrap, "ids_rate": self.ids_rate != 0,
-                             "top_layers": self.top_layers is not None, "objective": self.objective != "members"}
+                             "top_layers": self.top_layers is not None, "objective": self.objective != "members",
+                             "pooling": self.pooling != "last"}
             for key, is_set in ensemble_only.items():
                 if is_set:
                     raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "
                                              "one model (leave it at its default or use implementation: ensemble)"))
+            data = self.dataset
+            if data.source in ("alpaca_eval", "ultrafeedback") and data.soft_labels and data.strength != "hard":
+                raise _problem((("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the "
+                                "pairs' soft strengths would be dropped; use implementation: ensemble (soft "
+                                "Bradley-Terry targets) or set dataset.soft_labels: false"))
         elif self.lora is None:
             raise _problem((("lora",), "the ensemble members are LoRA adapters on a shared backbone; full "
                                        "fine-tuning needs implementation: trl with members: 1"))
+        if self.bootstrap and self.objective == "mean":
+            raise _problem((("bootstrap",), "bootstrap resamples the pairs per member, but objective: mean has one "
+                                            "loss on the ensemble mean; use objective: members with bootstrap"))
         return self
 
 

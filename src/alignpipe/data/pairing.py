@@ -362,3 +362,22 @@ def to_trl_rows(pairs: Sequence[PreferencePair]) -> list[dict]:
         }
         for p in pairs
     ]
+
+
+TRANSCRIPT_SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def plain_text(field) -> str:
+    """A TRL prompt or reply as the one string a reward model or judge scores.
+
+    A string stays as it is and a single message becomes its text. Several messages (a system prompt, earlier
+    turns) become a transcript in HH-RLHF's raw form (``"\\n\\nHuman: …\\n\\nAssistant: …"``), ending with
+    ``"\\n\\nAssistant:"`` when the last turn is the user's, so no turn is lost: keeping only the last message
+    would make rows that differ in their earlier turns the same pair, often with opposite labels.
+    """
+    if isinstance(field, str):
+        return field
+    if len(field) == 1:
+        return field[0]["content"]
+    turns = "".join(f"\n\n{TRANSCRIPT_SPEAKERS.get(m['role'], m['role'].title())}: {m['content']}" for m in field)
+    return turns + ("\n\nAssistant:" if field[-1]["role"] == "user" else "")

@@ -10,6 +10,7 @@ when a check needs them, so importing the runner stays cheap.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def preflight(recipe: Recipe) -> None:
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(s.backbone))
+        if isinstance(stage, RewardStage) and stage.top_layers is not None:
+            _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset", lambda s=stage: _check_dataset(recipe, s, tokenizer))
     if problems:
@@ -106,6 +109,40 @@ def _check_backbone(backbone: str) -> None:
         return
     _require_files(folder, weights=True)
     _check_vocab(folder, _tokenizer(folder, chat_template=False))
+
+
+def _check_top_layers(recipe: Recipe, stage: RewardStage) -> None:
+    """``top_layers`` may not exceed the backbone's depth (known from the tiny spec or a local config.json)."""
+    from alignpipe.models.loading import ModelError
+
+    found = _backbone_depth(recipe, stage)
+    if found is not None and stage.top_layers > found[1]:
+        raise ModelError(f"top_layers is {stage.top_layers} but the backbone ({found[0]}) has {found[1]} layers; "
+                         f"set top_layers to at most {found[1]}, or null to adapt every layer")
+
+
+def _backbone_depth(recipe: Recipe, stage: RewardStage) -> tuple[str, int] | None:
+    """(name, layer count) of the model a reward stage adapts, when it is known without loading weights: its
+    ``backbone``, else the recipe model its input checkpoint was trained from. None for hub ids and GGUF models."""
+    if stage.backbone is None and recipe.model.is_tiny:
+        return "the tiny model, model.tiny.num_layers", recipe.model.tiny.num_layers
+    if stage.backbone is None and (recipe.model.gguf_package or recipe.model.gguf_file):
+        return None
+    name = stage.backbone if stage.backbone is not None else recipe.model.name_or_path
+    try:
+        folder = _local_dir(name)
+    except ValueError:  # a missing path is reported by the backbone / model check
+        return None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # an unreadable config is the loader's error to report
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
+            return str(folder), config[key]
+    return None
 
 
 def _needs_chat_template(recipe: Recipe) -> bool:

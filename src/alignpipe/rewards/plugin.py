@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignpipe.data.pairing import plain_text
 from alignpipe.pipeline import distributed
 from alignpipe.rewards.penalties import EnsembleRewards, RunningMean, penalised_rewards
 from alignpipe.tasks import gold_reward
@@ -159,17 +160,13 @@ def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "aut
 def trl_reward_function(source: RewardSource, log_std: Callable[[float], None] | None = None) -> Callable:
     """``source`` in TRL's reward-function signature ``f(prompts, completions, **kwargs) -> list[float]``.
 
-    Conversational prompts/completions (lists of messages) are reduced to the last user / assistant text. The mean
-    ensemble std of each call is passed to ``log_std`` (GRPO/RLOO log it beside TRL's own metrics).
+    Conversational prompts/completions (lists of messages) become plain text with
+    :func:`alignpipe.data.pairing.plain_text`, as in the reward stage's pairs (a multi-turn prompt keeps its turns).
+    The mean ensemble std of each call is passed to ``log_std`` (GRPO/RLOO log it beside TRL's own metrics).
     """
 
-    def text(item) -> str:
-        if isinstance(item, str):
-            return item
-        return item[-1]["content"]
-
     def reward_function(prompts, completions, **kwargs) -> list[float]:
-        scored = source([text(p) for p in prompts], [text(c) for c in completions])
+        scored = source([plain_text(p) for p in prompts], [plain_text(c) for c in completions])
         if log_std is not None and scored.std is not None:
             log_std(float(scored.std.mean()))
         return scored.reward.tolist()

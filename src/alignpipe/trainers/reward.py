@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 
+from alignpipe.data.pairing import plain_text
 from alignpipe.data.preference import is_reward_heldout, preference_pairs_for
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
@@ -34,11 +35,6 @@ from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config
 log = logging.getLogger("alignpipe")
 
 POLICY_SAMPLES = 256  # fresh policy samples for the uncertainty-vs-gold-gap correlation
-
-
-def _text(field) -> str:
-    """TRL rows hold either a string or a conversation; the reward model reads the last message's text."""
-    return field[-1]["content"] if isinstance(field, list) else str(field)
 
 
 def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
@@ -118,7 +114,7 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
-    pairs = [(_text(r["prompt"]), _text(r["chosen"]), _text(r["rejected"])) for r in rows]
+    pairs = [(plain_text(r["prompt"]), plain_text(r["chosen"]), plain_text(r["rejected"])) for r in rows]
     # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
     strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
     is_heldout = [is_reward_heldout(p[0], stage.heldout_fraction) for p in pairs]

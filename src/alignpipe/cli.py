@@ -9,7 +9,7 @@ from pathlib import Path
 
 EPILOG_RUN = """\
 examples:
-  alignpipe run recipes/quickstart.yaml                       # sft -> dpo -> eval on the built-in tiny task
+  alignpipe run recipes/quickstart.yaml                       # sft, reward, dpo, osp, ppo, eval on the tiny task
   alignpipe run recipes/quickstart.yaml stages.dpo.beta=0.2   # re-runs only dpo and eval
   alignpipe run recipes/quickstart.yaml --force sft           # re-run a stage even if complete
   alignpipe run recipes/quickstart.yaml --resume              # continue an interrupted stage from its last checkpoint

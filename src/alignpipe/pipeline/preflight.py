@@ -42,7 +42,8 @@ def preflight(recipe: Recipe) -> None:
     tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe))
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
-            _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(s.backbone))
+            _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
+                s.backbone, conversations=s.implementation == "trl" and s.dataset.source != "trl"))
         if isinstance(stage, RewardStage) and stage.top_layers is not None:
             _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
@@ -102,13 +103,23 @@ def _model_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def _check_backbone(backbone: str) -> None:
-    """A reward backbone pair-encodes plain text when it has no chat template, so only pad/EOS are required."""
+def _check_backbone(backbone: str, *, conversations: bool) -> None:
+    """The ensemble pair-encodes plain text when its backbone has no chat template, so only pad/EOS are required;
+    TRL's RewardTrainer renders ``conversations`` (every built-in source's rows) with the chat template."""
+    from alignpipe.models.loading import ModelError
+
     folder = _local_dir(backbone)
     if folder is None:
         return
     _require_files(folder, weights=True)
-    _check_vocab(folder, _tokenizer(folder, chat_template=False))
+    try:
+        tokenizer = _tokenizer(folder, chat_template=conversations)
+    except ModelError as error:
+        if not conversations or "chat template" not in str(error):
+            raise
+        raise ModelError(f"{error}; or keep this backbone with implementation: ensemble, which pair-encodes "
+                         "prompt and response without a template") from error
+    _check_vocab(folder, tokenizer)
 
 
 def _check_top_layers(recipe: Recipe, stage: RewardStage) -> None:

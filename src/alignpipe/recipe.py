@@ -529,8 +529,14 @@ class RewardStage(_CheckpointedStage):
     )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (TRL RewardConfig default).")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs (UP-RLHF/IDS: 1 epoch).")
-    per_device_train_batch_size: int = Field(16, gt=0, description="Pairs per step (tiny-model setting).")
-    max_length: int = Field(512, ge=2, description="Truncate prompt+response to N tokens, keeping the end.")
+    per_device_train_batch_size: int = Field(
+        16, gt=0, description="Pairs per step (tiny-model setting). implementation ensemble: the global batch, split "
+        "over the processes; trl: per process, as in TRL (global = N x processes).",
+    )
+    max_length: int = Field(
+        512, ge=2, description="Longest prompt+response in tokens. implementation ensemble truncates longer pairs, "
+        "keeping the end; trl (TRL's RewardTrainer) drops them, and the log counts the dropped pairs.",
+    )
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the pairs held out for accuracy, calibration and uncertainty metrics."

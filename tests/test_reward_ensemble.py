@@ -439,6 +439,19 @@ def test_a_nan_clip_norm_is_rejected():
 # ------------------------------------------------------------------------------------------------ scorer
 
 
+def test_a_reward_source_puts_the_model_on_the_policys_device(llama_path, tmp_path):
+    """PPO/GRPO/best-of-n score rollouts on the policy's device; "meta" stands in for a GPU on this CPU machine."""
+    from alignpipe.recipe import RewardSpec
+    from alignpipe.rewards.plugin import make_reward_source
+
+    RewardEnsemble.create(_spec(llama_path)).save(tmp_path / "rm")
+    spec = RewardSpec(source="model", penalty="mean")
+    on_meta = make_reward_source(spec, str(tmp_path / "rm"), device="meta").scorer.ensemble
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    where_loaded = make_reward_source(spec, str(tmp_path / "rm")).scorer.ensemble
+    assert {p.device.type for p in where_loaded.parameters()} == {"cpu"}
+
+
 def test_scorer(llama_path, tokenizer, tmp_path):
     ensemble = RewardEnsemble.create(_spec(llama_path))
     _perturb(ensemble)

@@ -64,6 +64,13 @@ class StageContext:
 
         return PartialState().is_main_process
 
+    @property
+    def device(self):
+        """This process's device (its GPU under a GPU launch, else the CPU): where a stage's models run."""
+        from accelerate import PartialState
+
+        return PartialState().device
+
 
 def stage_runner(stage_type: str) -> Callable[[StageContext], dict]:
     if stage_type not in STAGE_MODULES:

@@ -882,11 +882,14 @@ class EnsembleScorer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, backbone: str | None = None,
-             dtype: torch.dtype = torch.float32, **kwargs: Any) -> EnsembleScorer:
-        """Load the ensemble (:meth:`RewardEnsemble.load`) and the tokenizer of its backbone. ``judge_id``
-        defaults to ``reward_ensemble:<directory name>``."""
+             dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+             **kwargs: Any) -> EnsembleScorer:
+        """Load the ensemble (:meth:`RewardEnsemble.load`, moved to ``device`` when given) and the tokenizer of its
+        backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``."""
         directory = Path(directory)
         ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
+        if device is not None:
+            ensemble.to(device)
         kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")
         return cls.for_ensemble(ensemble, **kwargs)
 

@@ -49,7 +49,8 @@ def reward_model_format(directory: str | os.PathLike[str]) -> str:
 def load_reward_scorer(directory: str | os.PathLike[str], **kwargs: Any) -> RewardScorer:
     """An :class:`EnsembleScorer` or a :class:`SingleRewardScorer` for ``directory``, chosen by its manifest.
 
-    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``batch_size``, ``max_length``, ``judge_id``)
+    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``device``, ``batch_size``, ``max_length``,
+    ``judge_id``)
     or ``SingleRewardScorer.load`` (``dtype``, ``device``, ``batch_size``, ``max_length``, ``judge_id``,
     ``text_format``). An argument the chosen loader does not take raises ``TypeError``.
     """

@@ -144,8 +144,11 @@ def load_callable(target: str) -> Callable:
     return function
 
 
-def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "auto") -> RewardSource:
-    """The source a recipe's ``reward:`` block names (``reward_model_path`` = the reward stage's checkpoint)."""
+def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "auto",
+                       device: str | torch.device | None = None) -> RewardSource:
+    """The source a recipe's ``reward:`` block names (``reward_model_path`` = the reward stage's checkpoint); a
+    reward model is placed on ``device`` (the policy's, so scoring a rollout does not run on the CPU beside a GPU
+    policy; None = where it loads, the CPU)."""
     if spec.source == "gold":
         return GoldRewardSource()
     if spec.source == "callable":
@@ -154,7 +157,8 @@ def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "aut
         raise ValueError("reward.source: model needs the reward stage's checkpoint (the stage's second input)")
     from alignpipe.rewards.loading import load_reward_scorer  # heavy: only when a model is the source
 
-    return ModelRewardSource(load_reward_scorer(reward_model_path, dtype=dtype), spec.penalty, spec.penalty_coef)
+    scorer = load_reward_scorer(reward_model_path, dtype=dtype, device=device)
+    return ModelRewardSource(scorer, spec.penalty, spec.penalty_coef)
 
 
 def trl_reward_function(source: RewardSource, log_std: Callable[[float], None] | None = None) -> Callable:

@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
     responses = _sample(ctx, prompts, settings)
     flat_prompts = [p for p in prompts for _ in range(stage.n_samples)]
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
-    source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype)
+    source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype, device=ctx.device)
     scored = source(flat_prompts, responses, update=False)  # one call: one UP-RLHF offset for every prompt
     shape = (len(prompts), stage.n_samples)
     scores = {

@@ -167,7 +167,8 @@ class PPOLoop:
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.stage.learning_rate,
                                            betas=(0.9, 0.95), weight_decay=self.stage.weight_decay)
         reward_path = ctx.inputs[self.stage.inputs[1]] if len(self.stage.inputs) > 1 else None
-        self.reward: RewardSource = make_reward_source(self.stage.reward, reward_path, dtype=self.recipe.model.dtype)
+        self.reward: RewardSource = make_reward_source(self.stage.reward, reward_path, dtype=self.recipe.model.dtype,
+                                                       device=self.device)
         s = self.stage
         self.kl = (AdaptiveKLController(s.kl_coef, s.kl_target, s.kl_horizon) if s.kl_target
                    else FixedKLController(s.kl_coef))

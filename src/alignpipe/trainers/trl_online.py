@@ -63,7 +63,7 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> di
     stage, recipe = ctx.stage, ctx.recipe
     model, tokenizer = load_start_model(ctx)
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
-    source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype)
+    source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype, device=ctx.device)
     if (saved := load_side_state(ctx.resume_from, REWARD_STATE)) is not None:
         source.load_state_dict(saved)
     arguments = {k: v for k, v in trainer_arguments(ctx).items() if k != "max_length"}  # TRL truncates no prompts

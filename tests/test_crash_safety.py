@@ -93,6 +93,21 @@ def test_keep_metrics_drops_redone_steps_and_a_torn_last_line(tmp_path):
     assert stage.metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def test_starting_over_deletes_every_result_of_the_previous_attempt(tmp_path):
+    """A stage that starts over and then fails must not leave the previous attempt's results beside its manifest."""
+    stage = StageDir(tmp_path / "rm")
+    stage.root.mkdir()
+    stage.write_manifest({"status": "failed"})
+    stage.write_config({"stage": "rm"})
+    for name in ("checkpoint", "trainer/checkpoint-4", "rounds/round-0", "samples", ".checkpoint.staging-x1y2"):
+        (stage.root / name).mkdir(parents=True)
+        (stage.root / name / "file").write_text("old")
+    for name in ("metrics.jsonl", "reward_eval.json", "bon.json", "samples.jsonl", "results.json"):
+        (stage.root / name).write_text("{}")
+    stage.reset()
+    assert sorted(p.name for p in stage.root.iterdir()) == ["config.yaml", "manifest.json"]
+
+
 def _count_hashes(monkeypatch) -> Counter:
     """Count ``directory_hash`` calls per directory name from here on."""
     import alignpipe.pipeline.rundir as rundir

@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
+from alignpipe.evaluation.report import read_run, render_report
+from alignpipe.evaluation.reward_suite import expand_reward_models
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import RecipeError, load_recipe
 from alignpipe.rewards.ensemble import EnsembleScorer
+from alignpipe.trainers import reward as reward_stage
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 3, "top_layers": 1,
           "learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": 16, "max_length": 48,
           "logging_steps": 4, "heldout_fraction": 0.25, "diversity_weight": 0.1}
+SFT_AND_REWARD = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "n_pairs": 256},
+                  "stages": [TINY_RECIPE["stages"][0], REWARD]}
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """sft + rm run once, uninterrupted; tests copy it (``_copy``) before changing anything."""
+    directory = tmp_path_factory.mktemp("reward-run")
+    recipe_path = write_recipe(directory, SFT_AND_REWARD)
+    Runner(load_recipe(recipe_path), runs_dir=directory / "runs", in_process=True).run()
+    return recipe_path, directory / "runs"
+
+
+def _copy(reward_run, tmp_path):
+    shutil.copytree(reward_run[1], tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def _interrupt_held_out_scoring(monkeypatch) -> None:
+    """Ctrl-C once training has finished, while the stage scores its held-out pairs."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("Ctrl-C during held-out scoring")
+
+    monkeypatch.setattr(reward_stage, "reward_model_metrics", interrupted)
+
+
+def _reward_section(run_dir) -> str:
+    return re.search(r'<section id="reward-models">(.*?)</section>', render_report(read_run(run_dir)), re.S).group(1)
 
 
 def test_reward_stage_trains_saves_and_reports(tmp_path):
@@ -78,8 +110,8 @@ def test_a_reward_stage_cannot_feed_a_policy_stage(tmp_path):
 
 def test_single_reward_model_through_trl_with_full_fine_tuning(tmp_path):
     single = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 1, "lora": None,
-              "learning_rate": 3e-4, "num_train_epochs": 4, "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 4,
-              "heldout_fraction": 0.25}
+              "learning_rate": 3e-4, "num_train_epochs": 4, "per_device_train_batch_size": 16, "max_length": 48,
+              "logging_steps": 4, "heldout_fraction": 0.25}
     recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "n_pairs": 256},
               "stages": [TINY_RECIPE["stages"][0], single]}
     runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
@@ -100,3 +132,26 @@ def test_trl_implementation_rejects_ensemble_options(tmp_path):
     path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], single]})
     with pytest.raises(RecipeError, match=r"stages\.rm\.members: is an option of implementation 'ensemble'"):
         load_recipe(path)
+
+
+def test_only_complete_reward_stages_count_and_an_interrupted_rerun_leaves_none_of_its_files(reward_run, tmp_path,
+                                                                                             monkeypatch):
+    runs = _copy(reward_run, tmp_path)
+    run_dir, stage = runs / "tiny", StageDir(runs / "tiny" / "rm")
+    assert expand_reward_models(str(run_dir)) == [("rm", str(stage.checkpoint))]
+    assert '<td class="l">rm</td>' in _reward_section(run_dir)
+
+    stage.update_manifest(status="failed")  # whatever files a stage holds, they count only once it is complete
+    with pytest.raises(ValueError, match=r"has no completed reward stage \(rm: failed\)"):
+        expand_reward_models(str(run_dir))
+    section = _reward_section(run_dir)
+    assert '<td class="l">rm</td>' not in section and "Not shown: reward stage rm (status failed)" in section
+
+    # Another config, interrupted after training, while scoring: the previous attempt's model and metrics went when
+    # the stage started over, and the new model is not published before its metrics are written.
+    _interrupt_held_out_scoring(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(load_recipe(reward_run[0], ["stages.rm.members=2"]), runs_dir=runs, in_process=True).run()
+    assert stage.read_manifest()["status"] == "interrupted"
+    assert not stage.checkpoint.exists() and not (stage.root / "reward_eval.json").exists()
+    assert not list(stage.root.glob(".checkpoint.staging-*"))

@@ -65,7 +65,7 @@ class StageData:
     type: str
     manifest: dict
     records: list[dict]  # metrics.jsonl lines in file order (unparseable lines skipped)
-    bon: dict | None = None  # bon/bon.json
+    bon: dict | None = None  # bon/bon.json, read only when the manifest says complete (as reward_eval)
     reward_eval: dict | None = None  # reward/reward_eval.json
 
 
@@ -117,10 +117,12 @@ def read_run(run_dir: Path) -> RunData:
         if manifest is None and not (sub / "metrics.jsonl").exists():
             continue
         manifest = manifest or {}
+        # a stage's result files count only once it is complete: a failed or interrupted attempt may have left some
+        done = manifest.get("status") == "complete"
         stages.append(StageData(
             name=sub.name, type=str(manifest.get("type") or sub.name), manifest=manifest,
-            records=_read_jsonl(sub / "metrics.jsonl"), bon=_read_json(sub / "bon.json", errors),
-            reward_eval=_read_json(sub / "reward_eval.json", errors)))
+            records=_read_jsonl(sub / "metrics.jsonl"), bon=_read_json(sub / "bon.json", errors) if done else None,
+            reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text
     run_record = _read_json(root / "run.json", errors) or {}
@@ -642,10 +644,16 @@ _REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "calibrat
 
 def _reward_section(run: RunData) -> str:
     models = {s.name: s.reward_eval.get("metrics", {}) for s in run.stages if s.reward_eval}
+    unfinished = {s.name: s.manifest.get("status", _MISSING) for s in run.stages
+                  if s.type == "reward" and s.manifest.get("status") != "complete"}
     for row in (run.leaderboard or {}).get("reward_models") or []:
-        models.setdefault(row["name"], row["results"])
+        if row["name"] not in unfinished:  # else the row is of a model that stage no longer holds
+            models.setdefault(row["name"], row["results"])
+    notes = [_note(f"Not shown: reward stage {name} (status {status}); its metrics count once it is complete.")
+             for name, status in unfinished.items()]
     if not models:
-        return _note("No reward model in this run (no reward_eval.json, no reward_models on the leaderboard).")
+        return "\n".join([_note("No reward model in this run (no reward_eval.json of a complete reward stage, no "
+                                 "reward_models on the leaderboard)."), *notes])
     columns = [c for c in _REWARD_COLUMNS if any(c in m for m in models.values())]
     rows = [[_e(name), *(_metric(m.get(c)).replace(" [", "<br><small>[").replace("]", "]</small>") for c in columns),
              _e(m.get("accuracy", {}).get("n", _MISSING))] for name, m in models.items()]
@@ -662,7 +670,7 @@ def _reward_section(run: RunData) -> str:
                 f"mean confidence {_fmt(ece.get('mean_confidence'))} vs accuracy {_fmt(ece.get('accuracy'))}). "
                 "The reliability diagram needs per-bin counts or per-pair predictions, which this run does not store "
                 "(reward_eval.json keeps only the summary)."))
-    return "\n".join(parts)
+    return "\n".join(parts + notes)
 
 
 def _training_section(run: RunData) -> str:

@@ -57,14 +57,20 @@ def _synthetic_heldout(n: int, seed: int, fraction: float) -> list[tuple[str, st
 
 
 def expand_reward_models(spec: str) -> list[tuple[str, str]]:
-    """``NAME=DIR``, a saved reward model directory, or a run directory (its reward stages' checkpoints)."""
+    """``NAME=DIR``, a saved reward model directory, or a run directory (the checkpoints of its reward stages whose
+    manifest says complete: a failed or interrupted one is left out, whatever files it left)."""
     name, sep, path = spec.partition("=")
     directory = Path(path if sep else spec)
     if (directory / "run.json").exists():
-        found = [(d.name, str(d / "checkpoint")) for d in sorted(directory.iterdir())
-                 if (d / "reward_eval.json").exists() and (d / "checkpoint").is_dir()]
+        stages = [StageDir(d) for d in sorted(directory.iterdir()) if d.is_dir()]
+        manifests = {s.name: s.read_manifest() or {} for s in stages}
+        rewards = [s for s in stages if manifests[s.name].get("type") == "reward"]
+        found = [(s.name, str(s.checkpoint)) for s in rewards
+                 if manifests[s.name].get("status") == "complete" and s.checkpoint.is_dir()]
         if not found:
-            raise ValueError(f"run directory {directory} has no completed reward stage")
+            unfinished = ", ".join(f"{s.name}: {manifests[s.name].get('status', 'unknown')}" for s in rewards)
+            raise ValueError(f"run directory {directory} has no completed reward stage"
+                             + (f" ({unfinished})" if unfinished else ""))
         return found
     if not (directory / "manifest.json").exists():
         raise ValueError(f"{directory} is not a saved reward model (no manifest.json) nor a run directory")

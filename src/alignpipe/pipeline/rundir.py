@@ -27,6 +27,9 @@ log = logging.getLogger("alignpipe")
 
 CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
 ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (rounds/round-<r>/), kept for --resume
+# What a stage writes beside checkpoint/ as its result (reward: reward_eval.json; bon: bon.json, samples.jsonl; eval:
+# results.json, samples/). Read only while the manifest says complete; a stage that starts over deletes them first.
+RESULT_FILES = ("reward_eval.json", "bon.json", "samples.jsonl", "results.json", "samples")
 TRACKED_PACKAGES = ("alignpipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers")
 
 
@@ -238,8 +241,12 @@ class StageDir:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
 
     def reset(self) -> None:
-        """Forget a previous attempt (used when a stage starts over rather than resuming)."""
-        for path in (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp", self.root / "rounds"):
+        """Forget a previous attempt (used when a stage starts over rather than resuming): its checkpoints, logs and
+        result files (``RESULT_FILES``), so nothing of it is left beside a new attempt that fails or is interrupted."""
+        leftovers = (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp", self.root / "rounds",
+                     *(self.root / name for name in RESULT_FILES),
+                     *self.root.glob(f".{self.checkpoint.name}.staging-*"))  # reward models' save_* staging dirs
+        for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():

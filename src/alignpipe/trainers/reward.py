@@ -5,6 +5,7 @@ an ensemble of K members sharing a backbone, trained jointly with the nuclear/Fr
 equivalent. The checkpoint is an ensemble directory (manifest + K adapters + heads; the backbone, this run's input
 checkpoint, named by its path relative to the ensemble and checked by its recorded hash) that
 ``EnsembleScorer.load`` reads; held-out accuracy, calibration and uncertainty metrics go to ``reward_eval.json``.
+Both are written only after the held-out scoring, so a failed or interrupted attempt leaves neither.
 
     alignpipe run recipes/quickstart.yaml        # the quickstart's reward stage
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Callable
 
 from alignpipe.data.pairing import plain_text
 from alignpipe.data.preference import is_reward_heldout, preference_pairs_for
@@ -56,7 +58,8 @@ def _policy_samples(ctx: StageContext, scorer) -> dict:
                                  seed=ctx.recipe.seed)
 
 
-def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None]:
+def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None, Callable[[], object]]:
+    """The trained ensemble's scorer, final loss, and how to publish it as ``checkpoint/``."""
     stage, recipe = ctx.stage, ctx.recipe
     spec = EnsembleSpec(
         backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
@@ -82,9 +85,7 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
                              on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None,
                              save_every=stage.save_steps, on_save=lambda state: _save_state(ctx, state),
                              resume=resume)
-    if ctx.is_main_process:
-        ensemble.save(ctx.dir.checkpoint)
-    return scorer, history[-1]["loss"] if history else None
+    return scorer, history[-1]["loss"] if history else None, lambda: ensemble.save(ctx.dir.checkpoint)
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
@@ -94,8 +95,9 @@ def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
     distributed.barrier()
 
 
-def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None]:
-    """One reward model through TRL's RewardTrainer (LoRA, or full fine-tuning with ``lora: null``)."""
+def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None, Callable[[], object]]:
+    """One reward model through TRL's RewardTrainer (LoRA, or full fine-tuning with ``lora: null``); publishing it
+    merges LoRA into a copy, so the model scored in the meantime is unchanged."""
     stage = ctx.stage
     model, tokenizer, trainer = train_single_reward_model(
         resolve_model_location(stage.backbone or ctx.start_model), rows, ctx.dir.trainer,
@@ -106,10 +108,9 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
         config_overrides={"save_strategy": "steps", "save_steps": stage.save_steps,
                           "save_total_limit": stage.save_total_limit},
     )
-    if ctx.is_main_process:
-        save_single_reward_model(model, tokenizer, ctx.dir.checkpoint)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None
+    return (SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None,
+            lambda: save_single_reward_model(model, tokenizer, ctx.dir.checkpoint))
 
 
 def run(ctx: StageContext) -> dict:
@@ -128,10 +129,10 @@ def run(ctx: StageContext) -> dict:
     log.info("[%s] training %d member(s) with %s on %d pairs (%d held out)", ctx.dir.name, stage.members,
              stage.implementation, len(train_index), len(heldout))
     if stage.implementation == "trl":
-        scorer, final_loss = _train_with_trl(ctx, rows.select(train_index))
+        scorer, final_loss, publish = _train_with_trl(ctx, rows.select(train_index))
     else:
-        scorer, final_loss = _train_ensemble(ctx, [pairs[i] for i in train_index],
-                                             [strengths[i] for i in train_index])
+        scorer, final_loss, publish = _train_ensemble(ctx, [pairs[i] for i in train_index],
+                                                      [strengths[i] for i in train_index])
     synthetic = stage.dataset.source == "synthetic"
     tables: dict = {}
     metrics = reward_model_metrics(
@@ -142,7 +143,8 @@ def run(ctx: StageContext) -> dict:
         metrics.update(_policy_samples(ctx, scorer))
     report = {name: value.to_dict() for name, value in metrics.items()}
     report["ece"]["reliability"] = tables["reliability"]  # the report draws the reliability diagram from these
-    if ctx.is_main_process:  # every rank evaluated the same replica; one writes
+    if ctx.is_main_process:  # every rank evaluated the same replica; one writes, the model and its metrics together
+        publish()
         atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
     return {"train_pairs": len(train_index), "heldout_pairs": len(heldout), "final_train_loss": final_loss,

@@ -407,16 +407,21 @@ def test_resuming_from_a_kept_state_matches_an_uninterrupted_run(llama_path, tok
     config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=6 * 16 / 64, batch_size=16, max_length=64,
                                     logging_steps=3, progress_bar=False)
 
-    def trained(resume=None, kept=None):
+    def trained(resume=None, kept=None, logged=None):
         ensemble = RewardEnsemble.create(_spec(llama_path, members=2))
-        train_ensemble(ensemble, tokenizer, pairs, config, save_every=3 if kept is not None else 0,
-                       on_save=kept.append if kept is not None else None, resume=resume)
-        return torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()])
+        history = train_ensemble(ensemble, tokenizer, pairs, config, save_every=4 if kept is not None else 0,
+                                 on_save=kept.append if kept is not None else None, resume=resume,
+                                 on_log=logged.append if logged is not None else None)
+        return torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()]), history
 
     kept: list = []
-    uninterrupted = trained(kept=kept)
-    assert [state.step for state in kept] == [3]
-    assert torch.equal(trained(resume=kept[0]), uninterrupted)
+    uninterrupted, history = trained(kept=kept)
+    assert [state.step for state in kept] == [4, 6]  # every save_every steps, and the last step
+    assert torch.equal(trained(resume=kept[0])[0], uninterrupted)
+    # the last step's state (training finished, the caller interrupted afterwards) restores the result, no step taken
+    logged: list = []
+    weights, resumed_history = trained(resume=kept[-1], logged=logged)
+    assert torch.equal(weights, uninterrupted) and resumed_history == history and logged == []
 
 
 def test_batches_whose_pairs_all_weigh_zero_add_no_rank_loss(llama_path, tokenizer, pairs):

@@ -155,3 +155,38 @@ def test_only_complete_reward_stages_count_and_an_interrupted_rerun_leaves_none_
     assert stage.read_manifest()["status"] == "interrupted"
     assert not stage.checkpoint.exists() and not (stage.root / "reward_eval.json").exists()
     assert not list(stage.root.glob(".checkpoint.staging-*"))
+
+
+def test_resume_after_an_interrupt_while_scoring_trains_no_step_again(reward_run, tmp_path, monkeypatch):
+    """Training finished, then Ctrl-C while scoring (save_steps exceeds the step count, so the last step's state is the
+    only trainer checkpoint): --resume restores it without a step and gives the uninterrupted run's files."""
+    runs = _copy(reward_run, tmp_path)
+    stage, reference = StageDir(runs / "tiny" / "rm"), StageDir(reward_run[1] / "tiny" / "rm")
+    shutil.rmtree(stage.root)
+    _interrupt_held_out_scoring(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(load_recipe(reward_run[0]), runs_dir=runs, in_process=True).run()
+    monkeypatch.undo()
+    last = json.loads(reference.metrics.read_text().splitlines()[-1])["step"]
+    assert [p.name for p in stage.trainer_checkpoints()] == [f"checkpoint-{last}"]
+
+    steps: list[int] = []
+    train_ensemble = reward_stage.train_ensemble
+
+    def counting(*args, on_log, **kwargs):
+        return train_ensemble(*args, on_log=lambda record: (steps.append(record["step"]), on_log(record)), **kwargs)
+
+    monkeypatch.setattr(reward_stage, "train_ensemble", counting)
+    outcomes = {o.name: o for o in Runner(load_recipe(reward_run[0]), runs_dir=runs, resume=True,
+                                          in_process=True).run()}
+    assert outcomes["sft"].action == "skipped"
+    assert outcomes["rm"].action == "resumed" and outcomes["rm"].reason == f"resuming from checkpoint-{last}"
+    assert steps == []  # no step trained again
+    # byte for byte, once the reference's backbone path (the sft checkpoint of ITS run directory) names this copy's
+    files = sorted(p.relative_to(reference.checkpoint) for p in reference.checkpoint.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(stage.checkpoint) for p in stage.checkpoint.rglob("*") if p.is_file())
+    for name in files:
+        expected = (reference.checkpoint / name).read_bytes().replace(str(reward_run[1]).encode(), str(runs).encode())
+        assert (stage.checkpoint / name).read_bytes() == expected, name
+    assert stage.metrics.read_text() == reference.metrics.read_text()
+    assert (stage.root / "reward_eval.json").read_text() == (reference.root / "reward_eval.json").read_text()

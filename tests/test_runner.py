@@ -86,15 +86,21 @@ def test_resume_continues_from_the_last_trainer_checkpoint(tmp_path, completed_t
     assert outcomes["dpo"].action == "skipped"
 
 
-def test_interrupted_stage_starts_over_without_resume(tmp_path, completed_tiny_run):
+@pytest.mark.parametrize("name, resume, reason", [
+    ("eval", False, "previous attempt failed; no checkpoint to resume from; starting over"),
+    ("eval", True, "previous attempt failed; no checkpoint to resume from; starting over"),
+    ("sft", False, "previous attempt failed; starting over (use --resume to continue)"),
+])
+def test_failed_stage_starts_over_saying_whether_resume_could_continue_it(tmp_path, completed_tiny_run, name, resume,
+                                                                          reason):
     reference_runner, _ = completed_tiny_run
     recipe_path = write_recipe(tmp_path, TINY_RECIPE)
     runs = tmp_path / "runs"
     shutil.copytree(reference_runner.run_dir, runs / "tiny")
-    StageDir(runs / "tiny" / "eval").update_manifest(status="failed")
-    outcomes, _ = _run(recipe_path, runs)
-    assert outcomes["eval"].action == "ran"
-    assert "starting over" in outcomes["eval"].reason
+    StageDir(runs / "tiny" / name).update_manifest(status="failed")  # sft kept its trainer checkpoints, eval has none
+    outcomes, _ = _run(recipe_path, runs, resume=resume)
+    assert outcomes[name].action == "ran"
+    assert outcomes[name].reason == reason
 
 
 def test_failed_stage_is_marked_failed_and_leaves_no_checkpoint(tmp_path, completed_tiny_run):

@@ -88,7 +88,8 @@ class Runner:
             if name not in names:
                 hint = difflib.get_close_matches(name, names, n=1)
                 suggestion = f"did you mean '{hint[0]}'? " if hint else ""
-                raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}stages: {names}")
+                raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
+                                 f"stages: {names}")
         self.recipe = recipe
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
@@ -213,8 +214,11 @@ class Runner:
             reason = "new"
         elif not same_work:
             reason = "config or inputs changed"
-        else:
+        elif directory.has_progress():
             reason = f"previous attempt {manifest.get('status', 'unknown')}; starting over (use --resume to continue)"
+        else:  # with or without --resume: the attempt saved nothing to continue from
+            reason = (f"previous attempt {manifest.get('status', 'unknown')}; no checkpoint to resume from; "
+                      "starting over")
         if not resume:
             directory.reset()
         directory.root.mkdir(parents=True, exist_ok=True)

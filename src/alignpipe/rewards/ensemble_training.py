@@ -236,7 +236,8 @@ def _bt_loss(
     if objective == "mean":
         if margin is None and weight is None:
             return ensemble_bradley_terry_loss(chosen, rejected)
-        return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin, weight=weight)
+        return bradley_terry_loss(chosen.float().mean(dim=1), rejected.float().mean(dim=1), margin=margin,
+                                  weight=weight)
     return _member_average(chosen, rejected, weight, multiplicity,
                            lambda c, r, w: bradley_terry_loss(c, r, margin=margin, weight=w))
 
@@ -349,9 +350,10 @@ def train_ensemble(
     the one-process update for unweighted losses (weighted, margin or bootstrap losses normalise by each rank's
     own weights: close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
 
-    Resume: every ``save_every`` steps (and not after the last) ``on_save`` gets an :class:`EnsembleTrainingState`
+    Resume: every ``save_every`` steps and after the last one, ``on_save`` gets an :class:`EnsembleTrainingState`
     (on every rank; the caller writes from rank 0). Passing one back as ``resume`` continues after its step with the
-    same weights, optimizer, schedule, RNG, labels and batches, so the result equals an uninterrupted run.
+    same weights, optimizer, schedule, RNG, labels and batches, so the result equals an uninterrupted run; the last
+    step's state (a run stopped after training, e.g. while its caller evaluated) restores the result without a step.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -410,7 +412,7 @@ def train_ensemble(
             label_t = resume.labels.clone()
 
     def checkpoint(step: int) -> None:
-        if on_save is not None and save_every and step % save_every == 0 and step < total_steps:
+        if on_save is not None and save_every and (step % save_every == 0 or step == total_steps):
             on_save(EnsembleTrainingState(
                 step=step, parameters=[p.detach().clone() for p in params],
                 # copies: the optimizer's state_dict holds its live moment tensors, which the next steps change

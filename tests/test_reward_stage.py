@@ -125,6 +125,9 @@ def test_single_reward_model_through_trl_with_full_fine_tuning(tmp_path):
     assert report["accuracy"]["n"] == json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())[
         "heldout_pairs"]
     assert "member_std" not in report and "policy_proxy_gold_spearman" in report  # one model: no disagreement
+    summary = StageDir(runner.run_dir / "rm").read_manifest()["summary"]  # TRL drops over-long pairs: counted
+    assert summary["train_pairs"] > 0 and summary["train_pairs_over_max_length"] >= 0
+    assert summary["train_pairs"] + summary["train_pairs_over_max_length"] + summary["heldout_pairs"] == 256
 
 
 def test_trl_implementation_rejects_ensemble_options(tmp_path):

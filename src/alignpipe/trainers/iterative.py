@@ -208,7 +208,7 @@ def _make_judge(ctx: StageContext, model, tokenizer):
     if stage.judge == "gold":
         return GoldPairwiseJudge(temperature=stage.judge_temperature)
     if stage.judge == "reward":
-        return load_reward_scorer(ctx.inputs[stage.inputs[1]], dtype=ctx.recipe.model.dtype)
+        return load_reward_scorer(ctx.inputs[stage.inputs[1]], dtype=ctx.recipe.model.dtype, device=ctx.device)
     return SelfJudge(model, tokenizer)
 
 

@@ -50,9 +50,7 @@ def directory_hash(directory: Path, include: Callable[[Path], bool] | None = Non
     files = (p for p in directory.rglob("*") if p.is_file())
     for path in sorted(p for p in files if include is None or include(p.relative_to(directory))):
         digest.update(path.relative_to(directory).as_posix().encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        _update_with_file(digest, path)
     return digest.hexdigest()
 
 
@@ -61,10 +59,15 @@ def content_hash(path: Path) -> str:
     if path.is_dir():
         return directory_hash(path)
     digest = hashlib.sha256()
+    _update_with_file(digest, path)
+    return digest.hexdigest()
+
+
+def _update_with_file(digest, path: Path) -> None:
+    """Feed a file's bytes to ``digest`` in 1 MiB blocks (model weights need not fit in memory twice)."""
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
 
 
 def recorded_output_sha256(checkpoint: Path) -> str | None:

@@ -97,6 +97,7 @@ class Runner:
                 raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
                                  f"stages: {names}")
         self.recipe = recipe
+        self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -195,13 +196,13 @@ class Runner:
         log.info("[base] created the tiny model in %.1fs", time.time() - started)
         return str(directory.checkpoint.resolve()), sha
 
-    def _model_content(self) -> str | None:
-        """The recipe model's content hash when it is a local directory (hashed once per run; None otherwise)."""
-        if not hasattr(self, "_model_content_hash"):
-            spec = self.recipe.model
-            local = not spec.is_tiny and spec.gguf_package is None
-            self._model_content_hash = local_model_hash(spec.name_or_path, spec.gguf_file) if local else None
-        return self._model_content_hash
+    def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
+        """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
+        backbone is often that same folder."""
+        key = (name_or_path, gguf_file)
+        if key not in self._model_hashes:
+            self._model_hashes[key] = local_model_hash(name_or_path, gguf_file)
+        return self._model_hashes[key]
 
     def _run_stage(self, stage, outputs: dict[str, tuple[str, str | None]]) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
@@ -303,10 +304,12 @@ class Runner:
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
-        if (backbone := local_model_hash(getattr(stage, "backbone", None))) is not None:
+        if (backbone := self._local_model_hash(getattr(stage, "backbone", None))) is not None:
             input_hashes[BACKBONE] = backbone
-        if (model := self._model_content()) is not None:
-            input_hashes[MODEL] = model
+        model = self.recipe.model
+        if not model.is_tiny and model.gguf_package is None and (
+                content := self._local_model_hash(model.name_or_path, model.gguf_file)) is not None:
+            input_hashes[MODEL] = content
         return config_hash, input_hashes
 
     def _dry_run(self) -> list[StageOutcome]:

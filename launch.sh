@@ -53,6 +53,8 @@ ensure_env() {
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ launch.sh -nt "$stamp" ]; then
     echo "[launch] installing alignpipe and its dependencies into $VENV (first run takes a few minutes)"
+    # No pip cache: a second copy of every wheel (torch alone is hundreds of MB) only costs disk on a one-off install.
+    export PIP_NO_CACHE_DIR=1
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first, so the pinned build is used rather than whatever a dependency would pull in.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"

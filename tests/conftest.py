@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import pytest
 import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("ALIGNPIPE_CACHE", tempfile.mkdtemp(prefix="alignpipe-test-cache-"))  # never ~/.cache
+if "ALIGNPIPE_CACHE" not in os.environ:  # never ~/.cache; removed when the session ends so runs leave nothing behind
+    os.environ["ALIGNPIPE_CACHE"] = tempfile.mkdtemp(prefix="alignpipe-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ALIGNPIPE_CACHE"], ignore_errors=True)
 
 import torch  # noqa: E402
 

@@ -86,3 +86,11 @@ def llama_path(tmp_path_factory, tokenizer) -> str:
     model = build_tiny_model(tokenizer, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
                              max_position_embeddings=128, seed=0)
     return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
+
+
+def pytest_configure(config):
+    """The default suite tests the CPU path with CPU-calibrated numbers (CI has no GPU). On a GPU machine the GPU would
+    change its precision defaults (bf16) and devices, so the suite hides it unless gpu-marked tests may run
+    (``-o addopts="" -m gpu``, see tests/test_gpu.py): the same command gives the same results everywhere."""
+    if "not gpu" in (config.option.markexpr or "") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA; stage subprocesses inherit it

@@ -106,13 +106,14 @@ def merge_dtype(spec: QuantizationSpec | None) -> torch.dtype:
 
 
 def merge_adapters_in_full_precision(model, base: str, *, dtype: torch.dtype, gguf_file: str | None = None,
-                                     workdir: Path):
+                                     workdir: Path, state_dict: dict[str, torch.Tensor] | None = None):
     """Merge the LoRA adapters of ``model`` (a PeftModel on a k-bit base) into a full-precision copy of ``base``.
 
     Why not ``merge_and_unload`` on ``model`` itself: that adds each update to de-quantised weights and rounds the
     sum back to 4/8 bits, losing most of what was trained. Instead the adapters are saved (into a temporary folder
     under ``workdir``), ``base`` is reloaded un-quantized in ``dtype`` on the CPU, and the adapters are loaded onto
-    and merged into it. Returns the plain transformers model, ready for ``save_pretrained``.
+    and merged into it. Returns the plain transformers model, ready for ``save_pretrained``. ``state_dict`` gives the
+    weights where ``model``'s own are not whole (DeepSpeed ZeRO-3 keeps only a slice per rank).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -121,7 +122,7 @@ def merge_adapters_in_full_precision(model, base: str, *, dtype: torch.dtype, gg
 
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".adapter-") as adapter_dir:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        model.save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
         full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype, gguf_file=gguf_file,
                                                     **remote_code_kwargs())
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()

@@ -23,6 +23,7 @@ from alignpipe.models.loading import (
     load_causal_lm,
     load_tokenizer,
     resolve_bf16,
+    resolve_dtype,
     resolve_model_location,
 )
 from alignpipe.models.quantization import (
@@ -244,11 +245,19 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
     """
     destination = destination or ctx.dir.checkpoint
     trainer.accelerator.wait_for_everyone()
+    gathered = zero3_state_dict(trainer)  # a collective: every rank joins before the others return
     if not ctx.is_main_process:
         return destination
     model = trainer.accelerator.unwrap_model(trainer.model)
     staging = destination.with_name(destination.name + ".tmp")
-    if is_quantized(model):
+    if gathered is not None:
+        if isinstance(model, PeftModel):  # ZeRO-3's placeholders cannot be merged in place: merge into a reload
+            model = merge_adapters_in_full_precision(model, resolve_model_location(ctx.start_model),
+                                                     gguf_file=None if ctx.stage.inputs else ctx.recipe.model.gguf_file,
+                                                     workdir=destination.parent, state_dict=gathered,
+                                                     dtype=resolve_dtype(ctx.recipe.model.dtype))
+            gathered = None
+    elif is_quantized(model):
         if not isinstance(model, PeftModel):
             raise ValueError("a k-bit quantized policy without LoRA adapters has nothing trainable to publish; "
                              "give the stage a lora block (model.quantization needs one)")
@@ -264,10 +273,24 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
                                                  dtype=merge_dtype(ctx.recipe.model.quantization))
     elif isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=gathered)
     tokenizer.save_pretrained(staging)
     publish_directory(staging, destination)
     return destination
+
+
+def zero3_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The full weights under DeepSpeed ZeRO-3, else None.
+
+    Why: ZeRO-3 leaves each rank a slice of every weight and the module itself only empty placeholders, so a plain
+    ``save_pretrained`` writes tensors of size 0 (the next stage then fails to load them). The consolidated 16-bit
+    state dict (``stage3_gather_16bit_weights_on_model_save`` in ``ds_zero3.json``) is gathered by a collective that
+    every rank must join; rank 0 receives it.
+    """
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
 def train_and_publish(trainer, tokenizer, ctx: StageContext) -> dict:

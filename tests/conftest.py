@@ -90,7 +90,8 @@ def llama_path(tmp_path_factory, tokenizer) -> str:
 
 def pytest_configure(config):
     """The default suite tests the CPU path with CPU-calibrated numbers (CI has no GPU). On a GPU machine the GPU would
-    change its precision defaults (bf16) and devices, so the suite hides it unless gpu-marked tests may run
-    (``-o addopts="" -m gpu``, see tests/test_gpu.py): the same command gives the same results everywhere."""
-    if "not gpu" in (config.option.markexpr or "") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+    change its precision defaults (bf16) and devices, so the suite hides it unless the mark expression asks for the
+    gpu-marked tests (``-m gpu``, see tests/test_gpu.py): the same command gives the same results everywhere."""
+    asks_for_gpu = "gpu" in (config.option.markexpr or "").replace("not gpu", "")
+    if not asks_for_gpu and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA; stage subprocesses inherit it

@@ -1,7 +1,7 @@
 """GPU paths: NCCL collectives, reward scoring on CUDA, bf16 defaults and 4-bit loading on CUDA.
 
 Marked ``gpu``: kept out of the default run (``pytest.ini``'s addopts) and skipped where CUDA is absent. Run them on
-a GPU machine with ``./launch.sh --test -o addopts="" -m gpu``. The CPU suite checks the same code with stand-ins
+a GPU machine with ``./launch.sh --test -m gpu``. The CPU suite checks the same code with stand-ins
 (a monkeypatched backend, the ``meta`` device); these run the real thing.
 """
 

@@ -330,33 +330,34 @@ def test_ensemble_statistics_use_population_std():
 
 def test_up_rlhf_hand_value():
     ens = EnsembleRewards.from_members(torch.tensor(UP_RLHF_ROW, dtype=torch.float64))
-    running = RunningMean(count=1, mean=0.1)  # ū = 0.1 from earlier samples
-    out = penalised_rewards(ens, "mean_minus_std", coef=1.0, running_std=running)
+    out = penalised_rewards(ens, "mean_minus_std", coef=1.0, u_bar=0.1)  # ū = 0.1 from earlier samples
     assert out.item() == pytest.approx(0.95858, abs=1e-5)  # 1.0 − (0.14142 − 0.1)
-    # updated AFTER: now the mean of 0.1 and 0.14142
-    assert running.count == 2 and running.mean == pytest.approx((0.1 + math.sqrt(0.02)) / 2, abs=1e-12)
 
 
 def test_up_rlhf_identical_members_get_a_bonus_and_single_member_has_no_uncertainty():
     ens = EnsembleRewards.from_members(torch.full((2, 4), 2.0, dtype=torch.float64))
-    out = penalised_rewards(ens, "mean_minus_std", coef=0.5, running_std=RunningMean(count=10, mean=0.1))
+    out = penalised_rewards(ens, "mean_minus_std", coef=0.5, u_bar=0.1)
     assert out.tolist() == pytest.approx([2.05, 2.05], abs=1e-12)  # r + β_2 ū
     one = EnsembleRewards.from_members(torch.tensor([[1.5], [0.5]], dtype=torch.float64))
-    out = penalised_rewards(one, "mean_minus_std", coef=3.0, running_std=RunningMean(count=4, mean=0.2))
+    out = penalised_rewards(one, "mean_minus_std", coef=3.0, u_bar=0.2)
     assert out.tolist() == pytest.approx([2.1, 1.1], abs=1e-12)  # u ≡ 0, only the ū offset remains
 
 
-def test_up_rlhf_running_mean_order():
+def test_up_rlhf_needs_a_finite_u_bar():
+    ens = EnsembleRewards.from_members(torch.tensor(UP_RLHF_ROW, dtype=torch.float64))
+    for bad in (None, math.nan, math.inf):
+        with pytest.raises(ValueError, match="finite u_bar"):
+            penalised_rewards(ens, "mean_minus_std", coef=1.0, u_bar=bad)
+
+
+def test_up_rlhf_centre_is_the_mean_of_earlier_values_or_the_first_batch_own():
     running = RunningMean()
-    # first call (nothing seen): centred on this batch's own mean u = 0.5 → [1 + 0.5, 1 − 0.5]
-    first = EnsembleRewards.from_members(torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64))
-    assert penalised_rewards(first, "mean_minus_std", coef=1.0, running_std=running).tolist() == pytest.approx(
-        [1.5, 0.5], abs=1e-12)
-    assert running.count == 2 and running.mean == pytest.approx(0.5)
-    # later calls: ū from EARLIER samples only (0.5), not including this batch's u = 0 (update-first would use 1/3)
-    second = EnsembleRewards.from_members(torch.tensor([[3.0, 3.0]], dtype=torch.float64))
-    assert penalised_rewards(second, "mean_minus_std", coef=1.0, running_std=running).item() == pytest.approx(3.5)
-    assert running.count == 3 and running.mean == pytest.approx(1 / 3)
+    first = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert running.centre(first) == pytest.approx(0.5)  # nothing seen: the batch's own mean, not the initial 0
+    assert running.count == 0  # centre changes nothing
+    running.update(first)
+    # later batches: ū from EARLIER values only (0.5), not including this batch's u = 0 (update-first gives 1/3)
+    assert running.centre(torch.tensor([0.0], dtype=torch.float64)) == pytest.approx(0.5)
 
 
 def test_up_rlhf_reward_does_not_depend_on_batch_mates():
@@ -364,18 +365,16 @@ def test_up_rlhf_reward_does_not_depend_on_batch_mates():
     sample = torch.randn(1, 5, generator=g, dtype=torch.float64)
     others = 10 * torch.randn(7, 5, generator=g, dtype=torch.float64)
     alone = penalised_rewards(EnsembleRewards.from_members(sample), "mean_minus_std", coef=2.0,
-                              running_std=RunningMean(count=3, mean=0.4))
+                              u_bar=0.4)
     batched = penalised_rewards(EnsembleRewards.from_members(torch.cat([sample, others])), "mean_minus_std",
-                                coef=2.0, running_std=RunningMean(count=3, mean=0.4))
+                                coef=2.0, u_bar=0.4)
     assert batched[0].item() == pytest.approx(alone.item(), abs=1e-12)
 
 
 def test_beta_zero_is_the_mean_reward():
     ens = EnsembleRewards.from_members(torch.randn(6, 5, generator=torch.Generator().manual_seed(2)))
-    running = RunningMean(count=2, mean=0.3)
-    assert torch.equal(penalised_rewards(ens, "mean_minus_std", coef=0.0, running_std=running), ens.mean)
+    assert torch.equal(penalised_rewards(ens, "mean_minus_std", coef=0.0, u_bar=0.3), ens.mean)
     assert torch.equal(penalised_rewards(ens, "mean"), ens.mean)
-    assert running.count == 8  # the statistic is still tracked, so raising β_2 later uses a meaningful ū
 
 
 def test_wco_and_uwo_hand_values():
@@ -394,8 +393,6 @@ def test_penalty_errors():
     ens = EnsembleRewards.from_members(torch.tensor(UP_RLHF_ROW))
     with pytest.raises(ValueError, match="unknown penalty mode"):
         penalised_rewards(ens, "max")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="running_std"):
-        penalised_rewards(ens, "mean_minus_std", coef=1.0)
     with pytest.raises(ValueError, match="coef"):
         penalised_rewards(ens, "mean_minus_var", coef=-1.0)
     with pytest.raises(ValueError, match="2 ensemble members"):

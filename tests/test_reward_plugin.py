@@ -35,6 +35,12 @@ def test_training_calls_penalise_against_the_mean_std_seen_before_and_then_fold_
     assert source.state_dict()["running_std"] == {"count": 3, "mean": pytest.approx((2 * u_bar + _std("mid")) / 3)}
 
 
+def test_a_zero_coefficient_gives_the_mean_and_still_tracks_the_running_std() -> None:
+    source = ModelRewardSource(TableScorer(), "mean_minus_std", 0.0)
+    assert source(["p", "p"], ["sure", "unsure"]).reward.tolist() == pytest.approx([1.0, 1.0])
+    assert source.state_dict()["running_std"]["count"] == 2  # so raising β_2 on resume has a meaningful ū
+
+
 @pytest.mark.parametrize("penalty, coef", [("mean", 0.0), ("min", 0.0), ("mean_minus_var", 1.0)])
 def test_penalties_without_a_running_mean_leave_it_alone(penalty, coef) -> None:
     source = ModelRewardSource(TableScorer(), penalty, coef)

@@ -23,11 +23,13 @@ reproduce the PPO code exactly; recipes (the reward plug-in) use the population 
 code's λ with ``penalty_coef = λ·K/(K−1)``.
 
 Running-mean order for ``"mean_minus_std"`` (tested): ``ū`` is the mean of the uncertainties of all samples seen
-in *earlier* calls, and the running mean is updated with this batch's ``u`` *after* the rewards are computed. So a
-sample's reward does not depend on the other samples in its own batch (or on the batch size), and §3e's hand cases
-hold literally with ``ū`` the value stored before the call. The one exception is the very first call (nothing seen
-yet, ``count == 0``): there ``ū`` is this batch's own mean ``u`` rather than the arbitrary initial 0, which would
-apply the full uncentred penalty ``−coef·u`` to the first batch only and shift its rewards against all later ones.
+in *earlier* calls (:meth:`RunningMean.centre`), and the caller folds this batch's ``u`` in *after* the rewards are
+computed (:class:`alignpipe.rewards.plugin.ModelRewardSource` does both). So a sample's reward does not depend on
+the other samples in its own batch (or on the batch size), and §3e's hand cases hold literally with ``ū`` the value
+stored before the call. The one exception is the very first call (nothing seen yet, ``count == 0``): there ``ū`` is
+this batch's own mean ``u`` rather than the arbitrary initial 0, which would apply the full uncentred penalty
+``−coef·u`` to the first batch only and shift its rewards against all later ones. :func:`penalised_rewards` itself
+is pure: it takes ``ū`` as a number and changes no state.
 """
 
 from __future__ import annotations
@@ -83,6 +85,13 @@ class RunningMean:
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("RunningMean.update got non-finite values")
         return self.merge(RunningMean(count=n, mean=float(flat.mean())))
+
+    def centre(self, values: Tensor) -> float:
+        """UP-RLHF's ``ū`` for a batch whose uncertainties are ``values``: the mean of every earlier value, or, before
+        any (``count == 0``), the batch's own mean (see the module docstring). Changes nothing."""
+        if self.count > 0:
+            return self.mean
+        return float(values.detach().to(dtype=torch.float64).mean())
 
     def merge(self, other: RunningMean) -> float:
         """Fold in the values ``other`` summarises (its count and mean) and return the new mean.
@@ -162,7 +171,7 @@ def penalised_rewards(
     mode: PenaltyMode,
     *,
     coef: float = 0.0,
-    running_std: RunningMean | None = None,
+    u_bar: float | None = None,
     unbiased_var: bool = False,
 ) -> Tensor:
     """The ``[N]`` rewards to optimise under ``mode`` (see the module docstring for each mode and its source).
@@ -172,10 +181,8 @@ def penalised_rewards(
         mode: ``"mean"``, ``"mean_minus_std"`` (UP-RLHF), ``"min"`` (WCO) or ``"mean_minus_var"`` (UWO).
         coef: the penalty weight (UP-RLHF's ``β_2``, UWO's ``λ``), finite and ``>= 0``; unused by ``"mean"`` and
             ``"min"``.
-        running_std: required by ``"mean_minus_std"``, and UPDATED IN PLACE with this batch's ``u`` after the
-            rewards are computed (the module docstring says why, and what happens on the first call). To score an
-            evaluation batch without touching the training statistic, pass a copy
-            (``RunningMean.from_state_dict(running.state_dict())``). Ignored by the other modes.
+        u_bar: required by ``"mean_minus_std"``: UP-RLHF's ``ū``, the running mean of earlier samples' ``u``
+            (:meth:`RunningMean.centre`; the caller folds this batch in afterwards). Ignored by the other modes.
         unbiased_var: ``"mean_minus_var"`` only: use the unbiased (ddof 1) variance of Coste et al.'s PPO code
             instead of the population variance of their best-of-n code; needs ``K >= 2`` members.
     """
@@ -184,13 +191,9 @@ def penalised_rewards(
     if mode == "mean":
         return rewards.mean
     if mode == "mean_minus_std":
-        if running_std is None:
-            raise ValueError("mode 'mean_minus_std' needs running_std (a RunningMean of past uncertainties)")
-        u = rewards.std
-        u_bar = running_std.mean if running_std.count > 0 else float(u.detach().double().mean())
-        out = rewards.mean - coef * (u - u_bar)
-        running_std.update(u)
-        return out
+        if u_bar is None or not math.isfinite(u_bar):
+            raise ValueError(f"mode 'mean_minus_std' needs a finite u_bar (RunningMean.centre), got {u_bar!r}")
+        return rewards.mean - coef * (rewards.std - u_bar)
     if mode == "min":
         return rewards.per_member.min(dim=1).values
     if mode == "mean_minus_var":

@@ -100,15 +100,15 @@ class ModelRewardSource(RewardSource):
 
     def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
         rewards: EnsembleRewards = self.scorer.score(list(prompts), list(responses))
-        # penalised_rewards folds its batch into the RunningMean it is given, so it gets a copy; the source's own
-        # ū takes the whole step's (all-ranks) std instead of this rank's share.
-        reference = RunningMean.from_state_dict(self.running_std.state_dict())
-        if update and self.penalty == "mean_minus_std":
-            step = _moments_over_ranks(rewards.std)
-            if reference.count == 0:  # first step: ū is the step's own mean std, the same on every rank
-                reference = RunningMean.from_state_dict(step.state_dict())
-            self.running_std.merge(step)
-        reward = penalised_rewards(rewards, self.penalty, coef=self.coef, running_std=reference)
+        u_bar = None
+        if self.penalty == "mean_minus_std":
+            if update:  # ū from earlier steps (or, first, this whole step's mean std: the same on every rank)
+                step = _moments_over_ranks(rewards.std)
+                u_bar = self.running_std.mean if self.running_std.count else step.mean
+                self.running_std.merge(step)  # after: this step's rewards do not depend on their batch mates
+            else:
+                u_bar = self.running_std.centre(rewards.std)
+        reward = penalised_rewards(rewards, self.penalty, coef=self.coef, u_bar=u_bar)
         return ScoredBatch(reward.float(), rewards.mean.float(), rewards.std.float())
 
     def state_dict(self) -> dict[str, Any]:

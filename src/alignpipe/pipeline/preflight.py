@@ -46,6 +46,9 @@ def preflight(recipe: Recipe) -> None:
                 s.backbone, conversations=_trl_reward_on_conversations(recipe, s)))
         if isinstance(stage, RewardStage) and stage.top_layers is not None:
             _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
+        if getattr(stage, "lora", None) is not None and isinstance(stage.lora.target_modules, list):
+            _checked(problems, f"stages.{stage.name}.lora.target_modules",
+                     lambda s=stage: _check_lora_targets(recipe, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset", lambda s=stage: _check_dataset(recipe, s, tokenizer))
     if problems:
@@ -154,6 +157,59 @@ def _backbone_depth(recipe: Recipe, stage: RewardStage) -> tuple[str, int] | Non
         if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
             return str(folder), config[key]
     return None
+
+
+def _check_lora_targets(recipe: Recipe, stage) -> None:
+    """Every listed ``lora.target_modules`` entry must name a module of the model the stage adapts. Why: PEFT
+    raises only when no entry matches and silently skips the others, so a typo would train fewer layers than asked.
+    Names come from the architecture built on the meta device (no weights); PEFT's rule: a module matches an entry
+    when its name equals it or ends with ``.<entry>``."""
+    from alignpipe.models.loading import ModelError
+
+    found = _architecture(recipe, stage)
+    if found is None:
+        return
+    where, model = found
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in stage.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"{missing} match no module of {where}; its linear layers are named {linear}: list some of "
+                         "those, or use target_modules: all-linear")
+
+
+def _architecture(recipe: Recipe, stage):
+    """(description, model on the meta device) of what ``stage`` puts adapters on: the bare backbone for a reward
+    stage (its ``backbone`` or the recipe's model), the causal LM otherwise. None when that needs a download, the
+    checkpoint's own code or a GGUF file."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig
+
+    reward = isinstance(stage, RewardStage)
+    name = stage.backbone if reward and stage.backbone is not None else recipe.model.name_or_path
+    if name == recipe.model.name_or_path and recipe.model.is_tiny:
+        tiny = recipe.model.tiny
+        config, where = LlamaConfig(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
+                                    num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
+                                    intermediate_size=tiny.intermediate_size), "the tiny model"
+    else:
+        if name == recipe.model.name_or_path and (recipe.model.gguf_package or recipe.model.gguf_file
+                                                  or recipe.model.trust_remote_code):
+            return None
+        try:
+            folder = _local_dir(name)
+        except ValueError:  # a missing path is reported by the model / backbone check
+            return None
+        if folder is None or not (folder / "config.json").is_file():
+            return None
+        try:
+            config, where = AutoConfig.from_pretrained(folder), str(folder)
+        except (OSError, ValueError):
+            return None  # an unreadable config is the loader's error to report
+    with torch.device("meta"):
+        return where, (AutoModel if reward else AutoModelForCausalLM).from_config(config)
 
 
 def _needs_chat_template(recipe: Recipe) -> bool:

@@ -142,12 +142,8 @@ def _backbone_depth(recipe: Recipe, stage: RewardStage) -> tuple[str, int] | Non
         return "the tiny model, model.tiny.num_layers", recipe.model.tiny.num_layers
     if stage.backbone is None and (recipe.model.gguf_package or recipe.model.gguf_file):
         return None
-    name = stage.backbone if stage.backbone is not None else recipe.model.name_or_path
-    try:
-        folder = _local_dir(name)
-    except ValueError:  # a missing path is reported by the backbone / model check
-        return None
-    if folder is None or not (folder / "config.json").is_file():
+    folder = _local_config_folder(stage.backbone if stage.backbone is not None else recipe.model.name_or_path)
+    if folder is None:
         return None
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -198,11 +194,8 @@ def _architecture(recipe: Recipe, stage):
         if name == recipe.model.name_or_path and (recipe.model.gguf_package or recipe.model.gguf_file
                                                   or recipe.model.trust_remote_code):
             return None
-        try:
-            folder = _local_dir(name)
-        except ValueError:  # a missing path is reported by the model / backbone check
-            return None
-        if folder is None or not (folder / "config.json").is_file():
+        folder = _local_config_folder(name)
+        if folder is None:
             return None
         try:
             config, where = AutoConfig.from_pretrained(folder), str(folder)
@@ -210,6 +203,16 @@ def _architecture(recipe: Recipe, stage):
             return None  # an unreadable config is the loader's error to report
     with torch.device("meta"):
         return where, (AutoModel if reward else AutoModelForCausalLM).from_config(config)
+
+
+def _local_config_folder(name: str) -> Path | None:
+    """The local folder of ``name`` when it holds a config.json; None for hub ids and for folders the model /
+    backbone checks already report (missing path, no config)."""
+    try:
+        folder = _local_dir(name)
+    except ValueError:
+        return None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
 def _needs_chat_template(recipe: Recipe) -> bool:

@@ -26,7 +26,8 @@ def _trainer(model, *, zero_stage: int | None, gathered: dict | None = None):
         unwrap_model=lambda m: m,
         get_state_dict=lambda wrapped: gathered,
     )
-    return SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=model)
+    engine = SimpleNamespace(module=model)  # what DeepSpeed wraps the model in once training starts
+    return SimpleNamespace(accelerator=accelerator, model=model, model_wrapped=engine)
 
 
 def _ctx(tmp_path: Path, start_model: str):
@@ -46,6 +47,9 @@ def test_only_zero_stage_3_gathers():
     assert zero3_state_dict(_trainer(model, zero_stage=None)) is None
     assert zero3_state_dict(_trainer(model, zero_stage=2, gathered={"x": torch.ones(1)})) is None
     assert zero3_state_dict(_trainer(model, zero_stage=3, gathered={"x": torch.ones(1)})) == {"x": torch.ones(1)}
+    never_trained = _trainer(model, zero_stage=3, gathered={"x": torch.ones(1)})
+    never_trained.model_wrapped = model  # no engine started (resume at the last step): the weights are whole
+    assert zero3_state_dict(never_trained) is None
 
 
 def test_a_full_model_is_published_from_the_gathered_weights(llama_path, tokenizer, tmp_path):

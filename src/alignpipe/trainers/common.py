@@ -285,10 +285,11 @@ def zero3_state_dict(trainer) -> dict[str, torch.Tensor] | None:
     Why: ZeRO-3 leaves each rank a slice of every weight and the module itself only empty placeholders, so a plain
     ``save_pretrained`` writes tensors of size 0 (the next stage then fails to load them). The consolidated 16-bit
     state dict (``stage3_gather_16bit_weights_on_model_save`` in ``ds_zero3.json``) is gathered by a collective that
-    every rank must join; rank 0 receives it.
+    every rank must join; rank 0 receives it. A trainer that never started its engine (publishing a finished
+    checkpoint on ``--resume``) holds whole weights: ``model_wrapped`` is then the model itself.
     """
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or plugin.zero_stage != 3:
+    if plugin is None or plugin.zero_stage != 3 or trainer.model_wrapped is trainer.model:
         return None
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 

@@ -232,3 +232,43 @@ def test_saving_a_fully_fine_tuned_model_leaves_its_text_format_alone(llama_path
         save_single_reward_model(model, tokenizer, tmp_path / "failed", text_format="plain")
     assert model.config.alignpipe_text_format == "chat" and not (tmp_path / "failed").exists()
     assert SingleRewardScorer(model, tokenizer).text_format == "chat"
+
+
+def _multi_turn_rows() -> Dataset:
+    rows = preference_pairs(8, 1, noise=0.3, temperature=0.5)
+    for i, row in enumerate(rows):
+        if i % 2 == 0:  # half the rows carry a system prompt and an earlier exchange, as a user's TRL file may
+            row["prompt"] = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}, *row["prompt"]]
+    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+
+def test_single_turn_rows_put_a_multi_message_prompt_into_one_user_turn():
+    from alignpipe.data.pairing import plain_text
+    from alignpipe.rewards.single import single_turn_rows
+
+    rows = _multi_turn_rows()
+    flat = single_turn_rows(rows)
+    for before, after in zip(rows, flat):
+        assert len(after["prompt"]) == 1 and after["prompt"][0]["role"] == "user"
+        assert after["prompt"][0]["content"] == plain_text(before["prompt"])
+        assert after["chosen"] == before["chosen"] and after["rejected"] == before["rejected"]
+    assert flat[0]["prompt"][0]["content"].startswith("\n\nSystem: answer briefly\n\nHuman: hi\n\nAssistant: hello")
+    single = Dataset.from_list(preference_pairs(4, 2, noise=0.3, temperature=0.5))
+    assert single_turn_rows(single) is single  # nothing to change: the same rows
+
+
+def test_multi_turn_training_rows_are_tokenised_as_the_scorer_encodes_them(llama_path, tmp_path):
+    """TRL would render a multi-message prompt with the chat template turn by turn; the scorer (and PPO, best-of-n,
+    the held-out metrics) scores the prompt's plain_text in one user turn. Training on that form keeps them equal."""
+    from alignpipe.data.pairing import plain_text
+
+    rows = _multi_turn_rows()
+    model, tokenizer, trainer = train_single_reward_model(
+        llama_path, rows, tmp_path / "trainer", learning_rate=1e-3, max_steps=1, per_device_train_batch_size=8,
+        max_length=128, seed=0, config_overrides=QUIET)
+    scorer = SingleRewardScorer(model, tokenizer)
+    prompts = [plain_text(r["prompt"]) for r in rows]
+    for side in ("chosen", "rejected"):
+        texts = [plain_text(r[side]) for r in rows]
+        assert [f["input_ids"] for f in scorer.encode_features(prompts, texts)] == trainer.train_dataset[f"{side}_ids"]

@@ -26,8 +26,11 @@ Differences that remain, by design:
 * Length: TRL DROPS training pairs whose chosen or rejected sequence is longer than ``max_length``. The scorer cannot
   drop an input, so it keeps the LAST ``max_length`` tokens (the response end), like ``encode_examples``. A truncated
   input is one the model never saw in training.
-* Conversations: the scorer sees one user turn and one assistant turn. A training row whose prompt carried a system
-  message or earlier turns is not reproduced by ``score(prompts, responses)``.
+* Conversations: the scorer sees one user turn and one assistant turn (``score(prompts, responses)`` takes strings,
+  and so do PPO, GRPO/RLOO and best-of-n). So a training row whose prompt carries a system message or earlier turns
+  is made single-turn before training (:func:`single_turn_rows`): its prompt becomes one user message holding the
+  transcript, which is what :func:`alignpipe.data.pairing.plain_text` hands the scorer. The built-in sources'
+  prompts already have this form (HH-RLHF's raw dialogue in one user message).
 
 The format travels with the model. :func:`train_single_reward_model` records it in
 ``model.config.alignpipe_text_format`` (and so in ``config.json``), and :func:`save_single_reward_model` writes it
@@ -100,6 +103,26 @@ def dataset_text_format(rows) -> TextFormat:
     if len(rows) == 0:
         raise ValueError("the preference dataset is empty")
     return "chat" if is_conversational(rows[0]) else "plain"
+
+
+def single_turn_rows(rows):
+    """Conversational rows whose prompt is one user message and whose replies are one assistant message each: a
+    longer prompt (system prompt, earlier turns) or reply becomes one message holding its :func:`plain_text`. Rows
+    already in that form are unchanged, and so are plain-text rows and rows without a ``prompt`` column."""
+    from alignpipe.data.pairing import plain_text
+
+    if "prompt" not in rows.column_names or dataset_text_format(rows) != "chat":
+        return rows
+
+    def single_turn(row: dict) -> dict:
+        return {"prompt": [{"role": "user", "content": plain_text(row["prompt"])}]
+                if len(row["prompt"]) > 1 else row["prompt"],
+                **{side: [{"role": "assistant", "content": plain_text(row[side])}] if len(row[side]) > 1 else row[side]
+                   for side in ("chosen", "rejected")}}
+
+    if all(len(row["prompt"]) == 1 and len(row["chosen"]) == 1 and len(row["rejected"]) == 1 for row in rows):
+        return rows
+    return rows.map(single_turn, desc="single-turn prompts")
 
 
 def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextFormat):
@@ -179,6 +202,7 @@ def train_single_reward_model(
         raise ValueError(f"preference rows need 'chosen' and 'rejected' columns; missing {sorted(missing)} "
                          f"(columns: {rows.column_names})")
     text_format = dataset_text_format(rows)
+    rows = single_turn_rows(rows)  # train on what the scorer will feed the model
     tokenizer = _load_tokenizer(backbone, text_format)
 
     arguments: dict[str, Any] = {

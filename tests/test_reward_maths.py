@@ -353,11 +353,12 @@ def test_up_rlhf_needs_a_finite_u_bar():
 def test_up_rlhf_centre_is_the_mean_of_earlier_values_or_the_first_batch_own():
     running = RunningMean()
     first = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    assert running.centre(first) == pytest.approx(0.5)  # nothing seen: the batch's own mean, not the initial 0
+    # nothing seen: the batch's own mean, not the initial 0
+    assert running.centre(RunningMean.of(first)) == pytest.approx(0.5)
     assert running.count == 0  # centre changes nothing
     running.update(first)
     # later batches: ū from EARLIER values only (0.5), not including this batch's u = 0 (update-first gives 1/3)
-    assert running.centre(torch.tensor([0.0], dtype=torch.float64)) == pytest.approx(0.5)
+    assert running.centre(RunningMean.of(torch.tensor([0.0], dtype=torch.float64))) == pytest.approx(0.5)
 
 
 def test_up_rlhf_reward_does_not_depend_on_batch_mates():

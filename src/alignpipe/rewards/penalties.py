@@ -68,30 +68,30 @@ class RunningMean:
         if not math.isfinite(self.mean):
             raise ValueError(f"RunningMean.mean must be finite, got {self.mean!r}")
 
-    def update(self, values: Sequence[float] | Tensor) -> float:
-        """Fold ``values`` into the mean (each value counts once) and return the new mean.
-
-        Batched updates equal one-at-a-time updates: ``mean += (batch_mean − mean) · n / (count + n)``.
-        An empty batch leaves the state unchanged. Non-finite values raise ``ValueError`` (one NaN would poison
-        the mean, and every later reward, for the rest of the run).
-        """
+    @classmethod
+    def of(cls, values: Sequence[float] | Tensor) -> RunningMean:
+        """Count and mean of ``values`` (on the CPU, float64). Non-finite values raise ``ValueError``: one NaN would
+        poison the mean, and every later reward, for the rest of the run."""
         if isinstance(values, Tensor):
             flat = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         else:
             flat = torch.as_tensor(list(values), dtype=torch.float64).reshape(-1)
-        n = flat.numel()
-        if n == 0:
-            return self.mean
         if not bool(torch.isfinite(flat).all()):
-            raise ValueError("RunningMean.update got non-finite values")
-        return self.merge(RunningMean(count=n, mean=float(flat.mean())))
+            raise ValueError("RunningMean got non-finite values")
+        return cls(count=flat.numel(), mean=float(flat.mean()) if flat.numel() else 0.0)
 
-    def centre(self, values: Tensor) -> float:
-        """UP-RLHF's ``ū`` for a batch whose uncertainties are ``values``: the mean of every earlier value, or, before
-        any (``count == 0``), the batch's own mean (see the module docstring). Changes nothing."""
-        if self.count > 0:
-            return self.mean
-        return float(values.detach().to(dtype=torch.float64).mean())
+    def update(self, values: Sequence[float] | Tensor) -> float:
+        """Fold ``values`` into the mean (each value counts once) and return the new mean.
+
+        Batched updates equal one-at-a-time updates: ``mean += (batch_mean − mean) · n / (count + n)``.
+        An empty batch leaves the state unchanged; non-finite values raise ``ValueError`` (:meth:`of`).
+        """
+        return self.merge(RunningMean.of(values))
+
+    def centre(self, batch: RunningMean) -> float:
+        """UP-RLHF's ``ū`` for a batch whose uncertainties ``batch`` summarises: the mean of every earlier value, or,
+        before any (``count == 0``), the batch's own mean (see the module docstring). Changes nothing."""
+        return self.mean if self.count > 0 else batch.mean
 
     def merge(self, other: RunningMean) -> float:
         """Fold in the values ``other`` summarises (its count and mean) and return the new mean.

@@ -101,13 +101,11 @@ class ModelRewardSource(RewardSource):
     def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
         rewards: EnsembleRewards = self.scorer.score(list(prompts), list(responses))
         u_bar = None
-        if self.penalty == "mean_minus_std":
-            if update:  # ū from earlier steps (or, first, this whole step's mean std: the same on every rank)
-                step = _moments_over_ranks(rewards.std)
-                u_bar = self.running_std.mean if self.running_std.count else step.mean
-                self.running_std.merge(step)  # after: this step's rewards do not depend on their batch mates
-            else:
-                u_bar = self.running_std.centre(rewards.std)
+        if self.penalty == "mean_minus_std":  # a training call's batch is the whole step, pooled over ranks
+            batch = _moments_over_ranks(rewards.std) if update else RunningMean.of(rewards.std)
+            u_bar = self.running_std.centre(batch)
+            if update:
+                self.running_std.merge(batch)  # after: this step's rewards do not depend on their batch mates
         reward = penalised_rewards(rewards, self.penalty, coef=self.coef, u_bar=u_bar)
         return ScoredBatch(reward.float(), rewards.mean.float(), rewards.std.float())
 
@@ -121,11 +119,9 @@ class ModelRewardSource(RewardSource):
 
 def _moments_over_ranks(values: Tensor) -> RunningMean:
     """Count and mean of ``values`` pooled over every rank (the identity in one process; a collective otherwise)."""
-    flat = values.detach().to(dtype=torch.float64).reshape(-1)
-    if not bool(torch.isfinite(flat).all()):
-        raise ValueError("ensemble std contains NaN or inf")
-    local = torch.stack([flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)])
-    total, count = distributed.all_reduce_sum(local).tolist()
+    local = RunningMean.of(values)
+    total, count = distributed.all_reduce_sum(
+        torch.tensor([local.mean * local.count, float(local.count)], dtype=torch.float64)).tolist()
     return RunningMean(count=round(count), mean=total / count if count else 0.0)
 
 

@@ -252,31 +252,34 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
     staging = destination.with_name(destination.name + ".tmp")
     if gathered is not None:
         if isinstance(model, PeftModel):  # ZeRO-3's placeholders cannot be merged in place: merge into a reload
-            model = merge_adapters_in_full_precision(model, resolve_model_location(ctx.start_model),
-                                                     gguf_file=None if ctx.stage.inputs else ctx.recipe.model.gguf_file,
-                                                     workdir=destination.parent, state_dict=gathered,
-                                                     dtype=resolve_dtype(ctx.recipe.model.dtype))
+            model = _merge_into_reload(model, ctx, destination, dtype=resolve_dtype(ctx.recipe.model.dtype),
+                                       state_dict=gathered)
             gathered = None
     elif is_quantized(model):
         if not isinstance(model, PeftModel):
             raise ValueError("a k-bit quantized policy without LoRA adapters has nothing trainable to publish; "
                              "give the stage a lora block (model.quantization needs one)")
-        # Merging into the k-bit weights would round the update away: merge into a full-precision reload of the base
-        # the adapters were trained on (the stage's start model; a different recorded base, e.g. an earlier round's
-        # checkpoint, is never GGUF).
-        base = resolve_model_location(ctx.start_model)
-        gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
-        recorded = model.peft_config[model.active_adapter].base_model_name_or_path
-        if recorded and recorded != base:
-            base, gguf_file = recorded, None
-        model = merge_adapters_in_full_precision(model, base, gguf_file=gguf_file, workdir=destination.parent,
-                                                 dtype=merge_dtype(ctx.recipe.model.quantization))
+        # Merging into the k-bit weights would round the update away: merge into a full-precision reload.
+        model = _merge_into_reload(model, ctx, destination, dtype=merge_dtype(ctx.recipe.model.quantization))
     elif isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.save_pretrained(staging, safe_serialization=True, state_dict=gathered)
     tokenizer.save_pretrained(staging)
     publish_directory(staging, destination)
     return destination
+
+
+def _merge_into_reload(model: PeftModel, ctx: StageContext, destination: Path, *, dtype: torch.dtype,
+                       state_dict: dict[str, torch.Tensor] | None = None):
+    """``model``'s adapters merged into a fresh load of the base they were trained on: the stage's start model, or
+    the base the adapter config records when that differs (e.g. an earlier round's checkpoint, never GGUF)."""
+    base = resolve_model_location(ctx.start_model)
+    gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+    recorded = model.peft_config[model.active_adapter].base_model_name_or_path
+    if recorded and recorded != base:
+        base, gguf_file = recorded, None
+    return merge_adapters_in_full_precision(model, base, gguf_file=gguf_file, workdir=destination.parent,
+                                            dtype=dtype, state_dict=state_dict)
 
 
 def zero3_state_dict(trainer) -> dict[str, torch.Tensor] | None:

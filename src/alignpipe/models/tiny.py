@@ -47,6 +47,26 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
+def tiny_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                max_position_embeddings: int, pad_token_id: int | None = None,
+                eos_token_id: int | None = None) -> LlamaConfig:
+    """The tiny model's architecture: what :func:`build_tiny_model` builds, and what preflight inspects on the meta
+    device before the tokenizer (and so the exact vocabulary) exists."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+
+
 def build_tiny_model(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -58,19 +78,10 @@ def build_tiny_model(
     seed: int,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama-style causal LM sized to ``tokenizer`` (seeded, so identical across runs)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    config = tiny_config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=num_heads, intermediate_size=intermediate_size,
+                         max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

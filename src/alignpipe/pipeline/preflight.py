@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.data.adapters import DataError, looks_like_path
-from alignpipe.recipe import DPOStage, PreferenceDataSpec, Recipe, RewardStage, SFTDataSpec, SFTStage
+from alignpipe.recipe import (
+    DPOStage,
+    PreferenceDataSpec,
+    Recipe,
+    RewardStage,
+    SFTDataSpec,
+    SFTStage,
+    TinyModelSpec,
+)
 
 __all__ = ["PreflightError", "preflight"]
 
@@ -136,23 +144,34 @@ def _check_top_layers(recipe: Recipe, stage: RewardStage) -> None:
 
 
 def _backbone_depth(recipe: Recipe, stage: RewardStage) -> tuple[str, int] | None:
-    """(name, layer count) of the model a reward stage adapts, when it is known without loading weights: its
-    ``backbone``, else the recipe model its input checkpoint was trained from. None for hub ids and GGUF models."""
-    if stage.backbone is None and recipe.model.is_tiny:
-        return "the tiny model, model.tiny.num_layers", recipe.model.tiny.num_layers
-    if stage.backbone is None and (recipe.model.gguf_package or recipe.model.gguf_file):
-        return None
-    folder = _local_config_folder(stage.backbone if stage.backbone is not None else recipe.model.name_or_path)
-    if folder is None:
+    """(name, layer count) of the model a reward stage adapts (:func:`_adapted_model`), read from the tiny spec or
+    the folder's config.json; None when neither is at hand."""
+    found = _adapted_model(recipe, stage)
+    if isinstance(found, TinyModelSpec):
+        return "the tiny model, model.tiny.num_layers", found.num_layers
+    if found is None:
         return None
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((found / "config.json").read_text())
     except (OSError, ValueError):
         return None  # an unreadable config is the loader's error to report
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
-            return str(folder), config[key]
+            return str(found), config[key]
     return None
+
+
+def _adapted_model(recipe: Recipe, stage) -> TinyModelSpec | Path | None:
+    """What ``stage`` puts adapters on, when it is known without a download: a reward stage's local ``backbone``,
+    else the recipe's model (its tiny spec, or its local folder; an input checkpoint has the recipe model's
+    architecture). A folder is returned only when it holds a config.json; None for hub ids and GGUF models."""
+    if isinstance(stage, RewardStage) and stage.backbone is not None:
+        return _local_config_folder(stage.backbone)
+    if recipe.model.is_tiny:
+        return recipe.model.tiny
+    if recipe.model.gguf_package or recipe.model.gguf_file:
+        return None
+    return _local_config_folder(recipe.model.name_or_path)
 
 
 def _check_lora_targets(recipe: Recipe, stage) -> None:
@@ -177,32 +196,29 @@ def _check_lora_targets(recipe: Recipe, stage) -> None:
 
 
 def _architecture(recipe: Recipe, stage):
-    """(description, model on the meta device) of what ``stage`` puts adapters on: the bare backbone for a reward
-    stage (its ``backbone`` or the recipe's model), the causal LM otherwise. None when that needs a download, the
-    checkpoint's own code or a GGUF file."""
+    """(description, model on the meta device) of what ``stage`` puts adapters on (:func:`_adapted_model`): the
+    bare backbone for a reward stage, the causal LM otherwise. None when unknown or the checkpoint's own code would
+    have to run."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    reward = isinstance(stage, RewardStage)
-    name = stage.backbone if reward and stage.backbone is not None else recipe.model.name_or_path
-    if name == recipe.model.name_or_path and recipe.model.is_tiny:
-        tiny = recipe.model.tiny
-        config, where = LlamaConfig(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
-                                    num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
-                                    intermediate_size=tiny.intermediate_size), "the tiny model"
+    from alignpipe.models.tiny import tiny_config
+
+    found = _adapted_model(recipe, stage)
+    if isinstance(found, TinyModelSpec):
+        config, where = tiny_config(vocab_size=found.vocab_size, hidden_size=found.hidden_size,
+                                    num_layers=found.num_layers, num_heads=found.num_heads,
+                                    intermediate_size=found.intermediate_size,
+                                    max_position_embeddings=found.max_position_embeddings), "the tiny model"
+    elif found is None or recipe.model.trust_remote_code:
+        return None
     else:
-        if name == recipe.model.name_or_path and (recipe.model.gguf_package or recipe.model.gguf_file
-                                                  or recipe.model.trust_remote_code):
-            return None
-        folder = _local_config_folder(name)
-        if folder is None:
-            return None
         try:
-            config, where = AutoConfig.from_pretrained(folder), str(folder)
+            config, where = AutoConfig.from_pretrained(found), str(found)
         except (OSError, ValueError):
             return None  # an unreadable config is the loader's error to report
     with torch.device("meta"):
-        return where, (AutoModel if reward else AutoModelForCausalLM).from_config(config)
+        return where, (AutoModel if isinstance(stage, RewardStage) else AutoModelForCausalLM).from_config(config)
 
 
 def _local_config_folder(name: str) -> Path | None:

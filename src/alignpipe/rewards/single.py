@@ -114,15 +114,15 @@ def single_turn_rows(rows):
     if "prompt" not in rows.column_names or dataset_text_format(rows) != "chat":
         return rows
 
-    def single_turn(row: dict) -> dict:
-        return {"prompt": [{"role": "user", "content": plain_text(row["prompt"])}]
-                if len(row["prompt"]) > 1 else row["prompt"],
-                **{side: [{"role": "assistant", "content": plain_text(row[side])}] if len(row[side]) > 1 else row[side]
-                   for side in ("chosen", "rejected")}}
+    roles = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
 
-    if all(len(row["prompt"]) == 1 and len(row["chosen"]) == 1 and len(row["rejected"]) == 1 for row in rows):
+    def one_message(field: list[dict], role: str) -> list[dict]:
+        return field if len(field) == 1 else [{"role": role, "content": plain_text(field)}]
+
+    if all(len(row[column]) == 1 for row in rows for column in roles):
         return rows
-    return rows.map(single_turn, desc="single-turn prompts")
+    return rows.map(lambda row: {column: one_message(row[column], role) for column, role in roles.items()},
+                    desc="single-turn prompts")
 
 
 def _load_tokenizer(name_or_path: str | os.PathLike[str], text_format: TextFormat):

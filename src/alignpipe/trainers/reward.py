@@ -58,8 +58,9 @@ def _policy_samples(ctx: StageContext, scorer) -> dict:
                                  seed=ctx.recipe.seed)
 
 
-def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None, Callable[[], object]]:
-    """The trained ensemble's scorer, final loss, and how to publish it as ``checkpoint/``."""
+def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, float | None, Callable[[], object], int]:
+    """The trained ensemble's scorer, final loss, how to publish it as ``checkpoint/``, and the pairs it trained on
+    (all of them: the ensemble truncates long pairs)."""
     stage, recipe = ctx.stage, ctx.recipe
     spec = EnsembleSpec(
         backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
@@ -85,7 +86,7 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
                              on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None,
                              save_every=stage.save_steps, on_save=lambda state: _save_state(ctx, state),
                              resume=resume)
-    return scorer, history[-1]["loss"] if history else None, lambda: ensemble.save(ctx.dir.checkpoint)
+    return scorer, history[-1]["loss"] if history else None, lambda: ensemble.save(ctx.dir.checkpoint), len(train)
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
@@ -131,10 +132,9 @@ def run(ctx: StageContext) -> dict:
              stage.implementation, len(train_index), len(heldout))
     if stage.implementation == "trl":
         scorer, final_loss, publish, trained_on = _train_with_trl(ctx, rows.select(train_index))
-    else:  # the ensemble truncates long pairs, so it trains on every one
-        scorer, final_loss, publish = _train_ensemble(ctx, [pairs[i] for i in train_index],
-                                                      [strengths[i] for i in train_index])
-        trained_on = len(train_index)
+    else:
+        scorer, final_loss, publish, trained_on = _train_ensemble(ctx, [pairs[i] for i in train_index],
+                                                                  [strengths[i] for i in train_index])
     synthetic = stage.dataset.source == "synthetic"
     tables: dict = {}
     metrics = reward_model_metrics(

@@ -38,6 +38,7 @@ from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl,
 from alignpipe.evaluation.leaderboard import KL_BUDGET, LC_METRICS, checkpoint_flags, load_leaderboard, metric_value
 from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
 from alignpipe.io import atomic_write_text
+from alignpipe.pipeline.rundir import RUN_FILE
 
 __all__ = ["KL_BUDGET", "TRUNCATION_LIMIT", "LengthPoint", "OveroptCurve", "RunData", "StageData",
            "bon_curves", "checkpoint_flags", "plot_overoptimisation", "plot_ppo_training", "plot_reliability",
@@ -125,7 +126,7 @@ def read_run(run_dir: Path) -> RunData:
             reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text
-    run_record = _read_json(root / "run.json", errors) or {}
+    run_record = _read_json(root / RUN_FILE, errors) or {}
     data = RunData(name=str(run_record.get("run") or root.name), root=root, run_record=run_record, stages=stages,
                    errors=errors)
     if (root / "leaderboard.json").exists():

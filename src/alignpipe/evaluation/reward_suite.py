@@ -16,7 +16,7 @@ from alignpipe.data.preference import is_reward_heldout
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.reward_eval import reward_model_metrics
 from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
-from alignpipe.pipeline.rundir import StageDir, directory_hash, package_versions
+from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash, package_versions
 from alignpipe.tasks import gold_reward, preference_pairs
 
 __all__ = ["expand_reward_models", "load_pair_source", "run_reward_suite"]
@@ -61,7 +61,7 @@ def expand_reward_models(spec: str) -> list[tuple[str, str]]:
     manifest says complete: a failed or interrupted one is left out, whatever files it left)."""
     name, sep, path = spec.partition("=")
     directory = Path(path if sep else spec)
-    if (directory / "run.json").exists():
+    if (directory / RUN_FILE).exists():
         stages = [StageDir(d) for d in sorted(directory.iterdir()) if d.is_dir()]
         manifests = {s.name: s.read_manifest() or {} for s in stages}
         rewards = [s for s in stages if manifests[s.name].get("type") == "reward"]

@@ -10,7 +10,7 @@ from alignpipe.evaluation.harness import Checkpoint
 from alignpipe.evaluation.leaderboard import write_leaderboard
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json
-from alignpipe.pipeline.rundir import StageDir, directory_hash
+from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash
 
 
 def _expand(spec: str) -> list[Checkpoint]:
@@ -19,7 +19,7 @@ def _expand(spec: str) -> list[Checkpoint]:
     if not sep:
         name, path = "", spec
     directory = Path(path)
-    if (directory / "run.json").exists():
+    if (directory / RUN_FILE).exists():
         stages = sorted((d for d in directory.iterdir() if (d / "checkpoint" / "config.json").exists()),
                         key=lambda d: (StageDir(d).read_manifest() or {}).get("end_time") or "")
         if not stages:
@@ -55,7 +55,7 @@ def evaluate_paths(
                       cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:
         first = Path(specs[0].partition("=")[2] or specs[0])
-        out = first if (first / "run.json").exists() else Path("eval-out")
+        out = first if (first / RUN_FILE).exists() else Path("eval-out")
     return write_leaderboard(board, out)
 
 

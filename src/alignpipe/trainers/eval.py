@@ -19,7 +19,7 @@ from alignpipe.evaluation.leaderboard import (
 )
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.io import atomic_write_json, atomic_write_text
-from alignpipe.pipeline.rundir import StageDir, package_versions
+from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.tasks import GoldJudge
 
@@ -70,7 +70,8 @@ def run(ctx: StageContext) -> dict:
         rows = sample_rows(checkpoint_samples)
         atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.jsonl",
                           "".join(json.dumps(r) + "\n" for r in rows))
-    run_record = json.loads((ctx.run_dir / "run.json").read_text()) if (ctx.run_dir / "run.json").exists() else {}
+    record = ctx.run_dir / RUN_FILE
+    run_record = json.loads(record.read_text()) if record.exists() else {}
     leaderboard = build_leaderboard(
         results,
         run={"name": recipe.name, "stage": ctx.dir.name, "reference": reference_name,

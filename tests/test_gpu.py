@@ -1,4 +1,4 @@
-"""GPU paths: NCCL collectives, reward scoring on CUDA, bf16 defaults and 4-bit loading on CUDA.
+"""GPU paths: NCCL collectives, reward scoring and evaluation sampling on CUDA, bf16 defaults and 4-bit loading.
 
 Marked ``gpu``: kept out of the default run (``pytest.ini``'s addopts) and skipped where CUDA is absent. Run them on
 a GPU machine with ``./launch.sh --test -m gpu``. The CPU suite checks the same code with stand-ins
@@ -78,6 +78,18 @@ def test_the_ensemble_scores_the_same_on_the_gpu_as_on_the_cpu(llama_path, tmp_p
     on_gpu = on_gpu_scorer.score(prompts, responses)
     assert on_gpu.per_member.shape == (3, 3) and on_cpu.per_member.std() > 0
     torch.testing.assert_close(on_gpu.per_member.cpu(), on_cpu.per_member, atol=2e-3, rtol=1e-3)
+
+
+def test_evaluation_samples_on_the_gpu(llama_path):
+    """The harness's models load onto the process's GPU, so sampling and log-probs run there, not on the CPU."""
+    from alignpipe.evaluation.generation import GenerationSettings, generate, sequence_logprobs
+    from alignpipe.evaluation.harness import Checkpoint, LazyModel
+
+    model, tokenizer = LazyModel(Checkpoint("policy", llama_path), "float32").get()
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    generations = generate(model, tokenizer, ["sort: 3 1 2", "copy: 4 5"], GenerationSettings(max_new_tokens=6))
+    assert len(generations) == 2
+    assert all(abs(v) < float("inf") for v in sequence_logprobs(model, tokenizer, generations, batch_size=2))
 
 
 def test_precision_defaults_follow_the_gpu():

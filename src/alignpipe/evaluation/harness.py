@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import (
@@ -34,7 +36,7 @@ from alignpipe.evaluation.metrics import (
     order_averaged_preference,
     win_rate,
 )
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device
 
 log = logging.getLogger("alignpipe")
 
@@ -66,15 +68,18 @@ class CheckpointSamples:
 
 
 class LazyModel:
-    """A checkpoint's model and tokenizer, loaded on first use (a fully cached checkpoint is never loaded)."""
+    """A checkpoint's model and tokenizer, loaded on first use (a fully cached checkpoint is never loaded) onto
+    ``device``: by default this process's device, so a GPU machine samples and scores on its GPU."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: str):
-        self.checkpoint, self.dtype = checkpoint, dtype
+    def __init__(self, checkpoint: Checkpoint, dtype: str, device: str | torch.device | None = None):
+        self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self._loaded = None
 
     def get(self):
         if self._loaded is None:
-            self._loaded = (load_causal_lm(self.checkpoint.path, dtype=self.dtype), load_tokenizer(self.checkpoint.path))
+            device = self.device if self.device is not None else process_device()
+            self._loaded = (load_causal_lm(self.checkpoint.path, dtype=self.dtype, device=device),
+                            load_tokenizer(self.checkpoint.path))
         return self._loaded
 
     def tokenizer(self):

@@ -133,19 +133,32 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_c
     return tokenizer
 
 
+def process_device() -> torch.device:
+    """This process's device: its own GPU under a GPU launch (one per rank), else the CPU. Models that sample or
+    score outside a trainer go here; a trainer places its own."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None,
-                   quantization: QuantizationSpec | None = None) -> PreTrainedModel:
+                   quantization: QuantizationSpec | None = None,
+                   device: str | torch.device | None = None) -> PreTrainedModel:
     """A causal LM in ``dtype``, or k-bit quantized through bitsandbytes when ``quantization`` is given.
 
+    ``device`` is for models used outside a trainer (sampling, scoring): ``from_pretrained`` loads onto the CPU, and
+    generation runs wherever the weights are, so without it a GPU run samples on the CPU.
+
     Quantized, the unquantized parts (embeddings, norms, lm_head) load in the spec's ``compute_dtype`` instead of
-    ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU (k-bit models cannot be moved after
-    loading; on CPU bitsandbytes quantizes in place), and bitsandbytes' CPU inference repacking is turned off
-    (see :func:`~alignpipe.models.quantization.keep_4bit_layers_differentiable`).
+    ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU whatever ``device`` says (k-bit models
+    cannot be moved after loading; on CPU bitsandbytes quantizes in place), and bitsandbytes' CPU inference
+    repacking is turned off (see :func:`~alignpipe.models.quantization.keep_4bit_layers_differentiable`).
     """
     location = resolve_model_location(name_or_path)
     if quantization is None:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
-                                                    **remote_code_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
+                                                     **remote_code_kwargs())
+        return model.to(device) if device is not None else model
     extra = {}
     if torch.cuda.is_available():
         from accelerate import PartialState

@@ -67,9 +67,9 @@ class StageContext:
     @property
     def device(self):
         """This process's device (its GPU under a GPU launch, else the CPU): where a stage's models run."""
-        from accelerate import PartialState
+        from alignpipe.models.loading import process_device
 
-        return PartialState().device
+        return process_device()
 
 
 def stage_runner(stage_type: str) -> Callable[[StageContext], dict]:

@@ -126,7 +126,7 @@ def _sample(ctx: StageContext, prompts: list[str], settings: GenerationSettings)
     """``n_samples`` responses per prompt from the policy (the stage's first input), grouped by prompt."""
     path = ctx.inputs[ctx.stage.inputs[0]]
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype)
+    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype, device=ctx.device)
     repeated = [p for p in prompts for _ in range(ctx.stage.n_samples)]
     responses = [g.response for g in generate(model, tokenizer, repeated, settings, desc="best-of-n sampling")]
     del model

@@ -49,11 +49,15 @@ def load_start_model(ctx: StageContext):
     return load_policy(ctx, ctx.start_model, gguf_file=gguf_file), tokenizer
 
 
-def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None):
+def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None, on_device: bool = False):
     """A policy to train from ``path``: k-bit, frozen and ready for LoRA under ``model.quantization`` (QLoRA), else
-    in the recipe's dtype. Every stage that trains a policy loads it here, so quantization applies to all of them."""
+    in the recipe's dtype. Every stage that trains a policy loads it here, so quantization applies to all of them.
+
+    ``on_device`` puts it on this process's device at once, for a stage that samples from it before its trainer
+    would move it (the online rounds); otherwise the trainer places it."""
     quantization = ctx.recipe.model.quantization
-    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file, quantization=quantization)
+    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file, quantization=quantization,
+                           device=ctx.device if on_device else None)
     return prepare_for_kbit_training(model) if quantization is not None else model
 
 

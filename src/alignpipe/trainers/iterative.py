@@ -322,7 +322,7 @@ def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer
 
 def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
-    model = load_policy(ctx, policy_path)
+    model = load_policy(ctx, policy_path, on_device=True)  # it samples (and may judge) before training
     data = _round_data(ctx, method, r, model, tokenizer)
     if not data.rows:
         raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); raise "

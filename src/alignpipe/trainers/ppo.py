@@ -158,9 +158,7 @@ class PPOLoop:
     def __init__(self, ctx: StageContext):
         self.ctx, self.stage, self.recipe = ctx, ctx.stage, ctx.recipe
         torch.manual_seed(self.recipe.seed)
-        from accelerate import PartialState
-
-        self.device = PartialState().device
+        self.device = ctx.device
         self.tokenizer = load_tokenizer(ctx.start_model)
         model = load_policy(ctx, ctx.start_model)
         self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).to(self.device).eval()

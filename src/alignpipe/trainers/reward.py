@@ -49,7 +49,7 @@ def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
 
 def _policy_samples(ctx: StageContext, scorer) -> dict:
     """Score fresh samples of the backbone's own policy on held-out prompts (the distribution PPO will feed it)."""
-    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype)
+    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, device=ctx.device)
     tokenizer = load_tokenizer(ctx.start_model)
     prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, POLICY_SAMPLES, seed=ctx.recipe.seed)]
     generations = generate(model, tokenizer, prompts, GenerationSettings(seed=ctx.recipe.seed),

@@ -167,3 +167,33 @@ def test_model_critic_with_a_lora_policy_is_a_plain_copy_of_the_start_decoder(to
     model = ActorCritic(start, lora_config=_lora(), critic="model")
     assert not any("lora_" in n for n, _ in model.critic_backbone.named_parameters())
     assert all(p.requires_grad for p in model.critic_backbone.parameters())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_rollout_logprobs_are_those_of_the_tempered_sampler(tokenizer, temperature):
+    """PPO samples at the stage's temperature, so the ratio and the KL must score that distribution: the log-probs
+    of the sampled tokens equal the sampler's own (``softmax(logits / T)``), not the untempered policy's."""
+    from alignpipe.evaluation.generation import render_prompts
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0).eval()
+    rendered = render_prompts(tokenizer, ["sort: 3 1 2", "copy: 4 5 6 7"])
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**encoded, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=8,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         output_scores=True, return_dict_in_generate=True)
+    sampled = out.sequences[:, encoded["input_ids"].shape[1]:]
+    sampler = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, sampled[:, i:i + 1]).squeeze(-1)
+                           for i, step in enumerate(out.scores)], dim=1)
+    responses = [row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+                 for row in sampled.tolist()]
+    batch = RolloutTensors.build([tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered], responses,
+                                 tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+    logp, _ = response_logprobs(logits, batch, temperature)
+    mask = batch.response_mask
+    torch.testing.assert_close(logp * mask, sampler[:, :mask.shape[1]] * mask, atol=1e-4, rtol=0)

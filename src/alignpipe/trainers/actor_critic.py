@@ -70,9 +70,13 @@ class RolloutTensors:
         return per_position[:, self.prompt_width - 1:self.prompt_width - 1 + width]
 
 
-def response_logprobs(logits: Tensor, batch: RolloutTensors) -> tuple[Tensor, Tensor]:
-    """Per-token ``log π(a_t | s_t)`` of the response tokens, ``[B, R]``, and the response-position logits."""
-    logits = batch.response_slice(logits).float()
+def response_logprobs(logits: Tensor, batch: RolloutTensors, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-token ``log π(a_t | s_t)`` of the response tokens, ``[B, R]``, and the response-position logits.
+
+    ``temperature`` is the sampling temperature: the rollout's tokens come from ``softmax(logits / T)``, so the
+    ratio, the KL penalty and the logged KL must use that distribution too (as TRL's GRPO/RLOO do), not ``T = 1``'s.
+    """
+    logits = batch.response_slice(logits).float() / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
     return logp, logits
 

@@ -119,10 +119,11 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
     Two backward passes instead of one: the policy forward's activations are freed before the critic's forward, so
     a PPO update holds one forward's activations at a time, as an SFT step does. The gradients are the same, since
     the policy and the critic train disjoint parameters. Non-finite losses raise before any optimizer step.
-    ``settings`` carries ``clip_range``, ``clip_range_value``, ``vf_coef`` and ``kl_loss_coef`` (a PPO stage config).
+    ``settings`` carries ``clip_range``, ``clip_range_value``, ``vf_coef``, ``kl_loss_coef`` and the sampling
+    ``temperature`` (a PPO stage config).
     """
     mask = batch.response_mask
-    logp, logits = response_logprobs(model.policy_logits(batch), batch)
+    logp, logits = response_logprobs(model.policy_logits(batch), batch, settings.temperature)
     policy_loss, policy_stats = clipped_policy_loss(logp, old_logp, advantages, mask, settings.clip_range)
     loss = policy_loss
     if settings.kl_loss_coef:
@@ -212,8 +213,8 @@ class PPOLoop:
 
         batch = self._tensors(generations)
         with torch.no_grad():
-            logp, _ = response_logprobs(self.model.policy_logits(batch), batch)
-            ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch)
+            logp, _ = response_logprobs(self.model.policy_logits(batch), batch, s.temperature)
+            ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch, s.temperature)
             values = self.model.values(batch)
         mask = batch.response_mask
         kl_rewards = kl_penalty_rewards(logp, ref_logp, mask, self.kl.value, kind=s.kl_estimator)
@@ -283,8 +284,8 @@ class PPOLoop:
         scored = self.reward(prompts, responses, update=False)
         kept = [g for g in generations if g.response_ids]
         batch = self._tensors(kept)
-        logp, _ = response_logprobs(self.model.policy_logits(batch), batch)
-        ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch)
+        logp, _ = response_logprobs(self.model.policy_logits(batch), batch, self.stage.temperature)
+        ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch, self.stage.temperature)
         mask = batch.response_mask
         policy_logps, reference_logps = (logp * mask).sum(1).tolist(), (ref_logp * mask).sum(1).tolist()
         kl = float(kl_k1(policy_logps, reference_logps).mean())

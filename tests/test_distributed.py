@@ -32,11 +32,14 @@ RECIPE = {
         {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3,
          "total_steps": 4, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8,
          "eval_every": 2, "eval_prompts": 32, "save_steps": 2},
+        {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 1, "prompts_per_round": 16,
+         "samples_per_prompt": 4, "max_new_tokens": 8, "eval_prompts": 16, "learning_rate": 2e-3,
+         **{**TRAIN, "max_steps": 1}},  # one global batch: the round's pair count need not divide by it
     ],
 }
 # Float sums happen in a different order when the batch is split (per-rank means, then an all-reduce): after 8
 # steps at lr 2e-3 / 3e-3 the weights agree to ~1e-5 (SFT ~1e-6); the reward heads (15 steps) to ~4e-4.
-TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "reward": 2e-3}
+TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "reward": 2e-3, "osp": 1e-4}
 
 
 def _alignpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -64,7 +67,7 @@ def _weights(stage_dir: Path) -> dict[str, dict]:
     return {str(f.relative_to(stage_dir)): load_file(f) for f in sorted(stage_dir.rglob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "osp"])
 def test_two_processes_train_like_one_with_the_same_global_batch(runs, stage) -> None:
     one, two = _weights(runs["one"] / stage / "checkpoint"), _weights(runs["two"] / stage / "checkpoint")
     assert one.keys() == two.keys() and one
@@ -97,6 +100,17 @@ def test_ppo_on_two_processes_writes_once_and_reduces_its_statistics(runs) -> No
     assert manifest["status"] == "complete" and manifest["summary"]["world_size"] == 2
     assert sorted(p.name for p in (runs["two"] / "ppo" / "trainer").iterdir()) == ["checkpoint-2"]
     assert (runs["two"] / "ppo" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_online_rounds_on_two_processes_train_on_one_set_of_pairs_and_log_once(runs) -> None:
+    """Every rank trains on rank 0's round data (the same pairs, so the same number of steps), and the round's
+    record is written once, with rank 0's evaluation."""
+    round_dir = Path("osp") / "rounds" / "round-0"
+    one, two = (json.loads((runs[k] / round_dir / "pairs.json").read_text()) for k in ("one", "two"))
+    assert two["rows"] and two == one
+    records = [json.loads(line) for line in (runs["two"] / "osp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if "round" in r] == [0]
+    assert json.loads((runs["two"] / round_dir / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_launch_commands_are_printed_and_use_the_cpu_config(runs) -> None:

@@ -38,6 +38,7 @@ from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import ROUND_DATA, StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext, verified_trainer_checkpoint
 from alignpipe.rewards.judges import GoldPairwiseJudge, SelfJudge, judge_against_anchors, preference_matrices
@@ -292,7 +293,8 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
             if ctx.is_main_process:  # an interrupted attempt's summary of this round is about to be redone
                 ctx.dir.keep_metrics(lambda record: record.get("round", -1) < r)
             history.append(_run_round(ctx, method, r, policy_path, reference_path))
-            round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
+            if ctx.is_main_process:
+                round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
         policy_path = str(round_dir.checkpoint)
         if stage.reference == "previous":
             reference_path = policy_path
@@ -308,13 +310,17 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
 
 def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer) -> RoundData:
     """The round's generated and judged training rows, saved to ``rounds/round-<r>/pairs.json`` before training so a
-    resumed round trains on exactly the same data without sampling and judging again."""
+    resumed round trains on exactly the same data without sampling and judging again.
+
+    Every process samples and judges the same seeded round, but all of them train on rank 0's rows: sampling on
+    different GPUs is not bitwise reproducible, and ranks with different pairs would run different numbers of steps
+    and wait for each other forever."""
     saved = ctx.dir.root / "rounds" / f"round-{r}" / ROUND_DATA
     if ctx.resume and saved.exists():
         stored = json.loads(saved.read_text())
         log.info("[%s] round %d: reusing its %d generated pairs", ctx.dir.name, r, len(stored["rows"]))
         return RoundData(rows=stored["rows"], stats=stored["stats"])
-    data = method.round_data(ctx, r, model, tokenizer)
+    data = distributed.from_main(method.round_data(ctx, r, model, tokenizer))
     if ctx.is_main_process:
         atomic_write_json(saved, {"rows": data.rows, "stats": data.stats})
     return data
@@ -332,12 +338,13 @@ def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str,
     training = _train_round(ctx, method, r, model, tokenizer, data.rows, explicit_reference)
     del model
     checkpoint = str(ctx.dir.root / "rounds" / f"round-{r}" / "checkpoint")
-    record = {
+    record = distributed.from_main({  # rank 0's evaluation is the round's record on every rank, written once
         "round": r, "pairs": len(data.rows), **data.stats,
         **{f"train/{k}": v for k, v in training.items()},
         **_evaluate_round(ctx, checkpoint, r),
-    }
-    append_metrics(ctx.dir.metrics, record)
+    })
+    if ctx.is_main_process:
+        append_metrics(ctx.dir.metrics, record)
     log.info("[%s] round %d: gold reward %.3f [%.3f, %.3f], win rate vs initial %.3f [%.3f, %.3f]", ctx.dir.name, r,
              record["gold_reward"], *record["gold_reward_ci95"], record["win_rate_vs_initial"],
              *record["win_rate_vs_initial_ci95"])

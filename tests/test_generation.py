@@ -1,5 +1,6 @@
 """Tests for alignpipe.evaluation.generation (pinned sampling, sequence log-probs) and evaluation.harness."""
 
+import json
 import math
 import shutil
 
@@ -14,6 +15,7 @@ from alignpipe.evaluation.generation import (
     sequence_logprobs,
 )
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.models.tiny import (
     build_tiny_model,
     save_tiny_checkpoint,
@@ -138,6 +140,23 @@ def test_untrained_model_mostly_truncates(model, tokenizer):
     gens = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=4, batch_size=40, seed=0))
     rate = sum(g.truncated for g in gens) / len(gens)
     assert rate > 0.7
+
+
+def test_generate_ignores_the_checkpoints_own_generation_config(tmp_path, checkpoint_dir, prompts):
+    """Samples depend on the weights and our settings only: decoding options a checkpoint's generation_config.json
+    carries (a repetition penalty, banned n-grams, a minimum length) change nothing, and stay in the model."""
+    leaky = tmp_path / "leaky"
+    shutil.copytree(checkpoint_dir, leaky)
+    path = leaky / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**config, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 5}))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+    samples = []
+    for directory in (checkpoint_dir, leaky):
+        model = load_causal_lm(str(directory), dtype="float32")
+        samples.append(generate(model, load_tokenizer(str(directory)), prompts, settings))
+    assert samples[1] == samples[0]
+    assert model.generation_config.repetition_penalty == 3.0
 
 
 # ------------------------------------------------------------------------------------------------ sequence_logprobs

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
-                                "into one ranked table, rows named <run>/<checkpoint>.")
+                                "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
+                                "evaluated differently (suite file, reference, prompt set, generation settings or "
+                                "judge).")
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
                        help="directory for the merged leaderboard.{json,md,csv} (default: leaderboard-merged)")

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
@@ -21,6 +22,7 @@ from alignpipe.models.tiny import (
     save_tiny_checkpoint,
     train_tokenizer,
 )
+from alignpipe.pipeline.rundir import directory_hash
 from alignpipe.tasks.synthetic import (
     GoldJudge,
     gold_reward,
@@ -255,3 +257,24 @@ def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokeni
     assert other_m["kl_ref_k3"].value > 0.0
     assert all(p in (0.0, 0.5, 1.0) for p in s.preferences)  # hard judge, both orders agree
     assert not math.isnan(other_m["win_rate_vs_ref"].value)
+
+
+def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, checkpoint_dir, tokenizer, prompts):
+    """The same weights sample and score differently in bfloat16: an evaluation in bfloat16 gets its own samples and
+    log-probs, not the float32 ones an earlier evaluation left in the same cache."""
+    other_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "other")
+    ref = Checkpoint("base", str(checkpoint_dir), directory_hash(checkpoint_dir))
+    other = Checkpoint("other", str(other_dir), directory_hash(other_dir))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+
+    def evaluated(dtype: str, cache: EvalCache | None) -> tuple:
+        _, (samples,) = evaluate_checkpoints([other], ref, prompts, GoldJudge(), settings, dtype=dtype,
+                                             bootstrap_resamples=50, cache=cache)
+        return samples.generations, samples.logp_policy, samples.logp_reference
+
+    cache = EvalCache(tmp_path / "cache")
+    in_float32 = evaluated("float32", cache)
+    in_bfloat16 = evaluated("bfloat16", None)
+    assert in_bfloat16 != in_float32
+    assert evaluated("bfloat16", cache) == in_bfloat16
+    assert evaluated("float32", cache) == in_float32

@@ -279,3 +279,16 @@ def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value,
     with pytest.raises(ValueError, match=what) as error:
         merge_leaderboards([a, b])
     assert str(a) in str(error.value) and str(b) in str(error.value) and "alignpipe eval" in str(error.value)
+
+
+def test_csv_and_markdown_rank_the_same_rows():
+    """A row without the primary metric is listed last and unranked in both renderings (Markdown "–", CSV empty)."""
+    from alignpipe.evaluation.leaderboard import render_csv
+
+    unranked = CheckpointResult("no-gold", "ckpts/x", None, {"win_rate_vs_ref": mv(0.5, 0.4, 0.6)})
+    lb = build([*results(), unranked])
+    markdown = [line.split("|")[1:3] for line in render_markdown(lb).splitlines()[7:7 + len(lb["checkpoints"])]]
+    csv_rows = [line.split(",")[:2] for line in render_csv(lb).splitlines()[1:]]
+    assert [(rank.strip(), name.strip()) for rank, name in markdown] == [
+        ("1", "dpo"), ("2", "sft"), ("3", "base"), ("–", "no-gold")]
+    assert csv_rows == [["1", "dpo"], ["2", "sft"], ["3", "base"], ["", "no-gold"]]

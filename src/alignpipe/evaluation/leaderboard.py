@@ -129,7 +129,7 @@ def render_markdown(leaderboard: dict) -> str:
     for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
         res = ckpt["results"]
         row_n = res[primary].get("n") if primary in res else None
-        cells = [str(rank) if primary in res else _MISSING, _escape(ckpt["name"])]
+        cells = [str(rank) if is_ranked(res, primary) else _MISSING, _escape(ckpt["name"])]
         cells += [_cell(res.get(m), row_n) for m in metrics]
         cells.append(_MISSING if row_n is None else str(row_n))
         cells.append("; ".join(checkpoint_flags(res)) or "")
@@ -164,6 +164,12 @@ def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_
     return flags
 
 
+def is_ranked(results: dict, primary_metric: str) -> bool:
+    """Whether a row gets a rank: only with a value of the primary metric (rows without one are listed last, unranked,
+    in every rendering)."""
+    return metric_value(results, primary_metric) is not None
+
+
 def metric_value(results: dict, metric: str) -> float | None:
     """A row's finite value of ``metric``, else None (absent, null or non-finite)."""
     entry = results.get(metric)
@@ -174,14 +180,16 @@ def metric_value(results: dict, metric: str) -> float | None:
 
 
 def render_csv(leaderboard: dict) -> str:
-    """The policy table as CSV: one row per checkpoint, ``<metric>``, ``<metric>_lo``, ``<metric>_hi``, ``<metric>_n``."""
+    """The policy table as CSV: one row per checkpoint, ``<metric>``, ``<metric>_lo``, ``<metric>_hi``, ``<metric>_n``;
+    ``rank`` is empty for a row without the primary metric, as in the Markdown."""
     metrics = list(leaderboard["higher_is_better"])
+    primary = leaderboard["suite"]["primary_metric"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["rank", "checkpoint", *(f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi", "_n")), "flags"])
     for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
         res = ckpt["results"]
-        cells: list = [rank, ckpt["name"]]
+        cells: list = [rank if is_ranked(res, primary) else None, ckpt["name"]]
         for m in metrics:
             entry = res.get(m) or {}
             ci = entry.get("ci95") or (None, None)

@@ -1,11 +1,13 @@
 """Tests for alignpipe.evaluation.generation (pinned sampling, sequence log-probs) and evaluation.harness."""
 
+import json
 import math
 import shutil
 
 import pytest
 import torch
 
+from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
@@ -14,11 +16,13 @@ from alignpipe.evaluation.generation import (
     sequence_logprobs,
 )
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.models.tiny import (
     build_tiny_model,
     save_tiny_checkpoint,
     train_tokenizer,
 )
+from alignpipe.pipeline.rundir import directory_hash
 from alignpipe.tasks.synthetic import (
     GoldJudge,
     gold_reward,
@@ -140,6 +144,23 @@ def test_untrained_model_mostly_truncates(model, tokenizer):
     assert rate > 0.7
 
 
+def test_generate_ignores_the_checkpoints_own_generation_config(tmp_path, checkpoint_dir, prompts):
+    """Samples depend on the weights and our settings only: decoding options a checkpoint's generation_config.json
+    carries (a repetition penalty, banned n-grams, a minimum length) change nothing, and stay in the model."""
+    leaky = tmp_path / "leaky"
+    shutil.copytree(checkpoint_dir, leaky)
+    path = leaky / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**config, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_new_tokens": 5}))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+    samples = []
+    for directory in (checkpoint_dir, leaky):
+        model = load_causal_lm(str(directory), dtype="float32")
+        samples.append(generate(model, load_tokenizer(str(directory)), prompts, settings))
+    assert samples[1] == samples[0]
+    assert model.generation_config.repetition_penalty == 3.0
+
+
 # ------------------------------------------------------------------------------------------------ sequence_logprobs
 
 
@@ -236,3 +257,24 @@ def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokeni
     assert other_m["kl_ref_k3"].value > 0.0
     assert all(p in (0.0, 0.5, 1.0) for p in s.preferences)  # hard judge, both orders agree
     assert not math.isnan(other_m["win_rate_vs_ref"].value)
+
+
+def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, checkpoint_dir, tokenizer, prompts):
+    """The same weights sample and score differently in bfloat16: an evaluation in bfloat16 gets its own samples and
+    log-probs, not the float32 ones an earlier evaluation left in the same cache."""
+    other_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "other")
+    ref = Checkpoint("base", str(checkpoint_dir), directory_hash(checkpoint_dir))
+    other = Checkpoint("other", str(other_dir), directory_hash(other_dir))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+
+    def evaluated(dtype: str, cache: EvalCache | None) -> tuple:
+        _, (samples,) = evaluate_checkpoints([other], ref, prompts, GoldJudge(), settings, dtype=dtype,
+                                             bootstrap_resamples=50, cache=cache)
+        return samples.generations, samples.logp_policy, samples.logp_reference
+
+    cache = EvalCache(tmp_path / "cache")
+    in_float32 = evaluated("float32", cache)
+    in_bfloat16 = evaluated("bfloat16", None)
+    assert in_bfloat16 != in_float32
+    assert evaluated("bfloat16", cache) == in_bfloat16
+    assert evaluated("float32", cache) == in_float32

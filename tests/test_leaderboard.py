@@ -230,3 +230,65 @@ def test_flags_csv_and_merge(tmp_path):
     write_leaderboard(other, tmp_path / "c")
     with pytest.raises(ValueError, match="one suite at a time"):
         merge_leaderboards([tmp_path / "a" / "leaderboard.json", tmp_path / "c" / "leaderboard.json"])
+
+
+def _suite_board(changed: tuple[str, str, object] | None = None) -> dict:
+    """A leaderboard as `alignpipe eval --suite synthetic` records it (every such run is named "suite:synthetic"),
+    with one recorded setting ``(section, key, value)`` changed."""
+    sections = {
+        "run": {"name": "suite:synthetic", "reference": "sft", "suite_sha256": "aa" * 32},
+        "config": {"generation": {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "batch_size": 64,
+                                  "seed": 1234},
+                   "prompt_set": {"id": "synthetic:0123456789abcdef", "n": 256},
+                   "judge": {"type": "gold", "id": "gold:synthetic-v1", "position_swap": True}},
+    }
+    if changed:
+        section, key, value = changed
+        sections[section][key] = value
+    return build_leaderboard(results(), run=sections["run"], config=sections["config"], env={}, suite="synthetic",
+                             primary_metric="gold_reward")
+
+
+def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path):
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    paths = [write_leaderboard(_suite_board(), tmp_path / "runs" / run)[0] for run in ("a", "b")]
+    merged = merge_leaderboards(paths)
+    assert sorted(names(merged)) == ["a/base", "a/dpo", "a/sft", "b/base", "b/dpo", "b/sft"]
+    assert "b/dpo" in render_markdown(merged)
+    # same directory names elsewhere: the labels grow until they tell the runs apart
+    again = [write_leaderboard(_suite_board(), tmp_path / user / "eval-out" / "synthetic")[0] for user in ("x", "y")]
+    assert {n.rsplit("/", 1)[0] for n in names(merge_leaderboards(again))} == {"x/eval-out/synthetic",
+                                                                                "y/eval-out/synthetic"}
+    with pytest.raises(ValueError, match="more than once"):
+        merge_leaderboards([paths[0], paths[0]])
+
+
+@pytest.mark.parametrize("section, key, value, what", [
+    ("run", "suite_sha256", "bb" * 32, "suite file hash"),
+    ("run", "reference", "base", "reference"),
+    ("config", "prompt_set", {"id": "synthetic:fedcba9876543210", "n": 16}, "prompt set"),
+    ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
+     "generation settings"),
+])
+def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value, what):
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    a = write_leaderboard(_suite_board(), tmp_path / "a")[0]
+    b = write_leaderboard(_suite_board((section, key, value)), tmp_path / "b")[0]
+    with pytest.raises(ValueError, match=what) as error:
+        merge_leaderboards([a, b])
+    assert str(a) in str(error.value) and str(b) in str(error.value) and "alignpipe eval" in str(error.value)
+
+
+def test_csv_and_markdown_rank_the_same_rows():
+    """A row without the primary metric is listed last and unranked in both renderings (Markdown "–", CSV empty)."""
+    from alignpipe.evaluation.leaderboard import render_csv
+
+    unranked = CheckpointResult("no-gold", "ckpts/x", None, {"win_rate_vs_ref": mv(0.5, 0.4, 0.6)})
+    lb = build([*results(), unranked])
+    markdown = [line.split("|")[1:3] for line in render_markdown(lb).splitlines()[7:7 + len(lb["checkpoints"])]]
+    csv_rows = [line.split(",")[:2] for line in render_csv(lb).splitlines()[1:]]
+    assert [(rank.strip(), name.strip()) for rank, name in markdown] == [
+        ("1", "dpo"), ("2", "sft"), ("3", "base"), ("–", "no-gold")]
+    assert csv_rows == [["1", "dpo"], ["2", "sft"], ["3", "base"], ["", "no-gold"]]

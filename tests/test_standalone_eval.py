@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from alignpipe.cli import main
 
 
@@ -45,3 +47,19 @@ def test_re_running_eval_is_served_from_the_cache(completed_tiny_run, tmp_path, 
     first.pop("date"), second.pop("date")
     assert first == second
     assert any((tmp_path / "cache" / "generations").rglob("*.json"))
+
+
+def test_eval_with_a_suite_rejects_the_synthetic_prompt_options(llama_path, tmp_path, capsys):
+    """A suite pins prompts and sampling: --n-prompts, --max-new-tokens, --batch-size and --seed are refused with it
+    (before anything is evaluated or written) instead of being silently ignored."""
+    suite = tmp_path / "mini.yaml"
+    suite.write_text(yaml.safe_dump({"name": "mini", "prompts": {"source": "synthetic", "n": 4},
+                                     "generation": {"max_new_tokens": 2, "batch_size": 4}, "reference": "checkpoint",
+                                     "judge": "gold", "primary_metric": "gold_reward", "bootstrap_resamples": 100}))
+    out = tmp_path / "out"
+    for option, value in (("--n-prompts", "8"), ("--max-new-tokens", "4"), ("--batch-size", "2"), ("--seed", "7")):
+        assert main(["eval", f"m={llama_path}", "--suite", str(suite), option, value, "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 2
+        error = capsys.readouterr().err
+        assert option in error and "--suite" in error
+    assert not out.exists()

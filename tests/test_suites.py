@@ -3,6 +3,7 @@ the alpaca-eval suite runs end to end on the tiny model with a reward-model judg
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
@@ -14,7 +15,8 @@ from conftest import REPO
 from alignpipe.cli import main
 from alignpipe.data.preference import is_reward_heldout
 from alignpipe.evaluation.reward_suite import load_pair_source
-from alignpipe.evaluation.suites import SUITES_DIR, PairSource, load_prompts, load_suite
+from alignpipe.evaluation.suites import SUITES_DIR, PairSource, fit_prompts, load_prompts, load_suite
+from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
 from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
 from alignpipe.tasks import preference_pairs
 
@@ -187,3 +189,68 @@ def test_policy_reference_suite_cuts_prompts_to_max_prompt_tokens(completed_tiny
         config = json.loads((out / "leaderboard.json").read_text())["config"]
         ids.append(config["prompt_set"]["id"])
     assert ids[0] != ids[1]
+
+
+def _dialogue(i: int, turns: int) -> str:
+    """A multi-turn HH-style prompt whose last Human turn is the one to answer."""
+    earlier = "".join(f"\n\nHuman: tell me about item {i}.{t} please\n\nAssistant: item {i}.{t} is fine"
+                      for t in range(turns))
+    return f"{earlier}\n\nHuman: and what about the last one, number {i}?\n\nAssistant:"
+
+
+def test_fit_prompts_keeps_the_final_turn_of_a_long_dialogue():
+    """A dialogue over the budget loses its earliest turns, never its final Human turn or the closing "Assistant:"
+    the policy answers; a prompt within the budget is unchanged."""
+    long, short = _dialogue(0, 6), _dialogue(1, 0)
+    tokenizer = train_tokenizer([long, short], vocab_size=120)
+    n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    budget = n_short + 4
+    cut, kept = fit_prompts([long, short], tokenizer, budget)
+    assert kept == short
+    assert long.endswith(cut) and len(cut) < len(long)
+    assert cut.endswith("\n\nHuman: and what about the last one, number 0?\n\nAssistant:")
+    assert "item 0.0" not in cut
+
+
+def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path, tmp_path, monkeypatch):
+    """With max_prompt_tokens, the judge scores each reply (and the dataset's) against the cut prompt the policy
+    was given, which still ends in the dialogue's final turn."""
+    import alignpipe.evaluation.harness as harness
+    import alignpipe.evaluation.suites as suites
+
+    dialogues = [_dialogue(i, 5) for i in range(6)]
+    data = tmp_path / "hh.jsonl.gz"
+    with gzip.open(data, "wt", encoding="utf-8") as handle:
+        for d in dialogues:
+            handle.write(json.dumps({"chosen": f"{d} it is fine", "rejected": f"{d} no"}) + "\n")
+    tokenizer = train_tokenizer(dialogues, vocab_size=120)
+    policy = save_tiny_checkpoint(build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                                                   intermediate_size=64, max_position_embeddings=128, seed=0),
+                                  tokenizer, tmp_path / "policy")
+    budget = len(tokenizer(_dialogue(0, 1), add_special_tokens=False)["input_ids"])
+    suite = tmp_path / "hh-mini.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "hh-mini", "prompts": {"source": "hh_rlhf", "path": str(data), "heldout_fraction": 1.0},
+        "generation": {"max_new_tokens": 4, "batch_size": 8, "max_prompt_tokens": budget},
+        "reference": "dataset", "judge": "reward_model", "primary_metric": "win_rate_vs_ref",
+        "bootstrap_resamples": 100}))
+    generated, judged = [], []
+    generate, score = harness.generate, suites.RewardJudge.score
+
+    def spy_generate(model, tok, prompts, settings, **kwargs):
+        generated.extend(prompts)
+        return generate(model, tok, prompts, settings, **kwargs)
+
+    def spy_score(self, prompts, responses):
+        judged.extend(prompts)
+        return score(self, prompts, responses)
+
+    monkeypatch.setattr(harness, "generate", spy_generate)
+    monkeypatch.setattr(suites.RewardJudge, "score", spy_score)
+    judge = _random_reward_judge(llama_path, tmp_path / "judge")
+    assert main(["eval", f"policy={policy}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
+    assert len(generated) == len(dialogues) and set(judged) == set(generated)
+    for prompt, dialogue in zip(generated, dialogues):
+        assert len(prompt) < len(dialogue) and dialogue.endswith(prompt)
+        assert prompt.endswith(dialogue[dialogue.rfind("\n\nHuman:"):])

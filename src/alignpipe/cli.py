@@ -39,10 +39,16 @@ EPILOG_EVAL = """\
 examples:
   alignpipe eval runs/quickstart                                   # every checkpoint of a run, reference = first stage
   alignpipe eval runs/quickstart/dpo/checkpoint --reference runs/quickstart/sft/checkpoint --out /tmp/lb
+  alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
 
-Evaluates on the built-in synthetic suite (held-out prompts, gold judge) with pinned sampling settings and writes
-leaderboard.{json,md} to --out (default: the run directory, or ./eval-out).
+Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
+pinned sampling settings; writes leaderboard.{json,md} to --out (default: the run directory, or ./eval-out).
+With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
 """
+
+
+# `alignpipe eval` without --suite: the synthetic prompts and sampling, each settable on the command line
+SYNTHETIC_EVAL = {"n_prompts": 256, "max_new_tokens": 24, "batch_size": 64, "seed": 1234}
 
 
 def _overrides_help() -> str:
@@ -97,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
-                                "into one ranked table, rows named <run>/<checkpoint>.")
+                                "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
+                                "evaluated differently (suite file, reference, prompt set, generation settings or "
+                                "judge).")
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
                        help="directory for the merged leaderboard.{json,md,csv} (default: leaderboard-merged)")
@@ -108,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoints", nargs="+", help="run directory, checkpoint path or hub id (NAME=PATH to label)")
     evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
     evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
-    evaluate.add_argument("--n-prompts", type=int, default=256, help="held-out prompts (default: 256)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=24, help="default: 24")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="default: 64")
-    evaluate.add_argument("--seed", type=int, default=1234, help="sampling and prompt seed (default: 1234)")
     evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
-                          "hh-harmless); without it: the synthetic prompts with the options below")
+                          "hh-harmless); it pins prompts and sampling. Without it: the synthetic prompts with the "
+                          "options below")
+    synthetic = evaluate.add_argument_group("synthetic prompts without --suite (a suite pins these: edit a copy of "
+                                            "its file instead)")
+    synthetic.add_argument("--n-prompts", type=int, help=f"held-out prompts (default: {SYNTHETIC_EVAL['n_prompts']})")
+    synthetic.add_argument("--max-new-tokens", type=int, help=f"default: {SYNTHETIC_EVAL['max_new_tokens']}")
+    synthetic.add_argument("--batch-size", type=int, help=f"default: {SYNTHETIC_EVAL['batch_size']}")
+    synthetic.add_argument("--seed", type=int, help=f"sampling and prompt seed (default: {SYNTHETIC_EVAL['seed']})")
     evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model")
     evaluate.add_argument("--cache-dir", type=Path, help="generation/log-prob cache, reused across runs (default: "
                           "$ALIGNPIPE_CACHE/eval or ~/.cache/alignpipe/eval)")
@@ -199,6 +210,13 @@ def _print_summary(runner, outcomes) -> None:
 def _cmd_eval(args) -> int:
     from alignpipe.evaluation.standalone import evaluate_paths, evaluate_suite
 
+    given = {key: value for key in SYNTHETIC_EVAL if (value := getattr(args, key)) is not None}
+    if args.suite and given:
+        options = ", ".join(f"--{key.replace('_', '-')}" for key in given)
+        print(f"error: {options} set the synthetic prompts used without --suite; suite {args.suite!r} pins its own "
+              "prompts and sampling. Drop them, or edit a copy of the suite file and pass its path to --suite",
+              file=sys.stderr)
+        return 2
     try:
         if args.suite:
             json_path, md_path = evaluate_suite(args.checkpoints, suite=args.suite, reference=args.reference,
@@ -206,10 +224,8 @@ def _cmd_eval(args) -> int:
             print(md_path.read_text())
             print(f"wrote {json_path} and {md_path}")
             return 0
-        json_path, md_path = evaluate_paths(
-            args.checkpoints, reference=args.reference, out=args.out, n_prompts=args.n_prompts,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, cache_dir=args.cache_dir,
-        )
+        json_path, md_path = evaluate_paths(args.checkpoints, reference=args.reference, out=args.out,
+                                            cache_dir=args.cache_dir, **{**SYNTHETIC_EVAL, **given})
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """Content-addressed cache of generations and log-probabilities for the evaluation harness.
 
 Why: re-ranking, a new metric or a re-run of ``alignpipe eval`` must not regenerate. A generation list is keyed by
-the checkpoint's weights hash, the hash of the prompt list, the generation settings (which pin the seed) and the
-batch layout, because the harness seeds each batch; log-probabilities by the scoring model's weights hash and the
-hash of the scored generations. A checkpoint without a content hash (a hub id) is never cached: its name does not
-identify its weights. Entries are written atomically (temp + fsync + rename), so a crash leaves no half entry.
+the checkpoint's weights hash, the dtype they are loaded in, the hash of the prompt list, the generation settings
+(which pin the seed) and the batch layout, because the harness seeds each batch; log-probabilities by the scoring
+model's weights hash and dtype and the hash of the scored generations. The dtype is in both because the same weights
+sample and score differently in bfloat16 and float32. A checkpoint without a content hash (a hub id) is never
+cached: its name does not identify its weights. Entries are written atomically (temp + fsync + rename), so a crash
+leaves no half entry.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ class EvalCache:
     # --- keys ---------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def generation_key(weights_sha256: str, prompts: list[str], settings: GenerationSettings) -> str:
-        return content_key("generations", weights_sha256, content_key(prompts), asdict(settings))
+    def generation_key(weights_sha256: str, prompts: list[str], settings: GenerationSettings, *, dtype: str) -> str:
+        """``dtype``: the one the weights are loaded in (``auto`` resolved), e.g. ``"bfloat16"``."""
+        return content_key("generations", weights_sha256, dtype, content_key(prompts), asdict(settings))
 
     @staticmethod
-    def logprob_key(weights_sha256: str, generations: list[Generation]) -> str:
+    def logprob_key(weights_sha256: str, generations: list[Generation], *, dtype: str) -> str:
+        """``dtype``: the one the scoring model's weights are loaded in (``auto`` resolved)."""
         scored = [(g.prompt, list(g.response_ids)) for g in generations]
-        return content_key("logprobs", weights_sha256, content_key(scored))
+        return content_key("logprobs", weights_sha256, dtype, content_key(scored))
 
     # --- entries ------------------------------------------------------------------------------------------------
 

@@ -2,16 +2,19 @@
 
 Why pinned: every checkpoint is sampled with the same settings and seeds, so leaderboard differences come from the
 weights, not the decoding. With ``temperature == 1`` and ``top_p == 1`` the samples come from the model's own
-distribution, which is what makes the Monte-Carlo KL estimators unbiased.
+distribution, which is what makes the Monte-Carlo KL estimators unbiased. Nothing else decodes: a checkpoint's own
+``generation_config.json`` (repetition penalty, banned n-grams, a minimum length, ...) is ignored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,33 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
+def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The whole decoding of a pinned sample: plain sampling with ``settings`` (no top-k), stopping at the
+    tokenizer's EOS. Every other option keeps transformers' neutral default (see :func:`_decoding_with`)."""
+    return GenerationConfig(
+        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+        max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@contextmanager
+def _decoding_with(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the model's only decoding source while sampling, and restore the model's own afterwards.
+
+    Why: ``model.generate`` fills each option a passed config leaves unset from ``model.generation_config`` (the
+    checkpoint's file), so passing ``config`` alone would still let a checkpoint's repetition penalty or minimum
+    length through. A PEFT wrapper decodes with the generation config of the model it wraps.
+    """
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = owner.generation_config
+    owner.generation_config = config
+    try:
+        yield
+    finally:
+        owner.generation_config = own
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
@@ -52,16 +82,15 @@ def generate(
     """Sample one response per prompt. Batch ``i`` is seeded with ``seed + i``, so results are reproducible."""
     model.eval()
     eos = tokenizer.eos_token_id
+    config = decoding_config(settings, tokenizer)
     rendered = render_prompts(tokenizer, prompts)
     out: list[Generation] = []
     starts = range(0, len(prompts), settings.batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
         batch = _encode(tokenizer, rendered[start:start + settings.batch_size], model.device)
         torch.manual_seed(settings.seed + batch_index)
-        sequences = model.generate(
-            **batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-            max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        )
+        with _decoding_with(model, config):
+            sequences = model.generate(**batch, generation_config=config)
         new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
         for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):
             truncated = eos not in tokens

@@ -36,7 +36,7 @@ from alignpipe.evaluation.metrics import (
     order_averaged_preference,
     win_rate,
 )
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device
+from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device, resolve_dtype
 
 log = logging.getLogger("alignpipe")
 
@@ -82,6 +82,11 @@ class LazyModel:
                             load_tokenizer(self.checkpoint.path))
         return self._loaded
 
+    @property
+    def loaded_dtype(self) -> str:
+        """The dtype the weights load in, ``auto`` resolved for this machine (what cached results depend on)."""
+        return str(resolve_dtype(self.dtype)).removeprefix("torch.")
+
     def tokenizer(self):
         """The tokenizer alone (cheap; e.g. to fit prompts to a length) without loading the weights."""
         return self._loaded[1] if self._loaded is not None else load_tokenizer(self.checkpoint.path)
@@ -93,7 +98,7 @@ class LazyModel:
 
 def cached_generations(model: LazyModel, prompts: list[str], settings: GenerationSettings, cache: EvalCache | None):
     weights = model.checkpoint.weights_sha256
-    key = EvalCache.generation_key(weights, prompts, settings) if cache and weights else None
+    key = EvalCache.generation_key(weights, prompts, settings, dtype=model.loaded_dtype) if cache and weights else None
     cached = cache.get_generations(key) if key else None
     if cached is not None:
         return cached
@@ -106,7 +111,7 @@ def cached_generations(model: LazyModel, prompts: list[str], settings: Generatio
 
 def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size: int, cache: EvalCache | None) -> list[float]:
     weights = model.checkpoint.weights_sha256
-    key = EvalCache.logprob_key(weights, generations) if cache and weights else None
+    key = EvalCache.logprob_key(weights, generations, dtype=model.loaded_dtype) if cache and weights else None
     cached = cache.get_floats(key) if key else None
     if cached is not None:
         return cached

@@ -129,7 +129,7 @@ def render_markdown(leaderboard: dict) -> str:
     for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
         res = ckpt["results"]
         row_n = res[primary].get("n") if primary in res else None
-        cells = [str(rank) if primary in res else _MISSING, _escape(ckpt["name"])]
+        cells = [str(rank) if is_ranked(res, primary) else _MISSING, _escape(ckpt["name"])]
         cells += [_cell(res.get(m), row_n) for m in metrics]
         cells.append(_MISSING if row_n is None else str(row_n))
         cells.append("; ".join(checkpoint_flags(res)) or "")
@@ -164,6 +164,12 @@ def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_
     return flags
 
 
+def is_ranked(results: dict, primary_metric: str) -> bool:
+    """Whether a row gets a rank: only with a value of the primary metric (rows without one are listed last, unranked,
+    in every rendering)."""
+    return metric_value(results, primary_metric) is not None
+
+
 def metric_value(results: dict, metric: str) -> float | None:
     """A row's finite value of ``metric``, else None (absent, null or non-finite)."""
     entry = results.get(metric)
@@ -174,14 +180,16 @@ def metric_value(results: dict, metric: str) -> float | None:
 
 
 def render_csv(leaderboard: dict) -> str:
-    """The policy table as CSV: one row per checkpoint, ``<metric>``, ``<metric>_lo``, ``<metric>_hi``, ``<metric>_n``."""
+    """The policy table as CSV: one row per checkpoint, ``<metric>``, ``<metric>_lo``, ``<metric>_hi``, ``<metric>_n``;
+    ``rank`` is empty for a row without the primary metric, as in the Markdown."""
     metrics = list(leaderboard["higher_is_better"])
+    primary = leaderboard["suite"]["primary_metric"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["rank", "checkpoint", *(f"{m}{s}" for m in metrics for s in ("", "_lo", "_hi", "_n")), "flags"])
     for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
         res = ckpt["results"]
-        cells: list = [rank, ckpt["name"]]
+        cells: list = [rank if is_ranked(res, primary) else None, ckpt["name"]]
         for m in metrics:
             entry = res.get(m) or {}
             ci = entry.get("ci95") or (None, None)
@@ -190,11 +198,21 @@ def render_csv(leaderboard: dict) -> str:
     return buffer.getvalue()
 
 
-def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
-    """One leaderboard from several runs' ``leaderboard.json`` (same suite and primary metric), rows ``run/checkpoint``.
+# What a ranking across runs must share, as each leaderboard records it: (what, section, key).
+_MERGE_INVARIANTS = (
+    ("suite file hash", "run", "suite_sha256"), ("reference", "run", "reference"),
+    ("prompt set", "config", "prompt_set"), ("generation settings", "config", "generation"),
+    ("judge", "config", "judge"), ("pair sources", "config", "pair_sources"),
+)
 
-    Rows are re-ranked on the primary metric; each source's run, config and env are kept under ``sources`` so every
-    row stays traceable. Different suites or primary metrics raise ``ValueError`` naming both files.
+
+def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
+    """One leaderboard from several runs' ``leaderboard.json``, rows ``<run directory>/<checkpoint>``.
+
+    Rows are re-ranked on the primary metric, so every source must have been evaluated the same way: one suite and
+    primary metric, and the same suite file hash, reference, prompt set, generation settings and judge (as each
+    records them). Otherwise ``ValueError`` names the files and what differs. Each source's run, config and env are
+    kept under ``sources`` so every row stays traceable.
     """
     if not paths:
         raise ValueError("no leaderboards to merge")
@@ -204,16 +222,20 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
         if board["suite"] != first["suite"]:
             raise ValueError(f"{path} is suite {board['suite']} but {first_path} is {first['suite']}; merge "
                              "leaderboards of one suite at a time")
+        if differences := merge_conflicts(first, board):
+            raise ValueError(
+                f"cannot rank {first_path} and {path} in one table: they differ in {'; '.join(differences)}. Re-run "
+                "`alignpipe eval` on both with the same suite file and --reference (or the same eval stage settings), "
+                "or merge them separately")
     primary = first["suite"]["primary_metric"]
     directions: dict = {}
     rows, reward_rows, sources = [], [], []
-    for path, board in boards:
-        run = board["run"].get("name") or path.parent.name
+    for (path, board), label in zip(boards, source_labels([path for path, _ in boards]), strict=True):
         directions.update(board["higher_is_better"])
-        rows += [{**row, "name": f"{run}/{row['name']}"} for row in board["checkpoints"]]
-        reward_rows += [{**row, "name": f"{run}/{row['name']}"} for row in board.get("reward_models") or []]
-        sources.append({"path": str(path), "run": board["run"], "config": board["config"], "env": board["env"],
-                        "date": board["date"]})
+        rows += [{**row, "name": f"{label}/{row['name']}"} for row in board["checkpoints"]]
+        reward_rows += [{**row, "name": f"{label}/{row['name']}"} for row in board.get("reward_models") or []]
+        sources.append({"path": str(path), "label": label, "run": board["run"], "config": board["config"],
+                        "env": board["env"], "date": board["date"]})
     sign = -1.0 if directions.get(primary) is not False else 1.0
     rows.sort(key=lambda r: (primary not in r["results"], sign * (r["results"].get(primary) or {}).get("value", 0.0)))
     return {
@@ -221,6 +243,26 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
         "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
         "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
     }
+
+
+def merge_conflicts(a: dict, b: dict) -> list[str]:
+    """What two leaderboards record differently among the settings a shared ranking needs (empty: mergeable)."""
+    return [f"{what} ({a[section].get(key)!r} vs {b[section].get(key)!r})"
+            for what, section, key in _MERGE_INVARIANTS if a[section].get(key) != b[section].get(key)]
+
+
+def source_labels(paths: list[Path]) -> list[str]:
+    """A unique label per leaderboard file: the fewest trailing parts of its directory that tell them apart
+    (``runs/a/leaderboard.json`` and ``runs/b/leaderboard.json`` give ``a`` and ``b``)."""
+    directories = [Path(p).resolve().parent for p in paths]
+    if len(set(directories)) < len(directories):
+        twice = sorted({str(d) for d in directories if directories.count(d) > 1})
+        raise ValueError(f"the leaderboard in {', '.join(twice)} is given more than once; name each run once")
+    for depth in range(1, max(len(d.parts) for d in directories) + 1):
+        labels = ["/".join(d.parts[-depth:]) for d in directories]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in directories]  # unreachable: distinct directories differ at full depth
 
 
 def _reward_table(rows: list[dict]) -> list[str]:

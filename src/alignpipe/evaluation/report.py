@@ -35,7 +35,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl, gold_bon, gold_rl, kl_best_of_n
-from alignpipe.evaluation.leaderboard import KL_BUDGET, LC_METRICS, checkpoint_flags, load_leaderboard, metric_value
+from alignpipe.evaluation.leaderboard import (
+    KL_BUDGET,
+    LC_METRICS,
+    checkpoint_flags,
+    is_ranked,
+    load_leaderboard,
+    metric_value,
+)
 from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
 from alignpipe.io import atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE
@@ -539,7 +546,7 @@ def _leaderboard_section(run: RunData, kl_budget: float) -> str:
         flags = checkpoint_flags(res, kl_budget=kl_budget)
         warnings += [f"{c['name']}: {f}" for f in flags if f.startswith("LC/raw")]
         counts = " / ".join(str(wr.get(k, _MISSING)) for k in ("n_wins", "n_losses", "n_ties"))
-        row = [str(rank) if primary in res else _MISSING, _e(c["name"]), _metric(res.get(primary)),
+        row = [str(rank) if is_ranked(res, primary) else _MISSING, _e(c["name"]), _metric(res.get(primary)),
                _e(res.get(primary, {}).get("n", _MISSING)),
                _metric(wr, percent=True) + (f"<br><small>{counts}</small>" if "n_wins" in wr else "")]
         row += [_metric(res.get(_lc_name(res) or ""), percent=True)] if has_lc else []

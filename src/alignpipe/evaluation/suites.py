@@ -37,7 +37,8 @@ from alignpipe.pipeline.rundir import directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
 
-__all__ = ["SUITES_DIR", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec", "load_suite", "run_suite"]
+__all__ = ["SUITES_DIR", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec", "fit_prompts", "load_suite",
+           "run_suite"]
 
 REPO = Path(__file__).resolve().parents[3]
 SUITES_DIR = REPO / "eval" / "suites"
@@ -62,7 +63,8 @@ class SuiteGeneration(_Spec):
     batch_size: int = Field(64, gt=0)
     seed: int = 1234
     max_prompt_tokens: int | None = Field(
-        None, gt=0, description="Cut each instruction to this many tokens of the policy's tokenizer (small models).")
+        None, gt=0, description="Keep each prompt's last this many tokens of the policy's tokenizer (small models): "
+        "a dialogue keeps its final turn and closing 'Assistant:'.")
 
 
 class PairSource(_Spec):
@@ -153,13 +155,18 @@ def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def _fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
+def fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
+    """Each prompt longer than ``max_tokens`` tokens of ``tokenizer`` cut to its LAST ``max_tokens`` tokens.
+
+    Why the end: in a dialogue the final user turn and the closing ``Assistant:`` cue are what the reply answers;
+    the earliest turns are the context a small model can best do without (left truncation).
+    """
     if max_tokens is None:
         return prompts
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out.append(prompt if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens]))
+        out.append(prompt if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:]))
     return out
 
 
@@ -211,7 +218,7 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     if spec.reference == "checkpoint":
         reference = reference or checkpoints[0]
         # every policy answers the same prompts as the reference, cut with the reference's tokenizer
-        prompts = _fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens)
+        prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
         reference_name = reference.name
@@ -231,17 +238,22 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
 
 def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
                      spec: SuiteSpec, cache: EvalCache, dtype: str) -> CheckpointResult:
-    """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths."""
+    """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths.
+
+    The judge sees the prompt the policy answered (cut by ``max_prompt_tokens`` with this checkpoint's tokenizer),
+    not the full one: a reply is judged as an answer to what the policy was asked, the reference output is judged in
+    that same context, and a checkpoint reference's samples (which carry the cut prompts) are judged the same way.
+    """
     model = LazyModel(checkpoint, dtype)
     fitted = prompts
     if spec.generation.max_prompt_tokens is not None:
-        fitted = _fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens)
+        fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens)
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
     model.release()
     responses = [gen.response for gen in generations]
-    rewards = judge.score(prompts, responses)
-    preferences = (judge.preferences(prompts, responses, reference_outputs) if isinstance(judge, CachedJudge)
-                   else order_averaged(judge, prompts, responses, reference_outputs))
+    rewards = judge.score(fitted, responses)
+    preferences = (judge.preferences(fitted, responses, reference_outputs) if isinstance(judge, CachedJudge)
+                   else order_averaged(judge, fitted, responses, reference_outputs))
     seed, resamples = settings.seed, spec.bootstrap_resamples
     metrics = {
         "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),

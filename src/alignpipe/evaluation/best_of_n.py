@@ -7,8 +7,9 @@ sampling and for PPO, and Gao, Schulman & Hilton's (2023) functional forms fitte
 * :func:`unbiased_best_of_n` is Coste et al.'s estimator (``llm_optimization/src/bon/bon_sampling.py``): from ``N``
   scored samples of one prompt it gives the EXACT mean gold score of best-of-``n`` over all ``C(N, n)`` subsets,
   without resampling noise, for every ``n <= N`` from the same samples.
-* :func:`kl_best_of_n` is the analytic KL of best-of-n to the base policy, ``log n − (n − 1)/n`` (exact for a
-  continuous proxy with no ties, an upper bound otherwise), which gives best-of-n's ``d`` axis without sampling.
+* :func:`kl_best_of_n` is the analytic KL of best-of-n to the base policy, ``log n − (n − 1)/n``, which gives
+  best-of-n's ``d`` axis without sampling. It is exact only when no response can be drawn twice; for a policy that
+  repeats responses (a peaked tiny model) it is an upper bound (Beirami et al. 2024), so ``d`` is overstated.
 * :func:`fit_bon` / :func:`fit_rl` fit ``R_bon(d) = d(α − βd)`` and ``R_RL(d) = d(α − β log d)`` by least squares.
   Both are linear in ``(α, β)`` with no intercept (gold is measured relative to the initial policy, ``R(0) = 0``),
   so the closed-form linear fit is the exact least-squares solution.
@@ -145,7 +146,9 @@ def best_of_n_curve(
 def kl_best_of_n(n: int | ArrayLike) -> float | np.ndarray:
     """Analytic ``KL(best-of-n || base) = log n − (n − 1)/n`` (§15; Stiennon 2020, Gao 2023).
 
-    Exact when the proxy score has no ties (it is a continuous function of the sample), an upper bound otherwise.
+    Exact only when every response has probability zero of being drawn twice (distinct proxy scores are not
+    enough): for a policy with probabilities ``[.9, .05, .05]``, scored in that order from lowest, ``n = 2`` gives 0.193
+    against an exact 0.037. In general it is an upper bound (Beirami et al. 2024).
     A scalar ``n`` gives a float, an array an array. ``n < 1`` raises ``ValueError``.
     """
     arr = np.asarray(n, dtype=np.float64)

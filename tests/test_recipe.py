@@ -15,10 +15,13 @@ from alignpipe.recipe import (
     EvalStage,
     LoraSpec,
     ModelSpec,
+    PPOStage,
     Recipe,
     RecipeError,
     SFTStage,
     TinyModelSpec,
+    _OptimizerStage,
+    _TrainingStage,
     load_recipe,
     load_recipe_dict,
     parse_override,
@@ -256,3 +259,34 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     )
     problems = [line for line in error_for(path).splitlines() if line.startswith("  - ")]
     assert len(problems) == 3
+
+
+# ----------------------------------------------------------------------------- options a stage would ignore
+
+PPO = {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}}
+
+
+def _recipe_with(tmp_path: Path, *stages: dict) -> Path:
+    return write(tmp_path / "recipe.yaml", yaml.safe_dump({"name": "r", "stages": [{"name": "sft", "type": "sft"},
+                                                                                   *stages]}))
+
+
+def test_ppo_has_no_trainer_schedule_fields() -> None:
+    """PPO's own loop reads none of the Trainer stages' schedule/batch/length/precision fields, so its resolved
+    config (config.yaml) must not show them, and each one it lacks has a message saying what PPO uses instead."""
+    trainer_only = set(_TrainingStage.model_fields) - set(_OptimizerStage.model_fields)
+    assert trainer_only and not trainer_only & set(PPOStage.model_fields)
+    assert set(PPOStage.replaced_keys) == trainer_only
+    assert {"learning_rate", "weight_decay", "max_grad_norm", "lora", "save_steps"} <= set(PPOStage.model_fields)
+
+
+@pytest.mark.parametrize(("key", "value", "instead"), [
+    ("lr_scheduler_type", "linear", "constant learning_rate"), ("warmup_ratio", 0.1, "constant learning_rate"),
+    ("max_steps", 5, "set total_steps"), ("num_train_epochs", 2, "set total_steps"),
+    ("per_device_train_batch_size", 4, "rollout_batch_size"), ("gradient_accumulation_steps", 2, "mini_batch_size"),
+    ("global_batch_size", 16, "mini_batch_size"), ("logging_steps", 1, "eval_every"),
+    ("max_length", 64, "max_new_tokens"), ("bf16", True, "model.dtype"), ("gradient_checkpointing", True, "remove it"),
+])
+def test_ppo_rejects_trainer_fields_and_says_what_it_uses(tmp_path: Path, key: str, value, instead: str) -> None:
+    message = error_for(_recipe_with(tmp_path, {**PPO, key: value}))
+    assert f"stages.ppo.{key}: not read by a ppo stage" in message and instead in message

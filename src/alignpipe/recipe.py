@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -314,10 +314,19 @@ class _CheckpointedStage(_StageBase):
     save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk (tiny-model setting).")
 
 
-class _TrainingStage(_CheckpointedStage):
-    """Fields shared by trainer stages; defaults are TRL's unless marked as a tiny-model setting."""
+class _OptimizerStage(_CheckpointedStage):
+    """Fields of every stage that trains a policy with an optimizer: the TRL-trainer stages and PPO's own loop."""
 
     learning_rate: float = Field(gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
+
+
+class _TrainingStage(_OptimizerStage):
+    """Fields of stages trained by a transformers ``Trainer`` (through TRL); defaults are TRL's unless marked as a
+    tiny-model setting. PPO's own loop has none of them: it has its own steps, batch sizes and constant rate."""
+
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (tiny-model setting; TRL's is 3).")
     max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps; -1 = use num_train_epochs "
                            "(TRL default).")
@@ -337,15 +346,12 @@ class _TrainingStage(_CheckpointedStage):
         "cosine", description="Learning-rate schedule (tiny-model setting; TRL's is linear)."
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (TRL default: none).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
     logging_steps: int = Field(10, gt=0, description="Log every N steps (TRL default).")
     max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
     bf16: bool | None = Field(None, description="bf16 mixed precision; null = on when the GPU supports it, off on CPU.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (tiny-model setting; TRL turns it on)."
     )
-    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
 
     @field_validator("max_steps")
     @classmethod
@@ -781,11 +787,37 @@ class _RewardedStage(_StageBase):
         return self
 
 
-class PPOStage(_RewardedStage, _TrainingStage):
-    """PPO with a critic (Ziegler 2019; ALGORITHMS.md §6), rewards optionally penalised by ensemble uncertainty."""
+class PPOStage(_RewardedStage, _OptimizerStage):
+    """PPO with a critic (Ziegler 2019; ALGORITHMS.md §6), rewards optionally penalised by ensemble uncertainty.
+
+    Its own loop, not a transformers Trainer: AdamW at a constant learning_rate, ``total_steps`` iterations of
+    ``rollout_batch_size`` prompts and ``mini_batch_size`` updates, in the model's dtype. So it has none of the Trainer
+    stages' schedule, batch, length or precision fields; ``replaced_keys`` says what to set instead of each.
+    """
+
+    replaced_keys: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("lr_scheduler_type", "warmup_ratio"), "not read by a ppo stage, which trains at a constant "
+                        "learning_rate (AdamW, no schedule or warmup); remove it"),
+        **dict.fromkeys(("max_steps", "num_train_epochs"), "not read by a ppo stage, which runs total_steps "
+                        "iterations (a rollout, then ppo_epochs passes over it); set total_steps instead"),
+        **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size"),
+                        "not read by a ppo stage, which samples rollout_batch_size prompts per iteration and takes "
+                        "one optimizer step per mini_batch_size responses (both counted over all processes); set "
+                        "those instead"),
+        "logging_steps": "not read by a ppo stage, which logs every iteration to metrics.jsonl and evaluates on "
+                         "held-out prompts every eval_every iterations; remove it (or set eval_every)",
+        "max_length": "not read by a ppo stage: prompts come whole from the recipe's task and max_new_tokens bounds "
+                      "each response; remove it (or set max_new_tokens)",
+        "bf16": "not read by a ppo stage, which computes in the dtype the policy is loaded in (no mixed precision); "
+                "remove it and set model.dtype instead",
+        "gradient_checkpointing": "not read by a ppo stage, which keeps one forward's activations at a time by "
+                                  "backpropagating policy and critic separately; remove it",
+    }
 
     type: Literal["ppo"] = Field("ppo", description="Stage type: proximal policy optimisation (own loop).")
-    learning_rate: float = Field(1e-5, gt=0, description="Policy and critic learning rate (trlx-style default).")
+    learning_rate: float = Field(
+        1e-5, gt=0, description="Policy and critic learning rate, constant (trlx-style default)."
+    )
     lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="Policy LoRA: the reference is the same base with adapters off (one "
         "copy of the base weights); null = full fine-tuning with a frozen reference copy.",
@@ -1028,7 +1060,7 @@ class Recipe(_Spec):
             return []
         problems = [(("stages", i, "lora"), "model.quantization loads frozen k-bit weights; this training stage needs "
                      "a lora block (QLoRA), or drop model.quantization")
-                    for i, stage in enumerate(self.stages) if isinstance(stage, _TrainingStage) and stage.lora is None]
+                    for i, stage in enumerate(self.stages) if isinstance(stage, _OptimizerStage) and stage.lora is None]
         problems += [(("stages", i, "critic"), "critic: model trains a full copy of the decoder, which k-bit weights "
                       "cannot be; use critic: adapter with model.quantization")
                      for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
@@ -1377,6 +1409,9 @@ _EXPECTED = {
 def _message(err: dict[str, Any], where: _Located) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
+        replaced = getattr(where.owner, "replaced_keys", {}).get(str(where.path[-1]))
+        if replaced:  # a key other stage types have, which this one replaces (PPO: no Trainer schedule)
+            return replaced
         valid = list(where.owner.model_fields) if where.owner else []
         hint = _did_you_mean(str(where.path[-1]), valid)
         return f"unknown key{hint}" if hint else f"unknown key (valid keys: {', '.join(valid)})"

@@ -290,3 +290,10 @@ def test_ppo_has_no_trainer_schedule_fields() -> None:
 def test_ppo_rejects_trainer_fields_and_says_what_it_uses(tmp_path: Path, key: str, value, instead: str) -> None:
     message = error_for(_recipe_with(tmp_path, {**PPO, key: value}))
     assert f"stages.ppo.{key}: not read by a ppo stage" in message and instead in message
+
+
+def test_adaptive_kl_needs_a_nonzero_start(tmp_path: Path) -> None:
+    """The adaptive controller multiplies kl_coef, so kl_target with kl_coef 0 would keep the penalty at 0."""
+    message = error_for(_recipe_with(tmp_path, {**PPO, "kl_target": 6.0, "kl_coef": 0}))
+    assert "stages.ppo.kl_coef: is the adaptive controller's starting value" in message and "kl_coef > 0" in message
+    assert load_recipe(_recipe_with(tmp_path, {**PPO, "kl_coef": 0})).stage("ppo").kl_coef == 0  # fixed: no KL

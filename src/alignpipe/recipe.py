@@ -832,7 +832,9 @@ class PPOStage(_RewardedStage, _OptimizerStage):
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch (§6c: 4).")
     max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (§6b: 1, top-k 0, top-p 1).")
-    kl_coef: float = Field(0.05, ge=0, description="Initial per-token KL penalty coefficient beta_kl.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="Per-token KL penalty coefficient beta_kl (with kl_target: its starting value, > 0)."
+    )
     kl_target: float | None = Field(
         None, gt=0, description="Adaptive KL controller target (nats per sequence, §6a); null = fixed kl_coef.",
     )
@@ -865,6 +867,10 @@ class PPOStage(_RewardedStage, _OptimizerStage):
         if self.rollout_batch_size % self.mini_batch_size:
             raise _problem((("mini_batch_size",), f"rollout_batch_size ({self.rollout_batch_size}) must be a "
                                                   f"multiple of mini_batch_size ({self.mini_batch_size})"))
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise _problem((("kl_coef",), f"is the adaptive controller's starting value, which kl_target "
+                            f"({self.kl_target:g}) only ever multiplies, so from 0 the KL penalty stays 0; set "
+                            "kl_coef > 0 (e.g. 0.05), or kl_target: null for no KL penalty"))
         return self
 
 

@@ -13,11 +13,13 @@ from alignpipe.recipe import (
     DataSpec,
     DPOStage,
     EvalStage,
+    GRPOStage,
     LoraSpec,
     ModelSpec,
     PPOStage,
     Recipe,
     RecipeError,
+    RLOOStage,
     SFTStage,
     TinyModelSpec,
     _OptimizerStage,
@@ -297,3 +299,9 @@ def test_adaptive_kl_needs_a_nonzero_start(tmp_path: Path) -> None:
     message = error_for(_recipe_with(tmp_path, {**PPO, "kl_target": 6.0, "kl_coef": 0}))
     assert "stages.ppo.kl_coef: is the adaptive controller's starting value" in message and "kl_coef > 0" in message
     assert load_recipe(_recipe_with(tmp_path, {**PPO, "kl_coef": 0})).stage("ppo").kl_coef == 0  # fixed: no KL
+
+
+def test_group_rl_stages_have_no_max_length() -> None:
+    """TRL's GRPO/RLOO configs take no prompt length, so the resolved config must not show an unused max_length."""
+    for kind in (GRPOStage, RLOOStage):
+        assert "max_length" not in kind.model_fields and "max_completion_length" in kind.model_fields

@@ -323,7 +323,7 @@ class _OptimizerStage(_CheckpointedStage):
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
 
 
-class _TrainingStage(_OptimizerStage):
+class _TrainerStage(_OptimizerStage):
     """Fields of stages trained by a transformers ``Trainer`` (through TRL); defaults are TRL's unless marked as a
     tiny-model setting. PPO's own loop has none of them: it has its own steps, batch sizes and constant rate."""
 
@@ -347,7 +347,6 @@ class _TrainingStage(_OptimizerStage):
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (TRL default: none).")
     logging_steps: int = Field(10, gt=0, description="Log every N steps (TRL default).")
-    max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
     bf16: bool | None = Field(None, description="bf16 mixed precision; null = on when the GPU supports it, off on CPU.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (tiny-model setting; TRL turns it on)."
@@ -361,11 +360,18 @@ class _TrainingStage(_OptimizerStage):
         return value
 
     @model_validator(mode="after")
-    def _global_batch_derives_accumulation(self) -> _TrainingStage:
+    def _global_batch_derives_accumulation(self) -> _TrainerStage:
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
             raise _problem((("gradient_accumulation_steps",), "is derived from global_batch_size and the world "
                             "size; leave it out (or drop global_batch_size)"))
         return self
+
+
+class _TrainingStage(_TrainerStage):
+    """A Trainer stage on offline-shaped sequences (prompt + response: SFT, DPO, the online rounds), which TRL
+    truncates to ``max_length``."""
+
+    max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
 
 
 class SFTDataSpec(_Spec):
@@ -886,12 +892,20 @@ class BoNStage(_RewardedStage):
     seed: int = Field(1234, ge=0, description="Sampling seed.")
 
 
-class _GroupRLStage(_RewardedStage, _TrainingStage):
+class _GroupRLStage(_RewardedStage, _TrainerStage):
     """Critic-free policy gradient through TRL (GRPO, RLOO): a group of samples per prompt is its own baseline.
 
     ``per_device_train_batch_size`` counts completions (TRL's convention), so one optimizer step sees
-    ``batch x accumulation / num_generations`` prompts. ``max_length`` bounds prompt + completion.
+    ``batch x accumulation / num_generations`` prompts. No ``max_length``: TRL 1.16's GRPO/RLOO configs truncate no
+    prompts, and cutting a task prompt would change the task its reward scores; ``max_completion_length`` bounds
+    what is generated.
     """
+
+    replaced_keys: ClassVar[dict[str, str]] = {
+        "max_length": "not read by grpo/rloo stages: prompts come whole from the recipe's task (TRL's GRPO and RLOO "
+                      "trainers truncate none) and max_completion_length bounds each completion; remove it (or set "
+                      "max_completion_length)",
+    }
 
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL GRPOConfig/RLOOConfig default).")
     lora: LoraSpec | None = Field(
@@ -917,9 +931,6 @@ class _GroupRLStage(_RewardedStage, _TrainingStage):
             raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
                             f"({completions}) counts completions and must be a multiple of num_generations "
                             f"({self.num_generations}), so every prompt's group is complete"))
-        if self.max_completion_length >= self.max_length:
-            raise _problem((("max_completion_length",), f"must be < max_length ({self.max_length}), which bounds "
-                            f"prompt + completion; got {self.max_completion_length}"))
         return self
 
 
@@ -1416,7 +1427,7 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
         replaced = getattr(where.owner, "replaced_keys", {}).get(str(where.path[-1]))
-        if replaced:  # a key other stage types have, which this one replaces (PPO: no Trainer schedule)
+        if replaced:  # a key other stage types have and this one replaces (PPO: no Trainer schedule)
             return replaced
         valid = list(where.owner.model_fields) if where.owner else []
         hint = _did_you_mean(str(where.path[-1]), valid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -177,3 +178,36 @@ def test_conversations_that_differ_before_the_last_turn_have_no_common_prompt(tm
     spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, rows)))
     with pytest.raises(ValueError, match="row 3: chosen and rejected are conversations that differ before their last"):
         preference_pairs_for(spec, DataSpec(), 0)
+
+
+def _ultrafeedback_file(tmp_path):
+    path = tmp_path / "uf.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"reverse: {i} {i + 1}", "completions": [
+        {"response": f"{i + 1} {i}", "overall_score": 9.0}, {"response": f"{i} {i + 1}", "overall_score": 3.0},
+        {"response": f"{i}", "overall_score": 5.0}]}) + "\n" for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("extra", [{"loss_type": ["ipo"]}, {"label_smoothing": 0.1}])
+def test_hard_strength_pairs_carry_no_preference_column(tmp_path, extra):
+    """strength: hard means labels of 1: like soft_labels: false the pairs carry no `preference` column, so a DPO
+    stage whose recipe check allows another loss (or cDPO) gets data its trainer accepts."""
+    from trl import DPOConfig
+
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+    from alignpipe.recipe import DataSpec, DPOStage
+    from alignpipe.tasks import tokenizer_corpus
+    from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
+
+    stage = DPOStage(name="dpo", inputs=["sft"], dataset={"source": "ultrafeedback", "path": str(
+        _ultrafeedback_file(tmp_path)), "strength": "hard"}, **extra)
+    dataset = preference_pairs_for(stage.dataset, DataSpec(), 0)
+    assert "preference" not in dataset.column_names and len(dataset) > 0
+    tokenizer = train_tokenizer(tokenizer_corpus(n=200), 100)
+    model = build_tiny_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                             max_position_embeddings=64, seed=0)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to=[], max_length=48,
+                     loss_type=list(stage.loss_type), label_smoothing=stage.label_smoothing)
+    SoftPreferenceDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+                             processing_class=tokenizer)

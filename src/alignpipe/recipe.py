@@ -251,9 +251,16 @@ class PreferenceDataSpec(_Spec):
         "up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
     )
     soft_labels: bool = Field(
-        True, description="Keep pair strengths as the `preference` column (soft-preference loss); false = hard labels."
+        True, description="Keep pair strengths as the `preference` column (soft-preference loss); false = hard labels "
+        "(no column). strength: hard gives hard labels either way.",
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many pairs (a seeded shuffle picks them).")
+
+    @property
+    def soft_strengths(self) -> bool:
+        """Whether the pairs carry soft strengths (a `preference` column): scored multi-response sets paired with a
+        soft strength and soft_labels on. Hard labels carry no column, so every loss and trainer can take them."""
+        return self.source in ("alpaca_eval", "ultrafeedback") and self.soft_labels and self.strength != "hard"
 
     @model_validator(mode="after")
     def _path_needed(self) -> PreferenceDataSpec:
@@ -479,8 +486,7 @@ class DPOStage(_TrainingStage):
 
     @model_validator(mode="after")
     def _soft_labels_need_sigmoid(self) -> DPOStage:
-        soft = self.dataset.source in ("alpaca_eval", "ultrafeedback") and self.dataset.soft_labels \
-            and self.dataset.strength != "hard"
+        soft = self.dataset.soft_strengths
         if soft and self.label_smoothing:
             msg = ("soft pair strengths and label_smoothing both set the target probability; fold the smoothing into "
                    "the strengths or set label_smoothing: 0")
@@ -575,8 +581,7 @@ class RewardStage(_CheckpointedStage):
                 if is_set:
                     raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "
                                              "one model (leave it at its default or use implementation: ensemble)"))
-            data = self.dataset
-            if data.source in ("alpaca_eval", "ultrafeedback") and data.soft_labels and data.strength != "hard":
+            if self.dataset.soft_strengths:
                 raise _problem((("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the "
                                 "pairs' soft strengths would be dropped; use implementation: ensemble (soft "
                                 "Bradley-Terry targets) or set dataset.soft_labels: false"))

@@ -175,6 +175,6 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
     if not spec.soft_labels:
         pairs = harden(pairs)
     rows = to_trl_rows(seeded_limit(pairs, spec.limit, seed))
-    if spec.source == "hh_rlhf" or not spec.soft_labels:
+    if not spec.soft_strengths:  # hard labels carry no column: the DPO trainers then accept any loss_type
         rows = [{k: v for k, v in row.items() if k != "preference"} for row in rows]
     return Dataset.from_list(rows)

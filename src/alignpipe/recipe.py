@@ -238,29 +238,49 @@ class PreferenceDataSpec(_Spec):
     )
     split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
-        "anchor", description="Multi-response sources: how ranked responses become pairs (OSP §4b)."
+        "anchor", description="alpaca_eval / ultrafeedback: how ranked responses become pairs (OSP §4b)."
     )
     strength: Literal["probability", "reward", "hard"] = Field(
-        "probability", description="Multi-response sources: scores are probabilities (AlpacaEval: P(beats the "
+        "probability", description="alpaca_eval / ultrafeedback: scores are probabilities (AlpacaEval: P(beats the "
         "reference)) -> σ(logit s_i − logit s_j); rewards (UltraFeedback ratings) -> σ((r_i − r_j)/temperature); "
         "hard = labels of 1.",
     )
     temperature: float = Field(1.0, gt=0, description="Temperature for strength: reward.")
     score_clip: float | None = Field(
-        1e-6, gt=0, lt=0.5, description="Clip probability scores to [c, 1-c] before the logit; AlpacaEval scores pile "
-        "up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
+        1e-6, gt=0, lt=0.5, description="strength: probability: clip scores to [c, 1-c] before the logit; AlpacaEval "
+        "scores pile up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
     )
     soft_labels: bool = Field(
-        True, description="Keep pair strengths as the `preference` column (soft-preference loss); false = hard labels "
-        "(no column). strength: hard gives hard labels either way.",
+        True, description="alpaca_eval / ultrafeedback: keep pair strengths as the `preference` column (soft-"
+        "preference loss); trl: keep the file's own `preference` column (P(chosen > rejected), null = 1) if it has "
+        "one. false = hard labels (no column); strength: hard gives hard labels either way.",
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many pairs (a seeded shuffle picks them).")
 
     @property
     def soft_strengths(self) -> bool:
         """Whether the pairs carry soft strengths (a `preference` column): scored multi-response sets paired with a
-        soft strength and soft_labels on. Hard labels carry no column, so every loss and trainer can take them."""
+        soft strength and soft_labels on. Hard labels carry no column, so every loss and trainer can take them. A
+        ``trl`` file may bring its own column, which is known only once it is read (``check_soft_targets``)."""
         return self.source in ("alpaca_eval", "ultrafeedback") and self.soft_labels and self.strength != "hard"
+
+    def _unread(self) -> dict[str, str]:
+        """The pairing/strength settings this source and strength would ignore, each with why."""
+        scored = self.source in ("alpaca_eval", "ultrafeedback")
+        if not scored:
+            why = (f"source {self.source!r} reads ready-made chosen/rejected pairs, so there are no scored responses "
+                   "to pair or weigh (this applies to alpaca_eval and ultrafeedback)")
+            unread = dict.fromkeys(("pairing", "strength", "temperature", "score_clip"), why)
+            if self.source != "trl":  # a trl file may carry its own preference column, kept with soft_labels
+                unread["soft_labels"] = f"{why}; its pairs have hard labels"
+            return unread
+        unread = {}
+        if self.strength != "reward":
+            unread["temperature"] = f"scales reward differences (strength: reward); strength {self.strength!r} does not"
+        if self.strength != "probability":
+            unread["score_clip"] = (f"clips probability scores (strength: probability); strength "
+                                    f"{self.strength!r} has none")
+        return unread
 
     @model_validator(mode="after")
     def _path_needed(self) -> PreferenceDataSpec:
@@ -274,6 +294,11 @@ class PreferenceDataSpec(_Spec):
         if self.source == "synthetic" and self.split != "train":
             raise _problem((("split",), "source 'synthetic' has no splits (held-out pairs come from the stage's "
                                         "heldout_fraction); remove split"))
+        fields = type(self).model_fields
+        unread = [((key,), f"is not read: {why}; remove it") for key, why in self._unread().items()
+                  if getattr(self, key) != fields[key].default]
+        if unread:
+            raise _problem(*unread)
         return self
 
 
@@ -484,17 +509,23 @@ class DPOStage(_TrainingStage):
             raise _problem((("loss_weights",), msg))
         return self
 
+    def soft_strength_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What in this stage conflicts with soft pair strengths (a `preference` column): checked on the recipe for
+        scored sources, and on the loaded pairs for a trl file with its own column (``check_soft_targets``)."""
+        problems = []
+        if self.label_smoothing:
+            problems.append((("label_smoothing",), "soft pair strengths and label_smoothing both set the target "
+                             "probability; fold the smoothing into the strengths or set label_smoothing: 0"))
+        if self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
+            problems.append((("loss_type",), f"soft pair strengths train with the soft-preference loss, which needs "
+                             f"loss_type [sigmoid] or [sigmoid, sft]; got {self.loss_type}. Set "
+                             "dataset.soft_labels: false for other losses"))
+        return problems
+
     @model_validator(mode="after")
     def _soft_labels_need_sigmoid(self) -> DPOStage:
-        soft = self.dataset.soft_strengths
-        if soft and self.label_smoothing:
-            msg = ("soft pair strengths and label_smoothing both set the target probability; fold the smoothing into "
-                   "the strengths or set label_smoothing: 0")
-            raise _problem((("label_smoothing",), msg))
-        if soft and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
-            msg = (f"soft pair strengths train with the soft-preference loss, which needs loss_type [sigmoid] or "
-                   f"[sigmoid, sft]; got {self.loss_type}. Set dataset.soft_labels: false for other losses")
-            raise _problem((("loss_type",), msg))
+        if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
+            raise _problem(*problems)
         if self.label_smoothing and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
             msg = (f"label_smoothing (conservative DPO) is applied to the sigmoid loss; with loss_type {self.loss_type} "
                    "TRL reads it only for robust/exo_pair/aot")
@@ -570,6 +601,14 @@ class RewardStage(_CheckpointedStage):
             raise ValueError(f"a reward stage reads at most 1 backbone checkpoint ([] = recipe model), got {inputs}")
         return inputs
 
+    def soft_strength_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What in this stage conflicts with soft pair strengths (see ``DPOStage.soft_strength_problems``)."""
+        if self.implementation != "trl":
+            return []  # the ensemble trains on soft Bradley-Terry targets
+        return [(("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the pairs' soft "
+                 "strengths would be dropped; use implementation: ensemble (soft Bradley-Terry targets) or set "
+                 "dataset.soft_labels: false")]
+
     @model_validator(mode="after")
     def _implementation_options(self) -> RewardStage:
         if self.implementation == "trl":
@@ -581,10 +620,8 @@ class RewardStage(_CheckpointedStage):
                 if is_set:
                     raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "
                                              "one model (leave it at its default or use implementation: ensemble)"))
-            if self.dataset.soft_strengths:
-                raise _problem((("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the "
-                                "pairs' soft strengths would be dropped; use implementation: ensemble (soft "
-                                "Bradley-Terry targets) or set dataset.soft_labels: false"))
+            if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
+                raise _problem(*problems)
         elif self.lora is None:
             raise _problem((("lora",), "the ensemble members are LoRA adapters on a shared backbone; full "
                                        "fine-tuning needs implementation: trl with members: 1"))

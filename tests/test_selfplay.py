@@ -334,3 +334,12 @@ def test_self_play_defaults_use_the_previous_iterate(load_recipe_dict):
         assert stage.reference == "previous"
     assert math.isclose(load_recipe_dict(_stage_recipe({"name": "i", "type": "inpo", "inputs": ["sft"]}))
                         .stage("i").reference_mix, 0.1)
+
+
+def test_inpo_reference_mix_needs_two_references(load_recipe_dict):
+    """With reference: initial, INPO's anchor and TRL's reference are both the stage's input, so the mix is moot."""
+    inpo = {"name": "i", "type": "inpo", "inputs": ["sft"], "reference": "initial"}
+    assert load_recipe_dict(_stage_recipe(inpo)).stage("i").reference == "initial"  # the default mix is fine
+    with pytest.raises(RecipeError, match=r"stages\.i\.reference_mix: mixes .* both references are the input"):
+        load_recipe_dict(_stage_recipe({**inpo, "reference_mix": 0.5}))
+    assert load_recipe_dict(_stage_recipe({**inpo, "reference": "previous", "reference_mix": 0.5}))

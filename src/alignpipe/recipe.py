@@ -772,8 +772,16 @@ class INPOStage(_SelfPlayStage):
     beta: float = Field(0.1, gt=0, description="1/eta: the loss regresses h_t onto eta/2 = 1/(2 beta) (§10a, [M]).")
     reference_mix: float = Field(
         0.1, ge=0, le=1, description="eta*tau: the weight of the stage's input policy (pi_ref) in INPO's mixed "
-        "reference; 0 = online IPO against pi_t (§10e) ([M/I] value).",
+        "reference; 0 = online IPO against pi_t (§10e) ([M/I] value). Needs reference: previous.",
     )
+
+    @model_validator(mode="after")
+    def _mix_needs_two_references(self) -> INPOStage:
+        if self.reference == "initial" and self.reference_mix != type(self).model_fields["reference_mix"].default:
+            raise _problem((("reference_mix",), "mixes the stage's input policy with the previous iterate, but with "
+                            "reference: initial both references are the input policy, so it changes nothing; remove "
+                            "it or use reference: previous"))
+        return self
 
 
 class RewardSpec(_Spec):

@@ -343,3 +343,17 @@ def test_inpo_reference_mix_needs_two_references(load_recipe_dict):
     with pytest.raises(RecipeError, match=r"stages\.i\.reference_mix: mixes .* both references are the input"):
         load_recipe_dict(_stage_recipe({**inpo, "reference_mix": 0.5}))
     assert load_recipe_dict(_stage_recipe({**inpo, "reference": "previous", "reference_mix": 0.5}))
+
+
+@pytest.mark.parametrize(("kind", "judge"), [("sppo", "self"), ("dno", "reward"), ("osp", "reward"),
+                                             ("online_dpo", "self")])
+def test_judge_temperature_is_read_by_the_gold_judge_only(load_recipe_dict, kind, judge):
+    reward = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
+    stage = {"name": "s", "type": kind, "inputs": ["sft", "rm"] if judge == "reward" else ["sft"], "judge": judge}
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], reward, stage]}
+    assert load_recipe_dict(recipe).stage("s").judge == judge  # the default temperature is fine
+    with pytest.raises(RecipeError, match=rf"stages\.s\.judge_temperature: is the gold judge's temperature; "
+                                          rf"judge '{judge}' .* never reads it"):
+        load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], {**stage, "judge_temperature": 1.0}]})
+    gold = {**stage, "inputs": ["sft"], "judge": "gold", "judge_temperature": 1.0}
+    assert load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], gold]}).stage("s").judge_temperature == 1.0

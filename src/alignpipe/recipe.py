@@ -675,7 +675,8 @@ class _JudgedStage(_OnlineStage):
         "name the reward stage as this stage's second input).",
     )
     judge_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
+        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (judge: gold only; "
+        "tiny-model setting).",
     )
 
     @field_validator("inputs")
@@ -693,6 +694,10 @@ class _JudgedStage(_OnlineStage):
         if self.judge != "reward" and len(self.inputs) != 1:
             raise _problem((("inputs",), f"a second input is only read with judge: reward (the judge is "
                                          f"{self.judge!r}); drop {self.inputs[1]!r} or set judge: reward"))
+        if self.judge != "gold" and self.judge_temperature != type(self).model_fields["judge_temperature"].default:
+            own = "the policy's own verdicts" if self.judge == "self" else "the reward model's σ(r_a − r_b)"
+            raise _problem((("judge_temperature",), f"is the gold judge's temperature; judge {self.judge!r} uses "
+                            f"{own} and never reads it; remove it or set judge: gold"))
         return self
 
 
@@ -732,9 +737,6 @@ class _SelfPlayStage(_JudgedStage):
         "or the stage's input policy every round (an ablation).",
     )
     samples_per_prompt: int = Field(5, ge=2, description="K responses sampled per prompt (SPPO §7c: 5).")
-    judge_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
-    )
 
 
 class SPPOStage(_SelfPlayStage):

@@ -357,3 +357,22 @@ def test_judge_temperature_is_read_by_the_gold_judge_only(load_recipe_dict, kind
         load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], {**stage, "judge_temperature": 1.0}]})
     gold = {**stage, "inputs": ["sft"], "judge": "gold", "judge_temperature": 1.0}
     assert load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], gold]}).stage("s").judge_temperature == 1.0
+
+
+def test_online_stages_after_real_data_stages_are_errors(load_recipe_dict):
+    """Every online stage samples the built-in task's prompts (SPIN also its demonstrations): a policy or judge
+    trained on a real dataset before it would be tuned on another task, wherever it sits upstream."""
+    sft, dpo = TINY_RECIPE["stages"][0], {**TINY_RECIPE["stages"][1], "dataset": {"source": "trl", "path": "p.jsonl"}}
+    rm = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2,
+          "dataset": {"source": "hh_rlhf", "path": "hh"}}
+    cases = [([dpo, {"name": "s", "type": "sppo", "inputs": ["dpo"]}], "'dpo' trained on dataset.source 'trl'"),
+             ([dpo, {"name": "s", "type": "spin", "inputs": ["dpo"]}], "prompts and demonstrations"),
+             ([rm, {"name": "s", "type": "osp", "inputs": ["sft", "rm"], "judge": "reward"}], "'rm' trained on"),
+             ([{**sft, "name": "sft2", "dataset": {"source": "hh_rlhf", "path": "hh"}},
+               {**TINY_RECIPE["stages"][1], "inputs": ["sft2"]},
+               {"name": "s", "type": "inpo", "inputs": ["dpo"]}], "'sft2' trained on dataset.source 'hh_rlhf'")]
+    for stages, message in cases:
+        with pytest.raises(RecipeError, match=rf"stages\.s\.inputs: \w+ stages draw their .*{message}"):
+            load_recipe_dict({**TINY_RECIPE, "stages": [sft, *stages]})
+    synthetic = [TINY_RECIPE["stages"][1], {"name": "s", "type": "spin", "inputs": ["dpo"]}]
+    assert load_recipe_dict({**TINY_RECIPE, "stages": [sft, *synthetic]}).stage("s").type == "spin"

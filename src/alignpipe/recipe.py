@@ -634,7 +634,9 @@ class RewardStage(_CheckpointedStage):
 class _OnlineStage(_TrainingStage):
     """Online rounds of sample -> (judge) -> pair -> train -> evaluate, shared by every iterative method.
 
-    Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed, not the authors' exact values).
+    Prompts come from the recipe's built-in task and each round is evaluated on its gold reward, so the stages
+    before one must train on that task too. Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed,
+    not the authors' exact values).
     """
 
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate per round (OSP §4c: 1e-4 with LoRA).")
@@ -750,7 +752,11 @@ class SPPOStage(_SelfPlayStage):
 
 
 class SPINStage(_OnlineStage):
-    """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8)."""
+    """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8).
+
+    The demonstrations are the built-in task's (the recipe's ``data`` block, what a synthetic sft stage trains on),
+    so no stage before it may train on a real dataset (``Recipe._online_stages_follow_the_task``).
+    """
 
     type: Literal["spin"] = Field("spin", description="Stage type: self-play fine-tuning.")
     reference: Literal["initial", "previous"] = Field(
@@ -1103,6 +1109,7 @@ class Recipe(_Spec):
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
         problems += self._penalties_need_members()
+        problems += self._online_stages_follow_the_task()
         if problems:
             raise _problem(*problems)
         return self
@@ -1148,6 +1155,34 @@ class Recipe(_Spec):
                                  f"the members of an ensemble, but reward stage {source.name!r} trains members: "
                                  f"{source.members}; set members >= 2 there (implementation: ensemble) or use "
                                  "penalty: mean"))
+        return problems
+
+    def _online_stages_follow_the_task(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """The online and self-play stages draw their prompts (SPIN also its demonstrations) from the built-in task
+        (``round_prompts``, ``SPINRule``) and evaluate on its gold reward, whatever data trained their inputs. After
+        a stage trained on a real dataset they would tune that policy (or judge with that reward model) on another
+        task, so such a recipe is an error rather than a silent switch of data."""
+        problems = []
+        by_name = {s.name: s for s in self.stages}
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, _OnlineStage):
+                continue
+            upstream, seen = list(stage.inputs), set()
+            while upstream:
+                source = by_name.get(name := upstream.pop())
+                if source is None or name in seen or source is stage:
+                    continue
+                seen.add(name)
+                dataset = getattr(source, "dataset", None)
+                if dataset is not None and dataset.source != "synthetic":
+                    what = "prompts and demonstrations" if isinstance(stage, SPINStage) else "prompts"
+                    problems.append((("stages", i, "inputs"), f"{stage.type} stages draw their {what} from the "
+                                     f"built-in synthetic task (the recipe's data: block), but {name!r} trained on "
+                                     f"dataset.source {dataset.source!r}, so this stage would tune it on another "
+                                     "task; train the stages before it on the synthetic task, or use a dpo stage "
+                                     "on your dataset"))
+                    break
+                upstream += source.inputs
         return problems
 
     def stage(self, name: str) -> Stage:

@@ -310,7 +310,12 @@ class LoraSpec(_Spec):
 
     r: int = Field(16, gt=0, description="Adapter rank (TRL ModelConfig default).")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r (TRL ModelConfig default).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default).")
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default). Off in dpo and the "
+        "online stages (osp, online_dpo, sppo, spin, dno, inpo): TRL's DPOConfig disable_dropout, kept on, zeroes "
+        "every dropout so the policy's and the reference's log-probs are computed alike (RewardConfig's does the "
+        "same for reward stages with implementation: trl).",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt; 'all-linear' = PEFT's shorthand for every linear layer but the "
         "output head (a common choice since QLoRA, Dettmers et al. 2023).",
@@ -466,7 +471,10 @@ class SFTStage(_TrainingStage):
 
 
 class DPOStage(_TrainingStage):
-    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer)."""
+    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer).
+
+    TRL's ``disable_dropout`` (on by default, standard for DPO) turns every dropout off, ``lora.dropout`` included.
+    """
 
     type: Literal["dpo"] = Field("dpo", description="Stage type: direct preference optimization.")
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL DPOConfig default).")
@@ -635,7 +643,8 @@ class _OnlineStage(_TrainingStage):
     """Online rounds of sample -> (judge) -> pair -> train -> evaluate, shared by every iterative method.
 
     Prompts come from the recipe's built-in task and each round is evaluated on its gold reward, so the stages
-    before one must train on that task too. Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed,
+    before one must train on that task too. Rounds train with TRL's DPOTrainer, whose ``disable_dropout`` also turns
+    ``lora.dropout`` off. Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed,
     not the authors' exact values).
     """
 

@@ -52,7 +52,7 @@ REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 3, "top_
           "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
 ONLINE = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, "max_steps": 8,
           "per_device_train_batch_size": 8, "num_generations": 4, "prompts": 64, "max_completion_length": 10,
-          "max_length": 48, "logging_steps": 1, "save_steps": 2, "eval_prompts": 16}
+          "logging_steps": 1, "save_steps": 2, "eval_prompts": 16}
 OSP = {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16,
        "samples_per_prompt": 4, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48,
        "logging_steps": 1, "max_new_tokens": 10, "eval_prompts": 16, "save_steps": 2}

@@ -371,3 +371,21 @@ def test_ids_keeps_a_single_comparison_bounded_where_mle_diverges():
     mle, ids = train(rate=0.0), train(rate=0.3)
     assert mle > 4.0  # keeps growing (≈ log of the step count)
     assert ids < 2.0 and ids < mle / 2
+
+
+def test_lora_dropout_is_off_in_dpo_training_as_documented(tiny, tmp_path):
+    """The dpo and online stages keep TRL's disable_dropout (standard for DPO: policy and reference log-probs are
+    computed alike), which zeroes the LoRA dropout too; LoraSpec.dropout must say so, since the recipe's value is
+    not what trains there."""
+    from alignpipe.recipe import LoraSpec
+
+    tokenizer, policy, _, pairs = tiny
+    spec = LoraSpec()
+    assert spec.dropout > 0 and "disable_dropout" in LoraSpec.model_fields["dropout"].description
+    trainer = SoftPreferenceDPOTrainer(
+        model=copy.deepcopy(policy), args=_config(tmp_path), train_dataset=pairs, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+                               target_modules=["q_proj", "v_proj"]))
+    rates = {m.p for name, m in trainer.model.named_modules() if "lora_dropout" in name
+             and isinstance(m, torch.nn.Dropout)}
+    assert trainer.args.disable_dropout and rates == {0.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -177,3 +178,76 @@ def test_conversations_that_differ_before_the_last_turn_have_no_common_prompt(tm
     spec = PreferenceDataSpec(source="trl", path=str(_trl_file(tmp_path, rows)))
     with pytest.raises(ValueError, match="row 3: chosen and rejected are conversations that differ before their last"):
         preference_pairs_for(spec, DataSpec(), 0)
+
+
+def _ultrafeedback_file(tmp_path):
+    path = tmp_path / "uf.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"reverse: {i} {i + 1}", "completions": [
+        {"response": f"{i + 1} {i}", "overall_score": 9.0}, {"response": f"{i} {i + 1}", "overall_score": 3.0},
+        {"response": f"{i}", "overall_score": 5.0}]}) + "\n" for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("extra", [{"loss_type": ["ipo"]}, {"label_smoothing": 0.1}])
+def test_hard_strength_pairs_carry_no_preference_column(tmp_path, extra):
+    """strength: hard means labels of 1: like soft_labels: false the pairs carry no `preference` column, so a DPO
+    stage whose recipe check allows another loss (or cDPO) gets data its trainer accepts."""
+    from trl import DPOConfig
+
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+    from alignpipe.recipe import DataSpec, DPOStage
+    from alignpipe.tasks import tokenizer_corpus
+    from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
+
+    stage = DPOStage(name="dpo", inputs=["sft"], dataset={"source": "ultrafeedback", "path": str(
+        _ultrafeedback_file(tmp_path)), "strength": "hard"}, **extra)
+    dataset = preference_pairs_for(stage.dataset, DataSpec(), 0)
+    assert "preference" not in dataset.column_names and len(dataset) > 0
+    tokenizer = train_tokenizer(tokenizer_corpus(n=200), 100)
+    model = build_tiny_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                             max_position_embeddings=64, seed=0)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to=[], max_length=48,
+                     loss_type=list(stage.loss_type), label_smoothing=stage.label_smoothing)
+    SoftPreferenceDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+
+
+def test_a_trl_files_preference_column_reaches_the_soft_preference_loss(tmp_path):
+    """A TRL-format file's own `preference` column (P(chosen > rejected), null = 1) is kept as soft labels, as the
+    README documents for the soft-DPO trainer; soft_labels: false drops it for hard labels."""
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    strengths = [0.7, None, 0.9, 0.6] * 4
+    rows = [{"prompt": f"copy: {i} {i + 1}", "chosen": f"{i} {i + 1}", "rejected": f"{i + 1}", "preference": p}
+            for i, p in enumerate(strengths)]
+    path = _trl_file(tmp_path, rows)
+    dataset = preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
+    assert dataset["preference"] == [1.0 if p is None else p for p in strengths]
+    hard = preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path), soft_labels=False), DataSpec(), 0)
+    assert "preference" not in hard.column_names and hard["prompt"] == dataset["prompt"]
+
+    dpo = {**TINY_RECIPE["stages"][1], "max_steps": 2, "save_steps": 2, "logging_steps": 1,
+           "dataset": {"source": "trl", "path": str(path)}}
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2}
+    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft, dpo]})),
+                    runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran"]
+    logs = [json.loads(line) for line in StageDir(runner.run_dir / "dpo").metrics.read_text().splitlines()]
+    targets = [entry["soft/preference"] for entry in logs if "soft/preference" in entry]
+    assert targets and all(0.6 <= t < 1.0 for t in targets)  # the file's strengths, not hard labels of 1
+
+
+@pytest.mark.parametrize(("source", "setting", "key"), [
+    ("trl", {"strength": "reward"}, "strength"), ("trl", {"pairing": "all_pairs"}, "pairing"),
+    ("trl", {"score_clip": 0.01}, "score_clip"), ("hh_rlhf", {"soft_labels": False}, "soft_labels"),
+    ("hh_rlhf", {"temperature": 2.0}, "temperature"), ("synthetic", {"strength": "hard"}, "strength"),
+    ("ultrafeedback", {"strength": "reward", "score_clip": 0.01}, "score_clip"),
+    ("alpaca_eval", {"temperature": 2.0}, "temperature"),
+])
+def test_pairing_settings_a_source_does_not_read_are_errors(tmp_path, source, setting, key):
+    dataset = {"source": source, **({"path": "pairs.jsonl"} if source != "synthetic" else {}), **setting}
+    dpo = {**TINY_RECIPE["stages"][1], "dataset": dataset}
+    with pytest.raises(RecipeError, match=rf"stages\.dpo\.dataset\.{key}: is not read: .*; remove it"):
+        load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], dpo]}))

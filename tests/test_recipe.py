@@ -13,12 +13,17 @@ from alignpipe.recipe import (
     DataSpec,
     DPOStage,
     EvalStage,
+    GRPOStage,
     LoraSpec,
     ModelSpec,
+    PPOStage,
     Recipe,
     RecipeError,
+    RLOOStage,
     SFTStage,
     TinyModelSpec,
+    _OptimizerStage,
+    _TrainingStage,
     load_recipe,
     load_recipe_dict,
     parse_override,
@@ -256,3 +261,47 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     )
     problems = [line for line in error_for(path).splitlines() if line.startswith("  - ")]
     assert len(problems) == 3
+
+
+# ----------------------------------------------------------------------------- options a stage would ignore
+
+PPO = {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}}
+
+
+def _recipe_with(tmp_path: Path, *stages: dict) -> Path:
+    return write(tmp_path / "recipe.yaml", yaml.safe_dump({"name": "r", "stages": [{"name": "sft", "type": "sft"},
+                                                                                   *stages]}))
+
+
+def test_ppo_has_no_trainer_schedule_fields() -> None:
+    """PPO's own loop reads none of the Trainer stages' schedule/batch/length/precision fields, so its resolved
+    config (config.yaml) must not show them, and each one it lacks has a message saying what PPO uses instead."""
+    trainer_only = set(_TrainingStage.model_fields) - set(_OptimizerStage.model_fields)
+    assert trainer_only and not trainer_only & set(PPOStage.model_fields)
+    assert set(PPOStage.replaced_keys) == trainer_only
+    assert {"learning_rate", "weight_decay", "max_grad_norm", "lora", "save_steps"} <= set(PPOStage.model_fields)
+
+
+@pytest.mark.parametrize(("key", "value", "instead"), [
+    ("lr_scheduler_type", "linear", "constant learning_rate"), ("warmup_ratio", 0.1, "constant learning_rate"),
+    ("max_steps", 5, "set total_steps"), ("num_train_epochs", 2, "set total_steps"),
+    ("per_device_train_batch_size", 4, "rollout_batch_size"), ("gradient_accumulation_steps", 2, "mini_batch_size"),
+    ("global_batch_size", 16, "mini_batch_size"), ("logging_steps", 1, "eval_every"),
+    ("max_length", 64, "max_new_tokens"), ("bf16", True, "model.dtype"), ("gradient_checkpointing", True, "remove it"),
+])
+def test_ppo_rejects_trainer_fields_and_says_what_it_uses(tmp_path: Path, key: str, value, instead: str) -> None:
+    message = error_for(_recipe_with(tmp_path, {**PPO, key: value}))
+    assert f"stages.ppo.{key}: not read by a ppo stage" in message and instead in message
+
+
+def test_adaptive_kl_needs_a_nonzero_start(tmp_path: Path) -> None:
+    """The adaptive controller multiplies kl_coef, so kl_target with kl_coef 0 would keep the penalty at 0."""
+    message = error_for(_recipe_with(tmp_path, {**PPO, "kl_target": 6.0, "kl_coef": 0}))
+    assert "stages.ppo.kl_coef: is the adaptive controller's starting value" in message and "kl_coef > 0" in message
+    assert load_recipe(_recipe_with(tmp_path, {**PPO, "kl_coef": 0})).stage("ppo").kl_coef == 0  # fixed: no KL
+
+
+def test_group_rl_stages_have_no_max_length() -> None:
+    """TRL's GRPO/RLOO configs take no prompt length, so the resolved config must not show an unused max_length."""
+    for kind in (GRPOStage, RLOOStage):
+        assert "max_length" not in kind.model_fields and "max_completion_length" in kind.model_fields

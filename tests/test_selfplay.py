@@ -334,3 +334,45 @@ def test_self_play_defaults_use_the_previous_iterate(load_recipe_dict):
         assert stage.reference == "previous"
     assert math.isclose(load_recipe_dict(_stage_recipe({"name": "i", "type": "inpo", "inputs": ["sft"]}))
                         .stage("i").reference_mix, 0.1)
+
+
+def test_inpo_reference_mix_needs_two_references(load_recipe_dict):
+    """With reference: initial, INPO's anchor and TRL's reference are both the stage's input, so the mix is moot."""
+    inpo = {"name": "i", "type": "inpo", "inputs": ["sft"], "reference": "initial"}
+    assert load_recipe_dict(_stage_recipe(inpo)).stage("i").reference == "initial"  # the default mix is fine
+    with pytest.raises(RecipeError, match=r"stages\.i\.reference_mix: mixes .* both references are the input"):
+        load_recipe_dict(_stage_recipe({**inpo, "reference_mix": 0.5}))
+    assert load_recipe_dict(_stage_recipe({**inpo, "reference": "previous", "reference_mix": 0.5}))
+
+
+@pytest.mark.parametrize(("kind", "judge"), [("sppo", "self"), ("dno", "reward"), ("osp", "reward"),
+                                             ("online_dpo", "self")])
+def test_judge_temperature_is_read_by_the_gold_judge_only(load_recipe_dict, kind, judge):
+    reward = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
+    stage = {"name": "s", "type": kind, "inputs": ["sft", "rm"] if judge == "reward" else ["sft"], "judge": judge}
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], reward, stage]}
+    assert load_recipe_dict(recipe).stage("s").judge == judge  # the default temperature is fine
+    with pytest.raises(RecipeError, match=rf"stages\.s\.judge_temperature: is the gold judge's temperature; "
+                                          rf"judge '{judge}' .* never reads it"):
+        load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], {**stage, "judge_temperature": 1.0}]})
+    gold = {**stage, "inputs": ["sft"], "judge": "gold", "judge_temperature": 1.0}
+    assert load_recipe_dict({**recipe, "stages": [*recipe["stages"][:2], gold]}).stage("s").judge_temperature == 1.0
+
+
+def test_online_stages_after_real_data_stages_are_errors(load_recipe_dict):
+    """Every online stage samples the built-in task's prompts (SPIN also its demonstrations): a policy or judge
+    trained on a real dataset before it would be tuned on another task, wherever it sits upstream."""
+    sft, dpo = TINY_RECIPE["stages"][0], {**TINY_RECIPE["stages"][1], "dataset": {"source": "trl", "path": "p.jsonl"}}
+    rm = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2,
+          "dataset": {"source": "hh_rlhf", "path": "hh"}}
+    cases = [([dpo, {"name": "s", "type": "sppo", "inputs": ["dpo"]}], "'dpo' trained on dataset.source 'trl'"),
+             ([dpo, {"name": "s", "type": "spin", "inputs": ["dpo"]}], "prompts and demonstrations"),
+             ([rm, {"name": "s", "type": "osp", "inputs": ["sft", "rm"], "judge": "reward"}], "'rm' trained on"),
+             ([{**sft, "name": "sft2", "dataset": {"source": "hh_rlhf", "path": "hh"}},
+               {**TINY_RECIPE["stages"][1], "inputs": ["sft2"]},
+               {"name": "s", "type": "inpo", "inputs": ["dpo"]}], "'sft2' trained on dataset.source 'hh_rlhf'")]
+    for stages, message in cases:
+        with pytest.raises(RecipeError, match=rf"stages\.s\.inputs: \w+ stages draw their .*{message}"):
+            load_recipe_dict({**TINY_RECIPE, "stages": [sft, *stages]})
+    synthetic = [TINY_RECIPE["stages"][1], {"name": "s", "type": "spin", "inputs": ["dpo"]}]
+    assert load_recipe_dict({**TINY_RECIPE, "stages": [sft, *synthetic]}).stage("s").type == "spin"

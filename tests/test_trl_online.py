@@ -14,7 +14,7 @@ from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
 FAST = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, "max_steps": 4,
         "per_device_train_batch_size": 8, "num_generations": 4, "prompts": 32, "max_completion_length": 10,
-        "max_length": 48, "logging_steps": 1, "save_steps": 2, "eval_prompts": 16}
+        "logging_steps": 1, "save_steps": 2, "eval_prompts": 16}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,8 @@ def test_valid_combinations(check, kind):
     ("grpo", {"per_device_train_batch_size": 6, "num_generations": 4}, r"grpo\.num_generations: .*multiple of"),
     ("rloo", {"gradient_accumulation_steps": 3, "per_device_train_batch_size": 1}, "multiple of num_generations"),
     ("grpo", {"num_generations": 1}, r"grpo\.num_generations"),
-    ("grpo", {"max_completion_length": 64, "max_length": 64}, r"max_completion_length: must be < max_length"),
+    ("grpo", {"max_length": 64}, r"grpo\.max_length: not read by grpo/rloo stages: prompts come whole"),
+    ("rloo", {"max_length": 64}, r"rloo\.max_length: .*max_completion_length bounds each completion"),
     ("rloo", {"reward": {"source": "model"}}, "reward.source: model needs 2 inputs"),
     ("grpo", {"reward": {"source": "gold", "penalty": "mean_minus_std", "penalty_coef": 1.0}},
      "penalties combine ensemble members"),

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -238,22 +238,49 @@ class PreferenceDataSpec(_Spec):
     )
     split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
-        "anchor", description="Multi-response sources: how ranked responses become pairs (OSP §4b)."
+        "anchor", description="alpaca_eval / ultrafeedback: how ranked responses become pairs (OSP §4b)."
     )
     strength: Literal["probability", "reward", "hard"] = Field(
-        "probability", description="Multi-response sources: scores are probabilities (AlpacaEval: P(beats the "
+        "probability", description="alpaca_eval / ultrafeedback: scores are probabilities (AlpacaEval: P(beats the "
         "reference)) -> σ(logit s_i − logit s_j); rewards (UltraFeedback ratings) -> σ((r_i − r_j)/temperature); "
         "hard = labels of 1.",
     )
     temperature: float = Field(1.0, gt=0, description="Temperature for strength: reward.")
     score_clip: float | None = Field(
-        1e-6, gt=0, lt=0.5, description="Clip probability scores to [c, 1-c] before the logit; AlpacaEval scores pile "
-        "up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
+        1e-6, gt=0, lt=0.5, description="strength: probability: clip scores to [c, 1-c] before the logit; AlpacaEval "
+        "scores pile up at 0, so a small clip keeps them apart (a clip of 0.01 ties a quarter of its prompts).",
     )
     soft_labels: bool = Field(
-        True, description="Keep pair strengths as the `preference` column (soft-preference loss); false = hard labels."
+        True, description="alpaca_eval / ultrafeedback: keep pair strengths as the `preference` column (soft-"
+        "preference loss); trl: keep the file's own `preference` column (P(chosen > rejected), null = 1) if it has "
+        "one. false = hard labels (no column); strength: hard gives hard labels either way.",
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many pairs (a seeded shuffle picks them).")
+
+    @property
+    def soft_strengths(self) -> bool:
+        """Whether the pairs carry soft strengths (a `preference` column): scored multi-response sets paired with a
+        soft strength and soft_labels on. Hard labels carry no column, so every loss and trainer can take them. A
+        ``trl`` file may bring its own column, which is known only once it is read (``check_soft_targets``)."""
+        return self.source in ("alpaca_eval", "ultrafeedback") and self.soft_labels and self.strength != "hard"
+
+    def _unread(self) -> dict[str, str]:
+        """The pairing/strength settings this source and strength would ignore, each with why."""
+        scored = self.source in ("alpaca_eval", "ultrafeedback")
+        if not scored:
+            why = (f"source {self.source!r} reads ready-made chosen/rejected pairs, so there are no scored responses "
+                   "to pair or weigh (this applies to alpaca_eval and ultrafeedback)")
+            unread = dict.fromkeys(("pairing", "strength", "temperature", "score_clip"), why)
+            if self.source != "trl":  # a trl file may carry its own preference column, kept with soft_labels
+                unread["soft_labels"] = f"{why}; its pairs have hard labels"
+            return unread
+        unread = {}
+        if self.strength != "reward":
+            unread["temperature"] = f"scales reward differences (strength: reward); strength {self.strength!r} does not"
+        if self.strength != "probability":
+            unread["score_clip"] = (f"clips probability scores (strength: probability); strength "
+                                    f"{self.strength!r} has none")
+        return unread
 
     @model_validator(mode="after")
     def _path_needed(self) -> PreferenceDataSpec:
@@ -267,6 +294,11 @@ class PreferenceDataSpec(_Spec):
         if self.source == "synthetic" and self.split != "train":
             raise _problem((("split",), "source 'synthetic' has no splits (held-out pairs come from the stage's "
                                         "heldout_fraction); remove split"))
+        fields = type(self).model_fields
+        unread = [((key,), f"is not read: {why}; remove it") for key, why in self._unread().items()
+                  if getattr(self, key) != fields[key].default]
+        if unread:
+            raise _problem(*unread)
         return self
 
 
@@ -278,7 +310,12 @@ class LoraSpec(_Spec):
 
     r: int = Field(16, gt=0, description="Adapter rank (TRL ModelConfig default).")
     alpha: int = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha / r (TRL ModelConfig default).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default).")
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default). Off in dpo and the "
+        "online stages (osp, online_dpo, sppo, spin, dno, inpo): TRL's DPOConfig disable_dropout, kept on, zeroes "
+        "every dropout so the policy's and the reference's log-probs are computed alike (RewardConfig's does the "
+        "same for reward stages with implementation: trl).",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt; 'all-linear' = PEFT's shorthand for every linear layer but the "
         "output head (a common choice since QLoRA, Dettmers et al. 2023).",
@@ -314,10 +351,19 @@ class _CheckpointedStage(_StageBase):
     save_total_limit: int = Field(2, gt=0, description="Trainer checkpoints kept on disk (tiny-model setting).")
 
 
-class _TrainingStage(_CheckpointedStage):
-    """Fields shared by trainer stages; defaults are TRL's unless marked as a tiny-model setting."""
+class _OptimizerStage(_CheckpointedStage):
+    """Fields of every stage that trains a policy with an optimizer: the TRL-trainer stages and PPO's own loop."""
 
     learning_rate: float = Field(gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
+
+
+class _TrainerStage(_OptimizerStage):
+    """Fields of stages trained by a transformers ``Trainer`` (through TRL); defaults are TRL's unless marked as a
+    tiny-model setting. PPO's own loop has none of them: it has its own steps, batch sizes and constant rate."""
+
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data (tiny-model setting; TRL's is 3).")
     max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps; -1 = use num_train_epochs "
                            "(TRL default).")
@@ -337,15 +383,11 @@ class _TrainingStage(_CheckpointedStage):
         "cosine", description="Learning-rate schedule (tiny-model setting; TRL's is linear)."
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up (TRL default: none).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (TRL default).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
     logging_steps: int = Field(10, gt=0, description="Log every N steps (TRL default).")
-    max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
     bf16: bool | None = Field(None, description="bf16 mixed precision; null = on when the GPU supports it, off on CPU.")
     gradient_checkpointing: bool = Field(
         False, description="Trade compute for memory (tiny-model setting; TRL turns it on)."
     )
-    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
 
     @field_validator("max_steps")
     @classmethod
@@ -355,11 +397,18 @@ class _TrainingStage(_CheckpointedStage):
         return value
 
     @model_validator(mode="after")
-    def _global_batch_derives_accumulation(self) -> _TrainingStage:
+    def _global_batch_derives_accumulation(self) -> _TrainerStage:
         if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
             raise _problem((("gradient_accumulation_steps",), "is derived from global_batch_size and the world "
                             "size; leave it out (or drop global_batch_size)"))
         return self
+
+
+class _TrainingStage(_TrainerStage):
+    """A Trainer stage on offline-shaped sequences (prompt + response: SFT, DPO, the online rounds), which TRL
+    truncates to ``max_length``."""
+
+    max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
 
 
 class SFTDataSpec(_Spec):
@@ -422,7 +471,10 @@ class SFTStage(_TrainingStage):
 
 
 class DPOStage(_TrainingStage):
-    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer)."""
+    """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer).
+
+    TRL's ``disable_dropout`` (on by default, standard for DPO) turns every dropout off, ``lora.dropout`` included.
+    """
 
     type: Literal["dpo"] = Field("dpo", description="Stage type: direct preference optimization.")
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL DPOConfig default).")
@@ -465,18 +517,23 @@ class DPOStage(_TrainingStage):
             raise _problem((("loss_weights",), msg))
         return self
 
+    def soft_strength_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What in this stage conflicts with soft pair strengths (a `preference` column): checked on the recipe for
+        scored sources, and on the loaded pairs for a trl file with its own column (``check_soft_targets``)."""
+        problems = []
+        if self.label_smoothing:
+            problems.append((("label_smoothing",), "soft pair strengths and label_smoothing both set the target "
+                             "probability; fold the smoothing into the strengths or set label_smoothing: 0"))
+        if self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
+            problems.append((("loss_type",), f"soft pair strengths train with the soft-preference loss, which needs "
+                             f"loss_type [sigmoid] or [sigmoid, sft]; got {self.loss_type}. Set "
+                             "dataset.soft_labels: false for other losses"))
+        return problems
+
     @model_validator(mode="after")
     def _soft_labels_need_sigmoid(self) -> DPOStage:
-        soft = self.dataset.source in ("alpaca_eval", "ultrafeedback") and self.dataset.soft_labels \
-            and self.dataset.strength != "hard"
-        if soft and self.label_smoothing:
-            msg = ("soft pair strengths and label_smoothing both set the target probability; fold the smoothing into "
-                   "the strengths or set label_smoothing: 0")
-            raise _problem((("label_smoothing",), msg))
-        if soft and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
-            msg = (f"soft pair strengths train with the soft-preference loss, which needs loss_type [sigmoid] or "
-                   f"[sigmoid, sft]; got {self.loss_type}. Set dataset.soft_labels: false for other losses")
-            raise _problem((("loss_type",), msg))
+        if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
+            raise _problem(*problems)
         if self.label_smoothing and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
             msg = (f"label_smoothing (conservative DPO) is applied to the sigmoid loss; with loss_type {self.loss_type} "
                    "TRL reads it only for robust/exo_pair/aot")
@@ -552,6 +609,14 @@ class RewardStage(_CheckpointedStage):
             raise ValueError(f"a reward stage reads at most 1 backbone checkpoint ([] = recipe model), got {inputs}")
         return inputs
 
+    def soft_strength_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """What in this stage conflicts with soft pair strengths (see ``DPOStage.soft_strength_problems``)."""
+        if self.implementation != "trl":
+            return []  # the ensemble trains on soft Bradley-Terry targets
+        return [(("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the pairs' soft "
+                 "strengths would be dropped; use implementation: ensemble (soft Bradley-Terry targets) or set "
+                 "dataset.soft_labels: false")]
+
     @model_validator(mode="after")
     def _implementation_options(self) -> RewardStage:
         if self.implementation == "trl":
@@ -563,11 +628,8 @@ class RewardStage(_CheckpointedStage):
                 if is_set:
                     raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "
                                              "one model (leave it at its default or use implementation: ensemble)"))
-            data = self.dataset
-            if data.source in ("alpaca_eval", "ultrafeedback") and data.soft_labels and data.strength != "hard":
-                raise _problem((("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the "
-                                "pairs' soft strengths would be dropped; use implementation: ensemble (soft "
-                                "Bradley-Terry targets) or set dataset.soft_labels: false"))
+            if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
+                raise _problem(*problems)
         elif self.lora is None:
             raise _problem((("lora",), "the ensemble members are LoRA adapters on a shared backbone; full "
                                        "fine-tuning needs implementation: trl with members: 1"))
@@ -580,7 +642,10 @@ class RewardStage(_CheckpointedStage):
 class _OnlineStage(_TrainingStage):
     """Online rounds of sample -> (judge) -> pair -> train -> evaluate, shared by every iterative method.
 
-    Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed, not the authors' exact values).
+    Prompts come from the recipe's built-in task and each round is evaluated on its gold reward, so the stages
+    before one must train on that task too. Rounds train with TRL's DPOTrainer, whose ``disable_dropout`` also turns
+    ``lora.dropout`` off. Defaults follow ALGORITHMS.md §4c (OSP, marked [I] there: reconstructed,
+    not the authors' exact values).
     """
 
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate per round (OSP §4c: 1e-4 with LoRA).")
@@ -621,7 +686,8 @@ class _JudgedStage(_OnlineStage):
         "name the reward stage as this stage's second input).",
     )
     judge_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
+        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (judge: gold only; "
+        "tiny-model setting).",
     )
 
     @field_validator("inputs")
@@ -639,6 +705,10 @@ class _JudgedStage(_OnlineStage):
         if self.judge != "reward" and len(self.inputs) != 1:
             raise _problem((("inputs",), f"a second input is only read with judge: reward (the judge is "
                                          f"{self.judge!r}); drop {self.inputs[1]!r} or set judge: reward"))
+        if self.judge != "gold" and self.judge_temperature != type(self).model_fields["judge_temperature"].default:
+            own = "the policy's own verdicts" if self.judge == "self" else "the reward model's σ(r_a − r_b)"
+            raise _problem((("judge_temperature",), f"is the gold judge's temperature; judge {self.judge!r} uses "
+                            f"{own} and never reads it; remove it or set judge: gold"))
         return self
 
 
@@ -678,9 +748,6 @@ class _SelfPlayStage(_JudgedStage):
         "or the stage's input policy every round (an ablation).",
     )
     samples_per_prompt: int = Field(5, ge=2, description="K responses sampled per prompt (SPPO §7c: 5).")
-    judge_temperature: float = Field(
-        0.1, gt=0, description="Bradley-Terry temperature of the gold judge's probabilities (tiny-model setting)."
-    )
 
 
 class SPPOStage(_SelfPlayStage):
@@ -694,7 +761,11 @@ class SPPOStage(_SelfPlayStage):
 
 
 class SPINStage(_OnlineStage):
-    """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8)."""
+    """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8).
+
+    The demonstrations are the built-in task's (the recipe's ``data`` block, what a synthetic sft stage trains on),
+    so no stage before it may train on a real dataset (``Recipe._online_stages_follow_the_task``).
+    """
 
     type: Literal["spin"] = Field("spin", description="Stage type: self-play fine-tuning.")
     reference: Literal["initial", "previous"] = Field(
@@ -718,8 +789,16 @@ class INPOStage(_SelfPlayStage):
     beta: float = Field(0.1, gt=0, description="1/eta: the loss regresses h_t onto eta/2 = 1/(2 beta) (§10a, [M]).")
     reference_mix: float = Field(
         0.1, ge=0, le=1, description="eta*tau: the weight of the stage's input policy (pi_ref) in INPO's mixed "
-        "reference; 0 = online IPO against pi_t (§10e) ([M/I] value).",
+        "reference; 0 = online IPO against pi_t (§10e) ([M/I] value). Needs reference: previous.",
     )
+
+    @model_validator(mode="after")
+    def _mix_needs_two_references(self) -> INPOStage:
+        if self.reference == "initial" and self.reference_mix != type(self).model_fields["reference_mix"].default:
+            raise _problem((("reference_mix",), "mixes the stage's input policy with the previous iterate, but with "
+                            "reference: initial both references are the input policy, so it changes nothing; remove "
+                            "it or use reference: previous"))
+        return self
 
 
 class RewardSpec(_Spec):
@@ -781,11 +860,37 @@ class _RewardedStage(_StageBase):
         return self
 
 
-class PPOStage(_RewardedStage, _TrainingStage):
-    """PPO with a critic (Ziegler 2019; ALGORITHMS.md §6), rewards optionally penalised by ensemble uncertainty."""
+class PPOStage(_RewardedStage, _OptimizerStage):
+    """PPO with a critic (Ziegler 2019; ALGORITHMS.md §6), rewards optionally penalised by ensemble uncertainty.
+
+    Its own loop, not a transformers Trainer: AdamW at a constant learning_rate, ``total_steps`` iterations of
+    ``rollout_batch_size`` prompts and ``mini_batch_size`` updates, in the model's dtype. So it has none of the Trainer
+    stages' schedule, batch, length or precision fields; ``replaced_keys`` says what to set instead of each.
+    """
+
+    replaced_keys: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("lr_scheduler_type", "warmup_ratio"), "not read by a ppo stage, which trains at a constant "
+                        "learning_rate (AdamW, no schedule or warmup); remove it"),
+        **dict.fromkeys(("max_steps", "num_train_epochs"), "not read by a ppo stage, which runs total_steps "
+                        "iterations (a rollout, then ppo_epochs passes over it); set total_steps instead"),
+        **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size"),
+                        "not read by a ppo stage, which samples rollout_batch_size prompts per iteration and takes "
+                        "one optimizer step per mini_batch_size responses (both counted over all processes); set "
+                        "those instead"),
+        "logging_steps": "not read by a ppo stage, which logs every iteration to metrics.jsonl and evaluates on "
+                         "held-out prompts every eval_every iterations; remove it (or set eval_every)",
+        "max_length": "not read by a ppo stage: prompts come whole from the recipe's task and max_new_tokens bounds "
+                      "each response; remove it (or set max_new_tokens)",
+        "bf16": "not read by a ppo stage, which computes in the dtype the policy is loaded in (no mixed precision); "
+                "remove it and set model.dtype instead",
+        "gradient_checkpointing": "not read by a ppo stage, which keeps one forward's activations at a time by "
+                                  "backpropagating policy and critic separately; remove it",
+    }
 
     type: Literal["ppo"] = Field("ppo", description="Stage type: proximal policy optimisation (own loop).")
-    learning_rate: float = Field(1e-5, gt=0, description="Policy and critic learning rate (trlx-style default).")
+    learning_rate: float = Field(
+        1e-5, gt=0, description="Policy and critic learning rate, constant (trlx-style default)."
+    )
     lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="Policy LoRA: the reference is the same base with adapters off (one "
         "copy of the base weights); null = full fine-tuning with a frozen reference copy.",
@@ -800,7 +905,9 @@ class PPOStage(_RewardedStage, _TrainingStage):
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch (§6c: 4).")
     max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (§6b: 1, top-k 0, top-p 1).")
-    kl_coef: float = Field(0.05, ge=0, description="Initial per-token KL penalty coefficient beta_kl.")
+    kl_coef: float = Field(
+        0.05, ge=0, description="Per-token KL penalty coefficient beta_kl (with kl_target: its starting value, > 0)."
+    )
     kl_target: float | None = Field(
         None, gt=0, description="Adaptive KL controller target (nats per sequence, §6a); null = fixed kl_coef.",
     )
@@ -833,6 +940,10 @@ class PPOStage(_RewardedStage, _TrainingStage):
         if self.rollout_batch_size % self.mini_batch_size:
             raise _problem((("mini_batch_size",), f"rollout_batch_size ({self.rollout_batch_size}) must be a "
                                                   f"multiple of mini_batch_size ({self.mini_batch_size})"))
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise _problem((("kl_coef",), f"is the adaptive controller's starting value, which kl_target "
+                            f"({self.kl_target:g}) only ever multiplies, so from 0 the KL penalty stays 0; set "
+                            "kl_coef > 0 (e.g. 0.05), or kl_target: null for no KL penalty"))
         return self
 
 
@@ -848,12 +959,20 @@ class BoNStage(_RewardedStage):
     seed: int = Field(1234, ge=0, description="Sampling seed.")
 
 
-class _GroupRLStage(_RewardedStage, _TrainingStage):
+class _GroupRLStage(_RewardedStage, _TrainerStage):
     """Critic-free policy gradient through TRL (GRPO, RLOO): a group of samples per prompt is its own baseline.
 
     ``per_device_train_batch_size`` counts completions (TRL's convention), so one optimizer step sees
-    ``batch x accumulation / num_generations`` prompts. ``max_length`` bounds prompt + completion.
+    ``batch x accumulation / num_generations`` prompts. No ``max_length``: TRL 1.16's GRPO/RLOO configs truncate no
+    prompts, and cutting a task prompt would change the task its reward scores; ``max_completion_length`` bounds
+    what is generated.
     """
+
+    replaced_keys: ClassVar[dict[str, str]] = {
+        "max_length": "not read by grpo/rloo stages: prompts come whole from the recipe's task (TRL's GRPO and RLOO "
+                      "trainers truncate none) and max_completion_length bounds each completion; remove it (or set "
+                      "max_completion_length)",
+    }
 
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (TRL GRPOConfig/RLOOConfig default).")
     lora: LoraSpec | None = Field(
@@ -879,9 +998,6 @@ class _GroupRLStage(_RewardedStage, _TrainingStage):
             raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
                             f"({completions}) counts completions and must be a multiple of num_generations "
                             f"({self.num_generations}), so every prompt's group is complete"))
-        if self.max_completion_length >= self.max_length:
-            raise _problem((("max_completion_length",), f"must be < max_length ({self.max_length}), which bounds "
-                            f"prompt + completion; got {self.max_completion_length}"))
         return self
 
 
@@ -1002,6 +1118,7 @@ class Recipe(_Spec):
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
         problems += self._penalties_need_members()
+        problems += self._online_stages_follow_the_task()
         if problems:
             raise _problem(*problems)
         return self
@@ -1028,7 +1145,7 @@ class Recipe(_Spec):
             return []
         problems = [(("stages", i, "lora"), "model.quantization loads frozen k-bit weights; this training stage needs "
                      "a lora block (QLoRA), or drop model.quantization")
-                    for i, stage in enumerate(self.stages) if isinstance(stage, _TrainingStage) and stage.lora is None]
+                    for i, stage in enumerate(self.stages) if isinstance(stage, _OptimizerStage) and stage.lora is None]
         problems += [(("stages", i, "critic"), "critic: model trains a full copy of the decoder, which k-bit weights "
                       "cannot be; use critic: adapter with model.quantization")
                      for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
@@ -1047,6 +1164,34 @@ class Recipe(_Spec):
                                  f"the members of an ensemble, but reward stage {source.name!r} trains members: "
                                  f"{source.members}; set members >= 2 there (implementation: ensemble) or use "
                                  "penalty: mean"))
+        return problems
+
+    def _online_stages_follow_the_task(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """The online and self-play stages draw their prompts (SPIN also its demonstrations) from the built-in task
+        (``round_prompts``, ``SPINRule``) and evaluate on its gold reward, whatever data trained their inputs. After
+        a stage trained on a real dataset they would tune that policy (or judge with that reward model) on another
+        task, so such a recipe is an error rather than a silent switch of data."""
+        problems = []
+        by_name = {s.name: s for s in self.stages}
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, _OnlineStage):
+                continue
+            upstream, seen = list(stage.inputs), set()
+            while upstream:
+                source = by_name.get(name := upstream.pop())
+                if source is None or name in seen or source is stage:
+                    continue
+                seen.add(name)
+                dataset = getattr(source, "dataset", None)
+                if dataset is not None and dataset.source != "synthetic":
+                    what = "prompts and demonstrations" if isinstance(stage, SPINStage) else "prompts"
+                    problems.append((("stages", i, "inputs"), f"{stage.type} stages draw their {what} from the "
+                                     f"built-in synthetic task (the recipe's data: block), but {name!r} trained on "
+                                     f"dataset.source {dataset.source!r}, so this stage would tune it on another "
+                                     "task; train the stages before it on the synthetic task, or use a dpo stage "
+                                     "on your dataset"))
+                    break
+                upstream += source.inputs
         return problems
 
     def stage(self, name: str) -> Stage:
@@ -1377,6 +1522,9 @@ _EXPECTED = {
 def _message(err: dict[str, Any], where: _Located) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
+        replaced = getattr(where.owner, "replaced_keys", {}).get(str(where.path[-1]))
+        if replaced:  # a key other stage types have and this one replaces (PPO: no Trainer schedule)
+            return replaced
         valid = list(where.owner.model_fields) if where.owner else []
         hint = _did_you_mean(str(where.path[-1]), valid)
         return f"unknown key{hint}" if hint else f"unknown key (valid keys: {', '.join(valid)})"

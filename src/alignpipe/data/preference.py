@@ -30,6 +30,7 @@ from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
 log = logging.getLogger("alignpipe")
 
 TRL_COLUMNS = ("prompt", "chosen", "rejected")
+PREFERENCE = "preference"  # soft pair strength P(chosen > rejected): what the soft-preference and ensemble losses read
 
 
 def is_reward_heldout(prompt: str, fraction: float) -> bool:
@@ -105,6 +106,30 @@ def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
     return kept
 
 
+def _strength(value, *, source: str, row: int) -> float:
+    """A `preference` cell as a probability (null = 1, as the soft-DPO trainer reads it); anything else raises."""
+    if value is None:
+        return 1.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise DataError(f"{source}: row {row}, column {PREFERENCE!r}: expected P(chosen preferred over rejected), "
+                    f"a number in [0, 1] or null (= 1), got {value!r}; fix that row, or set dataset.soft_labels: "
+                    "false to train on hard labels")
+
+
+def check_soft_targets(stage, pairs: Dataset) -> None:
+    """Raise a DataError when loaded pairs carry soft strengths (a `preference` column, e.g. a trl file's own) that
+    the stage cannot train on: the recipe check sees this only for scored sources, where the column is certain.
+    ``stage`` is a DPOStage or RewardStage (``soft_strength_problems``)."""
+    if PREFERENCE not in pairs.column_names:
+        return
+    problems = stage.soft_strength_problems()
+    if problems:
+        details = "; ".join(f"stages.{stage.name}.{'.'.join(key)}: {msg}" for key, msg in problems)
+        raise DataError(f"{stage.dataset.path}: its {PREFERENCE!r} column gives the pairs soft strengths, which "
+                        f"this stage cannot train on ({details})")
+
+
 def _rows(indices: list[int]) -> str:
     """'2 rows (0, 3) have' / 'no row has', for messages about skipped rows."""
     if not indices:
@@ -168,13 +193,17 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
         rows = load_rows(spec.path, spec.split, what="dataset.path", expected="prompt/chosen/rejected columns")
         require_columns(rows, TRL_COLUMNS, what="dataset.path", source=spec.path,
                         expected="prompt/chosen/rejected columns (TRL preference format)")
-        cleaned = clean_trl_rows(rows.select_columns(list(TRL_COLUMNS)).to_list(), spec.path)
-        return Dataset.from_list(seeded_limit(cleaned, spec.limit, seed))
+        soft = spec.soft_labels and PREFERENCE in rows.column_names  # the file's own strengths (README: soft DPO)
+        raw = rows.select_columns([*TRL_COLUMNS, PREFERENCE] if soft else list(TRL_COLUMNS)).to_list()
+        if soft:
+            raw = [{**row, PREFERENCE: _strength(row[PREFERENCE], source=spec.path, row=i)}
+                   for i, row in enumerate(raw)]
+        return Dataset.from_list(seeded_limit(clean_trl_rows(raw, spec.path), spec.limit, seed))
     else:
         raise ValueError(f"unknown preference data source {spec.source!r}")
     if not spec.soft_labels:
         pairs = harden(pairs)
     rows = to_trl_rows(seeded_limit(pairs, spec.limit, seed))
-    if spec.source == "hh_rlhf" or not spec.soft_labels:
-        rows = [{k: v for k, v in row.items() if k != "preference"} for row in rows]
+    if not spec.soft_strengths:  # hard labels carry no column: the DPO trainers then accept any loss_type
+        rows = [{k: v for k, v in row.items() if k != PREFERENCE} for row in rows]
     return Dataset.from_list(rows)

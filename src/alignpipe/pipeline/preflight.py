@@ -18,7 +18,6 @@ from typing import Any
 from alignpipe.data.adapters import DataError, looks_like_path
 from alignpipe.recipe import (
     DPOStage,
-    PreferenceDataSpec,
     Recipe,
     RewardStage,
     SFTDataSpec,
@@ -309,8 +308,9 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 
 
 def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer) -> None:
-    """Load the stage's local dataset as the stage will (same adapters, same limit); with the model's tokenizer at
-    hand, also check that every prompt leaves room for a response within max_length."""
+    """Load the stage's local dataset as the stage will (same adapters, same limit), check that the stage can train on
+    soft strengths if the pairs carry them (a trl file's own column) and, with the model's tokenizer at hand, that
+    every prompt leaves room for a response within max_length."""
     spec = stage.dataset
     if spec.source == "synthetic" or not _is_local(spec.path):
         return
@@ -320,7 +320,11 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
         prompts = [_sft_prompt(turns) for turns in sft_conversations_for(spec, recipe.seed)]
         noun = "conversation"
     else:
-        prompts = _preference_prompts(recipe, spec)
+        from alignpipe.data.preference import check_soft_targets, preference_pairs_for
+
+        pairs = preference_pairs_for(spec, recipe.data, recipe.seed)
+        check_soft_targets(stage, pairs)
+        prompts = [_text(prompt) for prompt in pairs["prompt"]]
         noun = "pair"
     if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
         _check_prompt_lengths(spec.path, prompts, noun, tokenizer, stage)
@@ -329,12 +333,6 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
 def _is_local(path: str) -> bool:
     """A data path that exists here or is clearly meant as one (a hub id is ``owner/name``; those are skipped)."""
     return Path(path).expanduser().exists() or looks_like_path(path)
-
-
-def _preference_prompts(recipe: Recipe, spec: PreferenceDataSpec) -> list[str]:
-    from alignpipe.data.preference import preference_pairs_for
-
-    return [_text(prompt) for prompt in preference_pairs_for(spec, recipe.data, recipe.seed)["prompt"]]
 
 
 def _sft_prompt(turns: list[dict[str, str]]) -> str:

@@ -50,7 +50,7 @@ from alignpipe.pipeline.rundir import (
     publish_directory,
     utc_now,
 )
-from alignpipe.recipe import PPOStage, Recipe, _TrainingStage, recipe_to_dict
+from alignpipe.recipe import PPOStage, Recipe, _TrainerStage, recipe_to_dict
 
 log = logging.getLogger("alignpipe")
 
@@ -452,6 +452,6 @@ def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
                                      f"processes; use a multiple of {world_size} or change the process count")
             plan[stage.name] = (f"{stage.rollout_batch_size} prompts per rollout, minibatches of "
                                 f"{stage.mini_batch_size}, over {world_size} process(es)")
-        elif isinstance(stage, _TrainingStage):
+        elif isinstance(stage, _TrainerStage):
             plan[stage.name] = stage_batch_split(stage, world_size).describe()
     return plan

@@ -36,6 +36,7 @@ from alignpipe.pipeline import distributed
 from alignpipe.pipeline.batching import stage_batch_split
 from alignpipe.pipeline.rundir import StageDir, publish_directory
 from alignpipe.pipeline.stage import StageContext
+from alignpipe.recipe import _TrainingStage
 
 log = logging.getLogger("alignpipe")
 
@@ -62,7 +63,8 @@ def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None, o
 
 
 def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
-    """Keyword arguments shared by TRL's ``SFTConfig`` and ``DPOConfig``, from the stage's typed config.
+    """Keyword arguments shared by TRL's ``SFTConfig``, ``DPOConfig``, ``GRPOConfig`` and ``RLOOConfig``, from the
+    stage's typed config (``max_length`` only for stages that have one: GRPO/RLOO configs take none).
 
     TRL 1.16 defaults to bf16 and gradient checkpointing; both are wrong for a tiny model on a CPU, so precision
     follows the hardware (``bf16: null``) and checkpointing is opt-in. The per-device batch and accumulation come
@@ -81,7 +83,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         warmup_steps=stage.warmup_ratio,
         weight_decay=stage.weight_decay,
         max_grad_norm=stage.max_grad_norm,
-        max_length=stage.max_length,
+        **({"max_length": stage.max_length} if isinstance(stage, _TrainingStage) else {}),
         logging_steps=stage.logging_steps,
         save_strategy="steps",
         save_steps=stage.save_steps,

@@ -16,7 +16,7 @@ import logging
 
 from trl import DPOConfig
 
-from alignpipe.data.preference import preference_pairs_for
+from alignpipe.data.preference import check_soft_targets, preference_pairs_for
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
     MetricsLogger,
@@ -34,6 +34,7 @@ def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     model, tokenizer = load_start_model(ctx)
     dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
+    check_soft_targets(stage, dataset)  # preflight checked local files; a hub dataset is first read here
     args = DPOConfig(
         **trainer_arguments(ctx),
         beta=stage.beta,

@@ -17,7 +17,7 @@ import random
 from typing import Callable
 
 from alignpipe.data.pairing import plain_text
-from alignpipe.data.preference import is_reward_heldout, preference_pairs_for
+from alignpipe.data.preference import check_soft_targets, is_reward_heldout, preference_pairs_for
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
@@ -118,8 +118,9 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     rows = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
+    check_soft_targets(stage, rows)  # preflight checked local files; a hub dataset is first read here
     pairs = [(plain_text(r["prompt"]), plain_text(r["chosen"]), plain_text(r["rejected"])) for r in rows]
-    # Soft strengths (AlpacaEval, UltraFeedback) become soft Bradley-Terry targets; otherwise labels are 1.
+    # Soft strengths (AlpacaEval, UltraFeedback, a trl file's column) become soft Bradley-Terry targets; else 1.
     strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
     is_heldout = [is_reward_heldout(p[0], stage.heldout_fraction) for p in pairs]
     train_index = [i for i, held in enumerate(is_heldout) if not held]

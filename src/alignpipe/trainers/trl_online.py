@@ -66,8 +66,7 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> di
     source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype, device=ctx.device)
     if (saved := load_side_state(ctx.resume_from, REWARD_STATE)) is not None:
         source.load_state_dict(saved)
-    arguments = {k: v for k, v in trainer_arguments(ctx).items() if k != "max_length"}  # TRL truncates no prompts
-    args = config_class(**arguments, num_generations=stage.num_generations, beta=stage.beta,
+    args = config_class(**trainer_arguments(ctx), num_generations=stage.num_generations, beta=stage.beta,
                         max_completion_length=stage.max_completion_length, temperature=stage.temperature)
     trainer = trainer_class(
         model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),

@@ -904,7 +904,10 @@ class PPOStage(_RewardedStage, _OptimizerStage):
     mini_batch_size: int = Field(16, gt=0, description="Responses per optimizer step in the PPO epochs.")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch (§6c: 4).")
     max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (§6b: 1, top-k 0, top-p 1).")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature (§6b: 1, top-k 0, top-p 1). The ratio and the KL use the same "
+        "tempered distribution, softmax(logits / T), so with T != 1 the KL is KL(pi_T || pi_ref,T).",
+    )
     kl_coef: float = Field(
         0.05, ge=0, description="Per-token KL penalty coefficient beta_kl (with kl_target: its starting value, > 0)."
     )

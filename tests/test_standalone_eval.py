@@ -63,3 +63,14 @@ def test_eval_with_a_suite_rejects_the_synthetic_prompt_options(llama_path, tmp_
         error = capsys.readouterr().err
         assert option in error and "--suite" in error
     assert not out.exists()
+
+
+def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_run, tmp_path, monkeypatch):
+    """The run's leaderboard is its eval stage's record (with its reward table); a re-evaluation goes beside it."""
+    runner, _ = completed_tiny_run
+    recorded = (runner.run_dir / "leaderboard.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(runner.run_dir), "--n-prompts", "8", "--max-new-tokens", "6"]) == 0
+    assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
+    board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
+    assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8

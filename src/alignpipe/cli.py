@@ -42,7 +42,7 @@ examples:
   alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
 
 Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
-pinned sampling settings; writes leaderboard.{json,md} to --out (default: the run directory, or ./eval-out).
+pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-out/<run>, or ./eval-out).
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
 """
 

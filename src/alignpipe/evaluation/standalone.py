@@ -53,9 +53,9 @@ def evaluate_paths(
     board = run_suite(spec, content_key(spec.model_dump()), checkpoints,
                       reference=_expand(reference)[0] if reference else None, judge_path=None,
                       cache=EvalCache(cache_dir or default_cache_dir()))
-    if out is None:
+    if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(specs[0].partition("=")[2] or specs[0])
-        out = first if (first / RUN_FILE).exists() else Path("eval-out")
+        out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
     return write_leaderboard(board, out)
 
 

@@ -306,3 +306,22 @@ def test_kl_controllers_resume_from_state_dict():
     assert other.value == 0.05
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict({"type": "fixed"})
+
+
+def test_sequence_scores_penalise_normalise_then_clip():
+    """§6a: clip(R) with R optionally whitened; the missing-EOS penalty is part of R, so the clip bounds it too."""
+    from alignpipe.losses.ppo import sequence_scores
+
+    reward, truncated = torch.tensor([12.0, 0.5, -9.5]), torch.tensor([0.0, 1.0, 1.0])
+    plain = sequence_scores(reward, truncated, clip=10.0, missing_eos_penalty=1.0)
+    assert plain.tolist() == [10.0, -0.5, -10.0]  # -9.5 - 1 is clipped, not left at -10.5
+    assert sequence_scores(reward, truncated, clip=10.0).tolist() == [10.0, 0.5, -9.5]
+    seen = []
+
+    def normalise(x):
+        seen.append(x.clone())
+        return x * 4.0
+
+    scaled = sequence_scores(reward, truncated, clip=10.0, missing_eos_penalty=1.0, normalise=normalise)
+    assert seen[0].tolist() == [12.0, -0.5, -10.5]  # normalised before clipping: it sees the unclipped scores
+    assert scaled.tolist() == [10.0, -2.0, -10.0]  # and whatever it returns is bounded by the clip

@@ -924,7 +924,8 @@ class PPOStage(_RewardedStage, _OptimizerStage):
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon (§6c: 0.2).")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip epsilon (§6c: 0.2).")
     vf_coef: float = Field(0.5, ge=0, description="Value loss weight (§6c: 1; tiny-model setting 0.5).")
-    reward_clip: float = Field(10.0, gt=0, description="Clip the sequence score to [-c, c] (§6c: 10).")
+    reward_clip: float = Field(10.0, gt=0, description="Clip the sequence score to [-c, c] (§6c: 10), last: after "
+                               "the missing-EOS penalty and the optional whitening (§6a).")
     whiten_rewards: bool = Field(
         False, description="Normalise sequence scores by a running mean/std before use (reward normalisation).",
     )

@@ -18,6 +18,7 @@ put the penalised ensemble reward (``alignpipe.rewards.penalties``) in :func:`to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Integral
 from typing import Any, Literal, get_args
 
@@ -38,6 +39,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "sequence_scores",
     "squared_log_ratio_loss",
     "token_rewards",
 ]
@@ -147,6 +149,22 @@ def kl_penalty_rewards(
     else:
         raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {list(KL_PENALTY_KINDS)}")
     return -kl_coef * k * _mask_as(mask, k)
+
+
+def sequence_scores(reward: Tensor, truncated: Tensor, *, clip: float, missing_eos_penalty: float | None = None,
+                    normalise: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The score added at each response's last token (§6a): the reward, less ``missing_eos_penalty`` where the
+    response never emitted EOS (``truncated`` = 1), optionally normalised, then clipped to ``[−clip, clip]``.
+
+    Normalised before it is clipped, as §6a ("clip(R) ... R optionally whitened") and trlx do, so the clip bounds
+    every score that reaches the advantages, penalty included.
+    """
+    score = reward
+    if missing_eos_penalty is not None:
+        score = score - missing_eos_penalty * truncated.to(score.dtype)
+    if normalise is not None:
+        score = normalise(score)
+    return score.clamp(-clip, clip)
 
 
 def token_rewards(scores: Tensor, kl_rewards: Tensor, mask: Tensor) -> Tensor:

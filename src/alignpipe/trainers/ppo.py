@@ -55,6 +55,7 @@ from alignpipe.losses.ppo import (
     masked_mean,
     masked_moments,
     masked_whiten,
+    sequence_scores,
     squared_log_ratio_loss,
     token_rewards,
     whiten_from_moments,
@@ -204,12 +205,8 @@ class PPOLoop:
         scored = self.reward(prompts, responses)
         _require_finite(scored.reward, "reward", f"iteration {self.step}")
         truncated = torch.tensor([float(g.truncated) for g in generations])
-        score = scored.reward.clamp(-s.reward_clip, s.reward_clip)
-        if s.missing_eos_penalty is not None:
-            score = score - s.missing_eos_penalty * truncated
-        if s.whiten_rewards:
-            self.score_moments.update(score)
-            score = self.score_moments.normalise(score)
+        score = sequence_scores(scored.reward, truncated, clip=s.reward_clip, missing_eos_penalty=s.missing_eos_penalty,
+                                normalise=self._whiten if s.whiten_rewards else None)
 
         batch = self._tensors(generations)
         with torch.no_grad():
@@ -237,6 +234,11 @@ class PPOLoop:
         if scored.std is not None:
             stats["reward/ensemble_std"] = float(scored.std.mean())
         return Rollout(batch, logp, ref_logp, values, advantages, returns, distributed.all_reduce_mean(stats))
+
+    def _whiten(self, score: torch.Tensor) -> torch.Tensor:
+        """Reward normalisation: fold this batch into the running moments, then standardise it with them."""
+        self.score_moments.update(score)
+        return self.score_moments.normalise(score)
 
     # --- 5: update -----------------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ FAST = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, 
 def online_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("online")
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
-                                        {"name": "grpo", "type": "grpo", **FAST},
+                                        {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST},
                                         {"name": "rloo", "type": "rloo", **FAST}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
     return runner, {o.name: o.action for o in runner.run()}
@@ -53,6 +53,16 @@ def test_grpo_keeps_the_reference_only_when_beta_is_set(online_run):
     runner, _ = online_run
     records = [json.loads(line) for line in StageDir(runner.run_dir / "grpo").metrics.read_text().splitlines()]
     assert all("kl" in r for r in records if "reward" in r)  # beta 0.04 by default: TRL logs the KL term
+
+
+def test_grpo_trains_with_the_recipes_loss_type(online_run):
+    """The stage's loss_type reaches TRL (its default is dapo; this run asks for DeepSeekMath's grpo)."""
+    import torch
+
+    runner, _ = online_run
+    args = torch.load(StageDir(runner.run_dir / "grpo").trainer / "checkpoint-4" / "training_args.bin",
+                      weights_only=False)
+    assert args.loss_type == "grpo"
 
 
 def test_grpo_with_a_reward_ensemble_logs_its_std_and_saves_the_penalty_state(tmp_path):

@@ -1012,6 +1012,10 @@ class GRPOStage(_GroupRLStage):
     num_generations: int = Field(8, ge=2, description="Completions per prompt (the group; TRL default 8).")
     beta: float = Field(0.04, ge=0, description="KL-to-reference loss coefficient (DeepSeekMath: 0.04; TRL's "
                         "default 0 skips the reference).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="How TRL's GRPOTrainer aggregates token losses (TRL default dapo: over every token of the "
+        "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions.",
+    )
 
 
 class RLOOStage(_GroupRLStage):

@@ -13,4 +13,4 @@ from alignpipe.trainers.trl_online import run_online
 
 
 def run(ctx: StageContext) -> dict:
-    return run_online(ctx, GRPOTrainer, GRPOConfig)
+    return run_online(ctx, GRPOTrainer, GRPOConfig, loss_type=ctx.stage.loss_type)

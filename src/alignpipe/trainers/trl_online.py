@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 
@@ -58,8 +59,9 @@ def reward_function(source: RewardSource) -> Callable:
     return score
 
 
-def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> dict:
-    """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts."""
+def run_online(ctx: StageContext, trainer_class: type, config_class: type, **method_arguments: Any) -> dict:
+    """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts.
+    ``method_arguments`` are the method's own ``config_class`` settings (GRPO's ``loss_type``)."""
     stage, recipe = ctx.stage, ctx.recipe
     model, tokenizer = load_start_model(ctx)
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
@@ -67,7 +69,8 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type) -> di
     if (saved := load_side_state(ctx.resume_from, REWARD_STATE)) is not None:
         source.load_state_dict(saved)
     args = config_class(**trainer_arguments(ctx), num_generations=stage.num_generations, beta=stage.beta,
-                        max_completion_length=stage.max_completion_length, temperature=stage.temperature)
+                        max_completion_length=stage.max_completion_length, temperature=stage.temperature,
+                        **method_arguments)
     trainer = trainer_class(
         model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
         processing_class=tokenizer, peft_config=lora_config(ctx),

@@ -7,8 +7,9 @@ its checkpoints, reference handling (``reference: previous`` makes each round's 
 self-play methods' ``π_t``), per-round evaluation, logging and resume are shared, so methods are compared at equal
 compute.
 
-Each round writes ``rounds/round-<r>/`` (``checkpoint/``, ``manifest.json``) and one line to ``metrics.jsonl``; with
-``--resume`` completed rounds are kept and an interrupted round starts over.
+Each round writes ``rounds/round-<r>/`` (``pairs.json``, ``checkpoint/``, ``manifest.json``) and one line to
+``metrics.jsonl``; with ``--resume`` completed rounds are kept, and an interrupted round trains on its saved
+``pairs.json`` from its last trainer checkpoint (no new sampling or judging).
 """
 
 from __future__ import annotations

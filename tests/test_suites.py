@@ -212,6 +212,21 @@ def test_fit_prompts_keeps_the_final_turn_of_a_long_dialogue():
     assert "item 0.0" not in cut
 
 
+def test_fit_prompts_right_side_keeps_an_instructions_task_statement():
+    """A single instruction keeps its beginning (the task) and loses the pasted input after it; the AlpacaEval
+    suite cuts this way, the HH suites the other way."""
+    instruction = "Summarise the following text in one sentence: " + " ".join(f"word{i}" for i in range(40))
+    tokenizer = train_tokenizer([instruction], vocab_size=120)
+    (cut,) = fit_prompts([instruction], tokenizer, 12, side="right")
+    assert cut.startswith("Summarise the following") and "word39" not in cut and len(cut) < len(instruction)
+    (left,) = fit_prompts([instruction], tokenizer, 12)
+    assert left.endswith("word39") and "Summarise" not in left
+    with pytest.raises(ValueError, match="truncation side"):
+        fit_prompts([instruction], tokenizer, 12, side="middle")
+    assert load_suite("alpaca-eval")[0].generation.truncation_side == "right"
+    assert load_suite("hh-harmless-vs-base")[0].generation.truncation_side == "left"
+
+
 def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path, tmp_path, monkeypatch):
     """With max_prompt_tokens, the judge scores each reply (and the dataset's) against the cut prompt the policy
     was given, which still ends in the dialogue's final turn."""

@@ -63,8 +63,11 @@ class SuiteGeneration(_Spec):
     batch_size: int = Field(64, gt=0)
     seed: int = 1234
     max_prompt_tokens: int | None = Field(
-        None, gt=0, description="Keep each prompt's last this many tokens of the policy's tokenizer (small models): "
-        "a dialogue keeps its final turn and closing 'Assistant:'.")
+        None, gt=0, description="Cut each prompt to this many tokens of the policy's tokenizer (small models), on the "
+        "truncation_side.")
+    truncation_side: Literal["left", "right"] = Field(
+        "left", description="Which end of an over-long prompt goes: left keeps the end (a dialogue keeps its final "
+        "turn and closing 'Assistant:'), right keeps the start (a single instruction keeps its task statement).")
 
 
 class PairSource(_Spec):
@@ -155,18 +158,24 @@ def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
-    """Each prompt longer than ``max_tokens`` tokens of ``tokenizer`` cut to its LAST ``max_tokens`` tokens.
+def fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None, side: str = "left") -> list[str]:
+    """Each prompt longer than ``max_tokens`` tokens of ``tokenizer`` cut to its last (``side="left"``) or first
+    (``side="right"``) ``max_tokens`` tokens.
 
-    Why the end: in a dialogue the final user turn and the closing ``Assistant:`` cue are what the reply answers;
-    the earliest turns are the context a small model can best do without (left truncation).
+    Why left by default: in a dialogue the final user turn and the closing ``Assistant:`` cue are what the reply
+    answers, and the earliest turns are the context a small model can best do without. A single instruction is the
+    other way round: its task statement comes first and any pasted input after it.
     """
     if max_tokens is None:
         return prompts
+    if side not in ("left", "right"):
+        raise ValueError(f"truncation side must be 'left' or 'right', got {side!r}")
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out.append(prompt if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:]))
+        if len(ids) > max_tokens:
+            prompt = tokenizer.decode(ids[-max_tokens:] if side == "left" else ids[:max_tokens])
+        out.append(prompt)
     return out
 
 
@@ -218,7 +227,7 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     if spec.reference == "checkpoint":
         reference = reference or checkpoints[0]
         # every policy answers the same prompts as the reference, cut with the reference's tokenizer
-        prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens)
+        prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens, g.truncation_side)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
         reference_name = reference.name
@@ -247,7 +256,8 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
     model = LazyModel(checkpoint, dtype)
     fitted = prompts
     if spec.generation.max_prompt_tokens is not None:
-        fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens)
+        fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens,
+                             spec.generation.truncation_side)
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
     model.release()
     responses = [gen.response for gen in generations]

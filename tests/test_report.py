@@ -164,6 +164,21 @@ def test_reward_section_draws_a_reliability_diagram_only_from_stored_bins(fake_r
     assert len(PNG.findall(body)) == 1
 
 
+def test_reward_section_shows_every_reward_column_of_the_leaderboard_with_its_own_n(fake_run):
+    """The report's reward table has the leaderboard's columns (it had drifted and dropped five), and a metric
+    counted over other items than the held-out pairs says how many."""
+    from alignpipe.evaluation.leaderboard import REWARD_COLUMNS
+
+    metrics = {name: _metric(0.5, [0.4, 0.6], n=300, higher=True) for name in REWARD_COLUMNS}
+    metrics["label_gold_agreement"] = _metric(0.92, [0.9, 0.94], n=285, higher=None)
+    _stage(fake_run, "reward", "reward", "04", [{"step": 10, "loss": 0.7}])
+    _write(fake_run / "reward" / "reward_eval.json", {"heldout_pairs": 300, "metrics": metrics})
+    body = _sections(write_report(fake_run).read_text())["reward-models"]
+    header = body.split("</tr>")[0]
+    assert all(name.replace("_", "_<wbr>") in header for name in REWARD_COLUMNS)
+    assert body.count("(n=285)") == 1 and "(n=300)" not in body
+
+
 def test_fits_recover_the_gao_coefficients_relative_to_d_zero():
     curve = ppo_curve("ppo", [r for r in _ppo_records() if "eval_step" in r])
     assert curve.gold[0] == 0.0 and curve.d[0] == 0.0

@@ -38,6 +38,7 @@ from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl,
 from alignpipe.evaluation.leaderboard import (
     KL_BUDGET,
     LC_METRICS,
+    REWARD_COLUMNS,
     checkpoint_flags,
     is_ranked,
     load_leaderboard,
@@ -645,9 +646,17 @@ def _length_section(run: RunData) -> str:
     return _img(plot_win_rate_vs_length(points), "win rate vs mean response length") + note
 
 
-_REWARD_COLUMNS = ("accuracy", "gold_accuracy", "ece", "brier", "nll", "calibration_scale", "uncertainty_auroc",
-                   "uncertainty_auroc_std", "uncertainty_auroc_std_at_fixed_margin", "margin_auroc_baseline",
-                   "member_std", "member_std_off_distribution", "off_distribution_std_ratio")
+# The leaderboard's reward table (one list, so the two never drift apart) plus ECE's rescaling factor after NLL.
+_REWARD_COLUMNS = tuple(c for name in REWARD_COLUMNS
+                        for c in ((name, "calibration_scale") if name == "nll" else (name,)))
+
+
+def _reward_cell(entry: dict | None, n_pairs: int | None) -> str:
+    """A metric with its CI on a second line, and its own n where it counts other items than the row's pairs
+    (gold-decided pairs, off-distribution or policy samples), as the leaderboard's table marks it."""
+    text = _metric(entry).replace(" [", "<br><small>[").replace("]", "]</small>")
+    n = entry.get("n") if isinstance(entry, dict) else None
+    return text + (f" <small>(n={_e(n)})</small>" if n is not None and n != n_pairs else "")
 
 
 def _reward_section(run: RunData) -> str:
@@ -663,7 +672,7 @@ def _reward_section(run: RunData) -> str:
         return "\n".join([_note("No reward model in this run (no reward_eval.json of a complete reward stage, no "
                                  "reward_models on the leaderboard)."), *notes])
     columns = [c for c in _REWARD_COLUMNS if any(c in m for m in models.values())]
-    rows = [[_e(name), *(_metric(m.get(c)).replace(" [", "<br><small>[").replace("]", "]</small>") for c in columns),
+    rows = [[_e(name), *(_reward_cell(m.get(c), m.get("accuracy", {}).get("n")) for c in columns),
              _e(m.get("accuracy", {}).get("n", _MISSING))] for name, m in models.items()]
     header = [_e(c).replace("_", "_<wbr>") for c in columns]  # long metric names may break after an underscore
     parts = [_table(["reward model", *header, "n pairs"], rows)]

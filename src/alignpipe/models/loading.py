@@ -149,6 +149,9 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
     ``device`` is for models used outside a trainer (sampling, scoring): ``from_pretrained`` loads onto the CPU, and
     generation runs wherever the weights are, so without it a GPU run samples on the CPU.
 
+    A ``gguf_file`` loads de-quantised into an ordinary model: transformers keeps the file's quantisation flag (and a
+    GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``.
+
     Quantized, the unquantized parts (embeddings, norms, lm_head) load in the spec's ``compute_dtype`` instead of
     ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU whatever ``device`` says (k-bit models
     cannot be moved after loading; on CPU bitsandbytes quantizes in place), and bitsandbytes' CPU inference
@@ -158,6 +161,10 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
     if quantization is None:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
                                                      **remote_code_kwargs())
+        if gguf_file is not None:  # de-quantised, but still flagged as GGUF-quantized: it could not be saved
+            from alignpipe.models.gguf import plain_copy
+
+            model = plain_copy(model, resolve_dtype(dtype))
         return model.to(device) if device is not None else model
     extra = {}
     if torch.cuda.is_available():

@@ -52,6 +52,20 @@ def test_probability_std_is_the_spread_of_the_members_bradley_terry_probabilitie
     assert metrics["uncertainty_auroc_std"].value == pytest.approx(0.25)
 
 
+def test_brier_and_nll_score_the_bradley_terry_probability_of_each_pair_alone():
+    """sigma(r_c - r_r) per pair, whatever the other pairs' margins (ECE alone uses the max-0.99 rescaling)."""
+    import math
+
+    table = {"a": [1.0], "b": [0.0], "c": [0.5], "far": [40.0], "zero": [0.0]}
+    pairs = [("p", "a", "zero"), ("p", "zero", "c")]
+    p1, p2 = 1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(0.5))
+    metrics = reward_model_metrics(FakeScorer(table), pairs, resamples=50)
+    assert metrics["brier"].value == pytest.approx(((1 - p1) ** 2 + (1 - p2) ** 2) / 2, rel=1e-6)
+    assert metrics["nll"].value == pytest.approx(-(math.log(p1) + math.log(p2)) / 2, rel=1e-6)
+    with_outlier = reward_model_metrics(FakeScorer(table), [*pairs, ("p", "far", "zero")], resamples=50)
+    assert with_outlier["nll"].value == pytest.approx((-(math.log(p1) + math.log(p2))) / 3, rel=1e-5)
+
+
 def test_a_single_model_has_no_uncertainty_metrics():
     table = {"a": [1.0], "b": [0.0]}
     metrics = reward_model_metrics(FakeScorer(table), [("p", "a", "b"), ("p", "b", "a")], resamples=100)

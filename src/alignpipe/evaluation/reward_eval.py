@@ -36,7 +36,9 @@ def reward_model_metrics(
     tables: dict | None = None,
 ) -> dict[str, MetricValue]:
     """Metrics of ``scorer`` (anything whose ``score`` returns ``EnsembleRewards``) on held-out (prompt, chosen,
-    rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99.
+    rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99. Brier
+    and NLL score the model's own Bradley-Terry probability ``σ(r_c − r_r)`` (EVALUATION.md §8): rescaled, each
+    pair's loss would depend on the set's single largest margin.
 
     ``gold`` (the embedded task) adds accuracy against the true ordering; ``off_distribution`` (prompt, response)
     samples add the ratio of member disagreement there to disagreement on the held-out responses.
@@ -46,12 +48,13 @@ def reward_model_metrics(
     rejected = scorer.score(prompts, [r for _, _, r in pairs])
     c_mean, r_mean = chosen.mean.numpy(), rejected.mean.numpy()
     probabilities = bt_probabilities(c_mean, r_mean, scale="max099")
+    bradley_terry = bt_probabilities(c_mean, r_mean)
     outcomes = np.ones(len(pairs))
     metrics = {
         "accuracy": pairwise_accuracy(c_mean, r_mean, resamples=resamples, seed=seed),
         "ece": expected_calibration_error(probabilities, outcomes, resamples=resamples, seed=seed),
-        "brier": brier_score(probabilities, outcomes, resamples=resamples, seed=seed),
-        "nll": negative_log_likelihood(probabilities, outcomes, resamples=resamples, seed=seed),
+        "brier": brier_score(bradley_terry, outcomes, resamples=resamples, seed=seed),
+        "nll": negative_log_likelihood(bradley_terry, outcomes, resamples=resamples, seed=seed),
     }
     if tables is not None:  # per-bin rows for the report's reliability diagram (same binning as the ECE)
         tables["reliability"] = reliability_table(probabilities, outcomes)

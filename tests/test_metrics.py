@@ -225,3 +225,16 @@ def test_length_stats_hand_case():
 def test_length_stats_rejects_mismatch():
     with pytest.raises(ValueError, match="shape"):
         length_stats([1, 2], [True])
+
+
+def test_group_resamples_draw_whole_groups_and_fall_back_for_singletons():
+    from alignpipe.evaluation.metrics import group_resamples
+
+    groups = ["a", "a", "a", "b", "c", "c"]
+    rows = group_resamples(groups, resamples=50, seed=0)
+    size = {"a": 3, "b": 1, "c": 2}
+    for row in rows:
+        counts = {g: sum(groups[i] == g for i in row) for g in size}
+        assert all(counts[g] % size[g] == 0 for g in size)  # a group is in a row whole, or not at all
+        assert sum(counts[g] // size[g] for g in size) == 3  # as many draws as there are groups
+    assert group_resamples(["x", "y", "z"], resamples=5, seed=0) is None

@@ -126,3 +126,24 @@ def test_policy_sample_correlations_are_left_out_where_undefined():
     assert "policy_proxy_gold_spearman" not in flat
     # gap = |z(proxy)| = (1.342, 0.447, 0.447, 1.342): ranks 3.5, 1.5, 1.5, 3.5 against std ranks 1.5, 1.5, 3.5, 3.5
     assert flat["policy_std_vs_proxy_gold_gap_spearman"].value == pytest.approx(0.0)
+
+
+def test_confidence_intervals_resample_prompts_not_the_pairs_within_them():
+    """Five copies of each pair under its prompt carry no more evidence than one: the CIs stay as wide (resampling
+    pairs one by one would narrow them by about sqrt(5))."""
+    import random
+
+    rng = random.Random(0)
+    table, pairs = {"zero": [0.0, 0.0]}, []
+    for i in range(60):
+        margin = rng.uniform(-1.0, 2.0)
+        table[f"c{i}"] = [margin, margin + rng.uniform(-0.5, 0.5)]
+        pairs.append((f"prompt {i}", f"c{i}", "zero"))
+    repeated = [pair for pair in pairs for _ in range(5)]
+    once = reward_model_metrics(FakeScorer(table), pairs, resamples=400)
+    five = reward_model_metrics(FakeScorer(table), repeated, resamples=400)
+    for name in ("accuracy", "nll", "member_std", "uncertainty_auroc_std"):
+        width_once = once[name].ci95[1] - once[name].ci95[0]
+        width_five = five[name].ci95[1] - five[name].ci95[0]
+        assert five[name].value == pytest.approx(once[name].value)
+        assert 0.7 < width_five / width_once < 1.4, (name, width_once, width_five)

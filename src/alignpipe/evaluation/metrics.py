@@ -55,6 +55,29 @@ class MetricValue:
         }
 
 
+def group_resamples(groups: Sequence, resamples: int, seed: int) -> list[np.ndarray] | None:
+    """Index resamples that draw whole groups with replacement (a cluster bootstrap), or ``None`` when every group
+    holds one item (then the i.i.d. bootstrap is the same thing, and callers keep their vectorised path).
+
+    Why: items that share a unit (several preference pairs of one prompt) are not independent; resampling them one
+    by one gives CIs that are too narrow. Rows differ in length (the drawn groups' sizes), so they come as a list.
+    """
+    labels = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1].reshape(-1)
+    sizes = np.bincount(labels)
+    if sizes.max(initial=1) <= 1:
+        return None
+    order = np.argsort(labels, kind="stable")  # each group's items, contiguous
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, sizes.size, size=sizes.size)
+        lengths = sizes[drawn]
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        rows.append(order[np.repeat(starts[drawn], lengths) + offsets])
+    return rows
+
+
 def bootstrap_ci(
     values: Sequence[float],
     *,
@@ -62,18 +85,28 @@ def bootstrap_ci(
     seed: int = 0,
     alpha: float = 0.05,
     statistic: Callable[..., np.ndarray] = np.mean,
+    groups: Sequence | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap ``(1 - alpha)`` CI of ``statistic`` over i.i.d. ``values``.
 
     Resamples indices with ``np.random.default_rng(seed)``, vectorised (``statistic`` must take ``axis=``, as
     numpy reductions do). Pass one value per independent unit: with several samples per prompt, average per
-    prompt first, otherwise the CI is too narrow.
+    prompt first, otherwise the CI is too narrow; or pass each value's unit as ``groups`` to resample whole units
+    (:func:`group_resamples`).
     """
     x = as_1d_finite(values, "values")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if groups is not None:
+        if len(groups) != x.size:
+            raise ValueError(f"groups has {len(groups)} entries for {x.size} values")
+        rows = group_resamples(groups, resamples, seed)
+        if rows is not None:
+            stats = np.array([statistic(x[row][None, :], axis=1)[0] for row in rows], dtype=np.float64)
+            lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+            return float(lo), float(hi)
     rng = np.random.default_rng(seed)
     n = x.size
     chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
@@ -86,14 +119,16 @@ def bootstrap_ci(
 
 
 def mean_with_ci(
-    values: Sequence[float], *, resamples: int = 1000, seed: int = 0, higher_is_better: bool | None
+    values: Sequence[float], *, resamples: int = 1000, seed: int = 0, higher_is_better: bool | None,
+    groups: Sequence | None = None,
 ) -> MetricValue:
-    """Mean with bootstrap CI and the analytic standard error (``stderr``, omitted when n < 2), like lm-eval."""
+    """Mean with bootstrap CI (over ``groups`` when given, see :func:`bootstrap_ci`) and the analytic i.i.d.
+    standard error (``stderr``, omitted when n < 2), like lm-eval."""
     x = as_1d_finite(values, "values")
     extra = {"stderr": float(x.std(ddof=1) / np.sqrt(x.size))} if x.size > 1 else {}
     return MetricValue(
         value=float(x.mean()),
-        ci95=bootstrap_ci(x, resamples=resamples, seed=seed),
+        ci95=bootstrap_ci(x, resamples=resamples, seed=seed, groups=groups),
         n=x.size,
         higher_is_better=higher_is_better,
         extra=extra,

@@ -50,11 +50,14 @@ def reward_model_metrics(
     probabilities = bt_probabilities(c_mean, r_mean, scale="max099")
     bradley_terry = bt_probabilities(c_mean, r_mean)
     outcomes = np.ones(len(pairs))
+    # The prompt is the unit of independence (the held-out split is by prompt, and a scored source gives several
+    # pairs per prompt): every CI resamples whole prompts.
+    boot = {"resamples": resamples, "seed": seed, "groups": prompts}
     metrics = {
-        "accuracy": pairwise_accuracy(c_mean, r_mean, resamples=resamples, seed=seed),
-        "ece": expected_calibration_error(probabilities, outcomes, resamples=resamples, seed=seed),
-        "brier": brier_score(bradley_terry, outcomes, resamples=resamples, seed=seed),
-        "nll": negative_log_likelihood(bradley_terry, outcomes, resamples=resamples, seed=seed),
+        "accuracy": pairwise_accuracy(c_mean, r_mean, **boot),
+        "ece": expected_calibration_error(probabilities, outcomes, **boot),
+        "brier": brier_score(bradley_terry, outcomes, **boot),
+        "nll": negative_log_likelihood(bradley_terry, outcomes, **boot),
     }
     if tables is not None:  # per-bin rows for the report's reliability diagram (same binning as the ECE)
         tables["reliability"] = reliability_table(probabilities, outcomes)
@@ -77,17 +80,15 @@ def reward_model_metrics(
             for name, score in (("uncertainty_auroc", disagreement), ("uncertainty_auroc_std", margin_std),
                                 ("uncertainty_auroc_probability_std", probability_std),
                                 ("margin_auroc_baseline", -np.abs(mean_margin))):
-                metrics[name] = uncertainty_auroc(score, errors, resamples=resamples, seed=seed)
+                metrics[name] = uncertainty_auroc(score, errors, **boot)
             try:
                 metrics["uncertainty_auroc_std_at_fixed_margin"] = stratified_uncertainty_auroc(
-                    margin_std, errors, np.abs(mean_margin), resamples=resamples, seed=seed)
+                    margin_std, errors, np.abs(mean_margin), **boot)
             except ValueError:  # no |margin| bin holds both an error and a correct pair (tiny sets)
                 pass
-        # One value per pair (the mean of its two responses' std): the pair is the independent unit the bootstrap
-        # resamples; the two responses share a prompt.
+        # One value per pair (the mean of its two responses' std, which share a prompt), resampled by prompt.
         in_distribution_std = (chosen.std.numpy() + rejected.std.numpy()) / 2
-        metrics["member_std"] = mean_with_ci(in_distribution_std, resamples=resamples, seed=seed,
-                                             higher_is_better=None)
+        metrics["member_std"] = mean_with_ci(in_distribution_std, higher_is_better=None, **boot)
         if off_distribution:
             ood = scorer.score([p for p, _ in off_distribution], [r for _, r in off_distribution]).std.numpy()
             metrics["member_std_off_distribution"] = mean_with_ci(ood, resamples=resamples, seed=seed,
@@ -98,21 +99,22 @@ def reward_model_metrics(
         gold_diff = np.array([gold(p, c) - gold(p, r) for p, c, r in pairs])
         decided = gold_diff != 0
         if decided.any():
+            gold_boot = {**boot, "groups": [p for p, keep in zip(prompts, decided) if keep]}
             truth_c = np.where(gold_diff[decided] > 0, c_mean[decided], r_mean[decided])
             truth_r = np.where(gold_diff[decided] > 0, r_mean[decided], c_mean[decided])
-            metrics["gold_accuracy"] = pairwise_accuracy(truth_c, truth_r, resamples=resamples, seed=seed)
+            metrics["gold_accuracy"] = pairwise_accuracy(truth_c, truth_r, **gold_boot)
             # How often the (Bradley-Terry-sampled) labels follow gold: the ceiling of `accuracy`, and the share of
             # the model's label errors that are label noise rather than its own mistakes.
             metrics["label_gold_agreement"] = mean_with_ci((gold_diff[decided] > 0).astype(float),
-                                                           resamples=resamples, seed=seed, higher_is_better=None)
+                                                           higher_is_better=None, **gold_boot)
             # Errors against the true ordering, not the (Bradley-Terry-sampled, partly noisy) labels: label noise
             # is invisible to any reward model, so only these errors are ones its uncertainty could flag.
             gold_errors = truth_c <= truth_r
             if members > 1 and 0 < gold_errors.sum() < len(gold_errors):
                 metrics["uncertainty_auroc_gold"] = uncertainty_auroc(disagreement[decided], gold_errors,
-                                                                      resamples=resamples, seed=seed)
+                                                                      **gold_boot)
                 metrics["uncertainty_auroc_std_gold"] = uncertainty_auroc(margin_std[decided], gold_errors,
-                                                                          resamples=resamples, seed=seed)
+                                                                          **gold_boot)
     return metrics
 
 

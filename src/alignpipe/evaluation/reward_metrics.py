@@ -36,6 +36,7 @@ from alignpipe.evaluation.metrics import (
     MetricValue,
     as_1d_finite,
     bootstrap_ci,
+    group_resamples,
     mean_with_ci,
 )
 
@@ -61,13 +62,15 @@ _MAX099_LOGIT = float(np.log(99.0))  # logit(0.99): σ(ln 99) = 99 / 100
 
 
 def pairwise_accuracy(
-    chosen: Sequence[float], rejected: Sequence[float], *, resamples: int = 1000, seed: int = 0
+    chosen: Sequence[float], rejected: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """Preference accuracy, RewardBench style: a pair is right iff ``r_chosen > r_rejected`` (strict, so ties
-    count as wrong). CI: percentile bootstrap over pairs. ``extra``: ``n_correct``, ``n_ties``, ``stderr``."""
+    count as wrong). CI: percentile bootstrap over pairs, or over ``groups`` (every metric here takes them: pass
+    each pair's prompt when prompts hold several pairs). ``extra``: ``n_correct``, ``n_ties``, ``stderr``."""
     c, r = _paired(chosen, rejected, "chosen", "rejected")
     correct = (c > r).astype(np.float64)
-    m = mean_with_ci(correct, resamples=resamples, seed=seed, higher_is_better=True)
+    m = mean_with_ci(correct, resamples=resamples, seed=seed, higher_is_better=True, groups=groups)
     extra = {"n_correct": int(correct.sum()), "n_ties": int(np.sum(c == r)), **m.extra}
     return MetricValue(m.value, m.ci95, m.n, True, extra)
 
@@ -117,6 +120,7 @@ def expected_calibration_error(
     bins: int = 15,
     resamples: int = 1000,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """Top-label ECE of binary predictions (module docstring: confidence ``max(p, 1 − p)`` vs accuracy of the
     predicted side), ``bins`` equal-width bins on [0, 1]; lower is better. CI: bootstrap over pairs.
@@ -139,7 +143,7 @@ def expected_calibration_error(
         return _ece_rows(conf[rows], corr[rows], idx[rows], bins)
 
     value = float(_ece_rows(conf[None, :], corr[None, :], idx[None, :], bins)[0])
-    ci = bootstrap_ci(np.arange(n, dtype=np.float64), resamples=resamples, seed=seed, statistic=stat)
+    ci = bootstrap_ci(np.arange(n, dtype=np.float64), resamples=resamples, seed=seed, statistic=stat, groups=groups)
     table = reliability_table(p, y, bins=bins)
     gaps = [abs(b["accuracy"] - b["mean_confidence"]) for b in table if b["count"] > 0]
     extra = {
@@ -183,12 +187,13 @@ def reliability_table(
 
 
 def brier_score(
-    probabilities: Sequence[float], outcomes: Sequence[float], *, resamples: int = 1000, seed: int = 0
+    probabilities: Sequence[float], outcomes: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """Mean ``(p − y)²``; lower is better (0 = perfect, 0.25 = constant 0.5). CI: bootstrap over pairs.
     Symmetric in the pair order, so no confidence convention is needed."""
     p, y = _probs_outcomes(probabilities, outcomes)
-    m = mean_with_ci((p - y) ** 2, resamples=resamples, seed=seed, higher_is_better=False)
+    m = mean_with_ci((p - y) ** 2, resamples=resamples, seed=seed, higher_is_better=False, groups=groups)
     return MetricValue(m.value, m.ci95, m.n, False, m.extra)
 
 
@@ -199,6 +204,7 @@ def negative_log_likelihood(
     *,
     resamples: int = 1000,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """Mean ``−[y ln p + (1 − y) ln(1 − p)]`` (nats), ``p`` and ``1 − p`` floored at ``eps`` so that a saturated
     sigmoid gives a large finite loss instead of inf; lower is better (ln 2 = constant 0.5). CI: bootstrap."""
@@ -207,7 +213,7 @@ def negative_log_likelihood(
     p, y = _probs_outcomes(probabilities, outcomes)
     # Floor p and 1 - p separately: clipping p to 1 - eps first would round (1 - eps) and skew the floor.
     losses = -(y * np.log(np.maximum(p, eps)) + (1.0 - y) * np.log(np.maximum(1.0 - p, eps)))
-    m = mean_with_ci(losses, resamples=resamples, seed=seed, higher_is_better=False)
+    m = mean_with_ci(losses, resamples=resamples, seed=seed, higher_is_better=False, groups=groups)
     return MetricValue(m.value, m.ci95, m.n, False, m.extra)
 
 
@@ -215,7 +221,8 @@ def negative_log_likelihood(
 
 
 def uncertainty_auroc(
-    uncertainty: Sequence[float], is_error: Sequence[bool], *, resamples: int = 1000, seed: int = 0
+    uncertainty: Sequence[float], is_error: Sequence[bool], *, resamples: int = 1000, seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """AUROC of ``uncertainty`` as a detector of errors: ``P(u_error > u_correct) + 0.5 · P(u_error ==
     u_correct)`` (Mann–Whitney U from average ranks). 1 = every error is more uncertain than every correct
@@ -233,7 +240,7 @@ def uncertainty_auroc(
             f"AUROC needs both errors and correct pairs, got {n_err} errors out of {u.size}"
         )
     value = float(_auroc_rows(u[None, :], err[None, :])[0])
-    stats = _bootstrap_rows(u.size, resamples, seed, lambda rows: _auroc_rows(u[rows], err[rows]))
+    stats = _bootstrap_rows(u.size, resamples, seed, lambda rows: _auroc_rows(u[rows], err[rows]), groups)
     return _auroc_value(value, stats, err)
 
 
@@ -245,6 +252,7 @@ def stratified_uncertainty_auroc(
     bins: int = 5,
     resamples: int = 1000,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> MetricValue:
     """AUROC of ``uncertainty`` as an error detector *at a fixed value of* ``strata``: the items are split into
     ``bins`` equal-count bins by ``strata`` and only (error, correct) pairs from the same bin are compared
@@ -267,7 +275,7 @@ def stratified_uncertainty_auroc(
     if np.isnan(value):
         raise ValueError(f"no {bins}-quantile bin of the strata holds both an error and a correct item")
     stats = _bootstrap_rows(u.size, resamples, seed,
-                            lambda rows: _stratified_auroc_rows(u_rank[rows], err[rows], s[rows], bins))
+                            lambda rows: _stratified_auroc_rows(u_rank[rows], err[rows], s[rows], bins), groups)
     return _auroc_value(value, stats, err, bins=bins)
 
 
@@ -435,11 +443,18 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _bootstrap_rows(
-    n: int, resamples: int, seed: int, stat: Callable[[np.ndarray], np.ndarray]
+    n: int, resamples: int, seed: int, stat: Callable[[np.ndarray], np.ndarray], groups: Sequence | None = None
 ) -> np.ndarray:
-    """``stat`` of ``resamples`` index resamples (rows of an int matrix), chunked like ``bootstrap_ci``."""
+    """``stat`` of ``resamples`` index resamples (rows of an int matrix), chunked like ``bootstrap_ci``; with
+    ``groups``, whole groups are resampled (:func:`~alignpipe.evaluation.metrics.group_resamples`)."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups has {len(groups)} entries for {n} items")
+        rows = group_resamples(groups, resamples, seed)
+        if rows is not None:
+            return np.array([stat(row[None, :])[0] for row in rows], dtype=np.float64)
     rng = np.random.default_rng(seed)
     chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
     out = np.empty(resamples, dtype=np.float64)

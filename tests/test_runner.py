@@ -103,6 +103,34 @@ def test_failed_stage_starts_over_saying_whether_resume_could_continue_it(tmp_pa
     assert outcomes[name].reason == reason
 
 
+def test_a_complete_stage_whose_checkpoint_is_gone_runs_again(tmp_path, completed_tiny_run):
+    reference_runner, _ = completed_tiny_run
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    shutil.rmtree(runs / "tiny" / "dpo" / "checkpoint")
+    outcomes, _ = _run(recipe_path, runs)
+    assert outcomes["sft"].action == "skipped" and outcomes["dpo"].action == "ran"
+    assert "checkpoint" in outcomes["dpo"].reason and "missing" in outcomes["dpo"].reason
+    assert (runs / "tiny" / "dpo" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_an_interrupted_reset_leaves_no_complete_manifest_behind(tmp_path, completed_tiny_run, monkeypatch):
+    """Starting a stage over deletes its old checkpoint; stopped half-way, the stage must not look complete."""
+    reference_runner, _ = completed_tiny_run
+    stage = StageDir(tmp_path / "sft")
+    shutil.copytree(reference_runner.run_dir / "sft", stage.root)
+    assert stage.read_manifest()["status"] == "complete"
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.reset()
+    assert stage.checkpoint.exists() and (stage.read_manifest() or {}).get("status") != "complete"
+
+
 def test_failed_stage_is_marked_failed_and_leaves_no_checkpoint(tmp_path, completed_tiny_run):
     # Weights that cannot be read get past the preflight (it reads configs and tokenizers, never weights) and fail
     # inside the stage.

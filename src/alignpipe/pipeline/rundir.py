@@ -248,7 +248,11 @@ class StageDir:
 
     def reset(self) -> None:
         """Forget a previous attempt (used when a stage starts over rather than resuming): its checkpoints, logs and
-        result files (``RESULT_FILES``), so nothing of it is left beside a new attempt that fails or is interrupted."""
+        result files (``RESULT_FILES``), so nothing of it is left beside a new attempt that fails or is interrupted.
+
+        The manifest goes first: deleting a large checkpoint takes a while, and a reset interrupted half-way must not
+        leave a half-deleted stage under a manifest that still says ``complete``."""
+        self.manifest.unlink(missing_ok=True)
         leftovers = (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp", self.root / "rounds",
                      *(self.root / name for name in RESULT_FILES),
                      *self.root.glob(f".{self.checkpoint.name}.staging-*"))  # reward models' save_* staging dirs

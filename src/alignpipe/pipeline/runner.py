@@ -215,7 +215,9 @@ class Runner:
             manifest = directory.read_manifest() or {}
         same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
 
-        if same_work and manifest.get("status") == "complete" and stage.name not in self.force:
+        # A stage that published a checkpoint is done only while the checkpoint is there (deleted by hand, say).
+        published = manifest.get("output_sha256") is None or directory.checkpoint.exists()
+        if same_work and manifest.get("status") == "complete" and published and stage.name not in self.force:
             outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
             return StageOutcome(stage.name, "skipped", 0.0, "complete with the same config and inputs")
 
@@ -234,6 +236,8 @@ class Runner:
             reason = "new"
         elif not same_work:
             reason = "config or inputs changed"
+        elif not published:
+            reason = f"complete, but its checkpoint ({directory.checkpoint}) is missing; starting over"
         elif directory.has_progress():
             reason = f"previous attempt {manifest.get('status', 'unknown')}; starting over (use --resume to continue)"
         else:  # with or without --resume: the attempt saved nothing to continue from

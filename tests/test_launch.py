@@ -128,6 +128,19 @@ def test_dry_run_prints_the_two_node_zero3_commands_and_writes_nothing(recipe: P
                    "--main_process_port 29500 --deepspeed_config_file" in line and line.count("ds_zero3.json") == 1
 
 
+def test_dry_run_without_gpus_shows_the_launch_this_machine_would_make(tiny_recipe_path, tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    """No --gpus: the real run uses every visible GPU, so the dry run must describe that launch, not a CPU one."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    code = main(["run", str(tiny_recipe_path), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    sft = out.split("[dry-run] sft (sft): run\n  ", 1)[1].splitlines()[0]
+    assert "--num_processes 4" in sft and "cpu" not in sft
+
+
 def test_launch_sh_help_documents_every_run_option() -> None:
     help_text = subprocess.run(["bash", str(REPO / "launch.sh"), "--help"], capture_output=True, text=True,
                                check=True).stdout

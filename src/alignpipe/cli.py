@@ -169,8 +169,9 @@ def _cmd_run(args) -> int:
                             main_addr=args.main_addr, main_port=args.main_port, deepspeed=args.deepspeed, cpu=args.cpu)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        # a dry run describes the asked-for cluster from any machine; a real run checks against this machine's GPUs
-        visible = (args.gpus or 0) if args.dry_run else torch.cuda.device_count()
+        # a dry run with --gpus describes that cluster from any machine; otherwise both use this machine's GPUs, so a
+        # dry run shows (and checks the batch splits of) the launch the real run would make
+        visible = args.gpus if args.dry_run and args.gpus is not None else torch.cuda.device_count()
         topology = resolve_topology(options, visible_gpus=visible)
         runner = Runner(recipe, runs_dir=args.runs_dir, recipe_path=args.recipe, overrides=args.overrides,
                         force=args.force, resume=args.resume, in_process=args.in_process, topology=topology,

@@ -70,6 +70,23 @@ def test_no_gpu_falls_back_to_the_cpu() -> None:
     assert resolve_topology(LaunchOptions(), visible_gpus=4).config.name == "ddp.yaml"
 
 
+def test_cpu_launches_keep_the_users_thread_count_and_share_the_usable_cores(monkeypatch) -> None:
+    import os
+
+    topology = resolve_topology(LaunchOptions(processes=2), visible_gpus=0)
+
+    def threads() -> str:
+        command = stage_command(topology, ["pipelines/sft.py"], python="py")
+        return command[command.index("--num_cpu_threads_per_process") + 1]
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's count; this process may use 4 of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert threads() == "2"
+
+
 def test_two_nodes_of_eight_gpus_with_zero3() -> None:
     topology = resolve_topology(LaunchOptions(gpus=8, nodes=2, node_rank=1, main_addr="10.0.0.1",
                                               deepspeed="zero3"), visible_gpus=8)

@@ -139,9 +139,19 @@ def stage_command(topology: Topology, script: list[str], *, python: str = "pytho
     if t.deepspeed_json:
         command += ["--deepspeed_config_file", str(t.deepspeed_json)]
     if t.device == "cpu":  # accelerate would otherwise pin a single-process CPU run to OMP_NUM_THREADS=1
-        threads = max(1, (os.cpu_count() or 1) // t.processes_per_node)
-        command += ["--num_cpu_threads_per_process", str(threads)]
+        command += ["--num_cpu_threads_per_process", str(cpu_threads_per_process(t.processes_per_node))]
     return command + script
+
+
+def cpu_threads_per_process(processes: int) -> int:
+    """OpenMP threads for each CPU process: the user's ``OMP_NUM_THREADS`` when set (the launch flag would override
+    it), else the cores this process may use (its CPU affinity, which containers and ``taskset`` narrow, not the
+    machine's count) shared among the node's processes."""
+    user = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if user.isdigit() and int(user) > 0:
+        return int(user)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes)
 
 
 def format_command(command: list[str]) -> str:

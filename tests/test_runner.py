@@ -131,6 +131,25 @@ def test_an_interrupted_reset_leaves_no_complete_manifest_behind(tmp_path, compl
     assert stage.checkpoint.exists() and (stage.read_manifest() or {}).get("status") != "complete"
 
 
+def test_a_failed_eval_rerun_leaves_no_leaderboard_of_the_previous_attempt(tmp_path, completed_tiny_run,
+                                                                           monkeypatch):
+    import alignpipe.trainers.eval as eval_stage
+
+    reference_runner, _ = completed_tiny_run
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    assert (runs / "tiny" / "leaderboard.json").exists() and (runs / "tiny" / "report.html").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(eval_stage, "evaluate_checkpoints", broken)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        _run(recipe_path, runs, force=["eval"])
+    assert not any((runs / "tiny" / name).exists() for name in eval_stage.RUN_RESULTS)
+
+
 def test_failed_stage_is_marked_failed_and_leaves_no_checkpoint(tmp_path, completed_tiny_run):
     # Weights that cannot be read get past the preflight (it reads configs and tokenizers, never weights) and fail
     # inside the stage.

@@ -27,6 +27,7 @@ log = logging.getLogger("alignpipe")
 
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
+RUN_RESULTS = ("leaderboard.json", "leaderboard.md", "leaderboard.csv", "report.html")  # at the run root
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
@@ -49,6 +50,9 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
 
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
+    if ctx.is_main_process:  # the last attempt's results go first: a failed re-run must not leave them looking current
+        for name in RUN_RESULTS:
+            (ctx.run_dir / name).unlink(missing_ok=True)
     reward_names = [n for n in stage.inputs if recipe.stage(n).type == "reward"]
     policy_names = [n for n in stage.inputs if n not in reward_names]
     checkpoints = [_checkpoint(ctx, "base", ctx.base)] if stage.include_base else []

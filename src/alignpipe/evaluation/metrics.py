@@ -78,6 +78,28 @@ def group_resamples(groups: Sequence, resamples: int, seed: int) -> list[np.ndar
     return rows
 
 
+def bootstrap_statistics(n: int, resamples: int, seed: int, stat: Callable[[np.ndarray], np.ndarray],
+                         groups: Sequence | None = None) -> np.ndarray:
+    """``stat`` of ``resamples`` index resamples of ``n`` items. I.i.d. resamples come as rows of an int matrix,
+    chunked to bound memory (``stat`` maps rows to one value each); with ``groups``, whole groups are resampled
+    (:func:`group_resamples`), one row at a time since rows then differ in length."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups has {len(groups)} entries for {n} items")
+        rows = group_resamples(groups, resamples, seed)
+        if rows is not None:
+            return np.array([stat(row[None, :])[0] for row in rows], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
+    out = np.empty(resamples, dtype=np.float64)
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        out[start:stop] = stat(rng.integers(0, n, size=(stop - start, n)))
+    return out
+
+
 def bootstrap_ci(
     values: Sequence[float],
     *,
@@ -95,25 +117,9 @@ def bootstrap_ci(
     (:func:`group_resamples`).
     """
     x = as_1d_finite(values, "values")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if groups is not None:
-        if len(groups) != x.size:
-            raise ValueError(f"groups has {len(groups)} entries for {x.size} values")
-        rows = group_resamples(groups, resamples, seed)
-        if rows is not None:
-            stats = np.array([statistic(x[row][None, :], axis=1)[0] for row in rows], dtype=np.float64)
-            lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-            return float(lo), float(hi)
-    rng = np.random.default_rng(seed)
-    n = x.size
-    chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
-    stats = np.empty(resamples, dtype=np.float64)
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        stats[start:stop] = statistic(x[rng.integers(0, n, size=(stop - start, n))], axis=1)
+    stats = bootstrap_statistics(x.size, resamples, seed, lambda rows: statistic(x[rows], axis=1), groups)
     lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 

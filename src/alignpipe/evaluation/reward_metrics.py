@@ -27,7 +27,7 @@ the pair as wrong (RewardBench's strict ``>``) while calibration gives it half c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -36,7 +36,7 @@ from alignpipe.evaluation.metrics import (
     MetricValue,
     as_1d_finite,
     bootstrap_ci,
-    group_resamples,
+    bootstrap_statistics,
     mean_with_ci,
 )
 
@@ -54,7 +54,6 @@ __all__ = [
     "uncertainty_auroc",
 ]
 
-_MAX_BOOTSTRAP_ELEMENTS = 1 << 22  # resampled values held at once, as in metrics.bootstrap_ci
 _MAX099_LOGIT = float(np.log(99.0))  # logit(0.99): σ(ln 99) = 99 / 100
 
 
@@ -240,7 +239,7 @@ def uncertainty_auroc(
             f"AUROC needs both errors and correct pairs, got {n_err} errors out of {u.size}"
         )
     value = float(_auroc_rows(u[None, :], err[None, :])[0])
-    stats = _bootstrap_rows(u.size, resamples, seed, lambda rows: _auroc_rows(u[rows], err[rows]), groups)
+    stats = bootstrap_statistics(u.size, resamples, seed, lambda rows: _auroc_rows(u[rows], err[rows]), groups)
     return _auroc_value(value, stats, err)
 
 
@@ -274,7 +273,7 @@ def stratified_uncertainty_auroc(
     value = float(_stratified_auroc_rows(u_rank[None, :], err[None, :], s[None, :], bins)[0])
     if np.isnan(value):
         raise ValueError(f"no {bins}-quantile bin of the strata holds both an error and a correct item")
-    stats = _bootstrap_rows(u.size, resamples, seed,
+    stats = bootstrap_statistics(u.size, resamples, seed,
                             lambda rows: _stratified_auroc_rows(u_rank[rows], err[rows], s[rows], bins), groups)
     return _auroc_value(value, stats, err, bins=bins)
 
@@ -333,7 +332,7 @@ def spearman(
     if np.all(a == a[0]) or np.all(b == b[0]):
         raise ValueError("spearman is undefined when x or y is constant")
     value = float(_spearman_rows(a[None, :], b[None, :])[0])
-    stats = _bootstrap_rows(a.size, resamples, seed, lambda rows: _spearman_rows(a[rows], b[rows]))
+    stats = bootstrap_statistics(a.size, resamples, seed, lambda rows: _spearman_rows(a[rows], b[rows]))
     ci, skipped = _percentile_ci(stats)
     return MetricValue(value, ci, a.size, higher_is_better, {"n_skipped_resamples": skipped})
 
@@ -440,28 +439,6 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = np.where(den > 0, (ra * rb).sum(axis=1) / den, np.nan)
     return np.clip(rho, -1.0, 1.0)
-
-
-def _bootstrap_rows(
-    n: int, resamples: int, seed: int, stat: Callable[[np.ndarray], np.ndarray], groups: Sequence | None = None
-) -> np.ndarray:
-    """``stat`` of ``resamples`` index resamples (rows of an int matrix), chunked like ``bootstrap_ci``; with
-    ``groups``, whole groups are resampled (:func:`~alignpipe.evaluation.metrics.group_resamples`)."""
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    if groups is not None:
-        if len(groups) != n:
-            raise ValueError(f"groups has {len(groups)} entries for {n} items")
-        rows = group_resamples(groups, resamples, seed)
-        if rows is not None:
-            return np.array([stat(row[None, :])[0] for row in rows], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _MAX_BOOTSTRAP_ELEMENTS // n)
-    out = np.empty(resamples, dtype=np.float64)
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        out[start:stop] = stat(rng.integers(0, n, size=(stop - start, n)))
-    return out
 
 
 def _percentile_ci(stats: np.ndarray, alpha: float = 0.05) -> tuple[tuple[float, float] | None, int]:

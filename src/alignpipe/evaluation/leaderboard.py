@@ -237,7 +237,7 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
         sources.append({"path": str(path), "label": label, "run": board["run"], "config": board["config"],
                         "env": board["env"], "date": board["date"]})
     sign = -1.0 if directions.get(primary) is not False else 1.0
-    rows.sort(key=lambda r: (primary not in r["results"], sign * (r["results"].get(primary) or {}).get("value", 0.0)))
+    rows.sort(key=lambda r: (not is_ranked(r["results"], primary), sign * (metric_value(r["results"], primary) or 0.0)))
     return {
         "schema_version": SCHEMA_VERSION, "run": {"name": "merged", "sources": len(boards)}, "suite": first["suite"],
         "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
@@ -280,6 +280,9 @@ def _reward_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+LEADERBOARD_FILES = ("leaderboard.json", "leaderboard.csv", "leaderboard.md")  # what write_leaderboard writes
+
+
 def write_leaderboard(leaderboard: dict, directory: Path) -> tuple[Path, Path]:
     """Write ``leaderboard.json``, ``leaderboard.csv`` and ``leaderboard.md`` atomically; returns the JSON and md paths.
 
@@ -287,9 +290,10 @@ def write_leaderboard(leaderboard: dict, directory: Path) -> tuple[Path, Path]:
     """
     directory = Path(directory)
     markdown, table = render_markdown(leaderboard), render_csv(leaderboard)
-    json_path = atomic_write_json(directory / "leaderboard.json", leaderboard)
-    atomic_write_text(directory / "leaderboard.csv", table)
-    md_path = atomic_write_text(directory / "leaderboard.md", markdown)
+    json_name, csv_name, md_name = LEADERBOARD_FILES
+    json_path = atomic_write_json(directory / json_name, leaderboard)
+    atomic_write_text(directory / csv_name, table)
+    md_path = atomic_write_text(directory / md_name, markdown)
     return json_path, md_path
 
 

@@ -13,6 +13,7 @@ from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
 from alignpipe.evaluation.leaderboard import (
+    LEADERBOARD_FILES,
     CheckpointResult,
     build_leaderboard,
     write_leaderboard,
@@ -27,7 +28,7 @@ log = logging.getLogger("alignpipe")
 
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
-RUN_RESULTS = ("leaderboard.json", "leaderboard.md", "leaderboard.csv", "report.html")  # at the run root
+RUN_RESULTS = (*LEADERBOARD_FILES, "report.html")  # what this stage writes at the run root
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:

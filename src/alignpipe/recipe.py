@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from alignpipe.data.truncation import TruncatedSamples
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
 __all__ = [
@@ -665,6 +666,12 @@ class _OnlineStage(_TrainingStage):
         "et al. 2024) added to the preference loss; 0 = the pure loss of ALGORITHMS.md §4a.",
     )
     max_new_tokens: int = Field(24, gt=0, description="Generation budget when sampling (tiny-model setting).")
+    truncated_samples: TruncatedSamples = Field(
+        "drop", description="Samples that hit max_new_tokens without an end-of-sequence token: drop = leave them "
+        "out before judging (a prompt left with fewer than 2 finished samples, or SPIN's truncated generation, gives "
+        "no pair); keep = judge and train on them as finished replies (the chat template's end token is appended, "
+        "so the policy learns a reply that ends where the budget cut it).",
+    )
     sampling_temperature: float = Field(1.0, gt=0, description="Sampling temperature for the K samples (OSP §4c).")
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the per-round gold evaluation.")
 
@@ -1546,7 +1553,8 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         noun = next((p for p in reversed(where.path) if isinstance(p, str)), "value")
-        noun = noun[:-3] + "y" if noun.endswith("ies") else noun.removesuffix("s")  # families -> family
+        if where.path and isinstance(where.path[-1], int):  # an item of a list: families -> family
+            noun = noun[:-3] + "y" if noun.endswith("ies") else noun.removesuffix("s")
         hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
         return f"{_show(value)} is not a valid {noun}{hint} (valid: {', '.join(choices)})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

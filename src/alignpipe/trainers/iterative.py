@@ -5,7 +5,9 @@ trains on soft strengths or win rates. A method (``osp``, ``online_dpo``, ``sppo
 only a :class:`RoundMethod`: how one round's samples become training rows, and which loss trains on them. The loop,
 its checkpoints, reference handling (``reference: previous`` makes each round's checkpoint the next reference, the
 self-play methods' ``π_t``), per-round evaluation, logging and resume are shared, so methods are compared at equal
-compute.
+compute. So is what a round does with samples cut off at ``max_new_tokens`` (no end-of-sequence token): left out
+before judging unless the stage says ``truncated_samples: keep`` (:mod:`alignpipe.data.truncation`), and counted in
+every round's record.
 
 Each round writes ``rounds/round-<r>/`` (``pairs.json``, ``checkpoint/``, ``manifest.json``) and one line to
 ``metrics.jsonl``; with ``--resume`` completed rounds are kept, and an interrupted round trains on its saved
@@ -35,6 +37,7 @@ from alignpipe.data.pairing import (
 )
 from alignpipe.data.selfplay import SelfPlayPair, inpo_pair, large_margin_pair, sppo_pair
 from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.io import atomic_write_json
@@ -89,16 +92,17 @@ class PairingRule:
 
     def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData:
         stage, recipe = ctx.stage, ctx.recipe
-        prompts = round_prompts(ctx, round_index)
-        samples = _sample(ctx, model, tokenizer, prompts, round_index)
-        strengths = judge_samples(_make_judge(ctx, model, tokenizer), prompts, samples,
+        samples = _sample(ctx, model, tokenizer, round_prompts(ctx, round_index), round_index)
+        prompts, responses, short = samples.with_at_least(2)
+        strengths = judge_samples(_make_judge(ctx, model, tokenizer), prompts, responses,
                                   rng=random.Random(f"anchor:{recipe.seed}:{round_index}"), reanchor=stage.reanchor)
-        sets = [ScoredSet(p, tuple(rs), tuple(s)) for p, rs, s in zip(prompts, samples, strengths)]
+        sets = [ScoredSet(p, tuple(rs), tuple(s)) for p, rs, s in zip(prompts, responses, strengths)]
         pairs, report = build_pairs(sets, method=self.method, strength="probability", min_gap=stage.min_gap)
         if self.hard_labels:
             pairs = harden(pairs)
-        log.info("[%s] round %d: %s", ctx.dir.name, round_index, report.summary())
-        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs)}
+        without_pair = short + report.sets_skipped_too_few + report.sets_without_pairs
+        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs),
+                 **_sampling_stats(ctx, round_index, samples, short, without_pair, report.summary())}
         if pairs:
             stats["mean_strength"] = sum(p.strength for p in pairs) / len(pairs)
         return RoundData(to_trl_rows(pairs), stats)
@@ -121,12 +125,12 @@ class SelfPlayRule:
 
     def round_data(self, ctx: StageContext, round_index: int, model, tokenizer) -> RoundData:
         stage = ctx.stage
-        prompts = round_prompts(ctx, round_index)
-        samples = _sample(ctx, model, tokenizer, prompts, round_index)
-        matrices = preference_matrices(_make_judge(ctx, model, tokenizer), prompts, samples)
+        samples = _sample(ctx, model, tokenizer, round_prompts(ctx, round_index), round_index)
+        prompts, responses_per_prompt, short = samples.with_at_least(2)
+        matrices = preference_matrices(_make_judge(ctx, model, tokenizer), prompts, responses_per_prompt)
         rng = random.Random(f"{self.kind}:{ctx.recipe.seed}:{round_index}")
         pairs: list[SelfPlayPair] = []
-        for prompt, responses, matrix in zip(prompts, samples, matrices):
+        for prompt, responses, matrix in zip(prompts, responses_per_prompt, matrices):
             if self.kind == "sppo":
                 pair = sppo_pair(prompt, responses, matrix)
             elif self.kind == "dno":
@@ -135,11 +139,12 @@ class SelfPlayRule:
                 pair = inpo_pair(prompt, responses, matrix, rng)
             if pair is not None:
                 pairs.append(pair)
-        log.info("[%s] round %d: %d of %d prompts gave a pair", ctx.dir.name, round_index, len(pairs), len(prompts))
         rows = [pair.to_row() for pair in pairs]
         if self.kind != "sppo":  # the DPO-form losses read no win-rate columns
             rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
-        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs)}
+        stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs),
+                 **_sampling_stats(ctx, round_index, samples, short, len(samples.prompts) - len(pairs),
+                                   f"{len(pairs)} pairs")}
         if pairs:
             stats["mean_chosen_win_rate"] = sum(p.chosen_win_rate for p in pairs) / len(pairs)
             stats["mean_rejected_win_rate"] = sum(p.rejected_win_rate for p in pairs) / len(pairs)
@@ -166,12 +171,15 @@ class SPINRule:
             demonstrations, min(stage.prompts_per_round, len(demonstrations)))
         prompts = [row["messages"][0]["content"] for row in rows]
         targets = [row["messages"][1]["content"] for row in rows]
-        generations = [g[0] for g in _sample(ctx, model, tokenizer, prompts, round_index, k=1)]
-        pairs = [PreferencePair(p, t, g, 1.0) for p, t, g in zip(prompts, targets, generations) if t != g]
-        log.info("[%s] round %d: %d of %d generations differ from their demonstration", ctx.dir.name, round_index,
-                 len(pairs), len(prompts))
+        samples = _sample(ctx, model, tokenizer, prompts, round_index, k=1)
+        usable = samples.responses  # [] where the generation was truncated and truncated_samples is drop
+        pairs = [PreferencePair(p, t, g[0], 1.0) for p, t, g in zip(prompts, targets, usable) if g and t != g[0]]
+        generations = [group[0].response for group in samples.generations]
+        short = sum(not g for g in usable)
         stats = {"judge": "demonstration", "judge_gold_agreement": gold_agreement(pairs),
-                 "generation_gold_reward": sum(gold_reward(p, g) for p, g in zip(prompts, generations)) / len(prompts)}
+                 "generation_gold_reward": sum(gold_reward(p, g) for p, g in zip(prompts, generations)) / len(prompts),
+                 **_sampling_stats(ctx, round_index, samples, short, len(prompts) - len(pairs),
+                                   f"{len(pairs)} generations differ from their demonstration")}
         return RoundData([{k: v for k, v in r.items() if k != "preference"} for r in to_trl_rows(pairs)], stats)
 
     def trainer(self, ctx: StageContext, **kwargs):
@@ -215,7 +223,9 @@ def _make_judge(ctx: StageContext, model, tokenizer):
 
 
 def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index: int,
-            k: int | None = None) -> list[list[str]]:
+            k: int | None = None) -> RoundSamples:
+    """``k`` (default ``samples_per_prompt``) samples per prompt from the current policy, with what the stage's
+    ``truncated_samples`` lets the round use of them."""
     stage = ctx.stage
     k = k or stage.samples_per_prompt
     settings = GenerationSettings(
@@ -224,7 +234,19 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
     )
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(k)], settings,
                            desc=f"round {round_index}: sampling")
-    return [[g.response for g in generations[i * k:(i + 1) * k]] for i in range(len(prompts))]
+    return RoundSamples(prompts, [generations[i * k:(i + 1) * k] for i in range(len(prompts))],
+                        stage.truncated_samples)
+
+
+def _sampling_stats(ctx: StageContext, round_index: int, samples: RoundSamples, short: int, without_pair: int,
+                    outcome: str) -> dict:
+    """Log the round's sampling and pairing outcome; return the numbers its record keeps of them.
+
+    ``short``: prompts left with too few usable samples for a pair (their truncated samples dropped);
+    ``without_pair``: every prompt that gave no pair, those included."""
+    log.info("[%s] round %d: %s; %d of %d prompts gave no pair (%d short of finished samples); %s", ctx.dir.name,
+             round_index, samples.summary(), without_pair, len(samples.prompts), short, outcome)
+    return {**samples.stats(), "prompts_short_of_samples": short, "prompts_without_pair": without_pair}
 
 
 def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model, tokenizer, rows: list[dict],
@@ -332,8 +354,8 @@ def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str,
     model = load_policy(ctx, policy_path, on_device=True)  # it samples (and may judge) before training
     data = _round_data(ctx, method, r, model, tokenizer)
     if not data.rows:
-        raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); raise "
-                           "prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter")
+        raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); "
+                           + no_pairs_advice(data.stats, ctx.stage.max_new_tokens))
     # Round 0's policy is the initial policy, so TRL's own reference (adapters off / a frozen copy) is already right.
     explicit_reference = reference_path if reference_path != policy_path else None
     training = _train_round(ctx, method, r, model, tokenizer, data.rows, explicit_reference)

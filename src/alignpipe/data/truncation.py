@@ -1,0 +1,84 @@
+"""Which of an online round's samples it may judge and train on: finished replies only, or truncated ones too.
+
+Why this module exists: a sample that hit ``max_new_tokens`` without an end-of-sequence token is not a reply the
+policy finished. Turned into a TRL preference row it gets the chat template's end token after it, so the policy would
+be trained to prefer (or avoid) a reply that *ends* where the budget cut it, one it never produced. TRL's
+OnlineDPOTrainer lowers such samples' scores (``missing_eos_penalty``), but the online stages' judges are pairwise
+(gold, self-judge, reward model), so a score penalty does not fit them all; instead ``truncated_samples: drop``
+leaves truncated samples out before judging (no judge calls spent on them) and ``keep`` trains on them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, get_args
+
+TruncatedSamples = Literal["drop", "keep"]
+TRUNCATED_SAMPLES: tuple[str, ...] = get_args(TruncatedSamples)
+
+
+class Sample(Protocol):
+    """What a round reads of a sample (:class:`alignpipe.evaluation.generation.Generation` is one)."""
+
+    response: str
+    truncated: bool  # no end-of-sequence token within max_new_tokens
+
+
+@dataclass(frozen=True)
+class RoundSamples:
+    """One round's prompts, every sample drawn for each, and what ``truncated_samples`` lets the round use."""
+
+    prompts: Sequence[str]
+    generations: Sequence[Sequence[Sample]]  # generations[n]: prompt n's samples, truncated ones included
+    truncated_samples: TruncatedSamples
+
+    def __post_init__(self) -> None:
+        if self.truncated_samples not in TRUNCATED_SAMPLES:
+            raise ValueError(f"truncated_samples must be one of {TRUNCATED_SAMPLES}, got {self.truncated_samples!r}")
+        if len(self.prompts) != len(self.generations):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.generations)} sample groups")
+
+    @property
+    def responses(self) -> list[list[str]]:
+        """Each prompt's usable responses: the finished ones under ``drop``, all of them under ``keep``."""
+        drop = self.truncated_samples == "drop"
+        return [[g.response for g in group if not (drop and g.truncated)] for group in self.generations]
+
+    @property
+    def sampled(self) -> int:
+        return sum(len(group) for group in self.generations)
+
+    @property
+    def truncated(self) -> int:
+        return sum(g.truncated for group in self.generations for g in group)
+
+    def with_at_least(self, minimum: int) -> tuple[list[str], list[list[str]], int]:
+        """The prompts that kept at least ``minimum`` usable responses, their responses, and how many prompts fell
+        short (a pair needs two responses; under ``keep`` no prompt falls short of what it sampled)."""
+        kept = [(p, rs) for p, rs in zip(self.prompts, self.responses, strict=True) if len(rs) >= minimum]
+        return [p for p, _ in kept], [rs for _, rs in kept], len(self.prompts) - len(kept)
+
+    def stats(self) -> dict:
+        """The round's sampling numbers, for ``metrics.jsonl`` and the "no training pairs" error."""
+        return {"samples": self.sampled, "truncated_samples": self.truncated,
+                "truncated_fraction": self.truncated / self.sampled if self.sampled else 0.0,
+                "truncated_samples_policy": self.truncated_samples}
+
+    def summary(self) -> str:
+        action = "dropped before judging" if self.truncated_samples == "drop" else "kept as finished replies"
+        share = 100 * self.truncated / self.sampled if self.sampled else 0.0
+        return (f"{self.truncated} of {self.sampled} samples hit max_new_tokens without an end token ({share:.1f}%, "
+                f"{action})")
+
+
+def no_pairs_advice(stats: dict, max_new_tokens: int) -> str:
+    """How to get training pairs from a round that produced none, naming truncation when it is what left prompts
+    without enough samples (``stats`` is a round's record: :meth:`RoundSamples.stats` plus
+    ``prompts_short_of_samples``)."""
+    if stats.get("truncated_samples_policy") == "drop" and stats.get("prompts_short_of_samples"):
+        return (f"{stats['truncated_samples']} of {stats['samples']} samples hit max_new_tokens={max_new_tokens} "
+                f"without an end-of-sequence token and were dropped (truncated_samples: drop), which left "
+                f"{stats['prompts_short_of_samples']} prompts without enough finished samples for a pair; raise "
+                "max_new_tokens, or set truncated_samples: keep to train on cut-off replies as they are")
+    return "raise prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter"

@@ -1,0 +1,135 @@
+"""Truncated online samples (no end-of-sequence token within max_new_tokens): dropped before judging by default,
+trained on as they are with ``truncated_samples: keep``, and counted in every round's record either way."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+import alignpipe.trainers.iterative as iterative
+from alignpipe.data.truncation import RoundSamples, no_pairs_advice
+from alignpipe.evaluation.generation import Generation
+from alignpipe.recipe import RecipeError, load_recipe
+
+PROMPTS, K = 8, 4
+# Sample j of prompt n is "1 2 ... j+1"; the last sample of every prompt and all but the first of prompt 0 hit the
+# budget ("cut" marks them). The fake judge prefers the longer reply, so a truncated sample is always the best.
+TRUNCATED = PROMPTS + 2  # 10 of 32
+
+
+def _truncated(n: int, j: int, k: int) -> bool:
+    return j == k - 1 if k > 1 else n % 2 == 0  # SPIN samples one generation: every other one is cut
+
+
+def _fake_generate(k: int):
+    def generate(model, tokenizer, prompts, settings, *, desc=""):
+        out = []
+        for i, prompt in enumerate(prompts):
+            n, j = divmod(i, k)
+            cut = _truncated(n, j, k) or (k > 1 and n == 0 and j >= 1)
+            text = " ".join(str(x) for x in range(1, j + 2)) + (" cut" if cut else "")
+            out.append(Generation(prompt, text, tuple(range(len(text.split()))), cut))
+        return out
+    return generate
+
+
+class LongerIsBetter:
+    judge_id = "longer"
+
+    def pairwise_probabilities(self, prompts, a, b):
+        return [0.5 if len(x) == len(y) else 0.9 if len(x) > len(y) else 0.1 for x, y in zip(a, b)]
+
+
+def _round(tmp_path, monkeypatch, kind, truncated_samples, **extra):
+    stage = {"name": kind, "type": kind, "inputs": ["sft"], "prompts_per_round": PROMPTS,
+             "truncated_samples": truncated_samples, **extra}
+    if kind != "spin":
+        stage |= {"samples_per_prompt": K, "judge": "gold"}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}))
+    ctx = SimpleNamespace(recipe=recipe, stage=recipe.stage(kind), dir=SimpleNamespace(name=kind))
+    monkeypatch.setattr(iterative, "generate", _fake_generate(1 if kind == "spin" else K))
+    monkeypatch.setattr(iterative, "_make_judge", lambda ctx, model, tokenizer: LongerIsBetter())
+    rule = {"osp": iterative.PairingRule("anchor", hard_labels=False),
+            "online_dpo": iterative.PairingRule("best_worst", hard_labels=True),
+            "spin": iterative.SPINRule()}.get(kind) or iterative.SelfPlayRule(kind)
+    return rule.round_data(ctx, 0, None, None)
+
+
+def _texts(rows):
+    return [turn["content"] for row in rows for key in ("chosen", "rejected") for turn in row[key]]
+
+
+def test_round_samples_drop_truncated_responses_and_count_them():
+    generations = [[Generation("p", "a", (1,), False), Generation("p", "b", (1, 2), True)],
+                   [Generation("q", "c", (1,), False), Generation("q", "d", (1,), False)]]
+    drop = RoundSamples(["p", "q"], generations, "drop")
+    assert drop.responses == [["a"], ["c", "d"]]
+    assert drop.with_at_least(2) == (["q"], [["c", "d"]], 1)
+    assert drop.stats() == {"samples": 4, "truncated_samples": 1, "truncated_fraction": 0.25,
+                            "truncated_samples_policy": "drop"}
+    keep = RoundSamples(["p", "q"], generations, "keep")
+    assert keep.responses == [["a", "b"], ["c", "d"]]
+    assert keep.with_at_least(2) == (["p", "q"], [["a", "b"], ["c", "d"]], 0)
+    assert keep.stats()["truncated_samples"] == 1
+
+
+@pytest.mark.parametrize("kind", ["osp", "online_dpo", "sppo", "dno", "inpo"])
+def test_a_truncated_sample_never_reaches_the_rows_unless_kept(tmp_path, monkeypatch, caplog, kind):
+    extra = {"margin_threshold": 0.1} if kind == "dno" else {}
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        dropped = _round(tmp_path, monkeypatch, kind, "drop", **extra)
+    assert dropped.rows and not any("cut" in text for text in _texts(dropped.rows))
+    # Prompt 0 kept one finished sample: no pair. The other 7 keep "1", "1 2", "1 2 3": one pair each.
+    assert len(dropped.rows) == PROMPTS - 1
+    assert {key: dropped.stats[key] for key in ("samples", "truncated_samples", "truncated_fraction",
+                                                "truncated_samples_policy", "prompts_short_of_samples",
+                                                "prompts_without_pair")} == {
+        "samples": PROMPTS * K, "truncated_samples": TRUNCATED, "truncated_fraction": TRUNCATED / (PROMPTS * K),
+        "truncated_samples_policy": "drop", "prompts_short_of_samples": 1, "prompts_without_pair": 1}
+    assert f"{TRUNCATED} of {PROMPTS * K} samples hit max_new_tokens" in caplog.text
+    assert "dropped before judging" in caplog.text
+
+    kept = _round(tmp_path, monkeypatch, kind, "keep", **extra)
+    assert any("cut" in text for text in _texts(kept.rows))  # the longest sample wins: a truncated one
+    assert kept.stats["truncated_samples"] == TRUNCATED and kept.stats["truncated_samples_policy"] == "keep"
+    assert kept.stats["prompts_short_of_samples"] == 0 and kept.stats["prompts_without_pair"] == 0
+
+
+def test_spin_gives_no_pair_for_a_truncated_generation_unless_kept(tmp_path, monkeypatch):
+    dropped = _round(tmp_path, monkeypatch, "spin", "drop")
+    assert len(dropped.rows) == PROMPTS // 2 and not any("cut" in text for text in _texts(dropped.rows))
+    assert dropped.stats["truncated_samples"] == PROMPTS // 2 == dropped.stats["prompts_short_of_samples"]
+    assert dropped.stats["prompts_without_pair"] == PROMPTS // 2
+    kept = _round(tmp_path, monkeypatch, "spin", "keep")
+    assert len(kept.rows) == PROMPTS and sum("cut" in text for text in _texts(kept.rows)) == PROMPTS // 2
+
+
+def test_no_pairs_error_names_truncation_when_it_left_prompts_without_pairs(monkeypatch):
+    stats = {"samples": 32, "truncated_samples": 30, "truncated_fraction": 30 / 32, "truncated_samples_policy": "drop",
+             "prompts_short_of_samples": 8, "prompts_without_pair": 8}
+    monkeypatch.setattr(iterative, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(iterative, "load_policy", lambda ctx, path, on_device: None)
+    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: iterative.RoundData([], stats))
+    ctx = SimpleNamespace(stage=SimpleNamespace(max_new_tokens=12), dir=SimpleNamespace(name="osp"))
+    with pytest.raises(RuntimeError, match=r"produced no training pairs .* 30 of 32 samples hit max_new_tokens=12 "
+                                           r".*dropped \(truncated_samples: drop\).* 8 prompts .*raise max_new_tokens, "
+                                           r"or set truncated_samples: keep"):
+        iterative._run_round(ctx, None, 0, "policy", "policy")
+    for other in ({**stats, "truncated_samples_policy": "keep", "prompts_short_of_samples": 0},
+                  {**stats, "truncated_samples": 0, "prompts_short_of_samples": 0}, {}):
+        assert "truncated_samples" not in no_pairs_advice(other, 12)
+        assert no_pairs_advice(other, 12).startswith("raise prompts_per_round")
+
+
+def test_truncated_samples_is_a_typed_option_of_every_online_stage(tmp_path):
+    for kind in ("osp", "online_dpo", "sppo", "spin", "dno", "inpo"):
+        stage = {"name": kind, "type": kind, "inputs": ["sft"]}
+        recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}
+        assert load_recipe(write_recipe(tmp_path, recipe)).stage(kind).truncated_samples == "drop"
+        recipe["stages"][1] = {**stage, "truncated_samples": "penalise"}
+        message = rf"stages\.{kind}\.truncated_samples: 'penalise' is not a valid truncated_samples \(valid: drop, keep"
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(write_recipe(tmp_path, recipe))

@@ -15,6 +15,8 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from alignpipe.data.selfplay import (
+    INPODraw,
+    inpo_draw,
     inpo_pair,
     large_margin_pair,
     passes_margin,
@@ -31,6 +33,7 @@ from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import RecipeError, load_recipe
 from alignpipe.rewards.judges import GoldPairwiseJudge, preference_matrices
 from alignpipe.tasks.synthetic import preference_pairs
+from alignpipe.trainers.iterative import inpo_pairs
 from alignpipe.trainers.selfplay_trainers import INPOTrainer, SPPOTrainer
 
 T = torch.tensor
@@ -130,14 +133,66 @@ def test_inpo_reductions():
 
 
 def test_inpo_pair_labels_follow_the_preference_draw():
-    matrix = preference_matrix_from_scores([5.0, -5.0], temperature=1.0)  # P(a > b) = 0.99995
     rng = random.Random(0)
-    chosen = [inpo_pair("x", ["a", "b"], matrix, rng).chosen for _ in range(200)]
-    assert chosen.count("a") >= 199
+
+    def chosen(matrix):
+        draw = inpo_draw(["a", "b"], rng)
+        return inpo_pair("x", ["a", "b"], draw, matrix[draw.first][draw.second]).chosen
+
+    sure = preference_matrix_from_scores([5.0, -5.0], temperature=1.0)  # P(a > b) = 0.99995
+    assert [chosen(sure) for _ in range(200)].count("a") >= 199
     fair = preference_matrix_from_scores([0.0, 0.0])
-    chosen = [inpo_pair("x", ["a", "b"], fair, rng).chosen for _ in range(2000)]
-    assert 0.45 < chosen.count("a") / 2000 < 0.55
-    assert inpo_pair("x", ["same", "same"], fair, rng) is None
+    assert 0.45 < [chosen(fair) for _ in range(2000)].count("a") / 2000 < 0.55
+    assert inpo_draw(["same", "same"], rng) is None
+    against = inpo_pair("x", ["a", "b"], INPODraw(0, 1, uniform=0.7), 0.6)  # 0.7 >= P(a > b): b is chosen
+    assert (against.chosen, against.rejected) == ("b", "a") and against.chosen_preference == pytest.approx(0.4)
+
+
+class CountingJudge:
+    """Prefers the longer reply and, by 0.1, whichever is shown first (so both orders matter); counts evaluations."""
+
+    judge_id = "counting"
+
+    def __init__(self):
+        self.evaluations = 0
+
+    def pairwise_probabilities(self, prompts, a, b):
+        self.evaluations += len(prompts)
+        return [min(1.0, max(0.0, 0.6 + 0.15 * (len(x.split()) - len(y.split())))) for x, y in zip(a, b)]
+
+
+def _inpo_from_the_full_matrix(judge, prompts, responses, rng):
+    """INPO's pairs as the stage built them from a judged K×K matrix: draw two samples, label by P[i][j]."""
+    pairs = []
+    for prompt, group, matrix in zip(prompts, responses, preference_matrices(judge, prompts, responses)):
+        i, j = rng.sample(range(len(group)), 2)
+        if group[i] == group[j]:
+            continue
+        if rng.random() >= matrix[i][j]:
+            i, j = j, i
+        pairs.append((prompt, group[i], group[j], matrix[i][j]))
+    return pairs
+
+
+def test_inpo_judges_only_its_drawn_pair_and_keeps_the_matrix_path_labels():
+    """One judged pair per prompt (both orders: 2 evaluations, not K(K-1) = 20), and for the same seed the same
+    pairs and labels as drawing from the full matrix."""
+    data = random.Random(7)
+    prompts = [f"copy: {n}" for n in range(40)]
+    responses = [[" ".join(data.choice("12") for _ in range(data.randint(1, 3))) for _ in range(5)] for _ in prompts]
+    matrix_judge, pair_judge = CountingJudge(), CountingJudge()
+    expected = _inpo_from_the_full_matrix(matrix_judge, prompts, responses, random.Random("inpo:0:0"))
+    pairs = inpo_pairs(pair_judge, prompts, responses, random.Random("inpo:0:0"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [e[:3] for e in expected]
+    assert [p.chosen_preference for p in pairs] == pytest.approx([e[3] for e in expected], abs=1e-12)
+    assert [p.to_row() for p in pairs] == [{"prompt": [{"role": "user", "content": prompt}],
+                                            "chosen": [{"role": "assistant", "content": chosen}],
+                                            "rejected": [{"role": "assistant", "content": rejected}]}
+                                           for prompt, chosen, rejected, _ in expected]
+    assert matrix_judge.evaluations == len(prompts) * 5 * 4
+    assert pair_judge.evaluations == 2 * len(pairs)
+    assert len(pairs) < len(prompts)  # some draws were one text twice: no pair, no judge call
+    assert any(p.chosen_preference < 0.5 for p in pairs) and any(p.chosen_preference > 0.5 for p in pairs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,6 +328,13 @@ def test_sppo_records_win_rates_and_gold_judged_pairs_agree_with_gold(selfplay_r
         assert "train/sppo/chosen_logratio" in r
     dno = _records(runner.run_dir / "dno")
     assert all(r["mean_chosen_win_rate"] - r["mean_rejected_win_rate"] >= 0.1 for r in dno)
+
+
+def test_inpo_records_the_judged_preference_of_its_pairs_not_win_rates(selfplay_run):
+    runner, _ = selfplay_run
+    for r in _records(runner.run_dir / "inpo"):
+        assert 0.0 <= r["mean_chosen_preference"] <= 1.0
+        assert "mean_chosen_win_rate" not in r and "mean_rejected_win_rate" not in r
 
 
 def test_previous_iterate_is_the_reference_of_round_one(selfplay_run, monkeypatch):

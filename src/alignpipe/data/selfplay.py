@@ -1,9 +1,11 @@
 """Pair construction for the self-play methods: SPPO win rates, DNO's large-margin pairs, INPO's sampled labels.
 
-Pure functions of a K×K preference matrix ``P[i][j] = P(y_i ≻ y_j | x)`` (diagonal ½), so every rule is tested by
-hand (ALGORITHMS.md §7e, §9e). The matrix comes from any pairwise judge
+SPPO and DNO are pure functions of a K×K preference matrix ``P[i][j] = P(y_i ≻ y_j | x)`` (diagonal ½), so every
+rule is tested by hand (ALGORITHMS.md §7e, §9e). The matrix comes from any pairwise judge
 (:func:`alignpipe.rewards.judges.preference_matrices`) or, for a pointwise scorer, from
 :func:`preference_matrix_from_scores` (Bradley–Terry, as SPPO's PairRM scores are used in ``compute_prob.py``).
+INPO needs no win rates, only the preference between its two drawn samples: :func:`inpo_draw` picks them (and the
+label's uniform number) before any judging, so a round judges one pair per prompt, not K(K−1)/2.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "INPODraw",
+    "INPOPair",
     "SelfPlayPair",
+    "inpo_draw",
     "inpo_pair",
     "large_margin_pair",
     "passes_margin",
@@ -38,13 +43,16 @@ class SelfPlayPair:
 
     def to_row(self) -> dict:
         """A TRL preference row (conversational) carrying the win rates as extra float columns."""
-        return {
-            "prompt": [{"role": "user", "content": self.prompt}],
-            "chosen": [{"role": "assistant", "content": self.chosen}],
-            "rejected": [{"role": "assistant", "content": self.rejected}],
-            "chosen_win_rate": self.chosen_win_rate,
-            "rejected_win_rate": self.rejected_win_rate,
-        }
+        return {**_conversational_row(self.prompt, self.chosen, self.rejected),
+                "chosen_win_rate": self.chosen_win_rate, "rejected_win_rate": self.rejected_win_rate}
+
+
+def _conversational_row(prompt: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def preference_matrix_from_scores(scores: Sequence[float], temperature: float = 1.0) -> list[list[float]]:
@@ -106,17 +114,48 @@ def passes_margin(chosen_score: float, rejected_score: float, threshold: float) 
     return chosen_score - rejected_score >= threshold - 1e-12
 
 
-def inpo_pair(prompt: str, responses: Sequence[str], matrix: Matrix, rng: random.Random) -> SelfPlayPair | None:
-    """INPO (§10a): two distinct samples, labelled by a draw from ``P(y ≻ y')``, not by a win-rate estimate.
+@dataclass(frozen=True)
+class INPODraw:
+    """One prompt's INPO draw: two distinct samples (indices) and the uniform number that will label them."""
 
-    ``None`` when the two responses are the same text (the pair carries no preference).
+    first: int
+    second: int
+    uniform: float  # the first sample is chosen when uniform < P(first ≻ second)
+
+
+@dataclass(frozen=True)
+class INPOPair:
+    """An INPO training pair with the judge's ``P(chosen ≻ rejected)``: a Bernoulli label, so it may be below ½."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_preference: float
+
+    def to_row(self) -> dict:
+        """A TRL preference row (conversational); INPO's loss reads no extra column."""
+        return _conversational_row(self.prompt, self.chosen, self.rejected)
+
+
+def inpo_draw(responses: Sequence[str], rng: random.Random) -> INPODraw | None:
+    """INPO (§10a): two distinct samples and the number that labels them, drawn before the pair is judged.
+
+    ``None`` when the two responses are the same text (the pair carries no preference; no label is drawn).
     """
     if len(responses) < 2:
         raise ValueError(f"INPO needs at least 2 responses per prompt, got {len(responses)}")
     i, j = rng.sample(range(len(responses)), 2)
     if responses[i] == responses[j]:
         return None
-    if rng.random() >= matrix[i][j]:
-        i, j = j, i
-    rates = win_rates(matrix)
-    return SelfPlayPair(prompt, responses[i], responses[j], rates[i], rates[j])
+    return INPODraw(i, j, rng.random())
+
+
+def inpo_pair(prompt: str, responses: Sequence[str], draw: INPODraw, preference: float) -> INPOPair:
+    """Label a draw by ``preference = P(responses[draw.first] ≻ responses[draw.second])`` (§10a): the first sample
+    is chosen with that probability, not by a win-rate estimate."""
+    if not 0.0 <= preference <= 1.0:
+        raise ValueError(f"INPO preference must be a probability in [0, 1], got {preference}")
+    first, second = responses[draw.first], responses[draw.second]
+    if draw.uniform < preference:
+        return INPOPair(prompt, first, second, preference)
+    return INPOPair(prompt, second, first, 1.0 - preference)

@@ -44,6 +44,7 @@ __all__ = [
     "judge_against_anchor",
     "judge_against_anchors",
     "order_averaged",
+    "pair_preferences",
     "preference_matrices",
 ]
 
@@ -141,7 +142,7 @@ def judge_against_anchor(
 def preference_matrices(
     judge: PairwiseJudge, prompts: Sequence[str], responses: Sequence[Sequence[str]]
 ) -> list[list[list[float]]]:
-    """Full K×K preference matrices ``P[i][j] = P(y_i ≻ y_j)`` per prompt (SPPO/DNO/INPO, ALGORITHMS.md §7b).
+    """Full K×K preference matrices ``P[i][j] = P(y_i ≻ y_j)`` per prompt (SPPO/DNO, ALGORITHMS.md §7b).
 
     Each unordered pair is judged once in both orders (:func:`order_averaged`, one batched call for every prompt);
     ``P[j][i] = 1 − P[i][j]`` and the diagonal is exactly ½, so the matrix is constant-sum by construction.
@@ -166,6 +167,28 @@ def preference_matrices(
     for (n, i, j), p in zip(index, order_averaged(judge, flat_prompts, flat_a, flat_b), strict=True):
         matrices[n][i][j], matrices[n][j][i] = p, 1.0 - p
     return matrices
+
+
+def pair_preferences(
+    judge: PairwiseJudge, prompts: Sequence[str], responses: Sequence[Sequence[str]], pairs: Sequence[tuple[int, int]]
+) -> list[float]:
+    """``P(responses[n][i] ≻ responses[n][j])`` for one index pair ``(i, j)`` per prompt ``n`` (INPO, §10a).
+
+    The entry ``P[i][j]`` of :func:`preference_matrices`, judged the same way (the lower index shown first, both
+    orders averaged, one batched call), so it is the same number: 2 judge evaluations per prompt instead of K(K−1).
+    """
+    if not len(prompts) == len(responses) == len(pairs):
+        raise ValueError(f"prompts, responses and pairs must have the same length, "
+                         f"got {len(prompts)}, {len(responses)}, {len(pairs)}")
+    first: list[str] = []
+    second: list[str] = []
+    for n, (group, (i, j)) in enumerate(zip(responses, pairs)):
+        if i == j or not (0 <= i < len(group) and 0 <= j < len(group)):
+            raise ValueError(f"pair {(i, j)} of prompt {n} is not two distinct indices into its {len(group)} responses")
+        first.append(group[min(i, j)])
+        second.append(group[max(i, j)])
+    judged = order_averaged(judge, prompts, first, second)
+    return [p if i < j else 1.0 - p for p, (i, j) in zip(judged, pairs, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from alignpipe.data.pairing import (
     harden,
     to_trl_rows,
 )
-from alignpipe.data.selfplay import SelfPlayPair, inpo_pair, large_margin_pair, sppo_pair
+from alignpipe.data.selfplay import INPOPair, SelfPlayPair, inpo_draw, inpo_pair, large_margin_pair, sppo_pair
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
@@ -45,7 +45,13 @@ from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import ROUND_DATA, StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext, verified_trainer_checkpoint
-from alignpipe.rewards.judges import GoldPairwiseJudge, SelfJudge, judge_against_anchors, preference_matrices
+from alignpipe.rewards.judges import (
+    GoldPairwiseJudge,
+    SelfJudge,
+    judge_against_anchors,
+    pair_preferences,
+    preference_matrices,
+)
 from alignpipe.rewards.loading import load_reward_scorer
 from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks, sft_demonstrations
 from alignpipe.trainers.common import (
@@ -113,11 +119,13 @@ class PairingRule:
 
 @dataclass(frozen=True)
 class SelfPlayRule:
-    """SPPO (§7), DNO (§9) and INPO (§10): K samples from ``π_t``, a full K×K preference matrix per prompt.
+    """SPPO (§7), DNO (§9) and INPO (§10): K samples per prompt from ``π_t``.
 
-    * ``sppo``: best vs worst by win rate, trained with the SPPO squared loss on both win rates;
+    * ``sppo``: a full K×K preference matrix per prompt; best vs worst by win rate, trained with the SPPO squared
+      loss on both win rates (logged: ``mean_chosen_win_rate``, ``mean_rejected_win_rate``);
     * ``dno``: the same pair, kept only when the win-rate gap is at least ``margin_threshold``; DPO loss;
-    * ``inpo``: two random samples labelled by a draw from the judge's preference; INPO's squared loss with the
+    * ``inpo``: two random samples, and only they are judged, labelled by a draw from the judge's preference
+      (logged: ``mean_chosen_preference``, the judge's mean P(chosen ≻ rejected)); INPO's squared loss with the
       stage's input policy as the fixed reference ``π_ref``.
     """
 
@@ -127,18 +135,13 @@ class SelfPlayRule:
         stage = ctx.stage
         samples = _sample(ctx, model, tokenizer, round_prompts(ctx, round_index), round_index)
         prompts, responses_per_prompt, short = samples.with_at_least(2)
-        matrices = preference_matrices(_make_judge(ctx, model, tokenizer), prompts, responses_per_prompt)
-        rng = random.Random(f"{self.kind}:{ctx.recipe.seed}:{round_index}")
-        pairs: list[SelfPlayPair] = []
-        for prompt, responses, matrix in zip(prompts, responses_per_prompt, matrices):
-            if self.kind == "sppo":
-                pair = sppo_pair(prompt, responses, matrix)
-            elif self.kind == "dno":
-                pair = large_margin_pair(prompt, responses, matrix, stage.margin_threshold)
-            else:
-                pair = inpo_pair(prompt, responses, matrix, rng)
-            if pair is not None:
-                pairs.append(pair)
+        judge = _make_judge(ctx, model, tokenizer)
+        if self.kind == "inpo":
+            pairs = inpo_pairs(judge, prompts, responses_per_prompt,
+                               random.Random(f"inpo:{ctx.recipe.seed}:{round_index}"))
+        else:
+            pairs = win_rate_pairs(judge, prompts, responses_per_prompt,
+                                   stage.margin_threshold if self.kind == "dno" else None)
         rows = [pair.to_row() for pair in pairs]
         if self.kind != "sppo":  # the DPO-form losses read no win-rate columns
             rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
@@ -146,9 +149,16 @@ class SelfPlayRule:
                  **_sampling_stats(ctx, round_index, samples, short, len(samples.prompts) - len(pairs),
                                    f"{len(pairs)} pairs")}
         if pairs:
-            stats["mean_chosen_win_rate"] = sum(p.chosen_win_rate for p in pairs) / len(pairs)
-            stats["mean_rejected_win_rate"] = sum(p.rejected_win_rate for p in pairs) / len(pairs)
+            stats.update(self._label_stats(pairs))
         return RoundData(rows, stats)
+
+    def _label_stats(self, pairs) -> dict:
+        """The round's mean labels: win rates from the matrix (SPPO, DNO), or INPO's judged P(chosen ≻ rejected)."""
+        n = len(pairs)
+        if self.kind == "inpo":
+            return {"mean_chosen_preference": sum(p.chosen_preference for p in pairs) / n}
+        return {"mean_chosen_win_rate": sum(p.chosen_win_rate for p in pairs) / n,
+                "mean_rejected_win_rate": sum(p.rejected_win_rate for p in pairs) / n}
 
     def trainer(self, ctx: StageContext, **kwargs):
         if self.kind == "sppo":
@@ -184,6 +194,35 @@ class SPINRule:
 
     def trainer(self, ctx: StageContext, **kwargs):
         return SoftPreferenceDPOTrainer(**kwargs)
+
+
+def win_rate_pairs(judge, prompts: list[str], responses: list[list[str]],
+                   margin_threshold: float | None) -> list[SelfPlayPair]:
+    """SPPO's and DNO's pairs: each prompt's full K×K preference matrix, best vs worst by win rate; with a
+    ``margin_threshold`` (DNO) only pairs whose win-rate gap reaches it."""
+    pairs = []
+    for prompt, group, matrix in zip(prompts, responses, preference_matrices(judge, prompts, responses)):
+        if margin_threshold is None:
+            pair = sppo_pair(prompt, group, matrix)
+        else:
+            pair = large_margin_pair(prompt, group, matrix, margin_threshold)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def inpo_pairs(judge, prompts: list[str], responses: list[list[str]], rng: random.Random) -> list[INPOPair]:
+    """INPO's pairs (§10a): every prompt's two samples and label number are drawn first, then only the drawn pairs
+    are judged, in one batch.
+
+    The draws are the ones a full preference matrix would be sampled with (same order, same ``rng`` calls) and the
+    judged probability is that matrix's entry, so the pairs are the same at 2 judge evaluations per prompt instead
+    of K(K−1)."""
+    draws = [(prompt, group, inpo_draw(group, rng)) for prompt, group in zip(prompts, responses)]
+    drawn = [(prompt, group, draw) for prompt, group, draw in draws if draw is not None]
+    preferences = pair_preferences(judge, [prompt for prompt, _, _ in drawn], [group for _, group, _ in drawn],
+                                   [(draw.first, draw.second) for _, _, draw in drawn])
+    return [inpo_pair(prompt, group, draw, p) for (prompt, group, draw), p in zip(drawn, preferences, strict=True)]
 
 
 def round_prompts(ctx: StageContext, round_index: int) -> list[str]:

@@ -189,6 +189,10 @@ def test_fits_recover_the_gao_coefficients_relative_to_d_zero():
     assert bon.fit.peak_d == pytest.approx(1.0)
     short = ppo_curve("short", [r for r in _ppo_records() if "eval_step" in r][:3])  # 2 points with d > 0
     assert short.fit is None and "2 points" in short.fit_note
+    evals = [r for r in _ppo_records() if "eval_step" in r][:4]
+    evals[2] = {**evals[2], "sqrt_kl": evals[1]["sqrt_kl"], "kl": evals[1]["kl"]}  # 3 points, 2 distinct d > 0
+    repeated = ppo_curve("repeated", evals)
+    assert repeated.fit is None and "2 points with distinct d > 0" in repeated.fit_note
 
 
 def test_checkpoint_flags_accept_k3_only_and_the_schema_lc_name():

@@ -34,7 +34,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl, gold_bon, gold_rl, kl_best_of_n
+from alignpipe.evaluation.best_of_n import (
+    OveroptimisationFit,
+    fit_bon,
+    fit_measured,
+    fit_rl,
+    gold_bon,
+    gold_rl,
+    kl_best_of_n,
+)
 from alignpipe.evaluation.leaderboard import (
     KL_BUDGET,
     LC_METRICS,
@@ -61,7 +69,6 @@ _ACCURACY_KEYS = ("rewards/accuracies", "accuracy", "mean_token_accuracy")  # se
 _LC_METRICS = ("lc_win_rate_vs_ref", "lc_win_rate")  # the harness's name, then EVALUATION.md §9's
 _KL_METRICS = ("kl_ref_k1", "kl_ref_k3")  # Monte-Carlo KL to the reference: k1 and the low-variance k3 (§8)
 _PEAK_REACH = 1.5  # a fitted peak beyond this many times the largest measured d is extrapolation: not drawn
-_MIN_FIT_POINTS = 3  # points with d > 0 before a 2-coefficient Gao fit is shown (2 would be interpolated exactly)
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -177,19 +184,11 @@ class OveroptCurve:
     fit_note: str | None = None  # why there is no fit
 
 
-def _fit(fitter: Callable, d: Sequence[float], r: Sequence[float]) -> tuple[OveroptimisationFit | None, str | None]:
-    if (k := sum(x > 0 for x in d)) < _MIN_FIT_POINTS:
-        return None, f"{k} points with d > 0; the 2-coefficient fit is shown from {_MIN_FIT_POINTS}"
-    try:
-        return fitter(d, r), None
-    except ValueError as error:
-        return None, str(error)
-
-
 def ppo_curve(label: str, evaluations: Sequence[dict]) -> OveroptCurve:
     """A PPO stage's held-out evaluations (``eval_step`` lines, step order) as gains over the first one.
 
-    The RL form ``d(α − β log d)`` is fitted to the later points with ``d > 0``, as the PPO stage's own summary does.
+    The RL form ``d(α − β log d)`` is fitted to the later points by :func:`fit_measured`, as the PPO stage's own
+    summary is.
     """
     base = evaluations[0]
     d = [float(e["sqrt_kl"]) if e.get("sqrt_kl") is not None else math.sqrt(max(float(e["kl"]), 0.0))
@@ -202,8 +201,7 @@ def ppo_curve(label: str, evaluations: Sequence[dict]) -> OveroptCurve:
     proxy = None
     if all(e.get("proxy_reward") is not None for e in evaluations):
         proxy = [e["proxy_reward"] - base["proxy_reward"] for e in evaluations]
-    points = [(x, y) for x, y in zip(d[1:], gold[1:]) if x > 0]
-    fit, note = _fit(fit_rl, [x for x, _ in points], [y for _, y in points])
+    fit, note = fit_measured(fit_rl, d[1:], gold[1:])
     return OveroptCurve(label, d, gold, ci, proxy, fit, note)
 
 
@@ -217,7 +215,7 @@ def bon_curves(bon: dict) -> list[OveroptCurve]:
         ci = [(lo - curve["gold"][0], hi - curve["gold"][0]) for lo, hi in curve["gold_ci95"]] \
             if curve.get("gold_ci95") else None
         proxy = [p - curve["proxy"][0] for p in curve["proxy"]] if curve.get("proxy") else None
-        fit, note = _fit(fit_bon, d, gold)
+        fit, note = fit_measured(fit_bon, d, gold)
         curves.append(OveroptCurve(f"best-of-n ({selection})", d, gold, ci, proxy, fit, note))
     return curves
 

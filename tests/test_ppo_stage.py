@@ -120,6 +120,7 @@ def test_ppo_stage_logs_every_step_and_the_over_optimisation_points(ppo_run):
         assert 0 <= r["policy/clip_fraction"] <= 1
     assert [e["eval_step"] for e in evals] == [0, 2, 4]
     assert evals[0]["kl"] == 0.0  # before any update the policy is the reference
+    assert all(e["reward_penalty"] == "mean" and e["penalised_reward"] == e["proxy_reward"] for e in evals)
     assert all(e["kl_k3"] >= 0 for e in evals)
     stage = StageDir(runner.run_dir / "ppo")
     assert (stage.checkpoint / "model.safetensors").exists()

@@ -279,7 +279,8 @@ class PPOLoop:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out gold and proxy reward and KL to the reference: one point of the over-optimisation curve."""
+        """Held-out gold reward, the reward optimised (penalised, named by its penalty) beside the raw proxy, and KL
+        to the reference: one point of the over-optimisation curve."""
         generations = self._sample(self.eval_prompts, seed=EVAL_SEED)
         prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
         gold = [gold_reward(p, r) for p, r in zip(prompts, responses)]
@@ -296,6 +297,7 @@ class PPOLoop:
         return {
             "eval_step": self.step, "gold_reward": gold_metric.value, "gold_reward_ci95": list(gold_metric.ci95),
             "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
+            "reward_penalty": self.stage.reward.penalty, "reward_penalty_coef": self.stage.reward.penalty_coef,
             "kl": kl, "kl_k3": kl_k3, "sqrt_kl": math.sqrt(max(kl, 0.0)),
             "no_eos_fraction": sum(g.truncated for g in generations) / len(generations),
         }

@@ -208,10 +208,9 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
         return GoldJudge()
     if judge_path is None:
         raise ValueError(f"suite {spec.name!r} is judged by a reward model: pass --judge <saved reward model dir>")
-    from alignpipe.models.loading import process_device
     from alignpipe.rewards.loading import load_reward_scorer
 
-    scorer = load_reward_scorer(judge_path, device=process_device())
+    scorer = load_reward_scorer(judge_path)  # on the process's device
     judge = RewardJudge(lambda p, r: scorer.score(p, r).mean.tolist(), judge_id=scorer.judge_id, temperature=1.0)
     return CachedJudge(judge, directory_hash(Path(judge_path)), cache)
 

@@ -14,6 +14,7 @@ from alignpipe.evaluation.best_of_n import (
     best_of_n_curve,
     best_of_n_weights,
     fit_bon,
+    fit_measured,
     fit_rl,
     gold_bon,
     gold_rl,
@@ -175,6 +176,23 @@ def test_fits_recover_coefficients_from_noiseless_points():
     alpha, beta, peak_d, peak_r = fit_rl(d, gold_rl(d, 1.0, 0.2))
     np.testing.assert_allclose((alpha, beta), (1.0, 0.2), rtol=1e-10)
     assert peak_d == pytest.approx(math.e**4, rel=1e-8) and peak_r == pytest.approx(0.2 * math.e**4, rel=1e-8)
+
+
+def test_a_fit_needs_three_distinct_d_above_zero():
+    """Two points with d > 0 are matched exactly by either two-coefficient form, whatever their values, so they say
+    nothing about the curve's shape; d = 0 (R(0) = 0 by construction) and a repeated d add nothing either."""
+    d, r = np.array([0.0, 0.5, 2.0]), np.array([0.0, 0.9, -3.0])  # arbitrary gains: no Gao curve behind them
+    for fitter, model in ((fit_rl, gold_rl), (fit_bon, gold_bon)):
+        exact = fitter(d, r)
+        np.testing.assert_allclose(model(d, exact.alpha, exact.beta), r, atol=1e-12)  # interpolated, not fitted
+        fit, note = fit_measured(fitter, d, r)
+        assert fit is None and note.startswith("2 points with distinct d > 0")
+        assert fit_measured(fitter, [0.0, 0.5, 0.5, 2.0], [0.0, 0.9, 1.0, -3.0])[0] is None
+    d = np.array([0.0, 0.5, 2.0, 5.0])
+    fit, note = fit_measured(fit_rl, d, gold_rl(d, 1.0, 0.2))
+    assert note is None and (fit.alpha, fit.beta) == (pytest.approx(1.0), pytest.approx(0.2))
+    fit, note = fit_measured(fit_bon, [0.5, 1.0, math.nan], [0.1, 0.2, 0.3])
+    assert fit is None and "2 points" in note  # a NaN d is no measured point
 
 
 def test_fits_reject_underdetermined_or_bad_points():

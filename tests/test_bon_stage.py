@@ -13,7 +13,7 @@ from alignpipe.evaluation.best_of_n import kl_best_of_n, n_for_kl_best_of_n
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import load_recipe
-from alignpipe.trainers.bon import best_of_n_grid
+from alignpipe.trainers.bon import best_of_n_grid, selection_curve
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2, "top_layers": 1, "learning_rate": 3e-3,
           "num_train_epochs": 1, "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 4,
@@ -36,6 +36,18 @@ def test_n_for_kl_limits():
     assert n_for_kl_best_of_n(0.0) == 1.0 and n_for_kl_best_of_n(math.inf) == math.inf
     with pytest.raises(ValueError):
         n_for_kl_best_of_n(-0.1)
+
+
+def test_a_curve_is_fitted_only_from_three_n_above_one():
+    """N = 4 measures n = 2 and 4 beyond n = 1: two points, which any two-coefficient form matches exactly, so
+    bon.json stores no fit (as the report draws none); N = 8 adds n = 8 and the fit recovers Gao's form."""
+    rng = np.random.default_rng(0)
+    for n_samples, fitted in ((4, False), (8, True)):
+        proxy = rng.normal(size=(6, n_samples))
+        ns = best_of_n_grid(n_samples)
+        d = np.sqrt(kl_best_of_n(ns))
+        curve = selection_curve(proxy, {"gold": proxy, "proxy": proxy}, ns, d, seed=0)
+        assert (curve["fit"] is not None) == fitted, (n_samples, curve["fit"])
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ the CPU": every path below must end up there. tests/test_gpu.py checks the real 
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -91,11 +92,24 @@ def test_reward_stage_samples_its_policy_on_the_stage_device(llama_path, monkeyp
     assert seen == [{"meta"}]
 
 
+def test_reward_scorers_load_on_the_process_device_unless_given_one(llama_path, monkeypatch, tmp_path):
+    """load_reward_scorer's default device is the process's (suites pass none); a stage's own device is kept."""
+    from alignpipe.rewards import loading as reward_loading
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+
+    saved = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8, top_layers=1,
+                                               seed=0)).save(tmp_path / "rm")
+    monkeypatch.setattr(reward_loading, "process_device", lambda: META)
+    assert _devices(reward_loading.load_reward_scorer(saved).ensemble) == {"meta"}
+    assert _devices(reward_loading.load_reward_scorer(saved, device="cpu").ensemble) == {"cpu"}
+
+
 @pytest.mark.parametrize("suite_kind", ["policy", "reward_models"])
 def test_suite_reward_models_load_on_the_process_device(suite_kind, monkeypatch, tmp_path):
-    """A suite's reward-model judge (policy suites) and the reward models it compares (reward suites)."""
-    from alignpipe.models import loading
+    """A suite's reward-model judge (policy suites) and the reward models it compares (reward suites) take
+    load_reward_scorer's default device, the process's."""
     from alignpipe.rewards import loading as reward_loading
+    from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
 
     asked = []
 
@@ -103,8 +117,9 @@ def test_suite_reward_models_load_on_the_process_device(suite_kind, monkeypatch,
         asked.append(kwargs.get("device"))
         raise _Sampled
 
-    monkeypatch.setattr(loading, "process_device", lambda: META)
-    monkeypatch.setattr(reward_loading, "load_reward_scorer", fake_load)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": ENSEMBLE_FORMAT}))
+    monkeypatch.setattr(reward_loading, "process_device", lambda: META)
+    monkeypatch.setattr(EnsembleScorer, "load", fake_load)
     with pytest.raises(_Sampled):
         if suite_kind == "policy":
             from alignpipe.evaluation import suites

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -119,10 +120,29 @@ def test_ppo_stage_logs_every_step_and_the_over_optimisation_points(ppo_run):
         assert 0 <= r["policy/clip_fraction"] <= 1
     assert [e["eval_step"] for e in evals] == [0, 2, 4]
     assert evals[0]["kl"] == 0.0  # before any update the policy is the reference
+    assert all(e["reward_penalty"] == "mean" and e["penalised_reward"] == e["proxy_reward"] for e in evals)
     assert all(e["kl_k3"] >= 0 for e in evals)
     stage = StageDir(runner.run_dir / "ppo")
     assert (stage.checkpoint / "model.safetensors").exists()
     assert stage.read_manifest()["summary"]["iterations"] == 4
+
+
+def test_stored_gao_fit_follows_the_reports_rule():
+    """The manifest's gao_rl_fit and the report's fitted curve come from the same evaluations by the same rule: none
+    from two points with d > 0 (any two are matched exactly), Gao's coefficients from three."""
+    from alignpipe.evaluation.best_of_n import gold_rl
+    from alignpipe.evaluation.report import ppo_curve
+    from alignpipe.trainers.ppo import _gao_fit
+
+    d = [0.0, 0.5, 1.5, 2.5]
+    gold = (0.4 + gold_rl(d, 0.3, 0.2)).tolist()
+    evaluations = [{"eval_step": 5 * i, "gold_reward": g, "kl": x * x, "sqrt_kl": x} for i, (x, g) in
+                   enumerate(zip(d, gold))]
+    assert _gao_fit(evaluations[:3]) is None and ppo_curve("ppo", evaluations[:3]).fit is None
+    stored, drawn = _gao_fit(evaluations), ppo_curve("ppo", evaluations).fit
+    assert (stored["alpha"], stored["beta"]) == (pytest.approx(0.3), pytest.approx(0.2))
+    assert (drawn.alpha, drawn.beta) == (pytest.approx(stored["alpha"]), pytest.approx(stored["beta"]))
+    assert stored["peak_sqrt_kl"] == pytest.approx(math.exp(0.3 / 0.2 - 1))
 
 
 def test_ppo_resume_gives_the_uninterrupted_weights(ppo_run, tmp_path):

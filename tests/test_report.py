@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -189,6 +190,59 @@ def test_fits_recover_the_gao_coefficients_relative_to_d_zero():
     assert bon.fit.peak_d == pytest.approx(1.0)
     short = ppo_curve("short", [r for r in _ppo_records() if "eval_step" in r][:3])  # 2 points with d > 0
     assert short.fit is None and "2 points" in short.fit_note
+    evals = [r for r in _ppo_records() if "eval_step" in r][:4]
+    evals[2] = {**evals[2], "sqrt_kl": evals[1]["sqrt_kl"], "kl": evals[1]["kl"]}  # 3 points, 2 distinct d > 0
+    repeated = ppo_curve("repeated", evals)
+    assert repeated.fit is None and "2 points with distinct d > 0" in repeated.fit_note
+
+
+def _penalised(records: list[dict], **named) -> list[dict]:
+    """PPO records whose penalised reward is the proxy minus 0.2·d² at each evaluation (0.2·KL per iteration)."""
+    out = []
+    for r in records:
+        if "eval_step" in r:
+            r = {**r, "penalised_reward": r["proxy_reward"] - 0.2 * r["kl"], **named}
+        elif "reward/proxy" in r:
+            r = {**r, "reward/penalised": r["reward/proxy"] - 0.2 * r["kl"]}
+        out.append(r)
+    return out
+
+
+def test_overoptimisation_panel_shows_the_penalised_reward_the_stage_optimised(fake_run):
+    """A PPO stage with an uncertainty penalty optimises the penalised reward: the panel's proxy is that reward,
+    named by its penalty, with the raw ensemble mean beside it."""
+    records = _penalised(_ppo_records(), reward_penalty="mean_minus_std", reward_penalty_coef=1.0)
+    _stage(fake_run, "ppo", "ppo", "02", records)
+    section = _sections(write_report(fake_run).read_text())["overoptimisation"]
+    row = next(r for r in re.findall(r"<tr>.*?</tr>", section, flags=re.S) if '<td class="l">ppo</td>' in r)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[4:7] == ["mean_minus_std (coef 1)", "-0.500", "0.750"]  # at d = 2.5: 0.75 − 1.25, and 0.75
+    assert "last raw-mean gain" in section and "could not be drawn" not in section
+    curve = ppo_curve("ppo", [r for r in records if "eval_step" in r])
+    d = np.array(curve.d)
+    assert curve.proxy_name == "mean_minus_std (coef 1)"
+    np.testing.assert_allclose(curve.proxy, 0.3 * d - 0.2 * d**2, atol=1e-12)  # proxy 0.6 + 0.3d, minus 0.2d²
+    np.testing.assert_allclose(curve.raw_proxy, 0.3 * d, atol=1e-12)
+
+    unnamed = ppo_curve("old", [r for r in _penalised(_ppo_records()) if "eval_step" in r])
+    assert unnamed.proxy_name == "penalised reward" and unnamed.raw_proxy is not None
+    plain = ppo_curve("mean", [r for r in _penalised(_ppo_records(), reward_penalty="mean") if "eval_step" in r])
+    assert plain.proxy_name == "proxy" and plain.raw_proxy is None
+    np.testing.assert_allclose(plain.proxy, 0.3 * d, atol=1e-12)
+
+
+def test_best_of_n_by_the_penalised_reward_shows_that_reward():
+    bon = _bon()
+    mean = bon["curves"]["mean"]
+    penalised = [p - 0.1 * x for p, x in zip(mean["proxy"], bon["sqrt_kl"])]
+    bon.update(selection="penalised", reward={"source": "model", "penalty": "min", "penalty_coef": 0.0},
+               curves={"penalised": {**mean, "penalised": penalised}, "mean": mean})
+    by_penalised, by_mean = bon_curves(bon)
+    d = np.array(bon["sqrt_kl"])
+    assert by_penalised.proxy_name == "min" and by_mean.proxy_name == "proxy" and by_mean.raw_proxy is None
+    np.testing.assert_allclose(by_penalised.proxy, 0.1 * d - 0.1 * d[0], atol=1e-12)  # 0.2d − 0.1d over n = 1
+    np.testing.assert_allclose(by_penalised.raw_proxy, 0.2 * (d - d[0]), atol=1e-12)
+    np.testing.assert_allclose(by_mean.proxy, 0.2 * (d - d[0]), atol=1e-12)
 
 
 def test_checkpoint_flags_accept_k3_only_and_the_schema_lc_name():

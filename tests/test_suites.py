@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, TINY_RECIPE, write_recipe
 
 from alignpipe.cli import main
 from alignpipe.data.preference import is_reward_heldout
@@ -269,3 +269,117 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     for prompt, dialogue in zip(generated, dialogues):
         assert len(prompt) < len(dialogue) and dialogue.endswith(prompt)
         assert prompt.endswith(dialogue[dialogue.rfind("\n\nHuman:"):])
+
+
+def _alpaca_file(path, n: int = 40):
+    """A small prefs-8models.jsonl-shaped file: n instructions, each with a reference and three scored answers."""
+    rows = [{"instruction": f"Name thing number {i} of the list, briefly.", "source": "test",
+             "reference": {"model": "ref", "text": f"thing {i}"},
+             "responses": [{"model": f"m{j}", "text": f"answer {j} about thing {i}", "score": 0.2 + 0.3 * j}
+                           for j in range(3)]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, [r["instruction"] for r in rows]
+
+
+def _stage_judge(tmp_path, llama_path, data, dataset_source="alpaca_eval", fraction=0.25):
+    """A judge saved as a run's reward stage checkpoint, beside the resolved config.yaml the runner writes there;
+    returns it and the prompts that stage trains on, found as the reward stage finds them."""
+    from alignpipe.data.pairing import plain_text
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.pipeline.rundir import StageDir
+    from alignpipe.recipe import load_recipe, recipe_to_dict
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dataset = {"source": dataset_source, "path": str(data)} if dataset_source != "synthetic" else {}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [
+        {"name": "rm", "type": "reward", "inputs": [], "heldout_fraction": fraction, "dataset": dataset}]}))
+    stage = StageDir(tmp_path / "run" / "rm")
+    stage.root.mkdir(parents=True)
+    stage.write_config({"recipe": recipe_to_dict(recipe), "stage": "rm", "base": "tiny", "inputs": {}})
+    rows = preference_pairs_for(recipe.stages[0].dataset, recipe.data, recipe.seed)
+    trained = {p for p in (plain_text(r["prompt"]) for r in rows) if not is_reward_heldout(p, fraction)}
+    return _random_reward_judge(llama_path, stage.checkpoint), trained
+
+
+def _alpaca_suite(tmp_path, data) -> str:
+    suite = tmp_path / "alpaca-local.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "alpaca-local", "prompts": {"source": "alpaca_eval", "path": str(data)},
+        "generation": {"max_new_tokens": 4, "batch_size": 16, "truncation_side": "right"}, "reference": "dataset",
+        "judge": "reward_model", "primary_metric": "lc_win_rate_vs_ref", "bootstrap_resamples": 100}))
+    return str(suite)
+
+
+def test_alpaca_suite_leaves_out_the_prompts_its_judge_trained_on(llama_path, tmp_path, monkeypatch, caplog):
+    """A judge whose reward stage trained on the suite's own AlpacaEval instructions answers only for those the stage
+    held out: the policy is sampled on exactly those, and the leaderboard says so."""
+    import alignpipe.evaluation.harness as harness
+
+    data, instructions = _alpaca_file(tmp_path / "prefs.jsonl")
+    judge, trained = _stage_judge(tmp_path, llama_path, data)
+    held_out = [p for p in instructions if p not in trained]
+    assert trained and held_out  # 40 instructions split 75/25 by the stage's hash
+    generated = []
+    generate = harness.generate
+
+    def spy_generate(model, tok, prompts, settings, **kwargs):
+        generated.extend(prompts)
+        return generate(model, tok, prompts, settings, **kwargs)
+
+    monkeypatch.setattr(harness, "generate", spy_generate)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        assert main(["eval", f"policy={llama_path}", "--suite", _alpaca_suite(tmp_path, data), "--judge", str(judge),
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert generated == held_out
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["config"]["prompt_set"]["n"] == len(held_out) and board["config"]["prompt_set"]["held_out_by_judge"]
+    assert board["config"]["judge"]["trained_on"]["stage"] == "rm"
+    assert board["checkpoints"][0]["results"]["win_rate_vs_ref"]["n"] == len(held_out)
+    assert f"evaluating only the {len(held_out)} it held out" in caplog.text
+
+
+def test_judge_provenance_decides_which_alpaca_prompts_count(llama_path, tmp_path, caplog):
+    """No config beside the judge: every prompt, with a warning that the overlap cannot be checked; trained on another
+    source: every prompt; trained on AlpacaEval without a held-out fraction: a clear error."""
+    from alignpipe.evaluation.judge_training import unseen_by_judge
+    from alignpipe.pipeline.rundir import StageDir
+
+    data, instructions = _alpaca_file(tmp_path / "prefs.jsonl", n=8)
+    bare = _random_reward_judge(llama_path, tmp_path / "bare")
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        assert unseen_by_judge("alpaca_eval", bare) == (None, None)
+    assert "cannot tell what the judge" in caplog.text
+    synthetic, _ = _stage_judge(tmp_path / "a", llama_path, data, dataset_source="synthetic")
+    keep, trained_on = unseen_by_judge("alpaca_eval", synthetic)
+    assert keep is None and trained_on.source == "synthetic"
+    assert load_prompts(load_suite(_alpaca_suite(tmp_path, data))[0].prompts, keep=keep)[0] == instructions
+    judge, _ = _stage_judge(tmp_path / "b", llama_path, data)
+    stage = StageDir(judge.parent)
+    config = stage.read_config()
+    config["recipe"]["stages"][0]["heldout_fraction"] = None
+    stage.write_config(config)
+    with pytest.raises(ValueError, match=r"trained on alpaca_eval prompts \(reward stage 'rm'\).*no heldout_fraction"):
+        unseen_by_judge("alpaca_eval", judge)
+
+
+@pytest.mark.skipif(not (SHARED / "alpaca-eval-prefs").exists(), reason="../shared/data/alpaca-eval-prefs is absent")
+def test_real_alpaca_suite_and_reward_recipe_share_no_prompt_once_split():
+    """On the real files: the alpaca-eval suite judged by recipes/alpaca-eval/reward-ensemble.yaml's stage keeps
+    none of the instructions that stage trains on (its pairs' prompts are the suite's instruction strings)."""
+    from alignpipe.data.pairing import plain_text
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.evaluation.suites import PromptSet
+    from alignpipe.recipe import load_recipe
+
+    path = str(SHARED / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz")
+    recipe = load_recipe(REPO / "recipes" / "alpaca-eval" / "reward-ensemble.yaml",
+                         [f"stages.reward.dataset.path={path}"])
+    stage = recipe.stages[0]
+    prompts = {plain_text(r["prompt"]) for r in preference_pairs_for(stage.dataset, recipe.data, recipe.seed)}
+    trained = {p for p in prompts if not is_reward_heldout(p, stage.heldout_fraction)}
+    everything, _ = load_prompts(PromptSet(source="alpaca_eval", path=path))
+    kept, _ = load_prompts(PromptSet(source="alpaca_eval", path=path),
+                           keep=lambda p: is_reward_heldout(p, stage.heldout_fraction))
+    assert len(everything) == 805 and trained and kept and not trained & set(kept)
+    assert trained <= set(everything)  # the stage's prompts are the suite's instructions, character for character

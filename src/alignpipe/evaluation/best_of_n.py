@@ -13,12 +13,14 @@ sampling and for PPO, and Gao, Schulman & Hilton's (2023) functional forms fitte
 * :func:`fit_bon` / :func:`fit_rl` fit ``R_bon(d) = d(α − βd)`` and ``R_RL(d) = d(α − β log d)`` by least squares.
   Both are linear in ``(α, β)`` with no intercept (gold is measured relative to the initial policy, ``R(0) = 0``),
   so the closed-form linear fit is the exact least-squares solution.
+* :func:`fit_measured` is the one rule for when measured points support such a fit (:data:`MIN_FIT_POINTS`); the PPO
+  and best-of-n stages and the HTML report all go through it, so a stored fit and a drawn one never disagree.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -26,10 +28,12 @@ import numpy as np
 from alignpipe.evaluation.metrics import as_1d_finite
 
 __all__ = [
+    "MIN_FIT_POINTS",
     "OveroptimisationFit",
     "best_of_n_curve",
     "best_of_n_weights",
     "fit_bon",
+    "fit_measured",
     "fit_rl",
     "gold_bon",
     "gold_rl",
@@ -41,6 +45,10 @@ __all__ = [
 ]
 
 ArrayLike = Sequence[float] | np.ndarray
+
+MIN_FIT_POINTS = 3
+"""Distinct ``d > 0`` a Gao fit needs. Both forms have two coefficients and pass through ``R(0) = 0``, so two points
+are matched exactly whatever the curve's shape (the "fit" only restates them) and a point at ``d = 0`` adds nothing."""
 
 
 class OveroptimisationFit(NamedTuple):
@@ -266,3 +274,23 @@ def fit_rl(d: ArrayLike, r: ArrayLike) -> OveroptimisationFit:
     """
     alpha, beta = _fit_linear(d, r, "xlogx")
     return OveroptimisationFit(alpha, beta, *peak_rl(alpha, beta))
+
+
+def fit_measured(fitter: Callable[[ArrayLike, ArrayLike], OveroptimisationFit], d: ArrayLike,
+                 r: ArrayLike) -> tuple[OveroptimisationFit | None, str | None]:
+    """``fitter`` (:func:`fit_bon` or :func:`fit_rl`) on the measured points with ``d > 0``, or ``None`` and why.
+
+    None when fewer than :data:`MIN_FIT_POINTS` distinct ``d > 0`` were measured (a repeated ``d`` adds no shape
+    either) or when the points cannot be fitted (non-finite values); the reason is one line for a report.
+    """
+    x = np.asarray(d, dtype=np.float64)
+    y = np.asarray(r, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"d and r differ in length: {x.size} vs {y.size}")
+    positive = x > 0
+    if (k := np.unique(x[positive]).size) < MIN_FIT_POINTS:
+        return None, f"{k} points with distinct d > 0; the 2-coefficient fit needs {MIN_FIT_POINTS}"
+    try:
+        return fitter(x[positive], y[positive]), None
+    except ValueError as error:
+        return None, str(error)

@@ -34,7 +34,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from alignpipe.evaluation.best_of_n import OveroptimisationFit, fit_bon, fit_rl, gold_bon, gold_rl, kl_best_of_n
+from alignpipe.evaluation.best_of_n import (
+    OveroptimisationFit,
+    fit_bon,
+    fit_measured,
+    fit_rl,
+    gold_bon,
+    gold_rl,
+    kl_best_of_n,
+)
 from alignpipe.evaluation.leaderboard import (
     KL_BUDGET,
     LC_METRICS,
@@ -61,7 +69,6 @@ _ACCURACY_KEYS = ("rewards/accuracies", "accuracy", "mean_token_accuracy")  # se
 _LC_METRICS = ("lc_win_rate_vs_ref", "lc_win_rate")  # the harness's name, then EVALUATION.md §9's
 _KL_METRICS = ("kl_ref_k1", "kl_ref_k3")  # Monte-Carlo KL to the reference: k1 and the low-variance k3 (§8)
 _PEAK_REACH = 1.5  # a fitted peak beyond this many times the largest measured d is extrapolation: not drawn
-_MIN_FIT_POINTS = 3  # points with d > 0 before a 2-coefficient Gao fit is shown (2 would be interpolated exactly)
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -166,7 +173,12 @@ def _round_segments(records: Sequence[dict], metric: str) -> list[list[dict]]:
 
 @dataclass(frozen=True)
 class OveroptCurve:
-    """Gold and proxy reward gains over the ``d = 0`` point against ``d = √KL``, with Gao et al.'s fit."""
+    """Gold and proxy reward gains over the ``d = 0`` point against ``d = √KL``, with Gao et al.'s fit.
+
+    ``proxy`` is the reward the policy was optimised (best-of-n: selected) by: with an uncertainty penalty the
+    penalised reward, named by ``proxy_name`` (``"min"``, ``"mean_minus_std (coef 1)"``), and the raw ensemble mean
+    beside it as ``raw_proxy``; without one the proxy itself (``proxy_name`` ``"proxy"``, no ``raw_proxy``).
+    """
 
     label: str
     d: list[float]
@@ -175,21 +187,44 @@ class OveroptCurve:
     proxy: list[float] | None
     fit: OveroptimisationFit | None
     fit_note: str | None = None  # why there is no fit
+    proxy_name: str = "proxy"
+    raw_proxy: list[float] | None = None  # the unpenalised ensemble mean's gains, when proxy is penalised
 
 
-def _fit(fitter: Callable, d: Sequence[float], r: Sequence[float]) -> tuple[OveroptimisationFit | None, str | None]:
-    if (k := sum(x > 0 for x in d)) < _MIN_FIT_POINTS:
-        return None, f"{k} points with d > 0; the 2-coefficient fit is shown from {_MIN_FIT_POINTS}"
-    try:
-        return fitter(d, r), None
-    except ValueError as error:
-        return None, str(error)
+def _penalty_name(penalty: str | None, coef: float | None) -> str:
+    """How the report names a penalised reward: its mode, with the coefficient when it takes one."""
+    if not penalty:
+        return "penalised reward"  # recorded before stages named their penalty
+    return f"{penalty} (coef {coef:g})" if coef else penalty
+
+
+def _gains(values: Sequence[float] | None) -> list[float] | None:
+    return [v - values[0] for v in values] if values else None
+
+
+def _ppo_rewards(evaluations: Sequence[dict]) -> tuple[list[float] | None, str, list[float] | None]:
+    """The optimised reward's levels, its name and the raw proxy's levels (None unless the two differ).
+
+    A PPO stage optimises the penalised reward (``penalised_reward``, named by ``reward_penalty``); it is the raw
+    proxy exactly when the penalty is ``mean`` (or the source is not an ensemble). Records from before stages named
+    their penalty count as penalised when the two values differ.
+    """
+    raw = [e["proxy_reward"] for e in evaluations] if all(
+        e.get("proxy_reward") is not None for e in evaluations) else None
+    if not evaluations or not all(e.get("penalised_reward") is not None for e in evaluations):
+        return raw, "proxy", None
+    penalty = evaluations[-1].get("reward_penalty")
+    penalised = [e["penalised_reward"] for e in evaluations]
+    if penalty == "mean" or (penalty is None and penalised == raw):
+        return raw, "proxy", None
+    return penalised, _penalty_name(penalty, evaluations[-1].get("reward_penalty_coef")), raw
 
 
 def ppo_curve(label: str, evaluations: Sequence[dict]) -> OveroptCurve:
     """A PPO stage's held-out evaluations (``eval_step`` lines, step order) as gains over the first one.
 
-    The RL form ``d(α − β log d)`` is fitted to the later points with ``d > 0``, as the PPO stage's own summary does.
+    The RL form ``d(α − β log d)`` is fitted to the later points by :func:`fit_measured`, as the PPO stage's own
+    summary is.
     """
     base = evaluations[0]
     d = [float(e["sqrt_kl"]) if e.get("sqrt_kl") is not None else math.sqrt(max(float(e["kl"]), 0.0))
@@ -199,26 +234,31 @@ def ppo_curve(label: str, evaluations: Sequence[dict]) -> OveroptCurve:
     if all(e.get("gold_reward_ci95") for e in evaluations):
         ci = [(e["gold_reward_ci95"][0] - base["gold_reward"], e["gold_reward_ci95"][1] - base["gold_reward"])
               for e in evaluations]
-    proxy = None
-    if all(e.get("proxy_reward") is not None for e in evaluations):
-        proxy = [e["proxy_reward"] - base["proxy_reward"] for e in evaluations]
-    points = [(x, y) for x, y in zip(d[1:], gold[1:]) if x > 0]
-    fit, note = _fit(fit_rl, [x for x, _ in points], [y for _, y in points])
-    return OveroptCurve(label, d, gold, ci, proxy, fit, note)
+    proxy, proxy_name, raw = _ppo_rewards(evaluations)
+    fit, note = fit_measured(fit_rl, d[1:], gold[1:])
+    return OveroptCurve(label, d, gold, ci, _gains(proxy), fit, note, proxy_name, _gains(raw))
 
 
 def bon_curves(bon: dict) -> list[OveroptCurve]:
-    """``bon.json``'s curves (one per selection rule) as gains over ``n = 1``, each with the BoN fit ``d(α − βd)``."""
+    """``bon.json``'s curves (one per selection rule) as gains over ``n = 1``, each with the BoN fit ``d(α − βd)``.
+
+    The selection by the penalised reward shows that reward (named by ``bon.json``'s penalty) and the raw mean
+    beside it; the selection by the mean shows the mean, the reward it selected by.
+    """
     ns = bon["ns"]
     d = [float(x) for x in bon.get("sqrt_kl") or np.sqrt(kl_best_of_n(ns)).tolist()]
+    reward = bon.get("reward") or {}
     curves = []
     for selection, curve in bon["curves"].items():
         gold = [g - curve["gold"][0] for g in curve["gold"]]
         ci = [(lo - curve["gold"][0], hi - curve["gold"][0]) for lo, hi in curve["gold_ci95"]] \
             if curve.get("gold_ci95") else None
-        proxy = [p - curve["proxy"][0] for p in curve["proxy"]] if curve.get("proxy") else None
-        fit, note = _fit(fit_bon, d, gold)
-        curves.append(OveroptCurve(f"best-of-n ({selection})", d, gold, ci, proxy, fit, note))
+        proxy, proxy_name, raw = _gains(curve.get("proxy")), "proxy", None
+        if selection == "penalised" and curve.get("penalised"):
+            proxy, raw = _gains(curve["penalised"]), proxy
+            proxy_name = _penalty_name(reward.get("penalty"), reward.get("penalty_coef"))
+        fit, note = fit_measured(fit_bon, d, gold)
+        curves.append(OveroptCurve(f"best-of-n ({selection})", d, gold, ci, proxy, fit, note, proxy_name, raw))
     return curves
 
 
@@ -290,14 +330,18 @@ def plot_overoptimisation(curves: Sequence[OveroptCurve], form: str, title: str)
         gold_ax.plot([], [], color=colour, marker="o", label=label)
         if c.proxy is not None:
             proxy_ax.plot(*_sorted_by_x(c.d, c.proxy), marker="o", markersize=4, linewidth=1, color=colour,
-                          label=c.label)
+                          label=c.label if c.raw_proxy is None else f"{c.label}: {c.proxy_name}")
+        if c.raw_proxy is not None:
+            proxy_ax.plot(*_sorted_by_x(c.d, c.raw_proxy), linestyle="--", linewidth=1, color=colour,
+                          label=f"{c.label}: raw ensemble mean")
     form_text = {"rl": "d(α − β log d)", "bon": "d(α − βd)"}[form]
     for ax, what in ((gold_ax, "gold"), (proxy_ax, "proxy")):
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("d = √KL(π ‖ π_init)")
         ax.set_ylabel(f"{what} reward gain over d = 0")
     gold_ax.set_title(f"{title}: gold (points ± 95% CI, line = fit {form_text}, ★ = fitted peak)", fontsize=10)
-    proxy_ax.set_title(f"{title}: proxy (the reward being optimised)", fontsize=10)
+    dashed = "; dashed = raw ensemble mean" if any(c.raw_proxy is not None for c in curves) else ""
+    proxy_ax.set_title(f"{title}: proxy (the reward being optimised{dashed})", fontsize=10)
     gold_ax.legend(fontsize=8)
     if proxy_ax.has_data():
         proxy_ax.legend(fontsize=8)
@@ -395,22 +439,30 @@ def plot_rounds(title: str, rounds: Sequence[dict], loss_segments: Sequence[Sequ
 
 def plot_ppo_training(title: str, iterations: Sequence[dict], evaluations: Sequence[dict]) -> bytes:
     """A PPO stage: train gold/proxy reward per iteration (lines) with the held-out evaluations (markers, gold
-    ± 95% CI) overlaid, and the KL to the initial policy likewise."""
+    ± 95% CI) overlaid, and the KL to the initial policy likewise. With an uncertainty penalty the proxy drawn solid
+    (filled markers) is the penalised reward the stage optimised, and the raw ensemble mean is dashed (hollow)."""
     fig, (reward_ax, kl_ax) = _figure(1, 2, 12, 3.8)
     steps = [r["step"] for r in iterations]
     eval_steps = [e["eval_step"] for e in evaluations]
-    for key, colour, name in (("reward/gold", "C0", "gold"), ("reward/proxy", "C1", "proxy")):
+    optimised, name, raw = _ppo_rewards(evaluations)
+    penalised = raw is not None
+    proxies = [("reward/penalised", "-", f"proxy ({name})"), ("reward/proxy", "--", "proxy (raw ensemble mean)")] \
+        if penalised else [("reward/proxy", "-", "proxy")]
+    for key, colour, style, label in [("reward/gold", "C0", "-", "gold"), *((k, "C1", *rest) for k, *rest in proxies)]:
         if iterations and all(key in r for r in iterations):
-            reward_ax.plot(steps, [r[key] for r in iterations], color=colour, linewidth=1, alpha=0.6,
-                           label=f"train {name}")
+            reward_ax.plot(steps, [r[key] for r in iterations], color=colour, linestyle=style, linewidth=1,
+                           alpha=0.6, label=f"train {label}")
     if evaluations:
         ci = [tuple(e["gold_reward_ci95"]) for e in evaluations] \
             if all(e.get("gold_reward_ci95") for e in evaluations) else None
         _errorbar(reward_ax, eval_steps, [e["gold_reward"] for e in evaluations], ci, marker="o", markersize=5,
                   color="C0", label="held-out gold ± 95% CI")
-        if all(e.get("proxy_reward") is not None for e in evaluations):
-            reward_ax.plot(eval_steps, [e["proxy_reward"] for e in evaluations], marker="s", markersize=5,
-                           color="C1", linestyle="none", label="held-out proxy")
+        if optimised is not None:
+            reward_ax.plot(eval_steps, optimised, marker="s", markersize=5, color="C1", linestyle="none",
+                           label=f"held-out proxy ({name})" if penalised else "held-out proxy")
+        if penalised:
+            reward_ax.plot(eval_steps, raw, marker="s", markersize=5, color="C1", markerfacecolor="none",
+                           linestyle="none", label="held-out proxy (raw ensemble mean)")
         kl_ax.plot(eval_steps, [e["kl"] for e in evaluations], marker="o", color="C2", linestyle="none",
                    label="held-out KL (k1)")
     if iterations and all("kl" in r for r in iterations):
@@ -605,16 +657,20 @@ def _overopt_section(run: RunData) -> str:
 
 
 def _fit_table(curves: Sequence[OveroptCurve], baseline: str) -> str:
+    raw = any(c.raw_proxy is not None for c in curves)
     rows = []
     for c in curves:
         best = int(np.argmax(c.gold))
         fit = c.fit
-        rows.append([_e(c.label), str(len(c.d)), _fmt(max(c.d)), _fmt(c.gold[-1]),
-                     _fmt(c.proxy[-1]) if c.proxy else _MISSING,
-                     f"{_fmt(c.gold[best])} at d = {_fmt(c.d[best])}",
-                     _fmt(fit.alpha) if fit else _MISSING, _fmt(fit.beta) if fit else _MISSING, _e(_peak_text(c))])
-    header = ["curve", "points", "max d", "last gold gain", "last proxy gain", "best measured gold gain", "α", "β",
-              "fitted peak"]
+        row = [_e(c.label), str(len(c.d)), _fmt(max(c.d)), _fmt(c.gold[-1]), _e(c.proxy_name),
+               _fmt(c.proxy[-1]) if c.proxy else _MISSING]
+        row += [_fmt(c.raw_proxy[-1]) if c.raw_proxy else _MISSING] if raw else []
+        rows.append(row + [f"{_fmt(c.gold[best])} at d = {_fmt(c.d[best])}",
+                           _fmt(fit.alpha) if fit else _MISSING, _fmt(fit.beta) if fit else _MISSING,
+                           _e(_peak_text(c))])
+    header = ["curve", "points", "max d", "last gold gain", "proxy optimised", "last proxy gain"]
+    header += ["last raw-mean gain"] if raw else []
+    header += ["best measured gold gain", "α", "β", "fitted peak"]
     return _table(header, rows) + _note(f"Gains are relative to {baseline}; error bars are the 95% CI of the "
                                         "gold level at that point.")
 

@@ -80,13 +80,12 @@ def expand_reward_models(spec: str) -> list[tuple[str, str]]:
 
 def run_reward_suite(spec: SuiteSpec, suite_hash: str, models: list[tuple[str, str]]) -> dict:
     """Every reward model on every source's pairs; one leaderboard row per model."""
-    from alignpipe.models.loading import process_device
     from alignpipe.rewards.loading import load_reward_scorer
 
     sources = [(source, load_pair_source(source)) for source in spec.pair_sources]
     results = []
     for name, path in models:
-        scorer = load_reward_scorer(path, device=process_device())
+        scorer = load_reward_scorer(path)  # on the process's device
         metrics = {}
         for source, triples in sources:
             values = reward_model_metrics(scorer, triples, gold=gold_reward if source.source == "synthetic" else None,

@@ -13,13 +13,17 @@ Two kinds of reference:
   win rate are in characters, the one unit both sides share.
 
 Judges: ``gold`` (the embedded task) or ``reward_model`` (a saved reward ensemble or single reward model, given with
-``--judge``; pairwise preference = Bradley–Terry on its mean reward).
+``--judge``; pairwise preference = Bradley–Terry on its mean reward). A reward-model judge never scores prompts it was
+trained on: when its reward stage trained on the suite's own AlpacaEval instructions, the suite keeps only those the
+stage held out (:mod:`alignpipe.evaluation.judge_training`).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +34,7 @@ from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import Generation, GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, LazyModel, cached_generations, evaluate_checkpoints
+from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import length_controlled_win_rate
 from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
@@ -39,6 +44,8 @@ from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
 
 __all__ = ["SUITES_DIR", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec", "fit_prompts", "load_suite",
            "run_suite"]
+
+log = logging.getLogger("alignpipe")
 
 REPO = Path(__file__).resolve().parents[3]
 SUITES_DIR = REPO / "eval" / "suites"
@@ -134,8 +141,9 @@ def data_path(prompts: PromptSet | PairSource) -> Path:
     return path
 
 
-def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
-    """The suite's prompts and, for dataset references, the reference output of each."""
+def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) -> tuple[list[str], list[str] | None]:
+    """The suite's prompts and, for dataset references, the reference output of each; with ``keep``, only the
+    prompts it passes (AlpacaEval and HH-RLHF: before ``n`` takes the first ones)."""
     if prompts.source == "synthetic":
         if prompts.n is None:
             raise ValueError("the synthetic prompt set needs n")
@@ -146,13 +154,14 @@ def load_prompts(prompts: PromptSet) -> tuple[list[str], list[str] | None]:
         rows = [json.loads(line) for line in handle if line.strip()]
     if prompts.source == "alpaca_eval":
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
+        pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
     else:
         from alignpipe.data.adapters import hh_is_heldout, split_hh_dialogue
 
         pairs = []
         for row in rows:
             prompt, chosen = split_hh_dialogue(row["chosen"])
-            if hh_is_heldout(prompt, prompts.heldout_fraction):
+            if hh_is_heldout(prompt, prompts.heldout_fraction) and (keep is None or keep(prompt)):
                 pairs.append((prompt, chosen))
     pairs = pairs[:prompts.n] if prompts.n else pairs
     return [p for p, _ in pairs], [r for _, r in pairs]
@@ -208,10 +217,9 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
         return GoldJudge()
     if judge_path is None:
         raise ValueError(f"suite {spec.name!r} is judged by a reward model: pass --judge <saved reward model dir>")
-    from alignpipe.models.loading import process_device
     from alignpipe.rewards.loading import load_reward_scorer
 
-    scorer = load_reward_scorer(judge_path, device=process_device())
+    scorer = load_reward_scorer(judge_path)  # on the process's device
     judge = RewardJudge(lambda p, r: scorer.score(p, r).mean.tolist(), judge_id=scorer.judge_id, temperature=1.0)
     return CachedJudge(judge, directory_hash(Path(judge_path)), cache)
 
@@ -219,7 +227,18 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
 def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,
               judge_path: str | None, cache: EvalCache, dtype: str = "auto") -> dict:
     """Evaluate ``checkpoints`` on the suite; returns a leaderboard record (EVALUATION.md §9 envelope)."""
-    prompts, reference_outputs = load_prompts(spec.prompts)
+    unseen, trained_on = None, None
+    if spec.judge == "reward_model" and judge_path is not None:
+        unseen, trained_on = unseen_by_judge(spec.prompts.source, judge_path)
+    prompts, reference_outputs = load_prompts(spec.prompts, keep=unseen)
+    if unseen is not None:
+        if not prompts:
+            raise ValueError(f"suite {spec.name!r}: the judge {judge_path} trained on every one of its prompts (reward "
+                             f"stage {trained_on.stage!r}, heldout_fraction {trained_on.heldout_fraction:g}); judge "
+                             "with a reward model trained on another source")
+        log.warning("suite %s: the judge %s was trained on %s prompts (reward stage %r, heldout_fraction %g); "
+                    "evaluating only the %d it held out", spec.name, judge_path, trained_on.source, trained_on.stage,
+                    trained_on.heldout_fraction, len(prompts))
     g = spec.generation
     settings = GenerationSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                   batch_size=g.batch_size, seed=g.seed)
@@ -238,8 +257,10 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     return build_leaderboard(
         results, run={"name": f"suite:{spec.name}", "reference": reference_name, "suite_sha256": suite_hash},
         config={"suite": spec.model_dump(), "generation": settings.__dict__,
-                "prompt_set": {"id": f"{spec.prompts.source}:{content_key(prompts)[:16]}", "n": len(prompts)},
-                "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True},
+                "prompt_set": {"id": f"{spec.prompts.source}:{content_key(prompts)[:16]}", "n": len(prompts),
+                               "held_out_by_judge": unseen is not None},
+                "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True,
+                          "trained_on": trained_on.record() if trained_on else None},
                 "bootstrap_iters": spec.bootstrap_resamples},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )

@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from alignpipe.models.loading import process_device
 from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
 from alignpipe.rewards.single import SINGLE_FORMAT, SingleRewardScorer
 
@@ -46,15 +49,20 @@ def reward_model_format(directory: str | os.PathLike[str]) -> str:
     return fmt
 
 
-def load_reward_scorer(directory: str | os.PathLike[str], **kwargs: Any) -> RewardScorer:
+def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch.device | None = None,
+                       **kwargs: Any) -> RewardScorer:
     """An :class:`EnsembleScorer` or a :class:`SingleRewardScorer` for ``directory``, chosen by its manifest.
 
-    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``device``, ``batch_size``, ``max_length``,
-    ``judge_id``)
-    or ``SingleRewardScorer.load`` (``dtype``, ``device``, ``batch_size``, ``max_length``, ``judge_id``,
-    ``text_format``). An argument the chosen loader does not take raises ``TypeError``.
+    ``device`` defaults to the process's (:func:`~alignpipe.models.loading.process_device`: its GPU under a GPU
+    launch, else the CPU): a scorer loads onto the CPU and scores where its weights are, so without it a GPU run
+    would judge on the CPU. Stages pass their own (``ctx.device``).
+
+    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``batch_size``, ``max_length``, ``judge_id``)
+    or ``SingleRewardScorer.load`` (``dtype``, ``batch_size``, ``max_length``, ``judge_id``, ``text_format``). An
+    argument the chosen loader does not take raises ``TypeError``.
     """
     fmt = reward_model_format(directory)
+    device = process_device() if device is None else device
     if fmt == ENSEMBLE_FORMAT:
-        return EnsembleScorer.load(directory, **kwargs)
-    return SingleRewardScorer.load(directory, **kwargs)
+        return EnsembleScorer.load(directory, device=device, **kwargs)
+    return SingleRewardScorer.load(directory, device=device, **kwargs)

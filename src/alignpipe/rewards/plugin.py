@@ -144,7 +144,7 @@ def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "aut
                        device: str | torch.device | None = None) -> RewardSource:
     """The source a recipe's ``reward:`` block names (``reward_model_path`` = the reward stage's checkpoint); a
     reward model is placed on ``device`` (the policy's, so scoring a rollout does not run on the CPU beside a GPU
-    policy; None = where it loads, the CPU)."""
+    policy; None = the process's device, :func:`~alignpipe.rewards.loading.load_reward_scorer`'s default)."""
     if spec.source == "gold":
         return GoldRewardSource()
     if spec.source == "callable":

@@ -3,8 +3,9 @@
 Why one sampling pass: Coste et al.'s unbiased estimator gives the exact expected score of best-of-``n`` for every
 ``n <= N`` from the same ``N`` samples per prompt, and best-of-n's KL to the policy is analytic
 (``log n − (n − 1)/n``), so the whole curve costs ``N`` samples per held-out prompt and no reference model. Gao et
-al.'s form ``d(α − βd)`` is fitted to (``d = sqrt(KL)``, gold gain over ``n = 1``); a reward penalty (UP-RLHF, WCO,
-UWO) should move its peak to larger ``n``, which is why selection by the raw ensemble mean is recorded beside it.
+al.'s form ``d(α − βd)`` is fitted to (``d = sqrt(KL)``, gold gain over ``n = 1``) from ``N >= 8`` (three ``n > 1``;
+two would be matched exactly whatever they are); a reward penalty (UP-RLHF, WCO, UWO) should move its peak to larger
+``n``, which is why selection by the raw ensemble mean is recorded beside it.
 
 Writes ``bon.json`` (the curves, fits and settings), ``samples.jsonl`` (every sample with its scores) and one line
 per ``n`` to ``metrics.jsonl``. The stage has no checkpoint.
@@ -20,7 +21,7 @@ import math
 import numpy as np
 
 from alignpipe.data.synthetic import evaluation_tasks
-from alignpipe.evaluation.best_of_n import best_of_n_curve, fit_bon, kl_best_of_n, n_for_kl_best_of_n
+from alignpipe.evaluation.best_of_n import best_of_n_curve, fit_bon, fit_measured, kl_best_of_n, n_for_kl_best_of_n
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.metrics import bootstrap_ci
 from alignpipe.io import atomic_write_json, atomic_write_text
@@ -98,7 +99,8 @@ def selection_curve(select: np.ndarray, scores: dict[str, np.ndarray], ns: list[
     """Expected best-of-n value of each score when the ``[P, N]`` ``select`` scores pick, averaged over prompts.
 
     Each score gets its mean per ``n`` and a bootstrap CI over prompts; the gold gain over ``n = 1`` is fitted
-    with Gao et al.'s best-of-n form (``None`` with fewer than two ``n > 1``: the fit has two coefficients).
+    with Gao et al.'s best-of-n form (``None`` unless ``MIN_FIT_POINTS`` of the ``n > 1`` are measured:
+    :func:`fit_measured`, the rule the report draws its fit by).
     """
     curve: dict = {}
     for name, values in scores.items():
@@ -108,9 +110,9 @@ def selection_curve(select: np.ndarray, scores: dict[str, np.ndarray], ns: list[
                                  for j in range(len(ns))]
     gain = np.asarray(curve["gold"]) - curve["gold"][0]
     curve["gold_gain"] = gain.tolist()
+    fit, _ = fit_measured(fit_bon, d, gain)
     curve["fit"] = None
-    if len(ns) >= 3:
-        fit = fit_bon(d, gain)
+    if fit is not None:
         curve["fit"] = {"form": "d(alpha - beta d)", "alpha": fit.alpha, "beta": fit.beta,
                         "peak_d": _finite(fit.peak_d), "peak_gold_gain": _finite(fit.peak_r),
                         "peak_n": _finite(n_for_kl_best_of_n(fit.peak_d ** 2))}

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignpipe.data.synthetic import evaluation_tasks, task_space
-from alignpipe.evaluation.best_of_n import fit_rl
+from alignpipe.evaluation.best_of_n import fit_measured, fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
 from alignpipe.evaluation.metrics import kl_k1, mean_with_ci
 from alignpipe.evaluation.metrics import kl_k3 as metric_kl_k3
@@ -279,7 +279,8 @@ class PPOLoop:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out gold and proxy reward and KL to the reference: one point of the over-optimisation curve."""
+        """Held-out gold reward, the reward optimised (penalised, named by its penalty) beside the raw proxy, and KL
+        to the reference: one point of the over-optimisation curve."""
         generations = self._sample(self.eval_prompts, seed=EVAL_SEED)
         prompts, responses = [g.prompt for g in generations], [g.response for g in generations]
         gold = [gold_reward(p, r) for p, r in zip(prompts, responses)]
@@ -296,6 +297,7 @@ class PPOLoop:
         return {
             "eval_step": self.step, "gold_reward": gold_metric.value, "gold_reward_ci95": list(gold_metric.ci95),
             "proxy_reward": float(scored.proxy.mean()), "penalised_reward": float(scored.reward.mean()),
+            "reward_penalty": self.stage.reward.penalty, "reward_penalty_coef": self.stage.reward.penalty_coef,
             "kl": kl, "kl_k3": kl_k3, "sqrt_kl": math.sqrt(max(kl, 0.0)),
             "no_eos_fraction": sum(g.truncated for g in generations) / len(generations),
         }
@@ -387,12 +389,14 @@ def run(ctx: StageContext) -> dict:
 
 
 def _gao_fit(evaluations: list[dict]) -> dict | None:
-    """Gao et al.'s RL form ``R(d) = d(α − β log d)`` on gold gain vs d = √KL (§15a); None with < 2 points."""
-    points = [(e["sqrt_kl"], e["gold_reward"] - evaluations[0]["gold_reward"]) for e in evaluations[1:]]
-    points = [(d, r) for d, r in points if d > 0]
-    if len(points) < 2:
+    """Gao et al.'s RL form ``R(d) = d(α − β log d)`` on gold gain over the first evaluation vs d = √KL (§15a), on
+    the later evaluations; None unless they give ``MIN_FIT_POINTS`` distinct d > 0 (:func:`fit_measured`, the rule
+    the report draws its fit by)."""
+    later = evaluations[1:]
+    fit, _ = fit_measured(fit_rl, [e["sqrt_kl"] for e in later],
+                          [e["gold_reward"] - evaluations[0]["gold_reward"] for e in later])
+    if fit is None:
         return None
-    fit = fit_rl([d for d, _ in points], [r for _, r in points])
     return {"alpha": fit.alpha, "beta": fit.beta, "peak_sqrt_kl": _finite(fit.peak_d), "peak_gain": _finite(fit.peak_r)}
 
 

@@ -145,7 +145,7 @@ def test_dry_run_prints_the_two_node_zero3_commands_and_writes_nothing(recipe: P
     stages = load_recipe(recipe).stages
     assert out.count("[dry-run] ") == len(stages)
     for stage in stages:
-        line = out.split(f"[dry-run] {stage.name} ({stage.type}): run\n  ", 1)[1].splitlines()[0]
+        line = out.split(f"[dry-run] {stage.name} ({stage.type}): run (new)\n  ", 1)[1].splitlines()[0]
         assert f"pipelines/{stage.type}.py --stage-dir {runs / load_recipe(recipe).name / stage.name}" in line
         if stage.type in ("eval", "bon"):
             assert "single.yaml --num_processes 1 --num_machines 1" in line
@@ -165,7 +165,7 @@ def test_dry_run_without_gpus_shows_the_launch_this_machine_would_make(tiny_reci
     code = main(["run", str(tiny_recipe_path), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0
-    sft = out.split("[dry-run] sft (sft): run\n  ", 1)[1].splitlines()[0]
+    sft = out.split("[dry-run] sft (sft): run (new)\n  ", 1)[1].splitlines()[0]
     assert "--num_processes 4" in sft and "cpu" not in sft
 
 

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f})")
     topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
     topology.add_argument("--dry-run", action="store_true",
-                          help="print each stage's launch command and batch split; run nothing, write nothing")
+                          help="print what the run would do with each stage (skip, run or resume, and why), its "
+                          "launch command and batch split; run nothing, write nothing")
 
     validate = commands.add_parser("validate", help="check a recipe without running anything",
                                    description="Validate RECIPE (and overrides) and the local files it names "

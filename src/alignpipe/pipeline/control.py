@@ -21,11 +21,11 @@ import logging
 import socket
 import time
 from datetime import timedelta
-from typing import Literal
+
+from alignpipe.pipeline.decision import Action
 
 log = logging.getLogger("alignpipe")
 
-Action = Literal["skip", "run", "resume"]
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
 ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why

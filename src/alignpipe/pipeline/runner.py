@@ -4,9 +4,10 @@ A stage is skipped when its manifest says ``complete`` with the same config hash
 content hashes of its inputs' checkpoints, and under the keys ``dataset.path``, ``backbone.path`` and ``model.path``
 those of the local file or directory its ``dataset.path`` names, the local ``backbone`` a reward stage reads and
 the recipe's model when it is a local directory); ``--force STAGE`` re-runs it; ``--resume`` continues an
-interrupted stage from its last trainer checkpoint. Each stage runs as its own process through
-``pipelines/<type>.py`` so it frees its memory when it ends, under ``accelerate launch`` with the topology's config
-(``alignpipe.pipeline.launch``).
+interrupted stage from its last trainer checkpoint. One function makes that decision (``pipeline.decision``) for the
+run, for ``--dry-run`` (which prints it) and for what node 0 tells the other nodes. Each stage runs as its own
+process through ``pipelines/<type>.py`` so it frees its memory when it ends, under ``accelerate launch`` with the
+topology's config (``alignpipe.pipeline.launch``).
 
 Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
 record, configs, manifests) and hosts a control channel on ``--main-addr:--control-port`` (``pipeline.control``);
@@ -33,6 +34,7 @@ import yaml
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.batching import stage_batch_split
 from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlFollower, ControlHost
+from alignpipe.pipeline.decision import StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
     LaunchOptions,
@@ -64,6 +66,7 @@ DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage n
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
+UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
 
 
 class StageFailed(RuntimeError):
@@ -197,7 +200,7 @@ class Runner:
 
             # once per package version (and chat template), cached across runs
             converted = with_chat_template(convert_gguf_package(spec.gguf_package), spec.chat_template)
-            return str(converted), canonical_hash({**spec.model_dump(mode="json"), "converted": converted.name})
+            return str(converted), _converted_base_hash(spec, converted.name)
         if not spec.is_tiny:
             from alignpipe.models.loading import resolve_model_location
 
@@ -221,6 +224,21 @@ class Runner:
         log.info("[base] created the tiny model in %.1fs", time.time() - started)
         return str(directory.checkpoint.resolve()), sha
 
+    def _planned_base(self) -> tuple[str, str]:
+        """What ``_prepare_base`` would return, without creating or converting anything (for a dry run): the hash is
+        ``UNBUILT`` while the tiny model is not created yet."""
+        spec = self.recipe.model
+        if spec.gguf_package is not None:
+            from alignpipe.models.gguf import conversion_name
+
+            name = conversion_name(spec.gguf_package, spec.chat_template)
+            return name, _converted_base_hash(spec, name)
+        if not spec.is_tiny:
+            return self._prepare_base()  # a hub id or a path: named, nothing made
+        directory = StageDir(self.run_dir / BASE)
+        manifest = _complete_base(directory, canonical_hash({"base": self._recipe_context()}))
+        return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
+
     def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
         """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
         backbone is often that same folder."""
@@ -233,44 +251,16 @@ class Runner:
                    channel: Alone | ControlHost) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
-        manifest = directory.read_manifest() or {}
-        if _recorded_before_content_keys(manifest, config_hash, input_hashes):
-            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
-                     stage.name)
-            directory.update_manifest(input_hashes=input_hashes)
-            manifest = directory.read_manifest() or {}
-        same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
-
-        # A stage that published a checkpoint is done only while the checkpoint is there (deleted by hand, say).
-        published = manifest.get("output_sha256") is None or directory.checkpoint.exists()
-        if same_work and manifest.get("status") == "complete" and published and stage.name not in self.force:
+        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=True)
+        decision = decide_stage(directory, manifest, config_hash, input_hashes, forced=stage.name in self.force,
+                                resume=self.resume)
+        reason = decision.reason
+        if decision.action == "skip":
             outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
-            reason = "complete with the same config and inputs"
             channel.publish_decision(stage.name, "skip", reason)
             return StageOutcome(stage.name, "skipped", 0.0, reason)
 
-        resume = (
-            self.resume and same_work and manifest.get("status") != "complete" and directory.has_progress()
-        )
-        latest = directory.latest_trainer_checkpoint() if resume else None  # verified; bad ones set aside
-        if resume and latest is None and not directory.has_round_progress():
-            resume = False
-            reason = "no intact checkpoint to resume from; starting over"
-        elif stage.name in self.force:
-            reason = "forced"
-        elif resume:
-            reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
-        elif not manifest:
-            reason = "new"
-        elif not same_work:
-            reason = "config or inputs changed"
-        elif not published:
-            reason = f"complete, but its checkpoint ({directory.checkpoint}) is missing; starting over"
-        elif directory.has_progress():
-            reason = f"previous attempt {manifest.get('status', 'unknown')}; starting over (use --resume to continue)"
-        else:  # with or without --resume: the attempt saved nothing to continue from
-            reason = (f"previous attempt {manifest.get('status', 'unknown')}; no checkpoint to resume from; "
-                      "starting over")
+        resume = decision.action == "resume"
         if not resume:
             directory.reset()
         directory.root.mkdir(parents=True, exist_ok=True)
@@ -287,10 +277,10 @@ class Runner:
             "start_time": utc_now(), "resumed": resume,
             # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
             CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
-            "resume_from": directory.relative_key(latest) if resume and latest else None,
+            "resume_from": directory.relative_key(decision.resume_from) if decision.resume_from else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
-        channel.publish_decision(stage.name, "resume" if resume else "run", reason)  # its config is written
+        channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
         try:
             self._launch(stage.type, directory, resume)
@@ -346,19 +336,58 @@ class Runner:
             input_hashes[MODEL] = content
         return config_hash, input_hashes
 
+    def _recorded_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict, *, adopt: bool) -> dict:
+        """The stage's manifest. One recorded before local files were hashed by content takes their current hashes
+        (see ``_recorded_before_content_keys``): written back when ``adopt``, only assumed by a dry run."""
+        manifest = directory.read_manifest() or {}
+        if not _recorded_before_content_keys(manifest, config_hash, input_hashes):
+            return manifest
+        if adopt:
+            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
+                     directory.name)
+            directory.update_manifest(input_hashes=input_hashes)
+        return {**manifest, "input_hashes": input_hashes}
+
     def _dry_run(self) -> list[StageOutcome]:
-        """Print what would run (commands included) without creating or changing anything on disk."""
+        """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
+        command, without creating or changing anything on disk."""
         outcomes = []
+        outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
             directory = StageDir(self.run_dir / stage.name)
-            manifest = directory.read_manifest() or {}
-            done = manifest.get("status") == "complete" and stage.name not in self.force
-            resume = self.resume and not done and directory.has_progress()
-            command = format_command(self.stage_command(stage.type, directory.root, resume))
-            action = "skip if its config and inputs are unchanged" if done else "run"
-            print(f"[dry-run] {stage.name} ({stage.type}): {action}\n  {command}")
-            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, action))
+            if directory.read_manifest() is None:
+                decision, described = StageDecision("run", "new"), "run (new)"  # hashes need not be known
+            else:
+                outputs.setdefault(BASE, self._planned_base())
+                decision, described = self._dry_run_decision(stage, directory, outputs)
+            output = (directory.read_manifest() or {}).get("output_sha256") if decision.action == "skip" else UNBUILT
+            outputs[stage.name] = (str(directory.checkpoint), output)
+            command = format_command(self.stage_command(stage.type, directory.root, decision.action == "resume"))
+            print(f"[dry-run] {stage.name} ({stage.type}): {described}\n  {command}")
+            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
         return outcomes
+
+    def _dry_run_decision(self, stage, directory: StageDir, outputs: dict) -> tuple[StageDecision, str]:
+        """The run's decision for ``stage`` and its description. Outputs that an earlier stage makes first have no
+        hash yet (``UNBUILT``); when the decision depends on them, both cases are described: the decision as if they
+        change (the one returned, whose command is printed), and as if they come out the same."""
+        config_hash, input_hashes = self._stage_hashes(stage, outputs)
+        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=False)
+
+        def decide(hashes: dict) -> StageDecision:
+            return decide_stage(directory, manifest, config_hash, hashes, forced=stage.name in self.force,
+                                resume=self.resume, look_only=True)
+
+        changed = decide(input_hashes)
+        remade = [name for name, value in input_hashes.items() if value == UNBUILT]
+        if not remade:
+            return changed, f"{changed.action} ({changed.reason})"
+        recorded = manifest.get("input_hashes") or {}
+        same = decide({**input_hashes, **{name: recorded.get(name) for name in remade}})
+        inputs = f"its inputs are made first: {', '.join(remade)}"
+        if same.action != changed.action:
+            return changed, f"{changed.action} ({inputs}), or {same.action} if they come out unchanged ({same.reason})"
+        return changed, f"{changed.action} ({changed.reason if same.reason == changed.reason else inputs})"
 
     def _follow(self, channel: ControlFollower) -> list[StageOutcome]:
         """Node rank > 0: for each stage, do what node 0 decided (skip it, or launch this node's part of it, with
@@ -427,6 +456,11 @@ def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes
         return False
     new = set(input_hashes) - set(recorded)
     return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
+
+
+def _converted_base_hash(spec, folder: str) -> str:
+    """A GGUF package's base hash: its model spec and the conversion's folder name (package version, file hash)."""
+    return canonical_hash({**spec.model_dump(mode="json"), "converted": folder})
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -14,8 +14,12 @@
 #   --node-rank R             this machine's rank, 0..M-1 (node 0 decides and writes; the others follow)
 #   --main-addr A             address of node 0 (needed with --nodes > 1)
 #   --main-port P             rendezvous port (default: 29500)
+#   --control-port P          node 0's control channel, through which it tells the other nodes what to run
+#                             (default: main port + 1; the same on every node)
+#   --control-timeout S       seconds the nodes wait for each other to start (default: 600)
 #   --deepspeed zero2|zero3   DeepSpeed ZeRO stage for the TRL-trained stages (GPUs only)
-#   --dry-run                 print every stage's `accelerate launch` command and batch split; run nothing
+#   --dry-run                 print what the run would do with every stage (skip, run or resume, and why), its
+#                             `accelerate launch` command and batch split; run nothing
 #   --resume                  continue an interrupted stage from its last checkpoint
 #   --force STAGE             re-run STAGE even if it is complete (repeatable)
 #   --runs-dir DIR            where run directories go (default: runs)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,26 +165,67 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
         assert zero["rewards"][step] + one["rewards"][step] == pytest.approx(whole, abs=1e-6)
 
 
+def _two_nodes(tmp_path: Path, recipe: Path, *options: str, main_port: int, timeout_s: float = 600) -> list[tuple]:
+    """`alignpipe run` as node 0 and node 1 of a 2-node run on this machine (one CPU process each, one runs
+    directory; node 1 started first): [(return code, log)] of node 0 and node 1. A node still running after
+    ``timeout_s`` is killed with everything it started and reported with return code None (a hang fails the test)."""
+    common = [sys.executable, "-m", "alignpipe.cli", "run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--cpu",
+              "--nodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(main_port), "--control-timeout", "300",
+              *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([*common, "--node-rank", str(rank)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (1, 0)][::-1]
+    deadline = time.monotonic() + timeout_s
+    results = []
+    for node in nodes:
+        try:
+            log = node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+            results.append((node.returncode, log))
+        except subprocess.TimeoutExpired:
+            results.append((None, ""))
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+    return results
+
+
 def test_two_nodes_on_one_machine_node_zero_writes_and_node_one_follows(tmp_path) -> None:
     """Two `alignpipe run` commands with --nodes 2 (ranks 0 and 1, one CPU process each) over one runs directory:
     both join every stage's process group, node 0 alone writes, the result equals a 2-process single-node run."""
     recipe = write_recipe(tmp_path, {**RECIPE, "name": "nodes", "stages": RECIPE["stages"][:1]})
-    common = ["run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--cpu", "--nodes", "2", "--main-addr",
-              "127.0.0.1", "--main-port", "29563"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGNPIPE_FOLLOWER_TIMEOUT_S": "300"}
-    follower = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", *common, "--node-rank", "1"], cwd=tmp_path,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    leader = subprocess.run([sys.executable, "-m", "alignpipe.cli", *common, "--node-rank", "0"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
-    follower_log = follower.communicate(timeout=600)[0]
-    assert leader.returncode == 0, leader.stderr[-4000:]
-    assert follower.returncode == 0, follower_log[-4000:]
+    (leader, leader_log), (follower, follower_log) = _two_nodes(tmp_path, recipe, main_port=29563)
+    assert leader == 0, leader_log[-4000:]
+    assert follower == 0, follower_log[-4000:]
     assert "--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1" in follower_log
     run = tmp_path / "runs" / "nodes"
     records = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]  # written once, by node 0
     assert len(records) == 5  # the 4 loss records + the trainer's end-of-training summary
     assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_two_nodes_rerun_a_forced_stage_together_and_ignore_an_earlier_attempts_failure(tmp_path) -> None:
+    """Re-runs over a run directory left by earlier attempts: node 1 does what node 0 decides, not what the manifests
+    on disk say. --force sft re-runs the complete sft on both nodes (node 1 used to skip it and leave node 0 waiting in
+    the rendezvous); a ``failed`` manifest of an earlier attempt is started over on both (node 1 used to stop at it)."""
+    stage = {**RECIPE["stages"][0], "max_steps": 2, "logging_steps": 1}
+    recipe = write_recipe(tmp_path, {**RECIPE, "name": "nodes", "stages": [stage]})
+    manifest = tmp_path / "runs" / "nodes" / "sft" / "manifest.json"
+    launch = "--num_machines 2 --machine_rank 1 --main_process_ip 127.0.0.1"
+    for attempt, options in (("first", ()), ("forced", ("--force", "sft")), ("after a failure", ())):
+        if attempt == "after a failure":
+            manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "failed"}))
+        (leader, leader_log), (follower, follower_log) = _two_nodes(tmp_path, recipe, *options, main_port=29565,
+                                                                    timeout_s=400)
+        assert leader == 0 and follower == 0, f"{attempt}: node 0 {leader}, node 1 {follower}\n{leader_log[-3000:]}" \
+                                              f"\n{follower_log[-3000:]}"
+        assert launch in follower_log and "[sft] ran on node 0's decision" in follower_log, attempt
+        assert json.loads(manifest.read_text())["status"] == "complete", attempt
+        if attempt != "first":
+            assert f"[sft] ran on node 0's decision ({'forced' if options else 'previous attempt failed'}" \
+                in follower_log, attempt
 
 
 @pytest.mark.parametrize("backend, expected", [("nccl", "cuda:0"), ("gloo", "cpu"), ("cuda:nccl,cpu:gloo", "cpu")])

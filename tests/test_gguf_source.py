@@ -263,3 +263,11 @@ def test_chat_template_variant_links_the_weights_and_swaps_the_template(converte
     assert AutoTokenizer.from_pretrained(converted).chat_template != CHATML_TEMPLATE  # the shared conversion is intact
     mtime = (variant / MARKER).stat().st_mtime_ns
     assert with_chat_template(converted, "chatml") == variant and (variant / MARKER).stat().st_mtime_ns == mtime
+
+
+def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: Path) -> None:
+    """A dry run names the base model by this, so it must be the folder the conversion and its chat template give."""
+    from alignpipe.models.gguf import conversion_name, with_chat_template
+
+    assert conversion_name(PACKAGE) == converted.name
+    assert conversion_name(PACKAGE, "chatml") == with_chat_template(converted, "chatml").name

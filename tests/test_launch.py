@@ -57,10 +57,21 @@ def test_run_refuses_a_global_batch_that_does_not_split_before_anything_runs(tmp
     (LaunchOptions(cpu=True, gpus=2), 2, "--cpu and --gpus exclude each other"),
     (LaunchOptions(processes=2), 8, "--processes counts CPU processes"),
     (LaunchOptions(main_port=0), 0, "--main-port must be a TCP port"),
+    (LaunchOptions(nodes=2, main_addr="h", main_port=65535), 8,
+     r"--control-port must be a TCP port \(1-65535\), got 65536 \(--main-port \+ 1\); pass --control-port P"),
+    (LaunchOptions(nodes=2, main_addr="h", control_port=29500), 8, "--control-port 29500 is --main-port"),
 ])
 def test_bad_topologies_are_refused_with_the_fix(options, visible, message) -> None:
     with pytest.raises(LaunchError, match=message):
         resolve_topology(options, visible_gpus=visible)
+
+
+def test_the_control_channel_takes_the_port_after_the_rendezvous_unless_told() -> None:
+    two_nodes = {"nodes": 2, "main_addr": "10.0.0.1", "main_port": 29600}
+    topology = resolve_topology(LaunchOptions(**two_nodes), visible_gpus=8)
+    assert topology.control_port == 29601 and "control channel on 10.0.0.1:29601" in topology.describe()
+    assert resolve_topology(LaunchOptions(**two_nodes, control_port=40000), visible_gpus=8).control_port == 40000
+    assert resolve_topology(LaunchOptions(main_port=65535), visible_gpus=0).main_port == 65535  # one node: no channel
 
 
 def test_no_gpu_falls_back_to_the_cpu() -> None:
@@ -134,7 +145,7 @@ def test_dry_run_prints_the_two_node_zero3_commands_and_writes_nothing(recipe: P
     stages = load_recipe(recipe).stages
     assert out.count("[dry-run] ") == len(stages)
     for stage in stages:
-        line = out.split(f"[dry-run] {stage.name} ({stage.type}): run\n  ", 1)[1].splitlines()[0]
+        line = out.split(f"[dry-run] {stage.name} ({stage.type}): run (new)\n  ", 1)[1].splitlines()[0]
         assert f"pipelines/{stage.type}.py --stage-dir {runs / load_recipe(recipe).name / stage.name}" in line
         if stage.type in ("eval", "bon"):
             assert "single.yaml --num_processes 1 --num_machines 1" in line
@@ -154,7 +165,7 @@ def test_dry_run_without_gpus_shows_the_launch_this_machine_would_make(tiny_reci
     code = main(["run", str(tiny_recipe_path), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0
-    sft = out.split("[dry-run] sft (sft): run\n  ", 1)[1].splitlines()[0]
+    sft = out.split("[dry-run] sft (sft): run (new)\n  ", 1)[1].splitlines()[0]
     assert "--num_processes 4" in sft and "cpu" not in sft
 
 

@@ -59,17 +59,28 @@ def test_rerun_skips_complete_stages_and_beta_change_reruns_only_dpo_and_eval(tm
     assert forced["dpo"].action == "skipped"
 
 
-def test_resume_continues_from_the_last_trainer_checkpoint(tmp_path, completed_tiny_run):
-    reference_runner, _ = completed_tiny_run
+def _copy_of(completed_tiny_run, tmp_path):
+    """The recipe and a copy of the completed tiny run's directory, to change at will."""
     recipe_path = write_recipe(tmp_path, TINY_RECIPE)
     runs = tmp_path / "runs"
-    # Reproduce the state of an SFT stage killed after its step-15 checkpoint: copy the finished run, then drop
-    # everything written after step 15 and mark the stage as still running.
-    shutil.copytree(reference_runner.run_dir, runs / "tiny")
+    shutil.copytree(completed_tiny_run[0].run_dir, runs / "tiny")
+    return recipe_path, runs
+
+
+def _killed_sft(runs) -> StageDir:
+    """The copied run's sft as if killed after its last trainer checkpoint: no published checkpoint, still running."""
     sft = StageDir(runs / "tiny" / "sft")
     shutil.rmtree(sft.checkpoint)
-    shutil.rmtree(sft.trainer / "checkpoint-30")
     sft.update_manifest(status="running")
+    return sft
+
+
+def test_resume_continues_from_the_last_trainer_checkpoint(tmp_path, completed_tiny_run):
+    reference_runner, _ = completed_tiny_run
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    # Reproduce the state of an SFT stage killed after its step-15 checkpoint: drop everything written after step 15.
+    sft = _killed_sft(runs)
+    shutil.rmtree(sft.trainer / "checkpoint-30")
     expected = load_file(StageDir(reference_runner.run_dir / "sft").checkpoint / "model.safetensors")
 
     outcomes, _ = _run(recipe_path, runs, resume=True)
@@ -309,3 +320,43 @@ def test_a_stage_recorded_before_content_hashes_is_kept_and_gets_them(tmp_path):
     assert outcome["sft"].action == "skipped" and stage.read_manifest()["input_hashes"] == recorded
     stage.update_manifest(input_hashes={**{k: v for k, v in recorded.items() if k != DATASET}, BASE: "other"})
     assert _run(recipe_path, runs)[0]["sft"].action == "ran"  # a key it did record differs: that is a change
+
+
+def _dry_run(recipe_path, runs, *options, capsys) -> dict[str, tuple[str, str]]:
+    """``alignpipe run --dry-run``: {stage: (what it says it would do, the command)}; checks it changed nothing."""
+    from alignpipe.cli import main
+
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*")}
+    assert main(["run", str(recipe_path), "--dry-run", "--runs-dir", str(runs), *options]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == before
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("[dry-run] ", "  "))]
+    return {head.split(" ", 2)[1]: (head.split(": ", 1)[1], command.strip())
+            for head, command in zip(lines[::2], lines[1::2])}
+
+
+def test_dry_run_reports_what_the_run_decides_for_each_stage(tmp_path, completed_tiny_run, capsys):
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    complete = "skip (complete with the same config and inputs)"
+    assert {n: said for n, (said, _) in _dry_run(recipe_path, runs, capsys=capsys).items()} == {
+        "sft": complete, "dpo": complete, "eval": complete}
+
+    # dpo's config changes: it runs; eval's input dpo is made again first, so eval runs unless dpo comes out the same
+    planned = _dry_run(recipe_path, runs, "stages.dpo.beta=0.3", capsys=capsys)
+    assert planned["sft"][0] == complete
+    assert planned["dpo"][0] == "run (config or inputs changed)"
+    assert planned["eval"][0] == ("run (its inputs are made first: dpo), or skip if they come out unchanged "
+                                  "(complete with the same config and inputs)")
+    assert {said for said, _ in _dry_run(recipe_path, tmp_path / "empty", capsys=capsys).values()} == {"run (new)"}
+
+
+def test_dry_run_with_resume_reports_a_start_over_when_the_stage_config_changed(tmp_path, completed_tiny_run,
+                                                                                 capsys):
+    """An interrupted sft with a trainer checkpoint: --resume continues it while its config is the same, and starts
+    it over (no --resume in its command) once its config changed, as the run decides."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    _killed_sft(runs)
+
+    said, command = _dry_run(recipe_path, runs, "--resume", capsys=capsys)["sft"]
+    assert said == "resume (resuming from checkpoint-30)" and command.endswith("--resume")
+    said, command = _dry_run(recipe_path, runs, "--resume", "stages.sft.learning_rate=0.001", capsys=capsys)["sft"]
+    assert said == "run (config or inputs changed)" and not command.endswith("--resume")

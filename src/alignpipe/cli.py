@@ -24,6 +24,11 @@ Stages with global_batch_size get per-device batch and gradient accumulation fro
 Each stage writes runs/<recipe name>/<stage>/ (config.yaml, manifest.json, metrics.jsonl, checkpoint/);
 the eval stage writes runs/<recipe name>/leaderboard.{json,md}. Completed stages with the same config and
 inputs are skipped.
+
+Several nodes (--nodes M): start the same command on every node, each with its own --node-rank, over one shared
+runs directory. Node 0 decides which stages to skip, run or resume (its --force and --resume count, the other nodes'
+are ignored), writes every file, and tells the other nodes over a control channel it hosts on --main-addr at
+--control-port (TCP; default --main-port + 1, which must be reachable from every node too).
 """
 
 EPILOG_VALIDATE = """\
@@ -56,6 +61,8 @@ def _overrides_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alignpipe.pipeline.control import CONTROL_TIMEOUT_S
+
     parser = argparse.ArgumentParser(
         prog="alignpipe",
         description="Staged RLHF / preference-alignment pipeline: a recipe (YAML) runs SFT, preference optimisation "
@@ -88,9 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     topology.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1")
     topology.add_argument("--main-addr", metavar="A", help="address of node 0 (needed with --nodes > 1)")
     topology.add_argument("--main-port", type=int, default=29500, metavar="P", help="rendezvous port (default: 29500)")
+    topology.add_argument("--control-port", type=int, metavar="P",
+                          help="with --nodes > 1: port on node 0 through which it tells the other nodes which stages "
+                          "to skip, run or resume and when each is complete (default: --main-port + 1; the same "
+                          "on every node)")
+    topology.add_argument("--control-timeout", type=float, default=CONTROL_TIMEOUT_S, metavar="S",
+                          help="with --nodes > 1: seconds the nodes wait for each other to start, and node 0 for the "
+                          f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f})")
     topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
     topology.add_argument("--dry-run", action="store_true",
-                          help="print each stage's launch command and batch split; run nothing, write nothing")
+                          help="print what the run would do with each stage (skip, run or resume, and why), its "
+                          "launch command and batch split; run nothing, write nothing")
 
     validate = commands.add_parser("validate", help="check a recipe without running anything",
                                    description="Validate RECIPE (and overrides) and the local files it names "
@@ -113,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_argument("checkpoints", nargs="+", help="run directory, checkpoint path or hub id (NAME=PATH to label)")
+    evaluate.add_argument("checkpoints", nargs="+",
+                          help="run directory, checkpoint path or hub id (NAME=PATH to label)")
     evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
     evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
     evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
@@ -161,12 +177,14 @@ def _cmd_validate(args) -> int:
 def _cmd_run(args) -> int:
     import torch
 
+    from alignpipe.pipeline.control import ControlError
     from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
     from alignpipe.pipeline.runner import Runner, StageFailed
     from alignpipe.recipe import RecipeError, load_recipe
 
     options = LaunchOptions(gpus=args.gpus, processes=args.processes, nodes=args.nodes, node_rank=args.node_rank,
-                            main_addr=args.main_addr, main_port=args.main_port, deepspeed=args.deepspeed, cpu=args.cpu)
+                            main_addr=args.main_addr, main_port=args.main_port, control_port=args.control_port,
+                            deepspeed=args.deepspeed, cpu=args.cpu)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         # a dry run with --gpus describes that cluster from any machine; otherwise both use this machine's GPUs, so a
@@ -175,13 +193,13 @@ def _cmd_run(args) -> int:
         topology = resolve_topology(options, visible_gpus=visible)
         runner = Runner(recipe, runs_dir=args.runs_dir, recipe_path=args.recipe, overrides=args.overrides,
                         force=args.force, resume=args.resume, in_process=args.in_process, topology=topology,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, control_timeout_s=args.control_timeout)
     except (RecipeError, ValueError) as error:
         print(error, file=sys.stderr)
         return 2
     try:
         outcomes = runner.run()
-    except StageFailed as error:
+    except (StageFailed, ControlError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, ImportError) as error:  # e.g. a model package that is not installed

@@ -215,9 +215,8 @@ def convert_gguf_package(package: str, cache_root: Path | None = None, *, dtype:
     _require_gguf()
     version = _package_version(package)
     sha256 = _sha256(gguf_path)
-    dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = root / f"{_module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+    target = root / _conversion_folder(package, version, sha256, dtype)
 
     if _is_complete(target, sha256):
         log.info("GGUF package %s %s: using cached conversion %s", package, version, target)
@@ -248,6 +247,22 @@ def convert_gguf_package(package: str, cache_root: Path | None = None, *, dtype:
     return target
 
 
+def _conversion_folder(package: str, version: str, sha256: str, dtype: torch.dtype) -> str:
+    dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return f"{_module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+
+
+def _template_variant(folder: str, choice: str) -> str:
+    return folder if choice == "own" else f"{folder}-{choice}"
+
+
+def conversion_name(package: str, chat_template: str = "own", *, dtype: torch.dtype = torch.float32) -> str:
+    """The folder name ``with_chat_template(convert_gguf_package(package), chat_template)`` returns, without
+    converting anything (it reads the GGUF file for its hash): what a run records of the model, for a dry run."""
+    folder = _conversion_folder(package, _package_version(package), _sha256(gguf_package_file(package)), dtype)
+    return _template_variant(folder, chat_template)
+
+
 def with_chat_template(checkpoint: Path, choice: str) -> Path:
     """``checkpoint`` whose tokenizer uses the chat template ``choice`` (see ``models.chat_templates``).
 
@@ -259,7 +274,7 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
 
     if choice == "own":
         return checkpoint
-    target = checkpoint.with_name(f"{checkpoint.name}-{choice}")
+    target = checkpoint.with_name(_template_variant(checkpoint.name, choice))
     if (target / MARKER).exists():
         return target
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)

@@ -8,7 +8,9 @@ topology -> (accelerate config, command line) mapping is one pure function. The 
   launch --cpu --num_processes N`` starts a single process;
 * DeepSpeed configs point at a JSON file; its absolute path is passed as ``--deepspeed_config_file`` so the run does
   not depend on the working directory;
-* multi-node runs need a shared filesystem for ``runs/``; every node runs the same command with its own node rank.
+* multi-node runs need a shared filesystem for ``runs/``; every node runs the same command with its own node rank,
+  and node 0 tells the others what to run over a control channel on ``control_port`` (``pipeline.control``), a port
+  of its own beside the stage launches' ``main_port``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class LaunchOptions:
     node_rank: int = 0
     main_addr: str | None = None
     main_port: int = 29500
+    control_port: int | None = None  # node 0's control channel (multi-node); None = main_port + 1
     deepspeed: DeepSpeedStage | None = None
     cpu: bool = False
 
@@ -51,6 +54,7 @@ class Topology:
     node_rank: int
     main_addr: str | None
     main_port: int
+    control_port: int
     config: Path
     deepspeed_json: Path | None
 
@@ -63,7 +67,8 @@ class Topology:
         return self.node_rank == 0
 
     def describe(self) -> str:
-        nodes = f" x {self.nodes} nodes (this is node {self.node_rank})" if self.nodes > 1 else ""
+        nodes = (f" x {self.nodes} nodes (this is node {self.node_rank}; control channel on "
+                 f"{self.main_addr}:{self.control_port})" if self.nodes > 1 else "")
         zero = f", DeepSpeed {self.deepspeed_json.stem.removeprefix('ds_')}" if self.deepspeed_json else ""
         unit = "GPU(s)" if self.device == "cuda" else "CPU process(es)"
         return f"{self.processes_per_node} {unit}{nodes}{zero} (accelerate config {self.config.name})"
@@ -87,6 +92,12 @@ def resolve_topology(options: LaunchOptions, *, visible_gpus: int) -> Topology:
         raise LaunchError(f"--nodes {o.nodes} needs --main-addr: the address of node 0, reachable from every node")
     if not 0 < o.main_port < 65536:
         raise LaunchError(f"--main-port must be a TCP port (1-65535), got {o.main_port}")
+    control_port = o.main_port + 1 if o.control_port is None else o.control_port
+    if o.nodes > 1 and not 0 < control_port < 65536:
+        given = f"{control_port}" if o.control_port is not None else f"{control_port} (--main-port + 1)"
+        raise LaunchError(f"--control-port must be a TCP port (1-65535), got {given}; pass --control-port P")
+    if o.nodes > 1 and control_port == o.main_port:
+        raise LaunchError(f"--control-port {control_port} is --main-port, which the stage launches use; pick another")
     if o.cpu and o.gpus is not None:
         raise LaunchError("--cpu and --gpus exclude each other; use --cpu --processes N for several CPU processes")
 
@@ -109,7 +120,8 @@ def resolve_topology(options: LaunchOptions, *, visible_gpus: int) -> Topology:
     else:
         config, json_file = _data_parallel_config(device, per_node, o.nodes), None
     return Topology(device=device, processes_per_node=per_node, nodes=o.nodes, node_rank=o.node_rank,
-                    main_addr=o.main_addr, main_port=o.main_port, config=config, deepspeed_json=json_file)
+                    main_addr=o.main_addr, main_port=o.main_port, control_port=control_port, config=config,
+                    deepspeed_json=json_file)
 
 
 def _data_parallel_config(device: str, processes_per_node: int, nodes: int) -> Path:

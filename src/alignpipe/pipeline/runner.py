@@ -4,13 +4,17 @@ A stage is skipped when its manifest says ``complete`` with the same config hash
 content hashes of its inputs' checkpoints, and under the keys ``dataset.path``, ``backbone.path`` and ``model.path``
 those of the local file or directory its ``dataset.path`` names, the local ``backbone`` a reward stage reads and
 the recipe's model when it is a local directory); ``--force STAGE`` re-runs it; ``--resume`` continues an
-interrupted stage from its last trainer checkpoint. Each stage runs as its own process through
-``pipelines/<type>.py`` so it frees its memory when it ends, under ``accelerate launch`` with the topology's config
-(``alignpipe.pipeline.launch``).
+interrupted stage from its last trainer checkpoint. One function makes that decision (``pipeline.decision``) for the
+run, for ``--dry-run`` (which prints it) and for what node 0 tells the other nodes. Each stage runs as its own
+process through ``pipelines/<type>.py`` so it frees its memory when it ends, under ``accelerate launch`` with the
+topology's config (``alignpipe.pipeline.launch``).
 
 Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
-record, configs, manifests); the other nodes *follow*: they make the same skip/run decision from node 0's
-manifests, launch the same stage commands (their processes join node 0's in the rendezvous) and write nothing.
+record, configs, manifests) and hosts a control channel on ``--main-addr:--control-port`` (``pipeline.control``);
+the other nodes *follow*: they wait there for node 0's decision on each stage (its ``--force`` and ``--resume`` rule;
+theirs are ignored), launch the same stage command (with ``--resume`` when node 0 resumes; their processes join node
+0's in the rendezvous), wait for the stage's outcome, and write nothing. They never read a manifest for a decision:
+one left by an earlier attempt (``failed``, or ``running`` after a kill) says nothing about this one.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.batching import stage_batch_split
+from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlFollower, ControlHost
+from alignpipe.pipeline.decision import StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
     LaunchOptions,
@@ -60,7 +66,7 @@ DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage n
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
-FOLLOWER_POLL_S = 2.0
+UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
 
 
 class StageFailed(RuntimeError):
@@ -88,6 +94,7 @@ class Runner:
         in_process: bool = False,
         topology: Topology | None = None,
         dry_run: bool = False,
+        control_timeout_s: float = CONTROL_TIMEOUT_S,
     ):
         names = [s.name for s in recipe.stages]
         for name in force:
@@ -96,6 +103,8 @@ class Runner:
                 suggestion = f"did you mean '{hint[0]}'? " if hint else ""
                 raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
                                  f"stages: {names}")
+        if control_timeout_s <= 0:
+            raise ValueError(f"--control-timeout must be a positive number of seconds, got {control_timeout_s:g}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self.run_dir = Path(runs_dir) / recipe.name
@@ -107,6 +116,7 @@ class Runner:
         self.topology = topology or default_topology()
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
+        self.control_timeout_s = control_timeout_s
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
 
     # -- public ------------------------------------------------------------------------------------------------------
@@ -119,18 +129,9 @@ class Runner:
             return self._dry_run()
         from alignpipe.pipeline.preflight import preflight
 
-        preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
-        if self.follower:
-            return self._follow()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_run_record()
-        outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
-        outcomes = []
-        for stage in self.recipe.stages:
-            outcome = self._run_stage(stage, outputs)
-            outcomes.append(outcome)
-            log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
-        return outcomes
+        with self._control_channel() as channel:
+            preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
+            return self._follow(channel) if isinstance(channel, ControlFollower) else self._lead(channel)
 
     def stage_command(self, stage_type: str, directory: Path, resume: bool) -> list[str]:
         """The exact command that runs one stage (printed before it runs, and by ``--dry-run``)."""
@@ -141,6 +142,33 @@ class Runner:
         return stage_command(stage_topology(self.topology, stage_type), arguments, python=sys.executable)
 
     # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _control_channel(self) -> Alone | ControlHost | ControlFollower:
+        """Node 0's or a follower's end of the control channel of a multi-node run; nothing on a single node."""
+        t = self.topology
+        if t.nodes == 1:
+            return Alone()
+        identity = {"run": self.recipe.name, "recipe_sha256": canonical_hash(recipe_to_dict(self.recipe)),
+                    "nodes": t.nodes}
+        if self.follower:
+            return ControlFollower(t.main_addr, t.control_port, rank=t.node_rank, identity=identity,
+                                   timeout_s=self.control_timeout_s)
+        return ControlHost(t.main_addr, t.control_port, nodes=t.nodes, identity=identity,
+                           timeout_s=self.control_timeout_s)
+
+    def _lead(self, channel: Alone | ControlHost) -> list[StageOutcome]:
+        """Node 0 (or a single node): once every follower has joined, decide, write and run each stage in turn,
+        telling the followers each decision and outcome."""
+        channel.wait_for_followers()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_record()
+        outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
+        outcomes = []
+        for stage in self.recipe.stages:
+            outcome = self._run_stage(stage, outputs, channel)
+            outcomes.append(outcome)
+            log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
+        return outcomes
 
     def _write_run_record(self) -> None:
         resolved = recipe_to_dict(self.recipe)
@@ -172,7 +200,7 @@ class Runner:
 
             # once per package version (and chat template), cached across runs
             converted = with_chat_template(convert_gguf_package(spec.gguf_package), spec.chat_template)
-            return str(converted), canonical_hash({**spec.model_dump(mode="json"), "converted": converted.name})
+            return str(converted), _converted_base_hash(spec, converted.name)
         if not spec.is_tiny:
             from alignpipe.models.loading import resolve_model_location
 
@@ -196,6 +224,21 @@ class Runner:
         log.info("[base] created the tiny model in %.1fs", time.time() - started)
         return str(directory.checkpoint.resolve()), sha
 
+    def _planned_base(self) -> tuple[str, str]:
+        """What ``_prepare_base`` would return, without creating or converting anything (for a dry run): the hash is
+        ``UNBUILT`` while the tiny model is not created yet."""
+        spec = self.recipe.model
+        if spec.gguf_package is not None:
+            from alignpipe.models.gguf import conversion_name
+
+            name = conversion_name(spec.gguf_package, spec.chat_template)
+            return name, _converted_base_hash(spec, name)
+        if not spec.is_tiny:
+            return self._prepare_base()  # a hub id or a path: named, nothing made
+        directory = StageDir(self.run_dir / BASE)
+        manifest = _complete_base(directory, canonical_hash({"base": self._recipe_context()}))
+        return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
+
     def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
         """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
         backbone is often that same folder."""
@@ -204,45 +247,20 @@ class Runner:
             self._model_hashes[key] = local_model_hash(name_or_path, gguf_file)
         return self._model_hashes[key]
 
-    def _run_stage(self, stage, outputs: dict[str, tuple[str, str | None]]) -> StageOutcome:
+    def _run_stage(self, stage, outputs: dict[str, tuple[str, str | None]],
+                   channel: Alone | ControlHost) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
-        manifest = directory.read_manifest() or {}
-        if _recorded_before_content_keys(manifest, config_hash, input_hashes):
-            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
-                     stage.name)
-            directory.update_manifest(input_hashes=input_hashes)
-            manifest = directory.read_manifest() or {}
-        same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
-
-        # A stage that published a checkpoint is done only while the checkpoint is there (deleted by hand, say).
-        published = manifest.get("output_sha256") is None or directory.checkpoint.exists()
-        if same_work and manifest.get("status") == "complete" and published and stage.name not in self.force:
+        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=True)
+        decision = decide_stage(directory, manifest, config_hash, input_hashes, forced=stage.name in self.force,
+                                resume=self.resume)
+        reason = decision.reason
+        if decision.action == "skip":
             outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
-            return StageOutcome(stage.name, "skipped", 0.0, "complete with the same config and inputs")
+            channel.publish_decision(stage.name, "skip", reason)
+            return StageOutcome(stage.name, "skipped", 0.0, reason)
 
-        resume = (
-            self.resume and same_work and manifest.get("status") != "complete" and directory.has_progress()
-        )
-        latest = directory.latest_trainer_checkpoint() if resume else None  # verified; bad ones set aside
-        if resume and latest is None and not directory.has_round_progress():
-            resume = False
-            reason = "no intact checkpoint to resume from; starting over"
-        elif stage.name in self.force:
-            reason = "forced"
-        elif resume:
-            reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
-        elif not manifest:
-            reason = "new"
-        elif not same_work:
-            reason = "config or inputs changed"
-        elif not published:
-            reason = f"complete, but its checkpoint ({directory.checkpoint}) is missing; starting over"
-        elif directory.has_progress():
-            reason = f"previous attempt {manifest.get('status', 'unknown')}; starting over (use --resume to continue)"
-        else:  # with or without --resume: the attempt saved nothing to continue from
-            reason = (f"previous attempt {manifest.get('status', 'unknown')}; no checkpoint to resume from; "
-                      "starting over")
+        resume = decision.action == "resume"
         if not resume:
             directory.reset()
         directory.root.mkdir(parents=True, exist_ok=True)
@@ -259,9 +277,10 @@ class Runner:
             "start_time": utc_now(), "resumed": resume,
             # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
             CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
-            "resume_from": directory.relative_key(latest) if resume and latest else None,
+            "resume_from": directory.relative_key(decision.resume_from) if decision.resume_from else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
+        channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
         try:
             self._launch(stage.type, directory, resume)
@@ -275,6 +294,7 @@ class Runner:
                 "Fix the cause and re-run; add --resume to continue from its last trainer checkpoint."
             )
         outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
+        channel.publish_outcome(stage.name, manifest.get("output_sha256"))
         return StageOutcome(stage.name, "resumed" if resume else "ran", time.time() - started, reason)
 
     def _launch(self, stage_type: str, directory: StageDir, resume: bool) -> None:
@@ -301,7 +321,7 @@ class Runner:
         log.info("$ %s", format_command(command))
         return subprocess.run(command, env=env or self._stage_env()).returncode
 
-    # -- dry run and multi-node followers ----------------------------------------------------------------------------
+    # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
     def _stage_hashes(self, stage, outputs: dict[str, tuple[str, str | None]]) -> tuple[str, dict]:
         config_hash = canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
@@ -316,59 +336,82 @@ class Runner:
             input_hashes[MODEL] = content
         return config_hash, input_hashes
 
+    def _recorded_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict, *, adopt: bool) -> dict:
+        """The stage's manifest. One recorded before local files were hashed by content takes their current hashes
+        (see ``_recorded_before_content_keys``): written back when ``adopt``, only assumed by a dry run."""
+        manifest = directory.read_manifest() or {}
+        if not _recorded_before_content_keys(manifest, config_hash, input_hashes):
+            return manifest
+        if adopt:
+            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
+                     directory.name)
+            directory.update_manifest(input_hashes=input_hashes)
+        return {**manifest, "input_hashes": input_hashes}
+
     def _dry_run(self) -> list[StageOutcome]:
-        """Print what would run (commands included) without creating or changing anything on disk."""
+        """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
+        command, without creating or changing anything on disk."""
         outcomes = []
+        outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
             directory = StageDir(self.run_dir / stage.name)
-            manifest = directory.read_manifest() or {}
-            done = manifest.get("status") == "complete" and stage.name not in self.force
-            resume = self.resume and not done and directory.has_progress()
-            command = format_command(self.stage_command(stage.type, directory.root, resume))
-            action = "skip if its config and inputs are unchanged" if done else "run"
-            print(f"[dry-run] {stage.name} ({stage.type}): {action}\n  {command}")
-            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, action))
+            if directory.read_manifest() is None:
+                decision, described = StageDecision("run", "new"), "run (new)"  # hashes need not be known
+            else:
+                outputs.setdefault(BASE, self._planned_base())
+                decision, described = self._dry_run_decision(stage, directory, outputs)
+            output = (directory.read_manifest() or {}).get("output_sha256") if decision.action == "skip" else UNBUILT
+            outputs[stage.name] = (str(directory.checkpoint), output)
+            command = format_command(self.stage_command(stage.type, directory.root, decision.action == "resume"))
+            print(f"[dry-run] {stage.name} ({stage.type}): {described}\n  {command}")
+            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
         return outcomes
 
-    def _follow(self) -> list[StageOutcome]:
-        """Node rank > 0: launch each stage node 0 runs, write nothing, wait for node 0's manifests."""
+    def _dry_run_decision(self, stage, directory: StageDir, outputs: dict) -> tuple[StageDecision, str]:
+        """The run's decision for ``stage`` and its description. Outputs that an earlier stage makes first have no
+        hash yet (``UNBUILT``); when the decision depends on them, both cases are described: the decision as if they
+        change (the one returned, whose command is printed), and as if they come out the same."""
+        config_hash, input_hashes = self._stage_hashes(stage, outputs)
+        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=False)
+
+        def decide(hashes: dict) -> StageDecision:
+            return decide_stage(directory, manifest, config_hash, hashes, forced=stage.name in self.force,
+                                resume=self.resume, look_only=True)
+
+        changed = decide(input_hashes)
+        remade = [name for name, value in input_hashes.items() if value == UNBUILT]
+        if not remade:
+            return changed, f"{changed.action} ({changed.reason})"
+        recorded = manifest.get("input_hashes") or {}
+        same = decide({**input_hashes, **{name: recorded.get(name) for name in remade}})
+        inputs = f"its inputs are made first: {', '.join(remade)}"
+        if same.action != changed.action:
+            return changed, f"{changed.action} ({inputs}), or {same.action} if they come out unchanged ({same.reason})"
+        return changed, f"{changed.action} ({changed.reason if same.reason == changed.reason else inputs})"
+
+    def _follow(self, channel: ControlFollower) -> list[StageOutcome]:
+        """Node rank > 0: for each stage, do what node 0 decided (skip it, or launch this node's part of it, with
+        ``--resume`` when node 0 resumes) and wait until node 0 reports it complete; write nothing. Single-process
+        stages run on node 0 alone: a follower only waits for them."""
+        channel.join()
         outcomes = []
-        outputs: dict[str, tuple[str, str | None]] = {BASE: self._followed_base()}
         for stage in self.recipe.stages:
-            directory = StageDir(self.run_dir / stage.name)
-            config_hash, input_hashes = self._stage_hashes(stage, outputs)
+            decision = channel.decision(stage.name)
             started = time.time()
-            manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("running", "complete"))
-            action = "skipped"
-            if stage.type in SINGLE_PROCESS_STAGES and manifest["status"] == "running":
-                manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("complete",))
+            if decision["action"] == "skip":
+                action = "skipped"
+            elif stage.type in SINGLE_PROCESS_STAGES:
                 action = "waited (runs on node 0 only)"
-            elif manifest["status"] == "running":
-                self._spawn(self.stage_command(stage.type, directory.root, bool(manifest.get("resumed"))))
-                manifest = self._wait_for_manifest(directory, config_hash, input_hashes, ("complete",))
-                action = "ran"
-            outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
-            outcomes.append(StageOutcome(stage.name, action, time.time() - started, "following node 0"))
+                channel.outcome(stage.name)
+            else:
+                resume = decision["action"] == "resume"
+                if code := self._spawn(self.stage_command(stage.type, self.run_dir / stage.name, resume)):
+                    log.warning("[%s] this node's part exited with %d; waiting for node 0's verdict", stage.name, code)
+                action = "resumed" if resume else "ran"
+                channel.outcome(stage.name)
+            log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
+            outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))
         return outcomes
-
-    def _followed_base(self) -> tuple[str, str | None]:
-        if not self.recipe.model.is_tiny:
-            return self._prepare_base()  # a hub id, path or cached conversion: nothing of this run's is written
-        base = StageDir(self.run_dir / BASE)
-        config_hash = canonical_hash({"base": self._recipe_context()})
-        manifest = _poll(lambda: _complete_base(base, config_hash), f"{base.manifest} (node 0 creates the tiny model)")
-        return str(base.checkpoint.resolve()), manifest["output_sha256"]
-
-    def _wait_for_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict,
-                           statuses: tuple[str, ...]) -> dict:
-        def ready():
-            manifest = directory.read_manifest() or {}
-            same = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
-            if same and manifest.get("status") == "failed":
-                raise StageFailed(f"node 0 reports stage '{directory.name}' failed; see {directory.manifest}")
-            return manifest if same and manifest.get("status") in statuses else None
-
-        return _poll(ready, f"{directory.manifest} to say {' or '.join(statuses)}")
 
 
 def local_dataset_hash(stage) -> str | None:
@@ -415,23 +458,16 @@ def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes
     return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
 
 
+def _converted_base_hash(spec, folder: str) -> str:
+    """A GGUF package's base hash: its model spec and the conversion's folder name (package version, file hash)."""
+    return canonical_hash({**spec.model_dump(mode="json"), "converted": folder})
+
+
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:
     """The base directory's manifest if it holds the tiny model of this recipe, complete; None otherwise."""
     manifest = directory.read_manifest() or {}
     done = manifest.get("status") == "complete" and manifest.get("config_hash") == config_hash
     return manifest if done and directory.checkpoint.exists() else None
-
-
-def _poll(ready, what: str):
-    """Call ``ready`` every few seconds until it returns something; give up after ALIGNPIPE_FOLLOWER_TIMEOUT_S."""
-    timeout_s = float(os.environ.get("ALIGNPIPE_FOLLOWER_TIMEOUT_S", "3600"))
-    deadline = time.time() + timeout_s
-    while (value := ready()) is None:
-        if time.time() > deadline:
-            raise StageFailed(f"waited {timeout_s:.0f}s for {what}; is node 0 running the same recipe over the same "
-                              "shared runs directory?")
-        time.sleep(FOLLOWER_POLL_S)
-    return value
 
 
 def default_topology() -> Topology:

@@ -1,0 +1,236 @@
+"""The control channel of a multi-node run: node 0 tells the other nodes what it decided and how each stage ended.
+
+Why not the manifests: a follower reading ``runs/<run>/<stage>/manifest.json`` cannot tell this attempt's from an
+earlier one's (a ``failed`` or ``running`` left by a crash or a kill, a ``complete`` that node 0 re-runs under
+``--force``), and only node 0 knows its ``--force`` and ``--resume``. So node 0 hosts a small key-value store
+(``torch.distributed.TCPStore``; a store, not a process group) on ``--main-addr:--control-port`` for as long as its
+``alignpipe run`` lives, and publishes there, per stage, its decision once the stage directory is ready and then the
+stage's outcome. The store lives and dies with one attempt, so nothing in it is stale, and a follower started before
+or after node 0 reads the same decisions.
+
+Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``decision/<stage>``
+(``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>`` (``{"output_sha256": ...}``, once the
+stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped), ``done/<rank>`` (a
+follower read the last outcome; node 0 keeps the store up until every follower has said one of the two).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from datetime import timedelta
+
+from alignpipe.pipeline.decision import Action
+
+log = logging.getLogger("alignpipe")
+
+CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
+POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
+ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why
+RUN, ABORT = "run", "abort"
+
+
+class ControlError(RuntimeError):
+    """The nodes cannot agree: one did not show up in time, went away, stopped, or runs another recipe."""
+
+
+def _joined(rank: int) -> str:
+    return f"joined/{rank}"
+
+
+def _left(rank: int) -> str:
+    return f"left/{rank}"
+
+
+def _done(rank: int) -> str:
+    return f"done/{rank}"
+
+
+def why_it_stopped(error: BaseException) -> str:
+    """One line for the other nodes: the error's message, or what happened when there is none."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return str(error).strip() or type(error).__name__
+
+
+def mismatch(ours: dict, theirs: dict) -> list[str]:
+    """The run-identity fields (recipe name and hash, node count) on which two nodes disagree, described."""
+    return [f"{key}: node 0 has {theirs.get(key)!r}, this node {ours.get(key)!r}"
+            for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+
+
+class Alone:
+    """A single-node run: nobody to wait for or to tell."""
+
+    def __enter__(self) -> Alone:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def wait_for_followers(self) -> None:
+        return None
+
+    def publish_decision(self, stage: str, action: Action, reason: str) -> None:
+        return None
+
+    def publish_outcome(self, stage: str, output_sha256: str | None) -> None:
+        return None
+
+
+class ControlHost:
+    """Node 0's end. ``with`` it around the whole run: on the way out it publishes why the run stopped (if it did) and
+    keeps the store up until the followers have read it."""
+
+    def __init__(self, address: str, port: int, *, nodes: int, identity: dict, timeout_s: float):
+        self.address, self.port, self.timeout_s = address, port, timeout_s
+        self.followers = range(1, nodes)
+        self.identity = identity
+        self._store = None
+
+    def __enter__(self) -> ControlHost:
+        from torch.distributed import DistError, TCPStore
+
+        try:
+            self._store = TCPStore(self.address, self.port, None, True, timedelta(seconds=self.timeout_s),
+                                   wait_for_workers=False)
+        except DistError as error:
+            raise ControlError(
+                f"node 0 cannot open its control channel on port {self.port} ({error}); is another `alignpipe run "
+                "--node-rank 0` still running on this machine? Stop it, or pass another --control-port to every node"
+            ) from error
+        self._store.set(RUN, json.dumps(self.identity))
+        log.info("control channel open on %s:%d for node(s) %s", self.address, self.port, list(self.followers))
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            self._store.set(ABORT, why_it_stopped(error))
+            joined = [r for r in self.followers if self._store.check([_joined(r)])]
+            self._wait_for_acknowledgements(joined, min(self.timeout_s, ABORT_GRACE_S))
+        else:
+            self._wait_for_acknowledgements(list(self.followers), self.timeout_s)
+        self._store = None  # the server stops with its last reference
+
+    def wait_for_followers(self) -> None:
+        """Block until every follower has joined, before node 0 decides or writes anything."""
+        deadline = time.monotonic() + self.timeout_s
+        missing = list(self.followers)
+        while missing:
+            for rank in missing:
+                if self._store.check([_left(rank)]):
+                    raise ControlError(f"node {rank} stopped before the run began: "
+                                       f"{self._store.get(_left(rank)).decode()}")
+            missing = [r for r in missing if not self._store.check([_joined(r)])]
+            if missing and time.monotonic() > deadline:
+                raise ControlError(
+                    f"node(s) {missing} did not join within {self.timeout_s:.0f}s: start the same `alignpipe run` "
+                    f"(same recipe and overrides, --nodes {len(self.followers) + 1}, --main-addr, --control-port) "
+                    "with --node-rank R on each, or give them longer with --control-timeout")
+            if missing:
+                time.sleep(POLL_S)
+        log.info("all %d node(s) joined", len(self.followers) + 1)
+
+    def publish_decision(self, stage: str, action: Action, reason: str) -> None:
+        """Tell the followers what to do with ``stage``; for ``run``/``resume`` only once its directory is ready (its
+        config written: their stage processes read it)."""
+        self._store.set(f"decision/{stage}", json.dumps({"action": action, "reason": reason}))
+
+    def publish_outcome(self, stage: str, output_sha256: str | None) -> None:
+        self._store.set(f"outcome/{stage}", json.dumps({"output_sha256": output_sha256}))
+
+    def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = [r for r in ranks if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
+        while pending and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            pending = [r for r in pending if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
+        if pending:
+            log.warning("node(s) %s did not confirm the end of the run within %.0fs; closing the control channel",
+                        pending, timeout_s)
+
+
+class ControlFollower:
+    """A follower's end. ``with`` it around the whole run: on the way out it tells node 0 it is done, or why not."""
+
+    def __init__(self, address: str, port: int, *, rank: int, identity: dict, timeout_s: float):
+        self.address, self.port, self.rank, self.timeout_s = address, port, rank, timeout_s
+        self.identity = identity
+        self._store = None
+
+    def __enter__(self) -> ControlFollower:
+        from torch.distributed import DistError, TCPStore
+
+        self._wait_for_node_zero()
+        try:
+            self._store = TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s))
+        except DistError as error:
+            raise self._lost("connecting") from error
+        log.info("following node 0 through its control channel at %s:%d", self.address, self.port)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        from torch.distributed import DistError
+
+        try:
+            if error is None:
+                self._store.set(_done(self.rank), "1")
+            else:
+                self._store.set(_left(self.rank), why_it_stopped(error))
+        except DistError:
+            pass  # node 0 is gone already: there is nobody left to tell
+        self._store = None
+
+    def join(self) -> None:
+        """Check that node 0 runs the same recipe over as many nodes, then tell it this node follows."""
+        theirs = self._await(RUN, "node 0's recipe")
+        if differences := mismatch(self.identity, theirs):
+            raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
+                               "every node with the same recipe file, overrides and --nodes")
+        self._store.set(_joined(self.rank), "1")
+
+    def decision(self, stage: str) -> dict:
+        """Node 0's decision for ``stage`` (``action`` and ``reason``), once it has made it."""
+        return self._await(f"decision/{stage}", f"node 0's decision for stage '{stage}'")
+
+    def outcome(self, stage: str) -> dict:
+        """``stage``'s outcome once node 0 has it (``output_sha256``); a ControlError when node 0 stopped instead."""
+        return self._await(f"outcome/{stage}", f"stage '{stage}' to complete on node 0")
+
+    def _await(self, key: str, what: str) -> dict:
+        """Wait, without a deadline while node 0 answers (a stage may train for hours), for ``key``; a stop of node 0
+        (``abort``) comes first, so a follower never acts on a decision node 0 gave up on."""
+        from torch.distributed import DistError
+
+        while True:
+            try:
+                if self._store.check([ABORT]):
+                    raise ControlError(f"node 0 stopped the run: {self._store.get(ABORT).decode()}")
+                if self._store.check([key]):
+                    return json.loads(self._store.get(key))
+            except DistError as error:
+                raise self._lost(f"waiting for {what}") from error
+            time.sleep(POLL_S)
+
+    def _wait_for_node_zero(self) -> None:
+        """Wait until node 0's control port accepts connections (it may start after this node). A plain socket: the
+        store's own client logs every failed try."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                socket.create_connection((self.address, self.port), timeout=min(5.0, self.timeout_s)).close()
+                return
+            except OSError as error:
+                if time.monotonic() > deadline:
+                    raise ControlError(
+                        f"node 0 did not open its control channel at {self.address}:{self.port} within "
+                        f"{self.timeout_s:.0f}s ({error}): start the same `alignpipe run` with --node-rank 0 on "
+                        "--main-addr (every node with the same --control-port), or give it longer with "
+                        "--control-timeout") from error
+                time.sleep(min(1.0, self.timeout_s / 10))
+
+    def _lost(self, doing: str) -> ControlError:
+        return ControlError(f"node {self.rank} lost node 0's control channel at {self.address}:{self.port} while "
+                            f"{doing}: node 0's `alignpipe run` stopped or cannot be reached; see its log")

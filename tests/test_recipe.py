@@ -305,3 +305,48 @@ def test_group_rl_stages_have_no_max_length() -> None:
     """TRL's GRPO/RLOO configs take no prompt length, so the resolved config must not show an unused max_length."""
     for kind in (GRPOStage, RLOOStage):
         assert "max_length" not in kind.model_fields and "max_completion_length" in kind.model_fields
+
+
+# ----------------------------------------------------------------------------- stages that only know the built-in task
+
+REAL_SFT = {"name": "sft", "type": "sft", "dataset": {"source": "hh_rlhf", "path": "hh"}}
+REAL_RM = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2,
+           "dataset": {"source": "trl", "path": "pairs.jsonl"}}
+
+
+def _stages(tmp_path: Path, *stages: dict) -> Path:
+    return write(tmp_path / "recipe.yaml", yaml.safe_dump({"name": "r", "stages": list(stages)}))
+
+
+@pytest.mark.parametrize(("kind", "does"), [
+    ("ppo", "draw their prompts from the built-in synthetic task"), ("grpo", "draw their prompts from the built-in"),
+    ("rloo", "draw their prompts from the built-in"), ("bon", "sample the held-out prompts of the built-in"),
+])
+def test_rewarded_stages_after_real_data_are_errors(tmp_path: Path, kind: str, does: str) -> None:
+    """ppo, grpo, rloo and bon sample the built-in task's prompts and score them with its gold reward whatever
+    trained their inputs, so a policy or reward model trained on a real dataset anywhere upstream is an error."""
+    synthetic_sft = {"name": "sft", "type": "sft"}
+    stage = {"name": "s", "type": kind, "inputs": ["sft"], "reward": {"source": "gold"}}
+    assert load_recipe(_stages(tmp_path, synthetic_sft, stage)).stage("s").type == kind
+
+    message = error_for(_stages(tmp_path, REAL_SFT, stage))
+    assert f"stages.s.inputs: {kind} stages {does}" in message
+    assert "but 'sft' trained on dataset.source 'hh_rlhf'" in message and "train the stages before it" in message
+    judged = {**stage, "inputs": ["sft", "rm"], "reward": {"source": "model"}}  # a real reward model, policy synthetic
+    assert "but 'rm' trained on dataset.source 'trl'" in error_for(_stages(tmp_path, synthetic_sft, REAL_RM, judged))
+    dpo = {"name": "dpo", "type": "dpo", "inputs": ["sft"]}  # synthetic itself, but started from the real sft
+    assert "but 'sft' trained on" in error_for(_stages(tmp_path, REAL_SFT, dpo, {**stage, "inputs": ["dpo"]}))
+
+
+def test_eval_stages_reject_policies_trained_on_real_data_but_not_reward_rows(tmp_path: Path) -> None:
+    """An eval stage scores policies on the built-in task's held-out prompts; a reward input is a row of its own
+    held-out pairs, so a reward stage trained on a real dataset is fine there and a policy is not."""
+    sft = {"name": "sft", "type": "sft"}
+    real_dpo = {"name": "dpo", "type": "dpo", "inputs": ["sft"], "dataset": {"source": "trl", "path": "pairs.jsonl"}}
+    ev = {"name": "ev", "type": "eval", "inputs": ["sft", "rm"]}
+    assert load_recipe(_stages(tmp_path, sft, REAL_RM, ev)).stage("ev").inputs == ["sft", "rm"]
+    message = error_for(_stages(tmp_path, sft, REAL_RM, real_dpo, {**ev, "inputs": ["sft", "rm", "dpo"]}))
+    assert ("stages.ev.inputs[2]: eval stages sample the held-out prompts of the built-in synthetic task (the recipe's "
+            "data: block) and score them with its gold reward, but 'dpo' trained on dataset.source 'trl', so this "
+            "stage would score 'dpo' on another task; drop it here") in message
+    assert "alignpipe eval <checkpoint> --suite" in message and "stages.ev.inputs[1]" not in message

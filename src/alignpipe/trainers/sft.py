@@ -15,8 +15,8 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from alignpipe.data.preference import sft_conversations_for
-from alignpipe.data.synthetic import sft_dataset
 from alignpipe.data.sft_lengths import measure_truncation, truncation_warning
+from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec
 from alignpipe.trainers.common import (

@@ -272,3 +272,30 @@ def test_multi_turn_training_rows_are_tokenised_as_the_scorer_encodes_them(llama
     for side in ("chosen", "rejected"):
         texts = [plain_text(r[side]) for r in rows]
         assert [f["input_ids"] for f in scorer.encode_features(prompts, texts)] == trainer.train_dataset[f"{side}_ids"]
+
+
+@pytest.mark.parametrize("kind", ["ensemble", "single"])
+def test_a_recipe_dtype_name_loads_a_scorer_as_its_stage_trained_it(kind, llama_path, tmp_path):
+    """Stages pass the recipe's ``model.dtype`` name. ``auto`` means float32 on the CPU (resolve_dtype, as the reward
+    stage trains); handed to transformers as it is, it would load a bf16-saved checkpoint in bf16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_path)
+    if kind == "ensemble":
+        bf16_backbone = tmp_path / "bf16"
+        AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.bfloat16).save_pretrained(bf16_backbone)
+        tokenizer.save_pretrained(bf16_backbone)
+        saved = RewardEnsemble.create(EnsembleSpec(backbone=str(bf16_backbone), members=2, lora_r=2, lora_alpha=4,
+                                                   seed=0)).save(tmp_path / "rm")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(llama_path, num_labels=1, dtype=torch.bfloat16)
+        saved = save_single_reward_model(model, tokenizer, tmp_path / "rm")
+
+    def dtypes(scorer) -> set[torch.dtype]:
+        module = scorer.ensemble if kind == "ensemble" else scorer.model
+        return {p.dtype for p in module.parameters()}
+
+    assert dtypes(load_reward_scorer(saved, dtype="auto")) == {torch.float32}
+    heads = {torch.float32} if kind == "ensemble" else set()  # the ensemble's score heads stay float32
+    assert dtypes(load_reward_scorer(saved, dtype="bfloat16")) == {torch.bfloat16} | heads
+    assert dtypes(load_reward_scorer(saved, dtype=torch.float32)) == {torch.float32}

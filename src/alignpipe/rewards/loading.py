@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from alignpipe.models.loading import process_device
+from alignpipe.models.loading import process_device, resolve_dtype
 from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
 from alignpipe.rewards.single import SINGLE_FORMAT, SingleRewardScorer
 
@@ -50,19 +50,25 @@ def reward_model_format(directory: str | os.PathLike[str]) -> str:
 
 
 def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch.device | None = None,
-                       **kwargs: Any) -> RewardScorer:
+                       dtype: str | torch.dtype = torch.float32, **kwargs: Any) -> RewardScorer:
     """An :class:`EnsembleScorer` or a :class:`SingleRewardScorer` for ``directory``, chosen by its manifest.
 
     ``device`` defaults to the process's (:func:`~alignpipe.models.loading.process_device`: its GPU under a GPU
     launch, else the CPU): a scorer loads onto the CPU and scores where its weights are, so without it a GPU run
     would judge on the CPU. Stages pass their own (``ctx.device``).
 
-    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``dtype``, ``batch_size``, ``max_length``, ``judge_id``)
-    or ``SingleRewardScorer.load`` (``dtype``, ``batch_size``, ``max_length``, ``judge_id``, ``text_format``). An
+    ``dtype`` may be a recipe's ``model.dtype`` name: ``auto`` resolves as it does for the stage that trained the
+    model (:func:`~alignpipe.models.loading.resolve_dtype`: bf16 on a bf16-capable GPU, else float32), not as
+    transformers' ``"auto"`` (the checkpoint's own dtype), so a bf16-saved backbone trained in float32 on the CPU is
+    scored in float32 too.
+
+    ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``batch_size``, ``max_length``, ``judge_id``)
+    or ``SingleRewardScorer.load`` (``batch_size``, ``max_length``, ``judge_id``, ``text_format``). An
     argument the chosen loader does not take raises ``TypeError``.
     """
     fmt = reward_model_format(directory)
     device = process_device() if device is None else device
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     if fmt == ENSEMBLE_FORMAT:
-        return EnsembleScorer.load(directory, device=device, **kwargs)
-    return SingleRewardScorer.load(directory, device=device, **kwargs)
+        return EnsembleScorer.load(directory, device=device, dtype=dtype, **kwargs)
+    return SingleRewardScorer.load(directory, device=device, dtype=dtype, **kwargs)

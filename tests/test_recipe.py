@@ -338,6 +338,31 @@ def test_rewarded_stages_after_real_data_are_errors(tmp_path: Path, kind: str, d
     assert "but 'sft' trained on" in error_for(_stages(tmp_path, REAL_SFT, dpo, {**stage, "inputs": ["dpo"]}))
 
 
+def test_a_stage_without_a_dataset_block_after_real_data_must_say_it_switches_task(tmp_path: Path) -> None:
+    """A forgotten dataset: block after a real-data stage would train on the built-in task silently; written out as
+    source: synthetic it is a switch on purpose, and what that stage makes belongs to the built-in task (a reward
+    model on synthetic pairs over a backbone SFT'd on real dialogues may score a ppo stage on the task)."""
+    for kind in ("dpo", "reward", "sft"):
+        stage = {"name": "s", "type": kind, "inputs": ["sft"], **({"members": 2} if kind == "reward" else {})}
+        message = error_for(_stages(tmp_path, REAL_SFT, stage))
+        assert (f"stages.s: {kind} stage 's' has no dataset: block, so it trains on the built-in synthetic task, but "
+                "'sft' trained on dataset.source 'hh_rlhf'; give it the dataset: block of your data, or write "
+                "dataset: {source: synthetic}") in message
+        explicit = {**stage, "dataset": {"source": "synthetic"}}
+        assert load_recipe(_stages(tmp_path, REAL_SFT, explicit)).stage("s").dataset.source == "synthetic"
+
+    synthetic_rm = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2,
+                    "dataset": {"source": "synthetic"}}
+    policy = {"name": "pol", "type": "sft", "inputs": [], "dataset": {"source": "synthetic"}}
+    ppo = {"name": "ppo", "type": "ppo", "inputs": ["pol", "rm"], "reward": {"source": "model"}}
+    assert load_recipe(_stages(tmp_path, REAL_SFT, synthetic_rm, policy, ppo)).stage("ppo").inputs == ["pol", "rm"]
+    implicit_rm = {k: v for k, v in synthetic_rm.items() if k != "dataset"}
+    assert "stages.rm: reward stage 'rm' has no dataset: block" in error_for(
+        _stages(tmp_path, REAL_SFT, implicit_rm, policy, ppo))
+    real_policy = {**ppo, "inputs": ["sft", "rm"]}
+    assert "but 'sft' trained on" in error_for(_stages(tmp_path, REAL_SFT, synthetic_rm, real_policy))
+
+
 def test_eval_stages_reject_policies_trained_on_real_data_but_not_reward_rows(tmp_path: Path) -> None:
     """An eval stage scores policies on the built-in task's held-out prompts; a reward input is a row of its own
     held-out pairs, so a reward stage trained on a real dataset is fine there and a policy is not."""

@@ -1136,6 +1136,7 @@ class Recipe(_Spec):
         problems += self._quantized_stages_use_lora()
         problems += self._penalties_need_members()
         problems += self._task_stages_follow_the_task()
+        problems += self._dataset_stages_say_when_they_switch_task()
         if problems:
             raise _problem(*problems)
         return self
@@ -1218,11 +1219,31 @@ class Recipe(_Spec):
                              f"{would}; {fix}"))
         return problems
 
+    def _dataset_stages_say_when_they_switch_task(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """An sft, dpo or reward stage without a ``dataset:`` block trains on the built-in task. After a stage trained
+        on a real dataset that is a switch of task a forgotten block would make silently, so it must be written out
+        (``dataset: {source: synthetic}``); written out, it also starts the synthetic task afresh for the stages
+        after it (:meth:`_real_data_upstream`)."""
+        problems = []
+        for i, stage in enumerate(self.stages):
+            if not hasattr(stage, "dataset") or "dataset" in stage.model_fields_set:
+                continue
+            if real := next(filter(None, map(self._real_data_upstream, stage.inputs)), None):
+                problems.append((("stages", i), f"{stage.type} stage {stage.name!r} has no dataset: block, so it "
+                                 f"trains on the built-in synthetic task, but {real}; give it the dataset: block of "
+                                 "your data, or write dataset: {source: synthetic} to switch to the built-in task "
+                                 "on purpose"))
+        return problems
+
     def _is_reward_stage(self, name: str) -> bool:
         return any(s.name == name and isinstance(s, RewardStage) for s in self.stages)
 
     def _real_data_upstream(self, name: str) -> str | None:
-        """Which stage at or upstream of ``name`` (following inputs) trained on a real dataset, if any, in words."""
+        """Which stage at or upstream of ``name`` (following inputs) trained on a real dataset, if any, in words.
+
+        A stage whose ``dataset:`` block says ``source: synthetic`` in so many words ends the search on its branch:
+        it trained on the built-in task on purpose (a reward model on synthetic pairs over a backbone SFT'd on real
+        dialogues, say), so what it makes belongs to that task."""
         by_name = {s.name: s for s in self.stages}
         upstream, seen = [name], set()
         while upstream:
@@ -1233,6 +1254,8 @@ class Recipe(_Spec):
             dataset = getattr(source, "dataset", None)
             if dataset is not None and dataset.source != "synthetic":
                 return f"{current!r} trained on dataset.source {dataset.source!r}"
+            if dataset is not None and "dataset" in source.model_fields_set:
+                continue
             upstream += source.inputs
         return None
 

@@ -275,7 +275,7 @@ def test_multi_turn_training_rows_are_tokenised_as_the_scorer_encodes_them(llama
 
 
 @pytest.mark.parametrize("kind", ["ensemble", "single"])
-def test_a_recipe_dtype_name_loads_a_scorer_as_its_stage_trained_it(kind, llama_path, tmp_path):
+def test_a_recipe_dtype_name_loads_a_scorer_as_its_stage_trained_it(kind, llama_path, tmp_path, monkeypatch):
     """Stages pass the recipe's ``model.dtype`` name. ``auto`` means float32 on the CPU (resolve_dtype, as the reward
     stage trains); handed to transformers as it is, it would load a bf16-saved checkpoint in bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,3 +299,8 @@ def test_a_recipe_dtype_name_loads_a_scorer_as_its_stage_trained_it(kind, llama_
     heads = {torch.float32} if kind == "ensemble" else set()  # the ensemble's score heads stay float32
     assert dtypes(load_reward_scorer(saved, dtype="bfloat16")) == {torch.bfloat16} | heads
     assert dtypes(load_reward_scorer(saved, dtype=torch.float32)) == {torch.float32}
+    # On a bf16-capable GPU an ensemble is trained in bf16 (RewardEnsemble.create with the resolved dtype), while the
+    # trl path keeps float32 weights and only autocasts: auto follows each.
+    monkeypatch.setattr("alignpipe.models.loading.bf16_supported", lambda: True)
+    on_bf16_gpu = {torch.bfloat16} | heads if kind == "ensemble" else {torch.float32}
+    assert dtypes(load_reward_scorer(saved, dtype="auto", device="cpu")) == on_bf16_gpu

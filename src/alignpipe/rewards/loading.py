@@ -60,7 +60,8 @@ def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch
     ``dtype`` may be a recipe's ``model.dtype`` name: ``auto`` resolves as it does for the stage that trained the
     model (:func:`~alignpipe.models.loading.resolve_dtype`: bf16 on a bf16-capable GPU, else float32), not as
     transformers' ``"auto"`` (the checkpoint's own dtype), so a bf16-saved backbone trained in float32 on the CPU is
-    scored in float32 too.
+    scored in float32 too. A single reward model trained with ``implementation: trl`` has float32 weights whatever
+    the GPU (mixed precision at most), so ``auto`` loads it in float32.
 
     ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``batch_size``, ``max_length``, ``judge_id``)
     or ``SingleRewardScorer.load`` (``batch_size``, ``max_length``, ``judge_id``, ``text_format``). An
@@ -68,7 +69,8 @@ def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch
     """
     fmt = reward_model_format(directory)
     device = process_device() if device is None else device
-    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):  # the trl path trains float32 weights (bf16 only as autocast), so auto keeps them
+        dtype = torch.float32 if dtype == "auto" and fmt == SINGLE_FORMAT else resolve_dtype(dtype)
     if fmt == ENSEMBLE_FORMAT:
         return EnsembleScorer.load(directory, device=device, dtype=dtype, **kwargs)
     return SingleRewardScorer.load(directory, device=device, dtype=dtype, **kwargs)

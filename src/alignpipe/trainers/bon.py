@@ -3,7 +3,7 @@
 Why one sampling pass: Coste et al.'s unbiased estimator gives the exact expected score of best-of-``n`` for every
 ``n <= N`` from the same ``N`` samples per prompt, and best-of-n's KL to the policy is analytic
 (``log n − (n − 1)/n``), so the whole curve costs ``N`` samples per held-out prompt and no reference model. Gao et
-al.'s form ``d(α − βd)`` is fitted to (``d = sqrt(KL)``, gold gain over ``n = 1``) from ``N >= 8`` (three ``n > 1``;
+al.'s form ``d(α − βd)`` is fitted to (``d = sqrt(KL)``, gold gain over ``n = 1``) from ``N >= 5`` (three ``n > 1``;
 two would be matched exactly whatever they are); a reward penalty (UP-RLHF, WCO, UWO) should move its peak to larger
 ``n``, which is why selection by the raw ensemble mean is recorded beside it.
 

@@ -1,4 +1,4 @@
-"""What max_length cuts from SFT conversations (alignpipe.data.sft_lengths), and the sft stage's report of it."""
+"""What max_length cuts from SFT conversations (alignpipe.data.length_report), and the sft stage's report of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, SHARED, TINY_RECIPE, write_recipe
 from datasets import Dataset
 
-from alignpipe.data.sft_lengths import (
+from alignpipe.data.length_report import (
     ReplySpan,
     measure_truncation,
     reply_span,

@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import TINY_RECIPE, write_recipe
+from conftest import TINY_RECIPE, needs_smollm2_and_hh, smollm2_recipe_stage, write_recipe
 from datasets import Dataset
 
 from alignpipe.data.length_report import (
@@ -150,3 +150,19 @@ def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
 def test_no_warning_when_every_pair_fits(tokenizer, k):
     counts = measure_pair_truncation(Dataset.from_list([_copy_pair(k)]), tokenizer, 2 * k + 6)
     assert counts.over_max_length == 0 and pair_truncation_warning(counts, "stages.dpo.max_length") is None
+
+
+@pytest.mark.slow  # ~30 s: the GGUF tokenizer alone takes 10-20 s to read
+@needs_smollm2_and_hh
+def test_the_smollm2_recipe_keeps_every_dpo_pair():
+    """recipes/smollm2/hh-harmless-dpo.yaml's DPO max_length, measured with SmolLM2's own tokenizer (read from the
+    package's GGUF file, with the recipe's chat template) on the recipe's HH pairs."""
+    from alignpipe.data.preference import preference_pairs_for
+
+    recipe, stage, tokenizer = smollm2_recipe_stage("dpo")
+    dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
+    counts = measure_pair_truncation(dataset, tokenizer, stage.max_length)
+    assert counts.pairs == 512 and counts.dropped == counts.chosen_end_lost == counts.rejected_end_lost == 0
+    assert counts.tokens_for_every_pair == 966  # as the recipe's header reports
+    before = measure_pair_truncation(dataset, tokenizer, 128)  # the recipe's former setting
+    assert (before.dropped, before.chosen_end_lost, before.rejected_end_lost) == (207, 80, 94)

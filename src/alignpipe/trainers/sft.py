@@ -14,8 +14,8 @@ import logging
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from alignpipe.data.length_report import measure_truncation, truncation_warning
 from alignpipe.data.preference import sft_conversations_for
-from alignpipe.data.sft_lengths import measure_truncation, truncation_warning
 from alignpipe.data.synthetic import sft_dataset
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec

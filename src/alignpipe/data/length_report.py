@@ -1,0 +1,236 @@
+"""What cutting training sequences to ``max_length`` tokens does to their replies, measured before training.
+
+Why: TRL tokenizes each example with the chat template and keeps its first ``max_length`` tokens
+(``truncation_mode="keep_start"``), silently. ``SFTTrainer`` drops every conversation left with no token to train on:
+with assistant-only loss, one whose prompt alone fills ``max_length`` loses its whole reply. ``DPOTrainer`` drops every
+pair whose prompt alone fills ``max_length``. A sequence cut inside its reply loses the end-of-turn token, so the
+model is not taught to stop (and DPO compares truncated replies). None of this shows in the training loss; these counts
+make it visible, and the warnings say which knob to turn.
+
+One sequence is a :class:`ReplySpan` (its length and where its reply lies), located exactly as the trainer tokenizes
+it (:func:`reply_span` for SFT conversations, :func:`pair_spans` for DPO pairs); the counts come from the spans alone.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Sequence
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl.chat_template_utils import has_generation_markers
+from trl.data_utils import common_prefix_length, is_conversational
+
+SAMPLE_SIZE = 2000  # examples tokenized at most (a seeded sample of larger datasets): ~1 s with a fast tokenizer
+
+
+@dataclass(frozen=True)
+class ReplySpan:
+    """One tokenized sequence: its length and where its reply lies, tokens ``[start, end)``; ``end - 1`` is the
+    reply's last token (its end-of-turn token)."""
+
+    length: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TruncationCounts:
+    """How many of ``examples`` conversations ``max_length`` cuts, and how deep (keep-start truncation)."""
+
+    examples: int
+    max_length: int
+    over_max_length: int  # longer than max_length
+    reply_lost: int  # the reply starts at or after max_length: nothing of it is trained (TRL drops the example)
+    end_lost: int  # part of the reply kept, its end-of-turn token cut
+    tokens_for_every_reply: int  # the smallest max_length that keeps every reply's end token
+    sampled_from: int | None = None  # the dataset's size when the counts come from a sample of it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairTruncationCounts:
+    """How many of ``pairs`` DPO pairs ``max_length`` cuts, and how deep (keep-start truncation, as TRL's DPO does)."""
+
+    pairs: int
+    max_length: int
+    over_max_length: int  # prompt + chosen or prompt + rejected longer than max_length
+    dropped: int  # the prompt alone fills max_length: TRL's DPOTrainer drops the pair
+    chosen_end_lost: int  # pairs kept whose chosen reply loses its end-of-turn token
+    rejected_end_lost: int  # pairs kept whose rejected reply loses its end-of-turn token
+    tokens_for_every_pair: int  # the smallest max_length that keeps both replies of every pair whole
+    sampled_from: int | None = None  # the dataset's size when the counts come from a sample of it
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def truncation_counts(spans: Iterable[ReplySpan], max_length: int) -> TruncationCounts:
+    """Count, for keep-start truncation to ``max_length``, the sequences cut, those whose reply is cut away
+    entirely and those that keep part of their reply but lose its end-of-turn token."""
+    spans = list(spans)
+    return TruncationCounts(
+        examples=len(spans),
+        max_length=max_length,
+        over_max_length=sum(s.length > max_length for s in spans),
+        reply_lost=sum(s.start >= max_length for s in spans),
+        end_lost=sum(s.start < max_length < s.end for s in spans),
+        tokens_for_every_reply=max((s.end for s in spans), default=0),
+    )
+
+
+def pair_truncation_counts(pairs: Iterable[tuple[ReplySpan, ReplySpan]], max_length: int) -> PairTruncationCounts:
+    """:func:`truncation_counts` of the chosen and of the rejected sequences of (chosen, rejected) span pairs. Both
+    replies of a pair start where TRL ends the shared prompt, so a reply lost is the pair dropped."""
+    pairs = list(pairs)
+    chosen = truncation_counts((c for c, _ in pairs), max_length)
+    rejected = truncation_counts((r for _, r in pairs), max_length)
+    return PairTruncationCounts(
+        pairs=len(pairs),
+        max_length=max_length,
+        over_max_length=sum(max(c.length, r.length) > max_length for c, r in pairs),
+        dropped=chosen.reply_lost,
+        chosen_end_lost=chosen.end_lost,
+        rejected_end_lost=rejected.end_lost,
+        tokens_for_every_pair=max(chosen.tokens_for_every_reply, rejected.tokens_for_every_reply),
+    )
+
+
+def _ends_at_last_eos(ids: Sequence[int], start: int, eos_token_id: int | None) -> ReplySpan:
+    """The span of a reply from ``start`` to the sequence's last EOS token (inclusive), or to its end without one."""
+    eos = [i for i in range(start, len(ids)) if ids[i] == eos_token_id]
+    return ReplySpan(length=len(ids), start=start, end=eos[-1] + 1 if eos else len(ids))
+
+
+def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], chat_template: str | None = None,
+               ) -> ReplySpan:
+    """Tokenize ``messages`` as TRL's SFTTrainer does (``apply_chat_template`` with the template it trains with:
+    ``chat_template``, or the tokenizer's own when None) and locate the reply.
+
+    With ``{% generation %}`` markers the reply is the assistant mask TRL trains on, from the first assistant token to
+    the last (the end-of-turn token; several assistant turns count as one reply). Without them, it starts where the
+    conversation departs from its prompt rendered with the generation prompt (as TRL finds a completion) and ends at
+    its last EOS token (or the sequence's end)."""
+    template = chat_template or tokenizer.chat_template
+    if has_generation_markers(template):
+        rendered = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
+                                                 return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+        trained = [i for i, bit in enumerate(mask) if bit]
+        if trained:
+            return ReplySpan(length=len(ids), start=trained[0], end=trained[-1] + 1)
+    else:
+        ids = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), chat_template=chat_template, tokenize=True,
+                                           return_dict=True, add_generation_prompt=True)["input_ids"]
+    return _ends_at_last_eos(ids, common_prefix_length(prompt, ids), tokenizer.eos_token_id)
+
+
+def pair_spans(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[ReplySpan, ReplySpan]:
+    """Tokenize a ``prompt``/``chosen``/``rejected`` row as TRL 1.16's DPOTrainer does and locate both replies.
+
+    Conversational rows: the prompt with the generation prompt, and prompt + reply, each through the tokenizer's chat
+    template (with the row's ``tools`` and ``chat_template_kwargs``, if any); standard (string) rows: plain
+    tokenization, with the EOS token appended to replies that lack it. The replies start where the tokenized prompt
+    departs from either prompt + reply (TRL's shared prompt length) and end at their last EOS token (or the
+    sequence's end)."""
+    prompt, chosen, rejected = (_chat_pair_ids if is_conversational(pair) else _text_pair_ids)(tokenizer, pair)
+    start = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
+    return (_ends_at_last_eos(chosen, start, tokenizer.eos_token_id),
+            _ends_at_last_eos(rejected, start, tokenizer.eos_token_id))
+
+
+def _chat_pair_ids(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """Prompt (with the generation prompt), prompt + chosen and prompt + rejected through the chat template."""
+    tools = json.loads(pair["tools"]) if isinstance(pair.get("tools"), str) else pair.get("tools")
+    template_kwargs = {"tools": tools, **(pair.get("chat_template_kwargs") or {})}
+
+    def ids(messages: list, **kwargs) -> list[int]:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **template_kwargs,
+                                             **kwargs)["input_ids"]
+
+    return (ids(pair["prompt"], add_generation_prompt=True), ids(pair["prompt"] + pair["chosen"]),
+            ids(pair["prompt"] + pair["rejected"]))
+
+
+def _text_pair_ids(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """Prompt, prompt + chosen and prompt + rejected as plain text, each reply ending with the EOS token."""
+    eos = tokenizer.eos_token
+    chosen, rejected = (reply if reply.endswith(eos) else reply + eos for reply in (pair["chosen"], pair["rejected"]))
+    return tuple(tokenizer(text=text)["input_ids"] for text in (pair["prompt"], pair["prompt"] + chosen,
+                                                                 pair["prompt"] + rejected))
+
+
+def _seeded_sample(dataset: Dataset, sample_size: int, seed: int) -> tuple[Dataset, int | None]:
+    """``dataset``, or a seeded sample of ``sample_size`` of its rows when it has more, with the size sampled from."""
+    size = len(dataset)
+    if size <= sample_size:
+        return dataset, None
+    return dataset.select(sorted(random.Random(seed).sample(range(size), sample_size))), size
+
+
+def measure_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
+                       chat_template: str | None = None, seed: int = 0,
+                       sample_size: int = SAMPLE_SIZE) -> TruncationCounts:
+    """:func:`truncation_counts` over a ``messages`` dataset, or over a seeded sample of ``sample_size`` of its rows
+    when it has more (the counts are then the sample's; ``sampled_from`` says of how many)."""
+    dataset, sampled_from = _seeded_sample(dataset, sample_size, seed)
+    counts = truncation_counts((reply_span(tokenizer, messages, chat_template) for messages in dataset["messages"]),
+                               max_length)
+    return replace(counts, sampled_from=sampled_from)
+
+
+def measure_pair_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
+                            seed: int = 0, sample_size: int = SAMPLE_SIZE) -> PairTruncationCounts:
+    """:func:`pair_truncation_counts` over a TRL preference dataset, or over a seeded sample of ``sample_size`` of
+    its rows when it has more (the counts are then the sample's; ``sampled_from`` says of how many)."""
+    dataset, sampled_from = _seeded_sample(dataset, sample_size, seed)
+    counts = pair_truncation_counts((pair_spans(tokenizer, pair) for pair in dataset), max_length)
+    return replace(counts, sampled_from=sampled_from)
+
+
+def _measured(count: int, noun: str, sampled_from: int | None) -> str:
+    return f"{count} {noun}" + (f" (a sample of {sampled_from})" if sampled_from else "")
+
+
+def _advice(knob: str, tokens: int, whole: str) -> str:
+    return (f"Raise {knob} to {tokens} to keep {whole} whole (longer sequences cost memory and time), or shorten the "
+            "data")
+
+
+def truncation_warning(counts: TruncationCounts, knob: str) -> str | None:
+    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` cuts into any reply; None when not."""
+    if not counts.reply_lost and not counts.end_lost:
+        return None
+    lost = []
+    if counts.reply_lost:
+        lost.append(f"{counts.reply_lost} lose their whole reply (with assistant-only loss nothing is left to train "
+                    "on, and TRL drops them)")
+    if counts.end_lost:
+        lost.append(f"{counts.end_lost} lose the end of their reply with its end-of-turn token (the model is not "
+                    "taught to stop there)")
+    return (f"max_length {counts.max_length} cuts {counts.over_max_length} of "
+            f"{_measured(counts.examples, 'conversations', counts.sampled_from)}: {'; '.join(lost)}. "
+            + _advice(knob, counts.tokens_for_every_reply, "every reply"))
+
+
+def pair_truncation_warning(counts: PairTruncationCounts, knob: str) -> str | None:
+    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` drops a pair or cuts into a reply;
+    None when not."""
+    if not counts.dropped and not counts.chosen_end_lost and not counts.rejected_end_lost:
+        return None
+    lost = []
+    if counts.dropped:
+        lost.append(f"{counts.dropped} have a prompt that fills it (TRL drops them)")
+    if counts.chosen_end_lost or counts.rejected_end_lost:
+        lost.append(f"of those kept, {counts.chosen_end_lost} lose the end of their chosen reply and "
+                    f"{counts.rejected_end_lost} the end of their rejected reply, with its end-of-turn token (DPO then "
+                    "compares cut-off replies)")
+    return (f"max_length {counts.max_length} cuts {counts.over_max_length} of "
+            f"{_measured(counts.pairs, 'pairs', counts.sampled_from)}: {'; '.join(lost)}. "
+            + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair"))

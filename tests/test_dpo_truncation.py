@@ -3,6 +3,7 @@ and the dpo stage's report of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -117,6 +118,15 @@ def test_warning_names_the_knob_and_the_length_that_keeps_every_pair():
     assert "Raise stages.dpo.max_length to 14" in message
     fits = pair_truncation_counts([(ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))], max_length=8)
     assert pair_truncation_warning(fits, "k") is None
+
+
+def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
+    fits = pair_truncation_counts([(ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))] * 20, max_length=8)
+    sample = dataclasses.replace(fits, sampled_from=3000)
+    assert pair_truncation_warning(sample, "k") is None
+    message = pair_truncation_warning(sample, "stages.dpo.max_length", dropped_by_trl=2)
+    assert message.startswith("max_length 8 cuts 0 of 20 pairs (a sample of 3000); TRL dropped 2 of all 3000")
+    assert "Raise stages.dpo.max_length to at least 8 (the longest in the sample" in message
 
 
 def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 
@@ -85,6 +86,24 @@ def test_warning_names_the_knob_and_the_length_that_keeps_every_reply():
     assert "1 lose the end of their reply with its end-of-turn token" in message
     assert "Raise stages.sft.max_length to 13" in message
     assert truncation_warning(truncation_counts([ReplySpan(7, 5, 7)], max_length=8), "k") is None
+
+
+def test_warning_says_what_a_lost_reply_means_without_assistant_only_loss():
+    """Without assistant-only loss TRL keeps a conversation whose reply is cut away and trains on its prompt."""
+    counts = truncation_counts([ReplySpan(9, 8, 9), ReplySpan(7, 5, 7)], max_length=8)
+    assert "TRL drops them" in truncation_warning(counts, "k")
+    message = truncation_warning(counts, "k", assistant_only_loss=False)
+    assert "1 lose their whole reply (they train on their prompt alone)" in message and "drops" not in message
+
+
+def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
+    """A seeded sample may hold none of a large dataset's few over-long conversations; TRL's own count over the
+    whole dataset then says so, and the sample's longest is only a lower bound on the length to ask for."""
+    sample = dataclasses.replace(truncation_counts([ReplySpan(7, 5, 7)] * 20, max_length=8), sampled_from=3000)
+    assert truncation_warning(sample, "k") is None and truncation_warning(sample, "k", dropped_by_trl=0) is None
+    message = truncation_warning(sample, "stages.sft.max_length", dropped_by_trl=1)
+    assert message.startswith("max_length 8 cuts 0 of 20 conversations (a sample of 3000); TRL dropped 1 of all 3000")
+    assert "Raise stages.sft.max_length to at least 7 (the longest in the sample" in message
 
 
 def test_sft_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):

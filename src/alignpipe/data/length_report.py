@@ -198,31 +198,47 @@ def _measured(count: int, noun: str, sampled_from: int | None) -> str:
     return f"{count} {noun}" + (f" (a sample of {sampled_from})" if sampled_from else "")
 
 
-def _advice(knob: str, tokens: int, whole: str) -> str:
-    return (f"Raise {knob} to {tokens} to keep {whole} whole (longer sequences cost memory and time), or shorten the "
-            "data")
+def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None) -> str:
+    """How far to raise ``knob``: exact for a whole dataset; from a sample, only a lower bound (its longest)."""
+    to = (f"to at least {tokens} (the longest in the sample; the whole dataset may need more)" if sampled_from
+          else f"to {tokens}")
+    return f"Raise {knob} {to} to keep {whole} whole (longer sequences cost memory and time), or shorten the data"
 
 
-def truncation_warning(counts: TruncationCounts, knob: str) -> str | None:
-    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` cuts into any reply; None when not."""
-    if not counts.reply_lost and not counts.end_lost:
+def _dropped_by_trl(dropped: int | None, size: int | None) -> str:
+    """TRL's own count over the whole dataset, beside a sample's counts (it sees every example, the sample not)."""
+    return f"; TRL dropped {dropped} of all {size}" if dropped and size else ""
+
+
+def truncation_warning(counts: TruncationCounts, knob: str, *, assistant_only_loss: bool = True,
+                       dropped_by_trl: int | None = None) -> str | None:
+    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` cuts into any reply or TRL dropped a
+    conversation (``dropped_by_trl``, its count over the whole dataset, which a sample's counts can miss); None when
+    not. A reply cut away entirely leaves nothing to train under ``assistant_only_loss`` (TRL drops the example);
+    without it the example trains on its prompt alone."""
+    if not counts.reply_lost and not counts.end_lost and not dropped_by_trl:
         return None
     lost = []
     if counts.reply_lost:
-        lost.append(f"{counts.reply_lost} lose their whole reply (with assistant-only loss nothing is left to train "
-                    "on, and TRL drops them)")
+        fate = ("with assistant-only loss nothing is left to train on, and TRL drops them" if assistant_only_loss
+                else "they train on their prompt alone")
+        lost.append(f"{counts.reply_lost} lose their whole reply ({fate})")
     if counts.end_lost:
         lost.append(f"{counts.end_lost} lose the end of their reply with its end-of-turn token (the model is not "
                     "taught to stop there)")
-    return (f"max_length {counts.max_length} cuts {counts.over_max_length} of "
-            f"{_measured(counts.examples, 'conversations', counts.sampled_from)}: {'; '.join(lost)}. "
-            + _advice(knob, counts.tokens_for_every_reply, "every reply"))
+    cut = (f"{counts.over_max_length} of {_measured(counts.examples, 'conversations', counts.sampled_from)}"
+           f"{': ' + '; '.join(lost) if lost else ''}")
+    return (f"max_length {counts.max_length} cuts {cut}"
+            f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.examples)}. "
+            + _advice(knob, counts.tokens_for_every_reply, "every reply", counts.sampled_from))
 
 
-def pair_truncation_warning(counts: PairTruncationCounts, knob: str) -> str | None:
-    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` drops a pair or cuts into a reply;
-    None when not."""
-    if not counts.dropped and not counts.chosen_end_lost and not counts.rejected_end_lost:
+def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
+                            dropped_by_trl: int | None = None) -> str | None:
+    """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` drops a pair or cuts into a reply, or
+    TRL dropped a pair (``dropped_by_trl``, its count over the whole dataset, which a sample's counts can miss); None
+    when not."""
+    if not counts.dropped and not counts.chosen_end_lost and not counts.rejected_end_lost and not dropped_by_trl:
         return None
     lost = []
     if counts.dropped:
@@ -231,6 +247,7 @@ def pair_truncation_warning(counts: PairTruncationCounts, knob: str) -> str | No
         lost.append(f"of those kept, {counts.chosen_end_lost} lose the end of their chosen reply and "
                     f"{counts.rejected_end_lost} the end of their rejected reply, with its end-of-turn token (DPO then "
                     "compares cut-off replies)")
-    return (f"max_length {counts.max_length} cuts {counts.over_max_length} of "
-            f"{_measured(counts.pairs, 'pairs', counts.sampled_from)}: {'; '.join(lost)}. "
-            + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair"))
+    cut = f"{counts.over_max_length} of {_measured(counts.pairs, 'pairs', counts.sampled_from)}"
+    return (f"max_length {counts.max_length} cuts {cut}{': ' + '; '.join(lost) if lost else ''}"
+            f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.pairs)}. "
+            + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair", counts.sampled_from))

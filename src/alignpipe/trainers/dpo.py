@@ -56,6 +56,9 @@ def run(ctx: StageContext) -> dict:
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
     truncation = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)} if counts else None
+    if truncation and counts.sampled_from and truncation["dropped_by_trl"] and not counts.dropped:  # sample missed it
+        log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, f"stages.{stage.name}.max_length",
+                                                                     dropped_by_trl=truncation["dropped_by_trl"]))
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:

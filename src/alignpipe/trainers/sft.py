@@ -66,6 +66,8 @@ def _measure_truncation(ctx: StageContext, dataset: Dataset, trainer: SFTTrainer
                                 chat_template=trainer.chat_template, seed=ctx.recipe.seed)
     record = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)}
     log.info("[%s] max_length %d: %s", ctx.dir.name, ctx.stage.max_length, record)
-    if warning := truncation_warning(counts, f"stages.{ctx.stage.name}.max_length"):
+    if warning := truncation_warning(counts, f"stages.{ctx.stage.name}.max_length",
+                                     assistant_only_loss=ctx.stage.assistant_only_loss,
+                                     dropped_by_trl=record["dropped_by_trl"]):
         log.warning("[%s] %s", ctx.dir.name, warning)
     return record

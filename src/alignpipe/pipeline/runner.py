@@ -12,9 +12,10 @@ topology's config (``alignpipe.pipeline.launch``).
 Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
 record, configs, manifests) and hosts a control channel on ``--main-addr:--control-port`` (``pipeline.control``);
 the other nodes *follow*: they wait there for node 0's decision on each stage (its ``--force`` and ``--resume`` rule;
-theirs are ignored), launch the same stage command (with ``--resume`` when node 0 resumes; their processes join node
-0's in the rendezvous), wait for the stage's outcome, and write nothing. They never read a manifest for a decision:
-one left by an earlier attempt (``failed``, or ``running`` after a kill) says nothing about this one.
+theirs are ignored), launch the same stage command (with ``--resume`` when node 0 resumes, and ``--base`` naming their
+own copy of the recipe's model; their processes join node 0's in the rendezvous), wait for the stage's outcome, and
+write nothing in ``runs/``. They never read a manifest for a decision: one left by an earlier attempt (``failed``, or
+``running`` after a kill) says nothing about this one.
 """
 
 from __future__ import annotations
@@ -133,12 +134,14 @@ class Runner:
             preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
             return self._follow(channel) if isinstance(channel, ControlFollower) else self._lead(channel)
 
-    def stage_command(self, stage_type: str, directory: Path, resume: bool) -> list[str]:
-        """The exact command that runs one stage (printed before it runs, and by ``--dry-run``)."""
+    def stage_command(self, stage_type: str, directory: Path, resume: bool, base: str | None = None) -> list[str]:
+        """The exact command that runs one stage (printed before it runs, and by ``--dry-run``); ``base``: this
+        node's copy of the recipe's model when it is not the one the stage's config names (a follower's)."""
         script = PIPELINES_DIR / f"{stage_type}.py"
         if not script.exists():
             raise FileNotFoundError(f"no entry point {script} for stage type {stage_type!r}")
         arguments = [str(script), "--stage-dir", str(directory)] + (["--resume"] if resume else [])
+        arguments += ["--base", base] if base is not None else []
         return stage_command(stage_topology(self.topology, stage_type), arguments, python=sys.executable)
 
     # -- internals ---------------------------------------------------------------------------------------------------
@@ -163,6 +166,7 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_record()
         outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
+        channel.publish_base(*outputs[BASE])
         outcomes = []
         for stage in self.recipe.stages:
             outcome = self._run_stage(stage, outputs, channel)
@@ -393,7 +397,10 @@ class Runner:
         """Node rank > 0: for each stage, do what node 0 decided (skip it, or launch this node's part of it, with
         ``--resume`` when node 0 resumes) and wait until node 0 reports it complete; write nothing. Single-process
         stages run on node 0 alone: a follower only waits for them."""
+        base = self._own_base()
         channel.join()
+        if base is not None:
+            channel.check_base(*base)
         outcomes = []
         for stage in self.recipe.stages:
             decision = channel.decision(stage.name)
@@ -405,13 +412,24 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
-                if code := self._spawn(self.stage_command(stage.type, self.run_dir / stage.name, resume)):
+                command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
+                                             base=base[0] if base is not None else None)
+                if code := self._spawn(command):
                     log.warning("[%s] this node's part exited with %d; waiting for node 0's verdict", stage.name, code)
                 action = "resumed" if resume else "ran"
                 channel.outcome(stage.name)
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
             outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))
         return outcomes
+
+    def _own_base(self) -> tuple[str, str | None] | None:
+        """A follower's own copy of the recipe's model, made before it joins (as node 0 makes its own): a GGUF
+        package is converted into this machine's cache, which need not be shared, and a ``pypi:`` model is this
+        machine's package folder. None for the tiny model, which node 0 creates in the shared run directory."""
+        if self.recipe.model.is_tiny:
+            return None
+        log.info("preparing this node's copy of the model before joining node 0")
+        return self._prepare_base()
 
 
 def local_dataset_hash(stage) -> str | None:

@@ -105,6 +105,28 @@ def _wait_for_outcome(port: int, stage: str) -> dict:
         return channel.outcome(stage)
 
 
+def test_node_zero_decides_nothing_more_once_a_follower_has_stopped() -> None:
+    """Node 1 is interrupted after the first stage: node 0's next decision is an error naming it and its reason, where
+    node 0 went on to launch the next stage and waited for node 1 in its rendezvous."""
+    port = _free_port()
+
+    def follow_one_stage():
+        with _follower(port) as channel:
+            channel.join()
+            channel.decision("sft")
+            channel.outcome("sft")
+            raise KeyboardInterrupt
+
+    with pytest.raises(ControlError, match=r"node 1 stopped: interrupted; the run cannot go on without it"):
+        with _host(port) as host:
+            follower = _in_thread(follow_one_stage)
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            host.publish_outcome("sft", "f00d")
+            assert isinstance(_finished(follower).get("error"), KeyboardInterrupt)
+            host.publish_decision("dpo", "run", "new")
+
+
 def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
     port = _free_port()
     with _host(port) as host:
@@ -169,13 +191,13 @@ def fake_stages(monkeypatch) -> dict[str, list]:
     """Node 0's stages publish a small checkpoint instead of training; node 1's launches are only recorded."""
     launched: dict[str, list] = {"node 0": [], "node 1": []}
 
-    def publish(self, stage_type, directory: StageDir, resume: bool) -> None:
+    def publish(self, stage_type, directory: StageDir, resume: bool, **options) -> None:
         launched["node 0"].append((directory.name, resume))
         directory.checkpoint.mkdir(parents=True, exist_ok=True)
         (directory.checkpoint / "weights.txt").write_text(directory.name)
         directory.update_manifest(status="complete", output_sha256=directory_hash(directory.checkpoint))
 
-    def record(self, command, env=None) -> int:
+    def record(self, command, env=None, **options) -> int:
         launched["node 1"].append(command)
         return 0
 
@@ -250,6 +272,27 @@ def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node
     node_zero, node_one = _run_both(recipe_path, runs, resume=True)
     assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == "resumed"
     assert _launched_stages(fake_stages["node 1"]) == [("sft", True)] and fake_stages["node 0"] == [("sft", True)]
+
+
+def test_node_zero_stops_the_stage_it_runs_when_a_follower_stops_during_it(tmp_path, tiny_recipe_path,
+                                                                           monkeypatch) -> None:
+    """Node 1's part of sft fails at once; node 0's part (a process that would sleep for two minutes, as a rank
+    waiting for node 1 in a collective would) is stopped within seconds and the run ends with node 1's reason."""
+    spawn = Runner._spawn
+
+    def spawn_or_fail(self, command, env=None, **options) -> int:
+        if self.follower:
+            raise RuntimeError("CUDA out of memory on node 1")
+        return spawn(self, [sys.executable, "-c", "import time; time.sleep(120)"], env, **options)
+
+    monkeypatch.setattr(Runner, "_spawn", spawn_or_fail)
+    started = time.monotonic()
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs")
+    assert "CUDA out of memory on node 1" in str(node_one.get("error"))
+    assert isinstance(node_zero.get("error"), ControlError)
+    assert "node 1 stopped: CUDA out of memory on node 1" in str(node_zero["error"])
+    assert time.monotonic() - started < 60
+    assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_manifest()["status"] == "interrupted"
 
 
 def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, fake_stages) -> None:

@@ -11,8 +11,9 @@ or after node 0 reads the same decisions.
 Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``base`` (the name
 and hash of node 0's copy of the recipe's model, which a follower checks its own against), ``decision/<stage>``
 (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>`` (``{"output_sha256": ...}``, once the
-stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped), ``done/<rank>`` (a
-follower read the last outcome; node 0 keeps the store up until every follower has said one of the two).
+stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped: node 0 looks before each
+decision and while a stage that spans the nodes runs, and stops), ``done/<rank>`` (a follower read the last outcome;
+node 0 keeps the store up until every follower has said one of the two).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Alone:
     def wait_for_followers(self) -> None:
         return None
 
+    def check_followers(self) -> None:
+        return None
+
     def publish_base(self, path: str, sha256: str | None) -> None:
         return None
 
@@ -125,9 +129,8 @@ class ControlHost:
         missing = list(self.followers)
         while missing:
             for rank in missing:
-                if self._store.check([_left(rank)]):
-                    raise ControlError(f"node {rank} stopped before the run began: "
-                                       f"{self._store.get(_left(rank)).decode()}")
+                if (reason := self._left_reason(rank)) is not None:
+                    raise ControlError(f"node {rank} stopped before the run began: {reason}")
             missing = [r for r in missing if not self._store.check([_joined(r)])]
             if missing and time.monotonic() > deadline:
                 raise ControlError(
@@ -138,13 +141,26 @@ class ControlHost:
                 time.sleep(POLL_S)
         log.info("all %d node(s) joined", len(self.followers) + 1)
 
+    def check_followers(self) -> None:
+        """Raise a ControlError when a follower has stopped (it said why): the next stage that spans the nodes
+        would wait for it in torch's rendezvous until that times out. Before each decision, and while a stage
+        runs (``pipeline.watched``)."""
+        for rank in self.followers:
+            if (reason := self._left_reason(rank)) is not None:
+                raise ControlError(f"node {rank} stopped: {reason}; the run cannot go on without it. Fix the cause "
+                                   "there and start the run again on every node (add --resume to continue)")
+
+    def _left_reason(self, rank: int) -> str | None:
+        return self._store.get(_left(rank)).decode() if self._store.check([_left(rank)]) else None
+
     def publish_base(self, path: str, sha256: str | None) -> None:
         """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""
         self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256}))
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
         """Tell the followers what to do with ``stage``; for ``run``/``resume`` only once its directory is ready (its
-        config written: their stage processes read it)."""
+        config written: their stage processes read it). A ControlError instead when a follower has stopped."""
+        self.check_followers()
         self._store.set(f"decision/{stage}", json.dumps({"action": action, "reason": reason}))
 
     def publish_outcome(self, stage: str, output_sha256: str | None) -> None:

@@ -23,18 +23,17 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.batching import stage_batch_split
-from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlFollower, ControlHost
+from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlError, ControlFollower, ControlHost
 from alignpipe.pipeline.decision import StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
@@ -57,6 +56,7 @@ from alignpipe.pipeline.rundir import (
     publish_directory,
     utc_now,
 )
+from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import PPOStage, Recipe, _TrainerStage, recipe_to_dict
 
 log = logging.getLogger("alignpipe")
@@ -286,9 +286,10 @@ class Runner:
         log.info("[%s] running (%s)", stage.name, reason)
         channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
-        try:
-            self._launch(stage.type, directory, resume)
-        except KeyboardInterrupt:
+        try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
+            self._launch(stage.type, directory, resume,
+                         watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
+        except (KeyboardInterrupt, ControlError):
             directory.update_manifest(status="interrupted", end_time=utc_now())
             raise
         manifest = directory.read_manifest() or {}
@@ -301,7 +302,8 @@ class Runner:
         channel.publish_outcome(stage.name, manifest.get("output_sha256"))
         return StageOutcome(stage.name, "resumed" if resume else "ran", time.time() - started, reason)
 
-    def _launch(self, stage_type: str, directory: StageDir, resume: bool) -> None:
+    def _launch(self, stage_type: str, directory: StageDir, resume: bool, *,
+                watch: Callable[[], None] | None = None) -> None:
         if self.in_process:
             from alignpipe.pipeline.stage import execute
 
@@ -311,7 +313,7 @@ class Runner:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
             return
-        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env())
+        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch)
         if returncode != 0:
             directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
 
@@ -321,9 +323,11 @@ class Runner:
             env["ACCELERATE_USE_CPU"] = "true"
         return env
 
-    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> int:
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
+               watch: Callable[[], None] | None = None) -> int:
+        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``)."""
         log.info("$ %s", format_command(command))
-        return subprocess.run(command, env=env or self._stage_env()).returncode
+        return run_watched(command, env or self._stage_env(), watch=watch)
 
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 

@@ -257,8 +257,9 @@ def test_a_failed_manifest_of_an_earlier_attempt_does_not_stop_node_one(complete
     assert _launched_stages(fake_stages["node 1"]) == [("dpo", False)]
 
 
-def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run,
-                                                                                           fake_stages) -> None:
+@pytest.mark.parametrize("resume", [True, False], ids=["node 0 resumes", "node 0 starts over"])
+def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run, fake_stages,
+                                                                                           resume) -> None:
     """A hard kill left sft ``running`` (not resumed) with a saved trainer checkpoint. Node 1 starts first; it must
     launch exactly what node 0 decides: with --resume under --resume, from scratch without."""
     recipe_path, runs = complete_run
@@ -269,9 +270,10 @@ def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node
     sft.record_checkpoint(saved)
     sft.update_manifest(status="running", resumed=False)
 
-    node_zero, node_one = _run_both(recipe_path, runs, resume=True)
-    assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == "resumed"
-    assert _launched_stages(fake_stages["node 1"]) == [("sft", True)] and fake_stages["node 0"] == [("sft", True)]
+    node_zero, node_one = _run_both(recipe_path, runs, resume=resume)
+    assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == ("resumed" if resume else "ran")
+    assert fake_stages["node 0"] == [("sft", resume)]
+    assert _launched_stages(fake_stages["node 1"]) == [("sft", resume)]
 
 
 def test_node_zero_stops_the_stage_it_runs_when_a_follower_stops_during_it(tmp_path, tiny_recipe_path,

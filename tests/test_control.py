@@ -358,9 +358,14 @@ def test_a_follower_whose_gguf_package_converts_into_another_model_stops(gguf_re
     assert fake_stages["node 1"] == []
 
 
-def test_a_control_timeout_that_is_not_positive_is_refused(tiny_recipe_path, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("seconds", ["0", "-5", "inf", "nan", "1e300"])
+def test_a_control_timeout_that_is_not_a_finite_positive_number_is_refused(tiny_recipe_path, tmp_path, capsys,
+                                                                           seconds) -> None:
+    """inf made the store's timedelta overflow (a traceback), nan a wait for ever: each is a usage error instead."""
     from alignpipe.cli import main
 
-    assert main(["run", str(tiny_recipe_path), "--control-timeout", "0", "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "--control-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
+    command = ["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs"), "--control-timeout", seconds]
+    assert main([*command, "--cpu", "--nodes", "2", "--main-addr", "127.0.0.1", "--dry-run"]) == 2
+    assert (f"--control-timeout must be a number of seconds > 0 and at most 604800 (a week), got {float(seconds):g}"
+            in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()

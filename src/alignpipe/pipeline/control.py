@@ -30,6 +30,7 @@ from alignpipe.pipeline.decision import Action
 log = logging.getLogger("alignpipe")
 
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
+MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflows near 1e14 s, inf crashes it
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
 ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why
 RUN, BASE, ABORT = "run", "base", "abort"
@@ -49,6 +50,15 @@ def _left(rank: int) -> str:
 
 def _done(rank: int) -> str:
     return f"done/{rank}"
+
+
+def check_control_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable ``--control-timeout``: a finite number of seconds, > 0 and at most a week (inf
+    made the store overflow and nan compares false with every deadline, so a node waited for ever)."""
+    if not 0 < seconds <= MAX_CONTROL_TIMEOUT_S:  # false for nan too
+        raise ValueError(f"--control-timeout must be a number of seconds > 0 and at most {MAX_CONTROL_TIMEOUT_S:.0f} "
+                         f"(a week), got {seconds:g}")
+    return seconds
 
 
 def why_it_stopped(error: BaseException) -> str:

@@ -33,7 +33,14 @@ import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.batching import stage_batch_split
-from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlError, ControlFollower, ControlHost
+from alignpipe.pipeline.control import (
+    CONTROL_TIMEOUT_S,
+    Alone,
+    ControlError,
+    ControlFollower,
+    ControlHost,
+    check_control_timeout,
+)
 from alignpipe.pipeline.decision import StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
@@ -104,8 +111,6 @@ class Runner:
                 suggestion = f"did you mean '{hint[0]}'? " if hint else ""
                 raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
                                  f"stages: {names}")
-        if control_timeout_s <= 0:
-            raise ValueError(f"--control-timeout must be a positive number of seconds, got {control_timeout_s:g}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self.run_dir = Path(runs_dir) / recipe.name
@@ -117,7 +122,7 @@ class Runner:
         self.topology = topology or default_topology()
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
-        self.control_timeout_s = control_timeout_s
+        self.control_timeout_s = check_control_timeout(control_timeout_s)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
 
     # -- public ------------------------------------------------------------------------------------------------------

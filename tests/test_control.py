@@ -183,6 +183,27 @@ def test_a_port_in_use_on_node_zero_names_the_way_out() -> None:
                 pass
 
 
+@pytest.mark.parametrize("address, expected", [
+    ("no-such-host.invalid", "--main-addr 'no-such-host.invalid' does not resolve on node 0"),
+    ("192.0.2.1", "--main-addr '192.0.2.1' (192.0.2.1) is not an address of this machine"),  # TEST-NET-1
+])
+def test_a_main_addr_that_is_not_node_zeros_is_named_at_once(address, expected) -> None:
+    """It waited out one to three --control-timeouts, then blamed a port clash."""
+    started = time.monotonic()
+    with pytest.raises(ControlError) as error:
+        with ControlHost(address, _free_port(), nodes=2, identity=IDENTITY, timeout_s=10.0):
+            pass
+    assert expected in str(error.value)
+    assert "still running" not in str(error.value)
+    assert time.monotonic() - started < 5
+
+
+def test_a_follower_names_a_main_addr_that_does_not_resolve() -> None:
+    with pytest.raises(ControlError, match="--main-addr 'no-such-host.invalid' does not resolve on node 1"):
+        with ControlFollower("no-such-host.invalid", _free_port(), rank=1, identity=IDENTITY, timeout_s=1.0):
+            pass
+
+
 # -- the runner on both nodes -------------------------------------------------------------------------------------
 
 

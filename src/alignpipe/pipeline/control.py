@@ -18,6 +18,7 @@ node 0 keeps the store up until every follower has said one of the two).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -74,6 +75,36 @@ def mismatch(ours: dict, theirs: dict) -> list[str]:
             for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
 
+def check_host_address(address: str, port: int) -> None:
+    """Node 0's ``--main-addr`` and ``--control-port``, checked by binding them: the store listens on every address
+    and then connects to ``address``, so a wrong one only timed out (after one to three timeouts) and was blamed on
+    the port. A ControlError that says which is wrong: the name, the address (not this machine's), or the port."""
+    try:
+        candidates = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ControlError(f"--main-addr {address!r} does not resolve on node 0 ({error.strerror}): pass an address "
+                           "of node 0 that the other nodes reach, the same on every node") from error
+    failures: list[tuple[str, OSError]] = []
+    for family, kind, protocol, _, socket_address in candidates:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's own socket
+            try:
+                probe.bind(socket_address)
+                return
+            except OSError as error:
+                failures.append((socket_address[0], error))
+    if any(error.errno == errno.EADDRINUSE for _, error in failures):
+        raise ControlError(
+            f"node 0 cannot open its control channel on port {port}: it is in use; is another `alignpipe run "
+            "--node-rank 0` still running on this machine? Stop it, or pass another --control-port to every node")
+    addresses = ", ".join(sorted({ip for ip, _ in failures}))
+    if all(error.errno == errno.EADDRNOTAVAIL for _, error in failures):
+        raise ControlError(f"--main-addr {address!r} ({addresses}) is not an address of this machine, which hosts "
+                           "the control channel as node 0: run --node-rank 0 on the machine --main-addr names, or "
+                           "pass one of this machine's addresses on every node")
+    raise ControlError(f"node 0 cannot open its control channel at {address}:{port} ({failures[0][1]})")
+
+
 class Alone:
     """A single-node run: nobody to wait for or to tell."""
 
@@ -112,14 +143,14 @@ class ControlHost:
     def __enter__(self) -> ControlHost:
         from torch.distributed import DistError, TCPStore
 
+        check_host_address(self.address, self.port)
         try:
             self._store = TCPStore(self.address, self.port, None, True, timedelta(seconds=self.timeout_s),
                                    wait_for_workers=False)
         except DistError as error:
             raise ControlError(
-                f"node 0 cannot open its control channel on port {self.port} ({error}); is another `alignpipe run "
-                "--node-rank 0` still running on this machine? Stop it, or pass another --control-port to every node"
-            ) from error
+                f"node 0 cannot open its control channel at {self.address}:{self.port} ({error}); check that "
+                "--main-addr is an address of this machine and that nothing else holds --control-port") from error
         self._store.set(RUN, json.dumps(self.identity))
         log.info("control channel open on %s:%d for node(s) %s", self.address, self.port, list(self.followers))
         return self
@@ -268,12 +299,25 @@ class ControlFollower:
                 return
             except OSError as error:
                 if time.monotonic() > deadline:
-                    raise ControlError(
-                        f"node 0 did not open its control channel at {self.address}:{self.port} within "
-                        f"{self.timeout_s:.0f}s ({error}): start the same `alignpipe run` with --node-rank 0 on "
-                        "--main-addr (every node with the same --control-port), or give it longer with "
-                        "--control-timeout") from error
+                    raise self._unreachable(error) from error
                 time.sleep(min(1.0, self.timeout_s / 10))
+
+    def _unreachable(self, error: OSError) -> ControlError:
+        """Why node 0's control channel could not be reached, by the last error: a name that does not resolve and
+        an address that does not answer are a wrong --main-addr (or a firewall); a refused connection is a node 0
+        that has not started."""
+        where = f"{self.address}:{self.port}"
+        if isinstance(error, socket.gaierror):
+            return ControlError(f"--main-addr {self.address!r} does not resolve on node {self.rank} "
+                                f"({error.strerror}): pass node 0's address, the same on every node")
+        if isinstance(error, ConnectionRefusedError):
+            return ControlError(
+                f"node 0 did not open its control channel at {where} within {self.timeout_s:.0f}s ({error}): start "
+                "the same `alignpipe run` with --node-rank 0 on --main-addr (every node with the same "
+                "--control-port), or give it longer with --control-timeout")
+        return ControlError(
+            f"no answer from node 0's control channel at {where} within {self.timeout_s:.0f}s ({error}): check that "
+            f"--main-addr is node 0's address as this node reaches it and that no firewall drops port {self.port}")
 
     def _lost(self, doing: str) -> ControlError:
         return ControlError(f"node {self.rank} lost node 0's control channel at {self.address}:{self.port} while "

@@ -98,8 +98,8 @@ def test_node_zero_stopping_reaches_a_follower_waiting_for_a_stage() -> None:
     assert "node 0 stopped the run: stage 'sft' did not complete" in str(error)
 
 
-def _wait_for_outcome(port: int, stage: str) -> dict:
-    with _follower(port) as channel:
+def _wait_for_outcome(port: int, stage: str, identity: dict = IDENTITY, rank: int = 1) -> dict:
+    with ControlFollower("127.0.0.1", port, rank=rank, identity=identity, timeout_s=30.0) as channel:
         channel.join()
         channel.decision(stage)
         return channel.outcome(stage)
@@ -143,6 +143,53 @@ def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
 def _join(port: int, identity: dict) -> None:
     with _follower(port, identity) as channel:
         channel.join()
+
+
+def test_a_follower_cannot_join_a_run_that_has_begun_or_finished(monkeypatch) -> None:
+    """Node 1 joins and dies without a word (a hard kill), and is restarted: mid-run, and again after the last stage,
+    while node 0 waits for it to confirm the end (for the whole --control-timeout, here 600 s, it did), it was handed
+    the old attempt's decisions. Both times it is refused, and node 0 closes after the shorter end grace."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "END_GRACE_S", 8.0, raising=False)
+    port = _free_port()
+    host = _host(port, timeout_s=600.0).__enter__()
+    _follower(port).__enter__().join()  # then killed: no done/1, no left/1
+    host.wait_for_followers()
+    host.publish_decision("sft", "run", "new")
+    with pytest.raises(ControlError, match=r"node 0's run at 127.0.0.1:\d+ has begun \(node 1 took part\).*"
+                                           "start the run again on every node"):
+        _join(port, IDENTITY)
+    host.check_followers()  # the refused node said nothing to node 0
+    host.publish_outcome("sft", "f00d")
+    started = time.monotonic()
+    closing = _in_thread(lambda: host.__exit__(None, None, None))
+    time.sleep(0.5)
+    with pytest.raises(ControlError, match=r"node 0's run at 127.0.0.1:\d+ has finished"):
+        _join(port, IDENTITY)
+    assert "error" not in _finished(closing)
+    assert time.monotonic() - started < 30
+
+
+def test_a_second_follower_of_the_same_rank_is_refused_and_node_zero_goes_on() -> None:
+    port = _free_port()
+    identity = {**IDENTITY, "nodes": 3}
+    with ControlHost("127.0.0.1", port, nodes=3, identity=identity, timeout_s=30.0) as host:
+        first = _in_thread(lambda: _wait_for_outcome(port, "sft", identity))
+        _finished(_in_thread(lambda: _wait_until_joined(host, 1)))
+        with pytest.raises(ControlError, match=r"node 1 has joined node 0's run already: is another `alignpipe run "
+                                               "--node-rank 1` running"):
+            _join(port, identity)
+        third = _in_thread(lambda: _wait_for_outcome(port, "sft", identity, rank=2))
+        host.wait_for_followers()
+        host.publish_decision("sft", "run", "new")
+        host.publish_outcome("sft", "f00d")
+    assert _finished(first)["value"] == _finished(third)["value"] == {"output_sha256": "f00d"}
+
+
+def _wait_until_joined(host: ControlHost, rank: int) -> None:
+    while not host._store.check([f"joined/{rank}"]):
+        time.sleep(0.1)
 
 
 def test_node_zero_that_never_opens_its_channel_is_an_error_after_the_timeout() -> None:

@@ -6,14 +6,18 @@ earlier one's (a ``failed`` or ``running`` left by a crash or a kill, a ``comple
 (``torch.distributed.TCPStore``; a store, not a process group) on ``--main-addr:--control-port`` for as long as its
 ``alignpipe run`` lives, and publishes there, per stage, its decision once the stage directory is ready and then the
 stage's outcome. The store lives and dies with one attempt, so nothing in it is stale, and a follower started before
-or after node 0 reads the same decisions.
+or after node 0 reads the same decisions; a follower can join only until the run begins (every node has joined), so
+one restarted mid-run (or after the end, while node 0 waits for the others to read it) is told to start the run
+again on every node instead of being handed decisions that no node 0 acts on any more.
 
-Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``base`` (the name
-and hash of node 0's copy of the recipe's model, which a follower checks its own against), ``decision/<stage>``
-(``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>`` (``{"output_sha256": ...}``, once the
-stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped: node 0 looks before each
-decision and while a stage that spans the nodes runs, and stops), ``done/<rank>`` (a follower read the last outcome;
-node 0 keeps the store up until every follower has said one of the two).
+Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has joined, ``finished`` after the last
+stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
+``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
+``decision/<stage>`` (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>``
+(``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a
+follower stopped: node 0 looks before each decision and while a stage that spans the nodes runs, and stops),
+``done/<rank>`` (a follower read the last outcome; node 0 keeps the store up until every follower has said one of
+the two, or for ``END_GRACE_S``).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ log = logging.getLogger("alignpipe")
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
 MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflows near 1e14 s, inf crashes it
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
-ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why
-RUN, BASE, ABORT = "run", "base", "abort"
+END_GRACE_S = 30.0  # how long node 0 keeps the store up at the end for followers to read how the run ended
+RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
+STARTED, FINISHED = "started", "finished"  # values of STATE
 
 
 class ControlError(RuntimeError):
@@ -158,10 +163,10 @@ class ControlHost:
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None:
             self._store.set(ABORT, why_it_stopped(error))
-            joined = [r for r in self.followers if self._store.check([_joined(r)])]
-            self._wait_for_acknowledgements(joined, min(self.timeout_s, ABORT_GRACE_S))
         else:
-            self._wait_for_acknowledgements(list(self.followers), self.timeout_s)
+            self._store.set(STATE, FINISHED)
+        joined = [r for r in self.followers if self._store.check([_joined(r)])]
+        self._wait_for_acknowledgements(joined, min(self.timeout_s, END_GRACE_S))
         self._store = None  # the server stops with its last reference
 
     def wait_for_followers(self) -> None:
@@ -180,6 +185,7 @@ class ControlHost:
                     "with --node-rank R on each, or give them longer with --control-timeout")
             if missing:
                 time.sleep(POLL_S)
+        self._store.set(STATE, STARTED)  # from now on, no node joins
         log.info("all %d node(s) joined", len(self.followers) + 1)
 
     def check_followers(self) -> None:
@@ -225,6 +231,7 @@ class ControlFollower:
         self.address, self.port, self.rank, self.timeout_s = address, port, rank, timeout_s
         self.identity = identity
         self._store = None
+        self._speaks_for_rank = True  # False once refused as a second node of its rank: node 0 must not hear it
 
     def __enter__(self) -> ControlFollower:
         from torch.distributed import DistError, TCPStore
@@ -241,7 +248,9 @@ class ControlFollower:
         from torch.distributed import DistError
 
         try:
-            if error is None:
+            if not self._speaks_for_rank:
+                pass
+            elif error is None:
                 self._store.set(_done(self.rank), "1")
             else:
                 self._store.set(_left(self.rank), why_it_stopped(error))
@@ -250,12 +259,30 @@ class ControlFollower:
         self._store = None
 
     def join(self) -> None:
-        """Check that node 0 runs the same recipe over as many nodes, then tell it this node follows."""
+        """Check that node 0's run has not begun and runs the same recipe over as many nodes, then tell it this node
+        follows (once per rank). A refusal for a run under way or a rank taken is not told to node 0: the node that
+        took part, if it still runs, goes on."""
+        from torch.distributed import DistError
+
         theirs = self._await(RUN, "node 0's recipe")
+        try:
+            state = self._store.get(STATE).decode() if self._store.check([STATE]) else None
+        except DistError as error:
+            raise self._lost("joining") from error
+        if state is not None:
+            self._speaks_for_rank = False
+            raise ControlError(
+                f"node 0's run at {self.address}:{self.port} has {'finished' if state == FINISHED else 'begun'} "
+                f"(node {self.rank} took part): a node cannot join a run once every node has joined. If node "
+                f"{self.rank} stopped, stop node 0 too and start the run again on every node (add --resume to "
+                "continue); otherwise check --node-rank")
         if differences := mismatch(self.identity, theirs):
             raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
                                "every node with the same recipe file, overrides and --nodes")
-        self._store.set(_joined(self.rank), "1")
+        if self._store.add(_joined(self.rank), 1) > 1:
+            self._speaks_for_rank = False
+            raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "
+                               f"--node-rank {self.rank}` running? Give each node its own --node-rank")
 
     def check_base(self, path: str, sha256: str | None) -> None:
         """Check this node's copy of the recipe's model (``path``, hashed as the run hashes it) against node 0's: a

@@ -375,6 +375,21 @@ def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, 
     assert fake_stages["node 1"] == []
 
 
+def test_a_followers_dry_run_defers_to_node_zero_and_leaves_out_what_node_zero_runs_alone(complete_run,
+                                                                                          capsys) -> None:
+    """Node 1's --force sft is ignored at run time (node 0's count), so its dry run must not print "run (forced)";
+    and it never launches the eval stage, which runs on node 0 alone."""
+    recipe_path, runs = complete_run
+    _runner(recipe_path, runs, 1, 29500, force=["sft"], resume=True, dry_run=True).run()
+    printed = capsys.readouterr().out
+    assert ("[dry-run] sft (sft): decided by node 0 at run time (this node's --force/--resume are ignored)"
+            in printed)
+    assert "forced" not in printed and "skip" not in printed.replace("unless skipped", "")
+    assert "[dry-run] eval (eval): runs on node 0 only (this node waits for it)" in printed
+    assert "pipelines/sft.py" in printed and "pipelines/eval.py" not in printed
+    assert "--machine_rank 1" in printed
+
+
 @pytest.fixture
 def gguf_recipe(tmp_path, monkeypatch):
     """A one-stage recipe of a GGUF package whose (minutes-long) conversion is faked: each node, a thread here,

@@ -75,6 +75,7 @@ BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbon
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
 UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
+FOLLOWER_DECIDES = "decided by node 0 at run time (this node's --force/--resume are ignored); unless skipped, runs"
 
 
 class StageFailed(RuntimeError):
@@ -238,10 +239,10 @@ class Runner:
         ``UNBUILT`` while the tiny model is not created yet."""
         spec = self.recipe.model
         if spec.gguf_package is not None:
-            from alignpipe.models.gguf import conversion_name
+            from alignpipe.models.gguf import conversion_name, default_cache_root
 
             name = conversion_name(spec.gguf_package, spec.chat_template)
-            return name, _converted_base_hash(spec, name)
+            return str(default_cache_root() / name), _converted_base_hash(spec, name)
         if not spec.is_tiny:
             return self._prepare_base()  # a hub id or a path: named, nothing made
         directory = StageDir(self.run_dir / BASE)
@@ -364,6 +365,8 @@ class Runner:
     def _dry_run(self) -> list[StageOutcome]:
         """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
         command, without creating or changing anything on disk."""
+        if self.follower:
+            return self._follower_dry_run()
         outcomes = []
         outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
@@ -377,6 +380,23 @@ class Runner:
             outputs[stage.name] = (str(directory.checkpoint), output)
             command = format_command(self.stage_command(stage.type, directory.root, decision.action == "resume"))
             print(f"[dry-run] {stage.name} ({stage.type}): {described}\n  {command}")
+            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
+        return outcomes
+
+    def _follower_dry_run(self) -> list[StageOutcome]:
+        """A follower's dry run: what it does with each stage is node 0's decision, made at run time with node 0's
+        ``--force`` and ``--resume`` (this node's are ignored), so only the command it would launch is known, and
+        that single-process stages run on node 0 alone."""
+        base = None if self.recipe.model.is_tiny else self._planned_base()[0]
+        outcomes = []
+        for stage in self.recipe.stages:
+            if stage.type in SINGLE_PROCESS_STAGES:
+                described, shown = "runs on node 0 only (this node waits for it)", ""
+            else:
+                described = FOLLOWER_DECIDES
+                command = self.stage_command(stage.type, self.run_dir / stage.name, False, base=base)
+                shown = f"\n  {format_command(command)}  (with --resume when node 0 resumes)"
+            print(f"[dry-run] {stage.name} ({stage.type}): {described}{shown}")
             outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
         return outcomes
 

@@ -137,7 +137,7 @@ def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
     error = _finished(follower)["error"]
     assert isinstance(error, ControlError)
     assert "recipe_sha256: node 0 has 'abc', this node 'def'" in str(error)
-    assert "same recipe file, overrides and --nodes" in str(error)
+    assert "same recipe file, overrides, --nodes and topology options" in str(error)
 
 
 def _join(port: int, identity: dict) -> None:
@@ -274,17 +274,19 @@ def fake_stages(monkeypatch) -> dict[str, list]:
     return launched
 
 
-def _runner(recipe_path, runs, rank: int, main_port: int, **options) -> Runner:
-    topology = resolve_topology(LaunchOptions(cpu=True, nodes=2, node_rank=rank, main_addr="127.0.0.1",
-                                              main_port=main_port), visible_gpus=0)
+def _runner(recipe_path, runs, rank: int, main_port: int, launch: dict | None = None, **options) -> Runner:
+    topology = resolve_topology(LaunchOptions(**{"cpu": True, "nodes": 2, "node_rank": rank, "main_addr": "127.0.0.1",
+                                                 "main_port": main_port, **(launch or {})}), visible_gpus=0)
     return Runner(load_recipe(recipe_path), runs_dir=runs, recipe_path=recipe_path, topology=topology, **options)
 
 
-def _run_both(recipe_path, runs, **node_zero_options) -> tuple[dict, dict]:
+def _run_both(recipe_path, runs, node_one_launch: dict | None = None, **node_zero_options) -> tuple[dict, dict]:
     """Node 1 first (it waits for node 0), then node 0 with ``node_zero_options`` (--force, --resume); both nodes
-    run the same recipe over the same runs directory. The control port is the default, main port + 1."""
+    run the same recipe over the same runs directory. The control port is the default, main port + 1; node 1's
+    launch options can differ (``node_one_launch``; its control port stays node 0's)."""
     main_port = _free_port() - 1
-    node_one = _in_thread(lambda: _runner(recipe_path, runs, 1, main_port).run())
+    launch = {"control_port": main_port + 1, **(node_one_launch or {})}
+    node_one = _in_thread(lambda: _runner(recipe_path, runs, 1, main_port, launch).run())
     time.sleep(0.5)
     node_zero = _in_thread(lambda: _runner(recipe_path, runs, 0, main_port, **node_zero_options).run())
     return _finished(node_zero), _finished(node_one)
@@ -363,6 +365,23 @@ def test_node_zero_stops_the_stage_it_runs_when_a_follower_stops_during_it(tmp_p
     assert "node 1 stopped: CUDA out of memory on node 1" in str(node_zero["error"])
     assert time.monotonic() - started < 60
     assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_manifest()["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("launch, difference", [
+    ({"processes": 2}, "processes_per_node: node 0 has 1, this node 2"),
+    ({"main_port": 29600}, "main_port: node 0 has "),  # node 0's is an ephemeral port's neighbour, never 29600
+])
+def test_a_follower_launching_another_topology_is_an_error_on_both_nodes(tiny_recipe_path, tmp_path, fake_stages,
+                                                                          launch, difference) -> None:
+    """Node 1 with another process count or rendezvous port joined, and its stage launches waited in a rendezvous
+    that never completes."""
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs", node_one_launch=launch)
+    assert isinstance(node_one.get("error"), ControlError)
+    assert difference in str(node_one["error"])
+    assert "topology options (--gpus or --cpu --processes, --deepspeed, --main-port)" in str(node_one["error"])
+    assert isinstance(node_zero.get("error"), ControlError)
+    assert "node 1 stopped before the run began" in str(node_zero["error"])
+    assert fake_stages["node 0"] == fake_stages["node 1"] == []
 
 
 def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, fake_stages) -> None:

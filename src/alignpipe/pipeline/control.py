@@ -75,7 +75,7 @@ def why_it_stopped(error: BaseException) -> str:
 
 
 def mismatch(ours: dict, theirs: dict) -> list[str]:
-    """The run-identity fields (recipe name and hash, node count) on which two nodes disagree, described."""
+    """The run-identity fields (recipe name and hash, topology) on which two nodes disagree, described."""
     return [f"{key}: node 0 has {theirs.get(key)!r}, this node {ours.get(key)!r}"
             for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
@@ -278,7 +278,8 @@ class ControlFollower:
                 "continue); otherwise check --node-rank")
         if differences := mismatch(self.identity, theirs):
             raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
-                               "every node with the same recipe file, overrides and --nodes")
+                               "every node with the same recipe file, overrides, --nodes and topology options "
+                               "(--gpus or --cpu --processes, --deepspeed, --main-port)")
         if self._store.add(_joined(self.rank), 1) > 1:
             self._speaks_for_rank = False
             raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "

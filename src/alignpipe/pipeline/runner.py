@@ -157,8 +157,11 @@ class Runner:
         t = self.topology
         if t.nodes == 1:
             return Alone()
+        # what every node must agree on: the recipe, and the launch each node's part of a stage joins (the world
+        # size and rendezvous port are computed per node: a node with another count or port waits in the rendezvous)
         identity = {"run": self.recipe.name, "recipe_sha256": canonical_hash(recipe_to_dict(self.recipe)),
-                    "nodes": t.nodes}
+                    "nodes": t.nodes, "processes_per_node": t.processes_per_node, "device": t.device,
+                    "deepspeed": t.deepspeed_json.name if t.deepspeed_json else None, "main_port": t.main_port}
         if self.follower:
             return ControlFollower(t.main_addr, t.control_port, rank=t.node_rank, identity=identity,
                                    timeout_s=self.control_timeout_s)

@@ -7,6 +7,7 @@ is replaced by one that publishes a small checkpoint, and node 1's by one that r
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -382,6 +383,48 @@ def test_a_follower_launching_another_topology_is_an_error_on_both_nodes(tiny_re
     assert isinstance(node_zero.get("error"), ControlError)
     assert "node 1 stopped before the run began" in str(node_zero["error"])
     assert fake_stages["node 0"] == fake_stages["node 1"] == []
+
+
+def test_node_zero_interrupted_stops_a_followers_stage_part_and_tells_it_so(tmp_path, tiny_recipe_path, monkeypatch,
+                                                                           caplog) -> None:
+    """Node 0 is Ctrl-C'd while node 1's part of sft runs (a process that would sleep two minutes, as a rank waiting
+    for node 0's in a collective would): node 1 stops its part within seconds and says node 0 was interrupted, where
+    it learnt only after its part ended, by then from a closed channel ("lost node 0's control channel"); node 0
+    says for how long and for which node it waits."""
+    spawn = Runner._spawn
+
+    def interrupted(self, stage_type, directory: StageDir, resume: bool, **options) -> None:
+        time.sleep(1.0)  # node 1 launches its part meanwhile
+        raise KeyboardInterrupt
+
+    def sleep_on_node_one(self, command, env=None, **options) -> int:
+        return spawn(self, [sys.executable, "-c", "import time; time.sleep(120)"], env, **options)
+
+    monkeypatch.setattr(Runner, "_launch", interrupted)
+    monkeypatch.setattr(Runner, "_spawn", sleep_on_node_one)
+    caplog.set_level(logging.INFO, logger="alignpipe")
+    started = time.monotonic()
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs")
+    assert isinstance(node_zero.get("error"), KeyboardInterrupt)
+    assert isinstance(node_one.get("error"), ControlError)
+    assert "node 0 was interrupted (Ctrl-C): start the run again on every node" in str(node_one["error"])
+    assert time.monotonic() - started < 40
+    assert "waiting up to 30s for node(s) [1] to read why the run stopped" in caplog.text
+
+
+def test_a_follower_keeps_an_outcome_published_while_its_part_still_ran() -> None:
+    """Node 0 may publish a stage's outcome, finish and close its channel before node 1's part of the stage has
+    exited; what node 1 read while its part ran still counts."""
+    port = _free_port()
+    with _host(port, timeout_s=5.0) as host:  # it waits up to 5 s for node 1 to confirm the end, then closes
+        channel = _follower(port).__enter__()
+        channel.join()
+        host.wait_for_followers()
+        host.publish_decision("sft", "run", "new")
+        host.publish_outcome("sft", "f00d")
+        channel.watch("sft")()  # node 1's part of sft still runs
+        channel._store = None  # node 0 has closed its channel meanwhile
+    assert channel.outcome("sft") == {"output_sha256": "f00d"}
 
 
 def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, fake_stages) -> None:

@@ -14,10 +14,10 @@ Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has join
 stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
 ``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
 ``decision/<stage>`` (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>``
-(``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a
-follower stopped: node 0 looks before each decision and while a stage that spans the nodes runs, and stops),
-``done/<rank>`` (a follower read the last outcome; node 0 keeps the store up until every follower has said one of
-the two, or for ``END_GRACE_S``).
+(``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped: a follower looks while its
+part of a stage runs, and stops it), ``left/<rank>`` (why a follower stopped: node 0 looks before each decision and
+while a stage that spans the nodes runs, and stops), ``done/<rank>`` (a follower read the last outcome; node 0 keeps
+the store up until every follower has said one of the two, or for ``END_GRACE_S``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import socket
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 from alignpipe.pipeline.decision import Action
 
@@ -40,6 +41,7 @@ POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip 
 END_GRACE_S = 30.0  # how long node 0 keeps the store up at the end for followers to read how the run ended
 RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
 STARTED, FINISHED = "started", "finished"  # values of STATE
+INTERRUPTED = "interrupted"  # the ``abort`` or ``left/<rank>`` of a node stopped by Ctrl-C
 
 
 class ControlError(RuntimeError):
@@ -70,7 +72,7 @@ def check_control_timeout(seconds: float) -> float:
 def why_it_stopped(error: BaseException) -> str:
     """One line for the other nodes: the error's message, or what happened when there is none."""
     if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
+        return INTERRUPTED
     return str(error).strip() or type(error).__name__
 
 
@@ -166,7 +168,8 @@ class ControlHost:
         else:
             self._store.set(STATE, FINISHED)
         joined = [r for r in self.followers if self._store.check([_joined(r)])]
-        self._wait_for_acknowledgements(joined, min(self.timeout_s, END_GRACE_S))
+        news = "that the run finished" if error is None else "why the run stopped"
+        self._wait_for_acknowledgements(joined, min(self.timeout_s, END_GRACE_S), news)
         self._store = None  # the server stops with its last reference
 
     def wait_for_followers(self) -> None:
@@ -213,15 +216,19 @@ class ControlHost:
     def publish_outcome(self, stage: str, output_sha256: str | None) -> None:
         self._store.set(f"outcome/{stage}", json.dumps({"output_sha256": output_sha256}))
 
-    def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float) -> None:
+    def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float, news: str) -> None:
+        def pending(among: list[int]) -> list[int]:
+            return [r for r in among if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
+
         deadline = time.monotonic() + timeout_s
-        pending = [r for r in ranks if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
-        while pending and time.monotonic() < deadline:
+        if waiting := pending(ranks):
+            log.info("waiting up to %.0fs for node(s) %s to read %s", timeout_s, waiting, news)
+        while waiting and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            pending = [r for r in pending if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
-        if pending:
+            waiting = pending(waiting)
+        if waiting:
             log.warning("node(s) %s did not confirm the end of the run within %.0fs; closing the control channel",
-                        pending, timeout_s)
+                        waiting, timeout_s)
 
 
 class ControlFollower:
@@ -232,6 +239,8 @@ class ControlFollower:
         self.identity = identity
         self._store = None
         self._speaks_for_rank = True  # False once refused as a second node of its rank: node 0 must not hear it
+        self._node_zero_gone = False  # nobody to tell how this node ends
+        self._outcomes: dict[str, dict] = {}  # read while this node's part of a stage ran (see ``watch``)
 
     def __enter__(self) -> ControlFollower:
         from torch.distributed import DistError, TCPStore
@@ -248,7 +257,7 @@ class ControlFollower:
         from torch.distributed import DistError
 
         try:
-            if not self._speaks_for_rank:
+            if not self._speaks_for_rank or self._node_zero_gone:
                 pass
             elif error is None:
                 self._store.set(_done(self.rank), "1")
@@ -300,22 +309,45 @@ class ControlFollower:
 
     def outcome(self, stage: str) -> dict:
         """``stage``'s outcome once node 0 has it (``output_sha256``); a ControlError when node 0 stopped instead."""
+        if stage in self._outcomes:
+            return self._outcomes.pop(stage)
         return self._await(f"outcome/{stage}", f"stage '{stage}' to complete on node 0")
 
+    def watch(self, stage: str) -> Callable[[], None]:
+        """What ``pipeline.watched`` calls while this node's part of ``stage`` runs: a ControlError once node 0 has
+        stopped, so the part stops too (it would wait for node 0's processes in a collective, up to half an hour),
+        where the follower learnt it only after its part ended and node 0 had closed the channel; node 0's outcome,
+        read as soon as it is there, is kept for ``outcome``."""
+        def look() -> None:
+            if stage not in self._outcomes and (answer := self._poll(f"outcome/{stage}", f"running '{stage}'")):
+                self._outcomes[stage] = answer
+
+        return look
+
     def _await(self, key: str, what: str) -> dict:
-        """Wait, without a deadline while node 0 answers (a stage may train for hours), for ``key``; a stop of node 0
-        (``abort``) comes first, so a follower never acts on a decision node 0 gave up on."""
+        """Wait, without a deadline while node 0 answers (a stage may train for hours), for ``key``."""
+        while (answer := self._poll(key, f"waiting for {what}")) is None:
+            time.sleep(POLL_S)
+        return answer
+
+    def _poll(self, key: str, doing: str) -> dict | None:
+        """``key``'s value if node 0 has published it, else None; a stop of node 0 (``abort``) comes first, so a
+        follower never acts on a decision node 0 gave up on."""
         from torch.distributed import DistError
 
-        while True:
-            try:
-                if self._store.check([ABORT]):
-                    raise ControlError(f"node 0 stopped the run: {self._store.get(ABORT).decode()}")
-                if self._store.check([key]):
-                    return json.loads(self._store.get(key))
-            except DistError as error:
-                raise self._lost(f"waiting for {what}") from error
-            time.sleep(POLL_S)
+        try:
+            if self._store.check([ABORT]):
+                raise self._node_zero_stopped(self._store.get(ABORT).decode())
+            return json.loads(self._store.get(key)) if self._store.check([key]) else None
+        except DistError as error:
+            raise self._lost(doing) from error
+
+    @staticmethod
+    def _node_zero_stopped(reason: str) -> ControlError:
+        if reason == INTERRUPTED:
+            return ControlError("node 0 was interrupted (Ctrl-C): start the run again on every node (add --resume to "
+                                "continue)")
+        return ControlError(f"node 0 stopped the run: {reason}")
 
     def _wait_for_node_zero(self) -> None:
         """Wait until node 0's control port accepts connections (it may start after this node). A plain socket: the
@@ -348,5 +380,6 @@ class ControlFollower:
             f"--main-addr is node 0's address as this node reaches it and that no firewall drops port {self.port}")
 
     def _lost(self, doing: str) -> ControlError:
+        self._node_zero_gone = True
         return ControlError(f"node {self.rank} lost node 0's control channel at {self.address}:{self.port} while "
                             f"{doing}: node 0's `alignpipe run` stopped or cannot be reached; see its log")

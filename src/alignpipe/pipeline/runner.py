@@ -446,7 +446,7 @@ class Runner:
                 resume = decision["action"] == "resume"
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
-                if code := self._spawn(command):
+                if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops
                     log.warning("[%s] this node's part exited with %d; waiting for node 0's verdict", stage.name, code)
                 action = "resumed" if resume else "ran"
                 channel.outcome(stage.name)

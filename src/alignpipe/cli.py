@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on every node)")
     topology.add_argument("--control-timeout", type=float, default=CONTROL_TIMEOUT_S, metavar="S",
                           help="with --nodes > 1: seconds the nodes wait for each other to start, and node 0 for the "
-                          f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f})")
+                          f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f}; at most a week)")
     topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
     topology.add_argument("--dry-run", action="store_true",
                           help="print what the run would do with each stage (skip, run or resume, and why), its "

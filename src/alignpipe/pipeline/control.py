@@ -6,30 +6,43 @@ earlier one's (a ``failed`` or ``running`` left by a crash or a kill, a ``comple
 (``torch.distributed.TCPStore``; a store, not a process group) on ``--main-addr:--control-port`` for as long as its
 ``alignpipe run`` lives, and publishes there, per stage, its decision once the stage directory is ready and then the
 stage's outcome. The store lives and dies with one attempt, so nothing in it is stale, and a follower started before
-or after node 0 reads the same decisions.
+or after node 0 reads the same decisions; a follower can join only until the run begins (every node has joined), so
+one restarted mid-run (or after the end, while node 0 waits for the others to read it) is told to start the run
+again on every node instead of being handed decisions that no node 0 acts on any more.
 
-Keys: ``run`` (node 0's recipe), ``joined/<rank>`` (a follower passed its checks and follows), ``decision/<stage>``
-(``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>`` (``{"output_sha256": ...}``, once the
-stage is complete), ``abort`` (why node 0 stopped), ``left/<rank>`` (why a follower stopped), ``done/<rank>`` (a
-follower read the last outcome; node 0 keeps the store up until every follower has said one of the two).
+Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has joined, ``finished`` after the last
+stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
+``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
+``decision/<stage>`` (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>``
+(``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped: a follower looks while its
+part of a stage runs, and stops it), ``left/<rank>`` (why a follower stopped: node 0 looks before each decision and
+while a stage that spans the nodes runs, and stops), ``done/<rank>`` (a follower read the last outcome; node 0 keeps
+the store up until every follower has said one of the two, or for ``END_GRACE_S``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
+from typing import Callable
 
 from alignpipe.pipeline.decision import Action
 
 log = logging.getLogger("alignpipe")
 
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
+MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflows near 1e14 s, inf crashes it
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
-ABORT_GRACE_S = 30.0  # how long a failing node 0 keeps the store up for followers to read why
-RUN, ABORT = "run", "abort"
+RECONNECT_S = 10.0  # how long a follower whose connection broke tries to reach node 0's port before giving up
+END_GRACE_S = 30.0  # how long node 0 keeps the store up at the end for followers to read how the run ended
+RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
+STARTED, FINISHED = "started", "finished"  # values of STATE
+INTERRUPTED = "interrupted"  # the ``abort`` or ``left/<rank>`` of a node stopped by Ctrl-C
 
 
 class ControlError(RuntimeError):
@@ -48,17 +61,56 @@ def _done(rank: int) -> str:
     return f"done/{rank}"
 
 
+def check_control_timeout(seconds: float) -> float:
+    """``seconds`` if it is a usable ``--control-timeout``: a finite number of seconds, > 0 and at most a week (inf
+    made the store overflow and nan compares false with every deadline, so a node waited for ever)."""
+    if not 0 < seconds <= MAX_CONTROL_TIMEOUT_S:  # false for nan too
+        raise ValueError(f"--control-timeout must be a number of seconds > 0 and at most {MAX_CONTROL_TIMEOUT_S:.0f} "
+                         f"(a week), got {seconds:g}")
+    return seconds
+
+
 def why_it_stopped(error: BaseException) -> str:
     """One line for the other nodes: the error's message, or what happened when there is none."""
     if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
+        return INTERRUPTED
     return str(error).strip() or type(error).__name__
 
 
 def mismatch(ours: dict, theirs: dict) -> list[str]:
-    """The run-identity fields (recipe name and hash, node count) on which two nodes disagree, described."""
+    """The run-identity fields (recipe name and hash, topology) on which two nodes disagree, described."""
     return [f"{key}: node 0 has {theirs.get(key)!r}, this node {ours.get(key)!r}"
             for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+
+
+def check_host_address(address: str, port: int) -> None:
+    """Node 0's ``--main-addr`` and ``--control-port``, checked by binding them: the store listens on every address
+    and then connects to ``address``, so a wrong one only timed out (after one to three timeouts) and was blamed on
+    the port. A ControlError that says which is wrong: the name, the address (not this machine's), or the port."""
+    try:
+        candidates = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ControlError(f"--main-addr {address!r} does not resolve on node 0 ({error.strerror}): pass an address "
+                           "of node 0 that the other nodes reach, the same on every node") from error
+    failures: list[tuple[str, OSError]] = []
+    for family, kind, protocol, _, socket_address in candidates:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's own socket
+            try:
+                probe.bind(socket_address)
+                return
+            except OSError as error:
+                failures.append((socket_address[0], error))
+    if any(error.errno == errno.EADDRINUSE for _, error in failures):
+        raise ControlError(
+            f"node 0 cannot open its control channel on port {port}: it is in use; is another `alignpipe run "
+            "--node-rank 0` still running on this machine? Stop it, or pass another --control-port to every node")
+    addresses = ", ".join(sorted({ip for ip, _ in failures}))
+    if all(error.errno == errno.EADDRNOTAVAIL for _, error in failures):
+        raise ControlError(f"--main-addr {address!r} ({addresses}) is not an address of this machine, which hosts "
+                           "the control channel as node 0: run --node-rank 0 on the machine --main-addr names, or "
+                           "pass one of this machine's addresses on every node")
+    raise ControlError(f"node 0 cannot open its control channel at {address}:{port} ({failures[0][1]})")
 
 
 class Alone:
@@ -71,6 +123,12 @@ class Alone:
         return None
 
     def wait_for_followers(self) -> None:
+        return None
+
+    def check_followers(self) -> None:
+        return None
+
+    def publish_base(self, path: str, sha256: str | None) -> None:
         return None
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
@@ -93,14 +151,14 @@ class ControlHost:
     def __enter__(self) -> ControlHost:
         from torch.distributed import DistError, TCPStore
 
+        check_host_address(self.address, self.port)
         try:
             self._store = TCPStore(self.address, self.port, None, True, timedelta(seconds=self.timeout_s),
                                    wait_for_workers=False)
         except DistError as error:
             raise ControlError(
-                f"node 0 cannot open its control channel on port {self.port} ({error}); is another `alignpipe run "
-                "--node-rank 0` still running on this machine? Stop it, or pass another --control-port to every node"
-            ) from error
+                f"node 0 cannot open its control channel at {self.address}:{self.port} ({error}); check that "
+                "--main-addr is an address of this machine and that nothing else holds --control-port") from error
         self._store.set(RUN, json.dumps(self.identity))
         log.info("control channel open on %s:%d for node(s) %s", self.address, self.port, list(self.followers))
         return self
@@ -108,10 +166,11 @@ class ControlHost:
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None:
             self._store.set(ABORT, why_it_stopped(error))
-            joined = [r for r in self.followers if self._store.check([_joined(r)])]
-            self._wait_for_acknowledgements(joined, min(self.timeout_s, ABORT_GRACE_S))
         else:
-            self._wait_for_acknowledgements(list(self.followers), self.timeout_s)
+            self._store.set(STATE, FINISHED)
+        joined = [r for r in self.followers if self._store.check([_joined(r)])]
+        news = "that the run finished" if error is None else "why the run stopped"
+        self._wait_for_acknowledgements(joined, min(self.timeout_s, END_GRACE_S), news)
         self._store = None  # the server stops with its last reference
 
     def wait_for_followers(self) -> None:
@@ -120,9 +179,8 @@ class ControlHost:
         missing = list(self.followers)
         while missing:
             for rank in missing:
-                if self._store.check([_left(rank)]):
-                    raise ControlError(f"node {rank} stopped before the run began: "
-                                       f"{self._store.get(_left(rank)).decode()}")
+                if (reason := self._left_reason(rank)) is not None:
+                    raise ControlError(f"node {rank} stopped before the run began: {reason}")
             missing = [r for r in missing if not self._store.check([_joined(r)])]
             if missing and time.monotonic() > deadline:
                 raise ControlError(
@@ -131,25 +189,47 @@ class ControlHost:
                     "with --node-rank R on each, or give them longer with --control-timeout")
             if missing:
                 time.sleep(POLL_S)
+        self._store.set(STATE, STARTED)  # from now on, no node joins
         log.info("all %d node(s) joined", len(self.followers) + 1)
+
+    def check_followers(self) -> None:
+        """Raise a ControlError when a follower has stopped (it said why): the next stage that spans the nodes
+        would wait for it in torch's rendezvous until that times out. Before each decision, and while a stage
+        runs (``pipeline.watched``)."""
+        for rank in self.followers:
+            if (reason := self._left_reason(rank)) is not None:
+                raise ControlError(f"node {rank} stopped: {reason}; the run cannot go on without it. Fix the cause "
+                                   "there and start the run again on every node (add --resume to continue)")
+
+    def _left_reason(self, rank: int) -> str | None:
+        return self._store.get(_left(rank)).decode() if self._store.check([_left(rank)]) else None
+
+    def publish_base(self, path: str, sha256: str | None) -> None:
+        """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""
+        self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256}))
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
         """Tell the followers what to do with ``stage``; for ``run``/``resume`` only once its directory is ready (its
-        config written: their stage processes read it)."""
+        config written: their stage processes read it). A ControlError instead when a follower has stopped."""
+        self.check_followers()
         self._store.set(f"decision/{stage}", json.dumps({"action": action, "reason": reason}))
 
     def publish_outcome(self, stage: str, output_sha256: str | None) -> None:
         self._store.set(f"outcome/{stage}", json.dumps({"output_sha256": output_sha256}))
 
-    def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float) -> None:
+    def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float, news: str) -> None:
+        def pending(among: list[int]) -> list[int]:
+            return [r for r in among if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
+
         deadline = time.monotonic() + timeout_s
-        pending = [r for r in ranks if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
-        while pending and time.monotonic() < deadline:
+        if waiting := pending(ranks):
+            log.info("waiting up to %.0fs for node(s) %s to read %s", timeout_s, waiting, news)
+        while waiting and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            pending = [r for r in pending if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
-        if pending:
+            waiting = pending(waiting)
+        if waiting:
             log.warning("node(s) %s did not confirm the end of the run within %.0fs; closing the control channel",
-                        pending, timeout_s)
+                        waiting, timeout_s)
 
 
 class ControlFollower:
@@ -159,6 +239,9 @@ class ControlFollower:
         self.address, self.port, self.rank, self.timeout_s = address, port, rank, timeout_s
         self.identity = identity
         self._store = None
+        self._speaks_for_rank = True  # False once refused as a second node of its rank: node 0 must not hear it
+        self._node_zero_gone = False  # nobody to tell how this node ends
+        self._outcomes: dict[str, dict] = {}  # read while this node's part of a stage ran (see ``watch``)
 
     def __enter__(self) -> ControlFollower:
         from torch.distributed import DistError, TCPStore
@@ -175,7 +258,9 @@ class ControlFollower:
         from torch.distributed import DistError
 
         try:
-            if error is None:
+            if not self._speaks_for_rank or self._node_zero_gone:
+                pass
+            elif error is None:
                 self._store.set(_done(self.rank), "1")
             else:
                 self._store.set(_left(self.rank), why_it_stopped(error))
@@ -184,12 +269,40 @@ class ControlFollower:
         self._store = None
 
     def join(self) -> None:
-        """Check that node 0 runs the same recipe over as many nodes, then tell it this node follows."""
+        """Check that node 0's run has not begun and runs the same recipe over as many nodes, then tell it this node
+        follows (once per rank). A refusal for a run under way or a rank taken is not told to node 0: the node that
+        took part, if it still runs, goes on."""
+        from torch.distributed import DistError
+
         theirs = self._await(RUN, "node 0's recipe")
+        try:
+            state = self._store.get(STATE).decode() if self._store.check([STATE]) else None
+        except DistError as error:
+            raise self._lost("joining") from error
+        if state is not None:
+            self._speaks_for_rank = False
+            raise ControlError(
+                f"node 0's run at {self.address}:{self.port} has {'finished' if state == FINISHED else 'begun'} "
+                f"(node {self.rank} took part): a node cannot join a run once every node has joined. If node "
+                f"{self.rank} stopped, stop node 0 too and start the run again on every node (add --resume to "
+                "continue); otherwise check --node-rank")
         if differences := mismatch(self.identity, theirs):
             raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
-                               "every node with the same recipe file, overrides and --nodes")
-        self._store.set(_joined(self.rank), "1")
+                               "every node with the same recipe file, overrides, --nodes and topology options "
+                               "(--gpus or --cpu --processes, --deepspeed, --main-port)")
+        if self._store.add(_joined(self.rank), 1) > 1:
+            self._speaks_for_rank = False
+            raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "
+                               f"--node-rank {self.rank}` running? Give each node its own --node-rank")
+
+    def check_base(self, path: str, sha256: str | None) -> None:
+        """Check this node's copy of the recipe's model (``path``, hashed as the run hashes it) against node 0's: a
+        GGUF package of another version, say, converts into another model."""
+        theirs = self._await(BASE, "node 0's model")
+        if theirs["sha256"] != sha256:
+            raise ControlError(
+                f"node {self.rank} prepared another model than node 0: node 0 has {theirs['name']!r}, this node "
+                f"{Path(path).name!r} ({path}); install the same model (package version) on every node")
 
     def decision(self, stage: str) -> dict:
         """Node 0's decision for ``stage`` (``action`` and ``reason``), once it has made it."""
@@ -197,22 +310,68 @@ class ControlFollower:
 
     def outcome(self, stage: str) -> dict:
         """``stage``'s outcome once node 0 has it (``output_sha256``); a ControlError when node 0 stopped instead."""
+        if stage in self._outcomes:
+            return self._outcomes.pop(stage)
         return self._await(f"outcome/{stage}", f"stage '{stage}' to complete on node 0")
 
+    def watch(self, stage: str) -> Callable[[], None]:
+        """What ``pipeline.watched`` calls while this node's part of ``stage`` runs: a ControlError once node 0 has
+        stopped, so the part stops too (it would wait for node 0's processes in a collective, up to half an hour),
+        where the follower learnt it only after its part ended and node 0 had closed the channel; node 0's outcome,
+        read as soon as it is there, is kept for ``outcome``."""
+        def look() -> None:
+            if stage not in self._outcomes and (answer := self._poll(f"outcome/{stage}", f"running '{stage}'")):
+                self._outcomes[stage] = answer
+
+        return look
+
     def _await(self, key: str, what: str) -> dict:
-        """Wait, without a deadline while node 0 answers (a stage may train for hours), for ``key``; a stop of node 0
-        (``abort``) comes first, so a follower never acts on a decision node 0 gave up on."""
+        """Wait, without a deadline while node 0 answers (a stage may train for hours), for ``key``."""
+        while (answer := self._poll(key, f"waiting for {what}")) is None:
+            time.sleep(POLL_S)
+        return answer
+
+    def _poll(self, key: str, doing: str) -> dict | None:
+        """``key``'s value if node 0 has published it, else None; a stop of node 0 (``abort``) comes first, so a
+        follower never acts on a decision node 0 gave up on. A broken connection is made again once before node 0
+        counts as lost: node 0 may still listen (a network blip, a firewall that dropped the connection)."""
         from torch.distributed import DistError
 
-        while True:
-            try:
-                if self._store.check([ABORT]):
-                    raise ControlError(f"node 0 stopped the run: {self._store.get(ABORT).decode()}")
-                if self._store.check([key]):
-                    return json.loads(self._store.get(key))
-            except DistError as error:
-                raise self._lost(f"waiting for {what}") from error
-            time.sleep(POLL_S)
+        try:
+            return self._read(key)
+        except DistError as error:
+            if not self._reconnect():
+                raise self._lost(doing) from error
+        try:
+            return self._read(key)
+        except DistError as error:
+            raise self._lost(doing) from error
+
+    def _read(self, key: str) -> dict | None:
+        if self._store.check([ABORT]):
+            raise self._node_zero_stopped(self._store.get(ABORT).decode())
+        return json.loads(self._store.get(key)) if self._store.check([key]) else None
+
+    def _reconnect(self) -> bool:
+        """A new connection to node 0's store if its port still answers; False if not. A plain socket first: the
+        store's own client retries, logging each try, until its timeout."""
+        from torch.distributed import DistError, TCPStore
+
+        try:
+            socket.create_connection((self.address, self.port), timeout=min(RECONNECT_S, self.timeout_s)).close()
+            self._store = TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s))
+        except (OSError, DistError):
+            return False
+        log.warning("the connection to node 0's control channel at %s:%d broke; connected again", self.address,
+                    self.port)
+        return True
+
+    @staticmethod
+    def _node_zero_stopped(reason: str) -> ControlError:
+        if reason == INTERRUPTED:
+            return ControlError("node 0 was interrupted (Ctrl-C): start the run again on every node (add --resume to "
+                                "continue)")
+        return ControlError(f"node 0 stopped the run: {reason}")
 
     def _wait_for_node_zero(self) -> None:
         """Wait until node 0's control port accepts connections (it may start after this node). A plain socket: the
@@ -224,13 +383,27 @@ class ControlFollower:
                 return
             except OSError as error:
                 if time.monotonic() > deadline:
-                    raise ControlError(
-                        f"node 0 did not open its control channel at {self.address}:{self.port} within "
-                        f"{self.timeout_s:.0f}s ({error}): start the same `alignpipe run` with --node-rank 0 on "
-                        "--main-addr (every node with the same --control-port), or give it longer with "
-                        "--control-timeout") from error
+                    raise self._unreachable(error) from error
                 time.sleep(min(1.0, self.timeout_s / 10))
 
+    def _unreachable(self, error: OSError) -> ControlError:
+        """Why node 0's control channel could not be reached, by the last error: a name that does not resolve and
+        an address that does not answer are a wrong --main-addr (or a firewall); a refused connection is a node 0
+        that has not started."""
+        where = f"{self.address}:{self.port}"
+        if isinstance(error, socket.gaierror):
+            return ControlError(f"--main-addr {self.address!r} does not resolve on node {self.rank} "
+                                f"({error.strerror}): pass node 0's address, the same on every node")
+        if isinstance(error, ConnectionRefusedError):
+            return ControlError(
+                f"node 0 did not open its control channel at {where} within {self.timeout_s:.0f}s ({error}): start "
+                "the same `alignpipe run` with --node-rank 0 on --main-addr (every node with the same "
+                "--control-port), or give it longer with --control-timeout")
+        return ControlError(
+            f"no answer from node 0's control channel at {where} within {self.timeout_s:.0f}s ({error}): check that "
+            f"--main-addr is node 0's address as this node reaches it and that no firewall drops port {self.port}")
+
     def _lost(self, doing: str) -> ControlError:
+        self._node_zero_gone = True
         return ControlError(f"node {self.rank} lost node 0's control channel at {self.address}:{self.port} while "
                             f"{doing}: node 0's `alignpipe run` stopped or cannot be reached; see its log")

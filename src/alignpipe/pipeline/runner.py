@@ -12,9 +12,10 @@ topology's config (``alignpipe.pipeline.launch``).
 Multi-node: every node runs the same ``alignpipe run`` over a shared ``runs/``; node 0 decides and writes (run
 record, configs, manifests) and hosts a control channel on ``--main-addr:--control-port`` (``pipeline.control``);
 the other nodes *follow*: they wait there for node 0's decision on each stage (its ``--force`` and ``--resume`` rule;
-theirs are ignored), launch the same stage command (with ``--resume`` when node 0 resumes; their processes join node
-0's in the rendezvous), wait for the stage's outcome, and write nothing. They never read a manifest for a decision:
-one left by an earlier attempt (``failed``, or ``running`` after a kill) says nothing about this one.
+theirs are ignored), launch the same stage command (with ``--resume`` when node 0 resumes, and ``--base`` naming their
+own copy of the recipe's model; their processes join node 0's in the rendezvous), wait for the stage's outcome, and
+write nothing in ``runs/``. They never read a manifest for a decision: one left by an earlier attempt (``failed``, or
+``running`` after a kill) says nothing about this one.
 """
 
 from __future__ import annotations
@@ -22,18 +23,24 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.batching import stage_batch_split
-from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, Alone, ControlFollower, ControlHost
+from alignpipe.pipeline.control import (
+    CONTROL_TIMEOUT_S,
+    Alone,
+    ControlError,
+    ControlFollower,
+    ControlHost,
+    check_control_timeout,
+)
 from alignpipe.pipeline.decision import StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
@@ -56,6 +63,7 @@ from alignpipe.pipeline.rundir import (
     publish_directory,
     utc_now,
 )
+from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import PPOStage, Recipe, _TrainerStage, recipe_to_dict
 
 log = logging.getLogger("alignpipe")
@@ -67,6 +75,7 @@ BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbon
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
 UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
+FOLLOWER_DECIDES = "decided by node 0 at run time (this node's --force/--resume are ignored); unless skipped, runs"
 
 
 class StageFailed(RuntimeError):
@@ -103,8 +112,6 @@ class Runner:
                 suggestion = f"did you mean '{hint[0]}'? " if hint else ""
                 raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
                                  f"stages: {names}")
-        if control_timeout_s <= 0:
-            raise ValueError(f"--control-timeout must be a positive number of seconds, got {control_timeout_s:g}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self.run_dir = Path(runs_dir) / recipe.name
@@ -116,7 +123,7 @@ class Runner:
         self.topology = topology or default_topology()
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
-        self.control_timeout_s = control_timeout_s
+        self.control_timeout_s = check_control_timeout(control_timeout_s)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
 
     # -- public ------------------------------------------------------------------------------------------------------
@@ -133,12 +140,14 @@ class Runner:
             preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
             return self._follow(channel) if isinstance(channel, ControlFollower) else self._lead(channel)
 
-    def stage_command(self, stage_type: str, directory: Path, resume: bool) -> list[str]:
-        """The exact command that runs one stage (printed before it runs, and by ``--dry-run``)."""
+    def stage_command(self, stage_type: str, directory: Path, resume: bool, base: str | None = None) -> list[str]:
+        """The exact command that runs one stage (printed before it runs, and by ``--dry-run``); ``base``: this
+        node's copy of the recipe's model when it is not the one the stage's config names (a follower's)."""
         script = PIPELINES_DIR / f"{stage_type}.py"
         if not script.exists():
             raise FileNotFoundError(f"no entry point {script} for stage type {stage_type!r}")
         arguments = [str(script), "--stage-dir", str(directory)] + (["--resume"] if resume else [])
+        arguments += ["--base", base] if base is not None else []
         return stage_command(stage_topology(self.topology, stage_type), arguments, python=sys.executable)
 
     # -- internals ---------------------------------------------------------------------------------------------------
@@ -148,8 +157,11 @@ class Runner:
         t = self.topology
         if t.nodes == 1:
             return Alone()
+        # what every node must agree on: the recipe, and the launch each node's part of a stage joins (the world
+        # size and rendezvous port are computed per node: a node with another count or port waits in the rendezvous)
         identity = {"run": self.recipe.name, "recipe_sha256": canonical_hash(recipe_to_dict(self.recipe)),
-                    "nodes": t.nodes}
+                    "nodes": t.nodes, "processes_per_node": t.processes_per_node, "device": t.device,
+                    "deepspeed": t.deepspeed_json.name if t.deepspeed_json else None, "main_port": t.main_port}
         if self.follower:
             return ControlFollower(t.main_addr, t.control_port, rank=t.node_rank, identity=identity,
                                    timeout_s=self.control_timeout_s)
@@ -163,6 +175,7 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_record()
         outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
+        channel.publish_base(*outputs[BASE])
         outcomes = []
         for stage in self.recipe.stages:
             outcome = self._run_stage(stage, outputs, channel)
@@ -229,10 +242,10 @@ class Runner:
         ``UNBUILT`` while the tiny model is not created yet."""
         spec = self.recipe.model
         if spec.gguf_package is not None:
-            from alignpipe.models.gguf import conversion_name
+            from alignpipe.models.gguf import conversion_name, default_cache_root
 
             name = conversion_name(spec.gguf_package, spec.chat_template)
-            return name, _converted_base_hash(spec, name)
+            return str(default_cache_root() / name), _converted_base_hash(spec, name)
         if not spec.is_tiny:
             return self._prepare_base()  # a hub id or a path: named, nothing made
         directory = StageDir(self.run_dir / BASE)
@@ -282,9 +295,10 @@ class Runner:
         log.info("[%s] running (%s)", stage.name, reason)
         channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
-        try:
-            self._launch(stage.type, directory, resume)
-        except KeyboardInterrupt:
+        try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
+            self._launch(stage.type, directory, resume,
+                         watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
+        except (KeyboardInterrupt, ControlError):
             directory.update_manifest(status="interrupted", end_time=utc_now())
             raise
         manifest = directory.read_manifest() or {}
@@ -297,7 +311,8 @@ class Runner:
         channel.publish_outcome(stage.name, manifest.get("output_sha256"))
         return StageOutcome(stage.name, "resumed" if resume else "ran", time.time() - started, reason)
 
-    def _launch(self, stage_type: str, directory: StageDir, resume: bool) -> None:
+    def _launch(self, stage_type: str, directory: StageDir, resume: bool, *,
+                watch: Callable[[], None] | None = None) -> None:
         if self.in_process:
             from alignpipe.pipeline.stage import execute
 
@@ -307,7 +322,7 @@ class Runner:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
             return
-        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env())
+        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch)
         if returncode != 0:
             directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
 
@@ -317,9 +332,11 @@ class Runner:
             env["ACCELERATE_USE_CPU"] = "true"
         return env
 
-    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> int:
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
+               watch: Callable[[], None] | None = None) -> int:
+        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``)."""
         log.info("$ %s", format_command(command))
-        return subprocess.run(command, env=env or self._stage_env()).returncode
+        return run_watched(command, env or self._stage_env(), watch=watch)
 
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
@@ -351,6 +368,8 @@ class Runner:
     def _dry_run(self) -> list[StageOutcome]:
         """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
         command, without creating or changing anything on disk."""
+        if self.follower:
+            return self._follower_dry_run()
         outcomes = []
         outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
@@ -364,6 +383,23 @@ class Runner:
             outputs[stage.name] = (str(directory.checkpoint), output)
             command = format_command(self.stage_command(stage.type, directory.root, decision.action == "resume"))
             print(f"[dry-run] {stage.name} ({stage.type}): {described}\n  {command}")
+            outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
+        return outcomes
+
+    def _follower_dry_run(self) -> list[StageOutcome]:
+        """A follower's dry run: what it does with each stage is node 0's decision, made at run time with node 0's
+        ``--force`` and ``--resume`` (this node's are ignored), so only the command it would launch is known, and
+        that single-process stages run on node 0 alone."""
+        base = None if self.recipe.model.is_tiny else self._planned_base()[0]
+        outcomes = []
+        for stage in self.recipe.stages:
+            if stage.type in SINGLE_PROCESS_STAGES:
+                described, shown = "runs on node 0 only (this node waits for it)", ""
+            else:
+                described = FOLLOWER_DECIDES
+                command = self.stage_command(stage.type, self.run_dir / stage.name, False, base=base)
+                shown = f"\n  {format_command(command)}  (with --resume when node 0 resumes)"
+            print(f"[dry-run] {stage.name} ({stage.type}): {described}{shown}")
             outcomes.append(StageOutcome(stage.name, "dry-run", 0.0, described))
         return outcomes
 
@@ -393,7 +429,10 @@ class Runner:
         """Node rank > 0: for each stage, do what node 0 decided (skip it, or launch this node's part of it, with
         ``--resume`` when node 0 resumes) and wait until node 0 reports it complete; write nothing. Single-process
         stages run on node 0 alone: a follower only waits for them."""
+        base = self._own_base()
         channel.join()
+        if base is not None:
+            channel.check_base(*base)
         outcomes = []
         for stage in self.recipe.stages:
             decision = channel.decision(stage.name)
@@ -405,13 +444,24 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
-                if code := self._spawn(self.stage_command(stage.type, self.run_dir / stage.name, resume)):
+                command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
+                                             base=base[0] if base is not None else None)
+                if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops
                     log.warning("[%s] this node's part exited with %d; waiting for node 0's verdict", stage.name, code)
                 action = "resumed" if resume else "ran"
                 channel.outcome(stage.name)
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
             outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))
         return outcomes
+
+    def _own_base(self) -> tuple[str, str | None] | None:
+        """A follower's own copy of the recipe's model, made before it joins (as node 0 makes its own): a GGUF
+        package is converted into this machine's cache, which need not be shared, and a ``pypi:`` model is this
+        machine's package folder. None for the tiny model, which node 0 creates in the shared run directory."""
+        if self.recipe.model.is_tiny:
+            return None
+        log.info("preparing this node's copy of the model before joining node 0")
+        return self._prepare_base()
 
 
 def local_dataset_hash(stage) -> str | None:

@@ -1,7 +1,9 @@
 """What one stage process sees, and the entry point every ``pipelines/<type>.py`` calls.
 
 A stage process reads only its own ``config.yaml`` (written by the runner) and writes only its own directory,
-so the same code runs in-process (tests), as a subprocess, or under ``accelerate launch``.
+so the same code runs in-process (tests), as a subprocess, or under ``accelerate launch``. The one exception is
+``--base``: the other nodes of a multi-node run pass their own copy of the recipe's model, because the one node 0
+wrote into ``config.yaml`` may live in node 0's cache (a converted GGUF package) or site-packages (``pypi:``).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def stage_runner(stage_type: str) -> Callable[[StageContext], dict]:
     return importlib.import_module(STAGE_MODULES[stage_type]).run
 
 
-def load_context(stage_dir: Path, *, resume: bool) -> StageContext:
+def load_context(stage_dir: Path, *, resume: bool, base: str | None = None) -> StageContext:
+    """The stage's context from its ``config.yaml``; ``base`` replaces the recipe's model it names (see ``--base``)."""
     directory = StageDir(stage_dir)
     config = directory.read_config()
     recipe = Recipe.model_validate(config["recipe"])
@@ -86,7 +89,7 @@ def load_context(stage_dir: Path, *, resume: bool) -> StageContext:
     resume_from = _resume_checkpoint(directory) if resume else None
     return StageContext(
         recipe=recipe, stage=stage, dir=directory, run_dir=stage_dir.parent,
-        base=config["base"], inputs=config["inputs"], resume_from=resume_from, resume=resume,
+        base=base or config["base"], inputs=config["inputs"], resume_from=resume_from, resume=resume,
     )
 
 
@@ -108,13 +111,13 @@ def verified_trainer_checkpoint(directory: StageDir, under: Path | None = None) 
     return distributed.from_main(found)
 
 
-def execute(stage_dir: Path, *, resume: bool = False) -> dict:
+def execute(stage_dir: Path, *, resume: bool = False, base: str | None = None) -> dict:
     """Run one prepared stage directory to completion and mark its manifest complete.
 
     The checkpoint hash recorded here is what downstream stages use as their input hash, so a re-run that
     reproduces the same weights does not invalidate the stages after it.
     """
-    ctx = load_context(Path(stage_dir), resume=resume)
+    ctx = load_context(Path(stage_dir), resume=resume, base=base)
     from alignpipe.models.loading import allow_remote_code
 
     allow_remote_code(ctx.recipe.model.trust_remote_code)
@@ -135,8 +138,8 @@ def execute(stage_dir: Path, *, resume: bool = False) -> dict:
     return summary
 
 
-def main(stage_type: str, argv: list[str] | None = None) -> None:
-    """Entry point of ``pipelines/<type>.py``: ``python pipelines/sft.py --stage-dir runs/quickstart/sft``."""
+def argument_parser(stage_type: str) -> argparse.ArgumentParser:
+    """The command line of ``pipelines/<type>.py`` (the runner builds it: ``Runner.stage_command``)."""
     parser = argparse.ArgumentParser(
         prog=f"pipelines/{stage_type}.py",
         description=f"Run one '{stage_type}' stage of a prepared run directory (normally started by `alignpipe run`; "
@@ -144,7 +147,14 @@ def main(stage_type: str, argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--stage-dir", type=Path, required=True, help="runs/<run>/<stage>/ holding config.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest trainer checkpoint")
-    args = parser.parse_args(argv)
+    parser.add_argument("--base", metavar="PATH", help="this machine's copy of the recipe's model, instead of the "
+                        "one config.yaml names (node 0's: its GGUF conversion cache need not be shared)")
+    return parser
+
+
+def main(stage_type: str, argv: list[str] | None = None) -> None:
+    """Entry point of ``pipelines/<type>.py``: ``python pipelines/sft.py --stage-dir runs/quickstart/sft``."""
+    args = argument_parser(stage_type).parse_args(argv)
     state = init_distributed()
     rank = f"[rank {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
@@ -155,7 +165,7 @@ def main(stage_type: str, argv: list[str] | None = None) -> None:
     if actual != stage_type:
         sys.exit(f"error: {args.stage_dir} is a '{actual}' stage, but this is pipelines/{stage_type}.py")
     try:
-        execute(args.stage_dir, resume=args.resume)
+        execute(args.stage_dir, resume=args.resume, base=args.base)
     except Exception:
         traceback.print_exc()
         if state.is_main_process:

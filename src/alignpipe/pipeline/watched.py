@@ -1,0 +1,43 @@
+"""A stage process that the runner can stop while it runs.
+
+Why: a stage that spans several nodes waits in torch's rendezvous (or a collective) for a node that has gone, for
+up to the rendezvous or collective timeout (half an hour for NCCL). The node that runs the stage watches the control
+channel meanwhile, and stops the process as soon as the run cannot go on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Callable
+
+WATCH_S = 1.0  # how often ``watch`` is called while the process runs (a store round trip: well under a millisecond)
+STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher gets to stop its workers before it is killed
+
+
+def run_watched(command: list[str], env: dict[str, str] | None = None, *,
+                watch: Callable[[], None] | None = None) -> int:
+    """Run ``command`` to its end and return its exit status. Every ``WATCH_S`` seconds ``watch`` may raise to stop
+    it; on any exception (Ctrl-C too) the process is stopped before the exception goes on."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        while True:
+            try:
+                return process.wait(timeout=WATCH_S)
+            except subprocess.TimeoutExpired:
+                if watch is not None:
+                    watch()
+    except BaseException:
+        stop(process)
+        raise
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, which ``accelerate launch`` (torchrun) passes on to its workers, then SIGKILL after a grace."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

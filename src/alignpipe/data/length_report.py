@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
-from trl.chat_template_utils import has_generation_markers
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import common_prefix_length, is_conversational
 
 SAMPLE_SIZE = 2000  # examples tokenized at most (a seeded sample of larger datasets): ~1 s with a fast tokenizer
@@ -131,6 +131,16 @@ def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], cha
     return _ends_at_last_eos(ids, common_prefix_length(prompt, ids), tokenizer.eos_token_id)
 
 
+def sft_training_template(tokenizer: PreTrainedTokenizerBase, *, assistant_only_loss: bool) -> str | None:
+    """The chat template TRL 1.16's SFTTrainer trains with, for measuring before a trainer exists (preflight): with
+    assistant-only loss and no ``{% generation %}`` markers in the tokenizer's template, TRL's patched copy of a
+    template it knows; otherwise None (the tokenizer's own). Raises ValueError, as the trainer would, for a template
+    without markers that TRL cannot patch."""
+    if assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        return get_training_chat_template(tokenizer)
+    return None
+
+
 def pair_spans(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[ReplySpan, ReplySpan]:
     """Tokenize a ``prompt``/``chosen``/``rejected`` row as TRL 1.16's DPOTrainer does and locate both replies.
 
@@ -166,12 +176,44 @@ def _text_pair_ids(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[list
                                                                  pair["prompt"] + rejected))
 
 
-def _seeded_sample(dataset: Dataset, sample_size: int, seed: int) -> tuple[Dataset, int | None]:
-    """``dataset``, or a seeded sample of ``sample_size`` of its rows when it has more, with the size sampled from."""
-    size = len(dataset)
-    if size <= sample_size:
-        return dataset, None
-    return dataset.select(sorted(random.Random(seed).sample(range(size), sample_size))), size
+@dataclass(frozen=True)
+class MeasuredRows:
+    """The spans of a dataset's rows (all of them, or a seeded sample): ``rows[i]`` is the row, numbered as loaded,
+    that ``spans[i]`` measures (a :class:`ReplySpan`, or a (chosen, rejected) pair of them)."""
+
+    rows: list[int]
+    spans: list
+    sampled_from: int | None  # the dataset's size when the rows are a sample of it
+
+
+def _seeded_sample(size: int, sample_size: int, seed: int) -> list[int]:
+    """All row numbers of a dataset of ``size`` rows, or a sorted seeded sample of ``sample_size`` of them."""
+    return list(range(size)) if size <= sample_size else sorted(random.Random(seed).sample(range(size), sample_size))
+
+
+def sft_reply_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, chat_template: str | None = None,
+                    seed: int = 0, sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
+    """:func:`reply_span` of every ``messages`` row, or of a seeded sample of ``sample_size`` rows of a larger
+    dataset."""
+    rows = _seeded_sample(len(dataset), sample_size, seed)
+    spans = [reply_span(tokenizer, messages, chat_template) for messages in dataset.select(rows)["messages"]]
+    return MeasuredRows(rows, spans, len(dataset) if len(rows) < len(dataset) else None)
+
+
+def dpo_pair_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
+                   sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
+    """:func:`pair_spans` of every preference row, or of a seeded sample of ``sample_size`` rows of a larger
+    dataset."""
+    rows = _seeded_sample(len(dataset), sample_size, seed)
+    spans = [pair_spans(tokenizer, pair) for pair in dataset.select(rows)]
+    return MeasuredRows(rows, spans, len(dataset) if len(rows) < len(dataset) else None)
+
+
+def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:
+    """The rows (numbered as loaded) whose reply starts at or after ``max_length``: keep-start truncation leaves
+    nothing of it (for a pair, both replies start at the shared prompt's end)."""
+    return [row for row, span in zip(measured.rows, measured.spans)
+            if (span[0] if isinstance(span, tuple) else span).start >= max_length]
 
 
 def measure_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
@@ -179,19 +221,16 @@ def measure_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max
                        sample_size: int = SAMPLE_SIZE) -> TruncationCounts:
     """:func:`truncation_counts` over a ``messages`` dataset, or over a seeded sample of ``sample_size`` of its rows
     when it has more (the counts are then the sample's; ``sampled_from`` says of how many)."""
-    dataset, sampled_from = _seeded_sample(dataset, sample_size, seed)
-    counts = truncation_counts((reply_span(tokenizer, messages, chat_template) for messages in dataset["messages"]),
-                               max_length)
-    return replace(counts, sampled_from=sampled_from)
+    measured = sft_reply_spans(dataset, tokenizer, chat_template=chat_template, seed=seed, sample_size=sample_size)
+    return replace(truncation_counts(measured.spans, max_length), sampled_from=measured.sampled_from)
 
 
 def measure_pair_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
                             seed: int = 0, sample_size: int = SAMPLE_SIZE) -> PairTruncationCounts:
     """:func:`pair_truncation_counts` over a TRL preference dataset, or over a seeded sample of ``sample_size`` of
     its rows when it has more (the counts are then the sample's; ``sampled_from`` says of how many)."""
-    dataset, sampled_from = _seeded_sample(dataset, sample_size, seed)
-    counts = pair_truncation_counts((pair_spans(tokenizer, pair) for pair in dataset), max_length)
-    return replace(counts, sampled_from=sampled_from)
+    measured = dpo_pair_spans(dataset, tokenizer, seed=seed, sample_size=sample_size)
+    return replace(pair_truncation_counts(measured.spans, max_length), sampled_from=measured.sampled_from)
 
 
 def _measured(count: int, noun: str, sampled_from: int | None) -> str:

@@ -62,6 +62,9 @@ def preflight(recipe: Recipe) -> None:
         if getattr(stage, "lora", None) is not None and isinstance(stage.lora.target_modules, list):
             _checked(problems, f"stages.{stage.name}.lora.target_modules",
                      lambda s=stage: _check_lora_targets(recipe, s))
+        if isinstance(stage, SFTStage) and stage.assistant_only_loss and tokenizer is not None:
+            _checked(problems, f"stages.{stage.name}.assistant_only_loss",
+                     lambda s=stage: _sft_template(tokenizer, s))
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset",
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
@@ -362,29 +365,64 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
                    pairs: _PreferencePairs) -> None:
     """Load the stage's local dataset as the stage will (same adapters, same limit), check that the stage can train on
     soft strengths if the pairs carry them (a trl file's own column) and, with the model's tokenizer at hand, that
-    every prompt leaves room for a response within max_length."""
+    every reply starts within max_length."""
     spec = stage.dataset
     if spec.source == "synthetic" or not _is_local(spec.path):
         return
     if isinstance(spec, SFTDataSpec):
         from alignpipe.data.preference import sft_conversations_for
 
-        prompts = [_sft_prompt(turns) for turns in sft_conversations_for(spec, recipe.seed)]
-        noun = "conversation"
-    else:
-        from alignpipe.data.preference import check_soft_targets
+        conversations = sft_conversations_for(spec, recipe.seed)
+        if tokenizer is not None:
+            _check_sft_reply_room(spec.path, conversations, tokenizer, stage, recipe.seed)
+        return
+    from alignpipe.data.preference import check_soft_targets
 
-        rows = pairs(stage)
-        check_soft_targets(stage, rows)
-        prompts = [_text(prompt) for prompt in rows["prompt"]]
-        noun = "pair"
+    rows = pairs(stage)
+    check_soft_targets(stage, rows)
     if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
-        _check_prompt_lengths(spec.path, prompts, noun, tokenizer, stage)
+        from alignpipe.data.length_report import dpo_pair_spans
+
+        measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed)
+        _check_reply_room(spec.path, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
 
 
 def _is_local(path: str) -> bool:
     """A data path that exists here or is clearly meant as one (a hub id is ``owner/name``; those are skipped)."""
     return Path(path).expanduser().exists() or looks_like_path(path)
+
+
+def _sft_template(tokenizer, stage: SFTStage) -> str | None:
+    """The chat template the stage's SFTTrainer will train with; a template TRL cannot give ``{% generation %}``
+    markers would fail there, after the model is loaded, so it is reported here."""
+    from alignpipe.data.length_report import sft_training_template
+
+    try:
+        return sft_training_template(tokenizer, assistant_only_loss=stage.assistant_only_loss)
+    except ValueError as error:
+        raise DataError(
+            "the model's chat template has no {% generation %} markers and TRL cannot add them (it patches only the "
+            "templates it knows, such as Qwen2.5 and Llama 3), so assistant-only loss cannot find the reply tokens "
+            f"(TRL: {error}); set stages.{stage.name}.assistant_only_loss: false, or use model.chat_template: chatml "
+            "for a gguf_package model trained on ChatML, or save the tokenizer with a template that wraps the "
+            "assistant's content in {% generation %} ... {% endgeneration %}"
+        ) from error
+
+
+def _check_sft_reply_room(path: str, conversations: list[list[dict[str, str]]], tokenizer, stage: SFTStage,
+                          seed: int) -> None:
+    """The conversations as the stage trains them (``messages`` rows, its training template) checked for room."""
+    from datasets import Dataset
+
+    from alignpipe.data.length_report import sft_reply_spans
+
+    try:
+        template = _sft_template(tokenizer, stage)
+    except DataError:
+        return  # reported by its own check, under assistant_only_loss
+    measured = sft_reply_spans(Dataset.from_list([{"messages": turns} for turns in conversations]), tokenizer,
+                               chat_template=template, seed=seed)
+    _check_reply_room(path, measured, "conversation", stage, lambda row: _sft_prompt(conversations[row]))
 
 
 def _sft_prompt(turns: list[dict[str, str]]) -> str:
@@ -397,19 +435,34 @@ def _text(field: Any) -> str:
     return field if isinstance(field, str) else "".join(m["content"] for m in field)
 
 
-def _check_prompt_lengths(path: str, prompts: list[str], noun: str, tokenizer, stage: SFTStage | DPOStage) -> None:
-    """Truncation keeps the start, so a prompt of max_length tokens leaves no response token to learn from (TRL's
-    DPO drops such pairs silently; SFT's assistant-only loss would average over nothing)."""
+def _check_reply_room(path: str, measured, noun: str, stage: SFTStage | DPOStage, prompt_text: Callable[[int], str],
+                      ) -> None:
+    """Truncation keeps the start, so a row whose reply starts at or after max_length (its prompt, rendered as the
+    trainer renders it, fills max_length) has nothing of its reply to train on: TRL's DPOTrainer drops such pairs
+    and, with assistant-only loss, its SFTTrainer such conversations, silently. The rows are located exactly as the
+    stage's length report locates them (:mod:`alignpipe.data.length_report`), over the same seeded sample of a
+    dataset too large to tokenize whole here."""
+    from alignpipe.data.length_report import pair_truncation_counts, rows_without_reply, truncation_counts
+
     limit = stage.max_length
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
-    long = [i for i, n in enumerate(lengths) if n >= limit]
-    if not long:
+    lost = rows_without_reply(measured, limit)
+    if not lost:
         return
-    first = long[0]
-    shown = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+    span = dict(zip(measured.rows, measured.spans))[lost[0]]
+    start = (span[0] if isinstance(span, tuple) else span).start
+    counted = (pair_truncation_counts(measured.spans, limit).tokens_for_every_pair if noun == "pair"
+               else truncation_counts(measured.spans, limit).tokens_for_every_reply)
+    of = (f"{len(measured.rows)} {noun}s measured (a seeded sample of its {measured.sampled_from})"
+          if measured.sampled_from else f"its {len(measured.rows)} {noun}s")
+    needed = f"at least {counted}" if measured.sampled_from else str(counted)
+    fate = ("TRL's DPOTrainer would drop those pairs" if noun == "pair" else
+            "TRL's SFTTrainer would drop those conversations" if getattr(stage, "assistant_only_loss", False) else
+            "those conversations would train on their prompt alone")
+    shown = ", ".join(map(str, lost[:5])) + (", ..." if len(lost) > 5 else "")
     raise DataError(
-        f"{path}: {len(long)} of its {len(prompts)} {noun}s (numbered as loaded: {shown}) have a prompt of at least "
-        f"stages.{stage.name}.max_length = {limit} tokens ({noun} {first}: {lengths[first]} tokens, starting "
-        f"{prompts[first][:40]!r}), so truncation leaves none of the response to train on; raise "
-        f"stages.{stage.name}.max_length or shorten or drop those rows"
+        f"{path}: {len(lost)} of {of} (numbered as loaded: {shown}) have a prompt of at least "
+        f"stages.{stage.name}.max_length = {limit} tokens with the chat template ({noun} {lost[0]}: its reply starts "
+        f"at token {start}; the prompt starts {prompt_text(lost[0])[:40]!r}), so truncation leaves none of the reply "
+        f"to train on and {fate}; raise stages.{stage.name}.max_length (to {needed} to keep every reply whole) or "
+        "shorten or drop those rows"
     )

@@ -244,6 +244,61 @@ def test_a_follower_notices_node_zero_going_away_without_a_word() -> None:
     assert "lost node 0's control channel" in str(follower["error"])
 
 
+def test_node_zero_hears_a_followers_heartbeat_and_counts_it_gone_once_it_stops(monkeypatch) -> None:
+    """A follower that keeps beating is never blamed, even when node 0 looks again only after a long gap (a stage it
+    ran alone); once the beats stop (the process killed without a word) node 0 says so after the silence."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(control, "SILENCE_S", 0.5)
+    port = _free_port()
+    with _host(port) as host:
+        assert host.silence_s == 0.5
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            host.check_followers()
+            time.sleep(1.0)  # twice the silence, with the follower beating
+            host.check_followers()
+            channel._heartbeat.stop()  # as if killed: no beat, no ``left``
+            time.sleep(0.2)  # a beat on its way when it stopped lands
+            host.check_followers()  # the counter moved since the last look: heard now
+            time.sleep(0.7)
+            with pytest.raises(ControlError, match=r"node 1 has not been heard from for \d+s: its `alignpipe run` "
+                                                   r"was killed, or its machine is down"):
+                host.check_followers()
+
+
+def test_node_zero_stops_on_a_follower_killed_outright(monkeypatch) -> None:
+    """A follower process killed with SIGKILL writes no ``left``: node 0 found out only when the stage's rendezvous or
+    collective timed out (half an hour for NCCL); its heartbeat's silence tells node 0 within SILENCE_S."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "SILENCE_S", 1.0)  # node 0's side; the follower beats every HEARTBEAT_S as shipped
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.3)
+    port = _free_port()
+    script = ("import os, time\nfrom alignpipe.pipeline.control import ControlFollower\n"
+              f"node = ControlFollower('127.0.0.1', {port}, rank=1, identity={IDENTITY!r}, timeout_s=30).__enter__()\n"
+              "node.join()\ntime.sleep(0.5)\nos.kill(os.getpid(), 9)\n")
+    with _host(port) as host:
+        follower = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+        try:
+            host.wait_for_followers()
+            assert follower.wait(timeout=WAIT_S) == -9
+            host.check_followers()
+            started = time.monotonic()
+            with pytest.raises(ControlError, match=r"node 1 has not been heard from"):
+                while time.monotonic() - started < 20:
+                    host.check_followers()
+                    time.sleep(0.1)
+            assert time.monotonic() - started < 5
+        finally:
+            follower.kill()
+            follower.wait()
+        ending = time.monotonic()
+    assert time.monotonic() - ending < 5  # nor does node 0 wait at the end for it to read how the run ended
+
+
 def test_a_port_in_use_on_node_zero_names_the_way_out() -> None:
     port = _free_port()
     with _host(port, timeout_s=1.0):  # nobody joins: it closes after a second

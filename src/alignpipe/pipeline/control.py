@@ -13,11 +13,17 @@ again on every node instead of being handed decisions that no node 0 acts on any
 Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has joined, ``finished`` after the last
 stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
 ``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
+``beat/<rank>`` (a follower's heartbeat: a counter it adds to every ``HEARTBEAT_S`` from when it has joined),
 ``decision/<stage>`` (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>``
 (``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped: a follower looks while its
 part of a stage runs, and stops it), ``left/<rank>`` (why a follower stopped: node 0 looks before each decision and
 while a stage that spans the nodes runs, and stops), ``done/<rank>`` (a follower read the last outcome; node 0 keeps
 the store up until every follower has said one of the two, or for ``END_GRACE_S``).
+
+A follower that is killed outright (SIGKILL, its machine lost) says nothing; its heartbeat stops. Node 0 counts it as
+gone when its counter has not moved for ``SILENCE_S`` (or the control timeout, if shorter), judged by node 0's own
+clock (the machines' clocks need not agree), and stops the stage it runs instead of waiting in a collective for up
+to half an hour.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import errno
 import json
 import logging
 import socket
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +47,8 @@ MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflo
 POLL_S = 0.2  # how often a waiting node looks at the store (a local round trip of well under a millisecond)
 RECONNECT_S = 10.0  # how long a follower whose connection broke tries to reach node 0's port before giving up
 END_GRACE_S = 30.0  # how long node 0 keeps the store up at the end for followers to read how the run ended
+HEARTBEAT_S = 5.0  # how often a follower that has joined adds to its ``beat/<rank>`` counter
+SILENCE_S = 120.0  # how long a follower's counter may stand still before node 0 counts the follower as gone
 RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
 STARTED, FINISHED = "started", "finished"  # values of STATE
 INTERRUPTED = "interrupted"  # the ``abort`` or ``left/<rank>`` of a node stopped by Ctrl-C
@@ -59,6 +68,10 @@ def _left(rank: int) -> str:
 
 def _done(rank: int) -> str:
     return f"done/{rank}"
+
+
+def _beat(rank: int) -> str:
+    return f"beat/{rank}"
 
 
 def check_control_timeout(seconds: float) -> float:
@@ -146,7 +159,9 @@ class ControlHost:
         self.address, self.port, self.timeout_s = address, port, timeout_s
         self.followers = range(1, nodes)
         self.identity = identity
+        self.silence_s = max(3 * HEARTBEAT_S, min(SILENCE_S, timeout_s))
         self._store = None
+        self._heard: dict[int, tuple[int, float]] = {}  # rank -> (its beat count, node 0's clock when it changed)
 
     def __enter__(self) -> ControlHost:
         from torch.distributed import DistError, TCPStore
@@ -200,6 +215,24 @@ class ControlHost:
             if (reason := self._left_reason(rank)) is not None:
                 raise ControlError(f"node {rank} stopped: {reason}; the run cannot go on without it. Fix the cause "
                                    "there and start the run again on every node (add --resume to continue)")
+            if (silent := self._silence(rank)) > self.silence_s:
+                raise ControlError(
+                    f"node {rank} has not been heard from for {silent:.0f}s: its `alignpipe run` was killed, or its "
+                    "machine is down or cut off from node 0's; the run cannot go on without it. See that node's log "
+                    "and system log (an out-of-memory kill?), then start the run again on every node (add --resume "
+                    "to continue)")
+
+    def _silence(self, rank: int) -> float:
+        """For how long ``rank``'s heartbeat counter has stood still, by node 0's clock, as far as node 0 has looked:
+        the first look, and a counter that moved since the last, count as heard now. So a look after a long gap
+        (a stage node 0 ran alone) never blames a follower that kept beating."""
+        count = int(self._store.get(_beat(rank))) if self._store.check([_beat(rank)]) else 0
+        now = time.monotonic()
+        last = self._heard.get(rank)
+        if last is None or last[0] != count:
+            self._heard[rank] = (count, now)
+            return 0.0
+        return now - last[1]
 
     def _left_reason(self, rank: int) -> str | None:
         return self._store.get(_left(rank)).decode() if self._store.check([_left(rank)]) else None
@@ -218,8 +251,9 @@ class ControlHost:
         self._store.set(f"outcome/{stage}", json.dumps({"output_sha256": output_sha256}))
 
     def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float, news: str) -> None:
-        def pending(among: list[int]) -> list[int]:
-            return [r for r in among if not self._store.check([_done(r)]) and not self._store.check([_left(r)])]
+        def pending(among: list[int]) -> list[int]:  # neither said it is done or why it stopped, nor fell silent
+            return [r for r in among if not self._store.check([_done(r)]) and not self._store.check([_left(r)])
+                    and self._silence(r) <= self.silence_s]
 
         deadline = time.monotonic() + timeout_s
         if waiting := pending(ranks):
@@ -242,6 +276,7 @@ class ControlFollower:
         self._speaks_for_rank = True  # False once refused as a second node of its rank: node 0 must not hear it
         self._node_zero_gone = False  # nobody to tell how this node ends
         self._outcomes: dict[str, dict] = {}  # read while this node's part of a stage ran (see ``watch``)
+        self._heartbeat: _Heartbeat | None = None
 
     def __enter__(self) -> ControlFollower:
         from torch.distributed import DistError, TCPStore
@@ -257,6 +292,8 @@ class ControlFollower:
     def __exit__(self, kind, error, traceback) -> None:
         from torch.distributed import DistError
 
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         try:
             if not self._speaks_for_rank or self._node_zero_gone:
                 pass
@@ -294,6 +331,7 @@ class ControlFollower:
             self._speaks_for_rank = False
             raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "
                                f"--node-rank {self.rank}` running? Give each node its own --node-rank")
+        self._heartbeat = _Heartbeat(self.address, self.port, self.rank, self.timeout_s)
 
     def check_base(self, path: str, sha256: str | None) -> None:
         """Check this node's copy of the recipe's model (``path``, hashed as the run hashes it) against node 0's: a
@@ -407,3 +445,32 @@ class ControlFollower:
         self._node_zero_gone = True
         return ControlError(f"node {self.rank} lost node 0's control channel at {self.address}:{self.port} while "
                             f"{doing}: node 0's `alignpipe run` stopped or cannot be reached; see its log")
+
+
+class _Heartbeat:
+    """A follower's heartbeat: a daemon thread that adds 1 to ``beat/<rank>`` every ``HEARTBEAT_S`` through its own
+    connection (the main thread's store client is not shared across threads). It stops on ``stop``, or quietly
+    when node 0 is gone (the main thread finds that out itself, and says so)."""
+
+    def __init__(self, address: str, port: int, rank: int, timeout_s: float) -> None:
+        self._where = (address, port, timeout_s)
+        self._key = _beat(rank)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"alignpipe-heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from torch.distributed import DistError, TCPStore
+
+        address, port, timeout_s = self._where
+        try:
+            store = TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
+            store.add(self._key, 1)
+            while not self._stopped.wait(HEARTBEAT_S):
+                store.add(self._key, 1)
+        except DistError:
+            return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=HEARTBEAT_S)

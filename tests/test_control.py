@@ -299,6 +299,73 @@ def test_node_zero_stops_on_a_follower_killed_outright(monkeypatch) -> None:
     assert time.monotonic() - ending < 5  # nor does node 0 wait at the end for it to read how the run ended
 
 
+def test_a_followers_heartbeat_connects_again_when_its_connection_breaks(monkeypatch) -> None:
+    """A network blip resets the heartbeat's own connection too (the main thread reconnects on its own): a heartbeat
+    that gave up there had node 0 stop a live run after the silence."""
+    import torch.distributed
+    from torch.distributed import DistNetworkError
+
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(control, "SILENCE_S", 0.5)
+    real_store = torch.distributed.TCPStore
+    connections = []
+
+    class FirstConnectionBreaks:
+        def __init__(self, *args, **kwargs):
+            self.store, self.adds = real_store(*args, **kwargs), 0
+            connections.append(self)
+
+        def add(self, key, amount):
+            self.adds += 1
+            if len(connections) == 1 and self.adds > 2:
+                raise DistNetworkError("Connection reset by peer")
+            return self.store.add(key, amount)
+
+    port = _free_port()
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()  # the main thread's store is made before the patch
+            host.wait_for_followers()
+            host.check_followers()
+            monkeypatch.setattr(torch.distributed, "TCPStore", FirstConnectionBreaks)
+            channel._heartbeat.stop()
+            channel._heartbeat = control._Heartbeat("127.0.0.1", port, 1, 30.0)
+            time.sleep(1.5)  # three times the silence
+            host.check_followers()
+            assert len(connections) >= 2 and connections[-1].adds > 2
+
+
+def test_a_stray_follower_of_a_rank_in_the_run_that_stops_before_joining_does_not_stop_the_run() -> None:
+    """A second `--node-rank 1` started mid-run (by mistake, or a restart) that fails in its preflight or is
+    interrupted before it joins wrote ``left/1``, and node 0 stopped the healthy run, blaming node 1."""
+    port = _free_port()
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            with pytest.raises(KeyboardInterrupt):
+                with _follower(port):
+                    raise KeyboardInterrupt  # before join: its preflight, its model conversion
+            host.check_followers()
+            host.publish_decision("sft", "run", "new")
+
+
+def test_a_follower_that_stops_before_joining_is_named_by_node_zero_waiting_for_it() -> None:
+    port = _free_port()
+
+    def fail_in_preflight():
+        with _follower(port):
+            raise ValueError("data/hh.jsonl: no such file")
+
+    with _host(port) as host:
+        follower = _in_thread(fail_in_preflight)
+        with pytest.raises(ControlError, match=r"node 1 stopped before the run began: data/hh\.jsonl: no such file"):
+            host.wait_for_followers()
+    assert isinstance(_finished(follower).get("error"), ValueError)
+
+
 def test_a_port_in_use_on_node_zero_names_the_way_out() -> None:
     port = _free_port()
     with _host(port, timeout_s=1.0):  # nobody joins: it closes after a second
@@ -443,6 +510,45 @@ def test_node_zero_stops_the_stage_it_runs_when_a_follower_stops_during_it(tmp_p
     assert "node 1 stopped: CUDA out of memory on node 1" in str(node_zero["error"])
     assert time.monotonic() - started < 60
     assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_manifest()["status"] == "interrupted"
+
+
+def test_node_zero_stops_the_stage_it_runs_when_a_followers_part_exits_non_zero(tmp_path, tiny_recipe_path,
+                                                                                monkeypatch) -> None:
+    """The usual way a follower's part fails: its `accelerate launch` exits non-zero (a worker crashed or ran out of
+    memory) while its `alignpipe run` lives on and beats. It said nothing, so node 0's ranks waited for the lost ones
+    in a collective until that timed out; now node 0 stops its part within seconds, naming node 1's."""
+    spawn = Runner._spawn
+
+    def spawn_or_exit(self, command, env=None, **options) -> int:
+        script = "raise SystemExit(3)" if self.follower else "import time; time.sleep(120)"
+        return spawn(self, [sys.executable, "-c", script], env, **options)
+
+    monkeypatch.setattr(Runner, "_spawn", spawn_or_exit)
+    started = time.monotonic()
+    node_zero, node_one = _run_both(tiny_recipe_path, tmp_path / "runs")
+    assert isinstance(node_zero.get("error"), ControlError)
+    assert "node 1's part of stage 'sft' exited with 3" in str(node_zero["error"])
+    assert isinstance(node_one.get("error"), ControlError)
+    assert "node 0 stopped the run: node 1's part of stage 'sft' exited with 3" in str(node_one["error"])
+    assert time.monotonic() - started < 60
+    assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_manifest()["status"] == "interrupted"
+
+
+def test_a_followers_part_that_fails_after_node_zero_completed_the_stage_does_not_stop_the_run() -> None:
+    """Node 0's outputs are the stage's: once node 0 has published the outcome, a follower's late non-zero exit (a
+    teardown error) is only logged there."""
+    port = _free_port()
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            host.publish_decision("sft", "run", "new")
+            host.publish_outcome("sft", "f00d")
+            channel.report_part_failed("sft", 1)
+            host.publish_decision("dpo", "run", "new")
+            channel.report_part_failed("dpo", 1)
+            with pytest.raises(ControlError, match=r"node 1's part of stage 'dpo' exited with 1"):
+                host.check_followers()
 
 
 @pytest.mark.parametrize("launch, difference", [

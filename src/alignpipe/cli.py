@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def _cmd_run(args) -> int:
     from alignpipe.pipeline.control import ControlError
     from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
     from alignpipe.pipeline.runner import Runner, StageFailed
+    from alignpipe.pipeline.watched import Terminated, sigterm_raises
     from alignpipe.recipe import RecipeError, load_recipe
 
     options = LaunchOptions(gpus=args.gpus, processes=args.processes, nodes=args.nodes, node_rank=args.node_rank,
@@ -198,7 +200,12 @@ def _cmd_run(args) -> int:
         print(error, file=sys.stderr)
         return 2
     try:
-        outcomes = runner.run()
+        with sigterm_raises():
+            outcomes = runner.run()
+    except Terminated:
+        print("stopped: terminated (SIGTERM); the running stage was stopped and marked interrupted (add --resume to "
+              "continue it)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (StageFailed, ControlError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,9 @@ Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has join
 stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
 ``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
 ``beat/<rank>`` (a follower's heartbeat: a counter it adds to every ``HEARTBEAT_S`` from when it has joined),
+``unjoined/<rank>`` (why a follower stopped before it joined: node 0 reads it only while it waits for the nodes to
+join, so a stray node of a rank already in the run cannot stop the run), ``failed/<stage>/<rank>`` (a follower's
+part of a stage exited non-zero; node 0 stops the stage it runs, whose collectives would wait for the lost ranks),
 ``decision/<stage>`` (``{"action": "skip" | "run" | "resume", "reason": ...}``), ``outcome/<stage>``
 (``{"output_sha256": ...}``, once the stage is complete), ``abort`` (why node 0 stopped: a follower looks while its
 part of a stage runs, and stops it), ``left/<rank>`` (why a follower stopped: node 0 looks before each decision and
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from alignpipe.pipeline.decision import Action
+from alignpipe.pipeline.watched import Terminated
 
 log = logging.getLogger("alignpipe")
 
@@ -52,6 +56,7 @@ SILENCE_S = 120.0  # how long a follower's counter may stand still before node 0
 RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
 STARTED, FINISHED = "started", "finished"  # values of STATE
 INTERRUPTED = "interrupted"  # the ``abort`` or ``left/<rank>`` of a node stopped by Ctrl-C
+TERMINATED = "terminated (SIGTERM)"  # ... and of one stopped by SIGTERM (``kill``, a scheduler)
 
 
 class ControlError(RuntimeError):
@@ -74,6 +79,14 @@ def _beat(rank: int) -> str:
     return f"beat/{rank}"
 
 
+def _unjoined(rank: int) -> str:
+    return f"unjoined/{rank}"
+
+
+def _part_failed(stage: str, rank: int) -> str:
+    return f"failed/{stage}/{rank}"
+
+
 def check_control_timeout(seconds: float) -> float:
     """``seconds`` if it is a usable ``--control-timeout``: a finite number of seconds, > 0 and at most a week (inf
     made the store overflow and nan compares false with every deadline, so a node waited for ever)."""
@@ -85,6 +98,8 @@ def check_control_timeout(seconds: float) -> float:
 
 def why_it_stopped(error: BaseException) -> str:
     """One line for the other nodes: the error's message, or what happened when there is none."""
+    if isinstance(error, Terminated):
+        return TERMINATED
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED
     return str(error).strip() or type(error).__name__
@@ -162,6 +177,7 @@ class ControlHost:
         self.silence_s = max(3 * HEARTBEAT_S, min(SILENCE_S, timeout_s))
         self._store = None
         self._heard: dict[int, tuple[int, float]] = {}  # rank -> (its beat count, node 0's clock when it changed)
+        self._running: str | None = None  # the stage whose parts run on every node, between decision and outcome
 
     def __enter__(self) -> ControlHost:
         from torch.distributed import DistError, TCPStore
@@ -194,7 +210,7 @@ class ControlHost:
         missing = list(self.followers)
         while missing:
             for rank in missing:
-                if (reason := self._left_reason(rank)) is not None:
+                if (reason := self._left_reason(rank) or self._unjoined_reason(rank)) is not None:
                     raise ControlError(f"node {rank} stopped before the run began: {reason}")
             missing = [r for r in missing if not self._store.check([_joined(r)])]
             if missing and time.monotonic() > deadline:
@@ -215,6 +231,12 @@ class ControlHost:
             if (reason := self._left_reason(rank)) is not None:
                 raise ControlError(f"node {rank} stopped: {reason}; the run cannot go on without it. Fix the cause "
                                    "there and start the run again on every node (add --resume to continue)")
+            if self._running is not None and self._store.check([_part_failed(self._running, rank)]):
+                code = self._store.get(_part_failed(self._running, rank)).decode()
+                raise ControlError(
+                    f"node {rank}'s part of stage '{self._running}' exited with {code}, so this node's part would "
+                    f"wait for its ranks in a collective until that timed out; see node {rank}'s log for the cause, "
+                    "fix it and start the run again on every node (add --resume to continue)")
             if (silent := self._silence(rank)) > self.silence_s:
                 raise ControlError(
                     f"node {rank} has not been heard from for {silent:.0f}s: its `alignpipe run` was killed, or its "
@@ -237,6 +259,9 @@ class ControlHost:
     def _left_reason(self, rank: int) -> str | None:
         return self._store.get(_left(rank)).decode() if self._store.check([_left(rank)]) else None
 
+    def _unjoined_reason(self, rank: int) -> str | None:
+        return self._store.get(_unjoined(rank)).decode() if self._store.check([_unjoined(rank)]) else None
+
     def publish_base(self, path: str, sha256: str | None) -> None:
         """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""
         self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256}))
@@ -246,8 +271,12 @@ class ControlHost:
         config written: their stage processes read it). A ControlError instead when a follower has stopped."""
         self.check_followers()
         self._store.set(f"decision/{stage}", json.dumps({"action": action, "reason": reason}))
+        self._running = stage if action != "skip" else None
 
     def publish_outcome(self, stage: str, output_sha256: str | None) -> None:
+        """Tell the followers ``stage`` is complete; a follower's part that failed after node 0's completed no longer
+        stops the run (its outputs are node 0's)."""
+        self._running = None
         self._store.set(f"outcome/{stage}", json.dumps({"output_sha256": output_sha256}))
 
     def _wait_for_acknowledgements(self, ranks: list[int], timeout_s: float, news: str) -> None:
@@ -273,7 +302,8 @@ class ControlFollower:
         self.address, self.port, self.rank, self.timeout_s = address, port, rank, timeout_s
         self.identity = identity
         self._store = None
-        self._speaks_for_rank = True  # False once refused as a second node of its rank: node 0 must not hear it
+        self._joined = False  # True once node 0 counts this node in: from then on it says how it ends (``left``)
+        self._refused = False  # refused as a node of a rank taken, or of a run under way: node 0 must not hear it
         self._node_zero_gone = False  # nobody to tell how this node ends
         self._outcomes: dict[str, dict] = {}  # read while this node's part of a stage ran (see ``watch``)
         self._heartbeat: _Heartbeat | None = None
@@ -295,8 +325,10 @@ class ControlFollower:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         try:
-            if not self._speaks_for_rank or self._node_zero_gone:
+            if self._refused or self._node_zero_gone:
                 pass
+            elif not self._joined:  # only node 0's wait for the nodes to join reads this
+                self._store.set(_unjoined(self.rank), why_it_stopped(error) if error else "it stopped")
             elif error is None:
                 self._store.set(_done(self.rank), "1")
             else:
@@ -317,7 +349,7 @@ class ControlFollower:
         except DistError as error:
             raise self._lost("joining") from error
         if state is not None:
-            self._speaks_for_rank = False
+            self._refused = True
             raise ControlError(
                 f"node 0's run at {self.address}:{self.port} has {'finished' if state == FINISHED else 'begun'} "
                 f"(node {self.rank} took part): a node cannot join a run once every node has joined. If node "
@@ -328,9 +360,10 @@ class ControlFollower:
                                "every node with the same recipe file, overrides, --nodes and topology options "
                                "(--gpus or --cpu --processes, --deepspeed, --main-port)")
         if self._store.add(_joined(self.rank), 1) > 1:
-            self._speaks_for_rank = False
+            self._refused = True
             raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "
                                f"--node-rank {self.rank}` running? Give each node its own --node-rank")
+        self._joined = True
         self._heartbeat = _Heartbeat(self.address, self.port, self.rank, self.timeout_s)
 
     def check_base(self, path: str, sha256: str | None) -> None:
@@ -351,6 +384,17 @@ class ControlFollower:
         if stage in self._outcomes:
             return self._outcomes.pop(stage)
         return self._await(f"outcome/{stage}", f"stage '{stage}' to complete on node 0")
+
+    def report_part_failed(self, stage: str, returncode: int) -> None:
+        """Tell node 0 this node's part of ``stage`` exited with ``returncode``: its own ranks would wait for this
+        node's in a collective until that timed out (up to half an hour), while this node's `alignpipe run`, still
+        alive and beating, said nothing."""
+        from torch.distributed import DistError
+
+        try:
+            self._store.set(_part_failed(stage, self.rank), str(returncode))
+        except DistError as error:
+            raise self._lost(f"reporting that its part of '{stage}' failed") from error
 
     def watch(self, stage: str) -> Callable[[], None]:
         """What ``pipeline.watched`` calls while this node's part of ``stage`` runs: a ControlError once node 0 has
@@ -460,16 +504,23 @@ class _Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
+        """Beat until stopped. A broken connection is made again at the next beat once node 0's port answers (a
+        network blip resets this connection as well as the main thread's, which reconnects too): a heartbeat that
+        gave up would have node 0 stop a live run. A plain socket first, as the store's client logs every try."""
         from torch.distributed import DistError, TCPStore
 
         address, port, timeout_s = self._where
-        try:
-            store = TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
-            store.add(self._key, 1)
-            while not self._stopped.wait(HEARTBEAT_S):
+        store = None
+        while True:
+            try:
+                if store is None:
+                    socket.create_connection((address, port), timeout=HEARTBEAT_S).close()
+                    store = TCPStore(address, port, None, False, timedelta(seconds=timeout_s))
                 store.add(self._key, 1)
-        except DistError:
-            return
+            except (OSError, DistError):
+                store = None
+            if self._stopped.wait(HEARTBEAT_S):
+                return
 
     def stop(self) -> None:
         self._stopped.set()

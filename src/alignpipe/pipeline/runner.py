@@ -447,7 +447,9 @@ class Runner:
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
                 if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops
-                    log.warning("[%s] this node's part exited with %d; waiting for node 0's verdict", stage.name, code)
+                    log.warning("[%s] this node's part exited with %d; told node 0, waiting for its verdict",
+                                stage.name, code)
+                    channel.report_part_failed(stage.name, code)
                 action = "resumed" if resume else "ran"
                 channel.outcome(stage.name)
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])

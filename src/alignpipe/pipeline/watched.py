@@ -7,11 +7,33 @@ channel meanwhile, and stops the process as soon as the run cannot go on.
 
 from __future__ import annotations
 
+import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 WATCH_S = 1.0  # how often ``watch`` is called while the process runs (a store round trip: well under a millisecond)
 STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher gets to stop its workers before it is killed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill <pid>``, a scheduler stopping the job), raised like Ctrl-C so the same clean-up runs: Python's
+    default exits at once, running no ``except`` or ``finally``, which orphaned the stage process (it kept training,
+    holding its GPUs and port) and told no other node."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the only one that can set it)."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_watched(command: list[str], env: dict[str, str] | None = None, *,

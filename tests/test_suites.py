@@ -51,6 +51,28 @@ def test_unknown_suite_and_bad_suite_file_are_clear_errors(tmp_path):
         load_suite(str(bad))
 
 
+def test_an_hh_suite_draws_only_from_the_prompts_every_hh_stage_holds_out(tmp_path):
+    """HH stages train on the adapter's prompts outside its held-out 0.2; a suite with a larger share scored prompts
+    the policies and a reward-model judge trained on, silently. Its prompts are a subset of the held-out part."""
+    from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
+
+    rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: yes {i}",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: no {i}"} for i in range(200)]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    suite = {"name": "hh", "prompts": {"source": "hh_rlhf", "path": str(data), "heldout_fraction": 0.5},
+             "reference": "dataset", "judge": "reward_model", "primary_metric": "win_rate"}
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(suite))
+    with pytest.raises(ValueError, match=r"prompts\.heldout_fraction 0\.5 is above 0\.2: every HH stage trains on "):
+        load_suite(str(tmp_path / "wide.yaml"))
+
+    suite["prompts"]["heldout_fraction"] = 0.1
+    (tmp_path / "narrow.yaml").write_text(yaml.safe_dump(suite))
+    prompts, _ = load_prompts(load_suite(str(tmp_path / "narrow.yaml"))[0].prompts)
+    trained = {p.prompt for p in load_hh_rlhf_pairs(data, split="train", heldout_fraction=HH_HELDOUT_FRACTION)}
+    assert prompts and not set(prompts) & trained
+
+
 def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
     runner, _ = completed_tiny_run
     suite = tmp_path / "mini.yaml"

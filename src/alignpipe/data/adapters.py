@@ -448,6 +448,9 @@ def split_hh_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:].strip()
 
 
+HH_HELDOUT_FRACTION = 0.2  # the share of HH prompts every stage holds out of training (the suites draw from it)
+
+
 def hh_is_heldout(prompt: str, heldout_fraction: float) -> bool:
     """Deterministic split membership from the sha256 of the prompt: the same prompt always lands on the same
     side (HH repeats a few prompts), independently of row order, seeds or machines."""
@@ -462,7 +465,7 @@ def load_hh_rlhf_pairs(
     path_or_id: str | Path,
     *,
     split: Literal["train", "heldout"],
-    heldout_fraction: float = 0.2,
+    heldout_fraction: float = HH_HELDOUT_FRACTION,
     source_split: str = "train",
     data_dir: str | None = None,
     report: LoadReport | None = None,
@@ -692,7 +695,7 @@ def load_hh_rlhf_chosen(
     path_or_id: str | Path,
     *,
     source_split: str = "train",
-    heldout_fraction: float = 0.2,
+    heldout_fraction: float = HH_HELDOUT_FRACTION,
     data_dir: str | None = None,
     report: LoadReport | None = None,
 ) -> list[list[dict[str, str]]]:

@@ -30,6 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignpipe.data.adapters import HH_HELDOUT_FRACTION
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import Generation, GenerationSettings
@@ -60,7 +61,19 @@ class PromptSet(_Spec):
     path: str | None = Field(None, description="Data file; relative paths are relative to the repository root.")
     n: int | None = Field(None, gt=0, description="Number of prompts (synthetic: required; others: first n, or all).")
     seed: int = 1234
-    heldout_fraction: float = Field(0.2, gt=0, le=1, description="hh_rlhf: the held-out share by prompt hash.")
+    heldout_fraction: float = Field(
+        HH_HELDOUT_FRACTION, gt=0, le=1, description="hh_rlhf: the held-out share by prompt hash; at most "
+        f"{HH_HELDOUT_FRACTION}, the share every HH stage holds out of training.")
+
+    @model_validator(mode="after")
+    def _held_out_by_every_stage(self) -> PromptSet:
+        if self.source == "hh_rlhf" and self.heldout_fraction > HH_HELDOUT_FRACTION:
+            raise ValueError(
+                f"prompts.heldout_fraction {self.heldout_fraction:g} is above {HH_HELDOUT_FRACTION}: every HH stage "
+                f"trains on the prompts outside the held-out {HH_HELDOUT_FRACTION:g}, so the suite would score "
+                "prompts the policies (and a reward-model judge) trained on; use at most "
+                f"{HH_HELDOUT_FRACTION:g}")
+        return self
 
 
 class SuiteGeneration(_Spec):

@@ -126,7 +126,32 @@ def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
     assert pair_truncation_warning(sample, "k") is None
     message = pair_truncation_warning(sample, "stages.dpo.max_length", dropped_by_trl=2)
     assert message.startswith("max_length 8 cuts 0 of 20 pairs (a sample of 3000); TRL dropped 2 of all 3000")
-    assert "Raise stages.dpo.max_length to at least 8 (the longest in the sample" in message
+    assert "Raise stages.dpo.max_length above 8 (the sample holds none of the examples TRL dropped" in message
+
+
+def test_a_sample_with_longer_pairs_asks_for_at_least_its_longest():
+    pairs = [(ReplySpan(9, 6, 9), ReplySpan(10, 6, 10)), (ReplySpan(14, 9, 14), ReplySpan(13, 9, 13))]
+    sample = dataclasses.replace(pair_truncation_counts(pairs, max_length=9), sampled_from=3000)
+    assert "Raise k to at least 14 (the longest in the sample" in pair_truncation_warning(sample, "k")
+
+
+@pytest.mark.parametrize("pairs, expected", [
+    ([(ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))], "max_length 9 cuts 0 of 1 pairs (a sample of 3000); TRL dropped 5"),
+    ([(ReplySpan(14, 9, 14), ReplySpan(13, 9, 13))],
+     "TRL dropped 5 of all 3000 pairs whose prompt fills max_length 9 (the counts above are of a sample of 1)"),
+], ids=["sample saw nothing", "sample saw a drop"])
+def test_the_dpo_stage_says_trls_count_once_beside_a_samples(caplog, pairs, expected):
+    """The stage warns about a sample's counts before the trainer is built; TRL's count over the whole dataset comes
+    after: as the whole warning when the sample showed nothing, else as one line beside it (not a second warning)."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.dpo import _warn_with_trls_count
+
+    ctx = SimpleNamespace(stage=SimpleNamespace(name="dpo"), dir=SimpleNamespace(name="dpo"))
+    sample = dataclasses.replace(pair_truncation_counts(pairs, max_length=9), sampled_from=3000)
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        _warn_with_trls_count(ctx, sample, dropped_by_trl=5)
+    assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] and len(caplog.records) == 1
 
 
 def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):

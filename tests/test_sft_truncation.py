@@ -98,12 +98,12 @@ def test_warning_says_what_a_lost_reply_means_without_assistant_only_loss():
 
 def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
     """A seeded sample may hold none of a large dataset's few over-long conversations; TRL's own count over the
-    whole dataset then says so, and the sample's longest is only a lower bound on the length to ask for."""
+    whole dataset then says so; the sample's longest (7, within max_length) says nothing of how far to raise it."""
     sample = dataclasses.replace(truncation_counts([ReplySpan(7, 5, 7)] * 20, max_length=8), sampled_from=3000)
     assert truncation_warning(sample, "k") is None and truncation_warning(sample, "k", dropped_by_trl=0) is None
     message = truncation_warning(sample, "stages.sft.max_length", dropped_by_trl=1)
     assert message.startswith("max_length 8 cuts 0 of 20 conversations (a sample of 3000); TRL dropped 1 of all 3000")
-    assert "Raise stages.sft.max_length to at least 7 (the longest in the sample" in message
+    assert "Raise stages.sft.max_length above 8 (the sample holds none of the examples TRL dropped" in message
 
 
 def test_sft_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):

@@ -237,10 +237,16 @@ def _measured(count: int, noun: str, sampled_from: int | None) -> str:
     return f"{count} {noun}" + (f" (a sample of {sampled_from})" if sampled_from else "")
 
 
-def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None) -> str:
-    """How far to raise ``knob``: exact for a whole dataset; from a sample, only a lower bound (its longest)."""
-    to = (f"to at least {tokens} (the longest in the sample; the whole dataset may need more)" if sampled_from
-          else f"to {tokens}")
+def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None, max_length: int) -> str:
+    """How far to raise ``knob``: exact for a whole dataset; from a sample, only a lower bound (its longest), and
+    no number at all when the sample fits (TRL's drops lie outside it)."""
+    if sampled_from and tokens <= max_length:
+        to = (f"above {max_length} (the sample holds none of the examples TRL dropped, so how far is not known; "
+              "measure the whole dataset with alignpipe.data.length_report and sample_size=len(dataset))")
+    elif sampled_from:
+        to = f"to at least {tokens} (the longest in the sample; the whole dataset may need more)"
+    else:
+        to = f"to {tokens}"
     return f"Raise {knob} {to} to keep {whole} whole (longer sequences cost memory and time), or shorten the data"
 
 
@@ -269,7 +275,7 @@ def truncation_warning(counts: TruncationCounts, knob: str, *, assistant_only_lo
            f"{': ' + '; '.join(lost) if lost else ''}")
     return (f"max_length {counts.max_length} cuts {cut}"
             f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.examples)}. "
-            + _advice(knob, counts.tokens_for_every_reply, "every reply", counts.sampled_from))
+            + _advice(knob, counts.tokens_for_every_reply, "every reply", counts.sampled_from, counts.max_length))
 
 
 def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
@@ -289,4 +295,5 @@ def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
     cut = f"{counts.over_max_length} of {_measured(counts.pairs, 'pairs', counts.sampled_from)}"
     return (f"max_length {counts.max_length} cuts {cut}{': ' + '; '.join(lost) if lost else ''}"
             f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.pairs)}. "
-            + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair", counts.sampled_from))
+            + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair", counts.sampled_from,
+                      counts.max_length))

@@ -56,9 +56,8 @@ def run(ctx: StageContext) -> dict:
         peft_config=lora_config(ctx), callbacks=[MetricsLogger(ctx.dir.metrics)],
     )
     truncation = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)} if counts else None
-    if truncation and counts.sampled_from and truncation["dropped_by_trl"] and not counts.dropped:  # sample missed it
-        log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, f"stages.{stage.name}.max_length",
-                                                                     dropped_by_trl=truncation["dropped_by_trl"]))
+    if truncation and counts.sampled_from and truncation["dropped_by_trl"]:
+        _warn_with_trls_count(ctx, counts, truncation["dropped_by_trl"])
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:
@@ -79,3 +78,15 @@ def _measure_truncation(ctx: StageContext, dataset: Dataset, tokenizer: PreTrain
     if warning := pair_truncation_warning(counts, f"stages.{ctx.stage.name}.max_length"):
         log.warning("[%s] %s", ctx.dir.name, warning)
     return counts
+
+
+def _warn_with_trls_count(ctx: StageContext, counts: PairTruncationCounts, dropped_by_trl: int) -> None:
+    """A sample's counts, warned about before the trainer was built, miss what TRL dropped from the rest: say TRL's
+    count once, in the full warning if the sample showed nothing to warn about, else beside the sample's warning."""
+    knob = f"stages.{ctx.stage.name}.max_length"
+    if pair_truncation_warning(counts, knob) is None:
+        log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, knob, dropped_by_trl=dropped_by_trl))
+    else:
+        log.warning("[%s] TRL dropped %d of all %d pairs whose prompt fills max_length %d (the counts above are of a "
+                    "sample of %d)", ctx.dir.name, dropped_by_trl, counts.sampled_from, counts.max_length,
+                    counts.pairs)

@@ -254,8 +254,9 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     was given, which still ends in the dialogue's final turn."""
     import alignpipe.evaluation.harness as harness
     import alignpipe.evaluation.suites as suites
+    from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout
 
-    dialogues = [_dialogue(i, 5) for i in range(6)]
+    dialogues = [d for d in (_dialogue(i, 5) for i in range(200)) if hh_is_heldout(d, HH_HELDOUT_FRACTION)][:6]
     data = tmp_path / "hh.jsonl.gz"
     with gzip.open(data, "wt", encoding="utf-8") as handle:
         for d in dialogues:
@@ -267,7 +268,7 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     budget = len(tokenizer(_dialogue(0, 1), add_special_tokens=False)["input_ids"])
     suite = tmp_path / "hh-mini.yaml"
     suite.write_text(yaml.safe_dump({
-        "name": "hh-mini", "prompts": {"source": "hh_rlhf", "path": str(data), "heldout_fraction": 1.0},
+        "name": "hh-mini", "prompts": {"source": "hh_rlhf", "path": str(data)},  # every dialogue held out
         "generation": {"max_new_tokens": 4, "batch_size": 8, "max_prompt_tokens": budget},
         "reference": "dataset", "judge": "reward_model", "primary_metric": "win_rate_vs_ref",
         "bootstrap_resamples": 100}))

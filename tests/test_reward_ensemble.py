@@ -220,6 +220,34 @@ def test_save_load_round_trip(llama_path, tokenizer, tmp_path):
         torch.testing.assert_close(relocated(**batch), expected, atol=1e-6, rtol=0)
 
 
+def test_a_loaded_scorer_defaults_to_the_dtype_and_max_length_it_was_trained_with(llama_path, tokenizer, tmp_path):
+    """A judge or a policy stage loads the ensemble without the reward stage's settings: it scored in float32 at
+    512 tokens what the stage trained (bf16 on a GPU) and evaluated at its max_length."""
+    from alignpipe.rewards.ensemble import EnsembleScorer
+    from alignpipe.rewards.loading import load_reward_scorer
+
+    ensemble = RewardEnsemble.create(_spec(llama_path, top_layers=None), dtype=torch.bfloat16)
+    _perturb(ensemble)
+    ensemble.save(tmp_path / "rm", max_length=12)
+    manifest = json.loads((tmp_path / "rm" / "manifest.json").read_text())
+    assert manifest["scoring"] == {"dtype": "bfloat16", "max_length": 12}
+    in_memory = EnsembleScorer.for_ensemble(ensemble, max_length=12)
+    long_response = " ".join(["7"] * 40)
+    assert in_memory.score(["copy: 7"], [long_response]).per_member.tolist() != EnsembleScorer.for_ensemble(
+        ensemble).score(["copy: 7"], [long_response]).per_member.tolist()  # the length matters for this text
+    for scorer in (EnsembleScorer.load(tmp_path / "rm"), load_reward_scorer(tmp_path / "rm", device="cpu")):
+        assert scorer.max_length == 12 and scorer.ensemble.backbone_dtype == torch.bfloat16
+        assert scorer.score(["copy: 7"], [long_response]).per_member.tolist() == in_memory.score(
+            ["copy: 7"], [long_response]).per_member.tolist()
+    override = EnsembleScorer.load(tmp_path / "rm", dtype=torch.float32, max_length=64)
+    assert override.max_length == 64 and override.ensemble.backbone_dtype == torch.float32
+
+    del manifest["scoring"]  # saved before the record existed: the old defaults
+    (tmp_path / "rm" / "manifest.json").write_text(json.dumps(manifest))
+    old = EnsembleScorer.load(tmp_path / "rm")
+    assert old.max_length == 512 and old.ensemble.backbone_dtype == torch.float32
+
+
 def test_load_missing_directory_names_it(tmp_path):
     missing = tmp_path / "no-such-ensemble"
     with pytest.raises(FileNotFoundError, match="no-such-ensemble"):

@@ -71,6 +71,9 @@ def test_reward_stage_trains_saves_and_reports(tmp_path):
     manifest = json.loads((stage.checkpoint / "manifest.json").read_text())
     assert manifest["spec"]["backbone"] == "../../sft/checkpoint"
     assert manifest["backbone"]["sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
+    # how the stage trained and evaluated it: a judge or a policy stage reloading it scores the same way
+    assert manifest["scoring"] == {"dtype": "float32", "max_length": REWARD["max_length"]}
+    assert scorer.max_length == REWARD["max_length"]
     shutil.move(tmp_path / "runs", tmp_path / "archive")
     moved = EnsembleScorer.load(tmp_path / "archive" / "tiny" / "rm" / "checkpoint")
     assert moved.score(["copy: 1 2"], ["1 2"]).per_member.tolist() == rewards.per_member.tolist()
@@ -120,6 +123,7 @@ def test_single_reward_model_through_trl_with_full_fine_tuning(tmp_path):
 
     scorer = load_reward_scorer(StageDir(runner.run_dir / "rm").checkpoint)
     assert tuple(scorer.score(["copy: 1 2"], ["1 2"]).per_member.shape) == (1, 1)
+    assert scorer.max_length == 48  # the stage's, not the loader's default 512
     report = json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())["metrics"]
     # Learning itself is covered in tests/test_single_reward.py; here: the held-out report of one model.
     assert report["accuracy"]["n"] == json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())[

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
-from alignpipe.models.loading import PYPI_PREFIX, remote_code_kwargs, resolve_model_location
+from alignpipe.models.loading import DTYPES, PYPI_PREFIX, remote_code_kwargs, resolve_model_location
 from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, publish_directory, recorded_output_sha256
 from alignpipe.rewards.penalties import EnsembleRewards
 
@@ -557,10 +557,14 @@ class RewardEnsemble(nn.Module):
         device = next(base.parameters()).device
         return cls(spec, peft_model, heads.to(device), hidden_size=hidden)
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, max_length: int | None = None) -> Path:
         """Write the ensemble to ``directory`` (replacing it) atomically: everything goes into a hidden staging
         directory next to it, which :func:`publish_directory` moves into place. Backbone weights are not saved; the
-        backbone is recorded as the module docstring says (:func:`_backbone_record`)."""
+        backbone is recorded as the module docstring says (:func:`_backbone_record`).
+
+        ``scoring`` records how it was trained and evaluated: the backbone's dtype and the ``max_length`` it saw
+        (the reward stage's), which :meth:`EnsembleScorer.load` defaults to, so a judge or a policy stage scores
+        as the stage's own evaluation did."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
@@ -589,6 +593,7 @@ class RewardEnsemble(nn.Module):
                 "adapted_modules": len(self._lora_layers),
                 "first_adapted_layer": self.first_adapted_layer,
                 "peft_version": peft.__version__,
+                "scoring": {"dtype": str(self.backbone_dtype).removeprefix("torch."), "max_length": max_length},
             })
             publish_directory(staging, directory)
         except BaseException:
@@ -597,6 +602,11 @@ class RewardEnsemble(nn.Module):
         return directory
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        """The frozen backbone's dtype (PEFT may keep adapters in float32 over a bf16 backbone)."""
+        return self.peft_model.get_base_model().get_input_embeddings().weight.dtype
 
     @property
     def backbone(self) -> nn.Module:
@@ -891,11 +901,17 @@ class EnsembleScorer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, backbone: str | None = None,
-             dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              **kwargs: Any) -> EnsembleScorer:
         """Load the ensemble (:meth:`RewardEnsemble.load`, moved to ``device`` when given) and the tokenizer of its
-        backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``."""
+        backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``; ``dtype`` and ``max_length`` to
+        those it was trained with (the manifest's ``scoring``; float32 and 512 for an ensemble saved without)."""
         directory = Path(directory)
+        scoring = read_manifest(directory).get("scoring") or {}
+        if dtype is None:
+            dtype = DTYPES.get(scoring.get("dtype"), torch.float32)
+        if scoring.get("max_length"):
+            kwargs.setdefault("max_length", scoring["max_length"])
         ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
         if device is not None:
             ensemble.to(device)

@@ -50,7 +50,7 @@ def reward_model_format(directory: str | os.PathLike[str]) -> str:
 
 
 def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch.device | None = None,
-                       dtype: str | torch.dtype = torch.float32, **kwargs: Any) -> RewardScorer:
+                       dtype: str | torch.dtype | None = None, **kwargs: Any) -> RewardScorer:
     """An :class:`EnsembleScorer` or a :class:`SingleRewardScorer` for ``directory``, chosen by its manifest.
 
     ``device`` defaults to the process's (:func:`~alignpipe.models.loading.process_device`: its GPU under a GPU
@@ -63,6 +63,9 @@ def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch
     scored in float32 too. A single reward model trained with ``implementation: trl`` has float32 weights whatever
     the GPU (mixed precision at most), so ``auto`` loads it in float32.
 
+    Without ``dtype``, an ensemble loads in the dtype it was trained in (its manifest's), a single model in float32;
+    without ``max_length``, either scores at the length its reward stage trained and evaluated at.
+
     ``kwargs`` go to ``EnsembleScorer.load`` (``backbone``, ``batch_size``, ``max_length``, ``judge_id``)
     or ``SingleRewardScorer.load`` (``batch_size``, ``max_length``, ``judge_id``, ``text_format``). An
     argument the chosen loader does not take raises ``TypeError``.
@@ -73,4 +76,4 @@ def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch
         dtype = torch.float32 if dtype == "auto" and fmt == SINGLE_FORMAT else resolve_dtype(dtype)
     if fmt == ENSEMBLE_FORMAT:
         return EnsembleScorer.load(directory, device=device, dtype=dtype, **kwargs)
-    return SingleRewardScorer.load(directory, device=device, dtype=dtype, **kwargs)
+    return SingleRewardScorer.load(directory, device=device, dtype=dtype or torch.float32, **kwargs)

@@ -265,7 +265,8 @@ def _text_format_of(model, tokenizer, text_format: str | None) -> TextFormat:
 
 
 def save_single_reward_model(
-    model, tokenizer, directory: str | os.PathLike[str], *, text_format: TextFormat | None = None
+    model, tokenizer, directory: str | os.PathLike[str], *, text_format: TextFormat | None = None,
+    max_length: int | None = None,
 ) -> Path:
     """Write a reward model to ``directory`` (replacing it) atomically and return the path.
 
@@ -275,7 +276,8 @@ def save_single_reward_model(
     ``directory``, which :func:`~alignpipe.pipeline.rundir.publish_directory` moves into place.
 
     ``text_format`` defaults to ``model.config.alignpipe_text_format`` (set by :func:`train_single_reward_model`),
-    else ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
+    else ``"chat"`` when the tokenizer has a chat template, else ``"plain"``. ``max_length`` (the reward stage's) is
+    recorded for :meth:`SingleRewardScorer.load` to default to, so a judge scores as the stage's evaluation did.
     """
     from peft import PeftModel
 
@@ -303,6 +305,7 @@ def save_single_reward_model(
             "members": 1,
             "text_format": text_format,
             "base_model": str(getattr(merged.config, "_name_or_path", "") or ""),
+            "scoring": {"max_length": max_length},
         })
         publish_directory(staging, directory)
     except BaseException:
@@ -394,12 +397,15 @@ class SingleRewardScorer:
         **kwargs: Any,
     ) -> SingleRewardScorer:
         """Load a directory written by :func:`save_single_reward_model`. ``judge_id`` defaults to
-        ``reward_single:<directory name>``, and ``text_format`` to the manifest's."""
+        ``reward_single:<directory name>``, ``text_format`` and ``max_length`` to the manifest's (512 for a model
+        saved without one)."""
         from transformers import AutoModelForSequenceClassification
 
         directory = Path(directory)
         manifest = read_single_manifest(directory)
         text_format = manifest.get("text_format", "chat")
+        if (manifest.get("scoring") or {}).get("max_length"):
+            kwargs.setdefault("max_length", manifest["scoring"]["max_length"])
         model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if device is not None:
             model.to(device)

@@ -86,7 +86,8 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
                              on_log=lambda record: append_metrics(ctx.dir.metrics, record) if main else None,
                              save_every=stage.save_steps, on_save=lambda state: _save_state(ctx, state),
                              resume=resume)
-    return scorer, history[-1]["loss"] if history else None, lambda: ensemble.save(ctx.dir.checkpoint), len(train)
+    save = lambda: ensemble.save(ctx.dir.checkpoint, max_length=stage.max_length)  # noqa: E731
+    return scorer, history[-1]["loss"] if history else None, save, len(train)
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
@@ -112,7 +113,8 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
     )
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return (SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None,
-            lambda: save_single_reward_model(model, tokenizer, ctx.dir.checkpoint), len(trainer.train_dataset))
+            lambda: save_single_reward_model(model, tokenizer, ctx.dir.checkpoint, max_length=stage.max_length),
+            len(trainer.train_dataset))
 
 
 def run(ctx: StageContext) -> dict:

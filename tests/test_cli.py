@@ -116,3 +116,15 @@ def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypat
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {tmp_path / 'report.html'}: Permission denied; check the paths given "
                                        "on the command line\n")
+
+
+def test_leaderboard_refuses_to_write_over_a_source(two_boards, capsys):
+    """`--out A` with A among the sources replaced run A's own leaderboard (its eval stage's record) with the merge."""
+    a, b = two_boards
+    recorded = (a / "leaderboard.json").read_bytes()
+    for out in (a, a / ".." / "a"):
+        assert main(["leaderboard", str(a), str(b / "leaderboard.json"), "--out", str(out)]) == 2
+        assert f"--out {out} holds one of the leaderboards being merged" in capsys.readouterr().err
+    assert main(["leaderboard", str(a), str(b / "leaderboard.json"), "--out", str(b)]) == 2
+    assert (a / "leaderboard.json").read_bytes() == recorded
+    assert main(["leaderboard", str(a), str(b), "--out", str(a.parent / "merged")]) == 0

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "judge).")
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
-                       help="directory for the merged leaderboard.{json,md,csv} (default: leaderboard-merged)")
+                       help="directory for the merged leaderboard.{json,md,csv}, not a source's (default: "
+                       "leaderboard-merged)")
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite (default: synthetic)",
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
@@ -304,6 +305,11 @@ def _cmd_leaderboard(args) -> int:
               file=sys.stderr)
         return 2
     if _not_a_file(args.out, "--out"):
+        return 2
+    # never a source's directory: a run's leaderboard is its eval stage's record of the run
+    if any(args.out.resolve() == p.resolve().parent for p in paths):
+        print(f"error: --out {args.out} holds one of the leaderboards being merged (a run's leaderboard is its eval "
+              "stage's record of the run); pass another directory (default: leaderboard-merged)", file=sys.stderr)
         return 2
     try:
         _, md_path = write_leaderboard(merge_leaderboards(paths), args.out)

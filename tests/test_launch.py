@@ -178,3 +178,43 @@ def test_launch_sh_help_documents_every_run_option() -> None:
     missing = [o for o in options if o not in help_text]
     assert not missing, f"launch.sh --help does not mention {missing}"
     assert "--test" in help_text and "KEY=VALUE" in help_text
+
+
+@pytest.fixture
+def launcher_copy(tmp_path) -> Path:
+    """launch.sh in a copy of the project whose venv is installed and whose `alignpipe`/python print cwd and args."""
+    root = tmp_path / "main"
+    (root / "recipes").mkdir(parents=True)
+    for name in ("launch.sh", "pyproject.toml", "recipes/quickstart.yaml"):
+        (root / name).write_bytes((REPO / name).read_bytes())
+    (root / "launch.sh").chmod(0o755)
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("alignpipe", "python"):
+        (bin_dir / name).write_text('#!/usr/bin/env bash\necho "cwd=$PWD"; printf "arg=%s\\n" "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    (root / ".venv" / ".alignpipe-installed").touch()
+    return root
+
+
+def _launch(cwd: Path, *args: str) -> list[str]:
+    done = subprocess.run(["bash", "-c", 'exec "$@"', "launch", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_launch_sh_reads_the_users_paths_from_their_directory(launcher_copy) -> None:
+    """It runs from the project root, so the recipe, --runs-dir and test paths must mean what they meant where typed."""
+    parent, root = launcher_copy.parent, launcher_copy
+    (parent / "my.yaml").write_text("name: mine\n")
+    out = _launch(parent, "main/launch.sh", "main/recipes/quickstart.yaml", "--runs-dir", "out", "--cpu")
+    assert f"cwd={root}" in out
+    assert out[-5:] == ["arg=run", f"arg={parent}/main/recipes/quickstart.yaml", "arg=--runs-dir", f"arg={parent}/out",
+                        "arg=--cpu"]
+    out = _launch(parent, "main/launch.sh", "my.yaml", "--runs-dir=/abs/runs")
+    assert out[-2:] == [f"arg={parent}/my.yaml", "arg=--runs-dir=/abs/runs"]
+    out = _launch(parent, "main/launch.sh", "--test", "-k", "x", "main/launch.sh::t")
+    assert out[-3:] == ["arg=-k", "arg=x", f"arg={parent}/main/launch.sh::t"]
+    # from the project root, as the README runs it, the arguments pass through unchanged
+    assert _launch(root, "./launch.sh", "recipes/quickstart.yaml")[-2:] == ["arg=run", "arg=recipes/quickstart.yaml"]
+    assert _launch(parent, "main/launch.sh", "--help")[0].startswith("alignpipe launcher")

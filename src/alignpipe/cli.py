@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "judge).")
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
-                       help="directory for the merged leaderboard.{json,md,csv} (default: leaderboard-merged)")
+                       help="directory for the merged leaderboard.{json,md,csv}, not a source's (default: "
+                       "leaderboard-merged)")
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite (default: synthetic)",
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
@@ -156,6 +158,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _file_errors_in_one_line(handler):
+    """A path that cannot be read or written is a mistake in the command line, not a bug: say which, exit code 2."""
+    @functools.wraps(handler)
+    def wrapped(args) -> int:
+        try:
+            return handler(args)
+        except UnicodeDecodeError as error:
+            byte = error.object[error.start]
+            print(f"error: a file given (or one in a directory given) is not UTF-8 text (byte 0x{byte:02x} at offset "
+                  f"{error.start}); pass UTF-8 text", file=sys.stderr)
+        except OSError as error:
+            if error.filename:
+                print(f"error: {error.filename}: {error.strerror}; check the paths given on the command line",
+                      file=sys.stderr)
+            else:  # e.g. a hub id that cannot be fetched: transformers' message says why, over several lines
+                print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    return wrapped
+
+
+def _not_a_file(path: Path | None, option: str) -> bool:
+    """True, after saying so, when a directory option names an existing file (caught before any work is done)."""
+    if path is not None and path.exists() and not path.is_dir():
+        print(f"error: {option} {path} is a file; pass a directory (it is created if missing)", file=sys.stderr)
+        return True
+    return False
+
+
+@_file_errors_in_one_line
 def _cmd_validate(args) -> int:
     import yaml
 
@@ -233,6 +264,7 @@ def _print_summary(runner, outcomes) -> None:
         print(board.read_text())
 
 
+@_file_errors_in_one_line
 def _cmd_eval(args) -> int:
     from alignpipe.evaluation.standalone import evaluate_paths, evaluate_suite
 
@@ -242,6 +274,8 @@ def _cmd_eval(args) -> int:
         print(f"error: {options} set the synthetic prompts used without --suite; suite {args.suite!r} pins its own "
               "prompts and sampling. Drop them, or edit a copy of the suite file and pass its path to --suite",
               file=sys.stderr)
+        return 2
+    if _not_a_file(args.out, "--out") or _not_a_file(args.cache_dir, "--cache-dir"):
         return 2
     try:
         if args.suite:
@@ -260,6 +294,7 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+@_file_errors_in_one_line
 def _cmd_leaderboard(args) -> int:
     from alignpipe.evaluation.leaderboard import merge_leaderboards, write_leaderboard
 
@@ -268,6 +303,13 @@ def _cmd_leaderboard(args) -> int:
     if missing:
         print(f"error: no leaderboard at {', '.join(missing)} (run the recipe's eval stage or `alignpipe eval` first)",
               file=sys.stderr)
+        return 2
+    if _not_a_file(args.out, "--out"):
+        return 2
+    # never a source's directory: a run's leaderboard is its eval stage's record of the run
+    if any(args.out.resolve() == p.resolve().parent for p in paths):
+        print(f"error: --out {args.out} holds one of the leaderboards being merged (a run's leaderboard is its eval "
+              "stage's record of the run); pass another directory (default: leaderboard-merged)", file=sys.stderr)
         return 2
     try:
         _, md_path = write_leaderboard(merge_leaderboards(paths), args.out)
@@ -278,6 +320,7 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+@_file_errors_in_one_line
 def _cmd_report(args) -> int:
     from alignpipe.evaluation.report import write_report
 

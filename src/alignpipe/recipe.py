@@ -1312,6 +1312,9 @@ def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as exc:
         raise RecipeError(headline, [f"{path}: cannot read file ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError as exc:
+        msg = f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        raise RecipeError(headline, [msg]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import Checkpoint
 from alignpipe.evaluation.leaderboard import write_leaderboard
@@ -26,7 +28,13 @@ def _expand(spec: str) -> list[Checkpoint]:
             raise ValueError(f"run directory {directory} has no stage checkpoints yet; run its recipe first")
         return [Checkpoint(d.name, str(d / "checkpoint"), (StageDir(d).read_manifest() or {}).get("output_sha256"))
                 for d in stages]
-    if directory.exists() and not (directory / "config.json").exists():
+    if not directory.exists():
+        try:  # the rule transformers applies; a path that breaks it would only fail there, after earlier checkpoints
+            validate_repo_id(path)
+        except HFValidationError:
+            raise ValueError(f"no checkpoint at {path}: no such file or directory (and not a hub id, NAME or "
+                             "ORG/NAME); check the path") from None
+    elif not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
     weights = directory_hash(directory) if directory.is_dir() else None  # a hub id has no content hash: not cached

@@ -25,9 +25,11 @@ layer evaluations instead of ``K L``. The first forward checks the trunk path ag
 probe batch. If the check fails, or the layers after ``f`` take different masks (mixed sliding/full attention
 ``layer_types``), the ensemble falls back to K full forwards and logs a warning once.
 
-Padding. Position ids are computed from the attention mask (``cumsum − 1``) whenever the backbone accepts them. Left
-and right padding then give the same positions, including for absolute-position encoders. ``last`` pooling takes the
-last non-pad token and ``cls`` the first non-pad token, so both padding sides pool the same token.
+Padding. Position ids are computed from the attention mask (``cumsum − 1``) whenever the backbone accepts them,
+shifted to start at ``padding_idx + 1`` on the encoders that number positions from there (RoBERTa, XLM-R, ...:
+:func:`_position_offset`). Left and right padding then give the same positions, including for absolute-position
+encoders. ``last`` pooling takes the last non-pad token and ``cls`` the first non-pad token, so both padding sides
+pool the same token.
 
 On disk (:meth:`RewardEnsemble.save`) there is one directory: ``manifest.json`` (format, version, spec, hidden size,
 member names, backbone record), ``adapters/<member>/`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``)
@@ -406,6 +408,22 @@ def _resolve_target_modules(model: nn.Module, spec: EnsembleSpec) -> list[str]:
     return names
 
 
+def _position_offset(model: nn.Module) -> int:
+    """The position id of a sequence's first token: ``padding_idx + 1`` on encoders whose embeddings number positions
+    with transformers' ``create_position_ids_from_input_ids`` (RoBERTa, XLM-R, CamemBERT, MPNet, ...), else 0. Their
+    learned position table is indexed from there, so positions counted from 0 would shift every token."""
+    import sys
+
+    numbering = "create_position_ids_from_input_ids"  # a method on some, a function of the model's module on others
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        table = getattr(module, "position_embeddings", None)
+        from_padding = hasattr(module, numbering) or hasattr(sys.modules.get(type(module).__module__), numbering)
+        if isinstance(padding_idx, int) and isinstance(table, nn.Embedding) and from_padding:
+            return padding_idx + 1
+    return 0
+
+
 def _accepts(module: nn.Module, name: str) -> bool:
     import inspect
 
@@ -456,6 +474,7 @@ class RewardEnsemble(nn.Module):
         self._stack_name, self._layers = _find_layer_stack(base)
         self._final_norm = self._find_final_norm(base)
         self._accepts_position_ids = _accepts(base, "position_ids")
+        self._position_offset = _position_offset(base)
         self._accepts_token_type_ids = _accepts(base, "token_type_ids")
 
         from peft.tuners.lora import LoraLayer
@@ -674,7 +693,7 @@ class RewardEnsemble(nn.Module):
             raise ValueError("every sequence needs at least one non-pad token (attention_mask row of zeros)")
         inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": mask}
         if self._accepts_position_ids:
-            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0) + self._position_offset
         if token_type_ids is not None and self._accepts_token_type_ids:
             inputs["token_type_ids"] = token_type_ids
         return inputs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, BertConfig, BertModel, RobertaConfig, RobertaModel
+from transformers import AutoModel, BertConfig, BertModel, OPTConfig, OPTModel, RobertaConfig, RobertaModel
 
 from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble, collate_features, encode_examples
 
@@ -31,6 +31,17 @@ def backbones(tmp_path_factory, tokenizer, llama_path) -> dict[str, tuple[str, s
         model_cls(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         out[arch] = (str(directory), "cls")
+    # OPT whose word_embed_proj_dim differs from hidden_size: the decoder projects its output (project_out) to it.
+    # Post-LN (opt-350m's shape, no final norm) and pre-LN (final norm, then the projection).
+    for arch, pre_ln in (("opt-350m", False), ("opt-pre-ln", True)):
+        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                           ffn_dim=64, num_attention_heads=2, max_position_embeddings=128,
+                           do_layer_norm_before=pre_ln, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        directory = tmp_path_factory.mktemp(arch) / "ckpt"
+        OPTModel(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        out[arch] = (str(directory), "last")
     return out
 
 
@@ -48,10 +59,11 @@ def _native_rewards(path: str, pooling: str, ensemble: RewardEnsemble, features)
 
 
 @pytest.mark.parametrize("top_layers", [None, 1])
-@pytest.mark.parametrize("arch", ["roberta", "bert", "llama"])
+@pytest.mark.parametrize("arch", ["roberta", "bert", "llama", "opt-350m", "opt-pre-ln"])
 def test_a_fresh_ensemble_scores_each_members_head_on_the_native_backbone(arch, top_layers, backbones, tokenizer):
     path, pooling = backbones[arch]
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=path, members=2, pooling=pooling, top_layers=top_layers))
+    assert ensemble.hidden_size == (16 if arch.startswith("opt") else 32)  # the width the heads read
     features = encode_examples(tokenizer, PROMPTS, RESPONSES, max_length=64)
     assert len({len(f["input_ids"]) for f in features}) > 1  # the batches below are padded
     want = _native_rewards(path, pooling, ensemble, features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from alignpipe.rewards.ensemble import (
     collate_features,
     encode_examples,
 )
-from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, _bt_loss, train_ensemble
 from alignpipe.rewards.judges import PairwiseJudge
 from alignpipe.rewards.penalties import EnsembleRewards
 from alignpipe.tasks import preference_pairs
@@ -446,6 +447,36 @@ def test_mean_objective_bootstrap_and_margins_run(llama_path, tokenizer, pairs):
     assert logs[-1]["step"] == 2
     with pytest.raises(ValueError, match="bootstrap"):
         EnsembleTrainingConfig(bootstrap=True, objective="mean")
+
+
+def test_bootstrap_copy_counts_weigh_pairs_as_a_pass_over_the_resample():
+    """A member's batch loss is Σ copies × pair loss / batch size: each pair weighs its copy count whatever its
+    batch-mates drew (normalised by the batch's copies instead, pair 0 below counted as 4/3 copies, and as 0.8 beside
+    a pair drawn 3 times)."""
+    log3 = math.log(3.0)
+    rejected = torch.zeros(2, 2)
+    # member 0's resample holds pair 0 twice and pair 1 once; member 1's holds neither (adds 0, still / 2 members)
+    copies = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+
+    def loss_and_grad(multiplicity, weight=None):
+        chosen = torch.tensor([[0.0, 0.0], [log3, log3]], requires_grad=True)  # Δ = 0 and log 3
+        loss = _bt_loss(chosen, rejected, "members", margin=None, weight=weight, multiplicity=multiplicity)
+        loss.backward()
+        return loss.detach(), chosen.grad
+
+    loss, grad = loss_and_grad(copies)
+    # −log σ(0) = log 2, −log σ(log 3) = log 4/3; ∂/∂r_c = −σ(−Δ) × copies / (2 pairs × 2 members)
+    torch.testing.assert_close(loss, torch.tensor((2 * math.log(2) + math.log(4 / 3)) / 2 / 2))
+    torch.testing.assert_close(grad, torch.tensor([[-0.5 * 2 / 4, 0.0], [-0.25 * 1 / 4, 0.0]]))
+    # pair 0's gradient does not depend on its batch-mate's copy count
+    for mate in (0.0, 3.0):
+        _, other = loss_and_grad(torch.tensor([[2.0, 0.0], [mate, 0.0]]))
+        torch.testing.assert_close(other[0], grad[0])
+    # with pair weights: copies × weight over the weights' sum (their expected sum with copies)
+    loss, _ = loss_and_grad(copies, weight=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(loss, torch.tensor((2 * 1 * math.log(2) + 1 * 3 * math.log(4 / 3)) / 4 / 2))
+    # one copy of every pair is no bootstrap at all
+    torch.testing.assert_close(loss_and_grad(torch.ones(2, 2)), loss_and_grad(None), rtol=0, atol=0)
 
 
 def test_resuming_from_a_kept_state_matches_an_uninterrupted_run(llama_path, tokenizer, pairs):

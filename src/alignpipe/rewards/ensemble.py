@@ -2,9 +2,10 @@
 
 Architecture. The backbone (``AutoModel``: the bare decoder of a causal-LM checkpoint, the encoder of BERT/MiniLM) is
 loaded once and frozen. PEFT's multi-adapter support adds K LoRA adapters ``member-0 .. member-{K-1}`` on the same
-weight matrices, and each member has its own scalar head ``nn.Linear(hidden, 1)``. Member k's reward is
-``head_k(pool(backbone with adapter k))``. Member k's adapter and head are initialised from seed ``spec.seed + k``.
-LoRA zero-initialises B, so at creation the members differ only through their heads.
+weight matrices, and each member has its own scalar head ``nn.Linear(hidden, 1)`` (``hidden``: the width of
+``last_hidden_state``). Member k's reward is ``head_k(pool(backbone with adapter k))``. Member k's adapter and head
+are initialised from seed ``spec.seed + k``. LoRA zero-initialises B, so at creation the members differ only through
+their heads.
 
 Switching members: ``set_adapter``, not PEFT's per-sample ``adapter_names``. PEFT refuses ``adapter_names`` in
 training mode, and it would also replicate the batch K times inside every adapted layer. The shared trunk (below)
@@ -20,14 +21,17 @@ first adapted layer ``f`` has an adapter and layers ``[0, f)`` compute the same 
 ``(hidden_states, args, kwargs)`` (attention mask, rotary embeddings, ...) and raises a private exception, so the
 base model's upper layers never run. Then for each member it runs ``layers[f:]`` with the recorded arguments, then the
 stack's final norm if there is one (``norm`` on Llama-style models, ``final_layer_norm``/``ln_f`` elsewhere; BERT's
-encoder has none), then pooling and the head. With ``top_layers = t`` of ``L`` layers, K members cost ``L - t + K t``
-layer evaluations instead of ``K L``. The first forward checks the trunk path against a full forward on a small
-probe batch. If the check fails, or the layers after ``f`` take different masks (mixed sliding/full attention
-``layer_types``), the ensemble falls back to K full forwards and logs a warning once.
+encoder has none) and output projection if there is one (OPT's ``project_out`` to ``word_embed_proj_dim``), then
+pooling and the head. With ``top_layers = t`` of ``L`` layers, K members cost ``L - t + K t`` layer evaluations
+instead of ``K L``. The first forward checks the trunk path against a full forward on a small probe batch. If the
+check fails, or the layers after ``f`` take different masks (mixed sliding/full attention ``layer_types``), the
+ensemble falls back to K full forwards and logs a warning once.
 
-Padding. Position ids are computed from the attention mask (``cumsum − 1``) whenever the backbone accepts them. Left
-and right padding then give the same positions, including for absolute-position encoders. ``last`` pooling takes the
-last non-pad token and ``cls`` the first non-pad token, so both padding sides pool the same token.
+Padding. Position ids are computed from the attention mask (``cumsum − 1``) whenever the backbone accepts them,
+shifted to start at ``padding_idx + 1`` on the encoders that number positions from there (RoBERTa, XLM-R, ...:
+:func:`_position_offset`). Left and right padding then give the same positions, including for absolute-position
+encoders. ``last`` pooling takes the last non-pad token and ``cls`` the first non-pad token, so both padding sides
+pool the same token.
 
 On disk (:meth:`RewardEnsemble.save`) there is one directory: ``manifest.json`` (format, version, spec, hidden size,
 member names, backbone record), ``adapters/<member>/`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``)
@@ -88,6 +92,7 @@ BACKBONE_KEY = "backbone"  # manifest: {"relative_to_checkpoint": bool, "sha256"
 Pooling = Literal["last", "cls", "mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "final_norm")
+_OUTPUT_PROJECTION_NAMES = ("project_out",)  # after the final norm: OPT when word_embed_proj_dim != hidden_size
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,6 +411,22 @@ def _resolve_target_modules(model: nn.Module, spec: EnsembleSpec) -> list[str]:
     return names
 
 
+def _position_offset(model: nn.Module) -> int:
+    """The position id of a sequence's first token: ``padding_idx + 1`` on encoders whose embeddings number positions
+    with transformers' ``create_position_ids_from_input_ids`` (RoBERTa, XLM-R, CamemBERT, MPNet, ...), else 0. Their
+    learned position table is indexed from there, so positions counted from 0 would shift every token."""
+    import sys
+
+    numbering = "create_position_ids_from_input_ids"  # a method on some, a function of the model's module on others
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        table = getattr(module, "position_embeddings", None)
+        from_padding = hasattr(module, numbering) or hasattr(sys.modules.get(type(module).__module__), numbering)
+        if isinstance(padding_idx, int) and isinstance(table, nn.Embedding) and from_padding:
+            return padding_idx + 1
+    return 0
+
+
 def _accepts(module: nn.Module, name: str) -> bool:
     import inspect
 
@@ -454,8 +475,10 @@ class RewardEnsemble(nn.Module):
 
         base = self.backbone
         self._stack_name, self._layers = _find_layer_stack(base)
-        self._final_norm = self._find_final_norm(base)
+        self._final_norm = _beside_stack(base, self._stack_name, _FINAL_NORM_NAMES)
+        self._output_projection = _beside_stack(base, self._stack_name, _OUTPUT_PROJECTION_NAMES)
         self._accepts_position_ids = _accepts(base, "position_ids")
+        self._position_offset = _position_offset(base)
         self._accepts_token_type_ids = _accepts(base, "token_type_ids")
 
         from peft.tuners.lora import LoraLayer
@@ -684,7 +707,7 @@ class RewardEnsemble(nn.Module):
             raise ValueError("every sequence needs at least one non-pad token (attention_mask row of zeros)")
         inputs: dict[str, Tensor] = {"input_ids": input_ids, "attention_mask": mask}
         if self._accepts_position_ids:
-            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0) + self._position_offset
         if token_type_ids is not None and self._accepts_token_type_ids:
             inputs["token_type_ids"] = token_type_ids
         return inputs
@@ -713,7 +736,8 @@ class RewardEnsemble(nn.Module):
         return captured["args"], captured["kwargs"]
 
     def _top_hidden(self, captured: tuple[tuple, dict], member: int) -> Tensor:
-        """Run ``layers[first:]`` (+ final norm) from the captured trunk output with ``member``'s adapter."""
+        """Run ``layers[first:]`` (+ final norm and output projection) from the captured trunk output with
+        ``member``'s adapter."""
         args, kwargs = captured
         self._activate(member)
         if args:
@@ -726,20 +750,14 @@ class RewardEnsemble(nn.Module):
             hidden = out[0] if isinstance(out, (tuple, list)) else out
         if self._final_norm is not None:
             hidden = self._final_norm(hidden)
+        if self._output_projection is not None:
+            hidden = self._output_projection(hidden)
         return hidden
 
     def _head(self, hidden: Tensor, attention_mask: Tensor, member: int) -> Tensor:
         pooled = _pool(hidden, attention_mask, self.spec.pooling)
         head = self.heads[member]
         return head(pooled.to(head.weight.dtype)).squeeze(-1)
-
-    def _find_final_norm(self, base: nn.Module) -> nn.Module | None:
-        parent = base.get_submodule(self._stack_name.rsplit(".", 1)[0]) if "." in self._stack_name else base
-        for name in _FINAL_NORM_NAMES:
-            module = getattr(parent, name, None)
-            if isinstance(module, nn.Module):
-                return module
-        return None
 
     def _first_adapted_layer(self) -> tuple[int, list[str]]:
         prefix = f"{self._stack_name}." if self._stack_name else ""
@@ -793,7 +811,22 @@ class RewardEnsemble(nn.Module):
             self.train(was_training)
 
 
+def _beside_stack(model: nn.Module, stack_name: str, names: Sequence[str]) -> nn.Module | None:
+    """The first module called one of ``names`` on the module that holds the layer stack (None if there is none)."""
+    parent = model.get_submodule(stack_name.rsplit(".", 1)[0]) if "." in stack_name else model
+    for name in names:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
 def _hidden_size(model: nn.Module) -> int:
+    """The width of ``last_hidden_state``, which the heads read: the output projection's (OPT-350m projects its 1024
+    hidden features to 512) or else the config's hidden size."""
+    projection = _beside_stack(model, _find_layer_stack(model)[0], _OUTPUT_PROJECTION_NAMES)
+    if isinstance(getattr(projection, "out_features", None), int):
+        return projection.out_features
     config = model.config
     hidden = getattr(config, "hidden_size", None)
     if hidden is None and hasattr(config, "get_text_config"):

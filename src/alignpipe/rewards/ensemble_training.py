@@ -13,9 +13,10 @@ Per step, with chosen/rejected rewards ``[B, K]`` from ONE forward over the ``2B
 * ``objective="mean"``: Bradley–Terry on the ensemble-mean reward (UP-RLHF eq. 12,
   :func:`ensemble_bradley_terry_loss`).
 * ``bootstrap=True`` (``members`` only): member k draws a bootstrap resample of the n pairs once, before training
-  (seeded). Its copy counts become per-pair weights on the shared batches. The weighted loss equals training on the
-  resample, without K separate data loaders. A member whose weights in a batch are all zero gets no loss from that
-  batch.
+  (seeded). Its copy counts multiply the pairs' weights on the shared batches, and its batch loss is normalised by
+  the weights' sum without them (the batch size when there are no ``weights``), their expected sum, not by their
+  own sum. A pair then weighs its copy count whatever its batch-mates drew, as in a pass over the resample, without
+  K separate data loaders. A member whose weights in a batch are all zero gets no loss from that batch.
 * ``+ diversity_loss(ensemble.lora_down_projections(), λ)``, which is exactly 0 for λ = 0.
 
 Optional per-pair ``margins`` / ``weights`` go into :func:`bradley_terry_loss` (for ``mean``, applied to the mean
@@ -29,9 +30,10 @@ Soft labels and Iterative Data Smoothing (ALGORITHMS.md §14)
 ``labels`` gives each pair a target probability ``y`` that ``chosen`` beats ``rejected``. The rank loss is then the
 soft cross-entropy :func:`~alignpipe.losses.preference.soft_preference_loss` with ``h = r_c − r_r − margin`` and
 ``β = 1``, i.e. ``−[y log σ(h) + (1 − y) log σ(−h)] = −log σ(h) + (1 − y) h``, per member (``members``) or on the
-mean reward (``mean``), reduced exactly like :func:`bradley_terry_loss` (mean, or weighted mean with ``weights``
-× bootstrap copy counts). With ``y = 1`` the second term is multiplied by an exact zero, so it equals the Bradley–Terry
-loss bit for bit. Without ``labels`` and with ``ids_rate = 0`` the original Bradley–Terry code path runs unchanged.
+mean reward (``mean``), reduced exactly like :func:`bradley_terry_loss` (mean, or weighted mean with ``weights``;
+bootstrap copy counts as above). With ``y = 1`` the second term is multiplied by an exact zero, so it equals the
+Bradley–Terry loss bit for bit. Without ``labels`` and with ``ids_rate = 0`` the original Bradley–Terry code path
+runs unchanged.
 
 ``ids_rate > 0`` turns on Iterative Data Smoothing (Zhu, Jordan & Jiao 2024): the labels start at ``labels`` (or 1)
 and after each FULL epoch (``step % steps_per_epoch == 0``; a trailing fractional epoch gets no update) every
@@ -251,7 +253,9 @@ def _member_average(chosen: Tensor, rejected: Tensor, weight: Tensor | None, mul
                     pair_loss) -> Tensor:
     """Mean over the K members of ``pair_loss(chosen_k, rejected_k, weight_k)``, where a member's weight includes its
     bootstrap multiplicity; a member whose weights sum to 0 in this batch (its resample holds none of the pairs, or
-    they all have weight 0) adds nothing (still / K)."""
+    they all have weight 0) adds nothing (still / K). With multiplicities, each member's weighted mean is rescaled
+    from the sum of its weights to their sum without the copy counts (its expected value), so a pair's weight is
+    its copy count times its weight without bootstrap, not its share of the batch's copies."""
     losses = []
     for k in range(chosen.shape[1]):
         w = weight
@@ -259,7 +263,10 @@ def _member_average(chosen: Tensor, rejected: Tensor, weight: Tensor | None, mul
             w = multiplicity[:, k] if w is None else w * multiplicity[:, k]
         if _weightless(w):
             continue
-        losses.append(pair_loss(chosen[:, k], rejected[:, k], w))
+        loss = pair_loss(chosen[:, k], rejected[:, k], w)
+        if multiplicity is not None:
+            loss = loss * (w.sum() / (chosen.shape[0] if weight is None else weight.sum()))
+        losses.append(loss)
     if not losses:
         return chosen.sum() * 0.0  # keeps the graph; no member has weight in this batch
     return torch.stack(losses).sum() / chosen.shape[1]
@@ -347,8 +354,8 @@ def train_ensemble(
 
     Data parallel (under ``accelerate launch``): every rank draws the same global batches, scores its contiguous share
     and scales its loss by its share of the batch, and the gradients are averaged across ranks, so the update equals
-    the one-process update for unweighted losses (weighted, margin or bootstrap losses normalise by each rank's
-    own weights: close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
+    the one-process update for unweighted losses (weighted or margin losses normalise by each rank's own weights:
+    close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
 
     Resume: every ``save_every`` steps and after the last one, ``on_save`` gets an :class:`EnsembleTrainingState`
     (on every rank; the caller writes from rank 0). Passing one back as ``resume`` continues after its step with the

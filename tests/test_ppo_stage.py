@@ -95,6 +95,23 @@ def test_full_fine_tuning_keeps_a_frozen_reference_and_needs_a_model_critic(toke
     assert model.critic_backbone is not None
 
 
+@pytest.mark.parametrize("critic", ["adapter", "model"])
+def test_the_value_head_reads_the_width_of_the_last_hidden_state(critic):
+    """OPT-350m projects its hidden states (hidden_size) to word_embed_proj_dim before the LM head: a value head
+    sized from hidden_size failed on the first values() call."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=64, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                       num_attention_heads=2, ffn_dim=64, max_position_embeddings=64, do_layer_norm_before=False,
+                       pad_token_id=1)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = ActorCritic(OPTForCausalLM(config), lora_config=lora, critic=critic).eval()
+    assert model.value_head.in_features == 16
+    batch = RolloutTensors.build([[5, 6, 7], [8, 9]], [[10, 11], [12]], pad_id=1)
+    assert model.values(batch).shape == batch.response_mask.shape
+
+
 def _records(stage_dir):
     return [json.loads(line) for line in StageDir(stage_dir).metrics.read_text().splitlines()]
 

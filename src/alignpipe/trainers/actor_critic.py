@@ -86,7 +86,10 @@ class ActorCritic(nn.Module):
 
     def __init__(self, model: nn.Module, *, lora_config, critic: str):
         super().__init__()
-        hidden = model.config.hidden_size
+        # the width of ``last_hidden_state``, which the head reads: the LM head's input, not config.hidden_size
+        # (OPT-350m projects its 1024-wide states to word_embed_proj_dim = 512 before both)
+        output = model.get_output_embeddings()
+        hidden = output.in_features if isinstance(output, nn.Linear) else model.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)

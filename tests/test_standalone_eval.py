@@ -74,3 +74,19 @@ def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_r
     assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
     board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
     assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8
+
+
+def test_a_run_directory_gives_its_completed_policy_stages_only(completed_tiny_run, tmp_path):
+    """A reward stage's checkpoint (a TRL single reward model has a config.json too) is no policy, and a stage whose
+    manifest is not complete may hold any checkpoint: neither becomes a row."""
+    import shutil
+
+    from alignpipe.evaluation.standalone import _expand
+    from alignpipe.pipeline.rundir import StageDir
+
+    run = tmp_path / "tiny"
+    shutil.copytree(completed_tiny_run[0].run_dir, run)
+    shutil.copytree(run / "sft", run / "rm")
+    StageDir(run / "rm").update_manifest(type="reward")
+    StageDir(run / "dpo").update_manifest(status="failed")
+    assert [c.name for c in _expand(str(run))] == ["base", "sft"]

@@ -11,21 +11,28 @@ from alignpipe.evaluation.leaderboard import write_leaderboard
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash
+from alignpipe.recipe import STAGE_TYPES
+
+# Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
+# model, scored by a reward_models suite) and bon and eval (which save none).
+POLICY_TYPES = frozenset({"base", *STAGE_TYPES}) - {"reward", "bon", "eval"}
 
 
 def _expand(spec: str) -> list[Checkpoint]:
-    """``NAME=PATH``, a checkpoint path or hub id, or a run directory (every stage checkpoint in it, in order)."""
+    """``NAME=PATH``, a checkpoint path or hub id, or a run directory (the checkpoint of every policy stage in it whose
+    manifest says complete, in the order they finished: a reward model is no policy to sample from)."""
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = "", spec
     directory = Path(path)
     if (directory / RUN_FILE).exists():
-        stages = sorted((d for d in directory.iterdir() if (d / "checkpoint" / "config.json").exists()),
-                        key=lambda d: (StageDir(d).read_manifest() or {}).get("end_time") or "")
+        manifests = {d: StageDir(d).read_manifest() or {} for d in directory.iterdir() if d.is_dir()}
+        stages = sorted((d for d, m in manifests.items() if m.get("type") in POLICY_TYPES
+                         and m.get("status") == "complete" and (d / "checkpoint" / "config.json").exists()),
+                        key=lambda d: manifests[d].get("end_time") or "")
         if not stages:
-            raise ValueError(f"run directory {directory} has no stage checkpoints yet; run its recipe first")
-        return [Checkpoint(d.name, str(d / "checkpoint"), (StageDir(d).read_manifest() or {}).get("output_sha256"))
-                for d in stages]
+            raise ValueError(f"run directory {directory} has no completed policy stage yet; run its recipe first")
+        return [Checkpoint(d.name, str(d / "checkpoint"), manifests[d].get("output_sha256")) for d in stages]
     if directory.exists() and not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)

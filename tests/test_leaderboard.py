@@ -236,7 +236,8 @@ def _suite_board(changed: tuple[str, str, object] | None = None) -> dict:
     """A leaderboard as `alignpipe eval --suite synthetic` records it (every such run is named "suite:synthetic"),
     with one recorded setting ``(section, key, value)`` changed."""
     sections = {
-        "run": {"name": "suite:synthetic", "reference": "sft", "suite_sha256": "aa" * 32},
+        "run": {"name": "suite:synthetic", "reference": "sft", "reference_sha256": "ab" * 32,
+                "suite_sha256": "aa" * 32},
         "config": {"generation": {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "batch_size": 64,
                                   "seed": 1234},
                    "prompt_set": {"id": "synthetic:0123456789abcdef", "n": 256},
@@ -267,6 +268,7 @@ def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path)
 @pytest.mark.parametrize("section, key, value, what", [
     ("run", "suite_sha256", "bb" * 32, "suite file hash"),
     ("run", "reference", "base", "reference"),
+    ("run", "reference_sha256", "cd" * 32, "reference weights"),
     ("config", "prompt_set", {"id": "synthetic:fedcba9876543210", "n": 16}, "prompt set"),
     ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
      "generation settings"),
@@ -279,6 +281,45 @@ def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value,
     with pytest.raises(ValueError, match=what) as error:
         merge_leaderboards([a, b])
     assert str(a) in str(error.value) and str(b) in str(error.value) and "alignpipe eval" in str(error.value)
+
+
+def test_merge_of_leaderboards_that_predate_the_reference_weights(tmp_path, caplog):
+    """Written before the reference's weights were recorded: merged with a warning when nothing else differs, refused
+    (saying which file is older) against a leaderboard that records other weights."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    old = _suite_board()
+    del old["run"]["reference_sha256"]
+    a, b = (write_leaderboard(old, tmp_path / run)[0] for run in ("a", "b"))
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        assert len(merge_leaderboards([a, b])["checkpoints"]) == 6
+    assert "without checking" in caplog.text and str(a) in caplog.text and str(b) in caplog.text
+    new = write_leaderboard(_suite_board(), tmp_path / "new")[0]
+    with pytest.raises(ValueError, match="reference weights") as error:
+        merge_leaderboards([a, new])
+    assert f"not recorded vs {'ab' * 32!r}" in str(error.value) and f"{a}: written by an older" in str(error.value)
+
+
+def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(completed_tiny_run):
+    """The held-out prompts depend on recipe.data, not only on the seed, and two runs' "sft" may be different models:
+    the leaderboard records both exactly, so a merge can tell such runs apart."""
+    from alignpipe.data.synthetic import evaluation_tasks
+    from alignpipe.evaluation.cache import content_key
+    from alignpipe.pipeline.rundir import StageDir
+    from alignpipe.recipe import DataSpec
+
+    runner, _ = completed_tiny_run
+    board = load_leaderboard(runner.run_dir / "leaderboard.json")
+    stage = runner.recipe.stage("eval")
+
+    def prompt_set_id(data: DataSpec) -> str:
+        prompts = [t.prompt for t in evaluation_tasks(data, stage.n_prompts, stage.seed)]
+        return f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}"
+
+    assert board["config"]["prompt_set"]["id"] == prompt_set_id(runner.recipe.data)
+    assert prompt_set_id(runner.recipe.data) != prompt_set_id(DataSpec(families=["sort"]))
+    assert board["run"]["reference"] == "sft"
+    assert board["run"]["reference_sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
 
 
 def test_csv_and_markdown_rank_the_same_rows():

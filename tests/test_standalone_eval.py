@@ -74,3 +74,50 @@ def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_r
     assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
     board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
     assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8
+
+
+def test_a_run_directory_gives_its_completed_policy_stages_only(completed_tiny_run, tmp_path):
+    """A reward stage's checkpoint (a TRL single reward model has a config.json too) is no policy, and a stage whose
+    manifest is not complete may hold any checkpoint: neither becomes a row."""
+    import shutil
+
+    from alignpipe.evaluation.standalone import expand_checkpoints
+    from alignpipe.pipeline.rundir import StageDir
+
+    run = tmp_path / "tiny"
+    shutil.copytree(completed_tiny_run[0].run_dir, run)
+    shutil.copytree(run / "sft", run / "rm")
+    StageDir(run / "rm").update_manifest(type="reward")
+    StageDir(run / "dpo").update_manifest(status="failed")
+    assert [c.name for c in expand_checkpoints([str(run)])] == ["base", "sft"]
+
+
+def test_rows_of_several_run_directories_are_named_run_and_stage(completed_tiny_run, tmp_path, capsys, monkeypatch):
+    """Two runs' stages share names: with several run directories each row is ``<run>/<stage>`` (the run's shortest
+    distinguishing path, or NAME of NAME=DIR). Names that still collide are refused before any model is loaded."""
+    import shutil
+
+    import alignpipe.evaluation.harness as harness
+
+    runs = [tmp_path / user / "tiny" for user in ("a", "b")]
+    for run in runs:
+        shutil.copytree(completed_tiny_run[0].run_dir, run)
+    out, cache = tmp_path / "board", tmp_path / "cache"
+    assert main(["eval", *map(str, runs), "--out", str(out), "--n-prompts", "8", "--max-new-tokens", "4",
+                 "--cache-dir", str(cache)]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert sorted(c["name"] for c in board["checkpoints"]) == [f"{user}/tiny/{stage}" for user in ("a", "b")
+                                                               for stage in ("base", "dpo", "sft")]
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the duplicate names were refused")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    capsys.readouterr()
+    sft = str(runs[1] / "sft" / "checkpoint")
+    for args, duplicate in (([str(runs[0]), sft], "'sft'"), ([f"x={runs[0]}", f"x={runs[1]}"], "'x/base'")):
+        assert main(["eval", *args, "--out", str(tmp_path / "refused"), "--cache-dir", str(tmp_path / "other")]) == 2
+        error = capsys.readouterr().err
+        assert duplicate in error and "NAME=PATH" in error
+    assert not (tmp_path / "refused").exists()

@@ -44,7 +44,8 @@ Exit status 0 when valid, 2 when not.
 
 EPILOG_EVAL = """\
 examples:
-  alignpipe eval runs/quickstart                                   # every checkpoint of a run, reference = first stage
+  alignpipe eval runs/quickstart                                   # every policy of a run, reference = first stage
+  alignpipe eval a=runs/quickstart b=other/runs/quickstart         # two runs: rows a/<stage> and b/<stage>
   alignpipe eval runs/quickstart/dpo/checkpoint --reference runs/quickstart/sft/checkpoint --out /tmp/lb
   alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
 

@@ -12,6 +12,7 @@ import copy
 import csv
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from alignpipe.evaluation.length_control import lc_gap_warning
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.io import atomic_write_json, atomic_write_text
 
+log = logging.getLogger("alignpipe")
 SCHEMA_VERSION = "1.0"
 _REQUIRED_KEYS = ("schema_version", "run", "suite", "config", "checkpoints", "higher_is_better", "env", "date")
 _MISSING = "–"
@@ -201,32 +203,43 @@ def render_csv(leaderboard: dict) -> str:
 # What a ranking across runs must share, as each leaderboard records it: (what, section, key).
 _MERGE_INVARIANTS = (
     ("suite file hash", "run", "suite_sha256"), ("reference", "run", "reference"),
-    ("prompt set", "config", "prompt_set"), ("generation settings", "config", "generation"),
+    ("reference weights", "run", "reference_sha256"), ("prompt set", "config", "prompt_set"),
+    ("generation settings", "config", "generation"),
     ("judge", "config", "judge"), ("pair sources", "config", "pair_sources"),
 )
+_RECORDED_SINCE = "reference_sha256"  # a run key absent from leaderboards written before the merge checked weights
 
 
 def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
     """One leaderboard from several runs' ``leaderboard.json``, rows ``<run directory>/<checkpoint>``.
 
     Rows are re-ranked on the primary metric, so every source must have been evaluated the same way: one suite and
-    primary metric, and the same suite file hash, reference, prompt set, generation settings and judge (as each
-    records them). Otherwise ``ValueError`` names the files and what differs. Each source's run, config and env are
-    kept under ``sources`` so every row stays traceable.
+    primary metric, and the same suite file hash, reference (name and weights), prompt set (its id carries a hash of
+    the prompts), generation settings and judge (as each records them). Otherwise ``ValueError`` names the files and
+    what differs. A leaderboard written before the reference's weights were recorded is merged with a warning: what it
+    lacks cannot be checked. Each source's run, config and env are kept under ``sources`` so every row stays traceable.
     """
     if not paths:
         raise ValueError("no leaderboards to merge")
     boards = [(Path(p), load_leaderboard(p)) for p in paths]
     first_path, first = boards[0]
+    older = [p for p, b in boards if _RECORDED_SINCE not in b["run"]]
     for path, board in boards[1:]:
         if board["suite"] != first["suite"]:
             raise ValueError(f"{path} is suite {board['suite']} but {first_path} is {first['suite']}; merge "
                              "leaderboards of one suite at a time")
         if differences := merge_conflicts(first, board):
+            unchecked = [str(p) for p in (first_path, path) if p in older]
             raise ValueError(
                 f"cannot rank {first_path} and {path} in one table: they differ in {'; '.join(differences)}. Re-run "
                 "`alignpipe eval` on both with the same suite file and --reference (or the same eval stage settings), "
-                "or merge them separately")
+                "or merge them separately"
+                + (f" ({', '.join(unchecked)}: written by an older alignpipe, which recorded neither the reference's "
+                   "weights nor a hash of an eval stage's prompts; re-run its evaluation)" if unchecked else ""))
+    if older:
+        log.warning("merging %s without checking that every run used the same reference weights and (eval stages) "
+                    "the same held-out prompts: written by an older alignpipe, which did not record them; re-run "
+                    "their evaluation to have this checked", ", ".join(map(str, older)))
     primary = first["suite"]["primary_metric"]
     directions: dict = {}
     rows, reward_rows, sources = [], [], []
@@ -247,7 +260,10 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
 
 def merge_conflicts(a: dict, b: dict) -> list[str]:
     """What two leaderboards record differently among the settings a shared ranking needs (empty: mergeable)."""
-    return [f"{what} ({a[section].get(key)!r} vs {b[section].get(key)!r})"
+    def shown(board: dict, section: str, key: str) -> str:
+        return repr(board[section][key]) if key in board[section] else "not recorded"
+
+    return [f"{what} ({shown(a, section, key)} vs {shown(b, section, key)})"
             for what, section, key in _MERGE_INVARIANTS if a[section].get(key) != b[section].get(key)]
 
 

@@ -9,25 +9,59 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import Checkpoint
-from alignpipe.evaluation.leaderboard import write_leaderboard
+from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash
+from alignpipe.recipe import STAGE_TYPES
+
+# Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
+# model, scored by a reward_models suite) and bon and eval (which save none).
+POLICY_TYPES = frozenset({"base", *STAGE_TYPES}) - {"reward", "bon", "eval"}
 
 
-def _expand(spec: str) -> list[Checkpoint]:
-    """``NAME=PATH``, a checkpoint path or hub id, or a run directory (every stage checkpoint in it, in order)."""
+def expand_checkpoints(specs: list[str]) -> list[Checkpoint]:
+    """The checkpoints that ``specs`` name, refusing two of one name now, before anything is sampled.
+
+    A run directory's rows are named by stage, or ``<run>/<stage>`` when several run directories are given (``<run>``:
+    the fewest trailing parts of their paths that tell them apart, or NAME of ``NAME=DIR``).
+    """
+    split = [_split(spec) for spec in specs]
+    runs = [(name, Path(path).resolve()) for name, path in split if (Path(path) / RUN_FILE).exists()]
+    unnamed = list(dict.fromkeys(directory for name, directory in runs if not name))
+    several = len(runs) > 1
+    labels = {}
+    if several and unnamed:
+        labels = dict(zip(unnamed, source_labels([d / RUN_FILE for d in unnamed]), strict=True))
+    checkpoints = [c for name, path in split
+                   for c in _expand(name or labels.get(Path(path).resolve(), ""), path, prefix=several)]
+    names = [c.name for c in checkpoints]
+    if dups := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"more than one checkpoint is named {', '.join(map(repr, dups))}: give each its own name "
+                         "with NAME=PATH (with several run directories, NAME=DIR names that run's rows NAME/<stage>)")
+    return checkpoints
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` as (NAME, PATH); a plain path or hub id as ("", it)."""
     name, sep, path = spec.partition("=")
-    if not sep:
-        name, path = "", spec
+    return (name, path) if sep else ("", spec)
+
+
+def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
+    """A checkpoint path or hub id (row ``name``, else its directory's), or a run directory: the checkpoint of every
+    policy stage in it whose manifest says complete, in the order they finished (a reward model is no policy to sample
+    from), rows ``<name>/<stage>`` with ``prefix``, else ``<stage>``."""
     directory = Path(path)
     if (directory / RUN_FILE).exists():
-        stages = sorted((d for d in directory.iterdir() if (d / "checkpoint" / "config.json").exists()),
-                        key=lambda d: (StageDir(d).read_manifest() or {}).get("end_time") or "")
+        manifests = {d: StageDir(d).read_manifest() or {} for d in directory.iterdir() if d.is_dir()}
+        stages = sorted((d for d, m in manifests.items() if m.get("type") in POLICY_TYPES
+                         and m.get("status") == "complete" and (d / "checkpoint" / "config.json").exists()),
+                        key=lambda d: manifests[d].get("end_time") or "")
         if not stages:
-            raise ValueError(f"run directory {directory} has no stage checkpoints yet; run its recipe first")
-        return [Checkpoint(d.name, str(d / "checkpoint"), (StageDir(d).read_manifest() or {}).get("output_sha256"))
-                for d in stages]
+            raise ValueError(f"run directory {directory} has no completed policy stage yet; run its recipe first")
+        return [Checkpoint(f"{name}/{d.name}" if prefix else d.name, str(d / "checkpoint"),
+                           manifests[d].get("output_sha256")) for d in stages]
     if not directory.exists():
         try:  # the rule transformers applies; a path that breaks it would only fail there, after earlier checkpoints
             validate_repo_id(path)
@@ -57,9 +91,9 @@ def evaluate_paths(
         generation=SuiteGeneration(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
         reference="checkpoint", judge="gold", primary_metric="gold_reward",
     )
-    checkpoints = [c for item in specs for c in _expand(item)]
+    checkpoints = expand_checkpoints(specs)
     board = run_suite(spec, content_key(spec.model_dump()), checkpoints,
-                      reference=_expand(reference)[0] if reference else None, judge_path=None,
+                      reference=_expand(*_split(reference))[0] if reference else None, judge_path=None,
                       cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(specs[0].partition("=")[2] or specs[0])
@@ -79,8 +113,8 @@ def evaluate_suite(
 
         board = run_reward_suite(spec, suite_hash, [m for item in specs for m in expand_reward_models(item)])
     else:
-        checkpoints = [c for item in specs for c in _expand(item)]
-        ref = _expand(reference)[0] if reference else None
+        checkpoints = expand_checkpoints(specs)
+        ref = _expand(*_split(reference))[0] if reference else None
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
                           cache=EvalCache(cache_dir or default_cache_dir()))
     out = out or Path("eval-out") / spec.name

@@ -262,13 +262,14 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
         prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens, g.truncation_side)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
-        reference_name = reference.name
+        reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
         results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype)
                    for c in checkpoints]
-        reference_name = f"{spec.prompts.source} reference outputs"
+        reference_name, reference_sha256 = f"{spec.prompts.source} reference outputs", None
     return build_leaderboard(
-        results, run={"name": f"suite:{spec.name}", "reference": reference_name, "suite_sha256": suite_hash},
+        results, run={"name": f"suite:{spec.name}", "reference": reference_name, "reference_sha256": reference_sha256,
+                      "suite_sha256": suite_hash},
         config={"suite": spec.model_dump(), "generation": settings.__dict__,
                 "prompt_set": {"id": f"{spec.prompts.source}:{content_key(prompts)[:16]}", "n": len(prompts),
                                "held_out_by_judge": unseen is not None},

@@ -9,7 +9,7 @@ import json
 import logging
 
 from alignpipe.data.synthetic import evaluation_tasks
-from alignpipe.evaluation.cache import EvalCache
+from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
 from alignpipe.evaluation.leaderboard import (
@@ -80,10 +80,13 @@ def run(ctx: StageContext) -> dict:
     leaderboard = build_leaderboard(
         results,
         run={"name": recipe.name, "stage": ctx.dir.name, "reference": reference_name,
-             "recipe_path": run_record.get("recipe_path"), "recipe_sha256": run_record.get("recipe_sha256"),
+             "reference_sha256": reference.weights_sha256, "recipe_path": run_record.get("recipe_path"),
+             "recipe_sha256": run_record.get("recipe_sha256"),
              "git_sha": run_record.get("git_sha")},
-        config={"generation": settings.__dict__, "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}",
-                                                                "n": len(prompts)},
+        # the prompts depend on recipe.data as well as the seed: their hash tells a merge whether two runs share them
+        config={"generation": settings.__dict__,
+                "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",
+                               "n": len(prompts)},
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
                 "bootstrap_iters": stage.bootstrap_resamples},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,

@@ -475,15 +475,16 @@ def test_a_failed_manifest_of_an_earlier_attempt_does_not_stop_node_one(complete
 @pytest.mark.parametrize("resume", [True, False], ids=["node 0 resumes", "node 0 starts over"])
 def test_a_killed_attempts_running_manifest_makes_node_one_resume_only_when_node_zero_does(complete_run, fake_stages,
                                                                                            resume) -> None:
-    """A hard kill left sft ``running`` (not resumed) with a saved trainer checkpoint. Node 1 starts first; it must
-    launch exactly what node 0 decides: with --resume under --resume, from scratch without."""
+    """A hard kill left the two nodes' sft ``running`` (not resumed) with a saved trainer checkpoint. Node 1 starts
+    first; it must launch exactly what node 0 decides: with --resume under --resume, from scratch without."""
     recipe_path, runs = complete_run
     sft = StageDir(runs / "tiny" / "sft")
     saved = sft.trainer / "checkpoint-5"
     saved.mkdir(parents=True)
     (saved / "trainer_state.json").write_text("{}")
     sft.record_checkpoint(saved)
-    sft.update_manifest(status="running", resumed=False)
+    two_nodes = {"global_batch_size": 32, "world_size": 2, "per_device": 16, "accumulation": 1}
+    sft.update_manifest(status="running", resumed=False, batch_split=two_nodes)
 
     node_zero, node_one = _run_both(recipe_path, runs, resume=resume)
     assert _actions(node_zero)["sft"] == _actions(node_one)["sft"] == ("resumed" if resume else "ran")

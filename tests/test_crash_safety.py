@@ -62,6 +62,51 @@ def test_quiet_lookup_changes_nothing_and_rotation_drops_records(tmp_path):
     assert list(stage.read_manifest()[CHECKPOINTS]) == ["trainer/checkpoint-3"]  # rotated-away records dropped
 
 
+def test_an_interrupt_while_hashing_a_new_checkpoint_leaves_the_previous_one_to_resume_from(tmp_path, monkeypatch):
+    """With ``save_total_limit: 1``, pruning before the new checkpoint was recorded left nothing to resume from."""
+    import alignpipe.pipeline.rundir as rundir
+
+    stage = StageDir(tmp_path / "ppo")
+    stage.root.mkdir()
+    stage.write_manifest({"status": "running"})
+    write = lambda step: lambda path: (path / "weights.bin").write_bytes(bytes([step]) * 100)  # noqa: E731
+    first = stage.save_trainer_checkpoint(10, write(10), keep=1)
+
+    def interrupted(path):
+        raise KeyboardInterrupt(f"Ctrl-C while hashing {Path(path).name}")
+
+    monkeypatch.setattr(rundir, "directory_hash", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.save_trainer_checkpoint(20, write(20), keep=1)
+    monkeypatch.undo()
+    assert stage.has_progress() and stage.latest_trainer_checkpoint() == first
+    third = stage.save_trainer_checkpoint(30, write(30), keep=1)
+    assert stage.trainer_checkpoints() == [third]  # pruned to keep once the new one is recorded
+
+
+def test_trl_stages_prune_their_checkpoints_only_after_recording_the_new_one(tmp_path, monkeypatch):
+    """transformers rotates old checkpoints away before ``on_save``, where the new one is recorded: with
+    ``save_total_limit: 1`` an interrupt while hashing it lost every resumable checkpoint."""
+    recipe = {**TINY_RECIPE, "stages": [dict(TINY_RECIPE["stages"][0], save_total_limit=1)]}  # saves at 15 and 30
+    path = write_recipe(tmp_path, recipe)
+    record = StageDir.record_checkpoint
+
+    def interrupted_at_30(self, checkpoint):
+        if checkpoint.name == "checkpoint-30":
+            raise KeyboardInterrupt("Ctrl-C while hashing checkpoint-30")
+        return record(self, checkpoint)
+
+    monkeypatch.setattr(StageDir, "record_checkpoint", interrupted_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(load_recipe(path), runs_dir=tmp_path / "runs", in_process=True).run()
+    monkeypatch.undo()
+    sft = StageDir(tmp_path / "runs" / "tiny" / "sft")
+    assert list(sft.read_manifest()[CHECKPOINTS]) == ["trainer/checkpoint-15"]
+    outcomes = Runner(load_recipe(path), runs_dir=tmp_path / "runs", in_process=True, resume=True).run()
+    assert [(o.action, o.reason) for o in outcomes] == [("resumed", "resuming from checkpoint-15")]
+    assert [p.name for p in sft.trainer_checkpoints()] == ["checkpoint-30"]  # save_total_limit still holds
+
+
 def test_has_progress_looks_at_records_and_rounds_without_hashing(tmp_path, monkeypatch):
     """Deciding whether to resume must not hash checkpoints (a 7B one takes minutes); the runner verifies once."""
     import alignpipe.pipeline.rundir as rundir

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
+from alignpipe.pipeline.batching import split_global_batch
+from alignpipe.pipeline.decision import BATCH_SPLIT, decide_stage
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import BACKBONE, BASE, DATASET, MODEL, Runner, local_model_hash
 from alignpipe.recipe import load_recipe
@@ -360,6 +363,41 @@ def test_dry_run_with_resume_reports_a_start_over_when_the_stage_config_changed(
     assert said == "resume (resuming from checkpoint-30)" and command.endswith("--resume")
     said, command = _dry_run(recipe_path, runs, "--resume", "stages.sft.learning_rate=0.001", capsys=capsys)["sft"]
     assert said == "run (config or inputs changed)" and not command.endswith("--resume")
+
+
+def test_resume_on_another_process_count_starts_over_when_the_global_batch_would_change(tmp_path, completed_tiny_run,
+                                                                                        capsys):
+    """Without global_batch_size the global batch is per device x accumulation x processes, which the config hash
+    leaves out: resuming the 1-process sft on 2 processes would double its batch mid-stage."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    sft = _killed_sft(runs)
+    assert sft.read_manifest()["batch_split"] == {"global_batch_size": 16, "world_size": 1, "per_device": 16,
+                                                  "accumulation": 1}
+    said, command = _dry_run(recipe_path, runs, "--resume", "--cpu", "--processes", "2", capsys=capsys)["sft"]
+    assert said == ("run (batch split changed: global batch 16 = 16 per device x 1 accumulation x 1 process when it "
+                    "started, global batch 32 = 16 per device x 1 accumulation x 2 processes now; starting over)")
+    assert not command.endswith("--resume")
+    said, command = _dry_run(recipe_path, runs, "--resume", "--cpu", capsys=capsys)["sft"]
+    assert said == "resume (resuming from checkpoint-30)" and command.endswith("--resume")
+
+
+@pytest.mark.parametrize("recorded, now, action", [
+    (split_global_batch(16, 1, 16), split_global_batch(16, 2, 16), "resume"),  # global_batch_size: another split
+    (split_global_batch(16, 1, 16), split_global_batch(32, 2, 16), "run"),
+    (None, split_global_batch(32, 2, 16), "resume"),  # recorded before splits were: cannot tell
+], ids=["same-global-batch", "other-global-batch", "not-recorded"])
+def test_a_resume_keeps_the_global_batch_not_the_split(tmp_path, recorded, now, action):
+    stage = StageDir(tmp_path / "sft")
+    checkpoint = stage.trainer / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    stage.write_manifest({"status": "interrupted", "config_hash": "c", "input_hashes": {},
+                          **({BATCH_SPLIT: asdict(recorded)} if recorded else {})})
+    stage.record_checkpoint(checkpoint)
+    decision = decide_stage(stage, stage.read_manifest(), "c", {}, forced=False, resume=True, batch=now,
+                            look_only=True)
+    assert decision.action == action
+    assert decision.reason.startswith("batch split changed: ") == (action == "run")
 
 
 # ----------------------------------------------------------------------------- preflight reads each file once

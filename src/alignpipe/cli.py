@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="re-run STAGE even if it is complete (repeatable)")
     run.add_argument("--resume", action="store_true",
-                     help="continue an interrupted stage from its latest trainer checkpoint instead of starting over")
+                     help="continue an interrupted stage from its latest trainer checkpoint instead of starting over "
+                          "(one whose global batch another process count would change starts over)")
     run.add_argument("--in-process", action="store_true",
                      help="run stages inside this process instead of one subprocess per stage (debugging, tests)")
     topology = run.add_argument_group("topology (each stage runs under accelerate launch)")

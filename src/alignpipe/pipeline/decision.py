@@ -3,7 +3,8 @@ tells the other nodes of a multi-node run, so that what a dry run reports is wha
 
 A stage is skipped when its manifest says ``complete`` with the same config and input hashes and its published
 checkpoint is there (unless ``--force``); with ``--resume`` an unfinished attempt of the same work continues from
-its newest intact trainer checkpoint (or its finished rounds); anything else starts over.
+its newest intact trainer checkpoint (or its finished rounds), unless it would train on another global batch than
+the attempt it continues; anything else starts over.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from alignpipe.pipeline.batching import BatchSplit
 from alignpipe.pipeline.rundir import StageDir
 
 Action = Literal["skip", "run", "resume"]
+BATCH_SPLIT = "batch_split"  # manifest key: the split (BatchSplit's fields) a training stage's attempt started with
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,11 @@ class StageDecision:
 
 
 def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_hashes: dict, *, forced: bool,
-                 resume: bool, look_only: bool = False) -> StageDecision:
+                 resume: bool, batch: BatchSplit | None = None, look_only: bool = False) -> StageDecision:
     """What to do with the stage in ``directory`` whose recorded attempt is ``manifest``, now that its work hashes to
-    ``config_hash`` and ``input_hashes``. Reads the directory (checkpoints, rounds); with ``look_only`` (a dry run)
-    it changes nothing, where the run sets a corrupt trainer checkpoint aside while looking for an intact one."""
+    ``config_hash`` and ``input_hashes`` and it would train with the batch split ``batch`` (None: not a stage whose
+    global batch depends on the process count). Reads the directory (checkpoints, rounds); with ``look_only`` (a dry
+    run) it changes nothing, where the run sets a corrupt trainer checkpoint aside while looking for an intact one."""
     same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
     complete = manifest.get("status") == "complete"
     # A stage that published a checkpoint is done only while the checkpoint is there (deleted by hand, say).
@@ -37,8 +41,12 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
         return StageDecision("skip", "complete with the same config and inputs")
 
     resuming = resume and same_work and not complete and directory.has_progress()
+    batch_change = _batch_change(manifest.get(BATCH_SPLIT), batch) if resuming else None
+    resuming = resuming and batch_change is None
     latest = directory.latest_trainer_checkpoint(quiet=look_only) if resuming else None  # verified
-    if resuming and latest is None and not directory.has_round_progress():
+    if batch_change is not None:
+        reason = batch_change
+    elif resuming and latest is None and not directory.has_round_progress():
         resuming = False
         reason = "no intact checkpoint to resume from; starting over"
     elif forced:
@@ -56,3 +64,15 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
     else:  # with or without --resume: the attempt saved nothing to continue from
         reason = f"previous attempt {manifest.get('status', 'unknown')}; no checkpoint to resume from; starting over"
     return StageDecision("resume" if resuming else "run", reason, latest if resuming else None)
+
+
+def _batch_change(recorded: dict | None, now: BatchSplit | None) -> str | None:
+    """Why a resume would train on another global batch than the attempt it continues (None when it would not).
+
+    Why: without ``global_batch_size`` the global batch is per-device x accumulation x the process count, which the
+    config hash leaves out, so resuming with another ``--processes`` changed the optimisation mid-stage. Another
+    split of the same global batch may resume. A manifest from before splits were recorded cannot tell."""
+    if recorded is None or now is None or recorded["global_batch_size"] == now.global_batch_size:
+        return None
+    started = BatchSplit(**recorded).describe()
+    return f"batch split changed: {started} when it started, {now.describe()} now; starting over"

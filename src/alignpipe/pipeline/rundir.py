@@ -169,17 +169,24 @@ class StageDir:
 
     def save_trainer_checkpoint(self, step: int, write: Callable[[Path], None], *, keep: int) -> Path:
         """A resumable ``trainer/checkpoint-<step>`` for our own training loops (PPO, the reward ensemble): ``write``
-        fills a staging directory, which is moved into place; older checkpoints are pruned to ``keep``; recording the
-        hash comes last, so a save cut short anywhere is never resumed from."""
+        fills a staging directory, which is moved into place and its hash recorded, so a save cut short anywhere is
+        never resumed from. Older checkpoints are pruned to ``keep`` only after that (``record_and_prune``)."""
         final = self.trainer / f"checkpoint-{step}"
         staging = final.with_name(final.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         write(staging)
         publish_directory(staging, final)
-        prune_checkpoints(self.trainer, keep)
-        self.record_checkpoint(final)
+        self.record_and_prune(final, keep)
         return final
+
+    def record_and_prune(self, path: Path, keep: int) -> None:
+        """Record ``path`` (``record_checkpoint``), then delete all but the newest ``keep`` checkpoints beside it.
+
+        Why in this order: hashing a large checkpoint takes a while, and an interrupt then, with older checkpoints
+        already deleted (``keep: 1``), would leave nothing recorded to resume from."""
+        self.record_checkpoint(path)
+        prune_checkpoints(path.parent, keep)
 
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""

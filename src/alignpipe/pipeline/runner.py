@@ -25,14 +25,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
-from alignpipe.pipeline.batching import stage_batch_split
+from alignpipe.pipeline.batching import BatchSplit, effective_batch, stage_batch_split
 from alignpipe.pipeline.control import (
     CONTROL_TIMEOUT_S,
     Alone,
@@ -41,7 +41,7 @@ from alignpipe.pipeline.control import (
     ControlHost,
     check_control_timeout,
 )
-from alignpipe.pipeline.decision import StageDecision, decide_stage
+from alignpipe.pipeline.decision import BATCH_SPLIT, StageDecision, decide_stage
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
     LaunchOptions,
@@ -64,7 +64,7 @@ from alignpipe.pipeline.rundir import (
     utc_now,
 )
 from alignpipe.pipeline.watched import run_watched
-from alignpipe.recipe import PPOStage, Recipe, _TrainerStage, recipe_to_dict
+from alignpipe.recipe import PPOStage, Recipe, RewardStage, _TrainerStage, recipe_to_dict
 
 log = logging.getLogger("alignpipe")
 
@@ -265,8 +265,9 @@ class Runner:
         directory = StageDir(self.run_dir / stage.name)
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
         manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=True)
+        batch = self._batch_split(stage)
         decision = decide_stage(directory, manifest, config_hash, input_hashes, forced=stage.name in self.force,
-                                resume=self.resume)
+                                resume=self.resume, batch=batch)
         reason = decision.reason
         if decision.action == "skip":
             outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
@@ -291,6 +292,7 @@ class Runner:
             # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
             CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
             "resume_from": directory.relative_key(decision.resume_from) if decision.resume_from else None,
+            BATCH_SPLIT: asdict(batch) if batch is not None else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
         channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
@@ -337,6 +339,17 @@ class Runner:
         """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``)."""
         log.info("$ %s", format_command(command))
         return run_watched(command, env or self._stage_env(), watch=watch)
+
+    def _batch_split(self, stage) -> BatchSplit | None:
+        """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its
+        global batch; None where that does not depend on the process count (PPO's rollouts, the reward ensemble)."""
+        world_size = self.topology.world_size
+        if isinstance(stage, _TrainerStage):
+            return stage_batch_split(stage, world_size)
+        if isinstance(stage, RewardStage) and stage.implementation == "trl":  # TRL's batch is per process
+            per_device = stage.per_device_train_batch_size
+            return BatchSplit(effective_batch(per_device, 1, world_size), world_size, per_device, 1)
+        return None
 
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
@@ -412,7 +425,7 @@ class Runner:
 
         def decide(hashes: dict) -> StageDecision:
             return decide_stage(directory, manifest, config_hash, hashes, forced=stage.name in self.force,
-                                resume=self.resume, look_only=True)
+                                resume=self.resume, batch=self._batch_split(stage), look_only=True)
 
         changed = decide(input_hashes)
         remade = [name for name, value in input_hashes.items() if value == UNBUILT]

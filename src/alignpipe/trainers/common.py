@@ -87,7 +87,7 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         logging_steps=stage.logging_steps,
         save_strategy="steps",
         save_steps=stage.save_steps,
-        save_total_limit=stage.save_total_limit,
+        save_total_limit=None,  # CheckpointRecorder prunes, after recording the new checkpoint
         bf16=resolve_bf16(stage.bf16),
         **activation_checkpointing_argument(stage.gradient_checkpointing),
         use_cpu=not torch.cuda.is_available(),
@@ -160,21 +160,30 @@ class MetricsLogger(TrainerCallback):
 
 
 class CheckpointRecorder(TrainerCallback):
-    """Records each trainer checkpoint's hash in the stage manifest once the trainer has written all of it.
+    """Records each trainer checkpoint's hash in the stage manifest once the trainer has written all of it, then
+    keeps the newest ``keep`` checkpoints (the stage's ``save_total_limit``).
 
     Must be the trainer's last callback (:func:`train` adds it last): other callbacks' ``on_save`` may still add files
     to the checkpoint (e.g. the reward source's state), and the hash must cover them. Until it is recorded, a
-    checkpoint is not resumed from (``StageDir.latest_trainer_checkpoint``).
+    checkpoint is not resumed from (``StageDir.latest_trainer_checkpoint``). The trainer itself must not rotate
+    (``save_total_limit=None`` in its arguments): transformers deletes old checkpoints before ``on_save``, so an
+    interrupt while the new one is hashed would leave nothing recorded to resume from.
     """
 
-    def __init__(self, stage_dir: StageDir):
-        self.stage_dir = stage_dir
+    def __init__(self, stage_dir: StageDir, keep: int):
+        self.stage_dir, self.keep = stage_dir, keep
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.save_total_limit is not None:
+            raise ValueError(f"the trainer of {self.stage_dir.name} rotates its own checkpoints (save_total_limit="
+                             f"{args.save_total_limit}), before they are recorded; pass save_total_limit=None (its "
+                             "CheckpointRecorder prunes to the stage's save_total_limit after recording)")
 
     def on_save(self, args, state, control, **kwargs):
         distributed.barrier()  # every rank's shards (DeepSpeed) are on disk before rank 0 hashes them
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            self.stage_dir.record_checkpoint(checkpoint)
+            self.stage_dir.record_and_prune(checkpoint, self.keep)
 
 
 TOKEN_COUNT = "alignpipe_token_count.json"  # beside each trainer checkpoint: TRL's running token count
@@ -215,7 +224,8 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     transformers 5.23 resumed from it trains one step past ``max_steps``.
     """
     trainer.add_callback(CheckpointSideState(TOKEN_COUNT, lambda: _token_count(trainer)))
-    trainer.add_callback(CheckpointRecorder(ctx.dir))  # last: the hash covers what the callbacks before it saved
+    # last: the hash covers what the callbacks before it saved
+    trainer.add_callback(CheckpointRecorder(ctx.dir, ctx.stage.save_total_limit))
     state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
     step = state.get("global_step", 0)
     finished = resume_from is not None and step >= state.get("max_steps", float("inf")) > 0

@@ -108,8 +108,7 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
         num_train_epochs=stage.num_train_epochs, per_device_train_batch_size=stage.per_device_train_batch_size,
         max_length=stage.max_length, lora=lora_config(ctx), seed=ctx.recipe.seed, logging_steps=stage.logging_steps,
         callbacks=[MetricsLogger(ctx.dir.metrics)], train=lambda trainer: train(trainer, ctx, ctx.resume_from),
-        config_overrides={"save_strategy": "steps", "save_steps": stage.save_steps,
-                          "save_total_limit": stage.save_total_limit},
+        config_overrides={"save_strategy": "steps", "save_steps": stage.save_steps},  # train() prunes
     )
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return (SingleRewardScorer(model, tokenizer, max_length=stage.max_length), losses[-1] if losses else None,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,16 @@ def _follower(port: int, identity: dict = IDENTITY, timeout_s: float = 30.0) -> 
 
 def _host(port: int, timeout_s: float = 30.0) -> ControlHost:
     return ControlHost("127.0.0.1", port, nodes=2, identity=IDENTITY, timeout_s=timeout_s)
+
+
+@contextmanager
+def _started(port: int):
+    """Node 0 and node 1 over a real store, node 1 joined and the run begun: (host, follower channel)."""
+    with _host(port) as host:
+        with _follower(port) as channel:
+            channel.join()
+            host.wait_for_followers()
+            yield host, channel
 
 
 # -- the channel -------------------------------------------------------------------------------------------------
@@ -140,13 +151,10 @@ def test_a_follower_connects_again_when_its_connection_to_node_zero_breaks_but_n
         get = set = add = check
 
     port = _free_port()
-    with _host(port) as host:
-        with _follower(port) as channel:
-            channel.join()
-            host.wait_for_followers()
-            host.publish_decision("sft", "run", "new")
-            channel._store = Reset()
-            assert channel.decision("sft") == {"action": "run", "reason": "new"}
+    with _started(port) as (host, channel):
+        host.publish_decision("sft", "run", "new")
+        channel._store = Reset()
+        assert channel.decision("sft") == {"action": "run", "reason": "new"}
 
 
 def test_a_follower_running_another_recipe_is_an_error_on_both_nodes() -> None:
@@ -324,32 +332,26 @@ def test_a_followers_heartbeat_connects_again_when_its_connection_breaks(monkeyp
             return self.store.add(key, amount)
 
     port = _free_port()
-    with _host(port) as host:
-        with _follower(port) as channel:
-            channel.join()  # the main thread's store is made before the patch
-            host.wait_for_followers()
-            host.check_followers()
-            monkeypatch.setattr(torch.distributed, "TCPStore", FirstConnectionBreaks)
-            channel._heartbeat.stop()
-            channel._heartbeat = control._Heartbeat("127.0.0.1", port, 1, 30.0)
-            time.sleep(1.5)  # three times the silence
-            host.check_followers()
-            assert len(connections) >= 2 and connections[-1].adds > 2
+    with _started(port) as (host, channel):  # the main thread's store is made before the patch
+        host.check_followers()
+        monkeypatch.setattr(torch.distributed, "TCPStore", FirstConnectionBreaks)
+        channel._heartbeat.stop()
+        channel._heartbeat = control._Heartbeat("127.0.0.1", port, 1, 30.0)
+        time.sleep(1.5)  # three times the silence
+        host.check_followers()
+        assert len(connections) >= 2 and connections[-1].adds > 2
 
 
 def test_a_stray_follower_of_a_rank_in_the_run_that_stops_before_joining_does_not_stop_the_run() -> None:
     """A second `--node-rank 1` started mid-run (by mistake, or a restart) that fails in its preflight or is
     interrupted before it joins wrote ``left/1``, and node 0 stopped the healthy run, blaming node 1."""
     port = _free_port()
-    with _host(port) as host:
-        with _follower(port) as channel:
-            channel.join()
-            host.wait_for_followers()
-            with pytest.raises(KeyboardInterrupt):
-                with _follower(port):
-                    raise KeyboardInterrupt  # before join: its preflight, its model conversion
-            host.check_followers()
-            host.publish_decision("sft", "run", "new")
+    with _started(port) as (host, channel):
+        with pytest.raises(KeyboardInterrupt):
+            with _follower(port):
+                raise KeyboardInterrupt  # before join: its preflight, its model conversion
+        host.check_followers()
+        host.publish_decision("sft", "run", "new")
 
 
 def test_a_follower_that_stops_before_joining_is_named_by_node_zero_waiting_for_it() -> None:
@@ -539,17 +541,14 @@ def test_a_followers_part_that_fails_after_node_zero_completed_the_stage_does_no
     """Node 0's outputs are the stage's: once node 0 has published the outcome, a follower's late non-zero exit (a
     teardown error) is only logged there."""
     port = _free_port()
-    with _host(port) as host:
-        with _follower(port) as channel:
-            channel.join()
-            host.wait_for_followers()
-            host.publish_decision("sft", "run", "new")
-            host.publish_outcome("sft", "f00d")
-            channel.report_part_failed("sft", 1)
-            host.publish_decision("dpo", "run", "new")
-            channel.report_part_failed("dpo", 1)
-            with pytest.raises(ControlError, match=r"node 1's part of stage 'dpo' exited with 1"):
-                host.check_followers()
+    with _started(port) as (host, channel):
+        host.publish_decision("sft", "run", "new")
+        host.publish_outcome("sft", "f00d")
+        channel.report_part_failed("sft", 1)
+        host.publish_decision("dpo", "run", "new")
+        channel.report_part_failed("dpo", 1)
+        with pytest.raises(ControlError, match=r"node 1's part of stage 'dpo' exited with 1"):
+            host.check_followers()
 
 
 @pytest.mark.parametrize("launch, difference", [

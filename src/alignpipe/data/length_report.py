@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -191,22 +191,26 @@ def _seeded_sample(size: int, sample_size: int, seed: int) -> list[int]:
     return list(range(size)) if size <= sample_size else sorted(random.Random(seed).sample(range(size), sample_size))
 
 
+def _measure_rows(dataset: Dataset, span_of: Callable[[dict], object], seed: int, sample_size: int) -> MeasuredRows:
+    """``span_of`` every row, or a seeded sample of ``sample_size`` rows of a larger dataset."""
+    rows = _seeded_sample(len(dataset), sample_size, seed)
+    return MeasuredRows(rows, [span_of(row) for row in dataset.select(rows)],
+                        len(dataset) if len(rows) < len(dataset) else None)
+
+
 def sft_reply_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, chat_template: str | None = None,
                     seed: int = 0, sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
     """:func:`reply_span` of every ``messages`` row, or of a seeded sample of ``sample_size`` rows of a larger
     dataset."""
-    rows = _seeded_sample(len(dataset), sample_size, seed)
-    spans = [reply_span(tokenizer, messages, chat_template) for messages in dataset.select(rows)["messages"]]
-    return MeasuredRows(rows, spans, len(dataset) if len(rows) < len(dataset) else None)
+    return _measure_rows(dataset, lambda row: reply_span(tokenizer, row["messages"], chat_template), seed,
+                         sample_size)
 
 
 def dpo_pair_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
                    sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
     """:func:`pair_spans` of every preference row, or of a seeded sample of ``sample_size`` rows of a larger
     dataset."""
-    rows = _seeded_sample(len(dataset), sample_size, seed)
-    spans = [pair_spans(tokenizer, pair) for pair in dataset.select(rows)]
-    return MeasuredRows(rows, spans, len(dataset) if len(rows) < len(dataset) else None)
+    return _measure_rows(dataset, lambda pair: pair_spans(tokenizer, pair), seed, sample_size)
 
 
 def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:

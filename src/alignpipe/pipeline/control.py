@@ -210,7 +210,7 @@ class ControlHost:
         missing = list(self.followers)
         while missing:
             for rank in missing:
-                if (reason := self._left_reason(rank) or self._unjoined_reason(rank)) is not None:
+                if (reason := self._text(_left(rank)) or self._text(_unjoined(rank))) is not None:
                     raise ControlError(f"node {rank} stopped before the run began: {reason}")
             missing = [r for r in missing if not self._store.check([_joined(r)])]
             if missing and time.monotonic() > deadline:
@@ -228,11 +228,10 @@ class ControlHost:
         would wait for it in torch's rendezvous until that times out. Before each decision, and while a stage
         runs (``pipeline.watched``)."""
         for rank in self.followers:
-            if (reason := self._left_reason(rank)) is not None:
+            if (reason := self._text(_left(rank))) is not None:
                 raise ControlError(f"node {rank} stopped: {reason}; the run cannot go on without it. Fix the cause "
                                    "there and start the run again on every node (add --resume to continue)")
-            if self._running is not None and self._store.check([_part_failed(self._running, rank)]):
-                code = self._store.get(_part_failed(self._running, rank)).decode()
+            if self._running is not None and (code := self._text(_part_failed(self._running, rank))) is not None:
                 raise ControlError(
                     f"node {rank}'s part of stage '{self._running}' exited with {code}, so this node's part would "
                     f"wait for its ranks in a collective until that timed out; see node {rank}'s log for the cause, "
@@ -256,11 +255,9 @@ class ControlHost:
             return 0.0
         return now - last[1]
 
-    def _left_reason(self, rank: int) -> str | None:
-        return self._store.get(_left(rank)).decode() if self._store.check([_left(rank)]) else None
-
-    def _unjoined_reason(self, rank: int) -> str | None:
-        return self._store.get(_unjoined(rank)).decode() if self._store.check([_unjoined(rank)]) else None
+    def _text(self, key: str) -> str | None:
+        """``key``'s value, or None while nobody has set it."""
+        return self._store.get(key).decode() if self._store.check([key]) else None
 
     def publish_base(self, path: str, sha256: str | None) -> None:
         """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""

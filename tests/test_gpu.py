@@ -1,4 +1,5 @@
-"""GPU paths: NCCL collectives, reward scoring and evaluation sampling on CUDA, bf16 defaults and 4-bit loading.
+"""GPU paths: NCCL collectives, reward scoring and evaluation sampling on CUDA, bf16 defaults, 4-bit loading, and
+whole runs under DeepSpeed ZeRO-2/3.
 
 Marked ``gpu``: kept out of the default run (``pytest.ini``'s addopts) and skipped where CUDA is absent. Run them on
 a GPU machine with ``./launch.sh --test -m gpu``. The CPU suite checks the same code with stand-ins
@@ -8,9 +9,12 @@ a GPU machine with ``./launch.sh --test -m gpu``. The CPU suite checks the same 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RECIPE
+from safetensors.torch import load_file
 
 pytestmark = [
     pytest.mark.gpu,
@@ -120,24 +124,66 @@ def test_4bit_loading_puts_a_quantized_model_on_the_gpu(llama_path):
     assert torch.nn.functional.cosine_similarity(q.flatten(), f.flatten(), dim=0) > 0.9
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_a_deepspeed_run_publishes_whole_checkpoints(zero, tmp_path):
-    """SFT -> DPO -> eval under DeepSpeed ZeRO on one GPU. ZeRO-3 leaves each rank empty placeholders: the published
-    SFT checkpoint must hold the gathered weights, or the DPO stage cannot load it."""
+def _run_under_deepspeed(recipe: dict, zero: str, tmp_path) -> Path:
+    """``alignpipe run`` of ``recipe`` on one GPU under ``--deepspeed zero``; the run directory."""
     pytest.importorskip("deepspeed")
     import subprocess
     import sys
 
-    from conftest import REPO, TINY_RECIPE, write_recipe
-    from safetensors.torch import load_file
+    from conftest import REPO, write_recipe
 
-    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "name": zero})
-    result = subprocess.run([sys.executable, "-m", "alignpipe.cli", "run", str(recipe), "--runs-dir",
+    path = write_recipe(tmp_path, {**recipe, "name": zero})
+    result = subprocess.run([sys.executable, "-m", "alignpipe.cli", "run", str(path), "--runs-dir",
                              str(tmp_path / "runs"), "--gpus", "1", "--deepspeed", zero],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "runs" / zero
+    return tmp_path / "runs" / zero
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_deepspeed_run_publishes_whole_checkpoints(zero, tmp_path):
+    """SFT -> DPO -> eval under DeepSpeed ZeRO on one GPU. ZeRO-3 leaves each rank empty placeholders: the published
+    SFT checkpoint must hold the gathered weights, or the DPO stage cannot load it."""
+    run = _run_under_deepspeed(TINY_RECIPE, zero, tmp_path)
     for stage in ("sft", "dpo"):
         weights = load_file(run / stage / "checkpoint" / "model.safetensors")
         assert weights and all(w.numel() > 0 for w in weights.values()), stage
     assert (run / "leaderboard.md").exists()
+
+
+LORA_STAGES = {  # run as it stands with --deepspeed zero2 and zero3 on an H100
+    **TINY_RECIPE,
+    "data": {"n_sft": 256, "n_pairs": 256},
+    "stages": [
+        {"name": "sft", "type": "sft", "learning_rate": 3e-3, "max_steps": 12, "per_device_train_batch_size": 16,
+         "save_steps": 3, "max_length": 48, "logging_steps": 1, "lr_scheduler_type": "linear", "warmup_ratio": 0.25},
+        {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 3, "top_layers": 1, "learning_rate": 3e-3,
+         "num_train_epochs": 2, "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 1,
+         "save_steps": 3, "heldout_fraction": 0.25, "diversity_weight": 0.1,
+         "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+        {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16,
+         "samples_per_prompt": 4, "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48,
+         "logging_steps": 1, "max_new_tokens": 10, "eval_prompts": 16, "save_steps": 2},
+        {"name": "grpo", "type": "grpo", "inputs": ["sft", "rm"],
+         "reward": {"source": "model", "penalty": "mean_minus_std", "penalty_coef": 0.5}, "learning_rate": 1e-3,
+         "max_steps": 8, "per_device_train_batch_size": 8, "num_generations": 4, "prompts": 64,
+         "max_completion_length": 10, "logging_steps": 1, "save_steps": 2, "eval_prompts": 16},
+        {"name": "sppo", "type": "sppo", "inputs": ["sft"], "judge": "gold", "samples_per_prompt": 3, "rounds": 1,
+         "prompts_per_round": 16, "learning_rate": 1e-3, "per_device_train_batch_size": 8, "max_length": 48,
+         "logging_steps": 1, "max_new_tokens": 24, "eval_prompts": 16, "save_steps": 2,
+         "truncated_samples": "keep"},
+    ],
+}
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_lora_online_and_self_play_stages_run_under_deepspeed(zero, tmp_path):
+    """LoRA rounds (OSP, SPPO) and GRPO scored by a reward ensemble under ZeRO. Under ZeRO-3 every model loaded
+    outside the trainer (a round's merge reload, its evaluation, the reward ensemble) came back as empty
+    placeholders until the loaders switched transformers' ZeRO-3 hook off around from_pretrained."""
+    run = _run_under_deepspeed(LORA_STAGES, zero, tmp_path)
+    start = load_file(run / "sft" / "checkpoint" / "model.safetensors")
+    for stage in ("osp", "grpo", "sppo"):
+        weights = load_file(run / stage / "checkpoint" / "model.safetensors")
+        assert weights.keys() == start.keys() and all(w.shape == start[k].shape for k, w in weights.items()), stage
+        assert any(not torch.equal(w, start[k]) for k, w in weights.items()), f"{stage}: the update was lost"

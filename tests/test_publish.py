@@ -6,9 +6,11 @@ hands over the gathered state dict, and the module's own weights are emptied the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -97,3 +99,87 @@ def _saved_adapter(model, tmp_path: Path) -> str:
     model.save_pretrained(directory)
     return str(directory)
 
+
+
+class _Zero3Config:
+    """Stands in for the DeepSpeed config a ZeRO-3 run's training arguments register with transformers: while it is
+    registered, ``from_pretrained`` builds models partitioned under ``deepspeed.zero.Init``."""
+
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def zero3_run(monkeypatch):
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = _Zero3Config()  # held here: transformers keeps only a weak reference
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.set_hf_deepspeed_config(registered)
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    yield registered
+
+
+def test_models_used_outside_the_trainer_load_whole_in_a_zero3_process(zero3_run, llama_path, tokenizer, tmp_path):
+    """Round policies, per-round evaluation, reward models and judges load whole in a ZeRO-3 stage process (on a GPU
+    they came back as empty placeholders: merging failed, sampling raised), and the run's DeepSpeed hook stays."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from alignpipe.models.loading import load_causal_lm
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+    from alignpipe.rewards.loading import load_reward_scorer
+    from alignpipe.rewards.single import save_single_reward_model
+
+    expected = load_file(Path(llama_path) / "model.safetensors")
+    policy = load_causal_lm(llama_path, dtype="float32")
+    for name, w in policy.state_dict().items():
+        if name in expected:
+            torch.testing.assert_close(w, expected[name])
+    assert is_deepspeed_zero3_enabled()
+
+    ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=2, lora_r=2, top_layers=1, seed=0))
+    assert all(p.numel() > 0 for p in ensemble.parameters())
+    assert is_deepspeed_zero3_enabled()
+
+    with _zero3_off():  # saving a reward model is the reward stage's job, which DeepSpeed never runs
+        classifier = AutoModelForSequenceClassification.from_pretrained(llama_path, num_labels=1)
+        directory = save_single_reward_model(classifier, tokenizer, tmp_path / "rm")
+    scorer = load_reward_scorer(directory)
+    assert all(p.numel() > 0 for p in scorer.model.parameters())
+    assert is_deepspeed_zero3_enabled()
+
+
+def test_lora_adapters_merge_into_a_whole_reload_in_a_zero3_process(zero3_run, llama_path, tokenizer, tmp_path):
+    """The reload LoRA adapters are merged into is whole (on a GPU: 'size of tensor a (0) must match')."""
+    torch.manual_seed(0)
+    with _zero3_off():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    _empty_like_zero3(model)
+
+    published = publish_model(_trainer(model, zero_stage=3, gathered=gathered), tokenizer, _ctx(tmp_path, llama_path))
+    weights = load_file(published / "model.safetensors")
+    base = load_file(Path(llama_path) / "model.safetensors")
+    assert weights.keys() == base.keys() and all(w.shape == base[k].shape for k, w in weights.items())
+    assert any(not torch.equal(w, base[k]) for k, w in weights.items())
+
+
+@contextmanager
+def _zero3_off():
+    """The test's own set-up outside the ZeRO-3 hook (the reward stage and the trainer's own model, say)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from alignpipe.models.quantization import bitsandbytes_config, compute_dtype, keep_4bit_layers_differentiable
+from alignpipe.models.whole_weights import zero3_partitioning_off
 
 if TYPE_CHECKING:
     from alignpipe.recipe import QuantizationSpec
@@ -147,7 +148,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
     """A causal LM in ``dtype``, or k-bit quantized through bitsandbytes when ``quantization`` is given.
 
     ``device`` is for models used outside a trainer (sampling, scoring): ``from_pretrained`` loads onto the CPU, and
-    generation runs wherever the weights are, so without it a GPU run samples on the CPU.
+    generation runs wherever the weights are, so without it a GPU run samples on the CPU. The model is whole also in
+    a DeepSpeed ZeRO-3 stage process (:func:`~alignpipe.models.whole_weights.zero3_partitioning_off`).
 
     A ``gguf_file`` loads de-quantised into an ordinary model: transformers keeps the file's quantisation flag (and a
     GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``.
@@ -159,8 +161,9 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | N
     """
     location = resolve_model_location(name_or_path)
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
-                                                     **remote_code_kwargs())
+        with zero3_partitioning_off():
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
+                                                         **remote_code_kwargs())
         if gguf_file is not None:  # de-quantised, but still flagged as GGUF-quantized: it could not be saved
             from alignpipe.models.gguf import plain_copy
 

@@ -119,11 +119,13 @@ def merge_adapters_in_full_precision(model, base: str, *, dtype: torch.dtype, gg
     from transformers import AutoModelForCausalLM
 
     from alignpipe.models.loading import remote_code_kwargs, resolve_model_location
+    from alignpipe.models.whole_weights import zero3_partitioning_off
 
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".adapter-") as adapter_dir:
         model.save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
-        full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype, gguf_file=gguf_file,
-                                                    **remote_code_kwargs())
+        with zero3_partitioning_off():
+            full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype,
+                                                        gguf_file=gguf_file, **remote_code_kwargs())
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     return merged

@@ -66,6 +66,7 @@ from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
 from alignpipe.models.loading import DTYPES, PYPI_PREFIX, remote_code_kwargs, resolve_model_location
+from alignpipe.models.whole_weights import zero3_partitioning_off
 from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, publish_directory, recorded_output_sha256
 from alignpipe.rewards.penalties import EnsembleRewards
 
@@ -346,7 +347,8 @@ def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     if looks_like_path(location) and not Path(location).expanduser().exists():  # not the hub's "repo id" error
         raise FileNotFoundError(f"reward ensemble backbone {location} does not exist; give an existing checkpoint "
                                 "directory (config.json and weights) or a Hugging Face hub id (owner/name)")
-    model = AutoModel.from_pretrained(location, **kwargs)
+    with zero3_partitioning_off():  # a judge or reward source inside a ZeRO-3 policy stage
+        model = AutoModel.from_pretrained(location, **kwargs)
     model.requires_grad_(False)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache would be appended to by every member's top-layer pass

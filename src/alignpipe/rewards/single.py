@@ -59,6 +59,7 @@ from torch import Tensor
 
 from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import ModelError, load_tokenizer, remote_code_kwargs
+from alignpipe.models.whole_weights import zero3_partitioning_off
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.rewards.ensemble import (
     _quiet_peft,
@@ -406,7 +407,8 @@ class SingleRewardScorer:
         text_format = manifest.get("text_format", "chat")
         if (manifest.get("scoring") or {}).get("max_length"):
             kwargs.setdefault("max_length", manifest["scoring"]["max_length"])
-        model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
+        with zero3_partitioning_off():  # a judge or reward source inside a ZeRO-3 policy stage
+            model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if device is not None:
             model.to(device)
         model.eval()

@@ -131,3 +131,24 @@ def pytest_configure(config):
     asks_for_gpu = "gpu" in (config.option.markexpr or "").replace("not gpu", "")
     if not asks_for_gpu and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA; stage subprocesses inherit it
+
+
+class Zero3Config:
+    """Stands in for the DeepSpeed config a ZeRO-3 run's training arguments register with transformers: while it is
+    registered, ``from_pretrained`` builds models partitioned under ``deepspeed.zero.Init``."""
+
+    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def zero3_run(monkeypatch):
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = Zero3Config()  # held here: transformers keeps only a weak reference
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.set_hf_deepspeed_config(registered)
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    return registered

@@ -102,6 +102,18 @@ def test_generate_is_reproducible(eos_model, tokenizer, prompts, generations):
     assert [g.response_ids for g in other] != [g.response_ids for g in generations]
 
 
+def test_generate_samples_alone_under_zero3_with_several_processes(zero3_run, eos_model, tokenizer, prompts,
+                                                                   generations, monkeypatch):
+    """A ZeRO-3 run on several GPUs: transformers would sync every token step with the other ranks (synced_gpus), so
+    rank 0 sampling alone (a GRPO / RLOO stage's evaluation) waited in a collective forever. Each rank's model is
+    whole, so sampling needs no other rank: here no process group exists, and the result is the plain one."""
+    import transformers.generation.utils as generation_utils
+
+    monkeypatch.setattr(generation_utils, "_get_torch_distributed_world_size", lambda: 2)
+    again = generate(eos_model, tokenizer, prompts, GenerationSettings(max_new_tokens=6, batch_size=5, seed=7))
+    assert again == generations
+
+
 def test_generate_eos_and_truncation(tokenizer, generations):
     eos = tokenizer.eos_token_id
     # the fixture really exercises both branches, with EOS at several positions

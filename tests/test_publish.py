@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -99,27 +98,6 @@ def _saved_adapter(model, tmp_path: Path) -> str:
     model.save_pretrained(directory)
     return str(directory)
 
-
-
-class _Zero3Config:
-    """Stands in for the DeepSpeed config a ZeRO-3 run's training arguments register with transformers: while it is
-    registered, ``from_pretrained`` builds models partitioned under ``deepspeed.zero.Init``."""
-
-    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
-
-    def is_zero3(self) -> bool:
-        return True
-
-
-@pytest.fixture
-def zero3_run(monkeypatch):
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = _Zero3Config()  # held here: transformers keeps only a weak reference
-    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed.set_hf_deepspeed_config(registered)
-    assert hf_deepspeed.is_deepspeed_zero3_enabled()
-    yield registered
 
 
 def test_models_used_outside_the_trainer_load_whole_in_a_zero3_process(zero3_run, llama_path, tokenizer, tmp_path):

@@ -79,7 +79,13 @@ def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
     *, desc: str = "generating",
 ) -> list[Generation]:
-    """Sample one response per prompt. Batch ``i`` is seeded with ``seed + i``, so results are reproducible."""
+    """Sample one response per prompt. Batch ``i`` is seeded with ``seed + i``, so results are reproducible.
+
+    Each process samples on its own whole model (the loaders never partition one, see
+    :func:`~alignpipe.models.whole_weights.zero3_partitioning_off`), so ``synced_gpus`` is off: transformers turns it
+    on under ZeRO-3 with several processes, and every token step then waits in a collective for the other ranks: a
+    GRPO or RLOO stage's evaluation, which samples on rank 0 alone, hung there.
+    """
     model.eval()
     eos = tokenizer.eos_token_id
     config = decoding_config(settings, tokenizer)
@@ -90,7 +96,7 @@ def generate(
         batch = _encode(tokenizer, rendered[start:start + settings.batch_size], model.device)
         torch.manual_seed(settings.seed + batch_index)
         with _decoding_with(model, config):
-            sequences = model.generate(**batch, generation_config=config)
+            sequences = model.generate(**batch, generation_config=config, synced_gpus=False)
         new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
         for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):
             truncated = eos not in tokens

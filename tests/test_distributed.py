@@ -139,6 +139,7 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
         assert report["averaged_gradient"] == [1.5, 1.5, 1.5]
         assert report["resume_checkpoint"] == "checkpoint-2"
         assert report["set_aside"] == ["checkpoint-2", "invalid-checkpoint-4"]
+        assert report["published_on_return"]  # rank 1 returned before rank 0 had published
     first, second = (set(r["examples"]) for r in ranks)
     assert len(ranks[0]["examples"]) == len(ranks[1]["examples"]) == 32
     assert not first & second and len(first | second) == 64

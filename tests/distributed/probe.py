@@ -135,6 +135,21 @@ def main(model_dir: str, out_dir: str) -> None:
         for ids, attention in zip(batch["input_ids"], batch["attention_mask"]):
             examples.append(tokenizer.decode(ids[attention.bool()]))
     report["examples"] = examples
+
+    # a published checkpoint is on disk on every rank when publish_model returns (they load it next: a round's
+    # evaluation, the next round), even when rank 0's save is slow
+    import time
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.common import publish_model
+
+    if distributed.is_main():
+        save = trainer.model.save_pretrained
+        trainer.model.save_pretrained = lambda *args, **kwargs: (time.sleep(2), save(*args, **kwargs))
+    published = Path(out_dir) / "published" / "checkpoint"
+    ctx = SimpleNamespace(is_main_process=distributed.is_main(), dir=StageDir(Path(out_dir) / "published"))
+    publish_model(trainer, tokenizer, ctx, published)
+    report["published_on_return"] = (published / "model.safetensors").exists()
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(report))
 
 

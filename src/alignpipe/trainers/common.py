@@ -262,8 +262,17 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
     destination = destination or ctx.dir.checkpoint
     trainer.accelerator.wait_for_everyone()
     gathered = zero3_state_dict(trainer)  # a collective: every rank joins before the others return
-    if not ctx.is_main_process:
-        return destination
+    if ctx.is_main_process:
+        _save_and_publish(trainer, tokenizer, ctx, destination, gathered)
+    # Every rank may load the checkpoint next (a round's evaluation, the next round's policy): none goes on before
+    # rank 0 has published it, which a merge into a reloaded base makes slow.
+    trainer.accelerator.wait_for_everyone()
+    return destination
+
+
+def _save_and_publish(trainer, tokenizer, ctx: StageContext, destination: Path,
+                      gathered: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's part of :func:`publish_model`."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     staging = destination.with_name(destination.name + ".tmp")
     if gathered is not None:
@@ -282,7 +291,6 @@ def publish_model(trainer, tokenizer, ctx: StageContext, destination: Path | Non
     model.save_pretrained(staging, safe_serialization=True, state_dict=gathered)
     tokenizer.save_pretrained(staging)
     publish_directory(staging, destination)
-    return destination
 
 
 def _merge_into_reload(model: PeftModel, ctx: StageContext, destination: Path, *, dtype: torch.dtype,

@@ -125,6 +125,7 @@ class Runner:
         self.follower = not self.topology.is_main_node
         self.control_timeout_s = check_control_timeout(control_timeout_s)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
+        check_quantization_under_deepspeed(recipe, self.topology)
 
     # -- public ------------------------------------------------------------------------------------------------------
 
@@ -540,6 +541,25 @@ def default_topology() -> Topology:
     import torch
 
     return resolve_topology(LaunchOptions(), visible_gpus=torch.cuda.device_count())
+
+
+def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> None:
+    """Refuse a k-bit (QLoRA) recipe whose stages would run under DeepSpeed ZeRO-3, before anything runs.
+
+    Why: sharding 4-bit weights needs ``bnb_4bit_quant_storage`` set to the compute dtype and no per-process
+    ``device_map`` (PEFT's "QLoRA and DeepSpeed with ZeRO3" setup), while the loader pins each process's whole 4-bit
+    copy to its GPU; under ZeRO-3 transformers refuses that load as soon as the trainer's arguments exist (an online
+    stage's second round), or DeepSpeed cannot shard the weights. ZeRO-2 shards only the adapters' gradients and
+    optimizer states, which is what a 4-bit base needs anyway.
+    """
+    if recipe.model.quantization is None:
+        return
+    for stage in recipe.stages:
+        json_file = stage_topology(topology, stage.type).deepspeed_json
+        if json_file is not None and json_file.stem == "ds_zero3":
+            raise ValueError(f"stages.{stage.name}: model.quantization (QLoRA) cannot run under --deepspeed zero3, "
+                             "which cannot shard this project's 4-bit weights; use --deepspeed zero2 (the 4-bit base "
+                             "is small: only the LoRA gradients and optimizer states need sharding) or no --deepspeed")
 
 
 def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:

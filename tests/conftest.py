@@ -124,6 +124,63 @@ def llama_path(tmp_path_factory, tokenizer) -> str:
     return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
 
 
+
+@pytest.fixture(scope="session")
+def gguf_model(tmp_path_factory, llama_path) -> Path:
+    """``llama_path``'s model and tokenizer written as an (unquantised) GGUF file, alone in its folder: what a recipe's
+    ``model.gguf_file`` names. transformers loads it through its GGUF path (de-quantising, GGUF quantizer kept on the
+    model) like a quantised file, in a fraction of a second instead of SmolLM2's 10-20 s."""
+    pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package: pip install gguf")
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(llama_path, path)
+    return path
+
+
+def write_gguf(checkpoint: str, path: Path) -> None:
+    """A Llama checkpoint as llama.cpp's converter lays it out: float32 tensors under GGUF names, q/k rows permuted
+    (transformers undoes that on load), the tokenizer as a sentencepiece-style vocabulary with its merges."""
+    import json
+
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in tokenizer.all_special_ids else 1 for i in range(len(tokens))])  # 3: control
+    writer.add_token_merges([" ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy()
+        if (projection := name.split(".")[-2]) in heads:
+            n = heads[projection]
+            array = array.reshape(n, 2, array.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def pytest_configure(config):
     """The default suite tests the CPU path with CPU-calibrated numbers (CI has no GPU). On a GPU machine the GPU would
     change its precision defaults (bf16) and devices, so the suite hides it unless the mark expression asks for the

@@ -93,6 +93,36 @@ def test_lora_adapters_are_merged_into_a_reload_of_the_start_model(llama_path, t
         torch.testing.assert_close(w, reference[name])
 
 
+
+def test_a_first_stage_on_a_gguf_file_merges_its_adapters_into_a_plain_reload(gguf_model, tokenizer, tmp_path):
+    """A first stage on a recipe's ``model.gguf_file`` (LoRA under ZeRO-3, or QLoRA) merges into a reload of that file:
+    transformers keeps its GGUF quantizer on the reload, which ``save_pretrained`` refused ("quantized with gguf and
+    is not serializable"), so the stage failed at its very end."""
+    from alignpipe.models.loading import load_causal_lm
+
+    folder, name = str(gguf_model.parent), gguf_model.name
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = get_peft_model(load_causal_lm(folder, dtype="float32", gguf_file=name), config)  # load_start_model's
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            if "lora_B" in parameter_name:
+                p.normal_(0, 0.05)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = PeftModel.from_pretrained(load_causal_lm(folder, dtype="float32", gguf_file=name),
+                                          _saved_adapter(model, tmp_path)).merge_and_unload().state_dict()
+    _empty_like_zero3(model)
+    ctx = _ctx(tmp_path, folder)
+    ctx.stage.inputs, ctx.recipe.model.gguf_file = [], name
+
+    published = publish_model(_trainer(model, zero_stage=3, gathered=gathered), tokenizer, ctx)
+    weights = load_file(published / "model.safetensors")
+    assert weights.keys() == reference.keys() - {"lm_head.weight"}  # tied to the embeddings, saved once
+    for parameter_name, w in weights.items():
+        torch.testing.assert_close(w, reference[parameter_name])
+    assert "quantization_config" not in AutoModelForCausalLM.from_pretrained(published).config.to_dict()
+
+
 def _saved_adapter(model, tmp_path: Path) -> str:
     directory = tmp_path / "adapter"
     model.save_pretrained(directory)

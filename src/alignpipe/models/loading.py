@@ -100,8 +100,10 @@ def activation_checkpointing_argument(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` keeps full precision on CPU and uses bf16 on a capable GPU."""
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``auto`` keeps full precision on CPU and uses bf16 on a capable GPU; a torch dtype is taken as it is."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return torch.bfloat16 if bf16_supported() else torch.float32
     return DTYPES[name]
@@ -142,7 +144,7 @@ def process_device() -> torch.device:
     return PartialState().device
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "auto", gguf_file: str | None = None,
+def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf_file: str | None = None,
                    quantization: QuantizationSpec | None = None,
                    device: str | torch.device | None = None) -> PreTrainedModel:
     """A causal LM in ``dtype``, or k-bit quantized through bitsandbytes when ``quantization`` is given.

@@ -114,18 +114,18 @@ def merge_adapters_in_full_precision(model, base: str, *, dtype: torch.dtype, gg
     under ``workdir``), ``base`` is reloaded un-quantized in ``dtype`` on the CPU, and the adapters are loaded onto
     and merged into it. Returns the plain transformers model, ready for ``save_pretrained``. ``state_dict`` gives the
     weights where ``model``'s own are not whole (DeepSpeed ZeRO-3 keeps only a slice per rank).
+
+    The reload is :func:`~alignpipe.models.loading.load_causal_lm`'s, so a ``gguf_file`` base arrives de-quantised
+    into an ordinary model: loaded as transformers gives it, it keeps a GGUF quantizer that makes the merged model
+    refuse ``save_pretrained``.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from alignpipe.models.loading import remote_code_kwargs, resolve_model_location
-    from alignpipe.models.whole_weights import zero3_partitioning_off
+    from alignpipe.models.loading import load_causal_lm
 
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".adapter-") as adapter_dir:
         model.save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
-        with zero3_partitioning_off():
-            full = AutoModelForCausalLM.from_pretrained(resolve_model_location(base), dtype=dtype,
-                                                        gguf_file=gguf_file, **remote_code_kwargs())
+        full = load_causal_lm(base, dtype=dtype, gguf_file=gguf_file)
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     return merged

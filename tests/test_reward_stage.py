@@ -197,3 +197,25 @@ def test_resume_after_an_interrupt_while_scoring_trains_no_step_again(reward_run
         assert (stage.checkpoint / name).read_bytes() == expected, name
     assert stage.metrics.read_text() == reference.metrics.read_text()
     assert (stage.root / "reward_eval.json").read_text() == (reference.root / "reward_eval.json").read_text()
+
+
+def test_a_first_reward_stage_reads_the_recipes_gguf_file(gguf_model, tmp_path):
+    """A reward stage with no inputs trains on the recipe's model, here a GGUF file: its backbone and the policy it
+    samples for the uncertainty-vs-gold correlation both come from that file (the folder holds nothing else). TRL's
+    RewardTrainer cannot read one, so a trl stage there is a recipe error."""
+    model = {"name_or_path": str(gguf_model.parent), "gguf_file": gguf_model.name}
+    stage = {**REWARD, "inputs": [], "num_train_epochs": 1}
+    recipe = {**TINY_RECIPE, "model": model, "data": {**TINY_RECIPE["data"], "n_pairs": 64}, "stages": [stage]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    assert {o.name: o.action for o in runner.run()} == {"rm": "ran"}
+    report = json.loads((runner.run_dir / "rm" / "reward_eval.json").read_text())["metrics"]
+    assert report["policy_std_vs_proxy_gold_gap_spearman"]["n"] > 0
+
+    trl = {**{k: v for k, v in stage.items() if k not in ("top_layers", "diversity_weight")}, "members": 1}
+    (tmp_path / "trl").mkdir()
+    (tmp_path / "backbone").mkdir()
+    with pytest.raises(RecipeError, match=r"stages\.rm\.implementation: implementation: trl cannot train on the "
+                                          r"recipe's model\.gguf_file"):
+        load_recipe(write_recipe(tmp_path / "trl", {**recipe, "stages": [{**trl, "implementation": "trl"}]}))
+    load_recipe(write_recipe(tmp_path / "backbone", {**recipe, "stages": [
+        {**trl, "implementation": "trl", "backbone": str(tmp_path)}]}))

@@ -1134,6 +1134,7 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "inputs", j), msg))
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
+        problems += self._trl_reward_models_skip_gguf()
         problems += self._penalties_need_members()
         problems += self._task_stages_follow_the_task()
         problems += self._dataset_stages_say_when_they_switch_task()
@@ -1168,6 +1169,18 @@ class Recipe(_Spec):
                       "cannot be; use critic: adapter with model.quantization")
                      for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
         return problems
+
+    def _trl_reward_models_skip_gguf(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """TRL's RewardTrainer loads its backbone by name and cannot read a GGUF file: a ``trl`` reward stage that
+        would start from the recipe's ``model.gguf_file`` (no inputs, no backbone) is refused before anything runs."""
+        if self.model.gguf_file is None:
+            return []
+        return [(("stages", i, "implementation"), "implementation: trl cannot train on the recipe's model.gguf_file "
+                 "(TRL's RewardTrainer reads safetensors checkpoints); put an sft stage first and give it as input, "
+                 "set a backbone, or use implementation: ensemble")
+                for i, stage in enumerate(self.stages)
+                if isinstance(stage, RewardStage) and stage.implementation == "trl" and not stage.inputs
+                and stage.backbone is None]
 
     def _penalties_need_members(self) -> list[tuple[tuple[str | int, ...], str]]:
         """An uncertainty penalty (std, var, min over members) is 0 or undefined for a single reward model."""

@@ -40,12 +40,18 @@ from alignpipe.recipe import _TrainingStage
 
 log = logging.getLogger("alignpipe")
 
+def start_gguf_file(ctx: StageContext) -> str | None:
+    """The GGUF file inside ``ctx.start_model``: the recipe's ``model.gguf_file`` for a stage with no inputs (it starts
+    from the recipe's model), None for one that starts from an earlier stage's published (safetensors) checkpoint."""
+    return None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+
+
 def load_start_model(ctx: StageContext):
     """The policy a training stage starts from (its input checkpoint, or the recipe's model) and its tokenizer.
 
     With ``model.quantization`` the policy loads k-bit and frozen, ready for the stage's LoRA adapters (QLoRA).
     """
-    gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+    gguf_file = start_gguf_file(ctx)
     tokenizer = load_tokenizer(ctx.start_model, gguf_file=gguf_file)
     return load_policy(ctx, ctx.start_model, gguf_file=gguf_file), tokenizer
 
@@ -298,7 +304,7 @@ def _merge_into_reload(model: PeftModel, ctx: StageContext, destination: Path, *
     """``model``'s adapters merged into a fresh load of the base they were trained on: the stage's start model, or
     the base the adapter config records when that differs (e.g. an earlier round's checkpoint, never GGUF)."""
     base = resolve_model_location(ctx.start_model)
-    gguf_file = None if ctx.stage.inputs else ctx.recipe.model.gguf_file
+    gguf_file = start_gguf_file(ctx)
     recorded = model.peft_config[model.active_adapter].base_model_name_or_path
     if recorded and recorded != base:
         base, gguf_file = recorded, None

@@ -33,7 +33,7 @@ from alignpipe.rewards.single import (
     train_single_reward_model,
 )
 from alignpipe.tasks import gold_reward
-from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config, train
+from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config, start_gguf_file, train
 
 log = logging.getLogger("alignpipe")
 
@@ -49,8 +49,9 @@ def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:
 
 def _policy_samples(ctx: StageContext, scorer) -> dict:
     """Score fresh samples of the backbone's own policy on held-out prompts (the distribution PPO will feed it)."""
-    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, device=ctx.device)
-    tokenizer = load_tokenizer(ctx.start_model)
+    gguf_file = start_gguf_file(ctx)
+    model = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file, device=ctx.device)
+    tokenizer = load_tokenizer(ctx.start_model, gguf_file=gguf_file)
     prompts = [t.prompt for t in evaluation_tasks(ctx.recipe.data, POLICY_SAMPLES, seed=ctx.recipe.seed)]
     generations = generate(model, tokenizer, prompts, GenerationSettings(seed=ctx.recipe.seed),
                            desc="sampling the policy")
@@ -66,7 +67,7 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
         backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
         lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
         top_layers=stage.top_layers, pooling=stage.pooling, seed=recipe.seed,
-        gguf_file=recipe.model.gguf_file if not stage.inputs and not stage.backbone else None,
+        gguf_file=None if stage.backbone else start_gguf_file(ctx),
     )
     ensemble = RewardEnsemble.create(spec, dtype=resolve_dtype(recipe.model.dtype))
     scorer = EnsembleScorer.for_ensemble(ensemble, max_length=stage.max_length)

@@ -8,6 +8,8 @@ is replaced by one that publishes a small checkpoint, and node 1's by one that r
 from __future__ import annotations
 
 import logging
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -250,6 +252,72 @@ def test_a_follower_notices_node_zero_going_away_without_a_word() -> None:
         node_zero.wait()
     assert isinstance(follower.get("error"), ControlError)
     assert "lost node 0's control channel" in str(follower["error"])
+
+
+def test_a_follower_stops_its_stage_part_once_a_frozen_node_zero_stops_answering(monkeypatch) -> None:
+    """A stopped node 0 (SIGSTOP, or a hung machine whose kernel still acknowledges TCP) keeps the connection and
+    never replies: the follower waited in the store's client for ever, its stage part holding its GPUs. Now it stops
+    the part and says so once a request has gone unanswered for the silence."""
+    from alignpipe.pipeline import control
+    from alignpipe.pipeline.watched import run_watched
+
+    monkeypatch.setattr(control, "SILENCE_S", 1.0)
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.2)
+    port = _free_port()
+    script = ("import time\nfrom alignpipe.pipeline.control import ControlHost\n"
+              f"host = ControlHost('127.0.0.1', {port}, nodes=2, identity={IDENTITY!r}, timeout_s=30).__enter__()\n"
+              "host.wait_for_followers()\nhost.publish_decision('sft', 'run', 'new')\ntime.sleep(600)\n")
+    node_zero = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    frozen: list[float] = []
+
+    def run_part():
+        with _follower(port) as channel:
+            channel.join()
+            channel.decision("sft")
+            node_zero.send_signal(signal.SIGSTOP)
+            frozen.append(time.monotonic())
+            run_watched([sys.executable, "-c", "import time; time.sleep(120)"], watch=channel.watch("sft"))
+
+    try:
+        follower = _finished(_in_thread(run_part))
+    finally:
+        node_zero.kill()
+        node_zero.wait()
+    assert isinstance(follower.get("error"), ControlError)
+    assert re.match(r"node 0 at 127.0.0.1:\d+ has not answered node 1 for 1s while running 'sft': its `alignpipe "
+                    r"run` is stopped \(SIGSTOP, Ctrl-Z\) or its machine hangs", str(follower["error"]))
+    assert time.monotonic() - frozen[0] < 8
+
+
+def test_a_follower_whose_node_zero_accepts_but_never_answers_stops(monkeypatch) -> None:
+    """The same before the follower is connected: making the store's client waits for node 0's reply too."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "SILENCE_S", 1.0)
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.2)
+    with socket.socket() as silent:  # the kernel accepts connections to it; nobody reads them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        follower = _finished(_in_thread(lambda: _follower(silent.getsockname()[1]).__enter__()))
+    assert isinstance(follower.get("error"), ControlError)
+    assert "has not answered node 1 for 1s while connecting" in str(follower["error"])
+    assert time.monotonic() - started < 5
+
+
+def test_a_follower_waits_longer_than_the_silence_for_a_key_node_zero_has_not_set(monkeypatch) -> None:
+    """Only an unanswered request counts: node 0 running a stage for hours answers "not yet" at once."""
+    from alignpipe.pipeline import control
+
+    monkeypatch.setattr(control, "SILENCE_S", 0.5)
+    monkeypatch.setattr(control, "HEARTBEAT_S", 0.05)
+    port = _free_port()
+    with _started(port) as (host, channel):
+        follower = _in_thread(lambda: channel.decision("sft"))
+        time.sleep(2.0)  # four times the silence
+        assert follower["thread"].is_alive(), follower.get("error")
+        host.publish_decision("sft", "run", "new")
+        assert _finished(follower)["value"] == {"action": "run", "reason": "new"}
 
 
 def test_node_zero_hears_a_followers_heartbeat_and_counts_it_gone_once_it_stops(monkeypatch) -> None:

@@ -26,7 +26,11 @@ the store up until every follower has said one of the two, or for ``END_GRACE_S`
 A follower that is killed outright (SIGKILL, its machine lost) says nothing; its heartbeat stops. Node 0 counts it as
 gone when its counter has not moved for ``SILENCE_S`` (or the control timeout, if shorter), judged by node 0's own
 clock (the machines' clocks need not agree), and stops the stage it runs instead of waiting in a collective for up
-to half an hour.
+to half an hour. The other way round, a node 0 that is frozen (SIGSTOP, Ctrl-Z, a hung machine whose kernel still
+acknowledges TCP) keeps the connection but never replies, and the store's client waits for a reply without a deadline
+(its timeout bounds only the wait for a key): a follower asks in a helper thread and stops, its stage part with it,
+once a request has gone unanswered for as long (a key node 0 has not set yet is a prompt answer, so a follower waits
+through a stage of hours).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from alignpipe.pipeline.decision import Action
 from alignpipe.pipeline.watched import Terminated
 
 log = logging.getLogger("alignpipe")
+T = TypeVar("T")
 
 CONTROL_TIMEOUT_S = 600.0  # how long the nodes wait for each other to start, and for an answer (--control-timeout)
 MAX_CONTROL_TIMEOUT_S = 7 * 24 * 3600.0  # a week; the store's timedelta overflows near 1e14 s, inf crashes it
@@ -85,6 +90,12 @@ def _unjoined(rank: int) -> str:
 
 def _part_failed(stage: str, rank: int) -> str:
     return f"failed/{stage}/{rank}"
+
+
+def _silence_limit(timeout_s: float) -> float:
+    """How long a node may go unheard before the other counts it as gone: ``SILENCE_S``, or the control timeout if
+    shorter, but at least three heartbeats (a follower is never blamed for one late beat)."""
+    return max(3 * HEARTBEAT_S, min(SILENCE_S, timeout_s))
 
 
 def check_control_timeout(seconds: float) -> float:
@@ -174,7 +185,7 @@ class ControlHost:
         self.address, self.port, self.timeout_s = address, port, timeout_s
         self.followers = range(1, nodes)
         self.identity = identity
-        self.silence_s = max(3 * HEARTBEAT_S, min(SILENCE_S, timeout_s))
+        self.silence_s = _silence_limit(timeout_s)
         self._store = None
         self._heard: dict[int, tuple[int, float]] = {}  # rank -> (its beat count, node 0's clock when it changed)
         self._running: str | None = None  # the stage whose parts run on every node, between decision and outcome
@@ -298,6 +309,7 @@ class ControlFollower:
     def __init__(self, address: str, port: int, *, rank: int, identity: dict, timeout_s: float):
         self.address, self.port, self.rank, self.timeout_s = address, port, rank, timeout_s
         self.identity = identity
+        self.silence_s = _silence_limit(timeout_s)  # how long a request to node 0 may go unanswered
         self._store = None
         self._joined = False  # True once node 0 counts this node in: from then on it says how it ends (``left``)
         self._refused = False  # refused as a node of a rank taken, or of a run under way: node 0 must not hear it
@@ -306,11 +318,11 @@ class ControlFollower:
         self._heartbeat: _Heartbeat | None = None
 
     def __enter__(self) -> ControlFollower:
-        from torch.distributed import DistError, TCPStore
+        from torch.distributed import DistError
 
         self._wait_for_node_zero()
         try:
-            self._store = TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s))
+            self._store = self._connect("connecting")
         except DistError as error:
             raise self._lost("connecting") from error
         log.info("following node 0 through its control channel at %s:%d", self.address, self.port)
@@ -319,19 +331,19 @@ class ControlFollower:
     def __exit__(self, kind, error, traceback) -> None:
         from torch.distributed import DistError
 
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        if self._heartbeat is not None:  # one waiting for a frozen node 0's reply would keep this node waiting too
+            self._heartbeat.stop(wait=not self._node_zero_gone)
         try:
             if self._refused or self._node_zero_gone:
                 pass
             elif not self._joined:  # only node 0's wait for the nodes to join reads this
-                self._store.set(_unjoined(self.rank), why_it_stopped(error) if error else "it stopped")
+                self._tell(_unjoined(self.rank), why_it_stopped(error) if error else "it stopped")
             elif error is None:
-                self._store.set(_done(self.rank), "1")
+                self._tell(_done(self.rank), "1")
             else:
-                self._store.set(_left(self.rank), why_it_stopped(error))
-        except DistError:
-            pass  # node 0 is gone already: there is nobody left to tell
+                self._tell(_left(self.rank), why_it_stopped(error))
+        except (DistError, ControlError):
+            pass  # node 0 is gone already, or frozen: there is nobody left to tell
         self._store = None
 
     def join(self) -> None:
@@ -342,7 +354,8 @@ class ControlFollower:
 
         theirs = self._await(RUN, "node 0's recipe")
         try:
-            state = self._store.get(STATE).decode() if self._store.check([STATE]) else None
+            state = self._ask(lambda: self._store.get(STATE).decode() if self._store.check([STATE]) else None,
+                              "joining")
         except DistError as error:
             raise self._lost("joining") from error
         if state is not None:
@@ -356,7 +369,7 @@ class ControlFollower:
             raise ControlError(f"node {self.rank} and node 0 run different things ({'; '.join(differences)}); start "
                                "every node with the same recipe file, overrides, --nodes and topology options "
                                "(--gpus or --cpu --processes, --deepspeed, --main-port)")
-        if self._store.add(_joined(self.rank), 1) > 1:
+        if self._ask(lambda: self._store.add(_joined(self.rank), 1), "joining") > 1:
             self._refused = True
             raise ControlError(f"node {self.rank} has joined node 0's run already: is another `alignpipe run "
                                f"--node-rank {self.rank}` running? Give each node its own --node-rank")
@@ -389,7 +402,7 @@ class ControlFollower:
         from torch.distributed import DistError
 
         try:
-            self._store.set(_part_failed(stage, self.rank), str(returncode))
+            self._tell(_part_failed(stage, self.rank), str(returncode), f"reporting that its part of '{stage}' failed")
         except DistError as error:
             raise self._lost(f"reporting that its part of '{stage}' failed") from error
 
@@ -417,12 +430,12 @@ class ControlFollower:
         from torch.distributed import DistError
 
         try:
-            return self._read(key)
+            return self._ask(lambda: self._read(key), doing)
         except DistError as error:
-            if not self._reconnect():
+            if not self._reconnect(doing):
                 raise self._lost(doing) from error
         try:
-            return self._read(key)
+            return self._ask(lambda: self._read(key), doing)
         except DistError as error:
             raise self._lost(doing) from error
 
@@ -431,14 +444,52 @@ class ControlFollower:
             raise self._node_zero_stopped(self._store.get(ABORT).decode())
         return json.loads(self._store.get(key)) if self._store.check([key]) else None
 
-    def _reconnect(self) -> bool:
+    def _connect(self, doing: str):
+        """A new client of node 0's store; making one asks node 0 and waits for its reply."""
+        from torch.distributed import TCPStore
+
+        return self._ask(lambda: TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s)),
+                         doing)
+
+    def _tell(self, key: str, value: str, doing: str = "saying how it ends") -> None:
+        self._ask(lambda: self._store.set(key, value), doing)
+
+    def _ask(self, request: Callable[[], T], doing: str) -> T:
+        """``request()``'s result (one or a few calls to node 0's store), or its exception; a ControlError when node 0
+        has not answered it within ``silence_s``. Why a helper thread: the store's client waits for a reply in C++
+        (recv) without a deadline, where Python cannot interrupt it, so a frozen node 0 held this node (and its stage
+        part, and its GPUs) for ever. The thread left waiting is a daemon: it ends with the connection or the
+        process."""
+        box: dict = {}
+
+        def ask() -> None:
+            try:
+                box["answer"] = request()
+            except BaseException as error:  # noqa: BLE001 - raised again in the asking thread
+                box["error"] = error
+
+        helper = threading.Thread(target=ask, name=f"alignpipe-control-request-{self.rank}", daemon=True)
+        helper.start()
+        helper.join(self.silence_s)
+        if helper.is_alive():
+            self._node_zero_gone = True  # nobody to tell how this node ends: a request would wait for ever too
+            raise ControlError(
+                f"node 0 at {self.address}:{self.port} has not answered node {self.rank} for {self.silence_s:.0f}s "
+                f"while {doing}: its `alignpipe run` is stopped (SIGSTOP, Ctrl-Z) or its machine hangs, so this node "
+                "stops. See node 0's machine (is the process stopped? its system log), stop its run there and start "
+                "the run again on every node (add --resume to continue)")
+        if "error" in box:
+            raise box["error"]
+        return box["answer"]
+
+    def _reconnect(self, doing: str) -> bool:
         """A new connection to node 0's store if its port still answers; False if not. A plain socket first: the
         store's own client retries, logging each try, until its timeout."""
-        from torch.distributed import DistError, TCPStore
+        from torch.distributed import DistError
 
         try:
             socket.create_connection((self.address, self.port), timeout=min(RECONNECT_S, self.timeout_s)).close()
-            self._store = TCPStore(self.address, self.port, None, False, timedelta(seconds=self.timeout_s))
+            self._store = self._connect(doing)
         except (OSError, DistError):
             return False
         log.warning("the connection to node 0's control channel at %s:%d broke; connected again", self.address,
@@ -491,7 +542,8 @@ class ControlFollower:
 class _Heartbeat:
     """A follower's heartbeat: a daemon thread that adds 1 to ``beat/<rank>`` every ``HEARTBEAT_S`` through its own
     connection (the main thread's store client is not shared across threads). It stops on ``stop``, or quietly
-    when node 0 is gone (the main thread finds that out itself, and says so)."""
+    when node 0 is gone (the main thread finds that out itself, and says so); one left waiting for a frozen node 0's
+    reply is a daemon, and ends with the process."""
 
     def __init__(self, address: str, port: int, rank: int, timeout_s: float) -> None:
         self._where = (address, port, timeout_s)
@@ -519,6 +571,7 @@ class _Heartbeat:
             if self._stopped.wait(HEARTBEAT_S):
                 return
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         self._stopped.set()
-        self._thread.join(timeout=HEARTBEAT_S)
+        if wait:
+            self._thread.join(timeout=HEARTBEAT_S)

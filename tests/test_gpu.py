@@ -151,7 +151,9 @@ def test_a_deepspeed_run_publishes_whole_checkpoints(zero, tmp_path):
     assert (run / "leaderboard.md").exists()
 
 
-LORA_STAGES = {  # run as it stands with --deepspeed zero2 and zero3 on an H100
+# Run as it stands through `alignpipe run --gpus 1 --deepspeed zero3` on an H100 (2026-11-23); under zero2 the same
+# stage types ran there in a larger recipe, with GRPO on the gold reward.
+LORA_STAGES = {
     **TINY_RECIPE,
     "data": {"n_sft": 256, "n_pairs": 256},
     "stages": [

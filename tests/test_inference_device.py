@@ -27,8 +27,10 @@ def _devices(model) -> set[str]:
 def _ctx(path: str, **extra) -> SimpleNamespace:
     from alignpipe.recipe import DataSpec
 
-    recipe = SimpleNamespace(model=SimpleNamespace(dtype="float32", quantization=None), data=DataSpec(), seed=0)
-    return SimpleNamespace(recipe=recipe, device=META, start_model=path, **extra)
+    recipe = SimpleNamespace(model=SimpleNamespace(dtype="float32", quantization=None, gguf_file=None),
+                             data=DataSpec(), seed=0)
+    return SimpleNamespace(**{"recipe": recipe, "device": META, "start_model": path,
+                              "stage": SimpleNamespace(inputs=["sft"]), **extra})
 
 
 def _spy_generate(seen: list):

@@ -6,7 +6,6 @@ hands over the gathered state dict, and the module's own weights are emptied the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from alignpipe.models.whole_weights import zero3_partitioning_off
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.trainers.common import publish_model, zero3_state_dict
 
@@ -152,7 +152,7 @@ def test_models_used_outside_the_trainer_load_whole_in_a_zero3_process(zero3_run
     assert all(p.numel() > 0 for p in ensemble.parameters())
     assert is_deepspeed_zero3_enabled()
 
-    with _zero3_off():  # saving a reward model is the reward stage's job, which DeepSpeed never runs
+    with zero3_partitioning_off():  # saving a reward model is the reward stage's job, which DeepSpeed never runs
         classifier = AutoModelForSequenceClassification.from_pretrained(llama_path, num_labels=1)
         directory = save_single_reward_model(classifier, tokenizer, tmp_path / "rm")
     scorer = load_reward_scorer(directory)
@@ -163,7 +163,7 @@ def test_models_used_outside_the_trainer_load_whole_in_a_zero3_process(zero3_run
 def test_lora_adapters_merge_into_a_whole_reload_in_a_zero3_process(zero3_run, llama_path, tokenizer, tmp_path):
     """The reload LoRA adapters are merged into is whole (on a GPU: 'size of tensor a (0) must match')."""
     torch.manual_seed(0)
-    with _zero3_off():
+    with zero3_partitioning_off():
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32),
                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     with torch.no_grad():
@@ -178,16 +178,3 @@ def test_lora_adapters_merge_into_a_whole_reload_in_a_zero3_process(zero3_run, l
     base = load_file(Path(llama_path) / "model.safetensors")
     assert weights.keys() == base.keys() and all(w.shape == base[k].shape for k, w in weights.items())
     assert any(not torch.equal(w, base[k]) for k, w in weights.items())
-
-
-@contextmanager
-def _zero3_off():
-    """The test's own set-up outside the ZeRO-3 hook (the reward stage and the trainer's own model, say)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

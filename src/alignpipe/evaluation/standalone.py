@@ -96,7 +96,7 @@ def evaluate_paths(
                       reference=_expand(*_split(reference))[0] if reference else None, judge_path=None,
                       cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
-        first = Path(specs[0].partition("=")[2] or specs[0])
+        first = Path(_split(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
     return write_leaderboard(board, out)
 

@@ -66,10 +66,15 @@ class Topology:
     def is_main_node(self) -> bool:
         return self.node_rank == 0
 
+    @property
+    def deepspeed(self) -> DeepSpeedStage | None:
+        """The ZeRO stage its DeepSpeed config runs (``ds_<stage>.json``), None without DeepSpeed."""
+        return self.deepspeed_json.stem.removeprefix("ds_") if self.deepspeed_json else None
+
     def describe(self) -> str:
         nodes = (f" x {self.nodes} nodes (this is node {self.node_rank}; control channel on "
                  f"{self.main_addr}:{self.control_port})" if self.nodes > 1 else "")
-        zero = f", DeepSpeed {self.deepspeed_json.stem.removeprefix('ds_')}" if self.deepspeed_json else ""
+        zero = f", DeepSpeed {self.deepspeed}" if self.deepspeed else ""
         unit = "GPU(s)" if self.device == "cuda" else "CPU process(es)"
         return f"{self.processes_per_node} {unit}{nodes}{zero} (accelerate config {self.config.name})"
 

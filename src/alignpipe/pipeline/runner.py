@@ -423,10 +423,11 @@ class Runner:
         change (the one returned, whose command is printed), and as if they come out the same."""
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
         manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=False)
+        batch = self._batch_split(stage)
 
         def decide(hashes: dict) -> StageDecision:
             return decide_stage(directory, manifest, config_hash, hashes, forced=stage.name in self.force,
-                                resume=self.resume, batch=self._batch_split(stage), look_only=True)
+                                resume=self.resume, batch=batch, look_only=True)
 
         changed = decide(input_hashes)
         remade = [name for name, value in input_hashes.items() if value == UNBUILT]
@@ -555,8 +556,7 @@ def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> No
     if recipe.model.quantization is None:
         return
     for stage in recipe.stages:
-        json_file = stage_topology(topology, stage.type).deepspeed_json
-        if json_file is not None and json_file.stem == "ds_zero3":
+        if stage_topology(topology, stage.type).deepspeed == "zero3":
             raise ValueError(f"stages.{stage.name}: model.quantization (QLoRA) cannot run under --deepspeed zero3, "
                              "which cannot shard this project's 4-bit weights; use --deepspeed zero2 (the 4-bit base "
                              "is small: only the LoRA gradients and optimizer states need sharding) or no --deepspeed")

@@ -882,6 +882,15 @@ def read_saved_manifest(directory: str | os.PathLike[str], *, what: str, fmt: st
     return manifest
 
 
+def recorded_scoring(manifest: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A saved reward model's ``scoring`` record (empty for one saved without), with its ``max_length`` made the
+    default of the scorer's ``kwargs`` (a caller's own wins): both loaders score as the reward stage evaluated."""
+    scoring = manifest.get("scoring") or {}
+    if scoring.get("max_length"):
+        kwargs.setdefault("max_length", scoring["max_length"])
+    return scoring
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The validated manifest of a saved ensemble; ``FileNotFoundError`` naming the directory when it is absent."""
     manifest = read_saved_manifest(directory, what="reward ensemble", fmt=ENSEMBLE_FORMAT,
@@ -942,11 +951,9 @@ class EnsembleScorer:
         backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``; ``dtype`` and ``max_length`` to
         those it was trained with (the manifest's ``scoring``; float32 and 512 for an ensemble saved without)."""
         directory = Path(directory)
-        scoring = read_manifest(directory).get("scoring") or {}
+        scoring = recorded_scoring(read_manifest(directory), kwargs)
         if dtype is None:
             dtype = DTYPES.get(scoring.get("dtype"), torch.float32)
-        if scoring.get("max_length"):
-            kwargs.setdefault("max_length", scoring["max_length"])
         ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
         if device is not None:
             ensemble.to(device)

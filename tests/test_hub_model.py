@@ -1,0 +1,172 @@
+"""A hub model is pinned to one commit for the whole run (models.hub), through the Hub or, offline, the local cache.
+
+The Hub cannot be reached here, so the cache is a real Hugging Face cache layout (``models--owner--name/refs`` and
+``snapshots/<commit>``) built by the tests, read with ``HF_HUB_OFFLINE`` on, as on a compute node without network;
+the Hub's answers (a listing, a missing repository or revision) are stand-ins for ``HfApi.model_info``."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+from alignpipe.models import hub
+from alignpipe.models.loading import ModelError
+from alignpipe.pipeline.preflight import PreflightError, preflight
+from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.runner import Runner
+from alignpipe.recipe import RecipeError, load_recipe
+
+FIRST, SECOND = "1" * 40, "2" * 40
+SUPPORT = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "chat_template.jinja"]
+
+
+def test_only_what_transformers_loads_is_fetched_and_one_copy_of_the_weights():
+    repo = [*SUPPORT, "README.md", ".gitattributes", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx", "modeling_custom.py"]
+    assert hub.files_to_fetch(repo) == tuple(sorted([
+        *SUPPORT, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json"]))
+    assert "modeling_custom.py" in hub.files_to_fetch(repo, remote_code=True)  # the one case it runs
+
+    older = [*SUPPORT, "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+             "pytorch_model.bin.index.json", "training_args.bin"]
+    assert hub.files_to_fetch(older) == tuple(sorted([
+        *SUPPORT, "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json"]))
+
+
+def test_a_gguf_repository_fetches_the_named_file_only():
+    repo = ["README.md", "tokenizer.json", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "m-f16.gguf"]
+    assert hub.files_to_fetch(repo, gguf_file="m-Q8_0.gguf") == ("m-Q8_0.gguf", "tokenizer.json")
+    with pytest.raises(ModelError, match=r"no GGUF file 'm-Q5\.gguf'.*m-Q4_K_M\.gguf, m-Q8_0\.gguf, m-f16\.gguf"):
+        hub.files_to_fetch(repo, gguf_file="m-Q5.gguf")
+    with pytest.raises(ModelError, match="no weights transformers can load.*needs model.gguf_file"):
+        hub.files_to_fetch(repo)
+
+
+def test_a_repository_without_a_config_is_refused():
+    with pytest.raises(ModelError, match="no config.json at the top level.*not a dataset or a space"):
+        hub.files_to_fetch(["data/train.parquet", "model.safetensors", "README.md"], repo_id="owner/data")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, llama_path):
+    """An offline Hugging Face cache holding ``owner/tiny`` at two commits: ``main`` at the second, tag ``v1`` at
+    the first; the two snapshots differ in their weights."""
+    cache = tmp_path / "hf-cache"
+    repository = cache / "models--owner--tiny"
+    for commit in (FIRST, SECOND):
+        shutil.copytree(llama_path, repository / "snapshots" / commit)
+    weights = repository / "snapshots" / SECOND / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(SECOND)
+    (repository / "refs" / "v1").write_text(FIRST)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repository
+
+
+def test_offline_a_revision_resolves_through_the_cache(hub_cache):
+    main = hub.resolve("owner/tiny", None)
+    assert (main.commit, main.revision, main.folder) == (SECOND, "main", hub_cache / "snapshots" / SECOND)
+    assert hub.fetch(main) == main.folder  # nothing to download
+    assert hub.resolve("owner/tiny", "v1").commit == FIRST
+    assert hub.resolve("owner/tiny", FIRST).folder == hub_cache / "snapshots" / FIRST
+    assert hub.resolve("owner/tiny", FIRST).describe() == f"owner/tiny at commit {FIRST[:12]}"
+
+    for name, revision in (("owner/tiny", "v2"), ("owner/other", None), ("owner/tiny", "3" * 40)):
+        with pytest.raises(ModelError, match=r"not in the local Hugging Face cache .*offline mode is on.*hf download"):
+            hub.resolve(name, revision)
+
+
+def test_offline_a_cached_snapshot_without_weights_is_refused(hub_cache):
+    (hub_cache / "snapshots" / SECOND / "model.safetensors").unlink()  # only the config was ever fetched
+    with pytest.raises(ModelError, match=r"the cached snapshot of owner/tiny .* has no weights"):
+        hub.resolve("owner/tiny", None)
+
+
+def _hub_error(kind: type[Exception]) -> Exception:
+    """``kind`` as huggingface_hub raises it, without the HTTP response its constructor takes (which only feeds the
+    message), so the test does not depend on the HTTP library huggingface_hub happens to use."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, "404 Client Error")
+    return error
+
+
+def test_the_hubs_answers_become_errors_that_say_what_to_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+
+    def answer(error):
+        def model_info(self, repo_id, revision=None, **kwargs):
+            if error is None:
+                siblings = [SimpleNamespace(rfilename=name) for name in [*SUPPORT, "model.safetensors", "x.onnx"]]
+                return SimpleNamespace(sha=FIRST, siblings=siblings)
+            raise error
+        monkeypatch.setattr(HfApi, "model_info", model_info)
+
+    answer(_hub_error(RepositoryNotFoundError))
+    with pytest.raises(ModelError, match=r"'owner/gone' is not on the Hugging Face Hub.*private or gated.*HF_TOKEN"):
+        hub.resolve("owner/gone", None)
+    answer(_hub_error(RevisionNotFoundError))
+    with pytest.raises(ModelError, match=r"'owner/tiny' has no revision 'v9' on the Hub.*a branch, a tag"):
+        hub.resolve("owner/tiny", "v9")
+    answer(ConnectionError("Name or service not known"))  # no route to the Hub, and nothing cached
+    with pytest.raises(ModelError, match=r"Hub could not be reached \(ConnectionError: Name or service not known\)"):
+        hub.resolve("owner/tiny", None)
+
+    answer(None)
+    snapshot = hub.resolve("owner/tiny", "main")
+    assert (snapshot.commit, snapshot.folder) == (FIRST, None)
+    assert snapshot.files == tuple(sorted([*SUPPORT, "model.safetensors"]))
+    assert hub.snapshot_folder(snapshot) == tmp_path / "models--owner--tiny" / "snapshots" / FIRST
+
+
+def test_a_revision_is_refused_where_there_is_nothing_to_pin(tmp_path, llama_path):
+    recipe = {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "revision": "main"}}
+    with pytest.raises(RecipeError, match="revision.*not with the built-in"):
+        load_recipe(write_recipe(tmp_path, recipe))
+    local = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "model": {"name_or_path": llama_path,
+                                                                          "revision": "v1"}}))
+    with pytest.raises(PreflightError, match="is a local folder, which has no revisions; drop model.revision"):
+        preflight(local)
+
+
+def test_a_hub_model_that_is_nowhere_fails_the_preflight_before_anything_is_written(tmp_path, hub_cache):
+    recipe = load_recipe(_hub_recipe(tmp_path, name_or_path="owner/gone"))
+    with pytest.raises(PreflightError, match=r"model.name_or_path: model 'owner/gone' at revision 'main' is not in "):
+        Runner(recipe, runs_dir=tmp_path / "runs", in_process=True).run()
+    assert not (tmp_path / "runs").exists()
+
+
+def _hub_recipe(tmp_path, **model):
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2}
+    recipe = {**TINY_RECIPE, "model": {"name_or_path": "owner/tiny", **model}, "stages": [sft]}
+    return write_recipe(tmp_path, recipe)
+
+
+def test_a_run_trains_on_the_pinned_snapshot_and_an_upstream_push_reruns_it(tmp_path, hub_cache):
+    runs = tmp_path / "runs"
+
+    def run(dry_run=False, **model):
+        recipe = load_recipe(_hub_recipe(tmp_path, **model))
+        return {o.name: o for o in Runner(recipe, runs_dir=runs, in_process=True, dry_run=dry_run).run()}
+
+    assert run()["sft"].action == "ran"
+    sft = StageDir(runs / "tiny" / "sft")
+    assert sft.read_config()["base"] == str(hub_cache / "snapshots" / SECOND)  # main, pinned for every stage
+    assert run()["sft"].action == "skipped"
+    assert run(revision=SECOND)["sft"].action == "skipped"  # main named by its commit: the same model
+
+    (hub_cache / "refs" / "main").write_text(FIRST)  # upstream moved main
+    assert run(dry_run=True)["sft"].reason == "run (config or inputs changed)"
+    assert run()["sft"].action == "ran"
+    assert sft.read_config()["base"] == str(hub_cache / "snapshots" / FIRST)
+    assert run(revision="v1")["sft"].action == "skipped"

@@ -325,6 +325,62 @@ def test_a_stage_recorded_before_content_hashes_is_kept_and_gets_them(tmp_path):
     assert _run(recipe_path, runs)[0]["sft"].action == "ran"  # a key it did record differs: that is a change
 
 
+def test_logging_and_saving_settings_do_not_rerun_a_complete_stage(tmp_path):
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 2, "logging_steps": 1, "save_total_limit": 1}
+    runs = tmp_path / "runs"
+
+    def run(**changes):
+        return _run(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**sft, **changes}]}), runs)
+
+    outcome, runner = run()
+    assert outcome["sft"].action == "ran"
+    stage = StageDir(runner.run_dir / "sft")
+    recorded = stage.read_manifest()
+    assert run(logging_steps=3, save_steps=3, save_total_limit=2)[0]["sft"].action == "skipped"
+
+    # recorded by an older alignpipe, whose config hash covered them: adopted, not re-run
+    older = runner._config_hash_with_logging_and_saving(runner.recipe.stage("sft"))
+    assert older != recorded["config_hash"]
+    stage.update_manifest(config_hash=older)
+    assert run()[0]["sft"].action == "skipped" and stage.read_manifest()["config_hash"] == recorded["config_hash"]
+    stage.update_manifest(config_hash=older)
+    assert run(save_steps=3)[0]["sft"].action == "ran"  # older, with other values than today's: not the same config
+
+    assert run(save_steps=3, learning_rate=1e-3)[0]["sft"].action == "ran"
+
+
+def test_logging_and_saving_settings_leave_every_training_loops_output_unchanged(tmp_path):
+    """What lets ``LOGGING_AND_SAVING`` out of the config hash: each training loop's checkpoint is the same bit for
+    bit whatever they are (TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's rounds, PPO's)."""
+    def stages(**every):
+        return [
+            {"name": "sft", "type": "sft", "learning_rate": 3e-3, "max_steps": 12, "per_device_train_batch_size": 16,
+             "max_length": 48, "lr_scheduler_type": "constant", **every},
+            {"name": "reward", "type": "reward", "inputs": ["sft"], "members": 2, "max_length": 48,
+             "per_device_train_batch_size": 16, "learning_rate": 1e-3, **every},
+            {"name": "dpo", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3, "max_steps": 8,
+             "per_device_train_batch_size": 16, "max_length": 48, **every},
+            {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 32,
+             "samples_per_prompt": 2, "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_length": 48,
+             "eval_prompts": 16, **every},
+            {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "total_steps": 6,
+             "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "learning_rate": 1e-3, "eval_every": 3,
+             "eval_prompts": 16, "save_steps": every["save_steps"], "save_total_limit": every["save_total_limit"]},
+            {"name": "grpo", "type": "grpo", "inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3,
+             "max_steps": 4, "per_device_train_batch_size": 8, **every},
+        ]
+
+    runs = tmp_path / "runs"
+    recipe = {**TINY_RECIPE, "stages": stages(logging_steps=1, save_steps=2, save_total_limit=1)}
+    _, runner = _run(write_recipe(tmp_path, recipe), runs)
+    names = [stage["name"] for stage in recipe["stages"]]
+    first = {name: StageDir(runner.run_dir / name).read_manifest()["output_sha256"] for name in names}
+    recipe = {**TINY_RECIPE, "stages": stages(logging_steps=7, save_steps=5, save_total_limit=3)}
+    outcomes, _ = _run(write_recipe(tmp_path, recipe), runs, force=names)
+    assert {name: outcomes[name].action for name in names} == dict.fromkeys(names, "ran")
+    assert {name: StageDir(runner.run_dir / name).read_manifest()["output_sha256"] for name in names} == first
+
+
 def _dry_run(recipe_path, runs, *options, capsys) -> dict[str, tuple[str, str]]:
     """``alignpipe run --dry-run``: {stage: (what it says it would do, the command)}; checks it changed nothing."""
     from alignpipe.cli import main

@@ -70,6 +70,10 @@ log = logging.getLogger("alignpipe")
 
 PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
+# Settings that decide when a stage logs and saves a resumable checkpoint, never what it trains: left out of its
+# config hash, so changing them does not re-run a complete stage. Its output is the same bit for bit whatever they
+# are: tests/test_runner.py checks TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's and PPO's.
+LOGGING_AND_SAVING = ("logging_steps", "save_steps", "save_total_limit")
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
@@ -288,7 +292,7 @@ class Runner:
                    channel: Alone | ControlHost) -> StageOutcome:
         directory = StageDir(self.run_dir / stage.name)
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
-        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=True)
+        manifest = self._recorded_manifest(stage, directory, config_hash, input_hashes, adopt=True)
         batch = self._batch_split(stage)
         decision = decide_stage(directory, manifest, config_hash, input_hashes, forced=stage.name in self.force,
                                 resume=self.resume, batch=batch)
@@ -378,7 +382,8 @@ class Runner:
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
     def _stage_hashes(self, stage, outputs: dict[str, tuple[str, str | None]]) -> tuple[str, dict]:
-        config_hash = canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
+        config_hash = canonical_hash({"stage": stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING)),
+                                      **self._recipe_context()})
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
@@ -390,17 +395,29 @@ class Runner:
             input_hashes[MODEL] = content
         return config_hash, input_hashes
 
-    def _recorded_manifest(self, directory: StageDir, config_hash: str, input_hashes: dict, *, adopt: bool) -> dict:
-        """The stage's manifest. One recorded before local files were hashed by content takes their current hashes
-        (see ``_recorded_before_content_keys``): written back when ``adopt``, only assumed by a dry run."""
+    def _recorded_manifest(self, stage, directory: StageDir, config_hash: str, input_hashes: dict, *,
+                           adopt: bool) -> dict:
+        """The stage's manifest, with two migrations of older records: written back when ``adopt``, only assumed by a
+        dry run. A config hash recorded when it still covered the logging and saving settings becomes today's (see
+        ``LOGGING_AND_SAVING``), and a stage recorded before local files were hashed by content takes their current
+        hashes (see ``_recorded_before_content_keys``)."""
         manifest = directory.read_manifest() or {}
-        if not _recorded_before_content_keys(manifest, config_hash, input_hashes):
-            return manifest
-        if adopt:
-            log.info("[%s] recorded before local files were hashed by content: adopting their current hashes",
-                     directory.name)
-            directory.update_manifest(input_hashes=input_hashes)
-        return {**manifest, "input_hashes": input_hashes}
+        updates = {}
+        if manifest.get("config_hash") not in (None, config_hash) and \
+                manifest["config_hash"] == self._config_hash_with_logging_and_saving(stage):
+            updates["config_hash"] = config_hash
+        if _recorded_before_content_keys({**manifest, **updates}, config_hash, input_hashes):
+            updates["input_hashes"] = input_hashes
+        if updates and adopt:
+            log.info("[%s] recorded by an older alignpipe: adopting today's %s", directory.name,
+                     " and ".join({"config_hash": "config hash (logging and saving settings left out)",
+                                   "input_hashes": "content hashes of its local files"}[key] for key in updates))
+            directory.update_manifest(**updates)
+        return {**manifest, **updates}
+
+    def _config_hash_with_logging_and_saving(self, stage) -> str:
+        """The config hash as recorded before ``LOGGING_AND_SAVING`` was left out of it."""
+        return canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
 
     def _dry_run(self) -> list[StageOutcome]:
         """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
@@ -445,7 +462,7 @@ class Runner:
         hash yet (``UNBUILT``); when the decision depends on them, both cases are described: the decision as if they
         change (the one returned, whose command is printed), and as if they come out the same."""
         config_hash, input_hashes = self._stage_hashes(stage, outputs)
-        manifest = self._recorded_manifest(directory, config_hash, input_hashes, adopt=False)
+        manifest = self._recorded_manifest(stage, directory, config_hash, input_hashes, adopt=False)
         batch = self._batch_split(stage)
 
         def decide(hashes: dict) -> StageDecision:

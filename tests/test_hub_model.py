@@ -6,6 +6,7 @@ the Hub's answers (a listing, a missing repository or revision) are stand-ins fo
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -35,6 +36,14 @@ def test_only_what_transformers_loads_is_fetched_and_one_copy_of_the_weights():
         "model.safetensors.index.json"]))
     assert "modeling_custom.py" in hub.files_to_fetch(repo, remote_code=True)  # the one case it runs
 
+    mistral = [*SUPPORT, "consolidated.safetensors", "params.json", "tokenizer.model.v3",  # a copy for another runtime
+               "model.safetensors.index.json", *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))]
+    assert [name for name in hub.files_to_fetch(mistral) if name.endswith(".safetensors")] == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert hub.files_to_fetch(["config.json", "weights.safetensors"]) == ("config.json", "weights.safetensors")
+    templates = [*SUPPORT, "model.safetensors", "additional_chat_templates/tool_use.jinja"]
+    assert "additional_chat_templates/tool_use.jinja" in hub.files_to_fetch(templates)  # named chat templates
+
     older = [*SUPPORT, "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
              "pytorch_model.bin.index.json", "training_args.bin"]
     assert hub.files_to_fetch(older) == tuple(sorted([
@@ -54,6 +63,8 @@ def test_a_gguf_repository_fetches_the_named_file_only():
 def test_a_repository_without_a_config_is_refused():
     with pytest.raises(ModelError, match="no config.json at the top level.*not a dataset or a space"):
         hub.files_to_fetch(["data/train.parquet", "model.safetensors", "README.md"], repo_id="owner/data")
+    with pytest.raises(ModelError, match="it holds a PEFT adapter: name its base model here"):
+        hub.files_to_fetch(["adapter_config.json", "adapter_model.safetensors"], repo_id="owner/lora")
 
 
 @pytest.fixture
@@ -85,6 +96,54 @@ def test_offline_a_revision_resolves_through_the_cache(hub_cache):
     for name, revision in (("owner/tiny", "v2"), ("owner/other", None), ("owner/tiny", "3" * 40)):
         with pytest.raises(ModelError, match=r"not in the local Hugging Face cache .*offline mode is on.*hf download"):
             hub.resolve(name, revision)
+
+
+def test_a_download_records_the_revisions_ref_so_the_cache_resolves_it_offline_later(hub_cache, monkeypatch,
+                                                                                      llama_path):
+    """huggingface_hub writes a branch's ref only when it resolves the branch itself; ``fetch`` downloads by commit."""
+    import huggingface_hub
+
+    shutil.rmtree(hub_cache)
+    asked = {}
+
+    def snapshot_download(repo_id, *, revision, allow_patterns):  # the transfer: files land under the commit
+        asked.update(revision=revision, allow_patterns=allow_patterns)
+        folder = hub_cache / "snapshots" / revision
+        shutil.copytree(llama_path, folder)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    files = ("config.json", "model.safetensors", "tokenizer.json", "x[1].json")
+    assert hub.fetch(hub.HubSnapshot("owner/tiny", "main", FIRST, files=files)) == hub_cache / "snapshots" / FIRST
+    assert asked == {"revision": FIRST,  # escaped: matched as glob patterns, where "[1]" would not match itself
+                     "allow_patterns": ["config.json", "model.safetensors", "tokenizer.json", "x[[]1].json"]}
+    assert (hub_cache / "refs" / "main").read_text() == FIRST
+    assert hub.resolve("owner/tiny", None).commit == FIRST  # offline (the fixture's HF_HUB_OFFLINE)
+
+    (hub_cache / "refs" / "main").unlink()
+    with pytest.raises(ModelError, match=f"the cache has it at commit.s. {FIRST} but does not say which is 'main'"):
+        hub.resolve("owner/tiny", None)
+
+
+def test_a_gated_model_says_how_to_get_access(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def snapshot_download(repo_id, **kwargs):
+        raise _hub_error(GatedRepoError)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ModelError, match=r"'owner/llama' is gated: accept its licence .*hf auth login"):
+        hub.fetch(hub.HubSnapshot("owner/llama", "main", FIRST, files=("config.json",)))
+
+
+def test_offline_a_cached_snapshot_missing_a_shard_is_refused(hub_cache):
+    folder = hub_cache / "snapshots" / SECOND
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ModelError, match=r"lacks 1 of its 2 weight shards \(model-00002-of-00002.safetensors"):
+        hub.resolve("owner/tiny", None)
 
 
 def test_offline_a_cached_snapshot_without_weights_is_refused(hub_cache):

@@ -13,6 +13,8 @@ huggingface_hub itself would resolve it, so a cache filled on another machine wo
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ DEFAULT_REVISION = "main"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # Top-level files transformers reads besides the weights: configs, tokenizer files, chat templates.
 SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+NAMED_CHAT_TEMPLATES = "additional_chat_templates/"  # transformers 5 reads every .jinja there as a named template
+TRANSFORMERS_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 
 
@@ -44,13 +48,15 @@ class HubSnapshot:
 
 def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remote_code: bool = False,
                    repo_id: str = "the model") -> tuple[str, ...]:
-    """The files of a hub model's commit that loading it needs: top-level configs and tokenizer files, and one copy
-    of the weights: the named GGUF file, else the safetensors files, else ``pytorch_model*.bin``. Why not the whole
-    repository: many ship the weights twice or three times (safetensors beside ``.bin``, an ``original/`` folder of
-    consolidated checkpoints, ONNX exports), which would multiply the download. Python files are fetched only with
-    ``model.trust_remote_code``, the one case transformers runs them."""
+    """The files of a hub model's commit that loading it needs: top-level configs and tokenizer files, named chat
+    templates, and one copy of the weights: the named GGUF file, else transformers' ``model*.safetensors`` (any
+    top-level safetensors when none is named so), else ``pytorch_model*.bin``. Why not the whole repository: many
+    ship the weights twice or three times (``.bin`` beside safetensors, a ``consolidated.safetensors`` for another
+    runtime, an ``original/`` folder, ONNX exports), which would multiply the download. Python files are fetched only
+    with ``model.trust_remote_code``, the one case transformers runs them."""
     top_level = [name for name in repo_files if "/" not in name]
     wanted = {name for name in top_level if name.endswith(SUPPORT_FILE_SUFFIXES)}
+    wanted |= {name for name in repo_files if name.startswith(NAMED_CHAT_TEMPLATES) and name.endswith(".jinja")}
     if remote_code:
         wanted |= {name for name in top_level if name.endswith(".py")}
     if gguf_file is not None:
@@ -60,14 +66,17 @@ def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remot
                              f"{', '.join(ggufs) if ggufs else 'none'}")
         weights = [gguf_file]
     else:
-        weights = ([name for name in top_level if name.endswith(".safetensors")]
+        weights = ([name for name in top_level if TRANSFORMERS_SAFETENSORS.fullmatch(name)]
+                   or [name for name in top_level if name.endswith(".safetensors")]
                    or [name for name in top_level if TORCH_BIN_WEIGHTS.fullmatch(name)])
     if not weights:
         raise ModelError(f"{repo_id} has no weights transformers can load (model*.safetensors or "
                          "pytorch_model*.bin at the top level); a GGUF-only repository needs model.gguf_file")
     if "config.json" not in wanted and gguf_file is None:
+        adapter = " (it holds a PEFT adapter: name its base model here and train your own adapter on it)" \
+            if "adapter_config.json" in wanted else " (a model repository, not a dataset or a space)"
         raise ModelError(f"{repo_id} has no config.json at the top level, so transformers cannot build it; check "
-                         "model.name_or_path (a model repository, not a dataset or a space)")
+                         f"model.name_or_path{adapter}")
     return tuple(sorted(wanted | set(weights)))
 
 
@@ -104,39 +113,82 @@ def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_co
     snapshot has a loadable model."""
     from huggingface_hub import constants
 
-    cache = Path(constants.HF_HUB_CACHE)
-    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    repository = _repository_folder(repo_id)
     ref = repository / "refs" / revision
     commit = revision if COMMIT.fullmatch(revision) else (ref.read_text().strip() if ref.is_file() else None)
     folder = repository / "snapshots" / commit if commit else None
     if folder is None or not folder.is_dir():
         offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.is_offline_mode() else \
             f"the Hub could not be reached ({type(unreachable).__name__}: {unreachable})"
+        cached = sorted(path.name for path in (repository / "snapshots").glob("*") if path.is_dir())
+        known = f"; the cache has it at commit(s) {', '.join(cached)} but does not say which is {revision!r}: name " \
+                "one as model.revision" if cached else ""
         raise ModelError(f"model {repo_id!r} at revision {revision!r} is not in the local Hugging Face cache "
-                         f"({cache}) and {offline}; download it where there is network (`hf download {repo_id}"
-                         f"{'' if revision == DEFAULT_REVISION else ' --revision ' + revision}` into the same "
-                         "HF_HUB_CACHE), or give a local checkpoint folder") from unreachable
+                         f"({constants.HF_HUB_CACHE}) and {offline}{known}; download it where there is network "
+                         f"(`hf download {repo_id}{'' if revision == DEFAULT_REVISION else ' --revision ' + revision}"
+                         "` into the same HF_HUB_CACHE), or give a local checkpoint folder") from unreachable
     cached = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
-    files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code,
-                   repo_id=f"the cached snapshot of {repo_id} ({folder})")
+    where = f"the cached snapshot of {repo_id} ({folder})"
+    files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code, repo_id=where)
+    _check_shards(folder, where)
     return HubSnapshot(repo_id, revision, commit, folder=folder)
+
+
+def _check_shards(folder: Path, where: str) -> None:
+    """Every shard a cached snapshot's weight index names is there: a download cut short leaves some out."""
+    import json
+
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            shards = set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
+            if missing := sorted(name for name in shards if not (folder / name).is_file()):
+                raise ModelError(f"{where} lacks {len(missing)} of its {len(shards)} weight shards ({missing[0]}, "
+                                 "...), as a download cut short leaves it; download it again where there is network")
+            return
 
 
 def fetch(snapshot: HubSnapshot) -> Path:
     """The local folder of ``snapshot``'s commit with its model files, downloaded into the Hugging Face cache where
-    they are missing (huggingface_hub's progress bars; files already there are not fetched again)."""
+    they are missing (huggingface_hub's progress bars; files already there are not fetched again). The revision's
+    ref is recorded beside it, as ``from_pretrained`` records it, so the same cache resolves it later offline."""
     if snapshot.folder is not None:
         return snapshot.folder
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
-    return Path(snapshot_download(snapshot.repo_id, revision=snapshot.commit, allow_patterns=list(snapshot.files)))
+    try:  # names escaped: huggingface_hub matches them as glob patterns, and "[" is a file name character too
+        folder = Path(snapshot_download(snapshot.repo_id, revision=snapshot.commit,
+                                        allow_patterns=[glob.escape(name) for name in snapshot.files]))
+    except GatedRepoError as error:
+        raise ModelError(f"model {snapshot.repo_id!r} is gated: accept its licence on its Hub page and log in on "
+                         "this machine (`hf auth login`, or HF_TOKEN) with that account") from error
+    except HfHubHTTPError as error:
+        raise ModelError(f"downloading {snapshot.describe()} failed: {error}") from error
+    if snapshot.revision != snapshot.commit:
+        _record_ref(snapshot.repo_id, snapshot.revision, snapshot.commit)
+    return folder
+
+
+def _record_ref(repo_id: str, revision: str, commit: str) -> None:
+    """Write the cache's ``refs/<revision>`` (atomically): huggingface_hub writes it only when it resolves a branch
+    or tag itself, and :func:`fetch` downloads by commit."""
+    ref = _repository_folder(repo_id) / "refs" / revision
+    if ref.is_file() and ref.read_text().strip() == commit:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    temporary = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
+    temporary.write_text(commit)
+    os.replace(temporary, ref)
+
+
+def _repository_folder(repo_id: str) -> Path:
+    """A model repository's folder in the Hugging Face cache (its documented layout: ``models--owner--name``)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
 
 
 def snapshot_folder(snapshot: HubSnapshot) -> Path:
     """Where :func:`fetch` puts (or found) ``snapshot``, without downloading: for a dry run's commands."""
-    if snapshot.folder is not None:
-        return snapshot.folder
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / f"models--{snapshot.repo_id.replace('/', '--')}" / "snapshots" / \
+    return snapshot.folder if snapshot.folder is not None else _repository_folder(snapshot.repo_id) / "snapshots" / \
         snapshot.commit

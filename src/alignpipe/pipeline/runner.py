@@ -271,7 +271,8 @@ class Runner:
         return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
 
     def _hub_snapshot(self):
-        """The recipe's hub model pinned to a commit, resolved once per run (preparing and planning both ask)."""
+        """The recipe's hub model pinned to a commit, resolved once by the runner (preparing and planning both ask;
+        the preflight resolves it on its own first, to fail before anything is written)."""
         if self._snapshot is None:
             from alignpipe.models import hub
 

@@ -373,6 +373,39 @@ def test_hub_ids_stay_names_and_outside_backbones_absolute(llama_path, tmp_path)
         RewardEnsemble.create(_spec(str(tmp_path / "no-such-model")))  # not the hub's "Repo id must be ..." error
 
 
+def test_an_ensemble_on_a_hub_snapshot_loads_from_another_machines_cache(llama_path, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """The runner pins a hub model to a snapshot folder of this machine's Hugging Face cache; the ensemble records
+    the repo id and commit, so where that folder is not (another machine, a moved cache) the same commit is used."""
+    from huggingface_hub import constants
+
+    commit = "c" * 40
+    snapshot = tmp_path / "cache-a" / "models--owner--tiny" / "snapshots" / commit
+    shutil.copytree(llama_path, snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache-a"))
+    ensemble = RewardEnsemble.create(_spec(str(snapshot)))
+    _perturb(ensemble)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        expected = ensemble(**batch)
+    ensemble.save(tmp_path / "rm")
+    manifest = json.loads((tmp_path / "rm" / "manifest.json").read_text())
+    assert manifest["backbone"] == {"relative_to_checkpoint": False, "sha256": None,
+                                    "hub": {"repo_id": "owner/tiny", "commit": commit}}
+
+    shutil.move(tmp_path / "cache-a", tmp_path / "cache-b")  # the other machine's cache holds that commit
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache-b"))
+    loaded = RewardEnsemble.load(tmp_path / "rm")
+    assert loaded.spec.backbone == str(tmp_path / "cache-b" / "models--owner--tiny" / "snapshots" / commit)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), expected, atol=1e-6, rtol=0)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache-c"))  # it holds nothing, and no network
+    with pytest.raises(ValueError, match=rf"model 'owner/tiny' at revision '{commit}' is not in the local Hugging"):
+        RewardEnsemble.load(tmp_path / "rm")
+
+
 # ------------------------------------------------------------------------------------------------ encoding
 
 

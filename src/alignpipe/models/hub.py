@@ -192,3 +192,20 @@ def snapshot_folder(snapshot: HubSnapshot) -> Path:
     """Where :func:`fetch` puts (or found) ``snapshot``, without downloading: for a dry run's commands."""
     return snapshot.folder if snapshot.folder is not None else _repository_folder(snapshot.repo_id) / "snapshots" / \
         snapshot.commit
+
+
+def cached_snapshot_identity(folder: str | Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a snapshot folder in a Hugging Face cache (``models--owner--name/snapshots/<commit>``);
+    None for any other folder. Hub repository names cannot hold ``--``, so the folder name splits one way only."""
+    folder = Path(folder)
+    repository = folder.parent.parent.name
+    if folder.parent.name != "snapshots" or not COMMIT.fullmatch(folder.name) or \
+            not repository.startswith("models--"):
+        return None
+    return repository.removeprefix("models--").replace("--", "/"), folder.name
+
+
+def snapshot_here(repo_id: str, commit: str) -> Path:
+    """This machine's folder of ``repo_id`` at ``commit``: from its Hugging Face cache, else downloaded. For what was
+    saved naming a snapshot folder of another cache (a reward ensemble's backbone, copied to another machine)."""
+    return fetch(resolve(repo_id, commit))

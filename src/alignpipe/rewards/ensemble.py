@@ -281,10 +281,17 @@ def _backbone_record(backbone: str, directory: Path) -> tuple[str, dict[str, Any
     archived whole; its absolute path is recorded too (``absolute``), for an ensemble copied out of its run. Another
     local backbone is stored by its absolute path; a hub id or ``pypi:`` name as given. The record's ``sha256`` is
     the backbone's ``directory_hash`` when its stage manifest already records it (free to get), else None (hashing a
-    large model on every save is not)."""
+    large model on every save is not). A hub model's snapshot folder (the runner pins the recipe's hub model to one)
+    is recorded with its repo id and commit (``hub``), so another machine finds or downloads the same weights."""
+    from alignpipe.models.hub import cached_snapshot_identity
+
     local = _local_backbone(backbone)
     if local is None:
         return backbone, {"relative_to_checkpoint": False, "sha256": None}
+    if (identity := cached_snapshot_identity(local)) is not None:
+        repo_id, commit = identity
+        return str(local), {"relative_to_checkpoint": False, "sha256": None,
+                            "hub": {"repo_id": repo_id, "commit": commit}}
     here = Path(directory).resolve()
     run = here.parent.parent
     relative = local.is_relative_to(run) and (run / RUN_FILE).is_file()
@@ -322,6 +329,11 @@ def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, o
         named = f"its backbone {location}"
         missing_fix = f"put that checkpoint back there, or {loader_fix}"
     path = Path(location).expanduser()
+    if not path.exists() and record.get("hub"):  # another machine's Hugging Face cache: this one's, at that commit
+        from alignpipe.models.hub import snapshot_here
+
+        path = snapshot_here(record["hub"]["repo_id"], record["hub"]["commit"])
+        location = str(path)
     if not path.exists():
         if relative or os.path.isabs(location) or looks_like_path(location):
             raise FileNotFoundError(f"reward ensemble {directory}: {named} does not exist; {missing_fix}")

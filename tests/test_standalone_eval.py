@@ -49,6 +49,46 @@ def test_re_running_eval_is_served_from_the_cache(completed_tiny_run, tmp_path, 
     assert any((tmp_path / "cache" / "generations").rglob("*.json"))
 
 
+def test_a_hub_model_is_pinned_fetched_and_cached_like_a_local_checkpoint(completed_tiny_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    """``ORG/NAME@REVISION`` resolves through the Hugging Face cache here (offline, as on a node without network)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    import alignpipe.evaluation.harness as harness
+
+    runner, _ = completed_tiny_run
+    repository = tmp_path / "hf-cache" / "models--owner--tiny"
+    for commit, stage in (("1" * 40, "sft"), ("2" * 40, "dpo")):
+        shutil.copytree(runner.run_dir / stage / "checkpoint", repository / "snapshots" / commit)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("2" * 40)
+    (repository / "refs" / "v1").write_text("1" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = ["--reference", "sft=owner/tiny@v1", "--n-prompts", "12", "--max-new-tokens", "8",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", "owner/tiny", "dpo=" + str(runner.run_dir / "dpo" / "checkpoint"), *args,
+                 "--out", str(tmp_path / "first")]) == 0
+    board = json.loads((tmp_path / "first" / "leaderboard.json").read_text())
+    rows = {c["name"]: c for c in board["checkpoints"]}
+    assert rows["tiny"]["path"] == str(repository / "snapshots" / ("2" * 40))  # main: the dpo weights
+    assert rows["tiny"]["weights_sha256"] == rows["dpo"]["weights_sha256"]
+    assert rows["tiny"]["results"]["gold_reward"] == rows["dpo"]["results"]["gold_reward"]
+    assert board["run"]["reference"] == "sft"
+
+    def fail(*a, **k):
+        raise AssertionError("the second evaluation generated or loaded a model")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    assert main(["eval", "owner/tiny", *args, "--out", str(tmp_path / "second")]) == 0  # cached by content
+    assert main(["eval", "owner/gone@v2", "--out", str(tmp_path / "third")]) == 2
+    assert not (tmp_path / "third").exists()
+    assert "model 'owner/gone' at revision 'v2' is not in the local Hugging Face cache" in capsys.readouterr().err
+
+
 def test_eval_with_a_suite_rejects_the_synthetic_prompt_options(llama_path, tmp_path, capsys):
     """A suite pins prompts and sampling: --n-prompts, --max-new-tokens, --batch-size and --seed are refused with it
     (before anything is evaluated or written) instead of being silently ignored."""

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the shared harness.", epilog=EPILOG_EVAL,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("checkpoints", nargs="+",
-                          help="run directory, checkpoint path or hub id (NAME=PATH to label)")
+                          help="run directory, checkpoint path or hub id (ORG/NAME, ORG/NAME@REVISION to pin a "
+                          "branch, tag or commit; NAME=PATH to label)")
     evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
     evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
     evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from alignpipe.recipe import STAGE_TYPES
 # Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
 # model, scored by a reward_models suite) and bon and eval (which save none).
 POLICY_TYPES = frozenset({"base", *STAGE_TYPES}) - {"reward", "bon", "eval"}
+log = logging.getLogger("alignpipe")
 
 
 def expand_checkpoints(specs: list[str]) -> list[Checkpoint]:
@@ -63,16 +65,30 @@ def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
         return [Checkpoint(f"{name}/{d.name}" if prefix else d.name, str(d / "checkpoint"),
                            manifests[d].get("output_sha256")) for d in stages]
     if not directory.exists():
-        try:  # the rule transformers applies; a path that breaks it would only fail there, after earlier checkpoints
-            validate_repo_id(path)
-        except HFValidationError:
-            raise ValueError(f"no checkpoint at {path}: no such file or directory (and not a hub id, NAME or "
-                             "ORG/NAME); check the path") from None
-    elif not (directory / "config.json").exists():
+        return [_hub_checkpoint(name, path)]
+    if not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
-    weights = directory_hash(directory) if directory.is_dir() else None  # a hub id has no content hash: not cached
-    return [Checkpoint(label, path, weights)]
+    return [Checkpoint(label, path, directory_hash(directory))]
+
+
+def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
+    """A hub model, ``ORG/NAME`` or ``ORG/NAME@REVISION`` (a branch, tag or commit; hub ids cannot hold ``@``),
+    pinned to a commit and fetched like a recipe's model (:mod:`alignpipe.models.hub`), then hashed by content like
+    a local checkpoint: its generations are cached, and its row says which weights it scored. Row: NAME, or the
+    repository's name."""
+    repo_id, _, revision = spec.partition("@")
+    try:  # the rule transformers applies; a path that breaks it would only fail there, after earlier checkpoints
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"no checkpoint at {spec}: no such file or directory (and not a hub id, NAME or "
+                         "ORG/NAME, with @REVISION if wanted); check the path") from None
+    from alignpipe.models import hub
+
+    snapshot = hub.resolve(repo_id, revision or None)
+    folder = hub.fetch(snapshot)
+    log.info("%s: %s (%s)", spec, snapshot.describe(), folder)
+    return Checkpoint(name or repo_id.rsplit("/", 1)[-1], str(folder), directory_hash(folder))
 
 
 def default_cache_dir() -> Path:

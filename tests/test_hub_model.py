@@ -18,8 +18,8 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 from alignpipe.models import hub
 from alignpipe.models.loading import ModelError
 from alignpipe.pipeline.preflight import PreflightError, preflight
-from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import Runner
+from alignpipe.pipeline.rundir import StageDir, canonical_hash
+from alignpipe.pipeline.runner import BACKBONE, Runner
 from alignpipe.recipe import RecipeError, load_recipe
 
 FIRST, SECOND = "1" * 40, "2" * 40
@@ -58,6 +58,13 @@ def test_a_gguf_repository_fetches_the_named_file_only():
         hub.files_to_fetch(repo, gguf_file="m-Q5.gguf")
     with pytest.raises(ModelError, match="no weights transformers can load.*needs model.gguf_file"):
         hub.files_to_fetch(repo)
+
+
+def test_a_hub_id_names_its_revision_after_an_at_sign():
+    assert hub.split_revision("owner/name@v1.0") == ("owner/name", "v1.0")
+    assert hub.split_revision("owner/name") == ("owner/name", None)
+    with pytest.raises(ModelError, match="nothing after '@'; give a branch, tag or commit"):
+        hub.split_revision("owner/name@")
 
 
 def test_a_repository_without_a_config_is_refused():
@@ -229,3 +236,30 @@ def test_a_run_trains_on_the_pinned_snapshot_and_an_upstream_push_reruns_it(tmp_
     assert run()["sft"].action == "ran"
     assert sft.read_config()["base"] == str(hub_cache / "snapshots" / FIRST)
     assert run(revision="v1")["sft"].action == "skipped"
+
+
+def test_a_reward_backbone_on_the_hub_is_pinned_hashed_and_reruns_when_its_tag_moves(tmp_path, hub_cache):
+    reward = {"name": "rm", "type": "reward", "inputs": [], "backbone": "owner/tiny@v1", "members": 2,
+              "max_length": 48, "per_device_train_batch_size": 32}
+    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [reward]})
+    runs = tmp_path / "runs"
+
+    def run():
+        return Runner(load_recipe(recipe_path), runs_dir=runs, in_process=True).run()[0].action
+
+    assert run() == "ran"
+    stage = StageDir(runs / "tiny" / "rm")
+    assert stage.read_config()["pins"] == {"backbone": FIRST}
+    assert stage.read_manifest()["input_hashes"][BACKBONE] == canonical_hash({"hub": "owner/tiny", "commit": FIRST})
+    saved = json.loads((stage.checkpoint / "manifest.json").read_text())
+    assert saved["spec"]["backbone"] == str(hub_cache / "snapshots" / FIRST)
+    assert saved["backbone"]["hub"] == {"repo_id": "owner/tiny", "commit": FIRST}
+    assert run() == "skipped"
+
+    (hub_cache / "refs" / "v1").write_text(SECOND)  # the tag was moved upstream
+    assert run() == "ran"
+    assert json.loads((stage.checkpoint / "manifest.json").read_text())["backbone"]["hub"]["commit"] == SECOND
+
+    broken = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**reward, "backbone": "owner/tiny@v9"}]}, "b.yaml")
+    with pytest.raises(PreflightError, match=r"stages.rm.backbone: model 'owner/tiny' at revision 'v9' is not in"):
+        Runner(load_recipe(broken), runs_dir=tmp_path / "other-runs", in_process=True).run()

@@ -287,8 +287,8 @@ def test_a_local_reward_backbone_and_a_local_recipe_model_are_hashed_by_content(
     assert changed[BACKBONE] != inputs[BACKBONE] and changed == {**inputs, BACKBONE: changed[BACKBONE],
                                                                  MODEL: changed[BACKBONE]}
 
-    hub = {**recipe, "model": {"name_or_path": "owner/name"}, "stages": [{**reward, "backbone": "owner/rm"}]}
-    assert hashes(hub) == {BASE: "b" * 64}  # hub ids: named, not hashed
+    hub = {**recipe, "model": {"name_or_path": "owner/name"}, "stages": [{**reward, "backbone": None}]}
+    assert hashes(hub) == {BASE: "b" * 64}  # a hub model: its commit is in the base hash (tests/test_hub_model.py)
 
 
 def test_only_the_named_gguf_file_of_a_folder_is_part_of_the_model(tmp_path):

@@ -564,7 +564,8 @@ class RewardStage(_CheckpointedStage):
 
     type: Literal["reward"] = Field("reward", description="Stage type: reward model / LoRA reward ensemble.")
     backbone: str | None = Field(
-        None, description="Hub id or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
+        None, description="Hub id (ORG/NAME, or ORG/NAME@REVISION for a branch, tag or commit: pinned to a commit "
+        "for the run and hashed) or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
         "checkpoint, or the recipe's model when inputs is [].",
     )
     implementation: Literal["ensemble", "trl"] = Field(

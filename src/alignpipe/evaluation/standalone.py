@@ -77,15 +77,15 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
     pinned to a commit and fetched like a recipe's model (:mod:`alignpipe.models.hub`), then hashed by content like
     a local checkpoint: its generations are cached, and its row says which weights it scored. Row: NAME, or the
     repository's name."""
-    repo_id, _, revision = spec.partition("@")
+    from alignpipe.models import hub
+
+    repo_id, revision = hub.split_revision(spec)
     try:  # the rule transformers applies; a path that breaks it would only fail there, after earlier checkpoints
         validate_repo_id(repo_id)
     except HFValidationError:
         raise ValueError(f"no checkpoint at {spec}: no such file or directory (and not a hub id, NAME or "
                          "ORG/NAME, with @REVISION if wanted); check the path") from None
-    from alignpipe.models import hub
-
-    snapshot = hub.resolve(repo_id, revision or None)
+    snapshot = hub.resolve(repo_id, revision)
     folder = hub.fetch(snapshot)
     log.info("%s: %s (%s)", spec, snapshot.describe(), folder)
     return Checkpoint(name or repo_id.rsplit("/", 1)[-1], str(folder), directory_hash(folder))

@@ -46,6 +46,16 @@ class HubSnapshot:
         return f"{self.repo_id} at commit {self.commit[:12]}{pinned}"
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """``ORG/NAME@REVISION`` as (``ORG/NAME``, ``REVISION``), ``ORG/NAME`` as (it, None): how a hub id that is not
+    the recipe's model (a reward backbone, an ``alignpipe eval`` argument) names a revision. Hub ids cannot hold
+    ``@``, so the split is unambiguous; a local path is never split (callers look for it first)."""
+    repo_id, at, revision = name.partition("@")
+    if at and not revision:
+        raise ModelError(f"{name!r}: nothing after '@'; give a branch, tag or commit (ORG/NAME@REVISION)")
+    return repo_id, revision or None
+
+
 def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remote_code: bool = False,
                    repo_id: str = "the model") -> tuple[str, ...]:
     """The files of a hub model's commit that loading it needs: top-level configs and tokenizer files, named chat

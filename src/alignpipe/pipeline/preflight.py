@@ -161,8 +161,14 @@ def _fetched_hub_folder(spec: ModelSpec) -> Path | None:
     cache offline) is the check: a model or revision the Hub does not have fails here, not in the first stage."""
     from alignpipe.models import hub
 
-    snapshot = hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
-                           remote_code=spec.trust_remote_code)
+    return _fetched_folder(hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
+                                       remote_code=spec.trust_remote_code))
+
+
+def _fetched_folder(snapshot) -> Path | None:
+    """A pinned hub snapshot's folder when every file it needs is in the Hugging Face cache; None until fetched."""
+    from alignpipe.models import hub
+
     folder = hub.snapshot_folder(snapshot)
     fetched = snapshot.files is None or all((folder / name).is_file() for name in snapshot.files)
     return folder if fetched and folder.is_dir() else None
@@ -191,7 +197,11 @@ def _check_backbone(backbone: str, *, conversations: bool) -> None:
 
     folder = _local_dir(backbone)
     if folder is None:
-        return
+        from alignpipe.models import hub
+
+        folder = _fetched_folder(hub.resolve(*hub.split_revision(backbone)))
+        if folder is None:
+            return
     _require_files(folder, weights=True)
     try:
         tokenizer = _tokenizer(folder, chat_template=conversations)

@@ -119,6 +119,7 @@ class Runner:
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self._snapshot = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
+        self._backbone_snapshots: dict[str, object] = {}  # reward backbones that are hub ids: see _hub_backbone
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -281,6 +282,23 @@ class Runner:
                                          remote_code=spec.trust_remote_code)
         return self._snapshot
 
+    def _hub_backbone(self, backbone: str | None):
+        """A reward stage's ``backbone`` that is a hub id (``ORG/NAME[@REVISION]``) pinned to a commit, once per run;
+        None for none, a local path or a ``pypi:`` name. Its stage loads that commit (``pins``), and the commit is
+        its BACKBONE input hash, so a push upstream re-runs it."""
+        if backbone is None or _local_model_location(backbone) is not None:
+            return None
+        if backbone not in self._backbone_snapshots:
+            from alignpipe.models import hub
+
+            self._backbone_snapshots[backbone] = hub.resolve(*hub.split_revision(backbone))
+        return self._backbone_snapshots[backbone]
+
+    def _pins(self, stage) -> dict[str, str]:
+        """The hub commits ``stage`` must load, written into its config for every process of every node."""
+        snapshot = self._hub_backbone(getattr(stage, "backbone", None))
+        return {"backbone": snapshot.commit} if snapshot is not None else {}
+
     def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
         """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
         backbone is often that same folder."""
@@ -312,6 +330,7 @@ class Runner:
             "stage": stage.name,
             "base": outputs[BASE][0],
             "inputs": {name: outputs[name][0] for name in stage.inputs},
+            "pins": self._pins(stage),
         })
         directory.write_manifest({
             "stage": stage.name, "type": stage.type, "status": "running",
@@ -388,8 +407,11 @@ class Runner:
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
-        if (backbone := self._local_model_hash(getattr(stage, "backbone", None))) is not None:
-            input_hashes[BACKBONE] = backbone
+        backbone = getattr(stage, "backbone", None)
+        if (content := self._local_model_hash(backbone)) is not None:
+            input_hashes[BACKBONE] = content
+        elif (snapshot := self._hub_backbone(backbone)) is not None:
+            input_hashes[BACKBONE] = canonical_hash({"hub": snapshot.repo_id, "commit": snapshot.commit})
         model = self.recipe.model
         if not model.is_tiny and model.gguf_package is None and (
                 content := self._local_model_hash(model.name_or_path, model.gguf_file)) is not None:

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +54,7 @@ class StageContext:
     inputs: dict[str, str]  # earlier stage name -> its checkpoint path
     resume_from: Path | None
     resume: bool = False  # started with --resume (stages with several trainers find their own checkpoints)
+    pins: dict[str, str] = field(default_factory=dict)  # hub commits the runner hashed ("backbone": a reward's)
 
     @property
     def start_model(self) -> str:
@@ -90,6 +91,7 @@ def load_context(stage_dir: Path, *, resume: bool, base: str | None = None) -> S
     return StageContext(
         recipe=recipe, stage=stage, dir=directory, run_dir=stage_dir.parent,
         base=base or config["base"], inputs=config["inputs"], resume_from=resume_from, resume=resume,
+        pins=config.get("pins") or {},
     )
 
 

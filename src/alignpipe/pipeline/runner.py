@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import yaml
 
@@ -66,6 +66,9 @@ from alignpipe.pipeline.rundir import (
 from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import PPOStage, Recipe, RewardStage, _TrainerStage, recipe_to_dict
 
+if TYPE_CHECKING:
+    from alignpipe.models.hub import HubSnapshot
+
 log = logging.getLogger("alignpipe")
 
 PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
@@ -75,7 +78,7 @@ BASE = "base"
 # are: tests/test_runner.py checks TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's and PPO's.
 LOGGING_AND_SAVING = ("logging_steps", "save_steps", "save_total_limit")
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
-BACKBONE = "backbone.path"  # input_hashes key of a reward stage's local backbone directory
+BACKBONE = "backbone.path"  # input_hashes key of a reward stage's backbone: a local directory's, a hub id's commit
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
 UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
@@ -118,8 +121,8 @@ class Runner:
                                  f"stages: {names}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
-        self._snapshot = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
-        self._backbone_snapshots: dict[str, object] = {}  # reward backbones that are hub ids: see _hub_backbone
+        self._snapshot: HubSnapshot | None = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
+        self._backbone_snapshots: dict[str, HubSnapshot] = {}  # reward backbones that are hub ids: _hub_backbone
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -271,7 +274,7 @@ class Runner:
         manifest = _complete_base(directory, canonical_hash({"base": self._recipe_context()}))
         return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
 
-    def _hub_snapshot(self):
+    def _hub_snapshot(self) -> HubSnapshot:
         """The recipe's hub model pinned to a commit, resolved once by the runner (preparing and planning both ask;
         the preflight resolves it on its own first, to fail before anything is written)."""
         if self._snapshot is None:
@@ -282,7 +285,7 @@ class Runner:
                                          remote_code=spec.trust_remote_code)
         return self._snapshot
 
-    def _hub_backbone(self, backbone: str | None):
+    def _hub_backbone(self, backbone: str | None) -> HubSnapshot | None:
         """A reward stage's ``backbone`` that is a hub id (``ORG/NAME[@REVISION]``) pinned to a commit, once per run;
         None for none, a local path or a ``pypi:`` name. Its stage loads that commit (``pins``), and the commit is
         its BACKBONE input hash, so a push upstream re-runs it."""

@@ -14,6 +14,7 @@ from alignpipe.data.adapters import load_alpaca_eval_prefs, load_hh_rlhf_pairs
 from alignpipe.data.pairing import build_pairs
 from alignpipe.data.preference import is_reward_heldout
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
+from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.reward_eval import reward_model_metrics
 from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash, package_versions
@@ -59,8 +60,8 @@ def _synthetic_heldout(n: int, seed: int, fraction: float) -> list[tuple[str, st
 def expand_reward_models(spec: str) -> list[tuple[str, str]]:
     """``NAME=DIR``, a saved reward model directory, or a run directory (the checkpoints of its reward stages whose
     manifest says complete: a failed or interrupted one is left out, whatever files it left)."""
-    name, sep, path = spec.partition("=")
-    directory = Path(path if sep else spec)
+    name, path = split_named(spec)
+    directory = Path(path)
     if (directory / RUN_FILE).exists():
         stages = [StageDir(d) for d in sorted(directory.iterdir()) if d.is_dir()]
         manifests = {s.name: s.read_manifest() or {} for s in stages}
@@ -74,7 +75,7 @@ def expand_reward_models(spec: str) -> list[tuple[str, str]]:
         return found
     if not (directory / "manifest.json").exists():
         raise ValueError(f"{directory} is not a saved reward model (no manifest.json) nor a run directory")
-    label = name if sep else (directory.parent.name if directory.name == "checkpoint" else directory.name)
+    label = name if "=" in spec else (directory.parent.name if directory.name == "checkpoint" else directory.name)
     return [(label, str(directory))]
 
 

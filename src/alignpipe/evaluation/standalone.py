@@ -11,6 +11,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import Checkpoint
 from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
+from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash
@@ -28,7 +29,7 @@ def expand_checkpoints(specs: list[str]) -> list[Checkpoint]:
     A run directory's rows are named by stage, or ``<run>/<stage>`` when several run directories are given (``<run>``:
     the fewest trailing parts of their paths that tell them apart, or NAME of ``NAME=DIR``).
     """
-    split = [_split(spec) for spec in specs]
+    split = [split_named(spec) for spec in specs]
     runs = [(name, Path(path).resolve()) for name, path in split if (Path(path) / RUN_FILE).exists()]
     unnamed = list(dict.fromkeys(directory for name, directory in runs if not name))
     several = len(runs) > 1
@@ -42,12 +43,6 @@ def expand_checkpoints(specs: list[str]) -> list[Checkpoint]:
         raise ValueError(f"more than one checkpoint is named {', '.join(map(repr, dups))}: give each its own name "
                          "with NAME=PATH (with several run directories, NAME=DIR names that run's rows NAME/<stage>)")
     return checkpoints
-
-
-def _split(spec: str) -> tuple[str, str]:
-    """``NAME=PATH`` as (NAME, PATH); a plain path or hub id as ("", it)."""
-    name, sep, path = spec.partition("=")
-    return (name, path) if sep else ("", spec)
 
 
 def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
@@ -109,10 +104,10 @@ def evaluate_paths(
     )
     checkpoints = expand_checkpoints(specs)
     board = run_suite(spec, content_key(spec.model_dump()), checkpoints,
-                      reference=_expand(*_split(reference))[0] if reference else None, judge_path=None,
+                      reference=_expand(*split_named(reference))[0] if reference else None, judge_path=None,
                       cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
-        first = Path(_split(specs[0])[1])
+        first = Path(split_named(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
     return write_leaderboard(board, out)
 
@@ -130,7 +125,7 @@ def evaluate_suite(
         board = run_reward_suite(spec, suite_hash, [m for item in specs for m in expand_reward_models(item)])
     else:
         checkpoints = expand_checkpoints(specs)
-        ref = _expand(*_split(reference))[0] if reference else None
+        ref = _expand(*split_named(reference))[0] if reference else None
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
                           cache=EvalCache(cache_dir or default_cache_dir()))
     out = out or Path("eval-out") / spec.name

@@ -553,10 +553,16 @@ class RewardEnsemble(nn.Module):
     ) -> RewardEnsemble:
         """Rebuild a saved ensemble from ``directory`` and the backbone it names (or ``backbone``, to override a
         moved/renamed backbone). Needs no training state."""
+        directory = Path(directory)
+        return cls._from_manifest(directory, read_manifest(directory), backbone=backbone, dtype=dtype)
+
+    @classmethod
+    def _from_manifest(
+        cls, directory: Path, manifest: dict[str, Any], *, backbone: str | None, dtype: torch.dtype
+    ) -> RewardEnsemble:
+        """:meth:`load` with ``directory``'s manifest already read (:meth:`EnsembleScorer.load` reads it first)."""
         from peft import PeftModel
 
-        directory = Path(directory)
-        manifest = read_manifest(directory)
         spec = EnsembleSpec.from_dict(manifest["spec"])
         spec = replace(spec, backbone=_saved_backbone(directory, manifest, spec.backbone, override=backbone))
         names = list(manifest["members"])
@@ -963,10 +969,11 @@ class EnsembleScorer:
         backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``; ``dtype`` and ``max_length`` to
         those it was trained with (the manifest's ``scoring``; float32 and 512 for an ensemble saved without)."""
         directory = Path(directory)
-        scoring = recorded_scoring(read_manifest(directory), kwargs)
+        manifest = read_manifest(directory)
+        scoring = recorded_scoring(manifest, kwargs)
         if dtype is None:
             dtype = DTYPES.get(scoring.get("dtype"), torch.float32)
-        ensemble = RewardEnsemble.load(directory, backbone=backbone, dtype=dtype)
+        ensemble = RewardEnsemble._from_manifest(directory, manifest, backbone=backbone, dtype=dtype)
         if device is not None:
             ensemble.to(device)
         kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")

@@ -65,6 +65,11 @@ class PairTruncationCounts:
     tokens_for_every_pair: int  # the smallest max_length that keeps both replies of every pair whole
     sampled_from: int | None = None  # the dataset's size when the counts come from a sample of it
 
+    @property
+    def cuts_a_reply(self) -> bool:
+        """A pair dropped or a reply kept without its end: what :func:`pair_truncation_warning` warns about."""
+        return bool(self.dropped or self.chosen_end_lost or self.rejected_end_lost)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -287,7 +292,7 @@ def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
     """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` drops a pair or cuts into a reply, or
     TRL dropped a pair (``dropped_by_trl``, its count over the whole dataset, which a sample's counts can miss); None
     when not."""
-    if not counts.dropped and not counts.chosen_end_lost and not counts.rejected_end_lost and not dropped_by_trl:
+    if not counts.cuts_a_reply and not dropped_by_trl:
         return None
     lost = []
     if counts.dropped:

@@ -83,8 +83,8 @@ def _measure_truncation(ctx: StageContext, dataset: Dataset, tokenizer: PreTrain
 def _warn_with_trls_count(ctx: StageContext, counts: PairTruncationCounts, dropped_by_trl: int) -> None:
     """A sample's counts, warned about before the trainer was built, miss what TRL dropped from the rest: say TRL's
     count once, in the full warning if the sample showed nothing to warn about, else beside the sample's warning."""
-    knob = f"stages.{ctx.stage.name}.max_length"
-    if pair_truncation_warning(counts, knob) is None:
+    if not counts.cuts_a_reply:
+        knob = f"stages.{ctx.stage.name}.max_length"
         log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, knob, dropped_by_trl=dropped_by_trl))
     else:
         log.warning("[%s] TRL dropped %d of all %d pairs whose prompt fills max_length %d (the counts above are of a "

@@ -146,6 +146,9 @@ def test_only_complete_reward_stages_count_and_an_interrupted_rerun_leaves_none_
     runs = _copy(reward_run, tmp_path)
     run_dir, stage = runs / "tiny", StageDir(runs / "tiny" / "rm")
     assert expand_reward_models(str(run_dir)) == [("rm", str(stage.checkpoint))]
+    named = [("mine", str(stage.checkpoint))]
+    assert expand_reward_models(f"mine={stage.checkpoint}") == named
+    assert expand_reward_models(f"={stage.checkpoint}") == [("rm", str(stage.checkpoint))]  # an empty NAME: as without
     assert '<td class="l">rm</td>' in _reward_section(run_dir)
 
     stage.update_manifest(status="failed")  # whatever files a stage holds, they count only once it is complete

@@ -75,7 +75,7 @@ def expand_reward_models(spec: str) -> list[tuple[str, str]]:
         return found
     if not (directory / "manifest.json").exists():
         raise ValueError(f"{directory} is not a saved reward model (no manifest.json) nor a run directory")
-    label = name if "=" in spec else (directory.parent.name if directory.name == "checkpoint" else directory.name)
+    label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
     return [(label, str(directory))]
 
 

@@ -255,11 +255,15 @@ def test_a_reward_backbone_on_the_hub_is_pinned_hashed_and_reruns_when_its_tag_m
     assert saved["spec"]["backbone"] == str(hub_cache / "snapshots" / FIRST)
     assert saved["backbone"]["hub"] == {"repo_id": "owner/tiny", "commit": FIRST}
     assert run() == "skipped"
+    pinned = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**reward, "backbone": f"owner/tiny@{FIRST}"}]},
+                          "pinned.yaml")  # the tag's commit named instead: the same backbone
+    assert Runner(load_recipe(pinned), runs_dir=runs, in_process=True).run()[0].action == "skipped"
 
     (hub_cache / "refs" / "v1").write_text(SECOND)  # the tag was moved upstream
     assert run() == "ran"
     assert json.loads((stage.checkpoint / "manifest.json").read_text())["backbone"]["hub"]["commit"] == SECOND
 
     broken = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**reward, "backbone": "owner/tiny@v9"}]}, "b.yaml")
-    with pytest.raises(PreflightError, match=r"stages.rm.backbone: model 'owner/tiny' at revision 'v9' is not in"):
+    with pytest.raises(PreflightError, match=r"stages.rm.backbone: model 'owner/tiny' at revision 'v9' is not in .*"
+                                             r"name one as the @REVISION of stages.rm.backbone"):
         Runner(load_recipe(broken), runs_dir=tmp_path / "other-runs", in_process=True).run()

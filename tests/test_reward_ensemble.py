@@ -406,6 +406,26 @@ def test_an_ensemble_on_a_hub_snapshot_loads_from_another_machines_cache(llama_p
         RewardEnsemble.load(tmp_path / "rm")
 
 
+def test_an_ensembles_gguf_hub_backbone_is_found_by_its_file_on_another_machine(gguf_model, tmp_path, monkeypatch):
+    """A GGUF-only snapshot holds no weights transformers reads without the file's name: the ensemble's own
+    ``gguf_file`` is what finds it in the other cache."""
+    from huggingface_hub import constants
+
+    from alignpipe.rewards.ensemble import _saved_backbone
+
+    commit = "d" * 40
+    snapshot = tmp_path / "cache" / "models--owner--tiny-gguf" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(gguf_model, snapshot / "tiny.gguf")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    manifest = {"spec": {"gguf_file": "tiny.gguf"},
+                "backbone": {"relative_to_checkpoint": False, "sha256": None,
+                             "hub": {"repo_id": "owner/tiny-gguf", "commit": commit}}}
+    elsewhere = "/another/machines/cache/models--owner--tiny-gguf/snapshots/" + commit
+    assert _saved_backbone(tmp_path / "rm", manifest, elsewhere, override=None) == str(snapshot)
+
+
 # ------------------------------------------------------------------------------------------------ encoding
 
 

@@ -339,12 +339,13 @@ def test_logging_and_saving_settings_do_not_rerun_a_complete_stage(tmp_path):
     assert run(logging_steps=3, save_steps=3, save_total_limit=2)[0]["sft"].action == "skipped"
 
     # recorded by an older alignpipe, whose config hash covered them: adopted, not re-run
-    older = runner._config_hash_with_logging_and_saving(runner.recipe.stage("sft"))
+    older = runner._config_hash_with_logging_and_saving(runner.recipe.stage("sft"), stage)
     assert older != recorded["config_hash"]
     stage.update_manifest(config_hash=older)
     assert run()[0]["sft"].action == "skipped" and stage.read_manifest()["config_hash"] == recorded["config_hash"]
-    stage.update_manifest(config_hash=older)
-    assert run(save_steps=3)[0]["sft"].action == "ran"  # older, with other values than today's: not the same config
+    stage.update_manifest(config_hash=older)  # and changed since: the older hash is rebuilt with the values it ran with
+    assert run(save_steps=3)[0]["sft"].action == "skipped"
+    assert stage.read_manifest()["config_hash"] == recorded["config_hash"]
 
     assert run(save_steps=3, learning_rate=1e-3)[0]["sft"].action == "ran"
 

@@ -62,6 +62,7 @@ def test_a_hub_model_is_pinned_fetched_and_cached_like_a_local_checkpoint(comple
     repository = tmp_path / "hf-cache" / "models--owner--tiny"
     for commit, stage in (("1" * 40, "sft"), ("2" * 40, "dpo")):
         shutil.copytree(runner.run_dir / stage / "checkpoint", repository / "snapshots" / commit)
+    (repository / "snapshots" / ("2" * 40) / "pytorch_model.bin").write_bytes(b"left by a full download")  # unused
     (repository / "refs").mkdir()
     (repository / "refs" / "main").write_text("2" * 40)
     (repository / "refs" / "v1").write_text("1" * 40)
@@ -74,7 +75,7 @@ def test_a_hub_model_is_pinned_fetched_and_cached_like_a_local_checkpoint(comple
     board = json.loads((tmp_path / "first" / "leaderboard.json").read_text())
     rows = {c["name"]: c for c in board["checkpoints"]}
     assert rows["tiny"]["path"] == str(repository / "snapshots" / ("2" * 40))  # main: the dpo weights
-    assert rows["tiny"]["weights_sha256"] == rows["dpo"]["weights_sha256"]
+    assert rows["tiny"]["weights_sha256"] == rows["dpo"]["weights_sha256"]  # the model's files only
     assert rows["tiny"]["results"]["gold_reward"] == rows["dpo"]["results"]["gold_reward"]
     assert board["run"]["reference"] == "sft"
 

@@ -80,10 +80,12 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
     except HFValidationError:
         raise ValueError(f"no checkpoint at {spec}: no such file or directory (and not a hub id, NAME or "
                          "ORG/NAME, with @REVISION if wanted); check the path") from None
-    snapshot = hub.resolve(repo_id, revision)
+    snapshot = hub.resolve(repo_id, revision, keys=(f"the checkpoint argument {spec!r}", "its @REVISION"))
     folder = hub.fetch(snapshot)
     log.info("%s: %s (%s)", spec, snapshot.describe(), folder)
-    return Checkpoint(name or repo_id.rsplit("/", 1)[-1], str(folder), directory_hash(folder))
+    model_files = set(snapshot.files)  # not whatever else an earlier full download left in the folder
+    return Checkpoint(name or repo_id.rsplit("/", 1)[-1], str(folder),
+                      directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
 
 
 def default_cache_dir() -> Path:

@@ -22,6 +22,13 @@ from pathlib import Path
 from alignpipe.models.loading import ModelError
 
 DEFAULT_REVISION = "main"
+# Where a recipe names a hub model and its revision, for error messages: the recipe's model by default.
+MODEL_KEYS = ("model.name_or_path", "model.revision")
+
+
+def backbone_keys(stage: str) -> tuple[str, str]:
+    """Where a reward stage names a hub backbone and its revision, for error messages."""
+    return f"stages.{stage}.backbone", f"the @REVISION of stages.{stage}.backbone"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # Top-level files transformers reads besides the weights: configs, tokenizer files, chat templates.
 SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -32,8 +39,8 @@ TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 
 @dataclass(frozen=True)
 class HubSnapshot:
-    """A hub model pinned to a commit. ``files`` are the ones to download (from the repository's listing); None when
-    the Hub could not be asked and the commit came from the local cache, whose ``folder`` is then used as it is."""
+    """A hub model pinned to a commit. ``files`` are the model's: to download (from the repository's listing), or,
+    with ``folder`` set, found in the local cache (the Hub could not be asked), whose folder is used as it is."""
 
     repo_id: str
     revision: str
@@ -57,7 +64,7 @@ def split_revision(name: str) -> tuple[str, str | None]:
 
 
 def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remote_code: bool = False,
-                   repo_id: str = "the model") -> tuple[str, ...]:
+                   repo_id: str = "the model", keys: tuple[str, str] = MODEL_KEYS) -> tuple[str, ...]:
     """The files of a hub model's commit that loading it needs: top-level configs and tokenizer files, named chat
     templates, and one copy of the weights: the named GGUF file, else transformers' ``model*.safetensors`` (any
     top-level safetensors when none is named so), else ``pytorch_model*.bin``. Why not the whole repository: many
@@ -86,14 +93,15 @@ def files_to_fetch(repo_files: list[str], *, gguf_file: str | None = None, remot
         adapter = " (it holds a PEFT adapter: name its base model here and train your own adapter on it)" \
             if "adapter_config.json" in wanted else " (a model repository, not a dataset or a space)"
         raise ModelError(f"{repo_id} has no config.json at the top level, so transformers cannot build it; check "
-                         f"model.name_or_path{adapter}")
+                         f"{keys[0]}{adapter}")
     return tuple(sorted(wanted | set(weights)))
 
 
-def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
-            remote_code: bool = False) -> HubSnapshot:
+def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None, remote_code: bool = False,
+            keys: tuple[str, str] = MODEL_KEYS) -> HubSnapshot:
     """``repo_id`` at ``revision`` pinned to a commit: asked of the Hub (one request, no download), else of the local
-    cache. A model or revision the Hub does not have is a :class:`ModelError` that says what to check."""
+    cache. A model or revision the Hub does not have is a :class:`ModelError` that says what to check: ``keys``, the
+    settings that name the model and its revision."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -104,23 +112,24 @@ def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
         raise ModelError(f"model {repo_id!r} is neither an existing local folder nor a hub id (owner/name): "
                          f"{error}") from error
     except RevisionNotFoundError as error:
-        raise ModelError(f"model {repo_id!r} has no revision {wanted!r} on the Hub; model.revision takes a branch, "
-                         "a tag or a full 40-character commit") from error
+        raise ModelError(f"model {repo_id!r} has no revision {wanted!r} on the Hub; {keys[1]} takes a branch, a tag "
+                         "or a full 40-character commit") from error
     except RepositoryNotFoundError as error:  # gated and private repositories answer the same without a login
         raise ModelError(f"model {repo_id!r} is not on the Hugging Face Hub, or it is private or gated and this "
-                         "machine is not logged in (`hf auth login`, or HF_TOKEN); check model.name_or_path, or "
-                         "give a local checkpoint folder") from error
+                         f"machine is not logged in (`hf auth login`, or HF_TOKEN); check {keys[0]} (a local folder "
+                         "must exist)") from error
     except Exception as error:  # no network, offline mode, a proxy or a server error: the cache may still have it
-        return _from_cache(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, unreachable=error)
+        return _from_cache(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, unreachable=error,
+                           keys=keys)
     files = files_to_fetch([sibling.rfilename for sibling in info.siblings or []], gguf_file=gguf_file,
-                           remote_code=remote_code, repo_id=repo_id)
+                           remote_code=remote_code, repo_id=repo_id, keys=keys)
     return HubSnapshot(repo_id, wanted, info.sha, files=files)
 
 
 def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_code: bool,
-                unreachable: Exception) -> HubSnapshot:
+                unreachable: Exception | None, keys: tuple[str, str] = MODEL_KEYS) -> HubSnapshot:
     """The commit the local cache holds for ``revision`` (a branch's or tag's ref, or the commit itself), when its
-    snapshot has a loadable model."""
+    snapshot has a loadable model; its ``files`` are the model's among those cached."""
     from huggingface_hub import constants
 
     repository = _repository_folder(repo_id)
@@ -128,20 +137,20 @@ def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_co
     commit = revision if COMMIT.fullmatch(revision) else (ref.read_text().strip() if ref.is_file() else None)
     folder = repository / "snapshots" / commit if commit else None
     if folder is None or not folder.is_dir():
-        offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.is_offline_mode() else \
+        offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.is_offline_mode() or unreachable is None else \
             f"the Hub could not be reached ({type(unreachable).__name__}: {unreachable})"
         cached = sorted(path.name for path in (repository / "snapshots").glob("*") if path.is_dir())
         known = f"; the cache has it at commit(s) {', '.join(cached)} but does not say which is {revision!r}: name " \
-                "one as model.revision" if cached else ""
+                f"one as {keys[1]}" if cached else ""
         raise ModelError(f"model {repo_id!r} at revision {revision!r} is not in the local Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) and {offline}{known}; download it where there is network "
                          f"(`hf download {repo_id}{'' if revision == DEFAULT_REVISION else ' --revision ' + revision}"
                          "` into the same HF_HUB_CACHE), or give a local checkpoint folder") from unreachable
     cached = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
     where = f"the cached snapshot of {repo_id} ({folder})"
-    files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code, repo_id=where)
+    files = files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code, repo_id=where, keys=keys)
     _check_shards(folder, where)
-    return HubSnapshot(repo_id, revision, commit, folder=folder)
+    return HubSnapshot(repo_id, revision, commit, files=files, folder=folder)
 
 
 def _check_shards(folder: Path, where: str) -> None:
@@ -215,7 +224,15 @@ def cached_snapshot_identity(folder: str | Path) -> tuple[str, str] | None:
     return repository.removeprefix("models--").replace("--", "/"), folder.name
 
 
-def snapshot_here(repo_id: str, commit: str) -> Path:
-    """This machine's folder of ``repo_id`` at ``commit``: from its Hugging Face cache, else downloaded. For what was
-    saved naming a snapshot folder of another cache (a reward ensemble's backbone, copied to another machine)."""
-    return fetch(resolve(repo_id, commit))
+def snapshot_here(repo_id: str, commit: str, *, gguf_file: str | None = None, remote_code: bool = False,
+                  keys: tuple[str, str] = MODEL_KEYS) -> Path:
+    """This machine's folder of ``repo_id`` at ``commit``: from its Hugging Face cache when the model is there (no
+    request), else resolved and downloaded. For what names a commit that was pinned elsewhere: a stage's pinned
+    backbone in each of its processes, a saved reward ensemble's backbone on another machine."""
+    if (_repository_folder(repo_id) / "snapshots" / commit).is_dir():
+        try:
+            return _from_cache(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, unreachable=None,
+                               keys=keys).folder
+        except ModelError:
+            pass  # cached in part (another file set, a download cut short): fetch what is missing
+    return fetch(resolve(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, keys=keys))

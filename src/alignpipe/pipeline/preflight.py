@@ -56,7 +56,7 @@ def preflight(recipe: Recipe) -> None:
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
-                s.backbone, conversations=_trl_reward_on_conversations(s, pairs)))
+                s, conversations=_trl_reward_on_conversations(s, pairs), remote_code=recipe.model.trust_remote_code))
         if isinstance(stage, RewardStage) and stage.top_layers is not None:
             _checked(problems, f"stages.{stage.name}.top_layers", lambda s=stage: _check_top_layers(recipe, s))
         if getattr(stage, "lora", None) is not None and isinstance(stage.lora.target_modules, list):
@@ -190,16 +190,18 @@ def _gguf_package_tokenizer(spec: ModelSpec, *, chat_template: bool):
     return apply_chat_template_choice(tokenizer, spec.chat_template)
 
 
-def _check_backbone(backbone: str, *, conversations: bool) -> None:
+def _check_backbone(stage: RewardStage, *, conversations: bool, remote_code: bool) -> None:
     """The ensemble pair-encodes plain text when its backbone has no chat template, so only pad/EOS are required;
-    TRL's RewardTrainer renders ``conversations`` (every built-in source's rows) with the chat template."""
+    TRL's RewardTrainer renders ``conversations`` (every built-in source's rows) with the chat template. A hub
+    backbone is resolved (a missing one fails here) and checked once it is in the cache."""
     from alignpipe.models.loading import ModelError
 
-    folder = _local_dir(backbone)
+    folder = _local_dir(stage.backbone)
     if folder is None:
         from alignpipe.models import hub
 
-        folder = _fetched_folder(hub.resolve(*hub.split_revision(backbone)))
+        folder = _fetched_folder(hub.resolve(*hub.split_revision(stage.backbone), remote_code=remote_code,
+                                             keys=hub.backbone_keys(stage.name)))
         if folder is None:
             return
     _require_files(folder, weights=True)

@@ -285,22 +285,39 @@ class Runner:
                                          remote_code=spec.trust_remote_code)
         return self._snapshot
 
-    def _hub_backbone(self, backbone: str | None) -> HubSnapshot | None:
+    def _hub_backbone(self, stage) -> HubSnapshot | None:
         """A reward stage's ``backbone`` that is a hub id (``ORG/NAME[@REVISION]``) pinned to a commit, once per run;
         None for none, a local path or a ``pypi:`` name. Its stage loads that commit (``pins``), and the commit is
         its BACKBONE input hash, so a push upstream re-runs it."""
+        backbone = getattr(stage, "backbone", None)
         if backbone is None or _local_model_location(backbone) is not None:
             return None
         if backbone not in self._backbone_snapshots:
             from alignpipe.models import hub
 
-            self._backbone_snapshots[backbone] = hub.resolve(*hub.split_revision(backbone))
+            self._backbone_snapshots[backbone] = hub.resolve(
+                *hub.split_revision(backbone), remote_code=self.recipe.model.trust_remote_code,
+                keys=hub.backbone_keys(stage.name))
         return self._backbone_snapshots[backbone]
 
     def _pins(self, stage) -> dict[str, str]:
         """The hub commits ``stage`` must load, written into its config for every process of every node."""
-        snapshot = self._hub_backbone(getattr(stage, "backbone", None))
+        snapshot = self._hub_backbone(stage)
         return {"backbone": snapshot.commit} if snapshot is not None else {}
+
+    def _fetch_pinned(self, stage, pins: dict[str, str]) -> None:
+        """Download what ``pins`` names into this machine's cache before the stage's processes start, so they load it
+        without a request each and no rank waits in a collective while another downloads."""
+        if "backbone" not in pins:
+            return
+        from alignpipe.models import hub
+
+        started = time.time()
+        folder = hub.snapshot_here(hub.split_revision(stage.backbone)[0], pins["backbone"],
+                                   remote_code=self.recipe.model.trust_remote_code,
+                                   keys=hub.backbone_keys(stage.name))
+        log.info("[%s] backbone %s at commit %s: %s (%.1fs)", stage.name, stage.backbone, pins["backbone"][:12],
+                 folder, time.time() - started)
 
     def _local_model_hash(self, name_or_path: str | None, gguf_file: str | None = None) -> str | None:
         """:func:`local_model_hash`, once per folder and run: every stage names the recipe's model, and a reward
@@ -324,6 +341,8 @@ class Runner:
             channel.publish_decision(stage.name, "skip", reason)
             return StageOutcome(stage.name, "skipped", 0.0, reason)
 
+        pins = self._pins(stage)
+        self._fetch_pinned(stage, pins)  # before the stage directory changes: a failed download leaves it as it was
         resume = decision.action == "resume"
         if not resume:
             directory.reset()
@@ -333,7 +352,7 @@ class Runner:
             "stage": stage.name,
             "base": outputs[BASE][0],
             "inputs": {name: outputs[name][0] for name in stage.inputs},
-            "pins": self._pins(stage),
+            "pins": pins,
         })
         directory.write_manifest({
             "stage": stage.name, "type": stage.type, "status": "running",
@@ -405,21 +424,29 @@ class Runner:
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
     def _stage_hashes(self, stage, outputs: dict[str, tuple[str, str | None]]) -> tuple[str, dict]:
-        config_hash = canonical_hash({"stage": stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING)),
-                                      **self._recipe_context()})
+        config_hash = canonical_hash({"stage": self._hashed_stage(stage), **self._recipe_context()})
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
         backbone = getattr(stage, "backbone", None)
         if (content := self._local_model_hash(backbone)) is not None:
             input_hashes[BACKBONE] = content
-        elif (snapshot := self._hub_backbone(backbone)) is not None:
+        elif (snapshot := self._hub_backbone(stage)) is not None:
             input_hashes[BACKBONE] = canonical_hash({"hub": snapshot.repo_id, "commit": snapshot.commit})
         model = self.recipe.model
         if not model.is_tiny and model.gguf_package is None and (
                 content := self._local_model_hash(model.name_or_path, model.gguf_file)) is not None:
             input_hashes[MODEL] = content
         return config_hash, input_hashes
+
+    def _hashed_stage(self, stage, logging_and_saving: dict | None = None) -> dict:
+        """A stage's settings as its config hash sees them: without ``LOGGING_AND_SAVING`` (unless given, as an older
+        hash had them), and a hub backbone by its repo id, whose commit is the BACKBONE input hash instead (so
+        ``ORG/NAME``, ``ORG/NAME@main`` and ``ORG/NAME@<its commit>`` are one model)."""
+        dumped = stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING))
+        if (snapshot := self._hub_backbone(stage)) is not None and "@" in stage.backbone:
+            dumped["backbone"] = snapshot.repo_id
+        return {**dumped, **(logging_and_saving or {})}
 
     def _recorded_manifest(self, stage, directory: StageDir, config_hash: str, input_hashes: dict, *,
                            adopt: bool) -> dict:
@@ -430,7 +457,7 @@ class Runner:
         manifest = directory.read_manifest() or {}
         updates = {}
         if manifest.get("config_hash") not in (None, config_hash) and \
-                manifest["config_hash"] == self._config_hash_with_logging_and_saving(stage):
+                manifest["config_hash"] == self._config_hash_with_logging_and_saving(stage, directory):
             updates["config_hash"] = config_hash
         if _recorded_before_content_keys({**manifest, **updates}, config_hash, input_hashes):
             updates["input_hashes"] = input_hashes
@@ -441,9 +468,15 @@ class Runner:
             directory.update_manifest(**updates)
         return {**manifest, **updates}
 
-    def _config_hash_with_logging_and_saving(self, stage) -> str:
-        """The config hash as recorded before ``LOGGING_AND_SAVING`` was left out of it."""
-        return canonical_hash({"stage": stage.model_dump(mode="json"), **self._recipe_context()})
+    def _config_hash_with_logging_and_saving(self, stage, directory: StageDir) -> str | None:
+        """The config hash as recorded before ``LOGGING_AND_SAVING`` was left out of it, with the values the stage
+        ran with (its recorded config), so changing them since is no change either; None without a record."""
+        try:
+            recorded = next(s for s in directory.read_config()["recipe"]["stages"] if s["name"] == stage.name)
+        except (OSError, ValueError, KeyError, TypeError, StopIteration, yaml.YAMLError):
+            return None
+        values = {key: recorded[key] for key in LOGGING_AND_SAVING if key in recorded}
+        return canonical_hash({"stage": self._hashed_stage(stage, values), **self._recipe_context()})
 
     def _dry_run(self) -> list[StageOutcome]:
         """Print what the run would do with each stage (its decision, from ``decide_stage`` as in the run) and the
@@ -525,6 +558,7 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
+                self._fetch_pinned(stage, StageDir(self.run_dir / stage.name).read_config().get("pins") or {})
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
                 if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops

@@ -332,7 +332,9 @@ def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, o
     if not path.exists() and record.get("hub"):  # another machine's Hugging Face cache: this one's, at that commit
         from alignpipe.models.hub import snapshot_here
 
-        path = snapshot_here(record["hub"]["repo_id"], record["hub"]["commit"])
+        path = snapshot_here(record["hub"]["repo_id"], record["hub"]["commit"],
+                             gguf_file=(manifest.get("spec") or {}).get("gguf_file"),
+                             remote_code=remote_code_kwargs()["trust_remote_code"])
         location = str(path)
     if not path.exists():
         if relative or os.path.isabs(location) or looks_like_path(location):

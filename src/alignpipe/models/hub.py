@@ -41,7 +41,7 @@ class HubSnapshot:
     repo_id: str
     revision: str
     commit: str
-    files: tuple[str, ...] | None = None
+    files: tuple[str, ...]
     folder: Path | None = None
 
     def describe(self) -> str:
@@ -52,6 +52,23 @@ class HubSnapshot:
 def backbone_keys(stage: str) -> tuple[str, str]:
     """Where a reward stage names a hub backbone and its revision, for error messages."""
     return f"stages.{stage}.backbone", f"the @REVISION of stages.{stage}.backbone"
+
+
+def resolve_model(spec) -> HubSnapshot:
+    """The recipe's hub model (its ``ModelSpec``: ``name_or_path`` at ``revision``) pinned to a commit."""
+    return resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file, remote_code=spec.trust_remote_code)
+
+
+def resolve_backbone(stage, *, remote_code: bool) -> HubSnapshot:
+    """A reward stage's hub ``backbone`` (``ORG/NAME[@REVISION]``) pinned to a commit."""
+    return resolve(*split_revision(stage.backbone), remote_code=remote_code, keys=backbone_keys(stage.name))
+
+
+def backbone_here(stage, commit: str, *, remote_code: bool) -> Path:
+    """A reward stage's hub ``backbone`` at the ``commit`` the runner pinned, in this machine's cache
+    (:func:`snapshot_here`)."""
+    return snapshot_here(split_revision(stage.backbone)[0], commit, remote_code=remote_code,
+                         keys=backbone_keys(stage.name))
 
 
 def split_revision(name: str) -> tuple[str, str | None]:

@@ -161,8 +161,7 @@ def _fetched_hub_folder(spec: ModelSpec) -> Path | None:
     cache offline) is the check: a model or revision the Hub does not have fails here, not in the first stage."""
     from alignpipe.models import hub
 
-    return _fetched_folder(hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
-                                       remote_code=spec.trust_remote_code))
+    return _fetched_folder(hub.resolve_model(spec))
 
 
 def _fetched_folder(snapshot) -> Path | None:
@@ -170,8 +169,7 @@ def _fetched_folder(snapshot) -> Path | None:
     from alignpipe.models import hub
 
     folder = hub.snapshot_folder(snapshot)
-    fetched = snapshot.files is None or all((folder / name).is_file() for name in snapshot.files)
-    return folder if fetched and folder.is_dir() else None
+    return folder if all((folder / name).is_file() for name in snapshot.files) and folder.is_dir() else None
 
 
 def _gguf_package_tokenizer(spec: ModelSpec, *, chat_template: bool):
@@ -200,8 +198,7 @@ def _check_backbone(stage: RewardStage, *, conversations: bool, remote_code: boo
     if folder is None:
         from alignpipe.models import hub
 
-        folder = _fetched_folder(hub.resolve(*hub.split_revision(stage.backbone), remote_code=remote_code,
-                                             keys=hub.backbone_keys(stage.name)))
+        folder = _fetched_folder(hub.resolve_backbone(stage, remote_code=remote_code))
         if folder is None:
             return
     _require_files(folder, weights=True)

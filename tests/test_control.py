@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RECIPE, write_recipe
+from conftest import HUB_COMMITS, REPO, TINY_RECIPE, write_recipe
 
 from alignpipe.pipeline.control import ControlError, ControlFollower, ControlHost
 from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
@@ -767,3 +767,30 @@ def test_a_control_timeout_that_is_not_a_finite_positive_number_is_refused(tiny_
     assert (f"--control-timeout must be a number of seconds > 0 and at most 604800 (a week), got {float(seconds):g}"
             in capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_follower_trains_the_commit_node_zero_pinned_when_the_branch_moved_while_they_started(
+        hub_cache, tmp_path, fake_stages, monkeypatch, caplog) -> None:
+    """Each node resolves a hub model's branch itself. Here ``main`` moves upstream after node 1 has resolved and
+    fetched it (at the first commit) and before node 0 resolves it (at the second): node 1 must train node 0's
+    commit, which node 0's stage configs name, instead of stopping or training another model."""
+    first, second = HUB_COMMITS
+    (hub_cache / "refs" / "main").write_text(first)
+    join = ControlFollower.join
+
+    def push_then_join(self) -> None:  # node 1 has its own copy; node 0 resolves once node 1 has joined
+        (hub_cache / "refs" / "main").write_text(second)
+        join(self)
+
+    monkeypatch.setattr(ControlFollower, "join", push_then_join)
+    # The preflight resolves too, then at a time that depends on the threads' race; it is not under test.
+    monkeypatch.setattr("alignpipe.pipeline.preflight.preflight", lambda recipe: None)
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2}
+    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "model": {"name_or_path": "owner/tiny"}, "stages": [sft]})
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        node_zero, node_one = _run_both(recipe_path, tmp_path / "runs")
+    assert _actions(node_zero) == _actions(node_one) == {"sft": "ran"}
+    assert StageDir(tmp_path / "runs" / "tiny" / "sft").read_config()["base"] == str(hub_cache / "snapshots" / second)
+    [command] = fake_stages["node 1"]
+    assert command[command.index("--base") + 1] == str(hub_cache / "snapshots" / second)
+    assert f"node 0 pinned owner/tiny at commit {second[:12]}, this node resolved main to {first[:12]}" in caplog.text

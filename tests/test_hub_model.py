@@ -11,7 +11,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_RECIPE, write_recipe
+from conftest import HUB_COMMITS, TINY_RECIPE, write_recipe
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -22,7 +22,7 @@ from alignpipe.pipeline.rundir import StageDir, canonical_hash
 from alignpipe.pipeline.runner import BACKBONE, Runner
 from alignpipe.recipe import RecipeError, load_recipe
 
-FIRST, SECOND = "1" * 40, "2" * 40
+FIRST, SECOND = HUB_COMMITS
 SUPPORT = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "chat_template.jinja"]
 
@@ -72,24 +72,6 @@ def test_a_repository_without_a_config_is_refused():
         hub.files_to_fetch(["data/train.parquet", "model.safetensors", "README.md"], repo_id="owner/data")
     with pytest.raises(ModelError, match="it holds a PEFT adapter: name its base model here"):
         hub.files_to_fetch(["adapter_config.json", "adapter_model.safetensors"], repo_id="owner/lora")
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch, llama_path):
-    """An offline Hugging Face cache holding ``owner/tiny`` at two commits: ``main`` at the second, tag ``v1`` at
-    the first; the two snapshots differ in their weights."""
-    cache = tmp_path / "hf-cache"
-    repository = cache / "models--owner--tiny"
-    for commit in (FIRST, SECOND):
-        shutil.copytree(llama_path, repository / "snapshots" / commit)
-    weights = repository / "snapshots" / SECOND / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    (repository / "refs").mkdir()
-    (repository / "refs" / "main").write_text(SECOND)
-    (repository / "refs" / "v1").write_text(FIRST)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return repository
 
 
 def test_offline_a_revision_resolves_through_the_cache(hub_cache):
@@ -267,3 +249,30 @@ def test_a_reward_backbone_on_the_hub_is_pinned_hashed_and_reruns_when_its_tag_m
     with pytest.raises(PreflightError, match=r"stages.rm.backbone: model 'owner/tiny' at revision 'v9' is not in .*"
                                              r"name one as the @REVISION of stages.rm.backbone"):
         Runner(load_recipe(broken), runs_dir=tmp_path / "other-runs", in_process=True).run()
+
+
+def test_a_run_asks_the_hub_once_and_trains_the_commit_its_preflight_checked(tmp_path, monkeypatch, llama_path):
+    """The preflight resolves the model (to fail before anything is written), and the runner pins it for the stages:
+    one request between them, so a push between the two cannot make the run train what the preflight did not see."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    answers = iter([FIRST, SECOND])  # main moves after the first answer
+
+    def model_info(self, repo_id, revision=None, **kwargs):
+        siblings = [SimpleNamespace(rfilename=name) for name in (*SUPPORT, "model.safetensors")]
+        return SimpleNamespace(sha=next(answers), siblings=siblings)
+
+    def snapshot_download(repo_id, *, revision, allow_patterns):  # the transfer: files land under the commit
+        folder = cache / "models--owner--tiny" / "snapshots" / revision
+        shutil.copytree(llama_path, folder)
+        return str(folder)
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    runs = tmp_path / "runs"
+    assert Runner(load_recipe(_hub_recipe(tmp_path)), runs_dir=runs, in_process=True).run()[0].action == "ran"
+    assert StageDir(runs / "tiny" / "sft").read_config()["base"] == str(cache / "models--owner--tiny" / "snapshots" /
+                                                                         FIRST)
+    assert next(answers) == SECOND, "the run asked the Hub more than once"

@@ -17,7 +17,10 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignpipe.models.loading import ModelError
@@ -31,6 +34,8 @@ SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NAMED_CHAT_TEMPLATES = "additional_chat_templates/"  # transformers 5 reads every .jinja there as a named template
 TRANSFORMERS_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+# What resolve answered inside resolving_once: (repo id, revision, gguf_file, remote_code) -> snapshot.
+_PINNED: ContextVar[dict[tuple, HubSnapshot] | None] = ContextVar("alignpipe_hub_pinned", default=None)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,10 @@ def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     wanted = revision or DEFAULT_REVISION
+    pinned = _PINNED.get()
+    key = (repo_id, wanted, gguf_file, remote_code)
+    if pinned is not None and key in pinned:
+        return pinned[key]
     try:
         info = HfApi().model_info(repo_id, revision=wanted)
     except HFValidationError as error:
@@ -137,11 +146,26 @@ def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
                          f"machine is not logged in (`hf auth login`, or HF_TOKEN); check {keys[0]} (a local folder "
                          "must exist)") from error
     except Exception as error:  # no network, offline mode, a proxy or a server error: the cache may still have it
-        return _from_cache(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, unreachable=error,
-                           keys=keys)
-    files = files_to_fetch([sibling.rfilename for sibling in info.siblings or []], gguf_file=gguf_file,
-                           remote_code=remote_code, repo_id=repo_id, keys=keys)
-    return HubSnapshot(repo_id, wanted, info.sha, files=files)
+        snapshot = _from_cache(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, unreachable=error,
+                               keys=keys)
+    else:
+        files = files_to_fetch([sibling.rfilename for sibling in info.siblings or []], gguf_file=gguf_file,
+                               remote_code=remote_code, repo_id=repo_id, keys=keys)
+        snapshot = HubSnapshot(repo_id, wanted, info.sha, files=files)
+    if pinned is not None:
+        pinned[key] = snapshot
+    return snapshot
+
+
+@contextmanager
+def resolving_once() -> Iterator[None]:
+    """Within it, :func:`resolve` asks once per model and revision: a run's preflight and its runner then pin the same
+    commit with one request, where the branch could have moved between two."""
+    token = _PINNED.set({})
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
 
 
 def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_code: bool,
@@ -247,10 +271,17 @@ def snapshot_here(repo_id: str, commit: str, *, gguf_file: str | None = None, re
     """This machine's folder of ``repo_id`` at ``commit``: from its Hugging Face cache when the model is there (no
     request), else resolved and downloaded. For what names a commit that was pinned elsewhere: a stage's pinned
     backbone in each of its processes, a saved reward ensemble's backbone on another machine."""
+    return fetched_here(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, keys=keys).folder
+
+
+def fetched_here(repo_id: str, commit: str, *, gguf_file: str | None = None, remote_code: bool = False,
+                 keys: tuple[str, str] = MODEL_KEYS) -> HubSnapshot:
+    """:func:`snapshot_here`'s snapshot, its ``folder`` set."""
     if (_repository_folder(repo_id) / "snapshots" / commit).is_dir():
         try:
             return _from_cache(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, unreachable=None,
-                               keys=keys).folder
+                               keys=keys)
         except ModelError:
             pass  # cached in part (another file set, a download cut short): fetch what is missing
-    return fetch(resolve(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, keys=keys))
+    snapshot = resolve(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, keys=keys)
+    return replace(snapshot, folder=fetch(snapshot))

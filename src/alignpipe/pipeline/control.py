@@ -12,7 +12,8 @@ again on every node instead of being handed decisions that no node 0 acts on any
 
 Keys: ``run`` (node 0's recipe), ``state`` (``started`` once every node has joined, ``finished`` after the last
 stage), ``joined/<rank>`` (a follower passed its checks and follows; a counter, so a second one is refused),
-``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against),
+``base`` (the name and hash of node 0's copy of the recipe's model, which a follower checks its own against, and
+the commit node 0 pinned a hub model to, which a follower fetches when its own resolution found another),
 ``beat/<rank>`` (a follower's heartbeat: a counter it adds to every ``HEARTBEAT_S`` from when it has joined),
 ``unjoined/<rank>`` (why a follower stopped before it joined: node 0 reads it only while it waits for the nodes to
 join, so a stray node of a rank already in the run cannot stop the run), ``failed/<stage>/<rank>`` (a follower's
@@ -167,7 +168,7 @@ class Alone:
     def check_followers(self) -> None:
         return None
 
-    def publish_base(self, path: str, sha256: str | None) -> None:
+    def publish_base(self, path: str, sha256: str | None, commit: str | None = None) -> None:
         return None
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
@@ -270,9 +271,10 @@ class ControlHost:
         """``key``'s value, or None while nobody has set it."""
         return self._store.get(key).decode() if self._store.check([key]) else None
 
-    def publish_base(self, path: str, sha256: str | None) -> None:
-        """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's)."""
-        self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256}))
+    def publish_base(self, path: str, sha256: str | None, commit: str | None = None) -> None:
+        """Tell the followers which model node 0 prepared (its folder's name and hash: the path is node 0's), and the
+        commit it pinned a hub model to, which they load too."""
+        self._store.set(BASE, json.dumps({"name": Path(path).name, "sha256": sha256, "commit": commit}))
 
     def publish_decision(self, stage: str, action: Action, reason: str) -> None:
         """Tell the followers what to do with ``stage``; for ``run``/``resume`` only once its directory is ready (its
@@ -315,6 +317,7 @@ class ControlFollower:
         self._refused = False  # refused as a node of a rank taken, or of a run under way: node 0 must not hear it
         self._node_zero_gone = False  # nobody to tell how this node ends
         self._outcomes: dict[str, dict] = {}  # read while this node's part of a stage ran (see ``watch``)
+        self._base: dict | None = None  # node 0's record of the recipe's model (see ``node_zero_base``)
         self._heartbeat: _Heartbeat | None = None
 
     def __enter__(self) -> ControlFollower:
@@ -376,15 +379,20 @@ class ControlFollower:
         self._joined = True
         self._heartbeat = _Heartbeat(self.address, self.port, self.rank, self.timeout_s)
 
+    def node_zero_base(self) -> dict:
+        """Node 0's record of the recipe's model (see ``ControlHost.publish_base``), once it has prepared it."""
+        if self._base is None:
+            self._base = self._await(BASE, "node 0's model")
+        return self._base
+
     def check_base(self, path: str, sha256: str | None) -> None:
         """Check this node's copy of the recipe's model (``path``, hashed as the run hashes it) against node 0's: a
         GGUF package of another version, say, converts into another model."""
-        theirs = self._await(BASE, "node 0's model")
+        theirs = self.node_zero_base()
         if theirs["sha256"] != sha256:
             raise ControlError(
                 f"node {self.rank} prepared another model than node 0: node 0 has {theirs['name']!r}, this node "
-                f"{Path(path).name!r} ({path}); install the same model (package version) on every node, and pin a hub "
-                f"model's model.revision to a commit (its branch moved while the nodes resolved it)")
+                f"{Path(path).name!r} ({path}); install the same model (package version) on every node")
 
     def decision(self, stage: str) -> dict:
         """Node 0's decision for ``stage`` (``action`` and ``reason``), once it has made it."""

@@ -144,9 +144,10 @@ class Runner:
             log.info("[%s] %s", name, split)
         if self.dry_run:
             return self._dry_run()
+        from alignpipe.models import hub
         from alignpipe.pipeline.preflight import preflight
 
-        with self._control_channel() as channel:
+        with self._control_channel() as channel, hub.resolving_once():  # the preflight's commits are the run's
             preflight(self.recipe)  # bad data/model files fail here on every node, before runs/<name>/ exists
             return self._follow(channel) if isinstance(channel, ControlFollower) else self._lead(channel)
 
@@ -185,7 +186,7 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_record()
         outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
-        channel.publish_base(*outputs[BASE])
+        channel.publish_base(*outputs[BASE], commit=self._snapshot.commit if self._snapshot is not None else None)
         outcomes = []
         for stage in self.recipe.stages:
             outcome = self._run_stage(stage, outputs, channel)
@@ -285,7 +286,7 @@ class Runner:
 
     def _hub_snapshot(self) -> HubSnapshot:
         """The recipe's hub model pinned to a commit, resolved once by the runner (preparing and planning both ask;
-        the preflight resolves it on its own first, to fail before anything is written)."""
+        in a run, the one request the preflight made to fail before anything is written: ``hub.resolving_once``)."""
         if self._snapshot is None:
             from alignpipe.models import hub
 
@@ -550,6 +551,7 @@ class Runner:
         base = self._own_base()
         channel.join()
         if base is not None:
+            base = self._at_node_zeros_commit(base, channel.node_zero_base().get("commit"))
             channel.check_base(*base)
         outcomes = []
         for stage in self.recipe.stages:
@@ -574,6 +576,28 @@ class Runner:
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
             outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))
         return outcomes
+
+    def _at_node_zeros_commit(self, base: tuple[str, str | None], commit: str | None) -> tuple[str, str | None]:
+        """A follower's copy of a hub model at the commit node 0 pinned it to: each node resolves the revision
+        itself, and a branch that moves while the nodes start gives them different commits. Node 0's stage configs
+        name its commit, so every node trains that one. ``base`` unchanged when the commits agree (or there is none).
+        """
+        if self._snapshot is None or commit is None or commit == self._snapshot.commit:
+            return base
+        from alignpipe.models import hub
+        from alignpipe.models.loading import ModelError
+
+        spec = self.recipe.model
+        log.warning("node 0 pinned %s at commit %s, this node resolved %s to %s (it moved upstream while the nodes "
+                    "started): loading node 0's commit", spec.name_or_path, commit[:12], self._snapshot.revision,
+                    self._snapshot.commit[:12])
+        try:
+            self._snapshot = hub.fetched_here(spec.name_or_path, commit, gguf_file=spec.gguf_file,
+                                              remote_code=spec.trust_remote_code)
+        except ModelError as error:
+            raise ControlError(f"node {self.topology.node_rank} cannot get {spec.name_or_path} at commit {commit}, "
+                               f"which node 0 pinned: {error}") from error
+        return str(self._snapshot.folder), _hub_base_hash(spec, commit)
 
     def _own_base(self) -> tuple[str, str | None] | None:
         """A follower's own copy of the recipe's model, made before it joins (as node 0 makes its own): a GGUF

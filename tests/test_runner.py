@@ -213,7 +213,8 @@ def test_a_local_dataset_is_hashed_by_content_for_every_stage_that_reads_one(tmp
     assert changed_inputs == {**inputs, DATASET: changed_inputs[DATASET]}  # nothing else moved
 
 
-def test_a_local_dataset_directory_is_hashed_by_its_files_and_a_hub_id_by_name(tmp_path):
+def test_a_local_dataset_directory_is_hashed_by_its_files(tmp_path):
+    """(A hub dataset is hashed by the commit it is pinned to: tests/test_hub_datasets.py.)"""
     data = tmp_path / "data"
     data.mkdir()
     _pairs_file(data / "train.jsonl")
@@ -228,10 +229,9 @@ def test_a_local_dataset_directory_is_hashed_by_its_files_and_a_hub_id_by_name(t
     (data / "test.jsonl").rename(data / "extra.jsonl")  # same bytes under another name: another dataset
     assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1][DATASET] not in (before, after)
 
-    for dataset in ({"source": "trl", "path": "someone/prefs"}, {"source": "synthetic"}):  # a hub id / no file
-        recipe = {**TINY_RECIPE, "stages": [{"name": "rm", "type": "reward", "dataset": dataset}]}
-        runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
-        assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}
+    recipe = {**TINY_RECIPE, "stages": [{"name": "rm", "type": "reward", "dataset": {"source": "synthetic"}}]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs")
+    assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}  # no file
 
 
 def test_editing_a_local_dataset_file_reruns_the_stage_that_reads_it(tmp_path):

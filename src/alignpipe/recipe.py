@@ -250,8 +250,9 @@ class PreferenceDataSpec(_Spec):
         "trl = any dataset already in TRL's prompt/chosen/rejected format.",
     )
     path: str | None = Field(
-        None, description="Local file/directory or hub dataset id (required unless source is synthetic); relative "
-        "paths are taken from the directory alignpipe runs in (the project root under launch.sh).",
+        None, description="Local file/directory or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a "
+        "commit for the run), required unless source is synthetic; relative paths are taken from the directory "
+        "alignpipe runs in (the project root under launch.sh).",
     )
     split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
@@ -441,8 +442,9 @@ class SFTDataSpec(_Spec):
     )
     path: str | None = Field(
         None, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
-        "Dataset.save_to_disk directory) or hub dataset id (required unless source is synthetic); relative paths "
-        "are taken from the directory alignpipe runs in (the project root under launch.sh).",
+        "Dataset.save_to_disk directory) or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a commit for "
+        "the run), required unless source is synthetic; relative paths are taken from the directory alignpipe runs "
+        "in (the project root under launch.sh).",
     )
     split: str = Field(
         "train", description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash split, so "

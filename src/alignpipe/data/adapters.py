@@ -124,12 +124,17 @@ def load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str,
         except _read_errors() as error:
             raise DataError(f"{what}: cannot read the dataset directory {path} (split {split!r}): "
                             f"{_cause(error)}; expected data files with {expected}") from None
-    if isinstance(name_or_path, Path) or looks_like_path(name):
+    from alignpipe.data.hub_datasets import check_loaded_commit, hub_dataset_id
+
+    if isinstance(name_or_path, Path) or hub_dataset_id(name) is None:
         raise DataFileNotFound(
             f"{what}: no such file {path}; expected a local JSON/JSONL(.gz)/parquet file with {expected}, "
             "or a Hugging Face Hub dataset id"
         )
-    return load_dataset(name, split=split, **hub_kwargs)
+    repo_id, _, revision = name.partition("@")  # ORG/NAME@REVISION: a stage's is the commit the runner pinned
+    rows = load_dataset(repo_id, split=split, revision=revision or None, **hub_kwargs)
+    check_loaded_commit(rows, repo_id, revision, what=what)
+    return rows
 
 
 def _load_file(path: Path, split: str, *, what: str, expected: str):

@@ -17,11 +17,12 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alignpipe.models.loading import ModelError
 
@@ -34,8 +35,9 @@ SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NAMED_CHAT_TEMPLATES = "additional_chat_templates/"  # transformers 5 reads every .jinja there as a named template
 TRANSFORMERS_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
-# What resolve answered inside resolving_once: (repo id, revision, gguf_file, remote_code) -> snapshot.
-_PINNED: ContextVar[dict[tuple, HubSnapshot] | None] = ContextVar("alignpipe_hub_pinned", default=None)
+# What was resolved inside resolving_once: ("model" | "dataset", repo id, revision, ...) -> snapshot or commit.
+_PINNED: ContextVar[dict[tuple, Any] | None] = ContextVar("alignpipe_hub_pinned", default=None)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,16 @@ def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
     """``repo_id`` at ``revision`` pinned to a commit: asked of the Hub (one request, no download), else of the local
     cache. A model or revision the Hub does not have is a :class:`ModelError` that says what to check: ``keys``, the
     settings that name the model and its revision."""
+    wanted = revision or DEFAULT_REVISION
+    return once(("model", repo_id, wanted, gguf_file, remote_code),
+                lambda: _resolve(repo_id, wanted, gguf_file=gguf_file, remote_code=remote_code, keys=keys))
+
+
+def _resolve(repo_id: str, wanted: str, *, gguf_file: str | None, remote_code: bool,
+             keys: tuple[str, str]) -> HubSnapshot:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
-    wanted = revision or DEFAULT_REVISION
-    pinned = _PINNED.get()
-    key = (repo_id, wanted, gguf_file, remote_code)
-    if pinned is not None and key in pinned:
-        return pinned[key]
     try:
         info = HfApi().model_info(repo_id, revision=wanted)
     except HFValidationError as error:
@@ -152,20 +156,28 @@ def resolve(repo_id: str, revision: str | None, *, gguf_file: str | None = None,
         files = files_to_fetch([sibling.rfilename for sibling in info.siblings or []], gguf_file=gguf_file,
                                remote_code=remote_code, repo_id=repo_id, keys=keys)
         snapshot = HubSnapshot(repo_id, wanted, info.sha, files=files)
-    if pinned is not None:
-        pinned[key] = snapshot
     return snapshot
 
 
 @contextmanager
 def resolving_once() -> Iterator[None]:
-    """Within it, :func:`resolve` asks once per model and revision: a run's preflight and its runner then pin the same
-    commit with one request, where the branch could have moved between two."""
+    """Within it, a hub model or dataset is resolved once per revision (:func:`once`): a run's preflight and its runner
+    then pin the same commit with one request, where the branch could have moved between two."""
     token = _PINNED.set({})
     try:
         yield
     finally:
         _PINNED.reset(token)
+
+
+def once(key: tuple, resolve_it: Callable[[], T]) -> T:
+    """``resolve_it()``, remembered under ``key`` inside :func:`resolving_once` (asked every time outside it)."""
+    pinned = _PINNED.get()
+    if pinned is None:
+        return resolve_it()
+    if key not in pinned:
+        pinned[key] = resolve_it()
+    return pinned[key]
 
 
 def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_code: bool,
@@ -174,7 +186,7 @@ def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_co
     snapshot has a loadable model; its ``files`` are the model's among those cached."""
     from huggingface_hub import constants
 
-    repository = _repository_folder(repo_id)
+    repository = repository_folder(repo_id)
     ref = repository / "refs" / revision
     commit = revision if COMMIT.fullmatch(revision) else (ref.read_text().strip() if ref.is_file() else None)
     folder = repository / "snapshots" / commit if commit else None
@@ -226,14 +238,14 @@ def fetch(snapshot: HubSnapshot) -> Path:
     except HfHubHTTPError as error:
         raise ModelError(f"downloading {snapshot.describe()} failed: {error}") from error
     if snapshot.revision != snapshot.commit:
-        _record_ref(snapshot.repo_id, snapshot.revision, snapshot.commit)
+        record_ref(snapshot.repo_id, snapshot.revision, snapshot.commit)
     return folder
 
 
-def _record_ref(repo_id: str, revision: str, commit: str) -> None:
+def record_ref(repo_id: str, revision: str, commit: str, kind: str = "models") -> None:
     """Write the cache's ``refs/<revision>`` (atomically): huggingface_hub writes it only when it resolves a branch
-    or tag itself, and :func:`fetch` downloads by commit."""
-    ref = _repository_folder(repo_id) / "refs" / revision
+    or tag itself, and :func:`fetch` downloads by commit (``datasets`` loads a pinned dataset by commit too)."""
+    ref = repository_folder(repo_id, kind) / "refs" / revision
     if ref.is_file() and ref.read_text().strip() == commit:
         return
     ref.parent.mkdir(parents=True, exist_ok=True)
@@ -242,16 +254,17 @@ def _record_ref(repo_id: str, revision: str, commit: str) -> None:
     os.replace(temporary, ref)
 
 
-def _repository_folder(repo_id: str) -> Path:
-    """A model repository's folder in the Hugging Face cache (its documented layout: ``models--owner--name``)."""
+def repository_folder(repo_id: str, kind: str = "models") -> Path:
+    """A repository's folder in the Hugging Face cache (its documented layout: ``models--owner--name``, or
+    ``datasets--owner--name`` for a dataset)."""
     from huggingface_hub import constants
 
-    return Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    return Path(constants.HF_HUB_CACHE) / f"{kind}--{repo_id.replace('/', '--')}"
 
 
 def snapshot_folder(snapshot: HubSnapshot) -> Path:
     """Where :func:`fetch` puts (or found) ``snapshot``, without downloading: for a dry run's commands."""
-    return snapshot.folder if snapshot.folder is not None else _repository_folder(snapshot.repo_id) / "snapshots" / \
+    return snapshot.folder if snapshot.folder is not None else repository_folder(snapshot.repo_id) / "snapshots" / \
         snapshot.commit
 
 
@@ -277,7 +290,7 @@ def snapshot_here(repo_id: str, commit: str, *, gguf_file: str | None = None, re
 def fetched_here(repo_id: str, commit: str, *, gguf_file: str | None = None, remote_code: bool = False,
                  keys: tuple[str, str] = MODEL_KEYS) -> HubSnapshot:
     """:func:`snapshot_here`'s snapshot, its ``folder`` set."""
-    if (_repository_folder(repo_id) / "snapshots" / commit).is_dir():
+    if (repository_folder(repo_id) / "snapshots" / commit).is_dir():
         try:
             return _from_cache(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, unreachable=None,
                                keys=keys)

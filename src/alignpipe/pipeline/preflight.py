@@ -390,11 +390,16 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 
 def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer,
                    pairs: _PreferencePairs) -> None:
-    """Load the stage's local dataset as the stage will (same adapters, same limit), check that the stage can train on
-    soft strengths if the pairs carry them (a trl file's own column) and, with the model's tokenizer at hand, that
-    every reply starts within max_length."""
+    """Resolve a hub dataset's revision. Load a local dataset as the stage will (same adapters, same limit), check
+    that the stage can train on soft strengths if the pairs carry them (a trl file's own column) and, with the
+    model's tokenizer at hand, that every reply starts within max_length."""
     spec = stage.dataset
-    if spec.source == "synthetic" or not _is_local(spec.path):
+    if spec.source == "synthetic":
+        return
+    if not _is_local(spec.path):  # resolved, not read: a missing dataset or revision fails here, not in the stage
+        from alignpipe.data.hub_datasets import resolve_dataset
+
+        resolve_dataset(spec.path, key=f"stages.{stage.name}.dataset.path")
         return
     if isinstance(spec, SFTDataSpec):
         from alignpipe.data.preference import sft_conversations_for
@@ -415,8 +420,10 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
 
 
 def _is_local(path: str) -> bool:
-    """A data path that exists here or is clearly meant as one (a hub id is ``owner/name``; those are skipped)."""
-    return Path(path).expanduser().exists() or looks_like_path(path)
+    """A data path that exists here or is clearly meant as one (a hub id is ``owner/name[@revision]``)."""
+    from alignpipe.data.hub_datasets import hub_dataset_id
+
+    return hub_dataset_id(path) is None
 
 
 def _sft_template(tokenizer, stage: SFTStage) -> str | None:

@@ -123,6 +123,7 @@ class Runner:
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self._snapshot: HubSnapshot | None = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
         self._backbone_snapshots: dict[str, HubSnapshot] = {}  # reward backbones that are hub ids: _hub_backbone
+        self._dataset_commits: dict[str, str] = {}  # stages' hub datasets pinned to commits: _hub_dataset
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -307,10 +308,24 @@ class Runner:
                 stage, remote_code=self.recipe.model.trust_remote_code)
         return self._backbone_snapshots[backbone]
 
+    def _hub_dataset(self, stage) -> str | None:
+        """The commit a stage's hub ``dataset.path`` (``ORG/NAME[@REVISION]``) is pinned to, once per run; None for
+        synthetic data and local files. Its stage loads that commit (``pins``: :func:`alignpipe.pipeline.stage.
+        load_context`), and the commit is its DATASET input hash, so a push upstream re-runs it."""
+        from alignpipe.data.hub_datasets import hub_dataset_id, resolve_dataset
+
+        path = hub_dataset_id(getattr(getattr(stage, "dataset", None), "path", None))
+        if path is None:
+            return None
+        if path not in self._dataset_commits:
+            self._dataset_commits[path] = resolve_dataset(path, key=f"stages.{stage.name}.dataset.path")
+        return self._dataset_commits[path]
+
     def _pins(self, stage) -> dict[str, str]:
         """The hub commits ``stage`` must load, written into its config for every process of every node."""
-        snapshot = self._hub_backbone(stage)
-        return {"backbone": snapshot.commit} if snapshot is not None else {}
+        snapshot, dataset = self._hub_backbone(stage), self._hub_dataset(stage)
+        return {**({"backbone": snapshot.commit} if snapshot is not None else {}),
+                **({"dataset": dataset} if dataset is not None else {})}
 
     def _fetch_pinned(self, stage, pins: dict[str, str]) -> None:
         """Download what ``pins`` names into this machine's cache before the stage's processes start, so they load it
@@ -433,6 +448,8 @@ class Runner:
         input_hashes = {BASE: outputs[BASE][1], **{name: outputs[name][1] for name in stage.inputs}}
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
+        elif (commit := self._hub_dataset(stage)) is not None:
+            input_hashes[DATASET] = canonical_hash({"hub": stage.dataset.path.partition("@")[0], "commit": commit})
         backbone = getattr(stage, "backbone", None)
         if (content := self._local_model_hash(backbone)) is not None:
             input_hashes[BACKBONE] = content
@@ -446,11 +463,13 @@ class Runner:
 
     def _hashed_stage(self, stage, logging_and_saving: dict | None = None) -> dict:
         """A stage's settings as its config hash sees them: without ``LOGGING_AND_SAVING`` (unless given, as an older
-        hash had them), and a hub backbone by its repo id, whose commit is the BACKBONE input hash instead (so
-        ``ORG/NAME``, ``ORG/NAME@main`` and ``ORG/NAME@<its commit>`` are one model)."""
+        hash had them), and a hub backbone or dataset by its repo id, whose commit is the BACKBONE or DATASET input
+        hash instead (so ``ORG/NAME``, ``ORG/NAME@main`` and ``ORG/NAME@<its commit>`` are one model)."""
         dumped = stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING))
         if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
+        if self._hub_dataset(stage) is not None:  # likewise ORG/NAME@REVISION: its commit is the DATASET input hash
+            dumped["dataset"]["path"] = stage.dataset.path.partition("@")[0]
         return {**dumped, **(logging_and_saving or {})}
 
     def _recorded_manifest(self, stage, directory: StageDir, config_hash: str, input_hashes: dict, *,

@@ -54,7 +54,7 @@ class StageContext:
     inputs: dict[str, str]  # earlier stage name -> its checkpoint path
     resume_from: Path | None
     resume: bool = False  # started with --resume (stages with several trainers find their own checkpoints)
-    pins: dict[str, str] = field(default_factory=dict)  # hub commits the runner hashed ("backbone": a reward's)
+    pins: dict[str, str] = field(default_factory=dict)  # hub commits the runner hashed ("backbone", "dataset")
 
     @property
     def start_model(self) -> str:
@@ -87,11 +87,17 @@ def load_context(stage_dir: Path, *, resume: bool, base: str | None = None) -> S
     config = directory.read_config()
     recipe = Recipe.model_validate(config["recipe"])
     stage = recipe.stage(config["stage"])
+    pins = config.get("pins") or {}
+    if "dataset" in pins:  # the commit the runner pinned the hub dataset to (alignpipe.data.hub_datasets)
+        from alignpipe.data.hub_datasets import pinned
+
+        stage = stage.model_copy(update={"dataset": stage.dataset.model_copy(
+            update={"path": pinned(stage.dataset.path, pins["dataset"])})})
     resume_from = _resume_checkpoint(directory) if resume else None
     return StageContext(
         recipe=recipe, stage=stage, dir=directory, run_dir=stage_dir.parent,
         base=base or config["base"], inputs=config["inputs"], resume_from=resume_from, resume=resume,
-        pins=config.get("pins") or {},
+        pins=pins,
     )
 
 

@@ -1,0 +1,162 @@
+"""A stage's hub dataset is pinned to one commit for the whole run (data.hub_datasets).
+
+The Hub cannot be reached here, so the caches are real layouts built by the tests and read by the real ``datasets``
+and ``huggingface_hub`` code offline, as on a compute node without network: the datasets cache holds the prepared
+rows under ``<owner>___<name>/<config>/0.0.0/<commit>/`` (what ``load_dataset`` writes online), the Hugging Face
+cache the branch's ref (``datasets--owner--name/refs/main``). The Hub's answers to ``dataset_info`` are stand-ins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+from alignpipe.data.adapters import DataError, load_rows
+from alignpipe.data.hub_datasets import hub_dataset_id, resolve_dataset
+from alignpipe.pipeline.preflight import PreflightError
+from alignpipe.pipeline.rundir import StageDir, canonical_hash
+from alignpipe.pipeline.runner import DATASET, Runner
+from alignpipe.pipeline.stage import load_context
+from alignpipe.recipe import load_recipe
+
+OLD, NEW = "a" * 40, "b" * 40
+ROWS = {OLD: 8, NEW: 12}  # the two commits' row counts: which one was loaded shows
+
+
+@pytest.fixture
+def hub_datasets(tmp_path, monkeypatch):
+    """``owner/demos`` (prompt/completion rows) prepared in an offline datasets cache at two commits, ``NEW`` the
+    newer copy; the Hugging Face cache's ``main`` names ``NEW`` and the tag ``v1`` names ``OLD``."""
+    import datasets
+    from huggingface_hub import constants
+
+    prepared = tmp_path / "datasets-cache"
+    for age, commit in enumerate((OLD, NEW)):
+        source = tmp_path / f"{commit[:4]}.jsonl"
+        source.write_text("".join(json.dumps({"prompt": f"sort 3 1 {i}", "completion": f"1 3 {i}"}) + "\n"
+                                  for i in range(ROWS[commit])))
+        built = datasets.load_dataset("json", data_files={"train": str(source)}, split="train",
+                                      cache_dir=str(tmp_path / "scratch"))
+        folder = prepared / "owner___demos" / "default" / "0.0.0" / commit
+        folder.mkdir(parents=True)
+        arrow = built.cache_files[0]["filename"]
+        shutil.copy(arrow, folder / "demos-train.arrow")
+        info = json.loads((Path(arrow).parent / "dataset_info.json").read_text())
+        info.update(config_name="default", dataset_name="demos", builder_name="demos")
+        (folder / "dataset_info.json").write_text(json.dumps(info))
+        os.utime(folder, (1_700_000_000 + age, 1_700_000_000 + age))  # which copy is newer
+    refs = tmp_path / "hf-cache" / "datasets--owner--demos" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(NEW)
+    (refs / "v1").write_text(OLD)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", prepared)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return refs
+
+
+def _rows(name: str) -> int:
+    return len(load_rows(name, "train", what="dataset.path", expected="prompt/completion columns"))
+
+
+def test_what_names_a_hub_dataset(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    assert hub_dataset_id("owner/name") == "owner/name"
+    assert hub_dataset_id("owner/name@refs/pr/1") == "owner/name@refs/pr/1"  # a revision may hold slashes
+    for local in (str(data), "./data", "runs/exp@lr1e-5/pairs.jsonl", "../shared/data/x.jsonl.gz", None):
+        assert hub_dataset_id(local) is None
+
+
+def test_offline_a_pinned_commit_loads_that_commits_rows_or_is_refused(hub_datasets):
+    """Offline, ``load_dataset`` reads the newest cached copy whatever revision it is given; a pinned commit that is
+    not that copy must fail, not hand the stage another commit's rows."""
+    assert _rows(f"owner/demos@{NEW}") == ROWS[NEW]
+    with pytest.raises(DataError, match=rf"at commit {OLD} cannot be loaded here: .*newest copy in its cache, which is "
+                                        rf"commit {NEW}.*owner/demos@{NEW}"):
+        _rows(f"owner/demos@{OLD}")
+
+
+def test_offline_a_revision_resolves_through_the_caches_refs(hub_datasets):
+    assert resolve_dataset("owner/demos", key="k") == NEW
+    assert resolve_dataset("owner/demos@v1", key="k") == OLD
+    assert resolve_dataset(f"owner/demos@{OLD}", key="k") == OLD
+    with pytest.raises(DataError, match=r"cannot tell which commit dataset 'owner/demos' at revision 'v2' is: "
+                                        r"offline mode is on .*name the commit in k \(owner/demos@COMMIT\)"):
+        resolve_dataset("owner/demos@v2", key="k")
+    with pytest.raises(DataError, match=r"'owner/demos@': nothing after '@' in k"):
+        resolve_dataset("owner/demos@", key="k")
+
+
+def test_the_hubs_answers_become_errors_or_a_recorded_ref(hub_datasets, monkeypatch):
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def answer(result):
+        def dataset_info(self, repo_id, revision=None, **kwargs):
+            if isinstance(result, Exception):
+                raise result
+            return SimpleNamespace(sha=result)
+        monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+
+    answer(_hub_error(RepositoryNotFoundError))
+    with pytest.raises(DataError, match=r"dataset 'owner/gone' is not on the Hugging Face Hub.*HF_TOKEN.*check k"):
+        resolve_dataset("owner/gone", key="k")
+    answer(_hub_error(RevisionNotFoundError))
+    with pytest.raises(DataError, match=r"dataset 'owner/demos' has no revision 'v9' on the Hub.*the '@' of k"):
+        resolve_dataset("owner/demos@v9", key="k")
+    answer(OLD)  # main moved back upstream: recorded, so the cache resolves it offline later
+    assert resolve_dataset("owner/demos", key="k") == OLD
+    assert (hub_datasets / "main").read_text() == OLD
+
+
+def _hub_error(kind: type[Exception]) -> Exception:
+    error = kind.__new__(kind)
+    Exception.__init__(error, "404 Client Error")
+    return error
+
+
+def _sft_recipe(tmp_path, path: str, name: str = "recipe.yaml"):
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4,
+           "dataset": {"source": "trl", "path": path}}
+    return write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]}, name)
+
+
+def test_a_stage_trains_on_the_pinned_commit_and_an_upstream_push_reruns_it(tmp_path, hub_datasets):
+    runs = tmp_path / "runs"
+    stage = StageDir(runs / "tiny" / "sft")
+
+    def run(path: str = "owner/demos") -> str:
+        return Runner(load_recipe(_sft_recipe(tmp_path, path)), runs_dir=runs, in_process=True).run()[0].action
+
+    assert run() == "ran"
+    assert stage.read_config()["pins"] == {"dataset": NEW}
+    assert stage.read_manifest()["input_hashes"][DATASET] == canonical_hash({"hub": "owner/demos", "commit": NEW})
+    assert load_context(stage.root, resume=False).stage.dataset.path == f"owner/demos@{NEW}"  # what the stage read
+    assert run() == "skipped"
+    assert run(f"owner/demos@{NEW}") == "skipped"  # main named by its commit: the same data
+    recorded = stage.read_manifest()["input_hashes"]
+    stage.update_manifest(input_hashes={k: v for k, v in recorded.items() if k != DATASET})  # as recorded before
+    assert run() == "skipped"  # hub datasets were pinned: kept, and today's commit adopted
+    assert stage.read_manifest()["input_hashes"] == recorded
+
+    (hub_datasets / "main").write_text(OLD)  # upstream moved main (and the cache holds OLD as its newest copy)
+    shutil.rmtree(hub_datasets.parent.parent.parent / "datasets-cache" / "owner___demos" / "default" / "0.0.0" / NEW)
+    assert run() == "ran"
+    assert stage.read_config()["pins"] == {"dataset": OLD}
+
+
+def test_a_hub_dataset_that_cannot_be_resolved_fails_the_preflight_before_anything_is_written(tmp_path,
+                                                                                              hub_datasets):
+    recipe = load_recipe(_sft_recipe(tmp_path, "owner/demos@v7"))
+    with pytest.raises(PreflightError, match=r"stages.sft.dataset: cannot tell which commit .*'v7'"):
+        Runner(recipe, runs_dir=tmp_path / "runs", in_process=True).run()
+    assert not (tmp_path / "runs").exists()

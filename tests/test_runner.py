@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import time
 from dataclasses import asdict
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 from safetensors.torch import load_file
 
+from alignpipe.pipeline import rundir
 from alignpipe.pipeline.batching import split_global_batch
 from alignpipe.pipeline.decision import BATCH_SPLIT, decide_stage
 from alignpipe.pipeline.rundir import StageDir
@@ -301,6 +305,117 @@ def test_only_the_named_gguf_file_of_a_folder_is_part_of_the_model(tmp_path):
     assert local_model_hash(str(folder), "model-Q4_K_M.gguf") == before
     (folder / "model-Q4_K_M.gguf").write_bytes(b"other weights")
     assert local_model_hash(str(folder), "model-Q4_K_M.gguf") != before
+
+
+def _settled_model(tmp_path, monkeypatch):
+    """A model folder (with a hidden ``.git``) whose files were last written a minute ago, past the racy window of
+    ``cached_directory_hash``; its hash cache is this test's own."""
+    monkeypatch.setenv("ALIGNPIPE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    files = {"config.json": b"{}", "model.safetensors": b"weights" * 100, "sub/tokenizer.json": b"{\"v\": 1}",
+             ".git/index": b"not part of the model"}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        _set_mtime(folder / name, seconds_ago=60)
+    return folder
+
+
+def _set_mtime(path, seconds_ago: int) -> None:
+    when = time.time_ns() - seconds_ago * 10**9
+    os.utime(path, ns=(when, when))
+
+
+def _hash_entries(tmp_path) -> list:
+    return sorted((tmp_path / "cache" / rundir.HASH_CACHE).glob("*.json"))
+
+
+def _other_bytes_same_stat(path) -> None:
+    """Rewrite ``path`` in place (same inode) with other bytes of the same size and give it back its mtime: every
+    field ``cached_directory_hash`` trusts is as before, so only reading the bytes can tell."""
+    before = path.stat()
+    path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino, after.st_dev) == \
+        (before.st_size, before.st_mtime_ns, before.st_ino, before.st_dev)
+
+
+def _visible(relative) -> bool:
+    return not relative.parts[0].startswith(".")
+
+
+def test_cached_directory_hash_equals_directory_hash(tmp_path, monkeypatch):
+    folder = _settled_model(tmp_path, monkeypatch)
+    expected = hashlib.sha256()  # directory_hash's definition, so recorded hashes stay valid
+    for name in ("config.json", "model.safetensors", "sub/tokenizer.json"):
+        expected.update(name.encode() + (folder / name).read_bytes())
+    assert rundir.directory_hash(folder, _visible) == expected.hexdigest() != rundir.directory_hash(folder)
+    for include in (None, _visible):
+        assert rundir.cached_directory_hash(folder, include) == rundir.directory_hash(folder, include)
+        assert rundir.cached_directory_hash(folder, include) == rundir.directory_hash(folder, include)  # kept
+    assert len(_hash_entries(tmp_path)) == 2  # one per include filter: they hash other files
+
+
+def test_a_local_model_is_not_read_again_while_its_files_are_unchanged(tmp_path, monkeypatch, caplog):
+    folder = _settled_model(tmp_path, monkeypatch)
+    monkeypatch.setattr(rundir, "LARGE_FOLDER", 0)  # say so for any size
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        first = local_model_hash(str(folder))
+    assert f"hashing {folder} (0.0 GB) once; later runs reuse it while its files are unchanged" in caplog.text
+    caplog.clear()
+    _other_bytes_same_stat(folder / "model.safetensors")
+    assert rundir.directory_hash(folder, _visible) != first  # the bytes differ: a reader would see it
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        assert local_model_hash(str(folder)) == first  # so the files were not read
+    assert "hashing" not in caplog.text
+
+
+def test_cached_directory_hash_sees_a_changed_added_or_removed_file(tmp_path, monkeypatch):
+    folder = _settled_model(tmp_path, monkeypatch)
+    first = rundir.cached_directory_hash(folder)
+    weights = folder / "model.safetensors"
+    inode = weights.stat().st_ino
+    weights.write_bytes(b"W" * weights.stat().st_size)  # same size and inode: only the mtime tells
+    _set_mtime(weights, seconds_ago=30)
+    assert weights.stat().st_ino == inode
+    changed = rundir.cached_directory_hash(folder)
+    assert changed == rundir.directory_hash(folder) != first
+    (folder / "added.bin").write_bytes(b"")
+    _set_mtime(folder / "added.bin", seconds_ago=30)
+    assert rundir.cached_directory_hash(folder) == rundir.directory_hash(folder) != changed
+    (folder / "added.bin").unlink()
+    assert rundir.cached_directory_hash(folder) == changed
+    (folder / "sub" / "tokenizer.json").unlink()
+    assert rundir.cached_directory_hash(folder) == rundir.directory_hash(folder) != changed
+
+
+def test_cached_directory_hash_keeps_nothing_while_a_file_may_still_be_written(tmp_path, monkeypatch):
+    """A file modified within 2 s of hashing could change again with the same size and mtime (racily clean)."""
+    folder = _settled_model(tmp_path, monkeypatch)
+    weights = folder / "model.safetensors"
+    os.utime(weights)  # modified now
+    first = rundir.cached_directory_hash(folder)
+    assert first == rundir.directory_hash(folder) and _hash_entries(tmp_path) == []
+    _other_bytes_same_stat(weights)
+    assert rundir.cached_directory_hash(folder) == rundir.directory_hash(folder) != first  # read again
+
+
+def test_a_corrupt_or_unwritable_hash_cache_is_no_error(tmp_path, monkeypatch, caplog):
+    folder = _settled_model(tmp_path, monkeypatch)
+    rundir.cached_directory_hash(folder)
+    [entry] = _hash_entries(tmp_path)
+    _other_bytes_same_stat(folder / "model.safetensors")  # so a recomputed hash differs from the kept one
+    current = rundir.directory_hash(folder)
+    for garbage in (b"{not json", b"\xff\xfe", b"[]", b'{"sha256": 5}', b'{"sha256": "not a hash"}', b""):
+        entry.write_bytes(garbage)
+        assert rundir.cached_directory_hash(folder) == current
+        assert json.loads(entry.read_text())["sha256"] == current  # rewritten
+    (tmp_path / "blocked").write_text("a file where the cache directory would be")
+    monkeypatch.setenv("ALIGNPIPE_CACHE", str(tmp_path / "blocked"))
+    with caplog.at_level(logging.DEBUG, logger="alignpipe"):
+        assert rundir.cached_directory_hash(folder) == current
+    assert f"not caching the hash of {folder}" in caplog.text
 
 
 def test_a_stage_recorded_before_content_hashes_is_kept_and_gets_them(tmp_path):

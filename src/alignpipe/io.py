@@ -3,7 +3,7 @@
 A reader (another stage, the leaderboard builder, a human with `cat`) must never see a half-written
 manifest or result file, and a failed write must leave the previous version in place. So every write
 goes to a temp file in the *same* directory (``os.replace`` is only atomic within one filesystem),
-is flushed and fsynced, then renamed over the target.
+is flushed and fsynced, then renamed over the target. ``cache_root`` is where every cache of the project lives.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ from typing import Any
 # (os.umask can only be read by setting it, so do it at import rather than on every write, where it would race.)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def cache_root() -> Path:
+    """``$ALIGNPIPE_CACHE`` when set (tests and shared machines point it elsewhere), else ``~/.cache/alignpipe``."""
+    base = os.environ.get("ALIGNPIPE_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "alignpipe"
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

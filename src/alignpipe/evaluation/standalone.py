@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -13,8 +12,8 @@ from alignpipe.evaluation.harness import Checkpoint
 from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
-from alignpipe.io import atomic_write_json
-from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash
+from alignpipe.io import atomic_write_json, cache_root
+from alignpipe.pipeline.rundir import RUN_FILE, StageDir, cached_directory_hash
 from alignpipe.recipe import STAGE_TYPES
 
 # Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
@@ -64,7 +63,7 @@ def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
     if not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
-    return [Checkpoint(label, path, directory_hash(directory))]
+    return [Checkpoint(label, path, cached_directory_hash(directory))]
 
 
 def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
@@ -85,13 +84,12 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
     log.info("%s: %s (%s)", spec, snapshot.describe(), folder)
     model_files = set(snapshot.files)  # not whatever else an earlier full download left in the folder
     return Checkpoint(name or repo_id.rsplit("/", 1)[-1], str(folder),
-                      directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
+                      cached_directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
 
 
 def default_cache_dir() -> Path:
     """``$ALIGNPIPE_CACHE/eval``, else ``~/.cache/alignpipe/eval``: generations are reused across invocations."""
-    root = os.environ.get("ALIGNPIPE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "alignpipe") / "eval"
+    return cache_root() / "eval"
 
 
 def evaluate_paths(

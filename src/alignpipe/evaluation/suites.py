@@ -39,7 +39,7 @@ from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import length_controlled_win_rate
 from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
-from alignpipe.pipeline.rundir import directory_hash, package_versions
+from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
 
@@ -234,7 +234,7 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
 
     scorer = load_reward_scorer(judge_path)  # on the process's device
     judge = RewardJudge(lambda p, r: scorer.score(p, r).mean.tolist(), judge_id=scorer.judge_id, temperature=1.0)
-    return CachedJudge(judge, directory_hash(Path(judge_path)), cache)
+    return CachedJudge(judge, cached_directory_hash(Path(judge_path)), cache)
 
 
 def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,

@@ -27,6 +27,8 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from alignpipe.io import cache_root as project_cache_root  # convert_gguf_package's argument is named cache_root
+
 log = logging.getLogger("alignpipe")
 
 MARKER = "alignpipe-conversion.json"
@@ -96,9 +98,8 @@ def _sha256(path: Path) -> str:
 
 
 def default_cache_root() -> Path:
-    """``$ALIGNPIPE_CACHE/models`` when set (tests and shared machines point it elsewhere), else the user cache."""
-    base = os.environ.get("ALIGNPIPE_CACHE")
-    return Path(base) / "models" if base else Path.home() / ".cache" / "alignpipe" / "models"
+    """``models/`` under the project's cache root (``$ALIGNPIPE_CACHE``, else the user cache)."""
+    return project_cache_root() / "models"
 
 
 def _require_gguf() -> None:

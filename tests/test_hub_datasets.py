@@ -160,3 +160,20 @@ def test_a_hub_dataset_that_cannot_be_resolved_fails_the_preflight_before_anythi
     with pytest.raises(PreflightError, match=r"stages.sft.dataset: cannot tell which commit .*'v7'"):
         Runner(recipe, runs_dir=tmp_path / "runs", in_process=True).run()
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_rows_from_another_commits_folder_are_refused():
+    """A copy that an older datasets release cached under a module hash (not a commit) cannot be told apart, and a
+    dataset built in memory has no files: neither is refused."""
+    from alignpipe.data.hub_datasets import check_loaded_commit
+
+    def rows(*folders):
+        return SimpleNamespace(cache_files=[{"filename": f"/cache/owner___demos/default/0.0.0/{f}/x.arrow"}
+                                            for f in folders])
+
+    check_loaded_commit(rows(NEW), "owner/demos", NEW, what="w")
+    check_loaded_commit(rows("f" * 64), "owner/demos", NEW, what="w")  # a module hash
+    check_loaded_commit(rows(), "owner/demos", NEW, what="w")
+    check_loaded_commit(rows(OLD), "owner/demos", "main", what="w")  # not pinned: nothing to check against
+    with pytest.raises(DataError, match=f"w: dataset 'owner/demos' at commit {NEW} cannot be loaded here"):
+        check_loaded_commit(rows(OLD), "owner/demos", NEW, what="w")

@@ -45,8 +45,10 @@ def pinned(path: str, commit: str) -> str:
 def check_loaded_commit(rows, repo_id: str, commit: str, *, what: str) -> None:
     """Refuse rows that ``load_dataset`` took from another commit than ``commit`` (when it is one): offline, it reads
     the newest copy in the datasets cache (``<cache>/<owner>___<name>/<config>/<version>/<commit>/``) whatever
-    ``revision`` says."""
-    loaded = sorted({Path(entry["filename"]).parent.name for entry in rows.cache_files})
+    ``revision`` says. A copy in a folder of an older datasets release (named by a module hash, not a commit) cannot
+    be told apart, and is let through."""
+    folders = {Path(entry["filename"]).parent.name for entry in rows.cache_files}
+    loaded = sorted(folder for folder in folders if hub.COMMIT.fullmatch(folder))
     if hub.COMMIT.fullmatch(commit) and loaded and commit not in loaded:
         raise DataError(f"{what}: dataset {repo_id!r} at commit {commit} cannot be loaded here: the Hub could not be "
                         "reached, and offline the datasets library reads only the newest copy in its cache, which is "

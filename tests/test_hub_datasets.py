@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.data.adapters import DataError, load_rows
-from alignpipe.data.hub_datasets import hub_dataset_id, resolve_dataset
+from alignpipe.data.hub_datasets import hub_dataset_id, record_loaded, resolve_dataset
 from alignpipe.pipeline.preflight import PreflightError
 from alignpipe.pipeline.rundir import StageDir, canonical_hash
 from alignpipe.pipeline.runner import DATASET, Runner
@@ -70,13 +70,21 @@ def test_what_names_a_hub_dataset(tmp_path):
     data.write_text("{}\n")
     assert hub_dataset_id("owner/name") == "owner/name"
     assert hub_dataset_id("owner/name@refs/pr/1") == "owner/name@refs/pr/1"  # a revision may hold slashes
-    for local in (str(data), "./data", "runs/exp@lr1e-5/pairs.jsonl", "../shared/data/x.jsonl.gz", None):
+    assert hub_dataset_id("owner/name@refs/convert/parquet") == "owner/name@refs/convert/parquet"
+    for local in (str(data), "./data", "runs/exp@lr1e-5/pairs.jsonl", "runs/exp@lr1e-5/pairs", "a/b@c/d/e",
+                  "../shared/data/x.jsonl.gz", None):
         assert hub_dataset_id(local) is None
 
 
-def test_offline_a_pinned_commit_loads_that_commits_rows_or_is_refused(hub_datasets):
+@pytest.mark.parametrize("in_memory", [False, True], ids=["memory-mapped", "HF_DATASETS_IN_MEMORY_MAX_SIZE"])
+def test_offline_a_pinned_commit_loads_that_commits_rows_or_is_refused(hub_datasets, monkeypatch, in_memory):
     """Offline, ``load_dataset`` reads the newest cached copy whatever revision it is given; a pinned commit that is
-    not that copy must fail, not hand the stage another commit's rows."""
+    not that copy must fail, not hand the stage another commit's rows; also where datasets would keep small rows in
+    memory (with no cache files to tell the commit by)."""
+    import datasets
+
+    if in_memory:
+        monkeypatch.setattr(datasets.config, "IN_MEMORY_MAX_SIZE", 10**9)
     assert _rows(f"owner/demos@{NEW}") == ROWS[NEW]
     with pytest.raises(DataError, match=rf"at commit {OLD} cannot be loaded here: .*newest copy in its cache, which is "
                                         rf"commit {NEW}.*owner/demos@{NEW}"):
@@ -113,9 +121,13 @@ def test_the_hubs_answers_become_errors_or_a_recorded_ref(hub_datasets, monkeypa
     answer(_hub_error(RevisionNotFoundError))
     with pytest.raises(DataError, match=r"dataset 'owner/demos' has no revision 'v9' on the Hub.*the '@' of k"):
         resolve_dataset("owner/demos@v9", key="k")
-    answer(OLD)  # main moved back upstream: recorded, so the cache resolves it offline later
+    answer(OLD)  # main moved back upstream: nothing is recorded before a stage has loaded its rows
     assert resolve_dataset("owner/demos", key="k") == OLD
+    assert (hub_datasets / "main").read_text() == NEW
+    record_loaded("owner/demos", OLD)  # what the runner does once the stage completed: offline, main is OLD now
     assert (hub_datasets / "main").read_text() == OLD
+    record_loaded(f"owner/demos@{NEW}", NEW)  # a commit named: no ref to record
+    assert sorted(path.name for path in hub_datasets.iterdir()) == ["main", "v1"]
 
 
 def _hub_error(kind: type[Exception]) -> Exception:
@@ -152,6 +164,47 @@ def test_a_stage_trains_on_the_pinned_commit_and_an_upstream_push_reruns_it(tmp_
     shutil.rmtree(hub_datasets.parent.parent.parent / "datasets-cache" / "owner___demos" / "default" / "0.0.0" / NEW)
     assert run() == "ran"
     assert stage.read_config()["pins"] == {"dataset": OLD}
+
+    (hub_datasets / "main").write_text("c" * 40)  # a commit this machine has no rows of: the stage is left alone
+    with pytest.raises(DataError, match=rf"stages.sft.dataset.path: offline mode is on and the datasets cache .* has "
+                                        rf"no copy of 'owner/demos' at commit c{{40}}; it holds commit.s. {OLD}"):
+        run()
+    assert stage.read_manifest()["status"] == "complete" and stage.read_config()["pins"] == {"dataset": OLD}
+
+
+def test_a_run_records_the_revision_once_its_stage_loaded_the_rows_and_a_dry_run_writes_nothing(
+        tmp_path, hub_datasets, monkeypatch, capsys):
+    from huggingface_hub import HfApi, constants
+
+    from alignpipe.cli import main
+
+    (hub_datasets / "main").unlink()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the Hub answers; the rows come from the cache
+    answers = {"main": NEW}
+    monkeypatch.setattr(HfApi, "dataset_info",
+                        lambda self, repo_id, revision=None, **kwargs: SimpleNamespace(sha=answers[revision]))
+    recipe_path, runs = _sft_recipe(tmp_path, "owner/demos"), tmp_path / "runs"
+    assert Runner(load_recipe(recipe_path), runs_dir=runs, in_process=True).run()[0].action == "ran"
+    assert (hub_datasets / "main").read_text() == NEW
+
+    answers["main"] = OLD  # pushed upstream: a dry run says so, and records nothing
+    assert main(["run", str(recipe_path), "--dry-run", "--runs-dir", str(runs)]) == 0
+    assert "[dry-run] sft (sft): run (config or inputs changed)" in capsys.readouterr().out
+    assert (hub_datasets / "main").read_text() == NEW
+
+
+def test_an_unfinished_stage_recorded_before_hub_datasets_were_pinned_resumes(tmp_path, hub_datasets):
+    runs = tmp_path / "runs"
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 2, "save_total_limit": 3,
+           "per_device_train_batch_size": 4, "dataset": {"source": "trl", "path": "owner/demos"}}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]}))
+    assert Runner(recipe, runs_dir=runs, in_process=True).run()[0].action == "ran"
+    stage = StageDir(runs / "tiny" / "sft")
+    manifest = stage.read_manifest()
+    older = {k: v for k, v in manifest["input_hashes"].items() if k != DATASET}  # no hub dataset hash then
+    stage.write_manifest({**manifest, "status": "interrupted", "input_hashes": older, "output_sha256": None})
+    shutil.rmtree(stage.checkpoint)  # killed after a trainer checkpoint, before publishing
+    assert Runner(recipe, runs_dir=runs, in_process=True, resume=True).run()[0].action == "resumed"
 
 
 def test_a_hub_dataset_that_cannot_be_resolved_fails_the_preflight_before_anything_is_written(tmp_path,

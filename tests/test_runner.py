@@ -331,8 +331,9 @@ def _hash_entries(tmp_path) -> list:
 
 
 def _other_bytes_same_stat(path) -> None:
-    """Rewrite ``path`` in place (same inode) with other bytes of the same size and give it back its mtime: every
-    field ``cached_directory_hash`` trusts is as before, so only reading the bytes can tell."""
+    """Rewrite ``path`` in place (same inode) with other bytes of the same size and give it back its mtime, as
+    ``cp -p`` or ``rsync -a --inplace`` of another release of the file can: only its ctime (which nothing can set
+    back) and its bytes tell."""
     before = path.stat()
     path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -357,18 +358,52 @@ def test_cached_directory_hash_equals_directory_hash(tmp_path, monkeypatch):
     assert len(_hash_entries(tmp_path)) == 2  # one per include filter: they hash other files
 
 
+def _reads(monkeypatch) -> list:
+    """The files ``rundir`` reads to hash them, from now on."""
+    read, update = [], rundir._update_with_file
+
+    def reading(digest, path) -> None:
+        read.append(path)
+        update(digest, path)
+
+    monkeypatch.setattr(rundir, "_update_with_file", reading)
+    return read
+
+
 def test_a_local_model_is_not_read_again_while_its_files_are_unchanged(tmp_path, monkeypatch, caplog):
     folder = _settled_model(tmp_path, monkeypatch)
     monkeypatch.setattr(rundir, "LARGE_FOLDER", 0)  # say so for any size
+    read = _reads(monkeypatch)
     with caplog.at_level(logging.INFO, logger="alignpipe"):
         first = local_model_hash(str(folder))
     assert f"hashing {folder} (0.0 GB) once; later runs reuse it while its files are unchanged" in caplog.text
+    assert len(read) == 3  # config.json, model.safetensors, sub/tokenizer.json
     caplog.clear()
-    _other_bytes_same_stat(folder / "model.safetensors")
-    assert rundir.directory_hash(folder, _visible) != first  # the bytes differ: a reader would see it
     with caplog.at_level(logging.INFO, logger="alignpipe"):
-        assert local_model_hash(str(folder)) == first  # so the files were not read
-    assert "hashing" not in caplog.text
+        assert local_model_hash(str(folder)) == first
+    assert len(read) == 3 and "hashing" not in caplog.text  # nothing read the second time
+
+
+def test_a_copy_that_keeps_size_mtime_and_inode_is_seen_by_its_ctime(tmp_path, monkeypatch):
+    folder = _settled_model(tmp_path, monkeypatch)
+    first = rundir.cached_directory_hash(folder)
+    _other_bytes_same_stat(folder / "model.safetensors")
+    assert rundir.cached_directory_hash(folder) == rundir.directory_hash(folder) != first
+
+
+def test_the_hash_cache_is_no_error_where_there_is_no_home_directory(tmp_path, monkeypatch):
+    """A container's bare uid: neither $HOME nor a passwd entry, so no user cache to keep hashes in."""
+    import pwd
+
+    folder = _settled_model(tmp_path, monkeypatch)
+    monkeypatch.delenv("ALIGNPIPE_CACHE")
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert local_model_hash(str(folder)) == rundir.directory_hash(folder, _visible)
 
 
 def test_cached_directory_hash_sees_a_changed_added_or_removed_file(tmp_path, monkeypatch):
@@ -397,19 +432,20 @@ def test_cached_directory_hash_keeps_nothing_while_a_file_may_still_be_written(t
     os.utime(weights)  # modified now
     first = rundir.cached_directory_hash(folder)
     assert first == rundir.directory_hash(folder) and _hash_entries(tmp_path) == []
-    _other_bytes_same_stat(weights)
-    assert rundir.cached_directory_hash(folder) == rundir.directory_hash(folder) != first  # read again
+    read = _reads(monkeypatch)
+    assert rundir.cached_directory_hash(folder) == first and len(read) == 4  # read again (.git too: no filter)
 
 
 def test_a_corrupt_or_unwritable_hash_cache_is_no_error(tmp_path, monkeypatch, caplog):
     folder = _settled_model(tmp_path, monkeypatch)
     rundir.cached_directory_hash(folder)
     [entry] = _hash_entries(tmp_path)
-    _other_bytes_same_stat(folder / "model.safetensors")  # so a recomputed hash differs from the kept one
     current = rundir.directory_hash(folder)
+    read = _reads(monkeypatch)
     for garbage in (b"{not json", b"\xff\xfe", b"[]", b'{"sha256": 5}', b'{"sha256": "not a hash"}', b""):
         entry.write_bytes(garbage)
-        assert rundir.cached_directory_hash(folder) == current
+        before = len(read)
+        assert rundir.cached_directory_hash(folder) == current and len(read) > before  # recomputed
         assert json.loads(entry.read_text())["sha256"] == current  # rewritten
     (tmp_path / "blocked").write_text("a file where the cache directory would be")
     monkeypatch.setenv("ALIGNPIPE_CACHE", str(tmp_path / "blocked"))

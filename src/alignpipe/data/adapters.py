@@ -132,7 +132,8 @@ def load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str,
             "or a Hugging Face Hub dataset id"
         )
     repo_id, _, revision = name.partition("@")  # ORG/NAME@REVISION: a stage's is the commit the runner pinned
-    rows = load_dataset(repo_id, split=split, revision=revision or None, **hub_kwargs)
+    # from the cache's files (never held in memory, as HF_DATASETS_IN_MEMORY_MAX_SIZE may ask): they say the commit
+    rows = load_dataset(repo_id, split=split, revision=revision or None, keep_in_memory=False, **hub_kwargs)
     check_loaded_commit(rows, repo_id, revision, what=what)
     return rows
 

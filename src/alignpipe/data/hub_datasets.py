@@ -9,7 +9,7 @@ into the stage's inputs (a push upstream re-runs the stage; a commit keeps it), 
 rows came from that commit (:func:`check_loaded_commit`).
 
 Offline (``HF_HUB_OFFLINE=1``, or no route to the Hub), a revision resolves through the Hugging Face cache's
-``refs/``, as for models (:mod:`alignpipe.models.hub`); the runner records the ref whenever the Hub answers.
+``refs/``, as for models (:mod:`alignpipe.models.hub`); the runner records the ref once a stage has loaded the rows.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ def hub_dataset_id(path: str | None) -> str | None:
     """``path`` when it names a hub dataset (``ORG/NAME[@REVISION]``), not a local file or folder; else None."""
     if not path or Path(path).expanduser().exists():
         return None
-    # a revision may hold "/" (refs/pr/1), so only the repo id and the last name (a data file's?) are looked at
-    return None if looks_like_path(path.partition("@")[0]) or looks_like_path(Path(path).name) else path
+    repo_id, _, revision = path.partition("@")
+    # a hub revision holds "/" only as refs/... (refs/pr/1, refs/convert/parquet); runs/exp@lr1e-5/pairs is a folder
+    if looks_like_path(repo_id) or ("/" in revision and not revision.startswith("refs/")):
+        return None
+    return None if looks_like_path(Path(path).name) else path
 
 
 def resolve_dataset(path: str, *, key: str) -> str:
@@ -40,6 +43,25 @@ def resolve_dataset(path: str, *, key: str) -> str:
 def pinned(path: str, commit: str) -> str:
     """``path``'s hub dataset named at ``commit`` (``ORG/NAME@<commit>``): what the stage loads."""
     return f"{path.partition('@')[0]}@{commit}"
+
+
+def check_cached_offline(path: str, commit: str, *, key: str) -> None:
+    """Offline, refuse a pinned commit the datasets cache has no copy of (``<owner>___<name>/*/*/<commit>``), before
+    the runner touches the stage's directory: the stage could only fail on it."""
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+    from huggingface_hub import constants
+
+    if not (constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE):
+        return
+    owner, _, name = path.partition("@")[0].rpartition("/")
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(filter(None, (owner, camelcase_to_snakecase(name))))
+    if not any(folder.glob(f"*/*/{commit}")):
+        cached = sorted({found.name for found in folder.glob("*/*/*") if hub.COMMIT.fullmatch(found.name)})
+        held = f"; it holds commit(s) {', '.join(cached)}" if cached else ""
+        raise DataError(f"{key}: offline mode is on and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) has "
+                        f"no copy of {path.partition('@')[0]!r} at commit {commit}{held}; load it once where there is "
+                        "network, or name a cached commit (ORG/NAME@COMMIT). The stage was left as it was")
 
 
 def check_loaded_commit(rows, repo_id: str, commit: str, *, what: str) -> None:
@@ -81,9 +103,17 @@ def _resolve(repo_id: str, revision: str, key: str) -> str:
                         "exist)") from error
     except Exception as error:  # no network, offline mode, a proxy or a server error: the cache may still know it
         return _from_cache(repo_id, revision, key, error)
-    if revision != info.sha:
-        hub.record_ref(repo_id, revision, info.sha, kind="datasets")  # so the same cache resolves it offline later
     return info.sha
+
+
+def record_loaded(path: str, commit: str) -> None:
+    """Record in the Hugging Face cache that ``path``'s revision is ``commit`` (``refs/<revision>``), once a stage has
+    loaded that commit's rows here, so the same caches resolve it offline later. Not before: an offline run would
+    then pin a commit whose rows this machine does not have."""
+    repo_id, _, revision = path.partition("@")
+    revision = revision or hub.DEFAULT_REVISION
+    if revision != commit:
+        hub.record_ref(repo_id, revision, commit, kind="datasets")
 
 
 def _from_cache(repo_id: str, revision: str, key: str, unreachable: Exception) -> str:

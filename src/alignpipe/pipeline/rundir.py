@@ -54,7 +54,8 @@ def directory_hash(directory: Path, include: Callable[[Path], bool] | None = Non
 
 
 def cached_directory_hash(directory: Path, include: Callable[[Path], bool] | None = None) -> str:
-    """``directory_hash``, reused while the stat (size, mtime, inode, device) of every included file is unchanged.
+    """``directory_hash``, reused while the stat (size, mtime, inode, device, ctime) of every included file is the
+    same.
 
     Why: a user's local model or judge folder is hashed on every run, dry run and eval to notice replaced weights,
     and reading a 7B model takes 10+ s although it rarely changes. As git's index does, a file whose stat is the
@@ -65,14 +66,18 @@ def cached_directory_hash(directory: Path, include: Callable[[Path], bool] | Non
     started_ns = time.time_ns()
     files = _included_files(directory, include)
     stats = _file_stats(directory, files)
-    entry = cache_root() / HASH_CACHE / f"{canonical_hash([str(directory.resolve()), stats])}.json"
+    try:
+        entry = cache_root() / HASH_CACHE / f"{canonical_hash([str(directory.resolve()), stats])}.json"
+    except RuntimeError as error:  # Path.home() with neither $HOME nor a passwd entry (a container's bare uid)
+        log.debug("not caching the hash of %s: %s", directory, error)
+        return _hash_files(directory, files)
     if (sha := _cached_sha(entry)) is not None:
         return sha
     # Racily clean files (git's term): a file written just before or while it is read can be written again within
     # the same timestamp tick, keeping its size and mtime, and its stat would not show it. So a result is kept only
     # when every file is older than the 2 s it takes for any filesystem's timestamps (FAT's too) to move on.
-    settled = all(mtime_ns < started_ns - RACY_NS for _, _, mtime_ns, _, _ in stats)
-    size = sum(file_size for _, file_size, _, _, _ in stats)
+    settled = all(mtime_ns < started_ns - RACY_NS for _, _, mtime_ns, *_ in stats)
+    size = sum(file_size for _, file_size, *_ in stats)
     if size > LARGE_FOLDER:
         log.info("hashing %s (%.1f GB)%s", directory, size / 1e9,
                  " once; later runs reuse it while its files are unchanged" if settled else "")
@@ -107,9 +112,10 @@ def _hash_files(directory: Path, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _file_stats(directory: Path, files: list[Path]) -> list[tuple[str, int, int, int, int]]:
-    """What ``cached_directory_hash`` trusts: each file's relative path, size, mtime (ns), inode and device."""
-    return [(path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+def _file_stats(directory: Path, files: list[Path]) -> list[tuple[str, int, int, int, int, int]]:
+    """What ``cached_directory_hash`` trusts: each file's relative path, size, mtime (ns), inode, device and ctime
+    (ns), which no copy can set back (``cp -p`` and ``rsync -a --inplace`` keep the other four)."""
+    return [(path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
             for path, st in ((path, path.stat()) for path in files)]
 
 

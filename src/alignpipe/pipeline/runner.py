@@ -330,7 +330,12 @@ class Runner:
 
     def _fetch_pinned(self, stage, pins: dict[str, str]) -> None:
         """Download what ``pins`` names into this machine's cache before the stage's processes start, so they load it
-        without a request each and no rank waits in a collective while another downloads."""
+        without a request each and no rank waits in a collective while another downloads. A pinned hub dataset is
+        only checked: offline, its commit must be in the datasets cache (downloading it is the stage's own load)."""
+        if "dataset" in pins:
+            from alignpipe.data.hub_datasets import check_cached_offline
+
+            check_cached_offline(stage.dataset.path, pins["dataset"], key=f"stages.{stage.name}.dataset.path")
         if "backbone" not in pins:
             return
         from alignpipe.models import hub
@@ -400,6 +405,7 @@ class Runner:
                 f"stage '{stage.name}' ({stage.type}) did not complete; see the log above and {directory.manifest}. "
                 "Fix the cause and re-run; add --resume to continue from its last trainer checkpoint."
             )
+        _record_loaded(stage, pins)
         outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
         channel.publish_outcome(stage.name, manifest.get("output_sha256"))
         return StageOutcome(stage.name, "resumed" if resume else "ran", time.time() - started, reason)
@@ -584,7 +590,8 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
-                self._fetch_pinned(stage, StageDir(self.run_dir / stage.name).read_config().get("pins") or {})
+                pins = StageDir(self.run_dir / stage.name).read_config().get("pins") or {}
+                self._fetch_pinned(stage, pins)
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
                 if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops
@@ -593,6 +600,7 @@ class Runner:
                     channel.report_part_failed(stage.name, code)
                 action = "resumed" if resume else "ran"
                 channel.outcome(stage.name)
+                _record_loaded(stage, pins)
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
             outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))
         return outcomes
@@ -664,14 +672,25 @@ def local_model_hash(name_or_path: str | None, gguf_file: str | None = None) -> 
 
 
 def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes: dict) -> bool:
-    """A complete stage recorded before local files were hashed by content: the same config and inputs, except
-    that its input hashes lack the content keys. Its files cannot be compared any more, so it is kept (as before
-    those keys existed) and their current hashes are recorded, instead of re-running every such run once."""
+    """A stage recorded before local files (and hub datasets) were hashed by content: the same config and inputs,
+    except that its input hashes lack the content keys. Its files cannot be compared any more, so it is kept (as
+    before those keys existed) and their current hashes are recorded, instead of re-running every such run once; an
+    unfinished one resumes under ``--resume`` as it would have then."""
     recorded = manifest.get("input_hashes")
-    if manifest.get("status") != "complete" or manifest.get("config_hash") != config_hash or recorded is None:
+    if manifest.get("config_hash") != config_hash or recorded is None:
         return False
     new = set(input_hashes) - set(recorded)
     return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
+
+
+def _record_loaded(stage, pins: dict[str, str]) -> None:
+    """Once ``stage`` completed on its pinned hub dataset, record the revision's commit in this machine's Hugging Face
+    cache, so a later offline run resolves it to rows this machine has (:func:`~alignpipe.data.hub_datasets.
+    record_loaded`)."""
+    if "dataset" in pins:
+        from alignpipe.data.hub_datasets import record_loaded
+
+        record_loaded(stage.dataset.path, pins["dataset"])
 
 
 def _converted_base_hash(spec, folder: str) -> str:

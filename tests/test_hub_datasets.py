@@ -8,6 +8,7 @@ cache the branch's ref (``datasets--owner--name/refs/main``). The Hub's answers 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.data.adapters import DataError, load_rows
-from alignpipe.data.hub_datasets import hub_dataset_id, record_loaded, resolve_dataset
+from alignpipe.data.hub_datasets import DatasetPin, check_cached_offline, hub_dataset_id, record_loaded, resolve_dataset
 from alignpipe.pipeline.preflight import PreflightError
 from alignpipe.pipeline.rundir import StageDir, canonical_hash
 from alignpipe.pipeline.runner import DATASET, Runner
@@ -65,13 +66,16 @@ def _rows(name: str) -> int:
     return len(load_rows(name, "train", what="dataset.path", expected="prompt/completion columns"))
 
 
-def test_what_names_a_hub_dataset(tmp_path):
+def test_what_names_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
     data = tmp_path / "pairs.jsonl"
     data.write_text("{}\n")
     assert hub_dataset_id("owner/name") == "owner/name"
-    assert hub_dataset_id("owner/name@refs/pr/1") == "owner/name@refs/pr/1"  # a revision may hold slashes
-    assert hub_dataset_id("owner/name@refs/convert/parquet") == "owner/name@refs/convert/parquet"
-    for local in (str(data), "./data", "runs/exp@lr1e-5/pairs.jsonl", "runs/exp@lr1e-5/pairs", "a/b@c/d/e",
+    for revision in ("refs/pr/1", "refs/convert/parquet", "dev/v2"):  # a revision may hold slashes
+        assert hub_dataset_id(f"owner/name@{revision}") == f"owner/name@{revision}"
+    assert hub_dataset_id("runs/name@refs/pr/1") == "runs/name@refs/pr/1"
+    for local in (str(data), "./data", "runs/exp@lr1e-5/pairs.jsonl", "runs/exp@lr1e-5/pairs",
                   "../shared/data/x.jsonl.gz", None):
         assert hub_dataset_id(local) is None
 
@@ -92,9 +96,9 @@ def test_offline_a_pinned_commit_loads_that_commits_rows_or_is_refused(hub_datas
 
 
 def test_offline_a_revision_resolves_through_the_caches_refs(hub_datasets):
-    assert resolve_dataset("owner/demos", key="k") == NEW
-    assert resolve_dataset("owner/demos@v1", key="k") == OLD
-    assert resolve_dataset(f"owner/demos@{OLD}", key="k") == OLD
+    assert resolve_dataset("owner/demos", key="k") == DatasetPin(NEW, offline=True)
+    assert resolve_dataset("owner/demos@v1", key="k") == DatasetPin(OLD, offline=True)
+    assert resolve_dataset(f"owner/demos@{OLD}", key="k") == DatasetPin(OLD, offline=True)
     with pytest.raises(DataError, match=r"cannot tell which commit dataset 'owner/demos' at revision 'v2' is: "
                                         r"offline mode is on .*name the commit in k \(owner/demos@COMMIT\)"):
         resolve_dataset("owner/demos@v2", key="k")
@@ -122,7 +126,7 @@ def test_the_hubs_answers_become_errors_or_a_recorded_ref(hub_datasets, monkeypa
     with pytest.raises(DataError, match=r"dataset 'owner/demos' has no revision 'v9' on the Hub.*the '@' of k"):
         resolve_dataset("owner/demos@v9", key="k")
     answer(OLD)  # main moved back upstream: nothing is recorded before a stage has loaded its rows
-    assert resolve_dataset("owner/demos", key="k") == OLD
+    assert resolve_dataset("owner/demos", key="k") == DatasetPin(OLD, offline=False)
     assert (hub_datasets / "main").read_text() == NEW
     record_loaded("owner/demos", OLD)  # what the runner does once the stage completed: offline, main is OLD now
     assert (hub_datasets / "main").read_text() == OLD
@@ -166,10 +170,40 @@ def test_a_stage_trains_on_the_pinned_commit_and_an_upstream_push_reruns_it(tmp_
     assert stage.read_config()["pins"] == {"dataset": OLD}
 
     (hub_datasets / "main").write_text("c" * 40)  # a commit this machine has no rows of: the stage is left alone
-    with pytest.raises(DataError, match=rf"stages.sft.dataset.path: offline mode is on and the datasets cache .* has "
-                                        rf"no copy of 'owner/demos' at commit c{{40}}; it holds commit.s. {OLD}"):
+    with pytest.raises(DataError, match=rf"stages.sft.dataset.path: offline, and the datasets cache .* cannot give "
+                                        rf"'owner/demos' at commit c{{40}} .*; it holds commit.s. {OLD} as its newest"):
         run()
     assert stage.read_manifest()["status"] == "complete" and stage.read_config()["pins"] == {"dataset": OLD}
+
+
+def test_offline_a_commit_datasets_would_not_read_stops_the_run_before_the_stage_is_touched(tmp_path, hub_datasets,
+                                                                                            monkeypatch):
+    runs = tmp_path / "runs"
+    assert Runner(load_recipe(_sft_recipe(tmp_path, "owner/demos")), runs_dir=runs, in_process=True).run()[0].action \
+        == "ran"
+    stage = StageDir(runs / "tiny" / "sft")
+    older = load_recipe(_sft_recipe(tmp_path, "owner/demos@v1", "older.yaml"))  # cached, but not the newest copy
+    with pytest.raises(DataError, match=rf"cannot give 'owner/demos' at commit {OLD} .*commit.s. {NEW} as its newest"):
+        Runner(older, runs_dir=runs, in_process=True).run()
+    assert stage.read_manifest()["status"] == "complete" and stage.checkpoint.is_dir()
+
+
+def test_the_offline_check_follows_how_the_commit_was_resolved_and_what_datasets_would_read(hub_datasets,
+                                                                                           monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    check_cached_offline("owner/demos", NEW, key="k")  # the newest copy
+    with pytest.raises(DataError, match=f"k: offline, .* cannot give 'owner/demos' at commit {OLD}"):
+        check_cached_offline("owner/demos@v1", OLD, key="k")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    check_cached_offline("owner/demos@v1", OLD, key="k")  # online: the stage downloads it
+    with pytest.raises(DataError, match="cannot give"):  # no route to the Hub: resolved from the cache's refs
+        check_cached_offline("owner/demos@v1", OLD, key="k", offline=True)
+    config = Path(datasets.config.HF_DATASETS_CACHE) / "owner___demos" / "default" / "0.0.0"
+    (config / NEW).rename(config / ("f" * 64))  # cached by an older datasets release, under a module hash
+    check_cached_offline("owner/demos@v1", OLD, key="k", offline=True)  # cannot be told apart: let through
 
 
 def test_a_run_records_the_revision_once_its_stage_loaded_the_rows_and_a_dry_run_writes_nothing(
@@ -230,3 +264,13 @@ def test_only_rows_from_another_commits_folder_are_refused():
     check_loaded_commit(rows(OLD), "owner/demos", "main", what="w")  # not pinned: nothing to check against
     with pytest.raises(DataError, match=f"w: dataset 'owner/demos' at commit {NEW} cannot be loaded here"):
         check_loaded_commit(rows(OLD), "owner/demos", NEW, what="w")
+
+
+def test_a_ref_that_cannot_be_recorded_is_a_warning_not_a_failure(hub_datasets, caplog):
+    """The stage has completed when its ref is recorded: a Hugging Face cache that cannot be written (a shared one
+    mounted read-only; here its refs folder is a file) must not fail the run."""
+    shutil.rmtree(hub_datasets)
+    hub_datasets.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        record_loaded("owner/demos", OLD)
+    assert f"could not record that dataset owner/demos at main is commit {OLD[:12]}" in caplog.text

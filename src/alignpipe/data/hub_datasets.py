@@ -14,10 +14,14 @@ Offline (``HF_HUB_OFFLINE=1``, or no route to the Hub), a revision resolves thro
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.data.adapters import DataError, looks_like_path
 from alignpipe.models import hub
+
+log = logging.getLogger("alignpipe")
 
 
 def hub_dataset_id(path: str | None) -> str | None:
@@ -25,13 +29,25 @@ def hub_dataset_id(path: str | None) -> str | None:
     if not path or Path(path).expanduser().exists():
         return None
     repo_id, _, revision = path.partition("@")
-    # a hub revision holds "/" only as refs/... (refs/pr/1, refs/convert/parquet); runs/exp@lr1e-5/pairs is a folder
-    if looks_like_path(repo_id) or ("/" in revision and not revision.startswith("refs/")):
+    if looks_like_path(repo_id):
+        return None
+    # A branch may hold "/" (dev/v2, refs/pr/1), and so may a folder: runs/exp@lr1e-5/pairs is one under a folder
+    # that exists here ("runs"), where an owner's name rarely is one.
+    if "/" in revision and not revision.startswith("refs/") and Path(repo_id.split("/")[0]).expanduser().is_dir():
         return None
     return None if looks_like_path(Path(path).name) else path
 
 
-def resolve_dataset(path: str, *, key: str) -> str:
+@dataclass(frozen=True)
+class DatasetPin:
+    """A hub dataset's revision resolved: its ``commit``, and whether only the local cache could say (``offline``:
+    the Hub was not asked or not reached, so the rows can only come from the datasets cache)."""
+
+    commit: str
+    offline: bool
+
+
+def resolve_dataset(path: str, *, key: str) -> DatasetPin:
     """The commit a hub dataset's revision (the default branch when unset) names: asked of the Hub (one request,
     remembered inside :func:`alignpipe.models.hub.resolving_once`), else of the local cache. ``key``: the setting that
     names it, for the errors."""
@@ -45,23 +61,29 @@ def pinned(path: str, commit: str) -> str:
     return f"{path.partition('@')[0]}@{commit}"
 
 
-def check_cached_offline(path: str, commit: str, *, key: str) -> None:
-    """Offline, refuse a pinned commit the datasets cache has no copy of (``<owner>___<name>/*/*/<commit>``), before
-    the runner touches the stage's directory: the stage could only fail on it."""
+def check_cached_offline(path: str, commit: str, *, key: str, offline: bool = False) -> None:
+    """Offline (``offline``: the runner's resolution could not reach the Hub; or offline mode), refuse a pinned commit
+    the datasets cache cannot give, before the runner touches the stage's directory: the stage could only fail on it.
+    Offline, datasets reads the newest copy of a config (``<owner>___<name>/<config>/<version>/<hash>``), so the
+    commit must be that copy for some config. A copy under a module hash (an older datasets release's) cannot be told
+    apart, and is let through, as :func:`check_loaded_commit` lets it."""
     import datasets
     from datasets.naming import camelcase_to_snakecase
     from huggingface_hub import constants
 
-    if not (constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE):
+    if not (offline or constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE):
         return
     owner, _, name = path.partition("@")[0].rpartition("/")
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(filter(None, (owner, camelcase_to_snakecase(name))))
-    if not any(folder.glob(f"*/*/{commit}")):
-        cached = sorted({found.name for found in folder.glob("*/*/*") if hub.COMMIT.fullmatch(found.name)})
-        held = f"; it holds commit(s) {', '.join(cached)}" if cached else ""
-        raise DataError(f"{key}: offline mode is on and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) has "
-                        f"no copy of {path.partition('@')[0]!r} at commit {commit}{held}; load it once where there is "
-                        "network, or name a cached commit (ORG/NAME@COMMIT). The stage was left as it was")
+    newest = [max(copies, key=lambda copy: copy.stat().st_mtime).name for config in folder.glob("*") if config.is_dir()
+              if (copies := [copy for copy in config.glob("*/*") if copy.is_dir()])]
+    if commit in newest or any(not hub.COMMIT.fullmatch(copy) for copy in newest):
+        return
+    held = f"; it holds commit(s) {', '.join(sorted(set(newest)))} as its newest copies" if newest else ""
+    repo_id = path.partition("@")[0]
+    raise DataError(f"{key}: offline, and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) cannot give "
+                    f"{repo_id!r} at commit {commit} (datasets reads only the newest copy it holds){held}; load it "
+                    "once where there is network, or name that commit (ORG/NAME@COMMIT). The stage was left as it was")
 
 
 def check_loaded_commit(rows, repo_id: str, commit: str, *, what: str) -> None:
@@ -85,7 +107,7 @@ def _split(path: str, key: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def _resolve(repo_id: str, revision: str, key: str) -> str:
+def _resolve(repo_id: str, revision: str, key: str) -> DatasetPin:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -102,18 +124,25 @@ def _resolve(repo_id: str, revision: str, key: str) -> str:
                         f"machine is not logged in (`hf auth login`, or HF_TOKEN); check {key} (a local file must "
                         "exist)") from error
     except Exception as error:  # no network, offline mode, a proxy or a server error: the cache may still know it
-        return _from_cache(repo_id, revision, key, error)
-    return info.sha
+        return DatasetPin(_from_cache(repo_id, revision, key, error), offline=True)
+    return DatasetPin(info.sha, offline=False)
 
 
 def record_loaded(path: str, commit: str) -> None:
     """Record in the Hugging Face cache that ``path``'s revision is ``commit`` (``refs/<revision>``), once a stage has
     loaded that commit's rows here, so the same caches resolve it offline later. Not before: an offline run would
-    then pin a commit whose rows this machine does not have."""
+    then pin a commit whose rows this machine does not have. A cache that cannot be written (a shared one mounted
+    read-only) only loses that convenience: the stage has completed."""
     repo_id, _, revision = path.partition("@")
     revision = revision or hub.DEFAULT_REVISION
-    if revision != commit:
+    if revision == commit:
+        return
+    try:
         hub.record_ref(repo_id, revision, commit, kind="datasets")
+    except OSError as error:
+        log.warning("could not record that dataset %s at %s is commit %s in the Hugging Face cache (%s); an offline "
+                    "run there will need the commit named (%s@%s)", repo_id, revision, commit[:12], error, repo_id,
+                    commit)
 
 
 def _from_cache(repo_id: str, revision: str, key: str, unreachable: Exception) -> str:

@@ -68,6 +68,7 @@ from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import PPOStage, Recipe, RewardStage, _TrainerStage, recipe_to_dict
 
 if TYPE_CHECKING:
+    from alignpipe.data.hub_datasets import DatasetPin
     from alignpipe.models.hub import HubSnapshot
 
 log = logging.getLogger("alignpipe")
@@ -124,7 +125,7 @@ class Runner:
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self._snapshot: HubSnapshot | None = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
         self._backbone_snapshots: dict[str, HubSnapshot] = {}  # reward backbones that are hub ids: _hub_backbone
-        self._dataset_commits: dict[str, str] = {}  # stages' hub datasets pinned to commits: _hub_dataset
+        self._dataset_pins: dict[str, DatasetPin] = {}  # stages' hub datasets pinned to commits: _hub_dataset
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -318,9 +319,9 @@ class Runner:
         path = hub_dataset_id(getattr(getattr(stage, "dataset", None), "path", None))
         if path is None:
             return None
-        if path not in self._dataset_commits:
-            self._dataset_commits[path] = resolve_dataset(path, key=f"stages.{stage.name}.dataset.path")
-        return self._dataset_commits[path]
+        if path not in self._dataset_pins:
+            self._dataset_pins[path] = resolve_dataset(path, key=f"stages.{stage.name}.dataset.path")
+        return self._dataset_pins[path].commit
 
     def _pins(self, stage) -> dict[str, str]:
         """The hub commits ``stage`` must load, written into its config for every process of every node."""
@@ -335,7 +336,9 @@ class Runner:
         if "dataset" in pins:
             from alignpipe.data.hub_datasets import check_cached_offline
 
-            check_cached_offline(stage.dataset.path, pins["dataset"], key=f"stages.{stage.name}.dataset.path")
+            resolved = self._dataset_pins.get(stage.dataset.path)  # a follower's pins are node 0's
+            check_cached_offline(stage.dataset.path, pins["dataset"], key=f"stages.{stage.name}.dataset.path",
+                                 offline=resolved is not None and resolved.offline)
         if "backbone" not in pins:
             return
         from alignpipe.models import hub

@@ -56,9 +56,14 @@ def resolve_dataset(path: str, *, key: str) -> DatasetPin:
     return hub.once(("dataset", repo_id, wanted), lambda: _resolve(repo_id, wanted, key))
 
 
+def repo_id_of(path: str) -> str:
+    """The repository a hub dataset path names (``ORG/NAME`` of ``ORG/NAME@REVISION``): what its hashes hold."""
+    return path.partition("@")[0]
+
+
 def pinned(path: str, commit: str) -> str:
     """``path``'s hub dataset named at ``commit`` (``ORG/NAME@<commit>``): what the stage loads."""
-    return f"{path.partition('@')[0]}@{commit}"
+    return f"{repo_id_of(path)}@{commit}"
 
 
 def check_cached_offline(path: str, commit: str, *, key: str, offline: bool = False) -> None:
@@ -73,14 +78,14 @@ def check_cached_offline(path: str, commit: str, *, key: str, offline: bool = Fa
 
     if not (offline or constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE):
         return
-    owner, _, name = path.partition("@")[0].rpartition("/")
+    repo_id = repo_id_of(path)
+    owner, _, name = repo_id.rpartition("/")
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(filter(None, (owner, camelcase_to_snakecase(name))))
     newest = [max(copies, key=lambda copy: copy.stat().st_mtime).name for config in folder.glob("*") if config.is_dir()
               if (copies := [copy for copy in config.glob("*/*") if copy.is_dir()])]
     if commit in newest or any(not hub.COMMIT.fullmatch(copy) for copy in newest):
         return
     held = f"; it holds commit(s) {', '.join(sorted(set(newest)))} as its newest copies" if newest else ""
-    repo_id = path.partition("@")[0]
     raise DataError(f"{key}: offline, and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) cannot give "
                     f"{repo_id!r} at commit {commit} (datasets reads only the newest copy it holds){held}; load it "
                     "once where there is network, or name that commit (ORG/NAME@COMMIT). The stage was left as it was")

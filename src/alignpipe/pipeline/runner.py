@@ -459,7 +459,9 @@ class Runner:
         if (dataset := local_dataset_hash(stage)) is not None:
             input_hashes[DATASET] = dataset
         elif (commit := self._hub_dataset(stage)) is not None:
-            input_hashes[DATASET] = canonical_hash({"hub": stage.dataset.path.partition("@")[0], "commit": commit})
+            from alignpipe.data.hub_datasets import repo_id_of
+
+            input_hashes[DATASET] = canonical_hash({"hub": repo_id_of(stage.dataset.path), "commit": commit})
         backbone = getattr(stage, "backbone", None)
         if (content := self._local_model_hash(backbone)) is not None:
             input_hashes[BACKBONE] = content
@@ -479,7 +481,9 @@ class Runner:
         if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
         if self._hub_dataset(stage) is not None:  # likewise ORG/NAME@REVISION: its commit is the DATASET input hash
-            dumped["dataset"]["path"] = stage.dataset.path.partition("@")[0]
+            from alignpipe.data.hub_datasets import repo_id_of
+
+            dumped["dataset"]["path"] = repo_id_of(stage.dataset.path)
         return {**dumped, **(logging_and_saving or {})}
 
     def _recorded_manifest(self, stage, directory: StageDir, config_hash: str, input_hashes: dict, *,

@@ -1,4 +1,4 @@
-"""``alignpipe``: run, validate and evaluate staged alignment recipes."""
+"""``alignpipe``: run, validate, inspect the data of, and evaluate staged alignment recipes."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ examples:
 
 Checks keys, types, value ranges, stage references and cross-field rules without loading any model.
 Exit status 0 when valid, 2 when not.
+"""
+
+EPILOG_DATA = """\
+examples:
+  alignpipe data recipes/quickstart.yaml                         # every stage that reads data, 2 example rows each
+  alignpipe data recipes/quickstart.yaml --stage dpo --show 5 stages.dpo.max_length=32
+  alignpipe data recipes/alpaca-eval/soft-dpo-tiny.yaml --json > data.json
+  alignpipe data recipes/quickstart.yaml --export /tmp/rows      # /tmp/rows/sft.jsonl, reward.jsonl, dpo.jsonl
+
+For each stage that reads a dataset (sft, dpo, reward), the rows are built by the functions the stage itself calls:
+the source (a hub dataset at the commit the run would pin), the rows read and those skipped with why, the limit,
+hard or soft labels (soft: the strengths' mean, min and max), a reward stage's held-out share, and, with the model's
+tokenizer when one is at hand without weights (the tiny model's, a local or cached one), prompt and reply lengths
+(p50 / p95 / max) and what max_length cuts, counted as the stage's own length report counts. The online stages
+(osp, sppo, ppo, grpo, ...) read no dataset: they draw prompts of the synthetic task while they train, so they are
+only listed. Nothing is written but --export's files (all or none; an existing one only with --force).
+Exit status 0, or 2 for a bad recipe, override, stage name or dataset.
 """
 
 EPILOG_EVAL = """\
@@ -120,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
     validate.add_argument("--print", action="store_true", help="print the resolved recipe with all defaults")
 
+    data = commands.add_parser("data", help="show what each stage of a recipe will train on, before training",
+                               description="Show the rows each data-reading stage of RECIPE will train on (counts, "
+                               "skipped rows and why, labels, token lengths, examples) without loading model weights "
+                               "or writing anything.", epilog=EPILOG_DATA,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_argument("recipe", type=Path, help="recipe YAML file")
+    data.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
+    data.add_argument("--stage", action="append", default=[], metavar="NAME",
+                      help="only this stage (repeatable; default: every stage that reads data)")
+    data.add_argument("--show", type=_count, default=2, metavar="N", help="example rows per stage (default: 2)")
+    data.add_argument("--json", action="store_true", help="print one JSON document instead of the text (for scripts)")
+    data.add_argument("--export", type=Path, metavar="DIR",
+                      help="also write each stage's rows, as its trainer receives them, to DIR/<stage>.jsonl")
+    data.add_argument("--force", action="store_true", help="with --export: replace files that exist")
+
     merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
                                 "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
@@ -159,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--kl-budget", type=float, default=10.0,
                         help="flag checkpoints whose KL to the reference exceeds this many nats (default: 10)")
     return parser
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _file_errors_in_one_line(handler):
@@ -206,6 +245,31 @@ def _cmd_validate(args) -> int:
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     stages = " -> ".join(f"{s.name}({s.type})" for s in recipe.stages)
     print(f"{args.recipe}: valid recipe '{recipe.name}': {stages}")
+    return 0
+
+
+@_file_errors_in_one_line
+def _cmd_data(args) -> int:
+    from alignpipe.data.preview import PreviewError, data_stages, preview_recipe
+    from alignpipe.data.preview_export import ExportError, export_rows, export_targets
+    from alignpipe.data.preview_render import render_json, render_text
+    from alignpipe.recipe import RecipeError, load_recipe
+
+    if _not_a_file(args.export, "--export"):
+        return 2
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.export:  # refused before any rows are built
+            export_targets([s.name for s in data_stages(recipe, args.stage)], args.export, force=args.force)
+        preview = preview_recipe(recipe, args.stage, show=args.show)
+        exported = export_rows(preview.stages, args.export, force=args.force) if args.export else []
+    except RecipeError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except (PreviewError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(render_json(preview, exported) if args.json else render_text(preview, exported))
     return 0
 
 
@@ -350,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval,
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "data": _cmd_data, "eval": _cmd_eval,
                "leaderboard": _cmd_leaderboard, "report": _cmd_report}[args.command]
     return handler(args)
 

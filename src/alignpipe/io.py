@@ -12,8 +12,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 # mkstemp creates files 0600; read the process umask once so replaced files get the usual 0666 & ~umask.
 # (os.umask can only be read by setting it, so do it at import rather than on every write, where it would race.)
@@ -27,8 +28,11 @@ def cache_root() -> Path:
     return Path(base) if base else Path.home() / ".cache" / "alignpipe"
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8, bytes exactly as given) to ``path`` atomically; create parent dirs.
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+    """A UTF-8 text file (newlines written as given) that replaces ``path`` only when the ``with`` block ends without
+    an error; create parent dirs. For files written piece by piece (one JSON line per row): several can be held open
+    in one ``contextlib.ExitStack`` so that an error in any leaves none of them written.
 
     On any error the temp file is removed, the old ``path`` (if any) is untouched, and the error re-raised.
     """
@@ -36,9 +40,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            f.write(text.encode("utf-8"))
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,7 +51,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8, bytes exactly as given) to ``path`` atomically; create parent dirs.
+
+    On any error the temp file is removed, the old ``path`` (if any) is untouched, and the error re-raised.
+    """
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -57,10 +57,10 @@ class LoadReport:
 
     source: str = ""
     rows_in: int = 0
-    rows_skipped_empty: int = 0  # empty prompt (or, for HH, an empty chosen/rejected reply)
+    rows_skipped_empty: int = 0  # empty prompt (or, for HH and trl pairs, an empty chosen/rejected reply)
     responses_dropped_empty: int = 0  # scored sets: empty response texts removed from an otherwise kept row
     rows_skipped_malformed: int = 0  # HH: no "\n\nAssistant:" turn, or chosen and rejected disagree on the prompt
-    rows_skipped_identical: int = 0  # HH: chosen reply == rejected reply
+    rows_skipped_identical: int = 0  # HH and trl pairs: chosen reply == rejected reply
     rows_other_split: int = 0  # HH: valid rows that belong to the other (train/heldout) part
     items_out: int = 0  # ScoredSets or PreferencePairs returned
     examples: list[str] = field(default_factory=list)  # the first few rows that cannot give a pair, and why

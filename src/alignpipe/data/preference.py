@@ -23,7 +23,7 @@ from alignpipe.data.adapters import (
     load_ultrafeedback,
     require_columns,
 )
-from alignpipe.data.pairing import PreferencePair, build_pairs, harden, to_trl_rows
+from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, to_trl_rows
 from alignpipe.data.synthetic import preference_dataset as synthetic_preference_dataset
 from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
 
@@ -84,9 +84,10 @@ def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
             "rejected": rejected[-1:]}
 
 
-def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
-    """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log;
-    wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit prompt first."""
+def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None = None) -> list[dict]:
+    """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log and in
+    ``report`` when given; wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit
+    prompt first."""
     kept, empty, identical = [], [], []
     rows = [explicit_prompt(row, source=source, index=i) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
@@ -99,6 +100,9 @@ def clean_trl_rows(rows: list[dict], source: str) -> list[dict]:
             kept.append(row)
     log.info("%s: %d pairs kept; skipped %d with an empty response and %d with chosen == rejected",
              source, len(kept), len(empty), len(identical))
+    if report is not None:
+        report.__dict__.update(LoadReport(source=source, rows_in=len(rows), rows_skipped_empty=len(empty),
+                                          rows_skipped_identical=len(identical), items_out=len(kept)).__dict__)
     if not kept:
         raise DataError(f"{source}: none of its {len(rows)} pairs is usable: {_rows(empty)} an empty chosen or "
                         f"rejected response, {_rows(identical)} chosen == rejected; every pair needs two different, "
@@ -138,10 +142,11 @@ def _rows(indices: list[int]) -> str:
     return f"{len(indices)} row{'s' if len(indices) > 1 else ''} ({shown}) {'have' if len(indices) > 1 else 'has'}"
 
 
-def sft_conversations_for(spec: SFTDataSpec, seed: int) -> list[list[dict[str, str]]]:
+def sft_conversations_for(spec: SFTDataSpec, seed: int, *,
+                          report: LoadReport | None = None) -> list[list[dict[str, str]]]:
     """The conversations of a real SFT ``dataset`` after its seeded ``limit``: what the stage trains on and what the
-    runner's preflight checks."""
-    return seeded_limit(load_sft_source(spec.source, spec.path, spec.split), spec.limit, seed)
+    runner's preflight checks. ``report``, when given, is filled with what the adapter read and skipped."""
+    return seeded_limit(load_sft_source(spec.source, spec.path, spec.split, report=report), spec.limit, seed)
 
 
 def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
@@ -153,13 +158,16 @@ def seeded_limit(rows: list, limit: int | None, seed: int) -> list:
     return picked[:limit]
 
 
-def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets, loaded: LoadReport) -> list[PreferencePair]:
+def _pairs_from_scored_sets(spec: PreferenceDataSpec, sets, loaded: LoadReport,
+                            given: PairingReport | None) -> list[PreferencePair]:
     try:
         pairs, report = build_pairs(sets, method=spec.pairing, strength=spec.strength, temperature=spec.temperature,
                                     score_clip=spec.score_clip if spec.strength == "probability" else None)
     except ValueError as error:  # e.g. a score that is not a probability: name the file (the message quotes the row)
         raise DataError(f"{spec.path}: {error}") from error
     log.info("%s: %s", spec.path, report.summary())
+    if given is not None:
+        given.__dict__.update(report.__dict__)
     if not pairs:
         rows = f"; e.g. {'; '.join(loaded.examples)}" if loaded.examples else ""
         raise DataError(f"{spec.path}: no preference pairs could be built ({report.summary()}){rows}; every row "
@@ -177,16 +185,20 @@ def _hh_pairs(spec: PreferenceDataSpec, report: LoadReport) -> list[PreferencePa
     return pairs
 
 
-def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) -> Dataset:
-    """A TRL preference ``Dataset`` (prompt/chosen/rejected, plus ``preference`` for soft labels)."""
+def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int, *, report: LoadReport | None = None,
+                         pairing: PairingReport | None = None) -> Dataset:
+    """A TRL preference ``Dataset`` (prompt/chosen/rejected, plus ``preference`` for soft labels). ``report`` and
+    ``pairing``, when given, are filled with what the adapter read and skipped and what pairing dropped (the logs
+    say the same), so a caller can show why rows are missing."""
     if spec.source == "synthetic":
         return synthetic_preference_dataset(data, seed)
-    report = LoadReport()
+    report = report if report is not None else LoadReport()
     if spec.source == "alpaca_eval":
         pairs = _pairs_from_scored_sets(spec, load_alpaca_eval_prefs(spec.path, split=spec.split, report=report),
-                                        report)
+                                        report, pairing)
     elif spec.source == "ultrafeedback":
-        pairs = _pairs_from_scored_sets(spec, load_ultrafeedback(spec.path, spec.split, report=report), report)
+        pairs = _pairs_from_scored_sets(spec, load_ultrafeedback(spec.path, spec.split, report=report), report,
+                                        pairing)
     elif spec.source == "hh_rlhf":
         pairs = _hh_pairs(spec, report)
     elif spec.source == "trl":
@@ -198,7 +210,7 @@ def preference_pairs_for(spec: PreferenceDataSpec, data: DataSpec, seed: int) ->
         if soft:
             raw = [{**row, PREFERENCE: _strength(row[PREFERENCE], source=spec.path, row=i)}
                    for i, row in enumerate(raw)]
-        return Dataset.from_list(seeded_limit(clean_trl_rows(raw, spec.path), spec.limit, seed))
+        return Dataset.from_list(seeded_limit(clean_trl_rows(raw, spec.path, report=report), spec.limit, seed))
     else:
         raise ValueError(f"unknown preference data source {spec.source!r}")
     if not spec.soft_labels:

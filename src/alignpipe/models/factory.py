@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerFast
+
 from alignpipe.data.synthetic import task_space
 from alignpipe.models.tiny import (
     build_tiny_model,
@@ -14,9 +16,15 @@ from alignpipe.recipe import Recipe
 from alignpipe.tasks import tokenizer_corpus
 
 
+def tiny_tokenizer(recipe: Recipe) -> PreTrainedTokenizerFast:
+    """The tokenizer the recipe's tiny model gets, trained (deterministically, in well under a second) on the task's
+    text: the tiny model's data can then be measured in tokens before the model exists (``alignpipe data``)."""
+    return train_tokenizer(tokenizer_corpus(task_space(recipe.data), seed=recipe.seed), recipe.model.tiny.vocab_size)
+
+
 def create_tiny_base(recipe: Recipe, directory: Path) -> Path:
     spec = recipe.model.tiny
-    tokenizer = train_tokenizer(tokenizer_corpus(task_space(recipe.data), seed=recipe.seed), spec.vocab_size)
+    tokenizer = tiny_tokenizer(recipe)
     model = build_tiny_model(
         tokenizer,
         hidden_size=spec.hidden_size,

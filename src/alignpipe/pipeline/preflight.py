@@ -29,7 +29,7 @@ from alignpipe.recipe import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
-__all__ = ["PreflightError", "preflight"]
+__all__ = ["PreflightError", "model_tokenizer", "preflight"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -70,6 +70,13 @@ def preflight(recipe: Recipe) -> None:
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
     if problems:
         raise PreflightError(recipe.name, problems)
+
+
+def model_tokenizer(recipe: Recipe):
+    """The recipe model's tokenizer, found and checked as :func:`preflight` does (local folder, GGUF file or package,
+    hub model already in the cache), for measuring data before a run (``alignpipe data``). None for the tiny model
+    (the runner creates it), a hub model not fetched yet, or one whose own code would have to run."""
+    return _model_tokenizer(recipe, _PreferencePairs(recipe))
 
 
 class _PreferencePairs:

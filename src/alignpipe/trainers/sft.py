@@ -14,6 +14,7 @@ import logging
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from alignpipe.data.adapters import LoadReport
 from alignpipe.data.length_report import measure_truncation, truncation_warning
 from alignpipe.data.preference import sft_conversations_for
 from alignpipe.data.synthetic import sft_dataset
@@ -30,15 +31,16 @@ from alignpipe.trainers.common import (
 log = logging.getLogger("alignpipe")
 
 
-def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int) -> Dataset:
+def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int, *, report: LoadReport | None = None) -> Dataset:
     """A TRL conversational SFT ``Dataset`` (one ``messages`` column of ``{"role", "content"}`` turns).
 
     Real sources go through their adapter in :mod:`alignpipe.data.adapters`, which raises (naming the file, row and
-    column, and the fix) on a missing column, an empty dataset or a conversation without an assistant turn.
+    column, and the fix) on a missing column, an empty dataset or a conversation without an assistant turn, and
+    fills ``report`` (when given) with the rows it read and skipped.
     """
     if spec.source == "synthetic":
         return sft_dataset(data, seed)
-    conversations = sft_conversations_for(spec, seed)
+    conversations = sft_conversations_for(spec, seed, report=report)
     log.info("sft data %s (%s, split %s): %d conversations", spec.path, spec.source, spec.split, len(conversations))
     return Dataset.from_list([{"messages": turns} for turns in conversations])
 

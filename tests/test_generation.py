@@ -14,6 +14,7 @@ from alignpipe.evaluation.generation import (
     generate,
     render_prompts,
     sequence_logprobs,
+    token_logprobs,
 )
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
@@ -72,19 +73,21 @@ def checkpoint_dir(tmp_path_factory, model, tokenizer):
     return save_tiny_checkpoint(model, tokenizer, tmp_path_factory.mktemp("gen") / "ref")
 
 
-def _hand_logprob(model, tokenizer, prompt: str, response_ids) -> float:
-    """log p(response | prompt) from one unpadded forward pass: sum of log-softmax at each response token."""
+def _hand_token_logprobs(model, tokenizer, prompt: str, response_ids) -> list[float]:
+    """log p(y_t | prompt, y_<t) of each response token from one unpadded forward pass."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + list(response_ids)])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-    total = 0.0
-    for j, token in enumerate(response_ids):
-        pos = len(prompt_ids) + j  # position of the response token; predicted by the logits one step earlier
-        total += float(logp[pos - 1, token])
-    return total
+    # the response token at position pos is predicted by the logits one step earlier
+    return [float(logp[len(prompt_ids) + j - 1, token]) for j, token in enumerate(response_ids)]
+
+
+def _hand_logprob(model, tokenizer, prompt: str, response_ids) -> float:
+    """log p(response | prompt): the sum of its tokens' log-probs."""
+    return sum(_hand_token_logprobs(model, tokenizer, prompt, response_ids))
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -199,6 +202,11 @@ def test_sequence_logprobs_match_hand_computation_with_left_padding(eos_model, t
     # batch composition must not matter
     one_by_one = sequence_logprobs(model, tokenizer, gens, batch_size=1)
     assert one_by_one == pytest.approx(expected, abs=1e-4)
+    # the per-token log-probs behind the sums, token by token
+    tokens = token_logprobs(model, tokenizer, gens, batch_size=64)
+    assert [len(t) for t in tokens] == [len(g.response_ids) for g in gens]
+    for got_tokens, g in zip(tokens, gens):
+        assert got_tokens == pytest.approx(_hand_token_logprobs(model, tokenizer, g.prompt, g.response_ids), abs=1e-4)
 
 
 def test_sequence_logprobs_single_eos_response_is_log_p_eos(model, tokenizer):
@@ -266,7 +274,15 @@ def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokeni
         assert lr == pytest.approx(_hand_logprob(ref_model, tokenizer, g.prompt, g.response_ids), abs=1e-4)
     expected_k1 = sum(lp - lr for lp, lr in zip(s.logp_policy, s.logp_reference)) / len(prompts)
     assert other_m["kl_ref_k1"].value == pytest.approx(expected_k1)
-    assert other_m["kl_ref_k3"].value > 0.0
+    # k3 is summed per token (hand per-token log-probs of both models), not taken of the whole-sequence ratio
+    per_sequence_k3 = []
+    for g in s.generations:
+        lp = _hand_token_logprobs(other_model, tokenizer, g.prompt, g.response_ids)
+        lr = _hand_token_logprobs(ref_model, tokenizer, g.prompt, g.response_ids)
+        per_sequence_k3.append(sum(math.expm1(b - a) - (b - a) for a, b in zip(lp, lr)))
+    assert other_m["kl_ref_k3"].value == pytest.approx(sum(per_sequence_k3) / len(prompts), rel=1e-3)
+    whole_ratio_k3 = sum(math.expm1(lr - lp) - (lr - lp) for lp, lr in zip(s.logp_policy, s.logp_reference))
+    assert other_m["kl_ref_k3"].value != pytest.approx(whole_ratio_k3 / len(prompts), rel=1e-2)
     assert all(p in (0.0, 0.5, 1.0) for p in s.preferences)  # hard judge, both orders agree
     assert not math.isnan(other_m["win_rate_vs_ref"].value)
 

@@ -14,6 +14,7 @@ from alignpipe.evaluation.metrics import (
     length_stats,
     mean_with_ci,
     order_averaged_preference,
+    sequence_kl_k3,
     win_rate,
 )
 
@@ -200,6 +201,38 @@ def test_kl_k3_is_numerically_stable():
     # Same, from large log-probs (d is then 1.0000178e-10): the naive form cancels to exactly 0.
     assert kl_k3([-50.0], [-50.0 + 1e-10])[0] == pytest.approx(5.000178e-21, rel=1e-5, abs=0)
     assert kl_k3([0.0], [-800.0])[0] == pytest.approx(799.0, rel=1e-12)  # r underflows; k3 = r - 1 - log r
+
+
+def test_sequence_kl_k3_sums_k3_over_each_sequences_tokens():
+    # sequence 0: d = log r per token = (-1.5 - -1.0, -0.2 - -0.7) = (-0.5, 0.5); k3 = expm1(d) - d per token
+    expected = (math.expm1(-0.5) + 0.5) + (math.expm1(0.5) - 0.5)
+    got = sequence_kl_k3([[-1.0, -0.7], [], [-2.0]], [[-1.5, -0.2], [], [-2.0]])
+    assert got.tolist() == pytest.approx([expected, 0.0, 0.0], rel=1e-14)
+    with pytest.raises(ValueError, match="sequence 1: 1 policy and 2 reference"):
+        sequence_kl_k3([[0.0], [0.0]], [[0.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="2 and 1 sequences"):
+        sequence_kl_k3([[0.0], [0.0]], [[0.0]])
+
+
+def test_sequence_kl_k3_per_token_is_unbiased_and_low_variance_where_the_whole_ratio_is_not():
+    """24 independent tokens, each from P4 under the policy and Q4 under the reference: the sequence KL is exactly
+    24 KL(P4 || Q4) = 10.95 nats. k3 summed per token is unbiased with half k1's spread; k3 of the whole-sequence
+    ratio is dominated by rare huge ratios, so a few hundred samples' mean mostly lands well below the truth."""
+    rng = np.random.default_rng(7)
+    tokens, samples = 24, 4000
+    true_kl = tokens * KL_P4Q4
+    y = rng.choice(4, size=(samples, tokens), p=P4)
+    lp, lq = np.log(P4)[y], np.log(Q4)[y]
+    per_token_k3 = sequence_kl_k3(lp.tolist(), lq.tolist())
+    k1 = kl_k1(lp.sum(1), lq.sum(1))
+    whole_ratio_k3 = kl_k3(lp.sum(1), lq.sum(1))
+    se = per_token_k3.std(ddof=1) / math.sqrt(samples)
+    assert abs(per_token_k3.mean() - true_kl) < 4 * se
+    assert per_token_k3.std() < 0.6 * k1.std()  # about half here
+    # on batches of 256, as an evaluation samples them, the whole-ratio mean is mostly far below the truth
+    batches = whole_ratio_k3[: 15 * 256].reshape(15, 256).mean(1)
+    assert np.median(batches) < true_kl - 0.5
+    assert abs(np.median(per_token_k3[: 15 * 256].reshape(15, 256).mean(1)) - true_kl) < 0.3
 
 
 def test_kl_rejects_shape_mismatch():

@@ -31,7 +31,8 @@ def content_key(*parts) -> str:
 
 
 class EvalCache:
-    """Generations and per-sample floats stored as JSON under ``directory`` (``generations/``, ``logprobs/``)."""
+    """Generations, per-token log-probs and per-sample floats (judge scores) stored as JSON under ``directory``
+    (``generations/``, ``token_logprobs/``, ``logprobs/``)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -46,10 +47,10 @@ class EvalCache:
         return content_key("generations", weights_sha256, dtype, content_key(prompts), asdict(settings))
 
     @staticmethod
-    def logprob_key(weights_sha256: str, generations: list[Generation], *, dtype: str) -> str:
+    def token_logprob_key(weights_sha256: str, generations: list[Generation], *, dtype: str) -> str:
         """``dtype``: the one the scoring model's weights are loaded in (``auto`` resolved)."""
         scored = [(g.prompt, list(g.response_ids)) for g in generations]
-        return content_key("logprobs", weights_sha256, dtype, content_key(scored))
+        return content_key("token_logprobs", weights_sha256, dtype, content_key(scored))
 
     # --- entries ------------------------------------------------------------------------------------------------
 
@@ -79,6 +80,12 @@ class EvalCache:
         rows = [{"prompt": g.prompt, "response": g.response, "response_ids": list(g.response_ids),
                  "truncated": g.truncated} for g in generations]
         atomic_write_text(self._path("generations", key), json.dumps(rows))
+
+    def get_token_logprobs(self, key: str) -> list[list[float]] | None:
+        return self._read("token_logprobs", key)
+
+    def put_token_logprobs(self, key: str, values: list[list[float]]) -> None:
+        atomic_write_text(self._path("token_logprobs", key), json.dumps([[float(v) for v in row] for row in values]))
 
     def get_floats(self, key: str) -> list[float] | None:
         return self._read("logprobs", key)

@@ -8,6 +8,7 @@ distribution, which is what makes the Monte-Carlo KL estimators unbiased. Nothin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,14 +107,25 @@ def generate(
     return out
 
 
-@torch.no_grad()
 def sequence_logprobs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generations: list[Generation], *, batch_size: int = 64,
 ) -> list[float]:
     """``log pi(y | x)`` summed over the response tokens (EOS included, prompt excluded) for each generation."""
+    return [math.fsum(tokens) for tokens in token_logprobs(model, tokenizer, generations, batch_size=batch_size)]
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generations: list[Generation], *, batch_size: int = 64,
+) -> list[list[float]]:
+    """``log pi(y_t | x, y_<t)`` of each response token (EOS included, prompt excluded) for each generation.
+
+    Per token, not only summed: the k3 KL estimator is low-variance only per token (see
+    :func:`alignpipe.evaluation.metrics.sequence_kl_k3`).
+    """
     model.eval()
     rendered = render_prompts(tokenizer, [g.prompt for g in generations])
-    totals: list[float] = []
+    rows_out: list[list[float]] = []
     for start in range(0, len(generations), batch_size):
         chunk = generations[start:start + batch_size]
         prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered[start:start + batch_size]]
@@ -125,7 +137,7 @@ def sequence_logprobs(
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        for row, (p, g) in enumerate(zip(prompt_ids, chunk)):
+        for row, g in enumerate(chunk):
             n = len(g.response_ids)
-            totals.append(float(logprobs[row, width - 1 - n:].sum()) if n else 0.0)
-    return totals
+            rows_out.append(logprobs[row, width - 1 - n:].tolist() if n else [])
+    return rows_out

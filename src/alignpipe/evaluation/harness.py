@@ -3,7 +3,8 @@
 Used by the ``eval`` stage, ``alignpipe eval`` and the training-time evaluations of the iterative and online stages,
 so every number on a leaderboard is computed the same way: gold reward (95 % bootstrap CI), win rate against the
 reference checkpoint under the pairwise judge (both orders, ties 0.5) and its length-controlled version, Monte-Carlo
-sequence KL to the reference (k1 and k3), response length, truncation rate, distinct-1/2 and repetition.
+sequence KL to the reference (k1, and k3 summed per token), response length, truncation rate, distinct-1/2 and
+repetition.
 
 With an :class:`alignpipe.evaluation.cache.EvalCache`, generations and log-probabilities are looked up by content
 hash first; a checkpoint whose samples and log-probs are all cached is not even loaded.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,16 +26,16 @@ from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
     generate,
-    sequence_logprobs,
+    token_logprobs,
 )
 from alignpipe.evaluation.leaderboard import CheckpointResult
 from alignpipe.evaluation.length_control import length_controlled_win_rate
 from alignpipe.evaluation.metrics import (
     kl_k1,
-    kl_k3,
     length_stats,
     mean_with_ci,
     order_averaged_preference,
+    sequence_kl_k3,
     win_rate,
 )
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device, resolve_dtype
@@ -61,10 +63,20 @@ class CheckpointSamples:
     checkpoint: Checkpoint
     generations: list[Generation]
     rewards: list[float]
-    logp_policy: list[float]
-    logp_reference: list[float]
+    token_logp_policy: list[list[float]]  # per response token, under the checkpoint
+    token_logp_reference: list[list[float]]  # the same tokens under the reference
     preferences: list[float]  # per prompt, vs the reference's response, averaged over both orders
     reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
+
+    @property
+    def logp_policy(self) -> list[float]:
+        """``log pi(y | x)`` of each response."""
+        return [math.fsum(tokens) for tokens in self.token_logp_policy]
+
+    @property
+    def logp_reference(self) -> list[float]:
+        """``log pi_ref(y | x)`` of each response."""
+        return [math.fsum(tokens) for tokens in self.token_logp_reference]
 
 
 class LazyModel:
@@ -109,16 +121,18 @@ def cached_generations(model: LazyModel, prompts: list[str], settings: Generatio
     return generations
 
 
-def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size: int, cache: EvalCache | None) -> list[float]:
+def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size: int,
+                    cache: EvalCache | None) -> list[list[float]]:
+    """Per-token log-probs of ``generations`` under ``model`` (from the cache when it has them)."""
     weights = model.checkpoint.weights_sha256
-    key = EvalCache.logprob_key(weights, generations, dtype=model.loaded_dtype) if cache and weights else None
-    cached = cache.get_floats(key) if key else None
+    key = EvalCache.token_logprob_key(weights, generations, dtype=model.loaded_dtype) if cache and weights else None
+    cached = cache.get_token_logprobs(key) if key else None
     if cached is not None:
         return cached
     scorer, tokenizer = model.get()
-    values = sequence_logprobs(scorer, tokenizer, generations, batch_size=batch_size)
+    values = token_logprobs(scorer, tokenizer, generations, batch_size=batch_size)
     if key:
-        cache.put_floats(key, values)
+        cache.put_token_logprobs(key, values)
     return values
 
 
@@ -145,11 +159,11 @@ def evaluate_checkpoints(
         same = checkpoint.path == reference.path
         model = ref_model if same else LazyModel(checkpoint, dtype)
         generations = ref_generations if same else cached_generations(model, prompts, settings, cache)
-        logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
-        logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
+        token_logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
+        token_logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
         if not same:
             model.release()
-        samples = _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_reference)
+        samples = _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference)
         results.append(CheckpointResult(
             name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
             metrics=checkpoint_metrics(samples, bootstrap_resamples=bootstrap_resamples, seed=settings.seed),
@@ -159,7 +173,8 @@ def evaluate_checkpoints(
     return results, all_samples
 
 
-def _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_reference) -> CheckpointSamples:
+def _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference,
+           ) -> CheckpointSamples:
     prompts = [g.prompt for g in generations]
     rewards = judge.score(prompts, [g.response for g in generations])
     if hasattr(judge, "preferences"):  # batched, position-free (Bradley-Terry on scores): each response scored once
@@ -173,7 +188,7 @@ def _judge(checkpoint, generations, ref_generations, judge, logp_policy, logp_re
             )
             for g, r in zip(generations, ref_generations, strict=True)
         ]
-    return CheckpointSamples(checkpoint, generations, rewards, logp_policy, logp_reference, preferences,
+    return CheckpointSamples(checkpoint, generations, rewards, token_logp_policy, token_logp_reference, preferences,
                              [len(r.response_ids) for r in ref_generations])
 
 
@@ -184,8 +199,8 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
         "win_rate_vs_ref": win_rate(samples.preferences, resamples=bootstrap_resamples, seed=seed),
         "kl_ref_k1": mean_with_ci(kl_k1(samples.logp_policy, samples.logp_reference), resamples=bootstrap_resamples,
                                   seed=seed, higher_is_better=None),
-        "kl_ref_k3": mean_with_ci(kl_k3(samples.logp_policy, samples.logp_reference), resamples=bootstrap_resamples,
-                                  seed=seed, higher_is_better=None),
+        "kl_ref_k3": mean_with_ci(sequence_kl_k3(samples.token_logp_policy, samples.token_logp_reference),
+                                  resamples=bootstrap_resamples, seed=seed, higher_is_better=None),
     }
     lengths = [len(g.response_ids) for g in samples.generations]
     metrics.update(length_stats(lengths, [g.truncated for g in samples.generations], resamples=bootstrap_resamples,

@@ -40,8 +40,7 @@ from tqdm.auto import tqdm
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.best_of_n import fit_measured, fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
-from alignpipe.evaluation.metrics import kl_k1, mean_with_ci
-from alignpipe.evaluation.metrics import kl_k3 as metric_kl_k3
+from alignpipe.evaluation.metrics import kl_k1, mean_with_ci, sequence_kl_k3
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.ppo import (
     AdaptiveKLController,
@@ -291,8 +290,9 @@ class PPOLoop:
         ref_logp, _ = response_logprobs(self.model.reference_logits(batch), batch, self.stage.temperature)
         mask = batch.response_mask
         policy_logps, reference_logps = (logp * mask).sum(1).tolist(), (ref_logp * mask).sum(1).tolist()
-        kl = float(kl_k1(policy_logps, reference_logps).mean())
-        kl_k3 = float(metric_kl_k3(policy_logps, reference_logps).mean())  # the harness's estimators
+        kl = float(kl_k1(policy_logps, reference_logps).mean())  # the harness's estimators (k3 summed per token)
+        kl_k3 = float(sequence_kl_k3([row[m.bool()].tolist() for row, m in zip(logp, mask)],
+                                     [row[m.bool()].tolist() for row, m in zip(ref_logp, mask)]).mean())
         gold_metric = mean_with_ci(gold, higher_is_better=True, resamples=1000, seed=0)
         return {
             "eval_step": self.step, "gold_reward": gold_metric.value, "gold_reward_ci95": list(gold_metric.ci95),

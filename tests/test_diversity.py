@@ -99,12 +99,21 @@ def test_mean_repetition_rate():
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+@pytest.mark.parametrize("n", [0, -1, 1.5, True, "2"])
 def test_bad_n(n):
     with pytest.raises(ValueError, match="n must be a positive integer"):
         distinct_n(SET, n)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         repetition_rate("a b", n)
+
+
+def test_a_whole_float_n_is_the_same_as_the_int():
+    """An n read from YAML may arrive as 2.0: every n-gram metric takes it as the int (as the binned reward metrics
+    take a whole float bin count), instead of accepting it and failing inside the slicing."""
+    assert ngrams(["a", "b", "c"], 2.0) == ngrams(["a", "b", "c"], 2)
+    assert distinct_n(SET, 2.0) == distinct_n(SET, 2)
+    assert repetition_rate("a b a b a b", 2.0) == repetition_rate("a b a b a b", 2)
+    assert mean_repetition_rate(SET, 2.0, resamples=50) == mean_repetition_rate(SET, 2, resamples=50)
 
 
 def test_bad_responses():

@@ -16,7 +16,13 @@ from alignpipe.evaluation.generation import (
     sequence_logprobs,
     token_logprobs,
 )
-from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.evaluation.harness import (
+    Checkpoint,
+    CheckpointSamples,
+    checkpoint_metrics,
+    evaluate_checkpoints,
+    sample_rows,
+)
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
 from alignpipe.models.tiny import (
     build_tiny_model,
@@ -306,3 +312,24 @@ def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, check
     assert in_bfloat16 != in_float32
     assert evaluated("bfloat16", cache) == in_bfloat16
     assert evaluated("float32", cache) == in_float32
+
+
+def _judged(n_prompts: int) -> CheckpointSamples:
+    generations = [Generation(f"p{i}", "a b c", (1, 2, 3), False) for i in range(n_prompts)]
+    return CheckpointSamples(Checkpoint("dpo", "x"), generations, [0.7] * n_prompts, [[-1.0, -1.0, -1.0]] * n_prompts,
+                             [[-1.5, -1.0, -1.5]] * n_prompts, [1.0] * n_prompts, [5] * n_prompts)
+
+
+def test_a_one_prompt_evaluation_leaves_out_the_lc_win_rate(caplog):
+    """The length GLM needs two prompts: with one, the LC win rate is left out (saying why) and every other metric is
+    kept, so the evaluation does not fail after all checkpoints were sampled and judged; its leaderboard renders."""
+    from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard, render_csv, render_markdown
+
+    with caplog.at_level("INFO", logger="alignpipe"):
+        metrics = checkpoint_metrics(_judged(1), bootstrap_resamples=50, seed=0)
+    assert "lc_win_rate_vs_ref" not in metrics and "needs at least 2 prompts, got 1" in caplog.text
+    assert {"gold_reward", "win_rate_vs_ref", "kl_ref_k1", "kl_ref_k3", "distinct_2"} <= set(metrics)
+    assert "lc_win_rate_vs_ref" in checkpoint_metrics(_judged(2), bootstrap_resamples=50, seed=0)
+    board = build_leaderboard([CheckpointResult("dpo", "x", None, metrics)], run={}, config={}, env={}, suite="s",
+                              primary_metric="gold_reward")
+    assert "lc_win_rate" not in render_markdown(board) + render_csv(board)

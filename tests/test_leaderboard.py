@@ -300,6 +300,74 @@ def test_merge_of_leaderboards_that_predate_the_reference_weights(tmp_path, capl
     assert f"not recorded vs {'ab' * 32!r}" in str(error.value) and f"{a}: written by an older" in str(error.value)
 
 
+def test_merging_merged_leaderboards_checks_every_run_they_hold(tmp_path, caplog):
+    """A merged leaderboard records its runs' settings only under config.sources: merging merged leaderboards checks
+    those runs, so runs judged differently are refused as when merged directly, and agreeing ones merge into a
+    board whose config.sources has one entry per run, labelled like its rows."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    other_judge = ("config", "judge", {"type": "reward_model", "id": "rm:other", "position_swap": True})
+    runs = {name: write_leaderboard(_suite_board(other_judge if name.startswith("b") else None), tmp_path / name)[0]
+            for name in ("a1", "a2", "a3", "b1", "b2")}
+    merged = {name: write_leaderboard(merge_leaderboards([runs[x] for x in parts]), tmp_path / name)[0]
+              for name, parts in (("mA", ("a1", "a2")), ("mB", ("b1", "b2")))}
+    with pytest.raises(ValueError, match="judge") as error:
+        merge_leaderboards([merged["mA"], merged["mB"]])
+    assert f"{runs['a1']} (via {merged['mA']})" in str(error.value)
+    assert f"{runs['b1']} (via {merged['mB']})" in str(error.value)
+    with pytest.raises(ValueError, match="judge"):
+        merge_leaderboards([merged["mA"], runs["b1"]])
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        board = merge_leaderboards([merged["mA"], runs["a3"]])
+    assert not caplog.records
+    sources = board["config"]["sources"]
+    assert [s["label"] for s in sources] == ["mA/a1", "mA/a2", "a3"] and board["run"]["sources"] == 3
+    assert sources[0]["path"] == str(runs["a1"]) and sources[0]["via"] == [str(merged["mA"])]
+    assert sources[0]["run"]["reference_sha256"] == "ab" * 32 and "via" not in sources[2]
+    assert {row["name"].rsplit("/", 1)[0] for row in board["checkpoints"]} == {"mA/a1", "mA/a2", "a3"}
+    again = write_leaderboard(board, tmp_path / "mm")[0]  # a third level still checks the runs themselves
+    assert [s["via"] for s in merge_leaderboards([again])["config"]["sources"]][0] == [str(merged["mA"]), str(again)]
+    with pytest.raises(ValueError, match="judge"):
+        merge_leaderboards([again, merged["mB"]])
+
+
+@pytest.mark.parametrize("direction", [True, None])
+def test_merge_refuses_a_metric_declared_with_different_directions(tmp_path, direction):
+    """As build_leaderboard within one board: a table shows one direction per metric, so a metric lower-is-better in
+    one run and higher-is-better (or without a direction) in another is refused, naming the metric and both files."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    a = write_leaderboard(_suite_board(), tmp_path / "a")[0]
+    flipped = _suite_board()
+    flipped["higher_is_better"]["truncation_rate"] = direction
+    b = write_leaderboard(flipped, tmp_path / "b")[0]
+    with pytest.raises(ValueError, match="'truncation_rate' has higher_is_better=False") as error:
+        merge_leaderboards([a, b])
+    assert f"in {a} and {direction} in {b}" in str(error.value)
+
+
+def test_merging_current_reward_suite_leaderboards_warns_of_nothing(tmp_path, monkeypatch, caplog):
+    """A reward-models suite has no reference, so its leaderboard has no reference weights to record: it is not taken
+    for one written by an older alignpipe."""
+    import alignpipe.evaluation.reward_suite as reward_suite
+    import alignpipe.rewards.loading
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+    from alignpipe.evaluation.suites import PairSource, SuiteSpec
+
+    monkeypatch.setattr(alignpipe.rewards.loading, "load_reward_scorer", lambda path: None)
+    monkeypatch.setattr(reward_suite, "reward_model_metrics", lambda *a, **k: {"accuracy": mv(0.7, 0.6, 0.8)})
+    spec = SuiteSpec(name="rm", kind="reward_models", primary_metric="synthetic/accuracy",
+                     pair_sources=[PairSource(name="synthetic", source="synthetic", n=4)], bootstrap_resamples=100)
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        board = reward_suite.run_reward_suite(spec, "cc" * 32, [(name, str(tmp_path / "models" / name))])
+        paths.append(write_leaderboard(board, tmp_path / name)[0])
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        assert names(merge_leaderboards(paths)) == ["a/a", "b/b"]
+    assert not caplog.records
+
+
 def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(completed_tiny_run):
     """The held-out prompts depend on recipe.data, not only on the seed, and two runs' "sft" may be different models:
     the leaderboard records both exactly, so a merge can tell such runs apart."""

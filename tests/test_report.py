@@ -252,6 +252,24 @@ def test_checkpoint_flags_accept_k3_only_and_the_schema_lc_name():
     assert checkpoint_flags(results, kl_budget=20)[0].startswith("LC/raw disagreement")
 
 
+def test_report_of_a_one_prompt_evaluation_without_an_lc_win_rate(tmp_path):
+    """A one-prompt evaluation has no LC win rate (its length GLM needs two prompts): the report draws every section
+    and says the LC win rate is missing, instead of failing a section."""
+    from alignpipe.evaluation.generation import Generation
+    from alignpipe.evaluation.harness import Checkpoint, CheckpointSamples, checkpoint_metrics
+    from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard, write_leaderboard
+
+    samples = CheckpointSamples(Checkpoint("dpo", "x"), [Generation("p", "a b c", (1, 2, 3), False)], [0.7],
+                                [[-1.0, -1.0, -1.0]], [[-1.5, -1.0, -1.5]], [1.0], [5])
+    metrics = checkpoint_metrics(samples, bootstrap_resamples=50, seed=0)
+    run = tmp_path / "one"
+    write_leaderboard(build_leaderboard([CheckpointResult("dpo", "x", None, metrics)], run={"name": "one"},
+                                        config={}, env={}, suite="synthetic", primary_metric="gold_reward"), run)
+    sections = _sections(write_report(run).read_text())
+    assert not any("could not be drawn" in body for body in sections.values())
+    assert "No length-controlled win rate" in sections["length"] and "dpo" in sections["leaderboard"]
+
+
 def test_cli_report_command(fake_run, tmp_path, capsys):
     assert main(["report", str(fake_run), "--kl-budget", "5"]) == 0
     assert str(fake_run / "report.html") in capsys.readouterr().out

@@ -15,7 +15,14 @@ from conftest import REPO, TINY_RECIPE, write_recipe
 from alignpipe.cli import main
 from alignpipe.data.preference import is_reward_heldout
 from alignpipe.evaluation.reward_suite import load_pair_source
-from alignpipe.evaluation.suites import SUITES_DIR, PairSource, fit_prompts, load_prompts, load_suite
+from alignpipe.evaluation.suites import (
+    SUITES_DIR,
+    PairSource,
+    SuiteSpec,
+    fit_prompts,
+    load_prompts,
+    load_suite,
+)
 from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
 from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
 from alignpipe.tasks import preference_pairs
@@ -49,6 +56,16 @@ def test_unknown_suite_and_bad_suite_file_are_clear_errors(tmp_path):
                                    "judge": "gold", "primary_metric": "gold_reward", "colour": "red"}))
     with pytest.raises(ValueError, match="colour"):
         load_suite(str(bad))
+
+
+def test_a_suite_ranked_on_the_lc_win_rate_needs_two_prompts():
+    """With one prompt the length GLM cannot be fitted, so the LC win rate is left out of the metrics: a suite ranked
+    on it is refused when loaded, not after every checkpoint was sampled and judged."""
+    spec = {"name": "one", "prompts": {"source": "synthetic", "n": 1}, "reference": "checkpoint", "judge": "gold"}
+    with pytest.raises(ValueError, match="lc_win_rate_vs_ref needs at least 2 prompts"):
+        SuiteSpec(**spec, primary_metric="lc_win_rate_vs_ref")
+    assert SuiteSpec(**spec, primary_metric="gold_reward").prompts.n == 1
+    assert SuiteSpec(**{**spec, "prompts": {"source": "synthetic", "n": 2}}, primary_metric="lc_win_rate_vs_ref")
 
 
 def test_an_hh_suite_draws_only_from_the_prompts_every_hh_stage_holds_out(tmp_path):

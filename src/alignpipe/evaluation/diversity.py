@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 
-from alignpipe.evaluation.metrics import MetricValue, mean_with_ci
+from alignpipe.evaluation.metrics import MetricValue, as_positive_int, mean_with_ci
 
 __all__ = [
     "Tokenizer",
@@ -34,7 +34,7 @@ Tokenizer = Callable[[str], Sequence[Hashable]]
 
 def ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple[Hashable, ...]]:
     """Contiguous n-grams of ``tokens`` as tuples, in order. There are none when ``len(tokens) < n``."""
-    _check_n(n)
+    n = as_positive_int(n, "n")
     toks = tuple(tokens)
     return [toks[i : i + n] for i in range(len(toks) - n + 1)]
 
@@ -48,7 +48,7 @@ def distinct_n(responses: Sequence[str], n: int = 2, *, tokenizer: Tokenizer | N
     ``extra``: ``n_ngrams``, ``n_unique_ngrams``. ``n`` is the number of responses.
     """
     seqs = _tokenize_all(responses, tokenizer)
-    _check_n(n)
+    n = as_positive_int(n, "n")
     total = 0
     unique: set[tuple[Hashable, ...]] = set()
     for toks in seqs:
@@ -87,7 +87,7 @@ def mean_repetition_rate(
     as 0 repetition.
     """
     seqs = _tokenize_all(responses, tokenizer)
-    _check_n(n)
+    n = as_positive_int(n, "n")
     rates = [(1.0 - len(set(g)) / len(g)) if (g := ngrams(toks, n)) else 0.0 for toks in seqs]
     m = mean_with_ci(rates, resamples=resamples, seed=seed, higher_is_better=False)
     too_short = sum(1 for toks in seqs if len(toks) < n)
@@ -95,11 +95,6 @@ def mean_repetition_rate(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
 
 
 def _tokenize(text: str, tokenizer: Tokenizer | None) -> tuple[Hashable, ...]:

@@ -2,9 +2,9 @@
 
 Used by the ``eval`` stage, ``alignpipe eval`` and the training-time evaluations of the iterative and online stages,
 so every number on a leaderboard is computed the same way: gold reward (95 % bootstrap CI), win rate against the
-reference checkpoint under the pairwise judge (both orders, ties 0.5) and its length-controlled version, Monte-Carlo
-sequence KL to the reference (k1, and k3 summed per token), response length, truncation rate, distinct-1/2 and
-repetition.
+reference checkpoint under the pairwise judge (both orders, ties 0.5) and its length-controlled version (from two
+prompts up), Monte-Carlo sequence KL to the reference (k1, and k3 summed per token), response length, truncation rate,
+distinct-1/2 and repetition.
 
 With an :class:`alignpipe.evaluation.cache.EvalCache`, generations and log-probabilities are looked up by content
 hash first; a checkpoint whose samples and log-probs are all cached is not even loaded.
@@ -29,8 +29,9 @@ from alignpipe.evaluation.generation import (
     token_logprobs,
 )
 from alignpipe.evaluation.leaderboard import CheckpointResult
-from alignpipe.evaluation.length_control import length_controlled_win_rate
+from alignpipe.evaluation.length_control import MIN_PROMPTS, length_controlled_win_rate
 from alignpipe.evaluation.metrics import (
+    MetricValue,
     kl_k1,
     length_stats,
     mean_with_ci,
@@ -206,13 +207,25 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     metrics.update(length_stats(lengths, [g.truncated for g in samples.generations], resamples=bootstrap_resamples,
                                 seed=seed))
     if samples.reference_lengths is not None:
-        metrics["lc_win_rate_vs_ref"] = length_controlled_win_rate(
-            samples.preferences, lengths, samples.reference_lengths, resamples=bootstrap_resamples, seed=seed)
+        metrics.update(lc_win_rate_metric(samples.preferences, lengths, samples.reference_lengths,
+                                          resamples=bootstrap_resamples, seed=seed))
     responses = [g.response for g in samples.generations]
     metrics["distinct_1"] = distinct_n(responses, 1)
     metrics["distinct_2"] = distinct_n(responses, 2)
     metrics["repetition_4"] = mean_repetition_rate(responses, 4, resamples=bootstrap_resamples, seed=seed)
     return metrics
+
+
+def lc_win_rate_metric(preferences: list[float], lengths: list[int], reference_lengths: list[int], *,
+                       resamples: int, seed: int) -> dict[str, MetricValue]:
+    """``{"lc_win_rate_vs_ref": ...}``, or nothing when there are too few prompts for the length GLM: a one-prompt
+    evaluation keeps its other metrics rather than failing after every checkpoint was sampled and judged."""
+    if len(preferences) < MIN_PROMPTS:
+        log.info("[eval] no length-controlled win rate: its length GLM needs at least %d prompts, got %d",
+                 MIN_PROMPTS, len(preferences))
+        return {}
+    return {"lc_win_rate_vs_ref": length_controlled_win_rate(preferences, lengths, reference_lengths,
+                                                             resamples=resamples, seed=seed)}
 
 
 def sample_rows(samples: CheckpointSamples) -> list[dict]:

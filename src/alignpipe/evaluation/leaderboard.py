@@ -214,24 +214,80 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
     """One leaderboard from several runs' ``leaderboard.json``, rows ``<run directory>/<checkpoint>``.
 
     Rows are re-ranked on the primary metric, so every source must have been evaluated the same way: one suite and
-    primary metric, and the same suite file hash, reference (name and weights), prompt set (its id carries a hash of
-    the prompts), generation settings and judge (as each records them). Otherwise ``ValueError`` names the files and
-    what differs. A leaderboard written before the reference's weights were recorded is merged with a warning: what it
-    lacks cannot be checked. Each source's run, config and env are kept under ``sources`` so every row stays traceable.
+    primary metric, each metric in one direction (``higher_is_better``, null included: the table shows one direction
+    per metric, as :func:`build_leaderboard` requires within a board), and the same suite file hash, reference (name
+    and weights), prompt set (its id carries a hash of the prompts), generation settings and judge (as each records
+    them). Otherwise ``ValueError`` names the files and what differs. A merged leaderboard is checked run by run, as
+    its ``config.sources`` records them, so merging merged leaderboards refuses what merging their runs would. A
+    policy leaderboard written before the reference's weights were recorded is merged with a warning: what it lacks
+    cannot be checked. Each run's path, run, config and env are kept under ``config.sources`` (one entry per run,
+    labelled like its rows) so every row stays traceable.
     """
     if not paths:
         raise ValueError("no leaderboards to merge")
     boards = [(Path(p), load_leaderboard(p)) for p in paths]
     first_path, first = boards[0]
-    older = [p for p, b in boards if _RECORDED_SINCE not in b["run"]]
     for path, board in boards[1:]:
         if board["suite"] != first["suite"]:
             raise ValueError(f"{path} is suite {board['suite']} but {first_path} is {first['suite']}; merge "
                              "leaderboards of one suite at a time")
-        if differences := merge_conflicts(first, board):
-            unchecked = [str(p) for p in (first_path, path) if p in older]
+    directions = merged_directions(boards)
+    labels = source_labels([path for path, _ in boards])
+    sources = [run for (path, board), label in zip(boards, labels, strict=True)
+               for run in merge_sources(path, board, label)]
+    _check_runs_agree(sources)
+    rows, reward_rows = [], []
+    for (_, board), label in zip(boards, labels, strict=True):
+        rows += [{**row, "name": f"{label}/{row['name']}"} for row in board["checkpoints"]]
+        reward_rows += [{**row, "name": f"{label}/{row['name']}"} for row in board.get("reward_models") or []]
+    primary = first["suite"]["primary_metric"]
+    sign = -1.0 if directions.get(primary) is not False else 1.0
+    rows.sort(key=lambda r: (not is_ranked(r["results"], primary), sign * (metric_value(r["results"], primary) or 0.0)))
+    return {
+        "schema_version": SCHEMA_VERSION, "run": {"name": "merged", "sources": len(sources)}, "suite": first["suite"],
+        "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
+        "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
+    }
+
+
+def merge_sources(path: Path, board: dict, label: str) -> list[dict]:
+    """The runs behind one leaderboard file, as ``config.sources`` entries: the board itself, or for a merged board
+    the runs it records (its own run and config only say "merged"; recursively, for one merged before these were
+    flattened), labelled ``<label>/<their label>`` as its rows are, with ``via`` listing the merged files they came
+    through (innermost first)."""
+    recorded = board["config"].get("sources")
+    if not isinstance(recorded, list):
+        return [{"path": str(path), "label": label,
+                 **{key: board[key] for key in ("run", "config", "env", "date", "via") if key in board}}]
+    return [{**run, "via": [*run.get("via", []), str(path)]} for source in recorded
+            for run in merge_sources(Path(source["path"]), source, f"{label}/{source['label']}")]
+
+
+def merged_directions(boards: list[tuple[Path, dict]]) -> dict[str, bool | None]:
+    """Each metric's ``higher_is_better`` across the boards; ``ValueError`` naming the metric and both files when
+    two disagree (null vs a direction included: they did not define the metric the same way)."""
+    directions: dict[str, bool | None] = {}
+    declared_in: dict[str, Path] = {}
+    for path, board in boards:
+        for metric, higher in board["higher_is_better"].items():
+            if directions.setdefault(metric, higher) != higher:
+                raise ValueError(
+                    f"metric {metric!r} has higher_is_better={directions[metric]} in {declared_in[metric]} and "
+                    f"{higher} in {path}: one table cannot show it both ways; merge them separately")
+            declared_in.setdefault(metric, path)
+    return directions
+
+
+def _check_runs_agree(sources: list[dict]) -> None:
+    """Refuse runs whose recorded settings differ from the first run's; warn about policy runs too old to say."""
+    older = [source_origin(s) for s in sources if "prompt_set" in s["config"] and _RECORDED_SINCE not in s["run"]]
+    first = sources[0]
+    for source in sources[1:]:
+        if differences := merge_conflicts(first, source):
+            pair = (source_origin(first), source_origin(source))
+            unchecked = [origin for origin in pair if origin in older]
             raise ValueError(
-                f"cannot rank {first_path} and {path} in one table: they differ in {'; '.join(differences)}. Re-run "
+                f"cannot rank {pair[0]} and {pair[1]} in one table: they differ in {'; '.join(differences)}. Re-run "
                 "`alignpipe eval` on both with the same suite file and --reference (or the same eval stage settings), "
                 "or merge them separately"
                 + (f" ({', '.join(unchecked)}: written by an older alignpipe, which recorded neither the reference's "
@@ -239,23 +295,13 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
     if older:
         log.warning("merging %s without checking that every run used the same reference weights and (eval stages) "
                     "the same held-out prompts: written by an older alignpipe, which did not record them; re-run "
-                    "their evaluation to have this checked", ", ".join(map(str, older)))
-    primary = first["suite"]["primary_metric"]
-    directions: dict = {}
-    rows, reward_rows, sources = [], [], []
-    for (path, board), label in zip(boards, source_labels([path for path, _ in boards]), strict=True):
-        directions.update(board["higher_is_better"])
-        rows += [{**row, "name": f"{label}/{row['name']}"} for row in board["checkpoints"]]
-        reward_rows += [{**row, "name": f"{label}/{row['name']}"} for row in board.get("reward_models") or []]
-        sources.append({"path": str(path), "label": label, "run": board["run"], "config": board["config"],
-                        "env": board["env"], "date": board["date"]})
-    sign = -1.0 if directions.get(primary) is not False else 1.0
-    rows.sort(key=lambda r: (not is_ranked(r["results"], primary), sign * (metric_value(r["results"], primary) or 0.0)))
-    return {
-        "schema_version": SCHEMA_VERSION, "run": {"name": "merged", "sources": len(boards)}, "suite": first["suite"],
-        "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
-        "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
-    }
+                    "their evaluation to have this checked", ", ".join(older))
+
+
+def source_origin(source: dict) -> str:
+    """Where a run's leaderboard came from, for messages: its file, and any merged files it came through."""
+    via = source.get("via")
+    return f"{source['path']} (via {', '.join(via)})" if via else source["path"]
 
 
 def merge_conflicts(a: dict, b: dict) -> list[str]:

@@ -44,6 +44,7 @@ from alignpipe.evaluation.metrics import MetricValue, as_1d_finite
 
 __all__ = [
     "DEFAULT_L2",
+    "MIN_PROMPTS",
     "LengthGLM",
     "fit_length_glm",
     "lc_gap_warning",
@@ -52,6 +53,7 @@ __all__ = [
 
 DEFAULT_L2 = 1e-4  # on the mean loss: keeps θ near 7 when every prompt is won (LC ~0.999, not 1); moves
 # unit-size coefficients by ~1% when length is strongly collinear with θ, and far less otherwise
+MIN_PROMPTS = 2  # the GLM's length column is standardised by its sample sd (ddof = 1): one prompt has none
 _MAX_BOOTSTRAP_ELEMENTS = 1 << 22  # design-matrix values held at once, as in metrics.bootstrap_ci
 _MAX_HALVINGS = 40
 
@@ -315,8 +317,8 @@ def _validate(
     p = as_1d_finite(preferences, "preferences")
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError(f"preferences must lie in [0, 1], got range [{p.min()}, {p.max()}]")
-    if p.size < 2:
-        raise ValueError(f"the length GLM needs at least 2 prompts, got {p.size}")
+    if p.size < MIN_PROMPTS:
+        raise ValueError(f"the length GLM needs at least {MIN_PROMPTS} prompts, got {p.size}")
     d = as_1d_finite(delta_len, "delta_len")
     if d.shape != p.shape:
         raise ValueError(f"preferences and delta_len differ in shape: {p.shape} vs {d.shape}")

@@ -249,6 +249,15 @@ def as_1d_finite(values: Sequence[float], name: str) -> np.ndarray:
     return x
 
 
+def as_positive_int(value: int | float, name: str) -> int:
+    """``value`` as an int, so a whole float (15.0, e.g. from a YAML file) works like the int and anything else (a
+    bool, a fraction, a string) fails here with a ValueError naming ``name``, not later inside a slice or range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _paired_logps(logp_policy: Sequence[float], logp_ref: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     lp = np.asarray(logp_policy, dtype=np.float64)
     lr = np.asarray(logp_ref, dtype=np.float64)

@@ -35,6 +35,7 @@ import numpy as np
 from alignpipe.evaluation.metrics import (
     MetricValue,
     as_1d_finite,
+    as_positive_int,
     bootstrap_ci,
     bootstrap_statistics,
     mean_with_ci,
@@ -131,7 +132,7 @@ def expected_calibration_error(
     well-calibrated model the bootstrap interval can sit above the point estimate; read it as a spread.
     """
     p, y = _probs_outcomes(probabilities, outcomes)
-    bins = _bin_count(bins)
+    bins = as_positive_int(bins, "bins")
     conf, corr, idx = _confidence_correctness_bins(p, y, bins)
     n = p.size
 
@@ -164,7 +165,7 @@ def reliability_table(
     ``accuracy`` (``None`` for an empty bin). ``Σ count/n · |accuracy − mean_confidence|`` is the ECE.
     """
     p, y = _probs_outcomes(probabilities, outcomes)
-    bins = _bin_count(bins)
+    bins = as_positive_int(bins, "bins")
     conf, corr, idx = _confidence_correctness_bins(p, y, bins)
     edges = np.linspace(0.0, 1.0, bins + 1)
     counts = np.bincount(idx, minlength=bins)
@@ -268,7 +269,7 @@ def stratified_uncertainty_auroc(
     s = as_1d_finite(strata, "strata")
     if s.shape != u.shape:
         raise ValueError(f"strata has shape {s.shape}, uncertainty {u.shape}")
-    bins = _bin_count(bins)
+    bins = as_positive_int(bins, "bins")
     u_rank = np.unique(u, return_inverse=True)[1].reshape(-1)  # integer ranks: ties stay ties
     value = float(_stratified_auroc_rows(u_rank[None, :], err[None, :], s[None, :], bins)[0])
     if np.isnan(value):
@@ -393,14 +394,6 @@ def _as_bool(values: Sequence[bool], name: str, shape: tuple[int, ...]) -> np.nd
             raise ValueError(f"{name} must be boolean or 0/1")
         x = x.astype(bool)
     return x
-
-
-def _bin_count(bins) -> int:
-    """``bins`` as an int, so a whole float (15.0, e.g. from a YAML file) works and anything else fails here."""
-    if isinstance(bins, bool) or not isinstance(bins, (int, float, np.integer, np.floating)) \
-            or int(bins) != bins or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    return int(bins)
 
 
 def _confidence_correctness_bins(

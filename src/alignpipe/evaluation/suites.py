@@ -34,10 +34,16 @@ from alignpipe.data.adapters import HH_HELDOUT_FRACTION
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 from alignpipe.evaluation.generation import Generation, GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, LazyModel, cached_generations, evaluate_checkpoints
+from alignpipe.evaluation.harness import (
+    Checkpoint,
+    LazyModel,
+    cached_generations,
+    evaluate_checkpoints,
+    lc_win_rate_metric,
+)
 from alignpipe.evaluation.judge_training import unseen_by_judge
-from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
-from alignpipe.evaluation.length_control import length_controlled_win_rate
+from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
+from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
 from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
@@ -124,6 +130,10 @@ class SuiteSpec(_Spec):
             raise ValueError("a policy suite needs prompts, reference and judge")
         if self.kind == "reward_models" and not self.pair_sources:
             raise ValueError("a reward_models suite needs pair_sources")
+        if self.primary_metric in LC_METRICS and self.prompts and self.prompts.n is not None \
+                and self.prompts.n < MIN_PROMPTS:  # refused here, not after every checkpoint was sampled and judged
+            raise ValueError(f"primary_metric {self.primary_metric} needs at least {MIN_PROMPTS} prompts "
+                             f"(prompts.n is {self.prompts.n}): its length GLM cannot be fitted on fewer")
         return self
 
 
@@ -303,9 +313,8 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
     metrics = {
         "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
         "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
-        "lc_win_rate_vs_ref": length_controlled_win_rate(
-            preferences, [len(r) for r in responses], [len(r) for r in reference_outputs], resamples=resamples,
-            seed=seed),
+        **lc_win_rate_metric(preferences, [len(r) for r in responses], [len(r) for r in reference_outputs],
+                             resamples=resamples, seed=seed),
         "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2),
         "repetition_4": mean_repetition_rate(responses, 4, resamples=resamples, seed=seed),
     }

@@ -330,6 +330,7 @@ def test_a_one_prompt_evaluation_leaves_out_the_lc_win_rate(caplog):
     assert "lc_win_rate_vs_ref" not in metrics and "needs at least 2 prompts, got 1" in caplog.text
     assert {"gold_reward", "win_rate_vs_ref", "kl_ref_k1", "kl_ref_k3", "distinct_2"} <= set(metrics)
     assert "lc_win_rate_vs_ref" in checkpoint_metrics(_judged(2), bootstrap_resamples=50, seed=0)
+    assert metrics["len_tokens_delta_vs_ref"].value == 3 - 5  # 3 response tokens against the reference's 5
     board = build_leaderboard([CheckpointResult("dpo", "x", None, metrics)], run={}, config={}, env={}, suite="s",
                               primary_metric="gold_reward")
     assert "lc_win_rate" not in render_markdown(board) + render_csv(board)

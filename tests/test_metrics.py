@@ -11,6 +11,7 @@ from alignpipe.evaluation.metrics import (
     bootstrap_ci,
     kl_k1,
     kl_k3,
+    length_delta,
     length_stats,
     mean_with_ci,
     order_averaged_preference,
@@ -243,6 +244,14 @@ def test_kl_rejects_shape_mismatch():
 
 
 # ------------------------------------------------------------------------------------------------------ length
+
+
+def test_length_delta_is_the_mean_paired_difference():
+    m = length_delta([3, 10, 5, 6], [5, 4, 5, 2], resamples=200, seed=0)
+    assert m.value == pytest.approx((-2 + 6 + 0 + 4) / 4) and m.n == 4 and m.higher_is_better is None
+    assert m.ci95[0] <= m.value <= m.ci95[1]
+    with pytest.raises(ValueError, match="differ in shape"):
+        length_delta([1, 2], [1])
 
 
 def test_length_stats_hand_case():

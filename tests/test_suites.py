@@ -102,7 +102,8 @@ def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
     board = json.loads((out / "leaderboard.json").read_text())
     rows = {c["name"]: c["results"] for c in board["checkpoints"]}
     assert rows["sft"]["win_rate_vs_ref"]["value"] == 0.5 and rows["dpo"]["gold_reward"]["n"] == 12
-    assert {"lc_win_rate_vs_ref", "distinct_2", "repetition_4"} <= set(rows["dpo"])
+    assert {"lc_win_rate_vs_ref", "len_tokens_delta_vs_ref", "distinct_2", "repetition_4"} <= set(rows["dpo"])
+    assert rows["sft"]["len_tokens_delta_vs_ref"]["value"] == 0.0  # the reference against itself
     assert board["run"]["suite_sha256"] and (out / "leaderboard.csv").exists()
     assert json.loads((out / "results" / "dpo.json").read_text())["checkpoints"][0]["name"] == "dpo"
 
@@ -123,6 +124,7 @@ def test_alpaca_eval_suite_end_to_end_with_a_reward_judge(completed_tiny_run, ll
     (row,) = board["checkpoints"]
     assert board["suite"]["primary_metric"] == "lc_win_rate_vs_ref"
     assert row["results"]["win_rate_vs_ref"]["n"] == 24 and 0 <= row["results"]["lc_win_rate_vs_ref"]["value"] <= 1
+    assert row["results"]["len_chars_delta_vs_ref"]["n"] == 24  # characters: the references are texts
     prompts, references = load_prompts(load_suite(str(suite))[0].prompts)
     assert len(prompts) == len(references) == 24
 

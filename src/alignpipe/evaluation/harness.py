@@ -33,6 +33,7 @@ from alignpipe.evaluation.length_control import MIN_PROMPTS, length_controlled_w
 from alignpipe.evaluation.metrics import (
     MetricValue,
     kl_k1,
+    length_delta,
     length_stats,
     mean_with_ci,
     order_averaged_preference,
@@ -207,6 +208,8 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     metrics.update(length_stats(lengths, [g.truncated for g in samples.generations], resamples=bootstrap_resamples,
                                 seed=seed))
     if samples.reference_lengths is not None:
+        metrics["len_tokens_delta_vs_ref"] = length_delta(lengths, samples.reference_lengths,
+                                                          resamples=bootstrap_resamples, seed=seed)
         metrics.update(lc_win_rate_metric(samples.preferences, lengths, samples.reference_lengths,
                                           resamples=bootstrap_resamples, seed=seed))
     responses = [g.response for g in samples.generations]

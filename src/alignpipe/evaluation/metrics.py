@@ -214,6 +214,17 @@ def sequence_kl_k3(token_logp_policy: Sequence[Sequence[float]],
     return totals
 
 
+def length_delta(lengths: Sequence[float], reference_lengths: Sequence[float], *, resamples: int = 1000,
+                 seed: int = 0) -> MetricValue:
+    """Mean paired length difference, response minus the reference's response to the same prompt (EVALUATION.md §8
+    "mean Δlen vs reference"): how much longer a checkpoint answers than its reference, the length bias a raw win rate
+    can reward. No direction; the CI bootstraps prompts."""
+    own, ref = as_1d_finite(lengths, "lengths"), as_1d_finite(reference_lengths, "reference_lengths")
+    if own.shape != ref.shape:
+        raise ValueError(f"lengths and reference_lengths differ in shape: {own.shape} vs {ref.shape}")
+    return mean_with_ci(own - ref, resamples=resamples, seed=seed, higher_is_better=None)
+
+
 def length_stats(
     lengths: Sequence[int], truncated: Sequence[bool], *, resamples: int = 1000, seed: int = 0
 ) -> dict[str, MetricValue]:

@@ -44,7 +44,7 @@ from alignpipe.evaluation.harness import (
 from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import MIN_PROMPTS
-from alignpipe.evaluation.metrics import length_stats, mean_with_ci, win_rate
+from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, win_rate
 from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
@@ -315,6 +315,8 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
         "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
         **lc_win_rate_metric(preferences, [len(r) for r in responses], [len(r) for r in reference_outputs],
                              resamples=resamples, seed=seed),
+        "len_chars_delta_vs_ref": length_delta([len(r) for r in responses], [len(r) for r in reference_outputs],
+                                               resamples=resamples, seed=seed),  # text references: characters
         "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2),
         "repetition_4": mean_repetition_rate(responses, 4, resamples=resamples, seed=seed),
     }

@@ -259,3 +259,33 @@ def test_a_recipe_preview_without_data_stages_says_so():
     preview = RecipePreview(recipe="r", model="tiny", tokenizer=None, no_tokenizer=None, stages=[],
                             without_data=[NoDataStage("ppo", "ppo", "trains on prompts of the synthetic task")])
     assert render_text(preview).splitlines()[1:3] == ["no stage reads a dataset", ""]
+
+
+def test_a_reward_export_marks_the_pairs_the_stage_holds_out(tmp_path, capsys):
+    """The reward stage trains on the pairs its prompt-hash split does not hold out: the export flags the others."""
+    path = _recipe(tmp_path, stages=[REWARD])
+    recipe = load_recipe(path)
+    out = tmp_path / "rows"
+    assert main(["data", str(path), "--stage", "reward", "--show", "0", "--export", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "reward.jsonl").read_text().splitlines()]
+    pairs = preference_pairs_for(recipe.stage("reward").dataset, recipe.data, recipe.seed).to_list()
+    assert [{k: v for k, v in row.items() if k != "heldout"} for row in rows] == pairs
+    fraction = recipe.stage("reward").heldout_fraction
+    assert [row["heldout"] for row in rows] == [is_reward_heldout(plain_text(p["prompt"]), fraction) for p in pairs]
+    assert 0 < sum(row["heldout"] for row in rows) < len(rows)
+    assert f"held out {sum(row['heldout'] for row in rows)} by prompt hash" in _words(capsys.readouterr().out)
+
+
+def test_a_reward_split_the_stage_would_refuse_is_an_error(tmp_path, capsys):
+    path = _recipe(tmp_path, stages=[REWARD])
+    err = _error(capsys, str(path), "--stage", "reward", "data.n_pairs=2")
+    assert "2 pairs split into 2 train / 0 held-out" in err and "data.n_pairs" in err and "heldout_fraction" in err
+
+
+def test_an_export_target_that_is_a_directory_is_refused_before_anything_is_written(tmp_path, capsys):
+    path = _recipe(tmp_path)
+    out = tmp_path / "rows"
+    (out / "sft.jsonl").mkdir(parents=True)
+    err = _error(capsys, str(path), "--show", "0", "--export", str(out), "--force")
+    assert "sft.jsonl is a directory" in err and "nothing was written" in err
+    assert [p.name for p in out.iterdir()] == ["sft.jsonl"]

@@ -200,6 +200,49 @@ def test_atomic_write_text_cleans_up_when_writing_fails(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["notes.txt"]
 
 
+def test_atomic_open_all_replaces_every_file_or_none(tmp_path, monkeypatch):
+    """Files read together are renamed into place only after all are written and synced: a failure while writing,
+    or a sync failing (a full disk), leaves every old file; only a rename failing can replace some, and says which."""
+    import alignpipe.io as io
+
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for p in paths:
+        p.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with io.atomic_open_all(paths) as (a, b):
+            a.write("new a\n")
+            raise RuntimeError("stop")
+    synced = []
+
+    def full_disk_on_the_second(fd):
+        synced.append(fd)
+        if len(synced) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full_disk_on_the_second)
+    with pytest.raises(OSError, match="No space"):
+        with io.atomic_open_all(paths) as (a, b):
+            a.write("new a\n")
+            b.write("new b\n")
+    monkeypatch.undo()
+    assert [p.read_text() for p in paths] == ["old\n", "old\n"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temp file left
+
+    paths[1].unlink()
+    paths[1].mkdir()  # the second rename fails: the first file is already replaced, and the error says so
+    with pytest.raises(io.PartlyReplacedError, match="already replaced: .*a.txt") as error:
+        with io.atomic_open_all(paths) as (a, b):
+            a.write("new a\n")
+            b.write("new b\n")
+    assert error.value.replaced == [paths[0]] and paths[0].read_text() == "new a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+    with io.atomic_open_all([tmp_path / "c.txt", tmp_path / "sub" / "d.txt"]) as (c, d):
+        c.write("c\n")
+        d.write("d\n")
+    assert (tmp_path / "c.txt").read_text() == "c\n" and (tmp_path / "sub" / "d.txt").read_text() == "d\n"
+
+
 def test_atomic_write_json_format_nan_and_permissions(tmp_path):
     path = atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [1, 2]})
     assert path.read_text(encoding="utf-8") == '{\n  "b": 1,\n  "a": [\n    1,\n    2\n  ]\n}\n'  # order kept
@@ -272,6 +315,7 @@ def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path)
     ("config", "prompt_set", {"id": "synthetic:fedcba9876543210", "n": 16}, "prompt set"),
     ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
      "generation settings"),
+    ("config", "kl_k3", "summed per token", "KL k3 estimator"),  # against a board from before k3 was per token
 ])
 def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value, what):
     from alignpipe.evaluation.leaderboard import merge_leaderboards
@@ -387,6 +431,7 @@ def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(comp
     assert board["config"]["prompt_set"]["id"] == prompt_set_id(runner.recipe.data)
     assert prompt_set_id(runner.recipe.data) != prompt_set_id(DataSpec(families=["sort"]))
     assert board["run"]["reference"] == "sft"
+    assert board["config"]["kl_k3"] == "summed per token"
     assert board["run"]["reference_sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
 
 

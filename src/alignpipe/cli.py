@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--show", type=_count, default=2, metavar="N", help="example rows per stage (default: 2)")
     data.add_argument("--json", action="store_true", help="print one JSON document instead of the text (for scripts)")
     data.add_argument("--export", type=Path, metavar="DIR",
-                      help="also write each stage's rows, as its trainer receives them, to DIR/<stage>.jsonl")
+                      help="also write each stage's rows, as the stage builds them, to DIR/<stage>.jsonl (a reward "
+                      "stage's with \"heldout\": true on the pairs it keeps out of training)")
     data.add_argument("--force", action="store_true", help="with --export: replace files that exist")
 
     merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,26 +31,64 @@ def cache_root() -> Path:
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[TextIO]:
     """A UTF-8 text file (newlines written as given) that replaces ``path`` only when the ``with`` block ends without
-    an error; create parent dirs. For files written piece by piece (one JSON line per row): several can be held open
-    in one ``contextlib.ExitStack`` so that an error in any leaves none of them written.
+    an error; create parent dirs. On any error the temp file is removed, the old ``path`` (if any) is untouched, and
+    the error re-raised."""
+    with atomic_open_all([path]) as (handle,):
+        yield handle
 
-    On any error the temp file is removed, the old ``path`` (if any) is untouched, and the error re-raised.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+class PartlyReplacedError(OSError):
+    """:func:`atomic_open_all` renamed some files into place before a rename failed; ``replaced`` lists them."""
+
+    def __init__(self, message: str, replaced: list[Path]):
+        super().__init__(message)
+        self.replaced = replaced
+
+
+@contextlib.contextmanager
+def atomic_open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[TextIO]]:
+    """UTF-8 text files (newlines written as given), written piece by piece, that replace ``paths`` only when the
+    ``with`` block ends without an error, so that files meant to be read together (one export's files) are all new
+    or all old. Every file is flushed, synced and closed before the first is renamed into place: a full disk fails
+    before anything is replaced. Only a rename itself failing (the target became a directory) can leave some files
+    replaced; that raises :class:`PartlyReplacedError` naming them. Parent dirs are created."""
+    paths = [Path(p) for p in paths]
+    temps: list[str] = []
+    handles: list[TextIO] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding="utf-8", newline=""))
+            os.fchmod(handles[-1].fileno(), 0o666 & ~_UMASK)
+        yield handles
+        for handle in handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for handle in handles:
+            with contextlib.suppress(OSError):
+                handle.close()
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    replaced: list[Path] = []
+    try:
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+            replaced.append(path)
+    except OSError as error:
+        for tmp in temps[len(replaced):]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if not replaced:
+            raise
+        raise PartlyReplacedError(f"{error}; already replaced: {', '.join(map(str, replaced))}", replaced) from error
+    for directory in dict.fromkeys(path.parent for path in paths):
+        _fsync_dir(directory)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -110,7 +110,8 @@ class StageLengths:
 @dataclass
 class StagePreview:
     """One data-reading stage: where its rows come from, how many it gets and what was left out, its labels and
-    lengths, and a few rows. ``rows`` is the dataset exactly as the stage's trainer receives it."""
+    lengths, and a few rows. ``rows`` is the dataset the stage builds; a reward stage then trains on the rows that
+    ``heldout_rows`` does not mark and measures its reward metrics on the others."""
 
     name: str
     type: str
@@ -127,6 +128,7 @@ class StagePreview:
     labels: str | None  # pairs: "hard", or "soft" with a preference column
     strengths: Strengths | None = None  # soft labels: the preference column's spread
     heldout: int | None = None  # reward stages: pairs held out of training by prompt hash
+    heldout_rows: list[bool] | None = field(default=None, repr=False)  # reward stages: which rows those are
     lengths: StageLengths | None = None
     lengths_skipped: str | None = None  # why lengths were not measured
     examples: list[dict] = field(default_factory=list)
@@ -285,8 +287,15 @@ def _describe_pairs(preview: StagePreview, stage: DPOStage | RewardStage, rows: 
     else:
         preview.labels = "hard"
     if isinstance(stage, RewardStage):  # the split the reward stage makes, by the same prompt hash
-        preview.heldout = sum(is_reward_heldout(plain_text(prompt), stage.heldout_fraction)
-                              for prompt in rows["prompt"])
+        preview.heldout_rows = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction)
+                                for prompt in rows["prompt"]]
+        preview.heldout = sum(preview.heldout_rows)
+        if preview.heldout in (0, len(rows)):  # the stage refuses such a split before training: say so here
+            more = "data.n_pairs" if stage.dataset.source == "synthetic" else f"stages.{stage.name}.dataset.limit"
+            raise PreviewError(
+                f"stages.{stage.name}: its {len(rows)} pairs split into {len(rows) - preview.heldout} train / "
+                f"{preview.heldout} held-out by prompt hash, and the reward stage needs both non-empty; give it more "
+                f"pairs ({more}) or another stages.{stage.name}.heldout_fraction")
 
 
 def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> StageLengths:

@@ -2,7 +2,7 @@
 document (for scripts). Pure formatting: every number comes from :mod:`alignpipe.data.preview`.
 
 Why the two differ: the text shortens long fields so an example row fits a terminal line; the JSON keeps the example
-rows exactly as the trainer receives them.
+rows exactly as the stage builds them.
 """
 
 from __future__ import annotations

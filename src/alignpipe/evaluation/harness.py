@@ -219,6 +219,15 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     return metrics
 
 
+KL_K3_ESTIMATOR = "summed per token"  # kl_ref_k3 before it was summed per token recorded none: merges keep them apart
+
+
+def kl_estimator_record(results: list[CheckpointResult]) -> dict[str, str]:
+    """``{"kl_k3": ...}`` for a leaderboard's config when its rows carry ``kl_ref_k3``: a merge then refuses to rank
+    them beside rows whose k3 was computed another way (k3 of the whole-sequence ratio, recorded as nothing)."""
+    return {"kl_k3": KL_K3_ESTIMATOR} if any("kl_ref_k3" in r.metrics for r in results) else {}
+
+
 def lc_win_rate_metric(preferences: list[float], lengths: list[int], reference_lengths: list[int], *,
                        resamples: int, seed: int) -> dict[str, MetricValue]:
     """``{"lc_win_rate_vs_ref": ...}``, or nothing when there are too few prompts for the length GLM: a one-prompt

@@ -39,6 +39,7 @@ from alignpipe.evaluation.harness import (
     LazyModel,
     cached_generations,
     evaluate_checkpoints,
+    kl_estimator_record,
     lc_win_rate_metric,
 )
 from alignpipe.evaluation.judge_training import unseen_by_judge
@@ -285,7 +286,7 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                                "held_out_by_judge": unseen is not None},
                 "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True,
                           "trained_on": trained_on.record() if trained_on else None},
-                "bootstrap_iters": spec.bootstrap_resamples},
+                "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results)},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )
 

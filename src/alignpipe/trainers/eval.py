@@ -11,7 +11,7 @@ import logging
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.generation import GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, sample_rows
+from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, kl_estimator_record, sample_rows
 from alignpipe.evaluation.leaderboard import (
     LEADERBOARD_FILES,
     CheckpointResult,
@@ -88,7 +88,7 @@ def run(ctx: StageContext) -> dict:
                 "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",
                                "n": len(prompts)},
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
-                "bootstrap_iters": stage.bootstrap_resamples},
+                "bootstrap_iters": stage.bootstrap_resamples, **kl_estimator_record(results)},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
         reward_models=[_reward_row(ctx, name) for name in reward_names],
     )

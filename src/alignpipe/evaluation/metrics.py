@@ -199,11 +199,13 @@ def sequence_kl_k3(token_logp_policy: Sequence[Sequence[float]],
 
     Why per token: by the chain rule, KL(pi || pi_ref) over sequences is the expected sum of the per-token KLs, and
     each token's k3 is unbiased for its own KL given the prefix, so the sum is unbiased for the sequence KL. k3 of the
-    whole-sequence ratio is unbiased too, but once the sequence KL is a few nats that ratio is so heavy-tailed that a
-    few hundred samples land about a nat low with a bootstrap CI that misses the truth most of the time (and one large
-    log-ratio overflows it). Per token the ratio is far less extreme, near 1 where each token's KL is small; where
-    single tokens' KL is large (around half a nat and up) the per-token sum is still right-skewed and a few hundred
-    samples can land low, so k1 stays on the leaderboard beside it.
+    whole-sequence ratio is unbiased too, but once the sequence KL is a few nats its ratio is so heavy-tailed that a
+    few hundred samples land about a nat low with a CI that mostly misses the truth (and one large log-ratio
+    overflows it). Per token, k3 is the low-variance estimator only while each token's ratio stays near 1 (small
+    per-token KL): there its spread is below k1's and its CI covers. Where single tokens' KL is large (a sharp policy
+    against a flat reference, about half a nat per token and up) it is right-skewed again and lands low, which is why
+    k1 stays on the leaderboard beside it as the estimate to trust. ``benchmarks/kl_estimators.py`` measures both
+    regimes.
     """
     if len(token_logp_policy) != len(token_logp_ref):
         raise ValueError(f"token_logp_policy and token_logp_ref hold {len(token_logp_policy)} and "

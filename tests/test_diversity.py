@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, ngrams, repetition_rate
+from alignpipe.evaluation.bleu import sentence_bleu
+from alignpipe.evaluation.diversity import (
+    distinct_n,
+    mean_repetition_rate,
+    ngrams,
+    repetition_rate,
+    self_bleu,
+    within_prompt_diversity,
+)
 
 SET = ["the cat sat", "the cat ran", "a dog sat"]
 
@@ -125,3 +133,44 @@ def test_bad_responses():
         mean_repetition_rate(["ok", None], 1)
     with pytest.raises(TypeError, match="must be a str"):
         repetition_rate(["a", "b"], 1)
+
+
+# ----------------------------------------------------------------------------------------------- within a prompt
+
+
+def test_self_bleu_scores_each_sample_against_the_others():
+    samples = ["the cat sat on the mat", "the cat is on the mat", "a dog ran"]
+    toks = [s.split() for s in samples]
+    expected = (sentence_bleu(toks[0], [toks[1], toks[2]]) + sentence_bleu(toks[1], [toks[0], toks[2]])
+                + sentence_bleu(toks[2], [toks[0], toks[1]])) / 3
+    assert self_bleu(samples) == pytest.approx(expected)
+    assert self_bleu(["a b c d e", "a b c d e"]) == 1.0  # a collapsed policy
+    assert self_bleu(["a b c d", "e f g h"]) == 0.0  # nothing shared
+    with pytest.raises(ValueError, match="at least 2"):
+        self_bleu(["only one"])
+
+
+def test_within_prompt_diversity_averages_over_prompts_and_tells_collapse_from_variety():
+    collapsed = [["a b c", "a b c"], ["d e f", "d e f"]]
+    varied = [["a b c", "x y z"], ["d e f", "u v w"]]
+    low = within_prompt_diversity(collapsed, resamples=200)
+    high = within_prompt_diversity(varied, resamples=200)
+    # two identical 3-token samples: 4 bigrams, 2 unique; self-BLEU of a 3-token copy: p4 = 0.1/1 smoothed
+    assert low["distinct_2_within"].value == 0.5 and high["distinct_2_within"].value == 1.0
+    assert low["self_bleu_4"].value == pytest.approx(0.1 ** 0.25) and high["self_bleu_4"].value == 0.0
+    assert low["self_bleu_4"].higher_is_better is False and low["distinct_2_within"].higher_is_better is True
+    assert low["self_bleu_4"].n == 2 and low["self_bleu_4"].extra["samples_per_prompt"] == 2
+    assert "samples_per_prompt_max" not in low["self_bleu_4"].extra
+    mixed = within_prompt_diversity([["a b", "a b"], ["a b", "c d", "e f"]], resamples=200)
+    assert mixed["distinct_2_within"].value == pytest.approx((0.5 + 1.0) / 2)  # the mean over prompts, not pooled
+    assert mixed["distinct_2_within"].extra["samples_per_prompt"] == 2
+    assert mixed["distinct_2_within"].extra["samples_per_prompt_max"] == 3
+    lo, hi = mixed["distinct_2_within"].ci95
+    assert lo == 0.5 and hi == 1.0  # a bootstrap over the two prompts
+
+
+def test_within_prompt_diversity_rejects_bad_groups():
+    with pytest.raises(ValueError, match="one list of samples per prompt"):
+        within_prompt_diversity([])
+    with pytest.raises(ValueError, match="at least 2"):
+        within_prompt_diversity([["a b", "c d"], ["alone"]])

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 
 from alignpipe.evaluation.best_of_n import best_of_n_curve, kl_best_of_n
-from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.length_control import lc_gap_warning, length_controlled_win_rate
 from alignpipe.evaluation.metrics import win_rate
 from alignpipe.evaluation.reward_metrics import (
@@ -25,7 +25,7 @@ from alignpipe.evaluation.reward_metrics import (
 )
 
 METRICS_DIR = REPO / "eval" / "metrics"
-NAMES = ["win_rate", "lc_win_rate", "distinct_n", "reward_calibration", "best_of_n"]
+NAMES = ["win_rate", "lc_win_rate", "distinct_n", "self_bleu", "reward_calibration", "best_of_n"]
 R = 200  # bootstrap resamples: enough to exercise the CI path, cheap on a shared CPU
 
 _EVALUATE_CONFIG_PATHS = ("HF_MODULES_CACHE", "HF_METRICS_CACHE", "HF_EVALUATE_CACHE")
@@ -210,6 +210,17 @@ def test_distinct_n_golden_and_equal_to_alignpipe(load):
     assert (got["distinct_1"], got["distinct_2"], got["mean_repetition_rate"]) == (d1.value, d2.value, rep.value)
     assert (got["repetition_ci95_low"], got["repetition_ci95_high"]) == rep.ci95
     assert (got["n_ngrams_2"], got["n_unique_ngrams_2"]) == (7, 4)
+    _assert_flat_json(got)
+
+
+def test_self_bleu_golden_and_equal_to_alignpipe(load):
+    groups = [["a b c d e", "a b c d e"], ["a b c d", "e f g h", "a b x y"]]
+    got = load("self_bleu").compute(predictions=groups, resamples=R)
+    expected = within_prompt_diversity(groups, resamples=R)
+    assert got["self_bleu_4"] == expected["self_bleu_4"].value and got["n"] == 2 and got["samples_per_prompt"] == 2
+    assert (got["self_bleu_4_ci95_low"], got["self_bleu_4_ci95_high"]) == expected["self_bleu_4"].ci95
+    assert got["distinct_2_within"] == pytest.approx((4 / 8 + 8 / 9) / 2)  # 4 of 8 bigrams unique; 8 of 9
+    assert got["self_bleu_4"] > 0.5  # the first prompt's two samples are one text: BLEU 1
     _assert_flat_json(got)
 
 

@@ -1,5 +1,6 @@
 """Tests for alignpipe.evaluation.generation (pinned sampling, sequence log-probs) and evaluation.harness."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,9 +18,12 @@ from alignpipe.evaluation.generation import (
     token_logprobs,
 )
 from alignpipe.evaluation.harness import (
+    DIVERSITY_SEED_OFFSET,
     Checkpoint,
     CheckpointSamples,
+    DiversitySampling,
     checkpoint_metrics,
+    diversity_rows,
     evaluate_checkpoints,
     sample_rows,
 )
@@ -293,6 +297,72 @@ def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokeni
     assert not math.isnan(other_m["win_rate_vs_ref"].value)
 
 
+def test_gold_delta_entropy_and_within_prompt_diversity(tmp_path, checkpoint_dir, tokenizer, prompts):
+    other_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "other")
+    ref, other = Checkpoint("base", str(checkpoint_dir)), Checkpoint("other", str(other_dir))
+    diversity = DiversitySampling(samples_per_prompt=3, prompts=5)
+
+    def evaluated(temperature: float):
+        settings = GenerationSettings(max_new_tokens=6, batch_size=8, seed=3, temperature=temperature)
+        return evaluate_checkpoints([ref, other], ref, prompts, GoldJudge(), settings, bootstrap_resamples=50,
+                                    diversity=diversity)
+
+    results, samples = evaluated(1.0)
+    base_m, other_m = results[0].metrics, results[1].metrics
+    # gold reward relative to the reference's on the same prompts: 0 for the reference, a paired mean for the other
+    assert base_m["gold_reward_delta_vs_ref"].value == 0.0 and base_m["gold_reward_delta_vs_ref"].ci95 == (0.0, 0.0)
+    gains = [o - r for o, r in zip(samples[1].rewards, samples[0].rewards, strict=True)]
+    assert other_m["gold_reward_delta_vs_ref"].value == pytest.approx(sum(gains) / len(prompts))
+    assert other_m["gold_reward_delta_vs_ref"].value == pytest.approx(
+        other_m["gold_reward"].value - base_m["gold_reward"].value)
+    # the policy's entropy: mean -log pi of its own samples (drawn at temperature 1)
+    assert other_m["policy_entropy"].value == pytest.approx(-sum(samples[1].logp_policy) / len(prompts))
+    # 3 more samples of each of the first 5 prompts, in one call of their own, grouped by prompt
+    groups = samples[1].diversity_groups
+    assert len(groups) == 5 and all(len(group) == 3 for group in groups)
+    assert other_m["self_bleu_4"].n == 5 and other_m["distinct_2_within"].extra["samples_per_prompt"] == 3
+    assert [row["prompt"] for row in diversity_rows(samples[1])] == prompts[:5]
+    assert len({response for group in groups for response in group}) > 5  # temperature 1: they differ
+    # tempered samples are not draws from the policy: no entropy, since it would be a cross-entropy
+    cold_results, _ = evaluated(0.5)
+    assert "policy_entropy" not in cold_results[1].metrics and "policy_entropy" in other_m
+
+
+def test_diversity_samples_are_drawn_for_the_first_prompts_with_their_own_seed(monkeypatch, checkpoint_dir, prompts):
+    import alignpipe.evaluation.harness as harness
+
+    calls = []
+    generate = harness.generate
+
+    def spy(model, tok, batch_prompts, settings, **kwargs):
+        calls.append((list(batch_prompts), settings.seed))
+        return generate(model, tok, batch_prompts, settings, **kwargs)
+
+    monkeypatch.setattr(harness, "generate", spy)
+    ref = Checkpoint("base", str(checkpoint_dir))
+    settings = GenerationSettings(max_new_tokens=4, batch_size=8, seed=3)
+    evaluate_checkpoints([ref], ref, prompts, GoldJudge(), settings, bootstrap_resamples=50,
+                         diversity=DiversitySampling(samples_per_prompt=2, prompts=3))
+    assert calls == [(prompts, 3), ([prompts[0]] * 2 + [prompts[1]] * 2 + [prompts[2]] * 2, 3 + DIVERSITY_SEED_OFFSET)]
+    with pytest.raises(ValueError, match="2\\+ samples per prompt"):
+        DiversitySampling(samples_per_prompt=1)
+
+
+def test_checkpoint_metrics_tell_a_collapsed_policy_from_a_varied_one():
+    """Within-prompt diversity sees what diversity across prompts does not: a policy that gives each prompt one
+    answer every time (but different answers to different prompts)."""
+    collapsed = dataclasses.replace(_judged(4), diversity_groups=[[f"answer {i} is here"] * 3 for i in range(4)])
+    varied = dataclasses.replace(_judged(4), diversity_groups=[[f"answer {i} is here", f"maybe {i} or so",
+                                                                f"it could be {i}"] for i in range(4)])
+    one, many = (checkpoint_metrics(s, bootstrap_resamples=50, seed=0) for s in (collapsed, varied))
+    assert one["distinct_2"].value == many["distinct_2"].value  # across prompts: the same main samples
+    assert one["self_bleu_4"].value == 1.0 and many["self_bleu_4"].value < 0.2
+    assert one["distinct_2_within"].value == pytest.approx(1 / 3) and many["distinct_2_within"].value == 1.0
+    assert "self_bleu_4" not in checkpoint_metrics(_judged(4), bootstrap_resamples=50, seed=0)  # none drawn
+    assert one["policy_entropy"].value == 3.0  # three tokens of log-prob -1 each
+    assert one["gold_reward_delta_vs_ref"].value == pytest.approx(0.7 - 0.2)
+
+
 def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, checkpoint_dir, tokenizer, prompts):
     """The same weights sample and score differently in bfloat16: an evaluation in bfloat16 gets its own samples and
     log-probs, not the float32 ones an earlier evaluation left in the same cache."""
@@ -317,7 +387,8 @@ def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, check
 def _judged(n_prompts: int) -> CheckpointSamples:
     generations = [Generation(f"p{i}", "a b c", (1, 2, 3), False) for i in range(n_prompts)]
     return CheckpointSamples(Checkpoint("dpo", "x"), generations, [0.7] * n_prompts, [[-1.0, -1.0, -1.0]] * n_prompts,
-                             [[-1.5, -1.0, -1.5]] * n_prompts, [1.0] * n_prompts, [5] * n_prompts)
+                             [[-1.5, -1.0, -1.5]] * n_prompts, [1.0] * n_prompts, [5] * n_prompts,
+                             reference_rewards=[0.2] * n_prompts)
 
 
 def test_a_one_prompt_evaluation_leaves_out_the_lc_win_rate(caplog):

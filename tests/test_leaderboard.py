@@ -316,6 +316,7 @@ def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path)
     ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
      "generation settings"),
     ("config", "kl_k3", "summed per token", "KL k3 estimator"),  # against a board from before k3 was per token
+    ("config", "diversity", {"samples_per_prompt": 8, "prompts": 32}, "diversity sampling"),  # self-BLEU moves with k
 ])
 def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value, what):
     from alignpipe.evaluation.leaderboard import merge_leaderboards
@@ -432,6 +433,14 @@ def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(comp
     assert prompt_set_id(runner.recipe.data) != prompt_set_id(DataSpec(families=["sort"]))
     assert board["run"]["reference"] == "sft"
     assert board["config"]["kl_k3"] == "summed per token"
+    # within-prompt diversity from the stage's extra samples, which are kept beside the main ones
+    diversity = board["config"]["diversity"]
+    assert diversity == {"samples_per_prompt": stage.diversity_samples,
+                         "prompts": min(stage.diversity_prompts, stage.n_prompts)}
+    for row in board["checkpoints"]:
+        assert row["results"]["self_bleu_4"]["n"] == diversity["prompts"]
+        rows = (runner.run_dir / "eval" / "samples" / f"{row['name']}.diversity.jsonl").read_text().splitlines()
+        assert [len(json.loads(r)["responses"]) for r in rows] == [diversity["samples_per_prompt"]] * len(rows)
     assert board["run"]["reference_sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
 
 

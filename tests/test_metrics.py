@@ -15,6 +15,9 @@ from alignpipe.evaluation.metrics import (
     length_stats,
     mean_with_ci,
     order_averaged_preference,
+    paired_delta,
+    policy_entropy,
+    reward_delta,
     sequence_kl_k3,
     win_rate,
 )
@@ -280,3 +283,48 @@ def test_group_resamples_draw_whole_groups_and_fall_back_for_singletons():
         assert all(counts[g] % size[g] == 0 for g in size)  # a group is in a row whole, or not at all
         assert sum(counts[g] // size[g] for g in size) == 3  # as many draws as there are groups
     assert group_resamples(["x", "y", "z"], resamples=5, seed=0) is None
+
+
+# ----------------------------------------------------------------------------------------------- paired deltas, entropy
+
+
+def test_reward_delta_is_the_paired_gain_with_a_ci_tighter_than_unpaired_means():
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 3, 400)  # prompts differ far more than the two policies do
+    reference = difficulty + rng.normal(0, 0.3, 400)
+    policy = difficulty + 0.2 + rng.normal(0, 0.3, 400)
+    delta = reward_delta(policy, reference, resamples=500, seed=0)
+    assert delta.value == pytest.approx(float(np.mean(policy - reference)))
+    assert delta.higher_is_better is True and delta.n == 400
+    lo, hi = delta.ci95
+    assert lo > 0  # the gain is resolved ...
+    own, ref = mean_with_ci(policy, resamples=500, higher_is_better=True), mean_with_ci(reference, resamples=500,
+                                                                                          higher_is_better=True)
+    assert own.ci95[0] < ref.ci95[1]  # ... where the two unpaired CIs overlap
+    assert reward_delta(reference, reference, resamples=100).ci95 == (0.0, 0.0)  # the reference itself: R = 0
+    with pytest.raises(ValueError, match="rewards and reference_rewards differ in shape"):
+        reward_delta([1.0, 2.0], [1.0], resamples=100)
+
+
+def test_paired_delta_names_its_inputs_in_errors():
+    with pytest.raises(ValueError, match="ours and theirs differ"):
+        paired_delta([1.0], [1.0, 2.0], higher_is_better=None, names=("ours", "theirs"))
+
+
+def test_policy_entropy_is_the_mean_negative_log_probability():
+    logp = [-1.0, -3.0, -2.0, -6.0]
+    entropy = policy_entropy(logp, resamples=200)
+    assert entropy.value == pytest.approx(3.0) and entropy.n == 4 and entropy.higher_is_better is None
+    assert entropy.ci95[0] <= 3.0 <= entropy.ci95[1]
+    with pytest.raises(ValueError, match="must be <= 0"):
+        policy_entropy([-1.0, 0.5])
+
+
+def test_policy_entropy_estimates_a_known_entropy():
+    """Samples of a categorical distribution scored under it: the estimate's CI covers the exact entropy."""
+    rng = np.random.default_rng(1)
+    p = np.array([0.5, 0.25, 0.125, 0.125])
+    exact = float(-(p * np.log(p)).sum())
+    draws = rng.choice(4, size=4000, p=p)
+    entropy = policy_entropy(np.log(p[draws]), resamples=1000, seed=0)
+    assert entropy.ci95[0] <= exact <= entropy.ci95[1]

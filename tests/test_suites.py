@@ -289,6 +289,7 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     suite.write_text(yaml.safe_dump({
         "name": "hh-mini", "prompts": {"source": "hh_rlhf", "path": str(data)},  # every dialogue held out
         "generation": {"max_new_tokens": 4, "batch_size": 8, "max_prompt_tokens": budget},
+        "diversity": {"samples_per_prompt": 2, "prompts": 3},
         "reference": "dataset", "judge": "reward_model", "primary_metric": "win_rate_vs_ref",
         "bootstrap_resamples": 100}))
     generated, judged = [], []
@@ -307,7 +308,8 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     judge = _random_reward_judge(llama_path, tmp_path / "judge")
     assert main(["eval", f"policy={policy}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
                  str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
-    assert len(generated) == len(dialogues) and set(judged) == set(generated)
+    # the diversity samples (2 on each of the first 3 prompts) answer the same cut prompts
+    assert len(generated) == len(dialogues) + 2 * 3 and set(judged) == set(generated)
     for prompt, dialogue in zip(generated, dialogues):
         assert len(prompt) < len(dialogue) and dialogue.endswith(prompt)
         assert prompt.endswith(dialogue[dialogue.rfind("\n\nHuman:"):])
@@ -373,7 +375,7 @@ def test_alpaca_suite_leaves_out_the_prompts_its_judge_trained_on(llama_path, tm
     with caplog.at_level("WARNING", logger="alignpipe"):
         assert main(["eval", f"policy={llama_path}", "--suite", _alpaca_suite(tmp_path, data), "--judge", str(judge),
                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
-    assert generated == held_out
+    assert generated[: len(held_out)] == held_out and set(generated) == set(held_out)  # diversity samples too
     board = json.loads((out / "leaderboard.json").read_text())
     assert board["config"]["prompt_set"]["n"] == len(held_out) and board["config"]["prompt_set"]["held_out_by_judge"]
     assert board["config"]["judge"]["trained_on"]["stage"] == "rm"

@@ -1069,6 +1069,11 @@ class EvalStage(_StageBase):
         1000, ge=100, description="Bootstrap resamples for confidence intervals (Efron & Tibshirani 1993)."
     )
     seed: int = Field(1234, ge=0, description="Sampling seed, separate from the recipe seed so evals stay comparable.")
+    diversity_samples: int = Field(
+        4, ge=0, description="Extra samples per prompt for within-prompt diversity (self_bleu_4, distinct_2_within); "
+        "0 = off, else at least 2.",
+    )
+    diversity_prompts: int = Field(32, gt=0, description="How many of the held-out prompts get diversity_samples each.")
 
     @field_validator("inputs")
     @classmethod
@@ -1076,6 +1081,14 @@ class EvalStage(_StageBase):
         if not inputs:
             raise ValueError("an eval stage needs at least 1 input (the stages whose checkpoints to evaluate)")
         return inputs
+
+    @field_validator("diversity_samples")
+    @classmethod
+    def _several_or_none(cls, samples: int) -> int:
+        if samples == 1:
+            raise ValueError("self-BLEU and distinct-n within a prompt compare its samples with each other: use 2 or "
+                             "more, or 0 to leave them out")
+        return samples
 
     @model_validator(mode="after")
     def _reference_is_input(self) -> EvalStage:

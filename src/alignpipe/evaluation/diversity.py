@@ -9,6 +9,10 @@ Reward and win rate do not show either, so they are tracked separately:
 * :func:`repetition_rate` measures degeneration **within** one response: the fraction of its n-grams that repeat
   an earlier n-gram of the same response, ``1 − unique/total``. This is Welleck et al.'s (2019) seq-rep-n.
   :func:`mean_repetition_rate` averages it over responses.
+* :func:`within_prompt_diversity` measures diversity **within one prompt's k samples**, which a policy can lose while
+  its responses to different prompts still look varied: self-BLEU-4 (Zhu et al. 2018, Texygen: each sample's
+  :func:`~alignpipe.evaluation.bleu.sentence_bleu` against the prompt's other samples; lower is more diverse) and
+  distinct-n over the prompt's samples, each averaged over prompts with a bootstrap CI over prompts.
 
 Tokens are whitespace-split (``str.split()``: case-sensitive, punctuation stays attached) unless ``tokenizer`` is
 given. It can be any ``str -> sequence of hashables``, e.g. a Hugging Face ``tokenizer.encode``. Values from
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 
+from alignpipe.evaluation.bleu import sentence_bleu
 from alignpipe.evaluation.metrics import MetricValue, as_positive_int, mean_with_ci
 
 __all__ = [
@@ -27,6 +32,8 @@ __all__ = [
     "mean_repetition_rate",
     "ngrams",
     "repetition_rate",
+    "self_bleu",
+    "within_prompt_diversity",
 ]
 
 Tokenizer = Callable[[str], Sequence[Hashable]]
@@ -94,7 +101,46 @@ def mean_repetition_rate(
     return MetricValue(m.value, m.ci95, m.n, False, {**m.extra, "n_too_short": too_short})
 
 
+def self_bleu(samples: Sequence[str], max_n: int = 4, *, tokenizer: Tokenizer | None = None) -> float:
+    """Mean BLEU-``max_n`` of each sample against all the others (Texygen's self-BLEU), in [0, 1]: 1 when every
+    sample is the same text of at least ``max_n`` tokens, near 0 when they share nothing. Needs 2+ samples."""
+    seqs = _tokenize_all(samples, tokenizer)
+    if len(seqs) < 2:
+        raise ValueError(f"self-BLEU compares samples with each other: it needs at least 2, got {len(seqs)}")
+    return sum(sentence_bleu(seq, seqs[:i] + seqs[i + 1 :], max_n) for i, seq in enumerate(seqs)) / len(seqs)
+
+
+def within_prompt_diversity(
+    groups: Sequence[Sequence[str]], *, tokenizer: Tokenizer | None = None, resamples: int = 1000, seed: int = 0,
+) -> dict[str, MetricValue]:
+    """``self_bleu_4`` and ``distinct_2_within`` of each prompt's samples (``groups``: one list of 2+ samples per
+    prompt), averaged over prompts with a bootstrap CI over prompts. ``n`` is the number of prompts.
+
+    Distinct-n depends on how many samples are pooled, so compare values only at the same samples per prompt.
+    """
+    if isinstance(groups, str) or not len(groups):
+        raise ValueError("groups must be a non-empty list with one list of samples per prompt")
+    bleu = [self_bleu(group, 4, tokenizer=tokenizer) for group in groups]
+    distinct = [distinct_n(group, 2, tokenizer=tokenizer).value for group in groups]
+    sizes = sorted({len(group) for group in groups})
+    return {
+        "self_bleu_4": _with_samples(mean_with_ci(bleu, resamples=resamples, seed=seed, higher_is_better=False),
+                                     sizes),
+        "distinct_2_within": _with_samples(mean_with_ci(distinct, resamples=resamples, seed=seed,
+                                                        higher_is_better=True), sizes),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _with_samples(metric: MetricValue, sizes: list[int]) -> MetricValue:
+    """``metric`` with ``samples_per_prompt`` in its extra (the fewest, plus ``samples_per_prompt_max`` when the
+    prompts have different numbers)."""
+    extra = {**metric.extra, "samples_per_prompt": sizes[0]}
+    if len(sizes) > 1:
+        extra["samples_per_prompt_max"] = sizes[-1]
+    return MetricValue(metric.value, metric.ci95, metric.n, metric.higher_is_better, extra)
 
 
 def _tokenize(text: str, tokenizer: Tokenizer | None) -> tuple[Hashable, ...]:

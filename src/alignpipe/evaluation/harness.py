@@ -3,8 +3,10 @@
 Used by the ``eval`` stage, ``alignpipe eval`` and the training-time evaluations of the iterative and online stages,
 so every number on a leaderboard is computed the same way: gold reward (95 % bootstrap CI), win rate against the
 reference checkpoint under the pairwise judge (both orders, ties 0.5) and its length-controlled version (from two
-prompts up), Monte-Carlo sequence KL to the reference (k1, and k3 summed per token), response length, truncation rate,
-distinct-1/2 and repetition.
+prompts up), the gold reward's gain over the reference's on the same prompts (R(reference) = 0), Monte-Carlo sequence KL
+to the reference (k1, and k3 summed per token), the policy's entropy, response length, truncation rate, distinct-1/2
+and repetition across prompts, and (with :class:`DiversitySampling`) self-BLEU-4 and distinct-2 among k samples of
+one prompt.
 
 With an :class:`alignpipe.evaluation.cache.EvalCache`, generations and log-probabilities are looked up by content
 hash first; a checkpoint whose samples and log-probs are all cached is not even loaded.
@@ -12,6 +14,7 @@ hash first; a checkpoint whose samples and log-probs are all cached is not even 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -21,7 +24,7 @@ from typing import Protocol
 import torch
 
 from alignpipe.evaluation.cache import EvalCache
-from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
@@ -37,6 +40,8 @@ from alignpipe.evaluation.metrics import (
     length_stats,
     mean_with_ci,
     order_averaged_preference,
+    policy_entropy,
+    reward_delta,
     sequence_kl_k3,
     win_rate,
 )
@@ -61,6 +66,33 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class DiversitySampling:
+    """Extra samples for within-prompt diversity: ``samples_per_prompt`` responses to each of the first ``prompts``
+    held-out prompts, drawn apart from the main samples (their own seeds). A policy can answer every prompt the same
+    way each time while its answers to different prompts still differ; only several samples of one prompt show it."""
+
+    samples_per_prompt: int = 4
+    prompts: int = 32
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 2 or self.prompts < 1:
+            raise ValueError(f"diversity sampling needs 2+ samples per prompt on 1+ prompts, got "
+                             f"{self.samples_per_prompt} samples on {self.prompts} prompts")
+
+    def prompts_for(self, prompts: list[str]) -> list[str]:
+        """Each of the first ``self.prompts`` prompts, ``samples_per_prompt`` times in a row (one generation call)."""
+        return [p for p in prompts[: self.prompts] for _ in range(self.samples_per_prompt)]
+
+    def groups(self, generations: list[Generation]) -> list[list[str]]:
+        """The responses of :meth:`prompts_for`'s generations, one list per prompt."""
+        k = self.samples_per_prompt
+        return [[g.response for g in generations[i : i + k]] for i in range(0, len(generations), k)]
+
+
+DIVERSITY_SEED_OFFSET = 1_000_003  # the diversity samples' batches are seeded apart from the main samples' ones
+
+
+@dataclass(frozen=True)
 class CheckpointSamples:
     checkpoint: Checkpoint
     generations: list[Generation]
@@ -69,6 +101,9 @@ class CheckpointSamples:
     token_logp_reference: list[list[float]]  # the same tokens under the reference
     preferences: list[float]  # per prompt, vs the reference's response, averaged over both orders
     reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
+    reference_rewards: list[float] | None = None  # the judge's rewards of the reference's responses, prompt by prompt
+    diversity_groups: list[list[str]] | None = None  # several responses per prompt (DiversitySampling)
+    sampled_from_policy: bool = True  # temperature 1, no top-p: the samples are draws from the policy itself
 
     @property
     def logp_policy(self) -> list[float]:
@@ -148,6 +183,7 @@ def evaluate_checkpoints(
     dtype: str = "auto",
     bootstrap_resamples: int = 1000,
     cache: EvalCache | None = None,
+    diversity: DiversitySampling | None = None,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
 
@@ -156,6 +192,8 @@ def evaluate_checkpoints(
     """
     ref_model = LazyModel(reference, dtype)
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
+    ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
+    from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
     results, all_samples = [], []
     for checkpoint in checkpoints:
         same = checkpoint.path == reference.path
@@ -163,9 +201,12 @@ def evaluate_checkpoints(
         generations = ref_generations if same else cached_generations(model, prompts, settings, cache)
         token_logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
         token_logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
+        groups = diversity_groups(model, prompts, settings, diversity, cache) if diversity else None
         if not same:
             model.release()
-        samples = _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference)
+        samples = dataclasses.replace(
+            _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
+            reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy)
         results.append(CheckpointResult(
             name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
             metrics=checkpoint_metrics(samples, bootstrap_resamples=bootstrap_resamples, seed=settings.seed),
@@ -173,6 +214,13 @@ def evaluate_checkpoints(
         all_samples.append(samples)
         log.info("[eval] %s: gold reward %.3f", checkpoint.name, results[-1].metrics["gold_reward"].value)
     return results, all_samples
+
+
+def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationSettings, diversity: DiversitySampling,
+                     cache: EvalCache | None) -> list[list[str]]:
+    """``diversity.samples_per_prompt`` responses of ``model`` to each of the first ``diversity.prompts`` prompts."""
+    seeded = dataclasses.replace(settings, seed=settings.seed + DIVERSITY_SEED_OFFSET)
+    return diversity.groups(cached_generations(model, diversity.prompts_for(prompts), seeded, cache))
 
 
 def _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference,
@@ -198,12 +246,17 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     """Leaderboard metrics of one checkpoint from its judged samples (pure: no model, no I/O)."""
     metrics = {
         "gold_reward": mean_with_ci(samples.rewards, resamples=bootstrap_resamples, seed=seed, higher_is_better=True),
+        **({"gold_reward_delta_vs_ref": reward_delta(samples.rewards, samples.reference_rewards,
+                                                     resamples=bootstrap_resamples, seed=seed)}
+           if samples.reference_rewards is not None else {}),
         "win_rate_vs_ref": win_rate(samples.preferences, resamples=bootstrap_resamples, seed=seed),
         "kl_ref_k1": mean_with_ci(kl_k1(samples.logp_policy, samples.logp_reference), resamples=bootstrap_resamples,
                                   seed=seed, higher_is_better=None),
         "kl_ref_k3": mean_with_ci(sequence_kl_k3(samples.token_logp_policy, samples.token_logp_reference),
                                   resamples=bootstrap_resamples, seed=seed, higher_is_better=None),
     }
+    if samples.sampled_from_policy:  # tempered or top-p samples would give a cross-entropy, not the policy's entropy
+        metrics["policy_entropy"] = policy_entropy(samples.logp_policy, resamples=bootstrap_resamples, seed=seed)
     lengths = [len(g.response_ids) for g in samples.generations]
     metrics.update(length_stats(lengths, [g.truncated for g in samples.generations], resamples=bootstrap_resamples,
                                 seed=seed))
@@ -216,6 +269,8 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     metrics["distinct_1"] = distinct_n(responses, 1)
     metrics["distinct_2"] = distinct_n(responses, 2)
     metrics["repetition_4"] = mean_repetition_rate(responses, 4, resamples=bootstrap_resamples, seed=seed)
+    if samples.diversity_groups:
+        metrics.update(within_prompt_diversity(samples.diversity_groups, resamples=bootstrap_resamples, seed=seed))
     return metrics
 
 
@@ -250,3 +305,9 @@ def sample_rows(samples: CheckpointSamples) -> list[dict]:
         for g, reward, pref, lp, lr in zip(samples.generations, samples.rewards, samples.preferences,
                                            samples.logp_policy, samples.logp_reference, strict=True)
     ]
+
+
+def diversity_rows(samples: CheckpointSamples) -> list[dict]:
+    """Per-prompt records of the diversity samples (JSONL): the prompt and its several responses."""
+    return [{"prompt": g.prompt, "responses": group}
+            for g, group in zip(samples.generations, samples.diversity_groups or [], strict=False)]

@@ -206,7 +206,7 @@ _MERGE_INVARIANTS = (
     ("reference weights", "run", "reference_sha256"), ("prompt set", "config", "prompt_set"),
     ("generation settings", "config", "generation"),
     ("judge", "config", "judge"), ("pair sources", "config", "pair_sources"),
-    ("KL k3 estimator", "config", "kl_k3"),
+    ("KL k3 estimator", "config", "kl_k3"), ("diversity sampling", "config", "diversity"),
 )
 _RECORDED_SINCE = "reference_sha256"  # a run key absent from leaderboards written before the merge checked weights
 

@@ -218,15 +218,45 @@ def sequence_kl_k3(token_logp_policy: Sequence[Sequence[float]],
     return totals
 
 
+def paired_delta(values: Sequence[float], reference_values: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+                 higher_is_better: bool | None, names: tuple[str, str] = ("values", "reference_values")) -> MetricValue:
+    """Mean of ``values[i] − reference_values[i]`` (both measured on prompt ``i``), with a bootstrap CI over prompts:
+    the paired bootstrap, much tighter than the difference of two unpaired means when prompts vary in difficulty."""
+    own, ref = as_1d_finite(values, names[0]), as_1d_finite(reference_values, names[1])
+    if own.shape != ref.shape:
+        raise ValueError(f"{names[0]} and {names[1]} differ in shape: {own.shape} vs {ref.shape}")
+    return mean_with_ci(own - ref, resamples=resamples, seed=seed, higher_is_better=higher_is_better)
+
+
 def length_delta(lengths: Sequence[float], reference_lengths: Sequence[float], *, resamples: int = 1000,
                  seed: int = 0) -> MetricValue:
     """Mean paired length difference, response minus the reference's response to the same prompt (EVALUATION.md §8
     "mean Δlen vs reference"): how much longer a checkpoint answers than its reference, the length bias a raw win rate
     can reward. No direction; the CI bootstraps prompts."""
-    own, ref = as_1d_finite(lengths, "lengths"), as_1d_finite(reference_lengths, "reference_lengths")
-    if own.shape != ref.shape:
-        raise ValueError(f"lengths and reference_lengths differ in shape: {own.shape} vs {ref.shape}")
-    return mean_with_ci(own - ref, resamples=resamples, seed=seed, higher_is_better=None)
+    return paired_delta(lengths, reference_lengths, resamples=resamples, seed=seed, higher_is_better=None,
+                        names=("lengths", "reference_lengths"))
+
+
+def reward_delta(rewards: Sequence[float], reference_rewards: Sequence[float], *, resamples: int = 1000,
+                 seed: int = 0) -> MetricValue:
+    """Mean paired reward gain over the reference's response to the same prompt: EVALUATION.md §8's gold reward
+    "relative to the SFT policy's mean (R(0) = 0)" when the reference is the SFT policy, with a paired CI."""
+    return paired_delta(rewards, reference_rewards, resamples=resamples, seed=seed, higher_is_better=True,
+                        names=("rewards", "reference_rewards"))
+
+
+def policy_entropy(logp_policy: Sequence[float], *, resamples: int = 1000, seed: int = 0) -> MetricValue:
+    """Monte-Carlo entropy of the policy's responses in nats, ``mean(−log π(y | x))`` over samples ``y ~ π(· | x)``
+    (the sequence entropy TRL logs as ``objective/entropy``), with a bootstrap CI over prompts.
+
+    Unbiased only for draws from ``π`` itself (temperature 1, no top-p): other samples give a cross-entropy. A
+    falling entropy is the policy collapsing onto fewer answers; its response length moves it too (more tokens, more
+    nats), so read it beside ``len_tokens_mean``.
+    """
+    logp = as_1d_finite(logp_policy, "logp_policy")
+    if (logp > 1e-6).any():
+        raise ValueError(f"log-probabilities must be <= 0, got a maximum of {logp.max():.6g}")
+    return mean_with_ci(-logp, resamples=resamples, seed=seed, higher_is_better=None)
 
 
 def length_stats(

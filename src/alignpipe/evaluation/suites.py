@@ -20,6 +20,7 @@ stage held out (:mod:`alignpipe.evaluation.judge_training`).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -32,12 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignpipe.data.adapters import HH_HELDOUT_FRACTION
 from alignpipe.evaluation.cache import EvalCache, content_key
-from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
+from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings
 from alignpipe.evaluation.harness import (
     Checkpoint,
+    DiversitySampling,
     LazyModel,
     cached_generations,
+    diversity_groups,
     evaluate_checkpoints,
     kl_estimator_record,
     lc_win_rate_metric,
@@ -45,7 +48,7 @@ from alignpipe.evaluation.harness import (
 from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import MIN_PROMPTS
-from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, win_rate
+from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
@@ -97,6 +100,25 @@ class SuiteGeneration(_Spec):
         "turn and closing 'Assistant:'), right keeps the start (a single instruction keeps its task statement).")
 
 
+class SuiteDiversity(_Spec):
+    """Within-prompt diversity (self_bleu_4, distinct_2_within): extra samples on the first prompts."""
+
+    samples_per_prompt: int = Field(4, ge=0, description="Samples per prompt; 0 = off, else at least 2.")
+    prompts: int = Field(32, gt=0, description="How many of the suite's prompts get them.")
+
+    @model_validator(mode="after")
+    def _several_or_none(self) -> SuiteDiversity:
+        if self.samples_per_prompt == 1:
+            raise ValueError("diversity.samples_per_prompt: self-BLEU and distinct-n within a prompt compare its "
+                             "samples with each other: use 2 or more, or 0 to leave them out")
+        return self
+
+    def sampling(self, n_prompts: int) -> DiversitySampling | None:
+        """The harness's sampling plan for a suite of ``n_prompts`` prompts (None when off)."""
+        return DiversitySampling(self.samples_per_prompt, min(self.prompts, n_prompts)) if self.samples_per_prompt \
+            else None
+
+
 class PairSource(_Spec):
     """Held-out preference pairs of one source, for the reward-model suite."""
 
@@ -119,6 +141,7 @@ class SuiteSpec(_Spec):
     kind: Literal["policy", "reward_models"] = "policy"
     prompts: PromptSet | None = None
     generation: SuiteGeneration = Field(default_factory=SuiteGeneration)
+    diversity: SuiteDiversity = Field(default_factory=SuiteDiversity)
     reference: Literal["checkpoint", "dataset"] | None = None
     judge: Literal["gold", "reward_model"] | None = None
     pair_sources: list[PairSource] = Field(default_factory=list)
@@ -272,7 +295,8 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
         # every policy answers the same prompts as the reference, cut with the reference's tokenizer
         prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens, g.truncation_side)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
-                                          bootstrap_resamples=spec.bootstrap_resamples, cache=cache)
+                                          bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
+                                          diversity=spec.diversity.sampling(len(prompts)))
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
         results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype)
@@ -286,7 +310,8 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                                "held_out_by_judge": unseen is not None},
                 "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True,
                           "trained_on": trained_on.record() if trained_on else None},
-                "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results)},
+                "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results),
+                **({"diversity": dataclasses.asdict(d)} if (d := spec.diversity.sampling(len(prompts))) else {})},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )
 
@@ -305,6 +330,8 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
         fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens,
                              spec.generation.truncation_side)
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
+    diversity = spec.diversity.sampling(len(fitted))
+    groups = diversity_groups(model, fitted, settings, diversity, cache) if diversity else None
     model.release()
     responses = [gen.response for gen in generations]
     rewards = judge.score(fitted, responses)
@@ -313,6 +340,8 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
     seed, resamples = settings.seed, spec.bootstrap_resamples
     metrics = {
         "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
+        "judge_reward_delta_vs_ref": reward_delta(rewards, judge.score(fitted, reference_outputs), resamples=resamples,
+                                                  seed=seed),
         "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
         **lc_win_rate_metric(preferences, [len(r) for r in responses], [len(r) for r in reference_outputs],
                              resamples=resamples, seed=seed),
@@ -323,5 +352,7 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
     }
     metrics.update(length_stats([len(gen.response_ids) for gen in generations], [gen.truncated for gen in generations],
                                 resamples=resamples, seed=seed))
+    if groups:
+        metrics.update(within_prompt_diversity(groups, resamples=resamples, seed=seed))
     return CheckpointResult(name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
                             metrics=metrics)

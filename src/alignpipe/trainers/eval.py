@@ -5,13 +5,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.generation import GenerationSettings
-from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints, kl_estimator_record, sample_rows
+from alignpipe.evaluation.harness import (
+    Checkpoint,
+    DiversitySampling,
+    diversity_rows,
+    evaluate_checkpoints,
+    kl_estimator_record,
+    sample_rows,
+)
 from alignpipe.evaluation.leaderboard import (
     LEADERBOARD_FILES,
     CheckpointResult,
@@ -65,16 +73,22 @@ def run(ctx: StageContext) -> dict:
         batch_size=stage.batch_size, seed=stage.seed,
     )
     prompts = [task.prompt for task in evaluation_tasks(recipe.data, stage.n_prompts, stage.seed)]
+    diversity = (DiversitySampling(stage.diversity_samples, min(stage.diversity_prompts, len(prompts)))
+                 if stage.diversity_samples else None)
     results, samples = evaluate_checkpoints(
         checkpoints, reference, prompts, GoldJudge(), settings,
         dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples,
         cache=EvalCache(ctx.run_dir.parent / ".cache" / "eval"),  # shared by the runs in one runs directory
+        diversity=diversity,
     )
     samples_dir = ctx.dir.root / "samples"
     for checkpoint_samples in samples:
         rows = sample_rows(checkpoint_samples)
         atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.jsonl",
                           "".join(json.dumps(r) + "\n" for r in rows))
+        if checkpoint_samples.diversity_groups:
+            atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.diversity.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in diversity_rows(checkpoint_samples)))
     record = ctx.run_dir / RUN_FILE
     run_record = json.loads(record.read_text()) if record.exists() else {}
     leaderboard = build_leaderboard(
@@ -88,6 +102,7 @@ def run(ctx: StageContext) -> dict:
                 "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",
                                "n": len(prompts)},
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}),
                 "bootstrap_iters": stage.bootstrap_resamples, **kl_estimator_record(results)},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
         reward_models=[_reward_row(ctx, name) for name in reward_names],

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.evaluation.report import read_run, render_report
@@ -95,6 +96,22 @@ def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
     assert [r["name"] for r in board["reward_models"]] == ["rm"]
     table = (runner.run_dir / "leaderboard.md").read_text().split("## Reward models", 1)[1]
     assert "| member_std | member_std_off_distribution | off_distribution_std_ratio |" in table.splitlines()[2]
+    # the reward stage is the proxy (auto: the only reward input): every policy row gets the proxy metrics, scored
+    # by the saved ensemble itself, and the reference (sft) gains nothing over itself on either reward
+    assert board["config"]["proxy"]["stage"] == "rm"
+    assert board["config"]["proxy"]["sha256"] == StageDir(runner.run_dir / "rm").read_manifest()["output_sha256"]
+    rows = {c["name"]: c["results"] for c in board["checkpoints"]}
+    for name in ("base", "sft"):
+        assert {"proxy_reward", "proxy_reward_min", "proxy_member_var", "proxy_gold_gap"} <= set(rows[name])
+    assert rows["sft"]["proxy_gold_gap"]["value"] == 0.0 and rows["sft"]["proxy_reward_delta_vs_ref"]["value"] == 0.0
+    rows_file = runner.run_dir / "eval" / "samples" / "base.jsonl"
+    samples = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    scorer = EnsembleScorer.load(runner.run_dir / "rm" / "checkpoint")
+    members = scorer.score([r["prompt"] for r in samples], [r["response"] for r in samples]).per_member
+    assert torch.allclose(torch.tensor([r["proxy_members"] for r in samples]), members, atol=1e-5)
+    assert rows["base"]["proxy_reward"]["value"] == pytest.approx(float(members.mean()), abs=1e-5)
+    assert rows["base"]["proxy_reward_min"]["value"] == pytest.approx(float(members.min(dim=1).values.mean()),
+                                                                     abs=1e-5)
 
 
 def test_eval_reference_must_be_a_policy(tmp_path):
@@ -102,6 +119,33 @@ def test_eval_reference_must_be_a_policy(tmp_path):
     path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, evaluation]})
     with pytest.raises(RecipeError, match=r"stages\.eval\.reference: 'rm' is a reward stage"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("proxy, message", [
+    ("dpo", r"stages\.eval\.proxy: 'dpo' is not one of this stage's inputs"),
+    ("sft", r"stages\.eval\.proxy: 'sft' is not a reward stage; the proxy must be one of this stage's reward inputs: "
+            r"rm"),
+])
+def test_eval_proxy_must_be_a_reward_input(tmp_path, proxy, message):
+    evaluation = {"name": "eval", "type": "eval", "inputs": ["sft", "rm"], "proxy": proxy}
+    path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], REWARD, evaluation]})
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_eval_proxy_auto_takes_the_only_reward_input_trained_on_the_task(tmp_path):
+    def proxy_of(rewards: list[dict], **evaluation) -> str | None:
+        stage = {"name": "eval", "type": "eval", "inputs": ["sft", *(r["name"] for r in rewards)], **evaluation}
+        recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], *rewards,
+                                                                               stage]}))
+        return recipe.eval_proxy(recipe.stage("eval"))
+
+    other = {**REWARD, "name": "rm2"}
+    assert proxy_of([REWARD]) == "rm"
+    assert proxy_of([REWARD], proxy=None) is None
+    assert proxy_of([]) is None
+    assert proxy_of([REWARD, other]) is None  # which one is ambiguous: name it
+    assert proxy_of([REWARD, other], proxy="rm2") == "rm2"
 
 
 def test_a_reward_stage_cannot_feed_a_policy_stage(tmp_path):

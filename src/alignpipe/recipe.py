@@ -1074,6 +1074,11 @@ class EvalStage(_StageBase):
         "0 = off, else at least 2.",
     )
     diversity_prompts: int = Field(32, gt=0, description="How many of the held-out prompts get diversity_samples each.")
+    proxy: str | None = Field(
+        "auto", description="Reward input whose model scores every checkpoint's samples as the proxy reward "
+        "(proxy_reward, its gain over the reference's and the proxy-gold gap; an ensemble adds its members' min and "
+        "variance). auto = the only reward input trained on the built-in task, if there is exactly one; null = none.",
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -1092,10 +1097,11 @@ class EvalStage(_StageBase):
 
     @model_validator(mode="after")
     def _reference_is_input(self) -> EvalStage:
-        if self.reference is not None and self.reference not in self.inputs:
-            msg = (f"{self.reference!r} is not one of this stage's inputs{_did_you_mean(self.reference, self.inputs)}"
-                   f" (inputs: {', '.join(self.inputs)})")
-            raise _problem((("reference",), msg))
+        for key, name in (("reference", self.reference), ("proxy", None if self.proxy == "auto" else self.proxy)):
+            if name is not None and name not in self.inputs:
+                msg = (f"{name!r} is not one of this stage's inputs{_did_you_mean(name, self.inputs)}"
+                       f" (inputs: {', '.join(self.inputs)})")
+                raise _problem(((key,), msg))
         return self
 
 
@@ -1186,7 +1192,23 @@ class Recipe(_Spec):
             elif stage.reference in rewards:
                 problems.append((("stages", i, "reference"), f"{stage.reference!r} is a reward stage; the reference "
                                  f"must be a policy: one of {', '.join(policies)}"))
+            if stage.proxy not in (None, "auto"):
+                if stage.proxy not in rewards:
+                    problems.append((("stages", i, "proxy"), f"{stage.proxy!r} is not a reward stage; the proxy must "
+                                     "be one of this stage's reward inputs"
+                                     + (f": {', '.join(r for r in stage.inputs if r in rewards)}"
+                                        if any(r in rewards for r in stage.inputs) else " (it has none)")))
+                elif real := self._real_data_upstream(stage.proxy):
+                    problems.append((("stages", i, "proxy"), f"the proxy scores samples of the built-in task, but "
+                                     f"{real}; use a reward stage trained on the synthetic task, or proxy: null"))
         return problems
+
+    def eval_proxy(self, stage: EvalStage) -> str | None:
+        """The reward input an eval stage scores its samples with (its ``proxy``, ``auto`` resolved)."""
+        if stage.proxy != "auto":
+            return stage.proxy
+        candidates = [n for n in stage.inputs if self._is_reward_stage(n) and not self._real_data_upstream(n)]
+        return candidates[0] if len(candidates) == 1 else None
 
     def _quantized_stages_use_lora(self) -> list[tuple[tuple[str | int, ...], str]]:
         """k-bit base weights are frozen: with model.quantization every training stage must train LoRA adapters."""

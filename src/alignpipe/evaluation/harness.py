@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,9 +46,13 @@ from alignpipe.evaluation.metrics import (
     sequence_kl_k3,
     win_rate,
 )
+from alignpipe.evaluation.proxy import proxy_metrics
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device, resolve_dtype
 
 log = logging.getLogger("alignpipe")
+
+
+ProxyScorer = Callable[[list[str], list[str]], list[list[float]]]  # (prompts, responses) -> [N, K] member rewards
 
 
 class Judge(Protocol):
@@ -104,6 +109,8 @@ class CheckpointSamples:
     reference_rewards: list[float] | None = None  # the judge's rewards of the reference's responses, prompt by prompt
     diversity_groups: list[list[str]] | None = None  # several responses per prompt (DiversitySampling)
     sampled_from_policy: bool = True  # temperature 1, no top-p: the samples are draws from the policy itself
+    proxy_members: list[list[float]] | None = None  # [N, K] proxy reward model (members) scores of the responses
+    reference_proxy_members: list[list[float]] | None = None  # the same for the reference's responses
 
     @property
     def logp_policy(self) -> list[float]:
@@ -184,8 +191,12 @@ def evaluate_checkpoints(
     bootstrap_resamples: int = 1000,
     cache: EvalCache | None = None,
     diversity: DiversitySampling | None = None,
+    proxy: ProxyScorer | None = None,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
+
+    ``proxy``, a learned reward model's per-member scores, adds the proxy reward and the proxy-gold gap
+    (:mod:`alignpipe.evaluation.proxy`).
 
     Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples),
     and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached).
@@ -193,6 +204,7 @@ def evaluate_checkpoints(
     ref_model = LazyModel(reference, dtype)
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
+    ref_proxy = proxy(prompts, [g.response for g in ref_generations]) if proxy else None
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
     results, all_samples = [], []
     for checkpoint in checkpoints:
@@ -206,7 +218,9 @@ def evaluate_checkpoints(
             model.release()
         samples = dataclasses.replace(
             _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
-            reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy)
+            reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy,
+            proxy_members=proxy(prompts, [g.response for g in generations]) if proxy else None,
+            reference_proxy_members=ref_proxy)
         results.append(CheckpointResult(
             name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
             metrics=checkpoint_metrics(samples, bootstrap_resamples=bootstrap_resamples, seed=settings.seed),
@@ -271,6 +285,9 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     metrics["repetition_4"] = mean_repetition_rate(responses, 4, resamples=bootstrap_resamples, seed=seed)
     if samples.diversity_groups:
         metrics.update(within_prompt_diversity(samples.diversity_groups, resamples=bootstrap_resamples, seed=seed))
+    if samples.proxy_members is not None:
+        metrics.update(proxy_metrics(samples.proxy_members, samples.reference_proxy_members, samples.rewards,
+                                     samples.reference_rewards, resamples=bootstrap_resamples, seed=seed))
     return metrics
 
 
@@ -297,7 +314,7 @@ def lc_win_rate_metric(preferences: list[float], lengths: list[int], reference_l
 
 def sample_rows(samples: CheckpointSamples) -> list[dict]:
     """Per-sample records (JSONL) so every leaderboard number can be traced to its generations and judgments."""
-    return [
+    rows = [
         {
             "prompt": g.prompt, "response": g.response, "n_tokens": len(g.response_ids), "truncated": g.truncated,
             "gold_reward": reward, "preference_vs_ref": pref, "logp_policy": lp, "logp_reference": lr,
@@ -305,6 +322,9 @@ def sample_rows(samples: CheckpointSamples) -> list[dict]:
         for g, reward, pref, lp, lr in zip(samples.generations, samples.rewards, samples.preferences,
                                            samples.logp_policy, samples.logp_reference, strict=True)
     ]
+    for row, members in zip(rows, samples.proxy_members or [], strict=False):
+        row["proxy_members"] = members
+    return rows
 
 
 def diversity_rows(samples: CheckpointSamples) -> list[dict]:

@@ -57,6 +57,17 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
     return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)
 
 
+def _proxy(ctx: StageContext, name: str):
+    """A reward stage's model as the proxy scorer (per-member rewards), and what the leaderboard records of it."""
+    from alignpipe.rewards.loading import load_reward_scorer
+
+    scorer = load_reward_scorer(ctx.inputs[name], dtype=ctx.recipe.model.dtype, device=ctx.device)
+    log.info("[%s] proxy reward: %s (%s)", ctx.dir.name, name, scorer.judge_id)
+    weights = (StageDir(ctx.run_dir / name).read_manifest() or {}).get("output_sha256")
+    record = {"proxy": {"stage": name, "id": scorer.judge_id, "sha256": weights}}
+    return (lambda prompts, responses: scorer.score(prompts, responses).per_member.tolist()), record
+
+
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     if ctx.is_main_process:  # the last attempt's results go first: a failed re-run must not leave them looking current
@@ -75,11 +86,13 @@ def run(ctx: StageContext) -> dict:
     prompts = [task.prompt for task in evaluation_tasks(recipe.data, stage.n_prompts, stage.seed)]
     diversity = (DiversitySampling(stage.diversity_samples, min(stage.diversity_prompts, len(prompts)))
                  if stage.diversity_samples else None)
+    proxy_name = recipe.eval_proxy(stage)
+    proxy, proxy_record = _proxy(ctx, proxy_name) if proxy_name else (None, {})
     results, samples = evaluate_checkpoints(
         checkpoints, reference, prompts, GoldJudge(), settings,
         dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples,
         cache=EvalCache(ctx.run_dir.parent / ".cache" / "eval"),  # shared by the runs in one runs directory
-        diversity=diversity,
+        diversity=diversity, proxy=proxy,
     )
     samples_dir = ctx.dir.root / "samples"
     for checkpoint_samples in samples:
@@ -102,7 +115,7 @@ def run(ctx: StageContext) -> dict:
                 "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",
                                "n": len(prompts)},
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
-                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}),
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **proxy_record,
                 "bootstrap_iters": stage.bootstrap_resamples, **kl_estimator_record(results)},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
         reward_models=[_reward_row(ctx, name) for name in reward_names],

@@ -36,6 +36,9 @@ def test_sentence_bleu_hand_computed():
     assert sentence_bleu(reference, [hypothesis, reference]) == 1.0
     assert sentence_bleu("dog".split(), [reference]) == 0.0  # no unigram in common
     assert sentence_bleu([], [reference]) == 0.0
+    # auto_reweigh: a 2-token hypothesis averages p1 and p2 only, so an exact short copy scores 1
+    assert sentence_bleu("the cat".split(), ["the cat".split()], auto_reweigh=True) == 1.0
+    assert sentence_bleu("the cat".split(), ["the cat".split()]) == pytest.approx(0.1 ** 0.5)
 
 
 def test_sentence_bleu_rejects_bad_arguments():
@@ -59,4 +62,7 @@ def test_sentence_bleu_matches_nltk_on_random_sentences():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NLTK warns about short sentences
             expected = nltk_bleu.sentence_bleu(references, hypothesis, smoothing_function=smoothing)
+            reweighed = nltk_bleu.sentence_bleu(references, hypothesis, smoothing_function=smoothing,
+                                                auto_reweigh=True)
         assert sentence_bleu(hypothesis, references) == pytest.approx(expected, abs=1e-12), (hypothesis, references)
+        assert sentence_bleu(hypothesis, references, auto_reweigh=True) == pytest.approx(reweighed, abs=1e-12)

@@ -150,14 +150,28 @@ def test_self_bleu_scores_each_sample_against_the_others():
         self_bleu(["only one"])
 
 
+def test_self_bleu_of_short_and_empty_samples():
+    """One-word answers are scored on unigrams: identical ones are a collapse (1), not the 0.18 that smoothed 2- to
+    4-grams would give; empty answers are identical to each other and share nothing with any other answer."""
+    assert self_bleu(["42", "42", "42"]) == 1.0
+    assert self_bleu(["a b c", "a b c"]) == 1.0
+    assert self_bleu(["42", "17"]) == 0.0
+    assert self_bleu(["", ""]) == 1.0
+    assert self_bleu(["", "42"]) == 0.0
+    assert self_bleu(["", "", "42"]) == pytest.approx(2 / 3)  # each empty one has an empty twin; "42" has none
+    # "a b" against "a c": p1 = 1/2, p2 = 0 -> 0.1/1 (smoothing 1), weights 1/2 each; equal lengths
+    assert self_bleu(["a b", "a c"]) == pytest.approx((0.5 * 0.1) ** 0.5)
+
+
 def test_within_prompt_diversity_averages_over_prompts_and_tells_collapse_from_variety():
     collapsed = [["a b c", "a b c"], ["d e f", "d e f"]]
     varied = [["a b c", "x y z"], ["d e f", "u v w"]]
     low = within_prompt_diversity(collapsed, resamples=200)
     high = within_prompt_diversity(varied, resamples=200)
-    # two identical 3-token samples: 4 bigrams, 2 unique; self-BLEU of a 3-token copy: p4 = 0.1/1 smoothed
+    # two identical 3-token samples: 4 bigrams, 2 unique, 6 unigrams, 3 unique; self-BLEU of a copy: 1
     assert low["distinct_2_within"].value == 0.5 and high["distinct_2_within"].value == 1.0
-    assert low["self_bleu_4"].value == pytest.approx(0.1 ** 0.25) and high["self_bleu_4"].value == 0.0
+    assert low["distinct_1_within"].value == 0.5 and high["distinct_1_within"].value == 1.0
+    assert low["self_bleu_4"].value == 1.0 and high["self_bleu_4"].value == 0.0
     assert low["self_bleu_4"].higher_is_better is False and low["distinct_2_within"].higher_is_better is True
     assert low["self_bleu_4"].n == 2 and low["self_bleu_4"].extra["samples_per_prompt"] == 2
     assert "samples_per_prompt_max" not in low["self_bleu_4"].extra
@@ -167,6 +181,17 @@ def test_within_prompt_diversity_averages_over_prompts_and_tells_collapse_from_v
     assert mixed["distinct_2_within"].extra["samples_per_prompt_max"] == 3
     lo, hi = mixed["distinct_2_within"].ci95
     assert lo == 0.5 and hi == 1.0  # a bootstrap over the two prompts
+
+
+def test_within_prompt_diversity_leaves_out_prompts_too_short_for_distinct_n():
+    """One-word answers have no bigram: such a prompt says nothing about distinct-2 (it would read 0, "collapsed",
+    however varied the words are), so it is left out of that mean and counted."""
+    m = within_prompt_diversity([["42", "17"], ["a b", "c d"], ["", ""]], resamples=100)
+    assert m["distinct_2_within"].value == 1.0 and m["distinct_2_within"].n == 1
+    assert m["distinct_2_within"].extra["n_too_short"] == 2
+    assert m["distinct_1_within"].value == 1.0 and m["distinct_1_within"].extra["n_too_short"] == 1  # the empty one
+    assert m["self_bleu_4"].n == 3
+    assert "distinct_2_within" not in within_prompt_diversity([["42", "42"]], resamples=100)
 
 
 def test_within_prompt_diversity_rejects_bad_groups():

@@ -220,8 +220,12 @@ def test_self_bleu_golden_and_equal_to_alignpipe(load):
     assert got["self_bleu_4"] == expected["self_bleu_4"].value and got["n"] == 2 and got["samples_per_prompt"] == 2
     assert (got["self_bleu_4_ci95_low"], got["self_bleu_4_ci95_high"]) == expected["self_bleu_4"].ci95
     assert got["distinct_2_within"] == pytest.approx((4 / 8 + 8 / 9) / 2)  # 4 of 8 bigrams unique; 8 of 9
+    assert got["distinct_2_within_n_too_short"] == 0 and got["distinct_1_within"] == expected["distinct_1_within"].value
     assert got["self_bleu_4"] > 0.5  # the first prompt's two samples are one text: BLEU 1
     _assert_flat_json(got)
+    one_word = load("self_bleu").compute(predictions=[["42", "17"], ["42", "42"]], resamples=R)
+    assert one_word["distinct_2_within"] is None and one_word["distinct_2_within_n_too_short"] == 2
+    assert one_word["self_bleu_4"] == 0.5  # a collapse (1) and two different words (0)
 
 
 # ----------------------------------------------------------------------------------------- calibration

@@ -317,18 +317,18 @@ def test_gold_delta_entropy_and_within_prompt_diversity(tmp_path, checkpoint_dir
         other_m["gold_reward"].value - base_m["gold_reward"].value)
     # the policy's entropy: mean -log pi of its own samples (drawn at temperature 1)
     assert other_m["policy_entropy"].value == pytest.approx(-sum(samples[1].logp_policy) / len(prompts))
-    # 3 more samples of each of the first 5 prompts, in one call of their own, grouped by prompt
+    # 3 more samples of each of 5 prompts, in one call of their own, grouped by prompt
     groups = samples[1].diversity_groups
     assert len(groups) == 5 and all(len(group) == 3 for group in groups)
     assert other_m["self_bleu_4"].n == 5 and other_m["distinct_2_within"].extra["samples_per_prompt"] == 3
-    assert [row["prompt"] for row in diversity_rows(samples[1])] == prompts[:5]
+    assert [row["prompt"] for row in diversity_rows(samples[1])] == prompts[0:10:2]  # 5 of 12, evenly spaced
     assert len({response for group in groups for response in group}) > 5  # temperature 1: they differ
     # tempered samples are not draws from the policy: no entropy, since it would be a cross-entropy
     cold_results, _ = evaluated(0.5)
     assert "policy_entropy" not in cold_results[1].metrics and "policy_entropy" in other_m
 
 
-def test_diversity_samples_are_drawn_for_the_first_prompts_with_their_own_seed(monkeypatch, checkpoint_dir, prompts):
+def test_diversity_samples_are_drawn_for_spread_out_prompts_with_their_own_seed(monkeypatch, checkpoint_dir, prompts):
     import alignpipe.evaluation.harness as harness
 
     calls = []
@@ -343,7 +343,8 @@ def test_diversity_samples_are_drawn_for_the_first_prompts_with_their_own_seed(m
     settings = GenerationSettings(max_new_tokens=4, batch_size=8, seed=3)
     evaluate_checkpoints([ref], ref, prompts, GoldJudge(), settings, bootstrap_resamples=50,
                          diversity=DiversitySampling(samples_per_prompt=2, prompts=3))
-    assert calls == [(prompts, 3), ([prompts[0]] * 2 + [prompts[1]] * 2 + [prompts[2]] * 2, 3 + DIVERSITY_SEED_OFFSET)]
+    # 3 of the 12 prompts, evenly spaced (files are often ordered by source), each twice in a row, seeded apart
+    assert calls == [(prompts, 3), ([prompts[0]] * 2 + [prompts[4]] * 2 + [prompts[8]] * 2, 3 + DIVERSITY_SEED_OFFSET)]
     with pytest.raises(ValueError, match="2\\+ samples per prompt"):
         DiversitySampling(samples_per_prompt=1)
 

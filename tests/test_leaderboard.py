@@ -4,6 +4,7 @@ import json
 import os
 import stat
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -316,7 +317,6 @@ def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path)
     ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
      "generation settings"),
     ("config", "kl_k3", "summed per token", "KL k3 estimator"),  # against a board from before k3 was per token
-    ("config", "diversity", {"samples_per_prompt": 8, "prompts": 32}, "diversity sampling"),  # self-BLEU moves with k
 ])
 def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value, what):
     from alignpipe.evaluation.leaderboard import merge_leaderboards
@@ -326,6 +326,22 @@ def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value,
     with pytest.raises(ValueError, match=what) as error:
         merge_leaderboards([a, b])
     assert str(a) in str(error.value) and str(b) in str(error.value) and "alignpipe eval" in str(error.value)
+
+
+def test_merge_compares_diversity_sampling_only_where_both_boards_drew_it(tmp_path):
+    """Self-BLEU and distinct-n within a prompt move with the samples per prompt: boards that drew them differently
+    are not ranked together, but a board without those columns (older, or diversity off) still merges."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    def board(name: str, diversity: dict | None) -> Path:
+        return write_leaderboard(_suite_board(("config", "diversity", diversity) if diversity else None),
+                                 tmp_path / name)[0]
+
+    four, eight = {"samples_per_prompt": 4, "prompts": 32}, {"samples_per_prompt": 8, "prompts": 32}
+    with pytest.raises(ValueError, match="diversity sampling"):
+        merge_leaderboards([board("a", four), board("b", eight)])
+    assert len(merge_leaderboards([board("c", four), board("d", None)])["checkpoints"]) == 2 * len(results())
+    assert len(merge_leaderboards([board("e", four), board("f", four)])["checkpoints"]) == 2 * len(results())
 
 
 def test_merge_of_leaderboards_that_predate_the_reference_weights(tmp_path, caplog):

@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("leaderboard", help="merge leaderboards of several runs into one table",
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
                                 "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
-                                "evaluated differently (suite file, reference, prompt set, generation settings or "
-                                "judge).")
+                                "evaluated differently (suite file, reference, prompt set, generation settings, "
+                                "judge, KL k3 estimator, or diversity sampling where both drew it).")
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
                        help="directory for the merged leaderboard.{json,md,csv}, not a source's (default: "

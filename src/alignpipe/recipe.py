@@ -1070,7 +1070,7 @@ class EvalStage(_StageBase):
     )
     seed: int = Field(1234, ge=0, description="Sampling seed, separate from the recipe seed so evals stay comparable.")
     diversity_samples: int = Field(
-        4, ge=0, description="Extra samples per prompt for within-prompt diversity (self_bleu_4, distinct_2_within); "
+        4, ge=0, description="Extra samples per prompt for within-prompt diversity (self_bleu_4, distinct_1/2_within); "
         "0 = off, else at least 2.",
     )
     diversity_prompts: int = Field(32, gt=0, description="How many of the held-out prompts get diversity_samples each.")

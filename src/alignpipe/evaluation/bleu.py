@@ -48,10 +48,14 @@ def brevity_penalty(hypothesis_length: int, reference_lengths: Sequence[int]) ->
     return 1.0 if hypothesis_length > closest else math.exp(1.0 - closest / hypothesis_length)
 
 
-def sentence_bleu(hypothesis: Tokens, references: Sequence[Tokens], max_n: int = 4, epsilon: float = 0.1) -> float:
+def sentence_bleu(hypothesis: Tokens, references: Sequence[Tokens], max_n: int = 4, epsilon: float = 0.1, *,
+                  auto_reweigh: bool = False) -> float:
     """BLEU-``max_n`` of one tokenised hypothesis against tokenised references, uniform weights, smoothing 1.
 
-    In [0, 1]; 1 when the hypothesis equals a reference of at least ``max_n`` tokens.
+    In [0, 1]; 1 when the hypothesis equals a reference of at least ``max_n`` tokens. ``auto_reweigh`` (NLTK's
+    option of that name) averages only the first ``len(hypothesis)`` precisions of a hypothesis shorter than
+    ``max_n``, so a short hypothesis equal to a reference also scores 1 rather than being held down by the smoothed
+    precisions of n-grams it is too short to have.
     """
     max_n = as_positive_int(max_n, "max_n")
     if not references:
@@ -61,5 +65,7 @@ def sentence_bleu(hypothesis: Tokens, references: Sequence[Tokens], max_n: int =
     precisions = [clipped_precision(hypothesis, references, n) for n in range(1, max_n + 1)]
     if precisions[0][0] == 0:  # nothing in common (or an empty hypothesis): smoothing does not rescue it
         return 0.0
-    log_precision = math.fsum(math.log((matches or epsilon) / total) for matches, total in precisions) / max_n
-    return brevity_penalty(len(hypothesis), [len(r) for r in references]) * math.exp(log_precision)
+    if auto_reweigh and len(hypothesis) < max_n:
+        precisions = precisions[: len(hypothesis)]
+    log_precision = math.fsum(math.log((matches or epsilon) / total) for matches, total in precisions)
+    return brevity_penalty(len(hypothesis), [len(r) for r in references]) * math.exp(log_precision / len(precisions))

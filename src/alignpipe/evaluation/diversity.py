@@ -12,7 +12,7 @@ Reward and win rate do not show either, so they are tracked separately:
 * :func:`within_prompt_diversity` measures diversity **within one prompt's k samples**, which a policy can lose while
   its responses to different prompts still look varied: self-BLEU-4 (Zhu et al. 2018, Texygen: each sample's
   :func:`~alignpipe.evaluation.bleu.sentence_bleu` against the prompt's other samples; lower is more diverse) and
-  distinct-n over the prompt's samples, each averaged over prompts with a bootstrap CI over prompts.
+  distinct-1/2 over the prompt's samples, each averaged over prompts with a bootstrap CI over prompts.
 
 Tokens are whitespace-split (``str.split()``: case-sensitive, punctuation stays attached) unless ``tokenizer`` is
 given. It can be any ``str -> sequence of hashables``, e.g. a Hugging Face ``tokenizer.encode``. Values from
@@ -103,41 +103,59 @@ def mean_repetition_rate(
 
 def self_bleu(samples: Sequence[str], max_n: int = 4, *, tokenizer: Tokenizer | None = None) -> float:
     """Mean BLEU-``max_n`` of each sample against all the others (Texygen's self-BLEU), in [0, 1]: 1 when every
-    sample is the same text of at least ``max_n`` tokens, near 0 when they share nothing. Needs 2+ samples."""
+    sample is the same text, near 0 when they share nothing. Needs 2+ samples.
+
+    Short answers are common (a one-word answer, a three-item list), so a sample shorter than ``max_n`` tokens is
+    scored on the n-gram orders it has (NLTK's ``auto_reweigh``): identical one-token samples score 1, not the 0.18
+    that smoothed, absent 2- to 4-grams would leave. An empty sample counts as identical to another empty one (1)
+    and shares nothing with a non-empty one (0).
+    """
     seqs = _tokenize_all(samples, tokenizer)
     if len(seqs) < 2:
         raise ValueError(f"self-BLEU compares samples with each other: it needs at least 2, got {len(seqs)}")
-    return sum(sentence_bleu(seq, seqs[:i] + seqs[i + 1 :], max_n) for i, seq in enumerate(seqs)) / len(seqs)
+    return sum(_bleu_against_the_rest(seqs, i, max_n) for i in range(len(seqs))) / len(seqs)
 
 
 def within_prompt_diversity(
     groups: Sequence[Sequence[str]], *, tokenizer: Tokenizer | None = None, resamples: int = 1000, seed: int = 0,
 ) -> dict[str, MetricValue]:
-    """``self_bleu_4`` and ``distinct_2_within`` of each prompt's samples (``groups``: one list of 2+ samples per
-    prompt), averaged over prompts with a bootstrap CI over prompts. ``n`` is the number of prompts.
+    """``self_bleu_4``, ``distinct_1_within`` and ``distinct_2_within`` of each prompt's samples (``groups``: one
+    list of 2+ samples per prompt), averaged over prompts with a bootstrap CI over prompts; ``n`` counts prompts.
 
-    Distinct-n depends on how many samples are pooled, so compare values only at the same samples per prompt.
+    A prompt whose samples have no n-gram of size n (one-word answers for n = 2, or empty ones) says nothing about
+    distinct-n: it is left out of that mean and counted in ``extra["n_too_short"]``; with no prompt left, the metric
+    is left out. Distinct-n depends on how many samples are pooled, so compare values only at the same samples per
+    prompt (``extra["samples_per_prompt"]``).
     """
     if isinstance(groups, str) or not len(groups):
         raise ValueError("groups must be a non-empty list with one list of samples per prompt")
-    bleu = [self_bleu(group, 4, tokenizer=tokenizer) for group in groups]
-    distinct = [distinct_n(group, 2, tokenizer=tokenizer).value for group in groups]
     sizes = sorted({len(group) for group in groups})
-    return {
-        "self_bleu_4": _with_samples(mean_with_ci(bleu, resamples=resamples, seed=seed, higher_is_better=False),
-                                     sizes),
-        "distinct_2_within": _with_samples(mean_with_ci(distinct, resamples=resamples, seed=seed,
-                                                        higher_is_better=True), sizes),
-    }
+    boot = {"resamples": resamples, "seed": seed}
+    bleu = [self_bleu(group, 4, tokenizer=tokenizer) for group in groups]
+    metrics = {"self_bleu_4": _with_samples(mean_with_ci(bleu, higher_is_better=False, **boot), sizes)}
+    for n in (1, 2):
+        per_prompt = [distinct_n(group, n, tokenizer=tokenizer) for group in groups]
+        measured = [d.value for d in per_prompt if d.extra["n_ngrams"]]
+        if measured:
+            metrics[f"distinct_{n}_within"] = _with_samples(mean_with_ci(measured, higher_is_better=True, **boot),
+                                                            sizes, n_too_short=len(per_prompt) - len(measured))
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _with_samples(metric: MetricValue, sizes: list[int]) -> MetricValue:
-    """``metric`` with ``samples_per_prompt`` in its extra (the fewest, plus ``samples_per_prompt_max`` when the
-    prompts have different numbers)."""
-    extra = {**metric.extra, "samples_per_prompt": sizes[0]}
+def _bleu_against_the_rest(seqs: list[tuple[Hashable, ...]], i: int, max_n: int) -> float:
+    others = seqs[:i] + seqs[i + 1 :]
+    if not seqs[i]:
+        return 1.0 if any(not other for other in others) else 0.0
+    return sentence_bleu(seqs[i], others, max_n, auto_reweigh=True)
+
+
+def _with_samples(metric: MetricValue, sizes: list[int], **more: int) -> MetricValue:
+    """``metric`` with ``samples_per_prompt`` (and ``more``) in its extra: the fewest samples of a prompt, plus
+    ``samples_per_prompt_max`` when the prompts have different numbers."""
+    extra = {**metric.extra, **more, "samples_per_prompt": sizes[0]}
     if len(sizes) > 1:
         extra["samples_per_prompt_max"] = sizes[-1]
     return MetricValue(metric.value, metric.ci95, metric.n, metric.higher_is_better, extra)

@@ -72,9 +72,10 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class DiversitySampling:
-    """Extra samples for within-prompt diversity: ``samples_per_prompt`` responses to each of the first ``prompts``
-    held-out prompts, drawn apart from the main samples (their own seeds). A policy can answer every prompt the same
-    way each time while its answers to different prompts still differ; only several samples of one prompt show it."""
+    """Extra samples for within-prompt diversity: ``samples_per_prompt`` responses to each of ``prompts`` held-out
+    prompts spread evenly over the list, drawn apart from the main samples (their own seeds). A policy can answer
+    every prompt the same way each time while its answers to different prompts still differ; only several samples of
+    one prompt show it."""
 
     samples_per_prompt: int = 4
     prompts: int = 32
@@ -84,9 +85,15 @@ class DiversitySampling:
             raise ValueError(f"diversity sampling needs 2+ samples per prompt on 1+ prompts, got "
                              f"{self.samples_per_prompt} samples on {self.prompts} prompts")
 
+    def chosen(self, prompts: list[str]) -> list[str]:
+        """``self.prompts`` of ``prompts``, evenly spaced: data files are often ordered by source or topic (the
+        AlpacaEval set is), so the first ones would all be of one kind."""
+        step = max(1, len(prompts) // self.prompts)
+        return prompts[::step][: self.prompts]
+
     def prompts_for(self, prompts: list[str]) -> list[str]:
-        """Each of the first ``self.prompts`` prompts, ``samples_per_prompt`` times in a row (one generation call)."""
-        return [p for p in prompts[: self.prompts] for _ in range(self.samples_per_prompt)]
+        """Each :meth:`chosen` prompt ``samples_per_prompt`` times in a row (one generation call)."""
+        return [p for p in self.chosen(prompts) for _ in range(self.samples_per_prompt)]
 
     def groups(self, generations: list[Generation]) -> list[list[str]]:
         """The responses of :meth:`prompts_for`'s generations, one list per prompt."""
@@ -108,6 +115,7 @@ class CheckpointSamples:
     reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
     reference_rewards: list[float] | None = None  # the judge's rewards of the reference's responses, prompt by prompt
     diversity_groups: list[list[str]] | None = None  # several responses per prompt (DiversitySampling)
+    diversity_prompts: list[str] | None = None  # the prompts of diversity_groups, in order
     sampled_from_policy: bool = True  # temperature 1, no top-p: the samples are draws from the policy itself
     proxy_members: list[list[float]] | None = None  # [N, K] proxy reward model (members) scores of the responses
     reference_proxy_members: list[list[float]] | None = None  # the same for the reference's responses
@@ -219,6 +227,7 @@ def evaluate_checkpoints(
         samples = dataclasses.replace(
             _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
             reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy,
+            diversity_prompts=diversity.chosen(prompts) if diversity else None,
             proxy_members=proxy(prompts, [g.response for g in generations]) if proxy else None,
             reference_proxy_members=ref_proxy)
         results.append(CheckpointResult(
@@ -329,5 +338,5 @@ def sample_rows(samples: CheckpointSamples) -> list[dict]:
 
 def diversity_rows(samples: CheckpointSamples) -> list[dict]:
     """Per-prompt records of the diversity samples (JSONL): the prompt and its several responses."""
-    return [{"prompt": g.prompt, "responses": group}
-            for g, group in zip(samples.generations, samples.diversity_groups or [], strict=False)]
+    return [{"prompt": prompt, "responses": group}
+            for prompt, group in zip(samples.diversity_prompts or [], samples.diversity_groups or [], strict=True)]

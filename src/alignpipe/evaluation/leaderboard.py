@@ -208,6 +208,9 @@ _MERGE_INVARIANTS = (
     ("judge", "config", "judge"), ("pair sources", "config", "pair_sources"),
     ("KL k3 estimator", "config", "kl_k3"), ("diversity sampling", "config", "diversity"),
 )
+# Settings of extra samples whose metrics only the boards that drew them have (within-prompt diversity): compared
+# only when both boards record them, so a board without those columns still merges with one that has them
+_RECORDED_WHEN_DRAWN = frozenset({"diversity"})
 _RECORDED_SINCE = "reference_sha256"  # a run key absent from leaderboards written before the merge checked weights
 
 
@@ -310,8 +313,13 @@ def merge_conflicts(a: dict, b: dict) -> list[str]:
     def shown(board: dict, section: str, key: str) -> str:
         return repr(board[section][key]) if key in board[section] else "not recorded"
 
+    def differ(section: str, key: str) -> bool:
+        if key in _RECORDED_WHEN_DRAWN and (key not in a[section] or key not in b[section]):
+            return False  # one board has no such columns: nothing of it is ranked beside the other's
+        return a[section].get(key) != b[section].get(key)
+
     return [f"{what} ({shown(a, section, key)} vs {shown(b, section, key)})"
-            for what, section, key in _MERGE_INVARIANTS if a[section].get(key) != b[section].get(key)]
+            for what, section, key in _MERGE_INVARIANTS if differ(section, key)]
 
 
 def source_labels(paths: list[Path]) -> list[str]:

@@ -249,9 +249,11 @@ def policy_entropy(logp_policy: Sequence[float], *, resamples: int = 1000, seed:
     """Monte-Carlo entropy of the policy's responses in nats, ``mean(−log π(y | x))`` over samples ``y ~ π(· | x)``
     (the sequence entropy TRL logs as ``objective/entropy``), with a bootstrap CI over prompts.
 
-    Unbiased only for draws from ``π`` itself (temperature 1, no top-p): other samples give a cross-entropy. A
-    falling entropy is the policy collapsing onto fewer answers; its response length moves it too (more tokens, more
-    nats), so read it beside ``len_tokens_mean``.
+    Unbiased only for draws from ``π`` itself (temperature 1, no top-p): other samples give a cross-entropy. It is the
+    entropy of responses capped at the generation budget: a truncated sample counts only its first ``max_new_tokens``
+    tokens, so with a high ``truncation_rate`` it is below the entropy of whole responses. A falling entropy is the
+    policy collapsing onto fewer answers; its response length moves it too (more tokens, more nats), so read it beside
+    ``len_tokens_mean``.
     """
     logp = as_1d_finite(logp_policy, "logp_policy")
     if (logp > 1e-6).any():

@@ -19,7 +19,8 @@ Diversity WITHIN a prompt (EVALUATION.md §8): each prediction is one prompt's l
 so short samples are scored on the n-gram orders they have) against the prompt's other samples and averages; 1 means
 every sample is the same text, lower is more diverse. distinct-n is unique / all n-grams among the prompt's samples
 (prompts whose samples have no n-gram are left out and counted). All are averaged over prompts with a seeded
-bootstrap CI over prompts. Tokens are whitespace-split (str.split()). Wraps alignpipe.evaluation.diversity.within_prompt_diversity.
+bootstrap CI over prompts. Tokens are whitespace-split (str.split()). Wraps
+alignpipe.evaluation.diversity.within_prompt_diversity.
 """
 
 _KWARGS_DESCRIPTION = """

@@ -349,6 +349,39 @@ def test_diversity_samples_are_drawn_for_spread_out_prompts_with_their_own_seed(
         DiversitySampling(samples_per_prompt=1)
 
 
+def test_the_proxy_scores_every_checkpoint_once_after_the_models_are_released(monkeypatch, tmp_path, checkpoint_dir,
+                                                                              tokenizer, prompts):
+    """The reward model is the third model an evaluation needs: it scores only once the policies and the reference
+    are released, and the reference's samples (also a checkpoint's here) are scored once."""
+    import alignpipe.evaluation.harness as harness
+
+    other_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "other")
+    ref, other = Checkpoint("base", str(checkpoint_dir)), Checkpoint("other", str(other_dir))
+    events = []
+    release = harness.LazyModel.release
+
+    def spy_release(self):
+        events.append(("release", self.checkpoint.name))
+        release(self)
+
+    def proxy(batch_prompts, responses):
+        events.append(("proxy", len(responses)))
+        return [[float(len(r)), -float(len(r))] for r in responses]
+
+    monkeypatch.setattr(harness.LazyModel, "release", spy_release)
+    settings = GenerationSettings(max_new_tokens=4, batch_size=8, seed=3)
+    results, samples = evaluate_checkpoints([ref, other], ref, prompts, GoldJudge(), settings, bootstrap_resamples=50,
+                                            proxy=proxy)
+    assert events == [("release", "other"), ("release", "base"), ("proxy", len(prompts)), ("proxy", len(prompts))]
+    assert samples[0].proxy_members is samples[0].reference_proxy_members  # the reference: scored once, reused
+    assert samples[1].proxy_members == [[float(len(g.response)), -float(len(g.response))]
+                                        for g in samples[1].generations]
+    lengths = [len(g.response) for g in samples[1].generations]
+    assert results[1].metrics["proxy_reward"].value == 0.0  # the members cancel
+    assert results[1].metrics["proxy_reward_min"].value == pytest.approx(-sum(lengths) / len(lengths))
+    assert [row["proxy_members"] for row in sample_rows(samples[1])] == samples[1].proxy_members
+
+
 def test_checkpoint_metrics_tell_a_collapsed_policy_from_a_varied_one():
     """Within-prompt diversity sees what diversity across prompts does not: a policy that gives each prompt one
     answer every time (but different answers to different prompts)."""

@@ -344,6 +344,33 @@ def test_merge_compares_diversity_sampling_only_where_both_boards_drew_it(tmp_pa
     assert len(merge_leaderboards([board("e", four), board("f", four)])["checkpoints"]) == 2 * len(results())
 
 
+def test_merge_leaves_out_proxy_columns_scored_by_different_reward_models(tmp_path, caplog):
+    """Each run trains its own proxy, whose scores have their own scale: a merge of runs with different proxies
+    keeps every other column and leaves the proxy ones out (saying so); runs sharing one proxy keep them."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+    from alignpipe.evaluation.metrics import MetricValue
+
+    def board(name: str, proxy_sha: str | None) -> Path:
+        rows = [CheckpointResult(r.name, r.path, r.weights_sha256,
+                                 {**r.metrics, "proxy_reward": MetricValue(1.0, (0.5, 1.5), 8, None)})
+                for r in results()]
+        config = {**_suite_board()["config"], **({"proxy": {"stage": "rm", "sha256": proxy_sha}} if proxy_sha else {})}
+        record = build_leaderboard(rows, run=_suite_board()["run"], config=config, env={}, suite="synthetic",
+                                   primary_metric="gold_reward")
+        return write_leaderboard(record, tmp_path / name)[0]
+
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        merged = merge_leaderboards([board("a", "11" * 32), board("b", "22" * 32)])
+    assert all("proxy_reward" not in row["results"] and "gold_reward" in row["results"]
+               for row in merged["checkpoints"])
+    assert "proxy_reward" not in merged["higher_is_better"]
+    assert merged["config"]["left_out"]["metrics"] == ["proxy_reward"] and "proxy_reward" in caplog.text
+    kept = merge_leaderboards([board("c", "11" * 32), board("d", "11" * 32)])
+    assert all("proxy_reward" in row["results"] for row in kept["checkpoints"]) and "left_out" not in kept["config"]
+    assert all("proxy_reward" in row["results"] for row in merge_leaderboards(
+        [board("e", "11" * 32), board("f", None)])["checkpoints"])  # one proxy only: nothing to mix up
+
+
 def test_merge_of_leaderboards_that_predate_the_reference_weights(tmp_path, caplog):
     """Written before the reference's weights were recorded: merged with a warning when nothing else differs, refused
     (saying which file is older) against a leaderboard that records other weights."""

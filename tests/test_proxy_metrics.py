@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 
 from alignpipe.evaluation.proxy import proxy_metrics
 
@@ -17,12 +20,33 @@ def test_proxy_metrics_hand_computed():
     assert m["proxy_reward"].value == pytest.approx((2 + 1 + 4) / 3)  # member means 2, 1, 4
     assert m["proxy_reward_min"].value == pytest.approx((1 + 0 + 4) / 3)
     assert m["proxy_member_var"].value == pytest.approx((1 + 1 + 0) / 3)  # population variance over members
-    # proxy gains 2, 0, 2; gold gains 0.5, -0.5, 0.5; gaps 1.5, 0.5, 1.5
+    # proxy gains 2, 0, 2 in units of sd(0, 1, 2) = sqrt(2/3); gold gains 0.5, -0.5, 0.5 in units of
+    # sd(0, 0.5, 0.5) = sqrt(1/18)
     assert m["proxy_reward_delta_vs_ref"].value == pytest.approx(4 / 3)
-    assert m["proxy_gold_gap"].value == pytest.approx(3.5 / 3)
+    proxy_z = [g / (2 / 3) ** 0.5 for g in (2, 0, 2)]
+    gold_z = [g / (1 / 18) ** 0.5 for g in (0.5, -0.5, 0.5)]
+    gaps = [p - g for p, g in zip(proxy_z, gold_z)]
+    assert m["proxy_gold_gap"].value == pytest.approx(sum(gaps) / 3)
+    assert m["proxy_gold_gap"].extra["proxy_sd_ref"] == pytest.approx((2 / 3) ** 0.5)
     assert m["proxy_gold_gap"].higher_is_better is False and m["proxy_gold_gap"].n == 3
     lo, hi = m["proxy_gold_gap"].ci95
-    assert 0.5 <= lo <= hi <= 1.5
+    assert min(gaps) <= lo <= hi <= max(gaps)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_the_gap_does_not_depend_on_the_proxys_scale(scale):
+    """A proxy that is gold times any scale agrees with gold: a policy that truly gains shows no gap."""
+    rng = np.random.default_rng(0)
+    reference_gold = rng.normal(0, 1, 300)
+    gold = reference_gold + 0.5
+    m = proxy_metrics(scale * gold[:, None], scale * reference_gold[:, None], gold, reference_gold, resamples=100)
+    assert m["proxy_gold_gap"].value == pytest.approx(0.0, abs=1e-12)
+    assert m["proxy_reward_delta_vs_ref"].value == pytest.approx(0.5 * scale)  # the raw gain keeps proxy units
+
+
+def test_no_gap_when_a_reward_is_constant_over_the_reference():
+    m = proxy_metrics([[1.0], [2.0]], [[0.0], [0.0]], [1.0, 0.0], [0.0, 1.0], resamples=100)
+    assert "proxy_gold_gap" not in m and m["proxy_reward_delta_vs_ref"].value == 1.5
 
 
 def test_a_single_reward_model_has_no_member_statistics_and_no_reference_no_gains():
@@ -31,15 +55,16 @@ def test_a_single_reward_model_has_no_member_statistics_and_no_reference_no_gain
 
 
 def test_over_optimisation_shows_as_a_positive_gap():
-    """A policy that raises the proxy while gold falls: the gap is the proxy gain plus the gold loss."""
+    """A policy that raises the proxy while gold falls: the gap is the proxy gain plus the gold loss (in spreads)."""
     rng = np.random.default_rng(0)
     reference = rng.normal(0, 1, (500, 3))
     members = reference + 1.0 + rng.normal(0, 0.1, (500, 3))
     reference_gold = rng.normal(0, 1, 500)
     gold = reference_gold - 0.3
     m = proxy_metrics(members, reference, gold, reference_gold, resamples=300)
-    assert m["proxy_gold_gap"].value == pytest.approx(1.3, abs=0.02)
-    assert m["proxy_gold_gap"].ci95[0] > 1.2
+    expected = 1.0 / reference.mean(axis=1).std() + 0.3 / reference_gold.std()  # both gains in reference spreads
+    assert m["proxy_gold_gap"].value == pytest.approx(expected, rel=0.02)
+    assert m["proxy_gold_gap"].ci95[0] > 0.9 * expected
 
 
 def test_bad_shapes_are_named():
@@ -47,5 +72,43 @@ def test_bad_shapes_are_named():
         proxy_metrics([1.0, 2.0], None, [0.0, 0.0], None)
     with pytest.raises(ValueError, match="members and reference_members differ in shape"):
         proxy_metrics(MEMBERS, REFERENCE[:2], GOLD, REFERENCE_GOLD)
+    with pytest.raises(ValueError, match="one value per response"):
+        proxy_metrics(MEMBERS, REFERENCE, GOLD[:2], REFERENCE_GOLD)
     with pytest.raises(ValueError, match="non-finite"):
         proxy_metrics([[float("nan")]], None, [0.0], None)
+
+
+# ----------------------------------------------------------------------------------------------- the scorer
+
+
+class _FakeScorer:
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        return SimpleNamespace(per_member=torch.tensor([[float(len(r)), 1.0] for r in responses]))
+
+
+def test_proxy_scorer_loads_on_first_use_and_serves_cached_scores_without_loading(tmp_path, monkeypatch):
+    import alignpipe.rewards.loading as loading
+    from alignpipe.evaluation.cache import EvalCache
+    from alignpipe.evaluation.proxy_scorer import ProxyScorer
+
+    loads, fake = [], _FakeScorer()
+    monkeypatch.setattr(loading, "load_reward_scorer", lambda path, **kw: loads.append((path, kw)) or fake)
+    cache = EvalCache(tmp_path / "cache")
+    scorer = ProxyScorer("rm/checkpoint", "ab" * 32, dtype="float32", device="cpu", cache=cache)
+    assert loads == []  # nothing loaded until something needs scoring
+    assert scorer(["p", "q"], ["abc", ""]) == [[3.0, 1.0], [0.0, 1.0]]
+    assert loads == [("rm/checkpoint", {"dtype": "float32", "device": "cpu"})] and fake.calls == 1
+    again = ProxyScorer("rm/checkpoint", "ab" * 32, dtype="float32", device="cpu", cache=cache)
+    assert again(["p", "q"], ["abc", ""]) == [[3.0, 1.0], [0.0, 1.0]]
+    assert len(loads) == 1 and fake.calls == 1  # a fresh scorer answers from the cache without loading
+    other_weights = ProxyScorer("rm/checkpoint", "cd" * 32, dtype="float32", device="cpu", cache=cache)
+    other_weights(["p", "q"], ["abc", ""])
+    assert fake.calls == 2  # another model's scores are its own
+    uncached = ProxyScorer("rm/checkpoint", None, cache=cache)  # no weights hash: nothing to key a cache on
+    uncached(["p"], ["x"])
+    uncached(["p"], ["x"])
+    assert fake.calls == 4

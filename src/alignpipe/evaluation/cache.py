@@ -31,8 +31,8 @@ def content_key(*parts) -> str:
 
 
 class EvalCache:
-    """Generations, per-token log-probs and per-sample floats (judge scores) stored as JSON under ``directory``
-    (``generations/``, ``token_logprobs/``, ``logprobs/``)."""
+    """Generations, per-token log-probs, per-sample floats (judge scores) and per-member reward-model scores stored
+    as JSON under ``directory`` (``generations/``, ``token_logprobs/``, ``logprobs/``, ``member_scores/``)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -86,6 +86,12 @@ class EvalCache:
 
     def put_token_logprobs(self, key: str, values: list[list[float]]) -> None:
         atomic_write_text(self._path("token_logprobs", key), json.dumps([[float(v) for v in row] for row in values]))
+
+    def get_member_scores(self, key: str) -> list[list[float]] | None:
+        return self._read("member_scores", key)
+
+    def put_member_scores(self, key: str, values: list[list[float]]) -> None:
+        atomic_write_text(self._path("member_scores", key), json.dumps([[float(v) for v in row] for row in values]))
 
     def get_floats(self, key: str) -> list[float] | None:
         return self._read("logprobs", key)

@@ -52,7 +52,7 @@ from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_dev
 log = logging.getLogger("alignpipe")
 
 
-ProxyScorer = Callable[[list[str], list[str]], list[list[float]]]  # (prompts, responses) -> [N, K] member rewards
+Proxy = Callable[[list[str], list[str]], list[list[float]]]  # (prompts, responses) -> [N, K] member rewards
 
 
 class Judge(Protocol):
@@ -199,7 +199,7 @@ def evaluate_checkpoints(
     bootstrap_resamples: int = 1000,
     cache: EvalCache | None = None,
     diversity: DiversitySampling | None = None,
-    proxy: ProxyScorer | None = None,
+    proxy: Proxy | None = None,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
 
@@ -207,14 +207,14 @@ def evaluate_checkpoints(
     (:mod:`alignpipe.evaluation.proxy`).
 
     Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples),
-    and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached).
+    and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached); the proxy scores
+    everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
-    ref_proxy = proxy(prompts, [g.response for g in ref_generations]) if proxy else None
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
-    results, all_samples = [], []
+    judged = []
     for checkpoint in checkpoints:
         same = checkpoint.path == reference.path
         model = ref_model if same else LazyModel(checkpoint, dtype)
@@ -224,19 +224,27 @@ def evaluate_checkpoints(
         groups = diversity_groups(model, prompts, settings, diversity, cache) if diversity else None
         if not same:
             model.release()
-        samples = dataclasses.replace(
+        judged.append(dataclasses.replace(
             _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
             reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy,
-            diversity_prompts=diversity.chosen(prompts) if diversity else None,
-            proxy_members=proxy(prompts, [g.response for g in generations]) if proxy else None,
-            reference_proxy_members=ref_proxy)
+            diversity_prompts=diversity.chosen(prompts) if diversity else None))
+    ref_model.release()
+    if proxy:  # scored once every policy is released: the reward model is never resident beside two policies
+        ref_proxy = proxy(prompts, [g.response for g in ref_generations])
+        judged = [dataclasses.replace(
+            s, reference_proxy_members=ref_proxy,
+            proxy_members=ref_proxy if s.generations is ref_generations else proxy(prompts, [g.response for g in
+                                                                                          s.generations]))
+            for s in judged]
+    results = []
+    for samples in judged:
         results.append(CheckpointResult(
-            name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
+            name=samples.checkpoint.name, path=samples.checkpoint.path,
+            weights_sha256=samples.checkpoint.weights_sha256,
             metrics=checkpoint_metrics(samples, bootstrap_resamples=bootstrap_resamples, seed=settings.seed),
         ))
-        all_samples.append(samples)
-        log.info("[eval] %s: gold reward %.3f", checkpoint.name, results[-1].metrics["gold_reward"].value)
-    return results, all_samples
+        log.info("[eval] %s: gold reward %.3f", samples.checkpoint.name, results[-1].metrics["gold_reward"].value)
+    return results, judged
 
 
 def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationSettings, diversity: DiversitySampling,

@@ -244,14 +244,37 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
     for (_, board), label in zip(boards, labels, strict=True):
         rows += [{**row, "name": f"{label}/{row['name']}"} for row in board["checkpoints"]]
         reward_rows += [{**row, "name": f"{label}/{row['name']}"} for row in board.get("reward_models") or []]
+    left_out = _proxy_columns_to_leave_out(sources, rows)
+    if left_out:
+        rows = [{**row, "results": {k: v for k, v in row["results"].items() if k not in left_out}} for row in rows]
+        directions = {k: v for k, v in directions.items() if k not in left_out}
     primary = first["suite"]["primary_metric"]
     sign = -1.0 if directions.get(primary) is not False else 1.0
     rows.sort(key=lambda r: (not is_ranked(r["results"], primary), sign * (metric_value(r["results"], primary) or 0.0)))
     return {
         "schema_version": SCHEMA_VERSION, "run": {"name": "merged", "sources": len(sources)}, "suite": first["suite"],
-        "config": {"sources": sources}, "checkpoints": rows, "reward_models": reward_rows,
+        "config": {"sources": sources, **({"left_out": {"metrics": sorted(left_out), "why": PROXIES_DIFFER}}
+                                          if left_out else {})},
+        "checkpoints": rows, "reward_models": reward_rows,
         "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
     }
+
+
+PROXY_PREFIX = "proxy_"
+PROXIES_DIFFER = "the runs' proxy reward models differ: their proxy scores have no common scale"
+
+
+def _proxy_columns_to_leave_out(sources: list[dict], rows: list[dict]) -> set[str]:
+    """The ``proxy_*`` metrics, when the runs scored them with different reward models (each run trains its own):
+    such columns would rank numbers of unrelated scales together. Each run's own leaderboard keeps them."""
+    proxies = {json.dumps(s["config"]["proxy"], sort_keys=True) for s in sources if s["config"].get("proxy")}
+    if len(proxies) < 2:
+        return set()
+    metrics = {k for row in rows for k in row["results"] if k.startswith(PROXY_PREFIX)}
+    if metrics:
+        log.warning("merged leaderboard: leaving out %s: %s; compare them within each run's own leaderboard",
+                    ", ".join(sorted(metrics)), PROXIES_DIFFER)
+    return metrics
 
 
 def merge_sources(path: Path, board: dict, label: str) -> list[dict]:

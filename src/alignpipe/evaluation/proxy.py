@@ -2,13 +2,17 @@
 
 The proxy is the learned reward model a policy was (or could be) optimised against; the gold judge is the truth.
 Over-optimisation shows as the proxy gaining more than gold does, so both gains are measured against the reference
-checkpoint's responses to the same prompts, and the gap is taken prompt by prompt::
+checkpoint's responses to the same prompts and the gap is taken prompt by prompt.
 
-    proxy_gold_gap = mean_i [(proxy_i − proxy_ref_i) − (gold_i − gold_ref_i)]
+The two rewards have unrelated scales (a Bradley–Terry model's scores are fixed only up to a shift and a scale), so
+raw gains cannot be subtracted: a proxy that is exactly 3 × gold would show a policy that truly gains as "over-
+optimising". Each gain is therefore put in units of its reward's spread over the reference's responses::
 
-with a paired bootstrap CI over prompts. The two rewards have their own scales (a Bradley–Terry model's scores are
-fixed only up to a shift and a scale), so the gap is read as a trend across checkpoints of one run, not as an
-absolute number. An ensemble also reports the mean member minimum (WCO's reward) and the mean member variance (UWO's
+    proxy_gold_gap = mean_i [(proxy_i − proxy_ref_i) / sd(proxy_ref) − (gold_i − gold_ref_i) / sd(gold_ref)]
+
+with a paired bootstrap CI over prompts: 0 when the proxy and gold agree up to scale, positive when the proxy rates
+the checkpoint's gain above what gold confirms. It is left out when either reward is constant over the reference's
+responses. An ensemble also reports the mean member minimum (WCO's reward) and the mean member variance (UWO's
 penalty), population variance as everywhere in :mod:`alignpipe.rewards.penalties`.
 """
 
@@ -18,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from alignpipe.evaluation.metrics import MetricValue, mean_with_ci, paired_delta
+from alignpipe.evaluation.metrics import MetricValue, as_1d_finite, mean_with_ci, paired_delta
 
 __all__ = ["proxy_metrics"]
 
@@ -37,8 +41,8 @@ def proxy_metrics(
     gold: Sequence[float], reference_gold: Sequence[float] | None, *, resamples: int = 1000, seed: int = 0,
 ) -> dict[str, MetricValue]:
     """``proxy_reward`` (the members' mean), with an ensemble's ``proxy_reward_min`` and ``proxy_member_var``, and,
-    given the reference's scores of its own responses to the same prompts, ``proxy_reward_delta_vs_ref`` and
-    ``proxy_gold_gap`` (lower is better: gold keeps up with the proxy).
+    given the reference's scores of its own responses to the same prompts, ``proxy_reward_delta_vs_ref`` (proxy
+    units) and ``proxy_gold_gap`` (in reference spreads, see the module docstring; lower is better: gold keeps up).
 
     ``members``: ``[N, K]`` proxy rewards of the checkpoint's N responses; ``gold``: their N gold rewards.
     """
@@ -54,9 +58,17 @@ def proxy_metrics(
     ref = _members(reference_members, "reference_members")
     if ref.shape != own.shape:
         raise ValueError(f"members and reference_members differ in shape: {own.shape} vs {ref.shape}")
-    proxy_gain = mean - ref.mean(axis=1)
-    gold_gain = np.asarray(gold, dtype=np.float64) - np.asarray(reference_gold, dtype=np.float64)
-    metrics["proxy_reward_delta_vs_ref"] = mean_with_ci(proxy_gain, higher_is_better=None, **boot)
-    metrics["proxy_gold_gap"] = paired_delta(proxy_gain, gold_gain, higher_is_better=False,
-                                             names=("proxy gains", "gold gains"), **boot)
+    ref_mean = ref.mean(axis=1)
+    gold, reference_gold = (as_1d_finite(v, name) for v, name in ((gold, "gold"), (reference_gold, "reference_gold")))
+    if not gold.shape == reference_gold.shape == mean.shape:
+        raise ValueError(f"gold ({gold.size}), reference_gold ({reference_gold.size}) and members ({mean.size}) must "
+                         "hold one value per response")
+    metrics["proxy_reward_delta_vs_ref"] = mean_with_ci(mean - ref_mean, higher_is_better=None, **boot)
+    proxy_spread, gold_spread = ref_mean.std(), reference_gold.std()
+    if proxy_spread > 0 and gold_spread > 0:
+        gap = paired_delta((mean - ref_mean) / proxy_spread, (gold - reference_gold) / gold_spread,
+                           higher_is_better=False, names=("proxy gains", "gold gains"), **boot)
+        metrics["proxy_gold_gap"] = MetricValue(gap.value, gap.ci95, gap.n, False,
+                                                {**gap.extra, "proxy_sd_ref": float(proxy_spread),
+                                                 "gold_sd_ref": float(gold_spread)})
     return metrics

@@ -27,6 +27,7 @@ from alignpipe.evaluation.leaderboard import (
     write_leaderboard,
 )
 from alignpipe.evaluation.metrics import MetricValue
+from alignpipe.evaluation.proxy_scorer import ProxyScorer
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
@@ -57,15 +58,13 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
     return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)
 
 
-def _proxy(ctx: StageContext, name: str):
-    """A reward stage's model as the proxy scorer (per-member rewards), and what the leaderboard records of it."""
-    from alignpipe.rewards.loading import load_reward_scorer
-
-    scorer = load_reward_scorer(ctx.inputs[name], dtype=ctx.recipe.model.dtype, device=ctx.device)
-    log.info("[%s] proxy reward: %s (%s)", ctx.dir.name, name, scorer.judge_id)
+def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer, dict]:
+    """A reward stage's model as the proxy scorer (loaded only if a score is not cached), and what the leaderboard
+    records of it: the stage and its weights' hash, which tell two runs' proxies apart."""
     weights = (StageDir(ctx.run_dir / name).read_manifest() or {}).get("output_sha256")
-    record = {"proxy": {"stage": name, "id": scorer.judge_id, "sha256": weights}}
-    return (lambda prompts, responses: scorer.score(prompts, responses).per_member.tolist()), record
+    log.info("[%s] proxy reward: the %s stage's model", ctx.dir.name, name)
+    scorer = ProxyScorer(ctx.inputs[name], weights, dtype=ctx.recipe.model.dtype, device=ctx.device, cache=cache)
+    return scorer, {"proxy": {"stage": name, "sha256": weights}}
 
 
 def run(ctx: StageContext) -> dict:
@@ -86,14 +85,19 @@ def run(ctx: StageContext) -> dict:
     prompts = [task.prompt for task in evaluation_tasks(recipe.data, stage.n_prompts, stage.seed)]
     diversity = (DiversitySampling(stage.diversity_samples, min(stage.diversity_prompts, len(prompts)))
                  if stage.diversity_samples else None)
+    cache = EvalCache(ctx.run_dir.parent / ".cache" / "eval")  # shared by the runs in one runs directory
     proxy_name = recipe.eval_proxy(stage)
-    proxy, proxy_record = _proxy(ctx, proxy_name) if proxy_name else (None, {})
+    if proxy_name is None and stage.proxy == "auto" and len(reward_names) > 1:
+        log.info("[%s] no proxy reward: proxy: auto takes the only reward input, and there are %d (%s); name one "
+                 "with proxy: <stage>", ctx.dir.name, len(reward_names), ", ".join(reward_names))
+    proxy, proxy_record = _proxy(ctx, proxy_name, cache) if proxy_name else (None, {})
     results, samples = evaluate_checkpoints(
         checkpoints, reference, prompts, GoldJudge(), settings,
-        dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples,
-        cache=EvalCache(ctx.run_dir.parent / ".cache" / "eval"),  # shared by the runs in one runs directory
+        dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples, cache=cache,
         diversity=diversity, proxy=proxy,
     )
+    if proxy is not None:
+        proxy.release()
     samples_dir = ctx.dir.root / "samples"
     for checkpoint_samples in samples:
         rows = sample_rows(checkpoint_samples)

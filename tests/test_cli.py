@@ -17,6 +17,7 @@ from alignpipe.cli import main
     (["run", "--help"], "--resume"),
     (["validate", "--help"], "without loading any weights"),
     (["eval", "--help"], "held-out prompts"),
+    (["leaderboard", "--help"], "gold_vs_kl.png"),
 ])
 def test_help_explains_each_command(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -128,3 +129,34 @@ def test_leaderboard_refuses_to_write_over_a_source(two_boards, capsys):
     assert main(["leaderboard", str(a), str(b / "leaderboard.json"), "--out", str(b)]) == 2
     assert (a / "leaderboard.json").read_bytes() == recorded
     assert main(["leaderboard", str(a), str(b), "--out", str(a.parent / "merged")]) == 0
+
+
+def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, caplog):
+    """--plots: gold_vs_kl.png and win_rate_vs_length.png in --out, written atomically, and a log line for each file
+    written, each plot skipped and each set of rows a plot leaves out."""
+    import logging
+
+    a, b = two_boards
+    out = tmp_path / "merged"
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        assert main(["leaderboard", str(a), str(b), "--out", str(out), "--plots"]) == 0
+    for name in ("gold_vs_kl.png", "win_rate_vs_length.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG") and f"wrote {out / name}" in caplog.text
+    assert not list(out.glob(".*.tmp"))  # the atomic write left no temp file
+    # only dpo has a win rate and a length in these boards
+    assert "win_rate_vs_length.png: Not placed (no value of win_rate_vs_ref and len_tokens_mean): a/sft" in caplog.text
+
+    for run in (a, b):  # boards without KL: no frontier to draw, and the earlier merge's plot goes
+        board = json.loads((run / "leaderboard.json").read_text())
+        for row in board["checkpoints"]:
+            row["results"].pop("kl_ref_k1")
+        board["higher_is_better"].pop("kl_ref_k1")
+        (run / "leaderboard.json").write_text(json.dumps(board))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        assert main(["leaderboard", str(a), str(b), "--out", str(out), "--plots"]) == 0
+    assert "gold_vs_kl.png not drawn: no checkpoint has both gold_reward and kl_ref_k1" in caplog.text
+    assert not (out / "gold_vs_kl.png").exists() and f"removed {out / 'gold_vs_kl.png'}" in caplog.text
+    assert (out / "win_rate_vs_length.png").exists()
+    assert main(["leaderboard", str(a), str(b), "--out", str(tmp_path / "plain")]) == 0
+    assert not list((tmp_path / "plain").glob("*.png"))  # no --plots, no plots

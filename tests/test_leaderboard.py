@@ -242,6 +242,9 @@ def test_atomic_open_all_replaces_every_file_or_none(tmp_path, monkeypatch):
         c.write("c\n")
         d.write("d\n")
     assert (tmp_path / "c.txt").read_text() == "c\n" and (tmp_path / "sub" / "d.txt").read_text() == "d\n"
+    with io.atomic_open_all([tmp_path / "e.png"], binary=True) as (e,):  # plots: bytes exactly as given
+        e.write(b"\x89PNG\r\n\x1a\n")
+    assert (tmp_path / "e.png").read_bytes() == b"\x89PNG\r\n\x1a\n"
 
 
 def test_atomic_write_json_format_nan_and_permissions(tmp_path):

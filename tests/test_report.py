@@ -16,7 +16,8 @@ from conftest import REPO
 
 from alignpipe.cli import main
 from alignpipe.evaluation.best_of_n import gold_bon, gold_rl, kl_best_of_n
-from alignpipe.evaluation.report import bon_curves, checkpoint_flags, ppo_curve, write_report
+from alignpipe.evaluation.pareto import gold_vs_kl
+from alignpipe.evaluation.report import bon_curves, checkpoint_flags, plot_gold_vs_kl, ppo_curve, write_report
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 ALPHA, BETA = 0.3, 0.2  # a Gao RL curve that peaks inside the evaluated range: d* = exp(α/β − 1) ≈ 1.65
@@ -114,10 +115,12 @@ def test_report_is_self_contained_with_a_png_per_section_that_has_data(fake_run)
     for payload in PNG.findall(text):
         assert base64.b64decode(payload).startswith(b"\x89PNG\r\n\x1a\n")
     sections = _sections(text)
-    assert list(sections) == ["leaderboard", "overoptimisation", "length", "reward-models", "training"]
+    assert list(sections) == ["leaderboard", "overoptimisation", "pareto", "length", "reward-models", "training"]
     counts = {name: len(PNG.findall(body)) for name, body in sections.items()}
-    # leaderboard: a table; over-optimisation: PPO + BoN; length: one scatter; no reward model; sft + ppo curves
-    assert counts == {"leaderboard": 0, "overoptimisation": 2, "length": 1, "reward-models": 0, "training": 2}
+    # leaderboard: a table; over-optimisation: PPO + BoN; pareto and length: one scatter each; no reward model;
+    # sft + ppo curves
+    assert counts == {"leaderboard": 0, "overoptimisation": 2, "pareto": 1, "length": 1, "reward-models": 0,
+                      "training": 2}
     assert "recipes/fake.yaml" in text and "ab" * 32 in text and "c0ffee" in text
     assert not list(fake_run.glob(".report.html.*"))  # the atomic write left no temp file
 
@@ -142,10 +145,48 @@ def test_absent_sections_are_skipped_with_a_note(tmp_path):
     sections = _sections(write_report(run).read_text())
     assert "No leaderboard.json" in sections["leaderboard"]
     assert "No PPO stage" in sections["overoptimisation"] and "No best-of-n stage" in sections["overoptimisation"]
-    assert "No leaderboard.json" in sections["length"]
+    assert "No leaderboard.json" in sections["length"] and "No leaderboard.json" in sections["pareto"]
     assert "No reward model" in sections["reward-models"]
     assert len(PNG.findall(sections["training"])) == 1
     assert sum(len(PNG.findall(body)) for body in sections.values()) == 1
+
+
+def test_pareto_section_lists_the_frontier_and_names_what_it_leaves_out(fake_run):
+    board = _leaderboard()
+    board["checkpoints"] += [_row("bad", 0.6, 0.45, 5.0, 9.0, 0.0),  # more KL than ppo for less gold: dominated
+                             _row("noisy", 0.55, 0.5, -0.02, 8.0, 0.0),  # k1 < 0: compared at 0, so sft beats it
+                             {"name": "judged", "path": "/x/judged", "weights_sha256": None,
+                              "results": {"gold_reward": _metric(0.95)}}]  # no KL: left out, and said so
+    board["checkpoints"][1]["results"]["proxy_reward"] = _metric(1.2, [1.1, 1.3])
+    _write(fake_run / "leaderboard.json", board)
+    section = _sections(write_report(fake_run).read_text())["pareto"]
+    assert len(PNG.findall(section)) == 1 and "could not be drawn" not in section
+    table = section.split("</table>")[0]
+    assert re.findall(r'<td class="l">([\w-]+)</td>', table) == ["sft", "ppo", "dpo"]  # by increasing KL
+    assert "proxy_reward [95% CI]" in table and "1.20 [1.10, 1.30]" in table
+    assert "3 of the 5 checkpoints placed" in section
+    assert "below 0 (Monte-Carlo noise; true KL is never negative) for noisy" in section
+    assert "Not placed (no value of gold_reward and kl_ref_k1): judged." in section
+
+    for row in board["checkpoints"]:
+        row["results"].pop("kl_ref_k1", None)
+    _write(fake_run / "leaderboard.json", board)
+    section = _sections(write_report(fake_run).read_text())["pareto"]
+    assert not PNG.findall(section) and "No checkpoint has both gold_reward and kl_ref_k1" in section
+
+
+def test_gold_vs_kl_plot_of_one_board_and_of_a_merged_one(tmp_path):
+    from alignpipe.evaluation.leaderboard import merge_leaderboards, write_leaderboard
+
+    one = gold_vs_kl(_leaderboard())
+    assert plot_gold_vs_kl(one.points).startswith(b"\x89PNG")
+    paths = [write_leaderboard({**_leaderboard(), "run": {"name": name, "reference": "sft"}}, tmp_path / name)[0]
+             for name in ("a", "b")]
+    merged = gold_vs_kl(merge_leaderboards(paths))
+    assert {p.run for p in merged.points} == {"a", "b"} and len(merged.points) == 6
+    assert plot_gold_vs_kl(merged.points, merged.reward_metric, ["a", "b"]).startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        plot_gold_vs_kl([])
 
 
 def test_reward_section_draws_a_reliability_diagram_only_from_stored_bins(fake_run):

@@ -71,6 +71,20 @@ pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
 """
 
+EPILOG_LEADERBOARD = """\
+examples:
+  alignpipe leaderboard runs/quickstart runs/selfplay --out leaderboard-merged
+  alignpipe leaderboard runs/quickstart runs/selfplay --out leaderboard-merged --plots
+
+--plots writes, beside leaderboard.{json,md,csv}:
+  gold_vs_kl.png          gold reward (judge_reward for suites judged by a reward model) ± 95% CI vs sqrt of the
+                          k1 KL to the reference, one point per checkpoint coloured by run, and the Pareto frontier
+                          (no other checkpoint has both lower-or-equal KL and higher-or-equal reward); a k1 estimate
+                          below 0 (Monte-Carlo noise) is drawn at 0
+  win_rate_vs_length.png  win rate vs the reference (raw and length-controlled) vs mean response length
+A plot with no checkpoint to draw is skipped and the log says why (a file of that name left by an earlier merge is
+removed); checkpoints lacking a plot's metrics are left out of it and named in the log.
+"""
 
 # `alignpipe eval` without --suite: the synthetic prompts and sampling, each settable on the command line
 SYNTHETIC_EVAL = {"n_prompts": 256, "max_new_tokens": 24, "batch_size": 64, "seed": 1234}
@@ -157,11 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
                                 "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
                                 "evaluated differently (suite file, reference, prompt set, generation settings, "
-                                "judge, KL k3 estimator, or diversity sampling where both drew it).")
+                                "judge, KL k3 estimator, or diversity sampling where both drew it). With --plots, "
+                                "also draws the checkpoints of every run as PNGs beside it.",
+                                epilog=EPILOG_LEADERBOARD, formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
     merge.add_argument("--out", type=Path, default=Path("leaderboard-merged"),
                        help="directory for the merged leaderboard.{json,md,csv}, not a source's (default: "
                        "leaderboard-merged)")
+    merge.add_argument("--plots", action="store_true",
+                       help="also write gold_vs_kl.png (reward vs sqrt KL to the reference, with the Pareto "
+                       "frontier) and win_rate_vs_length.png into --out")
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite (default: synthetic)",
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
@@ -186,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write a self-contained HTML report of a run directory",
                                  description="Write RUN_DIR/report.html: leaderboard with flags, reward vs sqrt(KL) "
-                                 "with Gao fits, win rate vs length, reward-model calibration and training curves, "
-                                 "plots inlined (no other files, no JavaScript). The eval stage writes it too.")
+                                 "with Gao fits, the gold-vs-KL Pareto frontier, win rate vs length, reward-model "
+                                 "calibration and training curves, plots inlined (no other files, no JavaScript). The "
+                                 "eval stage writes it too.")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory, e.g. runs/quickstart")
     report.add_argument("--kl-budget", type=float, default=10.0,
                         help="flag checkpoints whose KL to the reference exceeds this many nats (default: 10)")
@@ -379,12 +399,22 @@ def _cmd_leaderboard(args) -> int:
         print(f"error: --out {args.out} holds one of the leaderboards being merged (a run's leaderboard is its eval "
               "stage's record of the run); pass another directory (default: leaderboard-merged)", file=sys.stderr)
         return 2
+    plots = None
     try:
-        _, md_path = write_leaderboard(merge_leaderboards(paths), args.out)
+        board = merge_leaderboards(paths)
+        if args.plots:  # drawn before anything is written; matplotlib is imported only when plots are asked for
+            from alignpipe.evaluation.report import leaderboard_plots
+
+            plots = leaderboard_plots(board)
+        _, md_path = write_leaderboard(board, args.out)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(md_path.read_text())
+    if plots is not None:
+        from alignpipe.evaluation.report import write_leaderboard_plots
+
+        write_leaderboard_plots(plots, args.out)
     return 0
 
 

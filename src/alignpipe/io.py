@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 # mkstemp creates files 0600; read the process umask once so replaced files get the usual 0666 & ~umask.
 # (os.umask can only be read by setting it, so do it at import rather than on every write, where it would race.)
@@ -46,21 +46,22 @@ class PartlyReplacedError(OSError):
 
 
 @contextlib.contextmanager
-def atomic_open_all(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[TextIO]]:
-    """UTF-8 text files (newlines written as given), written piece by piece, that replace ``paths`` only when the
-    ``with`` block ends without an error, so that files meant to be read together (one export's files) are all new
-    or all old. Every file is flushed, synced and closed before the first is renamed into place: a full disk fails
-    before anything is replaced. Only a rename itself failing (the target became a directory) can leave some files
-    replaced; that raises :class:`PartlyReplacedError` naming them. Parent dirs are created."""
+def atomic_open_all(paths: Sequence[str | os.PathLike[str]], *, binary: bool = False) -> Iterator[list[IO]]:
+    """UTF-8 text files (newlines written as given; ``binary``: bytes, e.g. PNG plots), written piece by piece, that
+    replace ``paths`` only when the ``with`` block ends without an error, so that files meant to be read together
+    (one export's files) are all new or all old. Every file is flushed, synced and closed before the first is renamed
+    into place: a full disk fails before anything is replaced. Only a rename itself failing (the target became a
+    directory) can leave some files replaced; that raises :class:`PartlyReplacedError` naming them. Parent dirs are
+    created."""
     paths = [Path(p) for p in paths]
     temps: list[str] = []
-    handles: list[TextIO] = []
+    handles: list[IO] = []
     try:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temps.append(tmp)
-            handles.append(os.fdopen(fd, "w", encoding="utf-8", newline=""))
+            handles.append(os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline=""))
             os.fchmod(handles[-1].fileno(), 0o666 & ~_UMASK)
         yield handles
         for handle in handles:

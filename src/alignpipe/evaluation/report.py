@@ -12,6 +12,10 @@ Three layers, each usable on its own:
 * **HTML** (:func:`render_report`): tables, notes and the PNGs inlined as base64 ``data:`` URIs with inline CSS.
   No JavaScript and no reference to any other file or to the network, so the file can be mailed as it is.
 
+The leaderboard's own plots (gold vs √KL with its Pareto frontier, win rate vs length) are also written as PNG files
+beside a merged leaderboard by ``alignpipe leaderboard --plots`` (:func:`leaderboard_plots`,
+:func:`write_leaderboard_plots`), drawn by the same functions as the report's.
+
 A section whose data is absent is replaced by a one-line note saying what is missing; a section whose data cannot
 be read is replaced by a note naming the error, so one odd file never costs the rest of the report.
 """
@@ -53,13 +57,15 @@ from alignpipe.evaluation.leaderboard import (
     metric_value,
 )
 from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
-from alignpipe.io import atomic_write_text
+from alignpipe.evaluation.pareto import KL_METRIC, REWARD_METRICS, KLPoint, gold_vs_kl, pareto_front, row_runs
+from alignpipe.io import atomic_open_all, atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE
 
-__all__ = ["KL_BUDGET", "TRUNCATION_LIMIT", "LengthPoint", "OveroptCurve", "RunData", "StageData",
-           "bon_curves", "checkpoint_flags", "plot_overoptimisation", "plot_ppo_training", "plot_reliability",
-           "plot_rounds", "plot_trl_curves", "plot_win_rate_vs_length", "ppo_curve", "read_run", "render_report",
-           "write_report"]
+__all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
+           "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",
+           "plot_gold_vs_kl", "plot_overoptimisation", "plot_ppo_training", "plot_reliability", "plot_rounds",
+           "plot_trl_curves", "plot_win_rate_vs_length", "ppo_curve", "read_run", "render_report",
+           "write_leaderboard_plots", "write_report"]
 
 log = logging.getLogger("alignpipe")
 
@@ -272,6 +278,28 @@ def _lc_value(results: dict) -> float | None:
     return metric_value(results, name) if name else None
 
 
+@dataclass(frozen=True)
+class LengthPoint:
+    name: str
+    length: float
+    win_rate: float
+    win_rate_ci: tuple[float, float] | None
+    lc_win_rate: float | None = None
+
+
+def length_points(checkpoints: Sequence[dict]) -> list[LengthPoint]:
+    """Leaderboard rows with both ``win_rate_vs_ref`` and ``len_tokens_mean``, as points (other rows left out)."""
+    points = []
+    for c in checkpoints:
+        res = c["results"]
+        wr, length = metric_value(res, "win_rate_vs_ref"), metric_value(res, "len_tokens_mean")
+        if wr is None or length is None:
+            continue
+        ci = res["win_rate_vs_ref"].get("ci95")
+        points.append(LengthPoint(c["name"], length, wr, tuple(ci) if ci else None, _lc_value(res)))
+    return points
+
+
 # ---------------------------------------------------------------------------------------------- plotting (pure)
 
 def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -348,15 +376,6 @@ def plot_overoptimisation(curves: Sequence[OveroptCurve], form: str, title: str)
     return _png(fig)
 
 
-@dataclass(frozen=True)
-class LengthPoint:
-    name: str
-    length: float
-    win_rate: float
-    win_rate_ci: tuple[float, float] | None
-    lc_win_rate: float | None = None
-
-
 def plot_win_rate_vs_length(points: Sequence[LengthPoint]) -> bytes:
     """Raw win rate (● ± 95% CI) and, when present, LC win rate (□) against mean response length, per checkpoint."""
     fig, (ax,) = _figure(1, 1, 9, 4.6)
@@ -377,6 +396,44 @@ def plot_win_rate_vs_length(points: Sequence[LengthPoint]) -> bytes:
     has_lc = any(p.lc_win_rate is not None for p in points)
     ax.set_title("win rate vs length: ● raw ± 95% CI" + (", □ length-controlled" if has_lc else ""), fontsize=10)
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
+                    runs: Sequence[str] = ()) -> bytes:
+    """Reward (● ± 95% CI) vs √KL to the reference, one labelled point per checkpoint, and the Pareto frontier as a
+    step line: the best reward reached at no more KL (○ marks its checkpoints). Rows of several runs are coloured by
+    run (in the order of ``runs``, e.g. the merge's sources, then as met) and labelled by checkpoint; a KL estimate
+    below 0 is drawn at 0 (see :mod:`alignpipe.evaluation.pareto`)."""
+    if not points:
+        raise ValueError("no checkpoint with a reward and a KL to draw")
+    fig, (ax,) = _figure(1, 1, 9, 4.6)
+    met = {p.run for p in points if p.run is not None}
+    runs = [r for r in dict.fromkeys([*runs, *(p.run for p in points if p.run is not None)]) if r in met]
+    by_run = len(runs) > 1
+
+    def key(p: KLPoint) -> str:
+        return str(p.run) if by_run else p.name
+
+    colours = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys([*(runs if by_run else []), *map(key, points)]))}
+    for p in points:
+        _errorbar(ax, [p.d], [p.reward], [p.reward_ci] if p.reward_ci else None, marker="o", markersize=6,
+                  color=colours[key(p)])
+        label = p.name[len(p.run) + 1:] if by_run and p.run else p.name
+        ax.annotate(label, (p.d, p.reward), xytext=(5, 4), textcoords="offset points", fontsize=7,
+                    color=colours[key(p)])
+    front = [points[i] for i in pareto_front([(p.kl, p.reward) for p in points])]
+    ax.step([p.d for p in front], [p.reward for p in front], where="post", color="black", linewidth=1.2, alpha=0.7,
+            zorder=1, label="Pareto frontier")  # under the points and their CI bars
+    ax.plot([p.d for p in front], [p.reward for p in front], marker="o", markersize=12, markerfacecolor="none",
+            markeredgecolor="black", linestyle="none", zorder=1)
+    for run in runs if by_run else []:
+        ax.plot([], [], marker="o", linestyle="none", color=colours[run], label=run)
+    negative = " (k1 estimates below 0 drawn at 0)" if any(p.kl < 0 for p in points) else ""
+    ax.set_xlabel(f"√KL(π ‖ π_ref), {KL_METRIC}{negative}")
+    ax.set_ylabel(reward_name)
+    ax.set_title(f"{reward_name} vs √KL: ● checkpoint ± 95% CI, line = Pareto frontier (○ on it)", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 
@@ -684,17 +741,37 @@ def _peak_text(c: OveroptCurve) -> str:
     return text + (" — extrapolated beyond the data" if c.fit.peak_d > max(c.d) else "")
 
 
+def _pareto_section(run: RunData) -> str:
+    if run.leaderboard is None:
+        return _note("No leaderboard.json, so no checkpoints to place by reward and KL.")
+    shaped = gold_vs_kl(run.leaderboard)
+    if not shaped.points:
+        reward = shaped.reward_metric or " or ".join(REWARD_METRICS)
+        return _note(f"No checkpoint has both {reward} and {KL_METRIC} (KL to the reference), so there is no "
+                     "frontier to draw.")
+    results = {c["name"]: c["results"] for c in run.leaderboard["checkpoints"]}
+    front = [shaped.points[i] for i in shaped.front]
+    proxy = any("proxy_reward" in results[p.name] for p in front)
+    header = ["checkpoint", f"{_e(shaped.reward_metric)} [95% CI]", "KL to ref, k1 [95% CI], nats", "√KL"]
+    header += ["proxy_reward [95% CI]"] if proxy else []
+    rows = [[_e(p.name), _metric(results[p.name].get(shaped.reward_metric)), _metric(results[p.name].get(KL_METRIC)),
+             _fmt(p.d)] + ([_metric(results[p.name].get("proxy_reward"))] if proxy else []) for p in front]
+    notes = [f"The frontier, by increasing KL: {len(front)} of the {len(shaped.points)} checkpoints placed. A "
+             f"checkpoint is on it when no other has both lower-or-equal KL and higher-or-equal "
+             f"{shaped.reward_metric}, one strictly."]
+    if negative := [p.name for p in shaped.points if p.kl < 0]:
+        notes.append(f"{KL_METRIC} below 0 (Monte-Carlo noise; true KL is never negative) for {', '.join(negative)}: "
+                     "drawn and compared at √KL = 0.")
+    notes += [shaped.note()] if shaped.note() else []
+    return "\n".join([_img(plot_gold_vs_kl(shaped.points, shaped.reward_metric, row_runs(run.leaderboard)),
+                            f"{shaped.reward_metric} vs sqrt KL with the Pareto frontier"),
+                       _table(header, rows), *map(_note, notes)])
+
+
 def _length_section(run: RunData) -> str:
     if run.leaderboard is None:
         return _note("No leaderboard.json, so no per-checkpoint win rates and lengths.")
-    points = []
-    for c in run.leaderboard["checkpoints"]:
-        res = c["results"]
-        wr, length = metric_value(res, "win_rate_vs_ref"), metric_value(res, "len_tokens_mean")
-        if wr is None or length is None:
-            continue
-        ci = res["win_rate_vs_ref"].get("ci95")
-        points.append(LengthPoint(c["name"], length, wr, tuple(ci) if ci else None, _lc_value(res)))
+    points = length_points(run.leaderboard["checkpoints"])
     if not points:
         return _note("No checkpoint has both win_rate_vs_ref and len_tokens_mean.")
     note = "" if any(p.lc_win_rate is not None for p in points) else _note(
@@ -777,9 +854,10 @@ def _training_section(run: RunData) -> str:
 _SECTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("leaderboard", "1. Leaderboard", lambda run, kl: _leaderboard_section(run, kl)),
     ("overoptimisation", "2. Over-optimisation: reward vs √KL", lambda run, kl: _overopt_section(run)),
-    ("length", "3. Win rate vs response length", lambda run, kl: _length_section(run)),
-    ("reward-models", "4. Reward models: accuracy and calibration", lambda run, kl: _reward_section(run)),
-    ("training", "5. Training curves", lambda run, kl: _training_section(run)),
+    ("pareto", "3. Gold reward vs KL: the Pareto frontier", lambda run, kl: _pareto_section(run)),
+    ("length", "4. Win rate vs response length", lambda run, kl: _length_section(run)),
+    ("reward-models", "5. Reward models: accuracy and calibration", lambda run, kl: _reward_section(run)),
+    ("training", "6. Training curves", lambda run, kl: _training_section(run)),
 )
 
 
@@ -811,3 +889,59 @@ def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET, writing_stage: 
         if stage.name == writing_stage and stage.manifest.get("status") == "running":
             stage.manifest = {**stage.manifest, "status": "finishing (wrote this report)"}
     return atomic_write_text(run.root / "report.html", render_report(run, kl_budget=kl_budget))
+
+
+# ------------------------------------------------------------------------------------------ leaderboard plots
+
+LEADERBOARD_PLOTS = ("gold_vs_kl.png", "win_rate_vs_length.png")  # what `alignpipe leaderboard --plots` writes
+
+
+@dataclass(frozen=True)
+class LeaderboardPlots:
+    """The plots drawn for a leaderboard, kept apart from writing them so nothing is written until all are drawn."""
+
+    pngs: dict[str, bytes]  # file name -> PNG, for the plots the leaderboard has data for
+    notes: list[str]  # one line per plot skipped or per rows a plot leaves out, saying why
+
+
+def leaderboard_plots(board: dict) -> LeaderboardPlots:
+    """A (merged) leaderboard's plots, drawn before anything is written, so a failure leaves the old files alone."""
+    gold_file, length_file = LEADERBOARD_PLOTS
+    pngs, notes = {}, []
+    shaped = gold_vs_kl(board)
+    if shaped.points:
+        pngs[gold_file] = plot_gold_vs_kl(shaped.points, shaped.reward_metric, row_runs(board))
+        notes += [f"{gold_file}: {shaped.note()}"] if shaped.note() else []
+    else:
+        reward = shaped.reward_metric or " or ".join(REWARD_METRICS)
+        notes.append(f"{gold_file} not drawn: no checkpoint has both {reward} and {KL_METRIC}")
+    points = length_points(board["checkpoints"])
+    if points:
+        pngs[length_file] = plot_win_rate_vs_length(points)
+        drawn = {p.name for p in points}
+        if left := [c["name"] for c in board["checkpoints"] if c["name"] not in drawn]:
+            notes.append(f"{length_file}: Not placed (no value of win_rate_vs_ref and len_tokens_mean): "
+                         f"{', '.join(left)}.")
+    else:
+        notes.append(f"{length_file} not drawn: no checkpoint has both win_rate_vs_ref and len_tokens_mean")
+    return LeaderboardPlots(pngs, notes)
+
+
+def write_leaderboard_plots(plots: LeaderboardPlots, directory: Path) -> list[Path]:
+    """Write the drawn plots into ``directory`` (all or none, atomically) and log what was written or skipped, and
+    why. A plot not drawn this time is removed if an earlier merge left one there: it would show other rows."""
+    directory = Path(directory)
+    for note in plots.notes:
+        log.warning("%s", note)
+    paths = [directory / name for name in plots.pngs]
+    with atomic_open_all(paths, binary=True) as handles:
+        for handle, png in zip(handles, plots.pngs.values(), strict=True):
+            handle.write(png)
+    for path in paths:
+        log.info("wrote %s", path)
+    for name in LEADERBOARD_PLOTS:
+        stale = directory / name
+        if name not in plots.pngs and stale.is_file():
+            stale.unlink()
+            log.warning("removed %s: left by an earlier merge, it does not show this leaderboard", stale)
+    return paths

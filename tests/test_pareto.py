@@ -1,0 +1,63 @@
+"""The reward-vs-KL Pareto frontier (alignpipe.evaluation.pareto): hand cases, negative k1 estimates, row shaping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl, pareto_front
+
+
+def _row(name, **metrics):
+    return {"name": name, "results": {m: {"value": v, "ci95": [v - 0.1, v + 0.1]} for m, v in metrics.items()}}
+
+
+@pytest.mark.parametrize("points, front", [
+    ([], []),
+    ([(0.7, 0.2)], [0]),  # a single point is its own frontier
+    ([(0.0, 0.0), (1.0, 1.0), (2.0, 0.5)], [0, 1]),  # more KL for less reward is dominated
+    ([(2.0, 3.0), (0.0, 1.0), (1.0, 2.0)], [1, 2, 0]),  # all on it, returned by increasing KL
+    ([(1.0, 1.0), (1.0, 1.0)], [0, 1]),  # exact ties dominate neither way
+    ([(1.0, 1.0), (1.0, 0.5)], [0]),  # same KL, less reward
+    ([(0.0, 1.0), (1.0, 1.0)], [0]),  # same reward, more KL
+    ([(1.0, 2.0), (0.5, 1.0), (1.0, 2.0), (3.0, 1.5)], [1, 0, 2]),
+])
+def test_pareto_front_hand_cases(points, front):
+    assert pareto_front(points) == front
+
+
+def test_negative_kl_estimates_count_as_zero():
+    """k1 can come out below 0 by Monte-Carlo noise; true KL cannot, so such a point does not beat a KL-0 one on KL."""
+    assert pareto_front([(-0.2, 0.0), (0.0, 0.0)]) == [0, 1]  # both at 0 with one reward: a tie
+    assert pareto_front([(-0.3, 0.0), (0.0, 0.5)]) == [1]  # the noise buys no place on the frontier
+    assert pareto_front([(-0.2, 0.1), (0.05, 0.0)]) == [0]
+    assert KLPoint("x", -0.5, 0.0).d == 0.0 and KLPoint("x", 4.0, 0.0).d == 2.0
+
+
+def test_non_finite_values_are_refused():
+    with pytest.raises(ValueError, match="non-finite"):
+        pareto_front([(0.0, math.nan)])
+
+
+def test_rows_become_points_with_the_suites_reward_and_their_run():
+    board = {"config": {"sources": [{"label": "a"}, {"label": "x/eval-out"}]}, "checkpoints": [
+        _row("a/dpo", gold_reward=0.9, kl_ref_k1=2.0),
+        _row("x/eval-out/b/sft", gold_reward=0.5, kl_ref_k1=-0.01),  # a label and a checkpoint name with "/"
+        _row("a/base", gold_reward=0.1),  # no KL
+        _row("x/eval-out/ppo", kl_ref_k1=1.0, judge_reward=3.0),  # judge_reward is not mixed into a gold board
+    ]}
+    shaped = gold_vs_kl(board)
+    assert shaped.reward_metric == "gold_reward"
+    assert [(p.name, p.run) for p in shaped.points] == [("a/dpo", "a"), ("x/eval-out/b/sft", "x/eval-out")]
+    assert shaped.points[0].reward_ci == pytest.approx((0.8, 1.0)) and shaped.front == [1, 0]
+    assert shaped.skipped == ["a/base", "x/eval-out/ppo"]
+    assert shaped.note() == "Not placed (no value of gold_reward and kl_ref_k1): a/base, x/eval-out/ppo."
+
+    judged = gold_vs_kl({"config": {}, "checkpoints": [_row("dpo", judge_reward=1.5, kl_ref_k1=3.0),
+                                                       _row("sft", judge_reward=1.0, kl_ref_k1=0.0)]})
+    assert judged.reward_metric == "judge_reward" and judged.front == [1, 0] and judged.note() is None
+    assert {p.run for p in judged.points} == {None}  # not merged: no runs to colour by
+
+    none = gold_vs_kl({"config": {}, "checkpoints": [_row("sft", kl_ref_k1=0.0)]})
+    assert none.reward_metric is None and not none.points and "gold_reward or judge_reward" in none.note()

@@ -25,6 +25,7 @@ from alignpipe.evaluation.harness import (
     checkpoint_metrics,
     diversity_rows,
     evaluate_checkpoints,
+    implicit_rows,
     sample_rows,
 )
 from alignpipe.models.loading import load_causal_lm, load_tokenizer
@@ -416,6 +417,52 @@ def test_a_shared_cache_keeps_float32_and_bfloat16_results_apart(tmp_path, check
     assert in_bfloat16 != in_float32
     assert evaluated("bfloat16", cache) == in_bfloat16
     assert evaluated("float32", cache) == in_float32
+
+
+PAIRS = [("sort: 3 1 2", "1 2 3", "3 1 2"), ("copy: 4 4 9", "4 4 9", "4 4"), ("sum: 2 5 1", "8", "7"),
+         ("sort: 3 1 2", "1 2 3", "1 2")]  # the first prompt twice: its pairs are resampled together
+
+
+def test_implicit_reward_accuracy_of_a_checkpoint_against_its_reference(tmp_path, checkpoint_dir, tokenizer, prompts):
+    """A checkpoint's implicit reward margins on held-out pairs are those of hand forward passes of it and of the
+    reference, on each response's tokens and EOS; the reference itself, or a copy of its weights, gets no metric (its
+    margins are all 0), and a cache answers a second evaluation without changing a number."""
+    other_model = build_tiny_model(tokenizer, **SHAPE, seed=1).eval()
+    other_dir = save_tiny_checkpoint(other_model, tokenizer, tmp_path / "other")
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(checkpoint_dir, copy_dir)
+    ref = Checkpoint("base", str(checkpoint_dir), directory_hash(checkpoint_dir))
+    other = Checkpoint("other", str(other_dir), directory_hash(other_dir))
+    weights_copy = Checkpoint("copy", str(copy_dir), directory_hash(copy_dir))
+    settings = GenerationSettings(max_new_tokens=3, batch_size=8, seed=3)
+
+    def evaluated(cache=None):
+        return evaluate_checkpoints([ref, other, weights_copy], ref, prompts[:2], GoldJudge(), settings,
+                                    bootstrap_resamples=50, cache=cache, pairs=PAIRS)
+
+    results, samples = evaluated()
+    assert "implicit_reward_accuracy" not in results[0].metrics and samples[0].implicit_margins is None
+    assert "implicit_reward_accuracy" not in results[2].metrics  # another path, the reference's weights
+    ref_model = build_tiny_model(tokenizer, **SHAPE, seed=0).eval()
+
+    def log_ratio(prompt: str, response: str) -> float:
+        ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        return _hand_logprob(other_model, tokenizer, prompt, ids) - _hand_logprob(ref_model, tokenizer, prompt, ids)
+
+    hand = [log_ratio(p, c) - log_ratio(p, r) for p, c, r in PAIRS]
+    assert samples[1].implicit_margins == pytest.approx(hand, abs=1e-4)
+    accuracy = results[1].metrics["implicit_reward_accuracy"]
+    assert accuracy.value == sum(m > 0 for m in hand) / len(PAIRS) and accuracy.n == len(PAIRS)
+    assert accuracy.higher_is_better is True and accuracy.extra["n_ties"] == 0
+    assert [row["margin"] for row in implicit_rows(samples[1])] == samples[1].implicit_margins
+    assert implicit_rows(samples[1])[1] == {"prompt": PAIRS[1][0], "chosen": PAIRS[1][1], "rejected": PAIRS[1][2],
+                                            "margin": samples[1].implicit_margins[1]}
+    cache = EvalCache(tmp_path / "cache")
+    evaluated(cache)
+    hits = cache.hits
+    cached_results, cached_samples = evaluated(cache)
+    assert cache.hits > hits and cached_samples[1].implicit_margins == samples[1].implicit_margins
+    assert cached_results[1].metrics["implicit_reward_accuracy"] == accuracy
 
 
 def _judged(n_prompts: int) -> CheckpointSamples:

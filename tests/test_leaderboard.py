@@ -331,17 +331,22 @@ def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value,
     assert str(a) in str(error.value) and str(b) in str(error.value) and "alignpipe eval" in str(error.value)
 
 
-def test_merge_compares_diversity_sampling_only_where_both_boards_drew_it(tmp_path):
-    """Self-BLEU and distinct-n within a prompt move with the samples per prompt: boards that drew them differently
-    are not ranked together, but a board without those columns (older, or diversity off) still merges."""
+@pytest.mark.parametrize("key, four, eight, what", [
+    ("diversity", {"samples_per_prompt": 4, "prompts": 32}, {"samples_per_prompt": 8, "prompts": 32},
+     "diversity sampling"),
+    ("implicit_reward_pairs", {"source": "synthetic", "seed": 4242, "n": 256, "sha256": "0123456789abcdef"},
+     {"source": "synthetic", "seed": 4242, "n": 64, "sha256": "fedcba9876543210"}, "implicit-reward pairs"),
+])
+def test_merge_compares_extra_samples_only_where_both_boards_drew_them(tmp_path, key, four, eight, what):
+    """Self-BLEU and distinct-n within a prompt move with the samples per prompt, an implicit-reward accuracy with its
+    pairs: boards that drew them differently are not ranked together, but a board without those columns (older, or
+    the setting off) still merges."""
     from alignpipe.evaluation.leaderboard import merge_leaderboards
 
-    def board(name: str, diversity: dict | None) -> Path:
-        return write_leaderboard(_suite_board(("config", "diversity", diversity) if diversity else None),
-                                 tmp_path / name)[0]
+    def board(name: str, drawn: dict | None) -> Path:
+        return write_leaderboard(_suite_board(("config", key, drawn) if drawn else None), tmp_path / name)[0]
 
-    four, eight = {"samples_per_prompt": 4, "prompts": 32}, {"samples_per_prompt": 8, "prompts": 32}
-    with pytest.raises(ValueError, match="diversity sampling"):
+    with pytest.raises(ValueError, match=what):
         merge_leaderboards([board("a", four), board("b", eight)])
     assert len(merge_leaderboards([board("c", four), board("d", None)])["checkpoints"]) == 2 * len(results())
     assert len(merge_leaderboards([board("e", four), board("f", four)])["checkpoints"]) == 2 * len(results())
@@ -488,6 +493,36 @@ def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(comp
         rows = (runner.run_dir / "eval" / "samples" / f"{row['name']}.diversity.jsonl").read_text().splitlines()
         assert [len(json.loads(r)["responses"]) for r in rows] == [diversity["samples_per_prompt"]] * len(rows)
     assert board["run"]["reference_sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
+
+
+def test_eval_stage_reports_implicit_reward_accuracy_on_recorded_pairs(completed_tiny_run):
+    """Every policy but the reference gets implicit_reward_accuracy on the gold-ordered held-out pairs, whose source,
+    seed, count and content hash the leaderboard records (merges compare them); each pair's margin is kept."""
+    from alignpipe.data.synthetic import task_space
+    from alignpipe.evaluation.cache import content_key
+    from alignpipe.evaluation.reward_suite import gold_ordered_heldout_pairs
+
+    runner, _ = completed_tiny_run
+    board = load_leaderboard(runner.run_dir / "leaderboard.json")
+    n = runner.recipe.stage("eval").implicit_reward_pairs
+    pairs = gold_ordered_heldout_pairs(n, 4242, 0.1, task_space(runner.recipe.data))
+    assert board["config"]["implicit_reward_pairs"] == {
+        "source": "synthetic", "seed": 4242, "heldout_fraction": 0.1, "labels": "gold", "n": n,
+        "sha256": content_key(pairs)[:16]}
+    rows = {row["name"]: row["results"] for row in board["checkpoints"]}
+    assert "implicit_reward_accuracy" not in rows["sft"]  # the reference: every margin would be 0
+    assert board["higher_is_better"]["implicit_reward_accuracy"] is True
+    for name in ("base", "dpo"):
+        samples = runner.run_dir / "eval" / "samples" / f"{name}.implicit.jsonl"
+        margins = [json.loads(line)["margin"] for line in samples.read_text().splitlines()]
+        accuracy = rows[name]["implicit_reward_accuracy"]
+        assert accuracy["n"] == n == len(margins)
+        assert accuracy["value"] == pytest.approx(sum(m > 0 for m in margins) / n)
+    assert not (runner.run_dir / "eval" / "samples" / "sft.implicit.jsonl").exists()
+    # it moves: 32 DPO steps from SFT rank the better of two unseen responses first more often than chance (0.59 of
+    # 256, CI [0.53, 0.65] on CPU) and than the untrained model against the same reference (0.46)
+    dpo, base = rows["dpo"]["implicit_reward_accuracy"]["value"], rows["base"]["implicit_reward_accuracy"]["value"]
+    assert dpo > 0.5 and dpo > base
 
 
 def test_csv_and_markdown_rank_the_same_rows():

@@ -1079,6 +1079,11 @@ class EvalStage(_StageBase):
         "(proxy_reward, its gain over the reference's and the proxy-gold gap; an ensemble adds its members' min and "
         "variance). auto = the only reward input trained on the built-in task, if there is exactly one; null = none.",
     )
+    implicit_reward_pairs: int = Field(
+        256, ge=0, description="Held-out synthetic pairs, ordered by the gold reward, on which every policy but the "
+        "reference gets implicit_reward_accuracy: how often beta*log(pi/pi_ref) ranks the better response strictly "
+        "higher (Rafailov et al. 2023; RewardBench scores DPO models this way); 0 = off.",
+    )
 
     @field_validator("inputs")
     @classmethod

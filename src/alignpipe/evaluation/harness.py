@@ -6,7 +6,8 @@ reference checkpoint under the pairwise judge (both orders, ties 0.5) and its le
 prompts up), the gold reward's gain over the reference's on the same prompts (R(reference) = 0), Monte-Carlo sequence KL
 to the reference (k1, and k3 summed per token), the policy's entropy, response length, truncation rate, distinct-1/2
 and repetition across prompts, and (with :class:`DiversitySampling`) self-BLEU-4 and distinct-2 among k samples of
-one prompt.
+one prompt. Given held-out preference ``pairs``, each checkpoint other than the reference also gets its implicit-reward
+accuracy (:mod:`alignpipe.evaluation.implicit_reward`).
 
 With an :class:`alignpipe.evaluation.cache.EvalCache`, generations and log-probabilities are looked up by content
 hash first; a checkpoint whose samples and log-probs are all cached is not even loaded.
@@ -32,6 +33,7 @@ from alignpipe.evaluation.generation import (
     generate,
     token_logprobs,
 )
+from alignpipe.evaluation.implicit_reward import implicit_margins, implicit_reward_accuracy
 from alignpipe.evaluation.leaderboard import CheckpointResult
 from alignpipe.evaluation.length_control import MIN_PROMPTS, length_controlled_win_rate
 from alignpipe.evaluation.metrics import (
@@ -53,6 +55,7 @@ log = logging.getLogger("alignpipe")
 
 
 Proxy = Callable[[list[str], list[str]], list[list[float]]]  # (prompts, responses) -> [N, K] member rewards
+Pair = tuple[str, str, str]  # (prompt, chosen, rejected): chosen is the preferred response
 
 
 class Judge(Protocol):
@@ -119,6 +122,8 @@ class CheckpointSamples:
     sampled_from_policy: bool = True  # temperature 1, no top-p: the samples are draws from the policy itself
     proxy_members: list[list[float]] | None = None  # [N, K] proxy reward model (members) scores of the responses
     reference_proxy_members: list[list[float]] | None = None  # the same for the reference's responses
+    implicit_pairs: list[Pair] | None = None  # held-out preference pairs, scored when this is not the reference
+    implicit_margins: list[float] | None = None  # their implicit reward margins (nats, β left out)
 
     @property
     def logp_policy(self) -> list[float]:
@@ -200,11 +205,13 @@ def evaluate_checkpoints(
     cache: EvalCache | None = None,
     diversity: DiversitySampling | None = None,
     proxy: Proxy | None = None,
+    pairs: list[Pair] | None = None,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
 
     ``proxy``, a learned reward model's per-member scores, adds the proxy reward and the proxy-gold gap
-    (:mod:`alignpipe.evaluation.proxy`).
+    (:mod:`alignpipe.evaluation.proxy`). ``pairs``, held-out (prompt, chosen, rejected) triples, adds
+    ``implicit_reward_accuracy`` to every checkpoint but the reference itself, whose margins are all 0.
 
     Models are loaded one at a time (plus the reference, which stays loaded to score every checkpoint's samples),
     and only when the cache cannot answer (checkpoints need ``weights_sha256`` to be cached); the proxy scores
@@ -215,6 +222,7 @@ def evaluate_checkpoints(
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
     judged = []
+    reference_pair_scores: dict = {}  # scored pair tokens -> their log-probs under the reference, shared by checkpoints
     for checkpoint in checkpoints:
         same = checkpoint.path == reference.path
         model = ref_model if same else LazyModel(checkpoint, dtype)
@@ -222,12 +230,17 @@ def evaluate_checkpoints(
         token_logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
         token_logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
         groups = diversity_groups(model, prompts, settings, diversity, cache) if diversity else None
+        is_reference = same or (checkpoint.weights_sha256 is not None
+                                and checkpoint.weights_sha256 == reference.weights_sha256)  # margins all 0
+        margins = (pair_margins(model, ref_model, pairs, settings.batch_size, cache, reference_pair_scores)
+                   if pairs and not is_reference else None)
         if not same:
             model.release()
         judged.append(dataclasses.replace(
             _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
             reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy,
-            diversity_prompts=diversity.chosen(prompts) if diversity else None))
+            diversity_prompts=diversity.chosen(prompts) if diversity else None,
+            implicit_pairs=list(pairs) if margins is not None else None, implicit_margins=margins))
     ref_model.release()
     if proxy:  # scored once every policy is released: the reward model is never resident beside two policies
         ref_proxy = proxy(prompts, [g.response for g in ref_generations])
@@ -252,6 +265,33 @@ def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationS
     """``diversity.samples_per_prompt`` responses of ``model`` to each of the first ``diversity.prompts`` prompts."""
     seeded = dataclasses.replace(settings, seed=settings.seed + DIVERSITY_SEED_OFFSET)
     return diversity.groups(cached_generations(model, diversity.prompts_for(prompts), seeded, cache))
+
+
+def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
+    """The chosen responses of ``pairs``, then their rejected ones, as finished samples of ``tokenizer``'s model: each
+    response's tokens and EOS, as a sampled response that ended is scored (:func:`token_logprobs` renders the prompt
+    with the scoring model's chat template), so the same response tokens are scored under the policy and the
+    reference."""
+    def finished(prompt: str, response: str) -> Generation:
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        return Generation(prompt, response, (*ids, tokenizer.eos_token_id), False)
+
+    return [finished(p, c) for p, c, _ in pairs] + [finished(p, r) for p, _, r in pairs]
+
+
+def pair_margins(model: LazyModel, ref_model: LazyModel, pairs: list[Pair], batch_size: int, cache: EvalCache | None,
+                 reference_scores: dict) -> list[float]:
+    """Implicit reward margins of ``model`` against ``ref_model`` on ``pairs``, from the cached per-token log-prob
+    path; ``reference_scores`` keeps the reference's log-probs of each token list it scored (checkpoints that share a
+    tokenizer score the same tokens, which the reference then scores once even without a cache)."""
+    scored = pair_generations(model.tokenizer(), pairs)
+    key = tuple(scored)
+    if key not in reference_scores:
+        reference_scores[key] = [math.fsum(t) for t in cached_logprobs(ref_model, scored, batch_size, cache)]
+    policy = [math.fsum(t) for t in cached_logprobs(model, scored, batch_size, cache)]
+    reference = reference_scores[key]
+    n = len(pairs)
+    return implicit_margins(policy[:n], reference[:n], policy[n:], reference[n:]).tolist()
 
 
 def _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference,
@@ -305,6 +345,10 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     if samples.proxy_members is not None:
         metrics.update(proxy_metrics(samples.proxy_members, samples.reference_proxy_members, samples.rewards,
                                      samples.reference_rewards, resamples=bootstrap_resamples, seed=seed))
+    if samples.implicit_margins is not None:  # pairs that share a prompt are resampled together
+        metrics["implicit_reward_accuracy"] = implicit_reward_accuracy(
+            samples.implicit_margins, resamples=bootstrap_resamples, seed=seed,
+            groups=[prompt for prompt, _, _ in samples.implicit_pairs])
     return metrics
 
 
@@ -348,3 +392,9 @@ def diversity_rows(samples: CheckpointSamples) -> list[dict]:
     """Per-prompt records of the diversity samples (JSONL): the prompt and its several responses."""
     return [{"prompt": prompt, "responses": group}
             for prompt, group in zip(samples.diversity_prompts or [], samples.diversity_groups or [], strict=True)]
+
+
+def implicit_rows(samples: CheckpointSamples) -> list[dict]:
+    """Per-pair records (JSONL) of the implicit-reward accuracy: each pair and its margin (nats, β left out)."""
+    return [{"prompt": p, "chosen": c, "rejected": r, "margin": m}
+            for (p, c, r), m in zip(samples.implicit_pairs or [], samples.implicit_margins or [], strict=True)]

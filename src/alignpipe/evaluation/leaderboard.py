@@ -207,10 +207,12 @@ _MERGE_INVARIANTS = (
     ("generation settings", "config", "generation"),
     ("judge", "config", "judge"), ("pair sources", "config", "pair_sources"),
     ("KL k3 estimator", "config", "kl_k3"), ("diversity sampling", "config", "diversity"),
+    ("implicit-reward pairs", "config", "implicit_reward_pairs"),
 )
-# Settings of extra samples whose metrics only the boards that drew them have (within-prompt diversity): compared
-# only when both boards record them, so a board without those columns still merges with one that has them
-_RECORDED_WHEN_DRAWN = frozenset({"diversity"})
+# Settings of extra samples whose metrics only the boards that drew them have (within-prompt diversity, the pairs of
+# implicit_reward_accuracy): compared only when both boards record them, so a board without those columns still
+# merges with one that has them
+_RECORDED_WHEN_DRAWN = frozenset({"diversity", "implicit_reward_pairs"})
 _RECORDED_SINCE = "reference_sha256"  # a run key absent from leaderboards written before the merge checked weights
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 
-from alignpipe.data.synthetic import evaluation_tasks
+from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import (
@@ -17,6 +17,7 @@ from alignpipe.evaluation.harness import (
     DiversitySampling,
     diversity_rows,
     evaluate_checkpoints,
+    implicit_rows,
     kl_estimator_record,
     sample_rows,
 )
@@ -28,6 +29,7 @@ from alignpipe.evaluation.leaderboard import (
 )
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.evaluation.proxy_scorer import ProxyScorer
+from alignpipe.evaluation.reward_suite import gold_ordered_heldout_pairs
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
@@ -38,6 +40,8 @@ log = logging.getLogger("alignpipe")
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
 RUN_RESULTS = (*LEADERBOARD_FILES, "report.html")  # what this stage writes at the run root
+IMPLICIT_PAIR_SEED = 4242  # the reward-models suite's synthetic seed: no shipped recipe trains on it
+IMPLICIT_HELDOUT_FRACTION = 0.1  # a reward stage's default heldout_fraction
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
@@ -67,6 +71,26 @@ def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer,
     return scorer, {"proxy": {"stage": name, "sha256": weights}}
 
 
+def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]], dict]:
+    """The held-out pairs for ``implicit_reward_accuracy``, ordered by gold, and what the leaderboard records of them.
+
+    What they are unseen by: they come from the synthetic task's pair stream for :data:`IMPLICIT_PAIR_SEED` in the
+    recipe's task space, kept only where :func:`~alignpipe.data.preference.is_reward_heldout` holds their prompt out at
+    0.1, so a reward stage on the synthetic task with ``heldout_fraction >= 0.1`` (the default) never trains on their
+    prompts, whatever its seed. A dpo stage holds nothing out: it trains on every pair of the stream for the recipe's
+    seed, drawn from the same train split of a finite prompt space. Another seed draws other tasks and responses, so
+    its pairs are not these, but prompts can coincide: against a default 2000-pair stream (seeds 0 to 3 and 42), 4 to
+    11 of 256 prompts did, and 0 to 2 of the pairs themselves (responses in either order); SFT demonstrations come from
+    that split too. A recipe whose seed is 4242 would draw these prompts, and at the default pair settings these pairs,
+    for its dpo stage. The eval prompts of :func:`evaluation_tasks` are another split, never trained on.
+    """
+    n = ctx.stage.implicit_reward_pairs
+    pairs = gold_ordered_heldout_pairs(n, IMPLICIT_PAIR_SEED, IMPLICIT_HELDOUT_FRACTION, task_space(ctx.recipe.data))
+    record = {"source": "synthetic", "seed": IMPLICIT_PAIR_SEED, "heldout_fraction": IMPLICIT_HELDOUT_FRACTION,
+              "labels": "gold", "n": len(pairs), "sha256": content_key(pairs)[:16]}
+    return pairs, {"implicit_reward_pairs": record}
+
+
 def run(ctx: StageContext) -> dict:
     stage, recipe = ctx.stage, ctx.recipe
     if ctx.is_main_process:  # the last attempt's results go first: a failed re-run must not leave them looking current
@@ -91,10 +115,11 @@ def run(ctx: StageContext) -> dict:
         log.info("[%s] no proxy reward: proxy: auto takes the only reward input, and there are %d (%s); name one "
                  "with proxy: <stage>", ctx.dir.name, len(reward_names), ", ".join(reward_names))
     proxy, proxy_record = _proxy(ctx, proxy_name, cache) if proxy_name else (None, {})
+    pairs, pairs_record = _implicit_pairs(ctx) if stage.implicit_reward_pairs else (None, {})
     results, samples = evaluate_checkpoints(
         checkpoints, reference, prompts, GoldJudge(), settings,
         dtype=recipe.model.dtype, bootstrap_resamples=stage.bootstrap_resamples, cache=cache,
-        diversity=diversity, proxy=proxy,
+        diversity=diversity, proxy=proxy, pairs=pairs,
     )
     if proxy is not None:
         proxy.release()
@@ -106,6 +131,9 @@ def run(ctx: StageContext) -> dict:
         if checkpoint_samples.diversity_groups:
             atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.diversity.jsonl",
                               "".join(json.dumps(r) + "\n" for r in diversity_rows(checkpoint_samples)))
+        if checkpoint_samples.implicit_margins is not None:
+            atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.implicit.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in implicit_rows(checkpoint_samples)))
     record = ctx.run_dir / RUN_FILE
     run_record = json.loads(record.read_text()) if record.exists() else {}
     leaderboard = build_leaderboard(
@@ -119,7 +147,7 @@ def run(ctx: StageContext) -> dict:
                 "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",
                                "n": len(prompts)},
                 "judge": {"type": "gold", "id": GoldJudge.judge_id, "position_swap": True},
-                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **proxy_record,
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **proxy_record, **pairs_record,
                 "bootstrap_iters": stage.bootstrap_resamples, **kl_estimator_record(results)},
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
         reward_models=[_reward_row(ctx, name) for name in reward_names],

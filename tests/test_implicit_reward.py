@@ -1,0 +1,125 @@
+"""Implicit-reward accuracy (alignpipe.evaluation.implicit_reward): hand values, the gold-ordered held-out pairs it is
+measured on, and TRL's DPOTrainer's own implicit reward on the same pairs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from alignpipe.evaluation.generation import token_logprobs
+from alignpipe.evaluation.harness import pair_generations
+from alignpipe.evaluation.implicit_reward import implicit_margins, implicit_reward_accuracy
+from alignpipe.evaluation.reward_suite import _synthetic_heldout, gold_ordered_heldout_pairs
+from alignpipe.models.loading import activation_checkpointing_argument
+from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+from alignpipe.tasks import TaskSpace, gold_reward, tokenizer_corpus
+
+# ------------------------------------------------------------------------------------------------------ pure maths
+
+
+def test_margins_hand_values():
+    # pair 0: [-10 - (-12)] - [-15 - (-14)] = 2 - (-1) = 3; pair 1: [-5 - (-4)] - [-6 - (-6)] = -1; pair 2: 0
+    m = implicit_margins([-10.0, -5.0, -3.0], [-12.0, -4.0, -2.0], [-15.0, -6.0, -7.0], [-14.0, -6.0, -6.0])
+    assert m.tolist() == [3.0, -1.0, 0.0]
+
+
+def test_accuracy_is_strict_with_ties_counted_and_a_ci():
+    acc = implicit_reward_accuracy([3.0, -1.0, 0.0, 0.5], resamples=200, seed=0)
+    assert acc.value == 0.5  # 3 and 0.5 win; -1 loses; the tie at 0 counts as a loss (RewardBench's strict >)
+    assert acc.n == 4 and acc.higher_is_better is True
+    assert acc.extra["n_ties"] == 1 and acc.extra["mean_margin"] == pytest.approx(2.5 / 4)
+    lo, hi = acc.ci95
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+    assert implicit_reward_accuracy([0.0] * 5, resamples=100).value == 0.0  # never moved off the reference
+
+
+def test_beta_does_not_change_the_accuracy():
+    margins = [0.3, -0.2, 1.5, -0.01, 0.7]
+    plain = implicit_reward_accuracy(margins, resamples=100)
+    for beta in (0.01, 0.5, 10.0):
+        assert implicit_reward_accuracy([beta * m for m in margins], resamples=100).value == plain.value == 0.6
+
+
+def test_pairs_that_share_a_prompt_are_resampled_together():
+    margins, groups = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0], ["a", "a", "a", "b", "b", "b"]
+    grouped = implicit_reward_accuracy(margins, resamples=400, seed=0, groups=groups)
+    assert grouped.value == 0.5
+    assert set(grouped.ci95) <= {0.0, 0.5, 1.0}  # resampling whole prompts gives only 0, 1/2 and 1
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        implicit_margins([0.0, 1.0], [0.0], [0.0], [0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        implicit_reward_accuracy([float("nan")])
+
+
+# ------------------------------------------------------------------------------------------------------ the pairs
+
+
+def test_pairs_are_the_reward_suites_held_out_pairs_ordered_by_gold():
+    pairs = gold_ordered_heldout_pairs(40, 4242, 0.1)
+    assert len(pairs) == 40 and all(gold_reward(p, c) > gold_reward(p, r) for p, c, r in pairs)
+    stream = {(p, frozenset((c, r))) for p, c, r in _synthetic_heldout(80, 4242, 0.1)}
+    assert all((p, frozenset((c, r))) in stream for p, c, r in pairs)
+    assert gold_ordered_heldout_pairs(25, 4242, 0.1) == pairs[:25]  # a smaller n is a prefix of the same pairs
+    sort_only = gold_ordered_heldout_pairs(10, 4242, 0.1, TaskSpace(families=("sort",)))
+    assert all(p.startswith("sort:") for p, _, _ in sort_only)
+
+
+# --------------------------------------------------------------------------------------------- against TRL's DPO
+
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny tokenizer, a policy, a reference with perturbed weights (so margins are not 0) and 6 held-out pairs."""
+    tokenizer = train_tokenizer(tokenizer_corpus(n=400), 160)
+    policy = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                              max_position_embeddings=128, seed=0).eval()
+    reference = copy.deepcopy(policy)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=g))
+    return tokenizer, policy, reference, gold_ordered_heldout_pairs(6, 4242, 0.1)
+
+
+def _margins(tokenizer, policy, reference, pairs) -> list[float]:
+    """Through the harness's path: the pairs as finished samples, scored per token under both models."""
+    scored = pair_generations(tokenizer, pairs)
+    lp = [sum(t) for t in token_logprobs(policy, tokenizer, scored, batch_size=4)]
+    lr = [sum(t) for t in token_logprobs(reference, tokenizer, scored, batch_size=4)]
+    n = len(pairs)
+    return implicit_margins(lp[:n], lr[:n], lp[n:], lr[n:]).tolist()
+
+
+def test_margins_are_trls_dpo_implicit_reward_over_beta(tiny, tmp_path):
+    """TRL's DPOTrainer logs rewards/chosen = β(log π(c) − log π_ref(c)) and rewards/accuracies with a strict >: on
+    the same pairs, its per-pair log-ratios (its own tokenization, chat template and log-prob pass) are our margins."""
+    tokenizer, policy, reference, pairs = tiny
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
+    args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], max_length=48, beta=BETA,
+                     per_device_train_batch_size=len(rows), **activation_checkpointing_argument(False))
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    dataset = trainer._remove_unused_columns(trainer.train_dataset)
+    batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(rows))]))
+    policy_c, policy_r = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref_c, ref_r = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+    trl_margins = ((policy_c - ref_c) - (policy_r - ref_r)).tolist()
+
+    ours = _margins(tokenizer, policy, reference, pairs)
+    assert ours == pytest.approx(trl_margins, abs=1e-4)
+    assert any(abs(m) > 0.1 for m in ours)  # a real comparison
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    logged = trainer._metrics["eval"]  # the policy is in eval mode
+    assert logged["rewards/margins"][-1] == pytest.approx(BETA * sum(ours) / len(ours), abs=1e-4)
+    assert logged["rewards/accuracies"][-1] == pytest.approx(implicit_reward_accuracy(ours, resamples=100).value)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl, pareto_front
+from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl, pareto_front, zoomed
 
 
 def _row(name, **metrics):
@@ -61,3 +61,14 @@ def test_rows_become_points_with_the_suites_reward_and_their_run():
 
     none = gold_vs_kl({"config": {}, "checkpoints": [_row("sft", kl_ref_k1=0.0)]})
     assert none.reward_metric is None and not none.points and "gold_reward or judge_reward" in none.note()
+
+
+def test_zoom_keeps_the_checkpoints_near_the_median_kl_when_one_lies_far_out():
+    """An untrained model at KL 107 beside policies below 1 nat (the quickstart): the zoom panel shows the policies."""
+    points = [KLPoint("sft", 0.0, 0.85), KLPoint("dpo", 0.36, 0.96), KLPoint("osp", 0.41, 0.93),
+              KLPoint("ppo", 0.82, 0.92), KLPoint("base", 107.0, -2.1)]
+    assert [p.name for p in zoomed(points)] == ["sft", "dpo", "osp", "ppo"]  # median √KL 0.64: base is 16x out
+    assert zoomed(points[:4]) is None  # nothing far out: one panel
+    assert zoomed([KLPoint("a", 0.0, 1.0), KLPoint("b", 0.0, 2.0), KLPoint("c", 50.0, 0.0)]) is None  # median 0
+    assert zoomed([KLPoint("a", 1.0, 1.0), KLPoint("b", 100.0, 2.0), KLPoint("c", 100.0, 0.0)]) is None  # one near
+    assert zoomed([]) is None

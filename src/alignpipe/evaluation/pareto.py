@@ -12,12 +12,16 @@ come out slightly below zero, which true KL never is. Such an estimate is read a
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from alignpipe.evaluation.leaderboard import metric_value
 
-__all__ = ["KL_METRIC", "REWARD_METRICS", "GoldKL", "KLPoint", "gold_vs_kl", "pareto_front", "row_runs"]
+__all__ = ["KL_METRIC", "REWARD_METRICS", "ZOOM_FACTOR", "GoldKL", "KLPoint", "gold_vs_kl", "pareto_front", "row_runs",
+           "zoomed"]
+
+ZOOM_FACTOR = 3.0  # a point beyond this many times the median √KL squeezes the others into a corner of the plot
 
 KL_METRIC = "kl_ref_k1"
 REWARD_METRICS = ("gold_reward", "judge_reward")  # the synthetic suite's gold judge, else a suite's reward-model judge
@@ -103,3 +107,14 @@ def gold_vs_kl(board: dict) -> GoldKL:
         points.append(KLPoint(row["name"], kl, value, (float(ci[0]), float(ci[1])) if finite_ci else None,
                               _run_of(row["name"], labels)))
     return GoldKL(reward, points, pareto_front([(p.kl, p.reward) for p in points]), skipped)
+
+
+def zoomed(points: Sequence[KLPoint], factor: float = ZOOM_FACTOR) -> list[KLPoint] | None:
+    """The points within ``factor`` × the median ``√KL``, when some lie beyond it and at least two are within: an
+    untrained model at KL 100 beside policies at KL < 1 leaves the policies in one corner, so the plot adds a panel
+    of just them. None when no panel is needed."""
+    median = statistics.median(p.d for p in points) if points else 0.0
+    if median <= 0:
+        return None
+    near = [p for p in points if p.d <= factor * median]
+    return near if 2 <= len(near) < len(points) else None

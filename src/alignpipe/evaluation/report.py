@@ -57,7 +57,16 @@ from alignpipe.evaluation.leaderboard import (
     metric_value,
 )
 from alignpipe.evaluation.leaderboard import MAX_TRUNCATION as TRUNCATION_LIMIT
-from alignpipe.evaluation.pareto import KL_METRIC, REWARD_METRICS, KLPoint, gold_vs_kl, pareto_front, row_runs
+from alignpipe.evaluation.pareto import (
+    KL_METRIC,
+    REWARD_METRICS,
+    ZOOM_FACTOR,
+    KLPoint,
+    gold_vs_kl,
+    pareto_front,
+    row_runs,
+    zoomed,
+)
 from alignpipe.io import atomic_open_all, atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE
 
@@ -404,10 +413,12 @@ def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
     """Reward (● ± 95% CI) vs √KL to the reference, one labelled point per checkpoint, and the Pareto frontier as a
     step line: the best reward reached at no more KL (○ marks its checkpoints). Rows of several runs are coloured by
     run (in the order of ``runs``, e.g. the merge's sources, then as met) and labelled by checkpoint; a KL estimate
-    below 0 is drawn at 0 (see :mod:`alignpipe.evaluation.pareto`)."""
+    below 0 is drawn at 0 (see :mod:`alignpipe.evaluation.pareto`). When a few checkpoints lie far out in KL (an
+    untrained model), a second panel shows the others alone (:func:`~alignpipe.evaluation.pareto.zoomed`)."""
     if not points:
         raise ValueError("no checkpoint with a reward and a KL to draw")
-    fig, (ax,) = _figure(1, 1, 9, 4.6)
+    near = zoomed(points)
+    fig, axes = _figure(1, 2, 14, 4.6) if near else _figure(1, 1, 9, 4.6)
     met = {p.run for p in points if p.run is not None}
     runs = [r for r in dict.fromkeys([*runs, *(p.run for p in points if p.run is not None)]) if r in met]
     by_run = len(runs) > 1
@@ -416,24 +427,29 @@ def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
         return str(p.run) if by_run else p.name
 
     colours = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys([*(runs if by_run else []), *map(key, points)]))}
-    for p in points:
-        _errorbar(ax, [p.d], [p.reward], [p.reward_ci] if p.reward_ci else None, marker="o", markersize=6,
-                  color=colours[key(p)])
-        label = p.name[len(p.run) + 1:] if by_run and p.run else p.name
-        ax.annotate(label, (p.d, p.reward), xytext=(5, 4), textcoords="offset points", fontsize=7,
-                    color=colours[key(p)])
-    front = [points[i] for i in pareto_front([(p.kl, p.reward) for p in points])]
-    ax.step([p.d for p in front], [p.reward for p in front], where="post", color="black", linewidth=1.2, alpha=0.7,
-            zorder=1, label="Pareto frontier")  # under the points and their CI bars
-    ax.plot([p.d for p in front], [p.reward for p in front], marker="o", markersize=12, markerfacecolor="none",
-            markeredgecolor="black", linestyle="none", zorder=1)
-    for run in runs if by_run else []:
-        ax.plot([], [], marker="o", linestyle="none", color=colours[run], label=run)
     negative = " (k1 estimates below 0 drawn at 0)" if any(p.kl < 0 for p in points) else ""
-    ax.set_xlabel(f"√KL(π ‖ π_ref), {KL_METRIC}{negative}")
-    ax.set_ylabel(reward_name)
-    ax.set_title(f"{reward_name} vs √KL: ● checkpoint ± 95% CI, line = Pareto frontier (○ on it)", fontsize=10)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    panels = [(axes[0], points, f"{reward_name} vs √KL: ● checkpoint ± 95% CI, line = Pareto frontier (○ on it)")]
+    if near:
+        panels.append((axes[1], near, f"zoom: the {len(near)} checkpoints within {ZOOM_FACTOR:g}× the median √KL"))
+    for ax, shown, title in panels:
+        for p in shown:
+            _errorbar(ax, [p.d], [p.reward], [p.reward_ci] if p.reward_ci else None, marker="o", markersize=6,
+                      color=colours[key(p)])
+            label = p.name[len(p.run) + 1:] if by_run and p.run else p.name
+            ax.annotate(label, (p.d, p.reward), xytext=(5, 4), textcoords="offset points", fontsize=7,
+                        color=colours[key(p)])
+        front = [shown[i] for i in pareto_front([(p.kl, p.reward) for p in shown])]
+        ax.step([p.d for p in front], [p.reward for p in front], where="post", color="black", linewidth=1.2,
+                alpha=0.7, zorder=1, label="Pareto frontier")  # under the points and their CI bars
+        ax.plot([p.d for p in front], [p.reward for p in front], marker="o", markersize=12, markerfacecolor="none",
+                markeredgecolor="black", linestyle="none", zorder=1)
+        ax.set_xlabel(f"√KL(π ‖ π_ref), {KL_METRIC}{negative}")
+        ax.set_ylabel(reward_name)
+        ax.set_title(title, fontsize=10)
+    legend_ax = axes[-1]
+    for run in runs if by_run else []:
+        legend_ax.plot([], [], marker="o", linestyle="none", color=colours[run], label=run)
+    legend_ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 

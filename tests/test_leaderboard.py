@@ -118,23 +118,38 @@ def test_markdown_table_rows_cis_and_directions():
     rows = [ln for ln in lines if ln.startswith("| ") and ln.split("|")[1].strip().isdigit()]
     assert [r.split("|")[2].strip() for r in rows] == ["dpo", "sft", "base"]  # one row each, JSON order
     header = next(ln for ln in lines if ln.startswith("| rank"))
+    # EVALUATION.md §10's column order; every metric here is a headline one, so there is no "All metrics" table
     assert header == (
-        "| rank | checkpoint | gold_reward ↑ | kl_ref_k1 | truncation_rate ↓ | win_rate_vs_ref ↑ "
-        "| len_tokens_mean | n | flags |"
+        "| rank | checkpoint | gold_reward ↑ | kl_ref_k1 | win_rate_vs_ref ↑ | len_tokens_mean | truncation_rate ↓ "
+        "| n | flags |"
     )
+    assert "## All metrics" not in md
     assert rows[0] == (
-        "| 1 | dpo | 0.410 [0.370, 0.450] | 6.20 [5.90, 6.50] (n=8000) | 0.0500 [0.0400, 0.0600] "
-        "| 0.580 [0.550, 0.610] | 212 [208, 217] | 2000 |  |"
+        "| 1 | dpo | 0.410 [0.370, 0.450] | 6.20 [5.90, 6.50] (n=8000) | 0.580 [0.550, 0.610] | 212 [208, 217] "
+        "| 0.0500 [0.0400, 0.0600] | 2000 |  |"
     )
     # CI bounds take the value's decimals so they line up; missing metrics are "–".
     assert rows[2] == (
-        "| 3 | base | 0.000 [-0.040, 0.040] | 0.000 [0.000, 0.000] (n=8000) | 0.100 [0.080, 0.120] "
-        "| – | – | 2000 | truncation 10.0% > 5% |"
+        "| 3 | base | 0.000 [-0.040, 0.040] | 0.000 [0.000, 0.000] (n=8000) | – | – | 0.100 [0.080, 0.120] "
+        "| 2000 | truncation 10.0% > 5% |"
     )
     assert "`gold`" in md and "primary metric `gold_reward` ↑" in md and "`quick_dpo_s1`" in md
     assert "- `truncation_rate`: ↓ lower is better" in md
     assert "- `kl_ref_k1`: no preferred direction (diagnostic)" in md
     assert "- `gold_reward`: ↑ higher is better" in md
+
+
+def test_markdown_headline_table_then_every_metric():
+    """A board with more than the headline metrics shows EVALUATION.md §10's columns first, then all of them."""
+    from alignpipe.evaluation.metrics import MetricValue
+
+    res = results()
+    for r in res:
+        r.metrics["self_bleu_4"] = MetricValue(0.3, (0.2, 0.4), 32, False)
+    md = render_markdown(build(res))
+    headline, rest = md.split("## All metrics")
+    assert "self_bleu_4" not in headline.split("Metric directions")[0] and "| gold_reward ↑ |" in headline
+    assert "| self_bleu_4 ↓ |" in rest and rest.count("| dpo |") == 1 and headline.count("| dpo |") == 1
 
 
 def test_markdown_escapes_pipes_in_names():

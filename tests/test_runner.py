@@ -43,7 +43,7 @@ def test_first_run_writes_the_run_directory(completed_tiny_run):
     board = json.loads((runner.run_dir / "leaderboard.json").read_text())
     assert [c["name"] for c in board["checkpoints"]].count("dpo") == 1
     assert {c["name"] for c in board["checkpoints"]} == {"base", "sft", "dpo"}
-    assert (runner.run_dir / "leaderboard.md").read_text().count("| sft ") == 1
+    assert (runner.run_dir / "leaderboard.md").read_text().count("| sft ") == 2  # headline and "All metrics"
 
 
 def test_rerun_skips_complete_stages_and_beta_change_reruns_only_dpo_and_eval(tmp_path):

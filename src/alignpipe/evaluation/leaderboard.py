@@ -105,8 +105,16 @@ def build_leaderboard(
     }
 
 
+# EVALUATION.md §10's table columns: reward and its gain over the reference, KL, proxy gain and gap, raw and LC win
+# rate, length, truncation, distinct-2. The headline table shows those a board has; "All metrics" shows every one.
+HEADLINE_METRICS = ("gold_reward", "judge_reward", "gold_reward_delta_vs_ref", "judge_reward_delta_vs_ref", "kl_ref_k1",
+                    "proxy_reward_delta_vs_ref", "proxy_gold_gap", "win_rate_vs_ref", "lc_win_rate_vs_ref",
+                    "len_tokens_mean", "truncation_rate", "distinct_2")
+
+
 def render_markdown(leaderboard: dict) -> str:
-    """One table, rows in JSON order; each cell is ``value [lo, hi]`` at 3 significant digits.
+    """A headline table (EVALUATION.md §10's columns, flags included), then every metric when there are more; rows
+    in JSON order; each cell is ``value [lo, hi]`` at 3 significant digits.
 
     The ``n`` column is the primary metric's n; a cell whose n differs (e.g. KL over several samples per prompt)
     says so inline, so every number still carries its n. Missing metrics render as "–".
@@ -115,6 +123,7 @@ def render_markdown(leaderboard: dict) -> str:
     primary = suite["primary_metric"]
     directions: dict[str, bool | None] = leaderboard["higher_is_better"]
     metrics = [primary, *(m for m in directions if m != primary)]
+    headline = [primary, *(m for m in HEADLINE_METRICS if m in directions and m != primary)]
     run = leaderboard.get("run", {})
     run_name = run.get("run_id") or run.get("name") or _MISSING
 
@@ -125,10 +134,20 @@ def render_markdown(leaderboard: dict) -> str:
         f"Suite `{suite['name']}` · primary metric `{primary}` {_ARROW[directions[primary]]} · run `{run_name}` · "
         f"{leaderboard['date']} · schema {leaderboard['schema_version']}",
         "",
-        _row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags"]),
-        _row(["---:", "---", *("---" for _ in metrics), "---:", "---"]),
+        *_policy_table(leaderboard["checkpoints"], headline, primary, directions),
     ]
-    for rank, ckpt in enumerate(leaderboard["checkpoints"], start=1):
+    if len(headline) < len(metrics):
+        lines += ["", "## All metrics", "", *_policy_table(leaderboard["checkpoints"], metrics, primary, directions)]
+    lines += ["", "Metric directions:", ""]
+    lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
+    lines += _reward_table(leaderboard.get("reward_models") or [])
+    return "\n".join(lines) + "\n"
+
+
+def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, directions: dict) -> list[str]:
+    lines = [_row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags"]),
+             _row(["---:", "---", *("---" for _ in metrics), "---:", "---"])]
+    for rank, ckpt in enumerate(checkpoints, start=1):
         res = ckpt["results"]
         row_n = res[primary].get("n") if primary in res else None
         cells = [str(rank) if is_ranked(res, primary) else _MISSING, _escape(ckpt["name"])]
@@ -136,10 +155,7 @@ def render_markdown(leaderboard: dict) -> str:
         cells.append(_MISSING if row_n is None else str(row_n))
         cells.append("; ".join(checkpoint_flags(res)) or "")
         lines.append(_row(cells))
-    lines += ["", "Metric directions:", ""]
-    lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
-    lines += _reward_table(leaderboard.get("reward_models") or [])
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_limit: float = MAX_TRUNCATION

@@ -160,3 +160,7 @@ def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, ca
     assert (out / "win_rate_vs_length.png").exists()
     assert main(["leaderboard", str(a), str(b), "--out", str(tmp_path / "plain")]) == 0
     assert not list((tmp_path / "plain").glob("*.png"))  # no --plots, no plots
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignpipe"):  # a merge without --plots into the plots' directory
+        assert main(["leaderboard", str(a), str(b), "--out", str(out)]) == 0
+    assert not list(out.glob("*.png")) and f"removed {out / 'win_rate_vs_length.png'}" in caplog.text

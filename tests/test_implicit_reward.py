@@ -13,10 +13,10 @@ from trl import DPOConfig, DPOTrainer
 from alignpipe.evaluation.generation import token_logprobs
 from alignpipe.evaluation.harness import pair_generations
 from alignpipe.evaluation.implicit_reward import implicit_margins, implicit_reward_accuracy
-from alignpipe.evaluation.reward_suite import _synthetic_heldout, gold_ordered_heldout_pairs
 from alignpipe.models.loading import activation_checkpointing_argument
 from alignpipe.models.tiny import build_tiny_model, train_tokenizer
-from alignpipe.tasks import TaskSpace, gold_reward, tokenizer_corpus
+from alignpipe.tasks import TaskSpace, gold_reward, heldout_gold_pairs, parse_prompt, preference_pairs, tokenizer_corpus
+from alignpipe.tasks.synthetic import is_heldout
 
 # ------------------------------------------------------------------------------------------------------ pure maths
 
@@ -61,13 +61,16 @@ def test_bad_inputs_are_refused():
 # ------------------------------------------------------------------------------------------------------ the pairs
 
 
-def test_pairs_are_the_reward_suites_held_out_pairs_ordered_by_gold():
-    pairs = gold_ordered_heldout_pairs(40, 4242, 0.1)
+def test_pairs_are_on_held_out_prompts_ordered_by_gold():
+    """No training stage draws from the held-out split, so no checkpoint has seen these prompts."""
+    pairs = heldout_gold_pairs(40, 4242)
     assert len(pairs) == 40 and all(gold_reward(p, c) > gold_reward(p, r) for p, c, r in pairs)
-    stream = {(p, frozenset((c, r))) for p, c, r in _synthetic_heldout(80, 4242, 0.1)}
-    assert all((p, frozenset((c, r))) in stream for p, c, r in pairs)
-    assert gold_ordered_heldout_pairs(25, 4242, 0.1) == pairs[:25]  # a smaller n is a prefix of the same pairs
-    sort_only = gold_ordered_heldout_pairs(10, 4242, 0.1, TaskSpace(families=("sort",)))
+    assert len({p for p, _, _ in pairs}) == 40  # distinct prompts
+    assert all(is_heldout(parse_prompt(p)) for p, _, _ in pairs)
+    trained = {row["prompt"][0]["content"] for row in preference_pairs(3000, 0, noise=0.5, temperature=0.1)}
+    assert not trained & {p for p, _, _ in pairs}  # a dpo stage's stream never has them
+    assert heldout_gold_pairs(25, 4242) == pairs[:25]  # a smaller n is a prefix of the same pairs
+    sort_only = heldout_gold_pairs(10, 4242, TaskSpace(families=("sort",)))
     assert all(p.startswith("sort:") for p, _, _ in sort_only)
 
 
@@ -87,7 +90,7 @@ def tiny():
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(0.3 * torch.randn(param.shape, generator=g))
-    return tokenizer, policy, reference, gold_ordered_heldout_pairs(6, 4242, 0.1)
+    return tokenizer, policy, reference, heldout_gold_pairs(6, 4242)
 
 
 def _margins(tokenizer, policy, reference, pairs) -> list[float]:
@@ -123,3 +126,37 @@ def test_margins_are_trls_dpo_implicit_reward_over_beta(tiny, tmp_path):
     logged = trainer._metrics["eval"]  # the policy is in eval mode
     assert logged["rewards/margins"][-1] == pytest.approx(BETA * sum(ours) / len(ours), abs=1e-4)
     assert logged["rewards/accuracies"][-1] == pytest.approx(implicit_reward_accuracy(ours, resamples=100).value)
+
+
+@pytest.mark.parametrize("eos, pre_tokenizer", [("<|im_end|>", "bytelevel"), ("<|endoftext|>", "bytelevel"),
+                                                ("<|im_end|>", "metaspace")])
+def test_pair_tokens_are_the_completion_tokens_trl_scores(eos, pre_tokenizer):
+    """With ChatML, the reply ends with the template's <|im_end|> and newline, whatever the tokenizer's EOS; with a
+    SentencePiece-style pre-tokenizer, a reply tokenized alone would gain a word-start marker. The pair tokens are
+    TRL 1.16's: the full conversation's tokens after its common prefix with the rendered prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    from alignpipe.models.chat_templates import CHATML_TEMPLATE
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    if pre_tokenizer == "bytelevel":
+        core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        core.decoder, alphabet = decoders.Metaspace(prepend_scheme="first"), []
+    core.train_from_iterator(tokenizer_corpus(n=300) + ["user assistant system"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=alphabet, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    pairs = heldout_gold_pairs(8, 4242)
+    ours = pair_generations(tokenizer, pairs)
+    for generation, (prompt, response) in zip(ours, [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]):
+        turn = [{"role": "user", "content": prompt}]
+        prompt_ids = _tokenize(tokenizer, turn, add_generation_prompt=True)["input_ids"]
+        full = _tokenize(tokenizer, turn + [{"role": "assistant", "content": response}])["input_ids"]
+        assert generation.response_ids == tuple(full[common_prefix_length(prompt_ids, full):])
+    assert tokenizer.convert_ids_to_tokens(list(ours[0].response_ids))[-2] == "<|im_end|>"

@@ -363,6 +363,8 @@ def test_merge_compares_extra_samples_only_where_both_boards_drew_them(tmp_path,
 
     with pytest.raises(ValueError, match=what):
         merge_leaderboards([board("a", four), board("b", eight)])
+    with pytest.raises(ValueError, match=what):  # checked pair by pair: a first board without them checks nothing
+        merge_leaderboards([board("none", None), board("a4", four), board("b8", eight)])
     assert len(merge_leaderboards([board("c", four), board("d", None)])["checkpoints"]) == 2 * len(results())
     assert len(merge_leaderboards([board("e", four), board("f", four)])["checkpoints"]) == 2 * len(results())
 
@@ -515,14 +517,14 @@ def test_eval_stage_reports_implicit_reward_accuracy_on_recorded_pairs(completed
     seed, count and content hash the leaderboard records (merges compare them); each pair's margin is kept."""
     from alignpipe.data.synthetic import task_space
     from alignpipe.evaluation.cache import content_key
-    from alignpipe.evaluation.reward_suite import gold_ordered_heldout_pairs
+    from alignpipe.tasks import heldout_gold_pairs
 
     runner, _ = completed_tiny_run
     board = load_leaderboard(runner.run_dir / "leaderboard.json")
     n = runner.recipe.stage("eval").implicit_reward_pairs
-    pairs = gold_ordered_heldout_pairs(n, 4242, 0.1, task_space(runner.recipe.data))
+    pairs = heldout_gold_pairs(n, 4242, task_space(runner.recipe.data))
     assert board["config"]["implicit_reward_pairs"] == {
-        "source": "synthetic", "seed": 4242, "heldout_fraction": 0.1, "labels": "gold", "n": n,
+        "source": "synthetic", "split": "heldout", "seed": 4242, "labels": "gold", "n": n,
         "sha256": content_key(pairs)[:16]}
     rows = {row["name"]: row["results"] for row in board["checkpoints"]}
     assert "implicit_reward_accuracy" not in rows["sft"]  # the reference: every margin would be 0
@@ -534,11 +536,11 @@ def test_eval_stage_reports_implicit_reward_accuracy_on_recorded_pairs(completed
         assert accuracy["n"] == n == len(margins)
         assert accuracy["value"] == pytest.approx(sum(m > 0 for m in margins) / n)
     assert not (runner.run_dir / "eval" / "samples" / "sft.implicit.jsonl").exists()
-    # it moves: 32 DPO steps from SFT rank the better of two unseen responses first more often than the untrained
-    # model does against the same reference (0.59 [0.53, 0.65] vs 0.46 of 256 on one CPU; training on another CPU
-    # type lands a little elsewhere, so only the ordering is asserted)
-    dpo, base = rows["dpo"]["implicit_reward_accuracy"]["value"], rows["base"]["implicit_reward_accuracy"]["value"]
-    assert dpo > base
+    # it moves: 32 DPO steps from SFT rank the better of two responses to unseen prompts first more often than chance
+    # (0.65 [0.59, 0.72] of 256 on one CPU; another CPU type trains a little differently, hence the CI's lower end
+    # against 0.5) and than the untrained model against the same reference (0.41)
+    dpo, base = rows["dpo"]["implicit_reward_accuracy"], rows["base"]["implicit_reward_accuracy"]
+    assert dpo["ci95"][0] > 0.5 and dpo["value"] > base["value"]
 
 
 def test_csv_and_markdown_rank_the_same_rows():

@@ -79,11 +79,12 @@ examples:
 --plots writes, beside leaderboard.{json,md,csv}:
   gold_vs_kl.png          gold reward (judge_reward for suites judged by a reward model) ± 95% CI vs sqrt of the
                           k1 KL to the reference, one point per checkpoint coloured by run, and the Pareto frontier
-                          (no other checkpoint has both lower-or-equal KL and higher-or-equal reward); a k1 estimate
-                          below 0 (Monte-Carlo noise) is drawn at 0
+                          (no other checkpoint has both lower-or-equal KL and higher-or-equal reward, one of them
+                          strictly); a k1 estimate below 0 (Monte-Carlo noise) is drawn at 0
   win_rate_vs_length.png  win rate vs the reference (raw and length-controlled) vs mean response length
 A plot with no checkpoint to draw is skipped and the log says why (a file of that name left by an earlier merge is
-removed); checkpoints lacking a plot's metrics are left out of it and named in the log.
+removed, as are both plots when a merge runs without --plots); checkpoints lacking a plot's metrics are left out of it
+and named in the log.
 """
 
 # `alignpipe eval` without --suite: the synthetic prompts and sampling, each settable on the command line
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Merge leaderboard.json files (run directories or files) of one suite "
                                 "into one ranked table, rows named <run directory>/<checkpoint>. Refuses sources "
                                 "evaluated differently (suite file, reference, prompt set, generation settings, "
-                                "judge, KL k3 estimator, or diversity sampling where both drew it). With --plots, "
+                                "judge, KL k3 estimator, or diversity sampling and implicit-reward pairs where both "
+                                "drew them; proxy columns of runs with different proxies are left out). With --plots, "
                                 "also draws the checkpoints of every run as PNGs beside it.",
                                 epilog=EPILOG_LEADERBOARD, formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("sources", nargs="+", type=Path, help="run directories or leaderboard.json files")
@@ -384,7 +386,7 @@ def _cmd_eval(args) -> int:
 
 @_file_errors_in_one_line
 def _cmd_leaderboard(args) -> int:
-    from alignpipe.evaluation.leaderboard import merge_leaderboards, write_leaderboard
+    from alignpipe.evaluation.leaderboard import LEADERBOARD_PLOTS, merge_leaderboards, write_leaderboard
 
     paths = [p / "leaderboard.json" if p.is_dir() else p for p in args.sources]
     missing = [str(p) for p in paths if not p.exists()]
@@ -415,6 +417,12 @@ def _cmd_leaderboard(args) -> int:
         from alignpipe.evaluation.report import write_leaderboard_plots
 
         write_leaderboard_plots(plots, args.out)
+    else:  # an earlier merge's plots would show other rows than the table beside them
+        for stale in (args.out / name for name in LEADERBOARD_PLOTS):
+            if stale.exists():
+                stale.unlink()
+                logging.getLogger("alignpipe").info(
+                    "removed %s: an earlier merge drew it from other rows (pass --plots to draw it anew)", stale)
     return 0
 
 

@@ -31,6 +31,7 @@ from alignpipe.evaluation.generation import (
     Generation,
     GenerationSettings,
     generate,
+    render_prompts,
     token_logprobs,
 )
 from alignpipe.evaluation.implicit_reward import implicit_margins, implicit_reward_accuracy
@@ -268,13 +269,20 @@ def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationS
 
 
 def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
-    """The chosen responses of ``pairs``, then their rejected ones, as finished samples of ``tokenizer``'s model: each
-    response's tokens and EOS, as a sampled response that ended is scored (:func:`token_logprobs` renders the prompt
-    with the scoring model's chat template), so the same response tokens are scored under the policy and the
-    reference."""
+    """The chosen responses of ``pairs``, then their rejected ones, as the tokens a DPO trainer scores: the chat
+    template renders prompt and reply as one conversation, and the reply's tokens are what follows the rendered prompt
+    (:func:`token_logprobs` puts that prompt before them). So the end-of-turn tokens are the template's own (ChatML's
+    ``<|im_end|>`` and newline, not the tokenizer's EOS), and a reply is tokenized in context, as TRL 1.16 does."""
+    rendered = dict(zip((p for p, _, _ in pairs), render_prompts(tokenizer, [p for p, _, _ in pairs]), strict=True))
+
     def finished(prompt: str, response: str) -> Generation:
-        ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        return Generation(prompt, response, (*ids, tokenizer.eos_token_id), False)
+        prompt_ids = tokenizer(rendered[prompt], add_special_tokens=False)["input_ids"]
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
+                      min(len(prompt_ids), len(full_ids)))  # TRL's common prefix: all of the prompt, as a rule
+        return Generation(prompt, response, tuple(full_ids[shared:]), False)
 
     return [finished(p, c) for p, c, _ in pairs] + [finished(p, r) for p, _, r in pairs]
 

@@ -105,6 +105,9 @@ def build_leaderboard(
     }
 
 
+LEADERBOARD_PLOTS = ("gold_vs_kl.png", "win_rate_vs_length.png")  # what `alignpipe leaderboard --plots` writes
+
+
 # EVALUATION.md §10's table columns: reward and its gain over the reference, KL, proxy gain and gap, raw and LC win
 # rate, length, truncation, distinct-2. The headline table shows those a board has; "All metrics" shows every one.
 HEADLINE_METRICS = ("gold_reward", "judge_reward", "gold_reward_delta_vs_ref", "judge_reward_delta_vs_ref", "kl_ref_k1",
@@ -324,19 +327,22 @@ def merged_directions(boards: list[tuple[Path, dict]]) -> dict[str, bool | None]
 
 
 def _check_runs_agree(sources: list[dict]) -> None:
-    """Refuse runs whose recorded settings differ from the first run's; warn about policy runs too old to say."""
+    """Refuse runs whose recorded settings differ; warn about policy runs too old to say."""
     older = [source_origin(s) for s in sources if "prompt_set" in s["config"] and _RECORDED_SINCE not in s["run"]]
-    first = sources[0]
-    for source in sources[1:]:
-        if differences := merge_conflicts(first, source):
-            pair = (source_origin(first), source_origin(source))
-            unchecked = [origin for origin in pair if origin in older]
-            raise ValueError(
-                f"cannot rank {pair[0]} and {pair[1]} in one table: they differ in {'; '.join(differences)}. Re-run "
-                "`alignpipe eval` on both with the same suite file and --reference (or the same eval stage settings), "
-                "or merge them separately"
-                + (f" ({', '.join(unchecked)}: written by an older alignpipe, which recorded neither the reference's "
-                   "weights nor a hash of an eval stage's prompts; re-run its evaluation)" if unchecked else ""))
+    # every pair, not each against the first: settings only the boards that drew them record (_RECORDED_WHEN_DRAWN)
+    # are skipped against a board without them, so a first board without them would let two others disagree
+    for i, first in enumerate(sources):
+        for source in sources[i + 1:]:
+            if differences := merge_conflicts(first, source):
+                pair = (source_origin(first), source_origin(source))
+                unchecked = [origin for origin in pair if origin in older]
+                raise ValueError(
+                    f"cannot rank {pair[0]} and {pair[1]} in one table: they differ in {'; '.join(differences)}. "
+                    "Re-run `alignpipe eval` on both with the same suite file and --reference (or the same eval stage "
+                    "settings), or merge them separately"
+                    + (f" ({', '.join(unchecked)}: written by an older alignpipe, which recorded neither the "
+                       "reference's weights nor a hash of an eval stage's prompts; re-run its evaluation)"
+                       if unchecked else ""))
     if older:
         log.warning("merging %s without checking that every run used the same reference weights and (eval stages) "
                     "the same held-out prompts: written by an older alignpipe, which did not record them; re-run "

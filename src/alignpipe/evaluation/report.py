@@ -50,6 +50,7 @@ from alignpipe.evaluation.best_of_n import (
 from alignpipe.evaluation.leaderboard import (
     KL_BUDGET,
     LC_METRICS,
+    LEADERBOARD_PLOTS,
     REWARD_COLUMNS,
     checkpoint_flags,
     is_ranked,
@@ -909,7 +910,6 @@ def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET, writing_stage: 
 
 # ------------------------------------------------------------------------------------------ leaderboard plots
 
-LEADERBOARD_PLOTS = ("gold_vs_kl.png", "win_rate_vs_length.png")  # what `alignpipe leaderboard --plots` writes
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.reward_eval import reward_model_metrics
 from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash, package_versions
-from alignpipe.tasks import TaskSpace, gold_reward, preference_pairs
+from alignpipe.tasks import gold_reward, preference_pairs
 
-__all__ = ["expand_reward_models", "gold_ordered_heldout_pairs", "load_pair_source", "run_reward_suite"]
+__all__ = ["expand_reward_models", "load_pair_source", "run_reward_suite"]
 
 SYNTHETIC_PAIRS = 512  # a synthetic source's default size
 
@@ -44,36 +44,17 @@ def load_pair_source(source: PairSource) -> list[tuple[str, str, str]]:
     return triples[:source.n] if source.n else triples
 
 
-def _synthetic_heldout(n: int, seed: int, fraction: float, space: TaskSpace = TaskSpace(),
-                       ) -> list[tuple[str, str, str]]:
+def _synthetic_heldout(n: int, seed: int, fraction: float) -> list[tuple[str, str, str]]:
     """The first ``n`` held-out pairs of the synthetic task's pair stream for ``seed`` (the task's prompt space is
     finite, so a fresh seed alone still repeats training prompts)."""
     drawn = max(64, round(n / fraction * 1.25))
     while True:
-        rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1, space=space)
+        rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1)
         triples = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
         triples = [t for t in triples if is_reward_heldout(t[0], fraction)]
         if len(triples) >= n:
             return triples[:n]
         drawn *= 2
-
-
-def gold_ordered_heldout_pairs(n: int, seed: int, fraction: float, space: TaskSpace = TaskSpace(),
-                               ) -> list[tuple[str, str, str]]:
-    """``n`` pairs of :func:`_synthetic_heldout`'s stream with chosen the response the gold reward scores higher; pairs
-    gold scores equal are left out. Why: the stream's labels are Bradley-Terry draws from gold (temperature 0.1), and
-    about one in ten goes against it; ordered by gold, an accuracy says whether a model learned the true ordering."""
-    drawn = n
-    while True:  # the stream for a larger n starts with the one for a smaller n, so each n extends the same pairs
-        triples = _synthetic_heldout(drawn, seed, fraction, space)
-        ordered = []
-        for prompt, chosen, rejected in triples:
-            gold_c, gold_r = gold_reward(prompt, chosen), gold_reward(prompt, rejected)
-            if gold_c != gold_r:
-                ordered.append((prompt, chosen, rejected) if gold_c > gold_r else (prompt, rejected, chosen))
-        if len(ordered) >= n:
-            return ordered[:n]
-        drawn = max(drawn + n - len(ordered), round(drawn * 1.25))
 
 
 def expand_reward_models(spec: str) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from alignpipe.tasks.synthetic import (
     Task,
     TaskSpace,
     gold_reward,
+    heldout_gold_pairs,
     heldout_tasks,
     parse_prompt,
     preference_pairs,
@@ -17,7 +18,7 @@ from alignpipe.tasks.synthetic import (
 )
 
 __all__ = [
-    "FAMILIES", "GoldJudge", "Task", "TaskSpace", "gold_reward", "heldout_tasks", "parse_prompt",
+    "FAMILIES", "GoldJudge", "Task", "TaskSpace", "gold_reward", "heldout_gold_pairs", "heldout_tasks", "parse_prompt",
     "preference_pairs", "preference_probability", "sample_tasks", "scored_response_sets", "sft_demonstrations",
     "tokenizer_corpus",
 ]

@@ -246,7 +246,8 @@ def sft_demonstrations(n: int, seed: int, noise: float, space: TaskSpace = TaskS
 
 
 def preference_pairs(
-    n: int, seed: int, *, noise: float, temperature: float, label_noise: float = 0.0, space: TaskSpace = TaskSpace()
+    n: int, seed: int, *, noise: float, temperature: float, label_noise: float = 0.0, space: TaskSpace = TaskSpace(),
+    split: Literal["train", "heldout"] = "train",
 ) -> list[dict]:
     """Conversational preference rows (TRL ``prompt``/``chosen``/``rejected``) labelled by Bradley–Terry on gold.
 
@@ -256,7 +257,7 @@ def preference_pairs(
     """
     rng = random.Random(f"pairs:{seed}")
     rows = []
-    for task in sample_tasks(n, seed + 7919, space):
+    for task in sample_tasks(n, seed + 7919, space, split):
         first = demonstrate(task, rng, noise)
         second = demonstrate(task, rng, noise)
         for _ in range(20):
@@ -278,6 +279,21 @@ def preference_pairs(
             "rejected_gold": gold_reward(task.prompt, rejected),
         })
     return rows
+
+
+def heldout_gold_pairs(n: int, seed: int, space: TaskSpace = TaskSpace()) -> list[tuple[str, str, str]]:
+    """``n`` (prompt, better, worse) pairs on distinct prompts of the held-out split, which no training stage draws
+    from (:func:`is_heldout`), ordered by the gold reward; pairs gold scores equal are left out. For measuring whether
+    a model learned the true ordering on prompts it never saw. A smaller ``n`` gives a prefix of a larger one's."""
+    drawn = n
+    while True:
+        rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1, space=space, split="heldout")
+        pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"], r["chosen_gold"],
+                  r["rejected_gold"]) for r in rows]
+        ordered = [(p, c, r) if gc > gr else (p, r, c) for p, c, r, gc, gr in pairs if gc != gr]
+        if len(ordered) >= n:
+            return ordered[:n]
+        drawn = max(drawn + n - len(ordered), round(drawn * 1.25))
 
 
 def scored_response_sets(n: int, seed: int, *, k: int, noise: float, space: TaskSpace = TaskSpace()) -> list[dict]:

@@ -29,19 +29,17 @@ from alignpipe.evaluation.leaderboard import (
 )
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.evaluation.proxy_scorer import ProxyScorer
-from alignpipe.evaluation.reward_suite import gold_ordered_heldout_pairs
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.tasks import GoldJudge
+from alignpipe.tasks import GoldJudge, heldout_gold_pairs
 
 log = logging.getLogger("alignpipe")
 
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
 RUN_RESULTS = (*LEADERBOARD_FILES, "report.html")  # what this stage writes at the run root
-IMPLICIT_PAIR_SEED = 4242  # the reward-models suite's synthetic seed: no shipped recipe trains on it
-IMPLICIT_HELDOUT_FRACTION = 0.1  # a reward stage's default heldout_fraction
+IMPLICIT_PAIR_SEED = 4242  # held-out prompts apart from the eval prompts (seed 1234) where the split allows
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
@@ -71,23 +69,22 @@ def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer,
     return scorer, {"proxy": {"stage": name, "sha256": weights}}
 
 
-def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]], dict]:
-    """The held-out pairs for ``implicit_reward_accuracy``, ordered by gold, and what the leaderboard records of them.
+def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]] | None, dict]:
+    """The pairs for ``implicit_reward_accuracy``, ordered by gold, and what the leaderboard records of them.
 
-    What they are unseen by: they come from the synthetic task's pair stream for :data:`IMPLICIT_PAIR_SEED` in the
-    recipe's task space, kept only where :func:`~alignpipe.data.preference.is_reward_heldout` holds their prompt out at
-    0.1, so a reward stage on the synthetic task with ``heldout_fraction >= 0.1`` (the default) never trains on their
-    prompts, whatever its seed. A dpo stage holds nothing out: it trains on every pair of the stream for the recipe's
-    seed, drawn from the same train split of a finite prompt space. Another seed draws other tasks and responses, so
-    its pairs are not these, but prompts can coincide: against a default 2000-pair stream (seeds 0 to 3 and 42), 4 to
-    11 of 256 prompts did, and 0 to 2 of the pairs themselves (responses in either order); SFT demonstrations come from
-    that split too. A recipe whose seed is 4242 would draw these prompts, and at the default pair settings these pairs,
-    for its dpo stage. The eval prompts of :func:`evaluation_tasks` are another split, never trained on.
+    They are drawn on prompts of the task's held-out split (:func:`~alignpipe.tasks.heldout_gold_pairs`), which no
+    training stage draws from: sft, dpo, reward and the online stages all sample the train split, so no checkpoint
+    has seen these prompts, whatever the recipe's seed. (The eval prompts come from the same split with another seed;
+    both are unseen.)
     """
     n = ctx.stage.implicit_reward_pairs
-    pairs = gold_ordered_heldout_pairs(n, IMPLICIT_PAIR_SEED, IMPLICIT_HELDOUT_FRACTION, task_space(ctx.recipe.data))
-    record = {"source": "synthetic", "seed": IMPLICIT_PAIR_SEED, "heldout_fraction": IMPLICIT_HELDOUT_FRACTION,
-              "labels": "gold", "n": len(pairs), "sha256": content_key(pairs)[:16]}
+    try:
+        pairs = heldout_gold_pairs(n, IMPLICIT_PAIR_SEED, task_space(ctx.recipe.data))
+    except ValueError as error:  # a small task space has few held-out prompts: the other metrics still count
+        log.warning("[%s] no implicit_reward_accuracy: %s (set implicit_reward_pairs lower, or 0)", ctx.dir.name, error)
+        return None, {}
+    record = {"source": "synthetic", "split": "heldout", "seed": IMPLICIT_PAIR_SEED, "labels": "gold",
+              "n": len(pairs), "sha256": content_key(pairs)[:16]}
     return pairs, {"implicit_reward_pairs": record}
 
 

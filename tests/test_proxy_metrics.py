@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,9 +82,19 @@ def test_bad_shapes_are_named():
 # ----------------------------------------------------------------------------------------------- the scorer
 
 
+@functools.cache
+def _tokenizer():
+    from alignpipe.models.tiny import train_tokenizer
+    from alignpipe.tasks import tokenizer_corpus
+
+    return train_tokenizer(tokenizer_corpus(n=200), vocab_size=120)
+
+
 class _FakeScorer:
-    def __init__(self):
-        self.calls = 0
+    """A reward scorer's interface: score(), and the tokenizer and max_length it encodes with."""
+
+    def __init__(self, max_length: int = 10_000):
+        self.calls, self.tokenizer, self.max_length = 0, _tokenizer(), max_length
 
     def score(self, prompts, responses):
         self.calls += 1
@@ -112,3 +123,14 @@ def test_proxy_scorer_loads_on_first_use_and_serves_cached_scores_without_loadin
     uncached(["p"], ["x"])
     uncached(["p"], ["x"])
     assert fake.calls == 4
+
+
+def test_proxy_scorer_says_when_the_reward_models_max_length_cut_a_conversation(tmp_path, monkeypatch, caplog):
+    import alignpipe.rewards.loading as loading
+    from alignpipe.evaluation.proxy_scorer import ProxyScorer
+
+    fake = _FakeScorer(max_length=12)
+    monkeypatch.setattr(loading, "load_reward_scorer", lambda path, **kw: fake)
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        ProxyScorer("rm", None)(["sum: 1 2", "sum: 1 2"], ["3", " ".join(["9"] * 40)])
+    assert "1 of 2 responses with their prompts are longer than the reward model's max_length 12" in caplog.text

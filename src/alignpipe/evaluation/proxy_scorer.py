@@ -40,7 +40,9 @@ class ProxyScorer:
             cached = self.cache.get_member_scores(key)
             if cached is not None:
                 return cached
-        scores = self._loaded().score(prompts, responses).per_member.tolist()
+        scorer = self._loaded()
+        scores = scorer.score(prompts, responses).per_member.tolist()
+        self._warn_if_cut(scorer, prompts, responses)
         if key:
             self.cache.put_member_scores(key, scores)
         return scores
@@ -52,6 +54,17 @@ class ProxyScorer:
             log.info("[eval] loading the proxy reward model %s", self.path)
             self._scorer = load_reward_scorer(self.path, dtype=self.dtype, device=self.device)
         return self._scorer
+
+    def _warn_if_cut(self, scorer, prompts: list[str], responses: list[str]) -> None:
+        """The scorer keeps the last ``max_length`` tokens of a conversation: say when that cut into the prompt."""
+        from alignpipe.rewards.ensemble import encode_examples
+
+        whole = encode_examples(scorer.tokenizer, prompts, responses, max_length=2**31 - 1)
+        cut = sum(len(example["input_ids"]) > scorer.max_length for example in whole)
+        if cut:
+            log.warning("[eval] proxy: %d of %d responses with their prompts are longer than the reward model's "
+                        "max_length %d; it scored their last %d tokens (raise the reward stage's max_length, or lower "
+                        "the eval stage's max_new_tokens)", cut, len(whole), scorer.max_length, scorer.max_length)
 
     def release(self) -> None:
         self._scorer = None

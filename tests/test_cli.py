@@ -164,3 +164,9 @@ def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, ca
     with caplog.at_level(logging.INFO, logger="alignpipe"):  # a merge without --plots into the plots' directory
         assert main(["leaderboard", str(a), str(b), "--out", str(out)]) == 0
     assert not list(out.glob("*.png")) and f"removed {out / 'win_rate_vs_length.png'}" in caplog.text
+    mine = tmp_path / "mine"  # PNGs of those names in a directory no merge wrote to are the user's: left alone
+    mine.mkdir()
+    (mine / "gold_vs_kl.png").write_bytes(b"mine")
+    (mine / "win_rate_vs_length.png").mkdir()
+    assert main(["leaderboard", str(a), str(b), "--out", str(mine)]) == 0
+    assert (mine / "gold_vs_kl.png").read_bytes() == b"mine" and (mine / "win_rate_vs_length.png").is_dir()

@@ -160,3 +160,21 @@ def test_pair_tokens_are_the_completion_tokens_trl_scores(eos, pre_tokenizer):
         full = _tokenize(tokenizer, turn + [{"role": "assistant", "content": response}])["input_ids"]
         assert generation.response_ids == tuple(full[common_prefix_length(prompt_ids, full):])
     assert tokenizer.convert_ids_to_tokens(list(ours[0].response_ids))[-2] == "<|im_end|>"
+
+
+def test_pair_tokens_warn_when_the_template_renders_the_prompt_differently_before_a_reply(caplog):
+    """A template whose generation prompt is not the start of the rendered conversation (a reasoning marker added only
+    when a reply is to be generated, say): the scored tokens cannot be TRL's, and the log says so."""
+    from alignpipe.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(tokenizer_corpus(n=200), vocab_size=120)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|><|system|>{% endif %}")
+    pairs = heldout_gold_pairs(3, 4242)
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        pair_generations(tokenizer, pairs)
+    assert "6 of 6 pair responses follow a prompt the chat template renders differently" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        pair_generations(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), pairs)  # its own template
+    assert "renders differently" not in caplog.text

@@ -91,10 +91,16 @@ def _tokenizer():
 
 
 class _FakeScorer:
-    """A reward scorer's interface: score(), and the tokenizer and max_length it encodes with."""
+    """A reward scorer's interface: score(), max_length, and encode_features() encoding as it scores (here, like a
+    plain-text single model: prompt, response and EOS as one string, no chat template)."""
 
     def __init__(self, max_length: int = 10_000):
         self.calls, self.tokenizer, self.max_length = 0, _tokenizer(), max_length
+
+    def encode_features(self, prompts, responses, *, max_length=None):
+        limit = self.max_length if max_length is None else max_length
+        return [{"input_ids": self.tokenizer(p + r + self.tokenizer.eos_token)["input_ids"][-limit:]}
+                for p, r in zip(prompts, responses)]
 
     def score(self, prompts, responses):
         self.calls += 1
@@ -131,6 +137,8 @@ def test_proxy_scorer_says_when_the_reward_models_max_length_cut_a_conversation(
 
     fake = _FakeScorer(max_length=12)
     monkeypatch.setattr(loading, "load_reward_scorer", lambda path, **kw: fake)
+    prompts, responses = ["sum: 1 2", "sum: 1 2"], ["3", " ".join(["9"] * 40)]
+    assert len(fake.encode_features(prompts[:1], responses[:1], max_length=10**6)[0]["input_ids"]) <= 12
     with caplog.at_level("WARNING", logger="alignpipe"):
-        ProxyScorer("rm", None)(["sum: 1 2", "sum: 1 2"], ["3", " ".join(["9"] * 40)])
+        ProxyScorer("rm", None)(prompts, responses)  # counted as the scorer encodes, not through a chat template
     assert "1 of 2 responses with their prompts are longer than the reward model's max_length 12" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import signal
 import sys
@@ -402,6 +403,7 @@ def _cmd_leaderboard(args) -> int:
               "stage's record of the run); pass another directory (default: leaderboard-merged)", file=sys.stderr)
         return 2
     plots = None
+    earlier_merge = _holds_a_merge(args.out)  # only then can plots in --out be an earlier merge's
     try:
         board = merge_leaderboards(paths)
         if args.plots:  # drawn before anything is written; matplotlib is imported only when plots are asked for
@@ -417,13 +419,21 @@ def _cmd_leaderboard(args) -> int:
         from alignpipe.evaluation.report import write_leaderboard_plots
 
         write_leaderboard_plots(plots, args.out)
-    else:  # an earlier merge's plots would show other rows than the table beside them
+    elif earlier_merge:  # an earlier merge's plots would show other rows than the table beside them
         for stale in (args.out / name for name in LEADERBOARD_PLOTS):
-            if stale.exists():
+            if stale.is_file():
                 stale.unlink()
                 logging.getLogger("alignpipe").info(
                     "removed %s: an earlier merge drew it from other rows (pass --plots to draw it anew)", stale)
     return 0
+
+
+def _holds_a_merge(directory: Path) -> bool:
+    """Whether ``directory`` holds a merged leaderboard (one that records its sources), i.e. a merge wrote there."""
+    try:
+        return isinstance(json.loads((directory / "leaderboard.json").read_text())["config"]["sources"], list)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 @_file_errors_in_one_line

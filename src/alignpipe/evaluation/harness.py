@@ -282,9 +282,17 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
                       min(len(prompt_ids), len(full_ids)))  # TRL's common prefix: all of the prompt, as a rule
+        if shared < len(prompt_ids):
+            mismatched.append(prompt)
         return Generation(prompt, response, tuple(full_ids[shared:]), False)
 
-    return [finished(p, c) for p, c, _ in pairs] + [finished(p, r) for p, _, r in pairs]
+    mismatched: list[str] = []
+    scored = [finished(p, c) for p, c, _ in pairs] + [finished(p, r) for p, _, r in pairs]
+    if mismatched:  # TRL warns too: the template renders a prompt differently alone than before a reply
+        log.warning("[eval] %d of %d pair responses follow a prompt the chat template renders differently before a "
+                    "reply (e.g. %r): they are scored after the prompt as rendered alone, which DPO training does "
+                    "not see", len(mismatched), len(scored), mismatched[0][:60])
+    return scored
 
 
 def pair_margins(model: LazyModel, ref_model: LazyModel, pairs: list[Pair], batch_size: int, cache: EvalCache | None,

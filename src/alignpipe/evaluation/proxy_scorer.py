@@ -56,15 +56,14 @@ class ProxyScorer:
         return self._scorer
 
     def _warn_if_cut(self, scorer, prompts: list[str], responses: list[str]) -> None:
-        """The scorer keeps the last ``max_length`` tokens of a conversation: say when that cut into the prompt."""
-        from alignpipe.rewards.ensemble import encode_examples
-
-        whole = encode_examples(scorer.tokenizer, prompts, responses, max_length=2**31 - 1)
+        """A reward model keeps ``max_length`` tokens of what it scores: say when that cut a conversation."""
+        whole = scorer.encode_features(prompts, responses, max_length=2**31 - 1)  # encoded as scored, uncut
         cut = sum(len(example["input_ids"]) > scorer.max_length for example in whole)
         if cut:
             log.warning("[eval] proxy: %d of %d responses with their prompts are longer than the reward model's "
-                        "max_length %d; it scored their last %d tokens (raise the reward stage's max_length, or lower "
-                        "the eval stage's max_new_tokens)", cut, len(whole), scorer.max_length, scorer.max_length)
+                        "max_length %d, which cut them to that many tokens, the prompt's start first (raise the "
+                        "reward stage's max_length, or lower the eval stage's max_new_tokens)", cut, len(whole),
+                        scorer.max_length)
 
     def release(self) -> None:
         self._scorer = None

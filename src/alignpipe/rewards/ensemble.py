@@ -994,10 +994,16 @@ class EnsembleScorer:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(ensemble, tokenizer, **kwargs)
 
+    def encode_features(self, prompts: Sequence[str], responses: Sequence[str], *, max_length: int | None = None,
+                        ) -> list[dict[str, list[int]]]:
+        """Unpadded token ids per (prompt, response) as scored, keeping the LAST ``max_length`` tokens (default: the
+        ensemble's own); see :func:`encode_examples` for the template/pair rules."""
+        return encode_examples(self.tokenizer, prompts, responses,
+                               max_length=self.max_length if max_length is None else max_length)
+
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
         """One padded batch (see :func:`encode_examples` for the template/pair rules and the left truncation)."""
-        return collate_features(self.tokenizer, encode_examples(self.tokenizer, prompts, responses,
-                                                                max_length=self.max_length))
+        return collate_features(self.tokenizer, self.encode_features(prompts, responses))
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> EnsembleRewards:

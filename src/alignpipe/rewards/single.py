@@ -421,20 +421,22 @@ class SingleRewardScorer:
     def num_members(self) -> int:
         return 1
 
-    def encode_features(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, list[int]]]:
+    def encode_features(self, prompts: Sequence[str], responses: Sequence[str], *, max_length: int | None = None,
+                        ) -> list[dict[str, list[int]]]:
         """Unpadded token ids per (prompt, response), formatted as in training and keeping the LAST ``max_length``
-        tokens."""
+        tokens (default: the model's own ``self.max_length``)."""
         if len(prompts) != len(responses):
             raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and "
                              f"{len(responses)}")
+        max_length = self.max_length if max_length is None else max_length
         if self.text_format == "chat":
-            return encode_examples(self.tokenizer, prompts, responses, max_length=self.max_length)
+            return encode_examples(self.tokenizer, prompts, responses, max_length=max_length)
         eos = self.tokenizer.eos_token
         out: list[dict[str, list[int]]] = []
         for prompt, response in zip(prompts, responses):
             text = prompt + (response if response.endswith(eos) else response + eos)
             ids = list(self.tokenizer(text)["input_ids"])
-            out.append({"input_ids": ids[-self.max_length:]})
+            out.append({"input_ids": ids[-max_length:]})
         return out
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:

@@ -287,7 +287,10 @@ def heldout_gold_pairs(n: int, seed: int, space: TaskSpace = TaskSpace()) -> lis
     a model learned the true ordering on prompts it never saw. A smaller ``n`` gives a prefix of a larger one's."""
     drawn = n
     while True:
-        rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1, space=space, split="heldout")
+        try:
+            rows = preference_pairs(drawn, seed, noise=0.5, temperature=0.1, space=space, split="heldout")
+        except ValueError as error:  # it names the enlarged draw, not the n asked for
+            raise ValueError(f"too few distinct held-out prompts for {n} gold-ordered pairs ({error})") from error
         pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"], r["chosen_gold"],
                   r["rejected_gold"]) for r in rows]
         ordered = [(p, c, r) if gc > gr else (p, r, c) for p, c, r, gc, gr in pairs if gc != gr]

@@ -89,6 +89,11 @@ class DiversitySampling:
             raise ValueError(f"diversity sampling needs 2+ samples per prompt on 1+ prompts, got "
                              f"{self.samples_per_prompt} samples on {self.prompts} prompts")
 
+    @classmethod
+    def planned(cls, samples_per_prompt: int, prompts: int, n_prompts: int) -> DiversitySampling | None:
+        """The plan a config states (``samples_per_prompt`` 0 = off) for a set of ``n_prompts`` prompts."""
+        return cls(samples_per_prompt, min(prompts, n_prompts)) if samples_per_prompt else None
+
     def chosen(self, prompts: list[str]) -> list[str]:
         """``self.prompts`` of ``prompts``, evenly spaced: data files are often ordered by source or topic (the
         AlpacaEval set is), so the first ones would all be of one kind."""
@@ -263,7 +268,8 @@ def evaluate_checkpoints(
 
 def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationSettings, diversity: DiversitySampling,
                      cache: EvalCache | None) -> list[list[str]]:
-    """``diversity.samples_per_prompt`` responses of ``model`` to each of the first ``diversity.prompts`` prompts."""
+    """``diversity.samples_per_prompt`` responses of ``model`` to each of the prompts :meth:`DiversitySampling.chosen`
+    picks."""
     seeded = dataclasses.replace(settings, seed=settings.seed + DIVERSITY_SEED_OFFSET)
     return diversity.groups(cached_generations(model, diversity.prompts_for(prompts), seeded, cache))
 
@@ -273,16 +279,18 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
     template renders prompt and reply as one conversation, and the reply's tokens are what follows the rendered prompt
     (:func:`token_logprobs` puts that prompt before them). So the end-of-turn tokens are the template's own (ChatML's
     ``<|im_end|>`` and newline, not the tokenizer's EOS), and a reply is tokenized in context, as TRL 1.16 does."""
-    rendered = dict(zip((p for p, _, _ in pairs), render_prompts(tokenizer, [p for p, _, _ in pairs]), strict=True))
+    from trl.data_utils import common_prefix_length  # here: importing TRL costs every harness user a second
+
+    unique = list(dict.fromkeys(p for p, _, _ in pairs))
+    prompt_ids = {prompt: tokenizer(text, add_special_tokens=False)["input_ids"]
+                  for prompt, text in zip(unique, render_prompts(tokenizer, unique), strict=True)}
 
     def finished(prompt: str, response: str) -> Generation:
-        prompt_ids = tokenizer(rendered[prompt], add_special_tokens=False)["input_ids"]
         full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}], tokenize=False)
         full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
-                      min(len(prompt_ids), len(full_ids)))  # TRL's common prefix: all of the prompt, as a rule
-        if shared < len(prompt_ids):
+        shared = common_prefix_length(prompt_ids[prompt], full_ids)  # all of the prompt, as a rule
+        if shared < len(prompt_ids[prompt]):
             mismatched.append(prompt)
         return Generation(prompt, response, tuple(full_ids[shared:]), False)
 

@@ -101,7 +101,7 @@ class SuiteGeneration(_Spec):
 
 
 class SuiteDiversity(_Spec):
-    """Within-prompt diversity (self_bleu_4, distinct_2_within): extra samples on the first prompts."""
+    """Within-prompt diversity (self_bleu_4, distinct_1/2_within): extra samples on prompts spread over the set."""
 
     samples_per_prompt: int = Field(4, ge=0, description="Samples per prompt; 0 = off, else at least 2.")
     prompts: int = Field(32, gt=0, description="How many of the suite's prompts get them.")
@@ -115,8 +115,7 @@ class SuiteDiversity(_Spec):
 
     def sampling(self, n_prompts: int) -> DiversitySampling | None:
         """The harness's sampling plan for a suite of ``n_prompts`` prompts (None when off)."""
-        return DiversitySampling(self.samples_per_prompt, min(self.prompts, n_prompts)) if self.samples_per_prompt \
-            else None
+        return DiversitySampling.planned(self.samples_per_prompt, self.prompts, n_prompts)
 
 
 class PairSource(_Spec):
@@ -290,16 +289,17 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     settings = GenerationSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                   batch_size=g.batch_size, seed=g.seed)
     judge = _judge(spec, judge_path, cache)
+    diversity = spec.diversity.sampling(len(prompts))  # prompt cutting keeps their number
     if spec.reference == "checkpoint":
         reference = reference or checkpoints[0]
         # every policy answers the same prompts as the reference, cut with the reference's tokenizer
         prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens, g.truncation_side)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
-                                          diversity=spec.diversity.sampling(len(prompts)))
+                                          diversity=diversity)
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
-        results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype)
+        results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
                    for c in checkpoints]
         reference_name, reference_sha256 = f"{spec.prompts.source} reference outputs", None
     return build_leaderboard(
@@ -311,13 +311,14 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                 "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True,
                           "trained_on": trained_on.record() if trained_on else None},
                 "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results),
-                **({"diversity": dataclasses.asdict(d)} if (d := spec.diversity.sampling(len(prompts))) else {})},
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {})},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )
 
 
 def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
-                     spec: SuiteSpec, cache: EvalCache, dtype: str) -> CheckpointResult:
+                     spec: SuiteSpec, cache: EvalCache, dtype: str,
+                     diversity: DiversitySampling | None) -> CheckpointResult:
     """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths.
 
     The judge sees the prompt the policy answered (cut by ``max_prompt_tokens`` with this checkpoint's tokenizer),
@@ -330,7 +331,6 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
         fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens,
                              spec.generation.truncation_side)
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
-    diversity = spec.diversity.sampling(len(fitted))
     groups = diversity_groups(model, fitted, settings, diversity, cache) if diversity else None
     model.release()
     responses = [gen.response for gen in generations]

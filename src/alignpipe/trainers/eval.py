@@ -104,8 +104,7 @@ def run(ctx: StageContext) -> dict:
         batch_size=stage.batch_size, seed=stage.seed,
     )
     prompts = [task.prompt for task in evaluation_tasks(recipe.data, stage.n_prompts, stage.seed)]
-    diversity = (DiversitySampling(stage.diversity_samples, min(stage.diversity_prompts, len(prompts)))
-                 if stage.diversity_samples else None)
+    diversity = DiversitySampling.planned(stage.diversity_samples, stage.diversity_prompts, len(prompts))
     cache = EvalCache(ctx.run_dir.parent / ".cache" / "eval")  # shared by the runs in one runs directory
     proxy_name = recipe.eval_proxy(stage)
     if proxy_name is None and stage.proxy == "auto" and len(reward_names) > 1:

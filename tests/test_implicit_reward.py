@@ -102,10 +102,22 @@ def _margins(tokenizer, policy, reference, pairs) -> list[float]:
     return implicit_margins(lp[:n], lr[:n], lp[n:], lr[n:]).tolist()
 
 
-def test_margins_are_trls_dpo_implicit_reward_over_beta(tiny, tmp_path):
+# A generation prompt that is not the start of the rendered conversation (a marker added only when a reply is to be
+# generated): DPO training scores replies after the prefix that prompt and conversations share.
+MARKED_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|><|system|>{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, MARKED_TEMPLATE], ids=["own-template", "marked-generation-prompt"])
+def test_margins_are_trls_dpo_implicit_reward_over_beta(tiny, tmp_path, template):
     """TRL's DPOTrainer logs rewards/chosen = β(log π(c) − log π_ref(c)) and rewards/accuracies with a strict >: on
-    the same pairs, its per-pair log-ratios (its own tokenization, chat template and log-prob pass) are our margins."""
+    the same pairs, its per-pair log-ratios (its own tokenization, chat template and log-prob pass) are our margins,
+    also where the template renders the prompt alone differently than before a reply."""
     tokenizer, policy, reference, pairs = tiny
+    if template is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = template
+        assert any(g.context_ids is not None for g in pair_generations(tokenizer, pairs))  # the case is exercised
     rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
     args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], max_length=48, beta=BETA,
@@ -163,17 +175,16 @@ def test_pair_tokens_are_the_completion_tokens_trl_scores(eos, pre_tokenizer):
 
 
 def test_pair_tokens_warn_when_the_template_renders_the_prompt_differently_before_a_reply(caplog):
-    """A template whose generation prompt is not the start of the rendered conversation (a reasoning marker added only
-    when a reply is to be generated, say): the scored tokens cannot be TRL's, and the log says so."""
+    """A template whose generation prompt is not the start of the rendered conversation: the scored context is not
+    the prompt a generation sees (TRL's, as the test above shows), and the log says so."""
     from alignpipe.models.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(tokenizer_corpus(n=200), vocab_size=120)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|><|system|>{% endif %}")
+    tokenizer.chat_template = MARKED_TEMPLATE
     pairs = heldout_gold_pairs(3, 4242)
     with caplog.at_level("WARNING", logger="alignpipe"):
         pair_generations(tokenizer, pairs)
-    assert "6 of 6 pair responses follow a prompt the chat template renders differently" in caplog.text
+    assert "3 of 3 pairs follow a prompt the chat template renders differently" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="alignpipe"):
         pair_generations(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), pairs)  # its own template

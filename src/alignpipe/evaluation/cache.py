@@ -49,7 +49,9 @@ class EvalCache:
     @staticmethod
     def token_logprob_key(weights_sha256: str, generations: list[Generation], *, dtype: str) -> str:
         """``dtype``: the one the scoring model's weights are loaded in (``auto`` resolved)."""
-        scored = [(g.prompt, list(g.response_ids)) for g in generations]
+        # a context other than the rendered prompt is part of what was scored (a key without one is unchanged)
+        scored = [(g.prompt, list(g.response_ids)) if g.context_ids is None
+                  else (g.prompt, list(g.response_ids), list(g.context_ids)) for g in generations]
         return content_key("token_logprobs", weights_sha256, dtype, content_key(scored))
 
     # --- entries ------------------------------------------------------------------------------------------------

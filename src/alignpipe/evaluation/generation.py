@@ -33,6 +33,9 @@ class Generation:
     response: str
     response_ids: tuple[int, ...]  # generated tokens up to and including EOS (if it was produced)
     truncated: bool  # no EOS within max_new_tokens
+    # The tokens the response follows, when not the rendered prompt's own: a preference pair's response scored as a
+    # DPO trainer does where the chat template renders the prompt alone differently (harness.pair_generations).
+    context_ids: tuple[int, ...] | None = None
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:
@@ -118,7 +121,8 @@ def sequence_logprobs(
 def token_logprobs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generations: list[Generation], *, batch_size: int = 64,
 ) -> list[list[float]]:
-    """``log pi(y_t | x, y_<t)`` of each response token (EOS included, prompt excluded) for each generation.
+    """``log pi(y_t | x, y_<t)`` of each response token (EOS included, prompt excluded) for each generation; ``x`` is
+    the rendered prompt's tokens, or a generation's ``context_ids`` when it has them.
 
     Per token, not only summed: the k3 KL estimator is low-variance only per token (see
     :func:`alignpipe.evaluation.metrics.sequence_kl_k3`).
@@ -128,7 +132,8 @@ def token_logprobs(
     rows_out: list[list[float]] = []
     for start in range(0, len(generations), batch_size):
         chunk = generations[start:start + batch_size]
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered[start:start + batch_size]]
+        prompt_ids = [list(g.context_ids) if g.context_ids is not None else tokenizer(t, add_special_tokens=False)[
+            "input_ids"] for t, g in zip(rendered[start:start + batch_size], chunk)]
         rows = [p + list(g.response_ids) for p, g in zip(prompt_ids, chunk)]
         width = max(map(len, rows))
         pad = tokenizer.pad_token_id

@@ -275,32 +275,43 @@ def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationS
 
 
 def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
-    """The chosen responses of ``pairs``, then their rejected ones, as the tokens a DPO trainer scores: the chat
-    template renders prompt and reply as one conversation, and the reply's tokens are what follows the rendered prompt
-    (:func:`token_logprobs` puts that prompt before them). So the end-of-turn tokens are the template's own (ChatML's
-    ``<|im_end|>`` and newline, not the tokenizer's EOS), and a reply is tokenized in context, as TRL 1.16 does."""
+    """The chosen responses of ``pairs``, then their rejected ones, as the tokens a DPO trainer scores (TRL 1.16's
+    ``DPOTrainer`` tokenization): the chat template renders prompt and reply as one conversation, and a reply's tokens
+    are what follows the pair's prompt length, the shorter of the rendered prompt's common prefixes with its two
+    conversations. So the end-of-turn tokens are the template's own (ChatML's ``<|im_end|>`` and newline, not the
+    tokenizer's EOS), and a reply is tokenized in context.
+
+    As a rule that length is the whole rendered prompt, which :func:`token_logprobs` puts before the reply. Where the
+    template renders the prompt alone differently (a marker added only with the generation prompt), TRL trains on the
+    shared prefix followed by each conversation's tail; the generations then carry that prefix as ``context_ids``,
+    so they are scored on the sequences DPO training saw, and the log says so, as TRL's does."""
     from trl.data_utils import common_prefix_length  # here: importing TRL costs every harness user a second
 
     unique = list(dict.fromkeys(p for p, _, _ in pairs))
     prompt_ids = {prompt: tokenizer(text, add_special_tokens=False)["input_ids"]
                   for prompt, text in zip(unique, render_prompts(tokenizer, unique), strict=True)}
 
-    def finished(prompt: str, response: str) -> Generation:
-        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+    def conversation(prompt: str, response: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": response}], tokenize=False)
-        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        shared = common_prefix_length(prompt_ids[prompt], full_ids)  # all of the prompt, as a rule
-        if shared < len(prompt_ids[prompt]):
-            mismatched.append(prompt)
-        return Generation(prompt, response, tuple(full_ids[shared:]), False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    mismatched: list[str] = []
-    scored = [finished(p, c) for p, c, _ in pairs] + [finished(p, r) for p, _, r in pairs]
-    if mismatched:  # TRL warns too: the template renders a prompt differently alone than before a reply
-        log.warning("[eval] %d of %d pair responses follow a prompt the chat template renders differently before a "
-                    "reply (e.g. %r): they are scored after the prompt as rendered alone, which DPO training does "
-                    "not see", len(mismatched), len(scored), mismatched[0][:60])
-    return scored
+    chosen, rejected, mismatched = [], [], []
+    for prompt, chosen_text, rejected_text in pairs:
+        rendered = prompt_ids[prompt]
+        chosen_ids, rejected_ids = conversation(prompt, chosen_text), conversation(prompt, rejected_text)
+        shared = min(common_prefix_length(rendered, chosen_ids), common_prefix_length(rendered, rejected_ids))
+        context = None
+        if shared < len(rendered):
+            context = tuple(rendered[:shared])
+            mismatched.append(prompt)
+        chosen.append(Generation(prompt, chosen_text, tuple(chosen_ids[shared:]), False, context))
+        rejected.append(Generation(prompt, rejected_text, tuple(rejected_ids[shared:]), False, context))
+    if mismatched:
+        log.warning("[eval] %d of %d pairs follow a prompt the chat template renders differently before a reply "
+                    "(e.g. %r): as in DPO training, they are scored after the prompt's tokens that both replies "
+                    "share, not the prompt a generation sees", len(mismatched), len(pairs), mismatched[0][:60])
+    return chosen + rejected
 
 
 def pair_margins(model: LazyModel, ref_model: LazyModel, pairs: list[Pair], batch_size: int, cache: EvalCache | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -131,9 +132,9 @@ def test_leaderboard_refuses_to_write_over_a_source(two_boards, capsys):
     assert main(["leaderboard", str(a), str(b), "--out", str(a.parent / "merged")]) == 0
 
 
-def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, caplog):
-    """--plots: gold_vs_kl.png and win_rate_vs_length.png in --out, written atomically, and a log line for each file
-    written, each plot skipped and each set of rows a plot leaves out."""
+def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, caplog, monkeypatch):
+    """--plots: gold_vs_kl.png and win_rate_vs_length.png in --out, written with the tables all or none, and a log
+    line for each file written, each plot skipped and each set of rows a plot leaves out."""
     import logging
 
     a, b = two_boards
@@ -145,6 +146,23 @@ def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, ca
     assert not list(out.glob(".*.tmp"))  # the atomic write left no temp file
     # only dpo has a win rate and a length in these boards
     assert "win_rate_vs_length.png: Not placed (no value of win_rate_vs_ref and len_tokens_mean): a/sft" in caplog.text
+
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    fsync, calls = os.fsync, []
+
+    def failing_on_the_last_file(fd):  # a full disk while the last plot is flushed
+        calls.append(fd)
+        if len(calls) == len(before):
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr("alignpipe.io.os.fsync", failing_on_the_last_file)
+    board = json.loads((b / "leaderboard.json").read_text())
+    board["checkpoints"][0]["results"]["gold_reward"]["value"] += 1  # the merge would write other numbers
+    (b / "leaderboard.json").write_text(json.dumps(board))
+    assert main(["leaderboard", str(a), str(b), "--out", str(out), "--plots"]) != 0
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # tables and plots: all old
+    monkeypatch.setattr("alignpipe.io.os.fsync", fsync)
 
     for run in (a, b):  # boards without KL: no frontier to draw, and the earlier merge's plot goes
         board = json.loads((run / "leaderboard.json").read_text())

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+log = logging.getLogger("alignpipe")
+
 EPILOG_RUN = """\
 examples:
   alignpipe run recipes/quickstart.yaml                       # sft, reward, dpo, osp, ppo, eval on the tiny task
@@ -77,7 +79,7 @@ examples:
   alignpipe leaderboard runs/quickstart runs/selfplay --out leaderboard-merged
   alignpipe leaderboard runs/quickstart runs/selfplay --out leaderboard-merged --plots
 
---plots writes, beside leaderboard.{json,md,csv}:
+--plots writes, beside leaderboard.{json,md,csv} and with them (all new files or, after a failure, all old):
   gold_vs_kl.png          gold reward (judge_reward for suites judged by a reward model) ± 95% CI vs sqrt of the
                           k1 KL to the reference, one point per checkpoint coloured by run, and the Pareto frontier
                           (no other checkpoint has both lower-or-equal KL and higher-or-equal reward, one of them
@@ -410,21 +412,22 @@ def _cmd_leaderboard(args) -> int:
             from alignpipe.evaluation.report import leaderboard_plots
 
             plots = leaderboard_plots(board)
-        _, md_path = write_leaderboard(board, args.out)
+            for note in plots.notes:
+                log.warning("%s", note)
+        # tables and plots replace the old ones together: never new tables beside plots of other rows
+        _, md_path = write_leaderboard(board, args.out, drawn=plots.pngs if plots else None)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(md_path.read_text())
-    if plots is not None:
-        from alignpipe.evaluation.report import write_leaderboard_plots
-
-        write_leaderboard_plots(plots, args.out)
-    elif earlier_merge:  # an earlier merge's plots would show other rows than the table beside them
-        for stale in (args.out / name for name in LEADERBOARD_PLOTS):
+    for name in plots.pngs if plots else ():
+        log.info("wrote %s", args.out / name)
+    if earlier_merge:  # a plot not drawn this time would show an earlier merge's rows beside this table
+        for stale in (args.out / name for name in LEADERBOARD_PLOTS if not plots or name not in plots.pngs):
             if stale.is_file():
                 stale.unlink()
-                logging.getLogger("alignpipe").info(
-                    "removed %s: an earlier merge drew it from other rows (pass --plots to draw it anew)", stale)
+                log.info("removed %s: an earlier merge drew it from other rows%s", stale,
+                         "" if plots else " (pass --plots to draw it anew)")
     return 0
 
 

@@ -108,8 +108,12 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     Serialisation happens before anything touches the disk, so an unserialisable object cannot clobber
     the old file. NaN/inf are rejected (``allow_nan=False``): they are not JSON and break non-Python readers.
     """
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, json_text(obj))
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON text :func:`atomic_write_json` writes (NaN/inf refused)."""
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,13 +15,14 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from alignpipe.evaluation.length_control import lc_gap_warning
 from alignpipe.evaluation.metrics import MetricValue
-from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.io import atomic_open_all, json_text
 
 log = logging.getLogger("alignpipe")
 SCHEMA_VERSION = "1.0"
@@ -401,18 +402,23 @@ def _reward_table(rows: list[dict]) -> list[str]:
 LEADERBOARD_FILES = ("leaderboard.json", "leaderboard.csv", "leaderboard.md")  # what write_leaderboard writes
 
 
-def write_leaderboard(leaderboard: dict, directory: Path) -> tuple[Path, Path]:
-    """Write ``leaderboard.json``, ``leaderboard.csv`` and ``leaderboard.md`` atomically; returns the JSON and md paths.
+def write_leaderboard(leaderboard: dict, directory: Path, *, drawn: Mapping[str, bytes] | None = None
+                      ) -> tuple[Path, Path]:
+    """Write ``leaderboard.json``, ``leaderboard.csv`` and ``leaderboard.md``, and ``drawn`` (file name -> bytes:
+    plots drawn from this leaderboard), all or none; returns the JSON and md paths.
 
-    Both texts are produced before either file is touched, so a bad record leaves the old pair intact.
+    Every file is produced before any is touched and they replace the old ones together
+    (:func:`~alignpipe.io.atomic_open_all`), so a failure leaves the old set intact: never new tables beside the
+    plots of other rows.
     """
     directory = Path(directory)
-    markdown, table = render_markdown(leaderboard), render_csv(leaderboard)
     json_name, csv_name, md_name = LEADERBOARD_FILES
-    json_path = atomic_write_json(directory / json_name, leaderboard)
-    atomic_write_text(directory / csv_name, table)
-    md_path = atomic_write_text(directory / md_name, markdown)
-    return json_path, md_path
+    files = {json_name: json_text(leaderboard).encode(), csv_name: render_csv(leaderboard).encode(),
+             md_name: render_markdown(leaderboard).encode(), **(drawn or {})}
+    with atomic_open_all([directory / name for name in files], binary=True) as handles:
+        for handle, content in zip(handles, files.values(), strict=True):
+            handle.write(content)
+    return directory / json_name, directory / md_name
 
 
 def load_leaderboard(path: str | os.PathLike[str]) -> dict:

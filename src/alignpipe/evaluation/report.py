@@ -13,8 +13,8 @@ Three layers, each usable on its own:
   No JavaScript and no reference to any other file or to the network, so the file can be mailed as it is.
 
 The leaderboard's own plots (gold vs √KL with its Pareto frontier, win rate vs length) are also written as PNG files
-beside a merged leaderboard by ``alignpipe leaderboard --plots`` (:func:`leaderboard_plots`,
-:func:`write_leaderboard_plots`), drawn by the same functions as the report's.
+beside a merged leaderboard by ``alignpipe leaderboard --plots`` (:func:`leaderboard_plots`; ``write_leaderboard``
+writes them with the tables, all or none), drawn by the same functions as the report's.
 
 A section whose data is absent is replaced by a one-line note saying what is missing; a section whose data cannot
 be read is replaced by a note naming the error, so one odd file never costs the rest of the report.
@@ -68,14 +68,14 @@ from alignpipe.evaluation.pareto import (
     row_runs,
     zoomed,
 )
-from alignpipe.io import atomic_open_all, atomic_write_text
+from alignpipe.io import atomic_write_text
 from alignpipe.pipeline.rundir import RUN_FILE
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
            "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",
            "plot_gold_vs_kl", "plot_overoptimisation", "plot_ppo_training", "plot_reliability", "plot_rounds",
            "plot_trl_curves", "plot_win_rate_vs_length", "ppo_curve", "read_run", "render_report",
-           "write_leaderboard_plots", "write_report"]
+           "write_report"]
 
 log = logging.getLogger("alignpipe")
 
@@ -941,23 +941,3 @@ def leaderboard_plots(board: dict) -> LeaderboardPlots:
     else:
         notes.append(f"{length_file} not drawn: no checkpoint has both win_rate_vs_ref and len_tokens_mean")
     return LeaderboardPlots(pngs, notes)
-
-
-def write_leaderboard_plots(plots: LeaderboardPlots, directory: Path) -> list[Path]:
-    """Write the drawn plots into ``directory`` (all or none, atomically) and log what was written or skipped, and
-    why. A plot not drawn this time is removed if an earlier merge left one there: it would show other rows."""
-    directory = Path(directory)
-    for note in plots.notes:
-        log.warning("%s", note)
-    paths = [directory / name for name in plots.pngs]
-    with atomic_open_all(paths, binary=True) as handles:
-        for handle, png in zip(handles, plots.pngs.values(), strict=True):
-            handle.write(png)
-    for path in paths:
-        log.info("wrote %s", path)
-    for name in LEADERBOARD_PLOTS:
-        stale = directory / name
-        if name not in plots.pngs and stale.is_file():
-            stale.unlink()
-            log.warning("removed %s: left by an earlier merge, it does not show this leaderboard", stale)
-    return paths

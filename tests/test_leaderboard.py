@@ -13,7 +13,9 @@ from alignpipe.evaluation.leaderboard import (
     CheckpointResult,
     build_leaderboard,
     load_leaderboard,
+    merge_leaderboards,
     render_markdown,
+    seen_from,
     write_leaderboard,
 )
 from alignpipe.evaluation.metrics import MetricValue
@@ -312,6 +314,34 @@ def _suite_board(changed: tuple[str, str, object] | None = None) -> dict:
                              primary_metric="gold_reward")
 
 
+def test_rows_link_their_samples_and_merged_rows_their_run_too(tmp_path):
+    """A row that records its sample file gets a trace column linking it; a merged table, written elsewhere, links
+    each row's samples and its run's own leaderboard relative to itself; a merge of merges keeps the first run's."""
+    res = results()
+    for r in res[1:]:
+        r.samples = f"samples/{r.name} (1).jsonl"  # a space and parentheses: the link still holds
+    board = build(res)
+    assert seen_from(board, "eval")["checkpoints"][0]["samples"] == "eval/samples/dpo (1).jsonl"
+    assert board["checkpoints"][0]["samples"] == "samples/dpo (1).jsonl"  # a copy: the stage's record is unchanged
+    write_leaderboard(seen_from(board, "eval"), tmp_path / "runs" / "a")
+    md = (tmp_path / "runs" / "a" / "leaderboard.md").read_text()
+    assert "| trace |" in md and "[samples](<eval/samples/dpo (1).jsonl>)" in md
+    base_row = next(line for line in md.splitlines() if "| base |" in line)
+    assert base_row.endswith("|  |")  # no file recorded: an empty cell
+    assert "| trace |" not in render_markdown(build())  # nothing recorded: no column
+
+    merged_dir = tmp_path / "tables" / "merged"
+    write_leaderboard(merge_leaderboards([tmp_path / "runs" / "a" / "leaderboard.json"]), merged_dir)
+    dpo = next(r for r in load_leaderboard(merged_dir / "leaderboard.json")["checkpoints"] if r["name"] == "a/dpo")
+    assert dpo["samples"] == str((tmp_path / "runs" / "a" / "eval" / "samples" / "dpo (1).jsonl").resolve())
+    assert dpo["leaderboard"] == str((tmp_path / "runs" / "a" / "leaderboard.json").resolve())
+    md = (merged_dir / "leaderboard.md").read_text()
+    assert ("[samples](<../../runs/a/eval/samples/dpo (1).jsonl>) · [results](<../../runs/a/leaderboard.json>)"
+            in md)
+    again = merge_leaderboards([merged_dir / "leaderboard.json"])
+    assert next(r for r in again["checkpoints"] if r["name"] == "merged/a/dpo")["leaderboard"] == dpo["leaderboard"]
+
+
 def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path):
     from alignpipe.evaluation.leaderboard import merge_leaderboards
 
@@ -510,6 +540,22 @@ def test_eval_stage_records_a_hash_of_its_prompts_and_the_reference_weights(comp
         rows = (runner.run_dir / "eval" / "samples" / f"{row['name']}.diversity.jsonl").read_text().splitlines()
         assert [len(json.loads(r)["responses"]) for r in rows] == [diversity["samples_per_prompt"]] * len(rows)
     assert board["run"]["reference_sha256"] == StageDir(runner.run_dir / "sft").read_manifest()["output_sha256"]
+
+
+def test_eval_stage_rows_link_their_samples_from_both_records(completed_tiny_run):
+    """EVALUATION §10: every row links to its sample JSONL: the run's leaderboard (run directory) and the stage's
+    results.json (stage directory) each name it relative to themselves, and leaderboard.md links it."""
+    runner, _ = completed_tiny_run
+    board = load_leaderboard(runner.run_dir / "leaderboard.json")
+    record = load_leaderboard(runner.run_dir / "eval" / "results.json")
+    assert [r["samples"] for r in board["checkpoints"]] == [f"eval/samples/{r['name']}.jsonl"
+                                                            for r in board["checkpoints"]]
+    for row, recorded in zip(board["checkpoints"], record["checkpoints"], strict=True):
+        assert (runner.run_dir / row["samples"]).samefile(runner.run_dir / "eval" / recorded["samples"])
+        lines = (runner.run_dir / row["samples"]).read_text().splitlines()
+        assert len(lines) == row["results"]["gold_reward"]["n"]
+    assert f"[samples](<eval/samples/{board['checkpoints'][0]['name']}.jsonl>)" in (
+        runner.run_dir / "leaderboard.md").read_text()
 
 
 def test_eval_stage_reports_implicit_reward_accuracy_on_recorded_pairs(completed_tiny_run):

@@ -43,6 +43,9 @@ class CheckpointResult:
     path: str  # checkpoint path or hub id
     weights_sha256: str | None
     metrics: dict[str, MetricValue]  # e.g. gold_reward, win_rate_vs_ref, kl_ref_k1, kl_ref_k3, truncation_rate
+    # Its per-sample JSONL, relative to the leaderboard's directory (any other sample files of the row sit beside it
+    # with the same stem): what makes each number traceable to its generations and judgments (EVALUATION.md §10).
+    samples: str | None = None
 
 
 REWARD_COLUMNS = ("accuracy", "gold_accuracy", "label_gold_agreement", "ece", "brier", "nll", "uncertainty_auroc",
@@ -54,6 +57,7 @@ REWARD_COLUMNS = ("accuracy", "gold_accuracy", "label_gold_agreement", "ece", "b
 def _rows(results: list[CheckpointResult]) -> list[dict]:
     return [
         {"name": r.name, "path": r.path, "weights_sha256": r.weights_sha256,
+         **({"samples": r.samples} if r.samples else {}),
          "results": {metric: mv.to_dict() for metric, mv in r.metrics.items()}}
         for r in results
     ]
@@ -106,6 +110,16 @@ def build_leaderboard(
     }
 
 
+def seen_from(leaderboard: dict, subdirectory: str) -> dict:
+    """``leaderboard`` as written one level up from ``subdirectory``: its rows' relative sample paths prefixed with
+    it (the eval stage's record lies in its stage directory, the run's leaderboard in the run directory)."""
+    moved = copy.deepcopy(leaderboard)
+    for row in moved["checkpoints"]:
+        if row.get("samples") and not os.path.isabs(row["samples"]):
+            row["samples"] = f"{subdirectory}/{row['samples']}"
+    return moved
+
+
 LEADERBOARD_PLOTS = ("gold_vs_kl.png", "win_rate_vs_length.png")  # what `alignpipe leaderboard --plots` writes
 
 
@@ -116,12 +130,14 @@ HEADLINE_METRICS = ("gold_reward", "judge_reward", "gold_reward_delta_vs_ref", "
                     "len_tokens_mean", "truncation_rate", "distinct_2")
 
 
-def render_markdown(leaderboard: dict) -> str:
+def render_markdown(leaderboard: dict, directory: Path | None = None) -> str:
     """A headline table (EVALUATION.md §10's columns, flags included), then every metric when there are more; rows
     in JSON order; each cell is ``value [lo, hi]`` at 3 significant digits.
 
     The ``n`` column is the primary metric's n; a cell whose n differs (e.g. KL over several samples per prompt)
-    says so inline, so every number still carries its n. Missing metrics render as "–".
+    says so inline, so every number still carries its n. Missing metrics render as "–". A row that records its
+    files links to them in a ``trace`` column (§10: every number traceable): its sample JSONL, and in a merged table
+    the run's own leaderboard; ``directory`` is where the Markdown goes, which the links are relative to.
     """
     suite = leaderboard["suite"]
     primary = suite["primary_metric"]
@@ -138,19 +154,23 @@ def render_markdown(leaderboard: dict) -> str:
         f"Suite `{suite['name']}` · primary metric `{primary}` {_ARROW[directions[primary]]} · run `{run_name}` · "
         f"{leaderboard['date']} · schema {leaderboard['schema_version']}",
         "",
-        *_policy_table(leaderboard["checkpoints"], headline, primary, directions),
+        *_policy_table(leaderboard["checkpoints"], headline, primary, directions, directory),
     ]
     if len(headline) < len(metrics):
-        lines += ["", "## All metrics", "", *_policy_table(leaderboard["checkpoints"], metrics, primary, directions)]
+        lines += ["", "## All metrics", "",
+                  *_policy_table(leaderboard["checkpoints"], metrics, primary, directions, directory)]
     lines += ["", "Metric directions:", ""]
     lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
     lines += _reward_table(leaderboard.get("reward_models") or [])
     return "\n".join(lines) + "\n"
 
 
-def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, directions: dict) -> list[str]:
-    lines = [_row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags"]),
-             _row(["---:", "---", *("---" for _ in metrics), "---:", "---"])]
+def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, directions: dict,
+                  directory: Path | None) -> list[str]:
+    traced = any(_TRACED_FILES.keys() & ckpt.keys() for ckpt in checkpoints)
+    lines = [_row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags",
+                   *(["trace"] if traced else [])]),
+             _row(["---:", "---", *("---" for _ in metrics), "---:", "---", *(["---"] if traced else [])])]
     for rank, ckpt in enumerate(checkpoints, start=1):
         res = ckpt["results"]
         row_n = res[primary].get("n") if primary in res else None
@@ -158,8 +178,22 @@ def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, dir
         cells += [_cell(res.get(m), row_n) for m in metrics]
         cells.append(_MISSING if row_n is None else str(row_n))
         cells.append("; ".join(checkpoint_flags(res)) or "")
+        if traced:
+            cells.append(" · ".join(_link(text, ckpt[key], directory) for key, text in _TRACED_FILES.items()
+                                    if ckpt.get(key)))
         lines.append(_row(cells))
     return lines
+
+
+_TRACED_FILES = {"samples": "samples", "leaderboard": "results"}  # row key -> link text
+
+
+def _link(text: str, target: str, directory: Path | None) -> str:
+    """A Markdown link to ``target`` (absolute, or relative to the Markdown's directory); an absolute one is made
+    relative to ``directory`` so the tables stay readable where they are copied together with the runs."""
+    if directory is not None and os.path.isabs(target):
+        target = os.path.relpath(target, Path(directory).resolve())
+    return f"[{text}](<{Path(target).as_posix().replace('>', '%3E')}>)".replace("|", "%7C")
 
 
 def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_limit: float = MAX_TRUNCATION
@@ -263,8 +297,8 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
                for run in merge_sources(path, board, label)]
     _check_runs_agree(sources)
     rows, reward_rows = [], []
-    for (_, board), label in zip(boards, labels, strict=True):
-        rows += [{**row, "name": f"{label}/{row['name']}"} for row in board["checkpoints"]]
+    for (path, board), label in zip(boards, labels, strict=True):
+        rows += [_merged_row(row, label, path) for row in board["checkpoints"]]
         reward_rows += [{**row, "name": f"{label}/{row['name']}"} for row in board.get("reward_models") or []]
     left_out = _proxy_columns_to_leave_out(sources, rows)
     if left_out:
@@ -280,6 +314,16 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
         "checkpoints": rows, "reward_models": reward_rows,
         "higher_is_better": directions, "env": first["env"], "date": max(b["date"] for _, b in boards),
     }
+
+
+def _merged_row(row: dict, label: str, path: Path) -> dict:
+    """A source's row in a merged table: named ``<label>/<name>``, its files absolute (the merged table is written
+    elsewhere): its samples, and the leaderboard it came from (a row of a merged source keeps its run's)."""
+    directory = Path(path).resolve().parent
+    files = {"leaderboard": row.get("leaderboard") or str(Path(path).resolve())}
+    if row.get("samples"):
+        files["samples"] = str(directory / row["samples"])  # an absolute one (a merged source's) stays as it is
+    return {**row, "name": f"{label}/{row['name']}", **files}
 
 
 PROXY_PREFIX = "proxy_"
@@ -414,7 +458,7 @@ def write_leaderboard(leaderboard: dict, directory: Path, *, drawn: Mapping[str,
     directory = Path(directory)
     json_name, csv_name, md_name = LEADERBOARD_FILES
     files = {json_name: json_text(leaderboard).encode(), csv_name: render_csv(leaderboard).encode(),
-             md_name: render_markdown(leaderboard).encode(), **(drawn or {})}
+             md_name: render_markdown(leaderboard, directory).encode(), **(drawn or {})}
     with atomic_open_all([directory / name for name in files], binary=True) as handles:
         for handle, content in zip(handles, files.values(), strict=True):
             handle.write(content)

@@ -25,6 +25,7 @@ from alignpipe.evaluation.leaderboard import (
     LEADERBOARD_FILES,
     CheckpointResult,
     build_leaderboard,
+    seen_from,
     write_leaderboard,
 )
 from alignpipe.evaluation.metrics import MetricValue
@@ -120,6 +121,7 @@ def run(ctx: StageContext) -> dict:
     if proxy is not None:
         proxy.release()
     samples_dir = ctx.dir.root / "samples"
+    results = [dataclasses.replace(r, samples=f"{samples_dir.name}/{r.name}.jsonl") for r in results]
     for checkpoint_samples in samples:
         rows = sample_rows(checkpoint_samples)
         atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.jsonl",
@@ -148,8 +150,8 @@ def run(ctx: StageContext) -> dict:
         env=package_versions(), suite=SUITE, primary_metric=PRIMARY_METRIC,
         reward_models=[_reward_row(ctx, name) for name in reward_names],
     )
-    atomic_write_json(ctx.dir.root / "results.json", leaderboard)
-    json_path, md_path = write_leaderboard(leaderboard, ctx.run_dir)
+    atomic_write_json(ctx.dir.root / "results.json", leaderboard)  # the stage's record: samples/ lies beside it
+    json_path, md_path = write_leaderboard(seen_from(leaderboard, ctx.dir.name), ctx.run_dir)
     log.info("[%s] leaderboard written to %s and %s", ctx.dir.name, json_path, md_path)
     try:  # the HTML report is a view of the run: it must never fail the stage
         from alignpipe.evaluation.report import write_report

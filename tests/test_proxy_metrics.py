@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignpipe.evaluation.proxy import proxy_metrics
+from alignpipe.evaluation.proxy import gold_agreement, proxy_metrics
 
 MEMBERS = [[1.0, 3.0], [0.0, 2.0], [4.0, 4.0]]  # three responses, two members
 REFERENCE = [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
@@ -32,6 +32,23 @@ def test_proxy_metrics_hand_computed():
     assert m["proxy_gold_gap"].higher_is_better is False and m["proxy_gold_gap"].n == 3
     lo, hi = m["proxy_gold_gap"].ci95
     assert min(gaps) <= lo <= hi <= max(gaps)
+
+
+def test_gold_agreement_hand_computed():
+    """The batch above: proxy gains 2, 0, 2 and gold gains 0.5, -0.5, 0.5 agree on responses 1 and 3; on response 2
+    the proxy ties, which counts as wrong (RewardBench's strict >)."""
+    m = proxy_metrics(MEMBERS, REFERENCE, GOLD, REFERENCE_GOLD, resamples=200)
+    agreement = m["proxy_gold_agreement"]
+    assert agreement.value == pytest.approx(2 / 3) and agreement.n == 3 and agreement.higher_is_better is True
+    assert agreement.extra["n_gold_ties"] == 0
+    assert 0 <= agreement.ci95[0] <= agreement.ci95[1] <= 1
+    # gold ties are left out and counted; a proxy that inverts every gain scores 0; gold tied everywhere: no metric
+    mixed = gold_agreement([1.0, -2.0, 3.0, 0.5, -1.0], [2.0, 0.0, 1.0, -1.0, -3.0], resamples=100)
+    assert mixed.value == pytest.approx(3 / 4) and mixed.n == 4 and mixed.extra["n_gold_ties"] == 1
+    assert gold_agreement([-1.0, 2.0], [1.0, -2.0], resamples=100).value == 0.0
+    assert gold_agreement([1.0, 2.0], [0.0, 0.0], resamples=100) is None
+    with pytest.raises(ValueError, match="must pair up"):
+        gold_agreement([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])

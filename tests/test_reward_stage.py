@@ -104,6 +104,8 @@ def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
     for name in ("base", "sft"):
         assert {"proxy_reward", "proxy_reward_min", "proxy_member_var", "proxy_gold_gap"} <= set(rows[name])
     assert rows["sft"]["proxy_gold_gap"]["value"] == 0.0 and rows["sft"]["proxy_reward_delta_vs_ref"]["value"] == 0.0
+    # against its own responses gold ties everywhere: no agreement to measure; base's responses differ from sft's
+    assert "proxy_gold_agreement" not in rows["sft"] and 0 <= rows["base"]["proxy_gold_agreement"]["value"] <= 1
     rows_file = runner.run_dir / "eval" / "samples" / "base.jsonl"
     samples = [json.loads(line) for line in rows_file.read_text().splitlines()]
     scorer = EnsembleScorer.load(runner.run_dir / "rm" / "checkpoint")

@@ -14,6 +14,12 @@ with a paired bootstrap CI over prompts: 0 when the proxy and gold agree up to s
 the checkpoint's gain above what gold confirms. It is left out when either reward is constant over the reference's
 responses. An ensemble also reports the mean member minimum (WCO's reward) and the mean member variance (UWO's
 penalty), population variance as everywhere in :mod:`alignpipe.rewards.penalties`.
+
+``proxy_gold_agreement`` is the proxy's accuracy as a judge of this policy against the reference (EVALUATION.md §8,
+"agreement with the gold RM on fresh policy samples"): on the prompts where gold prefers one of the two responses,
+the fraction where the proxy's mean prefers the same one, strictly (a proxy tie counts as wrong, as RewardBench's
+``>`` does). It is what a held-out accuracy on the demonstrator's pairs cannot show: whether the proxy still ranks
+the policy's own, shifted samples as gold does.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 
 from alignpipe.evaluation.metrics import MetricValue, as_1d_finite, mean_with_ci, paired_delta
 
-__all__ = ["proxy_metrics"]
+__all__ = ["gold_agreement", "proxy_metrics"]
 
 
 def _members(values: Sequence[Sequence[float]], name: str) -> np.ndarray:
@@ -64,6 +70,8 @@ def proxy_metrics(
         raise ValueError(f"gold ({gold.size}), reference_gold ({reference_gold.size}) and members ({mean.size}) must "
                          "hold one value per response")
     metrics["proxy_reward_delta_vs_ref"] = mean_with_ci(mean - ref_mean, higher_is_better=None, **boot)
+    if agreement := gold_agreement(mean - ref_mean, gold - reference_gold, **boot):
+        metrics["proxy_gold_agreement"] = agreement
     proxy_spread, gold_spread = ref_mean.std(), reference_gold.std()
     if proxy_spread > 0 and gold_spread > 0:
         gap = paired_delta((mean - ref_mean) / proxy_spread, (gold - reference_gold) / gold_spread,
@@ -72,3 +80,20 @@ def proxy_metrics(
                                                 {**gap.extra, "proxy_sd_ref": float(proxy_spread),
                                                  "gold_sd_ref": float(gold_spread)})
     return metrics
+
+
+def gold_agreement(proxy_gains: Sequence[float], gold_gains: Sequence[float], *, resamples: int = 1000,
+                   seed: int = 0) -> MetricValue | None:
+    """Fraction of responses whose gold gain over the reference's response is non-zero where the proxy's gain has
+    the same sign (0 counts as wrong), with a bootstrap CI over them; None when gold ties everywhere (the reference
+    itself). ``extra``: ``n_gold_ties``, the responses left out."""
+    proxy, gold = as_1d_finite(proxy_gains, "proxy_gains"), as_1d_finite(gold_gains, "gold_gains")
+    if proxy.shape != gold.shape:
+        raise ValueError(f"proxy_gains ({proxy.size}) and gold_gains ({gold.size}) must pair up")
+    decided = gold != 0
+    if not decided.any():
+        return None
+    agrees = (np.sign(proxy[decided]) == np.sign(gold[decided])).astype(np.float64)
+    outcome = mean_with_ci(agrees, resamples=resamples, seed=seed, higher_is_better=True)
+    return MetricValue(outcome.value, outcome.ci95, outcome.n, True,
+                       {**outcome.extra, "n_gold_ties": int((~decided).sum())})

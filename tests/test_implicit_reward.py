@@ -108,7 +108,14 @@ MARKED_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|
                    "{% if add_generation_prompt %}<|assistant|><|system|>{% endif %}")
 
 
-@pytest.mark.parametrize("template", [None, MARKED_TEMPLATE], ids=["own-template", "marked-generation-prompt"])
+# ... and one that differs from the first token on: nothing is shared, and the first reply token goes unscored
+UNSHARED_TEMPLATE = ("{% if add_generation_prompt %}<|system|>{% endif %}"
+                     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, MARKED_TEMPLATE, UNSHARED_TEMPLATE],
+                         ids=["own-template", "marked-generation-prompt", "nothing-shared"])
 def test_margins_are_trls_dpo_implicit_reward_over_beta(tiny, tmp_path, template):
     """TRL's DPOTrainer logs rewards/chosen = β(log π(c) − log π_ref(c)) and rewards/accuracies with a strict >: on
     the same pairs, its per-pair log-ratios (its own tokenization, chat template and log-prob pass) are our margins,
@@ -184,8 +191,21 @@ def test_pair_tokens_warn_when_the_template_renders_the_prompt_differently_befor
     pairs = heldout_gold_pairs(3, 4242)
     with caplog.at_level("WARNING", logger="alignpipe"):
         pair_generations(tokenizer, pairs)
-    assert "3 of 3 pairs follow a prompt the chat template renders differently" in caplog.text
+    assert "3 of 3 pairs have a rendered prompt that is not a prefix of their conversations" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="alignpipe"):
         pair_generations(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), pairs)  # its own template
-    assert "renders differently" not in caplog.text
+    assert "not a prefix" not in caplog.text
+
+
+def test_a_scoring_context_survives_the_generation_cache(tmp_path):
+    from alignpipe.evaluation.cache import EvalCache
+    from alignpipe.evaluation.generation import Generation
+
+    cache = EvalCache(tmp_path)
+    generations = [Generation("p", "r", (1, 2), False), Generation("p", "r", (1, 2), False, (5, 6)),
+                   Generation("p", "r", (1, 2), False, ())]
+    cache.put_generations("k", generations)
+    assert cache.get_generations("k") == generations
+    keys = {EvalCache.token_logprob_key("w", [g], dtype="float32") for g in generations}
+    assert len(keys) == 3  # the context is part of what was scored

@@ -316,30 +316,40 @@ def _suite_board(changed: tuple[str, str, object] | None = None) -> dict:
 
 def test_rows_link_their_samples_and_merged_rows_their_run_too(tmp_path):
     """A row that records its sample file gets a trace column linking it; a merged table, written elsewhere, links
-    each row's samples and its run's own leaderboard relative to itself; a merge of merges keeps the first run's."""
+    each row's samples and its run's own leaderboard relative to itself, so tables copied together with the runs
+    still find them; a merge of merges keeps the first run's leaderboard."""
+    import shutil
+
     res = results()
     for r in res[1:]:
-        r.samples = f"samples/{r.name} (1).jsonl"  # a space and parentheses: the link still holds
+        r.samples = f"samples/{r.name} #1?(100%).jsonl"  # a fragment, a query, an escape: still part of the path
     board = build(res)
-    assert seen_from(board, "eval")["checkpoints"][0]["samples"] == "eval/samples/dpo (1).jsonl"
-    assert board["checkpoints"][0]["samples"] == "samples/dpo (1).jsonl"  # a copy: the stage's record is unchanged
-    write_leaderboard(seen_from(board, "eval"), tmp_path / "runs" / "a")
-    md = (tmp_path / "runs" / "a" / "leaderboard.md").read_text()
-    assert "| trace |" in md and "[samples](<eval/samples/dpo (1).jsonl>)" in md
+    assert seen_from(board, "eval")["checkpoints"][0]["samples"] == "eval/samples/dpo #1?(100%).jsonl"
+    assert board["checkpoints"][0]["samples"] == "samples/dpo #1?(100%).jsonl"  # a copy: the record is unchanged
+    run = tmp_path / "runs" / "run-12:00"  # not a URL scheme
+    write_leaderboard(seen_from(board, "eval"), run)
+    md = (run / "leaderboard.md").read_text()
+    assert "| trace |" in md and "[samples](./eval/samples/dpo%20%231%3F%28100%25%29.jsonl)" in md
     base_row = next(line for line in md.splitlines() if "| base |" in line)
     assert base_row.endswith("|  |")  # no file recorded: an empty cell
     assert "| trace |" not in render_markdown(build())  # nothing recorded: no column
 
     merged_dir = tmp_path / "tables" / "merged"
-    write_leaderboard(merge_leaderboards([tmp_path / "runs" / "a" / "leaderboard.json"]), merged_dir)
-    dpo = next(r for r in load_leaderboard(merged_dir / "leaderboard.json")["checkpoints"] if r["name"] == "a/dpo")
-    assert dpo["samples"] == str((tmp_path / "runs" / "a" / "eval" / "samples" / "dpo (1).jsonl").resolve())
-    assert dpo["leaderboard"] == str((tmp_path / "runs" / "a" / "leaderboard.json").resolve())
-    md = (merged_dir / "leaderboard.md").read_text()
-    assert ("[samples](<../../runs/a/eval/samples/dpo (1).jsonl>) · [results](<../../runs/a/leaderboard.json>)"
-            in md)
-    again = merge_leaderboards([merged_dir / "leaderboard.json"])
-    assert next(r for r in again["checkpoints"] if r["name"] == "merged/a/dpo")["leaderboard"] == dpo["leaderboard"]
+    write_leaderboard(merge_leaderboards([run / "leaderboard.json"]), merged_dir)
+    dpo = next(r for r in load_leaderboard(merged_dir / "leaderboard.json")["checkpoints"]
+               if r["name"] == "run-12:00/dpo")
+    assert dpo["samples"] == "../../runs/run-12:00/eval/samples/dpo #1?(100%).jsonl"
+    assert dpo["leaderboard"] == "../../runs/run-12:00/leaderboard.json"
+    assert ("[samples](../../runs/run-12%3A00/eval/samples/dpo%20%231%3F%28100%25%29.jsonl) · "
+            "[results](../../runs/run-12%3A00/leaderboard.json)") in (merged_dir / "leaderboard.md").read_text()
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "runs", moved / "runs")
+    shutil.copytree(tmp_path / "tables", moved / "tables")
+    again = merge_leaderboards([moved / "tables" / "merged" / "leaderboard.json"])
+    row = next(r for r in again["checkpoints"] if r["name"] == "merged/run-12:00/dpo")
+    assert row["leaderboard"] == str((moved / "runs" / "run-12:00" / "leaderboard.json").resolve())
+    assert Path(row["samples"]) == (moved / "runs" / "run-12:00" / "eval" / "samples" / "dpo #1?(100%).jsonl").resolve()
 
 
 def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path):
@@ -554,7 +564,7 @@ def test_eval_stage_rows_link_their_samples_from_both_records(completed_tiny_run
         assert (runner.run_dir / row["samples"]).samefile(runner.run_dir / "eval" / recorded["samples"])
         lines = (runner.run_dir / row["samples"]).read_text().splitlines()
         assert len(lines) == row["results"]["gold_reward"]["n"]
-    assert f"[samples](<eval/samples/{board['checkpoints'][0]['name']}.jsonl>)" in (
+    assert f"[samples](./eval/samples/{board['checkpoints'][0]['name']}.jsonl)" in (
         runner.run_dir / "leaderboard.md").read_text()
 
 

@@ -76,11 +76,13 @@ class EvalCache:
         rows = self._read("generations", key)
         if rows is None:
             return None
-        return [Generation(r["prompt"], r["response"], tuple(r["response_ids"]), r["truncated"]) for r in rows]
+        return [Generation(r["prompt"], r["response"], tuple(r["response_ids"]), r["truncated"],
+                           None if r.get("context_ids") is None else tuple(r["context_ids"])) for r in rows]
 
     def put_generations(self, key: str, generations: list[Generation]) -> None:
         rows = [{"prompt": g.prompt, "response": g.response, "response_ids": list(g.response_ids),
-                 "truncated": g.truncated} for g in generations]
+                 "truncated": g.truncated,
+                 **({"context_ids": list(g.context_ids)} if g.context_ids is not None else {})} for g in generations]
         atomic_write_text(self._path("generations", key), json.dumps(rows))
 
     def get_token_logprobs(self, key: str) -> list[list[float]] | None:

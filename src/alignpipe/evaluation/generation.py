@@ -122,7 +122,8 @@ def token_logprobs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generations: list[Generation], *, batch_size: int = 64,
 ) -> list[list[float]]:
     """``log pi(y_t | x, y_<t)`` of each response token (EOS included, prompt excluded) for each generation; ``x`` is
-    the rendered prompt's tokens, or a generation's ``context_ids`` when it has them.
+    the rendered prompt's tokens, or a generation's ``context_ids`` when it has them (when they are empty, the first
+    response token is left out: nothing comes before it).
 
     Per token, not only summed: the k3 KL estimator is low-variance only per token (see
     :func:`alignpipe.evaluation.metrics.sequence_kl_k3`).
@@ -142,7 +143,10 @@ def token_logprobs(
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        for row, g in enumerate(chunk):
+        for row, (g, context) in enumerate(zip(chunk, prompt_ids)):
             n = len(g.response_ids)
-            rows_out.append(logprobs[row, width - 1 - n:].tolist() if n else [])
+            # a response with no context before it (a pair whose prompt shares no token with its conversation): its
+            # first token has nothing to be predicted from and is not scored, as in TRL's DPO loss
+            first = width - n if context else width - n + 1
+            rows_out.append(logprobs[row, first - 1:].tolist() if first < width else [])
     return rows_out

@@ -282,9 +282,10 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
     tokenizer's EOS), and a reply is tokenized in context.
 
     As a rule that length is the whole rendered prompt, which :func:`token_logprobs` puts before the reply. Where the
-    template renders the prompt alone differently (a marker added only with the generation prompt), TRL trains on the
-    shared prefix followed by each conversation's tail; the generations then carry that prefix as ``context_ids``,
-    so they are scored on the sequences DPO training saw, and the log says so, as TRL's does."""
+    template renders the prompt alone differently (a marker added only with the generation prompt) or tokens merge
+    across the prompt's end, TRL trains on the shared prefix followed by each conversation's tail; the generations
+    then carry that prefix as ``context_ids``, so they are scored on the sequences DPO training saw, and the log says
+    so, as TRL's does."""
     from trl.data_utils import common_prefix_length  # here: importing TRL costs every harness user a second
 
     unique = list(dict.fromkeys(p for p, _, _ in pairs))
@@ -308,9 +309,11 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
         chosen.append(Generation(prompt, chosen_text, tuple(chosen_ids[shared:]), False, context))
         rejected.append(Generation(prompt, rejected_text, tuple(rejected_ids[shared:]), False, context))
     if mismatched:
-        log.warning("[eval] %d of %d pairs follow a prompt the chat template renders differently before a reply "
-                    "(e.g. %r): as in DPO training, they are scored after the prompt's tokens that both replies "
-                    "share, not the prompt a generation sees", len(mismatched), len(pairs), mismatched[0][:60])
+        log.warning("[eval] %d of %d pairs have a rendered prompt that is not a prefix of their conversations (the "
+                    "chat template renders the prompt alone differently, or tokens merge across the prompt's end; "
+                    "e.g. %r): as in DPO training, their replies are scored after the tokens prompt and conversations "
+                    "share, not after the prompt a generation sees", len(mismatched), len(pairs),
+                    mismatched[0][:60])
     return chosen + rejected
 
 

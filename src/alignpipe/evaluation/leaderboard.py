@@ -8,6 +8,7 @@ Checkpoints are ranked by the suite's primary metric, in that metric's declared 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from alignpipe.evaluation.length_control import lc_gap_warning
 from alignpipe.evaluation.metrics import MetricValue
@@ -130,14 +132,15 @@ HEADLINE_METRICS = ("gold_reward", "judge_reward", "gold_reward_delta_vs_ref", "
                     "len_tokens_mean", "truncation_rate", "distinct_2")
 
 
-def render_markdown(leaderboard: dict, directory: Path | None = None) -> str:
+def render_markdown(leaderboard: dict) -> str:
     """A headline table (EVALUATION.md §10's columns, flags included), then every metric when there are more; rows
     in JSON order; each cell is ``value [lo, hi]`` at 3 significant digits.
 
     The ``n`` column is the primary metric's n; a cell whose n differs (e.g. KL over several samples per prompt)
     says so inline, so every number still carries its n. Missing metrics render as "–". A row that records its
     files links to them in a ``trace`` column (§10: every number traceable): its sample JSONL, and in a merged table
-    the run's own leaderboard; ``directory`` is where the Markdown goes, which the links are relative to.
+    the run's own leaderboard (paths as recorded: relative to the leaderboard's directory, see
+    :func:`write_leaderboard`).
     """
     suite = leaderboard["suite"]
     primary = suite["primary_metric"]
@@ -154,19 +157,18 @@ def render_markdown(leaderboard: dict, directory: Path | None = None) -> str:
         f"Suite `{suite['name']}` · primary metric `{primary}` {_ARROW[directions[primary]]} · run `{run_name}` · "
         f"{leaderboard['date']} · schema {leaderboard['schema_version']}",
         "",
-        *_policy_table(leaderboard["checkpoints"], headline, primary, directions, directory),
+        *_policy_table(leaderboard["checkpoints"], headline, primary, directions),
     ]
     if len(headline) < len(metrics):
         lines += ["", "## All metrics", "",
-                  *_policy_table(leaderboard["checkpoints"], metrics, primary, directions, directory)]
+                  *_policy_table(leaderboard["checkpoints"], metrics, primary, directions)]
     lines += ["", "Metric directions:", ""]
     lines += [f"- `{m}`: {_DIRECTION[directions[m]]}" for m in metrics]
     lines += _reward_table(leaderboard.get("reward_models") or [])
     return "\n".join(lines) + "\n"
 
 
-def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, directions: dict,
-                  directory: Path | None) -> list[str]:
+def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, directions: dict) -> list[str]:
     traced = any(_TRACED_FILES.keys() & ckpt.keys() for ckpt in checkpoints)
     lines = [_row(["rank", "checkpoint", *(f"{m} {_ARROW[directions[m]]}".rstrip() for m in metrics), "n", "flags",
                    *(["trace"] if traced else [])]),
@@ -179,8 +181,7 @@ def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, dir
         cells.append(_MISSING if row_n is None else str(row_n))
         cells.append("; ".join(checkpoint_flags(res)) or "")
         if traced:
-            cells.append(" · ".join(_link(text, ckpt[key], directory) for key, text in _TRACED_FILES.items()
-                                    if ckpt.get(key)))
+            cells.append(" · ".join(_link(text, ckpt[key]) for key, text in _TRACED_FILES.items() if ckpt.get(key)))
         lines.append(_row(cells))
     return lines
 
@@ -188,12 +189,28 @@ def _policy_table(checkpoints: list[dict], metrics: list[str], primary: str, dir
 _TRACED_FILES = {"samples": "samples", "leaderboard": "results"}  # row key -> link text
 
 
-def _link(text: str, target: str, directory: Path | None) -> str:
-    """A Markdown link to ``target`` (absolute, or relative to the Markdown's directory); an absolute one is made
-    relative to ``directory`` so the tables stay readable where they are copied together with the runs."""
-    if directory is not None and os.path.isabs(target):
-        target = os.path.relpath(target, Path(directory).resolve())
-    return f"[{text}](<{Path(target).as_posix().replace('>', '%3E')}>)".replace("|", "%7C")
+def _link(text: str, target: str) -> str:
+    """A Markdown link to the file ``target``: percent-encoded (a ``#``, ``?``, ``%`` or space in a run's name is part
+    of the path, not a fragment, a query or an escape), and a relative one starting ``./`` or ``../`` (``run-12:00/...``
+    is not a URL scheme)."""
+    path = Path(target).as_posix()
+    plain = os.path.isabs(target) or path.startswith("../")
+    return f"[{text}]({'' if plain else './'}{quote(path, safe='/')})"
+
+
+def _files_relative_to(leaderboard: dict, directory: Path) -> dict:
+    """``leaderboard`` with its rows' absolute file paths (a merge's) made relative to ``directory``, where it is
+    written: tables moved or copied together with the runs still find their files. A path on another drive (Windows)
+    stays absolute."""
+    rows = []
+    for row in leaderboard["checkpoints"]:
+        files = {}
+        for key in _TRACED_FILES:
+            if row.get(key) and os.path.isabs(row[key]):
+                with contextlib.suppress(ValueError):
+                    files[key] = os.path.relpath(row[key], Path(directory).resolve())
+        rows.append({**row, **files})
+    return {**leaderboard, "checkpoints": rows}
 
 
 def checkpoint_flags(results: dict, *, kl_budget: float = KL_BUDGET, truncation_limit: float = MAX_TRUNCATION
@@ -317,12 +334,13 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
 
 
 def _merged_row(row: dict, label: str, path: Path) -> dict:
-    """A source's row in a merged table: named ``<label>/<name>``, its files absolute (the merged table is written
-    elsewhere): its samples, and the leaderboard it came from (a row of a merged source keeps its run's)."""
+    """A source's row in a merged table: named ``<label>/<name>``, its files absolute until the merged table is
+    written (:func:`write_leaderboard` makes them relative to it): its samples, and the leaderboard it came from (a
+    row of a merged source keeps the one its merge recorded; a merge written before rows recorded it gives itself)."""
     directory = Path(path).resolve().parent
-    files = {"leaderboard": row.get("leaderboard") or str(Path(path).resolve())}
-    if row.get("samples"):
-        files["samples"] = str(directory / row["samples"])  # an absolute one (a merged source's) stays as it is
+    # relative to the source's directory; an absolute path (another drive) stays as it is
+    files = {key: os.path.normpath(directory / row[key]) for key in _TRACED_FILES if row.get(key)}
+    files.setdefault("leaderboard", str(Path(path).resolve()))
     return {**row, "name": f"{label}/{row['name']}", **files}
 
 
@@ -451,14 +469,18 @@ def write_leaderboard(leaderboard: dict, directory: Path, *, drawn: Mapping[str,
     """Write ``leaderboard.json``, ``leaderboard.csv`` and ``leaderboard.md``, and ``drawn`` (file name -> bytes:
     plots drawn from this leaderboard), all or none; returns the JSON and md paths.
 
-    Every file is produced before any is touched and they replace the old ones together
-    (:func:`~alignpipe.io.atomic_open_all`), so a failure leaves the old set intact: never new tables beside the
-    plots of other rows.
+    Every file is produced, flushed and synced before any is touched, and then they replace the old ones together
+    (:func:`~alignpipe.io.atomic_open_all`), so a failure (a full disk, a bad record) leaves the old set intact: never
+    new tables beside the plots of other rows. Only a rename itself failing part-way (a directory where a file goes)
+    can leave some replaced, and the ``PartlyReplacedError`` names them. Rows' absolute file paths (a merge's) are
+    written relative to ``directory``.
     """
     directory = Path(directory)
+    leaderboard = _files_relative_to(leaderboard, directory)
     json_name, csv_name, md_name = LEADERBOARD_FILES
-    files = {json_name: json_text(leaderboard).encode(), csv_name: render_csv(leaderboard).encode(),
-             md_name: render_markdown(leaderboard, directory).encode(), **(drawn or {})}
+    # the plots first: a rename that fails (a directory in the way) most likely fails there, before any table moves
+    files = {**(drawn or {}), json_name: json_text(leaderboard).encode(), csv_name: render_csv(leaderboard).encode(),
+             md_name: render_markdown(leaderboard).encode()}
     with atomic_open_all([directory / name for name in files], binary=True) as handles:
         for handle, content in zip(handles, files.values(), strict=True):
             handle.write(content)

@@ -52,3 +52,7 @@ def test_smollm2_hh_harmless_dpo_reports_a_win_rate_against_the_base(tmp_path) -
     assert set(rows) == {"base", "dpo"}
     win = rows["dpo"]["results"]["win_rate_vs_ref"]
     assert 0.0 < win["value"] < 1.0 and win["ci95"][0] <= win["value"] <= win["ci95"][1]
+    # the DPO model as a reward model on held-out HH pairs (its margin against the base)
+    implicit = rows["dpo"]["results"]["implicit_reward_accuracy"]
+    assert implicit["n"] == board["config"]["implicit_reward_pairs"]["n"] == 256
+    assert "implicit_reward_accuracy" not in rows["base"]["results"]

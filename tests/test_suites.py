@@ -104,6 +104,9 @@ def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
     assert rows["sft"]["win_rate_vs_ref"]["value"] == 0.5 and rows["dpo"]["gold_reward"]["n"] == 12
     assert {"lc_win_rate_vs_ref", "len_tokens_delta_vs_ref", "distinct_2", "repetition_4"} <= set(rows["dpo"])
     assert rows["sft"]["len_tokens_delta_vs_ref"]["value"] == 0.0  # the reference against itself
+    # the suite's implicit-reward pairs: every checkpoint but the reference scored as a reward model on them
+    assert "implicit_reward_accuracy" not in rows["sft"] and rows["dpo"]["implicit_reward_accuracy"]["n"] == 256
+    assert board["config"]["implicit_reward_pairs"]["n"] == 256
     assert board["run"]["suite_sha256"] and (out / "leaderboard.csv").exists()
     assert json.loads((out / "results" / "dpo.json").read_text())["checkpoints"][0]["name"] == "dpo"
 

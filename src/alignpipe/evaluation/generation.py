@@ -126,27 +126,31 @@ def token_logprobs(
     response token is left out: nothing comes before it).
 
     Per token, not only summed: the k3 KL estimator is low-variance only per token (see
-    :func:`alignpipe.evaluation.metrics.sequence_kl_k3`).
+    :func:`alignpipe.evaluation.metrics.sequence_kl_k3`). Batches hold sequences of similar length (scored in length
+    order, returned in the given one): a batch is as wide as its longest sequence, and preference pairs of real
+    dialogues range from a few dozen tokens to several hundred, so batches in the given order would be mostly padding.
     """
     model.eval()
     rendered = render_prompts(tokenizer, [g.prompt for g in generations])
-    rows_out: list[list[float]] = []
-    for start in range(0, len(generations), batch_size):
-        chunk = generations[start:start + batch_size]
-        prompt_ids = [list(g.context_ids) if g.context_ids is not None else tokenizer(t, add_special_tokens=False)[
-            "input_ids"] for t, g in zip(rendered[start:start + batch_size], chunk)]
-        rows = [p + list(g.response_ids) for p, g in zip(prompt_ids, chunk)]
-        width = max(map(len, rows))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    prompt_ids = [list(g.context_ids) if g.context_ids is not None else tokenizer(t, add_special_tokens=False)[
+        "input_ids"] for t, g in zip(rendered, generations)]
+    rows = [p + list(g.response_ids) for p, g in zip(prompt_ids, generations)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    rows_out: list[list[float]] = [[] for _ in generations]
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in chunk], device=model.device)
+        attention = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in chunk],
+                                 device=model.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        for row, (g, context) in enumerate(zip(chunk, prompt_ids)):
-            n = len(g.response_ids)
+        for row, i in enumerate(chunk):
+            n = len(generations[i].response_ids)
             # a response with no context before it (a pair whose prompt shares no token with its conversation): its
             # first token has nothing to be predicted from and is not scored, as in TRL's DPO loss
-            first = width - n if context else width - n + 1
-            rows_out.append(logprobs[row, first - 1:].tolist() if first < width else [])
+            first = width - n if prompt_ids[i] else width - n + 1
+            rows_out[i] = logprobs[row, first - 1:].tolist() if first < width else []
     return rows_out

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from alignpipe.evaluation.cache import EvalCache
+from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import (
     Generation,
@@ -50,7 +50,14 @@ from alignpipe.evaluation.metrics import (
     win_rate,
 )
 from alignpipe.evaluation.proxy import proxy_metrics
-from alignpipe.models.loading import load_causal_lm, load_tokenizer, process_device, resolve_dtype
+from alignpipe.models.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    process_device,
+    remote_code_kwargs,
+    resolve_dtype,
+    resolve_model_location,
+)
 
 log = logging.getLogger("alignpipe")
 
@@ -166,6 +173,18 @@ class LazyModel:
         """The tokenizer alone (cheap; e.g. to fit prompts to a length) without loading the weights."""
         return self._loaded[1] if self._loaded is not None else load_tokenizer(self.checkpoint.path)
 
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings cover (its config's ``max_position_embeddings``),
+        read without loading the weights; None where the config states none."""
+        if self._loaded is not None:
+            config = self._loaded[0].config
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(resolve_model_location(self.checkpoint.path), **remote_code_kwargs())
+        limit = getattr(config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
     def release(self) -> None:
         self._loaded = None
         gc.collect()
@@ -224,6 +243,8 @@ def evaluate_checkpoints(
     everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
+    if pairs:  # a pair longer than the reference's positions is refused before anything is sampled
+        checked_pair_generations(ref_model, pairs)
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
@@ -274,7 +295,8 @@ def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationS
     return diversity.groups(cached_generations(model, diversity.prompts_for(prompts), seeded, cache))
 
 
-def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
+def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = None,
+                     whose: str = "the model") -> list[Generation]:
     """The chosen responses of ``pairs``, then their rejected ones, as the tokens a DPO trainer scores (TRL 1.16's
     ``DPOTrainer`` tokenization): the chat template renders prompt and reply as one conversation, and a reply's tokens
     are what follows the pair's prompt length, the shorter of the rendered prompt's common prefixes with its two
@@ -285,7 +307,11 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
     template renders the prompt alone differently (a marker added only with the generation prompt) or tokens merge
     across the prompt's end, TRL trains on the shared prefix followed by each conversation's tail; the generations
     then carry that prefix as ``context_ids``, so they are scored on the sequences DPO training saw, and the log says
-    so, as TRL's does."""
+    so, as TRL's does.
+
+    Either way a scored sequence is its whole conversation's tokens. With ``max_length`` (``whose`` positions, for
+    the message), one longer than that is a ``ValueError``: past its ``max_position_embeddings`` a model with
+    rotary positions scores tokens at positions it never learned, silently, and one with learned positions fails."""
     from trl.data_utils import common_prefix_length  # here: importing TRL costs every harness user a second
 
     unique = list(dict.fromkeys(p for p, _, _ in pairs))
@@ -298,9 +324,14 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     chosen, rejected, mismatched = [], [], []
-    for prompt, chosen_text, rejected_text in pairs:
+    for index, (prompt, chosen_text, rejected_text) in enumerate(pairs):
         rendered = prompt_ids[prompt]
         chosen_ids, rejected_ids = conversation(prompt, chosen_text), conversation(prompt, rejected_text)
+        if max_length is not None and (longest := max(len(chosen_ids), len(rejected_ids))) > max_length:
+            raise ValueError(
+                f"implicit-reward pair {index} (prompt {prompt[:60]!r}): prompt and reply are {longest} tokens, more "
+                f"than the {max_length} positions of {whose} (max_position_embeddings); cut the pairs' prompts (a "
+                "suite's generation.max_prompt_tokens cuts them) or leave the implicit-reward pairs out for it")
         shared = min(common_prefix_length(rendered, chosen_ids), common_prefix_length(rendered, rejected_ids))
         context = None
         if shared < len(rendered):
@@ -317,12 +348,20 @@ def pair_generations(tokenizer, pairs: list[Pair]) -> list[Generation]:
     return chosen + rejected
 
 
+def checked_pair_generations(model: LazyModel, pairs: list[Pair], *scorers: LazyModel) -> list[Generation]:
+    """:func:`pair_generations` in ``model``'s tokenizer, refused where a sequence is longer than the positions of
+    ``model`` or of the ``scorers`` that score the same tokens (the fewest of them, named in the error)."""
+    limits = sorted((limit, m.checkpoint.name) for m in (model, *scorers) if (limit := m.max_positions()) is not None)
+    limit, whose = limits[0] if limits else (None, "")
+    return pair_generations(model.tokenizer(), pairs, max_length=limit, whose=whose)
+
+
 def pair_margins(model: LazyModel, ref_model: LazyModel, pairs: list[Pair], batch_size: int, cache: EvalCache | None,
                  reference_scores: dict) -> list[float]:
     """Implicit reward margins of ``model`` against ``ref_model`` on ``pairs``, from the cached per-token log-prob
     path; ``reference_scores`` keeps the reference's log-probs of each token list it scored (checkpoints that share a
     tokenizer score the same tokens, which the reference then scores once even without a cache)."""
-    scored = pair_generations(model.tokenizer(), pairs)
+    scored = checked_pair_generations(model, pairs, ref_model)
     key = tuple(scored)
     if key not in reference_scores:
         reference_scores[key] = [math.fsum(t) for t in cached_logprobs(ref_model, scored, batch_size, cache)]
@@ -388,6 +427,17 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
             samples.implicit_margins, resamples=bootstrap_resamples, seed=seed,
             groups=[prompt for prompt, _, _ in samples.implicit_pairs])
     return metrics
+
+
+IMPLICIT_PAIR_SEED = 4242  # the synthetic pairs' seed: held-out prompts apart from the eval prompts (seed 1234)
+
+
+def implicit_pairs_record(pairs: list[Pair], source: str, labels: str, **split) -> dict:
+    """What a leaderboard's ``config.implicit_reward_pairs`` records of the pairs ``implicit_reward_accuracy`` was
+    measured on: their source, held-out split (``split``: its seed or fraction), who ordered them, their number and
+    a hash of the pairs as scored, which a merge compares (boards without the metric do not record them)."""
+    return {"source": source, "split": "heldout", **split, "labels": labels, "n": len(pairs),
+            "sha256": content_key(pairs)[:16]}
 
 
 KL_K3_ESTIMATOR = "summed per token"  # kl_ref_k3 before it was summed per token recorded none: merges keep them apart

@@ -103,7 +103,8 @@ def evaluate_paths(
         reference="checkpoint", judge="gold", primary_metric="gold_reward",
     )
     checkpoints = expand_checkpoints(specs)
-    board = run_suite(spec, content_key(spec.model_dump()), checkpoints,
+    # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
+    board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
                       reference=_expand(*split_named(reference))[0] if reference else None, judge_path=None,
                       cache=EvalCache(cache_dir or default_cache_dir()))
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run

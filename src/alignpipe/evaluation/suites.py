@@ -16,6 +16,13 @@ Judges: ``gold`` (the embedded task) or ``reward_model`` (a saved reward ensembl
 ``--judge``; pairwise preference = Bradley–Terry on its mean reward). A reward-model judge never scores prompts it was
 trained on: when its reward stage trained on the suite's own AlpacaEval instructions, the suite keeps only those the
 stage held out (:mod:`alignpipe.evaluation.judge_training`).
+
+A ``checkpoint``-reference suite with an ``implicit_reward`` block (``synthetic``, ``hh-harmless-vs-base``) also
+scores every checkpoint but the reference as a reward model, as the eval stage does: ``implicit_reward_accuracy``,
+how often the DPO margin against the reference ranks chosen over rejected on held-out pairs no policy stage trains
+on (:func:`load_implicit_pairs`; :mod:`alignpipe.evaluation.implicit_reward`). It is the policy's own DPO implicit
+reward (RewardBench's) when the reference is the checkpoint its DPO stage started from; against another reference
+(an untrained base) the margins also hold what the stages before DPO moved.
 """
 
 from __future__ import annotations
@@ -31,17 +38,20 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignpipe.data.adapters import HH_HELDOUT_FRACTION
+from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings
 from alignpipe.evaluation.harness import (
+    IMPLICIT_PAIR_SEED,
     Checkpoint,
     DiversitySampling,
     LazyModel,
+    Pair,
     cached_generations,
     diversity_groups,
     evaluate_checkpoints,
+    implicit_pairs_record,
     kl_estimator_record,
     lc_win_rate_metric,
 )
@@ -51,10 +61,10 @@ from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
-from alignpipe.tasks import GoldJudge, heldout_tasks, preference_probability
+from alignpipe.tasks import GoldJudge, heldout_gold_pairs, heldout_tasks, preference_probability
 
-__all__ = ["SUITES_DIR", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec", "fit_prompts", "load_suite",
-           "run_suite"]
+__all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec",
+           "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
 
 log = logging.getLogger("alignpipe")
 
@@ -134,6 +144,43 @@ class PairSource(_Spec):
     )
 
 
+class ImplicitRewardPairs(_Spec):
+    """Held-out preference pairs on which every checkpoint but the reference gets ``implicit_reward_accuracy``:
+    pairs no *policy* stage trains on, so a DPO policy is scored as a reward model on unseen data
+    (:func:`load_implicit_pairs` says which pairs those are).
+
+    ``alpaca_eval`` is refused: a dpo stage on AlpacaEval draws its pairs (``dataset.limit`` a seeded share) from every
+    instruction, holding none out, so no AlpacaEval pair is known to be unseen by a policy. (A reward stage's held-out
+    instructions, which the reward-model suites use, are held out of that reward stage only.)
+    """
+
+    source: Literal["synthetic", "hh_rlhf", "alpaca_eval"]
+    path: str | None = Field(None, description="hh_rlhf: the data file; relative paths are relative to the "
+                             "repository root.")
+    n: int = Field(256, gt=0, description="synthetic: exactly n gold-ordered pairs; hh_rlhf: the first n pairs of "
+                   "the held-out split (all of them, if fewer).")
+    seed: int | None = Field(None, description=f"synthetic: the pairs' seed (default {IMPLICIT_PAIR_SEED}, the eval "
+                             "stage's); hh_rlhf takes its pairs in file order and reads none.")
+
+    @model_validator(mode="after")
+    def _unseen_by_every_policy(self) -> ImplicitRewardPairs:
+        if self.source == "alpaca_eval":
+            raise ValueError(
+                "implicit_reward.source alpaca_eval: no policy stage holds AlpacaEval pairs out of training (a dpo "
+                "stage on alpaca_eval draws its pairs from every instruction), so none is known to be unseen by the "
+                "policies; use source hh_rlhf or synthetic, or remove implicit_reward")
+        if self.source == "synthetic" and self.path is not None:
+            raise ValueError("implicit_reward.path: source synthetic draws its pairs from the embedded task and reads "
+                             "no file; remove path")
+        if self.source == "hh_rlhf" and self.path is None:
+            raise ValueError("implicit_reward.path: source hh_rlhf needs the data file (e.g. "
+                             "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)")
+        if self.source == "hh_rlhf" and self.seed is not None:
+            raise ValueError("implicit_reward.seed is not read: hh_rlhf pairs are the first n of the held-out split "
+                             "in file order; remove seed")
+        return self
+
+
 class SuiteSpec(_Spec):
     name: str
     description: str = ""
@@ -144,6 +191,9 @@ class SuiteSpec(_Spec):
     reference: Literal["checkpoint", "dataset"] | None = None
     judge: Literal["gold", "reward_model"] | None = None
     pair_sources: list[PairSource] = Field(default_factory=list)
+    implicit_reward: ImplicitRewardPairs | None = Field(
+        None, description="reference: checkpoint: held-out pairs for every other checkpoint's "
+        "implicit_reward_accuracy (the DPO margin against the reference; RewardBench's score of a DPO model).")
     primary_metric: str
     bootstrap_resamples: int = Field(1000, ge=100)
 
@@ -153,6 +203,14 @@ class SuiteSpec(_Spec):
             raise ValueError("a policy suite needs prompts, reference and judge")
         if self.kind == "reward_models" and not self.pair_sources:
             raise ValueError("a reward_models suite needs pair_sources")
+        if self.implicit_reward is not None and self.kind == "reward_models":
+            raise ValueError("implicit_reward scores policies (their DPO margin against a reference policy); a "
+                             "reward_models suite scores reward models on its pair_sources: remove implicit_reward, "
+                             "or add the pairs to pair_sources")
+        if self.implicit_reward is not None and self.reference == "dataset":
+            raise ValueError("implicit_reward needs reference: checkpoint: the implicit reward log(pi/pi_ref) is "
+                             "measured against a reference policy, and reference: dataset has only fixed outputs; "
+                             "remove implicit_reward, or compare with a reference checkpoint")
         if self.primary_metric in LC_METRICS and self.prompts and self.prompts.n is not None \
                 and self.prompts.n < MIN_PROMPTS:  # refused here, not after every checkpoint was sampled and judged
             raise ValueError(f"primary_metric {self.primary_metric} needs at least {MIN_PROMPTS} prompts "
@@ -176,7 +234,7 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
     return spec, content_key(text)
 
 
-def data_path(prompts: PromptSet | PairSource) -> Path:
+def data_path(prompts: PromptSet | PairSource | ImplicitRewardPairs) -> Path:
     """A suite's data file: absolute, or relative to the repository root; a clear error when it is absent."""
     if prompts.path is None:
         raise ValueError(f"source {prompts.source!r} needs a path")
@@ -211,6 +269,46 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
                 pairs.append((prompt, chosen))
     pairs = pairs[:prompts.n] if prompts.n else pairs
     return [p for p, _ in pairs], [r for _, r in pairs]
+
+
+def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
+    """The (prompt, chosen, rejected) pairs of ``implicit_reward_accuracy``, and where they come from (source, labels
+    and split: the arguments of :func:`~alignpipe.evaluation.harness.implicit_pairs_record` but the pairs).
+
+    Unseen by the policies, not only by reward models:
+
+    * synthetic: :func:`~alignpipe.tasks.heldout_gold_pairs`, the eval stage's pairs: prompts of the task's held-out
+      split, which no training stage draws from (sft, dpo, reward and the online stages sample the train split),
+      ordered by the gold reward. Not the reward-model suites' synthetic pairs: their prompts are only held out of
+      reward stages (``is_reward_heldout``), and a dpo stage may train on them.
+    * hh_rlhf: the adapter's held-out split, the ``HH_HELDOUT_FRACTION`` of prompts by prompt hash that every HH stage
+      holds out: sft (``load_hh_rlhf_chosen``), dpo and reward (``preference_pairs_for``) read only the train part,
+      at that fraction, and no other stage reads HH. The same split bounds a suite's HH prompts
+      (``prompts.heldout_fraction`` is at most that fraction), so the pairs may share prompts with them: both unseen.
+    """
+    if spec.source == "synthetic":
+        seed = IMPLICIT_PAIR_SEED if spec.seed is None else spec.seed
+        pairs = heldout_gold_pairs(spec.n, seed)  # the default task space, as the synthetic prompt set's
+        return pairs, {"source": "synthetic", "labels": "gold", "seed": seed}
+    if spec.source == "hh_rlhf":
+        path = data_path(spec)
+        pairs = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")][:spec.n]
+        if not pairs:
+            raise ValueError(f"implicit_reward: {path} has no usable HH-RLHF pair in its held-out split (the "
+                             f"{HH_HELDOUT_FRACTION:g} of prompts every HH stage holds out); give a larger file")
+        if len(pairs) < spec.n:
+            log.warning("implicit_reward: %s holds %d held-out HH-RLHF pairs, fewer than n=%d; using them all", path,
+                        len(pairs), spec.n)
+        return pairs, {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION}
+    raise ValueError(f"implicit_reward.source {spec.source!r}: no held-out pairs that no policy trains on")
+
+
+def fit_pairs(pairs: list[Pair], tokenizer, max_tokens: int | None, side: str = "left") -> list[Pair]:
+    """``pairs`` with each prompt cut as :func:`fit_prompts` cuts the suite's prompts: a pair's replies are scored
+    after the prompt a policy is given in this suite, so its sequences fit a small model's positions as its samples
+    do (where the cut bites, not the whole dialogue DPO trained on; a left cut keeps the final turn)."""
+    cut = fit_prompts([prompt for prompt, _, _ in pairs], tokenizer, max_tokens, side)
+    return [(prompt, chosen, rejected) for prompt, (_, chosen, rejected) in zip(cut, pairs, strict=True)]
 
 
 def fit_prompts(prompts: list[str], tokenizer, max_tokens: int | None, side: str = "left") -> list[str]:
@@ -290,13 +388,17 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                                   batch_size=g.batch_size, seed=g.seed)
     judge = _judge(spec, judge_path, cache)
     diversity = spec.diversity.sampling(len(prompts))  # prompt cutting keeps their number
+    pairs, pairs_record = None, {}
     if spec.reference == "checkpoint":
         reference = reference or checkpoints[0]
-        # every policy answers the same prompts as the reference, cut with the reference's tokenizer
-        prompts = fit_prompts(prompts, LazyModel(reference, dtype).tokenizer(), g.max_prompt_tokens, g.truncation_side)
+        # every policy answers the same prompts as the reference, cut with the reference's tokenizer; so are the pairs
+        tokenizer = LazyModel(reference, dtype).tokenizer()
+        prompts = fit_prompts(prompts, tokenizer, g.max_prompt_tokens, g.truncation_side)
+        if spec.implicit_reward is not None:
+            pairs, pairs_record = _implicit_pairs(spec, tokenizer)
         results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                           bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
-                                          diversity=diversity)
+                                          diversity=diversity, pairs=pairs)
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
         results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
@@ -311,9 +413,23 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                 "judge": {"type": spec.judge, "id": judge.judge_id, "position_swap": True,
                           "trained_on": trained_on.record() if trained_on else None},
                 "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results),
-                **({"diversity": dataclasses.asdict(diversity)} if diversity else {})},
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **pairs_record},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )
+
+
+def _implicit_pairs(spec: SuiteSpec, tokenizer) -> tuple[list[Pair], dict]:
+    """The suite's implicit-reward pairs, their prompts cut like the suite's (:func:`fit_pairs`), and the
+    leaderboard's ``implicit_reward_pairs`` record of them as scored (with how many prompts a cut shortened)."""
+    g = spec.generation
+    drawn, origin = load_implicit_pairs(spec.implicit_reward)
+    pairs = fit_pairs(drawn, tokenizer, g.max_prompt_tokens, g.truncation_side)
+    record = implicit_pairs_record(pairs, **origin)
+    if g.max_prompt_tokens is not None:
+        record["prompts_cut"] = sum(new != old for (new, _, _), (old, _, _) in zip(pairs, drawn, strict=True))
+        log.info("suite %s: %d of the %d implicit-reward pairs' prompts cut to %d tokens", spec.name,
+                 record["prompts_cut"], len(pairs), g.max_prompt_tokens)
+    return pairs, {"implicit_reward_pairs": record}
 
 
 def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,

@@ -13,10 +13,12 @@ from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.generation import GenerationSettings
 from alignpipe.evaluation.harness import (
+    IMPLICIT_PAIR_SEED,
     Checkpoint,
     DiversitySampling,
     diversity_rows,
     evaluate_checkpoints,
+    implicit_pairs_record,
     implicit_rows,
     kl_estimator_record,
     sample_rows,
@@ -40,7 +42,6 @@ log = logging.getLogger("alignpipe")
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
 RUN_RESULTS = (*LEADERBOARD_FILES, "report.html")  # what this stage writes at the run root
-IMPLICIT_PAIR_SEED = 4242  # held-out prompts apart from the eval prompts (seed 1234) where the split allows
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
@@ -84,9 +85,7 @@ def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]] | Non
     except ValueError as error:  # a small task space has few held-out prompts: the other metrics still count
         log.warning("[%s] no implicit_reward_accuracy: %s (set implicit_reward_pairs lower, or 0)", ctx.dir.name, error)
         return None, {}
-    record = {"source": "synthetic", "split": "heldout", "seed": IMPLICIT_PAIR_SEED, "labels": "gold",
-              "n": len(pairs), "sha256": content_key(pairs)[:16]}
-    return pairs, {"implicit_reward_pairs": record}
+    return pairs, {"implicit_reward_pairs": implicit_pairs_record(pairs, "synthetic", "gold", seed=IMPLICIT_PAIR_SEED)}
 
 
 def run(ctx: StageContext) -> dict:

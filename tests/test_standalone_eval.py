@@ -21,6 +21,7 @@ def test_eval_command_on_a_run_directory(completed_tiny_run, tmp_path, capsys):
     assert rows["sft"]["kl_ref_k1"]["value"] == 0.0 and rows["sft"]["win_rate_vs_ref"]["value"] == 0.5
     assert rows["dpo"]["gold_reward"]["n"] == 16
     assert "| sft" in capsys.readouterr().out
+    assert len((out / "samples" / "dpo.jsonl").read_text().splitlines()) == 16  # what the dpo row was computed on
 
 
 def test_eval_command_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):

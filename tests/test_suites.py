@@ -108,7 +108,18 @@ def test_synthetic_suite_through_the_cli(completed_tiny_run, tmp_path):
     assert "implicit_reward_accuracy" not in rows["sft"] and rows["dpo"]["implicit_reward_accuracy"]["n"] == 256
     assert board["config"]["implicit_reward_pairs"]["n"] == 256
     assert board["run"]["suite_sha256"] and (out / "leaderboard.csv").exists()
-    assert json.loads((out / "results" / "dpo.json").read_text())["checkpoints"][0]["name"] == "dpo"
+    (recorded,) = json.loads((out / "results" / "dpo.json").read_text())["checkpoints"]
+    assert recorded["name"] == "dpo"
+    # every row traceable (EVALUATION §10): its samples beside the table, named by both records, linked in the md
+    dpo = next(c for c in board["checkpoints"] if c["name"] == "dpo")
+    assert dpo["samples"] == "samples/dpo.jsonl" and recorded["samples"] == "../samples/dpo.jsonl"
+    assert (out / "results" / recorded["samples"]).samefile(out / dpo["samples"])
+    samples = [json.loads(line) for line in (out / dpo["samples"]).read_text().splitlines()]
+    assert len(samples) == 12
+    assert sum(r["gold_reward"] for r in samples) / 12 == pytest.approx(rows["dpo"]["gold_reward"]["value"])
+    implicit = (out / "samples" / "dpo.implicit.jsonl").read_text().splitlines()
+    assert len(implicit) == 256 and not (out / "samples" / "sft.implicit.jsonl").exists()
+    assert "[samples](./samples/dpo.jsonl)" in (out / "leaderboard.md").read_text()
 
 
 @pytest.mark.skipif(not (SHARED / "alpaca-eval-prefs").exists(), reason="../shared/data/alpaca-eval-prefs is absent")
@@ -130,6 +141,11 @@ def test_alpaca_eval_suite_end_to_end_with_a_reward_judge(completed_tiny_run, ll
     assert row["results"]["len_chars_delta_vs_ref"]["n"] == 24  # characters: the references are texts
     prompts, references = load_prompts(load_suite(str(suite))[0].prompts)
     assert len(prompts) == len(references) == 24
+    samples = [json.loads(line) for line in (tmp_path / "a" / row["samples"]).read_text().splitlines()]
+    assert [r["reference_output"] for r in samples] == references  # each reply beside what it was judged against
+    assert sum(r["judge_reward"] for r in samples) / 24 == pytest.approx(row["results"]["judge_reward"]["value"])
+    win_rate = row["results"]["win_rate_vs_ref"]["value"]
+    assert sum(r["preference_vs_ref"] for r in samples) / 24 == pytest.approx(win_rate)
 
     import alignpipe.evaluation.harness as harness
     import alignpipe.evaluation.suites as suites

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -50,6 +52,7 @@ from alignpipe.evaluation.metrics import (
     win_rate,
 )
 from alignpipe.evaluation.proxy import proxy_metrics
+from alignpipe.io import atomic_write_text
 from alignpipe.models.loading import (
     load_causal_lm,
     load_tokenizer,
@@ -459,6 +462,25 @@ def lc_win_rate_metric(preferences: list[float], lengths: list[int], reference_l
         return {}
     return {"lc_win_rate_vs_ref": length_controlled_win_rate(preferences, lengths, reference_lengths,
                                                              resamples=resamples, seed=seed)}
+
+
+def sample_files(samples: CheckpointSamples) -> dict[str, list[dict]]:
+    """A checkpoint's per-sample records by file-name suffix: ``""`` (its samples and their judgments),
+    ``".diversity"`` and ``".implicit"`` (where they were drawn)."""
+    files = {"": sample_rows(samples)}
+    if samples.diversity_groups:
+        files[".diversity"] = diversity_rows(samples)
+    if samples.implicit_margins is not None:
+        files[".implicit"] = implicit_rows(samples)
+    return files
+
+
+def write_sample_files(directory: Path, name: str, files: dict[str, list[dict]]) -> str:
+    """Write :func:`sample_files`' records as ``<directory>/<name><suffix>.jsonl`` (JSON lines, each atomically);
+    returns the main file's name, which a leaderboard row records."""
+    for suffix, rows in files.items():
+        atomic_write_text(Path(directory) / f"{name}{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return f"{name}.jsonl"
 
 
 def sample_rows(samples: CheckpointSamples) -> list[dict]:

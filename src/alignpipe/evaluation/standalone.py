@@ -8,8 +8,8 @@ from pathlib import Path
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from alignpipe.evaluation.cache import EvalCache, content_key
-from alignpipe.evaluation.harness import Checkpoint
-from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
+from alignpipe.evaluation.harness import Checkpoint, write_sample_files
+from alignpipe.evaluation.leaderboard import seen_from, source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json, cache_root
@@ -104,13 +104,14 @@ def evaluate_paths(
     )
     checkpoints = expand_checkpoints(specs)
     # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
+    samples: dict[str, dict[str, list[dict]]] = {}
     board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
                       reference=_expand(*split_named(reference))[0] if reference else None, judge_path=None,
-                      cache=EvalCache(cache_dir or default_cache_dir()))
+                      cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(split_named(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
-    return write_leaderboard(board, out)
+    return write_leaderboard(_with_samples(board, samples, out), out)
 
 
 def evaluate_suite(
@@ -118,7 +119,8 @@ def evaluate_suite(
     cache_dir: Path | None = None,
 ) -> tuple[Path, Path]:
     """``alignpipe eval --suite NAME``: checkpoints on a suite file; writes the suite's leaderboard (json, md, csv)
-    and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only)."""
+    and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only), and
+    a policy suite's per-sample records (``samples/<checkpoint>[.diversity|.implicit].jsonl``)."""
     spec, suite_hash = load_suite(suite)
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
@@ -127,9 +129,23 @@ def evaluate_suite(
     else:
         checkpoints = expand_checkpoints(specs)
         ref = _expand(*split_named(reference))[0] if reference else None
+        samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
-                          cache=EvalCache(cache_dir or default_cache_dir()))
+                          cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
     out = out or Path("eval-out") / spec.name
-    for row in board["checkpoints"]:
-        atomic_write_json(out / "results" / f"{row['name']}.json", {**board, "checkpoints": [row]})
+    if spec.kind != "reward_models":
+        board = _with_samples(board, samples, out)
+    located = seen_from(board, "..")  # results/ is one level below the table: its rows' sample paths say so
+    for row in located["checkpoints"]:
+        atomic_write_json(out / "results" / f"{row['name']}.json", {**located, "checkpoints": [row]})
     return write_leaderboard(board, out)
+
+
+def _with_samples(board: dict, samples: dict[str, dict[str, list[dict]]], out: Path) -> dict:
+    """Write each checkpoint's per-sample records to ``out/samples/`` (before the table that links them) and return
+    ``board`` with every row naming its file (EVALUATION.md §10: every number traceable to its generations)."""
+    rows = []
+    for row in board["checkpoints"]:
+        written = write_sample_files(out / "samples", row["name"], samples[row["name"]])
+        rows.append({**row, "samples": f"samples/{written}"})
+    return {**board, "checkpoints": rows}

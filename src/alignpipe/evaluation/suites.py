@@ -54,6 +54,7 @@ from alignpipe.evaluation.harness import (
     implicit_pairs_record,
     kl_estimator_record,
     lc_win_rate_metric,
+    sample_files,
 )
 from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
@@ -369,8 +370,11 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
 
 
 def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,
-              judge_path: str | None, cache: EvalCache, dtype: str = "auto") -> dict:
-    """Evaluate ``checkpoints`` on the suite; returns a leaderboard record (EVALUATION.md §9 envelope)."""
+              judge_path: str | None, cache: EvalCache, dtype: str = "auto",
+              samples_out: dict[str, dict[str, list[dict]]] | None = None) -> dict:
+    """Evaluate ``checkpoints`` on the suite; returns a leaderboard record (EVALUATION.md §9 envelope). With
+    ``samples_out``, each checkpoint's per-sample records go there by name (file suffix -> rows, as
+    :func:`~alignpipe.evaluation.harness.sample_files` gives them), for the caller to write beside the table."""
     unseen, trained_on = None, None
     if spec.judge == "reward_model" and judge_path is not None:
         unseen, trained_on = unseen_by_judge(spec.prompts.source, judge_path)
@@ -396,14 +400,19 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
         prompts = fit_prompts(prompts, tokenizer, g.max_prompt_tokens, g.truncation_side)
         if spec.implicit_reward is not None:
             pairs, pairs_record = _implicit_pairs(spec, tokenizer)
-        results, _ = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
-                                          bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
-                                          diversity=diversity, pairs=pairs)
+        results, judged = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
+                                               bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
+                                               diversity=diversity, pairs=pairs)
+        files = {s.checkpoint.name: sample_files(s) for s in judged}
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
-        results = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
-                   for c in checkpoints]
+        outcomes = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
+                    for c in checkpoints]
+        results = [result for result, _ in outcomes]
+        files = {result.name: rows for result, rows in outcomes}
         reference_name, reference_sha256 = f"{spec.prompts.source} reference outputs", None
+    if samples_out is not None:
+        samples_out.update(files)
     return build_leaderboard(
         results, run={"name": f"suite:{spec.name}", "reference": reference_name, "reference_sha256": reference_sha256,
                       "suite_sha256": suite_hash},
@@ -434,8 +443,10 @@ def _implicit_pairs(spec: SuiteSpec, tokenizer) -> tuple[list[Pair], dict]:
 
 def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
                      spec: SuiteSpec, cache: EvalCache, dtype: str,
-                     diversity: DiversitySampling | None) -> CheckpointResult:
-    """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths.
+                     diversity: DiversitySampling | None) -> tuple[CheckpointResult, dict[str, list[dict]]]:
+    """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths;
+    and its per-sample records (each reply, its judge reward, the reference output's, the preference), by file
+    suffix as :func:`~alignpipe.evaluation.harness.sample_files` gives them.
 
     The judge sees the prompt the policy answered (cut by ``max_prompt_tokens`` with this checkpoint's tokenizer),
     not the full one: a reply is judged as an answer to what the policy was asked, the reference output is judged in
@@ -451,13 +462,13 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
     model.release()
     responses = [gen.response for gen in generations]
     rewards = judge.score(fitted, responses)
+    reference_rewards = judge.score(fitted, reference_outputs)
     preferences = (judge.preferences(fitted, responses, reference_outputs) if isinstance(judge, CachedJudge)
                    else order_averaged(judge, fitted, responses, reference_outputs))
     seed, resamples = settings.seed, spec.bootstrap_resamples
     metrics = {
         "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
-        "judge_reward_delta_vs_ref": reward_delta(rewards, judge.score(fitted, reference_outputs), resamples=resamples,
-                                                  seed=seed),
+        "judge_reward_delta_vs_ref": reward_delta(rewards, reference_rewards, resamples=resamples, seed=seed),
         "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
         **lc_win_rate_metric(preferences, [len(r) for r in responses], [len(r) for r in reference_outputs],
                              resamples=resamples, seed=seed),
@@ -470,5 +481,14 @@ def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outpu
                                 resamples=resamples, seed=seed))
     if groups:
         metrics.update(within_prompt_diversity(groups, resamples=resamples, seed=seed))
+    rows = [{"prompt": prompt, "response": gen.response, "n_tokens": len(gen.response_ids), "truncated": gen.truncated,
+             "judge_reward": reward, "reference_output": reference, "reference_judge_reward": reference_reward,
+             "preference_vs_ref": preference}
+            for prompt, gen, reward, reference, reference_reward, preference in zip(
+                fitted, generations, rewards, reference_outputs, reference_rewards, preferences, strict=True)]
+    files = {"": rows}
+    if groups:
+        files[".diversity"] = [{"prompt": prompt, "responses": group}
+                               for prompt, group in zip(diversity.chosen(fitted), groups, strict=True)]
     return CheckpointResult(name=checkpoint.name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256,
-                            metrics=metrics)
+                            metrics=metrics), files

@@ -16,12 +16,11 @@ from alignpipe.evaluation.harness import (
     IMPLICIT_PAIR_SEED,
     Checkpoint,
     DiversitySampling,
-    diversity_rows,
     evaluate_checkpoints,
     implicit_pairs_record,
-    implicit_rows,
     kl_estimator_record,
-    sample_rows,
+    sample_files,
+    write_sample_files,
 )
 from alignpipe.evaluation.leaderboard import (
     LEADERBOARD_FILES,
@@ -32,7 +31,7 @@ from alignpipe.evaluation.leaderboard import (
 )
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.evaluation.proxy_scorer import ProxyScorer
-from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.tasks import GoldJudge, heldout_gold_pairs
@@ -120,17 +119,8 @@ def run(ctx: StageContext) -> dict:
     if proxy is not None:
         proxy.release()
     samples_dir = ctx.dir.root / "samples"
-    results = [dataclasses.replace(r, samples=f"{samples_dir.name}/{r.name}.jsonl") for r in results]
-    for checkpoint_samples in samples:
-        rows = sample_rows(checkpoint_samples)
-        atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in rows))
-        if checkpoint_samples.diversity_groups:
-            atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.diversity.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in diversity_rows(checkpoint_samples)))
-        if checkpoint_samples.implicit_margins is not None:
-            atomic_write_text(samples_dir / f"{checkpoint_samples.checkpoint.name}.implicit.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in implicit_rows(checkpoint_samples)))
+    written = {s.checkpoint.name: write_sample_files(samples_dir, s.checkpoint.name, sample_files(s)) for s in samples}
+    results = [dataclasses.replace(r, samples=f"{samples_dir.name}/{written[r.name]}") for r in results]
     record = ctx.run_dir / RUN_FILE
     run_record = json.loads(record.read_text()) if record.exists() else {}
     leaderboard = build_leaderboard(

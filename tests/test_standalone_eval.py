@@ -150,6 +150,18 @@ def test_rows_of_several_run_directories_are_named_run_and_stage(completed_tiny_
     board = json.loads((out / "leaderboard.json").read_text())
     assert sorted(c["name"] for c in board["checkpoints"]) == [f"{user}/tiny/{stage}" for user in ("a", "b")
                                                                for stage in ("base", "dpo", "sft")]
+    assert all((out / row["samples"]).is_file() for row in board["checkpoints"])
+    # a suite's results/<name>.json of such a row lies deeper: it names the same samples file from there
+    suite = tmp_path / "mini.yaml"
+    suite.write_text(json.dumps({
+        "name": "mini", "prompts": {"source": "synthetic", "n": 8}, "reference": "checkpoint", "judge": "gold",
+        "primary_metric": "gold_reward", "diversity": {"samples_per_prompt": 0},
+        "generation": {"max_new_tokens": 4, "batch_size": 8}}))
+    assert main(["eval", *map(str, runs), "--suite", str(suite), "--out", str(tmp_path / "suite"),
+                 "--cache-dir", str(cache)]) == 0
+    recorded = tmp_path / "suite" / "results" / "a" / "tiny" / "dpo.json"
+    row = json.loads(recorded.read_text())["checkpoints"][0]
+    assert (recorded.parent / row["samples"]).samefile(tmp_path / "suite" / "samples" / "a" / "tiny" / "dpo.jsonl")
 
     def fail(*a, **k):
         raise AssertionError("a model was loaded before the duplicate names were refused")

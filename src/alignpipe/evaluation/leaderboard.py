@@ -113,9 +113,8 @@ def build_leaderboard(
 
 
 def seen_from(leaderboard: dict, subdirectory: str) -> dict:
-    """``leaderboard`` as written from a directory where its own is ``subdirectory`` (``eval``: one level up, as the
-    run's leaderboard sees the eval stage's record; ``..``: one level down, as a suite's ``results/`` files see its
-    table): its rows' relative sample paths prefixed with it."""
+    """``leaderboard`` as written one level up from ``subdirectory``: its rows' relative sample paths prefixed with
+    it (the eval stage's record lies in its stage directory, the run's leaderboard in the run directory)."""
     moved = copy.deepcopy(leaderboard)
     for row in moved["checkpoints"]:
         if row.get("samples") and not os.path.isabs(row["samples"]):

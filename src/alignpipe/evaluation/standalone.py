@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import Checkpoint, write_sample_files
-from alignpipe.evaluation.leaderboard import seen_from, source_labels, write_leaderboard
+from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json, cache_root
@@ -135,9 +136,10 @@ def evaluate_suite(
     out = out or Path("eval-out") / spec.name
     if spec.kind != "reward_models":
         board = _with_samples(board, samples, out)
-    located = seen_from(board, "..")  # results/ is one level below the table: its rows' sample paths say so
-    for row in located["checkpoints"]:
-        atomic_write_json(out / "results" / f"{row['name']}.json", {**located, "checkpoints": [row]})
+    for row in board["checkpoints"]:  # a row's file names its samples from where it lies (a/dpo: two levels down)
+        path = out / "results" / f"{row['name']}.json"
+        located = {**row, "samples": os.path.relpath(out / row["samples"], path.parent)} if row.get("samples") else row
+        atomic_write_json(path, {**board, "checkpoints": [located]})
     return write_leaderboard(board, out)
 
 

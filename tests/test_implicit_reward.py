@@ -209,3 +209,13 @@ def test_a_scoring_context_survives_the_generation_cache(tmp_path):
     assert cache.get_generations("k") == generations
     keys = {EvalCache.token_logprob_key("w", [g], dtype="float32") for g in generations}
     assert len(keys) == 3  # the context is part of what was scored
+
+
+def test_rows_with_nothing_to_score_get_no_log_probs(tiny):
+    """A row with no context and no reply has no token to score, whether or not others share its batch."""
+    from alignpipe.evaluation.generation import Generation
+
+    tokenizer, policy, _, _ = tiny
+    empty, some = Generation("p", "", (), False, ()), Generation("q", "x", (5, 6, 7), False)
+    values = token_logprobs(policy, tokenizer, [empty, some, empty, some, empty], batch_size=2)
+    assert [len(v) for v in values] == [0, 3, 0, 3, 0]

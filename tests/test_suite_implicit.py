@@ -98,7 +98,8 @@ def test_hh_pairs_come_only_from_the_split_every_hh_stage_holds_out(tmp_path, ca
     data = _hh_file(tmp_path / "hh.jsonl.gz")
     pairs, origin = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=10))
     assert len(pairs) == 10 and all(hh_is_heldout(p, HH_HELDOUT_FRACTION) for p, _, _ in pairs)
-    assert origin == {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION}
+    assert origin == {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION,
+                      "opening_training_dialogues_left_out": 0}
     assert all(c.startswith("item") and r == "no" for _, c, r in pairs)  # chosen first, as the data labels them
     dpo_rows = preference_pairs_for(PreferenceDataSpec(source="hh_rlhf", path=str(data)), DataSpec(), 0)
     sft_rows = load_sft_source("hh_rlhf", data)
@@ -107,6 +108,22 @@ def test_hh_pairs_come_only_from_the_split_every_hh_stage_holds_out(tmp_path, ca
     every, _ = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=10_000))
     assert every[:10] == pairs and len(every) + len(trained) == 200  # the two parts cover the file
     assert "fewer than n=10000; using them all" in caplog.text
+
+
+def test_a_held_out_pair_whose_dialogue_opens_a_training_one_is_left_out(tmp_path):
+    """HH dialogues share openings: a training dialogue may be a held-out one's prompt, a reply and more turns. Its
+    prompt hashes to the training part, but a pair on the held-out dialogue is then no longer unseen."""
+    data = _hh_file(tmp_path / "hh.jsonl.gz")
+    pairs, _ = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=3))
+    first = pairs[0][0]
+    continued = next(f"{first} no\n\nHuman: why not{'?' * k}\n\nAssistant:" for k in range(1, 100)
+                     if not hh_is_heldout(f"{first} no\n\nHuman: why not{'?' * k}\n\nAssistant:",
+                                          HH_HELDOUT_FRACTION))
+    with gzip.open(data, "at", encoding="utf-8") as handle:
+        handle.write(json.dumps({"chosen": f"{continued} fine", "rejected": f"{continued} never"}) + "\n")
+    again, origin = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=3))
+    assert first not in {p for p, _, _ in again} and again[:2] == pairs[1:]
+    assert origin["opening_training_dialogues_left_out"] == 1
 
 
 def test_a_dpo_stage_on_alpaca_eval_trains_on_every_instruction(tmp_path):
@@ -154,12 +171,27 @@ def test_a_pair_longer_than_the_models_positions_is_an_error_unless_its_prompt_i
     assert len(pair_generations(tokenizer, [cut], max_length=48)) == 2
 
 
-def test_a_suite_refuses_a_pair_too_long_for_the_reference_before_sampling(dialogue_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reference_positions, other, message", [
+    (48, None, "more than the 48 positions of policy"),
+    (512, "short", "more than the 48 positions of short"),
+    (512, "other-tokenizer", "checkpoint 'other' has another tokenizer than the reference 'policy'"),
+])
+def test_a_suite_refuses_pairs_a_model_cannot_score_before_sampling(dialogue_tokenizer, tmp_path, monkeypatch,
+                                                                    reference_positions, other, message):
+    """A pair too long for the reference or for any policy, or a policy whose tokenizer is not the reference's (the
+    reference would score token ids of another vocabulary): refused from configs and tokenizers, before sampling."""
     import alignpipe.evaluation.harness as harness
 
-    policy = save_tiny_checkpoint(build_tiny_model(dialogue_tokenizer, hidden_size=16, num_layers=1, num_heads=2,
-                                                   intermediate_size=32, max_position_embeddings=48, seed=0),
-                                  dialogue_tokenizer, tmp_path / "policy")
+    def tiny(tokenizer, positions: int, name: str):
+        model = build_tiny_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                 max_position_embeddings=positions, seed=0)
+        return Checkpoint(name, str(save_tiny_checkpoint(model, tokenizer, tmp_path / name)))
+
+    checkpoints = [tiny(dialogue_tokenizer, reference_positions, "policy")]
+    if other == "short":
+        checkpoints.append(tiny(dialogue_tokenizer, 48, "short"))
+    elif other == "other-tokenizer":
+        checkpoints.append(tiny(train_tokenizer([_dialogue(i, 2) for i in range(9)], vocab_size=100), 512, "other"))
     data = tmp_path / "hh.jsonl.gz"
     with gzip.open(data, "wt", encoding="utf-8") as handle:
         for d in (d for d in (_dialogue(i, 6) for i in range(100)) if hh_is_heldout(d, HH_HELDOUT_FRACTION)):
@@ -170,9 +202,21 @@ def test_a_suite_refuses_a_pair_too_long_for_the_reference_before_sampling(dialo
 
     monkeypatch.setattr(harness, "generate", fail)
     spec = SuiteSpec(**{**POLICY_SUITE, "implicit_reward": {"source": "hh_rlhf", "path": str(data), "n": 4}})
-    with pytest.raises(ValueError, match="more than the 48 positions of policy"):
-        run_suite(spec, "hash", [Checkpoint("policy", str(policy))], reference=None, judge_path=None,
-                  cache=EvalCache(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=message):
+        run_suite(spec, "hash", checkpoints, reference=None, judge_path=None, cache=EvalCache(tmp_path / "cache"))
+
+
+def test_position_limits_of_configs():
+    """A stated table (n_positions is GPT-2's name for it), scaled by a RoPE factor; none for ALiBi or RWKV."""
+    from transformers import FalconConfig, GPT2Config, LlamaConfig, RwkvConfig
+
+    from alignpipe.evaluation.harness import position_limit
+
+    assert position_limit(LlamaConfig(max_position_embeddings=2048)) == 2048
+    assert position_limit(LlamaConfig(max_position_embeddings=2048,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 4.0})) == 8192
+    assert position_limit(GPT2Config(n_positions=512)) == 512
+    assert position_limit(FalconConfig(alibi=True)) is None and position_limit(RwkvConfig()) is None
 
 
 # --------------------------------------------------------------------------------------------------- end to end
@@ -226,3 +270,5 @@ def test_real_hh_suite_pairs_are_unseen_by_the_smollm2_recipes_stages():
     trained = {plain_text(row["prompt"]) for row in preference_pairs_for(unlimited, recipe.data, recipe.seed)}
     trained |= {turns[0]["content"] for turns in load_sft_source("hh_rlhf", REPO / sft.path)}
     assert len(trained) > 1000 and not trained & {p for p, _, _ in pairs}
+    # nor does any of those prompts continue a pair's dialogue (one holding the pair's prompt as its opening)
+    assert not any(t.startswith(p) for t in trained for p, _, _ in pairs)

@@ -141,6 +141,8 @@ def token_logprobs(
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(rows[i]) for i in chunk)
+        if width == 0:  # nothing before and nothing after: no token to score (the rows keep their [])
+            continue
         input_ids = torch.tensor([[pad] * (width - len(rows[i])) + rows[i] for i in chunk], device=model.device)
         attention = torch.tensor([[0] * (width - len(rows[i])) + [1] * len(rows[i]) for i in chunk],
                                  device=model.device)

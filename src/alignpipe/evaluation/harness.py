@@ -177,16 +177,15 @@ class LazyModel:
         return self._loaded[1] if self._loaded is not None else load_tokenizer(self.checkpoint.path)
 
     def max_positions(self) -> int | None:
-        """The longest sequence the model's position embeddings cover (its config's ``max_position_embeddings``),
-        read without loading the weights; None where the config states none."""
+        """The longest sequence the model's positions cover (:func:`position_limit` of its config), read without
+        loading the weights; None where the config states none."""
         if self._loaded is not None:
             config = self._loaded[0].config
         else:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(resolve_model_location(self.checkpoint.path), **remote_code_kwargs())
-        limit = getattr(config, "max_position_embeddings", None)
-        return limit if isinstance(limit, int) and limit > 0 else None
+        return position_limit(config)
 
     def release(self) -> None:
         self._loaded = None
@@ -221,6 +220,22 @@ def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size:
     return values
 
 
+def position_limit(config) -> int | None:
+    """The longest sequence a model config says its positions cover: ``max_position_embeddings`` (``n_positions``
+    where a config names it so, through transformers' attribute map), times a RoPE scaling factor where one is set;
+    None where there is no such bound: none stated, ALiBi (``alibi``), or a recurrent model (RWKV's is a training
+    context, not a table)."""
+    if getattr(config, "alibi", False) or getattr(config, "model_type", None) == "rwkv":
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    scaling = getattr(config, "rope_scaling", None) or {}
+    factor = scaling.get("factor") if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) \
+        not in (None, "default") else None
+    return int(limit * factor) if isinstance(factor, (int, float)) and factor > 1 else limit
+
+
 def evaluate_checkpoints(
     checkpoints: list[Checkpoint],
     reference: Checkpoint,
@@ -246,8 +261,8 @@ def evaluate_checkpoints(
     everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
-    if pairs:  # a pair longer than the reference's positions is refused before anything is sampled
-        checked_pair_generations(ref_model, pairs)
+    if pairs:  # refused before anything is sampled: a pair too long for a model, a policy the reference cannot score
+        check_pairs_scorable(checkpoints, ref_model, pairs, dtype)
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
@@ -334,7 +349,8 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
             raise ValueError(
                 f"implicit-reward pair {index} (prompt {prompt[:60]!r}): prompt and reply are {longest} tokens, more "
                 f"than the {max_length} positions of {whose} (max_position_embeddings); cut the pairs' prompts (a "
-                "suite's generation.max_prompt_tokens cuts them) or leave the implicit-reward pairs out for it")
+                "suite's generation.max_prompt_tokens cuts them) or leave the pairs out (a suite's implicit_reward "
+                "block, an eval stage's implicit_reward_pairs: 0)")
         shared = min(common_prefix_length(rendered, chosen_ids), common_prefix_length(rendered, rejected_ids))
         context = None
         if shared < len(rendered):
@@ -349,6 +365,25 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
                     "share, not after the prompt a generation sees", len(mismatched), len(pairs),
                     mismatched[0][:60])
     return chosen + rejected
+
+
+def check_pairs_scorable(checkpoints: list[Checkpoint], ref_model: LazyModel, pairs: list[Pair], dtype: str) -> None:
+    """Refuse, from tokenizers and configs alone, what :func:`pair_margins` would fail on after every checkpoint was
+    sampled: a pair longer than a model's positions, and a policy whose tokenizer is not the reference's (the
+    reference scores the policy's tokens: token ids of another vocabulary would give numbers without meaning)."""
+    checked_pair_generations(ref_model, pairs)
+    vocabulary = ref_model.tokenizer().get_vocab()
+    for checkpoint in checkpoints:
+        if checkpoint.path == ref_model.checkpoint.path:
+            continue
+        model = LazyModel(checkpoint, dtype)
+        if model.tokenizer().get_vocab() != vocabulary:
+            raise ValueError(
+                f"checkpoint {checkpoint.name!r} has another tokenizer than the reference "
+                f"{ref_model.checkpoint.name!r}: its implicit reward log π/π_ref cannot be scored (the reference would "
+                "score token ids of another vocabulary); evaluate it against a reference with its tokenizer, or leave "
+                "the implicit-reward pairs out")
+        checked_pair_generations(model, pairs, ref_model)
 
 
 def checked_pair_generations(model: LazyModel, pairs: list[Pair], *scorers: LazyModel) -> list[Generation]:

@@ -27,6 +27,7 @@ reward (RewardBench's) when the reference is the checkpoint its DPO stage starte
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gzip
 import json
@@ -38,7 +39,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
+from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout, load_hh_rlhf_pairs, split_hh_dialogue
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings
@@ -261,8 +262,6 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
         pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
     else:
-        from alignpipe.data.adapters import hh_is_heldout, split_hh_dialogue
-
         pairs = []
         for row in rows:
             prompt, chosen = split_hh_dialogue(row["chosen"])
@@ -284,7 +283,8 @@ def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
       reward stages (``is_reward_heldout``), and a dpo stage may train on them.
     * hh_rlhf: the adapter's held-out split, the ``HH_HELDOUT_FRACTION`` of prompts by prompt hash that every HH stage
       holds out: sft (``load_hh_rlhf_chosen``), dpo and reward (``preference_pairs_for``) read only the train part,
-      at that fraction, and no other stage reads HH. The same split bounds a suite's HH prompts
+      at that fraction, and no other stage reads HH. Less the pairs whose dialogue opens a training one (HH
+      dialogues share openings, and the split hashes whole prompts). The same split bounds a suite's HH prompts
       (``prompts.heldout_fraction`` is at most that fraction), so the pairs may share prompts with them: both unseen.
     """
     if spec.source == "synthetic":
@@ -293,15 +293,47 @@ def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
         return pairs, {"source": "synthetic", "labels": "gold", "seed": seed}
     if spec.source == "hh_rlhf":
         path = data_path(spec)
-        pairs = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")][:spec.n]
+        heldout = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")]
+        pairs = [pair for pair in heldout if not _opens_a_training_dialogue(pair[0], training)] if (
+            training := _hh_training_dialogues(path)) else heldout
+        if left_out := len(heldout) - len(pairs):
+            log.info("implicit_reward: left out %d held-out HH-RLHF pairs whose dialogue opens a training one (HH "
+                     "dialogues share openings: a training prompt holds that context and a reply to it)", left_out)
+        pairs = pairs[:spec.n]
         if not pairs:
             raise ValueError(f"implicit_reward: {path} has no usable HH-RLHF pair in its held-out split (the "
                              f"{HH_HELDOUT_FRACTION:g} of prompts every HH stage holds out); give a larger file")
         if len(pairs) < spec.n:
             log.warning("implicit_reward: %s holds %d held-out HH-RLHF pairs, fewer than n=%d; using them all", path,
                         len(pairs), spec.n)
-        return pairs, {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION}
+        return pairs, {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION,
+                       "opening_training_dialogues_left_out": left_out}
     raise ValueError(f"implicit_reward.source {spec.source!r}: no held-out pairs that no policy trains on")
+
+
+def _hh_training_dialogues(path: Path) -> list[str]:
+    """Every whole dialogue (chosen and rejected) of the file's training part, sorted: the texts an HH stage may put
+    in a training prompt or reply."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line in filter(str.strip, handle):
+            row = json.loads(line)
+            try:
+                prompt, _ = split_hh_dialogue(row["chosen"])
+            except (ValueError, KeyError, TypeError):  # malformed rows: no stage trains on them
+                continue
+            if not hh_is_heldout(prompt, HH_HELDOUT_FRACTION):
+                texts += [text for text in (row.get("chosen"), row.get("rejected")) if isinstance(text, str)]
+    return sorted(texts)
+
+
+def _opens_a_training_dialogue(prompt: str, training: list[str]) -> bool:
+    """Whether a (sorted) training dialogue begins with ``prompt``. The held-out split is by a hash of the whole
+    prompt, and a training dialogue can continue a held-out one (its prompt, a reply, then more turns): a pair on it
+    is not unseen."""
+    at = bisect.bisect_left(training, prompt)
+    return at < len(training) and training[at].startswith(prompt)
 
 
 def fit_pairs(pairs: list[Pair], tokenizer, max_tokens: int | None, side: str = "left") -> list[Pair]:

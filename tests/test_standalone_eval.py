@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from alignpipe.cli import main
@@ -175,3 +176,33 @@ def test_rows_of_several_run_directories_are_named_run_and_stage(completed_tiny_
         error = capsys.readouterr().err
         assert duplicate in error and "NAME=PATH" in error
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_later_evaluation_into_the_same_out_removes_what_it_did_not_write(completed_tiny_run, tmp_path):
+    """Files beside a table are of its rows: a checkpoint left out of a later run into the same --out loses its
+    samples and results; the earlier table's other files are replaced."""
+    runner, _ = completed_tiny_run
+    out = tmp_path / "board"
+    sft, dpo = (f"{name}={runner.run_dir / name / 'checkpoint'}" for name in ("sft", "dpo"))
+    args = ["--out", str(out), "--n-prompts", "8", "--max-new-tokens", "4", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", sft, dpo, *args]) == 0
+    assert (out / "samples" / "dpo.jsonl").is_file() and (out / "samples" / "dpo.diversity.jsonl").is_file()
+    assert main(["eval", sft, *args]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["sft.diversity.jsonl", "sft.jsonl"]
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a", "a.diversity"], "would share sample files"),
+    (["../../x"], "would write outside --out"),
+])
+def test_names_whose_files_would_clash_or_escape_are_refused_before_any_work(completed_tiny_run, tmp_path, capsys,
+                                                                             monkeypatch, names, message):
+    import alignpipe.evaluation.harness as harness
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the names were refused")
+
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    checkpoint = completed_tiny_run[0].run_dir / "sft" / "checkpoint"
+    assert main(["eval", *(f"{name}={checkpoint}" for name in names), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

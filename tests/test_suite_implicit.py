@@ -216,6 +216,9 @@ def test_position_limits_of_configs():
     assert position_limit(LlamaConfig(max_position_embeddings=2048,
                                       rope_scaling={"rope_type": "dynamic", "factor": 4.0})) == 8192
     assert position_limit(GPT2Config(n_positions=512)) == 512
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama-3.1: the extended length is stated already
+    assert position_limit(LlamaConfig(max_position_embeddings=131072, rope_scaling=llama3)) == 131072
     assert position_limit(FalconConfig(alibi=True)) is None and position_limit(RwkvConfig()) is None
 
 

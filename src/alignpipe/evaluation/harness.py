@@ -222,7 +222,8 @@ def cached_logprobs(model: LazyModel, generations: list[Generation], batch_size:
 
 def position_limit(config) -> int | None:
     """The longest sequence a model config says its positions cover: ``max_position_embeddings`` (``n_positions``
-    where a config names it so, through transformers' attribute map), times a RoPE scaling factor where one is set;
+    where a config names it so, through transformers' attribute map), times a RoPE scaling factor where one is set
+    (of the pre-training length, where the config states it: llama3 and yarn scaling state both);
     None where there is no such bound: none stated, ALiBi (``alibi``), or a recurrent model (RWKV's is a training
     context, not a table)."""
     if getattr(config, "alibi", False) or getattr(config, "model_type", None) == "rwkv":
@@ -233,7 +234,11 @@ def position_limit(config) -> int | None:
     scaling = getattr(config, "rope_scaling", None) or {}
     factor = scaling.get("factor") if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) \
         not in (None, "default") else None
-    return int(limit * factor) if isinstance(factor, (int, float)) and factor > 1 else limit
+    if not isinstance(factor, (int, float)) or factor <= 1:
+        return limit
+    # llama3/yarn configs state the extended length already and the pre-training one beside it
+    original = scaling.get("original_max_position_embeddings")
+    return max(limit, int(original * factor)) if isinstance(original, int) else int(limit * factor)
 
 
 def evaluate_checkpoints(

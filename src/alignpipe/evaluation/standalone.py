@@ -10,7 +10,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import Checkpoint, write_sample_files
-from alignpipe.evaluation.leaderboard import source_labels, write_leaderboard
+from alignpipe.evaluation.leaderboard import load_leaderboard, source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json, cache_root
@@ -104,6 +104,7 @@ def evaluate_paths(
         reference="checkpoint", judge="gold", primary_metric="gold_reward",
     )
     checkpoints = expand_checkpoints(specs)
+    _check_file_names([c.name for c in checkpoints])
     # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
     samples: dict[str, dict[str, list[dict]]] = {}
     board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
@@ -112,7 +113,10 @@ def evaluate_paths(
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(split_named(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
-    return write_leaderboard(_with_samples(board, samples, out), out)
+    earlier = _earlier_rows(out)
+    written = write_leaderboard(_with_samples(board, samples, out), out)
+    _remove_stale(out, earlier, samples)
+    return written
 
 
 def evaluate_suite(
@@ -129,18 +133,39 @@ def evaluate_suite(
         board = run_reward_suite(spec, suite_hash, [m for item in specs for m in expand_reward_models(item)])
     else:
         checkpoints = expand_checkpoints(specs)
+        _check_file_names([c.name for c in checkpoints])
         ref = _expand(*split_named(reference))[0] if reference else None
         samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
                           cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
     out = out or Path("eval-out") / spec.name
+    earlier = _earlier_rows(out)
     if spec.kind != "reward_models":
         board = _with_samples(board, samples, out)
+    _check_file_names([row["name"] for row in board["checkpoints"]])  # reward models' names: checked here
     for row in board["checkpoints"]:  # a row's file names its samples from where it lies (a/dpo: two levels down)
         path = out / "results" / f"{row['name']}.json"
         located = {**row, "samples": os.path.relpath(out / row["samples"], path.parent)} if row.get("samples") else row
         atomic_write_json(path, {**board, "checkpoints": [located]})
-    return write_leaderboard(board, out)
+    written = write_leaderboard(board, out)
+    _remove_stale(out, earlier, samples if spec.kind != "reward_models" else
+                  {row["name"]: {} for row in board["checkpoints"]})
+    return written
+
+
+SAMPLE_SUFFIXES = ("", ".diversity", ".implicit")  # harness.sample_files' file-name suffixes
+
+
+def _check_file_names(names: list[str]) -> None:
+    """Refuse, before any work, row names whose files (named after them) would land outside ``--out`` (``..``, an
+    absolute name) or be another row's (``a`` and ``a.diversity``)."""
+    if bad := [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]:
+        raise ValueError(f"checkpoint names {bad} would write outside --out (their files are named after them): "
+                         "rename them with NAME=PATH")
+    files = [f"{name}{suffix}" for name in names for suffix in SAMPLE_SUFFIXES]
+    if clashes := sorted({name for name in files if files.count(name) > 1}):
+        raise ValueError(f"checkpoint names {clashes} would share sample files (a name may not end in .diversity "
+                         "or .implicit): rename them with NAME=PATH")
 
 
 def _with_samples(board: dict, samples: dict[str, dict[str, list[dict]]], out: Path) -> dict:
@@ -151,3 +176,26 @@ def _with_samples(board: dict, samples: dict[str, dict[str, list[dict]]], out: P
         written = write_sample_files(out / "samples", row["name"], samples[row["name"]])
         rows.append({**row, "samples": f"samples/{written}"})
     return {**board, "checkpoints": rows}
+
+
+def _earlier_rows(out: Path) -> list[str]:
+    """The checkpoint names of the leaderboard an earlier ``alignpipe eval`` wrote to ``out`` (none if it holds
+    none): their sample and result files are this command's own to replace."""
+    try:
+        return [row["name"] for row in load_leaderboard(out / "leaderboard.json")["checkpoints"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _remove_stale(out: Path, earlier: list[str], samples: dict[str, dict[str, list[dict]]]) -> None:
+    """Remove what an earlier run into ``out`` wrote and this one did not (a checkpoint left out, diversity or
+    implicit pairs turned off): files beside a table must be of its rows. Only files of the earlier table's names."""
+    kept = {out / "samples" / f"{name}{suffix}.jsonl" for name, files in samples.items() for suffix in files}
+    for name in earlier:
+        candidates = [out / "samples" / f"{name}{suffix}.jsonl" for suffix in SAMPLE_SUFFIXES]
+        if name not in samples:
+            candidates.append(out / "results" / f"{name}.json")
+        for path in candidates:
+            if path not in kept and path.is_file():
+                path.unlink()
+                log.info("removed %s: an earlier evaluation wrote it, and this one has no such records", path)

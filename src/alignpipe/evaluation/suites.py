@@ -262,11 +262,17 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
         pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
     else:
-        pairs = []
+        pairs, training, opening = [], _hh_training_dialogues(path), 0
         for row in rows:
             prompt, chosen = split_hh_dialogue(row["chosen"])
             if hh_is_heldout(prompt, prompts.heldout_fraction) and (keep is None or keep(prompt)):
-                pairs.append((prompt, chosen))
+                if _opens_a_training_dialogue(prompt, training):  # a training prompt holds it and a reply to it
+                    opening += 1
+                else:
+                    pairs.append((prompt, chosen))
+        if opening:
+            log.info("suite prompts: left out %d held-out HH-RLHF prompts whose dialogue opens a training one",
+                     opening)
     pairs = pairs[:prompts.n] if prompts.n else pairs
     return [p for p, _ in pairs], [r for _, r in pairs]
 

@@ -266,8 +266,9 @@ def evaluate_checkpoints(
     everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
-    if pairs:  # refused before anything is sampled: a pair too long for a model, a policy the reference cannot score
-        check_pairs_scorable(checkpoints, ref_model, pairs, dtype)
+    # pairs as each checkpoint's tokens, checked before anything is sampled (a pair too long for a model, a policy
+    # the reference cannot score), and then scored as they are
+    scored_pairs = scorable_pairs(checkpoints, ref_model, pairs, dtype) if pairs else {}
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
@@ -282,8 +283,8 @@ def evaluate_checkpoints(
         groups = diversity_groups(model, prompts, settings, diversity, cache) if diversity else None
         is_reference = same or (checkpoint.weights_sha256 is not None
                                 and checkpoint.weights_sha256 == reference.weights_sha256)  # margins all 0
-        margins = (pair_margins(model, ref_model, pairs, settings.batch_size, cache, reference_pair_scores)
-                   if pairs and not is_reference else None)
+        margins = (pair_margins(model, ref_model, scored_pairs[checkpoint.path], settings.batch_size, cache,
+                                reference_pair_scores) if pairs and not is_reference else None)
         if not same:
             model.release()
         judged.append(dataclasses.replace(
@@ -372,14 +373,16 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
     return chosen + rejected
 
 
-def check_pairs_scorable(checkpoints: list[Checkpoint], ref_model: LazyModel, pairs: list[Pair], dtype: str) -> None:
-    """Refuse, from tokenizers and configs alone, what :func:`pair_margins` would fail on after every checkpoint was
-    sampled: a pair longer than a model's positions, and a policy whose tokenizer is not the reference's (the
-    reference scores the policy's tokens: token ids of another vocabulary would give numbers without meaning)."""
-    checked_pair_generations(ref_model, pairs)
+def scorable_pairs(checkpoints: list[Checkpoint], ref_model: LazyModel, pairs: list[Pair], dtype: str
+                   ) -> dict[str, list[Generation]]:
+    """``pairs`` as each checkpoint's scored tokens (:func:`pair_generations`, by checkpoint path), from tokenizers
+    and configs alone, refusing what would otherwise fail after every checkpoint was sampled: a pair longer than a
+    model's positions, and a policy whose tokenizer is not the reference's (the reference scores the policy's tokens:
+    token ids of another vocabulary would give numbers without meaning)."""
+    scored = {ref_model.checkpoint.path: checked_pair_generations(ref_model, pairs)}
     vocabulary = ref_model.tokenizer().get_vocab()
     for checkpoint in checkpoints:
-        if checkpoint.path == ref_model.checkpoint.path:
+        if checkpoint.path in scored:
             continue
         model = LazyModel(checkpoint, dtype)
         if model.tokenizer().get_vocab() != vocabulary:
@@ -388,7 +391,8 @@ def check_pairs_scorable(checkpoints: list[Checkpoint], ref_model: LazyModel, pa
                 f"{ref_model.checkpoint.name!r}: its implicit reward log π/π_ref cannot be scored (the reference would "
                 "score token ids of another vocabulary); evaluate it against a reference with its tokenizer, or leave "
                 "the implicit-reward pairs out")
-        checked_pair_generations(model, pairs, ref_model)
+        scored[checkpoint.path] = checked_pair_generations(model, pairs, ref_model)
+    return scored
 
 
 def checked_pair_generations(model: LazyModel, pairs: list[Pair], *scorers: LazyModel) -> list[Generation]:
@@ -399,18 +403,18 @@ def checked_pair_generations(model: LazyModel, pairs: list[Pair], *scorers: Lazy
     return pair_generations(model.tokenizer(), pairs, max_length=limit, whose=whose)
 
 
-def pair_margins(model: LazyModel, ref_model: LazyModel, pairs: list[Pair], batch_size: int, cache: EvalCache | None,
-                 reference_scores: dict) -> list[float]:
-    """Implicit reward margins of ``model`` against ``ref_model`` on ``pairs``, from the cached per-token log-prob
-    path; ``reference_scores`` keeps the reference's log-probs of each token list it scored (checkpoints that share a
-    tokenizer score the same tokens, which the reference then scores once even without a cache)."""
-    scored = checked_pair_generations(model, pairs, ref_model)
+def pair_margins(model: LazyModel, ref_model: LazyModel, scored: list[Generation], batch_size: int,
+                 cache: EvalCache | None, reference_scores: dict) -> list[float]:
+    """Implicit reward margins of ``model`` against ``ref_model`` on pairs as ``model``'s scored tokens (chosen
+    replies, then rejected: :func:`scorable_pairs`), from the cached per-token log-prob path; ``reference_scores``
+    keeps the reference's log-probs of each token list it scored (checkpoints that share a tokenizer score the same
+    tokens, which the reference then scores once even without a cache)."""
     key = tuple(scored)
     if key not in reference_scores:
         reference_scores[key] = [math.fsum(t) for t in cached_logprobs(ref_model, scored, batch_size, cache)]
     policy = [math.fsum(t) for t in cached_logprobs(model, scored, batch_size, cache)]
     reference = reference_scores[key]
-    n = len(pairs)
+    n = len(scored) // 2
     return implicit_margins(policy[:n], reference[:n], policy[n:], reference[n:]).tolist()
 
 
@@ -502,6 +506,9 @@ def lc_win_rate_metric(preferences: list[float], lengths: list[int], reference_l
         return {}
     return {"lc_win_rate_vs_ref": length_controlled_win_rate(preferences, lengths, reference_lengths,
                                                              resamples=resamples, seed=seed)}
+
+
+SAMPLE_SUFFIXES = ("", ".diversity", ".implicit")  # the per-sample files' name suffixes (sample_files' keys)
 
 
 def sample_files(samples: CheckpointSamples) -> dict[str, list[dict]]:

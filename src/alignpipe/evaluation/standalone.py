@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from alignpipe.evaluation.cache import EvalCache, content_key
-from alignpipe.evaluation.harness import Checkpoint, write_sample_files
+from alignpipe.evaluation.harness import SAMPLE_SUFFIXES, Checkpoint, write_sample_files
 from alignpipe.evaluation.leaderboard import load_leaderboard, source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
@@ -115,7 +115,7 @@ def evaluate_paths(
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
     earlier = _earlier_rows(out)
     written = write_leaderboard(_with_samples(board, samples, out), out)
-    _remove_stale(out, earlier, samples)
+    _remove_stale(out, earlier, board, samples)
     return written
 
 
@@ -130,7 +130,9 @@ def evaluate_suite(
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
 
-        board = run_reward_suite(spec, suite_hash, [m for item in specs for m in expand_reward_models(item)])
+        models = [m for item in specs for m in expand_reward_models(item)]
+        _check_file_names([name for name, _ in models])
+        board, samples = run_reward_suite(spec, suite_hash, models), {}
     else:
         checkpoints = expand_checkpoints(specs)
         _check_file_names([c.name for c in checkpoints])
@@ -140,20 +142,15 @@ def evaluate_suite(
                           cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
     out = out or Path("eval-out") / spec.name
     earlier = _earlier_rows(out)
-    if spec.kind != "reward_models":
+    if samples:
         board = _with_samples(board, samples, out)
-    _check_file_names([row["name"] for row in board["checkpoints"]])  # reward models' names: checked here
     for row in board["checkpoints"]:  # a row's file names its samples from where it lies (a/dpo: two levels down)
         path = out / "results" / f"{row['name']}.json"
         located = {**row, "samples": os.path.relpath(out / row["samples"], path.parent)} if row.get("samples") else row
         atomic_write_json(path, {**board, "checkpoints": [located]})
     written = write_leaderboard(board, out)
-    _remove_stale(out, earlier, samples if spec.kind != "reward_models" else
-                  {row["name"]: {} for row in board["checkpoints"]})
+    _remove_stale(out, earlier, board, samples)
     return written
-
-
-SAMPLE_SUFFIXES = ("", ".diversity", ".implicit")  # harness.sample_files' file-name suffixes
 
 
 def _check_file_names(names: list[str]) -> None:
@@ -187,13 +184,14 @@ def _earlier_rows(out: Path) -> list[str]:
         return []
 
 
-def _remove_stale(out: Path, earlier: list[str], samples: dict[str, dict[str, list[dict]]]) -> None:
+def _remove_stale(out: Path, earlier: list[str], board: dict, samples: dict[str, dict[str, list[dict]]]) -> None:
     """Remove what an earlier run into ``out`` wrote and this one did not (a checkpoint left out, diversity or
     implicit pairs turned off): files beside a table must be of its rows. Only files of the earlier table's names."""
     kept = {out / "samples" / f"{name}{suffix}.jsonl" for name, files in samples.items() for suffix in files}
+    current = {row["name"] for row in board["checkpoints"]}
     for name in earlier:
         candidates = [out / "samples" / f"{name}{suffix}.jsonl" for suffix in SAMPLE_SUFFIXES]
-        if name not in samples:
+        if name not in current:
             candidates.append(out / "results" / f"{name}.json")
         for path in candidates:
             if path not in kept and path.is_file():

@@ -254,15 +254,12 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
         if prompts.n is None:
             raise ValueError("the synthetic prompt set needs n")
         return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed)], None
-    path = data_path(prompts)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
+    rows = _json_lines(data_path(prompts))
     if prompts.source == "alpaca_eval":
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
         pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
     else:
-        pairs, training, opening = [], _hh_training_dialogues(path), 0
+        pairs, training, opening = [], _hh_training_dialogues(rows), 0
         for row in rows:
             prompt, chosen = split_hh_dialogue(row["chosen"])
             if hh_is_heldout(prompt, prompts.heldout_fraction) and (keep is None or keep(prompt)):
@@ -301,7 +298,7 @@ def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
         path = data_path(spec)
         heldout = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")]
         pairs = [pair for pair in heldout if not _opens_a_training_dialogue(pair[0], training)] if (
-            training := _hh_training_dialogues(path)) else heldout
+            training := _hh_training_dialogues(_json_lines(path))) else heldout
         if left_out := len(heldout) - len(pairs):
             log.info("implicit_reward: left out %d held-out HH-RLHF pairs whose dialogue opens a training one (HH "
                      "dialogues share openings: a training prompt holds that context and a reply to it)", left_out)
@@ -317,20 +314,24 @@ def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
     raise ValueError(f"implicit_reward.source {spec.source!r}: no held-out pairs that no policy trains on")
 
 
-def _hh_training_dialogues(path: Path) -> list[str]:
-    """Every whole dialogue (chosen and rejected) of the file's training part, sorted: the texts an HH stage may put
-    in a training prompt or reply."""
+def _json_lines(path: Path) -> list[dict]:
+    """A suite data file's rows (JSON lines, gzipped or not)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    texts = []
     with opener(path, "rt", encoding="utf-8") as handle:
-        for line in filter(str.strip, handle):
-            row = json.loads(line)
-            try:
-                prompt, _ = split_hh_dialogue(row["chosen"])
-            except (ValueError, KeyError, TypeError):  # malformed rows: no stage trains on them
-                continue
-            if not hh_is_heldout(prompt, HH_HELDOUT_FRACTION):
-                texts += [text for text in (row.get("chosen"), row.get("rejected")) if isinstance(text, str)]
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _hh_training_dialogues(rows: list[dict]) -> list[str]:
+    """Every whole dialogue (chosen and rejected) of an HH file's training part, sorted: the texts an HH stage may
+    put in a training prompt or reply."""
+    texts = []
+    for row in rows:
+        try:
+            prompt, _ = split_hh_dialogue(row["chosen"])
+        except (ValueError, KeyError, TypeError):  # malformed rows: no stage trains on them
+            continue
+        if not hh_is_heldout(prompt, HH_HELDOUT_FRACTION):
+            texts += [text for text in (row.get("chosen"), row.get("rejected")) if isinstance(text, str)]
     return sorted(texts)
 
 

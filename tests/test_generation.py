@@ -262,6 +262,33 @@ def test_evaluate_checkpoint_against_itself(checkpoint_dir, prompts):
     assert len(rows) == n and all(r["preference_vs_ref"] == 0.5 for r in rows)
 
 
+def test_a_checkpoint_of_another_tokenizer_gets_judged_metrics_but_no_kl_or_implicit_reward(
+        tmp_path, checkpoint_dir, tokenizer, prompts, caplog):
+    """KL and the implicit reward need the reference's log-probs of the policy's tokens; ids of another vocabulary
+    would give numbers without meaning, so they are left out for that checkpoint, with a warning, while its reward,
+    win rate and lengths (judged on text) stand, and a policy that shares the reference's tokenizer keeps both."""
+    from alignpipe.tasks import heldout_gold_pairs
+
+    other_tokenizer = train_tokenizer(tokenizer_corpus(n=200, seed=5), vocab_size=150)
+    assert other_tokenizer.get_vocab() != tokenizer.get_vocab()
+    foreign_dir = save_tiny_checkpoint(build_tiny_model(other_tokenizer, **SHAPE, seed=1), other_tokenizer,
+                                       tmp_path / "foreign")
+    sibling_dir = save_tiny_checkpoint(build_tiny_model(tokenizer, **SHAPE, seed=1), tokenizer, tmp_path / "sibling")
+    ref = Checkpoint("base", str(checkpoint_dir))
+    checkpoints = [Checkpoint("foreign", str(foreign_dir)), Checkpoint("sibling", str(sibling_dir))]
+    settings = GenerationSettings(max_new_tokens=5, batch_size=8, seed=3)
+    results, samples = evaluate_checkpoints(checkpoints, ref, prompts, GoldJudge(), settings, bootstrap_resamples=50,
+                                            pairs=heldout_gold_pairs(6, 4242))
+    foreign, sibling = (r.metrics for r in results)
+    assert {"gold_reward", "win_rate_vs_ref", "len_tokens_mean"} <= foreign.keys()
+    assert not {"kl_ref_k1", "kl_ref_k3", "implicit_reward_accuracy"} & foreign.keys()
+    assert {"kl_ref_k1", "kl_ref_k3", "implicit_reward_accuracy"} <= sibling.keys()
+    assert samples[0].logp_reference is None and samples[0].implicit_margins is None
+    assert all(row["logp_reference"] is None and row["logp_policy"] is not None for row in sample_rows(samples[0]))
+    assert "checkpoint 'foreign' has another tokenizer than the reference 'base': no KL" in caplog.text
+    assert "'sibling'" not in caplog.text
+
+
 def test_evaluate_copy_and_different_checkpoint(tmp_path, checkpoint_dir, tokenizer, prompts):
     copy_dir = tmp_path / "copy"
     shutil.copytree(checkpoint_dir, copy_dir)

@@ -129,7 +129,7 @@ class CheckpointSamples:
     generations: list[Generation]
     rewards: list[float]
     token_logp_policy: list[list[float]]  # per response token, under the checkpoint
-    token_logp_reference: list[list[float]]  # the same tokens under the reference
+    token_logp_reference: list[list[float]] | None  # the same tokens under the reference (None: another tokenizer)
     preferences: list[float]  # per prompt, vs the reference's response, averaged over both orders
     reference_lengths: list[int] | None = None  # the reference's response lengths (tokens), for the LC win rate
     reference_rewards: list[float] | None = None  # the judge's rewards of the reference's responses, prompt by prompt
@@ -147,8 +147,10 @@ class CheckpointSamples:
         return [math.fsum(tokens) for tokens in self.token_logp_policy]
 
     @property
-    def logp_reference(self) -> list[float]:
-        """``log pi_ref(y | x)`` of each response."""
+    def logp_reference(self) -> list[float] | None:
+        """``log pi_ref(y | x)`` of each response; None where the reference has another tokenizer."""
+        if self.token_logp_reference is None:
+            return None
         return [math.fsum(tokens) for tokens in self.token_logp_reference]
 
 
@@ -266,9 +268,11 @@ def evaluate_checkpoints(
     everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
-    # pairs as each checkpoint's tokens, checked before anything is sampled (a pair too long for a model, a policy
-    # the reference cannot score), and then scored as they are
-    scored_pairs = scorable_pairs(checkpoints, ref_model, pairs, dtype) if pairs else {}
+    foreign = other_tokenizers(checkpoints, ref_model, dtype)
+    # pairs as each checkpoint's tokens, checked before anything is sampled (a pair too long for a model), and then
+    # scored as they are
+    scored_pairs = scorable_pairs([c for c in checkpoints if c.path not in foreign], ref_model, pairs, dtype) \
+        if pairs else {}
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
@@ -279,12 +283,14 @@ def evaluate_checkpoints(
         model = ref_model if same else LazyModel(checkpoint, dtype)
         generations = ref_generations if same else cached_generations(model, prompts, settings, cache)
         token_logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
-        token_logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache)
+        scorable = checkpoint.path not in foreign
+        token_logp_reference = cached_logprobs(ref_model, generations, settings.batch_size, cache) \
+            if scorable else None
         groups = diversity_groups(model, prompts, settings, diversity, cache) if diversity else None
         is_reference = same or (checkpoint.weights_sha256 is not None
                                 and checkpoint.weights_sha256 == reference.weights_sha256)  # margins all 0
         margins = (pair_margins(model, ref_model, scored_pairs[checkpoint.path], settings.batch_size, cache,
-                                reference_pair_scores) if pairs and not is_reference else None)
+                                reference_pair_scores) if pairs and scorable and not is_reference else None)
         if not same:
             model.release()
         judged.append(dataclasses.replace(
@@ -373,25 +379,35 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
     return chosen + rejected
 
 
+def other_tokenizers(checkpoints: list[Checkpoint], ref_model: LazyModel, dtype: str) -> set[str]:
+    """Paths of the ``checkpoints`` whose tokenizer is not the reference's, read from tokenizers alone, each named in a
+    warning. Their KL to the reference and implicit reward are left out: both need the reference's log-probs of the
+    policy's tokens, and token ids of another vocabulary would give numbers without meaning (or an index past the
+    reference's embeddings). Their judged metrics (reward, win rate, lengths) stand: the judge reads text."""
+    vocabulary = None
+    foreign = set()
+    for checkpoint in checkpoints:
+        if checkpoint.path == ref_model.checkpoint.path or checkpoint.path in foreign:
+            continue
+        vocabulary = ref_model.tokenizer().get_vocab() if vocabulary is None else vocabulary
+        if LazyModel(checkpoint, dtype).tokenizer().get_vocab() != vocabulary:
+            foreign.add(checkpoint.path)
+            log.warning("[eval] checkpoint %r has another tokenizer than the reference %r: no KL to it and no implicit "
+                        "reward (the reference cannot score token ids of another vocabulary); its reward, win rate "
+                        "and lengths are measured; evaluate it against a reference with its tokenizer for the rest",
+                        checkpoint.name, ref_model.checkpoint.name)
+    return foreign
+
+
 def scorable_pairs(checkpoints: list[Checkpoint], ref_model: LazyModel, pairs: list[Pair], dtype: str
                    ) -> dict[str, list[Generation]]:
     """``pairs`` as each checkpoint's scored tokens (:func:`pair_generations`, by checkpoint path), from tokenizers
     and configs alone, refusing what would otherwise fail after every checkpoint was sampled: a pair longer than a
-    model's positions, and a policy whose tokenizer is not the reference's (the reference scores the policy's tokens:
-    token ids of another vocabulary would give numbers without meaning)."""
+    model's positions. The checkpoints share the reference's tokenizer (:func:`other_tokenizers`)."""
     scored = {ref_model.checkpoint.path: checked_pair_generations(ref_model, pairs)}
-    vocabulary = ref_model.tokenizer().get_vocab()
     for checkpoint in checkpoints:
-        if checkpoint.path in scored:
-            continue
-        model = LazyModel(checkpoint, dtype)
-        if model.tokenizer().get_vocab() != vocabulary:
-            raise ValueError(
-                f"checkpoint {checkpoint.name!r} has another tokenizer than the reference "
-                f"{ref_model.checkpoint.name!r}: its implicit reward log π/π_ref cannot be scored (the reference would "
-                "score token ids of another vocabulary); evaluate it against a reference with its tokenizer, or leave "
-                "the implicit-reward pairs out")
-        scored[checkpoint.path] = checked_pair_generations(model, pairs, ref_model)
+        if checkpoint.path not in scored:
+            scored[checkpoint.path] = checked_pair_generations(LazyModel(checkpoint, dtype), pairs, ref_model)
     return scored
 
 
@@ -445,11 +461,12 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
                                                      resamples=bootstrap_resamples, seed=seed)}
            if samples.reference_rewards is not None else {}),
         "win_rate_vs_ref": win_rate(samples.preferences, resamples=bootstrap_resamples, seed=seed),
-        "kl_ref_k1": mean_with_ci(kl_k1(samples.logp_policy, samples.logp_reference), resamples=bootstrap_resamples,
-                                  seed=seed, higher_is_better=None),
-        "kl_ref_k3": mean_with_ci(sequence_kl_k3(samples.token_logp_policy, samples.token_logp_reference),
-                                  resamples=bootstrap_resamples, seed=seed, higher_is_better=None),
     }
+    if samples.token_logp_reference is not None:  # None: another tokenizer than the reference's
+        metrics["kl_ref_k1"] = mean_with_ci(kl_k1(samples.logp_policy, samples.logp_reference),
+                                            resamples=bootstrap_resamples, seed=seed, higher_is_better=None)
+        metrics["kl_ref_k3"] = mean_with_ci(sequence_kl_k3(samples.token_logp_policy, samples.token_logp_reference),
+                                            resamples=bootstrap_resamples, seed=seed, higher_is_better=None)
     if samples.sampled_from_policy:  # tempered or top-p samples would give a cross-entropy, not the policy's entropy
         metrics["policy_entropy"] = policy_entropy(samples.logp_policy, resamples=bootstrap_resamples, seed=seed)
     lengths = [len(g.response_ids) for g in samples.generations]
@@ -538,7 +555,8 @@ def sample_rows(samples: CheckpointSamples) -> list[dict]:
             "gold_reward": reward, "preference_vs_ref": pref, "logp_policy": lp, "logp_reference": lr,
         }
         for g, reward, pref, lp, lr in zip(samples.generations, samples.rewards, samples.preferences,
-                                           samples.logp_policy, samples.logp_reference, strict=True)
+                                           samples.logp_policy,
+                                           samples.logp_reference or [None] * len(samples.generations), strict=True)
     ]
     for row, members in zip(rows, samples.proxy_members or [], strict=False):
         row["proxy_members"] = members

@@ -95,6 +95,71 @@ def test_hh_rlhf_local_file_skips_bad_rows(tmp_path):
     assert load_hh_rlhf_pairs(path, split="heldout", heldout_fraction=0.0) == []
 
 
+def test_hh_rows_that_go_on_after_the_reply_or_have_no_prompt_text_are_skipped(tmp_path):
+    """A "\n\nHuman:" turn after the compared reply would put the user's next turn into the reply a policy learns to
+    write (malformed); a prompt of turn markers alone has nothing to answer (empty). Both counted."""
+    rows = [
+        {"chosen": "\n\nHuman: a\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: b\n\nAssistant: no.\n\nHuman: please?", "rejected": "\n\nHuman: b\n\nAssistant: ok"},
+        {"chosen": "\n\nHuman: c\n\nAssistant: no", "rejected": "\n\nHuman: c\n\nAssistant: ok\n\nHuman: thanks"},
+        {"chosen": "\n\nHuman: \n\nAssistant: hello", "rejected": "\n\nHuman: \n\nAssistant: what?"},
+    ]
+    report = LoadReport()
+    pairs = load_hh_rlhf_pairs(write_jsonl(tmp_path / "hh.jsonl", rows), split="train", heldout_fraction=0.0,
+                               report=report)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("\n\nHuman: a\n\nAssistant:", "good", "bad")]
+    assert (report.rows_skipped_malformed, report.rows_skipped_empty) == (2, 1)
+
+
+def _hh_tranches(root: Path) -> Path:
+    """A local copy of a Hub dataset laid out as Anthropic/hh-rlhf is: one folder per tranche."""
+    for tranche in ("harmless-base", "helpful-base"):
+        (root / tranche).mkdir(parents=True)
+        write_jsonl(root / tranche / "train.jsonl", [
+            {"chosen": f"\n\nHuman: {tranche} {i}\n\nAssistant: yes", "rejected": f"\n\nHuman: {tranche} {i}"
+                                                                               "\n\nAssistant: no"}
+            for i in range(3)])
+    return root
+
+
+def test_data_dir_picks_a_tranche_of_a_local_dataset_folder_and_is_refused_for_a_file(tmp_path):
+    """A local copy of a Hub dataset reads as the Hub id does: data_dir picks one tranche (every tranche was read
+    before). A file is one tranche already, so data_dir with a file is an error rather than ignored."""
+    from alignpipe.data.adapters import DataError
+
+    root = _hh_tranches(tmp_path / "hh-rlhf")
+    pairs = load_hh_rlhf_pairs(root, split="train", heldout_fraction=0.0, data_dir="harmless-base")
+    assert sorted(p.prompt.split()[1] for p in pairs) == ["harmless-base"] * 3
+    assert len(load_hh_rlhf_pairs(root, split="train", heldout_fraction=0.0)) == 6
+    with pytest.raises(DataError, match="data_dir 'harmless-base' picks a folder .* is a file"):
+        load_hh_rlhf_pairs(root / "helpful-base" / "train.jsonl", split="train", data_dir="harmless-base")
+
+
+def test_a_split_slice_reads_a_slice_of_a_local_file(tmp_path):
+    """"train[:50%]" reads half of a local file, as it would of a Hub split (it was a confusing error about the
+    file's split name)."""
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+            for i in range(10)]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    half = load_hh_rlhf_pairs(path, split="train", heldout_fraction=0.0, source_split="train[:50%]")
+    assert [p.prompt for p in half] == [f"\n\nHuman: q{i}\n\nAssistant:" for i in range(5)]
+    assert len(load_hh_rlhf_pairs(path, split="train", heldout_fraction=0.0, source_split="validation")) == 10
+
+
+@pytest.mark.parametrize("compress, suffix", [("gzip", ".gz"), ("bz2", ".bz2"), ("lzma", ".xz")])
+def test_a_compressed_file_whose_name_does_not_say_so_is_named_as_such(tmp_path, compress, suffix):
+    """Its bytes are not UTF-8, but re-encoding (the advice for a latin-1 file) is not the fix: the name is."""
+    import importlib
+
+    from alignpipe.data.adapters import DataError
+
+    path = tmp_path / "hh.jsonl"
+    path.write_bytes(importlib.import_module(compress).compress(b'{"chosen": "a", "rejected": "b"}\n'))
+    with pytest.raises(DataError, match=rf"is {suffix[1:]}-compressed but its name does not end in {suffix}; rename "
+                                        rf"it to hh.jsonl{suffix}"):
+        load_hh_rlhf_pairs(path, split="train")
+
+
 # ------------------------------------------------------------------------------------------------ UltraFeedback
 
 

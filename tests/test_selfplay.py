@@ -70,6 +70,8 @@ def test_win_rate_matrix_hand_values_and_constant_sum():
     assert sum(rates) == pytest.approx(3 / 2, abs=1e-12)
     random_scores = [random.Random(0).gauss(0, 3) for _ in range(7)]
     assert sum(win_rates(preference_matrix_from_scores(random_scores))) == pytest.approx(7 / 2, abs=1e-12)
+    # a gap past exp's range (reward-model scores at a low temperature) is a sure preference, not an OverflowError
+    assert preference_matrix_from_scores([0.0, 8.0], temperature=0.01) == [[0.5, 0.0], [1.0, 0.5]]
 
 
 def test_judge_matrix_is_constant_sum_and_matches_the_judge():

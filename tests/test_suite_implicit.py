@@ -126,6 +126,24 @@ def test_a_held_out_pair_whose_dialogue_opens_a_training_one_is_left_out(tmp_pat
     assert origin["opening_training_dialogues_left_out"] == 1
 
 
+def test_hh_suite_prompts_are_the_prompts_of_the_adapters_held_out_pairs(tmp_path):
+    """A held-out row the adapter skips gives no suite prompt: one whose chosen reply holds a made-up assistant turn
+    gave a prompt ending in half that reply (the split at the chosen side's last assistant marker)."""
+    from alignpipe.data.adapters import load_hh_rlhf_pairs
+    from alignpipe.evaluation.suites import PromptSet, load_prompts
+
+    data = _hh_file(tmp_path / "hh.jsonl.gz")
+    prompt = next(p for p in (f"\n\nHuman: odd {k}?\n\nAssistant:" for k in range(100))
+                  if hh_is_heldout(p, HH_HELDOUT_FRACTION))
+    with gzip.open(data, "at", encoding="utf-8") as handle:
+        handle.write(json.dumps({"chosen": f"{prompt} here:\n\nAssistant: more", "rejected": f"{prompt} no"}) + "\n")
+    prompts, references = load_prompts(PromptSet(source="hh_rlhf", path=str(data)))
+    heldout = load_hh_rlhf_pairs(data, split="heldout")
+    assert prompts == [p.prompt for p in heldout] and references == [p.chosen for p in heldout]
+    assert not any("here:" in p for p in prompts) and len(prompts) == sum(
+        hh_is_heldout(f"\n\nHuman: what is item {i}?\n\nAssistant:", HH_HELDOUT_FRACTION) for i in range(200))
+
+
 def test_a_dpo_stage_on_alpaca_eval_trains_on_every_instruction(tmp_path):
     """Why an alpaca_eval implicit_reward block is refused: a dpo stage's AlpacaEval pairs come from every instruction
     of the file (no held-out split), so no pair is known to be unseen by a policy trained on it."""

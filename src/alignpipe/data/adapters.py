@@ -36,6 +36,7 @@ from alignpipe.data.pairing import PreferencePair, ScoredSet
 log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -112,15 +113,18 @@ def load_rows(name_or_path: str | Path, split: str, *, what: str, expected: str,
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_file():
+        if hub_kwargs.get("data_dir"):  # a file is one tranche already: reading all of it would mislead
+            raise DataError(f"{what}: data_dir {hub_kwargs['data_dir']!r} picks a folder of a dataset repository, "
+                            f"and {path} is a file; give that folder's data file, or the dataset folder or Hub id")
         return _load_file(path, split, what=what, expected=expected)
     if path.is_dir() and (path / "state.json").is_file():
         # One Dataset written by ``Dataset.save_to_disk`` (load_dataset refuses those); it has no splits to pick from.
         from datasets import load_from_disk
 
         return load_from_disk(str(path))
-    if path.is_dir():
+    if path.is_dir():  # a local copy of a Hub dataset reads as the Hub id does, a data_dir tranche included
         try:
-            return load_dataset(str(path), split=split)
+            return load_dataset(str(path), split=split, **hub_kwargs)
         except _read_errors() as error:
             raise DataError(f"{what}: cannot read the dataset directory {path} (split {split!r}): "
                             f"{_cause(error)}; expected data files with {expected}") from None
@@ -150,10 +154,11 @@ def _load_file(path: Path, split: str, *, what: str, expected: str):
     empty = DataError(f"{what}: {path} is empty (no rows); expected a file with {expected}")
     if path.stat().st_size == 0:
         raise empty
-    if builder != "parquet" and (problem := _non_utf8_line(path)):  # pyarrow may keep bad bytes until a row is read
+    if builder != "parquet" and (problem := _compressed_unnamed(path) or _non_utf8_line(path)):
+        # pyarrow may keep bad bytes until a row is read
         raise DataError(f"{what}: cannot read {path}: {problem}; expected a {builder} file with {expected}")
-    try:
-        return load_dataset(builder, data_files={split: str(path)}, split=split)
+    try:  # the file is the split; a slice of it ("train[:10%]") reads as it would from a Hub dataset
+        return load_dataset(builder, data_files={split.partition("[")[0]: str(path)}, split=split)
     except StopIteration:  # datasets' JSON builder on a file it finds no rows in
         raise empty from None
     except _read_errors() as error:
@@ -184,6 +189,23 @@ def _open_raw(path: Path):
     if suffix == ".zst":
         return None
     return _OPENERS.get(suffix, open)(path, "rb")
+
+
+_MAGIC = {b"\x1f\x8b": ".gz", b"BZh": ".bz2", b"\xfd7zXZ\x00": ".xz", b"\x28\xb5\x2f\xfd": ".zst"}
+
+
+def _compressed_unnamed(path: Path) -> str | None:
+    """Why a compressed file whose name does not say so cannot be read, with the fix; None otherwise (the bytes
+    would otherwise read as text that is not UTF-8, and the advice would be to re-encode it)."""
+    if path.suffix.lower() in (*_OPENERS, ".zst"):
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    for magic, suffix in _MAGIC.items():
+        if head.startswith(magic):
+            return (f"it is {suffix[1:]}-compressed but its name does not end in {suffix}; rename it to "
+                    f"{path.name}{suffix} (or decompress it)")
+    return None
 
 
 def _non_utf8_line(path: Path) -> str | None:
@@ -489,8 +511,9 @@ def load_hh_rlhf_pairs(
     as that one split); ``data_dir`` selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of
     ``"Anthropic/hh-rlhf"``.
 
-    Skipped and counted: rows whose chosen and rejected disagree on the prompt or lack an assistant turn
-    (malformed), an empty reply or prompt (empty), identical replies (identical).
+    Skipped and counted: rows whose chosen and rejected disagree on the prompt, lack an assistant turn or go on
+    after it (a ``"\n\nHuman:"`` turn in a reply: trained on, a policy would learn to write the user's next turn)
+    (malformed), an empty reply or a prompt with no text but its turn markers (empty), identical replies (identical).
     """
     what = "load_hh_rlhf_pairs"
     if split not in ("train", "heldout"):
@@ -513,10 +536,10 @@ def load_hh_rlhf_pairs(
         except ValueError:
             rep.rows_skipped_malformed += 1
             continue
-        if prompt != prompt_r:
+        if prompt != prompt_r or HH_HUMAN in chosen or HH_HUMAN in rejected:
             rep.rows_skipped_malformed += 1
             continue
-        if not chosen or not rejected or prompt == HH_ASSISTANT:
+        if not chosen or not rejected or not prompt.replace(HH_HUMAN, "").replace(HH_ASSISTANT, "").strip():
             rep.rows_skipped_empty += 1
             continue
         if chosen == rejected:

@@ -15,6 +15,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from alignpipe.data.pairing import strength_from_rewards
+
 __all__ = [
     "INPODraw",
     "INPOPair",
@@ -62,7 +64,7 @@ def preference_matrix_from_scores(scores: Sequence[float], temperature: float = 
     bad = [s for s in scores if not math.isfinite(s)]
     if bad:
         raise ValueError(f"scores must be finite, got {bad[0]!r}")
-    return [[0.5 if i == j else 1 / (1 + math.exp(-(si - sj) / temperature)) for j, sj in enumerate(scores)]
+    return [[0.5 if i == j else strength_from_rewards(si, sj, temperature) for j, sj in enumerate(scores)]
             for i, si in enumerate(scores)]
 
 

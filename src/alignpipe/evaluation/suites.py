@@ -258,15 +258,15 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
     if prompts.source == "alpaca_eval":
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
         pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
-    else:
+    else:  # the prompts of the adapter's held-out pairs (rows it skips as malformed or empty give none)
         pairs, training, opening = [], _hh_training_dialogues(rows), 0
-        for row in rows:
-            prompt, chosen = split_hh_dialogue(row["chosen"])
-            if hh_is_heldout(prompt, prompts.heldout_fraction) and (keep is None or keep(prompt)):
-                if _opens_a_training_dialogue(prompt, training):  # a training prompt holds it and a reply to it
+        for pair in load_hh_rlhf_pairs(data_path(prompts), split="heldout",
+                                       heldout_fraction=prompts.heldout_fraction):
+            if keep is None or keep(pair.prompt):
+                if _opens_a_training_dialogue(pair.prompt, training):  # a training prompt holds it and a reply to it
                     opening += 1
                 else:
-                    pairs.append((prompt, chosen))
+                    pairs.append((pair.prompt, pair.chosen))
         if opening:
             log.info("suite prompts: left out %d held-out HH-RLHF prompts whose dialogue opens a training one",
                      opening)

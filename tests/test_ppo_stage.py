@@ -196,6 +196,30 @@ def test_ppo_recipe_errors(tmp_path):
         load({**PPO, "reward": {"source": "gold", "penalty": "min"}})
     with pytest.raises(RecipeError, match="package.module:function"):
         load({**PPO, "reward": {"source": "callable"}})
+    with pytest.raises(RecipeError, match="rollout_batch_size: advantages are whitened .* set rollout_batch_size >= 2"):
+        load({**PPO, "rollout_batch_size": 1, "mini_batch_size": 1})
+
+
+@pytest.mark.parametrize("layout", [{"critic": "model"}, {"critic": "model", "lora": None}])
+def test_ppo_full_weights_are_refused_in_half_precision(tmp_path, monkeypatch, layout):
+    """The loop steps weights in the dtype they load in: full weights in bf16 would round most AdamW steps away
+    (an explicit dtype is refused when the recipe loads; auto, bf16 on a capable GPU, when the stage starts)."""
+    import alignpipe.models.loading as loading
+    from alignpipe.trainers.ppo import check_full_weight_dtype
+
+    def recipe(dtype, ppo_layout=layout):
+        return load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "dtype": dtype},
+                                                   "stages": [TINY_RECIPE["stages"][0], {**PPO, **ppo_layout}]}))
+
+    with pytest.raises(RecipeError, match="barely move, silently; set model.dtype: float32"):
+        recipe("bfloat16")
+    stage = recipe("auto").stage(PPO["name"])
+    check_full_weight_dtype(stage, "auto")  # float32 on this CPU
+    monkeypatch.setattr(loading, "bf16_supported", lambda: True)
+    with pytest.raises(ValueError, match=f"stage '{PPO['name']}': model.dtype 'auto' is bfloat16 on this machine"):
+        check_full_weight_dtype(stage, "auto")
+    # the default layout trains LoRA adapters and the value head, which stay in float32
+    check_full_weight_dtype(recipe("auto", ppo_layout={}).stage(PPO["name"]), "auto")
 
 
 def test_model_critic_with_a_lora_policy_is_a_plain_copy_of_the_start_decoder(tokenizer):

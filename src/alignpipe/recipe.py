@@ -967,6 +967,10 @@ class PPOStage(_RewardedStage, _OptimizerStage):
         if self.critic == "adapter" and self.lora is None:
             raise _problem((("critic",), "critic: adapter puts the value head on a LoRA adapter over the policy's "
                                          "base; with full fine-tuning (lora: null) use critic: model"))
+        if self.rollout_batch_size < 2:
+            raise _problem((("rollout_batch_size",), "advantages are whitened over the rollout batch's response tokens "
+                            "(§6a), which needs at least two; with one prompt, a response that ends at its first token "
+                            "leaves one, and the run would stop there; set rollout_batch_size >= 2"))
         if self.rollout_batch_size % self.mini_batch_size:
             raise _problem((("mini_batch_size",), f"rollout_batch_size ({self.rollout_batch_size}) must be a "
                                                   f"multiple of mini_batch_size ({self.mini_batch_size})"))
@@ -975,6 +979,15 @@ class PPOStage(_RewardedStage, _OptimizerStage):
                             f"({self.kl_target:g}) only ever multiplies, so from 0 the KL penalty stays 0; set "
                             "kl_coef > 0 (e.g. 0.05), or kl_target: null for no KL penalty"))
         return self
+
+
+def ppo_full_weight_problem(dtype: str) -> str:
+    """Why a ppo stage that trains full weights (``lora: null`` or ``critic: model``) cannot load them in ``dtype``
+    (bfloat16 or float16), and the fix."""
+    return (f"lora: null and critic: model train full weights, which this ppo stage would load and step in {dtype} (it "
+            "keeps no float32 master copy): an AdamW step of about learning_rate is below the rounding step of most "
+            f"{dtype} weights, so they would barely move, silently; set model.dtype: float32, or train LoRA adapters "
+            "(a lora block and critic: adapter, whose adapters and value head stay in float32)")
 
 
 class BoNStage(_RewardedStage):
@@ -1175,6 +1188,7 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "inputs", j), msg))
         problems += self._eval_policies(names)
         problems += self._quantized_stages_use_lora()
+        problems += self._ppo_full_weights_in_float32()
         problems += self._trl_reward_models_skip_gguf()
         problems += self._penalties_need_members()
         problems += self._task_stages_follow_the_task()
@@ -1226,6 +1240,15 @@ class Recipe(_Spec):
                       "cannot be; use critic: adapter with model.quantization")
                      for i, stage in enumerate(self.stages) if isinstance(stage, PPOStage) and stage.critic == "model"]
         return problems
+
+    def _ppo_full_weights_in_float32(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """A ppo stage steps its weights in the dtype they load in (no float32 master copy): full weights in bf16 or
+        fp16 would round most AdamW steps away. ``auto`` is checked when the stage starts (it is bf16 on a GPU)."""
+        if self.model.dtype not in ("bfloat16", "float16"):
+            return []
+        return [(("stages", i, "lora" if stage.lora is None else "critic"), ppo_full_weight_problem(self.model.dtype))
+                for i, stage in enumerate(self.stages)
+                if isinstance(stage, PPOStage) and (stage.lora is None or stage.critic == "model")]
 
     def _trl_reward_models_skip_gguf(self) -> list[tuple[tuple[str | int, ...], str]]:
         """TRL's RewardTrainer loads its backbone by name and cannot read a GGUF file: a ``trl`` reward stage that

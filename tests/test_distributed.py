@@ -155,15 +155,16 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     first, second = (set(r["examples"]) for r in ranks)
     assert len(ranks[0]["examples"]) == len(ranks[1]["examples"]) == 32
     assert not first & second and len(first | second) == 64
-    # A reward ensemble whose last batch (1 pair) leaves rank 0 nothing: both ranks end on identical weights, log
-    # every step, and match one process with the same global batches.
+    # A reward ensemble whose batches split 2/1 and whose last batch (1 pair) leaves rank 0 nothing: both ranks end
+    # on identical weights, log every step, and log what one process logs with the same global batches.
     sys.path.insert(0, str(REPO / "tests" / "distributed"))
     from probe import SMALL_ENSEMBLE_LR, small_ensemble_run
 
     alone = small_ensemble_run(str(runs["one"] / "sft" / "checkpoint"))
     zero, one = (r["small_ensemble"] for r in ranks)
     assert zero["weights"] == one["weights"] and zero["steps"] == one["steps"] == alone["steps"] == [1, 2, 3]
-    assert zero["losses"] == pytest.approx(alone["losses"], abs=1e-5)
+    for key in ("losses", "bt_losses", "accuracies"):
+        assert zero[key] == one[key] and zero[key] == pytest.approx(alone[key], abs=1e-5), key
     # Adam's first steps move every weight by about the learning rate whatever its gradient's size, so float-order
     # noise in a near-zero gradient can move that one weight by up to a step (lr = 1e-2): how far depends on the
     # CPU's kernels (1 weight in 2,000 by 4e-3 on one machine, none over 2e-3 on another). Every weight must stay

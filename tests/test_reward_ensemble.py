@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
+from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
 from alignpipe.rewards.ensemble import (
     EnsembleScorer,
     EnsembleSpec,
@@ -344,6 +345,22 @@ def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama
     assert RewardEnsemble.load(checkpoint).spec.backbone == llama_path
 
 
+@pytest.mark.parametrize("layers", [2, 4])
+def test_a_backbone_with_another_layer_count_is_refused(llama_path, tokenizer, tmp_path, layers):
+    """PEFT loads adapters onto a backbone of the same width without a word: on fewer layers it drops the saved
+    weights of the missing ones, on more it puts them by index, below the top_layers they were trained as."""
+    ensemble = RewardEnsemble.create(_spec(llama_path))  # 3 layers, adapters on the top 2
+    ensemble.save(tmp_path / "rm")
+    other = save_tiny_checkpoint(build_tiny_model(tokenizer, hidden_size=32, num_layers=layers, num_heads=2,
+                                                  intermediate_size=64, max_position_embeddings=128, seed=0),
+                                 tokenizer, tmp_path / f"llama-{layers}")
+    with pytest.raises(ValueError, match=rf"trained with LoRA on {len(ensemble._lora_layers)} modules from layer 1 of "
+                                         rf"its backbone \(top_layers=2\), but on .*\({layers} layers\) its adapters "
+                                         r"sit on \d+ modules from layer \d: that is not the backbone"):
+        RewardEnsemble.load(tmp_path / "rm", backbone=str(other))
+    assert RewardEnsemble.load(tmp_path / "rm", backbone=llama_path).first_adapted_layer == 1
+
+
 def test_an_ensemble_copied_out_of_its_run_and_an_explicit_backbone_still_load(llama_path, tmp_path):
     run = tmp_path / "runs" / "run"
     backbone = _stage_checkpoint(run / "sft", llama_path)
@@ -441,6 +458,28 @@ def test_encoding_truncates_from_the_left_keeping_the_response_end(tokenizer):
     enc = encode_examples(pair_tok, [long_prompt], ["1 2 3"], max_length=10)[0]["input_ids"]
     assert len(enc) == 10 and enc[-len(response_ids):] == response_ids
     assert pair_tok.truncation_side == tokenizer.truncation_side  # restored
+
+
+
+def test_pair_encoding_always_keeps_the_responses_end_or_says_max_length_is_too_small():
+    """[CLS] p [SEP] r [SEP] with room for one content token kept a prompt token and no response token (longest_first
+    on a longer prompt): the reward then reads no response. Two tokens of room keep the response's last one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"p{i}" for i in range(9)] + [f"r{i}" for i in range(3)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    encoder_tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                          cls_token="[CLS]", sep_token="[SEP]")
+    prompt, response = " ".join(f"p{i}" for i in range(9)), "r0 r1 r2"
+    with pytest.raises(ValueError, match=r"max_length 4 leaves 1 token\(s\) beside the pair encoding's 3 special "
+                                         r"tokens; .* set max_length >= 5"):
+        encode_examples(encoder_tok, [prompt], [response], max_length=4)
+    (kept,) = encode_examples(encoder_tok, [prompt], [response], max_length=5)
+    assert encoder_tok.convert_ids_to_tokens(kept["input_ids"]) == ["[CLS]", "p8", "[SEP]", "r2", "[SEP]"]
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -21,23 +21,25 @@ SMALL_ENSEMBLE_LR = 1e-2
 
 
 def small_ensemble_run(model_dir: str) -> dict:
-    """A 2-member reward ensemble trained on 9 pairs in batches of 4 with a tight gradient clip, logging every step.
-    On 2 ranks the last batch has 1 pair, so rank 0's share of it is empty; it must still step, clip and log with
-    rank 1. Returns the logged losses and the trained weights (to compare with one process)."""
+    """A 2-member reward ensemble trained on 7 pairs in batches of 3 with a tight gradient clip, logging every step.
+    On 2 ranks each batch splits unevenly (2 and 1 pairs), and the last batch has 1 pair, so rank 0's share of it is
+    empty; it must still step, clip and log with rank 1. Returns the logs and the trained weights (to compare with
+    one process)."""
     from alignpipe.models.loading import load_tokenizer
     from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
     from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
     from alignpipe.tasks import preference_pairs
 
-    rows = preference_pairs(9, 0, noise=0.5, temperature=0.05)
+    rows = preference_pairs(7, 0, noise=0.5, temperature=0.05)
     pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=model_dir, members=2, lora_r=4, lora_alpha=8,
                                                   top_layers=1, seed=0))
-    config = EnsembleTrainingConfig(learning_rate=SMALL_ENSEMBLE_LR, epochs=1, batch_size=4, max_length=48,
+    config = EnsembleTrainingConfig(learning_rate=SMALL_ENSEMBLE_LR, epochs=1, batch_size=3, max_length=48,
                                     logging_steps=1, max_grad_norm=0.01, diversity_weight=0.1, progress_bar=False)
     history = train_ensemble(ensemble, load_tokenizer(model_dir), pairs, config)
     weights = torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()])
     return {"steps": [r["step"] for r in history], "losses": [r["loss"] for r in history],
+            "bt_losses": [r["bt_loss"] for r in history], "accuracies": [r["accuracy"] for r in history],
             "weights": weights.tolist()}
 
 

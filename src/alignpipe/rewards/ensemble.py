@@ -217,6 +217,12 @@ def encode_examples(
             if len(enc["input_ids"]) > max_length:
                 over = len(enc["input_ids"]) - max_length
                 prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                specials = len(enc["input_ids"]) - prompt_len - len(tokenizer(response, add_special_tokens=False)[
+                    "input_ids"])
+                if max_length - specials < 2:  # longest_first could then keep a prompt token and no response
+                    raise ValueError(f"max_length {max_length} leaves {max_length - specials} token(s) beside the "
+                                     f"pair encoding's {specials} special tokens; a prompt and response need 2 (the "
+                                     f"response's end is what is scored): set max_length >= {specials + 2}")
                 strategy = "only_first" if prompt_len - over >= 1 else "longest_first"
                 enc = tokenizer(prompt, response, truncation=strategy, max_length=max_length)
             feature = {"input_ids": list(enc["input_ids"])}
@@ -468,6 +474,23 @@ def _member_name(k: int) -> str:
 # The ensemble
 # ---------------------------------------------------------------------------------------------------------------------
 
+
+def _check_adapter_placement(ensemble: RewardEnsemble, manifest: dict[str, Any], directory: Path) -> None:
+    """Refuse a loaded ensemble whose adapters do not sit where they were trained: PEFT silently skips saved LoRA
+    weights for modules a backbone lacks (fewer layers) and places them by index in another (more layers, so not on
+    the top ``top_layers``), and the hidden size alone does not tell those backbones apart."""
+    layers = len(ensemble._layers)
+    placed = (len(ensemble._lora_layers), ensemble.first_adapted_layer)
+    trained = (manifest.get("adapted_modules", placed[0]), manifest.get("first_adapted_layer", placed[1]))
+    top = ensemble.spec.top_layers
+    if placed != trained or (top is not None and layers - placed[1] != min(top, layers)):
+        raise ValueError(
+            f"reward ensemble {directory} was trained with LoRA on {trained[0]} modules from layer {trained[1]} of "
+            f"its backbone (top_layers={top}), but on {ensemble.spec.backbone!r} ({layers} layers) its adapters sit "
+            f"on {placed[0]} modules from layer {placed[1]}: that is not the backbone it was trained on (its "
+            "layers differ); load it with that backbone (the manifest's, or backbone=...)")
+
+
 class RewardEnsemble(nn.Module):
     """K LoRA reward members on one frozen backbone. Build with :meth:`create` or :meth:`load`.
 
@@ -600,7 +623,9 @@ class RewardEnsemble(nn.Module):
             head.load_state_dict({"weight": state[f"{name}.weight"], "bias": state[f"{name}.bias"]})
             heads.append(head)
         device = next(base.parameters()).device
-        return cls(spec, peft_model, heads.to(device), hidden_size=hidden)
+        ensemble = cls(spec, peft_model, heads.to(device), hidden_size=hidden)
+        _check_adapter_placement(ensemble, manifest, directory)
+        return ensemble
 
     def save(self, directory: str | os.PathLike[str], *, max_length: int | None = None) -> Path:
         """Write the ensemble to ``directory`` (replacing it) atomically: everything goes into a hidden staging

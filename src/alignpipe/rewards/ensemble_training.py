@@ -479,14 +479,15 @@ def train_ensemble(
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
 
+            # the step's means over its pairs on every rank: this rank's parts of them sum to the whole over ranks
+            part = b / len(global_idx)
             if b:
                 with torch.no_grad():
-                    accuracy = float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
-                window["loss"] += float(loss.detach())
-                window["bt_loss"] += float(bt.detach())
-                window["accuracy"] += accuracy
-                window["grad_norm"] += float(grad_norm)
-                window["steps"] += 1
+                    window["accuracy"] += part * float((chosen.mean(dim=1) > rejected.mean(dim=1)).float().mean())
+            window["bt_loss"] += part * float(bt.detach())
+            window["loss"] += part * float(bt.detach()) + float(div.detach()) / world
+            window["grad_norm"] += float(grad_norm) / world  # the same on every rank
+            window["steps"] += 1 / world
             progress.update(1)
 
             ids_record: dict = {}
@@ -529,8 +530,9 @@ def train_ensemble(
 
 
 def _window_means(window: dict[str, float]) -> dict[str, float]:
-    """Each logged statistic's mean over the window's steps on every rank: sums and step counts are reduced, so a
-    rank that had no pairs in a step (see :func:`_rank_share`) adds nothing and divides by nothing."""
+    """Each logged statistic's mean over the window's steps, reduced over ranks: each rank holds its parts of the
+    steps' means (its share of a step's pairs, ``1 / world`` of a statistic every rank shares), so the log is the
+    one-process log whatever the world size and however a batch splits (a rank with no pairs adds nothing)."""
     keys = sorted(window)
     totals = dict(zip(keys, distributed.all_reduce_sum(torch.tensor([float(window[k]) for k in keys],
                                                                     dtype=torch.float64)).tolist()))

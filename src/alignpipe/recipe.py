@@ -919,11 +919,11 @@ class PPOStage(_RewardedStage, _OptimizerStage):
     )
     lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="Policy LoRA: the reference is the same base with adapters off (one "
-        "copy of the base weights); null = full fine-tuning with a frozen reference copy.",
+        "copy of the base weights); null = full fine-tuning with a frozen reference copy (needs model.dtype float32).",
     )
     critic: Literal["adapter", "model"] = Field(
         "adapter", description="adapter = a value head on its own LoRA adapter over the policy's base (needs lora); "
-        "model = a separate copy of the start model with a value head.",
+        "model = a separate copy of the start model with a value head (full weights: needs model.dtype float32).",
     )
     total_steps: int = Field(100, gt=0, description="PPO iterations: rollout -> reward -> GAE -> ppo_epochs updates.")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (one response each).")

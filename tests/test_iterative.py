@@ -59,6 +59,20 @@ def test_rounds_write_checkpoints_and_per_round_metrics(iterative_run):
         assert stage.read_manifest()["summary"]["final_gold_reward"] == records[-1]["gold_reward"]
 
 
+def test_anchored_strengths_clip_the_strength_not_the_anchor_scores():
+    """§4b step 5: p = σ(logit s_i − logit s_j), clipped to [0.01, 0.99]. Scores a confident judge puts past 0.99 (or
+    under 0.01) keep their order: clipped to 0.01 first, they were equal and their pairs dropped as ties."""
+    from alignpipe.data.pairing import ScoredSet
+    from alignpipe.trainers.iterative import anchored_pairs
+
+    sets = [ScoredSet("x", ("a", "b", "c", "d"), (0.9995, 0.995, 0.004, 0.0001))]
+    pairs, _ = anchored_pairs(sets, "all_pairs", 0.0)
+    strengths = {(p.chosen, p.rejected): p.strength for p in pairs}
+    assert strengths[("a", "b")] == pytest.approx(1 / (1 + (199 / 1999)), abs=1e-9)  # σ(ln 1999 − ln 199) = 0.9095
+    assert strengths[("c", "d")] == pytest.approx(1 / (1 + (0.0001 / 0.9999) / (0.004 / 0.996)), abs=1e-9)  # 0.9757
+    assert strengths[("a", "c")] == 0.99 and len(pairs) == 6
+
+
 def test_soft_labels_for_osp_and_hard_labels_for_online_dpo(iterative_run):
     runner, _, _ = iterative_run
     osp, odpo = _records(runner.run_dir / "osp"), _records(runner.run_dir / "odpo")

@@ -71,6 +71,16 @@ log = logging.getLogger("alignpipe")
 EVAL_SEED = 1234  # the eval stage's default seed: per-round numbers use the same held-out prompts
 
 
+# §4b step 5 clips the strength p to [0.01, 0.99], not the anchor scores: they are clipped only so far that their
+# logits stay finite. Clipped at 0.01, every score a confident judge puts above 0.99 was the same, and pairs of them
+# ties (a gold judge at temperature 0.1 saturates past a gold gap of about 0.46).
+ANCHOR_SCORE_CLIP = 1e-9
+
+
+def anchored_pairs(sets: list[ScoredSet], method: str, min_gap: float):
+    """Pairs of each set's samples with §4b step 5's strengths from their anchor scores (the online rounds')."""
+    return build_pairs(sets, method=method, strength="probability", min_gap=min_gap, score_clip=ANCHOR_SCORE_CLIP)
+
 @dataclass(frozen=True)
 class RoundData:
     """One round's training rows (TRL preference rows, plus method columns) and what to log about them."""
@@ -103,7 +113,7 @@ class PairingRule:
         strengths = judge_samples(_make_judge(ctx, model, tokenizer), prompts, responses,
                                   rng=random.Random(f"anchor:{recipe.seed}:{round_index}"), reanchor=stage.reanchor)
         sets = [ScoredSet(p, tuple(rs), tuple(s)) for p, rs, s in zip(prompts, responses, strengths)]
-        pairs, report = build_pairs(sets, method=self.method, strength="probability", min_gap=stage.min_gap)
+        pairs, report = anchored_pairs(sets, self.method, stage.min_gap)
         if self.hard_labels:
             pairs = harden(pairs)
         without_pair = short + report.sets_skipped_too_few + report.sets_without_pairs

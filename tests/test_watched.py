@@ -48,6 +48,33 @@ def test_a_watch_that_raises_stops_the_process(tmp_path) -> None:
     assert not _alive(_pid_from(pidfile))
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie lingers where the container's first process reaps nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_launcher_that_does_not_pass_sigterm_on_leaves_no_worker_behind(tmp_path) -> None:
+    """One-process ``accelerate launch`` waits on its worker and dies of SIGTERM without passing it on: the worker
+    trained on while the run said it was stopped. The whole process group is stopped now."""
+    pidfile = tmp_path / "pid"
+    launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, sys.argv[1]]).wait()"
+
+    def watch() -> None:
+        if pidfile.exists() and pidfile.read_text():
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run_watched([sys.executable, "-c", launcher, str(pidfile)], watch=watch)
+    worker = _pid_from(pidfile)
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(worker)
+
+
 def test_the_exit_status_of_a_process_left_alone() -> None:
     assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], watch=lambda: None) == 3
 

@@ -7,6 +7,8 @@ channel meanwhile, and stops the process as soon as the run cannot go on.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -40,7 +42,9 @@ def run_watched(command: list[str], env: dict[str, str] | None = None, *,
                 watch: Callable[[], None] | None = None) -> int:
     """Run ``command`` to its end and return its exit status. Every ``WATCH_S`` seconds ``watch`` may raise to stop
     it; on any exception (Ctrl-C too) the process is stopped before the exception goes on."""
-    process = subprocess.Popen(command, env=env)
+    # its own process group, which stop() signals whole: a launcher that waits on its worker without passing
+    # SIGTERM on (``accelerate launch`` with one process) died and left the worker training on
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         while True:
             try:
@@ -54,12 +58,16 @@ def run_watched(command: list[str], env: dict[str, str] | None = None, *,
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, which ``accelerate launch`` (torchrun) passes on to its workers, then SIGKILL after a grace."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """SIGTERM to the process's whole group (the launcher and its workers), then SIGKILL to whatever of it is left
+    after a grace: stopped means no stage process is left to write into the run."""
+    group = process.pid  # start_new_session: the process leads its own group
+    _signal_group(group, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=STOP_GRACE_S)  # a launcher that passes SIGTERM on returns once its workers have
+    _signal_group(group, signal.SIGKILL)  # one that did not (or ran out of time) left workers behind
+    process.wait()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # none of the group is left
+        os.killpg(group, signum)

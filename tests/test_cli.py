@@ -93,14 +93,36 @@ def test_mistyped_paths_are_one_line_errors_before_any_work(llama_path, two_boar
         (["eval", llama_path, "--cache-dir", str(a_file)], f"--cache-dir {a_file} is a file"),
         (["eval", llama_path, "--out", str(a_file), *cache], f"--out {a_file} is a file"),
         (["leaderboard", *map(str, two_boards), "--out", str(a_file)], f"--out {a_file} is a file"),
+        (["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(a_file)],
+         f"--runs-dir {a_file} is a file"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
+    for option, value, expected in (("--seed", "-5", "expected a whole number in [0, 2147483647], got '-5'"),
+                                    ("--n-prompts", "0", "expected a whole number >= 1, got '0'")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any work
+            main(["eval", llama_path, option, value, *cache])
+        assert exit_.value.code == 2 and f"argument {option}: {expected}" in capsys.readouterr().err
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"name: \x92tiny\n")
     assert main(["validate", str(binary)]) == 2
     assert f"{binary}: not UTF-8 text (byte 0x92 at offset 6); save it as UTF-8" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_run_is_a_one_line_stop_with_exit_code_130(tiny_recipe_path, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C ends like SIGTERM: the runner marks the stage interrupted; the command says so (it was a traceback)."""
+    from alignpipe.pipeline.runner import Runner
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "run", interrupted)
+    assert main(["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume "
+                   "to continue it)")
 
 
 def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypatch, capsys):

@@ -248,6 +248,30 @@ def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path)
     assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
 
 
+def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
+    """true is not the integer 1 nor the rate 1.0, and a quoted '30' is not 30 (each was taken silently); an integer
+    still gives a number."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.sft.max_steps=true", "stages.dpo.beta=true", "data.n_sft='30'"))
+    assert "stages.sft.max_steps: expected an integer, got true" in message
+    assert "stages.dpo.beta: expected a number, got true" in message
+    assert "data.n_sft: expected an integer, got '30'" in message
+    assert load_recipe(path, ("stages.dpo.beta=1",)).stage("dpo").beta == 1.0
+
+
+def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:
+    """A seed from 2**32 up failed mid-run in the first stage's numpy seeding; a larger one failed as a bare
+    'Overflow when unpacking long long'. A split of the synthetic SFT source was ignored."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("seed=4294967296", "stages.sft.dataset.split=test"))
+    assert "seed: expected an integer in [0, 2147483647], got 4294967296" in message
+    assert "stages.sft.dataset.split: source 'synthetic' has no splits" in message
+    assert "seed: expected an integer in [0, 2147483647]" in error_for(path, ("seed=99999999999999999999999",))
+    # a tiny block with another model shapes nothing, yet changed every stage's hash
+    assert "model.tiny: shapes the built-in tiny model only, and this recipe loads './local-model'" in error_for(
+        path, ("model.name_or_path=./local-model",))
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

@@ -200,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "options below")
     synthetic = evaluate.add_argument_group("synthetic prompts without --suite (a suite pins these: edit a copy of "
                                             "its file instead)")
-    synthetic.add_argument("--n-prompts", type=int, help=f"held-out prompts (default: {SYNTHETIC_EVAL['n_prompts']})")
-    synthetic.add_argument("--max-new-tokens", type=int, help=f"default: {SYNTHETIC_EVAL['max_new_tokens']}")
-    synthetic.add_argument("--batch-size", type=int, help=f"default: {SYNTHETIC_EVAL['batch_size']}")
-    synthetic.add_argument("--seed", type=int, help=f"sampling and prompt seed (default: {SYNTHETIC_EVAL['seed']})")
+    synthetic.add_argument("--n-prompts", type=_positive, help=f"held-out prompts (default: {SYNTHETIC_EVAL['n_prompts']})")
+    synthetic.add_argument("--max-new-tokens", type=_positive, help=f"default: {SYNTHETIC_EVAL['max_new_tokens']}")
+    synthetic.add_argument("--batch-size", type=_positive, help=f"default: {SYNTHETIC_EVAL['batch_size']}")
+    synthetic.add_argument("--seed", type=_seed, help=f"sampling and prompt seed (default: {SYNTHETIC_EVAL['seed']})")
     evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model")
     evaluate.add_argument("--cache-dir", type=Path, help="generation/log-prob cache, reused across runs (default: "
                           "$ALIGNPIPE_CACHE/eval or ~/.cache/alignpipe/eval)")
@@ -223,6 +223,22 @@ def _count(text: str) -> int:
     """An argparse type: a whole number >= 0."""
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed numpy takes (and a recipe's, MAX_SEED), checked before anything is sampled."""
+    from alignpipe.recipe import MAX_SEED
+
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, {MAX_SEED}], got {text!r}")
     return int(text)
 
 
@@ -308,6 +324,8 @@ def _cmd_run(args) -> int:
     from alignpipe.pipeline.watched import Terminated, sigterm_raises
     from alignpipe.recipe import RecipeError, load_recipe
 
+    if _not_a_file(args.runs_dir, "--runs-dir"):
+        return 2
     options = LaunchOptions(gpus=args.gpus, processes=args.processes, nodes=args.nodes, node_rank=args.node_rank,
                             main_addr=args.main_addr, main_port=args.main_port, control_port=args.control_port,
                             deepspeed=args.deepspeed, cpu=args.cpu)
@@ -330,6 +348,10 @@ def _cmd_run(args) -> int:
         print("stopped: terminated (SIGTERM); the running stage was stopped and marked interrupted (add --resume to "
               "continue it)", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume to "
+              "continue it)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (StageFailed, ControlError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

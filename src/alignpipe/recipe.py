@@ -76,6 +76,7 @@ SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 RUN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 STAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")  # no dots: overrides split `stages.<name>.<field>` on them
 RESERVED_STAGE_NAMES = frozenset({"base"})  # how reports refer to the recipe's untrained model
+MAX_SEED = 2**31 - 1  # numpy (which transformers seeds) takes seeds below 2**32; stages add offsets to theirs
 
 
 class RecipeError(ValueError):
@@ -100,7 +101,7 @@ def _problem(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomErro
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf rate or weight fails deep in training
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # an inf rate or weight fails deep in training
 
 
 # ----------------------------------------------------------------------------- model / data
@@ -191,6 +192,10 @@ class ModelSpec(_Spec):
         if self.revision is not None and (self.name_or_path == "tiny" or self.gguf_package is not None):
             raise _problem((("revision",), "only used with a hub id (owner/name), not with the built-in \"tiny\" "
                                            "model or a gguf_package"))
+        if "tiny" in self.model_fields_set and (self.name_or_path != "tiny" or self.gguf_package is not None):
+            raise _problem((("tiny",), "shapes the built-in tiny model only, and this recipe loads "
+                                       f"{self.gguf_package or self.name_or_path!r}; remove the tiny block (it would "
+                                       "only change every stage's hash)"))
         if self.chat_template != "own" and self.gguf_package is None:
             raise _problem((("chat_template",), "is applied when a gguf_package is converted; for other models save "
                                                 "a tokenizer with the template you want and use its path"))
@@ -464,6 +469,9 @@ class SFTDataSpec(_Spec):
         if self.source == "synthetic" and self.limit is not None:
             raise _problem((("limit",), "source 'synthetic' generates data.n_sft demonstrations; set data.n_sft "
                                         "instead of limit"))
+        if self.source == "synthetic" and self.split != "train":
+            raise _problem((("split",), "source 'synthetic' has no splits (it generates data.n_sft demonstrations "
+                                        "from the task's train prompts); remove split"))
         return self
 
 
@@ -999,7 +1007,7 @@ class BoNStage(_RewardedStage):
     max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
-    seed: int = Field(1234, ge=0, description="Sampling seed.")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed.")
 
 
 class _GroupRLStage(_RewardedStage, _TrainerStage):
@@ -1081,7 +1089,8 @@ class EvalStage(_StageBase):
     bootstrap_resamples: int = Field(
         1000, ge=100, description="Bootstrap resamples for confidence intervals (Efron & Tibshirani 1993)."
     )
-    seed: int = Field(1234, ge=0, description="Sampling seed, separate from the recipe seed so evals stay comparable.")
+    seed: int = Field(1234, ge=0, le=MAX_SEED,
+                      description="Sampling seed, separate from the recipe seed so evals stay comparable.")
     diversity_samples: int = Field(
         4, ge=0, description="Extra samples per prompt for within-prompt diversity (self_bleu_4, distinct_1/2_within); "
         "0 = off, else at least 2.",
@@ -1139,7 +1148,7 @@ class Recipe(_Spec):
     """One run: model + data + ordered stages."""
 
     name: str = Field(description="Run name (a slug); outputs go to runs/<name>/.")
-    seed: int = Field(0, ge=0, description="Seed for data generation and training.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for data generation and training.")
     description: str | None = Field(None, description="Free text shown in reports.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model the first stage starts from.")
     data: DataSpec = Field(default_factory=DataSpec, description="Synthetic data settings.")

@@ -316,6 +316,10 @@ def test_cli_report_command(fake_run, tmp_path, capsys):
     assert str(fake_run / "report.html") in capsys.readouterr().out
     assert "budget 5 nats" in (fake_run / "report.html").read_text()
     assert main(["report", str(tmp_path / "missing")]) == 2
+    (tmp_path / "elsewhere").mkdir()  # a directory of something else: no empty report.html written into it
+    assert main(["report", str(tmp_path / "elsewhere")]) == 2
+    assert "not a run directory (it has neither run.json nor leaderboard.json)" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere" / "report.html").exists()
 
 
 QUICKSTART = REPO / "runs" / "quickstart"

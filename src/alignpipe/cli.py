@@ -464,9 +464,12 @@ def _holds_a_merge(directory: Path) -> bool:
 @_file_errors_in_one_line
 def _cmd_report(args) -> int:
     from alignpipe.evaluation.report import write_report
+    from alignpipe.pipeline.rundir import RUN_FILE
 
-    if not args.run_dir.is_dir():
-        print(f"error: {args.run_dir} is not a run directory", file=sys.stderr)
+    if not any((args.run_dir / name).is_file() for name in (RUN_FILE, "leaderboard.json")):
+        # any other directory got an empty report.html written into it
+        print(f"error: {args.run_dir} is not a run directory (it has neither {RUN_FILE} nor leaderboard.json); pass "
+              "runs/<recipe name> or an alignpipe eval --out directory", file=sys.stderr)
         return 2
     print(f"wrote {write_report(args.run_dir, kl_budget=args.kl_budget)}")
     return 0

@@ -257,6 +257,11 @@ def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
     assert "stages.dpo.beta: expected a number, got true" in message
     assert "data.n_sft: expected an integer, got '30'" in message
     assert load_recipe(path, ("stages.dpo.beta=1",)).stage("dpo").beta == 1.0
+    # 1e-5 is a number (YAML 1.2), in a file as on the command line; PyYAML's YAML 1.1 read it as the string '1e-5'
+    exponent = GOOD.replace("    max_steps: 20\n", "    max_steps: 20\n    learning_rate: 1e-5\n")
+    written = write(tmp_path / "exponent.yaml", exponent)
+    assert load_recipe(written).stage("sft").learning_rate == 1e-5
+    assert load_recipe(path, ("stages.dpo.beta=5E-2",)).stage("dpo").beta == 0.05
 
 
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:

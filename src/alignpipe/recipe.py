@@ -1407,6 +1407,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 reads 1e-5 as a number; PyYAML's YAML 1.1 resolver needs a dot (1.0e-5) and gave the string '1e-5', which
+# validation (strict: no string is taken for a number) would refuse as a learning rate
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
@@ -1503,7 +1507,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise RecipeError(f"bad override syntax: empty key segment in {text!r} (expected key.path=value)")
     try:
-        return parts, yaml.safe_load(raw)
+        return parts, yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass, as the file's
     except yaml.YAMLError as exc:
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line per problem
         problem = problem.replace(' in "<unicode string>",', ",")

@@ -192,7 +192,8 @@ class ModelSpec(_Spec):
         if self.revision is not None and (self.name_or_path == "tiny" or self.gguf_package is not None):
             raise _problem((("revision",), "only used with a hub id (owner/name), not with the built-in \"tiny\" "
                                            "model or a gguf_package"))
-        if "tiny" in self.model_fields_set and (self.name_or_path != "tiny" or self.gguf_package is not None):
+        # a changed tiny block, not one present: a stage's stored recipe holds every block, defaults included
+        if self.tiny != TinyModelSpec() and (self.name_or_path != "tiny" or self.gguf_package is not None):
             raise _problem((("tiny",), "shapes the built-in tiny model only, and this recipe loads "
                                        f"{self.gguf_package or self.name_or_path!r}; remove the tiny block (it would "
                                        "only change every stage's hash)"))

@@ -971,6 +971,11 @@ class PPOStage(_RewardedStage, _OptimizerStage):
                             "iterations (and at the end).")
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts per evaluation.")
 
+    @property
+    def trains_full_weights(self) -> bool:
+        """A full-fine-tuned policy or a full critic copy: weights the loop steps in the dtype they load in."""
+        return self.lora is None or self.critic == "model"
+
     @model_validator(mode="after")
     def _critic_needs_lora(self) -> PPOStage:
         if self.critic == "adapter" and self.lora is None:
@@ -1258,7 +1263,7 @@ class Recipe(_Spec):
             return []
         return [(("stages", i, "lora" if stage.lora is None else "critic"), ppo_full_weight_problem(self.model.dtype))
                 for i, stage in enumerate(self.stages)
-                if isinstance(stage, PPOStage) and (stage.lora is None or stage.critic == "model")]
+                if isinstance(stage, PPOStage) and stage.trains_full_weights]
 
     def _trl_reward_models_skip_gguf(self) -> list[tuple[tuple[str | int, ...], str]]:
         """TRL's RewardTrainer loads its backbone by name and cannot read a GGUF file: a ``trl`` reward stage that

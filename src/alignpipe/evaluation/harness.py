@@ -161,12 +161,12 @@ class LazyModel:
     def __init__(self, checkpoint: Checkpoint, dtype: str, device: str | torch.device | None = None):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self._loaded = None
+        self._tokenizer = None  # read once: a GGUF model's tokenizer takes seconds to build
 
     def get(self):
         if self._loaded is None:
             device = self.device if self.device is not None else process_device()
-            self._loaded = (load_causal_lm(self.checkpoint.path, dtype=self.dtype, device=device),
-                            load_tokenizer(self.checkpoint.path))
+            self._loaded = (load_causal_lm(self.checkpoint.path, dtype=self.dtype, device=device), self.tokenizer())
         return self._loaded
 
     @property
@@ -176,7 +176,9 @@ class LazyModel:
 
     def tokenizer(self):
         """The tokenizer alone (cheap; e.g. to fit prompts to a length) without loading the weights."""
-        return self._loaded[1] if self._loaded is not None else load_tokenizer(self.checkpoint.path)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.checkpoint.path)
+        return self._tokenizer
 
     def max_positions(self) -> int | None:
         """The longest sequence the model's positions cover (:func:`position_limit` of its config), read without
@@ -268,11 +270,12 @@ def evaluate_checkpoints(
     everything after they are released.
     """
     ref_model = LazyModel(reference, dtype)
-    foreign = other_tokenizers(checkpoints, ref_model, dtype)
+    models = {c.path: ref_model if c.path == reference.path else LazyModel(c, dtype) for c in checkpoints}
+    foreign = other_tokenizers(list(models.values()), ref_model)
     # pairs as each checkpoint's tokens, checked before anything is sampled (a pair too long for a model), and then
     # scored as they are
-    scored_pairs = scorable_pairs([c for c in checkpoints if c.path not in foreign], ref_model, pairs, dtype) \
-        if pairs else {}
+    scored_pairs = scorable_pairs([m for m in models.values() if m.checkpoint.path not in foreign], ref_model,
+                                  pairs) if pairs else {}
     ref_generations = cached_generations(ref_model, prompts, settings, cache)
     ref_rewards = judge.score(prompts, [g.response for g in ref_generations])
     from_policy = settings.temperature == 1.0 and settings.top_p == 1.0
@@ -280,7 +283,7 @@ def evaluate_checkpoints(
     reference_pair_scores: dict = {}  # scored pair tokens -> their log-probs under the reference, shared by checkpoints
     for checkpoint in checkpoints:
         same = checkpoint.path == reference.path
-        model = ref_model if same else LazyModel(checkpoint, dtype)
+        model = models[checkpoint.path]
         generations = ref_generations if same else cached_generations(model, prompts, settings, cache)
         token_logp_policy = cached_logprobs(model, generations, settings.batch_size, cache)
         scorable = checkpoint.path not in foreign
@@ -379,18 +382,20 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
     return chosen + rejected
 
 
-def other_tokenizers(checkpoints: list[Checkpoint], ref_model: LazyModel, dtype: str) -> set[str]:
-    """Paths of the ``checkpoints`` whose tokenizer is not the reference's, read from tokenizers alone, each named in a
-    warning. Their KL to the reference and implicit reward are left out: both need the reference's log-probs of the
-    policy's tokens, and token ids of another vocabulary would give numbers without meaning (or an index past the
-    reference's embeddings). Their judged metrics (reward, win rate, lengths) stand: the judge reads text."""
+def other_tokenizers(models: list[LazyModel], ref_model: LazyModel) -> set[str]:
+    """Checkpoint paths of the ``models`` whose tokenizer is not the reference's, read from tokenizers alone, each
+    named in a warning. Their KL to the reference and implicit reward are left out: both need the reference's
+    log-probs of the policy's tokens, and token ids of another vocabulary would give numbers without meaning (or an
+    index past the reference's embeddings). Their judged metrics (reward, win rate, lengths) stand: the judge reads
+    text."""
     vocabulary = None
     foreign = set()
-    for checkpoint in checkpoints:
-        if checkpoint.path == ref_model.checkpoint.path or checkpoint.path in foreign:
+    for model in models:
+        checkpoint = model.checkpoint
+        if model is ref_model or checkpoint.path in foreign:
             continue
         vocabulary = ref_model.tokenizer().get_vocab() if vocabulary is None else vocabulary
-        if LazyModel(checkpoint, dtype).tokenizer().get_vocab() != vocabulary:
+        if model.tokenizer().get_vocab() != vocabulary:
             foreign.add(checkpoint.path)
             log.warning("[eval] checkpoint %r has another tokenizer than the reference %r: no KL to it and no implicit "
                         "reward (the reference cannot score token ids of another vocabulary); its reward, win rate "
@@ -399,15 +404,14 @@ def other_tokenizers(checkpoints: list[Checkpoint], ref_model: LazyModel, dtype:
     return foreign
 
 
-def scorable_pairs(checkpoints: list[Checkpoint], ref_model: LazyModel, pairs: list[Pair], dtype: str
-                   ) -> dict[str, list[Generation]]:
+def scorable_pairs(models: list[LazyModel], ref_model: LazyModel, pairs: list[Pair]) -> dict[str, list[Generation]]:
     """``pairs`` as each checkpoint's scored tokens (:func:`pair_generations`, by checkpoint path), from tokenizers
     and configs alone, refusing what would otherwise fail after every checkpoint was sampled: a pair longer than a
     model's positions. The checkpoints share the reference's tokenizer (:func:`other_tokenizers`)."""
     scored = {ref_model.checkpoint.path: checked_pair_generations(ref_model, pairs)}
-    for checkpoint in checkpoints:
-        if checkpoint.path not in scored:
-            scored[checkpoint.path] = checked_pair_generations(LazyModel(checkpoint, dtype), pairs, ref_model)
+    for model in models:
+        if model.checkpoint.path not in scored:
+            scored[model.checkpoint.path] = checked_pair_generations(model, pairs, ref_model)
     return scored
 
 

@@ -159,7 +159,7 @@ def check_full_weight_dtype(stage: PPOStage, dtype: str) -> None:
     ``dtype`` resolves to on this machine other than float32 (``auto`` is bfloat16 on a capable GPU); an explicit
     bfloat16 or float16 is refused when the recipe loads."""
     resolved = str(resolve_dtype(dtype)).removeprefix("torch.")
-    if resolved != "float32" and (stage.lora is None or stage.critic == "model"):
+    if resolved != "float32" and stage.trains_full_weights:
         raise ValueError(f"stage {stage.name!r}: model.dtype {dtype!r} is {resolved} on this machine; "
                          f"{ppo_full_weight_problem(resolved)}")
 

@@ -320,6 +320,7 @@ def _cmd_run(args) -> int:
 
     from alignpipe.pipeline.control import ControlError
     from alignpipe.pipeline.launch import LaunchOptions, resolve_topology
+    from alignpipe.pipeline.run_lock import RunInUse
     from alignpipe.pipeline.runner import Runner, StageFailed
     from alignpipe.pipeline.watched import Terminated, sigterm_raises
     from alignpipe.recipe import RecipeError, load_recipe
@@ -352,7 +353,7 @@ def _cmd_run(args) -> int:
         print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume to "
               "continue it)", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (StageFailed, ControlError) as error:
+    except (StageFailed, ControlError, RunInUse) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, ImportError) as error:  # e.g. a model package that is not installed

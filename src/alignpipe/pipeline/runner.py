@@ -51,6 +51,7 @@ from alignpipe.pipeline.launch import (
     stage_command,
     stage_topology,
 )
+from alignpipe.pipeline.run_lock import RunLock, run_lock
 from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     RUN_FILE,
@@ -126,6 +127,7 @@ class Runner:
         self._snapshot: HubSnapshot | None = None  # the recipe's hub model pinned to a commit: see _hub_snapshot
         self._backbone_snapshots: dict[str, HubSnapshot] = {}  # reward backbones that are hub ids: _hub_backbone
         self._dataset_pins: dict[str, DatasetPin] = {}  # stages' hub datasets pinned to commits: _hub_dataset
+        self._lock: RunLock | None = None  # the run directory's, while node 0 leads the run
         self.run_dir = Path(runs_dir) / recipe.name
         self.recipe_path = recipe_path
         self.overrides = list(overrides)
@@ -183,10 +185,16 @@ class Runner:
                            timeout_s=self.control_timeout_s)
 
     def _lead(self, channel: Alone | ControlHost) -> list[StageOutcome]:
-        """Node 0 (or a single node): once every follower has joined, decide, write and run each stage in turn,
-        telling the followers each decision and outcome."""
+        """Node 0 (or a single node): holding the run directory's lock, once every follower has joined, decide, write
+        and run each stage in turn, telling the followers each decision and outcome."""
+        with run_lock(self.run_dir) as self._lock:  # before the followers wait on a run that cannot start
+            try:
+                return self._lead_locked(channel)
+            finally:
+                self._lock = None
+
+    def _lead_locked(self, channel: Alone | ControlHost) -> list[StageOutcome]:
         channel.wait_for_followers()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_record()
         outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
         channel.publish_base(*outputs[BASE], commit=self._snapshot.commit if self._snapshot is not None else None)
@@ -424,7 +432,8 @@ class Runner:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
             return
-        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch)
+        returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch,
+                                 stage=directory.name)
         if returncode != 0:
             directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
 
@@ -435,10 +444,15 @@ class Runner:
         return env
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
-               watch: Callable[[], None] | None = None) -> int:
-        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``)."""
+               watch: Callable[[], None] | None = None, stage: str | None = None) -> int:
+        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``). The process inherits
+        the run directory's lock, so a stage that outlives a killed runner still holds the directory."""
         log.info("$ %s", format_command(command))
-        return run_watched(command, env or self._stage_env(), watch=watch)
+        lock = self._lock
+        if lock is None:
+            return run_watched(command, env or self._stage_env(), watch=watch)
+        return run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
+                           started=lambda pid: lock.note_stage(stage or "?", pid))
 
     def _batch_split(self, stage) -> BatchSplit | None:
         """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its

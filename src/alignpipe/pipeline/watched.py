@@ -39,13 +39,17 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def run_watched(command: list[str], env: dict[str, str] | None = None, *,
-                watch: Callable[[], None] | None = None) -> int:
+                watch: Callable[[], None] | None = None, pass_fds: tuple[int, ...] = (),
+                started: Callable[[int], None] | None = None) -> int:
     """Run ``command`` to its end and return its exit status. Every ``WATCH_S`` seconds ``watch`` may raise to stop
-    it; on any exception (Ctrl-C too) the process is stopped before the exception goes on."""
+    it; on any exception (Ctrl-C too) the process is stopped before the exception goes on. ``pass_fds``: descriptors
+    the process inherits (the run directory's lock); ``started`` is told its pid."""
     # its own process group, which stop() signals whole: a launcher that waits on its worker without passing
     # SIGTERM on (``accelerate launch`` with one process) died and left the worker training on
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=pass_fds)
     try:
+        if started is not None:
+            started(process.pid)
         while True:
             try:
                 return process.wait(timeout=WATCH_S)

@@ -336,6 +336,39 @@ def test_stratified_auroc_matches_brute_force_on_random_data_with_ties():
     assert m.ci95[0] <= m.value <= m.ci95[1]
 
 
+def _brute_force_stratified_auroc(u, err, strata, bins: int) -> float:
+    n = len(u)
+    order = sorted(range(n), key=lambda i: strata[i])  # stable, like the function's sort
+    bin_of = {i: position * bins // n for position, i in enumerate(order)}
+    wins = comparisons = 0.0
+    for i in range(n):
+        for j in range(n):
+            if err[i] and not err[j] and bin_of[i] == bin_of[j]:
+                wins += 1.0 if u[i] > u[j] else 0.5 if u[i] == u[j] else 0.0
+                comparisons += 1
+    return wins / comparisons if comparisons else math.nan
+
+
+def test_stratified_auroc_ci_with_prompt_groups_matches_brute_force_on_every_resample():
+    """A cluster resample is shorter or longer than the data; its items keep the whole data's ranks. Keying the bins
+    by the resample's length let a high rank spill into the next bin (28 of 200 resamples were wrong here)."""
+    from alignpipe.evaluation.metrics import group_resamples
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), rng.integers(1, 6, 20))[:60]  # prompts with 1-5 pairs each
+    n, bins, resamples = groups.size, 5, 200
+    u = rng.normal(size=n)
+    err = rng.uniform(size=n) < 0.35
+    strata = rng.uniform(size=n)
+    rows = group_resamples(list(groups), resamples, seed=0)
+    assert any(len(row) < n for row in rows)
+    expected = np.array([_brute_force_stratified_auroc(u[row], err[row], strata[row], bins) for row in rows])
+    m = stratified_uncertainty_auroc(u, err, strata, bins=bins, resamples=resamples, seed=0, groups=list(groups))
+    finite = expected[np.isfinite(expected)]
+    assert m.ci95 == pytest.approx(tuple(np.quantile(finite, [0.025, 0.975])), abs=1e-12)
+    assert m.extra["n_skipped_resamples"] == resamples - finite.size
+
+
 def test_stratified_auroc_needs_a_bin_with_both_classes():
     with pytest.raises(ValueError, match="bin"):
         stratified_uncertainty_auroc([0.1, 0.9, 0.2, 0.8], [True, True, False, False], [1, 2, 3, 4], bins=2)

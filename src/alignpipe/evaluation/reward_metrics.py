@@ -289,15 +289,17 @@ def _auroc_value(value: float, stats: np.ndarray, err: np.ndarray, **extra) -> M
 
 def _stratified_auroc_rows(u_rank: np.ndarray, err: np.ndarray, strata: np.ndarray, bins: int) -> np.ndarray:
     """Row-wise pooled within-bin AUROC (NaN where no bin holds both classes). One sort per row: the key
-    ``bin · n + u_rank`` orders the bins one after another, so an item's rank within its bin is its overall rank
-    minus the bin's first position (bins hold fixed positions of the strata order)."""
+    ``bin · span + u_rank`` orders the bins one after another, so an item's rank within its bin is its overall rank
+    minus the bin's first position (bins hold fixed positions of the strata order). ``span`` exceeds every rank:
+    a grouped resample's rows are fewer than the data's, whose ranks they keep, so ``n`` would not do."""
     rows, n = u_rank.shape
+    span = int(u_rank.max()) + 1 if u_rank.size else 1
     position = np.empty((rows, n), dtype=np.int64)
     np.put_along_axis(position, np.argsort(strata, axis=1, kind="stable"),
                       np.broadcast_to(np.arange(n), (rows, n)), axis=1)
     bin_of = position * bins // n
     first_position = (np.arange(bins) * n + bins - 1) // bins
-    within_rank = average_ranks(bin_of * n + u_rank) - first_position[bin_of]
+    within_rank = average_ranks(bin_of * span + u_rank) - first_position[bin_of]
     u_sum = np.zeros(rows)
     pairs = np.zeros(rows)
     for b in range(bins):

@@ -1,6 +1,7 @@
 """Tests for alignpipe.evaluation.leaderboard and the atomic writers in alignpipe.io."""
 
 import json
+import math
 import os
 import stat
 from datetime import datetime, timedelta
@@ -158,6 +159,32 @@ def test_markdown_escapes_pipes_in_names():
     res = results()
     res[0].name = "base|v2"
     assert "| base\\|v2 |" in render_markdown(build(res))
+
+
+@pytest.mark.parametrize("name, cell", [
+    ("back\\|slash", "back\\\\\\|slash"),  # the backslash kept as one: its own escape would eat the pipe's
+    ("two\nlines", "two lines"),  # a line break ends the table row
+    ("<img src=x> & co", "&lt;img src=x&gt; &amp; co"),  # inline HTML, shown as text
+])
+def test_markdown_shows_odd_names_as_one_literal_cell(name, cell):
+    res = results()
+    res[0].name = name
+    row = next(line for line in render_markdown(build(res)).splitlines() if line.startswith("| 3 |"))
+    assert row.startswith(f"| 3 | {cell} | ")
+    unescaped_bars = len(row) - len(row.replace("|", "")) - row.count("\\|")
+    header = next(line for line in render_markdown(build(res)).splitlines() if line.startswith("| rank"))
+    assert unescaped_bars == header.count("|")
+
+
+def test_non_finite_metric_values_are_refused_where_they_are_made():
+    """JSON has no NaN or inf, so one such value stopped the whole leaderboard being written; and an inf ranked
+    first while the table called it unranked."""
+    with pytest.raises(ValueError, match="finite"):
+        MetricValue(math.inf, None, 3, True)
+    with pytest.raises(ValueError, match="finite"):
+        MetricValue(math.nan, None, 3, True)
+    with pytest.raises(ValueError, match="ci95 bounds must be finite"):
+        MetricValue(0.5, (0.1, math.inf), 3, True)
 
 
 # ---------------------------------------------------------------------------------------------- write and load

@@ -16,7 +16,7 @@ from conftest import REPO
 
 from alignpipe.cli import main
 from alignpipe.evaluation.best_of_n import gold_bon, gold_rl, kl_best_of_n
-from alignpipe.evaluation.pareto import gold_vs_kl
+from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl
 from alignpipe.evaluation.report import bon_curves, checkpoint_flags, plot_gold_vs_kl, ppo_curve, write_report
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -187,6 +187,29 @@ def test_gold_vs_kl_plot_of_one_board_and_of_a_merged_one(tmp_path):
     assert plot_gold_vs_kl(merged.points, merged.reward_metric, ["a", "b"]).startswith(b"\x89PNG")
     with pytest.raises(ValueError, match="no checkpoint"):
         plot_gold_vs_kl([])
+
+
+@pytest.mark.parametrize("name", ["cost$_{x$", "lr=$5e-6$"])
+def test_plots_draw_names_with_dollar_signs_as_text(name):
+    """matplotlib read a `$` in a checkpoint name as mathtext: an odd one raised and lost the plot (and, in
+    `alignpipe leaderboard --plots`, every file), a pair was drawn as maths."""
+    from matplotlib.text import Text
+
+    from alignpipe.evaluation.report import LengthPoint, plot_win_rate_vs_length
+
+    drawn_texts = []
+    original = Text.draw
+
+    def recording_draw(self, renderer):
+        drawn_texts.append((self.get_text(), self.get_parse_math()))
+        return original(self, renderer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Text, "draw", recording_draw)
+        assert plot_gold_vs_kl([KLPoint(name, 0.5, 1.0, (0.9, 1.1)), KLPoint("sft", 0.1, 0.8)]).startswith(b"\x89PNG")
+        assert plot_win_rate_vs_length([LengthPoint(name, 20.0, 0.6, (0.5, 0.7), 0.55)]).startswith(b"\x89PNG")
+    named = [parse_math for text, parse_math in drawn_texts if name in text]
+    assert named and not any(named)
 
 
 def test_reward_section_draws_a_reliability_diagram_only_from_stored_bins(fake_run):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import html
 import io
 import json
 import logging
@@ -95,7 +96,7 @@ def build_leaderboard(
 
     def rank_key(r: CheckpointResult) -> tuple[int, float]:
         mv = r.metrics.get(primary_metric)
-        if mv is None or math.isnan(mv.value):
+        if mv is None or not math.isfinite(mv.value):  # as is_ranked: such a row is listed last, unranked
             return (1, 0.0)
         return (0, -mv.value if higher else mv.value)
 
@@ -531,7 +532,10 @@ def _fmt(x: float, ref: float) -> str:
 
 
 def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
+    """A name as one literal Markdown table cell: a line break would end the row, ``|`` end the cell (and ``\\|``,
+    unless the backslash is escaped first), and a ``<`` start inline HTML."""
+    one_line = " ".join(str(text).splitlines())
+    return html.escape(one_line, quote=False).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def _row(cells: list[str]) -> str:

@@ -8,6 +8,7 @@ that the same inputs always give the same leaderboard.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,8 +32,12 @@ class MetricValue:
     def __post_init__(self) -> None:
         # Coerce numpy scalars to Python types here so that to_dict() is always JSON-serialisable.
         object.__setattr__(self, "value", float(self.value))
+        if not math.isfinite(self.value):  # a metric that cannot be computed raises or is left out; JSON has no NaN
+            raise ValueError(f"a metric value must be finite, got {self.value}")
         if self.ci95 is not None:
             lo, hi = (float(b) for b in self.ci95)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"ci95 bounds must be finite, got [{lo}, {hi}]")
             if lo > hi:
                 raise ValueError(f"ci95 lower bound {lo} exceeds upper bound {hi}")
             object.__setattr__(self, "ci95", (lo, hi))

@@ -23,6 +23,7 @@ be read is replaced by a note naming the error, so one odd file never costs the 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -312,6 +314,16 @@ def length_points(checkpoints: Sequence[dict]) -> list[LengthPoint]:
 
 # ---------------------------------------------------------------------------------------------- plotting (pure)
 
+def _plain_text(plot: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Draw ``plot``'s text as written: checkpoint and stage names go into labels and titles, and matplotlib would read
+    a ``$`` in one as mathtext (a balanced pair drawn as maths, an odd one a ValueError that lost the plot)."""
+    @functools.wraps(plot)
+    def drawn(*args, **kwargs) -> bytes:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return drawn
+
+
 def _figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -341,6 +353,7 @@ def _sorted_by_x(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], l
     return [x[i] for i in order], [y[i] for i in order]
 
 
+@_plain_text
 def plot_overoptimisation(curves: Sequence[OveroptCurve], form: str, title: str) -> bytes:
     """Gold gain (points, 95% CI, fitted Gao curve, peak ★) and proxy gain vs ``d``; one colour per curve.
 
@@ -386,6 +399,7 @@ def plot_overoptimisation(curves: Sequence[OveroptCurve], form: str, title: str)
     return _png(fig)
 
 
+@_plain_text
 def plot_win_rate_vs_length(points: Sequence[LengthPoint]) -> bytes:
     """Raw win rate (● ± 95% CI) and, when present, LC win rate (□) against mean response length, per checkpoint."""
     fig, (ax,) = _figure(1, 1, 9, 4.6)
@@ -409,6 +423,7 @@ def plot_win_rate_vs_length(points: Sequence[LengthPoint]) -> bytes:
     return _png(fig)
 
 
+@_plain_text
 def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
                     runs: Sequence[str] = ()) -> bytes:
     """Reward (● ± 95% CI) vs √KL to the reference, one labelled point per checkpoint, and the Pareto frontier as a
@@ -454,6 +469,7 @@ def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
     return _png(fig)
 
 
+@_plain_text
 def plot_reliability(table: Sequence[dict], title: str) -> bytes:
     """Reliability diagram from :func:`~alignpipe.evaluation.reward_metrics.reliability_table` rows."""
     rows = [r for r in table if r.get("count")]
@@ -471,6 +487,7 @@ def plot_reliability(table: Sequence[dict], title: str) -> bytes:
     return _png(fig)
 
 
+@_plain_text
 def plot_trl_curves(title: str, steps: Sequence[float], loss: Sequence[float],
                     accuracy: tuple[str, Sequence[float], Sequence[float]] | None = None) -> bytes:
     """Training loss vs step, and an accuracy-like metric ``(name, steps, values)`` beside it when logged."""
@@ -486,6 +503,7 @@ def plot_trl_curves(title: str, steps: Sequence[float], loss: Sequence[float],
     return _png(fig)
 
 
+@_plain_text
 def plot_rounds(title: str, rounds: Sequence[dict], loss_segments: Sequence[Sequence[dict]]) -> bytes:
     """An iterative stage: gold reward, win rate and KL vs the initial policy per round (± 95% CI), and the
     trainer loss of every round end to end (dotted lines separate the rounds)."""
@@ -511,6 +529,7 @@ def plot_rounds(title: str, rounds: Sequence[dict], loss_segments: Sequence[Sequ
     return _png(fig)
 
 
+@_plain_text
 def plot_ppo_training(title: str, iterations: Sequence[dict], evaluations: Sequence[dict]) -> bytes:
     """A PPO stage: train gold/proxy reward per iteration (lines) with the held-out evaluations (markers, gold
     ± 95% CI) overlaid, and the KL to the initial policy likewise. With an uncertainty penalty the proxy drawn solid

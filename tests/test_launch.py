@@ -242,3 +242,28 @@ def test_a_qlora_recipe_is_refused_under_zero3_before_anything_runs(tmp_path) ->
         Runner(recipe, runs_dir=tmp_path, topology=topology(allowed), dry_run=True)
     unquantized = load_recipe(REPO / "recipes" / "ultrafeedback" / "qwen2.5-0.5b-dpo.yaml")
     Runner(unquantized, runs_dir=tmp_path, topology=topology("zero3"), dry_run=True)
+
+
+def test_full_weights_in_explicit_half_precision_are_refused_unless_deepspeed_keeps_float32_masters(tmp_path,
+                                                                                                    capsys) -> None:
+    """Without DeepSpeed nothing keeps float32 masters of weights loaded in bf16, so a full fine-tune would step them
+    in bf16 and lose most updates; auto loads them in float32, and LoRA stages keep the bf16 base."""
+    from alignpipe.pipeline.runner import check_full_weight_precision
+    from alignpipe.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    code = main(["run", str(recipe), "model.dtype=bfloat16", "--cpu", "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert ("stages.sft: trains full weights (lora: null) that model.dtype bfloat16 would load and step in bfloat16"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+    half = load_recipe(recipe, ["model.dtype=float16"])
+    zero2 = resolve_topology(LaunchOptions(gpus=1, deepspeed="zero2"), visible_gpus=1)
+    check_full_weight_precision(half, zero2)  # DeepSpeed's optimizer keeps float32 masters
+    plain = resolve_topology(LaunchOptions(gpus=1), visible_gpus=1)
+    with pytest.raises(ValueError, match="stages.sft: trains full weights"):
+        check_full_weight_precision(half, plain)
+    for fine in (load_recipe(recipe, ["model.dtype=auto"]), load_recipe(recipe, ["model.dtype=float32"]),
+                 load_recipe(recipe, ["model.dtype=bfloat16", "stages.sft.lora={r: 4, alpha: 8}",
+                                      "stages.dpo.lora={r: 4, alpha: 8}"])):
+        check_full_weight_precision(fine, plain)

@@ -201,25 +201,26 @@ def test_ppo_recipe_errors(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [{"critic": "model"}, {"critic": "model", "lora": None}])
-def test_ppo_full_weights_are_refused_in_half_precision(tmp_path, monkeypatch, layout):
-    """The loop steps weights in the dtype they load in: full weights in bf16 would round most AdamW steps away
-    (an explicit dtype is refused when the recipe loads; auto, bf16 on a capable GPU, when the stage starts)."""
+def test_ppo_full_weights_are_refused_in_half_precision_and_load_in_float32_under_auto(tmp_path, monkeypatch,
+                                                                                      layout):
+    """The loop steps weights in the dtype they load in: full weights in bf16 would round most AdamW steps away. An
+    explicit bf16 is refused when the recipe loads; auto (bf16 on a capable GPU) loads them in float32."""
     import alignpipe.models.loading as loading
-    from alignpipe.trainers.ppo import check_full_weight_dtype
+    from alignpipe.models.loading import policy_dtype
 
     def recipe(dtype, ppo_layout=layout):
         return load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "dtype": dtype},
                                                    "stages": [TINY_RECIPE["stages"][0], {**PPO, **ppo_layout}]}))
 
-    with pytest.raises(RecipeError, match="barely move, silently; set model.dtype: float32"):
+    with pytest.raises(RecipeError, match="barely move, silently; set model.dtype: auto or float32"):
         recipe("bfloat16")
-    stage = recipe("auto").stage(PPO["name"])
-    check_full_weight_dtype(stage, "auto")  # float32 on this CPU
     monkeypatch.setattr(loading, "bf16_supported", lambda: True)
-    with pytest.raises(ValueError, match=f"stage '{PPO['name']}': model.dtype 'auto' is bfloat16 on this machine"):
-        check_full_weight_dtype(stage, "auto")
-    # the default layout trains LoRA adapters and the value head, which stay in float32
-    check_full_weight_dtype(recipe("auto", ppo_layout={}).stage(PPO["name"]), "auto")
+    stage = recipe("auto").stage(PPO["name"])
+    assert stage.trains_full_weights
+    assert policy_dtype("auto", full_weights=stage.trains_full_weights) == torch.float32
+    # the default layout trains LoRA adapters and the value head, which stay in float32 over a bf16 base
+    lean = recipe("auto", ppo_layout={}).stage(PPO["name"])
+    assert policy_dtype("auto", full_weights=lean.trains_full_weights) == torch.bfloat16
 
 
 def test_model_critic_with_a_lora_policy_is_a_plain_copy_of_the_start_decoder(tokenizer):

@@ -229,6 +229,27 @@ def test_checkpointing_argument_sets_the_flag_without_a_deprecation_warning(tmp_
     assert args.gradient_checkpointing is enabled  # the name TRL and older code read
 
 
+@pytest.mark.parametrize("full_weights, expected", [(True, torch.float32), (False, torch.bfloat16)])
+def test_a_policy_whose_full_weights_train_loads_them_in_float32_under_auto_on_a_bf16_gpu(
+        checkpoint, monkeypatch, full_weights, expected):
+    """Neither transformers' Trainer nor the PPO loop keeps float32 masters: full weights loaded in bf16 were stepped
+    in bf16, where most AdamW steps of about the learning rate round away. A LoRA stage keeps the lighter bf16 base
+    (its adapters are float32 anyway); an explicit dtype is taken as given."""
+    from types import SimpleNamespace
+
+    import alignpipe.models.loading as loading
+    from alignpipe.trainers.common import load_policy
+
+    monkeypatch.setattr(loading, "bf16_supported", lambda: True)  # what `auto` sees on a capable GPU
+    assert loading.policy_dtype("auto", full_weights=full_weights) == expected
+    assert loading.policy_dtype("bfloat16", full_weights=True) == torch.bfloat16
+    assert loading.policy_dtype("float32", full_weights=False) == torch.float32
+    ctx = SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(dtype="auto", quantization=None)),
+                          stage=SimpleNamespace(trains_full_weights=full_weights), dir=SimpleNamespace(name="sft"),
+                          device=torch.device("cpu"))
+    assert load_policy(ctx, str(checkpoint)).dtype == expected
+
+
 def test_resolve_dtype_explicit():
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16

@@ -383,6 +383,11 @@ class _OptimizerStage(_CheckpointedStage):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (TRL default).")
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter, not all weights; null = full fine-tuning.")
 
+    @property
+    def trains_full_weights(self) -> bool:
+        """Whether the stage steps full weights, which need float32 masters (``models.loading.policy_dtype``)."""
+        return self.lora is None
+
 
 class _TrainerStage(_OptimizerStage):
     """Fields of stages trained by a transformers ``Trainer`` (through TRL); defaults are TRL's unless marked as a
@@ -928,11 +933,12 @@ class PPOStage(_RewardedStage, _OptimizerStage):
     )
     lora: LoraSpec | None = Field(
         default_factory=LoraSpec, description="Policy LoRA: the reference is the same base with adapters off (one "
-        "copy of the base weights); null = full fine-tuning with a frozen reference copy (needs model.dtype float32).",
+        "copy of the base weights); null = full fine-tuning with a frozen reference copy (model.dtype auto or float32: "
+        "full weights load in float32).",
     )
     critic: Literal["adapter", "model"] = Field(
         "adapter", description="adapter = a value head on its own LoRA adapter over the policy's base (needs lora); "
-        "model = a separate copy of the start model with a value head (full weights: needs model.dtype float32).",
+        "model = a separate copy of the start model with a value head (full weights: model.dtype auto or float32).",
     )
     total_steps: int = Field(100, gt=0, description="PPO iterations: rollout -> reward -> GAE -> ppo_epochs updates.")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts sampled per iteration (one response each).")
@@ -1000,7 +1006,8 @@ def ppo_full_weight_problem(dtype: str) -> str:
     (bfloat16 or float16), and the fix."""
     return (f"lora: null and critic: model train full weights, which this ppo stage would load and step in {dtype} (it "
             "keeps no float32 master copy): an AdamW step of about learning_rate is below the rounding step of most "
-            f"{dtype} weights, so they would barely move, silently; set model.dtype: float32, or train LoRA adapters "
+            f"{dtype} weights, so they would barely move, silently; set model.dtype: auto or float32 (full weights "
+            "then load in float32), or train LoRA adapters "
             "(a lora block and critic: adapter, whose adapters and value head stay in float32)")
 
 
@@ -1258,7 +1265,7 @@ class Recipe(_Spec):
 
     def _ppo_full_weights_in_float32(self) -> list[tuple[tuple[str | int, ...], str]]:
         """A ppo stage steps its weights in the dtype they load in (no float32 master copy): full weights in bf16 or
-        fp16 would round most AdamW steps away. ``auto`` is checked when the stage starts (it is bf16 on a GPU)."""
+        fp16 would round most AdamW steps away. Under ``auto`` they load in float32 (``models.loading.policy_dtype``)."""
         if self.model.dtype not in ("bfloat16", "float16"):
             return []
         return [(("stages", i, "lora" if stage.lora is None else "critic"), ppo_full_weight_problem(self.model.dtype))

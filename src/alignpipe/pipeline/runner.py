@@ -66,7 +66,7 @@ from alignpipe.pipeline.rundir import (
     utc_now,
 )
 from alignpipe.pipeline.watched import run_watched
-from alignpipe.recipe import PPOStage, Recipe, RewardStage, _TrainerStage, recipe_to_dict
+from alignpipe.recipe import PPOStage, Recipe, RewardStage, _OptimizerStage, _TrainerStage, recipe_to_dict
 
 if TYPE_CHECKING:
     from alignpipe.data.hub_datasets import DatasetPin
@@ -140,6 +140,7 @@ class Runner:
         self.control_timeout_s = check_control_timeout(control_timeout_s)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
         check_quantization_under_deepspeed(recipe, self.topology)
+        check_full_weight_precision(recipe, self.topology)
 
     # -- public ------------------------------------------------------------------------------------------------------
 
@@ -762,6 +763,26 @@ def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> No
             raise ValueError(f"stages.{stage.name}: model.quantization (QLoRA) cannot run under --deepspeed zero3, "
                              "which cannot shard this project's 4-bit weights; use --deepspeed zero2 (the 4-bit base "
                              "is small: only the LoRA gradients and optimizer states need sharding) or no --deepspeed")
+
+
+def check_full_weight_precision(recipe: Recipe, topology: Topology) -> None:
+    """Refuse, before anything runs, a stage that would step full weights loaded in an explicit bfloat16 or float16
+    without DeepSpeed (whose optimizer keeps float32 master copies): neither transformers' ``Trainer`` nor the PPO
+    loop keeps one, so most AdamW steps of about the learning rate would round away, silently. ``auto`` loads such
+    weights in float32 (``models.loading.policy_dtype``). PPO is refused when the recipe loads, whatever the launch
+    (it never runs under DeepSpeed)."""
+    dtype = recipe.model.dtype
+    if dtype not in ("bfloat16", "float16") or recipe.model.quantization is not None:
+        return
+    for stage in recipe.stages:
+        if (isinstance(stage, _OptimizerStage) and not isinstance(stage, PPOStage) and stage.trains_full_weights
+                and stage_topology(topology, stage.type).deepspeed is None):
+            raise ValueError(
+                f"stages.{stage.name}: trains full weights (lora: null) that model.dtype {dtype} would load and step "
+                f"in {dtype}, with no float32 master copy: an AdamW step of about learning_rate is below the rounding "
+                f"step of most {dtype} weights, so they would barely move, silently. Set model.dtype: auto (full "
+                f"weights load in float32, the trainer computes in bf16 where supported), train a lora block, or "
+                "run under --deepspeed (its optimizer keeps float32 masters)")
 
 
 def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:

@@ -22,6 +22,7 @@ from alignpipe.models.loading import (
     activation_checkpointing_argument,
     load_causal_lm,
     load_tokenizer,
+    policy_dtype,
     resolve_bf16,
     resolve_dtype,
     resolve_model_location,
@@ -58,12 +59,17 @@ def load_start_model(ctx: StageContext):
 
 def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None, on_device: bool = False):
     """A policy to train from ``path``: k-bit, frozen and ready for LoRA under ``model.quantization`` (QLoRA), else
-    in the recipe's dtype. Every stage that trains a policy loads it here, so quantization applies to all of them.
+    in the recipe's dtype, full weights under ``auto`` in float32 (:func:`~alignpipe.models.loading.policy_dtype`).
+    Every stage that trains a policy loads it here, so quantization and the masters' dtype apply to all of them.
 
     ``on_device`` puts it on this process's device at once, for a stage that samples from it before its trainer
     would move it (the online rounds); otherwise the trainer places it."""
     quantization = ctx.recipe.model.quantization
-    model = load_causal_lm(path, dtype=ctx.recipe.model.dtype, gguf_file=gguf_file, quantization=quantization,
+    dtype = policy_dtype(ctx.recipe.model.dtype, full_weights=quantization is None and ctx.stage.trains_full_weights)
+    if dtype != resolve_dtype(ctx.recipe.model.dtype):
+        log.info("[%s] full weights train from float32 masters (model.dtype auto would load %s; the trainer's "
+                 "autocast still computes in it)", ctx.dir.name, resolve_dtype(ctx.recipe.model.dtype))
+    model = load_causal_lm(path, dtype=dtype, gguf_file=gguf_file, quantization=quantization,
                            device=ctx.device if on_device else None)
     return prepare_for_kbit_training(model) if quantization is not None else model
 

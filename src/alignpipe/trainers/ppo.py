@@ -59,12 +59,11 @@ from alignpipe.losses.ppo import (
     token_rewards,
     whiten_from_moments,
 )
-from alignpipe.models.loading import load_tokenizer, resolve_dtype
+from alignpipe.models.loading import load_tokenizer
 from alignpipe.models.quantization import merge_dtype
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.recipe import PPOStage, ppo_full_weight_problem
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
 from alignpipe.tasks import gold_reward, sample_tasks
 from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
@@ -154,16 +153,6 @@ def _require_finite(values: torch.Tensor, name: str, where: str) -> None:
                                  "learning_rate, or clip rewards (reward_clip)")
 
 
-def check_full_weight_dtype(stage: PPOStage, dtype: str) -> None:
-    """Refuse, before any model loads, full-weight training (``lora: null`` or ``critic: model``) in a dtype that
-    ``dtype`` resolves to on this machine other than float32 (``auto`` is bfloat16 on a capable GPU); an explicit
-    bfloat16 or float16 is refused when the recipe loads."""
-    resolved = str(resolve_dtype(dtype)).removeprefix("torch.")
-    if resolved != "float32" and stage.trains_full_weights:
-        raise ValueError(f"stage {stage.name!r}: model.dtype {dtype!r} is {resolved} on this machine; "
-                         f"{ppo_full_weight_problem(resolved)}")
-
-
 class PPOLoop:
     """State and steps of one PPO stage (kept as an object so resume restores exactly this state)."""
 
@@ -171,7 +160,6 @@ class PPOLoop:
         self.ctx, self.stage, self.recipe = ctx, ctx.stage, ctx.recipe
         torch.manual_seed(self.recipe.seed)
         self.device = ctx.device
-        check_full_weight_dtype(self.stage, self.recipe.model.dtype)
         self.tokenizer = load_tokenizer(ctx.start_model)
         model = load_policy(ctx, ctx.start_model)
         self.model = ActorCritic(model, lora_config=lora_config(ctx), critic=self.stage.critic).to(self.device).eval()

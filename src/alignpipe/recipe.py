@@ -1265,7 +1265,7 @@ class Recipe(_Spec):
 
     def _ppo_full_weights_in_float32(self) -> list[tuple[tuple[str | int, ...], str]]:
         """A ppo stage steps its weights in the dtype they load in (no float32 master copy): full weights in bf16 or
-        fp16 would round most AdamW steps away. Under ``auto`` they load in float32 (``models.loading.policy_dtype``)."""
+        fp16 would round most AdamW steps away. Under ``auto`` they load in float32 (``loading.policy_dtype``)."""
         if self.model.dtype not in ("bfloat16", "float16"):
             return []
         return [(("stages", i, "lora" if stage.lora is None else "critic"), ppo_full_weight_problem(self.model.dtype))

@@ -245,9 +245,32 @@ def test_a_policy_whose_full_weights_train_loads_them_in_float32_under_auto_on_a
     assert loading.policy_dtype("bfloat16", full_weights=True) == torch.bfloat16
     assert loading.policy_dtype("float32", full_weights=False) == torch.float32
     ctx = SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(dtype="auto", quantization=None)),
-                          stage=SimpleNamespace(trains_full_weights=full_weights), dir=SimpleNamespace(name="sft"),
+                          stage=SimpleNamespace(trains_full_weights=full_weights, lora=None),
+                          dir=SimpleNamespace(name="sft"),
                           device=torch.device("cpu"))
     assert load_policy(ctx, str(checkpoint)).dtype == expected
+
+
+def test_lora_on_an_input_embedding_the_output_head_shares_is_refused_before_training(checkpoint):
+    """Merged for publishing, an embedding adapter changes the tied output head too, which training never saw."""
+    from types import SimpleNamespace
+
+    from alignpipe.recipe import LoraSpec
+    from alignpipe.trainers.common import load_policy
+
+    def ctx(targets):
+        return SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(dtype="float32", quantization=None)),
+                               stage=SimpleNamespace(trains_full_weights=False,
+                                                     lora=LoraSpec(r=4, alpha=8, target_modules=targets)),
+                               dir=SimpleNamespace(name="sft"), device=torch.device("cpu"))
+
+    model = load_policy(ctx(["q_proj"]), str(checkpoint))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # the tiny model ties them
+    load_policy(ctx("all-linear"), str(checkpoint))
+    for targets in (["q_proj", "embed_tokens"], ["model.embed_tokens"]):
+        with pytest.raises(ValueError, match=r"stage 'sft': lora.target_modules adapts model.embed_tokens, the input "
+                                             r"embedding this model shares with its output head"):
+            load_policy(ctx(targets), str(checkpoint))
 
 
 def test_resolve_dtype_explicit():

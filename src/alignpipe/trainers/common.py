@@ -71,6 +71,7 @@ def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None, o
                  "autocast still computes in it)", ctx.dir.name, resolve_dtype(ctx.recipe.model.dtype))
     model = load_causal_lm(path, dtype=dtype, gguf_file=gguf_file, quantization=quantization,
                            device=ctx.device if on_device else None)
+    check_lora_spares_tied_embeddings(model, lora_config(ctx), ctx.dir.name)
     return prepare_for_kbit_training(model) if quantization is not None else model
 
 
@@ -134,6 +135,28 @@ def lora_config(ctx: StageContext) -> LoraConfig | None:
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def check_lora_spares_tied_embeddings(model, config: LoraConfig | None, stage: str) -> None:
+    """Refuse LoRA on an input embedding that the output head shares (tied embeddings: the tiny model, SmolLM2).
+
+    Why: training adapts only the input side, but the published checkpoint merges the adapter into the one shared
+    matrix, so the output head changes too, which training never saw (the tiny model's logits moved by 8.3 against
+    0.65 for the trained change; PEFT only warns)."""
+    if config is None:
+        return
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    adapted = [name for name, module in model.named_modules()
+               if module is embedding and check_target_module_exists(config, name)]
+    if adapted:
+        raise ValueError(f"stage {stage!r}: lora.target_modules adapts {adapted[0]}, the input embedding this model "
+                         "shares with its output head (tied embeddings); merged for publishing, the adapter would "
+                         "change the output head as well, which training never saw. Leave the embeddings out of "
+                         "lora.target_modules (the default all-linear does)")
 
 
 def append_metrics(path: Path, record: dict) -> None:

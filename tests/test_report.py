@@ -105,6 +105,22 @@ def _sections(text: str) -> dict[str, str]:
     return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', text, flags=re.S))
 
 
+def test_report_says_how_the_runs_last_attempt_ended(fake_run):
+    record = json.loads((fake_run / "run.json").read_text())
+    assert "last attempt" not in write_report(fake_run).read_text()  # a record from before run.json said
+    _write(fake_run / "run.json", {**record, "status": "interrupted", "stopped_at": "dpo",
+                                   "updated": "2026-01-02T00:00:00+00:00"})
+    text = write_report(fake_run).read_text()
+    assert "interrupted at stage &#x27;dpo&#x27; (2026-01-02T00:00:00+00:00)" in text
+    assert "did not finish: stage &#x27;dpo&#x27; and those after it" in text
+    _write(fake_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
+    text = write_report(fake_run, writing_stage="eval").read_text()
+    assert "running since 2026-01-01T00:00:00+00:00 (this report was written by its stage &#x27;eval&#x27;)" in text
+    assert "did not finish" not in text
+    _write(fake_run / "run.json", {**record, "status": "complete", "updated": "2026-01-03T00:00:00+00:00"})
+    assert "complete (2026-01-03T00:00:00+00:00)" in write_report(fake_run).read_text()
+
+
 def test_report_is_self_contained_with_a_png_per_section_that_has_data(fake_run):
     path = write_report(fake_run)
     assert path == fake_run / "report.html"

@@ -42,6 +42,8 @@ def test_first_run_writes_the_run_directory(completed_tiny_run):
     assert set(StageDir(runner.run_dir / "dpo").read_manifest()["input_hashes"]) == {"base", "sft"}
     board = json.loads((runner.run_dir / "leaderboard.json").read_text())
     assert [c["name"] for c in board["checkpoints"]].count("dpo") == 1
+    record = json.loads((runner.run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and "stopped_at" not in record and record["started"] <= record["updated"]
     assert {c["name"] for c in board["checkpoints"]} == {"base", "sft", "dpo"}
     assert (runner.run_dir / "leaderboard.md").read_text().count("| sft ") == 2  # headline and "All metrics"
 
@@ -638,3 +640,23 @@ def test_preflight_reads_a_trl_reward_file_once(tmp_path, monkeypatch, llama_pat
     with pytest.raises(PreflightError, match="stages.rm.dataset: .*rejected"):
         preflight(recipe)
     assert reads == [str(data)]
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "interrupted"), (RuntimeError("boom"), "failed")])
+def test_run_json_says_where_and_how_the_last_attempt_stopped(tiny_recipe_path, tmp_path, monkeypatch, error,
+                                                              status):
+    """After an attempt stopped part-way (perhaps under other overrides), the stages it did not reach hold an earlier
+    attempt's outputs; run.json says so, where it said nothing and described the new recipe."""
+    from alignpipe.pipeline.runner import StageOutcome
+
+    def run_stage(self, stage, outputs, channel):
+        if stage.name == "dpo":
+            raise error
+        return StageOutcome(stage.name, "skipped", 0.0, "stand-in")
+
+    monkeypatch.setattr(Runner, "_run_stage", run_stage)
+    runner = Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path / "runs", in_process=True)
+    with pytest.raises(type(error)):
+        runner.run()
+    record = json.loads((runner.run_dir / "run.json").read_text())
+    assert (record["status"], record["stopped_at"]) == (status, "dpo")

@@ -657,6 +657,8 @@ def _header(run: RunData) -> str:
             ("git commit", f"<code>{_e(git or _MISSING)}</code>")]
     if record.get("overrides"):
         meta.append(("overrides", " ".join(f"<code>{_e(o)}</code>" for o in record["overrides"])))
+    if attempt := _last_attempt(record):
+        meta.append(("last attempt", _e(attempt)))
     meta.append(("report written", _e(datetime.now(timezone.utc).isoformat(timespec="seconds"))))
     rows = [[_e(s.name), _e(s.type), _e(s.manifest.get("status", _MISSING)),
              _fmt(s.manifest.get("wall_time_s")) if s.manifest.get("wall_time_s") is not None else _MISSING,
@@ -667,7 +669,24 @@ def _header(run: RunData) -> str:
     if rows:
         parts += ["<h3>Stages</h3>", _table(["stage", "type", "status", "wall time (s)", "finished"], rows, left=3)]
     parts += [_note(f"could not read {e}") for e in run.errors]
+    if record.get("status") in ("interrupted", "failed"):
+        parts.append(_note(f"The run's last attempt did not finish: stage '{record.get('stopped_at')}' and those after "
+                           "it (an eval stage, and so the leaderboard below, among them) may hold an earlier attempt's "
+                           "outputs, made under the recipe and overrides that attempt had. Run it again to bring them "
+                           "up to date."))
     return "\n".join(parts)
+
+
+def _last_attempt(record: dict) -> str | None:
+    """How the run's last attempt ended, from ``run.json`` (None for a record from before it said)."""
+    status = record.get("status")
+    if status == "running":
+        return f"running since {record.get('started', _MISSING)}" + (
+            f" (this report was written by its stage '{record['writing_stage']}')" if record.get("writing_stage")
+            else "")
+    if status in ("interrupted", "failed"):
+        return f"{status} at stage '{record.get('stopped_at', _MISSING)}' ({record.get('updated', _MISSING)})"
+    return f"{status} ({record.get('updated', _MISSING)})" if status else None
 
 
 def _leaderboard_section(run: RunData, kl_budget: float) -> str:
@@ -924,6 +943,8 @@ def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET, writing_stage: 
     for stage in run.stages:
         if stage.name == writing_stage and stage.manifest.get("status") == "running":
             stage.manifest = {**stage.manifest, "status": "finishing (wrote this report)"}
+    if writing_stage is not None and run.run_record.get("status") == "running":
+        run.run_record = {**run.run_record, "writing_stage": writing_stage}
     return atomic_write_text(run.root / "report.html", render_report(run, kl_budget=kl_budget))
 
 

@@ -196,28 +196,50 @@ class Runner:
 
     def _lead_locked(self, channel: Alone | ControlHost) -> list[StageOutcome]:
         channel.wait_for_followers()
-        self._write_run_record()
-        outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
-        channel.publish_base(*outputs[BASE], commit=self._snapshot.commit if self._snapshot is not None else None)
+        record = self._write_run_record()
+        at = BASE
         outcomes = []
-        for stage in self.recipe.stages:
-            outcome = self._run_stage(stage, outputs, channel)
-            outcomes.append(outcome)
-            log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
+        try:
+            outputs: dict[str, tuple[str, str | None]] = {BASE: self._prepare_base()}
+            channel.publish_base(*outputs[BASE], commit=self._snapshot.commit if self._snapshot is not None else None)
+            for stage in self.recipe.stages:
+                at = stage.name
+                outcome = self._run_stage(stage, outputs, channel)
+                outcomes.append(outcome)
+                log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
+        except BaseException as error:
+            ending = "interrupted" if isinstance(error, (KeyboardInterrupt, ControlError)) else "failed"
+            self._end_run_record(record, ending, stopped_at=at)
+            raise
+        self._end_run_record(record, "complete")
         return outcomes
 
-    def _write_run_record(self) -> None:
+    def _write_run_record(self) -> dict:
+        """``run.json`` says which recipe the run's last attempt ran and how that attempt ended (``status``): after an
+        interrupted attempt with another recipe, the stages it did not reach (the eval stage and the run's leaderboard
+        among them) still hold an earlier attempt's outputs, which the report then says."""
         resolved = recipe_to_dict(self.recipe)
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        atomic_write_json(self.run_dir / RUN_FILE, {
+        record = {
             "run": self.recipe.name,
             "recipe_path": str(self.recipe_path) if self.recipe_path else None,
             "overrides": self.overrides,
             "recipe_sha256": canonical_hash(resolved),
             "git_sha": git_sha(PIPELINES_DIR.parent),
             "versions": package_versions(),
+            "status": "running",
+            "started": utc_now(),
             "updated": utc_now(),
-        })
+        }
+        atomic_write_json(self.run_dir / RUN_FILE, record)
+        return record
+
+    def _end_run_record(self, record: dict, status: str, *, stopped_at: str | None = None) -> None:
+        ended = {**record, "status": status, "updated": utc_now(), **({"stopped_at": stopped_at} if stopped_at else {})}
+        try:
+            atomic_write_json(self.run_dir / RUN_FILE, ended)
+        except OSError as error:  # never hide why the run stopped behind a failed record
+            log.warning("could not record the run's end (%s) in %s: %s", status, self.run_dir / RUN_FILE, error)
 
     def _recipe_context(self) -> dict:
         """The recipe-level settings every stage depends on (part of every stage's config hash)."""

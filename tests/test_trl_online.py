@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import Runner
+from alignpipe.pipeline.runner import Runner, plan_batches
 from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
+from alignpipe.trainers.trl_online import check_prompts
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
 FAST = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, "max_steps": 4,
@@ -111,8 +113,41 @@ def test_valid_combinations(check, kind):
     ("rloo", {"inputs": ["rm"], "reward": {"source": "gold"}}, "is a reward stage"),
     ("grpo", {"beta": -0.1}, r"grpo\.beta"),
     ("rloo", {"num_generation": 4}, "did you mean 'num_generations'"),
+    ("grpo", {"prompts": 1, "per_device_train_batch_size": 8, "num_generations": 4},
+     r"grpo\.prompts: 1 cannot fill one generation batch of 2 prompts \(global batch 8 = 8 per device x 1 "
+     r"accumulation x 1 process, counted in completions, 4 per prompt\).*set prompts to at least 2"),
+    ("rloo", {"prompts": 3, "global_batch_size": 16, "per_device_train_batch_size": 4, "num_generations": 4},
+     r"rloo\.prompts: 3 cannot fill one generation batch of 4 prompts"),
 ])
 def test_bad_combinations_are_recipe_errors(check, kind, stage, message):
     defaults = {"name": kind, "type": kind, "inputs": ["sft"], "reward": {"source": "gold"}}
     with pytest.raises(RecipeError, match=message):
         check(REWARD, {**defaults, **stage})
+
+
+def test_too_few_prompts_for_the_launchs_processes_stop_the_run_before_it_starts(check):
+    """Per-device sizes make a generation batch grow with the process count: 2 prompts fill one batch of 8
+    completions (4 per prompt) on one process, not the 4 prompts' batch of two processes, which TRL's sampler would
+    drop, leaving nothing to train on. The runner refuses the launch and the stage refuses to start."""
+    recipe = check({"name": "grpo", "type": "grpo", **FAST, "prompts": 2})
+    stage = recipe.stage("grpo")
+    assert plan_batches(recipe, 1)["grpo"]
+    check_prompts(stage, 1)
+    message = r"stages\.grpo\.prompts: 2 cannot fill one generation batch of 4 prompts .*x 2 processes"
+    with pytest.raises(ValueError, match=message):
+        plan_batches(recipe, 2)
+    with pytest.raises(ValueError, match=message):
+        check_prompts(stage, 2)
+    fixed = recipe.stage("grpo").model_copy(update={"global_batch_size": 8, "per_device_train_batch_size": 4})
+    check_prompts(fixed, 2)  # a global batch is the same on any number of processes
+
+
+def test_prompts_left_out_of_each_epoch_are_logged(check, caplog):
+    stage = check({"name": "rloo", "type": "rloo", **FAST, "prompts": 5}).stage("rloo")  # batches of 2 prompts
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        check_prompts(stage, 1)
+    assert "[rloo] 1 of the 5 prompts are left out of each epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        check_prompts(stage.model_copy(update={"prompts": 6}), 1)
+    assert "left out" not in caplog.text

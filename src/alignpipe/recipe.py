@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from alignpipe.data.truncation import TruncatedSamples
+from alignpipe.pipeline.batching import too_few_prompts
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
 __all__ = [
@@ -1049,12 +1050,15 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
             if self.global_batch_size % self.num_generations:
                 raise _problem((("num_generations",), f"global_batch_size ({self.global_batch_size}) counts "
                                 f"completions and must be a multiple of num_generations ({self.num_generations})"))
-            return self
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if completions % self.num_generations:
-            raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
-                            f"({completions}) counts completions and must be a multiple of num_generations "
-                            f"({self.num_generations}), so every prompt's group is complete"))
+        else:
+            completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            if completions % self.num_generations:
+                raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
+                                f"({completions}) counts completions and must be a multiple of num_generations "
+                                f"({self.num_generations}), so every prompt's group is complete"))
+        # One process needs the fewest prompts; the stage checks again with its launch's world size.
+        if (problem := too_few_prompts(self, 1)) is not None:
+            raise _problem((("prompts",), problem))
         return self
 
 

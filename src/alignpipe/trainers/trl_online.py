@@ -17,6 +17,8 @@ from typing import Any
 from datasets import Dataset
 
 from alignpipe.data.synthetic import task_space
+from alignpipe.pipeline import distributed
+from alignpipe.pipeline.batching import generation_batch_prompts, too_few_prompts
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
 from alignpipe.tasks import sample_tasks
@@ -44,6 +46,19 @@ def prompt_dataset(ctx: StageContext) -> Dataset:
     return Dataset.from_list([{"prompt": [{"role": "user", "content": task.prompt}]} for task in tasks])
 
 
+def check_prompts(stage, world_size: int) -> None:
+    """Stop before any model loads when the stage's prompts cannot fill one generation batch on ``world_size``
+    processes (the recipe check assumed one), and say how many each epoch leaves out when they are not a multiple
+    of it: TRL's sampler draws whole batches only (:func:`~alignpipe.pipeline.batching.too_few_prompts`)."""
+    if (problem := too_few_prompts(stage, world_size)) is not None:
+        raise ValueError(f"stages.{stage.name}.prompts: {problem}")
+    per_batch = generation_batch_prompts(stage, world_size)
+    if left_out := stage.prompts % per_batch:
+        log.info("[%s] %d of the %d prompts are left out of each epoch (another %d, shuffled, each time): TRL "
+                 "samples whole generation batches of %d prompts; a multiple of %d uses them all", stage.name,
+                 left_out, stage.prompts, left_out, per_batch, per_batch)
+
+
 def reward_function(source: RewardSource) -> Callable:
     """The plug-in as a TRL reward function whose ensemble std goes through TRL's ``log_metric`` hook, so it is
     averaged over processes and logged with ``reward``/``kl`` (and reaches ``metrics.jsonl`` through the trainer)."""
@@ -63,6 +78,7 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
     """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts.
     ``method_arguments`` are the method's own ``config_class`` settings (GRPO's ``loss_type``)."""
     stage, recipe = ctx.stage, ctx.recipe
+    check_prompts(stage, distributed.world_size())
     model, tokenizer = load_start_model(ctx)
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
     source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype, device=ctx.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
@@ -27,6 +28,43 @@ def online_run(tmp_path_factory):
                                         {"name": "rloo", "type": "rloo", **FAST}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
     return runner, {o.name: o.action for o in runner.run()}
+
+
+DECODING = {"min_new_tokens": 10, "no_repeat_ngram_size": 1}  # options a hub checkpoint may carry; TRL sets neither
+
+
+@pytest.fixture(scope="module")
+def decoding_run(online_run, tmp_path_factory):
+    """``online_run``'s stages one step long, from its sft policy with ``DECODING`` in its generation_config.json."""
+    runner, _ = online_run
+    directory = tmp_path_factory.mktemp("decoding")
+    run = directory / "runs" / runner.run_dir.name
+    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo"} & set(names))
+    config = run / "sft" / "checkpoint" / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **DECODING}))
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
+                                        {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST, "max_steps": 1},
+                                        {"name": "rloo", "type": "rloo", **FAST, "max_steps": 1}]}
+    decoding = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
+    outcomes = {o.name: o.action for o in decoding.run()}
+    assert outcomes == {"sft": "skipped", "grpo": "ran", "rloo": "ran"}
+    return decoding
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_training_samples_ignore_the_checkpoints_decoding_options(online_run, decoding_run, name):
+    """TRL sets temperature, top-p/k and the length, not min_new_tokens or no_repeat_ngram_size: the stage samples as
+    from the same policy without them (the evaluation ignores them too), and publishes the checkpoint's own file."""
+    def first_step(runner):
+        records = [json.loads(line) for line in StageDir(runner.run_dir / name).metrics.read_text().splitlines()]
+        return {k: v for k, v in records[0].items() if k.startswith("completions/")}
+
+    runner, _ = online_run
+    sampled = first_step(decoding_run)
+    assert sampled["completions/min_length"] < DECODING["min_new_tokens"]
+    assert sampled == first_step(runner)
+    published = json.loads((StageDir(decoding_run.run_dir / name).checkpoint / "generation_config.json").read_text())
+    assert {k: published.get(k) for k in DECODING} == DECODING
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])

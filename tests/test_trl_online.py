@@ -25,7 +25,9 @@ def online_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("online")
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
                                         {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST},
-                                        {"name": "rloo", "type": "rloo", **FAST}]}
+                                        {"name": "rloo", "type": "rloo", **FAST},
+                                        {"name": "luspo", "type": "grpo", "loss_type": "luspo", **FAST,
+                                         "max_steps": 1, "save_steps": 1}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
     return runner, {o.name: o.action for o in runner.run()}
 
@@ -39,7 +41,7 @@ def decoding_run(online_run, tmp_path_factory):
     runner, _ = online_run
     directory = tmp_path_factory.mktemp("decoding")
     run = directory / "runs" / runner.run_dir.name
-    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo"} & set(names))
+    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo", "luspo"} & set(names))
     config = run / "sft" / "checkpoint" / "generation_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **DECODING}))
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
@@ -102,7 +104,19 @@ def test_grpo_trains_with_the_recipes_loss_type(online_run):
     runner, _ = online_run
     args = torch.load(StageDir(runner.run_dir / "grpo").trainer / "checkpoint-4" / "training_args.bin",
                       weights_only=False)
-    assert args.loss_type == "grpo"
+    assert args.loss_type == "grpo" and args.importance_sampling_level == "token"  # TRL's default
+
+
+def test_luspo_takes_one_importance_ratio_per_completion(online_run):
+    """LUSPO is a sequence-level loss (a length-scaled GSPO): TRL needs importance_sampling_level sequence for it,
+    and without it only warns and trains a token-level variant."""
+    import torch
+
+    runner, outcomes = online_run
+    assert outcomes["luspo"] == "ran"
+    args = torch.load(StageDir(runner.run_dir / "luspo").trainer / "checkpoint-1" / "training_args.bin",
+                      weights_only=False)
+    assert args.loss_type == "luspo" and args.importance_sampling_level == "sequence"
 
 
 def test_grpo_with_a_reward_ensemble_logs_its_std_and_saves_the_penalty_state(tmp_path):

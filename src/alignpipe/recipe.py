@@ -1071,7 +1071,8 @@ class GRPOStage(_GroupRLStage):
                         "default 0 skips the reference).")
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
         "dapo", description="How TRL's GRPOTrainer aggregates token losses (TRL default dapo: over every token of the "
-        "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions.",
+        "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions; "
+        "luspo trains with one importance ratio per completion (GSPO's sequence level), as its paper does.",
     )
 
 

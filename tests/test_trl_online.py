@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
@@ -12,6 +13,7 @@ from conftest import TINY_RECIPE, write_recipe
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner, plan_batches
 from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
+from alignpipe.trainers import trl_online
 from alignpipe.trainers.trl_online import check_prompts
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
@@ -35,13 +37,20 @@ def online_run(tmp_path_factory):
 DECODING = {"min_new_tokens": 10, "no_repeat_ngram_size": 1}  # options a hub checkpoint may carry; TRL sets neither
 
 
+def copy_sft(runner: Runner, runs: Path) -> Path:
+    """A copy of ``runner``'s run directory under ``runs`` with its sft stage alone: a later recipe with the same sft
+    skips it."""
+    run = runs / runner.run_dir.name
+    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo", "luspo"} & set(names))
+    return run
+
+
 @pytest.fixture(scope="module")
 def decoding_run(online_run, tmp_path_factory):
     """``online_run``'s stages one step long, from its sft policy with ``DECODING`` in its generation_config.json."""
     runner, _ = online_run
     directory = tmp_path_factory.mktemp("decoding")
-    run = directory / "runs" / runner.run_dir.name
-    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo", "luspo"} & set(names))
+    run = copy_sft(runner, directory / "runs")
     config = run / "sft" / "checkpoint" / "generation_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **DECODING}))
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
@@ -117,6 +126,36 @@ def test_luspo_takes_one_importance_ratio_per_completion(online_run):
     args = torch.load(StageDir(runner.run_dir / "luspo").trainer / "checkpoint-1" / "training_args.bin",
                       weights_only=False)
     assert args.loss_type == "luspo" and args.importance_sampling_level == "sequence"
+
+
+def test_resume_after_the_final_evaluation_was_written_keeps_one(online_run, tmp_path, monkeypatch):
+    """Killed after the final evaluation reached metrics.jsonl but before the stage was complete: --resume publishes
+    the last trainer checkpoint without training and evaluates it again; the log holds that record once, as an
+    uninterrupted run's does."""
+    def read():
+        return [json.loads(line) for line in StageDir(run / "grpo").metrics.read_text().splitlines()]
+
+    def killed_after_final_record(path, record):
+        append_metrics(path, record)
+        if record.get("final_evaluation"):
+            raise RuntimeError("killed after writing the final evaluation")
+
+    run = copy_sft(online_run[0], tmp_path / "runs")
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [
+        TINY_RECIPE["stages"][0], {"name": "grpo", "type": "grpo", **FAST, "max_steps": 2, "save_steps": 2}]})
+    append_metrics = trl_online.append_metrics
+    monkeypatch.setattr(trl_online, "append_metrics", killed_after_final_record)
+    with pytest.raises(RuntimeError, match="killed after writing the final evaluation"):
+        Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
+    interrupted = read()
+    monkeypatch.setattr(trl_online, "append_metrics", append_metrics)
+    outcomes = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True, resume=True).run()
+    assert {o.name: o.action for o in outcomes}["grpo"] == "resumed"
+    records = read()
+    kinds = [("final" if r.get("final_evaluation") else "summary" if "train_runtime" in r else "log", r["step"])
+             for r in records]
+    assert kinds == [("log", 1), ("log", 2), ("summary", 2), ("final", 2)]
+    assert records == interrupted  # the same checkpoint, evaluated with the same seeds
 
 
 def test_grpo_with_a_reward_ensemble_logs_its_std_and_saves_the_penalty_state(tmp_path):

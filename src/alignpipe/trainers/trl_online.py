@@ -26,6 +26,7 @@ from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
 from alignpipe.tasks import sample_tasks
 from alignpipe.trainers.common import (
+    FINAL_RECORD,
     CheckpointSideState,
     MetricsLogger,
     append_metrics,
@@ -122,7 +123,7 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
     if not ctx.is_main_process:
         return summary
     evaluation = evaluate_policy(ctx, ctx.dir.checkpoint, source)
-    append_metrics(ctx.dir.metrics, {"step": trainer.state.global_step, "final_evaluation": True, **evaluation})
+    append_metrics(ctx.dir.metrics, {"step": trainer.state.global_step, FINAL_RECORD: True, **evaluation})
     log.info("[%s] gold reward %.3f [%.3f, %.3f], proxy %.3f, KL to initial %.3f", ctx.dir.name,
              evaluation["gold_reward"], *evaluation["gold_reward_ci95"], evaluation["proxy_reward"],
              evaluation["kl_initial_k3"])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.pipeline.rundir import StageDir
-from alignpipe.pipeline.runner import Runner
+from alignpipe.pipeline.runner import Runner, plan_batches
 from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
+from alignpipe.trainers import trl_online
+from alignpipe.trainers.trl_online import check_prompts
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2}
 FAST = {"inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3, "max_steps": 4,
@@ -22,9 +27,55 @@ def online_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("online")
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
                                         {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST},
-                                        {"name": "rloo", "type": "rloo", **FAST}]}
+                                        {"name": "rloo", "type": "rloo", **FAST},
+                                        {"name": "luspo", "type": "grpo", "loss_type": "luspo", **FAST,
+                                         "max_steps": 1, "save_steps": 1}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
     return runner, {o.name: o.action for o in runner.run()}
+
+
+DECODING = {"min_new_tokens": 10, "no_repeat_ngram_size": 1}  # options a hub checkpoint may carry; TRL sets neither
+
+
+def copy_sft(runner: Runner, runs: Path) -> Path:
+    """A copy of ``runner``'s run directory under ``runs`` with its sft stage alone: a later recipe with the same sft
+    skips it."""
+    run = runs / runner.run_dir.name
+    shutil.copytree(runner.run_dir, run, ignore=lambda folder, names: {"grpo", "rloo", "luspo"} & set(names))
+    return run
+
+
+@pytest.fixture(scope="module")
+def decoding_run(online_run, tmp_path_factory):
+    """``online_run``'s stages one step long, from its sft policy with ``DECODING`` in its generation_config.json."""
+    runner, _ = online_run
+    directory = tmp_path_factory.mktemp("decoding")
+    run = copy_sft(runner, directory / "runs")
+    config = run / "sft" / "checkpoint" / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **DECODING}))
+    recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
+                                        {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST, "max_steps": 1},
+                                        {"name": "rloo", "type": "rloo", **FAST, "max_steps": 1}]}
+    decoding = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
+    outcomes = {o.name: o.action for o in decoding.run()}
+    assert outcomes == {"sft": "skipped", "grpo": "ran", "rloo": "ran"}
+    return decoding
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_training_samples_ignore_the_checkpoints_decoding_options(online_run, decoding_run, name):
+    """TRL sets temperature, top-p/k and the length, not min_new_tokens or no_repeat_ngram_size: the stage samples as
+    from the same policy without them (the evaluation ignores them too), and publishes the checkpoint's own file."""
+    def first_step(runner):
+        records = [json.loads(line) for line in StageDir(runner.run_dir / name).metrics.read_text().splitlines()]
+        return {k: v for k, v in records[0].items() if k.startswith("completions/")}
+
+    runner, _ = online_run
+    sampled = first_step(decoding_run)
+    assert sampled["completions/min_length"] < DECODING["min_new_tokens"]
+    assert sampled == first_step(runner)
+    published = json.loads((StageDir(decoding_run.run_dir / name).checkpoint / "generation_config.json").read_text())
+    assert {k: published.get(k) for k in DECODING} == DECODING
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
@@ -62,7 +113,49 @@ def test_grpo_trains_with_the_recipes_loss_type(online_run):
     runner, _ = online_run
     args = torch.load(StageDir(runner.run_dir / "grpo").trainer / "checkpoint-4" / "training_args.bin",
                       weights_only=False)
-    assert args.loss_type == "grpo"
+    assert args.loss_type == "grpo" and args.importance_sampling_level == "token"  # TRL's default
+
+
+def test_luspo_takes_one_importance_ratio_per_completion(online_run):
+    """LUSPO is a sequence-level loss (a length-scaled GSPO): TRL needs importance_sampling_level sequence for it,
+    and without it only warns and trains a token-level variant."""
+    import torch
+
+    runner, outcomes = online_run
+    assert outcomes["luspo"] == "ran"
+    args = torch.load(StageDir(runner.run_dir / "luspo").trainer / "checkpoint-1" / "training_args.bin",
+                      weights_only=False)
+    assert args.loss_type == "luspo" and args.importance_sampling_level == "sequence"
+
+
+def test_resume_after_the_final_evaluation_was_written_keeps_one(online_run, tmp_path, monkeypatch):
+    """Killed after the final evaluation reached metrics.jsonl but before the stage was complete: --resume publishes
+    the last trainer checkpoint without training and evaluates it again; the log holds that record once, as an
+    uninterrupted run's does."""
+    def read():
+        return [json.loads(line) for line in StageDir(run / "grpo").metrics.read_text().splitlines()]
+
+    def killed_after_final_record(path, record):
+        append_metrics(path, record)
+        if record.get("final_evaluation"):
+            raise RuntimeError("killed after writing the final evaluation")
+
+    run = copy_sft(online_run[0], tmp_path / "runs")
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [
+        TINY_RECIPE["stages"][0], {"name": "grpo", "type": "grpo", **FAST, "max_steps": 2, "save_steps": 2}]})
+    append_metrics = trl_online.append_metrics
+    monkeypatch.setattr(trl_online, "append_metrics", killed_after_final_record)
+    with pytest.raises(RuntimeError, match="killed after writing the final evaluation"):
+        Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
+    interrupted = read()
+    monkeypatch.setattr(trl_online, "append_metrics", append_metrics)
+    outcomes = Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True, resume=True).run()
+    assert {o.name: o.action for o in outcomes}["grpo"] == "resumed"
+    records = read()
+    kinds = [("final" if r.get("final_evaluation") else "summary" if "train_runtime" in r else "log", r["step"])
+             for r in records]
+    assert kinds == [("log", 1), ("log", 2), ("summary", 2), ("final", 2)]
+    assert records == interrupted  # the same checkpoint, evaluated with the same seeds
 
 
 def test_grpo_with_a_reward_ensemble_logs_its_std_and_saves_the_penalty_state(tmp_path):
@@ -111,8 +204,41 @@ def test_valid_combinations(check, kind):
     ("rloo", {"inputs": ["rm"], "reward": {"source": "gold"}}, "is a reward stage"),
     ("grpo", {"beta": -0.1}, r"grpo\.beta"),
     ("rloo", {"num_generation": 4}, "did you mean 'num_generations'"),
+    ("grpo", {"prompts": 1, "per_device_train_batch_size": 8, "num_generations": 4},
+     r"grpo\.prompts: 1 cannot fill one generation batch of 2 prompts \(global batch 8 = 8 per device x 1 "
+     r"accumulation x 1 process, counted in completions, 4 per prompt\).*set prompts to at least 2"),
+    ("rloo", {"prompts": 3, "global_batch_size": 16, "per_device_train_batch_size": 4, "num_generations": 4},
+     r"rloo\.prompts: 3 cannot fill one generation batch of 4 prompts"),
 ])
 def test_bad_combinations_are_recipe_errors(check, kind, stage, message):
     defaults = {"name": kind, "type": kind, "inputs": ["sft"], "reward": {"source": "gold"}}
     with pytest.raises(RecipeError, match=message):
         check(REWARD, {**defaults, **stage})
+
+
+def test_too_few_prompts_for_the_launchs_processes_stop_the_run_before_it_starts(check):
+    """Per-device sizes make a generation batch grow with the process count: 2 prompts fill one batch of 8
+    completions (4 per prompt) on one process, not the 4 prompts' batch of two processes, which TRL's sampler would
+    drop, leaving nothing to train on. The runner refuses the launch and the stage refuses to start."""
+    recipe = check({"name": "grpo", "type": "grpo", **FAST, "prompts": 2})
+    stage = recipe.stage("grpo")
+    assert plan_batches(recipe, 1)["grpo"]
+    check_prompts(stage, 1)
+    message = r"stages\.grpo\.prompts: 2 cannot fill one generation batch of 4 prompts .*x 2 processes"
+    with pytest.raises(ValueError, match=message):
+        plan_batches(recipe, 2)
+    with pytest.raises(ValueError, match=message):
+        check_prompts(stage, 2)
+    fixed = recipe.stage("grpo").model_copy(update={"global_batch_size": 8, "per_device_train_batch_size": 4})
+    check_prompts(fixed, 2)  # a global batch is the same on any number of processes
+
+
+def test_prompts_left_out_of_each_epoch_are_logged(check, caplog):
+    stage = check({"name": "rloo", "type": "rloo", **FAST, "prompts": 5}).stage("rloo")  # batches of 2 prompts
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        check_prompts(stage, 1)
+    assert "[rloo] 1 of the 5 prompts are left out of each epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        check_prompts(stage.model_copy(update={"prompts": 6}), 1)
+    assert "left out" not in caplog.text

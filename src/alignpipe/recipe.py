@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from alignpipe.data.truncation import TruncatedSamples
+from alignpipe.pipeline.batching import too_few_prompts
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
 __all__ = [
@@ -1056,12 +1057,15 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
             if self.global_batch_size % self.num_generations:
                 raise _problem((("num_generations",), f"global_batch_size ({self.global_batch_size}) counts "
                                 f"completions and must be a multiple of num_generations ({self.num_generations})"))
-            return self
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if completions % self.num_generations:
-            raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
-                            f"({completions}) counts completions and must be a multiple of num_generations "
-                            f"({self.num_generations}), so every prompt's group is complete"))
+        else:
+            completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            if completions % self.num_generations:
+                raise _problem((("num_generations",), f"per_device_train_batch_size x gradient_accumulation_steps "
+                                f"({completions}) counts completions and must be a multiple of num_generations "
+                                f"({self.num_generations}), so every prompt's group is complete"))
+        # One process needs the fewest prompts; the stage checks again with its launch's world size.
+        if (problem := too_few_prompts(self, 1)) is not None:
+            raise _problem((("prompts",), problem))
         return self
 
 
@@ -1074,7 +1078,8 @@ class GRPOStage(_GroupRLStage):
                         "default 0 skips the reference).")
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
         "dapo", description="How TRL's GRPOTrainer aggregates token losses (TRL default dapo: over every token of the "
-        "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions.",
+        "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions; "
+        "luspo trains with one importance ratio per completion (GSPO's sequence level), as its paper does.",
     )
 
 

@@ -53,7 +53,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
 
 def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     """The whole decoding of a pinned sample: plain sampling with ``settings`` (no top-k), stopping at the
-    tokenizer's EOS. Every other option keeps transformers' neutral default (see :func:`_decoding_with`)."""
+    tokenizer's EOS. Every other option keeps transformers' neutral default (see :func:`decoding_with`)."""
     return GenerationConfig(
         do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
         max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -62,12 +62,13 @@ def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizer
 
 
 @contextmanager
-def _decoding_with(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
+def decoding_with(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
     """Make ``config`` the model's only decoding source while sampling, and restore the model's own afterwards.
 
     Why: ``model.generate`` fills each option a passed config leaves unset from ``model.generation_config`` (the
     checkpoint's file), so passing ``config`` alone would still let a checkpoint's repetition penalty or minimum
-    length through. A PEFT wrapper decodes with the generation config of the model it wraps.
+    length through. A PEFT wrapper decodes with the generation config of the model it wraps. Also used around the
+    GRPO/RLOO trainers, whose sampling TRL configures the same way (``trainers/trl_online.py``).
     """
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model
     own = owner.generation_config
@@ -99,7 +100,7 @@ def generate(
     for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
         batch = _encode(tokenizer, rendered[start:start + settings.batch_size], model.device)
         torch.manual_seed(settings.seed + batch_index)
-        with _decoding_with(model, config):
+        with decoding_with(model, config):
             sequences = model.generate(**batch, generation_config=config, synced_gpus=False)
         new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
         for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):

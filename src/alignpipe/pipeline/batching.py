@@ -64,3 +64,27 @@ def stage_batch_split(stage, world_size: int) -> BatchSplit:
     return split_global_batch(stage.global_batch_size, world_size, stage.per_device_train_batch_size,
                               where=f"stages.{stage.name}")
 
+
+
+def generation_batch_prompts(stage, world_size: int) -> int:
+    """Prompts in one generation batch of a grpo/rloo stage on ``world_size`` processes: TRL samples
+    ``num_generations`` completions of each, as many completions as one optimizer step takes over all processes."""
+    return stage_batch_split(stage, world_size).global_batch_size // stage.num_generations
+
+
+def too_few_prompts(stage, world_size: int) -> str | None:
+    """Why a grpo/rloo stage's ``prompts`` cannot fill one generation batch on ``world_size`` processes, with the
+    fix; None when they can.
+
+    Why: TRL's sampler (``RepeatSampler``) drops a generation batch it cannot fill, so with fewer prompts than one
+    batch the dataloader is empty: transformers then stops on an unrelated error (``max_steps: -1``), or the stage
+    trains 0 steps and publishes its untrained input as complete (``max_steps > 0``).
+    """
+    needed = generation_batch_prompts(stage, world_size)
+    if stage.prompts >= needed:
+        return None
+    split = stage_batch_split(stage, world_size)
+    return (f"{stage.prompts} cannot fill one generation batch of {needed} prompts ({split.describe()}, counted in "
+            f"completions, {stage.num_generations} per prompt): TRL drops a batch it cannot fill, so the stage would train on "
+            f"nothing; set prompts to at least {needed} (a multiple of {needed} uses every prompt in every epoch), "
+            "or lower the batch")

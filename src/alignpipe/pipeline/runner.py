@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
-from alignpipe.pipeline.batching import BatchSplit, effective_batch, stage_batch_split
+from alignpipe.pipeline.batching import BatchSplit, effective_batch, stage_batch_split, too_few_prompts
 from alignpipe.pipeline.control import (
     CONTROL_TIMEOUT_S,
     Alone,
@@ -66,7 +66,16 @@ from alignpipe.pipeline.rundir import (
     utc_now,
 )
 from alignpipe.pipeline.watched import run_watched
-from alignpipe.recipe import PPOStage, Recipe, RewardStage, _OptimizerStage, _TrainerStage, recipe_to_dict
+from alignpipe.recipe import (
+    GRPOStage,
+    PPOStage,
+    Recipe,
+    RewardStage,
+    RLOOStage,
+    _OptimizerStage,
+    _TrainerStage,
+    recipe_to_dict,
+)
 
 if TYPE_CHECKING:
     from alignpipe.data.hub_datasets import DatasetPin
@@ -810,7 +819,8 @@ def check_full_weight_precision(recipe: Recipe, topology: Topology) -> None:
 def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
     """Check every stage's batch sizes against the world size before anything runs; a description per stage.
 
-    Raises a ``ValueError`` naming the stage, the field and a fix when a batch does not split over the processes.
+    Raises a ``ValueError`` naming the stage, the field and a fix when a batch does not split over the processes, or
+    when a grpo/rloo stage's prompts cannot fill one generation batch on them.
     """
     plan = {}
     for stage in recipe.stages:
@@ -823,5 +833,7 @@ def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
             plan[stage.name] = (f"{stage.rollout_batch_size} prompts per rollout, minibatches of "
                                 f"{stage.mini_batch_size}, over {world_size} process(es)")
         elif isinstance(stage, _TrainerStage):
+            if isinstance(stage, GRPOStage | RLOOStage) and (problem := too_few_prompts(stage, world_size)):
+                raise ValueError(f"stages.{stage.name}.prompts: {problem}")
             plan[stage.name] = stage_batch_split(stage, world_size).describe()
     return plan

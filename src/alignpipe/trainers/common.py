@@ -250,10 +250,15 @@ def _token_count(trainer) -> dict | None:
     return {"total_train_tokens": count} if count is not None else None
 
 
+FINAL_RECORD = "final_evaluation"  # marks the metrics record a stage appends once training is done
+
+
 def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     """``trainer.train``, from the verified checkpoint ``resume_from`` if given, with every new checkpoint's hash
     recorded. Metric records this trainer logged after the starting step (an interrupted attempt's) are dropped
-    first: they are about to be redone, so the resumed log equals an uninterrupted one.
+    first: they are about to be redone, so the resumed log equals an uninterrupted one. So is a record marked
+    ``FINAL_RECORD``, whatever its step: the stage appends it again after this call, also when the attempt died
+    after writing it but before the stage was complete.
 
     A checkpoint at the last step (killed after the final save, before publishing) is loaded without training:
     transformers 5.23 resumed from it trains one step past ``max_steps``.
@@ -269,8 +274,8 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     if ctx.is_main_process:
         output = Path(trainer.args.output_dir)
         # ... and the end-of-training summary (``train_runtime`` ...), which a resumed trainer logs again
-        ctx.dir.keep_metrics(lambda r: not _logged_by(r, output) or (r.get("step", 0) <= step and (
-            finished or "train_runtime" not in r)))
+        ctx.dir.keep_metrics(lambda r: not r.get(FINAL_RECORD) and (not _logged_by(r, output) or (
+            r.get("step", 0) <= step and (finished or "train_runtime" not in r))))
     if finished:
         from transformers import TrainerState
 

@@ -11,6 +11,18 @@ from trl import GRPOConfig, GRPOTrainer
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.trl_online import run_online
 
+SEQUENCE_LEVEL_LOSSES = frozenset({"luspo"})  # TRL 1.16's GRPOConfig: "requires importance_sampling_level='sequence'"
+
+
+def importance_sampling_level(loss_type: str) -> str:
+    """Where TRL takes the policy ratio for ``loss_type``: once per completion (the mean of its token log-ratios) for
+    LUSPO, a length-scaled GSPO whose paper and TRL's implementation assume it (TRL only warns without it, and
+    trains a token-level variant that is not the method); per token, TRL's default, for every other loss (VESPO
+    computes its sequence weights itself from the token ratios)."""
+    return "sequence" if loss_type in SEQUENCE_LEVEL_LOSSES else "token"
+
 
 def run(ctx: StageContext) -> dict:
-    return run_online(ctx, GRPOTrainer, GRPOConfig, loss_type=ctx.stage.loss_type)
+    loss_type = ctx.stage.loss_type
+    return run_online(ctx, GRPOTrainer, GRPOConfig, loss_type=loss_type,
+                      importance_sampling_level=importance_sampling_level(loss_type))

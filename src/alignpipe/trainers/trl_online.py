@@ -3,8 +3,9 @@
 Why so little: TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` already own sampling, group baselines, the KL term and
 the loss, and take the same inputs (a conversational ``prompt`` dataset, reward functions, a PEFT config). A stage
 only supplies the prompts, the reward (``alignpipe.rewards.plugin``: model ensemble with a penalty, gold or a
-callable), logging of the ensemble std beside TRL's own metrics, the merged checkpoint, and the shared harness's
-gold reward / win rate / KL at the end (the same numbers every other stage reports).
+callable), logging of the ensemble std beside TRL's own metrics, a decoding free of the checkpoint's own options,
+the merged checkpoint, and the shared harness's gold reward / win rate / KL at the end (the same numbers every other
+stage reports).
 """
 
 from __future__ import annotations
@@ -15,20 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.data.synthetic import task_space
+from alignpipe.evaluation.generation import decoding_with
+from alignpipe.pipeline import distributed
+from alignpipe.pipeline.batching import generation_batch_prompts, too_few_prompts
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source, trl_reward_function
 from alignpipe.tasks import sample_tasks
 from alignpipe.trainers.common import (
+    FINAL_RECORD,
     CheckpointSideState,
     MetricsLogger,
     append_metrics,
     load_side_state,
     load_start_model,
     lora_config,
-    train_and_publish,
+    publish_model,
+    train,
     trainer_arguments,
+    training_summary,
 )
 from alignpipe.trainers.iterative import evaluate_against_start
 
@@ -42,6 +50,34 @@ def prompt_dataset(ctx: StageContext) -> Dataset:
     """``stage.prompts`` training prompts from the recipe's task, in TRL's conversational ``prompt`` format."""
     tasks = sample_tasks(ctx.stage.prompts, ctx.recipe.seed + PROMPT_SEED_OFFSET, task_space(ctx.recipe.data))
     return Dataset.from_list([{"prompt": [{"role": "user", "content": task.prompt}]} for task in tasks])
+
+
+def check_prompts(stage, world_size: int) -> None:
+    """Stop before any model loads when the stage's prompts cannot fill one generation batch on ``world_size``
+    processes (the recipe check assumed one), and say how many each epoch leaves out when they are not a multiple
+    of it: TRL's sampler draws whole batches only (:func:`~alignpipe.pipeline.batching.too_few_prompts`)."""
+    if (problem := too_few_prompts(stage, world_size)) is not None:
+        raise ValueError(f"stages.{stage.name}.prompts: {problem}")
+    per_batch = generation_batch_prompts(stage, world_size)
+    if left_out := stage.prompts % per_batch:
+        log.info("[%s] %d of the %d prompts are left out of each epoch (another %d, shuffled, each time): TRL "
+                 "samples whole generation batches of %d prompts; a multiple of %d uses them all", stage.name,
+                 left_out, stage.prompts, left_out, per_batch, per_batch)
+
+
+def token_ids_only(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """A generation config holding nothing but the special token ids (the model's, else the tokenizer's): what the
+    trainer's sampling may read from the model besides the options TRL sets.
+
+    Why: TRL's GRPO/RLOO trainers pass their own sampling config (temperature, top-p/k, length), and transformers
+    fills every option it leaves unset from ``model.generation_config``: a checkpoint's minimum length, banned n-grams
+    or suppressed tokens would shape the training samples, off the policy the loss assumes and unlike the evaluation's
+    samples, which ignore them too (:func:`~alignpipe.evaluation.generation.decoding_with`). The eos ids stay, as TRL
+    ends a completion at every one the model declares (an end-of-turn token)."""
+    own = model.generation_config
+    ids = {key: getattr(own, key) if getattr(own, key) is not None else getattr(tokenizer, key)
+           for key in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    return GenerationConfig(**ids)
 
 
 def reward_function(source: RewardSource) -> Callable:
@@ -63,6 +99,7 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
     """Train the stage's policy with ``trainer_class`` (TRL), publish it merged, then evaluate it on held-out prompts.
     ``method_arguments`` are the method's own ``config_class`` settings (GRPO's ``loss_type``)."""
     stage, recipe = ctx.stage, ctx.recipe
+    check_prompts(stage, distributed.world_size())
     model, tokenizer = load_start_model(ctx)
     reward_path = ctx.inputs[stage.inputs[1]] if len(stage.inputs) == 2 else None
     source = make_reward_source(stage.reward, reward_path, dtype=recipe.model.dtype, device=ctx.device)
@@ -71,18 +108,22 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
     args = config_class(**trainer_arguments(ctx), num_generations=stage.num_generations, beta=stage.beta,
                         max_completion_length=stage.max_completion_length, temperature=stage.temperature,
                         **method_arguments)
-    trainer = trainer_class(
-        model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
-        processing_class=tokenizer, peft_config=lora_config(ctx),
-        callbacks=[CheckpointSideState(REWARD_STATE, source.state_dict), MetricsLogger(ctx.dir.metrics)],
-    )
-    summary = train_and_publish(trainer, tokenizer, ctx)
+    # The checkpoint's own generation config comes back before publishing: the published one keeps its file.
+    with decoding_with(model, token_ids_only(model, tokenizer)):
+        trainer = trainer_class(
+            model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
+            processing_class=tokenizer, peft_config=lora_config(ctx),
+            callbacks=[CheckpointSideState(REWARD_STATE, source.state_dict), MetricsLogger(ctx.dir.metrics)],
+        )
+        train(trainer, ctx, ctx.resume_from)
+    publish_model(trainer, tokenizer, ctx)
+    summary = training_summary(trainer)
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     summary.update(first_reward=rewards[0] if rewards else None, final_reward=rewards[-1] if rewards else None)
     if not ctx.is_main_process:
         return summary
     evaluation = evaluate_policy(ctx, ctx.dir.checkpoint, source)
-    append_metrics(ctx.dir.metrics, {"step": trainer.state.global_step, "final_evaluation": True, **evaluation})
+    append_metrics(ctx.dir.metrics, {"step": trainer.state.global_step, FINAL_RECORD: True, **evaluation})
     log.info("[%s] gold reward %.3f [%.3f, %.3f], proxy %.3f, KL to initial %.3f", ctx.dir.name,
              evaluation["gold_reward"], *evaluation["gold_reward_ci95"], evaluation["proxy_reward"],
              evaluation["kl_initial_k3"])

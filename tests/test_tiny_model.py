@@ -1,5 +1,6 @@
 """Tests for alignpipe.models.tiny (local tokenizer + random-init Llama) and alignpipe.models.loading."""
 
+import shutil
 import warnings
 
 import pytest
@@ -211,6 +212,20 @@ def test_load_causal_lm_from_checkpoint(checkpoint, model):
     assert loaded.dtype == torch.float32
     sd, ref = loaded.state_dict(), model.state_dict()
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_a_home_relative_path_loads_and_is_handed_to_the_stage_expanded(checkpoint, model, tmp_path, monkeypatch):
+    """``~/ckpt`` passes the preflight and the runner's checks, so the runner must hand the stage that folder and
+    the loaders must read it as one, not as a (malformed) hub id."""
+    from alignpipe.models.loading import resolve_model_location
+    from alignpipe.pipeline.runner import _local_model_location
+
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_location("~/ckpt") == _local_model_location("~/ckpt") == str(tmp_path / "ckpt")
+    assert load_tokenizer("~/ckpt").chat_template == CHAT_TEMPLATE
+    loaded = load_causal_lm("~/ckpt", dtype="float32")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")

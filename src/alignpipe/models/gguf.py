@@ -283,37 +283,50 @@ def conversion_name(package: str, chat_template: str = "own", *, dtype: torch.dt
 def with_chat_template(checkpoint: Path, choice: str) -> Path:
     """``checkpoint`` whose tokenizer uses the chat template ``choice`` (see ``models.chat_templates``).
 
-    ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds hard links
-    to the weights (copies where links are impossible) and the tokenizer saved with the new template, made once,
-    atomically, so several runs can share it.
+    ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds the tokenizer
+    saved with the new template and hard links to every other file of ``checkpoint`` (copies where links are
+    impossible): the configs, the weights, and for sharded weights every shard and the index that names them. Made
+    once, atomically, so several runs can share it.
     """
     from alignpipe.models.chat_templates import apply_chat_template_choice
 
     if choice == "own":
         return checkpoint
     target = checkpoint.with_name(_template_variant(checkpoint.name, choice))
-    if (target / MARKER).exists():
+    if _variant_complete(target, checkpoint):
         return target
+    if target.exists():
+        log.warning("removing incomplete chat template variant %s (it lacks files of %s)", target, checkpoint.name)
+        shutil.rmtree(target, ignore_errors=True)
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         temporary.mkdir(parents=True)
+        # the tokenizer first: its files are the new ones, never links that writing it would overwrite in place
+        written = {Path(name).name for name in tokenizer.save_pretrained(temporary)}
         for source in checkpoint.iterdir():
-            if source.is_file() and source.suffix == ".safetensors" or source.name in ("config.json",
-                                                                                       "generation_config.json"):
+            if source.is_file() and source.name not in written and source.name != MARKER:
                 try:
                     os.link(source, temporary / source.name)
                 except OSError:
                     shutil.copy2(source, temporary / source.name)
-        tokenizer.save_pretrained(temporary)
         marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice}
         (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(temporary, target)
         except OSError:  # another process made it first
-            if not (target / MARKER).exists():
+            if not _variant_complete(target, checkpoint):
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     log.info("tokenizer with the %s chat template: %s", choice, target)
     return target
+
+
+def _variant_complete(variant: Path, checkpoint: Path) -> bool:
+    """A chat template variant counts once its marker (written last) exists and it holds a file of every name in
+    ``checkpoint``. Why the names: variants made before every file was linked lack a sharded checkpoint's index and
+    cannot load; they are made again rather than reused."""
+    if not (variant / MARKER).is_file():
+        return False
+    return {path.name for path in checkpoint.iterdir() if path.is_file()} <= {path.name for path in variant.iterdir()}

@@ -159,7 +159,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
     a DeepSpeed ZeRO-3 stage process (:func:`~alignpipe.models.whole_weights.zero3_partitioning_off`).
 
     A ``gguf_file`` loads de-quantised into an ordinary model: transformers keeps the file's quantisation flag (and a
-    GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``.
+    GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``. It
+    cannot load quantized: transformers refuses to quantize a model it reads from a GGUF file.
 
     Quantized, the unquantized parts (embeddings, norms, lm_head) load in the spec's ``compute_dtype`` instead of
     ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU whatever ``device`` says (k-bit models
@@ -176,13 +177,17 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
 
             model = plain_copy(model, resolve_dtype(dtype))
         return model.to(device) if device is not None else model
+    if gguf_file is not None:  # recipes refuse it (ModelSpec); transformers would fail deep inside the load
+        raise ModelError(f"{name_or_path}/{gguf_file}: a GGUF file cannot be loaded k-bit quantized; load a "
+                         "checkpoint converted from it (models.gguf.convert_gguf_package for a packaged file) or load "
+                         "it without quantization")
     extra = {}
     if torch.cuda.is_available():
         from accelerate import PartialState
 
         extra["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=compute_dtype(quantization), gguf_file=gguf_file,
+        location, dtype=compute_dtype(quantization),
         quantization_config=bitsandbytes_config(quantization), **extra, **remote_code_kwargs(),
     )
     keep_4bit_layers_differentiable(model)

@@ -271,6 +271,39 @@ def test_chat_template_variant_links_the_weights_and_swaps_the_template(converte
     assert with_chat_template(converted, "chatml") == variant and (variant / MARKER).stat().st_mtime_ns == mtime
 
 
+def test_chat_template_variant_of_a_sharded_checkpoint_loads(tmp_path: Path) -> None:
+    """Sharded weights load through their index: the variant links it with every shard, and a variant made without
+    it (by an earlier version, then reused because its marker existed) is made again."""
+    from alignpipe.models.gguf import with_chat_template
+    from alignpipe.models.loading import load_causal_lm
+    from alignpipe.models.tiny import build_tiny_model
+    from alignpipe.tasks.synthetic import tokenizer_corpus
+
+    tokenizer = train_tokenizer(tokenizer_corpus(n=200), vocab_size=120)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=64, seed=0)
+    converted = tmp_path / "pkg-1.0-abcdef123456"
+    model.save_pretrained(converted, max_shard_size="20KB")
+    tokenizer.save_pretrained(converted)
+    (converted / MARKER).write_text(json.dumps({"package": "pkg", "gguf_sha256": "0" * 64}))
+    index = "model.safetensors.index.json"
+    assert (converted / index).is_file() and len(list(converted.glob("*.safetensors"))) > 1
+
+    def loads_the_weights(variant: Path) -> None:
+        loaded = load_causal_lm(str(variant), dtype="float32").state_dict()
+        assert all(torch.equal(loaded[name], value) for name, value in model.state_dict().items())
+        assert AutoTokenizer.from_pretrained(variant).chat_template == CHATML_TEMPLATE
+
+    variant = with_chat_template(converted, "chatml")
+    assert (variant / index).stat().st_ino == (converted / index).stat().st_ino
+    loads_the_weights(variant)
+    (variant / index).unlink()
+    assert with_chat_template(converted, "chatml") == variant
+    loads_the_weights(variant)
+    assert AutoTokenizer.from_pretrained(converted).chat_template != CHATML_TEMPLATE  # the conversion is intact
+
+
 def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: Path) -> None:
     """A dry run names the base model by this, so it must be the folder the conversion and its chat template give."""
     from alignpipe.models.gguf import conversion_name, with_chat_template

@@ -63,6 +63,15 @@ def test_recipe_rejects_quantization_with_a_full_finetuning_stage(tmp_path):
         load_recipe(write_recipe(tmp_path, recipe))
 
 
+def test_a_gguf_file_is_refused_k_bit_before_it_is_read(gguf_model):
+    """transformers cannot quantize a model it reads from a GGUF file: recipes refuse model.gguf_file with
+    model.quantization (tests/bad_inputs/recipes/quantization_with_gguf_file.yaml), and the loader says so too."""
+    from alignpipe.models.loading import ModelError
+
+    with pytest.raises(ModelError, match=r"tiny\.gguf: a GGUF file cannot be loaded k-bit quantized; .*convert_gguf"):
+        load_causal_lm(str(gguf_model.parent), gguf_file=gguf_model.name, quantization=QuantizationSpec())
+
+
 def test_optimizer_arguments_pick_8bit_adamw_only_for_quantized_recipes():
     from alignpipe.trainers.common import optimizer_arguments
 

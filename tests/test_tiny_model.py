@@ -1,5 +1,6 @@
 """Tests for alignpipe.models.tiny (local tokenizer + random-init Llama) and alignpipe.models.loading."""
 
+import shutil
 import warnings
 
 import pytest
@@ -213,6 +214,20 @@ def test_load_causal_lm_from_checkpoint(checkpoint, model):
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
+def test_a_home_relative_path_loads_and_is_handed_to_the_stage_expanded(checkpoint, model, tmp_path, monkeypatch):
+    """``~/ckpt`` passes the preflight and the runner's checks, so the runner must hand the stage that folder and
+    the loaders must read it as one, not as a (malformed) hub id."""
+    from alignpipe.models.loading import resolve_model_location
+    from alignpipe.pipeline.runner import _local_model_location
+
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_location("~/ckpt") == _local_model_location("~/ckpt") == str(tmp_path / "ckpt")
+    assert load_tokenizer("~/ckpt").chat_template == CHAT_TEMPLATE
+    loaded = load_causal_lm("~/ckpt", dtype="float32")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
 def test_precision_defaults_on_cpu():
     assert resolve_bf16(None) is False
@@ -291,3 +306,19 @@ def test_pypi_model_locations_resolve_to_the_package_model_folder(tmp_path, monk
     assert resolve_model_location("org/model-id") == "org/model-id"  # hub ids and paths pass through
     with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'"):
         resolve_model_location("pypi:not_installed_pkg")
+
+
+def test_pypi_model_locations_take_the_pypi_spelling_of_the_package_name(tmp_path, monkeypatch):
+    """``pypi:shipped-model-pkg`` (how PyPI and pip spell it) is the installed ``shipped_model_pkg``, as for
+    ``model.gguf_package``; not a package the user is told to install."""
+    from alignpipe.models.loading import resolve_model_location
+
+    package = tmp_path / "shipped_model_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_location("pypi:shipped-model-pkg") == str(package / "model")
+    assert resolve_model_location("pypi:shipped.model-pkg") == str(package / "model")
+    with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'.*not-installed-pkg"):
+        resolve_model_location("pypi:not-installed-pkg")

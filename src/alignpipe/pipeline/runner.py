@@ -712,7 +712,7 @@ def local_model_hash(name_or_path: str | None, gguf_file: str | None = None) -> 
         return None
     from alignpipe.models.loading import resolve_model_location
 
-    local = Path(resolve_model_location(name_or_path)).expanduser()
+    local = Path(resolve_model_location(name_or_path))
     if not local.is_dir():
         return None
 
@@ -760,8 +760,8 @@ def _local_model_location(name_or_path: str) -> str | None:
     """The folder a model name means on this machine (a path, or a ``pypi:`` package's folder); None for a hub id."""
     from alignpipe.models.loading import resolve_model_location
 
-    location = resolve_model_location(name_or_path)
-    return location if Path(location).expanduser().exists() else None
+    location = resolve_model_location(name_or_path)  # ``~`` expanded: the stage is handed a path it can load
+    return location if Path(location).exists() else None
 
 
 def _complete_base(directory: StageDir, config_hash: str) -> dict | None:

@@ -364,7 +364,7 @@ def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     location = resolve_model_location(spec.backbone)
-    if looks_like_path(location) and not Path(location).expanduser().exists():  # not the hub's "repo id" error
+    if looks_like_path(location) and not Path(location).exists():  # not the hub's "repo id" error
         raise FileNotFoundError(f"reward ensemble backbone {location} does not exist; give an existing checkpoint "
                                 "directory (config.json and weights) or a Hugging Face hub id (owner/name)")
     with zero3_partitioning_off():  # a judge or reward source inside a ZeRO-3 policy stage

@@ -260,3 +260,29 @@ def test_side_state_is_saved_in_each_checkpoint_and_read_back_on_resume(tmp_path
     other_rank.on_save(args, SimpleNamespace(global_step=6, is_world_process_zero=False), None)
     assert load_side_state(tmp_path / "checkpoint-6", "side.json") is None
     assert load_side_state(None, "side.json") is None  # not resuming
+
+
+@pytest.mark.parametrize("step, said", [(3, "resuming at step 3, between two logging steps: the first loss logged "
+                                              "after it averages steps 4-4 only"), (4, None)])
+def test_a_resume_between_two_logging_steps_says_its_first_loss_averages_fewer_steps(tmp_path, caplog, step, said):
+    """transformers saves no partial loss sums, so the first record after such a resume averages fewer steps than
+    the uninterrupted run's (the weights are the same bit for bit)."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.common import train
+
+    checkpoint = tmp_path / f"checkpoint-{step}"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 10}))
+    resumed = []
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path), logging_steps=2),
+                              add_callback=lambda callback: None,
+                              train=lambda resume_from_checkpoint: resumed.append(resume_from_checkpoint))
+    ctx = SimpleNamespace(is_main_process=False, dir=SimpleNamespace(name="sft"),
+                          stage=SimpleNamespace(save_total_limit=2))
+    caplog.set_level(logging.INFO, logger="alignpipe")
+    train(trainer, ctx, checkpoint)
+    assert resumed == [str(checkpoint)]
+    assert (said in caplog.text) if said else "between two logging steps" not in caplog.text

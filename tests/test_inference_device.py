@@ -30,7 +30,8 @@ def _ctx(path: str, **extra) -> SimpleNamespace:
     recipe = SimpleNamespace(model=SimpleNamespace(dtype="float32", quantization=None, gguf_file=None),
                              data=DataSpec(), seed=0)
     return SimpleNamespace(**{"recipe": recipe, "device": META, "start_model": path,
-                              "stage": SimpleNamespace(inputs=["sft"]), **extra})
+                              "stage": SimpleNamespace(inputs=["sft"], lora=None, trains_full_weights=True),
+                              "dir": SimpleNamespace(name="stage"), **extra})
 
 
 def _spy_generate(seen: list):

@@ -446,3 +446,11 @@ def test_real_alpaca_suite_and_reward_recipe_share_no_prompt_once_split():
                            keep=lambda p: is_reward_heldout(p, stage.heldout_fraction))
     assert len(everything) == 805 and trained and kept and not trained & set(kept)
     assert trained <= set(everything)  # the stage's prompts are the suite's instructions, character for character
+
+
+def test_a_suite_data_path_under_the_home_directory_is_found(tmp_path, monkeypatch):
+    from alignpipe.evaluation.suites import PromptSet, data_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "prompts.jsonl").write_text("{}\n")
+    assert data_path(PromptSet(source="alpaca_eval", path="~/prompts.jsonl")) == tmp_path / "prompts.jsonl"

@@ -80,7 +80,8 @@ class _Spec(BaseModel):
 
 class PromptSet(_Spec):
     source: Literal["synthetic", "alpaca_eval", "hh_rlhf"]
-    path: str | None = Field(None, description="Data file; relative paths are relative to the repository root.")
+    path: str | None = Field(None, description="Data file; relative paths are relative to the repository root, ~ is "
+                             "the home directory.")
     n: int | None = Field(None, gt=0, description="Number of prompts (synthetic: required; others: first n, or all).")
     seed: int = 1234
     heldout_fraction: float = Field(
@@ -237,10 +238,11 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
 
 
 def data_path(prompts: PromptSet | PairSource | ImplicitRewardPairs) -> Path:
-    """A suite's data file: absolute, or relative to the repository root; a clear error when it is absent."""
+    """A suite's data file: absolute (``~`` expanded), or relative to the repository root; a clear error when it is
+    absent."""
     if prompts.path is None:
         raise ValueError(f"source {prompts.source!r} needs a path")
-    path = Path(prompts.path)
+    path = Path(prompts.path).expanduser()
     path = path if path.is_absolute() else REPO / path
     if not path.exists():
         raise FileNotFoundError(f"suite data {path} does not exist (the shared data lives in ../shared/data)")

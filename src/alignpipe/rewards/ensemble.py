@@ -479,8 +479,8 @@ def _check_adapter_placement(ensemble: RewardEnsemble, manifest: dict[str, Any],
     """Refuse a loaded ensemble whose adapters do not sit where they were trained: PEFT silently skips saved LoRA
     weights for modules a backbone lacks (fewer layers) and places them by index in another (more layers, so not on
     the top ``top_layers``), and the hidden size alone does not tell those backbones apart."""
-    layers = len(ensemble._layers)
-    placed = (len(ensemble._lora_layers), ensemble.first_adapted_layer)
+    layers = ensemble.layer_count
+    placed = (ensemble.adapted_modules, ensemble.first_adapted_layer)
     trained = (manifest.get("adapted_modules", placed[0]), manifest.get("first_adapted_layer", placed[1]))
     top = ensemble.spec.top_layers
     if placed != trained or (top is not None and layers - placed[1] != min(top, layers)):
@@ -538,6 +538,17 @@ class RewardEnsemble(nn.Module):
             self._check_layer_types()
         self._activate(0)
         self.eval()  # like from_pretrained: inference mode until a trainer calls .train()
+
+    @property
+    def layer_count(self) -> int:
+        """Layers in the backbone's stack."""
+        return len(self._layers)
+
+    @property
+    def adapted_modules(self) -> int:
+        """Modules carrying the members' LoRA adapters (the manifest records it: on a backbone whose layers differ,
+        PEFT places saved adapters on other modules or drops them, see :func:`_check_adapter_placement`)."""
+        return len(self._lora_layers)
 
     # ------------------------------------------------------------------ construction
 
@@ -660,7 +671,7 @@ class RewardEnsemble(nn.Module):
                 BACKBONE_KEY: record,
                 "hidden_size": self.hidden_size,
                 "members": list(self.member_names),
-                "adapted_modules": len(self._lora_layers),
+                "adapted_modules": self.adapted_modules,
                 "first_adapted_layer": self.first_adapted_layer,
                 "peft_version": peft.__version__,
                 "scoring": {"dtype": str(self.backbone_dtype).removeprefix("torch."), "max_length": max_length},

@@ -256,7 +256,9 @@ FINAL_RECORD = "final_evaluation"  # marks the metrics record a stage appends on
 def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     """``trainer.train``, from the verified checkpoint ``resume_from`` if given, with every new checkpoint's hash
     recorded. Metric records this trainer logged after the starting step (an interrupted attempt's) are dropped
-    first: they are about to be redone, so the resumed log equals an uninterrupted one. So is a record marked
+    first: they are about to be redone, so the resumed log equals an uninterrupted one, but for the first record
+    after a checkpoint between two logging steps (``save_steps`` not a multiple of ``logging_steps``), which
+    transformers averages over the steps since the checkpoint only (it saves no partial sums). So is a record marked
     ``FINAL_RECORD``, whatever its step: the stage appends it again after this call, also when the attempt died
     after writing it but before the stage was complete.
 
@@ -276,6 +278,10 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
         # ... and the end-of-training summary (``train_runtime`` ...), which a resumed trainer logs again
         ctx.dir.keep_metrics(lambda r: not r.get(FINAL_RECORD) and (not _logged_by(r, output) or (
             r.get("step", 0) <= step and (finished or "train_runtime" not in r))))
+    if resume_from is not None and not finished and step % trainer.args.logging_steps:
+        log.info("[%s] resuming at step %d, between two logging steps: the first loss logged after it averages "
+                 "steps %d-%d only", ctx.dir.name, step, step + 1,
+                 step + trainer.args.logging_steps - step % trainer.args.logging_steps)
     if finished:
         from transformers import TrainerState
 

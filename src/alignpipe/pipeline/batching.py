@@ -65,7 +65,6 @@ def stage_batch_split(stage, world_size: int) -> BatchSplit:
                               where=f"stages.{stage.name}")
 
 
-
 def generation_batch_prompts(stage, world_size: int) -> int:
     """Prompts in one generation batch of a grpo/rloo stage on ``world_size`` processes: TRL samples
     ``num_generations`` completions of each, as many completions as one optimizer step takes over all processes."""
@@ -85,6 +84,6 @@ def too_few_prompts(stage, world_size: int) -> str | None:
         return None
     split = stage_batch_split(stage, world_size)
     return (f"{stage.prompts} cannot fill one generation batch of {needed} prompts ({split.describe()}, counted in "
-            f"completions, {stage.num_generations} per prompt): TRL drops a batch it cannot fill, so the stage would train on "
-            f"nothing; set prompts to at least {needed} (a multiple of {needed} uses every prompt in every epoch), "
-            "or lower the batch")
+            f"completions, {stage.num_generations} per prompt): TRL drops a batch it cannot fill, so the stage would "
+            f"train on nothing; set prompts to at least {needed} (a multiple of {needed} uses every prompt in every "
+            "epoch), or lower the batch")

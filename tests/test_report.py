@@ -119,6 +119,23 @@ def test_report_says_how_the_runs_last_attempt_ended(fake_run):
     assert "did not finish" not in text
     _write(fake_run / "run.json", {**record, "status": "complete", "updated": "2026-01-03T00:00:00+00:00"})
     assert "complete (2026-01-03T00:00:00+00:00)" in write_report(fake_run).read_text()
+    _write(fake_run / "run.json", {**record, "status": "failed", "stopped_at": "base"})
+    text = write_report(fake_run).read_text()
+    assert "failed while preparing the recipe&#x27;s model" in text and "did not finish: every stage" in text
+
+
+def test_report_tells_a_killed_run_from_a_running_one_by_the_run_directorys_lock(fake_run):
+    """A run killed with SIGKILL (or lost with its machine) cannot record its end: run.json still says running."""
+    from alignpipe.pipeline.run_lock import run_lock
+
+    record = json.loads((fake_run / "run.json").read_text())
+    _write(fake_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
+    with run_lock(fake_run):  # a live run
+        text = write_report(fake_run).read_text()
+    assert "running since 2026-01-01T00:00:00+00:00" in text and "did not finish" not in text
+    text = write_report(fake_run).read_text()  # nothing holds it any more
+    assert "stopped without recording its end (killed, or its machine went down)" in text
+    assert "did not finish: the stages not marked complete above and those after them" in text
 
 
 def test_report_is_self_contained_with_a_png_per_section_that_has_data(fake_run):

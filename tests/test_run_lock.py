@@ -3,6 +3,7 @@ with its runner, so a stage that outlives a killed runner still keeps other runs
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from alignpipe.cli import main
 from alignpipe.pipeline import run_lock as run_lock_module
-from alignpipe.pipeline.run_lock import LOCK_FILE, RunInUse, run_lock
+from alignpipe.pipeline.run_lock import LOCK_FILE, RunInUse, run_in_use, run_lock
 from alignpipe.pipeline.runner import RUN_FILE, Runner
 from alignpipe.recipe import load_recipe
 
@@ -95,7 +96,7 @@ def test_a_stage_process_holds_the_lock_after_its_runner_let_go(tmp_path) -> Non
         stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=lock.pass_fds)
         lock.note_stage("sft", stage.pid)
     try:
-        with pytest.raises(RunInUse, match=rf"its stage 'sft' runs as process {stage.pid}"):
+        with pytest.raises(RunInUse, match=rf"its stage 'sft' runs as process group {stage.pid} "):
             with run_lock(run_dir):
                 pass
     finally:
@@ -128,6 +129,7 @@ def test_the_runner_passes_its_lock_to_the_stage_process(tiny_recipe_path, tmp_p
         Runner(load_recipe(tiny_recipe_path), runs_dir=runs, recipe_path=tiny_recipe_path).run()
     assert str((runs / "tiny" / LOCK_FILE).resolve()) in seen.read_text().splitlines()
     assert (runs / "tiny" / RUN_FILE).exists()
+    assert "stage" not in json.loads((runs / "tiny" / LOCK_FILE).read_text())  # its process has ended
     with run_lock(runs / "tiny"):  # the stopped run let go
         pass
 
@@ -140,4 +142,76 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monke
     with run_lock(tmp_path / "run") as lock:
         assert lock.pass_fds == ()
         lock.note_stage("sft", 1)  # nothing to note it in
-    assert "has no file locks (No locks available)" in caplog.text
+    assert "has no file locks" in caplog.text
+    with pytest.raises(ZeroDivisionError) as raised:  # the run's own errors say nothing of the missing locks
+        with run_lock(tmp_path / "run"):
+            raise ZeroDivisionError
+    assert raised.value.__context__ is None
+    assert run_in_use(tmp_path / "run") is None
+
+
+def test_a_dry_run_says_the_run_would_be_refused_and_takes_nothing(tiny_recipe_path, tmp_path, capsys) -> None:
+    runs = tmp_path / "runs"
+    holder = _hold_in_another_process(runs / "tiny", tmp_path)
+    try:
+        Runner(load_recipe(tiny_recipe_path), runs_dir=runs, dry_run=True).run()
+        assert f"[dry-run] note: this run would be refused now: run directory {runs / 'tiny'} is in use by process " \
+               f"{holder.pid}" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_in_use(runs / "tiny") is None
+    Runner(load_recipe(tiny_recipe_path), runs_dir=runs, dry_run=True).run()
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_stage_worker_left_by_a_killed_runner_and_launcher_keeps_the_directory(tmp_path) -> None:
+    """The real stage command: `accelerate launch` starts the worker with the launcher's descriptors closed, so the
+    worker holds the lock itself. SIGKILL the runner and the launcher (not the group): the worker trains on, and a
+    new run is refused, told the runner has ended, until the worker is stopped."""
+    import os
+    import signal
+
+    from conftest import TINY_RECIPE, write_recipe
+
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**TINY_RECIPE["stages"][0], "max_steps": 100_000,
+                                                                "save_steps": 100_000}]})
+    runs = tmp_path / "runs"
+    run_dir = runs / "tiny"
+    runner = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "run", str(recipe), "--runs-dir", str(runs)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = run_dir / "sft" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while not (metrics.exists() and metrics.read_text().strip()):  # the worker trains
+            assert runner.poll() is None, "the run ended before its stage trained"
+            assert time.monotonic() < deadline, "the stage never logged"
+            time.sleep(0.5)
+        launcher = json.loads((run_dir / LOCK_FILE).read_text())["stage_pid"]
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        os.kill(launcher, signal.SIGKILL)
+        while _running(launcher):  # its descriptors close when it exits
+            time.sleep(0.05)
+        with pytest.raises(RunInUse, match=rf"whose runner \(process {runner.pid}, since .*\) has ended without "
+                                           rf"stopping it: find it with `fuser -v {run_dir / LOCK_FILE}`"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)  # the runner's session: its own processes
+        with contextlib.suppress(ProcessLookupError, NameError):
+            os.killpg(launcher, signal.SIGKILL)  # the stage's group: the worker
+    deadline = time.monotonic() + 60
+    while run_in_use(run_dir) is not None:
+        assert time.monotonic() < deadline, "the worker kept the lock after it was killed"
+        time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, holds no descriptors)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

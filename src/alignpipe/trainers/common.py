@@ -67,8 +67,8 @@ def load_policy(ctx: StageContext, path: str, *, gguf_file: str | None = None, o
     quantization = ctx.recipe.model.quantization
     dtype = policy_dtype(ctx.recipe.model.dtype, full_weights=quantization is None and ctx.stage.trains_full_weights)
     if dtype != resolve_dtype(ctx.recipe.model.dtype):
-        log.info("[%s] full weights train from float32 masters (model.dtype auto would load %s; the trainer's "
-                 "autocast still computes in it)", ctx.dir.name, resolve_dtype(ctx.recipe.model.dtype))
+        log.info("[%s] full weights load in float32, not %s (model.dtype auto): nothing else would keep float32 "
+                 "master weights", ctx.dir.name, resolve_dtype(ctx.recipe.model.dtype))
     model = load_causal_lm(path, dtype=dtype, gguf_file=gguf_file, quantization=quantization,
                            device=ctx.device if on_device else None)
     check_lora_spares_tied_embeddings(model, lora_config(ctx), ctx.dir.name)
@@ -138,11 +138,12 @@ def lora_config(ctx: StageContext) -> LoraConfig | None:
 
 
 def check_lora_spares_tied_embeddings(model, config: LoraConfig | None, stage: str) -> None:
-    """Refuse LoRA on an input embedding that the output head shares (tied embeddings: the tiny model, SmolLM2).
+    """Refuse LoRA on an input embedding or output head that share one matrix (tied embeddings: the tiny model,
+    SmolLM2).
 
-    Why: training adapts only the input side, but the published checkpoint merges the adapter into the one shared
-    matrix, so the output head changes too, which training never saw (the tiny model's logits moved by 8.3 against
-    0.65 for the trained change; PEFT only warns)."""
+    Why: training adapts one end, but the published checkpoint merges the adapter into the shared matrix, so the
+    other end changes too, which training never saw (an embedding adapter moved the tiny model's published logits
+    by 8.3 against 0.65 for the trained change; PEFT only warns)."""
     if config is None:
         return
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -151,12 +152,12 @@ def check_lora_spares_tied_embeddings(model, config: LoraConfig | None, stage: s
     from peft.tuners.tuners_utils import check_target_module_exists
 
     adapted = [name for name, module in model.named_modules()
-               if module is embedding and check_target_module_exists(config, name)]
+               if (module is embedding or module is head) and check_target_module_exists(config, name)]
     if adapted:
-        raise ValueError(f"stage {stage!r}: lora.target_modules adapts {adapted[0]}, the input embedding this model "
-                         "shares with its output head (tied embeddings); merged for publishing, the adapter would "
-                         "change the output head as well, which training never saw. Leave the embeddings out of "
-                         "lora.target_modules (the default all-linear does)")
+        raise ValueError(f"stage {stage!r}: lora.target_modules adapts {adapted[0]}, which shares its matrix with "
+                         "the model's other end (tied input embedding and output head); merged for publishing, the "
+                         "adapter would change both, and training saw it on one. Leave the embeddings and the output "
+                         "head out of lora.target_modules (the default all-linear does)")
 
 
 def append_metrics(path: Path, record: dict) -> None:

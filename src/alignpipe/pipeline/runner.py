@@ -477,8 +477,8 @@ class Runner:
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
                watch: Callable[[], None] | None = None, stage: str | None = None) -> int:
-        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``). The process inherits
-        the run directory's lock, so a stage that outlives a killed runner still holds the directory."""
+        """Run a stage command; ``watch`` may stop it while it runs (see ``pipeline.watched``). The launcher inherits
+        the run's hold on its directory, kept while its workers start and take their own (``run_lock``)."""
         log.info("$ %s", format_command(command))
         lock = self._lock
         if lock is None:

@@ -84,6 +84,19 @@ def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
             "rejected": rejected[-1:]}
 
 
+def _one_format(row: dict, *, source: str, index: int) -> None:
+    """Raise a DataError when, after :func:`explicit_prompt`, a row still mixes strings and message lists.
+
+    Why: TRL 1.16 applies the chat template to a row only when its fields are messages, and otherwise concatenates
+    prompt and reply as text, so a mix fails (or is measured wrongly) only once the model is loaded."""
+    kinds = {c: "a string" if isinstance(row[c], str) else "a list of messages" for c in TRL_COLUMNS}
+    if len(set(kinds.values())) > 1:
+        got = ", ".join(f"{c} is {kind}" for c, kind in kinds.items())
+        raise DataError(f"{source}: row {index}: {got}; prompt, chosen and rejected must be all strings or all lists "
+                        "of {'role', 'content'} messages (TRL preference format); convert that row to one format "
+                        "or drop it")
+
+
 def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None = None) -> list[dict]:
     """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log and in
     ``report`` when given; wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit
@@ -92,6 +105,7 @@ def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None =
     rows = [explicit_prompt(row, source=source, index=i) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
         texts = {c: _message_text(row[c], source=source, row=i, column=c) for c in TRL_COLUMNS}
+        _one_format(row, source=source, index=i)
         if not texts["chosen"].strip() or not texts["rejected"].strip():
             empty.append(i)
         elif texts["chosen"] == texts["rejected"]:

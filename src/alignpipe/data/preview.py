@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from alignpipe.data.adapters import LoadReport
+from alignpipe.data.adapters import DataError, LoadReport
 from alignpipe.data.length_report import (
     PairTruncationCounts,
     TruncationCounts,
@@ -256,6 +256,8 @@ def _preview_stage(recipe: Recipe, stage: DataStage, tokenizer: PreTrainedTokeni
         log.info("[%s] measuring token lengths", stage.name)
         try:
             preview.lengths = stage_lengths(stage, rows, tokenizer, seed=recipe.seed)
+        except DataError as error:  # a row the chat template refuses: the stage would fail on it too
+            raise PreviewError(f"{key}: {' '.join(str(error).split())}") from error
         except ValueError as error:  # a template TRL cannot give {% generation %} markers (alignpipe validate says)
             preview.lengths_skipped = f"the chat template cannot be trained as this stage asks ({error})"
     return preview
@@ -301,11 +303,12 @@ def _describe_pairs(preview: StagePreview, stage: DPOStage | RewardStage, rows: 
 def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> StageLengths:
     """Token lengths and truncation counts of a stage's rows, tokenized as its trainer tokenizes them (the sft stage's
     training chat template; TRL's DPO tokenization of pairs) over the seeded sample the stage's own length report
-    measures. Raises ValueError for an sft chat template TRL cannot train with assistant-only loss."""
+    measures. Raises ValueError for an sft chat template TRL cannot train with assistant-only loss, DataError for a
+    row the chat template refuses."""
     limit = stage.max_length
     if isinstance(stage, SFTStage):
         template = sft_training_template(tokenizer, assistant_only_loss=stage.assistant_only_loss)
-        measured = sft_reply_spans(rows, tokenizer, chat_template=template, seed=seed)
+        measured = sft_reply_spans(rows, tokenizer, chat_template=template, seed=seed, source=stage.dataset.path)
         spans = measured.spans
         counts = truncation_counts(spans, limit)
         replies = {"reply": _stats([s.end - s.start for s in spans])}
@@ -313,7 +316,7 @@ def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenize
         fate = ("TRL's SFTTrainer keeps the first max_length tokens and drops a conversation left without reply"
                 if stage.assistant_only_loss else "TRL's SFTTrainer keeps the first max_length tokens")
     else:
-        measured = dpo_pair_spans(rows, tokenizer, seed=seed)
+        measured = dpo_pair_spans(rows, tokenizer, seed=seed, source=stage.dataset.path)
         spans = measured.spans
         counts = pair_truncation_counts(spans, limit)
         replies = {"chosen": _stats([c.end - c.start for c, _ in spans]),

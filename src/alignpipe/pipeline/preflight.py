@@ -422,7 +422,7 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
         from alignpipe.data.length_report import dpo_pair_spans
 
-        measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed)
+        measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed, source=spec.path)
         _check_reply_room(spec.path, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
 
 
@@ -462,7 +462,7 @@ def _check_sft_reply_room(path: str, conversations: list[list[dict[str, str]]], 
     except DataError:
         return  # reported by its own check, under assistant_only_loss
     measured = sft_reply_spans(Dataset.from_list([{"messages": turns} for turns in conversations]), tokenizer,
-                               chat_template=template, seed=seed)
+                               chat_template=template, seed=seed, source=path)
     _check_reply_room(path, measured, "conversation", stage, lambda row: _sft_prompt(conversations[row]))
 
 

@@ -23,9 +23,9 @@ from alignpipe.data.adapters import (
     load_ultrafeedback,
     require_columns,
 )
-from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, to_trl_rows
+from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, plain_text, to_trl_rows
 from alignpipe.data.synthetic import preference_dataset as synthetic_preference_dataset
-from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
+from alignpipe.recipe import DataSpec, PreferenceDataSpec, RewardStage, SFTDataSpec
 
 log = logging.getLogger("alignpipe")
 
@@ -42,6 +42,25 @@ def is_reward_heldout(prompt: str, fraction: float) -> bool:
     nothing)."""
     digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def reward_heldout_rows(stage: RewardStage, rows: Dataset) -> list[bool]:
+    """Which of a reward stage's pairs it holds out (:func:`is_reward_heldout` of each prompt's text); a DataError
+    when either side of the split is empty.
+
+    Why: the stage trains on one side and scores the other, so it refuses such a split; preflight and ``alignpipe
+    data`` call this too, so the same pairs are refused before any stage runs."""
+    heldout = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction) for prompt in rows["prompt"]]
+    if sum(heldout) in (0, len(heldout)):
+        spec = stage.dataset
+        source, more = (("the synthetic task", "a larger data.n_pairs") if spec.source == "synthetic" else
+                        (spec.path, f"a larger stages.{stage.name}.dataset.limit") if spec.limit is not None else
+                        (spec.path, "more rows in the file"))
+        raise DataError(
+            f"{source}: its {len(heldout)} pairs split into {len(heldout) - sum(heldout)} train / "
+            f"{sum(heldout)} held-out by prompt hash (heldout_fraction {stage.heldout_fraction}), and the reward stage "
+            f"needs both non-empty; give it more pairs ({more}) or another stages.{stage.name}.heldout_fraction")
+    return heldout
 
 
 def _message_text(value, *, source: str, row: int, column: str) -> str:

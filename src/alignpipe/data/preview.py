@@ -32,8 +32,8 @@ from alignpipe.data.length_report import (
     sft_training_template,
     truncation_counts,
 )
-from alignpipe.data.pairing import PairingReport, plain_text
-from alignpipe.data.preference import PREFERENCE, check_soft_targets, is_reward_heldout, preference_pairs_for
+from alignpipe.data.pairing import PairingReport
+from alignpipe.data.preference import PREFERENCE, check_soft_targets, preference_pairs_for, reward_heldout_rows
 from alignpipe.recipe import DPOStage, PreferenceDataSpec, Recipe, RewardStage, SFTDataSpec, SFTStage
 
 log = logging.getLogger("alignpipe")
@@ -288,16 +288,12 @@ def _describe_pairs(preview: StagePreview, stage: DPOStage | RewardStage, rows: 
         preview.strengths = Strengths(mean=sum(strengths) / len(strengths), min=min(strengths), max=max(strengths))
     else:
         preview.labels = "hard"
-    if isinstance(stage, RewardStage):  # the split the reward stage makes, by the same prompt hash
-        preview.heldout_rows = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction)
-                                for prompt in rows["prompt"]]
+    if isinstance(stage, RewardStage):  # the split the reward stage makes (and refuses with a side empty)
+        try:
+            preview.heldout_rows = reward_heldout_rows(stage, rows)
+        except DataError as error:
+            raise PreviewError(f"stages.{stage.name}.dataset: {error}") from error
         preview.heldout = sum(preview.heldout_rows)
-        if preview.heldout in (0, len(rows)):  # the stage refuses such a split before training: say so here
-            more = "data.n_pairs" if stage.dataset.source == "synthetic" else f"stages.{stage.name}.dataset.limit"
-            raise PreviewError(
-                f"stages.{stage.name}: its {len(rows)} pairs split into {len(rows) - preview.heldout} train / "
-                f"{preview.heldout} held-out by prompt hash, and the reward stage needs both non-empty; give it more "
-                f"pairs ({more}) or another stages.{stage.name}.heldout_fraction")
 
 
 def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> StageLengths:

@@ -398,8 +398,9 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer,
                    pairs: _PreferencePairs) -> None:
     """Resolve a hub dataset's revision. Load a local dataset as the stage will (same adapters, same limit), check
-    that the stage can train on soft strengths if the pairs carry them (a trl file's own column) and, with the
-    model's tokenizer at hand, that every reply starts within max_length."""
+    that the stage can train on soft strengths if the pairs carry them (a trl file's own column), that a reward
+    stage's held-out split leaves both sides non-empty and, with the model's tokenizer at hand, that every reply
+    starts within max_length."""
     spec = stage.dataset
     if spec.source == "synthetic":
         return
@@ -415,10 +416,12 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
         if tokenizer is not None:
             _check_sft_reply_room(spec.path, conversations, tokenizer, stage, recipe.seed)
         return
-    from alignpipe.data.preference import check_soft_targets
+    from alignpipe.data.preference import check_soft_targets, reward_heldout_rows
 
     rows = pairs(stage)
     check_soft_targets(stage, rows)
+    if isinstance(stage, RewardStage):
+        reward_heldout_rows(stage, rows)  # a split with one side empty: the stage would refuse it after earlier ones
     if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
         from alignpipe.data.length_report import dpo_pair_spans
 

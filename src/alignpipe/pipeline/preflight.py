@@ -397,7 +397,8 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 
 def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer,
                    pairs: _PreferencePairs) -> None:
-    """Resolve a hub dataset's revision. Load a local dataset as the stage will (same adapters, same limit), check
+    """Resolve a hub dataset's revision and, offline, check that the datasets cache holds its rows at that commit.
+    Load a local dataset as the stage will (same adapters, same limit), check
     that the stage can train on soft strengths if the pairs carry them (a trl file's own column), that a reward
     stage's held-out split leaves both sides non-empty and, with the model's tokenizer at hand, that every reply
     starts within max_length."""
@@ -405,9 +406,11 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     if spec.source == "synthetic":
         return
     if not _is_local(spec.path):  # resolved, not read: a missing dataset or revision fails here, not in the stage
-        from alignpipe.data.hub_datasets import resolve_dataset
+        from alignpipe.data.hub_datasets import check_cached_offline, resolve_dataset
 
-        resolve_dataset(spec.path, key=f"stages.{stage.name}.dataset.path")
+        key = f"stages.{stage.name}.dataset.path"
+        pin = resolve_dataset(spec.path, key=key)
+        check_cached_offline(spec.path, pin.commit, key=key, offline=pin.offline)  # as the runner checks it
         return
     if isinstance(spec, SFTDataSpec):
         from alignpipe.data.preference import sft_conversations_for

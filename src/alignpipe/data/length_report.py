@@ -251,6 +251,29 @@ def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:
             if (span[0] if isinstance(span, tuple) else span).start >= max_length]
 
 
+def require_reward_pairs_within(measured: MeasuredRows, max_length: int, heldout: Sequence[bool], *, source: str,
+                                stage: str) -> None:
+    """Raise a DataError when none of the measured pairs a reward stage trains on (``heldout[row]`` false) has
+    prompt + chosen and prompt + rejected within ``max_length`` tokens.
+
+    Why: TRL's RewardTrainer drops longer pairs instead of truncating them (``implementation: trl``), so with none
+    left it has nothing to train on, and fails only after the model is loaded. The lengths are :func:`pair_spans`',
+    which tokenize each sequence as the RewardTrainer does (chat template, or text with the EOS token appended)."""
+    trained = [(row, max(c.length, r.length)) for row, (c, r) in zip(measured.rows, measured.spans) if not heldout[row]]
+    if not trained or any(length <= max_length for _, length in trained):
+        return
+    shortest = min(length for _, length in trained)
+    of = (f"{len(trained)} training pairs measured (a seeded sample of its {measured.sampled_from} pairs)"
+          if measured.sampled_from else f"its {len(trained)} training pairs")
+    raise DataError(
+        f"{source}: none of {of} fits in stages.{stage}.max_length = {max_length} tokens (the shortest, prompt + its "
+        f"longer reply tokenized as the trainer does, takes {shortest}), and TRL's RewardTrainer (implementation: "
+        "trl) drops every pair longer than max_length instead of truncating it, so it would have nothing to train on; "
+        f"raise stages.{stage}.max_length (to at least {shortest}), use implementation: ensemble (it keeps the end "
+        "of long texts), or shorten the data"
+    )
+
+
 def measure_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,
                        chat_template: str | None = None, seed: int = 0,
                        sample_size: int = SAMPLE_SIZE) -> TruncationCounts:

@@ -28,6 +28,7 @@ from alignpipe.data.length_report import (
     TruncationCounts,
     dpo_pair_spans,
     pair_truncation_counts,
+    require_reward_pairs_within,
     sft_reply_spans,
     sft_training_template,
     truncation_counts,
@@ -302,7 +303,7 @@ def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenize
     """Token lengths and truncation counts of a stage's rows, tokenized as its trainer tokenizes them (the sft stage's
     training chat template; TRL's DPO tokenization of pairs) over the seeded sample the stage's own length report
     measures. Raises ValueError for an sft chat template TRL cannot train with assistant-only loss, DataError for a
-    row the chat template refuses."""
+    row the chat template refuses or a reward stage trained with TRL whose pairs are all longer than max_length."""
     limit = stage.max_length
     if isinstance(stage, SFTStage):
         template = sft_training_template(tokenizer, assistant_only_loss=stage.assistant_only_loss)
@@ -315,6 +316,9 @@ def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenize
                 if stage.assistant_only_loss else "TRL's SFTTrainer keeps the first max_length tokens")
     else:
         measured = dpo_pair_spans(rows, tokenizer, seed=seed, source=stage.dataset.path)
+        if isinstance(stage, RewardStage) and stage.implementation == "trl":  # as preflight refuses it
+            require_reward_pairs_within(measured, limit, reward_heldout_rows(stage, rows), source=stage.dataset.path,
+                                        stage=stage.name)
         spans = measured.spans
         counts = pair_truncation_counts(spans, limit)
         replies = {"chosen": _stats([c.end - c.start for c, _ in spans]),

@@ -401,7 +401,7 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     Load a local dataset as the stage will (same adapters, same limit), check
     that the stage can train on soft strengths if the pairs carry them (a trl file's own column), that a reward
     stage's held-out split leaves both sides non-empty and, with the model's tokenizer at hand, that every reply
-    starts within max_length."""
+    starts within max_length (for a reward stage trained with TRL, that some pair fits in it)."""
     spec = stage.dataset
     if spec.source == "synthetic":
         return
@@ -423,12 +423,17 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
 
     rows = pairs(stage)
     check_soft_targets(stage, rows)
-    if isinstance(stage, RewardStage):
-        reward_heldout_rows(stage, rows)  # a split with one side empty: the stage would refuse it after earlier ones
-    if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
-        from alignpipe.data.length_report import dpo_pair_spans
+    # a split with one side empty: the stage would refuse it after the earlier stages ran
+    heldout = reward_heldout_rows(stage, rows) if isinstance(stage, RewardStage) else None
+    if tokenizer is None or (isinstance(stage, RewardStage) and (stage.implementation != "trl"
+                                                                 or stage.backbone is not None)):
+        return  # the ensemble keeps the end of long texts; a backbone tokenizes with its own tokenizer
+    from alignpipe.data.length_report import dpo_pair_spans, require_reward_pairs_within
 
-        measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed, source=spec.path)
+    measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed, source=spec.path)
+    if isinstance(stage, RewardStage):  # TRL's RewardTrainer drops the pairs longer than max_length
+        require_reward_pairs_within(measured, stage.max_length, heldout, source=spec.path, stage=stage.name)
+    else:
         _check_reply_room(spec.path, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
 
 

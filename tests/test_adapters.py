@@ -160,6 +160,21 @@ def test_a_compressed_file_whose_name_does_not_say_so_is_named_as_such(tmp_path,
         load_hh_rlhf_pairs(path, split="train")
 
 
+@pytest.mark.parametrize("encoding, named", [("utf-16", "utf-16"), ("utf-16-be", "utf-16"), ("utf-32", "utf-32"),
+                                             ("utf-32-be", "utf-32")])
+def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, encoding, named):
+    """Its byte-order mark says what it is: re-encoding from latin1 (the advice for other non-UTF-8 bytes) would
+    garble it."""
+    from alignpipe.data.adapters import DataError
+
+    path = tmp_path / "hh.jsonl"
+    bom = "\ufeff" if encoding.endswith("-be") else ""  # the plain codecs write the mark themselves
+    path.write_bytes(f'{bom}{{"chosen": "a", "rejected": "b"}}\n'.encode(encoding))
+    with pytest.raises(DataError, match=rf"it is {named.upper()} text .* re-save it as UTF-8 \(e.g. iconv -f {named} "
+                                        r"-t utf-8 hh.jsonl > new-hh.jsonl\)"):
+        load_hh_rlhf_pairs(path, split="train")
+
+
 # ------------------------------------------------------------------------------------------------ UltraFeedback
 
 

@@ -17,6 +17,7 @@ from alignpipe.cli import main
     (["--help"], "Staged RLHF"),
     (["run", "--help"], "--resume"),
     (["validate", "--help"], "without loading any weights"),
+    (["validate", "--help"], "a local file's rows"),  # not only the recipe: the preflight checks too
     (["eval", "--help"], "held-out prompts"),
     (["leaderboard", "--help"], "gold_vs_kl.png"),
 ])

@@ -289,3 +289,28 @@ def test_an_export_target_that_is_a_directory_is_refused_before_anything_is_writ
     err = _error(capsys, str(path), "--show", "0", "--export", str(out), "--force")
     assert "sft.jsonl is a directory" in err and "nothing was written" in err
     assert [p.name for p in out.iterdir()] == ["sft.jsonl"]
+
+
+STRICT_TEMPLATE = (  # as Llama-2 and Mistral templates do: roles must alternate, so a system turn is refused
+    "{%- for m in messages -%}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- endfor -%}{%- for m in messages -%}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+
+
+def test_a_row_the_chat_template_refuses_is_a_one_line_error(tmp_path, capsys, llama_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(llama_path, model)
+    (model / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(data, [{"messages": [{"role": "user", "content": "copy: 1"}, {"role": "assistant", "content": "1"}]},
+                       {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "copy: 2"},
+                                     {"role": "assistant", "content": "2"}]}])
+    path = write_recipe(tmp_path, {"name": "strict", "model": {"name_or_path": str(model)}, "stages": [
+        {"name": "sft", "type": "sft", "dataset": {"source": "trl", "path": str(data)}}]})
+    err = _error(capsys, str(path))
+    assert f"stages.sft.dataset: {data}: row 1 (numbered as loaded)" in err
+    assert "(roles system, user, assistant): Conversation roles must alternate" in err

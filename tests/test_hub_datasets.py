@@ -170,8 +170,9 @@ def test_a_stage_trains_on_the_pinned_commit_and_an_upstream_push_reruns_it(tmp_
     assert stage.read_config()["pins"] == {"dataset": OLD}
 
     (hub_datasets / "main").write_text("c" * 40)  # a commit this machine has no rows of: the stage is left alone
-    with pytest.raises(DataError, match=rf"stages.sft.dataset.path: offline, and the datasets cache .* cannot give "
-                                        rf"'owner/demos' at commit c{{40}} .*; it holds commit.s. {OLD} as its newest"):
+    with pytest.raises(PreflightError, match=rf"stages.sft.dataset.path: offline, and the datasets cache .* cannot "
+                                             rf"give 'owner/demos' at commit c{{40}} .*; it holds commit.s. {OLD} as "
+                                             "its newest"):
         run()
     assert stage.read_manifest()["status"] == "complete" and stage.read_config()["pins"] == {"dataset": OLD}
 
@@ -183,9 +184,22 @@ def test_offline_a_commit_datasets_would_not_read_stops_the_run_before_the_stage
         == "ran"
     stage = StageDir(runs / "tiny" / "sft")
     older = load_recipe(_sft_recipe(tmp_path, "owner/demos@v1", "older.yaml"))  # cached, but not the newest copy
-    with pytest.raises(DataError, match=rf"cannot give 'owner/demos' at commit {OLD} .*commit.s. {NEW} as its newest"):
+    with pytest.raises(PreflightError,
+                       match=rf"cannot give 'owner/demos' at commit {OLD} .*commit.s. {NEW} as its newest"):
         Runner(older, runs_dir=runs, in_process=True).run()
     assert stage.read_manifest()["status"] == "complete" and stage.checkpoint.is_dir()
+
+
+def test_offline_validate_and_data_refuse_a_commit_whose_rows_are_not_cached(tmp_path, hub_datasets, capsys):
+    """The ref is in the Hugging Face cache but the datasets cache holds no rows at its commit: the runner would
+    refuse the stage when it starts, so validate and data refuse the recipe before any stage runs."""
+    from alignpipe.cli import main
+
+    (hub_datasets / "main").write_text("c" * 40)
+    path = _sft_recipe(tmp_path, "owner/demos")
+    for command in ("validate", "data"):
+        assert main([command, str(path)]) == 2
+        assert "stages.sft.dataset.path: offline, and the datasets cache" in capsys.readouterr().err
 
 
 def test_the_offline_check_follows_how_the_commit_was_resolved_and_what_datasets_would_read(hub_datasets,

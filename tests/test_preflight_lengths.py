@@ -147,3 +147,25 @@ def test_a_template_trl_cannot_patch_is_reported_before_the_stage(tmp_path, toke
     assert "set stages.sft.assistant_only_loss: false" in raised.value.problems[0]
     preflight(_recipe(tmp_path, path, {"name": "sft", "type": "sft", "assistant_only_loss": False},
                       [_copy_conversation(2)]))
+
+
+def test_a_trl_reward_stage_whose_pairs_are_all_longer_than_max_length_is_refused(tmp_path, tokenizer, llama_path,
+                                                                                   capsys):
+    """TRL's RewardTrainer drops pairs longer than max_length (it does not truncate them): with none left it would
+    fail after loading the model. The ensemble keeps the end of long texts, so the same rows pass with it."""
+    from alignpipe.cli import main
+    from alignpipe.data.preference import is_reward_heldout
+
+    rows = [_copy_pair(k) for k in range(5, 45)]  # every templated prompt alone fills max_length
+    reward = {"name": "reward", "type": "reward", "members": 1}
+    recipe = _recipe(tmp_path, llama_path, {**reward, "implementation": "trl"}, rows)
+    with pytest.raises(PreflightError, match=r"rows\.jsonl: none of its \d+ training pairs fits in "
+                                             r"stages\.reward\.max_length = 9 tokens .*TRL's RewardTrainer "
+                                             r"\(implementation: trl\) drops every pair longer than max_length"):
+        preflight(recipe)
+    assert main(["data", str(tmp_path / "recipe.yaml")]) == 2
+    assert "none of its" in capsys.readouterr().err
+
+    preflight(_recipe(tmp_path, llama_path, reward, rows))  # the ensemble
+    assert not is_reward_heldout("copy: 1", 0.1)  # trained on: 7 and 8 tokens, within max_length
+    preflight(_recipe(tmp_path, llama_path, {**reward, "implementation": "trl"}, [_copy_pair(1), *rows]))

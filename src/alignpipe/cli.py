@@ -41,8 +41,13 @@ examples:
   alignpipe validate recipes/quickstart.yaml
   alignpipe validate recipes/quickstart.yaml stages.dpo.beta=0.2 --print
 
-Checks keys, types, value ranges, stage references and cross-field rules without loading any model.
-Exit status 0 when valid, 2 when not.
+Checks keys, types, value ranges, stage references and cross-field rules, then makes the checks `run` makes before
+it writes anything: the local model's and reward backbones' files, configs and tokenizers (chat template, pad or EOS
+token, vocabulary size, LoRA target modules), and each dataset as its stage reads it: a local file's rows (columns,
+types, soft labels, chat templates that refuse a row, a reward stage's held-out split, prompts that leave no room
+within max_length), a hub dataset's revision (offline: its rows must be in the datasets cache). Tokenizers, configs
+and rows are read, never weights, and nothing is written.
+Exit status 0 when valid, 2 when not (every problem found, one line each under its recipe key).
 """
 
 EPILOG_DATA = """\

@@ -208,6 +208,18 @@ def _compressed_unnamed(path: Path) -> str | None:
     return None
 
 
+# byte-order marks of the wide Unicode encodings, UTF-32 first (its little-endian mark starts with UTF-16's)
+WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+             (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """``utf-16`` or ``utf-32`` when ``head`` starts with that encoding's byte-order mark (as Windows tools often
+    save text); None otherwise. Why: such a file is not UTF-8 from its first byte, and re-encoding it from latin1,
+    the usual advice, would garble it."""
+    return next((encoding for bom, encoding in WIDE_BOMS if head.startswith(bom)), None)
+
+
 def _non_utf8_line(path: Path) -> str | None:
     """The first line that is not UTF-8, read in chunks (files may be large), with the fix; None if all is UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -217,7 +229,11 @@ def _non_utf8_line(path: Path) -> str | None:
         if stream is None:
             return None
         with stream:
-            while chunk := stream.read(1 << 20):
+            chunk = stream.read(1 << 20)
+            if encoding := _wide_encoding(chunk):
+                return (f"it is {encoding.upper()} text (it starts with that encoding's byte-order mark), not UTF-8; "
+                        f"re-save it as UTF-8 (e.g. iconv -f {encoding} -t utf-8 {path.name} > new-{path.name})")
+            while chunk:
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as error:
@@ -227,6 +243,7 @@ def _non_utf8_line(path: Path) -> str | None:
                     return (f"line {line} is not UTF-8 text ({shown}); re-save the file as UTF-8 "
                             "(e.g. iconv -f latin1 -t utf-8)")
                 line += chunk.count(b"\n")
+                chunk = stream.read(1 << 20)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return f"the file ends in the middle of a UTF-8 character (line {line}); re-save the file as UTF-8"

@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 from datasets import Dataset
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import common_prefix_length, is_conversational
+
+from alignpipe.data.adapters import DataError
 
 SAMPLE_SIZE = 2000  # examples tokenized at most (a seeded sample of larger datasets): ~1 s with a fast tokenizer
 
@@ -196,26 +199,49 @@ def _seeded_sample(size: int, sample_size: int, seed: int) -> list[int]:
     return list(range(size)) if size <= sample_size else sorted(random.Random(seed).sample(range(size), sample_size))
 
 
-def _measure_rows(dataset: Dataset, span_of: Callable[[dict], object], seed: int, sample_size: int) -> MeasuredRows:
+def _roles(row: dict) -> list[str]:
+    """The roles of a row's turns as the chat template sees them (``messages``, or prompt + chosen)."""
+    turns = row["messages"] if "messages" in row else [*row["prompt"], *row["chosen"]]
+    return [turn["role"] for turn in turns if isinstance(turn, dict)]
+
+
+def _span_or_error(span_of: Callable[[dict], object], row: dict, number: int, source: str) -> object:
+    """``span_of(row)``; a chat template that refuses the row (its ``raise_exception``, e.g. roles that do not
+    alternate or a system turn the model has no place for) becomes a DataError naming the row and its roles, since
+    the trainer would fail on the same row only after the model is loaded."""
+    try:
+        return span_of(row)
+    except TemplateError as error:
+        raise DataError(
+            f"{source}: row {number} (numbered as loaded): the model's chat template refuses its turns "
+            f"(roles {', '.join(_roles(row))}): {error}; fix or drop that row (for example fold a system turn into "
+            "the first user turn, or merge turns so that user and assistant alternate), or use a model whose chat "
+            "template accepts these roles"
+        ) from error
+
+
+def _measure_rows(dataset: Dataset, span_of: Callable[[dict], object], seed: int, sample_size: int,
+                  source: str) -> MeasuredRows:
     """``span_of`` every row, or a seeded sample of ``sample_size`` rows of a larger dataset."""
     rows = _seeded_sample(len(dataset), sample_size, seed)
-    return MeasuredRows(rows, [span_of(row) for row in dataset.select(rows)],
+    return MeasuredRows(rows, [_span_or_error(span_of, row, number, source)
+                               for number, row in zip(rows, dataset.select(rows))],
                         len(dataset) if len(rows) < len(dataset) else None)
 
 
 def sft_reply_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, chat_template: str | None = None,
-                    seed: int = 0, sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
+                    seed: int = 0, sample_size: int = SAMPLE_SIZE, source: str = "dataset") -> MeasuredRows:
     """:func:`reply_span` of every ``messages`` row, or of a seeded sample of ``sample_size`` rows of a larger
-    dataset."""
+    dataset. A row the chat template refuses raises a DataError naming ``source`` and the row."""
     return _measure_rows(dataset, lambda row: reply_span(tokenizer, row["messages"], chat_template), seed,
-                         sample_size)
+                         sample_size, source)
 
 
 def dpo_pair_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0,
-                   sample_size: int = SAMPLE_SIZE) -> MeasuredRows:
+                   sample_size: int = SAMPLE_SIZE, source: str = "dataset") -> MeasuredRows:
     """:func:`pair_spans` of every preference row, or of a seeded sample of ``sample_size`` rows of a larger
-    dataset."""
-    return _measure_rows(dataset, lambda pair: pair_spans(tokenizer, pair), seed, sample_size)
+    dataset. A row the chat template refuses raises a DataError naming ``source`` and the row."""
+    return _measure_rows(dataset, lambda pair: pair_spans(tokenizer, pair), seed, sample_size, source)
 
 
 def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:
@@ -223,6 +249,29 @@ def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:
     nothing of it (for a pair, both replies start at the shared prompt's end)."""
     return [row for row, span in zip(measured.rows, measured.spans)
             if (span[0] if isinstance(span, tuple) else span).start >= max_length]
+
+
+def require_reward_pairs_within(measured: MeasuredRows, max_length: int, heldout: Sequence[bool], *, source: str,
+                                stage: str) -> None:
+    """Raise a DataError when none of the measured pairs a reward stage trains on (``heldout[row]`` false) has
+    prompt + chosen and prompt + rejected within ``max_length`` tokens.
+
+    Why: TRL's RewardTrainer drops longer pairs instead of truncating them (``implementation: trl``), so with none
+    left it has nothing to train on, and fails only after the model is loaded. The lengths are :func:`pair_spans`',
+    which tokenize each sequence as the RewardTrainer does (chat template, or text with the EOS token appended)."""
+    trained = [(row, max(c.length, r.length)) for row, (c, r) in zip(measured.rows, measured.spans) if not heldout[row]]
+    if not trained or any(length <= max_length for _, length in trained):
+        return
+    shortest = min(length for _, length in trained)
+    of = (f"{len(trained)} training pairs measured (a seeded sample of its {measured.sampled_from} pairs)"
+          if measured.sampled_from else f"its {len(trained)} training pairs")
+    raise DataError(
+        f"{source}: none of {of} fits in stages.{stage}.max_length = {max_length} tokens (the shortest, prompt + its "
+        f"longer reply tokenized as the trainer does, takes {shortest}), and TRL's RewardTrainer (implementation: "
+        "trl) drops every pair longer than max_length instead of truncating it, so it would have nothing to train on; "
+        f"raise stages.{stage}.max_length (to at least {shortest}), use implementation: ensemble (it keeps the end "
+        "of long texts), or shorten the data"
+    )
 
 
 def measure_truncation(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, *,

@@ -23,9 +23,9 @@ from alignpipe.data.adapters import (
     load_ultrafeedback,
     require_columns,
 )
-from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, to_trl_rows
+from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, plain_text, to_trl_rows
 from alignpipe.data.synthetic import preference_dataset as synthetic_preference_dataset
-from alignpipe.recipe import DataSpec, PreferenceDataSpec, SFTDataSpec
+from alignpipe.recipe import DataSpec, PreferenceDataSpec, RewardStage, SFTDataSpec
 
 log = logging.getLogger("alignpipe")
 
@@ -42,6 +42,25 @@ def is_reward_heldout(prompt: str, fraction: float) -> bool:
     nothing)."""
     digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def reward_heldout_rows(stage: RewardStage, rows: Dataset) -> list[bool]:
+    """Which of a reward stage's pairs it holds out (:func:`is_reward_heldout` of each prompt's text); a DataError
+    when either side of the split is empty.
+
+    Why: the stage trains on one side and scores the other, so it refuses such a split; preflight and ``alignpipe
+    data`` call this too, so the same pairs are refused before any stage runs."""
+    heldout = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction) for prompt in rows["prompt"]]
+    if sum(heldout) in (0, len(heldout)):
+        spec = stage.dataset
+        source, more = (("the synthetic task", "a larger data.n_pairs") if spec.source == "synthetic" else
+                        (spec.path, f"a larger stages.{stage.name}.dataset.limit") if spec.limit is not None else
+                        (spec.path, "more rows in the file"))
+        raise DataError(
+            f"{source}: its {len(heldout)} pairs split into {len(heldout) - sum(heldout)} train / "
+            f"{sum(heldout)} held-out by prompt hash (heldout_fraction {stage.heldout_fraction}), and the reward stage "
+            f"needs both non-empty; give it more pairs ({more}) or another stages.{stage.name}.heldout_fraction")
+    return heldout
 
 
 def _message_text(value, *, source: str, row: int, column: str) -> str:
@@ -84,6 +103,19 @@ def explicit_prompt(row: dict, *, source: str, index: int) -> dict:
             "rejected": rejected[-1:]}
 
 
+def _one_format(row: dict, *, source: str, index: int) -> None:
+    """Raise a DataError when, after :func:`explicit_prompt`, a row still mixes strings and message lists.
+
+    Why: TRL 1.16 applies the chat template to a row only when its fields are messages, and otherwise concatenates
+    prompt and reply as text, so a mix fails (or is measured wrongly) only once the model is loaded."""
+    kinds = {c: "a string" if isinstance(row[c], str) else "a list of messages" for c in TRL_COLUMNS}
+    if len(set(kinds.values())) > 1:
+        got = ", ".join(f"{c} is {kind}" for c, kind in kinds.items())
+        raise DataError(f"{source}: row {index}: {got}; prompt, chosen and rejected must be all strings or all lists "
+                        "of {'role', 'content'} messages (TRL preference format); convert that row to one format "
+                        "or drop it")
+
+
 def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None = None) -> list[dict]:
     """Drop pairs that cannot teach a preference (empty texts, chosen == rejected), counting them in the log and in
     ``report`` when given; wrongly typed fields raise before any model loads. Whole-conversation rows get an explicit
@@ -92,6 +124,7 @@ def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None =
     rows = [explicit_prompt(row, source=source, index=i) for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
         texts = {c: _message_text(row[c], source=source, row=i, column=c) for c in TRL_COLUMNS}
+        _one_format(row, source=source, index=i)
         if not texts["chosen"].strip() or not texts["rejected"].strip():
             empty.append(i)
         elif texts["chosen"] == texts["rejected"]:

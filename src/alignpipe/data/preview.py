@@ -22,18 +22,19 @@ from dataclasses import dataclass, field, replace
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from alignpipe.data.adapters import LoadReport
+from alignpipe.data.adapters import DataError, LoadReport
 from alignpipe.data.length_report import (
     PairTruncationCounts,
     TruncationCounts,
     dpo_pair_spans,
     pair_truncation_counts,
+    require_reward_pairs_within,
     sft_reply_spans,
     sft_training_template,
     truncation_counts,
 )
-from alignpipe.data.pairing import PairingReport, plain_text
-from alignpipe.data.preference import PREFERENCE, check_soft_targets, is_reward_heldout, preference_pairs_for
+from alignpipe.data.pairing import PairingReport
+from alignpipe.data.preference import PREFERENCE, check_soft_targets, preference_pairs_for, reward_heldout_rows
 from alignpipe.recipe import DPOStage, PreferenceDataSpec, Recipe, RewardStage, SFTDataSpec, SFTStage
 
 log = logging.getLogger("alignpipe")
@@ -256,6 +257,8 @@ def _preview_stage(recipe: Recipe, stage: DataStage, tokenizer: PreTrainedTokeni
         log.info("[%s] measuring token lengths", stage.name)
         try:
             preview.lengths = stage_lengths(stage, rows, tokenizer, seed=recipe.seed)
+        except DataError as error:  # a row the chat template refuses: the stage would fail on it too
+            raise PreviewError(f"{key}: {' '.join(str(error).split())}") from error
         except ValueError as error:  # a template TRL cannot give {% generation %} markers (alignpipe validate says)
             preview.lengths_skipped = f"the chat template cannot be trained as this stage asks ({error})"
     return preview
@@ -263,13 +266,15 @@ def _preview_stage(recipe: Recipe, stage: DataStage, tokenizer: PreTrainedTokeni
 
 def _pinned(stage: DataStage) -> tuple[SFTDataSpec | PreferenceDataSpec, str | None]:
     """The stage's dataset block as the stage reads it: a hub dataset at the commit the runner would pin it to."""
-    from alignpipe.data.hub_datasets import hub_dataset_id, pinned, resolve_dataset
+    from alignpipe.data.hub_datasets import check_cached_offline, hub_dataset_id, pinned, resolve_dataset
 
     spec = stage.dataset
     if spec.source == "synthetic" or hub_dataset_id(spec.path) is None:
         return spec, None
-    commit = resolve_dataset(spec.path, key=f"stages.{stage.name}.dataset.path").commit
-    return spec.model_copy(update={"path": pinned(spec.path, commit)}), commit
+    key = f"stages.{stage.name}.dataset.path"
+    pin = resolve_dataset(spec.path, key=key)
+    check_cached_offline(spec.path, pin.commit, key=key, offline=pin.offline)  # offline, as the runner refuses it
+    return spec.model_copy(update={"path": pinned(spec.path, pin.commit)}), pin.commit
 
 
 def _skips(load: LoadReport, pairing: PairingReport) -> list[Skip]:
@@ -286,26 +291,23 @@ def _describe_pairs(preview: StagePreview, stage: DPOStage | RewardStage, rows: 
         preview.strengths = Strengths(mean=sum(strengths) / len(strengths), min=min(strengths), max=max(strengths))
     else:
         preview.labels = "hard"
-    if isinstance(stage, RewardStage):  # the split the reward stage makes, by the same prompt hash
-        preview.heldout_rows = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction)
-                                for prompt in rows["prompt"]]
+    if isinstance(stage, RewardStage):  # the split the reward stage makes (and refuses with a side empty)
+        try:
+            preview.heldout_rows = reward_heldout_rows(stage, rows)
+        except DataError as error:
+            raise PreviewError(f"stages.{stage.name}.dataset: {error}") from error
         preview.heldout = sum(preview.heldout_rows)
-        if preview.heldout in (0, len(rows)):  # the stage refuses such a split before training: say so here
-            more = "data.n_pairs" if stage.dataset.source == "synthetic" else f"stages.{stage.name}.dataset.limit"
-            raise PreviewError(
-                f"stages.{stage.name}: its {len(rows)} pairs split into {len(rows) - preview.heldout} train / "
-                f"{preview.heldout} held-out by prompt hash, and the reward stage needs both non-empty; give it more "
-                f"pairs ({more}) or another stages.{stage.name}.heldout_fraction")
 
 
 def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> StageLengths:
     """Token lengths and truncation counts of a stage's rows, tokenized as its trainer tokenizes them (the sft stage's
     training chat template; TRL's DPO tokenization of pairs) over the seeded sample the stage's own length report
-    measures. Raises ValueError for an sft chat template TRL cannot train with assistant-only loss."""
+    measures. Raises ValueError for an sft chat template TRL cannot train with assistant-only loss, DataError for a
+    row the chat template refuses or a reward stage trained with TRL whose pairs are all longer than max_length."""
     limit = stage.max_length
     if isinstance(stage, SFTStage):
         template = sft_training_template(tokenizer, assistant_only_loss=stage.assistant_only_loss)
-        measured = sft_reply_spans(rows, tokenizer, chat_template=template, seed=seed)
+        measured = sft_reply_spans(rows, tokenizer, chat_template=template, seed=seed, source=stage.dataset.path)
         spans = measured.spans
         counts = truncation_counts(spans, limit)
         replies = {"reply": _stats([s.end - s.start for s in spans])}
@@ -313,7 +315,10 @@ def stage_lengths(stage: DataStage, rows: Dataset, tokenizer: PreTrainedTokenize
         fate = ("TRL's SFTTrainer keeps the first max_length tokens and drops a conversation left without reply"
                 if stage.assistant_only_loss else "TRL's SFTTrainer keeps the first max_length tokens")
     else:
-        measured = dpo_pair_spans(rows, tokenizer, seed=seed)
+        measured = dpo_pair_spans(rows, tokenizer, seed=seed, source=stage.dataset.path)
+        if isinstance(stage, RewardStage) and stage.implementation == "trl":  # as preflight refuses it
+            require_reward_pairs_within(measured, limit, reward_heldout_rows(stage, rows), source=stage.dataset.path,
+                                        stage=stage.name)
         spans = measured.spans
         counts = pair_truncation_counts(spans, limit)
         replies = {"chosen": _stats([c.end - c.start for c, _ in spans]),

@@ -397,16 +397,20 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 
 def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tokenizer,
                    pairs: _PreferencePairs) -> None:
-    """Resolve a hub dataset's revision. Load a local dataset as the stage will (same adapters, same limit), check
-    that the stage can train on soft strengths if the pairs carry them (a trl file's own column) and, with the
-    model's tokenizer at hand, that every reply starts within max_length."""
+    """Resolve a hub dataset's revision and, offline, check that the datasets cache holds its rows at that commit.
+    Load a local dataset as the stage will (same adapters, same limit), check
+    that the stage can train on soft strengths if the pairs carry them (a trl file's own column), that a reward
+    stage's held-out split leaves both sides non-empty and, with the model's tokenizer at hand, that every reply
+    starts within max_length (for a reward stage trained with TRL, that some pair fits in it)."""
     spec = stage.dataset
     if spec.source == "synthetic":
         return
     if not _is_local(spec.path):  # resolved, not read: a missing dataset or revision fails here, not in the stage
-        from alignpipe.data.hub_datasets import resolve_dataset
+        from alignpipe.data.hub_datasets import check_cached_offline, resolve_dataset
 
-        resolve_dataset(spec.path, key=f"stages.{stage.name}.dataset.path")
+        key = f"stages.{stage.name}.dataset.path"
+        pin = resolve_dataset(spec.path, key=key)
+        check_cached_offline(spec.path, pin.commit, key=key, offline=pin.offline)  # as the runner checks it
         return
     if isinstance(spec, SFTDataSpec):
         from alignpipe.data.preference import sft_conversations_for
@@ -415,14 +419,21 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
         if tokenizer is not None:
             _check_sft_reply_room(spec.path, conversations, tokenizer, stage, recipe.seed)
         return
-    from alignpipe.data.preference import check_soft_targets
+    from alignpipe.data.preference import check_soft_targets, reward_heldout_rows
 
     rows = pairs(stage)
     check_soft_targets(stage, rows)
-    if tokenizer is not None and not isinstance(stage, RewardStage):  # reward stages keep the end of long texts
-        from alignpipe.data.length_report import dpo_pair_spans
+    # a split with one side empty: the stage would refuse it after the earlier stages ran
+    heldout = reward_heldout_rows(stage, rows) if isinstance(stage, RewardStage) else None
+    if tokenizer is None or (isinstance(stage, RewardStage) and (stage.implementation != "trl"
+                                                                 or stage.backbone is not None)):
+        return  # the ensemble keeps the end of long texts; a backbone tokenizes with its own tokenizer
+    from alignpipe.data.length_report import dpo_pair_spans, require_reward_pairs_within
 
-        measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed)
+    measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed, source=spec.path)
+    if isinstance(stage, RewardStage):  # TRL's RewardTrainer drops the pairs longer than max_length
+        require_reward_pairs_within(measured, stage.max_length, heldout, source=spec.path, stage=stage.name)
+    else:
         _check_reply_room(spec.path, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
 
 
@@ -462,7 +473,7 @@ def _check_sft_reply_room(path: str, conversations: list[list[dict[str, str]]], 
     except DataError:
         return  # reported by its own check, under assistant_only_loss
     measured = sft_reply_spans(Dataset.from_list([{"messages": turns} for turns in conversations]), tokenizer,
-                               chat_template=template, seed=seed)
+                               chat_template=template, seed=seed, source=path)
     _check_reply_room(path, measured, "conversation", stage, lambda row: _sft_prompt(conversations[row]))
 
 

@@ -17,7 +17,7 @@ import random
 from typing import Callable
 
 from alignpipe.data.pairing import plain_text
-from alignpipe.data.preference import check_soft_targets, is_reward_heldout, preference_pairs_for
+from alignpipe.data.preference import check_soft_targets, preference_pairs_for, reward_heldout_rows
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
@@ -136,13 +136,9 @@ def run(ctx: StageContext) -> dict:
     pairs = [(plain_text(r["prompt"]), plain_text(r["chosen"]), plain_text(r["rejected"])) for r in rows]
     # Soft strengths (AlpacaEval, UltraFeedback, a trl file's column) become soft Bradley-Terry targets; else 1.
     strengths = rows["preference"] if "preference" in rows.column_names else [1.0] * len(pairs)
-    is_heldout = [is_reward_heldout(p[0], stage.heldout_fraction) for p in pairs]
+    is_heldout = reward_heldout_rows(stage, rows)  # preflight checked a local file's split; a hub one's is new here
     train_index = [i for i, held in enumerate(is_heldout) if not held]
     heldout = [p for p, held in zip(pairs, is_heldout) if held]
-    if not train_index or not heldout:
-        raise ValueError(f"stage '{ctx.dir.name}': {len(pairs)} pairs split into {len(train_index)} train / "
-                         f"{len(heldout)} held-out by prompt hash; need both non-empty (more pairs or another "
-                         "heldout_fraction)")
     log.info("[%s] training %d member(s) with %s on %d pairs (%d held out)", ctx.dir.name, stage.members,
              stage.implementation, len(train_index), len(heldout))
     if stage.implementation == "trl":

@@ -88,7 +88,7 @@ def check_cached_offline(path: str, commit: str, *, key: str, offline: bool = Fa
     held = f"; it holds commit(s) {', '.join(sorted(set(newest)))} as its newest copies" if newest else ""
     raise DataError(f"{key}: offline, and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) cannot give "
                     f"{repo_id!r} at commit {commit} (datasets reads only the newest copy it holds){held}; load it "
-                    "once where there is network, or name that commit (ORG/NAME@COMMIT). The stage was left as it was")
+                    "once where there is network, or name that commit (ORG/NAME@COMMIT)")
 
 
 def check_loaded_commit(rows, repo_id: str, commit: str, *, what: str) -> None:

@@ -627,7 +627,8 @@ def test_preflight_reads_a_trl_reward_file_once(tmp_path, monkeypatch, llama_pat
 
     original = preference.load_rows
     monkeypatch.setattr(preference, "load_rows", counting_load_rows)
-    data = _pairs_file(tmp_path / "pairs.jsonl")
+    # enough prompts that the held-out split has both sides, which preflight checks too
+    data = _pairs_file(tmp_path / "pairs.jsonl", rows=[(f"copy: {i}", str(i), str(i + 1)) for i in range(1, 31)])
     reward = {"name": "rm", "type": "reward", "implementation": "trl", "members": 1, "max_length": 48,
               "dataset": {"source": "trl", "path": str(data)}, **({"backbone": llama_path} if backbone else {})}
     model = TINY_RECIPE["model"] if backbone else {"name_or_path": llama_path}

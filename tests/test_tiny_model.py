@@ -296,30 +296,33 @@ def test_resolve_dtype_explicit():
     assert resolve_dtype("float16") == torch.float16
 
 
-def test_pypi_model_locations_resolve_to_the_package_model_folder(tmp_path, monkeypatch):
-    from alignpipe.models.loading import resolve_model_location
-
+@pytest.fixture
+def shipped_model_pkg(tmp_path, monkeypatch):
+    """An importable package ``shipped_model_pkg`` whose ``model/`` folder holds HF files (here a config)."""
     package = tmp_path / "shipped_model_pkg"
     (package / "model").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "model" / "config.json").write_text("{}")
     monkeypatch.syspath_prepend(str(tmp_path))
+    return package
+
+
+def test_pypi_model_locations_resolve_to_the_package_model_folder(shipped_model_pkg):
+    from alignpipe.models.loading import resolve_model_location
+
+    package = shipped_model_pkg
     assert resolve_model_location("pypi:shipped_model_pkg") == str(package / "model")
     assert resolve_model_location("org/model-id") == "org/model-id"  # hub ids and paths pass through
     with pytest.raises(ValueError, match="no installed Python package 'not_installed_pkg'"):
         resolve_model_location("pypi:not_installed_pkg")
 
 
-def test_pypi_model_locations_take_the_pypi_spelling_of_the_package_name(tmp_path, monkeypatch):
+def test_pypi_model_locations_take_the_pypi_spelling_of_the_package_name(shipped_model_pkg):
     """``pypi:shipped-model-pkg`` (how PyPI and pip spell it) is the installed ``shipped_model_pkg``, as for
     ``model.gguf_package``; not a package the user is told to install."""
     from alignpipe.models.loading import resolve_model_location
 
-    package = tmp_path / "shipped_model_pkg"
-    (package / "model").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "model" / "config.json").write_text("{}")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    package = shipped_model_pkg
     assert resolve_model_location("pypi:shipped-model-pkg") == str(package / "model")
     assert resolve_model_location("pypi:shipped.model-pkg") == str(package / "model")
     assert resolve_model_location("pypi:Shipped-Model-Pkg") == str(package / "model")  # pip ignores case too

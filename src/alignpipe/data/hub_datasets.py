@@ -56,6 +56,14 @@ def resolve_dataset(path: str, *, key: str) -> DatasetPin:
     return hub.once(("dataset", repo_id, wanted), lambda: _resolve(repo_id, wanted, key))
 
 
+def resolve_cached_dataset(path: str, *, key: str) -> DatasetPin:
+    """:func:`resolve_dataset`, and offline :func:`check_cached_offline` of its commit: what every look before a run
+    (preflight, ``alignpipe data``) checks, as the runner does when the stage starts."""
+    pin = resolve_dataset(path, key=key)
+    check_cached_offline(path, pin.commit, key=key, offline=pin.offline)
+    return pin
+
+
 def repo_id_of(path: str) -> str:
     """The repository a hub dataset path names (``ORG/NAME`` of ``ORG/NAME@REVISION``): what its hashes hold."""
     return path.partition("@")[0]

@@ -266,14 +266,12 @@ def _preview_stage(recipe: Recipe, stage: DataStage, tokenizer: PreTrainedTokeni
 
 def _pinned(stage: DataStage) -> tuple[SFTDataSpec | PreferenceDataSpec, str | None]:
     """The stage's dataset block as the stage reads it: a hub dataset at the commit the runner would pin it to."""
-    from alignpipe.data.hub_datasets import check_cached_offline, hub_dataset_id, pinned, resolve_dataset
+    from alignpipe.data.hub_datasets import hub_dataset_id, pinned, resolve_cached_dataset
 
     spec = stage.dataset
     if spec.source == "synthetic" or hub_dataset_id(spec.path) is None:
         return spec, None
-    key = f"stages.{stage.name}.dataset.path"
-    pin = resolve_dataset(spec.path, key=key)
-    check_cached_offline(spec.path, pin.commit, key=key, offline=pin.offline)  # offline, as the runner refuses it
+    pin = resolve_cached_dataset(spec.path, key=f"stages.{stage.name}.dataset.path")
     return spec.model_copy(update={"path": pinned(spec.path, pin.commit)}), pin.commit
 
 

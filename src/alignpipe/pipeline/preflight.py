@@ -406,11 +406,9 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     if spec.source == "synthetic":
         return
     if not _is_local(spec.path):  # resolved, not read: a missing dataset or revision fails here, not in the stage
-        from alignpipe.data.hub_datasets import check_cached_offline, resolve_dataset
+        from alignpipe.data.hub_datasets import resolve_cached_dataset
 
-        key = f"stages.{stage.name}.dataset.path"
-        pin = resolve_dataset(spec.path, key=key)
-        check_cached_offline(spec.path, pin.commit, key=key, offline=pin.offline)  # as the runner checks it
+        resolve_cached_dataset(spec.path, key=f"stages.{stage.name}.dataset.path")
         return
     if isinstance(spec, SFTDataSpec):
         from alignpipe.data.preference import sft_conversations_for

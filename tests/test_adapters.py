@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe.data.adapters import (
+    DataError,
     LoadReport,
     load_alpaca_eval_prefs,
     load_hh_rlhf_pairs,
@@ -173,6 +174,33 @@ def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, encoding, named):
     with pytest.raises(DataError, match=rf"it is {named.upper()} text .* re-save it as UTF-8 \(e.g. iconv -f {named} "
                                         r"-t utf-8 hh.jsonl > new-hh.jsonl\)"):
         load_hh_rlhf_pairs(path, split="train")
+
+
+def test_a_csv_file_reads_every_cell_as_the_text_it_holds(tmp_path):
+    """A CSV cell has no type: answers that are all digits stay text, "NA" stays "NA", an empty reply is skipped and
+    counted as it is in JSON lines, and a `preference` cell is read as the number it spells (empty = 1). Type
+    guessing made the first column a number (refused as non-text) and the empty cell a null (refusing the file)."""
+    from alignpipe.data.adapters import LoadReport
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    path = tmp_path / "pairs.csv"
+    path.write_text('prompt,chosen,rejected,preference\n"What is 2+2, in digits?",4,5,0.8\nSay hi,hi,,\n'
+                    "Write NA,NA,null,\n")
+    report = LoadReport()
+    rows = preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0, report=report)
+    assert rows.to_list() == [
+        {"prompt": "What is 2+2, in digits?", "chosen": "4", "rejected": "5", "preference": 0.8},
+        {"prompt": "Write NA", "chosen": "NA", "rejected": "null", "preference": 1.0}]
+    assert (report.rows_in, report.rows_skipped_empty) == (3, 1)
+
+    path.write_text("prompt,chosen,rejected,preference\nSay hi,hi,ho,likely\n")
+    with pytest.raises(DataError, match=r"row 0, column 'preference': expected P\(chosen preferred over rejected\), "
+                                        r"a number in \[0, 1\] or null \(= 1\), got 'likely'"):
+        preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
+    path.write_text("prompt,chosen,prompt\na,b,c\n")
+    with pytest.raises(DataError, match=r"header names column 'prompt' more than once"):
+        preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
 
 
 # ------------------------------------------------------------------------------------------------ UltraFeedback

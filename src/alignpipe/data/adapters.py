@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import csv
 import gzip
 import hashlib
+import io
 import json
 import logging
 import lzma
@@ -157,8 +159,9 @@ def _load_file(path: Path, split: str, *, what: str, expected: str):
     if builder != "parquet" and (problem := _compressed_unnamed(path) or _non_utf8_line(path)):
         # pyarrow may keep bad bytes until a row is read
         raise DataError(f"{what}: cannot read {path}: {problem}; expected a {builder} file with {expected}")
+    options = _csv_as_text(path, what=what, expected=expected) if builder == "csv" else {}
     try:  # the file is the split; a slice of it ("train[:10%]") reads as it would from a Hub dataset
-        return load_dataset(builder, data_files={split.partition("[")[0]: str(path)}, split=split)
+        return load_dataset(builder, data_files={split.partition("[")[0]: str(path)}, split=split, **options)
     except StopIteration:  # datasets' JSON builder on a file it finds no rows in
         raise empty from None
     except _read_errors() as error:
@@ -168,6 +171,30 @@ def _load_file(path: Path, split: str, *, what: str, expected: str):
         if "changed from" in detail:  # pyarrow's "Column(/x) changed from string to number in row N"
             detail += " (every row must give a column, and each field nested in it, the same type of value)"
         raise DataError(f"{what}: cannot read {path}: {detail}; expected a {builder} file with {expected}") from None
+
+
+def _csv_as_text(path: Path, *, what: str, expected: str) -> dict[str, Any]:
+    """``load_dataset("csv")`` options that read every cell as the text it holds, an empty cell as "".
+
+    Why: a CSV cell has no type. pandas would guess one per column, so answers that are all digits became numbers
+    (refused as non-text), an empty reply became null (refusing the file, where the same empty reply in JSON lines is
+    skipped and counted), and a cell reading "NA" or "null" vanished. Numeric fields (``preference``) parse their
+    text where they are read."""
+    from datasets import Features, Value
+
+    stream = _open_raw(path)
+    if stream is None:  # .zst: only the datasets library reads it; it guesses types as before
+        return {}
+    with io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as text:
+        header = next(csv.reader(text), [])
+    if not header:
+        raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
+                        f"columns, with {expected}")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(f"{what}: {path}'s header names column {repeated[0]!r} more than once ({header}); give each "
+                        f"column its own name, with {expected}")
+    return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:

@@ -144,7 +144,13 @@ def clean_trl_rows(rows: list[dict], source: str, *, report: LoadReport | None =
 
 
 def _strength(value, *, source: str, row: int) -> float:
-    """A `preference` cell as a probability (null = 1, as the soft-DPO trainer reads it); anything else raises."""
+    """A `preference` cell as a probability (null = 1, as the soft-DPO trainer reads it); anything else raises.
+    Text is read as the number it spells, an empty cell as null: a CSV file's cells are all text."""
+    if isinstance(value, str):
+        try:
+            value = float(value) if value.strip() else None
+        except ValueError:
+            pass
     if value is None:
         return 1.0
     if isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0:

@@ -164,7 +164,8 @@ def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
     data.write_text("".join(json.dumps(_copy_pair(k)) + "\n" for k in (1, 3, 6, 8)))
     sft, dpo = TINY_RECIPE["stages"][:2]
     few_steps = {"max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 10}
-    dpo = {**dpo, **few_steps, "max_length": 12, "dataset": {"source": "trl", "path": str(data)}}
+    dpo = {**dpo, **few_steps, "max_length": 12, "long_prompts": "drop",  # the drop is what this test measures
+           "dataset": {"source": "trl", "path": str(data)}}
     runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**sft, **few_steps}, dpo]})),
                     runs_dir=tmp_path / "runs", in_process=True)
     with caplog.at_level(logging.WARNING, logger="alignpipe"):

@@ -126,6 +126,38 @@ def test_preflight_flags_the_conversations_sft_trainer_drops(tmp_path, tokenizer
         preflight(without)
 
 
+def test_long_prompts_drop_lets_trl_drop_those_rows_with_a_warning(tmp_path, llama_path, caplog):
+    """The refusal names the knob; with it, the run starts and the warning counts the rows TRL will drop."""
+    rows = [_copy_pair(k) for k in KS]
+    with pytest.raises(PreflightError, match=r"or set stages\.dpo\.long_prompts: drop to train without them"):
+        preflight(_recipe(tmp_path, llama_path, {"name": "dpo", "type": "dpo"}, rows))
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        preflight(_recipe(tmp_path, llama_path, {"name": "dpo", "type": "dpo", "long_prompts": "drop"}, rows))
+    assert "4 of its 8 pairs (numbered as loaded: 4, 5, 6, 7)" in caplog.text
+    assert "(stages.dpo.long_prompts: drop)" in caplog.text
+
+
+def test_the_tiny_model_is_measured_with_the_tokenizer_the_runner_trains(tmp_path):
+    """The tiny model's tokenizer does not exist before the run, but the runner trains it from the task text in well
+    under a second: preflight trains the same one, so a data file is checked as for any other model (it was skipped,
+    and `validate` passed a recipe whose pairs `alignpipe data` showed TRL would drop)."""
+    from alignpipe.models.factory import tiny_tokenizer
+
+    rows = [_copy_pair(k) for k in KS]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dpo = {"name": "dpo", "type": "dpo", "inputs": ["sft"], "max_length": 12,
+           "dataset": {"source": "trl", "path": str(data)}}
+    recipe = load_recipe(write_recipe(tmp_path, {"name": "tiny-lengths", "model": {"name_or_path": "tiny"},
+                                                 "stages": [{"name": "sft", "type": "sft"}, dpo]}))
+    lost = rows_without_reply(dpo_pair_spans(Dataset.from_list(rows), tiny_tokenizer(recipe)), 12)
+    assert 0 < len(lost) < len(rows)
+    with pytest.raises(PreflightError, match=rf"{len(lost)} of its {len(rows)} pairs \(numbered as loaded: "
+                                             rf"{', '.join(map(str, lost))}\) have a prompt of at least "
+                                             r"stages\.dpo\.max_length = 12 tokens"):
+        preflight(recipe)
+
+
 def test_preflight_passes_when_every_reply_starts_within_max_length(tmp_path, llama_path):
     preflight(_recipe(tmp_path, llama_path, {"name": "dpo", "type": "dpo"}, [_copy_pair(k) for k in range(1, 5)]))
 

@@ -478,7 +478,7 @@ def test_a_stage_recorded_before_content_hashes_is_kept_and_gets_them(tmp_path):
     assert _run(recipe_path, runs)[0]["sft"].action == "ran"  # a key it did record differs: that is a change
 
 
-def test_logging_and_saving_settings_do_not_rerun_a_complete_stage(tmp_path):
+def test_logging_saving_and_long_prompts_settings_do_not_rerun_a_complete_stage(tmp_path):
     sft = {**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 2, "logging_steps": 1, "save_total_limit": 1}
     runs = tmp_path / "runs"
 
@@ -490,6 +490,7 @@ def test_logging_and_saving_settings_do_not_rerun_a_complete_stage(tmp_path):
     stage = StageDir(runner.run_dir / "sft")
     recorded = stage.read_manifest()
     assert run(logging_steps=3, save_steps=3, save_total_limit=2)[0]["sft"].action == "skipped"
+    assert run(long_prompts="drop")[0]["sft"].action == "skipped"  # it decides whether a run starts, not what trains
 
     # recorded by an older alignpipe, whose config hash covered them: adopted, not re-run
     older = runner._config_hash_with_logging_and_saving(runner.recipe.stage("sft"), stage)

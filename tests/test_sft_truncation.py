@@ -115,7 +115,7 @@ def test_sft_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps({"messages": _copy_conversation(k)}) + "\n" for k in (1, 2, 6, 8)))
     sft = {**TINY_RECIPE["stages"][0], "max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 10,
-           "max_length": 12, "dataset": {"source": "trl", "path": str(data)}}
+           "max_length": 12, "long_prompts": "drop", "dataset": {"source": "trl", "path": str(data)}}
     runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]})), runs_dir=tmp_path / "runs",
                     in_process=True)
     with caplog.at_level(logging.WARNING, logger="alignpipe"):

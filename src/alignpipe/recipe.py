@@ -450,6 +450,16 @@ class _TrainingStage(_TrainerStage):
     max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
 
 
+LONG_PROMPTS_FIELD = "long_prompts"  # left out of the stage hash: it decides whether a run starts, not what it trains
+
+
+def _long_prompts_field() -> Any:
+    return Field("refuse", description="Rows of a dataset file whose prompt, with the chat template, fills max_length "
+                 "have no reply left to train on, and TRL drops them. refuse = the preflight stops the run and names "
+                 "them (raise max_length, or fix the data); drop = let TRL drop them, counted in the stage's length "
+                 "report. Not part of the stage's config hash: it never changes what a stage trains.")
+
+
 class SFTDataSpec(_Spec):
     """Where an sft stage's demonstrations come from: the synthetic task (default) or a real dataset."""
 
@@ -504,6 +514,7 @@ class SFTStage(_TrainingStage):
     dataset: SFTDataSpec = Field(
         default_factory=SFTDataSpec, description="Demonstrations: the synthetic task or a real dataset."
     )
+    long_prompts: Literal["refuse", "drop"] = _long_prompts_field()
 
     @field_validator("inputs")
     @classmethod
@@ -538,6 +549,7 @@ class DPOStage(_TrainingStage):
     dataset: PreferenceDataSpec = Field(
         default_factory=PreferenceDataSpec, description="Preference pairs: the synthetic task or a real dataset."
     )
+    long_prompts: Literal["refuse", "drop"] = _long_prompts_field()
 
     @field_validator("loss_type", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ when a check needs them, so importing the runner stays cheap.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
+
+
+log = logging.getLogger("alignpipe")
 
 
 class PreflightError(ValueError):
@@ -74,8 +78,9 @@ def preflight(recipe: Recipe) -> None:
 
 def model_tokenizer(recipe: Recipe):
     """The recipe model's tokenizer, found and checked as :func:`preflight` does (local folder, GGUF file or package,
-    hub model already in the cache), for measuring data before a run (``alignpipe data``). None for the tiny model
-    (the runner creates it), a hub model not fetched yet, or one whose own code would have to run."""
+    hub model already in the cache, the tiny model's trained as the runner trains it), for measuring data before a run
+    (``alignpipe data``). None for a hub model not fetched yet, one whose own code would have to run, or the tiny
+    model when no stage reads a data file."""
     return _model_tokenizer(recipe, _PreferencePairs(recipe))
 
 
@@ -130,13 +135,18 @@ def _local_dir(name_or_path: str) -> Path | None:
 
 
 def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
-    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check.
+    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check (or, for
+    the tiny model, no data file to measure with it).
 
     A GGUF model's tokenizer is read from the file's metadata (5-15 s on two busy cores; the weights are not read),
     or, for a GGUF package already converted, from the cached conversion the stages load (~1 s)."""
     spec = recipe.model
-    if spec.is_tiny:
-        return None  # created by the runner itself
+    if spec.is_tiny:  # trained on the task text in well under a second, as the runner trains it; needed for real data
+        reads_files = any(getattr(stage, "dataset", None) is not None and stage.dataset.source != "synthetic"
+                          for stage in recipe.stages)
+        from alignpipe.models.factory import tiny_tokenizer
+
+        return tiny_tokenizer(recipe) if reads_files else None
     if spec.gguf_package is not None:
         return _gguf_package_tokenizer(spec, chat_template=_needs_chat_template(recipe, pairs))
     from alignpipe.models.loading import ModelError
@@ -509,10 +519,12 @@ def _check_reply_room(path: str, measured, noun: str, stage: SFTStage | DPOStage
             "TRL's SFTTrainer would drop those conversations" if getattr(stage, "assistant_only_loss", False) else
             "those conversations would train on their prompt alone")
     shown = ", ".join(map(str, lost[:5])) + (", ..." if len(lost) > 5 else "")
-    raise DataError(
-        f"{path}: {len(lost)} of {of} (numbered as loaded: {shown}) have a prompt of at least "
-        f"stages.{stage.name}.max_length = {limit} tokens with the chat template ({noun} {lost[0]}: its reply starts "
-        f"at token {start}; the prompt starts {prompt_text(lost[0])[:40]!r}), so truncation leaves none of the reply "
-        f"to train on and {fate}; raise stages.{stage.name}.max_length (to {needed} to keep every reply whole) or "
-        "shorten or drop those rows"
-    )
+    found = (f"{path}: {len(lost)} of {of} (numbered as loaded: {shown}) have a prompt of at least "
+             f"stages.{stage.name}.max_length = {limit} tokens with the chat template ({noun} {lost[0]}: its reply "
+             f"starts at token {start}; the prompt starts {prompt_text(lost[0])[:40]!r}), so truncation leaves none of "
+             f"the reply to train on and {fate}")
+    if stage.long_prompts == "drop":
+        log.warning("%s (stages.%s.long_prompts: drop)", found, stage.name)
+        return
+    raise DataError(f"{found}; raise stages.{stage.name}.max_length (to {needed} to keep every reply whole), shorten "
+                    f"or drop those rows, or set stages.{stage.name}.long_prompts: drop to train without them")

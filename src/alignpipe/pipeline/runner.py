@@ -67,6 +67,7 @@ from alignpipe.pipeline.rundir import (
 )
 from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import (
+    LONG_PROMPTS_FIELD,
     GRPOStage,
     PPOStage,
     Recipe,
@@ -524,9 +525,10 @@ class Runner:
 
     def _hashed_stage(self, stage, logging_and_saving: dict | None = None) -> dict:
         """A stage's settings as its config hash sees them: without ``LOGGING_AND_SAVING`` (unless given, as an older
-        hash had them), and a hub backbone or dataset by its repo id, whose commit is the BACKBONE or DATASET input
-        hash instead (so ``ORG/NAME``, ``ORG/NAME@main`` and ``ORG/NAME@<its commit>`` are one model)."""
-        dumped = stage.model_dump(mode="json", exclude=set(LOGGING_AND_SAVING))
+        hash had them) or ``long_prompts`` (it only decides whether the run starts), and a hub backbone or dataset by
+        its repo id, whose commit is the BACKBONE or DATASET input hash instead (so ``ORG/NAME``, ``ORG/NAME@main``
+        and ``ORG/NAME@<its commit>`` are one model)."""
+        dumped = stage.model_dump(mode="json", exclude={*LOGGING_AND_SAVING, LONG_PROMPTS_FIELD})
         if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
         if self._hub_dataset(stage) is not None:  # likewise ORG/NAME@REVISION: its commit is the DATASET input hash

@@ -22,7 +22,6 @@ import json
 import resource
 import subprocess
 import sys
-from types import SimpleNamespace
 
 
 def _rss_mib() -> float:
@@ -44,6 +43,7 @@ def measure(mode: str, args) -> dict:
     from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
     from alignpipe.losses.ppo import gae, masked_whiten
     from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+    from alignpipe.recipe import PPOStage
     from alignpipe.tasks import sample_tasks, tokenizer_corpus
     from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
     from alignpipe.trainers.ppo import minibatch_backward
@@ -82,8 +82,8 @@ def measure(mode: str, args) -> dict:
         rewards[:, -1] = 1.0
         advantages, returns = gae(rewards, values, mask, 1.0, 0.95)
         advantages = masked_whiten(advantages, mask)
-        settings = SimpleNamespace(clip_range=0.2, clip_range_value=0.2, vf_coef=0.5, kl_loss_coef=0.0)
-        minibatch_backward(actor_critic, batch, old, ref, values, advantages, returns, settings)
+        # the PPO stage's own defaults (clip ranges, vf_coef, kl_loss_coef, temperature), so they cannot drift apart
+        minibatch_backward(actor_critic, batch, old, ref, values, advantages, returns, PPOStage.model_construct())
         optimizer.step()
     return {"mode": mode, "baseline_mib": baseline, "peak_mib": _peak_mib()}
 
@@ -103,9 +103,10 @@ def main() -> None:
                  "--new-tokens", str(args.new_tokens)]
     results = {}
     for mode in ("sft", "ppo"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, *forwarded], check=True,
-                             capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, __file__, "--mode", mode, *forwarded], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"the {mode} measurement failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     sft, ppo = results["sft"], results["ppo"]
     added = {m: r["peak_mib"] - r["baseline_mib"] for m, r in results.items()}
     print(f"model: hidden {args.hidden}, {args.layers} layers, LoRA r=16 all-linear; batch {args.batch}, "

@@ -31,7 +31,7 @@
 #   ./launch.sh recipes/quickstart.yaml --cpu --processes 2
 #   ./launch.sh recipes/ultrafeedback/qwen2.5-0.5b-dpo.yaml --gpus 8 --deepspeed zero3
 #   ./launch.sh recipes/ultrafeedback/llama-3.1-8b-qlora-dpo.yaml --nodes 2 --node-rank 0 --main-addr 10.0.0.1 \
-#       --gpus 8 --deepspeed zero3 --dry-run
+#       --gpus 8 --deepspeed zero2 --dry-run
 #
 # Environment: ALIGNPIPE_VENV (default .venv), PYTHON (interpreter used to create the venv, default python3),
 # TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run).

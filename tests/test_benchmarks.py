@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,14 +20,29 @@ def _benchmark(name: str):
     return module
 
 
-@pytest.mark.parametrize("mode", ["sft", "ppo"])
-def test_ppo_memory_measures_both_modes_at_the_smallest_size(mode):
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The benchmarks pin torch's thread count for their own process; the suite keeps its own."""
     import torch
 
-    args = SimpleNamespace(hidden=16, layers=1, batch=2, new_tokens=3)
     threads = torch.get_num_threads()
-    try:
-        measured = _benchmark("ppo_memory").measure(mode, args)
-    finally:
-        torch.set_num_threads(threads)  # the benchmark pins one thread for its own process
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", ["sft", "ppo"])
+def test_ppo_memory_measures_both_modes_at_the_smallest_size(mode):
+    measured = _benchmark("ppo_memory").measure(mode, SimpleNamespace(hidden=16, layers=1, batch=2, new_tokens=3))
     assert measured["mode"] == mode and measured["peak_mib"] >= measured["baseline_mib"] > 0
+
+
+def test_reward_ensemble_prints_its_ratios_at_the_smallest_size(capsys):
+    _benchmark("reward_ensemble").main(["--members", "2", "--batch", "2", "--repeats", "1", "--max-length", "16",
+                                        "--texts", "synthetic", "--no-rss", "--device", "cpu"])
+    assert "x" in capsys.readouterr().out
+
+
+def test_kl_estimators_prints_its_coverage_at_the_smallest_size(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["kl_estimators.py", "--tokens", "3", "--samples", "8", "--repeats", "3"])
+    _benchmark("kl_estimators").main()
+    assert "k1" in capsys.readouterr().out

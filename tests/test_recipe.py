@@ -88,6 +88,17 @@ def test_good_recipe_applies_defaults_and_round_trips(tmp_path: Path) -> None:
     assert load_recipe(resolved) == recipe
 
 
+def test_a_trl_reward_stage_trains_one_member_unless_told_otherwise() -> None:
+    """`implementation: trl` alone was refused with "members: leave it at its default", and the default (5) was
+    what failed; an explicit other count is still refused."""
+    from alignpipe.recipe import RewardStage
+
+    assert RewardStage(name="rm", implementation="trl").members == 1
+    assert RewardStage(name="rm").members == 5
+    with pytest.raises(ValueError, match=r"members: is an option of implementation 'ensemble'"):
+        RewardStage(name="rm", implementation="trl", members=3)
+
+
 def test_stage_lookup_suggests_a_name() -> None:
     recipe = Recipe(name="r", stages=[SFTStage(name="sft"), DPOStage(name="dpo", inputs=["sft"])])
     with pytest.raises(RecipeError, match=r"no stage 'dpp'; did you mean 'dpo'\?"):

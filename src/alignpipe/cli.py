@@ -47,6 +47,9 @@ token, vocabulary size, LoRA target modules), and each dataset as its stage read
 types, soft labels, chat templates that refuse a row, a reward stage's held-out split, prompts that leave no room
 within max_length), a hub dataset's revision (offline: its rows must be in the datasets cache). Tokenizers, configs
 and rows are read, never weights, and nothing is written.
+Checks that depend on where the run goes (processes, GPUs, --deepspeed) are left to `run`, which makes them before
+anything is written: a global_batch_size that does not split over the processes, and an explicit bf16/fp16
+model.dtype with full weights outside DeepSpeed. `alignpipe run RECIPE --dry-run [topology options]` makes them too.
 Exit status 0 when valid, 2 when not (every problem found, one line each under its recipe key).
 """
 

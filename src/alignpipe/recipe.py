@@ -610,7 +610,8 @@ class RewardStage(_CheckpointedStage):
         "ensemble", description="ensemble = our K-member LoRA trainer; trl = one model through TRL's RewardTrainer "
         "(members must be 1; `lora: null` gives full fine-tuning).",
     )
-    members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5).")
+    members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5); 1 under "
+                         "implementation: trl, which trains one model.")
     lora: LoraSpec | None = Field(
         default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.0),
         description="Each member's LoRA adapter (tiny-model setting: r=8); null = full fine-tuning (trl only).",
@@ -672,6 +673,14 @@ class RewardStage(_CheckpointedStage):
         return [(("dataset", "soft_labels"), "TRL's RewardTrainer reads chosen/rejected only, so the pairs' soft "
                  "strengths would be dropped; use implementation: ensemble (soft Bradley-Terry targets) or set "
                  "dataset.soft_labels: false")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_member_under_trl(cls, data: Any) -> Any:
+        """TRL's RewardTrainer trains one model, so ``members`` defaults to 1 there (5 is the ensemble's default)."""
+        if isinstance(data, dict) and data.get("implementation") == "trl" and "members" not in data:
+            return {**data, "members": 1}
+        return data
 
     @model_validator(mode="after")
     def _implementation_options(self) -> RewardStage:

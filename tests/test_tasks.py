@@ -5,6 +5,7 @@ import pytest
 
 from alignpipe.tasks.synthetic import (
     FAMILIES,
+    FORMAT_BONUS,
     GoldJudge,
     Task,
     TaskSpace,
@@ -88,6 +89,34 @@ def test_gold_reward_rejects_non_task_prompt():
 def test_gold_reward_unicode_digit_does_not_crash():
     # '²' is not a non-negative integer in ASCII: no correctness, no format bonus.
     assert gold_reward("sum: 2 3", "²") == 0.0
+
+
+@pytest.mark.parametrize("digits", [308, 309, 5000])
+def test_gold_reward_long_numeric_answer_gets_no_credit(digits):
+    # 309 nines overflow a float and 5000 exceed int()'s digit limit; the gap is far beyond the scale: credit 0, bonus
+    assert gold_reward("sum: 1 2", "9" * digits) == pytest.approx(FORMAT_BONUS, abs=1e-12)
+    assert gold_reward("sum: 1 2", "0" * digits + "4") == pytest.approx(0.8 + FORMAT_BONUS, abs=1e-12)  # 4 vs truth 3
+
+
+def _reference_gold_reward(prompt: str, response: str) -> float:
+    """The gold reward as first specified, for responses whose numbers are small."""
+    target, tokens = parse_prompt(prompt).target(), response.split()
+    is_int = [t.isascii() and t.isdigit() for t in tokens]
+    if parse_prompt(prompt).family in ("copy", "reverse", "sort"):
+        correctness = sum(a == b for a, b in zip(tokens, target)) / len(target)
+    elif tokens and is_int[0]:
+        correctness = max(0.0, 1.0 - abs(int(tokens[0]) - int(target[0])) / 5.0)
+    else:
+        correctness = 0.0
+    return correctness + 0.2 * (bool(tokens) and all(is_int)) - 0.15 * max(0, len(tokens) - len(target))
+
+
+def test_gold_reward_unchanged_on_the_tasks_normal_cases():
+    rows = scored_response_sets(300, 0, k=4, noise=0.7)
+    cases = [(row["prompt"], r) for row in rows for r in row["responses"]]
+    cases += [(row["prompt"], str(n)) for row in rows[:60] for n in range(0, 40, 3)]  # numeric gaps across the scale
+    assert {parse_prompt(p).family for p, _ in cases} == set(FAMILIES)
+    assert [gold_reward(p, r) for p, r in cases] == [_reference_gold_reward(p, r) for p, r in cases]
 
 
 # ------------------------------------------------------------------------------------------------ parse_prompt / Task

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 from dataclasses import dataclass
 from typing import Literal, Sequence, get_args
 
@@ -84,6 +85,20 @@ def _is_int(token: str) -> bool:
     return token.isascii() and token.isdigit()  # str.isdigit alone accepts '²', which int() rejects
 
 
+def _numeric_credit(answer: str, truth: str) -> float:
+    """``max(0, 1 - |answer - truth| / NUMERIC_CREDIT_SCALE)`` for non-negative integer strings.
+
+    A policy may emit a number of any length: the gap is clamped at the scale before it becomes a float (a huge gap
+    would overflow one), and an answer too long for ``int()`` to parse earns no credit, as any huge gap does.
+    """
+    digits = answer.lstrip("0") or "0"
+    limit = sys.get_int_max_str_digits()  # 0 means unlimited
+    if limit and len(digits) > limit:
+        return 0.0
+    gap = min(abs(int(digits) - int(truth)), NUMERIC_CREDIT_SCALE)  # int/float comparison is exact, never overflows
+    return max(0.0, 1.0 - gap / NUMERIC_CREDIT_SCALE)
+
+
 def gold_reward(prompt: str, response: str) -> float:
     """Exact gold reward of ``response`` to ``prompt``.
 
@@ -98,7 +113,7 @@ def gold_reward(prompt: str, response: str) -> float:
     if task.family in LIST_FAMILIES:
         correctness = sum(a == b for a, b in zip(tokens, target)) / len(target)
     elif tokens and _is_int(tokens[0]):
-        correctness = max(0.0, 1.0 - abs(int(tokens[0]) - int(target[0])) / NUMERIC_CREDIT_SCALE)
+        correctness = _numeric_credit(tokens[0], target[0])
     else:
         correctness = 0.0
     well_formed = bool(tokens) and all(_is_int(t) for t in tokens)

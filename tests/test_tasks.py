@@ -153,6 +153,17 @@ def test_parse_prompt_rejects_junk_naming_the_prompt(junk):
     assert repr(junk) in str(info.value)
 
 
+@pytest.mark.parametrize("prompt", ["sum: -3 -4", "sort: -3 1", "copy: \u0663 1", "count -3: 1 2", "count \u0663: 3 1",
+                                    "sum: 1 \u00b2", "sort: +3 1"])
+def test_parse_prompt_rejects_items_the_gold_reward_cannot_credit(prompt):
+    # the exact answer to 'sum: -3 -4' would be '-7', which is not a non-negative ASCII integer and scores 0
+    with pytest.raises(ValueError, match="non-negative integers") as info:
+        parse_prompt(prompt)
+    assert repr(prompt) in str(info.value)
+    with pytest.raises(ValueError):
+        gold_reward(prompt, "0")
+
+
 @pytest.mark.parametrize(
     ("task", "target"),
     [

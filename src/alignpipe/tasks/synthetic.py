@@ -64,25 +64,30 @@ class Task:
         return [str(a) for a in answer]
 
 
+def _is_int(token: str) -> bool:
+    return token.isascii() and token.isdigit()  # str.isdigit alone accepts '²', which int() rejects
+
+
 def parse_prompt(prompt: str) -> Task:
-    """Invert ``Task.prompt``; raises ValueError naming the prompt when it is not a task prompt."""
+    """Invert ``Task.prompt``; raises ValueError naming the prompt when it is not a task prompt.
+
+    Items and the counted digit must be non-negative ASCII integers, the only answers the gold reward credits:
+    ``int()`` alone would accept ``-3`` or ``٣``, giving a task whose exact answer scores nothing.
+    """
     head, sep, body = prompt.partition(":")
-    words = head.split()
+    words, item_words = head.split(), body.split()
     try:
-        items = tuple(int(t) for t in body.split())
-        if not sep or not words or not items:
+        if not sep or not words or not item_words or not all(_is_int(t) for t in item_words + words[1:2]):
             raise ValueError
+        items = tuple(int(t) for t in item_words)
         if words[0] == "count" and len(words) == 2:
             return Task("count", items, int(words[1]))
         if len(words) == 1 and words[0] in FAMILIES and words[0] != "count":
             return Task(words[0], items)
     except ValueError:
         pass
-    raise ValueError(f"not a synthetic-task prompt: {prompt!r} (expected e.g. 'sort: 3 1 4' or 'count 3: 3 1 3')")
-
-
-def _is_int(token: str) -> bool:
-    return token.isascii() and token.isdigit()  # str.isdigit alone accepts '²', which int() rejects
+    raise ValueError(f"not a synthetic-task prompt: {prompt!r} (expected e.g. 'sort: 3 1 4' or 'count 3: 3 1 3'; "
+                     "items and the counted digit are non-negative integers written in ASCII digits)")
 
 
 def _numeric_credit(answer: str, truth: str) -> float:

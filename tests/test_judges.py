@@ -1,6 +1,7 @@
 """Tests for alignpipe.rewards.judges: order averaging, anchor judging, gold/reward judges, the policy as judge."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -115,6 +116,15 @@ def test_reward_judge_hand_value_and_symmetry():
     assert judge.pairwise_probability("q", "good", "ok") == p_ab
     with pytest.raises(ValueError, match="temperature"):
         RewardJudge(lambda ps, rs: [0.0] * len(rs), judge_id="x", temperature=-1)
+
+
+@pytest.mark.parametrize(("returned", "named"), [
+    ({1.0: "a", 2.0: "b"}, "returned a dict"), (["1.5", "2.5"], "returned a str ('1.5') at position 0"),
+    (torch.ones(2, 1), "returned a 2-D Tensor"), (0.5, "returned a float")])
+def test_reward_judge_refuses_rewards_that_are_not_one_number_per_response(returned, named):
+    judge = RewardJudge(lambda ps, rs: returned, judge_id="toy-rm")
+    with pytest.raises(ValueError, match=f"judge 'toy-rm' {re.escape(named)}"):
+        judge.score(["q", "q"], ["good", "ok"])
 
 
 def test_gold_pairwise_judge_matches_gold_judge():

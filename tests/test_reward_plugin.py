@@ -61,3 +61,46 @@ def test_trl_reward_functions_score_multi_turn_prompts_with_every_turn() -> None
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort: 2 1"}]
     trl_reward_function(Recording())([prompt], [[{"role": "assistant", "content": "1 2"}]])
     assert seen == [("\n\nSystem: be brief\n\nHuman: sort: 2 1\n\nAssistant:", "1 2")]
+
+
+REWARD_MODULE = """
+import numpy as np, torch
+def as_list(p, r): return [float(len(x)) for x in r]
+def as_tensor(p, r): return torch.tensor([float(len(x)) for x in r])
+def as_array(p, r): return np.array([len(x) for x in r])
+def as_dict(p, r): return {float(len(x)): 0.0 for x in r}
+def as_scalar(p, r): return 1.0
+def as_none(p, r): return None
+def as_strings(p, r): return [str(len(x)) for x in r]
+def as_nested(p, r): return [[1.0, 2.0] for _ in r]
+def as_column(p, r): return torch.ones(len(r), 1)
+def as_generator(p, r): return (1.0 for _ in r)
+"""
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "rewards_under_test.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "rewards_under_test"
+
+
+@pytest.mark.parametrize("function", ["as_list", "as_tensor", "as_array"])
+def test_a_reward_callable_returns_a_list_tensor_or_array_of_numbers(reward_module, function) -> None:
+    from alignpipe.rewards.plugin import CallableRewardSource
+
+    assert CallableRewardSource(f"{reward_module}:{function}")(["p", "p"], ["ab", "abc"]).reward.tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(("function", "named"), [
+    ("as_dict", "returned a dict"), ("as_scalar", "returned a float"), ("as_none", "returned a NoneType"),
+    ("as_strings", "returned a str ('2') at position 0"), ("as_nested", "returned a list ([1.0, 2.0]) at position 0"),
+    ("as_column", "returned a 2-D Tensor of shape (2, 1)"), ("as_generator", "returned a generator"),
+])
+def test_a_reward_callable_returning_anything_else_is_refused_naming_it_and_the_type(reward_module, function,
+                                                                                     named) -> None:
+    from alignpipe.rewards.plugin import CallableRewardSource
+
+    with pytest.raises(ValueError, match="one real number per response") as info:
+        CallableRewardSource(f"{reward_module}:{function}")(["p", "p"], ["ab", "abc"])
+    assert f"'{reward_module}:{function}' {named}" in str(info.value)

@@ -888,8 +888,8 @@ class RewardSpec(_Spec):
         "variance (mean_minus_var); 0 = no penalty. mean and min take none.",
     )
     callable: str | None = Field(
-        None, description="'package.module:function' taking (prompts, responses) and returning one float per "
-        "response; required when source is callable.",
+        None, description="'package.module:function' taking (prompts, responses) and returning one real number per "
+        "response (a list, or a 1-D tensor or array; anything else is refused); required when source is callable.",
     )
 
     @model_validator(mode="after")

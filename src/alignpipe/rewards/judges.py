@@ -30,6 +30,7 @@ import torch
 
 from alignpipe.evaluation.generation import render_prompts
 from alignpipe.evaluation.metrics import order_averaged_preference
+from alignpipe.rewards.plugin import reward_values
 from alignpipe.tasks.synthetic import GoldJudge, preference_probability
 
 log = logging.getLogger("alignpipe")
@@ -244,13 +245,8 @@ class RewardJudge:
         self.temperature = float(temperature)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        rewards = [float(r) for r in self.reward_fn(list(prompts), list(responses))]
-        if len(rewards) != len(responses):
-            raise ValueError(f"reward_fn of {self.judge_id!r} returned {len(rewards)} rewards for {len(responses)}")
-        bad = [r for r in rewards if not math.isfinite(r)]
-        if bad:
-            raise ValueError(f"reward_fn of {self.judge_id!r} returned {len(bad)} non-finite rewards")
-        return rewards
+        returned = self.reward_fn(list(prompts), list(responses))
+        return reward_values(returned, len(responses), f"reward_fn of judge {self.judge_id!r}")
 
     def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         _check_lengths(prompts, a, b)

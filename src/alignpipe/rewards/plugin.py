@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from alignpipe.pipeline import distributed
 from alignpipe.rewards.penalties import EnsembleRewards, RunningMean, penalised_rewards
 from alignpipe.tasks import gold_reward
 
-__all__ = ["RewardSource", "ScoredBatch", "load_callable", "make_reward_source", "trl_reward_function"]
+__all__ = ["RewardSource", "ScoredBatch", "load_callable", "make_reward_source", "reward_values", "trl_reward_function"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,8 @@ class CallableRewardSource(RewardSource):
         self.name = target
 
     def __call__(self, prompts, responses, *, update=True) -> ScoredBatch:
-        values = [float(v) for v in self.function(list(prompts), list(responses))]
-        if len(values) != len(responses):
-            raise ValueError(f"reward callable {self.name} returned {len(values)} values for {len(responses)} responses")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"reward callable {self.name} returned NaN or inf")
-        scores = torch.tensor(values)
+        returned = self.function(list(prompts), list(responses))
+        scores = torch.tensor(reward_values(returned, len(responses), f"reward callable {self.name!r}"))
         return ScoredBatch(scores, scores, None)
 
 
@@ -123,6 +120,36 @@ def _moments_over_ranks(values: Tensor) -> RunningMean:
     total, count = distributed.all_reduce_sum(
         torch.tensor([local.mean * local.count, float(local.count)], dtype=torch.float64)).tolist()
     return RunningMean(count=round(count), mean=total / count if count else 0.0)
+
+
+def reward_values(returned: Any, count: int, source: str) -> list[float]:
+    """``returned`` as ``count`` finite floats, or a ValueError naming ``source`` and what it returned instead.
+
+    A reward function must return one real number per response: a list or tuple, or a 1-D tensor or array. Anything
+    else is refused rather than coerced, since ``float()`` over it would take a dict's keys, parse strings such as
+    ``"1.5"``, or fail with a message that does not say which function was wrong.
+    """
+    expected = f"it must return one real number per response ({count}) as a list, or a 1-D tensor or array"
+    ndim = getattr(returned, "ndim", None)
+    if ndim is not None and hasattr(returned, "tolist"):  # torch / numpy
+        if ndim != 1:
+            raise ValueError(f"{source} returned a {ndim}-D {type(returned).__name__} of shape "
+                             f"{tuple(returned.shape)}; {expected}")
+        returned = returned.tolist()
+    elif isinstance(returned, (str, bytes)) or not isinstance(returned, Sequence):
+        raise ValueError(f"{source} returned a {type(returned).__name__}; {expected}")
+    wrong = next(((i, v) for i, v in enumerate(returned) if not isinstance(v, numbers.Real)), None)
+    if wrong is not None:
+        raise ValueError(f"{source} returned a {type(wrong[1]).__name__} ({wrong[1]!r:.40}) at position {wrong[0]}; "
+                         f"{expected}")
+    if len(returned) != count:
+        raise ValueError(f"{source} returned {len(returned)} values for {count} responses; {expected}")
+    values = [float(v) for v in returned]
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{source} returned NaN or inf for {len(bad)} of {count} responses (first at position "
+                         f"{bad[0]}); rewards must be finite")
+    return values
 
 
 def load_callable(target: str) -> Callable:

@@ -480,13 +480,32 @@ def test_merge_of_leaderboards_that_predate_the_reference_weights(tmp_path, capl
     assert f"not recorded vs {'ab' * 32!r}" in str(error.value) and f"{a}: written by an older" in str(error.value)
 
 
+def test_boards_judged_by_a_reward_model_without_its_weights_hash_are_not_merged(tmp_path):
+    """A reward-model judge's id names only its directory (every reward stage saves to .../checkpoint): boards that
+    did not record the judge's weights hash cannot be shown to share a judge, even when their ids agree."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    judge = {"type": "reward_model", "id": "reward_ensemble:checkpoint", "position_swap": True, "trained_on": None}
+    old = ("config", "judge", judge)
+    new = ("config", "judge", {**judge, "weights_sha256": "cd" * 32})
+    a, b = (write_leaderboard(_suite_board(old), tmp_path / run)[0] for run in ("a", "b"))
+    c, d = (write_leaderboard(_suite_board(new), tmp_path / run)[0] for run in ("c", "d"))
+    for pair in ((a, b), (a, c)):
+        with pytest.raises(ValueError, match="judge weights") as error:
+            merge_leaderboards(list(pair))
+        assert "config.judge.weights_sha256: None vs" in str(error.value)
+        assert "re-run its evaluation" in str(error.value)
+    assert len(merge_leaderboards([c, d])["checkpoints"]) == 6
+
+
 def test_merging_merged_leaderboards_checks_every_run_they_hold(tmp_path, caplog):
     """A merged leaderboard records its runs' settings only under config.sources: merging merged leaderboards checks
     those runs, so runs judged differently are refused as when merged directly, and agreeing ones merge into a
     board whose config.sources has one entry per run, labelled like its rows."""
     from alignpipe.evaluation.leaderboard import merge_leaderboards
 
-    other_judge = ("config", "judge", {"type": "reward_model", "id": "rm:other", "position_swap": True})
+    other_judge = ("config", "judge", {"type": "reward_model", "id": "rm:other", "position_swap": True,
+                                       "weights_sha256": "cd" * 32})
     runs = {name: write_leaderboard(_suite_board(other_judge if name.startswith("b") else None), tmp_path / name)[0]
             for name in ("a1", "a2", "a3", "b1", "b2")}
     merged = {name: write_leaderboard(merge_leaderboards([runs[x] for x in parts]), tmp_path / name)[0]

@@ -30,13 +30,13 @@ from alignpipe.tasks import preference_pairs
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _random_reward_judge(backbone: str, directory):
+def _random_reward_judge(backbone: str, directory, seed: int = 0):
     """A saved 2-member reward ensemble with random heads: a judge whose scores differ between responses."""
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=backbone, members=2, lora_r=4, lora_alpha=8,
                                                   top_layers=1, seed=0))
     with torch.no_grad():
         for head in ensemble.heads:
-            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+            head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     return ensemble.save(directory)
 
 
@@ -229,6 +229,30 @@ def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_pa
             ["checkpoints"]}
     assert rows["sft"]["win_rate_vs_ref"]["value"] == pytest.approx(0.5)
     assert 0 < rows["dpo"]["win_rate_vs_ref"]["value"] < 1 and rows["dpo"]["win_rate_vs_ref"]["n"] == 16
+
+
+def test_boards_judged_by_different_reward_models_saved_under_one_name_are_not_merged(llama_path, tmp_path):
+    """Every reward stage saves its model to .../checkpoint, so judge ids name only that directory: the board records
+    the judge's weights hash, and the merge compares that."""
+    from alignpipe.evaluation.leaderboard import merge_leaderboards
+
+    suite = tmp_path / "vs-self.yaml"
+    suite.write_text(yaml.safe_dump({"name": "vs-self", "prompts": {"source": "synthetic", "n": 4},
+                                     "generation": {"max_new_tokens": 2, "batch_size": 4}, "reference": "checkpoint",
+                                     "judge": "reward_model", "primary_metric": "win_rate_vs_ref"}))
+    boards = {}
+    for run, seed in (("a", 0), ("b", 1)):
+        judge = _random_reward_judge(llama_path, tmp_path / f"judge-{run}" / "checkpoint", seed=seed)
+        assert main(["eval", f"policy={llama_path}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
+                     str(tmp_path / "cache"), "--out", str(tmp_path / run)]) == 0
+        boards[run] = tmp_path / run / "leaderboard.json"
+    with pytest.raises(ValueError, match="they differ in judge"):
+        merge_leaderboards([boards["a"], boards["b"]])
+    judges = [json.loads(boards[run].read_text())["config"]["judge"] for run in "ab"]
+    assert judges[0]["id"] == judges[1]["id"] and judges[0]["weights_sha256"] != judges[1]["weights_sha256"]
+    (tmp_path / "again").mkdir()
+    boards["again"] = shutil.copy(boards["a"], tmp_path / "again" / "leaderboard.json")  # the same judge's weights
+    assert len(merge_leaderboards([boards["a"], boards["again"]])["checkpoints"]) == 2
 
 
 def test_policy_reference_suite_cuts_prompts_to_max_prompt_tokens(completed_tiny_run, llama_path, tmp_path):

@@ -295,8 +295,9 @@ def merge_leaderboards(paths: list[str | os.PathLike[str]]) -> dict:
     primary metric, each metric in one direction (``higher_is_better``, null included: the table shows one direction
     per metric, as :func:`build_leaderboard` requires within a board), and the same suite file hash, reference (name
     and weights), prompt set (its id carries a hash of the prompts), generation settings and judge (as each records
-    them). Otherwise ``ValueError`` names the files and what differs. A merged leaderboard is checked run by run, as
-    its ``config.sources`` records them, so merging merged leaderboards refuses what merging their runs would. A
+    them: a reward-model judge by the hash of its weights, so a board without that hash is refused). Otherwise
+    ``ValueError`` names the files and what differs. A merged leaderboard is checked run by run, as its
+    ``config.sources`` records them, so merging merged leaderboards refuses what merging their runs would. A
     policy leaderboard written before the reference's weights were recorded is merged with a warning: what it lacks
     cannot be checked. Each run's path, run, config and env are kept under ``config.sources`` (one entry per run,
     labelled like its rows) so every row stays traceable.
@@ -429,8 +430,21 @@ def merge_conflicts(a: dict, b: dict) -> list[str]:
             return False  # one board has no such columns: nothing of it is ranked beside the other's
         return a[section].get(key) != b[section].get(key)
 
-    return [f"{what} ({shown(a, section, key)} vs {shown(b, section, key)})"
-            for what, section, key in _MERGE_INVARIANTS if differ(section, key)]
+    conflicts = [f"{what} ({shown(a, section, key)} vs {shown(b, section, key)})"
+                 for what, section, key in _MERGE_INVARIANTS if differ(section, key)]
+    if _unproven_judge(a) or _unproven_judge(b):
+        conflicts.append("judge weights (config.judge.weights_sha256: "
+                         f"{' vs '.join(repr(board['config']['judge'].get('weights_sha256')) for board in (a, b))}; "
+                         "a reward-model judge is compared by the hash of its weights, which a board evaluated by an "
+                         "older alignpipe did not record: re-run its evaluation)")
+    return conflicts
+
+
+def _unproven_judge(board: dict) -> bool:
+    """Whether ``board`` was judged by a reward model without recording its weights' hash: its judge id names only
+    the judge's directory (every reward stage saves to ``checkpoint``), so it cannot be shown to be another's judge."""
+    judge = board["config"].get("judge") or {}
+    return judge.get("type") == "reward_model" and not judge.get("weights_sha256")
 
 
 def source_labels(paths: list[Path]) -> list[str]:

@@ -104,3 +104,48 @@ def test_a_reward_callable_returning_anything_else_is_refused_naming_it_and_the_
     with pytest.raises(ValueError, match="one real number per response") as info:
         CallableRewardSource(f"{reward_module}:{function}")(["p", "p"], ["ab", "abc"])
     assert f"'{reward_module}:{function}' {named}" in str(info.value)
+
+
+def test_a_stage_process_finds_a_reward_module_in_the_working_directory(tmp_path) -> None:
+    """Stage scripts run as pipelines/<type>.py, so the module path starts at pipelines/, not at the directory the
+    run was started in; a reward module there (beside the recipe, where relative data paths are read) is found."""
+    import os
+    import subprocess
+    import sys
+
+    work, scripts = tmp_path / "work", tmp_path / "pipelines"
+    work.mkdir(), scripts.mkdir()
+    (work / "reward_beside_the_recipe.py").write_text("def length(p, r): return [float(len(x)) for x in r]\n")
+    (scripts / "stage.py").write_text("from alignpipe.rewards.plugin import CallableRewardSource\n"
+                                      "print(CallableRewardSource('reward_beside_the_recipe:length')(['p'], ['abc'])"
+                                      ".reward.tolist())\n")
+    done = subprocess.run([sys.executable, str(scripts / "stage.py")], cwd=work, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[3.0]"
+
+
+def test_preflight_imports_reward_callables(tmp_path, monkeypatch) -> None:
+    """validate and run refuse a callable the stage could not import before anything is written, naming its key."""
+    import sys
+
+    from conftest import TINY_RECIPE, write_recipe
+
+    from alignpipe.pipeline.preflight import PreflightError, preflight
+    from alignpipe.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "preflight_rewards.py").write_text("def length(p, r): return [float(len(x)) for x in r]\n")
+
+    def recipe(target: str):
+        bon = {"name": "bon", "type": "bon", "inputs": ["sft"], "reward": {"source": "callable", "callable": target},
+               "n_samples": 2, "n_prompts": 4, "max_new_tokens": 4, "batch_size": 4}
+        return load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], bon]}))
+
+    preflight(recipe("preflight_rewards:length"))  # found in the working directory, as the stage will find it
+    for target, problem in (("preflight_rewards:lenght", "module 'preflight_rewards' has no function 'lenght'"),
+                            ("no_such_reward_module:f", "cannot import module 'no_such_reward_module'")):
+        with pytest.raises(PreflightError) as info:
+            preflight(recipe(target))
+        assert f"stages.bon.reward.callable: reward callable {target!r}: {problem}" in str(info.value)

@@ -51,8 +51,9 @@ class PreflightError(ValueError):
 
 
 def preflight(recipe: Recipe) -> None:
-    """Check the recipe's local model, reward backbones and dataset files; raise one PreflightError listing every
-    problem. Cheap: tokenizers, configs and rows are read, weights are not."""
+    """Check the recipe's local model, reward backbones, dataset files and reward callables (imported, as the stage
+    will); raise one PreflightError listing every problem. Cheap: tokenizers, configs and rows are read, weights are
+    not."""
     problems: list[str] = []
     pairs = _PreferencePairs(recipe)
     model_key = "model.gguf_package" if recipe.model.gguf_package is not None else "model.name_or_path"
@@ -72,6 +73,10 @@ def preflight(recipe: Recipe) -> None:
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset",
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
+        if getattr(stage, "reward", None) is not None and stage.reward.source == "callable":
+            from alignpipe.rewards.plugin import load_callable
+
+            _checked(problems, f"stages.{stage.name}.reward.callable", lambda s=stage: load_callable(s.reward.callable))
     if problems:
         raise PreflightError(recipe.name, problems)
 

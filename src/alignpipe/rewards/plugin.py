@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,18 +155,35 @@ def reward_values(returned: Any, count: int, source: str) -> list[float]:
 
 
 def load_callable(target: str) -> Callable:
-    """``'package.module:function'`` -> the function; errors say which part is wrong and how to write it."""
+    """``'package.module:function'`` -> the function; errors say which part is wrong and how to write it.
+
+    The module is looked for on the module path, then in the working directory (:func:`importable_working_directory`),
+    which the runner, its preflight and every stage process share: a module ``alignpipe validate`` finds, the stages
+    find too."""
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"reward callable {target!r} must look like 'package.module:function'")
+    importable_working_directory()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"reward callable {target!r}: cannot import module {module_name!r} ({exc})") from exc
+        raise ValueError(f"reward callable {target!r}: cannot import module {module_name!r} ({exc}); it is looked "
+                         f"for on the module path and in the working directory {os.getcwd()}") from exc
+    except Exception as exc:  # the module's own code failed (a SyntaxError, an error at import time)
+        raise ValueError(f"reward callable {target!r}: importing module {module_name!r} raised "
+                         f"{type(exc).__name__}: {exc}") from exc
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"reward callable {target!r}: module {module_name!r} has no function {attribute!r}")
     return function
+
+
+def importable_working_directory() -> None:
+    """Put the working directory at the end of the module path, once: ``alignpipe`` started from its console script
+    does not have it there (``python -m`` does), and a reward callable's module usually sits beside the recipe, where
+    relative data paths are resolved too. At the end, so that it shadows no installed package."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 def make_reward_source(spec, reward_model_path: str | None, *, dtype: str = "auto",

@@ -240,6 +240,38 @@ def test_a_local_dataset_directory_is_hashed_by_its_files(tmp_path):
     assert runner._stage_hashes(runner.recipe.stage("rm"), outputs)[1] == {BASE: "b" * 64}  # no file
 
 
+def test_a_reward_callable_is_hashed_by_the_file_that_defines_it(tmp_path, monkeypatch):
+    """The recipe names a callable only by 'module:function': editing the function must change the stage's inputs
+    (and so re-run it), and a function a module re-exports is hashed by the file that defines it."""
+    import sys
+
+    from alignpipe.pipeline.runner import CALLABLE, _recorded_before_content_keys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    defining = tmp_path / "hashed_reward_impl.py"
+    defining.write_text("def length(p, r): return [float(len(x)) for x in r]\n")
+    (tmp_path / "hashed_reward.py").write_text("from hashed_reward_impl import length\n")
+    bon = {"name": "bon", "type": "bon", "inputs": ["sft"], "n_samples": 2, "n_prompts": 4, "max_new_tokens": 4,
+           "batch_size": 4, "reward": {"source": "callable", "callable": "hashed_reward:length"}}
+    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], bon]})),
+                    runs_dir=tmp_path / "runs")
+    outputs = {BASE: ("base", "b" * 64), "sft": ("sft", "s" * 64)}
+
+    def hashes():
+        return runner._stage_hashes(runner.recipe.stage("bon"), outputs)
+
+    config_hash, inputs = hashes()
+    assert inputs == {BASE: "b" * 64, "sft": "s" * 64, CALLABLE: hashlib.sha256(defining.read_bytes()).hexdigest()}
+    defining.write_text("def length(p, r): return [-float(len(x)) for x in r]\n")  # the sign flipped
+    changed_config, changed_inputs = hashes()
+    assert changed_config == config_hash and changed_inputs == {**inputs, CALLABLE: changed_inputs[CALLABLE]}
+    assert changed_inputs[CALLABLE] != inputs[CALLABLE]
+    # a stage recorded before callables were hashed is kept and adopts the hash, as for the other content keys
+    older = {"config_hash": config_hash, "input_hashes": {k: v for k, v in inputs.items() if k != CALLABLE}}
+    assert _recorded_before_content_keys(older, config_hash, inputs)
+
+
 def test_editing_a_local_dataset_file_reruns_the_stage_that_reads_it(tmp_path):
     from alignpipe.data.synthetic import sft_dataset
     from alignpipe.recipe import DataSpec

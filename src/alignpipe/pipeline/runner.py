@@ -93,7 +93,9 @@ LOGGING_AND_SAVING = ("logging_steps", "save_steps", "save_total_limit")
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's backbone: a local directory's, a hub id's commit
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
-CONTENT_KEYS = (DATASET, BACKBONE, MODEL)  # added after runs were first recorded: see _recorded_before_content_keys
+CALLABLE = "reward.callable"  # input_hashes key of the source file of a stage's reward callable
+# added after runs were first recorded: see _recorded_before_content_keys
+CONTENT_KEYS = (DATASET, BACKBONE, MODEL, CALLABLE)
 UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
 FOLLOWER_DECIDES = "decided by node 0 at run time (this node's --force/--resume are ignored); unless skipped, runs"
 
@@ -521,6 +523,11 @@ class Runner:
         if not model.is_tiny and model.gguf_package is None and (
                 content := self._local_model_hash(model.name_or_path, model.gguf_file)) is not None:
             input_hashes[MODEL] = content
+        if getattr(stage, "reward", None) is not None and stage.reward.source == "callable":
+            from alignpipe.rewards.plugin import callable_source_hash
+
+            if (source := callable_source_hash(stage.reward.callable)) is not None:
+                input_hashes[CALLABLE] = source
         return config_hash, input_hashes
 
     def _hashed_stage(self, stage, logging_and_saving: dict | None = None) -> dict:

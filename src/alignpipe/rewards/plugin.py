@@ -15,7 +15,9 @@ A :class:`RewardSource` maps (prompts, responses) to a :class:`ScoredBatch`: the
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -32,7 +34,8 @@ from alignpipe.pipeline import distributed
 from alignpipe.rewards.penalties import EnsembleRewards, RunningMean, penalised_rewards
 from alignpipe.tasks import gold_reward
 
-__all__ = ["RewardSource", "ScoredBatch", "load_callable", "make_reward_source", "reward_values", "trl_reward_function"]
+__all__ = ["RewardSource", "ScoredBatch", "callable_source_hash", "load_callable", "make_reward_source",
+           "reward_values", "trl_reward_function"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,22 @@ def load_callable(target: str) -> Callable:
     if not callable(function):
         raise ValueError(f"reward callable {target!r}: module {module_name!r} has no function {attribute!r}")
     return function
+
+
+def callable_source_hash(target: str) -> str | None:
+    """sha256 of the file that defines a reward callable (its module's file for an object without one), so that
+    editing the function re-runs the stages that optimise it: the recipe names it only by ``'module:function'``.
+    None when it has no source file (compiled code)."""
+    function = load_callable(target)
+    try:
+        path = inspect.getsourcefile(function)
+    except TypeError:  # a builtin, or an object that is not a function
+        path = None
+    path = path or getattr(sys.modules.get(target.partition(":")[0]), "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def importable_working_directory() -> None:

@@ -206,3 +206,21 @@ def test_names_whose_files_would_clash_or_escape_are_refused_before_any_work(com
     checkpoint = completed_tiny_run[0].run_dir / "sft" / "checkpoint"
     assert main(["eval", *(f"{name}={checkpoint}" for name in names), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_run_directorys_checkpoint_is_hashed_by_its_files_not_its_manifest(completed_tiny_run, tmp_path, caplog):
+    """A checkpoint whose weights changed since its stage finished gets its files' hash (the cache key of its samples),
+    not the manifest's, so the old weights' cached samples are not served for it; the log says it changed."""
+    import shutil
+
+    from alignpipe.evaluation.standalone import expand_checkpoints
+    from alignpipe.pipeline.rundir import StageDir, directory_hash
+
+    run = tmp_path / "tiny"
+    shutil.copytree(completed_tiny_run[0].run_dir, run)
+    shutil.copyfile(run / "sft" / "checkpoint" / "model.safetensors", run / "dpo" / "checkpoint" / "model.safetensors")
+    rows = {c.name: c.weights_sha256 for c in expand_checkpoints([str(run)])}
+    assert rows["dpo"] == directory_hash(run / "dpo" / "checkpoint")
+    assert rows["dpo"] != StageDir(run / "dpo").read_manifest()["output_sha256"]
+    assert rows["sft"] == StageDir(run / "sft").read_manifest()["output_sha256"]  # unchanged: the same hash
+    assert "files changed since the dpo stage wrote them" in caplog.text

@@ -58,13 +58,25 @@ def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
         if not stages:
             raise ValueError(f"run directory {directory} has no completed policy stage yet; run its recipe first")
         return [Checkpoint(f"{name}/{d.name}" if prefix else d.name, str(d / "checkpoint"),
-                           manifests[d].get("output_sha256")) for d in stages]
+                           _stage_weights_sha256(d / "checkpoint", manifests[d])) for d in stages]
     if not directory.exists():
         return [_hub_checkpoint(name, path)]
     if not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
     return [Checkpoint(label, path, cached_directory_hash(directory))]
+
+
+def _stage_weights_sha256(checkpoint: Path, manifest: dict) -> str:
+    """A run's stage checkpoint hashed by its files, as any other path is: samples are cached by this hash, and a
+    checkpoint changed since its stage finished (copied over, edited) must not be served the old weights' samples
+    and numbers. The manifest's ``output_sha256`` is only compared, for a warning that says so."""
+    sha = cached_directory_hash(checkpoint)
+    if (recorded := manifest.get("output_sha256")) and recorded != sha:
+        log.warning("%s: its files changed since the %s stage wrote them (manifest output_sha256 %s, now %s); "
+                    "evaluating the files as they are now", checkpoint, checkpoint.parent.name, recorded[:12],
+                    sha[:12])
+    return sha
 
 
 def _hub_checkpoint(name: str, spec: str) -> Checkpoint:

@@ -224,3 +224,35 @@ def test_a_run_directorys_checkpoint_is_hashed_by_its_files_not_its_manifest(com
     assert rows["dpo"] != StageDir(run / "dpo").read_manifest()["output_sha256"]
     assert rows["sft"] == StageDir(run / "sft").read_manifest()["output_sha256"]  # unchanged: the same hash
     assert "files changed since the dpo stage wrote them" in caplog.text
+
+
+def test_a_runs_synthetic_prompts_come_from_its_own_task_space(completed_tiny_run, tmp_path, capsys, monkeypatch):
+    """A run trained on some families is scored on those, as its eval stage scores it (the board records the task
+    space); run directories of different task spaces are refused before any model is loaded."""
+    import shutil
+
+    import alignpipe.evaluation.harness as harness
+    from alignpipe.tasks import parse_prompt
+
+    runs = [tmp_path / name for name in ("copy", "all")]
+    for run in runs:
+        shutil.copytree(completed_tiny_run[0].run_dir, run)
+    recipe = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
+    recipe["data"]["families"] = ["copy"]
+    (runs[0] / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "board"
+    assert main(["eval", f"{runs[0]}", "--out", str(out), "--n-prompts", "8", "--max-new-tokens", "2",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["config"]["task_space"]["families"] == ["copy"]
+    prompts = [json.loads(line)["prompt"] for line in (out / "samples" / "dpo.jsonl").read_text().splitlines()]
+    assert len(prompts) == 8 and {parse_prompt(p).family for p in prompts} == {"copy"}
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the task spaces were compared")
+
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    capsys.readouterr()
+    assert main(["eval", *map(str, runs), "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "different synthetic tasks" in error and "families copy," in error and str(runs[1]) in error

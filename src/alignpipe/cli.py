@@ -77,6 +77,8 @@ examples:
 Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
 pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-out/<run>, or ./eval-out).
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
+Synthetic prompts (and pairs) of run directories come from their recipe's task space (data: families, min_items,
+max_items), as their eval stage's do; runs of different task spaces are refused.
 """
 
 EPILOG_LEADERBOARD = """\

@@ -6,8 +6,11 @@ import logging
 import os
 from pathlib import Path
 
+import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from pydantic import ValidationError
 
+from alignpipe.data.synthetic import task_space
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import SAMPLE_SUFFIXES, Checkpoint, write_sample_files
 from alignpipe.evaluation.leaderboard import load_leaderboard, source_labels, write_leaderboard
@@ -15,7 +18,8 @@ from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
 from alignpipe.io import atomic_write_json, cache_root
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, cached_directory_hash
-from alignpipe.recipe import STAGE_TYPES
+from alignpipe.recipe import STAGE_TYPES, DataSpec
+from alignpipe.tasks import TaskSpace
 
 # Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
 # model, scored by a reward_models suite) and bon and eval (which save none).
@@ -100,6 +104,38 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
                       cached_directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
 
 
+def runs_task_space(specs: list[str]) -> TaskSpace | None:
+    """The synthetic task space of the run directories among ``specs`` (their ``recipe.yaml``'s ``data`` block), from
+    which their synthetic prompts are drawn, as their eval stage draws them: a run trained on some families is scored
+    on those. None when no run directory is given; a ``ValueError`` when the runs' task spaces differ."""
+    spaces = {directory: _recorded_task_space(directory) for directory in
+              dict.fromkeys(Path(split_named(spec)[1]) for spec in specs) if (directory / RUN_FILE).exists()}
+    if len(set(spaces.values())) > 1:
+        described = "; ".join(f"{directory}: {_describe(space)}" for directory, space in spaces.items())
+        raise ValueError(f"the run directories were trained on different synthetic tasks ({described}), so no one "
+                         "prompt set fits them all; evaluate each run (or runs of one task space) on its own")
+    if spaces:
+        space = next(iter(spaces.values()))
+        log.info("synthetic prompts from the runs' task space: %s", _describe(space))
+        return space
+    return None
+
+
+def _recorded_task_space(directory: Path) -> TaskSpace:
+    """The task space of the recipe a run directory recorded (``recipe.yaml``, the resolved recipe)."""
+    path = directory / "recipe.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text()) or {}
+        return task_space(DataSpec.model_validate(recorded.get("data") or {}))
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError) as error:
+        raise ValueError(f"cannot read the task space of run directory {directory} from {path} (its data block): "
+                         f"{error}; re-run its recipe with alignpipe run to write it again") from None
+
+
+def _describe(space: TaskSpace) -> str:
+    return f"families {', '.join(space.families)}, {space.min_items}-{space.max_items} items"
+
+
 def default_cache_dir() -> Path:
     """``$ALIGNPIPE_CACHE/eval``, else ``~/.cache/alignpipe/eval``: generations are reused across invocations."""
     return cache_root() / "eval"
@@ -117,11 +153,12 @@ def evaluate_paths(
     )
     checkpoints = expand_checkpoints(specs)
     _check_file_names([c.name for c in checkpoints])
+    space = runs_task_space([*specs, *([reference] if reference else [])])
     # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
     samples: dict[str, dict[str, list[dict]]] = {}
     board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
                       reference=_expand(*split_named(reference))[0] if reference else None, judge_path=None,
-                      cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
+                      cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(split_named(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
@@ -149,9 +186,10 @@ def evaluate_suite(
         checkpoints = expand_checkpoints(specs)
         _check_file_names([c.name for c in checkpoints])
         ref = _expand(*split_named(reference))[0] if reference else None
+        space = runs_task_space([*specs, *([reference] if reference else [])])
         samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
-                          cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
+                          cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)
     out = out or Path("eval-out") / spec.name
     earlier = _earlier_rows(out)
     if samples:

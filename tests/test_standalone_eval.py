@@ -256,3 +256,20 @@ def test_a_runs_synthetic_prompts_come_from_its_own_task_space(completed_tiny_ru
     assert main(["eval", *map(str, runs), "--out", str(tmp_path / "refused")]) == 2
     error = capsys.readouterr().err
     assert "different synthetic tasks" in error and "families copy," in error and str(runs[1]) in error
+
+
+@pytest.mark.parametrize("suite, message", [
+    (None, "without --suite the synthetic prompts are judged by their gold reward"),
+    ("synthetic", "suite 'synthetic' is judged by the gold reward"),
+    ("reward-models-synthetic", "scores reward models on its pairs"),
+])
+def test_a_judge_is_refused_where_no_reward_model_judges(llama_path, tmp_path, capsys, suite, message):
+    """--judge would be ignored (the board judged by gold) without --suite or with a suite no reward model judges:
+    refused before anything is evaluated or written."""
+    out = tmp_path / "out"
+    args = ["eval", f"m={llama_path}", "--judge", str(tmp_path / "reward-model"), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, *(["--suite", suite] if suite else [])]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "drop --judge" in error
+    assert not out.exists()

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--max-new-tokens", type=_positive, help=f"default: {SYNTHETIC_EVAL['max_new_tokens']}")
     synthetic.add_argument("--batch-size", type=_positive, help=f"default: {SYNTHETIC_EVAL['batch_size']}")
     synthetic.add_argument("--seed", type=_seed, help=f"sampling and prompt seed (default: {SYNTHETIC_EVAL['seed']})")
-    evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model")
+    evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model (refused "
+                          "otherwise)")
     evaluate.add_argument("--cache-dir", type=Path, help="generation/log-prob cache, reused across runs (default: "
                           "$ALIGNPIPE_CACHE/eval or ~/.cache/alignpipe/eval)")
 
@@ -397,6 +398,11 @@ def _cmd_eval(args) -> int:
         print(f"error: {options} set the synthetic prompts used without --suite; suite {args.suite!r} pins its own "
               "prompts and sampling. Drop them, or edit a copy of the suite file and pass its path to --suite",
               file=sys.stderr)
+        return 2
+    if args.judge and not args.suite:
+        print(f"error: --judge {args.judge}: without --suite the synthetic prompts are judged by their gold reward, "
+              "and no judge model is read; drop --judge, or pass --suite with a suite judged by a reward model "
+              "(e.g. alpaca-eval, hh-harmless)", file=sys.stderr)
         return 2
     if _not_a_file(args.out, "--out") or _not_a_file(args.cache_dir, "--cache-dir"):
         return 2

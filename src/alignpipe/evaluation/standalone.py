@@ -176,6 +176,7 @@ def evaluate_suite(
     and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only), and
     a policy suite's per-sample records (``samples/<checkpoint>[.diversity|.implicit].jsonl``)."""
     spec, suite_hash = load_suite(suite)
+    check_judge_option(spec, judge)
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
 
@@ -201,6 +202,17 @@ def evaluate_suite(
     written = write_leaderboard(board, out)
     _remove_stale(out, earlier, board, samples)
     return written
+
+
+def check_judge_option(spec: SuiteSpec, judge: str | None) -> None:
+    """Refuse ``--judge`` for a suite that no reward model judges, before any work: it would be ignored, and the board
+    would look judged by the model given."""
+    if judge is None or spec.judge == "reward_model":
+        return
+    how = "scores reward models on its pairs (kind: reward_models)" if spec.kind == "reward_models" else \
+        f"is judged by the {spec.judge} reward (judge: {spec.judge})"
+    raise ValueError(f"--judge {judge}: suite {spec.name!r} {how} and reads no judge model; drop --judge, or pass a "
+                     "suite judged by a reward model (judge: reward_model, e.g. alpaca-eval, hh-harmless)")
 
 
 def _check_file_names(names: list[str]) -> None:

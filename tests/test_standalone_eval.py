@@ -273,3 +273,19 @@ def test_a_judge_is_refused_where_no_reward_model_judges(llama_path, tmp_path, c
     error = capsys.readouterr().err
     assert message in error and "drop --judge" in error
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suite, message", [
+    ("alpaca-eval", "compares each checkpoint with its dataset's reference outputs"),
+    ("hh-harmless", "compares each checkpoint with its dataset's reference outputs"),
+    ("reward-models-synthetic", "scores reward models on its pairs"),
+])
+def test_a_reference_is_refused_where_the_suite_compares_with_none(llama_path, tmp_path, capsys, suite, message):
+    """A dataset-reference suite's win rates are against its dataset's outputs whatever --reference says: refused
+    before anything is evaluated or written."""
+    out = tmp_path / "out"
+    assert main(["eval", f"m={llama_path}", "--suite", suite, "--reference", llama_path, "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "drop --reference" in error
+    assert not out.exists()

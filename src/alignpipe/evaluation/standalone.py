@@ -176,7 +176,7 @@ def evaluate_suite(
     and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only), and
     a policy suite's per-sample records (``samples/<checkpoint>[.diversity|.implicit].jsonl``)."""
     spec, suite_hash = load_suite(suite)
-    check_judge_option(spec, judge)
+    check_suite_options(spec, reference=reference, judge=judge)
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
 
@@ -204,15 +204,21 @@ def evaluate_suite(
     return written
 
 
-def check_judge_option(spec: SuiteSpec, judge: str | None) -> None:
-    """Refuse ``--judge`` for a suite that no reward model judges, before any work: it would be ignored, and the board
-    would look judged by the model given."""
-    if judge is None or spec.judge == "reward_model":
-        return
-    how = "scores reward models on its pairs (kind: reward_models)" if spec.kind == "reward_models" else \
-        f"is judged by the {spec.judge} reward (judge: {spec.judge})"
-    raise ValueError(f"--judge {judge}: suite {spec.name!r} {how} and reads no judge model; drop --judge, or pass a "
-                     "suite judged by a reward model (judge: reward_model, e.g. alpaca-eval, hh-harmless)")
+def check_suite_options(spec: SuiteSpec, *, reference: str | None, judge: str | None) -> None:
+    """Refuse, before any work, ``--judge`` for a suite no reward model judges and ``--reference`` for one that
+    compares with no reference checkpoint: either would be ignored, and the board would look judged by, or compared
+    with, the model given."""
+    scores_reward_models = "scores reward models on its pairs (kind: reward_models)"
+    if judge is not None and spec.judge != "reward_model":
+        how = scores_reward_models if spec.kind == "reward_models" else \
+            f"is judged by the {spec.judge} reward (judge: {spec.judge})"
+        raise ValueError(f"--judge {judge}: suite {spec.name!r} {how} and reads no judge model; drop --judge, or pass "
+                         "a suite judged by a reward model (judge: reward_model, e.g. alpaca-eval, hh-harmless)")
+    if reference is not None and spec.reference != "checkpoint":
+        how = scores_reward_models if spec.kind == "reward_models" else \
+            "compares each checkpoint with its dataset's reference outputs (reference: dataset)"
+        raise ValueError(f"--reference {reference}: suite {spec.name!r} {how} and reads no reference checkpoint; drop "
+                         "--reference, or pass a suite with reference: checkpoint (e.g. hh-harmless-vs-base)")
 
 
 def _check_file_names(names: list[str]) -> None:

@@ -289,3 +289,21 @@ def test_a_reference_is_refused_where_the_suite_compares_with_none(llama_path, t
     error = capsys.readouterr().err
     assert message in error and "drop --reference" in error
     assert not out.exists()
+
+
+def test_samples_that_would_run_past_a_models_positions_are_refused_before_sampling(llama_path, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Prompt and max_new_tokens beyond max_position_embeddings (128 here) would be sampled at positions the model
+    never learned: refused, naming the checkpoint, its limit and the setting to lower, before any model is loaded."""
+    import alignpipe.evaluation.harness as harness
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the positions were checked")
+
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    out = tmp_path / "out"
+    assert main(["eval", f"m={llama_path}", "--n-prompts", "4", "--max-new-tokens", "125", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint 'm'" in error and "has 128 positions" in error and "--max-new-tokens" in error
+    assert not out.exists()

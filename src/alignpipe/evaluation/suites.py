@@ -50,6 +50,7 @@ from alignpipe.evaluation.harness import (
     LazyModel,
     Pair,
     cached_generations,
+    check_sampling_positions,
     diversity_groups,
     evaluate_checkpoints,
     implicit_pairs_record,
@@ -452,8 +453,13 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
         files = {s.checkpoint.name: sample_files(s) for s in judged}
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
-        outcomes = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
-                    for c in checkpoints]
+        models = [LazyModel(c, dtype) for c in checkpoints]
+        # each policy answers the prompts cut with its own tokenizer; all are checked before any is sampled
+        fitted = [fit_prompts(prompts, m.tokenizer(), g.max_prompt_tokens, g.truncation_side) for m in models]
+        for model, its_prompts in zip(models, fitted, strict=True):
+            check_sampling_positions([model], its_prompts, settings.max_new_tokens)
+        outcomes = [_against_outputs(m, f, reference_outputs, judge, settings, spec, cache, diversity)
+                    for m, f in zip(models, fitted, strict=True)]
         results = [result for result, _ in outcomes]
         files = {result.name: rows for result, rows in outcomes}
         reference_name, reference_sha256 = f"{spec.prompts.source} reference outputs", None
@@ -495,22 +501,19 @@ def _implicit_pairs(spec: SuiteSpec, tokenizer, space: TaskSpace | None) -> tupl
     return pairs, {"implicit_reward_pairs": record}
 
 
-def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
-                     spec: SuiteSpec, cache: EvalCache, dtype: str,
+def _against_outputs(model: LazyModel, fitted: list[str], reference_outputs: list[str], judge, settings,
+                     spec: SuiteSpec, cache: EvalCache,
                      diversity: DiversitySampling | None) -> tuple[CheckpointResult, dict[str, list[dict]]]:
     """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths;
     and its per-sample records (each reply, its judge reward, the reference output's, the preference), by file
     suffix as :func:`~alignpipe.evaluation.harness.sample_files` gives them.
 
-    The judge sees the prompt the policy answered (cut by ``max_prompt_tokens`` with this checkpoint's tokenizer),
-    not the full one: a reply is judged as an answer to what the policy was asked, the reference output is judged in
-    that same context, and a checkpoint reference's samples (which carry the cut prompts) are judged the same way.
+    The judge sees the prompt the policy answered (``fitted``: cut by ``max_prompt_tokens`` with this checkpoint's
+    tokenizer), not the full one: a reply is judged as an answer to what the policy was asked, the reference output
+    is judged in that same context, and a checkpoint reference's samples (which carry the cut prompts) are judged the
+    same way.
     """
-    model = LazyModel(checkpoint, dtype)
-    fitted = prompts
-    if spec.generation.max_prompt_tokens is not None:
-        fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens,
-                             spec.generation.truncation_side)
+    checkpoint = model.checkpoint
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
     groups = diversity_groups(model, fitted, settings, diversity, cache) if diversity else None
     model.release()

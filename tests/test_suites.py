@@ -327,7 +327,7 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     judge = _random_reward_judge(llama_path, tmp_path / "judge")
     assert main(["eval", f"policy={policy}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
                  str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
-    # the diversity samples (2 on each of the first 3 prompts) answer the same cut prompts
+    # the diversity samples (2 on each of 3 prompts spread over the 6) answer the same cut prompts
     assert len(generated) == len(dialogues) + 2 * 3 and set(judged) == set(generated)
     for prompt, dialogue in zip(generated, dialogues):
         assert len(prompt) < len(dialogue) and dialogue.endswith(prompt)

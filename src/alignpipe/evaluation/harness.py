@@ -105,10 +105,11 @@ class DiversitySampling:
         return cls(samples_per_prompt, min(prompts, n_prompts)) if samples_per_prompt else None
 
     def chosen(self, prompts: list[str]) -> list[str]:
-        """``self.prompts`` of ``prompts``, evenly spaced: data files are often ordered by source or topic (the
-        AlpacaEval set is), so the first ones would all be of one kind."""
-        step = max(1, len(prompts) // self.prompts)
-        return prompts[::step][: self.prompts]
+        """``self.prompts`` of ``prompts`` (all, if fewer), evenly spaced over the whole list, whether or not its length
+        is a multiple of theirs: data files are often ordered by source or topic (the AlpacaEval set is), so the
+        first ones would all be of one kind."""
+        k = min(self.prompts, len(prompts))
+        return [prompts[(i * len(prompts)) // k] for i in range(k)]
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """Each :meth:`chosen` prompt ``samples_per_prompt`` times in a row (one generation call)."""

@@ -117,6 +117,18 @@ def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_r
     assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
     board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
     assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8
+    assert board["run"]["reference"] == "base"  # a tiny run's first checkpoint, as `alignpipe eval --help` says
+
+
+def test_eval_help_says_a_runs_default_reference_is_its_base(capsys):
+    """The help names the reference `alignpipe eval RUN` uses (its tiny base model, the first checkpoint), not the
+    first training stage."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    example = next(line for line in text.splitlines() if line.strip().startswith("alignpipe eval runs/quickstart "))
+    assert "reference = its base" in example and "reference = first stage" not in text
+    assert "its tiny base model" in " ".join(text.split())
 
 
 def test_a_run_directory_gives_its_completed_policy_stages_only(completed_tiny_run, tmp_path):

@@ -69,7 +69,7 @@ Exit status 0, or 2 for a bad recipe, override, stage name or dataset.
 
 EPILOG_EVAL = """\
 examples:
-  alignpipe eval runs/quickstart                                   # every policy of a run, reference = first stage
+  alignpipe eval runs/quickstart                                   # every policy of a run, reference = its base
   alignpipe eval a=runs/quickstart b=other/runs/quickstart         # two runs: rows a/<stage> and b/<stage>
   alignpipe eval runs/quickstart/dpo/checkpoint --reference runs/quickstart/sft/checkpoint --out /tmp/lb
   alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
@@ -77,6 +77,8 @@ examples:
 Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
 pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-out/<run>, or ./eval-out).
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
+A run directory gives its policy stages in the order they finished, after its tiny base model (a run on a hub or
+local model has none); the first of them is the reference unless --reference names one.
 Synthetic prompts (and pairs) of run directories come from their recipe's task space (data: families, min_items,
 max_items), as their eval stage's do; runs of different task spaces are refused.
 """
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoints", nargs="+",
                           help="run directory, checkpoint path or hub id (ORG/NAME, ORG/NAME@REVISION to pin a "
                           "branch, tag or commit; NAME=PATH to label)")
-    evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
+    evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint; a run "
+                          "directory's first is its tiny base model, else its first stage to finish)")
     evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
     evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
                           "hh-harmless); it pins prompts and sampling. Without it: the synthetic prompts with the "

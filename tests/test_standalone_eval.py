@@ -319,3 +319,31 @@ def test_samples_that_would_run_past_a_models_positions_are_refused_before_sampl
     error = capsys.readouterr().err
     assert "checkpoint 'm'" in error and "has 128 positions" in error and "--max-new-tokens" in error
     assert not out.exists()
+
+
+def test_runs_of_different_task_spaces_are_refused_only_where_a_suite_draws_synthetic_tasks(completed_tiny_run,
+                                                                                           tmp_path, monkeypatch):
+    """A suite of AlpacaEval or HH prompts reads no task space: runs trained on different synthetic tasks may share
+    it. The synthetic suite draws its prompts from theirs, so it refuses them."""
+    import shutil
+
+    import alignpipe.evaluation.standalone as standalone
+
+    runs = [tmp_path / name for name in ("copy", "all")]
+    for run in runs:
+        shutil.copytree(completed_tiny_run[0].run_dir, run)
+    recipe = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
+    (runs[0] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "data": {**recipe["data"], "families": ["copy"]}}))
+    reached = []
+
+    def stub(spec, suite_hash, checkpoints, **kwargs):
+        reached.append((spec.name, kwargs["space"]))
+        raise RuntimeError("stop before any model is loaded")
+
+    monkeypatch.setattr(standalone, "run_suite", stub)
+    for suite in ("alpaca-eval", "hh-harmless-vs-base"):
+        with pytest.raises(RuntimeError, match="stop before"):
+            standalone.evaluate_suite(list(map(str, runs)), suite=suite, reference=None, judge="judge", out=tmp_path)
+    assert reached == [("alpaca-eval", None), ("hh-harmless-vs-base", None)]
+    with pytest.raises(ValueError, match="different synthetic tasks"):
+        standalone.evaluate_suite(list(map(str, runs)), suite="synthetic", reference=None, judge=None, out=tmp_path)

@@ -15,7 +15,14 @@ from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import SAMPLE_SUFFIXES, Checkpoint, write_sample_files
 from alignpipe.evaluation.leaderboard import load_leaderboard, source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
-from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
+from alignpipe.evaluation.suites import (
+    PromptSet,
+    SuiteGeneration,
+    SuiteSpec,
+    draws_synthetic_tasks,
+    load_suite,
+    run_suite,
+)
 from alignpipe.io import atomic_write_json, cache_root
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, cached_directory_hash
 from alignpipe.recipe import STAGE_TYPES, DataSpec
@@ -187,7 +194,8 @@ def evaluate_suite(
         checkpoints = expand_checkpoints(specs)
         _check_file_names([c.name for c in checkpoints])
         ref = _expand(*split_named(reference))[0] if reference else None
-        space = runs_task_space([*specs, *([reference] if reference else [])])
+        # only a suite that draws synthetic prompts or pairs reads the runs' task space
+        space = runs_task_space([*specs, *([reference] if reference else [])]) if draws_synthetic_tasks(spec) else None
         samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
                           cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)

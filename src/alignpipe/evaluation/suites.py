@@ -67,7 +67,7 @@ from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, TaskSpace, heldout_gold_pairs, heldout_tasks, preference_probability
 
 __all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec",
-           "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
+           "draws_synthetic_tasks", "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
 
 log = logging.getLogger("alignpipe")
 
@@ -480,11 +480,16 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
     )
 
 
+def draws_synthetic_tasks(spec: SuiteSpec) -> bool:
+    """Whether a policy suite's prompts or implicit-reward pairs are drawn from the synthetic task (a task space)."""
+    return spec.kind == "policy" and "synthetic" in {
+        spec.prompts.source, spec.implicit_reward.source if spec.implicit_reward else None}
+
+
 def _task_space_record(spec: SuiteSpec, space: TaskSpace | None) -> dict:
     """``{"task_space": ...}``, the synthetic task the suite's synthetic prompts or pairs were drawn from (a run's
     ``data`` block's families and item range), for a board that has any; else nothing."""
-    sources = {spec.prompts.source, spec.implicit_reward.source if spec.implicit_reward else None}
-    return {"task_space": dataclasses.asdict(space or TaskSpace())} if "synthetic" in sources else {}
+    return {"task_space": dataclasses.asdict(space or TaskSpace())} if draws_synthetic_tasks(spec) else {}
 
 
 def _implicit_pairs(spec: SuiteSpec, tokenizer, space: TaskSpace | None) -> tuple[list[Pair], dict]:

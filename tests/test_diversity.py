@@ -199,3 +199,21 @@ def test_within_prompt_diversity_rejects_bad_groups():
         within_prompt_diversity([])
     with pytest.raises(ValueError, match="at least 2"):
         within_prompt_diversity([["a b", "c d"], ["alone"]])
+
+
+@pytest.mark.parametrize("n, k, expected", [
+    (80, 32, None),  # fewer than 2k prompts: still spread over the whole list, not its first 63
+    (512, 32, list(range(0, 512, 16))),  # a multiple of k: every (n/k)-th, as before
+    (10, 32, list(range(10))),  # fewer prompts than asked: each once
+])
+def test_diversity_prompts_are_spread_over_the_whole_set(n, k, expected):
+    """Files are ordered by source: the diversity prompts must reach the end of the list, whatever its length."""
+    from alignpipe.evaluation.harness import DiversitySampling
+
+    prompts = [f"p{i}" for i in range(n)]
+    chosen = [int(p[1:]) for p in DiversitySampling(4, k).chosen(prompts)]
+    assert len(chosen) == min(n, k) and len(set(chosen)) == len(chosen) and chosen == sorted(chosen)
+    if expected is not None:
+        assert chosen == expected
+    gaps = [b - a for a, b in zip(chosen, chosen[1:])]
+    assert max(gaps) - min(gaps) <= 1 and n - 1 - chosen[-1] < max(gaps)  # even, and the last part is reached

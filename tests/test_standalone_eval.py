@@ -117,6 +117,18 @@ def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_r
     assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
     board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
     assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8
+    assert board["run"]["reference"] == "base"  # a tiny run's first checkpoint, as `alignpipe eval --help` says
+
+
+def test_eval_help_says_a_runs_default_reference_is_its_base(capsys):
+    """The help names the reference `alignpipe eval RUN` uses (its tiny base model, the first checkpoint), not the
+    first training stage."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    example = next(line for line in text.splitlines() if line.strip().startswith("alignpipe eval runs/quickstart "))
+    assert "reference = its base" in example and "reference = first stage" not in text
+    assert "its tiny base model" in " ".join(text.split())
 
 
 def test_a_run_directory_gives_its_completed_policy_stages_only(completed_tiny_run, tmp_path):
@@ -206,3 +218,132 @@ def test_names_whose_files_would_clash_or_escape_are_refused_before_any_work(com
     checkpoint = completed_tiny_run[0].run_dir / "sft" / "checkpoint"
     assert main(["eval", *(f"{name}={checkpoint}" for name in names), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_run_directorys_checkpoint_is_hashed_by_its_files_not_its_manifest(completed_tiny_run, tmp_path, caplog):
+    """A checkpoint whose weights changed since its stage finished gets its files' hash (the cache key of its samples),
+    not the manifest's, so the old weights' cached samples are not served for it; the log says it changed."""
+    import shutil
+
+    from alignpipe.evaluation.standalone import expand_checkpoints
+    from alignpipe.pipeline.rundir import StageDir, directory_hash
+
+    run = tmp_path / "tiny"
+    shutil.copytree(completed_tiny_run[0].run_dir, run)
+    shutil.copyfile(run / "sft" / "checkpoint" / "model.safetensors", run / "dpo" / "checkpoint" / "model.safetensors")
+    rows = {c.name: c.weights_sha256 for c in expand_checkpoints([str(run)])}
+    assert rows["dpo"] == directory_hash(run / "dpo" / "checkpoint")
+    assert rows["dpo"] != StageDir(run / "dpo").read_manifest()["output_sha256"]
+    assert rows["sft"] == StageDir(run / "sft").read_manifest()["output_sha256"]  # unchanged: the same hash
+    assert "files changed since the dpo stage wrote them" in caplog.text
+
+
+def test_a_runs_synthetic_prompts_come_from_its_own_task_space(completed_tiny_run, tmp_path, capsys, monkeypatch):
+    """A run trained on some families is scored on those, as its eval stage scores it (the board records the task
+    space); run directories of different task spaces are refused before any model is loaded."""
+    import shutil
+
+    import alignpipe.evaluation.harness as harness
+    from alignpipe.tasks import parse_prompt
+
+    runs = [tmp_path / name for name in ("copy", "all")]
+    for run in runs:
+        shutil.copytree(completed_tiny_run[0].run_dir, run)
+    recipe = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
+    recipe["data"]["families"] = ["copy"]
+    (runs[0] / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "board"
+    assert main(["eval", f"{runs[0]}", "--out", str(out), "--n-prompts", "8", "--max-new-tokens", "2",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["config"]["task_space"]["families"] == ["copy"]
+    prompts = [json.loads(line)["prompt"] for line in (out / "samples" / "dpo.jsonl").read_text().splitlines()]
+    assert len(prompts) == 8 and {parse_prompt(p).family for p in prompts} == {"copy"}
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the task spaces were compared")
+
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    capsys.readouterr()
+    assert main(["eval", *map(str, runs), "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "different synthetic tasks" in error and "families copy," in error and str(runs[1]) in error
+
+
+@pytest.mark.parametrize("suite, message", [
+    (None, "without --suite the synthetic prompts are judged by their gold reward"),
+    ("synthetic", "suite 'synthetic' is judged by the gold reward"),
+    ("reward-models-synthetic", "scores reward models on its pairs"),
+])
+def test_a_judge_is_refused_where_no_reward_model_judges(llama_path, tmp_path, capsys, suite, message):
+    """--judge would be ignored (the board judged by gold) without --suite or with a suite no reward model judges:
+    refused before anything is evaluated or written."""
+    out = tmp_path / "out"
+    args = ["eval", f"m={llama_path}", "--judge", str(tmp_path / "reward-model"), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, *(["--suite", suite] if suite else [])]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "drop --judge" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suite, message", [
+    ("alpaca-eval", "compares each checkpoint with its dataset's reference outputs"),
+    ("hh-harmless", "compares each checkpoint with its dataset's reference outputs"),
+    ("reward-models-synthetic", "scores reward models on its pairs"),
+])
+def test_a_reference_is_refused_where_the_suite_compares_with_none(llama_path, tmp_path, capsys, suite, message):
+    """A dataset-reference suite's win rates are against its dataset's outputs whatever --reference says: refused
+    before anything is evaluated or written."""
+    out = tmp_path / "out"
+    assert main(["eval", f"m={llama_path}", "--suite", suite, "--reference", llama_path, "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "drop --reference" in error
+    assert not out.exists()
+
+
+def test_samples_that_would_run_past_a_models_positions_are_refused_before_sampling(llama_path, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """Prompt and max_new_tokens beyond max_position_embeddings (128 here) would be sampled at positions the model
+    never learned: refused, naming the checkpoint, its limit and the setting to lower, before any model is loaded."""
+    import alignpipe.evaluation.harness as harness
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the positions were checked")
+
+    monkeypatch.setattr(harness, "load_causal_lm", fail)
+    out = tmp_path / "out"
+    assert main(["eval", f"m={llama_path}", "--n-prompts", "4", "--max-new-tokens", "125", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint 'm'" in error and "has 128 positions" in error and "--max-new-tokens" in error
+    assert not out.exists()
+
+
+def test_runs_of_different_task_spaces_are_refused_only_where_a_suite_draws_synthetic_tasks(completed_tiny_run,
+                                                                                           tmp_path, monkeypatch):
+    """A suite of AlpacaEval or HH prompts reads no task space: runs trained on different synthetic tasks may share
+    it. The synthetic suite draws its prompts from theirs, so it refuses them."""
+    import shutil
+
+    import alignpipe.evaluation.standalone as standalone
+
+    runs = [tmp_path / name for name in ("copy", "all")]
+    for run in runs:
+        shutil.copytree(completed_tiny_run[0].run_dir, run)
+    recipe = yaml.safe_load((runs[0] / "recipe.yaml").read_text())
+    (runs[0] / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "data": {**recipe["data"], "families": ["copy"]}}))
+    reached = []
+
+    def stub(spec, suite_hash, checkpoints, **kwargs):
+        reached.append((spec.name, kwargs["space"]))
+        raise RuntimeError("stop before any model is loaded")
+
+    monkeypatch.setattr(standalone, "run_suite", stub)
+    for suite in ("alpaca-eval", "hh-harmless-vs-base"):
+        with pytest.raises(RuntimeError, match="stop before"):
+            standalone.evaluate_suite(list(map(str, runs)), suite=suite, reference=None, judge="judge", out=tmp_path)
+    assert reached == [("alpaca-eval", None), ("hh-harmless-vs-base", None)]
+    with pytest.raises(ValueError, match="different synthetic tasks"):
+        standalone.evaluate_suite(list(map(str, runs)), suite="synthetic", reference=None, judge=None, out=tmp_path)

@@ -351,7 +351,7 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     judge = _random_reward_judge(llama_path, tmp_path / "judge")
     assert main(["eval", f"policy={policy}", "--suite", str(suite), "--judge", str(judge), "--cache-dir",
                  str(tmp_path / "cache"), "--out", str(tmp_path / "out")]) == 0
-    # the diversity samples (2 on each of the first 3 prompts) answer the same cut prompts
+    # the diversity samples (2 on each of 3 prompts spread over the 6) answer the same cut prompts
     assert len(generated) == len(dialogues) + 2 * 3 and set(judged) == set(generated)
     for prompt, dialogue in zip(generated, dialogues):
         assert len(prompt) < len(dialogue) and dialogue.endswith(prompt)
@@ -478,3 +478,28 @@ def test_a_suite_data_path_under_the_home_directory_is_found(tmp_path, monkeypat
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "prompts.jsonl").write_text("{}\n")
     assert data_path(PromptSet(source="alpaca_eval", path="~/prompts.jsonl")) == tmp_path / "prompts.jsonl"
+
+
+def test_a_dataset_reference_suite_checks_every_checkpoints_positions_before_sampling(llama_path, tmp_path,
+                                                                                      monkeypatch):
+    """Each policy answers the prompts cut with its own tokenizer; one whose prompt and max_new_tokens exceed its
+    positions is refused before any checkpoint is sampled (the first one too)."""
+    import alignpipe.evaluation.harness as harness
+    from alignpipe.evaluation.cache import EvalCache
+    from alignpipe.evaluation.harness import Checkpoint
+    from alignpipe.evaluation.suites import run_suite
+
+    def fail(*a, **k):
+        raise AssertionError("a checkpoint was sampled before every one was checked")
+
+    monkeypatch.setattr(harness, "generate", fail)
+    short = shutil.copytree(llama_path, tmp_path / "short")  # the same model, with 64 positions instead of 128
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    data, _ = _alpaca_file(tmp_path / "prefs.jsonl", n=4)  # prompts of 42 tokens, rendered: 82 fit 128, not 64
+    spec = SuiteSpec.model_validate({
+        "name": "long", "prompts": {"source": "alpaca_eval", "path": str(data)}, "reference": "dataset",
+        "judge": "gold", "primary_metric": "judge_reward", "generation": {"max_new_tokens": 40, "batch_size": 4}})
+    with pytest.raises(ValueError, match=r"checkpoint 'b' .* has 64 positions .* generation.max_new_tokens"):
+        run_suite(spec, "hash", [Checkpoint("a", llama_path), Checkpoint("b", str(short))], reference=None,
+                  judge_path=None, cache=EvalCache(tmp_path / "cache"))

@@ -72,7 +72,7 @@ Exit status 0, or 2 for a bad recipe, override, stage name or dataset.
 
 EPILOG_EVAL = """\
 examples:
-  alignpipe eval runs/quickstart                                   # every policy of a run, reference = first stage
+  alignpipe eval runs/quickstart                                   # every policy of a run, reference = its base
   alignpipe eval a=runs/quickstart b=other/runs/quickstart         # two runs: rows a/<stage> and b/<stage>
   alignpipe eval runs/quickstart/dpo/checkpoint --reference runs/quickstart/sft/checkpoint --out /tmp/lb
   alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
@@ -80,6 +80,10 @@ examples:
 Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
 pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-out/<run>, or ./eval-out).
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
+A run directory gives its policy stages in the order they finished, after its tiny base model (a run on a hub or
+local model has none); the first of them is the reference unless --reference names one.
+Synthetic prompts (and pairs) of run directories come from their recipe's task space (data: families, min_items,
+max_items), as their eval stage's do; runs of different task spaces are refused.
 """
 
 EPILOG_LEADERBOARD = """\
@@ -201,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoints", nargs="+",
                           help="run directory, checkpoint path or hub id (ORG/NAME, ORG/NAME@REVISION to pin a "
                           "branch, tag or commit; NAME=PATH to label)")
-    evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint)")
+    evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint; a run "
+                          "directory's first is its tiny base model, else its first stage to finish)")
     evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
     evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
                           "hh-harmless); it pins prompts and sampling. Without it: the synthetic prompts with the "
@@ -212,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--max-new-tokens", type=_positive, help=f"default: {SYNTHETIC_EVAL['max_new_tokens']}")
     synthetic.add_argument("--batch-size", type=_positive, help=f"default: {SYNTHETIC_EVAL['batch_size']}")
     synthetic.add_argument("--seed", type=_seed, help=f"sampling and prompt seed (default: {SYNTHETIC_EVAL['seed']})")
-    evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model")
+    evaluate.add_argument("--judge", help="saved reward model directory, for suites judged by a reward model (refused "
+                          "otherwise)")
     evaluate.add_argument("--cache-dir", type=Path, help="generation/log-prob cache, reused across runs (default: "
                           "$ALIGNPIPE_CACHE/eval or ~/.cache/alignpipe/eval)")
 
@@ -398,6 +404,11 @@ def _cmd_eval(args) -> int:
         print(f"error: {options} set the synthetic prompts used without --suite; suite {args.suite!r} pins its own "
               "prompts and sampling. Drop them, or edit a copy of the suite file and pass its path to --suite",
               file=sys.stderr)
+        return 2
+    if args.judge and not args.suite:
+        print(f"error: --judge {args.judge}: without --suite the synthetic prompts are judged by their gold reward, "
+              "and no judge model is read; drop --judge, or pass --suite with a suite judged by a reward model "
+              "(e.g. alpaca-eval, hh-harmless)", file=sys.stderr)
         return 2
     if _not_a_file(args.out, "--out") or _not_a_file(args.cache_dir, "--cache-dir"):
         return 2

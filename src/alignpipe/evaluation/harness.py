@@ -105,10 +105,11 @@ class DiversitySampling:
         return cls(samples_per_prompt, min(prompts, n_prompts)) if samples_per_prompt else None
 
     def chosen(self, prompts: list[str]) -> list[str]:
-        """``self.prompts`` of ``prompts``, evenly spaced: data files are often ordered by source or topic (the
-        AlpacaEval set is), so the first ones would all be of one kind."""
-        step = max(1, len(prompts) // self.prompts)
-        return prompts[::step][: self.prompts]
+        """``self.prompts`` of ``prompts`` (all, if fewer), evenly spaced over the whole list, whether or not its length
+        is a multiple of theirs: data files are often ordered by source or topic (the AlpacaEval set is), so the
+        first ones would all be of one kind."""
+        k = min(self.prompts, len(prompts))
+        return [prompts[(i * len(prompts)) // k] for i in range(k)]
 
     def prompts_for(self, prompts: list[str]) -> list[str]:
         """Each :meth:`chosen` prompt ``samples_per_prompt`` times in a row (one generation call)."""
@@ -272,6 +273,7 @@ def evaluate_checkpoints(
     ref_model = LazyModel(reference, dtype)
     models = {c.path: ref_model if c.path == reference.path else LazyModel(c, dtype) for c in checkpoints}
     foreign = other_tokenizers(list(models.values()), ref_model)
+    check_sampling_positions([ref_model, *models.values()], prompts, settings.max_new_tokens)
     # pairs as each checkpoint's tokens, checked before anything is sampled (a pair too long for a model), and then
     # scored as they are
     scored_pairs = scorable_pairs([m for m in models.values() if m.checkpoint.path not in foreign], ref_model,
@@ -318,6 +320,28 @@ def evaluate_checkpoints(
         ))
         log.info("[eval] %s: gold reward %.3f", samples.checkpoint.name, results[-1].metrics["gold_reward"].value)
     return results, judged
+
+
+def check_sampling_positions(models: list[LazyModel], prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse, before anything is sampled, a model whose positions cannot hold the longest of ``prompts`` (rendered
+    in its chat template, its own tokens) and ``max_new_tokens`` more: past its ``max_position_embeddings`` a model
+    with rotary positions samples at positions it never learned, silently, and one with learned positions fails.
+    The same policy as the implicit-reward pairs' (:func:`checked_pair_generations`). Reads tokenizers and configs
+    only, never weights."""
+    for model in dict.fromkeys(models):
+        if not prompts or (limit := model.max_positions()) is None:
+            continue
+        tokenizer = model.tokenizer()
+        longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                      for text in render_prompts(tokenizer, prompts))
+        if longest + max_new_tokens > limit:
+            raise ValueError(
+                f"checkpoint {model.checkpoint.name!r} ({model.checkpoint.path}) has {limit} positions "
+                f"(max_position_embeddings), fewer than its longest rendered prompt ({longest} tokens) and "
+                f"max_new_tokens ({max_new_tokens}) need ({longest + max_new_tokens}): its samples would run past "
+                f"them; lower max_new_tokens to {max(limit - longest, 0)} or less (alignpipe eval --max-new-tokens, a "
+                "suite's generation.max_new_tokens, an eval stage's max_new_tokens) or cut the prompts (a suite's "
+                "generation.max_prompt_tokens)")
 
 
 def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationSettings, diversity: DiversitySampling,

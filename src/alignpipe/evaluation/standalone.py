@@ -6,16 +6,27 @@ import logging
 import os
 from pathlib import Path
 
+import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from pydantic import ValidationError
 
+from alignpipe.data.synthetic import task_space
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import SAMPLE_SUFFIXES, Checkpoint, write_sample_files
 from alignpipe.evaluation.leaderboard import load_leaderboard, source_labels, write_leaderboard
 from alignpipe.evaluation.named import split_named
-from alignpipe.evaluation.suites import PromptSet, SuiteGeneration, SuiteSpec, load_suite, run_suite
+from alignpipe.evaluation.suites import (
+    PromptSet,
+    SuiteGeneration,
+    SuiteSpec,
+    draws_synthetic_tasks,
+    load_suite,
+    run_suite,
+)
 from alignpipe.io import atomic_write_json, cache_root
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, cached_directory_hash
-from alignpipe.recipe import STAGE_TYPES
+from alignpipe.recipe import STAGE_TYPES, DataSpec
+from alignpipe.tasks import TaskSpace
 
 # Manifest types whose checkpoint is a policy: the runner's tiny base and the training stages, less reward (a reward
 # model, scored by a reward_models suite) and bon and eval (which save none).
@@ -58,13 +69,25 @@ def _expand(name: str, path: str, *, prefix: bool = False) -> list[Checkpoint]:
         if not stages:
             raise ValueError(f"run directory {directory} has no completed policy stage yet; run its recipe first")
         return [Checkpoint(f"{name}/{d.name}" if prefix else d.name, str(d / "checkpoint"),
-                           manifests[d].get("output_sha256")) for d in stages]
+                           _stage_weights_sha256(d / "checkpoint", manifests[d])) for d in stages]
     if not directory.exists():
         return [_hub_checkpoint(name, path)]
     if not (directory / "config.json").exists():
         raise ValueError(f"{directory} is neither a run directory (run.json) nor a checkpoint (config.json)")
     label = name or (directory.parent.name if directory.name == "checkpoint" else directory.name)
     return [Checkpoint(label, path, cached_directory_hash(directory))]
+
+
+def _stage_weights_sha256(checkpoint: Path, manifest: dict) -> str:
+    """A run's stage checkpoint hashed by its files, as any other path is: samples are cached by this hash, and a
+    checkpoint changed since its stage finished (copied over, edited) must not be served the old weights' samples
+    and numbers. The manifest's ``output_sha256`` is only compared, for a warning that says so."""
+    sha = cached_directory_hash(checkpoint)
+    if (recorded := manifest.get("output_sha256")) and recorded != sha:
+        log.warning("%s: its files changed since the %s stage wrote them (manifest output_sha256 %s, now %s); "
+                    "evaluating the files as they are now", checkpoint, checkpoint.parent.name, recorded[:12],
+                    sha[:12])
+    return sha
 
 
 def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
@@ -88,6 +111,38 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
                       cached_directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
 
 
+def runs_task_space(specs: list[str]) -> TaskSpace | None:
+    """The synthetic task space of the run directories among ``specs`` (their ``recipe.yaml``'s ``data`` block), from
+    which their synthetic prompts are drawn, as their eval stage draws them: a run trained on some families is scored
+    on those. None when no run directory is given; a ``ValueError`` when the runs' task spaces differ."""
+    spaces = {directory: _recorded_task_space(directory) for directory in
+              dict.fromkeys(Path(split_named(spec)[1]) for spec in specs) if (directory / RUN_FILE).exists()}
+    if len(set(spaces.values())) > 1:
+        described = "; ".join(f"{directory}: {_describe(space)}" for directory, space in spaces.items())
+        raise ValueError(f"the run directories were trained on different synthetic tasks ({described}), so no one "
+                         "prompt set fits them all; evaluate each run (or runs of one task space) on its own")
+    if spaces:
+        space = next(iter(spaces.values()))
+        log.info("synthetic prompts from the runs' task space: %s", _describe(space))
+        return space
+    return None
+
+
+def _recorded_task_space(directory: Path) -> TaskSpace:
+    """The task space of the recipe a run directory recorded (``recipe.yaml``, the resolved recipe)."""
+    path = directory / "recipe.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text()) or {}
+        return task_space(DataSpec.model_validate(recorded.get("data") or {}))
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError) as error:
+        raise ValueError(f"cannot read the task space of run directory {directory} from {path} (its data block): "
+                         f"{error}; re-run its recipe with alignpipe run to write it again") from None
+
+
+def _describe(space: TaskSpace) -> str:
+    return f"families {', '.join(space.families)}, {space.min_items}-{space.max_items} items"
+
+
 def default_cache_dir() -> Path:
     """``$ALIGNPIPE_CACHE/eval``, else ``~/.cache/alignpipe/eval``: generations are reused across invocations."""
     return cache_root() / "eval"
@@ -105,11 +160,12 @@ def evaluate_paths(
     )
     checkpoints = expand_checkpoints(specs)
     _check_file_names([c.name for c in checkpoints])
+    space = runs_task_space([*specs, *([reference] if reference else [])])
     # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
     samples: dict[str, dict[str, list[dict]]] = {}
     board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
                       reference=_expand(*split_named(reference))[0] if reference else None, judge_path=None,
-                      cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
+                      cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)
     if out is None:  # never the run directory itself: its leaderboard is the eval stage's record of the run
         first = Path(split_named(specs[0])[1])
         out = Path("eval-out") / first.resolve().name if (first / RUN_FILE).exists() else Path("eval-out")
@@ -127,6 +183,7 @@ def evaluate_suite(
     and one JSON per checkpoint (``results/<checkpoint>.json``: the same envelope with that checkpoint only), and
     a policy suite's per-sample records (``samples/<checkpoint>[.diversity|.implicit].jsonl``)."""
     spec, suite_hash = load_suite(suite)
+    check_suite_options(spec, reference=reference, judge=judge)
     if spec.kind == "reward_models":
         from alignpipe.evaluation.reward_suite import expand_reward_models, run_reward_suite
 
@@ -137,9 +194,11 @@ def evaluate_suite(
         checkpoints = expand_checkpoints(specs)
         _check_file_names([c.name for c in checkpoints])
         ref = _expand(*split_named(reference))[0] if reference else None
+        # only a suite that draws synthetic prompts or pairs reads the runs' task space
+        space = runs_task_space([*specs, *([reference] if reference else [])]) if draws_synthetic_tasks(spec) else None
         samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
-                          cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples)
+                          cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)
     out = out or Path("eval-out") / spec.name
     earlier = _earlier_rows(out)
     if samples:
@@ -151,6 +210,23 @@ def evaluate_suite(
     written = write_leaderboard(board, out)
     _remove_stale(out, earlier, board, samples)
     return written
+
+
+def check_suite_options(spec: SuiteSpec, *, reference: str | None, judge: str | None) -> None:
+    """Refuse, before any work, ``--judge`` for a suite no reward model judges and ``--reference`` for one that
+    compares with no reference checkpoint: either would be ignored, and the board would look judged by, or compared
+    with, the model given."""
+    scores_reward_models = "scores reward models on its pairs (kind: reward_models)"
+    if judge is not None and spec.judge != "reward_model":
+        how = scores_reward_models if spec.kind == "reward_models" else \
+            f"is judged by the {spec.judge} reward (judge: {spec.judge})"
+        raise ValueError(f"--judge {judge}: suite {spec.name!r} {how} and reads no judge model; drop --judge, or pass "
+                         "a suite judged by a reward model (judge: reward_model, e.g. alpaca-eval, hh-harmless)")
+    if reference is not None and spec.reference != "checkpoint":
+        how = scores_reward_models if spec.kind == "reward_models" else \
+            "compares each checkpoint with its dataset's reference outputs (reference: dataset)"
+        raise ValueError(f"--reference {reference}: suite {spec.name!r} {how} and reads no reference checkpoint; drop "
+                         "--reference, or pass a suite with reference: checkpoint (e.g. hh-harmless-vs-base)")
 
 
 def _check_file_names(names: list[str]) -> None:

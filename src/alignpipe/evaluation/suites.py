@@ -50,6 +50,7 @@ from alignpipe.evaluation.harness import (
     LazyModel,
     Pair,
     cached_generations,
+    check_sampling_positions,
     diversity_groups,
     evaluate_checkpoints,
     implicit_pairs_record,
@@ -63,10 +64,10 @@ from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
-from alignpipe.tasks import GoldJudge, heldout_gold_pairs, heldout_tasks, preference_probability
+from alignpipe.tasks import GoldJudge, TaskSpace, heldout_gold_pairs, heldout_tasks, preference_probability
 
 __all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec",
-           "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
+           "draws_synthetic_tasks", "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
 
 log = logging.getLogger("alignpipe")
 
@@ -249,13 +250,15 @@ def data_path(prompts: PromptSet | PairSource | ImplicitRewardPairs) -> Path:
     return path
 
 
-def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) -> tuple[list[str], list[str] | None]:
+def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None,
+                 space: TaskSpace | None = None) -> tuple[list[str], list[str] | None]:
     """The suite's prompts and, for dataset references, the reference output of each; with ``keep``, only the
-    prompts it passes (AlpacaEval and HH-RLHF: before ``n`` takes the first ones)."""
+    prompts it passes (AlpacaEval and HH-RLHF: before ``n`` takes the first ones). Synthetic prompts are drawn from
+    ``space`` (the evaluated runs' task space), else the default one."""
     if prompts.source == "synthetic":
         if prompts.n is None:
             raise ValueError("the synthetic prompt set needs n")
-        return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed)], None
+        return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed, space or TaskSpace())], None
     rows = _json_lines(data_path(prompts))
     if prompts.source == "alpaca_eval":
         pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
@@ -276,13 +279,14 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None) 
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
+def load_implicit_pairs(spec: ImplicitRewardPairs, space: TaskSpace | None = None) -> tuple[list[Pair], dict]:
     """The (prompt, chosen, rejected) pairs of ``implicit_reward_accuracy``, and where they come from (source, labels
     and split: the arguments of :func:`~alignpipe.evaluation.harness.implicit_pairs_record` but the pairs).
 
     Unseen by the policies, not only by reward models:
 
-    * synthetic: :func:`~alignpipe.tasks.heldout_gold_pairs`, the eval stage's pairs: prompts of the task's held-out
+    * synthetic: :func:`~alignpipe.tasks.heldout_gold_pairs`, the eval stage's pairs (of ``space``, else the default
+      task space): prompts of the task's held-out
       split, which no training stage draws from (sft, dpo, reward and the online stages sample the train split),
       ordered by the gold reward. Not the reward-model suites' synthetic pairs: their prompts are only held out of
       reward stages (``is_reward_heldout``), and a dpo stage may train on them.
@@ -294,7 +298,7 @@ def load_implicit_pairs(spec: ImplicitRewardPairs) -> tuple[list[Pair], dict]:
     """
     if spec.source == "synthetic":
         seed = IMPLICIT_PAIR_SEED if spec.seed is None else spec.seed
-        pairs = heldout_gold_pairs(spec.n, seed)  # the default task space, as the synthetic prompt set's
+        pairs = heldout_gold_pairs(spec.n, seed, space or TaskSpace())  # the synthetic prompt set's task space
         return pairs, {"source": "synthetic", "labels": "gold", "seed": seed}
     if spec.source == "hh_rlhf":
         path = data_path(spec)
@@ -412,14 +416,16 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
 
 def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,
               judge_path: str | None, cache: EvalCache, dtype: str = "auto",
-              samples_out: dict[str, dict[str, list[dict]]] | None = None) -> dict:
+              samples_out: dict[str, dict[str, list[dict]]] | None = None, space: TaskSpace | None = None) -> dict:
     """Evaluate ``checkpoints`` on the suite; returns a leaderboard record (EVALUATION.md §9 envelope). With
     ``samples_out``, each checkpoint's per-sample records go there by name (file suffix -> rows, as
-    :func:`~alignpipe.evaluation.harness.sample_files` gives them), for the caller to write beside the table."""
+    :func:`~alignpipe.evaluation.harness.sample_files` gives them), for the caller to write beside the table.
+    Synthetic prompts and pairs are drawn from ``space`` (the runs' own task space; default: the default one), which
+    the board's ``config.task_space`` records."""
     unseen, trained_on = None, None
     if spec.judge == "reward_model" and judge_path is not None:
         unseen, trained_on = unseen_by_judge(spec.prompts.source, judge_path)
-    prompts, reference_outputs = load_prompts(spec.prompts, keep=unseen)
+    prompts, reference_outputs = load_prompts(spec.prompts, keep=unseen, space=space)
     if unseen is not None:
         if not prompts:
             raise ValueError(f"suite {spec.name!r}: the judge {judge_path} trained on every one of its prompts (reward "
@@ -440,15 +446,20 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
         tokenizer = LazyModel(reference, dtype).tokenizer()
         prompts = fit_prompts(prompts, tokenizer, g.max_prompt_tokens, g.truncation_side)
         if spec.implicit_reward is not None:
-            pairs, pairs_record = _implicit_pairs(spec, tokenizer)
+            pairs, pairs_record = _implicit_pairs(spec, tokenizer, space)
         results, judged = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                                bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
                                                diversity=diversity, pairs=pairs)
         files = {s.checkpoint.name: sample_files(s) for s in judged}
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
-        outcomes = [_against_outputs(c, prompts, reference_outputs, judge, settings, spec, cache, dtype, diversity)
-                    for c in checkpoints]
+        models = [LazyModel(c, dtype) for c in checkpoints]
+        # each policy answers the prompts cut with its own tokenizer; all are checked before any is sampled
+        fitted = [fit_prompts(prompts, m.tokenizer(), g.max_prompt_tokens, g.truncation_side) for m in models]
+        for model, its_prompts in zip(models, fitted, strict=True):
+            check_sampling_positions([model], its_prompts, settings.max_new_tokens)
+        outcomes = [_against_outputs(m, f, reference_outputs, judge, settings, spec, cache, diversity)
+                    for m, f in zip(models, fitted, strict=True)]
         results = [result for result, _ in outcomes]
         files = {result.name: rows for result, rows in outcomes}
         reference_name, reference_sha256 = f"{spec.prompts.source} reference outputs", None
@@ -464,16 +475,29 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
                           "trained_on": trained_on.record() if trained_on else None,
                           **({"weights_sha256": judge.judge_hash} if isinstance(judge, CachedJudge) else {})},
                 "bootstrap_iters": spec.bootstrap_resamples, **kl_estimator_record(results),
-                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **pairs_record},
+                **({"diversity": dataclasses.asdict(diversity)} if diversity else {}), **pairs_record,
+                **_task_space_record(spec, space)},
         env=package_versions(), suite=spec.name, primary_metric=spec.primary_metric,
     )
 
 
-def _implicit_pairs(spec: SuiteSpec, tokenizer) -> tuple[list[Pair], dict]:
+def draws_synthetic_tasks(spec: SuiteSpec) -> bool:
+    """Whether a policy suite's prompts or implicit-reward pairs are drawn from the synthetic task (a task space)."""
+    return spec.kind == "policy" and "synthetic" in {
+        spec.prompts.source, spec.implicit_reward.source if spec.implicit_reward else None}
+
+
+def _task_space_record(spec: SuiteSpec, space: TaskSpace | None) -> dict:
+    """``{"task_space": ...}``, the synthetic task the suite's synthetic prompts or pairs were drawn from (a run's
+    ``data`` block's families and item range), for a board that has any; else nothing."""
+    return {"task_space": dataclasses.asdict(space or TaskSpace())} if draws_synthetic_tasks(spec) else {}
+
+
+def _implicit_pairs(spec: SuiteSpec, tokenizer, space: TaskSpace | None) -> tuple[list[Pair], dict]:
     """The suite's implicit-reward pairs, their prompts cut like the suite's (:func:`fit_pairs`), and the
     leaderboard's ``implicit_reward_pairs`` record of them as scored (with how many prompts a cut shortened)."""
     g = spec.generation
-    drawn, origin = load_implicit_pairs(spec.implicit_reward)
+    drawn, origin = load_implicit_pairs(spec.implicit_reward, space)
     pairs = fit_pairs(drawn, tokenizer, g.max_prompt_tokens, g.truncation_side)
     record = implicit_pairs_record(pairs, **origin)
     if g.max_prompt_tokens is not None:
@@ -483,22 +507,19 @@ def _implicit_pairs(spec: SuiteSpec, tokenizer) -> tuple[list[Pair], dict]:
     return pairs, {"implicit_reward_pairs": record}
 
 
-def _against_outputs(checkpoint: Checkpoint, prompts: list[str], reference_outputs: list[str], judge, settings,
-                     spec: SuiteSpec, cache: EvalCache, dtype: str,
+def _against_outputs(model: LazyModel, fitted: list[str], reference_outputs: list[str], judge, settings,
+                     spec: SuiteSpec, cache: EvalCache,
                      diversity: DiversitySampling | None) -> tuple[CheckpointResult, dict[str, list[dict]]]:
     """One checkpoint against fixed reference outputs: judge reward, win rate (both orders), LC win rate, lengths;
     and its per-sample records (each reply, its judge reward, the reference output's, the preference), by file
     suffix as :func:`~alignpipe.evaluation.harness.sample_files` gives them.
 
-    The judge sees the prompt the policy answered (cut by ``max_prompt_tokens`` with this checkpoint's tokenizer),
-    not the full one: a reply is judged as an answer to what the policy was asked, the reference output is judged in
-    that same context, and a checkpoint reference's samples (which carry the cut prompts) are judged the same way.
+    The judge sees the prompt the policy answered (``fitted``: cut by ``max_prompt_tokens`` with this checkpoint's
+    tokenizer), not the full one: a reply is judged as an answer to what the policy was asked, the reference output
+    is judged in that same context, and a checkpoint reference's samples (which carry the cut prompts) are judged the
+    same way.
     """
-    model = LazyModel(checkpoint, dtype)
-    fitted = prompts
-    if spec.generation.max_prompt_tokens is not None:
-        fitted = fit_prompts(prompts, model.tokenizer(), spec.generation.max_prompt_tokens,
-                             spec.generation.truncation_side)
+    checkpoint = model.checkpoint
     generations: list[Generation] = cached_generations(model, fitted, settings, cache)
     groups = diversity_groups(model, fitted, settings, diversity, cache) if diversity else None
     model.release()

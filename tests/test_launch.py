@@ -267,3 +267,22 @@ def test_full_weights_in_explicit_half_precision_are_refused_unless_deepspeed_ke
                  load_recipe(recipe, ["model.dtype=bfloat16", "stages.sft.lora={r: 4, alpha: 8}",
                                       "stages.dpo.lora={r: 4, alpha: 8}"])):
         check_full_weight_precision(fine, plain)
+
+
+def test_a_stage_does_not_inherit_the_launch_that_started_the_run(tiny_recipe_path, tmp_path, monkeypatch) -> None:
+    """A torchrun/SLURM wrapper's or a pod's rendezvous variables made a one-process stage wait forever for
+    WORLD_SIZE processes, and a shell's stale ACCELERATE_USE_CPU=true trained a --gpus launch on the CPU."""
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    leaked = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+              "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x", "PMI_SIZE": "2",
+              "OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"}
+    for key, value in {**leaked, "HF_HOME": "/kept"}.items():
+        monkeypatch.setenv(key, value)
+    recipe = load_recipe(tiny_recipe_path)
+    for options, gpus, use_cpu in ((LaunchOptions(), 0, "true"), (LaunchOptions(gpus=2), 2, "false")):
+        runner = Runner(recipe, runs_dir=tmp_path, topology=resolve_topology(options, visible_gpus=gpus))
+        env = runner._stage_env()
+        assert not (set(leaked) - {"ACCELERATE_USE_CPU"}) & set(env)
+        assert env["ACCELERATE_USE_CPU"] == use_cpu and env["HF_HOME"] == "/kept"

@@ -160,6 +160,25 @@ def stage_command(topology: Topology, script: list[str], *, python: str = "pytho
     return command + script
 
 
+# What a launcher tells its workers (torchrun's rendezvous, MPI's ranks, accelerate's mode flags). Inherited by a
+# stage from whatever started the run (a torchrun or SLURM wrapper, a Kubeflow pod, a shell used for an earlier run),
+# they describe that launch, not the stage's: a one-process stage waited forever in a rendezvous of WORLD_SIZE
+# processes, and a stale ACCELERATE_USE_CPU=true trained a --gpus run on the CPU.
+LAUNCH_VARIABLES = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+LAUNCH_PREFIXES = ("TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "ACCELERATE_USE_",
+                   "ACCELERATE_DEEPSPEED_", "ACCELERATE_SAGEMAKER_")
+
+
+def stage_environment(environ: dict[str, str], device: str) -> dict[str, str]:
+    """The environment a stage's launcher starts from: the caller's, without the variables of the launch that started
+    the run (``LAUNCH_VARIABLES``; ``accelerate launch`` sets its own), and with ``ACCELERATE_USE_CPU`` saying the
+    stage's device, which every rank of a CPU launch must know (``stage.init_distributed``)."""
+    env = {key: value for key, value in environ.items()
+           if key not in LAUNCH_VARIABLES and not key.startswith(LAUNCH_PREFIXES)}
+    return {**env, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true" if device == "cpu" else "false"}
+
+
 def cpu_threads_per_process(processes: int) -> int:
     """OpenMP threads for each CPU process: the user's ``OMP_NUM_THREADS`` when set (the launch flag would override
     it), else the cores this process may use (its CPU affinity, which containers and ``taskset`` narrow, not the

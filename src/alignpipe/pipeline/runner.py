@@ -49,6 +49,7 @@ from alignpipe.pipeline.launch import (
     format_command,
     resolve_topology,
     stage_command,
+    stage_environment,
     stage_topology,
 )
 from alignpipe.pipeline.run_lock import RunLock, run_in_use, run_lock
@@ -471,10 +472,7 @@ class Runner:
             directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
 
     def _stage_env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.topology.device == "cpu":  # every rank of a CPU launch must know it (see stage.init_distributed)
-            env["ACCELERATE_USE_CPU"] = "true"
-        return env
+        return stage_environment(dict(os.environ), self.topology.device)
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
                watch: Callable[[], None] | None = None, stage: str | None = None) -> int:

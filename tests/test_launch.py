@@ -286,3 +286,22 @@ def test_a_stage_does_not_inherit_the_launch_that_started_the_run(tiny_recipe_pa
         env = runner._stage_env()
         assert not (set(leaked) - {"ACCELERATE_USE_CPU"}) & set(env)
         assert env["ACCELERATE_USE_CPU"] == use_cpu and env["HF_HOME"] == "/kept"
+
+
+@pytest.mark.parametrize(("options", "config"), [(LaunchOptions(cpu=True), "single.yaml"),
+                                                 (LaunchOptions(cpu=True, processes=2), "ddp-cpu.yaml")])
+def test_accelerate_tells_a_cpu_stage_it_runs_on_the_cpu_on_a_machine_with_gpus(options, config, monkeypatch) -> None:
+    """accelerate's one-process launcher sets ACCELERATE_USE_CPU from its own flags (False under single.yaml), so a
+    one-process --cpu stage (or an eval stage of a --cpu run) trained on a visible GPU."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    topology = resolve_topology(options, visible_gpus=1)
+    command = stage_command(topology, ["pipelines/sft.py"])
+    assert topology.config.name == config
+    args, *_ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # what the runner hands the launcher (stage_environment)
+    if topology.world_size == 1:
+        assert not args.multi_gpu and prepare_simple_launcher_cmd_env(args)[1]["ACCELERATE_USE_CPU"] == "True"
+    else:
+        assert args.multi_gpu and not args.cpu and prepare_multi_gpu_env(args)["ACCELERATE_USE_CPU"] == "true"

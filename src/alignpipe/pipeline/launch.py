@@ -5,7 +5,8 @@ topology -> (accelerate config, command line) mapping is one pure function. The 
 ``recipes/accelerate/`` (recipes never hold the world size). Choices that are not obvious:
 
 * CPU with several processes uses ``ddp-cpu.yaml`` (accelerate's torchrun launcher + ``use_cpu``): ``accelerate
-  launch --cpu --num_processes N`` starts a single process;
+  launch --cpu --num_processes N`` starts a single process; one CPU process gets ``--cpu``, from which accelerate's
+  one-process launcher sets ``ACCELERATE_USE_CPU`` (without it, a visible GPU was used);
 * DeepSpeed configs point at a JSON file; its absolute path is passed as ``--deepspeed_config_file`` so the run does
   not depend on the working directory;
 * multi-node runs need a shared filesystem for ``runs/``; every node runs the same command with its own node rank,
@@ -157,6 +158,8 @@ def stage_command(topology: Topology, script: list[str], *, python: str = "pytho
         command += ["--deepspeed_config_file", str(t.deepspeed_json)]
     if t.device == "cpu":  # accelerate would otherwise pin a single-process CPU run to OMP_NUM_THREADS=1
         command += ["--num_cpu_threads_per_process", str(cpu_threads_per_process(t.processes_per_node))]
+    if t.device == "cpu" and t.world_size == 1:  # its one-process launcher sets ACCELERATE_USE_CPU from this flag
+        command += ["--cpu"]
     return command + script
 
 

@@ -3,6 +3,7 @@ scheduler stopping the job), whose Python default exits at once and orphaned the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,18 +80,20 @@ def test_the_exit_status_of_a_process_left_alone() -> None:
     assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], watch=lambda: None) == 3
 
 
-def test_sigterm_stops_the_stage_process_and_exits_with_143(tmp_path) -> None:
-    """Without the handler the runner died at once and its stage process trained on, holding its GPUs and port."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
+def test_a_stopping_signal_stops_the_stage_process_and_exits_with_128_plus_it(tmp_path, signum) -> None:
+    """Without the handler the runner died at once and its stage process (in its own session: it gets no hangup from
+    a closed terminal) trained on, holding its GPUs and port."""
     pidfile = tmp_path / "pid"
     script = ("import sys\nfrom alignpipe.pipeline.watched import Terminated, run_watched, sigterm_raises\n"
               "try:\n    with sigterm_raises():\n"
               f"        run_watched([sys.executable, '-c', {SLEEPER!r}, {str(pidfile)!r}])\n"
-              "except Terminated:\n    sys.exit(143)\n")
+              "except Terminated as error:\n    sys.exit(128 + error.signum)\n")
     runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     stage = _pid_from(pidfile)
     try:
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(timeout=60) == 143
+        runner.send_signal(signum)
+        assert runner.wait(timeout=60) == 128 + signum
         assert not _alive(stage)
     finally:
         runner.kill()
@@ -98,10 +101,44 @@ def test_sigterm_stops_the_stage_process_and_exits_with_143(tmp_path) -> None:
             os.kill(stage, signal.SIGKILL)
 
 
-def test_the_previous_sigterm_handler_comes_back() -> None:
-    from alignpipe.pipeline.watched import sigterm_raises
+def test_a_hangup_stops_the_run_and_its_records_say_interrupted(tiny_recipe_path, tmp_path) -> None:
+    """SIGHUP (the terminal closed, ssh dropped) left the stage training and run.json saying ``running``."""
+    pidfile, runs = tmp_path / "pid", tmp_path / "runs"
+    script = ("import sys\nfrom alignpipe.cli import main\nfrom alignpipe.pipeline.runner import Runner\n"
+              "spawn = Runner._spawn\n"
+              "Runner._spawn = lambda self, command, env=None, **options: spawn(\n"
+              f"    self, [sys.executable, '-c', {SLEEPER!r}, {str(pidfile)!r}], env, **options)\n"
+              f"sys.exit(main(['run', {str(tiny_recipe_path)!r}, '--runs-dir', {str(runs)!r}]))\n")
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    stage = _pid_from(pidfile)
+    try:
+        runner.send_signal(signal.SIGHUP)
+        assert runner.wait(timeout=60) == 128 + signal.SIGHUP
+        assert "stopped: terminated (SIGHUP); the running stage was stopped" in runner.stderr.read()
+        assert not _alive(stage)
+        run = json.loads((runs / "tiny" / "run.json").read_text())
+        assert (run["status"], run["stopped_at"]) == ("interrupted", "sft")
+        assert json.loads((runs / "tiny" / "sft" / "manifest.json").read_text())["status"] == "interrupted"
+    finally:
+        runner.kill()
+        if _alive(stage):
+            os.kill(stage, signal.SIGKILL)
 
-    before = signal.getsignal(signal.SIGTERM)
+
+def test_the_previous_handlers_come_back_and_an_ignored_hangup_stays_ignored() -> None:
+    """``nohup alignpipe run ...`` ignores SIGHUP so the run outlives its terminal: it must not stop on one."""
+    from alignpipe.pipeline.watched import STOPPING_SIGNALS, sigterm_raises
+
+    before = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+            assert signal.getsignal(signal.SIGQUIT) is not before[signal.SIGQUIT]
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before[signal.SIGHUP])
     with sigterm_raises():
-        assert signal.getsignal(signal.SIGTERM) is not before
-    assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGHUP) is not before[signal.SIGHUP]
+    assert {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS} == before

@@ -353,10 +353,10 @@ def _cmd_run(args) -> int:
     try:
         with sigterm_raises():
             outcomes = runner.run()
-    except Terminated:
-        print("stopped: terminated (SIGTERM); the running stage was stopped and marked interrupted (add --resume to "
-              "continue it)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as error:
+        print(f"stopped: terminated ({signal.Signals(error.signum).name}); the running stage was stopped and marked "
+              "interrupted (add --resume to continue it)", file=sys.stderr)
+        return 128 + error.signum
     except KeyboardInterrupt:
         print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume to "
               "continue it)", file=sys.stderr)

@@ -19,23 +19,36 @@ WATCH_S = 1.0  # how often ``watch`` is called while the process runs (a store r
 STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher gets to stop its workers before it is killed
 
 
+# Signals whose default ends the runner at once, running no ``except`` or ``finally``: a scheduler's or ``kill``'s
+# SIGTERM, SIGHUP from a closed terminal or a dropped ssh session, SIGQUIT (Ctrl-\). The stage process runs in its own
+# session, so it gets none of them: the runner must stop it.
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill <pid>``, a scheduler stopping the job), raised like Ctrl-C so the same clean-up runs: Python's
-    default exits at once, running no ``except`` or ``finally``, which orphaned the stage process (it kept training,
-    holding its GPUs and port) and told no other node."""
+    """One of ``STOPPING_SIGNALS``, raised like Ctrl-C so the same clean-up runs: Python's default exits at once,
+    which orphaned the stage process (it kept training, holding its GPUs and port), told no other node and left the
+    run's records saying ``running``."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the only one that can set it)."""
+    """Within the block, each of ``STOPPING_SIGNALS`` raises :class:`Terminated` in the main thread (the only one that
+    can set it). One that is ignored stays ignored: ``nohup`` ignores SIGHUP so that the run outlives its terminal."""
     def raise_terminated(signum, frame):
-        raise Terminated()
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signum: signal.signal(signum, raise_terminated) for signum in STOPPING_SIGNALS
+                if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_watched(command: list[str], env: dict[str, str] | None = None, *,

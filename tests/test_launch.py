@@ -305,3 +305,27 @@ def test_accelerate_tells_a_cpu_stage_it_runs_on_the_cpu_on_a_machine_with_gpus(
         assert not args.multi_gpu and prepare_simple_launcher_cmd_env(args)[1]["ACCELERATE_USE_CPU"] == "True"
     else:
         assert args.multi_gpu and not args.cpu and prepare_multi_gpu_env(args)["ACCELERATE_USE_CPU"] == "true"
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_multi_node_deepspeed_launch_runs_torchrun_on_each_node_with_its_rank(zero) -> None:
+    """accelerate's default multi-node DeepSpeed launcher (pdsh) runs `deepspeed --hostfile None --launcher pdsh`
+    from one node over ssh, without --machine_rank: every node running the same command could not work."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    topology = resolve_topology(LaunchOptions(gpus=8, nodes=2, node_rank=1, main_addr="10.0.0.1", deepspeed=zero),
+                                visible_gpus=8)
+    command = stage_command(topology, ["pipelines/dpo.py", "--stage-dir", "runs/x/dpo"])
+    try:
+        args, *_ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    except ImportError as error:  # an accelerate that wants DeepSpeed installed to read its options
+        pytest.skip(f"accelerate cannot prepare a DeepSpeed launch here: {error}")
+    assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
+    args.deepspeed_fields_from_accelerate_config = ""  # as accelerate's launch_command sets it
+    deepspeed_command, env = prepare_deepspeed_cmd_env(args)
+    assert deepspeed_command is None  # no `deepspeed --launcher pdsh ...`: torch.distributed.run, on this node
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    endpoint = args.rdzv_endpoint if hasattr(args, "rdzv_endpoint") else f"{args.master_addr}:{args.master_port}"
+    assert endpoint == "10.0.0.1:29500"
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(REPO / "recipes" / "accelerate" / f"ds_{zero}.json")

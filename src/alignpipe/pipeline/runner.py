@@ -414,6 +414,7 @@ class Runner:
 
         pins = self._pins(stage)
         self._fetch_pinned(stage, pins)  # before the stage directory changes: a failed download leaves it as it was
+        channel.check_followers()  # likewise a follower that has stopped: the run cannot go on
         resume = decision.action == "resume"
         if not resume:
             directory.reset()
@@ -436,9 +437,9 @@ class Runner:
             BATCH_SPLIT: asdict(batch) if batch is not None else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
-        channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
         try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
+            channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
             self._launch(stage.type, directory, resume,
                          watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
         except (KeyboardInterrupt, ControlError):

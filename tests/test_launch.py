@@ -222,6 +222,18 @@ def test_launch_sh_reads_the_users_paths_from_their_directory(launcher_copy) -> 
     assert _launch(parent, "main/launch.sh", "--help")[0].startswith("alignpipe launcher")
 
 
+def test_launch_sh_leaves_an_option_after_runs_dir_to_alignpipe(launcher_copy) -> None:
+    """`--runs-dir --dry-run` took --dry-run for the directory (rebased to <caller>/--dry-run) and started a real run;
+    passed on as they are, argparse refuses --runs-dir without a value."""
+    parent = launcher_copy.parent
+    out = _launch(parent, "main/launch.sh", "my.yaml", "--runs-dir", "--dry-run")
+    assert out[-3:] == [f"arg={parent}/my.yaml", "arg=--runs-dir", "arg=--dry-run"]
+    assert _launch(parent, "main/launch.sh", "my.yaml", "--cpu", "--runs-dir")[-2:] == ["arg=--cpu", "arg=--runs-dir"]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "my.yaml", "--runs-dir", "--dry-run"])
+    assert exit_.value.code == 2
+
+
 def test_a_qlora_recipe_is_refused_under_zero3_before_anything_runs(tmp_path) -> None:
     """ZeRO-3 cannot shard the loader's 4-bit weights (transformers refuses the load once a trainer exists): the run
     stops at once naming the stage and the way out, where it failed in the second round of an online stage."""

@@ -341,3 +341,23 @@ def test_a_multi_node_deepspeed_launch_runs_torchrun_on_each_node_with_its_rank(
     endpoint = args.rdzv_endpoint if hasattr(args, "rdzv_endpoint") else f"{args.master_addr}:{args.master_port}"
     assert endpoint == "10.0.0.1:29500"
     assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(REPO / "recipes" / "accelerate" / f"ds_{zero}.json")
+
+
+def test_in_process_is_refused_with_more_than_one_process(tiny_recipe_path, tmp_path, capsys, monkeypatch) -> None:
+    """--in-process ran one process while the log and the stage records said the batch split of N."""
+    import torch
+
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--dry-run"]
+    for options, named in ((["--cpu", "--processes", "2"], "2 processes (--processes 2)"),
+                           (["--cpu", "--nodes", "2", "--main-addr", "10.0.0.1"],
+                            "2 processes (--processes 1, --nodes 2)"),
+                           (["--gpus", "2"], "2 processes (2 GPUs per node (--gpus, default: every visible one))")):
+        assert main(["run", str(tiny_recipe_path), "--in-process", *options, *runs]) == 2
+        err = capsys.readouterr().err
+        assert f"--in-process runs every stage inside this one process, but this launch has {named}; drop " \
+               "--in-process, or launch one process" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a Runner without a topology: one process
+    assert Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path, in_process=True).topology.world_size == 1

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted stage from its latest trainer checkpoint instead of starting over "
                           "(one whose global batch another process count would change starts over)")
     run.add_argument("--in-process", action="store_true",
-                     help="run stages inside this process instead of one subprocess per stage (debugging, tests)")
+                     help="run stages inside this process instead of one subprocess per stage (debugging, tests; "
+                          "one process only)")
     topology = run.add_argument_group("topology (each stage runs under accelerate launch)")
     topology.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (default: all visible; none -> CPU)")
     topology.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs are visible")

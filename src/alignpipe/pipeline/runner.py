@@ -149,6 +149,7 @@ class Runner:
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
         self.control_timeout_s = check_control_timeout(control_timeout_s)
+        check_in_process(in_process, self.topology)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
         check_quantization_under_deepspeed(recipe, self.topology)
         check_full_weight_precision(recipe, self.topology)
@@ -781,7 +782,21 @@ def default_topology() -> Topology:
     """One process on this machine: a GPU if there is one, else the CPU."""
     import torch
 
-    return resolve_topology(LaunchOptions(), visible_gpus=torch.cuda.device_count())
+    visible = torch.cuda.device_count()
+    return resolve_topology(LaunchOptions(gpus=1 if visible else None), visible_gpus=visible)
+
+
+def check_in_process(in_process: bool, topology: Topology) -> None:
+    """Refuse ``--in-process`` with more than one process: it runs each stage in this one process, so the batch split
+    planned, logged and recorded for the topology's processes would not be the one trained."""
+    if in_process and topology.world_size > 1:
+        per_node = topology.processes_per_node
+        asked = [f"--processes {per_node}" if topology.device == "cpu" else
+                 f"{per_node} GPUs per node (--gpus, default: every visible one)"] + (
+            [f"--nodes {topology.nodes}"] if topology.nodes > 1 else [])
+        raise ValueError(f"--in-process runs every stage inside this one process, but this launch has "
+                         f"{topology.world_size} processes ({', '.join(asked)}); drop --in-process, or launch one "
+                         "process (--processes 1 on the CPU, --gpus 1 on GPUs, one node)")
 
 
 def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> None:

@@ -837,3 +837,18 @@ def test_a_stage_whose_decision_cannot_reach_the_followers_is_marked_interrupted
     with pytest.raises(ControlError):
         Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path / "runs").run()
     assert StageDir(tmp_path / "runs" / "tiny" / "dpo").read_manifest()["status"] == "interrupted"
+
+
+def test_a_follower_whose_runs_directory_is_not_node_zeros_says_so(tmp_path, tiny_recipe_path, fake_stages) -> None:
+    """A follower started with another --runs-dir (or on a machine that does not share it) crashed with a raw
+    FileNotFoundError traceback when it read the stage's config."""
+    main_port = _free_port() - 1
+    node_one = _in_thread(lambda: _runner(tiny_recipe_path, tmp_path / "elsewhere", 1, main_port).run())
+    time.sleep(0.5)
+    _finished(_in_thread(lambda: _runner(tiny_recipe_path, tmp_path / "runs", 0, main_port).run()))
+    error = _finished(node_one).get("error")
+    assert isinstance(error, ControlError)
+    assert str(error) == (f"this node does not see node 0's runs directory at {tmp_path / 'elsewhere'}: node 0 wrote "
+                          "tiny/sft/config.yaml before telling this node to run it, and it is not there (--runs-dir "
+                          "must name the same shared folder on every node)")
+    assert fake_stages["node 1"] == []

@@ -650,7 +650,7 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
-                pins = StageDir(self.run_dir / stage.name).read_config().get("pins") or {}
+                pins = node_zeros_config(StageDir(self.run_dir / stage.name)).get("pins") or {}
                 self._fetch_pinned(stage, pins)
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
@@ -741,6 +741,18 @@ def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes
         return False
     new = set(input_hashes) - set(recorded)
     return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
+
+
+def node_zeros_config(directory: StageDir) -> dict:
+    """A stage's config as node 0 wrote it, read by a follower before it launches its part; a ControlError when it
+    is not there, which means this node's runs directory is not node 0's (the stage's processes would fail on it)."""
+    try:
+        return directory.read_config()
+    except FileNotFoundError as error:
+        raise ControlError(f"this node does not see node 0's runs directory at {directory.root.parent.parent}: node 0 "
+                           f"wrote {directory.config.relative_to(directory.root.parent.parent)} before telling this "
+                           "node to run it, and it is not there (--runs-dir must name the same shared folder on every "
+                           "node)") from error
 
 
 def _record_loaded(stage, pins: dict[str, str]) -> None:

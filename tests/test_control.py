@@ -852,3 +852,18 @@ def test_a_follower_whose_runs_directory_is_not_node_zeros_says_so(tmp_path, tin
                           "tiny/sft/config.yaml before telling this node to run it, and it is not there (--runs-dir "
                           "must name the same shared folder on every node)")
     assert fake_stages["node 1"] == []
+
+
+def test_control_timeout_help_says_what_the_value_bounds() -> None:
+    """It said node 0 waits that long for the others to read how the run ended (at most END_GRACE_S), and nothing
+    of the silence it also caps."""
+    from alignpipe.cli import build_parser
+    from alignpipe.pipeline.control import END_GRACE_S, HEARTBEAT_S, SILENCE_S, _silence_limit
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    text = " ".join(next(a.help for a in run._actions if "--control-timeout" in a.option_strings).split())
+    assert (_silence_limit(1e6), _silence_limit(60), _silence_limit(1)) == (SILENCE_S, 60, 3 * HEARTBEAT_S)
+    assert (f"how long a node that has gone silent is waited for before it counts as gone ({SILENCE_S:.0f}s, or this "
+            f"if shorter, but at least {3 * HEARTBEAT_S:.0f}s)") in text
+    assert f"how long node 0 waits at the end for the others to read how the run ended ({END_GRACE_S:.0f}s, or " \
+           "this if shorter)" in text

@@ -107,7 +107,7 @@ def _overrides_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alignpipe.pipeline.control import CONTROL_TIMEOUT_S
+    from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, END_GRACE_S, HEARTBEAT_S, SILENCE_S
 
     parser = argparse.ArgumentParser(
         prog="alignpipe",
@@ -148,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "to skip, run or resume and when each is complete (default: --main-port + 1; the same "
                           "on every node)")
     topology.add_argument("--control-timeout", type=float, default=CONTROL_TIMEOUT_S, metavar="S",
-                          help="with --nodes > 1: seconds the nodes wait for each other to start, and node 0 for the "
-                          f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f}; at most a week)")
+                          help="with --nodes > 1: seconds the nodes wait for each other to start (default: "
+                          f"{CONTROL_TIMEOUT_S:.0f}; at most a week). It also caps how long a node that has gone "
+                          f"silent is waited for before it counts as gone ({SILENCE_S:.0f}s, or this if shorter, but "
+                          f"at least {3 * HEARTBEAT_S:.0f}s), and how long node 0 waits at the end for the others to "
+                          f"read how the run ended ({END_GRACE_S:.0f}s, or this if shorter)")
     topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
     topology.add_argument("--dry-run", action="store_true",
                           help="print what the run would do with each stage (skip, run or resume, and why), its "

@@ -106,7 +106,11 @@ case "${1:-}" in
     while [ $# -gt 0 ]; do
       case "$1" in
         --runs-dir=*) command+=("--runs-dir=$(from_caller "${1#--runs-dir=}")") ;;
-        --runs-dir) command+=("$1"); if [ $# -gt 1 ]; then shift; command+=("$(from_caller "$1")"); fi ;;
+        # its value, unless it is missing or an option (alignpipe's argparse then says --runs-dir needs a value)
+        --runs-dir)
+          command+=("$1")
+          if [ $# -gt 1 ] && [[ "$2" != -* ]]; then shift; command+=("$(from_caller "$1")"); fi
+          ;;
         *) command+=("$1") ;;
       esac
       shift

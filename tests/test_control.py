@@ -7,6 +7,7 @@ is replaced by one that publishes a small checkpoint, and node 1's by one that r
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -794,3 +795,75 @@ def test_a_follower_trains_the_commit_node_zero_pinned_when_the_branch_moved_whi
     [command] = fake_stages["node 1"]
     assert command[command.index("--base") + 1] == str(hub_cache / "snapshots" / second)
     assert f"node 0 pinned owner/tiny at commit {second[:12]}, this node resolved main to {first[:12]}" in caplog.text
+
+
+def test_a_follower_gone_before_node_zero_decides_a_stage_leaves_that_stage_as_it_was(tmp_path, tiny_recipe_path,
+                                                                                       monkeypatch) -> None:
+    """Node 1 stops while node 0 runs sft (as when it leaves during a stage node 0 runs alone): node 0 found out only
+    once it had reset dpo's directory and written its manifest ``running``, which stayed so."""
+    runs, nodes = tmp_path / "runs", {}
+
+    def fail_on_node_one(self, command, env=None, **options) -> int:
+        raise RuntimeError("CUDA out of memory on node 1")
+
+    def publish_once_node_one_stopped(self, stage_type, directory: StageDir, resume: bool, **options) -> None:
+        assert "error" in _finished(nodes["node 1"])  # it has stopped and told node 0 why
+        directory.checkpoint.mkdir(parents=True, exist_ok=True)
+        directory.update_manifest(status="complete", output_sha256=directory_hash(directory.checkpoint))
+
+    monkeypatch.setattr(Runner, "_spawn", fail_on_node_one)
+    monkeypatch.setattr(Runner, "_launch", publish_once_node_one_stopped)
+    main_port = _free_port() - 1
+    nodes["node 1"] = _in_thread(lambda: _runner(tiny_recipe_path, runs, 1, main_port).run())
+    time.sleep(0.5)
+    node_zero = _finished(_in_thread(lambda: _runner(tiny_recipe_path, runs, 0, main_port).run()))
+    assert "node 1 stopped: CUDA out of memory on node 1" in str(node_zero.get("error"))
+    assert StageDir(runs / "tiny" / "sft").read_manifest()["status"] == "complete"
+    assert StageDir(runs / "tiny" / "dpo").read_manifest() is None
+    assert json.loads((runs / "tiny" / "run.json").read_text())["stopped_at"] == "dpo"
+
+
+def test_a_stage_whose_decision_cannot_reach_the_followers_is_marked_interrupted(tmp_path, tiny_recipe_path,
+                                                                                  monkeypatch, fake_stages) -> None:
+    """A follower that stops between node 0's last look and its decision: the stage's manifest, written ``running``
+    just before, must not stay so."""
+    from alignpipe.pipeline.control import Alone
+
+    def publish_decision(self, stage: str, action: str, reason: str) -> None:
+        if stage == "dpo":
+            raise ControlError("node 1 stopped: it was interrupted (Ctrl-C)")
+
+    monkeypatch.setattr(Alone, "publish_decision", publish_decision)
+    with pytest.raises(ControlError):
+        Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path / "runs").run()
+    assert StageDir(tmp_path / "runs" / "tiny" / "dpo").read_manifest()["status"] == "interrupted"
+
+
+def test_a_follower_whose_runs_directory_is_not_node_zeros_says_so(tmp_path, tiny_recipe_path, fake_stages) -> None:
+    """A follower started with another --runs-dir (or on a machine that does not share it) crashed with a raw
+    FileNotFoundError traceback when it read the stage's config."""
+    main_port = _free_port() - 1
+    node_one = _in_thread(lambda: _runner(tiny_recipe_path, tmp_path / "elsewhere", 1, main_port).run())
+    time.sleep(0.5)
+    _finished(_in_thread(lambda: _runner(tiny_recipe_path, tmp_path / "runs", 0, main_port).run()))
+    error = _finished(node_one).get("error")
+    assert isinstance(error, ControlError)
+    assert str(error) == (f"this node does not see node 0's runs directory at {tmp_path / 'elsewhere'}: node 0 wrote "
+                          "tiny/sft/config.yaml before telling this node to run it, and it is not there (--runs-dir "
+                          "must name the same shared folder on every node)")
+    assert fake_stages["node 1"] == []
+
+
+def test_control_timeout_help_says_what_the_value_bounds() -> None:
+    """It said node 0 waits that long for the others to read how the run ended (at most END_GRACE_S), and nothing
+    of the silence it also caps."""
+    from alignpipe.cli import build_parser
+    from alignpipe.pipeline.control import END_GRACE_S, HEARTBEAT_S, SILENCE_S, _silence_limit
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    text = " ".join(next(a.help for a in run._actions if "--control-timeout" in a.option_strings).split())
+    assert (_silence_limit(1e6), _silence_limit(60), _silence_limit(1)) == (SILENCE_S, 60, 3 * HEARTBEAT_S)
+    assert (f"how long a node that has gone silent is waited for before it counts as gone ({SILENCE_S:.0f}s, or this "
+            f"if shorter, but at least {3 * HEARTBEAT_S:.0f}s)") in text
+    assert f"how long node 0 waits at the end for the others to read how the run ended ({END_GRACE_S:.0f}s, or " \
+           "this if shorter)" in text

@@ -222,6 +222,18 @@ def test_launch_sh_reads_the_users_paths_from_their_directory(launcher_copy) -> 
     assert _launch(parent, "main/launch.sh", "--help")[0].startswith("alignpipe launcher")
 
 
+def test_launch_sh_leaves_an_option_after_runs_dir_to_alignpipe(launcher_copy) -> None:
+    """`--runs-dir --dry-run` took --dry-run for the directory (rebased to <caller>/--dry-run) and started a real run;
+    passed on as they are, argparse refuses --runs-dir without a value."""
+    parent = launcher_copy.parent
+    out = _launch(parent, "main/launch.sh", "my.yaml", "--runs-dir", "--dry-run")
+    assert out[-3:] == [f"arg={parent}/my.yaml", "arg=--runs-dir", "arg=--dry-run"]
+    assert _launch(parent, "main/launch.sh", "my.yaml", "--cpu", "--runs-dir")[-2:] == ["arg=--cpu", "arg=--runs-dir"]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "my.yaml", "--runs-dir", "--dry-run"])
+    assert exit_.value.code == 2
+
+
 def test_a_qlora_recipe_is_refused_under_zero3_before_anything_runs(tmp_path) -> None:
     """ZeRO-3 cannot shard the loader's 4-bit weights (transformers refuses the load once a trainer exists): the run
     stops at once naming the stage and the way out, where it failed in the second round of an online stage."""
@@ -267,3 +279,85 @@ def test_full_weights_in_explicit_half_precision_are_refused_unless_deepspeed_ke
                  load_recipe(recipe, ["model.dtype=bfloat16", "stages.sft.lora={r: 4, alpha: 8}",
                                       "stages.dpo.lora={r: 4, alpha: 8}"])):
         check_full_weight_precision(fine, plain)
+
+
+def test_a_stage_does_not_inherit_the_launch_that_started_the_run(tiny_recipe_path, tmp_path, monkeypatch) -> None:
+    """A torchrun/SLURM wrapper's or a pod's rendezvous variables made a one-process stage wait forever for
+    WORLD_SIZE processes, and a shell's stale ACCELERATE_USE_CPU=true trained a --gpus launch on the CPU."""
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    leaked = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+              "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x", "PMI_SIZE": "2",
+              "OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"}
+    for key, value in {**leaked, "HF_HOME": "/kept"}.items():
+        monkeypatch.setenv(key, value)
+    recipe = load_recipe(tiny_recipe_path)
+    for options, gpus, use_cpu in ((LaunchOptions(), 0, "true"), (LaunchOptions(gpus=2), 2, "false")):
+        runner = Runner(recipe, runs_dir=tmp_path, topology=resolve_topology(options, visible_gpus=gpus))
+        env = runner._stage_env()
+        assert not (set(leaked) - {"ACCELERATE_USE_CPU"}) & set(env)
+        assert env["ACCELERATE_USE_CPU"] == use_cpu and env["HF_HOME"] == "/kept"
+
+
+@pytest.mark.parametrize(("options", "config"), [(LaunchOptions(cpu=True), "single.yaml"),
+                                                 (LaunchOptions(cpu=True, processes=2), "ddp-cpu.yaml")])
+def test_accelerate_tells_a_cpu_stage_it_runs_on_the_cpu_on_a_machine_with_gpus(options, config, monkeypatch) -> None:
+    """accelerate's one-process launcher sets ACCELERATE_USE_CPU from its own flags (False under single.yaml), so a
+    one-process --cpu stage (or an eval stage of a --cpu run) trained on a visible GPU."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    topology = resolve_topology(options, visible_gpus=1)
+    command = stage_command(topology, ["pipelines/sft.py"])
+    assert topology.config.name == config
+    args, *_ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # what the runner hands the launcher (stage_environment)
+    if topology.world_size == 1:
+        assert not args.multi_gpu and prepare_simple_launcher_cmd_env(args)[1]["ACCELERATE_USE_CPU"] == "True"
+    else:
+        assert args.multi_gpu and not args.cpu and prepare_multi_gpu_env(args)["ACCELERATE_USE_CPU"] == "true"
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_multi_node_deepspeed_launch_runs_torchrun_on_each_node_with_its_rank(zero) -> None:
+    """accelerate's default multi-node DeepSpeed launcher (pdsh) runs `deepspeed --hostfile None --launcher pdsh`
+    from one node over ssh, without --machine_rank: every node running the same command could not work."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    topology = resolve_topology(LaunchOptions(gpus=8, nodes=2, node_rank=1, main_addr="10.0.0.1", deepspeed=zero),
+                                visible_gpus=8)
+    command = stage_command(topology, ["pipelines/dpo.py", "--stage-dir", "runs/x/dpo"])
+    try:
+        args, *_ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    except ImportError as error:  # an accelerate that wants DeepSpeed installed to read its options
+        pytest.skip(f"accelerate cannot prepare a DeepSpeed launch here: {error}")
+    assert args.use_deepspeed and args.deepspeed_multinode_launcher == "standard"
+    args.deepspeed_fields_from_accelerate_config = ""  # as accelerate's launch_command sets it
+    deepspeed_command, env = prepare_deepspeed_cmd_env(args)
+    assert deepspeed_command is None  # no `deepspeed --launcher pdsh ...`: torch.distributed.run, on this node
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    endpoint = args.rdzv_endpoint if hasattr(args, "rdzv_endpoint") else f"{args.master_addr}:{args.master_port}"
+    assert endpoint == "10.0.0.1:29500"
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(REPO / "recipes" / "accelerate" / f"ds_{zero}.json")
+
+
+def test_in_process_is_refused_with_more_than_one_process(tiny_recipe_path, tmp_path, capsys, monkeypatch) -> None:
+    """--in-process ran one process while the log and the stage records said the batch split of N."""
+    import torch
+
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--dry-run"]
+    for options, named in ((["--cpu", "--processes", "2"], "2 processes (--processes 2)"),
+                           (["--cpu", "--nodes", "2", "--main-addr", "10.0.0.1"],
+                            "2 processes (--processes 1, --nodes 2)"),
+                           (["--gpus", "2"], "2 processes (2 GPUs per node (--gpus, default: every visible one))")):
+        assert main(["run", str(tiny_recipe_path), "--in-process", *options, *runs]) == 2
+        err = capsys.readouterr().err
+        assert f"--in-process runs every stage inside this one process, but this launch has {named}; drop " \
+               "--in-process, or launch one process" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a Runner without a topology: one process
+    assert Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path, in_process=True).topology.world_size == 1

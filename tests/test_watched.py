@@ -3,6 +3,7 @@ scheduler stopping the job), whose Python default exits at once and orphaned the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,18 +80,26 @@ def test_the_exit_status_of_a_process_left_alone() -> None:
     assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], watch=lambda: None) == 3
 
 
-def test_sigterm_stops_the_stage_process_and_exits_with_143(tmp_path) -> None:
-    """Without the handler the runner died at once and its stage process trained on, holding its GPUs and port."""
-    pidfile = tmp_path / "pid"
-    script = ("import sys\nfrom alignpipe.pipeline.watched import Terminated, run_watched, sigterm_raises\n"
+def _runner_of(stage: str, pidfile: Path) -> tuple[subprocess.Popen, int]:
+    """A runner in a process of its own (``run_watched`` of the Python code ``stage`` under ``sigterm_raises``) that
+    exits with 128 + the signal that stopped it, and its stage process's pid once that has started."""
+    script = ("import signal, sys\nfrom alignpipe.pipeline.watched import Terminated, run_watched, sigterm_raises\n"
               "try:\n    with sigterm_raises():\n"
-              f"        run_watched([sys.executable, '-c', {SLEEPER!r}, {str(pidfile)!r}])\n"
-              "except Terminated:\n    sys.exit(143)\n")
+              f"        run_watched([sys.executable, '-c', {stage!r}, {str(pidfile)!r}])\n"
+              "except Terminated as error:\n    sys.exit(128 + getattr(error, 'signum', signal.SIGTERM))\n")
     runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    stage = _pid_from(pidfile)
+    return runner, _pid_from(pidfile)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
+def test_a_stopping_signal_stops_the_stage_process_and_exits_with_128_plus_it(tmp_path, signum) -> None:
+    """Without the handler the runner died at once and its stage process (in its own session: it gets no hangup from
+    a closed terminal) trained on, holding its GPUs and port."""
+    pidfile = tmp_path / "pid"
+    runner, stage = _runner_of(SLEEPER, pidfile)
     try:
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(timeout=60) == 143
+        runner.send_signal(signum)
+        assert runner.wait(timeout=60) == 128 + signum
         assert not _alive(stage)
     finally:
         runner.kill()
@@ -98,10 +107,95 @@ def test_sigterm_stops_the_stage_process_and_exits_with_143(tmp_path) -> None:
             os.kill(stage, signal.SIGKILL)
 
 
-def test_the_previous_sigterm_handler_comes_back() -> None:
-    from alignpipe.pipeline.watched import sigterm_raises
+def test_a_hangup_stops_the_run_and_its_records_say_interrupted(tiny_recipe_path, tmp_path) -> None:
+    """SIGHUP (the terminal closed, ssh dropped) left the stage training and run.json saying ``running``."""
+    pidfile, runs = tmp_path / "pid", tmp_path / "runs"
+    script = ("import sys\nfrom alignpipe.cli import main\nfrom alignpipe.pipeline.runner import Runner\n"
+              "spawn = Runner._spawn\n"
+              "Runner._spawn = lambda self, command, env=None, **options: spawn(\n"
+              f"    self, [sys.executable, '-c', {SLEEPER!r}, {str(pidfile)!r}], env, **options)\n"
+              f"sys.exit(main(['run', {str(tiny_recipe_path)!r}, '--runs-dir', {str(runs)!r}]))\n")
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    stage = _pid_from(pidfile)
+    try:
+        runner.send_signal(signal.SIGHUP)
+        assert runner.wait(timeout=60) == 128 + signal.SIGHUP
+        assert "stopped: terminated (SIGHUP); the running stage was stopped" in runner.stderr.read()
+        assert not _alive(stage)
+        run = json.loads((runs / "tiny" / "run.json").read_text())
+        assert (run["status"], run["stopped_at"]) == ("interrupted", "sft")
+        assert json.loads((runs / "tiny" / "sft" / "manifest.json").read_text())["status"] == "interrupted"
+    finally:
+        runner.kill()
+        if _alive(stage):
+            os.kill(stage, signal.SIGKILL)
 
-    before = signal.getsignal(signal.SIGTERM)
+
+def test_the_previous_handlers_come_back_and_an_ignored_hangup_stays_ignored() -> None:
+    """``nohup alignpipe run ...`` ignores SIGHUP so the run outlives its terminal: it must not stop on one."""
+    from alignpipe.pipeline.watched import STOPPING_SIGNALS, sigterm_raises
+
+    before = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_raises():
+            assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+            assert signal.getsignal(signal.SIGQUIT) is not before[signal.SIGQUIT]
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before[signal.SIGHUP])
     with sigterm_raises():
-        assert signal.getsignal(signal.SIGTERM) is not before
-    assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGHUP) is not before[signal.SIGHUP]
+    assert {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS} == before
+
+
+# a stage worker that takes its time to stop: it notes the SIGTERM in its file and goes on (as one finishing a write)
+STUBBORN = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: open(sys.argv[1], 'a').write(' SIGTERM'))\n"
+            "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+            "time.sleep(120)\n")
+
+
+def test_workers_in_sessions_of_their_own_are_signalled_and_killed_after_the_grace(tmp_path, monkeypatch) -> None:
+    """torch elastic starts each worker in a new session: the launcher's group signal never reached it, and a worker
+    that outlived the grace was left training, orphaned."""
+    import alignpipe.pipeline.watched as watched
+
+    monkeypatch.setattr(watched, "STOP_GRACE_S", 1.0)
+    pidfile = tmp_path / "pid"
+    launcher = (f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {STUBBORN!r}, sys.argv[1]], "
+                "start_new_session=True).wait()")
+
+    def watch() -> None:
+        if pidfile.exists() and pidfile.read_text():
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run_watched([sys.executable, "-c", launcher, str(pidfile)], watch=watch)
+    worker = int(pidfile.read_text().split()[0])
+    try:
+        assert pidfile.read_text() == f"{worker} SIGTERM"  # asked first
+        assert not _running(worker)  # then killed
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_a_second_sigterm_while_the_stage_stops_kills_it_at_once(tmp_path) -> None:
+    """The second signal ended the runner in the middle of the grace and the stage process was never killed."""
+    pidfile = tmp_path / "pid"
+    runner, stage = _runner_of(STUBBORN, pidfile)
+    try:
+        runner.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "SIGTERM" not in pidfile.read_text():  # the runner is in its grace
+            assert time.monotonic() < deadline, "the stage never got the first SIGTERM"
+            time.sleep(0.05)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=20) == 128 + signal.SIGTERM
+        assert not _running(stage)
+    finally:
+        runner.kill()
+        if _running(stage):
+            os.kill(stage, signal.SIGKILL)

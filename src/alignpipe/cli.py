@@ -112,7 +112,7 @@ def _overrides_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alignpipe.pipeline.control import CONTROL_TIMEOUT_S
+    from alignpipe.pipeline.control import CONTROL_TIMEOUT_S, END_GRACE_S, HEARTBEAT_S, SILENCE_S
 
     parser = argparse.ArgumentParser(
         prog="alignpipe",
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted stage from its latest trainer checkpoint instead of starting over "
                           "(one whose global batch another process count would change starts over)")
     run.add_argument("--in-process", action="store_true",
-                     help="run stages inside this process instead of one subprocess per stage (debugging, tests)")
+                     help="run stages inside this process instead of one subprocess per stage (debugging, tests; "
+                          "one process only)")
     topology = run.add_argument_group("topology (each stage runs under accelerate launch)")
     topology.add_argument("--gpus", type=int, metavar="N", help="GPUs per node (default: all visible; none -> CPU)")
     topology.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs are visible")
@@ -152,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "to skip, run or resume and when each is complete (default: --main-port + 1; the same "
                           "on every node)")
     topology.add_argument("--control-timeout", type=float, default=CONTROL_TIMEOUT_S, metavar="S",
-                          help="with --nodes > 1: seconds the nodes wait for each other to start, and node 0 for the "
-                          f"others to read how the run ended (default: {CONTROL_TIMEOUT_S:.0f}; at most a week)")
+                          help="with --nodes > 1: seconds the nodes wait for each other to start (default: "
+                          f"{CONTROL_TIMEOUT_S:.0f}; at most a week). It also caps how long a node that has gone "
+                          f"silent is waited for before it counts as gone ({SILENCE_S:.0f}s, or this if shorter, but "
+                          f"at least {3 * HEARTBEAT_S:.0f}s), and how long node 0 waits at the end for the others to "
+                          f"read how the run ended ({END_GRACE_S:.0f}s, or this if shorter)")
     topology.add_argument("--deepspeed", choices=["zero2", "zero3"], help="DeepSpeed ZeRO stage (GPUs only)")
     topology.add_argument("--dry-run", action="store_true",
                           help="print what the run would do with each stage (skip, run or resume, and why), its "
@@ -360,10 +364,10 @@ def _cmd_run(args) -> int:
     try:
         with sigterm_raises():
             outcomes = runner.run()
-    except Terminated:
-        print("stopped: terminated (SIGTERM); the running stage was stopped and marked interrupted (add --resume to "
-              "continue it)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as error:
+        print(f"stopped: terminated ({signal.Signals(error.signum).name}); the running stage was stopped and marked "
+              "interrupted (add --resume to continue it)", file=sys.stderr)
+        return 128 + error.signum
     except KeyboardInterrupt:
         print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume to "
               "continue it)", file=sys.stderr)

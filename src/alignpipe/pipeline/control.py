@@ -62,7 +62,6 @@ SILENCE_S = 120.0  # how long a follower's counter may stand still before node 0
 RUN, BASE, STATE, ABORT = "run", "base", "state", "abort"
 STARTED, FINISHED = "started", "finished"  # values of STATE
 INTERRUPTED = "interrupted"  # the ``abort`` or ``left/<rank>`` of a node stopped by Ctrl-C
-TERMINATED = "terminated (SIGTERM)"  # ... and of one stopped by SIGTERM (``kill``, a scheduler)
 
 
 class ControlError(RuntimeError):
@@ -110,8 +109,8 @@ def check_control_timeout(seconds: float) -> float:
 
 def why_it_stopped(error: BaseException) -> str:
     """One line for the other nodes: the error's message, or what happened when there is none."""
-    if isinstance(error, Terminated):
-        return TERMINATED
+    if isinstance(error, Terminated):  # SIGTERM (``kill``, a scheduler), SIGHUP (a closed terminal), SIGQUIT
+        return f"terminated ({error})"
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED
     return str(error).strip() or type(error).__name__

@@ -5,7 +5,8 @@ topology -> (accelerate config, command line) mapping is one pure function. The 
 ``recipes/accelerate/`` (recipes never hold the world size). Choices that are not obvious:
 
 * CPU with several processes uses ``ddp-cpu.yaml`` (accelerate's torchrun launcher + ``use_cpu``): ``accelerate
-  launch --cpu --num_processes N`` starts a single process;
+  launch --cpu --num_processes N`` starts a single process; one CPU process gets ``--cpu``, from which accelerate's
+  one-process launcher sets ``ACCELERATE_USE_CPU`` (without it, a visible GPU was used);
 * DeepSpeed configs point at a JSON file; its absolute path is passed as ``--deepspeed_config_file`` so the run does
   not depend on the working directory;
 * multi-node runs need a shared filesystem for ``runs/``; every node runs the same command with its own node rank,
@@ -157,7 +158,28 @@ def stage_command(topology: Topology, script: list[str], *, python: str = "pytho
         command += ["--deepspeed_config_file", str(t.deepspeed_json)]
     if t.device == "cpu":  # accelerate would otherwise pin a single-process CPU run to OMP_NUM_THREADS=1
         command += ["--num_cpu_threads_per_process", str(cpu_threads_per_process(t.processes_per_node))]
+    if t.device == "cpu" and t.world_size == 1:  # its one-process launcher sets ACCELERATE_USE_CPU from this flag
+        command += ["--cpu"]
     return command + script
+
+
+# What a launcher tells its workers (torchrun's rendezvous, MPI's ranks, accelerate's mode flags). Inherited by a
+# stage from whatever started the run (a torchrun or SLURM wrapper, a Kubeflow pod, a shell used for an earlier run),
+# they describe that launch, not the stage's: a one-process stage waited forever in a rendezvous of WORLD_SIZE
+# processes, and a stale ACCELERATE_USE_CPU=true trained a --gpus run on the CPU.
+LAUNCH_VARIABLES = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+LAUNCH_PREFIXES = ("TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "ACCELERATE_USE_",
+                   "ACCELERATE_DEEPSPEED_", "ACCELERATE_SAGEMAKER_")
+
+
+def stage_environment(environ: dict[str, str], device: str) -> dict[str, str]:
+    """The environment a stage's launcher starts from: the caller's, without the variables of the launch that started
+    the run (``LAUNCH_VARIABLES``; ``accelerate launch`` sets its own), and with ``ACCELERATE_USE_CPU`` saying the
+    stage's device, which every rank of a CPU launch must know (``stage.init_distributed``)."""
+    env = {key: value for key, value in environ.items()
+           if key not in LAUNCH_VARIABLES and not key.startswith(LAUNCH_PREFIXES)}
+    return {**env, "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true" if device == "cpu" else "false"}
 
 
 def cpu_threads_per_process(processes: int) -> int:

@@ -49,6 +49,7 @@ from alignpipe.pipeline.launch import (
     format_command,
     resolve_topology,
     stage_command,
+    stage_environment,
     stage_topology,
 )
 from alignpipe.pipeline.run_lock import RunLock, run_in_use, run_lock
@@ -150,6 +151,7 @@ class Runner:
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
         self.control_timeout_s = check_control_timeout(control_timeout_s)
+        check_in_process(in_process, self.topology)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
         check_quantization_under_deepspeed(recipe, self.topology)
         check_full_weight_precision(recipe, self.topology)
@@ -415,6 +417,7 @@ class Runner:
 
         pins = self._pins(stage)
         self._fetch_pinned(stage, pins)  # before the stage directory changes: a failed download leaves it as it was
+        channel.check_followers()  # likewise a follower that has stopped: the run cannot go on
         resume = decision.action == "resume"
         if not resume:
             directory.reset()
@@ -437,9 +440,9 @@ class Runner:
             BATCH_SPLIT: asdict(batch) if batch is not None else None,
         })
         log.info("[%s] running (%s)", stage.name, reason)
-        channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
         started = time.time()
         try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
+            channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
             self._launch(stage.type, directory, resume,
                          watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
         except (KeyboardInterrupt, ControlError):
@@ -473,10 +476,7 @@ class Runner:
             directory.update_manifest(status="failed", end_time=utc_now(), returncode=returncode)
 
     def _stage_env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.topology.device == "cpu":  # every rank of a CPU launch must know it (see stage.init_distributed)
-            env["ACCELERATE_USE_CPU"] = "true"
-        return env
+        return stage_environment(dict(os.environ), self.topology.device)
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None, *,
                watch: Callable[[], None] | None = None, stage: str | None = None) -> int:
@@ -657,7 +657,7 @@ class Runner:
                 channel.outcome(stage.name)
             else:
                 resume = decision["action"] == "resume"
-                pins = StageDir(self.run_dir / stage.name).read_config().get("pins") or {}
+                pins = node_zeros_config(StageDir(self.run_dir / stage.name)).get("pins") or {}
                 self._fetch_pinned(stage, pins)
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
@@ -750,6 +750,18 @@ def _recorded_before_content_keys(manifest: dict, config_hash: str, input_hashes
     return bool(new) and new <= set(CONTENT_KEYS) and all(input_hashes.get(k) == v for k, v in recorded.items())
 
 
+def node_zeros_config(directory: StageDir) -> dict:
+    """A stage's config as node 0 wrote it, read by a follower before it launches its part; a ControlError when it
+    is not there, which means this node's runs directory is not node 0's (the stage's processes would fail on it)."""
+    try:
+        return directory.read_config()
+    except FileNotFoundError as error:
+        raise ControlError(f"this node does not see node 0's runs directory at {directory.root.parent.parent}: node 0 "
+                           f"wrote {directory.config.relative_to(directory.root.parent.parent)} before telling this "
+                           "node to run it, and it is not there (--runs-dir must name the same shared folder on every "
+                           "node)") from error
+
+
 def _record_loaded(stage, pins: dict[str, str]) -> None:
     """Once ``stage`` completed on its pinned hub dataset, record the revision's commit in this machine's Hugging Face
     cache, so a later offline run resolves it to rows this machine has (:func:`~alignpipe.data.hub_datasets.
@@ -789,7 +801,21 @@ def default_topology() -> Topology:
     """One process on this machine: a GPU if there is one, else the CPU."""
     import torch
 
-    return resolve_topology(LaunchOptions(), visible_gpus=torch.cuda.device_count())
+    visible = torch.cuda.device_count()
+    return resolve_topology(LaunchOptions(gpus=1 if visible else None), visible_gpus=visible)
+
+
+def check_in_process(in_process: bool, topology: Topology) -> None:
+    """Refuse ``--in-process`` with more than one process: it runs each stage in this one process, so the batch split
+    planned, logged and recorded for the topology's processes would not be the one trained."""
+    if in_process and topology.world_size > 1:
+        per_node = topology.processes_per_node
+        asked = [f"--processes {per_node}" if topology.device == "cpu" else
+                 f"{per_node} GPUs per node (--gpus, default: every visible one)"] + (
+            [f"--nodes {topology.nodes}"] if topology.nodes > 1 else [])
+        raise ValueError(f"--in-process runs every stage inside this one process, but this launch has "
+                         f"{topology.world_size} processes ({', '.join(asked)}); drop --in-process, or launch one "
+                         "process (--processes 1 on the CPU, --gpus 1 on GPUs, one node)")
 
 
 def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> None:

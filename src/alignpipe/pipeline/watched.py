@@ -11,31 +11,48 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 WATCH_S = 1.0  # how often ``watch`` is called while the process runs (a store round trip: well under a millisecond)
-STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher gets to stop its workers before it is killed
+STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher and its workers get to stop before they are killed
+KILLED_S = 5.0  # how long stop() waits for SIGKILL'ed workers to be gone
+POLL_S = 0.1  # how often stop() looks whether the workers are gone
+
+
+# Signals whose default ends the runner at once, running no ``except`` or ``finally``: a scheduler's or ``kill``'s
+# SIGTERM, SIGHUP from a closed terminal or a dropped ssh session, SIGQUIT (Ctrl-\). The stage process runs in its own
+# session, so it gets none of them: the runner must stop it.
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill <pid>``, a scheduler stopping the job), raised like Ctrl-C so the same clean-up runs: Python's
-    default exits at once, running no ``except`` or ``finally``, which orphaned the stage process (it kept training,
-    holding its GPUs and port) and told no other node."""
+    """One of ``STOPPING_SIGNALS``, raised like Ctrl-C so the same clean-up runs: Python's default exits at once,
+    which orphaned the stage process (it kept training, holding its GPUs and port), told no other node and left the
+    run's records saying ``running``."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (the only one that can set it)."""
+    """Within the block, each of ``STOPPING_SIGNALS`` raises :class:`Terminated` in the main thread (the only one that
+    can set it). One that is ignored stays ignored: ``nohup`` ignores SIGHUP so that the run outlives its terminal."""
     def raise_terminated(signum, frame):
-        raise Terminated()
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signum: signal.signal(signum, raise_terminated) for signum in STOPPING_SIGNALS
+                if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_watched(command: list[str], env: dict[str, str] | None = None, *,
@@ -62,16 +79,68 @@ def run_watched(command: list[str], env: dict[str, str] | None = None, *,
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process's whole group (the launcher and its workers), then SIGKILL to whatever of it is left
-    after a grace: stopped means no stage process is left to write into the run."""
+    """SIGTERM to the process's group and to each of its descendants (the launcher and its workers), then SIGKILL to
+    whatever of them is left after a grace: stopped means no stage process is left to write into the run.
+
+    The descendants are found through ``/proc`` before any signal: torch elastic (``accelerate launch`` with several
+    processes) starts each worker in a session of its own, which the launcher's group signal never reaches, and once
+    the launcher has ended its workers are no longer its children. A second Ctrl-C or SIGTERM during the grace kills
+    them at once instead of leaving them behind."""
     group = process.pid  # start_new_session: the process leads its own group
-    _signal_group(group, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=STOP_GRACE_S)  # a launcher that passes SIGTERM on returns once its workers have
-    _signal_group(group, signal.SIGKILL)  # one that did not (or ran out of time) left workers behind
-    process.wait()
+    tree = _descendants(group)
+    try:
+        _signal_group(group, signal.SIGTERM)
+        _signal_each(tree, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=STOP_GRACE_S)  # a launcher that passes SIGTERM on returns once its workers have
+        while _running(tree) and time.monotonic() < deadline:  # workers that outlive their launcher get its grace
+            time.sleep(POLL_S)
+    finally:
+        _signal_group(group, signal.SIGKILL)  # a launcher that did not pass it on (or ran out of time) left workers
+        _signal_each(tree, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + KILLED_S
+        while _running(tree) and time.monotonic() < deadline:  # not our children: they cannot be waited for
+            time.sleep(POLL_S)
 
 
 def _signal_group(group: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # none of the group is left
         os.killpg(group, signum)
+
+
+def _signal_each(processes: dict[int, str], signum: int) -> None:
+    """Signal each of ``processes`` (pid -> start time) that is still the process it was (a pid can be reused)."""
+    for pid in _running(processes):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...); None when there is no such
+    process (or no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` (pid -> start time), by their parent links in ``/proc``."""
+    parents = {}
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else ():
+        if (fields := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = (int(fields[1]), fields[19])  # ppid; field 22 of proc(5), the start time
+    found: dict[int, str] = {}
+    below = {root}
+    while below:
+        below = {pid for pid, (parent, _) in parents.items() if parent in below and pid not in found}
+        found.update({pid: parents[pid][1] for pid in below})
+    return found
+
+
+def _running(processes: dict[int, str]) -> list[int]:
+    """Those of ``processes`` still alive and not zombies (a zombie no longer runs; an orphan's may linger)."""
+    return [pid for pid, started in processes.items()
+            if (fields := _stat(pid)) is not None and fields[19] == started and fields[0] != "Z"]

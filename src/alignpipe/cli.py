@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--plots", action="store_true",
                        help="also write gold_vs_kl.png (reward vs sqrt KL to the reference, with the Pareto "
                        "frontier) and win_rate_vs_length.png into --out")
-    evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite, or on synthetic prompts set by its options",
+    evaluate = commands.add_parser("eval", help="evaluate checkpoints on a suite, or on synthetic prompts set by its "
+                                   "options",
                                    description="Evaluate checkpoints (run directories, local paths or hub ids) with "
                                    "the shared harness.", epilog=EPILOG_EVAL,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -328,3 +328,31 @@ def test_policy_entropy_estimates_a_known_entropy():
     draws = rng.choice(4, size=4000, p=p)
     entropy = policy_entropy(np.log(p[draws]), resamples=1000, seed=0)
     assert entropy.ci95[0] <= exact <= entropy.ci95[1]
+
+
+# ----------------------------------------------------------------------------------------------- pinned edge cases
+
+
+def test_a_groups_list_of_another_length_is_refused():
+    with pytest.raises(ValueError, match="groups has 2 entries for 3 items"):
+        bootstrap_ci([1.0, 2.0, 3.0], groups=["a", "a"])
+
+
+def test_length_median_ci_is_a_ci_of_the_median_not_of_the_mean():
+    # Median of [10]*9 + [1000] is 10. A resample's median leaves 10 only if >= 5 of its 10 draws are 1000:
+    # P(Bin(10, 0.1) >= 5) ~= 0.0016 < 2.5%, so both CI ends are 10 (a mean CI would reach ~307).
+    stats = length_stats([10] * 9 + [1000], [False] * 10)
+    assert stats["len_tokens_median"].value == 10.0
+    assert stats["len_tokens_median"].ci95 == (10.0, 10.0)
+
+
+def test_two_groups_of_two_are_resampled_whole():
+    from alignpipe.evaluation.metrics import group_resamples
+
+    groups = ["a", "a", "b", "b"]
+    rows = group_resamples(groups, resamples=3, seed=0)
+    assert rows is not None  # groups of 2 are groups: no fallback to the i.i.d. bootstrap
+    # seed 0 draws groups b,b / b,a / a,a
+    assert [row.tolist() for row in rows] == [[2, 3, 2, 3], [2, 3, 0, 1], [0, 1, 0, 1]]
+    for row in rows:
+        assert all(row[i] // 2 == row[i + 1] // 2 and row[i] % 2 == 0 for i in range(0, 4, 2))  # whole groups

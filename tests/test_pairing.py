@@ -259,3 +259,36 @@ def test_plain_text_leaves_strings_and_single_messages_as_their_text() -> None:
     assert plain_text([{"role": "assistant", "content": "1 3"}]) == "1 3"
     row = to_trl_rows([PreferencePair("\n\nHuman: q\n\nAssistant:", "a", "b", 1.0)])[0]  # HH: one raw message
     assert plain_text(row["prompt"]) == "\n\nHuman: q\n\nAssistant:"
+
+
+def test_rank_pairs_breaks_score_ties_by_index():
+    assert rank_pairs([0.9, 0.9, 0.1], "best_worst") == [(0, 2)]  # first of the tied best
+    assert rank_pairs([0.5, 0.9, 0.9, 0.1], "anchor") == [(1, 3), (2, 0)]  # order 1, 2, 0, 3
+
+
+def test_plain_text_ending_on_an_assistant_turn_gets_no_assistant_prompt():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert plain_text(turns) == "\n\nHuman: hi\n\nAssistant: hello"
+
+
+def test_identical_texts_are_counted_as_identical_before_ties():
+    pairs, report = build_pairs([ScoredSet("q", ("a", "a"), (0.5, 0.5))], method="best_worst", strength="hard")
+    assert pairs == []
+    assert report.pairs_dropped_identical == 1 and report.pairs_dropped_ties == 0
+
+
+def test_gaps_exactly_at_the_thresholds_are_kept():
+    # score gap 1.0 − 0.5 = 0.5 == min_score_gap: kept
+    pairs, report = build_pairs([ScoredSet("q", ("a", "b"), (1.0, 0.5))], method="best_worst", strength="hard",
+                                min_score_gap=0.5)
+    assert len(pairs) == 1 and report.pairs_dropped_ties == 0
+    # strength exactly min_gap away from 0.5: kept
+    p = strength_from_probabilities(0.75, 0.5)
+    pairs, report = build_pairs([ScoredSet("q", ("a", "b"), (0.75, 0.5))], method="best_worst",
+                                strength="probability", min_gap=abs(p - 0.5))
+    assert len(pairs) == 1 and report.pairs_dropped_ties == 0
+
+
+def test_min_gap_of_one_half_is_refused():
+    with pytest.raises(ValueError, match=r"min_gap must be in \[0, 0\.5\)"):
+        build_pairs([], method="anchor", strength="probability", min_gap=0.5)

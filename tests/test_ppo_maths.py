@@ -20,10 +20,12 @@ from alignpipe.losses.ppo import (
     gae,
     kl_penalty_rewards,
     masked_mean,
+    masked_moments,
     masked_var,
     masked_whiten,
     squared_log_ratio_loss,
     token_rewards,
+    whiten_from_moments,
 )
 
 torch.set_num_threads(1)
@@ -66,6 +68,20 @@ def test_masked_var_and_whiten():
     close(masked_whiten(t(5.0, 5.0, 5.0), t(1, 1, 1)), [0.0, 0.0, 0.0])  # constant batch: finite, 0
     with pytest.raises(ValueError, match="at least 2"):
         masked_var(t(1.0, 2.0), t(1, 0))
+
+
+def test_whiten_from_moments_hand_values_with_and_without_the_mean():
+    x = t([1.0, 2.0, 3.0], [4.0, 100.0, 6.0])
+    mask = t([1, 1, 1], [1, 0, 1])
+    # unmasked 1, 2, 3, 4, 6: mean 3.2, Σ dev² = 14.8, unbiased var 14.8 / 4 = 3.7, sd 1.92354
+    expected = [[-1.14373, -0.62385, -0.10398], [0.41590, 0.0, 1.45565]]  # (x − 3.2) / 1.92354; masked -> 0
+    w = whiten_from_moments(x, mask, masked_moments(x, mask))
+    close(w, expected, atol=1e-5)
+    close(w, masked_whiten(x, mask), atol=1e-12)
+    # shift_mean=False adds the mean back: (x − 3.2) / 1.92354 + 3.2; the masked position stays 0
+    w = whiten_from_moments(x, mask, masked_moments(x, mask), shift_mean=False)
+    close(w, [[2.05627, 2.57615, 3.09602], [3.61590, 0.0, 4.65565]], atol=1e-5)
+    close(w, masked_whiten(x, mask, shift_mean=False), atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -191,6 +207,7 @@ def test_policy_loss_at_ratio_one_is_minus_mean_advantage_and_ignores_padding():
     loss, stats = clipped_policy_loss(logp, logp.clone(), t([1.0, 3.0, 100.0]), t([1, 1, 0]), clip_eps=0.2)
     close(loss, -2.0)
     assert stats["approx_kl"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
+    assert stats["clip_fraction"].item() == 0.0  # clipped == unclipped at ratio 1: not counted as clipped
     with pytest.raises(ValueError, match="clip_eps"):
         clipped_policy_loss(logp, logp, logp, t([1, 1, 1]), clip_eps=0.0)
 
@@ -325,3 +342,11 @@ def test_sequence_scores_penalise_normalise_then_clip():
     scaled = sequence_scores(reward, truncated, clip=10.0, missing_eos_penalty=1.0, normalise=normalise)
     assert seen[0].tolist() == [12.0, -0.5, -10.5]  # normalised before clipping: it sees the unclipped scores
     assert scaled.tolist() == [10.0, -2.0, -10.0]  # and whatever it returns is bounded by the clip
+
+
+def test_value_loss_at_unchanged_values_clips_nothing():
+    # V = V_old = [1, 2], G = [0, 0]: both branches equal -> clip_fraction 0; loss 0.5·(1² + 2²)/2 = 1.25
+    values = t(1.0, 2.0)
+    loss, stats = clipped_value_loss(values, values.clone(), t(0.0, 0.0), t(1, 1), 0.2)
+    close(loss, 1.25)
+    assert stats["clip_fraction"].item() == 0.0

@@ -389,3 +389,15 @@ def test_lora_dropout_is_off_in_dpo_training_as_documented(tiny, tmp_path):
     rates = {m.p for name, m in trainer.model.named_modules() if "lora_dropout" in name
              and isinstance(m, torch.nn.Dropout)}
     assert trainer.args.disable_dropout and rates == {0.0}
+
+
+def test_soft_preference_loss_refuses_beta_zero():
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        soft_preference_loss(torch.tensor([1.0]), 1.0, beta=0.0)
+
+
+def test_ids_rate_one_replaces_labels_with_model_probabilities():
+    from alignpipe.losses.preference import ids_label_update
+
+    # rate 1 (allowed edge): 0 * 1.0 + 1 * 0.6 = 0.6
+    assert ids_label_update(torch.tensor([1.0]), torch.tensor([0.6]), 1.0).item() == pytest.approx(0.6)

@@ -405,3 +405,9 @@ def test_penalty_errors():
             EnsembleRewards.from_members(bad)
     with pytest.raises(ValueError, match="shape"):
         EnsembleRewards(per_member=torch.ones(2, 3), mean=torch.ones(3), std=torch.ones(2))
+
+
+def test_margin_that_would_grow_the_rewards_shape_is_refused():
+    # a (2, 1) margin broadcasts with (2,) rewards to (2, 2): not the rewards' shape
+    with pytest.raises(ValueError, match="does not broadcast"):
+        bradley_terry_loss(t(1.0, 0.0), t(0.0, 0.0), margin=torch.tensor([[0.0], [0.0]], dtype=torch.float64))

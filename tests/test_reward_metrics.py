@@ -423,3 +423,17 @@ def test_spearman_rejects_degenerate_inputs():
         spearman([1.0], [2.0])
     with pytest.raises(ValueError):
         spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
+
+
+def test_spearman_skips_constant_resamples_instead_of_counting_them_as_zero():
+    # A resample of 3 items is constant when all 3 draws hit one item: 3 of 27 outcomes, ~111 of 1000 (117 at seed 0).
+    # Skipped, the remaining resamples all give rho = 1; counted as rho = 0 they would drag the CI's lower end down.
+    s = spearman([1, 2, 3], [1, 2, 3], resamples=1000, seed=0)
+    assert s.value == 1.0
+    assert s.ci95 == (1.0, 1.0)
+    assert s.extra["n_skipped_resamples"] == 117
+
+
+def test_uncertainty_auroc_refuses_error_flags_other_than_0_and_1():
+    with pytest.raises(ValueError, match="boolean or 0/1"):
+        uncertainty_auroc([0.1, 0.2, 0.3], [0, 2, 1], resamples=R)

@@ -440,3 +440,20 @@ def test_online_stages_after_real_data_stages_are_errors(load_recipe_dict):
             load_recipe_dict({**TINY_RECIPE, "stages": [sft, *stages]})
     synthetic = [TINY_RECIPE["stages"][1], {"name": "s", "type": "spin", "inputs": ["dpo"]}]
     assert load_recipe_dict({**TINY_RECIPE, "stages": [sft, *synthetic]}).stage("s").type == "spin"
+
+
+@pytest.mark.parametrize("bad", [1.2, float("nan")])
+def test_sppo_rejects_rejected_win_rates_outside_unit_interval(bad):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        sppo_loss(T([0.0]), T([0.0]), T([0.5]), T([bad]), eta=1.0)
+
+
+def test_sppo_refuses_eta_zero():
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        sppo_loss(T([0.0]), T([0.0]), T([0.5]), T([0.5]), eta=0.0)
+
+
+def test_sppo_accepts_win_rates_at_the_edges_of_unit_interval():
+    # η = 1, ρ_w = 1, P̂_w = 1, ρ_l = 0, P̂_l = 0 -> 0.5·[(1 − 0.5)² + (0 + 0.5)²] = 0.25
+    loss = sppo_loss(T([1.0]), T([0.0]), T([1.0]), T([0.0]), eta=1.0)
+    assert loss.item() == pytest.approx(0.25, abs=1e-12)

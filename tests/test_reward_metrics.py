@@ -239,6 +239,10 @@ def test_nll_constant_half_is_ln2_and_saturation_is_finite():
     assert negative_log_likelihood([0.5] * 4, [1, 0, 1, 1], resamples=R).value == pytest.approx(math.log(2))
     m = negative_log_likelihood([0.0, 1.0], [1, 0], eps=1e-12, resamples=R)
     assert m.value == pytest.approx(-math.log(1e-12), rel=1e-9)
+    # just short of saturation: 1 - p = 1e-13 is floored at eps = 1e-12, so the loss is -ln(1e-12) = 27.631021
+    # (adding eps to 1 - p instead would give -ln(1.1e-12) = 27.536)
+    near = negative_log_likelihood([1.0 - 1e-13], [0], eps=1e-12, resamples=R)
+    assert near.value == pytest.approx(27.631021115928547, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------- AUROC

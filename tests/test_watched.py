@@ -80,6 +80,13 @@ def test_the_exit_status_of_a_process_left_alone() -> None:
     assert run_watched([sys.executable, "-c", "raise SystemExit(3)"], watch=lambda: None) == 3
 
 
+def _stopping_signals_at_default() -> None:
+    """A runner subprocess's signals as an interactive shell leaves them: the suite itself may run under nohup or as
+    a background job (SIGHUP, SIGQUIT ignored), and an ignored signal stays ignored by design."""
+    for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _runner_of(stage: str, pidfile: Path) -> tuple[subprocess.Popen, int]:
     """A runner in a process of its own (``run_watched`` of the Python code ``stage`` under ``sigterm_raises``) that
     exits with 128 + the signal that stopped it, and its stage process's pid once that has started."""
@@ -87,7 +94,7 @@ def _runner_of(stage: str, pidfile: Path) -> tuple[subprocess.Popen, int]:
               "try:\n    with sigterm_raises():\n"
               f"        run_watched([sys.executable, '-c', {stage!r}, {str(pidfile)!r}])\n"
               "except Terminated as error:\n    sys.exit(128 + getattr(error, 'signum', signal.SIGTERM))\n")
-    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, preexec_fn=_stopping_signals_at_default)
     return runner, _pid_from(pidfile)
 
 
@@ -115,7 +122,8 @@ def test_a_hangup_stops_the_run_and_its_records_say_interrupted(tiny_recipe_path
               "Runner._spawn = lambda self, command, env=None, **options: spawn(\n"
               f"    self, [sys.executable, '-c', {SLEEPER!r}, {str(pidfile)!r}], env, **options)\n"
               f"sys.exit(main(['run', {str(tiny_recipe_path)!r}, '--runs-dir', {str(runs)!r}]))\n")
-    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_stopping_signals_at_default)
     stage = _pid_from(pidfile)
     try:
         runner.send_signal(signal.SIGHUP)
@@ -135,19 +143,24 @@ def test_the_previous_handlers_come_back_and_an_ignored_hangup_stays_ignored() -
     """``nohup alignpipe run ...`` ignores SIGHUP so the run outlives its terminal: it must not stop on one."""
     from alignpipe.pipeline.watched import STOPPING_SIGNALS, sigterm_raises
 
-    before = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    outer = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}  # the suite may run under nohup
     try:
+        for signum in STOPPING_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        before = {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS}
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         with sigterm_raises():
             assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
             assert signal.getsignal(signal.SIGQUIT) is not before[signal.SIGQUIT]
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with sigterm_raises():
+            assert signal.getsignal(signal.SIGHUP) is not before[signal.SIGHUP]
+        assert {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS} == before
     finally:
-        signal.signal(signal.SIGHUP, before[signal.SIGHUP])
-    with sigterm_raises():
-        assert signal.getsignal(signal.SIGHUP) is not before[signal.SIGHUP]
-    assert {signum: signal.getsignal(signum) for signum in STOPPING_SIGNALS} == before
+        for signum, handler in outer.items():
+            signal.signal(signum, handler)
 
 
 # a stage worker that takes its time to stop: it notes the SIGTERM in its file and goes on (as one finishing a write)

@@ -75,6 +75,10 @@ def as_strings(p, r): return [str(len(x)) for x in r]
 def as_nested(p, r): return [[1.0, 2.0] for _ in r]
 def as_column(p, r): return torch.ones(len(r), 1)
 def as_generator(p, r): return (1.0 for _ in r)
+def as_zero_dim_tensors(p, r): return [torch.tensor(float(len(x))) for x in r]
+def as_numpy_scalars(p, r): return [np.int64(len(x)) for x in r]
+def as_numpy_bools(p, r): return [np.bool_(len(x) > 2) for x in r]
+def as_bools(p, r): return [len(x) > 2 for x in r]
 """
 
 
@@ -85,11 +89,18 @@ def reward_module(tmp_path, monkeypatch):
     return "rewards_under_test"
 
 
-@pytest.mark.parametrize("function", ["as_list", "as_tensor", "as_array"])
+@pytest.mark.parametrize("function", ["as_list", "as_tensor", "as_array", "as_zero_dim_tensors", "as_numpy_scalars"])
 def test_a_reward_callable_returns_a_list_tensor_or_array_of_numbers(reward_module, function) -> None:
     from alignpipe.rewards.plugin import CallableRewardSource
 
     assert CallableRewardSource(f"{reward_module}:{function}")(["p", "p"], ["ab", "abc"]).reward.tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("function", ["as_bools", "as_numpy_bools"])
+def test_python_and_numpy_bools_are_read_alike_as_zero_and_one(reward_module, function) -> None:
+    from alignpipe.rewards.plugin import CallableRewardSource
+
+    assert CallableRewardSource(f"{reward_module}:{function}")(["p", "p"], ["ab", "abc"]).reward.tolist() == [0.0, 1.0]
 
 
 @pytest.mark.parametrize(("function", "named"), [

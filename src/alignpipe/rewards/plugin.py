@@ -143,6 +143,8 @@ def reward_values(returned: Any, count: int, source: str) -> list[float]:
         returned = returned.tolist()
     elif isinstance(returned, (str, bytes)) or not isinstance(returned, Sequence):
         raise ValueError(f"{source} returned a {type(returned).__name__}; {expected}")
+    # 0-d tensors and numpy scalars (a numpy bool included) count as the numbers they hold
+    returned = [v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v for v in returned]
     wrong = next(((i, v) for i, v in enumerate(returned) if not isinstance(v, numbers.Real)), None)
     if wrong is not None:
         raise ValueError(f"{source} returned a {type(wrong[1]).__name__} ({wrong[1]!r:.40}) at position {wrong[0]}; "
@@ -182,19 +184,24 @@ def load_callable(target: str) -> Callable:
 
 
 def callable_source_hash(target: str) -> str | None:
-    """sha256 of the file that defines a reward callable (its module's file for an object without one), so that
-    editing the function re-runs the stages that optimise it: the recipe names it only by ``'module:function'``.
-    None when it has no source file (compiled code)."""
+    """sha256 of the files that define a reward callable: the module the recipe names and the file of the function
+    under any decorators, so that editing the function re-runs the stages that optimise it (the recipe names it only
+    by ``'module:function'``). ``inspect.getsourcefile`` alone follows a decorator's wrapper (``@torch.no_grad()``)
+    to the decorator's file. None when neither has a source file (compiled code)."""
     function = load_callable(target)
     try:
-        path = inspect.getsourcefile(function)
+        defining = inspect.getsourcefile(inspect.unwrap(function))
     except TypeError:  # a builtin, or an object that is not a function
-        path = None
-    path = path or getattr(sys.modules.get(target.partition(":")[0]), "__file__", None)
-    if not path or not os.path.isfile(path):
+        defining = None
+    named = getattr(sys.modules.get(target.partition(":")[0]), "__file__", None)
+    paths = sorted({os.path.abspath(p) for p in (named, defining) if p and os.path.isfile(p)})
+    if not paths:
         return None
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
 
 
 def importable_working_directory() -> None:

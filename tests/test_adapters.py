@@ -203,6 +203,21 @@ def test_a_csv_file_reads_every_cell_as_the_text_it_holds(tmp_path):
         preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
 
 
+def test_a_csv_row_with_another_field_count_than_the_header_is_refused_naming_its_line(tmp_path):
+    """With one extra field in every row pandas made the first column the index and shifted the others left: prompts
+    became the chosen text, silently. A blank header cell (a spreadsheet's trailing comma) still loads."""
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    path = tmp_path / "pairs.csv"
+    spec = PreferenceDataSpec(source="trl", path=str(path))
+    path.write_text('prompt,chosen,rejected\n"two\nlines",b,c\nd,e,f,EXTRA\n')
+    with pytest.raises(DataError, match=r"pairs.csv line 4 has 4 fields and the header 3"):
+        preference_pairs_for(spec, DataSpec(), 0)
+    path.write_text("prompt,chosen,rejected,\nq,a,b,\n")
+    assert preference_pairs_for(spec, DataSpec(), 0).to_list() == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+
+
 # ------------------------------------------------------------------------------------------------ UltraFeedback
 
 

@@ -186,10 +186,18 @@ def _csv_as_text(path: Path, *, what: str, expected: str) -> dict[str, Any]:
     if stream is None:  # .zst: only the datasets library reads it; it guesses types as before
         return {}
     with io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as text:
-        header = next(csv.reader(text), [])
-    if not header:
-        raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
-                        f"columns, with {expected}")
+        records = csv.reader(text)
+        header = next(records, [])
+        if not header:
+            raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
+                            f"columns, with {expected}")
+        # pandas would take a first extra field as the row's index and shift every column left, silently
+        for record in records:
+            if record and len(record) != len(header):
+                raise DataError(f"{what}: {path} line {records.line_num} has {len(record)} fields and the header "
+                                f"{len(header)} ({header}); quote fields that hold commas, and give every row one "
+                                "field per column")
+    header = [name or f"Unnamed: {i}" for i, name in enumerate(header)]  # pandas' name for a blank header cell
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataError(f"{what}: {path}'s header names column {repeated[0]!r} more than once ({header}); give each "

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, TINY_RECIPE, write_recipe
 
 from alignpipe.cli import main
+from alignpipe.recipe import load_recipe
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -41,7 +42,12 @@ def test_validate_rejects_a_bad_override_naming_file_and_key(tiny_recipe_path, c
 
 def test_overrides_may_follow_options(tiny_recipe_path, capsys):
     assert main(["validate", str(tiny_recipe_path), "--print", "stages.dpo.beta=0.25"]) == 0
-    assert "beta: 0.25" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "beta: 0.25" in printed.out and "valid recipe" in printed.err
+    # the printed recipe is one, and loads as the same recipe (the verdict went to stderr)
+    resolved = tiny_recipe_path.parent / "resolved.yaml"
+    resolved.write_text(printed.out)
+    assert load_recipe(resolved) == load_recipe(tiny_recipe_path, ["stages.dpo.beta=0.25"])
 
 
 def test_run_end_to_end_through_stage_processes(tmp_path):

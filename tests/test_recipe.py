@@ -88,15 +88,29 @@ def test_good_recipe_applies_defaults_and_round_trips(tmp_path: Path) -> None:
     assert load_recipe(resolved) == recipe
 
 
-def test_a_trl_reward_stage_trains_one_member_unless_told_otherwise() -> None:
+def test_a_trl_reward_stage_without_members_1_is_told_to_set_it() -> None:
     """`implementation: trl` alone was refused with "members: leave it at its default", and the default (5) was
-    what failed; an explicit other count is still refused."""
+    what failed. It is not defaulted to 1 instead: a resolved recipe (--print, a run's recipe.yaml) would write
+    members: 1, and switching it back to the ensemble would then train one member."""
     from alignpipe.recipe import RewardStage
 
-    assert RewardStage(name="rm", implementation="trl").members == 1
-    assert RewardStage(name="rm").members == 5
-    with pytest.raises(ValueError, match=r"members: is an option of implementation 'ensemble'"):
-        RewardStage(name="rm", implementation="trl", members=3)
+    assert RewardStage(name="rm", implementation="trl", members=1).members == 1
+    for members in ({}, {"members": 3}):
+        with pytest.raises(ValueError, match=r"members: is \d \(the ensemble's default is 5\); TRL's RewardTrainer "
+                                             r"trains one model: set members: 1"):
+            RewardStage(name="rm", implementation="trl", **members)
+
+
+def test_long_prompts_drop_is_refused_where_trl_would_not_drop_anything() -> None:
+    """On the synthetic task there is no file to drop rows from; an sft stage without assistant-only loss trains such
+    conversations on their prompt alone, so "drop" would have claimed what it did not do."""
+    data = {"source": "trl", "path": "rows.jsonl"}
+    assert SFTStage(name="sft", long_prompts="drop", dataset=data).long_prompts == "drop"
+    with pytest.raises(ValueError, match=r"long_prompts: drop applies to a dataset file"):
+        DPOStage(name="dpo", inputs=["sft"], long_prompts="drop")
+    with pytest.raises(ValueError, match=r"long_prompts: drop: without assistant_only_loss TRL's SFTTrainer keeps"):
+        SFTStage(name="sft", long_prompts="drop", dataset=data, assistant_only_loss=False)
+    assert SFTStage(name="sft", long_prompts="refuse").long_prompts == "refuse"  # what a resolved recipe writes
 
 
 def test_stage_lookup_suggests_a_name() -> None:

@@ -183,7 +183,8 @@ def test_single_reward_model_through_trl_with_full_fine_tuning(tmp_path):
 def test_trl_implementation_rejects_ensemble_options(tmp_path):
     single = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 5}
     path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], single]})
-    with pytest.raises(RecipeError, match=r"stages\.rm\.members: is an option of implementation 'ensemble'"):
+    with pytest.raises(RecipeError, match=r"stages\.rm\.members: is 5 \(the ensemble's default is 5\); "
+                                          r"TRL's RewardTrainer trains one model: set members: 1"):
         load_recipe(path)
 
 

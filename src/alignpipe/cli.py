@@ -306,7 +306,8 @@ def _cmd_validate(args) -> int:
     if args.print:
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     stages = " -> ".join(f"{s.name}({s.type})" for s in recipe.stages)
-    print(f"{args.recipe}: valid recipe '{recipe.name}': {stages}")
+    # beside --print's YAML the verdict goes to stderr, so `validate --print > resolved.yaml` writes a recipe
+    print(f"{args.recipe}: valid recipe '{recipe.name}': {stages}", file=sys.stderr if args.print else sys.stdout)
     return 0
 
 

@@ -453,6 +453,21 @@ class _TrainingStage(_TrainerStage):
 LONG_PROMPTS_FIELD = "long_prompts"  # left out of the stage hash: it decides whether a run starts, not what it trains
 
 
+def _long_prompts_problems(stage: SFTStage | DPOStage) -> list[tuple[tuple[str | int, ...], str]]:
+    """``long_prompts: drop`` where it means nothing, or where TRL would not drop the rows it names (checked on the
+    value, not on whether it was written: a resolved recipe, ``--print``'s or a run's, writes every field)."""
+    if stage.long_prompts != "drop":
+        return []
+    if stage.dataset.source == "synthetic":
+        return [(("long_prompts",), "drop applies to a dataset file; the synthetic task's prompts are a few tokens "
+                 "long (leave it out)")]
+    if not getattr(stage, "assistant_only_loss", True):
+        return [(("long_prompts",), "drop: without assistant_only_loss TRL's SFTTrainer keeps such conversations and "
+                 "trains them on their prompt alone; set assistant_only_loss: true (TRL then drops them) or raise "
+                 "max_length")]
+    return []
+
+
 def _long_prompts_field() -> Any:
     return Field("refuse", description="Rows of a dataset file whose prompt, with the chat template, fills max_length "
                  "have no reply left to train on, and TRL drops them. refuse = the preflight stops the run and names "
@@ -523,6 +538,12 @@ class SFTStage(_TrainingStage):
             raise ValueError(f"an sft stage starts from at most 1 model ([] = the recipe's model), got {inputs}")
         return inputs
 
+    @model_validator(mode="after")
+    def _long_prompts_apply(self) -> SFTStage:
+        if problems := _long_prompts_problems(self):
+            raise _problem(*problems)
+        return self
+
 
 class DPOStage(_TrainingStage):
     """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer).
@@ -570,6 +591,8 @@ class DPOStage(_TrainingStage):
             msg = (f"needs one weight per loss_type entry: {len(self.loss_weights)} weights for "
                    f"{len(self.loss_type)} loss types {self.loss_type}")
             raise _problem((("loss_weights",), msg))
+        if problems := _long_prompts_problems(self):
+            raise _problem(*problems)
         return self
 
     def soft_strength_problems(self) -> list[tuple[tuple[str, ...], str]]:
@@ -610,8 +633,8 @@ class RewardStage(_CheckpointedStage):
         "ensemble", description="ensemble = our K-member LoRA trainer; trl = one model through TRL's RewardTrainer "
         "(members must be 1; `lora: null` gives full fine-tuning).",
     )
-    members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5); 1 under "
-                         "implementation: trl, which trains one model.")
+    members: int = Field(5, ge=1, description="Ensemble size K (UP-RLHF and Coste et al. use 5); implementation: "
+                         "trl trains one model and needs members: 1.")
     lora: LoraSpec | None = Field(
         default_factory=lambda: LoraSpec(r=8, alpha=16, dropout=0.0),
         description="Each member's LoRA adapter (tiny-model setting: r=8); null = full fine-tuning (trl only).",
@@ -674,21 +697,16 @@ class RewardStage(_CheckpointedStage):
                  "strengths would be dropped; use implementation: ensemble (soft Bradley-Terry targets) or set "
                  "dataset.soft_labels: false")]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _one_member_under_trl(cls, data: Any) -> Any:
-        """TRL's RewardTrainer trains one model, so ``members`` defaults to 1 there (5 is the ensemble's default)."""
-        if isinstance(data, dict) and data.get("implementation") == "trl" and "members" not in data:
-            return {**data, "members": 1}
-        return data
-
     @model_validator(mode="after")
     def _implementation_options(self) -> RewardStage:
         if self.implementation == "trl":
-            ensemble_only = {"members": self.members != 1, "diversity_weight": self.diversity_weight != 0,
+            ensemble_only = {"diversity_weight": self.diversity_weight != 0,
                              "bootstrap": self.bootstrap, "ids_rate": self.ids_rate != 0,
                              "top_layers": self.top_layers is not None, "objective": self.objective != "members",
                              "pooling": self.pooling != "last"}
+            if self.members != 1:  # not defaulted to 1 here: a resolved recipe would then carry 1 into an ensemble
+                raise _problem((("members",), f"is {self.members} (the ensemble's default is 5); TRL's RewardTrainer "
+                                              "trains one model: set members: 1, or use implementation: ensemble"))
             for key, is_set in ensemble_only.items():
                 if is_set:
                     raise _problem(((key,), "is an option of implementation 'ensemble'; TRL's RewardTrainer trains "

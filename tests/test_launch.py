@@ -11,6 +11,7 @@ from conftest import REPO, TINY_RECIPE, write_recipe
 from alignpipe.cli import build_parser, main
 from alignpipe.pipeline.batching import BatchSizeError, split_global_batch
 from alignpipe.pipeline.launch import LaunchError, LaunchOptions, resolve_topology, stage_command, stage_topology
+from alignpipe.pipeline.rundir import StageDir
 
 
 @pytest.mark.parametrize(("global_batch", "world", "max_per_device", "expected"), [
@@ -290,14 +291,36 @@ def test_a_stage_does_not_inherit_the_launch_that_started_the_run(tiny_recipe_pa
     leaked = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
               "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x", "PMI_SIZE": "2",
               "OMPI_COMM_WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"}
-    for key, value in {**leaked, "HF_HOME": "/kept"}.items():
+    kept = {"HF_HOME": "/kept", "TORCHELASTIC_ENABLE_FILE_TIMER": "1"}  # the launcher's own settings stay
+    for key, value in {**leaked, **kept}.items():
         monkeypatch.setenv(key, value)
     recipe = load_recipe(tiny_recipe_path)
     for options, gpus, use_cpu in ((LaunchOptions(), 0, "true"), (LaunchOptions(gpus=2), 2, "false")):
         runner = Runner(recipe, runs_dir=tmp_path, topology=resolve_topology(options, visible_gpus=gpus))
         env = runner._stage_env()
         assert not (set(leaked) - {"ACCELERATE_USE_CPU"}) & set(env)
-        assert env["ACCELERATE_USE_CPU"] == use_cpu and env["HF_HOME"] == "/kept"
+        assert env["ACCELERATE_USE_CPU"] == use_cpu and kept.items() <= env.items()
+
+
+def test_an_in_process_stage_runs_without_the_launch_that_started_the_run(tiny_recipe_path, tmp_path,
+                                                                         monkeypatch) -> None:
+    """In-process, a leftover WORLD_SIZE made the stage wait for ever in the rendezvous (in C++, where no signal
+    handler runs); it now sees the environment a stage process would get, and the runner's is restored after."""
+    import os
+
+    from alignpipe.pipeline import stage as stage_module
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    seen = {}
+    monkeypatch.setattr(stage_module, "execute", lambda root, resume: seen.update(os.environ))
+    recipe = load_recipe(tiny_recipe_path, ["stages.sft.max_steps=1"])
+    runner = Runner(recipe, runs_dir=tmp_path, in_process=True)
+    runner._launch("sft", StageDir(tmp_path / "sft"), resume=False)
+    assert "WORLD_SIZE" not in seen and "MASTER_PORT" not in seen and seen["ACCELERATE_USE_CPU"] == "true"
+    assert os.environ["WORLD_SIZE"] == "2" and os.environ["MASTER_PORT"] == "29400"
 
 
 @pytest.mark.parametrize(("options", "config"), [(LaunchOptions(cpu=True), "single.yaml"),

@@ -212,3 +212,38 @@ def test_a_second_sigterm_while_the_stage_stops_kills_it_at_once(tmp_path) -> No
         runner.kill()
         if _running(stage):
             os.kill(stage, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("second", [signal.SIGHUP, signal.SIGINT])
+def test_two_signals_at_once_still_stop_the_stage(tmp_path, second) -> None:
+    """systemd sends SIGHUP right after SIGTERM: the second raised again at the start of stop(), before any signal
+    was sent, and the run said the stage was stopped while it trained on."""
+    pidfile = tmp_path / "pid"
+    runner, stage = _runner_of(STUBBORN, pidfile)
+    try:
+        runner.send_signal(signal.SIGTERM)
+        runner.send_signal(second)
+        assert runner.wait(timeout=20) in (128 + signal.SIGTERM, 128 + second, -second)  # whichever is handled first
+        assert not _running(stage)
+    finally:
+        runner.kill()
+        if _running(stage):
+            os.kill(stage, signal.SIGKILL)
+
+
+def test_workers_a_dying_launcher_leaves_behind_are_stopped(tmp_path) -> None:
+    """A launcher killed on its own (the OOM killer) left its workers, in sessions of their own, training into the
+    stage directory while the run reported the stage failed."""
+    pidfile = tmp_path / "pid"
+    launcher = (f"import os, signal, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, "
+                "sys.argv[1]], start_new_session=True)\n"
+                "while not (os.path.exists(sys.argv[1]) and open(sys.argv[1]).read()): time.sleep(0.05)\n"
+                "time.sleep(2.5)\nos.kill(os.getpid(), signal.SIGKILL)")
+    returncode = run_watched([sys.executable, "-c", launcher, str(pidfile)])
+    worker = int(pidfile.read_text())
+    try:
+        assert returncode == -signal.SIGKILL
+        assert not _running(worker)
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)

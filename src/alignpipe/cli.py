@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -367,12 +368,14 @@ def _cmd_run(args) -> int:
         with sigterm_raises():
             outcomes = runner.run()
     except Terminated as error:
-        print(f"stopped: terminated ({signal.Signals(error.signum).name}); the running stage was stopped and marked "
-              "interrupted (add --resume to continue it)", file=sys.stderr)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone: the exit status still says it
+            print(f"stopped: terminated ({signal.Signals(error.signum).name}); the running stage was stopped and "
+                  "marked interrupted (add --resume to continue it)", file=sys.stderr)
         return 128 + error.signum
     except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume to "
-              "continue it)", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume "
+                  "to continue it)", file=sys.stderr)
         return 128 + signal.SIGINT
     except (StageFailed, ControlError, RunInUse) as error:
         print(f"error: {error}", file=sys.stderr)

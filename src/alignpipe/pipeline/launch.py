@@ -168,9 +168,13 @@ def stage_command(topology: Topology, script: list[str], *, python: str = "pytho
 # they describe that launch, not the stage's: a one-process stage waited forever in a rendezvous of WORLD_SIZE
 # processes, and a stale ACCELERATE_USE_CPU=true trained a --gpus run on the CPU.
 LAUNCH_VARIABLES = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
-LAUNCH_PREFIXES = ("TORCHELASTIC_", "PMI_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "ACCELERATE_USE_",
-                   "ACCELERATE_DEEPSPEED_", "ACCELERATE_SAGEMAKER_")
+                              "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                              # what torchrun tells its workers; TORCHELASTIC_ENABLE_FILE_TIMER, _HEALTH_CHECK_PORT
+                              # and the like configure the launcher itself and are kept
+                              "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                              "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE"})
+LAUNCH_PREFIXES = ("PMI_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_",
+                   "ACCELERATE_SAGEMAKER_")
 
 
 def stage_environment(environ: dict[str, str], device: str) -> dict[str, str]:

@@ -25,6 +25,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -465,7 +467,8 @@ class Runner:
             from alignpipe.pipeline.stage import execute
 
             try:
-                execute(directory.root, resume=resume)
+                with _environment(self._stage_env()):  # as a stage process would start (no leftover rendezvous)
+                    execute(directory.root, resume=resume)
             except Exception:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
@@ -795,6 +798,19 @@ def _complete_base(directory: StageDir, config_hash: str) -> dict | None:
     manifest = directory.read_manifest() or {}
     done = manifest.get("status") == "complete" and manifest.get("config_hash") == config_hash
     return manifest if done and directory.checkpoint.exists() else None
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` replaced by ``env`` within the block (an in-process stage), and restored after it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def default_topology() -> Topology:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,20 +40,48 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+# Set by a stopping signal or Ctrl-C that comes while a stage is being stopped: the grace is cut short.
+_hurry = threading.Event()
+HURRY_SIGNALS = (*STOPPING_SIGNALS, signal.SIGINT)
+
+
+def _note_hurry(signum, frame) -> None:
+    _hurry.set()
+
+
+def _handle_with(handler, signals=HURRY_SIGNALS) -> dict[int, object]:
+    """Install ``handler`` for each of ``signals`` that is not ignored (main thread only); the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in signals if signal.getsignal(signum) != signal.SIG_IGN}
+
+
+def _restore(previous: dict[int, object]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, each of ``STOPPING_SIGNALS`` raises :class:`Terminated` in the main thread (the only one that
-    can set it). One that is ignored stays ignored: ``nohup`` ignores SIGHUP so that the run outlives its terminal."""
+    can set it), and Ctrl-C ``KeyboardInterrupt`` as usual. One that is ignored stays ignored: ``nohup`` ignores
+    SIGHUP so that the run outlives its terminal.
+
+    The first one also turns every later one (Ctrl-C too) into a request to hurry: a second signal (systemd sends
+    SIGHUP right after SIGTERM) raising again inside :func:`stop` skipped its signals and left the stage training."""
     def raise_terminated(signum, frame):
+        _handle_with(_note_hurry)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated(signum)
 
-    previous = {signum: signal.signal(signum, raise_terminated) for signum in STOPPING_SIGNALS
-                if signal.getsignal(signum) != signal.SIG_IGN}
+    _hurry.clear()
+    previous = {signum: signal.getsignal(signum) for signum in HURRY_SIGNALS}
+    _handle_with(raise_terminated)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore({signum: handler for signum, handler in previous.items() if handler is not None})
 
 
 def run_watched(command: list[str], env: dict[str, str] | None = None, *,
@@ -64,45 +93,52 @@ def run_watched(command: list[str], env: dict[str, str] | None = None, *,
     # its own process group, which stop() signals whole: a launcher that waits on its worker without passing
     # SIGTERM on (``accelerate launch`` with one process) died and left the worker training on
     process = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=pass_fds)
+    seen: dict[int, str] = {}  # its descendants so far: a launcher that dies (OOM-killed) orphans its workers
     try:
         if started is not None:
             started(process.pid)
         while True:
             try:
-                return process.wait(timeout=WATCH_S)
+                returncode = process.wait(timeout=WATCH_S)
             except subprocess.TimeoutExpired:
+                seen.update(_descendants(process.pid))
                 if watch is not None:
                     watch()
+                continue
+            if _running(seen):  # workers left training by a launcher that ended: nothing may write on
+                stop(process, seen)
+            return returncode
     except BaseException:
-        stop(process)
+        stop(process, seen)
         raise
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen, known: dict[int, str] | None = None) -> None:
     """SIGTERM to the process's group and to each of its descendants (the launcher and its workers), then SIGKILL to
     whatever of them is left after a grace: stopped means no stage process is left to write into the run.
 
     The descendants are found through ``/proc`` before any signal: torch elastic (``accelerate launch`` with several
     processes) starts each worker in a session of its own, which the launcher's group signal never reaches, and once
-    the launcher has ended its workers are no longer its children. A second Ctrl-C or SIGTERM during the grace kills
-    them at once instead of leaving them behind."""
+    the launcher has ended its workers are no longer its children (``known``: those seen while it ran). While it
+    stops them, a stopping signal or Ctrl-C cuts the grace short instead of raising, so the SIGKILLs are always sent."""
     group = process.pid  # start_new_session: the process leads its own group
-    tree = _descendants(group)
+    previous = _handle_with(_note_hurry)  # a signal now shortens the grace; raising here would skip the SIGKILLs
     try:
+        tree = {**(known or {}), **_descendants(group)}
         _signal_group(group, signal.SIGTERM)
         _signal_each(tree, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)  # a launcher that passes SIGTERM on returns once its workers have
-        while _running(tree) and time.monotonic() < deadline:  # workers that outlive their launcher get its grace
-            time.sleep(POLL_S)
-    finally:
+        while (process.poll() is None or _running(tree)) and time.monotonic() < deadline and not _hurry.is_set():
+            time.sleep(POLL_S)  # a launcher that passes SIGTERM on returns once its workers have
         _signal_group(group, signal.SIGKILL)  # a launcher that did not pass it on (or ran out of time) left workers
         _signal_each(tree, signal.SIGKILL)
         process.wait()
         deadline = time.monotonic() + KILLED_S
         while _running(tree) and time.monotonic() < deadline:  # not our children: they cannot be waited for
             time.sleep(POLL_S)
+    finally:
+        _restore(previous)
+        _hurry.clear()
 
 
 def _signal_group(group: int, signum: int) -> None:

@@ -217,3 +217,25 @@ def test_leaderboard_plots_are_written_beside_the_merge(two_boards, tmp_path, ca
     (mine / "win_rate_vs_length.png").mkdir()
     assert main(["leaderboard", str(a), str(b), "--out", str(mine)]) == 0
     assert (mine / "gold_vs_kl.png").read_bytes() == b"mine" and (mine / "win_rate_vs_length.png").is_dir()
+
+
+def test_a_run_stopped_by_a_hangup_exits_129_even_when_its_terminal_is_gone(tiny_recipe_path, tmp_path, monkeypatch):
+    """After SIGHUP the terminal may be gone: the closing message raised OSError (exit 1 and a traceback)."""
+    import signal
+
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.pipeline.watched import Terminated
+
+    class GoneTerminal:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            pass
+
+    def hung_up(self):
+        raise Terminated(signal.SIGHUP)
+
+    monkeypatch.setattr(Runner, "run", hung_up)
+    monkeypatch.setattr(sys, "stderr", GoneTerminal())
+    assert main(["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs")]) == 128 + signal.SIGHUP

@@ -19,7 +19,7 @@ from alignpipe.pipeline.batching import split_global_batch
 from alignpipe.pipeline.decision import BATCH_SPLIT, decide_stage
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import BACKBONE, BASE, DATASET, MODEL, Runner, local_model_hash
-from alignpipe.recipe import load_recipe
+from alignpipe.recipe import SFTStage, load_recipe
 
 
 def _run(recipe_path, runs_dir, overrides=(), **kwargs):
@@ -549,7 +549,11 @@ def test_logging_saving_and_long_prompts_settings_do_not_rerun_a_complete_stage(
     stage = StageDir(runner.run_dir / "sft")
     recorded = stage.read_manifest()
     assert run(logging_steps=3, save_steps=3, save_total_limit=2)[0]["sft"].action == "skipped"
-    assert run(long_prompts="drop")[0]["sft"].action == "skipped"  # it decides whether a run starts, not what trains
+    # long_prompts decides whether a run starts, not what trains (drop needs a data file; the hash ignores it)
+    from_file = {**sft, "dataset": {"source": "trl", "path": "rows.jsonl"}}
+    hashed = {policy: runner._hashed_stage(SFTStage(**{**from_file, "long_prompts": policy}))
+              for policy in ("refuse", "drop")}
+    assert hashed["refuse"] == hashed["drop"]
 
     # recorded by an older alignpipe, whose config hash covered them: adopted, not re-run
     older = runner._config_hash_with_logging_and_saving(runner.recipe.stage("sft"), stage)

@@ -82,8 +82,8 @@ def test_the_exit_status_of_a_process_left_alone() -> None:
 
 def _stopping_signals_at_default() -> None:
     """A runner subprocess's signals as an interactive shell leaves them: the suite itself may run under nohup or as
-    a background job (SIGHUP, SIGQUIT ignored), and an ignored signal stays ignored by design."""
-    for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+    a background job (SIGHUP, SIGINT, SIGQUIT ignored), and an ignored signal stays ignored by design."""
+    for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
 
 

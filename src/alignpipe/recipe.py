@@ -450,9 +450,6 @@ class _TrainingStage(_TrainerStage):
     max_length: int = Field(512, gt=0, description="Truncate sequences to N tokens (tiny-model setting; TRL: 1024).")
 
 
-LONG_PROMPTS_FIELD = "long_prompts"  # left out of the stage hash: it decides whether a run starts, not what it trains
-
-
 def _long_prompts_problems(stage: SFTStage | DPOStage) -> list[tuple[tuple[str | int, ...], str]]:
     """``long_prompts: drop`` where it means nothing, or where TRL would not drop the rows it names (checked on the
     value, not on whether it was written: a resolved recipe, ``--print``'s or a run's, writes every field)."""

@@ -111,12 +111,14 @@ def _hub_checkpoint(name: str, spec: str) -> Checkpoint:
                       cached_directory_hash(folder, include=lambda relative: relative.as_posix() in model_files))
 
 
-def runs_task_space(specs: list[str]) -> TaskSpace | None:
-    """The synthetic task space of the run directories among ``specs`` (their ``recipe.yaml``'s ``data`` block), from
-    which their synthetic prompts are drawn, as their eval stage draws them: a run trained on some families is scored
-    on those. None when no run directory is given; a ``ValueError`` when the runs' task spaces differ."""
+def runs_task_space(specs: list[str], reference: str | None = None) -> TaskSpace | None:
+    """The synthetic task space of the run directories among ``specs`` and ``reference`` (their ``recipe.yaml``'s
+    ``data`` block), from which their synthetic prompts are drawn, as their eval stage draws them: a run trained on
+    some families is scored on those. None when no run directory is given; a ``ValueError`` when the runs' task
+    spaces differ."""
+    named = [*specs, *([reference] if reference else [])]
     spaces = {directory: _recorded_task_space(directory) for directory in
-              dict.fromkeys(Path(split_named(spec)[1]) for spec in specs) if (directory / RUN_FILE).exists()}
+              dict.fromkeys(Path(split_named(spec)[1]) for spec in named) if (directory / RUN_FILE).exists()}
     if len(set(spaces.values())) > 1:
         described = "; ".join(f"{directory}: {_describe(space)}" for directory, space in spaces.items())
         raise ValueError(f"the run directories were trained on different synthetic tasks ({described}), so no one "
@@ -160,7 +162,7 @@ def evaluate_paths(
     )
     checkpoints = expand_checkpoints(specs)
     _check_file_names([c.name for c in checkpoints])
-    space = runs_task_space([*specs, *([reference] if reference else [])])
+    space = runs_task_space(specs, reference)
     # hashed without the implicit_reward block it never sets: boards written before that block existed still merge
     samples: dict[str, dict[str, list[dict]]] = {}
     board = run_suite(spec, content_key(spec.model_dump(exclude={"implicit_reward"})), checkpoints,
@@ -195,7 +197,7 @@ def evaluate_suite(
         _check_file_names([c.name for c in checkpoints])
         ref = _expand(*split_named(reference))[0] if reference else None
         # only a suite that draws synthetic prompts or pairs reads the runs' task space
-        space = runs_task_space([*specs, *([reference] if reference else [])]) if draws_synthetic_tasks(spec) else None
+        space = runs_task_space(specs, reference) if draws_synthetic_tasks(spec) else None
         samples: dict[str, dict[str, list[dict]]] = {}
         board = run_suite(spec, suite_hash, checkpoints, reference=ref, judge_path=judge,
                           cache=EvalCache(cache_dir or default_cache_dir()), samples_out=samples, space=space)

@@ -70,7 +70,6 @@ from alignpipe.pipeline.rundir import (
 )
 from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import (
-    LONG_PROMPTS_FIELD,
     GRPOStage,
     PPOStage,
     Recipe,
@@ -93,6 +92,8 @@ BASE = "base"
 # config hash, so changing them does not re-run a complete stage. Its output is the same bit for bit whatever they
 # are: tests/test_runner.py checks TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's and PPO's.
 LOGGING_AND_SAVING = ("logging_steps", "save_steps", "save_total_limit")
+# settings left out of the config hash: when a stage logs and saves, and whether a run with over-long prompts starts
+NOT_HASHED = frozenset({*LOGGING_AND_SAVING, "long_prompts"})
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's backbone: a local directory's, a hub id's commit
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
@@ -538,7 +539,7 @@ class Runner:
         hash had them) or ``long_prompts`` (it only decides whether the run starts), and a hub backbone or dataset by
         its repo id, whose commit is the BACKBONE or DATASET input hash instead (so ``ORG/NAME``, ``ORG/NAME@main``
         and ``ORG/NAME@<its commit>`` are one model)."""
-        dumped = stage.model_dump(mode="json", exclude={*LOGGING_AND_SAVING, LONG_PROMPTS_FIELD})
+        dumped = stage.model_dump(mode="json", exclude=set(NOT_HASHED))
         if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
         if self._hub_dataset(stage) is not None:  # likewise ORG/NAME@REVISION: its commit is the DATASET input hash

@@ -46,8 +46,9 @@ Checks keys, types, value ranges, stage references and cross-field rules, then m
 it writes anything: the local model's and reward backbones' files, configs and tokenizers (chat template, pad or EOS
 token, vocabulary size, LoRA target modules), and each dataset as its stage reads it: a local file's rows (columns,
 types, soft labels, chat templates that refuse a row, a reward stage's held-out split, prompts that leave no room
-within max_length), a hub dataset's revision (offline: its rows must be in the datasets cache). Tokenizers, configs
-and rows are read, never weights, and nothing is written.
+within max_length), a hub dataset's revision (offline: its rows must be in the datasets cache), and that the task's
+longest prompt and each sampling stage's generation budget fit the model's positions. Tokenizers, configs and rows
+are read, never weights, and nothing is written.
 Checks that depend on where the run goes (processes, GPUs, --deepspeed) are left to `run`, which makes them before
 anything is written: a global_batch_size that does not split over the processes, and an explicit bf16/fp16
 model.dtype with full weights outside DeepSpeed. `alignpipe run RECIPE --dry-run [topology options]` makes them too.

@@ -34,6 +34,7 @@ __all__ = ["PreflightError", "model_tokenizer", "preflight"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+SAMPLING_BUDGETS = ("max_new_tokens", "max_completion_length")  # online/ppo/bon/eval stages; grpo/rloo (TRL's name)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
 
@@ -58,6 +59,7 @@ def preflight(recipe: Recipe) -> None:
     pairs = _PreferencePairs(recipe)
     model_key = "model.gguf_package" if recipe.model.gguf_package is not None else "model.name_or_path"
     tokenizer = _checked(problems, model_key, lambda: _model_tokenizer(recipe, pairs))
+    longest = _LongestTaskPrompt()
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
@@ -73,6 +75,9 @@ def preflight(recipe: Recipe) -> None:
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset",
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
+        if (budget := _sampling_budget(stage)) is not None and tokenizer is not None:
+            _checked(problems, f"stages.{stage.name}.{budget[0]}",
+                     lambda b=budget: _check_sampling_positions(recipe, tokenizer, *b, longest))
         if getattr(stage, "reward", None) is not None and stage.reward.source == "callable":
             from alignpipe.rewards.plugin import load_callable
 
@@ -85,7 +90,7 @@ def model_tokenizer(recipe: Recipe):
     """The recipe model's tokenizer, found and checked as :func:`preflight` does (local folder, GGUF file or package,
     hub model already in the cache, the tiny model's trained as the runner trains it), for measuring data before a run
     (``alignpipe data``). None for a hub model not fetched yet, one whose own code would have to run, or the tiny
-    model when no stage reads a data file."""
+    model when no stage reads a data file or samples."""
     return _model_tokenizer(recipe, _PreferencePairs(recipe))
 
 
@@ -141,17 +146,18 @@ def _local_dir(name_or_path: str) -> Path | None:
 
 def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
     """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check (or, for
-    the tiny model, no data file to measure with it).
+    the tiny model, neither a data file nor a sampling stage to measure with it).
 
     A GGUF model's tokenizer is read from the file's metadata (5-15 s on two busy cores; the weights are not read),
     or, for a GGUF package already converted, from the cached conversion the stages load (~1 s)."""
     spec = recipe.model
-    if spec.is_tiny:  # trained on the task text in well under a second, as the runner trains it; needed for real data
-        reads_files = any(getattr(stage, "dataset", None) is not None and stage.dataset.source != "synthetic"
-                          for stage in recipe.stages)
+    if spec.is_tiny:  # trained on the task text in well under a second, as the runner trains it
+        measured = any(_sampling_budget(stage) is not None or (getattr(stage, "dataset", None) is not None
+                                                                and stage.dataset.source != "synthetic")
+                       for stage in recipe.stages)
         from alignpipe.models.factory import tiny_tokenizer
 
-        return tiny_tokenizer(recipe) if reads_files else None
+        return tiny_tokenizer(recipe) if measured else None
     if spec.gguf_package is not None:
         return _gguf_package_tokenizer(spec, chat_template=_needs_chat_template(recipe, pairs))
     from alignpipe.models.loading import ModelError
@@ -405,6 +411,72 @@ def _check_vocab(folder: Path, tokenizer) -> None:
         raise ModelError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
                          f"{vocab_size}, so ids >= {vocab_size} have no embedding; use the tokenizer saved with this "
                          "model, or call model.resize_token_embeddings(len(tokenizer)) and save both again")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sampling_budget(stage) -> tuple[str, int] | None:
+    """(key, value) of the tokens ``stage`` samples per prompt of the recipe's task; None for a stage that samples
+    nothing."""
+    for key in SAMPLING_BUDGETS:
+        if isinstance(value := getattr(stage, key, None), int):
+            return key, value
+    return None
+
+
+class _LongestTaskPrompt:
+    """The longest prompt of the recipe's task in the model's tokens (its chat template's rendering), measured once
+    per preflight, on :func:`longest_prompts`."""
+
+    def __init__(self) -> None:
+        self._tokens: int | None = None
+
+    def __call__(self, recipe: Recipe, tokenizer) -> int:
+        if self._tokens is None:
+            from alignpipe.data.synthetic import task_space
+            from alignpipe.evaluation.generation import render_prompts
+            from alignpipe.tasks.synthetic import longest_prompts
+
+            rendered = render_prompts(tokenizer, longest_prompts(task_space(recipe.data)))
+            self._tokens = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+        return self._tokens
+
+
+def _check_sampling_positions(recipe: Recipe, tokenizer, key: str, budget: int, longest: _LongestTaskPrompt) -> None:
+    """A stage's prompts and the ``budget`` tokens it samples after each must fit the model's positions. Why here: the
+    eval harness refuses such samples only when the eval stage starts, after every stage before it has trained, and
+    the training stages sample past the positions silently (rotary positions extrapolate; learned ones fail)."""
+    if (found := _position_limit(recipe)) is None:
+        return
+    limit, where, raise_it = found
+    prompt = longest(recipe, tokenizer)
+    if prompt + budget > limit:
+        raise ValueError(
+            f"the recipe's task has prompts of {prompt} tokens (data.max_items {recipe.data.max_items}, in the "
+            f"model's chat template), so with {key} {budget} a sample reaches {prompt + budget} positions, past the "
+            f"{limit} of {where}: lower {key} to {max(limit - prompt, 0)} or less, lower data.max_items{raise_it}")
+
+
+def _position_limit(recipe: Recipe) -> tuple[int, str, str] | None:
+    """(positions, whose, how to raise them) of the recipe's model, when its config is local; None when unknown (hub
+    ids, GGUF files) or unbounded (:func:`~alignpipe.evaluation.harness.position_limit`)."""
+    if recipe.model.is_tiny:
+        return (recipe.model.tiny.max_position_embeddings, "the tiny model",
+                ", or raise model.tiny.max_position_embeddings")
+    if recipe.model.gguf_package or recipe.model.gguf_file or recipe.model.trust_remote_code:
+        return None
+    if (folder := _local_config_folder(recipe.model.name_or_path)) is None:
+        return None
+    from transformers import AutoConfig
+
+    from alignpipe.evaluation.harness import position_limit
+
+    try:
+        limit = position_limit(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError):
+        return None  # an unreadable config is the loader's error to report
+    return None if limit is None else (limit, f"{folder} (max_position_embeddings)", "")
 
 
 # ----------------------------------------------------------------------------- datasets

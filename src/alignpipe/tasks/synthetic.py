@@ -340,6 +340,18 @@ def heldout_tasks(n: int, seed: int, space: TaskSpace = TaskSpace()) -> list[Tas
     return sample_tasks(n, seed, space, split="heldout")
 
 
+def longest_prompts(space: TaskSpace = TaskSpace(), n: int = 32, seed: int = 0) -> list[str]:
+    """``n`` prompts of every family at the space's most items, digits drawn at random: the longest prompts the task
+    poses, to check a model's positions before a run samples (a sample, since a tokenizer may merge some digits)."""
+    rng = random.Random(f"longest:{seed}")
+    prompts = []
+    for family in space.families:
+        for _ in range(n):
+            items = tuple(rng.randrange(10) for _ in range(space.max_items))
+            prompts.append(Task(family, items, rng.randrange(10) if family == "count" else None).prompt)
+    return prompts
+
+
 def tokenizer_corpus(space: TaskSpace = TaskSpace(), seed: int = 0, n: int = 3000) -> list[str]:
     """Texts that cover the task's whole surface vocabulary, for training the tiny model's tokenizer."""
     rng = random.Random(f"corpus:{seed}")

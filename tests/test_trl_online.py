@@ -29,7 +29,7 @@ def online_run(tmp_path_factory):
                                         {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST},
                                         {"name": "rloo", "type": "rloo", **FAST},
                                         {"name": "luspo", "type": "grpo", "loss_type": "luspo", **FAST,
-                                         "max_steps": 1, "save_steps": 1}]}
+                                         "max_steps": 1, "save_steps": 1, "mask_truncated_completions": True}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
     return runner, {o.name: o.action for o in runner.run()}
 
@@ -114,6 +114,7 @@ def test_grpo_trains_with_the_recipes_loss_type(online_run):
     args = torch.load(StageDir(runner.run_dir / "grpo").trainer / "checkpoint-4" / "training_args.bin",
                       weights_only=False)
     assert args.loss_type == "grpo" and args.importance_sampling_level == "token"  # TRL's default
+    assert args.mask_truncated_completions is False  # TRL's default
 
 
 def test_luspo_takes_one_importance_ratio_per_completion(online_run):
@@ -126,6 +127,7 @@ def test_luspo_takes_one_importance_ratio_per_completion(online_run):
     args = torch.load(StageDir(runner.run_dir / "luspo").trainer / "checkpoint-1" / "training_args.bin",
                       weights_only=False)
     assert args.loss_type == "luspo" and args.importance_sampling_level == "sequence"
+    assert args.mask_truncated_completions is True  # the stage's setting reaches TRL
 
 
 def test_resume_after_the_final_evaluation_was_written_keeps_one(online_run, tmp_path, monkeypatch):

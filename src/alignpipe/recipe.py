@@ -1094,6 +1094,11 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
     max_completion_length: int = Field(24, gt=0, description="Generation budget per completion (tiny-model setting; "
                                        "TRL: 512).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (TRL default: 1, top-k 0, top-p 1).")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_length (no end-of-sequence token) out of the "
+        "loss, as DAPO does (Yu et al. 2025; TRL's option, default off): their reward scores an unfinished answer as a "
+        "finished one. They still count in their group's baseline.",
+    )
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
 
     @model_validator(mode="after")

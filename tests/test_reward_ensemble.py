@@ -264,6 +264,36 @@ def test_load_missing_directory_names_it(tmp_path):
             RewardEnsemble.load(tmp_path / name)
 
 
+SAVE_ONE = """
+import sys
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+spec = EnsembleSpec(backbone=sys.argv[1], members=2, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+RewardEnsemble.create(spec).save(sys.argv[2])
+"""
+
+
+def test_two_saves_of_the_same_ensemble_are_the_same_files(llama_path, tmp_path):
+    """Saved by two processes whose string hashing differs (PEFT writes target_modules in a set's order), the same
+    ensemble is the same files, so its checkpoint hash, which decides whether stages downstream re-run and whether
+    boards it judged merge, is the same."""
+    import subprocess
+    import sys
+
+    import alignpipe
+    from alignpipe.pipeline.rundir import directory_hash
+
+    source = str(Path(alignpipe.__file__).resolve().parents[1])  # the code under test, in the children too
+    saves = [subprocess.Popen([sys.executable, "-c", SAVE_ONE, llama_path, str(tmp_path / f"rm-{seed}")],
+                              env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": source})
+             for seed in (1, 2)]
+    assert [save.wait(timeout=300) for save in saves] == [0, 0]
+    configs = [json.loads((tmp_path / f"rm-{seed}" / "adapters" / "member-0" / "adapter_config.json").read_text())
+               for seed in (1, 2)]
+    modules = configs[0]["target_modules"]
+    assert len(modules) > 1 and modules == sorted(modules)
+    assert directory_hash(tmp_path / "rm-1") == directory_hash(tmp_path / "rm-2")
+
+
 def _stage_checkpoint(stage_dir: Path, model_dir: str | Path) -> Path:
     """``stage_dir/checkpoint`` holding a copy of ``model_dir``, with the complete manifest a run's stage writes."""
     from alignpipe.pipeline.rundir import StageDir, directory_hash

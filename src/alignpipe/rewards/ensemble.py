@@ -87,6 +87,7 @@ ENSEMBLE_FORMAT = "alignpipe.reward_ensemble"
 ENSEMBLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ADAPTERS_DIR = "adapters"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's, one per member
 HEADS_FILE = "heads.safetensors"
 BACKBONE_KEY = "backbone"  # manifest: {"relative_to_checkpoint": bool, "sha256": str | None}; absent before
 
@@ -304,6 +305,17 @@ def _backbone_record(backbone: str, directory: Path) -> tuple[str, dict[str, Any
     stored = os.path.relpath(local, here) if relative else str(local)
     record = {"relative_to_checkpoint": relative, "sha256": recorded_output_sha256(local)}
     return stored, {**record, "absolute": str(local)} if relative else record
+
+
+def _sort_target_modules(config: Path) -> None:
+    """Rewrite PEFT's ``adapter_config.json`` with its ``target_modules`` in order. Why: PEFT keeps them as a set
+    and writes the set's iteration order, which string hashing randomises per process, so two saves of the same
+    weights made different files, and the checkpoint a different hash (its stages downstream re-ran, and boards it
+    judged did not merge)."""
+    saved = json.loads(config.read_text())
+    if isinstance(saved.get("target_modules"), list):
+        config.write_text(json.dumps({**saved, "target_modules": sorted(saved["target_modules"])}, indent=2,
+                                     sort_keys=True) + "\n")
 
 
 def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, override: str | None) -> str:
@@ -605,7 +617,7 @@ class RewardEnsemble(nn.Module):
         if names != [_member_name(k) for k in range(spec.members)]:
             raise ValueError(f"{directory / MANIFEST_FILE}: members {names} do not match spec.members={spec.members}")
         for name in names:
-            if not (directory / ADAPTERS_DIR / name / "adapter_config.json").is_file():
+            if not (directory / ADAPTERS_DIR / name / ADAPTER_CONFIG).is_file():
                 raise FileNotFoundError(f"reward ensemble {directory} is missing adapter {ADAPTERS_DIR}/{name}/")
         if not (directory / HEADS_FILE).is_file():
             raise FileNotFoundError(f"reward ensemble {directory} is missing {HEADS_FILE}")
@@ -656,6 +668,8 @@ class RewardEnsemble(nn.Module):
             )
             for card in (staging / ADAPTERS_DIR).rglob("README.md"):  # PEFT's model card: noise here
                 card.unlink()
+            for config in (staging / ADAPTERS_DIR).rglob(ADAPTER_CONFIG):
+                _sort_target_modules(config)
             heads = {}
             for name, head in zip(self.member_names, self.heads):
                 heads[f"{name}.weight"] = head.weight.detach().to("cpu", torch.float32).contiguous().clone()

@@ -133,3 +133,16 @@ def test_suite_reward_models_load_on_the_process_device(suite_kind, monkeypatch,
 
             run_reward_suite(SimpleNamespace(pair_sources=[]), "hash", [("rm", str(tmp_path))])
     assert asked == [META]
+
+
+def test_the_process_device_of_a_multi_process_cpu_launch_is_plain_cpu(monkeypatch):
+    """accelerate gives each process of a multi-process CPU launch ``cpu:0``; torch.load cannot map to it and it
+    compares unequal to ``cpu``, so the process device is plain ``cpu`` there (a GPU rank keeps its index)."""
+    import accelerate
+
+    from alignpipe.models.loading import process_device
+
+    for given, expected in ((torch.device("cpu", 0), torch.device("cpu")), (torch.device("cuda", 1),
+                                                                             torch.device("cuda", 1))):
+        monkeypatch.setattr(accelerate, "PartialState", lambda given=given: SimpleNamespace(device=given))
+        assert process_device() == expected

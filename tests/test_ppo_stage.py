@@ -259,3 +259,46 @@ def test_rollout_logprobs_are_those_of_the_tempered_sampler(tokenizer, temperatu
     logp, _ = response_logprobs(logits, batch, temperature)
     mask = batch.response_mask
     torch.testing.assert_close(logp * mask, sampler[:, :mask.shape[1]] * mask, atol=1e-4, rtol=0)
+
+
+class _State:
+    """A KL controller's or reward source's stand-in: a dict it saves and loads."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def test_ppo_state_resumes_on_a_multi_process_cpu_device(tmp_path):
+    """A multi-process CPU launch's device is ``cpu:0``, which ``torch.load`` cannot map to: every --resume of a ppo
+    stage under --cpu --processes 2 failed loading its optimizer. The state goes to the CPU first and the optimizer
+    puts it by its parameters."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.ppo import PPOLoop, RunningMoments
+
+    def loop(device: torch.device) -> SimpleNamespace:
+        weight = torch.nn.Parameter(torch.ones(3))
+        return SimpleNamespace(model=SimpleNamespace(trainable_parameters=lambda: [weight]), device=device,
+                               optimizer=torch.optim.AdamW([weight], lr=0.1), step=0, kl=_State({"coef": 0.05}),
+                               reward=_State({"running_std": 0.0}), score_moments=RunningMoments())
+
+    saved = loop(torch.device("cpu"))
+    saved.model.trainable_parameters()[0].grad = torch.tensor([1.0, -2.0, 3.0])
+    saved.optimizer.step()
+    saved.step, saved.kl.state, saved.reward.state = 7, {"coef": 0.07}, {"running_std": 0.3}
+    saved.score_moments.combine(4, 1.5, 2.0)
+    PPOLoop.save_state(saved, tmp_path)
+
+    resumed = loop(torch.device("cpu", 0))
+    PPOLoop.load_state(resumed, tmp_path)
+    assert torch.equal(resumed.model.trainable_parameters()[0], saved.model.trainable_parameters()[0])
+    ours, theirs = resumed.optimizer.state_dict()["state"][0], saved.optimizer.state_dict()["state"][0]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (resumed.step, resumed.kl.state, resumed.reward.state) == (7, {"coef": 0.07}, {"running_std": 0.3})
+    assert vars(resumed.score_moments) == vars(saved.score_moments)

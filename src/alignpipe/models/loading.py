@@ -158,10 +158,13 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_c
 
 def process_device() -> torch.device:
     """This process's device: its own GPU under a GPU launch (one per rank), else the CPU. Models that sample or
-    score outside a trainer go here; a trainer places its own."""
+    score outside a trainer go here; a trainer places its own. The CPU is plain ``cpu``: a multi-process CPU launch
+    gives ``cpu:0``, which ``torch.load`` cannot map to (a resume failed on it) and which compares unequal to
+    ``cpu``."""
     from accelerate import PartialState
 
-    return PartialState().device
+    device = PartialState().device
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf_file: str | None = None,

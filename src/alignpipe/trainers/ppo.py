@@ -319,7 +319,8 @@ class PPOLoop:
         with torch.no_grad():
             for i, p in enumerate(self.model.trainable_parameters()):
                 p.copy_(weights[f"p{i}"])
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        # to the CPU first: load_state_dict moves each state to its parameter's device
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
         state = json.loads((directory / "ppo_state.json").read_text())
         self.step = state["step"]
         self.kl.load_state_dict(state["kl"])

@@ -233,6 +233,18 @@ def test_yaml_error_in_extended_file(tmp_path: Path) -> None:
     assert f"recipe {child} is invalid" in message and f"{base} line 2" in message
 
 
+def test_merge_keys_let_a_mapping_override_what_it_merges(tmp_path: Path) -> None:
+    """A key beside ``<<: *anchor`` overrides the merged one (YAML merge keys); it was refused as a duplicate key
+    pointing at the anchor's line. A key written twice in the mapping itself is still a duplicate."""
+    path = write(tmp_path / "merge.yaml", "name: m\nstages:\n  - &s {name: sft, type: sft, learning_rate: 1.0e-3}\n"
+                 "  - <<: *s\n    name: sft2\n    inputs: [sft]\n    learning_rate: 2.0e-3\n")
+    recipe = load_recipe(path)
+    assert [(s.name, s.learning_rate, s.inputs) for s in recipe.stages] == [("sft", 1e-3, []), ("sft2", 2e-3, ["sft"])]
+    twice = write(tmp_path / "twice.yaml", "name: m\nstages:\n  - &s {name: sft, type: sft}\n"
+                  "  - {<<: *s, name: a, name: b}\n")
+    assert "duplicate key 'name' (first set on line 4)" in error_for(twice)
+
+
 def test_bad_override_syntax(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("stages.dpo.beta",))

@@ -1455,10 +1455,16 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    """A mapping whose own keys are unique. Keys a merge key (``<<: *anchor``) brings in are not compared: they are
+    defaults the mapping's own keys override, which is what merge keys are for (SafeLoader applies them)."""
     first_line: dict[str, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             continue  # odd keys are left to SafeLoader and to validation

@@ -245,6 +245,14 @@ def test_merge_keys_let_a_mapping_override_what_it_merges(tmp_path: Path) -> Non
     assert "duplicate key 'name' (first set on line 4)" in error_for(twice)
 
 
+def test_a_character_yaml_refuses_is_one_line_with_line_and_column(tmp_path: Path) -> None:
+    """A NUL or control character was reported over two lines, at a character offset in "<unicode string>"."""
+    path = write(tmp_path / "bell.yaml", "name: x\nstages:\n  - {name: sft, type: sft}\ndescription: a\x07b\n")
+    message = error_for(path)
+    assert message.splitlines()[1:] == [f"  - {path} line 4, column 15: YAML syntax error: character #x0007 is not "
+                                        "allowed in YAML (only printable text, tabs and line breaks); remove it"]
+
+
 def test_bad_override_syntax(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("stages.dpo.beta",))

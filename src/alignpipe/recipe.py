@@ -1482,18 +1482,30 @@ _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+
                                     list("-+0123456789"))
 
 
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line: where in the file (line, column) and what. A character YAML refuses (a NUL, a control character)
+    is a ReaderError, which has a character offset instead of a mark and a message over two lines."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        column = exc.position - (before.rfind("\n") + 1)
+        return (f"{path} line {before.count(chr(10)) + 1}, column {column + 1}: YAML syntax error: character "
+                f"#x{exc.character:04x} is not allowed in YAML (only printable text, tabs and line breaks); remove it")
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    return f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"
+
+
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as exc:
         raise RecipeError(headline, [f"{path}: cannot read file ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError as exc:
         msg = f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
         raise RecipeError(headline, [msg]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        raise RecipeError(headline, [f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"]) from None
+        raise RecipeError(headline, [_yaml_error(path, text, exc)]) from None
     if data is None:
         raise RecipeError(headline, [f"{path}: file is empty; expected a mapping with at least name and stages"])
     if not isinstance(data, dict):

@@ -218,6 +218,14 @@ def test_missing_extends_file(tmp_path: Path) -> None:
     assert f"{path}: extends: file {tmp_path / 'nope.yaml'} not found" in message
 
 
+def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
+    """A recipe path or an extends that names a directory was reported as 'not found', though it is there."""
+    (tmp_path / "recipes").mkdir()
+    assert f"{tmp_path / 'recipes'} is a directory, not a recipe file" in error_for(tmp_path / "recipes")
+    path = write(tmp_path / "child.yaml", "extends: recipes\nname: c\n")
+    assert f"{path}: extends: {tmp_path / 'recipes'} is a directory, not a recipe file" in error_for(path)
+
+
 def test_error_in_extended_file_names_that_file(tmp_path: Path) -> None:
     base = write(tmp_path / "base.yaml", "name: b\nstages:\n  - {name: sft, type: sft, warmup_ratio: 2}\n")
     child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: c\n")

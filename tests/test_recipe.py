@@ -342,6 +342,17 @@ def test_an_empty_name_or_path_is_refused_at_its_key(tmp_path: Path) -> None:
     assert "model.tiny" not in message
 
 
+def test_lora_target_modules_must_name_modules(tmp_path: Path) -> None:
+    """[] and [''] passed validate (the preflight matched '' to the model itself) and stopped the stage in PEFT."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    for value in ("[]", "['']", "[q_proj, ' ']"):
+        message = error_for(path, (f"stages.dpo.lora.target_modules={value}",))
+        assert "stages.dpo.lora.target_modules: expected module names to put adapters on, got " in message, message
+        assert "or use all-linear" in message
+    assert load_recipe(path, ("stages.dpo.lora.target_modules=[q_proj]",)).stage("dpo").lora.target_modules == [
+        "q_proj"]
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

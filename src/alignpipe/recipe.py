@@ -360,6 +360,16 @@ class LoraSpec(_Spec):
         "output head (a common choice since QLoRA, Dettmers et al. 2023).",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _names_a_module(cls, targets: list[str] | str) -> list[str] | str:
+        """[] or a blank name passed validate and the preflight (a blank matches the model itself), then stopped
+        the stage in PEFT (or the reward ensemble), after the run had started."""
+        if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+            raise ValueError(f"expected module names to put adapters on, got {targets!r}: list them (e.g. [q_proj, "
+                             "v_proj]) or use all-linear")
+        return targets
+
 
 class _StageBase(_Spec):
     name: str = Field(description="Stage name: a slug, unique in the recipe; outputs go to runs/<recipe>/<name>/.")

@@ -353,6 +353,13 @@ def test_lora_target_modules_must_name_modules(tmp_path: Path) -> None:
         "q_proj"]
 
 
+def test_an_input_listed_twice_is_refused(tmp_path: Path) -> None:
+    """An eval stage took [sft, sft, dpo] and evaluated sft twice, as two leaderboard rows of one name."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.ev.inputs=[sft, dpo, sft]",))
+    assert "stages.ev.inputs[2]: 'sft' is listed twice; name each input once" in message
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

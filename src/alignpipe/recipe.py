@@ -1250,6 +1250,9 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "name"), msg))
             earlier = names[:i]
             for j, ref in enumerate(stage.inputs):
+                if isinstance(stage, EvalStage) and ref in stage.inputs[:j]:  # it sampled and ranked it twice
+                    problems.append((("stages", i, "inputs", j), f"{ref!r} is listed twice; name each input once"))
+                    continue
                 if ref in earlier:
                     source = self.stages[earlier.index(ref)]
                     if isinstance(source, EvalStage | BoNStage):

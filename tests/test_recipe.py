@@ -301,6 +301,15 @@ def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path)
     assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
 
 
+def test_a_key_an_override_makes_is_blamed_on_the_override(tmp_path: Path) -> None:
+    """An unknown key made by an override one level up was said to be 'set in' the extended file."""
+    base = write(tmp_path / "base.yaml", GOOD)
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: child\n")
+    message = error_for(child, ("model.tiny.hidden.size=8",))
+    assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override " in message
+    assert str(base) not in message
+
+
 def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
     """true is not the integer 1 nor the rate 1.0, and a quoted '30' is not 30 (each was taken silently); an integer
     still gives a number."""

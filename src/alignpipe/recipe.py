@@ -1853,11 +1853,14 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
 
 
 def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:
-    """' (set in base.yaml)' / ' (from command-line override ...)' for the longest known prefix of path."""
+    """' (set in base.yaml)' / ' (from command-line override ...)' for the longest known prefix of path. A key that
+    no file sets but that holds a key an override sets was made by that override (``model.tiny.foo.bar=1`` makes
+    ``model.tiny.foo``), not by the file that sets a shorter prefix."""
     keys = tuple(p for p in path if isinstance(p, str))
     for n in range(len(keys), 0, -1):
-        if keys[:n] in origins:
-            return f" ({origins[keys[:n]]})" if origins[keys[:n]] else ""
+        origin = origins.get(keys[:n], next((o for k, o in origins.items() if k[:n] == keys[:n]), None))
+        if origin is not None:
+            return f" ({origin})" if origin else ""
     return ""
 
 

@@ -415,6 +415,16 @@ def test_ppo_rejects_trainer_fields_and_says_what_it_uses(tmp_path: Path, key: s
     assert f"stages.ppo.{key}: not read by a ppo stage" in message and instead in message
 
 
+def test_a_penalty_coefficient_without_an_ensemble_is_reported_at_its_key(tmp_path: Path) -> None:
+    """penalty_coef on a gold reward was reported at reward.penalty, which the recipe did not set."""
+    path = _recipe_with(tmp_path, {**PPO, "reward": {"source": "gold", "penalty_coef": 0.5}})
+    message = error_for(path)
+    assert "stages.ppo.reward.penalty_coef: penalties combine ensemble members; source 'gold' has none" in message
+    assert "reward.penalty:" not in message
+    path = _recipe_with(tmp_path, {**PPO, "reward": {"source": "gold", "penalty": "min"}})
+    assert "stages.ppo.reward.penalty: penalties combine ensemble members" in error_for(path)
+
+
 def test_adaptive_kl_needs_a_nonzero_start(tmp_path: Path) -> None:
     """The adaptive controller multiplies kl_coef, so kl_target with kl_coef 0 would keep the penalty at 0."""
     message = error_for(_recipe_with(tmp_path, {**PPO, "kl_target": 6.0, "kl_coef": 0}))

@@ -930,8 +930,9 @@ class RewardSpec(_Spec):
             raise _problem((("callable",), f"callable is only read with source: callable (source is "
                                            f"{self.source!r})"))
         if self.source != "model" and (self.penalty != "mean" or self.penalty_coef):
-            raise _problem((("penalty",), f"penalties combine ensemble members; source {self.source!r} has none "
-                                          "(leave penalty: mean, penalty_coef: 0)"))
+            key = "penalty" if self.penalty != "mean" else "penalty_coef"  # the key that was set
+            raise _problem(((key,), f"penalties combine ensemble members; source {self.source!r} has none "
+                                    "(leave penalty: mean, penalty_coef: 0)"))
         if self.penalty in ("mean", "min") and self.penalty_coef:
             raise _problem((("penalty_coef",), f"penalty {self.penalty!r} takes no coefficient, so penalty_coef "
                                                f"{self.penalty_coef:g} would be ignored; it weights mean_minus_std "

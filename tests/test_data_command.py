@@ -233,7 +233,9 @@ def test_bad_stage_names_files_and_overrides_are_one_line_errors(tmp_path, capsy
     err = _error(capsys, str(path), "--stage", "bogus")
     assert "--stage 'bogus'" in err and "the stages that read data are: sft, dpo" in err
     err = _error(capsys, str(path), "--stage", "eval")
-    assert "reads no dataset" in err and "sft, dpo" in err
+    # an eval stage trains on nothing: it was said to draw its prompts "while it trains", as "a eval stage"
+    assert "--stage 'eval': eval stages read no dataset (this one evaluates on held-out prompts of the synthetic " \
+           "task); the stages that read data are: sft, dpo" in err
 
     monkeypatch.chdir(tmp_path)
     missing = _recipe(tmp_path, stages=[{"name": "dpo", "dataset": {"source": "trl", "path": "nope/pairs.jsonl"}}])

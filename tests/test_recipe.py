@@ -218,6 +218,14 @@ def test_missing_extends_file(tmp_path: Path) -> None:
     assert f"{path}: extends: file {tmp_path / 'nope.yaml'} not found" in message
 
 
+def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
+    """A recipe path or an extends that names a directory was reported as 'not found', though it is there."""
+    (tmp_path / "recipes").mkdir()
+    assert f"{tmp_path / 'recipes'} is a directory, not a recipe file" in error_for(tmp_path / "recipes")
+    path = write(tmp_path / "child.yaml", "extends: recipes\nname: c\n")
+    assert f"{path}: extends: {tmp_path / 'recipes'} is a directory, not a recipe file" in error_for(path)
+
+
 def test_error_in_extended_file_names_that_file(tmp_path: Path) -> None:
     base = write(tmp_path / "base.yaml", "name: b\nstages:\n  - {name: sft, type: sft, warmup_ratio: 2}\n")
     child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: c\n")
@@ -231,6 +239,26 @@ def test_yaml_error_in_extended_file(tmp_path: Path) -> None:
     child = write(tmp_path / "child.yaml", "extends: base.yaml\n")
     message = error_for(child)
     assert f"recipe {child} is invalid" in message and f"{base} line 2" in message
+
+
+def test_merge_keys_let_a_mapping_override_what_it_merges(tmp_path: Path) -> None:
+    """A key beside ``<<: *anchor`` overrides the merged one (YAML merge keys); it was refused as a duplicate key
+    pointing at the anchor's line. A key written twice in the mapping itself is still a duplicate."""
+    path = write(tmp_path / "merge.yaml", "name: m\nstages:\n  - &s {name: sft, type: sft, learning_rate: 1.0e-3}\n"
+                 "  - <<: *s\n    name: sft2\n    inputs: [sft]\n    learning_rate: 2.0e-3\n")
+    recipe = load_recipe(path)
+    assert [(s.name, s.learning_rate, s.inputs) for s in recipe.stages] == [("sft", 1e-3, []), ("sft2", 2e-3, ["sft"])]
+    twice = write(tmp_path / "twice.yaml", "name: m\nstages:\n  - &s {name: sft, type: sft}\n"
+                  "  - {<<: *s, name: a, name: b}\n")
+    assert "duplicate key 'name' (first set on line 4)" in error_for(twice)
+
+
+def test_a_character_yaml_refuses_is_one_line_with_line_and_column(tmp_path: Path) -> None:
+    """A NUL or control character was reported over two lines, at a character offset in "<unicode string>"."""
+    path = write(tmp_path / "bell.yaml", "name: x\nstages:\n  - {name: sft, type: sft}\ndescription: a\x07b\n")
+    message = error_for(path)
+    assert message.splitlines()[1:] == [f"  - {path} line 4, column 15: YAML syntax error: character #x0007 is not "
+                                        "allowed in YAML (only printable text, tabs and line breaks); remove it"]
 
 
 def test_bad_override_syntax(tmp_path: Path) -> None:
@@ -273,6 +301,15 @@ def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path)
     assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
 
 
+def test_a_key_an_override_makes_is_blamed_on_the_override(tmp_path: Path) -> None:
+    """An unknown key made by an override one level up was said to be 'set in' the extended file."""
+    base = write(tmp_path / "base.yaml", GOOD)
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nname: child\n")
+    message = error_for(child, ("model.tiny.hidden.size=8",))
+    assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override " in message
+    assert str(base) not in message
+
+
 def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
     """true is not the integer 1 nor the rate 1.0, and a quoted '30' is not 30 (each was taken silently); an integer
     still gives a number."""
@@ -300,6 +337,36 @@ def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_
     # a tiny block with another model shapes nothing, yet changed every stage's hash
     assert "model.tiny: shapes the built-in tiny model only, and this recipe loads './local-model'" in error_for(
         path, ("model.name_or_path=./local-model",))
+
+
+def test_an_empty_name_or_path_is_refused_at_its_key(tmp_path: Path) -> None:
+    """'' was taken: a reward backbone '' was read as the current directory ("has no config.json"), and a
+    gguf_package '' was blamed on model.tiny ("this recipe loads 'tiny'")."""
+    path = write(tmp_path / "reward.yaml", yaml.safe_dump({"name": "r", "model": {"gguf_package": ""}, "stages": [
+        {"name": "rm", "type": "reward", "backbone": "", "dataset": {"source": "trl", "path": "p.jsonl", "split": ""}}]}))
+    message = error_for(path)
+    assert "model.gguf_package: expected a non-empty string or null, got ''" in message
+    assert "stages.rm.backbone: expected a non-empty string or null, got ''" in message
+    assert "stages.rm.dataset.split: expected a non-empty string, got ''" in message
+    assert "model.tiny" not in message
+
+
+def test_lora_target_modules_must_name_modules(tmp_path: Path) -> None:
+    """[] and [''] passed validate (the preflight matched '' to the model itself) and stopped the stage in PEFT."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    for value in ("[]", "['']", "[q_proj, ' ']"):
+        message = error_for(path, (f"stages.dpo.lora.target_modules={value}",))
+        assert "stages.dpo.lora.target_modules: expected module names to put adapters on, got " in message, message
+        assert "or use all-linear" in message
+    assert load_recipe(path, ("stages.dpo.lora.target_modules=[q_proj]",)).stage("dpo").lora.target_modules == [
+        "q_proj"]
+
+
+def test_an_input_listed_twice_is_refused(tmp_path: Path) -> None:
+    """An eval stage took [sft, sft, dpo] and evaluated sft twice, as two leaderboard rows of one name."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.ev.inputs=[sft, dpo, sft]",))
+    assert "stages.ev.inputs[2]: 'sft' is listed twice; name each input once" in message
 
 
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
@@ -346,6 +413,16 @@ def test_ppo_has_no_trainer_schedule_fields() -> None:
 def test_ppo_rejects_trainer_fields_and_says_what_it_uses(tmp_path: Path, key: str, value, instead: str) -> None:
     message = error_for(_recipe_with(tmp_path, {**PPO, key: value}))
     assert f"stages.ppo.{key}: not read by a ppo stage" in message and instead in message
+
+
+def test_a_penalty_coefficient_without_an_ensemble_is_reported_at_its_key(tmp_path: Path) -> None:
+    """penalty_coef on a gold reward was reported at reward.penalty, which the recipe did not set."""
+    path = _recipe_with(tmp_path, {**PPO, "reward": {"source": "gold", "penalty_coef": 0.5}})
+    message = error_for(path)
+    assert "stages.ppo.reward.penalty_coef: penalties combine ensemble members; source 'gold' has none" in message
+    assert "reward.penalty:" not in message
+    path = _recipe_with(tmp_path, {**PPO, "reward": {"source": "gold", "penalty": "min"}})
+    assert "stages.ppo.reward.penalty: penalties combine ensemble members" in error_for(path)
 
 
 def test_adaptive_kl_needs_a_nonzero_start(tmp_path: Path) -> None:

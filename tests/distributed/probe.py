@@ -20,6 +20,34 @@ from alignpipe.pipeline.stage import init_distributed
 SMALL_ENSEMBLE_LR = 1e-2
 
 
+def resumed_ensemble_run(model_dir: str) -> dict:
+    """A 2-member ensemble with LoRA dropout (which draws from each rank's own RNG) trained for 3 steps, logging
+    every 2, and trained again from the state it saved after step 1 as a stage resumes: rank 0's copy, loaded by every
+    rank. Returns both runs' final weights and logs."""
+    from alignpipe.models.loading import load_tokenizer
+    from alignpipe.pipeline import distributed
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+    from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
+    from alignpipe.tasks import preference_pairs
+
+    rows = preference_pairs(12, 0, noise=0.5, temperature=0.05)
+    pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+    spec = EnsembleSpec(backbone=model_dir, members=2, lora_r=4, lora_alpha=8, lora_dropout=0.5, top_layers=1,
+                        seed=0)
+    config = EnsembleTrainingConfig(learning_rate=SMALL_ENSEMBLE_LR, epochs=1, batch_size=4, max_length=48,
+                                    logging_steps=2, progress_bar=False)
+    saved = {}
+    runs = {}
+    for name, resume in (("whole", None), ("resumed", "after step 1")):
+        ensemble = RewardEnsemble.create(spec)
+        history = train_ensemble(ensemble, load_tokenizer(model_dir), pairs, config, save_every=1,
+                                 on_save=lambda state: saved.setdefault(state.step, state),
+                                 resume=distributed.from_main(saved[1]) if resume else None)
+        runs[name] = {"weights": torch.cat([p.detach().reshape(-1) for p in ensemble.trainable_parameters()]).tolist(),
+                      "logs": list(history)}
+    return runs
+
+
 def small_ensemble_run(model_dir: str) -> dict:
     """A 2-member reward ensemble trained on 7 pairs in batches of 3 with a tight gradient clip, logging every step.
     On 2 ranks each batch splits unevenly (2 and 1 pairs), and the last batch has 1 pair, so rank 0's share of it is
@@ -118,6 +146,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["set_aside"] = sorted(p.name for p in stage.trainer.iterdir())
 
     report["small_ensemble"] = small_ensemble_run(model_dir)
+    report["resumed_ensemble"] = resumed_ensemble_run(model_dir)
     report["running_std"] = running_std_run(rank, world)
 
     # the SFT dataloader gives each rank different examples

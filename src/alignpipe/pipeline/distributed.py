@@ -75,6 +75,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (one shape on all ranks), stacked in rank order: ``[world, *shape]`` on the input's
+    device; ``[1, *shape]`` in one process. For state that differs by rank and must be saved whole (RNG states)."""
+    if not is_distributed():
+        return tensor.detach().clone().unsqueeze(0)
+    on_wire = tensor.detach().to(collective_device(tensor)).contiguous()
+    gathered = [torch.empty_like(on_wire) for _ in range(world_size())]
+    dist.all_gather(gathered, on_wire)
+    return torch.stack(gathered).to(tensor.device)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Mean of each scalar over ranks (for logged statistics: every rank then logs the same numbers)."""
     if not is_distributed() or not values:

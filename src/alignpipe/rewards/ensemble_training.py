@@ -150,8 +150,10 @@ class EnsembleTrainingHistory(list):
 @dataclass
 class EnsembleTrainingState:
     """Everything exact resume of :func:`train_ensemble` needs after ``step`` steps: the members' trainable weights,
-    AdamW's and the schedule's state, torch's RNG (LoRA dropout), the IDS labels, the unlogged averaging window and
-    the records logged so far. The batch order is not stored: it is a pure function of the seed (``_batches``)."""
+    AdamW's and the schedule's state, torch's RNG (LoRA dropout) of every rank (``[world, n]``, rank order; ``[n]``
+    in states saved before, one for all ranks), the IDS labels, the unlogged averaging window (summed over ranks) and
+    the records logged so far. The batch order is not stored: it is a pure function of the seed (``_batches``). Rank
+    0 writes it and every rank resumes from that one copy, so what differs by rank is saved whole."""
 
     step: int
     parameters: list[Tensor]
@@ -195,9 +197,17 @@ class EnsembleTrainingState:
 
 
 def _set_rng_state(state: EnsembleTrainingState, device: torch.device) -> None:
-    torch.set_rng_state(state.torch_rng)
+    """This rank's saved RNG states (rank 0's where the saving launch had fewer ranks, or saved one for all)."""
+    torch.set_rng_state(_rank_row(state.torch_rng))
     if state.cuda_rng is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state.cuda_rng, device)
+        torch.cuda.set_rng_state(_rank_row(state.cuda_rng), device)
+
+
+def _rank_row(states: Tensor) -> Tensor:
+    """A copy of this rank's row: torch's ``set_rng_state`` crashes the process on a view into a larger tensor."""
+    if states.dim() == 1:
+        return states
+    return states[distributed.rank() if distributed.rank() < len(states) else 0].clone()
 
 
 def _soft_loss(
@@ -355,7 +365,8 @@ def train_ensemble(
     Data parallel (under ``accelerate launch``): every rank draws the same global batches, scores its contiguous share
     and scales its loss by its share of the batch, and the gradients are averaged across ranks, so the update equals
     the one-process update for unweighted losses (weighted or margin losses normalise by each rank's own weights:
-    close, not identical). Every rank keeps an identical replica; the caller writes from rank 0.
+    close, not identical; with LoRA dropout every rank draws the dropout stream one process draws, over its own
+    pairs, so the masks differ too). Every rank keeps an identical replica; the caller writes from rank 0.
 
     Resume: every ``save_every`` steps and after the last one, ``on_save`` gets an :class:`EnsembleTrainingState`
     (on every rank; the caller writes from rank 0). Passing one back as ``resume`` continues after its step with the
@@ -409,7 +420,9 @@ def train_ensemble(
     window = {"loss": 0.0, "bt_loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
     start = 0
     if resume is not None:
-        start, logs, window = resume.step, list(resume.logs), dict(resume.window)
+        start, logs = resume.step, list(resume.logs)
+        if rank == 0:  # the window was saved summed over ranks: one rank holds it, as _window_means adds them
+            window = dict(resume.window)
         with torch.no_grad():
             for p, saved in zip(params, resume.parameters, strict=True):
                 p.copy_(saved.to(p.device))
@@ -424,9 +437,10 @@ def train_ensemble(
                 step=step, parameters=[p.detach().clone() for p in params],
                 # copies: the optimizer's state_dict holds its live moment tensors, which the next steps change
                 optimizer=copy.deepcopy(optimizer.state_dict()), scheduler=copy.deepcopy(scheduler.state_dict()),
-                torch_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                labels=None if label_t is None else label_t.clone(), window=dict(window), logs=list(logs)))
+                torch_rng=distributed.all_gather_stack(torch.get_rng_state()),
+                cuda_rng=distributed.all_gather_stack(torch.cuda.get_rng_state(device)) if device.type == "cuda"
+                else None,
+                labels=None if label_t is None else label_t.clone(), window=_window_totals(window), logs=list(logs)))
 
     ensemble.train()
     progress = tqdm(total=total_steps, initial=start, desc="reward ensemble", disable=not config.progress_bar,
@@ -533,11 +547,16 @@ def _window_means(window: dict[str, float]) -> dict[str, float]:
     """Each logged statistic's mean over the window's steps, reduced over ranks: each rank holds its parts of the
     steps' means (its share of a step's pairs, ``1 / world`` of a statistic every rank shares), so the log is the
     one-process log whatever the world size and however a batch splits (a rank with no pairs adds nothing)."""
-    keys = sorted(window)
-    totals = dict(zip(keys, distributed.all_reduce_sum(torch.tensor([float(window[k]) for k in keys],
-                                                                    dtype=torch.float64)).tolist()))
+    totals = _window_totals(window)
     steps = totals.pop("steps")
     return {key: value / steps for key, value in totals.items()}
+
+
+def _window_totals(window: dict[str, float]) -> dict[str, float]:
+    """The window's parts summed over ranks: what a checkpoint saves, since the ranks' own parts differ."""
+    keys = sorted(window)
+    return dict(zip(keys, distributed.all_reduce_sum(torch.tensor([float(window[k]) for k in keys],
+                                                                  dtype=torch.float64)).tolist()))
 
 
 def _rank_share(batch: list[int], rank: int, world: int) -> list[int]:

@@ -725,3 +725,21 @@ def test_run_json_says_where_and_how_the_last_attempt_stopped(tiny_recipe_path, 
         runner.run()
     record = json.loads((runner.run_dir / "run.json").read_text())
     assert (record["status"], record["stopped_at"]) == (status, "dpo")
+
+
+def test_the_batch_plan_shows_a_trl_reward_stages_batch_which_grows_with_the_processes(tmp_path):
+    """TRL's reward trainer takes per_device_train_batch_size on each process, so its global batch doubles on two:
+    the plan logged at the start and printed by --dry-run says so, as the stage's manifest records it (it was left
+    out, and only the manifest showed it)."""
+    from alignpipe.pipeline.runner import plan_batches
+
+    reward = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 1,
+              "per_device_train_batch_size": 16}
+    ensemble = {"name": "ensemble", "type": "reward", "inputs": ["sft"]}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], reward,
+                                                                            ensemble]}))
+    plans = [plan_batches(recipe, world) for world in (1, 2)]
+    assert plans[0]["rm"] == ("global batch 16 = 16 per device x 1 accumulation x 1 process (a trl reward stage's "
+                              "per_device_train_batch_size is per process)")
+    assert plans[1]["rm"].startswith("global batch 32 = 16 per device x 1 accumulation x 2 processes")
+    assert "ensemble" not in plans[1]  # the ensemble's batch is global whatever the process count

@@ -499,13 +499,7 @@ class Runner:
     def _batch_split(self, stage) -> BatchSplit | None:
         """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its
         global batch; None where that does not depend on the process count (PPO's rollouts, the reward ensemble)."""
-        world_size = self.topology.world_size
-        if isinstance(stage, _TrainerStage):
-            return stage_batch_split(stage, world_size)
-        if isinstance(stage, RewardStage) and stage.implementation == "trl":  # TRL's batch is per process
-            per_device = stage.per_device_train_batch_size
-            return BatchSplit(effective_batch(per_device, 1, world_size), world_size, per_device, 1)
-        return None
+        return launch_batch_split(stage, self.topology.world_size)
 
     # -- hashes, dry run and multi-node followers -----------------------------------------------------------------
 
@@ -873,6 +867,17 @@ def check_full_weight_precision(recipe: Recipe, topology: Topology) -> None:
                 "run under --deepspeed (its optimizer keeps float32 masters)")
 
 
+def launch_batch_split(stage, world_size: int) -> BatchSplit | None:
+    """The batch split ``stage`` trains with on ``world_size`` processes; None where that does not depend on the
+    process count (PPO's rollouts, the reward ensemble, stages that do not train)."""
+    if isinstance(stage, _TrainerStage):
+        return stage_batch_split(stage, world_size)
+    if isinstance(stage, RewardStage) and stage.implementation == "trl":  # TRL's batch is per process
+        per_device = stage.per_device_train_batch_size
+        return BatchSplit(effective_batch(per_device, 1, world_size), world_size, per_device, 1)
+    return None
+
+
 def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
     """Check every stage's batch sizes against the world size before anything runs; a description per stage.
 
@@ -889,8 +894,9 @@ def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
                                      f"processes; use a multiple of {world_size} or change the process count")
             plan[stage.name] = (f"{stage.rollout_batch_size} prompts per rollout, minibatches of "
                                 f"{stage.mini_batch_size}, over {world_size} process(es)")
-        elif isinstance(stage, _TrainerStage):
+        elif (split := launch_batch_split(stage, world_size)) is not None:
             if isinstance(stage, GRPOStage | RLOOStage) and (problem := too_few_prompts(stage, world_size)):
                 raise ValueError(f"stages.{stage.name}.prompts: {problem}")
-            plan[stage.name] = stage_batch_split(stage, world_size).describe()
+            plan[stage.name] = split.describe() + (" (a trl reward stage's per_device_train_batch_size is per "
+                                                   "process)" if isinstance(stage, RewardStage) else "")
     return plan

@@ -25,6 +25,44 @@ def test_global_batch_splits_exactly(global_batch, world, max_per_device, expect
     assert split.per_device <= max_per_device
 
 
+@pytest.mark.parametrize(("rows", "per_device", "world"), [(120, 8, 2), (128, 8, 2), (7, 4, 2), (33, 4, 3),
+                                                         (33, 4, 1)])
+def test_repeated_rows_are_those_accelerate_adds_to_even_the_batches(rows, per_device, world) -> None:
+    """What the stage's warning counts is what accelerate's sharded dataloader yields beyond the rows, over all the
+    processes of an epoch (one process yields each row once)."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from alignpipe.pipeline.batching import repeated_per_epoch
+
+    yielded = sum(len(batch) for rank in range(world) for batch in prepare_data_loader(
+        DataLoader(list(range(rows)), batch_size=per_device), num_processes=world, process_index=rank,
+        put_on_device=False))
+    assert repeated_per_epoch(rows, per_device, world) == yielded - rows
+
+
+def test_a_stage_on_several_processes_warns_of_the_rows_its_epochs_repeat(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from alignpipe.pipeline import distributed
+    from alignpipe.recipe import GRPOStage, SFTStage
+    from alignpipe.trainers.common import _repeated_rows
+
+    trainer = SimpleNamespace(train_dataset=list(range(120)), args=SimpleNamespace(per_device_train_batch_size=8,
+                                                                                   dataloader_drop_last=False))
+    ctx = SimpleNamespace(stage=SFTStage(name="sft"), dir=SimpleNamespace(name="sft"))
+    assert _repeated_rows(trainer, ctx) is None  # one process
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert _repeated_rows(trainer, ctx) == (
+        "[sft] 120 rows do not fill whole batches of 8 per device x 2 processes: each epoch's last batch repeats 8 "
+        "rows from its start (accelerate evens the processes' batches), where one process would train a smaller last "
+        "batch; a multiple of 16 rows trains as one process does")
+    trainer.train_dataset = list(range(128))
+    assert _repeated_rows(trainer, ctx) is None
+    grpo = SimpleNamespace(stage=GRPOStage(name="grpo", inputs=["sft"], reward={"source": "gold"}), dir=ctx.dir)
+    assert _repeated_rows(SimpleNamespace(train_dataset=list(range(120)), args=trainer.args), grpo) is None
+
+
 def test_global_batch_that_does_not_split_names_the_stage_and_a_fix() -> None:
     with pytest.raises(BatchSizeError, match=r"stages.sft: global_batch_size 16 does not split over 3 processes; "
                                              r"use a multiple of 3 \(e.g. 15, 18\)"):

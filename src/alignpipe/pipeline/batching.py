@@ -65,6 +65,13 @@ def stage_batch_split(stage, world_size: int) -> BatchSplit:
                               where=f"stages.{stage.name}")
 
 
+def repeated_per_epoch(rows: int, per_device: int, world_size: int) -> int:
+    """Rows accelerate repeats in each epoch of ``rows`` on ``world_size`` processes (``even_batches``, transformers'
+    default): the last batches are topped up from the epoch's start so that every process gets a full one, where one
+    process trains a smaller last batch. So a run on several processes trains on other examples there."""
+    return 0 if world_size == 1 else -rows % (per_device * world_size)
+
+
 def generation_batch_prompts(stage, world_size: int) -> int:
     """Prompts in one generation batch of a grpo/rloo stage on ``world_size`` processes: TRL samples
     ``num_generations`` completions of each, as many completions as one optimizer step takes over all processes."""

@@ -34,7 +34,7 @@ from alignpipe.models.quantization import (
     prepare_for_kbit_training,
 )
 from alignpipe.pipeline import distributed
-from alignpipe.pipeline.batching import stage_batch_split
+from alignpipe.pipeline.batching import repeated_per_epoch, stage_batch_split
 from alignpipe.pipeline.rundir import StageDir, publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import _TrainingStage
@@ -266,6 +266,8 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     A checkpoint at the last step (killed after the final save, before publishing) is loaded without training:
     transformers 5.23 resumed from it trains one step past ``max_steps``.
     """
+    if ctx.is_main_process and (note := _repeated_rows(trainer, ctx)) is not None:
+        log.warning(note)
     trainer.add_callback(CheckpointSideState(TOKEN_COUNT, lambda: _token_count(trainer)))
     # last: the hash covers what the callbacks before it saved
     trainer.add_callback(CheckpointRecorder(ctx.dir, ctx.stage.save_total_limit))
@@ -291,6 +293,23 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
         return
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+
+def _repeated_rows(trainer, ctx: StageContext) -> str | None:
+    """Why this launch trains on other examples than one process would (:func:`repeated_per_epoch`); None when it
+    does not. GRPO/RLOO's sampler deals out whole generation batches (``too_few_prompts``) and is left out."""
+    from alignpipe.recipe import GRPOStage, RLOOStage
+
+    if isinstance(ctx.stage, GRPOStage | RLOOStage) or trainer.args.dataloader_drop_last:
+        return None
+    rows, per_device, world = len(trainer.train_dataset), trainer.args.per_device_train_batch_size, \
+        distributed.world_size()
+    if not (repeated := repeated_per_epoch(rows, per_device, world)):
+        return None
+    return (f"[{ctx.dir.name}] {rows} rows do not fill whole batches of {per_device} per device x {world} processes: "
+            f"each epoch's last batch repeats {repeated} rows from its start (accelerate evens the processes' "
+            f"batches), where one process would train a smaller last batch; a multiple of {per_device * world} rows "
+            "trains as one process does")
 
 
 def _logged_by(record: dict, output_dir: Path) -> bool:

@@ -84,3 +84,65 @@ def test_a_local_models_positions_are_read_from_its_config(tmp_path, llama_path)
     assert "model.tiny" not in problem
     preflight(_recipe(tmp_path, {**stage, "max_new_tokens": _room(raised.value, "max_new_tokens")},
                       model={"name_or_path": llama_path}))
+
+
+def _tiny(positions: int) -> dict:
+    return {**TINY_RECIPE["model"], "tiny": {**TINY_RECIPE["model"]["tiny"], "max_position_embeddings": positions}}
+
+
+def test_a_reward_stage_that_samples_its_policy_is_checked_at_the_harness_budget(tmp_path):
+    """A reward stage on the task without a backbone samples its starting policy (24 new tokens, the harness's
+    default) to score its uncertainty against gold; no key sets that budget, so the fixes are the data's and the
+    model's."""
+    stage = {"name": "rm", "type": "reward", "members": 2}
+    with pytest.raises(PreflightError) as raised:
+        preflight(_recipe(tmp_path, stage, model=_tiny(30)))
+    problem = str(raised.value)
+    assert "stages.rm: the recipe's task has prompts of " in problem
+    assert "sampling its starting policy (24 new tokens, to score its uncertainty against the gold reward)" in problem
+    assert problem.endswith("past the 30 of the tiny model: lower data.max_items, or raise "
+                            "model.tiny.max_position_embeddings")
+    preflight(_recipe(tmp_path, stage, model=_tiny(64)))
+
+
+def test_no_budget_is_suggested_when_the_prompts_alone_fill_the_positions(tmp_path):
+    with pytest.raises(PreflightError) as raised:
+        preflight(_recipe(tmp_path, {"name": "eval", "type": "eval", "max_new_tokens": 1,
+                                     "implicit_reward_pairs": 0}, model=_tiny(10)))
+    assert "lower max_new_tokens" not in str(raised.value)
+    assert str(raised.value).endswith("lower data.max_items, or raise model.tiny.max_position_embeddings")
+
+
+def test_a_kept_truncated_reply_counts_its_end_of_turn_token(tmp_path):
+    """truncation_samples: keep trains a cut reply with the template's end of turn appended (one token here), so at
+    the boundary of the sampled tokens alone its training row runs one position past."""
+    osp = {"name": "osp", "type": "osp", "judge": "gold"}
+    with pytest.raises(PreflightError) as raised:
+        preflight(_recipe(tmp_path, {**osp, "max_new_tokens": POSITIONS}))
+    room = _room(raised.value, "max_new_tokens")
+    preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room}))
+    with pytest.raises(PreflightError, match=rf"and the 1 end-of-turn token\(s\) a kept truncated reply trains with "
+                                             rf"a sample reaches {POSITIONS + 1} positions.*lower max_new_tokens to "
+                                             rf"{room - 1} or less"):
+        preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep"}))
+
+
+def test_a_self_judge_whose_prompts_run_past_the_positions_is_warned_of(tmp_path, caplog):
+    osp = {"name": "osp", "type": "osp", "judge": "self", "max_new_tokens": 24}
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        preflight(_recipe(tmp_path, osp, model=_tiny(128)))
+    assert "stages.osp: its self-judge's prompts hold the task prompt and two replies of up to max_new_tokens 24" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignpipe"):
+        preflight(_recipe(tmp_path, {**osp, "max_new_tokens": 4}, model=_tiny(128)))
+    assert "self-judge" not in caplog.text
+
+
+def test_implicit_reward_pairs_that_run_past_the_positions_are_refused_before_training(tmp_path):
+    """The eval stage's check on its implicit-reward pairs (prompt and reply), made by preflight with the same pairs."""
+    stage = {"name": "eval", "type": "eval", "max_new_tokens": 2}
+    with pytest.raises(PreflightError, match=r"stages\.eval\.implicit_reward_pairs: implicit-reward pair \d+ .* more "
+                                             r"than the 16 positions of the tiny model"):
+        preflight(_recipe(tmp_path, stage, model=_tiny(16)))
+    preflight(_recipe(tmp_path, {**stage, "implicit_reward_pairs": 0}, model=_tiny(16)))

@@ -1113,7 +1113,8 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
     mask_truncated_completions: bool = Field(
         False, description="Leave completions cut at max_completion_length (no end-of-sequence token) out of the "
         "loss, as DAPO does (Yu et al. 2025; TRL's option, default off): their reward scores an unfinished answer as a "
-        "finished one. They still count in their group's baseline.",
+        "finished one. They still count in their group's baseline (RLOO's without their KL penalty, which TRL folds "
+        "into the reward over the tokens the mask keeps).",
     )
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
 

@@ -76,8 +76,11 @@ def preflight(recipe: Recipe) -> None:
             _checked(problems, f"stages.{stage.name}.dataset",
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
         if (budget := _sampling_budget(stage)) is not None and tokenizer is not None:
-            _checked(problems, f"stages.{stage.name}.{budget[0]}",
-                     lambda b=budget: _check_sampling_positions(recipe, tokenizer, *b, longest))
+            _checked(problems, f"stages.{stage.name}" + (f".{budget[0]}" if budget[0] else ""),
+                     lambda s=stage, b=budget: _check_sampling_positions(recipe, tokenizer, s, *b, longest))
+        if getattr(stage, "implicit_reward_pairs", 0) and tokenizer is not None:
+            _checked(problems, f"stages.{stage.name}.implicit_reward_pairs",
+                     lambda s=stage: _check_implicit_pairs(recipe, tokenizer, s))
         if getattr(stage, "reward", None) is not None and stage.reward.source == "callable":
             from alignpipe.rewards.plugin import load_callable
 
@@ -416,46 +419,109 @@ def _check_vocab(folder: Path, tokenizer) -> None:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _sampling_budget(stage) -> tuple[str, int] | None:
+def _sampling_budget(stage) -> tuple[str | None, int] | None:
     """(key, value) of the tokens ``stage`` samples per prompt of the recipe's task; None for a stage that samples
-    nothing."""
+    nothing. A reward stage on the task without a backbone samples its starting policy at the harness's default
+    budget (to score its uncertainty against the gold reward): no key sets it."""
     for key in SAMPLING_BUDGETS:
         if isinstance(value := getattr(stage, key, None), int):
             return key, value
+    if isinstance(stage, RewardStage) and stage.backbone is None and stage.dataset.source == "synthetic":
+        from alignpipe.evaluation.generation import GenerationSettings
+
+        return None, GenerationSettings().max_new_tokens
     return None
 
 
 class _LongestTaskPrompt:
-    """The longest prompt of the recipe's task in the model's tokens (its chat template's rendering), measured once
-    per preflight, on :func:`longest_prompts`."""
+    """The longest prompt of the recipe's task, (text, tokens in the model's chat template), measured once per
+    preflight on :func:`longest_prompts`."""
 
     def __init__(self) -> None:
-        self._tokens: int | None = None
+        self._found: tuple[str, int] | None = None
 
-    def __call__(self, recipe: Recipe, tokenizer) -> int:
-        if self._tokens is None:
+    def __call__(self, recipe: Recipe, tokenizer) -> tuple[str, int]:
+        if self._found is None:
             from alignpipe.data.synthetic import task_space
             from alignpipe.evaluation.generation import render_prompts
             from alignpipe.tasks.synthetic import longest_prompts
 
-            rendered = render_prompts(tokenizer, longest_prompts(task_space(recipe.data)))
-            self._tokens = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
-        return self._tokens
+            prompts = longest_prompts(task_space(recipe.data))
+            lengths = [_token_count(tokenizer, text) for text in render_prompts(tokenizer, prompts)]
+            self._found = max(zip(prompts, lengths), key=lambda found: found[1])
+        return self._found
 
 
-def _check_sampling_positions(recipe: Recipe, tokenizer, key: str, budget: int, longest: _LongestTaskPrompt) -> None:
-    """A stage's prompts and the ``budget`` tokens it samples after each must fit the model's positions. Why here: the
-    eval harness refuses such samples only when the eval stage starts, after every stage before it has trained, and
-    the training stages sample past the positions silently (rotary positions extrapolate; learned ones fail)."""
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None, budget: int,
+                              longest: _LongestTaskPrompt) -> None:
+    """A stage's prompts and the ``budget`` tokens it samples after each (and the end of turn a kept truncated reply
+    trains with) must fit the model's positions. Why here: the eval harness refuses such samples only when the eval
+    stage starts, after every stage before it has trained, and the other stages sample past the positions silently
+    (rotary positions extrapolate; learned ones fail). A self-judging stage whose judge prompts (two replies each)
+    run past them is warned of, as the judge itself warns when it reads them."""
     if (found := _position_limit(recipe)) is None:
         return
     limit, where, raise_it = found
-    prompt = longest(recipe, tokenizer)
-    if prompt + budget > limit:
+    text, prompt = longest(recipe, tokenizer)
+    end = _reply_end_tokens(tokenizer) if getattr(stage, "truncated_samples", None) == "keep" else 0
+    if (reach := prompt + budget + end) > limit:
+        room = limit - prompt - end
+        fixes = [*([f"lower {key} to {room} or less"] if key and room > 0 else []), "lower data.max_items",
+                 *([raise_it] if raise_it else [])]
+        sampling = (f"with {key} {budget}" if key else
+                    f"sampling its starting policy ({budget} new tokens, to score its uncertainty against the gold "
+                    "reward)")
+        kept = f" and the {end} end-of-turn token(s) a kept truncated reply trains with" if end else ""
         raise ValueError(
             f"the recipe's task has prompts of {prompt} tokens (data.max_items {recipe.data.max_items}, in the "
-            f"model's chat template), so with {key} {budget} a sample reaches {prompt + budget} positions, past the "
-            f"{limit} of {where}: lower {key} to {max(limit - prompt, 0)} or less, lower data.max_items{raise_it}")
+            f"model's chat template), so {sampling}{kept} a sample reaches {reach} positions, past the {limit} of "
+            f"{where}: {', '.join(fixes[:-1])}{', or ' if len(fixes) > 1 else ''}{fixes[-1]}")
+    judged = _judge_prompt_tokens(tokenizer, text) + 2 * budget if getattr(stage, "judge", None) == "self" else 0
+    if judged > limit:
+        log.warning("stages.%s: its self-judge's prompts hold the task prompt and two replies of up to %s %d: up to "
+                    "%d tokens, past the %d positions of %s, so its verdicts read positions the model never learned; "
+                    "lower %s or data.max_items, or judge with gold or a reward stage", stage.name, key, budget,
+                    judged, limit, where, key)
+
+
+def _reply_end_tokens(tokenizer) -> int:
+    """The tokens the chat template ends an assistant turn with (after an empty reply)."""
+    from alignpipe.evaluation.generation import render_prompts
+
+    turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]
+    return max(_token_count(tokenizer, tokenizer.apply_chat_template(turn, tokenize=False))
+               - _token_count(tokenizer, render_prompts(tokenizer, ["x"])[0]), 0)
+
+
+def _judge_prompt_tokens(tokenizer, prompt: str) -> int:
+    """Tokens of the self-judge's prompt on ``prompt`` with two empty replies (the default template, the only one a
+    recipe can set)."""
+    from alignpipe.evaluation.generation import render_prompts
+    from alignpipe.rewards.judges import DEFAULT_LABELS, DEFAULT_TEMPLATE
+
+    question = DEFAULT_TEMPLATE.format(instruction=prompt, response_a="", response_b="", label_a=DEFAULT_LABELS[0],
+                                       label_b=DEFAULT_LABELS[1])
+    return _token_count(tokenizer, render_prompts(tokenizer, [question])[0])
+
+
+def _check_implicit_pairs(recipe: Recipe, tokenizer, stage) -> None:
+    """An eval stage's implicit-reward pairs (prompt and either reply) must fit the model's positions: the stage
+    refuses them, after every stage before it has trained. The same pairs and the same check as the stage's."""
+    if not getattr(stage, "implicit_reward_pairs", 0) or (found := _position_limit(recipe)) is None:
+        return
+    from alignpipe.data.synthetic import task_space
+    from alignpipe.evaluation.harness import IMPLICIT_PAIR_SEED, pair_generations
+    from alignpipe.tasks import heldout_gold_pairs
+
+    try:
+        pairs = heldout_gold_pairs(stage.implicit_reward_pairs, IMPLICIT_PAIR_SEED, task_space(recipe.data))
+    except ValueError:
+        return  # too few held-out prompts: the stage leaves the pairs out with a warning
+    pair_generations(tokenizer, pairs, max_length=found[0], whose=found[1])
 
 
 def _position_limit(recipe: Recipe) -> tuple[int, str, str] | None:
@@ -463,7 +529,7 @@ def _position_limit(recipe: Recipe) -> tuple[int, str, str] | None:
     ids, GGUF files) or unbounded (:func:`~alignpipe.evaluation.harness.position_limit`)."""
     if recipe.model.is_tiny:
         return (recipe.model.tiny.max_position_embeddings, "the tiny model",
-                ", or raise model.tiny.max_position_embeddings")
+                "raise model.tiny.max_position_embeddings")
     if recipe.model.gguf_package or recipe.model.gguf_file or recipe.model.trust_remote_code:
         return None
     if (folder := _local_config_folder(recipe.model.name_or_path)) is None:

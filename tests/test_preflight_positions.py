@@ -125,6 +125,8 @@ def test_a_kept_truncated_reply_counts_its_end_of_turn_token(tmp_path):
                                              rf"a sample reaches {POSITIONS + 1} positions.*lower max_new_tokens to "
                                              rf"{room - 1} or less"):
         preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep"}))
+    # a max_length within the positions cuts the row before its end of turn: nothing trains past them
+    preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep", "max_length": 48}))
 
 
 def test_a_self_judge_whose_prompts_run_past_the_positions_is_warned_of(tmp_path, caplog):
@@ -142,7 +144,10 @@ def test_a_self_judge_whose_prompts_run_past_the_positions_is_warned_of(tmp_path
 def test_implicit_reward_pairs_that_run_past_the_positions_are_refused_before_training(tmp_path):
     """The eval stage's check on its implicit-reward pairs (prompt and reply), made by preflight with the same pairs."""
     stage = {"name": "eval", "type": "eval", "max_new_tokens": 2}
-    with pytest.raises(PreflightError, match=r"stages\.eval\.implicit_reward_pairs: implicit-reward pair \d+ .* more "
-                                             r"than the 16 positions of the tiny model"):
+    with pytest.raises(PreflightError) as raised:
         preflight(_recipe(tmp_path, stage, model=_tiny(16)))
+    assert re.search(r"stages\.eval\.implicit_reward_pairs: the stage scores 256 held-out pairs of the task as "
+                     r"conversations of up to (\d+) tokens \(prompt and reply, in the model's chat template\), past "
+                     r"the 16 of the tiny model: set implicit_reward_pairs: 0, lower data\.max_items, or raise "
+                     r"model\.tiny\.max_position_embeddings", str(raised.value))
     preflight(_recipe(tmp_path, {**stage, "implicit_reward_pairs": 0}, model=_tiny(16)))

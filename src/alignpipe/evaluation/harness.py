@@ -352,6 +352,13 @@ def diversity_groups(model: LazyModel, prompts: list[str], settings: GenerationS
     return diversity.groups(cached_generations(model, diversity.prompts_for(prompts), seeded, cache))
 
 
+def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """The tokens of ``prompt`` and ``response`` as one conversation in the chat template, as DPO trains on it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = None,
                      whose: str = "the model") -> list[Generation]:
     """The chosen responses of ``pairs``, then their rejected ones, as the tokens a DPO trainer scores (TRL 1.16's
@@ -375,15 +382,11 @@ def pair_generations(tokenizer, pairs: list[Pair], *, max_length: int | None = N
     prompt_ids = {prompt: tokenizer(text, add_special_tokens=False)["input_ids"]
                   for prompt, text in zip(unique, render_prompts(tokenizer, unique), strict=True)}
 
-    def conversation(prompt: str, response: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": response}], tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     chosen, rejected, mismatched = [], [], []
     for index, (prompt, chosen_text, rejected_text) in enumerate(pairs):
         rendered = prompt_ids[prompt]
-        chosen_ids, rejected_ids = conversation(prompt, chosen_text), conversation(prompt, rejected_text)
+        chosen_ids, rejected_ids = (conversation_ids(tokenizer, prompt, chosen_text),
+                                    conversation_ids(tokenizer, prompt, rejected_text))
         if max_length is not None and (longest := max(len(chosen_ids), len(rejected_ids))) > max_length:
             raise ValueError(
                 f"implicit-reward pair {index} (prompt {prompt[:60]!r}): prompt and reply are {longest} tokens, more "

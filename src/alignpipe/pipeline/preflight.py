@@ -467,7 +467,9 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
         return
     limit, where, raise_it = found
     text, prompt = longest(recipe, tokenizer)
-    end = _reply_end_tokens(tokenizer) if getattr(stage, "truncated_samples", None) == "keep" else 0
+    # a kept truncated reply trains with the end of turn appended, unless the stage's max_length cuts the row first
+    keep = getattr(stage, "truncated_samples", None) == "keep" and getattr(stage, "max_length", limit + 1) > limit
+    end = _reply_end_tokens(tokenizer) if keep else 0
     if (reach := prompt + budget + end) > limit:
         room = limit - prompt - end
         fixes = [*([f"lower {key} to {room} or less"] if key and room > 0 else []), "lower data.max_items",
@@ -514,14 +516,20 @@ def _check_implicit_pairs(recipe: Recipe, tokenizer, stage) -> None:
     if not getattr(stage, "implicit_reward_pairs", 0) or (found := _position_limit(recipe)) is None:
         return
     from alignpipe.data.synthetic import task_space
-    from alignpipe.evaluation.harness import IMPLICIT_PAIR_SEED, pair_generations
+    from alignpipe.evaluation.harness import IMPLICIT_PAIR_SEED, conversation_ids
     from alignpipe.tasks import heldout_gold_pairs
 
     try:
         pairs = heldout_gold_pairs(stage.implicit_reward_pairs, IMPLICIT_PAIR_SEED, task_space(recipe.data))
     except ValueError:
         return  # too few held-out prompts: the stage leaves the pairs out with a warning
-    pair_generations(tokenizer, pairs, max_length=found[0], whose=found[1])
+    limit, where, raise_it = found
+    longest = max(len(conversation_ids(tokenizer, prompt, reply)) for prompt, *replies in pairs for reply in replies)
+    if longest > limit:
+        raise ValueError(f"the stage scores {len(pairs)} held-out pairs of the task as conversations of up to "
+                         f"{longest} tokens (prompt and reply, in the model's chat template), past the {limit} of "
+                         f"{where}: set implicit_reward_pairs: 0, lower data.max_items"
+                         f"{', or ' + raise_it if raise_it else ''}")
 
 
 def _position_limit(recipe: Recipe) -> tuple[int, str, str] | None:

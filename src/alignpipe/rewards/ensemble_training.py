@@ -153,7 +153,9 @@ class EnsembleTrainingState:
     AdamW's and the schedule's state, torch's RNG (LoRA dropout) of every rank (``[world, n]``, rank order; ``[n]``
     in states saved before, one for all ranks), the IDS labels, the unlogged averaging window (summed over ranks) and
     the records logged so far. The batch order is not stored: it is a pure function of the seed (``_batches``). Rank
-    0 writes it and every rank resumes from that one copy, so what differs by rank is saved whole."""
+    0 writes it and every rank resumes from that one copy, so what differs by rank is saved whole. (A state saved
+    before that by several processes holds rank 0's part of the window only: the first record after resuming it
+    averages that part.)"""
 
     step: int
     parameters: list[Tensor]

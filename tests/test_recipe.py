@@ -253,6 +253,20 @@ def test_merge_keys_let_a_mapping_override_what_it_merges(tmp_path: Path) -> Non
     assert "duplicate key 'name' (first set on line 4)" in error_for(twice)
 
 
+def test_merges_check_each_mapping_as_written(tmp_path: Path) -> None:
+    """An anchor defined inside a merge and aliased again is the mapping it reads as (SafeLoader flattened it in
+    place, and its merged keys were then taken for duplicates), and two ``<<`` in one mapping are a duplicate key, as
+    any key written twice (the later one won silently)."""
+    inline = write(tmp_path / "inline.yaml", "name: m\nstages:\n"
+                   "  - {name: a, type: sft, lora: &base {r: 8, alpha: 16}}\n"
+                   "  - {name: b, type: sft, lora: {<<: &small {<<: *base, r: 4}}}\n"
+                   "  - {name: c, type: sft, lora: *small}\n")
+    assert [(s.lora.r, s.lora.alpha) for s in load_recipe(inline).stages] == [(8, 16), (4, 16), (4, 16)]
+    two = write(tmp_path / "two.yaml", "name: m\nstages:\n  - &a {name: sft, type: sft, learning_rate: 1.0e-3}\n"
+                "  - &b {name: dpo, type: dpo, inputs: [sft], beta: 0.2}\n  - {<<: *a, <<: *b, name: x}\n")
+    assert "duplicate key '<<' (first set on line 5); merge several mappings with one <<: [*a, *b]" in error_for(two)
+
+
 def test_a_character_yaml_refuses_is_one_line_with_line_and_column(tmp_path: Path) -> None:
     """A NUL or control character was reported over two lines, at a character offset in "<unicode string>"."""
     path = write(tmp_path / "bell.yaml", "name: x\nstages:\n  - {name: sft, type: sft}\ndescription: a\x07b\n")

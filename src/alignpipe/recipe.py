@@ -1476,28 +1476,37 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 _Origins = dict[tuple[str, ...], str]
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
 
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Check a mapping's own keys (a second ``<<`` among them) once, as written, then apply its merge keys. Why
+        here: SafeLoader flattens a merge source in place before building it, so a check when it is built saw the
+        keys merged into an anchor defined inside a merge as its own (a false duplicate when aliased again). Keys a
+        merge brings in are not compared: they are defaults the mapping's own keys override, which is what merge
+        keys are for."""
+        checked = self.__dict__.setdefault("_checked_mappings", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            first_line: dict[str, int] = {}
+            for key_node, _ in node.value:
+                key = "<<" if key_node.tag == _MERGE_TAG else key_node.value if key_node.tag == _STR_TAG else None
+                if key is None:
+                    continue  # odd keys are left to SafeLoader and to validation
+                if key in first_line:
+                    hint = "; merge several mappings with one <<: [*a, *b]" if key == "<<" else ""
+                    msg = f"duplicate key {key!r} (first set on line {first_line[key]}){hint}"
+                    raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        super().flatten_mapping(node)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    """A mapping whose own keys are unique. Keys a merge key (``<<: *anchor``) brings in are not compared: they are
-    defaults the mapping's own keys override, which is what merge keys are for (SafeLoader applies them)."""
-    first_line: dict[str, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == _MERGE_TAG:
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            continue  # odd keys are left to SafeLoader and to validation
-        if key in first_line:
-            msg = f"duplicate key {key!r} (first set on line {first_line[key]})"
-            raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
-        first_line[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep=True)
+    return loader.construct_mapping(node, deep=True)  # keys checked by _StrictLoader.flatten_mapping
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)

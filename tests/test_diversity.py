@@ -183,6 +183,16 @@ def test_within_prompt_diversity_averages_over_prompts_and_tells_collapse_from_v
     assert lo == 0.5 and hi == 1.0  # a bootstrap over the two prompts
 
 
+def test_within_prompt_self_bleu_is_bleu_4():
+    group = ["a b c d e", "a b c x e"]  # unigrams and bigrams mostly shared, no 4-gram: BLEU-4 far below BLEU-2
+    value = within_prompt_diversity([group], resamples=10)["self_bleu_4"].value
+    assert value == pytest.approx(self_bleu(group, 4)) and value < self_bleu(group, 2) - 0.1
+
+
+def test_only_responses_shorter_than_n_count_as_too_short():
+    assert mean_repetition_rate(["a b c d", "a b c", "a a a a a"], n=4, resamples=10).extra["n_too_short"] == 1
+
+
 def test_within_prompt_diversity_leaves_out_prompts_too_short_for_distinct_n():
     """One-word answers have no bigram: such a prompt says nothing about distinct-2 (it would read 0, "collapsed",
     however varied the words are), so it is left out of that mean and counted."""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, TINY_RECIPE, write_recipe
 
 from alignpipe.cli import build_parser, main
-from alignpipe.pipeline.batching import BatchSizeError, split_global_batch
+from alignpipe.pipeline.batching import (
+    BatchSizeError,
+    BatchSplit,
+    split_global_batch,
+    stage_batch_split,
+    too_few_prompts,
+)
 from alignpipe.pipeline.launch import LaunchError, LaunchOptions, resolve_topology, stage_command, stage_topology
 from alignpipe.pipeline.rundir import StageDir
 
@@ -69,6 +76,36 @@ def test_global_batch_that_does_not_split_names_the_stage_and_a_fix() -> None:
         split_global_batch(16, 3, 8, where="stages.sft")
     with pytest.raises(BatchSizeError, match="must be positive"):
         split_global_batch(16, 0, 8)
+
+
+@pytest.mark.parametrize("sizes", [(0, 2, 8), (16, 2, 0), (-4, 2, 8)])
+def test_a_global_batch_or_device_batch_below_one_is_refused_before_any_split(sizes) -> None:
+    with pytest.raises(BatchSizeError, match="sizes must be positive"):
+        split_global_batch(*sizes)
+
+
+def test_a_global_batch_below_the_process_count_is_offered_only_positive_multiples() -> None:
+    with pytest.raises(BatchSizeError, match=r"use a multiple of 4 \(e\.g\. 4\) or change"):
+        split_global_batch(2, 4, 8)
+
+
+def _grpo(**sizes) -> SimpleNamespace:
+    fields = {"name": "grpo", "global_batch_size": None, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 2, "num_generations": 4, "prompts": 4}
+    return SimpleNamespace(**(fields | sizes))
+
+
+def test_per_device_sizes_make_the_global_batch_grow_with_the_processes_and_a_global_batch_does_not() -> None:
+    assert stage_batch_split(_grpo(), 3) == BatchSplit(24, 3, 4, 2)
+    assert stage_batch_split(_grpo(global_batch_size=24), 3) == BatchSplit(24, 3, 4, 2)
+    assert stage_batch_split(_grpo(global_batch_size=24), 2) == BatchSplit(24, 2, 4, 3)
+
+
+def test_prompts_fill_a_generation_batch_exactly_at_its_size() -> None:
+    """8 completions per optimizer step over 1 process, 4 per prompt: 2 prompts fill one generation batch."""
+    assert too_few_prompts(_grpo(prompts=2), 1) is None
+    assert too_few_prompts(_grpo(prompts=2), 2).startswith("2 cannot fill one generation batch of 4 prompts (global "
+                                                            "batch 16 = 4 per device x 2 accumulation x 2 processes")
 
 
 def test_recipe_rejects_accumulation_next_to_a_global_batch(tmp_path) -> None:

@@ -402,6 +402,7 @@ def test_merged_suite_runs_get_one_distinct_row_per_run_and_checkpoint(tmp_path)
     ("config", "generation", {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 64, "seed": 1234},
      "generation settings"),
     ("config", "kl_k3", "summed per token", "KL k3 estimator"),  # against a board from before k3 was per token
+    ("config", "pair_sources", {"hh-rlhf": 128}, "pair sources"),  # a reward suite's held-out pairs
 ])
 def test_merge_refuses_runs_evaluated_differently(tmp_path, section, key, value, what):
     from alignpipe.evaluation.leaderboard import merge_leaderboards

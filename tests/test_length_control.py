@@ -219,6 +219,37 @@ def test_gap_warning_follows_alpacaeval_thresholds():
     assert lc_gap_warning(0.769, 0.865, abs_diff=0.05) is not None
 
 
+def test_gap_warning_at_its_limit_and_at_the_ends_of_the_scale():
+    assert lc_gap_warning(0.5, 0.375) is None  # a drop of exactly the limit, max(10, 50/4 = 12.5) points
+    assert lc_gap_warning(0.5, 0.37) is not None
+    assert lc_gap_warning(0.0, 0.0) is None and lc_gap_warning(1.0, 1.0) is None  # 0 and 1 are win rates too
+
+
+def test_a_fit_that_runs_out_of_iterations_says_it_did_not_converge():
+    preferences, delta = [1.0, 0.0, 1.0, 1.0, 0.5], [3.0, -2.0, 1.0, 5.0, 0.0]
+    assert fit_length_glm(preferences, delta).converged and not fit_length_glm(preferences, delta, max_iter=1).converged
+    lc = length_controlled_win_rate(preferences, [4, 1, 2, 6, 1], [1, 3, 1, 1, 1], resamples=20, max_iter=1)
+    assert lc.extra["converged"] == 0 and lc.extra["n_unconverged_resamples"] > 0
+
+
+def test_a_constant_length_difference_is_no_length_column_even_after_round_off():
+    """Three copies of 0.1 have a sample sd of ~1.7e-17, not 0: read as a length signal, tanh(0.1 / 1.7e-17) = 1 would
+    be a second constant column and take half of theta's weight."""
+    glm = fit_length_glm([1.0, 0.0, 1.0], [0.1, 0.1, 0.1])
+    assert glm.length_scale == 0.0 and glm.phi == 0.0
+    shifted = length_controlled_win_rate([1.0, 0.0, 1.0], [0.1] * 3, [0.0] * 3, resamples=20)
+    assert shifted.value == length_controlled_win_rate([1.0, 0.0, 1.0], [0.0] * 3, [0.0] * 3, resamples=20).value
+
+
+def test_length_collinearity_does_not_depend_on_which_answer_is_longer():
+    """1 = the length column is constant (indistinguishable from theta), whichever of model and reference is longer."""
+    preferences, model, reference = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0], [5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 24]
+    shorter = length_controlled_win_rate(preferences, model, reference, resamples=20)
+    longer = length_controlled_win_rate(preferences, reference, model, resamples=20)
+    assert shorter.extra["length_collinearity"] == pytest.approx(longer.extra["length_collinearity"])
+    assert shorter.extra["length_collinearity"] == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl, pareto_front, zoomed
+from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl, pareto_front, row_runs, zoomed
 
 
 def _row(name, **metrics):
@@ -63,6 +63,25 @@ def test_rows_become_points_with_the_suites_reward_and_their_run():
     assert none.reward_metric is None and not none.points and "gold_reward or judge_reward" in none.note()
 
 
+def test_run_labels_come_only_from_labelled_sources():
+    """A source entry without a label (or not an entry at all) names no run: it must not break the plot's colouring."""
+    board = {"config": {"sources": [{"label": "a"}, {"path": "b/leaderboard.json"}, {"label": ""}, "c"]}}
+    assert row_runs(board) == ["a"]
+    assert row_runs({"config": {"sources": "a"}}) == [] and row_runs({}) == []
+
+def test_a_row_belongs_to_the_longest_label_that_prefixes_it_up_to_a_slash():
+    """Labels of nested merges share leading parts: "a/b/sft" is run "a/b"'s sft, "a/bc/x" run "a"'s checkpoint bc/x."""
+    board = {"config": {"sources": [{"label": "a"}, {"label": "a/b"}]},
+             "checkpoints": [_row(name, gold_reward=1.0, kl_ref_k1=1.0) for name in ("a/b/sft", "a/bc/x")]}
+    assert [(p.name, p.run) for p in gold_vs_kl(board).points] == [("a/b/sft", "a/b"), ("a/bc/x", "a")]
+
+def test_a_reward_interval_with_a_missing_or_non_finite_bound_is_not_drawn():
+    rows = [{"name": name, "results": {"gold_reward": {"value": 1.0, "ci95": ci}, "kl_ref_k1": {"value": 1.0}}}
+            for name, ci in (("nan", [math.nan, 1.2]), ("inf", [0.8, math.inf]), ("none", [None, 1.2]),
+                             ("short", [0.8]), ("ok", [0.8, 1.2]))]
+    cis = {p.name: p.reward_ci for p in gold_vs_kl({"config": {}, "checkpoints": rows}).points}
+    assert cis == {"nan": None, "inf": None, "none": None, "short": None, "ok": (0.8, 1.2)}
+
 def test_zoom_keeps_the_checkpoints_near_the_median_kl_when_one_lies_far_out():
     """An untrained model at KL 107 beside policies below 1 nat (the quickstart): the zoom panel shows the policies."""
     points = [KLPoint("sft", 0.0, 0.85), KLPoint("dpo", 0.36, 0.96), KLPoint("osp", 0.41, 0.93),
@@ -71,4 +90,5 @@ def test_zoom_keeps_the_checkpoints_near_the_median_kl_when_one_lies_far_out():
     assert zoomed(points[:4]) is None  # nothing far out: one panel
     assert zoomed([KLPoint("a", 0.0, 1.0), KLPoint("b", 0.0, 2.0), KLPoint("c", 50.0, 0.0)]) is None  # median 0
     assert zoomed([KLPoint("a", 1.0, 1.0), KLPoint("b", 100.0, 2.0), KLPoint("c", 100.0, 0.0)]) is None  # one near
+    assert zoomed([KLPoint("a", 1.0, 1.0), KLPoint("b", 1.0, 2.0), KLPoint("c", 9.0, 0.0)]) is None  # 3x: within
     assert zoomed([]) is None

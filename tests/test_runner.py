@@ -674,6 +674,74 @@ def test_a_resume_keeps_the_global_batch_not_the_split(tmp_path, recorded, now, 
     assert decision.reason.startswith("batch split changed: ") == (action == "run")
 
 
+def _recorded_stage(tmp_path, manifest: dict, *, trainer: str = "", published: bool = False,
+                    rounds: bool = False) -> StageDir:
+    """A stage directory an earlier attempt left: ``manifest``, a recorded trainer checkpoint-4 ("intact" or
+    "corrupt": its weights changed after the hash was recorded), the published checkpoint, a finished round."""
+    stage = StageDir(tmp_path / "sft")
+    stage.root.mkdir()
+    stage.write_manifest(manifest)
+    if trainer:
+        checkpoint = stage.trainer / "checkpoint-4"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "model.safetensors").write_bytes(b"weights")
+        stage.record_checkpoint(checkpoint)
+        if trainer == "corrupt":
+            (checkpoint / "model.safetensors").write_bytes(b"weightz")
+    if published:
+        stage.checkpoint.mkdir(parents=True)
+    if rounds:
+        (stage.root / "rounds" / "round-0" / "checkpoint").mkdir(parents=True)
+    return stage
+
+
+SAME = {"config_hash": "c", "input_hashes": {"sft": "i"}}
+
+
+@pytest.mark.parametrize("manifest, layout, options, action, reason", [
+    ({}, {}, {}, "run", "new"),
+    ({**SAME, "status": "complete"}, {}, {}, "skip", "complete with the same config and inputs"),
+    ({**SAME, "status": "complete", "output_sha256": "f"}, {"published": True}, {}, "skip", "complete with the same"),
+    ({**SAME, "status": "complete", "output_sha256": "f"}, {}, {}, "run", "complete, but its checkpoint ("),
+    ({**SAME, "status": "complete"}, {}, {"forced": True}, "run", "forced"),
+    ({**SAME, "status": "complete", "config_hash": "d"}, {}, {}, "run", "config or inputs changed"),
+    ({**SAME, "status": "complete", "input_hashes": {"sft": "j"}}, {}, {}, "run", "config or inputs changed"),
+    ({**SAME, "status": "interrupted", "config_hash": "d"}, {"trainer": "intact"}, {"resume": True}, "run",
+     "config or inputs changed"),
+    ({**SAME, "status": "interrupted"}, {"trainer": "intact"}, {"resume": True}, "resume",
+     "resuming from checkpoint-4"),
+    ({**SAME, "status": "interrupted"}, {"rounds": True}, {"resume": True}, "resume",
+     "resuming from its completed rounds"),
+    ({**SAME, "status": "interrupted"}, {"trainer": "corrupt"}, {"resume": True}, "run",
+     "no intact checkpoint to resume from; starting over"),
+    ({**SAME, "status": "interrupted"}, {"trainer": "intact"}, {}, "run",
+     "previous attempt interrupted; starting over (use --resume to continue)"),
+    ({**SAME, "status": "failed"}, {}, {"resume": True}, "run",
+     "previous attempt failed; no checkpoint to resume from; starting over"),
+    ({**SAME}, {}, {}, "run", "previous attempt unknown; no checkpoint to resume from"),
+    ({**SAME, "status": "interrupted", BATCH_SPLIT: asdict(split_global_batch(16, 1, 16))}, {"trainer": "intact"},
+     {"batch": split_global_batch(32, 2, 16)}, "run", "previous attempt interrupted; starting over (use --resume"),
+], ids=["new", "complete", "published", "published-gone", "forced", "config", "inputs", "resume-other-work",
+        "resume", "resume-rounds", "resume-corrupt", "no-resume", "nothing-to-resume", "no-status",
+        "no-resume-other-batch"])
+def test_decide_stage_skips_runs_or_resumes_by_the_recorded_attempt(tmp_path, manifest, layout, options, action,
+                                                                     reason):
+    stage = _recorded_stage(tmp_path, manifest, **layout)
+    decision = decide_stage(stage, stage.read_manifest() or {}, "c", {"sft": "i"}, **{"forced": False,
+                            "resume": False, **options})
+    assert (decision.action, decision.reason[:len(reason)]) == (action, reason)
+    resumed_from = stage.trainer / "checkpoint-4" if reason == "resuming from checkpoint-4" else None
+    assert decision.resume_from == resumed_from
+
+
+@pytest.mark.parametrize("look_only", [True, False], ids=["dry-run", "run"])
+def test_only_the_run_sets_a_corrupt_checkpoint_aside_when_deciding(tmp_path, look_only):
+    stage = _recorded_stage(tmp_path, {**SAME, "status": "interrupted"}, trainer="corrupt")
+    decide_stage(stage, stage.read_manifest(), "c", {"sft": "i"}, forced=False, resume=True, look_only=look_only)
+    assert (stage.trainer / "checkpoint-4").is_dir() == look_only
+    assert (stage.trainer / "invalid-checkpoint-4").is_dir() != look_only
+
+
 # ----------------------------------------------------------------------------- preflight reads each file once
 
 @pytest.mark.parametrize("backbone", [False, True], ids=["recipe-model", "backbone"])

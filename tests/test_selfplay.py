@@ -16,6 +16,8 @@ from trl import DPOConfig
 
 from alignpipe.data.selfplay import (
     INPODraw,
+    INPOPair,
+    SelfPlayPair,
     inpo_draw,
     inpo_pair,
     large_margin_pair,
@@ -97,6 +99,27 @@ def test_sppo_pair_takes_extremes_with_their_win_rates():
     assert sppo_pair("x", responses, preference_matrix_from_scores([1.0, 1.0, 1.0])) is None  # all tie
 
 
+def test_sppo_pair_breaks_win_rate_ties_towards_the_lowest_index():
+    """Ties are common with hard judges: the same round must give the same pair on every run and rank."""
+    matrix = [[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5]]
+    pair = sppo_pair("x", ["a", "b", "c", "d"], matrix)
+    assert (pair.chosen, pair.rejected) == ("a", "c")
+
+
+def test_self_play_pair_rows_carry_each_responses_own_win_rate():
+    row = SelfPlayPair("x", "good", "bad", 0.75, 0.25).to_row()
+    assert (row["chosen"][0]["content"], row["chosen_win_rate"]) == ("good", 0.75)
+    assert (row["rejected"][0]["content"], row["rejected_win_rate"]) == ("bad", 0.25)
+
+
+def test_self_play_inputs_outside_their_domain_are_refused():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        preference_matrix_from_scores([1.0, 0.0], temperature=0.0)
+    with pytest.raises(ValueError, match="K >= 2"):
+        win_rates([[0.5]])
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        large_margin_pair("x", ["a", "b"], preference_matrix_from_scores([3.0, 0.0]), 1.0)
+
 def test_spin_is_dpo_with_the_previous_iterate_as_reference():
     """§8e: SPIN's logistic loss on λ·h with ref π_t equals DPO's hand value (h = 3, λ = 0.1 -> 0.554355)."""
     h = dpo_logits(T(-10.0), T(-15.0), T(-12.0), T(-14.0))  # logps under π_θ and π_t
@@ -109,6 +132,7 @@ def test_spin_is_dpo_with_the_previous_iterate_as_reference():
 def test_dno_margin_filter_cases(scores, kept):
     """§9e: threshold 0.2 on judge scores in [0, 1]: (0.55, 0.45) dropped, (0.9, 0.3) kept; the gap is inclusive."""
     assert passes_margin(*scores, threshold=0.2) is kept
+    assert passes_margin(0.5995, 0.4, threshold=0.2) is False  # only float rounding is forgiven, not a shortfall
 
 
 def test_dno_large_margin_pair_filters_on_the_win_rate_gap():
@@ -148,6 +172,8 @@ def test_inpo_pair_labels_follow_the_preference_draw():
     assert inpo_draw(["same", "same"], rng) is None
     against = inpo_pair("x", ["a", "b"], INPODraw(0, 1, uniform=0.7), 0.6)  # 0.7 >= P(a > b): b is chosen
     assert (against.chosen, against.rejected) == ("b", "a") and against.chosen_preference == pytest.approx(0.4)
+    # a preference of 0: the first sample is never chosen, even by a uniform of exactly 0
+    assert inpo_pair("x", ["a", "b"], INPODraw(0, 1, uniform=0.0), 0.0) == INPOPair("x", "b", "a", 1.0)
 
 
 class CountingJudge:

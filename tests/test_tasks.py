@@ -1,14 +1,18 @@
 """Tests for alignpipe.tasks.synthetic: hand-computed gold rewards, prompt parsing, and the seeded generators."""
 
 
+import random
+
 import pytest
 
+import alignpipe.tasks.synthetic as synthetic
 from alignpipe.tasks.synthetic import (
     FAMILIES,
     FORMAT_BONUS,
     GoldJudge,
     Task,
     TaskSpace,
+    corrupt,
     gold_reward,
     heldout_tasks,
     parse_prompt,
@@ -146,7 +150,7 @@ def test_prompt_text_format():
 
 
 @pytest.mark.parametrize("junk", ["hello", "sort:", "count: 1 2", "sort 3 1 4", "divide: 1 2", "sort: a b", ": 1 2",
-                                  "count x: 1 2", "copy 2: 1 2"])
+                                  "count x: 1 2", "copy 2: 1 2", "count 3 4: 1 2"])
 def test_parse_prompt_rejects_junk_naming_the_prompt(junk):
     with pytest.raises(ValueError) as info:
         parse_prompt(junk)
@@ -258,6 +262,44 @@ def test_heldout_tasks_disjoint_from_train_and_distinct(seed):
     # held-out membership depends on the prompt only, so other seeds' training prompts are disjoint too
     assert {t.prompt for t in sample_tasks(2000, seed + 1)}.isdisjoint(heldout)
 
+
+def test_the_heldout_split_is_pinned():
+    """Evaluation prompt sets are compared across runs and alignpipe versions (their id carries a hash of the prompts):
+    the same seed must keep drawing the same held-out and training tasks."""
+    assert [t.prompt for t in heldout_tasks(4, 0)] == ["sum: 6 5 7 2 2", "copy: 2 2 1 2 4", "copy: 7 3 6",
+                                                       "sort: 8 0 6 6 3 8"]
+    assert [t.prompt for t in sample_tasks(4, 0)] == ["sort: 7 5 6 8 0 6", "sum: 3 5 9 2 6", "sort: 5 0 4 7",
+                                                      "copy: 3 5 7"]
+
+
+def test_count_tasks_mostly_ask_for_a_digit_that_is_present():
+    """Otherwise most count answers would be 0 and a policy could score well by always answering 0."""
+    counts = [t for t in sample_tasks(2000, 0) if t.family == "count"]
+    assert len(counts) > 300 and sum(t.query in t.items for t in counts) / len(counts) > 0.75
+
+
+def test_train_tasks_may_repeat_where_the_space_is_small():
+    prompts = [t.prompt for t in sample_tasks(60, 0, TaskSpace(families=("sum",), min_items=1, max_items=1))]
+    assert len(prompts) == 60 and len(set(prompts)) <= 10
+
+
+def test_an_off_by_mistake_may_land_on_zero():
+    """Numeric mistakes stay non-negative but reach 0: for truth 1, "0" comes from off-by-one as well as "empty_ish"."""
+    rng = random.Random(0)
+    answers = [corrupt(Task("sum", (1,)), rng) for _ in range(4000)]
+    assert 0.2 < answers.count("0") / len(answers) < 0.35  # 0.7 x 1/4 (off by -1) + 0.1 (empty_ish)
+
+
+def test_preference_pairs_drop_a_prompt_whose_responses_cannot_be_made_distinct(monkeypatch):
+    monkeypatch.setattr(synthetic, "corrupt", lambda task, rng: "7")
+    assert preference_pairs(20, 0, noise=1.0, temperature=1.0) == []
+
+
+def test_preference_pairs_are_drawn_on_other_prompts_than_the_sft_demonstrations():
+    """A preference stage should not only see the prompts its SFT input was trained on."""
+    sft = [r["messages"][0]["content"] for r in sft_demonstrations(200, 0, 0.5)]
+    pairs = [r["prompt"][0]["content"] for r in preference_pairs(200, 0, noise=0.5, temperature=0.1)]
+    assert len(set(sft) & set(pairs)) < 20
 
 def test_heldout_disjoint_from_generator_rows():
     heldout = {t.prompt for t in heldout_tasks(300, 0)}

@@ -76,6 +76,16 @@ def test_round_samples_drop_truncated_responses_and_count_them():
     assert keep.stats()["truncated_samples"] == 1
 
 
+def test_round_samples_summary_gives_the_truncated_share_and_a_group_per_prompt_is_required():
+    """The log line a round writes states the share in percent; prompts and sample groups must pair up one to one."""
+    groups = [[Generation("p", "a", (1,), False), Generation("p", "b", (1, 2), True)]]
+    assert RoundSamples(["p"], groups, "drop").summary() == (
+        "1 of 2 samples hit max_new_tokens without an end token (50.0%, dropped before judging)")
+    assert RoundSamples(["p"], groups, "keep").summary().endswith("(50.0%, kept as finished replies)")
+    with pytest.raises(ValueError, match="2 prompts but 1 sample groups"):
+        RoundSamples(["p", "q"], groups, "drop")
+
+
 @pytest.mark.parametrize("kind", ["osp", "online_dpo", "sppo", "dno", "inpo"])
 def test_a_truncated_sample_never_reaches_the_rows_unless_kept(tmp_path, monkeypatch, caplog, kind):
     extra = {"margin_threshold": 0.1} if kind == "dno" else {}

@@ -712,6 +712,9 @@ SAME = {"config_hash": "c", "input_hashes": {"sft": "i"}}
      "resuming from checkpoint-4"),
     ({**SAME, "status": "interrupted"}, {"rounds": True}, {"resume": True}, "resume",
      "resuming from its completed rounds"),
+    # --force skips no unfinished stage, so --resume decides, and the reason says what happens (it said "forced")
+    ({**SAME, "status": "interrupted"}, {"trainer": "intact"}, {"resume": True, "forced": True}, "resume",
+     "resuming from checkpoint-4"),
     ({**SAME, "status": "interrupted"}, {"trainer": "corrupt"}, {"resume": True}, "run",
      "no intact checkpoint to resume from; starting over"),
     ({**SAME, "status": "interrupted"}, {"trainer": "intact"}, {}, "run",
@@ -722,7 +725,7 @@ SAME = {"config_hash": "c", "input_hashes": {"sft": "i"}}
     ({**SAME, "status": "interrupted", BATCH_SPLIT: asdict(split_global_batch(16, 1, 16))}, {"trainer": "intact"},
      {"batch": split_global_batch(32, 2, 16)}, "run", "previous attempt interrupted; starting over (use --resume"),
 ], ids=["new", "complete", "published", "published-gone", "forced", "config", "inputs", "resume-other-work",
-        "resume", "resume-rounds", "resume-corrupt", "no-resume", "nothing-to-resume", "no-status",
+        "resume", "resume-rounds", "resume-forced", "resume-corrupt", "no-resume", "nothing-to-resume", "no-status",
         "no-resume-other-batch"])
 def test_decide_stage_skips_runs_or_resumes_by_the_recorded_attempt(tmp_path, manifest, layout, options, action,
                                                                      reason):

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_overrides_help())
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go (default: runs)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="re-run STAGE even if it is complete (repeatable)")
+                     help="re-run STAGE even if it is complete (repeatable; an unfinished one resumes with "
+                          "--resume)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted stage from its latest trainer checkpoint instead of starting over "
                           "(one whose global batch another process count would change starts over)")

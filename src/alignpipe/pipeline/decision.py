@@ -49,10 +49,10 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
     elif resuming and latest is None and not directory.has_round_progress():
         resuming = False
         reason = "no intact checkpoint to resume from; starting over"
+    elif resuming:  # --force on an unfinished stage: nothing to skip, so --resume decides (the reason says so)
+        reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
     elif forced:
         reason = "forced"
-    elif resuming:
-        reason = f"resuming from {latest.name if latest else 'its completed rounds'}"
     elif not manifest:
         reason = "new"
     elif not same_work:

@@ -100,7 +100,7 @@ def test_a_reward_stage_that_samples_its_policy_is_checked_at_the_harness_budget
     problem = str(raised.value)
     assert "stages.rm: the recipe's task has prompts of " in problem
     assert "sampling its starting policy (24 new tokens, to score its uncertainty against the gold reward)" in problem
-    assert problem.endswith("past the 30 of the tiny model: lower data.max_items, or raise "
+    assert problem.endswith("past the 30 of the tiny model: lower data.max_items or raise "
                             "model.tiny.max_position_embeddings")
     preflight(_recipe(tmp_path, stage, model=_tiny(64)))
 
@@ -110,7 +110,7 @@ def test_no_budget_is_suggested_when_the_prompts_alone_fill_the_positions(tmp_pa
         preflight(_recipe(tmp_path, {"name": "eval", "type": "eval", "max_new_tokens": 1,
                                      "implicit_reward_pairs": 0}, model=_tiny(10)))
     assert "lower max_new_tokens" not in str(raised.value)
-    assert str(raised.value).endswith("lower data.max_items, or raise model.tiny.max_position_embeddings")
+    assert str(raised.value).endswith("lower data.max_items or raise model.tiny.max_position_embeddings")
 
 
 def test_a_kept_truncated_reply_counts_its_end_of_turn_token(tmp_path):

@@ -481,7 +481,7 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
         raise ValueError(
             f"the recipe's task has prompts of {prompt} tokens (data.max_items {recipe.data.max_items}, in the "
             f"model's chat template), so {sampling}{kept} a sample reaches {reach} positions, past the {limit} of "
-            f"{where}: {', '.join(fixes[:-1])}{', or ' if len(fixes) > 1 else ''}{fixes[-1]}")
+            f"{where}: {_any_of(fixes)}")
     judged = _judge_prompt_tokens(tokenizer, text) + 2 * budget if getattr(stage, "judge", None) == "self" else 0
     if judged > limit:
         log.warning("stages.%s: its self-judge's prompts hold the task prompt and two replies of up to %s %d: up to "
@@ -526,10 +526,17 @@ def _check_implicit_pairs(recipe: Recipe, tokenizer, stage) -> None:
     limit, where, raise_it = found
     longest = max(len(conversation_ids(tokenizer, prompt, reply)) for prompt, *replies in pairs for reply in replies)
     if longest > limit:
+        fixes = ["set implicit_reward_pairs: 0", "lower data.max_items", *([raise_it] if raise_it else [])]
         raise ValueError(f"the stage scores {len(pairs)} held-out pairs of the task as conversations of up to "
                          f"{longest} tokens (prompt and reply, in the model's chat template), past the {limit} of "
-                         f"{where}: set implicit_reward_pairs: 0, lower data.max_items"
-                         f"{', or ' + raise_it if raise_it else ''}")
+                         f"{where}: {_any_of(fixes)}")
+
+
+def _any_of(fixes: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b, or c``."""
+    if len(fixes) < 3:
+        return " or ".join(fixes)
+    return f"{', '.join(fixes[:-1])}, or {fixes[-1]}"
 
 
 def _position_limit(recipe: Recipe) -> tuple[int, str, str] | None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
-from conftest import write_recipe
+from conftest import TINY_RECIPE, write_recipe
 from datasets import Dataset
 from test_dpo_truncation import _copy_pair
 from test_sft_truncation import _copy_conversation as copy_conversation
@@ -201,3 +202,25 @@ def test_a_trl_reward_stage_whose_pairs_are_all_longer_than_max_length_is_refuse
     preflight(_recipe(tmp_path, llama_path, reward, rows))  # the ensemble
     assert not is_reward_heldout("copy: 1", 0.1)  # trained on: 7 and 8 tokens, within max_length
     preflight(_recipe(tmp_path, llama_path, {**reward, "implementation": "trl"}, [_copy_pair(1), *rows]))
+
+
+@pytest.mark.parametrize(("stage", "noun", "fate"), [
+    ({"name": "sft", "type": "sft"}, "conversations", "TRL's SFTTrainer would drop those conversations"),
+    ({"name": "dpo", "type": "dpo", "inputs": ["sft"]}, "pairs", "TRL's DPOTrainer would drop those pairs"),
+])
+def test_the_synthetic_tasks_rows_are_checked_for_room_too(tmp_path, stage, noun, fate):
+    """With a max_length below the task's prompts TRL drops every row of the built-in task, and the stage stopped on
+    the empty sampler's error ('num_samples should be a positive integer value') after writing the run directory;
+    preflight refuses it as it refuses a data file's rows. long_prompts: drop is refused on the task, so the only fix
+    named is max_length."""
+    stages = [{"name": "sft", "type": "sft"}] if stage["type"] == "dpo" else []
+    recipe = {**TINY_RECIPE, "stages": [*stages, {**stage, "max_length": 6}]}
+    with pytest.raises(PreflightError) as raised:
+        preflight(load_recipe(write_recipe(tmp_path, recipe)))
+    problem = str(raised.value)
+    assert f"stages.{stage['name']}.dataset: the synthetic task's rows: " in problem
+    assert fate in problem and "long_prompts" not in problem
+    needed = int(re.search(rf"raise stages\.{stage['name']}\.max_length \(to (\d+) to keep every reply whole\)$",
+                           problem).group(1))
+    preflight(load_recipe(write_recipe(tmp_path, {**recipe, "stages": [*stages, {**stage, "max_length": needed}]})))
+    assert noun in problem

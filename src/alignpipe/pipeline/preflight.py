@@ -34,6 +34,7 @@ __all__ = ["PreflightError", "model_tokenizer", "preflight"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+SYNTHETIC_ROWS = "the synthetic task's rows"  # where a length problem is, for a stage on the built-in task
 SAMPLING_BUDGETS = ("max_new_tokens", "max_completion_length")  # online/ppo/bon/eval stages; grpo/rloo (TRL's name)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
@@ -155,8 +156,8 @@ def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
     or, for a GGUF package already converted, from the cached conversion the stages load (~1 s)."""
     spec = recipe.model
     if spec.is_tiny:  # trained on the task text in well under a second, as the runner trains it
-        measured = any(_sampling_budget(stage) is not None or (getattr(stage, "dataset", None) is not None
-                                                                and stage.dataset.source != "synthetic")
+        measured = any(_sampling_budget(stage) is not None or isinstance(stage, SFTStage | DPOStage)
+                       or (getattr(stage, "dataset", None) is not None and stage.dataset.source != "synthetic")
                        for stage in recipe.stages)
         from alignpipe.models.factory import tiny_tokenizer
 
@@ -572,6 +573,8 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
     starts within max_length (for a reward stage trained with TRL, that some pair fits in it)."""
     spec = stage.dataset
     if spec.source == "synthetic":
+        if tokenizer is not None and isinstance(stage, SFTStage | DPOStage):
+            _check_synthetic_reply_room(recipe, stage, tokenizer, pairs)
         return
     if not _is_local(spec.path):  # resolved, not read: a missing dataset or revision fails here, not in the stage
         from alignpipe.data.hub_datasets import resolve_cached_dataset
@@ -601,6 +604,23 @@ def _check_dataset(recipe: Recipe, stage: SFTStage | DPOStage | RewardStage, tok
         require_reward_pairs_within(measured, stage.max_length, heldout, source=spec.path, stage=stage.name)
     else:
         _check_reply_room(spec.path, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
+
+
+def _check_synthetic_reply_room(recipe: Recipe, stage: SFTStage | DPOStage, tokenizer, pairs: _PreferencePairs
+                                ) -> None:
+    """The task's own rows, as the stage builds them, checked for room like a file's: with a max_length below the
+    task's prompts TRL drops every row and the stage then stops on an empty sampler's error."""
+    if isinstance(stage, SFTStage):
+        from alignpipe.data.synthetic import sft_dataset
+
+        conversations = [row["messages"] for row in sft_dataset(recipe.data, recipe.seed)]
+        _check_sft_reply_room(SYNTHETIC_ROWS, conversations, tokenizer, stage, recipe.seed)
+        return
+    from alignpipe.data.length_report import dpo_pair_spans
+
+    rows = pairs(stage)
+    measured = dpo_pair_spans(rows, tokenizer, seed=recipe.seed, source=SYNTHETIC_ROWS)
+    _check_reply_room(SYNTHETIC_ROWS, measured, "pair", stage, lambda row: _text(rows[row]["prompt"]))
 
 
 def _is_local(path: str) -> bool:
@@ -684,5 +704,7 @@ def _check_reply_room(path: str, measured, noun: str, stage: SFTStage | DPOStage
     if stage.long_prompts == "drop":
         log.warning("%s (stages.%s.long_prompts: drop)", found, stage.name)
         return
+    if path == SYNTHETIC_ROWS:  # long_prompts: drop is refused there: the task's prompts are short by design
+        raise DataError(f"{found}; raise stages.{stage.name}.max_length (to {needed} to keep every reply whole)")
     raise DataError(f"{found}; raise stages.{stage.name}.max_length (to {needed} to keep every reply whole), shorten "
                     f"or drop those rows, or set stages.{stage.name}.long_prompts: drop to train without them")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, TINY_RECIPE, write_recipe
+from pydantic import ValidationError
 
 from alignpipe.cli import main
 from alignpipe.data.preference import is_reward_heldout
@@ -229,6 +230,27 @@ def test_policy_reference_suite_with_a_reward_judge(completed_tiny_run, llama_pa
             ["checkpoints"]}
     assert rows["sft"]["win_rate_vs_ref"]["value"] == pytest.approx(0.5)
     assert 0 < rows["dpo"]["win_rate_vs_ref"]["value"] < 1 and rows["dpo"]["win_rate_vs_ref"]["n"] == 16
+    # the reward model's score is a proxy: recorded as judge_reward, in the table and in every sample row
+    assert "judge_reward" in rows["dpo"] and "judge_reward_delta_vs_ref" in rows["dpo"]
+    assert not any(key.startswith("gold_reward") for key in rows["dpo"])
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples" / "dpo.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and all("judge_reward" in r and "gold_reward" not in r for r in samples)
+
+
+@pytest.mark.parametrize(("judge", "reference", "metric", "fix"), [
+    ("reward_model", "checkpoint", "gold_reward", "judge_reward"),
+    ("reward_model", "checkpoint", "gold_reward_delta_vs_ref", "judge_reward_delta_vs_ref"),
+    ("gold", "checkpoint", "judge_reward", "gold_reward"),
+    ("reward_model", "dataset", "gold_reward", "judge_reward"),
+])
+def test_a_primary_metric_naming_the_other_reward_is_refused(judge, reference, metric, fix):
+    """gold_reward only for the gold judge against a checkpoint; otherwise the rows hold judge_reward, so a suite
+    ranking by the other name would fail after every checkpoint was sampled: refused when loaded, naming the fix."""
+    source = {"source": "synthetic", "n": 8} if reference == "checkpoint" else {"source": "alpaca_eval", "path": "x"}
+    spec = {"name": "s", "prompts": source, "reference": reference, "judge": judge, "primary_metric": metric}
+    with pytest.raises(ValidationError, match=f"primary_metric {metric}: .* write {fix} "):
+        SuiteSpec.model_validate(spec)
+    assert SuiteSpec.model_validate({**spec, "primary_metric": fix}).primary_metric == fix
 
 
 def test_boards_judged_by_different_reward_models_saved_under_one_name_are_not_merged(llama_path, tmp_path):

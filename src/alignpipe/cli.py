@@ -94,8 +94,8 @@ examples:
   alignpipe leaderboard runs/quickstart runs/selfplay --out leaderboard-merged --plots
 
 --plots writes, beside leaderboard.{json,md,csv} and with them (all new files or, after a failure, all old):
-  gold_vs_kl.png          gold_reward (the judge's reward: a suite judged by a reward model against its dataset's
-                          reference outputs records it as judge_reward) ± 95% CI vs sqrt of the
+  gold_vs_kl.png          gold_reward (the gold judge's reward; a suite judged by a reward model, or against its
+                          dataset's reference outputs, records its judge's as judge_reward) ± 95% CI vs sqrt of the
                           k1 KL to the reference, one point per checkpoint coloured by run, and the Pareto frontier
                           (no other checkpoint has both lower-or-equal KL and higher-or-equal reward, one of them
                           strictly); a k1 estimate below 0 (Monte-Carlo noise) is drawn at 0

@@ -121,6 +121,8 @@ class DiversitySampling:
         return [[g.response for g in generations[i : i + k]] for i in range(0, len(generations), k)]
 
 
+GOLD_REWARD = "gold_reward"  # the task's gold judge's reward (the embedded task's exact reward)
+JUDGE_REWARD = "judge_reward"  # a learned reward model's score: a proxy, never called gold
 DIVERSITY_SEED_OFFSET = 1_000_003  # the diversity samples' batches are seeded apart from the main samples' ones
 
 
@@ -141,6 +143,7 @@ class CheckpointSamples:
     reference_proxy_members: list[list[float]] | None = None  # the same for the reference's responses
     implicit_pairs: list[Pair] | None = None  # held-out preference pairs, scored when this is not the reference
     implicit_margins: list[float] | None = None  # their implicit reward margins (nats, β left out)
+    reward_name: str = GOLD_REWARD  # what ``rewards`` are called in metrics and sample rows (JUDGE_REWARD: a model's)
 
     @property
     def logp_policy(self) -> list[float]:
@@ -259,8 +262,11 @@ def evaluate_checkpoints(
     diversity: DiversitySampling | None = None,
     proxy: Proxy | None = None,
     pairs: list[Pair] | None = None,
+    reward_name: str = GOLD_REWARD,
 ) -> tuple[list[CheckpointResult], list[CheckpointSamples]]:
     """Evaluate ``checkpoints`` against ``reference``; the reference's own samples are the win-rate baseline.
+    The judge's rewards are ``reward_name`` (and ``<reward_name>_delta_vs_ref``): ``gold_reward`` for the task's
+    gold judge, :data:`JUDGE_REWARD` for a learned reward model's, which is no gold.
 
     ``proxy``, a learned reward model's per-member scores, adds the proxy reward and the proxy-gold gap
     (:mod:`alignpipe.evaluation.proxy`). ``pairs``, held-out (prompt, chosen, rejected) triples, adds
@@ -302,7 +308,8 @@ def evaluate_checkpoints(
             _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, token_logp_reference),
             reference_rewards=ref_rewards, diversity_groups=groups, sampled_from_policy=from_policy,
             diversity_prompts=diversity.chosen(prompts) if diversity else None,
-            implicit_pairs=list(pairs) if margins is not None else None, implicit_margins=margins))
+            implicit_pairs=list(pairs) if margins is not None else None, implicit_margins=margins,
+            reward_name=reward_name))
     ref_model.release()
     if proxy:  # scored once every policy is released: the reward model is never resident beside two policies
         ref_proxy = proxy(prompts, [g.response for g in ref_generations])
@@ -318,7 +325,8 @@ def evaluate_checkpoints(
             weights_sha256=samples.checkpoint.weights_sha256,
             metrics=checkpoint_metrics(samples, bootstrap_resamples=bootstrap_resamples, seed=settings.seed),
         ))
-        log.info("[eval] %s: gold reward %.3f", samples.checkpoint.name, results[-1].metrics["gold_reward"].value)
+        log.info("[eval] %s: %s %.3f", samples.checkpoint.name, reward_name.replace("_", " "),
+                 results[-1].metrics[reward_name].value)
     return results, judged
 
 
@@ -487,9 +495,10 @@ def _judge(checkpoint, generations, ref_generations, judge, token_logp_policy, t
 def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, seed: int) -> dict:
     """Leaderboard metrics of one checkpoint from its judged samples (pure: no model, no I/O)."""
     metrics = {
-        "gold_reward": mean_with_ci(samples.rewards, resamples=bootstrap_resamples, seed=seed, higher_is_better=True),
-        **({"gold_reward_delta_vs_ref": reward_delta(samples.rewards, samples.reference_rewards,
-                                                     resamples=bootstrap_resamples, seed=seed)}
+        samples.reward_name: mean_with_ci(samples.rewards, resamples=bootstrap_resamples, seed=seed,
+                                          higher_is_better=True),
+        **({f"{samples.reward_name}_delta_vs_ref": reward_delta(samples.rewards, samples.reference_rewards,
+                                                                resamples=bootstrap_resamples, seed=seed)}
            if samples.reference_rewards is not None else {}),
         "win_rate_vs_ref": win_rate(samples.preferences, resamples=bootstrap_resamples, seed=seed),
     }
@@ -583,7 +592,7 @@ def sample_rows(samples: CheckpointSamples) -> list[dict]:
     rows = [
         {
             "prompt": g.prompt, "response": g.response, "n_tokens": len(g.response_ids), "truncated": g.truncated,
-            "gold_reward": reward, "preference_vs_ref": pref, "logp_policy": lp, "logp_reference": lr,
+            samples.reward_name: reward, "preference_vs_ref": pref, "logp_policy": lp, "logp_reference": lr,
         }
         for g, reward, pref, lp, lr in zip(samples.generations, samples.rewards, samples.preferences,
                                            samples.logp_policy,

@@ -44,7 +44,9 @@ from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings
 from alignpipe.evaluation.harness import (
+    GOLD_REWARD,
     IMPLICIT_PAIR_SEED,
+    JUDGE_REWARD,
     Checkpoint,
     DiversitySampling,
     LazyModel,
@@ -215,11 +217,28 @@ class SuiteSpec(_Spec):
             raise ValueError("implicit_reward needs reference: checkpoint: the implicit reward log(pi/pi_ref) is "
                              "measured against a reference policy, and reference: dataset has only fixed outputs; "
                              "remove implicit_reward, or compare with a reference checkpoint")
+        reward_name, other = _reward_names(self)
+        if self.kind == "policy" and self.primary_metric.startswith(other):
+            raise ValueError(f"primary_metric {self.primary_metric}: this suite records its judge's reward as "
+                             f"{reward_name} ({_REWARD_NAME_WHY[reward_name]}); write "
+                             f"{self.primary_metric.replace(other, reward_name, 1)}")
         if self.primary_metric in LC_METRICS and self.prompts and self.prompts.n is not None \
                 and self.prompts.n < MIN_PROMPTS:  # refused here, not after every checkpoint was sampled and judged
             raise ValueError(f"primary_metric {self.primary_metric} needs at least {MIN_PROMPTS} prompts "
                              f"(prompts.n is {self.prompts.n}): its length GLM cannot be fitted on fewer")
         return self
+
+
+_REWARD_NAME_WHY = {GOLD_REWARD: "the gold judge against a reference checkpoint",
+                    JUDGE_REWARD: "a reward model's score, or any judge's against fixed reference outputs"}
+
+
+def _reward_names(spec: SuiteSpec) -> tuple[str, str]:
+    """(the name a policy suite's rows give its judge's reward, the other name). ``gold_reward`` only for the gold
+    judge against a reference checkpoint; a reward model's score is a proxy and is never called gold, and the
+    dataset-reference rows have always called theirs ``judge_reward``."""
+    gold = spec.judge == "gold" and spec.reference == "checkpoint"
+    return (GOLD_REWARD, JUDGE_REWARD) if gold else (JUDGE_REWARD, GOLD_REWARD)
 
 
 def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
@@ -449,7 +468,7 @@ def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *
             pairs, pairs_record = _implicit_pairs(spec, tokenizer, space)
         results, judged = evaluate_checkpoints(checkpoints, reference, prompts, judge, settings, dtype=dtype,
                                                bootstrap_resamples=spec.bootstrap_resamples, cache=cache,
-                                               diversity=diversity, pairs=pairs)
+                                               diversity=diversity, pairs=pairs, reward_name=_reward_names(spec)[0])
         files = {s.checkpoint.name: sample_files(s) for s in judged}
         reference_name, reference_sha256 = reference.name, reference.weights_sha256
     else:
@@ -530,8 +549,8 @@ def _against_outputs(model: LazyModel, fitted: list[str], reference_outputs: lis
                    else order_averaged(judge, fitted, responses, reference_outputs))
     seed, resamples = settings.seed, spec.bootstrap_resamples
     metrics = {
-        "judge_reward": mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
-        "judge_reward_delta_vs_ref": reward_delta(rewards, reference_rewards, resamples=resamples, seed=seed),
+        JUDGE_REWARD: mean_with_ci(rewards, resamples=resamples, seed=seed, higher_is_better=True),
+        f"{JUDGE_REWARD}_delta_vs_ref": reward_delta(rewards, reference_rewards, resamples=resamples, seed=seed),
         "win_rate_vs_ref": win_rate(preferences, resamples=resamples, seed=seed),
         **lc_win_rate_metric(preferences, [len(r) for r in responses], [len(r) for r in reference_outputs],
                              resamples=resamples, seed=seed),
@@ -545,7 +564,7 @@ def _against_outputs(model: LazyModel, fitted: list[str], reference_outputs: lis
     if groups:
         metrics.update(within_prompt_diversity(groups, resamples=resamples, seed=seed))
     rows = [{"prompt": prompt, "response": gen.response, "n_tokens": len(gen.response_ids), "truncated": gen.truncated,
-             "judge_reward": reward, "reference_output": reference, "reference_judge_reward": reference_reward,
+             JUDGE_REWARD: reward, "reference_output": reference, f"reference_{JUDGE_REWARD}": reference_reward,
              "preference_vs_ref": preference}
             for prompt, gen, reward, reference, reference_reward, preference in zip(
                 fitted, generations, rewards, reference_outputs, reference_rewards, preferences, strict=True)]

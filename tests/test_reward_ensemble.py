@@ -339,6 +339,38 @@ def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, oth
     assert EnsembleScorer.load(archived / "reward" / "checkpoint").tokenizer.vocab == tokenizer.vocab
 
 
+def test_copies_of_one_reward_model_in_two_runs_have_one_identity(llama_path, tmp_path):
+    """A board records its judge's identity and merges only with boards of the same one: the same ensemble saved by
+    two runs in two places is one judge, although its files differ in absolute paths; other weights, or a backbone
+    named only by a path that differs, are another one."""
+    from alignpipe.pipeline.rundir import directory_hash
+    from alignpipe.rewards.loading import reward_model_identity
+
+    saved = {}
+    for name in ("a", "b"):
+        run = tmp_path / name / "run"
+        backbone = _stage_checkpoint(run / "sft", llama_path)
+        (run / "run.json").write_text("{}")
+        ensemble = RewardEnsemble.create(_spec(str(backbone)))
+        _perturb(ensemble)
+        saved[name] = ensemble.save(run / "reward" / "checkpoint")
+    assert directory_hash(saved["a"]) != directory_hash(saved["b"])  # the paths in the JSON files
+    assert reward_model_identity(saved["a"]) == reward_model_identity(saved["b"])
+
+    ensemble = RewardEnsemble.create(_spec(str(tmp_path / "a" / "run" / "sft" / "checkpoint")))
+    _perturb(ensemble, seed=2)
+    other = ensemble.save(tmp_path / "a" / "run" / "other" / "checkpoint")
+    assert reward_model_identity(other) != reward_model_identity(saved["a"])
+
+    outside = {}  # no run directory and no stage manifest: the backbone's path is all that names it
+    for name in ("c", "d"):
+        backbone = Path(shutil.copytree(llama_path, tmp_path / name / "backbone"))
+        ensemble = RewardEnsemble.create(_spec(str(backbone)))
+        _perturb(ensemble)
+        outside[name] = ensemble.save(tmp_path / name / "reward")
+    assert reward_model_identity(outside["c"]) != reward_model_identity(outside["d"])
+
+
 def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama_path, tmp_path):
     run = tmp_path / "run"
     _stage_checkpoint(run / "sft", llama_path)

@@ -23,7 +23,7 @@ from alignpipe.rewards.ensemble import (
     RewardEnsemble,
     encode_examples,
 )
-from alignpipe.rewards.loading import load_reward_scorer
+from alignpipe.rewards.loading import load_reward_scorer, reward_model_identity
 from alignpipe.rewards.single import (
     SingleRewardScorer,
     save_single_reward_model,
@@ -143,6 +143,14 @@ def test_save_load_round_trip_gives_identical_rewards(trained, rows, tmp_path):
     assert not (directory / "adapter_config.json").exists()  # LoRA merged: a plain checkpoint
     save_single_reward_model(model, tokenizer, directory)  # replacing an existing directory works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]
+    # base_model only records where the (merged, whole) weights came from: a judge's identity leaves it out
+    identity = reward_model_identity(directory)
+    manifest_path = directory / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "base_model": "/elsewhere/sft"}))
+    assert reward_model_identity(directory) == identity
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "text_format": "plain"}))
+    assert reward_model_identity(directory) != identity
+    manifest_path.write_text(json.dumps(manifest))
 
     loaded = load_reward_scorer(directory, batch_size=4)
     assert isinstance(loaded, SingleRewardScorer)

@@ -64,7 +64,7 @@ from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
-from alignpipe.pipeline.rundir import cached_directory_hash, package_versions
+from alignpipe.pipeline.rundir import package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, TaskSpace, heldout_gold_pairs, heldout_tasks, preference_probability
 
@@ -426,11 +426,11 @@ def _judge(spec: SuiteSpec, judge_path: str | None, cache: EvalCache):
         return GoldJudge()
     if judge_path is None:
         raise ValueError(f"suite {spec.name!r} is judged by a reward model: pass --judge <saved reward model dir>")
-    from alignpipe.rewards.loading import load_reward_scorer
+    from alignpipe.rewards.loading import load_reward_scorer, reward_model_identity
 
     scorer = load_reward_scorer(judge_path)  # on the process's device
     judge = RewardJudge(lambda p, r: scorer.score(p, r).mean.tolist(), judge_id=scorer.judge_id, temperature=1.0)
-    return CachedJudge(judge, cached_directory_hash(Path(judge_path)), cache)
+    return CachedJudge(judge, reward_model_identity(judge_path), cache)  # copies in two runs are one judge
 
 
 def run_suite(spec: SuiteSpec, suite_hash: str, checkpoints: list[Checkpoint], *, reference: Checkpoint | None,

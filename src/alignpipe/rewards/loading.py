@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from alignpipe.models.loading import process_device, resolve_dtype
-from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
+from alignpipe.pipeline.rundir import cached_directory_hash, canonical_hash
+from alignpipe.rewards.ensemble import ADAPTER_CONFIG, BACKBONE_KEY, ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
 from alignpipe.rewards.single import SINGLE_FORMAT, SingleRewardScorer
 
-__all__ = ["RewardScorer", "load_reward_scorer", "reward_model_format"]
+__all__ = ["RewardScorer", "load_reward_scorer", "reward_model_format", "reward_model_identity"]
 
 RewardScorer = EnsembleScorer | SingleRewardScorer
 _KNOWN = (ENSEMBLE_FORMAT, SINGLE_FORMAT)
@@ -77,3 +78,45 @@ def load_reward_scorer(directory: str | os.PathLike[str], *, device: str | torch
     if fmt == ENSEMBLE_FORMAT:
         return EnsembleScorer.load(directory, device=device, dtype=dtype, **kwargs)
     return SingleRewardScorer.load(directory, device=device, dtype=dtype or torch.float32, **kwargs)
+
+
+def reward_model_identity(directory: str | os.PathLike[str]) -> str:
+    """A saved reward model's content hash that leaves out where its backbone lay when it was saved.
+
+    Why: a board judged by a reward model records the judge's hash, and boards merge only when it is the same. A
+    directory hash differed between two copies of one reward model in two run directories, or saved by two runs
+    in different places: the files are the same but for absolute paths (an ensemble's manifest ``absolute`` and
+    PEFT's ``base_model_name_or_path``; a single model's ``base_model``, which only records what it was trained
+    from, its weights being whole). So the JSON files that hold them are hashed without those paths wherever the
+    backbone is otherwise identified: by its recorded ``sha256`` or hub commit, or, for PEFT's field, by the
+    manifest's own backbone entry. Every other file counts byte for byte (:func:`cached_directory_hash`)."""
+    directory = Path(directory)
+    fmt = reward_model_format(directory)
+    described = {MANIFEST_FILE} | ({ADAPTER_CONFIG} if fmt == ENSEMBLE_FORMAT else set())
+    files = cached_directory_hash(directory, include=lambda relative: relative.name not in described)
+    texts = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name in described):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"reward model {directory}: cannot read {path} ({exc}); save the reward model again") \
+                from exc
+        texts[path.relative_to(directory).as_posix()] = _without_locations(saved, path.name, fmt)
+    return canonical_hash({"format": fmt, "files": files, "described": texts})
+
+
+def _without_locations(saved: Any, name: str, fmt: str) -> Any:
+    """``saved`` (a reward model's ``name`` JSON file) without the paths that only say where things lay."""
+    if not isinstance(saved, dict):
+        return saved
+    if name == ADAPTER_CONFIG:  # the ensemble's manifest names the backbone; PEFT's copy is an absolute path
+        return {k: v for k, v in saved.items() if k != "base_model_name_or_path"}
+    if fmt == SINGLE_FORMAT:
+        return {k: v for k, v in saved.items() if k != "base_model"}
+    record = saved.get(BACKBONE_KEY)
+    if not isinstance(record, dict) or not (record.get("sha256") or record.get("hub")):
+        return saved  # the backbone is named by its path alone: where it lies is what identifies it
+    spec = saved.get("spec") if isinstance(saved.get("spec"), dict) else {}
+    located = not record.get("relative_to_checkpoint")  # a hub snapshot's or an outside folder's absolute path
+    return {**saved, BACKBONE_KEY: {k: v for k, v in record.items() if k != "absolute"},
+            "spec": {k: v for k, v in spec.items() if not (located and k == "backbone")}}

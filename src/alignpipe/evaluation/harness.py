@@ -61,6 +61,7 @@ from alignpipe.models.loading import (
     resolve_dtype,
     resolve_model_location,
 )
+from alignpipe.tasks import TaskSpace, heldout_gold_pairs
 
 log = logging.getLogger("alignpipe")
 
@@ -534,6 +535,14 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
 
 
 IMPLICIT_PAIR_SEED = 4242  # the synthetic pairs' seed: held-out prompts apart from the eval prompts (seed 1234)
+
+
+def synthetic_implicit_pairs(n: int, space: TaskSpace, seed: int = IMPLICIT_PAIR_SEED) -> list[Pair]:
+    """The embedded task's pairs for ``implicit_reward_accuracy``: ``n`` gold-ordered pairs on prompts of the task's
+    held-out split (:func:`~alignpipe.tasks.heldout_gold_pairs`). One place for the eval stage, the suites and
+    preflight, so preflight checks the very pairs the stage scores. ``ValueError`` when ``space`` holds too few
+    held-out prompts."""
+    return heldout_gold_pairs(n, seed, space)
 
 
 def implicit_pairs_record(pairs: list[Pair], source: str, labels: str, **split) -> dict:

@@ -59,6 +59,7 @@ from alignpipe.evaluation.harness import (
     kl_estimator_record,
     lc_win_rate_metric,
     sample_files,
+    synthetic_implicit_pairs,
 )
 from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
@@ -66,7 +67,7 @@ from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
-from alignpipe.tasks import GoldJudge, TaskSpace, heldout_gold_pairs, heldout_tasks, preference_probability
+from alignpipe.tasks import GoldJudge, TaskSpace, heldout_tasks, preference_probability
 
 __all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec",
            "draws_synthetic_tasks", "fit_pairs", "fit_prompts", "load_implicit_pairs", "load_suite", "run_suite"]
@@ -317,7 +318,7 @@ def load_implicit_pairs(spec: ImplicitRewardPairs, space: TaskSpace | None = Non
     """
     if spec.source == "synthetic":
         seed = IMPLICIT_PAIR_SEED if spec.seed is None else spec.seed
-        pairs = heldout_gold_pairs(spec.n, seed, space or TaskSpace())  # the synthetic prompt set's task space
+        pairs = synthetic_implicit_pairs(spec.n, space or TaskSpace(), seed)  # the synthetic prompt set's task space
         return pairs, {"source": "synthetic", "labels": "gold", "seed": seed}
     if spec.source == "hh_rlhf":
         path = data_path(spec)

@@ -61,6 +61,8 @@ def preflight(recipe: Recipe) -> None:
     model_key = "model.gguf_package" if recipe.model.gguf_package is not None else "model.name_or_path"
     tokenizer = _checked(problems, model_key, lambda: _model_tokenizer(recipe, pairs))
     longest = _LongestTaskPrompt()
+    # the model's positions, read once (a local config) for every stage that samples or scores pairs
+    positions = _checked(problems, model_key, lambda: _position_limit(recipe)) if tokenizer is not None else None
     for stage in recipe.stages:
         if isinstance(stage, RewardStage) and stage.backbone is not None:
             _checked(problems, f"stages.{stage.name}.backbone", lambda s=stage: _check_backbone(
@@ -76,12 +78,12 @@ def preflight(recipe: Recipe) -> None:
         if isinstance(stage, SFTStage | DPOStage | RewardStage):
             _checked(problems, f"stages.{stage.name}.dataset",
                      lambda s=stage: _check_dataset(recipe, s, tokenizer, pairs))
-        if (budget := _sampling_budget(stage)) is not None and tokenizer is not None:
+        if (budget := _sampling_budget(stage)) is not None and positions is not None:
             _checked(problems, f"stages.{stage.name}" + (f".{budget[0]}" if budget[0] else ""),
-                     lambda s=stage, b=budget: _check_sampling_positions(recipe, tokenizer, s, *b, longest))
-        if getattr(stage, "implicit_reward_pairs", 0) and tokenizer is not None:
+                     lambda s=stage, b=budget: _check_sampling_positions(recipe, tokenizer, s, *b, longest, positions))
+        if getattr(stage, "implicit_reward_pairs", 0) and positions is not None:
             _checked(problems, f"stages.{stage.name}.implicit_reward_pairs",
-                     lambda s=stage: _check_implicit_pairs(recipe, tokenizer, s))
+                     lambda s=stage: _check_implicit_pairs(recipe, tokenizer, s, positions))
         if getattr(stage, "reward", None) is not None and stage.reward.source == "callable":
             from alignpipe.rewards.plugin import load_callable
 
@@ -458,15 +460,13 @@ def _token_count(tokenizer, text: str) -> int:
 
 
 def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None, budget: int,
-                              longest: _LongestTaskPrompt) -> None:
+                              longest: _LongestTaskPrompt, positions: tuple[int, str, str]) -> None:
     """A stage's prompts and the ``budget`` tokens it samples after each (and the end of turn a kept truncated reply
     trains with) must fit the model's positions. Why here: the eval harness refuses such samples only when the eval
     stage starts, after every stage before it has trained, and the other stages sample past the positions silently
     (rotary positions extrapolate; learned ones fail). A self-judging stage whose judge prompts (two replies each)
-    run past them is warned of, as the judge itself warns when it reads them."""
-    if (found := _position_limit(recipe)) is None:
-        return
-    limit, where, raise_it = found
+    run past them is warned of, as the judge itself warns when it reads them. ``positions``: :func:`_position_limit`."""
+    limit, where, raise_it = positions
     text, prompt = longest(recipe, tokenizer)
     # a kept truncated reply trains with the end of turn appended, unless the stage's max_length cuts the row first
     keep = getattr(stage, "truncated_samples", None) == "keep" and getattr(stage, "max_length", limit + 1) > limit
@@ -511,20 +511,19 @@ def _judge_prompt_tokens(tokenizer, prompt: str) -> int:
     return _token_count(tokenizer, render_prompts(tokenizer, [question])[0])
 
 
-def _check_implicit_pairs(recipe: Recipe, tokenizer, stage) -> None:
+def _check_implicit_pairs(recipe: Recipe, tokenizer, stage, positions: tuple[int, str, str]) -> None:
     """An eval stage's implicit-reward pairs (prompt and either reply) must fit the model's positions: the stage
     refuses them, after every stage before it has trained. The same pairs and the same check as the stage's."""
-    if not getattr(stage, "implicit_reward_pairs", 0) or (found := _position_limit(recipe)) is None:
+    if not getattr(stage, "implicit_reward_pairs", 0):
         return
     from alignpipe.data.synthetic import task_space
-    from alignpipe.evaluation.harness import IMPLICIT_PAIR_SEED, conversation_ids
-    from alignpipe.tasks import heldout_gold_pairs
+    from alignpipe.evaluation.harness import conversation_ids, synthetic_implicit_pairs
 
     try:
-        pairs = heldout_gold_pairs(stage.implicit_reward_pairs, IMPLICIT_PAIR_SEED, task_space(recipe.data))
+        pairs = synthetic_implicit_pairs(stage.implicit_reward_pairs, task_space(recipe.data))
     except ValueError:
         return  # too few held-out prompts: the stage leaves the pairs out with a warning
-    limit, where, raise_it = found
+    limit, where, raise_it = positions
     longest = max(len(conversation_ids(tokenizer, prompt, reply)) for prompt, *replies in pairs for reply in replies)
     if longest > limit:
         fixes = ["set implicit_reward_pairs: 0", "lower data.max_items", *([raise_it] if raise_it else [])]

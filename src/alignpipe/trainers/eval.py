@@ -20,6 +20,7 @@ from alignpipe.evaluation.harness import (
     implicit_pairs_record,
     kl_estimator_record,
     sample_files,
+    synthetic_implicit_pairs,
     write_sample_files,
 )
 from alignpipe.evaluation.leaderboard import (
@@ -34,7 +35,7 @@ from alignpipe.evaluation.proxy_scorer import ProxyScorer
 from alignpipe.io import atomic_write_json
 from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.tasks import GoldJudge, heldout_gold_pairs
+from alignpipe.tasks import GoldJudge
 
 log = logging.getLogger("alignpipe")
 
@@ -73,14 +74,15 @@ def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer,
 def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]] | None, dict]:
     """The pairs for ``implicit_reward_accuracy``, ordered by gold, and what the leaderboard records of them.
 
-    They are drawn on prompts of the task's held-out split (:func:`~alignpipe.tasks.heldout_gold_pairs`), which no
-    training stage draws from: sft, dpo, reward and the online stages all sample the train split, so no checkpoint
-    has seen these prompts, whatever the recipe's seed. (The eval prompts come from the same split with another seed;
+    They are drawn on prompts of the task's held-out split
+    (:func:`~alignpipe.evaluation.harness.synthetic_implicit_pairs`), which no training stage draws from: sft, dpo,
+    reward and the online stages all sample the train split, so no checkpoint has seen these prompts, whatever the
+    recipe's seed. (The eval prompts come from the same split with another seed;
     both are unseen.)
     """
     n = ctx.stage.implicit_reward_pairs
     try:
-        pairs = heldout_gold_pairs(n, IMPLICIT_PAIR_SEED, task_space(ctx.recipe.data))
+        pairs = synthetic_implicit_pairs(n, task_space(ctx.recipe.data))
     except ValueError as error:  # a small task space has few held-out prompts: the other metrics still count
         log.warning("[%s] no implicit_reward_accuracy: %s (set implicit_reward_pairs lower, or 0)", ctx.dir.name, error)
         return None, {}

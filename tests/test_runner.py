@@ -814,3 +814,45 @@ def test_the_batch_plan_shows_a_trl_reward_stages_batch_which_grows_with_the_pro
                               "per_device_train_batch_size is per process)")
     assert plans[1]["rm"].startswith("global batch 32 = 16 per device x 1 accumulation x 2 processes")
     assert "ensemble" not in plans[1]  # the ensemble's batch is global whatever the process count
+
+
+def test_a_second_recipe_file_with_the_same_name_is_warned_of(tmp_path, monkeypatch, caplog, capsys):
+    """runs/<name> is one run directory per name: a copied recipe not renamed, or a child recipe (which inherits its
+    parent's name), would replace the first recipe's outputs; the run and its dry run say so, naming both files.
+    The same file again (by another path to it, or moved with its runs) and overrides of it are that recipe's run,
+    and say nothing."""
+    from alignpipe.pipeline.runner import StageOutcome
+
+    monkeypatch.setattr(Runner, "_run_stage", lambda self, stage, outputs, channel:
+                        StageOutcome(stage.name, "skipped", 0.0, "stand-in"))
+    monkeypatch.setattr(Runner, "_prepare_base", lambda self: ("base", None))
+    runs = tmp_path / "runs"
+    (tmp_path / "a").mkdir()
+    parent = write_recipe(tmp_path / "a", TINY_RECIPE, "parent.yaml")
+    child = tmp_path / "a" / "child.yaml"
+    child.write_text("extends: parent.yaml\nstages:\n  - {name: dpo, beta: 0.3}\n")
+
+    def run(path, overrides=(), dry_run=False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignpipe"):
+            Runner(load_recipe(path, overrides), runs_dir=runs, recipe_path=path, overrides=list(overrides),
+                   in_process=True, dry_run=dry_run).run()
+        return [r.getMessage() for r in caplog.records if "has the same name" in r.getMessage()]
+
+    assert run(parent) == [] and run(parent, ["stages.dpo.beta=0.2"]) == []
+    monkeypatch.chdir(tmp_path / "a")
+    assert run(parent.name) == []  # the same file by a relative path
+    capsys.readouterr()
+    assert run(child, dry_run=True) == []
+    note = capsys.readouterr().out
+    assert f"[dry-run] note: {runs / 'tiny'} holds the run of {parent.resolve()}; this recipe, {child.resolve()}" \
+        in note and "Give this recipe its own name:" in note
+    [warning] = run(child)
+    assert f"holds the run of {parent.resolve()}; this recipe, {child.resolve()}, has the same name (tiny)" in warning
+    assert run(child) == []  # now the child's run: the parent's turn to be warned
+    assert len(run(parent)) == 1
+    moved = tmp_path / "moved"  # the project moved whole, recipes with runs: the same files
+    shutil.copytree(tmp_path / "a", moved / "a")
+    shutil.copytree(runs, moved / "runs")
+    runs = moved / "runs"
+    assert run(moved / "a" / "parent.yaml") == []

@@ -21,6 +21,7 @@ write nothing in ``runs/``. They never read a manifest for a decision: one left 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import sys
@@ -213,6 +214,8 @@ class Runner:
 
     def _lead_locked(self, channel: Alone | ControlHost) -> list[StageOutcome]:
         channel.wait_for_followers()
+        if note := other_recipe_note(self.run_dir, self.recipe_path):
+            log.warning("%s", note)
         record = self._write_run_record()
         at = BASE
         outcomes = []
@@ -240,6 +243,7 @@ class Runner:
         record = {
             "run": self.recipe.name,
             "recipe_path": str(self.recipe_path) if self.recipe_path else None,
+            "recipe_file": _recipe_file(self.recipe_path, self.run_dir),
             "overrides": self.overrides,
             "recipe_sha256": canonical_hash(resolved),
             "git_sha": git_sha(PIPELINES_DIR.parent),
@@ -579,6 +583,8 @@ class Runner:
             return self._follower_dry_run()
         if in_use := run_in_use(self.run_dir):
             print(f"[dry-run] note: this run would be refused now: {in_use}")
+        if note := other_recipe_note(self.run_dir, self.recipe_path):
+            print(f"[dry-run] note: {note}")
         outcomes = []
         outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
@@ -876,6 +882,32 @@ def launch_batch_split(stage, world_size: int) -> BatchSplit | None:
         per_device = stage.per_device_train_batch_size
         return BatchSplit(effective_batch(per_device, 1, world_size), world_size, per_device, 1)
     return None
+
+
+def _recipe_file(recipe_path: str | Path | None, run_dir: Path) -> str | None:
+    """The recipe file as ``run.json``'s ``recipe_file`` records it: relative to the run directory (symlinks
+    resolved), so a project moved or copied whole, its recipes with its runs, still names the same file."""
+    return os.path.relpath(Path(recipe_path).resolve(), Path(run_dir).resolve()) if recipe_path else None
+
+
+def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | None:
+    """A warning when ``run_dir``'s last run came from another recipe file than ``recipe_path``; else None.
+
+    Why: the run directory is ``runs/<name>``, so two recipe files with one ``name:`` share it: a copied recipe not
+    renamed, or a child recipe (``extends:``), which inherits its parent's name. Its stages whose settings differ
+    then re-run and replace the other recipe's outputs, as overrides do, which is what overrides are for but rarely
+    what a second file meant. Records written before ``recipe_file`` existed, and runs without a file, say nothing."""
+    try:
+        earlier = json.loads((run_dir / RUN_FILE).read_text()).get("recipe_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    here = _recipe_file(recipe_path, run_dir)
+    if not earlier or not here or earlier == here:
+        return None
+    earlier = os.path.normpath(Path(run_dir).resolve() / earlier)
+    return (f"{run_dir} holds the run of {earlier}; this recipe, {Path(recipe_path).resolve()}, has the same name ({run_dir.name}), so "
+            "its stages whose settings differ re-run there and replace that recipe's outputs. Give this recipe its "
+            "own name: to keep both runs (a recipe that extends another inherits its name)")
 
 
 def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:

@@ -383,6 +383,18 @@ def test_an_input_listed_twice_is_refused(tmp_path: Path) -> None:
     assert "stages.ev.inputs[2]: 'sft' is listed twice; name each input once" in message
 
 
+def test_dpo_loss_weights_must_train_something(tmp_path: Path) -> None:
+    """[0, 0] (no loss: the stage trained nothing) and a negative weight (which maximises its loss) were taken."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    both = "stages.dpo.loss_type=[sigmoid, sft]"
+    message = error_for(path, (both, "stages.dpo.loss_weights=[0, 0]"))
+    assert "stages.dpo.loss_weights: every weight is 0, so the stage has no loss and trains nothing" in message
+    message = error_for(path, (both, "stages.dpo.loss_weights=[1, -0.5]"))
+    assert ("stages.dpo.loss_weights[1]: expected a weight >= 0, got -0.5: a negative weight maximises the sft loss "
+            "instead of minimising it; use 0 to switch a loss off (from command-line override") in message
+    assert load_recipe(path, (both, "stages.dpo.loss_weights=[0, 1]")).stage("dpo").loss_weights == [0.0, 1.0]
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

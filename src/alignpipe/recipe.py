@@ -557,6 +557,19 @@ class SFTStage(_TrainingStage):
         return self
 
 
+def _loss_weight_problems(weights: list[float], losses: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Weights TRL would train with but that make no sense: a negative one maximises its loss (the policy learns the
+    opposite of that loss's preference), and all zeros leave no loss, so the stage steps without learning."""
+    problems: list[tuple[tuple[str | int, ...], str]] = [
+        (("loss_weights", i), f"expected a weight >= 0, got {weight}: a negative weight maximises the {loss} loss "
+                              "instead of minimising it; use 0 to switch a loss off")
+        for i, (weight, loss) in enumerate(zip(weights, losses, strict=True)) if weight < 0]
+    if not problems and not any(weights):
+        problems.append((("loss_weights",), f"every weight is 0, so the stage has no loss and trains nothing; give "
+                                            f"at least one of {losses} a weight > 0"))
+    return problems
+
+
 class DPOStage(_TrainingStage):
     """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer).
 
@@ -572,7 +585,10 @@ class DPOStage(_TrainingStage):
         min_length=1,
         description="TRL DPO loss(es), combined with loss_weights; sigmoid = the DPO paper's loss (TRL default).",
     )
-    loss_weights: list[float] | None = Field(None, description="One weight per loss_type; null = all 1 (TRL default).")
+    loss_weights: list[float] | None = Field(
+        None, description="One weight >= 0 per loss_type (0 switches a loss off; not all 0); null = all 1 (TRL "
+        "default).",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed label-flip rate for conservative/robust DPO (TRL default: 0)."
     )
@@ -603,6 +619,8 @@ class DPOStage(_TrainingStage):
             msg = (f"needs one weight per loss_type entry: {len(self.loss_weights)} weights for "
                    f"{len(self.loss_type)} loss types {self.loss_type}")
             raise _problem((("loss_weights",), msg))
+        if self.loss_weights is not None and (problems := _loss_weight_problems(self.loss_weights, self.loss_type)):
+            raise _problem(*problems)
         if problems := _long_prompts_problems(self):
             raise _problem(*problems)
         return self

@@ -315,6 +315,17 @@ def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path)
     assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
 
 
+def test_did_you_mean_ignores_case(tmp_path: Path) -> None:
+    """A key or value in capitals got no suggestion: difflib counted every capital as a changed letter."""
+    path = write(tmp_path / "caps.yaml", GOOD.replace("seed: 3", "SEED: 3").replace("lora: {r: 8}", "LORA: {r: 8}")
+                 .replace("type: sft", "type: SFT"))
+    message = error_for(path, ("stages.dpo.loss_type=IPO",))
+    assert "SEED: unknown key; did you mean 'seed'?" in message
+    assert "stages.dpo.LORA: unknown key; did you mean 'lora'?" in message
+    assert "stages.sft.type: unknown stage type 'SFT'; did you mean 'sft'?" in message
+    assert "stages.dpo.loss_type[0]: 'IPO' is not a valid loss_type; did you mean 'ipo'?" in message
+
+
 def test_a_key_an_override_makes_is_blamed_on_the_override(tmp_path: Path) -> None:
     """An unknown key made by an override one level up was said to be 'set in' the extended file."""
     base = write(tmp_path / "base.yaml", GOOD)

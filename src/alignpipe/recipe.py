@@ -89,9 +89,13 @@ class RecipeError(ValueError):
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """``"; did you mean 'x'?"`` when a close name exists, else ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """``"; did you mean 'x'?"`` when a close name exists, else ``""``. Compared case-insensitively: difflib counts
+    each capital as a changed letter, so ``MAX_STEPS`` or ``SFT`` found nothing, though the fix is the name's case."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _problem(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomError:

@@ -293,6 +293,21 @@ def test_override_to_unknown_stage(tmp_path: Path) -> None:
     )
 
 
+def test_an_override_indexing_a_list_is_told_how_overrides_address_entries(tmp_path: Path) -> None:
+    """stages[0].beta=1 got "did you mean 'stages'?", though stages was what the user wrote."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages[1].beta=1",))
+    assert ("stages[1]: overrides address a stage by its name, stages.<name>.<field>=value, here stages.dpo.beta=1 "
+            "(stages: sft, dpo, ev) (from command-line override 'stages[1].beta=1')") in message
+    assert "did you mean" not in message
+    assert "stages.0: overrides address a stage by its name, stages.<name>.<field>=value, here stages.sft.max_steps=5" \
+        in error_for(path, ("stages.0.max_steps=5",))
+    assert "data.families[0]: overrides have no [index]; a list is set whole (data.families=[...])" in error_for(
+        path, ("data.families[0]=copy",))
+    assert "data.families: is a list, not a mapping, so it has no key '0'; set the whole list (data.families=[...])" \
+        in error_for(path, ("data.families.0=copy",))
+
+
 def test_override_sub_key_of_a_scalar(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.n_sft.x=1",))

@@ -1659,14 +1659,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           "quoting text that holds ':', '#', '[' or '{' (key='a: b')") from None
 
 
+_INDEXED = re.compile(r"(?P<key>[^\[\]]*)\[(?P<index>[^\]]*)\]")  # an override key segment written key[index]
+
+
+def _index(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _indexed_override(parts: list[str], names: list[str], raw: str) -> str | None:
+    """Why an override that indexes a list (``stages[0].beta``, ``stages.0.beta``, ``data.families[1]``) cannot be
+    applied, with the form that can: overrides have no list indexing, they address a stage by its name and set any
+    other list whole. None when no segment indexes a list."""
+    for depth, part in enumerate(parts):
+        match = _INDEXED.fullmatch(part)
+        if match:
+            key, index, written = match["key"], match["index"], ".".join(parts[: depth + 1])
+        elif depth == 1 and parts[0] == "stages" and part not in names and _index(part) is not None:
+            key, index, written = "", part, f"stages.{part}"
+        else:
+            continue
+        where = ".".join(p for p in (*parts[:depth], key) if p)
+        if where != "stages":
+            return f"{written}: overrides have no [index]; a list is set whole ({where}=[...])"
+        position, rest = _index(index), ".".join(parts[depth + 1:])
+        name = names[position] if position is not None and -len(names) <= position < len(names) else index
+        example = f", here stages.{name}.{rest}={raw}" if name in names and rest else ""
+        return (f"{written}: overrides address a stage by its name, stages.<name>.<field>=value{example} "
+                f"(stages: {', '.join(names) or 'none'})")
+    return None
+
+
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
     """Set ``value`` at ``parts`` in place, addressing stages by name and creating missing mappings."""
     source = f"(from command-line override {text!r})"
     node: Any = data
     start = 0
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    names = [s["name"] for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    if problem := _indexed_override(parts, names, text.partition("=")[2]):
+        raise RecipeError(f"{problem} {source}")
     if parts[0] == "stages" and len(parts) > 1:
-        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
-        names = [s["name"] for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)]
         if parts[1] not in names:
             raise RecipeError(f"stages.{parts[1]}: unknown stage {parts[1]!r}{_did_you_mean(parts[1], names)} "
                               f"(stages: {', '.join(names) or 'none'}) {source}")
@@ -1677,8 +1712,9 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: st
     for depth in range(start, len(parts) - 1):
         child = node.setdefault(parts[depth], {})
         if not isinstance(child, dict):
+            whole = f"; set the whole list ({'.'.join(parts[: depth + 1])}=[...])" if isinstance(child, list) else ""
             raise RecipeError(f"{'.'.join(parts[: depth + 1])}: is {_show(child)}, not a mapping, so it has no key "
-                              f"{parts[depth + 1]!r} {source}")
+                              f"{parts[depth + 1]!r}{whole} {source}")
         node = child
     node[parts[-1]] = value
 

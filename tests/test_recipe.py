@@ -366,6 +366,26 @@ def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
     assert load_recipe(path, ("stages.dpo.beta=5E-2",)).stage("dpo").beta == 0.05
 
 
+def test_plain_numbers_are_decimal_and_others_stay_text(tmp_path: Path) -> None:
+    """YAML 1.1 read seed: 010 as 8, 0x10 as 16 and 1:30 as 90 (base 60), silently; they are text now, so a number
+    field names its key and says why, and a text field keeps what was written."""
+    quirks = GOOD.replace("seed: 3", "seed: 010").replace("n_sft: 100", "n_sft: 0x10\n  pair_temperature: 1:30")
+    message = error_for(write(tmp_path / "quirks.yaml", quirks), ("stages.sft.max_steps=0b11",))
+    assert ("seed: expected an integer, got '010': numbers are read in decimal only (YAML 1.1 reads it as 8); write "
+            "the decimal number") in message
+    assert "data.n_sft: expected an integer, got '0x10': numbers are read in decimal only (YAML 1.1 reads it as 16)" \
+        in message
+    assert "data.pair_temperature: expected a number, got '1:30': numbers are read in decimal only (YAML 1.1 reads " \
+        "it as 90)" in message
+    assert "stages.sft.max_steps: expected an integer, got '0b11': numbers are read in decimal only (YAML 1.1 reads " \
+        "it as 3); write the decimal number (from command-line override 'stages.sft.max_steps=0b11')" in message
+    path = write(tmp_path / "good.yaml", GOOD)
+    recipe = load_recipe(path, ("description=1:30", "data.n_sft=1_000", "stages.dpo.beta=.5"))
+    assert (recipe.description, recipe.data.n_sft, recipe.stage("dpo").beta) == ("1:30", 1000, 0.5)
+    assert load_recipe(path, ("stages.sft.learning_rate=1.5e-5",)).stage("sft").learning_rate == 1.5e-5
+    assert "data.n_sft: expected an integer, got '1_'" in error_for(path, ("data.n_sft=1_",))
+
+
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:
     """A seed from 2**32 up failed mid-run in the first stage's numpy seeding; a larger one failed as a bare
     'Overflow when unpacking long long'. A split of the synthetic SFT source was ignored."""

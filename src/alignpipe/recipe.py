@@ -1532,10 +1532,23 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.2 reads 1e-5 as a number; PyYAML's YAML 1.1 resolver needs a dot (1.0e-5) and gave the string '1e-5', which
-# validation (strict: no string is taken for a number) would refuse as a learning rate
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
+
+# Plain numbers are decimal. PyYAML's YAML 1.1 resolver read 010 as octal 8, 0x10 as 16, 0b10 as 2 and 1:30 as 90
+# (base 60), where YAML 1.2 reads 010 as 10 and 1:30 as text: the loader leaves such scalars as text, so a number field
+# names its key (``_number_hint`` says why) and a text field (a revision 0123456) keeps what was written. YAML 1.1
+# also needed a dot and a signed exponent (1.0e-5) and read 1e-5 or 1.5e5 as text; both are numbers here, as in YAML
+# 1.2. Underscores group digits as in Python (10_000; not 1_ or 1__0).
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
+_DECIMAL_FLOAT = re.compile(rf"^(?:[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?|\.{_DIGITS}|{_DIGITS}(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+                            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
 
 
 def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
@@ -1909,8 +1922,21 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind == "list_type" and where.path == ["stages"]:
         return f"expected a list of stages (each entry starting '- name: ...'), got {_show(value)}"
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_show(value)}"
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_number_hint(value)}"
     return f"{err['msg']}, got {_show(value)}"
+
+
+_NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
+
+
+def _number_hint(value: Any) -> str:
+    """Why a number written in octal, hex, binary or base 60 reached a number field as text (``_DECIMAL_INT``): the
+    user sees a number, and YAML 1.1 and 1.2 read some of these differently (010: 8 or 10)."""
+    if not (isinstance(value, str) and _NOT_DECIMAL.fullmatch(value)):
+        return ""
+    yaml11 = yaml.safe_load(value)
+    read = f" (YAML 1.1 reads it as {yaml11})" if isinstance(yaml11, (int, float)) else ""
+    return f": numbers are read in decimal only{read}; write the decimal number"
 
 
 def _alternatives(errs: list[dict[str, Any]]) -> str | None:
@@ -1923,7 +1949,7 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
             phrases.append(err["ctx"]["expected"])
         else:
             return None
-    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}"
+    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}{_number_hint(errs[0]['input'])}"
 
 
 def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:

@@ -441,6 +441,18 @@ def test_dpo_loss_weights_must_train_something(tmp_path: Path) -> None:
     assert load_recipe(path, (both, "stages.dpo.loss_weights=[0, 1]")).stage("dpo").loss_weights == [0.0, 1.0]
 
 
+def test_a_null_setting_the_source_does_not_read_gets_the_same_message_as_a_value(tmp_path: Path) -> None:
+    """score_clip: null on the synthetic source was refused as a value is, but said the synthetic task 'reads
+    ready-made pairs': it generates them, labelled from its gold reward."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    messages = [error_for(path, (f"stages.dpo.dataset.score_clip={value}",)).splitlines()[1].partition(" (from")[0]
+                for value in ("null", "0.01")]
+    assert messages[0] == messages[1] == (
+        "  - stages.dpo.dataset.score_clip: is not read: source 'synthetic' generates its pairs already labelled from "
+        "the task's gold reward (data.pair_temperature sets how sharply), so there are no scored responses to pair or "
+        "weigh (this applies to alpaca_eval and ultrafeedback); remove it")
+
+
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.families=[copy",))

@@ -310,9 +310,11 @@ class PreferenceDataSpec(_Spec):
     def _unread(self) -> dict[str, str]:
         """The pairing/strength settings this source and strength would ignore, each with why."""
         scored = self.source in ("alpaca_eval", "ultrafeedback")
-        if not scored:
-            why = (f"source {self.source!r} reads ready-made chosen/rejected pairs, so there are no scored responses "
-                   "to pair or weigh (this applies to alpaca_eval and ultrafeedback)")
+        if not scored:  # the synthetic task makes its pairs rather than reading them: say where their labels come from
+            pairs = ("generates its pairs already labelled from the task's gold reward (data.pair_temperature sets how "
+                     "sharply)" if self.source == "synthetic" else "reads ready-made chosen/rejected pairs")
+            why = (f"source {self.source!r} {pairs}, so there are no scored responses to pair or weigh (this applies "
+                   "to alpaca_eval and ultrafeedback)")
             unread = dict.fromkeys(("pairing", "strength", "temperature", "score_clip"), why)
             if self.source != "trl":  # a trl file may carry its own preference column, kept with soft_labels
                 unread["soft_labels"] = f"{why}; its pairs have hard labels"

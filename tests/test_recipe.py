@@ -293,6 +293,21 @@ def test_override_to_unknown_stage(tmp_path: Path) -> None:
     )
 
 
+def test_an_override_indexing_a_list_is_told_how_overrides_address_entries(tmp_path: Path) -> None:
+    """stages[0].beta=1 got "did you mean 'stages'?", though stages was what the user wrote."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages[1].beta=1",))
+    assert ("stages[1]: overrides address a stage by its name, stages.<name>.<field>=value, here stages.dpo.beta=1 "
+            "(stages: sft, dpo, ev) (from command-line override 'stages[1].beta=1')") in message
+    assert "did you mean" not in message
+    assert "stages.0: overrides address a stage by its name, stages.<name>.<field>=value, here stages.sft.max_steps=5" \
+        in error_for(path, ("stages.0.max_steps=5",))
+    assert "data.families[0]: overrides have no [index]; a list is set whole (data.families=[...])" in error_for(
+        path, ("data.families[0]=copy",))
+    assert "data.families: is a list, not a mapping, so it has no key '0'; set the whole list (data.families=[...])" \
+        in error_for(path, ("data.families.0=copy",))
+
+
 def test_override_sub_key_of_a_scalar(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("data.n_sft.x=1",))
@@ -313,6 +328,17 @@ def test_override_unknown_key_says_it_came_from_the_command_line(tmp_path: Path)
 
     message = error_for(path, ("model.tiny={num_layers: 2, hidden: 8}",))
     assert "model.tiny.hidden: unknown key; did you mean 'hidden_size'? (from command-line override" in message
+
+
+def test_did_you_mean_ignores_case(tmp_path: Path) -> None:
+    """A key or value in capitals got no suggestion: difflib counted every capital as a changed letter."""
+    path = write(tmp_path / "caps.yaml", GOOD.replace("seed: 3", "SEED: 3").replace("lora: {r: 8}", "LORA: {r: 8}")
+                 .replace("type: sft", "type: SFT"))
+    message = error_for(path, ("stages.dpo.loss_type=IPO",))
+    assert "SEED: unknown key; did you mean 'seed'?" in message
+    assert "stages.dpo.LORA: unknown key; did you mean 'lora'?" in message
+    assert "stages.sft.type: unknown stage type 'SFT'; did you mean 'sft'?" in message
+    assert "stages.dpo.loss_type[0]: 'IPO' is not a valid loss_type; did you mean 'ipo'?" in message
 
 
 def test_a_key_an_override_makes_is_blamed_on_the_override(tmp_path: Path) -> None:
@@ -338,6 +364,26 @@ def test_values_are_not_coerced_to_another_type(tmp_path: Path) -> None:
     written = write(tmp_path / "exponent.yaml", exponent)
     assert load_recipe(written).stage("sft").learning_rate == 1e-5
     assert load_recipe(path, ("stages.dpo.beta=5E-2",)).stage("dpo").beta == 0.05
+
+
+def test_plain_numbers_are_decimal_and_others_stay_text(tmp_path: Path) -> None:
+    """YAML 1.1 read seed: 010 as 8, 0x10 as 16 and 1:30 as 90 (base 60), silently; they are text now, so a number
+    field names its key and says why, and a text field keeps what was written."""
+    quirks = GOOD.replace("seed: 3", "seed: 010").replace("n_sft: 100", "n_sft: 0x10\n  pair_temperature: 1:30")
+    message = error_for(write(tmp_path / "quirks.yaml", quirks), ("stages.sft.max_steps=0b11",))
+    assert ("seed: expected an integer, got '010': numbers are read in decimal only (YAML 1.1 reads it as 8); write "
+            "the decimal number") in message
+    assert "data.n_sft: expected an integer, got '0x10': numbers are read in decimal only (YAML 1.1 reads it as 16)" \
+        in message
+    assert "data.pair_temperature: expected a number, got '1:30': numbers are read in decimal only (YAML 1.1 reads " \
+        "it as 90)" in message
+    assert "stages.sft.max_steps: expected an integer, got '0b11': numbers are read in decimal only (YAML 1.1 reads " \
+        "it as 3); write the decimal number (from command-line override 'stages.sft.max_steps=0b11')" in message
+    path = write(tmp_path / "good.yaml", GOOD)
+    recipe = load_recipe(path, ("description=1:30", "data.n_sft=1_000", "stages.dpo.beta=.5"))
+    assert (recipe.description, recipe.data.n_sft, recipe.stage("dpo").beta) == ("1:30", 1000, 0.5)
+    assert load_recipe(path, ("stages.sft.learning_rate=1.5e-5",)).stage("sft").learning_rate == 1.5e-5
+    assert "data.n_sft: expected an integer, got '1_'" in error_for(path, ("data.n_sft=1_",))
 
 
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:
@@ -381,6 +427,30 @@ def test_an_input_listed_twice_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "good.yaml", GOOD)
     message = error_for(path, ("stages.ev.inputs=[sft, dpo, sft]",))
     assert "stages.ev.inputs[2]: 'sft' is listed twice; name each input once" in message
+
+
+def test_dpo_loss_weights_must_train_something(tmp_path: Path) -> None:
+    """[0, 0] (no loss: the stage trained nothing) and a negative weight (which maximises its loss) were taken."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    both = "stages.dpo.loss_type=[sigmoid, sft]"
+    message = error_for(path, (both, "stages.dpo.loss_weights=[0, 0]"))
+    assert "stages.dpo.loss_weights: every weight is 0, so the stage has no loss and trains nothing" in message
+    message = error_for(path, (both, "stages.dpo.loss_weights=[1, -0.5]"))
+    assert ("stages.dpo.loss_weights[1]: expected a weight >= 0, got -0.5: a negative weight maximises the sft loss "
+            "instead of minimising it; use 0 to switch a loss off (from command-line override") in message
+    assert load_recipe(path, (both, "stages.dpo.loss_weights=[0, 1]")).stage("dpo").loss_weights == [0.0, 1.0]
+
+
+def test_a_null_setting_the_source_does_not_read_gets_the_same_message_as_a_value(tmp_path: Path) -> None:
+    """score_clip: null on the synthetic source was refused as a value is, but said the synthetic task 'reads
+    ready-made pairs': it generates them, labelled from its gold reward."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    messages = [error_for(path, (f"stages.dpo.dataset.score_clip={value}",)).splitlines()[1].partition(" (from")[0]
+                for value in ("null", "0.01")]
+    assert messages[0] == messages[1] == (
+        "  - stages.dpo.dataset.score_clip: is not read: source 'synthetic' generates its pairs already labelled from "
+        "the task's gold reward (data.pair_temperature sets how sharply), so there are no scored responses to pair or "
+        "weigh (this applies to alpaca_eval and ultrafeedback); remove it")
 
 
 def test_override_value_must_be_yaml(tmp_path: Path) -> None:

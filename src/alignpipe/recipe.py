@@ -89,9 +89,13 @@ class RecipeError(ValueError):
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """``"; did you mean 'x'?"`` when a close name exists, else ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """``"; did you mean 'x'?"`` when a close name exists, else ``""``. Compared case-insensitively: difflib counts
+    each capital as a changed letter, so ``MAX_STEPS`` or ``SFT`` found nothing, though the fix is the name's case."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _problem(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomError:
@@ -306,9 +310,11 @@ class PreferenceDataSpec(_Spec):
     def _unread(self) -> dict[str, str]:
         """The pairing/strength settings this source and strength would ignore, each with why."""
         scored = self.source in ("alpaca_eval", "ultrafeedback")
-        if not scored:
-            why = (f"source {self.source!r} reads ready-made chosen/rejected pairs, so there are no scored responses "
-                   "to pair or weigh (this applies to alpaca_eval and ultrafeedback)")
+        if not scored:  # the synthetic task makes its pairs rather than reading them: say where their labels come from
+            pairs = ("generates its pairs already labelled from the task's gold reward (data.pair_temperature sets how "
+                     "sharply)" if self.source == "synthetic" else "reads ready-made chosen/rejected pairs")
+            why = (f"source {self.source!r} {pairs}, so there are no scored responses to pair or weigh (this applies "
+                   "to alpaca_eval and ultrafeedback)")
             unread = dict.fromkeys(("pairing", "strength", "temperature", "score_clip"), why)
             if self.source != "trl":  # a trl file may carry its own preference column, kept with soft_labels
                 unread["soft_labels"] = f"{why}; its pairs have hard labels"
@@ -557,6 +563,19 @@ class SFTStage(_TrainingStage):
         return self
 
 
+def _loss_weight_problems(weights: list[float], losses: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Weights TRL would train with but that make no sense: a negative one maximises its loss (the policy learns the
+    opposite of that loss's preference), and all zeros leave no loss, so the stage steps without learning."""
+    problems: list[tuple[tuple[str | int, ...], str]] = [
+        (("loss_weights", i), f"expected a weight >= 0, got {weight}: a negative weight maximises the {loss} loss "
+                              "instead of minimising it; use 0 to switch a loss off")
+        for i, (weight, loss) in enumerate(zip(weights, losses, strict=True)) if weight < 0]
+    if not problems and not any(weights):
+        problems.append((("loss_weights",), f"every weight is 0, so the stage has no loss and trains nothing; give "
+                                            f"at least one of {losses} a weight > 0"))
+    return problems
+
+
 class DPOStage(_TrainingStage):
     """Direct Preference Optimization (Rafailov et al. 2023) on preference pairs (TRL DPOTrainer).
 
@@ -572,7 +591,10 @@ class DPOStage(_TrainingStage):
         min_length=1,
         description="TRL DPO loss(es), combined with loss_weights; sigmoid = the DPO paper's loss (TRL default).",
     )
-    loss_weights: list[float] | None = Field(None, description="One weight per loss_type; null = all 1 (TRL default).")
+    loss_weights: list[float] | None = Field(
+        None, description="One weight >= 0 per loss_type (0 switches a loss off; not all 0); null = all 1 (TRL "
+        "default).",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed label-flip rate for conservative/robust DPO (TRL default: 0)."
     )
@@ -603,6 +625,8 @@ class DPOStage(_TrainingStage):
             msg = (f"needs one weight per loss_type entry: {len(self.loss_weights)} weights for "
                    f"{len(self.loss_type)} loss types {self.loss_type}")
             raise _problem((("loss_weights",), msg))
+        if self.loss_weights is not None and (problems := _loss_weight_problems(self.loss_weights, self.loss_type)):
+            raise _problem(*problems)
         if problems := _long_prompts_problems(self):
             raise _problem(*problems)
         return self
@@ -1510,10 +1534,23 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.2 reads 1e-5 as a number; PyYAML's YAML 1.1 resolver needs a dot (1.0e-5) and gave the string '1e-5', which
-# validation (strict: no string is taken for a number) would refuse as a learning rate
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
+
+# Plain numbers are decimal. PyYAML's YAML 1.1 resolver read 010 as octal 8, 0x10 as 16, 0b10 as 2 and 1:30 as 90
+# (base 60), where YAML 1.2 reads 010 as 10 and 1:30 as text: the loader leaves such scalars as text, so a number field
+# names its key (``_number_hint`` says why) and a text field (a revision 0123456) keeps what was written. YAML 1.1
+# also needed a dot and a signed exponent (1.0e-5) and read 1e-5 or 1.5e5 as text; both are numbers here, as in YAML
+# 1.2. Underscores group digits as in Python (10_000; not 1_ or 1__0).
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
+_DECIMAL_FLOAT = re.compile(rf"^(?:[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?|\.{_DIGITS}|{_DIGITS}(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+                            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
 
 
 def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
@@ -1637,14 +1674,49 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           "quoting text that holds ':', '#', '[' or '{' (key='a: b')") from None
 
 
+_INDEXED = re.compile(r"(?P<key>[^\[\]]*)\[(?P<index>[^\]]*)\]")  # an override key segment written key[index]
+
+
+def _index(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _indexed_override(parts: list[str], names: list[str], raw: str) -> str | None:
+    """Why an override that indexes a list (``stages[0].beta``, ``stages.0.beta``, ``data.families[1]``) cannot be
+    applied, with the form that can: overrides have no list indexing, they address a stage by its name and set any
+    other list whole. None when no segment indexes a list."""
+    for depth, part in enumerate(parts):
+        match = _INDEXED.fullmatch(part)
+        if match:
+            key, index, written = match["key"], match["index"], ".".join(parts[: depth + 1])
+        elif depth == 1 and parts[0] == "stages" and part not in names and _index(part) is not None:
+            key, index, written = "", part, f"stages.{part}"
+        else:
+            continue
+        where = ".".join(p for p in (*parts[:depth], key) if p)
+        if where != "stages":
+            return f"{written}: overrides have no [index]; a list is set whole ({where}=[...])"
+        position, rest = _index(index), ".".join(parts[depth + 1:])
+        name = names[position] if position is not None and -len(names) <= position < len(names) else index
+        example = f", here stages.{name}.{rest}={raw}" if name in names and rest else ""
+        return (f"{written}: overrides address a stage by its name, stages.<name>.<field>=value{example} "
+                f"(stages: {', '.join(names) or 'none'})")
+    return None
+
+
 def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
     """Set ``value`` at ``parts`` in place, addressing stages by name and creating missing mappings."""
     source = f"(from command-line override {text!r})"
     node: Any = data
     start = 0
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    names = [s["name"] for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    if problem := _indexed_override(parts, names, text.partition("=")[2]):
+        raise RecipeError(f"{problem} {source}")
     if parts[0] == "stages" and len(parts) > 1:
-        stages = data.get("stages") if isinstance(data.get("stages"), list) else []
-        names = [s["name"] for s in stages if isinstance(s, dict) and isinstance(s.get("name"), str)]
         if parts[1] not in names:
             raise RecipeError(f"stages.{parts[1]}: unknown stage {parts[1]!r}{_did_you_mean(parts[1], names)} "
                               f"(stages: {', '.join(names) or 'none'}) {source}")
@@ -1655,8 +1727,9 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: st
     for depth in range(start, len(parts) - 1):
         child = node.setdefault(parts[depth], {})
         if not isinstance(child, dict):
+            whole = f"; set the whole list ({'.'.join(parts[: depth + 1])}=[...])" if isinstance(child, list) else ""
             raise RecipeError(f"{'.'.join(parts[: depth + 1])}: is {_show(child)}, not a mapping, so it has no key "
-                              f"{parts[depth + 1]!r} {source}")
+                              f"{parts[depth + 1]!r}{whole} {source}")
         node = child
     node[parts[-1]] = value
 
@@ -1851,8 +1924,21 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind == "list_type" and where.path == ["stages"]:
         return f"expected a list of stages (each entry starting '- name: ...'), got {_show(value)}"
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_show(value)}"
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_number_hint(value)}"
     return f"{err['msg']}, got {_show(value)}"
+
+
+_NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
+
+
+def _number_hint(value: Any) -> str:
+    """Why a number written in octal, hex, binary or base 60 reached a number field as text (``_DECIMAL_INT``): the
+    user sees a number, and YAML 1.1 and 1.2 read some of these differently (010: 8 or 10)."""
+    if not (isinstance(value, str) and _NOT_DECIMAL.fullmatch(value)):
+        return ""
+    yaml11 = yaml.safe_load(value)
+    read = f" (YAML 1.1 reads it as {yaml11})" if isinstance(yaml11, (int, float)) else ""
+    return f": numbers are read in decimal only{read}; write the decimal number"
 
 
 def _alternatives(errs: list[dict[str, Any]]) -> str | None:
@@ -1865,7 +1951,7 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
             phrases.append(err["ctx"]["expected"])
         else:
             return None
-    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}"
+    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}{_number_hint(errs[0]['input'])}"
 
 
 def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:

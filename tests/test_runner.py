@@ -856,3 +856,15 @@ def test_a_second_recipe_file_with_the_same_name_is_warned_of(tmp_path, monkeypa
     shutil.copytree(runs, moved / "runs")
     runs = moved / "runs"
     assert run(moved / "a" / "parent.yaml") == []
+
+
+@pytest.mark.parametrize(("name", "hint"), [("SFT", "; did you mean 'sft'?"), ("dpoo", "; did you mean 'dpo'?"),
+                                            ("reward", "")])
+def test_force_of_an_unknown_stage_names_the_stages_and_the_nearest(tiny_recipe_path, tmp_path, name, hint):
+    """--force names a stage as the recipe writes it; a wrong one (capitals included) is refused before anything
+    runs, pointing to the nearest stage name."""
+    with pytest.raises(ValueError) as refused:
+        Runner(load_recipe(tiny_recipe_path), runs_dir=tmp_path / "runs", force=[name], in_process=True)
+    assert str(refused.value) == (f"--force {name}: no such stage in recipe 'tiny'{hint}; "
+                                  "stages: ['sft', 'dpo', 'eval']")
+    assert not (tmp_path / "runs").exists()

@@ -88,7 +88,7 @@ class RecipeError(ValueError):
         super().__init__(f"{headline}:" + "".join(f"\n  - {p}" for p in self.problems) if problems else headline)
 
 
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """``"; did you mean 'x'?"`` when a close name exists, else ``""``. Compared case-insensitively: difflib counts
     each capital as a changed letter, so ``MAX_STEPS`` or ``SFT`` found nothing, though the fix is the name's case."""
     by_lower: dict[str, str] = {}
@@ -1235,7 +1235,7 @@ class EvalStage(_StageBase):
     def _reference_is_input(self) -> EvalStage:
         for key, name in (("reference", self.reference), ("proxy", None if self.proxy == "auto" else self.proxy)):
             if name is not None and name not in self.inputs:
-                msg = (f"{name!r} is not one of this stage's inputs{_did_you_mean(name, self.inputs)}"
+                msg = (f"{name!r} is not one of this stage's inputs{did_you_mean(name, self.inputs)}"
                        f" (inputs: {', '.join(self.inputs)})")
                 raise _problem(((key,), msg))
         return self
@@ -1304,7 +1304,7 @@ class Recipe(_Spec):
                 elif ref in RESERVED_STAGE_NAMES:
                     msg = f"{ref!r} is the recipe's model: start from it with inputs: [] (eval stages: include_base)"
                 else:
-                    msg = (f"unknown stage {ref!r}{_did_you_mean(ref, earlier)} "
+                    msg = (f"unknown stage {ref!r}{did_you_mean(ref, earlier)} "
                            f"(earlier stages: {', '.join(earlier) or 'none'})")
                 problems.append((("stages", i, "inputs", j), msg))
         problems += self._eval_policies(names)
@@ -1479,7 +1479,7 @@ class Recipe(_Spec):
             if stage.name == name:
                 return stage
         names = [s.name for s in self.stages]
-        raise RecipeError(f"recipe {self.name!r} has no stage {name!r}{_did_you_mean(name, names)} "
+        raise RecipeError(f"recipe {self.name!r} has no stage {name!r}{did_you_mean(name, names)} "
                           f"(stages: {', '.join(names)})")
 
 
@@ -1718,7 +1718,7 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any, text: st
         raise RecipeError(f"{problem} {source}")
     if parts[0] == "stages" and len(parts) > 1:
         if parts[1] not in names:
-            raise RecipeError(f"stages.{parts[1]}: unknown stage {parts[1]!r}{_did_you_mean(parts[1], names)} "
+            raise RecipeError(f"stages.{parts[1]}: unknown stage {parts[1]!r}{did_you_mean(parts[1], names)} "
                               f"(stages: {', '.join(names) or 'none'}) {source}")
         if len(parts) == 2:
             raise RecipeError(f"stages.{parts[1]}: set a stage's fields one by one (stages.{parts[1]}.<field>=value),"
@@ -1895,7 +1895,7 @@ def _message(err: dict[str, Any], where: _Located) -> str:
         if replaced:  # a key other stage types have and this one replaces (PPO: no Trainer schedule)
             return replaced
         valid = list(where.owner.model_fields) if where.owner else []
-        hint = _did_you_mean(str(where.path[-1]), valid)
+        hint = did_you_mean(str(where.path[-1]), valid)
         return f"unknown key{hint}" if hint else f"unknown key (valid keys: {', '.join(valid)})"
     if kind == "missing":
         return "missing required key"
@@ -1903,13 +1903,13 @@ def _message(err: dict[str, Any], where: _Located) -> str:
         return f"missing required key (one of: {', '.join(STAGE_TYPES)})"
     if kind == "union_tag_invalid":
         tag = str(ctx.get("tag"))
-        return f"unknown stage type {tag!r}{_did_you_mean(tag, list(STAGE_TYPES))} (valid: {', '.join(STAGE_TYPES)})"
+        return f"unknown stage type {tag!r}{did_you_mean(tag, list(STAGE_TYPES))} (valid: {', '.join(STAGE_TYPES)})"
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         noun = next((p for p in reversed(where.path) if isinstance(p, str)), "value")
         if where.path and isinstance(where.path[-1], int):  # an item of a list: families -> family
             noun = noun[:-3] + "y" if noun.endswith("ies") else noun.removesuffix("s")
-        hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
         return f"{_show(value)} is not a valid {noun}{hint} (valid: {', '.join(choices)})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         number = "an integer" if where.field is not None and where.field.annotation is int else "a number"

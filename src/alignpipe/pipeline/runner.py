@@ -20,7 +20,6 @@ write nothing in ``runs/``. They never read a manifest for a decision: one left 
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -78,6 +77,7 @@ from alignpipe.recipe import (
     RLOOStage,
     _OptimizerStage,
     _TrainerStage,
+    did_you_mean,
     recipe_to_dict,
 )
 
@@ -135,10 +135,8 @@ class Runner:
         names = [s.name for s in recipe.stages]
         for name in force:
             if name not in names:
-                hint = difflib.get_close_matches(name, names, n=1)
-                suggestion = f"did you mean '{hint[0]}'? " if hint else ""
-                raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'; {suggestion}"
-                                 f"stages: {names}")
+                raise ValueError(f"--force {name}: no such stage in recipe '{recipe.name}'"
+                                 f"{did_you_mean(name, names)}; stages: {names}")
         self.recipe = recipe
         self._model_hashes: dict[tuple[str | None, str | None], str | None] = {}  # see _local_model_hash
         self._snapshot: HubSnapshot | None = None  # the recipe's hub model pinned to a commit: see _hub_snapshot

@@ -657,3 +657,24 @@ def test_csv_and_markdown_rank_the_same_rows():
     assert [(rank.strip(), name.strip()) for rank, name in markdown] == [
         ("1", "dpo"), ("2", "sft"), ("3", "base"), ("–", "no-gold")]
     assert csv_rows == [["1", "dpo"], ["2", "sft"], ["3", "base"], ["", "no-gold"]]
+
+
+def test_one_reward_model_judge_under_two_names_merges_and_two_judges_do_not():
+    """A reward-model judge is compared by its identity hash: its id (the directory's name) and the name of the stage
+    that trained it do not set apart two copies of it; another hash, or another training source, does."""
+    from alignpipe.evaluation.leaderboard import merge_conflicts
+
+    def board(**judge):
+        record = {"type": "reward_model", "id": "reward_ensemble:checkpoint", "position_swap": True,
+                  "weights_sha256": "a" * 64,
+                  "trained_on": {"stage": "rm", "source": "alpaca_eval", "heldout_fraction": 0.2}}
+        return {"run": {}, "config": {"judge": {**record, **judge}}}
+
+    renamed = board(id="reward_ensemble:rm-v1", trained_on={"stage": "reward", "source": "alpaca_eval",
+                                                            "heldout_fraction": 0.2})
+    assert merge_conflicts(board(), renamed) == []
+    assert merge_conflicts(board(), board(weights_sha256="b" * 64))[0].startswith("judge (")
+    other_source = board(trained_on={"stage": "rm", "source": "hh_rlhf", "heldout_fraction": 0.2})
+    assert merge_conflicts(board(), other_source)[0].startswith("judge (")
+    unproven = board(id="reward_ensemble:rm-v1", weights_sha256=None)  # an older board: the id is all it has
+    assert any(c.startswith("judge weights") for c in merge_conflicts(board(), unproven))

@@ -275,6 +275,13 @@ def test_boards_judged_by_different_reward_models_saved_under_one_name_are_not_m
     (tmp_path / "again").mkdir()
     boards["again"] = shutil.copy(boards["a"], tmp_path / "again" / "leaderboard.json")  # the same judge's weights
     assert len(merge_leaderboards([boards["a"], boards["again"]])["checkpoints"]) == 2
+    # a copy of judge a under another name is judge a: its id differs (the directory's name), its identity does not
+    renamed = shutil.copytree(tmp_path / "judge-a" / "checkpoint", tmp_path / "judges" / "rm-v1")
+    assert main(["eval", f"policy={llama_path}", "--suite", str(suite), "--judge", str(renamed), "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "renamed")]) == 0
+    board = tmp_path / "renamed" / "leaderboard.json"
+    assert json.loads(board.read_text())["config"]["judge"]["id"] != judges[0]["id"]
+    assert len(merge_leaderboards([boards["a"], board])["checkpoints"]) == 2
 
 
 def test_policy_reference_suite_cuts_prompts_to_max_prompt_tokens(completed_tiny_run, llama_path, tmp_path):

@@ -428,6 +428,8 @@ def merge_conflicts(a: dict, b: dict) -> list[str]:
     def differ(section: str, key: str) -> bool:
         if key in _RECORDED_WHEN_DRAWN and (key not in a[section] or key not in b[section]):
             return False  # one board has no such columns: nothing of it is ranked beside the other's
+        if key == "judge":
+            return _judged_alike(a[section].get(key)) != _judged_alike(b[section].get(key))
         return a[section].get(key) != b[section].get(key)
 
     conflicts = [f"{what} ({shown(a, section, key)} vs {shown(b, section, key)})"
@@ -438,6 +440,18 @@ def merge_conflicts(a: dict, b: dict) -> list[str]:
                          "a reward-model judge is compared by the hash of its weights, which a board evaluated by an "
                          "older alignpipe did not record: re-run its evaluation)")
     return conflicts
+
+
+def _judged_alike(judge: dict | None) -> dict | None:
+    """What of a board's judge record two boards must share: a reward-model judge with its identity hash
+    (``weights_sha256``) without the names the hash already stands behind: its id (``reward_ensemble:<its directory
+    name>``) and the name of the reward stage that trained it, so copies of one judge under other names merge."""
+    if not isinstance(judge, dict) or not judge.get("weights_sha256"):
+        return judge
+    trained_on = judge.get("trained_on")
+    return {**{k: v for k, v in judge.items() if k != "id"},
+            "trained_on": {k: v for k, v in trained_on.items() if k != "stage"} if isinstance(trained_on, dict)
+            else trained_on}
 
 
 def _unproven_judge(board: dict) -> bool:

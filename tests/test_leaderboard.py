@@ -443,11 +443,11 @@ def test_merge_leaves_out_proxy_columns_scored_by_different_reward_models(tmp_pa
     from alignpipe.evaluation.leaderboard import merge_leaderboards
     from alignpipe.evaluation.metrics import MetricValue
 
-    def board(name: str, proxy_sha: str | None) -> Path:
+    def board(name: str, proxy_sha: str | None, stage: str = "rm") -> Path:
         rows = [CheckpointResult(r.name, r.path, r.weights_sha256,
                                  {**r.metrics, "proxy_reward": MetricValue(1.0, (0.5, 1.5), 8, None)})
                 for r in results()]
-        config = {**_suite_board()["config"], **({"proxy": {"stage": "rm", "sha256": proxy_sha}} if proxy_sha else {})}
+        config = {**_suite_board()["config"], **({"proxy": {"stage": stage, "sha256": proxy_sha}} if proxy_sha else {})}
         record = build_leaderboard(rows, run=_suite_board()["run"], config=config, env={}, suite="synthetic",
                                    primary_metric="gold_reward")
         return write_leaderboard(record, tmp_path / name)[0]
@@ -460,6 +460,8 @@ def test_merge_leaves_out_proxy_columns_scored_by_different_reward_models(tmp_pa
     assert merged["config"]["left_out"]["metrics"] == ["proxy_reward"] and "proxy_reward" in caplog.text
     kept = merge_leaderboards([board("c", "11" * 32), board("d", "11" * 32)])
     assert all("proxy_reward" in row["results"] for row in kept["checkpoints"]) and "left_out" not in kept["config"]
+    renamed = merge_leaderboards([board("g", "11" * 32), board("h", "11" * 32, stage="reward")])  # one model
+    assert all("proxy_reward" in row["results"] for row in renamed["checkpoints"])
     assert all("proxy_reward" in row["results"] for row in merge_leaderboards(
         [board("e", "11" * 32), board("f", None)])["checkpoints"])  # one proxy only: nothing to mix up
 

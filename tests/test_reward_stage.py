@@ -16,6 +16,7 @@ from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import RecipeError, load_recipe
 from alignpipe.rewards.ensemble import EnsembleScorer
+from alignpipe.rewards.loading import reward_model_identity
 from alignpipe.trainers import reward as reward_stage
 
 REWARD = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 3, "top_layers": 1,
@@ -99,7 +100,8 @@ def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
     # the reward stage is the proxy (auto: the only reward input): every policy row gets the proxy metrics, scored
     # by the saved ensemble itself, and the reference (sft) gains nothing over itself on either reward
     assert board["config"]["proxy"]["stage"] == "rm"
-    assert board["config"]["proxy"]["sha256"] == StageDir(runner.run_dir / "rm").read_manifest()["output_sha256"]
+    # its identity, as a judge's: a copy of the run elsewhere records the same proxy (not its directory hash)
+    assert board["config"]["proxy"]["sha256"] == reward_model_identity(runner.run_dir / "rm" / "checkpoint")
     rows = {c["name"]: c["results"] for c in board["checkpoints"]}
     for name in ("base", "sft"):
         assert {"proxy_reward", "proxy_reward_min", "proxy_member_var", "proxy_gold_gap"} <= set(rows[name])

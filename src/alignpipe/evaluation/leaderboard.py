@@ -352,8 +352,10 @@ PROXIES_DIFFER = "the runs' proxy reward models differ: their proxy scores have 
 
 def _proxy_columns_to_leave_out(sources: list[dict], rows: list[dict]) -> set[str]:
     """The ``proxy_*`` metrics, when the runs scored them with different reward models (each run trains its own):
-    such columns would rank numbers of unrelated scales together. Each run's own leaderboard keeps them."""
-    proxies = {json.dumps(s["config"]["proxy"], sort_keys=True) for s in sources if s["config"].get("proxy")}
+    such columns would rank numbers of unrelated scales together. Each run's own leaderboard keeps them. A proxy is
+    told by its identity hash (``sha256``), not its stage's name, so two runs' copies of one reward model agree."""
+    proxies = {proxy.get("sha256") or json.dumps(proxy, sort_keys=True)
+               for proxy in (s["config"].get("proxy") for s in sources) if proxy}
     if len(proxies) < 2:
         return set()
     metrics = {k for row in rows for k in row["results"] if k.startswith(PROXY_PREFIX)}

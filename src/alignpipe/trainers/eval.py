@@ -64,8 +64,11 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
 
 def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer, dict]:
     """A reward stage's model as the proxy scorer (loaded only if a score is not cached), and what the leaderboard
-    records of it: the stage and its weights' hash, which tell two runs' proxies apart."""
-    weights = (StageDir(ctx.run_dir / name).read_manifest() or {}).get("output_sha256")
+    records of it: the stage and the model's identity (:func:`~alignpipe.rewards.loading.reward_model_identity`),
+    which tells two runs' proxies apart, and keys its cached scores, wherever each run lies."""
+    from alignpipe.rewards.loading import reward_model_identity
+
+    weights = reward_model_identity(ctx.inputs[name])
     log.info("[%s] proxy reward: the %s stage's model", ctx.dir.name, name)
     scorer = ProxyScorer(ctx.inputs[name], weights, dtype=ctx.recipe.model.dtype, device=ctx.device, cache=cache)
     return scorer, {"proxy": {"stage": name, "sha256": weights}}

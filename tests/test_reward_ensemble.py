@@ -339,7 +339,7 @@ def test_a_backbone_in_the_run_directory_moves_with_the_ensemble(llama_path, oth
     assert EnsembleScorer.load(archived / "reward" / "checkpoint").tokenizer.vocab == tokenizer.vocab
 
 
-def test_copies_of_one_reward_model_in_two_runs_have_one_identity(llama_path, tmp_path):
+def test_copies_of_one_reward_model_in_two_runs_have_one_identity(llama_path, other_llama_path, tmp_path):
     """A board records its judge's identity and merges only with boards of the same one: the same ensemble saved by
     two runs in two places is one judge, although its files differ in absolute paths; other weights, or a backbone
     named only by a path that differs, are another one."""
@@ -369,6 +369,10 @@ def test_copies_of_one_reward_model_in_two_runs_have_one_identity(llama_path, tm
         _perturb(ensemble)
         outside[name] = ensemble.save(tmp_path / name / "reward")
     assert reward_model_identity(outside["c"]) != reward_model_identity(outside["d"])
+    before = reward_model_identity(outside["c"])
+    shutil.rmtree(tmp_path / "c" / "backbone")  # other weights where the backbone was: another judge
+    shutil.copytree(other_llama_path, tmp_path / "c" / "backbone")
+    assert reward_model_identity(outside["c"]) != before
 
 
 def test_a_replaced_or_missing_backbone_is_a_clear_error(llama_path, other_llama_path, tmp_path):

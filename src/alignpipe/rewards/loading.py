@@ -89,7 +89,9 @@ def reward_model_identity(directory: str | os.PathLike[str]) -> str:
     PEFT's ``base_model_name_or_path``; a single model's ``base_model``, which only records what it was trained
     from, its weights being whole). So the JSON files that hold them are hashed without those paths wherever the
     backbone is otherwise identified: by its recorded ``sha256`` or hub commit, or, for PEFT's field, by the
-    manifest's own backbone entry. Every other file counts byte for byte (:func:`cached_directory_hash`)."""
+    manifest's own backbone entry. Every other file counts byte for byte (:func:`cached_directory_hash`). A local
+    backbone recorded by its path alone (a folder outside any run) counts by its files too, hashed where it lies
+    now, so replacing its weights makes another judge (and misses the scores cached for the old one)."""
     directory = Path(directory)
     fmt = reward_model_format(directory)
     described = {MANIFEST_FILE} | ({ADAPTER_CONFIG} if fmt == ENSEMBLE_FORMAT else set())
@@ -102,7 +104,25 @@ def reward_model_identity(directory: str | os.PathLike[str]) -> str:
             raise ValueError(f"reward model {directory}: cannot read {path} ({exc}); save the reward model again") \
                 from exc
         texts[path.relative_to(directory).as_posix()] = _without_locations(saved, path.name, fmt)
-    return canonical_hash({"format": fmt, "files": files, "described": texts})
+    backbone = _backbone_named_by_path(directory, texts.get(MANIFEST_FILE)) if fmt == ENSEMBLE_FORMAT else None
+    return canonical_hash({"format": fmt, "files": files, "described": texts,
+                           **({"backbone_files": cached_directory_hash(backbone)} if backbone else {})})
+
+
+def _backbone_named_by_path(directory: Path, manifest: Any) -> Path | None:
+    """The local folder an ensemble's backbone is, when its manifest names it by path alone (no recorded hash or
+    hub commit); None otherwise, or for a hub id. ``FileNotFoundError`` (the loader's) when it is gone."""
+    from alignpipe.models.loading import resolve_model_location
+    from alignpipe.rewards.ensemble import _saved_backbone
+
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
+        return None
+    record = manifest.get(BACKBONE_KEY)
+    if isinstance(record, dict) and (record.get("sha256") or record.get("hub")):
+        return None
+    location = Path(resolve_model_location(_saved_backbone(directory, manifest, str(manifest["spec"].get("backbone")),
+                                                           override=None)))
+    return location if location.is_dir() else None
 
 
 def _without_locations(saved: Any, name: str, fmt: str) -> Any:

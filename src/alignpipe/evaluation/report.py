@@ -922,7 +922,8 @@ def _training_section(run: RunData) -> str:
 _SECTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("leaderboard", "1. Leaderboard", lambda run, kl: _leaderboard_section(run, kl)),
     ("overoptimisation", "2. Over-optimisation: reward vs √KL", lambda run, kl: _overopt_section(run)),
-    ("pareto", "3. Gold reward vs KL: the Pareto frontier", lambda run, kl: _pareto_section(run)),
+    # gold_reward, or a reward-model judge's judge_reward (the section names which)
+    ("pareto", "3. Reward vs KL: the Pareto frontier", lambda run, kl: _pareto_section(run)),
     ("length", "4. Win rate vs response length", lambda run, kl: _length_section(run)),
     ("reward-models", "5. Reward models: accuracy and calibration", lambda run, kl: _reward_section(run)),
     ("training", "6. Training curves", lambda run, kl: _training_section(run)),

@@ -306,6 +306,11 @@ def test_an_override_indexing_a_list_is_told_how_overrides_address_entries(tmp_p
         path, ("data.families[0]=copy",))
     assert "data.families: is a list, not a mapping, so it has no key '0'; set the whole list (data.families=[...])" \
         in error_for(path, ("data.families.0=copy",))
+    # a key in brackets is written with a dot, not set as a list
+    assert "data[families]: overrides write keys with dots: data.families=..." in error_for(
+        path, ("data[families]=[copy]",))
+    assert "stages.dpo[beta]: overrides write keys with dots: stages.dpo.beta=..." in error_for(
+        path, ("stages.dpo[beta]=0.2",))
 
 
 def test_override_sub_key_of_a_scalar(tmp_path: Path) -> None:
@@ -384,6 +389,9 @@ def test_plain_numbers_are_decimal_and_others_stay_text(tmp_path: Path) -> None:
     assert (recipe.description, recipe.data.n_sft, recipe.stage("dpo").beta) == ("1:30", 1000, 0.5)
     assert load_recipe(path, ("stages.sft.learning_rate=1.5e-5",)).stage("sft").learning_rate == 1.5e-5
     assert "data.n_sft: expected an integer, got '1_'" in error_for(path, ("data.n_sft=1_",))
+    # a field that takes no number is not told to write a decimal one
+    for override in ("stages.dpo.precompute_ref_log_probs=0b1", "stages.dpo.inputs=010"):
+        assert "numbers are read in decimal" not in error_for(path, (override,))
 
 
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:

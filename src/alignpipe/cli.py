@@ -111,7 +111,7 @@ SYNTHETIC_EVAL = {"n_prompts": 256, "max_new_tokens": 24, "batch_size": 64, "see
 
 def _overrides_help() -> str:
     return ("dotted overrides applied after `extends` (a stage by its name, a list whole), e.g. stages.dpo.beta=0.2 "
-            "data.families=[copy,sort]")
+            "'data.families=[copy, sort]' (quoted: brackets are shell patterns)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -339,6 +339,7 @@ class PreferenceDataSpec(_Spec):
         if self.source == "synthetic" and self.split != "train":
             raise _problem((("split",), "source 'synthetic' has no splits (held-out pairs come from the stage's "
                                         "heldout_fraction); remove split"))
+        # at its default a key passes: a resolved recipe (a run's recipe.yaml, every default filled in) loads again
         fields = type(self).model_fields
         unread = [((key,), f"is not read: {why}; remove it") for key, why in self._unread().items()
                   if getattr(self, key) != fields[key].default]
@@ -1697,6 +1698,8 @@ def _indexed_override(parts: list[str], names: list[str], raw: str) -> str | Non
         else:
             continue
         where = ".".join(p for p in (*parts[:depth], key) if p)
+        if where != "stages" and _index(index) is None:  # data[families]: a key in brackets, which a dot writes
+            return f"{written}: overrides write keys with dots: {where}.{index}=..."
         if where != "stages":
             return f"{written}: overrides have no [index]; a list is set whole ({where}=[...])"
         position, rest = _index(index), ".".join(parts[depth + 1:])
@@ -1924,10 +1927,11 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind == "list_type" and where.path == ["stages"]:
         return f"expected a list of stages (each entry starting '- name: ...'), got {_show(value)}"
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_number_hint(value)}"
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_number_hint(value) if kind in _NUMBER_KINDS else ''}"
     return f"{err['msg']}, got {_show(value)}"
 
 
+_NUMBER_KINDS = frozenset({"int_type", "int_parsing", "float_type", "float_parsing"})  # where a number was expected
 _NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
 
 
@@ -1943,7 +1947,7 @@ def _number_hint(value: Any) -> str:
 
 def _alternatives(errs: list[dict[str, Any]]) -> str | None:
     """A union field fails once per member; say 'expected A or B, got x' instead."""
-    phrases = []
+    phrases, numbers = [], any(err["type"] in _NUMBER_KINDS for err in errs)
     for err in errs:
         if err["type"] in _EXPECTED:
             phrases.append(_EXPECTED[err["type"]])
@@ -1951,7 +1955,8 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
             phrases.append(err["ctx"]["expected"])
         else:
             return None
-    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}{_number_hint(errs[0]['input'])}"
+    hint = _number_hint(errs[0]["input"]) if numbers else ""
+    return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}{hint}"
 
 
 def _origin_note(path: Sequence[str | int], origins: _Origins) -> str:

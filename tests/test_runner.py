@@ -856,6 +856,18 @@ def test_a_second_recipe_file_with_the_same_name_is_warned_of(tmp_path, monkeypa
     shutil.copytree(runs, moved / "runs")
     runs = moved / "runs"
     assert run(moved / "a" / "parent.yaml") == []
+    scratch = tmp_path / "scratch"  # runs/ linked to scratch space, and the project then moved: the same file
+    shutil.copytree(runs, scratch)
+    shutil.copytree(moved / "a", tmp_path / "project" / "a")
+    (tmp_path / "project" / "runs").symlink_to(scratch)
+    runs = tmp_path / "project" / "runs"
+    assert run(tmp_path / "project" / "a" / "parent.yaml") == []
+    shutil.move(tmp_path / "project", tmp_path / "project2")
+    runs = tmp_path / "project2" / "runs"
+    assert run(tmp_path / "project2" / "a" / "parent.yaml") == []
+    (tmp_path / "project2" / "link.yaml").symlink_to(tmp_path / "project2" / "a" / "parent.yaml")
+    assert run(tmp_path / "project2" / "link.yaml") == []  # the same file through a link to it
+    assert len(run(tmp_path / "project2" / "a" / "child.yaml")) == 1
 
 
 @pytest.mark.parametrize(("name", "hint"), [("SFT", "; did you mean 'sft'?"), ("dpoo", "; did you mean 'dpo'?"),

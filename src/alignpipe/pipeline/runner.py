@@ -883,9 +883,10 @@ def launch_batch_split(stage, world_size: int) -> BatchSplit | None:
 
 
 def _recipe_file(recipe_path: str | Path | None, run_dir: Path) -> str | None:
-    """The recipe file as ``run.json``'s ``recipe_file`` records it: relative to the run directory (symlinks
-    resolved), so a project moved or copied whole, its recipes with its runs, still names the same file."""
-    return os.path.relpath(Path(recipe_path).resolve(), Path(run_dir).resolve()) if recipe_path else None
+    """The recipe file as ``run.json``'s ``recipe_file`` records it: relative to the run directory as it is named
+    (symlinks kept: a ``runs`` linked to scratch space stays inside the project), so a project moved or copied whole,
+    its recipes with its runs, still names the same file."""
+    return os.path.relpath(os.path.abspath(recipe_path), os.path.abspath(run_dir)) if recipe_path else None
 
 
 def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | None:
@@ -902,7 +903,9 @@ def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | No
     here = _recipe_file(recipe_path, run_dir)
     if not earlier or not here or earlier == here:
         return None
-    earlier = os.path.normpath(Path(run_dir).resolve() / earlier)
+    earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))
+    if os.path.exists(earlier) and os.path.samefile(earlier, recipe_path):  # the same file by another path
+        return None
     return (f"{run_dir} holds the run of {earlier}; this recipe, {Path(recipe_path).resolve()}, has the same name ({run_dir.name}), so "
             "its stages whose settings differ re-run there and replace that recipe's outputs. Give this recipe its "
             "own name: to keep both runs (a recipe that extends another inherits its name)")

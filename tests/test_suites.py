@@ -532,3 +532,23 @@ def test_a_dataset_reference_suite_checks_every_checkpoints_positions_before_sam
     with pytest.raises(ValueError, match=r"checkpoint 'b' .* has 64 positions .* generation.max_new_tokens"):
         run_suite(spec, "hash", [Checkpoint("a", llama_path), Checkpoint("b", str(short))], reference=None,
                   judge_path=None, cache=EvalCache(tmp_path / "cache"))
+
+
+def test_suite_files_read_numbers_as_recipes_do(tmp_path):
+    """A suite's seed 01234 was read as octal 668 and n: 0x100 as 256, silently, where a recipe refuses both; suites
+    are read by the recipe loader now, which also refuses a key written twice."""
+    base = ("name: s\nprompts: {source: synthetic, n: 8, seed: 7}\nreference: checkpoint\njudge: gold\n"
+            "primary_metric: gold_reward\n")
+    assert load_suite(str(write_text(tmp_path / "ok.yaml", base)))[0].prompts.seed == 7
+    for bad, key in (("seed: 7", "seed: 01234"), ("n: 8", "n: 0x100")):
+        path = write_text(tmp_path / "bad.yaml", base.replace(bad, key))
+        with pytest.raises(ValueError, match=rf"suite file {path} is invalid: (?s:.*)prompts\.{key.split(':')[0]}"):
+            load_suite(str(path))
+    twice = write_text(tmp_path / "twice.yaml", base + "judge: reward_model\n")
+    with pytest.raises(ValueError, match="suite file .* is invalid: (?s:.*)judge"):
+        load_suite(str(twice))
+
+
+def write_text(path, text: str):
+    path.write_text(text)
+    return path

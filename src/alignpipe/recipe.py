@@ -1567,6 +1567,12 @@ def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
     return f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"
 
 
+def parse_strict_yaml(text: str) -> Any:
+    """YAML as recipes read it: numbers in decimal only (010 or 0x10 stay text), a key written twice refused. For the
+    project's other hand-written YAML (evaluation suites), so that a seed reads the same everywhere."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+
+
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

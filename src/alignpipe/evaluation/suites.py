@@ -36,7 +36,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout, load_hh_rlhf_pairs, split_hh_dialogue
@@ -66,6 +65,7 @@ from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build
 from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import package_versions
+from alignpipe.recipe import parse_strict_yaml
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.tasks import GoldJudge, TaskSpace, heldout_tasks, preference_probability
 
@@ -79,7 +79,7 @@ SUITES_DIR = REPO / "eval" / "suites"
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no text taken for a number ('010' is not 10)
 
 
 class PromptSet(_Spec):
@@ -252,7 +252,7 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
         raise ValueError(f"no evaluation suite {name_or_path!r} (looked for {path}); known suites: {known}")
     text = path.read_text()
     try:
-        spec = SuiteSpec.model_validate(yaml.safe_load(text))
+        spec = SuiteSpec.model_validate(parse_strict_yaml(text))  # as recipes: a seed 010 is no number
     except Exception as error:  # pydantic's message names the key; say which file
         raise ValueError(f"suite file {path} is invalid: {error}") from error
     return spec, content_key(text)

@@ -151,19 +151,15 @@ def _local_dir(name_or_path: str) -> Path | None:
 
 
 def _model_tokenizer(recipe: Recipe, pairs: _PreferencePairs):
-    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check (or, for
-    the tiny model, neither a data file nor a sampling stage to measure with it).
+    """The recipe model's tokenizer once its folder is checked; None when there is nothing local to check.
 
     A GGUF model's tokenizer is read from the file's metadata (5-15 s on two busy cores; the weights are not read),
     or, for a GGUF package already converted, from the cached conversion the stages load (~1 s)."""
     spec = recipe.model
     if spec.is_tiny:  # trained on the task text in well under a second, as the runner trains it
-        measured = any(_sampling_budget(stage) is not None or isinstance(stage, SFTStage | DPOStage)
-                       or (getattr(stage, "dataset", None) is not None and stage.dataset.source != "synthetic")
-                       for stage in recipe.stages)
         from alignpipe.models.factory import tiny_tokenizer
 
-        return tiny_tokenizer(recipe) if measured else None
+        return tiny_tokenizer(recipe)
     if spec.gguf_package is not None:
         return _gguf_package_tokenizer(spec, chat_template=_needs_chat_template(recipe, pairs))
     from alignpipe.models.loading import ModelError

@@ -1,0 +1,78 @@
+"""A run directory damaged on disk (a full disk, a crash mid-write without atomic rename, a hand edit, a deleted
+folder): each damaged file is named in a clear message or recovered from, never a traceback or a silent reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+from alignpipe.pipeline.decision import decide_stage
+from alignpipe.pipeline.rundir import CHECKPOINTS, StageDir
+
+
+def _copy_of(completed_tiny_run, tmp_path):
+    """The recipe and a copy of the completed tiny run's directory, to damage at will."""
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    runs = tmp_path / "runs"
+    shutil.copytree(completed_tiny_run[0].run_dir, runs / "tiny")
+    return recipe_path, runs
+
+
+def _dry_run(recipe_path, runs, capsys, *options) -> dict[str, str]:
+    """``alignpipe run --dry-run``: {stage: what it says it would do}."""
+    from alignpipe.cli import main
+
+    assert main(["run", str(recipe_path), "--dry-run", "--runs-dir", str(runs), *options]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dry-run] ")]
+    return {head.split(" ", 2)[1]: head.split(": ", 1)[1] for head in heads if "): " in head}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _as_directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+MANIFEST_DAMAGE = {
+    "truncated": (_truncate, "cannot be read (JSONDecodeError"),
+    "list": (lambda path: path.write_text("[1, 2]"), "holds a JSON list, not the object a manifest is"),
+    "string": (lambda path: path.write_text('"complete"'), "holds a JSON str, not the object a manifest is"),
+    "directory": (_as_directory, "cannot be read (IsADirectoryError"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_damaged_stage_manifest_is_named_in_the_reason_the_stage_starts_over(tmp_path, completed_tiny_run, capsys,
+                                                                                damage):
+    """A manifest that is not a readable JSON object means "not complete", as a torn one always did; the reason says
+    which file is damaged, where it said "new" (or the run died on ``list.get``)."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    sft = StageDir(runs / "tiny" / "sft")
+    breaks, problem = MANIFEST_DAMAGE[damage]
+    breaks(sft.manifest)
+    for options in ((), ("--resume",)):
+        said = _dry_run(recipe_path, runs, capsys, *options)["sft"]
+        assert said.startswith(f"run ({sft.manifest} {problem}") and "starting over" in said
+
+    assert sft.read_manifest() is None
+    decision = decide_stage(sft, {}, "c", {}, forced=False, resume=True)
+    assert decision.action == "run" and problem in decision.reason
+    sft.reset()  # what a run does next: whatever stands in the manifest's place goes with the old outputs
+    assert not sft.manifest.exists() and not sft.checkpoint.exists()
+
+
+def test_hand_edited_checkpoint_records_are_no_records(tmp_path):
+    """A manifest whose checkpoint records are not a mapping of hashes leaves nothing to resume from, not a crash."""
+    stage = StageDir(tmp_path / "sft")
+    (stage.trainer / "checkpoint-4").mkdir(parents=True)
+    for records in ([1], "checkpoint-4", {"trainer/checkpoint-4": 7}):
+        stage.write_manifest({"status": "interrupted", CHECKPOINTS: records})
+        assert not stage.has_progress()
+        assert stage.checkpoint_problem(stage.trainer / "checkpoint-4").startswith("its save never finished")
+    assert json.loads(stage.manifest.read_text())[CHECKPOINTS] == {"trainer/checkpoint-4": 7}  # nothing rewritten

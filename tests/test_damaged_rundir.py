@@ -76,3 +76,53 @@ def test_hand_edited_checkpoint_records_are_no_records(tmp_path):
         assert not stage.has_progress()
         assert stage.checkpoint_problem(stage.trainer / "checkpoint-4").startswith("its save never finished")
     assert json.loads(stage.manifest.read_text())[CHECKPOINTS] == {"trainer/checkpoint-4": 7}  # nothing rewritten
+
+
+# ----------------------------------------------------------------------------- weights that cannot be read
+
+def _truncated_weights(path):
+    _truncate(path)
+
+
+def _grown_tensor(path):
+    """The file's first tensor replaced by one of another shape (a hand edit, another model's file copied over)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].new_zeros(*[size + 1 for size in tensors[first].shape])
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+WEIGHTS_DAMAGE = {"truncated": (_truncated_weights, "its weights cannot be read"),
+                  "reshaped": (_grown_tensor, "a tensor's shape does not match its config.json")}
+
+
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+def test_eval_of_a_checkpoint_with_damaged_weights_names_it(tmp_path, completed_tiny_run, capsys, damage):
+    """A truncated or reshaped model.safetensors is a one-line error naming the checkpoint, exit status 2, where
+    safetensors' "incomplete metadata" or transformers' "ignore_mismatched_sizes" came as a traceback."""
+    from alignpipe.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(StageDir(completed_tiny_run[0].run_dir / "sft").checkpoint, checkpoint)
+    breaks, problem = WEIGHTS_DAMAGE[damage]
+    breaks(checkpoint / "model.safetensors")
+    assert main(["eval", str(checkpoint), "--n-prompts", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {checkpoint}: {problem}" in error and "--force STAGE" in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+def test_a_reward_ensemble_with_damaged_heads_is_a_clear_error(tmp_path, llama_path, damage):
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+
+    spec = EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+    saved = RewardEnsemble.create(spec).save(tmp_path / "rm")
+    breaks, _ = WEIGHTS_DAMAGE[damage]
+    breaks(saved / "heads.safetensors")
+    problem = "its weights cannot be read" if damage == "truncated" else r"heads.safetensors: member-0.bias should have"
+    with pytest.raises(ValueError, match=f"{problem}.*re-run"):
+        RewardEnsemble.load(saved)

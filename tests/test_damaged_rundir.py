@@ -126,3 +126,36 @@ def test_a_reward_ensemble_with_damaged_heads_is_a_clear_error(tmp_path, llama_p
     problem = "its weights cannot be read" if damage == "truncated" else r"heads.safetensors: member-0.bias should have"
     with pytest.raises(ValueError, match=f"{problem}.*re-run"):
         RewardEnsemble.load(saved)
+
+
+# ----------------------------------------------------------------------------- the report of a damaged run
+
+def test_the_report_names_the_lines_of_a_damaged_metrics_file_it_leaves_out(tmp_path, completed_tiny_run):
+    """A complete stage's metrics.jsonl cut short (a full disk) or edited drew curves from what was left, saying
+    nothing; only the last line of a stage still running may be one being appended."""
+    from alignpipe.evaluation.report import read_run
+
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    sft = StageDir(runs / "tiny" / "sft")
+    lines = sft.metrics.read_text().splitlines()
+    sft.metrics.write_text("\n".join([*lines[:2], "not json", *lines[2:], lines[-1][:10]]) + "\n")
+    total = len(lines) + 2
+
+    run = read_run(runs / "tiny")
+    assert [e for e in run.errors if e.startswith("metrics.jsonl in sft")] == [
+        f"metrics.jsonl in sft: lines 3, {total} of {total} are not JSON records (the file is damaged: cut short, or "
+        "edited); its curves below leave those lines out"]
+    assert len(next(s for s in run.stages if s.name == "sft").records) == len(lines)
+
+    sft.update_manifest(status="running")
+    assert [e for e in read_run(runs / "tiny").errors if e.startswith("metrics.jsonl in sft")] == [
+        f"metrics.jsonl in sft: line 3 of {total} is not a JSON record (the file is damaged: cut short, or edited); its "
+        "curves below leave those lines out"]
+
+
+def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tmp_path, completed_tiny_run):
+    from alignpipe.evaluation.report import read_run
+
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    (runs / "tiny" / "run.json").write_text("[1, 2]")
+    assert "run.json in tiny: it holds a JSON list, not an object" in read_run(runs / "tiny").errors

@@ -123,20 +123,35 @@ def _read_json(path: Path, errors: list[str]) -> dict | None:
     except (OSError, json.JSONDecodeError) as error:
         errors.append(f"{path.name} in {path.parent.name}: {error}")
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        errors.append(f"{path.name} in {path.parent.name}: it holds a JSON {type(data).__name__}, not an object")
+        return None
+    return data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, errors: list[str], *, running: bool) -> list[dict]:
+    """The JSON object records of a ``metrics.jsonl``. Lines that are not one are left out and named in ``errors``
+    (the file is damaged: a full disk, a hand edit), except the last line of a stage still ``running``, which may be
+    being appended."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    records, bad = [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line being appended by a running stage
-            continue
+        except json.JSONDecodeError:
+            record = None
         if isinstance(record, dict):
             records.append(record)
+        elif line.strip() and not (running and number == len(lines)):
+            bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        which = f"line {shown} of {len(lines)} is not a JSON record" if len(bad) == 1 else \
+            f"lines {shown} of {len(lines)} are not JSON records"
+        errors.append(f"{path.name} in {path.parent.name}: {which} (the file is damaged: cut short, or edited); its "
+                      "curves below leave those lines out")
     return records
 
 
@@ -156,7 +171,7 @@ def read_run(run_dir: Path) -> RunData:
         done = manifest.get("status") == "complete"
         stages.append(StageData(
             name=sub.name, type=str(manifest.get("type") or sub.name), manifest=manifest,
-            records=_read_jsonl(sub / "metrics.jsonl"), bon=_read_json(sub / "bon.json", errors) if done else None,
+            records=_read_jsonl(sub / "metrics.jsonl", errors, running=manifest.get("status") == "running"), bon=_read_json(sub / "bon.json", errors) if done else None,
             reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text

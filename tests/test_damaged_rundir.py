@@ -159,3 +159,19 @@ def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tm
     _, runs = _copy_of(completed_tiny_run, tmp_path)
     (runs / "tiny" / "run.json").write_text("[1, 2]")
     assert "run.json in tiny: it holds a JSON list, not an object" in read_run(runs / "tiny").errors
+
+
+def test_a_run_record_with_fields_of_other_types_costs_only_those_fields(tmp_path, completed_tiny_run, capsys):
+    """run.json edited by hand (overrides a number, recipe_file a list): the report and the next run died on it."""
+    from alignpipe.evaluation.report import write_report
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    record_path = runs / "tiny" / "run.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "overrides": 7, "recipe_file": [1], "status": 12}))
+
+    assert _dry_run(recipe_path, runs, capsys)["sft"] == "skip (complete with the same config and inputs)"
+    text = write_report(runs / "tiny").read_text()
+    assert "its &#x27;overrides&#x27; is a int, not the list the runner writes" in text
+    assert "its &#x27;status&#x27; is a int, not the str the runner writes" in text
+    assert f"<code>{record['git_sha']}</code>" in text  # the rest of the record is shown

@@ -903,7 +903,7 @@ def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | No
     except (OSError, ValueError, AttributeError):
         return None
     here = _recipe_file(recipe_path, run_dir)
-    if not earlier or not here or earlier == here:
+    if not isinstance(earlier, str) or not earlier or not here or earlier == here:  # not str: a hand-edited record
         return None
     earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))
     if os.path.exists(earlier) and os.path.samefile(earlier, recipe_path):  # the same file by another path

@@ -175,3 +175,34 @@ def test_a_run_record_with_fields_of_other_types_costs_only_those_fields(tmp_pat
     assert "its &#x27;overrides&#x27; is a int, not the list the runner writes" in text
     assert "its &#x27;status&#x27; is a int, not the str the runner writes" in text
     assert f"<code>{record['git_sha']}</code>" in text  # the rest of the record is shown
+
+
+# ----------------------------------------------------------------------------- files the run cannot write
+
+@pytest.mark.parametrize("name", ["run.json", "recipe.yaml"])
+def test_a_directory_where_the_run_writes_a_file_is_a_clear_error(tmp_path, completed_tiny_run, capsys, name):
+    from alignpipe.cli import main
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    _as_directory(runs / "tiny" / name)
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {runs / 'tiny' / name}: Is a directory (while the run read or wrote its run directory); move " \
+           f"aside what stands at {runs / 'tiny' / name}" in error
+    assert "Traceback" not in error
+
+
+def test_a_full_disk_is_a_clear_error(tmp_path, completed_tiny_run, capsys, monkeypatch):
+    import errno
+
+    from alignpipe.cli import main
+    from alignpipe.pipeline import runner
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    monkeypatch.setattr(runner, "atomic_write_text", full)
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
+    assert f"{runs / 'tiny' / 'recipe.yaml'}: No space left on device (while the run read or wrote its run " \
+           "directory); free some space, then run the same command again" in capsys.readouterr().err

@@ -206,3 +206,34 @@ def test_a_full_disk_is_a_clear_error(tmp_path, completed_tiny_run, capsys, monk
     assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
     assert f"{runs / 'tiny' / 'recipe.yaml'}: No space left on device (while the run read or wrote its run " \
            "directory); free some space, then run the same command again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"metrics": {"accuracy": {"val', "[]", '{"metrics": {"accuracy": 0.5}}', None],
+                         ids=["truncated", "list", "wrong-entries", "deleted"])
+def test_an_eval_stage_names_a_damaged_reward_eval_json_and_the_fix(tmp_path, content):
+    """The eval stage's reward row is read from the reward stage's reward_eval.json: damaged, it died on a KeyError
+    or JSONDecodeError that named no file."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.eval import _reward_row
+
+    reward = StageDir(tmp_path / "reward")
+    reward.root.mkdir()
+    reward.write_manifest({"status": "complete", "output_sha256": "a" * 64})
+    if content is not None:
+        (reward.root / "reward_eval.json").write_text(content)
+    ctx = SimpleNamespace(run_dir=tmp_path, inputs={"reward": str(reward.checkpoint)})
+    with pytest.raises(ValueError, match=r"reward_eval.json: .*; re-run that stage \(`alignpipe run RECIPE --force "
+                                         r"reward`\)"):
+        _reward_row(ctx, "reward")
+
+
+def test_a_run_whose_leaderboard_md_is_a_directory_still_prints_its_summary(tmp_path, completed_tiny_run, capsys):
+    from alignpipe.cli import main
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    shutil.rmtree(runs / "tiny" / "leaderboard.md", ignore_errors=True)
+    (runs / "tiny" / "leaderboard.md").unlink(missing_ok=True)
+    (runs / "tiny" / "leaderboard.md").mkdir()
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 0
+    assert "skipped" in capsys.readouterr().out

@@ -419,7 +419,7 @@ def _print_summary(runner, outcomes) -> None:
     console = Console()
     console.print(table)
     board = runner.run_dir / "leaderboard.md"
-    if board.exists():
+    if board.is_file():
         print(board.read_text())
 
 

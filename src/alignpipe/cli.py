@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -386,9 +387,24 @@ def _cmd_run(args) -> int:
     except (ValueError, ImportError) as error:  # e.g. a model package that is not installed
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.filename is None:
+            raise
+        print(f"error: {_run_file_error(error)}", file=sys.stderr)
+        return 2
     if not args.dry_run and not runner.follower:
         _print_summary(runner, outcomes)
     return 0
+
+
+def _run_file_error(error: OSError) -> str:
+    """What a file the runner could not read or write in the run directory means (a full disk, a directory or an
+    unreadable file where one of its files goes), and the fix; stages already complete are kept."""
+    where = error.filename2 or error.filename  # a rename: the target is the run's file
+    fix = ("free some space" if error.errno == errno.ENOSPC else
+           f"move aside what stands at {where}, or fix its permissions")
+    return (f"{where}: {error.strerror} (while the run read or wrote its run directory); {fix}, then run the same "
+            "command again (complete stages are kept)")
 
 
 def _print_summary(runner, outcomes) -> None:
@@ -403,7 +419,7 @@ def _print_summary(runner, outcomes) -> None:
     console = Console()
     console.print(table)
     board = runner.run_dir / "leaderboard.md"
-    if board.exists():
+    if board.is_file():
         print(board.read_text())
 
 

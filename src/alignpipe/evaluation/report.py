@@ -123,20 +123,35 @@ def _read_json(path: Path, errors: list[str]) -> dict | None:
     except (OSError, json.JSONDecodeError) as error:
         errors.append(f"{path.name} in {path.parent.name}: {error}")
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        errors.append(f"{path.name} in {path.parent.name}: it holds a JSON {type(data).__name__}, not an object")
+        return None
+    return data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, errors: list[str], *, running: bool) -> list[dict]:
+    """The JSON object records of a ``metrics.jsonl``. Lines that are not one are left out and named in ``errors``
+    (the file is damaged: a full disk, a hand edit), except the last line of a stage still ``running``, which may be
+    being appended."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    records, bad = [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line being appended by a running stage
-            continue
+        except json.JSONDecodeError:
+            record = None
         if isinstance(record, dict):
             records.append(record)
+        elif line.strip() and not (running and number == len(lines)):
+            bad.append(number)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        which = f"line {shown} of {len(lines)} is not a JSON record" if len(bad) == 1 else \
+            f"lines {shown} of {len(lines)} are not JSON records"
+        errors.append(f"{path.name} in {path.parent.name}: {which} (the file is damaged: cut short, or edited); its "
+                      "curves below leave those lines out")
     return records
 
 
@@ -156,11 +171,11 @@ def read_run(run_dir: Path) -> RunData:
         done = manifest.get("status") == "complete"
         stages.append(StageData(
             name=sub.name, type=str(manifest.get("type") or sub.name), manifest=manifest,
-            records=_read_jsonl(sub / "metrics.jsonl"), bon=_read_json(sub / "bon.json", errors) if done else None,
+            records=_read_jsonl(sub / "metrics.jsonl", errors, running=manifest.get("status") == "running"), bon=_read_json(sub / "bon.json", errors) if done else None,
             reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text
-    run_record = _read_json(root / RUN_FILE, errors) or {}
+    run_record = _run_record(_read_json(root / RUN_FILE, errors) or {}, errors)
     data = RunData(name=str(run_record.get("run") or root.name), root=root, run_record=run_record, stages=stages,
                    errors=errors)
     if (root / "leaderboard.json").exists():
@@ -169,6 +184,25 @@ def read_run(run_dir: Path) -> RunData:
         except (OSError, ValueError) as error:
             data.leaderboard_error = str(error)
     return data
+
+
+# run.json's fields the report shows, by the type the runner writes them with
+_RUN_RECORD_TYPES = {"overrides": list, "versions": dict}
+_RUN_RECORD_TEXT = ("run", "recipe_path", "recipe_file", "recipe_sha256", "git_sha", "status", "started", "updated",
+                    "stopped_at", "writing_stage")
+
+
+def _run_record(record: dict, errors: list[str]) -> dict:
+    """``run.json``'s record without the fields whose type is not the one the runner writes (a hand edit), each named
+    in ``errors``, so that one such field costs only itself rather than the whole report."""
+    expected = {**{key: str for key in _RUN_RECORD_TEXT}, **_RUN_RECORD_TYPES}
+    wrong = [key for key, kind in expected.items() if record.get(key) is not None and not isinstance(record[key], kind)]
+    if isinstance(record.get("overrides"), list) and not all(isinstance(o, str) for o in record["overrides"]):
+        wrong.append("overrides")
+    for key in wrong:
+        errors.append(f"{RUN_FILE}: its {key!r} is a {type(record[key]).__name__}, not the {expected[key].__name__} "
+                      "the runner writes (edited by hand?); left out")
+    return {key: value for key, value in record.items() if key not in wrong}
 
 
 def _last_per_key(records: Sequence[dict], key: str, require: str | None = None) -> list[dict]:

@@ -5,13 +5,16 @@ Why here: every stage and the evaluation harness load models the same way, so dt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -78,6 +81,26 @@ def resolve_model_location(name_or_path: str) -> str:
         raise ModelError(f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}; "
                          "reinstall the package or give a hub id or local path instead")
     return str(folder)
+
+
+@contextlib.contextmanager
+def readable_weights(location: str | os.PathLike[str], what: str = "checkpoint") -> Iterator[None]:
+    """Turn a weights file that cannot be read into a :class:`ModelError` naming ``location`` and the fix.
+
+    Why: a checkpoint truncated by a full disk or a copy cut short, or a tensor edited to another shape, fails deep
+    inside safetensors or transformers with a traceback that names no file ("incomplete metadata", "You set
+    `ignore_mismatched_sizes` to False")."""
+    fix = (f"the {what}'s files are damaged (a full disk, a crash or a copy cut short, an edit): copy them again, or "
+           "re-run the stage that wrote them (`alignpipe run RECIPE --force STAGE`)")
+    try:
+        yield
+    except SafetensorError as error:
+        raise ModelError(f"{what} {location}: its weights cannot be read ({error}); {fix}") from error
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise ModelError(f"{what} {location}: a tensor's shape does not match its config.json (see the load report "
+                         f"above); {fix}") from error
 
 
 def bf16_supported() -> bool:
@@ -187,7 +210,7 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
     """
     location = resolve_model_location(name_or_path)
     if quantization is None:
-        with zero3_partitioning_off():
+        with zero3_partitioning_off(), readable_weights(location):
             model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype), gguf_file=gguf_file,
                                                          **remote_code_kwargs())
         if gguf_file is not None:  # de-quantised, but still flagged as GGUF-quantized: it could not be saved
@@ -204,9 +227,10 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", gguf
         from accelerate import PartialState
 
         extra["device_map"] = {"": PartialState().local_process_index}
-    model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=compute_dtype(quantization),
-        quantization_config=bitsandbytes_config(quantization), **extra, **remote_code_kwargs(),
-    )
+    with readable_weights(location):
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=compute_dtype(quantization),
+            quantization_config=bitsandbytes_config(quantization), **extra, **remote_code_kwargs(),
+        )
     keep_4bit_layers_differentiable(model)
     return model

@@ -54,7 +54,7 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
     elif forced:
         reason = "forced"
     elif not manifest:
-        reason = "new"
+        reason = unrecorded_reason(directory)
     elif not same_work:
         reason = "config or inputs changed"
     elif not published:
@@ -64,6 +64,13 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
     else:  # with or without --resume: the attempt saved nothing to continue from
         reason = f"previous attempt {manifest.get('status', 'unknown')}; no checkpoint to resume from; starting over"
     return StageDecision("resume" if resuming else "run", reason, latest if resuming else None)
+
+
+def unrecorded_reason(directory: StageDir) -> str:
+    """Why a stage with no readable manifest runs: it is new, or its manifest is damaged (which loses the record
+    that it completed and of its trainer checkpoints, so even ``--resume`` starts it over)."""
+    problem = directory.manifest_problem()
+    return "new" if problem is None else f"{problem}; starting over (its earlier outputs are deleted)"
 
 
 def _batch_change(recorded: dict | None, now: BatchSplit | None) -> str | None:

@@ -202,12 +202,14 @@ class StageDir:
         return self.root / "trainer"
 
     def read_manifest(self) -> dict | None:
-        if not self.manifest.exists():
-            return None
-        try:
-            return json.loads(self.manifest.read_text())
-        except json.JSONDecodeError:
-            return None  # a corrupt manifest means "not complete"
+        """The stage's record; None when there is none or it cannot be read (``manifest_problem`` says why): a
+        damaged manifest (truncated, hand-edited, not a JSON object) means "not complete"."""
+        return read_manifest_file(self.manifest)[0]
+
+    def manifest_problem(self) -> str | None:
+        """Why a ``manifest.json`` that is there cannot be read (None when it reads, or there is none), for the
+        reason a stage gives for starting over."""
+        return read_manifest_file(self.manifest)[1]
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest, manifest)
@@ -262,7 +264,7 @@ class StageDir:
 
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""
-        recorded = (self.read_manifest() or {}).get(CHECKPOINTS, {}).get(self.relative_key(path))
+        recorded = checkpoint_records(self.read_manifest() or {}).get(self.relative_key(path))
         if recorded is None:
             return "its save never finished (no hash recorded in the manifest)"
         if directory_hash(path) != recorded:
@@ -298,7 +300,7 @@ class StageDir:
 
     def _existing_records(self, manifest: dict) -> dict[str, str]:
         """The manifest's checkpoint hash records whose directories still exist (rotation deletes old ones)."""
-        return {key: sha for key, sha in manifest.get(CHECKPOINTS, {}).items() if (self.root / key).is_dir()}
+        return {key: sha for key, sha in checkpoint_records(manifest).items() if (self.root / key).is_dir()}
 
     def has_round_progress(self) -> bool:
         """Whether an iterative stage kept a finished round or a round's generated data (``ROUND_DATA``)."""
@@ -331,6 +333,8 @@ class StageDir:
 
         The manifest goes first: deleting a large checkpoint takes a while, and a reset interrupted half-way must not
         leave a half-deleted stage under a manifest that still says ``complete``."""
+        if self.manifest.is_dir():  # a damaged stage directory: whatever stands in the manifest's place goes too
+            shutil.rmtree(self.manifest)
         self.manifest.unlink(missing_ok=True)
         leftovers = (self.checkpoint, self.trainer, self.metrics, self.root / "checkpoint.tmp", self.root / "rounds",
                      *(self.root / name for name in RESULT_FILES),
@@ -340,6 +344,27 @@ class StageDir:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+
+
+def read_manifest_file(path: Path) -> tuple[dict | None, str | None]:
+    """A manifest's contents and, when a file is there but cannot be read as a JSON object, why not (naming it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8 (a torn or overwritten file)
+        return None, f"{path} cannot be read ({type(error).__name__}: {error})"
+    if not isinstance(data, dict):
+        return None, f"{path} holds a JSON {type(data).__name__}, not the object a manifest is"
+    return data, None
+
+
+def checkpoint_records(manifest: dict) -> dict[str, str]:
+    """The manifest's ``{checkpoint: sha256}`` records; none when the entry is not such a mapping (hand-edited)."""
+    records = manifest.get(CHECKPOINTS)
+    if not isinstance(records, dict):
+        return {}
+    return {key: sha for key, sha in records.items() if isinstance(sha, str)}
 
 
 def checkpoint_dirs(directory: Path) -> list[Path]:

@@ -43,7 +43,7 @@ from alignpipe.pipeline.control import (
     ControlHost,
     check_control_timeout,
 )
-from alignpipe.pipeline.decision import BATCH_SPLIT, StageDecision, decide_stage
+from alignpipe.pipeline.decision import BATCH_SPLIT, StageDecision, decide_stage, unrecorded_reason
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
     LaunchOptions,
@@ -61,6 +61,7 @@ from alignpipe.pipeline.rundir import (
     StageDir,
     cached_directory_hash,
     canonical_hash,
+    checkpoint_records,
     content_hash,
     directory_hash,
     git_sha,
@@ -440,7 +441,7 @@ class Runner:
             "versions": package_versions(), "git_sha": git_sha(PIPELINES_DIR.parent),
             "start_time": utc_now(), "resumed": resume,
             # a resume keeps the hashes of the checkpoints already saved and names the verified one to continue from
-            CHECKPOINTS: manifest.get(CHECKPOINTS, {}) if resume else {},
+            CHECKPOINTS: checkpoint_records(manifest) if resume else {},
             "resume_from": directory.relative_key(decision.resume_from) if decision.resume_from else None,
             BATCH_SPLIT: asdict(batch) if batch is not None else None,
         })
@@ -587,8 +588,9 @@ class Runner:
         outputs: dict[str, tuple[str, str | None]] = {}
         for stage in self.recipe.stages:
             directory = StageDir(self.run_dir / stage.name)
-            if directory.read_manifest() is None:
-                decision, described = StageDecision("run", "new"), "run (new)"  # hashes need not be known
+            if directory.read_manifest() is None:  # hashes need not be known
+                decision = StageDecision("run", unrecorded_reason(directory))
+                described = f"run ({decision.reason})"
             else:
                 outputs.setdefault(BASE, self._planned_base())
                 decision, described = self._dry_run_decision(stage, directory, outputs)
@@ -901,7 +903,7 @@ def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | No
     except (OSError, ValueError, AttributeError):
         return None
     here = _recipe_file(recipe_path, run_dir)
-    if not earlier or not here or earlier == here:
+    if not isinstance(earlier, str) or not earlier or not here or earlier == here:  # not str: a hand-edited record
         return None
     earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))
     if os.path.exists(earlier) and os.path.samefile(earlier, recipe_path):  # the same file by another path

@@ -65,7 +65,13 @@ from torch import Tensor, nn
 from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
-from alignpipe.models.loading import DTYPES, PYPI_PREFIX, remote_code_kwargs, resolve_model_location
+from alignpipe.models.loading import (
+    DTYPES,
+    PYPI_PREFIX,
+    readable_weights,
+    remote_code_kwargs,
+    resolve_model_location,
+)
 from alignpipe.models.whole_weights import zero3_partitioning_off
 from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, publish_directory, recorded_output_sha256
 from alignpipe.rewards.penalties import EnsembleRewards
@@ -379,7 +385,8 @@ def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     if looks_like_path(location) and not Path(location).exists():  # not the hub's "repo id" error
         raise FileNotFoundError(f"reward ensemble backbone {location} does not exist; give an existing checkpoint "
                                 "directory (config.json and weights) or a Hugging Face hub id (owner/name)")
-    with zero3_partitioning_off():  # a judge or reward source inside a ZeRO-3 policy stage
+    # zero3: a judge or reward source inside a ZeRO-3 policy stage
+    with zero3_partitioning_off(), readable_weights(location, "reward ensemble backbone"):
         model = AutoModel.from_pretrained(location, **kwargs)
     model.requires_grad_(False)
     if hasattr(model.config, "use_cache"):
@@ -629,17 +636,22 @@ class RewardEnsemble(nn.Module):
                 f"backbone {spec.backbone!r} has hidden size {hidden}, but the ensemble in {directory} was trained on "
                 f"hidden size {manifest['hidden_size']}"
             )
-        with _quiet_peft():
+        with _quiet_peft(), readable_weights(directory, "reward ensemble"):
             peft_model = PeftModel.from_pretrained(
                 base, str(directory / ADAPTERS_DIR / names[0]), adapter_name=names[0], is_trainable=True
             )
             for name in names[1:]:
                 peft_model.load_adapter(str(directory / ADAPTERS_DIR / name), adapter_name=name, is_trainable=True)
-
-        state = load_file(str(directory / HEADS_FILE))
+            state = load_file(str(directory / HEADS_FILE))
         expected = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
         if set(state) != expected:
             raise ValueError(f"{directory / HEADS_FILE} has keys {sorted(state)}, expected {sorted(expected)}")
+        shapes = {f"{n}.weight": (1, hidden) for n in names} | {f"{n}.bias": (1,) for n in names}
+        if wrong := sorted(k for k, shape in shapes.items() if tuple(state[k].shape) != shape):
+            raise ValueError(f"{directory / HEADS_FILE}: {', '.join(wrong)} should have shape "
+                             f"{', '.join(str(shapes[k]) for k in wrong)} for hidden size {hidden}, not "
+                             f"{', '.join(str(tuple(state[k].shape)) for k in wrong)}; the file is damaged or from "
+                             "another ensemble: re-run the reward stage that wrote it (`--force STAGE`)")
         heads = nn.ModuleList()
         for name in names:
             head = nn.Linear(hidden, 1, dtype=torch.float32)

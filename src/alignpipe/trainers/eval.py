@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.cache import EvalCache, content_key
@@ -51,7 +52,7 @@ def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
 
 def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
     """A reward stage's held-out metrics (written by the stage itself, with the shared reward_eval functions)."""
-    report = json.loads((ctx.run_dir / name / "reward_eval.json").read_text())["metrics"]
+    report = _reward_metrics(ctx.run_dir / name / "reward_eval.json", name)
     metrics = {key: MetricValue(value=v["value"], ci95=tuple(v["ci95"]) if v["ci95"] else None, n=v["n"],
                                 higher_is_better=v["higher_is_better"],
                                 extra={k: x for k, x in v.items()
@@ -60,6 +61,22 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
                for key, v in report.items()}
     checkpoint = _checkpoint(ctx, name, ctx.inputs[name])
     return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)
+
+
+def _reward_metrics(path: Path, stage: str) -> dict:
+    """The ``metrics`` of a reward stage's ``reward_eval.json``; a ValueError naming the file and the fix when it is
+    damaged (cut short by a full disk, edited), where the stage died on a KeyError or a JSONDecodeError."""
+    fix = f"re-run that stage (`alignpipe run RECIPE --force {stage}`)"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: the {stage} stage's held-out metrics cannot be read ({type(error).__name__}: "
+                         f"{error}); {fix}") from error
+    entries = ("value", "ci95", "n", "higher_is_better")
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) and all(k in v for k in entries)
+                                                for v in metrics.values()):
+        raise ValueError(f"{path}: 'metrics' is not a mapping of metric entries ({', '.join(entries)}); {fix}")
+    return metrics
 
 
 def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer, dict]:

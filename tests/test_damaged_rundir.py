@@ -1,0 +1,239 @@
+"""A run directory damaged on disk (a full disk, a crash mid-write without atomic rename, a hand edit, a deleted
+folder): each damaged file is named in a clear message or recovered from, never a traceback or a silent reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import TINY_RECIPE, write_recipe
+
+from alignpipe.pipeline.decision import decide_stage
+from alignpipe.pipeline.rundir import CHECKPOINTS, StageDir
+
+
+def _copy_of(completed_tiny_run, tmp_path):
+    """The recipe and a copy of the completed tiny run's directory, to damage at will."""
+    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
+    runs = tmp_path / "runs"
+    shutil.copytree(completed_tiny_run[0].run_dir, runs / "tiny")
+    return recipe_path, runs
+
+
+def _dry_run(recipe_path, runs, capsys, *options) -> dict[str, str]:
+    """``alignpipe run --dry-run``: {stage: what it says it would do}."""
+    from alignpipe.cli import main
+
+    assert main(["run", str(recipe_path), "--dry-run", "--runs-dir", str(runs), *options]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dry-run] ")]
+    return {head.split(" ", 2)[1]: head.split(": ", 1)[1] for head in heads if "): " in head}
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _as_directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+MANIFEST_DAMAGE = {
+    "truncated": (_truncate, "cannot be read (JSONDecodeError"),
+    "list": (lambda path: path.write_text("[1, 2]"), "holds a JSON list, not the object a manifest is"),
+    "string": (lambda path: path.write_text('"complete"'), "holds a JSON str, not the object a manifest is"),
+    "directory": (_as_directory, "cannot be read (IsADirectoryError"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_damaged_stage_manifest_is_named_in_the_reason_the_stage_starts_over(tmp_path, completed_tiny_run, capsys,
+                                                                                damage):
+    """A manifest that is not a readable JSON object means "not complete", as a torn one always did; the reason says
+    which file is damaged, where it said "new" (or the run died on ``list.get``)."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    sft = StageDir(runs / "tiny" / "sft")
+    breaks, problem = MANIFEST_DAMAGE[damage]
+    breaks(sft.manifest)
+    for options in ((), ("--resume",)):
+        said = _dry_run(recipe_path, runs, capsys, *options)["sft"]
+        assert said.startswith(f"run ({sft.manifest} {problem}") and "starting over" in said
+
+    assert sft.read_manifest() is None
+    decision = decide_stage(sft, {}, "c", {}, forced=False, resume=True)
+    assert decision.action == "run" and problem in decision.reason
+    sft.reset()  # what a run does next: whatever stands in the manifest's place goes with the old outputs
+    assert not sft.manifest.exists() and not sft.checkpoint.exists()
+
+
+def test_hand_edited_checkpoint_records_are_no_records(tmp_path):
+    """A manifest whose checkpoint records are not a mapping of hashes leaves nothing to resume from, not a crash."""
+    stage = StageDir(tmp_path / "sft")
+    (stage.trainer / "checkpoint-4").mkdir(parents=True)
+    for records in ([1], "checkpoint-4", {"trainer/checkpoint-4": 7}):
+        stage.write_manifest({"status": "interrupted", CHECKPOINTS: records})
+        assert not stage.has_progress()
+        assert stage.checkpoint_problem(stage.trainer / "checkpoint-4").startswith("its save never finished")
+    assert json.loads(stage.manifest.read_text())[CHECKPOINTS] == {"trainer/checkpoint-4": 7}  # nothing rewritten
+
+
+# ----------------------------------------------------------------------------- weights that cannot be read
+
+def _truncated_weights(path):
+    _truncate(path)
+
+
+def _grown_tensor(path):
+    """The file's first tensor replaced by one of another shape (a hand edit, another model's file copied over)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].new_zeros(*[size + 1 for size in tensors[first].shape])
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+WEIGHTS_DAMAGE = {"truncated": (_truncated_weights, "its weights cannot be read"),
+                  "reshaped": (_grown_tensor, "a tensor's shape does not match its config.json")}
+
+
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+def test_eval_of_a_checkpoint_with_damaged_weights_names_it(tmp_path, completed_tiny_run, capsys, damage):
+    """A truncated or reshaped model.safetensors is a one-line error naming the checkpoint, exit status 2, where
+    safetensors' "incomplete metadata" or transformers' "ignore_mismatched_sizes" came as a traceback."""
+    from alignpipe.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(StageDir(completed_tiny_run[0].run_dir / "sft").checkpoint, checkpoint)
+    breaks, problem = WEIGHTS_DAMAGE[damage]
+    breaks(checkpoint / "model.safetensors")
+    assert main(["eval", str(checkpoint), "--n-prompts", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {checkpoint}: {problem}" in error and "--force STAGE" in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
+def test_a_reward_ensemble_with_damaged_heads_is_a_clear_error(tmp_path, llama_path, damage):
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+
+    spec = EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+    saved = RewardEnsemble.create(spec).save(tmp_path / "rm")
+    breaks, _ = WEIGHTS_DAMAGE[damage]
+    breaks(saved / "heads.safetensors")
+    problem = "its weights cannot be read" if damage == "truncated" else r"heads.safetensors: member-0.bias should have"
+    with pytest.raises(ValueError, match=f"{problem}.*re-run"):
+        RewardEnsemble.load(saved)
+
+
+# ----------------------------------------------------------------------------- the report of a damaged run
+
+def test_the_report_names_the_lines_of_a_damaged_metrics_file_it_leaves_out(tmp_path, completed_tiny_run):
+    """A complete stage's metrics.jsonl cut short (a full disk) or edited drew curves from what was left, saying
+    nothing; only the last line of a stage still running may be one being appended."""
+    from alignpipe.evaluation.report import read_run
+
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    sft = StageDir(runs / "tiny" / "sft")
+    lines = sft.metrics.read_text().splitlines()
+    sft.metrics.write_text("\n".join([*lines[:2], "not json", *lines[2:], lines[-1][:10]]) + "\n")
+    total = len(lines) + 2
+
+    run = read_run(runs / "tiny")
+    assert [e for e in run.errors if e.startswith("metrics.jsonl in sft")] == [
+        f"metrics.jsonl in sft: lines 3, {total} of {total} are not JSON records (the file is damaged: cut short, or "
+        "edited); its curves below leave those lines out"]
+    assert len(next(s for s in run.stages if s.name == "sft").records) == len(lines)
+
+    sft.update_manifest(status="running")
+    assert [e for e in read_run(runs / "tiny").errors if e.startswith("metrics.jsonl in sft")] == [
+        f"metrics.jsonl in sft: line 3 of {total} is not a JSON record (the file is damaged: cut short, or edited); its "
+        "curves below leave those lines out"]
+
+
+def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tmp_path, completed_tiny_run):
+    from alignpipe.evaluation.report import read_run
+
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    (runs / "tiny" / "run.json").write_text("[1, 2]")
+    assert "run.json in tiny: it holds a JSON list, not an object" in read_run(runs / "tiny").errors
+
+
+def test_a_run_record_with_fields_of_other_types_costs_only_those_fields(tmp_path, completed_tiny_run, capsys):
+    """run.json edited by hand (overrides a number, recipe_file a list): the report and the next run died on it."""
+    from alignpipe.evaluation.report import write_report
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    record_path = runs / "tiny" / "run.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "overrides": 7, "recipe_file": [1], "status": 12}))
+
+    assert _dry_run(recipe_path, runs, capsys)["sft"] == "skip (complete with the same config and inputs)"
+    text = write_report(runs / "tiny").read_text()
+    assert "its &#x27;overrides&#x27; is a int, not the list the runner writes" in text
+    assert "its &#x27;status&#x27; is a int, not the str the runner writes" in text
+    assert f"<code>{record['git_sha']}</code>" in text  # the rest of the record is shown
+
+
+# ----------------------------------------------------------------------------- files the run cannot write
+
+@pytest.mark.parametrize("name", ["run.json", "recipe.yaml"])
+def test_a_directory_where_the_run_writes_a_file_is_a_clear_error(tmp_path, completed_tiny_run, capsys, name):
+    from alignpipe.cli import main
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    _as_directory(runs / "tiny" / name)
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {runs / 'tiny' / name}: Is a directory (while the run read or wrote its run directory); move " \
+           f"aside what stands at {runs / 'tiny' / name}" in error
+    assert "Traceback" not in error
+
+
+def test_a_full_disk_is_a_clear_error(tmp_path, completed_tiny_run, capsys, monkeypatch):
+    import errno
+
+    from alignpipe.cli import main
+    from alignpipe.pipeline import runner
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    monkeypatch.setattr(runner, "atomic_write_text", full)
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
+    assert f"{runs / 'tiny' / 'recipe.yaml'}: No space left on device (while the run read or wrote its run " \
+           "directory); free some space, then run the same command again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"metrics": {"accuracy": {"val', "[]", '{"metrics": {"accuracy": 0.5}}', None],
+                         ids=["truncated", "list", "wrong-entries", "deleted"])
+def test_an_eval_stage_names_a_damaged_reward_eval_json_and_the_fix(tmp_path, content):
+    """The eval stage's reward row is read from the reward stage's reward_eval.json: damaged, it died on a KeyError
+    or JSONDecodeError that named no file."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.eval import _reward_row
+
+    reward = StageDir(tmp_path / "reward")
+    reward.root.mkdir()
+    reward.write_manifest({"status": "complete", "output_sha256": "a" * 64})
+    if content is not None:
+        (reward.root / "reward_eval.json").write_text(content)
+    ctx = SimpleNamespace(run_dir=tmp_path, inputs={"reward": str(reward.checkpoint)})
+    with pytest.raises(ValueError, match=r"reward_eval.json: .*; re-run that stage \(`alignpipe run RECIPE --force "
+                                         r"reward`\)"):
+        _reward_row(ctx, "reward")
+
+
+def test_a_run_whose_leaderboard_md_is_a_directory_still_prints_its_summary(tmp_path, completed_tiny_run, capsys):
+    from alignpipe.cli import main
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    shutil.rmtree(runs / "tiny" / "leaderboard.md", ignore_errors=True)
+    (runs / "tiny" / "leaderboard.md").unlink(missing_ok=True)
+    (runs / "tiny" / "leaderboard.md").mkdir()
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 0
+    assert "skipped" in capsys.readouterr().out

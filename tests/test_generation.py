@@ -513,3 +513,25 @@ def test_a_one_prompt_evaluation_leaves_out_the_lc_win_rate(caplog):
     board = build_leaderboard([CheckpointResult("dpo", "x", None, metrics)], run={}, config={}, env={}, suite="s",
                               primary_metric="gold_reward")
     assert "lc_win_rate" not in render_markdown(board) + render_csv(board)
+
+
+@pytest.mark.parametrize("damaged", ["[1, 2", "{}", '"text"', '[{"prompt": 1}]', "[[1, \"x\"]]", "[[true]]"])
+def test_an_eval_cache_entry_of_another_shape_is_a_miss(tmp_path, damaged):
+    """An entry cut short was a miss, recomputed; one of another shape (a list where rows are, text where numbers
+    are: edited, or written by something else) raised deep in the harness. Every kind is now a miss too."""
+    from alignpipe.evaluation.generation import Generation
+
+    cache = EvalCache(tmp_path)
+    cache.put_generations("g", [Generation("p", "r", (1, 2), False)])
+    cache.put_token_logprobs("t", [[-0.5, -1.0]])
+    cache.put_member_scores("m", [[0.1, 0.2]])
+    cache.put_floats("f", [0.25])
+    assert cache.get_generations("g") == [Generation("p", "r", (1, 2), False)]
+    assert (cache.get_token_logprobs("t"), cache.get_member_scores("m"), cache.get_floats("f")) == (
+        [[-0.5, -1.0]], [[0.1, 0.2]], [0.25])
+    for kind, key in (("generations", "g"), ("token_logprobs", "t"), ("member_scores", "m"), ("logprobs", "f")):
+        cache._path(kind, key).write_text(damaged)
+    misses = cache.misses
+    assert [cache.get_generations("g"), cache.get_token_logprobs("t"), cache.get_member_scores("m"),
+            cache.get_floats("f")] == [None] * 4
+    assert cache.misses == misses + 4

@@ -115,6 +115,23 @@ def test_eval_of_a_checkpoint_with_damaged_weights_names_it(tmp_path, completed_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", _truncate), ("config.json", lambda p: p.write_text("[1]")),
+                                          ("tokenizer.json", lambda p: p.unlink())])
+def test_eval_of_a_checkpoint_with_a_damaged_tokenizer_names_it(tmp_path, completed_tiny_run, capsys, name, damage):
+    """A tokenizer.json cut short or gone, or a config.json that is a JSON list, gave a message naming no file (or
+    a TypeError traceback): the checkpoint is named, with the fix."""
+    from alignpipe.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(StageDir(completed_tiny_run[0].run_dir / "sft").checkpoint, checkpoint)
+    damage(checkpoint / name)
+    assert main(["eval", str(checkpoint), "--n-prompts", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {checkpoint}: its tokenizer cannot be read" in error and "--force STAGE" in error
+    assert "Traceback" not in error
+
+
 @pytest.mark.parametrize("damage", WEIGHTS_DAMAGE)
 def test_a_reward_ensemble_with_damaged_heads_is_a_clear_error(tmp_path, llama_path, damage):
     from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble

@@ -159,8 +159,17 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_c
     ``require_chat_template=False`` is for reward backbones that pair-encode plain text (encoders have no template);
     ``padding_side=None`` keeps the tokenizer's own side (a sequence classifier scores wherever its padding is).
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(name_or_path), gguf_file=gguf_file,
-                                              **remote_code_kwargs())
+    location = resolve_model_location(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file, **remote_code_kwargs())
+    except Exception as error:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        if not Path(location).is_dir() or isinstance(error, ModelError):
+            raise  # a hub id: transformers' own message says what is missing there
+        raise ModelError(
+            f"checkpoint {location}: its tokenizer cannot be read ({type(error).__name__}: {error}); its "
+            "tokenizer.json, tokenizer_config.json or config.json is damaged or missing (a full disk, a crash or a "
+            "copy cut short, an edit): copy them again, or re-run the stage that wrote them (`alignpipe run RECIPE "
+            "--force STAGE`)") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(

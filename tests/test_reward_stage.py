@@ -116,6 +116,14 @@ def test_reward_stage_with_ids_and_its_row_on_the_leaderboard(tmp_path):
     assert rows["base"]["proxy_reward"]["value"] == pytest.approx(float(members.mean()), abs=1e-5)
     assert rows["base"]["proxy_reward_min"]["value"] == pytest.approx(float(members.min(dim=1).values.mean()),
                                                                      abs=1e-5)
+    # the stage's output hash is its identity too: re-run in a moved run folder, where its files name other paths, it
+    # hands on the same hash, and the eval stage after it is skipped
+    recorded = StageDir(runner.run_dir / "rm").read_manifest()["output_sha256"]
+    assert recorded == reward_model_identity(runner.run_dir / "rm" / "checkpoint")
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    moved = Runner(load_recipe(tmp_path / "recipe.yaml"), runs_dir=tmp_path / "moved", force=["rm"], in_process=True)
+    assert {o.name: o.action for o in moved.run()} == {"sft": "skipped", "rm": "ran", "eval": "skipped"}
+    assert StageDir(moved.run_dir / "rm").read_manifest()["output_sha256"] == recorded
 
 
 def test_eval_reference_must_be_a_policy(tmp_path):

@@ -135,6 +135,27 @@ def test_a_complete_stage_whose_checkpoint_is_gone_runs_again(tmp_path, complete
     assert (runs / "tiny" / "dpo" / "checkpoint" / "model.safetensors").exists()
 
 
+def test_a_complete_stage_whose_checkpoint_changed_runs_again(tmp_path, completed_tiny_run, capsys):
+    """A complete stage hands its recorded output hash on to the stages after it, so a checkpoint whose files changed
+    since (a copy cut short, a disk error, an edit) was trained on and evaluated under the old one's name: the
+    stage runs again, saying why, in the dry run and the run; the base model likewise is made again."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    weights = runs / "tiny" / "sft" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    said = _dry_run(recipe_path, runs, capsys=capsys)["sft"][0]
+    assert said.startswith("run (complete, but its checkpoint's files") and "changed since it completed" in said
+    outcomes, _ = _run(recipe_path, runs)
+    assert outcomes["sft"].action == "ran" and "changed since it completed" in outcomes["sft"].reason
+    assert StageDir(runs / "tiny" / "sft").published_problem(StageDir(runs / "tiny" / "sft").read_manifest()) is None
+    # sft trains deterministically on the CPU, so it comes out as before and dpo is skipped again
+    assert outcomes["dpo"].action == "skipped"
+    base_config = runs / "tiny" / "base" / "checkpoint" / "config.json"
+    base_config.write_text(base_config.read_text() + " ")
+    outcomes, _ = _run(recipe_path, runs)
+    assert not base_config.read_text().endswith(" ")  # made again, as it was (the tiny base is seeded)
+    assert {outcome.action for outcome in outcomes.values()} == {"skipped"}
+
+
 def test_an_interrupted_reset_leaves_no_complete_manifest_behind(tmp_path, completed_tiny_run, monkeypatch):
     """Starting a stage over deletes its old checkpoint; stopped half-way, the stage must not look complete."""
     reference_runner, _ = completed_tiny_run
@@ -690,6 +711,9 @@ def _recorded_stage(tmp_path, manifest: dict, *, trainer: str = "", published: b
             (checkpoint / "model.safetensors").write_bytes(b"weightz")
     if published:
         stage.checkpoint.mkdir(parents=True)
+        (stage.checkpoint / "model.safetensors").write_bytes(b"published")
+        if manifest.get("output_sha256") and published != "changed":  # as the stage recorded it
+            stage.update_manifest(output_sha256=rundir.directory_hash(stage.checkpoint))
     if rounds:
         (stage.root / "rounds" / "round-0" / "checkpoint").mkdir(parents=True)
     return stage
@@ -703,6 +727,8 @@ SAME = {"config_hash": "c", "input_hashes": {"sft": "i"}}
     ({**SAME, "status": "complete"}, {}, {}, "skip", "complete with the same config and inputs"),
     ({**SAME, "status": "complete", "output_sha256": "f"}, {"published": True}, {}, "skip", "complete with the same"),
     ({**SAME, "status": "complete", "output_sha256": "f"}, {}, {}, "run", "complete, but its checkpoint ("),
+    ({**SAME, "status": "complete", "output_sha256": "f"}, {"published": "changed"}, {}, "run",
+     "complete, but its checkpoint's files ("),
     ({**SAME, "status": "complete"}, {}, {"forced": True}, "run", "forced"),
     ({**SAME, "status": "complete", "config_hash": "d"}, {}, {}, "run", "config or inputs changed"),
     ({**SAME, "status": "complete", "input_hashes": {"sft": "j"}}, {}, {}, "run", "config or inputs changed"),
@@ -724,7 +750,7 @@ SAME = {"config_hash": "c", "input_hashes": {"sft": "i"}}
     ({**SAME}, {}, {}, "run", "previous attempt unknown; no checkpoint to resume from"),
     ({**SAME, "status": "interrupted", BATCH_SPLIT: asdict(split_global_batch(16, 1, 16))}, {"trainer": "intact"},
      {"batch": split_global_batch(32, 2, 16)}, "run", "previous attempt interrupted; starting over (use --resume"),
-], ids=["new", "complete", "published", "published-gone", "forced", "config", "inputs", "resume-other-work",
+], ids=["new", "complete", "published", "published-gone", "published-changed", "forced", "config", "inputs", "resume-other-work",
         "resume", "resume-rounds", "resume-forced", "resume-corrupt", "no-resume", "nothing-to-resume", "no-status",
         "no-resume-other-batch"])
 def test_decide_stage_skips_runs_or_resumes_by_the_recorded_attempt(tmp_path, manifest, layout, options, action,

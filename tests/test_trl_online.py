@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
-from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.rundir import StageDir, directory_hash
 from alignpipe.pipeline.runner import Runner, plan_batches
 from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
 from alignpipe.trainers import trl_online
@@ -53,6 +53,8 @@ def decoding_run(online_run, tmp_path_factory):
     run = copy_sft(runner, directory / "runs")
     config = run / "sft" / "checkpoint" / "generation_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **DECODING}))
+    # as if sft had published it so: a checkpoint changed after its stage completed would be made again
+    StageDir(run / "sft").update_manifest(output_sha256=directory_hash(run / "sft" / "checkpoint"))
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
                                         {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST, "max_steps": 1},
                                         {"name": "rloo", "type": "rloo", **FAST, "max_steps": 1}]}

@@ -17,7 +17,7 @@ from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.reward_eval import reward_model_metrics
 from alignpipe.evaluation.suites import PairSource, SuiteSpec, data_path
-from alignpipe.pipeline.rundir import RUN_FILE, StageDir, directory_hash, package_versions
+from alignpipe.pipeline.rundir import RUN_FILE, StageDir, output_hash, package_versions
 from alignpipe.tasks import gold_reward, preference_pairs
 
 __all__ = ["expand_reward_models", "load_pair_source", "run_reward_suite"]
@@ -93,7 +93,7 @@ def run_reward_suite(spec: SuiteSpec, suite_hash: str, models: list[tuple[str, s
                                           resamples=spec.bootstrap_resamples)
             metrics.update({f"{source.name}/{key}": value for key, value in values.items()})
         manifest = StageDir(Path(path).parent).read_manifest() or {}
-        weights = manifest.get("output_sha256") or directory_hash(Path(path))
+        weights = manifest.get("output_sha256") or output_hash(Path(path))
         results.append(CheckpointResult(name=name, path=path, weights_sha256=weights, metrics=metrics))
     return build_leaderboard(
         results, run={"name": f"suite:{spec.name}", "suite_sha256": suite_hash},

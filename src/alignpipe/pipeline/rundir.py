@@ -142,9 +142,27 @@ def _update_with_file(digest, path: Path) -> None:
             digest.update(block)
 
 
+def output_hash(checkpoint: Path, *, cached: bool = False) -> str:
+    """What a stage's manifest records as ``output_sha256`` for its published ``checkpoint``: its ``directory_hash``,
+    but a saved reward model's identity (:func:`~alignpipe.rewards.loading.reward_model_identity`), which leaves out
+    the absolute paths its JSON files hold. Why: a reward stage re-run in a moved or copied run folder gave another
+    hash for the same weights, and every stage after it re-ran. ``cached``: trust the stat cache (checking a
+    published checkpoint, not hashing a stage's fresh output)."""
+    if (checkpoint / "manifest.json").is_file():  # policies have none; a reward model's says its format
+        from alignpipe.rewards.loading import reward_model_format, reward_model_identity
+
+        try:
+            reward_model_format(checkpoint)
+        except ValueError:
+            pass
+        else:
+            return reward_model_identity(checkpoint)
+    return cached_directory_hash(checkpoint) if cached else directory_hash(checkpoint)
+
+
 def recorded_output_sha256(checkpoint: Path) -> str | None:
-    """The ``output_sha256`` (``directory_hash``) that a complete stage's manifest records for ``checkpoint`` when it is
-    that stage's ``checkpoint/`` (``runs/<run>/<stage>/checkpoint``, ``runs/<run>/base/checkpoint``); None for any
+    """The ``output_sha256`` (:func:`output_hash`) that a complete stage's manifest records for ``checkpoint`` when it
+    is that stage's ``checkpoint/`` (``runs/<run>/<stage>/checkpoint``, ``runs/<run>/base/checkpoint``); None for any
     other directory. Cheap: reads one JSON file and hashes nothing."""
     checkpoint = Path(checkpoint)
     if checkpoint.name != "checkpoint" or not checkpoint.is_dir():
@@ -210,6 +228,26 @@ class StageDir:
         """Why a ``manifest.json`` that is there cannot be read (None when it reads, or there is none), for the
         reason a stage gives for starting over."""
         return read_manifest_file(self.manifest)[1]
+
+    def published_problem(self, manifest: dict) -> str | None:
+        """Why the checkpoint a complete ``manifest`` records is not the one the stage published (None when it is,
+        or when it recorded none): gone, or its files hash otherwise than ``output_sha256`` (a copy cut short, a
+        disk error, an edit). Why: a skipped stage hands its recorded hash to the stages after it, so a changed
+        checkpoint would be trained on and evaluated under the old one's name. Hashed with the stat cache, so
+        unchanged files are not read again."""
+        recorded = manifest.get("output_sha256")
+        if recorded is None:
+            return None
+        if not self.checkpoint.is_dir():
+            return f"its checkpoint ({self.checkpoint}) is missing"
+        try:
+            found = output_hash(self.checkpoint, cached=True)
+        except (OSError, ValueError) as error:  # a reward model's manifest or backbone that cannot be read
+            return f"its checkpoint ({self.checkpoint}) cannot be hashed ({error})"
+        if found != recorded and cached_directory_hash(self.checkpoint) != recorded:  # a reward model's old record
+            return (f"its checkpoint's files ({self.checkpoint}) changed since it completed (they hash to "
+                    f"{found[:12]}, recorded {recorded[:12]})")
+        return None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest, manifest)

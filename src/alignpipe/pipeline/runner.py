@@ -798,7 +798,7 @@ def _complete_base(directory: StageDir, config_hash: str) -> dict | None:
     """The base directory's manifest if it holds the tiny model of this recipe, complete; None otherwise."""
     manifest = directory.read_manifest() or {}
     done = manifest.get("status") == "complete" and manifest.get("config_hash") == config_hash
-    return manifest if done and directory.checkpoint.exists() else None
+    return manifest if done and directory.published_problem(manifest) is None else None  # else made again
 
 
 @contextmanager

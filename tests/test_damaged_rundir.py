@@ -145,6 +145,27 @@ def test_a_reward_ensemble_with_damaged_heads_is_a_clear_error(tmp_path, llama_p
         RewardEnsemble.load(saved)
 
 
+@pytest.mark.parametrize("record", ['"edited"', "[1, 2]"])
+def test_a_reward_stage_whose_checkpoint_manifest_was_edited_starts_over(tmp_path, llama_path, record):
+    """The skip decision hashes a complete reward stage's checkpoint by its identity, which reads its manifest: a
+    backbone record edited to text or a list raised an AttributeError out of the decision (run and dry run died);
+    the checkpoint is not the one published, so the stage starts over, saying so."""
+    from alignpipe.pipeline.rundir import output_hash
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+
+    stage = StageDir(tmp_path / "rm")
+    spec = EnsembleSpec(backbone=llama_path, members=2, lora_r=4, lora_alpha=8, top_layers=2, seed=0)
+    RewardEnsemble.create(spec).save(stage.checkpoint)
+    manifest = {"status": "complete", "config_hash": "c", "input_hashes": {}, "output_sha256": output_hash(
+        stage.checkpoint)}
+    stage.write_manifest(manifest)
+    assert decide_stage(stage, manifest, "c", {}, forced=False, resume=False).action == "skip"
+    saved = json.loads((stage.checkpoint / "manifest.json").read_text())
+    (stage.checkpoint / "manifest.json").write_text(json.dumps({**saved, "backbone": json.loads(record)}))
+    decision = decide_stage(stage, manifest, "c", {}, forced=False, resume=False, look_only=True)
+    assert decision.action == "run" and decision.reason.startswith("complete, but its checkpoint")
+
+
 # ----------------------------------------------------------------------------- the report of a damaged run
 
 def test_the_report_names_the_lines_of_a_damaged_metrics_file_it_leaves_out(tmp_path, completed_tiny_run):
@@ -254,3 +275,16 @@ def test_a_run_whose_leaderboard_md_is_a_directory_still_prints_its_summary(tmp_
     (runs / "tiny" / "leaderboard.md").mkdir()
     assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_a_damaged_gguf_file_keeps_preflights_own_message(tmp_path):
+    """load_tokenizer names a local folder's damaged tokenizer files; a GGUF file is its callers' to name (preflight
+    says which file, and that reading one needs the gguf package), not a tokenizer.json to copy again."""
+    from alignpipe.models.loading import ModelError
+    from alignpipe.pipeline.preflight import _tokenizer
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ModelError) as refused:
+        _tokenizer(tmp_path, chat_template=True, gguf_file="model.gguf")
+    assert f"{tmp_path / 'model.gguf'}: its tokenizer does not load" in str(refused.value)
+    assert "tokenizer.json" not in str(refused.value)

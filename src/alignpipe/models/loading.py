@@ -163,8 +163,8 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_c
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file, **remote_code_kwargs())
     except Exception as error:  # tokenizers raises a bare Exception for a damaged tokenizer.json
-        if not Path(location).is_dir() or isinstance(error, ModelError):
-            raise  # a hub id: transformers' own message says what is missing there
+        if not _damaged_local_tokenizer(location, gguf_file, error):
+            raise  # a hub id, a GGUF file, a missing package: their own messages say what is wrong
         raise ModelError(
             f"checkpoint {location}: its tokenizer cannot be read ({type(error).__name__}: {error}); its "
             "tokenizer.json, tokenizer_config.json or config.json is damaged or missing (a full disk, a crash or a "
@@ -186,6 +186,14 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, require_c
     if padding_side is not None:
         tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def _damaged_local_tokenizer(location: str, gguf_file: str | None, error: Exception) -> bool:
+    """Whether ``error``, raised loading a tokenizer from ``location``, says its local files are damaged, rather than
+    a hub id's, a GGUF file's (whose callers name the file), a missing package's or a remote-code refusal's."""
+    if not Path(location).is_dir() or gguf_file is not None or isinstance(error, ModelError | ImportError):
+        return False
+    return "trust_remote_code" not in str(error)
 
 
 def process_device() -> torch.device:

@@ -242,7 +242,8 @@ class StageDir:
             return f"its checkpoint ({self.checkpoint}) is missing"
         try:
             found = output_hash(self.checkpoint, cached=True)
-        except (OSError, ValueError) as error:  # a reward model's manifest or backbone that cannot be read
+        except Exception as error:  # noqa: BLE001 - a reward model's manifest or backbone that cannot be read: a
+            # damaged checkpoint, whatever its shape (an edited backbone record gave an AttributeError)
             return f"its checkpoint ({self.checkpoint}) cannot be hashed ({error})"
         if found != recorded and cached_directory_hash(self.checkpoint) != recorded:  # a reward model's old record
             return (f"its checkpoint's files ({self.checkpoint}) changed since it completed (they hash to "

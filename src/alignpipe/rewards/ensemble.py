@@ -331,7 +331,8 @@ def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, o
     copied out of its run; manifests written before that record, with absolute paths, are read as they are). A
     local backbone that is missing, or whose weights differ from the hash recorded at save time, is an error naming
     the ensemble and the backbone."""
-    record = manifest.get(BACKBONE_KEY) or {}
+    record = manifest.get(BACKBONE_KEY)
+    record = record if isinstance(record, dict) else {}  # absent before the record existed; or edited by hand
     relative = bool(record.get("relative_to_checkpoint")) and override is None
     loader_fix = ("pass backbone=<the checkpoint it was trained on> to the loader (EnsembleScorer.load, "
                   "load_reward_scorer)")

@@ -267,6 +267,19 @@ def test_merges_check_each_mapping_as_written(tmp_path: Path) -> None:
     assert "duplicate key '<<' (first set on line 5); merge several mappings with one <<: [*a, *b]" in error_for(two)
 
 
+def test_merge_keys_read_alike_on_every_pyyaml(tmp_path: Path) -> None:
+    """Merges are applied by the recipe loader, not by PyYAML's flatten_mapping (6.0.4 changed it, and read the
+    nested anchor above with r: 8): of several merged mappings the earlier wins, and a mapping merging itself is an
+    error with its line, not a recursion."""
+    order = write(tmp_path / "order.yaml", "name: m\nstages:\n"
+                  "  - {name: a, type: sft, lora: &x {r: 2, dropout: 0.1}}\n"
+                  "  - {name: b, type: sft, lora: &y {r: 6, alpha: 12}}\n"
+                  "  - {name: c, type: sft, lora: {<<: [*x, *y], alpha: 4}}\n")
+    assert [(s.lora.r, s.lora.alpha, s.lora.dropout) for s in load_recipe(order).stages][2] == (2, 4, 0.1)
+    itself = write(tmp_path / "itself.yaml", "name: m\nstages:\n  - &s {name: a, type: sft, <<: *s}\n")
+    assert "line 3, column 29: YAML syntax error: a mapping cannot merge itself" in error_for(itself)
+
+
 def test_a_character_yaml_refuses_is_one_line_with_line_and_column(tmp_path: Path) -> None:
     """A NUL or control character was reported over two lines, at a character offset in "<unicode string>"."""
     path = write(tmp_path / "bell.yaml", "name: x\nstages:\n  - {name: sft, type: sft}\ndescription: a\x07b\n")

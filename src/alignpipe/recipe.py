@@ -1503,35 +1503,76 @@ _Origins = dict[tuple[str, ...], str]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
+_VALUE_TAG = "tag:yaml.org,2002:value"
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one, and applies merge keys
+    (``<<``) itself.
+
+    Why merges here: PyYAML's ``flatten_mapping`` rewrites nodes in place and its rules changed between releases
+    (6.0.4 keeps the first of the merged keys it takes for equal, by the identity of their text), so an anchor defined
+    inside a merge and aliased again read differently by version. Building each mapping's pairs afresh, without
+    changing any node, gives the YAML merge-key rules on every PyYAML: a mapping's own keys override merged ones, and
+    of several merged mappings (``<<: [*a, *b]``) the earlier wins."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(None, None, f"expected a mapping node, but found {node.id}",
+                                                    node.start_mark)
+        flat = yaml.MappingNode(node.tag, _merged_pairs(node, ()), node.start_mark, node.end_mark, node.flow_style)
+        return yaml.constructor.BaseConstructor.construct_mapping(self, flat, deep=deep)
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        """Check a mapping's own keys (a second ``<<`` among them) once, as written, then apply its merge keys. Why
-        here: SafeLoader flattens a merge source in place before building it, so a check when it is built saw the
-        keys merged into an anchor defined inside a merge as its own (a false duplicate when aliased again). Keys a
-        merge brings in are not compared: they are defaults the mapping's own keys override, which is what merge
-        keys are for."""
-        checked = self.__dict__.setdefault("_checked_mappings", set())
-        if id(node) not in checked:
-            checked.add(id(node))
-            first_line: dict[str, int] = {}
-            for key_node, _ in node.value:
-                key = "<<" if key_node.tag == _MERGE_TAG else key_node.value if key_node.tag == _STR_TAG else None
-                if key is None:
-                    continue  # odd keys are left to SafeLoader and to validation
-                if key in first_line:
-                    hint = "; merge several mappings with one <<: [*a, *b]" if key == "<<" else ""
-                    msg = f"duplicate key {key!r} (first set on line {first_line[key]}){hint}"
-                    raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
-                first_line[key] = key_node.start_mark.line + 1
-        super().flatten_mapping(node)
+        """Not used: :meth:`construct_mapping` merges without changing the node (this would rewrite it in place)."""
+        raise NotImplementedError("_StrictLoader merges in construct_mapping")
+
+
+def _check_own_keys(node: yaml.MappingNode) -> None:
+    """A key written twice in one mapping (a second ``<<`` included) is refused. Keys a merge brings in are not
+    compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
+    first_line: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = "<<" if key_node.tag == _MERGE_TAG else key_node.value if key_node.tag == _STR_TAG else None
+        if key is None:
+            continue  # odd keys are left to SafeLoader and to validation
+        if key in first_line:
+            hint = "; merge several mappings with one <<: [*a, *b]" if key == "<<" else ""
+            msg = f"duplicate key {key!r} (first set on line {first_line[key]}){hint}"
+            raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
+        first_line[key] = key_node.start_mark.line + 1
+
+
+def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...]) -> list[tuple[yaml.Node, yaml.Node]]:
+    """A mapping's key/value node pairs with its merge keys applied, ordered so that the last of equal keys wins
+    (how a mapping is built): merged pairs first, later merge sources before earlier ones, the mapping's own last.
+    ``inside`` holds the mappings being merged into (a mapping that merges itself is refused, not recursed on)."""
+    _check_own_keys(node)
+    merged: list[tuple[yaml.Node, yaml.Node]] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
+    inside = (*inside, id(node))
+    for key_node, value_node in node.value:
+        if key_node.tag == _VALUE_TAG:  # a bare ``=`` key, read as the text "=" (as SafeLoader does)
+            key_node = yaml.ScalarNode(_STR_TAG, key_node.value, key_node.start_mark, key_node.end_mark)
+        if key_node.tag != _MERGE_TAG:
+            own.append((key_node, value_node))
+            continue
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"expected a mapping or list of mappings for merging, but found {source.id}", source.start_mark)
+            if id(source) in inside:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "a mapping cannot merge itself (<<: an alias of "
+                    "the mapping it is in)", key_node.start_mark)
+            merged.extend(_merged_pairs(source, inside))
+    return merged + own
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    return loader.construct_mapping(node, deep=True)  # keys checked by _StrictLoader.flatten_mapping
+    return loader.construct_mapping(node, deep=True)  # keys checked and merges applied by _merged_pairs
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)

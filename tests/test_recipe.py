@@ -29,6 +29,7 @@ from alignpipe.recipe import (
     parse_override,
     recipe_to_dict,
 )
+from alignpipe.strict_yaml import dump_yaml, parse_strict_yaml
 
 REPO = Path(__file__).parents[1]
 BAD_RECIPES = sorted((Path(__file__).parent / "bad_inputs" / "recipes").glob("*.yaml"))  # see test_bad_inputs.py
@@ -405,6 +406,37 @@ def test_plain_numbers_are_decimal_and_others_stay_text(tmp_path: Path) -> None:
     # a field that takes no number is not told to write a decimal one
     for override in ("stages.dpo.precompute_ref_log_probs=0b1", "stages.dpo.inputs=010"):
         assert "numbers are read in decimal" not in error_for(path, (override,))
+
+
+def test_only_true_and_false_are_booleans_and_dates_stay_text(tmp_path: Path) -> None:
+    """YAML 1.1 read yes/no/on/off as booleans and 2024-01-31 as a date: a stage named no became false, and a
+    true/false field took on silently. They are text now, as in YAML 1.2, and a true/false field says so."""
+    norway = GOOD.replace("name: sft", "name: no").replace("inputs: [sft]", "inputs: [no]").replace(
+        "inputs: [sft, dpo]\n    reference: sft", "inputs: [no, dpo]\n    reference: no")
+    recipe = load_recipe(write(tmp_path / "no.yaml", norway), ("description=2024-01-31",
+                                                                "stages.dpo.lora.target_modules=[on, off]"))
+    assert [s.name for s in recipe.stages] == ["no", "dpo", "ev"] and recipe.stage("dpo").inputs == ["no"]
+    assert (recipe.description, recipe.stage("dpo").lora.target_modules) == ("2024-01-31", ["on", "off"])
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.dpo.precompute_ref_log_probs=yes", "model.trust_remote_code=Off"))
+    assert ("stages.dpo.precompute_ref_log_probs: expected true or false, got 'yes': only true and false are booleans "
+            "here (yes is text, as in YAML 1.2); write true or false") in message
+    assert "model.trust_remote_code: expected true or false, got 'Off': only true and false" in message
+    assert load_recipe(path, ("stages.dpo.precompute_ref_log_probs=True",)).stage("dpo").precompute_ref_log_probs
+    assert "only true and false" not in error_for(path, ("stages.dpo.precompute_ref_log_probs=maybe",))
+
+
+def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:
+    """SafeDumper wrote text that looks like a number to this loader but not to YAML 1.1 (1.5e5) plain, so
+    ``validate --print`` gave a recipe that read back with a number in a text field. Text is now quoted wherever
+    either reader would read it as something else."""
+    overrides = ("description='1.5e5'", "stages.dpo.lora.target_modules=['yes', '010', '2024-01-31', '.5e1']")
+    recipe = load_recipe(write(tmp_path / "good.yaml", GOOD), overrides)
+    assert recipe.stage("dpo").lora.target_modules == ["yes", "010", "2024-01-31", ".5e1"]
+    written = dump_yaml(recipe_to_dict(recipe))
+    assert parse_strict_yaml(written) == yaml.safe_load(written) == recipe_to_dict(recipe)
+    assert load_recipe(write(tmp_path / "again.yaml", written)) == recipe
+    assert "description: '1.5e5'" in written and "- 'yes'\n" in written and "- '.5e1'\n" in written
 
 
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:

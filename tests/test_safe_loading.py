@@ -40,7 +40,7 @@ def test_torch_load_is_always_weights_only() -> None:
 
 
 def test_no_pickle_and_yaml_only_through_a_safe_loader() -> None:
-    from alignpipe.recipe import _StrictLoader
+    from alignpipe.strict_yaml import _StrictLoader
 
     assert issubclass(_StrictLoader, yaml.SafeLoader)
     for path in SOURCES:

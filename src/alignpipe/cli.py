@@ -297,10 +297,10 @@ def _not_a_file(path: Path | None, option: str) -> bool:
 
 @_file_errors_in_one_line
 def _cmd_validate(args) -> int:
-    import yaml
 
     from alignpipe.pipeline.preflight import PreflightError, preflight
     from alignpipe.recipe import RecipeError, load_recipe, recipe_to_dict
+    from alignpipe.strict_yaml import dump_yaml
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -309,7 +309,7 @@ def _cmd_validate(args) -> int:
         print(error, file=sys.stderr)
         return 2
     if args.print:
-        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+        print(dump_yaml(recipe_to_dict(recipe)), end="")
     stages = " -> ".join(f"{s.name}({s.type})" for s in recipe.stages)
     # beside --print's YAML the verdict goes to stderr, so `validate --print > resolved.yaml` writes a recipe
     print(f"{args.recipe}: valid recipe '{recipe.name}': {stages}", file=sys.stderr if args.print else sys.stdout)

@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from alignpipe.data.truncation import TruncatedSamples
 from alignpipe.pipeline.batching import too_few_prompts
+from alignpipe.strict_yaml import _StrictLoader
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
 __all__ = [
@@ -1501,100 +1502,6 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 _Origins = dict[tuple[str, ...], str]
 
 
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_STR_TAG = "tag:yaml.org,2002:str"
-_VALUE_TAG = "tag:yaml.org,2002:value"
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one, and applies merge keys
-    (``<<``) itself.
-
-    Why merges here: PyYAML's ``flatten_mapping`` rewrites nodes in place and its rules changed between releases
-    (6.0.4 keeps the first of the merged keys it takes for equal, by the identity of their text), so an anchor defined
-    inside a merge and aliased again read differently by version. Building each mapping's pairs afresh, without
-    changing any node, gives the YAML merge-key rules on every PyYAML: a mapping's own keys override merged ones, and
-    of several merged mappings (``<<: [*a, *b]``) the earlier wins."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if not isinstance(node, yaml.MappingNode):
-            raise yaml.constructor.ConstructorError(None, None, f"expected a mapping node, but found {node.id}",
-                                                    node.start_mark)
-        flat = yaml.MappingNode(node.tag, _merged_pairs(node, ()), node.start_mark, node.end_mark, node.flow_style)
-        return yaml.constructor.BaseConstructor.construct_mapping(self, flat, deep=deep)
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        """Not used: :meth:`construct_mapping` merges without changing the node (this would rewrite it in place)."""
-        raise NotImplementedError("_StrictLoader merges in construct_mapping")
-
-
-def _check_own_keys(node: yaml.MappingNode) -> None:
-    """A key written twice in one mapping (a second ``<<`` included) is refused. Keys a merge brings in are not
-    compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
-    first_line: dict[str, int] = {}
-    for key_node, _ in node.value:
-        key = "<<" if key_node.tag == _MERGE_TAG else key_node.value if key_node.tag == _STR_TAG else None
-        if key is None:
-            continue  # odd keys are left to SafeLoader and to validation
-        if key in first_line:
-            hint = "; merge several mappings with one <<: [*a, *b]" if key == "<<" else ""
-            msg = f"duplicate key {key!r} (first set on line {first_line[key]}){hint}"
-            raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
-        first_line[key] = key_node.start_mark.line + 1
-
-
-def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...]) -> list[tuple[yaml.Node, yaml.Node]]:
-    """A mapping's key/value node pairs with its merge keys applied, ordered so that the last of equal keys wins
-    (how a mapping is built): merged pairs first, later merge sources before earlier ones, the mapping's own last.
-    ``inside`` holds the mappings being merged into (a mapping that merges itself is refused, not recursed on)."""
-    _check_own_keys(node)
-    merged: list[tuple[yaml.Node, yaml.Node]] = []
-    own: list[tuple[yaml.Node, yaml.Node]] = []
-    inside = (*inside, id(node))
-    for key_node, value_node in node.value:
-        if key_node.tag == _VALUE_TAG:  # a bare ``=`` key, read as the text "=" (as SafeLoader does)
-            key_node = yaml.ScalarNode(_STR_TAG, key_node.value, key_node.start_mark, key_node.end_mark)
-        if key_node.tag != _MERGE_TAG:
-            own.append((key_node, value_node))
-            continue
-        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-        for source in reversed(sources):
-            if not isinstance(source, yaml.MappingNode):
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"expected a mapping or list of mappings for merging, but found {source.id}", source.start_mark)
-            if id(source) in inside:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, "a mapping cannot merge itself (<<: an alias of "
-                    "the mapping it is in)", key_node.start_mark)
-            merged.extend(_merged_pairs(source, inside))
-    return merged + own
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    return loader.construct_mapping(node, deep=True)  # keys checked and merges applied by _merged_pairs
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-# Plain numbers are decimal. PyYAML's YAML 1.1 resolver read 010 as octal 8, 0x10 as 16, 0b10 as 2 and 1:30 as 90
-# (base 60), where YAML 1.2 reads 010 as 10 and 1:30 as text: the loader leaves such scalars as text, so a number field
-# names its key (``_number_hint`` says why) and a text field (a revision 0123456) keeps what was written. YAML 1.1
-# also needed a dot and a signed exponent (1.0e-5) and read 1e-5 or 1.5e5 as text; both are numbers here, as in YAML
-# 1.2. Underscores group digits as in Python (10_000; not 1_ or 1__0).
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_DIGITS = r"[0-9](?:_?[0-9])*"
-_DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
-_DECIMAL_FLOAT = re.compile(rf"^(?:[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?|\.{_DIGITS}|{_DIGITS}(?=[eE]))(?:[eE][-+]?[0-9]+)?"
-                            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789"))
-_StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
-
-
 def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
     """One line: where in the file (line, column) and what. A character YAML refuses (a NUL, a control character)
     is a ReaderError, which has a character offset instead of a mark and a message over two lines."""
@@ -1606,12 +1513,6 @@ def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
     return f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"
-
-
-def parse_strict_yaml(text: str) -> Any:
-    """YAML as recipes read it: numbers in decimal only (010 or 0x10 stay text), a key written twice refused. For the
-    project's other hand-written YAML (evaluation suites), so that a seed reads the same everywhere."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
 
 
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
@@ -1974,7 +1875,7 @@ def _message(err: dict[str, Any], where: _Located) -> str:
     if kind == "list_type" and where.path == ["stages"]:
         return f"expected a list of stages (each entry starting '- name: ...'), got {_show(value)}"
     if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_number_hint(value) if kind in _NUMBER_KINDS else ''}"
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}{_yaml11_hint(value, kind)}"
     return f"{err['msg']}, got {_show(value)}"
 
 
@@ -1982,8 +1883,17 @@ _NUMBER_KINDS = frozenset({"int_type", "int_parsing", "float_type", "float_parsi
 _NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
 
 
+def _yaml11_hint(value: Any, kind: str) -> str:
+    """Why text reached a number or a true/false field where YAML 1.1 would have read a number or a boolean."""
+    if kind in _NUMBER_KINDS:
+        return _number_hint(value)
+    if kind in ("bool_type", "bool_parsing") and isinstance(value, str) and isinstance(yaml.safe_load(value), bool):
+        return f": only true and false are booleans here ({value} is text, as in YAML 1.2); write true or false"
+    return ""
+
+
 def _number_hint(value: Any) -> str:
-    """Why a number written in octal, hex, binary or base 60 reached a number field as text (``_DECIMAL_INT``): the
+    """Why a number written in octal, hex, binary or base 60 reached a number field as text (``strict_yaml``): the
     user sees a number, and YAML 1.1 and 1.2 read some of these differently (010: 8 or 10)."""
     if not (isinstance(value, str) and _NOT_DECIMAL.fullmatch(value)):
         return ""

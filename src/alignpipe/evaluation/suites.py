@@ -65,8 +65,8 @@ from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build
 from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.pipeline.rundir import package_versions
-from alignpipe.recipe import parse_strict_yaml
 from alignpipe.rewards.judges import RewardJudge, order_averaged
+from alignpipe.strict_yaml import parse_strict_yaml
 from alignpipe.tasks import GoldJudge, TaskSpace, heldout_tasks, preference_probability
 
 __all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "SuiteGeneration", "SuiteSpec",

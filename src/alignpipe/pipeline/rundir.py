@@ -23,6 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text, cache_root
+from alignpipe.strict_yaml import dump_yaml
 
 log = logging.getLogger("alignpipe")
 
@@ -259,7 +260,7 @@ class StageDir:
         return manifest
 
     def write_config(self, config: dict) -> None:
-        atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.config, dump_yaml(config))
 
     def read_config(self) -> dict:
         return yaml.safe_load(self.config.read_text())

@@ -81,6 +81,7 @@ from alignpipe.recipe import (
     did_you_mean,
     recipe_to_dict,
 )
+from alignpipe.strict_yaml import dump_yaml
 
 if TYPE_CHECKING:
     from alignpipe.data.hub_datasets import DatasetPin
@@ -238,7 +239,7 @@ class Runner:
         interrupted attempt with another recipe, the stages it did not reach (the eval stage and the run's leaderboard
         among them) still hold an earlier attempt's outputs, which the report then says."""
         resolved = recipe_to_dict(self.recipe)
-        atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(self.run_dir / "recipe.yaml", dump_yaml(resolved))
         record = {
             "run": self.recipe.name,
             "recipe_path": str(self.recipe_path) if self.recipe_path else None,

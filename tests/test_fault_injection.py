@@ -1,9 +1,10 @@
 """Fault injection: SIGKILL a run in the middle of a stage, ``--resume`` it, and get the uninterrupted run's result.
 
 Every run here goes through the real command line (``python -m alignpipe.cli run``), so the runner, ``accelerate
-launch`` and the stage process are separate processes, as for a user; the whole process group is SIGKILLed (no
-``finally`` blocks, no atexit: a lost node). The kill comes once the stage's ``metrics.jsonl`` holds a number of
-records drawn at random (seeded per trial; trial 0 half way), so it lands before, between or during checkpoint saves.
+launch`` and the stage process are separate processes, as for a user; all of them are SIGKILLed (no ``finally``
+blocks, no atexit: a lost node), the stage's launcher in its own session included. The kill comes once the stage's
+``metrics.jsonl`` holds a number of records drawn at random (seeded per trial; trial 0 half way), so it lands before,
+between or during checkpoint saves.
 The resumed stage must publish the same weights, bit for bit, and log the same metrics as a run never interrupted.
 
 Equality is exact for every tensor of the published checkpoint and every logged number, except wall-clock fields
@@ -18,6 +19,7 @@ cores). ``slow``: four more trials of each at seeded random records, and three t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,6 +37,7 @@ from conftest import TINY_RECIPE
 from safetensors.torch import load_file
 
 from alignpipe.pipeline.rundir import StageDir
+from alignpipe.pipeline.watched import _descendants, _running
 
 TRIALS = 1  # per stage type in the default suite
 MORE_TRIALS = 4  # of SFT, DPO and PPO in the slow tier
@@ -90,18 +93,38 @@ def _lines(metrics: Path) -> int:
     return metrics.read_text().count("\n") if metrics.exists() else 0
 
 
+def _kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL the run and every process below it, as a lost machine stops them all. The stage's launcher runs in a
+    session of its own (``pipeline.watched``), which a signal to the runner's group does not reach: it trained on and
+    published the stage, so the resume had nothing to do. All are stopped first, so none sees another die (a runner
+    whose stage ended would mark it failed)."""
+    os.killpg(process.pid, signal.SIGSTOP)
+    tree = _descendants(process.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while _running(tree):  # not the test's children: they cannot be waited for
+        assert time.monotonic() < deadline, f"processes {_running(tree)} outlived SIGKILL"
+        time.sleep(0.05)
+
+
 def _kill_at(process: subprocess.Popen, stage: StageDir, records: int, timeout: float = 900) -> bool:
-    """SIGKILL the run's process group once ``stage`` has logged ``records`` records; False if it finished first."""
+    """SIGKILL the run once ``stage`` has logged ``records`` records; False if it finished first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             return False
         if _lines(stage.metrics) >= records:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _kill_all(process)
             return True
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
+    _kill_all(process)
     raise TimeoutError(f"{stage.name} never logged {records} records")
 
 

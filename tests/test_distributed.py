@@ -7,6 +7,7 @@ recipes/accelerate/ddp-cpu.yaml), so these tests exercise exactly what users run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_recipe
 from safetensors.torch import load_file
+
+from alignpipe.pipeline.watched import _descendants
 
 TINY_MODEL = {"name_or_path": "tiny", "tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2,
                                                "intermediate_size": 64, "vocab_size": 100,
@@ -207,7 +210,11 @@ def _two_nodes(tmp_path: Path, recipe: Path, *options: str, main_port: int, time
             results.append((None, ""))
     for node in nodes:
         if node.poll() is None:
+            stage_processes = _descendants(node.pid)  # the stage's launcher has a session of its own
             os.killpg(node.pid, signal.SIGKILL)
+            for pid in stage_processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             node.communicate()
     return results
 

@@ -281,6 +281,33 @@ def test_merge_keys_read_alike_on_every_pyyaml(tmp_path: Path) -> None:
     assert "line 3, column 29: YAML syntax error: a mapping cannot merge itself" in error_for(itself)
 
 
+def test_merges_are_worked_out_once_and_odd_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    """Each merge source was expanded again wherever it was merged, so 22 levels of ``<<: [*a, *a]`` took 26 s (and
+    each level doubled it); a quoted '<<' is an ordinary key; ``=`` and ``<<`` as values are text (they stopped
+    SafeLoader); nesting too deep for Python's stack was a RecursionError traceback."""
+    levels = "".join(f"    l{i}: &l{i} {{<<: [*l{i - 1}, *l{i - 1}], k{i}: {i}}}\n" for i in range(1, 24))
+    doubling = GOOD + "x-anchors:\n    l0: &l0 {r: 4}\n" + levels
+    raw = load_recipe_dict(write(tmp_path / "doubling.yaml", doubling))
+    assert raw["x-anchors"]["l23"] == {"r": 4, **{f"k{i}": i for i in range(1, 24)}}
+    quoted = write(tmp_path / "quoted.yaml", GOOD.replace("lora: {r: 8}", "lora: {<<: {r: 4}, '<<': 1}"))
+    assert "stages.dpo.lora.<<: unknown key" in error_for(quoted)
+    assert (parse_override("description==")[1], parse_override("description=<<")[1]) == ("=", "<<")
+    deep = write(tmp_path / "deep.yaml", GOOD.replace("n_sft: 100", "n_sft: " + "[" * 3000 + "]" * 3000))
+    assert "YAML syntax error: nested too deeply to read" in error_for(deep)
+
+
+def test_a_hint_never_fails_on_the_text_it_explains(tmp_path: Path) -> None:
+    """Reading the text as YAML 1.1 to explain it raised for a true/false field given '{{ x }}' or '[x', and for a
+    number field given 0x_ (a pattern match YAML 1.1 cannot read either): a traceback instead of the error."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    for text in ("'{{ x }}'", "'[x'", "'*x'", "'2024-13-45'"):
+        message = error_for(path, (f"model.trust_remote_code={text}",))
+        assert f"model.trust_remote_code: expected true or false, got {text}" in message
+        assert "only true and false" not in message
+    message = error_for(path, ("seed=0x_",))
+    assert "seed: expected an integer, got '0x_': numbers are read in decimal only; write" in message
+
+
 def test_a_character_yaml_refuses_is_one_line_with_line_and_column(tmp_path: Path) -> None:
     """A NUL or control character was reported over two lines, at a character offset in "<unicode string>"."""
     path = write(tmp_path / "bell.yaml", "name: x\nstages:\n  - {name: sft, type: sft}\ndescription: a\x07b\n")
@@ -437,6 +464,8 @@ def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Pa
     assert parse_strict_yaml(written) == yaml.safe_load(written) == recipe_to_dict(recipe)
     assert load_recipe(write(tmp_path / "again.yaml", written)) == recipe
     assert "description: '1.5e5'" in written and "- 'yes'\n" in written and "- '.5e1'\n" in written
+    for text in ("a\x85b", "é\u2028", "=", "<<", "~", "1_000", "0o17"):  # NEL: a line break to YAML unless escaped
+        assert parse_strict_yaml(dump_yaml({"k": text})) == yaml.safe_load(dump_yaml({"k": text})) == {"k": text}
 
 
 def test_seeds_numpy_cannot_take_a_synthetic_split_and_an_unused_tiny_block_are_refused(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from alignpipe.data.truncation import TruncatedSamples
 from alignpipe.pipeline.batching import too_few_prompts
-from alignpipe.strict_yaml import _StrictLoader
+from alignpipe.strict_yaml import parse_strict_yaml
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
 __all__ = [
@@ -1518,7 +1518,7 @@ def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
 def _read_yaml(path: Path, headline: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+        data = parse_strict_yaml(text)
     except OSError as exc:
         raise RecipeError(headline, [f"{path}: cannot read file ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError as exc:
@@ -1615,7 +1615,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise RecipeError(f"bad override syntax: empty key segment in {text!r} (expected key.path=value)")
     try:
-        return parts, yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass, as the file's
+        return parts, parse_strict_yaml(raw)  # as the file's
     except yaml.YAMLError as exc:
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line per problem
         problem = problem.replace(' in "<unicode string>",', ",")
@@ -1883,11 +1883,14 @@ _NUMBER_KINDS = frozenset({"int_type", "int_parsing", "float_type", "float_parsi
 _NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
 
 
+_YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off"})  # YAML 1.1 booleans that are text here (y/n never were)
+
+
 def _yaml11_hint(value: Any, kind: str) -> str:
     """Why text reached a number or a true/false field where YAML 1.1 would have read a number or a boolean."""
     if kind in _NUMBER_KINDS:
         return _number_hint(value)
-    if kind in ("bool_type", "bool_parsing") and isinstance(value, str) and isinstance(yaml.safe_load(value), bool):
+    if kind in ("bool_type", "bool_parsing") and isinstance(value, str) and value.lower() in _YAML11_BOOLEANS:
         return f": only true and false are booleans here ({value} is text, as in YAML 1.2); write true or false"
     return ""
 
@@ -1897,7 +1900,10 @@ def _number_hint(value: Any) -> str:
     user sees a number, and YAML 1.1 and 1.2 read some of these differently (010: 8 or 10)."""
     if not (isinstance(value, str) and _NOT_DECIMAL.fullmatch(value)):
         return ""
-    yaml11 = yaml.safe_load(value)
+    try:
+        yaml11 = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError):  # 0x_ matches the pattern, yet YAML 1.1 cannot read it as a number either
+        yaml11 = None
     read = f" (YAML 1.1 reads it as {yaml11})" if isinstance(yaml11, (int, float)) else ""
     return f": numbers are read in decimal only{read}; write the decimal number"
 

@@ -1,8 +1,9 @@
 """The YAML that recipes and other hand-written project files are read as, and written as.
 
 Why its own reader: PyYAML reads YAML 1.1, where 010 is octal, yes is true and 2024-01-31 a date, and the meaning of
-merge keys changed between its releases. Recipes are read by YAML 1.2's plain-scalar rules with merges applied here,
-and a key written twice is refused, so a recipe reads one way whatever PyYAML is installed.
+merge keys changed between its releases. Recipes are read by YAML 1.2's plain-scalar rules (numbers in decimal only),
+with merges applied here, and a key written twice is refused, so a recipe reads one way whatever PyYAML is
+installed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import yaml
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
-_VALUE_TAG = "tag:yaml.org,2002:value"
+_Pairs = list[tuple[yaml.Node, yaml.Node]]
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -31,7 +32,9 @@ class _StrictLoader(yaml.SafeLoader):
         if not isinstance(node, yaml.MappingNode):
             raise yaml.constructor.ConstructorError(None, None, f"expected a mapping node, but found {node.id}",
                                                     node.start_mark)
-        flat = yaml.MappingNode(node.tag, _merged_pairs(node, ()), node.start_mark, node.end_mark, node.flow_style)
+        merged = self.__dict__.setdefault("_merged", {})  # per load: its nodes all live until it ends
+        flat = yaml.MappingNode(node.tag, _merged_pairs(node, (), merged), node.start_mark, node.end_mark,
+                                node.flow_style)
         return yaml.constructor.BaseConstructor.construct_mapping(self, flat, deep=deep)
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
@@ -39,37 +42,50 @@ class _StrictLoader(yaml.SafeLoader):
         raise NotImplementedError("_StrictLoader merges in construct_mapping")
 
 
+def _is_merge(key_node: yaml.Node) -> bool:
+    """A merge key: ``<<`` written plain (a quoted '<<' is an ordinary key) or tagged ``!!merge``."""
+    plain = isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.value == "<<"
+    return key_node.tag == _MERGE_TAG or (plain and key_node.tag == _STR_TAG)
+
+
+def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
+    """What makes two keys of one mapping the same key, for text keys and merge keys; None for other keys (left to
+    validation, which takes text keys only)."""
+    if _is_merge(key_node):
+        return ("merge", "<<")
+    return ("str", key_node.value) if key_node.tag == _STR_TAG else None
+
+
 def _check_own_keys(node: yaml.MappingNode) -> None:
     """A key written twice in one mapping (a second ``<<`` included) is refused. Keys a merge brings in are not
     compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
-    first_line: dict[str, int] = {}
+    first_line: dict[tuple[str, str], int] = {}
     for key_node, _ in node.value:
-        key = "<<" if key_node.tag == _MERGE_TAG else key_node.value if key_node.tag == _STR_TAG else None
-        if key is None:
-            continue  # odd keys are left to SafeLoader and to validation
+        if (key := _key_identity(key_node)) is None:
+            continue
         if key in first_line:
-            hint = "; merge several mappings with one <<: [*a, *b]" if key == "<<" else ""
-            msg = f"duplicate key {key!r} (first set on line {first_line[key]}){hint}"
+            hint = "; merge several mappings with one <<: [*a, *b]" if key[0] == "merge" else ""
+            msg = f"duplicate key {key[1]!r} (first set on line {first_line[key]}){hint}"
             raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
         first_line[key] = key_node.start_mark.line + 1
 
 
-def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...]) -> list[tuple[yaml.Node, yaml.Node]]:
-    """A mapping's key/value node pairs with its merge keys applied, ordered so that the last of equal keys wins
-    (how a mapping is built): merged pairs first, later merge sources before earlier ones, the mapping's own last.
-    ``inside`` holds the mappings being merged into (a mapping that merges itself is refused, not recursed on)."""
+def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[int, _Pairs]) -> _Pairs:
+    """A mapping's key/value node pairs with its merge keys applied, each key once with the value that wins: a
+    mapping's own keys over merged ones, an earlier merge source over a later one. ``inside`` holds the mappings
+    being merged into (a mapping that merges itself is refused, not recursed on); ``merged`` remembers each mapping's
+    result for the load, so a source merged many times (``<<: [*a, *a]`` chains) is worked out once."""
+    if id(node) in merged:
+        return merged[id(node)]
     _check_own_keys(node)
-    merged: list[tuple[yaml.Node, yaml.Node]] = []
-    own: list[tuple[yaml.Node, yaml.Node]] = []
     inside = (*inside, id(node))
+    sources: list[yaml.MappingNode] = []
+    own: _Pairs = []
     for key_node, value_node in node.value:
-        if key_node.tag == _VALUE_TAG:  # a bare ``=`` key, read as the text "=" (as SafeLoader does)
-            key_node = yaml.ScalarNode(_STR_TAG, key_node.value, key_node.start_mark, key_node.end_mark)
-        if key_node.tag != _MERGE_TAG:
+        if not _is_merge(key_node):
             own.append((key_node, value_node))
             continue
-        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-        for source in reversed(sources):
+        for source in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
             if not isinstance(source, yaml.MappingNode):
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark,
@@ -78,8 +94,15 @@ def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...]) -> list[tuple
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark, "a mapping cannot merge itself (<<: an alias of "
                     "the mapping it is in)", key_node.start_mark)
-            merged.extend(_merged_pairs(source, inside))
-    return merged + own
+            sources.append(source)
+    winners: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
+    for source in reversed(sources):  # the last written wins, as when a mapping is built: later sources first
+        for key_node, value_node in _merged_pairs(source, inside, merged):
+            winners[_key_identity(key_node) or id(key_node)] = (key_node, value_node)
+    for key_node, value_node in own:
+        winners[_key_identity(key_node) or id(key_node)] = (key_node, value_node)
+    merged[id(node)] = pairs = list(winners.values())
+    return pairs
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -88,25 +111,28 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
-# Plain scalars are read as YAML 1.2's core schema reads them, not PyYAML's YAML 1.1: null, true/false, decimal
-# numbers, and text for everything else.
-# - Numbers are decimal. YAML 1.1 read 010 as octal 8, 0x10 as 16, 0b10 as 2 and 1:30 as 90 (base 60), where YAML 1.2
-#   reads 010 as 10 and 1:30 as text: such scalars stay text, so a number field names its key (the recipe's error
-#   says why) and a text field (a revision 0123456) keeps what was written. YAML 1.1 also needed a dot and a signed
+# Plain scalars are read as YAML 1.2's core schema reads them, not as PyYAML's YAML 1.1 does: null, true/false,
+# numbers, and text for everything else; except that numbers are decimal only and underscores may group digits.
+# - Numbers are decimal. YAML 1.1 read 010 as octal 8, 0x10 as 16, 0b10 as 2 and 1:30 as 90 (base 60); YAML 1.2
+#   reads 010 as 10 and 0x10 as 16. Such scalars stay text, so a number field names its key (the recipe's error says
+#   why) and a text field (a revision 0123456) keeps what was written. YAML 1.1 also needed a dot and a signed
 #   exponent (1.0e-5) and read 1e-5 or 1.5e5 as text; both are numbers here. Underscores group digits as in Python
 #   (10_000; not 1_ or 1__0).
-# - Only true and false are booleans. YAML 1.1 also read yes/no/on/off (y and n in the spec) as booleans, so a
-#   column, family or stage named "no" or "on" became false or true.
+# - Only true and false are booleans. YAML 1.1 also read yes/no/on/off as booleans, so a column, family or stage
+#   named "no" or "on" became false or true.
 # - No dates: YAML 1.1 read 2024-01-31 as a date, which no recipe field holds; it is text.
+# - "=" and "<<" as values are text (YAML 1.1 gave them tags that SafeLoader cannot build); a plain << key merges.
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _BOOL_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp"
+_VALUE_TAG = "tag:yaml.org,2002:value"  # YAML 1.1's "=", which SafeLoader cannot build as a value
 _DIGITS = r"[0-9](?:_?[0-9])*"
 _DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
 _DECIMAL_FLOAT = re.compile(rf"^(?:[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?|\.{_DIGITS}|{_DIGITS}(?=[eE]))(?:[eE][-+]?[0-9]+)?"
                             r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 _TRUE_OR_FALSE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG, _TIMESTAMP_TAG)]
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG, _TIMESTAMP_TAG, _VALUE_TAG, _MERGE_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789"))
@@ -117,8 +143,12 @@ _StrictLoader.add_implicit_resolver(_BOOL_TAG, _TRUE_OR_FALSE, list("tTfF"))
 def parse_strict_yaml(text: str) -> Any:
     """YAML as recipes read it: plain scalars by YAML 1.2's core schema (010 or yes stay text), a key written twice
     refused. For the project's other hand-written YAML too (evaluation suites), so that a seed reads the same
-    everywhere."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    everywhere. Every problem is a ``yaml.YAMLError``, nesting too deep for Python's stack included."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to read (hundreds of levels of mappings, lists or merges); flatten "
+                             "it") from None
 
 
 _STRICT_RESOLVER = yaml.resolver.BaseResolver()  # resolves plain scalars as _StrictLoader does
@@ -139,5 +169,5 @@ class _PortableDumper(yaml.SafeDumper):
 
 def dump_yaml(data: Any) -> str:
     """``data`` as block YAML in the order given, which reads back equal with :func:`parse_strict_yaml` and with
-    ``yaml.safe_load``."""
-    return yaml.dump(data, Dumper=_PortableDumper, sort_keys=False, allow_unicode=True)
+    ``yaml.safe_load``. ASCII, non-ASCII text escaped: written as UTF-8, a NEL (U+0085) read back as a space."""
+    return yaml.dump(data, Dumper=_PortableDumper, sort_keys=False)

@@ -134,7 +134,7 @@ def _recorded_task_space(directory: Path) -> TaskSpace:
     """The task space of the recipe a run directory recorded (``recipe.yaml``, the resolved recipe)."""
     path = directory / "recipe.yaml"
     try:
-        recorded = yaml.safe_load(path.read_text()) or {}
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         return task_space(DataSpec.model_validate(recorded.get("data") or {}))
     except (OSError, yaml.YAMLError, ValidationError, AttributeError) as error:
         raise ValueError(f"cannot read the task space of run directory {directory} from {path} (its data block): "

@@ -250,7 +250,7 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
     if not path.exists():
         known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
         raise ValueError(f"no evaluation suite {name_or_path!r} (looked for {path}); known suites: {known}")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     try:
         spec = SuiteSpec.model_validate(parse_strict_yaml(text))  # as recipes: a seed 010 is no number
     except Exception as error:  # pydantic's message names the key; say which file

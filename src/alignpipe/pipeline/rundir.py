@@ -263,7 +263,7 @@ class StageDir:
         atomic_write_text(self.config, dump_yaml(config))
 
     def read_config(self) -> dict:
-        return yaml.safe_load(self.config.read_text())
+        return yaml.safe_load(self.config.read_text(encoding="utf-8"))
 
     # -- trainer checkpoints: recorded with their hash once fully written, verified before a resume -------------
 

@@ -199,6 +199,16 @@ def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tm
     assert "run.json in tiny: it holds a JSON list, not an object" in read_run(runs / "tiny").errors
 
 
+def test_the_report_says_a_run_record_that_is_not_utf8_could_not_be_read(tmp_path, completed_tiny_run):
+    """A run.json of other bytes (overwritten, a disk error) raised a UnicodeDecodeError out of the report."""
+    from alignpipe.evaluation.report import read_run
+
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    (runs / "tiny" / "run.json").write_bytes(b"\xff\xfe{}")
+    assert "run.json in tiny: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte" in read_run(
+        runs / "tiny").errors
+
+
 def test_a_run_record_with_fields_of_other_types_costs_only_those_fields(tmp_path, completed_tiny_run, capsys):
     """run.json edited by hand (overrides a number, recipe_file a list): the report and the next run died on it."""
     from alignpipe.evaluation.report import write_report
@@ -264,6 +274,32 @@ def test_an_eval_stage_names_a_damaged_reward_eval_json_and_the_fix(tmp_path, co
     with pytest.raises(ValueError, match=r"reward_eval.json: .*; re-run that stage \(`alignpipe run RECIPE --force "
                                          r"reward`\)"):
         _reward_row(ctx, "reward")
+
+
+@pytest.mark.parametrize(("content", "problem", "recipe_path"), [
+    ('{"recipe_path": "r.yaml", "git_', "run.json in run: Unterminated string", None),
+    ("[1, 2]", "run.json in run: it holds a JSON list, not an object", None),
+    (None, "run.json in run: [Errno 21] Is a directory", None),
+    ('{"recipe_path": "r.yaml", "git_sha": 7}',
+     "run.json: its 'git_sha' is a int, not the str the runner writes (edited by hand?); left out", "r.yaml"),
+], ids=["truncated", "list", "directory", "wrong-type"])
+def test_an_eval_stage_records_what_it_can_read_of_a_damaged_run_json(tmp_path, caplog, content, problem,
+                                                                       recipe_path):
+    """The eval stage reads the recipe and git commit its leaderboard records from run.json: damaged, it died on a
+    JSONDecodeError or AttributeError after evaluating every checkpoint."""
+    from types import SimpleNamespace
+
+    from alignpipe.trainers.eval import _recorded_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if content is None:
+        (run_dir / "run.json").mkdir()
+    else:
+        (run_dir / "run.json").write_text(content)
+    ctx = SimpleNamespace(run_dir=run_dir, dir=StageDir(run_dir / "eval"))
+    assert _recorded_run(ctx) == {"recipe_path": recipe_path, "recipe_sha256": None, "git_sha": None}
+    assert f"[eval] {problem}" in caplog.text
 
 
 def test_a_run_whose_leaderboard_md_is_a_directory_still_prints_its_summary(tmp_path, completed_tiny_run, capsys):

@@ -354,7 +354,7 @@ def _proxy_columns_to_leave_out(sources: list[dict], rows: list[dict]) -> set[st
     """The ``proxy_*`` metrics, when the runs scored them with different reward models (each run trains its own):
     such columns would rank numbers of unrelated scales together. Each run's own leaderboard keeps them. A proxy is
     told by its identity hash (``sha256``), not its stage's name, so two runs' copies of one reward model agree."""
-    proxies = {proxy.get("sha256") or json.dumps(proxy, sort_keys=True)
+    proxies = {_identity_hash(proxy, "sha256") or json.dumps(proxy, sort_keys=True)
                for proxy in (s["config"].get("proxy") for s in sources) if proxy}
     if len(proxies) < 2:
         return set()
@@ -448,7 +448,7 @@ def _judged_alike(judge: dict | None) -> dict | None:
     """What of a board's judge record two boards must share: a reward-model judge with its identity hash
     (``weights_sha256``) without the names the hash already stands behind: its id (``reward_ensemble:<its directory
     name>``) and the name of the reward stage that trained it, so copies of one judge under other names merge."""
-    if not isinstance(judge, dict) or not judge.get("weights_sha256"):
+    if _identity_hash(judge, "weights_sha256") is None:
         return judge
     trained_on = judge.get("trained_on")
     return {**{k: v for k, v in judge.items() if k != "id"},
@@ -456,11 +456,19 @@ def _judged_alike(judge: dict | None) -> dict | None:
             else trained_on}
 
 
+def _identity_hash(record: dict | None, key: str) -> str | None:
+    """The identity hash that a board's record of a model (a judge, a proxy) holds under ``key``; None when it holds
+    none (a board by an older alignpipe, a judge of another kind). The one rule for "judged alike": two boards'
+    models are the same model when their hashes are equal, whatever directory or stage names they had; a record
+    without one is compared whole."""
+    return (record.get(key) or None) if isinstance(record, dict) else None
+
+
 def _unproven_judge(board: dict) -> bool:
     """Whether ``board`` was judged by a reward model without recording its weights' hash: its judge id names only
     the judge's directory (every reward stage saves to ``checkpoint``), so it cannot be shown to be another's judge."""
     judge = board["config"].get("judge") or {}
-    return judge.get("type") == "reward_model" and not judge.get("weights_sha256")
+    return judge.get("type") == "reward_model" and _identity_hash(judge, "weights_sha256") is None
 
 
 def source_labels(paths: list[Path]) -> list[str]:

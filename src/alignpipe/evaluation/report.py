@@ -72,7 +72,7 @@ from alignpipe.evaluation.pareto import (
 )
 from alignpipe.io import atomic_write_text
 from alignpipe.pipeline.run_lock import run_in_use
-from alignpipe.pipeline.rundir import RUN_FILE
+from alignpipe.pipeline.rundir import read_run_record
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
            "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",
@@ -175,7 +175,8 @@ def read_run(run_dir: Path) -> RunData:
             reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text
-    run_record = _run_record(_read_json(root / RUN_FILE, errors) or {}, errors)
+    run_record, problems = read_run_record(root)
+    errors += problems
     data = RunData(name=str(run_record.get("run") or root.name), root=root, run_record=run_record, stages=stages,
                    errors=errors)
     if (root / "leaderboard.json").exists():
@@ -184,25 +185,6 @@ def read_run(run_dir: Path) -> RunData:
         except (OSError, ValueError) as error:
             data.leaderboard_error = str(error)
     return data
-
-
-# run.json's fields the report shows, by the type the runner writes them with
-_RUN_RECORD_TYPES = {"overrides": list, "versions": dict}
-_RUN_RECORD_TEXT = ("run", "recipe_path", "recipe_file", "recipe_sha256", "git_sha", "status", "started", "updated",
-                    "stopped_at", "writing_stage")
-
-
-def _run_record(record: dict, errors: list[str]) -> dict:
-    """``run.json``'s record without the fields whose type is not the one the runner writes (a hand edit), each named
-    in ``errors``, so that one such field costs only itself rather than the whole report."""
-    expected = {**{key: str for key in _RUN_RECORD_TEXT}, **_RUN_RECORD_TYPES}
-    wrong = [key for key, kind in expected.items() if record.get(key) is not None and not isinstance(record[key], kind)]
-    if isinstance(record.get("overrides"), list) and not all(isinstance(o, str) for o in record["overrides"]):
-        wrong.append("overrides")
-    for key in wrong:
-        errors.append(f"{RUN_FILE}: its {key!r} is a {type(record[key]).__name__}, not the {expected[key].__name__} "
-                      "the runner writes (edited by hand?); left out")
-    return {key: value for key, value in record.items() if key not in wrong}
 
 
 def _last_per_key(records: Sequence[dict], key: str, require: str | None = None) -> list[dict]:

@@ -509,9 +509,8 @@ def _judge_prompt_tokens(tokenizer, prompt: str) -> int:
 
 def _check_implicit_pairs(recipe: Recipe, tokenizer, stage, positions: tuple[int, str, str]) -> None:
     """An eval stage's implicit-reward pairs (prompt and either reply) must fit the model's positions: the stage
-    refuses them, after every stage before it has trained. The same pairs and the same check as the stage's."""
-    if not getattr(stage, "implicit_reward_pairs", 0):
-        return
+    refuses them, after every stage before it has trained. The same pairs and the same check as the stage's. Called
+    only for a stage that asks for pairs (``implicit_reward_pairs`` above 0)."""
     from alignpipe.data.synthetic import task_space
     from alignpipe.evaluation.harness import conversation_ids, synthetic_implicit_pairs
 

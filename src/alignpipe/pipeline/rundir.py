@@ -399,6 +399,36 @@ def read_manifest_file(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
+# run.json's fields by the type the runner writes them with (Runner._write_run_record)
+_RUN_RECORD_TYPES = {**dict.fromkeys(("run", "recipe_path", "recipe_file", "recipe_sha256", "git_sha", "status",
+                                     "started", "updated", "stopped_at", "writing_stage"), str),
+                    "overrides": list, "versions": dict}
+
+
+def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
+    """A run directory's ``run.json`` and what is wrong with it, for every reader of it (the next run, the eval stage,
+    the report). The record leaves out the fields whose type is not the one the runner writes (a hand edit), so one
+    such field costs only itself; it is empty when there is no file, or one that cannot be read (cut short, not
+    UTF-8, a directory in its place) or that is not a JSON object. The problems name each of these (none for a
+    missing file: a run that has not started yet)."""
+    path = Path(run_dir) / RUN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, []
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        return {}, [f"{path.name} in {path.parent.name}: {error}"]
+    if not isinstance(record, dict):
+        return {}, [f"{path.name} in {path.parent.name}: it holds a JSON {type(record).__name__}, not an object"]
+    wrong = [key for key, kind in _RUN_RECORD_TYPES.items()
+             if record.get(key) is not None and not isinstance(record[key], kind)]
+    if isinstance(record.get("overrides"), list) and not all(isinstance(o, str) for o in record["overrides"]):
+        wrong.append("overrides")
+    problems = [f"{RUN_FILE}: its {key!r} is a {type(record[key]).__name__}, not the "
+                f"{_RUN_RECORD_TYPES[key].__name__} the runner writes (edited by hand?); left out" for key in wrong]
+    return {key: value for key, value in record.items() if key not in wrong}, problems
+
+
 def checkpoint_records(manifest: dict) -> dict[str, str]:
     """The manifest's ``{checkpoint: sha256}`` records; none when the entry is not such a mapping (hand-edited)."""
     records = manifest.get(CHECKPOINTS)

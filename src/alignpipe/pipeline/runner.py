@@ -20,7 +20,6 @@ write nothing in ``runs/``. They never read a manifest for a decision: one left 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -67,6 +66,7 @@ from alignpipe.pipeline.rundir import (
     git_sha,
     package_versions,
     publish_directory,
+    read_run_record,
     utc_now,
 )
 from alignpipe.pipeline.watched import run_watched
@@ -899,12 +899,9 @@ def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | No
     renamed, or a child recipe (``extends:``), which inherits its parent's name. Its stages whose settings differ
     then re-run and replace the other recipe's outputs, as overrides do, which is what overrides are for but rarely
     what a second file meant. Records written before ``recipe_file`` existed, and runs without a file, say nothing."""
-    try:
-        earlier = json.loads((run_dir / RUN_FILE).read_text()).get("recipe_file")
-    except (OSError, ValueError, AttributeError):
-        return None
+    earlier = read_run_record(run_dir)[0].get("recipe_file")  # a damaged record, or a field of another type: none
     here = _recipe_file(recipe_path, run_dir)
-    if not isinstance(earlier, str) or not earlier or not here or earlier == here:  # not str: a hand-edited record
+    if not earlier or not here or earlier == here:
         return None
     earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))
     if os.path.exists(earlier) and os.path.samefile(earlier, recipe_path):  # the same file by another path

@@ -34,7 +34,7 @@ from alignpipe.evaluation.leaderboard import (
 from alignpipe.evaluation.metrics import MetricValue
 from alignpipe.evaluation.proxy_scorer import ProxyScorer
 from alignpipe.io import atomic_write_json
-from alignpipe.pipeline.rundir import RUN_FILE, StageDir, package_versions
+from alignpipe.pipeline.rundir import StageDir, package_versions, read_run_record
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.tasks import GoldJudge
 
@@ -61,6 +61,16 @@ def _reward_row(ctx: StageContext, name: str) -> CheckpointResult:
                for key, v in report.items()}
     checkpoint = _checkpoint(ctx, name, ctx.inputs[name])
     return CheckpointResult(name=name, path=checkpoint.path, weights_sha256=checkpoint.weights_sha256, metrics=metrics)
+
+
+def _recorded_run(ctx: StageContext) -> dict:
+    """What the leaderboard records of the run from its ``run.json``: the recipe and the code that ran it. A damaged
+    record (cut short, edited by hand) leaves out what cannot be read of it, with a warning, where the stage died
+    after evaluating every checkpoint."""
+    record, problems = read_run_record(ctx.run_dir)
+    for problem in problems:
+        log.warning("[%s] %s; the leaderboard records the run without it", ctx.dir.name, problem)
+    return {key: record.get(key) for key in ("recipe_path", "recipe_sha256", "git_sha")}
 
 
 def _reward_metrics(path: Path, stage: str) -> dict:
@@ -143,14 +153,10 @@ def run(ctx: StageContext) -> dict:
     samples_dir = ctx.dir.root / "samples"
     written = {s.checkpoint.name: write_sample_files(samples_dir, s.checkpoint.name, sample_files(s)) for s in samples}
     results = [dataclasses.replace(r, samples=f"{samples_dir.name}/{written[r.name]}") for r in results]
-    record = ctx.run_dir / RUN_FILE
-    run_record = json.loads(record.read_text()) if record.exists() else {}
     leaderboard = build_leaderboard(
         results,
         run={"name": recipe.name, "stage": ctx.dir.name, "reference": reference_name,
-             "reference_sha256": reference.weights_sha256, "recipe_path": run_record.get("recipe_path"),
-             "recipe_sha256": run_record.get("recipe_sha256"),
-             "git_sha": run_record.get("git_sha")},
+             "reference_sha256": reference.weights_sha256, **_recorded_run(ctx)},
         # the prompts depend on recipe.data as well as the seed: their hash tells a merge whether two runs share them
         config={"generation": settings.__dict__,
                 "prompt_set": {"id": f"synthetic/heldout@seed{stage.seed}:{content_key(prompts)[:16]}",

@@ -466,6 +466,26 @@ def test_a_local_model_is_not_read_again_while_its_files_are_unchanged(tmp_path,
     assert len(read) == 3 and "hashing" not in caplog.text  # nothing read the second time
 
 
+def test_a_large_checkpoint_just_published_is_not_read_again_by_the_next_run(tmp_path, monkeypatch):
+    """A stage hashed its fresh checkpoint without the stat cache (its files were too new to trust by their stat), so
+    the next run's check that the published checkpoint is unchanged read all of it again: once per large stage. A
+    large one now waits out the rest of the 2 s and is hashed through the cache; a small one is not kept waiting."""
+    monkeypatch.setenv("ALIGNPIPE_CACHE", str(tmp_path / "cache"))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "model.safetensors").write_bytes(b"weights")
+    started = time.monotonic()
+    assert rundir.published_output_hash(small) == rundir.directory_hash(small)
+    assert time.monotonic() - started < 1 and not _hash_entries(tmp_path)
+    monkeypatch.setattr(rundir, "LARGE_FOLDER", 0)  # the same folder counts as large
+    (small / "config.json").write_bytes(b"{}")  # just written
+    started = time.monotonic()
+    published = rundir.published_output_hash(small)
+    assert published == rundir.directory_hash(small) and 1.5 < time.monotonic() - started < 5
+    read = _reads(monkeypatch)
+    assert rundir.output_hash(small, cached=True) == published and read == []  # the next run reads nothing
+
+
 def test_a_copy_that_keeps_size_mtime_and_inode_is_seen_by_its_ctime(tmp_path, monkeypatch):
     folder = _settled_model(tmp_path, monkeypatch)
     first = rundir.cached_directory_hash(folder)

@@ -161,6 +161,22 @@ def output_hash(checkpoint: Path, *, cached: bool = False) -> str:
     return cached_directory_hash(checkpoint) if cached else directory_hash(checkpoint)
 
 
+def published_output_hash(checkpoint: Path) -> str:
+    """:func:`output_hash` of a checkpoint a stage has just written, read in full. A large one is hashed through the
+    stat cache, so that the next run's check that it is unchanged (``StageDir.published_problem``) reads nothing.
+
+    Why wait: the cache keeps no result for files written in the last ``RACY_NS`` (their stat may not show a change
+    yet), so a large folder first waits out what is left of that since its newest file was written (at most 2 s,
+    against the minutes of writing it); otherwise the next run read every large checkpoint of the run once more."""
+    stats = [path.stat() for path in _included_files(checkpoint, None)]
+    if sum(st.st_size for st in stats) <= LARGE_FOLDER:
+        return output_hash(checkpoint)
+    settled_at_ns = max(st.st_mtime_ns for st in stats) + RACY_NS
+    if (wait_ns := settled_at_ns - time.time_ns()) > 0:
+        time.sleep(wait_ns / 1e9 + 0.01)
+    return output_hash(checkpoint, cached=True)
+
+
 def recorded_output_sha256(checkpoint: Path) -> str | None:
     """The ``output_sha256`` (:func:`output_hash`) that a complete stage's manifest records for ``checkpoint`` when it
     is that stage's ``checkpoint/`` (``runs/<run>/<stage>/checkpoint``, ``runs/<run>/base/checkpoint``); None for any

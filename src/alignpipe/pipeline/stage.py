@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignpipe.pipeline.run_lock import stage_holds_run
-from alignpipe.pipeline.rundir import StageDir, output_hash, utc_now
+from alignpipe.pipeline.rundir import StageDir, published_output_hash, utc_now
 from alignpipe.recipe import Recipe
 
 log = logging.getLogger("alignpipe")
@@ -145,7 +145,7 @@ def _execute(stage_dir: Path, *, resume: bool, base: str | None) -> dict:
             status="complete",
             end_time=utc_now(),
             wall_time_s=round(time.time() - started, 2),
-            output_sha256=output_hash(output) if output.exists() else None,
+            output_sha256=published_output_hash(output) if output.exists() else None,
             resume_from=ctx.dir.relative_key(ctx.resume_from) if ctx.resume_from else None,
             summary=summary,
         )

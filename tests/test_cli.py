@@ -133,12 +133,24 @@ def test_ctrl_c_during_a_run_is_a_one_line_stop_with_exit_code_130(tiny_recipe_p
 
 
 def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
-    """OSError and UnicodeDecodeError from the non-run commands: what went wrong and where, exit code 2."""
+    """OSError and UnicodeDecodeError from the non-run commands: what went wrong and where, exit code 2. A run's own
+    files that are not UTF-8 are listed in the report, as any damaged one, and do not stop it."""
     import alignpipe.evaluation.report as report
 
     (tmp_path / "run.json").write_bytes(b'{"name": "\xff"}')
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "metrics.jsonl").write_bytes(b'{"loss": 1}\n\xfe\n')
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert f"run.json in {tmp_path.name}: not UTF-8 text (byte 0xff at offset 10)" in page
+    assert "metrics.jsonl in sft: not UTF-8 text (byte 0xfe at offset 12)" in page
+
+    def not_utf8(*a, **k):
+        raise UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
+
+    monkeypatch.setattr(report, "write_report", not_utf8)
     assert main(["report", str(tmp_path)]) == 2
-    assert "is not UTF-8 text (byte 0xff at offset 10)" in capsys.readouterr().err
+    assert "is not UTF-8 text (byte 0xff at offset 2)" in capsys.readouterr().err
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", str(tmp_path / "report.html"))

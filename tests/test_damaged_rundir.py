@@ -205,7 +205,7 @@ def test_the_report_says_a_run_record_that_is_not_utf8_could_not_be_read(tmp_pat
 
     _, runs = _copy_of(completed_tiny_run, tmp_path)
     (runs / "tiny" / "run.json").write_bytes(b"\xff\xfe{}")
-    assert "run.json in tiny: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte" in read_run(
+    assert "run.json in tiny: not UTF-8 text (byte 0xff at offset 0)" in read_run(
         runs / "tiny").errors
 
 

@@ -72,7 +72,7 @@ from alignpipe.evaluation.pareto import (
 )
 from alignpipe.io import atomic_write_text
 from alignpipe.pipeline.run_lock import run_in_use
-from alignpipe.pipeline.rundir import read_run_record
+from alignpipe.pipeline.rundir import read_run_record, why_unreadable
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
            "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",
@@ -120,8 +120,8 @@ def _read_json(path: Path, errors: list[str]) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        errors.append(f"{path.name} in {path.parent.name}: {error}")
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        errors.append(f"{path.name} in {path.parent.name}: {why_unreadable(error)}")
         return None
     if not isinstance(data, dict):
         errors.append(f"{path.name} in {path.parent.name}: it holds a JSON {type(data).__name__}, not an object")
@@ -136,7 +136,11 @@ def _read_jsonl(path: Path, errors: list[str], *, running: bool) -> list[dict]:
     if not path.exists():
         return []
     records, bad = [], []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as error:
+        errors.append(f"{path.name} in {path.parent.name}: {why_unreadable(error)}")
+        return []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)

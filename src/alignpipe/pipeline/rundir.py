@@ -421,6 +421,14 @@ _RUN_RECORD_TYPES = {**dict.fromkeys(("run", "recipe_path", "recipe_file", "reci
                     "overrides": list, "versions": dict}
 
 
+def why_unreadable(error: Exception) -> str:
+    """What went wrong reading a JSON file, in the user's words: a file not UTF-8 names the byte and where, as the
+    command line's own one-line errors do (the codec's message spoke of a 'position' and an 'invalid start byte')."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    return str(error)
+
+
 def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
     """A run directory's ``run.json`` and what is wrong with it, for every reader of it (the next run, the eval stage,
     the report). The record leaves out the fields whose type is not the one the runner writes (a hand edit), so one
@@ -433,7 +441,7 @@ def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
     except FileNotFoundError:
         return {}, []
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
-        return {}, [f"{path.name} in {path.parent.name}: {error}"]
+        return {}, [f"{path.name} in {path.parent.name}: {why_unreadable(error)}"]
     if not isinstance(record, dict):
         return {}, [f"{path.name} in {path.parent.name}: it holds a JSON {type(record).__name__}, not an object"]
     wrong = [key for key, kind in _RUN_RECORD_TYPES.items()

@@ -207,6 +207,8 @@ def test_the_report_says_a_run_record_that_is_not_utf8_could_not_be_read(tmp_pat
     (runs / "tiny" / "run.json").write_bytes(b"\xff\xfe{}")
     assert "run.json in tiny: not UTF-8 text (byte 0xff at offset 0)" in read_run(
         runs / "tiny").errors
+    (runs / "tiny" / "run.json").write_text("[" * 100_000)  # a RecursionError out of json.loads, in every reader
+    assert "run.json in tiny: nested too deeply to be a record this project wrote" in read_run(runs / "tiny").errors
 
 
 def test_a_run_record_with_fields_of_other_types_costs_only_those_fields(tmp_path, completed_tiny_run, capsys):

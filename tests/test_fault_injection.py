@@ -99,10 +99,12 @@ def _kill_all(process: subprocess.Popen) -> None:
     published the stage, so the resume had nothing to do. All are stopped first, so none sees another die (a runner
     whose stage ended would mark it failed)."""
     os.killpg(process.pid, signal.SIGSTOP)
-    tree = _descendants(process.pid)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
+    tree: dict[int, str] = {}
+    while new := {pid: started for pid, started in _descendants(process.pid).items() if pid not in tree}:
+        for pid in new:  # until no stopped process had started another before it was stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        tree.update(new)
     for pid in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -292,6 +292,10 @@ def test_merges_are_worked_out_once_and_odd_yaml_is_a_clear_error(tmp_path: Path
     quoted = write(tmp_path / "quoted.yaml", GOOD.replace("lora: {r: 8}", "lora: {<<: {r: 4}, '<<': 1}"))
     assert "stages.dpo.lora.<<: unknown key" in error_for(quoted)
     assert (parse_override("description==")[1], parse_override("description=<<")[1]) == ("=", "<<")
+    # keys other than text are left to the build (1 and +1 are one key: the earlier source, a, wins; PyYAML 6.0.4
+    # gives y), and !!str << is an ordinary key
+    other = parse_strict_yaml("a: &a {1: x}\nb: &b {<<: *a, +1: y}\nc: {<<: [*a, *b]}\nd: {!!str <<: 5}\n")
+    assert (other["b"], other["c"], other["d"]) == ({1: "y"}, {1: "x"}, {"<<": 5})
     deep = write(tmp_path / "deep.yaml", GOOD.replace("n_sft: 100", "n_sft: " + "[" * 3000 + "]" * 3000))
     assert "YAML syntax error: nested too deeply to read" in error_for(deep)
 

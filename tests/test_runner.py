@@ -484,6 +484,9 @@ def test_a_large_checkpoint_just_published_is_not_read_again_by_the_next_run(tmp
     assert published == rundir.directory_hash(small) and 1.5 < time.monotonic() - started < 5
     read = _reads(monkeypatch)
     assert rundir.output_hash(small, cached=True) == published and read == []  # the next run reads nothing
+    _set_mtime(small / "config.json", seconds_ago=-15)  # dated ahead (clock skew): waits 2 s at most, caches nothing
+    started = time.monotonic()
+    assert rundir.published_output_hash(small) == published and time.monotonic() - started < 4
 
 
 def test_a_copy_that_keeps_size_mtime_and_inode_is_seen_by_its_ctime(tmp_path, monkeypatch):

@@ -43,9 +43,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _is_merge(key_node: yaml.Node) -> bool:
-    """A merge key: ``<<`` written plain (a quoted '<<' is an ordinary key) or tagged ``!!merge``."""
-    plain = isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.value == "<<"
-    return key_node.tag == _MERGE_TAG or (plain and key_node.tag == _STR_TAG)
+    """A merge key: ``<<`` written plain (the resolver tags it; a quoted '<<' or ``!!str <<`` is an ordinary key)."""
+    return key_node.tag == _MERGE_TAG
 
 
 def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
@@ -96,11 +95,12 @@ def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[
                     "the mapping it is in)", key_node.start_mark)
             sources.append(source)
     winners: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
-    for source in reversed(sources):  # the last written wins, as when a mapping is built: later sources first
-        for key_node, value_node in _merged_pairs(source, inside, merged):
-            winners[_key_identity(key_node) or id(key_node)] = (key_node, value_node)
-    for key_node, value_node in own:
-        winners[_key_identity(key_node) or id(key_node)] = (key_node, value_node)
+    # the last written wins, as when a mapping is built: later sources first. A text key is kept once, where it first
+    # came with the value that wins, which builds the same mapping; other keys (1, true) are all kept, in order, and
+    # left to the build, since equal ones can be written differently (1 and +1)
+    for key_node, value_node in [pair for source in reversed(sources) for pair in _merged_pairs(source, inside, merged)
+                                 ] + own:
+        winners[_key_identity(key_node) or object()] = (key_node, value_node)
     merged[id(node)] = pairs = list(winners.values())
     return pairs
 
@@ -132,12 +132,13 @@ _DECIMAL_FLOAT = re.compile(rf"^(?:[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?|\.{_DIGITS}
 _TRUE_OR_FALSE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers
-            if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG, _TIMESTAMP_TAG, _VALUE_TAG, _MERGE_TAG)]
+            if tag not in (_INT_TAG, _FLOAT_TAG, _BOOL_TAG, _TIMESTAMP_TAG, _VALUE_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789"))
 _StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
 _StrictLoader.add_implicit_resolver(_BOOL_TAG, _TRUE_OR_FALSE, list("tTfF"))
+_StrictLoader.add_constructor(_MERGE_TAG, yaml.constructor.SafeConstructor.construct_yaml_str)  # << as a value: text
 
 
 def parse_strict_yaml(text: str) -> Any:

@@ -120,7 +120,7 @@ def _read_json(path: Path, errors: list[str]) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
         errors.append(f"{path.name} in {path.parent.name}: {why_unreadable(error)}")
         return None
     if not isinstance(data, dict):

@@ -172,9 +172,9 @@ def published_output_hash(checkpoint: Path) -> str:
     if sum(st.st_size for st in stats) <= LARGE_FOLDER:
         return output_hash(checkpoint)
     settled_at_ns = max(st.st_mtime_ns for st in stats) + RACY_NS
-    if (wait_ns := settled_at_ns - time.time_ns()) > 0:
+    if (wait_ns := min(settled_at_ns - time.time_ns(), RACY_NS)) > 0:  # a file dated ahead (clock skew) waits no more
         time.sleep(wait_ns / 1e9 + 0.01)
-    return output_hash(checkpoint, cached=True)
+    return output_hash(checkpoint, cached=True)  # kept only where every file is settled by now
 
 
 def recorded_output_sha256(checkpoint: Path) -> str | None:
@@ -426,6 +426,8 @@ def why_unreadable(error: Exception) -> str:
     command line's own one-line errors do (the codec's message spoke of a 'position' and an 'invalid start byte')."""
     if isinstance(error, UnicodeDecodeError):
         return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply to be a record this project wrote"
     return str(error)
 
 
@@ -440,7 +442,7 @@ def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}, []
-    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
         return {}, [f"{path.name} in {path.parent.name}: {why_unreadable(error)}"]
     if not isinstance(record, dict):
         return {}, [f"{path.name} in {path.parent.name}: it holds a JSON {type(record).__name__}, not an object"]

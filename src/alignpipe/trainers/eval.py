@@ -69,7 +69,7 @@ def _recorded_run(ctx: StageContext) -> dict:
     after evaluating every checkpoint."""
     record, problems = read_run_record(ctx.run_dir)
     for problem in problems:
-        log.warning("[%s] %s; the leaderboard records the run without it", ctx.dir.name, problem)
+        log.warning("[%s] %s; the leaderboard records what could be read of the run", ctx.dir.name, problem)
     return {key: record.get(key) for key in ("recipe_path", "recipe_sha256", "git_sha")}
 
 

@@ -145,6 +145,16 @@ def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypat
     assert f"run.json in {tmp_path.name}: not UTF-8 text (byte 0xff at offset 10)" in page
     assert "metrics.jsonl in sft: not UTF-8 text (byte 0xfe at offset 12)" in page
 
+    # a leaderboard or a suite file given that is not UTF-8 is named, with the byte (the codec's words named none)
+    (tmp_path / "board").mkdir()
+    (tmp_path / "board" / "leaderboard.json").write_bytes(b'{"name": "\xff"}')
+    (tmp_path / "suite.yaml").write_bytes(b"name: x\nseed: \xfe\n")
+    assert main(["leaderboard", str(tmp_path / "board"), "--out", str(tmp_path / "merged")]) == 2
+    assert f"{tmp_path / 'board' / 'leaderboard.json'}: not UTF-8 text (byte 0xff at offset 10)" in \
+        capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--suite", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "e")]) == 2
+    assert f"suite file {tmp_path / 'suite.yaml'}: not UTF-8 text (byte 0xfe at offset 14)" in capsys.readouterr().err
+
     def not_utf8(*a, **k):
         raise UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
 

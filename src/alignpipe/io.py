@@ -124,3 +124,13 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def why_unreadable(error: Exception) -> str:
+    """What went wrong reading a file, in the user's words: a file not UTF-8 names the byte and where, as the
+    command line's own one-line errors do (the codec's message spoke of a 'position' and an 'invalid start byte')."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply to be a record this project wrote"
+    return str(error)

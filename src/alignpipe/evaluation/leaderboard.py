@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from alignpipe.evaluation.length_control import lc_gap_warning
 from alignpipe.evaluation.metrics import MetricValue
-from alignpipe.io import atomic_open_all, json_text
+from alignpipe.io import atomic_open_all, json_text, why_unreadable
 
 log = logging.getLogger("alignpipe")
 SCHEMA_VERSION = "1.0"
@@ -530,6 +530,8 @@ def load_leaderboard(path: str | os.PathLike[str]) -> dict:
     """Read a leaderboard JSON, refusing any other ``schema_version`` (readers must not guess at layouts)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {why_unreadable(e)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):

@@ -70,9 +70,9 @@ from alignpipe.evaluation.pareto import (
     row_runs,
     zoomed,
 )
-from alignpipe.io import atomic_write_text
+from alignpipe.io import atomic_write_text, why_unreadable
 from alignpipe.pipeline.run_lock import run_in_use
-from alignpipe.pipeline.rundir import read_run_record, why_unreadable
+from alignpipe.pipeline.rundir import read_run_record
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
            "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",

@@ -64,6 +64,7 @@ from alignpipe.evaluation.judge_training import unseen_by_judge
 from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build_leaderboard
 from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
+from alignpipe.io import why_unreadable
 from alignpipe.pipeline.rundir import package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.strict_yaml import parse_strict_yaml
@@ -250,7 +251,10 @@ def load_suite(name_or_path: str) -> tuple[SuiteSpec, str]:
     if not path.exists():
         known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
         raise ValueError(f"no evaluation suite {name_or_path!r} (looked for {path}); known suites: {known}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"suite file {path}: {why_unreadable(error)}") from None
     try:
         spec = SuiteSpec.model_validate(parse_strict_yaml(text))  # as recipes: a seed 010 is no number
     except Exception as error:  # pydantic's message names the key; say which file

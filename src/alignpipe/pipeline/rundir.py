@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from alignpipe.io import atomic_write_json, atomic_write_text, cache_root
+from alignpipe.io import atomic_write_json, atomic_write_text, cache_root, why_unreadable
 from alignpipe.strict_yaml import dump_yaml
 
 log = logging.getLogger("alignpipe")
@@ -419,16 +419,6 @@ def read_manifest_file(path: Path) -> tuple[dict | None, str | None]:
 _RUN_RECORD_TYPES = {**dict.fromkeys(("run", "recipe_path", "recipe_file", "recipe_sha256", "git_sha", "status",
                                      "started", "updated", "stopped_at", "writing_stage"), str),
                     "overrides": list, "versions": dict}
-
-
-def why_unreadable(error: Exception) -> str:
-    """What went wrong reading a JSON file, in the user's words: a file not UTF-8 names the byte and where, as the
-    command line's own one-line errors do (the codec's message spoke of a 'position' and an 'invalid start byte')."""
-    if isinstance(error, UnicodeDecodeError):
-        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
-    if isinstance(error, RecursionError):
-        return "nested too deeply to be a record this project wrote"
-    return str(error)
 
 
 def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:

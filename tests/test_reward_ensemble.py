@@ -494,7 +494,7 @@ def test_an_ensembles_gguf_hub_backbone_is_found_by_its_file_on_another_machine(
     ``gguf_file`` is what finds it in the other cache."""
     from huggingface_hub import constants
 
-    from alignpipe.rewards.ensemble import _saved_backbone
+    from alignpipe.rewards.ensemble import saved_backbone_location
 
     commit = "d" * 40
     snapshot = tmp_path / "cache" / "models--owner--tiny-gguf" / "snapshots" / commit
@@ -506,7 +506,7 @@ def test_an_ensembles_gguf_hub_backbone_is_found_by_its_file_on_another_machine(
                 "backbone": {"relative_to_checkpoint": False, "sha256": None,
                              "hub": {"repo_id": "owner/tiny-gguf", "commit": commit}}}
     elsewhere = "/another/machines/cache/models--owner--tiny-gguf/snapshots/" + commit
-    assert _saved_backbone(tmp_path / "rm", manifest, elsewhere, override=None) == str(snapshot)
+    assert saved_backbone_location(tmp_path / "rm", manifest, elsewhere, override=None) == str(snapshot)
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -324,7 +324,8 @@ def _sort_target_modules(config: Path) -> None:
                                      sort_keys=True) + "\n")
 
 
-def _saved_backbone(directory: Path, manifest: dict[str, Any], stored: str, *, override: str | None) -> str:
+def saved_backbone_location(directory: Path, manifest: dict[str, Any], stored: str, *,
+                            override: str | None) -> str:
     """Where the backbone of the ensemble saved in ``directory`` is now: ``override`` if given (the caller's
     choice: not checked against the recorded hash), else the manifest's ``stored`` name (resolved against
     ``directory`` when recorded relative to it, falling back to the recorded absolute path when the ensemble was
@@ -620,7 +621,7 @@ class RewardEnsemble(nn.Module):
         from peft import PeftModel
 
         spec = EnsembleSpec.from_dict(manifest["spec"])
-        spec = replace(spec, backbone=_saved_backbone(directory, manifest, spec.backbone, override=backbone))
+        spec = replace(spec, backbone=saved_backbone_location(directory, manifest, spec.backbone, override=backbone))
         names = list(manifest["members"])
         if names != [_member_name(k) for k in range(spec.members)]:
             raise ValueError(f"{directory / MANIFEST_FILE}: members {names} do not match spec.members={spec.members}")

@@ -113,15 +113,15 @@ def _backbone_named_by_path(directory: Path, manifest: Any) -> Path | None:
     """The local folder an ensemble's backbone is, when its manifest names it by path alone (no recorded hash or
     hub commit); None otherwise, or for a hub id. ``FileNotFoundError`` (the loader's) when it is gone."""
     from alignpipe.models.loading import resolve_model_location
-    from alignpipe.rewards.ensemble import _saved_backbone
+    from alignpipe.rewards.ensemble import saved_backbone_location
 
     if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
         return None
     record = manifest.get(BACKBONE_KEY)
     if isinstance(record, dict) and (record.get("sha256") or record.get("hub")):
         return None
-    location = Path(resolve_model_location(_saved_backbone(directory, manifest, str(manifest["spec"].get("backbone")),
-                                                           override=None)))
+    stored = str(manifest["spec"].get("backbone"))
+    location = Path(resolve_model_location(saved_backbone_location(directory, manifest, stored, override=None)))
     return location if location.is_dir() else None
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from alignpipe.evaluation.generation import Generation, GenerationSettings
 from alignpipe.io import atomic_write_text
@@ -61,25 +61,26 @@ class EvalCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.directory / kind / key[:2] / f"{key}.json"
 
-    def _read(self, kind: str, key: str, parse: Callable[[Any], Any]):
-        """The entry as ``parse`` reads it; None (a miss, recomputed and overwritten) when there is none or it cannot
-        be read, or parsed: a file cut short, or one of another shape (``parse`` raises)."""
+    def _read(self, kind: str, key: str, shape: TypeAdapter):
+        """The entry, validated as ``shape``; None (a miss, recomputed and overwritten) when there is none or it
+        cannot be read: a file cut short, or one of another shape (a number where text belongs, a list of lists
+        where a list belongs)."""
         path = self._path(kind, key)
         if not path.exists():
             self.misses += 1
             return None
         try:
-            value = parse(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # JSONDecodeError is a ValueError
+            value = shape.validate_json(path.read_bytes())
+        except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
             self.misses += 1
             return None
         self.hits += 1
         return value
 
     def get_generations(self, key: str) -> list[Generation] | None:
-        return self._read("generations", key, lambda rows: [
-            Generation(_text(r["prompt"]), _text(r["response"]), _ints(r["response_ids"]), _flag(r["truncated"]),
-                       None if r.get("context_ids") is None else _ints(r["context_ids"])) for r in _items(rows)])
+        entries = self._read("generations", key, _GENERATIONS)
+        return None if entries is None else [Generation(e.prompt, e.response, e.response_ids, e.truncated,
+                                                        e.context_ids) for e in entries]
 
     def put_generations(self, key: str, generations: list[Generation]) -> None:
         rows = [{"prompt": g.prompt, "response": g.response, "response_ids": list(g.response_ids),
@@ -88,50 +89,36 @@ class EvalCache:
         atomic_write_text(self._path("generations", key), json.dumps(rows))
 
     def get_token_logprobs(self, key: str) -> list[list[float]] | None:
-        return self._read("token_logprobs", key, lambda rows: [_floats(row) for row in _items(rows)])
+        return self._read("token_logprobs", key, _FLOAT_ROWS)
 
     def put_token_logprobs(self, key: str, values: list[list[float]]) -> None:
         atomic_write_text(self._path("token_logprobs", key), json.dumps([[float(v) for v in row] for row in values]))
 
     def get_member_scores(self, key: str) -> list[list[float]] | None:
-        return self._read("member_scores", key, lambda rows: [_floats(row) for row in _items(rows)])
+        return self._read("member_scores", key, _FLOAT_ROWS)
 
     def put_member_scores(self, key: str, values: list[list[float]]) -> None:
         atomic_write_text(self._path("member_scores", key), json.dumps([[float(v) for v in row] for row in values]))
 
     def get_floats(self, key: str) -> list[float] | None:
-        return self._read("logprobs", key, _floats)
+        return self._read("logprobs", key, _FLOATS)
 
     def put_floats(self, key: str, values: list[float]) -> None:
         atomic_write_text(self._path("logprobs", key), json.dumps([float(v) for v in values]))
 
 
-# Readers of a cache entry's parts: a part of another type raises TypeError, which makes the entry a miss.
-def _items(value: Any) -> list:
-    if not isinstance(value, list):
-        raise TypeError(f"expected a list, got {type(value).__name__}")
-    return value
+class _GenerationEntry(BaseModel):
+    """A cached generation as :meth:`EvalCache.put_generations` writes it."""
+
+    model_config = ConfigDict(strict=True)  # a number is no text, 1 is no true: such an entry is a miss
+    prompt: str
+    response: str
+    response_ids: tuple[int, ...]
+    truncated: bool
+    context_ids: tuple[int, ...] | None = None
 
 
-def _floats(value: Any) -> list[float]:
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in _items(value)):
-        raise TypeError("expected numbers")
-    return [float(v) for v in value]
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in _items(value)):
-        raise TypeError("expected token ids")
-    return tuple(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("expected text")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("expected true or false")
-    return value
+# The shapes of the entries, checked on reading (strict: true is not a number); JSON's NaN and Infinity are numbers.
+_GENERATIONS = TypeAdapter(list[_GenerationEntry])
+_FLOAT_ROWS = TypeAdapter(list[list[float]], config=ConfigDict(strict=True))
+_FLOATS = TypeAdapter(list[float], config=ConfigDict(strict=True))

@@ -149,16 +149,24 @@ def output_hash(checkpoint: Path, *, cached: bool = False) -> str:
     the absolute paths its JSON files hold. Why: a reward stage re-run in a moved or copied run folder gave another
     hash for the same weights, and every stage after it re-ran. ``cached``: trust the stat cache (checking a
     published checkpoint, not hashing a stage's fresh output)."""
-    if (checkpoint / "manifest.json").is_file():  # policies have none; a reward model's says its format
-        from alignpipe.rewards.loading import reward_model_format, reward_model_identity
+    if _is_reward_model(checkpoint):
+        from alignpipe.rewards.loading import reward_model_identity
 
-        try:
-            reward_model_format(checkpoint)
-        except ValueError:
-            pass
-        else:
-            return reward_model_identity(checkpoint)
+        return reward_model_identity(checkpoint)
     return cached_directory_hash(checkpoint) if cached else directory_hash(checkpoint)
+
+
+def _is_reward_model(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a saved reward model, whose ``output_hash`` is its identity."""
+    if not (checkpoint / "manifest.json").is_file():  # policies have none; a reward model's says its format
+        return False
+    from alignpipe.rewards.loading import reward_model_format
+
+    try:
+        reward_model_format(checkpoint)
+    except ValueError:
+        return False
+    return True
 
 
 def published_output_hash(checkpoint: Path) -> str:
@@ -262,7 +270,8 @@ class StageDir:
         except Exception as error:  # noqa: BLE001 - a reward model's manifest or backbone that cannot be read: a
             # damaged checkpoint, whatever its shape (an edited backbone record gave an AttributeError)
             return f"its checkpoint ({self.checkpoint}) cannot be hashed ({error})"
-        if found != recorded and cached_directory_hash(self.checkpoint) != recorded:  # a reward model's old record
+        old_record = found != recorded and _is_reward_model(self.checkpoint)  # recorded as its directory's hash
+        if found != recorded and not (old_record and cached_directory_hash(self.checkpoint) == recorded):
             return (f"its checkpoint's files ({self.checkpoint}) changed since it completed (they hash to "
                     f"{found[:12]}, recorded {recorded[:12]})")
         return None

@@ -72,7 +72,7 @@ from alignpipe.evaluation.pareto import (
 )
 from alignpipe.io import atomic_write_text, why_unreadable
 from alignpipe.pipeline.run_lock import run_in_use
-from alignpipe.pipeline.rundir import read_run_record
+from alignpipe.pipeline.rundir import read_json_object, read_run_record
 
 __all__ = ["KL_BUDGET", "LEADERBOARD_PLOTS", "TRUNCATION_LIMIT", "LeaderboardPlots", "LengthPoint", "OveroptCurve",
            "RunData", "StageData", "bon_curves", "checkpoint_flags", "leaderboard_plots", "length_points",
@@ -116,16 +116,9 @@ class RunData:
 
 
 def _read_json(path: Path, errors: list[str]) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
-        errors.append(f"{path.name} in {path.parent.name}: {why_unreadable(error)}")
-        return None
-    if not isinstance(data, dict):
-        errors.append(f"{path.name} in {path.parent.name}: it holds a JSON {type(data).__name__}, not an object")
-        return None
+    data, problem = read_json_object(path)
+    if problem:
+        errors.append(problem)
     return data
 
 

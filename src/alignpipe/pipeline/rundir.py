@@ -424,6 +424,20 @@ def read_manifest_file(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
+def read_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """A run's JSON file that must hold an object, and why it cannot be used, naming it by its folder (``run.json in
+    tiny: ...``), for the report and the run record; (None, None) when there is none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
+        return None, f"{path.name} in {path.parent.name}: {why_unreadable(error)}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} in {path.parent.name}: it holds a JSON {type(data).__name__}, not an object"
+    return data, None
+
+
 # run.json's fields by the type the runner writes them with (Runner._write_run_record)
 _RUN_RECORD_TYPES = {**dict.fromkeys(("run", "recipe_path", "recipe_file", "recipe_sha256", "git_sha", "status",
                                      "started", "updated", "stopped_at", "writing_stage"), str),
@@ -436,15 +450,9 @@ def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
     such field costs only itself; it is empty when there is no file, or one that cannot be read (cut short, not
     UTF-8, a directory in its place) or that is not a JSON object. The problems name each of these (none for a
     missing file: a run that has not started yet)."""
-    path = Path(run_dir) / RUN_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}, []
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
-        return {}, [f"{path.name} in {path.parent.name}: {why_unreadable(error)}"]
-    if not isinstance(record, dict):
-        return {}, [f"{path.name} in {path.parent.name}: it holds a JSON {type(record).__name__}, not an object"]
+    record, problem = read_json_object(Path(run_dir) / RUN_FILE)
+    if record is None:
+        return {}, [problem] if problem else []
     wrong = [key for key, kind in _RUN_RECORD_TYPES.items()
              if record.get(key) is not None and not isinstance(record[key], kind)]
     if isinstance(record.get("overrides"), list) and not all(isinstance(o, str) for o in record["overrides"]):

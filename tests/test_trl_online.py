@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY_RECIPE, write_recipe
@@ -27,7 +28,7 @@ def online_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("online")
     recipe = {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0],
                                         {"name": "grpo", "type": "grpo", "loss_type": "grpo", **FAST},
-                                        {"name": "rloo", "type": "rloo", **FAST},
+                                        {"name": "rloo", "type": "rloo", **FAST, "missing_eos_penalty": 2.0},
                                         {"name": "luspo", "type": "grpo", "loss_type": "luspo", **FAST,
                                          "max_steps": 1, "save_steps": 1, "mask_truncated_completions": True}]}
     runner = Runner(load_recipe(write_recipe(directory, recipe)), runs_dir=directory / "runs", in_process=True)
@@ -130,6 +131,45 @@ def test_luspo_takes_one_importance_ratio_per_completion(online_run):
                       weights_only=False)
     assert args.loss_type == "luspo" and args.importance_sampling_level == "sequence"
     assert args.mask_truncated_completions is True  # the stage's setting reaches TRL
+
+
+def test_the_missing_eos_penalty_falls_on_the_completions_trl_counts_as_clipped(online_run):
+    """The rloo stage's penalty hits a share of completions equal to TRL's own ``completions/clipped_ratio`` at every
+    logged step (both averaged over the step's generation batches), and some step had one to hit; grpo, without a
+    penalty, logs no share."""
+    runner, _ = online_run
+    records = [json.loads(line) for line in StageDir(runner.run_dir / "rloo").metrics.read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["rewards/missing_eos_penalised"] for r in steps] == \
+        pytest.approx([r["completions/clipped_ratio"] for r in steps])
+    assert any(r["completions/clipped_ratio"] > 0 for r in steps)
+    grpo = [json.loads(line) for line in StageDir(runner.run_dir / "grpo").metrics.read_text().splitlines()]
+    assert not any("rewards/missing_eos_penalised" in r for r in grpo)
+
+
+def test_the_online_reward_penalises_cut_completions_by_the_trainers_end_ids():
+    """Rewards from the source, less the penalty where TRL's completion ids end in neither an end id of the trainer
+    (eos 2, end-of-turn 7) nor padding (0); the penalised share goes to TRL's ``log_metric``."""
+    import torch
+
+    from alignpipe.rewards.plugin import RewardSource, ScoredBatch
+
+    class Fixed(RewardSource):
+        name = "fixed"
+
+        def __call__(self, prompts, responses, *, update=True):
+            return ScoredBatch(torch.tensor([1.0, 0.5, -1.0, 2.0]), torch.zeros(4), None)
+
+    logged = []
+    reward = trl_online.OnlineReward(Fixed(), missing_eos_penalty=0.75)
+    with pytest.raises(RuntimeError, match="use_ends_of"):
+        reward(["p"] * 4, ["c"] * 4, completion_ids=[[2]] * 4)
+    reward.use_ends_of(SimpleNamespace(eos_token_ids=[2, 7]), SimpleNamespace(pad_token_id=0))
+    rewards = reward(["p"] * 4, ["c"] * 4, completion_ids=[[4, 2], [4, 5], [7], [4, 0]],
+                     log_metric=lambda name, value: logged.append((name, value)))
+    assert rewards == [1.0, -0.25, -1.0, 2.0]
+    assert logged == [("rewards/missing_eos_penalised", 0.25)]
+    assert trl_online.OnlineReward(Fixed())(["p"], ["c"]) == [1.0, 0.5, -1.0, 2.0]  # no penalty: no ids needed
 
 
 def test_resume_after_the_final_evaluation_was_written_keeps_one(online_run, tmp_path, monkeypatch):

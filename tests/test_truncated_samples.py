@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 import alignpipe.trainers.iterative as iterative
-from alignpipe.data.truncation import RoundSamples, no_pairs_advice
+from alignpipe.data.truncation import RoundSamples, cut_at_budget, no_pairs_advice, penalise_unfinished
 from alignpipe.evaluation.generation import Generation
 from alignpipe.recipe import RecipeError, load_recipe
 
@@ -143,3 +143,17 @@ def test_truncated_samples_is_a_typed_option_of_every_online_stage(tmp_path):
         message = rf"stages\.{kind}\.truncated_samples: 'penalise' is not a valid truncated_samples \(valid: drop, keep"
         with pytest.raises(RecipeError, match=message):
             load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_a_trl_completion_is_cut_when_its_last_token_neither_ends_nor_pads():
+    """TRL's rule (``completions/clipped_ratio``): eos 2 and an end-of-turn 7 end a completion, padding 0 too; any
+    other last token means the budget cut it. An empty completion was not cut (nothing ran past a budget)."""
+    completions = [[5, 6, 2], [5, 6, 9], [7], [5, 0], [], [2, 5]]
+    assert cut_at_budget(completions, {2, 7, 0}) == [False, True, False, False, False, True]
+
+
+def test_the_missing_eos_penalty_lowers_only_unfinished_rewards():
+    assert penalise_unfinished([0.5, 1.0, -0.25], [False, True, True], 0.5) == [0.5, 0.5, -0.75]
+    assert penalise_unfinished([0.5], [True], 0.0) == [0.5]
+    with pytest.raises(ValueError, match="2 rewards but 1 completions"):
+        penalise_unfinished([0.5, 1.0], [True], 1.0)

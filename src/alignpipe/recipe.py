@@ -1142,6 +1142,11 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
         "finished one. They still count in their group's baseline (RLOO's without their KL penalty, which TRL folds "
         "into the reward over the tokens the mask keeps).",
     )
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtract this from the reward of completions cut at max_completion_length (no "
+        "end-of-sequence token), as ppo does; null = none (TRL's GRPO/RLOO have no such penalty). With "
+        "mask_truncated_completions they stay out of the loss, and the penalty lowers only their group's baseline.",
+    )
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ leaves truncated samples out before judging (no judge calls spent on them) and `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
@@ -82,3 +82,22 @@ def no_pairs_advice(stats: dict, max_new_tokens: int) -> str:
                 f"{stats['prompts_short_of_samples']} prompts without enough finished samples for a pair; raise "
                 "max_new_tokens, or set truncated_samples: keep to train on cut-off replies as they are")
     return "raise prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter"
+
+
+def cut_at_budget(completion_ids: Sequence[Sequence[int]], end_ids: Collection[int]) -> list[bool]:
+    """Which of TRL's GRPO/RLOO completions hit ``max_completion_length`` without ending: the last token is neither an
+    end-of-sequence token nor padding.
+
+    TRL's own rule (its ``completions/clipped_ratio`` and ``mask_truncated_completions``), so a penalty falls on
+    exactly the completions TRL counts as clipped. TRL cuts each completion after its first end token, so only the
+    last one can end it."""
+    return [len(ids) > 0 and ids[-1] not in end_ids for ids in completion_ids]
+
+
+def penalise_unfinished(rewards: Sequence[float], unfinished: Sequence[bool], penalty: float) -> list[float]:
+    """``rewards`` less ``penalty`` where the completion never ended (``missing_eos_penalty``, as in PPO's §6a score
+    and TRL's OnlineDPOTrainer): a reward model scores a cut-off answer as if it were whole, so without it a group
+    baseline can favour answers that run past the budget."""
+    if len(rewards) != len(unfinished):
+        raise ValueError(f"{len(rewards)} rewards but {len(unfinished)} completions")
+    return [reward - penalty if cut else reward for reward, cut in zip(rewards, unfinished, strict=True)]

@@ -3,9 +3,9 @@
 Why so little: TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` already own sampling, group baselines, the KL term and
 the loss, and take the same inputs (a conversational ``prompt`` dataset, reward functions, a PEFT config). A stage
 only supplies the prompts, the reward (``alignpipe.rewards.plugin``: model ensemble with a penalty, gold or a
-callable), logging of the ensemble std beside TRL's own metrics, a decoding free of the checkpoint's own options,
-the merged checkpoint, and the shared harness's gold reward / win rate / KL at the end (the same numbers every other
-stage reports).
+callable; less an optional missing-EOS penalty, which TRL's GRPO/RLOO lack), logging of the ensemble std beside
+TRL's own metrics, a decoding free of the checkpoint's own options, the merged checkpoint, and the shared harness's
+gold reward / win rate / KL at the end (the same numbers every other stage reports).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.data.synthetic import task_space
+from alignpipe.data.truncation import cut_at_budget, penalise_unfinished
 from alignpipe.evaluation.generation import decoding_with
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.batching import generation_batch_prompts, too_few_prompts
@@ -80,19 +81,41 @@ def token_ids_only(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return GenerationConfig(**ids)
 
 
-def reward_function(source: RewardSource) -> Callable:
-    """The plug-in as a TRL reward function whose ensemble std goes through TRL's ``log_metric`` hook, so it is
-    averaged over processes and logged with ``reward``/``kl`` (and reaches ``metrics.jsonl`` through the trainer)."""
-    sink: dict[str, Callable[[str, float], None]] = {}
-    inner = trl_reward_function(source, lambda std: sink["log"]("rewards/ensemble_std", std) if sink else None)
+class OnlineReward:
+    """The plug-in as a TRL reward function, less ``missing_eos_penalty`` for completions cut at the budget.
 
-    def score(prompts, completions, **kwargs) -> list[float]:
+    Why a class: the end-of-sequence ids that decide a cut are the trainer's (``eos_token_ids``, read from the model
+    once TRL has built it), and the ensemble std goes through TRL's ``log_metric`` hook, passed at each call; both
+    arrive after the function is handed to TRL. The std and the share of completions penalised are averaged over
+    processes and logged with ``reward``/``kl`` (and reach ``metrics.jsonl`` through the trainer)."""
+
+    def __init__(self, source: RewardSource, missing_eos_penalty: float | None = None):
+        self._log: Callable[[str, float], None] | None = None
+        self._score = trl_reward_function(source, lambda std: self._log_metric("rewards/ensemble_std", std))
+        self.__name__ = self._score.__name__  # TRL names the reward's metrics after it
+        self.missing_eos_penalty = missing_eos_penalty
+        self.end_ids: frozenset[int] | None = None  # end-of-sequence and padding ids: set by :meth:`use_ends_of`
+
+    def use_ends_of(self, trainer: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Take the ids that end a completion from ``trainer`` (TRL's GRPO/RLOO ``eos_token_ids``), plus padding."""
+        self.end_ids = frozenset([*trainer.eos_token_ids, tokenizer.pad_token_id])
+
+    def _log_metric(self, name: str, value: float) -> None:
+        if self._log is not None:
+            self._log(name, value)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
         if kwargs.get("log_metric") is not None:
-            sink["log"] = kwargs["log_metric"]
-        return inner(prompts, completions, **kwargs)
-
-    score.__name__ = inner.__name__
-    return score
+            self._log = kwargs["log_metric"]
+        rewards = self._score(prompts, completions, **kwargs)
+        if self.missing_eos_penalty is None:
+            return rewards
+        if self.end_ids is None or kwargs.get("completion_ids") is None:
+            raise RuntimeError("missing_eos_penalty needs the completions' token ids and the trainer's end ids "
+                               "(OnlineReward.use_ends_of)")
+        unfinished = cut_at_budget(kwargs["completion_ids"], self.end_ids)
+        self._log_metric("rewards/missing_eos_penalised", sum(unfinished) / len(unfinished))
+        return penalise_unfinished(rewards, unfinished, self.missing_eos_penalty)
 
 
 def run_online(ctx: StageContext, trainer_class: type, config_class: type, **method_arguments: Any) -> dict:
@@ -110,11 +133,13 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
                         mask_truncated_completions=stage.mask_truncated_completions, **method_arguments)
     # The checkpoint's own generation config comes back before publishing: the published one keeps its file.
     with decoding_with(model, token_ids_only(model, tokenizer)):
+        reward = OnlineReward(source, stage.missing_eos_penalty)
         trainer = trainer_class(
-            model=model, reward_funcs=reward_function(source), args=args, train_dataset=prompt_dataset(ctx),
+            model=model, reward_funcs=reward, args=args, train_dataset=prompt_dataset(ctx),
             processing_class=tokenizer, peft_config=lora_config(ctx),
             callbacks=[CheckpointSideState(REWARD_STATE, source.state_dict), MetricsLogger(ctx.dir.metrics)],
         )
+        reward.use_ends_of(trainer, tokenizer)
         train(trainer, ctx, ctx.resume_from)
     publish_model(trainer, tokenizer, ctx)
     summary = training_summary(trainer)

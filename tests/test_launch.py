@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -263,7 +264,7 @@ def launcher_copy(tmp_path) -> Path:
     """launch.sh in a copy of the project whose venv is installed and whose `alignpipe`/python print cwd and args."""
     root = tmp_path / "main"
     (root / "recipes").mkdir(parents=True)
-    for name in ("launch.sh", "pyproject.toml", "recipes/quickstart.yaml"):
+    for name in ("launch.sh", "pyproject.toml", "constraints.txt", "recipes/quickstart.yaml"):
         (root / name).write_bytes((REPO / name).read_bytes())
     (root / "launch.sh").chmod(0o755)
     bin_dir = root / ".venv" / "bin"
@@ -296,6 +297,66 @@ def test_launch_sh_reads_the_users_paths_from_their_directory(launcher_copy) -> 
     # from the project root, as the README runs it, the arguments pass through unchanged
     assert _launch(root, "./launch.sh", "recipes/quickstart.yaml")[-2:] == ["arg=run", "arg=recipes/quickstart.yaml"]
     assert _launch(parent, "main/launch.sh", "--help")[0].startswith("alignpipe launcher")
+
+
+def _install(root: Path, **env: str) -> subprocess.CompletedProcess:
+    """``launch.sh --test`` in ``launcher_copy`` with its install stamp gone, so it installs (the fake python prints
+    each command it is given)."""
+    (root / ".venv" / ".alignpipe-installed").unlink(missing_ok=True)
+    return subprocess.run(["bash", "-c", 'exec "$@"', "launch", str(root / "launch.sh"), "--test"], cwd=root.parent,
+                          capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_launch_sh_installs_the_tested_versions_unless_told_otherwise(launcher_copy) -> None:
+    """A fresh machine gets constraints.txt's versions (a release since the last green CI cannot change what the
+    tests run on); ALIGNPIPE_CONSTRAINTS names another file, from the caller's directory, or none when empty."""
+    root = launcher_copy
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNPIPE_CONSTRAINTS"}
+    done = subprocess.run(["bash", "-c", 'exec "$@"', "launch", str(root / "launch.sh"), "--test"], cwd=root.parent,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr  # the stamp is there: nothing installs
+    assert "arg=install" not in done.stdout
+    installs = [line for line in _install(root, ALIGNPIPE_CONSTRAINTS="").stdout.split("cwd=")
+                if "arg=-e" in line]
+    assert len(installs) == 1 and "arg=-c" not in installs[0]  # empty: the newest versions the ranges allow
+    (root.parent / "mine.txt").write_text("trl==1.16.0\n")
+    installs = [line for line in _install(root, ALIGNPIPE_CONSTRAINTS="mine.txt").stdout.split("cwd=")
+                if "arg=-e" in line]
+    assert len(installs) == 1 and f"arg=-c\narg={root.parent}/mine.txt\n" in installs[0]
+    done = _install(root, ALIGNPIPE_CONSTRAINTS="absent.txt")
+    assert done.returncode == 2
+    assert f"ALIGNPIPE_CONSTRAINTS names {root.parent}/absent.txt, which is not a file" in done.stderr
+    (root / ".venv" / ".alignpipe-installed").unlink(missing_ok=True)
+    done = subprocess.run(["bash", "-c", 'exec "$@"', "launch", str(root / "launch.sh"), "--test"], cwd=root.parent,
+                          capture_output=True, text=True, env=env)
+    installs = [line for line in done.stdout.split("cwd=") if "arg=-e" in line]
+    assert len(installs) == 1 and "arg=-c\narg=constraints.txt\n" in installs[0]  # the default, in the project root
+
+
+def test_constraints_pin_every_dependency_within_its_declared_range() -> None:
+    """Each direct dependency (and dev extra) has exactly one pin in constraints.txt, and the pin satisfies
+    pyproject.toml's range: a range bumped without the lock (or the reverse) would install something untested."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    pins: dict[str, list[str]] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pinned = Requirement(line)
+            (version,) = [spec.version for spec in pinned.specifier if spec.operator == "=="]
+            pins.setdefault(canonicalize_name(pinned.name), []).append(version)
+    assert all(len(versions) == 1 for versions in pins.values()), pins
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
+        if name == "torch":  # TORCH_SPEC installs it, a CPU or CUDA build
+            assert name not in pins
+            continue
+        assert name in pins, f"constraints.txt has no pin for {requirement}"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), (requirement, pins[name])
 
 
 def test_launch_sh_leaves_an_option_after_runs_dir_to_alignpipe(launcher_copy) -> None:

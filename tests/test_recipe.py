@@ -478,7 +478,9 @@ def test_only_true_and_false_are_booleans_and_dates_stay_text(tmp_path: Path) ->
             "here (yes is text, as in YAML 1.2); write true or false") in message
     assert "model.trust_remote_code: expected true or false, got 'Off': only true and false" in message
     assert load_recipe(path, ("stages.dpo.precompute_ref_log_probs=True",)).stage("dpo").precompute_ref_log_probs
-    assert "only true and false" not in error_for(path, ("stages.dpo.precompute_ref_log_probs=maybe",))
+    for text in ("maybe", "yEs", "oN"):  # YAML 1.1 read yes, Yes and YES as true, never yEs
+        message = error_for(path, (f"stages.dpo.precompute_ref_log_probs={text}",))
+        assert f"got {text!r}" in message and "only true and false" not in message
 
 
 def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:

@@ -268,6 +268,30 @@ def test_merges_check_each_mapping_as_written(tmp_path: Path) -> None:
     assert "duplicate key '<<' (first set on line 5); merge several mappings with one <<: [*a, *b]" in error_for(two)
 
 
+def test_keys_that_read_as_one_key_are_duplicates(tmp_path: Path) -> None:
+    """Only keys that are text were compared, so 1 and 1, 1 and 1.0, or 1 and true (one key once read) kept the last
+    value without a word. Keys a merge brings in still give way to the mapping's own, and a list as a key is a
+    YAML error with its line (``!!str [a]`` as a key was a TypeError traceback)."""
+    for text, problem in (("{1: a, 1: b}", "duplicate key 1 (first set on line 1)"),
+                          ("{true: x, true: y}", "duplicate key true (first set on line 1)"),
+                          ("{1: a, 1.0: b}", "duplicate key 1.0 (first set on line 1 as 1, which reads as the same"),
+                          ("{1: a, true: b}", "duplicate key true (first set on line 1 as 1, which reads as the same"),
+                          ("{~: a, null: b}", "duplicate key null (first set on line 1 as ~, which reads as the same"),
+                          ("{[a]: 1}", "a list cannot be a key (keys are text, numbers, true/false or null); quote it"),
+                          ("{!!str [a]: 1}", "expected a scalar node, but found sequence")):
+        with pytest.raises(yaml.YAMLError) as info:
+            parse_strict_yaml(text)
+        assert problem in str(info.value), text
+    assert parse_strict_yaml("{'1': a, 1: b, 1.5: c}") == {"1": "a", 1: "b", 1.5: "c"}
+    merged = parse_strict_yaml("a: &a {1: x, 2: y}\nb: {<<: *a, true: w}\nc: {<<: [{1: x}, {true: y}]}\n")
+    assert (merged["b"], merged["c"]) == ({1: "w", 2: "y"}, {True: "x"})  # own keys win; the earlier source wins
+    path = write(tmp_path / "keys.yaml", GOOD + "x-anchors:\n  ports:\n    8080: a\n    +8080: b\n")
+    assert (f"{path} line 24, column 5: YAML syntax error: duplicate key +8080 (first set on line 23 as 8080, which "
+            "reads as the same key)") in error_for(path)
+    listed = write(tmp_path / "listed.yaml", GOOD + "x-anchors:\n  [a, b]: 1\n")
+    assert f"{listed} line 22, column 3: YAML syntax error: a list cannot be a key" in error_for(listed)
+
+
 def test_merge_keys_read_alike_on_every_pyyaml(tmp_path: Path) -> None:
     """Merges are applied by the recipe loader, not by PyYAML's flatten_mapping (6.0.4 changed it, and read the
     nested anchor above with r: 8): of several merged mappings the earlier wins, and a mapping merging itself is an
@@ -454,7 +478,9 @@ def test_only_true_and_false_are_booleans_and_dates_stay_text(tmp_path: Path) ->
             "here (yes is text, as in YAML 1.2); write true or false") in message
     assert "model.trust_remote_code: expected true or false, got 'Off': only true and false" in message
     assert load_recipe(path, ("stages.dpo.precompute_ref_log_probs=True",)).stage("dpo").precompute_ref_log_probs
-    assert "only true and false" not in error_for(path, ("stages.dpo.precompute_ref_log_probs=maybe",))
+    for text in ("maybe", "yEs", "oN"):  # YAML 1.1 read yes, Yes and YES as true, never yEs
+        message = error_for(path, (f"stages.dpo.precompute_ref_log_probs={text}",))
+        assert f"got {text!r}" in message and "only true and false" not in message
 
 
 def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:

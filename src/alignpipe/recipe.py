@@ -1888,14 +1888,15 @@ _NUMBER_KINDS = frozenset({"int_type", "int_parsing", "float_type", "float_parsi
 _NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-9_]+|0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
 
 
-_YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off"})  # YAML 1.1 booleans that are text here (y/n never were)
+# YAML 1.1 booleans that are text here, in the three cases its resolver read (yes, Yes, YES: not yEs; y/n never were)
+_YAML11_BOOLEANS = frozenset(form for word in ("yes", "no", "on", "off") for form in (word, word.title(), word.upper()))
 
 
 def _yaml11_hint(value: Any, kind: str) -> str:
     """Why text reached a number or a true/false field where YAML 1.1 would have read a number or a boolean."""
     if kind in _NUMBER_KINDS:
         return _number_hint(value)
-    if kind in ("bool_type", "bool_parsing") and isinstance(value, str) and value.lower() in _YAML11_BOOLEANS:
+    if kind in ("bool_type", "bool_parsing") and isinstance(value, str) and value in _YAML11_BOOLEANS:
         return f": only true and false are booleans here ({value} is text, as in YAML 1.2); write true or false"
     return ""
 

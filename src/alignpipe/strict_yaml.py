@@ -9,6 +9,7 @@ installed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -16,6 +17,7 @@ import yaml
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 _Pairs = list[tuple[yaml.Node, yaml.Node]]
+_KINDS = {"sequence": "list", "mapping": "mapping"}  # a node's kind as a key error names it
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -33,9 +35,21 @@ class _StrictLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"expected a mapping node, but found {node.id}",
                                                     node.start_mark)
         merged = self.__dict__.setdefault("_merged", {})  # per load: its nodes all live until it ends
-        flat = yaml.MappingNode(node.tag, _merged_pairs(node, (), merged), node.start_mark, node.end_mark,
+        flat = yaml.MappingNode(node.tag, _merged_pairs(node, (), merged, self._key), node.start_mark, node.end_mark,
                                 node.flow_style)
         return yaml.constructor.BaseConstructor.construct_mapping(self, flat, deep=deep)
+
+    def _key(self, key_node: yaml.Node) -> Any:
+        """A mapping key as the mapping will hold it (built once: the build reuses it), so that keys are compared as
+        the mapping compares them."""
+        key = self.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a {_KINDS.get(key_node.id, key_node.id)} cannot be a key (keys are text, numbers, "
+                "true/false or null); quote it to make it text", key_node.start_mark) from None
+        return key
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         """Not used: :meth:`construct_mapping` merges without changing the node (this would rewrite it in place)."""
@@ -48,35 +62,49 @@ def _is_merge(key_node: yaml.Node) -> bool:
 
 
 def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
-    """What makes two keys of one mapping the same key, for text keys and merge keys; None for other keys (left to
-    validation, which takes text keys only)."""
-    if _is_merge(key_node):
-        return ("merge", "<<")
+    """What makes two merged keys the same key, for text keys; None for other keys (left to the mapping's build,
+    since equal ones can be written differently: 1 and +1)."""
     return ("str", key_node.value) if key_node.tag == _STR_TAG else None
 
 
-def _check_own_keys(node: yaml.MappingNode) -> None:
-    """A key written twice in one mapping (a second ``<<`` included) is refused. Keys a merge brings in are not
-    compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
-    first_line: dict[tuple[str, str], int] = {}
+def _shown(key_node: yaml.Node) -> str:
+    """A key as an error names it: text quoted, anything else as written (1.0, true, ~)."""
+    if key_node.tag == _STR_TAG:
+        return repr(key_node.value)
+    return (key_node.value or "null") if isinstance(key_node, yaml.ScalarNode) else key_node.id
+
+
+def _check_own_keys(node: yaml.MappingNode, key_of: Callable[[yaml.Node], Any]) -> None:
+    """A key written twice in one mapping (a second ``<<`` included) is refused, and so are two keys that the mapping
+    would hold as one (1 and 1.0, 1 and true, ~ and null): either way one value was lost without a word. Keys a merge
+    brings in are not compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
+    first: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
-        if (key := _key_identity(key_node)) is None:
-            continue
-        if key in first_line:
-            hint = "; merge several mappings with one <<: [*a, *b]" if key[0] == "merge" else ""
-            msg = f"duplicate key {key[1]!r} (first set on line {first_line[key]}){hint}"
+        key = ("merge",) if _is_merge(key_node) else ("key", key_of(key_node))
+        if key in first:
+            earlier = first[key]
+            line = earlier.start_mark.line + 1
+            if _is_merge(key_node):
+                msg = f"duplicate key '<<' (first set on line {line}); merge several mappings with one <<: [*a, *b]"
+            elif _shown(earlier) == _shown(key_node):
+                msg = f"duplicate key {_shown(key_node)} (first set on line {line})"
+            else:
+                msg = (f"duplicate key {_shown(key_node)} (first set on line {line} as {_shown(earlier)}, which reads "
+                       "as the same key)")
             raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
-        first_line[key] = key_node.start_mark.line + 1
+        first[key] = key_node
 
 
-def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[int, _Pairs]) -> _Pairs:
+def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[int, _Pairs],
+                  key_of: Callable[[yaml.Node], Any]) -> _Pairs:
     """A mapping's key/value node pairs with its merge keys applied, each key once with the value that wins: a
     mapping's own keys over merged ones, an earlier merge source over a later one. ``inside`` holds the mappings
     being merged into (a mapping that merges itself is refused, not recursed on); ``merged`` remembers each mapping's
-    result for the load, so a source merged many times (``<<: [*a, *a]`` chains) is worked out once."""
+    result for the load, so a source merged many times (``<<: [*a, *a]`` chains) is worked out once; ``key_of`` builds a
+    key, to compare the mapping's own keys."""
     if id(node) in merged:
         return merged[id(node)]
-    _check_own_keys(node)
+    _check_own_keys(node, key_of)
     inside = (*inside, id(node))
     sources: list[yaml.MappingNode] = []
     own: _Pairs = []
@@ -98,8 +126,8 @@ def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[
     # the last written wins, as when a mapping is built: later sources first. A text key is kept once, where it first
     # came with the value that wins, which builds the same mapping; other keys (1, true) are all kept, in order, and
     # left to the build, since equal ones can be written differently (1 and +1)
-    for key_node, value_node in [pair for source in reversed(sources) for pair in _merged_pairs(source, inside, merged)
-                                 ] + own:
+    for key_node, value_node in [pair for source in reversed(sources)
+                                 for pair in _merged_pairs(source, inside, merged, key_of)] + own:
         winners[_key_identity(key_node) or object()] = (key_node, value_node)
     merged[id(node)] = pairs = list(winners.values())
     return pairs

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.pipeline.decision import decide_stage
-from alignpipe.pipeline.rundir import CHECKPOINTS, StageDir
+from alignpipe.pipeline.rundir import CHECKPOINTS, RESULTS, StageDir
 
 
 def _copy_of(completed_tiny_run, tmp_path):
@@ -304,15 +304,126 @@ def test_an_eval_stage_records_what_it_can_read_of_a_damaged_run_json(tmp_path, 
     assert f"[eval] {problem}" in caplog.text
 
 
-def test_a_run_whose_leaderboard_md_is_a_directory_still_prints_its_summary(tmp_path, completed_tiny_run, capsys):
+def test_a_directory_where_leaderboard_md_goes_reruns_the_eval_stage_into_a_clear_error(tmp_path, completed_tiny_run,
+                                                                                        capsys):
+    """The eval stage's recorded leaderboard.md replaced by a directory: the stage runs again and stops on it, naming
+    it with the fix. An eval stage recorded before its results were is skipped as before, and the run's summary
+    passes over a leaderboard.md that is not a file."""
     from alignpipe.cli import main
 
     recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
-    shutil.rmtree(runs / "tiny" / "leaderboard.md", ignore_errors=True)
-    (runs / "tiny" / "leaderboard.md").unlink(missing_ok=True)
-    (runs / "tiny" / "leaderboard.md").mkdir()
+    board = runs / "tiny" / "leaderboard.md"
+    _as_directory(board)
+    evaluation = StageDir(runs / "tiny" / "eval")
+    recorded = evaluation.read_manifest()
+    evaluation.write_manifest({key: value for key, value in recorded.items() if key != RESULTS})
     assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+    evaluation.write_manifest(recorded)
+    assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {board}: Is a directory (while the run read or wrote its run directory); move aside what " \
+           f"stands at {board}" in error
+    assert "Traceback" not in error
+
+
+def _run_in_process(recipe_path, runs, **options) -> dict:
+    """``alignpipe run --in-process``: {stage: its outcome}."""
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    runner = Runner(load_recipe(recipe_path), runs_dir=runs, recipe_path=recipe_path, in_process=True, **options)
+    return {outcome.name: outcome for outcome in runner.run()}
+
+
+def _copy_with_eval_cache(completed_tiny_run, tmp_path):
+    """``_copy_of``, with the runs directory's eval cache, so an eval stage that runs again samples nothing."""
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    shutil.copytree(completed_tiny_run[0].run_dir.parent / ".cache", runs / ".cache")
+    return recipe_path, runs
+
+
+def _rows(board: dict) -> list[dict]:
+    """A leaderboard's rows but their checkpoints' paths (a copied run's lie elsewhere)."""
+    return [{key: value for key, value in row.items() if key != "path"} for row in board["checkpoints"]]
+
+
+def _edit_a_metric(path):
+    board = json.loads(path.read_text())
+    board["checkpoints"][0]["results"]["gold_reward"]["value"] += 1.0
+    path.write_text(json.dumps(board, indent=2))
+
+
+LEADERBOARD_DAMAGE = {
+    "deleted-md": ("leaderboard.md", lambda path: path.unlink(), "leaderboard.md is missing"),
+    "edited-json": ("leaderboard.json", _edit_a_metric, "leaderboard.json hashes to "),
+    "deleted-samples": ("eval/samples", shutil.rmtree, "eval/samples is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", LEADERBOARD_DAMAGE)
+def test_a_deleted_or_edited_leaderboard_reruns_the_eval_stage_which_restores_it(tmp_path, completed_tiny_run, capsys,
+                                                                                damage):
+    """A complete eval stage was skipped whatever had become of the run's leaderboard and its samples: deleted or
+    edited, they stayed so. Its results are checked as a training stage's checkpoint is: the dry run and the run say
+    which changed, the eval stage alone runs again (its cache serves the samples) and writes them as they were."""
+    recipe_path, runs = _copy_with_eval_cache(completed_tiny_run, tmp_path)
+    run_dir = runs / "tiny"
+    before = json.loads((run_dir / "leaderboard.json").read_text())
+    markdown = (run_dir / "leaderboard.md").read_text()
+    name, breaks, problem = LEADERBOARD_DAMAGE[damage]
+    breaks(run_dir / name)
+    reason = f"complete, but its results in {run_dir} changed since it completed: {problem}"
+
+    planned = _dry_run(recipe_path, runs, capsys)
+    assert planned["eval"].startswith(f"run ({reason}") and planned["eval"].endswith("; starting over)")
+    outcomes = _run_in_process(recipe_path, runs)
+    assert {stage: outcome.action for stage, outcome in outcomes.items()} == {"sft": "skipped", "dpo": "skipped",
+                                                                              "eval": "ran"}
+    assert outcomes["eval"].reason.startswith(reason)
+    after = json.loads((run_dir / "leaderboard.json").read_text())
+    assert _rows(after) == _rows(before)
+    assert (run_dir / "leaderboard.md").read_text() == markdown.replace(before["date"], after["date"])
+    assert {path.name for path in (run_dir / "eval" / "samples").iterdir()} >= {"base.jsonl", "sft.jsonl", "dpo.jsonl"}
+    assert {outcome.action for outcome in _run_in_process(recipe_path, runs).values()} == {"skipped"}
+
+
+def test_an_untouched_run_skips_its_eval_stage_whose_results_are_recorded(tmp_path, completed_tiny_run):
+    """The eval stage records the hash of its results and the run's leaderboard (not report.html, which
+    ``alignpipe report`` rewrites): as they were, and with the report written again, it is skipped."""
+    from alignpipe.evaluation.report import write_report
+
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    recorded = StageDir(runs / "tiny" / "eval").read_manifest()[RESULTS]
+    assert set(recorded) == {"eval/results.json", "eval/samples", "leaderboard.json", "leaderboard.csv",
+                             "leaderboard.md"}
+    write_report(runs / "tiny")
+    outcomes = _run_in_process(recipe_path, runs)
+    assert {outcome.action for outcome in outcomes.values()} == {"skipped"}
+    assert outcomes["eval"].reason == "complete with the same config and inputs"
+
+
+def test_of_two_eval_stages_the_last_ones_leaderboard_is_checked(tmp_path, completed_tiny_run):
+    """Both eval stages write the run's leaderboard, and the last one's is kept: were the first's checked too, each
+    would find the other's leaderboard and both would run again on every run."""
+    _, runs = _copy_with_eval_cache(completed_tiny_run, tmp_path)
+    second = {**TINY_RECIPE["stages"][-1], "name": "eval2"}
+    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [*TINY_RECIPE["stages"], second]}, "two-evals.yaml")
+    outcomes = _run_in_process(recipe_path, runs, force=["eval"])  # as the first of two, it records no leaderboard
+    assert (outcomes["eval"].action, outcomes["eval2"].action) == ("ran", "ran")
+    assert set(StageDir(runs / "tiny" / "eval").read_manifest()[RESULTS]) == {"eval/results.json", "eval/samples"}
+    assert "leaderboard.json" in StageDir(runs / "tiny" / "eval2").read_manifest()[RESULTS]
+    assert {outcome.action for outcome in _run_in_process(recipe_path, runs).values()} == {"skipped"}
+    assert json.loads((runs / "tiny" / "leaderboard.json").read_text())["run"]["stage"] == "eval2"
+
+
+@pytest.mark.parametrize("record", [["leaderboard.md"], {"leaderboard.md": 7}], ids=["list", "number"])
+def test_a_hand_edited_record_of_results_is_not_trusted(tmp_path, record):
+    stage = StageDir(tmp_path / "eval")
+    stage.write_manifest({"status": "complete", RESULTS: record})
+    assert stage.published_problem(stage.read_manifest()) == (
+        f"its record of its results ({RESULTS}) is not a mapping of file hashes (edited by hand?)")
 
 
 def test_a_damaged_gguf_file_keeps_preflights_own_message(tmp_path):

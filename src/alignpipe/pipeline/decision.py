@@ -2,9 +2,10 @@
 tells the other nodes of a multi-node run, so that what a dry run reports is what the run does.
 
 A stage is skipped when its manifest says ``complete`` with the same config and input hashes and its published
-checkpoint is there, its files as they were published (unless ``--force``); with ``--resume`` an unfinished attempt
-of the same work continues from its newest intact trainer checkpoint (or its finished rounds), unless it would train
-on another global batch than the attempt it continues; anything else starts over.
+checkpoint and recorded results (the eval stage's leaderboard) are there, their files as they were published (unless
+``--force``); with ``--resume`` an unfinished attempt of the same work continues from its newest intact trainer
+checkpoint (or its finished rounds), unless it would train on another global batch than the attempt it continues;
+anything else starts over.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_ha
     run) it changes nothing, where the run sets a corrupt trainer checkpoint aside while looking for an intact one."""
     same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
     complete = manifest.get("status") == "complete"
-    # A stage that published a checkpoint is done only while that checkpoint is there, as it published it
+    # A stage that published a checkpoint or results is done only while they are there, as it published them
     changed = directory.published_problem(manifest) if same_work and complete and not forced else None
     published = changed is None
     if same_work and complete and published and not forced:

@@ -29,6 +29,9 @@ log = logging.getLogger("alignpipe")
 
 RUN_FILE = "run.json"  # the runner's record at the top of a run directory (recipe, overrides, hashes)
 CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
+# manifest key: {path relative to the run dir: content_hash} of the results a stage published without a checkpoint
+# (the eval stage's results.json, samples/ and the run's leaderboard), checked before the stage is skipped
+RESULTS = "results_sha256"
 ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (rounds/round-<r>/), kept for --resume
 # What a stage writes beside checkpoint/ as its result (reward: reward_eval.json; bon: bon.json, samples.jsonl; eval:
 # results.json, samples/). Read only while the manifest says complete; a stage that starts over deletes them first.
@@ -255,6 +258,12 @@ class StageDir:
         return read_manifest_file(self.manifest)[1]
 
     def published_problem(self, manifest: dict) -> str | None:
+        """Why what a complete stage published is not as its ``manifest`` recorded it (None when it is, or when it
+        recorded nothing): its checkpoint (``output_sha256``) or its results (``RESULTS``). Why the results: the
+        eval stage publishes no checkpoint, and skipped, it left the run's leaderboard deleted or edited."""
+        return self._checkpoint_published_problem(manifest) or results_problem(self.root.parent, manifest.get(RESULTS))
+
+    def _checkpoint_published_problem(self, manifest: dict) -> str | None:
         """Why the checkpoint a complete ``manifest`` records is not the one the stage published (None when it is,
         or when it recorded none): gone, or its files hash otherwise than ``output_sha256`` (a copy cut short, a
         disk error, an edit). Why: a skipped stage hands its recorded hash to the stages after it, so a changed
@@ -275,6 +284,12 @@ class StageDir:
             return (f"its checkpoint's files ({self.checkpoint}) changed since it completed (they hash to "
                     f"{found[:12]}, recorded {recorded[:12]})")
         return None
+
+    def record_results(self, paths: list[Path]) -> None:
+        """Record the content hash of each result file or folder in ``paths`` (under the run directory) once all are
+        written, for ``published_problem`` to check before the stage is skipped."""
+        run_dir = self.root.parent
+        self.update_manifest(**{RESULTS: {path.relative_to(run_dir).as_posix(): content_hash(path) for path in paths}})
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest, manifest)
@@ -460,6 +475,31 @@ def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
     problems = [f"{RUN_FILE}: its {key!r} is a {type(record[key]).__name__}, not the "
                 f"{_RUN_RECORD_TYPES[key].__name__} the runner writes (edited by hand?); left out" for key in wrong]
     return {key: value for key, value in record.items() if key not in wrong}, problems
+
+
+def results_problem(run_dir: Path, recorded: Any) -> str | None:
+    """Why the results a complete stage recorded (``RESULTS``) are not as it wrote them, naming each one missing or
+    hashing otherwise; None when all are as recorded, or none were. A stage recorded before results were (no
+    ``RESULTS``) is trusted, as a reward model recorded by its folder's hash is (``_is_reward_model``): its results
+    cannot be compared, and re-running every such eval stage once would sample again wherever its cache is gone."""
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict) or not all(isinstance(sha, str) for sha in recorded.values()):
+        return f"its record of its results ({RESULTS}) is not a mapping of file hashes (edited by hand?)"
+    changed = [problem for name, sha in sorted(recorded.items()) if (problem := _result_problem(run_dir, name, sha))]
+    return f"its results in {run_dir} changed since it completed: {', '.join(changed)}" if changed else None
+
+
+def _result_problem(run_dir: Path, name: str, recorded: str) -> str | None:
+    """What became of one recorded result ``name`` (relative to ``run_dir``); None when it hashes as recorded."""
+    path = run_dir / name
+    if not path.exists():
+        return f"{name} is missing"
+    try:
+        found = content_hash(path)
+    except OSError as error:
+        return f"{name} cannot be read ({error.strerror or error})"
+    return None if found == recorded else f"{name} hashes to {found[:12]} (recorded {recorded[:12]})"
 
 
 def checkpoint_records(manifest: dict) -> dict[str, str]:

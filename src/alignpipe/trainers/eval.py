@@ -43,6 +43,7 @@ log = logging.getLogger("alignpipe")
 SUITE = "synthetic"
 PRIMARY_METRIC = "gold_reward"
 RUN_RESULTS = (*LEADERBOARD_FILES, "report.html")  # what this stage writes at the run root
+STAGE_RESULTS = ("results.json", "samples")  # what it writes in its own directory
 
 
 def _checkpoint(ctx: StageContext, name: str, path: str) -> Checkpoint:
@@ -99,6 +100,16 @@ def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer,
     log.info("[%s] proxy reward: the %s stage's model", ctx.dir.name, name)
     scorer = ProxyScorer(ctx.inputs[name], weights, dtype=ctx.recipe.model.dtype, device=ctx.device, cache=cache)
     return scorer, {"proxy": {"stage": name, "sha256": weights}}
+
+
+def _checked_results(ctx: StageContext) -> list[Path]:
+    """The files the next run checks are as this stage wrote them before it skips it (``StageDir.published_problem``):
+    its results.json and samples/, and the run's leaderboard when this is the recipe's last eval stage. Why only the
+    last: an earlier one's leaderboard is replaced by the next's, so each would find the other's and both would re-run
+    on every run. Not report.html: ``alignpipe report`` rewrites it, and it may fail without failing the stage."""
+    last = [s.name for s in ctx.recipe.stages if s.type == "eval"][-1]
+    board = [ctx.run_dir / name for name in LEADERBOARD_FILES] if ctx.stage.name == last else []
+    return [path for path in (*(ctx.dir.root / name for name in STAGE_RESULTS), *board) if path.exists()]
 
 
 def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]] | None, dict]:
@@ -176,4 +187,6 @@ def run(ctx: StageContext) -> dict:
         log.info("[%s] report written to %s", ctx.dir.name, write_report(ctx.run_dir, writing_stage=ctx.dir.name))
     except Exception as error:  # noqa: BLE001
         log.warning("[%s] could not write report.html: %r", ctx.dir.name, error)
+    if ctx.is_main_process:
+        ctx.dir.record_results(_checked_results(ctx))
     return {r.name: r.metrics[PRIMARY_METRIC].value for r in results}

@@ -84,6 +84,40 @@ def test_whiten_from_moments_hand_values_with_and_without_the_mean():
     close(w, masked_whiten(x, mask, shift_mean=False), atol=1e-12)
 
 
+def test_the_global_batch_statistics_of_float32_data_far_from_zero_whiten_as_one_process_does():
+    """Float32 scores around 100 with spread 0.01 (a reward model's offset is arbitrary): the data-parallel path
+    (moments summed over ranks) must whiten as the one-process path does. Summed in float32, Σx²/n − mean² cancelled
+    away and the whitened values were off by about 2."""
+    generator = torch.Generator().manual_seed(0)
+    x = (100 + 0.01 * torch.randn(4, 64, generator=generator)).float()
+    mask = torch.ones_like(x)
+    mask[:, 50:] = 0
+    halves = masked_moments(x[:2], mask[:2]) + masked_moments(x[2:], mask[2:])  # two ranks' moments, all-reduced
+    assert halves.dtype == torch.float64
+    one_process = masked_whiten(x.double(), mask.double())
+    close(whiten_from_moments(x, mask, halves), one_process, atol=1e-3)
+
+
+def test_a_non_finite_value_in_a_padding_slot_never_reaches_a_real_token():
+    """inf * 0 is NaN: masking by multiplication let a padding slot's inf (an overflowed value, a k3 estimate of a
+    log-ratio below -88) turn every real token's advantage into NaN through GAE's backward pass."""
+    mask = t([1, 1, 0])
+    rewards, finite = t([0.0, 1.0, 0.0]), t([0.2, 0.5, 0.0])
+    expected = gae(rewards, finite, mask, 1.0, 0.95)
+    for bad in (math.inf, -math.inf, math.nan):
+        advantages, returns = gae(rewards, t([0.2, 0.5, bad]), mask, 1.0, 0.95)
+        close(advantages, expected[0], atol=0)
+        close(returns, expected[1], atol=0)
+        assert masked_mean(t([1.0, 3.0, bad]), mask).item() == 2.0
+        close(token_rewards(t(1.0), t([0.0, 0.0, bad]), mask), [[0.0, 1.0, 0.0]], atol=0)
+    kl = kl_penalty_rewards(t([-1.0, -1.0, -100.0]).float(), t([-1.0, -1.2, 0.0]).float(), mask.float(), 0.1,
+                            kind="k3")  # padding: expm1(100) overflows float32
+    assert torch.isfinite(kl).all() and kl[0, 2] == 0
+    advantages, _ = gae(token_rewards(torch.tensor([1.0]), kl, mask.float()), torch.zeros(1, 3), mask.float(), 1.0,
+                        0.95)
+    assert torch.isfinite(advantages).all()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # KL rewards and token rewards
 # --------------------------------------------------------------------------------------------------------------------

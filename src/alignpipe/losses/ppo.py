@@ -59,6 +59,12 @@ def _mask_as(mask: Tensor, x: Tensor, name: str = "mask") -> Tensor:
     return mask.to(dtype=x.dtype, device=x.device)
 
 
+def _masked(x: Tensor, m: Tensor) -> Tensor:
+    """``x * m``, but 0 wherever ``m`` is 0 even when ``x`` is inf or NaN there (inf * 0 is NaN): a value in a padding
+    slot (a huge k3 estimate, an overflowed value head) must not reach a real token through a sum or GAE's pass."""
+    return torch.where(m != 0, x * m, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
@@ -76,7 +82,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if bool((count == 0).any()):
         where = "" if dim is None else f" along dim {dim} (some rows are all padding)"
         raise ValueError(f"masked_mean over an empty mask{where}")
-    total = (x * m).sum() if dim is None else (x * m).sum(dim)
+    total = _masked(x, m).sum() if dim is None else _masked(x, m).sum(dim)
     return total / count
 
 
@@ -112,7 +118,7 @@ def masked_whiten(
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return _masked(out, m)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ def kl_penalty_rewards(
         k = 0.5 * log_ratio**2
     else:
         raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {list(KL_PENALTY_KINDS)}")
-    return -kl_coef * k * _mask_as(mask, k)
+    return _masked(-kl_coef * k, _mask_as(mask, k))
 
 
 def sequence_scores(reward: Tensor, truncated: Tensor, *, clip: float, missing_eos_penalty: float | None = None,
@@ -186,7 +192,7 @@ def token_rewards(scores: Tensor, kl_rewards: Tensor, mask: Tensor) -> Tensor:
     positions = torch.arange(kl_rewards.shape[1], device=kl_rewards.device)
     last = (positions * (m > 0)).amax(1)  # index of each row's last unmasked token
     onehot = (positions == last[:, None]).to(kl_rewards.dtype)
-    return (kl_rewards + onehot * scores.to(kl_rewards.dtype)[:, None]) * m
+    return _masked(kl_rewards + onehot * scores.to(kl_rewards.dtype)[:, None], m)
 
 
 def _check_contiguous(mask: Tensor) -> None:
@@ -218,8 +224,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     _check_contiguous(mask)
     values = values.detach()
     m = _mask_as(mask, values)
-    v = values * m
-    r = rewards.detach().to(values.dtype) * m
+    v = _masked(values, m)
+    r = _masked(rewards.detach().to(values.dtype), m)
     steps = r.shape[1]
     last = torch.zeros_like(v[:, 0])
     reversed_advantages = []
@@ -228,8 +234,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         delta = r[:, t] + gamma * next_v - v[:, t]
         last = delta + gamma * lam * last
         reversed_advantages.append(last)
-    advantages = torch.stack(reversed_advantages[::-1], dim=1) * m
-    return advantages, (advantages + v) * m
+    advantages = _masked(torch.stack(reversed_advantages[::-1], dim=1), m)
+    return advantages, _masked(advantages + v, m)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -446,9 +452,14 @@ def _check_state(state: dict[str, Any], kind: str, keys: set[str]) -> None:
 
 
 def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
-    """``[Σ x, Σ x², n]`` over the unmasked positions: additive, so ranks can sum them before whitening."""
-    m = _mask_as(mask, x)
-    return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).to(torch.float64)
+    """``[Σ x, Σ x², n]`` over the unmasked positions: additive, so ranks can sum them before whitening.
+
+    Summed in float64: the variance comes out as ``Σx²/n − mean²``, which in float32 cancels away for data whose mean
+    is large beside its spread (a reward model's arbitrary offset; at mean 100, std 0.01 the whitened values were off
+    by 2), where one process's two-pass ``masked_whiten`` is exact."""
+    x, m = x.to(torch.float64), _mask_as(mask, x).to(torch.float64)  # float64 before summing: see below
+    x = _masked(x, m)
+    return torch.stack([x.sum(), (x * x).sum(), m.sum()])
 
 
 def whiten_from_moments(x: Tensor, mask: Tensor, moments: Tensor, shift_mean: bool = True, unbiased: bool = True,
@@ -466,4 +477,4 @@ def whiten_from_moments(x: Tensor, mask: Tensor, moments: Tensor, shift_mean: bo
     out = (x - mean) / math.sqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return _masked(out, m)

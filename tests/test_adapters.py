@@ -218,6 +218,58 @@ def test_a_csv_row_with_another_field_count_than_the_header_is_refused_naming_it
     assert preference_pairs_for(spec, DataSpec(), 0).to_list() == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
 
 
+def test_a_csv_file_is_read_once_before_the_datasets_library_reads_it(tmp_path, monkeypatch):
+    """Its UTF-8 check and its header and field-count check share one pass over the file (a large file was read
+    twice before the datasets library read it a third time). The other open reads only the first bytes, for the
+    magic number of a compression the name does not give."""
+    from alignpipe.data import adapters
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nq,a,b\n")
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.extend([file] if Path(file) == path else [])
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(adapters, "open", counting_open, raising=False)  # the module's own opens, not pandas'
+    rows = adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
+    assert rows.to_list() == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    assert len(opened) == 2
+
+
+@pytest.mark.parametrize("bad_row_first", [True, False])
+def test_a_csv_file_with_a_byte_that_is_not_utf8_and_a_row_of_another_field_count_names_the_byte(tmp_path,
+                                                                                              bad_row_first):
+    """The byte is named wherever it is, before or after the row: the file must be re-saved as UTF-8 first."""
+    from alignpipe.data.preference import preference_pairs_for
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec
+
+    path = tmp_path / "pairs.csv"
+    lines = [b"q,a,b,EXTRA\n", b"caf\xe9,a,b\n"]
+    path.write_bytes(b"prompt,chosen,rejected\n" + b"".join(lines if bad_row_first else lines[::-1]))
+    with pytest.raises(DataError, match=rf"cannot read .*pairs.csv: line {3 if bad_row_first else 2} is not UTF-8 "
+                                        r"text \(byte 0xe9\); re-save the file as UTF-8"):
+        preference_pairs_for(PreferenceDataSpec(source="trl", path=str(path)), DataSpec(), 0)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_csv_row_of_another_field_count_past_the_first_mebibyte_is_named_by_its_line(tmp_path, newline):
+    """The file is read in 1 MiB chunks; a line end cut by a chunk's end (a "\\r\\n" split in two, a "\\r" that
+    might be one) is one line end all the same, so the row is named by the line the csv module counts."""
+    from alignpipe.data.adapters import load_rows
+
+    head, row, last = f'x,y{newline}"a{newline}b",c{newline}', f"a,b{newline}", f",b{newline}"  # a field of 2 lines
+    up_to_cut = (1 << 20) + len(newline) - 1  # the first chunk ends in the line end, or inside it
+    rows = (up_to_cut - len(head) - len(last)) // len(row) - 1
+    stretched = "a" * (up_to_cut - len(head) - len(last) - rows * len(row)) + last
+    path = tmp_path / "pairs.csv"
+    path.write_text(head + row * rows + stretched + f"d,e,f{newline}", newline="")
+    assert path.read_bytes()[:up_to_cut].endswith(newline.encode())
+    with pytest.raises(DataError, match=rf"pairs.csv line {rows + 5} has 3 fields and the header 2"):
+        load_rows(path, "train", what="dataset.path", expected="x/y columns")
+
+
 # ------------------------------------------------------------------------------------------------ UltraFeedback
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import lzma
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -156,10 +157,15 @@ def _load_file(path: Path, split: str, *, what: str, expected: str):
     empty = DataError(f"{what}: {path} is empty (no rows); expected a file with {expected}")
     if path.stat().st_size == 0:
         raise empty
-    if builder != "parquet" and (problem := _compressed_unnamed(path) or _non_utf8_line(path)):
-        # pyarrow may keep bad bytes until a row is read
-        raise DataError(f"{what}: cannot read {path}: {problem}; expected a {builder} file with {expected}")
-    options = _csv_as_text(path, what=what, expected=expected) if builder == "csv" else {}
+    try:  # before the datasets library: pyarrow may keep bad bytes until a row is read
+        if builder != "parquet" and (problem := _compressed_unnamed(path)):
+            raise _Unreadable(problem)
+        if builder == "json":
+            _check_utf8(path)
+        # a CSV file is checked as UTF-8 in the pass that reads its header and counts its fields: one pass, not two
+        options = _csv_as_text(path, what=what, expected=expected) if builder == "csv" else {}
+    except _Unreadable as problem:
+        raise DataError(f"{what}: cannot read {path}: {problem}; expected a {builder} file with {expected}") from None
     try:  # the file is the split; a slice of it ("train[:10%]") reads as it would from a Hub dataset
         return load_dataset(builder, data_files={split.partition("[")[0]: str(path)}, split=split, **options)
     except StopIteration:  # datasets' JSON builder on a file it finds no rows in
@@ -179,30 +185,57 @@ def _csv_as_text(path: Path, *, what: str, expected: str) -> dict[str, Any]:
     Why: a CSV cell has no type. pandas would guess one per column, so answers that are all digits became numbers
     (refused as non-text), an empty reply became null (refusing the file, where the same empty reply in JSON lines is
     skipped and counted), and a cell reading "NA" or "null" vanished. Numeric fields (``preference``) parse their
-    text where they are read."""
+    text where they are read.
+
+    The one pass that reads the header also checks every byte is UTF-8 (:class:`_Unreadable`, named before any
+    problem with the rows, wherever it is) and every row's field count (:func:`_csv_header`)."""
     from datasets import Features, Value
 
-    stream = _open_raw(path)
-    if stream is None:  # .zst: only the datasets library reads it; it guesses types as before
+    if path.suffix.lower() == ".zst":  # only the datasets library reads it; it guesses types as before
         return {}
-    with io.TextIOWrapper(stream, encoding="utf-8-sig", newline="") as text:
-        records = csv.reader(text)
-        header = next(records, [])
-        if not header:
-            raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
-                            f"columns, with {expected}")
-        # pandas would take a first extra field as the row's index and shift every column left, silently
-        for record in records:
-            if record and len(record) != len(header):
-                raise DataError(f"{what}: {path} line {records.line_num} has {len(record)} fields and the header "
-                                f"{len(header)} ({header}); quote fields that hold commas, and give every row one "
-                                "field per column")
+    text = _utf8_text(path)
+    try:
+        header = _csv_header(_lines(text), path, what=what, expected=expected)
+    except (DataError, csv.Error):
+        for _ in text:  # a byte that is not UTF-8, wherever it is, is named first (it is what to fix first)
+            pass
+        raise
     header = [name or f"Unnamed: {i}" for i, name in enumerate(header)]  # pandas' name for a blank header cell
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise DataError(f"{what}: {path}'s header names column {repeated[0]!r} more than once ({header}); give each "
                         f"column its own name, with {expected}")
     return {"features": Features({name: Value("string") for name in header}), "na_filter": False}
+
+
+def _csv_header(lines: Iterable[str], path: Path, *, what: str, expected: str) -> list[str]:
+    """The header of a CSV file given as its lines; a DataError for a file with none, or for the first row whose
+    field count is not the header's. Why: pandas would take a first extra field as the row's index and shift every
+    column left, silently."""
+    records = csv.reader(lines)
+    header = next(records, [])
+    if not header:
+        raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
+                        f"columns, with {expected}")
+    for record in records:
+        if record and len(record) != len(header):
+            raise DataError(f"{what}: {path} line {records.line_num} has {len(record)} fields and the header "
+                            f"{len(header)} ({header}); quote fields that hold commas, and give every row one "
+                            "field per column")
+    return header
+
+
+def _lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of a text given in chunks, as a file opened with ``encoding="utf-8-sig", newline=""`` gives them
+    (a leading byte-order mark dropped; each line ends in "\\n", "\\r\\n" or "\\r", kept), so the CSV reader counts
+    lines as it does on such a file."""
+    rest = None  # None: the start of the text, where a byte-order mark is dropped
+    for chunk in chunks:
+        lines = io.StringIO(chunk.removeprefix("\ufeff") if rest is None else rest + chunk, newline="").readlines()
+        rest = lines.pop() if lines and not lines[-1].endswith("\n") else ""  # a "\r" may end in the next chunk
+        yield from lines
+    if rest:
+        yield rest
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -255,36 +288,50 @@ def _wide_encoding(head: bytes) -> str | None:
     return next((encoding for bom, encoding in WIDE_BOMS if head.startswith(bom)), None)
 
 
-def _non_utf8_line(path: Path) -> str | None:
-    """The first line that is not UTF-8, read in chunks (files may be large), with the fix; None if all is UTF-8."""
+class _Unreadable(Exception):
+    """Why a file cannot be read as UTF-8 text, with the fix; the caller makes it a DataError naming the file."""
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise :class:`_Unreadable` naming the first line that is not UTF-8; return if all of the file is."""
+    for _ in _utf8_text(path):
+        pass
+
+
+def _utf8_text(path: Path) -> Iterator[str]:
+    """The file's text, decoded in chunks (files may be large); :class:`_Unreadable` with the first line that is not
+    UTF-8, and the fix, when it comes to one. Nothing for a .zst file (only the datasets library reads it)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
     try:
         stream = _open_raw(path)
         if stream is None:
-            return None
+            return
         with stream:
             chunk = stream.read(1 << 20)
             if encoding := _wide_encoding(chunk):
-                return (f"it is {encoding.upper()} text (it starts with that encoding's byte-order mark), not UTF-8; "
-                        f"re-save it as UTF-8 (e.g. iconv -f {encoding} -t utf-8 {path.name} > new-{path.name})")
+                raise _Unreadable(f"it is {encoding.upper()} text (it starts with that encoding's byte-order mark), "
+                                  f"not UTF-8; re-save it as UTF-8 (e.g. iconv -f {encoding} -t utf-8 {path.name} > "
+                                  f"new-{path.name})")
             while chunk:
                 try:
-                    decoder.decode(chunk)
+                    text = decoder.decode(chunk)
                 except UnicodeDecodeError as error:
                     line += chunk.count(b"\n", 0, max(error.start, 0))
                     byte = error.object[error.start] if error.start < len(error.object) else None
                     shown = f"byte 0x{byte:02x}" if byte is not None else "a cut-off character"
-                    return (f"line {line} is not UTF-8 text ({shown}); re-save the file as UTF-8 "
-                            "(e.g. iconv -f latin1 -t utf-8)")
+                    raise _Unreadable(f"line {line} is not UTF-8 text ({shown}); re-save the file as UTF-8 "
+                                      "(e.g. iconv -f latin1 -t utf-8)") from None
                 line += chunk.count(b"\n")
+                yield text
                 chunk = stream.read(1 << 20)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        return f"the file ends in the middle of a UTF-8 character (line {line}); re-save the file as UTF-8"
+        raise _Unreadable(f"the file ends in the middle of a UTF-8 character (line {line}); re-save the file "
+                          "as UTF-8") from None
     except (OSError, EOFError, lzma.LZMAError) as error:
-        return f"cannot decompress it ({error}); re-create the archive or give the uncompressed file"
-    return None
+        raise _Unreadable(f"cannot decompress it ({error}); re-create the archive or give the uncompressed "
+                          "file") from None
 
 
 def _first_bad_json(path: Path) -> str | None:

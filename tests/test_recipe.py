@@ -483,6 +483,51 @@ def test_only_true_and_false_are_booleans_and_dates_stay_text(tmp_path: Path) ->
         assert f"got {text!r}" in message and "only true and false" not in message
 
 
+def test_an_explicit_tag_reads_what_a_plain_scalar_of_its_kind_reads(tmp_path: Path) -> None:
+    """seed: !!bool maybe was a KeyError traceback, !!int x and !!float x a ValueError, !!timestamp x an AttributeError
+    and a 5000-digit number a ValueError; and a tag read YAML 1.1's way what a plain scalar is refused as (!!int 010
+    as 8, !!bool yes as true) or dropped the text (!!null x). A tag takes what a plain scalar of its kind is read from
+    (!!float takes any decimal number), anything else is a YAML error at its line and column, and, dates being text
+    here, !!timestamp is refused."""
+    read = parse_strict_yaml("[!!int -1_000, !!float 1e3, !!float 1, !!float -.inf, !!bool True, !!null ~, !!null '',"
+                             " !!str 010, !!str 2024-01-31, !!int '7']")
+    assert read == [-1000, 1000.0, 1.0, float("-inf"), True, None, None, "010", "2024-01-31", 7]
+    decimal = "; write it in decimal, with no leading 0 (10, -3, 1_000), or drop the tag to keep the text"
+    for text, problem in (("!!bool maybe", "!!bool needs true or false, got 'maybe'"),
+                          ("!!bool yes", "!!bool needs true or false, got 'yes'; write true or false (yes, no, on and "
+                           "off are text here)"),
+                          ("!!int x", "!!int needs a decimal integer, got 'x'" + decimal),
+                          ("!!int 010", "!!int needs a decimal integer, got '010'" + decimal),
+                          ("!!int 0x1F", "!!int needs a decimal integer, got '0x1F'"),
+                          ("!!int 1:30", "!!int needs a decimal integer, got '1:30'"),
+                          ("!!int 1e3", "!!int needs a decimal integer, got '1e3'"),
+                          ('!!int "1\\n"', "!!int needs a decimal integer, got '1\\n'"),
+                          ("!!float x", "!!float needs a decimal number, got 'x'; write it in decimal (1.5, -2, 1e-3, "
+                           ".inf, .nan), or drop the tag to keep the text"),
+                          ("!!float 0x1F", "!!float needs a decimal number, got '0x1F'"),
+                          ("!!float", "!!float needs a decimal number, got ''"),
+                          ("!!null x", "!!null needs null, ~ or nothing, got 'x'; drop the tag to keep the text"),
+                          ("!!timestamp x", "!!timestamp is not read here (dates are text); drop the tag to keep 'x' "
+                           "as text"),
+                          ("!!timestamp 2024-01-31", "!!timestamp is not read here (dates are text)"),
+                          ("1" * 5000, "an integer of 5000 characters is too long to read as a number; quote it"),
+                          ("!!binary é", "failed to convert base64 data"),
+                          ("!!set [a]", "expected a mapping node, but found sequence"),
+                          ("!!seq x", "expected a sequence node, but found scalar"),
+                          ("!!map x", "expected a mapping node, but found scalar"),
+                          ("!!str [a]", "expected a scalar node, but found sequence"),
+                          ("!!omap x", "expected a sequence, but found scalar"),
+                          ("!!pairs x", "expected a sequence, but found scalar")):
+        with pytest.raises(yaml.YAMLError) as info:
+            parse_strict_yaml(f"a: 1\nk: {text}\n")
+        assert problem in str(info.value) and "line 2, column 4" in str(info.value), text
+    for text in ("!!omap [a]", "!!omap [{a: 1, b: 2}]", "!!pairs [a]"):
+        with pytest.raises(yaml.YAMLError):
+            parse_strict_yaml(f"k: {text}\n")
+    path = write(tmp_path / "tagged.yaml", GOOD.replace("seed: 3", "seed: !!bool maybe"))
+    assert f"{path} line 2, column 7: YAML syntax error: !!bool needs true or false, got 'maybe'" in error_for(path)
+
+
 def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:
     """SafeDumper wrote text that looks like a number to this loader but not to YAML 1.1 (1.5e5) plain, so
     ``validate --print`` gave a recipe that read back with a number in a text field. Text is now quoted wherever

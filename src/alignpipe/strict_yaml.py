@@ -150,8 +150,12 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 #   named "no" or "on" became false or true.
 # - No dates: YAML 1.1 read 2024-01-31 as a date, which no recipe field holds; it is text.
 # - "=" and "<<" as values are text (YAML 1.1 gave them tags that SafeLoader cannot build); a plain << key merges.
+# - An explicit tag reads no more than a plain scalar of its kind would: !!int 010 or 0x1F, !!bool yes and !!null x
+#   are refused, not read YAML 1.1's way (8, 31, true) or dropped (x), and !!float takes any decimal number (1e3,
+#   1). !!timestamp is refused: dates are text here, and the tag asks for something no field holds.
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _BOOL_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp"
+_NULL_TAG = "tag:yaml.org,2002:null"
 _VALUE_TAG = "tag:yaml.org,2002:value"  # YAML 1.1's "=", which SafeLoader cannot build as a value
 _DIGITS = r"[0-9](?:_?[0-9])*"
 _DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
@@ -167,6 +171,60 @@ _StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789")
 _StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
 _StrictLoader.add_implicit_resolver(_BOOL_TAG, _TRUE_OR_FALSE, list("tTfF"))
 _StrictLoader.add_constructor(_MERGE_TAG, yaml.constructor.SafeConstructor.construct_yaml_str)  # << as a value: text
+_NULL = re.compile(r"~|null|Null|NULL|")
+_DECIMAL_NUMBER = re.compile(f"{_DECIMAL_INT.pattern}|{_DECIMAL_FLOAT.pattern}")  # what !!float reads: 1 too
+
+
+def _scalar_text(loader: _StrictLoader, node: yaml.Node, form: re.Pattern[str], needs: str, fix: str) -> str:
+    """A scalar's text, refused unless all of it has ``form``: what a plain scalar of its tag's kind is read from.
+    Plain scalars were resolved by the same forms; this catches text a tag was put on explicitly (!!int x), which
+    SafeLoader read YAML 1.1's way (!!int 010 as 8) or failed on with a KeyError or ValueError."""
+    text = loader.construct_scalar(node)
+    if not form.fullmatch(text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"!!{node.tag.rsplit(':', 1)[-1]} needs {needs}, got {text!r}; {fix}", node.start_mark)
+    return text
+
+
+def _construct_null(loader: _StrictLoader, node: yaml.Node) -> None:
+    _scalar_text(loader, node, _NULL, "null, ~ or nothing", "drop the tag to keep the text")
+
+
+def _construct_bool(loader: _StrictLoader, node: yaml.Node) -> bool:
+    fix = "write true or false (yes, no, on and off are text here)"
+    return _scalar_text(loader, node, _TRUE_OR_FALSE, "true or false", fix).lower() == "true"
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.Node) -> int:
+    fix = "write it in decimal, with no leading 0 (10, -3, 1_000), or drop the tag to keep the text"
+    text = _scalar_text(loader, node, _DECIMAL_INT, "a decimal integer", fix)
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits), a ValueError traceback
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(text)} characters is too long to read as a number; quote it to keep it "
+            "as text", node.start_mark) from None
+
+
+def _construct_float(loader: _StrictLoader, node: yaml.Node) -> float:
+    fix = "write it in decimal (1.5, -2, 1e-3, .inf, .nan), or drop the tag to keep the text"
+    _scalar_text(loader, node, _DECIMAL_NUMBER, "a decimal number", fix)
+    return yaml.constructor.SafeConstructor.construct_yaml_float(loader, node)
+
+
+def _construct_timestamp(loader: _StrictLoader, node: yaml.Node) -> None:
+    """Refused, not read as text: the tag asks for a date, which nothing read from these files holds."""
+    text = loader.construct_scalar(node)
+    raise yaml.constructor.ConstructorError(
+        None, None, f"!!timestamp is not read here (dates are text); drop the tag to keep {text!r} as text",
+        node.start_mark)
+
+
+_StrictLoader.add_constructor(_NULL_TAG, _construct_null)
+_StrictLoader.add_constructor(_BOOL_TAG, _construct_bool)
+_StrictLoader.add_constructor(_INT_TAG, _construct_int)
+_StrictLoader.add_constructor(_FLOAT_TAG, _construct_float)
+_StrictLoader.add_constructor(_TIMESTAMP_TAG, _construct_timestamp)
 
 
 def parse_strict_yaml(text: str) -> Any:

@@ -283,13 +283,40 @@ def test_keys_that_read_as_one_key_are_duplicates(tmp_path: Path) -> None:
             parse_strict_yaml(text)
         assert problem in str(info.value), text
     assert parse_strict_yaml("{'1': a, 1: b, 1.5: c}") == {"1": "a", 1: "b", 1.5: "c"}
-    merged = parse_strict_yaml("a: &a {1: x, 2: y}\nb: {<<: *a, true: w}\nc: {<<: [{1: x}, {true: y}]}\n")
-    assert (merged["b"], merged["c"]) == ({1: "w", 2: "y"}, {True: "x"})  # own keys win; the earlier source wins
+    merged = parse_strict_yaml("a: &a {1: x, 2: y}\nb: {<<: *a, +1: w}\nc: {<<: [{1: x}, {+1: y}]}\n")
+    assert (merged["b"], merged["c"]) == ({1: "w", 2: "y"}, {1: "x"})  # own keys win; the earlier source wins
     path = write(tmp_path / "keys.yaml", GOOD + "x-anchors:\n  ports:\n    8080: a\n    +8080: b\n")
     assert (f"{path} line 24, column 5: YAML syntax error: duplicate key +8080 (first set on line 23 as 8080, which "
             "reads as the same key)") in error_for(path)
     listed = write(tmp_path / "listed.yaml", GOOD + "x-anchors:\n  [a, b]: 1\n")
     assert f"{listed} line 22, column 3: YAML syntax error: a list cannot be a key" in error_for(listed)
+
+
+def test_merged_keys_that_read_as_one_key_are_refused(tmp_path: Path) -> None:
+    """A merged key and another that YAML holds apart but Python as one (1 and true, 1 and 1.0) were left to the
+    mapping's build, which kept the key of one and the value of the other: {<<: {1: a}, true: b} read as {1: 'b'} and
+    <<: [{1: x}, {true: y}] as {True: 'x'}. They are refused, naming both keys and where each comes from; keys that
+    are one YAML key (1 and +1, ~ and null, text written twice) still follow the merge rules without a word."""
+    for text, problem in (
+            ("{<<: {1: a}, true: b}", "keys true (line 1) and 1 (line 1, merged by the << on line 1) read as the same "
+             "key, so one value would be lost; change one of them or quote it (a quoted key is text)"),
+            ("{<<: [{1: x}, {true: y}]}", "keys 1 (line 1, merged by the << on line 1) and true (line 1, merged by "
+             "the << on line 1) read as the same key"),
+            ("a: &a {1: x}\nb: &b {0: y, 1.0: z}\nc:\n  k: 1\n  <<: [*b, *a]\n",
+             "keys 1.0 (line 2, merged by the << on line 5) and 1 (line 1, merged by the << on line 5) read as the "
+             "same key"),
+            ("a: &a {1: x, 2: y}\nb: &b {<<: *a, false: n}\nc: {<<: *b, 0: w}\n",
+             "keys 0 (line 3) and false (line 2, merged by the << on line 3) read as the same key")):
+        with pytest.raises(yaml.YAMLError) as info:
+            parse_strict_yaml(text)
+        assert problem in str(info.value), text
+    same = parse_strict_yaml("a: &a {1: x, ~: n, r: 8}\nb: &b {+1: y, null: m, r: 2}\n"
+                             "c: {<<: [*a, *b], r: 4}\nd: {<<: [*b, *a], 1: z}\n")
+    assert (same["c"], same["d"]) == ({1: "x", None: "n", "r": 4}, {1: "z", None: "m", "r": 2})
+    path = write(tmp_path / "clash.yaml", GOOD + "x-anchors:\n  base: &base {1: a}\n  port:\n    <<: *base\n"
+                 "    true: b\n")
+    assert (f"{path} line 25, column 5: YAML syntax error: keys true (line 25) and 1 (line 22, merged by the << on "
+            "line 24) read as the same key") in error_for(path)
 
 
 def test_merge_keys_read_alike_on_every_pyyaml(tmp_path: Path) -> None:

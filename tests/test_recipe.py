@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from alignpipe.recipe import (
     STAGE_TYPES,
@@ -22,6 +22,7 @@ from alignpipe.recipe import (
     RLOOStage,
     SFTStage,
     TinyModelSpec,
+    _alternatives,
     _OptimizerStage,
     _TrainingStage,
     load_recipe,
@@ -553,6 +554,27 @@ def test_an_explicit_tag_reads_what_a_plain_scalar_of_its_kind_reads(tmp_path: P
             parse_strict_yaml(f"k: {text}\n")
     path = write(tmp_path / "tagged.yaml", GOOD.replace("seed: 3", "seed: !!bool maybe"))
     assert f"{path} line 2, column 7: YAML syntax error: !!bool needs true or false, got 'maybe'" in error_for(path)
+
+
+def test_a_union_with_true_or_false_gets_the_true_false_hint(tmp_path: Path) -> None:
+    """A field that takes true/false or another type fails once per member, and the message joining them
+    (``_alternatives``) added only the number hint: yes got no word on why it is not true. A true/false-or-null field
+    (bf16) is one check in pydantic and had the hint already."""
+    class Flag(BaseModel):
+        model_config = {"strict": True}
+        flag: bool | int
+
+    with pytest.raises(ValidationError) as info:
+        Flag(flag="yes")
+    assert _alternatives(info.value.errors()) == ("expected true or false or an integer, got 'yes': only true and "
+                                                  "false are booleans here (yes is text, as in YAML 1.2); write true "
+                                                  "or false")
+    with pytest.raises(ValidationError) as info:
+        Flag(flag="010")
+    assert _alternatives(info.value.errors()).endswith("got '010': numbers are read in decimal only (YAML 1.1 reads "
+                                                       "it as 8); write the decimal number")
+    message = error_for(write(tmp_path / "good.yaml", GOOD), ("stages.sft.bf16=yes",))
+    assert "stages.sft.bf16: expected true or false, got 'yes': only true and false are booleans here" in message
 
 
 def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:

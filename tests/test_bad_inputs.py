@@ -1,4 +1,4 @@
-"""The bad-input corpus (``tests/bad_inputs/``) and fuzzing of recipe overrides and dataset rows.
+"""The bad-input corpus (``tests/bad_inputs/``) and fuzzing of recipe overrides, tagged YAML scalars and dataset rows.
 
 Every case goes through the real entry path (``load_recipe`` with overrides, then ``Runner.run()`` in-process) and
 must fail with one of our error types, before anything is trained or written: no ``runs/<name>/`` is left behind.
@@ -46,6 +46,7 @@ from alignpipe.recipe import (
     RecipeError,
     load_recipe,
 )
+from alignpipe.strict_yaml import parse_strict_yaml
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(CORPUS.glob("*/*.yaml"))
@@ -218,6 +219,29 @@ def test_fuzzed_overrides_load_or_name_the_key(fuzz_recipe_path: Path, overrides
         message = str(error)
         assert any(_names_a_key(message, o) for o in overrides), f"{overrides} -> {message}"
         assert all(line.startswith("  - ") for line in message.splitlines()[1:]), message  # one line per problem
+
+
+# ----------------------------------------------------------------------------- fuzzing tagged YAML scalars
+
+# every tag SafeLoader builds, the merge tag, and ones it cannot; text near what each tag reads, and any text
+_TAGS = ["!!null", "!!bool", "!!int", "!!float", "!!binary", "!!timestamp", "!!omap", "!!pairs", "!!set", "!!str",
+         "!!seq", "!!map", "!!merge", "!!value", "!"]
+_tagged = st.one_of(st.text(max_size=12), st.lists(st.sampled_from(
+    ["0", "1", "9", "x", "e", "_", "+", "-", ".", ":", "~", "yes", "true", "null", "inf", "2024-01-31", "T1:2", "[",
+     "]", "{", "}", ",", " ", "a: 1", "'", "<<", "*a", "&b", "!!int", "=", "é"]), max_size=6).map("".join))
+
+
+@settings(max_examples=150, deadline=None)
+@given(tag=st.sampled_from(_TAGS), text=_tagged,
+       place=st.sampled_from(["k: {} {}\n", "{{{} {}: 1}}", "- {} {}\n", "a: &a {{x: 1}}\nk: {} {}\n"]))
+def test_fuzzed_tagged_scalars_read_or_are_a_yaml_error(tag: str, text: str, place: str) -> None:
+    """A tag on text it cannot read (!!bool maybe, !!int x, !!timestamp x) was a KeyError, ValueError or
+    AttributeError traceback from loading a recipe; every problem a file has must be a YAML error, which the recipe
+    loader reports with its line."""
+    try:
+        parse_strict_yaml(place.format(tag, text))
+    except yaml.YAMLError:
+        pass
 
 
 # ----------------------------------------------------------------------------- fuzzing dataset rows

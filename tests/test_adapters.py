@@ -1,5 +1,6 @@
 """Tests for alignpipe.data.adapters on the real files in ../shared/data and on small local files."""
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -268,6 +269,21 @@ def test_a_csv_row_of_another_field_count_past_the_first_mebibyte_is_named_by_it
     assert path.read_bytes()[:up_to_cut].endswith(newline.encode())
     with pytest.raises(DataError, match=rf"pairs.csv line {rows + 5} has 3 fields and the header 2"):
         load_rows(path, "train", what="dataset.path", expected="x/y columns")
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path, monkeypatch):
+    """A 200,000-character reply is a valid cell (the datasets library reads it), past the csv module's default
+    field limit of 131,072: the check lifts the limit while it reads, and a csv error it still meets names the line.
+    A cell longer than a read chunk (1 MiB) that spans lines is one line all the same."""
+    import alignpipe.data.adapters as adapters
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nq," + "a" * 200_000 + f',b\nr,"{"c" * (3 << 20)}\nd",e\n')
+    rows = adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
+    assert [len(row["chosen"]) for row in rows] == [200_000, (3 << 20) + 2]
+    monkeypatch.setattr(adapters, "_csv_fields_of_any_size", contextlib.nullcontext)  # the csv module's own limit
+    with pytest.raises(DataError, match=r"pairs.csv line 2 is not CSV \(field larger than field limit"):
+        adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
 
 
 # ------------------------------------------------------------------------------------------------ UltraFeedback

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -196,7 +197,7 @@ def _csv_as_text(path: Path, *, what: str, expected: str) -> dict[str, Any]:
     text = _utf8_text(path)
     try:
         header = _csv_header(_lines(text), path, what=what, expected=expected)
-    except (DataError, csv.Error):
+    except DataError:
         for _ in text:  # a byte that is not UTF-8, wherever it is, is named first (it is what to fix first)
             pass
         raise
@@ -213,29 +214,52 @@ def _csv_header(lines: Iterable[str], path: Path, *, what: str, expected: str) -
     field count is not the header's. Why: pandas would take a first extra field as the row's index and shift every
     column left, silently."""
     records = csv.reader(lines)
-    header = next(records, [])
-    if not header:
-        raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
-                        f"columns, with {expected}")
-    for record in records:
-        if record and len(record) != len(header):
-            raise DataError(f"{what}: {path} line {records.line_num} has {len(record)} fields and the header "
-                            f"{len(header)} ({header}); quote fields that hold commas, and give every row one "
-                            "field per column")
+    with _csv_fields_of_any_size():
+        try:
+            header = next(records, [])
+            if not header:
+                raise DataError(f"{what}: {path} has no header line; expected a .csv file whose first line names its "
+                                f"columns, with {expected}")
+            for record in records:
+                if record and len(record) != len(header):
+                    raise DataError(f"{what}: {path} line {records.line_num} has {len(record)} fields and the header "
+                                    f"{len(header)} ({header}); quote fields that hold commas, and give every row one "
+                                    "field per column")
+        except csv.Error as error:
+            raise DataError(f"{what}: {path} line {records.line_num} is not CSV ({error}); expected a .csv file "
+                            f"with {expected}") from None
     return header
+
+
+@contextlib.contextmanager
+def _csv_fields_of_any_size() -> Iterator[None]:
+    """Lift the csv module's field size limit (128 KiB) while the check reads: a reply that long is a valid cell,
+    which the datasets library reads whole, so the check must not refuse it."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the largest every platform's C long holds
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _lines(chunks: Iterable[str]) -> Iterator[str]:
     """The lines of a text given in chunks, as a file opened with ``encoding="utf-8-sig", newline=""`` gives them
     (a leading byte-order mark dropped; each line ends in "\\n", "\\r\\n" or "\\r", kept), so the CSV reader counts
     lines as it does on such a file."""
-    rest = None  # None: the start of the text, where a byte-order mark is dropped
+    unfinished: list[str] | None = None  # the line the last chunk ended in, in pieces; None: the text's start
     for chunk in chunks:
-        lines = io.StringIO(chunk.removeprefix("\ufeff") if rest is None else rest + chunk, newline="").readlines()
-        rest = lines.pop() if lines and not lines[-1].endswith("\n") else ""  # a "\r" may end in the next chunk
+        if unfinished is None:
+            chunk, unfinished = chunk.removeprefix("\ufeff"), []
+        ends_pending = bool(unfinished) and unfinished[-1].endswith("\r")  # "\r" then this chunk: one end or two
+        if "\n" not in chunk and "\r" not in chunk and not ends_pending:  # a line longer than a chunk: joined once
+            unfinished.append(chunk)
+            continue
+        lines = io.StringIO("".join(unfinished) + chunk, newline="").readlines()
+        unfinished = [lines.pop()] if lines and not lines[-1].endswith("\n") else []  # "\r" may end in the next
         yield from lines
-    if rest:
-        yield rest
+    if unfinished and (last := "".join(unfinished)):
+        yield last
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:

@@ -611,6 +611,31 @@ def test_logging_saving_and_long_prompts_settings_do_not_rerun_a_complete_stage(
     assert run(save_steps=3, learning_rate=1e-3)[0]["sft"].action == "ran"
 
 
+def test_a_setting_added_since_is_hashed_only_when_it_changes_what_the_stage_does(tmp_path):
+    """grpo and rloo gained missing_eos_penalty, whose default (null) trains as they did before: at it, the stage's
+    hashed settings are those it had before the field existed, so an upgrade re-runs nothing; set, it is hashed.
+    Each such entry names a field of its stage type at that field's default, so a misspelt one cannot pass."""
+    from alignpipe.pipeline.runner import HASHED_UNLESS_AS_BEFORE, NOT_HASHED
+    from alignpipe.recipe import GRPOStage, PPOStage, RLOOStage
+
+    fast = {"inputs": ["sft"], "reward": {"source": "gold"}}
+    stages = [TINY_RECIPE["stages"][0], {"name": "grpo", "type": "grpo", **fast}, {"name": "rloo", "type": "rloo",
+              **fast}, {"name": "ppo", "type": "ppo", **fast, "missing_eos_penalty": None}]
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": stages}))
+    runner = Runner(recipe, runs_dir=tmp_path / "runs", in_process=True)
+    for name in ("grpo", "rloo"):
+        stage = recipe.stage(name)
+        before = stage.model_dump(mode="json", exclude={*NOT_HASHED, "missing_eos_penalty"})
+        assert runner._hashed_stage(stage) == before
+        assert runner._hashed_stage(stage.model_copy(update={"missing_eos_penalty": 0.5})) == \
+            {**before, "missing_eos_penalty": 0.5}
+    assert runner._hashed_stage(recipe.stage("ppo"))["missing_eos_penalty"] is None  # ppo always had it: hashed
+    classes = {"grpo": GRPOStage, "rloo": RLOOStage, "ppo": PPOStage}
+    for kind, settings in HASHED_UNLESS_AS_BEFORE.items():
+        for key, value in settings.items():
+            assert classes[kind].model_fields[key].default == value, (kind, key)
+
+
 def test_logging_and_saving_settings_leave_every_training_loops_output_unchanged(tmp_path):
     """What lets ``LOGGING_AND_SAVING`` out of the config hash: each training loop's checkpoint is the same bit for
     bit whatever they are (TRL's SFT, DPO and GRPO trainers, the reward ensemble's loop, OSP's rounds, PPO's)."""

@@ -97,6 +97,12 @@ BASE = "base"
 LOGGING_AND_SAVING = ("logging_steps", "save_steps", "save_total_limit")
 # settings left out of the config hash: when a stage logs and saves, and whether a run with over-long prompts starts
 NOT_HASHED = frozenset({*LOGGING_AND_SAVING, "long_prompts"})
+# Settings added to a stage type after runs of it were recorded, at the value that does what the stage did before:
+# left out of the hash there, so an upgrade does not re-run those stages (and everything after them) for nothing.
+HASHED_UNLESS_AS_BEFORE: dict[str, dict[str, object]] = {
+    "grpo": {"missing_eos_penalty": None},
+    "rloo": {"missing_eos_penalty": None},
+}
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)
 BACKBONE = "backbone.path"  # input_hashes key of a reward stage's backbone: a local directory's, a hub id's commit
 MODEL = "model.path"  # input_hashes key of the recipe's model when it is a local directory
@@ -534,10 +540,14 @@ class Runner:
 
     def _hashed_stage(self, stage, logging_and_saving: dict | None = None) -> dict:
         """A stage's settings as its config hash sees them: without ``LOGGING_AND_SAVING`` (unless given, as an older
-        hash had them) or ``long_prompts`` (it only decides whether the run starts), and a hub backbone or dataset by
+        hash had them), ``long_prompts`` (it only decides whether the run starts) or a setting added since at the
+        value that does what the stage did before (``HASHED_UNLESS_AS_BEFORE``), and a hub backbone or dataset by
         its repo id, whose commit is the BACKBONE or DATASET input hash instead (so ``ORG/NAME``, ``ORG/NAME@main``
         and ``ORG/NAME@<its commit>`` are one model)."""
         dumped = stage.model_dump(mode="json", exclude=set(NOT_HASHED))
+        for key, before in HASHED_UNLESS_AS_BEFORE.get(stage.type, {}).items():
+            if dumped.get(key, before) == before:
+                dumped.pop(key, None)
         if (snapshot := self._hub_backbone(stage)) is not None:
             dumped["backbone"] = snapshot.repo_id
         if self._hub_dataset(stage) is not None:  # likewise ORG/NAME@REVISION: its commit is the DATASET input hash

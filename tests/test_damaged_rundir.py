@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 from alignpipe.pipeline.decision import decide_stage
-from alignpipe.pipeline.rundir import CHECKPOINTS, RESULTS, StageDir
+from alignpipe.pipeline.rundir import CHECKPOINTS, RESULTS, RUN_ROOT_RESULTS, StageDir
 
 
 def _copy_of(completed_tiny_run, tmp_path):
@@ -316,7 +316,7 @@ def test_a_directory_where_leaderboard_md_goes_reruns_the_eval_stage_into_a_clea
     _as_directory(board)
     evaluation = StageDir(runs / "tiny" / "eval")
     recorded = evaluation.read_manifest()
-    evaluation.write_manifest({key: value for key, value in recorded.items() if key != RESULTS})
+    evaluation.write_manifest({key: value for key, value in recorded.items() if key not in (RESULTS, RUN_ROOT_RESULTS)})
     assert main(["run", str(recipe_path), "--runs-dir", str(runs), "--in-process"]) == 0
     assert "skipped" in capsys.readouterr().out
 
@@ -390,40 +390,95 @@ def test_a_deleted_or_edited_leaderboard_reruns_the_eval_stage_which_restores_it
 
 
 def test_an_untouched_run_skips_its_eval_stage_whose_results_are_recorded(tmp_path, completed_tiny_run):
-    """The eval stage records the hash of its results and the run's leaderboard (not report.html, which
+    """The eval stage records the hash of its results and, apart, of the run's leaderboard (not report.html, which
     ``alignpipe report`` rewrites): as they were, and with the report written again, it is skipped."""
     from alignpipe.evaluation.report import write_report
 
     recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
-    recorded = StageDir(runs / "tiny" / "eval").read_manifest()[RESULTS]
-    assert set(recorded) == {"eval/results.json", "eval/samples", "leaderboard.json", "leaderboard.csv",
-                             "leaderboard.md"}
+    recorded = StageDir(runs / "tiny" / "eval").read_manifest()
+    assert set(recorded[RESULTS]) == {"eval/results.json", "eval/samples"}
+    assert set(recorded[RUN_ROOT_RESULTS]) == {"leaderboard.json", "leaderboard.csv", "leaderboard.md"}
     write_report(runs / "tiny")
     outcomes = _run_in_process(recipe_path, runs)
     assert {outcome.action for outcome in outcomes.values()} == {"skipped"}
     assert outcomes["eval"].reason == "complete with the same config and inputs"
 
 
+def _with_a_second_eval(tmp_path) -> tuple:
+    """The tiny recipe with a second eval stage, ``eval2``, after its ``eval``."""
+    second = {**TINY_RECIPE["stages"][-1], "name": "eval2"}
+    return write_recipe(tmp_path, {**TINY_RECIPE, "stages": [*TINY_RECIPE["stages"], second]}, "two-evals.yaml")
+
+
 def test_of_two_eval_stages_the_last_ones_leaderboard_is_checked(tmp_path, completed_tiny_run):
     """Both eval stages write the run's leaderboard, and the last one's is kept: were the first's checked too, each
     would find the other's leaderboard and both would run again on every run."""
     _, runs = _copy_with_eval_cache(completed_tiny_run, tmp_path)
-    second = {**TINY_RECIPE["stages"][-1], "name": "eval2"}
-    recipe_path = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [*TINY_RECIPE["stages"], second]}, "two-evals.yaml")
-    outcomes = _run_in_process(recipe_path, runs, force=["eval"])  # as the first of two, it records no leaderboard
+    recipe_path = _with_a_second_eval(tmp_path)
+    outcomes = _run_in_process(recipe_path, runs, force=["eval"])  # it records the leaderboard eval2 then replaces
     assert (outcomes["eval"].action, outcomes["eval2"].action) == ("ran", "ran")
     assert set(StageDir(runs / "tiny" / "eval").read_manifest()[RESULTS]) == {"eval/results.json", "eval/samples"}
-    assert "leaderboard.json" in StageDir(runs / "tiny" / "eval2").read_manifest()[RESULTS]
+    assert "leaderboard.json" in StageDir(runs / "tiny" / "eval2").read_manifest()[RUN_ROOT_RESULTS]
     assert {outcome.action for outcome in _run_in_process(recipe_path, runs).values()} == {"skipped"}
     assert json.loads((runs / "tiny" / "leaderboard.json").read_text())["run"]["stage"] == "eval2"
 
 
-@pytest.mark.parametrize("record", [["leaderboard.md"], {"leaderboard.md": 7}], ids=["list", "number"])
-def test_a_hand_edited_record_of_results_is_not_trusted(tmp_path, record):
+def test_an_eval_stage_added_after_the_last_takes_its_leaderboard_over(tmp_path, completed_tiny_run, capsys):
+    """Which eval stage's leaderboard is checked is the recipe's now, not when the stage ran: eval, the last when it
+    ran, is skipped once eval2 follows it and has replaced its leaderboard. It was checked as when it ran, so the run
+    after eval2's first ran both again ("leaderboard.json hashes to ..."), and only the run after that skipped all."""
+    _, runs = _copy_with_eval_cache(completed_tiny_run, tmp_path)
+    recipe_path = _with_a_second_eval(tmp_path)
+    outcomes = _run_in_process(recipe_path, runs)
+    assert (outcomes["eval"].action, outcomes["eval2"].action) == ("skipped", "ran")
+    assert all(said.startswith("skip (") for said in _dry_run(recipe_path, runs, capsys).values())
+    assert {outcome.action for outcome in _run_in_process(recipe_path, runs).values()} == {"skipped"}
+    assert json.loads((runs / "tiny" / "leaderboard.json").read_text())["run"]["stage"] == "eval2"
+
+
+def test_an_eval_stage_that_is_the_last_again_writes_its_own_leaderboard(tmp_path, completed_tiny_run, capsys):
+    """eval ran before eval2, which replaced its leaderboard; eval2 dropped from the recipe, eval is the last eval
+    stage again and the run's leaderboard is eval2's: eval runs again and writes its own (a deleted leaderboard.md
+    with it). Recorded without a leaderboard as the first of two, it was skipped and the leaderboard.md stayed gone."""
+    recipe_path, runs = _copy_with_eval_cache(completed_tiny_run, tmp_path)
+    run_dir = runs / "tiny"
+    outcomes = _run_in_process(_with_a_second_eval(tmp_path), runs, force=["eval"])
+    assert (outcomes["eval"].action, outcomes["eval2"].action) == ("ran", "ran")
+    (run_dir / "leaderboard.md").unlink()
+    reason = f"complete, but its results in {run_dir} changed since it completed: "
+
+    planned = _dry_run(recipe_path, runs, capsys)["eval"]
+    assert planned.startswith(f"run ({reason}") and "leaderboard.md is missing" in planned
+    outcomes = _run_in_process(recipe_path, runs)
+    assert {stage: outcome.action for stage, outcome in outcomes.items()} == {"sft": "skipped", "dpo": "skipped",
+                                                                              "eval": "ran"}
+    assert outcomes["eval"].reason.startswith(reason) and "leaderboard.md is missing" in outcomes["eval"].reason
+    assert json.loads((run_dir / "leaderboard.json").read_text())["run"]["stage"] == "eval"
+    assert (run_dir / "leaderboard.md").is_file()
+    assert {outcome.action for outcome in _run_in_process(recipe_path, runs).values()} == {"skipped"}
+
+
+@pytest.mark.parametrize("owns_run_root", [True, False], ids=["last", "not-last"])
+def test_an_eval_stage_recorded_without_its_leaderboard_runs_again_as_the_last(tmp_path, owns_run_root):
+    """A record of its own results but none of the run's leaderboard (an eval stage that was not the last, as
+    records once were): as the recipe's last eval stage the leaderboard it would keep is not known to be its own,
+    so it runs again. A record of neither (from before results were recorded) is trusted, last or not."""
     stage = StageDir(tmp_path / "eval")
-    stage.write_manifest({"status": "complete", RESULTS: record})
-    assert stage.published_problem(stage.read_manifest()) == (
-        f"its record of its results ({RESULTS}) is not a mapping of file hashes (edited by hand?)")
+    stage.write_manifest({"status": "complete", RESULTS: {}})
+    assert stage.published_problem(stage.read_manifest(), owns_run_root=owns_run_root) == (
+        f"its record names no leaderboard of its own ({RUN_ROOT_RESULTS}): the run's may be another eval stage's"
+        if owns_run_root else None)
+    stage.write_manifest({"status": "complete"})
+    assert stage.published_problem(stage.read_manifest(), owns_run_root=owns_run_root) is None
+
+
+@pytest.mark.parametrize("key", [RESULTS, RUN_ROOT_RESULTS])
+@pytest.mark.parametrize("record", [["leaderboard.md"], {"leaderboard.md": 7}], ids=["list", "number"])
+def test_a_hand_edited_record_of_results_is_not_trusted(tmp_path, record, key):
+    stage = StageDir(tmp_path / "eval")
+    stage.write_manifest({"status": "complete", RESULTS: {}, RUN_ROOT_RESULTS: {}, key: record})
+    assert stage.published_problem(stage.read_manifest(), owns_run_root=True) == (
+        f"its record of its results ({key}) is not a mapping of file hashes (edited by hand?)")
 
 
 def test_a_damaged_gguf_file_keeps_preflights_own_message(tmp_path):

@@ -2,10 +2,10 @@
 tells the other nodes of a multi-node run, so that what a dry run reports is what the run does.
 
 A stage is skipped when its manifest says ``complete`` with the same config and input hashes and its published
-checkpoint and recorded results (the eval stage's leaderboard) are there, their files as they were published (unless
-``--force``); with ``--resume`` an unfinished attempt of the same work continues from its newest intact trainer
-checkpoint (or its finished rounds), unless it would train on another global batch than the attempt it continues;
-anything else starts over.
+checkpoint and recorded results (and for the recipe's last eval stage, the run's leaderboard) are there, their files
+as they were published (unless ``--force``); with ``--resume`` an unfinished attempt of the same work continues from
+its newest intact trainer checkpoint (or its finished rounds), unless it would train on another global batch than the
+attempt it continues; anything else starts over.
 """
 
 from __future__ import annotations
@@ -29,15 +29,18 @@ class StageDecision:
 
 
 def decide_stage(directory: StageDir, manifest: dict, config_hash: str, input_hashes: dict, *, forced: bool,
-                 resume: bool, batch: BatchSplit | None = None, look_only: bool = False) -> StageDecision:
+                 resume: bool, batch: BatchSplit | None = None, look_only: bool = False,
+                 owns_run_root: bool = False) -> StageDecision:
     """What to do with the stage in ``directory`` whose recorded attempt is ``manifest``, now that its work hashes to
     ``config_hash`` and ``input_hashes`` and it would train with the batch split ``batch`` (None: not a stage whose
     global batch depends on the process count). Reads the directory (checkpoints, rounds); with ``look_only`` (a dry
-    run) it changes nothing, where the run sets a corrupt trainer checkpoint aside while looking for an intact one."""
+    run) it changes nothing, where the run sets a corrupt trainer checkpoint aside while looking for an intact one.
+    ``owns_run_root``: it is the recipe's last eval stage now, so the run's leaderboard must be the one it wrote."""
     same_work = manifest.get("config_hash") == config_hash and manifest.get("input_hashes") == input_hashes
     complete = manifest.get("status") == "complete"
     # A stage that published a checkpoint or results is done only while they are there, as it published them
-    changed = directory.published_problem(manifest) if same_work and complete and not forced else None
+    changed = (directory.published_problem(manifest, owns_run_root=owns_run_root)
+               if same_work and complete and not forced else None)
     published = changed is None
     if same_work and complete and published and not forced:
         return StageDecision("skip", "complete with the same config and inputs")

@@ -30,8 +30,11 @@ log = logging.getLogger("alignpipe")
 RUN_FILE = "run.json"  # the runner's record at the top of a run directory (recipe, overrides, hashes)
 CHECKPOINTS = "checkpoints"  # manifest key: {path relative to the stage dir: sha256} of every fully saved checkpoint
 # manifest key: {path relative to the run dir: content_hash} of the results a stage published without a checkpoint
-# (the eval stage's results.json, samples/ and the run's leaderboard), checked before the stage is skipped
+# (the eval stage's results.json and samples/), checked before the stage is skipped
 RESULTS = "results_sha256"
+# manifest key: {file name: content_hash} of what it wrote at the run's root (the eval stage's leaderboard), which a
+# later eval stage replaces: checked only for the stage whose copy the run keeps (``owns_run_root``)
+RUN_ROOT_RESULTS = "run_results_sha256"
 ROUND_DATA = "pairs.json"  # an iterative stage's generated rows of one round (rounds/round-<r>/), kept for --resume
 # What a stage writes beside checkpoint/ as its result (reward: reward_eval.json; bon: bon.json, samples.jsonl; eval:
 # results.json, samples/). Read only while the manifest says complete; a stage that starts over deletes them first.
@@ -257,11 +260,14 @@ class StageDir:
         reason a stage gives for starting over."""
         return read_manifest_file(self.manifest)[1]
 
-    def published_problem(self, manifest: dict) -> str | None:
+    def published_problem(self, manifest: dict, *, owns_run_root: bool = False) -> str | None:
         """Why what a complete stage published is not as its ``manifest`` recorded it (None when it is, or when it
-        recorded nothing): its checkpoint (``output_sha256``) or its results (``RESULTS``). Why the results: the
-        eval stage publishes no checkpoint, and skipped, it left the run's leaderboard deleted or edited."""
-        return self._checkpoint_published_problem(manifest) or results_problem(self.root.parent, manifest.get(RESULTS))
+        recorded nothing): its checkpoint (``output_sha256``) or its results (``RESULTS``), and with ``owns_run_root``
+        (it is the recipe's last eval stage, whose leaderboard the run keeps) what it wrote at the run's root. Why the
+        results: the eval stage publishes no checkpoint, and skipped, it left the run's leaderboard deleted or edited.
+        """
+        return (self._checkpoint_published_problem(manifest)
+                or results_problem(self.root.parent, manifest, owns_run_root=owns_run_root))
 
     def _checkpoint_published_problem(self, manifest: dict) -> str | None:
         """Why the checkpoint a complete ``manifest`` records is not the one the stage published (None when it is,
@@ -285,11 +291,13 @@ class StageDir:
                     f"{found[:12]}, recorded {recorded[:12]})")
         return None
 
-    def record_results(self, paths: list[Path]) -> None:
-        """Record the content hash of each result file or folder in ``paths`` (under the run directory) once all are
-        written, for ``published_problem`` to check before the stage is skipped."""
+    def record_results(self, paths: list[Path], run_root: list[Path]) -> None:
+        """Record the content hash of each result file or folder in ``paths`` (under the run directory) and of each
+        file in ``run_root`` (at its top) once all are written, for ``published_problem`` to check before the stage
+        is skipped. Apart: whether the run-root files are checked depends on the recipe as it is then, not now."""
         run_dir = self.root.parent
-        self.update_manifest(**{RESULTS: {path.relative_to(run_dir).as_posix(): content_hash(path) for path in paths}})
+        self.update_manifest(**{RESULTS: {path.relative_to(run_dir).as_posix(): content_hash(path) for path in paths},
+                                RUN_ROOT_RESULTS: {path.name: content_hash(path) for path in run_root}})
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest, manifest)
@@ -477,15 +485,23 @@ def read_run_record(run_dir: Path) -> tuple[dict, list[str]]:
     return {key: value for key, value in record.items() if key not in wrong}, problems
 
 
-def results_problem(run_dir: Path, recorded: Any) -> str | None:
-    """Why the results a complete stage recorded (``RESULTS``) are not as it wrote them, naming each one missing or
-    hashing otherwise; None when all are as recorded, or none were. A stage recorded before results were (no
-    ``RESULTS``) is trusted, as a reward model recorded by its folder's hash is (``_is_reward_model``): its results
-    cannot be compared, and re-running every such eval stage once would sample again wherever its cache is gone."""
-    if recorded is None:
-        return None
-    if not isinstance(recorded, dict) or not all(isinstance(sha, str) for sha in recorded.values()):
-        return f"its record of its results ({RESULTS}) is not a mapping of file hashes (edited by hand?)"
+def results_problem(run_dir: Path, manifest: dict, *, owns_run_root: bool = False) -> str | None:
+    """Why the results a complete stage's ``manifest`` recorded (``RESULTS``; with ``owns_run_root``, also
+    ``RUN_ROOT_RESULTS``) are not as it wrote them, naming each one missing or hashing otherwise; None when all are as
+    recorded, or none were. A stage recorded before results were (no ``RESULTS``) is trusted, as a reward model
+    recorded by its folder's hash is (``_is_reward_model``): its results cannot be compared, and re-running every such
+    eval stage once would sample again wherever its cache is gone. One that recorded its own results but not the run's
+    (before the two were kept apart) cannot tell the run's leaderboard from another eval stage's: as the last eval
+    stage, it runs again once."""
+    if owns_run_root and manifest.get(RESULTS) is not None and manifest.get(RUN_ROOT_RESULTS) is None:
+        return f"its record names no leaderboard of its own ({RUN_ROOT_RESULTS}): the run's may be another eval stage's"
+    recorded: dict[str, str] = {}
+    for key in (RESULTS, RUN_ROOT_RESULTS) if owns_run_root else (RESULTS,):
+        if (records := manifest.get(key)) is None:
+            continue
+        if not isinstance(records, dict) or not all(isinstance(sha, str) for sha in records.values()):
+            return f"its record of its results ({key}) is not a mapping of file hashes (edited by hand?)"
+        recorded.update(records)
     changed = [problem for name, sha in sorted(recorded.items()) if (problem := _result_problem(run_dir, name, sha))]
     return f"its results in {run_dir} changed since it completed: {', '.join(changed)}" if changed else None
 

@@ -163,6 +163,7 @@ class Runner:
         self.control_timeout_s = check_control_timeout(control_timeout_s)
         check_in_process(in_process, self.topology)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
+        self._leaderboard_stage = leaderboard_stage(recipe)
         check_quantization_under_deepspeed(recipe, self.topology)
         check_full_weight_precision(recipe, self.topology)
 
@@ -421,7 +422,7 @@ class Runner:
         manifest = self._recorded_manifest(stage, directory, config_hash, input_hashes, adopt=True)
         batch = self._batch_split(stage)
         decision = decide_stage(directory, manifest, config_hash, input_hashes, forced=stage.name in self.force,
-                                resume=self.resume, batch=batch)
+                                resume=self.resume, batch=batch, owns_run_root=stage.name == self._leaderboard_stage)
         reason = decision.reason
         if decision.action == "skip":
             outputs[stage.name] = (str(directory.checkpoint.resolve()), manifest.get("output_sha256"))
@@ -639,7 +640,8 @@ class Runner:
 
         def decide(hashes: dict) -> StageDecision:
             return decide_stage(directory, manifest, config_hash, hashes, forced=stage.name in self.force,
-                                resume=self.resume, batch=batch, look_only=True)
+                                resume=self.resume, batch=batch, look_only=True,
+                                owns_run_root=stage.name == self._leaderboard_stage)
 
         changed = decide(input_hashes)
         remade = [name for name, value in input_hashes.items() if value == UNBUILT]
@@ -717,6 +719,12 @@ class Runner:
             return None
         log.info("preparing this node's copy of the model before joining node 0")
         return self._prepare_base()
+
+
+def leaderboard_stage(recipe: Recipe) -> str | None:
+    """The stage whose leaderboard the run keeps: the recipe's last eval stage, as the recipe is now (each eval stage
+    replaces the one before's). Only its record of the leaderboard is checked before it is skipped."""
+    return next((stage.name for stage in reversed(recipe.stages) if stage.type == "eval"), None)
 
 
 def local_dataset_hash(stage) -> str | None:

@@ -102,14 +102,13 @@ def _proxy(ctx: StageContext, name: str, cache: EvalCache) -> tuple[ProxyScorer,
     return scorer, {"proxy": {"stage": name, "sha256": weights}}
 
 
-def _checked_results(ctx: StageContext) -> list[Path]:
-    """The files the next run checks are as this stage wrote them before it skips it (``StageDir.published_problem``):
-    its results.json and samples/, and the run's leaderboard when this is the recipe's last eval stage. Why only the
-    last: an earlier one's leaderboard is replaced by the next's, so each would find the other's and both would re-run
-    on every run. Not report.html: ``alignpipe report`` rewrites it, and it may fail without failing the stage."""
-    last = [s.name for s in ctx.recipe.stages if s.type == "eval"][-1]
-    board = [ctx.run_dir / name for name in LEADERBOARD_FILES] if ctx.stage.name == last else []
-    return [path for path in (*(ctx.dir.root / name for name in STAGE_RESULTS), *board) if path.exists()]
+def _record_results(ctx: StageContext) -> None:
+    """Record what the next run checks is as this stage wrote it before it skips it (``StageDir.published_problem``):
+    its results.json and samples/, and apart, the run's leaderboard, checked only while this is the recipe's last eval
+    stage (an earlier one's is replaced by the next's). Not report.html: ``alignpipe report`` rewrites it, and it may
+    fail without failing the stage."""
+    own = [path for path in (ctx.dir.root / name for name in STAGE_RESULTS) if path.exists()]
+    ctx.dir.record_results(own, [path for path in (ctx.run_dir / name for name in LEADERBOARD_FILES) if path.exists()])
 
 
 def _implicit_pairs(ctx: StageContext) -> tuple[list[tuple[str, str, str]] | None, dict]:
@@ -188,5 +187,5 @@ def run(ctx: StageContext) -> dict:
     except Exception as error:  # noqa: BLE001
         log.warning("[%s] could not write report.html: %r", ctx.dir.name, error)
     if ctx.is_main_process:
-        ctx.dir.record_results(_checked_results(ctx))
+        _record_results(ctx)
     return {r.name: r.metrics[PRIMARY_METRIC].value for r in results}

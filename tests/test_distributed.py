@@ -152,6 +152,8 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
         assert report["world"] == 2 and report["accelerate_processes"] == 2
         assert report["whiten_max_error"] < 1e-5 and report["moments_error"] < 1e-5
         assert report["averaged_gradient"] == [1.5, 1.5, 1.5]
+        found = "([nan])" if report["rank"] == 1 else "on another process"
+        assert report["non_finite_elsewhere"].startswith(f"PPO policy loss is not finite {found} at iteration 0")
         assert report["resume_checkpoint"] == "checkpoint-2"
         assert report["set_aside"] == ["checkpoint-2", "invalid-checkpoint-4"]
         assert report["published_on_return"]  # rank 1 returned before rank 0 had published

@@ -65,23 +65,47 @@ def test_a_nan_reward_stops_ppo_before_any_update(tmp_path, monkeypatch) -> None
     assert not StageDir(runner.run_dir / "ppo").checkpoint.exists()
 
 
-def test_a_finite_ppo_loss_with_a_nan_gradient_stops_before_the_step():
-    """A padding slot whose log-ratio overflows exp adds 0 to the policy loss but 0 * inf = NaN to its gradient: the
-    loss guard passes, so the step checks the gradients' norm and leaves the weights as they were."""
+def test_a_padding_slot_that_overflows_exp_leaves_the_ppo_gradient_as_it_would_be():
+    """A padding slot's log-ratio of 100 overflows exp: masked after exp, it added 0 to the loss and 0 * inf = NaN to
+    its gradient. Masked before, loss and gradient equal those of an ordinary padding slot."""
     import torch
 
-    from alignpipe.losses.ppo import clipped_policy_loss
+    from alignpipe.losses.ppo import clipped_policy_loss, clipped_value_loss
+
+    mask, advantages = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.5, -0.5, 0.0]])
+
+    def policy(padding_old_logp: float):
+        weight = torch.nn.Parameter(torch.tensor([1.0]))
+        loss, _ = clipped_policy_loss(weight * torch.tensor([[-1.0, -1.0, 0.0]]),
+                                      torch.tensor([[-1.1, -0.9, padding_old_logp]]), advantages, mask, 0.2)
+        loss.backward()
+        return loss.item(), weight.grad.item()
+
+    assert policy(-100.0) == policy(0.0) and torch.isfinite(torch.tensor(policy(-100.0))).all()
+
+    def value(padding: float):  # a padding slot's old value and return (constants) overflowed
+        weight = torch.nn.Parameter(torch.tensor([1.0]))
+        values = weight * torch.tensor([[0.2, 0.4, 0.0]])
+        loss, _ = clipped_value_loss(values, torch.tensor([[0.1, 0.5, padding]]),
+                                     torch.tensor([[1.0, 0.0, padding]]), mask, 0.2)
+        loss.backward()
+        return loss.item(), weight.grad.item()
+
+    assert value(float("inf")) == value(0.0)
+
+
+def test_a_nan_gradient_stops_the_ppo_step_and_leaves_the_weights():
+    """The losses are checked before the backward pass; a gradient that overflowed inside the model is caught at the
+    step, by its norm, before it writes NaN into every weight."""
+    import torch
+
     from alignpipe.trainers.ppo import clipped_step
 
     weight = torch.nn.Parameter(torch.tensor([1.0]))
     optimizer = torch.optim.AdamW([weight], lr=1e-3)
-    logp = weight * torch.tensor([[-1.0, -1.0, 0.0]])
-    old_logp = torch.tensor([[-1.1, -0.9, -100.0]])  # the padding slot's log-ratio is 100: exp overflows float32
-    mask, advantages = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[0.5, -0.5, 0.0]])
-    loss, _ = clipped_policy_loss(logp, old_logp, advantages, mask, 0.2)
-    assert torch.isfinite(loss)
-    loss.backward()
-    with pytest.raises(FloatingPointError, match=r"PPO gradient norm is not finite \(\[nan\]\) at iteration 3"):
+    weight.grad = torch.tensor([float("nan")])
+    with pytest.raises(FloatingPointError, match=r"PPO gradient norm is not finite \(\[nan\]\) at iteration 3; "
+                       r".*The losses were finite"):
         clipped_step([weight], optimizer, 1.0, "iteration 3")
     assert weight.item() == 1.0
     weight.grad = torch.tensor([0.5])

@@ -128,6 +128,16 @@ def main(model_dir: str, out_dir: str) -> None:
     distributed.average_gradients([parameter])
     report["averaged_gradient"] = parameter.grad.tolist()
 
+    # a non-finite number on one rank stops every rank at the same check (alone, it left the others waiting)
+    from alignpipe.trainers.ppo import _require_finite
+
+    try:
+        _require_finite(torch.tensor([float("nan") if rank == 1 else 0.0]), "policy loss", "iteration 0")
+        report["non_finite_elsewhere"] = None
+    except FloatingPointError as error:
+        report["non_finite_elsewhere"] = str(error)
+    _require_finite(torch.tensor([0.0]), "policy loss", "iteration 1")  # every rank is still in step
+
     # resuming on several ranks: rank 0 verifies the checkpoints and sets a bad one aside, both get its answer
     from alignpipe.pipeline.rundir import StageDir
     from alignpipe.pipeline.stage import verified_trainer_checkpoint

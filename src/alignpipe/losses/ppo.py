@@ -258,7 +258,8 @@ def clipped_policy_loss(
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     _check_same_shape(logp=logp, logp_old=logp_old, advantages=advantages, mask=mask)
-    log_ratio = logp - logp_old.detach()
+    # 0 in padding before exp: a padding slot's overflow would add 0 to the loss but 0 * inf = NaN to its gradient
+    log_ratio = _masked(logp - logp_old.detach(), _mask_as(mask, logp))
     ratio = torch.exp(log_ratio)
     adv = advantages.detach()
     unclipped = -adv * ratio
@@ -286,8 +287,8 @@ def clipped_value_loss(
     if not clip_eps_value > 0:
         raise ValueError(f"clip_eps_value must be > 0, got {clip_eps_value}")
     _check_same_shape(values=values, values_old=values_old, returns=returns, mask=mask)
-    old = values_old.detach()
-    target = returns.detach()
+    m = _mask_as(mask, values)  # padding zeroed first: its square's gradient would be 0 * inf there
+    values, old, target = _masked(values, m), _masked(values_old.detach(), m), _masked(returns.detach(), m)
     values_clipped = old + torch.clamp(values - old, -clip_eps_value, clip_eps_value)
     unclipped = (values - target) ** 2
     clipped = (values_clipped - target) ** 2
@@ -312,7 +313,7 @@ def squared_log_ratio_loss(
     uses). ``logp_ref`` is frozen (detached).
     """
     _check_same_shape(logp=logp, logp_ref=logp_ref, mask=mask)
-    delta = (logp - logp_ref.detach()) * _mask_as(mask, logp)
+    delta = _masked(logp - logp_ref.detach(), _mask_as(mask, logp))
     if level == "sequence":
         if delta.ndim == 0:
             raise ValueError("squared_log_ratio_loss needs per-token [B, T] (or [T]) log-probabilities")

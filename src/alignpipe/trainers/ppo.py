@@ -144,14 +144,20 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
     return {key: float(torch.as_tensor(value).detach()) for key, value in stats.items()}
 
 
-def _require_finite(values: torch.Tensor, name: str, where: str) -> None:
-    """Stop on NaN/Inf losses, rewards or advantages before they reach an optimizer step (the last saved state stays
-    the last good one)."""
-    if not bool(torch.isfinite(values).all()):
-        bad = values[~torch.isfinite(values)].flatten()[:3].tolist()
-        raise FloatingPointError(f"PPO {name} is not finite ({bad}) at {where}; stopping before the optimizer step "
-                                 "(the last saved state under trainer/ is intact). Check the reward source, lower "
-                                 "learning_rate, or clip rewards (reward_clip)")
+def _require_finite(values: torch.Tensor, name: str, where: str, advice: str = "Check the reward source, lower "
+                    "learning_rate, or clip rewards (reward_clip)") -> None:
+    """Stop on NaN/Inf losses, rewards, advantages or gradients before they reach an optimizer step (the last saved
+    state stays the last good one). With several processes every one stops together: one that stopped alone would
+    leave the others waiting in their next collective."""
+    bad_here = not bool(torch.isfinite(values).all())
+    bad_anywhere = bad_here
+    if distributed.is_distributed():
+        bad_anywhere = bool(distributed.all_reduce_sum(torch.tensor([float(bad_here)])).item() > 0)
+    if not bad_anywhere:
+        return
+    found = f"({values[~torch.isfinite(values)].flatten()[:3].tolist()})" if bad_here else "on another process"
+    raise FloatingPointError(f"PPO {name} is not finite {found} at {where}; stopping before the optimizer step (the "
+                             f"last saved state under trainer/ is intact). {advice}")
 
 
 def clipped_step(parameters, optimizer: torch.optim.Optimizer, max_grad_norm: float, where: str) -> None:
@@ -159,10 +165,11 @@ def clipped_step(parameters, optimizer: torch.optim.Optimizer, max_grad_norm: fl
 
     Why check the gradients as well as the losses: a finite loss can still have a NaN gradient (a masked-out slot
     whose ``exp`` overflowed contributes 0 to the loss but 0 * inf to its backward pass), and one such step writes
-    NaN into every weight. Every rank holds the same averaged gradients, so every rank stops."""
+    NaN into every weight. The losses are checked first, so a non-finite norm comes with finite losses."""
     parameters = list(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    _require_finite(norm, "gradient norm", where)
+    _require_finite(norm, "gradient norm", where, "The losses were finite, so a number inside the model overflowed "
+                    "in the backward pass: lower learning_rate, or load the model in float32 (model.dtype)")
     optimizer.step()
 
 

@@ -108,7 +108,8 @@ def test_eval_with_a_suite_rejects_the_synthetic_prompt_options(llama_path, tmp_
     assert not out.exists()
 
 
-def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_run, tmp_path, monkeypatch):
+def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_run, tmp_path, monkeypatch,
+                                                                 capsys):
     """The run's leaderboard is its eval stage's record (with its reward table); a re-evaluation goes beside it."""
     runner, _ = completed_tiny_run
     recorded = (runner.run_dir / "leaderboard.json").read_bytes()
@@ -118,6 +119,10 @@ def test_eval_without_out_leaves_the_runs_own_leaderboard_alone(completed_tiny_r
     board = json.loads((tmp_path / "eval-out" / runner.run_dir.name / "leaderboard.json").read_text())
     assert board["checkpoints"][0]["results"]["gold_reward"]["n"] == 8
     assert board["run"]["reference"] == "base"  # a tiny run's first checkpoint, as `alignpipe eval --help` says
+    # nor does it go into a run directory when asked to: the next run would find its leaderboard changed
+    assert main(["eval", str(runner.run_dir), "--n-prompts", "8", "--out", str(runner.run_dir)]) == 2
+    assert "is a run directory: its leaderboard is its eval stage's record" in capsys.readouterr().err
+    assert (runner.run_dir / "leaderboard.json").read_bytes() == recorded
 
 
 def test_eval_help_says_a_runs_default_reference_is_its_base(capsys):

@@ -441,6 +441,13 @@ def _cmd_eval(args) -> int:
         return 2
     if _not_a_file(args.out, "--out") or _not_a_file(args.cache_dir, "--cache-dir"):
         return 2
+    from alignpipe.pipeline.rundir import RUN_FILE
+
+    if args.out is not None and (args.out / RUN_FILE).is_file():
+        print(f"error: --out {args.out} is a run directory: its leaderboard is its eval stage's record of the run, "
+              "which this would overwrite (and the next run would evaluate again); pass another directory (default: "
+              "eval-out/<run>)", file=sys.stderr)
+        return 2
     try:
         if args.suite:
             json_path, md_path = evaluate_suite(args.checkpoints, suite=args.suite, reference=args.reference,

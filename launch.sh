@@ -74,7 +74,7 @@ ensure_env() {
       exit 2
     fi
     pins=(-c "$CONSTRAINTS")
-    installed="constraints: $CONSTRAINTS $(cksum < "$CONSTRAINTS")"
+    installed="constraints: $(cksum < "$CONSTRAINTS")"  # what they pin, however the file is named
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[launch] creating virtual environment in $VENV"
@@ -91,9 +91,9 @@ ensure_env() {
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet ${pins[@]+"${pins[@]}"} -e ".[dev]" || {
       if [ -n "$CONSTRAINTS" ]; then
-        echo "launch.sh: pip could not install alignpipe with the versions in $CONSTRAINTS (above: which package" \
-          "clashes, e.g. with the torch build TORCH_SPEC chose); fix that file, or set ALIGNPIPE_CONSTRAINTS= (empty)" \
-          "to let pip choose within pyproject.toml's ranges" >&2
+        echo "launch.sh: pip could not install alignpipe (its error above says why). If it names a version that" \
+          "clashes with a pin in $CONSTRAINTS (e.g. one the torch build TORCH_SPEC chose requires), fix that file," \
+          "or set ALIGNPIPE_CONSTRAINTS= (empty) to let pip choose within pyproject.toml's ranges" >&2
       fi
       exit 1
     }

@@ -286,6 +286,38 @@ def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path, mo
         adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
 
 
+def test_csv_checks_in_two_threads_keep_the_field_limit_lifted_for_each_and_restore_it(tmp_path):
+    """The csv module's field limit is one per process: a check that finished first put the default back under one
+    still reading (which then refused its long cell), and the last left the lifted limit behind."""
+    import csv
+    import threading
+    import time
+
+    import alignpipe.data.adapters as adapters
+
+    text = "prompt,chosen,rejected\n" + "q,a,b\n" * 3 + "q," + "a" * 200_000 + ",b\n"
+    errors: list[str] = []
+
+    def check(pause: float) -> None:
+        def slowly():
+            for line in text.splitlines(keepends=True):
+                time.sleep(pause)
+                yield line
+        try:
+            adapters._csv_header(slowly(), tmp_path / "pairs.csv", what="dataset.path", expected="columns")
+        except DataError as error:
+            errors.append(str(error))
+
+    default = csv.field_size_limit()
+    threads = [threading.Thread(target=check, args=(pause,)) for pause in (0.01, 0.04)]
+    threads[0].start()
+    time.sleep(0.005)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and csv.field_size_limit() == default
+
+
 # ------------------------------------------------------------------------------------------------ UltraFeedback
 
 

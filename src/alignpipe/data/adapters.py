@@ -30,6 +30,7 @@ import json
 import logging
 import lzma
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,16 +232,21 @@ def _csv_header(lines: Iterable[str], path: Path, *, what: str, expected: str) -
     return header
 
 
+_CSV_LIMIT = threading.Lock()  # the csv module's field size limit is one per process
+
+
 @contextlib.contextmanager
 def _csv_fields_of_any_size() -> Iterator[None]:
     """Lift the csv module's field size limit (128 KiB) while the check reads: a reply that long is a valid cell,
-    which the datasets library reads whole, so the check must not refuse it."""
-    limit = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)  # the largest every platform's C long holds
-    try:
-        yield
-    finally:
-        csv.field_size_limit(limit)
+    which the datasets library reads whole, so the check must not refuse it. Checks in other threads wait, so none
+    puts the old limit back under another, nor leaves the lifted one behind."""
+    with _CSV_LIMIT:
+        limit = csv.field_size_limit()
+        csv.field_size_limit(2**31 - 1)  # the largest every platform's C long holds
+        try:
+            yield
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _lines(chunks: Iterable[str]) -> Iterator[str]:

@@ -199,8 +199,7 @@ def _csv_as_text(path: Path, *, what: str, expected: str) -> dict[str, Any]:
     try:
         header = _csv_header(_lines(text), path, what=what, expected=expected)
     except DataError:
-        for _ in text:  # a byte that is not UTF-8, wherever it is, is named first (it is what to fix first)
-            pass
+        _drain(text)  # a byte that is not UTF-8, wherever it is, is named first (it is what to fix first)
         raise
     header = [name or f"Unnamed: {i}" for i, name in enumerate(header)]  # pandas' name for a blank header cell
     repeated = sorted({name for name in header if header.count(name) > 1})
@@ -324,7 +323,12 @@ class _Unreadable(Exception):
 
 def _check_utf8(path: Path) -> None:
     """Raise :class:`_Unreadable` naming the first line that is not UTF-8; return if all of the file is."""
-    for _ in _utf8_text(path):
+    _drain(_utf8_text(path))
+
+
+def _drain(chunks: Iterable[str]) -> None:
+    """Read the rest of :func:`_utf8_text`'s chunks for what it raises, keeping none of them."""
+    for _ in chunks:
         pass
 
 

@@ -145,13 +145,14 @@ def minibatch_backward(model: ActorCritic, batch: RolloutTensors, old_logp, ref_
 
 
 def _require_finite(values: torch.Tensor, name: str, where: str, advice: str = "Check the reward source, lower "
-                    "learning_rate, or clip rewards (reward_clip)") -> None:
+                    "learning_rate, or clip rewards (reward_clip)", *, same_on_every_process: bool = False) -> None:
     """Stop on NaN/Inf losses, rewards, advantages or gradients before they reach an optimizer step (the last saved
     state stays the last good one). With several processes every one stops together: one that stopped alone would
-    leave the others waiting in their next collective."""
+    leave the others waiting in their next collective. ``same_on_every_process`` (numbers reduced over the processes
+    already) spares the collective that agrees on it."""
     bad_here = not bool(torch.isfinite(values).all())
     bad_anywhere = bad_here
-    if distributed.is_distributed():
+    if distributed.is_distributed() and not same_on_every_process:
         bad_anywhere = bool(distributed.all_reduce_sum(torch.tensor([float(bad_here)])).item() > 0)
     if not bad_anywhere:
         return
@@ -169,7 +170,8 @@ def clipped_step(parameters, optimizer: torch.optim.Optimizer, max_grad_norm: fl
     parameters = list(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     _require_finite(norm, "gradient norm", where, "The losses were finite, so a number inside the model overflowed "
-                    "in the backward pass: lower learning_rate, or load the model in float32 (model.dtype)")
+                    "in the backward pass: lower learning_rate, or load the model in float32 (model.dtype)",
+                    same_on_every_process=True)  # the gradients were averaged over the processes
     optimizer.step()
 
 

@@ -247,3 +247,99 @@ def test_workers_a_dying_launcher_leaves_behind_are_stopped(tmp_path) -> None:
     finally:
         if _running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# a stage process that watches its supervisor as pipelines/<type>.py does, polling often so the test is quick
+WATCHER = ("import os, signal, sys, time\nfrom alignpipe.pipeline.watched import stop_with_supervisor\n"
+           "if len(sys.argv) > 2:  # slow to stop: notes the SIGTERM and goes on\n"
+           "    signal.signal(signal.SIGTERM, lambda *a: open(sys.argv[1], 'a').write(' SIGTERM'))\n"
+           "stop_with_supervisor(poll_s=0.05, grace_s=1.0)\n"
+           "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+           "time.sleep(120)\n")
+
+
+def _gone_within(pids: dict[int, str] | int, seconds: float) -> bool:
+    from alignpipe.pipeline.watched import _running as running
+
+    watched = pids if isinstance(pids, dict) else {pids: Path(f"/proc/{pids}/stat").read_text().rsplit(")", 1)[1]
+                                                   .split()[19]}
+    deadline = time.monotonic() + seconds
+    while running(watched) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not running(watched)
+
+
+@pytest.mark.parametrize("stubborn", [False, True], ids=["stops-on-sigterm", "killed-after-the-grace"])
+def test_a_stage_process_whose_runner_was_killed_stops_itself(tmp_path, stubborn) -> None:
+    """SIGKILL runs no clean-up in the runner, and the stage process, in a session of its own, trained on: it held
+    the run directory and its GPUs, and published a stage no runner carried on from."""
+    pidfile = tmp_path / "pid"
+    arguments = [str(pidfile), *(["stubborn"] if stubborn else [])]
+    script = (f"import sys\nfrom alignpipe.pipeline.watched import run_watched\n"
+              f"run_watched([sys.executable, '-c', {WATCHER!r}, *{arguments!r}])")
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    stage = _pid_from(pidfile)
+    try:
+        time.sleep(0.3)  # the stage keeps running while its runner lives
+        assert _running(stage)
+        runner.kill()
+        runner.wait()
+        assert _gone_within(stage, 10)
+        assert pidfile.read_text() == (f"{stage} SIGTERM" if stubborn else str(stage))  # asked first, then killed
+    finally:
+        if _running(stage):
+            os.kill(stage, signal.SIGKILL)
+
+
+def test_the_supervisor_is_told_apart_from_a_process_given_its_pid_later() -> None:
+    from alignpipe.pipeline.watched import SUPERVISOR_VARIABLE, stop_with_supervisor, supervisor_gone, supervisor_token
+
+    assert not supervisor_gone(supervisor_token(os.getpid()))
+    pid, _, started = supervisor_token(os.getpid()).partition(":")
+    assert supervisor_gone(f"{pid}:{int(started) + 1}")  # the same pid, started at another time
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    token = supervisor_token(finished.pid)
+    finished.wait()
+    assert supervisor_gone(token)
+    assert stop_with_supervisor({}) is None  # started by hand: nothing to watch
+    assert stop_with_supervisor({SUPERVISOR_VARIABLE: supervisor_token(os.getpid())}) is None  # itself
+    assert stop_with_supervisor({SUPERVISOR_VARIABLE: "x:1"}) is None
+
+
+def test_a_real_stage_stops_when_its_runner_is_killed_and_frees_the_run(tmp_path) -> None:
+    """The whole path: ``alignpipe run`` launches pipelines/sft.py through accelerate; the runner alone is killed."""
+    import yaml
+    from conftest import TINY_RECIPE, write_recipe
+
+    from alignpipe.pipeline.run_lock import run_in_use
+    from alignpipe.pipeline.watched import _descendants
+
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 5000, "save_steps": 5000, "logging_steps": 1}
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft]})
+    runs = tmp_path / "runs"
+    metrics = runs / "tiny" / "sft" / "metrics.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "run.log").open("w") as log:
+        runner = subprocess.Popen([sys.executable, "-m", "alignpipe.cli", "run", str(recipe), "--runs-dir", str(runs)],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    tree: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert runner.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the sft stage never logged a step"
+            time.sleep(0.1)
+        tree = _descendants(runner.pid)
+        assert tree  # the stage's launcher and its worker
+        runner.kill()
+        runner.wait()
+        assert _gone_within(tree, 20), (tmp_path / "run.log").read_text()[-3000:]
+        assert run_in_use(runs / "tiny") is None  # a new run may start
+        manifest = yaml.safe_load((runs / "tiny" / "sft" / "manifest.json").read_text())
+        assert manifest["status"] == "running"  # as a lost machine leaves it: the next run resumes it
+        assert "the run that started this stage" in (tmp_path / "run.log").read_text()
+    finally:
+        runner.kill()
+        for pid in tree:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from alignpipe.pipeline.run_lock import stage_holds_run
 from alignpipe.pipeline.rundir import StageDir, published_output_hash, utc_now
+from alignpipe.pipeline.watched import stop_with_supervisor
 from alignpipe.recipe import Recipe
 
 log = logging.getLogger("alignpipe")
@@ -169,6 +170,7 @@ def argument_parser(stage_type: str) -> argparse.ArgumentParser:
 def main(stage_type: str, argv: list[str] | None = None) -> None:
     """Entry point of ``pipelines/<type>.py``: ``python pipelines/sft.py --stage-dir runs/quickstart/sft``."""
     args = argument_parser(stage_type).parse_args(argv)
+    stop_with_supervisor()  # before the rendezvous, which waits for ranks that may never come
     state = init_distributed()
     rank = f"[rank {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,

@@ -1,13 +1,19 @@
-"""A stage process that the runner can stop while it runs.
+"""A stage process that the runner can stop while it runs, and that stops by itself when its runner has gone.
 
 Why: a stage that spans several nodes waits in torch's rendezvous (or a collective) for a node that has gone, for
 up to the rendezvous or collective timeout (half an hour for NCCL). The node that runs the stage watches the control
 channel meanwhile, and stops the process as soon as the run cannot go on.
+
+The other way round: a runner killed with SIGKILL (``kill -9``, the OOM killer) runs no clean-up, and the stage,
+in a session of its own, trained on: it held the run directory (a new run was refused as "in use"), its GPUs and
+its port, and published a stage no runner would carry on from. Each stage process therefore watches the runner
+that started it (:func:`stop_with_supervisor`) and ends itself once that is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +28,10 @@ WATCH_S = 1.0  # how often ``watch`` is called while the process runs (a store r
 STOP_GRACE_S = 30.0  # how long a SIGTERM'ed launcher and its workers get to stop before they are killed
 KILLED_S = 5.0  # how long stop() waits for SIGKILL'ed workers to be gone
 POLL_S = 0.1  # how often stop() looks whether the workers are gone
+# "<pid>:<start time>" of the process that runs a stage and watches it (run_watched's), in the stage's environment
+SUPERVISOR_VARIABLE = "ALIGNPIPE_SUPERVISOR"
+
+log = logging.getLogger("alignpipe")
 
 
 # Signals whose default ends the runner at once, running no ``except`` or ``finally``: a scheduler's or ``kill``'s
@@ -92,6 +102,7 @@ def run_watched(command: list[str], env: dict[str, str] | None = None, *,
     the process inherits (the run directory's lock); ``started`` is told its pid."""
     # its own process group, which stop() signals whole: a launcher that waits on its worker without passing
     # SIGTERM on (``accelerate launch`` with one process) died and left the worker training on
+    env = {**(os.environ if env is None else env), SUPERVISOR_VARIABLE: supervisor_token(os.getpid())}
     process = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=pass_fds)
     seen: dict[int, str] = {}  # its descendants so far: a launcher that dies (OOM-killed) orphans its workers
     try:
@@ -139,6 +150,53 @@ def stop(process: subprocess.Popen, known: dict[int, str] | None = None) -> None
     finally:
         _restore(previous)
         _hurry.clear()
+
+
+def supervisor_token(pid: int) -> str:
+    """``pid`` with its start time, so that another process given the same pid later is not taken for it."""
+    fields = _stat(pid)
+    return f"{pid}:{fields[19] if fields is not None else ''}"
+
+
+def supervisor_gone(token: str) -> bool:
+    """Whether the process ``token`` names has ended (a zombie has: it no longer runs). Without ``/proc`` (no start
+    time recorded) only the pid is looked at."""
+    pid, _, started = token.partition(":")
+    if started:
+        return not _running({int(pid): started})
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user holds the pid: ours has gone
+        return True
+    return False
+
+
+def stop_with_supervisor(environ: dict[str, str] | None = None, *, poll_s: float = WATCH_S,
+                         grace_s: float = STOP_GRACE_S) -> threading.Thread | None:
+    """Watch, in a daemon thread, the process that started this one (``SUPERVISOR_VARIABLE``, set by
+    :func:`run_watched`); once it has gone, SIGTERM this process, as the runner's :func:`stop` would, and SIGKILL it
+    if it is still there ``grace_s`` later. The stage's records stay ``running``: the next run finds an interrupted
+    stage and resumes it under ``--resume``. Nothing is watched without the variable (a stage started by hand or in
+    a test's process); the thread, else None."""
+    token = (os.environ if environ is None else environ).get(SUPERVISOR_VARIABLE, "")
+    pid = token.partition(":")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return None
+
+    def watch() -> None:
+        while not supervisor_gone(token):
+            time.sleep(poll_s)
+        log.error("the run that started this stage (pid %s) has ended without stopping it: stopping this process "
+                  "(%d); `alignpipe run ... --resume` carries the stage on", pid, os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)  # a SIGTERM handler that did not end the process
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="alignpipe-supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _signal_group(group: int, signum: int) -> None:

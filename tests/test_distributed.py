@@ -32,6 +32,8 @@ RECIPE = {
     "stages": [
         {"name": "sft", "type": "sft", "learning_rate": 3e-3, **TRAIN},
         {"name": "dpo", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3, **TRAIN},
+        {"name": "dpo_precomputed", "type": "dpo", "inputs": ["sft"], "beta": 0.5, "learning_rate": 2e-3,
+         "precompute_ref_log_probs": True, **TRAIN},
         {"name": "reward", "type": "reward", "inputs": ["sft"], "members": 3, "learning_rate": 1e-3,
          "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 4, "diversity_weight": 0.1},
         {"name": "ppo", "type": "ppo", "inputs": ["sft"], "reward": {"source": "gold"}, "learning_rate": 1e-3,
@@ -44,7 +46,7 @@ RECIPE = {
 }
 # Float sums happen in a different order when the batch is split (per-rank means, then an all-reduce): after 8
 # steps at lr 2e-3 / 3e-3 the weights agree to ~1e-5 (SFT ~1e-6); the reward heads (15 steps) to ~4e-4.
-TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "reward": 2e-3, "osp": 1e-4}
+TOLERANCE = {"sft": 1e-4, "dpo": 1e-4, "dpo_precomputed": 1e-4, "reward": 2e-3, "osp": 1e-4}
 
 
 def _alignpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -84,7 +86,7 @@ def _weights(stage_dir: Path) -> dict[str, dict]:
     return {str(f.relative_to(stage_dir)): load_file(f) for f in sorted(stage_dir.rglob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "reward", "osp"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "dpo_precomputed", "reward", "osp"])
 def test_two_processes_train_like_one_with_the_same_global_batch(runs, stage) -> None:
     one, two = _weights(runs["one"] / stage / "checkpoint"), _weights(runs["two"] / stage / "checkpoint")
     assert one.keys() == two.keys() and one
@@ -92,6 +94,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, stage) ->
     moved = max(float((one[f][k] - _base_or_zero(runs, stage, f, k)).abs().max()) for f in one for k in one[f])
     assert worst < TOLERANCE[stage], f"{stage}: 2-process weights differ by {worst}"
     assert moved > 100 * worst  # training moved the weights far more than the two runs disagree
+
+
+def test_precomputed_reference_log_probs_train_as_a_reference_pass_each_step(runs) -> None:
+    """The reference is the stage's input either way: once before training, or at each step."""
+    each_step, precomputed = (_weights(runs["one"] / stage / "checkpoint") for stage in ("dpo", "dpo_precomputed"))
+    worst = max(float((each_step[f][k] - precomputed[f][k]).abs().max()) for f in each_step for k in each_step[f])
+    assert worst < 1e-4
 
 
 def _base_or_zero(runs, stage, file, key):

@@ -401,3 +401,19 @@ def test_ids_rate_one_replaces_labels_with_model_probabilities():
 
     # rate 1 (allowed edge): 0 * 1.0 + 1 * 0.6 = 0.6
     assert ids_label_update(torch.tensor([1.0]), torch.tensor([0.6]), 1.0).item() == pytest.approx(0.6)
+
+
+def test_precomputed_reference_log_probs_are_trls_kept_in_memory(tiny, tmp_path):
+    """TRL writes them to an Arrow file whose name, for a dataset with no file behind it, is a random one in each
+    process's own temporary folder (a 2-process stage failed: tests/test_distributed.py). Here they are TRL's own
+    numbers, row for row, with a last batch smaller than the others."""
+    soft = _trainer(SoftPreferenceDPOTrainer, tiny, tmp_path, precompute_ref_log_probs=True, ref=False,
+                    precompute_ref_batch_size=3)
+    assert soft.train_dataset.cache_files == []  # nothing written
+    prepared = soft.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    assert len(prepared) % 3 != 0
+    trls = DPOTrainer._precompute_ref_logps(soft, prepared, "train", 5)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        ours, theirs = torch.tensor(soft.train_dataset[column]), torch.tensor(trls[column])
+        assert ours.shape == (len(prepared),) and ours.std() > 0.1
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

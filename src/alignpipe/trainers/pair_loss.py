@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
 from alignpipe.losses.preference import dpo_logits
+from alignpipe.trainers.reference_logps import InMemoryReferenceLogps
 
 __all__ = ["FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "replaces_sigmoid"]
 
@@ -107,7 +108,7 @@ class PairLogps:
         return self.rejected - self.ref_rejected
 
 
-class PairLossDPOTrainer(DPOTrainer):
+class PairLossDPOTrainer(InMemoryReferenceLogps, DPOTrainer):
     """``trl.DPOTrainer`` whose ``sigmoid`` term is replaced by :meth:`pair_loss` (see the module docstring).
 
     Subclasses set ``pair_columns`` (float column -> default for null, ``None`` = required) and implement

@@ -191,6 +191,25 @@ def test_a_failed_eval_rerun_leaves_no_leaderboard_of_the_previous_attempt(tmp_p
     assert not any((runs / "tiny" / name).exists() for name in eval_stage.RUN_RESULTS)
 
 
+def test_a_leaderboard_left_by_an_eval_stage_the_recipe_dropped_is_said(tmp_path, completed_tiny_run, caplog):
+    """Nothing checks or replaces it any more, so it may show checkpoints that have changed since; it is kept."""
+    _, runs = _copy_of(completed_tiny_run, tmp_path)
+    without_eval = write_recipe(tmp_path, {**TINY_RECIPE, "stages": TINY_RECIPE["stages"][:2]}, "no-eval.yaml")
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        outcomes, _ = _run(without_eval, runs)
+    assert {o.action for o in outcomes.values()} == {"skipped"}
+    notes = [r.getMessage() for r in caplog.records if "has no eval stage" in r.getMessage()]
+    assert notes == [f"{runs / 'tiny'} holds leaderboard.json, leaderboard.csv, leaderboard.md from eval stage 'eval', "
+                     "but this recipe has no eval stage: they show the checkpoints as that stage evaluated them, and "
+                     "nothing updates them now. Add an eval stage to evaluate the checkpoints as they are, or remove "
+                     "the files."]
+    assert (runs / "tiny" / "leaderboard.md").exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignpipe"):
+        _run(write_recipe(tmp_path, TINY_RECIPE), runs)  # with the eval stage back, its own leaderboard again
+    assert "has no eval stage" not in caplog.text
+
+
 def test_failed_stage_is_marked_failed_and_leaves_no_checkpoint(tmp_path, completed_tiny_run):
     # Weights that cannot be read get past the preflight (it reads configs and tokenizers, never weights) and fail
     # inside the stage.

@@ -20,6 +20,7 @@ write nothing in ``runs/``. They never read a manifest for a decision: one left 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -238,6 +239,8 @@ class Runner:
             ending = "interrupted" if isinstance(error, (KeyboardInterrupt, ControlError)) else "failed"
             self._end_run_record(record, ending, stopped_at=at)
             raise
+        if note := unowned_leaderboard_note(self.run_dir, self._leaderboard_stage):
+            log.warning("%s", note)
         self._end_run_record(record, "complete")
         return outcomes
 
@@ -725,6 +728,25 @@ def leaderboard_stage(recipe: Recipe) -> str | None:
     """The stage whose leaderboard the run keeps: the recipe's last eval stage, as the recipe is now (each eval stage
     replaces the one before's). Only its record of the leaderboard is checked before it is skipped."""
     return next((stage.name for stage in reversed(recipe.stages) if stage.type == "eval"), None)
+
+
+def unowned_leaderboard_note(run_dir: Path, owner: str | None) -> str | None:
+    """What to say of a leaderboard at the run root when the recipe has no eval stage (``owner`` None): one an eval
+    stage wrote before the recipe dropped it. Nothing checks it before a skip any more and nothing replaces it, so it
+    may describe checkpoints that have changed since. It is kept (a table the user may still want), and said."""
+    from alignpipe.evaluation.leaderboard import LEADERBOARD_FILES
+
+    found = [name for name in LEADERBOARD_FILES if (run_dir / name).exists()]
+    if owner is not None or not found:
+        return None
+    try:
+        writer = json.loads((run_dir / "leaderboard.json").read_text())["run"]["stage"]
+        by = f"eval stage '{writer}'" if isinstance(writer, str) else "an eval stage"
+    except (OSError, ValueError, TypeError, KeyError):
+        by = "an eval stage"
+    return (f"{run_dir} holds {', '.join(found)} from {by}, but this recipe has no eval stage: they show the "
+            "checkpoints as that stage evaluated them, and nothing updates them now. Add an eval stage to evaluate "
+            "the checkpoints as they are, or remove the files.")
 
 
 def local_dataset_hash(stage) -> str | None:

@@ -83,7 +83,9 @@ def check_replaceable_sigmoid(args: DPOConfig, why: str) -> None:
     }
     for option, (value, default) in unsupported.items():
         if value != default:
-            raise ValueError(f"{why} does not support DPOConfig {option}={value!r}; leave it at {default!r}.")
+            raise ValueError(f"{why} does not support DPOConfig {option}={value!r}: it changes TRL's sigmoid term, "
+                             f"which is replaced on the assumption that it is −log σ(βh) of summed log-probs; leave "
+                             f"it at {default!r}.")
 
 
 class PairLogps:
@@ -118,10 +120,20 @@ class PairLossDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.check_sigmoid_replacement()
         # Wrapped after TRL's __init__, which builds its default collator; its reference precompute (if any) ran with
         # the plain collator, which ignores the extra fields.
         if self.pair_columns:
             self.data_collator = FloatColumnsCollator(self.data_collator, self.pair_columns)
+
+    def check_sigmoid_replacement(self) -> None:
+        """Refuse, when the trainer is built, a ``DPOConfig`` under which TRL's loss is not the ``sigmoid`` term that
+        :meth:`pair_loss` replaces (another ``loss_type``, ``use_weighting``, ``f_divergence_type``, ``ld_alpha``).
+
+        Why here: a trainer whose every batch uses its pair loss (SPPO, INPO) would otherwise train on a loss that is
+        neither TRL's nor its own, without a word. A subclass that is stock TRL unless asked otherwise overrides it.
+        """
+        check_replaceable_sigmoid(self.args, type(self).__name__)
 
     def pair_loss(self, logps: PairLogps, columns: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
         """Per-pair loss replacing ``−log σ(βh)``; may add metrics via :meth:`log_metric`."""

@@ -79,11 +79,14 @@ class SoftPreferenceDPOTrainer(PairLossDPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "soft-preference"]
     pair_columns: ClassVar[dict[str, float | None]] = {PREFERENCE_COLUMN: 1.0}
-    _label_smoothing_target = False  # set in __init__: cDPO via label_smoothing when no column gives targets
+    @property
+    def _label_smoothing_target(self) -> bool:
+        """cDPO via ``label_smoothing``: the target ``1 − ε`` of every pair when no column gives targets."""
+        return replaces_sigmoid(self.loss_types) and self.label_smoothing > 0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._label_smoothing_target = replaces_sigmoid(self.loss_types) and self.label_smoothing > 0
+    def check_sigmoid_replacement(self) -> None:
+        """Stock TRL unless asked otherwise: a ``preference`` column is checked with its dataset
+        (``_prepare_dataset``), ``label_smoothing`` (cDPO) here."""
         if self._label_smoothing_target:
             check_replaceable_sigmoid(self.args, f"label_smoothing={self.label_smoothing} (cDPO)")
 

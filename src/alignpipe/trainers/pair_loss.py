@@ -14,7 +14,8 @@ How it hooks into TRL (kept as thin as TRL's structure allows):
   that same forward, obtain the reference log-probs with TRL's own ``compute_ref_log_probs`` and hand them to TRL
   in the batch as its ``precompute_ref_log_probs`` mode does (one reference forward per step, as in stock TRL), and
   replace TRL's hard-label term: ``loss = loss_TRL + w · mean(pair_loss − (−log σ(βh)))``, with ``h`` rebuilt
-  exactly as TRL builds it. Where the pair loss equals ``−log σ(βh)`` the correction is exactly zero.
+  exactly as TRL builds it and ``w`` the weight of the loss list's ``sigmoid`` entry, wherever it sits. Where the
+  pair loss equals ``−log σ(βh)`` the correction is exactly zero.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from trl import DPOConfig, DPOTrainer
 
 from alignpipe.losses.preference import dpo_logits
 
-__all__ = ["FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "replaces_sigmoid"]
+__all__ = [
+    "FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "check_sigmoid_options",
+    "replaces_sigmoid", "sigmoid_weight",
+]
 
 SIGMOID_LOSS_TYPES = (["sigmoid"], ["sigmoid", "sft"])  # the pair loss replaces the sigmoid term; sft (NLL) may stay
 
@@ -69,13 +73,25 @@ def replaces_sigmoid(loss_types) -> bool:
     return list(loss_types) in SIGMOID_LOSS_TYPES
 
 
+def sigmoid_weight(loss_types, loss_weights) -> float:
+    """The weight of TRL's ``sigmoid`` term in a loss list: TRL adds ``weight · mean(loss)`` per entry, so the sum of
+    the ``sigmoid`` entries' weights wherever they sit (0 when there is none)."""
+    return sum(weight for loss, weight in zip(loss_types, loss_weights, strict=True) if loss == "sigmoid")
+
+
 def check_replaceable_sigmoid(args: DPOConfig, why: str) -> None:
-    """Options under which TRL's ``sigmoid`` term is not ``−log σ(βh)`` with our ``h`` are rejected, naming them."""
+    """A loss list other than ``[sigmoid]`` (plus ``sft``), or options under which TRL's ``sigmoid`` term is not
+    ``−log σ(βh)`` with our ``h``, are rejected, naming them: for a loss that stands in for the whole DPO loss."""
     if not replaces_sigmoid(args.loss_type):
         raise ValueError(
             f"{why} requires DPOConfig loss_type=['sigmoid'] or ['sigmoid', 'sft'] (its loss replaces the sigmoid DPO "
             f"loss); got loss_type={list(args.loss_type)}. Use loss_type=['sigmoid'] (plus 'sft' for an NLL term)."
         )
+    check_sigmoid_options(args, why)
+
+
+def check_sigmoid_options(args: DPOConfig, why: str) -> None:
+    """Options under which TRL's ``sigmoid`` term is not ``−log σ(βh)`` with our ``h`` are rejected, naming them."""
     unsupported = {
         "ld_alpha": (args.ld_alpha, None),
         "f_divergence_type": (args.f_divergence_type, "reverse_kl"),
@@ -156,7 +172,7 @@ class PairLossDPOTrainer(DPOTrainer):
         columns = {name: inputs.pop(name) for name in self.pair_columns if name in inputs}  # not for the forward
         if not self.uses_pair_loss(columns):
             return super()._compute_loss(model, inputs, return_outputs)  # stock TRL
-        if not replaces_sigmoid(self.loss_types):  # vision datasets skip `_prepare_dataset`: check here too
+        if columns:  # a column's loss list is checked in `_prepare_dataset`, which vision datasets skip: here too
             check_replaceable_sigmoid(self.args, type(self).__name__)
 
         # Reference log-probs from TRL's own helper (adapters disabled under PEFT), passed in the batch as in TRL's
@@ -189,7 +205,8 @@ class PairLossDPOTrainer(DPOTrainer):
         logps = PairLogps(chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
         columns = {name: value.to(chosen.device) for name, value in columns.items()}
 
-        # TRL's loss holds w * mean(-log σ(βh)) (+ w_sft * NLL, + MoE aux loss); replace the hard-label term.
+        # TRL's loss holds w * mean(-log σ(βh)) (+ its other entries, + MoE aux loss); replace the hard-label term.
         hard = -F.logsigmoid(self.beta * logps.h)
-        loss = loss + self.loss_weights[0] * (self.pair_loss(logps, columns, inputs) - hard).mean()
+        weight = sigmoid_weight(self.loss_types, self.loss_weights)
+        loss = loss + weight * (self.pair_loss(logps, columns, inputs) - hard).mean()
         return (loss, outputs) if return_outputs else loss

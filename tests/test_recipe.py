@@ -665,6 +665,17 @@ def test_label_smoothing_no_loss_reads_is_refused(tmp_path: Path) -> None:
             "aot_unpaired; add one of those or remove label_smoothing") in message
 
 
+@pytest.mark.parametrize("losses", ["exo_pair", "[sigmoid, exo_pair]"])
+def test_exo_pair_needs_label_smoothing_at_validation(tmp_path: Path, losses: str) -> None:
+    """TRL refuses exo_pair with label_smoothing 0 only when the trainer is built, after the model has loaded."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, (f"stages.dpo.loss_type={losses}",))
+    assert "stages.dpo.label_smoothing: loss_type exo_pair needs label_smoothing > 0" in message
+    assert "set label_smoothing, e.g. 0.001" in message
+    stage = load_recipe(path, (f"stages.dpo.loss_type={losses}", "stages.dpo.label_smoothing=0.001")).stage("dpo")
+    assert stage.label_smoothing == 0.001
+
+
 def test_a_null_setting_the_source_does_not_read_gets_the_same_message_as_a_value(tmp_path: Path) -> None:
     """score_clip: null on the synthetic source was refused as a value is, but said the synthetic task 'reads
     ready-made pairs': it generates them, labelled from its gold reward."""

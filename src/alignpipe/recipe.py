@@ -602,7 +602,8 @@ class DPOStage(_TrainingStage):
     )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed label-flip rate ε: the sigmoid loss becomes conservative DPO (cDPO) "
-        "wherever it sits in loss_type; TRL's robust, exo_pair and aot losses read it too (TRL default: 0).",
+        "wherever it sits in loss_type; TRL's robust, exo_pair (needs ε > 0) and aot losses read it too (TRL "
+        "default: 0).",
     )
     precompute_ref_log_probs: bool = Field(
         False, description="Compute reference log-probs once up front instead of per batch (TRL default)."
@@ -654,6 +655,11 @@ class DPOStage(_TrainingStage):
     def _soft_labels_need_sigmoid(self) -> DPOStage:
         if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
             raise _problem(*problems)
+        if "exo_pair" in self.loss_type and not self.label_smoothing:
+            # TRL refuses it only when the trainer is built, after the model loaded and the pairs were tokenized
+            raise _problem((("label_smoothing",), "loss_type exo_pair needs label_smoothing > 0: EXO's target gives "
+                            "the rejected reply probability ε, and its loss takes log ε; set label_smoothing, e.g. "
+                            "0.001 (the EXO paper's value), or drop exo_pair"))
         if self.label_smoothing and not set(self.loss_type) & LABEL_SMOOTHING_LOSSES:
             raise _problem((("label_smoothing",), f"no entry of loss_type {self.loss_type} reads it, so it would "
                             "change nothing: it makes the sigmoid loss conservative DPO (cDPO) and is TRL's ε for "

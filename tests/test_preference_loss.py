@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
@@ -275,6 +276,35 @@ def test_label_smoothing_is_cdpo_where_trl_sigmoid_ignores_it(tiny, tmp_path):
     assert losses[0] == losses[1]  # TRL 1.16: sigmoid + label_smoothing is plain DPO
     assert losses[2] == pytest.approx(losses[3], abs=1e-6)
     assert abs(losses[2] - losses[1]) > 1e-4
+
+
+@pytest.mark.parametrize("loss_type, weights", [
+    (["sigmoid", "robust"], [1.0, 1.0]),
+    (["robust", "sigmoid"], [0.5, 2.0]),  # sigmoid anywhere in the list, at its own weight
+    (["hinge", "sft", "sigmoid"], [0.5, 0.25, 1.5]),
+])
+def test_label_smoothing_makes_the_sigmoid_entry_cdpo_beside_other_losses(tiny, tmp_path, loss_type, weights):
+    """label_smoothing ε is conservative DPO for the sigmoid entry wherever it sits (TRL's sigmoid ignores ε, so it
+    stayed hard DPO beside robust), while the other entries stay TRL's own; hand-computed from the same batch's h."""
+    eps = 0.2
+    config = {"loss_type": loss_type, "loss_weights": weights, "label_smoothing": eps}
+    stock = _trainer(DPOTrainer, tiny, tmp_path / "stock", **config)
+    ours = _trainer(SoftPreferenceDPOTrainer, tiny, tmp_path / "ours", **config)
+    stock_batch, batch = _batch(stock), _batch(ours)
+    h = _h(ours, batch)
+    with torch.no_grad():
+        stock_loss = stock.compute_loss(stock.model, stock_batch).item()
+        loss = ours.compute_loss(ours.model, batch).item()
+
+    z = BETA * h
+    hard = -F.logsigmoid(z)
+    cdpo = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # §5 cDPO
+    w_sigmoid = weights[loss_type.index("sigmoid")]
+    assert abs(cdpo.mean().item() - hard.mean().item()) > 1e-3  # a real difference to find
+    assert loss == pytest.approx(stock_loss + w_sigmoid * (cdpo.mean() - hard.mean()).item(), abs=1e-6)
+    if loss_type[:2] == ["sigmoid", "robust"]:  # every term by hand: cDPO + TRL's robust loss
+        robust = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        assert loss == pytest.approx((cdpo.mean() + robust.mean()).item(), abs=1e-6)
 
 
 def test_short_soft_training_run_lowers_the_loss_and_logs_the_margin_gap(tiny, tmp_path):

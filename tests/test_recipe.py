@@ -647,6 +647,35 @@ def test_dpo_loss_weights_must_train_something(tmp_path: Path) -> None:
     assert load_recipe(path, (both, "stages.dpo.loss_weights=[0, 1]")).stage("dpo").loss_weights == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("losses", ["[sigmoid, robust]", "[robust, sigmoid]", "[sigmoid, hinge]", "[ipo, sigmoid, sft]",
+                                    "[aot]"])
+def test_label_smoothing_is_taken_with_any_loss_that_reads_it(tmp_path: Path, losses: str) -> None:
+    """The sigmoid entry reads it (cDPO) wherever it sits in loss_type, so [sigmoid, hinge] was refused though the
+    trainer applies it; TRL's robust, exo_pair and aot losses read it too."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    stage = load_recipe(path, (f"stages.dpo.loss_type={losses}", "stages.dpo.label_smoothing=0.1")).stage("dpo")
+    assert stage.label_smoothing == 0.1
+
+
+def test_label_smoothing_no_loss_reads_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, ("stages.dpo.loss_type=[hinge, sft]", "stages.dpo.label_smoothing=0.1"))
+    assert ("stages.dpo.label_smoothing: no entry of loss_type ['hinge', 'sft'] reads it, so it would change nothing: "
+            "it makes the sigmoid loss conservative DPO (cDPO) and is TRL's ε for robust, exo_pair, aot and "
+            "aot_unpaired; add one of those or remove label_smoothing") in message
+
+
+@pytest.mark.parametrize("losses", ["exo_pair", "[sigmoid, exo_pair]"])
+def test_exo_pair_needs_label_smoothing_at_validation(tmp_path: Path, losses: str) -> None:
+    """TRL refuses exo_pair with label_smoothing 0 only when the trainer is built, after the model has loaded."""
+    path = write(tmp_path / "good.yaml", GOOD)
+    message = error_for(path, (f"stages.dpo.loss_type={losses}",))
+    assert "stages.dpo.label_smoothing: loss_type exo_pair needs label_smoothing > 0" in message
+    assert "set label_smoothing, e.g. 0.001" in message
+    stage = load_recipe(path, (f"stages.dpo.loss_type={losses}", "stages.dpo.label_smoothing=0.001")).stage("dpo")
+    assert stage.label_smoothing == 0.001
+
+
 def test_a_null_setting_the_source_does_not_read_gets_the_same_message_as_a_value(tmp_path: Path) -> None:
     """score_clip: null on the synthetic source was refused as a value is, but said the synthetic task 'reads
     ready-made pairs': it generates them, labelled from its gold reward."""

@@ -4,7 +4,10 @@ through a SafeLoader, remote code only when a recipe turns it on; published chec
 from __future__ import annotations
 
 import ast
+import dataclasses
+import json
 import logging
+import sys
 
 import pytest
 import yaml
@@ -101,3 +104,85 @@ def test_published_checkpoints_hold_no_pickle_files(completed_tiny_run) -> None:
     pickled = [p for d in checkpoints for p in d.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
     assert not pickled, pickled
     assert all(any(d.rglob("*.safetensors")) for d in checkpoints)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A custom-code policy through the trainers: the recipe's switch reaches the TRL configs
+# --------------------------------------------------------------------------------------------------------------------
+
+CUSTOM_MODEL_TYPE = "alignpipe_test_remote_llama"
+CUSTOM_MODEL_CODE = f"""from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "{CUSTOM_MODEL_TYPE}"
+
+
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+@pytest.fixture
+def custom_code_checkpoint(tmp_path, monkeypatch, tokenizer):
+    """A tiny Llama saved with its classes beside the weights (``auto_map``) under a model type transformers does not
+    know, so only ``trust_remote_code`` loads it. Its code is imported from a modules cache under ``tmp_path`` (not
+    ~/.cache), which transformers puts on ``sys.path`` for the test only."""
+    from transformers import dynamic_module_utils
+
+    from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, seed=0)
+    path = save_tiny_checkpoint(model, tokenizer, tmp_path / "custom_code_llama")
+    (path / "modeling_remote_llama.py").write_text(CUSTOM_MODEL_CODE)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=CUSTOM_MODEL_TYPE, architectures=["RemoteLlamaForCausalLM"], auto_map={
+        "AutoConfig": "modeling_remote_llama.RemoteLlamaConfig",
+        "AutoModelForCausalLM": "modeling_remote_llama.RemoteLlamaForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_dpo_trainer_builds_the_reference_of_a_custom_code_policy(custom_code_checkpoint, tmp_path, monkeypatch,
+                                                                  tokenizer) -> None:
+    """The dpo stage's default (full weights, no ref_model): TRL loads the reference itself from the policy's path,
+    with its config's trust_remote_code, so the recipe's switch must reach the config (the default False refused
+    the checkpoint: "contains custom code which must be executed")."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from alignpipe.models import loading
+    from alignpipe.pipeline.rundir import StageDir
+    from alignpipe.pipeline.stage import StageContext
+    from alignpipe.recipe import Recipe
+    from alignpipe.tasks.synthetic import preference_pairs
+    from alignpipe.trainers.common import trainer_arguments
+    from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
+
+    path = str(custom_code_checkpoint)
+    recipe = Recipe.model_validate({**TINY_RECIPE, "model": {"name_or_path": path, "trust_remote_code": True}})
+    stage = recipe.stage("dpo")
+    assert stage.lora is None
+    ctx = StageContext(recipe=recipe, stage=stage, dir=StageDir(tmp_path / "run" / "dpo"), run_dir=tmp_path / "run",
+                       base=path, inputs={"sft": path}, resume_from=None)
+    monkeypatch.setattr(loading, "_trust_remote_code", True)  # what the stage process sets from the recipe
+    policy = loading.load_causal_lm(path, dtype="float32")
+    assert type(policy).__name__ == "RemoteLlamaForCausalLM"
+
+    pairs = Dataset.from_list(preference_pairs(4, 0, noise=0.5, temperature=0.1))
+    trainer = SoftPreferenceDPOTrainer(model=policy, args=DPOConfig(**trainer_arguments(ctx), beta=stage.beta),
+                                       train_dataset=pairs, processing_class=tokenizer)
+    assert type(trainer.ref_model).__name__ == "RemoteLlamaForCausalLM"
+    assert trainer.ref_model is not trainer.model
+
+
+def test_every_config_built_from_trainer_arguments_takes_trust_remote_code() -> None:
+    """``trainer_arguments`` passes trust_remote_code to every TRL config built from it without asking: each must
+    have the field (a TRL upgrade that drops one would otherwise fail every stage of that type)."""
+    from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
+
+    for config_class in (SFTConfig, DPOConfig, GRPOConfig, RLOOConfig):
+        assert "trust_remote_code" in {f.name for f in dataclasses.fields(config_class)}, config_class.__name__

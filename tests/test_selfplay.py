@@ -252,10 +252,10 @@ def _rows(n=8):
     return rows
 
 
-def _make(cls, tokenizer, models, tmp_path, rows, **kwargs):
+def _make(cls, tokenizer, models, tmp_path, rows, config=None, **kwargs):
     policy, previous, _ = models
     args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                     max_length=48, beta=0.5, **activation_checkpointing_argument(False))
+                     max_length=48, beta=0.5, **activation_checkpointing_argument(False), **(config or {}))
     return cls(model=copy.deepcopy(policy), ref_model=copy.deepcopy(previous), args=args,
                train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **kwargs)
 
@@ -302,6 +302,19 @@ def test_inpo_trainer_loss_mixes_the_anchor_and_previous_iterate(tokenizer, mode
     ac, ar = _logps(trainer, trainer.anchor_model, batch)
     expected = inpo_loss(inpo_logits(pc, pr, ac, ar, tc, tr, mix=0.3), eta=2.0).mean()
     assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"use_weighting": True}, {"f_divergence_type": "js_divergence"},
+                                    {"ld_alpha": 0.5}, {"loss_type": ["sigmoid", "hinge"]}])
+@pytest.mark.parametrize("cls", [SPPOTrainer, INPOTrainer])
+def test_selfplay_trainers_refuse_options_that_change_trls_sigmoid_term(tokenizer, models, tmp_path, cls, option):
+    """Their loss replaces TRL's sigmoid term assuming it is −log σ(βh); these options change that term (or add
+    others), so the loss trained would be neither TRL's nor the method's: refused when the trainer is built."""
+    extra = {"anchor_model": copy.deepcopy(models[2]), "mix": 0.3} if cls is INPOTrainer else {}
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=rf"{cls.__name__} (does not support|requires) DPOConfig {name}") as error:
+        _make(cls, tokenizer, models, tmp_path, _rows(), config=option, **extra)
+    assert "leave it at" in str(error.value) or "Use loss_type=['sigmoid']" in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------------------------

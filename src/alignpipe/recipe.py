@@ -73,6 +73,9 @@ DPOLossType = Literal[
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 ]
+# The DPO losses that read label_smoothing: sigmoid as conservative DPO (alignpipe's SoftPreferenceDPOTrainer, wherever
+# it sits in the list; TRL 1.16's own sigmoid ignores it), the others in TRL itself.
+LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 RUN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
@@ -598,7 +601,9 @@ class DPOStage(_TrainingStage):
         "default).",
     )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Assumed label-flip rate for conservative/robust DPO (TRL default: 0)."
+        0.0, ge=0, lt=0.5, description="Assumed label-flip rate ε: the sigmoid loss becomes conservative DPO (cDPO) "
+        "wherever it sits in loss_type; TRL's robust, exo_pair (needs ε > 0) and aot losses read it too (TRL "
+        "default: 0).",
     )
     precompute_ref_log_probs: bool = Field(
         False, description="Compute reference log-probs once up front instead of per batch (TRL default)."
@@ -650,11 +655,15 @@ class DPOStage(_TrainingStage):
     def _soft_labels_need_sigmoid(self) -> DPOStage:
         if self.dataset.soft_strengths and (problems := self.soft_strength_problems()):
             raise _problem(*problems)
-        if self.label_smoothing and self.loss_type not in (["sigmoid"], ["sigmoid", "sft"]):
-            msg = (f"label_smoothing (conservative DPO) is applied to the sigmoid loss; with loss_type {self.loss_type} "
-                   "TRL reads it only for robust/exo_pair/aot")
-            if not set(self.loss_type) & {"robust", "exo_pair", "aot", "aot_unpaired"}:
-                raise _problem((("label_smoothing",), msg))
+        if "exo_pair" in self.loss_type and not self.label_smoothing:
+            # TRL refuses it only when the trainer is built, after the model loaded and the pairs were tokenized
+            raise _problem((("label_smoothing",), "loss_type exo_pair needs label_smoothing > 0: EXO's target gives "
+                            "the rejected reply probability ε, and its loss takes log ε; set label_smoothing, e.g. "
+                            "0.001 (the EXO paper's value), or drop exo_pair"))
+        if self.label_smoothing and not set(self.loss_type) & LABEL_SMOOTHING_LOSSES:
+            raise _problem((("label_smoothing",), f"no entry of loss_type {self.loss_type} reads it, so it would "
+                            "change nothing: it makes the sigmoid loss conservative DPO (cDPO) and is TRL's ε for "
+                            "robust, exo_pair, aot and aot_unpaired; add one of those or remove label_smoothing"))
         return self
 
 

@@ -82,6 +82,10 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
     TRL 1.16 defaults to bf16 and gradient checkpointing; both are wrong for a tiny model on a CPU, so precision
     follows the hardware (``bf16: null``) and checkpointing is opt-in. The per-device batch and accumulation come
     from the stage's ``global_batch_size`` and this launch's world size when it is set.
+
+    ``trust_remote_code`` is the recipe's ``model.trust_remote_code``: a trainer that loads a model itself (DPO's
+    and GRPO/RLOO's reference for full weights with no ``ref_model``, rebuilt from the policy's
+    ``config._name_or_path``) reads it from its config, whose default (False) refused a custom-code policy.
     """
     stage = ctx.stage
     batch = stage_batch_split(stage, distributed.world_size())
@@ -109,6 +113,9 @@ def trainer_arguments(ctx: StageContext) -> dict[str, Any]:
         report_to=[],
         dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN loss must reach MetricsLogger, not be replaced by the running mean
+        # Passed unconditionally: TRL 1.16's SFTConfig, DPOConfig, GRPOConfig and RLOOConfig, the configs built from
+        # these arguments, all have the field (a test checks it, so an upgrade that drops one fails there).
+        trust_remote_code=ctx.recipe.model.trust_remote_code,
         **optimizer_arguments(ctx),
     )
 

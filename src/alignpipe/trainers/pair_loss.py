@@ -14,7 +14,8 @@ How it hooks into TRL (kept as thin as TRL's structure allows):
   that same forward, obtain the reference log-probs with TRL's own ``compute_ref_log_probs`` and hand them to TRL
   in the batch as its ``precompute_ref_log_probs`` mode does (one reference forward per step, as in stock TRL), and
   replace TRL's hard-label term: ``loss = loss_TRL + w · mean(pair_loss − (−log σ(βh)))``, with ``h`` rebuilt
-  exactly as TRL builds it. Where the pair loss equals ``−log σ(βh)`` the correction is exactly zero.
+  exactly as TRL builds it and ``w`` the weight of the loss list's ``sigmoid`` entry, wherever it sits. Where the
+  pair loss equals ``−log σ(βh)`` the correction is exactly zero.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from trl import DPOConfig, DPOTrainer
 from alignpipe.losses.preference import dpo_logits
 from alignpipe.trainers.reference_logps import InMemoryReferenceLogps
 
-__all__ = ["FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "replaces_sigmoid"]
+__all__ = [
+    "FloatColumnsCollator", "PairLogps", "PairLossDPOTrainer", "check_replaceable_sigmoid", "check_sigmoid_options",
+    "replaces_sigmoid", "sigmoid_weight",
+]
 
 SIGMOID_LOSS_TYPES = (["sigmoid"], ["sigmoid", "sft"])  # the pair loss replaces the sigmoid term; sft (NLL) may stay
 
@@ -70,13 +74,25 @@ def replaces_sigmoid(loss_types) -> bool:
     return list(loss_types) in SIGMOID_LOSS_TYPES
 
 
+def sigmoid_weight(loss_types, loss_weights) -> float:
+    """The weight of TRL's ``sigmoid`` term in a loss list: TRL adds ``weight · mean(loss)`` per entry, so the sum of
+    the ``sigmoid`` entries' weights wherever they sit (0 when there is none)."""
+    return sum(weight for loss, weight in zip(loss_types, loss_weights, strict=True) if loss == "sigmoid")
+
+
 def check_replaceable_sigmoid(args: DPOConfig, why: str) -> None:
-    """Options under which TRL's ``sigmoid`` term is not ``−log σ(βh)`` with our ``h`` are rejected, naming them."""
+    """A loss list other than ``[sigmoid]`` (plus ``sft``), or options under which TRL's ``sigmoid`` term is not
+    ``−log σ(βh)`` with our ``h``, are rejected, naming them: for a loss that stands in for the whole DPO loss."""
     if not replaces_sigmoid(args.loss_type):
         raise ValueError(
             f"{why} requires DPOConfig loss_type=['sigmoid'] or ['sigmoid', 'sft'] (its loss replaces the sigmoid DPO "
             f"loss); got loss_type={list(args.loss_type)}. Use loss_type=['sigmoid'] (plus 'sft' for an NLL term)."
         )
+    check_sigmoid_options(args, why)
+
+
+def check_sigmoid_options(args: DPOConfig, why: str) -> None:
+    """Options under which TRL's ``sigmoid`` term is not ``−log σ(βh)`` with our ``h`` are rejected, naming them."""
     unsupported = {
         "ld_alpha": (args.ld_alpha, None),
         "f_divergence_type": (args.f_divergence_type, "reverse_kl"),
@@ -84,7 +100,9 @@ def check_replaceable_sigmoid(args: DPOConfig, why: str) -> None:
     }
     for option, (value, default) in unsupported.items():
         if value != default:
-            raise ValueError(f"{why} does not support DPOConfig {option}={value!r}; leave it at {default!r}.")
+            raise ValueError(f"{why} does not support DPOConfig {option}={value!r}: it changes TRL's sigmoid term, "
+                             f"which is replaced on the assumption that it is −log σ(βh) of summed log-probs; leave "
+                             f"it at {default!r}.")
 
 
 class PairLogps:
@@ -119,10 +137,20 @@ class PairLossDPOTrainer(InMemoryReferenceLogps, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.check_sigmoid_replacement()
         # Wrapped after TRL's __init__, which builds its default collator; its reference precompute (if any) ran with
         # the plain collator, which ignores the extra fields.
         if self.pair_columns:
             self.data_collator = FloatColumnsCollator(self.data_collator, self.pair_columns)
+
+    def check_sigmoid_replacement(self) -> None:
+        """Refuse, when the trainer is built, a ``DPOConfig`` under which TRL's loss is not the ``sigmoid`` term that
+        :meth:`pair_loss` replaces (another ``loss_type``, ``use_weighting``, ``f_divergence_type``, ``ld_alpha``).
+
+        Why here: a trainer whose every batch uses its pair loss (SPPO, INPO) would otherwise train on a loss that is
+        neither TRL's nor its own, without a word. A subclass that is stock TRL unless asked otherwise overrides it.
+        """
+        check_replaceable_sigmoid(self.args, type(self).__name__)
 
     def pair_loss(self, logps: PairLogps, columns: dict[str, torch.Tensor], inputs: dict) -> torch.Tensor:
         """Per-pair loss replacing ``−log σ(βh)``; may add metrics via :meth:`log_metric`."""
@@ -145,7 +173,7 @@ class PairLossDPOTrainer(InMemoryReferenceLogps, DPOTrainer):
         columns = {name: inputs.pop(name) for name in self.pair_columns if name in inputs}  # not for the forward
         if not self.uses_pair_loss(columns):
             return super()._compute_loss(model, inputs, return_outputs)  # stock TRL
-        if not replaces_sigmoid(self.loss_types):  # vision datasets skip `_prepare_dataset`: check here too
+        if columns:  # a column's loss list is checked in `_prepare_dataset`, which vision datasets skip: here too
             check_replaceable_sigmoid(self.args, type(self).__name__)
 
         # Reference log-probs from TRL's own helper (adapters disabled under PEFT), passed in the batch as in TRL's
@@ -178,7 +206,8 @@ class PairLossDPOTrainer(InMemoryReferenceLogps, DPOTrainer):
         logps = PairLogps(chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
         columns = {name: value.to(chosen.device) for name, value in columns.items()}
 
-        # TRL's loss holds w * mean(-log σ(βh)) (+ w_sft * NLL, + MoE aux loss); replace the hard-label term.
+        # TRL's loss holds w * mean(-log σ(βh)) (+ its other entries, + MoE aux loss); replace the hard-label term.
         hard = -F.logsigmoid(self.beta * logps.h)
-        loss = loss + self.loss_weights[0] * (self.pair_loss(logps, columns, inputs) - hard).mean()
+        weight = sigmoid_weight(self.loss_types, self.loss_weights)
+        loss = loss + weight * (self.pair_loss(logps, columns, inputs) - hard).mean()
         return (loss, outputs) if return_outputs else loss

@@ -11,8 +11,9 @@ Both are the same loss, ``soft_preference_loss(h, p, β) = −[p log σ(βh) + (
 (``alignpipe.losses.preference``): ``p = 1`` is DPO, ``p = 1 − ε`` cDPO, soft ``p`` SPCE.
 
 Usage: give the training dataset a float column ``preference`` in [0, 1] (null = 1). Without the column the trainer
-is exactly TRL's ``DPOTrainer``, except that with ``loss_type=["sigmoid"]`` a nonzero ``label_smoothing`` ε now
-means cDPO (``p = 1 − ε`` for every pair) instead of being silently ignored.
+is exactly TRL's ``DPOTrainer``, except that a nonzero ``label_smoothing`` ε makes the ``sigmoid`` entry of
+``loss_type``, wherever it sits and at its weight, cDPO (``p = 1 − ε`` for every pair) instead of silently hard DPO;
+the other entries stay TRL's (``robust``, ``exo_pair`` and ``aot*`` read ε themselves).
 
 How it hooks into TRL: through :class:`alignpipe.trainers.pair_loss.PairLossDPOTrainer` (the shared per-pair loss
 hook), with ``loss = loss_TRL + w · mean(soft(h, p) − (−log σ(βh)))``. With ``p = 1`` the correction is exactly
@@ -36,7 +37,7 @@ from alignpipe.trainers.pair_loss import (
     PairLogps,
     PairLossDPOTrainer,
     check_replaceable_sigmoid,
-    replaces_sigmoid,
+    check_sigmoid_options,
 )
 
 PREFERENCE_COLUMN = "preference"
@@ -79,13 +80,17 @@ class SoftPreferenceDPOTrainer(PairLossDPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "soft-preference"]
     pair_columns: ClassVar[dict[str, float | None]] = {PREFERENCE_COLUMN: 1.0}
-    _label_smoothing_target = False  # set in __init__: cDPO via label_smoothing when no column gives targets
+    @property
+    def _label_smoothing_target(self) -> bool:
+        """cDPO via ``label_smoothing``: the target ``1 − ε`` of every pair when no column gives targets, for the
+        ``sigmoid`` entry wherever it sits in the loss list (beside ``robust`` too: TRL's sigmoid ignores ε)."""
+        return "sigmoid" in self.loss_types and self.label_smoothing > 0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._label_smoothing_target = replaces_sigmoid(self.loss_types) and self.label_smoothing > 0
+    def check_sigmoid_replacement(self) -> None:
+        """Stock TRL unless asked otherwise: a ``preference`` column is checked with its dataset
+        (``_prepare_dataset``), ``label_smoothing`` (cDPO) here."""
         if self._label_smoothing_target:
-            check_replaceable_sigmoid(self.args, f"label_smoothing={self.label_smoothing} (cDPO)")
+            check_sigmoid_options(self.args, f"label_smoothing={self.label_smoothing} (cDPO)")
 
     # --- data ------------------------------------------------------------------------------------------------------
 

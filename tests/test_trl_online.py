@@ -286,3 +286,72 @@ def test_prompts_left_out_of_each_epoch_are_logged(check, caplog):
     with caplog.at_level(logging.INFO, logger="alignpipe"):
         check_prompts(stage.model_copy(update={"prompts": 6}), 1)
     assert "left out" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_a_run_resumed_in_its_second_epoch_trains_as_the_uninterrupted_one(online_run, tmp_path, monkeypatch, kind):
+    """TRL's RepeatSampler shuffles each epoch from a generator seeded once; a resumed trainer's fresh sampler
+    replayed epoch 1's order in epoch 2, so some prompts trained twice and others never, and the weights differed."""
+    from safetensors.torch import load_file
+
+    from alignpipe.trainers.common import MetricsLogger
+
+    class KilledAtStep6(MetricsLogger):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            super().on_log(args, state, control, logs=logs, **kwargs)
+            if state.global_step == 6:
+                raise RuntimeError("killed at step 6")
+
+    # 8 prompts, 2 per step: 4 steps an epoch; the checkpoint at step 5 is one step into epoch 2
+    stage = {"name": kind, "type": kind, **FAST, "prompts": 8, "num_train_epochs": 2, "max_steps": -1,
+             "save_steps": 5}
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]})
+    weights = {}
+    for attempt in ("uninterrupted", "resumed"):
+        runs = tmp_path / attempt
+        copy_sft(online_run[0], runs)
+        if attempt == "resumed":
+            monkeypatch.setattr(trl_online, "MetricsLogger", KilledAtStep6)
+            with pytest.raises(RuntimeError, match="killed at step 6"):
+                Runner(load_recipe(recipe), runs_dir=runs, in_process=True).run()
+            monkeypatch.setattr(trl_online, "MetricsLogger", MetricsLogger)
+        outcomes = Runner(load_recipe(recipe), runs_dir=runs, in_process=True, resume=attempt == "resumed").run()
+        assert {o.name: o.action for o in outcomes}[kind] == ("resumed" if attempt == "resumed" else "ran")
+        weights[attempt] = load_file(runs / "tiny" / kind / "checkpoint" / "model.safetensors")
+    for name, tensor in weights["uninterrupted"].items():
+        assert (weights["resumed"][name] == tensor).all(), name
+
+
+def test_the_sampler_shuffles_each_epoch_as_trls_does_and_starts_at_any_epoch():
+    import torch
+    from trl.trainer.utils import RepeatSampler
+
+    from alignpipe.trainers.epoch_sampling import EpochReplayingRepeatSampler
+
+    options = {"data_source": list(range(12)), "mini_repeat_count": 2, "batch_size": 3, "repeat_count": 2,
+               "seed": 7}
+    trls = RepeatSampler(**options)
+    trl_epochs = [list(trls) for _ in range(3)]
+    ours = EpochReplayingRepeatSampler(**options)
+    assert [list(ours) for _ in range(3)] == trl_epochs  # an uninterrupted run is unchanged
+    assert list(EpochReplayingRepeatSampler(**options, first_epoch=2)) == trl_epochs[2]
+    assert list(RepeatSampler(**options)) == trl_epochs[0] != trl_epochs[2]  # what a resumed TRL sampler drew
+    torch.manual_seed(0)  # the global generator plays no part
+    assert list(EpochReplayingRepeatSampler(**options, first_epoch=1)) == trl_epochs[1]
+
+
+def test_cispo_on_policy_steps_as_dapo_does(online_run, tmp_path):
+    """On policy the ratio is 1, so CISPO's weight min(ratio, ε_max) is 1 and its gradient is DAPO's; with TRL's
+    fallback ε_max (0.2) every token's policy gradient was a fifth of it."""
+    stages = [{"name": loss, "type": "grpo", "loss_type": loss, **FAST, "max_steps": 1, "save_steps": 1}
+              for loss in ("dapo", "cispo")]
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], *stages]})
+    copy_sft(online_run[0], tmp_path / "runs")
+    Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
+    first = {}
+    for loss in ("dapo", "cispo"):
+        records = StageDir(tmp_path / "runs" / "tiny" / loss).metrics.read_text().splitlines()
+        first[loss] = next(r for r in map(json.loads, records) if "grad_norm" in r)
+    assert first["dapo"]["reward"] == first["cispo"]["reward"]  # the same samples
+    assert first["cispo"]["grad_norm"] == pytest.approx(first["dapo"]["grad_norm"], rel=1e-4)
+    assert first["cispo"]["grad_norm"] > 0.01

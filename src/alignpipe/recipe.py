@@ -1186,7 +1186,8 @@ class GRPOStage(_GroupRLStage):
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
         "dapo", description="How TRL's GRPOTrainer aggregates token losses (TRL default dapo: over every token of the "
         "batch); grpo = DeepSeekMath's per-sequence length normalisation, which favours short correct completions; "
-        "luspo trains with one importance ratio per completion (GSPO's sequence level), as its paper does.",
+        "luspo trains with one importance ratio per completion (GSPO's sequence level), as its paper does; cispo "
+        "clips its importance weight at ScaleRL's ε_max = 5 (TRL's fallback, 0.2, cut every on-policy token).",
     )
 
 

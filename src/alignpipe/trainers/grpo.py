@@ -22,7 +22,19 @@ def importance_sampling_level(loss_type: str) -> str:
     return "sequence" if loss_type in SEQUENCE_LEVEL_LOSSES else "token"
 
 
+# CISPO's ε_max (ScaleRL, and TRL 1.16's GRPOConfig docs): TRL clips the CISPO weight at ``epsilon_high``, which falls
+# back to the PPO-style ε = 0.2 when unset, so an on-policy ratio of 1 was cut to 0.2 on every token.
+CISPO_EPSILON_MAX = 5.0
+
+
+def clipping_arguments(loss_type: str) -> dict[str, float]:
+    """``GRPOConfig`` clipping settings ``loss_type`` needs beyond TRL's defaults: CISPO's importance weight is
+    ``min(ratio, ε_max)``, and TRL's default ε_max (its PPO ε, 0.2) scaled every token's policy gradient by 0.2 while
+    the KL term kept its weight (β five times as strong), and counted tokens of on-policy batches as clipped."""
+    return {"epsilon_high": CISPO_EPSILON_MAX} if loss_type == "cispo" else {}
+
+
 def run(ctx: StageContext) -> dict:
     loss_type = ctx.stage.loss_type
     return run_online(ctx, GRPOTrainer, GRPOConfig, loss_type=loss_type,
-                      importance_sampling_level=importance_sampling_level(loss_type))
+                      importance_sampling_level=importance_sampling_level(loss_type), **clipping_arguments(loss_type))

@@ -132,3 +132,38 @@ def test_self_judge_runs_inside_the_loop(tmp_path):
     (record,) = _records(runner.run_dir / "osp")
     assert record["judge"] == "self" and record["pairs"] > 0
     assert record["judge_gold_agreement"] is None or 0.0 <= record["judge_gold_agreement"] <= 1.0
+
+
+def test_references_load_in_the_policys_dtype(tmp_path, llama_path, monkeypatch):
+    """Full fine-tuning under ``dtype: auto`` on a bf16 GPU loads the policy in float32 (``policy_dtype``), and round
+    0's reference is TRL's copy in the policy's dtype; a later round's explicit reference and INPO's anchor must be
+    float32 too, not auto's bf16 (they were: references computed in another precision than the policy's own)."""
+    import torch
+
+    import alignpipe.models.loading as loading
+    import alignpipe.trainers.iterative as iterative
+    from alignpipe.pipeline.stage import StageContext
+
+    monkeypatch.setattr(loading, "bf16_supported", lambda: True)  # dtype auto = bf16, as on a capable GPU
+    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "lora": None},
+              {"name": "inpo", "type": "inpo", **ROUND_STAGE, "lora": None}]
+    recipe = load_recipe(write_recipe(tmp_path, _recipe(*stages)))
+
+    def context(name):
+        return StageContext(recipe=recipe, stage=recipe.stage(name), dir=StageDir(tmp_path / name), run_dir=tmp_path,
+                            base=llama_path, inputs={"sft": llama_path}, resume_from=None)
+
+    class Captured(Exception):
+        pass
+
+    class Capture:
+        def trainer(self, ctx, **kwargs):
+            raise Captured(kwargs["ref_model"])
+
+    row = {"prompt": [{"role": "user", "content": "copy: 1"}], "chosen": [{"role": "assistant", "content": "1"}],
+           "rejected": [{"role": "assistant", "content": "2"}]}
+    with pytest.raises(Captured) as captured:
+        iterative._train_round(context("osp"), Capture(), 1, None, None, [row], llama_path)
+    monkeypatch.setattr(iterative, "INPOTrainer", lambda **kwargs: kwargs["anchor_model"])
+    anchor = iterative.SelfPlayRule("inpo").trainer(context("inpo"))
+    assert captured.value.args[0].dtype == anchor.dtype == torch.float32

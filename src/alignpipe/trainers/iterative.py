@@ -41,7 +41,7 @@ from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.models.loading import load_tokenizer
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import ROUND_DATA, StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext, verified_trainer_checkpoint
@@ -174,7 +174,7 @@ class SelfPlayRule:
         if self.kind == "sppo":
             return SPPOTrainer(**kwargs)
         if self.kind == "inpo":
-            anchor = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype)
+            anchor = load_reference(ctx, ctx.start_model)
             return INPOTrainer(**kwargs, anchor_model=anchor, mix=ctx.stage.reference_mix)
         return SoftPreferenceDPOTrainer(**kwargs)  # no preference column: TRL's sigmoid DPO
 
@@ -204,6 +204,18 @@ class SPINRule:
 
     def trainer(self, ctx: StageContext, **kwargs):
         return SoftPreferenceDPOTrainer(**kwargs)
+
+
+def load_reference(ctx: StageContext, path: str):
+    """A frozen reference from ``path`` (a round's explicit ``ref_model``, INPO's anchor ``π_ref``), loaded as the
+    policy is (:func:`~alignpipe.trainers.common.load_policy`): k-bit under ``model.quantization``, else in the
+    policy's own dtype (float32 for full weights under ``dtype: auto``).
+
+    Why: round 0's reference is the policy itself with its adapters off (TRL), or TRL's copy in the policy's dtype,
+    and every later reference must compute what that one would from the same weights. Loaded in full precision under
+    QLoRA, the start model differed from round 0's 4-bit one by the quantization error: the implicit reward moved
+    from round 1 on, INPO's h was not 0 at π_θ = π_t = π_ref (§10e), and a QLoRA run held a full-precision copy."""
+    return load_policy(ctx, path)
 
 
 def win_rate_pairs(judge, prompts: list[str], responses: list[list[str]],
@@ -305,7 +317,7 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
     losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
               else {"loss_type": ["sigmoid"]})
     args = DPOConfig(**arguments, beta=stage.beta, **losses)
-    ref_model = load_causal_lm(reference_path, dtype=ctx.recipe.model.dtype) if reference_path else None
+    ref_model = load_reference(ctx, reference_path) if reference_path else None
     trainer = method.trainer(
         ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=lora_config(ctx),

@@ -167,3 +167,25 @@ def test_references_load_in_the_policys_dtype(tmp_path, llama_path, monkeypatch)
     monkeypatch.setattr(iterative, "INPOTrainer", lambda **kwargs: kwargs["anchor_model"])
     anchor = iterative.SelfPlayRule("inpo").trainer(context("inpo"))
     assert captured.value.args[0].dtype == anchor.dtype == torch.float32
+
+
+def test_save_total_limit_holds_for_the_whole_stage(tmp_path, monkeypatch):
+    """A round's trainer checkpoints only resume that round: they are deleted once it is complete, so an R-round stage
+    keeps at most ``save_total_limit`` of them, not R times as many (with optimizer state) to its end."""
+    import alignpipe.trainers.iterative as iterative
+
+    train_round, kept = iterative._train_round, []
+
+    def counting(ctx, *args):
+        kept.append(len(list(ctx.dir.trainer.glob("*/checkpoint-*"))))  # what earlier rounds left
+        return train_round(ctx, *args)
+
+    monkeypatch.setattr(iterative, "_train_round", counting)
+    stage = {"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 3, "prompts_per_round": 8, "save_steps": 1,
+             "save_total_limit": 1, "truncated_samples": "keep"}
+    runner = Runner(load_recipe(write_recipe(tmp_path, _recipe(stage))), runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran"]
+    osp = StageDir(runner.run_dir / "osp")
+    assert kept == [0, 0, 0]
+    assert not list(osp.trainer.glob("*/checkpoint-*")) and not osp.read_manifest().get("checkpoints")
+    assert all((osp.root / "rounds" / f"round-{r}" / "checkpoint").is_dir() for r in range(3))

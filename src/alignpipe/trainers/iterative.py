@@ -11,7 +11,8 @@ every round's record.
 
 Each round writes ``rounds/round-<r>/`` (``pairs.json``, ``checkpoint/``, ``manifest.json``) and one line to
 ``metrics.jsonl``; with ``--resume`` completed rounds are kept, and an interrupted round trains on its saved
-``pairs.json`` from its last trainer checkpoint (no new sampling or judging).
+``pairs.json`` from its last trainer checkpoint (no new sampling or judging). A round's trainer checkpoints
+(``trainer/round-<r>/``) are deleted once it is complete, so ``save_total_limit`` holds for the whole stage.
 """
 
 from __future__ import annotations
@@ -379,6 +380,8 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
             history.append(_run_round(ctx, method, r, policy_path, reference_path))
             if ctx.is_main_process:
                 round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
+        if ctx.is_main_process:  # they only resume the round, and a complete round is never trained again
+            ctx.dir.remove_trainer_checkpoints(ctx.dir.trainer / f"round-{r}")
         policy_path = str(round_dir.checkpoint)
         if stage.reference == "previous":
             reference_path = policy_path

@@ -189,3 +189,39 @@ def test_save_total_limit_holds_for_the_whole_stage(tmp_path, monkeypatch):
     assert kept == [0, 0, 0]
     assert not list(osp.trainer.glob("*/checkpoint-*")) and not osp.read_manifest().get("checkpoints")
     assert all((osp.root / "rounds" / f"round-{r}" / "checkpoint").is_dir() for r in range(3))
+
+
+def test_training_summary_weighs_each_logged_window_by_its_steps():
+    """Each logged value averages the steps since the previous log: windows of 2, 2 and 1 steps."""
+    from alignpipe.trainers.iterative import training_summary
+
+    history = [{"step": 2, "loss": 1.0, "inpo/h": 0.5}, {"step": 4, "loss": 3.0},
+               {"step": 5, "loss": 6.0, "inpo/h": -1.0},
+               {"step": 5, "train_loss": 2.8, "train_runtime": 1.0}]  # TRL's end-of-training record
+    assert training_summary(history) == {
+        "steps": 5, "round_mean/loss": (2 * 1.0 + 2 * 3.0 + 1 * 6.0) / 5, "last_logged/loss": 6.0,
+        "round_mean/inpo/h": (2 * 0.5 + 1 * -1.0) / 3, "last_logged/inpo/h": -1.0}
+    assert training_summary([{"step": 3, "train_loss": 1.0}]) == {}
+
+
+def test_round_records_cover_every_step_of_the_round(tmp_path):
+    """A round's record holds its training numbers over all its steps, also those after the last multiple of
+    ``logging_steps`` and in a round shorter than ``logging_steps`` (it had none): its mean loss is TRL's
+    ``train_loss`` of the round's trainer, its last logged window ends at the round's last step."""
+    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 2, "logging_steps": 3},
+              {"name": "short", "type": "osp", **ROUND_STAGE, "rounds": 1, "logging_steps": 50}]
+    runner = Runner(load_recipe(write_recipe(tmp_path, _recipe(*stages))), runs_dir=tmp_path / "runs",
+                    in_process=True)
+    runner.run()
+    remainders = []
+    for name in ("osp", "short"):
+        lines = [json.loads(line) for line in StageDir(runner.run_dir / name).metrics.read_text().splitlines()]
+        for record in (line for line in lines if "round" in line):
+            trainer = [line for line in lines if line.get("trainer") == f"round-{record['round']}"]
+            end = next(line for line in trainer if "train_loss" in line)
+            last = [line for line in trainer if "loss" in line][-1]
+            assert record["train/steps"] == end["step"] == last["step"]
+            assert record["train/round_mean/loss"] == pytest.approx(end["train_loss"], rel=1e-6)
+            assert record["train/last_logged/loss"] == last["loss"]
+            remainders.append(end["step"] % (3 if name == "osp" else 50))
+    assert any(remainders[:2]) and remainders[2], remainders  # rounds that ended between two logging steps

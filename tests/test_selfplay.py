@@ -353,7 +353,7 @@ def test_sppo_records_win_rates_and_gold_judged_pairs_agree_with_gold(selfplay_r
     for r in _records(runner.run_dir / "sppo"):
         assert 0.5 < r["mean_chosen_win_rate"] <= 1.0 and 0.0 <= r["mean_rejected_win_rate"] < 0.5
         assert r["judge_gold_agreement"] == 1.0  # the gold judge ranks by gold itself
-        assert "train/sppo/chosen_logratio" in r
+        assert "train/round_mean/sppo/chosen_logratio" in r and "train/last_logged/sppo/chosen_logratio" in r
     dno = _records(runner.run_dir / "dno")
     assert all(r["mean_chosen_win_rate"] - r["mean_rejected_win_rate"] >= 0.1 for r in dno)
 

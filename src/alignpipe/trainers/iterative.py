@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from statistics import median
 from typing import Any, Protocol
 
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import DPOConfig
 
 from alignpipe.data.pairing import (
@@ -311,6 +313,41 @@ def _sampling_stats(ctx: StageContext, round_index: int, samples: RoundSamples, 
     return {**samples.stats(), "prompts_short_of_samples": short, "prompts_without_pair": without_pair}
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the last optimizer step's window too (transformers logs every ``logging_steps`` only), so the logged
+    windows cover all of a round's steps and :func:`training_summary` leaves none out."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+TRAINING_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap", "sppo/chosen_logratio",
+                 "sppo/rejected_logratio", "inpo/h")
+
+
+def training_summary(log_history: list[dict], keys: tuple[str, ...] = TRAINING_KEYS) -> dict:
+    """A round's training numbers from its trainer's logged windows (``log_history``): ``steps``, each key's mean over
+    the round's optimizer steps (``round_mean/<key>``), and its value in the last logged window (``last_logged/<key>``,
+    the end of the round).
+
+    Each logged value averages the steps since the previous log, so the round mean weighs it by their number; with
+    :class:`LogLastStep` the windows cover every step (only each ``logging_steps``-th was logged: a round's last
+    steps were left out, and a round shorter than ``logging_steps`` had no numbers). Not TRL's ``train_loss``: it
+    averages the steps of one ``train()`` call only, so a resumed round would record its resumed part. After a resume
+    between two logging steps the mean is as approximate as the first loss logged after it (``common.train``)."""
+    windows = [entry for entry in log_history if "loss" in entry]
+    steps = [entry["step"] for entry in windows]
+    weights = [step - before for step, before in zip(steps, [0, *steps])]
+    summary: dict[str, float] = {"steps": steps[-1]} if steps else {}
+    for key in keys:
+        logged = [(weight, entry[key]) for weight, entry in zip(weights, windows) if key in entry]
+        if logged:
+            summary[f"round_mean/{key}"] = math.fsum(w * v for w, v in logged) / sum(w for w, _ in logged)
+            summary[f"last_logged/{key}"] = logged[-1][1]
+    return summary
+
+
 def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model, tokenizer, rows: list[dict],
                  reference_path: str | None) -> dict:
     stage = ctx.stage
@@ -322,18 +359,14 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
     trainer = method.trainer(
         ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=lora_config(ctx),
-        callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"})],
+        callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"}), LogLastStep()],
     )
     resume_from = verified_trainer_checkpoint(ctx.dir, Path(arguments["output_dir"])) if ctx.resume else None
     if resume_from is not None:
         log.info("[%s] round %d: resuming its training from %s", ctx.dir.name, round_index, resume_from.name)
     train(trainer, ctx, resume_from)
     publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
-    logs = [e for e in trainer.state.log_history if "loss" in e]
-    last = logs[-1] if logs else {}
-    keep = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap", "sppo/chosen_logratio",
-            "sppo/rejected_logratio", "inpo/h")
-    return {key: last[key] for key in keep if key in last}
+    return training_summary(trainer.state.log_history)
 
 
 def evaluate_against_start(ctx: StageContext, name: str, checkpoint: str, max_new_tokens: int):

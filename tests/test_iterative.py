@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -225,3 +226,55 @@ def test_round_records_cover_every_step_of_the_round(tmp_path):
             assert record["train/last_logged/loss"] == last["loss"]
             remainders.append(end["step"] % (3 if name == "osp" else 50))
     assert any(remainders[:2]) and remainders[2], remainders  # rounds that ended between two logging steps
+
+
+def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processes():
+    """No two rounds or purposes share a stream: a round's sampling seeds (one per batch of 64 samples: seed + batch
+    index) never meet another round's, and the trainer seeds differ; the same numbers in every Python process."""
+    import subprocess
+    import sys
+
+    from alignpipe.trainers.iterative import round_seed
+
+    batches = 1000  # 64,000 samples a round
+    for seed in range(3):
+        sampling = [round_seed(seed, r, "sampling") for r in range(10)]
+        ranges = sorted((s, s + batches) for s in sampling)
+        assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:])), ranges
+        trainer = {round_seed(seed, r, "trainer") for r in range(10)}
+        assert len(trainer) == 10 and not trainer & set(sampling)
+        assert all(0 <= s < 2 ** 32 for s in [*sampling, *trainer])  # numpy's limit (transformers' set_seed)
+    code = "from alignpipe.trainers.iterative import round_seed; print(round_seed(0, 1, 'sampling'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert int(other) == round_seed(0, 1, "sampling") == 2305168030  # pinned: a change re-draws every round
+
+
+def test_rounds_sample_and_initialise_their_adapters_from_their_own_seeds(tmp_path, monkeypatch):
+    """Each round's samples come from its own seed, and its LoRA adapter starts from its own draw (every round's A
+    matrix was the same: TRL seeds each trainer just before PEFT draws it); a rerun draws the same again."""
+    import torch
+
+    import alignpipe.trainers.iterative as iterative
+
+    sampled, inits = [], []
+    generate = iterative.generate
+
+    def recording_generate(model, tokenizer, prompts, settings, **kwargs):
+        sampled.append(settings.seed)
+        return generate(model, tokenizer, prompts, settings, **kwargs)
+
+    class Recording(iterative.SoftPreferenceDPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inits.append({n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_A" in n})
+
+    monkeypatch.setattr(iterative, "generate", recording_generate)
+    monkeypatch.setattr(iterative, "SoftPreferenceDPOTrainer", Recording)
+    stage = {"name": "osp", "type": "osp", **ROUND_STAGE, "prompts_per_round": 8, "truncated_samples": "keep"}
+    for attempt in ("first", "again"):
+        Runner(load_recipe(write_recipe(tmp_path, _recipe(stage))), runs_dir=tmp_path / attempt, in_process=True).run()
+    first, second, again, _ = inits
+    assert first and not any(torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert sampled == [iterative.round_seed(0, r, "sampling") for r in (0, 1)] * 2

@@ -17,6 +17,7 @@ Each round writes ``rounds/round-<r>/`` (``pairs.json``, ``checkpoint/``, ``mani
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -250,6 +251,22 @@ def inpo_pairs(judge, prompts: list[str], responses: list[list[str]], rng: rando
     return [inpo_pair(prompt, group, draw, p) for (prompt, group, draw), p in zip(drawn, preferences, strict=True)]
 
 
+def round_seed(seed: int, round_index: int, purpose: str) -> int:
+    """The seed of one round's ``purpose`` (``"trainer"``: its adapter's initialisation, dropout and batch order;
+    ``"sampling"``: its on-policy samples), a 32-bit number hashed from the recipe's ``seed``.
+
+    Why hashed: seeds made by arithmetic shared streams. Every round's trainer had the recipe's seed, and TRL seeds
+    just before PEFT draws the adapter, so each round's LoRA started from the same A matrix; round r sampled its
+    batch b with ``seed·100003 + r + b``, round r+1's batch b−1 seed (the same prompts there gave the same samples).
+    SHA-256, not ``hash()`` (salted per process), so a rerun or a resumed round draws what the first attempt did.
+    Not the stage's name: stages started from one policy (``osp`` and ``online_dpo`` in recipes/osp-vs-dpo.yaml) draw
+    the same first samples and adapter, a paired comparison. 32 bits, numpy's limit (transformers' ``set_seed``);
+    sampling adds the batch index (:func:`~alignpipe.evaluation.generation.generate`), so two rounds' batch seeds
+    meet with a chance of about 2·batches/2³²."""
+    digest = hashlib.sha256(f"alignpipe-round:{seed}:{round_index}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def round_prompts(ctx: StageContext, round_index: int) -> list[str]:
     """Fresh training prompts for one round (seeded by recipe seed and round; disjoint from held-out prompts)."""
     tasks = sample_tasks(ctx.stage.prompts_per_round, ctx.recipe.seed * 1000 + round_index + 1,
@@ -294,7 +311,7 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
     k = k or stage.samples_per_prompt
     settings = GenerationSettings(
         max_new_tokens=stage.max_new_tokens, temperature=stage.sampling_temperature, top_p=1.0,
-        batch_size=64, seed=ctx.recipe.seed * 100_003 + round_index,
+        batch_size=64, seed=round_seed(ctx.recipe.seed, round_index, "sampling"),
     )
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(k)], settings,
                            desc=f"round {round_index}: sampling")
@@ -351,7 +368,9 @@ def training_summary(log_history: list[dict], keys: tuple[str, ...] = TRAINING_K
 def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model, tokenizer, rows: list[dict],
                  reference_path: str | None) -> dict:
     stage = ctx.stage
-    arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}")}
+    seed = round_seed(ctx.recipe.seed, round_index, "trainer")  # each round's adapter starts from its own draw
+    arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}"),
+                 "seed": seed, "data_seed": seed}
     losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
               else {"loss_type": ["sigmoid"]})
     args = DPOConfig(**arguments, beta=stage.beta, **losses)

@@ -465,13 +465,21 @@ def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer
     return data
 
 
+def _more_pairs(stage) -> tuple[list[str], str | None]:
+    """The stage's settings that give a round more candidate pairs, and its pair filter when one is on (for
+    :func:`~alignpipe.data.truncation.no_pairs_advice`): each stage type has its own (SPIN: no samples_per_prompt)."""
+    settings = [name for name in ("prompts_per_round", "samples_per_prompt", "sampling_temperature")
+                if hasattr(stage, name)]
+    return settings, next((name for name in ("min_gap", "margin_threshold") if getattr(stage, name, 0) > 0), None)
+
+
 def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
     model = load_policy(ctx, policy_path, on_device=True)  # it samples (and may judge) before training
     data = _round_data(ctx, method, r, model, tokenizer)
     if not data.rows:
         raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); "
-                           + no_pairs_advice(data.stats, ctx.stage.max_new_tokens))
+                           + no_pairs_advice(data.stats, ctx.stage.max_new_tokens, *_more_pairs(ctx.stage)))
     # Round 0's policy is the initial policy, so TRL's own reference (adapters off / a frozen copy) is already right.
     explicit_reference = reference_path if reference_path != policy_path else None
     training = _train_round(ctx, method, r, model, tokenizer, data.rows, explicit_reference)

@@ -209,12 +209,12 @@ def test_round_records_cover_every_step_of_the_round(tmp_path):
     """A round's record holds its training numbers over all its steps, also those after the last multiple of
     ``logging_steps`` and in a round shorter than ``logging_steps`` (it had none): its mean loss is TRL's
     ``train_loss`` of the round's trainer, its last logged window ends at the round's last step."""
-    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 2, "logging_steps": 3},
-              {"name": "short", "type": "osp", **ROUND_STAGE, "rounds": 1, "logging_steps": 50}]
+    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 2, "max_steps": 5, "logging_steps": 2},
+              {"name": "short", "type": "osp", **ROUND_STAGE, "rounds": 1, "max_steps": 3, "logging_steps": 50}]
     runner = Runner(load_recipe(write_recipe(tmp_path, _recipe(*stages))), runs_dir=tmp_path / "runs",
                     in_process=True)
     runner.run()
-    remainders = []
+    steps = []
     for name in ("osp", "short"):
         lines = [json.loads(line) for line in StageDir(runner.run_dir / name).metrics.read_text().splitlines()]
         for record in (line for line in lines if "round" in line):
@@ -224,8 +224,8 @@ def test_round_records_cover_every_step_of_the_round(tmp_path):
             assert record["train/steps"] == end["step"] == last["step"]
             assert record["train/round_mean/loss"] == pytest.approx(end["train_loss"], rel=1e-6)
             assert record["train/last_logged/loss"] == last["loss"]
-            remainders.append(end["step"] % (3 if name == "osp" else 50))
-    assert any(remainders[:2]) and remainders[2], remainders  # rounds that ended between two logging steps
+            steps.append(end["step"])
+    assert steps == [5, 5, 3]  # every round ends between two logging steps
 
 
 def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processes():

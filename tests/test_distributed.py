@@ -41,7 +41,9 @@ RECIPE = {
          "eval_every": 2, "eval_prompts": 32, "save_steps": 2},
         {"name": "osp", "type": "osp", "inputs": ["sft"], "judge": "gold", "rounds": 1, "prompts_per_round": 16,
          "samples_per_prompt": 4, "max_new_tokens": 8, "eval_prompts": 16, "learning_rate": 2e-3,
-         **{**TRAIN, "max_steps": 1}},  # one global batch: the round's pair count need not divide by it
+         # One global batch, filled whatever the samples: with truncated samples dropped the round kept a handful of
+         # pairs (2 or 3 by seed), and an odd count is split unevenly, so accelerate repeats a row on one process
+         "truncated_samples": "keep", **{**TRAIN, "max_steps": 1}},
     ],
 }
 # Float sums happen in a different order when the batch is split (per-rank means, then an all-reduce): after 8

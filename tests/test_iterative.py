@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -132,3 +133,148 @@ def test_self_judge_runs_inside_the_loop(tmp_path):
     (record,) = _records(runner.run_dir / "osp")
     assert record["judge"] == "self" and record["pairs"] > 0
     assert record["judge_gold_agreement"] is None or 0.0 <= record["judge_gold_agreement"] <= 1.0
+
+
+def test_references_load_in_the_policys_dtype(tmp_path, llama_path, monkeypatch):
+    """Full fine-tuning under ``dtype: auto`` on a bf16 GPU loads the policy in float32 (``policy_dtype``), and round
+    0's reference is TRL's copy in the policy's dtype; a later round's explicit reference and INPO's anchor must be
+    float32 too, not auto's bf16 (they were: references computed in another precision than the policy's own)."""
+    import torch
+
+    import alignpipe.models.loading as loading
+    import alignpipe.trainers.iterative as iterative
+    from alignpipe.pipeline.stage import StageContext
+
+    monkeypatch.setattr(loading, "bf16_supported", lambda: True)  # dtype auto = bf16, as on a capable GPU
+    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "lora": None},
+              {"name": "inpo", "type": "inpo", **ROUND_STAGE, "lora": None}]
+    recipe = load_recipe(write_recipe(tmp_path, _recipe(*stages)))
+
+    def context(name):
+        return StageContext(recipe=recipe, stage=recipe.stage(name), dir=StageDir(tmp_path / name), run_dir=tmp_path,
+                            base=llama_path, inputs={"sft": llama_path}, resume_from=None)
+
+    class Captured(Exception):
+        pass
+
+    class Capture:
+        def trainer(self, ctx, **kwargs):
+            raise Captured(kwargs["ref_model"])
+
+    row = {"prompt": [{"role": "user", "content": "copy: 1"}], "chosen": [{"role": "assistant", "content": "1"}],
+           "rejected": [{"role": "assistant", "content": "2"}]}
+    with pytest.raises(Captured) as captured:
+        iterative._train_round(context("osp"), Capture(), 1, None, None, [row], llama_path)
+    monkeypatch.setattr(iterative, "INPOTrainer", lambda **kwargs: kwargs["anchor_model"])
+    anchor = iterative.SelfPlayRule("inpo").trainer(context("inpo"))
+    assert captured.value.args[0].dtype == anchor.dtype == torch.float32
+
+
+def test_save_total_limit_holds_for_the_whole_stage(tmp_path, monkeypatch):
+    """A round's trainer checkpoints only resume that round: they are deleted once it is complete, so an R-round stage
+    keeps at most ``save_total_limit`` of them, not R times as many (with optimizer state) to its end."""
+    import alignpipe.trainers.iterative as iterative
+
+    train_round, kept = iterative._train_round, []
+
+    def counting(ctx, *args):
+        kept.append(len(list(ctx.dir.trainer.glob("*/checkpoint-*"))))  # what earlier rounds left
+        return train_round(ctx, *args)
+
+    monkeypatch.setattr(iterative, "_train_round", counting)
+    stage = {"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 3, "prompts_per_round": 8, "save_steps": 1,
+             "save_total_limit": 1, "truncated_samples": "keep"}
+    runner = Runner(load_recipe(write_recipe(tmp_path, _recipe(stage))), runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran"]
+    osp = StageDir(runner.run_dir / "osp")
+    assert kept == [0, 0, 0]
+    assert not list(osp.trainer.glob("*/checkpoint-*")) and not osp.read_manifest().get("checkpoints")
+    assert all((osp.root / "rounds" / f"round-{r}" / "checkpoint").is_dir() for r in range(3))
+
+
+def test_training_summary_weighs_each_logged_window_by_its_steps():
+    """Each logged value averages the steps since the previous log: windows of 2, 2 and 1 steps."""
+    from alignpipe.trainers.iterative import training_summary
+
+    history = [{"step": 2, "loss": 1.0, "inpo/h": 0.5}, {"step": 4, "loss": 3.0},
+               {"step": 5, "loss": 6.0, "inpo/h": -1.0},
+               {"step": 5, "train_loss": 2.8, "train_runtime": 1.0}]  # TRL's end-of-training record
+    assert training_summary(history) == {
+        "steps": 5, "round_mean/loss": (2 * 1.0 + 2 * 3.0 + 1 * 6.0) / 5, "last_logged/loss": 6.0,
+        "round_mean/inpo/h": (2 * 0.5 + 1 * -1.0) / 3, "last_logged/inpo/h": -1.0}
+    assert training_summary([{"step": 3, "train_loss": 1.0}]) == {}
+
+
+def test_round_records_cover_every_step_of_the_round(tmp_path):
+    """A round's record holds its training numbers over all its steps, also those after the last multiple of
+    ``logging_steps`` and in a round shorter than ``logging_steps`` (it had none): its mean loss is TRL's
+    ``train_loss`` of the round's trainer, its last logged window ends at the round's last step."""
+    stages = [{"name": "osp", "type": "osp", **ROUND_STAGE, "rounds": 2, "max_steps": 5, "logging_steps": 2},
+              {"name": "short", "type": "osp", **ROUND_STAGE, "rounds": 1, "max_steps": 3, "logging_steps": 50}]
+    runner = Runner(load_recipe(write_recipe(tmp_path, _recipe(*stages))), runs_dir=tmp_path / "runs",
+                    in_process=True)
+    runner.run()
+    steps = []
+    for name in ("osp", "short"):
+        lines = [json.loads(line) for line in StageDir(runner.run_dir / name).metrics.read_text().splitlines()]
+        for record in (line for line in lines if "round" in line):
+            trainer = [line for line in lines if line.get("trainer") == f"round-{record['round']}"]
+            end = next(line for line in trainer if "train_loss" in line)
+            last = [line for line in trainer if "loss" in line][-1]
+            assert record["train/steps"] == end["step"] == last["step"]
+            assert record["train/round_mean/loss"] == pytest.approx(end["train_loss"], rel=1e-6)
+            assert record["train/last_logged/loss"] == last["loss"]
+            steps.append(end["step"])
+    assert steps == [5, 5, 3]  # every round ends between two logging steps
+
+
+def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processes():
+    """No two rounds or purposes share a stream: a round's sampling seeds (one per batch of 64 samples: seed + batch
+    index) never meet another round's, and the trainer seeds differ; the same numbers in every Python process."""
+    import subprocess
+    import sys
+
+    from alignpipe.trainers.iterative import round_seed
+
+    batches = 1000  # 64,000 samples a round
+    for seed in range(3):
+        sampling = [round_seed(seed, r, "sampling") for r in range(10)]
+        ranges = sorted((s, s + batches) for s in sampling)
+        assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:])), ranges
+        trainer = {round_seed(seed, r, "trainer") for r in range(10)}
+        assert len(trainer) == 10 and not trainer & set(sampling)
+        assert all(0 <= s < 2 ** 32 for s in [*sampling, *trainer])  # numpy's limit (transformers' set_seed)
+    code = "from alignpipe.trainers.iterative import round_seed; print(round_seed(0, 1, 'sampling'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert int(other) == round_seed(0, 1, "sampling") == 2305168030  # pinned: a change re-draws every round
+
+
+def test_rounds_sample_and_initialise_their_adapters_from_their_own_seeds(tmp_path, monkeypatch):
+    """Each round's samples come from its own seed, and its LoRA adapter starts from its own draw (every round's A
+    matrix was the same: TRL seeds each trainer just before PEFT draws it); a rerun draws the same again."""
+    import torch
+
+    import alignpipe.trainers.iterative as iterative
+
+    sampled, inits = [], []
+    generate = iterative.generate
+
+    def recording_generate(model, tokenizer, prompts, settings, **kwargs):
+        sampled.append(settings.seed)
+        return generate(model, tokenizer, prompts, settings, **kwargs)
+
+    class Recording(iterative.SoftPreferenceDPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inits.append({n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_A" in n})
+
+    monkeypatch.setattr(iterative, "generate", recording_generate)
+    monkeypatch.setattr(iterative, "SoftPreferenceDPOTrainer", Recording)
+    stage = {"name": "osp", "type": "osp", **ROUND_STAGE, "prompts_per_round": 8, "truncated_samples": "keep"}
+    for attempt in ("first", "again"):
+        Runner(load_recipe(write_recipe(tmp_path, _recipe(stage))), runs_dir=tmp_path / attempt, in_process=True).run()
+    first, second, again, _ = inits
+    assert first and not any(torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert sampled == [iterative.round_seed(0, r, "sampling") for r in (0, 1)] * 2

@@ -272,3 +272,41 @@ def test_ppo_with_a_full_critic_model_is_refused_under_quantization(tmp_path):
                           "critic": "model", "lora": LORA}]}
     with pytest.raises(RecipeError, match="stages.ppo.critic: critic: model trains a full copy of the decoder"):
         load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_online_references_are_the_k_bit_start_model_as_in_round_0(tmp_path, monkeypatch):
+    """Under QLoRA every reference of the rounds is loaded as the policy is (k-bit), so it is what round 0's reference
+    (the policy's own base, adapters off) is: osp's round 1 (``reference: initial``) scores a sequence exactly as
+    round 0's reference did, and INPO's anchor π_ref gives h = 0 at its first step, where π_θ = π_t = π_ref (§10e).
+    Loaded in full precision they differed by the quantization error (h = −0.016 at step 1)."""
+    import alignpipe.trainers.iterative as iterative
+    from alignpipe.evaluation.generation import Generation
+    from alignpipe.pipeline.runner import Runner
+
+    scored = []
+
+    class Scoring(iterative.SoftPreferenceDPOTrainer):
+        def __init__(self, *args, model, ref_model, processing_class, **kwargs):
+            from alignpipe.evaluation.generation import sequence_logprobs
+
+            reply = processing_class("7", add_special_tokens=False)["input_ids"] + [processing_class.eos_token_id]
+            reference = ref_model if ref_model is not None else model  # round 0: TRL turns the adapters off
+            scored.append(sequence_logprobs(reference, processing_class, [Generation("add 3 and 4", "7",
+                                                                                     tuple(reply), False)])[0])
+            super().__init__(*args, model=model, ref_model=ref_model, processing_class=processing_class, **kwargs)
+
+    monkeypatch.setattr(iterative, "SoftPreferenceDPOTrainer", Scoring)
+    online = {"inputs": ["sft"], "judge": "gold", "prompts_per_round": 8, "samples_per_prompt": 4,
+              "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48, "max_new_tokens": 6,
+              "eval_prompts": 8, "save_steps": 1000, "logging_steps": 1, "lora": LORA, "truncated_samples": "keep"}
+    stages = [{**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 4, "lora": LORA},
+              {"name": "osp", "type": "osp", **online, "rounds": 2},
+              {"name": "inpo", "type": "inpo", **online, "rounds": 1, "reference_mix": 1.0}]
+    recipe = {**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "quantization": {"bits": 4}}, "stages": stages}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran", "ran"]
+    assert len(scored) == 2 and scored[1] == pytest.approx(scored[0], abs=1e-6), scored
+    logged = [json.loads(line) for line in (runner.run_dir / "inpo" / "metrics.jsonl").read_text().splitlines()]
+    first = next(entry for entry in logged if "inpo/h" in entry)
+    assert first["step"] == 1 and first["inpo/h"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx((1 / 0.1 / 2) ** 2, abs=1e-4)  # (η/2)² with η = 1/β

@@ -99,6 +99,36 @@ def test_sppo_pair_takes_extremes_with_their_win_rates():
     assert sppo_pair("x", responses, preference_matrix_from_scores([1.0, 1.0, 1.0])) is None  # all tie
 
 
+class UnsteadyJudge:
+    """Scores two copies of one text as not a tie, P(a ≻ a) ≠ ½, differently in each call, as a judge whose verdicts
+    are not bit-reproducible does (batched GPU inference, a sampled verdict): order averaging does not cancel it."""
+
+    judge_id = "unsteady"
+
+    def __init__(self):
+        self.calls = 0
+
+    def pairwise_probabilities(self, prompts, a, b):
+        self.calls += 1
+        return [0.5 + 0.05 * self.calls if x == y else 0.9 if len(x) > len(y) else 0.1 for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_sppo_and_dno_skip_a_prompt_whose_best_and_worst_are_the_same_text(k):
+    """K copies of one sample got win rates apart and became a pair of one response with itself; the round now skips
+    the prompt (counted as giving no pair), as OSP, SPIN and INPO do, and a prompt with two texts keeps its pair."""
+    from alignpipe.trainers.iterative import win_rate_pairs
+
+    matrix = [[0.5] * k for _ in range(k)]
+    matrix[0][1], matrix[1][0] = 0.6, 0.4  # the judge's P(a ≻ a) for two copies
+    assert sppo_pair("x", ["a"] * k, matrix) is None
+    assert large_margin_pair("x", ["a"] * k, matrix, 0.0) is None
+    prompts, groups = ["reverse: 1 2 3", "copy: 1 2"], [["3 2 1"] * k, ["1 2", "1", "1 2"]]
+    (pair,) = win_rate_pairs(UnsteadyJudge(), prompts, groups, None)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("copy: 1 2", "1 2", "1")
+    assert win_rate_pairs(UnsteadyJudge(), prompts, groups, 0.0) == [pair]  # DNO
+
+
 def test_sppo_pair_breaks_win_rate_ties_towards_the_lowest_index():
     """Ties are common with hard judges: the same round must give the same pair on every run and rank."""
     matrix = [[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5]]
@@ -366,7 +396,7 @@ def test_sppo_records_win_rates_and_gold_judged_pairs_agree_with_gold(selfplay_r
     for r in _records(runner.run_dir / "sppo"):
         assert 0.5 < r["mean_chosen_win_rate"] <= 1.0 and 0.0 <= r["mean_rejected_win_rate"] < 0.5
         assert r["judge_gold_agreement"] == 1.0  # the gold judge ranks by gold itself
-        assert "train/sppo/chosen_logratio" in r
+        assert "train/round_mean/sppo/chosen_logratio" in r and "train/last_logged/sppo/chosen_logratio" in r
     dno = _records(runner.run_dir / "dno")
     assert all(r["mean_chosen_win_rate"] - r["mean_rejected_win_rate"] >= 0.1 for r in dno)
 

@@ -29,7 +29,7 @@ def test_osp_vs_online_dpo_comparison_recipe(tmp_path):
     assert all(r["judge_gold_agreement"] == 1.0 for r in osp + odpo)
     assert all(0.0 <= r["judge_gold_agreement"] <= 1.0 for r in self_judged)
     # Soft targets sit at a finite logit, hard ones at logit(1 - 1e-6): the soft margin gap is the smaller.
-    assert osp[-1]["train/soft/margin_gap"] < odpo[-1]["train/soft/margin_gap"]
+    assert osp[-1]["train/last_logged/soft/margin_gap"] < odpo[-1]["train/last_logged/soft/margin_gap"]
     board = json.loads((runner.run_dir / "leaderboard.json").read_text())
     assert {c["name"] for c in board["checkpoints"]} == {"base", "sft", "osp", "online-dpo", "osp-self"}
 

@@ -130,8 +130,30 @@ def test_no_pairs_error_names_truncation_when_it_left_prompts_without_pairs(monk
         iterative._run_round(ctx, None, 0, "policy", "policy")
     for other in ({**stats, "truncated_samples_policy": "keep", "prompts_short_of_samples": 0},
                   {**stats, "truncated_samples": 0, "prompts_short_of_samples": 0}, {}):
-        assert "truncated_samples" not in no_pairs_advice(other, 12)
-        assert no_pairs_advice(other, 12).startswith("raise prompts_per_round")
+        assert "truncated_samples" not in no_pairs_advice(other, 12, ["prompts_per_round"])
+        assert no_pairs_advice(other, 12, ["prompts_per_round"]).startswith("raise prompts_per_round")
+
+
+@pytest.mark.parametrize("kind, extra, advice", [
+    ("osp", {}, "raise prompts_per_round, samples_per_prompt or sampling_temperature"),
+    ("online_dpo", {"min_gap": 0.1}, "raise prompts_per_round, samples_per_prompt or sampling_temperature, or lower "
+                                     "min_gap"),
+    ("sppo", {}, "raise prompts_per_round, samples_per_prompt or sampling_temperature"),
+    ("inpo", {}, "raise prompts_per_round, samples_per_prompt or sampling_temperature"),
+    ("dno", {}, "raise prompts_per_round, samples_per_prompt or sampling_temperature, or lower margin_threshold"),
+    ("spin", {}, "raise prompts_per_round or sampling_temperature"),
+])
+def test_no_pairs_error_names_only_settings_the_stage_has(tmp_path, monkeypatch, kind, extra, advice):
+    """SPIN has no samples_per_prompt and no pair filter; only a filter that is on (min_gap > 0) is worth lowering."""
+    stage = {"name": kind, "type": kind, "inputs": ["sft"], **extra}
+    recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}))
+    monkeypatch.setattr(iterative, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(iterative, "load_policy", lambda ctx, path, on_device: None)
+    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: iterative.RoundData([], {}))
+    ctx = SimpleNamespace(stage=recipe.stage(kind), dir=SimpleNamespace(name=kind))
+    with pytest.raises(RuntimeError) as error:
+        iterative._run_round(ctx, None, 0, "policy", "policy")
+    assert str(error.value).endswith(advice)
 
 
 def test_truncated_samples_is_a_typed_option_of_every_online_stage(tmp_path):

@@ -868,7 +868,8 @@ class OSPStage(_IterativeStage):
 
 
 class OnlineDPOStage(_IterativeStage):
-    """Iterative/online DPO: the OSP loop with hard labels on the best-vs-worst pair, at equal compute."""
+    """Iterative/online DPO: the OSP loop with hard labels, on each prompt's best-vs-worst pair by default; at equal
+    compute with OSP (the same pairs) with ``pairing: anchor``."""
 
     type: Literal["online_dpo"] = Field("online_dpo", description="Stage type: online DPO with hard labels.")
     pairing: Literal["anchor", "best_worst", "all_pairs"] = Field(

@@ -86,11 +86,13 @@ def _extremes(rates: Sequence[float]) -> tuple[int, int]:
 def sppo_pair(prompt: str, responses: Sequence[str], matrix: Matrix) -> SelfPlayPair | None:
     """SPPO (§7b): chosen = highest win rate, rejected = lowest, each with its own ``P̂``.
 
-    ``None`` when every response has the same win rate (nothing to prefer: the pair would be one response twice).
+    ``None`` when every response has the same win rate, or the best and the worst are the same text (nothing to
+    prefer). Copies of one text need not tie: a judge with a position bias (``P(a ≻ a) ≠ ½``) rates them apart by
+    float rounding, which made K identical samples a pair of one response with itself (OSP, SPIN and INPO skip them).
     """
     rates = win_rates(matrix)
     best, worst = _extremes(rates)
-    if rates[best] == rates[worst]:
+    if rates[best] == rates[worst] or responses[best] == responses[worst]:
         return None
     return SelfPlayPair(prompt, responses[best], responses[worst], rates[best], rates[worst])
 

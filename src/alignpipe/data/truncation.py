@@ -72,16 +72,19 @@ class RoundSamples:
                 f"{action})")
 
 
-def no_pairs_advice(stats: dict, max_new_tokens: int) -> str:
+def no_pairs_advice(stats: dict, max_new_tokens: int, settings: Sequence[str], pair_filter: str | None = None) -> str:
     """How to get training pairs from a round that produced none, naming truncation when it is what left prompts
     without enough samples (``stats`` is a round's record: :meth:`RoundSamples.stats` plus
-    ``prompts_short_of_samples``)."""
+    ``prompts_short_of_samples``), else the stage's own ``settings`` that give more candidates and the
+    ``pair_filter`` it applies, if any: the stage types differ (SPIN has no ``samples_per_prompt``, only OSP-style
+    stages a ``min_gap`` and DNO a ``margin_threshold``), and advice naming a setting the stage lacks is an error."""
     if stats.get("truncated_samples_policy") == "drop" and stats.get("prompts_short_of_samples"):
         return (f"{stats['truncated_samples']} of {stats['samples']} samples hit max_new_tokens={max_new_tokens} "
                 f"without an end-of-sequence token and were dropped (truncated_samples: drop), which left "
                 f"{stats['prompts_short_of_samples']} prompts without enough finished samples for a pair; raise "
                 "max_new_tokens, or set truncated_samples: keep to train on cut-off replies as they are")
-    return "raise prompts_per_round, samples_per_prompt or sampling_temperature, or loosen the pair filter"
+    advice = f"raise {', '.join(settings[:-1])} or {settings[-1]}" if len(settings) > 1 else f"raise {settings[0]}"
+    return advice + (f", or lower {pair_filter}" if pair_filter else "")
 
 
 def cut_at_budget(completion_ids: Sequence[Sequence[int]], end_ids: Collection[int]) -> list[bool]:

@@ -350,6 +350,17 @@ class StageDir:
         self.record_checkpoint(path)
         prune_checkpoints(path.parent, keep)
 
+    def remove_trainer_checkpoints(self, under: Path) -> None:
+        """Delete the trainer checkpoints under ``under`` (an online stage's ``trainer/round-<r>``) and their hash
+        records, once the work they could resume is done.
+
+        Why: ``save_total_limit`` bounds the checkpoints a stage keeps, and rotation prunes only beside the newest
+        one, so each finished round kept its own (weights and optimizer state) to the end of the stage."""
+        shutil.rmtree(under, ignore_errors=True)
+        manifest = self.read_manifest() or {}
+        if checkpoint_records(manifest):
+            self.write_manifest({**manifest, CHECKPOINTS: self._existing_records(manifest)})
+
     def checkpoint_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be resumed from (None when it is intact): never recorded, or its bytes changed."""
         recorded = checkpoint_records(self.read_manifest() or {}).get(self.relative_key(path))

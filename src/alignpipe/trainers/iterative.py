@@ -11,13 +11,16 @@ every round's record.
 
 Each round writes ``rounds/round-<r>/`` (``pairs.json``, ``checkpoint/``, ``manifest.json``) and one line to
 ``metrics.jsonl``; with ``--resume`` completed rounds are kept, and an interrupted round trains on its saved
-``pairs.json`` from its last trainer checkpoint (no new sampling or judging).
+``pairs.json`` from its last trainer checkpoint (no new sampling or judging). A round's trainer checkpoints
+(``trainer/round-<r>/``) are deleted once it is complete, so ``save_total_limit`` holds for the whole stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from statistics import median
 from typing import Any, Protocol
 
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import DPOConfig
 
 from alignpipe.data.pairing import (
@@ -41,7 +45,7 @@ from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
 from alignpipe.io import atomic_write_json
-from alignpipe.models.loading import load_causal_lm, load_tokenizer
+from alignpipe.models.loading import load_tokenizer
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import ROUND_DATA, StageDir, publish_directory, utc_now
 from alignpipe.pipeline.stage import StageContext, verified_trainer_checkpoint
@@ -174,7 +178,7 @@ class SelfPlayRule:
         if self.kind == "sppo":
             return SPPOTrainer(**kwargs)
         if self.kind == "inpo":
-            anchor = load_causal_lm(ctx.start_model, dtype=ctx.recipe.model.dtype)
+            anchor = load_reference(ctx, ctx.start_model)
             return INPOTrainer(**kwargs, anchor_model=anchor, mix=ctx.stage.reference_mix)
         return SoftPreferenceDPOTrainer(**kwargs)  # no preference column: TRL's sigmoid DPO
 
@@ -206,6 +210,18 @@ class SPINRule:
         return SoftPreferenceDPOTrainer(**kwargs)
 
 
+def load_reference(ctx: StageContext, path: str):
+    """A frozen reference from ``path`` (a round's explicit ``ref_model``, INPO's anchor ``π_ref``), loaded as the
+    policy is (:func:`~alignpipe.trainers.common.load_policy`): k-bit under ``model.quantization``, else in the
+    policy's own dtype (float32 for full weights under ``dtype: auto``).
+
+    Why: round 0's reference is the policy itself with its adapters off (TRL), or TRL's copy in the policy's dtype,
+    and every later reference must compute what that one would from the same weights. Loaded in full precision under
+    QLoRA, the start model differed from round 0's 4-bit one by the quantization error: the implicit reward moved
+    from round 1 on, INPO's h was not 0 at π_θ = π_t = π_ref (§10e), and a QLoRA run held a full-precision copy."""
+    return load_policy(ctx, path)
+
+
 def win_rate_pairs(judge, prompts: list[str], responses: list[list[str]],
                    margin_threshold: float | None) -> list[SelfPlayPair]:
     """SPPO's and DNO's pairs: each prompt's full K×K preference matrix, best vs worst by win rate; with a
@@ -233,6 +249,22 @@ def inpo_pairs(judge, prompts: list[str], responses: list[list[str]], rng: rando
     preferences = pair_preferences(judge, [prompt for prompt, _, _ in drawn], [group for _, group, _ in drawn],
                                    [(draw.first, draw.second) for _, _, draw in drawn])
     return [inpo_pair(prompt, group, draw, p) for (prompt, group, draw), p in zip(drawn, preferences, strict=True)]
+
+
+def round_seed(seed: int, round_index: int, purpose: str) -> int:
+    """The seed of one round's ``purpose`` (``"trainer"``: its adapter's initialisation, dropout and batch order;
+    ``"sampling"``: its on-policy samples), a 32-bit number hashed from the recipe's ``seed``.
+
+    Why hashed: seeds made by arithmetic shared streams. Every round's trainer had the recipe's seed, and TRL seeds
+    just before PEFT draws the adapter, so each round's LoRA started from the same A matrix; round r sampled its
+    batch b with ``seed·100003 + r + b``, round r+1's batch b−1 seed (the same prompts there gave the same samples).
+    SHA-256, not ``hash()`` (salted per process), so a rerun or a resumed round draws what the first attempt did.
+    Not the stage's name: stages started from one policy (``osp`` and ``online_dpo`` in recipes/osp-vs-dpo.yaml) draw
+    the same first samples and adapter, a paired comparison. 32 bits, numpy's limit (transformers' ``set_seed``);
+    sampling adds the batch index (:func:`~alignpipe.evaluation.generation.generate`), so two rounds' batch seeds
+    meet with a chance of about 2·batches/2³²."""
+    digest = hashlib.sha256(f"alignpipe-round:{seed}:{round_index}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def round_prompts(ctx: StageContext, round_index: int) -> list[str]:
@@ -279,7 +311,7 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
     k = k or stage.samples_per_prompt
     settings = GenerationSettings(
         max_new_tokens=stage.max_new_tokens, temperature=stage.sampling_temperature, top_p=1.0,
-        batch_size=64, seed=ctx.recipe.seed * 100_003 + round_index,
+        batch_size=64, seed=round_seed(ctx.recipe.seed, round_index, "sampling"),
     )
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(k)], settings,
                            desc=f"round {round_index}: sampling")
@@ -298,29 +330,62 @@ def _sampling_stats(ctx: StageContext, round_index: int, samples: RoundSamples, 
     return {**samples.stats(), "prompts_short_of_samples": short, "prompts_without_pair": without_pair}
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the last optimizer step's window too (transformers logs every ``logging_steps`` only), so the logged
+    windows cover all of a round's steps and :func:`training_summary` leaves none out."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+TRAINING_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap", "sppo/chosen_logratio",
+                 "sppo/rejected_logratio", "inpo/h")
+
+
+def training_summary(log_history: list[dict], keys: tuple[str, ...] = TRAINING_KEYS) -> dict:
+    """A round's training numbers from its trainer's logged windows (``log_history``): ``steps``, each key's mean over
+    the round's optimizer steps (``round_mean/<key>``), and its value in the last logged window (``last_logged/<key>``,
+    the end of the round).
+
+    Each logged value averages the steps since the previous log, so the round mean weighs it by their number; with
+    :class:`LogLastStep` the windows cover every step (only each ``logging_steps``-th was logged: a round's last
+    steps were left out, and a round shorter than ``logging_steps`` had no numbers). Not TRL's ``train_loss``: it
+    averages the steps of one ``train()`` call only, so a resumed round would record its resumed part. After a resume
+    between two logging steps the mean is as approximate as the first loss logged after it (``common.train``)."""
+    windows = [entry for entry in log_history if "loss" in entry]
+    steps = [entry["step"] for entry in windows]
+    weights = [step - before for step, before in zip(steps, [0, *steps])]
+    summary: dict[str, float] = {"steps": steps[-1]} if steps else {}
+    for key in keys:
+        logged = [(weight, entry[key]) for weight, entry in zip(weights, windows) if key in entry]
+        if logged:
+            summary[f"round_mean/{key}"] = math.fsum(w * v for w, v in logged) / sum(w for w, _ in logged)
+            summary[f"last_logged/{key}"] = logged[-1][1]
+    return summary
+
+
 def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model, tokenizer, rows: list[dict],
                  reference_path: str | None) -> dict:
     stage = ctx.stage
-    arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}")}
+    seed = round_seed(ctx.recipe.seed, round_index, "trainer")  # each round's adapter starts from its own draw
+    arguments = {**trainer_arguments(ctx), "output_dir": str(ctx.dir.trainer / f"round-{round_index}"),
+                 "seed": seed, "data_seed": seed}
     losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
               else {"loss_type": ["sigmoid"]})
     args = DPOConfig(**arguments, beta=stage.beta, **losses)
-    ref_model = load_causal_lm(reference_path, dtype=ctx.recipe.model.dtype) if reference_path else None
+    ref_model = load_reference(ctx, reference_path) if reference_path else None
     trainer = method.trainer(
         ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=lora_config(ctx),
-        callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"})],
+        callbacks=[MetricsLogger(ctx.dir.metrics, tag={"trainer": f"round-{round_index}"}), LogLastStep()],
     )
     resume_from = verified_trainer_checkpoint(ctx.dir, Path(arguments["output_dir"])) if ctx.resume else None
     if resume_from is not None:
         log.info("[%s] round %d: resuming its training from %s", ctx.dir.name, round_index, resume_from.name)
     train(trainer, ctx, resume_from)
     publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
-    logs = [e for e in trainer.state.log_history if "loss" in e]
-    last = logs[-1] if logs else {}
-    keep = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_gap", "sppo/chosen_logratio",
-            "sppo/rejected_logratio", "inpo/h")
-    return {key: last[key] for key in keep if key in last}
+    return training_summary(trainer.state.log_history)
 
 
 def evaluate_against_start(ctx: StageContext, name: str, checkpoint: str, max_new_tokens: int):
@@ -367,6 +432,8 @@ def run_rounds(ctx: StageContext, method: RoundMethod) -> dict:
             history.append(_run_round(ctx, method, r, policy_path, reference_path))
             if ctx.is_main_process:
                 round_dir.write_manifest({"status": "complete", "end_time": utc_now(), "metrics": history[-1]})
+        if ctx.is_main_process:  # they only resume the round, and a complete round is never trained again
+            ctx.dir.remove_trainer_checkpoints(ctx.dir.trainer / f"round-{r}")
         policy_path = str(round_dir.checkpoint)
         if stage.reference == "previous":
             reference_path = policy_path
@@ -398,13 +465,21 @@ def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer
     return data
 
 
+def _more_pairs(stage) -> tuple[list[str], str | None]:
+    """The stage's settings that give a round more candidate pairs, and its pair filter when one is on (for
+    :func:`~alignpipe.data.truncation.no_pairs_advice`): each stage type has its own (SPIN: no samples_per_prompt)."""
+    settings = [name for name in ("prompts_per_round", "samples_per_prompt", "sampling_temperature")
+                if hasattr(stage, name)]
+    return settings, next((name for name in ("min_gap", "margin_threshold") if getattr(stage, name, 0) > 0), None)
+
+
 def _run_round(ctx: StageContext, method: RoundMethod, r: int, policy_path: str, reference_path: str) -> dict:
     tokenizer = load_tokenizer(policy_path)
     model = load_policy(ctx, policy_path, on_device=True)  # it samples (and may judge) before training
     data = _round_data(ctx, method, r, model, tokenizer)
     if not data.rows:
         raise RuntimeError(f"round {r} of stage '{ctx.dir.name}' produced no training pairs ({data.stats}); "
-                           + no_pairs_advice(data.stats, ctx.stage.max_new_tokens))
+                           + no_pairs_advice(data.stats, ctx.stage.max_new_tokens, *_more_pairs(ctx.stage)))
     # Round 0's policy is the initial policy, so TRL's own reference (adapters off / a frozen copy) is already right.
     explicit_reference = reference_path if reference_path != policy_path else None
     training = _train_round(ctx, method, r, model, tokenizer, data.rows, explicit_reference)

@@ -644,10 +644,12 @@ def test_a_setting_added_since_is_hashed_only_when_it_changes_what_the_stage_doe
     runner = Runner(recipe, runs_dir=tmp_path / "runs", in_process=True)
     for name in ("grpo", "rloo"):
         stage = recipe.stage(name)
-        before = stage.model_dump(mode="json", exclude={*NOT_HASHED, "missing_eos_penalty"})
+        before = stage.model_dump(mode="json", exclude={*NOT_HASHED, *HASHED_UNLESS_AS_BEFORE[name]})
         assert runner._hashed_stage(stage) == before
         assert runner._hashed_stage(stage.model_copy(update={"missing_eos_penalty": 0.5})) == \
             {**before, "missing_eos_penalty": 0.5}
+    assert runner._hashed_stage(recipe.stage("grpo").model_copy(update={"scale_rewards": "none"}))[
+        "scale_rewards"] == "none"
     assert runner._hashed_stage(recipe.stage("ppo"))["missing_eos_penalty"] is None  # ppo always had it: hashed
     classes = {"grpo": GRPOStage, "rloo": RLOOStage, "ppo": PPOStage}
     for kind, settings in HASHED_UNLESS_AS_BEFORE.items():

@@ -355,3 +355,21 @@ def test_cispo_on_policy_steps_as_dapo_does(online_run, tmp_path):
     assert first["dapo"]["reward"] == first["cispo"]["reward"]  # the same samples
     assert first["cispo"]["grad_norm"] == pytest.approx(first["dapo"]["grad_norm"], rel=1e-4)
     assert first["cispo"]["grad_norm"] > 0.01
+
+
+@pytest.mark.parametrize("scale", ["none", "batch"])
+def test_grpo_hands_its_reward_scaling_to_trl(online_run, tmp_path, monkeypatch, scale):
+    """Dr. GRPO drops the division by the group's std as well as the length normalisation (loss_type dr_grpo)."""
+    seen = {}
+
+    def stop_before_training(trainer, ctx, resume_from):
+        seen.update(scale_rewards=trainer.args.scale_rewards, loss_type=trainer.args.loss_type)
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(trl_online, "train", stop_before_training)
+    stage = {"name": "grpo", "type": "grpo", "loss_type": "dr_grpo", "scale_rewards": scale, **FAST}
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]})
+    copy_sft(online_run[0], tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="stopped before training"):
+        Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
+    assert seen == {"scale_rewards": scale, "loss_type": "dr_grpo"}

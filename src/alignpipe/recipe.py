@@ -1190,6 +1190,11 @@ class GRPOStage(_GroupRLStage):
         "luspo trains with one importance ratio per completion (GSPO's sequence level), as its paper does; cispo "
         "clips its importance weight at ScaleRL's ε_max = 5 (TRL's fallback, 0.2, cut every on-policy token).",
     )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="What each completion's reward minus its group's mean is divided by (TRL's "
+        "scale_rewards): the group's std (TRL default), the batch's (PPO Lite), or nothing. Dr. GRPO is loss_type: "
+        "dr_grpo with scale_rewards: none (its paper drops both the length and the std normalisation).",
+    )
 
 
 class RLOOStage(_GroupRLStage):

@@ -101,7 +101,7 @@ NOT_HASHED = frozenset({*LOGGING_AND_SAVING, "long_prompts"})
 # Settings added to a stage type after runs of it were recorded, at the value that does what the stage did before:
 # left out of the hash there, so an upgrade does not re-run those stages (and everything after them) for nothing.
 HASHED_UNLESS_AS_BEFORE: dict[str, dict[str, object]] = {
-    "grpo": {"missing_eos_penalty": None},
+    "grpo": {"missing_eos_penalty": None, "scale_rewards": "group"},
     "rloo": {"missing_eos_penalty": None},
 }
 DATASET = "dataset.path"  # input_hashes key of a stage's local dataset (stage names, the other keys, have no dots)

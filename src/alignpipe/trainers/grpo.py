@@ -37,4 +37,5 @@ def clipping_arguments(loss_type: str) -> dict[str, float]:
 def run(ctx: StageContext) -> dict:
     loss_type = ctx.stage.loss_type
     return run_online(ctx, GRPOTrainer, GRPOConfig, loss_type=loss_type,
-                      importance_sampling_level=importance_sampling_level(loss_type), **clipping_arguments(loss_type))
+                      importance_sampling_level=importance_sampling_level(loss_type), **clipping_arguments(loss_type),
+                      scale_rewards=ctx.stage.scale_rewards)

@@ -251,3 +251,31 @@ def test_pairing_settings_a_source_does_not_read_are_errors(tmp_path, source, se
     dpo = {**TINY_RECIPE["stages"][1], "dataset": dataset}
     with pytest.raises(RecipeError, match=rf"stages\.dpo\.dataset\.{key}: is not read: .*; remove it"):
         load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], dpo]}))
+
+
+def test_a_reward_stage_measures_calibration_against_its_held_out_pairs_soft_labels(tmp_path, monkeypatch):
+    """The ensemble trains on soft Bradley-Terry targets; scored against labels of 1, a model that learnt them
+    exactly looked miscalibrated and an over-confident one better (tests/test_reward_eval.py has the numbers)."""
+    import alignpipe.trainers.reward as reward_stage
+
+    strengths = [0.7, None, 0.9, 0.6] * 16
+    rows = [{"prompt": f"copy: {i} {i + 1}", "chosen": f"{i} {i + 1}", "rejected": f"{i + 1}", "preference": p}
+            for i, p in enumerate(strengths)]
+    path = _trl_file(tmp_path, rows)
+    seen = {}
+    measure = reward_stage.reward_model_metrics
+
+    def recorded(scorer, pairs, **options):
+        seen.update(prompts=[p for p, _, _ in pairs], outcomes=list(options["outcomes"]))
+        return measure(scorer, pairs, **options)
+
+    monkeypatch.setattr(reward_stage, "reward_model_metrics", recorded)
+    sft = {**TINY_RECIPE["stages"][0], "max_steps": 2, "save_steps": 2}
+    reward = {"name": "rm", "type": "reward", "inputs": ["sft"], "members": 2, "top_layers": 1, "max_length": 48,
+              "per_device_train_batch_size": 16, "heldout_fraction": 0.25, "dataset": {"source": "trl", "path": str(path)}}
+    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [sft, reward]})),
+                    runs_dir=tmp_path / "runs", in_process=True)
+    assert [o.action for o in runner.run()] == ["ran", "ran"]
+    label = {row["prompt"]: 1.0 if row["preference"] is None else row["preference"] for row in rows}
+    assert seen["prompts"] and seen["outcomes"] == [label[p] for p in seen["prompts"]]
+    assert len(set(seen["outcomes"])) > 1

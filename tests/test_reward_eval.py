@@ -147,3 +147,28 @@ def test_confidence_intervals_resample_prompts_not_the_pairs_within_them():
         width_five = five[name].ci95[1] - five[name].ci95[0]
         assert five[name].value == pytest.approx(once[name].value)
         assert 0.7 < width_five / width_once < 1.4, (name, width_once, width_five)
+
+
+def test_calibration_is_measured_against_soft_labels_when_the_pairs_have_them():
+    """A model whose sigma(r_c - r_r) equals each pair's label has Brier 0 and the labels' entropy as NLL; scored
+    against 1 it looked worse than a five-times over-confident one."""
+    import math
+
+    labels = [0.9, 0.6, 0.75, 0.99]
+    margins = [math.log(y / (1 - y)) for y in labels]
+    pairs = [("p", f"c{i}", "zero") for i in range(len(labels))]
+
+    def metrics(scale, outcomes):
+        table = {"zero": [0.0], **{f"c{i}": [scale * m] for i, m in enumerate(margins)}}
+        return reward_model_metrics(FakeScorer(table), pairs, resamples=100, outcomes=outcomes)
+
+    exact, over = metrics(1.0, labels), metrics(5.0, labels)
+    assert exact["brier"].value == pytest.approx(0.0, abs=1e-12)
+    entropy = -sum(y * math.log(y) + (1 - y) * math.log(1 - y) for y in labels) / len(labels)
+    assert exact["nll"].value == pytest.approx(entropy, rel=1e-6)
+    assert over["brier"].value > exact["brier"].value and over["nll"].value > exact["nll"].value
+    hard_exact, hard_over = metrics(1.0, None), metrics(5.0, None)  # what a soft source used to be scored against
+    assert hard_over["brier"].value < hard_exact["brier"].value
+    assert exact["accuracy"].value == 1.0  # accuracy stays the sign of the margin
+    with pytest.raises(ValueError, match="3 outcomes for 4 pairs"):
+        metrics(1.0, labels[:3])

@@ -34,11 +34,17 @@ def reward_model_metrics(
     resamples: int = 1000,
     seed: int = 0,
     tables: dict | None = None,
+    outcomes: Sequence[float] | None = None,
 ) -> dict[str, MetricValue]:
     """Metrics of ``scorer`` (anything whose ``score`` returns ``EnsembleRewards``) on held-out (prompt, chosen,
     rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99. Brier
     and NLL score the model's own Bradley-Terry probability ``σ(r_c − r_r)`` (EVALUATION.md §8): rescaled, each
     pair's loss would depend on the set's single largest margin.
+
+    ``outcomes``: each pair's probability that its chosen reply is the better, the soft label a scored source gave
+    it (AlpacaEval's strengths), which calibration (ECE, Brier, NLL) is measured against; None = 1 for every pair.
+    Scored against 1, a model that had learnt the labels exactly looked miscalibrated (ECE floored at 1 − the mean
+    label) and an over-confident one scored a better Brier and NLL. Accuracy stays the hard sign (strict >).
 
     ``gold`` (the embedded task) adds accuracy against the true ordering; ``off_distribution`` (prompt, response)
     samples add the ratio of member disagreement there to disagreement on the held-out responses.
@@ -49,7 +55,9 @@ def reward_model_metrics(
     c_mean, r_mean = chosen.mean.numpy(), rejected.mean.numpy()
     probabilities = bt_probabilities(c_mean, r_mean, scale="max099")
     bradley_terry = bt_probabilities(c_mean, r_mean)
-    outcomes = np.ones(len(pairs))
+    outcomes = np.ones(len(pairs)) if outcomes is None else np.asarray(outcomes, dtype=float)
+    if outcomes.shape != (len(pairs),):
+        raise ValueError(f"{outcomes.size} outcomes for {len(pairs)} pairs")
     # The prompt is the unit of independence (the held-out split is by prompt, and a scored source gives several
     # pairs per prompt): every CI resamples whole prompts.
     boot = {"resamples": resamples, "seed": seed, "groups": prompts}

@@ -139,6 +139,7 @@ def run(ctx: StageContext) -> dict:
     is_heldout = reward_heldout_rows(stage, rows)  # preflight checked a local file's split; a hub one's is new here
     train_index = [i for i, held in enumerate(is_heldout) if not held]
     heldout = [p for p, held in zip(pairs, is_heldout) if held]
+    heldout_strengths = [s for s, held in zip(strengths, is_heldout) if held]  # what calibration is measured against
     log.info("[%s] training %d member(s) with %s on %d pairs (%d held out)", ctx.dir.name, stage.members,
              stage.implementation, len(train_index), len(heldout))
     if stage.implementation == "trl":
@@ -151,6 +152,7 @@ def run(ctx: StageContext) -> dict:
     metrics = reward_model_metrics(
         scorer, heldout, gold=gold_reward if synthetic else None,
         off_distribution=_off_distribution(heldout, recipe.seed) if synthetic else (), seed=recipe.seed, tables=tables,
+        outcomes=heldout_strengths,
     )
     if synthetic and stage.backbone is None:
         metrics.update(_policy_samples(ctx, scorer))

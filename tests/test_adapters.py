@@ -81,6 +81,78 @@ def test_hh_rlhf_real_file_split():
     assert to_trl_rows(heldout[:1])[0]["prompt"][0]["content"] == heldout[0].prompt
 
 
+def _root(prompt: str) -> str:
+    """An HH conversation's root, its opening human turn (spelt out here: the test does not trust the adapter's)."""
+    return prompt.split("\n\nAssistant:")[0]
+
+
+def _roots_on_both_sides(train: list[str], heldout: list[str]) -> set[str]:
+    """Conversation roots found on both sides of a split."""
+    return {_root(p) for p in train} & {_root(p) for p in heldout}
+
+
+def _reward_split(path, fraction: float) -> tuple[list[str], list[str]]:
+    """The (train, held-out) prompts of a reward stage on an HH file's train part, split as the stage splits them."""
+    from alignpipe.data.preference import preference_pairs_for, reward_heldout_rows
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec, RewardStage
+
+    stage = RewardStage(name="rm", heldout_fraction=fraction,
+                        dataset=PreferenceDataSpec(source="hh_rlhf", path=str(path)))
+    rows = preference_pairs_for(stage.dataset, DataSpec(), 0)
+    prompts = [row["prompt"][0]["content"] for row in rows]
+    heldout = reward_heldout_rows(stage, rows)
+    return [p for p, h in zip(prompts, heldout) if not h], [p for p, h in zip(prompts, heldout) if h]
+
+
+def _hh_conversations(n: int, depths: int = 3) -> list[dict]:
+    """n HH conversations, each stored at ``depths`` depths as HH stores them: the row at depth k + 1 goes on with
+    the depth-k row's rejected reply."""
+    rows = []
+    for i in range(n):
+        context = f"\n\nHuman: how do I do thing {i}?\n\nAssistant:"
+        for k in range(depths):
+            rows.append({"chosen": f"{context} fine {i}.{k}", "rejected": f"{context} never {i}.{k}"})
+            context = f"{context} never {i}.{k}\n\nHuman: why not {k}?\n\nAssistant:"
+    return rows
+
+
+def test_hh_splits_keep_every_depth_of_a_conversation_on_one_side(tmp_path):
+    """HH stores one conversation cut at several depths as separate rows; a hash of the whole prompt put them on
+    independent sides, so a held-out row's dialogue went on in a training row (with its rejected reply). The
+    adapter's 80/20 split hashes the conversation's root instead."""
+    path = write_jsonl(tmp_path / "hh.jsonl", _hh_conversations(60))
+    train = [p.prompt for p in load_hh_rlhf_pairs(path, split="train")]
+    heldout = [p.prompt for p in load_hh_rlhf_pairs(path, split="heldout")]
+    assert len(train) + len(heldout) == 180 and train and heldout
+    assert not _roots_on_both_sides(train, heldout)
+    assert len({_root(p) for p in heldout}) * 3 == len(heldout)  # whole conversations
+    from alignpipe.data.adapters import hh_conversation_root
+
+    assert hh_conversation_root("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == "\n\nHuman: a"
+
+
+def test_a_reward_stage_on_hh_holds_out_whole_conversations(tmp_path):
+    """The reward stage's own held-out split of the HH train part (salted, for reward_eval.json) is keyed on the
+    conversation root too: it hashed whole prompts, so its metrics scored rows whose dialogue it trained on."""
+    path = write_jsonl(tmp_path / "hh.jsonl", _hh_conversations(100))
+    train = [p.prompt for p in load_hh_rlhf_pairs(path, split="train")]
+    reward_train, reward_heldout = _reward_split(path, 0.3)
+    assert sorted(reward_train + reward_heldout) == sorted(train) and reward_train and reward_heldout
+    assert not _roots_on_both_sides(reward_train, reward_heldout)
+
+
+def test_hh_real_file_splits_keep_conversations_on_one_side():
+    """On the real file: 32 of the 464 held-out pairs shared a conversation with a training row under the
+    whole-prompt hash, and 21 of the MiniLM reward recipe's 226 held-out pairs (heldout_fraction 0.125)."""
+    need_shared_data(HH)
+    train = [p.prompt for p in load_hh_rlhf_pairs(HH, split="train")]
+    heldout = [p.prompt for p in load_hh_rlhf_pairs(HH, split="heldout")]
+    assert not _roots_on_both_sides(train, heldout)
+    assert not any(t.startswith(h) or h.startswith(t) for t in train for h in heldout)
+    reward_train, reward_heldout = _reward_split(HH, 0.125)
+    assert not _roots_on_both_sides(reward_train, reward_heldout)
+
+
 def test_hh_rlhf_local_file_skips_bad_rows(tmp_path):
     rows = [
         {"chosen": "\n\nHuman: a\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: bad"},

@@ -609,13 +609,27 @@ def split_hh_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:].strip()
 
 
-HH_HELDOUT_FRACTION = 0.2  # the share of HH prompts every stage holds out of training (the suites draw from it)
+HH_HELDOUT_FRACTION = 0.2  # the share of HH conversations every stage holds out of training (the suites draw from it)
+
+
+def hh_conversation_root(prompt: str) -> str:
+    """The conversation an HH-RLHF prompt belongs to: its text before the first ``"\\n\\nAssistant:"`` (the opening
+    human turn).
+
+    Why: HH stores one transcript cut at several depths as separate rows, so a shorter row's prompt is a prefix of a
+    longer row's, and the longer one goes on with one of the shorter row's replies. Every depth of a conversation
+    shares this root, so a split keyed on it keeps the whole conversation on one side. Different conversations that
+    open with the same request share it too and stay together, which a held-out split wants as well."""
+    return prompt.split(HH_ASSISTANT, 1)[0]
 
 
 def hh_is_heldout(prompt: str, heldout_fraction: float) -> bool:
-    """Deterministic split membership from the sha256 of the prompt: the same prompt always lands on the same
-    side (HH repeats a few prompts), independently of row order, seeds or machines."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    """Deterministic split membership from the sha256 of the prompt's conversation root
+    (:func:`hh_conversation_root`): every row of one conversation, at whatever depth HH cut it, lands on the same side
+    (a hash of the whole prompt put 32 of the harmless-base test file's 464 held-out pairs beside a training row of
+    their own conversation), independently of row order, seeds or machines."""
+    root = hh_conversation_root(prompt)
+    bucket = int.from_bytes(hashlib.sha256(root.encode("utf-8")).digest()[:8], "big") / 2.0**64
     return bucket < heldout_fraction
 
 
@@ -639,10 +653,10 @@ def load_hh_rlhf_pairs(
     chat messages: HH's turn markers also occur inside replies, so re-segmenting would guess, and the raw form is
     what the original RLHF work trained on. chosen/rejected are the final assistant replies.
 
-    Only ~20% of prompts are held out (``heldout_fraction``), chosen by :func:`hh_is_heldout` on the prompt, so
-    the two parts never share a prompt. ``source_split`` is the split read from the source (a local file is read
-    as that one split); ``data_dir`` selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of
-    ``"Anthropic/hh-rlhf"``.
+    Only ~20% of conversations are held out (``heldout_fraction``), chosen by :func:`hh_is_heldout` on the prompt's
+    conversation root, so the two parts never share a prompt, nor a conversation cut at another depth.
+    ``source_split`` is the split read from the source (a local file is read as that one split); ``data_dir``
+    selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of ``"Anthropic/hh-rlhf"``.
 
     Skipped and counted: rows whose chosen and rejected disagree on the prompt, lack an assistant turn or go on
     after it (a ``"\n\nHuman:"`` turn in a reply: trained on, a policy would learn to write the user's next turn)

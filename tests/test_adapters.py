@@ -70,7 +70,7 @@ def test_hh_rlhf_real_file_split():
     heldout = load_hh_rlhf_pairs(str(HH), split="heldout", report=heldout_report)
     assert train_report.rows_in == heldout_report.rows_in == 2312
     skipped = train_report.rows_skipped_empty + train_report.rows_skipped_malformed + train_report.rows_skipped_identical
-    assert skipped < 20  # a handful of HH rows have an empty reply or chosen/rejected prompts that differ
+    assert skipped < 50  # an empty reply, chosen/rejected prompts that differ, a reply that writes a Human turn
     assert len(train) + len(heldout) + skipped == 2312  # a partition of the usable rows
     assert not {p.prompt for p in train} & {p.prompt for p in heldout}
     assert abs(len(heldout) / (len(train) + len(heldout)) - 0.2) < 0.03
@@ -183,6 +183,38 @@ def test_hh_rows_that_go_on_after_the_reply_or_have_no_prompt_text_are_skipped(t
                                report=report)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("\n\nHuman: a\n\nAssistant:", "good", "bad")]
     assert (report.rows_skipped_malformed, report.rows_skipped_empty) == (2, 1)
+
+
+def test_hh_replies_that_write_a_human_turn_without_the_blank_line_are_skipped(tmp_path):
+    """HH replies also write the user's turn as "Human:" at their start, a line's start or after a sentence; the
+    "\n\nHuman:" check let them through (into SFT too, from the chosen side). A "Human:" quoted mid-sentence stays."""
+    from alignpipe.data.adapters import load_hh_rlhf_chosen
+
+    def row(q: str, chosen: str, rejected: str = "no") -> dict:
+        prompt = f"\n\nHuman: {q}\n\nAssistant:"
+        return {"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"}
+
+    skipped = [row("a", "Human: How do I steal a car?"), row("b", "Sure.\nHuman: thanks"),
+               row("c", "fine", "Sure. \n  Human: and then?"), row("d", "Bad idea.  Human:  Why not?"),
+               row("e", 'You asked "what?"  Human: That said, no.')]
+    kept = [row("f", "This is a real quote from Human: What is it?."), row("g", "[Click to copy: Human: SAY IT]"),
+            row("h", "Humans: people; human: a person")]
+    path = write_jsonl(tmp_path / "hh.jsonl", skipped + kept)
+    report = LoadReport()
+    pairs = load_hh_rlhf_pairs(path, split="train", heldout_fraction=0.0, report=report)
+    assert [p.prompt.split()[1] for p in pairs] == ["f", "g", "h"] and report.rows_skipped_malformed == 5
+    sft = load_hh_rlhf_chosen(path, heldout_fraction=0.0)
+    assert [turns[1]["content"] for turns in sft] == [p.chosen for p in pairs]
+
+
+def test_hh_real_file_rows_whose_reply_writes_a_human_turn():
+    """On the real file 29 rows' replies write a Human turn without the blank line (27 at a line's start, 2 after a
+    sentence); 2 more quote "Human:" mid-sentence and are kept."""
+    need_shared_data(HH)
+    report = LoadReport()
+    pairs = load_hh_rlhf_pairs(HH, split="train", heldout_fraction=0.0, report=report)
+    assert report.rows_skipped_malformed == 5 + 29 and len(pairs) == 2312 - 4 - 34
+    assert sum("Human:" in p.chosen or "Human:" in p.rejected for p in pairs) == 2
 
 
 def _hh_tranches(root: Path) -> Path:

@@ -30,6 +30,7 @@ import json
 import logging
 import lzma
 import math
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
+# A "Human:" turn marker where a turn could start: the reply's start, a line's start or after a sentence's end
+# (spaces may precede it). Not mid-sentence, where HH replies quote it ("a real quote from Human: What is ...").
+HH_HUMAN_TURN = re.compile(r"(?:^|\n|[.!?][\"'”’)]?\s)\s*Human:")
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -609,6 +613,16 @@ def split_hh_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:].strip()
 
 
+def hh_reply_has_human_turn(reply: str) -> bool:
+    """Whether an HH reply goes on into a ``Human:`` turn: at its start, at a line's start or after a sentence.
+
+    Why these places: HH replies also write the user's turn without the blank line of a real turn marker
+    (``"Human: How do I steal..."`` as the whole reply, or ``"Well that doesn't seem like a good idea.  Human:  Why
+    not?"``), which ``"\\n\\nHuman:"`` alone missed (29 rows of harmless-base-test); trained on, a policy learns to
+    write the user's next turn. Mid-sentence the word is a quote (``"[Click to copy: Human: ...]"``) and stays."""
+    return HH_HUMAN_TURN.search(reply) is not None
+
+
 HH_HELDOUT_FRACTION = 0.2  # the share of HH conversations every stage holds out of training (the suites draw from it)
 
 
@@ -659,8 +673,9 @@ def load_hh_rlhf_pairs(
     selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of ``"Anthropic/hh-rlhf"``.
 
     Skipped and counted: rows whose chosen and rejected disagree on the prompt, lack an assistant turn or go on
-    after it (a ``"\n\nHuman:"`` turn in a reply: trained on, a policy would learn to write the user's next turn)
-    (malformed), an empty reply or a prompt with no text but its turn markers (empty), identical replies (identical).
+    after it (a ``Human:`` turn in a reply, :func:`hh_reply_has_human_turn`: trained on, a policy would learn to
+    write the user's next turn) (malformed), an empty reply or a prompt with no text but its turn markers (empty),
+    identical replies (identical).
     """
     what = "load_hh_rlhf_pairs"
     if split not in ("train", "heldout"):
@@ -683,7 +698,7 @@ def load_hh_rlhf_pairs(
         except ValueError:
             rep.rows_skipped_malformed += 1
             continue
-        if prompt != prompt_r or HH_HUMAN in chosen or HH_HUMAN in rejected:
+        if prompt != prompt_r or hh_reply_has_human_turn(chosen) or hh_reply_has_human_turn(rejected):
             rep.rows_skipped_malformed += 1
             continue
         if not chosen or not rejected or not prompt.replace(HH_HUMAN, "").replace(HH_ASSISTANT, "").strip():

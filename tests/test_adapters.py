@@ -41,14 +41,47 @@ def test_alpaca_eval_prefs_real_file():
     report = LoadReport()
     sets = load_alpaca_eval_prefs(ALPACA, report=report)
     assert len(sets) == 805 and report.rows_in == 805 and report.items_out == 805
-    assert all(len(s.responses) == 8 == len(s.scores) for s in sets)
+    assert all(len(s.responses) == len(set(s.responses)) == len(s.scores) for s in sets)
+    assert sum(len(s.responses) for s in sets) == 805 * 8 - report.responses_merged_repeated  # a repeated text once
     assert all(0.0 <= x <= 1.0 for s in sets for x in s.scores)
     pairs, pair_report = build_pairs(sets, method="anchor", strength="probability")
     assert pairs and pair_report.sets_in == 805
     assert all(0.5 < p.strength <= 0.99 for p in pairs)
-    # with the reference appended at 0.5, every set has a spread of scores and gives pairs
+    # with the reference appended at 0.5, every set has a spread of scores and gives pairs; a response that is the
+    # reference's own text merges with it
     with_ref = load_alpaca_eval_prefs(str(ALPACA), include_reference=True)
-    assert all(len(s.responses) == 9 and s.scores[-1] == 0.5 for s in with_ref)
+    appended = [s for s, plain in zip(with_ref, sets) if len(s.responses) == len(plain.responses) + 1]
+    assert len(appended) > 790 and all(s.scores[-1] == 0.5 for s in appended)
+
+
+def test_alpaca_eval_texts_repeated_within_an_instruction_are_merged(tmp_path):
+    """Two models that wrote the same answer give one response, scored with the mean of the judge's two scores, and
+    the load report counts it: pairing then neither repeats a pair nor puts one text on both sides of another."""
+    row = {"instruction": "Name a dog breed.", "reference": {"model": "ref", "text": "Beagle."}, "responses": [
+        {"model": "m1", "text": "Chihuahua.", "score": 0.3}, {"model": "m2", "text": "Poodle.", "score": 0.2},
+        {"model": "m3", "text": "Chihuahua.", "score": 0.1}, {"model": "m4", "text": "Pug.", "score": 0.05}]}
+    report = LoadReport()
+    (scored,) = load_alpaca_eval_prefs(write_jsonl(tmp_path / "prefs.jsonl", [row]), report=report)
+    assert scored.responses == ("Chihuahua.", "Poodle.", "Pug.") and scored.scores == pytest.approx((0.2, 0.2, 0.05))
+    assert report.responses_merged_repeated == 1 and "merged 1 repeated responses" in report.summary()
+    pairs, _ = build_pairs([scored], method="all_pairs", strength="hard")
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [("Chihuahua.", "Pug."), ("Poodle.", "Pug.")]
+
+
+def test_alpaca_eval_real_file_has_no_repeated_pair():
+    """On the real file 53 responses repeat a text of their instruction (30 instructions); all_pairs made 226 exact
+    repeats of 20,827 pairs, 2 of them with another strength."""
+    import collections
+
+    need_shared_data(ALPACA)
+    report = LoadReport()
+    sets = load_alpaca_eval_prefs(ALPACA, report=report)
+    assert report.responses_merged_repeated == 53 and sum(len(s.responses) < 8 for s in sets) == 30
+    assert all(len(set(s.responses)) == len(s.responses) for s in sets)
+    pairs, _ = build_pairs(sets, method="all_pairs", strength="probability", score_clip=1e-6)
+    counts = collections.Counter((p.prompt, p.chosen, p.rejected) for p in pairs)
+    assert len(pairs) == 20_601 and max(counts.values()) == 1
+    assert not any((q, b, a) in counts for q, a, b in counts)
 
 
 # ------------------------------------------------------------------------------------------------ HH-RLHF

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignpipe.data.pairing import PreferencePair, ScoredSet
+from alignpipe.data.pairing import PreferencePair, ScoredSet, merge_repeated_responses
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class LoadReport:
     rows_in: int = 0
     rows_skipped_empty: int = 0  # empty prompt (or, for HH and trl pairs, an empty chosen/rejected reply)
     responses_dropped_empty: int = 0  # scored sets: empty response texts removed from an otherwise kept row
+    responses_merged_repeated: int = 0  # scored sets: a response text already in its row, merged (mean score)
     rows_skipped_malformed: int = 0  # HH: no "\n\nAssistant:" turn, or chosen and rejected disagree on the prompt
     rows_skipped_identical: int = 0  # HH and trl pairs: chosen reply == rejected reply
     rows_other_split: int = 0  # HH: valid rows that belong to the other (train/heldout) part
@@ -84,7 +85,8 @@ class LoadReport:
         return (
             f"load {self.source}: {self.rows_in} rows -> {self.items_out} items; skipped {self.rows_skipped_empty} "
             f"empty, {self.rows_skipped_malformed} malformed, {self.rows_skipped_identical} identical, "
-            f"{self.rows_other_split} in the other split; dropped {self.responses_dropped_empty} empty responses"
+            f"{self.rows_other_split} in the other split; dropped {self.responses_dropped_empty} empty responses; "
+            f"merged {self.responses_merged_repeated} repeated responses"
         )
 
 
@@ -481,7 +483,9 @@ ALPACA_EXPECTED = (
 def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: str, text_key: str, score_key: str,
                  report: LoadReport | None) -> list[ScoredSet]:
     """Rows ``{"instruction", <column>: [{text_key, score_key}, ...]}`` -> ScoredSets; empty texts/prompts counted,
-    and rows left with fewer than 2 scored responses noted (pairing skips them; an error about no pairs names them)."""
+    a text repeated within a row merged into one response with the mean score (:func:`merge_repeated_responses`
+    says why) and counted, and rows left with fewer than 2 scored responses noted (pairing skips them; an error about
+    no pairs names them)."""
     rep = LoadReport(source=source)
     out: list[ScoredSet] = []
     for i, row in enumerate(ds):
@@ -502,6 +506,8 @@ def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: 
                 continue
             responses.append(text)
             scores.append(score)
+        responses, scores, merged = merge_repeated_responses(responses, scores)
+        rep.responses_merged_repeated += merged
         _note_unpairable(rep, i, scores, score_key)
         out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
     rep.items_out = len(out)

@@ -41,14 +41,47 @@ def test_alpaca_eval_prefs_real_file():
     report = LoadReport()
     sets = load_alpaca_eval_prefs(ALPACA, report=report)
     assert len(sets) == 805 and report.rows_in == 805 and report.items_out == 805
-    assert all(len(s.responses) == 8 == len(s.scores) for s in sets)
+    assert all(len(s.responses) == len(set(s.responses)) == len(s.scores) for s in sets)
+    assert sum(len(s.responses) for s in sets) == 805 * 8 - report.responses_merged_repeated  # a repeated text once
     assert all(0.0 <= x <= 1.0 for s in sets for x in s.scores)
     pairs, pair_report = build_pairs(sets, method="anchor", strength="probability")
     assert pairs and pair_report.sets_in == 805
     assert all(0.5 < p.strength <= 0.99 for p in pairs)
-    # with the reference appended at 0.5, every set has a spread of scores and gives pairs
+    # with the reference appended at 0.5, every set has a spread of scores and gives pairs; a response that is the
+    # reference's own text merges with it
     with_ref = load_alpaca_eval_prefs(str(ALPACA), include_reference=True)
-    assert all(len(s.responses) == 9 and s.scores[-1] == 0.5 for s in with_ref)
+    appended = [s for s, plain in zip(with_ref, sets) if len(s.responses) == len(plain.responses) + 1]
+    assert len(appended) > 790 and all(s.scores[-1] == 0.5 for s in appended)
+
+
+def test_alpaca_eval_texts_repeated_within_an_instruction_are_merged(tmp_path):
+    """Two models that wrote the same answer give one response, scored with the mean of the judge's two scores, and
+    the load report counts it: pairing then neither repeats a pair nor puts one text on both sides of another."""
+    row = {"instruction": "Name a dog breed.", "reference": {"model": "ref", "text": "Beagle."}, "responses": [
+        {"model": "m1", "text": "Chihuahua.", "score": 0.3}, {"model": "m2", "text": "Poodle.", "score": 0.2},
+        {"model": "m3", "text": "Chihuahua.", "score": 0.1}, {"model": "m4", "text": "Pug.", "score": 0.05}]}
+    report = LoadReport()
+    (scored,) = load_alpaca_eval_prefs(write_jsonl(tmp_path / "prefs.jsonl", [row]), report=report)
+    assert scored.responses == ("Chihuahua.", "Poodle.", "Pug.") and scored.scores == pytest.approx((0.2, 0.2, 0.05))
+    assert report.responses_merged_repeated == 1 and "merged 1 repeated responses" in report.summary()
+    pairs, _ = build_pairs([scored], method="all_pairs", strength="hard")
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [("Chihuahua.", "Pug."), ("Poodle.", "Pug.")]
+
+
+def test_alpaca_eval_real_file_has_no_repeated_pair():
+    """On the real file 53 responses repeat a text of their instruction (30 instructions); all_pairs made 226 exact
+    repeats of 20,827 pairs, 2 of them with another strength."""
+    import collections
+
+    need_shared_data(ALPACA)
+    report = LoadReport()
+    sets = load_alpaca_eval_prefs(ALPACA, report=report)
+    assert report.responses_merged_repeated == 53 and sum(len(s.responses) < 8 for s in sets) == 30
+    assert all(len(set(s.responses)) == len(s.responses) for s in sets)
+    pairs, _ = build_pairs(sets, method="all_pairs", strength="probability", score_clip=1e-6)
+    counts = collections.Counter((p.prompt, p.chosen, p.rejected) for p in pairs)
+    assert len(pairs) == 20_601 and max(counts.values()) == 1
+    assert not any((q, b, a) in counts for q, a, b in counts)
 
 
 # ------------------------------------------------------------------------------------------------ HH-RLHF
@@ -70,7 +103,7 @@ def test_hh_rlhf_real_file_split():
     heldout = load_hh_rlhf_pairs(str(HH), split="heldout", report=heldout_report)
     assert train_report.rows_in == heldout_report.rows_in == 2312
     skipped = train_report.rows_skipped_empty + train_report.rows_skipped_malformed + train_report.rows_skipped_identical
-    assert skipped < 20  # a handful of HH rows have an empty reply or chosen/rejected prompts that differ
+    assert skipped < 50  # an empty reply, chosen/rejected prompts that differ, a reply that writes a Human turn
     assert len(train) + len(heldout) + skipped == 2312  # a partition of the usable rows
     assert not {p.prompt for p in train} & {p.prompt for p in heldout}
     assert abs(len(heldout) / (len(train) + len(heldout)) - 0.2) < 0.03
@@ -79,6 +112,78 @@ def test_hh_rlhf_real_file_split():
         assert p.prompt.startswith("\n\nHuman: ") and p.prompt.endswith("\n\nAssistant:")
         assert p.chosen and p.rejected and p.chosen != p.rejected and p.strength == 1.0
     assert to_trl_rows(heldout[:1])[0]["prompt"][0]["content"] == heldout[0].prompt
+
+
+def _root(prompt: str) -> str:
+    """An HH conversation's root, its opening human turn (spelt out here: the test does not trust the adapter's)."""
+    return prompt.split("\n\nAssistant:")[0]
+
+
+def _roots_on_both_sides(train: list[str], heldout: list[str]) -> set[str]:
+    """Conversation roots found on both sides of a split."""
+    return {_root(p) for p in train} & {_root(p) for p in heldout}
+
+
+def _reward_split(path, fraction: float) -> tuple[list[str], list[str]]:
+    """The (train, held-out) prompts of a reward stage on an HH file's train part, split as the stage splits them."""
+    from alignpipe.data.preference import preference_pairs_for, reward_heldout_rows
+    from alignpipe.recipe import DataSpec, PreferenceDataSpec, RewardStage
+
+    stage = RewardStage(name="rm", heldout_fraction=fraction,
+                        dataset=PreferenceDataSpec(source="hh_rlhf", path=str(path)))
+    rows = preference_pairs_for(stage.dataset, DataSpec(), 0)
+    prompts = [row["prompt"][0]["content"] for row in rows]
+    heldout = reward_heldout_rows(stage, rows)
+    return [p for p, h in zip(prompts, heldout) if not h], [p for p, h in zip(prompts, heldout) if h]
+
+
+def _hh_conversations(n: int, depths: int = 3) -> list[dict]:
+    """n HH conversations, each stored at ``depths`` depths as HH stores them: the row at depth k + 1 goes on with
+    the depth-k row's rejected reply."""
+    rows = []
+    for i in range(n):
+        context = f"\n\nHuman: how do I do thing {i}?\n\nAssistant:"
+        for k in range(depths):
+            rows.append({"chosen": f"{context} fine {i}.{k}", "rejected": f"{context} never {i}.{k}"})
+            context = f"{context} never {i}.{k}\n\nHuman: why not {k}?\n\nAssistant:"
+    return rows
+
+
+def test_hh_splits_keep_every_depth_of_a_conversation_on_one_side(tmp_path):
+    """HH stores one conversation cut at several depths as separate rows; a hash of the whole prompt put them on
+    independent sides, so a held-out row's dialogue went on in a training row (with its rejected reply). The
+    adapter's 80/20 split hashes the conversation's root instead."""
+    path = write_jsonl(tmp_path / "hh.jsonl", _hh_conversations(60))
+    train = [p.prompt for p in load_hh_rlhf_pairs(path, split="train")]
+    heldout = [p.prompt for p in load_hh_rlhf_pairs(path, split="heldout")]
+    assert len(train) + len(heldout) == 180 and train and heldout
+    assert not _roots_on_both_sides(train, heldout)
+    assert len({_root(p) for p in heldout}) * 3 == len(heldout)  # whole conversations
+    from alignpipe.data.adapters import hh_conversation_root
+
+    assert hh_conversation_root("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == "\n\nHuman: a"
+
+
+def test_a_reward_stage_on_hh_holds_out_whole_conversations(tmp_path):
+    """The reward stage's own held-out split of the HH train part (salted, for reward_eval.json) is keyed on the
+    conversation root too: it hashed whole prompts, so its metrics scored rows whose dialogue it trained on."""
+    path = write_jsonl(tmp_path / "hh.jsonl", _hh_conversations(100))
+    train = [p.prompt for p in load_hh_rlhf_pairs(path, split="train")]
+    reward_train, reward_heldout = _reward_split(path, 0.3)
+    assert sorted(reward_train + reward_heldout) == sorted(train) and reward_train and reward_heldout
+    assert not _roots_on_both_sides(reward_train, reward_heldout)
+
+
+def test_hh_real_file_splits_keep_conversations_on_one_side():
+    """On the real file: 32 of the 464 held-out pairs shared a conversation with a training row under the
+    whole-prompt hash, and 21 of the MiniLM reward recipe's 226 held-out pairs (heldout_fraction 0.125)."""
+    need_shared_data(HH)
+    train = [p.prompt for p in load_hh_rlhf_pairs(HH, split="train")]
+    heldout = [p.prompt for p in load_hh_rlhf_pairs(HH, split="heldout")]
+    assert not _roots_on_both_sides(train, heldout)
+    assert not any(t.startswith(h) or h.startswith(t) for t in train for h in heldout)
+    reward_train, reward_heldout = _reward_split(HH, 0.125)
+    assert not _roots_on_both_sides(reward_train, reward_heldout)
 
 
 def test_hh_rlhf_local_file_skips_bad_rows(tmp_path):
@@ -111,6 +216,38 @@ def test_hh_rows_that_go_on_after_the_reply_or_have_no_prompt_text_are_skipped(t
                                report=report)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("\n\nHuman: a\n\nAssistant:", "good", "bad")]
     assert (report.rows_skipped_malformed, report.rows_skipped_empty) == (2, 1)
+
+
+def test_hh_replies_that_write_a_human_turn_without_the_blank_line_are_skipped(tmp_path):
+    """HH replies also write the user's turn as "Human:" at their start, a line's start or after a sentence; the
+    "\n\nHuman:" check let them through (into SFT too, from the chosen side). A "Human:" quoted mid-sentence stays."""
+    from alignpipe.data.adapters import load_hh_rlhf_chosen
+
+    def row(q: str, chosen: str, rejected: str = "no") -> dict:
+        prompt = f"\n\nHuman: {q}\n\nAssistant:"
+        return {"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"}
+
+    skipped = [row("a", "Human: How do I steal a car?"), row("b", "Sure.\nHuman: thanks"),
+               row("c", "fine", "Sure. \n  Human: and then?"), row("d", "Bad idea.  Human:  Why not?"),
+               row("e", 'You asked "what?"  Human: That said, no.')]
+    kept = [row("f", "This is a real quote from Human: What is it?."), row("g", "[Click to copy: Human: SAY IT]"),
+            row("h", "Humans: people; human: a person")]
+    path = write_jsonl(tmp_path / "hh.jsonl", skipped + kept)
+    report = LoadReport()
+    pairs = load_hh_rlhf_pairs(path, split="train", heldout_fraction=0.0, report=report)
+    assert [p.prompt.split()[1] for p in pairs] == ["f", "g", "h"] and report.rows_skipped_malformed == 5
+    sft = load_hh_rlhf_chosen(path, heldout_fraction=0.0)
+    assert [turns[1]["content"] for turns in sft] == [p.chosen for p in pairs]
+
+
+def test_hh_real_file_rows_whose_reply_writes_a_human_turn():
+    """On the real file 29 rows' replies write a Human turn without the blank line (27 at a line's start, 2 after a
+    sentence); 2 more quote "Human:" mid-sentence and are kept."""
+    need_shared_data(HH)
+    report = LoadReport()
+    pairs = load_hh_rlhf_pairs(HH, split="train", heldout_fraction=0.0, report=report)
+    assert report.rows_skipped_malformed == 5 + 29 and len(pairs) == 2312 - 4 - 34
+    assert sum("Human:" in p.chosen or "Human:" in p.rejected for p in pairs) == 2
 
 
 def _hh_tranches(root: Path) -> Path:

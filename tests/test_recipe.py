@@ -103,6 +103,20 @@ def test_a_trl_reward_stage_without_members_1_is_told_to_set_it() -> None:
             RewardStage(name="rm", implementation="trl", **members)
 
 
+def test_diversity_form_is_refused_where_it_has_no_effect() -> None:
+    """diversity_form shapes the ensemble's diversity term: with TRL's RewardTrainer (one model, no term) or with
+    diversity_weight 0 a non-default form did nothing, silently. At its default it passes (a resolved recipe)."""
+    from alignpipe.recipe import RewardStage
+
+    with pytest.raises(ValueError, match=r"diversity_form: is an option of implementation 'ensemble'"):
+        RewardStage(name="rm", implementation="trl", members=1, diversity_form="nnm")
+    with pytest.raises(ValueError, match=r"diversity_form: is not read: 'nnm' shapes the diversity term, and "
+                                         r"diversity_weight is 0, so there is none; set diversity_weight > 0"):
+        RewardStage(name="rm", diversity_form="nnm")
+    assert RewardStage(name="rm", diversity_weight=0.01, diversity_form="nnm").diversity_form == "nnm"
+    assert RewardStage(name="rm", implementation="trl", members=1, diversity_form="ratio").diversity_weight == 0
+
+
 def test_long_prompts_drop_is_refused_where_trl_would_not_drop_anything() -> None:
     """On the synthetic task there is no file to drop rows from; an sft stage without assistant-only loss trains such
     conversations on their prompt alone, so "drop" would have claimed what it did not do."""

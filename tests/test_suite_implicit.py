@@ -98,8 +98,7 @@ def test_hh_pairs_come_only_from_the_split_every_hh_stage_holds_out(tmp_path, ca
     data = _hh_file(tmp_path / "hh.jsonl.gz")
     pairs, origin = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=10))
     assert len(pairs) == 10 and all(hh_is_heldout(p, HH_HELDOUT_FRACTION) for p, _, _ in pairs)
-    assert origin == {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION,
-                      "opening_training_dialogues_left_out": 0}
+    assert origin == {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION}
     assert all(c.startswith("item") and r == "no" for _, c, r in pairs)  # chosen first, as the data labels them
     dpo_rows = preference_pairs_for(PreferenceDataSpec(source="hh_rlhf", path=str(data)), DataSpec(), 0)
     sft_rows = load_sft_source("hh_rlhf", data)
@@ -110,20 +109,23 @@ def test_hh_pairs_come_only_from_the_split_every_hh_stage_holds_out(tmp_path, ca
     assert "fewer than n=10000; using them all" in caplog.text
 
 
-def test_a_held_out_pair_whose_dialogue_opens_a_training_one_is_left_out(tmp_path):
-    """HH dialogues share openings: a training dialogue may be a held-out one's prompt, a reply and more turns. Its
-    prompt hashes to the training part, but a pair on the held-out dialogue is then no longer unseen."""
+def test_a_dialogue_that_continues_a_held_out_one_is_held_out_too(tmp_path):
+    """HH stores one conversation at several depths: a longer row is a held-out row's prompt, one of its replies and
+    more turns. The split hashes the conversation's root, so that row is held out with it and no stage trains on it
+    (a hash of the whole prompt trained on it, and the suites had to leave the shorter pair out)."""
     data = _hh_file(tmp_path / "hh.jsonl.gz")
     pairs, _ = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=3))
     first = pairs[0][0]
-    continued = next(f"{first} no\n\nHuman: why not{'?' * k}\n\nAssistant:" for k in range(1, 100)
-                     if not hh_is_heldout(f"{first} no\n\nHuman: why not{'?' * k}\n\nAssistant:",
-                                          HH_HELDOUT_FRACTION))
+    continued = [f"{first} no\n\nHuman: why not{'?' * k}\n\nAssistant:" for k in range(1, 30)]
     with gzip.open(data, "at", encoding="utf-8") as handle:
-        handle.write(json.dumps({"chosen": f"{continued} fine", "rejected": f"{continued} never"}) + "\n")
-    again, origin = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=3))
-    assert first not in {p for p, _, _ in again} and again[:2] == pairs[1:]
-    assert origin["opening_training_dialogues_left_out"] == 1
+        for prompt in continued:
+            handle.write(json.dumps({"chosen": f"{prompt} fine", "rejected": f"{prompt} never"}) + "\n")
+    assert all(hh_is_heldout(prompt, HH_HELDOUT_FRACTION) for prompt in continued)
+    trained = {plain_text(row["prompt"]) for row in preference_pairs_for(
+        PreferenceDataSpec(source="hh_rlhf", path=str(data)), DataSpec(), 0)}
+    assert not any(t.startswith(first) for t in trained)
+    again, _ = load_implicit_pairs(ImplicitRewardPairs(source="hh_rlhf", path=str(data), n=3))
+    assert again == pairs  # the shorter pair stays: nothing trained on continues it
 
 
 def test_hh_suite_prompts_are_the_prompts_of_the_adapters_held_out_pairs(tmp_path):

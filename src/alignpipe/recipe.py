@@ -748,6 +748,7 @@ class RewardStage(_CheckpointedStage):
     def _implementation_options(self) -> RewardStage:
         if self.implementation == "trl":
             ensemble_only = {"diversity_weight": self.diversity_weight != 0,
+                             "diversity_form": self.diversity_form != "ratio",
                              "bootstrap": self.bootstrap, "ids_rate": self.ids_rate != 0,
                              "top_layers": self.top_layers is not None, "objective": self.objective != "members",
                              "pooling": self.pooling != "last"}
@@ -763,6 +764,11 @@ class RewardStage(_CheckpointedStage):
         elif self.lora is None:
             raise _problem((("lora",), "the ensemble members are LoRA adapters on a shared backbone; full "
                                        "fine-tuning needs implementation: trl with members: 1"))
+        elif self.diversity_weight == 0 and self.diversity_form != "ratio":
+            # as a dataset's unread pairing keys: a setting with no effect is refused away from its default
+            raise _problem((("diversity_form",), f"is not read: {self.diversity_form!r} shapes the diversity term, "
+                                                 "and diversity_weight is 0, so there is none; set diversity_weight "
+                                                 "> 0 or remove diversity_form"))
         if self.bootstrap and self.objective == "mean":
             raise _problem((("bootstrap",), "bootstrap resamples the pairs per member, but objective: mean has one "
                                             "loss on the ensemble mean; use objective: members with bootstrap"))

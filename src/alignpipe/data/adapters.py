@@ -30,18 +30,22 @@ import json
 import logging
 import lzma
 import math
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignpipe.data.pairing import PreferencePair, ScoredSet
+from alignpipe.data.pairing import PreferencePair, ScoredSet, merge_repeated_responses
 
 log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
+# A "Human:" turn marker where a turn could start: the reply's start, a line's start or after a sentence's end
+# (spaces may precede it). Not mid-sentence, where HH replies quote it ("a real quote from Human: What is ...").
+HH_HUMAN_TURN = re.compile(r"(?:^|\n|[.!?][\"'”’)]?\s)\s*Human:")
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -65,6 +69,7 @@ class LoadReport:
     rows_in: int = 0
     rows_skipped_empty: int = 0  # empty prompt (or, for HH and trl pairs, an empty chosen/rejected reply)
     responses_dropped_empty: int = 0  # scored sets: empty response texts removed from an otherwise kept row
+    responses_merged_repeated: int = 0  # scored sets: a response text already in its row, merged (mean score)
     rows_skipped_malformed: int = 0  # HH: no "\n\nAssistant:" turn, or chosen and rejected disagree on the prompt
     rows_skipped_identical: int = 0  # HH and trl pairs: chosen reply == rejected reply
     rows_other_split: int = 0  # HH: valid rows that belong to the other (train/heldout) part
@@ -80,7 +85,8 @@ class LoadReport:
         return (
             f"load {self.source}: {self.rows_in} rows -> {self.items_out} items; skipped {self.rows_skipped_empty} "
             f"empty, {self.rows_skipped_malformed} malformed, {self.rows_skipped_identical} identical, "
-            f"{self.rows_other_split} in the other split; dropped {self.responses_dropped_empty} empty responses"
+            f"{self.rows_other_split} in the other split; dropped {self.responses_dropped_empty} empty responses; "
+            f"merged {self.responses_merged_repeated} repeated responses"
         )
 
 
@@ -477,7 +483,9 @@ ALPACA_EXPECTED = (
 def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: str, text_key: str, score_key: str,
                  report: LoadReport | None) -> list[ScoredSet]:
     """Rows ``{"instruction", <column>: [{text_key, score_key}, ...]}`` -> ScoredSets; empty texts/prompts counted,
-    and rows left with fewer than 2 scored responses noted (pairing skips them; an error about no pairs names them)."""
+    a text repeated within a row merged into one response with the mean score (:func:`merge_repeated_responses`
+    says why) and counted, and rows left with fewer than 2 scored responses noted (pairing skips them; an error about
+    no pairs names them)."""
     rep = LoadReport(source=source)
     out: list[ScoredSet] = []
     for i, row in enumerate(ds):
@@ -498,6 +506,8 @@ def _scored_sets(ds, entries, *, what: str, source: str, expected: str, column: 
                 continue
             responses.append(text)
             scores.append(score)
+        responses, scores, merged = merge_repeated_responses(responses, scores)
+        rep.responses_merged_repeated += merged
         _note_unpairable(rep, i, scores, score_key)
         out.append(ScoredSet(prompt, tuple(responses), tuple(scores)))
     rep.items_out = len(out)
@@ -609,13 +619,37 @@ def split_hh_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:].strip()
 
 
-HH_HELDOUT_FRACTION = 0.2  # the share of HH prompts every stage holds out of training (the suites draw from it)
+def hh_reply_has_human_turn(reply: str) -> bool:
+    """Whether an HH reply goes on into a ``Human:`` turn: at its start, at a line's start or after a sentence.
+
+    Why these places: HH replies also write the user's turn without the blank line of a real turn marker
+    (``"Human: How do I steal..."`` as the whole reply, or ``"Well that doesn't seem like a good idea.  Human:  Why
+    not?"``), which ``"\\n\\nHuman:"`` alone missed (29 rows of harmless-base-test); trained on, a policy learns to
+    write the user's next turn. Mid-sentence the word is a quote (``"[Click to copy: Human: ...]"``) and stays."""
+    return HH_HUMAN_TURN.search(reply) is not None
+
+
+HH_HELDOUT_FRACTION = 0.2  # the share of HH conversations every stage holds out of training (the suites draw from it)
+
+
+def hh_conversation_root(prompt: str) -> str:
+    """The conversation an HH-RLHF prompt belongs to: its text before the first ``"\\n\\nAssistant:"`` (the opening
+    human turn).
+
+    Why: HH stores one transcript cut at several depths as separate rows, so a shorter row's prompt is a prefix of a
+    longer row's, and the longer one goes on with one of the shorter row's replies. Every depth of a conversation
+    shares this root, so a split keyed on it keeps the whole conversation on one side. Different conversations that
+    open with the same request share it too and stay together, which a held-out split wants as well."""
+    return prompt.split(HH_ASSISTANT, 1)[0]
 
 
 def hh_is_heldout(prompt: str, heldout_fraction: float) -> bool:
-    """Deterministic split membership from the sha256 of the prompt: the same prompt always lands on the same
-    side (HH repeats a few prompts), independently of row order, seeds or machines."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    """Deterministic split membership from the sha256 of the prompt's conversation root
+    (:func:`hh_conversation_root`): every row of one conversation, at whatever depth HH cut it, lands on the same side
+    (a hash of the whole prompt put 32 of the harmless-base test file's 464 held-out pairs beside a training row of
+    their own conversation), independently of row order, seeds or machines."""
+    root = hh_conversation_root(prompt)
+    bucket = int.from_bytes(hashlib.sha256(root.encode("utf-8")).digest()[:8], "big") / 2.0**64
     return bucket < heldout_fraction
 
 
@@ -639,14 +673,15 @@ def load_hh_rlhf_pairs(
     chat messages: HH's turn markers also occur inside replies, so re-segmenting would guess, and the raw form is
     what the original RLHF work trained on. chosen/rejected are the final assistant replies.
 
-    Only ~20% of prompts are held out (``heldout_fraction``), chosen by :func:`hh_is_heldout` on the prompt, so
-    the two parts never share a prompt. ``source_split`` is the split read from the source (a local file is read
-    as that one split); ``data_dir`` selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of
-    ``"Anthropic/hh-rlhf"``.
+    Only ~20% of conversations are held out (``heldout_fraction``), chosen by :func:`hh_is_heldout` on the prompt's
+    conversation root, so the two parts never share a prompt, nor a conversation cut at another depth.
+    ``source_split`` is the split read from the source (a local file is read as that one split); ``data_dir``
+    selects a tranche of the Hub dataset, e.g. ``"harmless-base"`` of ``"Anthropic/hh-rlhf"``.
 
     Skipped and counted: rows whose chosen and rejected disagree on the prompt, lack an assistant turn or go on
-    after it (a ``"\n\nHuman:"`` turn in a reply: trained on, a policy would learn to write the user's next turn)
-    (malformed), an empty reply or a prompt with no text but its turn markers (empty), identical replies (identical).
+    after it (a ``Human:`` turn in a reply, :func:`hh_reply_has_human_turn`: trained on, a policy would learn to
+    write the user's next turn) (malformed), an empty reply or a prompt with no text but its turn markers (empty),
+    identical replies (identical).
     """
     what = "load_hh_rlhf_pairs"
     if split not in ("train", "heldout"):
@@ -669,7 +704,7 @@ def load_hh_rlhf_pairs(
         except ValueError:
             rep.rows_skipped_malformed += 1
             continue
-        if prompt != prompt_r or HH_HUMAN in chosen or HH_HUMAN in rejected:
+        if prompt != prompt_r or hh_reply_has_human_turn(chosen) or hh_reply_has_human_turn(rejected):
             rep.rows_skipped_malformed += 1
             continue
         if not chosen or not rejected or not prompt.replace(HH_HUMAN, "").replace(HH_ASSISTANT, "").strip():

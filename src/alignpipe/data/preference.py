@@ -16,6 +16,7 @@ from datasets import Dataset
 from alignpipe.data.adapters import (
     DataError,
     LoadReport,
+    hh_conversation_root,
     load_alpaca_eval_prefs,
     load_hh_rlhf_pairs,
     load_rows,
@@ -37,20 +38,32 @@ def is_reward_heldout(prompt: str, fraction: float) -> bool:
     """Whether a reward stage with ``heldout_fraction = fraction`` holds ``prompt`` out of training.
 
     A threshold on a hash, so a prompt held out at ``fraction`` is held out at every larger one (the reward-model
-    suites rely on it). Salted, so it is independent of any split the data adapter already made with a plain prompt
-    hash (HH-RLHF's 80/20 split keeps prompts whose unsalted bucket is >= 0.2; reusing that hash would hold out
-    nothing)."""
+    suites rely on it). Salted, so it is independent of any split the data adapter already made with a plain hash
+    (HH-RLHF's 80/20 split keeps conversations whose unsalted root bucket is >= 0.2; reusing that hash would hold out
+    nothing). ``prompt`` is the text to hash: :func:`reward_split_key` says which for a stage's pairs."""
     digest = hashlib.sha256(f"reward-heldout:{prompt}".encode()).hexdigest()
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def reward_split_key(prompt: str, source: str) -> str:
+    """The text a reward stage's held-out split hashes for a pair on ``prompt`` from a ``source`` dataset: an HH-RLHF
+    prompt's conversation root (:func:`~alignpipe.data.adapters.hh_conversation_root`), any other prompt whole.
+
+    Why: HH stores one conversation cut at several depths as separate rows, and a hash of the whole prompt put a
+    conversation's shorter row on one side and its longer row, which goes on with the shorter one's rejected reply,
+    on the other (21 of the 226 held-out pairs of recipes/hh-rlhf/reward-ensemble-minilm.yaml)."""
+    return hh_conversation_root(prompt) if source == "hh_rlhf" else prompt
+
+
 def reward_heldout_rows(stage: RewardStage, rows: Dataset) -> list[bool]:
-    """Which of a reward stage's pairs it holds out (:func:`is_reward_heldout` of each prompt's text); a DataError
-    when either side of the split is empty.
+    """Which of a reward stage's pairs it holds out (:func:`is_reward_heldout` of each prompt's
+    :func:`reward_split_key`); a DataError when either side of the split is empty.
 
     Why: the stage trains on one side and scores the other, so it refuses such a split; preflight and ``alignpipe
     data`` call this too, so the same pairs are refused before any stage runs."""
-    heldout = [is_reward_heldout(plain_text(prompt), stage.heldout_fraction) for prompt in rows["prompt"]]
+    source = stage.dataset.source
+    heldout = [is_reward_heldout(reward_split_key(plain_text(prompt), source), stage.heldout_fraction)
+               for prompt in rows["prompt"]]
     if sum(heldout) in (0, len(heldout)):
         spec = stage.dataset
         source, more = (("the synthetic task", "a larger data.n_pairs") if spec.source == "synthetic" else

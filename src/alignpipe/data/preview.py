@@ -49,13 +49,14 @@ LOAD_SKIPS = {
     "rows_skipped_identical": ("rows", "chosen == rejected"),
     "rows_other_split": ("rows", "the prompt is in the held-out part of the prompt-hash split (kept for evaluation)"),
     "responses_dropped_empty": ("responses", "empty (dropped from rows that were kept)"),
+    "responses_merged_repeated": ("responses", "repeat a text of their row (merged into it, with the mean score)"),
 }
 PAIRING_SKIPS = {
     "sets_skipped_too_few": ("prompts", "fewer than 2 usable responses"),
     "sets_without_pairs": ("prompts", "their responses gave no pair (tied scores)"),
     "responses_dropped_nonfinite": ("responses", "no numeric score"),
     "pairs_dropped_ties": ("pairs", "tied"),
-    "pairs_dropped_identical": ("pairs", "identical texts"),
+    "responses_merged_repeated": ("responses", "repeat a text of their set (merged into it, with the mean score)"),
 }
 
 

@@ -27,7 +27,6 @@ reward (RewardBench's) when the reference is the checkpoint its DPO stage starte
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import gzip
 import json
@@ -38,7 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout, load_hh_rlhf_pairs, split_hh_dialogue
+from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings
@@ -90,8 +89,8 @@ class PromptSet(_Spec):
     n: int | None = Field(None, gt=0, description="Number of prompts (synthetic: required; others: first n, or all).")
     seed: int = 1234
     heldout_fraction: float = Field(
-        HH_HELDOUT_FRACTION, gt=0, le=1, description="hh_rlhf: the held-out share by prompt hash; at most "
-        f"{HH_HELDOUT_FRACTION}, the share every HH stage holds out of training.")
+        HH_HELDOUT_FRACTION, gt=0, le=1, description="hh_rlhf: the held-out share of conversations (by a hash of "
+        f"their opening turn); at most {HH_HELDOUT_FRACTION}, the share every HH stage holds out of training.")
 
     @model_validator(mode="after")
     def _held_out_by_every_stage(self) -> PromptSet:
@@ -283,22 +282,13 @@ def load_prompts(prompts: PromptSet, keep: Callable[[str], bool] | None = None,
         if prompts.n is None:
             raise ValueError("the synthetic prompt set needs n")
         return [t.prompt for t in heldout_tasks(prompts.n, prompts.seed, space or TaskSpace())], None
-    rows = _json_lines(data_path(prompts))
     if prompts.source == "alpaca_eval":
-        pairs = [(r["instruction"], r["reference"]["text"]) for r in rows]
+        pairs = [(r["instruction"], r["reference"]["text"]) for r in _json_lines(data_path(prompts))]
         pairs = [(p, r) for p, r in pairs if keep is None or keep(p)]
     else:  # the prompts of the adapter's held-out pairs (rows it skips as malformed or empty give none)
-        pairs, training, opening = [], _hh_training_dialogues(rows), 0
-        for pair in load_hh_rlhf_pairs(data_path(prompts), split="heldout",
-                                       heldout_fraction=prompts.heldout_fraction):
-            if keep is None or keep(pair.prompt):
-                if _opens_a_training_dialogue(pair.prompt, training):  # a training prompt holds it and a reply to it
-                    opening += 1
-                else:
-                    pairs.append((pair.prompt, pair.chosen))
-        if opening:
-            log.info("suite prompts: left out %d held-out HH-RLHF prompts whose dialogue opens a training one",
-                     opening)
+        pairs = [(pair.prompt, pair.chosen) for pair in load_hh_rlhf_pairs(
+            data_path(prompts), split="heldout", heldout_fraction=prompts.heldout_fraction)
+            if keep is None or keep(pair.prompt)]
     pairs = pairs[:prompts.n] if prompts.n else pairs
     return [p for p, _ in pairs], [r for _, r in pairs]
 
@@ -314,10 +304,10 @@ def load_implicit_pairs(spec: ImplicitRewardPairs, space: TaskSpace | None = Non
       split, which no training stage draws from (sft, dpo, reward and the online stages sample the train split),
       ordered by the gold reward. Not the reward-model suites' synthetic pairs: their prompts are only held out of
       reward stages (``is_reward_heldout``), and a dpo stage may train on them.
-    * hh_rlhf: the adapter's held-out split, the ``HH_HELDOUT_FRACTION`` of prompts by prompt hash that every HH stage
-      holds out: sft (``load_hh_rlhf_chosen``), dpo and reward (``preference_pairs_for``) read only the train part,
-      at that fraction, and no other stage reads HH. Less the pairs whose dialogue opens a training one (HH
-      dialogues share openings, and the split hashes whole prompts). The same split bounds a suite's HH prompts
+    * hh_rlhf: the adapter's held-out split, the ``HH_HELDOUT_FRACTION`` of conversations that every HH stage holds
+      out: sft (``load_hh_rlhf_chosen``), dpo and reward (``preference_pairs_for``) read only the train part, at that
+      fraction, and no other stage reads HH. The split hashes each conversation's root (its opening human turn), so
+      no training dialogue continues a held-out one. The same split bounds a suite's HH prompts
       (``prompts.heldout_fraction`` is at most that fraction), so the pairs may share prompts with them: both unseen.
     """
     if spec.source == "synthetic":
@@ -326,21 +316,14 @@ def load_implicit_pairs(spec: ImplicitRewardPairs, space: TaskSpace | None = Non
         return pairs, {"source": "synthetic", "labels": "gold", "seed": seed}
     if spec.source == "hh_rlhf":
         path = data_path(spec)
-        heldout = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")]
-        pairs = [pair for pair in heldout if not _opens_a_training_dialogue(pair[0], training)] if (
-            training := _hh_training_dialogues(_json_lines(path))) else heldout
-        if left_out := len(heldout) - len(pairs):
-            log.info("implicit_reward: left out %d held-out HH-RLHF pairs whose dialogue opens a training one (HH "
-                     "dialogues share openings: a training prompt holds that context and a reply to it)", left_out)
-        pairs = pairs[:spec.n]
+        pairs = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(path, split="heldout")][:spec.n]
         if not pairs:
             raise ValueError(f"implicit_reward: {path} has no usable HH-RLHF pair in its held-out split (the "
-                             f"{HH_HELDOUT_FRACTION:g} of prompts every HH stage holds out); give a larger file")
+                             f"{HH_HELDOUT_FRACTION:g} of conversations every HH stage holds out); give a larger file")
         if len(pairs) < spec.n:
             log.warning("implicit_reward: %s holds %d held-out HH-RLHF pairs, fewer than n=%d; using them all", path,
                         len(pairs), spec.n)
-        return pairs, {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION,
-                       "opening_training_dialogues_left_out": left_out}
+        return pairs, {"source": "hh_rlhf", "labels": "human", "heldout_fraction": HH_HELDOUT_FRACTION}
     raise ValueError(f"implicit_reward.source {spec.source!r}: no held-out pairs that no policy trains on")
 
 
@@ -349,28 +332,6 @@ def _json_lines(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
-
-
-def _hh_training_dialogues(rows: list[dict]) -> list[str]:
-    """Every whole dialogue (chosen and rejected) of an HH file's training part, sorted: the texts an HH stage may
-    put in a training prompt or reply."""
-    texts = []
-    for row in rows:
-        try:
-            prompt, _ = split_hh_dialogue(row["chosen"])
-        except (ValueError, KeyError, TypeError):  # malformed rows: no stage trains on them
-            continue
-        if not hh_is_heldout(prompt, HH_HELDOUT_FRACTION):
-            texts += [text for text in (row.get("chosen"), row.get("rejected")) if isinstance(text, str)]
-    return sorted(texts)
-
-
-def _opens_a_training_dialogue(prompt: str, training: list[str]) -> bool:
-    """Whether a (sorted) training dialogue begins with ``prompt``. The held-out split is by a hash of the whole
-    prompt, and a training dialogue can continue a held-out one (its prompt, a reply, then more turns): a pair on it
-    is not unseen."""
-    at = bisect.bisect_left(training, prompt)
-    return at < len(training) and training[at].startswith(prompt)
 
 
 def fit_pairs(pairs: list[Pair], tokenizer, max_tokens: int | None, side: str = "left") -> list[Pair]:

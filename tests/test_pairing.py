@@ -184,32 +184,44 @@ def test_bad_input_is_dropped_and_counted():
         ScoredSet("nan", ["a", "b", "c"], [0.9, math.nan, 0.1]),
         ScoredSet("nan leaves one", ["a", "b"], [math.inf, 0.4]),
         ScoredSet("identical", ["same", "same", "other"], [0.9, 0.1, 0.5]),
-        ScoredSet("one text", ["same", "same"], [0.9, 0.1]),
     ]
     pairs, report = build_pairs(sets, method="anchor", strength="probability")
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("nan", "a", "c")]
     assert report == PairingReport(
-        sets_in=7, sets_skipped_too_few=4, responses_dropped_nonfinite=2, pairs_dropped_ties=3,
-        responses_merged_repeated=2, pairs_out=1, sets_without_pairs=2,
+        sets_in=6, sets_skipped_too_few=3, responses_dropped_nonfinite=2, pairs_dropped_ties=2,
+        pairs_dropped_identical=1, pairs_out=1, sets_without_pairs=2,
     )
     summary = report.summary()
-    assert "7 sets -> 1 pairs" in summary and "3 tied" in summary and "merged 2 repeated" in summary
-    assert "\n" not in summary
+    assert "6 sets -> 1 pairs" in summary and "2 tied" in summary and "\n" not in summary
 
 
 def test_a_text_repeated_in_a_set_is_one_response_with_its_mean_score():
-    """Two models can write the same text. Kept twice, it gave all_pairs the same pair twice, or (its two scores
-    either side of another's) both orientations of one pair, and anchor could pair it with itself and lose the pair.
-    Merged, it is one response scored with the mean of its scores."""
+    """Two models can write the same text (the loaders merge it before pairing). Kept twice, it gave all_pairs the
+    same pair twice, or (its two scores either side of another's) both orientations of one pair, and anchor could
+    pair it with itself and lose the pair. Merged, it is one response scored with the mean of its scores."""
+    def merged(scored):
+        responses, scores, _ = merge_repeated_responses(scored.responses, scored.scores)
+        return ScoredSet(scored.prompt, tuple(responses), tuple(scores))
+
     both_sides = ScoredSet("q", ("A", "B", "A"), (0.3, 0.2, 0.1))  # A's scores either side of B's: no order
+    assert {(p.chosen, p.rejected) for p in build_pairs([both_sides], method="all_pairs", strength="hard")[0]} == \
+        {("A", "B"), ("B", "A")}  # what a set from two sources gave unmerged
     for method in ("all_pairs", "anchor"):
-        pairs, report = build_pairs([both_sides], method=method, strength="hard")
-        assert pairs == [] and (report.responses_merged_repeated, report.pairs_dropped_ties) == (1, 1)
-    above = ScoredSet("q", ("A", "B", "A"), (0.4, 0.2, 0.1))  # A's mean 0.25 is above B's 0.2
+        pairs, report = build_pairs([merged(both_sides)], method=method, strength="hard")
+        assert pairs == [] and report.pairs_dropped_ties == 1
+    above = merged(ScoredSet("q", ("A", "B", "A"), (0.4, 0.2, 0.1)))  # A's mean 0.25 is above B's 0.2
     for method in ("all_pairs", "anchor", "best_worst"):
         pairs, _ = build_pairs([above], method=method, strength="probability")
         assert [(p.chosen, p.rejected) for p in pairs] == [("A", "B")]
         assert pairs[0].strength == pytest.approx(strength_from_probabilities(0.25, 0.2))
+
+
+def test_an_online_rounds_repeated_sample_is_paired_once_per_draw():
+    """§4b pairs the K samples as drawn: a text the policy wrote twice is two samples (one judge, one score)."""
+    pairs, report = build_pairs([ScoredSet("q", ("A", "A", "B", "C"), (0.9, 0.9, 0.5, 0.1))], method="all_pairs",
+                                strength="hard")
+    assert sorted((p.chosen, p.rejected) for p in pairs) == [("A", "B"), ("A", "B"), ("A", "C"), ("A", "C"), ("B", "C")]
+    assert (report.pairs_dropped_identical, report.pairs_dropped_ties) == (1, 0)  # A with its copy
 
 
 def test_merge_repeated_responses_keeps_first_appearances_and_averages_finite_scores():
@@ -296,10 +308,10 @@ def test_plain_text_ending_on_an_assistant_turn_gets_no_assistant_prompt():
     assert plain_text(turns) == "\n\nHuman: hi\n\nAssistant: hello"
 
 
-def test_a_set_of_one_text_twice_is_one_response_and_gives_no_pair():
-    pairs, report = build_pairs([ScoredSet("q", ("a", "a"), (0.9, 0.1))], method="best_worst", strength="hard")
+def test_identical_texts_are_counted_as_identical_before_ties():
+    pairs, report = build_pairs([ScoredSet("q", ("a", "a"), (0.5, 0.5))], method="best_worst", strength="hard")
     assert pairs == []
-    assert (report.responses_merged_repeated, report.sets_skipped_too_few, report.pairs_dropped_ties) == (1, 1, 0)
+    assert report.pairs_dropped_identical == 1 and report.pairs_dropped_ties == 0
 
 
 def test_gaps_exactly_at_the_thresholds_are_kept():

@@ -91,10 +91,10 @@ class PairingReport:
     """What :func:`build_pairs` did with its input, so dropped data is visible in the logs instead of silent."""
 
     sets_in: int = 0
-    sets_skipped_too_few: int = 0  # fewer than 2 distinct responses with finite scores
+    sets_skipped_too_few: int = 0  # fewer than 2 responses with finite scores
     responses_dropped_nonfinite: int = 0  # NaN/inf scores
     pairs_dropped_ties: int = 0  # strength 0.5 (equal scores), within min_gap of 0.5, or below min_score_gap
-    responses_merged_repeated: int = 0  # a text already in its set: merged into it (merge_repeated_responses)
+    pairs_dropped_identical: int = 0  # chosen text == rejected text: no learning signal
     pairs_out: int = 0
     sets_without_pairs: int = 0  # usable sets (>= 2 responses) that still yielded no pair, e.g. all scores equal
 
@@ -103,8 +103,7 @@ class PairingReport:
             f"pairing: {self.sets_in} sets -> {self.pairs_out} pairs; "
             f"skipped {self.sets_skipped_too_few} sets with <2 usable responses, "
             f"{self.sets_without_pairs} sets gave no pair; dropped {self.responses_dropped_nonfinite} non-finite "
-            f"scores, {self.pairs_dropped_ties} tied pairs; merged {self.responses_merged_repeated} repeated "
-            "responses"
+            f"scores, {self.pairs_dropped_ties} tied pairs, {self.pairs_dropped_identical} identical-text pairs"
         )
 
 
@@ -259,18 +258,24 @@ def build_pairs(
       to ``[clip, 1 - clip]`` like every soft strength.
     * ``"hard"``: strength 1.0 (plain DPO labels).
 
-    Responses whose text repeats within a set are merged first, with their mean score
-    (:func:`merge_repeated_responses`, counted), so no pair has chosen == rejected and none appears twice. Pairs are
-    dropped (and counted) when they are ties: equal scores, a strength of exactly 0.5 (e.g. two scores equal after
-    clipping), a soft strength with ``|p - 0.5| < min_gap`` (OSP §4b step 6), or ``|s_i - s_j| < min_score_gap`` on
-    the raw scores (DNO's large-margin filter).
+    Pairs are dropped (and counted) when
+
+    * chosen and rejected texts are identical (checked first: no signal whatever the scores say);
+    * they are ties: equal scores, a strength of exactly 0.5 (e.g. two scores equal after clipping), a soft
+      strength with ``|p - 0.5| < min_gap`` (OSP §4b step 6), or ``|s_i - s_j| < min_score_gap`` on the raw scores
+      (DNO's large-margin filter).
+
+    A text repeated within a set stays one response per copy: an online round's K samples are the policy's draws,
+    and §4b pairs them as drawn (a text the policy writes twice is twice as likely). Responses from different sources
+    that happen to share a text (AlpacaEval's models) are merged by the loaders first
+    (:func:`merge_repeated_responses`).
 
     ``min_gap`` is a threshold on soft strengths, so with ``strength="hard"`` (every strength 1.0) it cannot apply:
     hard ties are equal scores only, and a ``min_gap > 0`` is ignored with a ``UserWarning``. For hard labels on
     *the same pairs* as a soft run (the §4d ablation, or online DPO filtered like OSP), build the soft pairs with
     ``min_gap`` and apply :func:`harden`; or filter on raw scores with ``min_score_gap``.
 
-    Sets with non-finite scores lose those responses; sets left with fewer than 2 distinct responses are skipped.
+    Sets with non-finite scores lose those responses; sets left with fewer than 2 responses are skipped.
     """
     _check_method(method)
     if strength not in STRENGTH_MODES:
@@ -307,11 +312,11 @@ def build_pairs(
             )
         kept = [(r, s) for r, s in zip(scored.responses, scored.scores) if math.isfinite(s)]
         report.responses_dropped_nonfinite += len(scored.scores) - len(kept)
-        responses, scores, merged = merge_repeated_responses([r for r, _ in kept], [s for _, s in kept])
-        report.responses_merged_repeated += merged
-        if len(responses) < 2:
+        if len(kept) < 2:
             report.sets_skipped_too_few += 1
             continue
+        responses = [r for r, _ in kept]
+        scores = [s for _, s in kept]
         if strength == "probability" and not all(0.0 <= s <= 1.0 for s in scores):
             bad = next(s for s in scores if not 0.0 <= s <= 1.0)
             raise ValueError(
@@ -321,6 +326,9 @@ def build_pairs(
         before = report.pairs_out
         for better, worse in rank_pairs(scores, method):
             s_b, s_w = scores[better], scores[worse]
+            if responses[better] == responses[worse]:
+                report.pairs_dropped_identical += 1
+                continue
             if s_b == s_w or (s_b - s_w) < min_score_gap:
                 report.pairs_dropped_ties += 1
                 continue

@@ -56,7 +56,7 @@ PAIRING_SKIPS = {
     "sets_without_pairs": ("prompts", "their responses gave no pair (tied scores)"),
     "responses_dropped_nonfinite": ("responses", "no numeric score"),
     "pairs_dropped_ties": ("pairs", "tied"),
-    "responses_merged_repeated": ("responses", "repeat a text of their set (merged into it, with the mean score)"),
+    "pairs_dropped_identical": ("pairs", "identical texts"),
 }
 
 

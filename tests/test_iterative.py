@@ -192,17 +192,17 @@ def test_save_total_limit_holds_for_the_whole_stage(tmp_path, monkeypatch):
     assert all((osp.root / "rounds" / f"round-{r}" / "checkpoint").is_dir() for r in range(3))
 
 
-def test_training_summary_weighs_each_logged_window_by_its_steps():
+def test_round_training_numbers_weighs_each_logged_window_by_its_steps():
     """Each logged value averages the steps since the previous log: windows of 2, 2 and 1 steps."""
-    from alignpipe.trainers.iterative import training_summary
+    from alignpipe.trainers.iterative import round_training_numbers
 
     history = [{"step": 2, "loss": 1.0, "inpo/h": 0.5}, {"step": 4, "loss": 3.0},
                {"step": 5, "loss": 6.0, "inpo/h": -1.0},
                {"step": 5, "train_loss": 2.8, "train_runtime": 1.0}]  # TRL's end-of-training record
-    assert training_summary(history) == {
+    assert round_training_numbers(history) == {
         "steps": 5, "round_mean/loss": (2 * 1.0 + 2 * 3.0 + 1 * 6.0) / 5, "last_logged/loss": 6.0,
         "round_mean/inpo/h": (2 * 0.5 + 1 * -1.0) / 3, "last_logged/inpo/h": -1.0}
-    assert training_summary([{"step": 3, "train_loss": 1.0}]) == {}
+    assert round_training_numbers([{"step": 3, "train_loss": 1.0}]) == {}
 
 
 def test_round_records_cover_every_step_of_the_round(tmp_path):

@@ -20,7 +20,6 @@ write nothing in ``runs/``. They never read a manifest for a decision: one left 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -734,16 +733,16 @@ def unowned_leaderboard_note(run_dir: Path, owner: str | None) -> str | None:
     """What to say of a leaderboard at the run root when the recipe has no eval stage (``owner`` None): one an eval
     stage wrote before the recipe dropped it. Nothing checks it before a skip any more and nothing replaces it, so it
     may describe checkpoints that have changed since. It is kept (a table the user may still want), and said."""
-    from alignpipe.evaluation.leaderboard import LEADERBOARD_FILES
+    from alignpipe.evaluation.leaderboard import LEADERBOARD_FILES, load_leaderboard
 
     found = [name for name in LEADERBOARD_FILES if (run_dir / name).exists()]
     if owner is not None or not found:
         return None
     try:
-        writer = json.loads((run_dir / "leaderboard.json").read_text())["run"]["stage"]
-        by = f"eval stage '{writer}'" if isinstance(writer, str) else "an eval stage"
-    except (OSError, ValueError, TypeError, KeyError):
-        by = "an eval stage"
+        writer = load_leaderboard(run_dir / "leaderboard.json")["run"].get("stage")
+    except (OSError, ValueError, AttributeError):  # gone, damaged or of another schema: the files are still there
+        writer = None
+    by = f"eval stage '{writer}'" if isinstance(writer, str) else "an eval stage"
     return (f"{run_dir} holds {', '.join(found)} from {by}, but this recipe has no eval stage: they show the "
             "checkpoints as that stage evaluated them, and nothing updates them now. Add an eval stage to evaluate "
             "the checkpoints as they are, or remove the files.")

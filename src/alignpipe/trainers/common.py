@@ -280,6 +280,8 @@ def train(trainer, ctx: StageContext, resume_from: Path | None) -> None:
     trainer.add_callback(CheckpointRecorder(ctx.dir, ctx.stage.save_total_limit))
     state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
     step = state.get("global_step", 0)
+    if hasattr(trainer, "first_epoch"):  # a sampler that replays epochs (trainers.epoch_sampling) starts at this one
+        trainer.first_epoch = int(state.get("epoch") or 0)  # whole epochs done: the fraction of the current is < 1
     finished = resume_from is not None and step >= state.get("max_steps", float("inf")) > 0
     if (tokens := load_side_state(resume_from, TOKEN_COUNT)) is not None:
         trainer._total_train_tokens = tokens["total_train_tokens"]

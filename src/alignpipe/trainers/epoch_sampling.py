@@ -11,13 +11,10 @@ never interrupted.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from trl.trainer.utils import RepeatSampler
 
-__all__ = ["EpochReplayingRepeatSampler", "epochs_finished", "resumable_epochs"]
+__all__ = ["EpochReplayingRepeatSampler", "resumable_epochs"]
 
 
 class EpochReplayingRepeatSampler(RepeatSampler):
@@ -39,17 +36,10 @@ class EpochReplayingRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
-def epochs_finished(checkpoint: Path | None) -> int:
-    """The whole epochs a trainer checkpoint had trained (transformers' ``epochs_trained`` on resume): its
-    ``trainer_state.json`` epoch is that plus the fraction of the current one, which is below 1."""
-    if checkpoint is None:
-        return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("epoch") or 0)
-
-
 def resumable_epochs(trainer_class: type) -> type:
     """``trainer_class`` (TRL's GRPOTrainer or RLOOTrainer) with its training sampler replaced by
-    :class:`EpochReplayingRepeatSampler`; set ``first_epoch`` on the trainer before ``train`` when resuming."""
+    :class:`EpochReplayingRepeatSampler`. ``first_epoch`` is the epoch a resumed run starts in, which
+    :func:`~alignpipe.trainers.common.train` sets from the checkpoint's ``trainer_state.json``."""
 
     class Resumable(trainer_class):
         first_epoch = 0

@@ -178,7 +178,7 @@ class SelfPlayRule:
         if self.kind == "sppo":
             return SPPOTrainer(**kwargs)
         if self.kind == "inpo":
-            anchor = load_reference(ctx, ctx.start_model)
+            anchor = load_policy(ctx, ctx.start_model)  # as the policy loads: see _train_round's reference
             return INPOTrainer(**kwargs, anchor_model=anchor, mix=ctx.stage.reference_mix)
         return SoftPreferenceDPOTrainer(**kwargs)  # no preference column: TRL's sigmoid DPO
 
@@ -208,18 +208,6 @@ class SPINRule:
 
     def trainer(self, ctx: StageContext, **kwargs):
         return SoftPreferenceDPOTrainer(**kwargs)
-
-
-def load_reference(ctx: StageContext, path: str):
-    """A frozen reference from ``path`` (a round's explicit ``ref_model``, INPO's anchor ``π_ref``), loaded as the
-    policy is (:func:`~alignpipe.trainers.common.load_policy`): k-bit under ``model.quantization``, else in the
-    policy's own dtype (float32 for full weights under ``dtype: auto``).
-
-    Why: round 0's reference is the policy itself with its adapters off (TRL), or TRL's copy in the policy's dtype,
-    and every later reference must compute what that one would from the same weights. Loaded in full precision under
-    QLoRA, the start model differed from round 0's 4-bit one by the quantization error: the implicit reward moved
-    from round 1 on, INPO's h was not 0 at π_θ = π_t = π_ref (§10e), and a QLoRA run held a full-precision copy."""
-    return load_policy(ctx, path)
 
 
 def win_rate_pairs(judge, prompts: list[str], responses: list[list[str]],
@@ -332,7 +320,7 @@ def _sampling_stats(ctx: StageContext, round_index: int, samples: RoundSamples, 
 
 class LogLastStep(TrainerCallback):
     """Logs the last optimizer step's window too (transformers logs every ``logging_steps`` only), so the logged
-    windows cover all of a round's steps and :func:`training_summary` leaves none out."""
+    windows cover all of a round's steps and :func:`round_training_numbers` leaves none out."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -343,7 +331,7 @@ TRAINING_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "soft/margin_g
                  "sppo/rejected_logratio", "inpo/h")
 
 
-def training_summary(log_history: list[dict], keys: tuple[str, ...] = TRAINING_KEYS) -> dict:
+def round_training_numbers(log_history: list[dict], keys: tuple[str, ...] = TRAINING_KEYS) -> dict:
     """A round's training numbers from its trainer's logged windows (``log_history``): ``steps``, each key's mean over
     the round's optimizer steps (``round_mean/<key>``), and its value in the last logged window (``last_logged/<key>``,
     the end of the round).
@@ -374,7 +362,11 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
     losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, stage.nll_weight]} if stage.nll_weight
               else {"loss_type": ["sigmoid"]})
     args = DPOConfig(**arguments, beta=stage.beta, **losses)
-    ref_model = load_reference(ctx, reference_path) if reference_path else None
+    # Loaded as the policy is (k-bit under model.quantization, else in the policy's dtype): round 0's reference is the
+    # policy with its adapters off, and every later one must compute what it would from the same weights. In full
+    # precision under QLoRA the implicit reward moved by the quantization error from round 1 on, INPO's h was not 0
+    # at pi_theta = pi_t = pi_ref (ALGORITHMS 10e), and a QLoRA run held a full-precision copy.
+    ref_model = load_policy(ctx, reference_path) if reference_path else None
     trainer = method.trainer(
         ctx, model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=lora_config(ctx),
@@ -385,7 +377,7 @@ def _train_round(ctx: StageContext, method: RoundMethod, round_index: int, model
         log.info("[%s] round %d: resuming its training from %s", ctx.dir.name, round_index, resume_from.name)
     train(trainer, ctx, resume_from)
     publish_model(trainer, tokenizer, ctx, ctx.dir.root / "rounds" / f"round-{round_index}" / "checkpoint")
-    return training_summary(trainer.state.log_history)
+    return round_training_numbers(trainer.state.log_history)
 
 
 def evaluate_against_start(ctx: StageContext, name: str, checkpoint: str, max_new_tokens: int):

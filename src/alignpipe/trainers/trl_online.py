@@ -39,7 +39,7 @@ from alignpipe.trainers.common import (
     trainer_arguments,
     training_summary,
 )
-from alignpipe.trainers.epoch_sampling import epochs_finished, resumable_epochs
+from alignpipe.trainers.epoch_sampling import resumable_epochs
 from alignpipe.trainers.iterative import evaluate_against_start
 
 log = logging.getLogger("alignpipe")
@@ -140,7 +140,6 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
             processing_class=tokenizer, peft_config=lora_config(ctx),
             callbacks=[CheckpointSideState(REWARD_STATE, source.state_dict), MetricsLogger(ctx.dir.metrics)],
         )
-        trainer.first_epoch = epochs_finished(ctx.resume_from)  # TRL's sampler would replay epoch 1's order
         reward.use_ends_of(trainer, tokenizer)
         train(trainer, ctx, ctx.resume_from)
     publish_model(trainer, tokenizer, ctx)

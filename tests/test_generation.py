@@ -162,6 +162,24 @@ def test_generate_stops_at_first_eos_when_model_always_emits_eos(tokenizer):
         assert g.truncated is False
 
 
+def test_generate_ends_a_reply_at_every_end_token_the_model_declares(tokenizer, prompts):
+    """A chat model may end its turn with a token other than the tokenizer's EOS (``generation_config.eos_token_id``
+    lists it, as TRL's GRPO/RLOO read it). A reply ends at the first of them, is not truncated, and keeps it."""
+    model = build_tiny_model(tokenizer, **SHAPE, seed=0).eval()
+    settings = GenerationSettings(max_new_tokens=6, batch_size=5, seed=7)
+    plain = generate(model, tokenizer, prompts, settings)
+    assert all(g.truncated for g in plain[:2])
+    end_of_turn = plain[0].response_ids[2]  # a token the first reply writes third
+    assert end_of_turn != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    ended = generate(model, tokenizer, prompts, settings)
+    assert ended[0].response_ids == plain[0].response_ids[:3] and not ended[0].truncated
+    for before, after in zip(plain, ended):  # the same draws, each cut at its first end token
+        ends = [i for i, t in enumerate(before.response_ids) if t in (tokenizer.eos_token_id, end_of_turn)]
+        assert after.response_ids == (before.response_ids[:ends[0] + 1] if ends else before.response_ids)
+        assert after.truncated == (not ends)
+
+
 def test_untrained_model_mostly_truncates(model, tokenizer):
     # With ~160 tokens and random weights, P(EOS) per step is small: with 4 new tokens nearly all samples run out.
     prompts = [t.prompt for t in heldout_tasks(40, 1)]

@@ -52,7 +52,7 @@ def test_probability_std_is_the_spread_of_the_members_bradley_terry_probabilitie
     assert metrics["uncertainty_auroc_std"].value == pytest.approx(0.25)
 
 
-def test_brier_and_nll_score_the_bradley_terry_probability_of_each_pair_alone():
+def test_brier_nll_and_unscaled_ece_score_the_bradley_terry_probability_of_each_pair_alone():
     """sigma(r_c - r_r) per pair, whatever the other pairs' margins (ECE alone uses the max-0.99 rescaling)."""
     import math
 
@@ -64,6 +64,15 @@ def test_brier_and_nll_score_the_bradley_terry_probability_of_each_pair_alone():
     assert metrics["nll"].value == pytest.approx(-(math.log(p1) + math.log(p2)) / 2, rel=1e-6)
     with_outlier = reward_model_metrics(FakeScorer(table), [*pairs, ("p", "far", "zero")], resamples=50)
     assert with_outlier["nll"].value == pytest.approx((-(math.log(p1) + math.log(p2))) / 3, rel=1e-5)
+    # Unscaled ECE, 15 bins: confidences p1 = 0.731 (bin 10, right) and 1 - p2 = 0.622 (bin 9, the wrong side), so
+    # (|1 - p1| + |0 - (1 - p2)|) / n. The margin-40 pair (confidence 1, right) only adds to n.
+    gaps = (1 - p1) + (1 - p2)
+    assert metrics["ece_unscaled"].value == pytest.approx(gaps / 2, rel=1e-6)
+    assert with_outlier["ece_unscaled"].value == pytest.approx(gaps / 3, rel=1e-5)
+    # Rescaled, the outlier squeezes both into one bin near 0.5, where their gaps cancel: the ECE falls to 0.018.
+    scale = math.log(99) / 40
+    q1, q2 = 1 / (1 + math.exp(-scale)), 1 / (1 + math.exp(-0.5 * scale))
+    assert with_outlier["ece"].value == pytest.approx((abs((1 - q1) - q2) + 0.01) / 3, rel=1e-5)
 
 
 def test_a_single_model_has_no_uncertainty_metrics():

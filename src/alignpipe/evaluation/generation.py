@@ -31,8 +31,8 @@ class GenerationSettings:
 class Generation:
     prompt: str
     response: str
-    response_ids: tuple[int, ...]  # generated tokens up to and including EOS (if it was produced)
-    truncated: bool  # no EOS within max_new_tokens
+    response_ids: tuple[int, ...]  # generated tokens up to and including the end token (if one was produced)
+    truncated: bool  # no end token (:func:`end_token_ids`) within max_new_tokens
     # The tokens the response follows, when not the rendered prompt's own: a preference pair's response scored as a
     # DPO trainer does where the chat template renders the prompt alone differently (harness.pair_generations).
     context_ids: tuple[int, ...] | None = None
@@ -51,13 +51,29 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
-def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """The whole decoding of a pinned sample: plain sampling with ``settings`` (no top-k), stopping at the
-    tokenizer's EOS. Every other option keeps transformers' neutral default (see :func:`decoding_with`)."""
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a reply: the tokenizer's EOS, then every end id the model's generation config declares.
+
+    Why both: a chat model may end its turn with a token that is not its tokenizer's EOS (an end-of-turn token
+    listed in ``generation_config.json``). Stopping at the EOS alone would sample past the turn's end into text the
+    model was never trained to write, and mark every reply truncated. This is TRL's GRPO/RLOO rule
+    (``GRPOTrainer.eos_token_ids``), so every sampler in the pipeline ends a reply at the same tokens.
+    """
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    declared = owner.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    own = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return list(dict.fromkeys([*own, *declared]))
+
+
+def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,
+                    end_ids: list[int]) -> GenerationConfig:
+    """The whole decoding of a pinned sample: plain sampling with ``settings`` (no top-k), stopping at any of
+    ``end_ids`` (:func:`end_token_ids`). Every other option keeps transformers' neutral default (see
+    :func:`decoding_with`)."""
     return GenerationConfig(
         do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-        max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=settings.max_new_tokens, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -92,8 +108,8 @@ def generate(
     GRPO or RLOO stage's evaluation, which samples on rank 0 alone, hung there.
     """
     model.eval()
-    eos = tokenizer.eos_token_id
-    config = decoding_config(settings, tokenizer)
+    end_ids = end_token_ids(model, tokenizer)
+    config = decoding_config(settings, tokenizer, end_ids)
     rendered = render_prompts(tokenizer, prompts)
     out: list[Generation] = []
     starts = range(0, len(prompts), settings.batch_size)
@@ -104,8 +120,9 @@ def generate(
             sequences = model.generate(**batch, generation_config=config, synced_gpus=False)
         new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
         for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):
-            truncated = eos not in tokens
-            kept = tokens if truncated else tokens[: tokens.index(eos) + 1]
+            end = next((i for i, token in enumerate(tokens) if token in end_ids), None)
+            truncated = end is None
+            kept = tokens if truncated else tokens[: end + 1]
             text = tokenizer.decode(kept, skip_special_tokens=True).strip()
             out.append(Generation(prompt, text, tuple(kept), truncated))
     return out

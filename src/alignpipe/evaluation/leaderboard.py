@@ -51,10 +51,11 @@ class CheckpointResult:
     samples: str | None = None
 
 
-REWARD_COLUMNS = ("accuracy", "gold_accuracy", "label_gold_agreement", "ece", "brier", "nll", "uncertainty_auroc",
-                  "uncertainty_auroc_std", "uncertainty_auroc_probability_std", "uncertainty_auroc_std_at_fixed_margin",
-                  "margin_auroc_baseline", "uncertainty_auroc_gold", "uncertainty_auroc_std_gold", "member_std",
-                  "member_std_off_distribution", "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
+REWARD_COLUMNS = ("accuracy", "gold_accuracy", "label_gold_agreement", "ece", "ece_unscaled", "brier", "nll",
+                  "uncertainty_auroc", "uncertainty_auroc_std", "uncertainty_auroc_probability_std",
+                  "uncertainty_auroc_std_at_fixed_margin", "margin_auroc_baseline", "uncertainty_auroc_gold",
+                  "uncertainty_auroc_std_gold", "member_std", "member_std_off_distribution",
+                  "off_distribution_std_ratio", "policy_std_vs_proxy_gold_gap_spearman")
 
 
 def _rows(results: list[CheckpointResult]) -> list[dict]:

@@ -37,9 +37,9 @@ def reward_model_metrics(
     outcomes: Sequence[float] | None = None,
 ) -> dict[str, MetricValue]:
     """Metrics of ``scorer`` (anything whose ``score`` returns ``EnsembleRewards``) on held-out (prompt, chosen,
-    rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99. Brier
-    and NLL score the model's own Bradley-Terry probability ``σ(r_c − r_r)`` (EVALUATION.md §8): rescaled, each
-    pair's loss would depend on the set's single largest margin.
+    rejected) pairs. ECE uses UP-RLHF's protocol: reward differences rescaled so the largest maps to 0.99;
+    ``ece_unscaled`` bins the model's own Bradley-Terry probability ``σ(r_c − r_r)`` instead, which Brier and NLL
+    score too (EVALUATION.md §8): rescaled, each pair's loss would depend on the set's single largest margin.
 
     ``outcomes``: each pair's probability that its chosen reply is the better, the soft label a scored source gave
     it (AlpacaEval's strengths), which calibration (ECE, Brier, NLL) is measured against; None = 1 for every pair.
@@ -64,6 +64,9 @@ def reward_model_metrics(
     metrics = {
         "accuracy": pairwise_accuracy(c_mean, r_mean, **boot),
         "ece": expected_calibration_error(probabilities, outcomes, **boot),
+        # The model's own probabilities, unscaled: the rescaled ECE moves with the set's single largest margin
+        # (one outlier pair squeezes every other confidence towards 0.5); this one does not.
+        "ece_unscaled": expected_calibration_error(bradley_terry, outcomes, **boot),
         "brier": brier_score(bradley_terry, outcomes, **boot),
         "nll": negative_log_likelihood(bradley_terry, outcomes, **boot),
     }

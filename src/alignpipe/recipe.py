@@ -121,7 +121,8 @@ class TinyModelSpec(_Spec):
 
     hidden_size: int = Field(128, gt=0, description="Hidden width (tiny-model setting).")
     num_layers: int = Field(4, gt=0, description="Decoder layers (tiny-model setting).")
-    num_heads: int = Field(4, gt=0, description="Attention heads; must divide hidden_size (tiny-model setting).")
+    num_heads: int = Field(4, gt=0, description="Attention heads; must divide hidden_size into an even head size "
+                           "(rotary positions rotate pairs of dimensions) (tiny-model setting).")
     intermediate_size: int = Field(384, gt=0, description="MLP width, 3x hidden (tiny-model setting).")
     vocab_size: int = Field(
         160, ge=64, description="Target vocab of the tokenizer trained locally on the task text (tiny-model setting)."
@@ -134,6 +135,11 @@ class TinyModelSpec(_Spec):
     def _heads_divide_width(self) -> TinyModelSpec:
         if self.hidden_size % self.num_heads:
             msg = f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} (head dim = hidden / heads)"
+            raise _problem((("num_heads",), msg))
+        if (self.hidden_size // self.num_heads) % 2:
+            msg = (f"hidden_size={self.hidden_size} / num_heads={self.num_heads} gives an odd head size "
+                   f"({self.hidden_size // self.num_heads}); rotary positions rotate pairs of dimensions, so the model "
+                   "would fail at its first step; pick num_heads so that the head size is even")
             raise _problem((("num_heads",), msg))
         return self
 

@@ -18,6 +18,12 @@ from alignpipe.tasks import (
 )
 
 
+# The eval stage's default seed: the training stages' own evaluations (PPO, the online rounds, GRPO/RLOO) draw its
+# held-out prompts, so their numbers are on the leaderboard's prompts.
+EVAL_SEED = 1234
+POLICY_SAMPLES = 256  # held-out prompts a reward stage on the task samples its starting policy on (trainers/reward.py)
+
+
 def task_space(data: DataSpec) -> TaskSpace:
     return TaskSpace(families=tuple(data.families), min_items=data.min_items, max_items=data.max_items)
 

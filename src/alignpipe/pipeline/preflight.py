@@ -81,6 +81,9 @@ def preflight(recipe: Recipe) -> None:
         if (budget := _sampling_budget(stage)) is not None and positions is not None:
             _checked(problems, f"stages.{stage.name}" + (f".{budget[0]}" if budget[0] else ""),
                      lambda s=stage, b=budget: _check_sampling_positions(recipe, tokenizer, s, *b, longest, positions))
+        if (draw := _heldout_draw(recipe, stage)) is not None:
+            _checked(problems, f"stages.{stage.name}" + (f".{draw[0]}" if draw[0] else ""),
+                     lambda d=draw: _check_heldout_prompts(recipe, *d[1:]))
         if getattr(stage, "implicit_reward_pairs", 0) and positions is not None:
             _checked(problems, f"stages.{stage.name}.implicit_reward_pairs",
                      lambda s=stage: _check_implicit_pairs(recipe, tokenizer, s, positions))
@@ -525,6 +528,32 @@ def _check_implicit_pairs(recipe: Recipe, tokenizer, stage, positions: tuple[int
         raise ValueError(f"the stage scores {len(pairs)} held-out pairs of the task as conversations of up to "
                          f"{longest} tokens (prompt and reply, in the model's chat template), past the {limit} of "
                          f"{where}: {_any_of(fixes)}")
+
+
+def _heldout_draw(recipe: Recipe, stage) -> tuple[str | None, int, int, str] | None:
+    """(key, count, seed, what for) of the task's held-out prompts ``stage`` samples; None for a stage that samples
+    none. They must be distinct, and the held-out split is about 1 in 8 of the task's prompts, so a small task space
+    (one family, few items) can hold fewer than a stage asks for, and the stage would stop after every stage before
+    it had trained."""
+    from alignpipe.data.synthetic import EVAL_SEED, POLICY_SAMPLES
+
+    if stage.type in ("eval", "bon"):
+        return "n_prompts", stage.n_prompts, stage.seed, "samples"
+    if isinstance(getattr(stage, "eval_prompts", None), int):
+        return "eval_prompts", stage.eval_prompts, EVAL_SEED, "evaluates on"
+    if isinstance(stage, RewardStage) and stage.backbone is None and stage.dataset.source == "synthetic":
+        return None, POLICY_SAMPLES, recipe.seed, "samples its starting policy on a fixed"
+    return None
+
+
+def _check_heldout_prompts(recipe: Recipe, count: int, seed: int, what_for: str) -> None:
+    """The stage's own draw (:func:`~alignpipe.data.synthetic.evaluation_tasks`): milliseconds, even for thousands."""
+    from alignpipe.data.synthetic import evaluation_tasks
+
+    try:
+        evaluation_tasks(recipe.data, count, seed)
+    except ValueError as error:
+        raise ValueError(f"the stage {what_for} {count} distinct held-out prompts of the task ({error})") from None
 
 
 def _any_of(fixes: list[str]) -> str:

@@ -40,7 +40,7 @@ from alignpipe.data.pairing import (
     to_trl_rows,
 )
 from alignpipe.data.selfplay import INPOPair, SelfPlayPair, inpo_draw, inpo_pair, large_margin_pair, sppo_pair
-from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.data.synthetic import EVAL_SEED, evaluation_tasks, task_space
 from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
@@ -71,8 +71,6 @@ from alignpipe.trainers.selfplay_trainers import INPOTrainer, SPPOTrainer
 from alignpipe.trainers.soft_dpo import SoftPreferenceDPOTrainer
 
 log = logging.getLogger("alignpipe")
-
-EVAL_SEED = 1234  # the eval stage's default seed: per-round numbers use the same held-out prompts
 
 
 # §4b step 5 clips the strength p to [0.01, 0.99], not the anchor scores: they are clipped only so far that their

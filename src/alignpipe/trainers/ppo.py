@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignpipe.data.synthetic import evaluation_tasks, task_space
+from alignpipe.data.synthetic import EVAL_SEED, evaluation_tasks, task_space
 from alignpipe.evaluation.best_of_n import fit_measured, fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
 from alignpipe.evaluation.metrics import kl_k1, mean_with_ci, sequence_kl_k3
@@ -70,8 +70,6 @@ from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, respons
 from alignpipe.trainers.common import append_metrics, load_policy, lora_config
 
 log = logging.getLogger("alignpipe")
-
-EVAL_SEED = 1234  # held-out prompts and sampling seed shared with the eval stage
 
 
 @dataclass

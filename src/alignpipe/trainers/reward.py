@@ -18,7 +18,7 @@ from typing import Callable
 
 from alignpipe.data.pairing import plain_text
 from alignpipe.data.preference import check_soft_targets, preference_pairs_for, reward_heldout_rows
-from alignpipe.data.synthetic import evaluation_tasks
+from alignpipe.data.synthetic import POLICY_SAMPLES, evaluation_tasks
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.reward_eval import policy_sample_metrics, reward_model_metrics
 from alignpipe.io import atomic_write_json
@@ -36,8 +36,6 @@ from alignpipe.tasks import gold_reward
 from alignpipe.trainers.common import MetricsLogger, append_metrics, lora_config, start_gguf_file, train
 
 log = logging.getLogger("alignpipe")
-
-POLICY_SAMPLES = 256  # fresh policy samples for the uncertainty-vs-gold-gap correlation
 
 
 def _off_distribution(pairs, seed: int, n: int = 256) -> list[tuple[str, str]]:

@@ -180,6 +180,47 @@ def test_generate_ends_a_reply_at_every_end_token_the_model_declares(tokenizer, 
         assert after.truncated == (not ends)
 
 
+def _ending_turns_with(tokenizer, end: str):
+    """A copy of ``tokenizer`` whose chat template ends an assistant turn with ``end`` (its EOS stays ``<|end|>``),
+    as a base model given a ChatML template ends its turn with ``<|im_end|>`` though its EOS is another token."""
+    import copy
+
+    from alignpipe.models.tiny import CHAT_TEMPLATE, EOS
+
+    other = copy.deepcopy(tokenizer)
+    assistant_turn = "{% generation %}{{ message['content'] }}" + EOS + "{% endgeneration %}"
+    assert assistant_turn in CHAT_TEMPLATE
+    other.chat_template = CHAT_TEMPLATE.replace(assistant_turn, "{{ message['content'] }}" + end)
+    return other
+
+
+def test_the_chat_templates_end_of_turn_is_an_end_token_when_it_is_special(tokenizer):
+    from alignpipe.evaluation.generation import template_turn_end
+
+    assert template_turn_end(tokenizer) == tokenizer.eos_token_id
+    system = tokenizer.convert_tokens_to_ids("<|system|>")
+    assert template_turn_end(_ending_turns_with(tokenizer, "<|system|>\n")) == system
+    assert template_turn_end(_ending_turns_with(tokenizer, "\n")) is None  # a newline must not end a reply
+    assert template_turn_end(_ending_turns_with(tokenizer, "")) is None
+
+
+def test_generate_ends_a_reply_at_the_chat_templates_end_of_turn(tokenizer, prompts):
+    """SFT teaches the template's end of turn; a sampler that stopped at the EOS alone ran past it into made-up turns
+    and counted every reply truncated."""
+    system = tokenizer.convert_tokens_to_ids("<|system|>")
+    model = build_tiny_model(tokenizer, **SHAPE, seed=0).eval()
+    boost = 3.5 * torch.nn.functional.one_hot(torch.tensor(system), len(tokenizer)).float()
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost.to(out.dtype))
+    settings = GenerationSettings(max_new_tokens=6, batch_size=5, seed=7)
+    plain = generate(model, tokenizer, prompts, settings)
+    assert any(system in g.response_ids[:-1] for g in plain)  # the EOS-ended template runs past it
+    ended = generate(model, _ending_turns_with(tokenizer, "<|system|>"), prompts, settings)
+    assert any(not g.truncated and g.response_ids[-1] == system for g in ended)
+    for g in ended:
+        assert system not in g.response_ids[:-1] and tokenizer.eos_token_id not in g.response_ids[:-1]
+        assert g.truncated == (g.response_ids[-1] not in (system, tokenizer.eos_token_id))
+
+
 def test_untrained_model_mostly_truncates(model, tokenizer):
     # With ~160 tokens and random weights, P(EOS) per step is small: with 4 new tokens nearly all samples run out.
     prompts = [t.prompt for t in heldout_tasks(40, 1)]

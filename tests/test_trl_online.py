@@ -373,3 +373,27 @@ def test_grpo_hands_its_reward_scaling_to_trl(online_run, tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="stopped before training"):
         Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
     assert seen == {"scale_rewards": scale, "loss_type": "dr_grpo"}
+
+
+def test_trl_ends_a_completion_at_the_chat_templates_end_of_turn(tmp_path):
+    """GRPO/RLOO end a completion at the ids the model's generation config declares (TRL's ``eos_token_ids``): the
+    config the stage trains under declares every sampler's end ids, so a chat template's end of turn that the model
+    does not declare ends TRL's completions too, as it ends the evaluation's."""
+    from datasets import Dataset
+    from test_generation import SHAPE, _ending_turns_with
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignpipe.evaluation.generation import decoding_with
+    from alignpipe.models.tiny import build_tiny_model, train_tokenizer
+    from alignpipe.tasks.synthetic import tokenizer_corpus
+
+    tokenizer = _ending_turns_with(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), "<|system|>")
+    model = build_tiny_model(tokenizer, **SHAPE, seed=0)
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, report_to=[],
+                        use_cpu=True)
+    with decoding_with(model, trl_online.token_ids_only(model, tokenizer)):
+        trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+                              train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * 2),
+                              processing_class=tokenizer)
+    assert set(trainer.eos_token_ids) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|system|>")}
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id  # the model's own, restored

@@ -23,7 +23,9 @@ from alignpipe.io import atomic_write_text
 
 __all__ = ["EvalCache", "content_key"]
 
-CACHE_VERSION = 1
+# 2: a sample ends at every end token (the tokenizer's EOS, the model's declared ones, the chat template's end of
+# turn: generation.end_token_ids); version 1's samples ended at the EOS alone.
+CACHE_VERSION = 2
 
 
 def content_key(*parts) -> str:

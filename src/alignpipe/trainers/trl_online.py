@@ -20,7 +20,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from alignpipe.data.synthetic import task_space
 from alignpipe.data.truncation import cut_at_budget, penalise_unfinished
-from alignpipe.evaluation.generation import decoding_with
+from alignpipe.evaluation.generation import decoding_with, end_token_ids
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.batching import generation_batch_prompts, too_few_prompts
 from alignpipe.pipeline.stage import StageContext
@@ -74,12 +74,13 @@ def token_ids_only(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     Why: TRL's GRPO/RLOO trainers pass their own sampling config (temperature, top-p/k, length), and transformers
     fills every option it leaves unset from ``model.generation_config``: a checkpoint's minimum length, banned n-grams
     or suppressed tokens would shape the training samples, off the policy the loss assumes and unlike the evaluation's
-    samples, which ignore them too (:func:`~alignpipe.evaluation.generation.decoding_with`). The eos ids stay, as TRL
-    ends a completion at every one the model declares (an end-of-turn token)."""
+    samples, which ignore them too (:func:`~alignpipe.evaluation.generation.decoding_with`). The eos ids are every
+    sampler's end ids (:func:`~alignpipe.evaluation.generation.end_token_ids`): TRL ends a completion at each id this
+    config declares, and a chat template's end of turn that the model does not declare must end it too."""
     own = model.generation_config
     ids = {key: getattr(own, key) if getattr(own, key) is not None else getattr(tokenizer, key)
-           for key in ("eos_token_id", "pad_token_id", "bos_token_id")}
-    return GenerationConfig(**ids)
+           for key in ("pad_token_id", "bos_token_id")}
+    return GenerationConfig(eos_token_id=end_token_ids(model, tokenizer), **ids)
 
 
 class OnlineReward:

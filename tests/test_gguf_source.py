@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -312,7 +313,7 @@ def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: 
     assert conversion_name(PACKAGE, "chatml") == with_chat_template(converted, "chatml").name
 
 
-# --- the conversion cache: package spellings --------------------------------------------------------------------------
+# --- the conversion cache: damage, abandoned temporary folders, package spellings -------------------------------------
 
 FAKE = "fake-gguf-pkg"
 
@@ -349,7 +350,61 @@ def _no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gguf_source, "_load_from_gguf", must_not_load)
 
 
+def test_a_conversion_damaged_after_it_finished_is_converted_again(fake_package: Path) -> None:
+    """A weights file truncated later (a full disk, a copy cut short) left the conversion "complete" for good, and
+    every run failed loading it. The marker records each file's size, and a file of another size converts again;
+    the chat template variant, whose weights are links to the damaged file, is made again with it."""
+    from alignpipe.models.gguf import with_chat_template
+    from alignpipe.models.loading import load_causal_lm
 
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    weights = converted / "model.safetensors"
+    size = weights.stat().st_size
+    with_chat_template(converted, "chatml")
+    with weights.open("r+b") as handle:  # in place: the variant's hard link sees it too
+        handle.truncate(size // 2)
+
+    variant = with_chat_template(convert_gguf_package(FAKE, cache_root=fake_package), "chatml")
+    assert weights.stat().st_size == size and (variant / "model.safetensors").stat().st_size == size
+    load_causal_lm(str(variant), dtype="float32")
+    assert json.loads((converted / MARKER).read_text())["files"]["model.safetensors"] == size
+
+
+def test_a_conversion_marked_before_sizes_were_recorded_is_kept_while_its_weights_are_there(
+        fake_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    marker = json.loads((converted / MARKER).read_text())
+    (converted / MARKER).write_text(json.dumps({key: value for key, value in marker.items() if key != "files"}))
+    with monkeypatch.context() as patch:
+        _no_conversion(patch)
+        assert convert_gguf_package(FAKE, cache_root=fake_package) == converted
+    (converted / "model.safetensors").unlink()
+    assert convert_gguf_package(FAKE, cache_root=fake_package) == converted
+    assert (converted / "model.safetensors").is_file()
+
+
+def test_temporary_folders_of_conversions_that_are_gone_are_removed(fake_package: Path) -> None:
+    """A killed conversion left its temporary folder (a whole checkpoint: 540 MB for SmolLM2) for good. One of a
+    process that still runs on this host (a concurrent conversion), or written on another host, must stay."""
+    import socket
+    import subprocess
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead, host = finished.pid, socket.gethostname()
+    root = fake_package
+    gone = [root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{dead}-0a1b2c3d",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{dead}-4e5f6a7b",  # named before the host was
+            root / f".fake_gguf_pkg-1.0-0123456789ab-chatml.tmp-{host}-{dead}-8c9d0e1f"]
+    kept = [root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{os.getpid()}-01234567",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{os.getpid()}-89abcdef",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-another-host-{dead}-0a0b0c0d"]
+    for folder in gone + kept:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half a file")
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    assert [folder for folder in gone if folder.exists()] == []
+    assert all(folder.is_dir() for folder in kept) and converted.is_dir()
 
 
 

@@ -6,6 +6,7 @@ file); everything else reuses those through module-scoped fixtures.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -313,7 +314,7 @@ def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: 
     assert conversion_name(PACKAGE, "chatml") == with_chat_template(converted, "chatml").name
 
 
-# --- the conversion cache: damage, abandoned temporary folders, package spellings -------------------------------------
+# --- the conversion cache: damage, abandoned temporary folders, template versions, package spellings ------------------
 
 FAKE = "fake-gguf-pkg"
 
@@ -407,6 +408,43 @@ def test_temporary_folders_of_conversions_that_are_gone_are_removed(fake_package
     assert all(folder.is_dir() for folder in kept) and converted.is_dir()
 
 
+def test_a_chat_template_variant_made_with_another_template_is_made_again(fake_package: Path) -> None:
+    """The variant is made once and shared; one made by a version of alignpipe whose ChatML template differed (here:
+    without the generation markers) was reused for good. Its marker now records the template's sha256."""
+    from alignpipe.models.gguf import with_chat_template
+
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    variant = with_chat_template(converted, "chatml")
+    older = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for marker in ({"chat_template_sha256": hashlib.sha256(older.encode()).hexdigest()}, {}):  # {}: made before
+        (variant / "chat_template.jinja").unlink()
+        (variant / "chat_template.jinja").write_text(older)
+        recorded = json.loads((variant / MARKER).read_text())
+        recorded.pop("chat_template_sha256", None)
+        (variant / MARKER).write_text(json.dumps({**recorded, **marker}))
+        assert with_chat_template(converted, "chatml") == variant
+        assert AutoTokenizer.from_pretrained(variant).chat_template == CHATML_TEMPLATE
+    current = hashlib.sha256(CHATML_TEMPLATE.encode()).hexdigest()
+    assert json.loads((variant / MARKER).read_text())["chat_template_sha256"] == current
+
+
+def test_a_changed_chat_template_changes_the_base_hash_and_the_current_one_keeps_it(
+        fake_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe names the template (``chatml``), not its text: a new version of the text changed what every stage
+    trains on while their hashes stayed. The template as it was when the hash began to include it hashes as before,
+    so the runs recorded until then are not run again."""
+    from alignpipe.models import chat_templates
+    from alignpipe.pipeline.rundir import canonical_hash
+    from alignpipe.pipeline.runner import _converted_base_hash
+    from alignpipe.recipe import ModelSpec
+
+    folder = "fake_gguf_pkg-1.0-0123456789ab-chatml"
+    chatml, own = ModelSpec(gguf_package=FAKE, chat_template="chatml"), ModelSpec(gguf_package=FAKE)
+    recorded = {spec.chat_template: canonical_hash({**spec.hashed(), "converted": folder}) for spec in (chatml, own)}
+    assert _converted_base_hash(chatml, folder) == recorded["chatml"]
+    monkeypatch.setattr(chat_templates, "CHATML_TEMPLATE", CHATML_TEMPLATE.replace("{% generation %}", ""))
+    assert _converted_base_hash(chatml, folder) != recorded["chatml"]
+    assert _converted_base_hash(own, folder) == recorded["own"]
 
 
 def test_every_spelling_of_a_package_shares_one_conversion(fake_package: Path,

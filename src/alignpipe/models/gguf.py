@@ -399,19 +399,21 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
     ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds the tokenizer
     saved with the new template and hard links to every other file of ``checkpoint`` (copies where links are
     impossible): the configs, the weights, and for sharded weights every shard and the index that names them. Made
-    once, atomically, so several runs can share it.
+    once, atomically, so several runs can share it; its marker records the template's sha256, so a variant made
+    with another version of the template is made again.
     """
-    from alignpipe.models.chat_templates import apply_chat_template_choice
+    from alignpipe.models.chat_templates import apply_chat_template_choice, template_sha256
 
     if choice == "own":
         return checkpoint
     target = checkpoint.with_name(_template_variant(checkpoint.name, choice))
+    template = template_sha256(choice)
     _remove_abandoned(target.parent)
-    if _variant_complete(target, checkpoint):
+    if _variant_complete(target, checkpoint, template):
         return target
     if target.exists():
-        log.warning("removing incomplete chat template variant %s (it lacks files of %s, or holds damaged ones)",
-                    target, checkpoint.name)
+        log.warning("removing chat template variant %s: it lacks files of %s, holds damaged ones, or was made "
+                    "with another %s template", target, checkpoint.name, choice)
         shutil.rmtree(target, ignore_errors=True)
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)
     temporary = _temporary_folder(target)
@@ -426,12 +428,12 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
                 except OSError:
                     shutil.copy2(source, temporary / source.name)
         marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice,
-                  "files": _file_sizes(temporary)}
+                  "chat_template_sha256": template, "files": _file_sizes(temporary)}
         (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(temporary, target)
         except OSError:  # another process made it first
-            if not _variant_complete(target, checkpoint):
+            if not _variant_complete(target, checkpoint, template):
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -439,15 +441,17 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
     return target
 
 
-def _variant_complete(variant: Path, checkpoint: Path) -> bool:
-    """A chat template variant counts once its marker (written last) exists, it holds a file of every name in
-    ``checkpoint``, and its files have the sizes its marker records.
+def _variant_complete(variant: Path, checkpoint: Path, template_sha256: str) -> bool:
+    """A chat template variant counts once its marker (written last) records the template it is to hold, it holds a
+    file of every name in ``checkpoint``, and its files have the sizes its marker records.
 
-    Why the names: variants made before every file was linked lack a sharded checkpoint's index and cannot load.
-    Why the sizes: its weights are links to the conversion's, which a reconversion after damage replaces, leaving
-    the variant's links on the damaged files. Variants failing either are made again rather than reused."""
+    Why the template: the variant is made once and shared, so one made by a version of alignpipe whose template
+    differed (its generation markers, say) was reused for good. Why the names: variants made before every file was
+    linked lack a sharded checkpoint's index and cannot load. Why the sizes: its weights are links to the
+    conversion's, which a reconversion after damage replaces, leaving the variant's links on the damaged files.
+    Variants failing any of these are made again rather than reused."""
     marker = _read_marker(variant)
-    if marker is None:
+    if marker is None or marker.get("chat_template_sha256") != template_sha256:
         return False
     names = {path.name for path in checkpoint.iterdir() if path.is_file()}
     return names <= {path.name for path in variant.iterdir()} and _files_intact(variant, marker)

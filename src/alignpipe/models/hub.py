@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from alignpipe.models.checkpoint_files import TOKENIZER_FILES, has_tokenizer_files
 from alignpipe.models.loading import ModelError
 
 DEFAULT_REVISION = "main"
@@ -35,6 +36,7 @@ SUPPORT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 NAMED_CHAT_TEMPLATES = "additional_chat_templates/"  # transformers 5 reads every .jinja there as a named template
 TRANSFORMERS_SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 TORCH_BIN_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+SHARD_FILE = re.compile(r"([^/]+)-\d+-of-\d+\.(safetensors|bin)")  # (name, suffix) of the index that lists it
 # What was resolved inside resolving_once: ("model" | "dataset", repo id, revision, ...) -> snapshot or commit.
 _PINNED: ContextVar[dict[tuple, Any] | None] = ContextVar("alignpipe_hub_pinned", default=None)
 T = TypeVar("T")
@@ -203,21 +205,42 @@ def _from_cache(repo_id: str, revision: str, *, gguf_file: str | None, remote_co
     cached = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
     where = f"the cached snapshot of {repo_id} ({folder})"
     files = files_to_fetch(cached, gguf_file=gguf_file, remote_code=remote_code, repo_id=where, keys=keys)
-    _check_shards(folder, where)
+    if missing := _missing_parts(folder, files, gguf_file=gguf_file):
+        raise ModelError(f"{where} lacks {'; and '.join(missing)}, as a download cut short leaves it; download it "
+                         f"again where there is network (`hf download {repo_id} --revision {commit}` into the same "
+                         "HF_HUB_CACHE), or give a local checkpoint folder")
     return HubSnapshot(repo_id, revision, commit, files=files, folder=folder)
 
 
-def _check_shards(folder: Path, where: str) -> None:
-    """Every shard a cached snapshot's weight index names is there: a download cut short leaves some out."""
+def _missing_parts(folder: Path, files: tuple[str, ...], *, gguf_file: str | None) -> list[str]:
+    """What a cached snapshot lacks of a loadable model: the index of shards it holds, shards its index names, a
+    tokenizer. Why each: a download cut short keeps whatever files arrived, so a first shard without its index, or
+    weights without any tokenizer file, looked like a model here and failed only when a stage loaded it, with advice
+    to re-run the stage that cannot complete the download. A GGUF file carries its own tokenizer."""
+    missing = [*_missing_indexes(folder, files), *_missing_shards(folder)]
+    if gguf_file is None and not has_tokenizer_files(folder):
+        missing.append(f"a tokenizer file ({', '.join(TOKENIZER_FILES[:4])}, ...)")
+    return missing
+
+
+def _missing_indexes(folder: Path, files: tuple[str, ...]) -> list[str]:
+    """The weight index each shard file (``model-00001-of-00002.safetensors``) needs: transformers finds sharded
+    weights only through ``model.safetensors.index.json`` (``pytorch_model.bin.index.json`` for ``.bin``)."""
+    indexes = {f"{match[1]}.{match[2]}.index.json" for name in files if (match := SHARD_FILE.fullmatch(name))}
+    return [f"the weight index {index}" for index in sorted(indexes) if not (folder / index).is_file()]
+
+
+def _missing_shards(folder: Path) -> list[str]:
+    """The shards a cached snapshot's weight index names that are not there."""
     import json
 
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             shards = set(json.loads((folder / index).read_text()).get("weight_map", {}).values())
             if missing := sorted(name for name in shards if not (folder / name).is_file()):
-                raise ModelError(f"{where} lacks {len(missing)} of its {len(shards)} weight shards ({missing[0]}, "
-                                 "...), as a download cut short leaves it; download it again where there is network")
-            return
+                return [f"{len(missing)} of its {len(shards)} weight shards ({missing[0]}, ...)"]
+            return []
+    return []
 
 
 def fetch(snapshot: HubSnapshot) -> Path:
@@ -295,6 +318,7 @@ def fetched_here(repo_id: str, commit: str, *, gguf_file: str | None = None, rem
             return _from_cache(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, unreachable=None,
                                keys=keys)
         except ModelError:
-            pass  # cached in part (another file set, a download cut short): fetch what is missing
+            pass  # cached in part (another file set, a download cut short): fetch what is missing; offline, the
+            # resolve below fails with what is missing and the `hf download` that completes it
     snapshot = resolve(repo_id, commit, gguf_file=gguf_file, remote_code=remote_code, keys=keys)
     return replace(snapshot, folder=fetch(snapshot))

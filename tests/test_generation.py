@@ -174,6 +174,8 @@ def test_generate_ends_a_reply_at_every_end_token_the_model_declares(tokenizer, 
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     ended = generate(model, tokenizer, prompts, settings)
     assert ended[0].response_ids == plain[0].response_ids[:3] and not ended[0].truncated
+    # the text leaves the end token out, though it is no special token decoding would skip
+    assert ended[0].response == tokenizer.decode(plain[0].response_ids[:2], skip_special_tokens=True).strip()
     for before, after in zip(plain, ended):  # the same draws, each cut at its first end token
         ends = [i for i, t in enumerate(before.response_ids) if t in (tokenizer.eos_token_id, end_of_turn)]
         assert after.response_ids == (before.response_ids[:ends[0] + 1] if ends else before.response_ids)
@@ -202,6 +204,14 @@ def test_the_chat_templates_end_of_turn_is_an_end_token_when_it_is_special(token
     assert template_turn_end(_ending_turns_with(tokenizer, "<|system|>\n")) == system
     assert template_turn_end(_ending_turns_with(tokenizer, "\n")) is None  # a newline must not end a reply
     assert template_turn_end(_ending_turns_with(tokenizer, "")) is None
+    unflagged = _ending_turns_with(tokenizer, "<|im_end|>")
+    unflagged.add_tokens(["<|im_end|>"])  # one token, but not flagged special: decoding would keep it as text
+    assert template_turn_end(unflagged) is None
+    refusing = _ending_turns_with(tokenizer, "<|system|>")
+    refusing.chat_template = ("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}"
+                              "{{ raise_exception('no assistant turns') }}{%- endif -%}{{ m['content'] }}"
+                              "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+    assert template_turn_end(refusing) is None  # the tokenizer's EOS and the declared ids still end replies
 
 
 def test_generate_ends_a_reply_at_the_chat_templates_end_of_turn(tokenizer, prompts):

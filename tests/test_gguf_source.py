@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -400,12 +401,18 @@ def test_temporary_folders_of_conversions_that_are_gone_are_removed(fake_package
     kept = [root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{os.getpid()}-01234567",
             root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{os.getpid()}-89abcdef",
             root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-another-host-{dead}-0a0b0c0d"]
-    for folder in gone + kept:
+    # a dead pid's folder written to within the hour may be a live conversion's in another pid namespace
+    recent = root / f".fake_gguf_pkg-1.0-0123456789ab.tmp-{host}-{dead}-0e0f0a0b"
+    for folder in gone + kept + [recent]:
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"half a file")
+        if folder != recent:
+            two_hours_ago = time.time() - 7200
+            for path in (folder / "model.safetensors", folder):
+                os.utime(path, (two_hours_ago, two_hours_ago))
     converted = convert_gguf_package(FAKE, cache_root=fake_package)
     assert [folder for folder in gone if folder.exists()] == []
-    assert all(folder.is_dir() for folder in kept) and converted.is_dir()
+    assert all(folder.is_dir() for folder in kept + [recent]) and converted.is_dir()
 
 
 def test_a_chat_template_variant_made_with_another_template_is_made_again(fake_package: Path) -> None:

@@ -154,6 +154,8 @@ def test_offline_a_cut_short_snapshot_says_what_it_lacks_and_how_to_download_it(
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match=rf"lacks a tokenizer file \(tokenizer.json, .*{download}"):
         hub.resolve("owner/tiny", None)
+    (folder / "spm.model").write_bytes(b"a SentencePiece model under DeBERTa's name")  # a vocabulary, whatever named
+    assert hub.resolve("owner/tiny", None).folder == folder
 
 
 def test_a_cut_short_snapshot_is_completed_when_the_hub_answers(hub_cache, monkeypatch, llama_path):

@@ -34,13 +34,19 @@ def test_more_held_out_prompts_than_the_task_holds_are_refused_before_training(t
     with pytest.raises(PreflightError) as raised:
         preflight(recipe)
     problem = str(raised.value)
-    assert f"stages.{stage['name']}.{key}: the stage " in problem and " 64 distinct held-out prompts of the task" in problem
-    assert "raise data.max_items or lower the number of prompts" in problem
+    assert f"stages.{stage['name']}.{key}: the stage " in problem and " 64 distinct held-out prompts of the task, " \
+        "more than its families ['sum'] with 2..2 items hold: " in problem
+    assert problem.endswith(f"lower {key}, raise data.max_items (or lower data.min_items), or add data.families")
     preflight(_recipe(tmp_path, {**stage, key: 8}, SMALL_TASK))
 
 
 def test_a_reward_stage_sampling_its_policy_needs_its_fixed_number_of_held_out_prompts(tmp_path):
     stage = {"name": "rm", "type": "reward", "members": 2}
-    with pytest.raises(PreflightError, match=r"stages\.rm: the stage samples its starting policy on a fixed 256 "):
+    with pytest.raises(PreflightError) as raised:
         preflight(_recipe(tmp_path, stage, {**SMALL_TASK, "max_items": 3}))
+    problem = str(raised.value)
+    assert "stages.rm: the stage samples its starting policy (to score its uncertainty against the gold reward) on " \
+        "256 distinct held-out prompts" in problem  # a number no setting changes: the fixes widen the task
+    assert problem.endswith("raise data.max_items (or lower data.min_items), add data.families, or give the stage a "
+                            "backbone")
     preflight(_recipe(tmp_path, stage, {**SMALL_TASK, "max_items": 4}))

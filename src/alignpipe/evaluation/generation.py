@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -54,7 +55,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a reply: the tokenizer's EOS, every end id the model's generation config declares (TRL's
     GRPO/RLOO rule, ``GRPOTrainer.eos_token_ids``), and the token the chat template ends an assistant turn with
-    when it is a special or added token (:func:`template_turn_end`).
+    when it is a special token (:func:`template_turn_end`).
 
     Why all three: a chat model may end its turn with a token that is not its tokenizer's EOS: an end-of-turn token
     listed in ``generation_config.json``, or, for a base model given a chat template (``chat_template: chatml``), the
@@ -71,25 +72,28 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The first token the chat template writes after an assistant reply, when it is a special or added token
-    (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or
-    plain text (a newline must not end a reply)."""
+    """The first token the chat template writes after an assistant reply, when it is a special token (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or plain text
+    (a newline must not end a reply), or renders no assistant turn."""
     reply = "Yes"
     prompt = render_prompts(tokenizer, ["x"])[0]
-    turn = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}],
-                                         tokenize=False)
+    try:
+        turn = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}], tokenize=False)
+    except TemplateError:  # a template that raises on an assistant turn: the other end ids still hold
+        return None
     if not turn.startswith(prompt) or reply not in turn[len(prompt):]:
         return None
     after = turn[len(prompt):].split(reply, 1)[1]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    return ids[0] if ids and _is_marker(tokenizer, ids[0]) else None
+    return ids[0] if ids and _is_special(tokenizer, ids[0]) else None
 
 
-def _is_marker(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
-    """A special token, or any token added to the vocabulary (a marker, never a piece of text): Llama 3's
-    ``<|eot_id|>`` is an added token flagged special, and ``chat_template: chatml`` needs ``<|im_end|>`` as one
-    token, which a tokenizer may hold as an added token not flagged special."""
-    return token_id in tokenizer.all_special_ids or token_id in tokenizer.added_tokens_decoder
+def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """A named special token, or an added token flagged special (Llama 3's ``<|eot_id|>`` is only the latter). An
+    added token not flagged special is not enough: it may be text (a newline), and decoding keeps it in the reply."""
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
 
 
 def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,
@@ -149,7 +153,9 @@ def generate(
             end = next((i for i, token in enumerate(tokens) if token in end_ids), None)
             truncated = end is None
             kept = tokens if truncated else tokens[: end + 1]
-            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            # the text leaves the end token out: an end id the model declares need not be flagged special, and
+            # decoding would keep its text in the reply
+            text = tokenizer.decode(kept if truncated else kept[:-1], skip_special_tokens=True).strip()
             out.append(Generation(prompt, text, tuple(kept), truncated))
     return out
 

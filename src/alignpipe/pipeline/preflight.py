@@ -529,30 +529,35 @@ def _check_implicit_pairs(recipe: Recipe, tokenizer, stage, positions: tuple[int
                          f"{where}: {_any_of(fixes)}")
 
 
-def _heldout_draw(recipe: Recipe, stage) -> tuple[str | None, int, int, str] | None:
-    """(key, count, seed, what for) of the task's held-out prompts ``stage`` samples; None for a stage that samples
-    none. They must be distinct, and the held-out split is about 1 in 8 of the task's prompts, so a small task space
-    (one family, few items) can hold fewer than a stage asks for, and the stage would stop after every stage before
-    it had trained."""
+def _heldout_draw(recipe: Recipe, stage) -> tuple[str | None, int, int, str, list[str]] | None:
+    """(key, count, seed, what for, fixes) of the task's held-out prompts ``stage`` samples; None for a stage that
+    samples none. They must be distinct, and the held-out split is about 1 in 8 of the task's prompts, so a small task
+    space (one family, few items) can hold fewer than a stage asks for, and the stage would stop after every stage
+    before it had trained."""
     from alignpipe.data.synthetic import EVAL_SEED, POLICY_SAMPLES
 
+    widen = ["raise data.max_items (or lower data.min_items)", "add data.families"]
     if stage.type in ("eval", "bon"):
-        return "n_prompts", stage.n_prompts, stage.seed, "samples"
+        return "n_prompts", stage.n_prompts, stage.seed, "samples", ["lower n_prompts", *widen]
     if isinstance(getattr(stage, "eval_prompts", None), int):
-        return "eval_prompts", stage.eval_prompts, EVAL_SEED, "evaluates on"
+        return "eval_prompts", stage.eval_prompts, EVAL_SEED, "evaluates on", ["lower eval_prompts", *widen]
     if isinstance(stage, RewardStage) and stage.backbone is None and stage.dataset.source == "synthetic":
-        return None, POLICY_SAMPLES, recipe.seed, "samples its starting policy on a fixed"
+        return (None, POLICY_SAMPLES, recipe.seed, "samples its starting policy (to score its uncertainty against the "
+                "gold reward) on", [*widen, "give the stage a backbone"])
     return None
 
 
-def _check_heldout_prompts(recipe: Recipe, count: int, seed: int, what_for: str) -> None:
+def _check_heldout_prompts(recipe: Recipe, count: int, seed: int, what_for: str, fixes: list[str]) -> None:
     """The stage's own draw (:func:`~alignpipe.data.synthetic.evaluation_tasks`): milliseconds, even for thousands."""
     from alignpipe.data.synthetic import evaluation_tasks
 
     try:
         evaluation_tasks(recipe.data, count, seed)
-    except ValueError as error:
-        raise ValueError(f"the stage {what_for} {count} distinct held-out prompts of the task ({error})") from None
+    except ValueError:
+        data = recipe.data
+        raise ValueError(f"the stage {what_for} {count} distinct held-out prompts of the task, more than its "
+                         f"families {list(data.families)} with {data.min_items}..{data.max_items} items hold: "
+                         f"{_any_of(fixes)}") from None
 
 
 def _any_of(fixes: list[str]) -> str:

@@ -457,7 +457,7 @@ def test_a_changed_chat_template_changes_the_base_hash_and_the_current_one_keeps
 def test_every_spelling_of_a_package_shares_one_conversion(fake_package: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """pip takes ``Fake-GGUF-Pkg``, ``fake.gguf_pkg`` and ``fake-gguf-pkg`` for one package; the cache folder was
-    named by the recipe's spelling, so each converted the model again (540 MB for SmolLM2) and re-ran its stages."""
+    named by the recipe's spelling, so each converted the model again (540 MB for SmolLM2)."""
     from alignpipe.models.gguf import _conversion_folder, conversion_name
 
     converted = convert_gguf_package(FAKE, cache_root=fake_package)

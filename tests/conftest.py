@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib.util
 import os
 import shutil
@@ -201,6 +202,24 @@ def write_gguf(checkpoint: str, path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+_FROZEN_AT_MODULE = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before a test module's first test (and its module fixtures): collect what the modules before left, then move
+    every object alive now (the libraries, mostly imported lazily by the tests, and session fixtures) out of the
+    garbage collector's view (``gc.freeze``). Python's full collections scan every tracked object; with torch,
+    transformers and TRL loaded that is ~600,000 of them, ~0.3 s a collection, and the tests trigger one every second
+    or so: about a fifth of the suite's time went to them. Frozen objects are still freed by reference counting;
+    only cyclic garbage among them would wait until the session ends, and the collection just before leaves none."""
+    module = getattr(item, "module", None)
+    if module is not _FROZEN_AT_MODULE[0]:
+        _FROZEN_AT_MODULE[0] = module
+        gc.collect()
+        gc.freeze()
 
 
 def pytest_configure(config):

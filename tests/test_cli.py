@@ -50,22 +50,34 @@ def test_overrides_may_follow_options(tiny_recipe_path, capsys):
     assert load_recipe(resolved) == load_recipe(tiny_recipe_path, ["stages.dpo.beta=0.25"])
 
 
-def test_run_end_to_end_through_stage_processes(tmp_path):
-    """The real path: `alignpipe run` launching pipelines/<type>.py processes, then a second run that skips all."""
+def test_run_end_to_end_through_stage_processes(tmp_path, monkeypatch, caplog):
+    """The real path: `alignpipe run` launching pipelines/<type>.py processes (sft, then an eval of the checkpoint
+    that process published), then a second run that skips all, launching nothing. (DPO's own stage process runs
+    through the same command line in tests/test_fault_injection.py and tests/test_distributed.py.)"""
+    import logging
+
+    from alignpipe.pipeline.runner import Runner
+
     recipe = {**TINY_RECIPE, "stages": [
         {**TINY_RECIPE["stages"][0], "max_steps": 4, "save_steps": 4},
-        {**TINY_RECIPE["stages"][1], "max_steps": 2, "save_steps": 2},
-        {**TINY_RECIPE["stages"][2], "n_prompts": 8},
+        {**TINY_RECIPE["stages"][2], "inputs": ["sft"], "n_prompts": 8},
     ]}
     recipe_path = write_recipe(tmp_path, recipe)
-    command = [sys.executable, "-m", "alignpipe.cli", "run", str(recipe_path), "--runs-dir", str(tmp_path / "runs")]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    argv = ["run", str(recipe_path), "--runs-dir", str(tmp_path / "runs")]
+    first = subprocess.run([sys.executable, "-m", "alignpipe.cli", *argv], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "pipelines/sft.py" in first.stderr
+    assert "pipelines/sft.py" in first.stderr and "pipelines/eval.py" in first.stderr
     board = json.loads((tmp_path / "runs" / "tiny" / "leaderboard.json").read_text())
-    assert board["schema_version"] == "1.0" and len(board["checkpoints"]) == 3
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and second.stderr.count("skipped") >= 3
+    assert board["schema_version"] == "1.0" and sorted(c["name"] for c in board["checkpoints"]) == ["base", "sft"]
+
+    def launch(*args, **kwargs):
+        raise AssertionError("the second run launched a stage")
+
+    monkeypatch.setattr(Runner, "_spawn", launch)  # the command's own code, in this process: only a launch would differ
+    with caplog.at_level(logging.INFO, logger="alignpipe"):
+        assert main(argv) == 0
+    for stage in ("sft", "eval"):
+        assert f"[{stage}] skipped in 0.0s (complete with the same config and inputs)" in caplog.text
 
 
 @pytest.fixture

@@ -152,18 +152,34 @@ def _compare_records(resumed: list[dict], reference: list[dict]) -> None:
         assert got == want
 
 
-def _reference(directory: Path, names: tuple[str, ...]) -> Path:
-    """Each stage type in ``names`` run once, uninterrupted, through the command line."""
+def _reference(directory: Path, names: tuple[str, ...], *, in_process: bool = False) -> Path:
+    """Each stage type in ``names`` run once, uninterrupted: through the command line, or ``in_process`` in this
+    process on one thread, as a launched stage runs (OMP_NUM_THREADS=1). A stage run in process publishes the weights
+    and logs the records a launched one does, bit for bit (tests/test_distributed.py compares with it too), so the
+    killed and resumed launches below are held to the same reference, and three stage launches are spared."""
     runs = directory / "runs"
     recipe = directory / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(*names), sort_keys=False))
-    _finish(_cli(recipe, runs))
+    if not in_process:
+        _finish(_cli(recipe, runs))
+        return runs / "faults"
+    import torch
+
+    from alignpipe.pipeline.runner import Runner
+    from alignpipe.recipe import load_recipe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Runner(load_recipe(recipe), runs_dir=runs, recipe_path=recipe, in_process=True).run()
+    finally:
+        torch.set_num_threads(threads)
     return runs / "faults"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _reference(tmp_path_factory.mktemp("reference"), ("sft", "dpo", "ppo"))
+    return _reference(tmp_path_factory.mktemp("reference"), ("sft", "dpo", "ppo"), in_process=True)
 
 
 @pytest.fixture(scope="module")

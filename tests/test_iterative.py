@@ -231,6 +231,7 @@ def test_round_records_cover_every_step_of_the_round(tmp_path):
 def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processes():
     """No two rounds or purposes share a stream: a round's sampling seeds (one per batch of 64 samples: seed + batch
     index) never meet another round's, and the trainer seeds differ; the same numbers in every Python process."""
+    import inspect
     import subprocess
     import sys
 
@@ -244,7 +245,9 @@ def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processe
         trainer = {round_seed(seed, r, "trainer") for r in range(10)}
         assert len(trainer) == 10 and not trainer & set(sampling)
         assert all(0 <= s < 2 ** 32 for s in [*sampling, *trainer])  # numpy's limit (transformers' set_seed)
-    code = "from alignpipe.trainers.iterative import round_seed; print(round_seed(0, 1, 'sampling'))"
+    # round_seed's own code in a fresh interpreter with another string-hash salt; run from its source, as importing
+    # its module would load torch, transformers and TRL first (~7 s) for a function that needs hashlib alone
+    code = f"import hashlib\n{inspect.getsource(round_seed)}\nprint(round_seed(0, 1, 'sampling'))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert int(other) == round_seed(0, 1, "sampling") == 2305168030  # pinned: a change re-draws every round

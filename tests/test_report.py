@@ -101,39 +101,50 @@ def fake_run(tmp_path) -> Path:
     return run
 
 
+@pytest.fixture
+def header_run(fake_run) -> Path:
+    """``fake_run`` without the data its sections draw (the leaderboard, the stages' logs, bon.json), its run.json and
+    stage manifests kept: for the tests of what the header says (how the last attempt ended, each stage's status),
+    which only run.json and the manifests decide. Its report draws no figure (~1 s each on 2 busy cores)."""
+    (fake_run / "leaderboard.json").unlink()
+    for data in [*fake_run.glob("*/metrics.jsonl"), *fake_run.glob("*/bon.json")]:
+        data.unlink()
+    return fake_run
+
+
 def _sections(text: str) -> dict[str, str]:
     return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', text, flags=re.S))
 
 
-def test_report_says_how_the_runs_last_attempt_ended(fake_run):
-    record = json.loads((fake_run / "run.json").read_text())
-    assert "last attempt" not in write_report(fake_run).read_text()  # a record from before run.json said
-    _write(fake_run / "run.json", {**record, "status": "interrupted", "stopped_at": "dpo",
-                                   "updated": "2026-01-02T00:00:00+00:00"})
-    text = write_report(fake_run).read_text()
+def test_report_says_how_the_runs_last_attempt_ended(header_run):
+    record = json.loads((header_run / "run.json").read_text())
+    assert "last attempt" not in write_report(header_run).read_text()  # a record from before run.json said
+    _write(header_run / "run.json", {**record, "status": "interrupted", "stopped_at": "dpo",
+                                     "updated": "2026-01-02T00:00:00+00:00"})
+    text = write_report(header_run).read_text()
     assert "interrupted at stage &#x27;dpo&#x27; (2026-01-02T00:00:00+00:00)" in text
     assert "did not finish: stage &#x27;dpo&#x27; and those after it" in text
-    _write(fake_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
-    text = write_report(fake_run, writing_stage="eval").read_text()
+    _write(header_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
+    text = write_report(header_run, writing_stage="eval").read_text()
     assert "running since 2026-01-01T00:00:00+00:00 (this report was written by its stage &#x27;eval&#x27;)" in text
     assert "did not finish" not in text
-    _write(fake_run / "run.json", {**record, "status": "complete", "updated": "2026-01-03T00:00:00+00:00"})
-    assert "complete (2026-01-03T00:00:00+00:00)" in write_report(fake_run).read_text()
-    _write(fake_run / "run.json", {**record, "status": "failed", "stopped_at": "base"})
-    text = write_report(fake_run).read_text()
+    _write(header_run / "run.json", {**record, "status": "complete", "updated": "2026-01-03T00:00:00+00:00"})
+    assert "complete (2026-01-03T00:00:00+00:00)" in write_report(header_run).read_text()
+    _write(header_run / "run.json", {**record, "status": "failed", "stopped_at": "base"})
+    text = write_report(header_run).read_text()
     assert "failed while preparing the recipe&#x27;s model" in text and "did not finish: every stage" in text
 
 
-def test_report_tells_a_killed_run_from_a_running_one_by_the_run_directorys_lock(fake_run):
+def test_report_tells_a_killed_run_from_a_running_one_by_the_run_directorys_lock(header_run):
     """A run killed with SIGKILL (or lost with its machine) cannot record its end: run.json still says running."""
     from alignpipe.pipeline.run_lock import run_lock
 
-    record = json.loads((fake_run / "run.json").read_text())
-    _write(fake_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
-    with run_lock(fake_run):  # a live run
-        text = write_report(fake_run).read_text()
+    record = json.loads((header_run / "run.json").read_text())
+    _write(header_run / "run.json", {**record, "status": "running", "started": "2026-01-01T00:00:00+00:00"})
+    with run_lock(header_run):  # a live run
+        text = write_report(header_run).read_text()
     assert "running since 2026-01-01T00:00:00+00:00" in text and "did not finish" not in text
-    text = write_report(fake_run).read_text()  # nothing holds it any more
+    text = write_report(header_run).read_text()  # nothing holds it any more
     assert "stopped without recording its end (killed, or its machine went down)" in text
     assert "did not finish: the stages not marked complete above and those after them" in text
 
@@ -420,9 +431,9 @@ def test_headless_chromium_renders_the_report(fake_run, tmp_path):
     assert not problems, "\n".join(problems)
 
 
-def test_the_stage_writing_the_report_is_not_shown_as_running(fake_run):
-    _write(fake_run / "eval" / "manifest.json", {"stage": "eval", "type": "eval", "status": "running",
-                                                 "start_time": "2026-01-01T00:09:00+00:00"})
-    assert ">running</td>" in write_report(fake_run).read_text()
-    text = write_report(fake_run, writing_stage="eval").read_text()
+def test_the_stage_writing_the_report_is_not_shown_as_running(header_run):
+    _write(header_run / "eval" / "manifest.json", {"stage": "eval", "type": "eval", "status": "running",
+                                                   "start_time": "2026-01-01T00:09:00+00:00"})
+    assert ">running</td>" in write_report(header_run).read_text()
+    text = write_report(header_run, writing_stage="eval").read_text()
     assert ">running</td>" not in text and "finishing (wrote this report)" in text

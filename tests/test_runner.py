@@ -48,11 +48,10 @@ def test_first_run_writes_the_run_directory(completed_tiny_run):
     assert (runner.run_dir / "leaderboard.md").read_text().count("| sft ") == 2  # headline and "All metrics"
 
 
-def test_rerun_skips_complete_stages_and_beta_change_reruns_only_dpo_and_eval(tmp_path):
-    recipe_path = write_recipe(tmp_path, TINY_RECIPE)
-    runs = tmp_path / "runs"
-    first, _ = _run(recipe_path, runs)
-    assert all(o.action == "ran" for o in first.values())
+def test_rerun_skips_complete_stages_and_beta_change_reruns_only_dpo_and_eval(tmp_path, completed_tiny_run):
+    # the first run is the shared one (every stage ran: test_first_run_writes_the_run_directory), copied to change
+    recipe_path, runs = _copy_of(completed_tiny_run, tmp_path)
+    assert all(o.action == "ran" for o in completed_tiny_run[1])
 
     again, _ = _run(recipe_path, runs)
     assert {n: o.action for n, o in again.items()} == {"sft": "skipped", "dpo": "skipped", "eval": "skipped"}

@@ -83,6 +83,21 @@ def smollm2_recipe_stage(name: str):
     return recipe, stage, apply_chat_template_choice(tokenizer, recipe.model.chat_template)
 
 
+def ending_turns_with(tokenizer, end: str):
+    """A copy of the tiny ``tokenizer`` whose chat template ends an assistant turn with ``end`` (its EOS stays
+    ``<|end|>``), as a base model given a ChatML template ends its turn with ``<|im_end|>`` though its EOS is another
+    token."""
+    import copy
+
+    from alignpipe.models.tiny import CHAT_TEMPLATE, EOS
+
+    other = copy.deepcopy(tokenizer)
+    assistant_turn = "{% generation %}{{ message['content'] }}" + EOS + "{% endgeneration %}"
+    assert assistant_turn in CHAT_TEMPLATE
+    other.chat_template = CHAT_TEMPLATE.replace(assistant_turn, "{{ message['content'] }}" + end)
+    return other
+
+
 def write_recipe(directory: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import ending_turns_with
 
 from alignpipe.evaluation.cache import EvalCache
 from alignpipe.evaluation.generation import (
@@ -182,32 +183,18 @@ def test_generate_ends_a_reply_at_every_end_token_the_model_declares(tokenizer, 
         assert after.truncated == (not ends)
 
 
-def _ending_turns_with(tokenizer, end: str):
-    """A copy of ``tokenizer`` whose chat template ends an assistant turn with ``end`` (its EOS stays ``<|end|>``),
-    as a base model given a ChatML template ends its turn with ``<|im_end|>`` though its EOS is another token."""
-    import copy
-
-    from alignpipe.models.tiny import CHAT_TEMPLATE, EOS
-
-    other = copy.deepcopy(tokenizer)
-    assistant_turn = "{% generation %}{{ message['content'] }}" + EOS + "{% endgeneration %}"
-    assert assistant_turn in CHAT_TEMPLATE
-    other.chat_template = CHAT_TEMPLATE.replace(assistant_turn, "{{ message['content'] }}" + end)
-    return other
-
-
 def test_the_chat_templates_end_of_turn_is_an_end_token_when_it_is_special(tokenizer):
-    from alignpipe.evaluation.generation import template_turn_end
+    from alignpipe.models.chat_templates import template_turn_end
 
     assert template_turn_end(tokenizer) == tokenizer.eos_token_id
     system = tokenizer.convert_tokens_to_ids("<|system|>")
-    assert template_turn_end(_ending_turns_with(tokenizer, "<|system|>\n")) == system
-    assert template_turn_end(_ending_turns_with(tokenizer, "\n")) is None  # a newline must not end a reply
-    assert template_turn_end(_ending_turns_with(tokenizer, "")) is None
-    unflagged = _ending_turns_with(tokenizer, "<|im_end|>")
+    assert template_turn_end(ending_turns_with(tokenizer, "<|system|>\n")) == system
+    assert template_turn_end(ending_turns_with(tokenizer, "\n")) is None  # a newline must not end a reply
+    assert template_turn_end(ending_turns_with(tokenizer, "")) is None
+    unflagged = ending_turns_with(tokenizer, "<|im_end|>")
     unflagged.add_tokens(["<|im_end|>"])  # one token, but not flagged special: decoding would keep it as text
     assert template_turn_end(unflagged) is None
-    refusing = _ending_turns_with(tokenizer, "<|system|>")
+    refusing = ending_turns_with(tokenizer, "<|system|>")
     refusing.chat_template = ("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}"
                               "{{ raise_exception('no assistant turns') }}{%- endif -%}{{ m['content'] }}"
                               "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
@@ -224,7 +211,7 @@ def test_generate_ends_a_reply_at_the_chat_templates_end_of_turn(tokenizer, prom
     settings = GenerationSettings(max_new_tokens=6, batch_size=5, seed=7)
     plain = generate(model, tokenizer, prompts, settings)
     assert any(system in g.response_ids[:-1] for g in plain)  # the EOS-ended template runs past it
-    ended = generate(model, _ending_turns_with(tokenizer, "<|system|>"), prompts, settings)
+    ended = generate(model, ending_turns_with(tokenizer, "<|system|>"), prompts, settings)
     assert any(not g.truncated and g.response_ids[-1] == system for g in ended)
     for g in ended:
         assert system not in g.response_ids[:-1] and tokenizer.eos_token_id not in g.response_ids[:-1]

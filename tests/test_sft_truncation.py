@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import TINY_RECIPE, needs_smollm2_and_hh, smollm2_recipe_stage, write_recipe
+from conftest import TINY_RECIPE, ending_turns_with, needs_smollm2_and_hh, smollm2_recipe_stage, write_recipe
 from datasets import Dataset
 
 from alignpipe.data.length_report import (
@@ -69,6 +69,22 @@ def test_a_template_without_generation_markers_finds_the_same_replies(tokenizer)
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     assert [reply_span(plain, c) for c in CONVERSATIONS] == [reply_span(tokenizer, c) for c in CONVERSATIONS]
+
+
+def test_a_reply_ends_at_the_templates_end_of_turn_when_the_eos_is_another_token(tokenizer):
+    """A base model given ChatML ends its turn with <|im_end|> and a newline, its EOS being another token: the reply
+    ends at the end of turn, so a cut that keeps it but loses the text after it is not counted as an end lost. (The
+    tiny tokenizer drops whitespace, so a word stands in for ChatML's newline.)"""
+    chatml_like = ending_turns_with(tokenizer, "<|system|> copy")
+    system = tokenizer.convert_tokens_to_ids("<|system|>")
+    for conversation in CONVERSATIONS:
+        ids = chatml_like.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        span = reply_span(chatml_like, conversation)
+        assert ids[span.end - 1] == system and span.end < span.length
+    span = reply_span(chatml_like, CONVERSATIONS[1])
+    assert (span.start, span.end, span.length) == (6, 9, 10)  # 2 digits and <|system|>, then "copy"
+    counts = truncation_counts([span], max_length=span.end)
+    assert (counts.over_max_length, counts.reply_lost, counts.end_lost) == (1, 0, 0)
 
 
 def test_large_datasets_are_measured_on_a_seeded_sample(tokenizer):

@@ -379,15 +379,16 @@ def test_trl_ends_a_completion_at_the_chat_templates_end_of_turn(tmp_path):
     """GRPO/RLOO end a completion at the ids the model's generation config declares (TRL's ``eos_token_ids``): the
     config the stage trains under declares every sampler's end ids, so a chat template's end of turn that the model
     does not declare ends TRL's completions too, as it ends the evaluation's."""
+    from conftest import ending_turns_with
     from datasets import Dataset
-    from test_generation import SHAPE, _ending_turns_with
+    from test_generation import SHAPE
     from trl import GRPOConfig, GRPOTrainer
 
     from alignpipe.evaluation.generation import decoding_with
     from alignpipe.models.tiny import build_tiny_model, train_tokenizer
     from alignpipe.tasks.synthetic import tokenizer_corpus
 
-    tokenizer = _ending_turns_with(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), "<|system|>")
+    tokenizer = ending_turns_with(train_tokenizer(tokenizer_corpus(n=200), vocab_size=120), "<|system|>")
     model = build_tiny_model(tokenizer, **SHAPE, seed=0)
     config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, report_to=[],
                         use_cpu=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 from datasets import Dataset
 from jinja2 import TemplateError
@@ -25,6 +25,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 from trl.data_utils import common_prefix_length, is_conversational
 
 from alignpipe.data.adapters import DataError
+from alignpipe.models.chat_templates import reply_end_ids
 
 SAMPLE_SIZE = 2000  # examples tokenized at most (a seeded sample of larger datasets): ~1 s with a fast tokenizer
 
@@ -108,10 +109,13 @@ def pair_truncation_counts(pairs: Iterable[tuple[ReplySpan, ReplySpan]], max_len
     )
 
 
-def _ends_at_last_eos(ids: Sequence[int], start: int, eos_token_id: int | None) -> ReplySpan:
-    """The span of a reply from ``start`` to the sequence's last EOS token (inclusive), or to its end without one."""
-    eos = [i for i in range(start, len(ids)) if ids[i] == eos_token_id]
-    return ReplySpan(length=len(ids), start=start, end=eos[-1] + 1 if eos else len(ids))
+def _ends_at_last_end(ids: Sequence[int], start: int, end_ids: Collection[int]) -> ReplySpan:
+    """The span of a reply from ``start`` to the sequence's last end token (inclusive; ``end_ids``:
+    :func:`alignpipe.models.chat_templates.reply_end_ids`), or to its end without one. Why not the EOS alone: a
+    template whose turn ends with another special token (ChatML's ``<|im_end|>`` on a tokenizer whose EOS is
+    ``<|endoftext|>``) writes text after it, which a cut there loses without losing the reply's end."""
+    ends = [i for i in range(start, len(ids)) if ids[i] in end_ids]
+    return ReplySpan(length=len(ids), start=start, end=ends[-1] + 1 if ends else len(ids))
 
 
 def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], chat_template: str | None = None,
@@ -122,7 +126,7 @@ def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], cha
     With ``{% generation %}`` markers the reply is the assistant mask TRL trains on, from the first assistant token to
     the last (the end-of-turn token; several assistant turns count as one reply). Without them, it starts where the
     conversation departs from its prompt rendered with the generation prompt (as TRL finds a completion) and ends at
-    its last EOS token (or the sequence's end)."""
+    its last end token (the EOS or the template's end of turn; or the sequence's end)."""
     template = chat_template or tokenizer.chat_template
     if has_generation_markers(template):
         rendered = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
@@ -136,7 +140,7 @@ def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], cha
                                             return_dict=True)["input_ids"]
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), chat_template=chat_template, tokenize=True,
                                            return_dict=True, add_generation_prompt=True)["input_ids"]
-    return _ends_at_last_eos(ids, common_prefix_length(prompt, ids), tokenizer.eos_token_id)
+    return _ends_at_last_end(ids, common_prefix_length(prompt, ids), reply_end_ids(tokenizer))
 
 
 def sft_training_template(tokenizer: PreTrainedTokenizerBase, *, assistant_only_loss: bool) -> str | None:
@@ -155,12 +159,12 @@ def pair_spans(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[ReplySpa
     Conversational rows: the prompt with the generation prompt, and prompt + reply, each through the tokenizer's chat
     template (with the row's ``tools`` and ``chat_template_kwargs``, if any); standard (string) rows: plain
     tokenization, with the EOS token appended to replies that lack it. The replies start where the tokenized prompt
-    departs from either prompt + reply (TRL's shared prompt length) and end at their last EOS token (or the
-    sequence's end)."""
+    departs from either prompt + reply (TRL's shared prompt length) and end at their last end token (the EOS or the
+    template's end of turn; or the sequence's end)."""
     prompt, chosen, rejected = (_chat_pair_ids if is_conversational(pair) else _text_pair_ids)(tokenizer, pair)
     start = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-    return (_ends_at_last_eos(chosen, start, tokenizer.eos_token_id),
-            _ends_at_last_eos(rejected, start, tokenizer.eos_token_id))
+    ends = reply_end_ids(tokenizer)
+    return _ends_at_last_end(chosen, start, ends), _ends_at_last_end(rejected, start, ends)
 
 
 def _chat_pair_ids(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[list[int], list[int], list[int]]:

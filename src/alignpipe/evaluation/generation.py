@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignpipe.models.chat_templates import reply_end_ids
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device) -> dic
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a reply: the tokenizer's EOS, every end id the model's generation config declares (TRL's
     GRPO/RLOO rule, ``GRPOTrainer.eos_token_ids``), and the token the chat template ends an assistant turn with
-    when it is a special token (:func:`template_turn_end`).
+    when it is a special token (:func:`alignpipe.models.chat_templates.reply_end_ids`).
 
     Why all three: a chat model may end its turn with a token that is not its tokenizer's EOS: an end-of-turn token
     listed in ``generation_config.json``, or, for a base model given a chat template (``chat_template: chatml``), the
@@ -66,34 +67,7 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     owner = model.get_base_model() if hasattr(model, "get_base_model") else model
     declared = owner.generation_config.eos_token_id
     declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-    own = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    turn_end = template_turn_end(tokenizer)
-    return list(dict.fromkeys([*own, *declared, *([] if turn_end is None else [turn_end])]))
-
-
-def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The first token the chat template writes after an assistant reply, when it is a special token (ChatML's
-    ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or plain text
-    (a newline must not end a reply), or renders no assistant turn."""
-    reply = "Yes"
-    prompt = render_prompts(tokenizer, ["x"])[0]
-    try:
-        turn = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}], tokenize=False)
-    except TemplateError:  # a template that raises on an assistant turn: the other end ids still hold
-        return None
-    if not turn.startswith(prompt) or reply not in turn[len(prompt):]:
-        return None
-    after = turn[len(prompt):].split(reply, 1)[1]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    return ids[0] if ids and _is_special(tokenizer, ids[0]) else None
-
-
-def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
-    """A named special token, or an added token flagged special (Llama 3's ``<|eot_id|>`` is only the latter). An
-    added token not flagged special is not enough: it may be text (a newline), and decoding keeps it in the reply."""
-    added = tokenizer.added_tokens_decoder.get(token_id)
-    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
+    return list(dict.fromkeys([*reply_end_ids(tokenizer), *declared]))
 
 
 def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -67,3 +68,49 @@ def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str) 
         )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def reply_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end an assistant reply as far as the tokenizer knows: its EOS, and the first token its chat
+    template writes after a reply when that is a special token (:func:`template_turn_end`). What the samplers stop at
+    (with the model's declared end ids, :func:`alignpipe.evaluation.generation.end_token_ids`) and where the length
+    reports find a reply's end."""
+    ends = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    turn_end = template_turn_end(tokenizer)
+    return list(dict.fromkeys([*ends, *([] if turn_end is None else [turn_end])]))
+
+
+def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The first token the chat template writes after an assistant reply, when it is a special token (ChatML's
+    ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or plain text
+    (a newline must not end a reply), or renders no assistant turn."""
+    reply = "Yes"
+    rendered = rendered_turn(tokenizer, reply)
+    if rendered is None:
+        return None
+    prompt, turn = rendered
+    if not turn.startswith(prompt) or reply not in turn[len(prompt):]:
+        return None
+    after = turn[len(prompt):].split(reply, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and _is_special(tokenizer, ids[0]) else None
+
+
+def rendered_turn(tokenizer: PreTrainedTokenizerBase, reply: str) -> tuple[str, str] | None:
+    """A one-message user prompt rendered for the assistant's reply, and the same conversation with ``reply`` as the
+    assistant's turn; None when the template refuses an assistant turn. How the template frames a reply is read
+    from the difference (its end of turn here, its token count in preflight's position check)."""
+    user = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    try:
+        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": reply}], tokenize=False)
+    except TemplateError:  # a template that raises on an assistant turn: the other end ids still hold
+        return None
+    return prompt, turn
+
+
+def _is_special(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """A named special token, or an added token flagged special (Llama 3's ``<|eot_id|>`` is only the latter). An
+    added token not flagged special is not enough: it may be text (a newline), and decoding keeps it in the reply."""
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or (added is not None and added.special)

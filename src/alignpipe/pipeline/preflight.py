@@ -490,12 +490,12 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
 
 
 def _reply_end_tokens(tokenizer) -> int:
-    """The tokens the chat template ends an assistant turn with (after an empty reply)."""
-    from alignpipe.evaluation.generation import render_prompts
+    """The tokens the chat template ends an assistant turn with (after an empty reply; none when the template
+    refuses an assistant turn: the stage cannot train such a row, and says so itself)."""
+    from alignpipe.models.chat_templates import rendered_turn
 
-    turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]
-    return max(_token_count(tokenizer, tokenizer.apply_chat_template(turn, tokenize=False))
-               - _token_count(tokenizer, render_prompts(tokenizer, ["x"])[0]), 0)
+    rendered = rendered_turn(tokenizer, "")
+    return 0 if rendered is None else max(_token_count(tokenizer, rendered[1]) - _token_count(tokenizer, rendered[0]), 0)
 
 
 def _judge_prompt_tokens(tokenizer, prompt: str) -> int:

@@ -495,7 +495,10 @@ def _reply_end_tokens(tokenizer) -> int:
     from alignpipe.models.chat_templates import rendered_turn
 
     rendered = rendered_turn(tokenizer, "")
-    return 0 if rendered is None else max(_token_count(tokenizer, rendered[1]) - _token_count(tokenizer, rendered[0]), 0)
+    if rendered is None:
+        return 0
+    prompt, turn = rendered
+    return max(_token_count(tokenizer, turn) - _token_count(tokenizer, prompt), 0)
 
 
 def _judge_prompt_tokens(tokenizer, prompt: str) -> int:

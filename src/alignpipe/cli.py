@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from alignpipe.seeds import EVAL_SEED
+
 log = logging.getLogger("alignpipe")
 
 EPILOG_RUN = """\
@@ -107,7 +109,7 @@ and named in the log.
 """
 
 # `alignpipe eval` without --suite: the synthetic prompts and sampling, each settable on the command line
-SYNTHETIC_EVAL = {"n_prompts": 256, "max_new_tokens": 24, "batch_size": 64, "seed": 1234}
+SYNTHETIC_EVAL = {"n_prompts": 256, "max_new_tokens": 24, "batch_size": 64, "seed": EVAL_SEED}
 
 
 def _overrides_help() -> str:

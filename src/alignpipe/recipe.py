@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from alignpipe.data.truncation import TruncatedSamples
 from alignpipe.pipeline.batching import too_few_prompts
+from alignpipe.seeds import EVAL_SEED
 from alignpipe.strict_yaml import parse_strict_yaml
 from alignpipe.tasks.synthetic import FAMILIES, Family
 
@@ -1233,7 +1234,7 @@ class EvalStage(_StageBase):
     bootstrap_resamples: int = Field(
         1000, ge=100, description="Bootstrap resamples for confidence intervals (Efron & Tibshirani 1993)."
     )
-    seed: int = Field(1234, ge=0, le=MAX_SEED,
+    seed: int = Field(EVAL_SEED, ge=0, le=MAX_SEED,
                       description="Sampling seed, separate from the recipe seed so evals stay comparable.")
     diversity_samples: int = Field(
         4, ge=0, description="Extra samples per prompt for within-prompt diversity (self_bleu_4, distinct_1/2_within); "

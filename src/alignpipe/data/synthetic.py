@@ -17,9 +17,6 @@ from alignpipe.tasks import (
     sft_demonstrations,
 )
 
-# The eval stage's default seed: the training stages' own evaluations (PPO, the online rounds, GRPO/RLOO) draw its
-# held-out prompts, so their numbers are on the leaderboard's prompts.
-EVAL_SEED = 1234
 POLICY_SAMPLES = 256  # held-out prompts a reward stage on the task samples its starting policy on (trainers/reward.py)
 
 

@@ -537,7 +537,8 @@ def _heldout_draw(recipe: Recipe, stage) -> tuple[str | None, int, int, str, lis
     samples none. They must be distinct, and the held-out split is about 1 in 8 of the task's prompts, so a small task
     space (one family, few items) can hold fewer than a stage asks for, and the stage would stop after every stage
     before it had trained."""
-    from alignpipe.data.synthetic import EVAL_SEED, POLICY_SAMPLES
+    from alignpipe.data.synthetic import POLICY_SAMPLES
+    from alignpipe.seeds import EVAL_SEED
 
     widen = ["raise data.max_items (or lower data.min_items)", "add data.families"]
     if stage.type in ("eval", "bon"):

@@ -40,7 +40,7 @@ from alignpipe.data.pairing import (
     to_trl_rows,
 )
 from alignpipe.data.selfplay import INPOPair, SelfPlayPair, inpo_draw, inpo_pair, large_margin_pair, sppo_pair
-from alignpipe.data.synthetic import EVAL_SEED, evaluation_tasks, task_space
+from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.data.truncation import RoundSamples, no_pairs_advice
 from alignpipe.evaluation.generation import GenerationSettings, generate
 from alignpipe.evaluation.harness import Checkpoint, evaluate_checkpoints
@@ -57,6 +57,7 @@ from alignpipe.rewards.judges import (
     preference_matrices,
 )
 from alignpipe.rewards.loading import load_reward_scorer
+from alignpipe.seeds import EVAL_SEED
 from alignpipe.tasks import GoldJudge, gold_reward, sample_tasks, sft_demonstrations
 from alignpipe.trainers.common import (
     MetricsLogger,

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignpipe.data.synthetic import EVAL_SEED, evaluation_tasks, task_space
+from alignpipe.data.synthetic import evaluation_tasks, task_space
 from alignpipe.evaluation.best_of_n import fit_measured, fit_rl
 from alignpipe.evaluation.generation import GenerationSettings, generate, render_prompts
 from alignpipe.evaluation.metrics import kl_k1, mean_with_ci, sequence_kl_k3
@@ -65,6 +65,7 @@ from alignpipe.pipeline import distributed
 from alignpipe.pipeline.rundir import publish_directory
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.rewards.plugin import RewardSource, make_reward_source
+from alignpipe.seeds import EVAL_SEED
 from alignpipe.tasks import gold_reward, sample_tasks
 from alignpipe.trainers.actor_critic import ActorCritic, RolloutTensors, response_logprobs
 from alignpipe.trainers.common import append_metrics, load_policy, lora_config

@@ -1,0 +1,9 @@
+"""Seeds that several modules must agree on, in one place none of them depends on.
+
+Why a module of its own: the recipe schema (no heavy imports) and the trainers both need the evaluation's seed, and a
+twin constant in each drifts apart silently; a changed value here moves every evaluation together.
+"""
+
+# The eval stage's default sampling seed. The training stages' own evaluations (PPO, the online rounds, GRPO/RLOO) draw
+# the held-out prompts with it, so their curves are on the leaderboard's prompts; `alignpipe eval` samples with it.
+EVAL_SEED = 1234

@@ -16,7 +16,7 @@ from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import load_recipe
 from alignpipe.rewards.judges import GoldPairwiseJudge
 from alignpipe.tasks import gold_reward
-from alignpipe.trainers.iterative import gold_agreement, judge_samples
+from alignpipe.trainers.round_methods import gold_agreement, judge_samples
 
 ROUND_STAGE = {"inputs": ["sft"], "judge": "gold", "rounds": 2, "prompts_per_round": 16, "samples_per_prompt": 4,
                "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48, "logging_steps": 2,
@@ -64,7 +64,7 @@ def test_anchored_strengths_clip_the_strength_not_the_anchor_scores():
     """§4b step 5: p = σ(logit s_i − logit s_j), clipped to [0.01, 0.99]. Scores a confident judge puts past 0.99 (or
     under 0.01) keep their order: clipped to 0.01 first, they were equal and their pairs dropped as ties."""
     from alignpipe.data.pairing import ScoredSet
-    from alignpipe.trainers.iterative import anchored_pairs
+    from alignpipe.trainers.round_methods import anchored_pairs
 
     sets = [ScoredSet("x", ("a", "b", "c", "d"), (0.9995, 0.995, 0.004, 0.0001))]
     pairs, _ = anchored_pairs(sets, "all_pairs", 0.0)
@@ -143,6 +143,7 @@ def test_references_load_in_the_policys_dtype(tmp_path, llama_path, monkeypatch)
 
     import alignpipe.models.loading as loading
     import alignpipe.trainers.iterative as iterative
+    import alignpipe.trainers.round_methods as round_methods
     from alignpipe.pipeline.stage import StageContext
 
     monkeypatch.setattr(loading, "bf16_supported", lambda: True)  # dtype auto = bf16, as on a capable GPU
@@ -165,8 +166,8 @@ def test_references_load_in_the_policys_dtype(tmp_path, llama_path, monkeypatch)
            "rejected": [{"role": "assistant", "content": "2"}]}
     with pytest.raises(Captured) as captured:
         iterative._train_round(context("osp"), Capture(), 1, None, None, [row], llama_path)
-    monkeypatch.setattr(iterative, "INPOTrainer", lambda **kwargs: kwargs["anchor_model"])
-    anchor = iterative.SelfPlayRule("inpo").trainer(context("inpo"))
+    monkeypatch.setattr(round_methods, "INPOTrainer", lambda **kwargs: kwargs["anchor_model"])
+    anchor = round_methods.SelfPlayRule("inpo").trainer(context("inpo"))
     assert captured.value.args[0].dtype == anchor.dtype == torch.float32
 
 
@@ -235,7 +236,7 @@ def test_round_seeds_are_hashed_per_round_and_purpose_and_stable_across_processe
     import subprocess
     import sys
 
-    from alignpipe.trainers.iterative import round_seed
+    from alignpipe.trainers.round_methods import round_seed
 
     batches = 1000  # 64,000 samples a round
     for seed in range(3):
@@ -258,26 +259,26 @@ def test_rounds_sample_and_initialise_their_adapters_from_their_own_seeds(tmp_pa
     matrix was the same: TRL seeds each trainer just before PEFT draws it); a rerun draws the same again."""
     import torch
 
-    import alignpipe.trainers.iterative as iterative
+    import alignpipe.trainers.round_methods as round_methods
 
     sampled, inits = [], []
-    generate = iterative.generate
+    generate = round_methods.generate
 
     def recording_generate(model, tokenizer, prompts, settings, **kwargs):
         sampled.append(settings.seed)
         return generate(model, tokenizer, prompts, settings, **kwargs)
 
-    class Recording(iterative.SoftPreferenceDPOTrainer):
+    class Recording(round_methods.SoftPreferenceDPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             inits.append({n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_A" in n})
 
-    monkeypatch.setattr(iterative, "generate", recording_generate)
-    monkeypatch.setattr(iterative, "SoftPreferenceDPOTrainer", Recording)
+    monkeypatch.setattr(round_methods, "generate", recording_generate)
+    monkeypatch.setattr(round_methods, "SoftPreferenceDPOTrainer", Recording)
     stage = {"name": "osp", "type": "osp", **ROUND_STAGE, "prompts_per_round": 8, "truncated_samples": "keep"}
     for attempt in ("first", "again"):
         Runner(load_recipe(write_recipe(tmp_path, _recipe(stage))), runs_dir=tmp_path / attempt, in_process=True).run()
     first, second, again, _ = inits
     assert first and not any(torch.equal(first[n], second[n]) for n in first)
     assert all(torch.equal(first[n], again[n]) for n in first)
-    assert sampled == [iterative.round_seed(0, r, "sampling") for r in (0, 1)] * 2
+    assert sampled == [round_methods.round_seed(0, r, "sampling") for r in (0, 1)] * 2

@@ -279,13 +279,13 @@ def test_online_references_are_the_k_bit_start_model_as_in_round_0(tmp_path, mon
     (the policy's own base, adapters off) is: osp's round 1 (``reference: initial``) scores a sequence exactly as
     round 0's reference did, and INPO's anchor π_ref gives h = 0 at its first step, where π_θ = π_t = π_ref (§10e).
     Loaded in full precision they differed by the quantization error (h = −0.016 at step 1)."""
-    import alignpipe.trainers.iterative as iterative
+    import alignpipe.trainers.round_methods as round_methods
     from alignpipe.evaluation.generation import Generation
     from alignpipe.pipeline.runner import Runner
 
     scored = []
 
-    class Scoring(iterative.SoftPreferenceDPOTrainer):
+    class Scoring(round_methods.SoftPreferenceDPOTrainer):
         def __init__(self, *args, model, ref_model, processing_class, **kwargs):
             from alignpipe.evaluation.generation import sequence_logprobs
 
@@ -295,7 +295,7 @@ def test_online_references_are_the_k_bit_start_model_as_in_round_0(tmp_path, mon
                                                                                      tuple(reply), False)])[0])
             super().__init__(*args, model=model, ref_model=ref_model, processing_class=processing_class, **kwargs)
 
-    monkeypatch.setattr(iterative, "SoftPreferenceDPOTrainer", Scoring)
+    monkeypatch.setattr(round_methods, "SoftPreferenceDPOTrainer", Scoring)
     online = {"inputs": ["sft"], "judge": "gold", "prompts_per_round": 8, "samples_per_prompt": 4,
               "learning_rate": 2e-3, "per_device_train_batch_size": 8, "max_length": 48, "max_new_tokens": 6,
               "eval_prompts": 8, "save_steps": 1000, "logging_steps": 1, "lora": LORA, "truncated_samples": "keep"}

@@ -35,7 +35,7 @@ from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import RecipeError, load_recipe
 from alignpipe.rewards.judges import GoldPairwiseJudge, preference_matrices
 from alignpipe.tasks.synthetic import preference_pairs
-from alignpipe.trainers.iterative import inpo_pairs
+from alignpipe.trainers.round_methods import inpo_pairs
 from alignpipe.trainers.selfplay_trainers import INPOTrainer, SPPOTrainer
 
 T = torch.tensor
@@ -117,7 +117,7 @@ class UnsteadyJudge:
 def test_sppo_and_dno_skip_a_prompt_whose_best_and_worst_are_the_same_text(k):
     """K copies of one sample got win rates apart and became a pair of one response with itself; the round now skips
     the prompt (counted as giving no pair), as OSP, SPIN and INPO do, and a prompt with two texts keeps its pair."""
-    from alignpipe.trainers.iterative import win_rate_pairs
+    from alignpipe.trainers.round_methods import win_rate_pairs
 
     matrix = [[0.5] * k for _ in range(k)]
     matrix[0][1], matrix[1][0] = 0.6, 0.4  # the judge's P(a ≻ a) for two copies
@@ -411,6 +411,7 @@ def test_inpo_records_the_judged_preference_of_its_pairs_not_win_rates(selfplay_
 def test_previous_iterate_is_the_reference_of_round_one(selfplay_run, monkeypatch):
     """Round 1 trains against round 0's checkpoint (π_t), not the stage's input."""
     import alignpipe.trainers.iterative as iterative
+    from alignpipe.trainers.round_methods import SelfPlayRule
 
     runner, _ = selfplay_run
     seen = []
@@ -423,10 +424,10 @@ def test_previous_iterate_is_the_reference_of_round_one(selfplay_run, monkeypatc
 
     ctx = load_context(runner.run_dir / "sppo", resume=False)
     rounds = runner.run_dir / "sppo" / "rounds"
-    iterative._run_round(ctx, iterative.SelfPlayRule("sppo"), 1, str(rounds / "round-0" / "checkpoint"),
+    iterative._run_round(ctx, SelfPlayRule("sppo"), 1, str(rounds / "round-0" / "checkpoint"),
                          str(rounds / "round-0" / "checkpoint"))
     assert seen == [None]  # policy == reference: TRL's own frozen copy of π_t
-    iterative._run_round(ctx, iterative.SelfPlayRule("sppo"), 1, str(rounds / "round-0" / "checkpoint"),
+    iterative._run_round(ctx, SelfPlayRule("sppo"), 1, str(rounds / "round-0" / "checkpoint"),
                          ctx.start_model)
     assert seen[-1] == ctx.start_model
 

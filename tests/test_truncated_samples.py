@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 
 import alignpipe.trainers.iterative as iterative
+import alignpipe.trainers.round_methods as round_methods
 from alignpipe.data.truncation import RoundSamples, cut_at_budget, no_pairs_advice, penalise_unfinished
 from alignpipe.evaluation.generation import Generation
 from alignpipe.recipe import RecipeError, load_recipe
@@ -50,11 +51,11 @@ def _round(tmp_path, monkeypatch, kind, truncated_samples, **extra):
         stage |= {"samples_per_prompt": K, "judge": "gold"}
     recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}))
     ctx = SimpleNamespace(recipe=recipe, stage=recipe.stage(kind), dir=SimpleNamespace(name=kind))
-    monkeypatch.setattr(iterative, "generate", _fake_generate(1 if kind == "spin" else K))
-    monkeypatch.setattr(iterative, "_make_judge", lambda ctx, model, tokenizer: LongerIsBetter())
-    rule = {"osp": iterative.PairingRule("anchor", hard_labels=False),
-            "online_dpo": iterative.PairingRule("best_worst", hard_labels=True),
-            "spin": iterative.SPINRule()}.get(kind) or iterative.SelfPlayRule(kind)
+    monkeypatch.setattr(round_methods, "generate", _fake_generate(1 if kind == "spin" else K))
+    monkeypatch.setattr(round_methods, "_make_judge", lambda ctx, model, tokenizer: LongerIsBetter())
+    rule = {"osp": round_methods.PairingRule("anchor", hard_labels=False),
+            "online_dpo": round_methods.PairingRule("best_worst", hard_labels=True),
+            "spin": round_methods.SPINRule()}.get(kind) or round_methods.SelfPlayRule(kind)
     return rule.round_data(ctx, 0, None, None)
 
 
@@ -122,7 +123,7 @@ def test_no_pairs_error_names_truncation_when_it_left_prompts_without_pairs(monk
              "prompts_short_of_samples": 8, "prompts_without_pair": 8}
     monkeypatch.setattr(iterative, "load_tokenizer", lambda path: None)
     monkeypatch.setattr(iterative, "load_policy", lambda ctx, path, on_device: None)
-    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: iterative.RoundData([], stats))
+    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: round_methods.RoundData([], stats))
     ctx = SimpleNamespace(stage=SimpleNamespace(max_new_tokens=12), dir=SimpleNamespace(name="osp"))
     with pytest.raises(RuntimeError, match=r"produced no training pairs .* 30 of 32 samples hit max_new_tokens=12 "
                                            r".*dropped \(truncated_samples: drop\).* 8 prompts .*raise max_new_tokens, "
@@ -149,7 +150,7 @@ def test_no_pairs_error_names_only_settings_the_stage_has(tmp_path, monkeypatch,
     recipe = load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]}))
     monkeypatch.setattr(iterative, "load_tokenizer", lambda path: None)
     monkeypatch.setattr(iterative, "load_policy", lambda ctx, path, on_device: None)
-    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: iterative.RoundData([], {}))
+    monkeypatch.setattr(iterative, "_round_data", lambda ctx, method, r, model, tok: round_methods.RoundData([], {}))
     ctx = SimpleNamespace(stage=recipe.stage(kind), dir=SimpleNamespace(name=kind))
     with pytest.raises(RuntimeError) as error:
         iterative._run_round(ctx, None, 0, "policy", "policy")

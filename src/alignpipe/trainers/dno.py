@@ -8,7 +8,8 @@ teacher (e.g. GPT-4) responses among the candidates (§9b); the candidates are t
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import SelfPlayRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import SelfPlayRule
 
 
 def run(ctx: StageContext) -> dict:

@@ -9,7 +9,8 @@ previous iterate. The loss constant η/2 and the mixing parametrisation are [M/I
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import SelfPlayRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import SelfPlayRule
 
 
 def run(ctx: StageContext) -> dict:

@@ -11,7 +11,8 @@ the labels differ) set ``pairing: anchor``, as ``recipes/osp-vs-dpo.yaml`` does.
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import PairingRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import PairingRule
 
 
 def run(ctx: StageContext) -> dict:

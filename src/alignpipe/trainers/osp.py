@@ -11,7 +11,8 @@ pairing and loss details are [I] in ALGORITHMS.md §4, not the authors' verified
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import PairingRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import PairingRule
 
 
 def run(ctx: StageContext) -> dict:

@@ -8,7 +8,8 @@ SPIN's reuse of the previous iteration's pairs in iterations 1-2 (§8b); each ro
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import SPINRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import SPINRule
 
 
 def run(ctx: StageContext) -> dict:

@@ -11,7 +11,8 @@ responses with their win rates ``P̂`` (row means, §7b) and regresses their log
 from __future__ import annotations
 
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.trainers.iterative import SelfPlayRule, run_rounds
+from alignpipe.trainers.iterative import run_rounds
+from alignpipe.trainers.round_methods import SelfPlayRule
 
 
 def run(ctx: StageContext) -> dict:

@@ -192,6 +192,19 @@ def test_collectives_and_dataloader_sharding_across_two_ranks(runs, tmp_path) ->
     for report in ranks:
         whole, resumed = report["resumed_ensemble"]["whole"], report["resumed_ensemble"]["resumed"]
         assert resumed["weights"] == whole["weights"] and resumed["logs"] == whole["logs"]
+    # The online rounds' sampling split over the ranks gives every rank one process's samples, in batch order.
+    import torch
+    from probe import sampled_across_ranks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank samples
+    try:
+        alone = sampled_across_ranks(str(runs["one"] / "sft" / "checkpoint"))
+    finally:
+        torch.set_num_threads(threads)
+    zero, one = (r["sampled_across_ranks"] for r in ranks)
+    assert alone["batches"] == [0, 1, 2] and zero["batches"] == [0, 2] and one["batches"] == [1]
+    assert len(alone["ids"]) == 10 and zero["ids"] == one["ids"] == alone["ids"]
     # UP-RLHF's running mean of the ensemble std is one number on every rank: the whole step's, as in one process.
     from probe import running_std_run
 

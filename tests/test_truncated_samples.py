@@ -26,7 +26,7 @@ def _truncated(n: int, j: int, k: int) -> bool:
 
 
 def _fake_generate(k: int):
-    def generate(model, tokenizer, prompts, settings, *, desc=""):
+    def generate(model, tokenizer, prompts, settings, *, desc="", across_ranks=False):
         out = []
         for i, prompt in enumerate(prompts):
             n, j = divmod(i, k)

@@ -99,6 +99,32 @@ def running_std_run(rank: int, world: int) -> dict:
     return {"rewards": rewards, "state": source.state_dict()["running_std"]}
 
 
+def sampled_across_ranks(model_dir: str) -> dict:
+    """The online rounds' sampling split over the ranks: 10 prompts in batches of 4 (batches 0 and 2 on rank 0,
+    batch 1 on rank 1), gathered on every rank. Returns each sample's token ids, and which batches this rank
+    sampled."""
+    from alignpipe.evaluation import generation
+    from alignpipe.models.loading import load_causal_lm, load_tokenizer
+    from alignpipe.tasks import TaskSpace, sample_tasks
+
+    prompts = [task.prompt for task in sample_tasks(10, 0, TaskSpace())]
+    settings = generation.GenerationSettings(max_new_tokens=8, batch_size=4, seed=11)
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    sampled_here = []
+    seed = torch.manual_seed
+
+    def recording_seed(value):
+        sampled_here.append(value - settings.seed)
+        return seed(value)
+
+    torch.manual_seed = recording_seed
+    try:
+        generations = generation.generate(model, tokenizer, prompts, settings, across_ranks=True)
+    finally:
+        torch.manual_seed = seed
+    return {"ids": [list(g.response_ids) for g in generations], "batches": sampled_here}
+
+
 def main(model_dir: str, out_dir: str) -> None:
     state = init_distributed()
     from alignpipe.losses.ppo import masked_moments, masked_whiten, whiten_from_moments
@@ -158,6 +184,7 @@ def main(model_dir: str, out_dir: str) -> None:
     report["small_ensemble"] = small_ensemble_run(model_dir)
     report["resumed_ensemble"] = resumed_ensemble_run(model_dir)
     report["running_std"] = running_std_run(rank, world)
+    report["sampled_across_ranks"] = sampled_across_ranks(model_dir)
 
     # the SFT dataloader gives each rank different examples
     from trl import SFTConfig, SFTTrainer

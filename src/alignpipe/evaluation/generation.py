@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.models.chat_templates import reply_end_ids
+from alignpipe.pipeline import distributed
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,14 @@ def decoding_with(model: PreTrainedModel, config: GenerationConfig) -> Iterator[
 @torch.no_grad()
 def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings,
-    *, desc: str = "generating",
+    *, desc: str = "generating", across_ranks: bool = False,
 ) -> list[Generation]:
     """Sample one response per prompt. Batch ``i`` is seeded with ``seed + i``, so results are reproducible.
+
+    ``across_ranks``: every data-parallel rank calls this with the same prompts, samples its share of the batches
+    (batch ``i`` on rank ``i`` mod the world size) and returns all of them, gathered. Because each batch keeps its
+    seed, the samples are one process's (bit for bit where the ranks' devices compute alike), in a world-size share
+    of the time. Without it a process samples every prompt it is given (PPO gives each rank its own rollouts).
 
     Each process samples on its own whole model (the loaders never partition one, see
     :func:`~alignpipe.models.whole_weights.zero3_partitioning_off`), so ``synced_gpus`` is off: transformers turns it
@@ -115,23 +121,32 @@ def generate(
     end_ids = end_token_ids(model, tokenizer)
     config = decoding_config(settings, tokenizer, end_ids)
     rendered = render_prompts(tokenizer, prompts)
-    out: list[Generation] = []
     starts = range(0, len(prompts), settings.batch_size)
-    for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
+    world, rank = (distributed.world_size(), distributed.rank()) if across_ranks else (1, 0)
+    batches: dict[int, list[Generation]] = {}
+    for batch_index in tqdm(range(rank, len(starts), world), desc=desc, leave=False):
+        start = starts[batch_index]
         batch = _encode(tokenizer, rendered[start:start + settings.batch_size], model.device)
         torch.manual_seed(settings.seed + batch_index)
         with decoding_with(model, config):
             sequences = model.generate(**batch, generation_config=config, synced_gpus=False)
         new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
-        for prompt, tokens in zip(prompts[start:start + settings.batch_size], new_tokens):
-            end = next((i for i, token in enumerate(tokens) if token in end_ids), None)
-            truncated = end is None
-            kept = tokens if truncated else tokens[: end + 1]
-            # the text leaves the end token out: an end id the model declares need not be flagged special, and
-            # decoding would keep its text in the reply
-            text = tokenizer.decode(kept if truncated else kept[:-1], skip_special_tokens=True).strip()
-            out.append(Generation(prompt, text, tuple(kept), truncated))
-    return out
+        batches[batch_index] = [_ended(tokenizer, prompt, tokens, end_ids) for prompt, tokens in
+                                zip(prompts[start:start + settings.batch_size], new_tokens)]
+    if across_ranks:
+        batches = {i: part for share in distributed.all_gather_objects(batches) for i, part in share.items()}
+    return [generation for i in sorted(batches) for generation in batches[i]]
+
+
+def _ended(tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: list[int], end_ids: list[int]) -> Generation:
+    """A sampled continuation cut after its first end token (kept in the ids), or whole and truncated."""
+    end = next((i for i, token in enumerate(tokens) if token in end_ids), None)
+    truncated = end is None
+    kept = tokens if truncated else tokens[: end + 1]
+    # the text leaves the end token out: an end id the model declares need not be flagged special, and decoding
+    # would keep its text in the reply
+    text = tokenizer.decode(kept if truncated else kept[:-1], skip_special_tokens=True).strip()
+    return Generation(prompt, text, tuple(kept), truncated)
 
 
 def sequence_logprobs(

@@ -1,4 +1,5 @@
-"""The few collective operations our own training loops (PPO, the reward ensemble) need across data-parallel ranks.
+"""The few collective operations our own training loops (PPO, the reward ensemble) and the online rounds' sampling
+need across data-parallel ranks.
 
 Why by hand: TRL trainers get data parallelism from accelerate's wrapped model and sampler; our loops call several
 methods of one model (policy, critic, reference, ensemble members), which DDP's forward hook does not cover. So they
@@ -84,6 +85,16 @@ def all_gather_stack(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(on_wire) for _ in range(world_size())]
     dist.all_gather(gathered, on_wire)
     return torch.stack(gathered).to(tensor.device)
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (any picklable object) in rank order, on every rank; ``[value]`` in one process. For
+    work split by rank whose result every rank needs whole (the online rounds' samples)."""
+    if not is_distributed():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -177,9 +177,10 @@ def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer
     """The round's generated and judged training rows, saved to ``rounds/round-<r>/pairs.json`` before training so a
     resumed round trains on exactly the same data without sampling and judging again.
 
-    Every process samples and judges the same seeded round, but all of them train on rank 0's rows: sampling on
-    different GPUs is not bitwise reproducible, and ranks with different pairs would run different numbers of steps
-    and wait for each other forever."""
+    The processes split the round's sampling (each its share of the seeded batches, gathered on every rank) and each
+    judges all of it, but all of them train on rank 0's rows: judging on different GPUs is not bitwise
+    reproducible, and ranks with different pairs would run different numbers of steps and wait for each other
+    forever."""
     saved = ctx.dir.root / "rounds" / f"round-{r}" / ROUND_DATA
     if ctx.resume and saved.exists():
         stored = json.loads(saved.read_text())

@@ -270,7 +270,7 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
         batch_size=64, seed=round_seed(ctx.recipe.seed, round_index, "sampling"),
     )
     generations = generate(model, tokenizer, [p for p in prompts for _ in range(k)], settings,
-                           desc=f"round {round_index}: sampling")
+                           desc=f"round {round_index}: sampling", across_ranks=True)
     return RoundSamples(prompts, [generations[i * k:(i + 1) * k] for i in range(len(prompts))],
                         stage.truncated_samples)
 

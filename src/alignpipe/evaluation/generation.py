@@ -109,8 +109,8 @@ def generate(
 
     ``across_ranks``: every data-parallel rank calls this with the same prompts, samples its share of the batches
     (batch ``i`` on rank ``i`` mod the world size) and returns all of them, gathered. Because each batch keeps its
-    seed, the samples are one process's (bit for bit where the ranks' devices compute alike), in a world-size share
-    of the time. Without it a process samples every prompt it is given (PPO gives each rank its own rollouts).
+    seed, the samples are one process's (bit for bit where the ranks' devices compute alike), and each rank samples
+    only its share. Without it a process samples every prompt it is given (PPO gives each rank its own rollouts).
 
     Each process samples on its own whole model (the loaders never partition one, see
     :func:`~alignpipe.models.whole_weights.zero3_partitioning_off`), so ``synced_gpus`` is off: transformers turns it

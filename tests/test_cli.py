@@ -131,7 +131,9 @@ def test_mistyped_paths_are_one_line_errors_before_any_work(llama_path, two_boar
 
 def test_ctrl_c_during_a_run_is_a_one_line_stop_with_exit_code_130(tiny_recipe_path, tmp_path, monkeypatch,
                                                                      capsys):
-    """Ctrl-C ends like SIGTERM: the runner marks the stage interrupted; the command says so (it was a traceback)."""
+    """Ctrl-C ends like SIGTERM: the runner marks the stage interrupted; the command says so (it was a traceback),
+    naming the stage, or saying that none was running (a stop during the preflight said a stage was stopped)."""
+    from alignpipe.pipeline import runner as runner_module
     from alignpipe.pipeline.runner import Runner
 
     def interrupted(self):
@@ -139,9 +141,19 @@ def test_ctrl_c_during_a_run_is_a_one_line_stop_with_exit_code_130(tiny_recipe_p
 
     monkeypatch.setattr(Runner, "run", interrupted)
     assert main(["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs")]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == ("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume "
-                   "to continue it)")
+    assert capsys.readouterr().err.strip() == ("stopped: interrupted (Ctrl-C) while no stage was running; the stages "
+                                               "already complete are kept")
+
+    def interrupted_in_sft(command, env, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.undo()
+    monkeypatch.setattr(runner_module, "run_watched", interrupted_in_sft)
+    assert main(["run", str(tiny_recipe_path), "--runs-dir", str(tmp_path / "runs")]) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        "stopped: interrupted (Ctrl-C); stage 'sft' was stopped and marked interrupted (add --resume to continue it)")
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
 
 
 def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from alignpipe.locations import suite_names
 from alignpipe.seeds import EVAL_SEED
 
 log = logging.getLogger("alignpipe")
@@ -31,7 +32,7 @@ command is printed before it runs. Without --gpus/--cpu: every visible GPU, or o
 Stages with global_batch_size get per-device batch and gradient accumulation from it and the world size.
 
 Each stage writes runs/<recipe name>/<stage>/ (config.yaml, manifest.json, metrics.jsonl, checkpoint/);
-the eval stage writes runs/<recipe name>/leaderboard.{json,md}. Completed stages with the same config and
+the eval stage writes runs/<recipe name>/leaderboard.{json,md,csv}. Completed stages with the same config and
 inputs are skipped.
 
 Several nodes (--nodes M): start the same command on every node, each with its own --node-rank, over one shared
@@ -83,7 +84,7 @@ examples:
   alignpipe eval runs/quickstart --suite synthetic --reference runs/quickstart/sft/checkpoint
 
 Without --suite: the built-in synthetic held-out prompts (gold judge), sized and seeded by the options above, with
-pinned sampling settings; writes leaderboard.{json,md} to --out (default ./eval-out/<run>, or ./eval-out).
+pinned sampling settings; writes leaderboard.{json,md,csv} to --out (default ./eval-out/<run>, or ./eval-out).
 With --suite: the suite file's prompts, sampling and judge, nothing else; --out defaults to ./eval-out/<suite>.
 A run directory gives its policy stages in the order they finished, after its tiny base model (a run on a hub or
 local model has none); the first of them is the reference unless --reference names one.
@@ -220,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "branch, tag or commit; NAME=PATH to label)")
     evaluate.add_argument("--reference", help="win-rate/KL reference (default: the first checkpoint; a run "
                           "directory's first is its tiny base model, else its first stage to finish)")
-    evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md}")
-    evaluate.add_argument("--suite", help="an eval/suites/<name>.yaml suite or a suite file (synthetic, alpaca-eval, "
-                          "hh-harmless); it pins prompts and sampling. Without it: the synthetic prompts with the "
-                          "options below")
+    evaluate.add_argument("--out", type=Path, help="directory for leaderboard.{json,md,csv}")
+    evaluate.add_argument("--suite", help=f"an eval/suites/<name>.yaml suite ({', '.join(suite_names())}) or a suite "
+                          "file; it pins prompts and sampling. Without it: the synthetic prompts with the options "
+                          "below")
     synthetic = evaluate.add_argument_group("synthetic prompts without --suite (a suite pins these: edit a copy of "
                                             "its file instead)")
     synthetic.add_argument("--n-prompts", type=_positive, help=f"held-out prompts (default: {SYNTHETIC_EVAL['n_prompts']})")
@@ -343,6 +344,18 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _stopped(how: str, runner) -> str:
+    """The run's last words after a signal: which stage it stopped, or that none was running (a stop during the
+    preflight, a model's conversion or between stages leaves every stage as it was)."""
+    if runner.stopped_stage is None:
+        return f"stopped: {how} while no stage was running; the stages already complete are kept"
+    if runner.follower:
+        return (f"stopped: {how}; this node's part of stage '{runner.stopped_stage}' was stopped, which stops the "
+                "stage on every node (start the run again on every node, with --resume to continue it)")
+    return (f"stopped: {how}; stage '{runner.stopped_stage}' was stopped and marked interrupted (add --resume to "
+            "continue it)")
+
+
 def _cmd_run(args) -> int:
     import torch
 
@@ -375,13 +388,11 @@ def _cmd_run(args) -> int:
             outcomes = runner.run()
     except Terminated as error:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone: the exit status still says it
-            print(f"stopped: terminated ({signal.Signals(error.signum).name}); the running stage was stopped and "
-                  "marked interrupted (add --resume to continue it)", file=sys.stderr)
+            print(_stopped(f"terminated ({signal.Signals(error.signum).name})", runner), file=sys.stderr)
         return 128 + error.signum
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):
-            print("stopped: interrupted (Ctrl-C); the running stage was stopped and marked interrupted (add --resume "
-                  "to continue it)", file=sys.stderr)
+            print(_stopped("interrupted (Ctrl-C)", runner), file=sys.stderr)
         return 128 + signal.SIGINT
     except (StageFailed, ControlError, RunInUse) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -455,7 +466,7 @@ def _cmd_eval(args) -> int:
             json_path, md_path = evaluate_suite(args.checkpoints, suite=args.suite, reference=args.reference,
                                                 judge=args.judge, out=args.out, cache_dir=args.cache_dir)
             print(md_path.read_text())
-            print(f"wrote {json_path} and {md_path}")
+            print(f"wrote {json_path}, {md_path} and {json_path.with_suffix('.csv')}")
             return 0
         json_path, md_path = evaluate_paths(args.checkpoints, reference=args.reference, out=args.out,
                                             cache_dir=args.cache_dir, **{**SYNTHETIC_EVAL, **given})
@@ -463,7 +474,7 @@ def _cmd_eval(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(md_path.read_text())
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {json_path.with_suffix('.csv')}")
     return 0
 
 

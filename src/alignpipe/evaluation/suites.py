@@ -64,6 +64,7 @@ from alignpipe.evaluation.leaderboard import LC_METRICS, CheckpointResult, build
 from alignpipe.evaluation.length_control import MIN_PROMPTS
 from alignpipe.evaluation.metrics import length_delta, length_stats, mean_with_ci, reward_delta, win_rate
 from alignpipe.io import why_unreadable
+from alignpipe.locations import REPO, SUITES_DIR
 from alignpipe.pipeline.rundir import package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
 from alignpipe.strict_yaml import parse_strict_yaml
@@ -74,8 +75,6 @@ __all__ = ["SUITES_DIR", "ImplicitRewardPairs", "PairSource", "PromptSet", "Suit
 
 log = logging.getLogger("alignpipe")
 
-REPO = Path(__file__).resolve().parents[3]
-SUITES_DIR = REPO / "eval" / "suites"
 
 
 class _Spec(BaseModel):

@@ -160,6 +160,9 @@ class Runner:
         self.topology = topology or default_topology()
         self.dry_run = dry_run
         self.follower = not self.topology.is_main_node
+        # the stage whose processes were running when the run stopped (None: it stopped between or before stages),
+        # for the command's last words after Ctrl-C or SIGTERM
+        self.stopped_stage: str | None = None
         self.control_timeout_s = check_control_timeout(control_timeout_s)
         check_in_process(in_process, self.topology)
         self.batch_plan = plan_batches(recipe, self.topology.world_size)
@@ -480,12 +483,14 @@ class Runner:
         if self.in_process:
             from alignpipe.pipeline.stage import execute
 
+            self.stopped_stage = directory.name  # until it returns
             try:
                 with _environment(self._stage_env()):  # as a stage process would start (no leftover rendezvous)
                     execute(directory.root, resume=resume)
             except Exception:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
+            self.stopped_stage = None
             return
         returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch,
                                  stage=directory.name)
@@ -501,13 +506,17 @@ class Runner:
         the run's hold on its directory, kept while its workers start and take their own (``run_lock``)."""
         log.info("$ %s", format_command(command))
         lock = self._lock
+        self.stopped_stage = stage or "?"  # until it returns: an exception leaves it named
         if lock is None:
-            return run_watched(command, env or self._stage_env(), watch=watch)
-        try:
-            return run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
-                               started=lambda pid: lock.note_stage(stage or "?", pid))
-        finally:
-            lock.note_stage(None)  # its process group has ended (run_watched stops it on any error)
+            returncode = run_watched(command, env or self._stage_env(), watch=watch)
+        else:
+            try:
+                returncode = run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
+                                         started=lambda pid: lock.note_stage(stage or "?", pid))
+            finally:
+                lock.note_stage(None)  # its process group has ended (run_watched stops it on any error)
+        self.stopped_stage = None
+        return returncode
 
     def _batch_split(self, stage) -> BatchSplit | None:
         """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its
@@ -680,7 +689,8 @@ class Runner:
                 self._fetch_pinned(stage, pins)
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
-                if code := self._spawn(command, watch=channel.watch(stage.name)):  # stopped if node 0 stops
+                # stopped if node 0 stops
+                if code := self._spawn(command, watch=channel.watch(stage.name), stage=stage.name):
                     log.warning("[%s] this node's part exited with %d; told node 0, waiting for its verdict",
                                 stage.name, code)
                     channel.report_part_failed(stage.name, code)

@@ -1,4 +1,4 @@
-"""The ``eval`` stage: the shared harness on the run's checkpoints, writing ``runs/<run>/leaderboard.{json,md}``.
+"""The ``eval`` stage: the shared harness on the run's checkpoints, writing ``runs/<run>/leaderboard.{json,md,csv}``.
 
     alignpipe run recipes/quickstart.yaml     # the last stage of the quickstart
 """
@@ -179,7 +179,8 @@ def run(ctx: StageContext) -> dict:
     )
     atomic_write_json(ctx.dir.root / "results.json", leaderboard)  # the stage's record: samples/ lies beside it
     json_path, md_path = write_leaderboard(seen_from(leaderboard, ctx.dir.name), ctx.run_dir)
-    log.info("[%s] leaderboard written to %s and %s", ctx.dir.name, json_path, md_path)
+    log.info("[%s] leaderboard written to %s, %s and %s", ctx.dir.name, json_path, md_path,
+             json_path.with_suffix(".csv"))
     try:  # the HTML report is a view of the run: it must never fail the stage
         from alignpipe.evaluation.report import write_report
 

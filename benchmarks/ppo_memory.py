@@ -9,10 +9,16 @@ Llama-style model created locally (no downloads):
   LoRA adapters on one base, reference = adapters off), sampling ``batch`` responses, old / reference log-probs and
   values, then one minibatch update (``alignpipe.trainers.ppo.minibatch_backward``, the PPO stage's own code) with AdamW.
 
-Printed: peak RSS of each process, the same minus the RSS after imports (what the model and the step add), and the
-PPO/SFT ratios of both. Run on demand::
+The workers run with a fixed glibc mmap threshold (``bench_common.MALLOC_ENV``, as ``reward_ensemble.py``'s): under
+glibc's dynamic threshold, freed activations stay cached in the heap, so the peak RSS held memory that was no longer
+live and the PPO/SFT ratio moved between 1.13x and 1.44x over six runs of the same code. Each pair of
+measurements is repeated ``--repeats`` times (default 3), alternating which arm runs first.
 
-    .venv/bin/python benchmarks/ppo_memory.py [--hidden 512 --layers 8 --batch 16 --new-tokens 32]
+Printed, for each arm: the median and [min-max] over the repeats of the peak RSS and of the same minus the RSS after
+imports (what the model and the step add); and of the PPO/SFT ratios of both (one ratio per repeat, from the pair
+measured together). Run on demand::
+
+    .venv/bin/python benchmarks/ppo_memory.py [--hidden 512 --layers 8 --batch 16 --new-tokens 32 --repeats 3]
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
+import statistics
+
+from bench_common import run_worker
 
 
 def _rss_mib() -> float:
@@ -88,33 +95,44 @@ def measure(mode: str, args) -> dict:
     return {"mode": mode, "baseline_mib": baseline, "peak_mib": _peak_mib()}
 
 
-def main() -> None:
+def _spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """``median [min-max]`` of ``values``, each formatted with ``fmt``; ``unit`` follows the median."""
+    return f"{statistics.median(values):{fmt}}{unit} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements of each arm, alternating which runs first (default 3)")
     parser.add_argument("--mode", choices=["sft", "ppo"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.mode:
         print(json.dumps(measure(args.mode, args)))
         return
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     forwarded = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
                  "--new-tokens", str(args.new_tokens)]
-    results = {}
-    for mode in ("sft", "ppo"):
-        done = subprocess.run([sys.executable, __file__, "--mode", mode, *forwarded], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"the {mode} measurement failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    sft, ppo = results["sft"], results["ppo"]
-    added = {m: r["peak_mib"] - r["baseline_mib"] for m, r in results.items()}
+    runs: dict[str, list[dict]] = {"sft": [], "ppo": []}
+    for repeat in range(args.repeats):
+        for mode in ("sft", "ppo") if repeat % 2 == 0 else ("ppo", "sft"):
+            runs[mode].append(run_worker(__file__, ["--mode", mode, *forwarded], mode))
+    peak = {m: [r["peak_mib"] for r in rs] for m, rs in runs.items()}
+    added = {m: [r["peak_mib"] - r["baseline_mib"] for r in rs] for m, rs in runs.items()}
+    peak_ratio = [p / s for p, s in zip(peak["ppo"], peak["sft"], strict=True)]
+    added_ratio = [p / s for p, s in zip(added["ppo"], added["sft"], strict=True)]
     print(f"model: hidden {args.hidden}, {args.layers} layers, LoRA r=16 all-linear; batch {args.batch}, "
-          f"{args.new_tokens} response tokens")
-    print(f"peak RSS   SFT step {sft['peak_mib']:8.1f} MiB   PPO iteration {ppo['peak_mib']:8.1f} MiB   "
-          f"ratio {ppo['peak_mib'] / sft['peak_mib']:.2f}x")
-    print(f"added RSS  SFT step {added['sft']:8.1f} MiB   PPO iteration {added['ppo']:8.1f} MiB   "
-          f"ratio {added['ppo'] / added['sft']:.2f}x   (peak minus the RSS after imports)")
+          f"{args.new_tokens} response tokens; {args.repeats} measurement(s) of each, alternating which runs first, "
+          "glibc mmap threshold fixed at 256 KiB")
+    print("each: median [min-max] over the repeats; RSS in MiB")
+    print(f"peak RSS   SFT step {_spread(peak['sft'], '.1f')}   PPO iteration {_spread(peak['ppo'], '.1f')}   "
+          f"ratio {_spread(peak_ratio, '.2f', 'x')}")
+    print(f"added RSS  SFT step {_spread(added['sft'], '.1f')}   PPO iteration {_spread(added['ppo'], '.1f')}   "
+          f"ratio {_spread(added_ratio, '.2f', 'x')}   (peak minus the RSS after imports)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 For each adapter placement (``top_layers=None``: every layer adapted, so K full forwards; ``top_layers=N`` (default
 1 and 2): a shared trunk below the top N layers, run once for all members) it builds a K-member ensemble and a
 single reward model (K=1, identical LoRA settings, same ``top_layers``) with ``RewardEnsemble.create`` and scores the
-SAME pre-tokenised batch with both, in the same process, interleaving their repeats so that a noisy shared CPU hits
-both alike. Tokenisation is excluded (it is the same work for both).
+SAME pre-tokenised batch with both, in the same process, interleaving their repeats (the order of the models rotates
+each round) so that a noisy shared CPU hits both alike. Tokenisation is excluded (it is the same work for both).
 
 Printed numbers:
 
@@ -19,11 +19,13 @@ Printed numbers:
 * GPU (``--device cuda``): ``torch.cuda.max_memory_allocated`` during scoring minus what was allocated just before
   (activations/workspace), and total = params + that peak.
 * CPU peak RSS (unless ``--no-rss``): each model is measured in a FRESH subprocess (the allocator keeps freed memory,
-  so a second measurement in one process would be hidden by the first). ``load`` = RSS after loading the model minus
-  RSS after imports; ``scoring`` = peak RSS during warm-up + repeats (Linux ``VmHWM``, reset after loading through
-  ``/proc/self/clear_refs``; ``resource.getrusage`` ru_maxrss where that is unavailable, which then also includes the
-  loading peak) minus RSS after loading; total = peak minus RSS after imports. The workers run with a fixed glibc
-  mmap threshold (``MALLOC_ENV``) so that freed activations leave RSS; still noisy at the MB level.
+  so a second measurement in one process would be hidden by the first). ``load`` = RSS after loading the model and
+  reading every parameter and buffer once minus RSS after imports: transformers memory-maps safetensors, so the
+  weights are only paged in when first read, and without that read they would count under scoring; ``scoring`` =
+  peak RSS during warm-up + repeats (Linux ``VmHWM``, reset after loading through ``/proc/self/clear_refs``;
+  ``resource.getrusage`` ru_maxrss where that is unavailable, which then also includes the loading peak) minus RSS
+  after loading (activations and workspace); total = peak minus RSS after imports. The workers run with a fixed
+  glibc mmap threshold (``bench_common.MALLOC_ENV``) so that freed activations leave RSS; still noisy at the MB level.
 
 Targets from the issue: time <= 2x and memory <= 1.15x of a single model.
 
@@ -41,20 +43,17 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import run_worker
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 HH_PATH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MB = 1024 * 1024
-# glibc: a FIXED mmap threshold (setting it turns off the dynamic one) makes every allocation over 256 KiB its own
-# mapping, returned to the OS when freed, so RSS follows the live tensors instead of what the heap keeps cached.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,6 +161,9 @@ def rss_worker(config: dict) -> dict:
     gc.collect()
     base = _rss_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = RewardEnsemble.create(spec)
+    with torch.no_grad():  # page in the memory-mapped weights now, so that they count under "load", not "scoring"
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.sum()
     gc.collect()
     loaded = _rss_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak()
@@ -176,11 +178,7 @@ def rss_worker(config: dict) -> dict:
 
 def measure_rss(args, spec, batch_path: Path) -> dict:
     config = {"spec": spec.to_dict(), "batch": str(batch_path), "threads": args.threads, "repeats": args.repeats}
-    out = subprocess.run([sys.executable, __file__, "--_rss-worker", json.dumps(config)], capture_output=True,
-                         text=True, check=False, env={**os.environ, **MALLOC_ENV})
-    if out.returncode != 0:
-        raise RuntimeError(f"RSS worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--_rss-worker", json.dumps(config)], f"peak-RSS (K={spec.members})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,7 +186,8 @@ def measure_rss(args, spec, batch_path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def time_interleaved(models: dict, batch: dict, repeats: int, device: str) -> dict[str, list[float]]:
-    """``models``: name -> callable(**batch). One warm-up each, then ``repeats`` rounds of one call per model."""
+    """``models``: name -> callable(**batch). One warm-up each, then ``repeats`` rounds of one call per model, the
+    order rotated by one each round so that no model always runs first."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -196,8 +195,11 @@ def time_interleaved(models: dict, batch: dict, repeats: int, device: str) -> di
         for model in models.values():  # warm-up; the first forward also probes the shared trunk
             model(**batch)
         _sync(device)
-        for _ in range(repeats):
-            for name, model in models.items():
+        names = list(models)
+        for round_ in range(repeats):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                model = models[name]
                 start = time.perf_counter()
                 model(**batch)
                 _sync(device)
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"batch    : {len(prompts)} sequences of {text_name}, max_length {args.max_length}")
         print(f"device   : {device}" + (f", {args.threads} torch thread(s)" if device == "cpu" else
                                          f" ({torch.cuda.get_device_name()})"))
-        print(f"repeats  : {args.repeats} timed forwards per model (median), interleaved, after 1 warm-up")
+        print(f"repeats  : {args.repeats} timed forwards per model (median), interleaved in rotating order, "
+              "after 1 warm-up")
 
         results = []
         batch_path = tmp_path / "batch.pt"
@@ -374,9 +377,10 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.no_rss:
         print()
         hwm = all(r["r1"]["hwm_reset"] and r["rk"]["hwm_reset"] for r in results)
-        print("CPU RSS (MB, fresh process per model; load = after load - after imports; scoring = peak during "
-              f"scoring - after load [{'VmHWM reset' if hwm else 'ru_maxrss, includes the loading peak'}]; "
-              "total = peak - after imports; glibc mmap threshold fixed at 256 KiB)")
+        peak_how = "VmHWM reset" if hwm else "ru_maxrss, includes the loading peak"
+        print("CPU RSS (MB, fresh process per model; load = after loading and reading every weight - after imports; "
+              f"scoring = peak during scoring - after load [{peak_how}]; total = peak - after imports; glibc mmap "
+              "threshold fixed at 256 KiB)")
         print(f"  {'':<22} {'load K=1':>9} {'load K=' + str(K):>9}  {'scor K=1':>9} {'scor K=' + str(K):>9}  "
               f"{'total K=1':>9} {'total K=' + str(K):>9} {'ratio':>7}")
         for r in results:

@@ -226,6 +226,16 @@ def test_self_bleu_golden_and_equal_to_alignpipe(load):
     one_word = load("self_bleu").compute(predictions=[["42", "17"], ["42", "42"]], resamples=R)
     assert one_word["distinct_2_within"] is None and one_word["distinct_2_within_n_too_short"] == 2
     assert one_word["self_bleu_4"] == 0.5  # a collapse (1) and two different words (0)
+    assert "samples_per_prompt_max" not in one_word  # two samples for every prompt, as in the library
+
+
+def test_self_bleu_passes_the_most_samples_of_a_prompt_through(load):
+    groups = [["a b", "a c", "b"], ["x y", "x y"]]
+    got = load("self_bleu").compute(predictions=groups, resamples=R)
+    extra = within_prompt_diversity(groups, resamples=R)["self_bleu_4"].extra
+    assert (got["samples_per_prompt"], got["samples_per_prompt_max"]) == (2, 3)
+    assert (extra["samples_per_prompt"], extra["samples_per_prompt_max"]) == (2, 3)
+    _assert_flat_json(got)
 
 
 # ----------------------------------------------------------------------------------------- calibration
@@ -287,7 +297,10 @@ def test_best_of_n_needs_integer_ns_within_every_prompt(load):
     bon = load("best_of_n")
     with pytest.raises(ValueError, match="needs ns"):
         bon.compute(proxy_scores=[[1.0, 2.0]], gold_scores=[[1.0, 2.0]])
-    with pytest.raises(ValueError, match="integers"):
-        bon.compute(proxy_scores=[[1.0, 2.0]], gold_scores=[[1.0, 2.0]], ns=[1.5])
+    for ns in ([2.0], [1.5], [True]):  # the library's own error, not the module's conversion: 2.0 is no int either
+        with pytest.raises(ValueError, match=r"prompt 0: best-of-n needs an int n"):
+            bon.compute(proxy_scores=[[1.0, 2.0]], gold_scores=[[1.0, 2.0]], ns=ns)
+        with pytest.raises(ValueError, match=r"prompt 0: best-of-n needs an int n"):
+            best_of_n_curve([[1.0, 2.0]], [[1.0, 2.0]], ns)
     with pytest.raises(ValueError, match="prompt 1"):
         bon.compute(proxy_scores=[[1.0, 2.0, 3.0], [1.0]], gold_scores=[[1.0, 2.0, 3.0], [1.0]], ns=[2])

@@ -25,7 +25,8 @@ _KWARGS_DESCRIPTION = """
 Args:
     proxy_scores (list of list of float): per prompt, the proxy-RM score of each sample.
     gold_scores (list of list of float): per prompt, the gold score of the same samples, in the same order.
-    ns (list of int): the n values of the curve; each must be <= every prompt's number of samples.
+    ns (list of int): the n values of the curve, passed to best_of_n_curve as given (it refuses a non-int n,
+        2.0 included); each must be <= every prompt's number of samples.
 Returns:
     curve_n{n} (float): mean gold score of best-of-n, for each n in ns.
     kl_bon_n{n} (float): analytic KL(best-of-n || base) = log n - (n - 1)/n, for each n in ns.
@@ -70,9 +71,6 @@ class BestOfN(evaluate.Metric):
     def _compute(self, proxy_scores, gold_scores, ns=None) -> dict:
         if ns is None:
             raise ValueError("best_of_n needs ns=[...], the n values of the curve")
-        if any(isinstance(n, bool) or int(n) != n for n in ns):
-            raise ValueError(f"ns must be integers, got {list(ns)!r}")
-        ns = [int(n) for n in ns]
         curve = best_of_n_curve(list(proxy_scores), list(gold_scores), ns)
         out: dict = {}
         for n, gold in zip(ns, curve, strict=True):

@@ -36,6 +36,7 @@ Returns:
     distinct_{1,2}_within_ci95_low / _high (float or None): their CIs.
     distinct_{1,2}_within_n_too_short (int): prompts left out for having no n-gram.
     samples_per_prompt (int): the fewest samples of a prompt; n (int): number of prompts.
+    samples_per_prompt_max (int): the most samples of a prompt, only when prompts have different numbers.
 """
 
 _CITATION = """\
@@ -68,6 +69,9 @@ class SelfBleu(evaluate.Metric):
             out[f"{name}_ci95_low"], out[f"{name}_ci95_high"] = (None, None) if metric is None else metric.ci95
             if name != "self_bleu_4":
                 out[f"{name}_n_too_short"] = len(predictions) if metric is None else metric.extra["n_too_short"]
-        out["samples_per_prompt"] = metrics["self_bleu_4"].extra["samples_per_prompt"]
+        extra = metrics["self_bleu_4"].extra
+        out["samples_per_prompt"] = extra["samples_per_prompt"]
+        if "samples_per_prompt_max" in extra:  # only when the prompts have different numbers of samples
+            out["samples_per_prompt_max"] = extra["samples_per_prompt_max"]
         out["n"] = metrics["self_bleu_4"].n
         return out

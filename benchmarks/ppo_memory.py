@@ -12,13 +12,13 @@ Llama-style model created locally (no downloads):
 The workers run with a fixed glibc mmap threshold (``bench_common.MALLOC_ENV``, as ``reward_ensemble.py``'s): under
 glibc's dynamic threshold, freed activations stay cached in the heap, so the peak RSS held memory that was no longer
 live and the PPO/SFT ratio moved between 1.13x and 1.44x over six runs of the same code. Each pair of
-measurements is repeated ``--repeats`` times (default 3), alternating which arm runs first.
+measurements is repeated ``--repeats`` times (default 4: each arm first as often), alternating which arm runs first.
 
 Printed, for each arm: the median and [min-max] over the repeats of the peak RSS and of the same minus the RSS after
 imports (what the model and the step add); and of the PPO/SFT ratios of both (one ratio per repeat, from the pair
 measured together). Run on demand::
 
-    .venv/bin/python benchmarks/ppo_memory.py [--hidden 512 --layers 8 --batch 16 --new-tokens 32 --repeats 3]
+    .venv/bin/python benchmarks/ppo_memory.py [--hidden 512 --layers 8 --batch 16 --new-tokens 32 --repeats 4]
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="measurements of each arm, alternating which runs first (default 3)")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="measurements of each arm, alternating which runs first (default 4)")
     parser.add_argument("--mode", choices=["sft", "ppo"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode:

@@ -156,6 +156,24 @@ def test_ctrl_c_during_a_run_is_a_one_line_stop_with_exit_code_130(tiny_recipe_p
     assert manifest["status"] == "interrupted"
 
 
+def test_only_a_stop_names_the_stage_it_stopped():
+    """A stage that failed is not named by a stop that comes after it (between stages, nothing runs)."""
+    from types import SimpleNamespace
+
+    from alignpipe.pipeline.runner import Runner
+
+    runner = SimpleNamespace(stopped_stage=None)
+    with pytest.raises(RuntimeError), Runner._stopping(runner, "sft"):
+        raise RuntimeError("the stage failed")
+    assert runner.stopped_stage is None
+    with pytest.raises(KeyboardInterrupt), Runner._stopping(runner, "dpo"):
+        raise KeyboardInterrupt
+    assert runner.stopped_stage == "dpo"
+    with Runner._stopping(runner, "osp"):
+        pass
+    assert runner.stopped_stage is None
+
+
 def test_unreadable_and_unwritable_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     """OSError and UnicodeDecodeError from the non-run commands: what went wrong and where, exit code 2. A run's own
     files that are not UTF-8 are listed in the report, as any damaged one, and do not stop it."""

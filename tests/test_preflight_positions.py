@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import TINY_RECIPE, write_recipe
+from conftest import TINY_RECIPE, ending_turns_with, write_recipe
 
 from alignpipe.data.synthetic import evaluation_tasks
 from alignpipe.evaluation.generation import render_prompts
@@ -127,6 +127,20 @@ def test_a_kept_truncated_reply_counts_its_end_of_turn_token(tmp_path):
         preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep"}))
     # a max_length within the positions cuts the row before its end of turn: nothing trains past them
     preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep", "max_length": 48}))
+
+
+def test_a_template_that_refuses_an_assistant_turn_is_refused_where_a_kept_reply_trains(tokenizer):
+    """Such a stage trains its samples as conversations, and would fail on the template after every stage before it
+    had trained (it returned no end-of-turn tokens and let the run start)."""
+    from alignpipe.pipeline.preflight import _reply_end_tokens
+
+    refusing = ending_turns_with(tokenizer, "<|end|>")
+    refusing.chat_template = ("{%- for m in messages -%}{%- if m['role'] == 'assistant' -%}"
+                              "{{ raise_exception('no assistant turns') }}{%- endif -%}{{ m['content'] }}"
+                              "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+    with pytest.raises(ValueError, match="the model's chat template raises on an assistant turn"):
+        _reply_end_tokens(refusing)
+    assert _reply_end_tokens(tokenizer) == 1  # the tiny template's <|end|>
 
 
 def test_a_self_judge_whose_prompts_run_past_the_positions_is_warned_of(tmp_path, caplog):

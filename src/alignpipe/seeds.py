@@ -1,7 +1,7 @@
 """Seeds that several modules must agree on, in one place none of them depends on.
 
 Why a module of its own: the recipe schema (no heavy imports) and the trainers both need the evaluation's seed, and a
-twin constant in each drifts apart silently; a changed value here moves every evaluation together.
+twin constant in each drifts apart silently. Suite files (``eval/suites/*.yaml``) write their own seeds.
 """
 
 # The eval stage's default sampling seed. The training stages' own evaluations (PPO, the online rounds, GRPO/RLOO) draw

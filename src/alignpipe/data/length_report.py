@@ -119,14 +119,16 @@ def _ends_at_last_end(ids: Sequence[int], start: int, end_ids: Collection[int]) 
 
 
 def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], chat_template: str | None = None,
-               ) -> ReplySpan:
+               end_ids: Collection[int] | None = None) -> ReplySpan:
     """Tokenize ``messages`` as TRL's SFTTrainer does (``apply_chat_template`` with the template it trains with:
     ``chat_template``, or the tokenizer's own when None) and locate the reply.
 
     With ``{% generation %}`` markers the reply is the assistant mask TRL trains on, from the first assistant token to
     the last (the end-of-turn token; several assistant turns count as one reply). Without them, it starts where the
     conversation departs from its prompt rendered with the generation prompt (as TRL finds a completion) and ends at
-    its last end token (the EOS or the template's end of turn; or the sequence's end)."""
+    its last end token (the EOS or the template's end of turn; or the sequence's end). ``end_ids``: those tokens
+    (:func:`~alignpipe.models.chat_templates.reply_end_ids` of the tokenizer and template), when the caller measures
+    many rows."""
     template = chat_template or tokenizer.chat_template
     if has_generation_markers(template):
         rendered = tokenizer.apply_chat_template(list(messages), chat_template=chat_template, tokenize=True,
@@ -140,7 +142,9 @@ def reply_span(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], cha
                                             return_dict=True)["input_ids"]
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), chat_template=chat_template, tokenize=True,
                                            return_dict=True, add_generation_prompt=True)["input_ids"]
-    return _ends_at_last_end(ids, common_prefix_length(prompt, ids), reply_end_ids(tokenizer))
+    if end_ids is None:
+        end_ids = reply_end_ids(tokenizer, chat_template)
+    return _ends_at_last_end(ids, common_prefix_length(prompt, ids), end_ids)
 
 
 def sft_training_template(tokenizer: PreTrainedTokenizerBase, *, assistant_only_loss: bool) -> str | None:
@@ -153,17 +157,18 @@ def sft_training_template(tokenizer: PreTrainedTokenizerBase, *, assistant_only_
     return None
 
 
-def pair_spans(tokenizer: PreTrainedTokenizerBase, pair: dict) -> tuple[ReplySpan, ReplySpan]:
+def pair_spans(tokenizer: PreTrainedTokenizerBase, pair: dict, end_ids: Collection[int] | None = None,
+               ) -> tuple[ReplySpan, ReplySpan]:
     """Tokenize a ``prompt``/``chosen``/``rejected`` row as TRL 1.16's DPOTrainer does and locate both replies.
 
     Conversational rows: the prompt with the generation prompt, and prompt + reply, each through the tokenizer's chat
     template (with the row's ``tools`` and ``chat_template_kwargs``, if any); standard (string) rows: plain
     tokenization, with the EOS token appended to replies that lack it. The replies start where the tokenized prompt
     departs from either prompt + reply (TRL's shared prompt length) and end at their last end token (the EOS or the
-    template's end of turn; or the sequence's end)."""
+    template's end of turn; or the sequence's end). ``end_ids`` as for :func:`reply_span`."""
     prompt, chosen, rejected = (_chat_pair_ids if is_conversational(pair) else _text_pair_ids)(tokenizer, pair)
     start = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-    ends = reply_end_ids(tokenizer)
+    ends = reply_end_ids(tokenizer) if end_ids is None else end_ids
     return _ends_at_last_end(chosen, start, ends), _ends_at_last_end(rejected, start, ends)
 
 
@@ -237,7 +242,8 @@ def sft_reply_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, cha
                     seed: int = 0, sample_size: int = SAMPLE_SIZE, source: str = "dataset") -> MeasuredRows:
     """:func:`reply_span` of every ``messages`` row, or of a seeded sample of ``sample_size`` rows of a larger
     dataset. A row the chat template refuses raises a DataError naming ``source`` and the row."""
-    return _measure_rows(dataset, lambda row: reply_span(tokenizer, row["messages"], chat_template), seed,
+    ends = reply_end_ids(tokenizer, chat_template)  # once: two template renders per call
+    return _measure_rows(dataset, lambda row: reply_span(tokenizer, row["messages"], chat_template, ends), seed,
                          sample_size, source)
 
 
@@ -245,7 +251,8 @@ def dpo_pair_spans(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, seed
                    sample_size: int = SAMPLE_SIZE, source: str = "dataset") -> MeasuredRows:
     """:func:`pair_spans` of every preference row, or of a seeded sample of ``sample_size`` rows of a larger
     dataset. A row the chat template refuses raises a DataError naming ``source`` and the row."""
-    return _measure_rows(dataset, lambda pair: pair_spans(tokenizer, pair), seed, sample_size, source)
+    ends = reply_end_ids(tokenizer)  # once: two template renders per call
+    return _measure_rows(dataset, lambda pair: pair_spans(tokenizer, pair, ends), seed, sample_size, source)
 
 
 def rows_without_reply(measured: MeasuredRows, max_length: int) -> list[int]:

@@ -70,22 +70,22 @@ def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str) 
     return tokenizer
 
 
-def reply_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def reply_end_ids(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> list[int]:
     """The ids that end an assistant reply as far as the tokenizer knows: its EOS, and the first token its chat
-    template writes after a reply when that is a special token (:func:`template_turn_end`). What the samplers stop at
-    (with the model's declared end ids, :func:`alignpipe.evaluation.generation.end_token_ids`) and where the length
-    reports find a reply's end."""
+    template (``chat_template``, else its own) writes after a reply when that is a special token
+    (:func:`template_turn_end`). What the samplers stop at (with the model's declared end ids,
+    :func:`alignpipe.evaluation.generation.end_token_ids`) and where the length reports find a reply's end."""
     ends = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    turn_end = template_turn_end(tokenizer)
+    turn_end = template_turn_end(tokenizer, chat_template)
     return list(dict.fromkeys([*ends, *([] if turn_end is None else [turn_end])]))
 
 
-def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
+def template_turn_end(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> int | None:
     """The first token the chat template writes after an assistant reply, when it is a special token (ChatML's
     ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the template writes nothing after the reply or plain text
     (a newline must not end a reply), or renders no assistant turn."""
     reply = "Yes"
-    rendered = rendered_turn(tokenizer, reply)
+    rendered = rendered_turn(tokenizer, reply, chat_template)
     if rendered is None:
         return None
     prompt, turn = rendered
@@ -96,14 +96,18 @@ def template_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if ids and _is_special(tokenizer, ids[0]) else None
 
 
-def rendered_turn(tokenizer: PreTrainedTokenizerBase, reply: str) -> tuple[str, str] | None:
+def rendered_turn(tokenizer: PreTrainedTokenizerBase, reply: str, chat_template: str | None = None,
+                  ) -> tuple[str, str] | None:
     """A one-message user prompt rendered for the assistant's reply, and the same conversation with ``reply`` as the
-    assistant's turn; None when the template refuses an assistant turn. How the template frames a reply is read
-    from the difference (its end of turn here, its token count in preflight's position check)."""
+    assistant's turn, through ``chat_template`` (else the tokenizer's own); None when the template refuses an
+    assistant turn. How the template frames a reply is read from the difference (its end of turn here, its token
+    count in preflight's position check)."""
     user = [{"role": "user", "content": "x"}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(user, chat_template=chat_template, tokenize=False,
+                                           add_generation_prompt=True)
     try:
-        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": reply}], tokenize=False)
+        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": reply}],
+                                             chat_template=chat_template, tokenize=False)
     except TemplateError:  # a template that raises on an assistant turn: the other end ids still hold
         return None
     return prompt, turn

@@ -490,13 +490,16 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
 
 
 def _reply_end_tokens(tokenizer) -> int:
-    """The tokens the chat template ends an assistant turn with (after an empty reply; none when the template
-    refuses an assistant turn: the stage cannot train such a row, and says so itself)."""
+    """The tokens the chat template ends an assistant turn with (after an empty reply). A template that refuses an
+    assistant turn is refused here: the stage would train its rows as conversations, and fail on that template only
+    after every stage before it had trained."""
     from alignpipe.models.chat_templates import rendered_turn
 
     rendered = rendered_turn(tokenizer, "")
     if rendered is None:
-        return 0
+        raise ValueError("the model's chat template raises on an assistant turn, so this stage cannot train its samples "
+                         "as conversations: give the model a template that renders one (model.chat_template: chatml, where its "
+                         "vocabulary has ChatML's tokens)")
     prompt, turn = rendered
     return max(_token_count(tokenizer, turn) - _token_count(tokenizer, prompt), 0)
 

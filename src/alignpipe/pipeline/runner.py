@@ -173,6 +173,7 @@ class Runner:
     # -- public ------------------------------------------------------------------------------------------------------
 
     def run(self) -> list[StageOutcome]:
+        self.stopped_stage = None
         log.info("launching on %s", self.topology.describe())
         for name, split in self.batch_plan.items():
             log.info("[%s] %s", name, split)
@@ -460,13 +461,14 @@ class Runner:
         })
         log.info("[%s] running (%s)", stage.name, reason)
         started = time.time()
-        try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
-            channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
-            self._launch(stage.type, directory, resume,
-                         watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
-        except (KeyboardInterrupt, ControlError):
-            directory.update_manifest(status="interrupted", end_time=utc_now())
-            raise
+        with self._stopping(stage.name):
+            try:  # a stage over several nodes stops once a follower has: it would wait for it in the rendezvous
+                channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
+                self._launch(stage.type, directory, resume,
+                             watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
+            except (KeyboardInterrupt, ControlError):
+                directory.update_manifest(status="interrupted", end_time=utc_now())
+                raise
         manifest = directory.read_manifest() or {}
         if manifest.get("status") != "complete":
             raise StageFailed(
@@ -478,19 +480,31 @@ class Runner:
         channel.publish_outcome(stage.name, manifest.get("output_sha256"))
         return StageOutcome(stage.name, "resumed" if resume else "ran", time.time() - started, reason)
 
+    @contextmanager
+    def _stopping(self, stage: str) -> Iterator[None]:
+        """While inside, a stop (Ctrl-C, SIGTERM, a follower gone) stops ``stage``: :attr:`stopped_stage` names it
+        when one ends the block, and is cleared when the block ends otherwise (a failure is not a stop)."""
+        self.stopped_stage = stage
+        try:
+            yield
+        except (KeyboardInterrupt, ControlError):
+            raise
+        except BaseException:
+            self.stopped_stage = None
+            raise
+        self.stopped_stage = None
+
     def _launch(self, stage_type: str, directory: StageDir, resume: bool, *,
                 watch: Callable[[], None] | None = None) -> None:
         if self.in_process:
             from alignpipe.pipeline.stage import execute
 
-            self.stopped_stage = directory.name  # until it returns
             try:
                 with _environment(self._stage_env()):  # as a stage process would start (no leftover rendezvous)
                     execute(directory.root, resume=resume)
             except Exception:
                 directory.update_manifest(status="failed", end_time=utc_now())
                 raise
-            self.stopped_stage = None
             return
         returncode = self._spawn(self.stage_command(stage_type, directory.root, resume), self._stage_env(), watch=watch,
                                  stage=directory.name)
@@ -506,17 +520,13 @@ class Runner:
         the run's hold on its directory, kept while its workers start and take their own (``run_lock``)."""
         log.info("$ %s", format_command(command))
         lock = self._lock
-        self.stopped_stage = stage or "?"  # until it returns: an exception leaves it named
         if lock is None:
-            returncode = run_watched(command, env or self._stage_env(), watch=watch)
-        else:
-            try:
-                returncode = run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
-                                         started=lambda pid: lock.note_stage(stage or "?", pid))
-            finally:
-                lock.note_stage(None)  # its process group has ended (run_watched stops it on any error)
-        self.stopped_stage = None
-        return returncode
+            return run_watched(command, env or self._stage_env(), watch=watch)
+        try:
+            return run_watched(command, env or self._stage_env(), watch=watch, pass_fds=lock.pass_fds,
+                               started=lambda pid: lock.note_stage(stage or "?", pid))
+        finally:
+            lock.note_stage(None)  # its process group has ended (run_watched stops it on any error)
 
     def _batch_split(self, stage) -> BatchSplit | None:
         """The batch split ``stage`` trains with on this launch, recorded in its manifest so that a resume keeps its
@@ -689,13 +699,15 @@ class Runner:
                 self._fetch_pinned(stage, pins)
                 command = self.stage_command(stage.type, self.run_dir / stage.name, resume,
                                              base=base[0] if base is not None else None)
-                # stopped if node 0 stops
-                if code := self._spawn(command, watch=channel.watch(stage.name), stage=stage.name):
-                    log.warning("[%s] this node's part exited with %d; told node 0, waiting for its verdict",
-                                stage.name, code)
-                    channel.report_part_failed(stage.name, code)
+                # this node leaving stops the stage on every node, until node 0's verdict on it
+                with self._stopping(stage.name):
+                    # stopped if node 0 stops
+                    if code := self._spawn(command, watch=channel.watch(stage.name), stage=stage.name):
+                        log.warning("[%s] this node's part exited with %d; told node 0, waiting for its verdict",
+                                    stage.name, code)
+                        channel.report_part_failed(stage.name, code)
+                    channel.outcome(stage.name)
                 action = "resumed" if resume else "ran"
-                channel.outcome(stage.name)
                 _record_loaded(stage, pins)
             log.info("[%s] %s on node 0's decision (%s)", stage.name, action, decision["reason"])
             outcomes.append(StageOutcome(stage.name, action, time.time() - started, decision["reason"]))

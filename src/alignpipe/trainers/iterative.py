@@ -182,7 +182,8 @@ def _round_data(ctx: StageContext, method: RoundMethod, r: int, model, tokenizer
     reproducible, and ranks with different pairs would run different numbers of steps and wait for each other
     forever."""
     saved = ctx.dir.root / "rounds" / f"round-{r}" / ROUND_DATA
-    if ctx.resume and saved.exists():
+    # one answer for every rank: ranks that disagreed would split between sampling (a collective) and reading the file
+    if distributed.from_main(ctx.resume and saved.exists()):
         stored = json.loads(saved.read_text())
         log.info("[%s] round %d: reusing its %d generated pairs", ctx.dir.name, r, len(stored["rows"]))
         return RoundData(rows=stored["rows"], stats=stored["stats"])

@@ -497,9 +497,9 @@ def _reply_end_tokens(tokenizer) -> int:
 
     rendered = rendered_turn(tokenizer, "")
     if rendered is None:
-        raise ValueError("the model's chat template raises on an assistant turn, so this stage cannot train its samples "
-                         "as conversations: give the model a template that renders one (model.chat_template: chatml, where its "
-                         "vocabulary has ChatML's tokens)")
+        raise ValueError("the model's chat template raises on an assistant turn, so this stage cannot train its "
+                         "samples as conversations: give the model a template that renders one "
+                         "(model.chat_template: chatml, where its vocabulary has ChatML's tokens)")
     prompt, turn = rendered
     return max(_token_count(tokenizer, turn) - _token_count(tokenizer, prompt), 0)
 

@@ -128,7 +128,7 @@ def test_a_hangup_stops_the_run_and_its_records_say_interrupted(tiny_recipe_path
     try:
         runner.send_signal(signal.SIGHUP)
         assert runner.wait(timeout=60) == 128 + signal.SIGHUP
-        assert "stopped: terminated (SIGHUP); the running stage was stopped" in runner.stderr.read()
+        assert "stopped: terminated (SIGHUP); stage 'sft' was stopped and marked interrupted" in runner.stderr.read()
         assert not _alive(stage)
         run = json.loads((runs / "tiny" / "run.json").read_text())
         assert (run["status"], run["stopped_at"]) == ("interrupted", "sft")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-ACCELERATE_DIR = Path(__file__).resolve().parents[3] / "recipes" / "accelerate"
+from alignpipe.locations import ACCELERATE_DIR
+
 DeepSpeedStage = Literal["zero2", "zero3"]
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
+from alignpipe.locations import PIPELINES_DIR
 from alignpipe.pipeline.batching import BatchSplit, effective_batch, stage_batch_split, too_few_prompts
 from alignpipe.pipeline.control import (
     CONTROL_TIMEOUT_S,
@@ -89,7 +90,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("alignpipe")
 
-PIPELINES_DIR = Path(__file__).resolve().parents[3] / "pipelines"
 BASE = "base"
 # Settings that decide when a stage logs and saves a resumable checkpoint, never what it trains: left out of its
 # config hash, so changing them does not re-run a complete stage. Its output is the same bit for bit whatever they

@@ -30,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignpipe.io import cache_root as project_cache_root  # convert_gguf_package's argument is named cache_root
+from alignpipe.processes import process_exists
 
 log = logging.getLogger("alignpipe")
 
@@ -188,7 +189,9 @@ def _remove_abandoned(root: Path) -> None:
     host = socket.gethostname()
     for folder in root.iterdir():
         match = TEMPORARY.fullmatch(folder.name)
-        if match is None or not folder.is_dir() or match["host"] not in (None, host) or _alive(int(match["pid"])):
+        if match is None or not folder.is_dir() or match["host"] not in (None, host):
+            continue
+        if process_exists(int(match["pid"])):
             continue
         if time.time() - _newest_change(folder) < ABANDONED_AFTER_S:
             continue
@@ -204,17 +207,6 @@ def _newest_change(folder: Path) -> float:
         return 0.0
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (one of another user counts: it cannot be signalled, but runs)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, OverflowError):
-        return False  # no such process id at all
-    return True
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from alignpipe.pipeline.rundir import utc_now
+from alignpipe.processes import process_exists
 
 log = logging.getLogger("alignpipe")
 
@@ -152,7 +153,7 @@ def _in_use_message(run_dir: Path, path: Path) -> str:
         holder = {}
     fix = ("Two runs writing into one directory would overwrite each other's stages: wait for that run to end or "
            "stop it, or give this one another --runs-dir (or another recipe name).")
-    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+    if holder.get("host") == socket.gethostname() and not process_exists(holder.get("pid")):
         return (f"run directory {run_dir} is in use by a stage process of a run whose runner (process "
                 f"{holder['pid']}, since {holder.get('since')}) has ended without stopping it: find it with "
                 f"`fuser -v {path}` and stop it (`kill -TERM -- -PGID` stops a stage's launcher and workers "
@@ -174,14 +175,3 @@ def _last_stage(holder: dict) -> str:
     return f"; its last stage, '{holder.get('stage')}', ran as process group {holder['stage_pid']}"
 
 
-def _alive(pid) -> bool:
-    """Whether process ``pid`` exists on this machine (one owned by another user counts)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

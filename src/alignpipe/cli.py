@@ -438,6 +438,7 @@ def _print_summary(runner, outcomes) -> None:
 
 @_file_errors_in_one_line
 def _cmd_eval(args) -> int:
+    from alignpipe.evaluation.leaderboard import LEADERBOARD_FILES
     from alignpipe.evaluation.standalone import evaluate_paths, evaluate_suite
 
     given = {key: value for key in SYNTHETIC_EVAL if (value := getattr(args, key)) is not None}
@@ -466,7 +467,7 @@ def _cmd_eval(args) -> int:
             json_path, md_path = evaluate_suite(args.checkpoints, suite=args.suite, reference=args.reference,
                                                 judge=args.judge, out=args.out, cache_dir=args.cache_dir)
             print(md_path.read_text())
-            print(f"wrote {json_path}, {md_path} and {json_path.with_suffix('.csv')}")
+            print(f"wrote {', '.join(LEADERBOARD_FILES)} to {json_path.parent}")
             return 0
         json_path, md_path = evaluate_paths(args.checkpoints, reference=args.reference, out=args.out,
                                             cache_dir=args.cache_dir, **{**SYNTHETIC_EVAL, **given})
@@ -474,7 +475,7 @@ def _cmd_eval(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(md_path.read_text())
-    print(f"wrote {json_path}, {md_path} and {json_path.with_suffix('.csv')}")
+    print(f"wrote {', '.join(LEADERBOARD_FILES)} to {json_path.parent}")
     return 0
 
 

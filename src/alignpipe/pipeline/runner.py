@@ -110,6 +110,8 @@ CALLABLE = "reward.callable"  # input_hashes key of the source file of a stage's
 # added after runs were first recorded: see _recorded_before_content_keys
 CONTENT_KEYS = (DATASET, BACKBONE, MODEL, CALLABLE)
 UNBUILT = "<made by an earlier stage of this run>"  # a dry run's stand-in for the hash of an output not made yet
+# what stops a stage rather than failing it: Ctrl-C or SIGTERM here, a node gone or stopped elsewhere
+STOPS = (KeyboardInterrupt, ControlError)
 FOLLOWER_DECIDES = "decided by node 0 at run time (this node's --force/--resume are ignored); unless skipped, runs"
 
 
@@ -239,7 +241,7 @@ class Runner:
                 outcomes.append(outcome)
                 log.info("[%s] %s in %.1fs (%s)", stage.name, outcome.action, outcome.seconds, outcome.reason)
         except BaseException as error:
-            ending = "interrupted" if isinstance(error, (KeyboardInterrupt, ControlError)) else "failed"
+            ending = "interrupted" if isinstance(error, STOPS) else "failed"
             self._end_run_record(record, ending, stopped_at=at)
             raise
         if note := unowned_leaderboard_note(self.run_dir, self._leaderboard_stage):
@@ -466,7 +468,7 @@ class Runner:
                 channel.publish_decision(stage.name, decision.action, reason)  # once its config is written
                 self._launch(stage.type, directory, resume,
                              watch=None if stage.type in SINGLE_PROCESS_STAGES else channel.check_followers)
-            except (KeyboardInterrupt, ControlError):
+            except STOPS:
                 directory.update_manifest(status="interrupted", end_time=utc_now())
                 raise
         manifest = directory.read_manifest() or {}
@@ -487,7 +489,7 @@ class Runner:
         self.stopped_stage = stage
         try:
             yield
-        except (KeyboardInterrupt, ControlError):
+        except STOPS:
             raise
         except BaseException:
             self.stopped_stage = None

@@ -178,9 +178,8 @@ def run(ctx: StageContext) -> dict:
         reward_models=[_reward_row(ctx, name) for name in reward_names],
     )
     atomic_write_json(ctx.dir.root / "results.json", leaderboard)  # the stage's record: samples/ lies beside it
-    json_path, md_path = write_leaderboard(seen_from(leaderboard, ctx.dir.name), ctx.run_dir)
-    log.info("[%s] leaderboard written to %s, %s and %s", ctx.dir.name, json_path, md_path,
-             json_path.with_suffix(".csv"))
+    write_leaderboard(seen_from(leaderboard, ctx.dir.name), ctx.run_dir)
+    log.info("[%s] %s written to %s", ctx.dir.name, ", ".join(LEADERBOARD_FILES), ctx.run_dir)
     try:  # the HTML report is a view of the run: it must never fail the stage
         from alignpipe.evaluation.report import write_report
 

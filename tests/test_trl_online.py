@@ -375,6 +375,25 @@ def test_grpo_hands_its_reward_scaling_to_trl(online_run, tmp_path, monkeypatch,
     assert seen == {"scale_rewards": scale, "loss_type": "dr_grpo"}
 
 
+@pytest.mark.parametrize(("kind", "setting"), [("grpo", {}), ("rloo", {}), ("grpo", {"disable_dropout": False})])
+def test_group_rl_samples_and_trains_without_dropout_unless_asked(online_run, tmp_path, monkeypatch, kind, setting):
+    """TRL's GRPO/RLOO keep dropout on by default, so completions came from a randomly thinned policy (the recipe's
+    LoRA dropout, 0.05); the stages turn every dropout off, as ppo and the DPO family do, unless told otherwise."""
+    seen = {}
+
+    def stop_before_training(trainer, ctx, resume_from):
+        seen["rates"] = {m.p for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")}
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(trl_online, "train", stop_before_training)
+    stage = {"name": kind, "type": kind, **FAST, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, **setting}
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": [TINY_RECIPE["stages"][0], stage]})
+    copy_sft(online_run[0], tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="stopped before training"):
+        Runner(load_recipe(recipe), runs_dir=tmp_path / "runs", in_process=True).run()
+    assert seen["rates"] == ({0.1} if setting else {0.0})
+
+
 def test_trl_ends_a_completion_at_the_chat_templates_end_of_turn(tmp_path):
     """GRPO/RLOO end a completion at the ids the model's generation config declares (TRL's ``eos_token_ids``): the
     config the stage trains under declares every sampler's end ids, so a chat template's end of turn that the model

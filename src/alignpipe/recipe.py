@@ -371,7 +371,8 @@ class LoraSpec(_Spec):
         0.05, ge=0, lt=1, description="Dropout on the adapter input (TRL ModelConfig default). Off in dpo and the "
         "online stages (osp, online_dpo, sppo, spin, dno, inpo): TRL's DPOConfig disable_dropout, kept on, zeroes "
         "every dropout so the policy's and the reference's log-probs are computed alike (RewardConfig's does the "
-        "same for reward stages with implementation: trl).",
+        "same for reward stages with implementation: trl); off in grpo and rloo unless their disable_dropout is "
+        "false, and in ppo, which keeps its policy in eval mode.",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt; 'all-linear' = PEFT's shorthand for every linear layer but the "
@@ -1169,6 +1170,12 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
         None, ge=0, description="Subtract this from the reward of completions cut at max_completion_length (no "
         "end-of-sequence token), as ppo does; null = none (TRL's GRPO/RLOO have no such penalty). With "
         "mask_truncated_completions they stay out of the loss, and the penalty lowers only their group's baseline.",
+    )
+    disable_dropout: bool = Field(
+        True, description="Turn every dropout off, lora.dropout included (TRL's disable_dropout; TRL's GRPO/RLOO "
+        "default is off): with it on, completions are sampled from a randomly thinned policy and the loss's and KL's "
+        "log-probs are computed under other dropout masks than the sampling's. ppo and the DPO-family stages train "
+        "without dropout too.",
     )
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
 

@@ -132,7 +132,8 @@ def run_online(ctx: StageContext, trainer_class: type, config_class: type, **met
         source.load_state_dict(saved)
     args = config_class(**trainer_arguments(ctx), num_generations=stage.num_generations, beta=stage.beta,
                         max_completion_length=stage.max_completion_length, temperature=stage.temperature,
-                        mask_truncated_completions=stage.mask_truncated_completions, **method_arguments)
+                        mask_truncated_completions=stage.mask_truncated_completions,
+                        disable_dropout=stage.disable_dropout, **method_arguments)
     # The checkpoint's own generation config comes back before publishing: the published one keeps its file.
     with decoding_with(model, token_ids_only(model, tokenizer)):
         reward = OnlineReward(source, stage.missing_eos_penalty)

@@ -839,3 +839,19 @@ def test_eval_stages_reject_policies_trained_on_real_data_but_not_reward_rows(tm
             "data: block) and score them with its gold reward, but 'dpo' trained on dataset.source 'trl', so this "
             "stage would score 'dpo' on another task; drop it here") in message
     assert "alignpipe eval <checkpoint> --suite" in message and "stages.ev.inputs[1]" not in message
+
+
+MAINTAINER_DOCS = ("ALGORITHMS.md", "EVALUATION.md", "DESIGN.md", "STYLE-ANCHORS.md")
+
+
+def test_what_a_user_reads_cites_no_document_their_clone_lacks() -> None:
+    """The design documents live beside the repository, not in it: the README, recipes, suites, metric cards,
+    benchmarks and launcher a user reads name papers or the README instead."""
+    readable = [REPO / "README.md", REPO / "launch.sh", *(REPO / "recipes").rglob("*.yaml"),
+                *(REPO / "eval").rglob("*.*"), *(REPO / "benchmarks").rglob("*.py"),
+                *(REPO / "pipelines").rglob("*.py")]
+    texts = {path: path.read_text(encoding="utf-8") for path in readable
+             if path.suffix in {".md", ".sh", ".yaml", ".py"}}
+    citing = [f"{path.relative_to(REPO)}: {name}" for path, text in texts.items() for name in MAINTAINER_DOCS
+              if name in text]
+    assert len(readable) > 20 and citing == []

@@ -13,7 +13,7 @@ import evaluate
 from alignpipe.evaluation.best_of_n import best_of_n_curve, kl_best_of_n
 
 _DESCRIPTION = """\
-Best-of-n sampling against a proxy reward model, scored by a gold reward (EVALUATION.md §8, ALGORITHMS.md §15).
+Best-of-n sampling against a proxy reward model, scored by a gold reward (Gao et al. 2023).
 Each input row is one prompt: the proxy and gold scores of its N samples (N may differ per prompt). For every n
 in `ns` the metric reports the EXACT expected gold score of best-of-n (the proxy-best of n samples), averaged
 over all C(N, n) subsets with Coste et al.'s unbiased estimator (proxy ties broken uniformly at random) and then

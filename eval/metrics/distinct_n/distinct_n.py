@@ -14,7 +14,7 @@ import evaluate
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate
 
 _DESCRIPTION = """\
-Diversity and degeneration of generated text (EVALUATION.md §8). distinct-n = unique n-grams / all n-grams, pooled
+Diversity and degeneration of generated text. distinct-n = unique n-grams / all n-grams, pooled
 over the set of predictions (diversity ACROSS responses; higher is more diverse; compare only sets of similar size
 and length). Repetition rate = Welleck et al.'s seq-rep-n, the fraction of a response's n-grams that repeat an
 earlier one, averaged over responses (degeneration WITHIN a response; lower is better), with a seeded bootstrap CI.

@@ -14,7 +14,7 @@ import evaluate
 from alignpipe.evaluation.length_control import lc_gap_warning, length_controlled_win_rate
 
 _DESCRIPTION = """\
-Length-controlled win rate (EVALUATION.md §8): one logistic GLM per model,
+Length-controlled win rate (Dubois et al. 2024): one logistic GLM per model,
 logit P(model beats reference) = theta + phi * tanh(dlen / sd(dlen)) [+ psi * difficulty], dlen = model length -
 reference length, and LC = mean sigmoid(theta [+ psi * difficulty]), i.e. the win rate with the length term switched
 off. The CI is a seeded bootstrap over prompts that refits the GLM on each resample. The raw win rate is reported

@@ -18,7 +18,7 @@ from alignpipe.evaluation.reward_metrics import (
 )
 
 _DESCRIPTION = """\
-Calibration of a reward model's pairwise probabilities (EVALUATION.md §8): probabilities[i] = P(chosen preferred)
+Calibration of a reward model's pairwise probabilities: probabilities[i] = P(chosen preferred)
 (Bradley-Terry sigmoid(r_chosen - r_rejected), see alignpipe.evaluation.reward_metrics.bt_probabilities) and
 references[i] the observed outcome (1 = the labelled chosen response is preferred; soft labels in [0, 1] allowed).
 ECE is top-label (predicted-side) ECE over equal-width bins (default 15); Brier = mean (p - y)^2; NLL = mean

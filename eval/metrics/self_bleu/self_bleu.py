@@ -14,7 +14,7 @@ import evaluate
 from alignpipe.evaluation.diversity import within_prompt_diversity
 
 _DESCRIPTION = """\
-Diversity WITHIN a prompt (EVALUATION.md §8): each prediction is one prompt's list of 2+ samples. Self-BLEU-4
+Diversity WITHIN a prompt: each prediction is one prompt's list of 2+ samples. Self-BLEU-4
 (Zhu et al. 2018, Texygen) scores each sample with BLEU-4 (NLTK's sentence_bleu with smoothing 1 and auto_reweigh,
 so short samples are scored on the n-gram orders they have) against the prompt's other samples and averages; 1 means
 every sample is the same text, lower is more diverse. distinct-n is unique / all n-grams among the prompt's samples

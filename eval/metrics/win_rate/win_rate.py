@@ -14,7 +14,7 @@ import evaluate
 from alignpipe.evaluation.metrics import win_rate
 
 _DESCRIPTION = """\
-Win rate of a policy against a fixed reference (EVALUATION.md §8): the mean per-prompt preference, where 1 means
+Win rate of a policy against a fixed reference: the mean per-prompt preference, where 1 means
 the policy's output won, 0 that it lost and 0.5 a tie (e.g. the two judging orders disagreed). Preferences should
 already be order-averaged. The 95% CI is a seeded percentile bootstrap over prompts, so pass one preference per
 prompt. Wraps alignpipe.evaluation.metrics.win_rate.

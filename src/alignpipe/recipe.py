@@ -1132,7 +1132,7 @@ class BoNStage(_RewardedStage):
     max_new_tokens: int = Field(24, gt=0, description="Generation budget (tiny-model setting).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
-    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Sampling seed.")
+    seed: int = Field(EVAL_SEED, ge=0, le=MAX_SEED, description="Sampling seed.")
 
 
 class _GroupRLStage(_RewardedStage, _TrainerStage):

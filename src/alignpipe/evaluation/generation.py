@@ -19,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from alignpipe.models.chat_templates import reply_end_ids
 from alignpipe.pipeline import distributed
+from alignpipe.seeds import EVAL_SEED
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64
-    seed: int = 1234
+    seed: int = EVAL_SEED
 
 
 @dataclass(frozen=True)

@@ -534,7 +534,7 @@ def checkpoint_metrics(samples: CheckpointSamples, *, bootstrap_resamples: int, 
     return metrics
 
 
-IMPLICIT_PAIR_SEED = 4242  # the synthetic pairs' seed: held-out prompts apart from the eval prompts (seed 1234)
+IMPLICIT_PAIR_SEED = 4242  # the synthetic pairs' seed: held-out prompts apart from the eval prompts (EVAL_SEED)
 
 
 def synthetic_implicit_pairs(n: int, space: TaskSpace, seed: int = IMPLICIT_PAIR_SEED) -> list[Pair]:

@@ -67,6 +67,7 @@ from alignpipe.io import why_unreadable
 from alignpipe.locations import REPO, SUITES_DIR
 from alignpipe.pipeline.rundir import package_versions
 from alignpipe.rewards.judges import RewardJudge, order_averaged
+from alignpipe.seeds import EVAL_SEED
 from alignpipe.strict_yaml import parse_strict_yaml
 from alignpipe.tasks import GoldJudge, TaskSpace, heldout_tasks, preference_probability
 
@@ -86,7 +87,7 @@ class PromptSet(_Spec):
     path: str | None = Field(None, description="Data file; relative paths are relative to the repository root, ~ is "
                              "the home directory.")
     n: int | None = Field(None, gt=0, description="Number of prompts (synthetic: required; others: first n, or all).")
-    seed: int = 1234
+    seed: int = EVAL_SEED
     heldout_fraction: float = Field(
         HH_HELDOUT_FRACTION, gt=0, le=1, description="hh_rlhf: the held-out share of conversations (by a hash of "
         f"their opening turn); at most {HH_HELDOUT_FRACTION}, the share every HH stage holds out of training.")
@@ -107,7 +108,7 @@ class SuiteGeneration(_Spec):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(64, gt=0)
-    seed: int = 1234
+    seed: int = EVAL_SEED
     max_prompt_tokens: int | None = Field(
         None, gt=0, description="Cut each prompt to this many tokens of the policy's tokenizer (small models), on the "
         "truncation_side.")

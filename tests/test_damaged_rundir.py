@@ -171,7 +171,7 @@ def test_a_reward_stage_whose_checkpoint_manifest_was_edited_starts_over(tmp_pat
 def test_the_report_names_the_lines_of_a_damaged_metrics_file_it_leaves_out(tmp_path, completed_tiny_run):
     """A complete stage's metrics.jsonl cut short (a full disk) or edited drew curves from what was left, saying
     nothing; only the last line of a stage still running may be one being appended."""
-    from alignpipe.evaluation.report import read_run
+    from alignpipe.evaluation.report_data import read_run
 
     _, runs = _copy_of(completed_tiny_run, tmp_path)
     sft = StageDir(runs / "tiny" / "sft")
@@ -192,7 +192,7 @@ def test_the_report_names_the_lines_of_a_damaged_metrics_file_it_leaves_out(tmp_
 
 
 def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tmp_path, completed_tiny_run):
-    from alignpipe.evaluation.report import read_run
+    from alignpipe.evaluation.report_data import read_run
 
     _, runs = _copy_of(completed_tiny_run, tmp_path)
     (runs / "tiny" / "run.json").write_text("[1, 2]")
@@ -201,7 +201,7 @@ def test_the_report_says_a_run_record_that_is_not_an_object_could_not_be_read(tm
 
 def test_the_report_says_a_run_record_that_is_not_utf8_could_not_be_read(tmp_path, completed_tiny_run):
     """A run.json of other bytes (overwritten, a disk error) raised a UnicodeDecodeError out of the report."""
-    from alignpipe.evaluation.report import read_run
+    from alignpipe.evaluation.report_data import read_run
 
     _, runs = _copy_of(completed_tiny_run, tmp_path)
     (runs / "tiny" / "run.json").write_bytes(b"\xff\xfe{}")

@@ -148,7 +148,7 @@ def test_stored_gao_fit_follows_the_reports_rule():
     """The manifest's gao_rl_fit and the report's fitted curve come from the same evaluations by the same rule: none
     from two points with d > 0 (any two are matched exactly), Gao's coefficients from three."""
     from alignpipe.evaluation.best_of_n import gold_rl
-    from alignpipe.evaluation.report import ppo_curve
+    from alignpipe.evaluation.report_plots import ppo_curve
     from alignpipe.trainers.ppo import _gao_fit
 
     d = [0.0, 0.5, 1.5, 2.5]

@@ -17,7 +17,8 @@ from conftest import REPO
 from alignpipe.cli import main
 from alignpipe.evaluation.best_of_n import gold_bon, gold_rl, kl_best_of_n
 from alignpipe.evaluation.pareto import KLPoint, gold_vs_kl
-from alignpipe.evaluation.report import bon_curves, checkpoint_flags, plot_gold_vs_kl, ppo_curve, write_report
+from alignpipe.evaluation.report import checkpoint_flags, write_report
+from alignpipe.evaluation.report_plots import bon_curves, plot_gold_vs_kl, ppo_curve
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 ALPHA, BETA = 0.3, 0.2  # a Gao RL curve that peaks inside the evaluated range: d* = exp(α/β − 1) ≈ 1.65
@@ -239,7 +240,7 @@ def test_plots_draw_names_with_dollar_signs_as_text(name):
     `alignpipe leaderboard --plots`, every file), a pair was drawn as maths."""
     from matplotlib.text import Text
 
-    from alignpipe.evaluation.report import LengthPoint, plot_win_rate_vs_length
+    from alignpipe.evaluation.report_plots import LengthPoint, plot_win_rate_vs_length
 
     drawn_texts = []
     original = Text.draw

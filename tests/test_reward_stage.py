@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, write_recipe
 
-from alignpipe.evaluation.report import read_run, render_report
+from alignpipe.evaluation.report import render_report
+from alignpipe.evaluation.report_data import read_run
 from alignpipe.evaluation.reward_suite import expand_reward_models
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner

@@ -501,7 +501,7 @@ def _cmd_leaderboard(args) -> int:
     try:
         board = merge_leaderboards(paths)
         if args.plots:  # drawn before anything is written; matplotlib is imported only when plots are asked for
-            from alignpipe.evaluation.report import leaderboard_plots
+            from alignpipe.evaluation.report_plots import leaderboard_plots
 
             plots = leaderboard_plots(board)
             for note in plots.notes:

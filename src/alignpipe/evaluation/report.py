@@ -67,7 +67,6 @@ log = logging.getLogger("alignpipe")
 
 _MISSING = "–"
 _ACCURACY_KEYS = ("rewards/accuracies", "accuracy", "mean_token_accuracy")  # second panel of a TRL stage's curves
-_LC_METRICS = ("lc_win_rate_vs_ref", "lc_win_rate")  # the harness's name, then EVALUATION.md §9's
 _KL_METRICS = ("kl_ref_k1", "kl_ref_k3")  # Monte-Carlo KL to the reference: k1 and the low-variance k3 (§8)
 
 

@@ -94,7 +94,8 @@ def read_run(run_dir: Path) -> RunData:
         done = manifest.get("status") == "complete"
         stages.append(StageData(
             name=sub.name, type=str(manifest.get("type") or sub.name), manifest=manifest,
-            records=_read_jsonl(sub / "metrics.jsonl", errors, running=manifest.get("status") == "running"), bon=_read_json(sub / "bon.json", errors) if done else None,
+            records=_read_jsonl(sub / "metrics.jsonl", errors, running=manifest.get("status") == "running"),
+            bon=_read_json(sub / "bon.json", errors) if done else None,
             reward_eval=_read_json(sub / "reward_eval.json", errors) if done else None))
     started = {s.name: str(s.manifest.get("start_time") or s.manifest.get("end_time") or "") for s in stages}
     stages.sort(key=lambda s: (not started[s.name], started[s.name], s.name))  # ISO times sort as text

@@ -263,7 +263,8 @@ def plot_overoptimisation(curves: Sequence[OveroptCurve], form: str, title: str)
 
 @_plain_text
 def plot_win_rate_vs_length(points: Sequence[LengthPoint]) -> bytes:
-    """Raw win rate (● ± 95% CI) and, when present, LC win rate (□) against mean response length, per checkpoint."""
+    """Raw win rate (● ± 95% CI) and, when present, LC win rate (□) against mean response length, per
+    checkpoint."""
     fig, (ax,) = _figure(1, 1, 9, 4.6)
     handles = []
     for i, p in enumerate(points):
@@ -306,7 +307,8 @@ def plot_gold_vs_kl(points: Sequence[KLPoint], reward_name: str = "gold_reward",
 
     colours = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys([*(runs if by_run else []), *map(key, points)]))}
     negative = " (k1 estimates below 0 drawn at 0)" if any(p.kl < 0 for p in points) else ""
-    panels = [(axes[0], points, f"{reward_name} vs √KL: ● checkpoint ± 95% CI, line = Pareto frontier (○ on it)")]
+    frontier_title = f"{reward_name} vs √KL: ● checkpoint ± 95% CI, line = Pareto frontier (○ on it)"
+    panels = [(axes[0], points, frontier_title)]
     if near:
         panels.append((axes[1], near, f"zoom: the {len(near)} checkpoints within {ZOOM_FACTOR:g}× the median √KL"))
     for ax, shown, title in panels:

@@ -31,7 +31,8 @@ class _OnlineStage(_TrainingStage):
     )
     beta: float = Field(0.1, gt=0, description="Implicit KL coefficient of the DPO-style loss (OSP §4c: 0.1).")
     rounds: int = Field(3, gt=0, description="Sample/judge/train rounds, a.k.a. iterations (OSP §4c: 3-5; SPPO: 3).")
-    prompts_per_round: int = Field(128, gt=0, description="Fresh training prompts sampled each round (tiny-model setting).")
+    prompts_per_round: int = Field(128, gt=0,
+                                   description="Fresh training prompts sampled each round (tiny-model setting).")
     reference: Literal["initial", "previous"] = Field(
         "initial", description="DPO reference: the stage's input policy every round (OSP §4c) or the previous "
         "round's policy (the ablation of §4c; what SPPO-style iteration uses).",

@@ -128,8 +128,8 @@ class PPOStage(_RewardedStage, _OptimizerStage):
                                          "base; with full fine-tuning (lora: null) use critic: model"))
         if self.rollout_batch_size < 2:
             raise _problem((("rollout_batch_size",), "advantages are whitened over the rollout batch's response tokens "
-                            "(§6a), which needs at least two; with one prompt, a response that ends at its first token "
-                            "leaves one, and the run would stop there; set rollout_batch_size >= 2"))
+                            "(§6a), which needs at least two; with one prompt, a response that ends at its first "
+                            "token leaves one, and the run would stop there; set rollout_batch_size >= 2"))
         if self.rollout_batch_size % self.mini_batch_size:
             raise _problem((("mini_batch_size",), f"rollout_batch_size ({self.rollout_batch_size}) must be a "
                                                   f"multiple of mini_batch_size ({self.mini_batch_size})"))

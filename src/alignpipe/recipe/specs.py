@@ -14,7 +14,8 @@ from alignpipe.tasks.synthetic import FAMILIES, Family
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # an inf rate or weight fails deep in training
+    # an inf rate or weight fails deep in training
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class TinyModelSpec(_Spec):
@@ -145,7 +146,8 @@ class ModelSpec(_Spec):
 class DataSpec(_Spec):
     """Synthetic task data: SFT demonstrations, preference pairs and held-out eval prompts."""
 
-    task: Literal["synthetic"] = Field("synthetic", description="Data source: the built-in synthetic task (the embedded default).")
+    task: Literal["synthetic"] = Field(
+        "synthetic", description="Data source: the built-in synthetic task (the embedded default).")
     families: list[Family] = Field(
         default_factory=lambda: list(FAMILIES), min_length=1, description="Task families to mix (all five by default)."
     )

@@ -141,7 +141,8 @@ def _import_model_code(spec) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModel
 
-    from alignpipe.rewards.ensemble import _quiet_peft, _resolve_target_modules
+    from alignpipe.rewards.backbone_layout import _resolve_target_modules
+    from alignpipe.rewards.ensemble import _quiet_peft
 
     with torch.device("meta"), _quiet_peft():
         model = AutoModel.from_config(AutoConfig.from_pretrained(spec.backbone))
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
-    from alignpipe.rewards.ensemble import EnsembleScorer, RewardEnsemble
+    from alignpipe.rewards.ensemble import RewardEnsemble
+    from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -111,7 +111,8 @@ def test_reward_ensemble_rss_worker_counts_the_weights_under_load(tmp_path):
     import torch
 
     from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint, train_tokenizer
-    from alignpipe.rewards.ensemble import EnsembleScorer, RewardEnsemble
+    from alignpipe.rewards.ensemble import RewardEnsemble
+    from alignpipe.rewards.ensemble_scorer import EnsembleScorer
     from alignpipe.tasks import tokenizer_corpus
 
     bench = _benchmark("reward_ensemble")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig, BertModel, OPTConfig, OPTModel, RobertaConfig, RobertaModel
 
-from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble, collate_features, encode_examples
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
 
 PROMPTS = ["sort: 3 1 4", "count: 5 5 2 7", "sort: 9 8", "reverse: 1 2 3 4 5 6", "sort: 1"]
 RESPONSES = ["1 3 4", "3", "8 9 8 9 8 9 8", "6 5 4 3 2 1", "1"]

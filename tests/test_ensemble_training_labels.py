@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from alignpipe.losses.preference import soft_preference_loss
-from alignpipe.rewards.ensemble import (
-    EnsembleSpec,
-    RewardEnsemble,
-    collate_features,
-    encode_examples,
-)
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
 from alignpipe.rewards.ensemble_training import (
     EnsembleTrainingConfig,
     EnsembleTrainingHistory,

@@ -65,7 +65,8 @@ def test_collectives_move_cpu_statistics_to_the_gpu_and_back(nccl_world_of_one, 
 
 def test_the_ensemble_scores_the_same_on_the_gpu_as_on_the_cpu(llama_path, tmp_path):
     """One saved ensemble loaded on each device gives the same per-member rewards (fp32 weights both times)."""
-    from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
+    from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+    from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 
     ensemble = RewardEnsemble.create(EnsembleSpec(backbone=llama_path, members=3, lora_r=4, top_layers=2, seed=0))
     with torch.no_grad():

@@ -112,7 +112,8 @@ def test_suite_reward_models_load_on_the_process_device(suite_kind, monkeypatch,
     """A suite's reward-model judge (policy suites) and the reward models it compares (reward suites) take
     load_reward_scorer's default device, the process's."""
     from alignpipe.rewards import loading as reward_loading
-    from alignpipe.rewards.ensemble import ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
+    from alignpipe.rewards.ensemble_files import ENSEMBLE_FORMAT, MANIFEST_FILE
+    from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 
     asked = []
 

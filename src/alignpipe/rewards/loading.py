@@ -18,7 +18,8 @@ import torch
 
 from alignpipe.models.loading import process_device, resolve_dtype
 from alignpipe.pipeline.rundir import cached_directory_hash, canonical_hash
-from alignpipe.rewards.ensemble import ADAPTER_CONFIG, BACKBONE_KEY, ENSEMBLE_FORMAT, MANIFEST_FILE, EnsembleScorer
+from alignpipe.rewards.ensemble_files import ADAPTER_CONFIG, BACKBONE_KEY, ENSEMBLE_FORMAT, MANIFEST_FILE
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.single import SINGLE_FORMAT, SingleRewardScorer
 
 __all__ = ["RewardScorer", "load_reward_scorer", "reward_model_format", "reward_model_identity"]
@@ -113,7 +114,7 @@ def _backbone_named_by_path(directory: Path, manifest: Any) -> Path | None:
     """The local folder an ensemble's backbone is, when its manifest names it by path alone (no recorded hash or
     hub commit); None otherwise, or for a hub id. ``FileNotFoundError`` (the loader's) when it is gone."""
     from alignpipe.models.loading import resolve_model_location
-    from alignpipe.rewards.ensemble import saved_backbone_location
+    from alignpipe.rewards.ensemble_files import saved_backbone_location
 
     if not isinstance(manifest, dict) or not isinstance(manifest.get("spec"), dict):
         return None

@@ -3,14 +3,14 @@
 This is the single-model counterpart of :mod:`alignpipe.rewards.ensemble`. The model is an
 ``AutoModelForSequenceClassification`` with ``num_labels=1`` (the backbone plus a scalar ``score`` head). It is
 trained by full fine-tuning, or with LoRA through ``peft_config``. :class:`SingleRewardScorer` has the interface of
-:class:`~alignpipe.rewards.ensemble.EnsembleScorer`, so PPO, best-of-n and the evaluation code take either one. Its
-:class:`EnsembleRewards` have one column (``per_member`` is ``[N, 1]``) and ``std`` is identically 0.
+:class:`~alignpipe.rewards.ensemble_scorer.EnsembleScorer`, so PPO, best-of-n and the evaluation code take either one.
+Its :class:`EnsembleRewards` have one column (``per_member`` is ``[N, 1]``) and ``std`` is identically 0.
 
 Input formatting (what the scorer feeds the model must be what ``RewardTrainer`` fed it):
 
 * ``"chat"`` (the dataset was conversational; :data:`TEXT_FORMATS`): TRL renders ``prompt + chosen`` (a message
   list) with the tokenizer's chat template and tokenises it without extra special tokens
-  (``apply_chat_template(tokenize=True)``). :func:`~alignpipe.rewards.ensemble.encode_examples` renders
+  (``apply_chat_template(tokenize=True)``). :func:`~alignpipe.rewards.ensemble_encoding.encode_examples` renders
   ``[user: prompt, assistant: response]`` the same way, and gives the same token ids (tested). So the scorer
   reuses it.
 * ``"plain"`` (the dataset held strings): TRL appends ``eos_token`` to the response when it is missing, concatenates
@@ -61,14 +61,10 @@ from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import ModelError, load_tokenizer, remote_code_kwargs
 from alignpipe.models.whole_weights import zero3_partitioning_off
 from alignpipe.pipeline.rundir import publish_directory
-from alignpipe.rewards.ensemble import (
-    _quiet_peft,
-    bradley_terry_pairwise,
-    collate_features,
-    encode_examples,
-    read_saved_manifest,
-    recorded_scoring,
-)
+from alignpipe.rewards.ensemble import _quiet_peft
+from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
+from alignpipe.rewards.ensemble_files import read_saved_manifest, recorded_scoring
+from alignpipe.rewards.ensemble_scorer import bradley_terry_pairwise
 from alignpipe.rewards.penalties import EnsembleRewards
 
 log = logging.getLogger("alignpipe")
@@ -341,7 +337,7 @@ def read_single_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 class SingleRewardScorer:
     """Batched scoring of (prompt, response) pairs with one sequence-classification reward model.
 
-    Same interface as :class:`~alignpipe.rewards.ensemble.EnsembleScorer`: ``score`` returns
+    Same interface as :class:`~alignpipe.rewards.ensemble_scorer.EnsembleScorer`: ``score`` returns
     :class:`EnsembleRewards` with ``per_member`` ``[N, 1]`` and ``std ≡ 0``. ``pairwise_probabilities`` is
     ``σ(r(a) − r(b))`` (so it is also a :class:`alignpipe.rewards.judges.PairwiseJudge`). ``judge_id`` names it.
 

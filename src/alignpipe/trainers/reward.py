@@ -25,7 +25,8 @@ from alignpipe.io import atomic_write_json
 from alignpipe.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_location
 from alignpipe.pipeline import distributed
 from alignpipe.pipeline.stage import StageContext
-from alignpipe.rewards.ensemble import EnsembleScorer, EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
+from alignpipe.rewards.ensemble_scorer import EnsembleScorer
 from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, EnsembleTrainingState, train_ensemble
 from alignpipe.rewards.single import (
     SingleRewardScorer,

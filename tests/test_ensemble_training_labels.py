@@ -207,7 +207,7 @@ def test_a_nan_loss_stops_ensemble_training_before_the_step(llama_path, tokenize
 
     ensemble = _ensemble(llama_path)
     before = [p.detach().clone() for p in ensemble.trainable_parameters()]
-    monkeypatch.setattr(training, "_bt_loss", lambda chosen, *a, **k: chosen.sum() * float("nan"))
+    monkeypatch.setattr(training, "ensemble_rank_loss", lambda chosen, *a, **k: chosen.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="reward ensemble loss is nan at step 1"):
         train_ensemble(ensemble, tokenizer, pairs[:8], _config(epochs=1, batch_size=8))
     assert all(torch.equal(a, b) for a, b in zip(before, ensemble.trainable_parameters()))  # no step was taken

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertModel
 
+from alignpipe.losses.ensemble_rank import ensemble_rank_loss
 from alignpipe.models.tiny import build_tiny_model, save_tiny_checkpoint
 from alignpipe.rewards.ensemble import EnsembleSpec, RewardEnsemble
 from alignpipe.rewards.ensemble_encoding import collate_features, encode_examples
 from alignpipe.rewards.ensemble_scorer import EnsembleScorer
-from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, _bt_loss, train_ensemble
+from alignpipe.rewards.ensemble_training import EnsembleTrainingConfig, train_ensemble
 from alignpipe.rewards.judges import PairwiseJudge
 from alignpipe.rewards.penalties import EnsembleRewards
 from alignpipe.tasks import preference_pairs
@@ -614,7 +615,7 @@ def test_bootstrap_copy_counts_weigh_pairs_as_a_pass_over_the_resample():
 
     def loss_and_grad(multiplicity, weight=None):
         chosen = torch.tensor([[0.0, 0.0], [log3, log3]], requires_grad=True)  # Δ = 0 and log 3
-        loss = _bt_loss(chosen, rejected, "members", margin=None, weight=weight, multiplicity=multiplicity)
+        loss = ensemble_rank_loss(chosen, rejected, "members", margin=None, weight=weight, multiplicity=multiplicity)
         loss.backward()
         return loss.detach(), chosen.grad
 

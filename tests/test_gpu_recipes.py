@@ -99,7 +99,7 @@ def test_header_launch_commands_plan_cleanly(relative, nothing_loads, tmp_path, 
 
 @pytest.mark.parametrize("relative", GPU_RECIPES)
 def test_gpu_recipe_settings(relative, nothing_loads):
-    from alignpipe.pipeline.runner import plan_batches
+    from alignpipe.pipeline.launch_checks import plan_batches
 
     path = REPO / relative
     recipe = load_recipe(path)

@@ -416,7 +416,7 @@ def test_full_weights_in_explicit_half_precision_are_refused_unless_deepspeed_ke
                                                                                                     capsys) -> None:
     """Without DeepSpeed nothing keeps float32 masters of weights loaded in bf16, so a full fine-tune would step them
     in bf16 and lose most updates; auto loads them in float32, and LoRA stages keep the bf16 base."""
-    from alignpipe.pipeline.runner import check_full_weight_precision
+    from alignpipe.pipeline.launch_checks import check_full_weight_precision
     from alignpipe.recipe import load_recipe
 
     recipe = write_recipe(tmp_path, TINY_RECIPE)

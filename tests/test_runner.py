@@ -896,7 +896,7 @@ def test_the_batch_plan_shows_a_trl_reward_stages_batch_which_grows_with_the_pro
     """TRL's reward trainer takes per_device_train_batch_size on each process, so its global batch doubles on two:
     the plan logged at the start and printed by --dry-run says so, as the stage's manifest records it (it was left
     out, and only the manifest showed it)."""
-    from alignpipe.pipeline.runner import plan_batches
+    from alignpipe.pipeline.launch_checks import plan_batches
 
     reward = {"name": "rm", "type": "reward", "inputs": ["sft"], "implementation": "trl", "members": 1,
               "per_device_train_batch_size": 16}

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
+from alignpipe.pipeline.launch_checks import plan_batches
 from alignpipe.pipeline.rundir import StageDir, directory_hash
-from alignpipe.pipeline.runner import Runner, plan_batches
+from alignpipe.pipeline.runner import Runner
 from alignpipe.recipe import GRPOStage, RecipeError, RLOOStage, load_recipe
 from alignpipe.trainers import trl_online
 from alignpipe.trainers.trl_online import check_prompts

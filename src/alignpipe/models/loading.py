@@ -159,7 +159,7 @@ def policy_dtype(name: str | torch.dtype, *, full_weights: bool) -> torch.dtype:
     trainer still computes in bf16 through its autocast (``bf16: null`` turns it on where supported). LoRA adapters
     are float32 whatever the base's dtype, so a LoRA stage keeps the lighter bf16 base. An explicit bfloat16 or
     float16 is the user's (the runner refuses it for full weights unless DeepSpeed, which keeps float32 masters,
-    runs the stage: ``pipeline.runner.check_full_weight_precision``)."""
+    runs the stage: ``pipeline.launch_checks.check_full_weight_precision``)."""
     if name == "auto" and full_weights:
         return torch.float32
     return resolve_dtype(name)

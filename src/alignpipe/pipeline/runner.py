@@ -34,7 +34,7 @@ import yaml
 
 from alignpipe.io import atomic_write_json, atomic_write_text
 from alignpipe.locations import PIPELINES_DIR
-from alignpipe.pipeline.batching import BatchSplit, effective_batch, stage_batch_split, too_few_prompts
+from alignpipe.pipeline.batching import BatchSplit
 from alignpipe.pipeline.control import (
     CONTROL_TIMEOUT_S,
     Alone,
@@ -46,15 +46,22 @@ from alignpipe.pipeline.control import (
 from alignpipe.pipeline.decision import BATCH_SPLIT, StageDecision, decide_stage, unrecorded_reason
 from alignpipe.pipeline.launch import (
     SINGLE_PROCESS_STAGES,
-    LaunchOptions,
     Topology,
     format_command,
-    resolve_topology,
     stage_command,
     stage_environment,
     stage_topology,
 )
+from alignpipe.pipeline.launch_checks import (
+    check_full_weight_precision,
+    check_in_process,
+    check_quantization_under_deepspeed,
+    default_topology,
+    launch_batch_split,
+    plan_batches,
+)
 from alignpipe.pipeline.run_lock import RunLock, run_in_use, run_lock
+from alignpipe.pipeline.run_notes import _recipe_file, leaderboard_stage, other_recipe_note, unowned_leaderboard_note
 from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     RUN_FILE,
@@ -67,18 +74,11 @@ from alignpipe.pipeline.rundir import (
     git_sha,
     package_versions,
     publish_directory,
-    read_run_record,
     utc_now,
 )
 from alignpipe.pipeline.watched import run_watched
 from alignpipe.recipe import (
-    GRPOStage,
-    PPOStage,
     Recipe,
-    RewardStage,
-    RLOOStage,
-    _OptimizerStage,
-    _TrainerStage,
     did_you_mean,
     recipe_to_dict,
 )
@@ -747,31 +747,6 @@ class Runner:
         return self._prepare_base()
 
 
-def leaderboard_stage(recipe: Recipe) -> str | None:
-    """The stage whose leaderboard the run keeps: the recipe's last eval stage, as the recipe is now (each eval stage
-    replaces the one before's). Only its record of the leaderboard is checked before it is skipped."""
-    return next((stage.name for stage in reversed(recipe.stages) if stage.type == "eval"), None)
-
-
-def unowned_leaderboard_note(run_dir: Path, owner: str | None) -> str | None:
-    """What to say of a leaderboard at the run root when the recipe has no eval stage (``owner`` None): one an eval
-    stage wrote before the recipe dropped it. Nothing checks it before a skip any more and nothing replaces it, so it
-    may describe checkpoints that have changed since. It is kept (a table the user may still want), and said."""
-    from alignpipe.evaluation.leaderboard import LEADERBOARD_FILES, load_leaderboard
-
-    found = [name for name in LEADERBOARD_FILES if (run_dir / name).exists()]
-    if owner is not None or not found:
-        return None
-    try:
-        writer = load_leaderboard(run_dir / "leaderboard.json")["run"].get("stage")
-    except (OSError, ValueError, AttributeError):  # gone, damaged or of another schema: the files are still there
-        writer = None
-    by = f"eval stage '{writer}'" if isinstance(writer, str) else "an eval stage"
-    return (f"{run_dir} holds {', '.join(found)} from {by}, but this recipe has no eval stage: they show the "
-            "checkpoints as that stage evaluated them, and nothing updates them now. Add an eval stage to evaluate "
-            "the checkpoints as they are, or remove the files.")
-
-
 def local_dataset_hash(stage) -> str | None:
     """The content hash of the local file or directory a stage's ``dataset.path`` names, so that editing the data
     re-runs the stage (the config hash sees only the path). None for synthetic data and hub ids (named, not hashed).
@@ -889,123 +864,3 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def default_topology() -> Topology:
-    """One process on this machine: a GPU if there is one, else the CPU."""
-    import torch
-
-    visible = torch.cuda.device_count()
-    return resolve_topology(LaunchOptions(gpus=1 if visible else None), visible_gpus=visible)
-
-
-def check_in_process(in_process: bool, topology: Topology) -> None:
-    """Refuse ``--in-process`` with more than one process: it runs each stage in this one process, so the batch split
-    planned, logged and recorded for the topology's processes would not be the one trained."""
-    if in_process and topology.world_size > 1:
-        per_node = topology.processes_per_node
-        asked = [f"--processes {per_node}" if topology.device == "cpu" else
-                 f"{per_node} GPUs per node (--gpus, default: every visible one)"] + (
-            [f"--nodes {topology.nodes}"] if topology.nodes > 1 else [])
-        raise ValueError(f"--in-process runs every stage inside this one process, but this launch has "
-                         f"{topology.world_size} processes ({', '.join(asked)}); drop --in-process, or launch one "
-                         "process (--processes 1 on the CPU, --gpus 1 on GPUs, one node)")
-
-
-def check_quantization_under_deepspeed(recipe: Recipe, topology: Topology) -> None:
-    """Refuse a k-bit (QLoRA) recipe whose stages would run under DeepSpeed ZeRO-3, before anything runs.
-
-    Why: sharding 4-bit weights needs ``bnb_4bit_quant_storage`` set to the compute dtype and no per-process
-    ``device_map`` (PEFT's "QLoRA and DeepSpeed with ZeRO3" setup), while the loader pins each process's whole 4-bit
-    copy to its GPU; under ZeRO-3 transformers refuses that load as soon as the trainer's arguments exist (an online
-    stage's second round), or DeepSpeed cannot shard the weights. ZeRO-2 shards only the adapters' gradients and
-    optimizer states, which is what a 4-bit base needs anyway.
-    """
-    if recipe.model.quantization is None:
-        return
-    for stage in recipe.stages:
-        if stage_topology(topology, stage.type).deepspeed == "zero3":
-            raise ValueError(f"stages.{stage.name}: model.quantization (QLoRA) cannot run under --deepspeed zero3, "
-                             "which cannot shard this project's 4-bit weights; use --deepspeed zero2 (the 4-bit base "
-                             "is small: only the LoRA gradients and optimizer states need sharding) or no --deepspeed")
-
-
-def check_full_weight_precision(recipe: Recipe, topology: Topology) -> None:
-    """Refuse, before anything runs, a stage that would step full weights loaded in an explicit bfloat16 or float16
-    without DeepSpeed (whose optimizer keeps float32 master copies): neither transformers' ``Trainer`` nor the PPO
-    loop keeps one, so most AdamW steps of about the learning rate would round away, silently. ``auto`` loads such
-    weights in float32 (``models.loading.policy_dtype``). PPO is refused when the recipe loads, whatever the launch
-    (it never runs under DeepSpeed)."""
-    dtype = recipe.model.dtype
-    if dtype not in ("bfloat16", "float16") or recipe.model.quantization is not None:
-        return
-    for stage in recipe.stages:
-        if (isinstance(stage, _OptimizerStage) and not isinstance(stage, PPOStage) and stage.trains_full_weights
-                and stage_topology(topology, stage.type).deepspeed is None):
-            raise ValueError(
-                f"stages.{stage.name}: trains full weights (lora: null) that model.dtype {dtype} would load and step "
-                f"in {dtype}, with no float32 master copy: an AdamW step of about learning_rate is below the rounding "
-                f"step of most {dtype} weights, so they would barely move, silently. Set model.dtype: auto (full "
-                f"weights load in float32, the trainer computes in bf16 where supported), train a lora block, or "
-                "run under --deepspeed (its optimizer keeps float32 masters)")
-
-
-def launch_batch_split(stage, world_size: int) -> BatchSplit | None:
-    """The batch split ``stage`` trains with on ``world_size`` processes; None where that does not depend on the
-    process count (PPO's rollouts, the reward ensemble, stages that do not train)."""
-    if isinstance(stage, _TrainerStage):
-        return stage_batch_split(stage, world_size)
-    if isinstance(stage, RewardStage) and stage.implementation == "trl":  # TRL's batch is per process
-        per_device = stage.per_device_train_batch_size
-        return BatchSplit(effective_batch(per_device, 1, world_size), world_size, per_device, 1)
-    return None
-
-
-def _recipe_file(recipe_path: str | Path | None, run_dir: Path) -> str | None:
-    """The recipe file as ``run.json``'s ``recipe_file`` records it: relative to the run directory as it is named
-    (symlinks kept: a ``runs`` linked to scratch space stays inside the project), so a project moved or copied whole,
-    its recipes with its runs, still names the same file."""
-    return os.path.relpath(os.path.abspath(recipe_path), os.path.abspath(run_dir)) if recipe_path else None
-
-
-def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | None:
-    """A warning when ``run_dir``'s last run came from another recipe file than ``recipe_path``; else None.
-
-    Why: the run directory is ``runs/<name>``, so two recipe files with one ``name:`` share it: a copied recipe not
-    renamed, or a child recipe (``extends:``), which inherits its parent's name. Its stages whose settings differ
-    then re-run and replace the other recipe's outputs, as overrides do, which is what overrides are for but rarely
-    what a second file meant. Records written before ``recipe_file`` existed, and runs without a file, say nothing."""
-    earlier = read_run_record(run_dir)[0].get("recipe_file")  # a damaged record, or a field of another type: none
-    here = _recipe_file(recipe_path, run_dir)
-    if not earlier or not here or earlier == here:
-        return None
-    earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))
-    if os.path.exists(earlier) and os.path.samefile(earlier, recipe_path):  # the same file by another path
-        return None
-    return (f"{run_dir} holds the run of {earlier}; this recipe, {Path(recipe_path).resolve()}, has the same name ({run_dir.name}), so "
-            "its stages whose settings differ re-run there and replace that recipe's outputs. Give this recipe its "
-            "own name: to keep both runs (a recipe that extends another inherits its name)")
-
-
-def plan_batches(recipe: Recipe, world_size: int) -> dict[str, str]:
-    """Check every stage's batch sizes against the world size before anything runs; a description per stage.
-
-    Raises a ``ValueError`` naming the stage, the field and a fix when a batch does not split over the processes, or
-    when a grpo/rloo stage's prompts cannot fill one generation batch on them.
-    """
-    plan = {}
-    for stage in recipe.stages:
-        if isinstance(stage, PPOStage):
-            for field in ("rollout_batch_size", "mini_batch_size"):
-                value = getattr(stage, field)
-                if value % world_size:
-                    raise ValueError(f"stages.{stage.name}.{field}: {value} does not split over {world_size} "
-                                     f"processes; use a multiple of {world_size} or change the process count")
-            plan[stage.name] = (f"{stage.rollout_batch_size} prompts per rollout, minibatches of "
-                                f"{stage.mini_batch_size}, over {world_size} process(es)")
-        elif (split := launch_batch_split(stage, world_size)) is not None:
-            if isinstance(stage, GRPOStage | RLOOStage) and (problem := too_few_prompts(stage, world_size)):
-                raise ValueError(f"stages.{stage.name}.prompts: {problem}")
-            plan[stage.name] = split.describe() + (" (a trl reward stage's per_device_train_batch_size is per "
-                                                   "process)" if isinstance(stage, RewardStage) else "")
-    return plan

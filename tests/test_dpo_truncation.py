@@ -120,6 +120,17 @@ def test_warning_names_the_knob_and_the_length_that_keeps_every_pair():
     assert pair_truncation_warning(fits, "k") is None
 
 
+def test_the_advice_never_asks_for_more_than_the_models_positions():
+    """A pair that needs more tokens than the model has positions cannot be kept whole by any max_length: the warning
+    says so and asks for the data to be shortened, instead of naming a length the model cannot read."""
+    counts = pair_truncation_counts([(ReplySpan(14, 9, 14), ReplySpan(13, 9, 13)),
+                                     (ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))], max_length=9)
+    assert "Raise k to 14 " in pair_truncation_warning(counts, "k", positions=14)
+    message = pair_truncation_warning(counts, "k", positions=12)
+    assert "Raise k to" not in message
+    assert "takes 14 tokens, past the model's 12 positions, so raising k cannot (at most to 12)" in message
+
+
 def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
     fits = pair_truncation_counts([(ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))] * 20, max_length=8)
     sample = dataclasses.replace(fits, sampled_from=3000)

@@ -102,6 +102,9 @@ def test_warning_names_the_knob_and_the_length_that_keeps_every_reply():
     assert "1 lose the end of their reply with its end-of-turn token" in message
     assert "Raise stages.sft.max_length to 13" in message
     assert truncation_warning(truncation_counts([ReplySpan(7, 5, 7)], max_length=8), "k") is None
+    long = truncation_counts([ReplySpan(3, 1, 30)], max_length=8)
+    assert "Raise k to 30 " in truncation_warning(long, "k")
+    assert "takes 30 tokens, past the model's 16 positions" in truncation_warning(long, "k", positions=16)
 
 
 def test_warning_says_what_a_lost_reply_means_without_assistant_only_loss():

@@ -306,9 +306,14 @@ def _measured(count: int, noun: str, sampled_from: int | None) -> str:
     return f"{count} {noun}" + (f" (a sample of {sampled_from})" if sampled_from else "")
 
 
-def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None, max_length: int) -> str:
+def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None, max_length: int,
+            positions: int | None = None) -> str:
     """How far to raise ``knob``: exact for a whole dataset; from a sample, only a lower bound (its longest), and
-    no number at all when the sample fits (TRL's drops lie outside it)."""
+    no number at all when the sample fits (TRL's drops lie outside it). Never past the model's ``positions`` (when
+    known): a length the model cannot read is no fix, so the advice is then to shorten or drop the longest rows."""
+    if positions is not None and tokens > positions:
+        return (f"Keeping {whole} whole takes {tokens} tokens, past the model's {positions} positions, so raising "
+                f"{knob} cannot (at most to {positions}): shorten the longest rows or leave them out of the data")
     if sampled_from and tokens <= max_length:
         to = (f"above {max_length} (the sample holds none of the examples TRL dropped, so how far is not known; "
               "measure the whole dataset with alignpipe.data.length_report and sample_size=len(dataset))")
@@ -325,11 +330,12 @@ def _dropped_by_trl(dropped: int | None, size: int | None) -> str:
 
 
 def truncation_warning(counts: TruncationCounts, knob: str, *, assistant_only_loss: bool = True,
-                       dropped_by_trl: int | None = None) -> str | None:
+                       dropped_by_trl: int | None = None, positions: int | None = None) -> str | None:
     """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` cuts into any reply or TRL dropped a
     conversation (``dropped_by_trl``, its count over the whole dataset, which a sample's counts can miss); None when
     not. A reply cut away entirely leaves nothing to train under ``assistant_only_loss`` (TRL drops the example);
-    without it the example trains on its prompt alone."""
+    without it the example trains on its prompt alone. ``positions``: the model's, when known; the advice to raise
+    ``knob`` goes no further."""
     if not counts.reply_lost and not counts.end_lost and not dropped_by_trl:
         return None
     lost = []
@@ -344,14 +350,15 @@ def truncation_warning(counts: TruncationCounts, knob: str, *, assistant_only_lo
            f"{': ' + '; '.join(lost) if lost else ''}")
     return (f"max_length {counts.max_length} cuts {cut}"
             f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.examples)}. "
-            + _advice(knob, counts.tokens_for_every_reply, "every reply", counts.sampled_from, counts.max_length))
+            + _advice(knob, counts.tokens_for_every_reply, "every reply", counts.sampled_from, counts.max_length,
+                      positions))
 
 
-def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
-                            dropped_by_trl: int | None = None) -> str | None:
+def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *, dropped_by_trl: int | None = None,
+                            positions: int | None = None) -> str | None:
     """A warning naming ``knob`` (the recipe key to raise) when ``max_length`` drops a pair or cuts into a reply, or
     TRL dropped a pair (``dropped_by_trl``, its count over the whole dataset, which a sample's counts can miss); None
-    when not."""
+    when not. ``positions``: the model's, when known; the advice to raise ``knob`` goes no further."""
     if not counts.cuts_a_reply and not dropped_by_trl:
         return None
     lost = []
@@ -365,4 +372,4 @@ def pair_truncation_warning(counts: PairTruncationCounts, knob: str, *,
     return (f"max_length {counts.max_length} cuts {cut}{': ' + '; '.join(lost) if lost else ''}"
             f"{_dropped_by_trl(dropped_by_trl, counts.sampled_from or counts.pairs)}. "
             + _advice(knob, counts.tokens_for_every_pair, "both replies of every pair", counts.sampled_from,
-                      counts.max_length))
+                      counts.max_length, positions))

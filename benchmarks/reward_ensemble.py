@@ -75,7 +75,7 @@ def load_texts(kind: str, n: int) -> tuple[list[str], list[str], str]:
     if kind == "auto":
         kind = "hh" if HH_PATH.is_file() else "synthetic"
     if kind == "hh":
-        from alignpipe.data.adapters import load_hh_rlhf_pairs
+        from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs
 
         pairs = load_hh_rlhf_pairs(HH_PATH, split="train")[:n]
         return [p.prompt for p in pairs], [p.chosen for p in pairs], f"HH-RLHF ({HH_PATH.name}, first {n} train pairs)"

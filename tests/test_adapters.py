@@ -1,4 +1,5 @@
-"""Tests for alignpipe.data.adapters on the real files in ../shared/data and on small local files."""
+"""Tests for the real-data loaders (alignpipe.data.rows, scored_sources, hh_rlhf, sft_sources) on the real files in
+../shared/data and on small local files."""
 
 import contextlib
 import json
@@ -7,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.data.adapters import (
-    DataError,
-    LoadReport,
-    load_alpaca_eval_prefs,
-    load_hh_rlhf_pairs,
-    load_scored_sets_synthetic,
-    load_ultrafeedback,
-    split_hh_dialogue,
-)
+from alignpipe.data.errors import DataError, LoadReport
+from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs, split_hh_dialogue
 from alignpipe.data.pairing import ScoredSet, build_pairs, to_trl_rows
+from alignpipe.data.scored_sources import load_alpaca_eval_prefs, load_scored_sets_synthetic, load_ultrafeedback
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED_DATA / "alpaca-eval-prefs" / "prefs-8models.jsonl.gz"
@@ -159,7 +154,7 @@ def test_hh_splits_keep_every_depth_of_a_conversation_on_one_side(tmp_path):
     assert len(train) + len(heldout) == 180 and train and heldout
     assert not _roots_on_both_sides(train, heldout)
     assert len({_root(p) for p in heldout}) * 3 == len(heldout)  # whole conversations
-    from alignpipe.data.adapters import hh_conversation_root
+    from alignpipe.data.hh_rlhf import hh_conversation_root
 
     assert hh_conversation_root("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == "\n\nHuman: a"
 
@@ -221,7 +216,7 @@ def test_hh_rows_that_go_on_after_the_reply_or_have_no_prompt_text_are_skipped(t
 def test_hh_replies_that_write_a_human_turn_without_the_blank_line_are_skipped(tmp_path):
     """HH replies also write the user's turn as "Human:" at their start, a line's start or after a sentence; the
     "\n\nHuman:" check let them through (into SFT too, from the chosen side). A "Human:" quoted mid-sentence stays."""
-    from alignpipe.data.adapters import load_hh_rlhf_chosen
+    from alignpipe.data.sft_sources import load_hh_rlhf_chosen
 
     def row(q: str, chosen: str, rejected: str = "no") -> dict:
         prompt = f"\n\nHuman: {q}\n\nAssistant:"
@@ -264,7 +259,7 @@ def _hh_tranches(root: Path) -> Path:
 def test_data_dir_picks_a_tranche_of_a_local_dataset_folder_and_is_refused_for_a_file(tmp_path):
     """A local copy of a Hub dataset reads as the Hub id does: data_dir picks one tranche (every tranche was read
     before). A file is one tranche already, so data_dir with a file is an error rather than ignored."""
-    from alignpipe.data.adapters import DataError
+    from alignpipe.data.errors import DataError
 
     root = _hh_tranches(tmp_path / "hh-rlhf")
     pairs = load_hh_rlhf_pairs(root, split="train", heldout_fraction=0.0, data_dir="harmless-base")
@@ -290,7 +285,7 @@ def test_a_compressed_file_whose_name_does_not_say_so_is_named_as_such(tmp_path,
     """Its bytes are not UTF-8, but re-encoding (the advice for a latin-1 file) is not the fix: the name is."""
     import importlib
 
-    from alignpipe.data.adapters import DataError
+    from alignpipe.data.errors import DataError
 
     path = tmp_path / "hh.jsonl"
     path.write_bytes(importlib.import_module(compress).compress(b'{"chosen": "a", "rejected": "b"}\n'))
@@ -304,7 +299,7 @@ def test_a_compressed_file_whose_name_does_not_say_so_is_named_as_such(tmp_path,
 def test_a_utf16_or_utf32_file_is_named_as_such(tmp_path, encoding, named):
     """Its byte-order mark says what it is: re-encoding from latin1 (the advice for other non-UTF-8 bytes) would
     garble it."""
-    from alignpipe.data.adapters import DataError
+    from alignpipe.data.errors import DataError
 
     path = tmp_path / "hh.jsonl"
     bom = "\ufeff" if encoding.endswith("-be") else ""  # the plain codecs write the mark themselves
@@ -318,7 +313,7 @@ def test_a_csv_file_reads_every_cell_as_the_text_it_holds(tmp_path):
     """A CSV cell has no type: answers that are all digits stay text, "NA" stays "NA", an empty reply is skipped and
     counted as it is in JSON lines, and a `preference` cell is read as the number it spells (empty = 1). Type
     guessing made the first column a number (refused as non-text) and the empty cell a null (refusing the file)."""
-    from alignpipe.data.adapters import LoadReport
+    from alignpipe.data.errors import LoadReport
     from alignpipe.data.preference import preference_pairs_for
     from alignpipe.recipe import DataSpec, PreferenceDataSpec
 
@@ -360,7 +355,7 @@ def test_a_csv_file_is_read_once_before_the_datasets_library_reads_it(tmp_path, 
     """Its UTF-8 check and its header and field-count check share one pass over the file (a large file was read
     twice before the datasets library read it a third time). The other open reads only the first bytes, for the
     magic number of a compression the name does not give."""
-    from alignpipe.data import adapters
+    from alignpipe.data import rows as data_rows
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected\nq,a,b\n")
@@ -370,8 +365,8 @@ def test_a_csv_file_is_read_once_before_the_datasets_library_reads_it(tmp_path, 
         opened.extend([file] if Path(file) == path else [])
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(adapters, "open", counting_open, raising=False)  # the module's own opens, not pandas'
-    rows = adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
+    monkeypatch.setattr(data_rows, "open", counting_open, raising=False)  # the module's own opens, not pandas'
+    rows = data_rows.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
     assert rows.to_list() == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
     assert len(opened) == 2
 
@@ -395,7 +390,7 @@ def test_a_csv_file_with_a_byte_that_is_not_utf8_and_a_row_of_another_field_coun
 def test_a_csv_row_of_another_field_count_past_the_first_mebibyte_is_named_by_its_line(tmp_path, newline):
     """The file is read in 1 MiB chunks; a line end cut by a chunk's end (a "\\r\\n" split in two, a "\\r" that
     might be one) is one line end all the same, so the row is named by the line the csv module counts."""
-    from alignpipe.data.adapters import load_rows
+    from alignpipe.data.rows import load_rows
 
     head, row, last = f'x,y{newline}"a{newline}b",c{newline}', f"a,b{newline}", f",b{newline}"  # a field of 2 lines
     up_to_cut = (1 << 20) + len(newline) - 1  # the first chunk ends in the line end, or inside it
@@ -412,15 +407,15 @@ def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read_whole(tmp_path, mo
     """A 200,000-character reply is a valid cell (the datasets library reads it), past the csv module's default
     field limit of 131,072: the check lifts the limit while it reads, and a csv error it still meets names the line.
     A cell longer than a read chunk (1 MiB) that spans lines is one line all the same."""
-    import alignpipe.data.adapters as adapters
+    import alignpipe.data.rows as data_rows
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected\nq," + "a" * 200_000 + f',b\nr,"{"c" * (3 << 20)}\nd",e\n')
-    rows = adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
+    rows = data_rows.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
     assert [len(row["chosen"]) for row in rows] == [200_000, (3 << 20) + 2]
-    monkeypatch.setattr(adapters, "_csv_fields_of_any_size", contextlib.nullcontext)  # the csv module's own limit
+    monkeypatch.setattr(data_rows, "_csv_fields_of_any_size", contextlib.nullcontext)  # the csv module's own limit
     with pytest.raises(DataError, match=r"pairs.csv line 2 is not CSV \(field larger than field limit"):
-        adapters.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
+        data_rows.load_rows(path, "train", what="dataset.path", expected="prompt/chosen/rejected columns")
 
 
 def test_csv_checks_in_two_threads_keep_the_field_limit_lifted_for_each_and_restore_it(tmp_path):
@@ -430,7 +425,7 @@ def test_csv_checks_in_two_threads_keep_the_field_limit_lifted_for_each_and_rest
     import threading
     import time
 
-    import alignpipe.data.adapters as adapters
+    import alignpipe.data.rows as data_rows
 
     text = "prompt,chosen,rejected\n" + "q,a,b\n" * 3 + "q," + "a" * 200_000 + ",b\n"
     errors: list[str] = []
@@ -441,7 +436,7 @@ def test_csv_checks_in_two_threads_keep_the_field_limit_lifted_for_each_and_rest
                 time.sleep(pause)
                 yield line
         try:
-            adapters._csv_header(slowly(), tmp_path / "pairs.csv", what="dataset.path", expected="columns")
+            data_rows._csv_header(slowly(), tmp_path / "pairs.csv", what="dataset.path", expected="columns")
         except DataError as error:
             errors.append(str(error))
 

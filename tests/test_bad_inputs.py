@@ -33,8 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from alignpipe.data.adapters import DataError, load_sft_source
+from alignpipe.data.errors import DataError
 from alignpipe.data.preference import preference_pairs_for
+from alignpipe.data.sft_sources import load_sft_source
 from alignpipe.models.loading import ModelError
 from alignpipe.pipeline.preflight import PreflightError
 from alignpipe.pipeline.runner import Runner

@@ -17,7 +17,8 @@ from test_adapters import write_jsonl
 
 from alignpipe.cli import main
 from alignpipe.data import preview_export
-from alignpipe.data.adapters import LoadReport, load_hh_rlhf_pairs
+from alignpipe.data.errors import LoadReport
+from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs
 from alignpipe.data.length_report import (
     dpo_pair_spans,
     pair_truncation_counts,

@@ -41,7 +41,7 @@ def nothing_loads(monkeypatch):
 
 
 def test_the_guard_catches_loads(nothing_loads):
-    from alignpipe.data.adapters import load_rows
+    from alignpipe.data.rows import load_rows
     from alignpipe.models.loading import load_causal_lm, load_tokenizer
 
     for load in (lambda: load_causal_lm("Qwen/Qwen2.5-0.5B-Instruct"), lambda: load_tokenizer("org/model"),

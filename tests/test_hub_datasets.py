@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import TINY_RECIPE, write_recipe
 
-from alignpipe.data.adapters import DataError, load_rows
+from alignpipe.data.errors import DataError
 from alignpipe.data.hub_datasets import DatasetPin, check_cached_offline, hub_dataset_id, record_loaded, resolve_dataset
+from alignpipe.data.rows import load_rows
 from alignpipe.pipeline.preflight import PreflightError
 from alignpipe.pipeline.rundir import StageDir, canonical_hash
 from alignpipe.pipeline.runner import DATASET, Runner

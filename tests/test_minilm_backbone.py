@@ -103,7 +103,7 @@ def _bt_loss(ensemble: RewardEnsemble, scorer: EnsembleScorer, pairs) -> float:
 def test_a_few_steps_on_hh_rlhf_lower_the_loss() -> None:
     if not HH_PATH.is_file():
         pytest.skip(f"{HH_PATH} not found (../shared/data is not next to the project)")
-    from alignpipe.data.adapters import load_hh_rlhf_pairs
+    from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs
 
     pairs = [(p.prompt, p.chosen, p.rejected) for p in load_hh_rlhf_pairs(HH_PATH, split="train")[:32]]
     assert len(pairs) == 32

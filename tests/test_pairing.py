@@ -255,7 +255,7 @@ def test_validation_errors_are_clear():
 
 
 def test_synthetic_scored_sets_pair_by_gold():
-    from alignpipe.data.adapters import load_scored_sets_synthetic
+    from alignpipe.data.scored_sources import load_scored_sets_synthetic
     from alignpipe.tasks import gold_reward, scored_response_sets
 
     sets = load_scored_sets_synthetic(scored_response_sets(40, seed=3, k=4, noise=0.7))

@@ -155,7 +155,7 @@ def test_hh_preference_pairs_read_the_requested_source_split(tmp_path):
 
 
 def test_a_score_that_is_not_a_probability_names_the_file_and_the_prompt(tmp_path):
-    from alignpipe.data.adapters import DataError
+    from alignpipe.data.errors import DataError
     from alignpipe.data.preference import preference_pairs_for
     from alignpipe.recipe import DataSpec, PreferenceDataSpec
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_RECIPE, write_recipe
 from datasets import Dataset
 
-from alignpipe.data.adapters import HH_ASSISTANT, hh_is_heldout
+from alignpipe.data.hh_rlhf import HH_ASSISTANT, hh_is_heldout
 from alignpipe.recipe import DataSpec, RecipeError, SFTDataSpec, load_recipe, recipe_to_dict
 from alignpipe.trainers.sft import sft_dataset_for
 
@@ -150,9 +150,9 @@ def test_empty_file_names_the_file(tmp_path, source, text):
 @pytest.mark.parametrize("source", ["trl", "ultrafeedback"])
 def test_empty_split_names_the_split_and_the_fix(monkeypatch, source):
     """A hub dataset or directory whose split has no rows (datasets cannot save or read an empty local file)."""
-    from alignpipe.data import adapters
+    from alignpipe.data import sft_sources
 
-    monkeypatch.setattr(adapters, "load_rows", lambda *a, **k: Dataset.from_dict({"messages": []}))
+    monkeypatch.setattr(sft_sources, "load_rows", lambda *a, **k: Dataset.from_dict({"messages": []}))
     with pytest.raises(ValueError, match=r"org/sft has no rows in split 'test'.*check dataset\.path and "
                                          r"dataset\.split"):
         sft_dataset_for(SFTDataSpec(source=source, path="org/sft", split="test"), DataSpec(), 0)

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from conftest import REPO, SHARED
 
-from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout, load_sft_source
+from alignpipe.data.hh_rlhf import HH_HELDOUT_FRACTION, hh_is_heldout
 from alignpipe.data.pairing import plain_text
 from alignpipe.data.preference import preference_pairs_for
+from alignpipe.data.sft_sources import load_sft_source
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.harness import IMPLICIT_PAIR_SEED, Checkpoint, pair_generations
 from alignpipe.evaluation.leaderboard import load_leaderboard, merge_leaderboards, write_leaderboard
@@ -131,7 +132,7 @@ def test_a_dialogue_that_continues_a_held_out_one_is_held_out_too(tmp_path):
 def test_hh_suite_prompts_are_the_prompts_of_the_adapters_held_out_pairs(tmp_path):
     """A held-out row the adapter skips gives no suite prompt: one whose chosen reply holds a made-up assistant turn
     gave a prompt ending in half that reply (the split at the chosen side's last assistant marker)."""
-    from alignpipe.data.adapters import load_hh_rlhf_pairs
+    from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs
     from alignpipe.evaluation.suites import PromptSet, load_prompts
 
     data = _hh_file(tmp_path / "hh.jsonl.gz")

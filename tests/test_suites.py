@@ -72,7 +72,7 @@ def test_a_suite_ranked_on_the_lc_win_rate_needs_two_prompts():
 def test_an_hh_suite_draws_only_from_the_prompts_every_hh_stage_holds_out(tmp_path):
     """HH stages train on the adapter's prompts outside its held-out 0.2; a suite with a larger share scored prompts
     the policies and a reward-model judge trained on, silently. Its prompts are a subset of the held-out part."""
-    from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
+    from alignpipe.data.hh_rlhf import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
 
     rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: yes {i}",
              "rejected": f"\n\nHuman: question {i}?\n\nAssistant: no {i}"} for i in range(200)]
@@ -345,7 +345,7 @@ def test_dataset_reference_judge_sees_the_prompts_the_policy_answered(llama_path
     was given, which still ends in the dialogue's final turn."""
     import alignpipe.evaluation.harness as harness
     import alignpipe.evaluation.suites as suites
-    from alignpipe.data.adapters import HH_HELDOUT_FRACTION, hh_is_heldout
+    from alignpipe.data.hh_rlhf import HH_HELDOUT_FRACTION, hh_is_heldout
 
     dialogues = [d for d in (_dialogue(i, 5) for i in range(200)) if hh_is_heldout(d, HH_HELDOUT_FRACTION)][:6]
     data = tmp_path / "hh.jsonl.gz"

@@ -5,7 +5,7 @@ newest copy in the datasets cache, whatever commit that was (it ignores ``revisi
 which rows it trained on, and the stage's hashes never saw a push. The runner resolves a stage's hub dataset
 (``dataset.path: ORG/NAME``, or ``ORG/NAME@REVISION`` for a branch, tag or commit) to a commit once, hashes the commit
 into the stage's inputs (a push upstream re-runs the stage; a commit keeps it), and the stage loads
-``ORG/NAME@<commit>``: :func:`alignpipe.data.adapters.load_rows` passes the commit to ``load_dataset`` and checks the
+``ORG/NAME@<commit>``: :func:`alignpipe.data.rows.load_rows` passes the commit to ``load_dataset`` and checks the
 rows came from that commit (:func:`check_loaded_commit`).
 
 Offline (``HF_HUB_OFFLINE=1``, or no route to the Hub), a revision resolves through the Hugging Face cache's
@@ -18,7 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignpipe.data.adapters import DataError, looks_like_path
+from alignpipe.data.errors import DataError
+from alignpipe.data.rows import looks_like_path
 from alignpipe.models import hub
 
 log = logging.getLogger("alignpipe")

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import common_prefix_length, is_conversational
 
-from alignpipe.data.adapters import DataError
+from alignpipe.data.errors import DataError
 from alignpipe.models.chat_templates import reply_end_ids
 
 SAMPLE_SIZE = 2000  # examples tokenized at most (a seeded sample of larger datasets): ~1 s with a fast tokenizer

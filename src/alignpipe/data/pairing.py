@@ -383,7 +383,7 @@ def to_trl_rows(pairs: Sequence[PreferencePair]) -> list[dict]:
     """TRL conversational preference rows plus a ``"preference"`` column holding the strength.
 
     The prompt becomes one user message, whatever it contains: for HH-RLHF it is the whole raw multi-turn dialogue
-    (``"\\n\\nHuman: …\\n\\nAssistant:"``), see :func:`alignpipe.data.adapters.load_hh_rlhf_pairs`.
+    (``"\\n\\nHuman: …\\n\\nAssistant:"``), see :func:`alignpipe.data.hh_rlhf.load_hh_rlhf_pairs`.
     """
     return [
         {

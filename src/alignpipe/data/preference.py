@@ -1,8 +1,9 @@
 """The training pairs of a preference stage, from the recipe's ``dataset`` block (synthetic task or real data).
 
 One dispatch on ``source`` with a final raise: each real source goes through its adapter
-(:mod:`alignpipe.data.adapters`) and, for multi-response data, through ranked pairing
-(:mod:`alignpipe.data.pairing`), so every stage reads real data the same way.
+(:mod:`~alignpipe.data.scored_sources`, :mod:`~alignpipe.data.hh_rlhf`, :mod:`~alignpipe.data.sft_sources`) and, for
+multi-response data, through ranked pairing (:mod:`alignpipe.data.pairing`), so every stage reads real data the same
+way.
 """
 
 from __future__ import annotations
@@ -13,18 +14,12 @@ import random
 
 from datasets import Dataset
 
-from alignpipe.data.adapters import (
-    DataError,
-    LoadReport,
-    hh_conversation_root,
-    load_alpaca_eval_prefs,
-    load_hh_rlhf_pairs,
-    load_rows,
-    load_sft_source,
-    load_ultrafeedback,
-    require_columns,
-)
+from alignpipe.data.errors import DataError, LoadReport
+from alignpipe.data.hh_rlhf import hh_conversation_root, load_hh_rlhf_pairs
 from alignpipe.data.pairing import PairingReport, PreferencePair, build_pairs, harden, plain_text, to_trl_rows
+from alignpipe.data.rows import load_rows, require_columns
+from alignpipe.data.scored_sources import load_alpaca_eval_prefs, load_ultrafeedback
+from alignpipe.data.sft_sources import load_sft_source
 from alignpipe.data.synthetic import preference_dataset as synthetic_preference_dataset
 from alignpipe.recipe import DataSpec, PreferenceDataSpec, RewardStage, SFTDataSpec
 
@@ -47,7 +42,7 @@ def is_reward_heldout(prompt: str, fraction: float) -> bool:
 
 def reward_split_key(prompt: str, source: str) -> str:
     """The text a reward stage's held-out split hashes for a pair on ``prompt`` from a ``source`` dataset: an HH-RLHF
-    prompt's conversation root (:func:`~alignpipe.data.adapters.hh_conversation_root`), any other prompt whole.
+    prompt's conversation root (:func:`~alignpipe.data.hh_rlhf.hh_conversation_root`), any other prompt whole.
 
     Why: HH stores one conversation cut at several depths as separate rows, and a hash of the whole prompt put a
     conversation's shorter row on one side and its longer row, which goes on with the shorter one's rejected reply,

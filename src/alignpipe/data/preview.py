@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from alignpipe.data.adapters import DataError, LoadReport
+from alignpipe.data.errors import DataError, LoadReport
 from alignpipe.data.length_report import (
     PairTruncationCounts,
     TruncationCounts,

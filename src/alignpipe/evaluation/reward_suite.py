@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.data.adapters import load_alpaca_eval_prefs, load_hh_rlhf_pairs
+from alignpipe.data.hh_rlhf import load_hh_rlhf_pairs
 from alignpipe.data.pairing import build_pairs
 from alignpipe.data.preference import is_reward_heldout
+from alignpipe.data.scored_sources import load_alpaca_eval_prefs
 from alignpipe.evaluation.leaderboard import CheckpointResult, build_leaderboard
 from alignpipe.evaluation.named import split_named
 from alignpipe.evaluation.reward_eval import reward_model_metrics

@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alignpipe.data.adapters import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
+from alignpipe.data.hh_rlhf import HH_HELDOUT_FRACTION, load_hh_rlhf_pairs
 from alignpipe.evaluation.cache import EvalCache, content_key
 from alignpipe.evaluation.diversity import distinct_n, mean_repetition_rate, within_prompt_diversity
 from alignpipe.evaluation.generation import Generation, GenerationSettings

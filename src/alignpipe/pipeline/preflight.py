@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignpipe.data.adapters import DataError, looks_like_path
+from alignpipe.data.errors import DataError
+from alignpipe.data.rows import looks_like_path
 from alignpipe.models.checkpoint_files import TOKENIZER_FILES, has_tokenizer_files
 from alignpipe.recipe import (
     DPOStage,

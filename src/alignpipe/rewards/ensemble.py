@@ -59,7 +59,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from alignpipe.data.adapters import looks_like_path
+from alignpipe.data.rows import looks_like_path
 from alignpipe.io import atomic_write_json
 from alignpipe.losses.reward import diversity_loss
 from alignpipe.models.loading import readable_weights, remote_code_kwargs, resolve_model_location

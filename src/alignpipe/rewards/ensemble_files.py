@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignpipe.data.adapters import looks_like_path
+from alignpipe.data.rows import looks_like_path
 from alignpipe.models.loading import PYPI_PREFIX, remote_code_kwargs
 from alignpipe.pipeline.rundir import RUN_FILE, directory_hash, recorded_output_sha256
 

@@ -14,7 +14,7 @@ import logging
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from alignpipe.data.adapters import LoadReport
+from alignpipe.data.errors import LoadReport
 from alignpipe.data.length_report import measure_truncation, truncation_warning
 from alignpipe.data.preference import sft_conversations_for
 from alignpipe.data.synthetic import sft_dataset
@@ -34,7 +34,7 @@ log = logging.getLogger("alignpipe")
 def sft_dataset_for(spec: SFTDataSpec, data: DataSpec, seed: int, *, report: LoadReport | None = None) -> Dataset:
     """A TRL conversational SFT ``Dataset`` (one ``messages`` column of ``{"role", "content"}`` turns).
 
-    Real sources go through their adapter in :mod:`alignpipe.data.adapters`, which raises (naming the file, row and
+    Real sources go through their adapter in :mod:`alignpipe.data.sft_sources`, which raises (naming the file, row and
     column, and the fix) on a missing column, an empty dataset or a conversation without an assistant turn, and
     fills ``report`` (when given) with the rows it read and skipped.
     """

@@ -165,7 +165,10 @@ def test_the_dpo_stage_says_trls_count_once_beside_a_samples(caplog, pairs, expe
     assert [r.getMessage() for r in caplog.records if expected in r.getMessage()] and len(caplog.records) == 1
 
 
-def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
+@pytest.mark.parametrize("positions", [None, 20])
+def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog, positions):
+    """The stage warns with the length that keeps every pair whole, or, on a model with fewer positions than that
+    (20 here), says that no max_length can."""
     from alignpipe.models.loading import load_tokenizer
     from alignpipe.pipeline.rundir import StageDir
     from alignpipe.pipeline.runner import Runner
@@ -177,8 +180,10 @@ def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
     few_steps = {"max_steps": 1, "per_device_train_batch_size": 2, "save_steps": 10}
     dpo = {**dpo, **few_steps, "max_length": 12, "long_prompts": "drop",  # the drop is what this test measures
            "dataset": {"source": "trl", "path": str(data)}}
-    runner = Runner(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "stages": [{**sft, **few_steps}, dpo]})),
-                    runs_dir=tmp_path / "runs", in_process=True)
+    model = TINY_RECIPE["model"] if positions is None else \
+        {**TINY_RECIPE["model"], "tiny": {**TINY_RECIPE["model"]["tiny"], "max_position_embeddings": positions}}
+    recipe = {**TINY_RECIPE, "model": model, "stages": [{**sft, **few_steps}, dpo]}
+    runner = Runner(load_recipe(write_recipe(tmp_path, recipe)), runs_dir=tmp_path / "runs", in_process=True)
     with caplog.at_level(logging.WARNING, logger="alignpipe"):
         runner.run()
     recorded = StageDir(runner.run_dir / "dpo").read_manifest()["summary"]["truncation"]
@@ -189,8 +194,11 @@ def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog):
     # and loses both ends, k = 8's prompt fills max_length
     assert (expected.over_max_length, expected.dropped) == (2, 1)
     assert (expected.chosen_end_lost, expected.rejected_end_lost) == (1, 1)
-    assert any("Raise stages.dpo.max_length to 22" in r.getMessage()
-               for r in caplog.records if r.levelname == "WARNING")
+    advice = ("Raise stages.dpo.max_length to 22" if positions is None else
+              "takes 22 tokens, past the model's 20 positions, so raising stages.dpo.max_length cannot")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(advice in message for message in warnings)
+    assert positions is None or not any("max_length to 22" in message for message in warnings)
 
 
 @pytest.mark.parametrize("k", [1, 2])

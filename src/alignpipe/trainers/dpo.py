@@ -24,6 +24,7 @@ from trl import DPOConfig
 
 from alignpipe.data.length_report import PairTruncationCounts, measure_pair_truncation, pair_truncation_warning
 from alignpipe.data.preference import check_soft_targets, preference_pairs_for
+from alignpipe.evaluation.harness import position_limit
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.trainers.common import (
     MetricsLogger,
@@ -42,7 +43,7 @@ def run(ctx: StageContext) -> dict:
     model, tokenizer = load_start_model(ctx)
     dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
     check_soft_targets(stage, dataset)  # preflight checked local files; a hub dataset is first read here
-    counts = _measure_truncation(ctx, dataset, tokenizer) if ctx.is_main_process else None
+    counts = _measure_truncation(ctx, dataset, tokenizer, position_limit(model.config)) if ctx.is_main_process else None
     args = DPOConfig(
         **trainer_arguments(ctx),
         beta=stage.beta,
@@ -57,7 +58,7 @@ def run(ctx: StageContext) -> dict:
     )
     truncation = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)} if counts else None
     if truncation and counts.sampled_from and truncation["dropped_by_trl"]:
-        _warn_with_trls_count(ctx, counts, truncation["dropped_by_trl"])
+        _warn_with_trls_count(ctx, counts, truncation["dropped_by_trl"], position_limit(model.config))
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:
@@ -69,23 +70,25 @@ def run(ctx: StageContext) -> dict:
 
 
 def _measure_truncation(ctx: StageContext, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
-                        ) -> PairTruncationCounts:
+                        positions: int | None = None) -> PairTruncationCounts:
     """What ``max_length`` cuts from the pairs, tokenized as TRL's DPOTrainer will (the same tokenizer and its chat
     template); logged, as a warning when pairs are dropped or replies lose their end, before the trainer is built
     (its reference pass, with ``precompute_ref_log_probs``, would come first)."""
     counts = measure_pair_truncation(dataset, tokenizer, ctx.stage.max_length, seed=ctx.recipe.seed)
     log.info("[%s] max_length %d: %s", ctx.dir.name, ctx.stage.max_length, counts.as_dict())
-    if warning := pair_truncation_warning(counts, f"stages.{ctx.stage.name}.max_length"):
+    if warning := pair_truncation_warning(counts, f"stages.{ctx.stage.name}.max_length", positions=positions):
         log.warning("[%s] %s", ctx.dir.name, warning)
     return counts
 
 
-def _warn_with_trls_count(ctx: StageContext, counts: PairTruncationCounts, dropped_by_trl: int) -> None:
+def _warn_with_trls_count(ctx: StageContext, counts: PairTruncationCounts, dropped_by_trl: int,
+                          positions: int | None = None) -> None:
     """A sample's counts, warned about before the trainer was built, miss what TRL dropped from the rest: say TRL's
     count once, in the full warning if the sample showed nothing to warn about, else beside the sample's warning."""
     if not counts.cuts_a_reply:
         knob = f"stages.{ctx.stage.name}.max_length"
-        log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, knob, dropped_by_trl=dropped_by_trl))
+        log.warning("[%s] %s", ctx.dir.name, pair_truncation_warning(counts, knob, dropped_by_trl=dropped_by_trl,
+                                                                     positions=positions))
     else:
         log.warning("[%s] TRL dropped %d of all %d pairs whose prompt fills max_length %d (the counts above are of a "
                     "sample of %d)", ctx.dir.name, dropped_by_trl, counts.sampled_from, counts.max_length,

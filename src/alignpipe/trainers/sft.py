@@ -18,6 +18,7 @@ from alignpipe.data.errors import LoadReport
 from alignpipe.data.length_report import measure_truncation, truncation_warning
 from alignpipe.data.preference import sft_conversations_for
 from alignpipe.data.synthetic import sft_dataset
+from alignpipe.evaluation.harness import position_limit
 from alignpipe.pipeline.stage import StageContext
 from alignpipe.recipe import DataSpec, SFTDataSpec
 from alignpipe.trainers.common import (
@@ -70,6 +71,7 @@ def _measure_truncation(ctx: StageContext, dataset: Dataset, trainer: SFTTrainer
     log.info("[%s] max_length %d: %s", ctx.dir.name, ctx.stage.max_length, record)
     if warning := truncation_warning(counts, f"stages.{ctx.stage.name}.max_length",
                                      assistant_only_loss=ctx.stage.assistant_only_loss,
-                                     dropped_by_trl=record["dropped_by_trl"]):
+                                     dropped_by_trl=record["dropped_by_trl"],
+                                     positions=position_limit(trainer.model.config)):
         log.warning("[%s] %s", ctx.dir.name, warning)
     return record

@@ -408,8 +408,9 @@ class StageDir:
 
     def keep_metrics(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite ``metrics.jsonl`` with only the records ``keep`` accepts (a resume drops the records of the steps it
-        is about to redo, so the resumed log equals an uninterrupted one). A torn last line (killed mid-write) goes
-        too."""
+        is about to redo, so the resumed log's step records equal an uninterrupted one's; the Trainer's closing
+        summary, ``train_loss`` included, covers only the steps the resumed attempt ran). A torn last line (killed
+        mid-write) goes too."""
         if not self.metrics.exists():
             return
         kept = []

@@ -128,7 +128,12 @@ def test_the_advice_never_asks_for_more_than_the_models_positions():
     assert "Raise k to 14 " in pair_truncation_warning(counts, "k", positions=14)
     message = pair_truncation_warning(counts, "k", positions=12)
     assert "Raise k to" not in message
-    assert "takes 14 tokens, past the model's 12 positions, so raising k cannot (at most to 12)" in message
+    assert "takes 14 tokens, past the model's 12 positions, and raising k cannot (at most to 12)" in message
+    # a sample that fits, at a max_length already at the positions: what TRL dropped cannot be kept by raising it
+    fits = dataclasses.replace(pair_truncation_counts([(ReplySpan(7, 5, 7), ReplySpan(8, 5, 8))], max_length=16),
+                               sampled_from=3000)
+    message = pair_truncation_warning(fits, "k", dropped_by_trl=4, positions=16)
+    assert "Raise k" not in message and "k is already at or past them" in message
 
 
 def test_a_sample_that_misses_what_trl_dropped_still_warns_with_trls_count():
@@ -195,7 +200,7 @@ def test_dpo_stage_logs_and_records_what_max_length_cuts(tmp_path, caplog, posit
     assert (expected.over_max_length, expected.dropped) == (2, 1)
     assert (expected.chosen_end_lost, expected.rejected_end_lost) == (1, 1)
     advice = ("Raise stages.dpo.max_length to 22" if positions is None else
-              "takes 22 tokens, past the model's 20 positions, so raising stages.dpo.max_length cannot")
+              "takes 22 tokens, past the model's 20 positions, and raising stages.dpo.max_length cannot")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(advice in message for message in warnings)
     assert positions is None or not any("max_length to 22" in message for message in warnings)

@@ -311,10 +311,15 @@ def _advice(knob: str, tokens: int, whole: str, sampled_from: int | None, max_le
     """How far to raise ``knob``: exact for a whole dataset; from a sample, only a lower bound (its longest), and
     no number at all when the sample fits (TRL's drops lie outside it). Never past the model's ``positions`` (when
     known): a length the model cannot read is no fix, so the advice is then to shorten or drop the longest rows."""
-    if positions is not None and tokens > positions:
-        return (f"Keeping {whole} whole takes {tokens} tokens, past the model's {positions} positions, so raising "
-                f"{knob} cannot (at most to {positions}): shorten the longest rows or leave them out of the data")
-    if sampled_from and tokens <= max_length:
+    unknown = sampled_from and tokens <= max_length  # the sample fits: how long the rows TRL dropped are is unknown
+    if positions is not None and (tokens > positions or (unknown and max_length >= positions)):
+        length = f"at least {tokens}" if sampled_from else str(tokens)
+        needs = (f"rows longer than {max_length}" if unknown else f"keeping {whole} whole takes {length} tokens")
+        where = (f"{knob} is already at or past them" if max_length >= positions else
+                 f"raising {knob} cannot (at most to {positions})")
+        return (f"{needs[0].upper()}{needs[1:]}, past the model's {positions} positions, and {where}: shorten the "
+                "longest rows or leave them out of the data")
+    if unknown:
         to = (f"above {max_length} (the sample holds none of the examples TRL dropped, so how far is not known; "
               "measure the whole dataset with alignpipe.data.length_report and sample_size=len(dataset))")
     elif sampled_from:

@@ -100,7 +100,8 @@ def _soft_bt_loss(
     multiplicity: Tensor | None,
     target: Tensor,
 ) -> Tensor:
-    """:func:`ensemble_rank_loss` with soft labels: same structure, :func:`soft_preference_loss` in place of ``−log σ``."""
+    """:func:`ensemble_rank_loss` with soft labels: same structure, :func:`soft_preference_loss` in place of
+    ``−log σ``."""
     if objective == "mean":
         dtype = torch.promote_types(chosen.dtype, torch.float32)
         return _soft_loss(chosen.to(dtype).mean(dim=1), rejected.to(dtype).mean(dim=1), target,

@@ -199,10 +199,10 @@ class _GroupRLStage(_RewardedStage, _TrainerStage):
         "mask_truncated_completions they stay out of the loss, and the penalty lowers only their group's baseline.",
     )
     disable_dropout: bool = Field(
-        True, description="Turn every dropout off, lora.dropout included (TRL's disable_dropout; TRL's GRPO/RLOO "
-        "default is off): with it on, completions are sampled from a randomly thinned policy and the loss's and KL's "
-        "log-probs are computed under other dropout masks than the sampling's. ppo and the DPO-family stages train "
-        "without dropout too.",
+        True, description="Turn every dropout layer off, lora.dropout included (TRL's disable_dropout, which "
+        "defaults to false in its GRPO/RLOO configs): with dropout on, completions are sampled from a randomly "
+        "thinned policy and the loss's and KL's log-probs are computed under other dropout masks than the "
+        "sampling's. ppo and the DPO-family stages train without dropout too.",
     )
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the final gold/proxy evaluation.")
 

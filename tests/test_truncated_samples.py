@@ -11,6 +11,7 @@ from conftest import TINY_RECIPE, write_recipe
 
 import alignpipe.trainers.iterative as iterative
 import alignpipe.trainers.round_methods as round_methods
+from alignpipe.data.pairing import PreferencePair
 from alignpipe.data.truncation import RoundSamples, cut_at_budget, no_pairs_advice, penalise_unfinished
 from alignpipe.evaluation.generation import Generation
 from alignpipe.recipe import RecipeError, load_recipe
@@ -77,6 +78,20 @@ def test_round_samples_drop_truncated_responses_and_count_them():
     assert keep.stats()["truncated_samples"] == 1
 
 
+def test_reject_judges_truncated_samples_but_keeps_only_the_pairs_they_lose():
+    generations = [[Generation("p", "a", (1,), False), Generation("p", "b", (1, 2), True),
+                    Generation("p", "c", (1,), False)],
+                   [Generation("q", "b", (1,), False), Generation("q", "b", (1, 2), True)]]
+    reject = RoundSamples(["p", "q"], generations, "reject")
+    assert reject.responses == [["a", "b", "c"], ["b", "b"]]
+    pairs = [PreferencePair("p", "b", "a"), PreferencePair("p", "a", "b"), PreferencePair("p", "c", "a"),
+             PreferencePair("q", "b", "b x")]
+    # p's truncated "b" may lose but not win; q's "b" is also a finished sample of q, so it counts as finished
+    assert reject.without_cut_chosen(pairs) == (pairs[1:], 1)
+    assert RoundSamples(["p", "q"], generations, "keep").without_cut_chosen(pairs) == (pairs, 0)
+    assert reject.summary().endswith("judged, and trained on only as the rejected reply)")
+
+
 def test_round_samples_summary_gives_the_truncated_share_and_a_group_per_prompt_is_required():
     """The log line a round writes states the share in percent; prompts and sample groups must pair up one to one."""
     groups = [[Generation("p", "a", (1,), False), Generation("p", "b", (1, 2), True)]]
@@ -107,6 +122,15 @@ def test_a_truncated_sample_never_reaches_the_rows_unless_kept(tmp_path, monkeyp
     assert any("cut" in text for text in _texts(kept.rows))  # the longest sample wins: a truncated one
     assert kept.stats["truncated_samples"] == TRUNCATED and kept.stats["truncated_samples_policy"] == "keep"
     assert kept.stats["prompts_short_of_samples"] == 0 and kept.stats["prompts_without_pair"] == 0
+    assert "pairs_dropped_cut_chosen" not in kept.stats
+
+    # reject: every sample is judged, and a truncated one appears only as a rejected reply
+    rejected = _round(tmp_path, monkeypatch, kind, "reject", **extra)
+    chosen = [turn["content"] for row in rejected.rows for turn in row["chosen"]]
+    assert not any("cut" in text for text in chosen) and rejected.stats["prompts_short_of_samples"] == 0
+    assert rejected.stats["pairs_dropped_cut_chosen"] > 0
+    assert rejected.stats["prompts_without_pair"] == PROMPTS - len({row["prompt"][0]["content"]
+                                                                     for row in rejected.rows})
 
 
 def test_spin_gives_no_pair_for_a_truncated_generation_unless_kept(tmp_path, monkeypatch):
@@ -116,6 +140,8 @@ def test_spin_gives_no_pair_for_a_truncated_generation_unless_kept(tmp_path, mon
     assert dropped.stats["prompts_without_pair"] == PROMPTS // 2
     kept = _round(tmp_path, monkeypatch, "spin", "keep")
     assert len(kept.rows) == PROMPTS and sum("cut" in text for text in _texts(kept.rows)) == PROMPTS // 2
+    rejected = _round(tmp_path, monkeypatch, "spin", "reject")  # the generation is SPIN's rejected reply
+    assert [row["rejected"] for row in rejected.rows] == [row["rejected"] for row in kept.rows]
 
 
 def test_no_pairs_error_names_truncation_when_it_left_prompts_without_pairs(monkeypatch):

@@ -5,16 +5,20 @@ policy finished. Turned into a TRL preference row it gets the chat template's en
 be trained to prefer (or avoid) a reply that *ends* where the budget cut it, one it never produced. TRL's
 OnlineDPOTrainer lowers such samples' scores (``missing_eos_penalty``), but the online stages' judges are pairwise
 (gold, self-judge, reward model), so a score penalty does not fit them all; instead ``truncated_samples: drop``
-leaves truncated samples out before judging (no judge calls spent on them) and ``keep`` trains on them as they are.
+leaves truncated samples out before judging (no judge calls spent on them), ``keep`` trains on them as they are, and
+``reject`` judges them with the rest but keeps only the pairs in which they lose: the pairwise counterpart of the
+penalty. Why ``reject``: under ``drop``, once a policy starts running past the budget nothing in its pairs pushes
+against it (recipes/osp-vs-dpo.yaml's osp collapsed so, where ``keep`` did not); as the rejected side, the end token
+appended after the cut only tells the policy not to stop there, which it did not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
-TruncatedSamples = Literal["drop", "keep"]
+TruncatedSamples = Literal["drop", "keep", "reject"]
 TRUNCATED_SAMPLES: tuple[str, ...] = get_args(TruncatedSamples)
 
 
@@ -41,7 +45,8 @@ class RoundSamples:
 
     @property
     def responses(self) -> list[list[str]]:
-        """Each prompt's usable responses: the finished ones under ``drop``, all of them under ``keep``."""
+        """Each prompt's usable responses: the finished ones under ``drop``, all of them under ``keep`` and
+        ``reject`` (whose pairs :meth:`without_cut_chosen` filters after judging)."""
         drop = self.truncated_samples == "drop"
         return [[g.response for g in group if not (drop and g.truncated)] for group in self.generations]
 
@@ -59,6 +64,21 @@ class RoundSamples:
         kept = [(p, rs) for p, rs in zip(self.prompts, self.responses, strict=True) if len(rs) >= minimum]
         return [p for p, _ in kept], [rs for _, rs in kept], len(self.prompts) - len(kept)
 
+    def without_cut_chosen(self, pairs: Sequence[Any]) -> tuple[list[Any], int]:
+        """Under ``reject``, ``pairs`` (anything with ``prompt`` and ``chosen``) less those whose chosen reply is a
+        truncated sample of its prompt, and how many went; the pairs unchanged otherwise. A text that is also one of
+        the prompt's finished samples counts as finished."""
+        if self.truncated_samples != "reject":
+            return list(pairs), 0
+        finished: dict[str, set[str]] = {}
+        cut: dict[str, set[str]] = {}
+        for prompt, group in zip(self.prompts, self.generations, strict=True):
+            for g in group:
+                (cut if g.truncated else finished).setdefault(prompt, set()).add(g.response)
+        kept = [p for p in pairs
+                if p.chosen not in cut.get(p.prompt, set()) or p.chosen in finished.get(p.prompt, set())]
+        return kept, len(pairs) - len(kept)
+
     def stats(self) -> dict:
         """The round's sampling numbers, for ``metrics.jsonl`` and the "no training pairs" error."""
         return {"samples": self.sampled, "truncated_samples": self.truncated,
@@ -66,7 +86,8 @@ class RoundSamples:
                 "truncated_samples_policy": self.truncated_samples}
 
     def summary(self) -> str:
-        action = "dropped before judging" if self.truncated_samples == "drop" else "kept as finished replies"
+        action = {"drop": "dropped before judging", "keep": "kept as finished replies",
+                  "reject": "judged, and trained on only as the rejected reply"}[self.truncated_samples]
         share = 100 * self.truncated / self.sampled if self.sampled else 0.0
         return (f"{self.truncated} of {self.sampled} samples hit max_new_tokens without an end token ({share:.1f}%, "
                 f"{action})")

@@ -46,7 +46,10 @@ class _OnlineStage(_TrainingStage):
         "drop", description="Samples that hit max_new_tokens without an end-of-sequence token: drop = leave them "
         "out before judging (a prompt left with fewer than 2 finished samples, or SPIN's truncated generation, gives "
         "no pair); keep = judge and train on them as finished replies (the chat template's end token is appended, "
-        "so the policy learns a reply that ends where the budget cut it).",
+        "so the policy learns a reply that ends where the budget cut it); reject = judge them with the rest but keep "
+        "only the pairs they lose (a pair whose chosen reply is truncated is dropped; SPIN keeps a truncated "
+        "generation as its rejected reply), so a policy that starts running past the budget is pushed back, which "
+        "drop cannot do.",
     )
     sampling_temperature: float = Field(1.0, gt=0, description="Sampling temperature for the K samples (OSP §4c).")
     eval_prompts: int = Field(256, gt=0, description="Held-out prompts for the per-round gold evaluation.")

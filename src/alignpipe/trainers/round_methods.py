@@ -88,9 +88,13 @@ class PairingRule:
         pairs, report = anchored_pairs(sets, self.method, stage.min_gap)
         if self.hard_labels:
             pairs = harden(pairs)
-        without_pair = short + report.sets_skipped_too_few + report.sets_without_pairs
+        paired = {p.prompt for p in pairs}
+        pairs, cut_chosen = samples.without_cut_chosen(pairs)
+        without_pair = (short + report.sets_skipped_too_few + report.sets_without_pairs
+                        + len(paired) - len({p.prompt for p in pairs}))
         stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs),
-                 **_sampling_stats(ctx, round_index, samples, short, without_pair, report.summary())}
+                 **_sampling_stats(ctx, round_index, samples, short, without_pair, report.summary()),
+                 **_cut_chosen_stats(samples, cut_chosen)}
         if pairs:
             stats["mean_strength"] = sum(p.strength for p in pairs) / len(pairs)
         return RoundData(to_trl_rows(pairs), stats)
@@ -124,12 +128,14 @@ class SelfPlayRule:
         else:
             pairs = win_rate_pairs(judge, prompts, responses_per_prompt,
                                    stage.margin_threshold if self.kind == "dno" else None)
+        pairs, cut_chosen = samples.without_cut_chosen(pairs)
         rows = [pair.to_row() for pair in pairs]
         if self.kind != "sppo":  # the DPO-form losses read no win-rate columns
             rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
         stats = {"judge": stage.judge, "judge_gold_agreement": gold_agreement(pairs),
                  **_sampling_stats(ctx, round_index, samples, short, len(samples.prompts) - len(pairs),
-                                   f"{len(pairs)} pairs")}
+                                   f"{len(pairs)} pairs"),
+                 **_cut_chosen_stats(samples, cut_chosen)}
         if pairs:
             stats.update(self._label_stats(pairs))
         return RoundData(rows, stats)
@@ -164,7 +170,8 @@ class SPINRule:
         prompts = [row["messages"][0]["content"] for row in rows]
         targets = [row["messages"][1]["content"] for row in rows]
         samples = _sample(ctx, model, tokenizer, prompts, round_index, k=1)
-        usable = samples.responses  # [] where the generation was truncated and truncated_samples is drop
+        # [] where the generation was truncated and truncated_samples is drop; under reject it is the rejected side
+        usable = samples.responses
         pairs = [PreferencePair(p, t, g[0], 1.0) for p, t, g in zip(prompts, targets, usable) if g and t != g[0]]
         generations = [group[0].response for group in samples.generations]
         short = sum(not g for g in usable)
@@ -273,6 +280,11 @@ def _sample(ctx: StageContext, model, tokenizer, prompts: list[str], round_index
                            desc=f"round {round_index}: sampling", across_ranks=True)
     return RoundSamples(prompts, [generations[i * k:(i + 1) * k] for i in range(len(prompts))],
                         stage.truncated_samples)
+
+
+def _cut_chosen_stats(samples: RoundSamples, cut_chosen: int) -> dict:
+    """Under ``truncated_samples: reject``, how many judged pairs went because a truncated sample won them."""
+    return {"pairs_dropped_cut_chosen": cut_chosen} if samples.truncated_samples == "reject" else {}
 
 
 def _sampling_stats(ctx: StageContext, round_index: int, samples: RoundSamples, short: int, without_pair: int,

@@ -125,6 +125,8 @@ def test_a_kept_truncated_reply_counts_its_end_of_turn_token(tmp_path):
                                              rf"a sample reaches {POSITIONS + 1} positions.*lower max_new_tokens to "
                                              rf"{room - 1} or less"):
         preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep"}))
+    with pytest.raises(PreflightError, match=r"and the 1 end-of-turn token\(s\) a kept truncated reply trains with"):
+        preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "reject"}))
     # a max_length within the positions cuts the row before its end of turn: nothing trains past them
     preflight(_recipe(tmp_path, {**osp, "max_new_tokens": room, "truncated_samples": "keep", "max_length": 48}))
 

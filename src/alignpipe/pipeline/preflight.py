@@ -467,8 +467,10 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
     run past them is warned of, as the judge itself warns when it reads them. ``positions``: :func:`_position_limit`."""
     limit, where, raise_it = positions
     text, prompt = longest(recipe, tokenizer)
-    # a kept truncated reply trains with the end of turn appended, unless the stage's max_length cuts the row first
-    keep = getattr(stage, "truncated_samples", None) == "keep" and getattr(stage, "max_length", limit + 1) > limit
+    # a kept truncated reply (keep; reject's rejected side) trains with the end of turn appended, unless the stage's
+    # max_length cuts the row first
+    keep = (getattr(stage, "truncated_samples", None) in ("keep", "reject")
+            and getattr(stage, "max_length", limit + 1) > limit)
     end = _reply_end_tokens(tokenizer) if keep else 0
     if (reach := prompt + budget + end) > limit:
         room = limit - prompt - end

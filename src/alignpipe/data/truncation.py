@@ -22,6 +22,13 @@ TruncatedSamples = Literal["drop", "keep", "reject"]
 TRUNCATED_SAMPLES: tuple[str, ...] = get_args(TruncatedSamples)
 
 
+def trains_truncated(policy: TruncatedSamples) -> bool:
+    """Whether a round under ``policy`` turns truncated samples into training rows (``keep``; ``reject``'s rejected
+    side), each with the chat template's end of turn appended: what the round samples and what preflight counts
+    against the model's positions."""
+    return policy != "drop"
+
+
 class Sample(Protocol):
     """What a round reads of a sample (:class:`alignpipe.evaluation.generation.Generation` is one)."""
 
@@ -47,7 +54,7 @@ class RoundSamples:
     def responses(self) -> list[list[str]]:
         """Each prompt's usable responses: the finished ones under ``drop``, all of them under ``keep`` and
         ``reject`` (whose pairs :meth:`without_cut_chosen` filters after judging)."""
-        drop = self.truncated_samples == "drop"
+        drop = not trains_truncated(self.truncated_samples)
         return [[g.response for g in group if not (drop and g.truncated)] for group in self.generations]
 
     @property

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from alignpipe.data.errors import DataError
 from alignpipe.data.rows import looks_like_path
+from alignpipe.data.truncation import trains_truncated
 from alignpipe.models.checkpoint_files import TOKENIZER_FILES, has_tokenizer_files
 from alignpipe.recipe import (
     DPOStage,
@@ -469,8 +470,8 @@ def _check_sampling_positions(recipe: Recipe, tokenizer, stage, key: str | None,
     text, prompt = longest(recipe, tokenizer)
     # a kept truncated reply (keep; reject's rejected side) trains with the end of turn appended, unless the stage's
     # max_length cuts the row first
-    keep = (getattr(stage, "truncated_samples", None) in ("keep", "reject")
-            and getattr(stage, "max_length", limit + 1) > limit)
+    policy = getattr(stage, "truncated_samples", None)
+    keep = policy is not None and trains_truncated(policy) and getattr(stage, "max_length", limit + 1) > limit
     end = _reply_end_tokens(tokenizer) if keep else 0
     if (reach := prompt + budget + end) > limit:
         room = limit - prompt - end

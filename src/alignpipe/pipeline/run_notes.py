@@ -13,7 +13,7 @@ from pathlib import Path
 from alignpipe.pipeline.rundir import read_run_record
 from alignpipe.recipe import Recipe
 
-__all__ = ["leaderboard_stage", "other_recipe_note", "unowned_leaderboard_note"]
+__all__ = ["leaderboard_stage", "other_recipe_note", "recorded_recipe_file", "unowned_leaderboard_note"]
 
 
 def leaderboard_stage(recipe: Recipe) -> str | None:
@@ -41,7 +41,7 @@ def unowned_leaderboard_note(run_dir: Path, owner: str | None) -> str | None:
             "the checkpoints as they are, or remove the files.")
 
 
-def _recipe_file(recipe_path: str | Path | None, run_dir: Path) -> str | None:
+def recorded_recipe_file(recipe_path: str | Path | None, run_dir: Path) -> str | None:
     """The recipe file as ``run.json``'s ``recipe_file`` records it: relative to the run directory as it is named
     (symlinks kept: a ``runs`` linked to scratch space stays inside the project), so a project moved or copied whole,
     its recipes with its runs, still names the same file."""
@@ -56,7 +56,7 @@ def other_recipe_note(run_dir: Path, recipe_path: str | Path | None) -> str | No
     then re-run and replace the other recipe's outputs, as overrides do, which is what overrides are for but rarely
     what a second file meant. Records written before ``recipe_file`` existed, and runs without a file, say nothing."""
     earlier = read_run_record(run_dir)[0].get("recipe_file")  # a damaged record, or a field of another type: none
-    here = _recipe_file(recipe_path, run_dir)
+    here = recorded_recipe_file(recipe_path, run_dir)
     if not earlier or not here or earlier == here:
         return None
     earlier = os.path.normpath(os.path.join(os.path.abspath(run_dir), earlier))

@@ -61,7 +61,12 @@ from alignpipe.pipeline.launch_checks import (
     plan_batches,
 )
 from alignpipe.pipeline.run_lock import RunLock, run_in_use, run_lock
-from alignpipe.pipeline.run_notes import _recipe_file, leaderboard_stage, other_recipe_note, unowned_leaderboard_note
+from alignpipe.pipeline.run_notes import (
+    leaderboard_stage,
+    other_recipe_note,
+    recorded_recipe_file,
+    unowned_leaderboard_note,
+)
 from alignpipe.pipeline.rundir import (
     CHECKPOINTS,
     RUN_FILE,
@@ -258,7 +263,7 @@ class Runner:
         record = {
             "run": self.recipe.name,
             "recipe_path": str(self.recipe_path) if self.recipe_path else None,
-            "recipe_file": _recipe_file(self.recipe_path, self.run_dir),
+            "recipe_file": recorded_recipe_file(self.recipe_path, self.run_dir),
             "overrides": self.overrides,
             "recipe_sha256": canonical_hash(resolved),
             "git_sha": git_sha(PIPELINES_DIR.parent),

@@ -43,7 +43,8 @@ def run(ctx: StageContext) -> dict:
     model, tokenizer = load_start_model(ctx)
     dataset = preference_pairs_for(stage.dataset, recipe.data, recipe.seed)
     check_soft_targets(stage, dataset)  # preflight checked local files; a hub dataset is first read here
-    counts = _measure_truncation(ctx, dataset, tokenizer, position_limit(model.config)) if ctx.is_main_process else None
+    positions = position_limit(model.config)
+    counts = _measure_truncation(ctx, dataset, tokenizer, positions) if ctx.is_main_process else None
     args = DPOConfig(
         **trainer_arguments(ctx),
         beta=stage.beta,
@@ -58,7 +59,7 @@ def run(ctx: StageContext) -> dict:
     )
     truncation = {**counts.as_dict(), "dropped_by_trl": len(dataset) - len(trainer.train_dataset)} if counts else None
     if truncation and counts.sampled_from and truncation["dropped_by_trl"]:
-        _warn_with_trls_count(ctx, counts, truncation["dropped_by_trl"], position_limit(model.config))
+        _warn_with_trls_count(ctx, counts, truncation["dropped_by_trl"], positions)
     summary = train_and_publish(trainer, tokenizer, ctx)
     rewards = [e for e in trainer.state.log_history if "rewards/accuracies" in e]
     if rewards:
